@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) on loopback.
+#
+#   e2e/cluster.sh up       install + build once per machine (cached), start everything, install the CRDs
+#   e2e/cluster.sh down     stop exactly the processes `up` started (by PID) and remove the state
+#   e2e/cluster.sh status   say what runs and where
+#   e2e/cluster.sh env      print `export KUBECONFIG=...` for eval
+#   e2e/cluster.sh build    only install and build the binaries into the cache
+#
+# The binaries are built from Debian's `kubernetes` source package (v1.20.2) and cached under
+# ${BGJOBS_CACHE:-~/.cache/bgjobs}; the running state (kubeconfig, certs, logs, PID files, etcd data) lives in
+# ${BGJOBS_CLUSTER_DIR:-<repo>/.cluster}, which git ignores. Ports are picked free at start.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${BGJOBS_CACHE:-$HOME/.cache/bgjobs}
+K8S_VERSION=v1.20.2
+BIN=$CACHE/kubernetes-$K8S_VERSION/bin
+STATE=${BGJOBS_CLUSTER_DIR:-$ROOT/.cluster}
+GO_BIN=/usr/lib/go-1.19/bin
+
+step() { printf '==> %s\n' "$*" >&2; }
+fail() {
+  printf 'cluster.sh: FAILED at step "%s"\n' "$1" >&2
+  [ -n "${2:-}" ] && printf '  read the log: %s\n' "$2" >&2 && tail -n 20 "$2" >&2
+  exit 1
+}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- install ----------------------------------------------------------------------------------------------------
+
+install_packages() {
+  local missing=()
+  [ -x /usr/bin/etcd ] || missing+=(etcd-server)
+  [ -x $GO_BIN/go ] || missing+=(golang-1.19-go)
+  command -v rsync >/dev/null || missing+=(rsync)
+  command -v jq >/dev/null || missing+=(jq)
+  command -v openssl >/dev/null || missing+=(openssl)
+  [ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] || missing+=(golang-github-modern-go-reflect2-dev)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  step "installing Debian packages: ${missing[*]}"
+  local log=$CACHE/apt.log
+  mkdir -p "$CACHE"
+  as_root apt-get update >"$log" 2>&1 || fail "apt-get update" "$log"
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends "${missing[@]}" >>"$log" 2>&1 ||
+    fail "apt-get install ${missing[*]}" "$log"
+}
+
+fetch_source() {
+  local dl=$CACHE/source
+  if ls "$dl"/kubernetes_*.orig.tar.gz >/dev/null 2>&1; then return 0; fi
+  step "fetching Debian's kubernetes source package"
+  mkdir -p "$dl"
+  local log=$CACHE/apt-source.log
+  # The machine's apt list may carry only `Types: deb`; apt-get source needs a deb-src entry for bookworm main.
+  local srclist=/etc/apt/sources.list.d/bgjobs-deb-src.list
+  if ! grep -rqsE '^(deb-src|Types:.*deb-src)' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb-src http://deb.debian.org/debian bookworm main" | as_root tee "$srclist" >/dev/null
+    as_root apt-get update >"$log" 2>&1 || fail "apt-get update (deb-src)" "$log"
+  fi
+  (cd "$dl" && as_root apt-get source --download-only kubernetes) >>"$log" 2>&1 ||
+    fail "apt-get source --download-only kubernetes" "$log"
+}
+
+build_binaries() {
+  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && [ -x "$BIN/kube-scheduler" ]; then
+    return 0
+  fi
+  install_packages
+  fetch_source
+  local src=$CACHE/build
+  local log=$CACHE/build.log
+  step "unpacking the kubernetes source (outside any git tree, so its version script reads our version file)"
+  rm -rf "$src" && mkdir -p "$src"
+  tar -xzf "$(ls "$CACHE"/source/kubernetes_*.orig.tar.gz | head -n1)" -C "$src" || fail "unpack source"
+  local tree
+  tree=$(find "$src" -mindepth 1 -maxdepth 1 -type d | head -n1)
+  # Trap: the vendored reflect2 v1.0.1 breaks at run time with Go >= 1.18; Debian ships the fixed 1.0.2.
+  rm -rf "$tree/vendor/github.com/modern-go/reflect2"
+  cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/reflect2"
+  cat >"$src/version.env" <<EOF
+KUBE_GIT_COMMIT='debian-source-package'
+KUBE_GIT_TREE_STATE='clean'
+KUBE_GIT_VERSION='$K8S_VERSION'
+KUBE_GIT_MAJOR='1'
+KUBE_GIT_MINOR='20'
+EOF
+  step "building kube-apiserver, kube-controller-manager, kube-scheduler (about 7 minutes on 2 cores; log: $log)"
+  (
+    cd "$tree"
+    export PATH=$GO_BIN:$PATH CGO_ENABLED=0 HOME=$src/home GOCACHE=$src/gocache KUBE_GIT_VERSION_FILE=$src/version.env
+    mkdir -p "$HOME"
+    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
+  ) >"$log" 2>&1 || fail "build kubernetes binaries" "$log"
+  mkdir -p "$BIN"
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    cp "$tree/_output/bin/$b" "$BIN/$b"
+  done
+  step "cached binaries in $BIN; removing the build tree"
+  rm -rf "$src"
+}
+
+# --- run --------------------------------------------------------------------------------------------------------
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+running() { [ -f "$STATE/$1.pid" ] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+
+start() { # name, command...
+  local name=$1
+  shift
+  "$@" >"$STATE/logs/$name.log" 2>&1 &
+  echo $! >"$STATE/$name.pid"
+}
+
+wait_for() { # what, log, command...
+  local what=$1 log=$2
+  shift 2
+  for _ in $(seq 1 120); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.5
+  done
+  fail "wait for $what" "$log"
+}
+
+all_running() { running etcd && running kube-apiserver && running kube-controller-manager && running kube-scheduler; }
+
+up() {
+  if all_running && kubectl --kubeconfig "$STATE/kubeconfig" get --raw /healthz >/dev/null 2>&1; then
+    step "control plane already up (KUBECONFIG=$STATE/kubeconfig)"
+    install_crds
+    return 0
+  fi
+  [ -d "$STATE" ] && down
+  # Serialise the per-machine build so two parallel `up`s do not build twice.
+  mkdir -p "$CACHE"
+  (flock 9 && build_binaries) 9>"$CACHE/build.lock"
+
+  mkdir -p "$STATE/logs" "$STATE/certs" "$STATE/etcd"
+  local etcd_port peer_port api_port token
+  etcd_port=$(free_port)
+  peer_port=$(free_port)
+  api_port=$(free_port)
+  token=$(openssl rand -hex 16)
+  echo "$token,admin,admin,\"system:masters\"" >"$STATE/tokens.csv"
+  openssl genrsa -out "$STATE/certs/sa.key" 2048 >/dev/null 2>&1 || fail "generate service-account key"
+  openssl rsa -in "$STATE/certs/sa.key" -pubout -out "$STATE/certs/sa.pub" >/dev/null 2>&1 ||
+    fail "derive service-account public key"
+
+  step "starting etcd on 127.0.0.1:$etcd_port"
+  start etcd /usr/bin/etcd --data-dir "$STATE/etcd" --name bgjobs \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "bgjobs=http://127.0.0.1:$peer_port" --unsafe-no-fsync
+  wait_for etcd "$STATE/logs/etcd.log" curl -sf "http://127.0.0.1:$etcd_port/health"
+
+  step "starting kube-apiserver on https://127.0.0.1:$api_port"
+  start kube-apiserver "$BIN/kube-apiserver" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+    --secure-port="$api_port" --cert-dir "$STATE/certs" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --service-cluster-ip-range=10.0.0.0/24 --authorization-mode=RBAC --token-auth-file "$STATE/tokens.csv" \
+    --service-account-issuer=https://kubernetes.default.svc --service-account-key-file "$STATE/certs/sa.pub" \
+    --service-account-signing-key-file "$STATE/certs/sa.key" --disable-admission-plugins=ServiceAccount
+  cat >"$STATE/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: bgjobs-local
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority: $STATE/certs/apiserver.crt
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: bgjobs-local
+  context: {cluster: bgjobs-local, user: admin, namespace: default}
+current-context: bgjobs-local
+EOF
+  wait_for kube-apiserver "$STATE/logs/kube-apiserver.log" \
+    kubectl --kubeconfig "$STATE/kubeconfig" get --raw /healthz
+
+  step "starting kube-controller-manager and kube-scheduler"
+  start kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig "$STATE/kubeconfig" \
+    --leader-elect=false --service-account-private-key-file "$STATE/certs/sa.key" \
+    --bind-address=127.0.0.1 --secure-port=0 --port=0
+  start kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$STATE/kubeconfig" --leader-elect=false \
+    --bind-address=127.0.0.1 --secure-port=0 --port=0
+  sleep 1
+  running kube-controller-manager || fail "kube-controller-manager start" "$STATE/logs/kube-controller-manager.log"
+  running kube-scheduler || fail "kube-scheduler start" "$STATE/logs/kube-scheduler.log"
+  wait_for "default namespace" "$STATE/logs/kube-apiserver.log" \
+    kubectl --kubeconfig "$STATE/kubeconfig" get namespace default
+  install_crds
+  step "control plane up: export KUBECONFIG=$STATE/kubeconfig"
+}
+
+install_crds() {
+  local log=$STATE/logs/crds.log
+  kubectl --kubeconfig "$STATE/kubeconfig" apply --server-side --force-conflicts -f "$ROOT/crds/" >"$log" 2>&1 ||
+    fail "install CRDs from crds/" "$log"
+  for f in "$ROOT"/crds/*.yaml; do
+    local name
+    name=$(sed -n 's/^  name: //p' "$f" | head -n1)
+    wait_for "CRD $name Established" "$log" kubectl --kubeconfig "$STATE/kubeconfig" wait --for=condition=Established \
+      --timeout=5s "crd/$name"
+  done
+}
+
+down() {
+  [ -d "$STATE" ] || return 0
+  for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    if running "$name"; then
+      local pid
+      pid=$(cat "$STATE/$name.pid")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done
+  rm -rf "$STATE"
+  step "control plane stopped"
+}
+
+status() {
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+    if running "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+  [ -f "$STATE/kubeconfig" ] && echo "KUBECONFIG=$STATE/kubeconfig"
+  all_running
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  env) echo "export KUBECONFIG=$STATE/kubeconfig" ;;
+  build) mkdir -p "$CACHE" && (flock 9 && build_binaries) 9>"$CACHE/build.lock" ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

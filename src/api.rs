@@ -1,0 +1,336 @@
+//! The `BackgroundJob` custom resource: the queue itself.
+//!
+//! A `BackgroundJob` is one unit of work. Users create them (kubectl, the `bgjobs` CLI, the Rust library);
+//! operator replicas claim, run and record them. Everything a user may write lives in `spec`; everything the
+//! operator records lives in the `status` subresource, so the two never fight over the same fields.
+//!
+//! Validation is plain OpenAPI (enum, minimum, required, pattern) so that every apiserver from 1.20 on enforces it;
+//! what only the operator can detect (an unknown `jobName`, args that do not fit the handler) ends in phase
+//! `Failed` with a readable `lastError`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every bgjobs resource.
+pub const GROUP: &str = "bgjobs.dev";
+/// Default for `spec.timeoutSeconds`: two days, after which a job that never succeeded is `Abandoned`.
+pub const DEFAULT_TIMEOUT_SECONDS: i64 = 172_800;
+/// Default for `spec.retry.backoffSeconds`: the first retry waits one minute.
+pub const DEFAULT_BACKOFF_SECONDS: i64 = 60;
+/// Default for `spec.retry.backoffFactor`: each further retry waits twice as long as the one before.
+pub const DEFAULT_BACKOFF_FACTOR: f64 = 2.0;
+
+/// What a user asks for: one background job.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "bgjobs.dev",
+    version = "v1alpha1",
+    kind = "BackgroundJob",
+    plural = "backgroundjobs",
+    singular = "backgroundjob",
+    shortname = "bgj",
+    category = "bgjobs",
+    doc = "A background job: one unit of work in the bgjobs queue. See spec and status for every field.",
+    namespaced,
+    status = "BackgroundJobStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Priority","type":"string","jsonPath":".spec.priority"}"#,
+    printcolumn = r#"{"name":"Queue","type":"string","jsonPath":".spec.queue"}"#,
+    printcolumn = r#"{"name":"Attempts","type":"integer","jsonPath":".status.attempts"}"#,
+    printcolumn = r#"{"name":"Worker","type":"string","jsonPath":".status.worker"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Job","type":"string","priority":1,"jsonPath":".spec.jobName"}"#,
+    printcolumn = r#"{"name":"Next Attempt","type":"date","priority":1,"jsonPath":".status.nextAttemptTime"}"#,
+    printcolumn = r#"{"name":"Last Error","type":"string","priority":1,"jsonPath":".status.lastError"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackgroundJobSpec {
+    /// The kind of work, e.g. `SendEmail`. It selects the in-process handler registered under this name, unless
+    /// `http` or `template` says where the job runs instead. Built-in handlers: `noop`, `sleep`, `fail`.
+    #[schemars(length(min = 1, max = 253))]
+    pub job_name: String,
+
+    /// Arguments handed to the handler: any JSON object. In-process handlers receive it deserialized into their
+    /// argument type; the HTTP executor POSTs it as the request body; Pods get it in `BGJOBS_ARGS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub args: Option<serde_json::Value>,
+
+    /// Dispatch priority: higher priorities start first; within one priority, jobs start in the order they were
+    /// enqueued. One of `Low`, `BelowNormal`, `Normal` (default), `AboveNormal`, `High`.
+    #[serde(default)]
+    pub priority: Priority,
+
+    /// Name of the queue this job belongs to. Operator replicas can be restricted to some queues (`--queues`).
+    #[serde(default = "default_queue")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub queue: String,
+
+    /// Do not start the job before `creationTimestamp + delaySeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub delay_seconds: Option<i64>,
+
+    /// How failed attempts are retried.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+
+    /// Give up this many seconds after creation: a job that has not succeeded by then ends in phase `Abandoned`
+    /// and is kept for inspection. Default 172800 (two days).
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1))]
+    pub timeout_seconds: i64,
+
+    /// Cancel one attempt that runs longer than this; the attempt counts as failed and is retried per `retry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub attempt_timeout_seconds: Option<i64>,
+
+    /// Run the job by POSTing `args` to an HTTP endpoint instead of an in-process handler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpTarget>,
+
+    /// Run the job as a Pod made from this template instead of in-process. The Pod spec is validated by the
+    /// apiserver when the Pod is created; a template it rejects fails the job with the apiserver's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_form_object")]
+    pub template: Option<PodTemplateSpec>,
+
+    /// Delete the job this many seconds after it finished (Succeeded, Failed, Abandoned, Cancelled). `0` deletes
+    /// it as soon as it finishes. Unset: the operator's `--ttl-seconds-after-finished`, if any; else kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// Set to `true` to cancel the job: a waiting job never starts, a running attempt is cancelled; the job ends
+    /// in phase `Cancelled`. `kubectl patch bgj NAME --type merge -p '{"spec":{"cancel":true}}'` or
+    /// `bgjobs cancel NAME`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
+}
+
+/// Dispatch priority, highest first.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum Priority {
+    /// Runs after every other priority.
+    Low,
+    /// Runs after `Normal`.
+    BelowNormal,
+    /// The default.
+    #[default]
+    Normal,
+    /// Runs before `Normal`.
+    AboveNormal,
+    /// Runs before every other priority.
+    High,
+}
+
+impl Priority {
+    /// Every priority, highest first: the order the queue drains them in.
+    pub const HIGHEST_FIRST: [Priority; 5] =
+        [Priority::High, Priority::AboveNormal, Priority::Normal, Priority::BelowNormal, Priority::Low];
+}
+
+impl std::fmt::Display for Priority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Priority::HIGHEST_FIRST
+            .into_iter()
+            .find(|p| p.to_string().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown priority {s:?}: expected Low, BelowNormal, Normal, AboveNormal or High"))
+    }
+}
+
+/// How failed attempts are retried: attempt `n + 1` waits `backoffSeconds * backoffFactor^(n-1)` after attempt
+/// `n` failed (with the defaults: 1 minute, 2, 4, ...).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Total attempts before the job ends in phase `Failed`. Unset: retry until `timeoutSeconds` runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_attempts: Option<i32>,
+
+    /// Wait before the first retry, in seconds. Default 60.
+    #[serde(default = "default_backoff_seconds")]
+    #[schemars(range(min = 0))]
+    pub backoff_seconds: i64,
+
+    /// Factor by which each further wait grows. Default 2.
+    #[serde(default = "default_backoff_factor")]
+    #[schemars(range(min = 1))]
+    pub backoff_factor: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: None,
+            backoff_seconds: DEFAULT_BACKOFF_SECONDS,
+            backoff_factor: DEFAULT_BACKOFF_FACTOR,
+        }
+    }
+}
+
+/// Where the HTTP executor sends a job.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpTarget {
+    /// URL the job's `args` are POSTed to as JSON. The job's UID is sent as `Idempotency-Key`. A 2xx answer is
+    /// success, 4xx a permanent failure, 5xx, a timeout or a connection error a retryable one.
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: String,
+
+    /// Extra request headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+
+    /// Give up one request after this many seconds (a retryable failure). Default: the attempt timeout, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// What the operator records about a job. Written only through the status subresource.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackgroundJobStatus {
+    /// Where the job stands. Unset until an operator replica first touches the job; read unset as `Waiting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// Attempts started so far, including one that is running and attempts lost with a crashed replica.
+    #[serde(default)]
+    pub attempts: i32,
+
+    /// The job is not started again before this time (delay or retry backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
+
+    /// Identity of the operator replica that holds (or last held) the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+
+    /// Name of the `coordination.k8s.io/v1` Lease through which the worker holds the running attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+
+    /// When the current (or last) attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// When the job reached a final phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
+    /// Why the last attempt failed, or why the job ended, in words a user can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+
+    /// The job's place in enqueue order among jobs created in the same second: the apiserver revision at which
+    /// the job was first seen unmodified. Set at the first claim and kept, so a retried job keeps its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueue_sequence: Option<i64>,
+
+    /// Standard conditions: `Running` while an attempt runs, `Finished` once the job reached a final phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` of the spec this status was written for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Where a job stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Queued: runnable now, or at `nextAttemptTime`.
+    #[default]
+    Waiting,
+    /// An attempt is running on `worker`.
+    Running,
+    /// Finished successfully.
+    Succeeded,
+    /// Finished unsuccessfully: a permanent failure, or `retry.maxAttempts` used up.
+    Failed,
+    /// Gave up `timeoutSeconds` after creation without success.
+    Abandoned,
+    /// Cancelled by the user.
+    Cancelled,
+}
+
+impl Phase {
+    /// A final phase never changes again.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Abandoned | Phase::Cancelled)
+    }
+
+    /// Every phase, in the order a job passes through them.
+    pub const ALL: [Phase; 6] =
+        [Phase::Waiting, Phase::Running, Phase::Succeeded, Phase::Failed, Phase::Abandoned, Phase::Cancelled];
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl BackgroundJob {
+    /// The job's phase, reading "never touched by an operator" as `Waiting`.
+    pub fn phase(&self) -> Phase {
+        self.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+    }
+
+    /// Attempts started so far.
+    pub fn attempts(&self) -> i32 {
+        self.status.as_ref().map(|s| s.attempts).unwrap_or(0)
+    }
+}
+
+fn default_queue() -> String {
+    "default".to_string()
+}
+fn default_timeout_seconds() -> i64 {
+    DEFAULT_TIMEOUT_SECONDS
+}
+fn default_backoff_seconds() -> i64 {
+    DEFAULT_BACKOFF_SECONDS
+}
+fn default_backoff_factor() -> f64 {
+    DEFAULT_BACKOFF_FACTOR
+}
+
+/// Schema of a field that holds an arbitrary JSON object the apiserver must keep as it is.
+fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+/// The CustomResourceDefinitions bgjobs installs, in the order they should be applied.
+pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
+    use kube::CustomResourceExt;
+    vec![BackgroundJob::crd()]
+}
+
+/// The CRDs as one YAML stream, exactly as committed under `crds/` (`bgjobs crd`).
+pub fn crd_yaml() -> String {
+    crds()
+        .iter()
+        .map(|crd| serde_yaml::to_string(crd).expect("a CRD always serializes"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}

@@ -1,0 +1,72 @@
+//! The crate's one error type.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in bgjobs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the Kubernetes API failed.
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+
+    /// The kubeconfig or in-cluster configuration could not be loaded.
+    #[error("cannot load Kubernetes client configuration: {0}. Set KUBECONFIG (for the local control plane: \
+             eval $(e2e/cluster.sh env))")]
+    Config(String),
+
+    /// The BackgroundJob CRD is not installed in the cluster.
+    #[error("the BackgroundJob CRD is not installed: run `bgjobs crd | kubectl apply -f -` (or install the Helm chart)")]
+    CrdMissing,
+
+    /// A value given by the user (flag, argument, manifest) is invalid.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+
+    /// A (de)serialization failed.
+    #[error("serialization error: {0}")]
+    Serde(#[from] serde_json::Error),
+
+    /// A call made while holding a lease did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+
+    /// An I/O error (metrics server, child processes).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Config(_) => "config",
+            Error::CrdMissing => "crd_missing",
+            Error::Invalid(_) => "invalid",
+            Error::Serde(_) => "serde",
+            Error::Timeout(_) => "timeout",
+            Error::Io(_) => "io",
+        }
+    }
+
+    /// True for an HTTP 409 Conflict: someone else moved the object (a lost race, not a fault).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(e) if api_code(e) == Some(409))
+    }
+
+    /// True for an HTTP 404 Not Found.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Kube(e) if api_code(e) == Some(404))
+    }
+}
+
+/// The HTTP status of an API error answer, if the error is one.
+pub fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+/// `Result` with the crate's error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
