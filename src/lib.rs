@@ -4,13 +4,28 @@
 //! order (priority, then enqueue order), claiming each job with its own Lease plus a fenced status write, so
 //! replicas add throughput without a global lock and no job runs twice at the same time.
 //!
-
-
+//! The flow, one module per step: observe ([`queue`]) → pick ([`ordering`], [`dispatch`]) → claim ([`claim`],
+//! [`lease`]) → run ([`attempt`], [`executor`]) → record ([`status`], [`retry`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod attempt;
+pub mod claim;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dispatch;
 pub mod error;
+pub mod exclusive;
+pub mod executor;
+pub mod jobs;
+pub mod lease;
+pub mod operator;
+pub mod ordering;
+pub mod queue;
+pub mod retry;
+pub mod status;
+pub mod worker;
 
 pub use error::{Error, Result};

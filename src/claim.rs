@@ -1,0 +1,225 @@
+//! Where a claim is made and fenced.
+//!
+//! A replica claims attempt `n + 1` of a job in two conditional writes:
+//! 1. the job's claim Lease (`bgj-<job name>`, owned by the job): created if absent, or taken over under the
+//!    resourceVersion this replica saw when the Lease is a leftover or has expired;
+//! 2. the job's status, to `Running` with `attempts = n + 1`, under the resourceVersion the decision was made on.
+//!
+//! Losing either race means someone else got there first: the replica moves on (and gives back a Lease it won).
+//! The attempt number is the fencing epoch: every later write checks it (see [`crate::status::write_fenced`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Resource, ResourceExt};
+
+use crate::api::{BackgroundJob, Phase};
+use crate::error::Result;
+use crate::lease::{self, Acquire, Claim, LeaseTiming};
+use crate::status::{self, Fence};
+
+/// The state of a job's claim Lease, as one replica judges it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// No Lease: free to create.
+    Absent,
+    /// A Lease from an earlier attempt or an earlier job of the same name: free to take over now.
+    Leftover,
+    /// Held for the current or the next attempt and renewed recently, as far as this replica has seen.
+    Live,
+    /// Held for the current or the next attempt, but seen unchanged for a full lease duration: its holder is gone.
+    Expired,
+}
+
+/// Judge a job's claim Lease. `unchanged_for` is how long this replica has seen it (or its absence) unchanged.
+pub fn lease_state(job: &BackgroundJob, lease: Option<&Lease>, unchanged_for: Duration, timing: &LeaseTiming) -> LeaseState {
+    let Some(lease) = lease else { return LeaseState::Absent };
+    let same_job = lease::annotation(lease, lease::JOB_UID_ANNOTATION) == job.metadata.uid.as_deref();
+    let lease_attempt: i32 = lease::annotation(lease, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
+    // While Running, the current attempt's Lease is the live one; while Waiting, only a claim of the next attempt
+    // (a replica between its two writes) is.
+    let guarded_attempt = if job.phase() == Phase::Running { job.attempts() } else { job.attempts() + 1 };
+    if !same_job || lease_attempt < guarded_attempt || lease::holder(lease).is_none() {
+        return LeaseState::Leftover;
+    }
+    if unchanged_for >= timing.duration { LeaseState::Expired } else { LeaseState::Live }
+}
+
+/// Name of a job's claim Lease.
+pub fn lease_name(job: &BackgroundJob) -> String {
+    let name = job.name_any();
+    if name.len() + 4 <= 253 { format!("bgj-{name}") } else { format!("bgj-{}", job.uid().unwrap_or_default()) }
+}
+
+/// A claimed attempt, ready to run.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    /// The job as the claim wrote it.
+    pub job: BackgroundJob,
+    /// The claim Lease as acquired.
+    pub lease: Lease,
+    /// Who may write from now on.
+    pub fence: Fence,
+    /// The attempt replaced one whose worker stopped renewing its Lease.
+    pub took_over: bool,
+}
+
+/// Outcome of a claim.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    /// Ours.
+    Claimed(Box<Claimed>),
+    /// Another replica got there first (at the Lease or at the status write).
+    Lost,
+}
+
+/// Claim the next attempt of `job` (as seen at its resourceVersion) for `worker`. `seen_lease` and `state` are the
+/// claim Lease as judged by [`lease_state`]; the caller claims only `Absent`, `Leftover` and `Expired` Leases.
+pub async fn claim(
+    jobs: &Api<BackgroundJob>,
+    leases: &Api<Lease>,
+    job: &BackgroundJob,
+    seen_lease: Option<&Lease>,
+    state: LeaseState,
+    worker: &str,
+    timing: &LeaseTiming,
+) -> Result<ClaimOutcome> {
+    let attempt = job.attempts() + 1;
+    let name = lease_name(job);
+    let uid = job.uid().unwrap_or_default();
+    let claim = Claim {
+        holder: worker.to_string(),
+        annotations: BTreeMap::from([
+            (lease::JOB_UID_ANNOTATION.to_string(), uid.clone()),
+            (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+        ]),
+        labels: BTreeMap::from([
+            (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
+            ("bgjobs.dev/job".to_string(), job.name_any()),
+        ]),
+        owner: job.controller_owner_ref(&()).map(|mut o| {
+            // Not the controller, and no blockOwnerDeletion: that would need extra RBAC on the job's finalizers.
+            o.controller = Some(false);
+            o.block_owner_deletion = None;
+            o
+        }),
+    };
+    let acquired = match (state, seen_lease) {
+        (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, &claim, timing).await? {
+            Acquire::Acquired(l) => l,
+            // Someone created it between our look and our write; it may be a leftover we can reuse at once.
+            Acquire::Lost(Some(existing)) if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover => {
+                match lease::take_over(leases, &existing, &claim, timing).await? {
+                    Acquire::Acquired(l) => l,
+                    Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
+                }
+            }
+            Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
+        },
+        (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => match lease::take_over(leases, seen, &claim, timing).await? {
+            Acquire::Acquired(l) => l,
+            Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
+        },
+        (LeaseState::Live, Some(_)) => return Ok(ClaimOutcome::Lost),
+    };
+
+    let took_over = job.phase() == Phase::Running;
+    let lost_note = took_over.then(|| {
+        let s = job.status.as_ref();
+        format!(
+            "attempt {} was lost: worker {} stopped renewing its lease",
+            job.attempts(),
+            s.and_then(|s| s.worker.as_deref()).unwrap_or("?")
+        )
+    });
+    let sequence = crate::ordering::enqueue_sequence(job);
+    let new_status = status::running(job, worker, &name, sequence, lost_note, Timestamp::now());
+    match status::write_if_unchanged(jobs, job, new_status).await {
+        Ok(Some(written)) => Ok(ClaimOutcome::Claimed(Box::new(Claimed {
+            job: written,
+            lease: acquired,
+            fence: Fence { uid, worker: worker.to_string(), attempt },
+            took_over,
+        }))),
+        Ok(None) => {
+            lease::release(leases, &acquired).await?;
+            Ok(ClaimOutcome::Lost)
+        }
+        Err(e) => {
+            // Unknown whether the status write landed; keep the Lease so nobody starts a twin before it expires.
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use kube::api::ObjectMeta;
+
+    fn job(phase: Option<Phase>, attempts: i32) -> BackgroundJob {
+        let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap());
+        j.metadata.uid = Some("uid-1".into());
+        j.status = Some(BackgroundJobStatus { phase, attempts, ..Default::default() });
+        j
+    }
+
+    fn lease(uid: &str, attempt: i32, holder: &str) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                annotations: Some(BTreeMap::from([
+                    (lease::JOB_UID_ANNOTATION.to_string(), uid.to_string()),
+                    (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+                ])),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec { holder_identity: Some(holder.into()), ..Default::default() }),
+        }
+    }
+
+    const T: LeaseTiming = LeaseTiming { duration: Duration::from_secs(15), renew_deadline: Duration::from_secs(10), renew_interval: Duration::from_secs(3) };
+
+    #[test]
+    fn a_running_jobs_lease_is_live_until_seen_unchanged_for_a_full_duration() {
+        let j = job(Some(Phase::Running), 2);
+        let l = lease("uid-1", 2, "w1");
+        assert_eq!(lease_state(&j, Some(&l), Duration::from_secs(14), &T), LeaseState::Live);
+        assert_eq!(lease_state(&j, Some(&l), Duration::from_secs(15), &T), LeaseState::Expired);
+    }
+
+    #[test]
+    fn a_waiting_jobs_lease_from_its_previous_attempt_is_a_leftover_to_reuse_at_once() {
+        let j = job(Some(Phase::Waiting), 2);
+        assert_eq!(lease_state(&j, Some(&lease("uid-1", 2, "w1")), Duration::ZERO, &T), LeaseState::Leftover);
+    }
+
+    #[test]
+    fn a_waiting_jobs_lease_for_its_next_attempt_means_a_claim_in_flight() {
+        let j = job(Some(Phase::Waiting), 2);
+        assert_eq!(lease_state(&j, Some(&lease("uid-1", 3, "w1")), Duration::ZERO, &T), LeaseState::Live);
+        assert_eq!(lease_state(&j, Some(&lease("uid-1", 3, "w1")), Duration::from_secs(20), &T), LeaseState::Expired);
+    }
+
+    #[test]
+    fn a_lease_of_another_job_with_the_same_name_is_a_leftover() {
+        let j = job(Some(Phase::Running), 1);
+        assert_eq!(lease_state(&j, Some(&lease("old-uid", 1, "w1")), Duration::ZERO, &T), LeaseState::Leftover);
+    }
+
+    #[test]
+    fn no_lease_is_absent() {
+        assert_eq!(lease_state(&job(None, 0), None, Duration::from_secs(99), &T), LeaseState::Absent);
+    }
+
+    #[test]
+    fn lease_names_follow_the_job_name_and_fall_back_to_the_uid_when_too_long() {
+        let mut j = job(None, 0);
+        assert_eq!(lease_name(&j), "bgj-j");
+        j.metadata.name = Some("x".repeat(250));
+        assert_eq!(lease_name(&j), "bgj-uid-1");
+    }
+}

@@ -1,0 +1,177 @@
+//! Operator configuration: every flag has an environment-variable equivalent (`BGJOBS_...`).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::lease::LeaseTiming;
+
+/// A duration written like `15s`, `500ms`, `2m`, `1h`, or a plain number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 15s, 500ms, 2m"))?;
+        let secs = match unit {
+            "" | "s" => n,
+            "ms" => n / 1000.0,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+        };
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(format!("invalid duration {s:?}"));
+        }
+        Ok(HumanDuration(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// How replicas share the work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// Every replica claims and runs jobs concurrently, each job under its own Lease (the default).
+    Parallel,
+    /// One cluster-wide Lease: only its holder runs jobs (the behaviour of single-lock job managers).
+    Exclusive,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `bgjobs operator`.
+#[derive(Args, Clone, Debug)]
+pub struct OperatorConfig {
+    /// Watch BackgroundJobs in this namespace only (default: all namespaces).
+    #[arg(long, short = 'n', env = "BGJOBS_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// This replica's identity, written into Leases and `status.worker`. Default: `$POD_NAME`, else
+    /// `<hostname>-<pid>`; a restarted process gets a new identity either way (pid / pod UID change).
+    #[arg(long, env = "BGJOBS_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// `parallel`: every replica runs jobs; `exclusive`: only the holder of one cluster-wide Lease does.
+    #[arg(long, value_enum, default_value = "parallel", env = "BGJOBS_STRATEGY")]
+    pub strategy: Strategy,
+
+    /// Never run more than this many jobs at once on this replica.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), env = "BGJOBS_MAX_CONCURRENT_JOBS_PER_INSTANCE")]
+    pub max_concurrent_jobs_per_instance: u32,
+
+    /// Never run more than this many jobs at once across all replicas (enforced with N slot Leases in
+    /// `--lease-namespace`). Default: no cluster-wide cap.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), env = "BGJOBS_CLUSTER_MAX_CONCURRENCY")]
+    pub cluster_max_concurrency: Option<u32>,
+
+    /// `false`: this replica watches and keeps the queue tidy (timeouts, cancellations, TTL) but runs no jobs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_JOB_EXECUTION_ENABLED")]
+    pub job_execution_enabled: bool,
+
+    /// Only run jobs of these queues (comma-separated). Default: every queue.
+    #[arg(long, value_delimiter = ',', env = "BGJOBS_QUEUES")]
+    pub queues: Vec<String>,
+
+    /// Others take over a claim whose Lease they have seen unchanged this long.
+    #[arg(long, default_value = "15s", env = "BGJOBS_LEASE_DURATION")]
+    pub lease_duration: HumanDuration,
+
+    /// A replica that could not renew a claim for this long stops that attempt (must be < lease duration).
+    #[arg(long, default_value = "10s", env = "BGJOBS_RENEW_DEADLINE")]
+    pub renew_deadline: HumanDuration,
+
+    /// How often claims are renewed (must be < renew deadline).
+    #[arg(long, default_value = "3s", env = "BGJOBS_RENEW_INTERVAL")]
+    pub renew_interval: HumanDuration,
+
+    /// Namespace of the cluster-wide Leases (exclusive strategy, cluster concurrency slots).
+    #[arg(long, default_value = "default", env = "POD_NAMESPACE")]
+    pub lease_namespace: String,
+
+    /// On SIGTERM/SIGINT: stop claiming, let running jobs finish for this long, then cancel them and release their
+    /// Leases so other replicas pick them up at once.
+    #[arg(long, default_value = "25s", env = "BGJOBS_SHUTDOWN_GRACE")]
+    pub shutdown_grace: HumanDuration,
+
+    /// Delete finished jobs this many seconds after they finished, unless the job sets
+    /// `spec.ttlSecondsAfterFinished` itself. Default: keep them.
+    #[arg(long, env = "BGJOBS_TTL_SECONDS_AFTER_FINISHED")]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// Append one JSON line per attempt start and end to this file (an audit trail; tests use it to prove that no
+    /// job ran twice at the same time).
+    #[arg(long, env = "BGJOBS_INVOCATION_LOG")]
+    pub invocation_log: Option<PathBuf>,
+
+    /// Record Kubernetes Events on jobs (claim, success, retry, failure, takeover, cancellation).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_EVENTS")]
+    pub events: bool,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "BGJOBS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+impl OperatorConfig {
+    /// Lease timing from the flags.
+    pub fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming {
+            duration: self.lease_duration.0,
+            renew_deadline: self.renew_deadline.0,
+            renew_interval: self.renew_interval.0,
+        }
+    }
+
+    /// This replica's identity.
+    pub fn identity(&self) -> String {
+        if let Some(id) = &self.identity {
+            return id.clone();
+        }
+        if let Ok(pod) = std::env::var("POD_NAME")
+            && !pod.is_empty()
+        {
+            return pod;
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "bgjobs".into());
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// Whether this replica runs jobs of `queue`.
+    pub fn serves_queue(&self, queue: &str) -> bool {
+        self.queues.is_empty() || self.queues.iter().any(|q| q == queue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl_flags() {
+        let d = |s: &str| s.parse::<HumanDuration>().map(|h| h.0);
+        assert_eq!(d("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(d("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(d("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(d("5 parsecs").is_err());
+        assert!(d("").is_err());
+    }
+}

@@ -1,0 +1,320 @@
+//! The dispatch loop: observe the queue, pick in FIFO order, claim, run, and keep the queue tidy.
+//!
+//! Each pass reads the caches and, for every job, decides one thing:
+//! - final: delete it once its TTL has passed;
+//! - waiting: cancel it, give up on it (timeout, attempts used up), wait for its time, or make it a candidate;
+//! - running elsewhere: leave it while its Lease is renewed; once this replica has seen the Lease (or its absence)
+//!   unchanged for a full lease duration, the attempt is orphaned and becomes a candidate for takeover;
+//! - running here: stop it if the user cancelled or deleted it.
+//!
+//! Candidates are sorted by [`QueueKey`] and this replica claims as many as it has free slots
+//! (see [`ordering::pick`]). Claims run concurrently; the loop goes on while they do.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{DeleteParams, Preconditions};
+use kube::{Api, ResourceExt};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::api::{BackgroundJob, Phase};
+use crate::attempt::{self, AttemptControl, StopReason};
+use crate::claim::{self, ClaimOutcome, LeaseState};
+use crate::config::OperatorConfig;
+use crate::lease::Observer;
+use crate::ordering::{self, QueueKey};
+use crate::queue::QueueView;
+use crate::retry::{self, Verdict};
+use crate::status;
+use crate::worker::Worker;
+
+/// Longest the loop sleeps without a reason to wake: a safety net against a missed notification.
+const IDLE_PASS: Duration = Duration::from_secs(2);
+
+/// A claim task's report back to the loop.
+struct Done {
+    uid: String,
+    /// The job's resourceVersion when the claim began: the cache may still show it after the claim or attempt
+    /// ended, so skip the job until the cache shows it moved.
+    seen_at: Option<String>,
+}
+
+/// The dispatcher of one replica.
+pub struct Dispatcher {
+    worker: Arc<Worker>,
+    config: OperatorConfig,
+    view: QueueView,
+    /// Attempts claimed or running here, by job UID.
+    held: HashMap<String, Arc<AttemptControl>>,
+    /// Jobs this replica already acted on at a resourceVersion the cache still shows.
+    settled_at: HashMap<String, String>,
+    observer: Observer,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    /// Exclusive strategy: whether this replica holds the cluster-wide Lease.
+    leader: Option<watch::Receiver<bool>>,
+}
+
+/// A job worth claiming now.
+struct Candidate {
+    key: QueueKey,
+    job: Arc<BackgroundJob>,
+    lease: Option<Arc<Lease>>,
+    state: LeaseState,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `view`. With `leader`, it runs jobs only while the receiver says `true`.
+    pub fn new(worker: Arc<Worker>, config: OperatorConfig, view: QueueView, leader: Option<watch::Receiver<bool>>) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Dispatcher { worker, config, view, held: HashMap::new(), settled_at: HashMap::new(), observer: Observer::default(), done_tx, done_rx, leader }
+    }
+
+    /// Run until `shutdown` resolves, then hand running attempts back (see the module docs of `operator`).
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut wait = Duration::ZERO;
+        loop {
+            let mut leader_changed = false;
+            tokio::select! {
+                _ = self.view.changed.notified() => {}
+                Some(done) = self.done_rx.recv() => self.finish(done),
+                _ = tokio::time::sleep(wait) => {}
+                Ok(()) = async { match self.leader.as_mut() { Some(l) => l.changed().await, None => std::future::pending().await } } => leader_changed = true,
+                _ = &mut shutdown => break,
+            }
+            while let Ok(done) = self.done_rx.try_recv() {
+                self.finish(done);
+            }
+            if leader_changed && !self.is_leader() {
+                warn!("lost the exclusive lease: stopping every running attempt");
+                for control in self.held.values() {
+                    control.stop(StopReason::NotLeader);
+                }
+            }
+            wait = self.pass().await.min(IDLE_PASS);
+        }
+        self.shut_down().await;
+    }
+
+    fn finish(&mut self, done: Done) {
+        self.held.remove(&done.uid);
+        if let Some(rv) = done.seen_at {
+            self.settled_at.insert(done.uid, rv);
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| *l.borrow())
+    }
+
+    async fn shut_down(mut self) {
+        let grace = self.config.shutdown_grace.0;
+        info!(running = self.held.len(), ?grace, "shutting down: no new claims; letting running attempts finish");
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.held.is_empty() {
+            tokio::select! {
+                Some(done) = self.done_rx.recv() => self.finish(done),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !self.held.is_empty() {
+            info!(running = self.held.len(), "grace period over: handing running attempts back to the queue");
+            for control in self.held.values() {
+                control.stop(StopReason::Shutdown);
+            }
+            let deadline = tokio::time::Instant::now() + self.worker.timing.renew_deadline;
+            while !self.held.is_empty() {
+                tokio::select! {
+                    Some(done) = self.done_rx.recv() => self.finish(done),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+    }
+
+    /// One pass over the caches. Returns how long until something becomes due.
+    async fn pass(&mut self) -> Duration {
+        let now = Timestamp::now();
+        let inst = Instant::now();
+        let timing = self.worker.timing;
+        let mut due = IDLE_PASS;
+        let wake_at = |due: &mut Duration, t: Timestamp| {
+            let d = t.duration_since(now);
+            *due = if d.is_positive() { (*due).min(d.unsigned_abs()) } else { Duration::ZERO };
+        };
+        let leases: HashMap<(String, String), Arc<Lease>> = self
+            .view
+            .leases
+            .state()
+            .into_iter()
+            .map(|l| ((l.namespace().unwrap_or_default(), l.name_any()), l))
+            .collect();
+        let mut present = HashSet::new();
+        let mut candidates = Vec::new();
+        for job in self.view.jobs.state() {
+            let uid = job.uid().unwrap_or_default();
+            present.insert(uid.clone());
+            let rv = job.resource_version().unwrap_or_default();
+            if let Some(control) = self.held.get(&uid) {
+                if job.spec.cancel {
+                    control.stop(StopReason::Cancelled);
+                }
+                continue;
+            }
+            match self.settled_at.get(&uid) {
+                Some(at) if *at == rv => continue,
+                Some(_) => {
+                    self.settled_at.remove(&uid);
+                }
+                None => {}
+            }
+            let phase = job.phase();
+            if phase.is_final() {
+                if let Some(t) = self.expire_finished(&job, now).await {
+                    wake_at(&mut due, t);
+                }
+                continue;
+            }
+            let ns = job.namespace().unwrap_or_default();
+            let lease_name = job.status.as_ref().and_then(|s| s.lease.clone()).filter(|_| phase == Phase::Running).unwrap_or_else(|| claim::lease_name(&job));
+            let lease = leases.get(&(ns, lease_name)).cloned();
+            let unchanged = self.observer.observe(&uid, lease.as_ref().and_then(|l| l.resource_version()).as_deref(), inst);
+            let state = claim::lease_state(&job, lease.as_deref(), unchanged, &timing);
+            let orphaned = phase == Phase::Running && state != LeaseState::Live && unchanged >= timing.duration;
+            if phase == Phase::Running && !orphaned {
+                due = due.min(timing.duration.saturating_sub(unchanged).max(Duration::from_millis(100)));
+                continue;
+            }
+            if state == LeaseState::Live {
+                due = due.min(timing.duration.saturating_sub(unchanged).max(Duration::from_millis(100)));
+                continue;
+            }
+            // From here on the job is nobody's: waiting, or orphaned by a replica that stopped renewing.
+            if job.spec.cancel {
+                self.settle(&job, Phase::Cancelled, "cancelled by the user before it ran".into(), now).await;
+                continue;
+            }
+            let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+            if let Err(verdict) = retry::may_start(&job.spec, created, job.attempts(), now) {
+                let (phase, reason) = match verdict {
+                    Verdict::Fail(r) => (Phase::Failed, r),
+                    Verdict::Abandon(r) => (Phase::Abandoned, r),
+                    _ => unreachable!("may_start only fails or abandons"),
+                };
+                self.settle(&job, phase, reason, now).await;
+                continue;
+            }
+            wake_at(&mut due, retry::deadline(&job.spec, created));
+            if phase == Phase::Waiting
+                && let Some(t) = ordering::not_before(&job)
+                && t > now
+            {
+                wake_at(&mut due, t);
+                continue;
+            }
+            if !self.config.serves_queue(&job.spec.queue) {
+                continue;
+            }
+            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state });
+        }
+        self.observer.retain(|uid| present.contains(uid));
+        self.settled_at.retain(|uid, _| present.contains(uid));
+        for (uid, control) in &self.held {
+            if !present.contains(uid) {
+                control.stop(StopReason::Deleted);
+            }
+        }
+        self.claim_some(candidates, &leases);
+        due
+    }
+
+    fn claim_some(&mut self, mut candidates: Vec<Candidate>, leases: &HashMap<(String, String), Arc<Lease>>) {
+        if !self.config.job_execution_enabled || !self.is_leader() || candidates.is_empty() {
+            return;
+        }
+        let free = (self.config.max_concurrent_jobs_per_instance as usize).saturating_sub(self.held.len());
+        if free == 0 {
+            return;
+        }
+        candidates.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<QueueKey> = candidates.iter().map(|c| c.key.clone()).collect();
+        let mut workers: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
+        workers.insert(&self.worker.identity);
+        let picked: HashSet<&QueueKey> = ordering::pick(&keys, free, workers.len(), &self.worker.identity).into_iter().collect();
+        for c in candidates.iter().filter(|c| picked.contains(&c.key)) {
+            self.spawn_claim(c);
+        }
+    }
+
+    fn spawn_claim(&mut self, c: &Candidate) {
+        let uid = c.job.uid().unwrap_or_default();
+        let control = Arc::new(AttemptControl::default());
+        self.held.insert(uid.clone(), control.clone());
+        let worker = self.worker.clone();
+        let done = self.done_tx.clone();
+        let job = c.job.clone();
+        let lease = c.lease.clone();
+        let state = c.state;
+        tokio::spawn(async move {
+            let ns = job.namespace().unwrap_or_default();
+            let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
+            let leases: Api<Lease> = Api::namespaced(worker.client.clone(), &ns);
+            let outcome = claim::claim(&jobs, &leases, &job, lease.as_deref(), state, &worker.identity, &worker.timing).await;
+            match outcome {
+                Ok(ClaimOutcome::Claimed(claimed)) => {
+                    worker.stats.claimed.fetch_add(1, Ordering::Relaxed);
+                    attempt::run(worker, *claimed, control).await;
+                }
+                Ok(ClaimOutcome::Lost) => {
+                    worker.stats.claim_conflicts.fetch_add(1, Ordering::Relaxed);
+                    debug!(job = %job.name_any(), "claim lost to another replica");
+                }
+                Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
+            }
+            let _ = done.send(Done { uid, seen_at: job.resource_version() });
+        });
+    }
+
+    /// Move a job nobody holds to a final phase, if it is still as seen.
+    async fn settle(&mut self, job: &BackgroundJob, phase: Phase, reason: String, now: Timestamp) {
+        let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());
+        let mut s = job.status.clone().unwrap_or_default();
+        status::finish(&mut s, phase, Some(reason.clone()), now);
+        match status::write_if_unchanged(&api, job, s).await {
+            Ok(Some(_)) => {
+                info!(job = %job.name_any(), %phase, %reason, "job settled");
+                self.worker.stats.count_outcome(phase);
+                let type_ = if phase == Phase::Cancelled { kube::runtime::events::EventType::Normal } else { kube::runtime::events::EventType::Warning };
+                self.worker.event(job, type_, &phase.to_string(), reason);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
+        }
+        self.settled_at.insert(job.uid().unwrap_or_default(), job.resource_version().unwrap_or_default());
+    }
+
+    /// Delete a finished job whose TTL has passed; otherwise return when it will.
+    async fn expire_finished(&mut self, job: &BackgroundJob, now: Timestamp) -> Option<Timestamp> {
+        let ttl = job.spec.ttl_seconds_after_finished.or(self.config.ttl_seconds_after_finished)?;
+        let finished = job.status.as_ref()?.completion_time.as_ref()?.0;
+        let at = finished.checked_add(jiff::SignedDuration::from_secs(ttl.max(0))).ok()?;
+        if at > now {
+            return Some(at);
+        }
+        let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());
+        let dp = DeleteParams { preconditions: Some(Preconditions { uid: job.uid(), resource_version: None }), ..Default::default() };
+        match api.delete(&job.name_any(), &dp).await {
+            Ok(_) => debug!(job = %job.name_any(), "deleted finished job after its TTL"),
+            Err(e) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
+            Err(e) => warn!(job = %job.name_any(), error = %e, "could not delete finished job"),
+        }
+        self.settled_at.insert(job.uid().unwrap_or_default(), job.resource_version().unwrap_or_default());
+        None
+    }
+}

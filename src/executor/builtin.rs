@@ -1,0 +1,51 @@
+//! Handlers shipped in the `bgjobs` binary, for demos, tests and benchmarks.
+//!
+//! - `noop`: succeeds at once.
+//! - `sleep` (`{"seconds": 2}`): succeeds after the given time; stops early when cancelled.
+//! - `fail` (`{"message": "...", "permanent": false}`): fails, retryably unless `permanent`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{JobContext, JobError, Registry};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoopArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SleepArgs {
+    seconds: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailArgs {
+    #[serde(default = "default_message")]
+    message: String,
+    #[serde(default)]
+    permanent: bool,
+}
+
+fn default_message() -> String {
+    "the fail handler failed, as asked".into()
+}
+
+/// Register the built-in handlers.
+pub fn register(r: &mut Registry) {
+    r.register("noop", |_ctx: JobContext, _a: NoopArgs| async { Ok(()) });
+    r.register("sleep", |ctx: JobContext, a: SleepArgs| async move {
+        if !(a.seconds.is_finite() && a.seconds >= 0.0) {
+            return Err(JobError::Permanent(format!("sleep: seconds must be a non-negative number, got {}", a.seconds)));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs_f64(a.seconds)) => Ok(()),
+            _ = ctx.cancel.cancelled() => Err(JobError::Retryable("sleep was cancelled".into())),
+        }
+    });
+    r.register("fail", |_ctx: JobContext, a: FailArgs| async move {
+        Err(if a.permanent { JobError::Permanent(a.message) } else { JobError::Retryable(a.message) })
+    });
+}

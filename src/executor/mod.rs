@@ -1,0 +1,29 @@
+//! Where a claimed attempt runs: an in-process handler ([`registry`]), an HTTP endpoint ([`http`]), or a Pod.
+//!
+//! Executors only do the work and say how it went ([`AttemptResult`]); claiming, renewing and recording the outcome
+//! belong to the attempt runner, so every executor gets the same fencing.
+
+pub mod builtin;
+pub mod http;
+pub mod registry;
+
+pub use registry::{JobContext, JobError, Registry};
+
+use crate::api::BackgroundJob;
+use crate::retry::AttemptResult;
+
+/// Run one attempt of `job` with the executor its spec selects.
+pub async fn execute(job: &BackgroundJob, ctx: JobContext, registry: &Registry, http_client: &reqwest::Client) -> AttemptResult {
+    let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
+    if job.spec.template.is_some() {
+        return AttemptResult::Permanent(
+            "spec.template (run as a Pod) is not supported by this operator version; remove it or use an in-process \
+             handler or spec.http"
+                .into(),
+        );
+    }
+    if let Some(target) = &job.spec.http {
+        return http::post(http_client, target, &ctx, &args, job.spec.attempt_timeout_seconds).await;
+    }
+    registry.run(ctx, args).await
+}

@@ -1,0 +1,86 @@
+//! `bgjobs operator`: one replica. Run as many as you like; they share the work through per-job claims.
+//!
+//! Start-up: check that the CRD is installed (exit with a hint if not), start the watches, wait for the caches,
+//! then dispatch. Shutdown (SIGTERM/SIGINT): stop claiming, let running attempts finish for `--shutdown-grace`,
+//! then stop them, write them back to `Waiting` and delete their Leases so other replicas start them at once;
+//! only then give up the exclusive Lease, if held.
+//!
+//! Teams with their own handlers build their own worker binary around [`run`]:
+//! ```no_run
+//! # async fn f(config: bgjobs::config::OperatorConfig) -> bgjobs::Result<()> {
+//! let mut registry = bgjobs::executor::Registry::with_builtins();
+//! registry.register("SendEmail", |_ctx, to: String| async move { println!("mail {to}"); Ok(()) });
+//! bgjobs::operator::run(config, registry).await
+//! # }
+//! ```
+
+use std::sync::Arc;
+
+use kube::api::ListParams;
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::BackgroundJob;
+use crate::config::{OperatorConfig, Strategy};
+use crate::dispatch::Dispatcher;
+use crate::error::{Error, Result};
+use crate::executor::Registry;
+use crate::queue::QueueView;
+use crate::worker::Worker;
+
+/// Run one operator replica until SIGTERM or SIGINT.
+pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
+    let timing = config.lease_timing();
+    timing.validate()?;
+    let client = crate::client::connect().await?;
+    ensure_crd(&client, config.namespace.as_deref()).await?;
+    let identity = config.identity();
+    let worker = Arc::new(Worker::new(client.clone(), identity.clone(), timing, registry, config.events, config.invocation_log.as_deref())?);
+    info!(%identity, strategy = ?config.strategy, slots = config.max_concurrent_jobs_per_instance,
+        namespace = config.namespace.as_deref().unwrap_or("<all>"), execution = config.job_execution_enabled, "bgjobs operator starting");
+
+    let view = QueueView::start(client.clone(), config.namespace.as_deref());
+    view.ready().await;
+    info!("caches synced; dispatching");
+
+    let stop_election = CancellationToken::new();
+    let (leader, election) = match config.strategy {
+        Strategy::Parallel => (None, None),
+        Strategy::Exclusive => {
+            let (tx, rx) = watch::channel(false);
+            let task = tokio::spawn(crate::exclusive::elect(client.clone(), config.lease_namespace.clone(), identity.clone(), timing, tx, stop_election.clone()));
+            (Some(rx), Some(task))
+        }
+    };
+    Dispatcher::new(worker.clone(), config, view, leader).run(shutdown_signal()).await;
+    stop_election.cancel();
+    if let Some(task) = election {
+        let _ = task.await;
+    }
+    info!(stats = %serde_json::to_string(&worker.stats).unwrap_or_default(), "bgjobs operator stopped");
+    Ok(())
+}
+
+/// Fail fast with a hint when the CRD is missing (a list of BackgroundJobs answers 404).
+async fn ensure_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
+    let api: Api<BackgroundJob> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(e) if crate::error::api_code(&e) == Some(404) => Err(Error::CrdMissing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,217 @@
+//! Where the FIFO order is decided.
+//!
+//! bgjobs guarantees this dispatch order among runnable jobs: **priority first (High → Low), then enqueue order,
+//! then namespace/name**. Enqueue order is `creationTimestamp` (one-second resolution) refined by the apiserver
+//! revision at which the job was created, so jobs created within one second still start in creation order.
+//! A retried job keeps its original place: it is not pushed behind jobs enqueued after it.
+//!
+//! A job that cannot run yet (delayed, waiting for its retry) is simply not runnable; it never blocks the jobs
+//! behind it. Everything here is a plain function over plain data and a clock.
+
+use std::cmp::Ordering;
+use std::hash::{Hash, Hasher};
+
+use jiff::Timestamp;
+
+use crate::api::{BackgroundJob, Priority};
+
+/// A job's place in the queue. Smaller keys run first.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct QueueKey {
+    /// Dispatch priority (higher runs first).
+    pub priority: Priority,
+    /// `creationTimestamp`, in whole seconds.
+    pub created: i64,
+    /// Creation revision (see [`enqueue_sequence`]); orders jobs created in the same second.
+    pub sequence: i64,
+    /// Namespace, then name: the last tie-breaker.
+    pub namespace: String,
+    /// Object name.
+    pub name: String,
+}
+
+impl Ord for QueueKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .priority
+            .cmp(&self.priority)
+            .then(self.created.cmp(&other.created))
+            .then(self.sequence.cmp(&other.sequence))
+            .then_with(|| self.namespace.cmp(&other.namespace))
+            .then_with(|| self.name.cmp(&other.name))
+    }
+}
+
+impl PartialOrd for QueueKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl QueueKey {
+    /// The key of a job as the operator sees it.
+    pub fn of(job: &BackgroundJob) -> QueueKey {
+        QueueKey {
+            priority: job.spec.priority,
+            created: job.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
+            sequence: enqueue_sequence(job).unwrap_or(i64::MAX),
+            namespace: job.metadata.namespace.clone().unwrap_or_default(),
+            name: job.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// The job's creation revision: recorded in `status.enqueueSequence` at its first claim; before that, its
+/// `resourceVersion` while the object is still as created (generation 1, no status written yet). Kubernetes calls
+/// resourceVersions opaque; on every etcd3-backed apiserver they are the etcd revision, a number that grows with
+/// every write, which is exactly the creation order we need. Anything else yields `None` and the job falls back to
+/// name order within its second.
+pub fn enqueue_sequence(job: &BackgroundJob) -> Option<i64> {
+    if let Some(seq) = job.status.as_ref().and_then(|s| s.enqueue_sequence) {
+        return Some(seq);
+    }
+    let untouched = job.status.as_ref().is_none_or(|s| s.phase.is_none() && s.attempts == 0);
+    if untouched && job.metadata.generation.unwrap_or(1) <= 1 {
+        return job.metadata.resource_version.as_deref().and_then(|rv| rv.parse().ok());
+    }
+    None
+}
+
+/// The time before which a waiting job must not start: its retry time, else its creation + delay.
+pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
+    if let Some(t) = job.status.as_ref().and_then(|s| s.next_attempt_time.as_ref()) {
+        return Some(t.0);
+    }
+    let delay = job.spec.delay_seconds.filter(|d| *d > 0)?;
+    let created = job.metadata.creation_timestamp.as_ref()?.0;
+    created.checked_add(jiff::SignedDuration::from_secs(delay)).ok()
+}
+
+/// Which of the runnable jobs (sorted, head first) this replica should try to claim now.
+///
+/// With one replica the answer is simply the head `free_slots` jobs. With `workers` replicas racing for the same
+/// head, each looks at a window of `free_slots * workers` jobs (all of which are about to start anyway) and takes
+/// the `free_slots` it ranks highest by a hash of (its identity, the job). Rankings differ per replica, so replicas
+/// mostly go for different jobs and claim conflicts stay rare, while FIFO inversions stay within the window.
+/// The picks are returned in queue order.
+pub fn pick<'a>(runnable: &'a [QueueKey], free_slots: usize, workers: usize, me: &str) -> Vec<&'a QueueKey> {
+    if free_slots == 0 || runnable.is_empty() {
+        return Vec::new();
+    }
+    let window = &runnable[..runnable.len().min(free_slots.saturating_mul(workers.max(1)))];
+    if window.len() <= free_slots {
+        return window.iter().collect();
+    }
+    let mut ranked: Vec<(u64, usize)> = window.iter().enumerate().map(|(i, k)| (rank(me, k), i)).collect();
+    ranked.sort_unstable();
+    let mut chosen: Vec<usize> = ranked.into_iter().take(free_slots).map(|(_, i)| i).collect();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|i| &window[i]).collect()
+}
+
+fn rank(me: &str, key: &QueueKey) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    me.hash(&mut h);
+    key.namespace.hash(&mut h);
+    key.name.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn job(name: &str, priority: Priority, created: i64, rv: &str) -> BackgroundJob {
+        let mut j = BackgroundJob::new(name, serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap());
+        j.spec.priority = priority;
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        j.metadata.resource_version = Some(rv.into());
+        j.metadata.generation = Some(1);
+        j
+    }
+
+    fn sorted(jobs: &[BackgroundJob]) -> Vec<String> {
+        let mut keys: Vec<QueueKey> = jobs.iter().map(QueueKey::of).collect();
+        keys.sort();
+        keys.into_iter().map(|k| k.name).collect()
+    }
+
+    #[test]
+    fn higher_priority_runs_first_even_when_enqueued_later() {
+        let jobs = [job("a", Priority::Low, 100, "5"), job("b", Priority::High, 200, "9"), job("c", Priority::Normal, 150, "7")];
+        assert_eq!(sorted(&jobs), ["b", "c", "a"]);
+    }
+
+    #[test]
+    fn jobs_created_in_the_same_second_run_in_creation_revision_order_not_name_order() {
+        let jobs = [job("zeta", Priority::Normal, 100, "11"), job("alpha", Priority::Normal, 100, "12"), job("mid", Priority::Normal, 100, "10")];
+        assert_eq!(sorted(&jobs), ["mid", "zeta", "alpha"]);
+    }
+
+    #[test]
+    fn revisions_compare_as_numbers() {
+        let jobs = [job("a", Priority::Normal, 100, "100"), job("b", Priority::Normal, 100, "99")];
+        assert_eq!(sorted(&jobs), ["b", "a"]);
+    }
+
+    #[test]
+    fn a_retried_job_keeps_its_recorded_place() {
+        let mut retried = job("retried", Priority::Normal, 100, "500");
+        retried.status = Some(BackgroundJobStatus { attempts: 1, enqueue_sequence: Some(10), ..Default::default() });
+        let fresh = job("fresh", Priority::Normal, 100, "20");
+        assert_eq!(sorted(&[fresh, retried]), ["retried", "fresh"]);
+    }
+
+    #[test]
+    fn a_modified_unclaimed_job_does_not_use_its_newer_revision() {
+        let mut edited = job("edited", Priority::Normal, 100, "900");
+        edited.metadata.generation = Some(2);
+        assert_eq!(enqueue_sequence(&edited), None);
+        assert_eq!(sorted(&[edited, job("later", Priority::Normal, 101, "50")]), ["edited", "later"]);
+    }
+
+    #[test]
+    fn delay_counts_from_creation_and_retry_time_wins() {
+        let mut j = job("d", Priority::Normal, 1000, "1");
+        j.spec.delay_seconds = Some(30);
+        assert_eq!(not_before(&j), Some(Timestamp::from_second(1030).unwrap()));
+        j.status = Some(BackgroundJobStatus { next_attempt_time: Some(Time(Timestamp::from_second(5000).unwrap())), ..Default::default() });
+        assert_eq!(not_before(&j), Some(Timestamp::from_second(5000).unwrap()));
+    }
+
+    fn keys(n: usize) -> Vec<QueueKey> {
+        (0..n).map(|i| QueueKey::of(&job(&format!("j{i:03}"), Priority::Normal, 100, &i.to_string()))).collect()
+    }
+
+    #[test]
+    fn a_single_worker_takes_exactly_the_head() {
+        let k = keys(10);
+        let names: Vec<_> = pick(&k, 3, 1, "me").into_iter().map(|k| k.name.clone()).collect();
+        assert_eq!(names, ["j000", "j001", "j002"]);
+    }
+
+    #[test]
+    fn several_workers_stay_within_the_window_and_mostly_pick_different_jobs() {
+        let k = keys(100);
+        let workers = 4;
+        let mut all = Vec::new();
+        for w in 0..workers {
+            let picks = pick(&k, 4, workers, &format!("worker-{w}"));
+            assert_eq!(picks.len(), 4);
+            assert!(picks.iter().all(|p| p.sequence < 16), "picks stay within the first 16 jobs");
+            assert!(picks.windows(2).all(|w| w[0] < w[1]), "picks come back in queue order");
+            all.extend(picks.into_iter().map(|p| p.name.clone()));
+        }
+        all.sort();
+        all.dedup();
+        assert!(all.len() >= 9, "4 workers x 4 slots should mostly pick distinct jobs, got {} distinct", all.len());
+    }
+
+    #[test]
+    fn no_free_slot_picks_nothing() {
+        assert!(pick(&keys(5), 0, 3, "me").is_empty());
+    }
+}

@@ -1,0 +1,155 @@
+//! What happens after an attempt: retry with exponential backoff, or give up.
+//!
+//! Attempt `n` (1-based) that failed is followed by attempt `n + 1` after `backoffSeconds * backoffFactor^(n-1)`
+//! seconds, unless `retry.maxAttempts` attempts have been started (→ `Failed`) or the retry would start after
+//! `creationTimestamp + timeoutSeconds` (→ `Abandoned`: there is no point in waiting for a retry that may not run).
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::api::{BackgroundJobSpec, RetryPolicy};
+
+/// The longest single backoff bgjobs will compute; keeps huge factors from overflowing.
+const MAX_BACKOFF: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// The work is done.
+    Succeeded,
+    /// A failure another attempt may fix (HTTP 5xx, a timeout, a handler's retryable error, a lost worker).
+    Retryable(String),
+    /// A failure no retry can fix (unknown jobName, malformed args, HTTP 4xx, a handler's permanent error).
+    Permanent(String),
+}
+
+/// What to record after an attempt (or a lost attempt) ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Phase `Succeeded`.
+    Succeed,
+    /// Back to `Waiting`; not before `at`.
+    RetryAt {
+        /// Earliest start of the next attempt.
+        at: Timestamp,
+        /// Why the attempt failed.
+        reason: String,
+    },
+    /// Phase `Failed`.
+    Fail(String),
+    /// Phase `Abandoned`.
+    Abandon(String),
+}
+
+/// The wait before the attempt that follows failed attempt number `failed_attempt` (1-based).
+pub fn backoff(policy: &RetryPolicy, failed_attempt: i32) -> Duration {
+    let exponent = (failed_attempt.max(1) - 1) as f64;
+    let secs = policy.backoff_seconds.max(0) as f64 * policy.backoff_factor.max(1.0).powf(exponent);
+    if !secs.is_finite() || secs >= MAX_BACKOFF.as_secs_f64() { MAX_BACKOFF } else { Duration::from_secs_f64(secs) }
+}
+
+/// When the job gives up: `creationTimestamp + timeoutSeconds`.
+pub fn deadline(spec: &BackgroundJobSpec, created: Timestamp) -> Timestamp {
+    created.checked_add(SignedDuration::from_secs(spec.timeout_seconds.max(1))).unwrap_or(Timestamp::MAX)
+}
+
+/// Decide what follows attempt number `attempt` that ended with `result`.
+pub fn verdict(spec: &BackgroundJobSpec, created: Timestamp, attempt: i32, result: AttemptResult, now: Timestamp) -> Verdict {
+    let reason = match result {
+        AttemptResult::Succeeded => return Verdict::Succeed,
+        AttemptResult::Permanent(reason) => return Verdict::Fail(reason),
+        AttemptResult::Retryable(reason) => reason,
+    };
+    if let Some(max) = spec.retry.max_attempts
+        && attempt >= max
+    {
+        return Verdict::Fail(format!("{reason} (gave up after {attempt} of {max} attempts)"));
+    }
+    let wait = SignedDuration::try_from(backoff(&spec.retry, attempt)).unwrap_or(SignedDuration::MAX);
+    let at = now.checked_add(wait).unwrap_or(Timestamp::MAX);
+    let give_up = deadline(spec, created);
+    if at >= give_up {
+        return Verdict::Abandon(format!(
+            "{reason} (the next attempt would start after the job's timeout of {}s since creation)",
+            spec.timeout_seconds
+        ));
+    }
+    Verdict::RetryAt { at, reason }
+}
+
+/// Whether a job may still start an attempt now: not past its deadline, not out of attempts.
+pub fn may_start(spec: &BackgroundJobSpec, created: Timestamp, attempts_started: i32, now: Timestamp) -> Result<(), Verdict> {
+    if now >= deadline(spec, created) {
+        return Err(Verdict::Abandon(format!(
+            "not finished within the job's timeout of {}s since creation",
+            spec.timeout_seconds
+        )));
+    }
+    if let Some(max) = spec.retry.max_attempts
+        && attempts_started >= max
+    {
+        return Err(Verdict::Fail(format!("all {max} attempts were used up")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> BackgroundJobSpec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn default_backoff_is_one_minute_then_doubles() {
+        let p = RetryPolicy::default();
+        let waits: Vec<u64> = (1..=4).map(|n| backoff(&p, n).as_secs()).collect();
+        assert_eq!(waits, [60, 120, 240, 480]);
+    }
+
+    #[test]
+    fn huge_factors_saturate_instead_of_overflowing() {
+        let p = RetryPolicy { max_attempts: None, backoff_seconds: 60, backoff_factor: 1e9 };
+        assert_eq!(backoff(&p, 1000), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_retryable_failure_is_retried_after_the_backoff() {
+        let s = spec(serde_json::json!({"jobName": "x", "retry": {"backoffSeconds": 10, "backoffFactor": 3.0}}));
+        let v = verdict(&s, t(0), 2, AttemptResult::Retryable("boom".into()), t(100));
+        assert_eq!(v, Verdict::RetryAt { at: t(130), reason: "boom".into() });
+    }
+
+    #[test]
+    fn the_last_allowed_attempt_fails_the_job() {
+        let s = spec(serde_json::json!({"jobName": "x", "retry": {"maxAttempts": 3}}));
+        assert!(matches!(verdict(&s, t(0), 3, AttemptResult::Retryable("boom".into()), t(1)), Verdict::Fail(r) if r.contains("3 of 3")));
+        assert!(matches!(verdict(&s, t(0), 2, AttemptResult::Retryable("boom".into()), t(1)), Verdict::RetryAt { .. }));
+    }
+
+    #[test]
+    fn a_permanent_failure_is_never_retried() {
+        let s = spec(serde_json::json!({"jobName": "x"}));
+        assert_eq!(verdict(&s, t(0), 1, AttemptResult::Permanent("bad args".into()), t(1)), Verdict::Fail("bad args".into()));
+    }
+
+    #[test]
+    fn a_retry_past_the_timeout_abandons_the_job() {
+        let s = spec(serde_json::json!({"jobName": "x", "timeoutSeconds": 100}));
+        assert!(matches!(verdict(&s, t(0), 1, AttemptResult::Retryable("boom".into()), t(50)), Verdict::Abandon(_)));
+    }
+
+    #[test]
+    fn may_start_checks_deadline_then_attempts() {
+        let s = spec(serde_json::json!({"jobName": "x", "timeoutSeconds": 100, "retry": {"maxAttempts": 2}}));
+        assert!(may_start(&s, t(0), 1, t(10)).is_ok());
+        assert!(matches!(may_start(&s, t(0), 2, t(10)), Err(Verdict::Fail(_))));
+        assert!(matches!(may_start(&s, t(0), 0, t(100)), Err(Verdict::Abandon(_))));
+    }
+}

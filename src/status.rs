@@ -1,0 +1,206 @@
+//! Status writes: what each transition records, and the two ways bgjobs writes status.
+//!
+//! - [`write_if_unchanged`]: for jobs nobody holds (claiming, cancelling or abandoning a waiting job). Applies only if
+//!   the job is still at the resourceVersion the decision was made on; a 409 means another replica moved it first.
+//! - [`write_fenced`]: for every write after a claim. Applies only while the job is still this worker's, on this
+//!   attempt; a replica that was paused past its lease finds another worker or a higher attempt and writes nothing.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::PostParams;
+use kube::Api;
+
+use crate::api::{BackgroundJob, BackgroundJobStatus, Phase};
+use crate::error::{api_code, Result};
+
+/// Who may write after a claim: this worker, on this attempt of this job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The job's UID (a job deleted and re-created under the same name is another job).
+    pub uid: String,
+    /// The claiming replica.
+    pub worker: String,
+    /// The attempt number the claim wrote: the fencing epoch.
+    pub attempt: i32,
+}
+
+impl Fence {
+    /// Whether `job` is still held under this fence.
+    pub fn holds(&self, job: &BackgroundJob) -> bool {
+        let Some(s) = job.status.as_ref() else { return false };
+        job.metadata.uid.as_deref() == Some(self.uid.as_str())
+            && s.phase == Some(Phase::Running)
+            && s.worker.as_deref() == Some(self.worker.as_str())
+            && s.attempts == self.attempt
+    }
+}
+
+/// Result of a fenced write.
+#[derive(Debug)]
+pub enum Fenced {
+    /// Written; the job as stored now.
+    Written(Box<BackgroundJob>),
+    /// Not written: the job moved on (another worker or attempt, a final phase) or is gone.
+    Stale,
+}
+
+/// The status a claim writes: phase `Running`, next attempt number, this worker and Lease.
+pub fn running(job: &BackgroundJob, worker: &str, lease: &str, sequence: Option<i64>, lost: Option<String>, now: Timestamp) -> BackgroundJobStatus {
+    let mut s = job.status.clone().unwrap_or_default();
+    s.phase = Some(Phase::Running);
+    s.attempts += 1;
+    s.worker = Some(worker.to_string());
+    s.lease = Some(lease.to_string());
+    s.start_time = Some(Time(now));
+    s.next_attempt_time = None;
+    s.enqueue_sequence = s.enqueue_sequence.or(sequence);
+    s.observed_generation = job.metadata.generation;
+    if lost.is_some() {
+        s.last_error = lost;
+    }
+    let msg = format!("attempt {} running on {worker}", s.attempts);
+    set_condition(&mut s, "Running", "True", "Claimed", &msg, now);
+    s
+}
+
+/// Record a final phase.
+pub fn finish(s: &mut BackgroundJobStatus, phase: Phase, error: Option<String>, now: Timestamp) {
+    debug_assert!(phase.is_final());
+    s.phase = Some(phase);
+    s.completion_time = Some(Time(now));
+    s.next_attempt_time = None;
+    if error.is_some() {
+        s.last_error = error;
+    }
+    let msg = s.last_error.clone().filter(|_| phase != Phase::Succeeded).unwrap_or_else(|| format!("job {phase}"));
+    set_condition(s, "Running", "False", &phase.to_string(), "no attempt running", now);
+    set_condition(s, "Finished", "True", &phase.to_string(), &msg, now);
+}
+
+/// Put the job back in the queue, not to start before `at` (None: at once).
+pub fn requeue(s: &mut BackgroundJobStatus, at: Option<Timestamp>, error: String, now: Timestamp) {
+    s.phase = Some(Phase::Waiting);
+    s.next_attempt_time = at.map(Time);
+    s.last_error = Some(error);
+    set_condition(s, "Running", "False", "Requeued", "waiting for the next attempt", now);
+}
+
+fn set_condition(s: &mut BackgroundJobStatus, type_: &str, status: &str, reason: &str, message: &str, now: Timestamp) {
+    let generation = s.observed_generation;
+    let message: String = message.chars().take(1024).collect();
+    if let Some(c) = s.conditions.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != status {
+            c.last_transition_time = Time(now);
+        }
+        c.status = status.into();
+        c.reason = reason.into();
+        c.message = message;
+        c.observed_generation = generation;
+    } else {
+        s.conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: Time(now),
+            observed_generation: generation,
+        });
+    }
+}
+
+/// Write `status` over `seen` only if the job is still at `seen`'s resourceVersion. `Ok(None)`: someone else moved
+/// it first (or it is gone).
+pub async fn write_if_unchanged(api: &Api<BackgroundJob>, seen: &BackgroundJob, status: BackgroundJobStatus) -> Result<Option<BackgroundJob>> {
+    let mut obj = seen.clone();
+    obj.status = Some(status);
+    let name = seen.metadata.name.as_deref().unwrap_or_default();
+    match api.replace_status(name, &PostParams::default(), &obj).await {
+        Ok(j) => Ok(Some(j)),
+        Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Apply `change` to the job's status and write it, only while `fence` still holds. Starts from `latest` (the job
+/// as this worker last wrote or read it) and re-reads on each 409.
+pub async fn write_fenced(
+    api: &Api<BackgroundJob>,
+    latest: &BackgroundJob,
+    fence: &Fence,
+    change: impl Fn(&mut BackgroundJobStatus),
+) -> Result<Fenced> {
+    let name = latest.metadata.name.clone().unwrap_or_default();
+    let mut current = latest.clone();
+    for _ in 0..10 {
+        if !fence.holds(&current) {
+            return Ok(Fenced::Stale);
+        }
+        let mut status = current.status.clone().unwrap_or_default();
+        change(&mut status);
+        current.status = Some(status);
+        match api.replace_status(&name, &PostParams::default(), &current).await {
+            Ok(j) => return Ok(Fenced::Written(Box::new(j))),
+            Err(e) if api_code(&e) == Some(409) => match api.get_opt(&name).await? {
+                Some(j) => current = j,
+                None => return Ok(Fenced::Stale),
+            },
+            Err(e) if api_code(&e) == Some(404) => return Ok(Fenced::Stale),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Ten conflicts in a row: the job is being rewritten constantly; let the lease expire rather than spin.
+    Ok(Fenced::Stale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::BackgroundJobSpec;
+
+    fn job() -> BackgroundJob {
+        let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap());
+        j.metadata.uid = Some("uid-1".into());
+        j.metadata.generation = Some(1);
+        j
+    }
+
+    #[test]
+    fn a_claim_increments_the_attempt_and_records_worker_lease_and_sequence() {
+        let now = Timestamp::from_second(100).unwrap();
+        let s = running(&job(), "w1", "bgj-j", Some(42), None, now);
+        assert_eq!((s.phase, s.attempts, s.worker.as_deref(), s.lease.as_deref()), (Some(Phase::Running), 1, Some("w1"), Some("bgj-j")));
+        assert_eq!(s.enqueue_sequence, Some(42));
+        assert_eq!(s.conditions[0].type_, "Running");
+    }
+
+    #[test]
+    fn the_enqueue_sequence_is_kept_across_attempts() {
+        let mut j = job();
+        j.status = Some(BackgroundJobStatus { attempts: 1, enqueue_sequence: Some(7), ..Default::default() });
+        let s = running(&j, "w2", "l", Some(999), Some("attempt 1 lost".into()), Timestamp::now());
+        assert_eq!((s.attempts, s.enqueue_sequence, s.last_error.as_deref()), (2, Some(7), Some("attempt 1 lost")));
+    }
+
+    #[test]
+    fn the_fence_holds_only_for_the_same_worker_attempt_and_uid_while_running() {
+        let mut j = job();
+        j.status = Some(running(&j, "w1", "l", None, None, Timestamp::now()));
+        let fence = Fence { uid: "uid-1".into(), worker: "w1".into(), attempt: 1 };
+        assert!(fence.holds(&j));
+        assert!(!Fence { worker: "w2".into(), ..fence.clone() }.holds(&j));
+        assert!(!Fence { attempt: 2, ..fence.clone() }.holds(&j));
+        assert!(!Fence { uid: "other".into(), ..fence.clone() }.holds(&j));
+        finish(j.status.as_mut().unwrap(), Phase::Succeeded, None, Timestamp::now());
+        assert!(!fence.holds(&j), "a finished job is nobody's any more");
+    }
+
+    #[test]
+    fn finishing_sets_completion_and_the_finished_condition() {
+        let mut s = BackgroundJobStatus::default();
+        finish(&mut s, Phase::Failed, Some("boom".into()), Timestamp::from_second(5).unwrap());
+        assert_eq!(s.phase, Some(Phase::Failed));
+        assert!(s.completion_time.is_some());
+        let finished = s.conditions.iter().find(|c| c.type_ == "Finished").unwrap();
+        assert_eq!((finished.reason.as_str(), finished.message.as_str()), ("Failed", "boom"));
+    }
+}

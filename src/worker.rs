@@ -1,0 +1,170 @@
+//! What every attempt on a replica shares: the client, identity, executors, counters, events and the audit trail.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+
+use crate::api::{BackgroundJob, Phase};
+use crate::executor::Registry;
+use crate::lease::LeaseTiming;
+
+/// One operator replica's shared state.
+pub struct Worker {
+    /// Kubernetes client.
+    pub client: Client,
+    /// This replica's identity (Lease holder, `status.worker`).
+    pub identity: String,
+    /// Lease timing for claims.
+    pub timing: LeaseTiming,
+    /// In-process handlers.
+    pub registry: Registry,
+    /// Client of the HTTP executor.
+    pub http: reqwest::Client,
+    /// Counters.
+    pub stats: Stats,
+    /// Audit trail of attempt starts and ends.
+    pub invocations: InvocationLog,
+    recorder: Option<Recorder>,
+}
+
+impl Worker {
+    /// Assemble a replica's shared state.
+    pub fn new(client: Client, identity: String, timing: LeaseTiming, registry: Registry, events: bool, invocation_log: Option<&Path>) -> crate::Result<Self> {
+        let recorder = events.then(|| {
+            Recorder::new(client.clone(), Reporter { controller: "bgjobs".into(), instance: Some(identity.clone()) })
+        });
+        Ok(Worker {
+            client,
+            identity,
+            timing,
+            registry,
+            http: reqwest::Client::builder().user_agent("bgjobs").build().map_err(|e| crate::Error::Config(e.to_string()))?,
+            stats: Stats::default(),
+            invocations: InvocationLog::open(invocation_log)?,
+            recorder,
+        })
+    }
+
+    /// Publish a Kubernetes Event on `job` in the background (an Event lost to an API hiccup is only logged).
+    pub fn event(&self, job: &BackgroundJob, type_: EventType, reason: &str, note: String) {
+        let Some(recorder) = self.recorder.clone() else { return };
+        let reference = job.object_ref(&());
+        let ev = Event { type_, reason: reason.into(), note: Some(note.chars().take(1000).collect()), action: reason.into(), secondary: None };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::debug!(error = %e, "could not publish event");
+            }
+        });
+    }
+}
+
+/// Counters a replica keeps (exported as metrics, and printed when it stops).
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    /// Attempts claimed (including takeovers).
+    pub claimed: AtomicU64,
+    /// Claims lost to another replica (at the Lease or at the status write).
+    pub claim_conflicts: AtomicU64,
+    /// Orphaned attempts taken over from a replica that stopped renewing.
+    pub takeovers: AtomicU64,
+    /// Failed or timed-out Lease renewals.
+    pub renew_failures: AtomicU64,
+    /// Attempt outcomes not recorded because the claim was no longer this replica's.
+    pub stale_results_discarded: AtomicU64,
+    /// Jobs that reached `Succeeded` here.
+    pub succeeded: AtomicU64,
+    /// Attempts that failed and were scheduled for a retry.
+    pub retried: AtomicU64,
+    /// Jobs that reached `Failed` here.
+    pub failed: AtomicU64,
+    /// Jobs that reached `Abandoned` here.
+    pub abandoned: AtomicU64,
+    /// Jobs that reached `Cancelled` here.
+    pub cancelled: AtomicU64,
+}
+
+impl Stats {
+    /// Count a recorded outcome.
+    pub fn count_outcome(&self, phase: Phase) {
+        let counter = match phase {
+            Phase::Succeeded => &self.succeeded,
+            Phase::Waiting => &self.retried,
+            Phase::Failed => &self.failed,
+            Phase::Abandoned => &self.abandoned,
+            Phase::Cancelled => &self.cancelled,
+            Phase::Running => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// JSON lines `{"event":"start"|"end","uid":..,"job":..,"attempt":..,"worker":..,"t_ms":..}`, one file per replica.
+#[derive(Default)]
+pub struct InvocationLog {
+    file: Option<Mutex<std::fs::File>>,
+}
+
+/// Writes the `end` line when the execution it guards is over (returned, cancelled or dropped).
+pub struct InvocationGuard<'a> {
+    log: &'a InvocationLog,
+    line: Option<Line>,
+}
+
+#[derive(Serialize, Clone)]
+struct Line {
+    event: &'static str,
+    uid: String,
+    job: String,
+    attempt: i32,
+    worker: String,
+    t_ms: i64,
+}
+
+impl InvocationLog {
+    fn open(path: Option<&Path>) -> crate::Result<Self> {
+        let file = match path {
+            Some(p) => Some(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?)),
+            None => None,
+        };
+        Ok(InvocationLog { file })
+    }
+
+    /// Log the start of an execution; the returned guard logs its end.
+    pub fn start(&self, job: &BackgroundJob, attempt: i32, worker: &str) -> InvocationGuard<'_> {
+        let line = self.file.as_ref().map(|_| Line {
+            event: "start",
+            uid: job.uid().unwrap_or_default(),
+            job: format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any()),
+            attempt,
+            worker: worker.to_string(),
+            t_ms: jiff::Timestamp::now().as_millisecond(),
+        });
+        if let Some(l) = &line {
+            self.write(l);
+        }
+        InvocationGuard { log: self, line }
+    }
+
+    fn write(&self, line: &Line) {
+        if let Some(f) = &self.file {
+            let mut text = serde_json::to_string(line).unwrap_or_default();
+            text.push('\n');
+            let _ = f.lock().unwrap().write_all(text.as_bytes());
+        }
+    }
+}
+
+impl Drop for InvocationGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.line.take() {
+            l.event = "end";
+            l.t_ms = jiff::Timestamp::now().as_millisecond();
+            self.log.write(&l);
+        }
+    }
+}
