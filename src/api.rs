@@ -45,7 +45,7 @@ pub const DEFAULT_BACKOFF_FACTOR: f64 = 2.0;
     printcolumn = r#"{"name":"Worker","type":"string","jsonPath":".status.worker"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Job","type":"string","priority":1,"jsonPath":".spec.jobName"}"#,
-    printcolumn = r#"{"name":"Next Attempt","type":"date","priority":1,"jsonPath":".status.nextAttemptTime"}"#,
+    printcolumn = r#"{"name":"Next Attempt","type":"string","priority":1,"jsonPath":".status.nextAttemptTime"}"#,
     printcolumn = r#"{"name":"Last Error","type":"string","priority":1,"jsonPath":".status.lastError"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -173,14 +173,22 @@ async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCo
             }
         };
         tokio::select! {
+            biased;
+            _ = control.token.cancelled() => Ending::Stopped(control.reason().unwrap_or(StopReason::Shutdown)),
             r = timed => match r {
                 Ok(Some(result)) => Ending::Finished(result),
                 Ok(None) => Ending::LeaseLost,
                 Err(secs) => Ending::AttemptTimedOut(secs),
             },
-            _ = control.token.cancelled() => Ending::Stopped(control.reason().unwrap_or(StopReason::Shutdown)),
             _ = keeper.renew_forever(&leases, &worker) => Ending::LeaseLost,
         }
+    };
+    // A handler that noticed a stop request fails with something like "cancelled"; the stop is the real reason.
+    // Only a success that raced the stop is kept: the work is done.
+    let ending = match (ending, control.reason()) {
+        (Ending::Finished(AttemptResult::Succeeded), _) => Ending::Finished(AttemptResult::Succeeded),
+        (Ending::Finished(_) | Ending::AttemptTimedOut(_), Some(reason)) => Ending::Stopped(reason),
+        (ending, _) => ending,
     };
     if matches!(ending, Ending::LeaseLost) || !keeper.is_current() {
         worker.stats.stale_results_discarded.fetch_add(1, Ordering::Relaxed);

@@ -35,6 +35,9 @@ use crate::worker::Worker;
 
 /// Longest the loop sleeps without a reason to wake: a safety net against a missed notification.
 const IDLE_PASS: Duration = Duration::from_secs(2);
+/// How long a job this replica just acted on is left alone while the cache still shows the version it acted on.
+/// Bounded, because a lost race at the Lease does not always change the job itself.
+const SETTLE_HOLD: Duration = Duration::from_secs(1);
 
 /// A claim task's report back to the loop.
 struct Done {
@@ -51,8 +54,8 @@ pub struct Dispatcher {
     view: QueueView,
     /// Attempts claimed or running here, by job UID.
     held: HashMap<String, Arc<AttemptControl>>,
-    /// Jobs this replica already acted on at a resourceVersion the cache still shows.
-    settled_at: HashMap<String, String>,
+    /// Jobs this replica just acted on: the resourceVersion it acted on, and when.
+    settled_at: HashMap<String, (String, Instant)>,
     observer: Observer,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -105,7 +108,7 @@ impl Dispatcher {
     fn finish(&mut self, done: Done) {
         self.held.remove(&done.uid);
         if let Some(rv) = done.seen_at {
-            self.settled_at.insert(done.uid, rv);
+            self.settled_at.insert(done.uid, (rv, Instant::now()));
         }
     }
 
@@ -168,7 +171,10 @@ impl Dispatcher {
                 continue;
             }
             match self.settled_at.get(&uid) {
-                Some(at) if *at == rv => continue,
+                Some((at, when)) if *at == rv && when.elapsed() < SETTLE_HOLD => {
+                    due = due.min(SETTLE_HOLD - when.elapsed());
+                    continue;
+                }
                 Some(_) => {
                     self.settled_at.remove(&uid);
                 }
@@ -296,7 +302,7 @@ impl Dispatcher {
             Ok(None) => {}
             Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
         }
-        self.settled_at.insert(job.uid().unwrap_or_default(), job.resource_version().unwrap_or_default());
+        self.settled_at.insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
     }
 
     /// Delete a finished job whose TTL has passed; otherwise return when it will.
@@ -314,7 +320,7 @@ impl Dispatcher {
             Err(e) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
             Err(e) => warn!(job = %job.name_any(), error = %e, "could not delete finished job"),
         }
-        self.settled_at.insert(job.uid().unwrap_or_default(), job.resource_version().unwrap_or_default());
+        self.settled_at.insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
         None
     }
 }

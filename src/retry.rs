@@ -67,7 +67,7 @@ pub fn verdict(spec: &BackgroundJobSpec, created: Timestamp, attempt: i32, resul
         return Verdict::Fail(format!("{reason} (gave up after {attempt} of {max} attempts)"));
     }
     let wait = SignedDuration::try_from(backoff(&spec.retry, attempt)).unwrap_or(SignedDuration::MAX);
-    let at = now.checked_add(wait).unwrap_or(Timestamp::MAX);
+    let at = ceil_to_second(now.checked_add(wait).unwrap_or(Timestamp::MAX));
     let give_up = deadline(spec, created);
     if at >= give_up {
         return Verdict::Abandon(format!(
@@ -76,6 +76,12 @@ pub fn verdict(spec: &BackgroundJobSpec, created: Timestamp, attempt: i32, resul
         ));
     }
     Verdict::RetryAt { at, reason }
+}
+
+/// Kubernetes `Time` fields keep whole seconds only: a retry time is rounded up, never down, so that a retry
+/// never starts before its backoff has passed.
+pub fn ceil_to_second(t: Timestamp) -> Timestamp {
+    if t.subsec_nanosecond() == 0 { t } else { Timestamp::from_second(t.as_second() + 1).unwrap_or(t) }
 }
 
 /// Whether a job may still start an attempt now: not past its deadline, not out of attempts.
@@ -124,6 +130,15 @@ mod tests {
         let s = spec(serde_json::json!({"jobName": "x", "retry": {"backoffSeconds": 10, "backoffFactor": 3.0}}));
         let v = verdict(&s, t(0), 2, AttemptResult::Retryable("boom".into()), t(100));
         assert_eq!(v, Verdict::RetryAt { at: t(130), reason: "boom".into() });
+    }
+
+    #[test]
+    fn retry_times_round_up_to_whole_seconds_because_status_times_keep_only_seconds() {
+        let s = spec(serde_json::json!({"jobName": "x", "retry": {"backoffSeconds": 1}}));
+        let now = Timestamp::from_millisecond(100_400).unwrap();
+        let v = verdict(&s, t(0), 1, AttemptResult::Retryable("boom".into()), now);
+        assert_eq!(v, Verdict::RetryAt { at: t(102), reason: "boom".into() });
+        assert_eq!(ceil_to_second(t(7)), t(7));
     }
 
     #[test]

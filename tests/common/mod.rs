@@ -1,0 +1,420 @@
+//! Shared harness for integration tests on the local control plane (`e2e/cluster.sh up`).
+//!
+//! Each test gets its own namespace (deleted afterwards) and starts operator replicas as separate OS processes
+//! (`bgjobs operator --namespace <its namespace>`) so it can `kill -9`, `SIGSTOP` and `SIGCONT` them.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bgjobs::api::{BackgroundJob, BackgroundJobSpec, Phase};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
+
+/// Lease timing for tests: short, so takeovers happen within seconds.
+pub const FAST_LEASES: [&str; 6] = [
+    "--lease-duration",
+    "3s",
+    "--renew-deadline",
+    "2s",
+    "--renew-interval",
+    "500ms",
+];
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of the local control plane's kubeconfig (`$KUBECONFIG` wins).
+pub fn kubeconfig_path() -> PathBuf {
+    std::env::var_os("KUBECONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cluster/kubeconfig"))
+}
+
+fn not_up(why: impl std::fmt::Display) -> ! {
+    panic!(
+        "\n\nThe local Kubernetes control plane is not reachable ({why}).\nIntegration tests need it: run `make test` \
+         (which starts it), or `e2e/cluster.sh up` and then `eval $(e2e/cluster.sh env)`. See README.md.\n\n"
+    )
+}
+
+/// A client for the local control plane, or a panic that says how to start it.
+pub async fn client() -> Client {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| not_up(format!("cannot read {}: {e}", path.display())));
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| not_up(e));
+    let client = Client::try_from(config).unwrap_or_else(|e| not_up(e));
+    if let Err(e) = client.apiserver_version().await {
+        not_up(e);
+    }
+    client
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique suffix for names.
+pub fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{:x}{:x}{}",
+        std::process::id() % 0xffff,
+        nanos % 0xfffff,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One test's namespace, client and scratch directory.
+pub struct TestEnv {
+    /// Client for the local control plane.
+    pub client: Client,
+    /// The test's namespace.
+    pub ns: String,
+    /// BackgroundJobs in the test's namespace.
+    pub jobs: Api<BackgroundJob>,
+    /// Scratch directory for replica logs and invocation logs.
+    pub dir: PathBuf,
+}
+
+impl TestEnv {
+    /// A fresh namespace named after the test.
+    pub async fn new(test: &str) -> TestEnv {
+        let client = client().await;
+        let ns = format!(
+            "t-{}-{}",
+            test.replace('_', "-").chars().take(30).collect::<String>(),
+            unique()
+        );
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &Namespace {
+                    metadata: ObjectMeta {
+                        name: Some(ns.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create test namespace");
+        let dir = repo_root().join("target/test-runs").join(&ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        TestEnv {
+            jobs: Api::namespaced(client.clone(), &ns),
+            client,
+            ns,
+            dir,
+        }
+    }
+
+    /// Start an operator replica in this namespace with fast leases and `extra` flags.
+    pub fn replica(&self, identity: &str, extra: &[&str]) -> Replica {
+        let log = self.dir.join(format!("{identity}.log"));
+        let invocations = self.dir.join(format!("{identity}.inv"));
+        let mut args: Vec<String> = vec![
+            "operator".into(),
+            "--namespace".into(),
+            self.ns.clone(),
+            "--identity".into(),
+            identity.into(),
+        ];
+        args.extend([
+            "--invocation-log".to_string(),
+            invocations.display().to_string(),
+        ]);
+        args.extend(FAST_LEASES.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+            .args(&args)
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("RUST_LOG", "info,bgjobs=debug,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start bgjobs operator");
+        Replica {
+            child: Some(child),
+            identity: identity.into(),
+            log,
+            invocations,
+        }
+    }
+
+    /// Create a job named `name` from a JSON spec.
+    pub async fn create(&self, name: &str, spec: serde_json::Value) -> BackgroundJob {
+        let spec: BackgroundJobSpec = serde_json::from_value(spec).expect("valid spec");
+        let job = BackgroundJob::new(name, spec);
+        self.jobs
+            .create(&PostParams::default(), &job)
+            .await
+            .expect("create job")
+    }
+
+    /// All jobs in the namespace.
+    pub async fn list(&self) -> Vec<BackgroundJob> {
+        bgjobs::jobs::list(&self.jobs).await.expect("list jobs")
+    }
+
+    /// Poll until `done` holds for the job list, or panic after `timeout` with a summary.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&[BackgroundJob]) -> bool,
+    ) -> Vec<BackgroundJob> {
+        let start = Instant::now();
+        loop {
+            let jobs = self.list().await;
+            if done(&jobs) {
+                return jobs;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; jobs: {}; logs in {}",
+                    summary(&jobs),
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Wait until the job `name` satisfies `done`.
+    pub async fn wait_job(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&BackgroundJob) -> bool,
+    ) -> BackgroundJob {
+        let jobs = self
+            .wait_until(timeout, &format!("{name}: {what}"), |jobs| {
+                jobs.iter().any(|j| j.name_any() == name && done(j))
+            })
+            .await;
+        jobs.into_iter().find(|j| j.name_any() == name).unwrap()
+    }
+
+    /// Every attempt start/end line written by this test's replicas.
+    pub fn invocations(&self) -> Vec<Invocation> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "inv") {
+                out.extend(read_invocations(&entry.path()));
+            }
+        }
+        out.sort_by_key(|i| i.t_ms);
+        out
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl")
+            .args([
+                "--kubeconfig",
+                &kubeconfig_path().display().to_string(),
+                "delete",
+                "namespace",
+                &self.ns,
+                "--wait=false",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `name=phase/attempts` for every job, for failure messages.
+pub fn summary(jobs: &[BackgroundJob]) -> String {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for j in jobs {
+        *counts.entry(j.phase().to_string()).or_default() += 1;
+    }
+    let detail: Vec<String> = jobs
+        .iter()
+        .take(12)
+        .map(|j| format!("{}={}/{}", j.name_any(), j.phase(), j.attempts()))
+        .collect();
+    format!("{counts:?} e.g. {}", detail.join(" "))
+}
+
+/// Phase of every job.
+pub fn all_in(jobs: &[BackgroundJob], phase: Phase) -> bool {
+    !jobs.is_empty() && jobs.iter().all(|j| j.phase() == phase)
+}
+
+/// One line of an invocation log.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Invocation {
+    /// `start` or `end`.
+    pub event: String,
+    /// Job UID.
+    pub uid: String,
+    /// `namespace/name`.
+    pub job: String,
+    /// Attempt number.
+    pub attempt: i32,
+    /// Replica identity.
+    pub worker: String,
+    /// Wall-clock milliseconds.
+    pub t_ms: i64,
+}
+
+fn read_invocations(path: &Path) -> Vec<Invocation> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// One execution interval: start and (if it was logged) end.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    /// `namespace/name`.
+    pub job: String,
+    /// Attempt number.
+    pub attempt: i32,
+    /// Replica identity.
+    pub worker: String,
+    /// Start, ms.
+    pub start: i64,
+    /// End, ms; `None` if the process died first.
+    pub end: Option<i64>,
+}
+
+/// Pair start and end lines into executions, in start order.
+pub fn executions(lines: &[Invocation]) -> Vec<Execution> {
+    let mut open: HashMap<(String, i32, String), Execution> = HashMap::new();
+    let mut out = Vec::new();
+    for l in lines {
+        let key = (l.uid.clone(), l.attempt, l.worker.clone());
+        if l.event == "start" {
+            open.insert(
+                key,
+                Execution {
+                    job: l.job.clone(),
+                    attempt: l.attempt,
+                    worker: l.worker.clone(),
+                    start: l.t_ms,
+                    end: None,
+                },
+            );
+        } else if let Some(mut e) = open.remove(&key) {
+            e.end = Some(l.t_ms);
+            out.push(e);
+        }
+    }
+    out.extend(open.into_values());
+    out.sort_by_key(|e| e.start);
+    out
+}
+
+/// The most executions running at any instant (an execution without an end counts until `until`).
+pub fn max_overlap<'a>(execs: impl IntoIterator<Item = &'a Execution>, until: i64) -> usize {
+    let mut points: Vec<(i64, i32)> = Vec::new();
+    for e in execs {
+        points.push((e.start, 1));
+        points.push((e.end.unwrap_or(until), -1));
+    }
+    // Ends sort before starts at the same instant: back-to-back executions do not overlap.
+    points.sort();
+    let (mut cur, mut max) = (0i32, 0i32);
+    for (_, d) in points {
+        cur += d;
+        max = max.max(cur);
+    }
+    max as usize
+}
+
+/// An operator replica running as a child process.
+pub struct Replica {
+    child: Option<Child>,
+    /// Its identity.
+    pub identity: String,
+    /// Its stderr.
+    pub log: PathBuf,
+    /// Its invocation log.
+    pub invocations: PathBuf,
+}
+
+impl Replica {
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("replica running").id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} {} failed", self.pid());
+    }
+
+    /// `kill -9`, and reap it.
+    pub fn kill9(&mut self) {
+        self.signal("-KILL");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Freeze it (SIGSTOP).
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaw it (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// SIGTERM, then wait up to `timeout` for it to exit; true if it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        self.signal("-TERM");
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

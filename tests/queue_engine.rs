@@ -1,0 +1,315 @@
+//! The queue engine against the local control plane, with operator replicas as separate processes.
+//!
+//! Guarantees under test: no job lost, no job run twice at the same time, FIFO dispatch, bounded concurrency, and
+//! that crashes (`kill -9`), pauses (`SIGSTOP`) and shutdowns (`SIGTERM`) keep them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bgjobs::api::Phase;
+use common::{all_in, executions, max_overlap, TestEnv};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// Executions per job name.
+fn starts_per_job(env: &TestEnv) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for e in executions(&env.invocations()) {
+        *m.entry(e.job.rsplit('/').next().unwrap().to_string()).or_default() += 1;
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_drain_500_jobs_with_no_duplicate_no_loss_and_capped_concurrency() {
+    let env = TestEnv::new("drain").await;
+    let cap = 4;
+    let _replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &["--max-concurrent-jobs-per-instance", "4"])).collect();
+    futures::stream::iter(0..500)
+        .map(|i| {
+            let env = &env;
+            async move { env.create(&format!("job-{i:03}"), json!({"jobName": "sleep", "args": {"seconds": 0.05}})).await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let jobs = env.wait_until(4 * MINUTE, "all 500 jobs Succeeded", |jobs| jobs.len() == 500 && all_in(jobs, Phase::Succeeded)).await;
+    assert!(jobs.iter().all(|j| j.attempts() == 1), "a healthy run needs no second attempt");
+
+    let execs = executions(&env.invocations());
+    let per_job = starts_per_job(&env);
+    assert_eq!(per_job.len(), 500, "every job's handler invocation is recorded");
+    let twice: Vec<_> = per_job.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
+    for job in per_job.keys() {
+        let of_job: Vec<_> = execs.iter().filter(|e| e.job.ends_with(&format!("/{job}"))).collect();
+        assert!(max_overlap(of_job, now_ms()) <= 1, "{job} ran twice at the same time");
+    }
+    let mut per_worker: HashMap<&str, usize> = HashMap::new();
+    for w in ["r0", "r1", "r2"] {
+        let mine: Vec<_> = execs.iter().filter(|e| e.worker == w).collect();
+        per_worker.insert(w, mine.len());
+        let peak = max_overlap(mine, now_ms());
+        assert!(peak <= cap, "{w} ran {peak} jobs at once, above its cap of {cap}");
+    }
+    eprintln!("jobs per replica: {per_worker:?}");
+    assert!(per_worker.values().all(|n| *n >= 50), "every replica takes a real share of the work: {per_worker:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slot_starts_jobs_by_priority_then_creation_order_even_within_one_second() {
+    let env = TestEnv::new("fifo-one-slot").await;
+    let priorities = ["Normal", "Low", "High", "Normal", "AboveNormal", "Normal", "Low", "High", "BelowNormal", "Normal"];
+    let mut expected = Vec::new();
+    // Names run backwards so that name order would give the wrong answer; created one after another, many within
+    // the same second.
+    for i in 0..30 {
+        let name = format!("z{:02}", 99 - i);
+        let priority = priorities[i % priorities.len()];
+        env.create(&name, json!({"jobName": "noop", "priority": priority})).await;
+        expected.push((rank(priority), i, name));
+    }
+    expected.sort();
+    let expected: Vec<String> = expected.into_iter().map(|(_, _, n)| n).collect();
+
+    let _r = env.replica("solo", &["--max-concurrent-jobs-per-instance", "1"]);
+    env.wait_until(2 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 30 && all_in(jobs, Phase::Succeeded)).await;
+    let started: Vec<String> = executions(&env.invocations()).into_iter().map(|e| e.job.rsplit('/').next().unwrap().to_string()).collect();
+    assert_eq!(started, expected, "start order must be priority (High first), then creation order");
+}
+
+fn rank(priority: &str) -> usize {
+    ["High", "AboveNormal", "Normal", "BelowNormal", "Low"].iter().position(|p| *p == priority).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_replicas_keep_fifo_within_a_small_bound() {
+    let env = TestEnv::new("fifo-replicas").await;
+    let n = 120;
+    let mut order = HashMap::new();
+    for i in 0..n {
+        let priority = ["Normal", "High", "Low"][i % 3];
+        let name = format!("j{i:03}");
+        env.create(&name, json!({"jobName": "sleep", "priority": priority, "args": {"seconds": 0.2}})).await;
+        order.insert(name, (rank(priority), i));
+    }
+    let _replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &["--max-concurrent-jobs-per-instance", "2"])).collect();
+    env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == n && all_in(jobs, Phase::Succeeded)).await;
+
+    // An inversion: job `a` should run before `b` but started later. Its size is how much later.
+    let starts: Vec<(String, i64)> = executions(&env.invocations()).into_iter().map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start)).collect();
+    let mut worst = 0i64;
+    let mut inversions = 0;
+    for (a, ta) in &starts {
+        for (b, tb) in &starts {
+            if order[a] < order[b] && ta > tb {
+                inversions += 1;
+                worst = worst.max(ta - tb);
+            }
+        }
+    }
+    eprintln!("FIFO across 3 replicas x 2 slots: {inversions} inverted pairs, worst inversion {worst} ms");
+    assert!(worst < 5_000, "a job waited {worst} ms behind a later one: more than the 5 s bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_a_killed_replica_is_retried_by_another_after_its_lease_expires() {
+    let env = TestEnv::new("kill9").await;
+    let mut a = env.replica("a", &[]);
+    env.create("victim", json!({"jobName": "sleep", "args": {"seconds": 3}})).await;
+    env.wait_job("victim", MINUTE, "Running on a", |j| j.phase() == Phase::Running && j.status.as_ref().unwrap().worker.as_deref() == Some("a")).await;
+    let _b = env.replica("b", &[]);
+    a.kill9();
+    let killed_at = now_ms();
+    let job = env.wait_job("victim", MINUTE, "Succeeded", |j| j.phase().is_final()).await;
+    let status = job.status.unwrap();
+    assert_eq!(job.spec.job_name, "sleep");
+    assert_eq!((status.phase, status.attempts, status.worker.as_deref()), (Some(Phase::Succeeded), 2, Some("b")));
+    assert!(status.last_error.unwrap_or_default().contains("attempt 1 was lost"), "the lost attempt is explained");
+    let execs = executions(&env.invocations());
+    let on_b: Vec<_> = execs.iter().filter(|e| e.worker == "b").collect();
+    assert_eq!(on_b.len(), 1, "exactly one retry");
+    assert!(on_b[0].start >= killed_at + 2_000, "b waited for the lease to expire before taking over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holder_that_wakes_up_after_its_lease_cannot_overwrite_the_new_attempt() {
+    let env = TestEnv::new("sigstop").await;
+    let a = env.replica("a", &[]);
+    env.create("paused", json!({"jobName": "sleep", "args": {"seconds": 5}})).await;
+    env.wait_job("paused", MINUTE, "Running on a", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")).await;
+    let _b = env.replica("b", &[]);
+    a.stop();
+    // b takes over once it has seen a's lease unchanged for the lease duration.
+    env.wait_job("paused", MINUTE, "taken over by b", |j| j.phase() == Phase::Running && j.attempts() == 2).await;
+    // Wake a while b's attempt runs: a's sleep is long over by now, so without the lease guard it would report success.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.resume();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = env.jobs.get("paused").await.unwrap();
+    let s = during.status.clone().unwrap();
+    assert_eq!((s.phase, s.attempts, s.worker.as_deref()), (Some(Phase::Running), 2, Some("b")), "a's stale result must not land");
+    let done = env.wait_job("paused", MINUTE, "finished", |j| j.phase().is_final()).await;
+    let s = done.status.unwrap();
+    assert_eq!((s.phase, s.attempts, s.worker.as_deref()), (Some(Phase::Succeeded), 2, Some("b")));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = env.jobs.get("paused").await.unwrap();
+    assert_eq!(later.resource_version(), done.metadata.resource_version, "nothing wrote the job after b finished it");
+    assert!(a.log_text().contains("claim lease lost"), "a noticed it had lost the claim:\n{}", a.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exclusive_strategy_never_runs_jobs_on_two_replicas_at_once() {
+    let env = TestEnv::new("exclusive").await;
+    let args = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str()];
+    let mut replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &args)).collect();
+    for i in 0..24 {
+        env.create(&format!("x{i:02}"), json!({"jobName": "sleep", "args": {"seconds": 0.3}})).await;
+    }
+    // Kill whoever runs jobs first, mid-way: leadership must move without overlap.
+    let first = env.wait_until(MINUTE, "some job Running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running)).await;
+    let leader = first.iter().find_map(|j| j.status.as_ref().filter(|s| s.phase == Some(Phase::Running)).and_then(|s| s.worker.clone())).unwrap();
+    let killed_at = now_ms();
+    replicas.iter_mut().find(|r| r.identity == leader).unwrap().kill9();
+    env.wait_until(2 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 24 && all_in(jobs, Phase::Succeeded)).await;
+
+    let execs = executions(&env.invocations());
+    let workers: std::collections::BTreeSet<_> = execs.iter().map(|e| e.worker.clone()).collect();
+    assert!(workers.len() >= 2, "leadership moved after the kill: {workers:?}");
+    for w1 in &workers {
+        for w2 in &workers {
+            if w1 >= w2 {
+                continue;
+            }
+            for e1 in execs.iter().filter(|e| &e.worker == w1) {
+                for e2 in execs.iter().filter(|e| &e.worker == w2) {
+                    let end1 = e1.end.unwrap_or(killed_at);
+                    let end2 = e2.end.unwrap_or(killed_at);
+                    assert!(end1 <= e2.start || end2 <= e1.start, "{w1} and {w2} ran jobs at the same time: {e1:?} {e2:?}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_with_exponential_backoff_until_max_attempts_then_fail() {
+    let env = TestEnv::new("retry").await;
+    let _r = env.replica("r", &[]);
+    env.create("flaky", json!({"jobName": "fail", "args": {"message": "dependency down"}, "retry": {"maxAttempts": 3, "backoffSeconds": 1, "backoffFactor": 2.0}})).await;
+    let job = env.wait_job("flaky", MINUTE, "Failed", |j| j.phase().is_final()).await;
+    let s = job.status.unwrap();
+    assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 3));
+    assert!(s.last_error.as_deref().unwrap().contains("dependency down (gave up after 3 of 3 attempts)"), "{:?}", s.last_error);
+    let starts: Vec<i64> = executions(&env.invocations()).iter().map(|e| e.start).collect();
+    assert_eq!(starts.len(), 3);
+    assert!(starts[1] - starts[0] >= 1_000, "first retry waits backoffSeconds (1 s): {starts:?}");
+    assert!(starts[2] - starts[1] >= 2_000, "second retry waits twice as long: {starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_past_their_timeout_are_abandoned_and_kept() {
+    let env = TestEnv::new("abandon").await;
+    let _r = env.replica("r", &[]);
+    // A retry that would start after the timeout gives up at once.
+    env.create("late-retry", json!({"jobName": "fail", "timeoutSeconds": 5, "retry": {"backoffSeconds": 30}})).await;
+    // A job delayed past its timeout never runs.
+    env.create("never-runs", json!({"jobName": "noop", "delaySeconds": 30, "timeoutSeconds": 2})).await;
+    let late = env.wait_job("late-retry", MINUTE, "Abandoned", |j| j.phase().is_final()).await;
+    assert_eq!((late.phase(), late.attempts()), (Phase::Abandoned, 1));
+    assert!(late.status.unwrap().last_error.unwrap().contains("timeout"));
+    let never = env.wait_job("never-runs", MINUTE, "Abandoned", |j| j.phase().is_final()).await;
+    assert_eq!((never.phase(), never.attempts()), (Phase::Abandoned, 0));
+    assert_eq!(starts_per_job(&env).get("never-runs"), None, "an abandoned job never started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_job_does_not_start_before_its_delay() {
+    let env = TestEnv::new("delay").await;
+    let _r = env.replica("r", &[]);
+    let job = env.create("later", json!({"jobName": "noop", "delaySeconds": 3})).await;
+    env.create("now", json!({"jobName": "noop"})).await;
+    env.wait_until(MINUTE, "both Succeeded", |jobs| jobs.len() == 2 && all_in(jobs, Phase::Succeeded)).await;
+    let created_ms = job.metadata.creation_timestamp.unwrap().0.as_millisecond();
+    let execs = executions(&env.invocations());
+    let later = execs.iter().find(|e| e.job.ends_with("/later")).unwrap();
+    assert!(later.start >= created_ms + 3_000, "started {} ms after creation", later.start - created_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_stops_a_running_job_and_prevents_a_waiting_one() {
+    let env = TestEnv::new("cancel").await;
+    let _r = env.replica("r", &[]);
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 60}})).await;
+    env.create("delayed", json!({"jobName": "noop", "delaySeconds": 60})).await;
+    env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let cancel = Patch::Merge(json!({"spec": {"cancel": true}}));
+    for name in ["long", "delayed"] {
+        env.jobs.patch(name, &PatchParams::default(), &cancel).await.unwrap();
+    }
+    let long = env.wait_job("long", Duration::from_secs(20), "Cancelled", |j| j.phase().is_final()).await;
+    assert_eq!(long.phase(), Phase::Cancelled);
+    let delayed = env.wait_job("delayed", Duration::from_secs(20), "Cancelled", |j| j.phase().is_final()).await;
+    assert_eq!((delayed.phase(), delayed.attempts()), (Phase::Cancelled, 0));
+    let execs = executions(&env.invocations());
+    assert!(execs.iter().all(|e| e.end.is_some()), "the cancelled handler stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_running_job_stops_its_attempt() {
+    let env = TestEnv::new("delete").await;
+    let _r = env.replica("r", &[]);
+    env.create("doomed", json!({"jobName": "sleep", "args": {"seconds": 60}})).await;
+    env.wait_job("doomed", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    env.jobs.delete("doomed", &Default::default()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while executions(&env.invocations()).iter().any(|e| e.end.is_none()) {
+        assert!(std::time::Instant::now() < deadline, "the attempt of a deleted job kept running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_handlers_bad_args_and_attempt_timeouts_end_with_readable_reasons() {
+    let env = TestEnv::new("failures").await;
+    let _r = env.replica("r", &[]);
+    env.create("unknown", json!({"jobName": "SendEmail"})).await;
+    env.create("bad-args", json!({"jobName": "sleep", "args": {"seconds": "soon"}})).await;
+    env.create("too-slow", json!({"jobName": "sleep", "args": {"seconds": 30}, "attemptTimeoutSeconds": 1, "retry": {"maxAttempts": 2, "backoffSeconds": 0}})).await;
+    let jobs = env.wait_until(MINUTE, "all final", |jobs| jobs.len() == 3 && jobs.iter().all(|j| j.phase().is_final())).await;
+    let reason = |name: &str| {
+        let j = jobs.iter().find(|j| j.name_any() == name).unwrap();
+        assert_eq!(j.phase(), Phase::Failed, "{name}");
+        j.status.as_ref().unwrap().last_error.clone().unwrap()
+    };
+    assert!(reason("unknown").contains("no handler is registered for jobName \"SendEmail\""));
+    assert!(reason("bad-args").contains("spec.args do not fit handler \"sleep\""));
+    let slow = reason("too-slow");
+    assert!(slow.contains("exceeded attemptTimeoutSeconds (1s)") && slow.contains("2 of 2"), "{slow}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_a_running_job_back_so_another_replica_starts_it_at_once() {
+    let env = TestEnv::new("sigterm").await;
+    let mut a = env.replica("a", &["--shutdown-grace", "1s"]);
+    env.create("handover", json!({"jobName": "sleep", "args": {"seconds": 4}})).await;
+    env.wait_job("handover", MINUTE, "Running on a", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")).await;
+    let _b = env.replica("b", &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(a.terminate(Duration::from_secs(15)), "a exits after its grace period");
+    let job = env.wait_job("handover", Duration::from_secs(5), "Running on b", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")).await;
+    assert_eq!(job.attempts(), 2);
+    let job = env.wait_job("handover", MINUTE, "Succeeded", |j| j.phase().is_final()).await;
+    assert_eq!(job.phase(), Phase::Succeeded);
+    assert!(job.status.unwrap().last_error.unwrap_or_default().contains("interrupted: worker a shut down"));
+}
