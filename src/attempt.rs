@@ -16,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{Instrument, info, warn};
 
 use crate::api::{BackgroundJob, Phase};
 use crate::claim::Claimed;
@@ -146,9 +146,19 @@ async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCo
     };
     if took_over {
         worker.stats.takeovers.fetch_add(1, Ordering::Relaxed);
-        worker.event(&job, EventType::Warning, "TakenOver", job.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default());
+        worker.event(
+            &job,
+            EventType::Warning,
+            "TakenOver",
+            job.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default(),
+        );
     }
-    worker.event(&job, EventType::Normal, "Claimed", format!("attempt {} claimed by {}", fence.attempt, worker.identity));
+    worker.event(
+        &job,
+        EventType::Normal,
+        "Claimed",
+        format!("attempt {} claimed by {}", fence.attempt, worker.identity),
+    );
     info!("attempt started");
 
     let ctx = JobContext {
@@ -164,11 +174,14 @@ async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCo
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let mut exec = Box::pin(executor::execute(&job, ctx, &worker.registry, &worker.http));
         // The lease guard: the executor is polled only while the claim is current.
-        let guarded = poll_fn(|cx| if keeper.is_current() { exec.as_mut().poll(cx).map(Some) } else { Poll::Ready(None) });
+        let guarded =
+            poll_fn(|cx| if keeper.is_current() { exec.as_mut().poll(cx).map(Some) } else { Poll::Ready(None) });
         let limit = job.spec.attempt_timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
         let timed = async {
             match limit {
-                Some(limit) => tokio::time::timeout(limit, guarded).await.map_err(|_| job.spec.attempt_timeout_seconds.unwrap_or(0)),
+                Some(limit) => tokio::time::timeout(limit, guarded)
+                    .await
+                    .map_err(|_| job.spec.attempt_timeout_seconds.unwrap_or(0)),
                 None => Ok(guarded.await),
             }
         };
@@ -206,13 +219,21 @@ async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCo
             }
         }
         Ok(Ok(false)) => {}
-        Ok(Err(e)) => warn!(error = %e, "could not record the attempt's outcome; the lease expires and another replica retries"),
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not record the attempt's outcome; the lease expires and another replica retries")
+        }
         Err(_) => warn!("recording the attempt's outcome timed out; the lease expires and another replica retries"),
     }
 }
 
 /// Record the outcome. `Ok(true)`: recorded, the Lease can go. `Ok(false)`: nothing to release (job gone, or moved on).
-async fn record(worker: &Worker, jobs: &Api<BackgroundJob>, job: &BackgroundJob, fence: &status::Fence, ending: Ending) -> crate::Result<bool> {
+async fn record(
+    worker: &Worker,
+    jobs: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    fence: &status::Fence,
+    ending: Ending,
+) -> crate::Result<bool> {
     let now = Timestamp::now();
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let verdict = match ending {
@@ -221,7 +242,10 @@ async fn record(worker: &Worker, jobs: &Api<BackgroundJob>, job: &BackgroundJob,
             &job.spec,
             created,
             fence.attempt,
-            AttemptResult::Retryable(format!("attempt {} exceeded attemptTimeoutSeconds ({secs}s) and was cancelled", fence.attempt)),
+            AttemptResult::Retryable(format!(
+                "attempt {} exceeded attemptTimeoutSeconds ({secs}s) and was cancelled",
+                fence.attempt
+            )),
             now,
         ),
         Ending::Stopped(StopReason::Deleted) => {
@@ -230,7 +254,12 @@ async fn record(worker: &Worker, jobs: &Api<BackgroundJob>, job: &BackgroundJob,
         }
         Ending::Stopped(StopReason::Cancelled) => {
             let written = status::write_fenced(jobs, job, fence, |s| {
-                status::finish(s, Phase::Cancelled, Some(format!("cancelled by the user during attempt {}", fence.attempt)), now)
+                status::finish(
+                    s,
+                    Phase::Cancelled,
+                    Some(format!("cancelled by the user during attempt {}", fence.attempt)),
+                    now,
+                )
             })
             .await?;
             worker.stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -240,17 +269,32 @@ async fn record(worker: &Worker, jobs: &Api<BackgroundJob>, job: &BackgroundJob,
         Ending::Stopped(reason @ (StopReason::Shutdown | StopReason::NotLeader)) => {
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };
             let msg = format!("attempt {} was interrupted: worker {} {why}", fence.attempt, worker.identity);
-            let written = status::write_fenced(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
+            let written =
+                status::write_fenced(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
             info!("attempt handed back to the queue");
             return Ok(matches!(written, Fenced::Written(_)));
         }
         Ending::LeaseLost => return Ok(false),
     };
     let (written, phase) = match &verdict {
-        Verdict::Succeed => (status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Succeeded, None, now)).await?, Phase::Succeeded),
-        Verdict::RetryAt { at, reason } => (status::write_fenced(jobs, job, fence, |s| status::requeue(s, Some(*at), reason.clone(), now)).await?, Phase::Waiting),
-        Verdict::Fail(reason) => (status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Failed, Some(reason.clone()), now)).await?, Phase::Failed),
-        Verdict::Abandon(reason) => (status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Abandoned, Some(reason.clone()), now)).await?, Phase::Abandoned),
+        Verdict::Succeed => (
+            status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Succeeded, None, now)).await?,
+            Phase::Succeeded,
+        ),
+        Verdict::RetryAt { at, reason } => (
+            status::write_fenced(jobs, job, fence, |s| status::requeue(s, Some(*at), reason.clone(), now)).await?,
+            Phase::Waiting,
+        ),
+        Verdict::Fail(reason) => (
+            status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Failed, Some(reason.clone()), now))
+                .await?,
+            Phase::Failed,
+        ),
+        Verdict::Abandon(reason) => (
+            status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Abandoned, Some(reason.clone()), now))
+                .await?,
+            Phase::Abandoned,
+        ),
     };
     if matches!(written, Fenced::Stale) {
         worker.stats.stale_results_discarded.fetch_add(1, Ordering::Relaxed);
@@ -265,7 +309,12 @@ async fn record(worker: &Worker, jobs: &Api<BackgroundJob>, job: &BackgroundJob,
         }
         Verdict::RetryAt { at, reason } => {
             info!(%reason, next = %at, "attempt failed; retry scheduled");
-            worker.event(job, EventType::Warning, "Retrying", format!("attempt {} failed: {reason}; next attempt at {at}", fence.attempt));
+            worker.event(
+                job,
+                EventType::Warning,
+                "Retrying",
+                format!("attempt {} failed: {reason}; next attempt at {at}", fence.attempt),
+            );
         }
         Verdict::Fail(reason) => {
             warn!(%reason, "job failed");

@@ -34,10 +34,16 @@ pub enum LeaseState {
 }
 
 /// Judge a job's claim Lease. `unchanged_for` is how long this replica has seen it (or its absence) unchanged.
-pub fn lease_state(job: &BackgroundJob, lease: Option<&Lease>, unchanged_for: Duration, timing: &LeaseTiming) -> LeaseState {
+pub fn lease_state(
+    job: &BackgroundJob,
+    lease: Option<&Lease>,
+    unchanged_for: Duration,
+    timing: &LeaseTiming,
+) -> LeaseState {
     let Some(lease) = lease else { return LeaseState::Absent };
     let same_job = lease::annotation(lease, lease::JOB_UID_ANNOTATION) == job.metadata.uid.as_deref();
-    let lease_attempt: i32 = lease::annotation(lease, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let lease_attempt: i32 =
+        lease::annotation(lease, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
     // While Running, the current attempt's Lease is the live one; while Waiting, only a claim of the next attempt
     // (a replica between its two writes) is.
     let guarded_attempt = if job.phase() == Phase::Running { job.attempts() } else { job.attempts() + 1 };
@@ -110,7 +116,9 @@ pub async fn claim(
         (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, &claim, timing).await? {
             Acquire::Acquired(l) => l,
             // Someone created it between our look and our write; it may be a leftover we can reuse at once.
-            Acquire::Lost(Some(existing)) if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover => {
+            Acquire::Lost(Some(existing))
+                if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
+            {
                 match lease::take_over(leases, &existing, &claim, timing).await? {
                     Acquire::Acquired(l) => l,
                     Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
@@ -118,10 +126,12 @@ pub async fn claim(
             }
             Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
         },
-        (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => match lease::take_over(leases, seen, &claim, timing).await? {
-            Acquire::Acquired(l) => l,
-            Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
-        },
+        (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => {
+            match lease::take_over(leases, seen, &claim, timing).await? {
+                Acquire::Acquired(l) => l,
+                Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
+            }
+        }
         (LeaseState::Live, Some(_)) => return Ok(ClaimOutcome::Lost),
     };
 
@@ -162,7 +172,10 @@ mod tests {
     use kube::api::ObjectMeta;
 
     fn job(phase: Option<Phase>, attempts: i32) -> BackgroundJob {
-        let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap());
+        let mut j = BackgroundJob::new(
+            "j",
+            serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap(),
+        );
         j.metadata.uid = Some("uid-1".into());
         j.status = Some(BackgroundJobStatus { phase, attempts, ..Default::default() });
         j
@@ -181,7 +194,11 @@ mod tests {
         }
     }
 
-    const T: LeaseTiming = LeaseTiming { duration: Duration::from_secs(15), renew_deadline: Duration::from_secs(10), renew_interval: Duration::from_secs(3) };
+    const T: LeaseTiming = LeaseTiming {
+        duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        renew_interval: Duration::from_secs(3),
+    };
 
     #[test]
     fn a_running_jobs_lease_is_live_until_seen_unchanged_for_a_full_duration() {

@@ -115,7 +115,8 @@ async fn api(namespace: Option<&str>, all: bool) -> Result<Api<BackgroundJob>> {
 }
 
 async fn enqueue(a: EnqueueArgs) -> Result<()> {
-    let args: serde_json::Value = serde_json::from_str(&a.args).map_err(|e| Error::Invalid(format!("--args is not JSON: {e}")))?;
+    let args: serde_json::Value =
+        serde_json::from_str(&a.args).map_err(|e| Error::Invalid(format!("--args is not JSON: {e}")))?;
     if !args.is_object() {
         return Err(Error::Invalid("--args must be a JSON object".into()));
     }
@@ -124,7 +125,8 @@ async fn enqueue(a: EnqueueArgs) -> Result<()> {
     spec.queue = a.queue;
     spec.delay_seconds = a.delay.map(|d| d.0.as_secs() as i64);
     spec.retry.max_attempts = a.max_attempts;
-    spec.http = a.http_url.map(|url| crate::api::HttpTarget { url, headers: Default::default(), timeout_seconds: None });
+    spec.http =
+        a.http_url.map(|url| crate::api::HttpTarget { url, headers: Default::default(), timeout_seconds: None });
     let api = api(a.namespace.as_deref(), false).await?;
     for _ in 0..a.count {
         let job = crate::jobs::enqueue(&api, spec.clone()).await?;
@@ -138,9 +140,13 @@ async fn list(scope: ScopeArgs) -> Result<()> {
     let mut jobs = crate::jobs::list(&api).await?;
     jobs.sort_by_key(crate::ordering::QueueKey::of);
     let now = jiff::Timestamp::now();
-    println!("{:<40} {:<10} {:<12} {:<10} {:>8}  {:<24} AGE", "NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER");
+    println!(
+        "{:<40} {:<10} {:<12} {:<10} {:>8}  {:<24} AGE",
+        "NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER"
+    );
     for j in &jobs {
-        let age = j.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).unsigned_abs()).unwrap_or_default();
+        let age =
+            j.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).unsigned_abs()).unwrap_or_default();
         println!(
             "{:<40} {:<10} {:<12} {:<10} {:>8}  {:<24} {}",
             kube::ResourceExt::name_any(j),

@@ -150,7 +150,9 @@ impl OperatorConfig {
         {
             return pod;
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "bgjobs".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "bgjobs".into());
         format!("{host}-{}", std::process::id())
     }
 

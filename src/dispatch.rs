@@ -11,8 +11,8 @@
 //! (see [`ordering::pick`]). Claims run concurrently; the loop goes on while they do.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -73,9 +73,24 @@ struct Candidate {
 
 impl Dispatcher {
     /// A dispatcher over `view`. With `leader`, it runs jobs only while the receiver says `true`.
-    pub fn new(worker: Arc<Worker>, config: OperatorConfig, view: QueueView, leader: Option<watch::Receiver<bool>>) -> Self {
+    pub fn new(
+        worker: Arc<Worker>,
+        config: OperatorConfig,
+        view: QueueView,
+        leader: Option<watch::Receiver<bool>>,
+    ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        Dispatcher { worker, config, view, held: HashMap::new(), settled_at: HashMap::new(), observer: Observer::default(), done_tx, done_rx, leader }
+        Dispatcher {
+            worker,
+            config,
+            view,
+            held: HashMap::new(),
+            settled_at: HashMap::new(),
+            observer: Observer::default(),
+            done_tx,
+            done_rx,
+            leader,
+        }
     }
 
     /// Run until `shutdown` resolves, then hand running attempts back (see the module docs of `operator`).
@@ -188,9 +203,15 @@ impl Dispatcher {
                 continue;
             }
             let ns = job.namespace().unwrap_or_default();
-            let lease_name = job.status.as_ref().and_then(|s| s.lease.clone()).filter(|_| phase == Phase::Running).unwrap_or_else(|| claim::lease_name(&job));
+            let lease_name = job
+                .status
+                .as_ref()
+                .and_then(|s| s.lease.clone())
+                .filter(|_| phase == Phase::Running)
+                .unwrap_or_else(|| claim::lease_name(&job));
             let lease = leases.get(&(ns, lease_name)).cloned();
-            let unchanged = self.observer.observe(&uid, lease.as_ref().and_then(|l| l.resource_version()).as_deref(), inst);
+            let unchanged =
+                self.observer.observe(&uid, lease.as_ref().and_then(|l| l.resource_version()).as_deref(), inst);
             let state = claim::lease_state(&job, lease.as_deref(), unchanged, &timing);
             let orphaned = phase == Phase::Running && state != LeaseState::Live && unchanged >= timing.duration;
             if phase == Phase::Running && !orphaned {
@@ -252,7 +273,8 @@ impl Dispatcher {
         let keys: Vec<QueueKey> = candidates.iter().map(|c| c.key.clone()).collect();
         let mut workers: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
         workers.insert(&self.worker.identity);
-        let picked: HashSet<&QueueKey> = ordering::pick(&keys, free, workers.len(), &self.worker.identity).into_iter().collect();
+        let picked: HashSet<&QueueKey> =
+            ordering::pick(&keys, free, workers.len(), &self.worker.identity).into_iter().collect();
         for c in candidates.iter().filter(|c| picked.contains(&c.key)) {
             self.spawn_claim(c);
         }
@@ -271,7 +293,8 @@ impl Dispatcher {
             let ns = job.namespace().unwrap_or_default();
             let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
             let leases: Api<Lease> = Api::namespaced(worker.client.clone(), &ns);
-            let outcome = claim::claim(&jobs, &leases, &job, lease.as_deref(), state, &worker.identity, &worker.timing).await;
+            let outcome =
+                claim::claim(&jobs, &leases, &job, lease.as_deref(), state, &worker.identity, &worker.timing).await;
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
                     worker.stats.claimed.fetch_add(1, Ordering::Relaxed);
@@ -296,13 +319,18 @@ impl Dispatcher {
             Ok(Some(_)) => {
                 info!(job = %job.name_any(), %phase, %reason, "job settled");
                 self.worker.stats.count_outcome(phase);
-                let type_ = if phase == Phase::Cancelled { kube::runtime::events::EventType::Normal } else { kube::runtime::events::EventType::Warning };
+                let type_ = if phase == Phase::Cancelled {
+                    kube::runtime::events::EventType::Normal
+                } else {
+                    kube::runtime::events::EventType::Warning
+                };
                 self.worker.event(job, type_, &phase.to_string(), reason);
             }
             Ok(None) => {}
             Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
         }
-        self.settled_at.insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
+        self.settled_at
+            .insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
     }
 
     /// Delete a finished job whose TTL has passed; otherwise return when it will.
@@ -314,13 +342,17 @@ impl Dispatcher {
             return Some(at);
         }
         let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());
-        let dp = DeleteParams { preconditions: Some(Preconditions { uid: job.uid(), resource_version: None }), ..Default::default() };
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { uid: job.uid(), resource_version: None }),
+            ..Default::default()
+        };
         match api.delete(&job.name_any(), &dp).await {
             Ok(_) => debug!(job = %job.name_any(), "deleted finished job after its TTL"),
             Err(e) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
             Err(e) => warn!(job = %job.name_any(), error = %e, "could not delete finished job"),
         }
-        self.settled_at.insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
+        self.settled_at
+            .insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
         None
     }
 }

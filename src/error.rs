@@ -10,12 +10,16 @@ pub enum Error {
     Kube(#[from] kube::Error),
 
     /// The kubeconfig or in-cluster configuration could not be loaded.
-    #[error("cannot load Kubernetes client configuration: {0}. Set KUBECONFIG (for the local control plane: \
-             eval $(e2e/cluster.sh env))")]
+    #[error(
+        "cannot load Kubernetes client configuration: {0}. Set KUBECONFIG (for the local control plane: \
+             eval $(e2e/cluster.sh env))"
+    )]
     Config(String),
 
     /// The BackgroundJob CRD is not installed in the cluster.
-    #[error("the BackgroundJob CRD is not installed: run `bgjobs crd | kubectl apply -f -` (or install the Helm chart)")]
+    #[error(
+        "the BackgroundJob CRD is not installed: run `bgjobs crd | kubectl apply -f -` (or install the Helm chart)"
+    )]
     CrdMissing,
 
     /// A value given by the user (flag, argument, manifest) is invalid.

@@ -18,7 +18,14 @@ use crate::lease::{self, Acquire, Claim, LeaseTiming, Observer};
 pub const EXCLUSIVE_LEASE: &str = "bgjobs-exclusive";
 
 /// Keep trying to hold the exclusive Lease until `stop` is cancelled; publish whether we hold it. Releases it on stop.
-pub async fn elect(client: Client, namespace: String, identity: String, timing: LeaseTiming, tx: watch::Sender<bool>, stop: CancellationToken) {
+pub async fn elect(
+    client: Client,
+    namespace: String,
+    identity: String,
+    timing: LeaseTiming,
+    tx: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let claim = Claim {
         holder: identity.clone(),

@@ -10,8 +10,8 @@
 //! ```
 
 use jiff::Timestamp;
-use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::Api;
+use kube::api::{ListParams, ObjectMeta, PostParams};
 use serde::Serialize;
 
 use crate::api::{BackgroundJob, BackgroundJobSpec, Phase};
@@ -19,7 +19,8 @@ use crate::error::Result;
 
 /// A spec with every default, for `job_name` and `args`.
 pub fn spec(job_name: &str, args: serde_json::Value) -> BackgroundJobSpec {
-    let mut s: BackgroundJobSpec = serde_json::from_value(serde_json::json!({ "jobName": job_name })).expect("a minimal spec always parses");
+    let mut s: BackgroundJobSpec =
+        serde_json::from_value(serde_json::json!({ "jobName": job_name })).expect("a minimal spec always parses");
     s.args = Some(args);
     s
 }
@@ -36,7 +37,8 @@ pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Resul
 
 /// A DNS-label-safe name prefix derived from a job name (`SendEmail` → `sendemail`).
 pub fn name_prefix(job_name: &str) -> String {
-    let mut p: String = job_name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let mut p: String =
+        job_name.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     p.truncate(40);
     let p = p.trim_matches('-').to_string();
     if p.is_empty() { "job".into() } else { p }
@@ -106,7 +108,8 @@ mod tests {
     #[test]
     fn delayed_waiting_jobs_count_as_scheduled() {
         let mut now_job = BackgroundJob::new("a", spec("noop", serde_json::json!({})));
-        now_job.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(100).unwrap()));
+        now_job.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(100).unwrap()));
         let mut later = now_job.clone();
         later.spec.delay_seconds = Some(60);
         let c = counts([&now_job, &later], Timestamp::from_second(110).unwrap());

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
-use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::Api;
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 
-use crate::error::{api_code, Error, Result};
+use crate::error::{Error, Result, api_code};
 
 /// Label on every Lease bgjobs creates, so replicas can watch exactly those.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -38,7 +38,10 @@ pub struct LeaseTiming {
 impl LeaseTiming {
     /// Check the invariant that makes the gap between "holder stops" and "others take over" positive.
     pub fn validate(&self) -> Result<()> {
-        if self.duration > self.renew_deadline && self.renew_deadline > self.renew_interval && !self.renew_interval.is_zero() {
+        if self.duration > self.renew_deadline
+            && self.renew_deadline > self.renew_interval
+            && !self.renew_interval.is_zero()
+        {
             Ok(())
         } else {
             Err(Error::Invalid(format!(
@@ -210,7 +213,11 @@ mod tests {
     #[test]
     fn timing_requires_duration_above_deadline_above_interval() {
         assert!(LeaseTiming::default().validate().is_ok());
-        let bad = LeaseTiming { duration: Duration::from_secs(5), renew_deadline: Duration::from_secs(5), renew_interval: Duration::from_secs(1) };
+        let bad = LeaseTiming {
+            duration: Duration::from_secs(5),
+            renew_deadline: Duration::from_secs(5),
+            renew_interval: Duration::from_secs(1),
+        };
         assert!(bad.validate().is_err());
     }
 
@@ -236,7 +243,11 @@ mod tests {
 
     #[test]
     fn lease_duration_rounds_up_to_whole_seconds() {
-        let t = LeaseTiming { duration: Duration::from_millis(2500), renew_deadline: Duration::from_secs(2), renew_interval: Duration::from_millis(500) };
+        let t = LeaseTiming {
+            duration: Duration::from_millis(2500),
+            renew_deadline: Duration::from_secs(2),
+            renew_interval: Duration::from_millis(500),
+        };
         assert_eq!(t.duration_seconds(), 3);
     }
 }

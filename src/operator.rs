@@ -37,7 +37,14 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     let client = crate::client::connect().await?;
     ensure_crd(&client, config.namespace.as_deref()).await?;
     let identity = config.identity();
-    let worker = Arc::new(Worker::new(client.clone(), identity.clone(), timing, registry, config.events, config.invocation_log.as_deref())?);
+    let worker = Arc::new(Worker::new(
+        client.clone(),
+        identity.clone(),
+        timing,
+        registry,
+        config.events,
+        config.invocation_log.as_deref(),
+    )?);
     info!(%identity, strategy = ?config.strategy, slots = config.max_concurrent_jobs_per_instance,
         namespace = config.namespace.as_deref().unwrap_or("<all>"), execution = config.job_execution_enabled, "bgjobs operator starting");
 
@@ -50,7 +57,14 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
         Strategy::Parallel => (None, None),
         Strategy::Exclusive => {
             let (tx, rx) = watch::channel(false);
-            let task = tokio::spawn(crate::exclusive::elect(client.clone(), config.lease_namespace.clone(), identity.clone(), timing, tx, stop_election.clone()));
+            let task = tokio::spawn(crate::exclusive::elect(
+                client.clone(),
+                config.lease_namespace.clone(),
+                identity.clone(),
+                timing,
+                tx,
+                stop_election.clone(),
+            ));
             (Some(rx), Some(task))
         }
     };
@@ -77,7 +91,7 @@ async fn ensure_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),

@@ -124,7 +124,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn job(name: &str, priority: Priority, created: i64, rv: &str) -> BackgroundJob {
-        let mut j = BackgroundJob::new(name, serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap());
+        let mut j = BackgroundJob::new(
+            name,
+            serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap(),
+        );
         j.spec.priority = priority;
         j.metadata.namespace = Some("ns".into());
         j.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
@@ -141,13 +144,21 @@ mod tests {
 
     #[test]
     fn higher_priority_runs_first_even_when_enqueued_later() {
-        let jobs = [job("a", Priority::Low, 100, "5"), job("b", Priority::High, 200, "9"), job("c", Priority::Normal, 150, "7")];
+        let jobs = [
+            job("a", Priority::Low, 100, "5"),
+            job("b", Priority::High, 200, "9"),
+            job("c", Priority::Normal, 150, "7"),
+        ];
         assert_eq!(sorted(&jobs), ["b", "c", "a"]);
     }
 
     #[test]
     fn jobs_created_in_the_same_second_run_in_creation_revision_order_not_name_order() {
-        let jobs = [job("zeta", Priority::Normal, 100, "11"), job("alpha", Priority::Normal, 100, "12"), job("mid", Priority::Normal, 100, "10")];
+        let jobs = [
+            job("zeta", Priority::Normal, 100, "11"),
+            job("alpha", Priority::Normal, 100, "12"),
+            job("mid", Priority::Normal, 100, "10"),
+        ];
         assert_eq!(sorted(&jobs), ["mid", "zeta", "alpha"]);
     }
 
@@ -178,7 +189,10 @@ mod tests {
         let mut j = job("d", Priority::Normal, 1000, "1");
         j.spec.delay_seconds = Some(30);
         assert_eq!(not_before(&j), Some(Timestamp::from_second(1030).unwrap()));
-        j.status = Some(BackgroundJobStatus { next_attempt_time: Some(Time(Timestamp::from_second(5000).unwrap())), ..Default::default() });
+        j.status = Some(BackgroundJobStatus {
+            next_attempt_time: Some(Time(Timestamp::from_second(5000).unwrap())),
+            ..Default::default()
+        });
         assert_eq!(not_before(&j), Some(Timestamp::from_second(5000).unwrap()));
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::Notify;
 
@@ -39,7 +39,8 @@ impl QueueView {
         let (leases, leases_writer) = reflector::store();
         let notify = changed.clone();
         tokio::spawn(async move {
-            let stream = watcher(jobs_api, watcher::Config::default()).default_backoff().reflect(jobs_writer).touched_objects();
+            let stream =
+                watcher(jobs_api, watcher::Config::default()).default_backoff().reflect(jobs_writer).touched_objects();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 if let Err(e) = ev {

@@ -55,7 +55,13 @@ pub fn deadline(spec: &BackgroundJobSpec, created: Timestamp) -> Timestamp {
 }
 
 /// Decide what follows attempt number `attempt` that ended with `result`.
-pub fn verdict(spec: &BackgroundJobSpec, created: Timestamp, attempt: i32, result: AttemptResult, now: Timestamp) -> Verdict {
+pub fn verdict(
+    spec: &BackgroundJobSpec,
+    created: Timestamp,
+    attempt: i32,
+    result: AttemptResult,
+    now: Timestamp,
+) -> Verdict {
     let reason = match result {
         AttemptResult::Succeeded => return Verdict::Succeed,
         AttemptResult::Permanent(reason) => return Verdict::Fail(reason),
@@ -85,7 +91,12 @@ pub fn ceil_to_second(t: Timestamp) -> Timestamp {
 }
 
 /// Whether a job may still start an attempt now: not past its deadline, not out of attempts.
-pub fn may_start(spec: &BackgroundJobSpec, created: Timestamp, attempts_started: i32, now: Timestamp) -> Result<(), Verdict> {
+pub fn may_start(
+    spec: &BackgroundJobSpec,
+    created: Timestamp,
+    attempts_started: i32,
+    now: Timestamp,
+) -> Result<(), Verdict> {
     if now >= deadline(spec, created) {
         return Err(Verdict::Abandon(format!(
             "not finished within the job's timeout of {}s since creation",
@@ -144,14 +155,19 @@ mod tests {
     #[test]
     fn the_last_allowed_attempt_fails_the_job() {
         let s = spec(serde_json::json!({"jobName": "x", "retry": {"maxAttempts": 3}}));
-        assert!(matches!(verdict(&s, t(0), 3, AttemptResult::Retryable("boom".into()), t(1)), Verdict::Fail(r) if r.contains("3 of 3")));
+        assert!(
+            matches!(verdict(&s, t(0), 3, AttemptResult::Retryable("boom".into()), t(1)), Verdict::Fail(r) if r.contains("3 of 3"))
+        );
         assert!(matches!(verdict(&s, t(0), 2, AttemptResult::Retryable("boom".into()), t(1)), Verdict::RetryAt { .. }));
     }
 
     #[test]
     fn a_permanent_failure_is_never_retried() {
         let s = spec(serde_json::json!({"jobName": "x"}));
-        assert_eq!(verdict(&s, t(0), 1, AttemptResult::Permanent("bad args".into()), t(1)), Verdict::Fail("bad args".into()));
+        assert_eq!(
+            verdict(&s, t(0), 1, AttemptResult::Permanent("bad args".into()), t(1)),
+            Verdict::Fail("bad args".into())
+        );
     }
 
     #[test]

@@ -7,11 +7,11 @@
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::PostParams;
 use kube::Api;
+use kube::api::PostParams;
 
 use crate::api::{BackgroundJob, BackgroundJobStatus, Phase};
-use crate::error::{api_code, Result};
+use crate::error::{Result, api_code};
 
 /// Who may write after a claim: this worker, on this attempt of this job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +45,14 @@ pub enum Fenced {
 }
 
 /// The status a claim writes: phase `Running`, next attempt number, this worker and Lease.
-pub fn running(job: &BackgroundJob, worker: &str, lease: &str, sequence: Option<i64>, lost: Option<String>, now: Timestamp) -> BackgroundJobStatus {
+pub fn running(
+    job: &BackgroundJob,
+    worker: &str,
+    lease: &str,
+    sequence: Option<i64>,
+    lost: Option<String>,
+    now: Timestamp,
+) -> BackgroundJobStatus {
     let mut s = job.status.clone().unwrap_or_default();
     s.phase = Some(Phase::Running);
     s.attempts += 1;
@@ -110,7 +117,11 @@ fn set_condition(s: &mut BackgroundJobStatus, type_: &str, status: &str, reason:
 
 /// Write `status` over `seen` only if the job is still at `seen`'s resourceVersion. `Ok(None)`: someone else moved
 /// it first (or it is gone).
-pub async fn write_if_unchanged(api: &Api<BackgroundJob>, seen: &BackgroundJob, status: BackgroundJobStatus) -> Result<Option<BackgroundJob>> {
+pub async fn write_if_unchanged(
+    api: &Api<BackgroundJob>,
+    seen: &BackgroundJob,
+    status: BackgroundJobStatus,
+) -> Result<Option<BackgroundJob>> {
     let mut obj = seen.clone();
     obj.status = Some(status);
     let name = seen.metadata.name.as_deref().unwrap_or_default();
@@ -158,7 +169,10 @@ mod tests {
     use crate::api::BackgroundJobSpec;
 
     fn job() -> BackgroundJob {
-        let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap());
+        let mut j = BackgroundJob::new(
+            "j",
+            serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap(),
+        );
         j.metadata.uid = Some("uid-1".into());
         j.metadata.generation = Some(1);
         j
@@ -168,7 +182,10 @@ mod tests {
     fn a_claim_increments_the_attempt_and_records_worker_lease_and_sequence() {
         let now = Timestamp::from_second(100).unwrap();
         let s = running(&job(), "w1", "bgj-j", Some(42), None, now);
-        assert_eq!((s.phase, s.attempts, s.worker.as_deref(), s.lease.as_deref()), (Some(Phase::Running), 1, Some("w1"), Some("bgj-j")));
+        assert_eq!(
+            (s.phase, s.attempts, s.worker.as_deref(), s.lease.as_deref()),
+            (Some(Phase::Running), 1, Some("w1"), Some("bgj-j"))
+        );
         assert_eq!(s.enqueue_sequence, Some(42));
         assert_eq!(s.conditions[0].type_, "Running");
     }

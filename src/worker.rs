@@ -2,8 +2,8 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -34,7 +34,14 @@ pub struct Worker {
 
 impl Worker {
     /// Assemble a replica's shared state.
-    pub fn new(client: Client, identity: String, timing: LeaseTiming, registry: Registry, events: bool, invocation_log: Option<&Path>) -> crate::Result<Self> {
+    pub fn new(
+        client: Client,
+        identity: String,
+        timing: LeaseTiming,
+        registry: Registry,
+        events: bool,
+        invocation_log: Option<&Path>,
+    ) -> crate::Result<Self> {
         let recorder = events.then(|| {
             Recorder::new(client.clone(), Reporter { controller: "bgjobs".into(), instance: Some(identity.clone()) })
         });
@@ -43,7 +50,10 @@ impl Worker {
             identity,
             timing,
             registry,
-            http: reqwest::Client::builder().user_agent("bgjobs").build().map_err(|e| crate::Error::Config(e.to_string()))?,
+            http: reqwest::Client::builder()
+                .user_agent("bgjobs")
+                .build()
+                .map_err(|e| crate::Error::Config(e.to_string()))?,
             stats: Stats::default(),
             invocations: InvocationLog::open(invocation_log)?,
             recorder,
@@ -54,7 +64,13 @@ impl Worker {
     pub fn event(&self, job: &BackgroundJob, type_: EventType, reason: &str, note: String) {
         let Some(recorder) = self.recorder.clone() else { return };
         let reference = job.object_ref(&());
-        let ev = Event { type_, reason: reason.into(), note: Some(note.chars().take(1000).collect()), action: reason.into(), secondary: None };
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: reason.into(),
+            secondary: None,
+        };
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&ev, &reference).await {
                 tracing::debug!(error = %e, "could not publish event");

@@ -31,8 +31,7 @@ fn kubectl(ns: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, Strin
         .spawn()
         .expect("run kubectl");
     let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(stdin.unwrap_or_default().as_bytes())
-        .expect("write kubectl stdin");
+    pipe.write_all(stdin.unwrap_or_default().as_bytes()).expect("write kubectl stdin");
     drop(pipe);
     let out = child.wait_with_output().expect("wait for kubectl");
     (
@@ -53,42 +52,29 @@ fn kubectl_apply(ns: &str, yaml: &str) -> (bool, String) {
 
 /// A BackgroundJob manifest named `probe` with this spec (YAML flow syntax).
 fn job_with_spec(spec: &str) -> String {
-    format!(
-        "apiVersion: bgjobs.dev/v1alpha1\nkind: BackgroundJob\nmetadata:\n  name: probe\nspec: {spec}\n"
-    )
+    format!("apiVersion: bgjobs.dev/v1alpha1\nkind: BackgroundJob\nmetadata:\n  name: probe\nspec: {spec}\n")
 }
 
 /// Apply a job with this spec in a fresh namespace, expect the apiserver to refuse it, and return its message.
 async fn rejection_of(test: &str, spec: &str) -> String {
     let env = TestEnv::new(test).await;
     let (ok, stderr) = kubectl_apply(&env.ns, &job_with_spec(spec));
-    assert!(
-        !ok,
-        "the apiserver accepted `spec: {spec}`; stderr: {stderr}"
-    );
+    assert!(!ok, "the apiserver accepted `spec: {spec}`; stderr: {stderr}");
     stderr
 }
 
 fn assert_mentions(stderr: &str, expected: &[&str]) {
     for e in expected {
-        assert!(
-            stderr.contains(e),
-            "expected {e:?} in kubectl's stderr: {stderr}"
-        );
+        assert!(stderr.contains(e), "expected {e:?} in kubectl's stderr: {stderr}");
     }
 }
 
 #[test]
 fn crds_directory_matches_the_generated_crd() {
     let path = repo_path("crds/backgroundjobs.bgjobs.dev.yaml");
-    let on_disk =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let generated = bgjobs::api::crd_yaml();
-    assert!(
-        on_disk == generated,
-        "crds/ is out of date: run `make crds` ({})",
-        first_difference(&on_disk, &generated)
-    );
+    assert!(on_disk == generated, "crds/ is out of date: run `make crds` ({})", first_difference(&on_disk, &generated));
 }
 
 /// Where two texts first differ, for a readable failure message.
@@ -99,11 +85,7 @@ fn first_difference(file: &str, generated: &str) -> String {
         .find(|(_, (a, b))| a != b)
         .map(|(i, (a, b))| format!("line {}: file has {a:?}, generated has {b:?}", i + 1))
         .unwrap_or_else(|| {
-            format!(
-                "file has {} lines, generated has {}",
-                file.lines().count(),
-                generated.lines().count()
-            )
+            format!("file has {} lines, generated has {}", file.lines().count(), generated.lines().count())
         })
 }
 
@@ -115,15 +97,8 @@ async fn the_apiserver_rejects_an_unknown_priority_naming_the_field() {
 
 #[tokio::test]
 async fn the_apiserver_rejects_negative_max_attempts_naming_the_field() {
-    let stderr = rejection_of(
-        "negative_max_attempts",
-        "{jobName: noop, retry: {maxAttempts: -1}}",
-    )
-    .await;
-    assert_mentions(
-        &stderr,
-        &["spec.retry.maxAttempts", "greater than or equal to 1"],
-    );
+    let stderr = rejection_of("negative_max_attempts", "{jobName: noop, retry: {maxAttempts: -1}}").await;
+    assert_mentions(&stderr, &["spec.retry.maxAttempts", "greater than or equal to 1"]);
 }
 
 #[tokio::test]
@@ -135,19 +110,12 @@ async fn the_apiserver_rejects_a_job_without_job_name_naming_the_field() {
 #[tokio::test]
 async fn the_apiserver_rejects_negative_delay_seconds_naming_the_field() {
     let stderr = rejection_of("negative_delay", "{jobName: noop, delaySeconds: -5}").await;
-    assert_mentions(
-        &stderr,
-        &["spec.delaySeconds", "greater than or equal to 0"],
-    );
+    assert_mentions(&stderr, &["spec.delaySeconds", "greater than or equal to 0"]);
 }
 
 #[tokio::test]
 async fn the_apiserver_rejects_an_http_url_without_scheme_naming_the_field() {
-    let stderr = rejection_of(
-        "http_url_without_scheme",
-        "{jobName: SendEmail, http: {url: example.com/jobs}}",
-    )
-    .await;
+    let stderr = rejection_of("http_url_without_scheme", "{jobName: SendEmail, http: {url: example.com/jobs}}").await;
     assert_mentions(&stderr, &["spec.http.url", "should match"]);
 }
 
@@ -158,35 +126,21 @@ async fn the_apiserver_applies_schema_defaults() {
     // a `BackgroundJob` would pass even if the apiserver defaulted nothing.
     let resource = ApiResource::erase::<BackgroundJob>(&());
     let jobs: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &resource);
-    let minimal = DynamicObject::new("minimal", &resource)
-        .data(serde_json::json!({ "spec": { "jobName": "noop" } }));
-    jobs.create(&PostParams::default(), &minimal)
-        .await
-        .expect("create minimal job");
+    let minimal = DynamicObject::new("minimal", &resource).data(serde_json::json!({ "spec": { "jobName": "noop" } }));
+    jobs.create(&PostParams::default(), &minimal).await.expect("create minimal job");
 
     let stored = jobs.get("minimal").await.expect("read the job back");
     let spec = &stored.data["spec"];
     assert_eq!(spec["jobName"], "noop", "{spec}");
     assert_eq!(spec["priority"], "Normal", "{spec}");
     assert_eq!(spec["queue"], "default", "{spec}");
-    assert_eq!(
-        spec["timeoutSeconds"].as_i64(),
-        Some(bgjobs::api::DEFAULT_TIMEOUT_SECONDS),
-        "{spec}"
-    );
+    assert_eq!(spec["timeoutSeconds"].as_i64(), Some(bgjobs::api::DEFAULT_TIMEOUT_SECONDS), "{spec}");
     assert_eq!(spec["retry"]["backoffSeconds"].as_i64(), Some(60), "{spec}");
     assert_eq!(spec["retry"]["backoffFactor"].as_f64(), Some(2.0), "{spec}");
-    assert!(
-        spec["retry"].get("maxAttempts").is_none(),
-        "maxAttempts has no default: {spec}"
-    );
+    assert!(spec["retry"].get("maxAttempts").is_none(), "maxAttempts has no default: {spec}");
 
     // The typed view agrees.
-    let job = env
-        .jobs
-        .get("minimal")
-        .await
-        .expect("read the job back, typed");
+    let job = env.jobs.get("minimal").await.expect("read the job back, typed");
     assert_eq!(job.spec.retry, bgjobs::api::RetryPolicy::default());
 }
 
@@ -202,8 +156,7 @@ fn sample_names() -> Vec<String> {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let value = serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let name = value["metadata"]["name"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{}: a document without metadata.name", path.display()));
@@ -218,50 +171,23 @@ fn sample_names() -> Vec<String> {
 async fn samples_apply_and_list_with_printer_columns() {
     let env = TestEnv::new("samples").await;
     let samples = repo_path("config/samples");
-    let (ok, stdout, stderr) = kubectl(
-        &env.ns,
-        &["apply", "-f", &samples.display().to_string()],
-        None,
-    );
+    let (ok, stdout, stderr) = kubectl(&env.ns, &["apply", "-f", &samples.display().to_string()], None);
     assert!(ok, "kubectl apply -f config/samples/ failed: {stderr}");
 
     let names = sample_names();
-    assert!(
-        names.len() >= 6,
-        "expected at least one job per sample file, found {names:?}"
-    );
+    assert!(names.len() >= 6, "expected at least one job per sample file, found {names:?}");
     for name in &names {
-        assert!(
-            stdout.contains(&format!("backgroundjob.bgjobs.dev/{name} created")),
-            "{name} not created: {stdout}"
-        );
+        assert!(stdout.contains(&format!("backgroundjob.bgjobs.dev/{name} created")), "{name} not created: {stdout}");
     }
 
     let (ok, listing, stderr) = kubectl(&env.ns, &["get", "bgj"], None);
     assert!(ok, "kubectl get bgj failed: {stderr}");
-    let header: Vec<&str> = listing
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    for column in [
-        "NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER", "AGE",
-    ] {
-        assert!(
-            header.contains(&column),
-            "no {column} column in kubectl get bgj:\n{listing}"
-        );
+    let header: Vec<&str> = listing.lines().next().unwrap_or_default().split_whitespace().collect();
+    for column in ["NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER", "AGE"] {
+        assert!(header.contains(&column), "no {column} column in kubectl get bgj:\n{listing}");
     }
-    let listed: Vec<&str> = listing
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
+    let listed: Vec<&str> = listing.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
     for name in &names {
-        assert!(
-            listed.contains(&name.as_str()),
-            "{name} missing from kubectl get bgj:\n{listing}"
-        );
+        assert!(listed.contains(&name.as_str()), "{name} missing from kubectl get bgj:\n{listing}");
     }
 }

@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bgjobs::api::Phase;
-use common::{all_in, executions, max_overlap, TestEnv};
+use common::{TestEnv, all_in, executions, max_overlap};
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -34,7 +34,8 @@ fn starts_per_job(env: &TestEnv) -> HashMap<String, usize> {
 async fn three_replicas_drain_500_jobs_with_no_duplicate_no_loss_and_capped_concurrency() {
     let env = TestEnv::new("drain").await;
     let cap = 4;
-    let _replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &["--max-concurrent-jobs-per-instance", "4"])).collect();
+    let _replicas: Vec<_> =
+        (0..3).map(|i| env.replica(&format!("r{i}"), &["--max-concurrent-jobs-per-instance", "4"])).collect();
     futures::stream::iter(0..500)
         .map(|i| {
             let env = &env;
@@ -43,7 +44,9 @@ async fn three_replicas_drain_500_jobs_with_no_duplicate_no_loss_and_capped_conc
         .buffer_unordered(8)
         .collect::<Vec<_>>()
         .await;
-    let jobs = env.wait_until(4 * MINUTE, "all 500 jobs Succeeded", |jobs| jobs.len() == 500 && all_in(jobs, Phase::Succeeded)).await;
+    let jobs = env
+        .wait_until(4 * MINUTE, "all 500 jobs Succeeded", |jobs| jobs.len() == 500 && all_in(jobs, Phase::Succeeded))
+        .await;
     assert!(jobs.iter().all(|j| j.attempts() == 1), "a healthy run needs no second attempt");
 
     let execs = executions(&env.invocations());
@@ -69,7 +72,8 @@ async fn three_replicas_drain_500_jobs_with_no_duplicate_no_loss_and_capped_conc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_slot_starts_jobs_by_priority_then_creation_order_even_within_one_second() {
     let env = TestEnv::new("fifo-one-slot").await;
-    let priorities = ["Normal", "Low", "High", "Normal", "AboveNormal", "Normal", "Low", "High", "BelowNormal", "Normal"];
+    let priorities =
+        ["Normal", "Low", "High", "Normal", "AboveNormal", "Normal", "Low", "High", "BelowNormal", "Normal"];
     let mut expected = Vec::new();
     // Names run backwards so that name order would give the wrong answer; created one after another, many within
     // the same second.
@@ -84,7 +88,8 @@ async fn one_slot_starts_jobs_by_priority_then_creation_order_even_within_one_se
 
     let _r = env.replica("solo", &["--max-concurrent-jobs-per-instance", "1"]);
     env.wait_until(2 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 30 && all_in(jobs, Phase::Succeeded)).await;
-    let started: Vec<String> = executions(&env.invocations()).into_iter().map(|e| e.job.rsplit('/').next().unwrap().to_string()).collect();
+    let started: Vec<String> =
+        executions(&env.invocations()).into_iter().map(|e| e.job.rsplit('/').next().unwrap().to_string()).collect();
     assert_eq!(started, expected, "start order must be priority (High first), then creation order");
 }
 
@@ -103,11 +108,15 @@ async fn several_replicas_keep_fifo_within_a_small_bound() {
         env.create(&name, json!({"jobName": "sleep", "priority": priority, "args": {"seconds": 0.2}})).await;
         order.insert(name, (rank(priority), i));
     }
-    let _replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &["--max-concurrent-jobs-per-instance", "2"])).collect();
+    let _replicas: Vec<_> =
+        (0..3).map(|i| env.replica(&format!("r{i}"), &["--max-concurrent-jobs-per-instance", "2"])).collect();
     env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == n && all_in(jobs, Phase::Succeeded)).await;
 
     // An inversion: job `a` should run before `b` but started later. Its size is how much later.
-    let starts: Vec<(String, i64)> = executions(&env.invocations()).into_iter().map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start)).collect();
+    let starts: Vec<(String, i64)> = executions(&env.invocations())
+        .into_iter()
+        .map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start))
+        .collect();
     let mut worst = 0i64;
     let mut inversions = 0;
     for (a, ta) in &starts {
@@ -127,7 +136,10 @@ async fn a_job_of_a_killed_replica_is_retried_by_another_after_its_lease_expires
     let env = TestEnv::new("kill9").await;
     let mut a = env.replica("a", &[]);
     env.create("victim", json!({"jobName": "sleep", "args": {"seconds": 3}})).await;
-    env.wait_job("victim", MINUTE, "Running on a", |j| j.phase() == Phase::Running && j.status.as_ref().unwrap().worker.as_deref() == Some("a")).await;
+    env.wait_job("victim", MINUTE, "Running on a", |j| {
+        j.phase() == Phase::Running && j.status.as_ref().unwrap().worker.as_deref() == Some("a")
+    })
+    .await;
     let _b = env.replica("b", &[]);
     a.kill9();
     let killed_at = now_ms();
@@ -147,7 +159,10 @@ async fn a_paused_holder_that_wakes_up_after_its_lease_cannot_overwrite_the_new_
     let env = TestEnv::new("sigstop").await;
     let a = env.replica("a", &[]);
     env.create("paused", json!({"jobName": "sleep", "args": {"seconds": 5}})).await;
-    env.wait_job("paused", MINUTE, "Running on a", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")).await;
+    env.wait_job("paused", MINUTE, "Running on a", |j| {
+        j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")
+    })
+    .await;
     let _b = env.replica("b", &[]);
     a.stop();
     // b takes over once it has seen a's lease unchanged for the lease duration.
@@ -158,7 +173,11 @@ async fn a_paused_holder_that_wakes_up_after_its_lease_cannot_overwrite_the_new_
     tokio::time::sleep(Duration::from_secs(1)).await;
     let during = env.jobs.get("paused").await.unwrap();
     let s = during.status.clone().unwrap();
-    assert_eq!((s.phase, s.attempts, s.worker.as_deref()), (Some(Phase::Running), 2, Some("b")), "a's stale result must not land");
+    assert_eq!(
+        (s.phase, s.attempts, s.worker.as_deref()),
+        (Some(Phase::Running), 2, Some("b")),
+        "a's stale result must not land"
+    );
     let done = env.wait_job("paused", MINUTE, "finished", |j| j.phase().is_final()).await;
     let s = done.status.unwrap();
     assert_eq!((s.phase, s.attempts, s.worker.as_deref()), (Some(Phase::Succeeded), 2, Some("b")));
@@ -177,8 +196,12 @@ async fn the_exclusive_strategy_never_runs_jobs_on_two_replicas_at_once() {
         env.create(&format!("x{i:02}"), json!({"jobName": "sleep", "args": {"seconds": 0.3}})).await;
     }
     // Kill whoever runs jobs first, mid-way: leadership must move without overlap.
-    let first = env.wait_until(MINUTE, "some job Running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running)).await;
-    let leader = first.iter().find_map(|j| j.status.as_ref().filter(|s| s.phase == Some(Phase::Running)).and_then(|s| s.worker.clone())).unwrap();
+    let first =
+        env.wait_until(MINUTE, "some job Running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running)).await;
+    let leader = first
+        .iter()
+        .find_map(|j| j.status.as_ref().filter(|s| s.phase == Some(Phase::Running)).and_then(|s| s.worker.clone()))
+        .unwrap();
     let killed_at = now_ms();
     replicas.iter_mut().find(|r| r.identity == leader).unwrap().kill9();
     env.wait_until(2 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 24 && all_in(jobs, Phase::Succeeded)).await;
@@ -195,7 +218,10 @@ async fn the_exclusive_strategy_never_runs_jobs_on_two_replicas_at_once() {
                 for e2 in execs.iter().filter(|e| &e.worker == w2) {
                     let end1 = e1.end.unwrap_or(killed_at);
                     let end2 = e2.end.unwrap_or(killed_at);
-                    assert!(end1 <= e2.start || end2 <= e1.start, "{w1} and {w2} ran jobs at the same time: {e1:?} {e2:?}");
+                    assert!(
+                        end1 <= e2.start || end2 <= e1.start,
+                        "{w1} and {w2} ran jobs at the same time: {e1:?} {e2:?}"
+                    );
                 }
             }
         }
@@ -210,7 +236,11 @@ async fn failures_are_retried_with_exponential_backoff_until_max_attempts_then_f
     let job = env.wait_job("flaky", MINUTE, "Failed", |j| j.phase().is_final()).await;
     let s = job.status.unwrap();
     assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 3));
-    assert!(s.last_error.as_deref().unwrap().contains("dependency down (gave up after 3 of 3 attempts)"), "{:?}", s.last_error);
+    assert!(
+        s.last_error.as_deref().unwrap().contains("dependency down (gave up after 3 of 3 attempts)"),
+        "{:?}",
+        s.last_error
+    );
     let starts: Vec<i64> = executions(&env.invocations()).iter().map(|e| e.start).collect();
     assert_eq!(starts.len(), 3);
     assert!(starts[1] - starts[0] >= 1_000, "first retry waits backoffSeconds (1 s): {starts:?}");
@@ -286,7 +316,8 @@ async fn unknown_handlers_bad_args_and_attempt_timeouts_end_with_readable_reason
     env.create("unknown", json!({"jobName": "SendEmail"})).await;
     env.create("bad-args", json!({"jobName": "sleep", "args": {"seconds": "soon"}})).await;
     env.create("too-slow", json!({"jobName": "sleep", "args": {"seconds": 30}, "attemptTimeoutSeconds": 1, "retry": {"maxAttempts": 2, "backoffSeconds": 0}})).await;
-    let jobs = env.wait_until(MINUTE, "all final", |jobs| jobs.len() == 3 && jobs.iter().all(|j| j.phase().is_final())).await;
+    let jobs =
+        env.wait_until(MINUTE, "all final", |jobs| jobs.len() == 3 && jobs.iter().all(|j| j.phase().is_final())).await;
     let reason = |name: &str| {
         let j = jobs.iter().find(|j| j.name_any() == name).unwrap();
         assert_eq!(j.phase(), Phase::Failed, "{name}");
@@ -303,13 +334,33 @@ async fn sigterm_hands_a_running_job_back_so_another_replica_starts_it_at_once()
     let env = TestEnv::new("sigterm").await;
     let mut a = env.replica("a", &["--shutdown-grace", "1s"]);
     env.create("handover", json!({"jobName": "sleep", "args": {"seconds": 4}})).await;
-    env.wait_job("handover", MINUTE, "Running on a", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")).await;
+    env.wait_job("handover", MINUTE, "Running on a", |j| {
+        j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")
+    })
+    .await;
     let _b = env.replica("b", &[]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(a.terminate(Duration::from_secs(15)), "a exits after its grace period");
-    let job = env.wait_job("handover", Duration::from_secs(5), "Running on b", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")).await;
+    let job = env
+        .wait_job("handover", Duration::from_secs(5), "Running on b", |j| {
+            j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")
+        })
+        .await;
     assert_eq!(job.attempts(), 2);
     let job = env.wait_job("handover", MINUTE, "Succeeded", |j| j.phase().is_final()).await;
     assert_eq!(job.phase(), Phase::Succeeded);
     assert!(job.status.unwrap().last_error.unwrap_or_default().contains("interrupted: worker a shut down"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_deleted_after_their_ttl_and_kept_without_one() {
+    let env = TestEnv::new("ttl").await;
+    let _r = env.replica("r", &["--ttl-seconds-after-finished", "3600"]);
+    env.create("gone-at-once", json!({"jobName": "noop", "ttlSecondsAfterFinished": 0})).await;
+    env.create("gone-soon", json!({"jobName": "noop", "ttlSecondsAfterFinished": 2})).await;
+    env.create("kept", json!({"jobName": "noop"})).await;
+    let jobs = env.wait_until(MINUTE, "only the kept job left", |jobs| jobs.len() == 1).await;
+    assert_eq!(jobs[0].name_any(), "kept", "the operator-wide TTL of an hour keeps it");
+    assert_eq!(jobs[0].phase(), Phase::Succeeded);
+    assert_eq!(starts_per_job(&env).len(), 3, "every job ran before it was deleted");
 }

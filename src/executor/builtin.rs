@@ -38,7 +38,10 @@ pub fn register(r: &mut Registry) {
     r.register("noop", |_ctx: JobContext, _a: NoopArgs| async { Ok(()) });
     r.register("sleep", |ctx: JobContext, a: SleepArgs| async move {
         if !(a.seconds.is_finite() && a.seconds >= 0.0) {
-            return Err(JobError::Permanent(format!("sleep: seconds must be a non-negative number, got {}", a.seconds)));
+            return Err(JobError::Permanent(format!(
+                "sleep: seconds must be a non-negative number, got {}",
+                a.seconds
+            )));
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs_f64(a.seconds)) => Ok(()),

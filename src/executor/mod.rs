@@ -13,7 +13,12 @@ use crate::api::BackgroundJob;
 use crate::retry::AttemptResult;
 
 /// Run one attempt of `job` with the executor its spec selects.
-pub async fn execute(job: &BackgroundJob, ctx: JobContext, registry: &Registry, http_client: &reqwest::Client) -> AttemptResult {
+pub async fn execute(
+    job: &BackgroundJob,
+    ctx: JobContext,
+    registry: &Registry,
+    http_client: &reqwest::Client,
+) -> AttemptResult {
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
     if job.spec.template.is_some() {
         return AttemptResult::Permanent(

@@ -17,14 +17,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 
 /// Lease timing for tests: short, so takeovers happen within seconds.
-pub const FAST_LEASES: [&str; 6] = [
-    "--lease-duration",
-    "3s",
-    "--renew-deadline",
-    "2s",
-    "--renew-interval",
-    "500ms",
-];
+pub const FAST_LEASES: [&str; 6] = ["--lease-duration", "3s", "--renew-deadline", "2s", "--renew-interval", "500ms"];
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,9 +25,7 @@ fn repo_root() -> PathBuf {
 
 /// Path of the local control plane's kubeconfig (`$KUBECONFIG` wins).
 pub fn kubeconfig_path() -> PathBuf {
-    std::env::var_os("KUBECONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".cluster/kubeconfig"))
+    std::env::var_os("KUBECONFIG").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cluster/kubeconfig"))
 }
 
 fn not_up(why: impl std::fmt::Display) -> ! {
@@ -47,11 +38,10 @@ fn not_up(why: impl std::fmt::Display) -> ! {
 /// A client for the local control plane, or a panic that says how to start it.
 pub async fn client() -> Client {
     let path = kubeconfig_path();
-    let kubeconfig = Kubeconfig::read_from(&path)
-        .unwrap_or_else(|e| not_up(format!("cannot read {}: {e}", path.display())));
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap_or_else(|e| not_up(e));
+    let kubeconfig =
+        Kubeconfig::read_from(&path).unwrap_or_else(|e| not_up(format!("cannot read {}: {e}", path.display())));
+    let config =
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap_or_else(|e| not_up(e));
     let client = Client::try_from(config).unwrap_or_else(|e| not_up(e));
     if let Err(e) = client.apiserver_version().await {
         not_up(e);
@@ -63,16 +53,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique suffix for names.
 pub fn unique() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{:x}{:x}{}",
-        std::process::id() % 0xffff,
-        nanos % 0xfffff,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{:x}{:x}{}", std::process::id() % 0xffff, nanos % 0xfffff, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// One test's namespace, client and scratch directory.
@@ -91,20 +73,13 @@ impl TestEnv {
     /// A fresh namespace named after the test.
     pub async fn new(test: &str) -> TestEnv {
         let client = client().await;
-        let ns = format!(
-            "t-{}-{}",
-            test.replace('_', "-").chars().take(30).collect::<String>(),
-            unique()
-        );
+        let ns = format!("t-{}-{}", test.replace('_', "-").chars().take(30).collect::<String>(), unique());
         let namespaces: Api<Namespace> = Api::all(client.clone());
         namespaces
             .create(
                 &PostParams::default(),
                 &Namespace {
-                    metadata: ObjectMeta {
-                        name: Some(ns.clone()),
-                        ..Default::default()
-                    },
+                    metadata: ObjectMeta { name: Some(ns.clone()), ..Default::default() },
                     ..Default::default()
                 },
             )
@@ -112,29 +87,16 @@ impl TestEnv {
             .expect("create test namespace");
         let dir = repo_root().join("target/test-runs").join(&ns);
         std::fs::create_dir_all(&dir).unwrap();
-        TestEnv {
-            jobs: Api::namespaced(client.clone(), &ns),
-            client,
-            ns,
-            dir,
-        }
+        TestEnv { jobs: Api::namespaced(client.clone(), &ns), client, ns, dir }
     }
 
     /// Start an operator replica in this namespace with fast leases and `extra` flags.
     pub fn replica(&self, identity: &str, extra: &[&str]) -> Replica {
         let log = self.dir.join(format!("{identity}.log"));
         let invocations = self.dir.join(format!("{identity}.inv"));
-        let mut args: Vec<String> = vec![
-            "operator".into(),
-            "--namespace".into(),
-            self.ns.clone(),
-            "--identity".into(),
-            identity.into(),
-        ];
-        args.extend([
-            "--invocation-log".to_string(),
-            invocations.display().to_string(),
-        ]);
+        let mut args: Vec<String> =
+            vec!["operator".into(), "--namespace".into(), self.ns.clone(), "--identity".into(), identity.into()];
+        args.extend(["--invocation-log".to_string(), invocations.display().to_string()]);
         args.extend(FAST_LEASES.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
@@ -145,22 +107,14 @@ impl TestEnv {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start bgjobs operator");
-        Replica {
-            child: Some(child),
-            identity: identity.into(),
-            log,
-            invocations,
-        }
+        Replica { child: Some(child), identity: identity.into(), log, invocations }
     }
 
     /// Create a job named `name` from a JSON spec.
     pub async fn create(&self, name: &str, spec: serde_json::Value) -> BackgroundJob {
         let spec: BackgroundJobSpec = serde_json::from_value(spec).expect("valid spec");
         let job = BackgroundJob::new(name, spec);
-        self.jobs
-            .create(&PostParams::default(), &job)
-            .await
-            .expect("create job")
+        self.jobs.create(&PostParams::default(), &job).await.expect("create job")
     }
 
     /// All jobs in the namespace.
@@ -244,11 +198,8 @@ pub fn summary(jobs: &[BackgroundJob]) -> String {
     for j in jobs {
         *counts.entry(j.phase().to_string()).or_default() += 1;
     }
-    let detail: Vec<String> = jobs
-        .iter()
-        .take(12)
-        .map(|j| format!("{}={}/{}", j.name_any(), j.phase(), j.attempts()))
-        .collect();
+    let detail: Vec<String> =
+        jobs.iter().take(12).map(|j| format!("{}={}/{}", j.name_any(), j.phase(), j.attempts())).collect();
     format!("{counts:?} e.g. {}", detail.join(" "))
 }
 
@@ -275,11 +226,7 @@ pub struct Invocation {
 }
 
 fn read_invocations(path: &Path) -> Vec<Invocation> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// One execution interval: start and (if it was logged) end.
@@ -359,11 +306,7 @@ impl Replica {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
+        let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().expect("run kill").success();
         assert!(ok, "kill {sig} {} failed", self.pid());
     }
 
@@ -410,9 +353,7 @@ impl Replica {
 impl Drop for Replica {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-CONT", &c.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
             let _ = c.kill();
             let _ = c.wait();
         }
