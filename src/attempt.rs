@@ -67,6 +67,15 @@ struct Keeper {
 }
 
 impl Keeper {
+    fn new(lease: Lease, renew_deadline: Duration) -> Self {
+        Keeper {
+            lease: Mutex::new(lease),
+            last_renewed: Mutex::new(Instant::now()),
+            lost: AtomicBool::new(false),
+            renew_deadline,
+        }
+    }
+
     /// Current means: renewed within the renew deadline and never lost. Once lost, always lost.
     fn is_current(&self) -> bool {
         if self.lost.load(Ordering::SeqCst) {
@@ -134,16 +143,38 @@ pub async fn run(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCont
 }
 
 async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptControl>) {
-    let Claimed { job, lease: held, fence, took_over } = claimed;
+    let Claimed { job, lease: held, fence, took_over, slot } = claimed;
     let ns = job.namespace().unwrap_or_default();
     let leases: Api<Lease> = Api::namespaced(worker.client.clone(), &ns);
     let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
-    let keeper = Keeper {
-        lease: Mutex::new(held),
-        last_renewed: Mutex::new(Instant::now()),
-        lost: AtomicBool::new(false),
-        renew_deadline: worker.timing.renew_deadline,
-    };
+    let keeper = Keeper::new(held, worker.timing.renew_deadline);
+    // With a cluster-wide cap the attempt also holds a slot; losing either Lease loses the claim.
+    let slot = slot.zip(worker.slots.clone()).map(|(l, api)| (Keeper::new(l, worker.timing.renew_deadline), api));
+    let current = || keeper.is_current() && slot.as_ref().is_none_or(|(k, _)| k.is_current());
+    let outcome = run_claimed(&worker, &jobs, &leases, job, fence, took_over, &control, &keeper, &slot, &current).await;
+    if let Some((k, api)) = &slot {
+        let held = k.lease.lock().unwrap().clone();
+        if let Err(e) = lease::release(api, &held).await {
+            warn!(error = %e, "could not free the cluster slot; it expires on its own");
+        }
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_claimed(
+    worker: &Arc<Worker>,
+    jobs: &Api<BackgroundJob>,
+    leases: &Api<Lease>,
+    job: BackgroundJob,
+    fence: status::Fence,
+    took_over: bool,
+    control: &AttemptControl,
+    keeper: &Keeper,
+    slot: &Option<(Keeper, Api<Lease>)>,
+    current: &impl Fn() -> bool,
+) {
+    let ns = job.namespace().unwrap_or_default();
     if took_over {
         worker.stats.takeovers.fetch_add(1, Ordering::Relaxed);
         worker.event(
@@ -193,7 +224,13 @@ async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCo
                 Ok(None) => Ending::LeaseLost,
                 Err(secs) => Ending::AttemptTimedOut(secs),
             },
-            _ = keeper.renew_forever(&leases, &worker) => Ending::LeaseLost,
+            _ = keeper.renew_forever(leases, worker) => Ending::LeaseLost,
+            _ = async {
+                match slot {
+                    Some((k, api)) => k.renew_forever(api, worker).await,
+                    None => std::future::pending().await,
+                }
+            } => Ending::LeaseLost,
         }
     };
     // A handler that noticed a stop request fails with something like "cancelled"; the stop is the real reason.
@@ -203,18 +240,18 @@ async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCo
         (Ending::Finished(_) | Ending::AttemptTimedOut(_), Some(reason)) => Ending::Stopped(reason),
         (ending, _) => ending,
     };
-    if matches!(ending, Ending::LeaseLost) || !keeper.is_current() {
+    if matches!(ending, Ending::LeaseLost) || !current() {
         worker.stats.stale_results_discarded.fetch_add(1, Ordering::Relaxed);
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");
         return;
     }
-    let record = record(&worker, &jobs, &job, &fence, ending);
+    let record = record(worker, jobs, &job, &fence, ending);
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
     let left = keeper.renew_deadline.saturating_sub(keeper.last_renewed.lock().unwrap().elapsed());
     match tokio::time::timeout(left, record).await {
         Ok(Ok(true)) => {
             let held = keeper.lease.lock().unwrap().clone();
-            if let Err(e) = lease::release(&leases, &held).await {
+            if let Err(e) = lease::release(leases, &held).await {
                 warn!(error = %e, "could not delete the claim lease; it expires on its own");
             }
         }

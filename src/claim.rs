@@ -18,6 +18,7 @@ use kube::{Api, Resource, ResourceExt};
 use crate::api::{BackgroundJob, Phase};
 use crate::error::Result;
 use crate::lease::{self, Acquire, Claim, LeaseTiming};
+use crate::limits::{FreeSlot, SLOT_LABEL};
 use crate::status::{self, Fence};
 
 /// The state of a job's claim Lease, as one replica judges it.
@@ -59,6 +60,14 @@ pub fn lease_name(job: &BackgroundJob) -> String {
     if name.len() + 4 <= 253 { format!("bgj-{name}") } else { format!("bgj-{}", job.uid().unwrap_or_default()) }
 }
 
+/// A cluster-wide slot to acquire along with the claim (see [`crate::limits`]).
+pub struct SlotRequest<'a> {
+    /// Leases in the lease namespace.
+    pub api: &'a Api<Lease>,
+    /// The slot that looked free.
+    pub slot: &'a FreeSlot,
+}
+
 /// A claimed attempt, ready to run.
 #[derive(Clone, Debug)]
 pub struct Claimed {
@@ -70,6 +79,8 @@ pub struct Claimed {
     pub fence: Fence,
     /// The attempt replaced one whose worker stopped renewing its Lease.
     pub took_over: bool,
+    /// The cluster-wide slot held for the attempt, if a cap is configured.
+    pub slot: Option<Lease>,
 }
 
 /// Outcome of a claim.
@@ -83,6 +94,8 @@ pub enum ClaimOutcome {
 
 /// Claim the next attempt of `job` (as seen at its resourceVersion) for `worker`. `seen_lease` and `state` are the
 /// claim Lease as judged by [`lease_state`]; the caller claims only `Absent`, `Leftover` and `Expired` Leases.
+/// With `slot`, a cluster-wide slot is acquired first and given back if the claim is lost.
+#[allow(clippy::too_many_arguments)]
 pub async fn claim(
     jobs: &Api<BackgroundJob>,
     leases: &Api<Lease>,
@@ -91,14 +104,35 @@ pub async fn claim(
     state: LeaseState,
     worker: &str,
     timing: &LeaseTiming,
+    slot: Option<SlotRequest<'_>>,
 ) -> Result<ClaimOutcome> {
+    let claim = claim_for(job, worker);
+    let Some(req) = slot else { return claim_job(jobs, leases, job, seen_lease, state, &claim, timing, None).await };
+    let mut slot_claim = claim.clone();
+    slot_claim.labels = BTreeMap::from([
+        (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
+        (SLOT_LABEL.to_string(), "true".to_string()),
+    ]);
+    slot_claim.owner = None;
+    let acquired = match req.slot.seen.as_deref() {
+        None => lease::create(req.api, &req.slot.name, &slot_claim, timing).await?,
+        Some(seen) => lease::take_over(req.api, seen, &slot_claim, timing).await?,
+    };
+    let Acquire::Acquired(slot_lease) = acquired else { return Ok(ClaimOutcome::Lost) };
+    let outcome = claim_job(jobs, leases, job, seen_lease, state, &claim, timing, Some(slot_lease.clone())).await;
+    if !matches!(outcome, Ok(ClaimOutcome::Claimed(_))) {
+        lease::release(req.api, &slot_lease).await?;
+    }
+    outcome
+}
+
+/// What a claim of the next attempt of `job` writes into its Lease.
+fn claim_for(job: &BackgroundJob, worker: &str) -> Claim {
     let attempt = job.attempts() + 1;
-    let name = lease_name(job);
-    let uid = job.uid().unwrap_or_default();
-    let claim = Claim {
+    Claim {
         holder: worker.to_string(),
         annotations: BTreeMap::from([
-            (lease::JOB_UID_ANNOTATION.to_string(), uid.clone()),
+            (lease::JOB_UID_ANNOTATION.to_string(), job.uid().unwrap_or_default()),
             (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
         ]),
         labels: BTreeMap::from([
@@ -111,15 +145,32 @@ pub async fn claim(
             o.block_owner_deletion = None;
             o
         }),
-    };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn claim_job(
+    jobs: &Api<BackgroundJob>,
+    leases: &Api<Lease>,
+    job: &BackgroundJob,
+    seen_lease: Option<&Lease>,
+    state: LeaseState,
+    claim: &Claim,
+    timing: &LeaseTiming,
+    slot: Option<Lease>,
+) -> Result<ClaimOutcome> {
+    let worker = claim.holder.as_str();
+    let attempt = job.attempts() + 1;
+    let name = lease_name(job);
+    let uid = job.uid().unwrap_or_default();
     let acquired = match (state, seen_lease) {
-        (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, &claim, timing).await? {
+        (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
             Acquire::Acquired(l) => l,
             // Someone created it between our look and our write; it may be a leftover we can reuse at once.
             Acquire::Lost(Some(existing))
                 if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
             {
-                match lease::take_over(leases, &existing, &claim, timing).await? {
+                match lease::take_over(leases, &existing, claim, timing).await? {
                     Acquire::Acquired(l) => l,
                     Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
                 }
@@ -127,7 +178,7 @@ pub async fn claim(
             Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
         },
         (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => {
-            match lease::take_over(leases, seen, &claim, timing).await? {
+            match lease::take_over(leases, seen, claim, timing).await? {
                 Acquire::Acquired(l) => l,
                 Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
             }
@@ -152,6 +203,7 @@ pub async fn claim(
             lease: acquired,
             fence: Fence { uid, worker: worker.to_string(), attempt },
             took_over,
+            slot,
         }))),
         Ok(None) => {
             lease::release(leases, &acquired).await?;

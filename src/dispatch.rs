@@ -24,9 +24,10 @@ use tracing::{debug, info, warn};
 
 use crate::api::{BackgroundJob, Phase};
 use crate::attempt::{self, AttemptControl, StopReason};
-use crate::claim::{self, ClaimOutcome, LeaseState};
+use crate::claim::{self, ClaimOutcome, LeaseState, SlotRequest};
 use crate::config::OperatorConfig;
 use crate::lease::Observer;
+use crate::limits::{self, FreeSlot};
 use crate::ordering::{self, QueueKey};
 use crate::queue::QueueView;
 use crate::retry::{self, Verdict};
@@ -57,6 +58,9 @@ pub struct Dispatcher {
     /// Jobs this replica just acted on: the resourceVersion it acted on, and when.
     settled_at: HashMap<String, (String, Instant)>,
     observer: Observer,
+    /// With a cluster-wide cap: slot Leases by name as last seen, and the slot each of our claims uses.
+    slot_observer: Observer,
+    slots_in_use: HashMap<String, String>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     /// Exclusive strategy: whether this replica holds the cluster-wide Lease.
@@ -87,6 +91,8 @@ impl Dispatcher {
             held: HashMap::new(),
             settled_at: HashMap::new(),
             observer: Observer::default(),
+            slot_observer: Observer::default(),
+            slots_in_use: HashMap::new(),
             done_tx,
             done_rx,
             leader,
@@ -122,6 +128,7 @@ impl Dispatcher {
 
     fn finish(&mut self, done: Done) {
         self.held.remove(&done.uid);
+        self.slots_in_use.remove(&done.uid);
         if let Some(rv) = done.seen_at {
             self.settled_at.insert(done.uid, (rv, Instant::now()));
         }
@@ -265,7 +272,15 @@ impl Dispatcher {
         if !self.config.job_execution_enabled || !self.is_leader() || candidates.is_empty() {
             return;
         }
-        let free = (self.config.max_concurrent_jobs_per_instance as usize).saturating_sub(self.held.len());
+        let mut free = (self.config.max_concurrent_jobs_per_instance as usize).saturating_sub(self.held.len());
+        let mut slots = Vec::new();
+        if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
+            let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
+            let reserved: Vec<String> = self.slots_in_use.values().cloned().collect();
+            let (me, timing) = (&self.worker.identity, &self.worker.timing);
+            slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, me);
+            free = free.min(slots.len());
+        }
         if free == 0 {
             return;
         }
@@ -275,13 +290,17 @@ impl Dispatcher {
         workers.insert(&self.worker.identity);
         let picked: HashSet<&QueueKey> =
             ordering::pick(&keys, free, workers.len(), &self.worker.identity).into_iter().collect();
+        let mut slots = slots.into_iter();
         for c in candidates.iter().filter(|c| picked.contains(&c.key)) {
-            self.spawn_claim(c);
+            self.spawn_claim(c, slots.next());
         }
     }
 
-    fn spawn_claim(&mut self, c: &Candidate) {
+    fn spawn_claim(&mut self, c: &Candidate, slot: Option<FreeSlot>) {
         let uid = c.job.uid().unwrap_or_default();
+        if let Some(s) = &slot {
+            self.slots_in_use.insert(uid.clone(), s.name.clone());
+        }
         let control = Arc::new(AttemptControl::default());
         self.held.insert(uid.clone(), control.clone());
         let worker = self.worker.clone();
@@ -293,8 +312,9 @@ impl Dispatcher {
             let ns = job.namespace().unwrap_or_default();
             let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
             let leases: Api<Lease> = Api::namespaced(worker.client.clone(), &ns);
-            let outcome =
-                claim::claim(&jobs, &leases, &job, lease.as_deref(), state, &worker.identity, &worker.timing).await;
+            let slot_req = slot.as_ref().zip(worker.slots.as_ref()).map(|(slot, api)| SlotRequest { api, slot });
+            let (me, timing) = (&worker.identity, &worker.timing);
+            let outcome = claim::claim(&jobs, &leases, &job, lease.as_deref(), state, me, timing, slot_req).await;
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
                     worker.stats.claimed.fetch_add(1, Ordering::Relaxed);

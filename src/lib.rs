@@ -21,6 +21,7 @@ pub mod exclusive;
 pub mod executor;
 pub mod jobs;
 pub mod lease;
+pub mod limits;
 pub mod operator;
 pub mod ordering;
 pub mod queue;

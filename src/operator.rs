@@ -37,18 +37,23 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     let client = crate::client::connect().await?;
     ensure_crd(&client, config.namespace.as_deref()).await?;
     let identity = config.identity();
-    let worker = Arc::new(Worker::new(
+    let mut worker = Worker::new(
         client.clone(),
         identity.clone(),
         timing,
         registry,
         config.events,
         config.invocation_log.as_deref(),
-    )?);
+    )?;
+    if config.cluster_max_concurrency.is_some() {
+        worker.slots = Some(Api::namespaced(client.clone(), &config.lease_namespace));
+    }
+    let worker = Arc::new(worker);
     info!(%identity, strategy = ?config.strategy, slots = config.max_concurrent_jobs_per_instance,
         namespace = config.namespace.as_deref().unwrap_or("<all>"), execution = config.job_execution_enabled, "bgjobs operator starting");
 
-    let view = QueueView::start(client.clone(), config.namespace.as_deref());
+    let slot_namespace = config.cluster_max_concurrency.map(|_| config.lease_namespace.as_str());
+    let view = QueueView::start(client.clone(), config.namespace.as_deref(), slot_namespace);
     view.ready().await;
     info!("caches synced; dispatching");
 

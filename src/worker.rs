@@ -29,6 +29,8 @@ pub struct Worker {
     pub stats: Stats,
     /// Audit trail of attempt starts and ends.
     pub invocations: InvocationLog,
+    /// Leases in the lease namespace, where cluster-wide slots live (with `--cluster-max-concurrency`).
+    pub slots: Option<kube::Api<k8s_openapi::api::coordination::v1::Lease>>,
     recorder: Option<Recorder>,
 }
 
@@ -56,6 +58,7 @@ impl Worker {
                 .map_err(|e| crate::Error::Config(e.to_string()))?,
             stats: Stats::default(),
             invocations: InvocationLog::open(invocation_log)?,
+            slots: None,
             recorder,
         })
     }

@@ -364,3 +364,42 @@ async fn finished_jobs_are_deleted_after_their_ttl_and_kept_without_one() {
     assert_eq!(jobs[0].phase(), Phase::Succeeded);
     assert_eq!(starts_per_job(&env).len(), 3, "every job ran before it was deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_wide_cap_bounds_running_jobs_across_all_replicas() {
+    let env = TestEnv::new("cluster-cap").await;
+    let cap = 3;
+    let args = [
+        "--cluster-max-concurrency",
+        "3",
+        "--lease-namespace",
+        env.ns.as_str(),
+        "--max-concurrent-jobs-per-instance",
+        "4",
+    ];
+    let _replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &args)).collect();
+    for i in 0..30 {
+        env.create(&format!("c{i:02}"), json!({"jobName": "sleep", "args": {"seconds": 0.4}})).await;
+    }
+    // Sample the Running count from the API while the replicas drain the queue.
+    let mut sampled_max = 0;
+    let deadline = std::time::Instant::now() + 2 * MINUTE;
+    loop {
+        let jobs = env.list().await;
+        sampled_max = sampled_max.max(jobs.iter().filter(|j| j.phase() == Phase::Running).count());
+        if jobs.len() == 30 && all_in(&jobs, Phase::Succeeded) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "queue not drained: {}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let execs = executions(&env.invocations());
+    let peak = max_overlap(&execs, now_ms());
+    let workers: std::collections::BTreeSet<_> = execs.iter().map(|e| e.worker.as_str()).collect();
+    eprintln!(
+        "cluster cap {cap}: peak {peak} running (audit log), {sampled_max} sampled from the API, workers {workers:?}"
+    );
+    assert!(peak <= cap && sampled_max <= cap, "peak {peak} / sampled {sampled_max} above the cluster cap of {cap}");
+    assert!(peak >= 2, "the cap is a cap, not a lock: several jobs ran at once");
+    assert!(workers.len() >= 2, "several replicas shared the capped work: {workers:?}");
+}

@@ -1,0 +1,109 @@
+//! The cluster-wide concurrency cap: `--cluster-max-concurrency N` means N slot Leases (`bgjobs-slot-0` …
+//! `bgjobs-slot-<N-1>` in `--lease-namespace`). A replica must hold a slot, next to the job's own claim Lease, for as
+//! long as an attempt runs, so at most N attempts run across all replicas however many there are. Slots are
+//! acquired and renewed with the same conditional writes as claims, and free up when released or when their holder
+//! stopped renewing for a full lease duration.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
+
+use crate::lease::{LeaseTiming, Observer};
+
+/// Label that marks slot Leases.
+pub const SLOT_LABEL: &str = "bgjobs.dev/slot";
+
+/// Name of slot `i`.
+pub fn slot_name(i: u32) -> String {
+    format!("bgjobs-slot-{i}")
+}
+
+/// A slot that looks free: its name and the Lease as seen (absent, or expired and to be taken over).
+#[derive(Clone, Debug)]
+pub struct FreeSlot {
+    /// Lease name.
+    pub name: String,
+    /// The stale Lease to take over, or `None` to create it.
+    pub seen: Option<Arc<Lease>>,
+}
+
+/// The slots free to this replica now, rotated by its identity so replicas try different slots first.
+/// `reserved` are slots this replica is acquiring or holding already.
+pub fn free_slots(
+    capacity: u32,
+    leases: &HashMap<String, Arc<Lease>>,
+    reserved: &[String],
+    observer: &mut Observer,
+    now: Instant,
+    timing: &LeaseTiming,
+    me: &str,
+) -> Vec<FreeSlot> {
+    let mut free = Vec::new();
+    for i in 0..capacity {
+        let name = slot_name(i);
+        let seen = leases.get(&name).cloned();
+        let unchanged =
+            observer.observe(&format!("slot/{name}"), seen.as_ref().and_then(|l| l.resource_version()).as_deref(), now);
+        let held = seen.as_ref().is_some_and(|l| crate::lease::holder(l).is_some());
+        if reserved.contains(&name) || (held && unchanged < timing.duration) {
+            continue;
+        }
+        free.push(FreeSlot { name, seen });
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    me.hash(&mut h);
+    if !free.is_empty() {
+        let shift = (h.finish() % free.len() as u64) as usize;
+        free.rotate_left(shift);
+    }
+    free
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use kube::api::ObjectMeta;
+    use std::time::Duration;
+
+    fn held(name: &str, rv: &str) -> (String, Arc<Lease>) {
+        let l = Lease {
+            metadata: ObjectMeta { name: Some(name.into()), resource_version: Some(rv.into()), ..Default::default() },
+            spec: Some(LeaseSpec { holder_identity: Some("w".into()), ..Default::default() }),
+        };
+        (name.to_string(), Arc::new(l))
+    }
+
+    const T: LeaseTiming = LeaseTiming {
+        duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        renew_interval: Duration::from_millis(500),
+    };
+
+    #[test]
+    fn held_slots_are_not_free_until_seen_unchanged_for_a_lease_duration() {
+        let leases: HashMap<_, _> = [held("bgjobs-slot-0", "1"), held("bgjobs-slot-1", "5")].into();
+        let mut o = Observer::default();
+        let t0 = Instant::now();
+        let names = |v: Vec<FreeSlot>| {
+            let mut n: Vec<String> = v.into_iter().map(|s| s.name).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(free_slots(3, &leases, &[], &mut o, t0, &T, "me")), ["bgjobs-slot-2"]);
+        let later = free_slots(3, &leases, &[], &mut o, t0 + Duration::from_secs(3), &T, "me");
+        assert_eq!(names(later), ["bgjobs-slot-0", "bgjobs-slot-1", "bgjobs-slot-2"]);
+    }
+
+    #[test]
+    fn reserved_slots_are_skipped() {
+        let mut o = Observer::default();
+        let free = free_slots(2, &HashMap::new(), &["bgjobs-slot-1".into()], &mut o, Instant::now(), &T, "me");
+        assert_eq!(free.len(), 1);
+        assert_eq!(free[0].name, "bgjobs-slot-0");
+    }
+}
