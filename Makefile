@@ -19,7 +19,8 @@ demo:
 test: lint unit integration
 
 unit:
-	cargo test --lib --bins --doc
+	cargo test --lib --bins
+	cargo test --doc
 
 integration: cluster
 	cargo test --tests -- --test-threads $(TEST_THREADS)

@@ -241,6 +241,12 @@ impl Dispatcher {
                     Verdict::Abandon(r) => (Phase::Abandoned, r),
                     _ => unreachable!("may_start only fails or abandons"),
                 };
+                let reason = if orphaned {
+                    let worker = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
+                    format!("attempt {} was lost (worker {worker} stopped renewing its lease); {reason}", job.attempts())
+                } else {
+                    reason
+                };
                 self.settle(&job, phase, reason, now).await;
                 continue;
             }

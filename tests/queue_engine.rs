@@ -301,11 +301,23 @@ async fn deleting_a_running_job_stops_its_attempt() {
     let _r = env.replica("r", &[]);
     env.create("doomed", json!({"jobName": "sleep", "args": {"seconds": 60}})).await;
     env.wait_job("doomed", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), &env.ns);
+    let lease = leases.get("bgj-doomed").await.expect("a running job holds its claim Lease");
+    assert_eq!(lease.owner_references().first().map(|o| o.name.as_str()), Some("doomed"));
     env.jobs.delete("doomed", &Default::default()).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while executions(&env.invocations()).iter().any(|e| e.end.is_none()) {
         assert!(std::time::Instant::now() < deadline, "the attempt of a deleted job kept running");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The claim Lease is owned by the job: kube-controller-manager's garbage collector removes it.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + MINUTE;
+    while leases.get_opt("bgj-doomed").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the deleted job's Lease was not garbage-collected");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
