@@ -62,7 +62,7 @@ prepare() {
   if [ -n "${BGJOBS_BIN:-}" ]; then
     step "using BGJOBS_BIN=$BIN"
   else
-    # Release build: the demo measures throughput, and a debug build spends its time on JSON, not on the queue.
+    # Release build: the demo measures throughput, so measure what would be deployed.
     step "cargo build --release (a few minutes the first time)"
     cargo build --release
   fi
@@ -116,7 +116,6 @@ wait_gone() {
 start_replicas() {
   step "starting $REPLICAS operator replicas ($SLOTS slots each)"
   mkdir -p "$DEMO_DIR"
-  stop_leftover_replicas
   # Only our own files: .demo may hold other people's experiments. Invocation logs are appended to, so start empty.
   rm -f "$DEMO_DIR"/replica-*.log "$DEMO_DIR"/replica-*.inv "$DEMO_DIR"/jobs.yaml "$DEMO_DIR"/final-jobs.json
   local i
@@ -413,7 +412,10 @@ def row(label, value, note=""):
 row("jobs", f"{expected}", f"{sum(1 for n in names if phase(n) == 'Succeeded')} succeeded, {len(execs)} started at least once")
 row("makespan", f"{makespan:.1f} s", "first start -> last end (invocation logs)")
 row("ideal makespan", f"{ideal:.1f} s", f"ceil({expected} / ({replicas} x {slots})) x {seconds:g} s")
-row("efficiency", f"{efficiency:.1f} %", "ideal / makespan")
+if lost:
+    row("efficiency", "n/a", "not every job finished")
+else:
+    row("efficiency", f"{efficiency:.1f} %", "ideal / makespan")
 row("jobs per replica", ", ".join(f"{w}: {per_worker[w]}" for w in sorted(per_worker)) or "none")
 if counters:
     total = lambda k: sum(c.get(k, 0) for c in counters.values())
@@ -463,9 +465,10 @@ EOF
 main() {
   check_inputs
   trap on_exit EXIT
-  trap 'exit 130' INT
+  trap 'echo; exit 130' INT # echo: start a fresh line after the ^C
   trap 'exit 143' TERM
   prepare
+  stop_leftover_replicas
   fresh_namespace
   start_replicas
   enqueue_jobs

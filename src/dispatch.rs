@@ -28,7 +28,7 @@ use crate::claim::{self, ClaimOutcome, LeaseState, SlotRequest};
 use crate::config::OperatorConfig;
 use crate::lease::Observer;
 use crate::limits::{self, FreeSlot};
-use crate::ordering::{self, QueueKey};
+use crate::ordering::{self, QueueKey, Runnable};
 use crate::queue::QueueView;
 use crate::retry::{self, Verdict};
 use crate::status;
@@ -61,6 +61,8 @@ pub struct Dispatcher {
     /// With a cluster-wide cap: slot Leases by name as last seen, and the slot each of our claims uses.
     slot_observer: Observer,
     slots_in_use: HashMap<String, String>,
+    /// Since when each candidate has been runnable, as seen here (for the overdue rule of [`ordering::pick`]).
+    runnable_since: HashMap<String, Instant>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     /// Exclusive strategy: whether this replica holds the cluster-wide Lease.
@@ -70,6 +72,7 @@ pub struct Dispatcher {
 /// A job worth claiming now.
 struct Candidate {
     key: QueueKey,
+    overdue: bool,
     job: Arc<BackgroundJob>,
     lease: Option<Arc<Lease>>,
     state: LeaseState,
@@ -93,6 +96,7 @@ impl Dispatcher {
             observer: Observer::default(),
             slot_observer: Observer::default(),
             slots_in_use: HashMap::new(),
+            runnable_since: HashMap::new(),
             done_tx,
             done_rx,
             leader,
@@ -243,7 +247,10 @@ impl Dispatcher {
                 };
                 let reason = if orphaned {
                     let worker = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
-                    format!("attempt {} was lost (worker {worker} stopped renewing its lease); {reason}", job.attempts())
+                    format!(
+                        "attempt {} was lost (worker {worker} stopped renewing its lease); {reason}",
+                        job.attempts()
+                    )
                 } else {
                     reason
                 };
@@ -261,9 +268,17 @@ impl Dispatcher {
             if !self.config.serves_queue(&job.spec.queue) {
                 continue;
             }
-            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state });
+            let since = *self.runnable_since.entry(uid).or_insert(inst);
+            let waited = inst.saturating_duration_since(since);
+            let overdue = waited >= ordering::OVERDUE_AFTER;
+            if !overdue {
+                due = due.min(ordering::OVERDUE_AFTER - waited);
+            }
+            candidates.push(Candidate { key: QueueKey::of(&job), overdue, job, lease, state });
         }
         self.observer.retain(|uid| present.contains(uid));
+        let runnable: HashSet<String> = candidates.iter().map(|c| c.job.uid().unwrap_or_default()).collect();
+        self.runnable_since.retain(|uid, _| runnable.contains(uid));
         self.settled_at.retain(|uid, _| present.contains(uid));
         for (uid, control) in &self.held {
             if !present.contains(uid) {
@@ -291,11 +306,12 @@ impl Dispatcher {
             return;
         }
         candidates.sort_by(|a, b| a.key.cmp(&b.key));
-        let keys: Vec<QueueKey> = candidates.iter().map(|c| c.key.clone()).collect();
+        let runnable: Vec<Runnable> =
+            candidates.iter().map(|c| Runnable { key: c.key.clone(), overdue: c.overdue }).collect();
         let mut workers: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
         workers.insert(&self.worker.identity);
         let picked: HashSet<&QueueKey> =
-            ordering::pick(&keys, free, workers.len(), &self.worker.identity).into_iter().collect();
+            ordering::pick(&runnable, free, workers.len(), &self.worker.identity).into_iter().collect();
         let mut slots = slots.into_iter();
         for c in candidates.iter().filter(|c| picked.contains(&c.key)) {
             self.spawn_claim(c, slots.next());

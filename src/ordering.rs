@@ -87,26 +87,43 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
     created.checked_add(jiff::SignedDuration::from_secs(delay)).ok()
 }
 
+/// How long a runnable job may be passed over in favour of later jobs before every replica goes for it.
+pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A runnable job as the picker sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Runnable {
+    /// Its place in the queue.
+    pub key: QueueKey,
+    /// Runnable (as seen by this replica) for longer than [`OVERDUE_AFTER`].
+    pub overdue: bool,
+}
+
 /// Which of the runnable jobs (sorted, head first) this replica should try to claim now.
 ///
 /// With one replica the answer is simply the head `free_slots` jobs. With `workers` replicas racing for the same
 /// head, each looks at a window of `free_slots * workers` jobs (all of which are about to start anyway) and takes
 /// the `free_slots` it ranks highest by a hash of (its identity, the job). Rankings differ per replica, so replicas
-/// mostly go for different jobs and claim conflicts stay rare, while FIFO inversions stay within the window.
-/// The picks are returned in queue order.
-pub fn pick<'a>(runnable: &'a [QueueKey], free_slots: usize, workers: usize, me: &str) -> Vec<&'a QueueKey> {
+/// mostly go for different jobs and claim conflicts stay rare.
+///
+/// A fixed ranking alone could pass over the same job forever (a job every replica ranks low, with new jobs always
+/// entering the window), so overdue jobs come first, in queue order, whatever their rank: no job waits behind later
+/// ones for much longer than [`OVERDUE_AFTER`]. The picks are returned in queue order.
+pub fn pick<'a>(runnable: &'a [Runnable], free_slots: usize, workers: usize, me: &str) -> Vec<&'a QueueKey> {
     if free_slots == 0 || runnable.is_empty() {
         return Vec::new();
     }
-    let window = &runnable[..runnable.len().min(free_slots.saturating_mul(workers.max(1)))];
-    if window.len() <= free_slots {
-        return window.iter().collect();
+    let mut chosen: Vec<usize> = (0..runnable.len()).filter(|&i| runnable[i].overdue).take(free_slots).collect();
+    let window = runnable.len().min(free_slots.saturating_mul(workers.max(1)));
+    let mut ranked: Vec<(u64, usize)> =
+        (0..window).filter(|i| !chosen.contains(i)).map(|i| (rank(me, &runnable[i].key), i)).collect();
+    if window > free_slots {
+        ranked.sort_unstable();
     }
-    let mut ranked: Vec<(u64, usize)> = window.iter().enumerate().map(|(i, k)| (rank(me, k), i)).collect();
-    ranked.sort_unstable();
-    let mut chosen: Vec<usize> = ranked.into_iter().take(free_slots).map(|(_, i)| i).collect();
+    let left = free_slots - chosen.len();
+    chosen.extend(ranked.into_iter().take(left).map(|(_, i)| i));
     chosen.sort_unstable();
-    chosen.into_iter().map(|i| &window[i]).collect()
+    chosen.into_iter().map(|i| &runnable[i].key).collect()
 }
 
 fn rank(me: &str, key: &QueueKey) -> u64 {
@@ -196,8 +213,13 @@ mod tests {
         assert_eq!(not_before(&j), Some(Timestamp::from_second(5000).unwrap()));
     }
 
-    fn keys(n: usize) -> Vec<QueueKey> {
-        (0..n).map(|i| QueueKey::of(&job(&format!("j{i:03}"), Priority::Normal, 100, &i.to_string()))).collect()
+    fn keys(n: usize) -> Vec<Runnable> {
+        (0..n)
+            .map(|i| Runnable {
+                key: QueueKey::of(&job(&format!("j{i:03}"), Priority::Normal, 100, &i.to_string())),
+                overdue: false,
+            })
+            .collect()
     }
 
     #[test]
@@ -222,6 +244,26 @@ mod tests {
         all.sort();
         all.dedup();
         assert!(all.len() >= 9, "4 workers x 4 slots should mostly pick distinct jobs, got {} distinct", all.len());
+    }
+
+    #[test]
+    fn an_overdue_job_is_picked_by_every_replica_whatever_its_rank() {
+        let mut k = keys(40);
+        k[5].overdue = true;
+        for w in 0..4 {
+            let picks = pick(&k, 2, 4, &format!("worker-{w}"));
+            assert!(picks.iter().any(|p| p.name == "j005"), "worker-{w} must go for the overdue job: {picks:?}");
+            assert_eq!(picks.len(), 2);
+        }
+    }
+
+    #[test]
+    fn overdue_jobs_beyond_the_window_still_come_first_in_queue_order() {
+        let mut k = keys(40);
+        k[30].overdue = true;
+        k[20].overdue = true;
+        let names: Vec<_> = pick(&k, 2, 2, "me").into_iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["j020", "j030"]);
     }
 
     #[test]
