@@ -415,3 +415,28 @@ async fn a_cluster_wide_cap_bounds_running_jobs_across_all_replicas() {
     assert!(peak >= 2, "the cap is a cap, not a lock: several jobs ran at once");
     assert!(workers.len() >= 2, "several replicas shared the capped work: {workers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_run_only_their_queues_and_a_non_executing_replica_only_tidies() {
+    let env = TestEnv::new("queues").await;
+    let _tidy = env.replica("tidy", &["--job-execution-enabled=false"]);
+    env.create("cancelled", json!({"jobName": "noop", "cancel": true})).await;
+    env.create("fast-job", json!({"jobName": "noop", "queue": "fast"})).await;
+    env.create("slow-job", json!({"jobName": "noop", "queue": "slow"})).await;
+    // The non-executing replica settles what needs no execution, and runs nothing.
+    env.wait_job("cancelled", MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let jobs = env.list().await;
+    assert!(
+        jobs.iter().filter(|j| j.name_any() != "cancelled").all(|j| j.phase() == Phase::Waiting),
+        "{}",
+        common::summary(&jobs)
+    );
+
+    let _fast = env.replica("fast-only", &["--queues", "fast"]);
+    env.wait_job("fast-job", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slow = env.jobs.get("slow-job").await.unwrap();
+    assert_eq!(slow.phase(), Phase::Waiting, "a replica never runs jobs of a queue it does not serve");
+    assert_eq!(starts_per_job(&env).into_keys().collect::<Vec<_>>(), ["fast-job"]);
+}
