@@ -111,17 +111,26 @@ impl Keeper {
                     return;
                 }
                 Ok(Err(e)) => {
-                    worker.stats.renew_failures.fetch_add(1, Ordering::Relaxed);
+                    worker.metrics.renew_failures.inc();
                     warn!(error = %e, "lease renewal failed; retrying");
                     wait = interval.min(Duration::from_millis(500));
                 }
                 Err(_) => {
-                    worker.stats.renew_failures.fetch_add(1, Ordering::Relaxed);
+                    worker.metrics.renew_failures.inc();
                     warn!("lease renewal timed out");
                     wait = Duration::ZERO;
                 }
             }
         }
+    }
+}
+
+/// Observes the execution time into the run-duration histogram when dropped (finished, cancelled or lost).
+struct RunTimer<'a>(Instant, &'a prometheus_client::metrics::histogram::Histogram);
+
+impl Drop for RunTimer<'_> {
+    fn drop(&mut self) {
+        self.1.observe(self.0.elapsed().as_secs_f64());
     }
 }
 
@@ -176,7 +185,7 @@ async fn run_claimed(
 ) {
     let ns = job.namespace().unwrap_or_default();
     if took_over {
-        worker.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        worker.metrics.takeovers.inc();
         worker.event(
             &job,
             EventType::Warning,
@@ -203,6 +212,7 @@ async fn run_claimed(
     };
     let ending = {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
+        let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
         let mut exec = Box::pin(executor::execute(&job, ctx, &worker.registry, &worker.http));
         // The lease guard: the executor is polled only while the claim is current.
         let guarded =
@@ -241,7 +251,7 @@ async fn run_claimed(
         (ending, _) => ending,
     };
     if matches!(ending, Ending::LeaseLost) || !current() {
-        worker.stats.stale_results_discarded.fetch_add(1, Ordering::Relaxed);
+        worker.metrics.stale_results_discarded.inc();
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");
         return;
     }
@@ -299,7 +309,7 @@ async fn record(
                 )
             })
             .await?;
-            worker.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            worker.metrics.count_outcome(Phase::Cancelled);
             worker.event(job, EventType::Normal, "Cancelled", format!("attempt {} cancelled", fence.attempt));
             return Ok(matches!(written, Fenced::Written(_)));
         }
@@ -334,11 +344,11 @@ async fn record(
         ),
     };
     if matches!(written, Fenced::Stale) {
-        worker.stats.stale_results_discarded.fetch_add(1, Ordering::Relaxed);
+        worker.metrics.stale_results_discarded.inc();
         warn!("the job moved on (another worker or attempt): this attempt's outcome is discarded");
         return Ok(false);
     }
-    worker.stats.count_outcome(phase);
+    worker.metrics.count_outcome(phase);
     match verdict {
         Verdict::Succeed => {
             info!("attempt succeeded");

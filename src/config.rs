@@ -125,6 +125,11 @@ pub struct OperatorConfig {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_EVENTS")]
     pub events: bool,
 
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address, e.g. `0.0.0.0:8080` in a Pod.
+    /// Default: not served.
+    #[arg(long, env = "BGJOBS_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "BGJOBS_LOG_FORMAT")]
     pub log_format: LogFormat,

@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -28,6 +27,7 @@ use crate::claim::{self, ClaimOutcome, LeaseState, SlotRequest};
 use crate::config::OperatorConfig;
 use crate::lease::Observer;
 use crate::limits::{self, FreeSlot};
+use crate::metrics::{Health, QueueLabels};
 use crate::ordering::{self, QueueKey, Runnable};
 use crate::queue::QueueView;
 use crate::retry::{self, Verdict};
@@ -63,6 +63,7 @@ pub struct Dispatcher {
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been runnable, as seen here (for the overdue rule of [`ordering::pick`]).
     runnable_since: HashMap<String, Instant>,
+    health: Arc<Health>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     /// Exclusive strategy: whether this replica holds the cluster-wide Lease.
@@ -85,6 +86,7 @@ impl Dispatcher {
         config: OperatorConfig,
         view: QueueView,
         leader: Option<watch::Receiver<bool>>,
+        health: Arc<Health>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Dispatcher {
@@ -97,6 +99,7 @@ impl Dispatcher {
             slot_observer: Observer::default(),
             slots_in_use: HashMap::new(),
             runnable_since: HashMap::new(),
+            health,
             done_tx,
             done_rx,
             leader,
@@ -186,7 +189,17 @@ impl Dispatcher {
             .collect();
         let mut present = HashSet::new();
         let mut candidates = Vec::new();
+        let mut depth: HashMap<QueueLabels, i64> = HashMap::new();
+        self.health.beat();
         for job in self.view.jobs.state() {
+            if job.phase() == Phase::Waiting {
+                let labels = QueueLabels {
+                    namespace: job.namespace().unwrap_or_default(),
+                    queue: job.spec.queue.clone(),
+                    priority: job.spec.priority.to_string(),
+                };
+                *depth.entry(labels).or_default() += 1;
+            }
             let uid = job.uid().unwrap_or_default();
             present.insert(uid.clone());
             let rv = job.resource_version().unwrap_or_default();
@@ -286,6 +299,11 @@ impl Dispatcher {
             }
         }
         self.claim_some(candidates, &leases);
+        self.worker.metrics.queue_depth.clear();
+        for (labels, n) in depth {
+            self.worker.metrics.queue_depth.get_or_create(&labels).set(n);
+        }
+        self.worker.metrics.running.set(self.held.len() as i64);
         due
     }
 
@@ -325,6 +343,7 @@ impl Dispatcher {
         }
         let control = Arc::new(AttemptControl::default());
         self.held.insert(uid.clone(), control.clone());
+        let since = self.runnable_since.get(&uid).copied().unwrap_or_else(Instant::now);
         let worker = self.worker.clone();
         let done = self.done_tx.clone();
         let job = c.job.clone();
@@ -339,11 +358,12 @@ impl Dispatcher {
             let outcome = claim::claim(&jobs, &leases, &job, lease.as_deref(), state, me, timing, slot_req).await;
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
-                    worker.stats.claimed.fetch_add(1, Ordering::Relaxed);
+                    worker.metrics.claimed.inc();
+                    worker.metrics.claim_latency.observe(since.elapsed().as_secs_f64());
                     attempt::run(worker, *claimed, control).await;
                 }
                 Ok(ClaimOutcome::Lost) => {
-                    worker.stats.claim_conflicts.fetch_add(1, Ordering::Relaxed);
+                    worker.metrics.claim_conflicts.inc();
                     debug!(job = %job.name_any(), "claim lost to another replica");
                 }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
@@ -360,7 +380,7 @@ impl Dispatcher {
         match status::write_if_unchanged(&api, job, s).await {
             Ok(Some(_)) => {
                 info!(job = %job.name_any(), %phase, %reason, "job settled");
-                self.worker.stats.count_outcome(phase);
+                self.worker.metrics.count_outcome(phase);
                 let type_ = if phase == Phase::Cancelled {
                     kube::runtime::events::EventType::Normal
                 } else {

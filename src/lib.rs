@@ -22,6 +22,7 @@ pub mod executor;
 pub mod jobs;
 pub mod lease;
 pub mod limits;
+pub mod metrics;
 pub mod operator;
 pub mod ordering;
 pub mod queue;

@@ -15,6 +15,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -27,6 +28,7 @@ use crate::config::{OperatorConfig, Strategy};
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
 use crate::executor::Registry;
+use crate::metrics::Health;
 use crate::queue::QueueView;
 use crate::worker::Worker;
 
@@ -53,8 +55,13 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
         namespace = config.namespace.as_deref().unwrap_or("<all>"), execution = config.job_execution_enabled, "bgjobs operator starting");
 
     let slot_namespace = config.cluster_max_concurrency.map(|_| config.lease_namespace.as_str());
+    let health = Arc::new(Health::default());
+    if let Some(addr) = config.metrics_addr {
+        crate::metrics::serve(addr, worker.metrics.clone(), health.clone()).await?;
+    }
     let view = QueueView::start(client.clone(), config.namespace.as_deref(), slot_namespace);
     view.ready().await;
+    health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");
 
     let stop_election = CancellationToken::new();
@@ -73,12 +80,17 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
             (Some(rx), Some(task))
         }
     };
-    Dispatcher::new(worker.clone(), config, view, leader).run(shutdown_signal()).await;
+    let stopping = health.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        stopping.stopping.store(true, Ordering::Relaxed);
+    };
+    Dispatcher::new(worker.clone(), config, view, leader, health).run(shutdown).await;
     stop_election.cancel();
     if let Some(task) = election {
         let _ = task.await;
     }
-    info!(stats = %serde_json::to_string(&worker.stats).unwrap_or_default(), "bgjobs operator stopped");
+    info!(stats = %worker.metrics.summary(), "bgjobs operator stopped");
     Ok(())
 }
 

@@ -2,16 +2,17 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
-use crate::api::{BackgroundJob, Phase};
+use crate::api::BackgroundJob;
 use crate::executor::Registry;
 use crate::lease::LeaseTiming;
+use crate::metrics::Metrics;
 
 /// One operator replica's shared state.
 pub struct Worker {
@@ -25,8 +26,8 @@ pub struct Worker {
     pub registry: Registry,
     /// Client of the HTTP executor.
     pub http: reqwest::Client,
-    /// Counters.
-    pub stats: Stats,
+    /// Metrics (shared with the metrics server).
+    pub metrics: Arc<Metrics>,
     /// Audit trail of attempt starts and ends.
     pub invocations: InvocationLog,
     /// Leases in the lease namespace, where cluster-wide slots live (with `--cluster-max-concurrency`).
@@ -56,7 +57,7 @@ impl Worker {
                 .user_agent("bgjobs")
                 .build()
                 .map_err(|e| crate::Error::Config(e.to_string()))?,
-            stats: Stats::default(),
+            metrics: Arc::new(Metrics::default()),
             invocations: InvocationLog::open(invocation_log)?,
             slots: None,
             recorder,
@@ -79,46 +80,6 @@ impl Worker {
                 tracing::debug!(error = %e, "could not publish event");
             }
         });
-    }
-}
-
-/// Counters a replica keeps (exported as metrics, and printed when it stops).
-#[derive(Debug, Default, Serialize)]
-pub struct Stats {
-    /// Attempts claimed (including takeovers).
-    pub claimed: AtomicU64,
-    /// Claims lost to another replica (at the Lease or at the status write).
-    pub claim_conflicts: AtomicU64,
-    /// Orphaned attempts taken over from a replica that stopped renewing.
-    pub takeovers: AtomicU64,
-    /// Failed or timed-out Lease renewals.
-    pub renew_failures: AtomicU64,
-    /// Attempt outcomes not recorded because the claim was no longer this replica's.
-    pub stale_results_discarded: AtomicU64,
-    /// Jobs that reached `Succeeded` here.
-    pub succeeded: AtomicU64,
-    /// Attempts that failed and were scheduled for a retry.
-    pub retried: AtomicU64,
-    /// Jobs that reached `Failed` here.
-    pub failed: AtomicU64,
-    /// Jobs that reached `Abandoned` here.
-    pub abandoned: AtomicU64,
-    /// Jobs that reached `Cancelled` here.
-    pub cancelled: AtomicU64,
-}
-
-impl Stats {
-    /// Count a recorded outcome.
-    pub fn count_outcome(&self, phase: Phase) {
-        let counter = match phase {
-            Phase::Succeeded => &self.succeeded,
-            Phase::Waiting => &self.retried,
-            Phase::Failed => &self.failed,
-            Phase::Abandoned => &self.abandoned,
-            Phase::Cancelled => &self.cancelled,
-            Phase::Running => return,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

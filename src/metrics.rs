@@ -1,0 +1,247 @@
+//! Prometheus metrics, and the small HTTP server for `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Every replica exports its own view: counters of what it did, the jobs it runs, and the queue depth it sees (the
+//! same for every replica watching the same namespaces; aggregate with `max`, not `sum`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::api::Phase;
+
+/// Labels of the queue-depth gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// Namespace of the jobs.
+    pub namespace: String,
+    /// `spec.queue`.
+    pub queue: String,
+    /// `spec.priority`.
+    pub priority: String,
+}
+
+/// Label of the finished-jobs counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// The final phase, or `Retried` for an attempt that failed and was rescheduled.
+    pub phase: String,
+}
+
+/// One replica's metrics.
+pub struct Metrics {
+    /// Attempts claimed (including takeovers).
+    pub claimed: Counter,
+    /// Claims lost to another replica (at a slot, the Lease or the status write).
+    pub claim_conflicts: Counter,
+    /// Orphaned attempts taken over from a replica that stopped renewing.
+    pub takeovers: Counter,
+    /// Failed or timed-out Lease renewals.
+    pub renew_failures: Counter,
+    /// Attempt outcomes not recorded because the claim was no longer this replica's.
+    pub stale_results_discarded: Counter,
+    /// Jobs finished (or attempts retried) by this replica, by phase.
+    pub finished: Family<PhaseLabel, Counter>,
+    /// Waiting jobs, by namespace, queue and priority.
+    pub queue_depth: Family<QueueLabels, Gauge>,
+    /// Attempts claimed or running on this replica now.
+    pub running: Gauge,
+    /// Seconds from "runnable, as seen here" to "claimed".
+    pub claim_latency: Histogram,
+    /// Seconds an attempt's execution took.
+    pub run_duration: Histogram,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            claimed: Counter::default(),
+            claim_conflicts: Counter::default(),
+            takeovers: Counter::default(),
+            renew_failures: Counter::default(),
+            stale_results_discarded: Counter::default(),
+            finished: Family::default(),
+            queue_depth: Family::default(),
+            running: Gauge::default(),
+            claim_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            run_duration: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
+            registry: Registry::with_prefix("bgjobs"),
+        };
+        let mut r = Registry::with_prefix("bgjobs");
+        r.register("claims", "Attempts claimed, including takeovers", m.claimed.clone());
+        r.register("claim_conflicts", "Claims lost to another replica", m.claim_conflicts.clone());
+        r.register(
+            "takeovers",
+            "Orphaned attempts taken over from a replica that stopped renewing",
+            m.takeovers.clone(),
+        );
+        r.register("lease_renew_failures", "Failed or timed-out Lease renewals", m.renew_failures.clone());
+        r.register(
+            "stale_results_discarded",
+            "Attempt outcomes discarded because the claim was no longer this replica's",
+            m.stale_results_discarded.clone(),
+        );
+        r.register(
+            "jobs_finished",
+            "Jobs finished by this replica, by phase (Retried: attempt rescheduled)",
+            m.finished.clone(),
+        );
+        r.register("queue_depth", "Waiting jobs, by namespace, queue and priority", m.queue_depth.clone());
+        r.register("running_jobs", "Attempts claimed or running on this replica", m.running.clone());
+        r.register("claim_latency_seconds", "From runnable (as seen here) to claimed", m.claim_latency.clone());
+        r.register("run_duration_seconds", "Execution time of an attempt", m.run_duration.clone());
+        Metrics { registry: r, ..m }
+    }
+}
+
+impl Metrics {
+    /// Count a recorded outcome (`Waiting` counts as `Retried`).
+    pub fn count_outcome(&self, phase: Phase) {
+        let phase = match phase {
+            Phase::Running => return,
+            Phase::Waiting => "Retried".to_string(),
+            p => p.to_string(),
+        };
+        self.finished.get_or_create(&PhaseLabel { phase }).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// The counters as one JSON object (logged when a replica stops; read by the benchmarks).
+    pub fn summary(&self) -> serde_json::Value {
+        let finished = |p: &str| self.finished.get_or_create(&PhaseLabel { phase: p.into() }).get();
+        serde_json::json!({
+            "claimed": self.claimed.get(),
+            "claim_conflicts": self.claim_conflicts.get(),
+            "takeovers": self.takeovers.get(),
+            "renew_failures": self.renew_failures.get(),
+            "stale_results_discarded": self.stale_results_discarded.get(),
+            "succeeded": finished("Succeeded"),
+            "retried": finished("Retried"),
+            "failed": finished("Failed"),
+            "abandoned": finished("Abandoned"),
+            "cancelled": finished("Cancelled"),
+        })
+    }
+}
+
+/// What the probes report.
+#[derive(Default)]
+pub struct Health {
+    /// Caches synced and the CRD present.
+    pub ready: AtomicBool,
+    /// Unix seconds of the dispatcher's last pass; a loop stuck for long fails `/healthz`.
+    pub last_pass: AtomicI64,
+    /// Set while shutting down: `/readyz` fails so a Service stops routing here.
+    pub stopping: AtomicBool,
+}
+
+impl Health {
+    /// Record a dispatcher pass.
+    pub fn beat(&self) {
+        self.last_pass.store(jiff::Timestamp::now().as_second(), Ordering::Relaxed);
+    }
+
+    fn alive(&self, stale_after: Duration) -> bool {
+        let last = self.last_pass.load(Ordering::Relaxed);
+        last == 0 || jiff::Timestamp::now().as_second() - last <= stale_after.as_secs() as i64
+    }
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends. Returns the bound address.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> crate::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    info!(%bound, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let (metrics, health) = (metrics.clone(), health.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (status, content_type, body) = respond(path, &metrics, &health);
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                if let Err(e) = async {
+                    sock.write_all(head.as_bytes()).await?;
+                    sock.write_all(body.as_bytes()).await
+                }
+                .await
+                {
+                    debug!(error = %e, "metrics client went away");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+fn respond(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match path {
+        "/metrics" => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render()),
+        "/healthz" if health.alive(Duration::from_secs(60)) => ("200 OK", TEXT, "ok\n".into()),
+        "/healthz" => ("503 Service Unavailable", TEXT, "dispatcher loop stalled\n".into()),
+        "/readyz" if health.stopping.load(Ordering::Relaxed) => {
+            ("503 Service Unavailable", TEXT, "shutting down\n".into())
+        }
+        "/readyz" if health.ready.load(Ordering::Relaxed) => ("200 OK", TEXT, "ready\n".into()),
+        "/readyz" => ("503 Service Unavailable", TEXT, "caches not synced yet\n".into()),
+        _ => ("404 Not Found", TEXT, "try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_in_prometheus_text_format_with_the_bgjobs_prefix() {
+        let m = Metrics::default();
+        m.claim_conflicts.inc();
+        m.count_outcome(Phase::Succeeded);
+        m.queue_depth
+            .get_or_create(&QueueLabels { namespace: "ns".into(), queue: "default".into(), priority: "High".into() })
+            .set(7);
+        let text = m.render();
+        assert!(text.contains("bgjobs_claim_conflicts_total 1"), "{text}");
+        assert!(text.contains(r#"bgjobs_jobs_finished_total{phase="Succeeded"} 1"#), "{text}");
+        assert!(text.contains(r#"bgjobs_queue_depth{namespace="ns",queue="default",priority="High"} 7"#), "{text}");
+        assert_eq!(m.summary()["succeeded"], 1);
+    }
+
+    #[test]
+    fn readiness_follows_sync_and_shutdown() {
+        let (m, h) = (Metrics::default(), Health::default());
+        assert_eq!(respond("/readyz", &m, &h).0, "503 Service Unavailable");
+        h.ready.store(true, Ordering::Relaxed);
+        assert_eq!(respond("/readyz", &m, &h).0, "200 OK");
+        h.stopping.store(true, Ordering::Relaxed);
+        assert_eq!(respond("/readyz", &m, &h).0, "503 Service Unavailable");
+        assert_eq!(respond("/healthz", &m, &h).0, "200 OK");
+    }
+}

@@ -1,0 +1,92 @@
+//! What operators of bgjobs look at: Prometheus metrics, health probes and Kubernetes Events.
+
+mod common;
+
+use std::time::Duration;
+
+use bgjobs::api::Phase;
+use common::{TestEnv, all_in};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
+use serde_json::json;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.expect("metrics server answers");
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_probes_report_what_the_replica_did() {
+    let env = TestEnv::new("metrics").await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _r = env.replica("m", &["--metrics-addr", &addr]);
+    for i in 0..5 {
+        env.create(&format!("ok-{i}"), json!({"jobName": "noop"})).await;
+    }
+    env.create("broken", json!({"jobName": "fail", "args": {"permanent": true}})).await;
+    env.create("later", json!({"jobName": "noop", "delaySeconds": 3600, "priority": "High"})).await;
+    env.wait_until(Duration::from_secs(60), "6 jobs finished", |jobs| {
+        jobs.iter().filter(|j| j.phase().is_final()).count() == 6
+    })
+    .await;
+
+    let base = format!("http://{addr}");
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).await, (200, "ready\n".to_string()));
+    // Give the next dispatcher pass a moment to publish the final gauges.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    for expected in [
+        "bgjobs_claims_total 6".to_string(),
+        r#"bgjobs_jobs_finished_total{phase="Succeeded"} 5"#.to_string(),
+        r#"bgjobs_jobs_finished_total{phase="Failed"} 1"#.to_string(),
+        format!(r#"bgjobs_queue_depth{{namespace="{}",queue="default",priority="High"}} 1"#, env.ns),
+        "bgjobs_running_jobs 0".to_string(),
+        "bgjobs_claim_latency_seconds_count 6".to_string(),
+        "bgjobs_run_duration_seconds_count 6".to_string(),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tell_the_story_of_a_retried_job() {
+    let env = TestEnv::new("events").await;
+    let _r = env.replica("e", &[]);
+    env.create("story", json!({"jobName": "fail", "retry": {"maxAttempts": 2, "backoffSeconds": 0}})).await;
+    env.create("happy", json!({"jobName": "noop"})).await;
+    env.wait_until(Duration::from_secs(60), "both final", |jobs| {
+        jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final())
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = events.list(&ListParams::default()).await.unwrap().items;
+        let reasons = |name: &str| -> Vec<String> {
+            list.iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+                .filter_map(|e| e.reason.clone())
+                .collect()
+        };
+        let (story, happy) = (reasons("story"), reasons("happy"));
+        let complete = ["Claimed", "Retrying", "Failed"].iter().all(|r| story.iter().any(|s| s == r))
+            && ["Claimed", "Succeeded"].iter().all(|r| happy.iter().any(|s| s == r));
+        if complete {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "events so far: story {story:?}, happy {happy:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(all_in(
+        &env.list().await.into_iter().filter(|j| j.metadata.name.as_deref() == Some("happy")).collect::<Vec<_>>(),
+        Phase::Succeeded
+    ));
+}
