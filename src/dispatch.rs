@@ -63,6 +63,8 @@ pub struct Dispatcher {
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been runnable, as seen here (for the overdue rule of [`ordering::pick`]).
     runnable_since: HashMap<String, Instant>,
+    /// Since when each candidate has been in this replica's pick window.
+    window_since: HashMap<String, Instant>,
     health: Arc<Health>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -73,7 +75,6 @@ pub struct Dispatcher {
 /// A job worth claiming now.
 struct Candidate {
     key: QueueKey,
-    overdue: bool,
     job: Arc<BackgroundJob>,
     lease: Option<Arc<Lease>>,
     state: LeaseState,
@@ -99,6 +100,7 @@ impl Dispatcher {
             slot_observer: Observer::default(),
             slots_in_use: HashMap::new(),
             runnable_since: HashMap::new(),
+            window_since: HashMap::new(),
             health,
             done_tx,
             done_rx,
@@ -281,13 +283,8 @@ impl Dispatcher {
             if !self.config.serves_queue(&job.spec.queue) {
                 continue;
             }
-            let since = *self.runnable_since.entry(uid).or_insert(inst);
-            let waited = inst.saturating_duration_since(since);
-            let overdue = waited >= ordering::OVERDUE_AFTER;
-            if !overdue {
-                due = due.min(ordering::OVERDUE_AFTER - waited);
-            }
-            candidates.push(Candidate { key: QueueKey::of(&job), overdue, job, lease, state });
+            self.runnable_since.entry(uid).or_insert(inst);
+            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state });
         }
         self.observer.retain(|uid| present.contains(uid));
         let runnable: HashSet<String> = candidates.iter().map(|c| c.job.uid().unwrap_or_default()).collect();
@@ -298,7 +295,9 @@ impl Dispatcher {
                 control.stop(StopReason::Deleted);
             }
         }
-        self.claim_some(candidates, &leases);
+        if let Some(wait) = self.claim_some(candidates, &leases) {
+            due = due.min(wait);
+        }
         self.worker.metrics.queue_depth.clear();
         for (labels, n) in depth {
             self.worker.metrics.queue_depth.get_or_create(&labels).set(n);
@@ -307,9 +306,14 @@ impl Dispatcher {
         due
     }
 
-    fn claim_some(&mut self, mut candidates: Vec<Candidate>, leases: &HashMap<(String, String), Arc<Lease>>) {
-        if !self.config.job_execution_enabled || !self.is_leader() || candidates.is_empty() {
-            return;
+    /// Claim what this replica should claim now. Returns when a waiting head job will become overdue.
+    fn claim_some(
+        &mut self,
+        mut candidates: Vec<Candidate>,
+        leases: &HashMap<(String, String), Arc<Lease>>,
+    ) -> Option<Duration> {
+        if !self.config.job_execution_enabled || !self.is_leader() {
+            return None;
         }
         let mut free = (self.config.max_concurrent_jobs_per_instance as usize).saturating_sub(self.held.len());
         let mut slots = Vec::new();
@@ -320,20 +324,47 @@ impl Dispatcher {
             slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, me);
             free = free.min(slots.len());
         }
-        if free == 0 {
-            return;
-        }
         candidates.sort_by(|a, b| a.key.cmp(&b.key));
-        let runnable: Vec<Runnable> =
-            candidates.iter().map(|c| Runnable { key: c.key.clone(), overdue: c.overdue }).collect();
         let mut workers: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
         workers.insert(&self.worker.identity);
+        let workers = workers.len();
+
+        // Overdue means "passed over at the head of the queue": in the pick window for longer than OVERDUE_AFTER.
+        // Time spent deep in a backlog does not count, or every replica would go for the same old jobs.
+        let now = Instant::now();
+        let window = free.max(1).saturating_mul(workers).min(candidates.len());
+        let in_window: HashSet<String> = candidates[..window].iter().map(|c| c.job.uid().unwrap_or_default()).collect();
+        self.window_since.retain(|uid, _| in_window.contains(uid));
+        let mut next_overdue: Option<Duration> = None;
+        let runnable: Vec<Runnable> = candidates
+            .iter()
+            .map(|c| {
+                let uid = c.job.uid().unwrap_or_default();
+                let overdue = match in_window.contains(&uid) {
+                    false => false,
+                    true => {
+                        let waited = now.saturating_duration_since(*self.window_since.entry(uid).or_insert(now));
+                        let left = ordering::OVERDUE_AFTER.saturating_sub(waited);
+                        if !left.is_zero() {
+                            next_overdue = Some(next_overdue.map_or(left, |n| n.min(left)));
+                        }
+                        left.is_zero()
+                    }
+                };
+                Runnable { key: c.key.clone(), overdue }
+            })
+            .collect();
+        if free == 0 || candidates.is_empty() {
+            return next_overdue;
+        }
+        let epoch = jiff::Timestamp::now().as_second() as u64;
         let picked: HashSet<&QueueKey> =
-            ordering::pick(&runnable, free, workers.len(), &self.worker.identity).into_iter().collect();
+            ordering::pick(&runnable, free, workers, &self.worker.identity, epoch).into_iter().collect();
         let mut slots = slots.into_iter();
         for c in candidates.iter().filter(|c| picked.contains(&c.key)) {
             self.spawn_claim(c, slots.next());
         }
+        next_overdue
     }
 
     fn spawn_claim(&mut self, c: &Candidate, slot: Option<FreeSlot>) {

@@ -87,15 +87,15 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
     created.checked_add(jiff::SignedDuration::from_secs(delay)).ok()
 }
 
-/// How long a runnable job may be passed over in favour of later jobs before every replica goes for it.
-pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long a job may sit in the pick window, passed over in favour of later jobs, before every replica goes for it.
+pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A runnable job as the picker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Runnable {
     /// Its place in the queue.
     pub key: QueueKey,
-    /// Runnable (as seen by this replica) for longer than [`OVERDUE_AFTER`].
+    /// In this replica's pick window (at the head of the queue) for longer than [`OVERDUE_AFTER`].
     pub overdue: bool,
 }
 
@@ -103,20 +103,27 @@ pub struct Runnable {
 ///
 /// With one replica the answer is simply the head `free_slots` jobs. With `workers` replicas racing for the same
 /// head, each looks at a window of `free_slots * workers` jobs (all of which are about to start anyway) and takes
-/// the `free_slots` it ranks highest by a hash of (its identity, the job). Rankings differ per replica, so replicas
-/// mostly go for different jobs and claim conflicts stay rare.
+/// the `free_slots` it ranks highest by a hash of (its identity, the job, `epoch`). Rankings differ per replica, so
+/// replicas mostly go for different jobs and claim conflicts stay rare.
 ///
-/// A fixed ranking alone could pass over the same job forever (a job every replica ranks low, with new jobs always
-/// entering the window), so overdue jobs come first, in queue order, whatever their rank: no job waits behind later
-/// ones for much longer than [`OVERDUE_AFTER`]. The picks are returned in queue order.
-pub fn pick<'a>(runnable: &'a [Runnable], free_slots: usize, workers: usize, me: &str) -> Vec<&'a QueueKey> {
+/// A fixed ranking could pass over the same job forever (a job every replica ranks low, with new jobs always
+/// entering the window). Two things prevent that: the ranking changes with `epoch` (the caller passes the current
+/// second), and overdue jobs come first, in queue order, whatever their rank, so no job sits at the head behind
+/// later ones for much longer than [`OVERDUE_AFTER`]. The picks are returned in queue order.
+pub fn pick<'a>(
+    runnable: &'a [Runnable],
+    free_slots: usize,
+    workers: usize,
+    me: &str,
+    epoch: u64,
+) -> Vec<&'a QueueKey> {
     if free_slots == 0 || runnable.is_empty() {
         return Vec::new();
     }
     let mut chosen: Vec<usize> = (0..runnable.len()).filter(|&i| runnable[i].overdue).take(free_slots).collect();
     let window = runnable.len().min(free_slots.saturating_mul(workers.max(1)));
     let mut ranked: Vec<(u64, usize)> =
-        (0..window).filter(|i| !chosen.contains(i)).map(|i| (rank(me, &runnable[i].key), i)).collect();
+        (0..window).filter(|i| !chosen.contains(i)).map(|i| (rank(me, &runnable[i].key, epoch), i)).collect();
     if window > free_slots {
         ranked.sort_unstable();
     }
@@ -126,9 +133,10 @@ pub fn pick<'a>(runnable: &'a [Runnable], free_slots: usize, workers: usize, me:
     chosen.into_iter().map(|i| &runnable[i].key).collect()
 }
 
-fn rank(me: &str, key: &QueueKey) -> u64 {
+fn rank(me: &str, key: &QueueKey, epoch: u64) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     me.hash(&mut h);
+    epoch.hash(&mut h);
     key.namespace.hash(&mut h);
     key.name.hash(&mut h);
     h.finish()
@@ -225,7 +233,7 @@ mod tests {
     #[test]
     fn a_single_worker_takes_exactly_the_head() {
         let k = keys(10);
-        let names: Vec<_> = pick(&k, 3, 1, "me").into_iter().map(|k| k.name.clone()).collect();
+        let names: Vec<_> = pick(&k, 3, 1, "me", 7).into_iter().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["j000", "j001", "j002"]);
     }
 
@@ -235,7 +243,7 @@ mod tests {
         let workers = 4;
         let mut all = Vec::new();
         for w in 0..workers {
-            let picks = pick(&k, 4, workers, &format!("worker-{w}"));
+            let picks = pick(&k, 4, workers, &format!("worker-{w}"), 7);
             assert_eq!(picks.len(), 4);
             assert!(picks.iter().all(|p| p.sequence < 16), "picks stay within the first 16 jobs");
             assert!(picks.windows(2).all(|w| w[0] < w[1]), "picks come back in queue order");
@@ -251,7 +259,7 @@ mod tests {
         let mut k = keys(40);
         k[5].overdue = true;
         for w in 0..4 {
-            let picks = pick(&k, 2, 4, &format!("worker-{w}"));
+            let picks = pick(&k, 2, 4, &format!("worker-{w}"), 7);
             assert!(picks.iter().any(|p| p.name == "j005"), "worker-{w} must go for the overdue job: {picks:?}");
             assert_eq!(picks.len(), 2);
         }
@@ -262,12 +270,19 @@ mod tests {
         let mut k = keys(40);
         k[30].overdue = true;
         k[20].overdue = true;
-        let names: Vec<_> = pick(&k, 2, 2, "me").into_iter().map(|p| p.name.clone()).collect();
+        let names: Vec<_> = pick(&k, 2, 2, "me", 7).into_iter().map(|p| p.name.clone()).collect();
         assert_eq!(names, ["j020", "j030"]);
     }
 
     #[test]
+    fn the_ranking_changes_from_one_epoch_to_the_next() {
+        let k = keys(40);
+        let at = |epoch| pick(&k, 2, 8, "me", epoch).into_iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert!((1..6).any(|e| at(e) != at(0)), "a job ranked low now is not ranked low forever");
+    }
+
+    #[test]
     fn no_free_slot_picks_nothing() {
-        assert!(pick(&keys(5), 0, 3, "me").is_empty());
+        assert!(pick(&keys(5), 0, 3, "me", 0).is_empty());
     }
 }
