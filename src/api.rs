@@ -107,11 +107,33 @@ pub struct BackgroundJobSpec {
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,
 
+    /// Jobs in one namespace with the same key are "the same work": never two of them run at once, across all
+    /// replicas (see `concurrencyPolicy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub concurrency_key: Option<String>,
+
+    /// What a job with a `concurrencyKey` does when another job with that key is waiting or running: `Wait`
+    /// (default) waits its turn in queue order; `Skip` does not run and ends in phase `Skipped`, naming the job it
+    /// deferred to. Ignored without a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_policy: Option<ConcurrencyPolicy>,
+
     /// Set to `true` to cancel the job: a waiting job never starts, a running attempt is cancelled; the job ends
     /// in phase `Cancelled`. `kubectl patch bgj NAME --type merge -p '{"spec":{"cancel":true}}'` or
     /// `bgjobs cancel NAME`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel: bool,
+}
+
+/// What a job does when another job with its `concurrencyKey` is waiting or running.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ConcurrencyPolicy {
+    /// Wait for its turn; jobs with one key run one at a time, in queue order.
+    #[default]
+    Wait,
+    /// Do not run if an earlier job with the key is waiting or running: end in phase `Skipped`.
+    Skip,
 }
 
 /// Dispatch priority, highest first.
@@ -268,17 +290,26 @@ pub enum Phase {
     Abandoned,
     /// Cancelled by the user.
     Cancelled,
+    /// Not run: another job with the same `concurrencyKey` was waiting or running (`concurrencyPolicy: Skip`).
+    Skipped,
 }
 
 impl Phase {
     /// A final phase never changes again.
     pub fn is_final(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Abandoned | Phase::Cancelled)
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Abandoned | Phase::Cancelled | Phase::Skipped)
     }
 
     /// Every phase, in the order a job passes through them.
-    pub const ALL: [Phase; 6] =
-        [Phase::Waiting, Phase::Running, Phase::Succeeded, Phase::Failed, Phase::Abandoned, Phase::Cancelled];
+    pub const ALL: [Phase; 7] = [
+        Phase::Waiting,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Abandoned,
+        Phase::Cancelled,
+        Phase::Skipped,
+    ];
 }
 
 impl std::fmt::Display for Phase {

@@ -152,19 +152,26 @@ pub async fn run(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCont
 }
 
 async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptControl>) {
-    let Claimed { job, lease: held, fence, took_over, slot } = claimed;
+    let Claimed { job, lease: held, fence, took_over, extras } = claimed;
     let ns = job.namespace().unwrap_or_default();
     let leases: Api<Lease> = Api::namespaced(worker.client.clone(), &ns);
     let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
     let keeper = Keeper::new(held, worker.timing.renew_deadline);
-    // With a cluster-wide cap the attempt also holds a slot; losing either Lease loses the claim.
-    let slot = slot.zip(worker.slots.clone()).map(|(l, api)| (Keeper::new(l, worker.timing.renew_deadline), api));
-    let current = || keeper.is_current() && slot.as_ref().is_none_or(|(k, _)| k.is_current());
-    let outcome = run_claimed(&worker, &jobs, &leases, job, fence, took_over, &control, &keeper, &slot, &current).await;
-    if let Some((k, api)) = &slot {
+    // Extra Leases (cluster slot, concurrency key) are kept like the claim: losing any of them loses the claim.
+    let extras: Vec<(Keeper, Api<Lease>)> = extras
+        .into_iter()
+        .map(|l| {
+            let api = Api::namespaced(worker.client.clone(), &l.namespace().unwrap_or_default());
+            (Keeper::new(l, worker.timing.renew_deadline), api)
+        })
+        .collect();
+    let current = || keeper.is_current() && extras.iter().all(|(k, _)| k.is_current());
+    let outcome =
+        run_claimed(&worker, &jobs, &leases, job, fence, took_over, &control, &keeper, &extras, &current).await;
+    for (k, api) in &extras {
         let held = k.lease.lock().unwrap().clone();
         if let Err(e) = lease::release(api, &held).await {
-            warn!(error = %e, "could not free the cluster slot; it expires on its own");
+            warn!(error = %e, lease = %held.name_any(), "could not give back a lease; it expires on its own");
         }
     }
     outcome
@@ -180,7 +187,7 @@ async fn run_claimed(
     took_over: bool,
     control: &AttemptControl,
     keeper: &Keeper,
-    slot: &Option<(Keeper, Api<Lease>)>,
+    extras: &[(Keeper, Api<Lease>)],
     current: &impl Fn() -> bool,
 ) {
     let ns = job.namespace().unwrap_or_default();
@@ -215,8 +222,7 @@ async fn run_claimed(
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
         let mut exec = Box::pin(executor::execute(&job, ctx, &worker.registry, &worker.http));
         // The lease guard: the executor is polled only while the claim is current.
-        let guarded =
-            poll_fn(|cx| if keeper.is_current() { exec.as_mut().poll(cx).map(Some) } else { Poll::Ready(None) });
+        let guarded = poll_fn(|cx| if current() { exec.as_mut().poll(cx).map(Some) } else { Poll::Ready(None) });
         let limit = job.spec.attempt_timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
         let timed = async {
             match limit {
@@ -236,10 +242,11 @@ async fn run_claimed(
             },
             _ = keeper.renew_forever(leases, worker) => Ending::LeaseLost,
             _ = async {
-                match slot {
-                    Some((k, api)) => k.renew_forever(api, worker).await,
-                    None => std::future::pending().await,
+                if extras.is_empty() {
+                    std::future::pending::<()>().await;
                 }
+                let renewals = extras.iter().map(|(k, api)| Box::pin(k.renew_forever(api, worker)));
+                futures::future::select_all(renewals).await;
             } => Ending::LeaseLost,
         }
     };

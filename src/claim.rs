@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Resource, ResourceExt};
+use std::sync::Arc;
+
+use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{BackgroundJob, Phase};
 use crate::error::Result;
 use crate::lease::{self, Acquire, Claim, LeaseTiming};
-use crate::limits::{FreeSlot, SLOT_LABEL};
 use crate::status::{self, Fence};
 
 /// The state of a job's claim Lease, as one replica judges it.
@@ -60,12 +61,18 @@ pub fn lease_name(job: &BackgroundJob) -> String {
     if name.len() + 4 <= 253 { format!("bgj-{name}") } else { format!("bgj-{}", job.uid().unwrap_or_default()) }
 }
 
-/// A cluster-wide slot to acquire along with the claim (see [`crate::limits`]).
-pub struct SlotRequest<'a> {
-    /// Leases in the lease namespace.
-    pub api: &'a Api<Lease>,
-    /// The slot that looked free.
-    pub slot: &'a FreeSlot,
+/// Another Lease a claim must hold for as long as its attempt runs: a cluster-wide slot ([`crate::limits`]) or a
+/// concurrency key ([`crate::keys`]). Acquired before the job's own Lease, given back if the claim is lost.
+#[derive(Clone, Debug)]
+pub struct ExtraLease {
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// As seen: `None` to create it, else the (leftover or expired) Lease to take over.
+    pub seen: Option<Arc<Lease>>,
+    /// Label that marks what it is (`bgjobs.dev/slot`, `bgjobs.dev/concurrency-key`).
+    pub label: &'static str,
 }
 
 /// A claimed attempt, ready to run.
@@ -79,8 +86,8 @@ pub struct Claimed {
     pub fence: Fence,
     /// The attempt replaced one whose worker stopped renewing its Lease.
     pub took_over: bool,
-    /// The cluster-wide slot held for the attempt, if a cap is configured.
-    pub slot: Option<Lease>,
+    /// The extra Leases (slot, concurrency key) held for the attempt.
+    pub extras: Vec<Lease>,
 }
 
 /// Outcome of a claim.
@@ -88,42 +95,61 @@ pub struct Claimed {
 pub enum ClaimOutcome {
     /// Ours.
     Claimed(Box<Claimed>),
-    /// Another replica got there first (at the Lease or at the status write).
+    /// Another replica got there first (at an extra Lease, the claim Lease or the status write).
     Lost,
 }
 
 /// Claim the next attempt of `job` (as seen at its resourceVersion) for `worker`. `seen_lease` and `state` are the
 /// claim Lease as judged by [`lease_state`]; the caller claims only `Absent`, `Leftover` and `Expired` Leases.
-/// With `slot`, a cluster-wide slot is acquired first and given back if the claim is lost.
-#[allow(clippy::too_many_arguments)]
+/// The `extras` are acquired first, in order, and given back if the claim is lost.
 pub async fn claim(
-    jobs: &Api<BackgroundJob>,
-    leases: &Api<Lease>,
+    client: &Client,
     job: &BackgroundJob,
     seen_lease: Option<&Lease>,
     state: LeaseState,
     worker: &str,
     timing: &LeaseTiming,
-    slot: Option<SlotRequest<'_>>,
+    extras: &[ExtraLease],
 ) -> Result<ClaimOutcome> {
+    let ns = job.namespace().unwrap_or_default();
+    let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let claim = claim_for(job, worker);
-    let Some(req) = slot else { return claim_job(jobs, leases, job, seen_lease, state, &claim, timing, None).await };
-    let mut slot_claim = claim.clone();
-    slot_claim.labels = BTreeMap::from([
-        (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
-        (SLOT_LABEL.to_string(), "true".to_string()),
-    ]);
-    slot_claim.owner = None;
-    let acquired = match req.slot.seen.as_deref() {
-        None => lease::create(req.api, &req.slot.name, &slot_claim, timing).await?,
-        Some(seen) => lease::take_over(req.api, seen, &slot_claim, timing).await?,
-    };
-    let Acquire::Acquired(slot_lease) = acquired else { return Ok(ClaimOutcome::Lost) };
-    let outcome = claim_job(jobs, leases, job, seen_lease, state, &claim, timing, Some(slot_lease.clone())).await;
+    let mut held: Vec<(Api<Lease>, Lease)> = Vec::new();
+    for extra in extras {
+        let api: Api<Lease> = Api::namespaced(client.clone(), &extra.namespace);
+        let mut c = claim.clone();
+        c.labels = BTreeMap::from([
+            (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
+            (extra.label.to_string(), "true".to_string()),
+        ]);
+        c.owner = None;
+        let acquired = match extra.seen.as_deref() {
+            None => lease::create(&api, &extra.name, &c, timing).await,
+            Some(seen) => lease::take_over(&api, seen, &c, timing).await,
+        };
+        match acquired {
+            Ok(Acquire::Acquired(l)) => held.push((api, l)),
+            other => {
+                release_all(&held).await;
+                return other.map(|_| ClaimOutcome::Lost);
+            }
+        }
+    }
+    let extras_held = held.iter().map(|(_, l)| l.clone()).collect();
+    let outcome = claim_job(&jobs, &leases, job, seen_lease, state, &claim, timing, extras_held).await;
     if !matches!(outcome, Ok(ClaimOutcome::Claimed(_))) {
-        lease::release(req.api, &slot_lease).await?;
+        release_all(&held).await;
     }
     outcome
+}
+
+async fn release_all(held: &[(Api<Lease>, Lease)]) {
+    for (api, l) in held {
+        if let Err(e) = lease::release(api, l).await {
+            tracing::warn!(error = %e, lease = %l.name_any(), "could not give back a lease; it expires on its own");
+        }
+    }
 }
 
 /// What a claim of the next attempt of `job` writes into its Lease.
@@ -157,7 +183,7 @@ async fn claim_job(
     state: LeaseState,
     claim: &Claim,
     timing: &LeaseTiming,
-    slot: Option<Lease>,
+    extras: Vec<Lease>,
 ) -> Result<ClaimOutcome> {
     let worker = claim.holder.as_str();
     let attempt = job.attempts() + 1;
@@ -203,7 +229,7 @@ async fn claim_job(
             lease: acquired,
             fence: Fence { uid, worker: worker.to_string(), attempt },
             took_over,
-            slot,
+            extras,
         }))),
         Ok(None) => {
             lease::release(leases, &acquired).await?;

@@ -173,6 +173,7 @@ async fn stats(scope: ScopeArgs) -> Result<()> {
         ("failed", c.failed),
         ("abandoned", c.abandoned),
         ("cancelled", c.cancelled),
+        ("skipped", c.skipped),
     ] {
         println!("{name:<10} {n}");
     }

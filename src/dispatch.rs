@@ -23,10 +23,11 @@ use tracing::{debug, info, warn};
 
 use crate::api::{BackgroundJob, Phase};
 use crate::attempt::{self, AttemptControl, StopReason};
-use crate::claim::{self, ClaimOutcome, LeaseState, SlotRequest};
+use crate::claim::{self, ClaimOutcome, ExtraLease, LeaseState};
 use crate::config::OperatorConfig;
+use crate::keys::{self, KeyVerdict};
 use crate::lease::Observer;
-use crate::limits::{self, FreeSlot};
+use crate::limits;
 use crate::metrics::{Health, QueueLabels};
 use crate::ordering::{self, QueueKey, Runnable};
 use crate::queue::QueueView;
@@ -60,6 +61,8 @@ pub struct Dispatcher {
     observer: Observer,
     /// With a cluster-wide cap: slot Leases by name as last seen, and the slot each of our claims uses.
     slot_observer: Observer,
+    /// Concurrency-key Leases (`namespace/name`) as last seen.
+    key_observer: Observer,
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been runnable, as seen here (for the overdue rule of [`ordering::pick`]).
     runnable_since: HashMap<String, Instant>,
@@ -78,6 +81,8 @@ struct Candidate {
     job: Arc<BackgroundJob>,
     lease: Option<Arc<Lease>>,
     state: LeaseState,
+    /// Leases the claim needs besides its own (the concurrency key's; the cluster slot is added at pick time).
+    extras: Vec<ExtraLease>,
 }
 
 impl Dispatcher {
@@ -98,6 +103,7 @@ impl Dispatcher {
             settled_at: HashMap::new(),
             observer: Observer::default(),
             slot_observer: Observer::default(),
+            key_observer: Observer::default(),
             slots_in_use: HashMap::new(),
             runnable_since: HashMap::new(),
             window_since: HashMap::new(),
@@ -193,7 +199,12 @@ impl Dispatcher {
         let mut candidates = Vec::new();
         let mut depth: HashMap<QueueLabels, i64> = HashMap::new();
         self.health.beat();
-        for job in self.view.jobs.state() {
+        let all = self.view.jobs.state();
+        let turns = keys::turns(&all.iter().map(|j| j.as_ref()).collect::<Vec<_>>());
+        let by_uid: HashMap<String, Arc<BackgroundJob>> =
+            all.iter().map(|j| (j.uid().unwrap_or_default(), j.clone())).collect();
+        let mut keys_seen = HashSet::new();
+        for job in all {
             if job.phase() == Phase::Waiting {
                 let labels = QueueLabels {
                     namespace: job.namespace().unwrap_or_default(),
@@ -280,12 +291,52 @@ impl Dispatcher {
                 wake_at(&mut due, t);
                 continue;
             }
+            let mut extras = Vec::new();
+            if let Some(key) = job.spec.concurrency_key.as_deref() {
+                match turns.get(&uid) {
+                    Some(KeyVerdict::Skip { deferred_to }) => {
+                        let reason = format!(
+                            "skipped: job {deferred_to} with concurrencyKey {key:?} was already waiting or running \
+                             (concurrencyPolicy: Skip)"
+                        );
+                        self.settle(&job, Phase::Skipped, reason, now).await;
+                        continue;
+                    }
+                    Some(KeyVerdict::Wait { .. }) => continue,
+                    _ => {}
+                }
+                let ns = job.namespace().unwrap_or_default();
+                let name = keys::lease_name(key);
+                let seen = leases.get(&(ns.clone(), name.clone())).cloned();
+                let owner = seen
+                    .as_ref()
+                    .and_then(|l| crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION))
+                    .and_then(|owner_uid| by_uid.get(owner_uid));
+                let observed = format!("{ns}/{name}");
+                let unchanged = self.key_observer.observe(
+                    &observed,
+                    seen.as_ref().and_then(|l| l.resource_version()).as_deref(),
+                    inst,
+                );
+                keys_seen.insert(observed);
+                match keys::key_lease_state(&job, seen.as_deref(), owner.map(|o| o.as_ref()), unchanged, &timing) {
+                    LeaseState::Live => {
+                        due = due.min(timing.duration.saturating_sub(unchanged).max(Duration::from_millis(100)));
+                        continue;
+                    }
+                    LeaseState::Absent => {
+                        extras.push(ExtraLease { namespace: ns, name, seen: None, label: keys::KEY_LABEL })
+                    }
+                    _ => extras.push(ExtraLease { namespace: ns, name, seen, label: keys::KEY_LABEL }),
+                }
+            }
             if !self.config.serves_queue(&job.spec.queue) {
                 continue;
             }
             self.runnable_since.entry(uid).or_insert(inst);
-            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state });
+            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state, extras });
         }
+        self.key_observer.retain(|k| keys_seen.contains(k));
         self.observer.retain(|uid| present.contains(uid));
         let runnable: HashSet<String> = candidates.iter().map(|c| c.job.uid().unwrap_or_default()).collect();
         self.runnable_since.retain(|uid, _| runnable.contains(uid));
@@ -361,13 +412,20 @@ impl Dispatcher {
         let picked: HashSet<&QueueKey> =
             ordering::pick(&runnable, free, workers, &self.worker.identity, epoch).into_iter().collect();
         let mut slots = slots.into_iter();
+        let lease_namespace = self.config.lease_namespace.clone();
         for c in candidates.iter().filter(|c| picked.contains(&c.key)) {
-            self.spawn_claim(c, slots.next());
+            let slot = slots.next().map(|s| ExtraLease {
+                namespace: lease_namespace.clone(),
+                name: s.name,
+                seen: s.seen,
+                label: limits::SLOT_LABEL,
+            });
+            self.spawn_claim(c, slot);
         }
         next_overdue
     }
 
-    fn spawn_claim(&mut self, c: &Candidate, slot: Option<FreeSlot>) {
+    fn spawn_claim(&mut self, c: &Candidate, slot: Option<ExtraLease>) {
         let uid = c.job.uid().unwrap_or_default();
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
@@ -380,13 +438,11 @@ impl Dispatcher {
         let job = c.job.clone();
         let lease = c.lease.clone();
         let state = c.state;
+        // The slot first: it is the scarcer resource, and losing it costs no other write.
+        let extras: Vec<ExtraLease> = slot.into_iter().chain(c.extras.iter().cloned()).collect();
         tokio::spawn(async move {
-            let ns = job.namespace().unwrap_or_default();
-            let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
-            let leases: Api<Lease> = Api::namespaced(worker.client.clone(), &ns);
-            let slot_req = slot.as_ref().zip(worker.slots.as_ref()).map(|(slot, api)| SlotRequest { api, slot });
             let (me, timing) = (&worker.identity, &worker.timing);
-            let outcome = claim::claim(&jobs, &leases, &job, lease.as_deref(), state, me, timing, slot_req).await;
+            let outcome = claim::claim(&worker.client, &job, lease.as_deref(), state, me, timing, &extras).await;
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
                     worker.metrics.claimed.inc();

@@ -75,6 +75,8 @@ pub struct Counts {
     pub abandoned: usize,
     /// Cancelled.
     pub cancelled: usize,
+    /// Not run: deferred to another job with the same concurrency key.
+    pub skipped: usize,
 }
 
 /// Count `jobs` by state at `now`.
@@ -89,6 +91,7 @@ pub fn counts<'a>(jobs: impl IntoIterator<Item = &'a BackgroundJob>, now: Timest
             Phase::Failed => c.failed += 1,
             Phase::Abandoned => c.abandoned += 1,
             Phase::Cancelled => c.cancelled += 1,
+            Phase::Skipped => c.skipped += 1,
         }
     }
     c

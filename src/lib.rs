@@ -20,6 +20,7 @@ pub mod error;
 pub mod exclusive;
 pub mod executor;
 pub mod jobs;
+pub mod keys;
 pub mod lease;
 pub mod limits;
 pub mod metrics;

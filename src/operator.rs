@@ -39,7 +39,7 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     let client = crate::client::connect().await?;
     ensure_crd(&client, config.namespace.as_deref()).await?;
     let identity = config.identity();
-    let mut worker = Worker::new(
+    let worker = Worker::new(
         client.clone(),
         identity.clone(),
         timing,
@@ -47,9 +47,6 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
         config.events,
         config.invocation_log.as_deref(),
     )?;
-    if config.cluster_max_concurrency.is_some() {
-        worker.slots = Some(Api::namespaced(client.clone(), &config.lease_namespace));
-    }
     let worker = Arc::new(worker);
     info!(%identity, strategy = ?config.strategy, slots = config.max_concurrent_jobs_per_instance,
         namespace = config.namespace.as_deref().unwrap_or("<all>"), execution = config.job_execution_enabled, "bgjobs operator starting");

@@ -30,8 +30,6 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Audit trail of attempt starts and ends.
     pub invocations: InvocationLog,
-    /// Leases in the lease namespace, where cluster-wide slots live (with `--cluster-max-concurrency`).
-    pub slots: Option<kube::Api<k8s_openapi::api::coordination::v1::Lease>>,
     recorder: Option<Recorder>,
 }
 
@@ -59,7 +57,6 @@ impl Worker {
                 .map_err(|e| crate::Error::Config(e.to_string()))?,
             metrics: Arc::new(Metrics::default()),
             invocations: InvocationLog::open(invocation_log)?,
-            slots: None,
             recorder,
         })
     }

@@ -1,0 +1,243 @@
+//! Concurrency keys: jobs with the same `spec.concurrencyKey` in a namespace are "the same work".
+//!
+//! Two layers keep them apart:
+//! - **Turns** (this module, pure): per key, the turn belongs to the job that is Running, else to the first
+//!   unfinished job in queue order. Only the turn holder may be claimed; the others are simply not candidates, so
+//!   they never block unrelated jobs. A job waiting for its retry keeps the turn: a later job with the same key
+//!   does not overtake it (per-key FIFO, including retries).
+//! - **Key Leases** (`bgjobs-key-<key>-<hash>` in the job's namespace): a claim of a keyed job also acquires the
+//!   key's Lease and renews it with the claim, so even replicas whose caches disagree about turns never run two
+//!   jobs of one key at once. An orphaned key Lease is taken over like a claim Lease.
+//!
+//! `Skip` jobs: a Skip job with an earlier unfinished job of the same key (or a Running one) ends in phase
+//! `Skipped`, naming that job.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
+
+use crate::api::{BackgroundJob, ConcurrencyPolicy, Phase};
+use crate::claim::LeaseState;
+use crate::lease::{self, LeaseTiming};
+use crate::ordering::QueueKey;
+
+/// Label that marks concurrency-key Leases.
+pub const KEY_LABEL: &str = "bgjobs.dev/concurrency-key";
+
+/// What the key rules say about one unfinished keyed job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyVerdict {
+    /// It holds its key's turn: it may run (or is running).
+    Turn,
+    /// Another job of its key goes first.
+    Wait {
+        /// The job that holds the turn.
+        behind: String,
+    },
+    /// `Skip` policy and another job of its key was there first.
+    Skip {
+        /// The job it defers to.
+        deferred_to: String,
+    },
+}
+
+/// Decide, for every unfinished job with a concurrency key, whether it has its key's turn. Jobs without a key are
+/// not in the result. Keys are per namespace.
+pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
+    let mut by_key: HashMap<(String, &str), Vec<&BackgroundJob>> = HashMap::new();
+    for j in jobs.iter().filter(|j| !j.phase().is_final()) {
+        if let Some(key) = j.spec.concurrency_key.as_deref() {
+            by_key.entry((j.namespace().unwrap_or_default(), key)).or_default().push(j);
+        }
+    }
+    let mut out = HashMap::new();
+    for (_, mut group) in by_key {
+        group.sort_by_key(|j| (j.phase() != Phase::Running, QueueKey::of(j)));
+        let mut holder: Option<String> = None;
+        for j in group {
+            let uid = j.uid().unwrap_or_default();
+            let skip = j.spec.concurrency_policy == Some(ConcurrencyPolicy::Skip);
+            let verdict = match &holder {
+                None => {
+                    holder = Some(j.name_any());
+                    KeyVerdict::Turn
+                }
+                // A Skip job never waits, and a Running job keeps running whatever its place.
+                Some(first) if skip && j.phase() != Phase::Running => KeyVerdict::Skip { deferred_to: first.clone() },
+                Some(first) => KeyVerdict::Wait { behind: first.clone() },
+            };
+            out.insert(uid, verdict);
+        }
+    }
+    out
+}
+
+/// Name of the Lease that guards `key`: readable where the key allows, always a valid name, and the same on every
+/// replica and every version (a stable FNV-1a hash, not the standard library's per-process one).
+pub fn lease_name(key: &str) -> String {
+    let readable: String = key
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect::<String>()
+        .trim_matches('-')
+        .to_string();
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    if readable.is_empty() { format!("bgjobs-key-{hash:016x}") } else { format!("bgjobs-key-{readable}-{hash:016x}") }
+}
+
+/// Judge a key Lease for `job` (which holds its key's turn). `owner` is the job the Lease names, if still cached.
+pub fn key_lease_state(
+    job: &BackgroundJob,
+    lease: Option<&Lease>,
+    owner: Option<&BackgroundJob>,
+    unchanged_for: Duration,
+    timing: &LeaseTiming,
+) -> LeaseState {
+    let Some(l) = lease else { return LeaseState::Absent };
+    let named_uid = lease::annotation(l, lease::JOB_UID_ANNOTATION);
+    if named_uid == job.uid().as_deref() {
+        // Our own job's key Lease: the same rules as its claim Lease.
+        return crate::claim::lease_state(job, Some(l), unchanged_for, timing);
+    }
+    let attempt: i32 = lease::annotation(l, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let owner_done = match owner {
+        None => true,
+        Some(o) => o.phase().is_final() || (o.phase() == Phase::Waiting && attempt <= o.attempts()),
+    };
+    if owner_done || lease::holder(l).is_none() {
+        LeaseState::Leftover
+    } else if unchanged_for >= timing.duration {
+        LeaseState::Expired
+    } else {
+        LeaseState::Live
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn job(name: &str, key: &str, rv: i64, phase: Option<Phase>, skip: bool) -> BackgroundJob {
+        let mut spec: BackgroundJobSpec = serde_json::from_value(serde_json::json!({"jobName": "noop"})).unwrap();
+        spec.concurrency_key = Some(key.into());
+        spec.concurrency_policy = skip.then_some(ConcurrencyPolicy::Skip);
+        let mut j = BackgroundJob::new(name, spec);
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.uid = Some(format!("uid-{name}"));
+        j.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(100).unwrap()));
+        j.metadata.resource_version = Some(rv.to_string());
+        j.metadata.generation = Some(1);
+        j.status = phase.map(|p| BackgroundJobStatus {
+            phase: Some(p),
+            attempts: 1,
+            enqueue_sequence: Some(rv),
+            ..Default::default()
+        });
+        j
+    }
+
+    #[test]
+    fn the_first_waiting_job_of_a_key_has_the_turn_and_later_ones_wait_behind_it() {
+        let (a, b, c) =
+            (job("a", "k", 1, None, false), job("b", "k", 2, None, false), job("other", "x", 3, None, false));
+        let t = turns(&[&b, &a, &c]);
+        assert_eq!(t["uid-a"], KeyVerdict::Turn);
+        assert_eq!(t["uid-b"], KeyVerdict::Wait { behind: "a".into() });
+        assert_eq!(t["uid-other"], KeyVerdict::Turn, "other keys are not affected");
+    }
+
+    #[test]
+    fn a_running_job_keeps_the_turn_even_when_an_earlier_one_is_queued() {
+        let early = job("early", "k", 1, Some(Phase::Waiting), false);
+        let running = job("running", "k", 5, Some(Phase::Running), false);
+        let t = turns(&[&early, &running]);
+        assert_eq!(t["uid-running"], KeyVerdict::Turn);
+        assert_eq!(t["uid-early"], KeyVerdict::Wait { behind: "running".into() });
+    }
+
+    #[test]
+    fn a_job_waiting_for_its_retry_keeps_its_turn() {
+        let retrying = job("retrying", "k", 1, Some(Phase::Waiting), false);
+        let fresh = job("fresh", "k", 9, None, false);
+        assert_eq!(turns(&[&fresh, &retrying])["uid-fresh"], KeyVerdict::Wait { behind: "retrying".into() });
+    }
+
+    #[test]
+    fn a_skip_job_defers_to_an_earlier_job_of_its_key_but_runs_when_first() {
+        let first = job("first", "k", 1, None, false);
+        let skipper = job("skipper", "k", 2, None, true);
+        assert_eq!(turns(&[&first, &skipper])["uid-skipper"], KeyVerdict::Skip { deferred_to: "first".into() });
+        assert_eq!(turns(&[&skipper])["uid-skipper"], KeyVerdict::Turn);
+    }
+
+    #[test]
+    fn finished_jobs_and_jobs_without_a_key_do_not_take_part() {
+        let done = job("done", "k", 1, Some(Phase::Succeeded), false);
+        let next = job("next", "k", 2, None, false);
+        let mut unkeyed = job("free", "k", 3, None, false);
+        unkeyed.spec.concurrency_key = None;
+        let t = turns(&[&done, &next, &unkeyed]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t["uid-next"], KeyVerdict::Turn);
+    }
+
+    #[test]
+    fn key_lease_names_are_valid_stable_and_distinct() {
+        assert!(lease_name("Export/Tenant 42").starts_with("bgjobs-key-export-tenant-42-"));
+        assert_eq!(lease_name("a"), lease_name("a"));
+        assert_ne!(lease_name("export-1"), lease_name("export_1"), "keys that read alike still get their own Lease");
+        assert!(lease_name(&"x".repeat(300)).len() < 80);
+        // FNV-1a of "a" is a known constant: the name never changes between builds.
+        assert_eq!(lease_name("a"), "bgjobs-key-a-af63dc4c8601ec8c");
+    }
+
+    fn key_lease(owner: &str, attempt: i32) -> Lease {
+        let mut l = Lease::default();
+        l.metadata.annotations = Some(
+            [
+                (lease::JOB_UID_ANNOTATION.to_string(), format!("uid-{owner}")),
+                (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+            ]
+            .into(),
+        );
+        l.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some("w".into()),
+            ..Default::default()
+        });
+        l
+    }
+
+    const T: LeaseTiming = LeaseTiming {
+        duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        renew_interval: Duration::from_millis(500),
+    };
+
+    #[test]
+    fn another_jobs_key_lease_is_live_while_that_job_runs_and_free_once_it_finished() {
+        let me = job("me", "k", 2, None, false);
+        let mut other = job("other", "k", 1, Some(Phase::Running), false);
+        let l = key_lease("other", 1);
+        assert_eq!(key_lease_state(&me, Some(&l), Some(&other), Duration::ZERO, &T), LeaseState::Live);
+        assert_eq!(key_lease_state(&me, Some(&l), Some(&other), Duration::from_secs(3), &T), LeaseState::Expired);
+        other.status.as_mut().unwrap().phase = Some(Phase::Succeeded);
+        assert_eq!(key_lease_state(&me, Some(&l), Some(&other), Duration::ZERO, &T), LeaseState::Leftover);
+        assert_eq!(key_lease_state(&me, Some(&l), None, Duration::ZERO, &T), LeaseState::Leftover, "owner deleted");
+    }
+
+    #[test]
+    fn a_key_lease_left_by_an_attempt_that_went_back_to_waiting_is_a_leftover() {
+        let me = job("me", "k", 2, None, false);
+        let retrying = job("other", "k", 1, Some(Phase::Waiting), false);
+        assert_eq!(
+            key_lease_state(&me, Some(&key_lease("other", 1)), Some(&retrying), Duration::ZERO, &T),
+            LeaseState::Leftover
+        );
+    }
+}
