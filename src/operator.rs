@@ -51,16 +51,34 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     info!(%identity, strategy = ?config.strategy, slots = config.max_concurrent_jobs_per_instance,
         namespace = config.namespace.as_deref().unwrap_or("<all>"), execution = config.job_execution_enabled, "bgjobs operator starting");
 
-    let slot_namespace = config.cluster_max_concurrency.map(|_| config.lease_namespace.as_str());
     let health = Arc::new(Health::default());
     if let Some(addr) = config.metrics_addr {
         crate::metrics::serve(addr, worker.metrics.clone(), health.clone()).await?;
     }
-    let view = QueueView::start(client.clone(), config.namespace.as_deref(), slot_namespace);
+    let slots = config.cluster_max_concurrency.is_some();
+    let view = QueueView::start(client.clone(), config.namespace.as_deref(), &config.lease_namespace, slots);
     view.ready().await;
     health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");
 
+    let stop_background = CancellationToken::new();
+    let heartbeat = tokio::spawn(crate::members::heartbeat(
+        client.clone(),
+        config.lease_namespace.clone(),
+        crate::members::scope(config.namespace.as_deref()),
+        identity.clone(),
+        timing,
+        stop_background.clone(),
+    ));
+    let recurring = config.recurring_enabled.then(|| {
+        let rview = crate::recurring::RecurringView {
+            definitions: view.definitions.clone(),
+            jobs: view.jobs.clone(),
+            members: view.members.clone(),
+            changed: view.recurring_changed.clone(),
+        };
+        tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, stop_background.clone()))
+    });
     let stop_election = CancellationToken::new();
     let (leader, election) = match config.strategy {
         Strategy::Parallel => (None, None),
@@ -85,6 +103,11 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     Dispatcher::new(worker.clone(), config, view, leader, health).run(shutdown).await;
     stop_election.cancel();
     if let Some(task) = election {
+        let _ = task.await;
+    }
+    stop_background.cancel();
+    let _ = heartbeat.await;
+    if let Some(task) = recurring {
         let _ = task.await;
     }
     info!(stats = %worker.metrics.summary(), "bgjobs operator stopped");

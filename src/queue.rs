@@ -16,9 +16,10 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::api::BackgroundJob;
+use crate::api::{BackgroundJob, RecurringBackgroundJob};
 use crate::lease::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::limits::SLOT_LABEL;
+use crate::members::MEMBER_LABEL;
 
 /// Watch-fed caches.
 #[derive(Clone)]
@@ -29,35 +30,54 @@ pub struct QueueView {
     pub leases: Store<Lease>,
     /// The cluster-wide slot Leases, when a cap is configured.
     pub slots: Option<Store<Lease>>,
-    /// Notified on every change of any cache.
+    /// Member Leases of the live replicas (see [`crate::members`]).
+    pub members: Store<Lease>,
+    /// RecurringBackgroundJob definitions.
+    pub definitions: Store<RecurringBackgroundJob>,
+    /// Notified on every change of the caches the dispatcher reads.
     pub changed: Arc<Notify>,
+    /// Notified on every change of the caches the recurring controller reads.
+    pub recurring_changed: Arc<Notify>,
 }
 
 impl QueueView {
-    /// Start watching (all namespaces, or `namespace`; slot Leases in `slot_namespace` when given). The watches run
-    /// until the process ends, retrying with backoff on errors.
-    pub fn start(client: Client, namespace: Option<&str>, slot_namespace: Option<&str>) -> QueueView {
+    /// Start watching: jobs, claim Leases and definitions in all namespaces (or `namespace`); member Leases and,
+    /// with `slots`, the cluster slot Leases in `lease_namespace`. The watches run until the process ends,
+    /// retrying with backoff on errors.
+    pub fn start(client: Client, namespace: Option<&str>, lease_namespace: &str, slots: bool) -> QueueView {
         let changed = Arc::new(Notify::new());
+        let recurring_changed = Arc::new(Notify::new());
+        let both = [changed.clone(), recurring_changed.clone()];
         let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
         let jobs =
-            reflect(scoped::<BackgroundJob>(&client, namespace), watcher::Config::default(), &changed, "BackgroundJob");
+            reflect(scoped::<BackgroundJob>(&client, namespace), watcher::Config::default(), &both, "BackgroundJob");
         let leases = reflect(
             scoped::<Lease>(&client, namespace),
             watcher::Config::default().labels(&managed),
-            &changed,
+            &both[..1],
             "Lease",
         );
-        let slots = slot_namespace.map(|ns| {
-            let config = watcher::Config::default().labels(SLOT_LABEL);
-            reflect::<Lease>(Api::namespaced(client.clone(), ns), config, &changed, "slot Lease")
-        });
-        QueueView { jobs, leases, slots, changed }
+        let in_lease_ns = || Api::<Lease>::namespaced(client.clone(), lease_namespace);
+        let slots = slots
+            .then(|| reflect(in_lease_ns(), watcher::Config::default().labels(SLOT_LABEL), &both[..1], "slot Lease"));
+        let member_selector = format!("{MEMBER_LABEL}={}", crate::members::scope(namespace));
+        let members =
+            reflect(in_lease_ns(), watcher::Config::default().labels(&member_selector), &both, "member Lease");
+        let definitions = reflect(
+            scoped::<RecurringBackgroundJob>(&client, namespace),
+            watcher::Config::default(),
+            &both[1..],
+            "RecurringBackgroundJob",
+        );
+        QueueView { jobs, leases, slots, members, definitions, changed, recurring_changed }
     }
 
     /// Wait until every cache holds a full initial list.
     pub async fn ready(&self) {
         let _ = self.jobs.wait_until_ready().await;
         let _ = self.leases.wait_until_ready().await;
+        let _ = self.members.wait_until_ready().await;
+        let _ = self.definitions.wait_until_ready().await;
         if let Some(slots) = &self.slots {
             let _ = slots.wait_until_ready().await;
         }
@@ -74,14 +94,14 @@ where
     }
 }
 
-/// A reflector over `api` whose every event notifies `changed`.
-fn reflect<K>(api: Api<K>, config: watcher::Config, changed: &Arc<Notify>, what: &'static str) -> Store<K>
+/// A reflector over `api` whose every event notifies each of `notify`.
+fn reflect<K>(api: Api<K>, config: watcher::Config, notify: &[Arc<Notify>], what: &'static str) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let notify = changed.clone();
+    let notify = notify.to_vec();
     tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff().reflect(writer).touched_objects();
         futures::pin_mut!(stream);
@@ -89,7 +109,9 @@ where
             if let Err(e) = ev {
                 tracing::warn!(error = %e, "{what} watch error; retrying");
             }
-            notify.notify_one();
+            for n in &notify {
+                n.notify_one();
+            }
         }
     });
     store

@@ -63,8 +63,13 @@ impl Worker {
 
     /// Publish a Kubernetes Event on `job` in the background (an Event lost to an API hiccup is only logged).
     pub fn event(&self, job: &BackgroundJob, type_: EventType, reason: &str, note: String) {
+        self.event_on(job, type_, reason, note)
+    }
+
+    /// Publish a Kubernetes Event on any object in the background.
+    pub fn event_on<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
         let Some(recorder) = self.recorder.clone() else { return };
-        let reference = job.object_ref(&());
+        let reference = object.object_ref(&());
         let ev = Event {
             type_,
             reason: reason.into(),

@@ -71,10 +71,20 @@ fn assert_mentions(stderr: &str, expected: &[&str]) {
 
 #[test]
 fn crds_directory_matches_the_generated_crd() {
-    let path = repo_path("crds/backgroundjobs.bgjobs.dev.yaml");
-    let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let generated = bgjobs::api::crd_yaml();
-    assert!(on_disk == generated, "crds/ is out of date: run `make crds` ({})", first_difference(&on_disk, &generated));
+    let files = bgjobs::api::crd_files();
+    assert_eq!(files.len(), 2, "BackgroundJob and RecurringBackgroundJob");
+    for (file, generated) in files {
+        let path = repo_path(&format!("crds/{file}"));
+        let on_disk = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("crds/ is out of date: run `make crds` (read {}: {e})", path.display()));
+        assert!(
+            on_disk == generated,
+            "crds/{file} is out of date: run `make crds` ({})",
+            first_difference(&on_disk, &generated)
+        );
+    }
+    let on_disk = std::fs::read_dir(repo_path("crds")).unwrap().count();
+    assert_eq!(on_disk, 2, "crds/ holds exactly the generated files: run `make crds`");
 }
 
 /// Where two texts first differ, for a readable failure message.

@@ -8,6 +8,10 @@
 //! what only the operator can detect (an unknown `jobName`, args that do not fit the handler) ends in phase
 //! `Failed` with a readable `lastError`.
 
+mod recurring;
+
+pub use recurring::*;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -354,14 +358,21 @@ fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 /// The CustomResourceDefinitions bgjobs installs, in the order they should be applied.
 pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![BackgroundJob::crd()]
+    vec![BackgroundJob::crd(), RecurringBackgroundJob::crd()]
 }
 
-/// The CRDs as one YAML stream, exactly as committed under `crds/` (`bgjobs crd`).
+/// The CRDs as one YAML stream (`bgjobs crd`).
 pub fn crd_yaml() -> String {
+    crd_files().into_iter().map(|(_, yaml)| yaml).collect::<Vec<_>>().join("---\n")
+}
+
+/// One `(file name, YAML)` per CRD, exactly as committed under `crds/` (`bgjobs crd --output-dir crds`).
+pub fn crd_files() -> Vec<(String, String)> {
     crds()
         .iter()
-        .map(|crd| serde_yaml::to_string(crd).expect("a CRD always serializes"))
-        .collect::<Vec<_>>()
-        .join("---\n")
+        .map(|crd| {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            (format!("{name}.yaml"), serde_yaml::to_string(crd).expect("a CRD always serializes"))
+        })
+        .collect()
 }

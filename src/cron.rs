@@ -1,0 +1,297 @@
+//! Cron schedules: the standard 5 fields (`minute hour day-of-month month day-of-week`), or 6 with a leading
+//! seconds field (the Quartz/Cronos extension), plus the macros `@yearly`, `@annually`, `@monthly`, `@weekly`,
+//! `@daily`, `@midnight`, `@hourly`. Fields take `*`, numbers, ranges `a-b`, steps `*/n` and `a-b/n`, lists `a,b`,
+//! and month (`JAN`–`DEC`) and weekday (`SUN`–`SAT`; 0 and 7 are Sunday) names. As in Vixie cron, when both
+//! day-of-month and day-of-week are restricted, a day matching either runs.
+//!
+//! Times are evaluated in an IANA time zone (UTC by default). A local time skipped by a DST change runs at the
+//! first instant after the gap; a local time that occurs twice runs once, at its first occurrence.
+
+use std::str::FromStr;
+
+use jiff::civil::DateTime;
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan};
+
+/// A parsed schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    seconds: Field,
+    minutes: Field,
+    hours: Field,
+    days: Field,
+    months: Field,
+    weekdays: Field,
+    has_seconds: bool,
+}
+
+/// The allowed values of one field, as a bit set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Field {
+    bits: u64,
+    restricted: bool,
+}
+
+impl Field {
+    fn has(&self, v: u8) -> bool {
+        self.bits & (1 << v) != 0
+    }
+}
+
+const MONTHS: [&str; 12] = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"];
+const WEEKDAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+
+fn parse_value(s: &str, min: u8, max: u8, names: &[&str], name_base: u8) -> Result<u8, String> {
+    let upper = s.to_ascii_uppercase();
+    if let Some(i) = names.iter().position(|n| *n == upper) {
+        return Ok(i as u8 + name_base);
+    }
+    let v: u8 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v < min || v > max {
+        return Err(format!("{v} is out of range {min}-{max}"));
+    }
+    Ok(v)
+}
+
+fn parse_field(text: &str, what: &str, min: u8, max: u8, names: &[&str], name_base: u8) -> Result<Field, String> {
+    let mut bits = 0u64;
+    for part in text.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => {
+                let step: u8 = s.parse().map_err(|_| format!("{what}: step {s:?} is not a number"))?;
+                if step == 0 {
+                    return Err(format!("{what}: a step of 0 never advances"));
+                }
+                (r, step)
+            }
+            None => (part, 1),
+        };
+        let (lo, hi) = if range == "*" {
+            (min, max)
+        } else if let Some((a, b)) = range.split_once('-') {
+            let lo = parse_value(a, min, max, names, name_base).map_err(|e| format!("{what}: {e}"))?;
+            let hi = parse_value(b, min, max, names, name_base).map_err(|e| format!("{what}: {e}"))?;
+            if lo > hi {
+                return Err(format!("{what}: range {range} runs backwards"));
+            }
+            (lo, hi)
+        } else {
+            let v = parse_value(range, min, max, names, name_base).map_err(|e| format!("{what}: {e}"))?;
+            // `5/15` means "from 5, every 15".
+            (v, if part.contains('/') { max } else { v })
+        };
+        let mut v = lo;
+        while v <= hi {
+            bits |= 1 << v;
+            v = match v.checked_add(step) {
+                Some(n) => n,
+                None => break,
+            };
+        }
+    }
+    Ok(Field { bits, restricted: text != "*" && text != "?" })
+}
+
+impl FromStr for Schedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let expanded = match s.trim() {
+            "@yearly" | "@annually" => "0 0 1 1 *",
+            "@monthly" => "0 0 1 * *",
+            "@weekly" => "0 0 * * 0",
+            "@daily" | "@midnight" => "0 0 * * *",
+            "@hourly" => "0 * * * *",
+            other if other.starts_with('@') => return Err(format!("unknown macro {other:?}")),
+            other => other,
+        };
+        let fields: Vec<&str> = expanded.split_whitespace().collect();
+        let (sec, rest, has_seconds) = match fields.len() {
+            5 => ("0", &fields[..], false),
+            6 => (fields[0], &fields[1..], true),
+            n => {
+                return Err(format!(
+                    "a schedule has 5 fields (minute hour day month weekday) or 6 with seconds first; got {n}"
+                ));
+            }
+        };
+        fn q(f: &str) -> &str {
+            if f == "?" { "*" } else { f }
+        }
+        let mut weekdays = parse_field(q(rest[4]), "day of week", 0, 7, &WEEKDAYS, 0)?;
+        if weekdays.has(7) {
+            weekdays.bits |= 1; // 7 is Sunday too
+        }
+        Ok(Schedule {
+            seconds: parse_field(sec, "second", 0, 59, &[], 0)?,
+            minutes: parse_field(rest[0], "minute", 0, 59, &[], 0)?,
+            hours: parse_field(rest[1], "hour", 0, 23, &[], 0)?,
+            days: parse_field(q(rest[2]), "day of month", 1, 31, &[], 0)?,
+            months: parse_field(rest[3], "month", 1, 12, &MONTHS, 1)?,
+            weekdays,
+            has_seconds,
+        })
+    }
+}
+
+impl Schedule {
+    /// Whether the schedule has a seconds field (6 fields).
+    pub fn has_seconds(&self) -> bool {
+        self.has_seconds
+    }
+
+    fn day_matches(&self, dt: DateTime) -> bool {
+        let dom = self.days.has(dt.day() as u8);
+        let dow = self.weekdays.has(dt.weekday().to_sunday_zero_offset() as u8);
+        match (self.days.restricted, self.weekdays.restricted) {
+            (true, true) => dom || dow,
+            (true, false) => dom,
+            (false, true) => dow,
+            (false, false) => true,
+        }
+    }
+
+    /// The first scheduled instant strictly after `after`, in time zone `tz`. `None` if there is none within
+    /// about eight years (e.g. `0 0 30 2 *`).
+    pub fn next_after(&self, after: Timestamp, tz: &TimeZone) -> Option<Timestamp> {
+        let start = after.to_zoned(tz.clone()).datetime();
+        let mut dt = start.with().subsec_nanosecond(0).build().ok()?.checked_add(1.second()).ok()?;
+        let limit = start.checked_add(8.years()).ok()?;
+        while dt < limit {
+            if !self.months.has(dt.month() as u8) {
+                dt = dt.first_of_month().checked_add(1.month()).ok()?.start_of_day();
+            } else if !self.day_matches(dt) {
+                dt = dt.start_of_day().checked_add(1.day()).ok()?;
+            } else if !self.hours.has(dt.hour() as u8) {
+                dt = dt.with().minute(0).second(0).build().ok()?.checked_add(1.hour()).ok()?;
+            } else if !self.minutes.has(dt.minute() as u8) {
+                dt = dt.with().second(0).build().ok()?.checked_add(1.minute()).ok()?;
+            } else if !self.seconds.has(dt.second() as u8) {
+                dt = dt.checked_add(1.second()).ok()?;
+            } else {
+                let ts = tz.to_ambiguous_zoned(dt).compatible().ok()?.timestamp();
+                if ts > after {
+                    return Some(ts);
+                }
+                // The second occurrence of a repeated local time: already ran at the first.
+                dt = dt.checked_add(1.second()).ok()?;
+            }
+        }
+        None
+    }
+
+    /// Every scheduled instant in `(after, until]`, at most `max` of them (the earliest first).
+    pub fn between(&self, after: Timestamp, until: Timestamp, tz: &TimeZone, max: usize) -> Vec<Timestamp> {
+        let mut out = Vec::new();
+        let mut t = after;
+        while out.len() < max {
+            match self.next_after(t, tz) {
+                Some(n) if n <= until => {
+                    out.push(n);
+                    t = n;
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+}
+
+/// Resolve an IANA time zone name (`None`: UTC). The zone database is compiled in, so this works in minimal images.
+pub fn time_zone(name: Option<&str>) -> Result<TimeZone, String> {
+    match name {
+        None | Some("") | Some("UTC") | Some("Etc/UTC") => Ok(TimeZone::UTC),
+        Some(n) => {
+            TimeZone::get(n).map_err(|_| format!("unknown time zone {n:?}: use an IANA name such as Europe/Berlin"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn next(expr: &str, after: &str, tz: &str) -> String {
+        let s: Schedule = expr.parse().unwrap();
+        let tz = time_zone(Some(tz)).unwrap();
+        s.next_after(ts(after), &tz).unwrap().to_zoned(tz).to_string()
+    }
+
+    #[test]
+    fn every_minute_and_every_fifteen() {
+        assert_eq!(next("* * * * *", "2026-01-01T10:00:30Z", "UTC"), "2026-01-01T10:01:00+00:00[UTC]");
+        assert_eq!(next("*/15 * * * *", "2026-01-01T10:01:00Z", "UTC"), "2026-01-01T10:15:00+00:00[UTC]");
+        assert_eq!(next("5/15 * * * *", "2026-01-01T10:21:00Z", "UTC"), "2026-01-01T10:35:00+00:00[UTC]");
+    }
+
+    #[test]
+    fn a_tick_exactly_at_after_is_not_repeated() {
+        assert_eq!(next("0 * * * *", "2026-01-01T10:00:00Z", "UTC"), "2026-01-01T11:00:00+00:00[UTC]");
+    }
+
+    #[test]
+    fn names_ranges_lists_and_macros() {
+        assert_eq!(next("30 9 * JAN-MAR MON,FRI", "2026-01-01T00:00:00Z", "UTC"), "2026-01-02T09:30:00+00:00[UTC]");
+        assert_eq!(next("@monthly", "2026-01-15T00:00:00Z", "UTC"), "2026-02-01T00:00:00+00:00[UTC]");
+        assert_eq!(next("0 0 * * 7", "2026-01-01T00:00:00Z", "UTC"), "2026-01-04T00:00:00+00:00[UTC]", "7 is Sunday");
+    }
+
+    #[test]
+    fn day_of_month_or_day_of_week_when_both_are_restricted() {
+        // The 13th, or any Friday: 2026-02-06 is a Friday before the 13th.
+        assert_eq!(next("0 0 13 * FRI", "2026-02-01T00:00:00Z", "UTC"), "2026-02-06T00:00:00+00:00[UTC]");
+    }
+
+    #[test]
+    fn six_fields_add_seconds() {
+        let s: Schedule = "*/2 * * * * *".parse().unwrap();
+        assert!(s.has_seconds());
+        assert_eq!(next("*/2 * * * * *", "2026-01-01T10:00:01Z", "UTC"), "2026-01-01T10:00:02+00:00[UTC]");
+    }
+
+    #[test]
+    fn schedules_follow_the_time_zone_across_dst() {
+        assert_eq!(
+            next("0 9 * * *", "2026-03-28T12:00:00Z", "Europe/Berlin"),
+            "2026-03-29T09:00:00+02:00[Europe/Berlin]"
+        );
+        // 02:30 does not exist on 2026-03-29 in Berlin: it runs right after the gap.
+        assert_eq!(
+            next("30 2 * * *", "2026-03-28T12:00:00Z", "Europe/Berlin"),
+            "2026-03-29T03:30:00+02:00[Europe/Berlin]"
+        );
+        // 02:30 happens twice on 2026-10-25: it runs once.
+        let s: Schedule = "30 2 * * *".parse().unwrap();
+        let tz = time_zone(Some("Europe/Berlin")).unwrap();
+        let runs = s.between(ts("2026-10-24T12:00:00Z"), ts("2026-10-25T12:00:00Z"), &tz, 10);
+        assert_eq!(runs.len(), 1);
+    }
+
+    #[test]
+    fn impossible_dates_have_no_next_run() {
+        let s: Schedule = "0 0 30 2 *".parse().unwrap();
+        assert_eq!(s.next_after(ts("2026-01-01T00:00:00Z"), &TimeZone::UTC), None);
+    }
+
+    #[test]
+    fn bad_schedules_say_what_is_wrong() {
+        let err = |e: &str| e.parse::<Schedule>().unwrap_err();
+        assert!(err("* * *").contains("5 fields"));
+        assert!(err("61 * * * *").contains("minute: 61 is out of range 0-59"));
+        assert!(err("* * * FOO *").contains("month"));
+        assert!(err("*/0 * * * *").contains("step of 0"));
+        assert!(err("@sometimes").contains("unknown macro"));
+        assert!(time_zone(Some("Mars/Olympus")).unwrap_err().contains("unknown time zone"));
+    }
+
+    #[test]
+    fn between_lists_missed_ticks_in_order() {
+        let s: Schedule = "*/10 * * * *".parse().unwrap();
+        let runs = s.between(ts("2026-01-01T10:00:00Z"), ts("2026-01-01T10:35:00Z"), &TimeZone::UTC, 100);
+        assert_eq!(runs, [ts("2026-01-01T10:10:00Z"), ts("2026-01-01T10:20:00Z"), ts("2026-01-01T10:30:00Z")]);
+    }
+}

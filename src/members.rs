@@ -1,0 +1,180 @@
+//! Replica membership: every replica keeps a member Lease (`bgjobs-member-…` in `--lease-namespace`) renewed, so
+//! each replica knows who else is alive. Work that must be done by one replica at a time, but not always the same
+//! one (evaluating recurring schedules), is shared by rendezvous hashing over the live members: adding a replica
+//! moves only its share, and a replica that stops renewing loses its share one lease duration later.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::lease::{self, Acquire, Claim, LeaseTiming, Observer};
+
+/// Label that marks member Leases; its value is the replicas' watch scope ([`scope`]), so that deployments
+/// watching different namespaces never count each other as members.
+pub const MEMBER_LABEL: &str = "bgjobs.dev/member";
+
+/// The watch scope members share: the watched namespace, or `all-namespaces`.
+pub fn scope(namespace: Option<&str>) -> String {
+    namespace.map_or_else(|| "all-namespaces".to_string(), str::to_string)
+}
+
+/// A hash that is the same in every process and every build (unlike the standard library's), so that all replicas
+/// agree on who owns what: FNV-1a over the parts, then murmur3's finalizer (FNV alone mixes its high bits too
+/// little for rendezvous hashing to spread evenly).
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Name of a replica's member Lease.
+pub fn member_lease_name(identity: &str) -> String {
+    let readable: String = identity
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    format!("bgjobs-member-{}-{:08x}", readable.trim_matches('-'), stable_hash(&[identity]) as u32)
+}
+
+/// The live member whose rendezvous hash with `key` is highest: the one that does `key`'s work.
+pub fn owner<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
+    members.iter().max_by_key(|m| stable_hash(&[m.as_str(), key])).map(String::as_str)
+}
+
+/// Identities of the members seen renewing within a lease duration, plus `me`, sorted.
+pub fn live(
+    store: &Store<Lease>,
+    observer: &mut Observer,
+    now: Instant,
+    timing: &LeaseTiming,
+    me: &str,
+) -> Vec<String> {
+    let mut out = vec![me.to_string()];
+    let leases = store.state();
+    for l in &leases {
+        let unchanged = observer.observe(&l.name_any(), l.resource_version().as_deref(), now);
+        if unchanged < timing.duration
+            && let Some(h) = lease::holder(l)
+            && h != me
+        {
+            out.push(h.to_string());
+        }
+    }
+    let names: std::collections::HashSet<String> = leases.iter().map(|l| l.name_any()).collect();
+    observer.retain(|k| names.contains(k));
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Keep this replica's member Lease renewed until `stop`, then delete it.
+pub async fn heartbeat(
+    client: Client,
+    namespace: String,
+    scope: String,
+    identity: String,
+    timing: LeaseTiming,
+    stop: CancellationToken,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let name = member_lease_name(&identity);
+    let claim = Claim {
+        holder: identity,
+        annotations: BTreeMap::new(),
+        labels: [
+            (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
+            (MEMBER_LABEL.to_string(), scope),
+        ]
+        .into(),
+        owner: None,
+    };
+    let mut held: Option<Lease> = None;
+    loop {
+        held = match held.take() {
+            Some(l) => match lease::renew(&api, &l).await {
+                Ok(Some(l)) => Some(l),
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(error = %e, "member lease renewal failed");
+                    Some(l)
+                }
+            },
+            None => match api.get_opt(&name).await {
+                Ok(None) => match lease::create(&api, &name, &claim, &timing).await {
+                    Ok(Acquire::Acquired(l)) => Some(l),
+                    _ => None,
+                },
+                // Our own name, left by an earlier process with the same identity: take it over.
+                Ok(Some(old)) => match lease::take_over(&api, &old, &claim, &timing).await {
+                    Ok(Acquire::Acquired(l)) => Some(l),
+                    _ => None,
+                },
+                Err(e) => {
+                    warn!(error = %e, "cannot read the member lease");
+                    None
+                }
+            },
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(timing.renew_interval.min(Duration::from_secs(5))) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    if let Some(l) = held {
+        let _ = lease::release(&api, &l).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stable_hash_never_changes() {
+        assert_eq!(stable_hash(&["a"]), stable_hash(&["a"]));
+        assert_ne!(stable_hash(&["ab", "c"]), stable_hash(&["a", "bc"]), "parts are delimited");
+        // Pinned: replicas of different versions must agree on ownership.
+        assert_eq!(stable_hash(&["bgjobs"]), 0x52848acaa82c1ab8);
+    }
+
+    #[test]
+    fn rendezvous_ownership_spreads_keys_and_moves_little_when_a_member_joins() {
+        let three: Vec<String> = ["r0", "r1", "r2"].map(String::from).into();
+        let four: Vec<String> = ["r0", "r1", "r2", "r3"].map(String::from).into();
+        let keys: Vec<String> = (0..1000).map(|i| format!("ns/def-{i}")).collect();
+        let mut per_member = std::collections::HashMap::new();
+        let mut moved = 0;
+        for k in &keys {
+            let before = owner(&three, k).unwrap();
+            *per_member.entry(before).or_insert(0) += 1;
+            let after = owner(&four, k).unwrap();
+            if before != after {
+                assert_eq!(after, "r3", "keys only move to the new member");
+                moved += 1;
+            }
+        }
+        assert!(per_member.values().all(|n| *n > 250), "{per_member:?}");
+        assert!((150..350).contains(&moved), "about a quarter moves: {moved}");
+    }
+
+    #[test]
+    fn member_lease_names_are_valid() {
+        let n = member_lease_name("Pod_Name.1");
+        assert!(n.starts_with("bgjobs-member-pod-name-1-"), "{n}");
+    }
+}

@@ -1,0 +1,221 @@
+//! Recurring jobs on the local control plane, with several replicas. Schedules use the 6-field form (seconds
+//! first) so that a test sees many ticks in a few seconds.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bgjobs::api::{Phase, RecurringBackgroundJob};
+use bgjobs::recurring::SCHEDULED_TIME_ANNOTATION;
+use common::TestEnv;
+use kube::api::PostParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+async fn define(env: &TestEnv, name: &str, spec: serde_json::Value) -> RecurringBackgroundJob {
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let def = RecurringBackgroundJob::new(name, serde_json::from_value(spec).expect("valid spec"));
+    api.create(&PostParams::default(), &def).await.expect("create recurring job")
+}
+
+/// Jobs created by the definition, by tick (Unix seconds).
+async fn ticks(env: &TestEnv) -> BTreeMap<i64, Vec<String>> {
+    let mut out: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for j in env.list().await {
+        if let Some(t) = j.annotations().get(SCHEDULED_TIME_ANNOTATION) {
+            out.entry(t.parse::<jiff::Timestamp>().unwrap().as_second()).or_default().push(j.name_any());
+        }
+    }
+    out
+}
+
+/// Sample the number of unfinished jobs every 100 ms for `d`; returns the largest.
+async fn max_active_during(env: &TestEnv, d: Duration) -> usize {
+    let end = Instant::now() + d;
+    let mut max = 0;
+    while Instant::now() < end {
+        max = max.max(env.list().await.iter().filter(|j| !j.phase().is_final()).count());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tick_creates_exactly_one_job_while_replicas_are_killed_and_restarted() {
+    let env = TestEnv::new("rec-ticks").await;
+    let mut replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &[])).collect();
+    // Every 5 s: longer than a failover (3 s leases), so no tick is merged into a catch-up.
+    define(
+        &env,
+        "every5",
+        json!({"schedule": "*/5 * * * * *", "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    replicas[0].kill9();
+    replicas[1].kill9();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    replicas.push(env.replica("r3", &[]));
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    drop(replicas);
+
+    let by_tick = ticks(&env).await;
+    let seconds: Vec<i64> = by_tick.keys().copied().collect();
+    eprintln!("ticks with jobs: {seconds:?}");
+    assert!(seconds.len() >= 4, "about five ticks in 25 s: {seconds:?}");
+    assert!(by_tick.values().all(|names| names.len() == 1), "one job per tick: {by_tick:?}");
+    assert!(seconds.iter().all(|s| s % 5 == 0), "jobs only for schedule ticks: {seconds:?}");
+    assert!(seconds.windows(2).all(|w| w[1] - w[0] == 5), "no tick missed across the kills: {seconds:?}");
+    let starts = common::executions(&env.invocations());
+    let mut ran: Vec<String> = starts.iter().map(|e| e.job.rsplit('/').next().unwrap().to_string()).collect();
+    ran.sort();
+    ran.dedup();
+    assert_eq!(ran.len(), starts.len(), "no job ran twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbid_skips_ticks_while_the_previous_job_runs() {
+    let env = TestEnv::new("rec-forbid").await;
+    let _r = env.replica("r", &[]);
+    define(
+        &env,
+        "slow",
+        json!({"schedule": "*/2 * * * * *", "concurrencyPolicy": "Forbid",
+        "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 5}}}}),
+    )
+    .await;
+    let max = max_active_during(&env, Duration::from_secs(12)).await;
+    assert_eq!(max, 1, "never two unfinished jobs under Forbid");
+    let n = ticks(&env).await.len();
+    assert!((2..=4).contains(&n), "ticks were skipped while a job ran: {n} jobs in 12 s of 2 s ticks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_cancels_the_unfinished_job_and_allow_lets_them_overlap() {
+    let env = TestEnv::new("rec-replace").await;
+    let _r = env.replica("r", &[]);
+    define(&env, "replace", json!({"schedule": "*/3 * * * * *", "concurrencyPolicy": "Replace",
+        "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 60}}, "metadata": {"labels": {"policy": "replace"}}}})).await;
+    define(&env, "allow", json!({"schedule": "*/3 * * * * *",
+        "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 60}}, "metadata": {"labels": {"policy": "allow"}}}})).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let jobs = env.list().await;
+    let of = |policy: &str| {
+        jobs.iter().filter(|j| j.labels().get("policy").map(String::as_str) == Some(policy)).collect::<Vec<_>>()
+    };
+    let replace = of("replace");
+    assert!(replace.len() >= 2, "{}", common::summary(&jobs));
+    assert_eq!(replace.iter().filter(|j| !j.phase().is_final()).count(), 1, "Replace keeps one unfinished job");
+    assert!(
+        replace.iter().filter(|j| j.phase().is_final()).all(|j| j.phase() == Phase::Cancelled),
+        "replaced jobs are Cancelled"
+    );
+    let allow = of("allow");
+    assert!(
+        allow.iter().filter(|j| !j.phase().is_final()).count() >= 2,
+        "Allow lets jobs overlap: {}",
+        common::summary(&jobs)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_downtime_longer_than_a_period_at_most_one_catch_up_job_runs() {
+    let env = TestEnv::new("rec-catchup").await;
+    let mut r = env.replica("r", &[]);
+    define(
+        &env,
+        "catchup",
+        json!({"schedule": "*/2 * * * * *", "startingDeadlineSeconds": 60, "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    env.wait_until(Duration::from_secs(30), "a first job", |jobs| !jobs.is_empty()).await;
+    r.kill9();
+    let down_at = jiff::Timestamp::now().as_second();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let up_at = jiff::Timestamp::now().as_second();
+    let _r2 = env.replica("r2", &[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let by_tick = ticks(&env).await;
+    let during: Vec<i64> = by_tick.keys().copied().filter(|t| *t > down_at && *t <= up_at).collect();
+    eprintln!("down {down_at}..{up_at}, ticks with jobs: {:?}", by_tick.keys().collect::<Vec<_>>());
+    assert!(during.len() <= 1, "three ticks were missed; at most one catch-up job: {during:?}");
+    assert_eq!(during.len(), 1, "the latest missed tick is caught up (within startingDeadlineSeconds)");
+    assert!(by_tick.keys().any(|t| *t > up_at), "and the schedule goes on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_schedules_are_rejected_by_schema_or_reported_in_a_condition() {
+    let env = TestEnv::new("rec-invalid").await;
+    let _r = env.replica("r", &[]);
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let three_fields =
+        serde_json::from_value(json!({"schedule": "* * *", "jobTemplate": {"spec": {"jobName": "noop"}}})).unwrap();
+    let err =
+        api.create(&PostParams::default(), &RecurringBackgroundJob::new("three", three_fields)).await.unwrap_err();
+    assert!(err.to_string().contains("spec.schedule"), "{err}");
+    define(&env, "bad-minute", json!({"schedule": "99 * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}})).await;
+    define(
+        &env,
+        "bad-zone",
+        json!({"schedule": "* * * * *", "timeZone": "Mars/Olympus", "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    for (name, expected) in
+        [("bad-minute", "minute: 99 is out of range 0-59"), ("bad-zone", "unknown time zone \"Mars/Olympus\"")]
+    {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let def = api.get(name).await.unwrap();
+            let cond = def.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid").cloned());
+            if let Some(c) = cond {
+                assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "InvalidSchedule"));
+                assert!(c.message.contains(expected), "{}", c.message);
+                break;
+            }
+            assert!(Instant::now() < deadline, "no Valid condition on {name}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    assert!(env.list().await.is_empty(), "invalid definitions create no jobs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now() {
+    let env = TestEnv::new("rec-history").await;
+    let _r = env.replica("r", &[]);
+    define(
+        &env,
+        "hist",
+        json!({"schedule": "* * * * * *", "successfulJobsHistoryLimit": 2,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let jobs = env
+        .wait_until(Duration::from_secs(10), "history trimmed to 2", |jobs| {
+            jobs.iter().filter(|j| j.phase() == Phase::Succeeded).count() <= 2
+        })
+        .await;
+    assert!(
+        common::executions(&env.invocations()).len() >= 4,
+        "more jobs ran than are kept: {}",
+        common::summary(&jobs)
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+        .args(["recurring", "trigger", "hist", "-n", &env.ns])
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("hist-manual-"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manual = stdout.trim().rsplit('/').next().unwrap().trim_end_matches(" created").to_string();
+    env.wait_job(&manual, Duration::from_secs(20), "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+}
