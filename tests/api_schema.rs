@@ -155,7 +155,8 @@ async fn the_apiserver_applies_schema_defaults() {
 }
 
 /// `metadata.name` of every document in every YAML file under `config/samples/`.
-fn sample_names() -> Vec<String> {
+/// `metadata.name` of every sample document of `kind`.
+fn sample_names(kind: &str) -> Vec<String> {
     use serde::Deserialize;
 
     let mut names = Vec::new();
@@ -170,7 +171,9 @@ fn sample_names() -> Vec<String> {
             let name = value["metadata"]["name"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{}: a document without metadata.name", path.display()));
-            names.push(name.to_string());
+            if value["kind"].as_str() == Some(kind) {
+                names.push(name.to_string());
+            }
         }
     }
     names.sort();
@@ -184,20 +187,34 @@ async fn samples_apply_and_list_with_printer_columns() {
     let (ok, stdout, stderr) = kubectl(&env.ns, &["apply", "-f", &samples.display().to_string()], None);
     assert!(ok, "kubectl apply -f config/samples/ failed: {stderr}");
 
-    let names = sample_names();
-    assert!(names.len() >= 6, "expected at least one job per sample file, found {names:?}");
-    for name in &names {
-        assert!(stdout.contains(&format!("backgroundjob.bgjobs.dev/{name} created")), "{name} not created: {stdout}");
-    }
-
-    let (ok, listing, stderr) = kubectl(&env.ns, &["get", "bgj"], None);
-    assert!(ok, "kubectl get bgj failed: {stderr}");
-    let header: Vec<&str> = listing.lines().next().unwrap_or_default().split_whitespace().collect();
-    for column in ["NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER", "AGE"] {
-        assert!(header.contains(&column), "no {column} column in kubectl get bgj:\n{listing}");
-    }
-    let listed: Vec<&str> = listing.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
-    for name in &names {
-        assert!(listed.contains(&name.as_str()), "{name} missing from kubectl get bgj:\n{listing}");
+    for (kind, resource, short, columns) in [
+        (
+            "BackgroundJob",
+            "backgroundjob",
+            "bgj",
+            &["NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER", "AGE"][..],
+        ),
+        (
+            "RecurringBackgroundJob",
+            "recurringbackgroundjob",
+            "rbgj",
+            &["NAME", "SCHEDULE", "SUSPEND", "LAST", "NEXT", "ACTIVE", "AGE"][..],
+        ),
+    ] {
+        let names = sample_names(kind);
+        assert!(!names.is_empty(), "no {kind} sample");
+        for name in &names {
+            assert!(stdout.contains(&format!("{resource}.bgjobs.dev/{name} created")), "{name} not created: {stdout}");
+        }
+        let (ok, listing, stderr) = kubectl(&env.ns, &["get", short], None);
+        assert!(ok, "kubectl get {short} failed: {stderr}");
+        let header: Vec<&str> = listing.lines().next().unwrap_or_default().split_whitespace().collect();
+        for column in columns {
+            assert!(header.contains(column), "no {column} column in kubectl get {short}:\n{listing}");
+        }
+        let listed: Vec<&str> = listing.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+        for name in &names {
+            assert!(listed.contains(&name.as_str()), "{name} missing from kubectl get {short}:\n{listing}");
+        }
     }
 }
