@@ -23,7 +23,7 @@ unit:
 	cargo test --doc
 
 integration: cluster helm-deps
-	cargo test --tests -- --test-threads $(TEST_THREADS)
+	cargo test --tests --no-fail-fast -- --test-threads $(TEST_THREADS)
 
 ## helm-deps: the Helm v4 engine for tests/helm_chart.rs and e2e/helm.py (Debian has no helm binary). Idempotent.
 ## Debian's own python3 refuses pip installs into the system (PEP 668) unless told --break-system-packages.
