@@ -220,7 +220,7 @@ async fn run_claimed(
     let ending = {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
-        let mut exec = Box::pin(executor::execute(&job, ctx, &worker.registry, &worker.http));
+        let mut exec = Box::pin(executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.client));
         // The lease guard: the executor is polled only while the claim is current.
         let guarded = poll_fn(|cx| if current() { exec.as_mut().poll(cx).map(Some) } else { Poll::Ready(None) });
         let limit = job.spec.attempt_timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
@@ -261,6 +261,14 @@ async fn run_claimed(
         worker.metrics.stale_results_discarded.inc();
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");
         return;
+    }
+    // A Pod outlives our interest in it only when it finished or when the attempt is handed over.
+    let pod_must_go = matches!(
+        ending,
+        Ending::AttemptTimedOut(_) | Ending::Stopped(StopReason::Cancelled) | Ending::Stopped(StopReason::Deleted)
+    );
+    if job.spec.template.is_some() && pod_must_go {
+        executor::pod::delete(&worker.client, &job, fence.attempt).await;
     }
     let record = record(worker, jobs, &job, &fence, ending);
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
@@ -319,6 +327,12 @@ async fn record(
             worker.metrics.count_outcome(Phase::Cancelled);
             worker.event(job, EventType::Normal, "Cancelled", format!("attempt {} cancelled", fence.attempt));
             return Ok(matches!(written, Fenced::Written(_)));
+        }
+        Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader) if job.spec.template.is_some() => {
+            // The Pod runs on without us: give up the claim but not the attempt. Another replica sees the Lease
+            // gone, waits a lease duration, and adopts the attempt's Pod.
+            info!("attempt handed over: its pod keeps running and will be adopted");
+            return Ok(true);
         }
         Ending::Stopped(reason @ (StopReason::Shutdown | StopReason::NotLeader)) => {
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };

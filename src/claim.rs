@@ -152,9 +152,21 @@ async fn release_all(held: &[(Api<Lease>, Lease)]) {
     }
 }
 
+/// Whether a claim adopts the job's current attempt instead of starting a new one: a Pod job taken over from a
+/// replica that stopped renewing. Its Pod runs on regardless of the replica that watched it, so the work is not
+/// lost; the new holder watches the same Pod. (In-process attempts die with their replica and count as lost.)
+pub fn adopts(job: &BackgroundJob) -> bool {
+    job.phase() == Phase::Running && job.spec.template.is_some()
+}
+
+/// The attempt number a claim of `job` holds: the next one, or the current one when it [`adopts`].
+pub fn next_attempt(job: &BackgroundJob) -> i32 {
+    if adopts(job) { job.attempts() } else { job.attempts() + 1 }
+}
+
 /// What a claim of the next attempt of `job` writes into its Lease.
 fn claim_for(job: &BackgroundJob, worker: &str) -> Claim {
-    let attempt = job.attempts() + 1;
+    let attempt = next_attempt(job);
     Claim {
         holder: worker.to_string(),
         annotations: BTreeMap::from([
@@ -186,7 +198,7 @@ async fn claim_job(
     extras: Vec<Lease>,
 ) -> Result<ClaimOutcome> {
     let worker = claim.holder.as_str();
-    let attempt = job.attempts() + 1;
+    let attempt = next_attempt(job);
     let name = lease_name(job);
     let uid = job.uid().unwrap_or_default();
     let acquired = match (state, seen_lease) {
@@ -214,15 +226,15 @@ async fn claim_job(
 
     let took_over = job.phase() == Phase::Running;
     let lost_note = took_over.then(|| {
-        let s = job.status.as_ref();
-        format!(
-            "attempt {} was lost: worker {} stopped renewing its lease",
-            job.attempts(),
-            s.and_then(|s| s.worker.as_deref()).unwrap_or("?")
-        )
+        let old = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
+        if adopts(job) {
+            format!("worker {old} stopped renewing its lease; {worker} adopted attempt {}'s pod", job.attempts())
+        } else {
+            format!("attempt {} was lost: worker {old} stopped renewing its lease", job.attempts())
+        }
     });
     let sequence = crate::ordering::enqueue_sequence(job);
-    let new_status = status::running(job, worker, &name, sequence, lost_note, Timestamp::now());
+    let new_status = status::running(job, attempt, worker, &name, sequence, lost_note, Timestamp::now());
     match status::write_if_unchanged(jobs, job, new_status).await {
         Ok(Some(written)) => Ok(ClaimOutcome::Claimed(Box::new(Claimed {
             job: written,
@@ -303,6 +315,18 @@ mod tests {
     fn a_lease_of_another_job_with_the_same_name_is_a_leftover() {
         let j = job(Some(Phase::Running), 1);
         assert_eq!(lease_state(&j, Some(&lease("old-uid", 1, "w1")), Duration::ZERO, &T), LeaseState::Leftover);
+    }
+
+    #[test]
+    fn a_taken_over_pod_job_keeps_its_attempt_and_an_in_process_one_starts_the_next() {
+        let mut running = job(Some(Phase::Running), 2);
+        assert_eq!(next_attempt(&running), 3, "an in-process attempt died with its replica");
+        running.spec.template = Some(Default::default());
+        assert!(adopts(&running));
+        assert_eq!(next_attempt(&running), 2, "the pod of attempt 2 runs on and is adopted");
+        let mut waiting = job(Some(Phase::Waiting), 2);
+        waiting.spec.template = Some(Default::default());
+        assert_eq!(next_attempt(&waiting), 3, "a retry of a pod job is a new attempt with a new pod");
     }
 
     #[test]

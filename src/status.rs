@@ -44,9 +44,10 @@ pub enum Fenced {
     Stale,
 }
 
-/// The status a claim writes: phase `Running`, next attempt number, this worker and Lease.
+/// The status a claim writes: phase `Running`, the claimed attempt number, this worker and Lease.
 pub fn running(
     job: &BackgroundJob,
+    attempt: i32,
     worker: &str,
     lease: &str,
     sequence: Option<i64>,
@@ -55,7 +56,7 @@ pub fn running(
 ) -> BackgroundJobStatus {
     let mut s = job.status.clone().unwrap_or_default();
     s.phase = Some(Phase::Running);
-    s.attempts += 1;
+    s.attempts = attempt;
     s.worker = Some(worker.to_string());
     s.lease = Some(lease.to_string());
     s.start_time = Some(Time(now));
@@ -181,7 +182,7 @@ mod tests {
     #[test]
     fn a_claim_increments_the_attempt_and_records_worker_lease_and_sequence() {
         let now = Timestamp::from_second(100).unwrap();
-        let s = running(&job(), "w1", "bgj-j", Some(42), None, now);
+        let s = running(&job(), 1, "w1", "bgj-j", Some(42), None, now);
         assert_eq!(
             (s.phase, s.attempts, s.worker.as_deref(), s.lease.as_deref()),
             (Some(Phase::Running), 1, Some("w1"), Some("bgj-j"))
@@ -194,14 +195,14 @@ mod tests {
     fn the_enqueue_sequence_is_kept_across_attempts() {
         let mut j = job();
         j.status = Some(BackgroundJobStatus { attempts: 1, enqueue_sequence: Some(7), ..Default::default() });
-        let s = running(&j, "w2", "l", Some(999), Some("attempt 1 lost".into()), Timestamp::now());
+        let s = running(&j, 2, "w2", "l", Some(999), Some("attempt 1 lost".into()), Timestamp::now());
         assert_eq!((s.attempts, s.enqueue_sequence, s.last_error.as_deref()), (2, Some(7), Some("attempt 1 lost")));
     }
 
     #[test]
     fn the_fence_holds_only_for_the_same_worker_attempt_and_uid_while_running() {
         let mut j = job();
-        j.status = Some(running(&j, "w1", "l", None, None, Timestamp::now()));
+        j.status = Some(running(&j, 1, "w1", "l", None, None, Timestamp::now()));
         let fence = Fence { uid: "uid-1".into(), worker: "w1".into(), attempt: 1 };
         assert!(fence.holds(&j));
         assert!(!Fence { worker: "w2".into(), ..fence.clone() }.holds(&j));

@@ -5,6 +5,7 @@
 
 pub mod builtin;
 pub mod http;
+pub mod pod;
 pub mod registry;
 
 pub use registry::{JobContext, JobError, Registry};
@@ -18,14 +19,11 @@ pub async fn execute(
     ctx: JobContext,
     registry: &Registry,
     http_client: &reqwest::Client,
+    client: &kube::Client,
 ) -> AttemptResult {
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
     if job.spec.template.is_some() {
-        return AttemptResult::Permanent(
-            "spec.template (run as a Pod) is not supported by this operator version; remove it or use an in-process \
-             handler or spec.http"
-                .into(),
-        );
+        return pod::run(client, job, &ctx).await;
     }
     if let Some(target) = &job.spec.http {
         return http::post(http_client, target, &ctx, &args, job.spec.attempt_timeout_seconds).await;

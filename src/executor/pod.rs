@@ -1,0 +1,269 @@
+//! The Pod executor: a job with `spec.template` runs as one Pod per attempt.
+//!
+//! The Pod of attempt `n` is named `<job>-<n>` (deterministic), owned by the job and labelled with the job's name,
+//! UID and the attempt, so:
+//! - a create after a takeover meets AlreadyExists and the new holder adopts the running Pod instead of starting a
+//!   twin (a takeover of a Pod job keeps the attempt number: the work was not lost, only its watcher);
+//! - deleting the job deletes its Pods (garbage collection);
+//! - Pods of finished attempts are kept for inspection (`kubectl logs`) until the job itself is deleted (TTL).
+//!
+//! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
+//! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON). The Pod's `restartPolicy` is forced to `Never`: retries are the
+//! job's, with its backoff, not the kubelet's.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use super::JobContext;
+use crate::api::BackgroundJob;
+use crate::error::api_code;
+use crate::retry::AttemptResult;
+
+/// Label with the job's UID on every Pod of the job.
+pub const JOB_UID_LABEL: &str = "bgjobs.dev/job-uid";
+/// Label with the attempt number.
+pub const ATTEMPT_LABEL: &str = "bgjobs.dev/attempt";
+
+/// Name of the Pod of `attempt` of `job`.
+pub fn pod_name(job: &BackgroundJob, attempt: i32) -> String {
+    let suffix = format!("-{attempt}");
+    let name = job.name_any();
+    if name.len() + suffix.len() <= 253 {
+        format!("{name}{suffix}")
+    } else {
+        format!("{}{suffix}", job.uid().unwrap_or_default())
+    }
+}
+
+/// The Pod for one attempt, built from the job's template.
+pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
+    let template = job.spec.template.clone().ok_or("the job has no spec.template")?;
+    let mut spec = template.spec.ok_or("spec.template.spec is missing: a Pod needs at least one container")?;
+    if spec.containers.is_empty() {
+        return Err("spec.template.spec.containers is empty: a Pod needs at least one container".into());
+    }
+    spec.restart_policy = Some("Never".into());
+    let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
+    let env = [
+        ("BGJOBS_JOB", format!("{}/{}", ctx.namespace, ctx.name)),
+        ("BGJOBS_JOB_UID", ctx.uid.clone()),
+        ("BGJOBS_ATTEMPT", ctx.attempt.to_string()),
+        ("BGJOBS_ARGS", args.to_string()),
+    ];
+    for c in &mut spec.containers {
+        let vars = c.env.get_or_insert_with(Vec::new);
+        vars.retain(|v| !env.iter().any(|(k, _)| *k == v.name));
+        vars.extend(env.iter().map(|(k, v)| EnvVar { name: k.to_string(), value: Some(v.clone()), value_from: None }));
+    }
+    let meta = template.metadata.unwrap_or_default();
+    let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
+    labels.insert("app.kubernetes.io/managed-by".into(), "bgjobs".into());
+    labels.insert("bgjobs.dev/job".into(), ctx.name.clone());
+    labels.insert(JOB_UID_LABEL.into(), ctx.uid.clone());
+    labels.insert(ATTEMPT_LABEL.into(), ctx.attempt.to_string());
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(job, ctx.attempt)),
+            namespace: Some(ctx.namespace.clone()),
+            labels: Some(labels),
+            annotations: meta.annotations,
+            owner_references: job.controller_owner_ref(&()).map(|mut o| {
+                o.block_owner_deletion = None;
+                vec![o]
+            }),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+/// Run (or adopt) the Pod of this attempt and wait for it to finish.
+pub async fn run(client: &Client, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
+    let name = pod_name(job, ctx.attempt);
+    let wanted = match pod_for(job, ctx) {
+        Ok(p) => p,
+        Err(reason) => return AttemptResult::Permanent(reason),
+    };
+    match pods.create(&PostParams::default(), &wanted).await {
+        Ok(_) => tracing::info!(pod = %name, "pod created"),
+        Err(e) if api_code(&e) == Some(409) => match pods.get_opt(&name).await {
+            Ok(Some(p)) if p.labels().get(JOB_UID_LABEL) == Some(&ctx.uid) => {
+                tracing::info!(pod = %name, "adopted the attempt's pod")
+            }
+            Ok(Some(_)) => {
+                return AttemptResult::Permanent(format!("a Pod named {name} exists and does not belong to this job"));
+            }
+            Ok(None) => return AttemptResult::Retryable(format!("pod {name} vanished while being adopted")),
+            Err(e) => return AttemptResult::Retryable(format!("cannot read pod {name}: {e}")),
+        },
+        Err(e) if matches!(api_code(&e), Some(400) | Some(422)) => {
+            return AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
+        }
+        Err(e) if api_code(&e) == Some(403) => {
+            return AttemptResult::Retryable(format!(
+                "not allowed to create pods (is the chart's podMode enabled?): {e}"
+            ));
+        }
+        Err(e) => return AttemptResult::Retryable(format!("cannot create pod {name}: {e}")),
+    }
+    let finished = |p: Option<&Pod>| {
+        p.is_none_or(|p| {
+            matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+        })
+    };
+    match await_condition(pods, &name, finished).await {
+        Ok(Some(p)) => outcome(&p),
+        Ok(None) => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
+        Err(e) => AttemptResult::Retryable(format!("lost track of pod {name}: {e}")),
+    }
+}
+
+/// How a finished Pod went.
+pub fn outcome(pod: &Pod) -> AttemptResult {
+    let status = pod.status.clone().unwrap_or_default();
+    if status.phase.as_deref() == Some("Succeeded") {
+        return AttemptResult::Succeeded;
+    }
+    let terminated = status
+        .container_statuses
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| c.state.and_then(|s| s.terminated).map(|t| (c.name, t)))
+        .find(|(_, t)| t.exit_code != 0);
+    let detail = match terminated {
+        Some((container, t)) => {
+            let mut d = format!("container {container} exited with code {}", t.exit_code);
+            if let Some(r) = t.reason.filter(|r| !r.is_empty()) {
+                d.push_str(&format!(" ({r})"));
+            }
+            if let Some(m) = t.message.filter(|m| !m.is_empty()) {
+                d.push_str(&format!(": {}", m.chars().take(300).collect::<String>()));
+            }
+            d
+        }
+        None => status.message.or(status.reason).unwrap_or_else(|| "no container status".into()),
+    };
+    AttemptResult::Retryable(format!("pod {} failed: {detail}", pod.name_any()))
+}
+
+/// Delete the Pod of `attempt` (cancellation, attempt timeout, job deletion). Absent is fine.
+pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32) {
+    let ns = job.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let name = pod_name(job, attempt);
+    // Only our Pod: a UID precondition would need a read first; the label check below is the same guard.
+    if let Ok(Some(p)) = pods.get_opt(&name).await
+        && p.labels().get(JOB_UID_LABEL) == job.uid().as_ref()
+    {
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { uid: p.uid(), resource_version: None }),
+            ..Default::default()
+        };
+        if let Err(e) = pods.delete(&name, &dp).await
+            && !matches!(api_code(&e), Some(404) | Some(409))
+        {
+            tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
+    use tokio_util::sync::CancellationToken;
+
+    fn job() -> BackgroundJob {
+        let spec = serde_json::from_value(serde_json::json!({
+            "jobName": "render",
+            "args": {"page": 3},
+            "template": {"metadata": {"labels": {"app": "renderer"}},
+                         "spec": {"restartPolicy": "OnFailure", "containers": [{"name": "main", "image": "busybox",
+                                  "env": [{"name": "BGJOBS_ATTEMPT", "value": "stale"}, {"name": "KEEP", "value": "1"}]}]}}
+        }))
+        .unwrap();
+        let mut j = BackgroundJob::new("render-7", spec);
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.uid = Some("uid-7".into());
+        j
+    }
+
+    fn ctx(attempt: i32) -> JobContext {
+        JobContext {
+            namespace: "ns".into(),
+            name: "render-7".into(),
+            uid: "uid-7".into(),
+            job_name: "render".into(),
+            attempt,
+            worker: "w".into(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn the_pod_of_an_attempt_has_a_deterministic_name_owner_labels_and_the_job_in_its_env() {
+        let pod = pod_for(&job(), &ctx(2)).unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("render-7-2"));
+        let labels = pod.metadata.labels.unwrap();
+        assert_eq!(
+            (labels["app"].as_str(), labels[JOB_UID_LABEL].as_str(), labels[ATTEMPT_LABEL].as_str()),
+            ("renderer", "uid-7", "2")
+        );
+        assert_eq!(pod.metadata.owner_references.unwrap()[0].uid, "uid-7");
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"), "retries belong to the job");
+        let env: BTreeMap<String, String> = spec.containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect();
+        assert_eq!(env["BGJOBS_ATTEMPT"], "2");
+        assert_eq!(env["BGJOBS_JOB"], "ns/render-7");
+        assert_eq!(env["BGJOBS_ARGS"], r#"{"page":3}"#);
+        assert_eq!(env["KEEP"], "1");
+    }
+
+    #[test]
+    fn a_template_without_containers_fails_permanently() {
+        let mut j = job();
+        j.spec.template.as_mut().unwrap().spec.as_mut().unwrap().containers.clear();
+        assert!(pod_for(&j, &ctx(1)).unwrap_err().contains("at least one container"));
+    }
+
+    #[test]
+    fn a_failed_pod_reports_the_exit_code_and_reason() {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("render-7-1".into());
+        pod.status = Some(PodStatus {
+            phase: Some("Failed".into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "main".into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 3,
+                        reason: Some("Error".into()),
+                        message: Some("disk full".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        assert_eq!(
+            outcome(&pod),
+            AttemptResult::Retryable(
+                "pod render-7-1 failed: container main exited with code 3 (Error): disk full".into()
+            )
+        );
+    }
+}
