@@ -63,6 +63,8 @@ pub struct Dispatcher {
     slot_observer: Observer,
     /// Concurrency-key Leases (`namespace/name`) as last seen.
     key_observer: Observer,
+    /// Member Leases as last seen.
+    member_observer: Observer,
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been runnable, as seen here (for the overdue rule of [`ordering::pick`]).
     runnable_since: HashMap<String, Instant>,
@@ -104,6 +106,7 @@ impl Dispatcher {
             observer: Observer::default(),
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
+            member_observer: Observer::default(),
             slots_in_use: HashMap::new(),
             runnable_since: HashMap::new(),
             window_since: HashMap::new(),
@@ -376,9 +379,13 @@ impl Dispatcher {
             free = free.min(slots.len());
         }
         candidates.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut workers: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
-        workers.insert(&self.worker.identity);
-        let workers = workers.len();
+        // How many replicas race for the head: the live members (known from the start), or the holders of claim
+        // Leases if more are seen (replicas of an older version without member Leases).
+        let (me, timing) = (self.worker.identity.clone(), self.worker.timing);
+        let members = crate::members::live(&self.view.members, &mut self.member_observer, Instant::now(), &timing, &me);
+        let mut holders: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
+        holders.insert(&me);
+        let workers = members.len().max(holders.len());
 
         // Overdue means "passed over at the head of the queue": in the pick window for longer than OVERDUE_AFTER.
         // Time spent deep in a backlog does not count, or every replica would go for the same old jobs.
