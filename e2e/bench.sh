@@ -55,6 +55,7 @@ BASELINE_REPLICAS=${BENCH_BASELINE_REPLICAS:-4}
 STALL=${BENCH_STALL:-120}
 BIN=${BGJOBS_BIN:-$ROOT/target/release/bgjobs}
 RATE_BIN=$ROOT/target/release/examples/lease_write_rate
+BIN_SOURCE=$BIN
 
 BENCH_DIR=$ROOT/target/bench
 RUN_DIR=$BENCH_DIR/run-$(date +%Y%m%d-%H%M%S)
@@ -62,7 +63,9 @@ PID_DIR=$BENCH_DIR/pids # shared by every run, so a later run can find replicas 
 NS_PREFIX=bgjobs-bench
 CLK_TCK=$(getconf CLK_TCK)
 
-REPLICA_PIDS=()  # exactly the operator processes this run started; the only processes the script ever signals
+REPLICA_PIDS=()  # exactly the operator processes this run started; with WATCH_PIDS, the only ones the script signals
+WATCH_PIDS=()    # the `kubectl get --raw ...?watch=1` processes counting writes in the scenario's namespace
+WATCH_FILES=()   # their output files, in the same order
 CURRENT_NS=""    # the namespace of the scenario in progress, deleted by the exit trap if the run is aborted
 FAILED_CHECKS=0  # scenarios that lost or duplicated a job, or did not finish
 
@@ -110,6 +113,15 @@ prepare() {
     [ -x "$RATE_BIN" ] || die "no lease_write_rate example at $RATE_BIN"
   fi
   mkdir -p "$RUN_DIR" "$PID_DIR"
+  # Freeze the binaries for the whole run: other people's `cargo build --release` may replace target/release/bgjobs
+  # halfway through, and every scenario must measure the same operator.
+  cp "$BIN" "$RUN_DIR/bgjobs"
+  BIN_SOURCE=$BIN
+  BIN=$RUN_DIR/bgjobs
+  if wants noop; then
+    cp "$RATE_BIN" "$RUN_DIR/lease_write_rate"
+    RATE_BIN=$RUN_DIR/lease_write_rate
+  fi
   : >"$RUN_DIR/order.txt"
   machine_info >"$RUN_DIR/machine.txt"
   cat "$RUN_DIR/machine.txt"
@@ -122,7 +134,7 @@ machine_info() {
   echo "date: $(date -Is)"
   echo "machine: $(nproc) CPUs (${cpu:-unknown model}), $mem memory, $(uname -sr)"
   echo "control plane: kube-apiserver $(kubectl version -o json 2>/dev/null | jq -r '.serverVersion.gitVersion // "?"') on loopback, etcd --unsafe-no-fsync, same machine"
-  echo "bgjobs: $BIN ($(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown))"
+  echo "bgjobs: ${BIN_SOURCE#"$ROOT"/} (working tree at $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)), copied for the run"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
@@ -182,10 +194,46 @@ PY
 
 # The apiserver's own request counters; compared before and after to count writes without trusting the client.
 metrics_snapshot() {
-  kubectl get --raw /metrics 2>/dev/null | grep '^apiserver_request_total{' >"$1" || {
+  # Also the watchers the apiserver force-closed for not keeping up (its watch cache gives each a small buffer): the
+  # replicas' own watches included, which then have to re-watch or re-list.
+  kubectl get --raw /metrics 2>/dev/null | grep -E '^apiserver_(request_total|terminated_watchers_total)\{' >"$1" || {
     echo "warning: could not read the apiserver's /metrics; write counts will be missing" >&2
     : >"$1"
   }
+}
+
+# The apiserver's counters have no namespace label: on a shared control plane (colleagues' tests, the demo) they
+# also count other clients' writes. Watching the scenario's namespace counts exactly the successful writes made
+# there (one watch event per create, update or delete), so the analysis can tell the two apart. The watches start
+# at the resourceVersion of a fresh list, i.e. after the jobs were created.
+start_watches() { # dir ns
+  local dir=$1 ns=$2 spec name path rv
+  for spec in "backgroundjobs:/apis/bgjobs.dev/v1alpha1/namespaces/$ns/backgroundjobs" \
+    "leases:/apis/coordination.k8s.io/v1/namespaces/$ns/leases" "events:/api/v1/namespaces/$ns/events"; do
+    name=${spec%%:*} path=${spec#*:}
+    rv=$(kubectl get --raw "$path?limit=1" | jq -r '.metadata.resourceVersion')
+    kubectl get --raw "$path?watch=1&resourceVersion=$rv" >"$dir/watch-$name.jsonl" 2>"$dir/watch-$name.err" &
+    WATCH_PIDS+=($!)
+    WATCH_FILES+=("$dir/watch-$name.jsonl")
+  done
+}
+
+# A watch that ended before we stop it (the apiserver closed it, kubectl gave up) missed events: mark it, so the
+# analysis does not mistake the missing events for other clients' writes.
+stop_watches() {
+  local i rc
+  for i in ${WATCH_PIDS[@]+"${!WATCH_PIDS[@]}"}; do
+    if kill -0 "${WATCH_PIDS[i]}" 2>/dev/null; then
+      kill -TERM "${WATCH_PIDS[i]}" 2>/dev/null || true
+      wait "${WATCH_PIDS[i]}" 2>/dev/null || true
+    else
+      rc=0
+      wait "${WATCH_PIDS[i]}" 2>/dev/null || rc=$?
+      echo "exit status $rc" >"${WATCH_FILES[i]%.jsonl}.ended-early"
+    fi
+  done
+  WATCH_PIDS=()
+  WATCH_FILES=()
 }
 
 # --- operator replicas --------------------------------------------------------------------------------------------
@@ -226,7 +274,7 @@ start_replicas() { # dir ns count slots extra-args...
     REPLICA_PIDS+=($!)
     echo $! >"$PID_DIR/bench-$i.pid"
   done
-  echo "started $n replicas (pids ${REPLICA_PIDS[*]}), logs in ${dir#"$ROOT"/}/replica-N.log"
+  echo "started $n replica$( ((n > 1)) && echo s) (pids ${REPLICA_PIDS[*]}), logs in ${dir#"$ROOT"/}/replica-N.log"
   # Only to catch a replica that cannot start; the clock starts at the first attempt, not here.
   local deadline=$((SECONDS + 60))
   for ((i = 1; i <= n; i++)); do
@@ -274,6 +322,7 @@ replicas_cpu_seconds() {
 on_exit() {
   local rc=$?
   stop_replicas
+  stop_watches
   if [ -n "$CURRENT_NS" ]; then
     echo "deleting namespace $CURRENT_NS (run aborted; logs stay in ${RUN_DIR#"$ROOT"/})" >&2
     kubectl delete namespace "$CURRENT_NS" --wait=false >/dev/null 2>&1 || true
@@ -324,7 +373,7 @@ wait_all_finished() { # dir ns jobs
 scenario() {
   local id=$1 title=$2 strategy=$3 n=$4 slots=$5 jobs=$6 handler=$7 args=$8 job_seconds=$9
   local dir=$RUN_DIR/$id ns=$NS_PREFIX-$id
-  step "$title: $jobs x $handler on $n replicas x $slots slots ($strategy strategy)"
+  step "$title: $jobs x $handler on $n replica$( ((n > 1)) && echo s) x $slots slot$( ((slots > 1)) && echo s) ($strategy strategy)"
   mkdir -p "$dir"
   echo "$id" >>"$RUN_DIR/order.txt"
   fresh_namespace "$ns"
@@ -344,6 +393,7 @@ scenario() {
   local api_cpu0 etcd_cpu0
   api_cpu0=$(cpu_seconds "$apiserver_pid")
   etcd_cpu0=$(cpu_seconds "$etcd_pid")
+  start_watches "$dir" "$ns"
 
   local extra=()
   [ "$strategy" = exclusive ] && extra=(--strategy exclusive --lease-namespace "$ns")
@@ -354,6 +404,8 @@ scenario() {
   replica_cpu=$(replicas_cpu_seconds)
   stop_replicas
   metrics_snapshot "$dir/metrics-2-after.txt"
+  sleep 1 # the watch events of the last writes are on their way
+  stop_watches
   api_cpu=$(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))' "$api_cpu0" "$(cpu_seconds "$apiserver_pid")")
   etcd_cpu=$(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))' "$etcd_cpu0" "$(cpu_seconds "$etcd_pid")")
 
@@ -456,6 +508,8 @@ def load(name):
 def writes(a, b):
     by = defaultdict(float)
     for series, v in b.items():
+        if not series.startswith("apiserver_request_total{"):
+            continue
         lab = dict(LABEL.findall(series))
         if lab.get("verb") not in WRITE_VERBS:
             continue
@@ -470,10 +524,34 @@ by_resource = {r: int(sum(v for (res, _, _), v in run_w.items() if res == r)) fo
 by_verb = defaultdict(int)
 for (res, verb, code), v in run_w.items():
     if res in QUEUE_RESOURCES:
-        by_verb[f"{res} {verb}"] += int(v)
+        by_verb[f"{res} {verb}" + ("" if code.startswith("2") else f" ({code})")] += int(v)
+terminated = {}
+for series, v in m2.items():
+    if series.startswith("apiserver_terminated_watchers_total{") and v - m1.get(series, 0.0) > 0:
+        terminated[dict(LABEL.findall(series)).get("resource", "?")] = int(v - m1.get(series, 0.0))
 conflict_409 = int(sum(v for (res, _, code), v in run_w.items() if res in QUEUE_RESOURCES and code == "409"))
 other = int(sum(v for (res, _, _), v in run_w.items() if res not in QUEUE_RESOURCES))
 queue_writes = sum(by_resource.values())
+
+# Successful writes in this scenario's namespace, from the watches (see start_watches).
+watched = {}
+for r in QUEUE_RESOURCES:
+    try:
+        types = [json.loads(l).get("type") for l in open(os.path.join(d, f"watch-{r}.jsonl")) if l.strip()]
+    except (OSError, ValueError):
+        watched = None
+        break
+    if "ERROR" in types or os.path.exists(os.path.join(d, f"watch-{r}.ended-early")):
+        watched = None  # incomplete: it cannot tell this benchmark's writes from other clients'
+        break
+    watched[r] = sum(1 for t in types if t in ("ADDED", "MODIFIED", "DELETED"))
+# What the apiserver counted beyond this namespace's successful writes and its 409s came from other clients.
+foreign = queue_writes - conflict_409 - sum(watched.values()) if have_metrics and watched is not None else None
+contaminated = foreign is not None and foreign > max(5, 0.01 * queue_writes)
+# Then count only this namespace's successful writes plus the 409s the replicas caused: each lost claim is exactly
+# one 409 answer (a Lease create or a status write), which the replicas count as claim_conflicts.
+own_409 = min(conflict_409, counters.get("claim_conflicts", 0))
+own_writes = sum(watched.values()) + own_409 if contaminated else queue_writes
 enqueue_writes = int(sum(v for (res, _, _), v in writes(m0, m1).items() if res == "backgroundjobs")) if m0 and m1 else None
 
 result = dict(meta)
@@ -482,7 +560,9 @@ result.update(
     overlaps=overlaps, unended=unended, started=len(execs), not_succeeded=not_succeeded, phases=dict(phases),
     per_worker=dict(sorted(per_worker.items())), start_skew_s=skew, utilization=utilization,
     counters=dict(counters), missing_stats=missing_stats,
-    api_writes=queue_writes if have_metrics else None, api_writes_per_job=queue_writes / jobs if have_metrics else None,
+    api_writes_all_clients=queue_writes if have_metrics else None,
+    api_writes=own_writes if have_metrics else None, api_writes_per_job=own_writes / jobs if have_metrics else None,
+    watched_writes=watched, foreign_writes=foreign, contaminated=contaminated, terminated_watchers=terminated,
     api_writes_by_resource=by_resource, api_writes_by_verb=dict(sorted(by_verb.items())), api_409=conflict_409,
     other_writes=other, enqueue_writes=enqueue_writes,
     conflicts_per_job=counters.get("claim_conflicts", 0) / jobs,
@@ -513,10 +593,21 @@ for k in ("takeovers", "stale_results_discarded", "renew_failures"):
 if missing_stats:
     row("no final stats line", ", ".join(missing_stats))
 if have_metrics:
-    row("API writes", f"{queue_writes}", f"{queue_writes / jobs:.2f} per job: " + ", ".join(f"{r} {c}" for r, c in by_resource.items()))
+    row("API writes", f"{queue_writes}", f"{queue_writes / jobs:.2f} per job (apiserver_request_total): " + ", ".join(f"{r} {c}" for r, c in by_resource.items()))
     row("", "", "; ".join(f"{k} {v}" for k, v in sorted(by_verb.items())) + f"; {conflict_409} answered 409")
+    if watched is not None:
+        row("seen in namespace", f"{sum(watched.values())}", "successful writes (watch events): " + ", ".join(f"{r} {c}" for r, c in watched.items())
+            + f"; + {conflict_409} answered 409 = {sum(watched.values()) + conflict_409}")
+    if terminated:
+        row("watchers cut", f"{sum(terminated.values())}", "watches the apiserver closed for not keeping up (any client): "
+            + ", ".join(f"{k} {v}" for k, v in terminated.items()))
+    if watched is None:
+        row("seen in namespace", "n/a", "a namespace watch ended early (watch-*.ended-early): other clients' writes cannot be told apart")
+    if contaminated:
+        row("OTHER CLIENTS", f"{queue_writes - own_writes}", f"writes to these resources by other clients of the shared apiserver: not counted; "
+            f"this benchmark's: {sum(watched.values())} + {own_409} lost claims = {own_writes / jobs:.2f} writes/job")
     if other:
-        row("other writes", f"{other}", "to other resources in the same interval (other clients of this apiserver)")
+        row("other writes", f"{other}", "to other resources in the same interval (other clients, controllers)")
 row("CPU", f"{meta['replica_cpu_s']:.1f} s", f"replicas; apiserver {meta['apiserver_cpu_s']:.1f} s, etcd {meta['etcd_cpu_s']:.1f} s (load {meta['load_before']} -> {meta['load_after']})")
 ok = duplicates == 0 and overlaps == 0 and not_succeeded == 0 and meta["complete"]
 if not ok:
@@ -580,20 +671,36 @@ for line in open(os.path.join(run, "machine.txt")):
     print(f"- {line.strip()}")
 print()
 print("Jobs are created before the replicas start (one `kubectl create -f`); makespan = first attempt start -> "
-      "last attempt end (invocation logs); ideal = jobs / (replicas x slots) x job seconds; efficiency = ideal / makespan.\n")
-print("| scenario | strategy | replicas x slots | jobs | makespan | ideal | efficiency | jobs/s | duplicates | not succeeded | claim conflicts/job | API writes/job |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "last attempt end (invocation logs); ideal = jobs / (replicas x slots) x job seconds; efficiency = ideal / makespan; "
+      "API writes = the apiserver's apiserver_request_total for backgroundjobs, leases and events (POST/PUT/PATCH/DELETE/APPLY, "
+      "any response code) from replica start to replica stop, so the enqueue POST is not included; load = the machine's "
+      "1-minute load average before and after the scenario (the control plane, the replicas and anything else share "
+      f"{os.cpu_count()} CPUs).\n")
+print("| scenario | strategy | replicas x slots | jobs | makespan | ideal | efficiency | jobs/s | duplicates | not succeeded | claim conflicts/job | API writes/job | load 1 min |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for i in order:
     r = res.get(i)
     if not r:
-        print(f"| {i} | (no result) |||||||||||")
+        print(f"| {i} | (no result) ||||||||||||")
         continue
     print(f"| {r['title']} | {r['strategy']} | {r['replicas']} x {r['slots']} | {r['jobs']} x {r['handler']}"
           + (f" {r['seconds']:g} s" if r['handler'] == 'sleep' else "")
           + f" | {f(r['makespan_s'], '.1f', ' s')} | {f(r['ideal_s'], '.1f', ' s')} | {f(r['efficiency'] and 100 * r['efficiency'], '.1f', ' %')}"
           + f" | {f(r['jobs_per_s'], '.1f')} | {r['duplicates']} | {r['not_succeeded']} | {r['conflicts_per_job']:.3f}"
-          + f" | {f(r['api_writes_per_job'], '.2f')} |")
+          + f" | {f(r['api_writes_per_job'], '.2f')}{' *' if r.get('contaminated') else ''}"
+          + f" | {r['load_before']:g} -> {r['load_after']:g} |")
 
+seed = res.get("seed")
+if seed and seed.get("efficiency"):
+    verdict = "met" if seed["efficiency"] >= 0.95 else "missed"
+    import math
+    floor = math.ceil(seed["jobs"] / (seed["replicas"] * seed["slots"])) * seed["seconds"]
+    print(f"\nseed efficiency {100 * seed['efficiency']:.1f} % (goal >= 95 %): {verdict}; duplicates {seed['duplicates']} (must be 0). "
+          f"Equal jobs run in whole rounds, so no schedule beats {floor:g} s here: at most {100 * seed['ideal_s'] / floor:.1f} % by this definition.")
+if any(r.get("contaminated") for r in res.values()):
+    print("\n\\* other clients of the shared apiserver wrote to these resources during the run (seen as apiserver-counted writes "
+          "that the scenario namespace's watch did not see); the figure is this benchmark's own: successful writes in its "
+          "namespace (watch events) + one 409 answer per claim conflict the replicas counted.")
 noop = res.get("noop")
 if noop or raw:
     print("\n| no-op throughput | value |")
@@ -601,8 +708,8 @@ if noop or raw:
     if noop:
         print(f"| jobs/s ({noop['jobs']} noop jobs, {noop['replicas']} x {noop['slots']}) | {f(noop['jobs_per_s'], '.1f')} |")
         br = noop.get("api_writes_by_resource") or {}
-        print(f"| API writes per job (operator, excl. the enqueue POST) | {f(noop['api_writes_per_job'], '.2f')} "
-              f"({', '.join(f'{k} {v / noop['jobs']:.2f}' for k, v in br.items())}) |")
+        per_res = ", ".join(f"{k} {v / noop['jobs']:.2f}" for k, v in br.items())
+        print(f"| API writes per job (operator, excl. the enqueue POST) | {f(noop['api_writes_per_job'], '.2f')} ({per_res}) |")
         print(f"| API writes during the run, by resource and verb | {'; '.join(f'{k} {v}' for k, v in noop['api_writes_by_verb'].items())} ({noop['api_409']} answered 409) |")
         print(f"| claim conflicts per job | {noop['conflicts_per_job']:.3f} ({noop['counters'].get('claim_conflicts', 0)} total) |")
         print(f"| CPU during the run | replicas {noop['replica_cpu_s']:.1f} s, apiserver {noop['apiserver_cpu_s']:.1f} s, etcd {noop['etcd_cpu_s']:.1f} s |")
@@ -642,7 +749,7 @@ main() {
   fi
   if wants scaling; then
     for r in $SCALING; do
-      scenario "scale-$r" "scaling: $r replicas" parallel "$r" "$SLOTS" "$JOBS" sleep "{\"seconds\": $JOB_SECONDS}" "$JOB_SECONDS"
+      scenario "scale-$r" "scaling: $r replica$( ((r > 1)) && echo s)" parallel "$r" "$SLOTS" "$JOBS" sleep "{\"seconds\": $JOB_SECONDS}" "$JOB_SECONDS"
     done
   fi
   if wants noop; then
@@ -662,4 +769,6 @@ main() {
   fi
 }
 
-main "$@"
+# One line, so bash has parsed it all before main runs: editing this file during a long run cannot make bash
+# execute whatever bytes end up after the old end of the file.
+main "$@"; exit $?
