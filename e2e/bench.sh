@@ -37,6 +37,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=e2e/lib.sh
+. "$ROOT/e2e/lib.sh"
 cd "$ROOT"
 
 SCENARIOS=${BENCH_SCENARIOS:-seed scaling noop baseline}
@@ -238,77 +240,10 @@ stop_watches() {
 
 # --- operator replicas --------------------------------------------------------------------------------------------
 
-# A replica of an aborted run (SIGKILLed script, closed terminal) would steal jobs and CPU. Stop it, but only after
-# checking that the PID in the PID file is still a bench replica (PIDs get reused).
-stop_leftover_replicas() {
-  local f pid
-  for f in "$PID_DIR"/*.pid; do
-    [ -e "$f" ] || continue
-    pid=$(cat "$f")
-    if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null &&
-      tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "operator --namespace $NS_PREFIX-"; then
-      echo "stopping a replica left over from an earlier bench run (pid $pid)"
-      kill -TERM "$pid" 2>/dev/null || true
-      wait_gone "$pid" 40 || kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
-  done
-}
-
-# wait_gone PID SECONDS: true once PID has exited.
-wait_gone() {
-  local pid=$1 i
-  for ((i = 0; i < $2 * 10; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 start_replicas() { # dir ns count slots extra-args...
-  local dir=$1 ns=$2 n=$3 slots=$4 i
+  local dir=$1 ns=$2 n=$3 slots=$4
   shift 4
-  for ((i = 1; i <= n; i++)); do
-    "$BIN" operator --namespace "$ns" --identity "bench-$i" --max-concurrent-jobs-per-instance "$slots" "$@" \
-      --invocation-log "$dir/replica-$i.inv" >"$dir/replica-$i.log" 2>&1 &
-    REPLICA_PIDS+=($!)
-    echo $! >"$PID_DIR/bench-$i.pid"
-  done
-  echo "started $n replica$( ((n > 1)) && echo s) (pids ${REPLICA_PIDS[*]}), logs in ${dir#"$ROOT"/}/replica-N.log"
-  # Only to catch a replica that cannot start; the clock starts at the first attempt, not here.
-  local deadline=$((SECONDS + 60))
-  for ((i = 1; i <= n; i++)); do
-    until grep -q "caches synced" "$dir/replica-$i.log" 2>/dev/null; do
-      if ! kill -0 "${REPLICA_PIDS[i - 1]}" 2>/dev/null; then
-        tail -n 20 "$dir/replica-$i.log" >&2
-        die "replica bench-$i exited during start-up (log above: $dir/replica-$i.log)"
-      fi
-      ((SECONDS < deadline)) || die "replica bench-$i did not sync its caches within 60 s ($dir/replica-$i.log)"
-      sleep 0.1
-    done
-  done
-}
-
-# Stop exactly the replicas this run started: SIGTERM lets each finish (or hand back) its attempts and print its
-# counters. Idempotent: runs after every scenario, and from the exit trap.
-stop_replicas() {
-  local pid alive=()
-  for pid in ${REPLICA_PIDS[@]+"${REPLICA_PIDS[@]}"}; do
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null && alive+=("$pid")
-    fi
-  done
-  for pid in ${alive[@]+"${alive[@]}"}; do
-    wait_gone "$pid" 40 || {
-      echo "replica pid $pid did not stop within 40 s of SIGTERM: killing it" >&2
-      kill -KILL "$pid" 2>/dev/null || true
-    }
-  done
-  for pid in ${REPLICA_PIDS[@]+"${REPLICA_PIDS[@]}"}; do
-    wait "$pid" 2>/dev/null || true # reap, so bash does not report "Terminated" later
-  done
-  REPLICA_PIDS=()
-  rm -f "$PID_DIR"/bench-*.pid
+  launch_replicas "$dir" "$PID_DIR" "$ns" "$n" "$slots" bench "$@"
 }
 
 replicas_cpu_seconds() {
@@ -321,7 +256,7 @@ replicas_cpu_seconds() {
 
 on_exit() {
   local rc=$?
-  stop_replicas
+  stop_replicas "$PID_DIR" bench
   stop_watches
   if [ -n "$CURRENT_NS" ]; then
     echo "deleting namespace $CURRENT_NS (run aborted; logs stay in ${RUN_DIR#"$ROOT"/})" >&2
@@ -402,7 +337,7 @@ scenario() {
   wait_all_finished "$dir" "$ns" "$jobs" || complete=0
   local replica_cpu api_cpu etcd_cpu
   replica_cpu=$(replicas_cpu_seconds)
-  stop_replicas
+  stop_replicas "$PID_DIR" bench
   metrics_snapshot "$dir/metrics-2-after.txt"
   sleep 1 # the watch events of the last writes are on their way
   stop_watches
@@ -742,7 +677,7 @@ main() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
   prepare
-  stop_leftover_replicas
+  stop_leftover_replicas "$PID_DIR"/*.pid -- "operator --namespace $NS_PREFIX-"
   local r
   if wants seed; then
     scenario seed "seed" parallel "$REPLICAS" "$SLOTS" "$JOBS" sleep "{\"seconds\": $JOB_SECONDS}" "$JOB_SECONDS"

@@ -19,6 +19,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=e2e/lib.sh
+. "$ROOT/e2e/lib.sh"
 cd "$ROOT"
 
 NS=bgjobs-demo
@@ -85,91 +87,19 @@ fresh_namespace() {
 
 # --- 3. operator replicas ----------------------------------------------------------------------------------------
 
-# A replica from an earlier demo killed too hard to run its trap (SIGKILL, a closed terminal) would steal jobs
-# and write into the same invocation logs. Stop it, but only after checking that the PID in our PID file is still
-# that replica (PIDs get reused).
-stop_leftover_replicas() {
-  local f pid
-  for f in "$DEMO_DIR"/replica-*.pid; do
-    [ -e "$f" ] || continue
-    pid=$(cat "$f")
-    if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null &&
-      tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "operator --namespace $NS --identity replica-"; then
-      echo "stopping replica left over from an earlier demo (pid $pid)"
-      kill -TERM "$pid" 2>/dev/null || true
-      wait_gone "$pid" 40 || kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
-  done
-}
-
-# wait_gone PID SECONDS: true once PID has exited.
-wait_gone() {
-  local pid=$1 i
-  for ((i = 0; i < $2 * 10; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 start_replicas() {
   step "starting $REPLICAS operator replicas ($SLOTS slots each)"
   mkdir -p "$DEMO_DIR"
   # Only our own files: .demo may hold other people's experiments. Invocation logs are appended to, so start empty.
   rm -f "$DEMO_DIR"/replica-*.log "$DEMO_DIR"/replica-*.inv "$DEMO_DIR"/jobs.yaml "$DEMO_DIR"/final-jobs.json
-  local i
-  for ((i = 1; i <= REPLICAS; i++)); do
-    "$BIN" operator --namespace "$NS" --identity "replica-$i" --max-concurrent-jobs-per-instance "$SLOTS" \
-      --invocation-log "$DEMO_DIR/replica-$i.inv" >"$DEMO_DIR/replica-$i.log" 2>&1 &
-    REPLICA_PIDS+=($!)
-    echo $! >"$DEMO_DIR/replica-$i.pid"
-    echo "replica-$i: pid $!, log .demo/replica-$i.log"
-  done
-  # Enqueue only once every replica dispatches, so all of them compete from the first job on.
-  local deadline=$((SECONDS + 60))
-  for ((i = 1; i <= REPLICAS; i++)); do
-    until grep -q "caches synced" "$DEMO_DIR/replica-$i.log" 2>/dev/null; do
-      if ! kill -0 "${REPLICA_PIDS[i - 1]}" 2>/dev/null; then
-        tail -n 20 "$DEMO_DIR/replica-$i.log" >&2
-        die "replica-$i exited during start-up (log above: .demo/replica-$i.log)"
-      fi
-      ((SECONDS < deadline)) || die "replica-$i did not sync its caches within 60 s (.demo/replica-$i.log)"
-      sleep 0.2
-    done
-  done
+  launch_replicas "$DEMO_DIR" "$DEMO_DIR" "$NS" "$REPLICAS" "$SLOTS" replica
   echo "all replicas are dispatching"
-}
-
-# Stop exactly the replicas this run started: SIGTERM makes each finish its running jobs (up to its 25 s shutdown
-# grace), hand back the rest and exit. Idempotent: runs on normal exit, on failure, and on Ctrl-C.
-stop_replicas() {
-  local pid alive=()
-  for pid in ${REPLICA_PIDS[@]+"${REPLICA_PIDS[@]}"}; do
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null && alive+=("$pid")
-    fi
-  done
-  if [ ${#alive[@]} -gt 0 ]; then
-    echo "stopping replicas (pids ${alive[*]}); running jobs get up to 25 s to finish"
-    for pid in "${alive[@]}"; do
-      wait_gone "$pid" 40 || {
-        echo "replica pid $pid did not stop within 40 s: killing it" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-      }
-    done
-  fi
-  for pid in ${REPLICA_PIDS[@]+"${REPLICA_PIDS[@]}"}; do
-    wait "$pid" 2>/dev/null || true # reap, so bash does not report "Terminated" later
-  done
-  REPLICA_PIDS=()
-  rm -f "$DEMO_DIR"/replica-*.pid
 }
 
 on_exit() {
   local rc=$?
   [ "$CURSOR_HIDDEN" = 1 ] && { tput cnorm 2>/dev/null || true; }
-  stop_replicas
+  stop_replicas "$DEMO_DIR" replica
   exit "$rc"
 }
 
@@ -468,14 +398,14 @@ main() {
   trap 'echo; exit 130' INT # echo: start a fresh line after the ^C
   trap 'exit 143' TERM
   prepare
-  stop_leftover_replicas
+  stop_leftover_replicas "$DEMO_DIR"/replica-*.pid -- "operator --namespace $NS --identity replica-"
   fresh_namespace
   start_replicas
   enqueue_jobs
   watch_progress
   # Stop the replicas before summing up: their last log line carries their counters.
   step "stopping the replicas"
-  stop_replicas
+  stop_replicas "$DEMO_DIR" replica
   local rc=0
   summarize || rc=$?
   how_to_look
