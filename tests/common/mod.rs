@@ -57,6 +57,18 @@ pub fn unique() -> String {
     format!("{:x}{:x}{}", std::process::id() % 0xffff, nanos % 0xfffff, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// What [`TestEnv::replica_with`] changes about a replica.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaOptions {
+    /// Kubeconfig of the replica (default: [`kubeconfig_path`], the admin's).
+    pub kubeconfig: Option<PathBuf>,
+    /// More environment variables (set after `KUBECONFIG` and `RUST_LOG`, so they may override them).
+    pub env: Vec<(String, String)>,
+    /// Watch every namespace (no `--namespace`). Use a queue of the test's own (`--queues`): such a replica also
+    /// sees the jobs of every other test.
+    pub all_namespaces: bool,
+}
+
 /// One test's namespace, client and scratch directory.
 pub struct TestEnv {
     /// Client for the local control plane.
@@ -92,17 +104,27 @@ impl TestEnv {
 
     /// Start an operator replica in this namespace with fast leases and `extra` flags.
     pub fn replica(&self, identity: &str, extra: &[&str]) -> Replica {
+        self.replica_with(identity, extra, &ReplicaOptions::default())
+    }
+
+    /// Like [`TestEnv::replica`], with another kubeconfig (e.g. a ServiceAccount token's), more environment
+    /// variables, or every namespace in scope.
+    pub fn replica_with(&self, identity: &str, extra: &[&str], options: &ReplicaOptions) -> Replica {
         let log = self.dir.join(format!("{identity}.log"));
         let invocations = self.dir.join(format!("{identity}.inv"));
-        let mut args: Vec<String> =
-            vec!["operator".into(), "--namespace".into(), self.ns.clone(), "--identity".into(), identity.into()];
+        let mut args: Vec<String> = vec!["operator".into()];
+        if !options.all_namespaces {
+            args.extend(["--namespace".to_string(), self.ns.clone()]);
+        }
+        args.extend(["--identity".to_string(), identity.into()]);
         args.extend(["--invocation-log".to_string(), invocations.display().to_string()]);
         args.extend(FAST_LEASES.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
             .args(&args)
-            .env("KUBECONFIG", kubeconfig_path())
+            .env("KUBECONFIG", options.kubeconfig.clone().unwrap_or_else(kubeconfig_path))
             .env("RUST_LOG", "info,bgjobs=debug,kube=warn")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

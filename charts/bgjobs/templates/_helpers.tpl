@@ -1,0 +1,156 @@
+{{/* Names and labels. */}}
+{{- define "bgjobs.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "bgjobs.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Cluster-scoped objects carry the release namespace: two releases of the same name must not collide. */}}
+{{- define "bgjobs.clusterName" -}}
+{{- printf "%s-%s" (include "bgjobs.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
+{{- define "bgjobs.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "bgjobs.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "bgjobs.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "bgjobs.labels" -}}
+helm.sh/chart: {{ include "bgjobs.chart" . }}
+{{ include "bgjobs.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: bgjobs
+{{- end -}}
+
+{{- define "bgjobs.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "bgjobs.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "bgjobs.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespace of the cluster-wide Leases (exclusive strategy, cluster slots). */}}
+{{- define "bgjobs.leaseNamespace" -}}
+{{- default .Release.Namespace .Values.operator.leaseNamespace -}}
+{{- end -}}
+
+{{/* A duration as the operator reads it (15s, 500ms, 2m, 1h, or plain seconds), in milliseconds. */}}
+{{- define "bgjobs.ms" -}}
+{{- $s := toString . | trim -}}
+{{- if hasSuffix "ms" $s -}}
+{{- trimSuffix "ms" $s | int64 -}}
+{{- else if hasSuffix "h" $s -}}
+{{- mul (trimSuffix "h" $s | int64) 3600000 -}}
+{{- else if hasSuffix "m" $s -}}
+{{- mul (trimSuffix "m" $s | int64) 60000 -}}
+{{- else -}}
+{{- mul (trimSuffix "s" $s | int64) 1000 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whole seconds, rounded up, of a duration. */}}
+{{- define "bgjobs.seconds" -}}
+{{- div (add (include "bgjobs.ms" . | int64) 999) 1000 -}}
+{{- end -}}
+
+{{/* The Pod's termination grace period: shutdown grace + renew deadline (hand-back) + 5 s to exit. */}}
+{{- define "bgjobs.terminationGracePeriodSeconds" -}}
+{{- $needed := add (include "bgjobs.seconds" .Values.operator.shutdownGrace | int64) (include "bgjobs.seconds" .Values.operator.renewDeadline | int64) -}}
+{{- if eq (toString .Values.terminationGracePeriodSeconds) "<nil>" -}}
+{{- add $needed 5 -}}
+{{- else if lt (.Values.terminationGracePeriodSeconds | int64) $needed -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) is shorter than operator.shutdownGrace + operator.renewDeadline (%d s): Kubernetes would kill replicas before they hand their running jobs back. Raise it, or leave it null to derive it." .Values.terminationGracePeriodSeconds $needed) -}}
+{{- else -}}
+{{- .Values.terminationGracePeriodSeconds | int64 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Checks the schema cannot express; each fails the install with a message that names the values. */}}
+{{- define "bgjobs.validate" -}}
+{{- $o := .Values.operator -}}
+{{- $lease := include "bgjobs.ms" $o.leaseDuration | int64 -}}
+{{- $deadline := include "bgjobs.ms" $o.renewDeadline | int64 -}}
+{{- $interval := include "bgjobs.ms" $o.renewInterval | int64 -}}
+{{- if not (lt $deadline $lease) -}}
+{{- fail (printf "operator.renewDeadline (%v) must be shorter than operator.leaseDuration (%v)" $o.renewDeadline $o.leaseDuration) -}}
+{{- end -}}
+{{- if not (lt $interval $deadline) -}}
+{{- fail (printf "operator.renewInterval (%v) must be shorter than operator.renewDeadline (%v)" $o.renewInterval $o.renewDeadline) -}}
+{{- end -}}
+{{- if and $o.identity (not (contains "$(POD_NAME)" $o.identity)) (or .Values.autoscaling.enabled (gt (.Values.replicaCount | int) 1)) -}}
+{{- fail (printf "operator.identity %q would be the same on every replica; include $(POD_NAME) in it, or leave it empty" $o.identity) -}}
+{{- end -}}
+{{- if .Values.autoscaling.enabled -}}
+{{- if not (or .Values.autoscaling.cpu.enabled .Values.autoscaling.queueDepth.enabled) -}}
+{{- fail "autoscaling.enabled needs a metric: set autoscaling.cpu.enabled and/or autoscaling.queueDepth.enabled" -}}
+{{- end -}}
+{{- if and .Values.autoscaling.cpu.enabled (not (dig "requests" "cpu" "" .Values.resources)) -}}
+{{- fail "autoscaling.cpu.enabled needs resources.requests.cpu (CPU utilization is measured against the request)" -}}
+{{- end -}}
+{{- if lt (.Values.autoscaling.maxReplicas | int) (.Values.autoscaling.minReplicas | int) -}}
+{{- fail (printf "autoscaling.maxReplicas (%v) is below autoscaling.minReplicas (%v)" .Values.autoscaling.maxReplicas .Values.autoscaling.minReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.podDisruptionBudget.enabled (ne (toString .Values.podDisruptionBudget.minAvailable) "<nil>") (ne (toString .Values.podDisruptionBudget.maxUnavailable) "<nil>") -}}
+{{- fail "podDisruptionBudget: set maxUnavailable or minAvailable, not both (set the other to null)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's permissions on the jobs, wherever it watches them. Nothing else: no Secrets, no ConfigMaps. */}}
+{{- define "bgjobs.rules" -}}
+- apiGroups: ["bgjobs.dev"]
+  resources: ["backgroundjobs"]
+  verbs: ["get", "list", "watch", "delete"]
+- apiGroups: ["bgjobs.dev"]
+  resources: ["backgroundjobs/status"]
+  verbs: ["get", "update"]
+- apiGroups: ["bgjobs.dev"]
+  resources: ["recurringbackgroundjobs"]
+  verbs: ["get", "list", "watch"]
+{{- if .Values.operator.recurringEnabled }}
+# Recurring schedules: create each tick's job, cancel the job a tick replaces, record the schedule's status.
+- apiGroups: ["bgjobs.dev"]
+  resources: ["backgroundjobs"]
+  verbs: ["create", "patch"]
+- apiGroups: ["bgjobs.dev"]
+  resources: ["recurringbackgroundjobs/status"]
+  verbs: ["get", "update"]
+{{- end }}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update", "delete"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- if .Values.podMode.enabled }}
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+{{- end }}
+{{- end -}}
