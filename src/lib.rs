@@ -26,6 +26,7 @@ pub mod lease;
 pub mod limits;
 pub mod members;
 pub mod metrics;
+pub mod nodeagent;
 pub mod operator;
 pub mod ordering;
 pub mod queue;

@@ -381,3 +381,202 @@ impl Drop for Replica {
         }
     }
 }
+
+// --- node agent ---------------------------------------------------------------------------------------------------
+
+/// Label and NoSchedule taint key on every test node agent's Node; the value is the node name.
+pub const TEST_NODE_LABEL: &str = "bgjobs.dev/test-node";
+
+/// What [`TestEnv::node_agent_with`] changes about a node agent.
+#[derive(Clone, Debug, Default)]
+pub struct NodeAgentOptions {
+    /// Node name (default: a unique one).
+    pub node: Option<String>,
+    /// Leave the Node (marked NotReady) when the agent stops, for a restart to adopt; [`NodeAgent`]'s Drop still
+    /// deletes it.
+    pub keep_node: bool,
+    /// More `bgjobs node-agent` flags.
+    pub extra: Vec<String>,
+}
+
+impl TestEnv {
+    /// Start a node agent (the local stand-in for a kubelet) with a Node of its own. Place the test's Pods on it
+    /// with [`NodeAgent::placement`] or [`NodeAgent::pin`], and wait for [`NodeAgent::ready`] before timing anything.
+    pub fn node_agent(&self) -> NodeAgent {
+        self.node_agent_with(&NodeAgentOptions::default())
+    }
+
+    /// Like [`TestEnv::node_agent`], with a given node name, a Node kept on exit, or more flags.
+    pub fn node_agent_with(&self, options: &NodeAgentOptions) -> NodeAgent {
+        NodeAgent::start(&self.dir, options)
+    }
+}
+
+/// A `bgjobs node-agent` process with its own Node, which carries the label and the NoSchedule taint
+/// `bgjobs.dev/test-node=<node>`. The scheduler spreads Pods over every Ready node, other tests' too: the taint
+/// keeps everybody else's Pods off this node, and [`NodeAgent::placement`] puts this test's Pods on it.
+///
+/// Drop stops the agent (SIGTERM: it kills the processes it started) and deletes the Node, so stale nodes do not
+/// accumulate.
+pub struct NodeAgent {
+    child: Option<Child>,
+    args: Vec<String>,
+    /// The Node's name.
+    pub node: String,
+    /// The agent's stderr (appended to across restarts).
+    pub log: PathBuf,
+    /// Its `--work-dir`: Pod scratch directories are in `<work_dir>/<node>/pods`, their logs in
+    /// `<work_dir>/<node>/logs/<namespace>_<pod>_<uid>.log`.
+    pub work_dir: PathBuf,
+}
+
+impl NodeAgent {
+    /// Start an agent whose log and work directory live in `dir`.
+    pub fn start(dir: &Path, options: &NodeAgentOptions) -> NodeAgent {
+        let node = options.node.clone().unwrap_or_else(|| format!("t-node-{}", unique()));
+        let work_dir = dir.join("nodeagent");
+        let label = format!("{TEST_NODE_LABEL}={node}");
+        let mut args: Vec<String> = vec!["node-agent".into(), "--node-name".into(), node.clone()];
+        args.extend(["--node-label".into(), label.clone(), "--node-taint".into(), format!("{label}:NoSchedule")]);
+        args.extend(["--work-dir".into(), work_dir.display().to_string()]);
+        if !options.keep_node {
+            args.push("--delete-node-on-exit".into());
+        }
+        args.extend(options.extra.iter().cloned());
+        let mut agent =
+            NodeAgent { child: None, args, log: dir.join(format!("node-agent-{node}.log")), node, work_dir };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+            .args(&self.args)
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("RUST_LOG", "info,bgjobs=debug,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start bgjobs node-agent");
+        self.child = Some(child);
+    }
+
+    /// Start it again with the same flags (after [`NodeAgent::terminate`] or [`NodeAgent::kill9`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the node agent is still running");
+        self.spawn();
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node agent running").id()
+    }
+
+    /// `nodeSelector` and `tolerations` that put a Pod on this node: merge into a PodSpec's JSON.
+    pub fn placement(&self) -> serde_json::Value {
+        serde_json::json!({
+            "nodeSelector": {TEST_NODE_LABEL: self.node},
+            "tolerations": [{"key": TEST_NODE_LABEL, "operator": "Equal", "value": self.node, "effect": "NoSchedule"}],
+        })
+    }
+
+    /// Put a Pod on this node: set its nodeSelector and add the toleration.
+    pub fn pin(&self, spec: &mut k8s_openapi::api::core::v1::PodSpec) {
+        spec.node_selector.get_or_insert_with(Default::default).insert(TEST_NODE_LABEL.into(), self.node.clone());
+        spec.tolerations.get_or_insert_with(Vec::new).push(k8s_openapi::api::core::v1::Toleration {
+            key: Some(TEST_NODE_LABEL.into()),
+            operator: Some("Equal".into()),
+            value: Some(self.node.clone()),
+            effect: Some("NoSchedule".into()),
+            toleration_seconds: None,
+        });
+    }
+
+    /// Wait until the Node is registered and Ready, or panic after 30 s with the agent's log.
+    pub async fn ready(&self, client: &Client) -> k8s_openapi::api::core::v1::Node {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(node)) = nodes.get_opt(&self.node).await
+                && node_ready(&node)
+            {
+                return node;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                panic!("node {} not Ready after 30 s; agent log:\n{}", self.node, self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for it to exit; true if it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else { return true };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// `kill -9` (the processes it started keep running), and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        // A graceful stop kills the Pods' processes (it waits at most 10 s per process before SIGKILL).
+        if !self.terminate(Duration::from_secs(25)) {
+            self.kill9();
+        }
+        let _ = Command::new("kubectl")
+            .args([
+                "--kubeconfig",
+                &kubeconfig_path().display().to_string(),
+                "delete",
+                "node",
+                &self.node,
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// True if the Node's `Ready` condition is `True`.
+pub fn node_ready(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// True while some process that is not a zombie is in the process group `pgid` (a node agent's container).
+pub fn process_group_alive(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { return false };
+        // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses, so split after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields.len() > 2 && fields[0] != "Z" && fields[2] == pgid.to_string()
+    })
+}

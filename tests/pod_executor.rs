@@ -1,0 +1,163 @@
+//! The Pod executor on the local control plane: the real kube-scheduler binds the Pods to the local node agent,
+//! which runs them as processes; operator replicas are separate processes that can be killed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bgjobs::api::Phase;
+use common::{NodeAgent, TestEnv, all_in};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A Pod job running `script` with `sh -c`, placed on `agent`'s node.
+fn pod_job(agent: &NodeAgent, script: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = json!({
+        "jobName": "shell",
+        "args": {"greeting": "hello"},
+        "template": {"spec": {"containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]}},
+    });
+    let pod_spec = spec["template"]["spec"].as_object_mut().unwrap();
+    pod_spec.extend(agent.placement().as_object().unwrap().clone());
+    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    spec
+}
+
+async fn pods_of(env: &TestEnv, job: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.list(&ListParams::default().labels(&format!("bgjobs.dev/job={job}"))).await.unwrap().items
+}
+
+async fn wait_no_pods(env: &TestEnv, job: &str, what: &str) {
+    let deadline = Instant::now() + MINUTE;
+    while !pods_of(env, job).await.is_empty() {
+        assert!(Instant::now() < deadline, "{what}: pods of {job} still exist");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_per_policy() {
+    let env = TestEnv::new("pod-outcomes").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let _r = env.replica("r", &[]);
+    env.create("ok", pod_job(&agent, "echo \"job=$BGJOBS_JOB attempt=$BGJOBS_ATTEMPT args=$BGJOBS_ARGS\"", json!({})))
+        .await;
+    env.create(
+        "broken",
+        pod_job(&agent, "echo oops >&2; exit 3", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}})),
+    )
+    .await;
+    let jobs = env
+        .wait_until(2 * MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()))
+        .await;
+    let get = |n: &str| jobs.iter().find(|j| j.name_any() == n).unwrap().clone();
+
+    assert_eq!((get("ok").phase(), get("ok").attempts()), (Phase::Succeeded, 1));
+    let ok_pods = pods_of(&env, "ok").await;
+    assert_eq!(ok_pods.len(), 1);
+    assert_eq!(ok_pods[0].name_any(), "ok-1", "one deterministic pod per attempt");
+    let log = std::fs::read_dir(agent.work_dir.join(&agent.node).join("logs"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().contains("_ok-1_"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .expect("the pod's output");
+    assert!(log.contains(&format!("job={}/ok attempt=1 args={{\"greeting\":\"hello\"}}", env.ns)), "{log}");
+
+    let broken = get("broken");
+    assert_eq!((broken.phase(), broken.attempts()), (Phase::Failed, 2));
+    let reason = broken.status.unwrap().last_error.unwrap();
+    assert!(reason.contains("pod broken-2 failed: container main exited with code 3"), "{reason}");
+    let mut names: Vec<String> = pods_of(&env, "broken").await.iter().map(|p| p.name_any()).collect();
+    names.sort();
+    assert_eq!(names, ["broken-1", "broken-2"], "each attempt has its own pod, kept for inspection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_pod() {
+    let env = TestEnv::new("pod-adopt").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let mut a = env.replica("a", &[]);
+    env.create("long", pod_job(&agent, "sleep 6", json!({}))).await;
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let pods = pods_of(&env, "long").await;
+        if pods.iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pod never ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _b = env.replica("b", &[]);
+    a.kill9();
+    let job = env.wait_job("long", MINUTE, "final", |j| j.phase().is_final()).await;
+    let s = job.status.unwrap();
+    assert_eq!(
+        (s.phase, s.attempts, s.worker.as_deref()),
+        (Some(Phase::Succeeded), 1, Some("b")),
+        "adopted, not restarted"
+    );
+    assert!(s.last_error.unwrap_or_default().contains("adopted attempt 1's pod"));
+    let pods = pods_of(&env, "long").await;
+    assert_eq!(pods.len(), 1, "never two pods for one attempt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
+    let env = TestEnv::new("pod-cancel").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let _r = env.replica("r", &[]);
+    env.create("to-cancel", pod_job(&agent, "sleep 60", json!({}))).await;
+    env.create("to-delete", pod_job(&agent, "sleep 60", json!({}))).await;
+    env.create(
+        "too-slow",
+        pod_job(&agent, "sleep 60", json!({"attemptTimeoutSeconds": 2, "retry": {"maxAttempts": 1}})),
+    )
+    .await;
+    env.wait_until(MINUTE, "all Running", |jobs| jobs.len() == 3 && all_in(jobs, Phase::Running)).await;
+    for name in ["to-cancel", "to-delete"] {
+        assert_eq!(pods_of(&env, name).await.len(), 1, "{name} has its pod");
+    }
+    env.jobs
+        .patch("to-cancel", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
+        .await
+        .unwrap();
+    env.jobs.delete("to-delete", &Default::default()).await.unwrap();
+    assert_eq!(env.wait_job("to-cancel", MINUTE, "final", |j| j.phase().is_final()).await.phase(), Phase::Cancelled);
+    wait_no_pods(&env, "to-cancel", "cancelled").await;
+    wait_no_pods(&env, "to-delete", "deleted").await;
+    let slow = env.wait_job("too-slow", MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(slow.phase(), Phase::Failed);
+    wait_no_pods(&env, "too-slow", "timed out").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_replica_cap_counts_pod_jobs() {
+    let env = TestEnv::new("pod-cap").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "2"]);
+    for i in 0..6 {
+        env.create(&format!("p{i}"), pod_job(&agent, "sleep 1", json!({}))).await;
+    }
+    let deadline = Instant::now() + 2 * MINUTE;
+    let mut peak = 0;
+    loop {
+        let jobs = env.list().await;
+        peak = peak.max(jobs.iter().filter(|j| j.phase() == Phase::Running).count());
+        if jobs.len() == 6 && all_in(&jobs, Phase::Succeeded) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!((1..=2).contains(&peak), "peak {peak} running pod jobs with 2 slots");
+}
