@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench clean helm-deps
+.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods clean helm-deps
 
 all: build
 
@@ -54,6 +54,10 @@ cluster-down:
 ## bench: the throughput benchmarks; prints figures.
 bench:
 	e2e/bench.sh
+
+## bench-pods: 500 short Pods as batch/v1 Jobs vs Pod-mode BackgroundJobs, on the local node agent.
+bench-pods:
+	e2e/bench_pods.sh
 
 clean: cluster-down
 	cargo clean
