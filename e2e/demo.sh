@@ -33,6 +33,9 @@ DEMO_DIR=$ROOT/.demo
 BIN=${BGJOBS_BIN:-$ROOT/target/release/bgjobs}
 
 REPLICA_PIDS=()  # exactly the operator processes this run started; the only processes the exit trap signals
+AGENT_PID=       # the node agent of the Pod-mode section, likewise
+POD_NS=bgjobs-demo-pods
+POD_JOBS=${DEMO_POD_JOBS:-20}
 CURSOR_HIDDEN=0
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -73,7 +76,8 @@ prepare() {
 
 # --- 2. a fresh namespace ----------------------------------------------------------------------------------------
 
-fresh_namespace() {
+fresh_namespace() { # [namespace]
+  local NS=${1:-$NS}
   step "fresh namespace $NS"
   if kubectl get namespace "$NS" >/dev/null 2>&1; then
     # Deleting a namespace is asynchronous (the namespace controller empties it first); wait until it is gone, or
@@ -100,7 +104,60 @@ on_exit() {
   local rc=$?
   [ "$CURSOR_HIDDEN" = 1 ] && { tput cnorm 2>/dev/null || true; }
   stop_replicas "$DEMO_DIR" replica
+  stop_replicas "$DEMO_DIR/pods" pod-replica
+  stop_node_agent
   exit "$rc"
+}
+
+stop_node_agent() {
+  if [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; then
+    kill -TERM "$AGENT_PID" 2>/dev/null || true
+    wait_gone "$AGENT_PID" 30 || kill -KILL "$AGENT_PID" 2>/dev/null || true
+    wait "$AGENT_PID" 2>/dev/null || true
+  fi
+  AGENT_PID=
+}
+
+# --- Pod mode ----------------------------------------------------------------------------------------------------
+
+# The same queue, with jobs that run as Pods: the real kube-scheduler binds them to a local node agent (a dev
+# stand-in for a kubelet that runs each Pod's command as a local process: `bgjobs node-agent --help`).
+pod_mode() {
+  step "Pod mode: $POD_JOBS jobs run as Pods (sh -c 'sleep 1; echo done') on a local node agent"
+  fresh_namespace "$POD_NS"
+  mkdir -p "$DEMO_DIR/pods"
+  "$BIN" node-agent --node-name bgjobs-demo-node --node-label bgjobs.dev/demo-node=true \
+    --work-dir "$DEMO_DIR/pods/node" --delete-node-on-exit >"$DEMO_DIR/pods/node-agent.log" 2>&1 &
+  AGENT_PID=$!
+  local deadline=$((SECONDS + 60))
+  until kubectl get node bgjobs-demo-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null |
+    grep -q True; do
+    ((SECONDS < deadline)) || die "the demo node did not become Ready (.demo/pods/node-agent.log)"
+    sleep 0.5
+  done
+  echo "node bgjobs-demo-node is Ready"
+  launch_replicas "$DEMO_DIR/pods" "$DEMO_DIR/pods" "$POD_NS" "$REPLICAS" "$SLOTS" pod-replica
+  local i
+  for ((i = 1; i <= POD_JOBS; i++)); do
+    printf -- '---\napiVersion: bgjobs.dev/v1alpha1\nkind: BackgroundJob\nmetadata: {name: pod-job-%02d}\n' "$i"
+    printf 'spec:\n  jobName: render\n  args: {page: %d}\n  template:\n    spec:\n' "$i"
+    printf '      nodeSelector: {bgjobs.dev/demo-node: "true"}\n      containers:\n      - name: main\n'
+    printf '        image: busybox\n        command: ["sh", "-c", "sleep 1; echo done: $BGJOBS_ARGS"]\n'
+  done >"$DEMO_DIR/pods/jobs.yaml"
+  kubectl create -n "$POD_NS" -f "$DEMO_DIR/pods/jobs.yaml" >/dev/null
+  local finished=0 start=$SECONDS
+  while ((finished < POD_JOBS)); do
+    sleep 1
+    finished=$(kubectl get bgj -n "$POD_NS" -o json | jq '[.items[] | select(.status.phase == "Succeeded")] | length')
+    printf '  %3ds: %d/%d pod jobs succeeded\n' "$((SECONDS - start))" "$finished" "$POD_JOBS"
+    ((SECONDS - start < 180)) || die "pod jobs did not finish in 180 s (.demo/pods/)"
+  done
+  stop_replicas "$DEMO_DIR/pods" pod-replica
+  stop_node_agent
+  local pods
+  pods=$(kubectl get pods -n "$POD_NS" --no-headers 2>/dev/null | wc -l)
+  echo "all $POD_JOBS pod jobs Succeeded; $pods Pods (one per attempt, kept for inspection)"
+  echo "  kubectl get bgj,pods -n $POD_NS; their output: .demo/pods/node/*/logs/"
 }
 
 # --- 4. enqueue --------------------------------------------------------------------------------------------------
@@ -408,6 +465,7 @@ main() {
   stop_replicas "$DEMO_DIR" replica
   local rc=0
   summarize || rc=$?
+  [ "${DEMO_PODS:-1}" = 0 ] || pod_mode
   how_to_look
   return "$rc"
 }
