@@ -6,9 +6,10 @@ use clap::{Parser, Subcommand};
 use kube::Api;
 
 use crate::api::{BackgroundJob, Priority, RecurringBackgroundJob};
+use crate::client::connect;
+use crate::commands::{self, Output};
 use crate::config::{HumanDuration, LogFormat, OperatorConfig};
 use crate::error::{Error, Result};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// bgjobs: a durable, parallel background-job queue made of Kubernetes objects.
 ///
@@ -31,7 +32,29 @@ pub enum Command {
     /// List jobs in queue order.
     List(ScopeArgs),
     /// Count jobs by state: waiting, scheduled, running, succeeded, failed, abandoned, cancelled, skipped.
-    Stats(ScopeArgs),
+    Stats {
+        /// Which jobs.
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Refresh until interrupted.
+        #[arg(long, short = 'w')]
+        watch: bool,
+        /// Refresh interval with --watch.
+        #[arg(long, default_value = "2s")]
+        interval: HumanDuration,
+    },
+    /// Show one job: spec, status, conditions and its attempt history (from its Events).
+    Describe(NamedArgs),
+    /// Re-queue a Failed or Abandoned job. Attempts keep counting (they fence stale workers), so a used-up
+    /// `maxAttempts` is raised by another full budget and a passed timeout restarts from now.
+    Retry(NamedArgs),
+    /// Cancel a job: a waiting job never starts, a running attempt is stopped (`spec.cancel: true`).
+    Cancel(NamedArgs),
+    /// Print a shell completion script: `bgjobs completions bash > /etc/bash_completion.d/bgjobs`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// RecurringBackgroundJobs: list them, or run one now.
     #[command(subcommand)]
     Recurring(RecurringCommand),
@@ -66,7 +89,7 @@ pub enum RecurringCommand {
     },
 }
 
-/// Which jobs a read command looks at.
+/// Which jobs a read command looks at, and how it prints them.
 #[derive(clap::Args, Debug)]
 pub struct ScopeArgs {
     /// Namespace (default: the kubeconfig context's).
@@ -75,6 +98,22 @@ pub struct ScopeArgs {
     /// Every namespace.
     #[arg(long, short = 'A', conflicts_with = "namespace")]
     pub all_namespaces: bool,
+    /// table, json or yaml.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// One job by name.
+#[derive(clap::Args, Debug)]
+pub struct NamedArgs {
+    /// The BackgroundJob.
+    pub name: String,
+    /// Namespace (default: the kubeconfig context's).
+    #[arg(long, short = 'n', env = "BGJOBS_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// table, json or yaml.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: Output,
 }
 
 /// Flags of `bgjobs enqueue`.
@@ -131,10 +170,50 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::nodeagent::run(config).await
         }
         Command::Enqueue(args) => enqueue(args).await,
-        Command::List(scope) => list(scope).await,
-        Command::Stats(scope) => stats(scope).await,
-        Command::Recurring(RecurringCommand::List(scope)) => recurring_list(scope).await,
-        Command::Recurring(RecurringCommand::Trigger { name, namespace }) => recurring_trigger(&name, namespace).await,
+        Command::List(scope) => {
+            let api = commands::scoped(connect().await?, scope.namespace.as_deref(), scope.all_namespaces);
+            commands::list(&api, scope.output).await
+        }
+        Command::Stats { scope, watch, interval } => {
+            let api = commands::scoped(connect().await?, scope.namespace.as_deref(), scope.all_namespaces);
+            commands::stats(&api, scope.output, watch, interval.0.max(Duration::from_millis(200))).await
+        }
+        Command::Describe(a) => {
+            let client = connect().await?;
+            let api = commands::scoped(client.clone(), a.namespace.as_deref(), false);
+            commands::describe(&client, &api, &a.name, a.output).await
+        }
+        Command::Retry(a) => {
+            let api: Api<BackgroundJob> = commands::scoped(connect().await?, a.namespace.as_deref(), false);
+            let job = crate::jobs::retry(&api, &a.name).await?;
+            println!("backgroundjob.bgjobs.dev/{} re-queued (attempts so far: {})", a.name, job.attempts());
+            Ok(())
+        }
+        Command::Cancel(a) => {
+            let api: Api<BackgroundJob> = commands::scoped(connect().await?, a.namespace.as_deref(), false);
+            crate::jobs::cancel(&api, &a.name).await?;
+            println!("backgroundjob.bgjobs.dev/{} cancellation requested", a.name);
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "bgjobs",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Recurring(RecurringCommand::List(scope)) => {
+            let api: Api<RecurringBackgroundJob> =
+                commands::scoped(connect().await?, scope.namespace.as_deref(), scope.all_namespaces);
+            commands::recurring_list(&api, scope.output).await
+        }
+        Command::Recurring(RecurringCommand::Trigger { name, namespace }) => {
+            let client = connect().await?;
+            let api: Api<RecurringBackgroundJob> = commands::scoped(client.clone(), namespace.as_deref(), false);
+            commands::recurring_trigger(&client, &api, &name).await
+        }
     }
 }
 
@@ -147,15 +226,6 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-}
-
-async fn api(namespace: Option<&str>, all: bool) -> Result<Api<BackgroundJob>> {
-    let client = crate::client::connect().await?;
-    Ok(match (namespace, all) {
-        (_, true) => Api::all(client),
-        (Some(ns), _) => Api::namespaced(client, ns),
-        (None, _) => Api::default_namespaced(client),
-    })
 }
 
 async fn enqueue(a: EnqueueArgs) -> Result<()> {
@@ -171,101 +241,10 @@ async fn enqueue(a: EnqueueArgs) -> Result<()> {
     spec.retry.max_attempts = a.max_attempts;
     spec.http =
         a.http_url.map(|url| crate::api::HttpTarget { url, headers: Default::default(), timeout_seconds: None });
-    let api = api(a.namespace.as_deref(), false).await?;
+    let api: Api<BackgroundJob> = commands::scoped(connect().await?, a.namespace.as_deref(), false);
     for _ in 0..a.count {
         let job = crate::jobs::enqueue(&api, spec.clone()).await?;
         println!("backgroundjob.bgjobs.dev/{} created", kube::ResourceExt::name_any(&job));
     }
     Ok(())
-}
-
-async fn list(scope: ScopeArgs) -> Result<()> {
-    let api = api(scope.namespace.as_deref(), scope.all_namespaces).await?;
-    let mut jobs = crate::jobs::list(&api).await?;
-    jobs.sort_by_key(crate::ordering::QueueKey::of);
-    let now = jiff::Timestamp::now();
-    println!(
-        "{:<40} {:<10} {:<12} {:<10} {:>8}  {:<24} AGE",
-        "NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER"
-    );
-    for j in &jobs {
-        let age =
-            j.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).unsigned_abs()).unwrap_or_default();
-        println!(
-            "{:<40} {:<10} {:<12} {:<10} {:>8}  {:<24} {}",
-            kube::ResourceExt::name_any(j),
-            j.phase().to_string(),
-            j.spec.priority.to_string(),
-            j.spec.queue,
-            j.attempts(),
-            j.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or(""),
-            short_age(age)
-        );
-    }
-    Ok(())
-}
-
-async fn stats(scope: ScopeArgs) -> Result<()> {
-    let api = api(scope.namespace.as_deref(), scope.all_namespaces).await?;
-    let jobs = crate::jobs::list(&api).await?;
-    let c = crate::jobs::counts(&jobs, jiff::Timestamp::now());
-    for (name, n) in [
-        ("waiting", c.waiting),
-        ("scheduled", c.scheduled),
-        ("running", c.running),
-        ("succeeded", c.succeeded),
-        ("failed", c.failed),
-        ("abandoned", c.abandoned),
-        ("cancelled", c.cancelled),
-        ("skipped", c.skipped),
-    ] {
-        println!("{name:<10} {n}");
-    }
-    Ok(())
-}
-
-async fn recurring_list(scope: ScopeArgs) -> Result<()> {
-    let client = crate::client::connect().await?;
-    let api: Api<RecurringBackgroundJob> = match (scope.namespace.as_deref(), scope.all_namespaces) {
-        (_, true) => Api::all(client),
-        (Some(ns), _) => Api::namespaced(client, ns),
-        (None, _) => Api::default_namespaced(client),
-    };
-    let defs = api.list(&Default::default()).await?.items;
-    println!("{:<32} {:<20} {:<8} {:<22} {:<22} ACTIVE", "NAME", "SCHEDULE", "SUSPEND", "LAST", "NEXT");
-    for d in defs {
-        let s = d.status.clone().unwrap_or_default();
-        let time = |t: Option<Time>| t.map(|t| t.0.to_string()).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<32} {:<20} {:<8} {:<22} {:<22} {}",
-            kube::ResourceExt::name_any(&d),
-            d.spec.schedule,
-            d.spec.suspend,
-            time(s.last_schedule_time),
-            time(s.next_schedule_time),
-            s.active.len()
-        );
-    }
-    Ok(())
-}
-
-async fn recurring_trigger(name: &str, namespace: Option<String>) -> Result<()> {
-    let client = crate::client::connect().await?;
-    let api: Api<RecurringBackgroundJob> = match namespace.as_deref() {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::default_namespaced(client.clone()),
-    };
-    let def = api.get_opt(name).await?.ok_or_else(|| Error::Invalid(format!("no RecurringBackgroundJob {name:?}")))?;
-    let job = crate::recurring::trigger(&client, &def).await?;
-    println!("backgroundjob.bgjobs.dev/{} created", kube::ResourceExt::name_any(&job));
-    Ok(())
-}
-
-fn short_age(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        _ => format!("{}h", s / 3600),
-    }
 }

@@ -68,8 +68,8 @@ pub struct Dispatcher {
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been runnable, as seen here (for the overdue rule of [`ordering::pick`]).
     runnable_since: HashMap<String, Instant>,
-    /// Since when each candidate has been in this replica's pick window.
-    window_since: HashMap<String, Instant>,
+    /// Since when each candidate has been at the head of this replica's view of the queue.
+    head_since: HashMap<String, Instant>,
     health: Arc<Health>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -109,7 +109,7 @@ impl Dispatcher {
             member_observer: Observer::default(),
             slots_in_use: HashMap::new(),
             runnable_since: HashMap::new(),
-            window_since: HashMap::new(),
+            head_since: HashMap::new(),
             health,
             done_tx,
             done_rx,
@@ -387,21 +387,22 @@ impl Dispatcher {
         holders.insert(&me);
         let workers = members.len().max(holders.len());
 
-        // Overdue means "passed over at the head of the queue": in the pick window for longer than OVERDUE_AFTER.
-        // Time spent deep in a backlog does not count, or every replica would go for the same old jobs.
+        // Overdue means "passed over at the very head": among the first `free` jobs (those a strict-FIFO replica
+        // would take now) for longer than OVERDUE_AFTER. Time spent deeper in the window or in a backlog does not
+        // count, or every replica would go for the same jobs whenever the queue is long.
         let now = Instant::now();
-        let window = free.max(1).saturating_mul(workers).min(candidates.len());
-        let in_window: HashSet<String> = candidates[..window].iter().map(|c| c.job.uid().unwrap_or_default()).collect();
-        self.window_since.retain(|uid, _| in_window.contains(uid));
+        let head = free.max(1).min(candidates.len());
+        let at_head: HashSet<String> = candidates[..head].iter().map(|c| c.job.uid().unwrap_or_default()).collect();
+        self.head_since.retain(|uid, _| at_head.contains(uid));
         let mut next_overdue: Option<Duration> = None;
         let runnable: Vec<Runnable> = candidates
             .iter()
             .map(|c| {
                 let uid = c.job.uid().unwrap_or_default();
-                let overdue = match in_window.contains(&uid) {
+                let overdue = match at_head.contains(&uid) {
                     false => false,
                     true => {
-                        let waited = now.saturating_duration_since(*self.window_since.entry(uid).or_insert(now));
+                        let waited = now.saturating_duration_since(*self.head_since.entry(uid).or_insert(now));
                         let left = ordering::OVERDUE_AFTER.saturating_sub(waited);
                         if !left.is_zero() {
                             next_overdue = Some(next_overdue.map_or(left, |n| n.min(left)));

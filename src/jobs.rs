@@ -11,7 +11,7 @@
 
 use jiff::Timestamp;
 use kube::Api;
-use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde::Serialize;
 
 use crate::api::{BackgroundJob, BackgroundJobSpec, Phase};
@@ -97,6 +97,85 @@ pub fn counts<'a>(jobs: impl IntoIterator<Item = &'a BackgroundJob>, now: Timest
     c
 }
 
+/// What `bgjobs retry` must change in a job's spec so that a re-queued job may run again: `status.attempts` only
+/// ever grows (it is the fencing epoch), so a used-up budget is extended instead of reset.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Requeue {
+    /// New `spec.retry.maxAttempts`, when the old one is used up: another full budget on top of the attempts made.
+    pub max_attempts: Option<i32>,
+    /// New `spec.timeoutSeconds`, when the deadline is (nearly) past: the original timeout again, counted from now.
+    pub timeout_seconds: Option<i64>,
+}
+
+/// Annotation that remembers a job's original `maxAttempts` once `bgjobs retry` has raised it, so every retry grants
+/// the same budget.
+pub const RETRY_BUDGET_ANNOTATION: &str = "bgjobs.dev/retry-budget";
+
+/// The attempts one retry grants: the job's original `maxAttempts`.
+fn retry_budget(job: &BackgroundJob, current_max: i32) -> i32 {
+    job.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RETRY_BUDGET_ANNOTATION))
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(current_max)
+        .max(1)
+}
+
+/// Decide how to re-queue `job` at `now`. Only `Failed` and `Abandoned` jobs can be retried.
+pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<Requeue, String> {
+    let phase = job.phase();
+    if !matches!(phase, Phase::Failed | Phase::Abandoned) {
+        return Err(format!(
+            "only Failed or Abandoned jobs can be retried; {} is {phase}",
+            job.metadata.name.as_deref().unwrap_or("?")
+        ));
+    }
+    let attempts = job.attempts();
+    let max_attempts = job.spec.retry.max_attempts.filter(|m| attempts >= *m).map(|m| attempts + retry_budget(job, m));
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    let deadline = crate::retry::deadline(&job.spec, created);
+    let near = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap_or(now) >= deadline;
+    let timeout_seconds = near.then(|| now.duration_since(created).as_secs() + job.spec.timeout_seconds);
+    Ok(Requeue { max_attempts, timeout_seconds })
+}
+
+/// Re-queue a Failed or Abandoned job: extend its budget if needed (spec), then put it back to `Waiting` (status,
+/// under the resourceVersion just read).
+pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob> {
+    let job = api.get(name).await?;
+    let plan = requeue_plan(&job, Timestamp::now()).map_err(crate::Error::Invalid)?;
+    let mut spec_patch = serde_json::Map::new();
+    let mut patch = serde_json::Map::new();
+    if let Some(m) = plan.max_attempts {
+        spec_patch.insert("retry".into(), serde_json::json!({ "maxAttempts": m }));
+        let budget = retry_budget(&job, job.spec.retry.max_attempts.unwrap_or(1)).to_string();
+        patch.insert("metadata".into(), serde_json::json!({ "annotations": { RETRY_BUDGET_ANNOTATION: budget } }));
+    }
+    if let Some(t) = plan.timeout_seconds {
+        spec_patch.insert("timeoutSeconds".into(), t.into());
+    }
+    let job = if spec_patch.is_empty() {
+        job
+    } else {
+        patch.insert("spec".into(), spec_patch.into());
+        api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::Value::Object(patch))).await?
+    };
+    let was = job.phase();
+    let mut s = job.status.clone().unwrap_or_default();
+    let old = s.last_error.clone().unwrap_or_default();
+    crate::status::reopen(&mut s, format!("re-queued by bgjobs retry (was {was}: {old})"), Timestamp::now());
+    crate::status::write_if_unchanged(api, &job, s)
+        .await?
+        .ok_or_else(|| crate::Error::Invalid(format!("{name} changed while it was being re-queued; try again")))
+}
+
+/// Ask for a job's cancellation (`spec.cancel: true`).
+pub async fn cancel(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob> {
+    let patch = Patch::Merge(serde_json::json!({ "spec": { "cancel": true } }));
+    Ok(api.patch(name, &PatchParams::default(), &patch).await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +185,41 @@ mod tests {
         assert_eq!(name_prefix("SendEmail"), "sendemail");
         assert_eq!(name_prefix("Billing.Export_v2"), "billing-export-v2");
         assert_eq!(name_prefix("__"), "job");
+    }
+
+    fn finished(phase: Phase, attempts: i32, max: Option<i32>, timeout: i64) -> BackgroundJob {
+        let mut j = BackgroundJob::new("j", spec("fail", serde_json::json!({})));
+        j.spec.retry.max_attempts = max;
+        j.spec.timeout_seconds = timeout;
+        j.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(1000).unwrap()));
+        j.status = Some(crate::api::BackgroundJobStatus { phase: Some(phase), attempts, ..Default::default() });
+        j
+    }
+
+    #[test]
+    fn a_retry_grants_another_attempt_budget_without_resetting_the_attempt_count() {
+        let now = Timestamp::from_second(1100).unwrap();
+        let plan = requeue_plan(&finished(Phase::Failed, 3, Some(3), 172_800), now).unwrap();
+        assert_eq!(plan, Requeue { max_attempts: Some(6), timeout_seconds: None });
+        let mut raised = finished(Phase::Failed, 6, Some(6), 172_800);
+        raised.metadata.annotations = Some([(RETRY_BUDGET_ANNOTATION.to_string(), "3".to_string())].into());
+        assert_eq!(requeue_plan(&raised, now).unwrap().max_attempts, Some(9), "every retry grants the original 3");
+        let unlimited = requeue_plan(&finished(Phase::Failed, 1, None, 172_800), now).unwrap();
+        assert_eq!(unlimited, Requeue::default(), "a permanent failure with budget left needs no spec change");
+    }
+
+    #[test]
+    fn a_retry_of_an_abandoned_job_restarts_its_timeout_from_now() {
+        let plan =
+            requeue_plan(&finished(Phase::Abandoned, 2, None, 100), Timestamp::from_second(1500).unwrap()).unwrap();
+        assert_eq!(plan.timeout_seconds, Some(600), "500 s since creation + the original 100 s");
+    }
+
+    #[test]
+    fn only_failed_or_abandoned_jobs_can_be_retried() {
+        let err = requeue_plan(&finished(Phase::Succeeded, 1, None, 100), Timestamp::now()).unwrap_err();
+        assert!(err.contains("only Failed or Abandoned"), "{err}");
     }
 
     #[test]

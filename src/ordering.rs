@@ -87,7 +87,8 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
     created.checked_add(jiff::SignedDuration::from_secs(delay)).ok()
 }
 
-/// How long a job may sit in the pick window, passed over in favour of later jobs, before every replica goes for it.
+/// How long a job may sit at the head of the queue, passed over in favour of later jobs, before every replica goes
+/// for it.
 pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A runnable job as the picker sees it.
@@ -95,7 +96,8 @@ pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_secs(1)
 pub struct Runnable {
     /// Its place in the queue.
     pub key: QueueKey,
-    /// In this replica's pick window (at the head of the queue) for longer than [`OVERDUE_AFTER`].
+    /// At the head of the queue (among the jobs a strict-FIFO replica would take now) for longer than
+    /// [`OVERDUE_AFTER`].
     pub overdue: bool,
 }
 

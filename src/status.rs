@@ -85,6 +85,15 @@ pub fn finish(s: &mut BackgroundJobStatus, phase: Phase, error: Option<String>, 
     set_condition(s, "Finished", "True", &phase.to_string(), &msg, now);
 }
 
+/// Re-open a finished job (`bgjobs retry`): back to `Waiting`, runnable at once.
+pub fn reopen(s: &mut BackgroundJobStatus, note: String, now: Timestamp) {
+    s.phase = Some(Phase::Waiting);
+    s.completion_time = None;
+    s.next_attempt_time = None;
+    s.last_error = Some(note);
+    set_condition(s, "Finished", "False", "Requeued", "re-queued by the user", now);
+}
+
 /// Put the job back in the queue, not to start before `at` (None: at once).
 pub fn requeue(s: &mut BackgroundJobStatus, at: Option<Timestamp>, error: String, now: Timestamp) {
     s.phase = Some(Phase::Waiting);

@@ -62,19 +62,33 @@ impl Worker {
     }
 
     /// Publish a Kubernetes Event on `job` in the background (an Event lost to an API hiccup is only logged).
+    ///
+    /// The action names the attempt (`Attempt3`): the recorder folds events with equal reason and action into one
+    /// series, which would hide every attempt after the first from `kubectl describe` and `bgjobs describe`.
     pub fn event(&self, job: &BackgroundJob, type_: EventType, reason: &str, note: String) {
-        self.event_on(job, type_, reason, note)
+        self.publish(job, type_, reason, format!("Attempt{}", job.attempts()), note)
     }
 
     /// Publish a Kubernetes Event on any object in the background.
     pub fn event_on<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
+        self.publish(object, type_, reason, reason.to_string(), note)
+    }
+
+    fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: String,
+        note: String,
+    ) {
         let Some(recorder) = self.recorder.clone() else { return };
         let reference = object.object_ref(&());
         let ev = Event {
             type_,
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
-            action: reason.into(),
+            action,
             secondary: None,
         };
         tokio::spawn(async move {

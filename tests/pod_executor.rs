@@ -161,3 +161,18 @@ async fn the_per_replica_cap_counts_pod_jobs() {
     }
     assert!((1..=2).contains(&peak), "peak {peak} running pod jobs with 2 slots");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_garbage_collector_removes_the_pods_of_a_deleted_job_without_any_operator() {
+    let env = TestEnv::new("pod-gc").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let mut r = env.replica("r", &[]);
+    env.create("done", pod_job(&agent, "exit 0", json!({}))).await;
+    env.wait_job("done", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(pods_of(&env, "done").await.len(), 1, "the finished attempt's pod is kept for inspection");
+    // No operator from here on: only kube-controller-manager's garbage collector can remove the Pod.
+    assert!(r.terminate(Duration::from_secs(30)));
+    env.jobs.delete("done", &Default::default()).await.unwrap();
+    wait_no_pods(&env, "done", "garbage-collected").await;
+}

@@ -1,0 +1,244 @@
+//! What the client-side CLI commands do against the cluster, and how they print it (`--output table|json|yaml`).
+
+use std::time::Duration;
+
+use clap::ValueEnum;
+use jiff::Timestamp;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{Api, Client, ResourceExt};
+use serde::Serialize;
+
+use crate::api::{BackgroundJob, RecurringBackgroundJob};
+use crate::error::{Error, Result};
+
+/// How a command prints what it found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for scripts.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// Jobs (or definitions) in one namespace, every namespace, or the kubeconfig context's namespace.
+pub fn scoped<K>(client: Client, namespace: Option<&str>, all: bool) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match (namespace, all) {
+        (_, true) => Api::all(client),
+        (Some(ns), _) => Api::namespaced(client, ns),
+        (None, _) => Api::default_namespaced(client),
+    }
+}
+
+fn print_structured<T: Serialize>(value: &T, output: Output) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(value).map_err(|e| Error::Invalid(e.to_string()))?),
+        Output::Table => unreachable!("tables are printed by each command"),
+    }
+    Ok(())
+}
+
+/// `bgjobs list`: jobs in queue order.
+pub async fn list(api: &Api<BackgroundJob>, output: Output) -> Result<()> {
+    let mut jobs = crate::jobs::list(api).await?;
+    jobs.sort_by_key(crate::ordering::QueueKey::of);
+    if output != Output::Table {
+        return print_structured(&jobs, output);
+    }
+    let now = Timestamp::now();
+    println!(
+        "{:<40} {:<10} {:<12} {:<10} {:>8}  {:<24} AGE",
+        "NAME", "PHASE", "PRIORITY", "QUEUE", "ATTEMPTS", "WORKER"
+    );
+    for j in &jobs {
+        let age =
+            j.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).unsigned_abs()).unwrap_or_default();
+        println!(
+            "{:<40} {:<10} {:<12} {:<10} {:>8}  {:<24} {}",
+            j.name_any(),
+            j.phase().to_string(),
+            j.spec.priority.to_string(),
+            j.spec.queue,
+            j.attempts(),
+            j.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or(""),
+            short_age(age)
+        );
+    }
+    Ok(())
+}
+
+/// `bgjobs stats`: counts by state; with `watch`, refreshed every `interval` until interrupted.
+pub async fn stats(api: &Api<BackgroundJob>, output: Output, watch: bool, interval: Duration) -> Result<()> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let jobs = crate::jobs::list(api).await?;
+        let c = crate::jobs::counts(&jobs, Timestamp::now());
+        if watch && tty && output == Output::Table {
+            print!("\x1b[H\x1b[2J"); // home + clear: a refreshing table
+        }
+        match output {
+            Output::Table => {
+                for (name, n) in [
+                    ("waiting", c.waiting),
+                    ("scheduled", c.scheduled),
+                    ("running", c.running),
+                    ("succeeded", c.succeeded),
+                    ("failed", c.failed),
+                    ("abandoned", c.abandoned),
+                    ("cancelled", c.cancelled),
+                    ("skipped", c.skipped),
+                ] {
+                    println!("{name:<10} {n}");
+                }
+                if watch {
+                    println!("\n(every {}s; Ctrl-C to stop)", interval.as_secs());
+                }
+            }
+            other => print_structured(&c, other)?,
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// One line of a job's history, from its Events.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryLine {
+    /// When.
+    pub time: Option<String>,
+    /// Event reason: Claimed, Retrying, Succeeded, Failed, TakenOver, ...
+    pub reason: String,
+    /// What happened.
+    pub note: String,
+    /// The replica that reported it.
+    pub reporter: String,
+}
+
+/// A job with its history, as `bgjobs describe` shows it.
+#[derive(Debug, Serialize)]
+pub struct Described {
+    /// The job as stored.
+    pub job: BackgroundJob,
+    /// Its Events, oldest first: one `Claimed` per attempt, then how each ended.
+    pub history: Vec<HistoryLine>,
+}
+
+/// The Events of one job, oldest first (Events expire after the apiserver's event TTL, one hour by default).
+pub async fn history(client: &Client, job: &BackgroundJob) -> Result<Vec<HistoryLine>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
+    let uid = job.uid();
+    let mut lines: Vec<(Option<Timestamp>, HistoryLine)> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid)
+        .map(|e| {
+            let t =
+                e.event_time.as_ref().map(|t| t.0).or_else(|| e.deprecated_last_timestamp.as_ref().map(|t: &Time| t.0));
+            let line = HistoryLine {
+                time: t.map(|t| t.to_string()),
+                reason: e.reason.unwrap_or_default(),
+                note: e.note.unwrap_or_default(),
+                reporter: e.reporting_instance.unwrap_or_default(),
+            };
+            (t, line)
+        })
+        .collect();
+    lines.sort_by_key(|(t, _)| *t);
+    Ok(lines.into_iter().map(|(_, l)| l).collect())
+}
+
+/// `bgjobs describe NAME`: spec, status, conditions and the attempt history.
+pub async fn describe(client: &Client, api: &Api<BackgroundJob>, name: &str, output: Output) -> Result<()> {
+    let job = api.get_opt(name).await?.ok_or_else(|| Error::Invalid(format!("no BackgroundJob {name:?}")))?;
+    let described = Described { history: history(client, &job).await?, job };
+    if output != Output::Table {
+        return print_structured(&described, output);
+    }
+    let j = &described.job;
+    let s = j.status.clone().unwrap_or_default();
+    let t = |t: &Option<Time>| t.as_ref().map(|t| t.0.to_string()).unwrap_or_else(|| "-".into());
+    println!("Name:          {}/{}", j.namespace().unwrap_or_default(), j.name_any());
+    println!("Job:           {}", j.spec.job_name);
+    println!("Priority:      {}   Queue: {}", j.spec.priority, j.spec.queue);
+    if let Some(key) = &j.spec.concurrency_key {
+        println!("Concurrency:   key {key:?}, {:?}", j.spec.concurrency_policy.unwrap_or_default());
+    }
+    let max = j.spec.retry.max_attempts.map_or("until timeout".to_string(), |m| m.to_string());
+    println!(
+        "Retry:         max attempts {max}, backoff {}s x {}",
+        j.spec.retry.backoff_seconds, j.spec.retry.backoff_factor
+    );
+    println!("Phase:         {}", j.phase());
+    println!("Attempts:      {}", s.attempts);
+    println!("Worker:        {}", s.worker.as_deref().unwrap_or("-"));
+    println!(
+        "Started:       {}   Completed: {}   Next attempt: {}",
+        t(&s.start_time),
+        t(&s.completion_time),
+        t(&s.next_attempt_time)
+    );
+    println!("Last error:    {}", s.last_error.as_deref().unwrap_or("-"));
+    for c in &s.conditions {
+        println!("Condition:     {}={} ({}): {}", c.type_, c.status, c.reason, c.message);
+    }
+    println!("History:");
+    if described.history.is_empty() {
+        println!("  (no events: none yet, or expired)");
+    }
+    for h in &described.history {
+        println!("  {:<28} {:<11} {:<20} {}", h.time.as_deref().unwrap_or("-"), h.reason, h.reporter, h.note);
+    }
+    Ok(())
+}
+
+/// `bgjobs recurring list`.
+pub async fn recurring_list(api: &Api<RecurringBackgroundJob>, output: Output) -> Result<()> {
+    let defs = api.list(&Default::default()).await?.items;
+    if output != Output::Table {
+        return print_structured(&defs, output);
+    }
+    println!("{:<32} {:<20} {:<8} {:<22} {:<22} ACTIVE", "NAME", "SCHEDULE", "SUSPEND", "LAST", "NEXT");
+    for d in defs {
+        let s = d.status.clone().unwrap_or_default();
+        let time = |t: Option<Time>| t.map(|t| t.0.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<32} {:<20} {:<8} {:<22} {:<22} {}",
+            d.name_any(),
+            d.spec.schedule,
+            d.spec.suspend,
+            time(s.last_schedule_time),
+            time(s.next_schedule_time),
+            s.active.len()
+        );
+    }
+    Ok(())
+}
+
+/// `bgjobs recurring trigger NAME`.
+pub async fn recurring_trigger(client: &Client, api: &Api<RecurringBackgroundJob>, name: &str) -> Result<()> {
+    let def = api.get_opt(name).await?.ok_or_else(|| Error::Invalid(format!("no RecurringBackgroundJob {name:?}")))?;
+    let job = crate::recurring::trigger(client, &def).await?;
+    println!("backgroundjob.bgjobs.dev/{} created", job.name_any());
+    Ok(())
+}
+
+fn short_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
