@@ -475,13 +475,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(spec: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "a"}},
-            "spec": spec,
-        }))
-        .unwrap()
-    }
+    use crate::nodeagent::test_pod as pod;
 
     #[test]
     fn grace_periods_are_capped() {

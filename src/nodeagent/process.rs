@@ -235,13 +235,7 @@ mod tests {
 
     use serde_json::json;
 
-    fn pod(spec: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "a"}},
-            "spec": spec,
-        }))
-        .unwrap()
-    }
+    use crate::nodeagent::test_pod as pod;
 
     #[test]
     fn expansion_follows_the_kubelet() {
