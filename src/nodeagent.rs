@@ -330,6 +330,16 @@ where
     }
 }
 
+/// A Pod with `spec` for the unit tests of the node agent's modules.
+#[cfg(test)]
+pub(crate) fn test_pod(spec: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "a"}},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,14 +361,4 @@ mod tests {
         assert_eq!((c.node_name.as_str(), c.max_pods, c.cpu.as_str(), c.memory.as_str()), ("n1", 110, "64", "256Gi"));
         assert!(c.node_taints.is_empty() && !c.delete_node_on_exit);
     }
-}
-
-/// A Pod with `spec` for the unit tests of the node agent's modules.
-#[cfg(test)]
-pub(crate) fn test_pod(spec: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "a"}},
-        "spec": spec,
-    }))
-    .unwrap()
 }
