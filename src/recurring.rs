@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
@@ -286,24 +286,7 @@ async fn trim_history(jobs: &Api<BackgroundJob>, def: &RecurringBackgroundJob, k
 
 fn set_valid(s: &mut RecurringBackgroundJobStatus, valid: bool, reason: &str, message: &str, now: Timestamp) {
     let status = if valid { "True" } else { "False" };
-    if let Some(c) = s.conditions.iter_mut().find(|c| c.type_ == "Valid") {
-        if c.status != status {
-            c.last_transition_time = Time(now);
-        }
-        c.status = status.into();
-        c.reason = reason.into();
-        c.message = message.into();
-        c.observed_generation = s.observed_generation;
-    } else {
-        s.conditions.push(Condition {
-            type_: "Valid".into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.into(),
-            last_transition_time: Time(now),
-            observed_generation: s.observed_generation,
-        });
-    }
+    crate::status::upsert_condition(&mut s.conditions, s.observed_generation, "Valid", status, reason, message, now);
 }
 
 /// Write the definition's status under the resourceVersion of `seen`; a 409 is left to the next pass.

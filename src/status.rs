@@ -104,8 +104,22 @@ pub fn requeue(s: &mut BackgroundJobStatus, at: Option<Timestamp>, error: String
 
 fn set_condition(s: &mut BackgroundJobStatus, type_: &str, status: &str, reason: &str, message: &str, now: Timestamp) {
     let generation = s.observed_generation;
+    upsert_condition(&mut s.conditions, generation, type_, status, reason, message, now);
+}
+
+/// Set the condition `type_` in `conditions` (standard semantics: `lastTransitionTime` moves only when the status
+/// changes; messages are capped at 1024 characters). Shared by every bgjobs resource's status.
+pub fn upsert_condition(
+    conditions: &mut Vec<Condition>,
+    generation: Option<i64>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
     let message: String = message.chars().take(1024).collect();
-    if let Some(c) = s.conditions.iter_mut().find(|c| c.type_ == type_) {
+    if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
         if c.status != status {
             c.last_transition_time = Time(now);
         }
@@ -114,7 +128,7 @@ fn set_condition(s: &mut BackgroundJobStatus, type_: &str, status: &str, reason:
         c.message = message;
         c.observed_generation = generation;
     } else {
-        s.conditions.push(Condition {
+        conditions.push(Condition {
             type_: type_.into(),
             status: status.into(),
             reason: reason.into(),
