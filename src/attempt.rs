@@ -1,15 +1,20 @@
 //! Running one claimed attempt: keep its Lease, run the executor, record the outcome under the fence.
 //!
 //! The executor's future is polled only while the Lease is current: every poll first checks that the last renewal
-//! is younger than the renew deadline. A replica that was paused (SIGSTOP, a long GC, a frozen VM) past that
-//! deadline therefore never resumes the work: the first thing it does on waking is drop it. The renew deadline is
-//! shorter than the lease duration other replicas wait before taking over, so the two never overlap.
+//! is younger than the renew deadline ([`crate::lease::Keeper`]). A replica that was paused (SIGSTOP, a long GC, a frozen
+//! VM) past that deadline therefore never resumes the work: the first thing it does on waking is drop it. The renew
+//! deadline is shorter than the lease duration other replicas wait before taking over, so the two never overlap.
+//!
+//! Every attempt is bounded whatever its executor does: by `attemptTimeoutSeconds`, by the job's own deadline
+//! (`timeoutSeconds` since creation), by its Leases, and by stop requests. A handler that panics fails its attempt.
+//! Whatever ends it, `ctx.cancel` fires before the executor's future is dropped, so work the handler moved to
+//! threads or tasks learns of it too.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use futures::future::poll_fn;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -21,7 +26,7 @@ use tracing::{Instrument, info, warn};
 use crate::api::{BackgroundJob, Phase};
 use crate::claim::Claimed;
 use crate::executor::{self, JobContext};
-use crate::lease;
+use crate::lease::Keeper;
 use crate::retry::{self, AttemptResult, Verdict};
 use crate::status::{self, Fenced};
 use crate::worker::Worker;
@@ -40,13 +45,36 @@ pub enum StopReason {
 }
 
 /// The dispatcher's handle on a running attempt.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AttemptControl {
     token: CancellationToken,
     reason: Mutex<Option<StopReason>>,
+    /// Exclusive strategy: the cluster-wide Lease this replica held when it claimed. The attempt may act only
+    /// while that very tenure is current, like its own Lease.
+    leader: Option<Arc<Keeper>>,
 }
 
 impl AttemptControl {
+    /// A handle for an attempt that must also stop when `leader` (the exclusive Lease) stops being current.
+    pub fn under(leader: Option<Arc<Keeper>>) -> Self {
+        AttemptControl { leader, ..Default::default() }
+    }
+
+    /// Whether the leadership the attempt was claimed under (if any) still holds.
+    fn leading(&self) -> bool {
+        self.leader.as_ref().is_none_or(|k| k.is_current())
+    }
+
+    /// Resolves once the leadership the attempt was claimed under is gone (never without the exclusive strategy).
+    async fn leadership_lost(&self) {
+        if self.leader.is_none() {
+            return std::future::pending().await;
+        }
+        while self.leading() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stop the attempt; the first reason given wins.
     pub fn stop(&self, reason: StopReason) {
         self.reason.lock().unwrap().get_or_insert(reason);
@@ -55,73 +83,6 @@ impl AttemptControl {
 
     fn reason(&self) -> Option<StopReason> {
         *self.reason.lock().unwrap()
-    }
-}
-
-/// Keeps a claim Lease renewed and says whether it is still current.
-struct Keeper {
-    lease: Mutex<Lease>,
-    last_renewed: Mutex<Instant>,
-    lost: AtomicBool,
-    renew_deadline: Duration,
-}
-
-impl Keeper {
-    fn new(lease: Lease, renew_deadline: Duration) -> Self {
-        Keeper {
-            lease: Mutex::new(lease),
-            last_renewed: Mutex::new(Instant::now()),
-            lost: AtomicBool::new(false),
-            renew_deadline,
-        }
-    }
-
-    /// Current means: renewed within the renew deadline and never lost. Once lost, always lost.
-    fn is_current(&self) -> bool {
-        if self.lost.load(Ordering::SeqCst) {
-            return false;
-        }
-        if self.last_renewed.lock().unwrap().elapsed() >= self.renew_deadline {
-            self.lost.store(true, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-
-    async fn renew_forever(&self, api: &Api<Lease>, worker: &Worker) {
-        let interval = worker.timing.renew_interval;
-        let mut wait = interval;
-        loop {
-            tokio::time::sleep(wait).await;
-            if !self.is_current() {
-                return;
-            }
-            let sent = Instant::now();
-            let remaining = self.renew_deadline.saturating_sub(self.last_renewed.lock().unwrap().elapsed());
-            let held = self.lease.lock().unwrap().clone();
-            match tokio::time::timeout(remaining, lease::renew(api, &held)).await {
-                Ok(Ok(Some(renewed))) => {
-                    *self.lease.lock().unwrap() = renewed;
-                    *self.last_renewed.lock().unwrap() = sent;
-                    wait = interval;
-                }
-                Ok(Ok(None)) => {
-                    warn!("claim lease was taken by another replica");
-                    self.lost.store(true, Ordering::SeqCst);
-                    return;
-                }
-                Ok(Err(e)) => {
-                    worker.metrics.renew_failures.inc();
-                    warn!(error = %e, "lease renewal failed; retrying");
-                    wait = interval.min(Duration::from_millis(500));
-                }
-                Err(_) => {
-                    worker.metrics.renew_failures.inc();
-                    warn!("lease renewal timed out");
-                    wait = Duration::ZERO;
-                }
-            }
-        }
     }
 }
 
@@ -138,8 +99,36 @@ impl Drop for RunTimer<'_> {
 enum Ending {
     Finished(AttemptResult),
     AttemptTimedOut(i64),
+    /// The job's own deadline (`timeoutSeconds` since creation) passed while the attempt ran.
+    DeadlineReached,
     Stopped(StopReason),
     LeaseLost,
+}
+
+/// Which limit bounds an attempt that starts now: `attemptTimeoutSeconds` or the job's deadline, whichever is first.
+fn attempt_limit(job: &BackgroundJob, now: Timestamp) -> (Duration, bool) {
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    let to_deadline = retry::deadline(&job.spec, created).duration_since(now);
+    let to_deadline = Duration::try_from(to_deadline).unwrap_or(Duration::ZERO);
+    // An adopted Pod attempt keeps its start time, so its attempt timeout counts from when it really started.
+    let started = job.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0).unwrap_or(now);
+    let to_attempt_timeout = job.spec.attempt_timeout_seconds.map(|s| {
+        let end = started.checked_add(jiff::SignedDuration::from_secs(s.max(1))).unwrap_or(Timestamp::MAX);
+        Duration::try_from(end.duration_since(now)).unwrap_or(Duration::ZERO)
+    });
+    match to_attempt_timeout {
+        Some(t) if t < to_deadline => (t, false),
+        _ => (to_deadline, true),
+    }
+}
+
+/// Words for a caught panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Run a claimed attempt to its end and record the outcome. Never panics on API errors: anything it cannot record
@@ -154,42 +143,51 @@ pub async fn run(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCont
 async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptControl>) {
     let Claimed { job, lease: held, fence, took_over, extras } = claimed;
     let ns = job.namespace().unwrap_or_default();
-    let leases: Api<Lease> = Api::namespaced(worker.client.clone(), &ns);
+    let lease_api = |ns: &str| -> Api<Lease> { Api::namespaced(worker.client.clone(), ns) };
     let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
-    let keeper = Keeper::new(held, worker.timing.renew_deadline);
+    let keeper = Keeper::new(lease_api(&ns), held, worker.timing);
     // Extra Leases (cluster slot, concurrency key) are kept like the claim: losing any of them loses the claim.
-    let extras: Vec<(Keeper, Api<Lease>)> = extras
+    let extras: Vec<Keeper> = extras
         .into_iter()
-        .map(|l| {
-            let api = Api::namespaced(worker.client.clone(), &l.namespace().unwrap_or_default());
-            (Keeper::new(l, worker.timing.renew_deadline), api)
-        })
+        .map(|h| Keeper::new(lease_api(&h.lease.namespace().unwrap_or_default()), h, worker.timing))
         .collect();
-    let current = || keeper.is_current() && extras.iter().all(|(k, _)| k.is_current());
-    let outcome =
-        run_claimed(&worker, &jobs, &leases, job, fence, took_over, &control, &keeper, &extras, &current).await;
-    for (k, api) in &extras {
-        let held = k.lease.lock().unwrap().clone();
-        if let Err(e) = lease::release(api, &held).await {
-            warn!(error = %e, lease = %held.name_any(), "could not give back a lease; it expires on its own");
+    let pod_runs_on =
+        run_claimed(&worker, &jobs, job, fence, took_over, &control, &keeper, &extras).await == Handover::PodRunsOn;
+    // A Pod that runs on still counts against the cluster cap and its concurrency key: its slot and key Leases stay
+    // as they are and expire, and the adopter takes the same ones over (see `claim::adoption_extras`).
+    if !pod_runs_on {
+        for k in &extras {
+            // A slot is left vacant rather than deleted: an absent slot is waited out (it may have been deleted by
+            // hand under a running attempt), a vacant one is free at once.
+            if k.lease().labels().contains_key(crate::limits::SLOT_LABEL) {
+                k.vacate().await;
+            } else {
+                k.release().await;
+            }
         }
     }
-    outcome
+}
+
+/// What is left running once the attempt runner returns.
+#[derive(PartialEq, Eq)]
+enum Handover {
+    Nothing,
+    /// A Pod attempt was handed over (or its claim lost) while its Pod may still run.
+    PodRunsOn,
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn run_claimed(
     worker: &Arc<Worker>,
     jobs: &Api<BackgroundJob>,
-    leases: &Api<Lease>,
     job: BackgroundJob,
     fence: status::Fence,
     took_over: bool,
     control: &AttemptControl,
     keeper: &Keeper,
-    extras: &[(Keeper, Api<Lease>)],
-    current: &impl Fn() -> bool,
-) {
+    extras: &[Keeper],
+) -> Handover {
+    let current = || keeper.is_current() && extras.iter().all(Keeper::is_current) && control.leading();
     let ns = job.namespace().unwrap_or_default();
     if took_over {
         worker.metrics.takeovers.inc();
@@ -208,6 +206,11 @@ async fn run_claimed(
     );
     info!("attempt started");
 
+    if job.spec.cancel {
+        control.stop(StopReason::Cancelled);
+    }
+    // The handler's token: a child of the stop token, and cancelled on every other ending too (below).
+    let cancel = control.token.child_token();
     let ctx = JobContext {
         namespace: ns.clone(),
         name: job.name_any(),
@@ -215,40 +218,42 @@ async fn run_claimed(
         job_name: job.spec.job_name.clone(),
         attempt: fence.attempt,
         worker: worker.identity.clone(),
-        cancel: control.token.child_token(),
+        cancel: cancel.clone(),
     };
+    let (limit, limit_is_deadline) = attempt_limit(&job, Timestamp::now());
     let ending = {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
-        let mut exec = Box::pin(executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.client));
+        let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.client);
+        // A panicking handler fails its attempt like any other permanent error; the replica carries on.
+        let mut exec = Box::pin(std::panic::AssertUnwindSafe(exec).catch_unwind().map(|r| {
+            r.unwrap_or_else(|p| {
+                AttemptResult::Permanent(format!("the handler crashed (a panic): {}", panic_message(&*p)))
+            })
+        }));
         // The lease guard: the executor is polled only while the claim is current.
         let guarded = poll_fn(|cx| if current() { exec.as_mut().poll(cx).map(Some) } else { Poll::Ready(None) });
-        let limit = job.spec.attempt_timeout_seconds.map(|s| Duration::from_secs(s.max(1) as u64));
-        let timed = async {
-            match limit {
-                Some(limit) => tokio::time::timeout(limit, guarded)
-                    .await
-                    .map_err(|_| job.spec.attempt_timeout_seconds.unwrap_or(0)),
-                None => Ok(guarded.await),
-            }
-        };
-        tokio::select! {
+        let ending = tokio::select! {
             biased;
             _ = control.token.cancelled() => Ending::Stopped(control.reason().unwrap_or(StopReason::Shutdown)),
-            r = timed => match r {
+            r = tokio::time::timeout(limit, guarded) => match r {
                 Ok(Some(result)) => Ending::Finished(result),
                 Ok(None) => Ending::LeaseLost,
-                Err(secs) => Ending::AttemptTimedOut(secs),
+                Err(_) if limit_is_deadline => Ending::DeadlineReached,
+                Err(_) => Ending::AttemptTimedOut(job.spec.attempt_timeout_seconds.unwrap_or(0)),
             },
-            _ = keeper.renew_forever(leases, worker) => Ending::LeaseLost,
+            _ = keeper.keep(&worker.metrics.renew_failures) => Ending::LeaseLost,
             _ = async {
                 if extras.is_empty() {
                     std::future::pending::<()>().await;
                 }
-                let renewals = extras.iter().map(|(k, api)| Box::pin(k.renew_forever(api, worker)));
+                let renewals = extras.iter().map(|k| Box::pin(k.keep(&worker.metrics.renew_failures)));
                 futures::future::select_all(renewals).await;
             } => Ending::LeaseLost,
-        }
+            _ = control.leadership_lost() => Ending::Stopped(StopReason::NotLeader),
+        };
+        cancel.cancel();
+        ending
     };
     // A handler that noticed a stop request fails with something like "cancelled"; the stop is the real reason.
     // Only a success that raced the stop is kept: the work is done.
@@ -257,35 +262,39 @@ async fn run_claimed(
         (Ending::Finished(_) | Ending::AttemptTimedOut(_), Some(reason)) => Ending::Stopped(reason),
         (ending, _) => ending,
     };
+    let is_pod = job.spec.template.is_some();
     if matches!(ending, Ending::LeaseLost) || !current() {
         worker.metrics.stale_results_discarded.inc();
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");
-        return;
+        return if is_pod { Handover::PodRunsOn } else { Handover::Nothing };
     }
     // A Pod outlives our interest in it only when it finished or when the attempt is handed over.
     let pod_must_go = matches!(
         ending,
-        Ending::AttemptTimedOut(_) | Ending::Stopped(StopReason::Cancelled) | Ending::Stopped(StopReason::Deleted)
+        Ending::AttemptTimedOut(_)
+            | Ending::DeadlineReached
+            | Ending::Stopped(StopReason::Cancelled)
+            | Ending::Stopped(StopReason::Deleted)
     );
-    if job.spec.template.is_some() && pod_must_go {
-        executor::pod::delete(&worker.client, &job, fence.attempt).await;
+    if is_pod && pod_must_go {
+        let left = keeper.time_left();
+        if tokio::time::timeout(left, executor::pod::delete(&worker.client, &job, fence.attempt)).await.is_err() {
+            warn!("deleting the attempt's pod timed out; the lease expires and the adopter finishes the job");
+            return Handover::PodRunsOn;
+        }
     }
+    let handed_over = is_pod && matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
     let record = record(worker, jobs, &job, &fence, ending);
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
-    let left = keeper.renew_deadline.saturating_sub(keeper.last_renewed.lock().unwrap().elapsed());
-    match tokio::time::timeout(left, record).await {
-        Ok(Ok(true)) => {
-            let held = keeper.lease.lock().unwrap().clone();
-            if let Err(e) = lease::release(leases, &held).await {
-                warn!(error = %e, "could not delete the claim lease; it expires on its own");
-            }
-        }
+    match tokio::time::timeout(keeper.time_left(), record).await {
+        Ok(Ok(true)) => keeper.release().await,
         Ok(Ok(false)) => {}
         Ok(Err(e)) => {
             warn!(error = %e, "could not record the attempt's outcome; the lease expires and another replica retries")
         }
         Err(_) => warn!("recording the attempt's outcome timed out; the lease expires and another replica retries"),
     }
+    if handed_over { Handover::PodRunsOn } else { Handover::Nothing }
 }
 
 /// Record the outcome. `Ok(true)`: recorded, the Lease can go. `Ok(false)`: nothing to release (job gone, or moved on).
@@ -300,6 +309,10 @@ async fn record(
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let verdict = match ending {
         Ending::Finished(result) => retry::verdict(&job.spec, created, fence.attempt, result, now),
+        Ending::DeadlineReached => Verdict::Abandon(format!(
+            "attempt {} was still running when the job's timeout of {}s since creation passed; it was stopped",
+            fence.attempt, job.spec.timeout_seconds
+        )),
         Ending::AttemptTimedOut(secs) => retry::verdict(
             &job.spec,
             created,
@@ -394,4 +407,44 @@ async fn record(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn job(spec: serde_json::Value, created: i64, started: Option<i64>) -> BackgroundJob {
+        let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(spec).unwrap());
+        j.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        j.status = Some(BackgroundJobStatus {
+            start_time: started.map(|s| Time(Timestamp::from_second(s).unwrap())),
+            ..Default::default()
+        });
+        j
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn an_attempt_is_bounded_by_the_jobs_deadline_when_it_has_no_attempt_timeout() {
+        let j = job(serde_json::json!({"jobName": "x", "timeoutSeconds": 20}), 1000, Some(1005));
+        assert_eq!(attempt_limit(&j, at(1005)), (Duration::from_secs(15), true));
+        assert_eq!(attempt_limit(&j, at(1030)), (Duration::ZERO, true), "already past it: stop at once");
+    }
+
+    #[test]
+    fn the_attempt_timeout_counts_from_the_attempts_start_and_wins_when_earlier() {
+        let j = job(serde_json::json!({"jobName": "x", "attemptTimeoutSeconds": 10}), 1000, Some(1004));
+        assert_eq!(attempt_limit(&j, at(1006)), (Duration::from_secs(8), false), "an adopted attempt keeps its start");
+    }
+
+    #[test]
+    fn a_panic_payload_becomes_words() {
+        let p = std::panic::catch_unwind(|| panic!("bad input {}", 3)).unwrap_err();
+        assert_eq!(panic_message(&*p), "bad input 3");
+    }
 }

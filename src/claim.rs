@@ -17,9 +17,11 @@ use std::sync::Arc;
 
 use kube::{Api, Client, Resource, ResourceExt};
 
+use crate::api::BackgroundJobStatus;
 use crate::api::{BackgroundJob, Phase};
+use crate::error::Error;
 use crate::error::Result;
-use crate::lease::{self, Acquire, Claim, LeaseTiming};
+use crate::lease::{self, Acquire, Claim, Held, LeaseTiming};
 use crate::status::{self, Fence};
 
 /// The state of a job's claim Lease, as one replica judges it.
@@ -52,8 +54,19 @@ pub fn lease_state(
     if !same_job || lease_attempt < guarded_attempt || lease::holder(lease).is_none() {
         return LeaseState::Leftover;
     }
-    if unchanged_for >= timing.duration { LeaseState::Expired } else { LeaseState::Live }
+    if timing.expired(unchanged_for) { LeaseState::Expired } else { LeaseState::Live }
 }
+
+/// What a replica's [`lease::Observer`] tracks for a job's claim: the Lease's version *and* the job's phase and
+/// attempt. A job that moves (Waiting to Running, attempt n to n+1) starts a fresh clock, so time spent with no
+/// Lease while Waiting never counts towards "its Running attempt stopped renewing".
+pub fn observed_version(job: &BackgroundJob, lease: Option<&Lease>) -> String {
+    let rv = lease.and_then(|l| l.metadata.resource_version.as_deref()).unwrap_or("-");
+    format!("{rv}/{}/{}", job.phase(), job.attempts())
+}
+
+/// Label naming the job on every object bgjobs makes for it (shortened with a hash past 63 characters).
+pub const JOB_LABEL: &str = "bgjobs.dev/job";
 
 /// Name of a job's claim Lease.
 pub fn lease_name(job: &BackgroundJob) -> String {
@@ -80,14 +93,14 @@ pub struct ExtraLease {
 pub struct Claimed {
     /// The job as the claim wrote it.
     pub job: BackgroundJob,
-    /// The claim Lease as acquired.
-    pub lease: Lease,
+    /// The claim Lease as acquired (with the instant its write was sent: the renew deadline counts from there).
+    pub lease: Held,
     /// Who may write from now on.
     pub fence: Fence,
     /// The attempt replaced one whose worker stopped renewing its Lease.
     pub took_over: bool,
     /// The extra Leases (slot, concurrency key) held for the attempt.
-    pub extras: Vec<Lease>,
+    pub extras: Vec<Held>,
 }
 
 /// Outcome of a claim.
@@ -115,7 +128,7 @@ pub async fn claim(
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let claim = claim_for(job, worker);
-    let mut held: Vec<(Api<Lease>, Lease)> = Vec::new();
+    let mut held: Vec<(Api<Lease>, Held)> = Vec::new();
     for extra in extras {
         let api: Api<Lease> = Api::namespaced(client.clone(), &extra.namespace);
         let mut c = claim.clone();
@@ -136,7 +149,7 @@ pub async fn claim(
             }
         }
     }
-    let extras_held = held.iter().map(|(_, l)| l.clone()).collect();
+    let extras_held = held.iter().map(|(_, h)| h.clone()).collect();
     let outcome = claim_job(&jobs, &leases, job, seen_lease, state, &claim, timing, extras_held).await;
     if !matches!(outcome, Ok(ClaimOutcome::Claimed(_))) {
         release_all(&held).await;
@@ -144,10 +157,10 @@ pub async fn claim(
     outcome
 }
 
-async fn release_all(held: &[(Api<Lease>, Lease)]) {
-    for (api, l) in held {
-        if let Err(e) = lease::release(api, l).await {
-            tracing::warn!(error = %e, lease = %l.name_any(), "could not give back a lease; it expires on its own");
+async fn release_all(held: &[(Api<Lease>, Held)]) {
+    for (api, h) in held {
+        if let Err(e) = lease::release(api, &h.lease).await {
+            tracing::warn!(error = %e, lease = %h.lease.name_any(), "could not give back a lease; it expires on its own");
         }
     }
 }
@@ -175,7 +188,7 @@ fn claim_for(job: &BackgroundJob, worker: &str) -> Claim {
         ]),
         labels: BTreeMap::from([
             (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
-            ("bgjobs.dev/job".to_string(), job.name_any()),
+            (JOB_LABEL.to_string(), crate::names::label_value(&job.name_any())),
         ]),
         owner: job.controller_owner_ref(&()).map(|mut o| {
             // Not the controller, and no blockOwnerDeletion: that would need extra RBAC on the job's finalizers.
@@ -183,6 +196,58 @@ fn claim_for(job: &BackgroundJob, worker: &str) -> Claim {
             o.block_owner_deletion = None;
             o
         }),
+    }
+}
+
+/// Acquire the job's claim Lease as judged: create it if absent, take it over under the version seen otherwise.
+async fn acquire(
+    leases: &Api<Lease>,
+    job: &BackgroundJob,
+    seen_lease: Option<&Lease>,
+    state: LeaseState,
+    claim: &Claim,
+    timing: &LeaseTiming,
+) -> Result<Option<Held>> {
+    let name = lease_name(job);
+    let acquired = match (state, seen_lease) {
+        (LeaseState::Live, Some(_)) => return Ok(None),
+        (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
+            Acquire::Acquired(h) => Some(h),
+            // Someone created it between our look and our write; it may be a leftover we can reuse at once.
+            Acquire::Lost(Some(existing))
+                if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
+            {
+                match lease::take_over(leases, &existing, claim, timing).await? {
+                    Acquire::Acquired(h) => Some(h),
+                    Acquire::Lost(_) => None,
+                }
+            }
+            Acquire::Lost(_) => None,
+        },
+        (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => {
+            match lease::take_over(leases, seen, claim, timing).await? {
+                Acquire::Acquired(h) => Some(h),
+                Acquire::Lost(_) => None,
+            }
+        }
+    };
+    Ok(acquired)
+}
+
+/// Write `status` over `job` as seen, while `held` is still ours: bounded by what is left of the renew deadline,
+/// because past it another replica may take over. `Ok(None)`: someone moved the job first. An error (or the
+/// bound) leaves it unknown whether the write landed.
+async fn write_holding(
+    jobs: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    held: &Held,
+    timing: &LeaseTiming,
+    status: BackgroundJobStatus,
+) -> Result<Option<BackgroundJob>> {
+    let left = timing.renew_deadline.saturating_sub(held.written_at.elapsed());
+    match tokio::time::timeout(left, status::write_if_unchanged(jobs, job, status)).await {
+        Ok(written) => written,
+        Err(_) => Err(Error::Timeout(left)),
     }
 }
 
@@ -195,33 +260,14 @@ async fn claim_job(
     state: LeaseState,
     claim: &Claim,
     timing: &LeaseTiming,
-    extras: Vec<Lease>,
+    extras: Vec<Held>,
 ) -> Result<ClaimOutcome> {
     let worker = claim.holder.as_str();
     let attempt = next_attempt(job);
     let name = lease_name(job);
     let uid = job.uid().unwrap_or_default();
-    let acquired = match (state, seen_lease) {
-        (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
-            Acquire::Acquired(l) => l,
-            // Someone created it between our look and our write; it may be a leftover we can reuse at once.
-            Acquire::Lost(Some(existing))
-                if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
-            {
-                match lease::take_over(leases, &existing, claim, timing).await? {
-                    Acquire::Acquired(l) => l,
-                    Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
-                }
-            }
-            Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
-        },
-        (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => {
-            match lease::take_over(leases, seen, claim, timing).await? {
-                Acquire::Acquired(l) => l,
-                Acquire::Lost(_) => return Ok(ClaimOutcome::Lost),
-            }
-        }
-        (LeaseState::Live, Some(_)) => return Ok(ClaimOutcome::Lost),
+    let Some(acquired) = acquire(leases, job, seen_lease, state, claim, timing).await? else {
+        return Ok(ClaimOutcome::Lost);
     };
 
     let took_over = job.phase() == Phase::Running;
@@ -234,8 +280,12 @@ async fn claim_job(
         }
     });
     let sequence = crate::ordering::enqueue_sequence(job);
-    let new_status = status::running(job, attempt, worker, &name, sequence, lost_note, Timestamp::now());
-    match status::write_if_unchanged(jobs, job, new_status).await {
+    let mut new_status = status::running(job, attempt, worker, &name, sequence, lost_note, Timestamp::now());
+    if adopts(job) {
+        // The adopted attempt keeps the start time it had: its attemptTimeoutSeconds counts from there.
+        new_status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone()).or(new_status.start_time);
+    }
+    match write_holding(jobs, job, &acquired, timing, new_status).await {
         Ok(Some(written)) => Ok(ClaimOutcome::Claimed(Box::new(Claimed {
             job: written,
             lease: acquired,
@@ -244,7 +294,7 @@ async fn claim_job(
             extras,
         }))),
         Ok(None) => {
-            lease::release(leases, &acquired).await?;
+            lease::release(leases, &acquired.lease).await?;
             Ok(ClaimOutcome::Lost)
         }
         Err(e) => {
@@ -252,6 +302,39 @@ async fn claim_job(
             Err(e)
         }
     }
+}
+
+/// Move a job nobody holds to a final phase (`status` is the complete new status), if it is still as seen.
+///
+/// A Running job whose holder looks gone is settled only under its claim Lease, taken exactly as a claim takes it:
+/// a holder that is in fact alive (this replica's view of its Lease was stale) has renewed since, the takeover
+/// conflicts, and nothing is written. `Ok(false)`: someone else moved first.
+pub async fn settle(
+    client: &Client,
+    job: &BackgroundJob,
+    seen_lease: Option<&Lease>,
+    state: LeaseState,
+    worker: &str,
+    timing: &LeaseTiming,
+    new_status: BackgroundJobStatus,
+) -> Result<bool> {
+    let ns = job.namespace().unwrap_or_default();
+    let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
+    if job.phase() != Phase::Running {
+        // Nobody holds a Waiting job: a claim in flight writes under the job's resourceVersion too, so exactly one
+        // of the two writes lands.
+        return Ok(status::write_if_unchanged(&jobs, job, new_status).await?.is_some());
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let claim = claim_for(job, worker);
+    let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
+        return Ok(false);
+    };
+    let written = write_holding(&jobs, job, &held, timing, new_status).await;
+    if !matches!(written, Err(_)) {
+        lease::release(&leases, &held.lease).await?;
+    }
+    Ok(written?.is_some())
 }
 
 #[cfg(test)]
@@ -327,6 +410,15 @@ mod tests {
         let mut waiting = job(Some(Phase::Waiting), 2);
         waiting.spec.template = Some(Default::default());
         assert_eq!(next_attempt(&waiting), 3, "a retry of a pod job is a new attempt with a new pod");
+    }
+
+    #[test]
+    fn a_job_that_starts_running_starts_a_fresh_clock_even_with_no_lease_in_sight() {
+        let waiting = job(Some(Phase::Waiting), 0);
+        let running = job(Some(Phase::Running), 1);
+        assert_ne!(observed_version(&waiting, None), observed_version(&running, None));
+        assert_ne!(observed_version(&running, None), observed_version(&job(Some(Phase::Running), 2), None));
+        assert_eq!(observed_version(&running, None), observed_version(&running.clone(), None));
     }
 
     #[test]

@@ -226,6 +226,19 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    // A panic is an error like any other: one log line in the replica's format (JSON included), with where it
+    // happened. Handler panics are caught and fail their attempt (see `attempt`); this records them.
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let thread = std::thread::current().name().unwrap_or("?").to_string();
+        tracing::error!(%thread, %location, "a panic unwound: {message}");
+    }));
 }
 
 async fn enqueue(a: EnqueueArgs) -> Result<()> {

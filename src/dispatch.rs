@@ -4,11 +4,13 @@
 //! - final: delete it once its TTL has passed;
 //! - waiting: cancel it, give up on it (timeout, attempts used up), wait for its time, or make it a candidate;
 //! - running elsewhere: leave it while its Lease is renewed; once this replica has seen the Lease (or its absence)
-//!   unchanged for a full lease duration, the attempt is orphaned and becomes a candidate for takeover;
+//!   unchanged for a full lease duration, the attempt is orphaned and becomes a candidate for takeover (a Pod
+//!   attempt is adopted; an in-process one that may not run again is settled, under its Lease);
 //! - running here: stop it if the user cancelled or deleted it.
 //!
 //! Candidates are sorted by [`QueueKey`] and this replica claims as many as it has free slots
-//! (see [`ordering::pick`]). Claims run concurrently; the loop goes on while they do.
+//! (see [`ordering::pick`]). Claims, settles and deletes run as tasks; the loop goes on while they do, and a task
+//! always reports back, even when it panics, so a slot is never lost.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use crate::attempt::{self, AttemptControl, StopReason};
 use crate::claim::{self, ClaimOutcome, ExtraLease, LeaseState};
 use crate::config::OperatorConfig;
 use crate::keys::{self, KeyVerdict};
-use crate::lease::Observer;
+use crate::lease::{Keeper, Observer};
 use crate::limits;
 use crate::metrics::{Health, QueueLabels};
 use crate::ordering::{self, QueueKey, Runnable};
@@ -41,12 +43,29 @@ const IDLE_PASS: Duration = Duration::from_secs(2);
 /// Bounded, because a lost race at the Lease does not always change the job itself.
 const SETTLE_HOLD: Duration = Duration::from_secs(1);
 
-/// A claim task's report back to the loop.
+/// At most this many settle and delete writes in flight per replica; more wait for a later pass.
+const MAX_SIDE_WRITES: usize = 16;
+
+/// A task's report back to the loop: a claim (and its attempt), a settle or a delete ended.
 struct Done {
     uid: String,
-    /// The job's resourceVersion when the claim began: the cache may still show it after the claim or attempt
-    /// ended, so skip the job until the cache shows it moved.
+    /// The job's resourceVersion when the task began: the cache may still show it after the task ended, so skip
+    /// the job until the cache shows it moved.
     seen_at: Option<String>,
+}
+
+/// Sends its [`Done`] when dropped: when the task returns, and also when it unwinds from a panic.
+struct DoneOnDrop {
+    tx: mpsc::UnboundedSender<Done>,
+    done: Option<Done>,
+}
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = self.tx.send(done);
+        }
+    }
 }
 
 /// The dispatcher of one replica.
@@ -56,6 +75,8 @@ pub struct Dispatcher {
     view: QueueView,
     /// Attempts claimed or running here, by job UID.
     held: HashMap<String, Arc<AttemptControl>>,
+    /// Jobs with a settle or delete write in flight here.
+    writing: HashSet<String>,
     /// Jobs this replica just acted on: the resourceVersion it acted on, and when.
     settled_at: HashMap<String, (String, Instant)>,
     observer: Observer,
@@ -73,8 +94,8 @@ pub struct Dispatcher {
     health: Arc<Health>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
-    /// Exclusive strategy: whether this replica holds the cluster-wide Lease.
-    leader: Option<watch::Receiver<bool>>,
+    /// Exclusive strategy: the cluster-wide Lease this replica holds, if any.
+    leader: Option<watch::Receiver<Option<Arc<Keeper>>>>,
 }
 
 /// A job worth claiming now.
@@ -88,12 +109,12 @@ struct Candidate {
 }
 
 impl Dispatcher {
-    /// A dispatcher over `view`. With `leader`, it runs jobs only while the receiver says `true`.
+    /// A dispatcher over `view`. With `leader`, it runs jobs only while it holds the Lease the receiver shows.
     pub fn new(
         worker: Arc<Worker>,
         config: OperatorConfig,
         view: QueueView,
-        leader: Option<watch::Receiver<bool>>,
+        leader: Option<watch::Receiver<Option<Arc<Keeper>>>>,
         health: Arc<Health>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -102,6 +123,7 @@ impl Dispatcher {
             config,
             view,
             held: HashMap::new(),
+            writing: HashSet::new(),
             settled_at: HashMap::new(),
             observer: Observer::default(),
             slot_observer: Observer::default(),
@@ -146,6 +168,7 @@ impl Dispatcher {
 
     fn finish(&mut self, done: Done) {
         self.held.remove(&done.uid);
+        self.writing.remove(&done.uid);
         self.slots_in_use.remove(&done.uid);
         if let Some(rv) = done.seen_at {
             self.settled_at.insert(done.uid, (rv, Instant::now()));
@@ -153,7 +176,12 @@ impl Dispatcher {
     }
 
     fn is_leader(&self) -> bool {
-        self.leader.as_ref().is_none_or(|l| *l.borrow())
+        self.leader.as_ref().is_none_or(|l| l.borrow().as_ref().is_some_and(|k| k.is_current()))
+    }
+
+    /// The exclusive Lease new attempts are claimed under (None without the exclusive strategy).
+    fn leadership(&self) -> Option<Arc<Keeper>> {
+        self.leader.as_ref().and_then(|l| l.borrow().clone())
     }
 
     async fn shut_down(mut self) {
@@ -202,6 +230,8 @@ impl Dispatcher {
         let mut candidates = Vec::new();
         let mut depth: HashMap<QueueLabels, i64> = HashMap::new();
         self.health.beat();
+        let me = self.worker.identity.clone();
+        let members = crate::members::live(&self.view.members, &mut self.member_observer, inst, &timing, &me);
         let all = self.view.jobs.state();
         let turns = keys::turns(&all.iter().map(|j| j.as_ref()).collect::<Vec<_>>());
         let by_uid: HashMap<String, Arc<BackgroundJob>> =
@@ -225,6 +255,9 @@ impl Dispatcher {
                 }
                 continue;
             }
+            if self.writing.contains(&uid) {
+                continue;
+            }
             match self.settled_at.get(&uid) {
                 Some((at, when)) if *at == rv && when.elapsed() < SETTLE_HOLD => {
                     due = due.min(SETTLE_HOLD - when.elapsed());
@@ -237,7 +270,7 @@ impl Dispatcher {
             }
             let phase = job.phase();
             if phase.is_final() {
-                if let Some(t) = self.expire_finished(&job, now).await {
+                if let Some(t) = self.expire_finished(&job, now, &members) {
                     wake_at(&mut due, t);
                 }
                 continue;
@@ -250,41 +283,47 @@ impl Dispatcher {
                 .filter(|_| phase == Phase::Running)
                 .unwrap_or_else(|| claim::lease_name(&job));
             let lease = leases.get(&(ns, lease_name)).cloned();
-            let unchanged =
-                self.observer.observe(&uid, lease.as_ref().and_then(|l| l.resource_version()).as_deref(), inst);
+            let version = claim::observed_version(&job, lease.as_deref());
+            let unchanged = self.observer.observe(&uid, Some(&version), inst);
             let state = claim::lease_state(&job, lease.as_deref(), unchanged, &timing);
-            let orphaned = phase == Phase::Running && state != LeaseState::Live && unchanged >= timing.duration;
-            if phase == Phase::Running && !orphaned {
-                due = due.min(timing.duration.saturating_sub(unchanged).max(Duration::from_millis(100)));
-                continue;
-            }
-            if state == LeaseState::Live {
-                due = due.min(timing.duration.saturating_sub(unchanged).max(Duration::from_millis(100)));
+            let orphaned = phase == Phase::Running && state != LeaseState::Live && timing.expired(unchanged);
+            if (phase == Phase::Running && !orphaned) || state == LeaseState::Live {
+                due = due.min(timing.until_expiry(unchanged));
                 continue;
             }
             // From here on the job is nobody's: waiting, or orphaned by a replica that stopped renewing.
-            if job.spec.cancel {
-                self.settle(&job, Phase::Cancelled, "cancelled by the user before it ran".into(), now).await;
-                continue;
-            }
             let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
-            if let Err(verdict) = retry::may_start(&job.spec, created, job.attempts(), now) {
-                let (phase, reason) = match verdict {
-                    Verdict::Fail(r) => (Phase::Failed, r),
-                    Verdict::Abandon(r) => (Phase::Abandoned, r),
-                    _ => unreachable!("may_start only fails or abandons"),
-                };
-                let reason = if orphaned {
-                    let worker = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
-                    format!(
-                        "attempt {} was lost (worker {worker} stopped renewing its lease); {reason}",
-                        job.attempts()
-                    )
-                } else {
-                    reason
-                };
-                self.settle(&job, phase, reason, now).await;
-                continue;
+            // An orphaned Pod attempt is adopted whatever its budget says: its Pod may still be running, and the
+            // adopter is the one who deletes it on cancel or timeout (the attempt runner enforces both).
+            if !(orphaned && claim::adopts(&job)) {
+                if job.spec.cancel {
+                    self.spawn_settle(
+                        &job,
+                        lease,
+                        state,
+                        Phase::Cancelled,
+                        "cancelled by the user before it ran".into(),
+                    );
+                    continue;
+                }
+                if let Err(verdict) = retry::may_start(&job.spec, created, job.attempts(), now) {
+                    let (phase, reason) = match verdict {
+                        Verdict::Fail(r) => (Phase::Failed, r),
+                        Verdict::Abandon(r) => (Phase::Abandoned, r),
+                        _ => unreachable!("may_start only fails or abandons"),
+                    };
+                    let reason = if orphaned {
+                        let worker = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
+                        format!(
+                            "attempt {} was lost (worker {worker} stopped renewing its lease); {reason}",
+                            job.attempts()
+                        )
+                    } else {
+                        reason
+                    };
+                    self.spawn_settle(&job, lease, state, phase, reason);
+                    continue;
+                }
             }
             wake_at(&mut due, retry::deadline(&job.spec, created));
             if phase == Phase::Waiting
@@ -302,7 +341,7 @@ impl Dispatcher {
                             "skipped: job {deferred_to} with concurrencyKey {key:?} was already waiting or running \
                              (concurrencyPolicy: Skip)"
                         );
-                        self.settle(&job, Phase::Skipped, reason, now).await;
+                        self.spawn_settle(&job, lease, state, Phase::Skipped, reason);
                         continue;
                     }
                     Some(KeyVerdict::Wait { .. }) => continue,
@@ -324,7 +363,7 @@ impl Dispatcher {
                 keys_seen.insert(observed);
                 match keys::key_lease_state(&job, seen.as_deref(), owner.map(|o| o.as_ref()), unchanged, &timing) {
                     LeaseState::Live => {
-                        due = due.min(timing.duration.saturating_sub(unchanged).max(Duration::from_millis(100)));
+                        due = due.min(timing.until_expiry(unchanged));
                         continue;
                     }
                     LeaseState::Absent => {
@@ -349,7 +388,7 @@ impl Dispatcher {
                 control.stop(StopReason::Deleted);
             }
         }
-        if let Some(wait) = self.claim_some(candidates, &leases) {
+        if let Some(wait) = self.claim_some(candidates, &leases, &members) {
             due = due.min(wait);
         }
         self.worker.metrics.queue_depth.clear();
@@ -365,6 +404,7 @@ impl Dispatcher {
         &mut self,
         mut candidates: Vec<Candidate>,
         leases: &HashMap<(String, String), Arc<Lease>>,
+        members: &[String],
     ) -> Option<Duration> {
         if !self.config.job_execution_enabled || !self.is_leader() {
             return None;
@@ -381,8 +421,7 @@ impl Dispatcher {
         candidates.sort_by(|a, b| a.key.cmp(&b.key));
         // How many replicas race for the head: the live members (known from the start), or the holders of claim
         // Leases if more are seen (replicas of an older version without member Leases).
-        let (me, timing) = (self.worker.identity.clone(), self.worker.timing);
-        let members = crate::members::live(&self.view.members, &mut self.member_observer, Instant::now(), &timing, &me);
+        let me = self.worker.identity.clone();
         let mut holders: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
         holders.insert(&me);
         let workers = members.len().max(holders.len());
@@ -438,17 +477,18 @@ impl Dispatcher {
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
         }
-        let control = Arc::new(AttemptControl::default());
+        let control = Arc::new(AttemptControl::under(self.leadership()));
         self.held.insert(uid.clone(), control.clone());
         let since = self.runnable_since.get(&uid).copied().unwrap_or_else(Instant::now);
         let worker = self.worker.clone();
-        let done = self.done_tx.clone();
+        let done = DoneOnDrop { tx: self.done_tx.clone(), done: Some(Done { uid, seen_at: c.job.resource_version() }) };
         let job = c.job.clone();
         let lease = c.lease.clone();
         let state = c.state;
         // The slot first: it is the scarcer resource, and losing it costs no other write.
         let extras: Vec<ExtraLease> = slot.into_iter().chain(c.extras.iter().cloned()).collect();
         tokio::spawn(async move {
+            let _done = done;
             let (me, timing) = (&worker.identity, &worker.timing);
             let outcome = claim::claim(&worker.client, &job, lease.as_deref(), state, me, timing, &extras).await;
             match outcome {
@@ -463,53 +503,82 @@ impl Dispatcher {
                 }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
             }
-            let _ = done.send(Done { uid, seen_at: job.resource_version() });
         });
     }
 
-    /// Move a job nobody holds to a final phase, if it is still as seen.
-    async fn settle(&mut self, job: &BackgroundJob, phase: Phase, reason: String, now: Timestamp) {
-        let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());
-        let mut s = job.status.clone().unwrap_or_default();
-        status::finish(&mut s, phase, Some(reason.clone()), now);
-        match status::write_if_unchanged(&api, job, s).await {
-            Ok(Some(_)) => {
-                info!(job = %job.name_any(), %phase, %reason, "job settled");
-                self.worker.metrics.count_outcome(phase);
-                let type_ = if phase == Phase::Cancelled {
-                    kube::runtime::events::EventType::Normal
-                } else {
-                    kube::runtime::events::EventType::Warning
-                };
-                self.worker.event(job, type_, &phase.to_string(), reason);
+    /// Start a write that moves a job nobody holds to a final phase (see [`claim::settle`]), unless too many writes
+    /// are in flight already (the job comes up again in a later pass).
+    fn spawn_settle(
+        &mut self,
+        job: &Arc<BackgroundJob>,
+        lease: Option<Arc<Lease>>,
+        state: LeaseState,
+        phase: Phase,
+        reason: String,
+    ) {
+        let Some(done) = self.start_write(job) else { return };
+        let (worker, job) = (self.worker.clone(), job.clone());
+        tokio::spawn(async move {
+            let _done = done;
+            let mut s = job.status.clone().unwrap_or_default();
+            status::finish(&mut s, phase, Some(reason.clone()), Timestamp::now());
+            let (me, timing) = (&worker.identity, &worker.timing);
+            match claim::settle(&worker.client, &job, lease.as_deref(), state, me, timing, s).await {
+                Ok(true) => {
+                    info!(job = %job.name_any(), %phase, %reason, "job settled");
+                    worker.metrics.count_outcome(phase);
+                    let type_ = if phase == Phase::Cancelled {
+                        kube::runtime::events::EventType::Normal
+                    } else {
+                        kube::runtime::events::EventType::Warning
+                    };
+                    worker.event(&job, type_, &phase.to_string(), reason);
+                }
+                Ok(false) => debug!(job = %job.name_any(), "not settled: someone moved it first"),
+                Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
             }
-            Ok(None) => {}
-            Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
-        }
-        self.settled_at
-            .insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
+        });
     }
 
-    /// Delete a finished job whose TTL has passed; otherwise return when it will.
-    async fn expire_finished(&mut self, job: &BackgroundJob, now: Timestamp) -> Option<Timestamp> {
+    /// Reserve a write slot for `job`: the returned guard reports back when the write task ends.
+    fn start_write(&mut self, job: &BackgroundJob) -> Option<DoneOnDrop> {
+        if self.writing.len() >= MAX_SIDE_WRITES {
+            return None;
+        }
+        let uid = job.uid().unwrap_or_default();
+        self.writing.insert(uid.clone());
+        Some(DoneOnDrop { tx: self.done_tx.clone(), done: Some(Done { uid, seen_at: job.resource_version() }) })
+    }
+
+    /// Delete a finished job whose TTL has passed; otherwise return when it will. One replica deletes each job
+    /// (its rendezvous owner among the live `members`), under the version seen, so a job re-opened since (`bgjobs
+    /// retry`) is not deleted.
+    fn expire_finished(&mut self, job: &Arc<BackgroundJob>, now: Timestamp, members: &[String]) -> Option<Timestamp> {
         let ttl = job.spec.ttl_seconds_after_finished.or(self.config.ttl_seconds_after_finished)?;
         let finished = job.status.as_ref()?.completion_time.as_ref()?.0;
         let at = finished.checked_add(jiff::SignedDuration::from_secs(ttl.max(0))).ok()?;
         if at > now {
             return Some(at);
         }
+        let uid = job.uid().unwrap_or_default();
+        if crate::members::owner(members, &uid).is_some_and(|owner| owner != self.worker.identity) {
+            return None;
+        }
+        let done = self.start_write(job)?;
         let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());
         let dp = DeleteParams {
-            preconditions: Some(Preconditions { uid: job.uid(), resource_version: None }),
+            preconditions: Some(Preconditions { uid: job.uid(), resource_version: job.resource_version() }),
             ..Default::default()
         };
-        match api.delete(&job.name_any(), &dp).await {
-            Ok(_) => debug!(job = %job.name_any(), "deleted finished job after its TTL"),
-            Err(e) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
-            Err(e) => warn!(job = %job.name_any(), error = %e, "could not delete finished job"),
-        }
-        self.settled_at
-            .insert(job.uid().unwrap_or_default(), (job.resource_version().unwrap_or_default(), Instant::now()));
+        let name = job.name_any();
+        tokio::spawn(async move {
+            let _done = done;
+            match api.delete(&name, &dp).await {
+                Ok(_) => debug!(job = %name, "deleted finished job after its TTL"),
+                Err(e) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
+                Err(e) => warn!(job = %name, error = %e, "could not delete finished job"),
+            }
+        });
         None
     }
 }

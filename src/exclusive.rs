@@ -1,29 +1,36 @@
 //! The exclusive strategy: one cluster-wide Lease, and only its holder runs jobs.
 //!
 //! This is the behaviour of single-lock job managers, kept for workloads that must never run two jobs at once
-//! anywhere. The holder is elected with the same conditional Lease writes as job claims, judged on the observer's
-//! clock, and stops running jobs as soon as it cannot renew within the renew deadline.
+//! anywhere. The holder is elected with the same conditional Lease writes and the same [`Keeper`] as job claims,
+//! judged on the observer's clock, and every attempt it claims is guarded by that very tenure of the Lease: when
+//! the Keeper stops being current (renew deadline missed, Lease taken or deleted), the attempts stop too.
+//! An absent Lease is treated like an expired one: a replica creates it only after seeing it absent for a full
+//! lease duration, because a holder whose Lease was deleted keeps acting until its next renewal fails.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::lease::{self, Acquire, Claim, LeaseTiming, Observer};
+use crate::lease::{self, Acquire, Claim, Keeper, LeaseTiming, Observer};
 
 /// Name of the cluster-wide Lease.
 pub const EXCLUSIVE_LEASE: &str = "bgjobs-exclusive";
 
-/// Keep trying to hold the exclusive Lease until `stop` is cancelled; publish whether we hold it. Releases it on stop.
+/// Keep trying to hold the exclusive Lease until `stop` is cancelled; publish the Keeper of each tenure (None while
+/// not holding it). Releases it on stop.
 pub async fn elect(
     client: Client,
     namespace: String,
     identity: String,
     timing: LeaseTiming,
-    tx: watch::Sender<bool>,
+    tx: watch::Sender<Option<Arc<Keeper>>>,
+    failures: Counter,
     stop: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
@@ -34,54 +41,61 @@ pub async fn elect(
         owner: None,
     };
     let mut observer = Observer::default();
-    let mut held: Option<(Lease, Instant)> = None;
-    loop {
-        let sent = Instant::now();
-        held = match held.take() {
-            Some((l, renewed)) if renewed.elapsed() < timing.renew_deadline => {
-                let left = timing.renew_deadline.saturating_sub(renewed.elapsed());
-                match tokio::time::timeout(left, lease::renew(&api, &l)).await {
-                    Ok(Ok(Some(l))) => Some((l, sent)),
-                    Ok(Ok(None)) => None,
-                    _ => Some((l, renewed)),
-                }
+    while !stop.is_cancelled() {
+        if let Some(held) = try_acquire(&api, &claim, &timing, &mut observer).await {
+            let keeper = Arc::new(Keeper::new(api.clone(), held, timing));
+            info!("exclusive lease acquired");
+            let _ = tx.send(Some(keeper.clone()));
+            tokio::select! {
+                _ = keeper.keep(&failures) => info!("exclusive lease lost"),
+                _ = stop.cancelled() => {}
             }
-            Some(_) => None,
-            None => match api.get_opt(EXCLUSIVE_LEASE).await {
-                Ok(None) => match lease::create(&api, EXCLUSIVE_LEASE, &claim, &timing).await {
-                    Ok(Acquire::Acquired(l)) => Some((l, sent)),
-                    _ => None,
-                },
-                Ok(Some(current)) => {
-                    let unchanged = observer.observe(EXCLUSIVE_LEASE, current.resource_version().as_deref(), sent);
-                    if unchanged >= timing.duration || lease::holder(&current).is_none() {
-                        match lease::take_over(&api, &current, &claim, &timing).await {
-                            Ok(Acquire::Acquired(l)) => Some((l, sent)),
-                            _ => None,
-                        }
-                    } else {
-                        None
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot read the exclusive lease");
-                    None
-                }
-            },
-        };
-        let leading = held.as_ref().is_some_and(|(_, renewed)| renewed.elapsed() < timing.renew_deadline);
-        if *tx.borrow() != leading {
-            info!(leading, "exclusive lease {}", if leading { "acquired" } else { "lost" });
-            let _ = tx.send(leading);
+            keeper.give_up();
+            let _ = tx.send(None);
+            if stop.is_cancelled() {
+                // The dispatcher has stopped its attempts before cancelling `stop`.
+                keeper.vacate().await;
+                break;
+            }
         }
-        let wait = if leading { timing.renew_interval } else { timing.renew_interval.min(Duration::from_secs(1)) };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(timing.renew_interval.min(Duration::from_secs(1))) => {}
             _ = stop.cancelled() => break,
         }
     }
-    let _ = tx.send(false);
-    if let Some((l, _)) = held {
-        let _ = lease::release(&api, &l).await;
+    let _ = tx.send(None);
+}
+
+/// One try: create the Lease once seen absent for a lease duration, or take it over once seen unchanged that long.
+async fn try_acquire(
+    api: &Api<Lease>,
+    claim: &Claim,
+    timing: &LeaseTiming,
+    observer: &mut Observer,
+) -> Option<lease::Held> {
+    let current = match api.get_opt(EXCLUSIVE_LEASE).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot read the exclusive lease");
+            return None;
+        }
+    };
+    let version = current.as_ref().and_then(|l| l.resource_version());
+    let unchanged = observer.observe(EXCLUSIVE_LEASE, version.as_deref(), Instant::now());
+    let vacant = current.as_ref().is_some_and(|l| lease::holder(l).is_none());
+    if !vacant && !timing.expired(unchanged) {
+        return None;
+    }
+    let acquired = match &current {
+        None => lease::create(api, EXCLUSIVE_LEASE, claim, timing).await,
+        Some(seen) => lease::take_over(api, seen, claim, timing).await,
+    };
+    match acquired {
+        Ok(Acquire::Acquired(held)) => Some(held),
+        Ok(Acquire::Lost(_)) => None,
+        Err(e) => {
+            warn!(error = %e, lease = %current.map(|l| l.name_any()).unwrap_or_default(), "cannot acquire the exclusive lease");
+            None
+        }
     }
 }

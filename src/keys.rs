@@ -104,13 +104,15 @@ pub fn key_lease_state(
         return crate::claim::lease_state(job, Some(l), unchanged_for, timing);
     }
     let attempt: i32 = lease::annotation(l, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
+    // An owner missing from this replica's cache may be deleted, or may not have reached the cache yet (watch lag):
+    // only the time rule can tell, so such a Lease is judged like any other held one.
     let owner_done = match owner {
-        None => true,
+        None => false,
         Some(o) => o.phase().is_final() || (o.phase() == Phase::Waiting && attempt <= o.attempts()),
     };
     if owner_done || lease::holder(l).is_none() {
         LeaseState::Leftover
-    } else if unchanged_for >= timing.duration {
+    } else if timing.expired(unchanged_for) {
         LeaseState::Expired
     } else {
         LeaseState::Live
@@ -228,7 +230,15 @@ mod tests {
         assert_eq!(key_lease_state(&me, Some(&l), Some(&other), Duration::from_secs(3), &T), LeaseState::Expired);
         other.status.as_mut().unwrap().phase = Some(Phase::Succeeded);
         assert_eq!(key_lease_state(&me, Some(&l), Some(&other), Duration::ZERO, &T), LeaseState::Leftover);
-        assert_eq!(key_lease_state(&me, Some(&l), None, Duration::ZERO, &T), LeaseState::Leftover, "owner deleted");
+    }
+
+    #[test]
+    fn a_key_lease_of_a_job_this_replica_has_not_seen_is_waited_out_not_taken() {
+        let me = job("me", "k", 2, None, false);
+        let l = key_lease("other", 1);
+        // Deleted, or not in this replica's cache yet: only the time rule can tell.
+        assert_eq!(key_lease_state(&me, Some(&l), None, Duration::ZERO, &T), LeaseState::Live);
+        assert_eq!(key_lease_state(&me, Some(&l), None, Duration::from_secs(3), &T), LeaseState::Expired);
     }
 
     #[test]

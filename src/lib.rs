@@ -27,6 +27,7 @@ pub mod lease;
 pub mod limits;
 pub mod members;
 pub mod metrics;
+pub mod names;
 pub mod nodeagent;
 pub mod operator;
 pub mod ordering;

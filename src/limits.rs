@@ -31,6 +31,34 @@ pub struct FreeSlot {
     pub seen: Option<Arc<Lease>>,
 }
 
+/// Create the `capacity` slot Leases, vacant, where they do not exist yet: every replica does this at start-up, so
+/// that an absent slot afterwards means one deleted by hand (waited out like an expired one), never a new one.
+pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32) -> crate::Result<()> {
+    let api: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
+    for i in 0..capacity {
+        let lease = Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(slot_name(i)),
+                labels: Some(
+                    [
+                        (crate::lease::MANAGED_BY_LABEL.to_string(), crate::lease::MANAGED_BY.to_string()),
+                        (SLOT_LABEL.to_string(), "true".to_string()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(Default::default()),
+        };
+        match api.create(&Default::default(), &lease).await {
+            Ok(_) => {}
+            Err(e) if crate::error::api_code(&e) == Some(409) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// The slots free to this replica now, rotated by its identity so replicas try different slots first.
 /// `reserved` are slots this replica is acquiring or holding already.
 pub fn free_slots(
@@ -48,8 +76,10 @@ pub fn free_slots(
         let seen = leases.get(&name).cloned();
         let unchanged =
             observer.observe(&format!("slot/{name}"), seen.as_ref().and_then(|l| l.resource_version()).as_deref(), now);
-        let held = seen.as_ref().is_some_and(|l| crate::lease::holder(l).is_some());
-        if reserved.contains(&name) || (held && unchanged < timing.duration) {
+        // Vacant (given back by its holder): free at once. Held, or absent (never created, or deleted by hand under
+        // a running attempt): free once seen unchanged for a lease duration.
+        let vacant = seen.as_ref().is_some_and(|l| crate::lease::holder(l).is_none());
+        if reserved.contains(&name) || (!vacant && !timing.expired(unchanged)) {
             continue;
         }
         free.push(FreeSlot { name, seen });
@@ -94,16 +124,35 @@ mod tests {
             n.sort();
             n
         };
-        assert_eq!(names(free_slots(3, &leases, &[], &mut o, t0, &T, "me")), ["bgjobs-slot-2"]);
+        assert!(free_slots(3, &leases, &[], &mut o, t0, &T, "me").is_empty());
         let later = free_slots(3, &leases, &[], &mut o, t0 + Duration::from_secs(3), &T, "me");
         assert_eq!(names(later), ["bgjobs-slot-0", "bgjobs-slot-1", "bgjobs-slot-2"]);
+    }
+
+    fn vacant(name: &str) -> (String, Arc<Lease>) {
+        let (n, l) = held(name, "7");
+        let mut l = (*l).clone();
+        l.spec.as_mut().unwrap().holder_identity = None;
+        (n, Arc::new(l))
     }
 
     #[test]
     fn reserved_slots_are_skipped() {
         let mut o = Observer::default();
-        let free = free_slots(2, &HashMap::new(), &["bgjobs-slot-1".into()], &mut o, Instant::now(), &T, "me");
+        let leases: HashMap<_, _> = [vacant("bgjobs-slot-0"), vacant("bgjobs-slot-1")].into();
+        let free = free_slots(2, &leases, &["bgjobs-slot-1".into()], &mut o, Instant::now(), &T, "me");
         assert_eq!(free.len(), 1);
         assert_eq!(free[0].name, "bgjobs-slot-0");
+    }
+
+    #[test]
+    fn a_vacant_slot_is_free_at_once_and_an_absent_one_only_after_a_lease_duration() {
+        let leases: HashMap<_, _> = [vacant("bgjobs-slot-0")].into();
+        let mut o = Observer::default();
+        let t0 = Instant::now();
+        let free = free_slots(2, &leases, &[], &mut o, t0, &T, "me");
+        assert_eq!(free.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["bgjobs-slot-0"]);
+        let free = free_slots(2, &leases, &[], &mut o, t0 + Duration::from_secs(3), &T, "me");
+        assert_eq!(free.len(), 2, "a slot deleted by hand may still be in use until its holder's renewal fails");
     }
 }

@@ -12,7 +12,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::lease::{self, Acquire, Claim, LeaseTiming, Observer};
+use crate::lease::{self, Acquire, Claim, Keeper, LeaseTiming, Observer};
 
 /// Label that marks member Leases; its value is the replicas' watch scope ([`scope`]), so that deployments
 /// watching different namespaces never count each other as members.
@@ -68,7 +68,7 @@ pub fn live(
     let leases = store.state();
     for l in &leases {
         let unchanged = observer.observe(&l.name_any(), l.resource_version().as_deref(), now);
-        if unchanged < timing.duration
+        if !timing.expired(unchanged)
             && let Some(h) = lease::holder(l)
             && h != me
         {
@@ -103,40 +103,33 @@ pub async fn heartbeat(
         .into(),
         owner: None,
     };
-    let mut held: Option<Lease> = None;
-    loop {
-        held = match held.take() {
-            Some(l) => match lease::renew(&api, &l).await {
-                Ok(Some(l)) => Some(l),
-                Ok(None) => None,
-                Err(e) => {
-                    warn!(error = %e, "member lease renewal failed");
-                    Some(l)
-                }
-            },
-            None => match api.get_opt(&name).await {
-                Ok(None) => match lease::create(&api, &name, &claim, &timing).await {
-                    Ok(Acquire::Acquired(l)) => Some(l),
-                    _ => None,
-                },
-                // Our own name, left by an earlier process with the same identity: take it over.
-                Ok(Some(old)) => match lease::take_over(&api, &old, &claim, &timing).await {
-                    Ok(Acquire::Acquired(l)) => Some(l),
-                    _ => None,
-                },
-                Err(e) => {
-                    warn!(error = %e, "cannot read the member lease");
-                    None
-                }
-            },
+    // A member Lease is no guard, only a sign of life: renewed with the same Keeper as every other Lease.
+    let failures = prometheus_client::metrics::counter::Counter::default();
+    while !stop.is_cancelled() {
+        let acquired = match api.get_opt(&name).await {
+            Ok(None) => lease::create(&api, &name, &claim, &timing).await,
+            // Our own name, left by an earlier process with the same identity: take it over.
+            Ok(Some(old)) => lease::take_over(&api, &old, &claim, &timing).await,
+            Err(e) => Err(e.into()),
         };
+        match acquired {
+            Ok(Acquire::Acquired(held)) => {
+                let keeper = Keeper::new(api.clone(), held, timing);
+                tokio::select! {
+                    _ = keeper.keep(&failures) => warn!("member lease lost; re-acquiring"),
+                    _ = stop.cancelled() => {
+                        keeper.release().await;
+                        return;
+                    }
+                }
+            }
+            Ok(Acquire::Lost(_)) => {}
+            Err(e) => warn!(error = %e, "cannot acquire the member lease"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(timing.renew_interval.min(Duration::from_secs(5))) => {}
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => return,
         }
-    }
-    if let Some(l) = held {
-        let _ = lease::release(&api, &l).await;
     }
 }
 

@@ -61,6 +61,9 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");
 
+    if let Some(cap) = config.cluster_max_concurrency {
+        crate::limits::ensure_slots(&client, &config.lease_namespace, cap).await?;
+    }
     let stop_background = CancellationToken::new();
     let heartbeat = tokio::spawn(crate::members::heartbeat(
         client.clone(),
@@ -83,13 +86,14 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     let (leader, election) = match config.strategy {
         Strategy::Parallel => (None, None),
         Strategy::Exclusive => {
-            let (tx, rx) = watch::channel(false);
+            let (tx, rx) = watch::channel(None);
             let task = tokio::spawn(crate::exclusive::elect(
                 client.clone(),
                 config.lease_namespace.clone(),
                 identity.clone(),
                 timing,
                 tx,
+                worker.metrics.renew_failures.clone(),
                 stop_election.clone(),
             ));
             (Some(rx), Some(task))

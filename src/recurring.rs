@@ -91,13 +91,7 @@ pub async fn run(worker: Arc<Worker>, view: RecurringView, timing: LeaseTiming, 
 
 /// Name of the job for tick `t`: `<definition>-<Unix seconds>`, shortened with a hash when too long.
 pub fn job_name(definition: &str, t: Timestamp) -> String {
-    let suffix = format!("-{}", t.as_second());
-    if definition.len() + suffix.len() <= 253 {
-        format!("{definition}{suffix}")
-    } else {
-        let hash = format!("-{:08x}", members::stable_hash(&[definition]) as u32);
-        format!("{}{hash}{suffix}", &definition[..253 - hash.len() - suffix.len()])
-    }
+    crate::names::with_suffix(definition, &format!("-{}", t.as_second()), crate::names::MAX_NAME)
 }
 
 /// What one definition needs now. Pure: decided from the definition, its children and the clock.
@@ -245,7 +239,7 @@ async fn reconcile(
 pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> BackgroundJob {
     let template = &def.spec.job_template;
     let mut labels = template.metadata.labels.clone();
-    labels.insert(RECURRING_LABEL.to_string(), def.name_any());
+    labels.insert(RECURRING_LABEL.to_string(), crate::names::label_value(&def.name_any()));
     let mut annotations = template.metadata.annotations.clone();
     annotations.insert(SCHEDULED_TIME_ANNOTATION.to_string(), tick.to_string());
     BackgroundJob {

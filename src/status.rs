@@ -13,6 +13,21 @@ use kube::api::PostParams;
 use crate::api::{BackgroundJob, BackgroundJobStatus, Phase};
 use crate::error::{Result, api_code};
 
+/// Longest `lastError` kept (characters). Handler errors of any size must not make the outcome write itself fail
+/// (an oversized object is rejected, and the attempt would be lost and retried for ever).
+pub const MAX_LAST_ERROR: usize = 4096;
+
+/// `error` cut to [`MAX_LAST_ERROR`] characters, saying how much was cut.
+pub fn capped(error: String) -> String {
+    let total = error.chars().count();
+    if total <= MAX_LAST_ERROR {
+        return error;
+    }
+    let mut kept: String = error.chars().take(MAX_LAST_ERROR - 40).collect();
+    kept.push_str(&format!(" … ({} more characters cut)", total - (MAX_LAST_ERROR - 40)));
+    kept
+}
+
 /// Who may write after a claim: this worker, on this attempt of this job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fence {
@@ -64,7 +79,7 @@ pub fn running(
     s.enqueue_sequence = s.enqueue_sequence.or(sequence);
     s.observed_generation = job.metadata.generation;
     if lost.is_some() {
-        s.last_error = lost;
+        s.last_error = lost.map(capped);
     }
     let msg = format!("attempt {} running on {worker}", s.attempts);
     set_condition(&mut s, "Running", "True", "Claimed", &msg, now);
@@ -78,7 +93,7 @@ pub fn finish(s: &mut BackgroundJobStatus, phase: Phase, error: Option<String>, 
     s.completion_time = Some(Time(now));
     s.next_attempt_time = None;
     if error.is_some() {
-        s.last_error = error;
+        s.last_error = error.map(capped);
     }
     let msg = s.last_error.clone().filter(|_| phase != Phase::Succeeded).unwrap_or_else(|| format!("job {phase}"));
     set_condition(s, "Running", "False", &phase.to_string(), "no attempt running", now);
@@ -98,7 +113,7 @@ pub fn reopen(s: &mut BackgroundJobStatus, note: String, now: Timestamp) {
 pub fn requeue(s: &mut BackgroundJobStatus, at: Option<Timestamp>, error: String, now: Timestamp) {
     s.phase = Some(Phase::Waiting);
     s.next_attempt_time = at.map(Time);
-    s.last_error = Some(error);
+    s.last_error = Some(capped(error));
     set_condition(s, "Running", "False", "Requeued", "waiting for the next attempt", now);
 }
 
@@ -233,6 +248,18 @@ mod tests {
         assert!(!Fence { uid: "other".into(), ..fence.clone() }.holds(&j));
         finish(j.status.as_mut().unwrap(), Phase::Succeeded, None, Timestamp::now());
         assert!(!fence.holds(&j), "a finished job is nobody's any more");
+    }
+
+    #[test]
+    fn a_huge_error_is_cut_to_the_cap_and_says_so() {
+        let mut s = BackgroundJobStatus::default();
+        finish(&mut s, Phase::Failed, Some("x".repeat(3_000_000)), Timestamp::now());
+        let e = s.last_error.unwrap();
+        assert!(e.chars().count() <= MAX_LAST_ERROR + 10, "{}", e.len());
+        assert!(e.ends_with("characters cut)"));
+        let mut s = BackgroundJobStatus::default();
+        requeue(&mut s, None, "short".into(), Timestamp::now());
+        assert_eq!(s.last_error.as_deref(), Some("short"));
     }
 
     #[test]

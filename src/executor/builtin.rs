@@ -37,14 +37,15 @@ fn default_message() -> String {
 pub fn register(r: &mut Registry) {
     r.register("noop", |_ctx: JobContext, _a: NoopArgs| async { Ok(()) });
     r.register("sleep", |ctx: JobContext, a: SleepArgs| async move {
-        if !(a.seconds.is_finite() && a.seconds >= 0.0) {
+        let Ok(duration) = Duration::try_from_secs_f64(a.seconds) else {
             return Err(JobError::Permanent(format!(
-                "sleep: seconds must be a non-negative number, got {}",
+                "sleep: seconds must be a non-negative number of at most {:e}, got {}",
+                Duration::MAX.as_secs_f64(),
                 a.seconds
             )));
-        }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs_f64(a.seconds)) => Ok(()),
+            _ = tokio::time::sleep(duration) => Ok(()),
             _ = ctx.cancel.cancelled() => Err(JobError::Retryable("sleep was cancelled".into())),
         }
     });

@@ -30,13 +30,7 @@ pub const ATTEMPT_LABEL: &str = "bgjobs.dev/attempt";
 
 /// Name of the Pod of `attempt` of `job`.
 pub fn pod_name(job: &BackgroundJob, attempt: i32) -> String {
-    let suffix = format!("-{attempt}");
-    let name = job.name_any();
-    if name.len() + suffix.len() <= 253 {
-        format!("{name}{suffix}")
-    } else {
-        format!("{}{suffix}", job.uid().unwrap_or_default())
-    }
+    crate::names::with_suffix(&job.name_any(), &format!("-{attempt}"), crate::names::MAX_NAME)
 }
 
 /// The Pod for one attempt, built from the job's template.
@@ -62,7 +56,7 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     let meta = template.metadata.unwrap_or_default();
     let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
     labels.insert("app.kubernetes.io/managed-by".into(), "bgjobs".into());
-    labels.insert("bgjobs.dev/job".into(), ctx.name.clone());
+    labels.insert(crate::claim::JOB_LABEL.into(), crate::names::label_value(&ctx.name));
     labels.insert(JOB_UID_LABEL.into(), ctx.uid.clone());
     labels.insert(ATTEMPT_LABEL.into(), ctx.attempt.to_string());
     Ok(Pod {

@@ -1,11 +1,25 @@
-//! `coordination.k8s.io/v1` Leases: how a replica holds something, and how others tell it stopped holding it.
+//! `coordination.k8s.io/v1` Leases: the one place where bgjobs decides that something is held, kept or given up.
 //!
-//! Every write is conditional: a Lease is created only if absent, and renewed, taken over or released only under
-//! the resourceVersion the writer last saw, so two replicas can never both believe they acquired it.
-//! Expiry is judged like client-go's leader election: by how long *this* process has seen the Lease unchanged on
-//! its own monotonic clock, never by comparing `renewTime` with the local wall clock (immune to clock offset).
+//! Every kind of Lease bgjobs writes (job claims, cluster slots, concurrency keys, the exclusive Lease, member
+//! Leases) goes through this module:
+//! - writes ([`create`], [`take_over`], [`release`]) are conditional: a Lease is created only if absent, taken over or
+//!   released only under the resourceVersion the writer last saw, so two replicas can never both acquire it;
+//! - a holder keeps it with a [`Keeper`], whose renew deadline counts from the instant the acquiring write was *sent*
+//!   (a holder paused between its write and the answer wakes up already late, never with a fresh deadline);
+//! - others judge it with an [`Observer`] and [`LeaseTiming::expired`]: by how long *this* process has seen the
+//!   Lease unchanged on its own monotonic clock, like client-go's leader election, never by comparing `renewTime`
+//!   with the local wall clock (immune to clock offset).
+//!
+//! Safety rests on `duration > renew_deadline`: a holder stops acting at the renew deadline, counted from a moment
+//! no later than any observer's first sighting of the write, so it has stopped before anyone may take over.
 
-use std::collections::{BTreeMap, HashMap};
+mod keeper;
+mod observer;
+
+pub use keeper::Keeper;
+pub use observer::Observer;
+
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -51,6 +65,16 @@ impl LeaseTiming {
         }
     }
 
+    /// The one expiry rule: a Lease (or its absence) seen unchanged for a full lease duration is abandoned.
+    pub fn expired(&self, unchanged_for: Duration) -> bool {
+        unchanged_for >= self.duration
+    }
+
+    /// How long until something seen unchanged for `unchanged_for` expires (at least 100 ms, to bound wake-ups).
+    pub fn until_expiry(&self, unchanged_for: Duration) -> Duration {
+        self.duration.saturating_sub(unchanged_for).max(Duration::from_millis(100))
+    }
+
     /// Whole seconds written into `spec.leaseDurationSeconds` (at least 1).
     pub fn duration_seconds(&self) -> i32 {
         self.duration.as_secs_f64().ceil().max(1.0) as i32
@@ -80,17 +104,29 @@ pub struct Claim {
     pub owner: Option<OwnerReference>,
 }
 
+/// A Lease this replica acquired, and when the acquiring write was sent: the holder's renew deadline counts from
+/// then, because an observer may have seen the write as early as that.
+#[derive(Clone, Debug)]
+pub struct Held {
+    /// The Lease as written.
+    pub lease: Lease,
+    /// Just before the write was sent.
+    pub written_at: Instant,
+}
+
 /// Outcome of trying to acquire a Lease.
 #[derive(Debug)]
 pub enum Acquire {
-    /// The Lease is ours; here it is as written.
-    Acquired(Lease),
+    /// The Lease is ours.
+    Acquired(Held),
     /// Someone else's write came first; here is the Lease as it is now (if it could be read).
     Lost(Option<Lease>),
 }
 
+/// Now, at the microsecond resolution the apiserver stores, so a written time reads back equal.
 fn now_micro() -> MicroTime {
-    MicroTime(jiff::Timestamp::now())
+    let us = jiff::Timestamp::now().as_microsecond();
+    MicroTime(jiff::Timestamp::from_microsecond(us).unwrap_or_else(|_| jiff::Timestamp::now()))
 }
 
 /// Create the Lease `name`, held by `claim.holder`, only if no Lease of that name exists.
@@ -112,34 +148,34 @@ pub async fn create(api: &Api<Lease>, name: &str, claim: &Claim, timing: &LeaseT
             ..Default::default()
         }),
     };
+    let written_at = Instant::now();
     match api.create(&PostParams::default(), &lease).await {
-        Ok(l) => Ok(Acquire::Acquired(l)),
+        Ok(lease) => Ok(Acquire::Acquired(Held { lease, written_at })),
         Err(e) if api_code(&e) == Some(409) => Ok(Acquire::Lost(api.get_opt(name).await?)),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Take over `seen` (the Lease as this replica last saw it) for `claim`: succeeds only if nobody wrote it since.
+/// The Lease then belongs to the claim alone: its annotations and owner are the claim's, so a leftover of a
+/// deleted job is not garbage-collected with that job.
 pub async fn take_over(api: &Api<Lease>, seen: &Lease, claim: &Claim, timing: &LeaseTiming) -> Result<Acquire> {
     let mut lease = seen.clone();
     let annotations = lease.metadata.annotations.get_or_insert_with(Default::default);
     annotations.extend(claim.annotations.clone());
+    lease.metadata.owner_references = claim.owner.clone().map(|o| vec![o]);
     let spec = lease.spec.get_or_insert_with(Default::default);
     spec.holder_identity = Some(claim.holder.clone());
     spec.lease_duration_seconds = Some(timing.duration_seconds());
     spec.acquire_time = Some(now_micro());
     spec.renew_time = Some(now_micro());
     spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-    replace(api, &lease).await.map(|r| r.map_or(Acquire::Lost(None), Acquire::Acquired))
+    let written_at = Instant::now();
+    let written = replace(api, &lease).await?;
+    Ok(written.map_or(Acquire::Lost(None), |lease| Acquire::Acquired(Held { lease, written_at })))
 }
 
-/// Renew a Lease this replica holds. `Ok(None)`: someone else wrote it since, so it is no longer ours.
-pub async fn renew(api: &Api<Lease>, held: &Lease) -> Result<Option<Lease>> {
-    let mut lease = held.clone();
-    lease.spec.get_or_insert_with(Default::default).renew_time = Some(now_micro());
-    replace(api, &lease).await
-}
-
+/// Write `lease` under its resourceVersion. `Ok(None)`: someone else wrote (or deleted) it since.
 async fn replace(api: &Api<Lease>, lease: &Lease) -> Result<Option<Lease>> {
     let name = lease.metadata.name.as_deref().unwrap_or_default();
     match api.replace(name, &PostParams::default(), lease).await {
@@ -165,6 +201,17 @@ pub async fn release(api: &Api<Lease>, held: &Lease) -> Result<()> {
     }
 }
 
+/// Give up a Lease this replica holds but keep the object, with no holder (client-go's release on cancel): others
+/// may take a vacant Lease at once, whereas an absent one is waited out for a lease duration (it may have been
+/// deleted under a holder that is still acting). Only if it is still exactly as last written by us.
+pub async fn vacate(api: &Api<Lease>, held: &Lease) -> Result<()> {
+    let mut lease = held.clone();
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    spec.holder_identity = None;
+    spec.renew_time = Some(now_micro());
+    replace(api, &lease).await.map(|_| ())
+}
+
 /// The holder named in a Lease.
 pub fn holder(lease: &Lease) -> Option<&str> {
     lease.spec.as_ref()?.holder_identity.as_deref().filter(|h| !h.is_empty())
@@ -175,35 +222,15 @@ pub fn annotation<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
     lease.metadata.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
-/// Tracks, on this process's monotonic clock, since when each watched thing has been seen unchanged.
-///
-/// A "thing" is a Lease's resourceVersion, or the absence of a Lease (recorded as `None`). Anything not
-/// observed in the latest [`Observer::retain`] is forgotten.
-#[derive(Debug, Default)]
-pub struct Observer {
-    seen: HashMap<String, (Option<String>, Instant)>,
-}
-
-impl Observer {
-    /// Record the current version of `key` at `now`; returns how long it has been seen unchanged.
-    pub fn observe(&mut self, key: &str, version: Option<&str>, now: Instant) -> Duration {
-        match self.seen.get_mut(key) {
-            Some((v, since)) if v.as_deref() == version => now.saturating_duration_since(*since),
-            Some(entry) => {
-                *entry = (version.map(str::to_string), now);
-                Duration::ZERO
-            }
-            None => {
-                self.seen.insert(key.to_string(), (version.map(str::to_string), now));
-                Duration::ZERO
-            }
-        }
-    }
-
-    /// Forget every key for which `keep` is false.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.seen.retain(|k, _| keep(k));
-    }
+/// Whether `now` is the same tenure as `held`: the same Lease object, the same holder, acquired by the same write.
+/// Anything else (a takeover, a re-creation) means the Lease changed hands.
+pub fn same_tenure(held: &Lease, now: &Lease) -> bool {
+    let spec = |l: &Lease| l.spec.clone().unwrap_or_default();
+    let (a, b) = (spec(held), spec(now));
+    held.metadata.uid == now.metadata.uid
+        && holder(held) == holder(now)
+        && a.acquire_time == b.acquire_time
+        && a.lease_transitions == b.lease_transitions
 }
 
 #[cfg(test)]
@@ -222,26 +249,6 @@ mod tests {
     }
 
     #[test]
-    fn an_unchanged_lease_ages_on_the_observers_clock_and_a_change_resets_it() {
-        let mut o = Observer::default();
-        let t0 = Instant::now();
-        assert_eq!(o.observe("l", Some("1"), t0), Duration::ZERO);
-        assert_eq!(o.observe("l", Some("1"), t0 + Duration::from_secs(7)), Duration::from_secs(7));
-        assert_eq!(o.observe("l", Some("2"), t0 + Duration::from_secs(8)), Duration::ZERO);
-        assert_eq!(o.observe("l", Some("2"), t0 + Duration::from_secs(10)), Duration::from_secs(2));
-    }
-
-    #[test]
-    fn absence_is_tracked_like_a_version_and_forgotten_keys_start_over() {
-        let mut o = Observer::default();
-        let t0 = Instant::now();
-        o.observe("l", None, t0);
-        assert_eq!(o.observe("l", None, t0 + Duration::from_secs(3)), Duration::from_secs(3));
-        o.retain(|_| false);
-        assert_eq!(o.observe("l", None, t0 + Duration::from_secs(4)), Duration::ZERO);
-    }
-
-    #[test]
     fn lease_duration_rounds_up_to_whole_seconds() {
         let t = LeaseTiming {
             duration: Duration::from_millis(2500),
@@ -249,5 +256,34 @@ mod tests {
             renew_interval: Duration::from_millis(500),
         };
         assert_eq!(t.duration_seconds(), 3);
+    }
+
+    #[test]
+    fn a_lease_expires_only_once_seen_unchanged_for_a_full_duration() {
+        let t = LeaseTiming::default();
+        assert!(!t.expired(Duration::from_millis(14_999)));
+        assert!(t.expired(Duration::from_secs(15)));
+        assert_eq!(t.until_expiry(Duration::from_secs(5)), Duration::from_secs(10));
+        assert_eq!(t.until_expiry(Duration::from_secs(50)), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_takeover_or_a_re_creation_is_another_tenure() {
+        use k8s_openapi::api::coordination::v1::LeaseSpec;
+        let lease = |uid: &str, holder: &str, transitions: i32| Lease {
+            metadata: ObjectMeta { uid: Some(uid.into()), ..Default::default() },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                lease_transitions: Some(transitions),
+                ..Default::default()
+            }),
+        };
+        let mine = lease("u1", "a", 1);
+        let mut renewed = mine.clone();
+        renewed.metadata.resource_version = Some("9".into());
+        assert!(same_tenure(&mine, &renewed), "a renewal keeps the tenure");
+        assert!(!same_tenure(&mine, &lease("u1", "b", 2)), "taken over");
+        assert!(!same_tenure(&mine, &lease("u1", "a", 2)), "taken over by a process with the same identity");
+        assert!(!same_tenure(&mine, &lease("u2", "a", 1)), "deleted and re-created");
     }
 }

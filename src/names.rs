@@ -1,0 +1,70 @@
+//! Names and label values derived from user-chosen names, kept within Kubernetes' limits.
+//!
+//! A BackgroundJob name may be up to 253 characters, but a label value may have at most 63, and names built from a
+//! job name (`<job>-<attempt>` Pods, `<definition>-<tick>` jobs) add a suffix. Whatever is too long is shortened
+//! the same way everywhere: a readable prefix plus a stable hash of the whole, so distinct names stay distinct.
+
+/// Longest label value Kubernetes accepts.
+pub const MAX_LABEL_VALUE: usize = 63;
+/// Longest object name (DNS subdomain).
+pub const MAX_NAME: usize = 253;
+
+/// `value` as a label value: itself when it fits, otherwise a prefix and a hash (always valid).
+pub fn label_value(value: &str) -> String {
+    shorten(value, MAX_LABEL_VALUE)
+}
+
+/// `base` followed by `suffix`, shortened (in `base`) to fit `limit` characters.
+pub fn with_suffix(base: &str, suffix: &str, limit: usize) -> String {
+    if base.len() + suffix.len() <= limit {
+        return format!("{base}{suffix}");
+    }
+    format!("{}{suffix}", shorten(base, limit.saturating_sub(suffix.len())))
+}
+
+/// `value` itself when at most `limit` characters long, else a readable prefix, `-`, and 16 hex digits of a hash
+/// of the whole value. The result starts and ends with an alphanumeric character (label and DNS rules).
+fn shorten(value: &str, limit: usize) -> String {
+    if value.len() <= limit {
+        return value.to_string();
+    }
+    let hash = format!("{:016x}", crate::members::stable_hash(&[value]));
+    let keep = limit.saturating_sub(hash.len() + 1);
+    let prefix: String = value.chars().take(keep).collect();
+    let prefix = prefix.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if prefix.is_empty() { hash } else { format!("{prefix}-{hash}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_values_are_kept_as_they_are() {
+        assert_eq!(label_value("send-newsletter"), "send-newsletter");
+        assert_eq!(with_suffix("j", "-1", MAX_NAME), "j-1");
+    }
+
+    #[test]
+    fn long_values_become_a_prefix_and_a_hash_within_the_limit() {
+        let long = "a".repeat(71);
+        let v = label_value(&long);
+        assert_eq!(v.len(), MAX_LABEL_VALUE);
+        assert!(v.starts_with("aaaa") && v.chars().last().unwrap().is_ascii_alphanumeric());
+        assert_ne!(label_value(&format!("{long}b")), v, "distinct names stay distinct");
+        assert_eq!(label_value(&long), v, "stable");
+    }
+
+    #[test]
+    fn a_prefix_never_ends_in_a_separator() {
+        let v = label_value(&format!("{}.-x{}", "a".repeat(44), "y".repeat(30)));
+        assert!(!v.contains(".-"), "{v}");
+    }
+
+    #[test]
+    fn suffixed_names_fit_their_limit() {
+        let n = with_suffix(&"d".repeat(253), "-1764500000", MAX_NAME);
+        assert_eq!(n.len(), MAX_NAME);
+        assert!(n.ends_with("-1764500000"));
+    }
+}
