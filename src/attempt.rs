@@ -187,7 +187,8 @@ async fn run_claimed(
     keeper: &Keeper,
     extras: &[Keeper],
 ) -> Handover {
-    let current = || keeper.is_current() && extras.iter().all(Keeper::is_current) && control.leading();
+    let holds_claim = || keeper.is_current() && extras.iter().all(Keeper::is_current);
+    let current = || holds_claim() && control.leading();
     let ns = job.namespace().unwrap_or_default();
     if took_over {
         worker.metrics.takeovers.inc();
@@ -238,6 +239,7 @@ async fn run_claimed(
             _ = control.token.cancelled() => Ending::Stopped(control.reason().unwrap_or(StopReason::Shutdown)),
             r = tokio::time::timeout(limit, guarded) => match r {
                 Ok(Some(result)) => Ending::Finished(result),
+                Ok(None) if holds_claim() => Ending::Stopped(StopReason::NotLeader),
                 Ok(None) => Ending::LeaseLost,
                 Err(_) if limit_is_deadline => Ending::DeadlineReached,
                 Err(_) => Ending::AttemptTimedOut(job.spec.attempt_timeout_seconds.unwrap_or(0)),
@@ -263,7 +265,7 @@ async fn run_claimed(
         (ending, _) => ending,
     };
     let is_pod = job.spec.template.is_some();
-    if matches!(ending, Ending::LeaseLost) || !current() {
+    if matches!(ending, Ending::LeaseLost) || !holds_claim() {
         worker.metrics.stale_results_discarded.inc();
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");
         return if is_pod { Handover::PodRunsOn } else { Handover::Nothing };

@@ -331,7 +331,7 @@ pub async fn settle(
         return Ok(false);
     };
     let written = write_holding(&jobs, job, &held, timing, new_status).await;
-    if !matches!(written, Err(_)) {
+    if written.is_ok() {
         lease::release(&leases, &held.lease).await?;
     }
     Ok(written?.is_some())

@@ -52,6 +52,8 @@ pub async fn elect(
             }
             keeper.give_up();
             let _ = tx.send(None);
+            // What was seen before this tenure says nothing about the Lease now: start every clock afresh.
+            observer.retain(|_| false);
             if stop.is_cancelled() {
                 // The dispatcher has stopped its attempts before cancelling `stop`.
                 keeper.vacate().await;

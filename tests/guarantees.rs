@@ -1,0 +1,197 @@
+//! Regression tests for the breaks found in the correctness review: each drives replicas (separate processes) on
+//! the local control plane into the situation the review describes and checks the guarantee from the outside
+//! (job status, invocation logs, replica logs).
+
+mod common;
+
+use std::time::Duration;
+
+use bgjobs::api::Phase;
+use common::{TestEnv, all_in, executions, max_overlap};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn last_error(j: &bgjobs::api::BackgroundJob) -> String {
+    j.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_job_and_frees_its_slot() {
+    let env = TestEnv::new("panic").await;
+    let replicas: Vec<_> =
+        (0..2).map(|i| env.replica(&format!("r{i}"), &["--max-concurrent-jobs-per-instance", "2"])).collect();
+    // As many poison jobs as there are slots in the fleet, twice over: before the fix each one leaked a slot.
+    for i in 0..2 {
+        env.create(&format!("huge-sleep-{i}"), json!({"jobName": "sleep", "args": {"seconds": 1e20}})).await;
+    }
+    for i in 0..4 {
+        env.create(
+            &format!("crash-{i}"),
+            json!({"jobName": "fail", "args": {"panic": true, "message": "bad input"}, "retry": {"maxAttempts": 1}}),
+        )
+        .await;
+    }
+    let poison = env.wait_until(MINUTE, "every poison job Failed", |jobs| all_in(jobs, Phase::Failed)).await;
+    for j in &poison {
+        let e = last_error(j);
+        if j.name_any().starts_with("crash") {
+            assert!(e.contains("the handler crashed (a panic): bad input"), "{}: {e}", j.name_any());
+        } else {
+            assert!(e.contains("sleep: seconds must be"), "{}: {e}", j.name_any());
+        }
+    }
+    for i in 0..10 {
+        env.create(&format!("noop-{i}"), json!({"jobName": "noop"})).await;
+    }
+    env.wait_until(MINUTE, "the 10 noop jobs Succeeded", |jobs| {
+        jobs.iter().filter(|j| j.name_any().starts_with("noop") && j.phase() == Phase::Succeeded).count() == 10
+    })
+    .await;
+    for r in &replicas {
+        assert!(!r.log_text().contains("panicked"), "{} logged an uncaught panic:\n{}", r.identity, r.log_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_name_is_longer_than_a_label_value_runs() {
+    let env = TestEnv::new("long-name").await;
+    let _r = env.replica("r", &[]);
+    let name = "a".repeat(71);
+    env.create(&name, json!({"jobName": "noop"})).await;
+    let done = env.wait_job(&name, MINUTE / 2, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(done.attempts(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_endpoint_that_never_answers_is_stopped_when_the_jobs_timeout_passes() {
+    let env = TestEnv::new("hung-http").await;
+    // Accepts connections and never answers (the listener keeps them open for the whole test).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hang", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            open.push(sock);
+        }
+    });
+    let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "1"]);
+    env.create("hung", json!({"jobName": "call", "http": {"url": url}, "timeoutSeconds": 10})).await;
+    env.wait_job("hung", MINUTE / 2, "Running", |j| j.phase() == Phase::Running).await;
+    // Its timeout plus a lease duration and the test's polling: well within 30 s of creation.
+    let done = env.wait_job("hung", MINUTE / 2, "Abandoned", |j| j.phase() == Phase::Abandoned).await;
+    assert!(last_error(&done).contains("timeout of 10s"), "{}", last_error(&done));
+    // Its only slot is free again.
+    env.create("after", json!({"jobName": "noop"})).await;
+    env.wait_job("after", MINUTE / 2, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_handler_error_is_recorded_cut_to_the_cap() {
+    let env = TestEnv::new("huge-error").await;
+    let _r = env.replica("r", &[]);
+    env.create("loud", json!({"jobName": "fail", "args": {"message": "x", "repeat": 3_000_000, "permanent": true}}))
+        .await;
+    let done = env.wait_job("loud", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
+    let e = last_error(&done);
+    assert!(e.len() <= 4096 + 64 && e.ends_with("characters cut)"), "{}", e.len());
+    assert_eq!(done.attempts(), 1, "the outcome was recorded the first time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_waited_longer_than_a_lease_are_never_settled_as_lost_when_another_replica_claims_them() {
+    let env = TestEnv::new("no-false-orphans").await;
+    // Observers: replicas that serve another queue, so they watch every job below Waiting with no Lease for longer
+    // than a lease duration, and then see other replicas claim them (their Lease watch may lag their job watch).
+    let args = ["--max-concurrent-jobs-per-instance", "2", "--queues", "later"];
+    let _observers: Vec<_> = (0..2).map(|i| env.replica(&format!("o{i}"), &args)).collect();
+    for i in 0..120 {
+        env.create(
+            &format!("once-{i:03}"),
+            json!({"jobName": "sleep", "args": {"seconds": 0.1}, "retry": {"maxAttempts": 1}}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _replicas: Vec<_> =
+        (0..3).map(|i| env.replica(&format!("s{i}"), &["--max-concurrent-jobs-per-instance", "2"])).collect();
+    let jobs = env.wait_until(3 * MINUTE, "all 120 jobs final", |jobs| jobs.iter().all(|j| j.phase().is_final())).await;
+    let lost: Vec<_> =
+        jobs.iter().filter(|j| j.phase() != Phase::Succeeded).map(|j| (j.name_any(), last_error(j))).collect();
+    assert!(lost.is_empty(), "jobs settled as lost although they ran: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_deleted_exclusive_lease_never_lets_two_replicas_run_at_once() {
+    let env = TestEnv::new("exclusive-delete").await;
+    let args =
+        ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str(), "--max-concurrent-jobs-per-instance", "2"];
+    let _replicas: Vec<_> = (0..2).map(|i| env.replica(&format!("r{i}"), &args)).collect();
+    for i in 0..8 {
+        env.create(&format!("x{i}"), json!({"jobName": "sleep", "args": {"seconds": 2}})).await;
+    }
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    env.wait_until(MINUTE, "some job Running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running)).await;
+    // Delete the exclusive Lease by hand, twice, while the leader runs a job.
+    for _ in 0..2 {
+        let _ = leases.delete(bgjobs::exclusive::EXCLUSIVE_LEASE, &DeleteParams::default()).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    env.wait_until(2 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 8 && all_in(jobs, Phase::Succeeded)).await;
+    let execs = executions(&env.invocations());
+    for a in &execs {
+        for b in execs.iter().filter(|b| b.worker != a.worker) {
+            let (end_a, end_b) = (a.end.unwrap_or(now_ms()), b.end.unwrap_or(now_ms()));
+            assert!(end_a <= b.start || end_b <= a.start, "two replicas ran jobs at the same time: {a:?} {b:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_deleted_claim_lease_stops_the_holder_before_anyone_else_starts_the_job() {
+    let env = TestEnv::new("claim-delete").await;
+    let _replicas: Vec<_> = (0..2).map(|i| env.replica(&format!("r{i}"), &[])).collect();
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 6}})).await;
+    let running = env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let lease = running.status.as_ref().and_then(|s| s.lease.clone()).unwrap();
+    leases.delete(&lease, &DeleteParams::default()).await.unwrap();
+    let done = env.wait_job("long", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let execs = executions(&env.invocations());
+    assert!(execs.len() >= 2, "the holder stopped and the job ran again: {execs:?}");
+    assert_eq!(max_overlap(&execs, now_ms()), 1, "two executions of one job overlapped: {execs:#?}");
+    assert!(done.attempts() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_lease_of_a_deleted_job_is_reowned_by_the_new_job_of_the_same_name() {
+    let env = TestEnv::new("reowned").await;
+    // A leftover claim Lease, owned by a job that no longer exists (as after a delete the GC has not caught up
+    // with): the new job of that name takes it over, and the Lease must then belong to the new job alone.
+    let _r = env.replica("r", &[]);
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut old = Lease::default();
+    old.metadata.name = Some("bgj-same".into());
+    old.metadata.annotations = Some([(bgjobs::lease::JOB_UID_ANNOTATION.to_string(), "gone".to_string())].into());
+    old.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "bgjobs.dev/v1".into(),
+        kind: "BackgroundJob".into(),
+        name: "same".into(),
+        uid: "00000000-0000-0000-0000-000000000000".into(),
+        ..Default::default()
+    }]);
+    old.spec = Some(Default::default());
+    leases.create(&PostParams::default(), &old).await.unwrap();
+    let job = env.create("same", json!({"jobName": "sleep", "args": {"seconds": 30}})).await;
+    env.wait_job("same", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let lease = leases.get("bgj-same").await.unwrap();
+    let owners: Vec<_> = lease.owner_references().iter().map(|o| o.uid.clone()).collect();
+    assert_eq!(owners, vec![job.uid().unwrap()], "the Lease names only the new job as its owner");
+}
