@@ -106,6 +106,8 @@ struct Candidate {
     state: LeaseState,
     /// Leases the claim needs besides its own (the concurrency key's; the cluster slot is added at pick time).
     extras: Vec<ExtraLease>,
+    /// An adoption's cluster slot: the one its Pod has held all along.
+    adopted_slot: Option<ExtraLease>,
 }
 
 impl Dispatcher {
@@ -237,6 +239,11 @@ impl Dispatcher {
         let by_uid: HashMap<String, Arc<BackgroundJob>> =
             all.iter().map(|j| (j.uid().unwrap_or_default(), j.clone())).collect();
         let mut keys_seen = HashSet::new();
+        let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
+        let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| by_uid.get(uid).map(|j| j.as_ref()));
+        let others_running = all.iter().any(|j| {
+            j.phase() == Phase::Running && j.status.as_ref().and_then(|s| s.worker.as_deref()) != Some(me.as_str())
+        });
         for job in all {
             if job.phase() == Phase::Waiting {
                 let labels = QueueLabels {
@@ -375,8 +382,14 @@ impl Dispatcher {
             if !self.config.serves_queue(&job.spec.queue) {
                 continue;
             }
+            let adopted_slot = adoption_slots.get(&uid).map(|l| ExtraLease {
+                namespace: self.config.lease_namespace.clone(),
+                name: l.name_any(),
+                seen: Some(l.clone()),
+                label: limits::SLOT_LABEL,
+            });
             self.runnable_since.entry(uid).or_insert(inst);
-            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state, extras });
+            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state, extras, adopted_slot });
         }
         self.key_observer.retain(|k| keys_seen.contains(k));
         self.observer.retain(|uid| present.contains(uid));
@@ -388,7 +401,13 @@ impl Dispatcher {
                 control.stop(StopReason::Deleted);
             }
         }
-        if let Some(wait) = self.claim_some(candidates, &leases, &members) {
+        let held_for_adopters: Vec<String> = adoption_slots.values().map(|l| l.name_any()).collect();
+        if self.leader.is_some() && others_running {
+            // Exclusive: a new leader starts nothing new while jobs of the previous one still run (a handed-over
+            // Pod, an attempt that has not noticed the lost leadership yet); it may adopt those Pods.
+            candidates.retain(|c| c.job.phase() == Phase::Running);
+        }
+        if let Some(wait) = self.claim_some(candidates, &leases, &members, &held_for_adopters) {
             due = due.min(wait);
         }
         self.worker.metrics.queue_depth.clear();
@@ -405,15 +424,24 @@ impl Dispatcher {
         mut candidates: Vec<Candidate>,
         leases: &HashMap<(String, String), Arc<Lease>>,
         members: &[String],
+        held_for_adopters: &[String],
     ) -> Option<Duration> {
         if !self.config.job_execution_enabled || !self.is_leader() {
             return None;
         }
         let mut free = (self.config.max_concurrent_jobs_per_instance as usize).saturating_sub(self.held.len());
+        // Adoptions that bring their own cluster slot go first: their Pods are running already.
+        let (adoptions, mut candidates): (Vec<Candidate>, Vec<Candidate>) =
+            candidates.drain(..).partition(|c| c.adopted_slot.is_some());
+        for c in adoptions.iter().take(free) {
+            self.spawn_claim(c, c.adopted_slot.clone());
+            free -= 1;
+        }
         let mut slots = Vec::new();
         if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
-            let reserved: Vec<String> = self.slots_in_use.values().cloned().collect();
+            let reserved: Vec<String> =
+                self.slots_in_use.values().cloned().chain(held_for_adopters.iter().cloned()).collect();
             let (me, timing) = (&self.worker.identity, &self.worker.timing);
             slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, me);
             free = free.min(slots.len());

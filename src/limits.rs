@@ -59,6 +59,26 @@ pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32)
     Ok(())
 }
 
+/// The slots still held for a Pod attempt that runs on without a replica watching it (handed over on shutdown, or
+/// its replica died): by job UID. Such a slot names (in its annotations) a job that is Running in Pod mode at the
+/// slot's attempt. It is not free for anyone but that attempt's adopter, who takes the same slot over, so the Pod
+/// is counted against the cap for its whole life.
+pub fn held_for_adoption<'a>(
+    slots: impl IntoIterator<Item = &'a Arc<Lease>>,
+    job: impl Fn(&str) -> Option<&'a crate::api::BackgroundJob>,
+) -> HashMap<String, Arc<Lease>> {
+    let mut out = HashMap::new();
+    for slot in slots {
+        let Some(uid) = crate::lease::annotation(slot, crate::lease::JOB_UID_ANNOTATION) else { continue };
+        let attempt = crate::lease::annotation(slot, crate::lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok());
+        let Some(j) = job(uid) else { continue };
+        if crate::claim::adopts(j) && attempt == Some(j.attempts()) && crate::lease::holder(slot).is_some() {
+            out.insert(uid.to_string(), slot.clone());
+        }
+    }
+    out
+}
+
 /// The slots free to this replica now, rotated by its identity so replicas try different slots first.
 /// `reserved` are slots this replica is acquiring or holding already.
 pub fn free_slots(
@@ -127,6 +147,34 @@ mod tests {
         assert!(free_slots(3, &leases, &[], &mut o, t0, &T, "me").is_empty());
         let later = free_slots(3, &leases, &[], &mut o, t0 + Duration::from_secs(3), &T, "me");
         assert_eq!(names(later), ["bgjobs-slot-0", "bgjobs-slot-1", "bgjobs-slot-2"]);
+    }
+
+    #[test]
+    fn a_slot_of_a_running_pod_attempt_is_held_for_its_adopter_only() {
+        use crate::api::{BackgroundJob, BackgroundJobStatus, Phase};
+        let mut pod_job: BackgroundJob = BackgroundJob::new(
+            "p",
+            serde_json::from_value(serde_json::json!({"jobName": "x", "template": {}})).unwrap(),
+        );
+        pod_job.status = Some(BackgroundJobStatus { phase: Some(Phase::Running), attempts: 2, ..Default::default() });
+        let slot = |attempt: &str| {
+            let (_, l) = held("bgjobs-slot-0", "1");
+            let mut l = (*l).clone();
+            l.metadata.annotations = Some(
+                [
+                    (crate::lease::JOB_UID_ANNOTATION.to_string(), "u".to_string()),
+                    (crate::lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+                ]
+                .into(),
+            );
+            Arc::new(l)
+        };
+        let lookup = |uid: &str| (uid == "u").then_some(&pod_job);
+        assert_eq!(held_for_adoption([&slot("2")], lookup).len(), 1);
+        assert!(held_for_adoption([&slot("1")], lookup).is_empty(), "a slot of an older attempt is a leftover");
+        let mut in_process = pod_job.clone();
+        in_process.spec.template = None;
+        assert!(held_for_adoption([&slot("2")], |_| Some(&in_process)).is_empty(), "an in-process attempt died");
     }
 
     fn vacant(name: &str) -> (String, Arc<Lease>) {

@@ -1,0 +1,93 @@
+//! Pod jobs whose replica goes away while the Pod runs on: the attempt is adopted, not failed, and the Pod keeps
+//! counting against the cluster cap until it ends.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bgjobs::api::Phase;
+use common::{NodeAgent, TestEnv, all_in};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::ListParams;
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A Pod job running `script` with `sh -c`, placed on `agent`'s node.
+fn pod_job(agent: &NodeAgent, script: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = json!({
+        "jobName": "shell",
+        "template": {"spec": {"containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]}},
+    });
+    let pod_spec = spec["template"]["spec"].as_object_mut().unwrap();
+    pod_spec.extend(agent.placement().as_object().unwrap().clone());
+    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    spec
+}
+
+/// The Pods bgjobs made in the test's namespace that are Running now.
+async fn running_pods(env: &TestEnv) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let all = pods.list(&ListParams::default().labels("app.kubernetes.io/managed-by=bgjobs")).await.unwrap().items;
+    all.into_iter().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).collect()
+}
+
+async fn wait_running_pods(env: &TestEnv, n: usize) {
+    let deadline = Instant::now() + MINUTE;
+    while running_pods(env).await.len() < n {
+        assert!(Instant::now() < deadline, "{n} pods never ran at once");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_job_on_its_last_attempt_survives_a_rolling_restart_of_its_replica() {
+    let env = TestEnv::new("pod-last-attempt").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let mut a = env.replica("a", &["--shutdown-grace", "1s"]);
+    env.create("last", pod_job(&agent, "sleep 8", json!({"retry": {"maxAttempts": 1}}))).await;
+    wait_running_pods(&env, 1).await;
+    let _b = env.replica("b", &[]);
+    assert!(a.terminate(Duration::from_secs(20)), "a shut down within its grace");
+    let job = env.wait_job("last", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let s = job.status.clone().unwrap();
+    assert_eq!(
+        (s.phase, s.attempts, s.worker.as_deref()),
+        (Some(Phase::Succeeded), 1, Some("b")),
+        "the handed-over attempt was adopted, not failed for a budget it did not use: {:?}",
+        s.last_error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_handed_over_on_shutdown_keep_their_cluster_slots() {
+    let env = TestEnv::new("pod-cap-handover").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let cap = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "2", "--shutdown-grace", "1s"];
+    let mut a = env.replica("a", &cap);
+    for i in 0..6 {
+        env.create(&format!("p{i}"), pod_job(&agent, "sleep 5", json!({}))).await;
+    }
+    wait_running_pods(&env, 2).await;
+    let _b = env.replica("b", &cap);
+    let terminated = tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(20)));
+    let mut most = 0;
+    let deadline = Instant::now() + 3 * MINUTE;
+    loop {
+        most = most.max(running_pods(&env).await.len());
+        let jobs = env.list().await;
+        if jobs.len() == 6 && all_in(&jobs, Phase::Succeeded) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs never all succeeded: {}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(terminated.await.unwrap(), "a shut down");
+    assert!(most <= 2, "{most} pods ran at once under a cluster cap of 2");
+    let adopted =
+        env.list().await.iter().filter(|j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")).count();
+    assert_eq!(adopted, 6, "b adopted a's two pods and ran the rest: {}", common::summary(&env.list().await));
+}
