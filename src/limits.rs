@@ -170,11 +170,12 @@ mod tests {
             Arc::new(l)
         };
         let lookup = |uid: &str| (uid == "u").then_some(&pod_job);
-        assert_eq!(held_for_adoption([&slot("2")], lookup).len(), 1);
-        assert!(held_for_adoption([&slot("1")], lookup).is_empty(), "a slot of an older attempt is a leftover");
+        let (current, older) = (slot("2"), slot("1"));
+        assert_eq!(held_for_adoption([&current], lookup).len(), 1);
+        assert!(held_for_adoption([&older], lookup).is_empty(), "a slot of an older attempt is a leftover");
         let mut in_process = pod_job.clone();
         in_process.spec.template = None;
-        assert!(held_for_adoption([&slot("2")], |_| Some(&in_process)).is_empty(), "an in-process attempt died");
+        assert!(held_for_adoption([&current], |_| Some(&in_process)).is_empty(), "an in-process attempt died");
     }
 
     fn vacant(name: &str) -> (String, Arc<Lease>) {
