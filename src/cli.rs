@@ -25,7 +25,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run one operator replica (run several for throughput and availability).
+    /// Run one operator replica (run several for throughput and availability). A flag given twice takes its last
+    /// value, so wrappers can append overrides.
+    #[command(args_override_self = true)]
     Operator(OperatorConfig),
     /// Create jobs.
     Enqueue(EnqueueArgs),

@@ -139,12 +139,12 @@ async fn a_hand_deleted_exclusive_lease_never_lets_two_replicas_run_at_once() {
     }
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     env.wait_until(MINUTE, "some job Running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running)).await;
-    // Delete the exclusive Lease by hand, twice, while the leader runs a job.
+    // Delete the exclusive Lease by hand, twice, while the leader runs jobs.
     for _ in 0..2 {
         let _ = leases.delete(bgjobs::exclusive::EXCLUSIVE_LEASE, &DeleteParams::default()).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
     }
-    env.wait_until(2 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 8 && all_in(jobs, Phase::Succeeded)).await;
+    env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 8 && all_in(jobs, Phase::Succeeded)).await;
     let execs = executions(&env.invocations());
     for a in &execs {
         for b in execs.iter().filter(|b| b.worker != a.worker) {
