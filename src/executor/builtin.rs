@@ -2,9 +2,8 @@
 //!
 //! - `noop`: succeeds at once.
 //! - `sleep` (`{"seconds": 2}`): succeeds after the given time; stops early when cancelled.
-//! - `fail` (`{"message": "...", "permanent": false, "repeat": 1, "panic": false}`): fails, retryably unless
-//!   `permanent`, with `message` repeated `repeat` times; with `panic`, the handler panics instead (to see that a
-//!   crashing handler fails only its own attempt).
+//! - `fail` (`{"message": "...", "permanent": false, "panic": false}`): fails, retryably unless `permanent`; with
+//!   `panic`, the handler panics instead (to see that a crashing handler fails only its own attempt).
 
 use std::time::Duration;
 
@@ -29,18 +28,9 @@ struct FailArgs {
     message: String,
     #[serde(default)]
     permanent: bool,
-    #[serde(default = "one")]
-    repeat: usize,
     #[serde(default)]
     panic: bool,
 }
-
-fn one() -> usize {
-    1
-}
-
-/// Longest message `fail` builds (its `repeat` is user input).
-const MAX_FAIL_MESSAGE: usize = 64 << 20;
 
 fn default_message() -> String {
     "the fail handler failed, as asked".into()
@@ -66,8 +56,6 @@ pub fn register(r: &mut Registry) {
         if a.panic {
             panic!("{}", a.message);
         }
-        let repeat = a.repeat.min(MAX_FAIL_MESSAGE / a.message.len().max(1));
-        let message = a.message.repeat(repeat.max(1));
-        Err(if a.permanent { JobError::Permanent(message) } else { JobError::Retryable(message) })
+        Err(if a.permanent { JobError::Permanent(a.message) } else { JobError::Retryable(a.message) })
     });
 }
