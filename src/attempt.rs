@@ -219,6 +219,7 @@ async fn run_claimed(
         job_name: job.spec.job_name.clone(),
         attempt: fence.attempt,
         worker: worker.identity.clone(),
+        leases: extras.iter().map(|k| k.lease().name_any()).collect(),
         cancel: cancel.clone(),
     };
     let (limit, limit_is_deadline) = attempt_limit(&job, Timestamp::now());

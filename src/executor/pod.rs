@@ -196,6 +196,7 @@ mod tests {
             job_name: "render".into(),
             attempt,
             worker: "w".into(),
+            leases: Vec::new(),
             cancel: CancellationToken::new(),
         }
     }

@@ -38,6 +38,8 @@ pub struct JobContext {
     pub attempt: i32,
     /// Identity of the replica running the attempt.
     pub worker: String,
+    /// Names of the extra Leases held for the attempt (its cluster slot, its concurrency key's Lease).
+    pub leases: Vec<String>,
     /// Cancelled when the attempt must stop: job cancelled or deleted, attempt timeout, lease lost, shutdown.
     /// Handlers doing long work should check it; a handler that ignores it is dropped at its next await point.
     pub cancel: CancellationToken,
@@ -145,6 +147,7 @@ mod tests {
             job_name: job_name.into(),
             attempt: 1,
             worker: "w".into(),
+            leases: Vec::new(),
             cancel: CancellationToken::new(),
         }
     }

@@ -1,0 +1,417 @@
+//! The invariants, checked over a recorded [`History`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use crate::model::{ExecLine, History, StatusLine};
+
+/// What the run promised, against which the history is checked.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// `--cluster-max-concurrency`, if set.
+    pub cluster_cap: Option<usize>,
+    /// `--max-concurrent-jobs-per-instance`.
+    pub per_replica_cap: Option<usize>,
+    /// The lease duration: a re-execution is explained by a fault at most this long before or after its attempt.
+    pub lease_ms: i64,
+    /// Recurring: how old a tick may be when its job is created (the catch-up rule); `None`: not checked.
+    pub catch_up_ms: Option<i64>,
+    /// The stated FIFO bound: a job may start at most this long after a later-queued job started; `None`: only
+    /// measured.
+    pub fifo_bound_ms: Option<i64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { cluster_cap: None, per_replica_cap: None, lease_ms: 15_000, catch_up_ms: None, fifo_bound_ms: None }
+    }
+}
+
+/// The figures of one run, and a description of every violation.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Jobs seen.
+    pub jobs: usize,
+    /// Executions (handler runs) seen.
+    pub executions: usize,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<String, usize>,
+    /// Jobs that ended without their work done although nothing asked them to fail.
+    pub lost: usize,
+    /// Jobs not in a final phase at the end.
+    pub stuck: usize,
+    /// Pairs of executions of one job that overlapped.
+    pub overlaps: usize,
+    /// Pairs of executions of one concurrency key that overlapped.
+    pub key_overlaps: usize,
+    /// Instants at which a cap was exceeded (cluster or per replica).
+    pub cap_violations: usize,
+    /// Status changes that went back in attempts or changed hands without a new attempt.
+    pub stale_writes: usize,
+    /// Re-executions with no fault to explain them.
+    pub extra_attempts: usize,
+    /// Recurring ticks with more than one job.
+    pub duplicate_ticks: usize,
+    /// Recurring jobs created for a tick older than the catch-up rule allows.
+    pub late_ticks: usize,
+    /// The longest a job started after a job queued behind it (ms).
+    pub worst_fifo_inversion_ms: i64,
+    /// One line per violation.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    /// No guarantee was broken.
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let faults: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        write!(
+            f,
+            "jobs={} executions={} faults=[{}] lost={} stuck={} overlaps={} key_overlaps={} cap_violations={} \
+             stale_writes={} extra_attempts={} duplicate_ticks={} late_ticks={} worst_fifo_inversion_ms={}",
+            self.jobs,
+            self.executions,
+            faults.join(" "),
+            self.lost,
+            self.stuck,
+            self.overlaps,
+            self.key_overlaps,
+            self.cap_violations,
+            self.stale_writes,
+            self.extra_attempts,
+            self.duplicate_ticks,
+            self.late_ticks,
+            self.worst_fifo_inversion_ms
+        )
+    }
+}
+
+/// One execution: from its handler's `start` to the last line it wrote (a paused or killed process writes none).
+#[derive(Clone, Debug)]
+struct Execution {
+    uid: String,
+    job: String,
+    attempt: i32,
+    worker: String,
+    key: Option<String>,
+    slot: bool,
+    start: i64,
+    last: i64,
+    finished: bool,
+}
+
+const FINAL: [&str; 5] = ["Succeeded", "Failed", "Abandoned", "Cancelled", "Skipped"];
+
+/// Check every invariant over `h`.
+pub fn check(h: &History, limits: &Limits) -> Report {
+    let mut r = Report::default();
+    for f in &h.faults {
+        *r.faults.entry(f.kind.clone()).or_default() += 1;
+    }
+    let execs = executions(h);
+    r.executions = execs.len();
+    let by_uid = status_by_uid(&h.status);
+    r.jobs = by_uid.len();
+    check_outcomes(&by_uid, &execs, &mut r);
+    check_overlaps(&execs, &mut r);
+    check_caps(&execs, limits, &mut r);
+    check_status_writes(&by_uid, &mut r);
+    check_re_executions(h, &execs, &by_uid, limits, &mut r);
+    check_ticks(&by_uid, limits, &mut r);
+    check_fifo(&execs, &by_uid, limits, &mut r);
+    r
+}
+
+/// Pair handler lines into executions; times of a replica running under a clock offset are corrected.
+fn executions(h: &History) -> Vec<Execution> {
+    let offsets: HashMap<&str, i64> = h
+        .faults
+        .iter()
+        .filter(|f| f.kind == "clock-offset")
+        .filter_map(|f| Some((f.target.as_str(), f.detail.trim().parse::<i64>().ok()?)))
+        .collect();
+    let mut open: BTreeMap<(String, i32, String), Execution> = BTreeMap::new();
+    let mut done = Vec::new();
+    let mut lines: Vec<&ExecLine> = h.exec.iter().collect();
+    let t = |l: &ExecLine| l.t_ms - offsets.get(l.worker.as_str()).copied().unwrap_or(0);
+    lines.sort_by_key(|l| t(l));
+    for l in lines {
+        let id = (l.uid.clone(), l.attempt, l.worker.clone());
+        match l.ev.as_str() {
+            "start" => {
+                if let Some(previous) = open.remove(&id) {
+                    done.push(previous);
+                }
+                open.insert(
+                    id,
+                    Execution {
+                        uid: l.uid.clone(),
+                        job: l.job.clone(),
+                        attempt: l.attempt,
+                        worker: l.worker.clone(),
+                        key: l.key.clone(),
+                        slot: l.leases.iter().any(|n| n.starts_with("bgjobs-slot-")),
+                        start: t(l),
+                        last: t(l),
+                        finished: false,
+                    },
+                );
+            }
+            ev => {
+                if let Some(e) = open.get_mut(&id) {
+                    e.last = e.last.max(t(l));
+                    if ev == "finish" {
+                        e.finished = true;
+                        done.push(open.remove(&id).unwrap());
+                    }
+                }
+            }
+        }
+    }
+    done.extend(open.into_values());
+    done.sort_by_key(|e| e.start);
+    done
+}
+
+fn status_by_uid(status: &[StatusLine]) -> BTreeMap<String, Vec<&StatusLine>> {
+    let mut m: BTreeMap<String, Vec<&StatusLine>> = BTreeMap::new();
+    for s in status {
+        m.entry(s.uid.clone()).or_default().push(s);
+    }
+    m
+}
+
+fn check_outcomes(by_uid: &BTreeMap<String, Vec<&StatusLine>>, execs: &[Execution], r: &mut Report) {
+    for (uid, lines) in by_uid {
+        let Some(last) = lines.iter().rev().find(|s| !s.deleted) else { continue };
+        if lines.last().is_some_and(|s| s.deleted) && !FINAL.contains(&last.phase.as_str()) {
+            continue; // deleted by the run while unfinished: nothing to hold it to
+        }
+        if !FINAL.contains(&last.phase.as_str()) {
+            r.stuck += 1;
+            r.violations
+                .push(format!("stuck: {} ended the run {:?} (attempt {})", last.job, last.phase, last.attempts));
+            continue;
+        }
+        let worked = execs.iter().any(|e| &e.uid == uid && e.finished);
+        let given_up = matches!(last.phase.as_str(), "Failed" | "Abandoned");
+        if (given_up && !last.expect_retries) || (last.phase == "Succeeded" && !worked) {
+            r.lost += 1;
+            r.violations.push(format!(
+                "lost: {} ended {} after {} attempts, with {} finished execution(s)",
+                last.job,
+                last.phase,
+                last.attempts,
+                execs.iter().filter(|e| &e.uid == uid && e.finished).count()
+            ));
+        }
+    }
+}
+
+/// Pairs of intervals from `execs` that intersect, among those `same` groups together.
+fn overlapping<'a>(
+    execs: &'a [Execution],
+    group: impl Fn(&Execution) -> Option<String>,
+) -> Vec<(&'a Execution, &'a Execution)> {
+    let mut groups: BTreeMap<String, Vec<&Execution>> = BTreeMap::new();
+    for e in execs {
+        if let Some(g) = group(e) {
+            groups.entry(g).or_default().push(e);
+        }
+    }
+    let mut out = Vec::new();
+    for list in groups.values() {
+        for (i, a) in list.iter().enumerate() {
+            for b in &list[i + 1..] {
+                if a.start < b.last && b.start < a.last {
+                    out.push((*a, *b));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check_overlaps(execs: &[Execution], r: &mut Report) {
+    for (a, b) in overlapping(execs, |e| Some(e.uid.clone())) {
+        r.overlaps += 1;
+        r.violations.push(format!(
+            "overlap: {} ran as attempt {} on {} [{}..{}] and attempt {} on {} [{}..{}]",
+            a.job, a.attempt, a.worker, a.start, a.last, b.attempt, b.worker, b.start, b.last
+        ));
+    }
+    for (a, b) in overlapping(execs, |e| e.key.clone()) {
+        if a.uid == b.uid {
+            continue;
+        }
+        r.key_overlaps += 1;
+        r.violations.push(format!(
+            "key overlap: {} and {} (key {:?}) ran at once [{}..{}] [{}..{}]",
+            a.job, b.job, a.key, a.start, a.last, b.start, b.last
+        ));
+    }
+}
+
+/// The most intervals open at once among `execs`, and when.
+fn peak<'a>(execs: impl IntoIterator<Item = &'a Execution>) -> (usize, i64) {
+    let mut points: Vec<(i64, i32)> = Vec::new();
+    for e in execs {
+        points.push((e.start, 1));
+        points.push((e.last, -1));
+    }
+    // Ends before starts at the same instant: back-to-back executions do not overlap.
+    points.sort();
+    let (mut cur, mut best, mut at) = (0i32, 0i32, 0i64);
+    for (t, d) in points {
+        cur += d;
+        if cur > best {
+            (best, at) = (cur, t);
+        }
+    }
+    (best as usize, at)
+}
+
+fn check_caps(execs: &[Execution], limits: &Limits, r: &mut Report) {
+    if let Some(cap) = limits.cluster_cap {
+        let (most, at) = peak(execs.iter().filter(|e| e.slot));
+        if most > cap {
+            r.cap_violations += 1;
+            r.violations.push(format!("cluster cap: {most} executions at once at {at}, cap {cap}"));
+        }
+    }
+    if let Some(cap) = limits.per_replica_cap {
+        let workers: BTreeSet<&str> = execs.iter().map(|e| e.worker.as_str()).collect();
+        for w in workers {
+            let (most, at) = peak(execs.iter().filter(|e| e.worker == w));
+            if most > cap {
+                r.cap_violations += 1;
+                r.violations.push(format!("replica cap: {w} ran {most} executions at once at {at}, cap {cap}"));
+            }
+        }
+    }
+}
+
+fn check_status_writes(by_uid: &BTreeMap<String, Vec<&StatusLine>>, r: &mut Report) {
+    for lines in by_uid.values() {
+        for pair in lines.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            if b.deleted {
+                continue;
+            }
+            let went_back = b.attempts < a.attempts;
+            let changed_hands = a.phase == "Running"
+                && b.phase == "Running"
+                && b.attempts == a.attempts
+                && a.worker != b.worker
+                && !b.pod;
+            if went_back || changed_hands {
+                r.stale_writes += 1;
+                r.violations.push(format!(
+                    "stale write: {} went from {} attempt {} on {:?} to {} attempt {} on {:?}",
+                    b.job, a.phase, a.attempts, a.worker, b.phase, b.attempts, b.worker
+                ));
+            }
+        }
+    }
+}
+
+fn check_re_executions(
+    h: &History,
+    execs: &[Execution],
+    by_uid: &BTreeMap<String, Vec<&StatusLine>>,
+    limits: &Limits,
+    r: &mut Report,
+) {
+    let replicas: BTreeSet<&str> = execs.iter().map(|e| e.worker.as_str()).collect();
+    let mut of_job: BTreeMap<&str, Vec<&Execution>> = BTreeMap::new();
+    for e in execs {
+        of_job.entry(e.uid.as_str()).or_default().push(e);
+    }
+    for (uid, list) in of_job {
+        let expect_retries = by_uid.get(uid).and_then(|l| l.first()).is_some_and(|s| s.expect_retries);
+        if expect_retries {
+            continue;
+        }
+        // Every execution but the last was cut short; a fault near it must explain why.
+        for e in &list[..list.len() - 1] {
+            let explained = h.faults.iter().any(|f| {
+                let near = f.t_ms >= e.start - limits.lease_ms && f.t_ms <= e.last + limits.lease_ms;
+                let aimed = f.target == e.worker || !replicas.contains(f.target.as_str());
+                near && aimed
+            });
+            if !explained {
+                r.extra_attempts += 1;
+                r.violations.push(format!(
+                    "extra attempt: {} ran attempt {} on {} [{}..{}] and again, with no fault to explain it",
+                    e.job, e.attempt, e.worker, e.start, e.last
+                ));
+            }
+        }
+    }
+}
+
+fn check_ticks(by_uid: &BTreeMap<String, Vec<&StatusLine>>, limits: &Limits, r: &mut Report) {
+    let mut per_tick: BTreeMap<(String, i64), BTreeSet<&str>> = BTreeMap::new();
+    for (uid, lines) in by_uid {
+        let Some(first) = lines.first() else { continue };
+        let (Some(def), Some(tick)) = (&first.recurring, first.tick_ms) else { continue };
+        per_tick.entry((def.clone(), tick)).or_default().insert(uid.as_str());
+        if let Some(bound) = limits.catch_up_ms
+            && first.created_ms - tick > bound
+        {
+            r.late_ticks += 1;
+            r.violations.push(format!(
+                "late tick: {} was created {} ms after its tick, more than the catch-up rule's {bound} ms",
+                first.job,
+                first.created_ms - tick
+            ));
+        }
+    }
+    for ((def, tick), uids) in per_tick {
+        if uids.len() > 1 {
+            r.duplicate_ticks += 1;
+            r.violations.push(format!("duplicate tick: {def} at {tick} made {} jobs", uids.len()));
+        }
+    }
+}
+
+fn check_fifo(execs: &[Execution], by_uid: &BTreeMap<String, Vec<&StatusLine>>, limits: &Limits, r: &mut Report) {
+    // Each unkeyed job's first start, its queue key and when it became runnable.
+    let mut first_start: HashMap<&str, i64> = HashMap::new();
+    for e in execs.iter().filter(|e| e.key.is_none()) {
+        let t = first_start.entry(e.uid.as_str()).or_insert(e.start);
+        *t = (*t).min(e.start);
+    }
+    let mut jobs: Vec<((i32, i64), i64, i64, &str)> = Vec::new();
+    for (uid, lines) in by_uid {
+        let (Some(first), Some(&start)) = (lines.first(), first_start.get(uid.as_str())) else { continue };
+        let runnable = first.created_ms.max(first.not_before_ms.unwrap_or(0));
+        jobs.push(((-first.priority, first.seq), runnable, start, first.job.as_str()));
+    }
+    let mut worst = (0i64, "", "");
+    for a in &jobs {
+        for b in &jobs {
+            // b is queued behind a and started while a was already runnable and still waiting.
+            if b.0 > a.0 && b.2 < a.2 && a.1 <= b.2 && a.2 - b.2 > worst.0 {
+                worst = (a.2 - b.2, a.3, b.3);
+            }
+        }
+    }
+    r.worst_fifo_inversion_ms = worst.0;
+    if let Some(bound) = limits.fifo_bound_ms
+        && worst.0 > bound
+    {
+        r.violations.push(format!(
+            "fifo: {} started {} ms after {}, which was queued behind it (bound {bound} ms)",
+            worst.1, worst.0, worst.2
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+//! Hand-made histories, one per invariant: each is caught, and a clean run reports none.
+
+use super::*;
+use crate::model::FaultLine;
+
+fn exec(ev: &str, job: &str, attempt: i32, worker: &str, t_ms: i64) -> ExecLine {
+    ExecLine {
+        ev: ev.into(),
+        uid: format!("uid-{job}"),
+        job: format!("ns/{job}"),
+        attempt,
+        worker: worker.into(),
+        t_ms,
+        key: None,
+        leases: Vec::new(),
+    }
+}
+
+/// A handler that ran on `worker` from `from` to `to` (ms), ticking every 50 ms, and returned.
+fn ran(job: &str, attempt: i32, worker: &str, from: i64, to: i64) -> Vec<ExecLine> {
+    let mut v = vec![exec("start", job, attempt, worker, from)];
+    v.extend((from + 50..to).step_by(50).map(|t| exec("tick", job, attempt, worker, t)));
+    v.push(exec("finish", job, attempt, worker, to));
+    v
+}
+
+fn status(job: &str, t_ms: i64, phase: &str, attempts: i32, worker: Option<&str>) -> StatusLine {
+    StatusLine {
+        t_ms,
+        uid: format!("uid-{job}"),
+        job: format!("ns/{job}"),
+        rv: t_ms.to_string(),
+        phase: phase.into(),
+        attempts,
+        worker: worker.map(str::to_string),
+        seq: t_ms,
+        created_ms: 0,
+        ..Default::default()
+    }
+}
+
+fn fault(kind: &str, target: &str, t_ms: i64) -> FaultLine {
+    FaultLine { t_ms, kind: kind.into(), target: target.into(), detail: String::new() }
+}
+
+/// One job that ran once on `a` and succeeded: the clean baseline.
+fn clean() -> History {
+    History {
+        exec: ran("j", 1, "a", 100, 400),
+        status: vec![
+            status("j", 0, "", 0, None),
+            status("j", 90, "Running", 1, Some("a")),
+            status("j", 450, "Succeeded", 1, Some("a")),
+        ],
+        faults: Vec::new(),
+    }
+}
+
+#[test]
+fn a_clean_run_reports_no_violation() {
+    let r = check(&clean(), &Limits::default());
+    assert!(r.ok(), "{:?}", r.violations);
+    assert_eq!((r.jobs, r.executions), (1, 1));
+    assert!(r.to_string().starts_with("jobs=1 executions=1 faults=[] lost=0 stuck=0 overlaps=0"), "{r}");
+}
+
+#[test]
+fn a_job_left_running_is_stuck() {
+    let mut h = clean();
+    h.status.pop();
+    let r = check(&h, &Limits::default());
+    assert_eq!(r.stuck, 1, "{:?}", r.violations);
+}
+
+#[test]
+fn a_job_failed_for_lost_attempts_or_succeeded_without_work_is_lost() {
+    let mut h = clean();
+    h.status.last_mut().unwrap().phase = "Failed".into();
+    assert_eq!(check(&h, &Limits::default()).lost, 1);
+    let mut h = clean();
+    h.exec.retain(|l| l.ev != "finish");
+    assert_eq!(check(&h, &Limits::default()).lost, 1, "Succeeded, yet no handler returned");
+    let mut h = clean();
+    h.status.last_mut().unwrap().phase = "Failed".into();
+    h.status.iter_mut().for_each(|s| s.expect_retries = true);
+    assert_eq!(check(&h, &Limits::default()).lost, 0, "a job meant to fail may fail");
+}
+
+#[test]
+fn two_executions_of_one_job_at_once_overlap() {
+    let mut h = clean();
+    h.exec.extend(ran("j", 2, "b", 300, 600));
+    h.faults.push(fault("stop", "a", 150));
+    let r = check(&h, &Limits::default());
+    assert_eq!(r.overlaps, 1, "{:?}", r.violations);
+}
+
+#[test]
+fn a_paused_holder_that_never_resumed_its_handler_does_not_overlap_its_successor() {
+    // a's handler wrote its last tick at 200, then the process was paused; b took over at 300. When a woke up, its
+    // guard dropped the handler without another line.
+    let mut h = History { exec: ran("j", 2, "b", 300, 600), ..clean() };
+    h.exec.extend([exec("start", "j", 1, "a", 100), exec("tick", "j", 1, "a", 150), exec("tick", "j", 1, "a", 200)]);
+    h.faults.push(fault("stop", "a", 210));
+    let r = check(&h, &Limits::default());
+    assert_eq!((r.overlaps, r.extra_attempts), (0, 0), "{:?}", r.violations);
+}
+
+#[test]
+fn two_jobs_of_one_key_at_once_are_a_key_overlap() {
+    let mut h = clean();
+    let mut other = ran("k", 1, "b", 200, 500);
+    for l in h.exec.iter_mut().chain(other.iter_mut()) {
+        l.key = Some("ns/tenant-1".into());
+    }
+    h.exec.extend(other);
+    let r = check(&h, &Limits::default());
+    assert_eq!(r.key_overlaps, 1, "{:?}", r.violations);
+}
+
+#[test]
+fn more_slot_holders_than_the_cluster_cap_or_executions_than_a_replica_may_run_are_cap_violations() {
+    let mut h = clean();
+    h.exec.extend(ran("k", 1, "a", 200, 500));
+    for l in &mut h.exec {
+        l.leases = vec!["bgjobs-slot-0".into()];
+    }
+    let limits = Limits { cluster_cap: Some(1), ..Default::default() };
+    assert_eq!(check(&h, &limits).cap_violations, 1);
+    let limits = Limits { per_replica_cap: Some(1), ..Default::default() };
+    assert_eq!(check(&h, &limits).cap_violations, 1);
+    let limits = Limits { cluster_cap: Some(2), per_replica_cap: Some(2), ..Default::default() };
+    assert_eq!(check(&h, &limits).cap_violations, 0);
+}
+
+#[test]
+fn attempts_going_back_or_changing_hands_without_a_new_attempt_are_stale_writes() {
+    let mut h = clean();
+    h.status.insert(2, status("j", 420, "Running", 0, Some("a")));
+    assert_eq!(check(&h, &Limits::default()).stale_writes, 1);
+    let mut h = clean();
+    h.status.insert(2, status("j", 420, "Running", 1, Some("b")));
+    assert_eq!(check(&h, &Limits::default()).stale_writes, 1);
+    h.status.iter_mut().for_each(|s| s.pod = true);
+    assert_eq!(check(&h, &Limits::default()).stale_writes, 0, "an adopted Pod attempt changes hands");
+}
+
+#[test]
+fn a_re_execution_needs_a_fault_on_its_holder_to_explain_it() {
+    let mut h = clean();
+    h.exec = ran("j", 1, "a", 100, 200);
+    h.exec.extend(ran("j", 2, "b", 5_000, 5_300));
+    let limits = Limits { lease_ms: 3_000, ..Default::default() };
+    assert_eq!(check(&h, &limits).extra_attempts, 1);
+    h.faults.push(fault("kill9", "a", 210));
+    assert_eq!(check(&h, &limits).extra_attempts, 0);
+    h.faults[0].target = "c".into();
+    h.exec.extend(ran("x", 1, "c", 0, 10));
+    assert_eq!(check(&h, &limits).extra_attempts, 1, "a fault on another replica explains nothing");
+}
+
+#[test]
+fn two_jobs_for_one_tick_or_a_tick_too_old_are_recurring_violations() {
+    let mut h = clean();
+    for s in &mut h.status {
+        (s.recurring, s.tick_ms, s.created_ms) = (Some("ns/daily".into()), Some(0), 10);
+    }
+    let mut twin = status("j2", 500, "Succeeded", 1, Some("a"));
+    (twin.recurring, twin.tick_ms, twin.created_ms) = (Some("ns/daily".into()), Some(0), 500);
+    h.status.push(twin);
+    let limits = Limits { catch_up_ms: Some(100), ..Default::default() };
+    let r = check(&h, &limits);
+    assert_eq!((r.duplicate_ticks, r.late_ticks), (1, 1), "{:?}", r.violations);
+}
+
+#[test]
+fn a_job_started_long_after_one_queued_behind_it_is_a_fifo_inversion() {
+    let mut h = History::default();
+    for (job, seq, start) in [("first", 1, 5_000), ("second", 2, 100)] {
+        let mut s = status(job, 0, "Succeeded", 1, Some("a"));
+        s.seq = seq;
+        h.status.push(s);
+        h.exec.extend(ran(job, 1, "a", start, start + 100));
+    }
+    let r = check(&h, &Limits { fifo_bound_ms: Some(1_000), ..Default::default() });
+    assert_eq!(r.worst_fifo_inversion_ms, 4_900);
+    assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+    h.status[0].priority = -1; // "first" is Low: "second" may go first
+    assert_eq!(check(&h, &Limits::default()).worst_fifo_inversion_ms, 0);
+}
+
+#[test]
+fn a_replica_under_a_clock_offset_is_judged_on_corrected_times() {
+    let mut h = clean();
+    h.exec = ran("j", 1, "a", 100, 400);
+    // b's clock runs 10 s ahead: its lines at 10_500.. are really at 500..
+    h.exec.extend(ran("j", 2, "b", 10_500, 10_800));
+    h.faults.push(FaultLine { t_ms: 0, kind: "clock-offset".into(), target: "b".into(), detail: "10000".into() });
+    h.faults.push(fault("kill9", "a", 400));
+    let r = check(&h, &Limits::default());
+    assert_eq!(r.overlaps, 0, "{:?}", r.violations);
+    h.faults[0].detail = "10300".into(); // corrected, b started at 200, during a's execution
+    assert_eq!(check(&h, &Limits::default()).overlaps, 1);
+}

@@ -1,0 +1,14 @@
+//! The offline checker of bgjobs' guarantees.
+//!
+//! A run (a test, `make chaos`, a benchmark) records what every handler did, what every BackgroundJob looked like
+//! and which faults were injected ([`model`]); [`check`] reads that history afterwards and counts every violation
+//! of the guarantees: lost or stuck jobs, overlapping executions of one job or one concurrency key, cap
+//! violations, stale status writes, re-executions nobody faulted, duplicate recurring ticks and FIFO inversions.
+//! Deciding offline, from what was recorded, keeps the checker independent of the code under test.
+#![forbid(unsafe_code)]
+
+pub mod check;
+pub mod model;
+
+pub use check::{Limits, Report, check};
+pub use model::{ExecLine, FaultLine, History, StatusLine};

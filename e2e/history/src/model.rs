@@ -1,0 +1,135 @@
+//! What a run records, one JSON object per line, in three kinds of files in one run folder:
+//!
+//! - `*.exec`: written by the test worker's handlers from inside each execution (in-process or in a Pod): a
+//!   `start`, a `tick` every few tens of milliseconds while the handler really runs, and a `finish` when it returns.
+//!   A paused or killed process writes nothing, so an execution's activity is known from its own lines.
+//! - `status.jsonl`: every BackgroundJob change as a watch delivered it (the recorder).
+//! - `faults.jsonl`: every fault the run injected, with its time and target.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// One line written by a handler.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExecLine {
+    /// `start`, `tick` or `finish`.
+    pub ev: String,
+    /// Job UID.
+    pub uid: String,
+    /// `namespace/name`.
+    pub job: String,
+    /// Attempt number.
+    pub attempt: i32,
+    /// Replica identity.
+    pub worker: String,
+    /// Wall-clock milliseconds of the writing process.
+    pub t_ms: i64,
+    /// Concurrency key (namespaced), if the job has one.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Names of the extra Leases held (cluster slot, concurrency key).
+    #[serde(default)]
+    pub leases: Vec<String>,
+}
+
+/// One BackgroundJob change as the recorder saw it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct StatusLine {
+    /// When the recorder saw it (wall-clock ms).
+    pub t_ms: i64,
+    /// Job UID.
+    pub uid: String,
+    /// `namespace/name`.
+    pub job: String,
+    /// resourceVersion.
+    pub rv: String,
+    /// Phase (empty before the first status write).
+    pub phase: String,
+    /// `status.attempts`.
+    pub attempts: i32,
+    /// `status.worker`.
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// Priority as a number (higher first).
+    #[serde(default)]
+    pub priority: i32,
+    /// Enqueue order (the creation revision).
+    #[serde(default)]
+    pub seq: i64,
+    /// Creation time (ms).
+    #[serde(default)]
+    pub created_ms: i64,
+    /// Not runnable before this time (delay), ms.
+    #[serde(default)]
+    pub not_before_ms: Option<i64>,
+    /// Recurring definition that made it, and its tick (ms).
+    #[serde(default)]
+    pub recurring: Option<String>,
+    /// The tick it was made for.
+    #[serde(default)]
+    pub tick_ms: Option<i64>,
+    /// The job's handler is expected to fail and be retried (so re-executions are not suspicious).
+    #[serde(default)]
+    pub expect_retries: bool,
+    /// Pod mode (an adopted attempt keeps its number).
+    #[serde(default)]
+    pub pod: bool,
+    /// This line records a deletion.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// One injected fault.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FaultLine {
+    /// When (wall-clock ms of the runner).
+    pub t_ms: i64,
+    /// `kill9`, `stop`, `cont`, `term`, `start`, `apiserver-restart`, `proxy-reset`, `proxy-stall`, `proxy-heal`,
+    /// `lease-delete`, `clock-offset`, `rbac-remove`, `rbac-restore`, ...
+    pub kind: String,
+    /// Replica identity, Lease name, or `cluster`.
+    pub target: String,
+    /// Free text (e.g. the offset of a clock fault, in ms).
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// Everything one run recorded.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    /// Handler lines, in time order.
+    pub exec: Vec<ExecLine>,
+    /// Status changes, in time order.
+    pub status: Vec<StatusLine>,
+    /// Faults, in time order.
+    pub faults: Vec<FaultLine>,
+}
+
+impl History {
+    /// Read a run folder: every `*.exec` file, `status.jsonl` and `faults.jsonl` (missing files read as empty).
+    pub fn read(dir: &Path) -> std::io::Result<History> {
+        let mut h = History::default();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "exec") {
+                h.exec.extend(read_lines(&path)?);
+            }
+        }
+        h.status = read_lines(&dir.join("status.jsonl"))?;
+        h.faults = read_lines(&dir.join("faults.jsonl"))?;
+        h.exec.sort_by_key(|l| l.t_ms);
+        h.status.sort_by_key(|l| l.t_ms);
+        h.faults.sort_by_key(|l| l.t_ms);
+        Ok(h)
+    }
+}
+
+/// Parse a JSON-lines file; a torn last line (a writer killed mid-write) is skipped.
+fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Vec<T>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}

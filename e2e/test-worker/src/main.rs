@@ -1,0 +1,125 @@
+//! `bgjobs-test-worker`: the adversarial tier's instrumented parts.
+//!
+//! - `operator`: a bgjobs replica (every flag of `bgjobs operator`) whose `record` handler writes a line to the
+//!   shared execution log when it starts, every 50 ms while it really runs, and when it returns
+//!   (see `bgjobs_history::model`). A paused or killed process writes nothing, so the log shows what really ran.
+//! - `pod`: the same recording from inside a Pod of a Pod-mode job (reads the job from `BGJOBS_*`).
+//! - `record-history`: watch every BackgroundJob in a namespace and append each change to `status.jsonl`.
+#![forbid(unsafe_code)]
+
+mod exec_log;
+mod recorder;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bgjobs::config::OperatorConfig;
+use bgjobs::executor::{JobContext, JobError, Registry};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+use exec_log::ExecLog;
+
+#[derive(Parser)]
+#[command(name = "bgjobs-test-worker", about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an operator replica with the recording handlers.
+    #[command(args_override_self = true)]
+    Operator {
+        /// Shared execution log (appended to).
+        #[arg(long, env = "BGJOBS_EXEC_LOG")]
+        exec_log: PathBuf,
+        #[command(flatten)]
+        config: OperatorConfig,
+    },
+    /// Record one Pod-mode execution from inside its Pod.
+    Pod {
+        /// Shared execution log (appended to).
+        #[arg(long, env = "BGJOBS_EXEC_LOG")]
+        exec_log: PathBuf,
+        /// How long the work takes.
+        #[arg(long, default_value_t = 500)]
+        ms: u64,
+    },
+    /// Append every BackgroundJob change in `namespace` to `<dir>/status.jsonl` until interrupted.
+    RecordHistory {
+        /// Namespace to watch.
+        #[arg(long)]
+        namespace: String,
+        /// Run folder.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Args of `record`: work for `ms` milliseconds; fail (retryably) while the attempt is below `fail_until_attempt`.
+#[derive(Deserialize)]
+struct RecordArgs {
+    #[serde(default = "default_ms")]
+    ms: u64,
+    #[serde(default)]
+    fail_until_attempt: i32,
+}
+
+fn default_ms() -> u64 {
+    300
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
+        Command::Operator { exec_log, config } => operator(exec_log, config).await,
+        Command::Pod { exec_log, ms } => pod(exec_log, ms).await,
+        Command::RecordHistory { namespace, dir } => recorder::run(&namespace, &dir).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bgjobs-test-worker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn operator(exec_log: PathBuf, config: OperatorConfig) -> Result<(), String> {
+    bgjobs::cli::init_tracing(config.log_format);
+    let log = ExecLog::open(&exec_log).map_err(|e| format!("{}: {e}", exec_log.display()))?;
+    let mut registry = Registry::with_builtins();
+    registry.register("record", move |ctx: JobContext, args: RecordArgs| {
+        let log = log.clone();
+        async move {
+            let run = exec_log::Run::from_ctx(&ctx);
+            work(&log, &run, args.ms).await;
+            if ctx.attempt < args.fail_until_attempt {
+                return Err(JobError::Retryable(format!("record: failing attempt {} as asked", ctx.attempt)));
+            }
+            Ok(())
+        }
+    });
+    bgjobs::operator::run(config, registry).await.map_err(|e| e.to_string())
+}
+
+/// Log `start`, a `tick` every 50 ms for `ms`, then `finish`. Dropped mid-way (lease lost, stopped), it writes
+/// nothing more: the ticks show exactly how long the handler really ran.
+async fn work(log: &ExecLog, run: &exec_log::Run, ms: u64) {
+    log.write(run, "start");
+    let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+    while tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50).min(end - tokio::time::Instant::now())).await;
+        log.write(run, "tick");
+    }
+    log.write(run, "finish");
+}
+
+async fn pod(exec_log: PathBuf, ms: u64) -> Result<(), String> {
+    let log = ExecLog::open(&exec_log).map_err(|e| format!("{}: {e}", exec_log.display()))?;
+    let run = exec_log::Run::from_pod_env()?;
+    work(&log, &run, ms).await;
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The status recorder: every BackgroundJob change a watch delivers, as one [`StatusLine`] in `status.jsonl`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use bgjobs::api::{BackgroundJob, Priority};
+use bgjobs_history::StatusLine;
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, ResourceExt};
+
+/// Label that marks a job whose handler is meant to fail and be retried.
+pub const EXPECT_RETRIES_LABEL: &str = "chaos.bgjobs.dev/expect-retries";
+
+/// Record until interrupted (SIGINT/SIGTERM), flushing every line.
+pub async fn run(namespace: &str, dir: &Path) -> Result<(), String> {
+    let client = kube::Client::try_default().await.map_err(|e| e.to_string())?;
+    let api: Api<BackgroundJob> = Api::namespaced(client, namespace);
+    let path = dir.join("status.jsonl");
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // First sighting of each job, in ms: a creation time finer than creationTimestamp's whole seconds.
+    let mut first_seen: HashMap<String, i64> = HashMap::new();
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(event) = event else { return Ok(()) };
+        let (job, deleted) = match event {
+            Ok(Event::Apply(j) | Event::InitApply(j)) => (j, false),
+            Ok(Event::Delete(j)) => (j, true),
+            _ => continue,
+        };
+        let now = jiff::Timestamp::now().as_millisecond();
+        let created_ms = *first_seen.entry(job.uid().unwrap_or_default()).or_insert(now);
+        let line = line(&job, now, created_ms, deleted);
+        let mut text = serde_json::to_string(&line).unwrap_or_default();
+        text.push('\n');
+        out.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+    }
+}
+
+fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> StatusLine {
+    let status = job.status.clone().unwrap_or_default();
+    let priority = match job.spec.priority {
+        Priority::Low => -2,
+        Priority::BelowNormal => -1,
+        Priority::Normal => 0,
+        Priority::AboveNormal => 1,
+        Priority::High => 2,
+    };
+    let tick_ms = job
+        .annotations()
+        .get(bgjobs::recurring::SCHEDULED_TIME_ANNOTATION)
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map(|t| t.as_millisecond());
+    let recurring = job
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "RecurringBackgroundJob")
+        .map(|o| format!("{}/{}", job.namespace().unwrap_or_default(), o.name));
+    let not_before_ms = job.spec.delay_seconds.filter(|d| *d > 0).map(|d| created_ms + d * 1000);
+    StatusLine {
+        t_ms,
+        uid: job.uid().unwrap_or_default(),
+        job: format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any()),
+        rv: job.resource_version().unwrap_or_default(),
+        phase: status.phase.map(|p| p.to_string()).unwrap_or_default(),
+        attempts: status.attempts,
+        worker: status.worker,
+        priority,
+        seq: bgjobs::ordering::enqueue_sequence(job).unwrap_or(i64::MAX),
+        created_ms,
+        not_before_ms,
+        recurring,
+        tick_ms,
+        expect_retries: job.labels().contains_key(EXPECT_RETRIES_LABEL) || job.spec.job_name == "fail",
+        pod: job.spec.template.is_some(),
+        deleted,
+    }
+}
