@@ -6,6 +6,11 @@
 #   e2e/cluster.sh status   say what runs and where
 #   e2e/cluster.sh env      print `export KUBECONFIG=...` for eval
 #   e2e/cluster.sh build    only install and build the binaries into the cache
+#   e2e/cluster.sh restart apiserver|etcd|both
+#                           fault injection: kill -9 and start again, same ports and data (waits until healthy)
+#   e2e/cluster.sh second-apiserver
+#                           fault injection: start a second kube-apiserver on the same etcd and write
+#                           $STATE/kubeconfig-2 for it (an HA pair whose watch caches can lag each other)
 #
 # The binaries are built from Debian's `kubernetes` source package (v1.20.2) and cached under
 # ${BGJOBS_CACHE:-~/.cache/bgjobs}; the running state (kubeconfig, certs, logs, PID files, etcd data) lives in
@@ -126,6 +131,83 @@ wait_for() { # what, log, command...
   fail "wait for $what" "$log"
 }
 
+start_etcd() { # ports from $STATE/ports.env
+  . "$STATE/ports.env"
+  step "starting etcd on 127.0.0.1:$etcd_port"
+  start etcd /usr/bin/etcd --data-dir "$STATE/etcd" --name bgjobs \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "bgjobs=http://127.0.0.1:$peer_port" --unsafe-no-fsync
+  wait_for etcd "$STATE/logs/etcd.log" curl -sf "http://127.0.0.1:$etcd_port/health"
+}
+
+start_apiserver() { # name, port (on the etcd of $STATE/ports.env)
+  local name=$1 port=$2
+  . "$STATE/ports.env"
+  step "starting $name on https://127.0.0.1:$port"
+  start "$name" "$BIN/kube-apiserver" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+    --secure-port="$port" --cert-dir "$STATE/certs" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --service-cluster-ip-range=10.0.0.0/24 --authorization-mode=RBAC --token-auth-file "$STATE/tokens.csv" \
+    --service-account-issuer=https://kubernetes.default.svc --service-account-key-file "$STATE/certs/sa.pub" \
+    --service-account-signing-key-file "$STATE/certs/sa.key" --disable-admission-plugins=ServiceAccount
+}
+
+write_kubeconfig() { # path, port, token
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: bgjobs-local
+  cluster:
+    server: https://127.0.0.1:$2
+    certificate-authority: $STATE/certs/apiserver.crt
+users:
+- name: admin
+  user:
+    token: $3
+contexts:
+- name: bgjobs-local
+  context: {cluster: bgjobs-local, user: admin, namespace: default}
+current-context: bgjobs-local
+EOF
+}
+
+kill_now() { # name: SIGKILL by its PID file, and wait until it is gone
+  running "$1" || return 0
+  local pid
+  pid=$(cat "$STATE/$1.pid")
+  kill -9 "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+}
+
+restart() { # apiserver|etcd|both
+  [ -f "$STATE/ports.env" ] || fail "restart: the control plane is not up"
+  . "$STATE/ports.env"
+  case "$1" in
+    apiserver) kill_now kube-apiserver ;;
+    etcd) kill_now etcd ;;
+    both) kill_now kube-apiserver; kill_now etcd ;;
+    *) fail "restart: say apiserver, etcd or both" ;;
+  esac
+  running etcd || start_etcd
+  running kube-apiserver || start_apiserver kube-apiserver "$api_port"
+  wait_for kube-apiserver "$STATE/logs/kube-apiserver.log" kubectl --kubeconfig "$STATE/kubeconfig" get --raw /readyz
+}
+
+second_apiserver() {
+  [ -f "$STATE/ports.env" ] || fail "second-apiserver: the control plane is not up"
+  if ! running kube-apiserver-2; then
+    local port
+    port=$(free_port)
+    echo "api2_port=$port" >>"$STATE/ports.env"
+    start_apiserver kube-apiserver-2 "$port"
+    write_kubeconfig "$STATE/kubeconfig-2" "$port" "$(cut -d, -f1 "$STATE/tokens.csv")"
+  fi
+  wait_for kube-apiserver-2 "$STATE/logs/kube-apiserver-2.log" \
+    kubectl --kubeconfig "$STATE/kubeconfig-2" get --raw /readyz
+  echo "$STATE/kubeconfig-2"
+}
+
 all_running() { running etcd && running kube-apiserver && running kube-controller-manager && running kube-scheduler; }
 
 up() {
@@ -150,36 +232,10 @@ up() {
   openssl rsa -in "$STATE/certs/sa.key" -pubout -out "$STATE/certs/sa.pub" >/dev/null 2>&1 ||
     fail "derive service-account public key"
 
-  step "starting etcd on 127.0.0.1:$etcd_port"
-  start etcd /usr/bin/etcd --data-dir "$STATE/etcd" --name bgjobs \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "bgjobs=http://127.0.0.1:$peer_port" --unsafe-no-fsync
-  wait_for etcd "$STATE/logs/etcd.log" curl -sf "http://127.0.0.1:$etcd_port/health"
-
-  step "starting kube-apiserver on https://127.0.0.1:$api_port"
-  start kube-apiserver "$BIN/kube-apiserver" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
-    --secure-port="$api_port" --cert-dir "$STATE/certs" --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --service-cluster-ip-range=10.0.0.0/24 --authorization-mode=RBAC --token-auth-file "$STATE/tokens.csv" \
-    --service-account-issuer=https://kubernetes.default.svc --service-account-key-file "$STATE/certs/sa.pub" \
-    --service-account-signing-key-file "$STATE/certs/sa.key" --disable-admission-plugins=ServiceAccount
-  cat >"$STATE/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: bgjobs-local
-  cluster:
-    server: https://127.0.0.1:$api_port
-    certificate-authority: $STATE/certs/apiserver.crt
-users:
-- name: admin
-  user:
-    token: $token
-contexts:
-- name: bgjobs-local
-  context: {cluster: bgjobs-local, user: admin, namespace: default}
-current-context: bgjobs-local
-EOF
+  printf 'etcd_port=%s\npeer_port=%s\napi_port=%s\n' "$etcd_port" "$peer_port" "$api_port" >"$STATE/ports.env"
+  start_etcd
+  start_apiserver kube-apiserver "$api_port"
+  write_kubeconfig "$STATE/kubeconfig" "$api_port" "$token"
   wait_for kube-apiserver "$STATE/logs/kube-apiserver.log" \
     kubectl --kubeconfig "$STATE/kubeconfig" get --raw /healthz
 
@@ -212,7 +268,7 @@ install_crds() {
 
 down() {
   [ -d "$STATE" ] || return 0
-  for name in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+  for name in kube-scheduler kube-controller-manager kube-apiserver-2 kube-apiserver etcd; do
     if running "$name"; then
       local pid
       pid=$(cat "$STATE/$name.pid")
@@ -239,5 +295,7 @@ case "${1:-}" in
   status) status ;;
   env) echo "export KUBECONFIG=$STATE/kubeconfig" ;;
   build) mkdir -p "$CACHE" && (flock 9 && build_binaries) 9>"$CACHE/build.lock" ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  restart) restart "${2:-}" ;;
+  second-apiserver) second_apiserver ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
