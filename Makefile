@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods clean helm-deps
+.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods clean helm-deps chaos chaos-deps
 
 all: build
 
@@ -19,11 +19,27 @@ demo:
 test: lint unit integration
 
 unit:
-	cargo test --lib --bins
+	cargo test --workspace --lib --bins
 	cargo test --doc
 
-integration: cluster helm-deps
+## integration: every test binary against the local control plane, the bounded chaos run (tests/chaos) included.
+## The test worker and the history checker (e2e/) are built first: the chaos run starts them as processes.
+integration: cluster helm-deps chaos-deps
+	cargo build --workspace --bins
 	cargo test --tests --no-fail-fast -- --test-threads $(TEST_THREADS)
+
+## chaos: the adversarial tier on its own, longer: CHAOS_SECONDS (default 600) of randomized faults over a mixed
+## workload; CHAOS_SEED=<n> replays a schedule. The run's history and report stay in target/test-runs/t-chaos-*.
+CHAOS_SECONDS ?= 600
+chaos: cluster chaos-deps
+	cargo build --workspace --bins
+	CHAOS_SECONDS=$(CHAOS_SECONDS) cargo test --test chaos -- --nocapture
+
+## chaos-deps: libfaketime (Debian's faketime) for the clock-offset fault.
+chaos-deps:
+	@[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q faketime >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null; }; \
+	    else sudo apt-get install -y -q faketime; fi; }
 
 ## helm-deps: the Helm v4 engine for tests/helm_chart.rs and e2e/helm.py (Debian has no helm binary). Idempotent.
 ## Debian's own python3 refuses pip installs into the system (PEP 668) unless told --break-system-packages.
@@ -35,7 +51,7 @@ helm-deps:
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	cargo fmt --all

@@ -2,7 +2,9 @@
 //!
 //! 2xx → success; 4xx → permanent failure (the request itself is wrong, retrying will not help; 408 and 429 are
 //! the exceptions and are retried); 5xx, a timeout or a connection error → retryable failure.
-//! The job's UID goes in `Idempotency-Key` so the receiver can deduplicate retries.
+//! The job's UID goes in `Idempotency-Key` so the receiver can deduplicate retries; `X-BGJobs-Attempt` is the
+//! fencing token (a receiver that remembers the highest attempt it saw per key can refuse a stale one) and
+//! `X-BGJobs-Worker` names the replica that sent it.
 
 use std::time::Duration;
 
@@ -26,7 +28,8 @@ pub async fn post(
         .json(args)
         .header("Idempotency-Key", &ctx.uid)
         .header("X-BGJobs-Job", format!("{}/{}", ctx.namespace, ctx.name))
-        .header("X-BGJobs-Attempt", ctx.attempt.to_string());
+        .header("X-BGJobs-Attempt", ctx.attempt.to_string())
+        .header("X-BGJobs-Worker", &ctx.worker);
     for (k, v) in &target.headers {
         req = req.header(k, v);
     }

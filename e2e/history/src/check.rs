@@ -213,11 +213,8 @@ fn check_outcomes(by_uid: &BTreeMap<String, Vec<&StatusLine>>, execs: &[Executio
     }
 }
 
-/// Pairs of intervals from `execs` that intersect, among those `same` groups together.
-fn overlapping<'a>(
-    execs: &'a [Execution],
-    group: impl Fn(&Execution) -> Option<String>,
-) -> Vec<(&'a Execution, &'a Execution)> {
+/// Pairs of intervals from `execs` that intersect, among those `group` puts together.
+fn overlapping(execs: &[Execution], group: impl Fn(&Execution) -> Option<String>) -> Vec<(&Execution, &Execution)> {
     let mut groups: BTreeMap<String, Vec<&Execution>> = BTreeMap::new();
     for e in execs {
         if let Some(g) = group(e) {

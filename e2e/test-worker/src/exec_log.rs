@@ -33,15 +33,17 @@ impl Run {
         }
     }
 
-    /// A Pod-mode execution, from the variables bgjobs sets in every container. The worker is the Pod.
+    /// A Pod-mode execution, from the variables bgjobs sets in every container. The "worker" is the attempt's Pod,
+    /// whichever replica watches it (an adopted Pod is the same execution).
     pub fn from_pod_env() -> Result<Run, String> {
         let var = |n: &str| std::env::var(n).map_err(|_| format!("{n} is not set: not inside a bgjobs Pod?"));
         let attempt = var("BGJOBS_ATTEMPT")?.parse().map_err(|e| format!("BGJOBS_ATTEMPT: {e}"))?;
+        let job = var("BGJOBS_JOB")?;
         Ok(Run {
             uid: var("BGJOBS_JOB_UID")?,
-            job: var("BGJOBS_JOB")?,
+            worker: format!("pod:{job}:{attempt}"),
+            job,
             attempt,
-            worker: std::env::var("HOSTNAME").unwrap_or_else(|_| "pod".into()),
             key: None,
             leases: Vec::new(),
         })

@@ -36,7 +36,7 @@ enum Command {
         #[arg(long, env = "BGJOBS_EXEC_LOG")]
         exec_log: PathBuf,
         #[command(flatten)]
-        config: OperatorConfig,
+        config: Box<OperatorConfig>,
     },
     /// Record one Pod-mode execution from inside its Pod.
     Pod {
@@ -74,7 +74,7 @@ fn default_ms() -> u64 {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
-        Command::Operator { exec_log, config } => operator(exec_log, config).await,
+        Command::Operator { exec_log, config } => operator(exec_log, *config).await,
         Command::Pod { exec_log, ms } => pod(exec_log, ms).await,
         Command::RecordHistory { namespace, dir } => recorder::run(&namespace, &dir).await,
     };

@@ -1,0 +1,201 @@
+//! The adversarial tier: a mixed workload on a fleet of replicas, under a randomized schedule of faults, checked
+//! afterwards against every guarantee by the offline history checker (`e2e/history`).
+//!
+//! Workload: in-process jobs of every priority, jobs that fail and are retried, jobs with concurrency keys, HTTP
+//! jobs, Pod-mode jobs and recurring definitions, under a per-replica cap and a cluster-wide cap.
+//! Fleet: four replicas; one reaches the apiserver through a TCP proxy that resets and stalls its connections, one
+//! through a second kube-apiserver on the same etcd (an HA pair whose watch caches lag each other), one runs with
+//! its clock 20 s ahead.
+//! Faults, one every 2–5 s: `kill -9` (restarted under the same or a new identity), SIGSTOP past the lease duration,
+//! SIGTERM, an apiserver restart (alone or with etcd), proxy resets and stalls, hand-deleted claim, slot and key
+//! Leases.
+//!
+//! `CHAOS_SECONDS` (default 60) sets how long faults are injected; `CHAOS_SEED` reproduces a schedule (the run
+//! prints its seed); `CHAOS_FAULTS` (comma-separated kinds, default all: kill9, stop, term, apiserver-restart,
+//! proxy-reset, proxy-stall, lease-delete) narrows the schedule. A failing run names the broken invariant and keeps its history in `target/test-runs/<ns>/`.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod fleet;
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use bgjobs_history::{History, Limits};
+use common::TestEnv;
+use fleet::{Fleet, MemberSpec, Rng};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{DeleteParams, ListParams};
+use kube::{Api, ResourceExt};
+
+const PER_REPLICA: usize = 4;
+const CLUSTER_CAP: usize = 6;
+/// The tests' lease duration (`common::FAST_LEASES`), plus the renew deadline's slack for the checker's window.
+const LEASE_MS: i64 = 3_000 + 2_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_randomized_fault_schedule_breaks_no_guarantee() {
+    let seconds: u64 = std::env::var("CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| jiff::Timestamp::now().as_nanosecond() as u64);
+    eprintln!("chaos: seed {seed}, {seconds} s of faults (CHAOS_SEED={seed} CHAOS_SECONDS={seconds} reproduces it)");
+    let mut rng = Rng::new(seed);
+    let env = TestEnv::new("chaos").await;
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let second = second_apiserver();
+    let lease_ns = env.ns.clone();
+    let per_replica = PER_REPLICA.to_string();
+    let cap = CLUSTER_CAP.to_string();
+    let flags = [
+        "--max-concurrent-jobs-per-instance",
+        per_replica.as_str(),
+        "--cluster-max-concurrency",
+        cap.as_str(),
+        "--lease-namespace",
+        lease_ns.as_str(),
+        "--shutdown-grace",
+        "1s",
+    ];
+    let admin = common::kubeconfig_path();
+    let specs = vec![
+        MemberSpec { kubeconfig: admin.clone(), clock_offset_ms: 0, via: "apiserver" },
+        MemberSpec { kubeconfig: proxy.kubeconfig(&env.dir), clock_offset_ms: 0, via: "proxy" },
+        MemberSpec { kubeconfig: second, clock_offset_ms: 0, via: "second apiserver" },
+        MemberSpec { kubeconfig: admin, clock_offset_ms: 20_000, via: "apiserver, clock +20 s" },
+    ];
+    let _recorder = workload::Recorder::start(&env);
+    let mut fleet = Fleet::start(&env.dir, &env.ns, &flags, specs);
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let http = workload::HttpWorker::start(&env.dir).await;
+    let mut load = workload::Workload::new(&env, &agent, &http.url);
+    load.define_recurring().await;
+
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(seconds) {
+        load.enqueue_batch(&mut rng, 12).await;
+        inject(&mut fleet, &proxy, &env, &mut rng).await;
+    }
+    fleet.heal();
+    proxy.heal();
+    load.stop_recurring().await;
+    let jobs = env
+        .wait_until(Duration::from_secs(240), "every job final after the faults", |jobs| {
+            jobs.iter().all(|j| j.phase().is_final())
+        })
+        .await;
+    // The last status changes reach the recorder; then read the history.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = History::read(&env.dir).expect("read the run's history");
+    let limits = Limits {
+        cluster_cap: Some(CLUSTER_CAP),
+        per_replica_cap: Some(PER_REPLICA),
+        lease_ms: LEASE_MS,
+        catch_up_ms: Some(LEASE_MS + 5_000),
+        fifo_bound_ms: None,
+    };
+    let report = bgjobs_history::check(&history, &limits);
+    eprintln!("chaos: seed {seed}: {report}");
+    std::fs::write(env.dir.join("report.txt"), format!("seed {seed}\n{report}\n{}\n", report.violations.join("\n")))
+        .unwrap();
+    assert!(jobs.len() >= 30, "the workload ran: {} jobs", jobs.len());
+    assert!(
+        report.ok(),
+        "seed {seed} broke a guarantee (history in {}):\n{}",
+        env.dir.display(),
+        report.violations.join("\n")
+    );
+}
+
+/// The second kube-apiserver on the control plane's etcd (started if needed), and its kubeconfig.
+fn second_apiserver() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join("e2e/cluster.sh"))
+        .arg("second-apiserver")
+        .output()
+        .expect("run e2e/cluster.sh second-apiserver");
+    assert!(out.status.success(), "second apiserver: {}", String::from_utf8_lossy(&out.stderr));
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default())
+}
+
+const FAULT_KINDS: [&str; 9] = [
+    "kill9",
+    "stop",
+    "term",
+    "apiserver-restart",
+    "proxy-reset",
+    "proxy-stall",
+    "lease-delete",
+    "lease-delete",
+    "lease-delete",
+];
+
+/// Wait a random 2–5 s, then inject one fault (one of the kinds `CHAOS_FAULTS` allows).
+async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, rng: &mut Rng) {
+    tokio::time::sleep(rng.ms(2_000, 5_000)).await;
+    let allowed = std::env::var("CHAOS_FAULTS").unwrap_or_default();
+    let allowed: Vec<&str> = allowed.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let n = fleet.members.len();
+    let i = rng.below(n as u64) as usize;
+    let kind = rng.below(FAULT_KINDS.len() as u64) as usize;
+    if !allowed.is_empty() && !allowed.contains(&FAULT_KINDS[kind]) {
+        return;
+    }
+    match kind {
+        0 => {
+            fleet.kill9(i);
+            tokio::time::sleep(rng.ms(500, 2_500)).await;
+            let new_identity = rng.below(2) == 0;
+            fleet.restart(i, new_identity);
+        }
+        1 => {
+            if !fleet.members[i].paused && fleet.running(i) {
+                fleet.pause(i);
+                tokio::time::sleep(rng.ms(3_500, 6_000)).await;
+                fleet.resume(i);
+            }
+        }
+        2 => {
+            fleet.terminate(i, Duration::from_secs(10));
+            fleet.restart(i, rng.below(2) == 0);
+        }
+        3 => {
+            let what = if rng.below(3) == 0 { "both" } else { "apiserver" };
+            fleet.faults.record("apiserver-restart", "cluster", what);
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            let ok = tokio::process::Command::new(root.join("e2e/cluster.sh"))
+                .args(["restart", what])
+                .output()
+                .await
+                .is_ok_and(|o| o.status.success());
+            assert!(ok, "the control plane came back after a restart of {what}");
+        }
+        4 => {
+            let n = proxy.reset_all();
+            fleet.faults.record("proxy-reset", &fleet.members[1].identity.clone(), format!("{n} connections"));
+        }
+        5 => {
+            let stall = rng.ms(1_000, 6_000);
+            fleet.faults.record("proxy-stall", &fleet.members[1].identity.clone(), format!("{stall:?}"));
+            proxy.stall(stall).await;
+        }
+        6 => delete_a_lease(env, fleet, rng, "bgjobs.dev/job").await,
+        7 => delete_a_lease(env, fleet, rng, bgjobs::limits::SLOT_LABEL).await,
+        _ => delete_a_lease(env, fleet, rng, bgjobs::keys::KEY_LABEL).await,
+    }
+}
+
+/// Delete one Lease carrying `label` by hand, as an operator of the cluster might.
+async fn delete_a_lease(env: &TestEnv, fleet: &Fleet, rng: &mut Rng, label: &str) {
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let Ok(list) = leases.list(&ListParams::default().labels(label)).await else { return };
+    let held: Vec<&Lease> = list.items.iter().filter(|l| bgjobs::lease::holder(l).is_some()).collect();
+    if held.is_empty() {
+        return;
+    }
+    let victim = held[rng.below(held.len() as u64) as usize].name_any();
+    fleet.faults.record("lease-delete", &victim, label);
+    let _ = leases.delete(&victim, &DeleteParams::default()).await;
+}

@@ -1,0 +1,196 @@
+//! The chaos run's workload and its recorders: the jobs it enqueues, the HTTP endpoint that records the HTTP
+//! jobs' executions, and the status recorder process.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bgjobs::api::RecurringBackgroundJob;
+use bgjobs_history::ExecLine;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{NodeAgent, TestEnv};
+use crate::fleet::{Rng, test_worker_bin};
+
+/// `bgjobs-test-worker record-history` for the test's namespace, stopped (SIGTERM) on drop.
+pub struct Recorder(Child);
+
+impl Recorder {
+    pub fn start(env: &TestEnv) -> Recorder {
+        let child = Command::new(test_worker_bin())
+            .args(["record-history", "--namespace", &env.ns, "--dir", &env.dir.display().to_string()])
+            .env("KUBECONFIG", crate::common::kubeconfig_path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(env.dir.join("recorder.log")).unwrap())
+            .spawn()
+            .expect("start the status recorder");
+        Recorder(child)
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// An HTTP endpoint on loopback whose "work" (300 ms) is recorded like a handler's, under the calling replica's
+/// identity (`X-BGJobs-Worker`).
+pub struct HttpWorker {
+    pub url: String,
+}
+
+impl HttpWorker {
+    pub async fn start(dir: &Path) -> HttpWorker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/work", listener.local_addr().unwrap());
+        let log = Arc::new(Mutex::new(
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("http.exec")).unwrap(),
+        ));
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve(sock, log.clone()));
+            }
+        });
+        HttpWorker { url }
+    }
+}
+
+async fn serve(mut sock: tokio::net::TcpStream, log: Arc<Mutex<std::fs::File>>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let Ok(n) = sock.read(&mut chunk).await else { return };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let line = |ev: &str| ExecLine {
+        ev: ev.into(),
+        uid: header("Idempotency-Key"),
+        job: header("X-BGJobs-Job"),
+        attempt: header("X-BGJobs-Attempt").parse().unwrap_or(0),
+        worker: header("X-BGJobs-Worker"),
+        t_ms: jiff::Timestamp::now().as_millisecond(),
+        key: None,
+        leases: Vec::new(),
+    };
+    let write = |l: ExecLine| {
+        let _ = writeln!(log.lock().unwrap(), "{}", serde_json::to_string(&l).unwrap());
+    };
+    write(line("start"));
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        write(line("tick"));
+    }
+    write(line("finish"));
+    let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+}
+
+/// What the run enqueues.
+pub struct Workload {
+    jobs: Api<bgjobs::api::BackgroundJob>,
+    defs: Api<RecurringBackgroundJob>,
+    placement: serde_json::Value,
+    pod_log: PathBuf,
+    http_url: String,
+    next: u32,
+}
+
+const DEFINITIONS: [&str; 2] = ["every-3s", "every-5s"];
+
+impl Workload {
+    pub fn new(env: &TestEnv, agent: &NodeAgent, http_url: &str) -> Workload {
+        Workload {
+            jobs: env.jobs.clone(),
+            defs: Api::namespaced(env.client.clone(), &env.ns),
+            placement: agent.placement(),
+            pod_log: env.dir.join("pods.exec"),
+            http_url: http_url.to_string(),
+            next: 0,
+        }
+    }
+
+    /// Two recurring definitions that make `record` jobs every few seconds.
+    pub async fn define_recurring(&self) {
+        for (name, schedule) in DEFINITIONS.iter().zip(["*/3 * * * * *", "*/5 * * * * *"]) {
+            let def: RecurringBackgroundJob = serde_json::from_value(json!({
+                "apiVersion": "bgjobs.dev/v1", "kind": "RecurringBackgroundJob",
+                "metadata": {"name": name},
+                "spec": {"schedule": schedule, "successfulJobsHistoryLimit": 2,
+                         "jobTemplate": {"spec": {"jobName": "record", "args": {"ms": 200}}}}
+            }))
+            .unwrap();
+            self.defs.create(&PostParams::default(), &def).await.expect("create a recurring definition");
+        }
+    }
+
+    /// Suspend the definitions: no more ticks, so the run can drain.
+    pub async fn stop_recurring(&self) {
+        for name in DEFINITIONS {
+            let suspend = Patch::Merge(json!({"spec": {"suspend": true}}));
+            let _ = self.defs.patch(name, &PatchParams::default(), &suspend).await;
+        }
+    }
+
+    /// Create `n` jobs of a random mix.
+    pub async fn enqueue_batch(&mut self, rng: &mut Rng, n: u32) {
+        for _ in 0..n {
+            let spec = self.random_spec(rng);
+            let name = format!("j{:05}", self.next);
+            self.next += 1;
+            let mut job = bgjobs::api::BackgroundJob::new(&name, serde_json::from_value(spec.0).unwrap());
+            if spec.1 {
+                job.metadata.labels =
+                    Some([("chaos.bgjobs.dev/expect-retries".to_string(), "true".to_string())].into());
+            }
+            // The apiserver may be restarting: a failed create is simply not part of the run.
+            let _ = self.jobs.create(&PostParams::default(), &job).await;
+        }
+    }
+
+    /// A job spec, and whether it is meant to fail and be retried.
+    fn random_spec(&self, rng: &mut Rng) -> (serde_json::Value, bool) {
+        let priority = ["Low", "Normal", "Normal", "High"][rng.below(4) as usize];
+        let ms = 100 + rng.below(600);
+        match rng.below(20) {
+            0..=9 => (json!({"jobName": "record", "priority": priority, "args": {"ms": ms}}), false),
+            10..=12 => (
+                json!({"jobName": "record", "concurrencyKey": format!("tenant-{}", rng.below(4)), "args": {"ms": ms}}),
+                false,
+            ),
+            13..=14 => (
+                json!({"jobName": "record", "args": {"ms": 100, "fail_until_attempt": 2},
+                       "retry": {"backoffSeconds": 1}}),
+                true,
+            ),
+            15..=17 => (json!({"jobName": "call", "http": {"url": self.http_url}}), false),
+            _ => {
+                let mut pod_spec = json!({"containers": [{
+                    "name": "work", "image": "busybox",
+                    "command": [test_worker_bin().display().to_string(), "pod", "--ms", "400"],
+                    "env": [{"name": "BGJOBS_EXEC_LOG", "value": self.pod_log.display().to_string()}],
+                }]});
+                pod_spec.as_object_mut().unwrap().extend(self.placement.as_object().unwrap().clone());
+                (json!({"jobName": "pod-work", "template": {"spec": pod_spec}}), false)
+            }
+        }
+    }
+}
