@@ -207,6 +207,13 @@ async fn run_claimed(
     );
     info!("attempt started");
 
+    if !holds_claim() {
+        // The claim was already stale when this replica learnt of it (paused, or its answer slow in coming): the
+        // handler never starts.
+        worker.metrics.stale_results_discarded.inc();
+        warn!("the claim's lease was past its renew deadline before the attempt could start; it does not run");
+        return if job.spec.template.is_some() { Handover::PodRunsOn } else { Handover::Nothing };
+    }
     if job.spec.cancel {
         control.stop(StopReason::Cancelled);
     }
@@ -223,7 +230,10 @@ async fn run_claimed(
         cancel: cancel.clone(),
     };
     let (limit, limit_is_deadline) = attempt_limit(&job, Timestamp::now());
-    let ending = {
+    let ending = if !control.leading() {
+        // Claimed under a leadership that has ended since: hand the attempt back without running it.
+        Ending::Stopped(StopReason::NotLeader)
+    } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
         let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.client);

@@ -135,17 +135,27 @@ async fn a_hand_deleted_exclusive_lease_never_lets_two_replicas_run_at_once() {
     let args =
         ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str(), "--max-concurrent-jobs-per-instance", "2"];
     let _replicas: Vec<_> = (0..2).map(|i| env.replica(&format!("r{i}"), &args)).collect();
-    for i in 0..8 {
-        env.create(&format!("x{i}"), json!({"jobName": "sleep", "args": {"seconds": 2}})).await;
+    for i in 0..16 {
+        env.create(&format!("x{i:02}"), json!({"jobName": "sleep", "args": {"seconds": 2}})).await;
     }
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     env.wait_until(MINUTE, "some job Running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running)).await;
-    // Delete the exclusive Lease by hand, twice, while the leader runs jobs.
-    for _ in 0..2 {
+    // Delete the exclusive Lease by hand right after the leader renewed it, three times: the leader then notices
+    // only at its next renewal, seconds later, while the other replica looks for the Lease every second.
+    for _ in 0..3 {
+        let seen = leases.get_opt(bgjobs::exclusive::EXCLUSIVE_LEASE).await.unwrap().and_then(|l| l.resource_version());
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            let now = leases.get_opt(bgjobs::exclusive::EXCLUSIVE_LEASE).await.unwrap();
+            if now.as_ref().is_some_and(|l| l.resource_version() != seen && bgjobs::lease::holder(l).is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let _ = leases.delete(bgjobs::exclusive::EXCLUSIVE_LEASE, &DeleteParams::default()).await;
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 8 && all_in(jobs, Phase::Succeeded)).await;
+    env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 16 && all_in(jobs, Phase::Succeeded)).await;
     let execs = executions(&env.invocations());
     for a in &execs {
         for b in execs.iter().filter(|b| b.worker != a.worker) {
@@ -195,4 +205,28 @@ async fn a_leftover_lease_of_a_deleted_job_is_reowned_by_the_new_job_of_the_same
     let lease = leases.get("bgj-same").await.unwrap();
     let owners: Vec<_> = lease.owner_references().iter().map(|o| o.uid.clone()).collect();
     assert_eq!(owners, vec![job.uid().unwrap()], "the Lease names only the new job as its owner");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_learns_of_its_claim_only_after_the_lease_expired_never_runs_the_attempt() {
+    let env = TestEnv::new("late-claim").await;
+    // a reaches the apiserver through a proxy that delivers responses at 32 KB/s: the answer to its status write of
+    // a 240 KB job arrives about 7 s after the write landed, long after its 3 s lease expired unrenewed.
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let options = common::ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let _a = env.replica_with("a", &[], &options);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.throttle_downstream(32 * 1024);
+    let spec = serde_json::from_value(json!({"jobName": "sleep", "args": {"seconds": 10}})).unwrap();
+    let mut job = bgjobs::api::BackgroundJob::new("slow", spec);
+    job.metadata.annotations = Some([("padding".to_string(), "p".repeat(240_000))].into());
+    env.jobs.create(&PostParams::default(), &job).await.unwrap();
+    // b starts once a has claimed: it sees a's claim Lease never renewed and takes over after a lease duration.
+    env.wait_job("slow", MINUTE, "claimed by a", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a"))
+        .await;
+    let _b = env.replica("b", &[]);
+    env.wait_job("slow", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let execs = executions(&env.invocations());
+    assert_eq!(max_overlap(&execs, now_ms()), 1, "a ran the attempt it learnt of too late: {execs:#?}");
 }

@@ -32,6 +32,8 @@ pub struct Proxy {
     accept: JoinHandle<()>,
     /// `true` while bytes flow; `false` while stalled.
     open: watch::Sender<bool>,
+    /// Bytes per second from the apiserver to the client (0: unlimited).
+    downstream_rate: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -50,8 +52,16 @@ impl Proxy {
         let connections = Connections::default();
         let accepted = Arc::new(AtomicU64::new(0));
         let (open, gate) = watch::channel(true);
-        let accept = tokio::spawn(accept_loop(listener, upstream, connections.clone(), accepted.clone(), gate));
-        Proxy { addr, upstream, connections, accepted, accept, open }
+        let downstream_rate = Arc::new(AtomicU64::new(0));
+        let link = Link { gate, downstream_rate: downstream_rate.clone() };
+        let accept = tokio::spawn(accept_loop(listener, upstream, connections.clone(), accepted.clone(), link));
+        Proxy { addr, upstream, connections, accepted, accept, open, downstream_rate }
+    }
+
+    /// Limit what the apiserver sends back to `bytes_per_second` (0: no limit): large responses then arrive long
+    /// after the apiserver acted on their requests, while small ones still come quickly.
+    pub fn throttle_downstream(&self, bytes_per_second: u64) {
+        self.downstream_rate.store(bytes_per_second, Ordering::Relaxed);
     }
 
     /// Stall every connection, open and new, for `how_long`: bytes are held, not dropped (a partition that heals).
@@ -125,12 +135,19 @@ fn server_url(kubeconfig: &Path) -> String {
         .expect("the current cluster's server")
 }
 
+/// What every connection obeys: the stall gate and the downstream rate.
+#[derive(Clone)]
+struct Link {
+    gate: watch::Receiver<bool>,
+    downstream_rate: Arc<AtomicU64>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     connections: Connections,
     accepted: Arc<AtomicU64>,
-    gate: watch::Receiver<bool>,
+    link: Link,
 ) {
     let ids = AtomicU64::new(0);
     while let Ok((client, _)) = listener.accept().await {
@@ -139,9 +156,9 @@ async fn accept_loop(
         let reset = CancellationToken::new();
         connections.lock().unwrap().insert(id, reset.clone());
         let connections = connections.clone();
-        let gate = gate.clone();
+        let link = link.clone();
         tokio::spawn(async move {
-            pipe(client, upstream, reset, gate).await;
+            pipe(client, upstream, reset, link).await;
             connections.lock().unwrap().remove(&id);
         });
     }
@@ -149,8 +166,8 @@ async fn accept_loop(
 
 /// Copy bytes both ways until either side closes, holding them while the gate is shut; on `reset`, close both
 /// sockets with a RST (zero linger), as a dropped connection or a restarted load balancer would.
-async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken, gate: watch::Receiver<bool>) {
-    if wait_open(gate.clone()).await.is_none() {
+async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken, link: Link) {
+    if wait_open(link.gate.clone()).await.is_none() {
         return;
     }
     let Ok(server) = TcpStream::connect(upstream).await else { return };
@@ -161,27 +178,37 @@ async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken,
     let (server_read, server_write) = server.into_split();
     tokio::select! {
         _ = async {
-            tokio::join!(pump(client_read, server_write, gate.clone()), pump(server_read, client_write, gate.clone()))
+            let unlimited = Arc::new(AtomicU64::new(0));
+            tokio::join!(
+                pump(client_read, server_write, link.gate.clone(), unlimited),
+                pump(server_read, client_write, link.gate.clone(), link.downstream_rate.clone())
+            )
         } => {}
         _ = reset.cancelled() => {}
     }
 }
 
-/// Copy one direction, a chunk at a time, each chunk only once the gate is open. Dropping the halves on return
-/// closes the sockets; a reset drops them mid-copy.
+/// Copy one direction, a chunk at a time, each chunk only once the gate is open and within `rate` bytes per second
+/// (0: unlimited). Dropping the halves on return closes the sockets; a reset drops them mid-copy.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     gate: watch::Receiver<bool>,
+    rate: Arc<AtomicU64>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
+        let limit = rate.load(Ordering::Relaxed);
+        let chunk = if limit == 0 { buf.len() } else { buf.len().min((limit as usize / 10).max(1)) };
+        let n = match from.read(&mut buf[..chunk]).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         if wait_open(gate.clone()).await.is_none() || to.write_all(&buf[..n]).await.is_err() {
             break;
+        }
+        if limit > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / limit as f64)).await;
         }
     }
     let _ = to.shutdown().await;
