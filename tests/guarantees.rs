@@ -230,3 +230,71 @@ async fn a_replica_that_learns_of_its_claim_only_after_the_lease_expired_never_r
     let execs = executions(&env.invocations());
     assert_eq!(max_overlap(&execs, now_ms()), 1, "a ran the attempt it learnt of too late: {execs:#?}");
 }
+
+/// Resumes a SIGSTOPped process when dropped, whatever happens to the test.
+struct Paused(u32);
+
+impl Paused {
+    fn stop(pid: u32) -> Paused {
+        assert!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_elsewhere() {
+    let env = TestEnv::new("stale-view").await;
+    // b talks to a second kube-apiserver on the same etcd; freezing that apiserver freezes b's view of the
+    // cluster (its watches) while a renews its Lease through the first one.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join("e2e/cluster.sh")).arg("second-apiserver").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap().to_string();
+    let pid: u32 = std::fs::read_to_string(root.join(".cluster/kube-apiserver-2.pid")).unwrap().trim().parse().unwrap();
+
+    let _a = env.replica("a", &[]);
+    env.create("once", json!({"jobName": "sleep", "args": {"seconds": 14}, "retry": {"maxAttempts": 1}})).await;
+    env.wait_job("once", MINUTE, "Running on a", |j| j.phase() == Phase::Running).await;
+    let options = common::ReplicaOptions { kubeconfig: Some(second.into()), ..Default::default() };
+    let b = env.replica_with("b", &[], &options);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    {
+        let _frozen = Paused::stop(pid);
+        // Past a lease duration: b's last view shows a's Lease unchanged, as if a were gone.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    let done = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(
+        (done.phase(), done.attempts()),
+        (Phase::Succeeded, 1),
+        "b settled a live attempt from a stale view: {}\nb's log:\n{}",
+        last_error(&done),
+        b.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_answer_is_lost_after_it_landed_does_not_lose_the_attempt() {
+    let env = TestEnv::new("lost-answer").await;
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let options = common::ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let _a = env.replica_with("a", &[], &options);
+    env.create("once", json!({"jobName": "sleep", "args": {"seconds": 16}, "retry": {"maxAttempts": 1}})).await;
+    env.wait_job("once", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    // Answers now come back 300 ms late, so a renewal (every 500 ms) is mostly in flight after it landed; resetting
+    // the connections then loses answers to writes that happened. Between resets, renewals go through.
+    proxy.delay_downstream(Duration::from_millis(300));
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(1_900)).await;
+        proxy.reset_all();
+    }
+    proxy.delay_downstream(Duration::ZERO);
+    let done = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{}", last_error(&done));
+}

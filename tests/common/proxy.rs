@@ -32,8 +32,8 @@ pub struct Proxy {
     accept: JoinHandle<()>,
     /// `true` while bytes flow; `false` while stalled.
     open: watch::Sender<bool>,
-    /// Bytes per second from the apiserver to the client (0: unlimited).
-    downstream_rate: Arc<AtomicU64>,
+    /// How bytes from the apiserver to the client are shaped.
+    downstream: Shape,
 }
 
 impl Proxy {
@@ -52,16 +52,22 @@ impl Proxy {
         let connections = Connections::default();
         let accepted = Arc::new(AtomicU64::new(0));
         let (open, gate) = watch::channel(true);
-        let downstream_rate = Arc::new(AtomicU64::new(0));
-        let link = Link { gate, downstream_rate: downstream_rate.clone() };
+        let downstream = Shape::default();
+        let link = Link { gate, downstream: downstream.clone() };
         let accept = tokio::spawn(accept_loop(listener, upstream, connections.clone(), accepted.clone(), link));
-        Proxy { addr, upstream, connections, accepted, accept, open, downstream_rate }
+        Proxy { addr, upstream, connections, accepted, accept, open, downstream }
     }
 
     /// Limit what the apiserver sends back to `bytes_per_second` (0: no limit): large responses then arrive long
     /// after the apiserver acted on their requests, while small ones still come quickly.
     pub fn throttle_downstream(&self, bytes_per_second: u64) {
-        self.downstream_rate.store(bytes_per_second, Ordering::Relaxed);
+        self.downstream.rate.store(bytes_per_second, Ordering::Relaxed);
+    }
+
+    /// Deliver what the apiserver sends back `latency` late (zero: at once): every answer then arrives well after
+    /// the apiserver acted on its request.
+    pub fn delay_downstream(&self, latency: std::time::Duration) {
+        self.downstream.latency_ms.store(latency.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Stall every connection, open and new, for `how_long`: bytes are held, not dropped (a partition that heals).
@@ -135,11 +141,11 @@ fn server_url(kubeconfig: &Path) -> String {
         .expect("the current cluster's server")
 }
 
-/// What every connection obeys: the stall gate and the downstream rate.
+/// What every connection obeys: the stall gate and the downstream shape.
 #[derive(Clone)]
 struct Link {
     gate: watch::Receiver<bool>,
-    downstream_rate: Arc<AtomicU64>,
+    downstream: Shape,
 }
 
 async fn accept_loop(
@@ -178,40 +184,63 @@ async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken,
     let (server_read, server_write) = server.into_split();
     tokio::select! {
         _ = async {
-            let unlimited = Arc::new(AtomicU64::new(0));
             tokio::join!(
-                pump(client_read, server_write, link.gate.clone(), unlimited),
-                pump(server_read, client_write, link.gate.clone(), link.downstream_rate.clone())
+                pump(client_read, server_write, link.gate.clone(), Shape::default()),
+                pump(server_read, client_write, link.gate.clone(), link.downstream.clone())
             )
         } => {}
         _ = reset.cancelled() => {}
     }
 }
 
-/// Copy one direction, a chunk at a time, each chunk only once the gate is open and within `rate` bytes per second
-/// (0: unlimited). Dropping the halves on return closes the sockets; a reset drops them mid-copy.
+/// How one direction is shaped: bytes per second (0: unlimited) and a fixed latency (ms).
+#[derive(Clone, Default)]
+struct Shape {
+    rate: Arc<AtomicU64>,
+    latency_ms: Arc<AtomicU64>,
+}
+
+/// Copy one direction: each chunk is read at once, then written no earlier than `latency` after it was read, only
+/// while the gate is open, and within `rate`. Dropping the halves on return closes the sockets; a reset drops them
+/// mid-copy.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     gate: watch::Receiver<bool>,
-    rate: Arc<AtomicU64>,
+    shape: Shape,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let limit = rate.load(Ordering::Relaxed);
-        let chunk = if limit == 0 { buf.len() } else { buf.len().min((limit as usize / 10).max(1)) };
-        let n = match from.read(&mut buf[..chunk]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if wait_open(gate.clone()).await.is_none() || to.write_all(&buf[..n]).await.is_err() {
-            break;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let due = tokio::time::Instant::now()
+                + std::time::Duration::from_millis(shape.latency_ms.load(Ordering::Relaxed));
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                break;
+            }
         }
-        if limit > 0 {
-            tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / limit as f64)).await;
+    };
+    let write = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            let limit = shape.rate.load(Ordering::Relaxed);
+            let step = if limit == 0 { bytes.len() } else { (limit as usize / 10).max(1) };
+            for piece in bytes.chunks(step) {
+                if wait_open(gate.clone()).await.is_none() || to.write_all(piece).await.is_err() {
+                    return;
+                }
+                if limit > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs_f64(piece.len() as f64 / limit as f64)).await;
+                }
+            }
         }
-    }
-    let _ = to.shutdown().await;
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// Wait until the gate is open; `None` if the proxy is gone.
