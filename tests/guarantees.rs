@@ -287,14 +287,15 @@ async fn a_renewal_whose_answer_is_lost_after_it_landed_does_not_lose_the_attemp
     let _a = env.replica_with("a", &[], &options);
     env.create("once", json!({"jobName": "sleep", "args": {"seconds": 16}, "retry": {"maxAttempts": 1}})).await;
     env.wait_job("once", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
-    // Answers now come back 300 ms late, so a renewal (every 500 ms) is mostly in flight after it landed; resetting
-    // the connections then loses answers to writes that happened. Between resets, renewals go through.
-    proxy.delay_downstream(Duration::from_millis(300));
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(1_900)).await;
+    // Five times: hold the apiserver's answers for 0.8 s (requests still land: a renewal, sent every 500 ms, takes
+    // effect), then reset the connections, so the answers to writes that happened are lost. Then let it recover.
+    for _ in 0..5 {
+        proxy.hold_downstream();
+        tokio::time::sleep(Duration::from_millis(800)).await;
         proxy.reset_all();
+        proxy.release_downstream();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
     }
-    proxy.delay_downstream(Duration::ZERO);
     let done = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{}", last_error(&done));
 }

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The open connections, each with the token that resets it.
-type Connections = Arc<Mutex<HashMap<u64, CancellationToken>>>;
+type Connections = Arc<Mutex<HashMap<u64, (CancellationToken, std::time::Instant)>>>;
 
 /// A running proxy; dropping it resets every connection and stops listening.
 pub struct Proxy {
@@ -64,6 +64,16 @@ impl Proxy {
         self.downstream.rate.store(bytes_per_second, Ordering::Relaxed);
     }
 
+    /// Hold every answer of the apiserver (requests still go through and take effect) until [`Proxy::release_downstream`].
+    pub fn hold_downstream(&self) {
+        self.downstream.open.send_replace(false);
+    }
+
+    /// Deliver the answers held by [`Proxy::hold_downstream`], and every later one, again.
+    pub fn release_downstream(&self) {
+        self.downstream.open.send_replace(true);
+    }
+
     /// Deliver what the apiserver sends back `latency` late (zero: at once): every answer then arrives well after
     /// the apiserver acted on its request.
     pub fn delay_downstream(&self, latency: std::time::Duration) {
@@ -85,9 +95,19 @@ impl Proxy {
     /// Reset (TCP RST, both sides) every connection open now; new connections are accepted as before. Returns how
     /// many were reset.
     pub fn reset_all(&self) -> usize {
-        let open: Vec<CancellationToken> = self.connections.lock().unwrap().drain().map(|(_, t)| t).collect();
-        open.iter().for_each(CancellationToken::cancel);
-        open.len()
+        self.reset_older_than(std::time::Duration::ZERO)
+    }
+
+    /// Reset the connections open for at least `age` (established ones, not those still in their TLS handshake).
+    pub fn reset_older_than(&self, age: std::time::Duration) -> usize {
+        let mut connections = self.connections.lock().unwrap();
+        let old: Vec<u64> = connections.iter().filter(|(_, (_, at))| at.elapsed() >= age).map(|(id, _)| *id).collect();
+        for id in &old {
+            if let Some((token, _)) = connections.remove(id) {
+                token.cancel();
+            }
+        }
+        old.len()
     }
 
     /// Connections open now.
@@ -160,7 +180,7 @@ async fn accept_loop(
         accepted.fetch_add(1, Ordering::Relaxed);
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let reset = CancellationToken::new();
-        connections.lock().unwrap().insert(id, reset.clone());
+        connections.lock().unwrap().insert(id, (reset.clone(), std::time::Instant::now()));
         let connections = connections.clone();
         let link = link.clone();
         tokio::spawn(async move {
@@ -193,11 +213,19 @@ async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken,
     }
 }
 
-/// How one direction is shaped: bytes per second (0: unlimited) and a fixed latency (ms).
-#[derive(Clone, Default)]
+/// How one direction is shaped: bytes per second (0: unlimited), a fixed latency (ms), and a gate of its own (held
+/// shut: this direction stalls while the other flows).
+#[derive(Clone)]
 struct Shape {
     rate: Arc<AtomicU64>,
     latency_ms: Arc<AtomicU64>,
+    open: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape { rate: Arc::default(), latency_ms: Arc::default(), open: Arc::new(watch::channel(true).0) }
+    }
 }
 
 /// Copy one direction: each chunk is read at once, then written no earlier than `latency` after it was read, only
@@ -230,7 +258,10 @@ async fn pump(
             let limit = shape.rate.load(Ordering::Relaxed);
             let step = if limit == 0 { bytes.len() } else { (limit as usize / 10).max(1) };
             for piece in bytes.chunks(step) {
-                if wait_open(gate.clone()).await.is_none() || to.write_all(piece).await.is_err() {
+                if wait_open(gate.clone()).await.is_none()
+                    || wait_open(shape.open.subscribe()).await.is_none()
+                    || to.write_all(piece).await.is_err()
+                {
                     return;
                 }
                 if limit > 0 {
