@@ -299,3 +299,71 @@ async fn a_renewal_whose_answer_is_lost_after_it_landed_does_not_lose_the_attemp
     let done = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{}", last_error(&done));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_lease_held_for_a_job_this_replica_has_not_seen_is_waited_out_not_taken() {
+    let env = TestEnv::new("unseen-key-owner").await;
+    // A live key Lease whose job has not reached this replica's cache (a lagging job watch looks exactly like
+    // this): it is renewed, so it must hold the key, whoever it names.
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let name = bgjobs::keys::lease_name("tenant-1");
+    let mut ghost = Lease::default();
+    ghost.metadata.name = Some(name.clone());
+    ghost.metadata.labels = Some(
+        [
+            (bgjobs::lease::MANAGED_BY_LABEL.to_string(), bgjobs::lease::MANAGED_BY.to_string()),
+            (bgjobs::keys::KEY_LABEL.to_string(), "true".to_string()),
+        ]
+        .into(),
+    );
+    ghost.metadata.annotations = Some(
+        [
+            (bgjobs::lease::JOB_UID_ANNOTATION.to_string(), "not-yet-seen".to_string()),
+            (bgjobs::lease::ATTEMPT_ANNOTATION.to_string(), "1".to_string()),
+        ]
+        .into(),
+    );
+    ghost.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+        holder_identity: Some("elsewhere".into()),
+        lease_duration_seconds: Some(3),
+        ..Default::default()
+    });
+    leases.create(&PostParams::default(), &ghost).await.unwrap();
+    let _r = env.replica("r", &[]);
+    env.create("keyed", json!({"jobName": "noop", "concurrencyKey": "tenant-1"})).await;
+    // Keep the Lease alive for 6 s, as its holder would.
+    let renewed_until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < renewed_until {
+        let l = leases.get_opt(&name).await.unwrap();
+        let held_by = l.as_ref().and_then(|l| bgjobs::lease::holder(l)).map(str::to_string);
+        assert_eq!(held_by.as_deref(), Some("elsewhere"), "the key Lease was taken from its live holder");
+        let mut l = l.unwrap();
+        l.spec.as_mut().unwrap().renew_time =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(jiff::Timestamp::now()));
+        let _ = leases.replace(&name, &PostParams::default(), &l).await;
+        let job = env.jobs.get("keyed").await.unwrap();
+        assert_eq!(job.phase(), Phase::Waiting, "the job ran while another holder kept its key: {:?}", job.status);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Once nobody renews it, the key Lease expires and the job runs.
+    env.wait_job("keyed", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurring_definition_with_a_long_name_makes_jobs_that_run() {
+    let env = TestEnv::new("long-definition").await;
+    let _r = env.replica("r", &[]);
+    let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    for name in ["x".repeat(53), "y".repeat(70)] {
+        let def: bgjobs::api::RecurringBackgroundJob = serde_json::from_value(json!({
+            "apiVersion": "bgjobs.dev/v1", "kind": "RecurringBackgroundJob", "metadata": {"name": name},
+            "spec": {"schedule": "* * * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}}
+        }))
+        .unwrap();
+        defs.create(&PostParams::default(), &def).await.unwrap();
+    }
+    env.wait_until(MINUTE, "a job of each definition Succeeded", |jobs| {
+        ["x", "y"].iter().all(|p| jobs.iter().any(|j| j.name_any().starts_with(p) && j.phase() == Phase::Succeeded))
+    })
+    .await;
+}
