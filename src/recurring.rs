@@ -131,9 +131,8 @@ pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> 
         .map(|t| t.0)
         .or_else(|| def.metadata.creation_timestamp.as_ref().map(|t| t.0))
         .unwrap_or(now);
-    // Only the latest missed tick matters; walking from `since` is bounded so a years-old definition stays cheap.
-    let missed = schedule.between(since, now, &tz, 100_000);
-    let Some(&tick) = missed.last() else {
+    // Only the latest missed tick matters, however many were missed.
+    let Some(tick) = schedule.latest_between(since, now, &tz) else {
         let next = schedule.next_after(now, &tz);
         return Plan::Idle(next.map(|n| n.duration_since(now).unsigned_abs()));
     };
@@ -362,6 +361,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn two_days_of_missed_seconds_claim_the_latest_second() {
+        let d = with_last(def("* * * * * *", serde_json::json!({})), 0);
+        let now = t(48 * 3600).checked_add(SignedDuration::from_millis(400)).unwrap();
+        assert_eq!(plan(&d, &[], now), Plan::Tick { tick: t(48 * 3600), skip: None, replace: vec![] });
     }
 
     #[test]

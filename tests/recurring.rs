@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bgjobs::api::{Phase, RecurringBackgroundJob};
 use bgjobs::recurring::SCHEDULED_TIME_ANNOTATION;
 use common::TestEnv;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -73,6 +73,38 @@ async fn every_tick_creates_exactly_one_job_while_replicas_are_killed_and_restar
     ran.sort();
     ran.dedup();
     assert_eq!(ran.len(), starts.len(), "no job ran twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_two_days_suspended_an_every_second_schedule_catches_up_only_the_latest_tick() {
+    let env = TestEnv::new("rec-48h").await;
+    let _r = env.replica("r", &[]);
+    define(
+        &env,
+        "resumed",
+        json!({"schedule": "* * * * * *", "suspend": true, "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    // 172,800 ticks missed: more than any walk forward from the last recorded tick would take in one step.
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let two_days_ago = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 48 * 3600).unwrap();
+    let status = json!({"status": {"lastScheduleTime": two_days_ago.to_string()}});
+    api.patch_status("resumed", &PatchParams::default(), &Patch::Merge(&status)).await.expect("patch status");
+    let recorded = api.get("resumed").await.unwrap().status.and_then(|s| s.last_schedule_time).map(|t| t.0);
+    assert_eq!(recorded, Some(two_days_ago), "the status patch took");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let resumed_at = jiff::Timestamp::now();
+    let resume = json!({"spec": {"suspend": false}});
+    api.patch("resumed", &PatchParams::default(), &Patch::Merge(&resume)).await.expect("un-suspend");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let by_tick = ticks(&env).await;
+    let oldest = *by_tick.keys().next().expect("jobs after un-suspending");
+    let lag = resumed_at.as_second() - oldest;
+    eprintln!("resumed at {resumed_at}; ticks with jobs: {:?}", by_tick.keys().collect::<Vec<_>>());
+    assert!(lag <= 3, "the catch-up job is for the latest missed tick, not one {lag} s before the un-suspend");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
