@@ -180,6 +180,32 @@ impl Schedule {
         None
     }
 
+    /// The latest scheduled instant in `(after, until]`, if any, in O(log(until − after)) calls of
+    /// [`Schedule::next_after`] however many ticks the interval holds (a walk forward from `after` would take one
+    /// step per tick: 172,800 for two days of `* * * * * *`).
+    ///
+    /// Binary search on "a tick follows `x` within `until`", which holds for every `x` before the latest tick and for
+    /// none from it on. The result `t` satisfies `next_after(t) > until`: the forward walk finds nothing after it.
+    pub fn latest_between(&self, after: Timestamp, until: Timestamp, tz: &TimeZone) -> Option<Timestamp> {
+        let due = |x: Timestamp| self.next_after(x, tz).filter(|n| *n <= until);
+        // Invariants: `best` is a tick <= `until`; no tick follows `none_after` within `until`.
+        let mut best = due(after)?;
+        let mut none_after = until;
+        loop {
+            let gap = none_after.as_second() - best.as_second();
+            if gap <= 0 {
+                return Some(best);
+            }
+            // Ticks are whole seconds, so whole-second probes suffice; `mid` is `best` itself once the gap is 1 s.
+            let mid = Timestamp::from_second(best.as_second() + gap / 2).ok()?;
+            match due(mid) {
+                Some(later) => best = later,
+                None if mid == best => return Some(best),
+                None => none_after = mid,
+            }
+        }
+    }
+
     /// Every scheduled instant in `(after, until]`, at most `max` of them (the earliest first).
     pub fn between(&self, after: Timestamp, until: Timestamp, tz: &TimeZone, max: usize) -> Vec<Timestamp> {
         let mut out = Vec::new();
@@ -286,6 +312,63 @@ mod tests {
         assert!(err("*/0 * * * *").contains("step of 0"));
         assert!(err("@sometimes").contains("unknown macro"));
         assert!(time_zone(Some("Mars/Olympus")).unwrap_err().contains("unknown time zone"));
+    }
+
+    #[test]
+    fn the_latest_tick_of_two_days_of_seconds_is_found_directly() {
+        let s: Schedule = "* * * * * *".parse().unwrap();
+        let now = ts("2026-01-03T10:00:00.700Z");
+        let latest = s.latest_between(ts("2026-01-01T10:00:00Z"), now, &TimeZone::UTC);
+        assert_eq!(latest, Some(ts("2026-01-03T10:00:00Z")));
+    }
+
+    #[test]
+    fn the_latest_tick_agrees_with_walking_every_tick_forward() {
+        let cases = [
+            ("*/7 * * * * *", "2026-01-01T10:00:00Z", "2026-01-01T10:03:00Z", "UTC"),
+            ("0 9 * * MON-FRI", "2026-01-01T00:00:00Z", "2026-03-01T12:00:00Z", "UTC"),
+            ("30 2 * * *", "2026-03-20T00:00:00Z", "2026-03-29T02:00:00Z", "Europe/Berlin"),
+            ("30 2 * * *", "2026-10-20T00:00:00Z", "2026-10-25T01:45:00Z", "Europe/Berlin"),
+            ("* * * * * *", "2026-10-25T00:59:00Z", "2026-10-25T01:10:00Z", "Europe/Berlin"),
+            ("0 0 1 1 *", "2020-06-01T00:00:00Z", "2026-06-01T00:00:00Z", "UTC"),
+        ];
+        for (expr, after, until, tz) in cases {
+            let s: Schedule = expr.parse().unwrap();
+            let tz = time_zone(Some(tz)).unwrap();
+            let walked = s.between(ts(after), ts(until), &tz, 1_000_000).last().copied();
+            assert_eq!(s.latest_between(ts(after), ts(until), &tz), walked, "{expr} in ({after}, {until}]");
+        }
+    }
+
+    #[test]
+    fn the_latest_tick_agrees_with_walking_forward_over_many_windows_across_dst_changes() {
+        let tz = time_zone(Some("Europe/Berlin")).unwrap();
+        let starts = [ts("2026-03-28T22:00:00Z").as_second(), ts("2026-10-24T22:00:00Z").as_second()];
+        for (expr, start) in ["*/13 * * * * *", "0,30 * * * *", "15 2 * * *", "*/7 1-3 * * *"]
+            .into_iter()
+            .flat_map(|e| starts.map(|s| (e, s)))
+        {
+            let s: Schedule = expr.parse().unwrap();
+            // Windows of many lengths up to six hours, starting every 97 minutes across the change.
+            for i in 0..20 {
+                let after = Timestamp::from_second(start + i * 97 * 60).unwrap();
+                let until = Timestamp::from_second(after.as_second() + (i * 1103) % 21_600).unwrap();
+                let walked = s.between(after, until, &tz, 1_000_000).last().copied();
+                assert_eq!(s.latest_between(after, until, &tz), walked, "{expr} in ({after}, {until}]");
+            }
+        }
+    }
+
+    #[test]
+    fn no_latest_tick_when_none_is_due() {
+        let s: Schedule = "0 * * * *".parse().unwrap();
+        let from = ts("2026-01-01T10:00:00Z");
+        assert_eq!(s.latest_between(from, ts("2026-01-01T10:59:59Z"), &TimeZone::UTC), None);
+        assert_eq!(s.latest_between(from, from, &TimeZone::UTC), None);
+        assert_eq!(
+            s.latest_between(from, ts("2026-01-01T11:00:00Z"), &TimeZone::UTC),
+            Some(ts("2026-01-01T11:00:00Z"))
+        );
     }
 
     #[test]

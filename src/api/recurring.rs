@@ -1,7 +1,7 @@
 //! The `RecurringBackgroundJob` custom resource: a cron schedule that enqueues BackgroundJobs.
 //!
-//! Every tick creates exactly one BackgroundJob, named after the definition and the tick's Unix time, so a second
-//! replica's create for the same tick is answered AlreadyExists. The jobs are owned by the definition (deleting it
+//! Every tick creates exactly one BackgroundJob, named after the definition and the tick's Unix time. The tick is
+//! claimed in the status (`lastScheduleTime`, `pendingJob`) before its job is created, so it is never handled twice. The jobs are owned by the definition (deleting it
 //! deletes them) and labelled `bgjobs.dev/recurring=<name>`.
 
 use std::collections::BTreeMap;
@@ -114,15 +114,21 @@ pub enum RecurringConcurrencyPolicy {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecurringBackgroundJobStatus {
-    /// The latest tick handled (a job created, or the tick skipped by policy or deadline).
+    /// The latest tick claimed: recorded before its job is created (or the tick is skipped by policy or deadline),
+    /// so that no tick is ever handled twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Time>,
     /// The next tick.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<Time>,
-    /// Name of the job created by the latest tick.
+    /// Name of the job of the latest tick that was not skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_job: Option<String>,
+    /// The job of the latest tick while its creation is not confirmed: set with `lastScheduleTime` when the tick is
+    /// claimed, cleared once the job is known to exist. While it is set, the operator creates that job (AlreadyExists
+    /// if it was) and claims no further tick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_job: Option<String>,
     /// Unfinished jobs created by this definition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub active: Vec<String>,

@@ -59,6 +59,35 @@ pub fn unique() -> String {
     format!("{:x}{:x}{}", std::process::id() % 0xffff, nanos % 0xfffff, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A kubeconfig for the local control plane's apiserver (and CA) that authenticates with a one-hour token of the
+/// ServiceAccount `sa` in `namespace`, written to `dir`: a replica started with it has exactly the RBAC bound to `sa`.
+pub fn service_account_kubeconfig(sa: &str, namespace: &str, dir: &Path) -> PathBuf {
+    let admin = kubeconfig_path();
+    let out = Command::new("kubectl")
+        .args(["--kubeconfig", &admin.display().to_string(), "create", "token", sa, "-n", namespace])
+        .args(["--duration", "1h"])
+        .output()
+        .expect("run kubectl create token");
+    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let kc = Kubeconfig::read_from(&admin).unwrap();
+    let cluster = kc.clusters[0].cluster.clone().expect("a cluster in the admin kubeconfig");
+    let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+        (Some(data), _) => format!("certificate-authority-data: {data}"),
+        (None, Some(path)) => format!("certificate-authority: {path}"),
+        (None, None) => "insecure-skip-tls-verify: true".into(),
+    };
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    {ca}\n\
+         users:\n- name: {sa}\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: local, user: {sa}, \
+         namespace: {namespace}}}\ncurrent-context: sa\n",
+        cluster.server.expect("a server URL")
+    );
+    let path = dir.join(format!("{sa}.kubeconfig"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// What [`TestEnv::replica_with`] changes about a replica.
 #[derive(Clone, Debug, Default)]
 pub struct ReplicaOptions {
