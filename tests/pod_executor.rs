@@ -6,7 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
-use common::{NodeAgent, TestEnv, all_in};
+use common::proxy::Proxy;
+use common::{NodeAgent, ReplicaOptions, TestEnv, all_in};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -30,6 +31,25 @@ fn pod_job(agent: &NodeAgent, script: &str, extra: serde_json::Value) -> serde_j
 async fn pods_of(env: &TestEnv, job: &str) -> Vec<Pod> {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     pods.list(&ListParams::default().labels(&format!("bgjobs.dev/job={job}"))).await.unwrap().items
+}
+
+fn phase(pod: &Pod) -> &str {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending")
+}
+
+/// Pods of `job` that may still run a container: not yet Succeeded or Failed (Pending ones included: they are about
+/// to run).
+async fn live_pods(env: &TestEnv, job: &str) -> usize {
+    pods_of(env, job).await.iter().filter(|p| !matches!(phase(p), "Succeeded" | "Failed")).count()
+}
+
+/// Wait until a Pod of `job` is in `wanted` phase.
+async fn wait_pod_phase(env: &TestEnv, job: &str, wanted: &str) {
+    let deadline = Instant::now() + MINUTE;
+    while !pods_of(env, job).await.iter().any(|p| phase(p) == wanted) {
+        assert!(Instant::now() < deadline, "no pod of {job} became {wanted}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn wait_no_pods(env: &TestEnv, job: &str, what: &str) {
@@ -86,15 +106,7 @@ async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_
     agent.ready(&env.client).await;
     let mut a = env.replica("a", &[]);
     env.create("long", pod_job(&agent, "sleep 6", json!({}))).await;
-    let deadline = Instant::now() + MINUTE;
-    loop {
-        let pods = pods_of(&env, "long").await;
-        if pods.iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the pod never ran");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_pod_phase(&env, "long", "Running").await;
     let _b = env.replica("b", &[]);
     a.kill9();
     let job = env.wait_job("long", MINUTE, "final", |j| j.phase().is_final()).await;
@@ -175,4 +187,41 @@ async fn the_garbage_collector_removes_the_pods_of_a_deleted_job_without_any_ope
     assert!(r.terminate(Duration::from_secs(30)));
     env.jobs.delete("done", &Default::default()).await.unwrap();
     wait_no_pods(&env, "done", "garbage-collected").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_pod_watch_keeps_watching_the_same_pod_instead_of_starting_another() {
+    let env = TestEnv::new("pod-watch-reset").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    // Every connection of this replica goes through the proxy, so resetting them breaks its Pod watch (as an
+    // apiserver restart behind a load balancer would) while the Pod itself runs on.
+    let proxy = Proxy::to_apiserver().await;
+    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let _r = env.replica_with("r", &[], &options);
+    env.create("watched", pod_job(&agent, "sleep 20", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}))).await;
+    wait_pod_phase(&env, "watched", "Running").await;
+
+    let (mut peak, mut reset) = (0, 0);
+    let started = Instant::now();
+    let deadline = started + 2 * MINUTE;
+    let job = loop {
+        // Three rounds of resets, 2 s apart, while the Pod has well over 10 s left to run.
+        let round = started.elapsed().as_secs() / 2;
+        if round < 3 && reset <= round as usize {
+            assert!(proxy.reset_all() > 0 || reset > 0, "the replica had no connection to reset");
+            reset += 1;
+        }
+        peak = peak.max(live_pods(&env, "watched").await);
+        let job = env.jobs.get("watched").await.unwrap();
+        if job.phase().is_final() {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "not final: {:?}", job.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let names: Vec<String> = pods_of(&env, "watched").await.iter().map(|p| p.name_any()).collect();
+    assert_eq!(peak, 1, "at most one Pod of the job at a time; pods: {names:?}");
+    assert_eq!((job.phase(), job.attempts()), (Phase::Succeeded, 1), "{:?}", job.status);
+    assert_eq!(names, ["watched-1"]);
 }

@@ -7,15 +7,25 @@
 //! - deleting the job deletes its Pods (garbage collection);
 //! - Pods of finished attempts are kept for inspection (`kubectl logs`) until the job itself is deleted (TTL).
 //!
+//! An attempt ends on what is known about its Pod, never on a failed call: only the Pod's final phase
+//! (`Succeeded`/`Failed`), or its absence confirmed by a GET (a quorum read, not a possibly lagging watch cache),
+//! ends the wait. A broken watch (410 Gone, a reset connection, a failed re-list), a failed read and a create whose
+//! answer was lost are all tried again with backoff; the attempt runner bounds the whole attempt (attempt timeout,
+//! job deadline, Leases, stop requests). Ending the attempt on such an error would start the next attempt's Pod
+//! beside one that still runs.
+//!
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
 //! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON). The Pod's `restartPolicy` is forced to `Never`: retries are the
 //! job's, with its backoff, not the kubelet's.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
-use kube::runtime::wait::await_condition;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::watch_object;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::JobContext;
@@ -80,41 +90,153 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
 pub async fn run(client: &Client, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
-    let wanted = match pod_for(job, ctx) {
-        Ok(p) => p,
-        Err(reason) => return AttemptResult::Permanent(reason),
+    let started = start(&pods, job, ctx, &name).await;
+    let uid = match started {
+        Ok(uid) => uid,
+        Err(ended) => return ended,
     };
-    match pods.create(&PostParams::default(), &wanted).await {
-        Ok(_) => tracing::info!(pod = %name, "pod created"),
-        Err(e) if api_code(&e) == Some(409) => match pods.get_opt(&name).await {
-            Ok(Some(p)) if p.labels().get(JOB_UID_LABEL) == Some(&ctx.uid) => {
-                tracing::info!(pod = %name, "adopted the attempt's pod")
-            }
-            Ok(Some(_)) => {
-                return AttemptResult::Permanent(format!("a Pod named {name} exists and does not belong to this job"));
-            }
-            Ok(None) => return AttemptResult::Retryable(format!("pod {name} vanished while being adopted")),
-            Err(e) => return AttemptResult::Retryable(format!("cannot read pod {name}: {e}")),
-        },
-        Err(e) if matches!(api_code(&e), Some(400) | Some(422)) => {
-            return AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
-        }
-        Err(e) if api_code(&e) == Some(403) => {
-            return AttemptResult::Retryable(format!(
-                "not allowed to create pods (is the chart's podMode enabled?): {e}"
-            ));
-        }
-        Err(e) => return AttemptResult::Retryable(format!("cannot create pod {name}: {e}")),
+    match until_stopped(&pods, &name, &uid).await {
+        Some(pod) => outcome(&pod),
+        None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
-    let finished = |p: Option<&Pod>| {
-        p.is_none_or(|p| {
-            matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
-        })
-    };
-    match await_condition(pods, &name, finished).await {
-        Ok(Some(p)) => outcome(&p),
-        Ok(None) => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
-        Err(e) => AttemptResult::Retryable(format!("lost track of pod {name}: {e}")),
+}
+
+/// Create the attempt's Pod; its UID. A create whose answer is unknown (connection lost, 5xx, throttled) is sent
+/// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
+/// the attempt never ends while a Pod of it may have been created unseen.
+async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
+    let wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
+    let mut backoff = Backoff::new();
+    loop {
+        let e = match pods.create(&PostParams::default(), &wanted).await {
+            Ok(p) => {
+                tracing::info!(pod = %name, "pod created");
+                return Ok(p.uid().unwrap_or_default());
+            }
+            Err(e) => e,
+        };
+        match api_code(&e) {
+            Some(409) => match find(pods, &ctx.uid, name).await {
+                Found::Ours(uid) => {
+                    tracing::info!(pod = %name, "adopted the attempt's pod");
+                    return Ok(uid);
+                }
+                Found::Other(ended) => return Err(ended),
+                // It went away between the create and the read (an earlier namesake's Pod collected): create ours.
+                Found::Absent => {}
+            },
+            Some(400) | Some(422) => {
+                return Err(AttemptResult::Permanent(format!(
+                    "the apiserver rejected the Pod from spec.template: {e}"
+                )));
+            }
+            Some(403) => {
+                return Err(AttemptResult::Retryable(format!(
+                    "not allowed to create pods (is the chart's podMode enabled?): {e}"
+                )));
+            }
+            // Any other refusal is an answer: nothing was created.
+            Some(code) if (400..500).contains(&code) && !matches!(code, 408 | 429) => {
+                return Err(AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
+            }
+            _ => tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again"),
+        }
+        backoff.wait().await;
+    }
+}
+
+/// What holds the name of the attempt's Pod.
+enum Found {
+    /// This job's Pod, with its UID.
+    Ours(String),
+    /// Another Pod: how the attempt ends.
+    Other(AttemptResult),
+    Absent,
+}
+
+/// Read the Pod named `name` (a quorum read, retried with backoff until it answers).
+async fn find(pods: &Api<Pod>, job_uid: &str, name: &str) -> Found {
+    let mut backoff = Backoff::new();
+    loop {
+        match pods.get_opt(name).await {
+            Ok(Some(p)) if belongs(&p, job_uid) => return Found::Ours(p.uid().unwrap_or_default()),
+            Ok(Some(_)) => {
+                return Found::Other(AttemptResult::Permanent(format!(
+                    "a Pod named {name} exists and does not belong to this job"
+                )));
+            }
+            Ok(None) => return Found::Absent,
+            Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
+        }
+        backoff.wait().await;
+    }
+}
+
+fn belongs(pod: &Pod, job_uid: &str) -> bool {
+    pod.labels().get(JOB_UID_LABEL).map(String::as_str) == Some(job_uid)
+}
+
+/// Whether the Pod reached a final phase: none of its containers runs any more.
+fn finished(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+}
+
+/// Wait until the Pod `uid` named `name` can run nothing any more: `Some` with a final phase, `None` once a GET
+/// confirms it is gone (absent, or the name holds another Pod). Nothing else ends the wait: a broken watch (410
+/// Gone, a reset connection, a failed re-list) is watched again with backoff, and a watch that says "gone" (it may
+/// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced by
+/// the watcher's idle timeout (about 5 minutes). The attempt runner bounds the whole wait.
+async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
+    let mut watch = std::pin::pin!(watch_object(pods.clone(), name).default_backoff());
+    while let Some(event) = watch.next().await {
+        match event {
+            Ok(Some(pod)) if pod.uid().as_deref() == Some(uid) => {
+                if finished(&pod) {
+                    return Some(pod);
+                }
+            }
+            Ok(_) => match read(pods, name, uid).await {
+                Some(pod) if !finished(&pod) => {}
+                ended => return ended,
+            },
+            Err(e) => tracing::warn!(pod = %name, error = %e, "watching the attempt's pod failed; watching again"),
+        }
+    }
+    // The watcher never ends; should it ever, fall back to reading.
+    loop {
+        match read(pods, name, uid).await {
+            Some(pod) if !finished(&pod) => tokio::time::sleep(Backoff::MAX).await,
+            ended => return ended,
+        }
+    }
+}
+
+/// The Pod `uid` as a quorum read sees it (retried with backoff until it answers); `None` once it is gone.
+async fn read(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
+    let mut backoff = Backoff::new();
+    loop {
+        match pods.get_opt(name).await {
+            Ok(found) => return found.filter(|p| p.uid().as_deref() == Some(uid)),
+            Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Growing pauses between tries of a call whose failure says nothing about the Pod.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Backoff(Self::FIRST)
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
     }
 }
 
