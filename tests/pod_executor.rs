@@ -3,11 +3,13 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
+use bgjobs::nodeagent::container_pid;
 use common::proxy::Proxy;
-use common::{NodeAgent, ReplicaOptions, TestEnv, all_in};
+use common::{NodeAgent, ReplicaOptions, TestEnv, all_in, process_group_alive};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -224,4 +226,52 @@ async fn a_broken_pod_watch_keeps_watching_the_same_pod_instead_of_starting_anot
     assert_eq!(peak, 1, "at most one Pod of the job at a time; pods: {names:?}");
     assert_eq!((job.phase(), job.attempts()), (Phase::Succeeded, 1), "{:?}", job.status);
     assert_eq!(names, ["watched-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_starts() {
+    let env = TestEnv::new("pod-timeout-grace").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let _r = env.replica("r", &[]);
+    // `quick` stops within the claim's renew deadline (2 s in tests), `stubborn` outlives it.
+    let jobs = [("quick", 1), ("stubborn", 4)];
+    for (name, grace) in jobs {
+        let mut spec = pod_job(
+            &agent,
+            "trap '' TERM; sleep 60",
+            json!({"attemptTimeoutSeconds": 2, "retry": {"maxAttempts": 2, "backoffSeconds": 0}}),
+        );
+        spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(grace);
+        env.create(name, spec).await;
+    }
+
+    // Every process group any Pod of the job ever had, and the most of them alive at once.
+    let mut pids: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+    let mut peak: BTreeMap<&str, usize> = BTreeMap::new();
+    let deadline = Instant::now() + 2 * MINUTE;
+    loop {
+        for (name, _) in jobs {
+            let seen = pids.entry(name).or_default();
+            for pod in pods_of(&env, name).await {
+                let statuses = pod.status.and_then(|s| s.container_statuses).unwrap_or_default();
+                seen.extend(statuses.iter().filter_map(container_pid));
+            }
+            let alive = seen.iter().filter(|pid| process_group_alive(**pid)).count();
+            let p = peak.entry(name).or_default();
+            *p = (*p).max(alive);
+        }
+        let all = env.list().await;
+        if all.len() == jobs.len() && all.iter().all(|j| j.phase().is_final()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", common::summary(&all));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, _) in jobs {
+        let job = env.jobs.get(name).await.unwrap();
+        assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 2), "{name}: {:?}", job.status);
+        assert_eq!(pids[name].len(), 2, "{name}: one process per attempt");
+        assert_eq!(peak[name], 1, "{name}: the next attempt's process started while the last one still ran");
+    }
 }

@@ -14,6 +14,12 @@
 //! job deadline, Leases, stop requests). Ending the attempt on such an error would start the next attempt's Pod
 //! beside one that still runs.
 //!
+//! Edge cases, and why:
+//! - **Deleting waits for the containers to stop.** [`delete`] (cancellation, attempt timeout, deadline, job
+//!   deletion) returns true only once the Pod is gone or has reached a final phase, so a retry never starts beside a
+//!   container still in its termination grace period; when its time runs out first, the runner leaves the outcome to
+//!   the adopter, which waits the same way.
+//!
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
 //! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON). The Pod's `restartPolicy` is forced to `Never`: retries are the
 //! job's, with its backoff, not the kubelet's.
@@ -27,6 +33,7 @@ use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::watch_object;
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::time::Instant;
 
 use super::JobContext;
 use crate::api::BackgroundJob;
@@ -268,24 +275,57 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
     AttemptResult::Retryable(format!("pod {} failed: {detail}", pod.name_any()))
 }
 
-/// Delete the Pod of `attempt` (cancellation, attempt timeout, job deletion). Absent is fine.
-pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32) {
-    let ns = job.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+/// Delete the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion) and wait, for at most
+/// `within`, until none of its containers can still run: the Pod is gone or reached a final phase. True once that
+/// holds, or if the job has no Pod of that name. False if `within` ran out first: a container may still be in its
+/// termination grace period, so the caller must not let the next attempt start yet.
+pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32, within: Duration) -> bool {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
-    // Only our Pod: a UID precondition would need a read first; the label check below is the same guard.
-    if let Ok(Some(p)) = pods.get_opt(&name).await
-        && p.labels().get(JOB_UID_LABEL) == job.uid().as_ref()
-    {
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions { uid: p.uid(), resource_version: None }),
-            ..Default::default()
-        };
-        if let Err(e) = pods.delete(&name, &dp).await
-            && !matches!(api_code(&e), Some(404) | Some(409))
-        {
-            tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod");
+    let job_uid = job.uid().unwrap_or_default();
+    let until = Instant::now() + within;
+    let stopped = async {
+        if let Some(uid) = request_deletion(&pods, &name, &job_uid, until).await {
+            until_stopped(&pods, &name, &uid).await;
         }
+    };
+    let stopped = tokio::time::timeout_at(until, stopped).await.is_ok();
+    if !stopped {
+        tracing::warn!(pod = %name, ?within, "the attempt's pod was still stopping when the time ran out");
+    }
+    stopped
+}
+
+/// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition); the UID of the Pod
+/// being deleted, or `None` if no Pod of this job has that name any more. Failed calls are tried again. Never sends
+/// the delete after `until` (it waits for the caller's timeout instead): the caller's claim may have run out, and
+/// the Pod may be another holder's to watch by now.
+async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, until: Instant) -> Option<String> {
+    let mut backoff = Backoff::new();
+    loop {
+        match pods.get_opt(name).await {
+            Ok(Some(p)) if belongs(&p, job_uid) => {
+                let uid = p.uid()?;
+                if Instant::now() >= until {
+                    std::future::pending::<()>().await;
+                }
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
+                    ..Default::default()
+                };
+                match pods.delete(name, &dp).await {
+                    Ok(_) => return Some(uid),
+                    // Gone already, or the name now holds another Pod (the UID precondition failed).
+                    Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
+                    Err(e) => {
+                        tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod; trying again")
+                    }
+                }
+            }
+            Ok(_) => return None,
+            Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
+        }
+        backoff.wait().await;
     }
 }
 
