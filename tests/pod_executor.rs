@@ -11,7 +11,7 @@ use bgjobs::nodeagent::container_pid;
 use common::proxy::Proxy;
 use common::{NodeAgent, ReplicaOptions, TestEnv, all_in, process_group_alive};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -274,4 +274,30 @@ async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_st
         assert_eq!(pids[name].len(), 2, "{name}: one process per attempt");
         assert_eq!(peak[name], 1, "{name}: the next attempt's process started while the last one still ran");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() {
+    let env = TestEnv::new("pod-vanished").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let runs = env.dir.join("runs");
+    let mut a = env.replica("a", &[]);
+    let script = format!("echo \"$BGJOBS_ATTEMPT\" >> {}; sleep 3", runs.display());
+    env.create("once", pod_job(&agent, &script, json!({"retry": {"maxAttempts": 1}}))).await;
+    wait_pod_phase(&env, "once", "Running").await;
+    // The replica dies while the Pod runs; the Pod finishes, then is removed (by hand, or by the terminated-pod
+    // garbage collector) before anybody recorded its outcome.
+    a.kill9();
+    wait_pod_phase(&env, "once", "Succeeded").await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete("once-1", &DeleteParams::default()).await.unwrap();
+    wait_no_pods(&env, "once", "deleted by hand").await;
+    let _b = env.replica("b", &[]);
+    let job = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
+    let ran = std::fs::read_to_string(&runs).unwrap();
+    assert_eq!(ran.lines().collect::<Vec<_>>(), ["1"], "attempt 1 ran once, and was not re-run under its number");
+    let s = job.status.unwrap();
+    assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 1), "{:?}", s.last_error);
+    assert!(s.last_error.unwrap_or_default().contains("vanished"));
 }

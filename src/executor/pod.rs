@@ -15,6 +15,13 @@
 //! beside one that still runs.
 //!
 //! Edge cases, and why:
+//! - **Adoption never creates the Pod.** A holder that adopted the attempt (its claim was a takeover of a running Pod
+//!   job: the claim's `lastError` says `… adopted attempt <n>'s pod`) only looks the Pod up. If it is gone (removed by
+//!   hand, or by the terminated-pod garbage collector, before anyone recorded its outcome), creating `<job>-<n>` again
+//!   would silently redo work that may have finished, under the same attempt number. The attempt ends `Retryable`
+//!   ("vanished before its outcome was recorded") instead, and the retry policy decides whether a new attempt, with
+//!   a Pod of its own, runs. The price: if the previous holder died between its claim and its create, the Pod never
+//!   existed and that attempt is counted as failed without having run.
 //! - **Deleting waits for the containers to stop.** [`delete`] (cancellation, attempt timeout, deadline, job
 //!   deletion) returns true only once the Pod is gone or has reached a final phase, so a retry never starts beside a
 //!   container still in its termination grace period; when its time runs out first, the runner leaves the outcome to
@@ -97,7 +104,8 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
 pub async fn run(client: &Client, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
-    let started = start(&pods, job, ctx, &name).await;
+    let started =
+        if adopted(job, ctx.attempt) { adopt(&pods, ctx, &name).await } else { start(&pods, job, ctx, &name).await };
     let uid = match started {
         Ok(uid) => uid,
         Err(ended) => return ended,
@@ -106,6 +114,13 @@ pub async fn run(client: &Client, job: &BackgroundJob, ctx: &JobContext) -> Atte
         Some(pod) => outcome(&pod),
         None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
+}
+
+/// Whether this claim adopted the attempt from a replica that stopped renewing, rather than starting it: the claim
+/// then says so in `lastError` (`… adopted attempt <n>'s pod`, see `claim::claim_job`).
+fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
+    let note = format!(" adopted attempt {attempt}'s pod");
+    job.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with(&note))
 }
 
 /// Create the attempt's Pod; its UID. A create whose answer is unknown (connection lost, 5xx, throttled) is sent
@@ -149,6 +164,25 @@ async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &st
             _ => tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again"),
         }
         backoff.wait().await;
+    }
+}
+
+/// Take over the Pod an earlier holder of this attempt created; its UID. It is never created here: if it is gone
+/// (removed by hand or by the terminated-pod garbage collector before its outcome was recorded), running it again
+/// would redo work that may have finished, under the same attempt number. The attempt ends instead, and the retry
+/// policy decides (a new attempt, with its own Pod).
+async fn adopt(pods: &Api<Pod>, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
+    match find(pods, &ctx.uid, name).await {
+        Found::Ours(uid) => {
+            tracing::info!(pod = %name, "adopted the attempt's pod");
+            Ok(uid)
+        }
+        Found::Other(ended) => Err(ended),
+        Found::Absent => Err(AttemptResult::Retryable(format!(
+            "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work \
+             may have run), the attempt counts as failed",
+            ctx.attempt
+        ))),
     }
 }
 
@@ -392,6 +426,19 @@ mod tests {
         let mut j = job();
         j.spec.template.as_mut().unwrap().spec.as_mut().unwrap().containers.clear();
         assert!(pod_for(&j, &ctx(1)).unwrap_err().contains("at least one container"));
+    }
+
+    #[test]
+    fn only_a_claim_that_adopted_this_very_attempt_counts_as_an_adoption() {
+        let mut j = job();
+        let note = |e: &str| Some(crate::api::BackgroundJobStatus { last_error: Some(e.into()), ..Default::default() });
+        j.status = note("worker a stopped renewing its lease; b adopted attempt 2's pod");
+        assert!(adopted(&j, 2));
+        assert!(!adopted(&j, 3), "a later attempt is started, not adopted");
+        j.status = note("pod render-7-2 failed: container main exited with code 3");
+        assert!(!adopted(&j, 3));
+        j.status = None;
+        assert!(!adopted(&j, 1));
     }
 
     #[test]
