@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
 use bgjobs::nodeagent::container_pid;
+use common::control_plane::ControllerManagerPaused;
 use common::proxy::Proxy;
 use common::{NodeAgent, ReplicaOptions, TestEnv, all_in, process_group_alive};
 use k8s_openapi::api::core::v1::Pod;
@@ -274,6 +275,35 @@ async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_st
         assert_eq!(pids[name].len(), 2, "{name}: one process per attempt");
         assert_eq!(peak[name], 1, "{name}: the next attempt's process started while the last one still ran");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_behind() {
+    let env = TestEnv::new("pod-namesake").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let mut a = env.replica("a", &[]);
+    env.create("again", pod_job(&agent, "sleep 60", json!({}))).await;
+    wait_pod_phase(&env, "again", "Running").await;
+    // Nobody may remove the old job's Pod: not its replica (which would on seeing the job deleted), not the garbage
+    // collector. It stays behind, owned by a deleted job, as it does while the GC lags.
+    a.kill9();
+    let _gc = ControllerManagerPaused::new(2 * MINUTE);
+    env.jobs.delete("again", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + MINUTE;
+    while env.jobs.get_opt("again").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the old job was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.create("again", pod_job(&agent, "exit 0", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 1}}))).await;
+    let _b = env.replica("b", &[]);
+    let job = env.wait_job("again", MINUTE, "final", |j| j.phase().is_final()).await;
+    assert!(pods_of(&env, "again").await.iter().any(|p| p.name_any() == "again-1"), "the old pod was still there");
+    let s = job.status.unwrap();
+    let last_error = s.last_error.unwrap_or_default();
+    assert!(!last_error.contains("does not belong"), "{last_error}");
+    assert_eq!((s.phase, s.attempts), (Some(Phase::Succeeded), 2), "{last_error}");
+    assert!(last_error.contains("again-1") && last_error.contains("earlier job"), "{last_error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,9 @@
 //!   ("vanished before its outcome was recorded") instead, and the retry policy decides whether a new attempt, with
 //!   a Pod of its own, runs. The price: if the previous holder died between its claim and its create, the Pod never
 //!   existed and that attempt is counted as failed without having run.
+//! - **A Pod left by a deleted namesake.** A job re-created under the same name meets `<job>-<n>` of the old job
+//!   until the garbage collector removes it. That attempt ends `Retryable`; the next attempt's Pod has another name.
+//!   A Pod of that name that belongs to no such job is not going away, and fails the job.
 //! - **Deleting waits for the containers to stop.** [`delete`] (cancellation, attempt timeout, deadline, job
 //!   deletion) returns true only once the Pod is gone or has reached a final phase, so a retry never starts beside a
 //!   container still in its termination grace period; when its time runs out first, the runner leaves the outcome to
@@ -104,8 +107,11 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
 pub async fn run(client: &Client, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
-    let started =
-        if adopted(job, ctx.attempt) { adopt(&pods, ctx, &name).await } else { start(&pods, job, ctx, &name).await };
+    let started = if adopted(job, ctx.attempt) {
+        adopt(&pods, job, ctx, &name).await
+    } else {
+        start(&pods, job, ctx, &name).await
+    };
     let uid = match started {
         Ok(uid) => uid,
         Err(ended) => return ended,
@@ -138,7 +144,7 @@ async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &st
             Err(e) => e,
         };
         match api_code(&e) {
-            Some(409) => match find(pods, &ctx.uid, name).await {
+            Some(409) => match find(pods, job, &ctx.uid, name).await {
                 Found::Ours(uid) => {
                     tracing::info!(pod = %name, "adopted the attempt's pod");
                     return Ok(uid);
@@ -171,8 +177,8 @@ async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &st
 /// (removed by hand or by the terminated-pod garbage collector before its outcome was recorded), running it again
 /// would redo work that may have finished, under the same attempt number. The attempt ends instead, and the retry
 /// policy decides (a new attempt, with its own Pod).
-async fn adopt(pods: &Api<Pod>, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
-    match find(pods, &ctx.uid, name).await {
+async fn adopt(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
+    match find(pods, job, &ctx.uid, name).await {
         Found::Ours(uid) => {
             tracing::info!(pod = %name, "adopted the attempt's pod");
             Ok(uid)
@@ -196,16 +202,12 @@ enum Found {
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers).
-async fn find(pods: &Api<Pod>, job_uid: &str, name: &str) -> Found {
+async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -> Found {
     let mut backoff = Backoff::new();
     loop {
         match pods.get_opt(name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => return Found::Ours(p.uid().unwrap_or_default()),
-            Ok(Some(_)) => {
-                return Found::Other(AttemptResult::Permanent(format!(
-                    "a Pod named {name} exists and does not belong to this job"
-                )));
-            }
+            Ok(Some(p)) => return Found::Other(not_ours(&p, job)),
             Ok(None) => return Found::Absent,
             Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
         }
@@ -215,6 +217,25 @@ async fn find(pods: &Api<Pod>, job_uid: &str, name: &str) -> Found {
 
 fn belongs(pod: &Pod, job_uid: &str) -> bool {
     pod.labels().get(JOB_UID_LABEL).map(String::as_str) == Some(job_uid)
+}
+
+/// How an attempt ends when its Pod's name is taken by a Pod that is not this job's. A Pod left by an earlier job of
+/// the same name, deleted but not yet garbage-collected, goes away by itself (and the next attempt's Pod has another
+/// name): retry. Anything else stays until someone removes it.
+fn not_ours(pod: &Pod, job: &BackgroundJob) -> AttemptResult {
+    let name = pod.name_any();
+    let namesake = pod
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == BackgroundJob::kind(&()) && o.name == job.name_any() && job.uid().as_ref() != Some(&o.uid));
+    if namesake {
+        AttemptResult::Retryable(format!(
+            "pod {name} belongs to an earlier job of the same name that was deleted; the garbage collector removes \
+             it, and the next attempt uses another name"
+        ))
+    } else {
+        AttemptResult::Permanent(format!("a Pod named {name} exists and does not belong to this job"))
+    }
 }
 
 /// Whether the Pod reached a final phase: none of its containers runs any more.
@@ -439,6 +460,17 @@ mod tests {
         assert!(!adopted(&j, 3));
         j.status = None;
         assert!(!adopted(&j, 1));
+    }
+
+    #[test]
+    fn a_pod_left_by_a_deleted_namesake_is_retried_and_any_other_foreign_pod_fails_the_job() {
+        let mut old = job();
+        old.metadata.uid = Some("uid-old".into());
+        let left_behind = pod_for(&old, &JobContext { uid: "uid-old".into(), ..ctx(1) }).unwrap();
+        assert!(matches!(not_ours(&left_behind, &job()), AttemptResult::Retryable(m) if m.contains("earlier job")));
+        let mut foreign = left_behind;
+        foreign.metadata.owner_references = None;
+        assert!(matches!(not_ours(&foreign, &job()), AttemptResult::Permanent(m) if m.contains("does not belong")));
     }
 
     #[test]
