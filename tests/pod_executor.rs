@@ -139,6 +139,8 @@ async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
     .await;
     env.wait_until(MINUTE, "all Running", |jobs| jobs.len() == 3 && all_in(jobs, Phase::Running)).await;
     for name in ["to-cancel", "to-delete"] {
+        // A job is Running from its claim on; its Pod is created just after.
+        wait_pod_phase(&env, name, "Running").await;
         assert_eq!(pods_of(&env, name).await.len(), 1, "{name} has its pod");
     }
     env.jobs
