@@ -129,12 +129,18 @@ fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
     job.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with(&note))
 }
 
-/// Create the attempt's Pod; its UID. A create whose answer is unknown (connection lost, 5xx, throttled) is sent
+/// How long a create that keeps failing with an error answer (5xx, 429, 408) is sent again before a read decides.
+/// Longer than the apiserver's default request timeout (60 s), so no earlier create is still being handled by then.
+const CREATE_PATIENCE: Duration = Duration::from_secs(90);
+
+/// Create the attempt's Pod; its UID. A create whose outcome is unknown (connection lost, 5xx, throttled) is sent
 /// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
-/// the attempt never ends while a Pod of it may have been created unseen.
+/// the attempt does not end while a Pod of it may have been created unseen. Only after [`CREATE_PATIENCE`] of
+/// answered failures (a broken admission webhook) does a read decide, so the error reaches the job's `lastError`.
 async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
     let wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
     let mut backoff = Backoff::new();
+    let patience = Instant::now() + CREATE_PATIENCE;
     loop {
         let e = match pods.create(&PostParams::default(), &wanted).await {
             Ok(p) => {
@@ -144,15 +150,13 @@ async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &st
             Err(e) => e,
         };
         match api_code(&e) {
-            Some(409) => match find(pods, job, &ctx.uid, name).await {
-                Found::Ours(uid) => {
-                    tracing::info!(pod = %name, "adopted the attempt's pod");
+            // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
+            // namesake's Pod collected), create ours.
+            Some(409) => {
+                if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
                     return Ok(uid);
                 }
-                Found::Other(ended) => return Err(ended),
-                // It went away between the create and the read (an earlier namesake's Pod collected): create ours.
-                Found::Absent => {}
-            },
+            }
             Some(400) | Some(422) => {
                 return Err(AttemptResult::Permanent(format!(
                     "the apiserver rejected the Pod from spec.template: {e}"
@@ -167,6 +171,10 @@ async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &st
             Some(code) if (400..500).contains(&code) && !matches!(code, 408 | 429) => {
                 return Err(AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
             }
+            Some(_) if Instant::now() >= patience => {
+                let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
+                return existing.ok_or_else(|| AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
+            }
             _ => tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again"),
         }
         backoff.wait().await;
@@ -178,17 +186,26 @@ async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &st
 /// would redo work that may have finished, under the same attempt number. The attempt ends instead, and the retry
 /// policy decides (a new attempt, with its own Pod).
 async fn adopt(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
-    match find(pods, job, &ctx.uid, name).await {
-        Found::Ours(uid) => {
-            tracing::info!(pod = %name, "adopted the attempt's pod");
-            Ok(uid)
-        }
-        Found::Other(ended) => Err(ended),
-        Found::Absent => Err(AttemptResult::Retryable(format!(
+    let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
+    existing.ok_or_else(|| {
+        AttemptResult::Retryable(format!(
             "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work \
              may have run), the attempt counts as failed",
             ctx.attempt
-        ))),
+        ))
+    })
+}
+
+/// What an existing Pod of the attempt's name means for the attempt: this job's is adopted (its UID), another ends
+/// the attempt; `None` if there is none.
+fn existing(found: Found, name: &str) -> Result<Option<String>, AttemptResult> {
+    match found {
+        Found::Ours(uid) => {
+            tracing::info!(pod = %name, "adopted the attempt's pod");
+            Ok(Some(uid))
+        }
+        Found::Other(ended) => Err(ended),
+        Found::Absent => Ok(None),
     }
 }
 
