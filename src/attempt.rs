@@ -289,12 +289,13 @@ async fn run_claimed(
             | Ending::Stopped(StopReason::Cancelled)
             | Ending::Stopped(StopReason::Deleted)
     );
-    if is_pod && pod_must_go {
-        let left = keeper.time_left();
-        if tokio::time::timeout(left, executor::pod::delete(&worker.client, &job, fence.attempt)).await.is_err() {
-            warn!("deleting the attempt's pod timed out; the lease expires and the adopter finishes the job");
-            return Handover::PodRunsOn;
-        }
+    // Bounded by the claim's time left; the outcome is recorded only once the Pod's containers have stopped, so a
+    // retry never starts beside a container still in its termination grace period.
+    if is_pod && pod_must_go && !executor::pod::delete(&worker.client, &job, fence.attempt, keeper.time_left()).await {
+        warn!(
+            "the attempt's pod was still stopping when the claim ran out; the lease expires and the adopter finishes"
+        );
+        return Handover::PodRunsOn;
     }
     let handed_over = is_pod && matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
     let record = record(worker, jobs, &job, &fence, ending);

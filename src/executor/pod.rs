@@ -7,16 +7,43 @@
 //! - deleting the job deletes its Pods (garbage collection);
 //! - Pods of finished attempts are kept for inspection (`kubectl logs`) until the job itself is deleted (TTL).
 //!
+//! An attempt ends on what is known about its Pod, never on a failed call: only the Pod's final phase
+//! (`Succeeded`/`Failed`), or its absence confirmed by a GET (a quorum read, not a possibly lagging watch cache),
+//! ends the wait. A broken watch (410 Gone, a reset connection, a failed re-list), a failed read and a create whose
+//! answer was lost are all tried again with backoff; the attempt runner bounds the whole attempt (attempt timeout,
+//! job deadline, Leases, stop requests). Ending the attempt on such an error would start the next attempt's Pod
+//! beside one that still runs.
+//!
+//! Edge cases, and why:
+//! - **Adoption never creates the Pod.** A holder that adopted the attempt (its claim was a takeover of a running Pod
+//!   job: the claim's `lastError` says `… adopted attempt <n>'s pod`) only looks the Pod up. If it is gone (removed by
+//!   hand, or by the terminated-pod garbage collector, before anyone recorded its outcome), creating `<job>-<n>` again
+//!   would silently redo work that may have finished, under the same attempt number. The attempt ends `Retryable`
+//!   ("vanished before its outcome was recorded") instead, and the retry policy decides whether a new attempt, with
+//!   a Pod of its own, runs. The price: if the previous holder died between its claim and its create, the Pod never
+//!   existed and that attempt is counted as failed without having run.
+//! - **A Pod left by a deleted namesake.** A job re-created under the same name meets `<job>-<n>` of the old job
+//!   until the garbage collector removes it. That attempt ends `Retryable`; the next attempt's Pod has another name.
+//!   A Pod of that name that belongs to no such job is not going away, and fails the job.
+//! - **Deleting waits for the containers to stop.** [`delete`] (cancellation, attempt timeout, deadline, job
+//!   deletion) returns true only once the Pod is gone or has reached a final phase, so a retry never starts beside a
+//!   container still in its termination grace period; when its time runs out first, the runner leaves the outcome to
+//!   the adopter, which waits the same way.
+//!
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
 //! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON). The Pod's `restartPolicy` is forced to `Never`: retries are the
 //! job's, with its backoff, not the kubelet's.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
-use kube::runtime::wait::await_condition;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::watch_object;
 use kube::{Api, Client, Resource, ResourceExt};
+use tokio::time::Instant;
 
 use super::JobContext;
 use crate::api::BackgroundJob;
@@ -80,41 +107,215 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
 pub async fn run(client: &Client, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
-    let wanted = match pod_for(job, ctx) {
-        Ok(p) => p,
-        Err(reason) => return AttemptResult::Permanent(reason),
+    let started = if adopted(job, ctx.attempt) {
+        adopt(&pods, job, ctx, &name).await
+    } else {
+        start(&pods, job, ctx, &name).await
     };
-    match pods.create(&PostParams::default(), &wanted).await {
-        Ok(_) => tracing::info!(pod = %name, "pod created"),
-        Err(e) if api_code(&e) == Some(409) => match pods.get_opt(&name).await {
-            Ok(Some(p)) if p.labels().get(JOB_UID_LABEL) == Some(&ctx.uid) => {
-                tracing::info!(pod = %name, "adopted the attempt's pod")
-            }
-            Ok(Some(_)) => {
-                return AttemptResult::Permanent(format!("a Pod named {name} exists and does not belong to this job"));
-            }
-            Ok(None) => return AttemptResult::Retryable(format!("pod {name} vanished while being adopted")),
-            Err(e) => return AttemptResult::Retryable(format!("cannot read pod {name}: {e}")),
-        },
-        Err(e) if matches!(api_code(&e), Some(400) | Some(422)) => {
-            return AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
-        }
-        Err(e) if api_code(&e) == Some(403) => {
-            return AttemptResult::Retryable(format!(
-                "not allowed to create pods (is the chart's podMode enabled?): {e}"
-            ));
-        }
-        Err(e) => return AttemptResult::Retryable(format!("cannot create pod {name}: {e}")),
+    let uid = match started {
+        Ok(uid) => uid,
+        Err(ended) => return ended,
+    };
+    match until_stopped(&pods, &name, &uid).await {
+        Some(pod) => outcome(&pod),
+        None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
-    let finished = |p: Option<&Pod>| {
-        p.is_none_or(|p| {
-            matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
-        })
-    };
-    match await_condition(pods, &name, finished).await {
-        Ok(Some(p)) => outcome(&p),
-        Ok(None) => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
-        Err(e) => AttemptResult::Retryable(format!("lost track of pod {name}: {e}")),
+}
+
+/// Whether this claim adopted the attempt from a replica that stopped renewing, rather than starting it: the claim
+/// then says so in `lastError` (`… adopted attempt <n>'s pod`, see `claim::claim_job`).
+fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
+    let note = format!(" adopted attempt {attempt}'s pod");
+    job.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with(&note))
+}
+
+/// How long a create that keeps failing with an error answer (5xx, 429, 408) is sent again before a read decides.
+/// Longer than the apiserver's default request timeout (60 s), so no earlier create is still being handled by then.
+const CREATE_PATIENCE: Duration = Duration::from_secs(90);
+
+/// Create the attempt's Pod; its UID. A create whose outcome is unknown (connection lost, 5xx, throttled) is sent
+/// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
+/// the attempt does not end while a Pod of it may have been created unseen. Only after [`CREATE_PATIENCE`] of
+/// answered failures (a broken admission webhook) does a read decide, so the error reaches the job's `lastError`.
+async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
+    let wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
+    let mut backoff = Backoff::new();
+    let patience = Instant::now() + CREATE_PATIENCE;
+    loop {
+        let e = match pods.create(&PostParams::default(), &wanted).await {
+            Ok(p) => {
+                tracing::info!(pod = %name, "pod created");
+                return Ok(p.uid().unwrap_or_default());
+            }
+            Err(e) => e,
+        };
+        match api_code(&e) {
+            // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
+            // namesake's Pod collected), create ours.
+            Some(409) => {
+                if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
+                    return Ok(uid);
+                }
+            }
+            Some(400) | Some(422) => {
+                return Err(AttemptResult::Permanent(format!(
+                    "the apiserver rejected the Pod from spec.template: {e}"
+                )));
+            }
+            Some(403) => {
+                return Err(AttemptResult::Retryable(format!(
+                    "not allowed to create pods (is the chart's podMode enabled?): {e}"
+                )));
+            }
+            // Any other refusal is an answer: nothing was created.
+            Some(code) if (400..500).contains(&code) && !matches!(code, 408 | 429) => {
+                return Err(AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
+            }
+            Some(_) if Instant::now() >= patience => {
+                let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
+                return existing.ok_or_else(|| AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
+            }
+            _ => tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again"),
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Take over the Pod an earlier holder of this attempt created; its UID. It is never created here: if it is gone
+/// (removed by hand or by the terminated-pod garbage collector before its outcome was recorded), running it again
+/// would redo work that may have finished, under the same attempt number. The attempt ends instead, and the retry
+/// policy decides (a new attempt, with its own Pod).
+async fn adopt(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
+    let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
+    existing.ok_or_else(|| {
+        AttemptResult::Retryable(format!(
+            "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work \
+             may have run), the attempt counts as failed",
+            ctx.attempt
+        ))
+    })
+}
+
+/// What an existing Pod of the attempt's name means for the attempt: this job's is adopted (its UID), another ends
+/// the attempt; `None` if there is none.
+fn existing(found: Found, name: &str) -> Result<Option<String>, AttemptResult> {
+    match found {
+        Found::Ours(uid) => {
+            tracing::info!(pod = %name, "adopted the attempt's pod");
+            Ok(Some(uid))
+        }
+        Found::Other(ended) => Err(ended),
+        Found::Absent => Ok(None),
+    }
+}
+
+/// What holds the name of the attempt's Pod.
+enum Found {
+    /// This job's Pod, with its UID.
+    Ours(String),
+    /// Another Pod: how the attempt ends.
+    Other(AttemptResult),
+    Absent,
+}
+
+/// Read the Pod named `name` (a quorum read, retried with backoff until it answers).
+async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -> Found {
+    let mut backoff = Backoff::new();
+    loop {
+        match pods.get_opt(name).await {
+            Ok(Some(p)) if belongs(&p, job_uid) => return Found::Ours(p.uid().unwrap_or_default()),
+            Ok(Some(p)) => return Found::Other(not_ours(&p, job)),
+            Ok(None) => return Found::Absent,
+            Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
+        }
+        backoff.wait().await;
+    }
+}
+
+fn belongs(pod: &Pod, job_uid: &str) -> bool {
+    pod.labels().get(JOB_UID_LABEL).map(String::as_str) == Some(job_uid)
+}
+
+/// How an attempt ends when its Pod's name is taken by a Pod that is not this job's. A Pod left by an earlier job of
+/// the same name, deleted but not yet garbage-collected, goes away by itself (and the next attempt's Pod has another
+/// name): retry. Anything else stays until someone removes it.
+fn not_ours(pod: &Pod, job: &BackgroundJob) -> AttemptResult {
+    let name = pod.name_any();
+    let namesake = pod
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == BackgroundJob::kind(&()) && o.name == job.name_any() && job.uid().as_ref() != Some(&o.uid));
+    if namesake {
+        AttemptResult::Retryable(format!(
+            "pod {name} belongs to an earlier job of the same name that was deleted; the garbage collector removes \
+             it, and the next attempt uses another name"
+        ))
+    } else {
+        AttemptResult::Permanent(format!("a Pod named {name} exists and does not belong to this job"))
+    }
+}
+
+/// Whether the Pod reached a final phase: none of its containers runs any more.
+fn finished(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+}
+
+/// Wait until the Pod `uid` named `name` can run nothing any more: `Some` with a final phase, `None` once a GET
+/// confirms it is gone (absent, or the name holds another Pod). Nothing else ends the wait: a broken watch (410
+/// Gone, a reset connection, a failed re-list) is watched again with backoff, and a watch that says "gone" (it may
+/// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced by
+/// the watcher's idle timeout (about 5 minutes). The attempt runner bounds the whole wait.
+async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
+    let mut watch = std::pin::pin!(watch_object(pods.clone(), name).default_backoff());
+    while let Some(event) = watch.next().await {
+        match event {
+            Ok(Some(pod)) if pod.uid().as_deref() == Some(uid) => {
+                if finished(&pod) {
+                    return Some(pod);
+                }
+            }
+            Ok(_) => match read(pods, name, uid).await {
+                Some(pod) if !finished(&pod) => {}
+                ended => return ended,
+            },
+            Err(e) => tracing::warn!(pod = %name, error = %e, "watching the attempt's pod failed; watching again"),
+        }
+    }
+    // The watcher never ends; should it ever, fall back to reading.
+    loop {
+        match read(pods, name, uid).await {
+            Some(pod) if !finished(&pod) => tokio::time::sleep(Backoff::MAX).await,
+            ended => return ended,
+        }
+    }
+}
+
+/// The Pod `uid` as a quorum read sees it (retried with backoff until it answers); `None` once it is gone.
+async fn read(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
+    let mut backoff = Backoff::new();
+    loop {
+        match pods.get_opt(name).await {
+            Ok(found) => return found.filter(|p| p.uid().as_deref() == Some(uid)),
+            Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Growing pauses between tries of a call whose failure says nothing about the Pod.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Backoff(Self::FIRST)
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
     }
 }
 
@@ -146,24 +347,57 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
     AttemptResult::Retryable(format!("pod {} failed: {detail}", pod.name_any()))
 }
 
-/// Delete the Pod of `attempt` (cancellation, attempt timeout, job deletion). Absent is fine.
-pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32) {
-    let ns = job.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+/// Delete the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion) and wait, for at most
+/// `within`, until none of its containers can still run: the Pod is gone or reached a final phase. True once that
+/// holds, or if the job has no Pod of that name. False if `within` ran out first: a container may still be in its
+/// termination grace period, so the caller must not let the next attempt start yet.
+pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32, within: Duration) -> bool {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
-    // Only our Pod: a UID precondition would need a read first; the label check below is the same guard.
-    if let Ok(Some(p)) = pods.get_opt(&name).await
-        && p.labels().get(JOB_UID_LABEL) == job.uid().as_ref()
-    {
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions { uid: p.uid(), resource_version: None }),
-            ..Default::default()
-        };
-        if let Err(e) = pods.delete(&name, &dp).await
-            && !matches!(api_code(&e), Some(404) | Some(409))
-        {
-            tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod");
+    let job_uid = job.uid().unwrap_or_default();
+    let until = Instant::now() + within;
+    let stopped = async {
+        if let Some(uid) = request_deletion(&pods, &name, &job_uid, until).await {
+            until_stopped(&pods, &name, &uid).await;
         }
+    };
+    let stopped = tokio::time::timeout_at(until, stopped).await.is_ok();
+    if !stopped {
+        tracing::warn!(pod = %name, ?within, "the attempt's pod was still stopping when the time ran out");
+    }
+    stopped
+}
+
+/// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition); the UID of the Pod
+/// being deleted, or `None` if no Pod of this job has that name any more. Failed calls are tried again. Never sends
+/// the delete after `until` (it waits for the caller's timeout instead): the caller's claim may have run out, and
+/// the Pod may be another holder's to watch by now.
+async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, until: Instant) -> Option<String> {
+    let mut backoff = Backoff::new();
+    loop {
+        match pods.get_opt(name).await {
+            Ok(Some(p)) if belongs(&p, job_uid) => {
+                let uid = p.uid()?;
+                if Instant::now() >= until {
+                    std::future::pending::<()>().await;
+                }
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
+                    ..Default::default()
+                };
+                match pods.delete(name, &dp).await {
+                    Ok(_) => return Some(uid),
+                    // Gone already, or the name now holds another Pod (the UID precondition failed).
+                    Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
+                    Err(e) => {
+                        tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod; trying again")
+                    }
+                }
+            }
+            Ok(_) => return None,
+            Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
+        }
+        backoff.wait().await;
     }
 }
 
@@ -231,6 +465,30 @@ mod tests {
         let mut j = job();
         j.spec.template.as_mut().unwrap().spec.as_mut().unwrap().containers.clear();
         assert!(pod_for(&j, &ctx(1)).unwrap_err().contains("at least one container"));
+    }
+
+    #[test]
+    fn only_a_claim_that_adopted_this_very_attempt_counts_as_an_adoption() {
+        let mut j = job();
+        let note = |e: &str| Some(crate::api::BackgroundJobStatus { last_error: Some(e.into()), ..Default::default() });
+        j.status = note("worker a stopped renewing its lease; b adopted attempt 2's pod");
+        assert!(adopted(&j, 2));
+        assert!(!adopted(&j, 3), "a later attempt is started, not adopted");
+        j.status = note("pod render-7-2 failed: container main exited with code 3");
+        assert!(!adopted(&j, 3));
+        j.status = None;
+        assert!(!adopted(&j, 1));
+    }
+
+    #[test]
+    fn a_pod_left_by_a_deleted_namesake_is_retried_and_any_other_foreign_pod_fails_the_job() {
+        let mut old = job();
+        old.metadata.uid = Some("uid-old".into());
+        let left_behind = pod_for(&old, &JobContext { uid: "uid-old".into(), ..ctx(1) }).unwrap();
+        assert!(matches!(not_ours(&left_behind, &job()), AttemptResult::Retryable(m) if m.contains("earlier job")));
+        let mut foreign = left_behind;
+        foreign.metadata.owner_references = None;
+        assert!(matches!(not_ours(&foreign, &job()), AttemptResult::Permanent(m) if m.contains("does not belong")));
     }
 
     #[test]

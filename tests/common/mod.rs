@@ -4,6 +4,7 @@
 //! (`bgjobs operator --namespace <its namespace>`) so it can `kill -9`, `SIGSTOP` and `SIGCONT` them.
 #![allow(dead_code)]
 
+pub mod control_plane;
 pub mod proxy;
 
 use std::collections::HashMap;
