@@ -229,7 +229,7 @@ async fn run_claimed(
         leases: extras.iter().map(|k| k.lease().name_any()).collect(),
         cancel: cancel.clone(),
     };
-    let (limit, limit_is_deadline) = attempt_limit(&job, Timestamp::now());
+    let (limit, limit_is_deadline) = attempt_limit(&job, worker.clock.now());
     let ending = if !control.leading() {
         // Claimed under a leadership that has ended since: hand the attempt back without running it.
         Ending::Stopped(StopReason::NotLeader)
@@ -319,7 +319,7 @@ async fn record(
     fence: &status::Fence,
     ending: Ending,
 ) -> crate::Result<bool> {
-    let now = Timestamp::now();
+    let now = worker.clock.now();
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let verdict = match ending {
         Ending::Finished(result) => retry::verdict(&job.spec, created, fence.attempt, result, now),

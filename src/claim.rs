@@ -103,6 +103,17 @@ pub struct Claimed {
     pub extras: Vec<Held>,
 }
 
+/// Who claims, under which Lease timing, and the cluster's time of the decision ([`crate::clock`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Claimant<'a> {
+    /// The replica's identity.
+    pub identity: &'a str,
+    /// Its Lease timing.
+    pub timing: &'a LeaseTiming,
+    /// The cluster's time now.
+    pub now: Timestamp,
+}
+
 /// Outcome of a claim.
 #[derive(Debug)]
 pub enum ClaimOutcome {
@@ -120,10 +131,10 @@ pub async fn claim(
     job: &BackgroundJob,
     seen_lease: Option<&Lease>,
     state: LeaseState,
-    worker: &str,
-    timing: &LeaseTiming,
+    claimant: Claimant<'_>,
     extras: &[ExtraLease],
 ) -> Result<ClaimOutcome> {
+    let (worker, timing) = (claimant.identity, claimant.timing);
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
@@ -150,7 +161,7 @@ pub async fn claim(
         }
     }
     let extras_held = held.iter().map(|(_, h)| h.clone()).collect();
-    let outcome = claim_job(&jobs, &leases, job, seen_lease, state, &claim, timing, extras_held).await;
+    let outcome = claim_job(&jobs, &leases, job, seen_lease, state, &claim, claimant, extras_held).await;
     if !matches!(outcome, Ok(ClaimOutcome::Claimed(_))) {
         release_all(&held).await;
     }
@@ -259,10 +270,10 @@ async fn claim_job(
     seen_lease: Option<&Lease>,
     state: LeaseState,
     claim: &Claim,
-    timing: &LeaseTiming,
+    claimant: Claimant<'_>,
     extras: Vec<Held>,
 ) -> Result<ClaimOutcome> {
-    let worker = claim.holder.as_str();
+    let (worker, timing) = (claim.holder.as_str(), claimant.timing);
     let attempt = next_attempt(job);
     let name = lease_name(job);
     let uid = job.uid().unwrap_or_default();
@@ -280,7 +291,7 @@ async fn claim_job(
         }
     });
     let sequence = crate::ordering::enqueue_sequence(job);
-    let mut new_status = status::running(job, attempt, worker, &name, sequence, lost_note, Timestamp::now());
+    let mut new_status = status::running(job, attempt, worker, &name, sequence, lost_note, claimant.now);
     if adopts(job) {
         // The adopted attempt keeps the start time it had: its attemptTimeoutSeconds counts from there.
         new_status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone()).or(new_status.start_time);
@@ -314,10 +325,10 @@ pub async fn settle(
     job: &BackgroundJob,
     seen_lease: Option<&Lease>,
     state: LeaseState,
-    worker: &str,
-    timing: &LeaseTiming,
+    claimant: Claimant<'_>,
     new_status: BackgroundJobStatus,
 ) -> Result<bool> {
+    let (worker, timing) = (claimant.identity, claimant.timing);
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     if job.phase() != Phase::Running {

@@ -213,7 +213,7 @@ impl Dispatcher {
 
     /// One pass over the caches. Returns how long until something becomes due.
     async fn pass(&mut self) -> Duration {
-        let now = Timestamp::now();
+        let now = self.worker.clock.now();
         let inst = Instant::now();
         let timing = self.worker.timing;
         let mut due = IDLE_PASS;
@@ -517,8 +517,9 @@ impl Dispatcher {
         let extras: Vec<ExtraLease> = slot.into_iter().chain(c.extras.iter().cloned()).collect();
         tokio::spawn(async move {
             let _done = done;
-            let (me, timing) = (&worker.identity, &worker.timing);
-            let outcome = claim::claim(&worker.client, &job, lease.as_deref(), state, me, timing, &extras).await;
+            let claimant =
+                claim::Claimant { identity: &worker.identity, timing: &worker.timing, now: worker.clock.now() };
+            let outcome = claim::claim(&worker.client, &job, lease.as_deref(), state, claimant, &extras).await;
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
                     worker.metrics.claimed.inc();
@@ -549,9 +550,10 @@ impl Dispatcher {
         tokio::spawn(async move {
             let _done = done;
             let mut s = job.status.clone().unwrap_or_default();
-            status::finish(&mut s, phase, Some(reason.clone()), Timestamp::now());
-            let (me, timing) = (&worker.identity, &worker.timing);
-            match claim::settle(&worker.client, &job, lease.as_deref(), state, me, timing, s).await {
+            let now = worker.clock.now();
+            status::finish(&mut s, phase, Some(reason.clone()), now);
+            let claimant = claim::Claimant { identity: &worker.identity, timing: &worker.timing, now };
+            match claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, s).await {
                 Ok(true) => {
                     info!(job = %job.name_any(), %phase, %reason, "job settled");
                     worker.metrics.count_outcome(phase);

@@ -14,6 +14,7 @@ pub mod attempt;
 pub mod claim;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod cron;

@@ -64,7 +64,14 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     if let Some(cap) = config.cluster_max_concurrency {
         crate::limits::ensure_slots(&client, &config.lease_namespace, cap).await?;
     }
+    if let Err(e) = worker.clock.sample(&client).await {
+        tracing::warn!(error = %e, "could not read the apiserver's clock; schedules use this machine's until it can");
+    }
     let stop_background = CancellationToken::new();
+    let clock = {
+        let (worker, client, stop) = (worker.clone(), client.clone(), stop_background.clone());
+        tokio::spawn(async move { worker.clock.follow(client, stop).await })
+    };
     let heartbeat = tokio::spawn(crate::members::heartbeat(
         client.clone(),
         config.lease_namespace.clone(),
@@ -111,6 +118,7 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     }
     stop_background.cancel();
     let _ = heartbeat.await;
+    let _ = clock.await;
     if let Some(task) = recurring {
         let _ = task.await;
     }

@@ -101,7 +101,7 @@ pub async fn run(worker: Arc<Worker>, view: RecurringView, timing: LeaseTiming, 
                 continue;
             }
             let kids = children.remove(&uid).unwrap_or_default();
-            match reconcile(&worker, &def, &kids, &mut unconfirmed, Timestamp::now()).await {
+            match reconcile(&worker, &def, &kids, &mut unconfirmed, worker.clock.now()).await {
                 Ok(Some(next)) => wait = wait.min(next),
                 Ok(None) => {}
                 Err(e) => {

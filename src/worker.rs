@@ -30,6 +30,8 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Audit trail of attempt starts and ends.
     pub invocations: InvocationLog,
+    /// The cluster's clock, for every scheduling decision ([`crate::clock`]).
+    pub clock: crate::clock::ServerClock,
     recorder: Option<Recorder>,
 }
 
@@ -57,6 +59,7 @@ impl Worker {
                 .map_err(|e| crate::Error::Config(e.to_string()))?,
             metrics: Arc::new(Metrics::default()),
             invocations: InvocationLog::open(invocation_log)?,
+            clock: Default::default(),
             recorder,
         })
     }

@@ -367,3 +367,72 @@ async fn a_recurring_definition_with_a_long_name_makes_jobs_that_run() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_a_handler_moved_to_a_thread_stops_when_its_lease_is_lost_or_its_attempt_times_out() {
+    let env = TestEnv::new("cancel-threads").await;
+    let options = common::ReplicaOptions { test_worker: true, ..Default::default() };
+    let _replicas: Vec<_> = (0..2).map(|i| env.replica_with(&format!("r{i}"), &[], &options)).collect();
+    // Lease lost: the claim Lease is deleted by hand while the thread works; another replica takes over.
+    env.create("lease-lost", json!({"jobName": "record-thread", "args": {"ms": 8000}})).await;
+    // Attempt timeout: the first attempt is stopped after 1 s and retried at once.
+    env.create(
+        "timed-out",
+        json!({"jobName": "record-thread", "args": {"ms": 3000, "fail_until_attempt": 0},
+               "attemptTimeoutSeconds": 1, "retry": {"maxAttempts": 2, "backoffSeconds": 0}}),
+    )
+    .await;
+    let running = env.wait_job("lease-lost", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    leases.delete(&running.status.unwrap().lease.unwrap(), &DeleteParams::default()).await.unwrap();
+    env.wait_job("lease-lost", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    env.wait_job("timed-out", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let history = bgjobs_history::History::read(&env.dir).unwrap();
+    let lines = |job: &str| history.exec.iter().filter(|l| l.job.ends_with(job)).count();
+    assert!(lines("/lease-lost") > 0 && lines("/timed-out") > 0, "the test worker recorded its executions");
+    let report = bgjobs_history::check(&history, &bgjobs_history::Limits::default());
+    assert_eq!(report.overlaps, 0, "a thread outlived its attempt: {:?}", report.violations);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_whose_clocks_disagree_still_run_each_recurring_tick_once_and_never_early() {
+    let env = TestEnv::new("skewed-ticks").await;
+    let _recorder = common::Recorder::start(&env);
+    // One replica's clock runs 20 s ahead (libfaketime); replicas start, stop and start again, so the definition
+    // changes hands between them.
+    let skewed = common::ReplicaOptions {
+        env: vec![
+            ("LD_PRELOAD".into(), "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into()),
+            ("FAKETIME".into(), "+20".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+        ..Default::default()
+    };
+    let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let def: bgjobs::api::RecurringBackgroundJob = serde_json::from_value(json!({
+        "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": "every-2s"},
+        "spec": {"schedule": "*/2 * * * * *", "successfulJobsHistoryLimit": 0,
+                 "jobTemplate": {"spec": {"jobName": "noop"}}}
+    }))
+    .unwrap();
+    defs.create(&PostParams::default(), &def).await.unwrap();
+    for round in 0..3 {
+        let a = env.replica(&format!("true-{round}"), &[]);
+        let b = env.replica_with(&format!("ahead-{round}"), &[], &skewed);
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        drop((a, b));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = bgjobs_history::History::read(&env.dir).unwrap();
+    let mut ticks: std::collections::BTreeMap<i64, std::collections::BTreeSet<String>> = Default::default();
+    for s in &history.status {
+        if let Some(tick) = s.tick_ms {
+            ticks.entry(tick).or_default().insert(s.uid.clone());
+            assert!(s.created_ms >= tick - 1_500, "{} was created {} ms before its tick", s.job, tick - s.created_ms);
+        }
+    }
+    assert!(ticks.len() >= 5, "ticks ran: {}", ticks.len());
+    let twice: Vec<_> = ticks.iter().filter(|(_, uids)| uids.len() > 1).collect();
+    assert!(twice.is_empty(), "ticks with more than one job: {twice:?}");
+}

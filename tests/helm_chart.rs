@@ -901,34 +901,7 @@ fn chart_service_account_kubeconfig(manifest: &[Value], namespace: &str, dir: &P
         .as_str()
         .expect("the Deployment names its ServiceAccount")
         .to_string();
-    service_account_kubeconfig(&sa, namespace, dir)
-}
-
-fn service_account_kubeconfig(sa: &str, namespace: &str, dir: &Path) -> PathBuf {
-    let admin = common::kubeconfig_path();
-    let out = Command::new("kubectl")
-        .args(["--kubeconfig", &admin.display().to_string(), "create", "token", sa, "-n", namespace])
-        .args(["--duration", "1h"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let kc = Kubeconfig::read_from(&admin).unwrap();
-    let cluster = kc.clusters[0].cluster.clone().expect("a cluster in the admin kubeconfig");
-    let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
-        (Some(data), _) => format!("certificate-authority-data: {data}"),
-        (None, Some(path)) => format!("certificate-authority: {path}"),
-        (None, None) => "insecure-skip-tls-verify: true".into(),
-    };
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    {ca}\n\
-         users:\n- name: {sa}\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: local, user: {sa}, \
-         namespace: {namespace}}}\ncurrent-context: sa\n",
-        cluster.server.expect("a server URL")
-    );
-    let path = dir.join(format!("{sa}.kubeconfig"));
-    std::fs::write(&path, text).unwrap();
-    path
+    common::service_account_kubeconfig(&sa, namespace, dir)
 }
 
 async fn client_for(kubeconfig: &Path) -> Client {
@@ -972,7 +945,7 @@ async fn chart_replica(
     vars.push(("BGJOBS_METRICS_ADDR".into(), format!("127.0.0.1:{port}")));
     let args: Vec<String> = deployment.args().into_iter().filter(|a| a != "operator").collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let options = ReplicaOptions { kubeconfig: Some(kubeconfig), env: vars, all_namespaces };
+    let options = ReplicaOptions { kubeconfig: Some(kubeconfig), env: vars, all_namespaces, ..Default::default() };
     let replica = env.replica_with(identity, &args, &options);
     let deadline = Instant::now() + MINUTE;
     loop {

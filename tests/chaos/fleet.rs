@@ -10,13 +10,7 @@ use bgjobs_history::FaultLine;
 
 use crate::common;
 
-/// The test worker binary, built next to `bgjobs` (`make test` builds it: `cargo build --workspace`).
-pub fn test_worker_bin() -> PathBuf {
-    let bgjobs = PathBuf::from(env!("CARGO_BIN_EXE_bgjobs"));
-    let bin = bgjobs.with_file_name("bgjobs-test-worker");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build --workspace` (make test does)", bin.display());
-    bin
-}
+pub use crate::common::test_worker_bin;
 
 /// Appends fault lines to `<dir>/faults.jsonl`.
 #[derive(Clone)]

@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,28 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::{NodeAgent, TestEnv};
 use crate::fleet::{Rng, test_worker_bin};
 
-/// `bgjobs-test-worker record-history` for the test's namespace, stopped (SIGTERM) on drop.
-pub struct Recorder(Child);
-
-impl Recorder {
-    pub fn start(env: &TestEnv) -> Recorder {
-        let child = Command::new(test_worker_bin())
-            .args(["record-history", "--namespace", &env.ns, "--dir", &env.dir.display().to_string()])
-            .env("KUBECONFIG", crate::common::kubeconfig_path())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(env.dir.join("recorder.log")).unwrap())
-            .spawn()
-            .expect("start the status recorder");
-        Recorder(child)
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
-}
+pub use crate::common::Recorder;
 
 /// An HTTP endpoint on loopback whose "work" (300 ms) is recorded like a handler's, under the calling replica's
 /// identity (`X-BGJobs-Worker`).

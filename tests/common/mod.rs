@@ -89,6 +89,29 @@ pub fn service_account_kubeconfig(sa: &str, namespace: &str, dir: &Path) -> Path
     path
 }
 
+/// `bgjobs-test-worker record-history` for the test's namespace, stopped (SIGTERM) on drop.
+pub struct Recorder(Child);
+
+impl Recorder {
+    pub fn start(env: &TestEnv) -> Recorder {
+        let child = Command::new(test_worker_bin())
+            .args(["record-history", "--namespace", &env.ns, "--dir", &env.dir.display().to_string()])
+            .env("KUBECONFIG", kubeconfig_path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(env.dir.join("recorder.log")).unwrap())
+            .spawn()
+            .expect("start the status recorder");
+        Recorder(child)
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
 /// What [`TestEnv::replica_with`] changes about a replica.
 #[derive(Clone, Debug, Default)]
 pub struct ReplicaOptions {
@@ -99,6 +122,16 @@ pub struct ReplicaOptions {
     /// Watch every namespace (no `--namespace`). Use a queue of the test's own (`--queues`): such a replica also
     /// sees the jobs of every other test.
     pub all_namespaces: bool,
+    /// Run the test worker ([`test_worker_bin`]) instead of `bgjobs`: its recording handlers write to
+    /// `<dir>/<identity>.exec`, for [`bgjobs_history`].
+    pub test_worker: bool,
+}
+
+/// The test worker (`e2e/test-worker`), built next to `bgjobs` by `cargo build --workspace` (make test does).
+pub fn test_worker_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_bgjobs")).with_file_name("bgjobs-test-worker");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build --workspace` (make test does)", bin.display());
+    bin
 }
 
 /// One test's namespace, client and scratch directory.
@@ -152,7 +185,13 @@ impl TestEnv {
         args.extend(["--invocation-log".to_string(), invocations.display().to_string()]);
         args.extend(FAST_LEASES.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+        let program = if options.test_worker {
+            args.extend(["--exec-log".to_string(), self.dir.join(format!("{identity}.exec")).display().to_string()]);
+            test_worker_bin()
+        } else {
+            PathBuf::from(env!("CARGO_BIN_EXE_bgjobs"))
+        };
+        let child = Command::new(program)
             .args(&args)
             .env("KUBECONFIG", options.kubeconfig.clone().unwrap_or_else(kubeconfig_path))
             .env("RUST_LOG", "info,bgjobs=debug,kube=warn")

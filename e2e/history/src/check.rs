@@ -54,6 +54,8 @@ pub struct Report {
     pub duplicate_ticks: usize,
     /// Recurring jobs created for a tick older than the catch-up rule allows.
     pub late_ticks: usize,
+    /// Recurring jobs created before their tick (by more than a second, a clock's resolution).
+    pub early_ticks: usize,
     /// The longest a job started after a job queued behind it (ms).
     pub worst_fifo_inversion_ms: i64,
     /// One line per violation.
@@ -73,7 +75,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "jobs={} executions={} faults=[{}] lost={} stuck={} overlaps={} key_overlaps={} cap_violations={} \
-             stale_writes={} extra_attempts={} duplicate_ticks={} late_ticks={} worst_fifo_inversion_ms={}",
+             stale_writes={} extra_attempts={} duplicate_ticks={} late_ticks={} early_ticks={} worst_fifo_inversion_ms={}",
             self.jobs,
             self.executions,
             faults.join(" "),
@@ -86,6 +88,7 @@ impl fmt::Display for Report {
             self.extra_attempts,
             self.duplicate_ticks,
             self.late_ticks,
+            self.early_ticks,
             self.worst_fifo_inversion_ms
         )
     }
@@ -104,6 +107,9 @@ struct Execution {
     last: i64,
     finished: bool,
 }
+
+/// How much earlier than its tick a recurring job may appear: the clocks' resolution (whole seconds).
+const EARLY_SLACK_MS: i64 = 1_500;
 
 const FINAL: [&str; 5] = ["Succeeded", "Failed", "Abandoned", "Cancelled", "Skipped"];
 
@@ -358,6 +364,14 @@ fn check_ticks(by_uid: &BTreeMap<String, Vec<&StatusLine>>, limits: &Limits, r: 
         let Some(first) = lines.first() else { continue };
         let (Some(def), Some(tick)) = (&first.recurring, first.tick_ms) else { continue };
         per_tick.entry((def.clone(), tick)).or_default().insert(uid.as_str());
+        if first.created_ms < tick - EARLY_SLACK_MS {
+            r.early_ticks += 1;
+            r.violations.push(format!(
+                "early tick: {} was created {} ms before its tick",
+                first.job,
+                tick - first.created_ms
+            ));
+        }
         if let Some(bound) = limits.catch_up_ms
             && first.created_ms - tick > bound
         {

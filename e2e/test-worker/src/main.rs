@@ -3,6 +3,8 @@
 //! - `operator`: a bgjobs replica (every flag of `bgjobs operator`) whose `record` handler writes a line to the
 //!   shared execution log when it starts, every 50 ms while it really runs, and when it returns
 //!   (see `bgjobs_history::model`). A paused or killed process writes nothing, so the log shows what really ran.
+//!   `record-thread` does its work on an OS thread, the way handlers run blocking work: the thread stops only when
+//!   `ctx.cancel` fires, so the log shows whether it does.
 //! - `pod`: the same recording from inside a Pod of a Pod-mode job (reads the job from `BGJOBS_*`).
 //! - `record-history`: watch every BackgroundJob in a namespace and append each change to `status.jsonl`.
 #![forbid(unsafe_code)]
@@ -100,6 +102,36 @@ async fn operator(exec_log: PathBuf, config: OperatorConfig) -> Result<(), Strin
                 return Err(JobError::Retryable(format!("record: failing attempt {} as asked", ctx.attempt)));
             }
             Ok(())
+        }
+    });
+    let log = ExecLog::open(&exec_log).map_err(|e| format!("{}: {e}", exec_log.display()))?;
+    registry.register("record-thread", move |ctx: JobContext, args: RecordArgs| {
+        let log = log.clone();
+        async move {
+            let run = exec_log::Run::from_ctx(&ctx);
+            let cancel = ctx.cancel.clone();
+            let ms = args.ms;
+            let thread = std::thread::spawn(move || {
+                log.write(&run, "start");
+                let end = std::time::Instant::now() + Duration::from_millis(ms);
+                while std::time::Instant::now() < end {
+                    if cancel.is_cancelled() {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    log.write(&run, "tick");
+                }
+                log.write(&run, "finish");
+                true
+            });
+            // Wait for the thread without blocking the runtime; dropping this future leaves the thread running.
+            while !thread.is_finished() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            match thread.join() {
+                Ok(true) => Ok(()),
+                _ => Err(JobError::Retryable("record-thread: cancelled".into())),
+            }
         }
     });
     bgjobs::operator::run(config, registry).await.map_err(|e| e.to_string())

@@ -174,6 +174,17 @@ fn two_jobs_for_one_tick_or_a_tick_too_old_are_recurring_violations() {
 }
 
 #[test]
+fn a_job_made_well_before_its_tick_is_an_early_tick() {
+    let mut h = clean();
+    for s in &mut h.status {
+        (s.recurring, s.tick_ms, s.created_ms) = (Some("ns/daily".into()), Some(20_000), 0);
+    }
+    assert_eq!(check(&h, &Limits::default()).early_ticks, 1);
+    h.status.iter_mut().for_each(|s| s.created_ms = 19_000);
+    assert_eq!(check(&h, &Limits::default()).early_ticks, 0, "within a clock's resolution");
+}
+
+#[test]
 fn a_job_started_long_after_one_queued_behind_it_is_a_fifo_inversion() {
     let mut h = History::default();
     for (job, seq, start) in [("first", 1, 5_000), ("second", 2, 100)] {

@@ -1,0 +1,116 @@
+//! The cluster's clock: the apiserver's, as this replica estimates it.
+//!
+//! Schedules (recurring ticks, delays, backoffs, TTLs, job deadlines) are times written into objects and compared
+//! by every replica. A replica whose clock runs ahead would start a tick or a delayed job early, one behind would
+//! start it late, and replicas that disagree could each decide a different tick is due. So every such decision
+//! reads this clock, which follows the apiserver's (its `Date` header) and not the machine's: replicas then agree
+//! to within about a second whatever their own clocks say. Lease expiry needs no clock at all (see `lease`).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use jiff::{SignedDuration, Timestamp};
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How often the offset is measured again.
+const SAMPLE_EVERY: Duration = Duration::from_secs(30);
+/// Offsets within this are below what a whole-second `Date` header can show: ignored.
+const RESOLUTION: SignedDuration = SignedDuration::from_millis(1_500);
+
+/// This replica's estimate of the apiserver's clock.
+#[derive(Debug, Default)]
+pub struct ServerClock {
+    offset_ms: AtomicI64,
+}
+
+impl ServerClock {
+    /// The cluster's time now.
+    pub fn now(&self) -> Timestamp {
+        let offset = SignedDuration::from_millis(self.offset_ms.load(Ordering::Relaxed));
+        Timestamp::now().checked_add(offset).unwrap_or_else(|_| Timestamp::now())
+    }
+
+    /// How far the apiserver's clock is ahead of this machine's (negative: behind), as last measured.
+    pub fn offset(&self) -> SignedDuration {
+        SignedDuration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Measure the offset once: a request's `Date` header against the middle of its round trip.
+    pub async fn sample(&self, client: &Client) -> crate::Result<()> {
+        let request = http::Request::get("/version")
+            .body(kube::client::Body::empty())
+            .map_err(|e| crate::Error::Config(e.to_string()))?;
+        let (sent_wall, sent) = (Timestamp::now(), Instant::now());
+        let response = client.send(request).await?;
+        let round_trip = sent.elapsed();
+        let date = response
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| jiff::fmt::rfc2822::parse(d).ok())
+            .map(|z| z.timestamp());
+        let Some(date) = date else { return Ok(()) };
+        let midpoint = sent_wall + SignedDuration::try_from(round_trip / 2).unwrap_or_default();
+        let estimate = estimate_offset(date, midpoint);
+        let previous = self.offset_ms.swap(estimate.as_millis() as i64, Ordering::Relaxed);
+        if (previous - estimate.as_millis() as i64).abs() > 1_000 {
+            info!(
+                offset_ms = estimate.as_millis() as i64,
+                "the apiserver's clock differs from this machine's; schedules follow the apiserver's"
+            );
+        }
+        Ok(())
+    }
+
+    /// Measure again every 30 s until `stop`.
+    pub async fn follow(&self, client: Client, stop: CancellationToken) {
+        loop {
+            if let Err(e) = self.sample(&client).await {
+                warn!(error = %e, "could not read the apiserver's clock; keeping the last estimate");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// The offset a `Date` header (whole seconds, truncated) shows against the local instant it was read at: the
+/// server's time is somewhere in `[date, date + 1 s)`, so its middle is taken; offsets below the header's
+/// resolution are taken as zero.
+pub fn estimate_offset(date: Timestamp, local_midpoint: Timestamp) -> SignedDuration {
+    let server = date + SignedDuration::from_millis(500);
+    let offset = server.duration_since(local_midpoint);
+    if offset.abs() <= RESOLUTION { SignedDuration::ZERO } else { offset }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millisecond(ms).unwrap()
+    }
+
+    #[test]
+    fn a_clock_within_the_headers_resolution_is_taken_as_right() {
+        assert_eq!(estimate_offset(at(100_000), at(100_900)), SignedDuration::ZERO);
+        assert_eq!(estimate_offset(at(100_000), at(99_200)), SignedDuration::ZERO);
+    }
+
+    #[test]
+    fn a_clock_twenty_seconds_ahead_is_measured_as_such() {
+        // The server says 100 s; here it is 120.3 s.
+        let offset = estimate_offset(at(100_000), at(120_300));
+        assert_eq!(offset, SignedDuration::from_millis(-19_800));
+    }
+
+    #[test]
+    fn http_dates_parse() {
+        let z = jiff::fmt::rfc2822::parse("Mon, 30 Nov 2026 12:21:49 GMT").unwrap();
+        assert_eq!(z.timestamp(), "2026-11-30T12:21:49Z".parse::<Timestamp>().unwrap());
+    }
+}
