@@ -148,18 +148,22 @@ impl Workload {
     fn random_spec(&self, rng: &mut Rng) -> (serde_json::Value, bool) {
         let priority = ["Low", "Normal", "Normal", "High"][rng.below(4) as usize];
         let ms = 100 + rng.below(600);
-        match rng.below(20) {
-            0..=9 => (json!({"jobName": "record", "priority": priority, "args": {"ms": ms}}), false),
-            10..=12 => (
+        match rng.below(40) {
+            // A poison job: its args make the built-in sleep fail (they used to panic it and leak a slot).
+            0 => (json!({"jobName": "sleep", "args": {"seconds": 1e20}, "retry": {"maxAttempts": 1}}), true),
+            // At most once: a lost attempt fails the job, and only a fault on its holder may explain that.
+            1..=5 => (json!({"jobName": "record", "args": {"ms": ms}, "retry": {"maxAttempts": 1}}), false),
+            6..=19 => (json!({"jobName": "record", "priority": priority, "args": {"ms": ms}}), false),
+            20..=25 => (
                 json!({"jobName": "record", "concurrencyKey": format!("tenant-{}", rng.below(4)), "args": {"ms": ms}}),
                 false,
             ),
-            13..=14 => (
+            26..=29 => (
                 json!({"jobName": "record", "args": {"ms": 100, "fail_until_attempt": 2},
                        "retry": {"backoffSeconds": 1}}),
                 true,
             ),
-            15..=17 => (json!({"jobName": "call", "http": {"url": self.http_url}}), false),
+            30..=35 => (json!({"jobName": "call", "http": {"url": self.http_url}}), false),
             _ => {
                 let mut pod_spec = json!({"containers": [{
                     "name": "work", "image": "busybox",

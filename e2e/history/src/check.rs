@@ -123,7 +123,7 @@ pub fn check(h: &History, limits: &Limits) -> Report {
     r.executions = execs.len();
     let by_uid = status_by_uid(&h.status);
     r.jobs = by_uid.len();
-    check_outcomes(&by_uid, &execs, &mut r);
+    check_outcomes(h, &by_uid, &execs, limits, &mut r);
     check_overlaps(&execs, &mut r);
     check_caps(&execs, limits, &mut r);
     check_status_writes(&by_uid, &mut r);
@@ -192,7 +192,24 @@ fn status_by_uid(status: &[StatusLine]) -> BTreeMap<String, Vec<&StatusLine>> {
     m
 }
 
-fn check_outcomes(by_uid: &BTreeMap<String, Vec<&StatusLine>>, execs: &[Execution], r: &mut Report) {
+/// Whether a fault near `e` (on its worker, or cluster-wide, within a lease duration of its activity) explains
+/// why it was cut short.
+fn faulted(h: &History, e: &Execution, replicas: &BTreeSet<&str>, lease_ms: i64) -> bool {
+    h.faults.iter().any(|f| {
+        let near = f.t_ms >= e.start - lease_ms && f.t_ms <= e.last + lease_ms;
+        let aimed = f.target == e.worker || !replicas.contains(f.target.as_str());
+        near && aimed
+    })
+}
+
+fn check_outcomes(
+    h: &History,
+    by_uid: &BTreeMap<String, Vec<&StatusLine>>,
+    execs: &[Execution],
+    limits: &Limits,
+    r: &mut Report,
+) {
+    let replicas: BTreeSet<&str> = execs.iter().map(|e| e.worker.as_str()).collect();
     for (uid, lines) in by_uid {
         let Some(last) = lines.iter().rev().find(|s| !s.deleted) else { continue };
         if lines.last().is_some_and(|s| s.deleted) && !FINAL.contains(&last.phase.as_str()) {
@@ -206,7 +223,11 @@ fn check_outcomes(by_uid: &BTreeMap<String, Vec<&StatusLine>>, execs: &[Executio
         }
         let worked = execs.iter().any(|e| &e.uid == uid && e.finished);
         let given_up = matches!(last.phase.as_str(), "Failed" | "Abandoned");
-        if (given_up && !last.expect_retries) || (last.phase == "Succeeded" && !worked) {
+        // A job may give up on an attempt its holder really lost (at-most-once jobs, `maxAttempts`): only if a
+        // fault explains the loss of its last execution.
+        let excused =
+            execs.iter().filter(|e| &e.uid == uid).last().is_some_and(|e| faulted(h, e, &replicas, limits.lease_ms));
+        if (given_up && !last.expect_retries && !excused) || (last.phase == "Succeeded" && !worked) {
             r.lost += 1;
             r.violations.push(format!(
                 "lost: {} ended {} after {} attempts, with {} finished execution(s)",
@@ -342,12 +363,7 @@ fn check_re_executions(
         }
         // Every execution but the last was cut short; a fault near it must explain why.
         for e in &list[..list.len() - 1] {
-            let explained = h.faults.iter().any(|f| {
-                let near = f.t_ms >= e.start - limits.lease_ms && f.t_ms <= e.last + limits.lease_ms;
-                let aimed = f.target == e.worker || !replicas.contains(f.target.as_str());
-                near && aimed
-            });
-            if !explained {
+            if !faulted(h, e, &replicas, limits.lease_ms) {
                 r.extra_attempts += 1;
                 r.violations.push(format!(
                     "extra attempt: {} ran attempt {} on {} [{}..{}] and again, with no fault to explain it",

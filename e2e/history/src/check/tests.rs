@@ -84,6 +84,11 @@ fn a_job_failed_for_lost_attempts_or_succeeded_without_work_is_lost() {
     h.status.last_mut().unwrap().phase = "Failed".into();
     h.status.iter_mut().for_each(|s| s.expect_retries = true);
     assert_eq!(check(&h, &Limits::default()).lost, 0, "a job meant to fail may fail");
+    let mut h = clean();
+    h.status.last_mut().unwrap().phase = "Failed".into();
+    h.exec.retain(|l| l.ev != "finish");
+    h.faults.push(fault("kill9", "a", 420));
+    assert_eq!(check(&h, &Limits::default()).lost, 0, "an at-most-once job whose holder was killed may fail");
 }
 
 #[test]
