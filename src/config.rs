@@ -14,22 +14,15 @@ pub struct HumanDuration(pub Duration);
 
 impl FromStr for HumanDuration {
     type Err = String;
+    /// `15s`, `500ms`, `2m`, `1h 30m` (the `humantime` crate's syntax), or a bare number of seconds (`1.5`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 15s, 500ms, 2m"))?;
-        let secs = match unit {
-            "" | "s" => n,
-            "ms" => n / 1000.0,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
-            _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+        let parsed = match s.parse::<f64>() {
+            Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}")),
+            Err(_) => humantime::parse_duration(s)
+                .map_err(|e| format!("invalid duration {s:?} ({e}): expected e.g. 15s, 500ms, 2m")),
         };
-        if !secs.is_finite() || secs < 0.0 {
-            return Err(format!("invalid duration {s:?}"));
-        }
-        Ok(HumanDuration(Duration::from_secs_f64(secs)))
+        parsed.map(HumanDuration)
     }
 }
 
@@ -182,7 +175,10 @@ mod tests {
         assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(d("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(d("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(d("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(d("5 parsecs").is_err());
         assert!(d("").is_err());
+        assert!(d("-1").is_err());
+        assert!(d("1e20").is_err(), "too large for a duration: an error, not a panic");
     }
 }

@@ -84,7 +84,8 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
     }
     let delay = job.spec.delay_seconds.filter(|d| *d > 0)?;
     let created = job.metadata.creation_timestamp.as_ref()?.0;
-    created.checked_add(jiff::SignedDuration::from_secs(delay)).ok()
+    // A delay past the end of time means never, not now.
+    Some(created.checked_add(jiff::SignedDuration::from_secs(delay)).unwrap_or(Timestamp::MAX))
 }
 
 /// How long a job may sit at the head of the queue, passed over in favour of later jobs, before every replica goes
@@ -167,6 +168,18 @@ mod tests {
         let mut keys: Vec<QueueKey> = jobs.iter().map(QueueKey::of).collect();
         keys.sort();
         keys.into_iter().map(|k| k.name).collect()
+    }
+
+    #[test]
+    fn a_delay_past_the_end_of_time_means_never() {
+        let mut j = BackgroundJob::new(
+            "j",
+            serde_json::from_value(serde_json::json!({"jobName": "noop", "delaySeconds": 1_000_000_000_000_i64}))
+                .unwrap(),
+        );
+        j.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(1_700_000_000).unwrap()));
+        assert_eq!(not_before(&j), Some(Timestamp::MAX));
     }
 
     #[test]

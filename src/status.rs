@@ -181,7 +181,9 @@ pub async fn write_fenced(
 ) -> Result<Fenced> {
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
-    for _ in 0..10 {
+    // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
+    // as long as the fence holds; the caller bounds the whole write by what is left of its renew deadline.
+    loop {
         if !fence.holds(&current) {
             return Ok(Fenced::Stale);
         }
@@ -198,8 +200,6 @@ pub async fn write_fenced(
             Err(e) => return Err(e.into()),
         }
     }
-    // Ten conflicts in a row: the job is being rewritten constantly; let the lease expire rather than spin.
-    Ok(Fenced::Stale)
 }
 
 #[cfg(test)]

@@ -73,6 +73,8 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
     let mut load = workload::Workload::new(&env, &agent, &http.url);
     load.define_recurring().await;
 
+    // A backlog first: jobs that wait longer than a lease before anyone claims them.
+    load.enqueue_batch(&mut rng, 120).await;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(seconds) {
         load.enqueue_batch(&mut rng, 12).await;
@@ -81,11 +83,13 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
     fleet.heal();
     proxy.heal();
     load.stop_recurring().await;
-    let jobs = env
-        .wait_until(Duration::from_secs(240), "every job final after the faults", |jobs| {
-            jobs.iter().all(|j| j.phase().is_final())
-        })
-        .await;
+    // Every job should end; whatever does not is reported by the checker as stuck.
+    let drained = Instant::now();
+    let mut jobs = env.list().await;
+    while !jobs.iter().all(|j| j.phase().is_final()) && drained.elapsed() < Duration::from_secs(240) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        jobs = env.list().await;
+    }
     // The last status changes reach the recorder; then read the history.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let history = History::read(&env.dir).expect("read the run's history");

@@ -149,8 +149,9 @@ impl Workload {
         let priority = ["Low", "Normal", "Normal", "High"][rng.below(4) as usize];
         let ms = 100 + rng.below(600);
         match rng.below(40) {
-            // A poison job: its args make the built-in sleep fail (they used to panic it and leak a slot).
-            0 => (json!({"jobName": "sleep", "args": {"seconds": 1e20}, "retry": {"maxAttempts": 1}}), true),
+            // A poison job: its args make the built-in sleep fail (they used to panic it and leak a slot on every
+            // replica that tried it).
+            0 => (json!({"jobName": "sleep", "args": {"seconds": 1e20}}), true),
             // At most once: a lost attempt fails the job, and only a fault on its holder may explain that.
             1..=5 => (json!({"jobName": "record", "args": {"ms": ms}, "retry": {"maxAttempts": 1}}), false),
             6..=19 => (json!({"jobName": "record", "priority": priority, "args": {"ms": ms}}), false),
