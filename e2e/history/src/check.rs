@@ -225,8 +225,7 @@ fn check_outcomes(
         let given_up = matches!(last.phase.as_str(), "Failed" | "Abandoned");
         // A job may give up on an attempt its holder really lost (at-most-once jobs, `maxAttempts`): only if a
         // fault explains the loss of its last execution.
-        let excused =
-            execs.iter().filter(|e| &e.uid == uid).last().is_some_and(|e| faulted(h, e, &replicas, limits.lease_ms));
+        let excused = execs.iter().rfind(|e| &e.uid == uid).is_some_and(|e| faulted(h, e, &replicas, limits.lease_ms));
         if (given_up && !last.expect_retries && !excused) || (last.phase == "Succeeded" && !worked) {
             r.lost += 1;
             r.violations.push(format!(
