@@ -601,10 +601,14 @@ impl Dispatcher {
             ..Default::default()
         };
         let name = job.name_any();
+        let deleted = self.worker.metrics.ttl_deletions.clone();
         tokio::spawn(async move {
             let _done = done;
             match api.delete(&name, &dp).await {
-                Ok(_) => debug!(job = %name, "deleted finished job after its TTL"),
+                Ok(_) => {
+                    deleted.inc();
+                    debug!(job = %name, "deleted finished job after its TTL");
+                }
                 Err(e) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
                 Err(e) => warn!(job = %name, error = %e, "could not delete finished job"),
             }

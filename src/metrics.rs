@@ -50,6 +50,8 @@ pub struct Metrics {
     pub renew_failures: Counter,
     /// Attempt outcomes not recorded because the claim was no longer this replica's.
     pub stale_results_discarded: Counter,
+    /// Finished jobs this replica deleted when their TTL passed (each job is deleted by one replica only).
+    pub ttl_deletions: Counter,
     /// Jobs finished (or attempts retried) by this replica, by phase.
     pub finished: Family<PhaseLabel, Counter>,
     /// Waiting jobs, by namespace, queue and priority.
@@ -71,6 +73,7 @@ impl Default for Metrics {
             takeovers: Counter::default(),
             renew_failures: Counter::default(),
             stale_results_discarded: Counter::default(),
+            ttl_deletions: Counter::default(),
             finished: Family::default(),
             queue_depth: Family::default(),
             running: Gauge::default(),
@@ -91,6 +94,11 @@ impl Default for Metrics {
             "stale_results_discarded",
             "Attempt outcomes discarded because the claim was no longer this replica's",
             m.stale_results_discarded.clone(),
+        );
+        r.register(
+            "ttl_deletions",
+            "Finished jobs deleted by this replica when their TTL passed",
+            m.ttl_deletions.clone(),
         );
         r.register(
             "jobs_finished",
@@ -132,6 +140,7 @@ impl Metrics {
             "takeovers": self.takeovers.get(),
             "renew_failures": self.renew_failures.get(),
             "stale_results_discarded": self.stale_results_discarded.get(),
+            "ttl_deletions": self.ttl_deletions.get(),
             "succeeded": finished("Succeeded"),
             "retried": finished("Retried"),
             "failed": finished("Failed"),

@@ -90,3 +90,30 @@ async fn events_tell_the_story_of_a_retried_job() {
         Phase::Succeeded
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_expired_job_is_deleted_by_exactly_one_replica() {
+    let env = TestEnv::new("ttl-owner").await;
+    let addrs: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let _replicas: Vec<_> =
+        addrs.iter().enumerate().map(|(i, a)| env.replica(&format!("r{i}"), &["--metrics-addr", a])).collect();
+    // Let the replicas see each other's member Leases first: they share the deletes by rendezvous hashing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..30 {
+        env.create(&format!("t-{i}"), json!({"jobName": "noop", "ttlSecondsAfterFinished": 1})).await;
+    }
+    env.wait_until(Duration::from_secs(90), "every job deleted after its TTL", |jobs| jobs.is_empty()).await;
+    let mut total = 0;
+    for a in &addrs {
+        let (_, text) = get(&format!("http://{a}/metrics")).await;
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("bgjobs_ttl_deletions_total "))
+            .unwrap_or_else(|| panic!("no bgjobs_ttl_deletions_total in:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        total += n;
+    }
+    assert_eq!(total, 30, "30 jobs, each deleted once: not once per replica");
+}
