@@ -149,7 +149,11 @@ async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCo
     // Extra Leases (cluster slot, concurrency key) are kept like the claim: losing any of them loses the claim.
     let extras: Vec<Keeper> = extras
         .into_iter()
-        .map(|h| Keeper::new(lease_api(&h.lease.namespace().unwrap_or_default()), h, worker.timing))
+        .map(|h| {
+            let slot = h.lease.labels().contains_key(crate::limits::SLOT_LABEL);
+            let keeper = Keeper::new(lease_api(&h.lease.namespace().unwrap_or_default()), h, worker.timing);
+            if slot { keeper.recreating_when_absent() } else { keeper }
+        })
         .collect();
     let pod_runs_on =
         run_claimed(&worker, &jobs, job, fence, took_over, &control, &keeper, &extras).await == Handover::PodRunsOn;

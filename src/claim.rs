@@ -155,7 +155,7 @@ pub async fn claim(
         match acquired {
             Ok(Acquire::Acquired(l)) => held.push((api, l)),
             other => {
-                release_all(&held).await;
+                release_all(&held, adopts(job)).await;
                 return other.map(|_| ClaimOutcome::Lost);
             }
         }
@@ -163,14 +163,23 @@ pub async fn claim(
     let extras_held = held.iter().map(|(_, h)| h.clone()).collect();
     let outcome = claim_job(&jobs, &leases, job, seen_lease, state, &claim, claimant, extras_held).await;
     if !matches!(outcome, Ok(ClaimOutcome::Claimed(_))) {
-        release_all(&held).await;
+        release_all(&held, adopts(job)).await;
     }
     outcome
 }
 
-async fn release_all(held: &[(Api<Lease>, Held)]) {
+/// Give back the extra Leases of a claim that was lost. A cluster slot is left vacant, never deleted (an absent slot
+/// is waited out for a lease duration); the slot of a failed adoption is left exactly as it is, because the
+/// attempt's Pod still runs under it and its next adopter takes it over.
+async fn release_all(held: &[(Api<Lease>, Held)], adoption: bool) {
     for (api, h) in held {
-        if let Err(e) = lease::release(api, &h.lease).await {
+        let slot = h.lease.labels().contains_key(crate::limits::SLOT_LABEL);
+        let given_back = match (slot, adoption) {
+            (true, true) => continue,
+            (true, false) => lease::vacate(api, &h.lease).await,
+            (false, _) => lease::release(api, &h.lease).await,
+        };
+        if let Err(e) = given_back {
             tracing::warn!(error = %e, lease = %h.lease.name_any(), "could not give back a lease; it expires on its own");
         }
     }

@@ -18,6 +18,9 @@ use tracing::{info, warn};
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
 /// Offsets within this are below what a whole-second `Date` header can show: ignored.
 const RESOLUTION: SignedDuration = SignedDuration::from_millis(1_500);
+/// A sample whose round trip took longer than this says little about when the server stamped its answer (a request
+/// held on the way in looks like a server clock running ahead): discarded.
+const MAX_ROUND_TRIP: Duration = Duration::from_millis(500);
 
 /// This replica's estimate of the apiserver's clock.
 #[derive(Debug, Default)]
@@ -37,14 +40,18 @@ impl ServerClock {
         SignedDuration::from_millis(self.offset_ms.load(Ordering::Relaxed))
     }
 
-    /// Measure the offset once: a request's `Date` header against the middle of its round trip.
+    /// Measure the offset once: a request's `Date` header against the middle of its round trip. A slow answer is
+    /// discarded and the last estimate kept.
     pub async fn sample(&self, client: &Client) -> crate::Result<()> {
         let request = http::Request::get("/version")
             .body(kube::client::Body::empty())
             .map_err(|e| crate::Error::Config(e.to_string()))?;
         let (sent_wall, sent) = (Timestamp::now(), Instant::now());
-        let response = client.send(request).await?;
+        let response = crate::client::bounded(MAX_ROUND_TRIP * 4, async { Ok(client.send(request).await?) }).await?;
         let round_trip = sent.elapsed();
+        if round_trip > MAX_ROUND_TRIP {
+            return Ok(());
+        }
         let date = response
             .headers()
             .get(http::header::DATE)

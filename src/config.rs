@@ -32,6 +32,20 @@ impl std::fmt::Display for HumanDuration {
     }
 }
 
+impl OperatorConfig {
+    /// Reject combinations that cannot work.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.strategy == Strategy::Exclusive && !self.queues.is_empty() {
+            return Err(crate::Error::Invalid(
+                "--strategy exclusive runs every job on the one leader: it cannot be combined with --queues (a leader \
+                 serving some queues would starve the others)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How replicas share the work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Strategy {
@@ -62,7 +76,8 @@ pub struct OperatorConfig {
     #[arg(long, env = "BGJOBS_IDENTITY")]
     pub identity: Option<String>,
 
-    /// `parallel`: every replica runs jobs; `exclusive`: only the holder of one cluster-wide Lease does.
+    /// `parallel`: every replica runs jobs; `exclusive`: only the holder of one cluster-wide Lease does (only
+    /// replicas that run jobs stand for it, and it cannot be combined with `--queues`).
     #[arg(long, value_enum, default_value = "parallel", env = "BGJOBS_STRATEGY")]
     pub strategy: Strategy,
 

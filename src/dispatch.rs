@@ -45,6 +45,8 @@ const SETTLE_HOLD: Duration = Duration::from_secs(1);
 
 /// At most this many settle and delete writes in flight per replica; more wait for a later pass.
 const MAX_SIDE_WRITES: usize = 16;
+/// How long a settle or delete may take before its write slot is given back (its answer may never come).
+const SIDE_WRITE_LIMIT: Duration = Duration::from_secs(30);
 
 /// A task's report back to the loop: a claim (and its attempt), a settle or a delete ended.
 struct Done {
@@ -241,8 +243,12 @@ impl Dispatcher {
         let mut keys_seen = HashSet::new();
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| by_uid.get(uid).map(|j| j.as_ref()));
+        // Exclusive: jobs running anywhere but in this process's own attempts (another replica's, or a Pod this
+        // identity handed over before it led again).
         let others_running = all.iter().any(|j| {
-            j.phase() == Phase::Running && j.status.as_ref().and_then(|s| s.worker.as_deref()) != Some(me.as_str())
+            j.phase() == Phase::Running
+                && (j.status.as_ref().and_then(|s| s.worker.as_deref()) != Some(me.as_str())
+                    || !self.held.contains_key(&j.uid().unwrap_or_default()))
         });
         for job in all {
             if job.phase() == Phase::Waiting {
@@ -382,12 +388,25 @@ impl Dispatcher {
             if !self.config.serves_queue(&job.spec.queue) {
                 continue;
             }
-            let adopted_slot = adoption_slots.get(&uid).map(|l| ExtraLease {
-                namespace: self.config.lease_namespace.clone(),
-                name: l.name_any(),
-                seen: Some(l.clone()),
-                label: limits::SLOT_LABEL,
-            });
+            // The slot an orphaned Pod attempt holds is taken over only once this replica has seen *it* unchanged
+            // for a lease duration too: the claim Lease comes from another watch, which may be the stale one.
+            let adopted_slot = match adoption_slots.get(&uid) {
+                Some(l) => {
+                    let key = format!("slot/{}", l.name_any());
+                    let age = self.slot_observer.observe(&key, l.resource_version().as_deref(), inst);
+                    if !timing.expired(age) {
+                        due = due.min(timing.until_expiry(age));
+                        continue;
+                    }
+                    Some(ExtraLease {
+                        namespace: self.config.lease_namespace.clone(),
+                        name: l.name_any(),
+                        seen: Some(l.clone()),
+                        label: limits::SLOT_LABEL,
+                    })
+                }
+                None => None,
+            };
             self.runnable_since.entry(uid).or_insert(inst);
             candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state, extras, adopted_slot });
         }
@@ -519,7 +538,9 @@ impl Dispatcher {
             let _done = done;
             let claimant =
                 claim::Claimant { identity: &worker.identity, timing: &worker.timing, now: worker.clock.now() };
-            let outcome = claim::claim(&worker.client, &job, lease.as_deref(), state, claimant, &extras).await;
+            // However its calls hang, a claim gives its slot back within a lease duration.
+            let claiming = claim::claim(&worker.client, &job, lease.as_deref(), state, claimant, &extras);
+            let outcome = crate::client::bounded(worker.timing.duration, claiming).await;
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
                     worker.metrics.claimed.inc();
@@ -553,7 +574,8 @@ impl Dispatcher {
             let now = worker.clock.now();
             status::finish(&mut s, phase, Some(reason.clone()), now);
             let claimant = claim::Claimant { identity: &worker.identity, timing: &worker.timing, now };
-            match claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, s).await {
+            let settled = claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, s);
+            match crate::client::bounded(SIDE_WRITE_LIMIT, settled).await {
                 Ok(true) => {
                     info!(job = %job.name_any(), %phase, %reason, "job settled");
                     worker.metrics.count_outcome(phase);
@@ -604,12 +626,12 @@ impl Dispatcher {
         let deleted = self.worker.metrics.ttl_deletions.clone();
         tokio::spawn(async move {
             let _done = done;
-            match api.delete(&name, &dp).await {
+            match crate::client::bounded(SIDE_WRITE_LIMIT, async { Ok(api.delete(&name, &dp).await?) }).await {
                 Ok(_) => {
                     deleted.inc();
                     debug!(job = %name, "deleted finished job after its TTL");
                 }
-                Err(e) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
+                Err(crate::Error::Kube(e)) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
                 Err(e) => warn!(job = %name, error = %e, "could not delete finished job"),
             }
         });

@@ -34,6 +34,10 @@ pub enum Error {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 
+    /// This replica's claim on what it was about to act for has lapsed (it was paused or cut off): it stops.
+    #[error("stale: {0}")]
+    Stale(String),
+
     /// An I/O error (metrics server, child processes).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -49,6 +53,7 @@ impl Error {
             Error::Invalid(_) => "invalid",
             Error::Serde(_) => "serde",
             Error::Timeout(_) => "timeout",
+            Error::Stale(_) => "stale",
             Error::Io(_) => "io",
         }
     }

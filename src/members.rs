@@ -4,11 +4,13 @@
 //! moves only its share, and a replica that stops renewing loses its share one lease duration later.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -17,6 +19,8 @@ use crate::lease::{self, Acquire, Claim, Keeper, LeaseTiming, Observer};
 /// Label that marks member Leases; its value is the replicas' watch scope ([`scope`]), so that deployments
 /// watching different namespaces never count each other as members.
 pub const MEMBER_LABEL: &str = "bgjobs.dev/member";
+/// Annotation on a member Lease: whether that replica runs the recurring controller (`"true"`/`"false"`).
+pub const RECURRING_ANNOTATION: &str = "bgjobs.dev/recurring";
 
 /// The watch scope members share: the watched namespace, or `all-namespaces`.
 pub fn scope(namespace: Option<&str>) -> String {
@@ -38,6 +42,12 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 33)
+}
+
+/// Whether a member Lease says its replica runs the recurring controller. Leases of older replicas, without the
+/// annotation, count as running it (they always did).
+pub fn runs_recurring(l: &Lease) -> bool {
+    lease::annotation(l, RECURRING_ANNOTATION) != Some("false")
 }
 
 /// Name of a replica's member Lease.
@@ -64,11 +74,24 @@ pub fn live(
     timing: &LeaseTiming,
     me: &str,
 ) -> Vec<String> {
+    live_where(store, observer, now, timing, me, |_| true)
+}
+
+/// Like [`live`], counting only members whose Lease `includes` (e.g. those that run the recurring controller).
+pub fn live_where(
+    store: &Store<Lease>,
+    observer: &mut Observer,
+    now: Instant,
+    timing: &LeaseTiming,
+    me: &str,
+    includes: impl Fn(&Lease) -> bool,
+) -> Vec<String> {
     let mut out = vec![me.to_string()];
     let leases = store.state();
     for l in &leases {
         let unchanged = observer.observe(&l.name_any(), l.resource_version().as_deref(), now);
         if !timing.expired(unchanged)
+            && includes(l)
             && let Some(h) = lease::holder(l)
             && h != me
         {
@@ -83,19 +106,22 @@ pub fn live(
 }
 
 /// Keep this replica's member Lease renewed until `stop`, then delete it.
+#[allow(clippy::too_many_arguments)]
 pub async fn heartbeat(
     client: Client,
     namespace: String,
     scope: String,
     identity: String,
     timing: LeaseTiming,
+    recurring: bool,
+    membership: watch::Sender<Option<Arc<Keeper>>>,
     stop: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let name = member_lease_name(&identity);
     let claim = Claim {
         holder: identity,
-        annotations: BTreeMap::new(),
+        annotations: BTreeMap::from([(RECURRING_ANNOTATION.to_string(), recurring.to_string())]),
         labels: [
             (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
             (MEMBER_LABEL.to_string(), scope),
@@ -106,22 +132,26 @@ pub async fn heartbeat(
     // A member Lease is no guard, only a sign of life: renewed with the same Keeper as every other Lease.
     let failures = prometheus_client::metrics::counter::Counter::default();
     while !stop.is_cancelled() {
-        let acquired = match api.get_opt(&name).await {
-            Ok(None) => lease::create(&api, &name, &claim, &timing).await,
-            // Our own name, left by an earlier process with the same identity: take it over.
-            Ok(Some(old)) => lease::take_over(&api, &old, &claim, &timing).await,
-            Err(e) => Err(e.into()),
-        };
+        let acquired =
+            match crate::client::bounded(timing.renew_deadline, async { Ok(api.get_opt(&name).await?) }).await {
+                Ok(None) => lease::create(&api, &name, &claim, &timing).await,
+                // Our own name, left by an earlier process with the same identity: take it over.
+                Ok(Some(old)) => lease::take_over(&api, &old, &claim, &timing).await,
+                Err(e) => Err(e),
+            };
         match acquired {
             Ok(Acquire::Acquired(held)) => {
-                let keeper = Keeper::new(api.clone(), held, timing);
+                let keeper = Arc::new(Keeper::new(api.clone(), held, timing));
+                membership.send_replace(Some(keeper.clone()));
                 tokio::select! {
                     _ = keeper.keep(&failures) => warn!("member lease lost; re-acquiring"),
                     _ = stop.cancelled() => {
+                        membership.send_replace(None);
                         keeper.release().await;
                         return;
                     }
                 }
+                membership.send_replace(None);
             }
             Ok(Acquire::Lost(_)) => {}
             Err(e) => warn!(error = %e, "cannot acquire the member lease"),

@@ -36,6 +36,7 @@ use crate::worker::Worker;
 pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
     let timing = config.lease_timing();
     timing.validate()?;
+    config.validate()?;
     let client = crate::client::connect().await?;
     ensure_crd(&client, config.namespace.as_deref()).await?;
     let identity = config.identity();
@@ -72,12 +73,15 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
         let (worker, client, stop) = (worker.clone(), client.clone(), stop_background.clone());
         tokio::spawn(async move { worker.clock.follow(client, stop).await })
     };
+    let (membership_tx, membership) = watch::channel(None);
     let heartbeat = tokio::spawn(crate::members::heartbeat(
         client.clone(),
         config.lease_namespace.clone(),
         crate::members::scope(config.namespace.as_deref()),
         identity.clone(),
         timing,
+        config.recurring_enabled,
+        membership_tx,
         stop_background.clone(),
     ));
     let recurring = config.recurring_enabled.then(|| {
@@ -86,12 +90,15 @@ pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
             jobs: view.jobs.clone(),
             members: view.members.clone(),
             changed: view.recurring_changed.clone(),
+            membership,
         };
         tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, stop_background.clone()))
     });
     let stop_election = CancellationToken::new();
     let (leader, election) = match config.strategy {
         Strategy::Parallel => (None, None),
+        // A replica that runs no jobs must not hold the one Lease that lets jobs run: it never stands.
+        Strategy::Exclusive if !config.job_execution_enabled => (Some(watch::channel(None).1), None),
         Strategy::Exclusive => {
             let (tx, rx) = watch::channel(None);
             let task = tokio::spawn(crate::exclusive::elect(

@@ -69,6 +69,9 @@ pub struct RecurringView {
     pub members: Store<Lease>,
     /// Notified on changes.
     pub changed: Arc<Notify>,
+    /// This replica's own member Lease, while held: the controller acts only while it is current, so a replica
+    /// that was paused or cut off never finishes a tick another owner has taken over since.
+    pub membership: tokio::sync::watch::Receiver<Option<Arc<crate::lease::Keeper>>>,
 }
 
 /// Jobs this process created whose creation the definition's status does not confirm yet, by definition UID.
@@ -87,7 +90,19 @@ pub async fn run(worker: Arc<Worker>, view: RecurringView, timing: LeaseTiming, 
             _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
         }
-        let live = members::live(&view.members, &mut observer, Instant::now(), &timing, &worker.identity);
+        let Some(fence) = view.membership.borrow().clone().filter(|k| k.is_current()) else {
+            wait = RETRY;
+            continue;
+        };
+        // Definitions are shared among the replicas that run this controller, not every member.
+        let live = members::live_where(
+            &view.members,
+            &mut observer,
+            Instant::now(),
+            &timing,
+            &worker.identity,
+            members::runs_recurring,
+        );
         let mut children: HashMap<String, Vec<Arc<BackgroundJob>>> = HashMap::new();
         for j in view.jobs.state() {
             if let Some(owner) = j.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob") {
@@ -101,7 +116,7 @@ pub async fn run(worker: Arc<Worker>, view: RecurringView, timing: LeaseTiming, 
                 continue;
             }
             let kids = children.remove(&uid).unwrap_or_default();
-            match reconcile(&worker, &def, &kids, &mut unconfirmed, worker.clock.now()).await {
+            match reconcile(&worker, &def, &kids, &mut unconfirmed, worker.clock.now(), &fence).await {
                 Ok(Some(next)) => wait = wait.min(next),
                 Ok(None) => {}
                 Err(e) => {
@@ -261,6 +276,7 @@ async fn reconcile(
     kids: &[Arc<BackgroundJob>],
     unconfirmed: &mut Unconfirmed,
     now: Timestamp,
+    fence: &crate::lease::Keeper,
 ) -> Result<Option<Duration>> {
     let ns = def.namespace().unwrap_or_default();
     let pass = Pass {
@@ -269,6 +285,7 @@ async fn reconcile(
         jobs: Api::namespaced(worker.client.clone(), &ns),
         kids,
         now,
+        fence,
     };
     let mut current = Current { def: def.clone(), fresh: false };
     let outcome = pass.decide(&mut current, unconfirmed).await;
@@ -303,6 +320,8 @@ struct Pass<'a> {
     /// The definition's children, as cached.
     kids: &'a [Arc<BackgroundJob>],
     now: Timestamp,
+    /// This replica's member Lease: a job is created only while it is current.
+    fence: &'a crate::lease::Keeper,
 }
 
 impl Pass<'_> {
@@ -420,7 +439,22 @@ impl Pass<'_> {
     /// definition; the job stays pending and is tried again.
     async fn create_job(&self, def: &RecurringBackgroundJob, name: &str) -> Result<()> {
         let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map_or(self.now, |t| t.0);
-        match self.jobs.create(&PostParams::default(), &child(def, name, tick)).await {
+        // The one write not fenced by the definition's resourceVersion: made only while this replica's membership is
+        // current (checked after every await before it), and bounded by what is left of it.
+        if !self.fence.is_current() {
+            return Err(Error::Stale(format!("not creating job {name}: this replica's membership lapsed")));
+        }
+        let left = self.fence.time_left();
+        let created = crate::client::bounded(left, async {
+            Ok(self.jobs.create(&PostParams::default(), &child(def, name, tick)).await?)
+        })
+        .await;
+        let created = match created {
+            Err(Error::Kube(e)) => Err(e),
+            Err(other) => return Err(other),
+            Ok(job) => Ok(job),
+        };
+        match created {
             Ok(_) => {
                 info!(definition = %def.name_any(), job = %name, "tick: job created");
                 let note = format!("tick {tick}: created job {name}");

@@ -164,6 +164,8 @@ pub async fn take_over(api: &Api<Lease>, seen: &Lease, claim: &Claim, timing: &L
     let annotations = lease.metadata.annotations.get_or_insert_with(Default::default);
     annotations.extend(claim.annotations.clone());
     lease.metadata.owner_references = claim.owner.clone().map(|o| vec![o]);
+    // And its labels, so a Lease whose labels were edited becomes visible to every replica's watch again.
+    lease.metadata.labels.get_or_insert_with(Default::default).extend(claim.labels.clone());
     let spec = lease.spec.get_or_insert_with(Default::default);
     spec.holder_identity = Some(claim.holder.clone());
     spec.lease_duration_seconds = Some(timing.duration_seconds());

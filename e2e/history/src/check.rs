@@ -108,8 +108,8 @@ struct Execution {
     finished: bool,
 }
 
-/// How much earlier than its tick a recurring job may appear: the clocks' resolution (whole seconds).
-const EARLY_SLACK_MS: i64 = 1_500;
+/// How much earlier than its tick a recurring job may appear: what whole-second `Date` headers let replicas agree on.
+const EARLY_SLACK_MS: i64 = 2_500;
 
 const FINAL: [&str; 5] = ["Succeeded", "Failed", "Abandoned", "Cancelled", "Skipped"];
 

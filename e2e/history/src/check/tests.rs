@@ -185,7 +185,7 @@ fn a_job_made_well_before_its_tick_is_an_early_tick() {
         (s.recurring, s.tick_ms, s.created_ms) = (Some("ns/daily".into()), Some(20_000), 0);
     }
     assert_eq!(check(&h, &Limits::default()).early_ticks, 1);
-    h.status.iter_mut().for_each(|s| s.created_ms = 19_000);
+    h.status.iter_mut().for_each(|s| s.created_ms = 18_000);
     assert_eq!(check(&h, &Limits::default()).early_ticks, 0, "within a clock's resolution");
 }
 
