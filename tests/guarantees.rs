@@ -9,7 +9,7 @@ use std::time::Duration;
 use bgjobs::api::Phase;
 use common::{TestEnv, all_in, executions, max_overlap};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -503,4 +503,54 @@ async fn cluster_slots_are_never_deleted_by_lost_claims() {
     env.wait_until(2 * MINUTE, "all 200 Succeeded", |jobs| jobs.len() == 200 && all_in(jobs, Phase::Succeeded)).await;
     watch.abort();
     assert_eq!(deletions.load(std::sync::atomic::Ordering::Relaxed), 0, "slot Leases were deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurring_owner_paused_between_claiming_a_tick_and_creating_its_job_never_runs_the_tick_again() {
+    let env = TestEnv::new("paused-tick-owner").await;
+    let _recorder = common::Recorder::start(&env);
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let options = common::ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let a = env.replica_with("a", &[], &options);
+    let _b = env.replica("b", &[]);
+    // A definition owned by a (rendezvous over both members): its jobs are deleted as soon as they finish.
+    let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut name = String::new();
+    for i in 0.. {
+        name = format!("tick-{i}");
+        let def: bgjobs::api::RecurringBackgroundJob = serde_json::from_value(json!({
+            "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": name},
+            "spec": {"schedule": "*/10 * * * * *", "successfulJobsHistoryLimit": 0, "suspend": true,
+                     "jobTemplate": {"spec": {"jobName": "noop", "ttlSecondsAfterFinished": 0}}}
+        }))
+        .unwrap();
+        let created = defs.create(&PostParams::default(), &def).await.unwrap();
+        if bgjobs::members::owner(&["a".to_string(), "b".to_string()], &created.uid().unwrap()) == Some("a") {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // a's answers now arrive a second late: time to freeze it between its claim and its create.
+    proxy.delay_downstream(Duration::from_secs(1));
+    let resume = Patch::Merge(json!({"spec": {"suspend": false}}));
+    defs.patch(&name, &PatchParams::default(), &resume).await.unwrap();
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let d = defs.get(&name).await.unwrap();
+        if d.status.as_ref().and_then(|s| s.pending_job.as_ref()).is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a never claimed a tick");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.stop();
+    // b takes the definition over, creates the tick's job, which runs and is deleted.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    proxy.delay_downstream(Duration::ZERO);
+    a.resume();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    defs.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}}))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = bgjobs_history::check(&bgjobs_history::History::read(&env.dir).unwrap(), &Default::default());
+    assert_eq!(report.duplicate_ticks, 0, "{:?}", report.violations);
 }

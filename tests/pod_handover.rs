@@ -91,3 +91,32 @@ async fn pods_handed_over_on_shutdown_keep_their_cluster_slots() {
         env.list().await.iter().filter(|j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")).count();
     assert_eq!(adopted, 6, "b adopted a's two pods and ran the rest: {}", common::summary(&env.list().await));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_holds() {
+    let env = TestEnv::new("pod-slot-deleted").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let cap = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "1"];
+    let _a = env.replica("a", &cap);
+    let _b = env.replica("b", &cap);
+    env.create("first", pod_job(&agent, "sleep 10", json!({}))).await;
+    wait_running_pods(&env, 1).await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    leases.delete(&bgjobs::limits::slot_name(0), &Default::default()).await.unwrap();
+    for i in 0..2 {
+        env.create(&format!("next-{i}"), pod_job(&agent, "sleep 2", json!({"priority": "High"}))).await;
+    }
+    let mut most = 0;
+    let deadline = Instant::now() + 2 * MINUTE;
+    loop {
+        most = most.max(running_pods(&env).await.len());
+        let jobs = env.list().await;
+        if jobs.len() == 3 && all_in(&jobs, Phase::Succeeded) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs never all succeeded: {}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
+}
