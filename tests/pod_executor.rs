@@ -326,7 +326,8 @@ async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() 
     pods.delete("once-1", &DeleteParams::default()).await.unwrap();
     wait_no_pods(&env, "once", "deleted by hand").await;
     let _b = env.replica("b", &[]);
-    let job = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
+    // The adopter concludes "vanished" only once no create of the attempt can still land (90 s after it began).
+    let job = env.wait_job("once", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     let ran = std::fs::read_to_string(&runs).unwrap();
     assert_eq!(ran.lines().collect::<Vec<_>>(), ["1"], "attempt 1 ran once, and was not re-run under its number");
     let s = job.status.unwrap();

@@ -19,7 +19,8 @@
 //!   job: the claim's `lastError` says `… adopted attempt <n>'s pod`) only looks the Pod up. If it is gone (removed by
 //!   hand, or by the terminated-pod garbage collector, before anyone recorded its outcome), creating `<job>-<n>` again
 //!   would silently redo work that may have finished, under the same attempt number. The attempt ends `Retryable`
-//!   ("vanished before its outcome was recorded") instead, and the retry policy decides whether a new attempt, with
+//!   ("vanished before its outcome was recorded", concluded only once no create sent during the attempt can still
+//!   land) instead, and the retry policy decides whether a new attempt, with
 //!   a Pod of its own, runs. The price: if the previous holder died between its claim and its create, the Pod never
 //!   existed and that attempt is counted as failed without having run.
 //! - **A Pod left by a deleted namesake.** A job re-created under the same name meets `<job>-<n>` of the old job
@@ -35,6 +36,8 @@
 //! job's, with its backoff, not the kubelet's.
 
 use std::collections::BTreeMap;
+
+use jiff::SignedDuration;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -186,14 +189,24 @@ async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &st
 /// would redo work that may have finished, under the same attempt number. The attempt ends instead, and the retry
 /// policy decides (a new attempt, with its own Pod).
 async fn adopt(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
-    let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
-    existing.ok_or_else(|| {
-        AttemptResult::Retryable(format!(
-            "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work \
-             may have run), the attempt counts as failed",
-            ctx.attempt
-        ))
-    })
+    // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver): "gone" is
+    // concluded only once no create sent during the attempt can still land, CREATE_PATIENCE after the attempt began.
+    let started = job.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0);
+    let patience = SignedDuration::try_from(CREATE_PATIENCE).unwrap_or_default();
+    let settled_at = started.and_then(|t| t.checked_add(patience).ok()).unwrap_or_else(jiff::Timestamp::now);
+    loop {
+        if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
+            return Ok(uid);
+        }
+        if jiff::Timestamp::now() >= settled_at {
+            return Err(AttemptResult::Retryable(format!(
+                "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its \
+                 work may have run), the attempt counts as failed",
+                ctx.attempt
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// What an existing Pod of the attempt's name means for the attempt: this job's is adopted (its UID), another ends
