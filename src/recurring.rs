@@ -80,7 +80,12 @@ pub struct RecurringView {
 type Unconfirmed = HashMap<String, String>;
 
 /// Run the controller until `stop`.
-pub async fn run(worker: Arc<Worker>, view: RecurringView, timing: LeaseTiming, stop: CancellationToken) {
+pub async fn run(worker: Arc<Worker>, mut view: RecurringView, timing: LeaseTiming, stop: CancellationToken) {
+    // Nothing is done for a definition before this replica holds its member Lease (the fence of every tick).
+    tokio::select! {
+        _ = view.membership.wait_for(|m| m.is_some()) => {}
+        _ = stop.cancelled() => return,
+    }
     let mut observer = Observer::default();
     let mut unconfirmed = Unconfirmed::new();
     let mut wait = Duration::ZERO;

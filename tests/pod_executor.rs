@@ -20,15 +20,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// A Pod job running `script` with `sh -c`, placed on `agent`'s node.
 fn pod_job(agent: &NodeAgent, script: &str, extra: serde_json::Value) -> serde_json::Value {
-    let mut spec = json!({
-        "jobName": "shell",
-        "args": {"greeting": "hello"},
-        "template": {"spec": {"containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]}},
-    });
-    let pod_spec = spec["template"]["spec"].as_object_mut().unwrap();
-    pod_spec.extend(agent.placement().as_object().unwrap().clone());
-    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    spec
+    agent.shell_job(script, extra)
 }
 
 async fn pods_of(env: &TestEnv, job: &str) -> Vec<Pod> {

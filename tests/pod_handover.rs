@@ -16,14 +16,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// A Pod job running `script` with `sh -c`, placed on `agent`'s node.
 fn pod_job(agent: &NodeAgent, script: &str, extra: serde_json::Value) -> serde_json::Value {
-    let mut spec = json!({
-        "jobName": "shell",
-        "template": {"spec": {"containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]}},
-    });
-    let pod_spec = spec["template"]["spec"].as_object_mut().unwrap();
-    pod_spec.extend(agent.placement().as_object().unwrap().clone());
-    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    spec
+    agent.shell_job(script, extra)
 }
 
 /// The Pods bgjobs made in the test's namespace that are Running now.

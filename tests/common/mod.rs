@@ -552,6 +552,20 @@ impl NodeAgent {
         })
     }
 
+    /// A Pod-mode job spec running `script` with `sh -c` on this node (args `{"greeting": "hello"}`), with `extra`
+    /// fields merged into the spec.
+    pub fn shell_job(&self, script: &str, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "jobName": "shell",
+            "args": {"greeting": "hello"},
+            "template": {"spec": {"containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]}},
+        });
+        let pod_spec = spec["template"]["spec"].as_object_mut().unwrap();
+        pod_spec.extend(self.placement().as_object().unwrap().clone());
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        spec
+    }
+
     /// Put a Pod on this node: set its nodeSelector and add the toleration.
     pub fn pin(&self, spec: &mut k8s_openapi::api::core::v1::PodSpec) {
         spec.node_selector.get_or_insert_with(Default::default).insert(TEST_NODE_LABEL.into(), self.node.clone());
