@@ -602,6 +602,19 @@ impl Dispatcher {
         Some(DoneOnDrop { tx: self.done_tx.clone(), done: Some(Done { uid, seen_at: job.resource_version() }) })
     }
 
+    /// Whether `job` is the job its recurring definition's status names as created but not yet confirmed.
+    fn awaits_confirmation(&self, job: &BackgroundJob) -> bool {
+        let Some(owner) = job.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob") else {
+            return false;
+        };
+        let ns = job.namespace().unwrap_or_default();
+        self.view.definitions.state().iter().any(|d| {
+            d.uid().as_deref() == Some(owner.uid.as_str())
+                && d.namespace().as_deref() == Some(ns.as_str())
+                && d.status.as_ref().and_then(|s| s.pending_job.as_deref()) == Some(job.name_any().as_str())
+        })
+    }
+
     /// Delete a finished job whose TTL has passed; otherwise return when it will. One replica deletes each job
     /// (its rendezvous owner among the live `members`), under the version seen, so a job re-opened since (`bgjobs
     /// retry`) is not deleted.
@@ -616,6 +629,11 @@ impl Dispatcher {
         if crate::members::owner(members, &uid).is_some_and(|owner| owner != self.worker.identity) {
             return None;
         }
+        if self.awaits_confirmation(job) {
+            // Its definition has not confirmed creating it yet: deleted now, it would look never created, and the
+            // definition's next owner would create it again. Kept until the confirmation.
+            return Some(now.checked_add(jiff::SignedDuration::from_secs(1)).unwrap_or(now));
+        }
         let done = self.start_write(job)?;
         let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());
         let dp = DeleteParams {
@@ -623,14 +641,11 @@ impl Dispatcher {
             ..Default::default()
         };
         let name = job.name_any();
-        let deleted = self.worker.metrics.ttl_deletions.clone();
+        self.worker.metrics.ttl_deletions.inc();
         tokio::spawn(async move {
             let _done = done;
             match crate::client::bounded(SIDE_WRITE_LIMIT, async { Ok(api.delete(&name, &dp).await?) }).await {
-                Ok(_) => {
-                    deleted.inc();
-                    debug!(job = %name, "deleted finished job after its TTL");
-                }
+                Ok(_) => debug!(job = %name, "deleted finished job after its TTL"),
                 Err(crate::Error::Kube(e)) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
                 Err(e) => warn!(job = %name, error = %e, "could not delete finished job"),
             }

@@ -50,7 +50,7 @@ pub struct Metrics {
     pub renew_failures: Counter,
     /// Attempt outcomes not recorded because the claim was no longer this replica's.
     pub stale_results_discarded: Counter,
-    /// Finished jobs this replica deleted when their TTL passed (each job is deleted by one replica only).
+    /// Deletes of finished jobs this replica sent when their TTL passed (each job is deleted by one replica only).
     pub ttl_deletions: Counter,
     /// Jobs finished (or attempts retried) by this replica, by phase.
     pub finished: Family<PhaseLabel, Counter>,
@@ -97,7 +97,7 @@ impl Default for Metrics {
         );
         r.register(
             "ttl_deletions",
-            "Finished jobs deleted by this replica when their TTL passed",
+            "Deletes of finished jobs this replica sent when their TTL passed",
             m.ttl_deletions.clone(),
         );
         r.register(

@@ -554,3 +554,44 @@ async fn a_recurring_owner_paused_between_claiming_a_tick_and_creating_its_job_n
     let report = bgjobs_history::check(&bgjobs_history::History::read(&env.dir).unwrap(), &Default::default());
     assert_eq!(report.duplicate_ticks, 0, "{:?}", report.violations);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticks_job_created_but_not_yet_confirmed_is_kept_past_its_ttl_and_never_runs_twice() {
+    let env = TestEnv::new("unconfirmed-tick").await;
+    // The state an owner leaves when it dies between creating a tick's job and confirming it: the status names the
+    // job as pending, and the job exists, with `ttlSecondsAfterFinished: 0`.
+    let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let def: bgjobs::api::RecurringBackgroundJob = serde_json::from_value(json!({
+        "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": "nightly"},
+        "spec": {"schedule": "0 0 * * *", "jobTemplate": {"spec": {"jobName": "noop", "ttlSecondsAfterFinished": 0}}}
+    }))
+    .unwrap();
+    let def = defs.create(&PostParams::default(), &def).await.unwrap();
+    let tick = jiff::Timestamp::now().as_second() - 5;
+    let name = bgjobs::recurring::job_name("nightly", jiff::Timestamp::from_second(tick).unwrap());
+    let mut status = def.clone();
+    status.status = Some(bgjobs::api::RecurringBackgroundJobStatus {
+        last_schedule_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::from_second(tick).unwrap(),
+        )),
+        pending_job: Some(name.clone()),
+        ..Default::default()
+    });
+    defs.replace_status("nightly", &PostParams::default(), &status).await.unwrap();
+    let child = bgjobs::recurring::child(&def, &name, jiff::Timestamp::from_second(tick).unwrap());
+    env.jobs.create(&PostParams::default(), &child).await.unwrap();
+    // First a replica that runs jobs but not the recurring controller: it runs the job, and its TTL is due at once.
+    let _worker = env.replica("worker", &["--recurring-enabled=false"]);
+    env.wait_until(MINUTE, "the tick's job ran", |_| !executions(&env.invocations()).is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Then the definition's next owner.
+    let _owner = env.replica("owner", &[]);
+    let deadline = std::time::Instant::now() + MINUTE;
+    while defs.get("nightly").await.unwrap().status.and_then(|s| s.pending_job).is_some() {
+        assert!(std::time::Instant::now() < deadline, "the pending job was never confirmed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    env.wait_until(MINUTE, "the job deleted after its TTL once confirmed", |jobs| jobs.is_empty()).await;
+    let runs = executions(&env.invocations()).len();
+    assert_eq!(runs, 1, "the tick's job ran {runs} times");
+}

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use bgjobs::api::{Phase, RecurringBackgroundJob};
 use bgjobs::recurring::SCHEDULED_TIME_ANNOTATION;
 use common::{ReplicaOptions, TestEnv};
-use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -181,36 +179,10 @@ async fn without_permission_to_record_a_tick_no_job_is_created_and_the_refusal_i
     assert!(notes.iter().any(|n| n.contains("403") || n.contains("forbidden")), "the Event says why: {notes:?}");
 }
 
-/// A ServiceAccount bound to the chart's Role (`charts/bgjobs/templates/_helpers.tpl`, `bgjobs.rules` with recurring
-/// enabled, plus the Lease rules) minus one verb: `update` on `recurringbackgroundjobs/status`. Returns a kubeconfig
-/// that authenticates as it.
+/// A ServiceAccount with the chart's rules minus one verb: `update` on `recurringbackgroundjobs/status`. Returns a
+/// kubeconfig that authenticates as it.
 async fn account_without_recurring_status_update(env: &TestEnv) -> std::path::PathBuf {
-    let sa = "bgjobs-no-status";
-    let rule = |group: &str, resources: &[&str], verbs: &[&str]| json!({"apiGroups": [group], "resources": resources, "verbs": verbs});
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "rules": [
-            rule("bgjobs.dev", &["backgroundjobs"], &["get", "list", "watch", "delete", "create", "patch"]),
-            rule("bgjobs.dev", &["backgroundjobs/status"], &["get", "update"]),
-            rule("bgjobs.dev", &["recurringbackgroundjobs"], &["get", "list", "watch"]),
-            rule("bgjobs.dev", &["recurringbackgroundjobs/status"], &["get"]),
-            rule("coordination.k8s.io", &["leases"], &["get", "list", "watch", "create", "update", "delete"]),
-            rule("events.k8s.io", &["events"], &["create", "patch"]),
-        ],
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": env.ns}],
-    }))
-    .unwrap();
-    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap();
-    let pp = PostParams::default();
-    Api::<ServiceAccount>::namespaced(env.client.clone(), &env.ns).create(&pp, &account).await.unwrap();
-    Api::<Role>::namespaced(env.client.clone(), &env.ns).create(&pp, &role).await.unwrap();
-    Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns).create(&pp, &binding).await.unwrap();
-    common::service_account_kubeconfig(sa, &env.ns, &env.dir)
+    common::operator_account(env, "bgjobs-no-status", &[("recurringbackgroundjobs/status", "update")]).await
 }
 
 /// Notes of the Warning Events with `reason` on the definition `name`.

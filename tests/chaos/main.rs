@@ -8,11 +8,11 @@
 //! its clock 20 s ahead.
 //! Faults, one every 2–5 s: `kill -9` (restarted under the same or a new identity), SIGSTOP past the lease duration,
 //! SIGTERM, an apiserver restart (alone or with etcd), proxy resets and stalls, hand-deleted claim, slot and key
-//! Leases.
+//! Leases, a verb taken from the RBAC Role one replica runs under.
 //!
 //! `CHAOS_SECONDS` (default 60) sets how long faults are injected; `CHAOS_SEED` reproduces a schedule (the run
-//! prints its seed); `CHAOS_FAULTS` (comma-separated kinds, default all: kill9, stop, term, apiserver-restart,
-//! proxy-reset, proxy-stall, lease-delete) narrows the schedule. A failing run names the broken invariant and keeps its history in `target/test-runs/<ns>/`.
+//! prints its seed); `CHAOS_FAULTS` (comma-separated kinds, default all: rbac-remove, kill9, stop, term,
+//! apiserver-restart, proxy-reset, proxy-stall, lease-delete) narrows the schedule. A failing run names the broken invariant and keeps its history in `target/test-runs/<ns>/`.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -29,6 +29,8 @@ use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 
 const PER_REPLICA: usize = 4;
+/// The ServiceAccount (and Role) r0 runs as.
+const OPERATOR_ACCOUNT: &str = "chaos-operator";
 const CLUSTER_CAP: usize = 6;
 /// The tests' lease duration (`common::FAST_LEASES`), plus the renew deadline's slack for the checker's window.
 const LEASE_MS: i64 = 3_000 + 2_000;
@@ -59,8 +61,10 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
         "1s",
     ];
     let admin = common::kubeconfig_path();
+    // r0 acts as the chart's ServiceAccount would, so verbs can be taken from it mid-run.
+    let account = common::operator_account(&env, OPERATOR_ACCOUNT, &[]).await;
     let specs = vec![
-        MemberSpec { kubeconfig: admin.clone(), clock_offset_ms: 0, via: "apiserver" },
+        MemberSpec { kubeconfig: account, clock_offset_ms: 0, via: "apiserver, as the chart's ServiceAccount" },
         MemberSpec { kubeconfig: proxy.kubeconfig(&env.dir), clock_offset_ms: 0, via: "proxy" },
         MemberSpec { kubeconfig: second, clock_offset_ms: 0, via: "second apiserver" },
         MemberSpec { kubeconfig: admin, clock_offset_ms: 20_000, via: "apiserver, clock +20 s" },
@@ -126,7 +130,8 @@ fn second_apiserver() -> std::path::PathBuf {
     std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default())
 }
 
-const FAULT_KINDS: [&str; 9] = [
+const FAULT_KINDS: [&str; 10] = [
+    "rbac-remove",
     "kill9",
     "stop",
     "term",
@@ -151,23 +156,33 @@ async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, 
     }
     match kind {
         0 => {
+            // A verb taken from r0's Role for a few seconds: its status writes are refused (403) meanwhile.
+            let identity = fleet.members[0].identity.clone();
+            let pause = rng.ms(2_000, 6_000);
+            fleet.faults.record("rbac-remove", &identity, format!("update on backgroundjobs/status for {pause:?}"));
+            common::set_operator_rules(env, OPERATOR_ACCOUNT, &[("backgroundjobs/status", "update")]).await;
+            tokio::time::sleep(pause).await;
+            common::set_operator_rules(env, OPERATOR_ACCOUNT, &[]).await;
+            fleet.faults.record("rbac-restore", &identity, "");
+        }
+        1 => {
             fleet.kill9(i);
             tokio::time::sleep(rng.ms(500, 2_500)).await;
             let new_identity = rng.below(2) == 0;
             fleet.restart(i, new_identity);
         }
-        1 => {
+        2 => {
             if !fleet.members[i].paused && fleet.running(i) {
                 fleet.pause(i);
                 tokio::time::sleep(rng.ms(3_500, 6_000)).await;
                 fleet.resume(i);
             }
         }
-        2 => {
+        3 => {
             fleet.terminate(i, Duration::from_secs(10));
             fleet.restart(i, rng.below(2) == 0);
         }
-        3 => {
+        4 => {
             let what = if rng.below(3) == 0 { "both" } else { "apiserver" };
             fleet.faults.record("apiserver-restart", "cluster", what);
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -178,17 +193,17 @@ async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, 
                 .is_ok_and(|o| o.status.success());
             assert!(ok, "the control plane came back after a restart of {what}");
         }
-        4 => {
+        5 => {
             let n = proxy.reset_all();
             fleet.faults.record("proxy-reset", &fleet.members[1].identity.clone(), format!("{n} connections"));
         }
-        5 => {
+        6 => {
             let stall = rng.ms(1_000, 6_000);
             fleet.faults.record("proxy-stall", &fleet.members[1].identity.clone(), format!("{stall:?}"));
             proxy.stall(stall).await;
         }
-        6 => delete_a_lease(env, fleet, rng, "bgjobs.dev/job").await,
-        7 => delete_a_lease(env, fleet, rng, bgjobs::limits::SLOT_LABEL).await,
+        7 => delete_a_lease(env, fleet, rng, "bgjobs.dev/job").await,
+        8 => delete_a_lease(env, fleet, rng, bgjobs::limits::SLOT_LABEL).await,
         _ => delete_a_lease(env, fleet, rng, bgjobs::keys::KEY_LABEL).await,
     }
 }

@@ -112,6 +112,68 @@ impl Drop for Recorder {
     }
 }
 
+/// The rules of the chart's Role (`charts/bgjobs/templates/_helpers.tpl`, `bgjobs.rules`, with recurring jobs and
+/// Pod mode on, plus the Lease rules), minus the `(resource, verb)` pairs in `without`.
+pub fn operator_rules(without: &[(&str, &str)]) -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
+    let rule = |group: &str, resource: &str, verbs: &[&str]| {
+        let verbs: Vec<String> =
+            verbs.iter().filter(|v| !without.contains(&(resource, **v))).map(|v| v.to_string()).collect();
+        k8s_openapi::api::rbac::v1::PolicyRule {
+            api_groups: Some(vec![group.to_string()]),
+            resources: Some(vec![resource.to_string()]),
+            verbs,
+            ..Default::default()
+        }
+    };
+    vec![
+        rule("bgjobs.dev", "backgroundjobs", &["get", "list", "watch", "delete", "create", "patch"]),
+        rule("bgjobs.dev", "backgroundjobs/status", &["get", "update"]),
+        rule("bgjobs.dev", "recurringbackgroundjobs", &["get", "list", "watch"]),
+        rule("bgjobs.dev", "recurringbackgroundjobs/status", &["get", "update"]),
+        rule("coordination.k8s.io", "leases", &["get", "list", "watch", "create", "update", "delete"]),
+        rule("events.k8s.io", "events", &["create", "patch"]),
+        rule("", "pods", &["get", "list", "watch", "create", "delete"]),
+    ]
+    .into_iter()
+    .filter(|r| !r.verbs.is_empty())
+    .collect()
+}
+
+/// A ServiceAccount `name` in the test's namespace, bound to a Role `name` with [`operator_rules`] minus `without`;
+/// returns a kubeconfig that authenticates as it. Its Leases must live in the test's namespace (`--lease-namespace`).
+pub async fn operator_account(env: &TestEnv, name: &str, without: &[(&str, &str)]) -> PathBuf {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding, RoleRef, Subject};
+    let meta = || ObjectMeta { name: Some(name.to_string()), ..Default::default() };
+    let role = Role { metadata: meta(), rules: Some(operator_rules(without)) };
+    let binding = RoleBinding {
+        metadata: meta(),
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: name.into() },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: name.into(),
+            namespace: Some(env.ns.clone()),
+            ..Default::default()
+        }]),
+    };
+    let pp = PostParams::default();
+    let account = ServiceAccount { metadata: meta(), ..Default::default() };
+    Api::<ServiceAccount>::namespaced(env.client.clone(), &env.ns).create(&pp, &account).await.unwrap();
+    Api::<Role>::namespaced(env.client.clone(), &env.ns).create(&pp, &role).await.unwrap();
+    Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns).create(&pp, &binding).await.unwrap();
+    service_account_kubeconfig(name, &env.ns, &env.dir)
+}
+
+/// Change the Role of [`operator_account`] `name` to [`operator_rules`] minus `without` (a verb taken away, or
+/// given back, mid-run).
+pub async fn set_operator_rules(env: &TestEnv, name: &str, without: &[(&str, &str)]) {
+    use k8s_openapi::api::rbac::v1::Role;
+    let roles: Api<Role> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut role = roles.get(name).await.unwrap();
+    role.rules = Some(operator_rules(without));
+    roles.replace(name, &PostParams::default(), &role).await.unwrap();
+}
+
 /// What [`TestEnv::replica_with`] changes about a replica.
 #[derive(Clone, Debug, Default)]
 pub struct ReplicaOptions {
