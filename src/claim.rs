@@ -328,7 +328,8 @@ async fn claim_job(
 ///
 /// A Running job whose holder looks gone is settled only under its claim Lease, taken exactly as a claim takes it:
 /// a holder that is in fact alive (this replica's view of its Lease was stale) has renewed since, the takeover
-/// conflicts, and nothing is written. `Ok(false)`: someone else moved first.
+/// conflicts, and nothing is written. A Pod attempt's Pod is deleted (and waited for) before the write.
+/// `Ok(false)`: someone else moved first, or the Pod has not stopped yet.
 pub async fn settle(
     client: &Client,
     job: &BackgroundJob,
@@ -350,6 +351,14 @@ pub async fn settle(
     let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
         return Ok(false);
     };
+    // A Pod attempt ends only once its Pod has stopped: delete it first, while the Lease is ours.
+    if job.spec.template.is_some() {
+        let left = timing.renew_deadline.saturating_sub(held.written_at.elapsed());
+        if !crate::executor::pod::delete(client, job, job.attempts(), left).await {
+            lease::release(&leases, &held.lease).await?;
+            return Ok(false);
+        }
+    }
     let written = write_holding(&jobs, job, &held, timing, new_status).await;
     if written.is_ok() {
         lease::release(&leases, &held.lease).await?;

@@ -308,18 +308,23 @@ impl Dispatcher {
             let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
             // An orphaned Pod attempt is adopted whatever its budget says: its Pod may still be running, and the
             // adopter is the one who deletes it on cancel or timeout (the attempt runner enforces both).
-            if !(orphaned && claim::adopts(&job)) {
-                if job.spec.cancel {
-                    self.spawn_settle(
-                        &job,
-                        lease,
-                        state,
-                        Phase::Cancelled,
-                        "cancelled by the user before it ran".into(),
-                    );
-                    continue;
-                }
-                if let Err(verdict) = retry::may_start(&job.spec, created, job.attempts(), now) {
+            // An orphaned Pod attempt whose Pod may still run is adopted whatever its attempt budget says (that
+            // budget was spent on this very attempt); cancelling it or passing its deadline settles it, and the
+            // settle deletes its Pod first.
+            let adoptable = orphaned && claim::adopts(&job);
+            if job.spec.cancel {
+                let reason = if adoptable {
+                    "cancelled by the user while its pod ran unwatched; the pod was deleted"
+                } else {
+                    "cancelled by the user before it ran"
+                };
+                self.spawn_settle(&job, lease, state, Phase::Cancelled, reason.into());
+                continue;
+            }
+            match retry::may_start(&job.spec, created, job.attempts(), now) {
+                Ok(()) => {}
+                Err(Verdict::Fail(_)) if adoptable => {}
+                Err(verdict) => {
                     let (phase, reason) = match verdict {
                         Verdict::Fail(r) => (Phase::Failed, r),
                         Verdict::Abandon(r) => (Phase::Abandoned, r),

@@ -113,3 +113,34 @@ async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_hold
     }
     assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_pod_job_is_cancelled_and_its_pod_deleted_even_when_no_replica_has_a_free_slot() {
+    let env = TestEnv::new("pod-orphan-cancel").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let one = ["--max-concurrent-jobs-per-instance", "1"];
+    let mut a = env.replica("a", &one);
+    env.create("orphan", pod_job(&agent, "sleep 120", json!({}))).await;
+    wait_running_pods(&env, 1).await;
+    a.kill9();
+    // b's only slot is busy with another long Pod job: it cannot adopt the orphan.
+    let _b = env.replica("b", &one);
+    env.create("busy", pod_job(&agent, "sleep 120", json!({}))).await;
+    wait_running_pods(&env, 2).await;
+    let cancel = kube::api::Patch::Merge(json!({"spec": {"cancel": true}}));
+    env.jobs.patch("orphan", &Default::default(), &cancel).await.unwrap();
+    let done = env.wait_job("orphan", MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
+    assert!(done.status.unwrap().last_error.unwrap_or_default().contains("pod was deleted"));
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + MINUTE;
+    while pods
+        .get_opt("orphan-1")
+        .await
+        .unwrap()
+        .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
+    {
+        assert!(Instant::now() < deadline, "the orphan's pod still runs");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
