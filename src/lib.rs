@@ -6,6 +6,10 @@
 //!
 //! The flow, one module per step: observe ([`queue`]) → pick ([`ordering`], [`dispatch`]) → claim ([`claim`],
 //! [`lease`]) → run ([`attempt`], [`executor`]) → record ([`status`], [`retry`]).
+//!
+//! Where each guarantee lives: every Lease is written, kept and judged in [`lease`] (one expiry rule, one renew loop);
+//! every scheduling decision reads the apiserver's clock ([`clock`]); names derived from user names stay within
+//! Kubernetes' limits through [`names`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
