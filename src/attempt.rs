@@ -102,6 +102,8 @@ enum Ending {
     /// The job's own deadline (`timeoutSeconds` since creation) passed while the attempt ran.
     DeadlineReached,
     Stopped(StopReason),
+    /// Claimed under a leadership that ended before the attempt started: nothing ran (no Pod either).
+    NotStarted,
     LeaseLost,
 }
 
@@ -236,7 +238,7 @@ async fn run_claimed(
     let (limit, limit_is_deadline) = attempt_limit(&job, worker.clock.now());
     let ending = if !control.leading() {
         // Claimed under a leadership that has ended since: hand the attempt back without running it.
-        Ending::Stopped(StopReason::NotLeader)
+        Ending::NotStarted
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
@@ -371,6 +373,16 @@ async fn record(
             let written =
                 status::write_fenced(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
             info!("attempt handed back to the queue");
+            return Ok(matches!(written, Fenced::Written(_)));
+        }
+        Ending::NotStarted => {
+            let msg = format!(
+                "attempt {} was not started: worker {} lost the exclusive lease right after claiming it",
+                fence.attempt, worker.identity
+            );
+            let written =
+                status::write_fenced(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
+            info!("attempt handed back to the queue before it started");
             return Ok(matches!(written, Fenced::Written(_)));
         }
         Ending::LeaseLost => return Ok(false),
