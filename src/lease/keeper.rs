@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use tracing::warn;
 
-use super::{Acquire, Claim, Held, LeaseTiming, create, now_micro, release, replace, same_tenure, vacate};
+use super::{Acquire, Claim, Held, LeaseTiming, create, now_micro, release_if_current, replace, same_tenure, vacate};
 
 /// Keeps one acquired Lease renewed and says whether its holder may still act on it.
 ///
@@ -171,12 +171,27 @@ impl Keeper {
     /// Give the Lease back (only if it is still exactly as last written here), so others need not wait for it to
     /// expire. Call only after the work it guards has stopped.
     pub async fn release(&self) {
-        let lease = self.lease();
         let left = self.timing.renew_deadline;
-        match tokio::time::timeout(left, release(&self.api, &lease)).await {
+        let giving_back = async {
+            // Our copy may be a renewal behind (one that landed while the work ended): on a conflict, read it back
+            // and give back the same tenure under its current version.
+            for _ in 0..2 {
+                let lease = self.lease();
+                if release_if_current(&self.api, &lease).await? {
+                    return Ok(());
+                }
+                match self.api.get_opt(&lease.name_any()).await? {
+                    Some(now) if same_tenure(&lease, &now) => self.renewed(now, None),
+                    _ => return Ok(()),
+                }
+            }
+            Ok::<(), crate::Error>(())
+        };
+        let name = self.lease().name_any();
+        match tokio::time::timeout(left, giving_back).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, lease = %lease.name_any(), "could not give back a lease; it expires"),
-            Err(_) => warn!(lease = %lease.name_any(), "giving back a lease timed out; it expires on its own"),
+            Ok(Err(e)) => warn!(error = %e, lease = %name, "could not give back a lease; it expires"),
+            Err(_) => warn!(lease = %name, "giving back a lease timed out; it expires on its own"),
         }
     }
 

@@ -189,6 +189,11 @@ async fn replace(api: &Api<Lease>, lease: &Lease) -> Result<Option<Lease>> {
 
 /// Delete a Lease this replica holds, only if it is still exactly as last written by us.
 pub async fn release(api: &Api<Lease>, held: &Lease) -> Result<()> {
+    release_if_current(api, held).await.map(|_| ())
+}
+
+/// [`release`], saying whether the Lease is gone now (`false`: it changed since `held`, and is still there).
+pub async fn release_if_current(api: &Api<Lease>, held: &Lease) -> Result<bool> {
     let dp = DeleteParams {
         preconditions: Some(Preconditions {
             resource_version: held.metadata.resource_version.clone(),
@@ -197,8 +202,9 @@ pub async fn release(api: &Api<Lease>, held: &Lease) -> Result<()> {
         ..Default::default()
     };
     match api.delete(held.metadata.name.as_deref().unwrap_or_default(), &dp).await {
-        Ok(_) => Ok(()),
-        Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(e) if api_code(&e) == Some(404) => Ok(true),
+        Err(e) if api_code(&e) == Some(409) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
