@@ -34,6 +34,21 @@ async fn wait_running_pods(env: &TestEnv, n: usize) {
     }
 }
 
+/// Poll until all `n` jobs Succeeded (or fail after `within`); the most Pods seen Running at once meanwhile.
+async fn peak_running_pods_until_all_succeed(env: &TestEnv, n: usize, within: Duration) -> usize {
+    let mut most = 0;
+    let deadline = Instant::now() + within;
+    loop {
+        most = most.max(running_pods(env).await.len());
+        let jobs = env.list().await;
+        if jobs.len() == n && all_in(&jobs, Phase::Succeeded) {
+            return most;
+        }
+        assert!(Instant::now() < deadline, "jobs never all succeeded: {}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_job_on_its_last_attempt_survives_a_rolling_restart_of_its_replica() {
     let env = TestEnv::new("pod-last-attempt").await;
@@ -67,17 +82,7 @@ async fn pods_handed_over_on_shutdown_keep_their_cluster_slots() {
     wait_running_pods(&env, 2).await;
     let _b = env.replica("b", &cap);
     let terminated = tokio::task::spawn_blocking(move || a.terminate(Duration::from_secs(20)));
-    let mut most = 0;
-    let deadline = Instant::now() + 3 * MINUTE;
-    loop {
-        most = most.max(running_pods(&env).await.len());
-        let jobs = env.list().await;
-        if jobs.len() == 6 && all_in(&jobs, Phase::Succeeded) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "jobs never all succeeded: {}", common::summary(&jobs));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    let most = peak_running_pods_until_all_succeed(&env, 6, 3 * MINUTE).await;
     assert!(terminated.await.unwrap(), "a shut down");
     assert!(most <= 2, "{most} pods ran at once under a cluster cap of 2");
     let adopted =
@@ -100,17 +105,7 @@ async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_hold
     for i in 0..2 {
         env.create(&format!("next-{i}"), pod_job(&agent, "sleep 2", json!({"priority": "High"}))).await;
     }
-    let mut most = 0;
-    let deadline = Instant::now() + 2 * MINUTE;
-    loop {
-        most = most.max(running_pods(&env).await.len());
-        let jobs = env.list().await;
-        if jobs.len() == 3 && all_in(&jobs, Phase::Succeeded) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "jobs never all succeeded: {}", common::summary(&jobs));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    let most = peak_running_pods_until_all_succeed(&env, 3, 2 * MINUTE).await;
     assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
 }
 
