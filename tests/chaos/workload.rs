@@ -69,6 +69,8 @@ async fn serve(mut sock: tokio::net::TcpStream, log: Arc<Mutex<std::fs::File>>) 
         t_ms: jiff::Timestamp::now().as_millisecond(),
         key: None,
         leases: Vec::new(),
+        // Written with the test's clock, not the calling replica's (which may be offset).
+        clock: Some("test".into()),
     };
     let write = |l: ExecLine| {
         let _ = writeln!(log.lock().unwrap(), "{}", serde_json::to_string(&l).unwrap());

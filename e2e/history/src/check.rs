@@ -144,7 +144,7 @@ fn executions(h: &History) -> Vec<Execution> {
     let mut open: BTreeMap<(String, i32, String), Execution> = BTreeMap::new();
     let mut done = Vec::new();
     let mut lines: Vec<&ExecLine> = h.exec.iter().collect();
-    let t = |l: &ExecLine| l.t_ms - offsets.get(l.worker.as_str()).copied().unwrap_or(0);
+    let t = |l: &ExecLine| l.t_ms - offsets.get(l.clock.as_deref().unwrap_or(&l.worker)).copied().unwrap_or(0);
     lines.sort_by_key(|l| t(l));
     for l in lines {
         let id = (l.uid.clone(), l.attempt, l.worker.clone());
@@ -407,7 +407,7 @@ fn check_ticks(by_uid: &BTreeMap<String, Vec<&StatusLine>>, limits: &Limits, r: 
 }
 
 fn check_fifo(execs: &[Execution], by_uid: &BTreeMap<String, Vec<&StatusLine>>, limits: &Limits, r: &mut Report) {
-    // Each unkeyed job's first start, its queue key and when it became runnable.
+    // Each unkeyed job that ran, its queue key, when it became runnable and when it was dispatched.
     let mut first_start: HashMap<&str, i64> = HashMap::new();
     for e in execs.iter().filter(|e| e.key.is_none()) {
         let t = first_start.entry(e.uid.as_str()).or_insert(e.start);
@@ -415,7 +415,14 @@ fn check_fifo(execs: &[Execution], by_uid: &BTreeMap<String, Vec<&StatusLine>>, 
     }
     let mut jobs: Vec<((i32, i64), i64, i64, &str)> = Vec::new();
     for (uid, lines) in by_uid {
-        let (Some(first), Some(&start)) = (lines.first(), first_start.get(uid.as_str())) else { continue };
+        // Dispatch order: when the job was first seen claimed (Running), which for a Pod job is long before its
+        // container starts; the handler's first start where no claim was recorded.
+        let claimed = lines.iter().find(|s| s.phase == "Running").map(|s| s.t_ms);
+        let start = claimed.or_else(|| first_start.get(uid.as_str()).copied());
+        let (Some(first), Some(start)) = (lines.first(), start) else { continue };
+        if !first_start.contains_key(uid.as_str()) {
+            continue; // keyed (its key's turn decides), or never ran
+        }
         let runnable = first.created_ms.max(first.not_before_ms.unwrap_or(0));
         jobs.push(((-first.priority, first.seq), runnable, start, first.job.as_str()));
     }

@@ -31,6 +31,9 @@ pub struct ExecLine {
     /// Names of the extra Leases held (cluster slot, concurrency key).
     #[serde(default)]
     pub leases: Vec<String>,
+    /// Whose clock wrote `t_ms`, when not the worker's own (an HTTP endpoint, a Pod on the host).
+    #[serde(default)]
+    pub clock: Option<String>,
 }
 
 /// One BackgroundJob change as the recorder saw it.

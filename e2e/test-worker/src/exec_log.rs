@@ -17,6 +17,8 @@ pub struct Run {
     worker: String,
     key: Option<String>,
     leases: Vec<String>,
+    /// Whose clock writes the lines, when not the worker's (a Pod runs on the host's).
+    clock: Option<String>,
 }
 
 impl Run {
@@ -30,6 +32,7 @@ impl Run {
             worker: ctx.worker.clone(),
             key,
             leases: ctx.leases.clone(),
+            clock: None,
         }
     }
 
@@ -46,6 +49,7 @@ impl Run {
             attempt,
             key: None,
             leases: Vec::new(),
+            clock: Some("host".into()),
         })
     }
 }
@@ -72,6 +76,7 @@ impl ExecLog {
             t_ms: jiff::Timestamp::now().as_millisecond(),
             key: run.key.clone(),
             leases: run.leases.clone(),
+            clock: run.clock.clone(),
         };
         let mut text = serde_json::to_string(&line).unwrap_or_default();
         text.push('\n');

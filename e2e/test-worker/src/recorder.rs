@@ -30,6 +30,15 @@ pub async fn run(namespace: &str, dir: &Path) -> Result<(), String> {
     futures::pin_mut!(stream);
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    // The last line of every job believed alive, and the jobs of a re-list in progress: a job deleted while the
+    // watch was down (an apiserver restart) shows up only as missing from the re-list, never as a Delete event.
+    let mut alive: HashMap<String, StatusLine> = HashMap::new();
+    let mut relist: Option<std::collections::HashSet<String>> = None;
+    let mut write = |line: &StatusLine| -> Result<(), String> {
+        let mut text = serde_json::to_string(line).unwrap_or_default();
+        text.push('\n');
+        out.write_all(text.as_bytes()).map_err(|e| e.to_string())
+    };
     loop {
         let event = tokio::select! {
             e = stream.next() => e,
@@ -37,17 +46,38 @@ pub async fn run(namespace: &str, dir: &Path) -> Result<(), String> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         let Some(event) = event else { return Ok(()) };
+        let now = jiff::Timestamp::now().as_millisecond();
         let (job, deleted) = match event {
+            Ok(Event::Init) => {
+                relist = Some(Default::default());
+                continue;
+            }
+            Ok(Event::InitDone) => {
+                let seen = relist.take().unwrap_or_default();
+                let gone: Vec<String> = alive.keys().filter(|uid| !seen.contains(*uid)).cloned().collect();
+                for uid in gone {
+                    let mut last = alive.remove(&uid).unwrap();
+                    (last.t_ms, last.deleted) = (now, true);
+                    write(&last)?;
+                }
+                continue;
+            }
             Ok(Event::Apply(j) | Event::InitApply(j)) => (j, false),
             Ok(Event::Delete(j)) => (j, true),
-            _ => continue,
+            Err(_) => continue,
         };
-        let now = jiff::Timestamp::now().as_millisecond();
-        let created_ms = *first_seen.entry(job.uid().unwrap_or_default()).or_insert(now);
+        let uid = job.uid().unwrap_or_default();
+        if let Some(seen) = relist.as_mut() {
+            seen.insert(uid.clone());
+        }
+        let created_ms = *first_seen.entry(uid.clone()).or_insert(now);
         let line = line(&job, now, created_ms, deleted);
-        let mut text = serde_json::to_string(&line).unwrap_or_default();
-        text.push('\n');
-        out.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+        if deleted {
+            alive.remove(&uid);
+        } else {
+            alive.insert(uid, line.clone());
+        }
+        write(&line)?;
     }
 }
 

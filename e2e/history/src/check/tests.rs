@@ -13,6 +13,7 @@ fn exec(ev: &str, job: &str, attempt: i32, worker: &str, t_ms: i64) -> ExecLine 
         t_ms,
         key: None,
         leases: Vec::new(),
+        clock: None,
     }
 }
 
@@ -217,4 +218,11 @@ fn a_replica_under_a_clock_offset_is_judged_on_corrected_times() {
     assert_eq!(r.overlaps, 0, "{:?}", r.violations);
     h.faults[0].detail = "10300".into(); // corrected, b started at 200, during a's execution
     assert_eq!(check(&h, &Limits::default()).overlaps, 1);
+    // Lines another clock wrote for b (an HTTP endpoint's) are not corrected.
+    h.faults[0].detail = "10000".into();
+    h.exec.retain(|l| l.worker != "b");
+    let mut http = ran("j", 2, "b", 500, 800);
+    http.iter_mut().for_each(|l| l.clock = Some("endpoint".into()));
+    h.exec.extend(http);
+    assert_eq!(check(&h, &Limits::default()).overlaps, 0, "{:?}", check(&h, &Limits::default()).violations);
 }
