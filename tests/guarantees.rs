@@ -403,7 +403,7 @@ async fn replicas_whose_clocks_disagree_still_run_each_recurring_tick_once_and_n
     // changes hands between them.
     let skewed = common::ReplicaOptions {
         env: vec![
-            ("LD_PRELOAD".into(), "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into()),
+            ("LD_PRELOAD".into(), common::faketime_lib().display().to_string()),
             ("FAKETIME".into(), "+20".into()),
             ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
         ],

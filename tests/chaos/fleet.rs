@@ -99,7 +99,7 @@ impl Fleet {
             .stdout(Stdio::null())
             .stderr(log);
         if m.spec.clock_offset_ms != 0 {
-            cmd.env("LD_PRELOAD", faketime_lib())
+            cmd.env("LD_PRELOAD", crate::common::faketime_lib())
                 .env("FAKETIME", format!("{:+}", m.spec.clock_offset_ms / 1000))
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
                 .env("FAKETIME_NO_CACHE", "1");
@@ -201,17 +201,6 @@ impl Drop for Fleet {
             }
         }
     }
-}
-
-/// libfaketime from Debian's `faketime` package.
-fn faketime_lib() -> PathBuf {
-    for dir in ["/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime"] {
-        let p = Path::new(dir).join("libfaketime.so.1");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("libfaketime is missing: apt-get install faketime (make test installs it)")
 }
 
 /// A small deterministic random source (xorshift64*): the seed printed by the run reproduces its schedule.

@@ -189,6 +189,17 @@ pub struct ReplicaOptions {
     pub test_worker: bool,
 }
 
+/// libfaketime from Debian's `faketime` package.
+pub fn faketime_lib() -> PathBuf {
+    for dir in ["/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime"] {
+        let p = Path::new(dir).join("libfaketime.so.1");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("libfaketime is missing: apt-get install faketime (make test installs it)")
+}
+
 /// The test worker (`e2e/test-worker`), built next to `bgjobs` by `cargo build --workspace` (make test does).
 pub fn test_worker_bin() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_bgjobs")).with_file_name("bgjobs-test-worker");

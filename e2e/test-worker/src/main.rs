@@ -93,8 +93,9 @@ async fn operator(exec_log: PathBuf, config: OperatorConfig) -> Result<(), Strin
     bgjobs::cli::init_tracing(config.log_format);
     let log = ExecLog::open(&exec_log).map_err(|e| format!("{}: {e}", exec_log.display()))?;
     let mut registry = Registry::with_builtins();
+    let record_log = log.clone();
     registry.register("record", move |ctx: JobContext, args: RecordArgs| {
-        let log = log.clone();
+        let log = record_log.clone();
         async move {
             let run = exec_log::Run::from_ctx(&ctx);
             work(&log, &run, args.ms).await;
@@ -104,7 +105,6 @@ async fn operator(exec_log: PathBuf, config: OperatorConfig) -> Result<(), Strin
             Ok(())
         }
     });
-    let log = ExecLog::open(&exec_log).map_err(|e| format!("{}: {e}", exec_log.display()))?;
     registry.register("record-thread", move |ctx: JobContext, args: RecordArgs| {
         let log = log.clone();
         async move {
