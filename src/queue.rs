@@ -1,30 +1,57 @@
 //! The replica's view of the queue: watch-fed caches of BackgroundJobs, of bgjobs' claim Leases, and (with a
-//! cluster-wide cap) of the slot Leases.
+//! cluster-wide cap) of the slot Leases, plus the list of what changed since the dispatcher last looked.
 //!
-//! All caches are kube-runtime reflectors. Every change wakes the dispatcher through a [`Notify`], which then
-//! re-reads the caches; caches may lag the replica's own writes, which the dispatcher accounts for.
+//! All caches are kube-runtime reflectors. Every change is noted in [`Changes`] and wakes the dispatcher through a
+//! [`Notify`]; the dispatcher then looks at the changed jobs only (see `dispatch::backlog`). Caches may lag the
+//! replica's own writes, which the dispatcher accounts for.
+//!
+//! Cached jobs are slimmed ([`slim`]): only what dispatch decides on is kept, so a waiting job costs a replica a
+//! small, fixed amount of memory whatever its arguments or Pod template. The claim's status write answers with the
+//! whole object, and the attempt runs from that answer.
 
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 use crate::api::{BackgroundJob, RecurringBackgroundJob};
-use crate::lease::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::keys::KEY_LABEL;
+use crate::lease::{JOB_UID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::limits::SLOT_LABEL;
 use crate::members::MEMBER_LABEL;
+
+/// What changed in the caches since the dispatcher last took the list.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Jobs touched: where the cache keeps them, and the UID the event carried.
+    pub jobs: Vec<(ObjectRef<BackgroundJob>, String)>,
+    /// Jobs named (by UID) by a claim or slot Lease that was touched.
+    pub named_by_leases: HashSet<String>,
+    /// Concurrency-key Leases touched (namespace, name).
+    pub key_leases: HashSet<(String, String)>,
+    /// A watch of jobs or Leases listed everything again: every job must be looked at.
+    pub relisted: bool,
+}
+
+impl Changes {
+    /// Take everything noted so far.
+    pub fn take(shared: &Mutex<Changes>) -> Changes {
+        std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 /// Watch-fed caches.
 #[derive(Clone)]
 pub struct QueueView {
-    /// Every BackgroundJob in scope.
+    /// Every BackgroundJob in scope, slimmed.
     pub jobs: Store<BackgroundJob>,
     /// Every claim Lease bgjobs made in scope.
     pub leases: Store<Lease>,
@@ -34,6 +61,8 @@ pub struct QueueView {
     pub members: Store<Lease>,
     /// RecurringBackgroundJob definitions.
     pub definitions: Store<RecurringBackgroundJob>,
+    /// What changed since the dispatcher last looked.
+    pub changes: Arc<Mutex<Changes>>,
     /// Notified on every change of the caches the dispatcher reads.
     pub changed: Arc<Notify>,
     /// Notified on every change of the caches the recurring controller reads.
@@ -47,29 +76,75 @@ impl QueueView {
     pub fn start(client: Client, namespace: Option<&str>, lease_namespace: &str, slots: bool) -> QueueView {
         let changed = Arc::new(Notify::new());
         let recurring_changed = Arc::new(Notify::new());
-        let both = [changed.clone(), recurring_changed.clone()];
+        let changes = Arc::new(Mutex::new(Changes::default()));
         let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-        let jobs =
-            reflect(scoped::<BackgroundJob>(&client, namespace), watcher::Config::default(), &both, "BackgroundJob");
+
+        let (noted, dispatch, recurring) = (changes.clone(), changed.clone(), recurring_changed.clone());
+        let jobs = reflect(
+            scoped::<BackgroundJob>(&client, namespace),
+            watcher::Config::default(),
+            slim,
+            "BackgroundJob",
+            move |event| {
+                let mut owned = false;
+                note(&noted, event, |c, job: &BackgroundJob| {
+                    owned |= job.owner_references().iter().any(|o| o.kind == "RecurringBackgroundJob");
+                    c.jobs.push((ObjectRef::from_obj(job), job.uid().unwrap_or_default()));
+                });
+                dispatch.notify_one();
+                // The recurring controller cares only about jobs its definitions made, and about re-lists.
+                if owned || matches!(event, watcher::Event::InitDone) {
+                    recurring.notify_one();
+                }
+            },
+        );
+        let lease_note = |noted: Arc<Mutex<Changes>>, notify: Vec<Arc<Notify>>| {
+            move |event: &watcher::Event<Lease>| {
+                note(&noted, event, |c, lease: &Lease| {
+                    if lease.labels().contains_key(KEY_LABEL) {
+                        c.key_leases.insert((lease.namespace().unwrap_or_default(), lease.name_any()));
+                    } else if let Some(uid) = crate::lease::annotation(lease, JOB_UID_ANNOTATION) {
+                        c.named_by_leases.insert(uid.to_string());
+                    }
+                });
+                notify.iter().for_each(|n| n.notify_one());
+            }
+        };
         let leases = reflect(
             scoped::<Lease>(&client, namespace),
             watcher::Config::default().labels(&managed),
-            &both[..1],
+            |_| {},
             "Lease",
+            lease_note(changes.clone(), vec![changed.clone()]),
         );
         let in_lease_ns = || Api::<Lease>::namespaced(client.clone(), lease_namespace);
-        let slots = slots
-            .then(|| reflect(in_lease_ns(), watcher::Config::default().labels(SLOT_LABEL), &both[..1], "slot Lease"));
+        let slots = slots.then(|| {
+            reflect(
+                in_lease_ns(),
+                watcher::Config::default().labels(SLOT_LABEL),
+                |_| {},
+                "slot Lease",
+                lease_note(changes.clone(), vec![changed.clone()]),
+            )
+        });
         let member_selector = format!("{MEMBER_LABEL}={}", crate::members::scope(namespace));
-        let members =
-            reflect(in_lease_ns(), watcher::Config::default().labels(&member_selector), &both, "member Lease");
+        let both = [changed.clone(), recurring_changed.clone()];
+        let members = reflect(
+            in_lease_ns(),
+            watcher::Config::default().labels(&member_selector),
+            |_| {},
+            "member Lease",
+            move |_| both.iter().for_each(|n| n.notify_one()),
+        );
+        let recurring = recurring_changed.clone();
         let definitions = reflect(
             scoped::<RecurringBackgroundJob>(&client, namespace),
             watcher::Config::default(),
-            &both[1..],
+            |_| {},
             "RecurringBackgroundJob",
+            move |_| recurring.notify_one(),
         );
-        QueueView { jobs, leases, slots, members, definitions, changed, recurring_changed }
+        QueueView { jobs, leases, slots, members, definitions, changes, changed, recurring_changed }
     }
 
     /// Wait until every cache holds a full initial list.
@@ -84,6 +159,30 @@ impl QueueView {
     }
 }
 
+/// Note one watch event in `shared`: objects through `each`; a finished (re-)list as `relisted`.
+fn note<K>(shared: &Mutex<Changes>, event: &watcher::Event<K>, mut each: impl FnMut(&mut Changes, &K)) {
+    let mut changes = shared.lock().unwrap_or_else(|e| e.into_inner());
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) => each(&mut changes, o),
+        // A re-list replaces the cache when it is done, dropping objects deleted meanwhile without a Delete event.
+        watcher::Event::InitDone => changes.relisted = true,
+        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+    }
+}
+
+/// Drop from a cached job what dispatch never reads: managed fields, kubectl's copy of the last applied manifest,
+/// the arguments, and the Pod template (whose presence is kept: it decides how an orphaned attempt is handled).
+pub fn slim(job: &mut BackgroundJob) {
+    job.metadata.managed_fields = None;
+    if let Some(annotations) = job.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    job.spec.args = None;
+    if job.spec.template.is_some() {
+        job.spec.template = Some(Default::default());
+    }
+}
+
 fn scoped<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K::DynamicType: Default,
@@ -94,25 +193,59 @@ where
     }
 }
 
-/// A reflector over `api` whose every event notifies each of `notify`.
-fn reflect<K>(api: Api<K>, config: watcher::Config, notify: &[Arc<Notify>], what: &'static str) -> Store<K>
+/// A reflector over `api`: each object is passed through `modify` before it is cached, and each event, once cached,
+/// to `on_event`.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    modify: impl FnMut(&mut K) + Send + 'static,
+    what: &'static str,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
     let (store, writer) = reflector::store();
-    let notify = notify.to_vec();
     tokio::spawn(async move {
-        let stream = watcher(api, config).default_backoff().reflect(writer).touched_objects();
+        let stream = watcher(api, config).default_backoff().modify(modify).reflect(writer);
         futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, "{what} watch error; retrying");
-            }
-            for n in &notify {
-                n.notify_one();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => on_event(&event),
+                Err(e) => tracing::warn!(error = %e, "{what} watch error; retrying"),
             }
         }
     });
     store
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slimmed_job_keeps_what_dispatch_reads_and_drops_the_rest() {
+        let mut job: BackgroundJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "bgjobs.dev/v1", "kind": "BackgroundJob",
+            "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "resourceVersion": "7",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "team": "a"},
+                "managedFields": [{"manager": "kubectl", "operation": "Update"}]},
+            "spec": {"jobName": "send", "args": {"body": "x".repeat(10_000)}, "priority": "High",
+                "concurrencyKey": "k", "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}
+        }))
+        .unwrap();
+        let before = job.clone();
+        slim(&mut job);
+        assert!(job.metadata.managed_fields.is_none());
+        assert_eq!(job.annotations().len(), 1, "other annotations stay: {:?}", job.annotations());
+        assert!(job.spec.args.is_none());
+        assert!(job.spec.template.is_some(), "a Pod job stays a Pod job");
+        assert!(serde_json::to_string(&job).unwrap().len() < 1_000);
+        assert_eq!(crate::ordering::QueueKey::of(&job), crate::ordering::QueueKey::of(&before));
+        assert_eq!(
+            (job.spec.concurrency_key.clone(), job.uid(), job.resource_version()),
+            (before.spec.concurrency_key.clone(), before.uid(), before.resource_version())
+        );
+    }
 }

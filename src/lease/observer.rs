@@ -30,6 +30,11 @@ impl Observer {
         }
     }
 
+    /// Forget `key`.
+    pub fn forget(&mut self, key: &str) {
+        self.seen.remove(key);
+    }
+
     /// Forget every key for which `keep` is false.
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.seen.retain(|k, _| keep(k));

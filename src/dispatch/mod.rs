@@ -1,16 +1,20 @@
 //! The dispatch loop: observe the queue, pick in FIFO order, claim, run, and keep the queue tidy.
 //!
-//! Each pass reads the caches and, for every job, decides one thing:
-//! - final: delete it once its TTL has passed;
-//! - waiting: cancel it, give up on it (timeout, attempts used up), wait for its time, or make it a candidate;
-//! - running elsewhere: leave it while its Lease is renewed; once this replica has seen the Lease (or its absence)
-//!   unchanged for a full lease duration, the attempt is orphaned and becomes a candidate for takeover (a Pod
-//!   attempt is adopted; an in-process one that may not run again is settled, under its Lease);
+//! A pass looks only at the jobs that changed (or whose Leases changed) since the last pass and at those whose
+//! timer fired ([`backlog`]), and decides for each one thing:
+//! - final: delete it once its retention has passed;
+//! - unfinished and nobody's here: the pure [`triage`]: cancel it, give up on it (timeout, attempts used up), wait
+//!   for its time, leave it to its live holder, or make it a candidate. A Running job whose Lease this replica has
+//!   seen unchanged for a full lease duration is orphaned and becomes a candidate for takeover (a Pod attempt is
+//!   adopted; an in-process one that may not run again is settled, under its Lease);
 //! - running here: stop it if the user cancelled or deleted it.
 //!
-//! Candidates are sorted by [`QueueKey`] and this replica claims as many as it has free slots
+//! Candidates wait in queue order and this replica claims as many as it has free slots from the head
 //! (see [`ordering::pick`]). Claims, settles and deletes run as tasks; the loop goes on while they do, and a task
 //! always reports back, even when it panics, so a slot is never lost.
+
+mod backlog;
+mod triage;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,15 +31,17 @@ use crate::api::{BackgroundJob, Phase};
 use crate::attempt::{self, AttemptControl, StopReason};
 use crate::claim::{self, ClaimOutcome, ExtraLease, LeaseState};
 use crate::config::OperatorConfig;
-use crate::keys::{self, KeyVerdict};
+use crate::keys;
 use crate::lease::{Keeper, Observer};
 use crate::limits;
-use crate::metrics::{Health, QueueLabels};
+use crate::metrics::Health;
 use crate::ordering::{self, QueueKey, Runnable};
-use crate::queue::QueueView;
-use crate::retry::{self, Verdict};
+use crate::queue::{Changes, QueueView};
 use crate::status;
 use crate::worker::Worker;
+use backlog::{Backlog, Candidate};
+use kube::runtime::reflector::ObjectRef;
+use triage::{Decision, Facts, KeyFacts};
 
 /// Longest the loop sleeps without a reason to wake: a safety net against a missed notification.
 const IDLE_PASS: Duration = Duration::from_secs(2);
@@ -70,15 +76,25 @@ impl Drop for DoneOnDrop {
     }
 }
 
+/// Every job is looked at again this often, whatever the index says: a safety net against a lost watch event, at
+/// the cost of one walk over the cache per period.
+const FULL_LOOK: Duration = Duration::from_secs(60);
+
 /// The dispatcher of one replica.
 pub struct Dispatcher {
     worker: Arc<Worker>,
     config: OperatorConfig,
     view: QueueView,
+    /// The jobs in scope, indexed for dispatch.
+    backlog: Backlog,
+    /// When every job was last looked at.
+    last_full_look: Instant,
     /// Attempts claimed or running here, by job UID.
     held: HashMap<String, Arc<AttemptControl>>,
     /// Jobs with a settle or delete write in flight here.
     writing: HashSet<String>,
+    /// Jobs that needed a write while every write slot was busy: looked at again as slots free up.
+    deferred: HashSet<String>,
     /// Jobs this replica just acted on: the resourceVersion it acted on, and when.
     settled_at: HashMap<String, (String, Instant)>,
     observer: Observer,
@@ -89,8 +105,6 @@ pub struct Dispatcher {
     /// Member Leases as last seen.
     member_observer: Observer,
     slots_in_use: HashMap<String, String>,
-    /// Since when each candidate has been runnable, as seen here (for the overdue rule of [`ordering::pick`]).
-    runnable_since: HashMap<String, Instant>,
     /// Since when each candidate has been at the head of this replica's view of the queue.
     head_since: HashMap<String, Instant>,
     health: Arc<Health>,
@@ -98,18 +112,6 @@ pub struct Dispatcher {
     done_rx: mpsc::UnboundedReceiver<Done>,
     /// Exclusive strategy: the cluster-wide Lease this replica holds, if any.
     leader: Option<watch::Receiver<Option<Arc<Keeper>>>>,
-}
-
-/// A job worth claiming now.
-struct Candidate {
-    key: QueueKey,
-    job: Arc<BackgroundJob>,
-    lease: Option<Arc<Lease>>,
-    state: LeaseState,
-    /// Leases the claim needs besides its own (the concurrency key's; the cluster slot is added at pick time).
-    extras: Vec<ExtraLease>,
-    /// An adoption's cluster slot: the one its Pod has held all along.
-    adopted_slot: Option<ExtraLease>,
 }
 
 impl Dispatcher {
@@ -122,19 +124,25 @@ impl Dispatcher {
         health: Arc<Health>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let mut backlog = Backlog::default();
+        // The caches are synced: start from a full look, then follow the changes.
+        Changes::take(&view.changes);
+        backlog.resync(view.jobs.state());
         Dispatcher {
             worker,
             config,
             view,
+            backlog,
+            last_full_look: Instant::now(),
             held: HashMap::new(),
             writing: HashSet::new(),
+            deferred: HashSet::new(),
             settled_at: HashMap::new(),
             observer: Observer::default(),
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
             member_observer: Observer::default(),
             slots_in_use: HashMap::new(),
-            runnable_since: HashMap::new(),
             head_since: HashMap::new(),
             health,
             done_tx,
@@ -165,7 +173,7 @@ impl Dispatcher {
                     control.stop(StopReason::NotLeader);
                 }
             }
-            wait = self.pass().await.min(IDLE_PASS);
+            wait = self.pass().min(IDLE_PASS);
         }
         self.shut_down().await;
     }
@@ -175,7 +183,15 @@ impl Dispatcher {
         self.writing.remove(&done.uid);
         self.slots_in_use.remove(&done.uid);
         if let Some(rv) = done.seen_at {
-            self.settled_at.insert(done.uid, (rv, Instant::now()));
+            self.settled_at.insert(done.uid.clone(), (rv, Instant::now()));
+        }
+        self.backlog.mark(&done.uid);
+        // A write slot is free again: let waiting writes have it.
+        let free = MAX_SIDE_WRITES.saturating_sub(self.writing.len());
+        let next: Vec<String> = self.deferred.iter().take(free).cloned().collect();
+        for uid in next {
+            self.deferred.remove(&uid);
+            self.backlog.mark(&uid);
         }
     }
 
@@ -213,268 +229,240 @@ impl Dispatcher {
         }
     }
 
-    /// One pass over the caches. Returns how long until something becomes due.
-    async fn pass(&mut self) -> Duration {
+    /// One pass: take in what changed, look at the jobs that changed or are due, claim from the head of the queue.
+    /// Returns how long until something becomes due.
+    fn pass(&mut self) -> Duration {
         let now = self.worker.clock.now();
         let inst = Instant::now();
-        let timing = self.worker.timing;
-        let mut due = IDLE_PASS;
-        let wake_at = |due: &mut Duration, t: Timestamp| {
-            let d = t.duration_since(now);
-            *due = if d.is_positive() { (*due).min(d.unsigned_abs()) } else { Duration::ZERO };
-        };
-        let leases: HashMap<(String, String), Arc<Lease>> = self
-            .view
-            .leases
-            .state()
-            .into_iter()
-            .map(|l| ((l.namespace().unwrap_or_default(), l.name_any()), l))
-            .collect();
-        let mut present = HashSet::new();
-        let mut candidates = Vec::new();
-        let mut depth: HashMap<QueueLabels, i64> = HashMap::new();
         self.health.beat();
+        self.take_changes(inst);
         let me = self.worker.identity.clone();
+        let timing = self.worker.timing;
         let members = crate::members::live(&self.view.members, &mut self.member_observer, inst, &timing, &me);
-        let all = self.view.jobs.state();
-        let turns = keys::turns(&all.iter().map(|j| j.as_ref()).collect::<Vec<_>>());
-        let by_uid: HashMap<String, Arc<BackgroundJob>> =
-            all.iter().map(|j| (j.uid().unwrap_or_default(), j.clone())).collect();
-        let mut keys_seen = HashSet::new();
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
-        let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| by_uid.get(uid).map(|j| j.as_ref()));
-        // Exclusive: jobs running anywhere but in this process's own attempts (another replica's, or a Pod this
-        // identity handed over before it led again).
-        let others_running = all.iter().any(|j| {
-            j.phase() == Phase::Running
-                && (j.status.as_ref().and_then(|s| s.worker.as_deref()) != Some(me.as_str())
-                    || !self.held.contains_key(&j.uid().unwrap_or_default()))
-        });
-        for job in all {
-            if job.phase() == Phase::Waiting {
-                let labels = QueueLabels {
-                    namespace: job.namespace().unwrap_or_default(),
-                    queue: job.spec.queue.clone(),
-                    priority: job.spec.priority.to_string(),
-                };
-                *depth.entry(labels).or_default() += 1;
-            }
-            let uid = job.uid().unwrap_or_default();
-            present.insert(uid.clone());
-            let rv = job.resource_version().unwrap_or_default();
-            if let Some(control) = self.held.get(&uid) {
-                if job.spec.cancel {
-                    control.stop(StopReason::Cancelled);
-                }
-                continue;
-            }
-            if self.writing.contains(&uid) {
-                continue;
-            }
-            match self.settled_at.get(&uid) {
-                Some((at, when)) if *at == rv && when.elapsed() < SETTLE_HOLD => {
-                    due = due.min(SETTLE_HOLD - when.elapsed());
-                    continue;
-                }
-                Some(_) => {
-                    self.settled_at.remove(&uid);
-                }
-                None => {}
-            }
-            let phase = job.phase();
-            if phase.is_final() {
-                if let Some(t) = self.expire_finished(&job, now, &members) {
-                    wake_at(&mut due, t);
-                }
-                continue;
-            }
-            let ns = job.namespace().unwrap_or_default();
-            let lease_name = job
-                .status
-                .as_ref()
-                .and_then(|s| s.lease.clone())
-                .filter(|_| phase == Phase::Running)
-                .unwrap_or_else(|| claim::lease_name(&job));
-            let lease = leases.get(&(ns, lease_name)).cloned();
-            let version = claim::observed_version(&job, lease.as_deref());
-            let unchanged = self.observer.observe(&uid, Some(&version), inst);
-            let state = claim::lease_state(&job, lease.as_deref(), unchanged, &timing);
-            let orphaned = phase == Phase::Running && state != LeaseState::Live && timing.expired(unchanged);
-            if (phase == Phase::Running && !orphaned) || state == LeaseState::Live {
-                due = due.min(timing.until_expiry(unchanged));
-                continue;
-            }
-            // From here on the job is nobody's: waiting, or orphaned by a replica that stopped renewing.
-            let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
-            // An orphaned Pod attempt is adopted whatever its budget says: its Pod may still be running, and the
-            // adopter is the one who deletes it on cancel or timeout (the attempt runner enforces both).
-            // An orphaned Pod attempt whose Pod may still run is adopted whatever its attempt budget says (that
-            // budget was spent on this very attempt); cancelling it or passing its deadline settles it, and the
-            // settle deletes its Pod first.
-            let adoptable = orphaned && claim::adopts(&job);
-            if job.spec.cancel {
-                let reason = if adoptable {
-                    "cancelled by the user while its pod ran unwatched; the pod was deleted"
-                } else {
-                    "cancelled by the user before it ran"
-                };
-                self.spawn_settle(&job, lease, state, Phase::Cancelled, reason.into());
-                continue;
-            }
-            match retry::may_start(&job.spec, created, job.attempts(), now) {
-                Ok(()) => {}
-                Err(Verdict::Fail(_)) if adoptable => {}
-                Err(verdict) => {
-                    let (phase, reason) = match verdict {
-                        Verdict::Fail(r) => (Phase::Failed, r),
-                        Verdict::Abandon(r) => (Phase::Abandoned, r),
-                        _ => unreachable!("may_start only fails or abandons"),
-                    };
-                    let reason = if orphaned {
-                        let worker = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
-                        format!(
-                            "attempt {} was lost (worker {worker} stopped renewing its lease); {reason}",
-                            job.attempts()
-                        )
-                    } else {
-                        reason
-                    };
-                    self.spawn_settle(&job, lease, state, phase, reason);
-                    continue;
-                }
-            }
-            wake_at(&mut due, retry::deadline(&job.spec, created));
-            if phase == Phase::Waiting
-                && let Some(t) = ordering::not_before(&job)
-                && t > now
-            {
-                wake_at(&mut due, t);
-                continue;
-            }
-            let mut extras = Vec::new();
-            if let Some(key) = job.spec.concurrency_key.as_deref() {
-                match turns.get(&uid) {
-                    Some(KeyVerdict::Skip { deferred_to }) => {
-                        let reason = format!(
-                            "skipped: job {deferred_to} with concurrencyKey {key:?} was already waiting or running \
-                             (concurrencyPolicy: Skip)"
-                        );
-                        self.spawn_settle(&job, lease, state, Phase::Skipped, reason);
-                        continue;
-                    }
-                    Some(KeyVerdict::Wait { .. }) => continue,
-                    _ => {}
-                }
-                let ns = job.namespace().unwrap_or_default();
-                let name = keys::lease_name(key);
-                let seen = leases.get(&(ns.clone(), name.clone())).cloned();
-                let owner = seen
-                    .as_ref()
-                    .and_then(|l| crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION))
-                    .and_then(|owner_uid| by_uid.get(owner_uid));
-                let observed = format!("{ns}/{name}");
-                let unchanged = self.key_observer.observe(
-                    &observed,
-                    seen.as_ref().and_then(|l| l.resource_version()).as_deref(),
-                    inst,
-                );
-                keys_seen.insert(observed);
-                match keys::key_lease_state(&job, seen.as_deref(), owner.map(|o| o.as_ref()), unchanged, &timing) {
-                    LeaseState::Live => {
-                        due = due.min(timing.until_expiry(unchanged));
-                        continue;
-                    }
-                    LeaseState::Absent => {
-                        extras.push(ExtraLease { namespace: ns, name, seen: None, label: keys::KEY_LABEL })
-                    }
-                    _ => extras.push(ExtraLease { namespace: ns, name, seen, label: keys::KEY_LABEL }),
-                }
-            }
-            if !self.config.serves_queue(&job.spec.queue) {
-                continue;
-            }
-            // The slot an orphaned Pod attempt holds is taken over only once this replica has seen *it* unchanged
-            // for a lease duration too: the claim Lease comes from another watch, which may be the stale one.
-            let adopted_slot = match adoption_slots.get(&uid) {
-                Some(l) => {
-                    let key = format!("slot/{}", l.name_any());
-                    let age = self.slot_observer.observe(&key, l.resource_version().as_deref(), inst);
-                    if !timing.expired(age) {
-                        due = due.min(timing.until_expiry(age));
-                        continue;
-                    }
-                    Some(ExtraLease {
-                        namespace: self.config.lease_namespace.clone(),
-                        name: l.name_any(),
-                        seen: Some(l.clone()),
-                        label: limits::SLOT_LABEL,
-                    })
-                }
-                None => None,
-            };
-            self.runnable_since.entry(uid).or_insert(inst);
-            candidates.push(Candidate { key: QueueKey::of(&job), job, lease, state, extras, adopted_slot });
-        }
-        self.key_observer.retain(|k| keys_seen.contains(k));
-        self.observer.retain(|uid| present.contains(uid));
-        let runnable: HashSet<String> = candidates.iter().map(|c| c.job.uid().unwrap_or_default()).collect();
-        self.runnable_since.retain(|uid, _| runnable.contains(uid));
-        self.settled_at.retain(|uid, _| present.contains(uid));
-        for (uid, control) in &self.held {
-            if !present.contains(uid) {
-                control.stop(StopReason::Deleted);
-            }
+        let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
+        for uid in self.backlog.take_dirty(inst) {
+            self.look_at(&uid, now, inst, &members, &adoption_slots);
         }
         let held_for_adopters: Vec<String> = adoption_slots.values().map(|l| l.name_any()).collect();
-        if self.leader.is_some() && others_running {
-            // Exclusive: a new leader starts nothing new while jobs of the previous one still run (a handed-over
-            // Pod, an attempt that has not noticed the lost leadership yet); it may adopt those Pods.
-            candidates.retain(|c| c.job.phase() == Phase::Running);
-        }
-        if let Some(wait) = self.claim_some(candidates, &leases, &members, &held_for_adopters) {
+        let adoptions: Vec<String> = adoption_slots.into_keys().collect();
+        let mut due = IDLE_PASS;
+        if let Some(wait) = self.claim_some(&members, &held_for_adopters, &adoptions) {
             due = due.min(wait);
         }
+        if let Some(at) = self.backlog.next_due() {
+            due = due.min(at.saturating_duration_since(inst));
+        }
         self.worker.metrics.queue_depth.clear();
-        for (labels, n) in depth {
-            self.worker.metrics.queue_depth.get_or_create(&labels).set(n);
+        for (labels, n) in self.backlog.depth() {
+            self.worker.metrics.queue_depth.get_or_create(labels).set(*n);
         }
         self.worker.metrics.running.set(self.held.len() as i64);
         due
     }
 
-    /// Claim what this replica should claim now. Returns when a waiting head job will become overdue.
+    /// Bring the index up to date with the caches: the jobs that changed, the jobs whose Leases changed; all of them
+    /// after a re-list, and every [`FULL_LOOK`].
+    fn take_changes(&mut self, inst: Instant) {
+        let changes = Changes::take(&self.view.changes);
+        if changes.relisted || inst.saturating_duration_since(self.last_full_look) >= FULL_LOOK {
+            self.last_full_look = inst;
+            for job in self.backlog.resync(self.view.jobs.state()) {
+                self.gone(&job.uid().unwrap_or_default());
+            }
+            let backlog = &self.backlog;
+            self.key_observer.retain(|k| k.split_once('/').is_some_and(|(ns, name)| backlog.has_key_lease(ns, name)));
+        }
+        for (at, uid) in changes.jobs {
+            match self.view.jobs.get(&at) {
+                Some(job) if job.uid().as_deref() == Some(uid.as_str()) => self.backlog.upsert(job),
+                current => {
+                    if self.backlog.remove(&uid).is_some() {
+                        self.gone(&uid);
+                    }
+                    if let Some(job) = current {
+                        self.backlog.upsert(job);
+                    }
+                }
+            }
+        }
+        for uid in changes.named_by_leases {
+            self.backlog.mark(&uid);
+        }
+        for (ns, name) in changes.key_leases {
+            self.backlog.mark_key_lease(&ns, &name);
+        }
+    }
+
+    /// A job left the cache (deleted): forget it, and stop its attempt if it runs here.
+    fn gone(&mut self, uid: &str) {
+        self.observer.forget(uid);
+        self.settled_at.remove(uid);
+        self.deferred.remove(uid);
+        if let Some(control) = self.held.get(uid) {
+            control.stop(StopReason::Deleted);
+        }
+    }
+
+    /// Decide what to do with one job now, and do it (or arm its timer, or queue it as a candidate).
+    fn look_at(
+        &mut self,
+        uid: &str,
+        now: Timestamp,
+        inst: Instant,
+        members: &[String],
+        adoption_slots: &HashMap<String, Arc<Lease>>,
+    ) {
+        let Some(job) = self.backlog.job(uid).cloned() else { return };
+        let since = self.backlog.take_runnable(uid).map(|c| c.since);
+        self.backlog.disarm(uid);
+        if let Some(control) = self.held.get(uid) {
+            if job.spec.cancel {
+                control.stop(StopReason::Cancelled);
+            }
+            return;
+        }
+        if self.writing.contains(uid) {
+            return;
+        }
+        let rv = job.resource_version().unwrap_or_default();
+        match self.settled_at.get(uid) {
+            Some((at, when)) if *at == rv && when.elapsed() < SETTLE_HOLD => {
+                self.backlog.arm(uid, *when + SETTLE_HOLD);
+                return;
+            }
+            Some(_) => {
+                self.settled_at.remove(uid);
+            }
+            None => {}
+        }
+        let phase = job.phase();
+        if phase.is_final() {
+            self.observer.forget(uid);
+            if let Some(at) = self.expire_finished(&job, now, inst, members) {
+                self.backlog.arm(uid, at);
+            }
+            return;
+        }
+        let timing = self.worker.timing;
+        let ns = job.namespace().unwrap_or_default();
+        let lease_name = job
+            .status
+            .as_ref()
+            .and_then(|s| s.lease.clone())
+            .filter(|_| phase == Phase::Running)
+            .unwrap_or_else(|| claim::lease_name(&job));
+        let lease = self.view.leases.get(&ObjectRef::new(&lease_name).within(&ns));
+        // No Lease while Waiting is judged without a clock (it is simply free): keep no entry for it.
+        let lease_unchanged = if phase == Phase::Waiting && lease.is_none() {
+            self.observer.forget(uid);
+            Duration::ZERO
+        } else {
+            let version = claim::observed_version(&job, lease.as_deref());
+            self.observer.observe(uid, Some(&version), inst)
+        };
+        let key = job.spec.concurrency_key.as_deref().map(|key| {
+            let name = keys::lease_name(key);
+            let seen = self.view.leases.get(&ObjectRef::new(&name).within(&ns));
+            let unchanged = self.key_observer.observe(
+                &format!("{ns}/{name}"),
+                seen.as_ref().and_then(|l| l.resource_version()).as_deref(),
+                inst,
+            );
+            (key, name, seen, unchanged)
+        });
+        let owner = key.as_ref().and_then(|(_, _, seen, _)| {
+            let owner_uid = crate::lease::annotation(seen.as_ref()?, crate::lease::JOB_UID_ANNOTATION)?;
+            self.backlog.job(owner_uid).cloned()
+        });
+        let adoption_slot = adoption_slots.get(uid).map(|slot| {
+            let age = self.slot_observer.observe(
+                &format!("slot/{}", slot.name_any()),
+                slot.resource_version().as_deref(),
+                inst,
+            );
+            (slot, age)
+        });
+        let facts = Facts {
+            job: &job,
+            lease: lease.as_ref(),
+            lease_unchanged,
+            key: key.as_ref().map(|(key, name, seen, unchanged)| KeyFacts {
+                key,
+                verdict: self.backlog.turn(uid),
+                lease_namespace: &ns,
+                lease_name: name,
+                lease: seen.as_ref(),
+                owner: owner.as_deref(),
+                unchanged: *unchanged,
+            }),
+            adoption_slot,
+            serves_queue: self.config.serves_queue(&job.spec.queue),
+            now,
+        };
+        match triage::triage(&facts, &timing) {
+            Decision::Leave { recheck } => {
+                if let Some(d) = recheck {
+                    self.backlog.arm(uid, inst + d);
+                }
+            }
+            Decision::Settle { phase, reason, state } => self.spawn_settle(&job, lease, state, phase, reason),
+            Decision::Claim { state, extras, adopted_slot, recheck } => {
+                if let Some(d) = recheck {
+                    self.backlog.arm(uid, inst + d);
+                }
+                let since = since.unwrap_or(inst);
+                let candidate = Candidate { job, lease, state, extras, adopted_slot, since };
+                self.backlog.set_runnable(uid, candidate);
+            }
+        }
+    }
+
+    /// Claim what this replica should claim now: adoptions that bring their cluster slot first, then picks from the
+    /// head of the queue. Returns when a waiting head job will become overdue.
     fn claim_some(
         &mut self,
-        mut candidates: Vec<Candidate>,
-        leases: &HashMap<(String, String), Arc<Lease>>,
         members: &[String],
         held_for_adopters: &[String],
+        adoptions: &[String],
     ) -> Option<Duration> {
         if !self.config.job_execution_enabled || !self.is_leader() {
             return None;
         }
         let mut free = (self.config.max_concurrent_jobs_per_instance as usize).saturating_sub(self.held.len());
-        // Adoptions that bring their own cluster slot go first: their Pods are running already.
-        let (adoptions, mut candidates): (Vec<Candidate>, Vec<Candidate>) =
-            candidates.drain(..).partition(|c| c.adopted_slot.is_some());
-        for c in adoptions.iter().take(free) {
-            self.spawn_claim(c, c.adopted_slot.clone());
+        for uid in adoptions {
+            if free == 0 {
+                break;
+            }
+            let Some(c) = self.backlog.runnable_candidate(uid).filter(|c| c.adopted_slot.is_some()).cloned() else {
+                continue;
+            };
+            self.backlog.take_runnable(uid);
+            let slot = c.adopted_slot.clone();
+            self.spawn_claim(c, slot);
             free -= 1;
         }
+        let me = self.worker.identity.clone();
+        // Exclusive: a new leader starts nothing new while jobs run anywhere but in this process's own attempts
+        // (another replica's, or a Pod this identity handed over before it led again); it may adopt those Pods.
+        let only_takeovers = self.leader.is_some()
+            && self.backlog.running().any(|j| {
+                j.status.as_ref().and_then(|s| s.worker.as_deref()) != Some(me.as_str())
+                    || !self.held.contains_key(&j.uid().unwrap_or_default())
+            });
         let mut slots = Vec::new();
         if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
             let reserved: Vec<String> =
                 self.slots_in_use.values().cloned().chain(held_for_adopters.iter().cloned()).collect();
-            let (me, timing) = (&self.worker.identity, &self.worker.timing);
-            slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, me);
+            let timing = &self.worker.timing;
+            slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, &me);
             free = free.min(slots.len());
         }
-        candidates.sort_by(|a, b| a.key.cmp(&b.key));
         // How many replicas race for the head: the live members (known from the start), or the holders of claim
         // Leases if more are seen (replicas of an older version without member Leases).
-        let me = self.worker.identity.clone();
-        let mut holders: HashSet<&str> = leases.values().filter_map(|l| crate::lease::holder(l)).collect();
+        let leases = self.view.leases.state();
+        let mut holders: HashSet<&str> = leases.iter().filter_map(|l| crate::lease::holder(l)).collect();
         holders.insert(&me);
         let workers = members.len().max(holders.len());
 
@@ -482,37 +470,42 @@ impl Dispatcher {
         // would take now) for longer than OVERDUE_AFTER. Time spent deeper in the window or in a backlog does not
         // count, or every replica would go for the same jobs whenever the queue is long.
         let now = Instant::now();
-        let head = free.max(1).min(candidates.len());
-        let at_head: HashSet<String> = candidates[..head].iter().map(|c| c.job.uid().unwrap_or_default()).collect();
-        self.head_since.retain(|uid, _| at_head.contains(uid));
+        let window = free.max(1).saturating_mul(workers.max(1));
+        let head: Vec<(QueueKey, String)> = self
+            .backlog
+            .runnable()
+            .filter(|(_, c)| !only_takeovers || c.job.phase() == Phase::Running)
+            .take(window)
+            .map(|(k, c)| (k.clone(), c.job.uid().unwrap_or_default()))
+            .collect();
+        let at_head: HashSet<&str> = head.iter().take(free.max(1)).map(|(_, uid)| uid.as_str()).collect();
+        self.head_since.retain(|uid, _| at_head.contains(uid.as_str()));
         let mut next_overdue: Option<Duration> = None;
-        let runnable: Vec<Runnable> = candidates
+        let runnable: Vec<Runnable> = head
             .iter()
-            .map(|c| {
-                let uid = c.job.uid().unwrap_or_default();
-                let overdue = match at_head.contains(&uid) {
-                    false => false,
-                    true => {
-                        let waited = now.saturating_duration_since(*self.head_since.entry(uid).or_insert(now));
-                        let left = ordering::OVERDUE_AFTER.saturating_sub(waited);
-                        if !left.is_zero() {
-                            next_overdue = Some(next_overdue.map_or(left, |n| n.min(left)));
-                        }
-                        left.is_zero()
+            .map(|(key, uid)| {
+                let overdue = at_head.contains(uid.as_str()) && {
+                    let waited = now.saturating_duration_since(*self.head_since.entry(uid.clone()).or_insert(now));
+                    let left = ordering::OVERDUE_AFTER.saturating_sub(waited);
+                    if !left.is_zero() {
+                        next_overdue = Some(next_overdue.map_or(left, |n| n.min(left)));
                     }
+                    left.is_zero()
                 };
-                Runnable { key: c.key.clone(), overdue }
+                Runnable { key: key.clone(), overdue }
             })
             .collect();
-        if free == 0 || candidates.is_empty() {
+        if free == 0 || runnable.is_empty() {
             return next_overdue;
         }
         let epoch = jiff::Timestamp::now().as_second() as u64;
-        let picked: HashSet<&QueueKey> =
-            ordering::pick(&runnable, free, workers, &self.worker.identity, epoch).into_iter().collect();
+        let picked: HashSet<QueueKey> =
+            ordering::pick(&runnable, free, workers, &me, epoch).into_iter().cloned().collect();
         let mut slots = slots.into_iter();
         let lease_namespace = self.config.lease_namespace.clone();
-        for c in candidates.iter().filter(|c| picked.contains(&c.key)) {
+        for (key, uid) in head.iter().filter(|(key, _)| picked.contains(key)) {
+            let Some(c) = self.backlog.take_runnable(uid) else { continue };
+            debug_assert_eq!(&QueueKey::of(&c.job), key);
             let slot = slots.next().map(|s| ExtraLease {
                 namespace: lease_namespace.clone(),
                 name: s.name,
@@ -524,21 +517,19 @@ impl Dispatcher {
         next_overdue
     }
 
-    fn spawn_claim(&mut self, c: &Candidate, slot: Option<ExtraLease>) {
+    fn spawn_claim(&mut self, c: Candidate, slot: Option<ExtraLease>) {
         let uid = c.job.uid().unwrap_or_default();
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
         }
         let control = Arc::new(AttemptControl::under(self.leadership()));
         self.held.insert(uid.clone(), control.clone());
-        let since = self.runnable_since.get(&uid).copied().unwrap_or_else(Instant::now);
+        let since = c.since;
         let worker = self.worker.clone();
         let done = DoneOnDrop { tx: self.done_tx.clone(), done: Some(Done { uid, seen_at: c.job.resource_version() }) };
-        let job = c.job.clone();
-        let lease = c.lease.clone();
-        let state = c.state;
+        let Candidate { job, lease, state, extras, .. } = c;
         // The slot first: it is the scarcer resource, and losing it costs no other write.
-        let extras: Vec<ExtraLease> = slot.into_iter().chain(c.extras.iter().cloned()).collect();
+        let extras: Vec<ExtraLease> = slot.into_iter().chain(extras).collect();
         tokio::spawn(async move {
             let _done = done;
             let claimant =
@@ -562,7 +553,7 @@ impl Dispatcher {
     }
 
     /// Start a write that moves a job nobody holds to a final phase (see [`claim::settle`]), unless too many writes
-    /// are in flight already (the job comes up again in a later pass).
+    /// are in flight already (the job is looked at again when a write slot frees up).
     fn spawn_settle(
         &mut self,
         job: &Arc<BackgroundJob>,
@@ -599,10 +590,11 @@ impl Dispatcher {
 
     /// Reserve a write slot for `job`: the returned guard reports back when the write task ends.
     fn start_write(&mut self, job: &BackgroundJob) -> Option<DoneOnDrop> {
+        let uid = job.uid().unwrap_or_default();
         if self.writing.len() >= MAX_SIDE_WRITES {
+            self.deferred.insert(uid);
             return None;
         }
-        let uid = job.uid().unwrap_or_default();
         self.writing.insert(uid.clone());
         Some(DoneOnDrop { tx: self.done_tx.clone(), done: Some(Done { uid, seen_at: job.resource_version() }) })
     }
@@ -620,24 +612,31 @@ impl Dispatcher {
         })
     }
 
-    /// Delete a finished job whose TTL has passed; otherwise return when it will. One replica deletes each job
-    /// (its rendezvous owner among the live `members`), under the version seen, so a job re-opened since (`bgjobs
-    /// retry`) is not deleted.
-    fn expire_finished(&mut self, job: &Arc<BackgroundJob>, now: Timestamp, members: &[String]) -> Option<Timestamp> {
+    /// Delete a finished job whose retention has passed; otherwise return when to look at it again. One replica
+    /// deletes each job (its rendezvous owner among the live `members`; the others look again a lease duration
+    /// later, in case the owner is gone), under the version seen, so a job re-opened since (`bgjobs retry`) is not
+    /// deleted.
+    fn expire_finished(
+        &mut self,
+        job: &Arc<BackgroundJob>,
+        now: Timestamp,
+        inst: Instant,
+        members: &[String],
+    ) -> Option<Instant> {
         let ttl = job.spec.ttl_seconds_after_finished.or(self.config.ttl_seconds_after_finished)?;
         let finished = job.status.as_ref()?.completion_time.as_ref()?.0;
         let at = finished.checked_add(jiff::SignedDuration::from_secs(ttl.max(0))).ok()?;
         if at > now {
-            return Some(at);
+            return Some(inst + at.duration_since(now).unsigned_abs());
         }
         let uid = job.uid().unwrap_or_default();
         if crate::members::owner(members, &uid).is_some_and(|owner| owner != self.worker.identity) {
-            return None;
+            return Some(inst + self.worker.timing.duration);
         }
         if self.awaits_confirmation(job) {
             // Its definition has not confirmed creating it yet: deleted now, it would look never created, and the
             // definition's next owner would create it again. Kept until the confirmation.
-            return Some(now.checked_add(jiff::SignedDuration::from_secs(1)).unwrap_or(now));
+            return Some(inst + Duration::from_secs(1));
         }
         let done = self.start_write(job)?;
         let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());

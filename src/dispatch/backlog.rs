@@ -1,0 +1,403 @@
+//! The replica's index of the queue, kept up to date from watch events, so that a dispatch pass costs what changed
+//! plus what it picks, never a walk over every job in scope.
+//!
+//! - `jobs`: every job in scope by UID (the watch cache's own objects, shared, not copied);
+//! - `runnable`: the jobs that may be claimed now, in queue order ([`QueueKey`]);
+//! - `dirty`: jobs to look at in the next pass (they, or a Lease that guards them, changed);
+//! - timers: when to look at a job again although nothing changed (a delay, a backoff, a deadline, a Lease that
+//!   may expire), in a heap;
+//! - concurrency-key groups and each member's turn, recomputed for a group only when one of its jobs changes;
+//! - the queue-depth counts and the set of running jobs, adjusted per change.
+//!
+//! Finished jobs stay in `jobs` (TTL deletes and recurring history need them) but in no other structure, apart from
+//! a timer for their TTL.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
+
+use crate::api::{BackgroundJob, Phase};
+use crate::claim::{ExtraLease, LeaseState};
+use crate::keys::{self, KeyVerdict};
+use crate::metrics::QueueLabels;
+use crate::ordering::QueueKey;
+
+/// A job that may be claimed now, with what its claim needs.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// The job as cached when it was judged.
+    pub job: Arc<BackgroundJob>,
+    /// Its claim Lease as cached.
+    pub lease: Option<Arc<Lease>>,
+    /// That Lease's state.
+    pub state: LeaseState,
+    /// Leases the claim needs besides its own (the concurrency key's; the cluster slot is added at pick time).
+    pub extras: Vec<ExtraLease>,
+    /// An adoption's cluster slot: the one its Pod has held all along.
+    pub adopted_slot: Option<ExtraLease>,
+    /// Since when this replica has seen it runnable (for the claim-latency metric).
+    pub since: Instant,
+}
+
+/// A namespace and a concurrency key.
+type KeyGroup = (String, String);
+
+/// See the module docs.
+#[derive(Default)]
+pub struct Backlog {
+    jobs: HashMap<String, Arc<BackgroundJob>>,
+    runnable: BTreeMap<QueueKey, Candidate>,
+    dirty: HashSet<String>,
+    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    /// The time each job's live timer fires; heap entries that disagree are stale and skipped.
+    due: HashMap<String, Instant>,
+    groups: HashMap<KeyGroup, HashSet<String>>,
+    /// Which group a key Lease (namespace, name) guards.
+    key_leases: HashMap<(String, String), String>,
+    turns: HashMap<String, KeyVerdict>,
+    stale_groups: HashSet<KeyGroup>,
+    depth: HashMap<QueueLabels, i64>,
+    running: HashSet<String>,
+}
+
+impl Backlog {
+    /// Add or replace a job (as the watch cache now holds it) and mark it for the next pass.
+    pub fn upsert(&mut self, job: Arc<BackgroundJob>) {
+        let uid = job.uid().unwrap_or_default();
+        if let Some(old) = self.jobs.remove(&uid) {
+            self.forget(&uid, &old);
+        }
+        self.account(&uid, &job);
+        self.jobs.insert(uid.clone(), job);
+        self.dirty.insert(uid);
+    }
+
+    /// Remove a job that left the cache. Returns it if it was known.
+    pub fn remove(&mut self, uid: &str) -> Option<Arc<BackgroundJob>> {
+        let old = self.jobs.remove(uid)?;
+        self.forget(uid, &old);
+        self.due.remove(uid);
+        self.dirty.remove(uid);
+        self.turns.remove(uid);
+        Some(old)
+    }
+
+    /// Replace the whole index by `all` (after a watch re-listed, or as a periodic safety net): every job is
+    /// marked, and jobs no longer listed are removed and returned.
+    pub fn resync(&mut self, all: Vec<Arc<BackgroundJob>>) -> Vec<Arc<BackgroundJob>> {
+        let listed: HashSet<String> = all.iter().map(|j| j.uid().unwrap_or_default()).collect();
+        let gone: Vec<String> = self.jobs.keys().filter(|uid| !listed.contains(*uid)).cloned().collect();
+        let removed = gone.iter().filter_map(|uid| self.remove(uid)).collect();
+        for job in all {
+            self.upsert(job);
+        }
+        removed
+    }
+
+    /// Mark a known job for the next pass.
+    pub fn mark(&mut self, uid: &str) {
+        if self.jobs.contains_key(uid) {
+            self.dirty.insert(uid.to_string());
+        }
+    }
+
+    /// A concurrency key's Lease changed: mark the jobs whose turn it is.
+    pub fn mark_key_lease(&mut self, namespace: &str, lease_name: &str) {
+        let Some(key) = self.key_leases.get(&(namespace.to_string(), lease_name.to_string())) else { return };
+        let group = (namespace.to_string(), key.clone());
+        for uid in self.groups.get(&group).into_iter().flatten() {
+            if matches!(self.turns.get(uid), Some(KeyVerdict::Turn)) {
+                self.dirty.insert(uid.clone());
+            }
+        }
+    }
+
+    /// Look at `uid` again at `at` (or earlier, if a timer set before fires earlier).
+    pub fn arm(&mut self, uid: &str, at: Instant) {
+        match self.due.get(uid) {
+            Some(d) if *d <= at => {}
+            _ => {
+                self.due.insert(uid.to_string(), at);
+                self.timers.push(Reverse((at, uid.to_string())));
+            }
+        }
+    }
+
+    /// Drop the timer of `uid`.
+    pub fn disarm(&mut self, uid: &str) {
+        self.due.remove(uid);
+    }
+
+    /// When the earliest timer fires.
+    pub fn next_due(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, uid))) = self.timers.peek() {
+            if self.due.get(uid) == Some(at) {
+                return Some(*at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Recompute the turns of the key groups that changed, then hand out every job marked or due by `now`.
+    pub fn take_dirty(&mut self, now: Instant) -> Vec<String> {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((at, uid)) = self.timers.pop().expect("peeked");
+            if self.due.get(&uid) == Some(&at) {
+                self.due.remove(&uid);
+                self.dirty.insert(uid);
+            }
+        }
+        self.refresh_turns();
+        self.dirty.drain().collect()
+    }
+
+    /// A job as indexed.
+    pub fn job(&self, uid: &str) -> Option<&Arc<BackgroundJob>> {
+        self.jobs.get(uid)
+    }
+
+    /// A job's turn at its concurrency key.
+    pub fn turn(&self, uid: &str) -> Option<&KeyVerdict> {
+        self.turns.get(uid)
+    }
+
+    /// Make a job a candidate (it must be indexed).
+    pub fn set_runnable(&mut self, uid: &str, mut candidate: Candidate) {
+        if let Some(previous) = self.take_runnable(uid) {
+            candidate.since = previous.since;
+        }
+        self.runnable.insert(QueueKey::of(&candidate.job), candidate);
+    }
+
+    /// Withdraw a job's candidacy; returns it.
+    pub fn take_runnable(&mut self, uid: &str) -> Option<Candidate> {
+        let job = self.jobs.get(uid)?;
+        self.runnable.remove(&QueueKey::of(job))
+    }
+
+    /// A job's candidacy, if it is a candidate.
+    pub fn runnable_candidate(&self, uid: &str) -> Option<&Candidate> {
+        self.runnable.get(&QueueKey::of(self.jobs.get(uid)?))
+    }
+
+    /// Whether some unfinished job uses the concurrency-key Lease `namespace/name`.
+    pub fn has_key_lease(&self, namespace: &str, name: &str) -> bool {
+        self.key_leases.contains_key(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The candidates, head of the queue first.
+    pub fn runnable(&self) -> impl Iterator<Item = (&QueueKey, &Candidate)> {
+        self.runnable.iter()
+    }
+
+    /// Waiting jobs per (namespace, queue, priority).
+    pub fn depth(&self) -> &HashMap<QueueLabels, i64> {
+        &self.depth
+    }
+
+    /// Jobs in phase Running, anywhere.
+    pub fn running(&self) -> impl Iterator<Item = &Arc<BackgroundJob>> {
+        self.running.iter().filter_map(|uid| self.jobs.get(uid))
+    }
+
+    fn account(&mut self, uid: &str, job: &BackgroundJob) {
+        match job.phase() {
+            Phase::Waiting => *self.depth.entry(labels(job)).or_default() += 1,
+            Phase::Running => {
+                self.running.insert(uid.to_string());
+            }
+            _ => {}
+        }
+        if let Some(group) = group(job) {
+            let lease = (group.0.clone(), keys::lease_name(&group.1));
+            self.key_leases.entry(lease).or_insert_with(|| group.1.clone());
+            self.groups.entry(group.clone()).or_default().insert(uid.to_string());
+            self.stale_groups.insert(group);
+        } else {
+            self.turns.remove(uid);
+        }
+    }
+
+    fn forget(&mut self, uid: &str, old: &BackgroundJob) {
+        self.runnable.remove(&QueueKey::of(old));
+        match old.phase() {
+            Phase::Waiting => {
+                let l = labels(old);
+                if let Some(n) = self.depth.get_mut(&l) {
+                    *n -= 1;
+                    if *n <= 0 {
+                        self.depth.remove(&l);
+                    }
+                }
+            }
+            Phase::Running => {
+                self.running.remove(uid);
+            }
+            _ => {}
+        }
+        if let Some(group) = group(old) {
+            if let Some(members) = self.groups.get_mut(&group) {
+                members.remove(uid);
+                if members.is_empty() {
+                    self.groups.remove(&group);
+                    self.key_leases.remove(&(group.0.clone(), keys::lease_name(&group.1)));
+                }
+            }
+            self.stale_groups.insert(group);
+        }
+    }
+
+    /// Recompute the turns of changed groups; mark the jobs whose turn changed.
+    fn refresh_turns(&mut self) {
+        for group in std::mem::take(&mut self.stale_groups) {
+            let members: Vec<&BackgroundJob> = self
+                .groups
+                .get(&group)
+                .into_iter()
+                .flatten()
+                .filter_map(|uid| self.jobs.get(uid).map(|j| j.as_ref()))
+                .collect();
+            for (uid, verdict) in keys::turns(&members) {
+                let changed = match (self.turns.get(&uid), &verdict) {
+                    (Some(KeyVerdict::Wait { .. }), KeyVerdict::Wait { .. }) => false,
+                    (Some(old), new) => old != new,
+                    (None, _) => true,
+                };
+                if changed {
+                    self.dirty.insert(uid.clone());
+                }
+                self.turns.insert(uid, verdict);
+            }
+        }
+    }
+}
+
+/// The concurrency-key group of an unfinished job with a key.
+fn group(job: &BackgroundJob) -> Option<KeyGroup> {
+    let key = job.spec.concurrency_key.as_ref().filter(|_| !job.phase().is_final())?;
+    Some((job.namespace().unwrap_or_default(), key.clone()))
+}
+
+fn labels(job: &BackgroundJob) -> QueueLabels {
+    QueueLabels {
+        namespace: job.namespace().unwrap_or_default(),
+        queue: job.spec.queue.clone(),
+        priority: job.spec.priority.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::api::BackgroundJobStatus;
+
+    fn job(name: &str, created: i64, phase: Phase, key: Option<&str>) -> Arc<BackgroundJob> {
+        let mut j = BackgroundJob::new(name, serde_json::from_value(serde_json::json!({"jobName": "noop"})).unwrap());
+        j.metadata.uid = Some(format!("uid-{name}"));
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000 + created).unwrap()));
+        j.spec.concurrency_key = key.map(str::to_string);
+        j.status = Some(BackgroundJobStatus { phase: Some(phase), ..Default::default() });
+        Arc::new(j)
+    }
+
+    fn candidate(job: &Arc<BackgroundJob>) -> Candidate {
+        Candidate {
+            job: job.clone(),
+            lease: None,
+            state: LeaseState::Absent,
+            extras: Vec::new(),
+            adopted_slot: None,
+            since: Instant::now(),
+        }
+    }
+
+    fn names(b: &Backlog) -> Vec<String> {
+        b.runnable().map(|(k, _)| k.name.clone()).collect()
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn candidates_come_out_in_queue_order_and_a_change_withdraws_a_candidacy_until_looked_at_again() {
+        let mut b = Backlog::default();
+        let (late, early) = (job("late", 20, Phase::Waiting, None), job("early", 10, Phase::Waiting, None));
+        b.upsert(late.clone());
+        b.upsert(early.clone());
+        assert_eq!(sorted(b.take_dirty(Instant::now())), ["uid-early", "uid-late"]);
+        b.set_runnable("uid-late", candidate(&late));
+        b.set_runnable("uid-early", candidate(&early));
+        assert_eq!(names(&b), ["early", "late"]);
+        assert!(b.take_dirty(Instant::now()).is_empty(), "nothing changed");
+        b.upsert(job("early", 10, Phase::Running, None));
+        assert_eq!(names(&b), ["late"]);
+        assert_eq!(b.take_dirty(Instant::now()), ["uid-early"]);
+    }
+
+    #[test]
+    fn a_timer_fires_once_at_its_earliest_arming_and_a_disarmed_one_never() {
+        let mut b = Backlog::default();
+        b.upsert(job("a", 1, Phase::Waiting, None));
+        b.upsert(job("b", 2, Phase::Waiting, None));
+        let t0 = Instant::now();
+        b.take_dirty(t0);
+        b.arm("uid-a", t0 + Duration::from_secs(10));
+        b.arm("uid-a", t0 + Duration::from_secs(5));
+        b.arm("uid-a", t0 + Duration::from_secs(20));
+        b.arm("uid-b", t0 + Duration::from_secs(1));
+        b.disarm("uid-b");
+        assert_eq!(b.next_due(), Some(t0 + Duration::from_secs(5)));
+        assert!(b.take_dirty(t0 + Duration::from_secs(4)).is_empty());
+        assert_eq!(b.take_dirty(t0 + Duration::from_secs(5)), ["uid-a"]);
+        assert!(b.take_dirty(t0 + Duration::from_secs(30)).is_empty(), "stale heap entries are skipped");
+        assert_eq!(b.next_due(), None);
+    }
+
+    #[test]
+    fn when_a_keys_turn_holder_finishes_the_next_job_of_that_key_is_looked_at() {
+        let mut b = Backlog::default();
+        b.upsert(job("first", 1, Phase::Running, Some("k")));
+        b.upsert(job("second", 2, Phase::Waiting, Some("k")));
+        b.upsert(job("other", 3, Phase::Waiting, None));
+        b.take_dirty(Instant::now());
+        assert!(matches!(b.turn("uid-second"), Some(KeyVerdict::Wait { .. })));
+        b.upsert(job("first", 1, Phase::Succeeded, Some("k")));
+        assert_eq!(sorted(b.take_dirty(Instant::now())), ["uid-first", "uid-second"]);
+        assert_eq!(b.turn("uid-second"), Some(&KeyVerdict::Turn));
+        assert!(b.has_key_lease("ns", &keys::lease_name("k")));
+        b.mark_key_lease("ns", &keys::lease_name("k"));
+        assert_eq!(b.take_dirty(Instant::now()), ["uid-second"], "a key Lease change concerns the turn holder");
+        b.remove("uid-second");
+        assert!(!b.has_key_lease("ns", &keys::lease_name("k")));
+    }
+
+    #[test]
+    fn depth_and_running_follow_each_change_and_a_resync_drops_jobs_no_longer_listed() {
+        let mut b = Backlog::default();
+        b.upsert(job("a", 1, Phase::Waiting, None));
+        b.upsert(job("b", 2, Phase::Waiting, None));
+        assert_eq!(b.depth().values().sum::<i64>(), 2);
+        b.upsert(job("a", 1, Phase::Running, None));
+        assert_eq!(b.depth().values().sum::<i64>(), 1);
+        assert_eq!(b.running().count(), 1);
+        let gone = b.resync(vec![job("a", 1, Phase::Succeeded, None)]);
+        assert_eq!(gone.iter().map(|j| j.name_any()).collect::<Vec<_>>(), ["b"]);
+        assert!(b.depth().is_empty());
+        assert_eq!((b.running().count(), b.job("uid-a").is_some()), (0, true));
+    }
+}

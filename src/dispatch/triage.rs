@@ -1,0 +1,404 @@
+//! The decision a dispatch pass makes for one unfinished job nobody on this replica is acting on: a pure function of
+//! the job, what this replica has seen of the Leases that guard it (and for how long unchanged), and the time.
+//!
+//! The loop ([`super::Dispatcher`]) gathers those facts and performs the decision; everything that decides lives
+//! here, so every branch is tested without a cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
+
+use crate::api::{BackgroundJob, Phase};
+use crate::claim::{self, ExtraLease, LeaseState};
+use crate::keys::{self, KeyVerdict};
+use crate::lease::LeaseTiming;
+use crate::limits;
+use crate::ordering;
+use crate::retry::{self, Verdict};
+
+/// What this replica knows about an unfinished job.
+pub struct Facts<'a> {
+    /// The job as cached.
+    pub job: &'a BackgroundJob,
+    /// Its claim Lease as cached, if any.
+    pub lease: Option<&'a Arc<Lease>>,
+    /// How long this replica has seen that Lease (or its absence) unchanged, for this phase and attempt.
+    pub lease_unchanged: Duration,
+    /// Its concurrency key's turn and Lease, when it has a key.
+    pub key: Option<KeyFacts<'a>>,
+    /// The cluster slot its orphaned Pod attempt holds, and how long this replica has seen that slot unchanged.
+    pub adoption_slot: Option<(&'a Arc<Lease>, Duration)>,
+    /// Whether this replica serves the job's queue.
+    pub serves_queue: bool,
+    /// The apiserver's time.
+    pub now: Timestamp,
+}
+
+/// What this replica knows about a job's concurrency key.
+pub struct KeyFacts<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// The job's turn among the unfinished jobs of its key (see [`keys::turns`]).
+    pub verdict: Option<&'a KeyVerdict>,
+    /// Namespace and name of the key's Lease.
+    pub lease_namespace: &'a str,
+    /// Name of the key's Lease.
+    pub lease_name: &'a str,
+    /// The key's Lease as cached.
+    pub lease: Option<&'a Arc<Lease>>,
+    /// The job that Lease names as its holder, if cached.
+    pub owner: Option<&'a BackgroundJob>,
+    /// How long this replica has seen the key's Lease (or its absence) unchanged.
+    pub unchanged: Duration,
+}
+
+/// What to do with a job now.
+#[derive(Debug)]
+pub enum Decision {
+    /// Nothing now. Look again after `recheck`; with `None`, only when the job or its Leases change.
+    Leave {
+        /// When something time-driven may change the decision.
+        recheck: Option<Duration>,
+    },
+    /// Move it to a final phase (nobody holds it; see [`claim::settle`]).
+    Settle {
+        /// The final phase.
+        phase: Phase,
+        /// Why, for `status.lastError` and the Event.
+        reason: String,
+        /// Its claim Lease's state, which the settle write goes through.
+        state: LeaseState,
+    },
+    /// It may run: claim it when its turn in the queue comes.
+    Claim {
+        /// Its claim Lease's state.
+        state: LeaseState,
+        /// Leases the claim needs besides its own (a concurrency key's).
+        extras: Vec<ExtraLease>,
+        /// An adoption's cluster slot: the one its Pod has held all along.
+        adopted_slot: Option<ExtraLease>,
+        /// When it must be looked at again even if nothing changes (its deadline).
+        recheck: Option<Duration>,
+    },
+}
+
+/// Decide what to do with an unfinished job (see the module docs of [`super`] for the rules).
+pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
+    let job = f.job;
+    let phase = job.phase();
+    let state = claim::lease_state(job, f.lease.map(|l| l.as_ref()), f.lease_unchanged, timing);
+    let orphaned = phase == Phase::Running && state != LeaseState::Live && timing.expired(f.lease_unchanged);
+    if (phase == Phase::Running && !orphaned) || state == LeaseState::Live {
+        return Decision::Leave { recheck: Some(timing.until_expiry(f.lease_unchanged)) };
+    }
+    // From here on the job is nobody's: waiting, or orphaned by a replica that stopped renewing.
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(f.now);
+    // An orphaned Pod attempt whose Pod may still run is adopted whatever its attempt budget says (that budget was
+    // spent on this very attempt); cancelling it or passing its deadline settles it, and the settle deletes its
+    // Pod first.
+    let adoptable = orphaned && claim::adopts(job);
+    if job.spec.cancel {
+        let reason = if adoptable {
+            "cancelled by the user while its pod ran unwatched; the pod was deleted"
+        } else {
+            "cancelled by the user before it ran"
+        };
+        return Decision::Settle { phase: Phase::Cancelled, reason: reason.into(), state };
+    }
+    match retry::may_start(&job.spec, created, job.attempts(), f.now) {
+        Ok(()) => {}
+        Err(Verdict::Fail(_)) if adoptable => {}
+        Err(verdict) => {
+            let (phase, reason) = match verdict {
+                Verdict::Fail(r) => (Phase::Failed, r),
+                Verdict::Abandon(r) => (Phase::Abandoned, r),
+                _ => unreachable!("may_start only fails or abandons"),
+            };
+            let reason = if orphaned {
+                let worker = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
+                format!("attempt {} was lost (worker {worker} stopped renewing its lease); {reason}", job.attempts())
+            } else {
+                reason
+            };
+            return Decision::Settle { phase, reason, state };
+        }
+    }
+    let recheck = Some(until(retry::deadline(&job.spec, created), f.now));
+    if phase == Phase::Waiting
+        && let Some(t) = ordering::not_before(job)
+        && t > f.now
+    {
+        return Decision::Leave { recheck: earliest(recheck, Some(until(t, f.now))) };
+    }
+    let mut extras = Vec::new();
+    if let Some(k) = &f.key {
+        match k.verdict {
+            Some(KeyVerdict::Skip { deferred_to }) => {
+                let reason = format!(
+                    "skipped: job {deferred_to} with concurrencyKey {:?} was already waiting or running \
+                     (concurrencyPolicy: Skip)",
+                    k.key
+                );
+                return Decision::Settle { phase: Phase::Skipped, reason, state };
+            }
+            Some(KeyVerdict::Wait { .. }) => return Decision::Leave { recheck },
+            _ => {}
+        }
+        let seen = k.lease.cloned();
+        let extra = |seen| ExtraLease {
+            namespace: k.lease_namespace.to_string(),
+            name: k.lease_name.to_string(),
+            seen,
+            label: keys::KEY_LABEL,
+        };
+        match keys::key_lease_state(job, k.lease.map(|l| l.as_ref()), k.owner, k.unchanged, timing) {
+            LeaseState::Live => {
+                return Decision::Leave { recheck: earliest(recheck, Some(timing.until_expiry(k.unchanged))) };
+            }
+            LeaseState::Absent => extras.push(extra(None)),
+            _ => extras.push(extra(seen)),
+        }
+    }
+    if !f.serves_queue {
+        return Decision::Leave { recheck };
+    }
+    // The slot an orphaned Pod attempt holds is taken over only once this replica has seen *it* unchanged for a
+    // lease duration too: the claim Lease comes from another watch, which may be the stale one.
+    let adopted_slot = match f.adoption_slot {
+        Some((slot, age)) => {
+            if !timing.expired(age) {
+                return Decision::Leave { recheck: earliest(recheck, Some(timing.until_expiry(age))) };
+            }
+            Some(ExtraLease {
+                namespace: slot.namespace().unwrap_or_default(),
+                name: slot.name_any(),
+                seen: Some(slot.clone()),
+                label: limits::SLOT_LABEL,
+            })
+        }
+        None => None,
+    };
+    Decision::Claim { state, extras, adopted_slot, recheck }
+}
+
+/// How long from `now` until `t` (zero if it has passed).
+fn until(t: Timestamp, now: Timestamp) -> Duration {
+    let d = t.duration_since(now);
+    if d.is_positive() { d.unsigned_abs() } else { Duration::ZERO }
+}
+
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::api::BackgroundJobStatus;
+    use crate::lease;
+
+    const T: LeaseTiming = LeaseTiming {
+        duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        renew_interval: Duration::from_secs(3),
+    };
+    const CREATED: i64 = 1_800_000_000;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(CREATED + s).unwrap()
+    }
+
+    fn job(spec: serde_json::Value, phase: Phase, attempts: i32) -> BackgroundJob {
+        let mut spec = spec;
+        spec["jobName"] = "noop".into();
+        let mut j = BackgroundJob::new("j", serde_json::from_value(spec).unwrap());
+        j.metadata.uid = Some("uid-1".into());
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.creation_timestamp = Some(Time(at(0)));
+        j.status =
+            Some(BackgroundJobStatus { phase: Some(phase), attempts, worker: Some("w1".into()), ..Default::default() });
+        j
+    }
+
+    fn claim_lease(attempt: i32) -> Arc<Lease> {
+        Arc::new(Lease {
+            metadata: ObjectMeta {
+                name: Some("bgj-j".into()),
+                namespace: Some("ns".into()),
+                annotations: Some(BTreeMap::from([
+                    (lease::JOB_UID_ANNOTATION.to_string(), "uid-1".to_string()),
+                    (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+                ])),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec { holder_identity: Some("w1".into()), ..Default::default() }),
+        })
+    }
+
+    fn facts<'a>(job: &'a BackgroundJob, lease: Option<&'a Arc<Lease>>, unchanged: u64, now: i64) -> Facts<'a> {
+        Facts {
+            job,
+            lease,
+            lease_unchanged: Duration::from_secs(unchanged),
+            key: None,
+            adoption_slot: None,
+            serves_queue: true,
+            now: at(now),
+        }
+    }
+
+    fn key<'a>(verdict: Option<&'a KeyVerdict>, lease: Option<&'a Arc<Lease>>, unchanged: u64) -> KeyFacts<'a> {
+        KeyFacts {
+            key: "tenant-a",
+            verdict,
+            lease_namespace: "ns",
+            lease_name: "key-lease",
+            lease,
+            owner: None,
+            unchanged: Duration::from_secs(unchanged),
+        }
+    }
+
+    #[test]
+    fn a_waiting_job_with_no_lease_is_claimed_and_looked_at_again_at_its_deadline() {
+        let j = job(serde_json::json!({"timeoutSeconds": 100}), Phase::Waiting, 0);
+        match triage(&facts(&j, None, 0, 40), &T) {
+            Decision::Claim { state: LeaseState::Absent, extras, adopted_slot: None, recheck } => {
+                assert!(extras.is_empty());
+                assert_eq!(recheck, Some(Duration::from_secs(60)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_running_job_whose_lease_is_renewed_is_left_until_it_could_expire() {
+        let (j, l) = (job(serde_json::json!({}), Phase::Running, 1), claim_lease(1));
+        match triage(&facts(&j, Some(&l), 4, 10), &T) {
+            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(11))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_running_attempt_whose_lease_stood_still_for_a_lease_duration_is_taken_over() {
+        let (j, l) = (job(serde_json::json!({}), Phase::Running, 1), claim_lease(1));
+        assert!(matches!(triage(&facts(&j, Some(&l), 15, 10), &T), Decision::Claim { state: LeaseState::Expired, .. }));
+    }
+
+    #[test]
+    fn a_lost_attempt_with_no_attempts_left_fails_and_says_the_worker_stopped_renewing() {
+        let (j, l) = (job(serde_json::json!({"retry": {"maxAttempts": 1}}), Phase::Running, 1), claim_lease(1));
+        match triage(&facts(&j, Some(&l), 15, 10), &T) {
+            Decision::Settle { phase: Phase::Failed, reason, state: LeaseState::Expired } => {
+                assert!(reason.contains("attempt 1 was lost (worker w1 stopped renewing"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_orphaned_pod_attempt_with_no_attempts_left_is_adopted_not_failed() {
+        let mut j = job(serde_json::json!({"retry": {"maxAttempts": 1}}), Phase::Running, 1);
+        j.spec.template = Some(Default::default());
+        let l = claim_lease(1);
+        assert!(matches!(triage(&facts(&j, Some(&l), 15, 10), &T), Decision::Claim { .. }));
+    }
+
+    #[test]
+    fn a_cancelled_waiting_job_is_settled_cancelled() {
+        let mut j = job(serde_json::json!({}), Phase::Waiting, 0);
+        j.spec.cancel = true;
+        assert!(matches!(triage(&facts(&j, None, 0, 1), &T), Decision::Settle { phase: Phase::Cancelled, .. }));
+    }
+
+    #[test]
+    fn a_job_past_its_timeout_is_abandoned() {
+        let j = job(serde_json::json!({"timeoutSeconds": 30}), Phase::Waiting, 0);
+        assert!(matches!(triage(&facts(&j, None, 0, 30), &T), Decision::Settle { phase: Phase::Abandoned, .. }));
+    }
+
+    #[test]
+    fn a_delayed_job_is_left_until_its_delay_has_passed() {
+        let j = job(serde_json::json!({"delaySeconds": 50}), Phase::Waiting, 0);
+        match triage(&facts(&j, None, 0, 20), &T) {
+            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(30))),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(triage(&facts(&j, None, 0, 50), &T), Decision::Claim { .. }));
+    }
+
+    #[test]
+    fn a_claim_in_flight_elsewhere_is_left_alone() {
+        let (j, l) = (job(serde_json::json!({}), Phase::Waiting, 0), claim_lease(1));
+        assert!(matches!(triage(&facts(&j, Some(&l), 2, 1), &T), Decision::Leave { .. }));
+    }
+
+    #[test]
+    fn a_job_behind_another_of_its_key_waits_and_a_skip_job_is_skipped() {
+        let j = job(serde_json::json!({"concurrencyKey": "tenant-a"}), Phase::Waiting, 0);
+        let wait = KeyVerdict::Wait { behind: "first".into() };
+        let mut f = facts(&j, None, 0, 1);
+        f.key = Some(key(Some(&wait), None, 0));
+        assert!(matches!(triage(&f, &T), Decision::Leave { .. }));
+        let skip = KeyVerdict::Skip { deferred_to: "first".into() };
+        f.key = Some(key(Some(&skip), None, 0));
+        match triage(&f, &T) {
+            Decision::Settle { phase: Phase::Skipped, reason, .. } => assert!(reason.contains("job first"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_job_with_its_keys_turn_claims_the_key_lease_too() {
+        let j = job(serde_json::json!({"concurrencyKey": "tenant-a"}), Phase::Waiting, 0);
+        let mut f = facts(&j, None, 0, 1);
+        f.key = Some(key(Some(&KeyVerdict::Turn), None, 0));
+        match triage(&f, &T) {
+            Decision::Claim { extras, .. } => {
+                assert_eq!(extras.len(), 1);
+                assert_eq!((extras[0].name.as_str(), extras[0].label), ("key-lease", keys::KEY_LABEL));
+                assert!(extras[0].seen.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_job_of_a_queue_this_replica_does_not_serve_is_left() {
+        let j = job(serde_json::json!({}), Phase::Waiting, 0);
+        let mut f = facts(&j, None, 0, 1);
+        f.serves_queue = false;
+        assert!(matches!(triage(&f, &T), Decision::Leave { .. }));
+    }
+
+    #[test]
+    fn an_adoption_waits_until_its_cluster_slot_too_stood_still_for_a_lease_duration() {
+        let mut j = job(serde_json::json!({}), Phase::Running, 1);
+        j.spec.template = Some(Default::default());
+        let (l, slot) = (claim_lease(1), claim_lease(1));
+        let mut f = facts(&j, Some(&l), 15, 10);
+        f.adoption_slot = Some((&slot, Duration::from_secs(5)));
+        match triage(&f, &T) {
+            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(10))),
+            other => panic!("{other:?}"),
+        }
+        f.adoption_slot = Some((&slot, Duration::from_secs(15)));
+        match triage(&f, &T) {
+            Decision::Claim { adopted_slot: Some(s), .. } => assert_eq!(s.label, limits::SLOT_LABEL),
+            other => panic!("{other:?}"),
+        }
+    }
+}
