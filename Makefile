@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods clean helm-deps chaos chaos-deps
+.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods bench-scale clean helm-deps chaos chaos-deps
 
 all: build
 
@@ -74,6 +74,10 @@ bench:
 ## bench-pods: 500 short Pods as batch/v1 Jobs vs Pod-mode BackgroundJobs, on the local node agent.
 bench-pods:
 	e2e/bench_pods.sh
+
+## bench-scale: drain backlogs of 1k, 10k and 100k jobs (SCALE_SIZES) on 4 replicas x 16 slots; figures per size.
+bench-scale:
+	e2e/bench_scale.sh
 
 clean: cluster-down
 	cargo clean

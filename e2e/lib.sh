@@ -45,14 +45,14 @@ launch_replicas() {
     echo $! >"$pid_dir/$prefix-$i.pid"
   done
   echo "started $n replica(s) (pids ${REPLICA_PIDS[*]}), logs in ${dir#"$ROOT"/}/replica-N.log"
-  local deadline=$((SECONDS + 60))
+  local deadline=$((SECONDS + ${SYNC_SECONDS:-60}))
   for ((i = 1; i <= n; i++)); do
     until grep -q "caches synced" "$dir/replica-$i.log" 2>/dev/null; do
       if ! kill -0 "${REPLICA_PIDS[${#REPLICA_PIDS[@]} - n + i - 1]}" 2>/dev/null; then
         tail -n 20 "$dir/replica-$i.log" >&2
         die "replica $prefix-$i exited during start-up (log above: $dir/replica-$i.log)"
       fi
-      ((SECONDS < deadline)) || die "replica $prefix-$i did not sync its caches within 60 s ($dir/replica-$i.log)"
+      ((SECONDS < deadline)) || die "replica $prefix-$i did not sync its caches within ${SYNC_SECONDS:-60} s ($dir/replica-$i.log)"
       sleep 0.1
     done
   done

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# `make bench-scale`: does dispatch cost stay flat as the backlog grows? For each backlog size, real operator
+# replicas (release build, separate processes) drain that many pre-created jobs on the local control plane, and the
+# script prints, per size, in one run:
+#   throughput (jobs/s, first start to last finish), replica CPU per job, peak RSS per replica (VmHWM), apiserver
+#   CPU per job, API writes per job (the apiserver's apiserver_request_total for backgroundjobs and leases; Events
+#   counted apart), and the adversarial tier's checker line (bgjobs-history: lost, overlaps, duplicates).
+#
+#   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k drain takes about 40 minutes)
+#   SCALE_SIZES="1000 10000" e2e/bench_scale.sh          a quicker run
+#
+# Environment (defaults in brackets):
+#   SCALE_SIZES ["1000 10000 100000"]  SCALE_REPLICAS [4]  SCALE_SLOTS [16]
+#   SCALE_CREATE_PARALLEL [4]   concurrent `kubectl create` streams filling the backlog
+#   SCALE_STALL [180]           give up on a size when no job finished for this many seconds
+#
+# The replicas are `bgjobs-test-worker operator` (the operator with recording handlers): each job is
+# `jobName: record` with `ms: 0`, so the handler does nothing but write its start and finish lines to the execution
+# log the checker reads. Jobs are created before the replicas start, so the replicas drain a full queue. Results:
+# target/bench/scale-<date>/ (per size: replica logs, execution logs, status history, metrics, figures.txt).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=e2e/lib.sh
+. "$ROOT/e2e/lib.sh"
+cd "$ROOT"
+
+SIZES=${SCALE_SIZES:-1000 10000 100000}
+REPLICAS=${SCALE_REPLICAS:-4}
+SLOTS=${SCALE_SLOTS:-16}
+CREATE_PARALLEL=${SCALE_CREATE_PARALLEL:-4}
+STALL=${SCALE_STALL:-180}
+RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
+PID_DIR=$ROOT/target/bench/pids
+NS=bgjobs-scale
+CLK_TCK=$(getconf CLK_TCK)
+REPLICA_PIDS=()
+RECORDER_PID=""
+export SYNC_SECONDS=600 # listing 100,000 jobs takes a while
+
+die() {
+  printf 'bench_scale.sh: %s\n' "$*" >&2
+  exit 1
+}
+
+for v in $SIZES $REPLICAS $SLOTS $CREATE_PARALLEL $STALL; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || die "sizes, replicas, slots, parallelism and stall must be positive integers, got '$v'"
+done
+for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
+
+cpu_seconds() { awk -v tck="$CLK_TCK" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+peak_rss_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
+plane_pid() { cat "$ROOT/.cluster/$1.pid" 2>/dev/null || echo 0; }
+
+# Writes by resource from two snapshots of the apiserver's counters (all response codes: a 409 costs it too).
+writes_between() { # before after resource
+  awk -v res="$3" '
+    function value(line) { n = split(line, f, " "); return f[n] }
+    FNR == NR { before[$1] = value($0); next }
+    /^apiserver_request_total\{/ && $0 ~ "resource=\"" res "\"" && $0 ~ /verb="(POST|PUT|PATCH|DELETE|DELETECOLLECTION)"/ {
+      sum += value($0) - before[$1]
+    }
+    END { printf "%d", sum }' "$1" "$2"
+}
+
+metrics_snapshot() { kubectl get --raw /metrics | grep -E '^apiserver_request_total\{' >"$1"; }
+
+cleanup() {
+  stop_replicas "$PID_DIR" scale
+  if [ -n "$RECORDER_PID" ]; then
+    kill -TERM "$RECORDER_PID" 2>/dev/null || true
+    wait "$RECORDER_PID" 2>/dev/null || true
+    RECORDER_PID=""
+  fi
+}
+trap cleanup EXIT
+
+# N jobs in files of 5,000, created by CREATE_PARALLEL concurrent `kubectl create` streams. Names sort in index
+# order; within one stream, creation order follows it.
+create_jobs() { # dir count
+  local dir=$1 n=$2 i chunk=5000
+  mkdir -p "$dir/jobs"
+  awk -v n="$n" -v chunk=$chunk -v dir="$dir/jobs" 'BEGIN {
+    for (i = 1; i <= n; i++) {
+      f = sprintf("%s/part-%04d.yaml", dir, int((i - 1) / chunk))
+      printf "---\napiVersion: bgjobs.dev/v1alpha1\nkind: BackgroundJob\nmetadata:\n  name: s-%06d\nspec:\n  jobName: record\n  args: {ms: 0}\n", i >> f
+    }
+  }'
+  find "$dir/jobs" -name 'part-*.yaml' | sort | xargs -P "$CREATE_PARALLEL" -I{} kubectl create -n "$NS" -f {} -o name >/dev/null
+}
+
+finished_jobs() { cat "$1"/*.exec 2>/dev/null | grep -c '"ev":"finish"' || true; }
+
+one_size() {
+  local n=$1 dir=$RUN_DIR/$1 i
+  mkdir -p "$dir"
+  echo
+  echo "==> backlog of $n jobs"
+  kubectl delete namespace "$NS" --wait=true --timeout=600s >/dev/null 2>&1 || true
+  kubectl create namespace "$NS" >/dev/null
+  local t0=$SECONDS
+  create_jobs "$dir" "$n"
+  echo "created $n jobs in $((SECONDS - t0)) s"
+  "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
+  RECORDER_PID=$!
+  metrics_snapshot "$dir/metrics-before.txt"
+  local api_pid api_cpu0
+  api_pid=$(plane_pid kube-apiserver)
+  api_cpu0=$(cpu_seconds "$api_pid")
+  BIN=$WORKER launch_replicas "$dir" "$PID_DIR" "$NS" "$REPLICAS" "$SLOTS" scale \
+    --exec-log "$dir/replicas.exec"
+  local done_before=-1 stalled_since=$SECONDS done_now
+  while :; do
+    done_now=$(finished_jobs "$dir")
+    ((done_now >= n)) && break
+    if ((done_now != done_before)); then
+      done_before=$done_now stalled_since=$SECONDS
+    elif ((SECONDS - stalled_since > STALL)); then
+      echo "no job finished for $STALL s ($done_now of $n): giving up on this size" >&2
+      break
+    fi
+    sleep 2
+  done
+  sleep 3 # the last status writes
+  local cpu=0 rss=0 r pid
+  for pid in "${REPLICA_PIDS[@]}"; do
+    cpu=$(awk -v a="$cpu" -v b="$(cpu_seconds "$pid")" 'BEGIN {printf "%.2f", a + b}')
+    r=$(peak_rss_mib "$pid")
+    rss=$(awk -v a="$rss" -v b="$r" 'BEGIN {print (b > a ? b : a)}')
+  done
+  local api_cpu
+  api_cpu=$(awk -v a="$api_cpu0" -v b="$(cpu_seconds "$api_pid")" 'BEGIN {printf "%.2f", b - a}')
+  metrics_snapshot "$dir/metrics-after.txt"
+  cleanup
+  local jobs_w leases_w events_w span
+  jobs_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" backgroundjobs)
+  leases_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" leases)
+  events_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" events)
+  span=$(awk 'match($0, /"t_ms":[0-9]+/) {
+      t = substr($0, RSTART + 7, RLENGTH - 7) + 0
+      if ($0 ~ /"ev":"start"/ && (lo == "" || t < lo)) lo = t
+      if ($0 ~ /"ev":"finish"/ && t > hi) hi = t
+    } END { printf "%.1f", (hi - lo) / 1000 }' "$dir"/*.exec)
+  local check
+  check=$("$HISTORY" check "$dir" --per-replica-cap "$SLOTS" 2>&1 | head -n 20) || true
+  echo "$check" >"$dir/check.txt"
+  {
+    printf 'backlog=%d jobs_per_s=%.1f replica_cpu_ms_per_job=%.2f peak_rss_mib=%s apiserver_cpu_ms_per_job=%.2f ' \
+      "$n" "$(awk -v n="$n" -v s="$span" 'BEGIN {print (s > 0 ? n / s : 0)}')" \
+      "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" \
+      "$(awk -v c="$api_cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')"
+    printf 'writes_per_job=%.2f (jobs %d, leases %d) events_per_job=%.2f\n' \
+      "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
+      "$(awk -v e="$events_w" -v n="$n" 'BEGIN {print e / n}')"
+    echo "  checker: $(head -n 1 <<<"$check")"
+  } | tee "$dir/figures.txt"
+  kubectl delete namespace "$NS" --wait=false >/dev/null
+}
+
+e2e/cluster.sh up
+eval "$(e2e/cluster.sh env)"
+export KUBECONFIG
+cargo build --release -p bgjobs-test-worker -p bgjobs-history
+mkdir -p "$RUN_DIR" "$PID_DIR"
+# Frozen copies: a colleague's build must not swap the binaries mid-run.
+cp target/release/bgjobs-test-worker target/release/bgjobs-history "$RUN_DIR/"
+WORKER=$RUN_DIR/bgjobs-test-worker
+HISTORY=$RUN_DIR/bgjobs-history
+stop_leftover_replicas "$PID_DIR"/scale-*.pid -- "bgjobs-test-worker operator"
+echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$REPLICAS replicas x $SLOTS slots; results in ${RUN_DIR#"$ROOT"/}"
+for n in $SIZES; do one_size "$n"; done
+echo
+echo "==> summary"
+cat "$RUN_DIR"/*/figures.txt | tee "$RUN_DIR/summary.txt"
