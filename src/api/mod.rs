@@ -103,7 +103,7 @@ pub struct BackgroundJobSpec {
     /// apiserver when the Pod is created; a template it rejects fails the job with the apiserver's message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
-    pub template: Option<PodTemplateSpec>,
+    pub template: Option<Box<PodTemplateSpec>>,
 
     /// Delete the job this many seconds after it finished (Succeeded, Failed, Abandoned, Cancelled). `0` deletes
     /// it as soon as it finishes. Unset: the operator's `--ttl-seconds-after-finished`, if any; else kept.

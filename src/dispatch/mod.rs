@@ -339,9 +339,8 @@ impl Dispatcher {
         let phase = job.phase();
         if phase.is_final() {
             self.observer.forget(uid);
-            if let Some(at) = self.expire_finished(&job, now, inst, members) {
-                self.backlog.arm(uid, at);
-            }
+            let at = self.expire_finished(&job, now, inst, members);
+            self.recheck(uid, inst, at.map(|at| at.saturating_duration_since(inst)));
             return;
         }
         let timing = self.worker.timing;
@@ -401,20 +400,22 @@ impl Dispatcher {
             now,
         };
         match triage::triage(&facts, &timing) {
-            Decision::Leave { recheck } => {
-                if let Some(d) = recheck {
-                    self.backlog.arm(uid, inst + d);
-                }
-            }
+            Decision::Leave { recheck } => self.recheck(uid, inst, recheck),
             Decision::Settle { phase, reason, state } => self.spawn_settle(&job, lease, state, phase, reason),
             Decision::Claim { state, extras, adopted_slot, recheck } => {
-                if let Some(d) = recheck {
-                    self.backlog.arm(uid, inst + d);
-                }
+                self.recheck(uid, inst, recheck);
                 let since = since.unwrap_or(inst);
                 let candidate = Candidate { job, lease, state, extras, adopted_slot, since };
                 self.backlog.set_runnable(uid, candidate);
             }
+        }
+    }
+
+    /// Arm a job's timer, unless the next full look comes first (a waiting job's deadline is usually hours away:
+    /// a timer for each would cost memory per waiting job for nothing).
+    fn recheck(&mut self, uid: &str, inst: Instant, after: Option<Duration>) {
+        if let Some(d) = after.filter(|d| *d <= FULL_LOOK) {
+            self.backlog.arm(uid, inst + d);
         }
     }
 
