@@ -92,6 +92,10 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
 /// for it.
 pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The FIFO bound: how long after a job queued behind it a runnable job may be dispatched, not counting the time a
+/// fault held it back (see the crate README, "FIFO dispatch").
+pub const FIFO_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A runnable job as the picker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Runnable {
