@@ -140,6 +140,13 @@ pub fn pick<'a>(
     chosen.into_iter().map(|i| &runnable[i].key).collect()
 }
 
+/// How many replicas race for the head of the queue, the `workers` of [`pick`]: the live `members`, or the `holders`
+/// of claim Leases if more are seen (replicas of an older version without member Leases). Under the exclusive
+/// strategy only the leader claims: nobody races it, so it takes the head jobs in queue order.
+pub fn racing(exclusive: bool, members: usize, holders: usize) -> usize {
+    if exclusive { 1 } else { members.max(holders).max(1) }
+}
+
 fn rank(me: &str, key: &QueueKey, epoch: u64) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     me.hash(&mut h);
@@ -303,5 +310,26 @@ mod tests {
     #[test]
     fn no_free_slot_picks_nothing() {
         assert!(pick(&keys(5), 0, 3, "me", 0).is_empty());
+    }
+
+    #[test]
+    fn under_the_exclusive_strategy_the_leader_takes_the_head_in_order() {
+        let runnable: Vec<Runnable> = (0..8)
+            .map(|i| Runnable {
+                key: QueueKey::of(&job(&format!("j{i}"), Priority::Normal, 0, &i.to_string())),
+                overdue: false,
+            })
+            .collect();
+        let names = |picked: Vec<&QueueKey>| picked.into_iter().map(|k| k.name.clone()).collect::<Vec<_>>();
+        // Four live members, one free slot: racing replicas spread over a window of four...
+        let spread = (0..20)
+            .map(|e| names(pick(&runnable, 1, racing(false, 4, 1), "leader", e)))
+            .collect::<std::collections::HashSet<_>>();
+        assert!(spread.len() > 1, "{spread:?}");
+        // ... but the exclusive leader races nobody: the head, every time.
+        for e in 0..20 {
+            assert_eq!(names(pick(&runnable, 1, racing(true, 4, 1), "leader", e)), ["j0"]);
+            assert_eq!(names(pick(&runnable, 2, racing(true, 4, 1), "leader", e)), ["j0", "j1"]);
+        }
     }
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use bgjobs::api::{BackgroundJob, Priority};
 use bgjobs_history::{LeaseLine, StatusLine};
-use k8s_openapi::api::coordination::v1::Lease;
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, ResourceExt};
@@ -19,7 +19,8 @@ pub const EXPECT_RETRIES_LABEL: &str = "chaos.bgjobs.dev/expect-retries";
 /// Record until interrupted (SIGINT/SIGTERM), flushing every line. The Leases are those of `lease_namespace`.
 pub async fn run(namespace: &str, lease_namespace: &str, dir: &Path) -> Result<(), String> {
     let client = kube::Client::try_default().await.map_err(|e| e.to_string())?;
-    let leases = tokio::spawn(record_leases(Api::namespaced(client.clone(), lease_namespace), dir.join("leases.jsonl")));
+    let leases =
+        tokio::spawn(record_leases(Api::namespaced(client.clone(), lease_namespace), dir.join("leases.jsonl")));
     let jobs = record_jobs(Api::namespaced(client, namespace), dir);
     tokio::select! {
         done = jobs => done,
