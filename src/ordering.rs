@@ -7,6 +7,14 @@
 //!
 //! A job that cannot run yet (delayed, waiting for its retry) is simply not runnable; it never blocks the jobs
 //! behind it. Everything here is a plain function over plain data and a clock.
+//!
+//! The order is kept within a bound, [`FIFO_BOUND`], not strictly: replicas racing for the head spread over a
+//! window of jobs ([`pick`]), so a job may be dispatched after jobs queued behind it, but once it has been at the
+//! head for [`OVERDUE_AFTER`] every replica with a free slot goes for it. A fault can hold a job back longer: a
+//! replica that created its claim Lease and then stopped (killed, paused, cut off, denied its status write) keeps
+//! it from everyone until the Lease has been seen unchanged for a lease duration; the same goes for the exclusive
+//! leader and for a control plane that restarts. Such a wait counts against the bound only for what lasts beyond
+//! the fault plus one lease duration. The adversarial run's checker (`e2e/history`) holds runs to it.
 
 use std::cmp::Ordering;
 use std::hash::{Hash, Hasher};
@@ -92,8 +100,9 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
 /// for it.
 pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The FIFO bound: how long after a job queued behind it a runnable job may be dispatched, not counting the time a
-/// fault held it back (see the crate README, "FIFO dispatch").
+/// The FIFO bound: a runnable job is dispatched at most this long after a job queued behind it, not counting the
+/// time a fault held it back (see the module docs). [`OVERDUE_AFTER`] at the head, plus two seconds for the passes
+/// of the replicas that then go for it, their claim round trips, and a slot to come free.
 pub const FIFO_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A runnable job as the picker sees it.
