@@ -6,8 +6,8 @@
 //!   `record-thread` does its work on an OS thread, the way handlers run blocking work: the thread stops only when
 //!   `ctx.cancel` fires, so the log shows whether it does.
 //! - `pod`: the same recording from inside a Pod of a Pod-mode job (reads the job from `BGJOBS_*`).
-//! - `record-history`: watch every BackgroundJob in a namespace and append each change to `status.jsonl`, and every
-//!   Lease of the Lease namespace to `leases.jsonl`.
+//! - `record-history`: watch every BackgroundJob in a namespace and append each change to `status.jsonl`, and, when
+//!   asked, every Lease of the Lease namespace to `leases.jsonl`.
 #![forbid(unsafe_code)]
 
 mod exec_log;
@@ -51,12 +51,12 @@ enum Command {
         ms: u64,
     },
     /// Append every BackgroundJob change in `namespace` to `<dir>/status.jsonl`, and every Lease change in
-    /// `lease_namespace` to `<dir>/leases.jsonl`, until interrupted.
+    /// `lease_namespace` (if given) to `<dir>/leases.jsonl`, until interrupted.
     RecordHistory {
         /// Namespace to watch.
         #[arg(long)]
         namespace: String,
-        /// Namespace of the replicas' Leases (default: `namespace`).
+        /// Also record the Leases of this namespace (the replicas' `--lease-namespace`). Default: no Leases.
         #[arg(long)]
         lease_namespace: Option<String>,
         /// Run folder.
@@ -84,7 +84,7 @@ async fn main() -> std::process::ExitCode {
         Command::Operator { exec_log, config } => operator(exec_log, *config).await,
         Command::Pod { exec_log, ms } => pod(exec_log, ms).await,
         Command::RecordHistory { namespace, lease_namespace, dir } => {
-            recorder::run(&namespace, lease_namespace.as_deref().unwrap_or(&namespace), &dir).await
+            recorder::run(&namespace, lease_namespace.as_deref(), &dir).await
         }
     };
     match result {
