@@ -7,6 +7,14 @@
 //!
 //! A job that cannot run yet (delayed, waiting for its retry) is simply not runnable; it never blocks the jobs
 //! behind it. Everything here is a plain function over plain data and a clock.
+//!
+//! The order is kept within a bound, [`FIFO_BOUND`], not strictly: replicas racing for the head spread over a
+//! window of jobs ([`pick`]), so a job may be dispatched after jobs queued behind it, but once it has been at the
+//! head for [`OVERDUE_AFTER`] every replica with a free slot goes for it. A fault can hold a job back longer: a
+//! replica that created its claim Lease and then stopped (killed, paused, cut off, denied its status write) keeps
+//! it from everyone until the Lease has been seen unchanged for a lease duration; the same goes for the exclusive
+//! leader and for a control plane that restarts. Such a wait counts against the bound only for what lasts beyond
+//! the fault plus one lease duration. The adversarial run's checker (`e2e/history`) holds runs to it.
 
 use std::cmp::Ordering;
 use std::hash::{Hash, Hasher};
@@ -92,6 +100,11 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
 /// for it.
 pub const OVERDUE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The FIFO bound: a runnable job is dispatched at most this long after a job queued behind it, not counting the
+/// time a fault held it back (see the module docs). [`OVERDUE_AFTER`] at the head, plus two seconds for the passes
+/// of the replicas that then go for it, their claim round trips, and a slot to come free.
+pub const FIFO_BOUND: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A runnable job as the picker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Runnable {
@@ -134,6 +147,13 @@ pub fn pick<'a>(
     chosen.extend(ranked.into_iter().take(left).map(|(_, i)| i));
     chosen.sort_unstable();
     chosen.into_iter().map(|i| &runnable[i].key).collect()
+}
+
+/// How many replicas race for the head of the queue, the `workers` of [`pick`]: the live `members`, or the `holders`
+/// of claim Leases if more are seen (replicas of an older version without member Leases). Under the exclusive
+/// strategy only the leader claims: nobody races it, so it takes the head jobs in queue order.
+pub fn racing(exclusive: bool, members: usize, holders: usize) -> usize {
+    if exclusive { 1 } else { members.max(holders).max(1) }
 }
 
 fn rank(me: &str, key: &QueueKey, epoch: u64) -> u64 {
@@ -299,5 +319,26 @@ mod tests {
     #[test]
     fn no_free_slot_picks_nothing() {
         assert!(pick(&keys(5), 0, 3, "me", 0).is_empty());
+    }
+
+    #[test]
+    fn under_the_exclusive_strategy_the_leader_takes_the_head_in_order() {
+        let runnable: Vec<Runnable> = (0..8)
+            .map(|i| Runnable {
+                key: QueueKey::of(&job(&format!("j{i}"), Priority::Normal, 0, &i.to_string())),
+                overdue: false,
+            })
+            .collect();
+        let names = |picked: Vec<&QueueKey>| picked.into_iter().map(|k| k.name.clone()).collect::<Vec<_>>();
+        // Four live members, one free slot: racing replicas spread over a window of four...
+        let spread = (0..20)
+            .map(|e| names(pick(&runnable, 1, racing(false, 4, 1), "leader", e)))
+            .collect::<std::collections::HashSet<_>>();
+        assert!(spread.len() > 1, "{spread:?}");
+        // ... but the exclusive leader races nobody: the head, every time.
+        for e in 0..20 {
+            assert_eq!(names(pick(&runnable, 1, racing(true, 4, 1), "leader", e)), ["j0"]);
+            assert_eq!(names(pick(&runnable, 2, racing(true, 4, 1), "leader", e)), ["j0", "j1"]);
+        }
     }
 }

@@ -460,12 +460,11 @@ impl Dispatcher {
             slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, &me);
             free = free.min(slots.len());
         }
-        // How many replicas race for the head: the live members (known from the start), or the holders of claim
-        // Leases if more are seen (replicas of an older version without member Leases).
+        // How many replicas race for the head (the exclusive leader races nobody).
         let leases = self.view.leases.state();
         let mut holders: HashSet<&str> = leases.iter().filter_map(|l| crate::lease::holder(l)).collect();
         holders.insert(&me);
-        let workers = members.len().max(holders.len());
+        let workers = ordering::racing(self.leader.is_some(), members.len(), holders.len());
 
         // Overdue means "passed over at the very head": among the first `free` jobs (those a strict-FIFO replica
         // would take now) for longer than OVERDUE_AFTER. Time spent deeper in the window or in a backlog does not

@@ -88,7 +88,8 @@ async fn serve(mut sock: tokio::net::TcpStream, log: Arc<Mutex<std::fs::File>>) 
 pub struct Workload {
     jobs: Api<bgjobs::api::BackgroundJob>,
     defs: Api<RecurringBackgroundJob>,
-    placement: serde_json::Value,
+    /// Where Pod-mode jobs go; None: the workload has none.
+    placement: Option<serde_json::Value>,
     pod_log: PathBuf,
     http_url: String,
     next: u32,
@@ -97,11 +98,13 @@ pub struct Workload {
 const DEFINITIONS: [&str; 2] = ["every-3s", "every-5s"];
 
 impl Workload {
-    pub fn new(env: &TestEnv, agent: &NodeAgent, http_url: &str) -> Workload {
+    /// Every kind of job, Pod-mode jobs on `agent`'s node; without an agent, in-process jobs where Pod-mode jobs
+    /// would be.
+    pub fn new(env: &TestEnv, agent: Option<&NodeAgent>, http_url: &str) -> Workload {
         Workload {
             jobs: env.jobs.clone(),
             defs: Api::namespaced(env.client.clone(), &env.ns),
-            placement: agent.placement(),
+            placement: agent.map(NodeAgent::placement),
             pod_log: env.dir.join("pods.exec"),
             http_url: http_url.to_string(),
             next: 0,
@@ -170,13 +173,15 @@ impl Workload {
                 true,
             ),
             30..=35 => (json!({"jobName": "call", "http": {"url": self.http_url}}), false),
+            _ if self.placement.is_none() => (json!({"jobName": "record", "args": {"ms": ms}}), false),
             _ => {
                 let mut pod_spec = json!({"containers": [{
                     "name": "work", "image": "busybox",
                     "command": [test_worker_bin().display().to_string(), "pod", "--ms", "400"],
                     "env": [{"name": "BGJOBS_EXEC_LOG", "value": self.pod_log.display().to_string()}],
                 }]});
-                pod_spec.as_object_mut().unwrap().extend(self.placement.as_object().unwrap().clone());
+                let placement = self.placement.as_ref().and_then(|p| p.as_object()).cloned().unwrap_or_default();
+                pod_spec.as_object_mut().unwrap().extend(placement);
                 (json!({"jobName": "pod-work", "template": {"spec": pod_spec}}), false)
             }
         }

@@ -89,13 +89,15 @@ pub fn service_account_kubeconfig(sa: &str, namespace: &str, dir: &Path) -> Path
     path
 }
 
-/// `bgjobs-test-worker record-history` for the test's namespace, stopped (SIGTERM) on drop.
+/// `bgjobs-test-worker record-history` for the test's namespace, its jobs and its Leases (tests keep their Leases
+/// there), stopped (SIGTERM) on drop.
 pub struct Recorder(Child);
 
 impl Recorder {
     pub fn start(env: &TestEnv) -> Recorder {
         let child = Command::new(test_worker_bin())
-            .args(["record-history", "--namespace", &env.ns, "--dir", &env.dir.display().to_string()])
+            .args(["record-history", "--namespace", &env.ns, "--lease-namespace", &env.ns])
+            .args(["--dir", &env.dir.display().to_string()])
             .env("KUBECONFIG", kubeconfig_path())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(env.dir.join("recorder.log")).unwrap())

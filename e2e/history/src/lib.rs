@@ -3,7 +3,9 @@
 //! A run (a test, `make chaos`, a benchmark) records what every handler did, what every BackgroundJob looked like
 //! and which faults were injected ([`model`]); [`check`] reads that history afterwards and counts every violation
 //! of the guarantees: lost or stuck jobs, overlapping executions of one job or one concurrency key, cap
-//! violations, stale status writes, re-executions nobody faulted, duplicate recurring ticks and FIFO inversions.
+//! violations, executions on two replicas at once under the exclusive strategy, stale status writes,
+//! re-executions nobody faulted, duplicate recurring ticks and FIFO inversions beyond the stated bound that no
+//! fault explains.
 //! Deciding offline, from what was recorded, keeps the checker independent of the code under test.
 #![forbid(unsafe_code)]
 
@@ -11,4 +13,4 @@ pub mod check;
 pub mod model;
 
 pub use check::{Limits, Report, check};
-pub use model::{ExecLine, FaultLine, History, StatusLine};
+pub use model::{ExecLine, FaultLine, History, LeaseLine, StatusLine};

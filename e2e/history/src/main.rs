@@ -1,5 +1,6 @@
 //! `bgjobs-history check DIR [--cluster-cap N] [--per-replica-cap N] [--lease-ms MS] [--catch-up-ms MS]
-//! [--fifo-bound-ms MS]`: check a run folder, print one line of figures, then every violation; exit 1 on any.
+//! [--fifo-bound-ms MS] [--exclusive]`: check a run folder, print one line of figures, then every violation; exit 1
+//! on any.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!(
                 "bgjobs-history: {e}\nusage: bgjobs-history check DIR [--cluster-cap N] [--per-replica-cap N] \
-                       [--lease-ms MS] [--catch-up-ms MS] [--fifo-bound-ms MS]"
+                       [--lease-ms MS] [--catch-up-ms MS] [--fifo-bound-ms MS] [--exclusive]"
             );
             std::process::ExitCode::from(2)
         }
@@ -28,6 +29,10 @@ fn run(args: Vec<String>) -> Result<bool, String> {
     let dir = PathBuf::from(args.next().ok_or("missing DIR")?);
     let mut limits = Limits::default();
     while let Some(flag) = args.next() {
+        if flag == "--exclusive" {
+            limits.exclusive = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let n: i64 = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
         match flag.as_str() {

@@ -1,9 +1,11 @@
-//! What a run records, one JSON object per line, in three kinds of files in one run folder:
+//! What a run records, one JSON object per line, in four kinds of files in one run folder:
 //!
 //! - `*.exec`: written by the test worker's handlers from inside each execution (in-process or in a Pod): a
 //!   `start`, a `tick` every few tens of milliseconds while the handler really runs, and a `finish` when it returns.
 //!   A paused or killed process writes nothing, so an execution's activity is known from its own lines.
 //! - `status.jsonl`: every BackgroundJob change as a watch delivered it (the recorder).
+//! - `leases.jsonl`: every Lease change in the Lease namespace as a watch delivered it (the recorder): who tried to
+//!   claim which job, and who led under the exclusive strategy.
 //! - `faults.jsonl`: every fault the run injected, with its time and target.
 
 use std::path::Path;
@@ -83,13 +85,35 @@ pub struct StatusLine {
     pub deleted: bool,
 }
 
+/// One Lease change as the recorder saw it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct LeaseLine {
+    /// When the recorder saw it (wall-clock ms).
+    pub t_ms: i64,
+    /// Lease name.
+    pub name: String,
+    /// `claim`, `slot`, `key`, `exclusive`, `member`, or empty for a Lease bgjobs does not know.
+    pub kind: String,
+    /// `spec.holderIdentity` (None while vacant).
+    #[serde(default)]
+    pub holder: Option<String>,
+    /// UID of the job the Lease is held for (claim, slot and key Leases).
+    #[serde(default)]
+    pub job_uid: Option<String>,
+    /// This line records a deletion.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
 /// One injected fault.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FaultLine {
     /// When (wall-clock ms of the runner).
     pub t_ms: i64,
-    /// `kill9`, `stop`, `cont`, `term`, `start`, `apiserver-restart`, `proxy-reset`, `proxy-stall`, `proxy-heal`,
-    /// `lease-delete`, `clock-offset`, `rbac-remove`, `rbac-restore`, ...
+    /// `kill9`, `stop`, `cont`, `term`, `start`, `apiserver-restart`, `apiserver-up`, `proxy-reset`, `proxy-stall`,
+    /// `proxy-heal`, `lease-delete`, `clock-offset`, `rbac-remove`, `rbac-restore`, ... A fault that lasts is
+    /// closed by its own line: `stop` by `cont`, `rbac-remove` by `rbac-restore`, `apiserver-restart` by
+    /// `apiserver-up`, `proxy-stall` by `proxy-heal`.
     pub kind: String,
     /// Replica identity, Lease name, or `cluster`.
     pub target: String,
@@ -107,10 +131,13 @@ pub struct History {
     pub status: Vec<StatusLine>,
     /// Faults, in time order.
     pub faults: Vec<FaultLine>,
+    /// Lease changes, in time order.
+    pub leases: Vec<LeaseLine>,
 }
 
 impl History {
-    /// Read a run folder: every `*.exec` file, `status.jsonl` and `faults.jsonl` (missing files read as empty).
+    /// Read a run folder: every `*.exec` file, `status.jsonl`, `faults.jsonl` and `leases.jsonl` (missing files
+    /// read as empty).
     pub fn read(dir: &Path) -> std::io::Result<History> {
         let mut h = History::default();
         for entry in std::fs::read_dir(dir)? {
@@ -121,9 +148,11 @@ impl History {
         }
         h.status = read_lines(&dir.join("status.jsonl"))?;
         h.faults = read_lines(&dir.join("faults.jsonl"))?;
+        h.leases = read_lines(&dir.join("leases.jsonl"))?;
         h.exec.sort_by_key(|l| l.t_ms);
         h.status.sort_by_key(|l| l.t_ms);
         h.faults.sort_by_key(|l| l.t_ms);
+        h.leases.sort_by_key(|l| l.t_ms);
         Ok(h)
     }
 }

@@ -6,7 +6,8 @@
 //!   `record-thread` does its work on an OS thread, the way handlers run blocking work: the thread stops only when
 //!   `ctx.cancel` fires, so the log shows whether it does.
 //! - `pod`: the same recording from inside a Pod of a Pod-mode job (reads the job from `BGJOBS_*`).
-//! - `record-history`: watch every BackgroundJob in a namespace and append each change to `status.jsonl`.
+//! - `record-history`: watch every BackgroundJob in a namespace and append each change to `status.jsonl`, and, when
+//!   asked, every Lease of the Lease namespace to `leases.jsonl`.
 #![forbid(unsafe_code)]
 
 mod exec_log;
@@ -49,11 +50,15 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         ms: u64,
     },
-    /// Append every BackgroundJob change in `namespace` to `<dir>/status.jsonl` until interrupted.
+    /// Append every BackgroundJob change in `namespace` to `<dir>/status.jsonl`, and every Lease change in
+    /// `lease_namespace` (if given) to `<dir>/leases.jsonl`, until interrupted.
     RecordHistory {
         /// Namespace to watch.
         #[arg(long)]
         namespace: String,
+        /// Also record the Leases of this namespace (the replicas' `--lease-namespace`). Default: no Leases.
+        #[arg(long)]
+        lease_namespace: Option<String>,
         /// Run folder.
         #[arg(long)]
         dir: PathBuf,
@@ -78,7 +83,9 @@ async fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Operator { exec_log, config } => operator(exec_log, *config).await,
         Command::Pod { exec_log, ms } => pod(exec_log, ms).await,
-        Command::RecordHistory { namespace, dir } => recorder::run(&namespace, &dir).await,
+        Command::RecordHistory { namespace, lease_namespace, dir } => {
+            recorder::run(&namespace, lease_namespace.as_deref(), &dir).await
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

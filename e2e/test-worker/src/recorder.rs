@@ -1,12 +1,14 @@
-//! The status recorder: every BackgroundJob change a watch delivers, as one [`StatusLine`] in `status.jsonl`.
+//! The history recorder: every BackgroundJob change a watch delivers, as one [`StatusLine`] in `status.jsonl`, and
+//! every Lease change in the Lease namespace, as one [`LeaseLine`] in `leases.jsonl`.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
 use bgjobs::api::{BackgroundJob, Priority};
-use bgjobs_history::StatusLine;
-use futures::StreamExt;
+use bgjobs_history::{LeaseLine, StatusLine};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, ResourceExt};
@@ -14,10 +16,67 @@ use kube::{Api, ResourceExt};
 /// Label that marks a job whose handler is meant to fail and be retried.
 pub const EXPECT_RETRIES_LABEL: &str = "chaos.bgjobs.dev/expect-retries";
 
-/// Record until interrupted (SIGINT/SIGTERM), flushing every line.
-pub async fn run(namespace: &str, dir: &Path) -> Result<(), String> {
+/// Record until interrupted (SIGINT/SIGTERM), flushing every line; the Leases of `lease_namespace` too, if given
+/// (a benchmark leaves them out: a watch of every claim Lease would weigh on what it measures).
+pub async fn run(namespace: &str, lease_namespace: Option<&str>, dir: &Path) -> Result<(), String> {
     let client = kube::Client::try_default().await.map_err(|e| e.to_string())?;
-    let api: Api<BackgroundJob> = Api::namespaced(client, namespace);
+    let leases = match lease_namespace {
+        Some(ns) => record_leases(Api::namespaced(client.clone(), ns), dir.join("leases.jsonl")).boxed(),
+        None => std::future::pending().boxed(),
+    };
+    let jobs = record_jobs(Api::namespaced(client, namespace), dir);
+    tokio::select! {
+        done = jobs => done,
+        done = leases => done,
+    }
+}
+
+/// Every Lease change, until the process ends. Deletions missed while the watch was down are not made up for: the
+/// checker asks only who held which Lease.
+async fn record_leases(api: Api<Lease>, path: std::path::PathBuf) -> Result<(), String> {
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        let (lease, deleted) = match event {
+            Ok(Event::Apply(l) | Event::InitApply(l)) => (l, false),
+            Ok(Event::Delete(l)) => (l, true),
+            Ok(Event::Init | Event::InitDone) | Err(_) => continue,
+        };
+        let labels = lease.labels();
+        let kind = if lease.name_any() == bgjobs::exclusive::EXCLUSIVE_LEASE {
+            "exclusive"
+        } else if labels.contains_key(bgjobs::claim::JOB_LABEL) {
+            "claim"
+        } else if labels.contains_key(bgjobs::limits::SLOT_LABEL) {
+            "slot"
+        } else if labels.contains_key(bgjobs::keys::KEY_LABEL) {
+            "key"
+        } else if labels.contains_key(bgjobs::members::MEMBER_LABEL) {
+            "member"
+        } else {
+            ""
+        };
+        let line = LeaseLine {
+            t_ms: jiff::Timestamp::now().as_millisecond(),
+            name: lease.name_any(),
+            kind: kind.into(),
+            holder: bgjobs::lease::holder(&lease).map(str::to_string),
+            job_uid: bgjobs::lease::annotation(&lease, bgjobs::lease::JOB_UID_ANNOTATION).map(str::to_string),
+            deleted,
+        };
+        let mut text = serde_json::to_string(&line).unwrap_or_default();
+        text.push('\n');
+        out.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn record_jobs(api: Api<BackgroundJob>, dir: &Path) -> Result<(), String> {
     let path = dir.join("status.jsonl");
     let mut out = std::fs::OpenOptions::new()
         .create(true)
