@@ -150,10 +150,16 @@ pub fn pick<'a>(
 }
 
 /// How many replicas race for the head of the queue, the `workers` of [`pick`]: the live `members`, or the `holders`
-/// of claim Leases if more are seen (replicas of an older version without member Leases). Under the exclusive
-/// strategy only the leader claims: nobody races it, so it takes the head jobs in queue order.
-pub fn racing(exclusive: bool, members: usize, holders: usize) -> usize {
-    if exclusive { 1 } else { members.max(holders).max(1) }
+/// of claim Leases if more are seen (replicas of an older version without member Leases), unless the head must be
+/// taken `in_order`:
+/// - under the exclusive strategy only the leader claims: nobody races it;
+/// - when a cluster-wide cap leaves fewer free slots than the replica has, the slots are the bottleneck, not the
+///   replicas. Spreading over a window would let a replica that does not yet see the head as overdue take the one
+///   freed slot for a later job, again and again, while the replicas going for the head lose the slot race.
+///
+/// Taken in order, every replica goes for the head jobs; the claim Leases decide, and the winner runs the head.
+pub fn racing(in_order: bool, members: usize, holders: usize) -> usize {
+    if in_order { 1 } else { members.max(holders).max(1) }
 }
 
 fn rank(me: &str, key: &QueueKey, epoch: u64) -> u64 {

@@ -452,19 +452,21 @@ impl Dispatcher {
                     || !self.held.contains_key(&j.uid().unwrap_or_default())
             });
         let mut slots = Vec::new();
+        let mut slots_bound = false;
         if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
             let reserved: Vec<String> =
                 self.slots_in_use.values().cloned().chain(held_for_adopters.iter().cloned()).collect();
             let timing = &self.worker.timing;
             slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, &me);
+            slots_bound = slots.len() < free;
             free = free.min(slots.len());
         }
-        // How many replicas race for the head (the exclusive leader races nobody).
+        // How many replicas race for the head (nobody races the exclusive leader, or for scarce cluster slots).
         let leases = self.view.leases.state();
         let mut holders: HashSet<&str> = leases.iter().filter_map(|l| crate::lease::holder(l)).collect();
         holders.insert(&me);
-        let workers = ordering::racing(self.leader.is_some(), members.len(), holders.len());
+        let workers = ordering::racing(self.leader.is_some() || slots_bound, members.len(), holders.len());
 
         // Overdue means "passed over at the very head": among the first `free` jobs (those a strict-FIFO replica
         // would take now) for longer than OVERDUE_AFTER. Time spent deeper in the window or in a backlog does not

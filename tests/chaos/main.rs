@@ -147,10 +147,7 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
         // A tick is decided (claimed) on time by a live owner; its job may come later when the owner dies or etcd and
         // the apiserver restart between the claim and the create, but never more than this after its tick.
         catch_up_ms: Some(60_000),
-        // Measured, not held to `ordering::FIFO_BOUND` yet: with a cluster cap below the replicas' capacity, the
-        // replicas that go for an overdue head job race for the same freed slot, and the claims that lose lose the
-        // job too, so the head waits seconds with no fault near it (README, "How bgjobs is tested").
-        fifo_bound_ms: None,
+        fifo_bound_ms: Some(FIFO_BOUND_MS),
         exclusive: false,
     };
     judge(&env, seed, &limits, jobs.len());
