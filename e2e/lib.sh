@@ -33,13 +33,14 @@ stop_leftover_replicas() {
 
 # launch_replicas DIR PID_DIR NAMESPACE COUNT SLOTS ID_PREFIX [EXTRA_FLAGS...]: start COUNT replicas named
 # ID_PREFIX-1.., logs and invocation logs in DIR/replica-N.{log,inv}, PID files in PID_DIR; return once every
-# replica has synced its caches (so all of them compete from the first job on).
+# replica has synced its caches (so all of them compete from the first job on). Finished jobs are kept (no
+# retention) because the runs audit every job at the end; EXTRA_FLAGS come later and may override that.
 launch_replicas() {
   local dir=$1 pid_dir=$2 ns=$3 n=$4 slots=$5 prefix=$6 i
   shift 6
   mkdir -p "$dir" "$pid_dir"
   for ((i = 1; i <= n; i++)); do
-    "$BIN" operator --namespace "$ns" --identity "$prefix-$i" --max-concurrent-jobs-per-instance "$slots" "$@" \
+    "$BIN" operator --namespace "$ns" --identity "$prefix-$i" --max-concurrent-jobs-per-instance "$slots" --retention finished=never "$@" \
       --invocation-log "$dir/replica-$i.inv" >"$dir/replica-$i.log" 2>&1 &
     REPLICA_PIDS+=($!)
     echo $! >"$pid_dir/$prefix-$i.pid"

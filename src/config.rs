@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::lease::LeaseTiming;
+use crate::retention::RetentionPolicy;
 
 /// A duration written like `15s`, `500ms`, `2m`, `1h`, or a plain number of seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,8 +120,17 @@ pub struct OperatorConfig {
     #[arg(long, default_value = "25s", env = "BGJOBS_SHUTDOWN_GRACE")]
     pub shutdown_grace: HumanDuration,
 
-    /// Delete finished jobs this many seconds after they finished, unless the job sets
-    /// `spec.ttlSecondsAfterFinished` itself. Default: keep them.
+    /// How long finished jobs are kept, per outcome and namespace: comma-separated `[NAMESPACE/]OUTCOME=DURATION`
+    /// rules, OUTCOME one of succeeded, failed, abandoned, cancelled, skipped, or finished (all five); DURATION like
+    /// 30s, 10m, 7d, or `never`. A namespace's rule beats the cluster-wide one; a later rule beats an earlier one.
+    /// A job's own `spec.ttlSecondsAfterFinished` beats every rule; jobs of a RecurringBackgroundJob are kept for
+    /// its history limits. Unset outcomes: succeeded and skipped 5m, failed, abandoned and cancelled 7d.
+    /// Example: `succeeded=1h,audit/finished=never`.
+    #[arg(long, default_value = "", hide_default_value = true, env = "BGJOBS_RETENTION")]
+    pub retention: RetentionPolicy,
+
+    /// Legacy: keep every finished job this many seconds, in every namespace (below `--retention`'s rules, above
+    /// its defaults). Prefer `--retention finished=DURATION`.
     #[arg(long, env = "BGJOBS_TTL_SECONDS_AFTER_FINISHED")]
     pub ttl_seconds_after_finished: Option<i64>,
 

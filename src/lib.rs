@@ -38,6 +38,7 @@ pub mod operator;
 pub mod ordering;
 pub mod queue;
 pub mod recurring;
+pub mod retention;
 pub mod retry;
 pub mod status;
 pub mod worker;

@@ -33,10 +33,11 @@ use crate::queue::QueueView;
 use crate::worker::Worker;
 
 /// Run one operator replica until SIGTERM or SIGINT.
-pub async fn run(config: OperatorConfig, registry: Registry) -> Result<()> {
+pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     let timing = config.lease_timing();
     timing.validate()?;
     config.validate()?;
+    config.retention = std::mem::take(&mut config.retention).with_legacy_ttl(config.ttl_seconds_after_finished);
     let client = crate::client::connect().await?;
     ensure_crd(&client, config.namespace.as_deref()).await?;
     let identity = config.identity();

@@ -625,7 +625,7 @@ impl Dispatcher {
         inst: Instant,
         members: &[String],
     ) -> Option<Instant> {
-        let ttl = job.spec.ttl_seconds_after_finished.or(self.config.ttl_seconds_after_finished)?;
+        let ttl = i64::try_from(crate::retention::ttl_for(job, &self.config.retention)?.as_secs()).ok()?;
         let finished = job.status.as_ref()?.completion_time.as_ref()?.0;
         let at = finished.checked_add(jiff::SignedDuration::from_secs(ttl.max(0))).ok()?;
         if at > now {

@@ -93,6 +93,8 @@ impl Fleet {
             .args(["--namespace", &self.ns, "--identity", &m.identity])
             .args(["--exec-log", &self.dir.join(format!("{}.exec", m.identity)).display().to_string()])
             .args(common::FAST_LEASES)
+            // The checker audits every job at the end of the run: none may be deleted by retention before.
+            .args(["--retention", "finished=never"])
             .args(&self.flags)
             .env("KUBECONFIG", &m.spec.kubeconfig)
             .env("RUST_LOG", "info,bgjobs=debug,kube=warn")

@@ -1,0 +1,68 @@
+//! What keeps the number of jobs bounded: retention of finished jobs (`--retention`, `src/retention.rs`) and a
+//! namespace's ResourceQuota as backpressure on enqueue, against the local control plane.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
+use common::TestEnv;
+use kube::api::PostParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn finished_for(job: &BackgroundJob) -> Option<Duration> {
+    let done = job.status.as_ref()?.completion_time.as_ref()?.0;
+    Some(jiff::Timestamp::now().duration_since(done).unsigned_abs())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespaces_retention_deletes_its_successes_and_keeps_its_failures() {
+    let env = TestEnv::new("retention").await;
+    // Another namespace's rule must not apply here; this namespace's rule overrides the 5-minute default.
+    let rules = format!("{}/succeeded=2s,elsewhere/failed=1s", env.ns);
+    let _r = env.replica("r", &["--retention", &rules]);
+    env.create("ok", json!({"jobName": "noop"})).await;
+    env.create("broken", json!({"jobName": "fail", "args": {"permanent": true}})).await;
+    let left = env.wait_until(MINUTE, "the succeeded job deleted", |jobs| jobs.len() == 1).await;
+    assert_eq!(left[0].name_any(), "broken");
+    assert_eq!(left[0].phase(), Phase::Failed);
+    let ran: Vec<String> = env.invocations().into_iter().filter(|l| l.event == "start").map(|l| l.job).collect();
+    assert!(ran.iter().any(|j| j.ends_with("/ok")), "the deleted job ran first: {ran:?}");
+    // Well past the succeeded job's retention, the failed one is still there (its default is 7 days).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let jobs = env.list().await;
+    assert_eq!(jobs.len(), 1, "{}", common::summary(&jobs));
+    assert!(finished_for(&jobs[0]).unwrap() > Duration::from_secs(3), "finished long enough ago to have gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_a_recurring_definition_follow_its_history_limit_not_the_operators_retention() {
+    let env = TestEnv::new("retention-rec").await;
+    let _r = env.replica("r", &["--retention", "finished=0s"]);
+    let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let def = json!({"schedule": "* * * * * *", "successfulJobsHistoryLimit": 2,
+                     "jobTemplate": {"spec": {"jobName": "noop"}}});
+    let def = RecurringBackgroundJob::new("tick", serde_json::from_value(def).unwrap());
+    defs.create(&PostParams::default(), &def).await.expect("create recurring job");
+    env.create("one-off", json!({"jobName": "noop"})).await;
+
+    // Retention 0 s deletes the one-off job at once; the definition's jobs stay until its history limit trims them.
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let jobs = env.list().await;
+        let kids: Vec<&BackgroundJob> = jobs.iter().filter(|j| j.name_any().starts_with("tick-")).collect();
+        let succeeded: Vec<&&BackgroundJob> = kids.iter().filter(|j| j.phase() == Phase::Succeeded).collect();
+        let ticks_run = env.invocations().iter().filter(|l| l.event == "start" && l.job.contains("/tick-")).count();
+        assert!(succeeded.len() <= 4, "history limit 2 (+ jobs not trimmed yet): {}", common::summary(&jobs));
+        let old = succeeded.iter().filter(|j| finished_for(j).is_some_and(|d| d > Duration::from_secs(2))).count();
+        if ticks_run >= 6 && old >= 1 && !jobs.iter().any(|j| j.name_any() == "one-off") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ticks_run} ticks ran, {old} kept for 2 s: {}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    defs.delete("tick", &Default::default()).await.expect("delete the definition");
+}
