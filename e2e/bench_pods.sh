@@ -132,7 +132,8 @@ main() {
   step "B: $PODS Pod-mode BackgroundJobs ($REPLICAS bgjobs replicas x $SLOTS slots)"
   fresh_namespace "$NS_BGJ"
   write_bgjobs
-  launch_replicas "$DIR" "$DIR" "$NS_BGJ" "$REPLICAS" "$SLOTS" bench
+  # Every Event, the happy path included: the Job controller writes Events for every Job too.
+  launch_replicas "$DIR" "$DIR" "$NS_BGJ" "$REPLICAS" "$SLOTS" bench --events all
   t0=$(now)
   kubectl create -n "$NS_BGJ" -f "$DIR/bgjobs.yaml" >/dev/null
   wait_done bgj "$NS_BGJ" '[.items[] | select(.status.phase == "Succeeded")] | length'

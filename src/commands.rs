@@ -129,7 +129,8 @@ pub struct HistoryLine {
 pub struct Described {
     /// The job as stored.
     pub job: BackgroundJob,
-    /// Its Events, oldest first: one `Claimed` per attempt, then how each ended.
+    /// Its Events, oldest first: how attempts went wrong (retries, failures, takeovers, ...); with the operator's
+    /// `--events all` also one `Claimed` per attempt and the success.
     pub history: Vec<HistoryLine>,
 }
 

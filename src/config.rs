@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::events::EventLevel;
 use crate::lease::LeaseTiming;
 use crate::retention::RetentionPolicy;
 
@@ -143,9 +144,11 @@ pub struct OperatorConfig {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_RECURRING_ENABLED")]
     pub recurring_enabled: bool,
 
-    /// Record Kubernetes Events on jobs (claim, success, retry, failure, takeover, cancellation).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_EVENTS")]
-    pub events: bool,
+    /// Which Kubernetes Events to record on jobs and recurring definitions: `problems` (retries, failures,
+    /// give-ups, takeovers, cancellations, skips), `all` (also one `Claimed` per attempt and `Succeeded`), or `off`.
+    /// `true`/`false` still mean all/off. Every Event recorded is counted in `bgjobs_events_total`.
+    #[arg(long, value_enum, default_value = "problems", env = "BGJOBS_EVENTS")]
+    pub events: EventLevel,
 
     /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address, e.g. `0.0.0.0:8080` in a Pod.
     /// Default: not served.

@@ -24,6 +24,7 @@ pub mod config;
 pub mod cron;
 pub mod dispatch;
 pub mod error;
+pub mod events;
 pub mod exclusive;
 pub mod executor;
 pub mod jobs;

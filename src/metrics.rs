@@ -38,6 +38,15 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+/// Labels of the Events counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// `Normal` or `Warning`.
+    pub r#type: String,
+    /// The Event's reason: `Retrying`, `Failed`, `TakenOver`, ...
+    pub reason: String,
+}
+
 /// One replica's metrics.
 pub struct Metrics {
     /// Attempts claimed (including takeovers).
@@ -54,6 +63,10 @@ pub struct Metrics {
     pub ttl_deletions: Counter,
     /// Jobs finished (or attempts retried) by this replica, by phase.
     pub finished: Family<PhaseLabel, Counter>,
+    /// Kubernetes Events this replica recorded (sent to the apiserver), by type and reason.
+    pub events: Family<EventLabels, Counter>,
+    /// The sum of `events` (a family cannot be summed), for [`Metrics::summary`].
+    events_sum: Counter,
     /// Waiting jobs, by namespace, queue and priority.
     pub queue_depth: Family<QueueLabels, Gauge>,
     /// Attempts claimed or running on this replica now.
@@ -75,6 +88,8 @@ impl Default for Metrics {
             stale_results_discarded: Counter::default(),
             ttl_deletions: Counter::default(),
             finished: Family::default(),
+            events: Family::default(),
+            events_sum: Counter::default(),
             queue_depth: Family::default(),
             running: Gauge::default(),
             claim_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
@@ -105,6 +120,7 @@ impl Default for Metrics {
             "Jobs finished by this replica, by phase (Retried: attempt rescheduled)",
             m.finished.clone(),
         );
+        r.register("events", "Kubernetes Events recorded, by type and reason (see --events)", m.events.clone());
         r.register("queue_depth", "Waiting jobs, by namespace, queue and priority", m.queue_depth.clone());
         r.register("running_jobs", "Attempts claimed or running on this replica", m.running.clone());
         r.register("claim_latency_seconds", "From runnable (as seen here) to claimed", m.claim_latency.clone());
@@ -122,6 +138,13 @@ impl Metrics {
             p => p.to_string(),
         };
         self.finished.get_or_create(&PhaseLabel { phase }).inc();
+    }
+
+    /// Count an Event sent to the apiserver.
+    pub fn count_event(&self, type_: &kube::runtime::events::EventType, reason: &str) {
+        let r#type = format!("{type_:?}");
+        self.events.get_or_create(&EventLabels { r#type, reason: reason.to_string() }).inc();
+        self.events_sum.inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -146,7 +169,13 @@ impl Metrics {
             "failed": finished("Failed"),
             "abandoned": finished("Abandoned"),
             "cancelled": finished("Cancelled"),
+            "events": self.events_total(),
         })
+    }
+
+    /// Events recorded, every type and reason together.
+    pub fn events_total(&self) -> u64 {
+        self.events_sum.get()
     }
 }
 
@@ -227,6 +256,18 @@ fn respond(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_counted_by_type_and_reason_and_in_total() {
+        let m = Metrics::default();
+        m.count_event(&kube::runtime::events::EventType::Warning, "Retrying");
+        m.count_event(&kube::runtime::events::EventType::Warning, "Retrying");
+        m.count_event(&kube::runtime::events::EventType::Normal, "Cancelled");
+        let text = m.render();
+        assert!(text.contains(r#"bgjobs_events_total{type="Warning",reason="Retrying"} 2"#), "{text}");
+        assert!(text.contains(r#"bgjobs_events_total{type="Normal",reason="Cancelled"} 1"#), "{text}");
+        assert_eq!(m.summary()["events"], 3);
+    }
 
     #[test]
     fn metrics_render_in_prometheus_text_format_with_the_bgjobs_prefix() {

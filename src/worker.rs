@@ -10,6 +10,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
 use crate::api::BackgroundJob;
+use crate::events::EventLevel;
 use crate::executor::Registry;
 use crate::lease::LeaseTiming;
 use crate::metrics::Metrics;
@@ -33,6 +34,7 @@ pub struct Worker {
     /// The cluster's clock, for every scheduling decision ([`crate::clock`]).
     pub clock: crate::clock::ServerClock,
     recorder: Option<Recorder>,
+    events: EventLevel,
 }
 
 impl Worker {
@@ -42,10 +44,10 @@ impl Worker {
         identity: String,
         timing: LeaseTiming,
         registry: Registry,
-        events: bool,
+        events: EventLevel,
         invocation_log: Option<&Path>,
     ) -> crate::Result<Self> {
-        let recorder = events.then(|| {
+        let recorder = (events != EventLevel::Off).then(|| {
             Recorder::new(client.clone(), Reporter { controller: "bgjobs".into(), instance: Some(identity.clone()) })
         });
         Ok(Worker {
@@ -61,10 +63,12 @@ impl Worker {
             invocations: InvocationLog::open(invocation_log)?,
             clock: Default::default(),
             recorder,
+            events,
         })
     }
 
-    /// Publish a Kubernetes Event on `job` in the background (an Event lost to an API hiccup is only logged).
+    /// Publish a Kubernetes Event on `job` in the background, if `--events` records its reason (an Event lost to an
+    /// API hiccup is only logged).
     ///
     /// The action names the attempt (`Attempt3`): the recorder folds events with equal reason and action into one
     /// series, which would hide every attempt after the first from `kubectl describe` and `bgjobs describe`.
@@ -85,7 +89,11 @@ impl Worker {
         action: String,
         note: String,
     ) {
+        if !crate::events::records(self.events, reason) {
+            return;
+        }
         let Some(recorder) = self.recorder.clone() else { return };
+        self.metrics.count_event(&type_, reason);
         let reference = object.object_ref(&());
         let ev = Event {
             type_,

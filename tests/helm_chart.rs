@@ -990,7 +990,8 @@ async fn namespace_mode_install_runs_jobs_with_the_charts_service_account_and_no
     let queue = format!("helm-{}", common::unique());
     let values = json!({
         "watchNamespace": jobs.ns,
-        "operator": {"queues": [queue], "clusterMaxConcurrency": 2, "logFormat": "text"},
+        // Every Event, so that jobs which simply succeed show the ServiceAccount may record Events.
+        "operator": {"queues": [queue], "clusterMaxConcurrency": 2, "logFormat": "text", "events": "all"},
         // Objects the apiserver must accept too: HPA on CPU and queue depth (v2beta2 on 1.20), PDB (v1beta1).
         "autoscaling": {"enabled": true, "queueDepth": {"enabled": true, "selector": {"queue": queue}}},
     });
@@ -1089,7 +1090,7 @@ async fn cluster_mode_install_runs_jobs_in_every_namespace_and_pod_mode_is_an_up
     // This replica sees every test's jobs and schedules: it runs only its own queue, sets no default TTL, and
     // creates no recurring jobs (which also takes create/patch on BackgroundJobs away).
     let queue = format!("helm-{}", common::unique());
-    let values = json!({"operator": {"queues": [queue], "recurringEnabled": false}});
+    let values = json!({"operator": {"queues": [queue], "recurringEnabled": false, "events": "all"}});
     let (release, manifest) = Release::install("bgjobs", &rel.ns, &values, &rel.dir);
     assert_all_exist(&manifest, &rel.dir);
     let cluster_role = manifest.iter().find(|o| o["kind"] == "ClusterRole").expect("cluster mode: a ClusterRole");

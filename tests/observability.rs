@@ -56,39 +56,73 @@ async fn metrics_and_probes_report_what_the_replica_did() {
     }
 }
 
+/// Event reasons by the name of the object they are about, once `complete` holds for them (or a timeout).
+async fn reasons_when(
+    env: &TestEnv,
+    complete: impl Fn(&dyn Fn(&str) -> Vec<String>) -> bool,
+) -> std::collections::HashMap<String, Vec<String>> {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut by_name: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for e in events.list(&ListParams::default()).await.unwrap().items {
+            if let (Some(name), Some(reason)) = (e.regarding.and_then(|r| r.name), e.reason) {
+                by_name.entry(name).or_default().push(reason);
+            }
+        }
+        let reasons = |name: &str| by_name.get(name).cloned().unwrap_or_default();
+        if complete(&reasons) {
+            return by_name;
+        }
+        assert!(std::time::Instant::now() < deadline, "events so far: {by_name:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn has_all(reasons: &[String], wanted: &[&str]) -> bool {
+    wanted.iter().all(|w| reasons.iter().any(|r| r == w))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_tell_the_story_of_a_retried_job() {
+async fn by_default_events_tell_the_story_of_a_retried_job_and_nothing_of_a_happy_one() {
     let env = TestEnv::new("events").await;
-    let _r = env.replica("e", &[]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _r = env.replica("e", &["--metrics-addr", &addr]);
     env.create("story", json!({"jobName": "fail", "retry": {"maxAttempts": 2, "backoffSeconds": 0}})).await;
     env.create("happy", json!({"jobName": "noop"})).await;
     env.wait_until(Duration::from_secs(60), "both final", |jobs| {
         jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final())
     })
     .await;
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let list = events.list(&ListParams::default()).await.unwrap().items;
-        let reasons = |name: &str| -> Vec<String> {
-            list.iter()
-                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-                .filter_map(|e| e.reason.clone())
-                .collect()
-        };
-        let (story, happy) = (reasons("story"), reasons("happy"));
-        let complete = ["Claimed", "Retrying", "Failed"].iter().all(|r| story.iter().any(|s| s == r))
-            && ["Claimed", "Succeeded"].iter().all(|r| happy.iter().any(|s| s == r));
-        if complete {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "events so far: story {story:?}, happy {happy:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let by_name = reasons_when(&env, |reasons| has_all(&reasons("story"), &["Retrying", "Failed"])).await;
+    let story = &by_name["story"];
+    assert!(!story.iter().any(|r| r == "Claimed"), "claims are the happy path: {story:?}");
+    assert!(!by_name.contains_key("happy"), "a job that simply succeeded records no Event: {by_name:?}");
+    let (_, text) = get(&format!("http://{addr}/metrics")).await;
+    for expected in [
+        r#"bgjobs_events_total{type="Warning",reason="Retrying"} 1"#,
+        r#"bgjobs_events_total{type="Warning",reason="Failed"} 1"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+    assert!(!text.contains(r#"reason="Succeeded""#) && !text.contains(r#"reason="Claimed""#), "{text}");
     assert!(all_in(
         &env.list().await.into_iter().filter(|j| j.metadata.name.as_deref() == Some("happy")).collect::<Vec<_>>(),
         Phase::Succeeded
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_events_all_the_happy_path_is_recorded_too() {
+    let env = TestEnv::new("events-all").await;
+    let _r = env.replica("e", &["--events", "all"]);
+    env.create("story", json!({"jobName": "fail", "retry": {"maxAttempts": 2, "backoffSeconds": 0}})).await;
+    env.create("happy", json!({"jobName": "noop"})).await;
+    reasons_when(&env, |reasons| {
+        has_all(&reasons("story"), &["Claimed", "Retrying", "Failed"])
+            && has_all(&reasons("happy"), &["Claimed", "Succeeded"])
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

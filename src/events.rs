@@ -1,0 +1,82 @@
+//! Which Kubernetes Events a replica records.
+//!
+//! Events are objects in etcd too (kept an hour by the apiserver's default `--event-ttl`): two per successful job at
+//! 50 jobs/s keep ~360,000 of them alive, more than the queue itself. So by default only what a person needs when
+//! something goes wrong is recorded (retries, failures, give-ups, takeovers, cancellations, skips, recurring ticks
+//! missed), and the happy path (claimed, succeeded, a recurring job created) is left to metrics and logs.
+
+use clap::ValueEnum;
+
+/// How many Events to record (`--events`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum EventLevel {
+    /// Every Event, the happy path included: one `Claimed` per attempt and a `Succeeded` per job (`true` before).
+    #[value(alias = "true")]
+    All,
+    /// What a person needs when something goes wrong: retries, failures, abandonment, takeovers, cancellations,
+    /// skipped jobs and ticks, recurring jobs not created (the default).
+    #[default]
+    Problems,
+    /// None (`false` before).
+    #[value(alias = "false")]
+    Off,
+}
+
+/// Reasons of the happy path: recorded only with [`EventLevel::All`].
+pub const HAPPY_PATH: [&str; 3] = ["Claimed", "Succeeded", "JobCreated"];
+
+/// Whether an Event with `reason` is recorded at `level`.
+pub fn records(level: EventLevel, reason: &str) -> bool {
+    match level {
+        EventLevel::All => true,
+        EventLevel::Problems => !HAPPY_PATH.contains(&reason),
+        EventLevel::Off => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason bgjobs records, on jobs and on recurring definitions.
+    const PROBLEMS: [&str; 9] = [
+        "Retrying",
+        "Failed",
+        "Abandoned",
+        "TakenOver",
+        "Cancelled",
+        "Skipped",
+        "TickSkipped",
+        "TickNotClaimed",
+        "JobNotCreated",
+    ];
+
+    #[test]
+    fn by_default_only_problems_are_recorded() {
+        let level = EventLevel::default();
+        assert_eq!(level, EventLevel::Problems);
+        for reason in PROBLEMS {
+            assert!(records(level, reason), "{reason} is recorded by default");
+        }
+        for reason in HAPPY_PATH {
+            assert!(!records(level, reason), "{reason} is the happy path: not recorded by default");
+        }
+    }
+
+    #[test]
+    fn all_records_everything_and_off_nothing() {
+        for reason in PROBLEMS.iter().chain(HAPPY_PATH.iter()) {
+            assert!(records(EventLevel::All, reason));
+            assert!(!records(EventLevel::Off, reason));
+        }
+    }
+
+    #[test]
+    fn the_old_boolean_values_still_parse() {
+        let parse = |s: &str| EventLevel::from_str(s, false);
+        assert_eq!(parse("true"), Ok(EventLevel::All));
+        assert_eq!(parse("false"), Ok(EventLevel::Off));
+        assert_eq!(parse("problems"), Ok(EventLevel::Problems));
+        assert!(parse("some").is_err());
+    }
+}
