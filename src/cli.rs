@@ -141,9 +141,18 @@ pub struct EnqueueArgs {
     /// POST the args to this URL instead of running an in-process handler.
     #[arg(long)]
     pub http_url: Option<String>,
-    /// How many identical jobs to create, one after another (they start in that order).
+    /// How many identical jobs to create, named `<jobname>-<batch>-<index>` and labelled `bgjobs.dev/batch=<batch>`.
     #[arg(short = 'c', long = "count", default_value_t = 1)]
     pub count: u32,
+    /// Creates in flight at once. Jobs are dispatched in the order the apiserver created them: with `--parallel 1`
+    /// that is index order; with more, the order among this call's jobs is close to index order but not promised
+    /// (a slow or retried create is overtaken by later ones).
+    #[arg(long, default_value_t = crate::jobs::DEFAULT_PARALLEL as u32, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parallel: u32,
+    /// Batch id (1-16 lowercase letters and digits; default: a new random one). Repeating a command that stopped
+    /// part-way with the batch id it printed creates the missing jobs and none twice.
+    #[arg(long)]
+    pub batch: Option<String>,
     /// Namespace (default: the kubeconfig context's).
     #[arg(long, short = 'n', env = "BGJOBS_NAMESPACE")]
     pub namespace: Option<String>,
@@ -257,9 +266,52 @@ async fn enqueue(a: EnqueueArgs) -> Result<()> {
     spec.http =
         a.http_url.map(|url| crate::api::HttpTarget { url, headers: Default::default(), timeout_seconds: None });
     let api: Api<BackgroundJob> = commands::scoped(connect().await?, a.namespace.as_deref(), false);
-    for _ in 0..a.count {
-        let job = crate::jobs::enqueue(&api, spec.clone()).await?;
+    if a.count == 1 && a.batch.is_none() {
+        let job = crate::jobs::enqueue(&api, spec).await?;
+        println!("backgroundjob.bgjobs.dev/{} created", kube::ResourceExt::name_any(&job));
+        return Ok(());
+    }
+    let batch = a.batch.unwrap_or_else(crate::jobs::new_batch_id);
+    let total = a.count as usize;
+    let progress = Progress::new(total);
+    let specs = vec![spec; total];
+    let created = crate::jobs::enqueue_batch(&api, &batch, specs, a.parallel as usize, |n| progress.show(n)).await;
+    progress.end();
+    for job in created? {
         println!("backgroundjob.bgjobs.dev/{} created", kube::ResourceExt::name_any(&job));
     }
     Ok(())
+}
+
+/// One updating line on stderr (`12000/50000 created, 410/s`), only when stderr is a terminal.
+struct Progress {
+    total: usize,
+    started: std::time::Instant,
+    /// When the line was last drawn, and the count it showed.
+    last: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Progress { total, started: std::time::Instant::now(), last: Default::default(), tty }
+    }
+
+    fn show(&self, done: usize) {
+        let mut last = self.last.lock().unwrap();
+        let now = std::time::Instant::now();
+        let due = last.is_none_or(|(t, _)| now.duration_since(t) >= Duration::from_millis(100)) || done == self.total;
+        if self.tty && due {
+            let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+            eprint!("\r{done}/{} created, {rate:.0}/s  ", self.total);
+            *last = Some((now, done));
+        }
+    }
+
+    fn end(&self) {
+        if self.tty && self.last.lock().unwrap().is_some() {
+            eprintln!();
+        }
+    }
 }

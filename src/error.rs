@@ -38,6 +38,29 @@ pub enum Error {
     #[error("stale: {0}")]
     Stale(String),
 
+    /// The namespace's ResourceQuota (`count/backgroundjobs.bgjobs.dev`) refuses another job: backpressure.
+    #[error(
+        "the namespace's ResourceQuota refuses more BackgroundJobs ({0}); wait until finished jobs are deleted \
+         (the operator's --retention), or raise the quota"
+    )]
+    QuotaExceeded(String),
+
+    /// A bulk enqueue stopped part-way (see [`crate::jobs::enqueue_batch`]).
+    #[error(
+        "{source}\n{created} of {total} jobs of batch {batch:?} were created; the same command with --batch {batch} \
+         creates the rest, none twice"
+    )]
+    Bulk {
+        /// Jobs created (confirmed) before the call stopped.
+        created: usize,
+        /// Jobs asked for.
+        total: usize,
+        /// The batch id: repeat the call with it to create the rest.
+        batch: String,
+        /// Why it stopped (the first error).
+        source: Box<Error>,
+    },
+
     /// An I/O error (metrics server, child processes).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -54,6 +77,8 @@ impl Error {
             Error::Serde(_) => "serde",
             Error::Timeout(_) => "timeout",
             Error::Stale(_) => "stale",
+            Error::QuotaExceeded(_) => "quota_exceeded",
+            Error::Bulk { .. } => "bulk",
             Error::Io(_) => "io",
         }
     }
@@ -66,6 +91,27 @@ impl Error {
     /// True for an HTTP 404 Not Found.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Kube(e) if api_code(e) == Some(404))
+    }
+}
+
+/// A Kubernetes API error, told apart when it is a ResourceQuota refusing a create (403 "exceeded quota").
+pub fn from_create(e: kube::Error) -> Error {
+    match &e {
+        kube::Error::Api(status) if status.code == 403 && status.message.contains("exceeded quota") => {
+            Error::QuotaExceeded(status.message.clone())
+        }
+        _ => Error::Kube(e),
+    }
+}
+
+/// Whether a failed call may succeed when made again: no answer (connection, timeout), throttling (429) or a
+/// server-side failure (5xx).
+pub fn is_transient(e: &Error) -> bool {
+    match e {
+        Error::Timeout(_) => true,
+        Error::Kube(kube::Error::Api(status)) => matches!(status.code, 429 | 500 | 502 | 503 | 504),
+        Error::Kube(kube::Error::HyperError(_) | kube::Error::Service(_)) => true,
+        _ => false,
     }
 }
 

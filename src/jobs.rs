@@ -32,7 +32,167 @@ pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Resul
         spec,
         status: None,
     };
-    Ok(api.create(&PostParams::default(), &job).await?)
+    api.create(&PostParams::default(), &job).await.map_err(crate::error::from_create)
+}
+
+/// Default parallelism of [`enqueue_many`] and `bgjobs enqueue -c N`: enough to keep the apiserver busy (its write
+/// rate is reached at 16 concurrent clients on the local control plane), few enough not to trip its flow control.
+pub const DEFAULT_PARALLEL: usize = 16;
+
+/// Label naming the bulk call a job was created by (`kubectl get bgj -l bgjobs.dev/batch=ID`).
+pub const BATCH_LABEL: &str = "bgjobs.dev/batch";
+/// Annotation: the job's index in its bulk call.
+pub const BATCH_INDEX_ANNOTATION: &str = "bgjobs.dev/batch-index";
+
+/// Attempts per job of a bulk call before a transient error (no answer, 429, 5xx) ends the call.
+const CREATE_ATTEMPTS: u32 = 6;
+/// A create without an answer for this long is given up and tried again (it may have landed: the retry finds it).
+const CREATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Create many jobs, `parallel` at a time, under a new batch id; `progress` is told how many are created so far.
+/// Returns the jobs in the order of `specs`. See [`enqueue_batch`] for the order they are dispatched in.
+pub async fn enqueue_many(
+    api: &Api<BackgroundJob>,
+    specs: Vec<BackgroundJobSpec>,
+    parallel: usize,
+    progress: impl Fn(usize),
+) -> Result<Vec<BackgroundJob>> {
+    enqueue_batch(api, &new_batch_id(), specs, parallel, progress).await
+}
+
+/// A fresh batch id: 8 lowercase letters and digits, random per call.
+pub fn new_batch_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let mut n = h.finish();
+    (0..8)
+        .map(|_| {
+            let c = b"abcdefghijklmnopqrstuvwxyz0123456789"[(n % 36) as usize] as char;
+            n /= 36;
+            c
+        })
+        .collect()
+}
+
+/// The name of job `index` of batch `batch` among `total`: `<jobname>-<batch>-<index>` (a DNS label), the index
+/// zero-padded so that name order is index order.
+pub fn batch_name(job_name: &str, batch: &str, index: usize, total: usize) -> String {
+    let width = total.saturating_sub(1).max(1).to_string().len();
+    let mut prefix = name_prefix(job_name);
+    // Room for a 16-character batch and a 13-digit index within a DNS label (63).
+    prefix.truncate(32);
+    format!("{}-{batch}-{index:0width$}", prefix.trim_end_matches('-'))
+}
+
+/// Create the jobs of batch `batch`, `parallel` at a time (at least 1). Idempotent: job `i` is named after the
+/// batch and `i` ([`batch_name`]), so a create retried after a lost answer, or the whole call repeated with the same
+/// batch after it stopped part-way, finds the job it made before (409, same batch label and index) instead of
+/// making a second one.
+///
+/// Dispatch order: jobs are dispatched in enqueue order, the order the apiserver created them. With `parallel = 1`
+/// that is the order of `specs`. With more, creates overlap and the order among the jobs of the call is the order
+/// their creates landed: close to the order of `specs`, but a create that is slow or retried is overtaken by any
+/// number of later ones, so nothing is promised. Jobs of one call still go before jobs enqueued after the call
+/// returned (and after those enqueued before it started).
+///
+/// The first permanent error (a ResourceQuota refusal, invalid spec, RBAC) or a transient one that outlasts its
+/// retries stops the call: no new create starts, those in flight finish, and [`crate::Error::Bulk`] says how many
+/// were created.
+pub async fn enqueue_batch(
+    api: &Api<BackgroundJob>,
+    batch: &str,
+    specs: Vec<BackgroundJobSpec>,
+    parallel: usize,
+    progress: impl Fn(usize),
+) -> Result<Vec<BackgroundJob>> {
+    use futures::StreamExt;
+    if batch.is_empty() || batch.len() > 16 || !batch.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        return Err(crate::Error::Invalid(format!("batch id {batch:?}: 1 to 16 lowercase letters and digits")));
+    }
+    let total = specs.len();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = &stop;
+    let mut created: Vec<Option<BackgroundJob>> = vec![None; total];
+    let mut first_error = None;
+    let mut results = futures::stream::iter(specs.into_iter().enumerate())
+        .map(|(i, spec)| async move {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return (i, None);
+            }
+            let name = batch_name(&spec.job_name, batch, i, total);
+            let mut job = BackgroundJob::new(&name, spec);
+            job.metadata.labels = Some([(BATCH_LABEL.to_string(), batch.to_string())].into());
+            job.metadata.annotations = Some([(BATCH_INDEX_ANNOTATION.to_string(), i.to_string())].into());
+            let r = create_once(api, &job, batch, i).await;
+            if r.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            (i, Some(r))
+        })
+        .buffer_unordered(parallel.max(1));
+    let mut done = 0;
+    while let Some((i, r)) = results.next().await {
+        match r {
+            Some(Ok(job)) => {
+                created[i] = Some(job);
+                done += 1;
+                progress(done);
+            }
+            Some(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    match first_error {
+        None => Ok(created.into_iter().flatten().collect()),
+        Some(e) => Err(crate::Error::Bulk { created: done, total, batch: batch.to_string(), source: Box::new(e) }),
+    }
+}
+
+/// Create `job` (index `index` of `batch`), retrying transient errors; a 409 is success if the job found under the
+/// name is this one, made by an earlier try.
+async fn create_once(
+    api: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    batch: &str,
+    index: usize,
+) -> Result<BackgroundJob> {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    let mut wait = std::time::Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        let answer = tokio::time::timeout(CREATE_TIMEOUT, api.create(&PostParams::default(), job)).await;
+        let e = match answer {
+            Ok(Ok(created)) => return Ok(created),
+            Ok(Err(e)) if crate::error::api_code(&e) == Some(409) => {
+                let existing = api.get(&name).await?;
+                return match is_batch_job(&existing, batch, index) {
+                    true => Ok(existing),
+                    false => {
+                        Err(crate::Error::Invalid(format!("a job named {name} exists already, not of this batch")))
+                    }
+                };
+            }
+            Ok(Err(e)) => crate::error::from_create(e),
+            Err(_) => crate::Error::Timeout(CREATE_TIMEOUT),
+        };
+        if attempt >= CREATE_ATTEMPTS || !crate::error::is_transient(&e) {
+            return Err(e);
+        }
+        tracing::debug!(job = %name, error = %e, attempt, "create failed; trying again");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+        attempt += 1;
+    }
+}
+
+/// Whether `job` is job `index` of `batch`.
+pub fn is_batch_job(job: &BackgroundJob, batch: &str, index: usize) -> bool {
+    let label = job.metadata.labels.as_ref().and_then(|l| l.get(BATCH_LABEL));
+    let at = job.metadata.annotations.as_ref().and_then(|a| a.get(BATCH_INDEX_ANNOTATION));
+    label.map(String::as_str) == Some(batch) && at.and_then(|a| a.parse::<usize>().ok()) == Some(index)
 }
 
 /// A DNS-label-safe name prefix derived from a job name (`SendEmail` → `sendemail`).
@@ -179,6 +339,29 @@ pub async fn cancel(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_names_sort_in_index_order_and_stay_valid() {
+        assert_eq!(batch_name("SendEmail", "ab12cd34", 7, 50_000), "sendemail-ab12cd34-00007");
+        assert_eq!(batch_name("noop", "x", 0, 1), "noop-x-0");
+        assert_eq!(batch_name("noop", "x", 9, 10), "noop-x-9");
+        let long = batch_name(&"a".repeat(300), "abcdefghijklmnop", 123_456, 1_000_000_000_000);
+        assert!(long.len() <= 63, "a DNS label even for the longest: {long}");
+        let id = new_batch_id();
+        assert!(id.len() == 8 && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{id}");
+        assert_ne!(new_batch_id(), new_batch_id());
+    }
+
+    #[test]
+    fn a_job_found_under_a_batch_name_is_ours_only_with_the_same_batch_and_index() {
+        let mut j = BackgroundJob::new("noop-b-1", spec("noop", serde_json::json!({})));
+        assert!(!is_batch_job(&j, "b", 1), "no label: someone else's job");
+        j.metadata.labels = Some([(BATCH_LABEL.to_string(), "b".to_string())].into());
+        j.metadata.annotations = Some([(BATCH_INDEX_ANNOTATION.to_string(), "1".to_string())].into());
+        assert!(is_batch_job(&j, "b", 1));
+        assert!(!is_batch_job(&j, "b", 2));
+        assert!(!is_batch_job(&j, "c", 1));
+    }
 
     #[test]
     fn name_prefixes_are_dns_safe() {

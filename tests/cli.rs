@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bgjobs::api::Phase;
 use common::TestEnv;
+use kube::ResourceExt;
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -100,4 +101,56 @@ fn completions_are_generated_for_common_shells() {
         let script = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && script.contains("bgjobs") && script.contains("enqueue"), "{shell}: {script}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_enqueue_with_parallel_1_is_dispatched_in_index_order() {
+    let env = TestEnv::new("cli-bulk-order").await;
+    let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", "25", "--parallel", "1", "--batch", "ordered"]);
+    assert!(ok && out.matches("created").count() == 25, "{out}{err}");
+    // One replica with one slot starts them one by one, in dispatch order.
+    let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "1"]);
+    env.wait_until(MINUTE, "25 jobs Succeeded", |jobs| {
+        jobs.len() == 25 && jobs.iter().all(|j| j.phase() == Phase::Succeeded)
+    })
+    .await;
+    let started: Vec<String> = env
+        .invocations()
+        .into_iter()
+        .filter(|l| l.event == "start")
+        .map(|l| l.job.rsplit('/').next().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (0..25).map(|i| format!("noop-ordered-{i:02}")).collect();
+    assert_eq!(started, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_bulk_enqueue_creates_each_job_once_and_a_repeat_creates_only_the_missing() {
+    let env = TestEnv::new("cli-bulk").await;
+    let (n, parallel) = (300usize, 32usize);
+    let (ok, out, err) =
+        bgjobs(&env, &["enqueue", "noop", "-c", &n.to_string(), "--parallel", &parallel.to_string(), "--batch", "b1"]);
+    assert!(ok && out.matches("created").count() == n, "{out}{err}");
+    let jobs = env.list().await;
+    let index = |j: &bgjobs::api::BackgroundJob| -> usize {
+        j.annotations()[bgjobs::jobs::BATCH_INDEX_ANNOTATION].parse().unwrap()
+    };
+    let mut indices: Vec<usize> = jobs.iter().map(index).collect();
+    indices.sort();
+    assert_eq!(indices, (0..n).collect::<Vec<_>>(), "every index exactly once");
+    assert!(jobs.iter().all(|j| j.labels()[bgjobs::jobs::BATCH_LABEL] == "b1"));
+    assert!(jobs.iter().all(|j| j.name_any() == format!("noop-b1-{:03}", index(j))));
+
+    // A repeat of the batch (as after a call that stopped part-way) creates what is missing, and nothing twice.
+    let api: kube::Api<bgjobs::api::BackgroundJob> = kube::Api::namespaced(env.client.clone(), &env.ns);
+    for i in [0, 7, 299] {
+        api.delete(&format!("noop-b1-{i:03}"), &Default::default()).await.unwrap();
+    }
+    let uids: std::collections::BTreeSet<String> = env.list().await.iter().filter_map(|j| j.uid()).collect();
+    let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", &n.to_string(), "--batch", "b1"]);
+    assert!(ok && out.matches("created").count() == n, "{out}{err}");
+    let again = env.list().await;
+    assert_eq!(again.len(), n, "no duplicates");
+    let new: Vec<String> = again.iter().filter(|j| !uids.contains(&j.uid().unwrap())).map(|j| j.name_any()).collect();
+    assert_eq!(new.len(), 3, "only the deleted ones were created again: {new:?}");
 }
