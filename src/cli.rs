@@ -150,7 +150,8 @@ pub struct EnqueueArgs {
     #[arg(long, default_value_t = crate::jobs::DEFAULT_PARALLEL as u32, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub parallel: u32,
     /// Batch id (1-16 lowercase letters and digits; default: a new random one). Repeating a command that stopped
-    /// part-way with the batch id it printed creates the missing jobs and none twice.
+    /// part-way with the batch id it printed creates the jobs of the batch that do not exist, none twice (a job
+    /// already finished and deleted by retention does not exist any more: it is created again).
     #[arg(long)]
     pub batch: Option<String>,
     /// Namespace (default: the kubeconfig context's).

@@ -48,7 +48,7 @@ pub enum Error {
     /// A bulk enqueue stopped part-way (see [`crate::jobs::enqueue_batch`]).
     #[error(
         "{source}\n{created} of {total} jobs of batch {batch:?} were created; the same command with --batch {batch} \
-         creates the rest, none twice"
+         creates those that do not exist (any more: jobs deleted by retention since count as missing)"
     )]
     Bulk {
         /// Jobs created (confirmed) before the call stopped.

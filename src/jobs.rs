@@ -85,10 +85,10 @@ pub fn batch_name(job_name: &str, batch: &str, index: usize, total: usize) -> St
     format!("{}-{batch}-{index:0width$}", prefix.trim_end_matches('-'))
 }
 
-/// Create the jobs of batch `batch`, `parallel` at a time (at least 1). Idempotent: job `i` is named after the
-/// batch and `i` ([`batch_name`]), so a create retried after a lost answer, or the whole call repeated with the same
-/// batch after it stopped part-way, finds the job it made before (409, same batch label and index) instead of
-/// making a second one.
+/// Create the jobs of batch `batch`, `parallel` at a time (at least 1). Idempotent while the jobs exist: job `i` is
+/// named after the batch and `i` ([`batch_name`]), so a create retried after a lost answer, or the whole call
+/// repeated with the same batch after it stopped part-way, finds the job it made before (409, same batch label and
+/// index) instead of making a second one. A job finished and deleted by retention since is created again.
 ///
 /// Dispatch order: jobs are dispatched in enqueue order, the order the apiserver created them. With `parallel = 1`
 /// that is the order of `specs`. With more, creates overlap and the order among the jobs of the call is the order

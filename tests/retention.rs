@@ -66,3 +66,60 @@ async fn jobs_of_a_recurring_definition_follow_its_history_limit_not_the_operato
     }
     defs.delete("tick", &Default::default()).await.expect("delete the definition");
 }
+
+/// Run `bgjobs ARGS -n <test namespace>`; returns (success, stdout, stderr).
+fn bgjobs(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+        .args(args)
+        .args(["-n", &env.ns])
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .output()
+        .expect("run bgjobs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_deletes_finished_jobs() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let env = TestEnv::new("quota").await;
+    let quotas: Api<ResourceQuota> = Api::namespaced(env.client.clone(), &env.ns);
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "jobs"},
+        "spec": {"hard": {"count/backgroundjobs.bgjobs.dev": "3"}}
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.expect("create quota");
+    // Admission counts against the quota only once its controller has written the status.
+    let deadline = Instant::now() + MINUTE;
+    while quotas.get("jobs").await.unwrap().status.and_then(|s| s.hard).is_none() {
+        assert!(Instant::now() < deadline, "the ResourceQuota controller never filled in the quota's status");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", "5", "--parallel", "1", "--batch", "q1"]);
+    assert!(!ok, "a 4th job is refused: {out}{err}");
+    assert!(err.contains("ResourceQuota refuses more BackgroundJobs") && err.contains("exceeded quota"), "{err}");
+    assert!(err.contains("3 of 5 jobs of batch \"q1\" were created") && err.contains("--batch q1"), "{err}");
+    assert_eq!(env.list().await.len(), 3);
+    let one = serde_json::from_value(json!({"jobName": "noop"})).unwrap();
+    let refused = bgjobs::jobs::enqueue(&env.jobs, one).await.expect_err("the library is refused too");
+    assert!(matches!(refused, bgjobs::Error::QuotaExceeded(_)), "{refused}");
+
+    // Jobs run, retention deletes them, the quota's usage drops, and enqueue works again.
+    let rule = format!("{}/succeeded=1s", env.ns);
+    let _r = env.replica("r", &["--retention", &rule]);
+    let deadline = Instant::now() + 2 * MINUTE;
+    loop {
+        let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", "3"]);
+        if ok {
+            assert_eq!(out.matches("created").count(), 3, "{out}");
+            break;
+        }
+        assert!(err.contains("ResourceQuota"), "only the quota may refuse: {err}");
+        assert!(Instant::now() < deadline, "enqueue still refused after the jobs finished: {err}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    env.wait_until(MINUTE, "every job ran and was deleted", |jobs| jobs.is_empty()).await;
+    let ran = env.invocations().into_iter().filter(|l| l.event == "start").count();
+    assert_eq!(ran, 6, "the 3 refused-over jobs and the 3 enqueued once there was room, each once");
+}
