@@ -36,6 +36,7 @@ pub mod names;
 pub mod nodeagent;
 pub mod operator;
 pub mod ordering;
+pub mod policy;
 pub mod queue;
 pub mod recurring;
 pub mod retry;
