@@ -15,7 +15,7 @@
 //! again when it is created (the stricter of the two wins); this check runs first so the job fails with a reason
 //! before anything is sent to the apiserver.
 
-use k8s_openapi::api::core::v1::{Container, PodSpec, SecurityContext};
+use k8s_openapi::api::core::v1::{Container, PodSpec};
 use serde::Deserialize;
 
 use super::PerNamespace;
@@ -151,7 +151,7 @@ impl PodPolicy {
 
 fn check_container(r: &Relaxations, at: &str, c: &Container, host_ns: &'static str) -> Result<(), Denial> {
     let deny = |field: &str, what: String, rule, how| Err(Denial { field: format!("{at}.{field}"), what, rule, how });
-    let sc = c.security_context.clone().unwrap_or_else(SecurityContext::default);
+    let sc = c.security_context.clone().unwrap_or_default();
     if sc.privileged == Some(true) && !r.privileged {
         return deny(
             "securityContext.privileged",
