@@ -242,7 +242,7 @@ async fn run_claimed(
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
-        let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.client);
+        let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.pods, &worker.client);
         // A panicking handler fails its attempt like any other permanent error; the replica carries on.
         let mut exec = Box::pin(std::panic::AssertUnwindSafe(exec).catch_unwind().map(|r| {
             r.unwrap_or_else(|p| {

@@ -28,7 +28,7 @@ pub enum Command {
     /// Run one operator replica (run several for throughput and availability). A flag given twice takes its last
     /// value, so wrappers can append overrides.
     #[command(args_override_self = true)]
-    Operator(OperatorConfig),
+    Operator(Box<OperatorConfig>),
     /// Create jobs.
     Enqueue(EnqueueArgs),
     /// List jobs in queue order.
@@ -175,7 +175,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Operator(config) => {
             init_tracing(config.log_format);
-            crate::operator::run(config, crate::executor::Registry::with_builtins()).await
+            crate::operator::run(*config, crate::executor::Registry::with_builtins()).await
         }
         Command::NodeAgent(config) => {
             init_tracing(LogFormat::Text);

@@ -8,6 +8,8 @@ use clap::{Args, ValueEnum};
 
 use crate::events::EventLevel;
 use crate::lease::LeaseTiming;
+use crate::policy::pods::Relaxations;
+use crate::policy::{EgressPolicy, PerNamespace, PodPolicy, Policy};
 use crate::retention::RetentionPolicy;
 
 /// A duration written like `15s`, `500ms`, `2m`, `1h`, or a plain number of seconds.
@@ -158,6 +160,53 @@ pub struct OperatorConfig {
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "BGJOBS_LOG_FORMAT")]
     pub log_format: LogFormat,
+
+    /// HTTP executor: send only to destinations matching one of these (comma-separated): host names
+    /// (`api.example.com`, `*.example.com`), addresses or CIDRs (`10.0.0.0/8`), URL prefixes
+    /// (`https://hooks.example.com/bgjobs/`). Default: anywhere not refused by the fixed rules (metadata, link-local,
+    /// the operator's own ports).
+    #[arg(long, value_delimiter = ',', env = "BGJOBS_EGRESS_ALLOW")]
+    pub egress_allow: Vec<crate::policy::egress::Entry>,
+
+    /// HTTP executor: allowlists per namespace as JSON, e.g. `{"team-a": ["https://hooks.example.com/"]}`; a
+    /// namespace's list narrows `--egress-allow` for its jobs.
+    #[arg(long, default_value = "{}", env = "BGJOBS_EGRESS_ALLOW_BY_NAMESPACE")]
+    pub egress_allow_by_namespace: PerNamespace<Vec<crate::policy::egress::Entry>>,
+
+    /// HTTP executor: allow link-local destinations (169.254.0.0/16, fe80::/10). Cloud metadata addresses stay
+    /// refused.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_EGRESS_ALLOW_LINK_LOCAL")]
+    pub egress_allow_link_local: bool,
+
+    /// Pod executor: allow privileged containers.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_POD_ALLOW_PRIVILEGED")]
+    pub pod_allow_privileged: bool,
+
+    /// Pod executor: allow `allowPrivilegeEscalation: true`.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_POD_ALLOW_PRIVILEGE_ESCALATION")]
+    pub pod_allow_privilege_escalation: bool,
+
+    /// Pod executor: allow `hostNetwork`, `hostPID`, `hostIPC` and `hostPort`.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_POD_ALLOW_HOST_NAMESPACES")]
+    pub pod_allow_host_namespaces: bool,
+
+    /// Pod executor: allow `hostPath` volumes.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_POD_ALLOW_HOST_PATH")]
+    pub pod_allow_host_path: bool,
+
+    /// Pod executor: capabilities containers may add (comma-separated, e.g. `NET_ADMIN`). Default: none.
+    #[arg(long, value_delimiter = ',', env = "BGJOBS_POD_ALLOWED_CAPABILITIES")]
+    pub pod_allowed_capabilities: Vec<String>,
+
+    /// Pod executor: ServiceAccounts a job's Pod may run as (comma-separated), in its own namespace.
+    #[arg(long, value_delimiter = ',', default_value = "default", env = "BGJOBS_POD_SERVICE_ACCOUNTS")]
+    pub pod_service_accounts: Vec<String>,
+
+    /// Pod executor: relaxations per namespace as JSON, added to the global ones, e.g.
+    /// `{"infra": {"hostPath": true, "serviceAccounts": ["builder"]}}` (keys: privileged, privilegeEscalation,
+    /// hostNamespaces, hostPath, capabilities, serviceAccounts).
+    #[arg(long, default_value = "{}", env = "BGJOBS_POD_POLICY_BY_NAMESPACE")]
+    pub pod_policy_by_namespace: PerNamespace<crate::policy::pods::Relaxations>,
 }
 
 impl OperatorConfig {
@@ -184,6 +233,31 @@ impl OperatorConfig {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "bgjobs".into());
         format!("{host}-{}", std::process::id())
+    }
+
+    /// The egress and Pod policies the flags describe. `local_addrs`: this host's addresses, where the operator's
+    /// own ports are refused besides loopback.
+    pub fn policy(&self, local_addrs: Vec<std::net::IpAddr>) -> Policy {
+        Policy {
+            egress: EgressPolicy {
+                allow: self.egress_allow.clone(),
+                allow_by_namespace: self.egress_allow_by_namespace.0.clone(),
+                allow_link_local: self.egress_allow_link_local,
+                operator_ports: self.metrics_addr.iter().map(|a| a.port()).collect(),
+                local_addrs,
+            },
+            pods: PodPolicy {
+                global: Relaxations {
+                    privileged: self.pod_allow_privileged,
+                    privilege_escalation: self.pod_allow_privilege_escalation,
+                    host_namespaces: self.pod_allow_host_namespaces,
+                    host_path: self.pod_allow_host_path,
+                    capabilities: self.pod_allowed_capabilities.clone(),
+                    service_accounts: self.pod_service_accounts.clone(),
+                },
+                by_namespace: self.pod_policy_by_namespace.clone(),
+            },
+        }
     }
 
     /// Whether this replica runs jobs of `queue`.

@@ -37,6 +37,7 @@ pub mod names;
 pub mod nodeagent;
 pub mod operator;
 pub mod ordering;
+pub mod policy;
 pub mod queue;
 pub mod recurring;
 pub mod retention;

@@ -41,6 +41,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     let client = crate::client::connect().await?;
     ensure_crd(&client, config.namespace.as_deref()).await?;
     let identity = config.identity();
+    let policy = config.policy(local_addresses());
     let worker = Worker::new(
         client.clone(),
         identity.clone(),
@@ -48,6 +49,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         registry,
         config.events,
         config.invocation_log.as_deref(),
+        policy,
     )?;
     let worker = Arc::new(worker);
     info!(%identity, strategy = ?config.strategy, slots = config.max_concurrent_jobs_per_instance,
@@ -144,6 +146,18 @@ async fn ensure_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
         Ok(_) => Ok(()),
         Err(e) if crate::error::api_code(&e) == Some(404) => Err(Error::CrdMissing),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// This host's addresses (a Pod's: its Pod IPs), where the metrics port is reachable when bound to `0.0.0.0`: the
+/// egress policy refuses the operator's own ports there as on loopback.
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    match if_addrs::get_if_addrs() {
+        Ok(ifs) => ifs.into_iter().map(|i| i.ip()).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list this host's addresses; the operator's ports are refused on loopback only");
+            Vec::new()
+        }
     }
 }
 

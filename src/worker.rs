@@ -25,8 +25,10 @@ pub struct Worker {
     pub timing: LeaseTiming,
     /// In-process handlers.
     pub registry: Registry,
-    /// Client of the HTTP executor.
-    pub http: reqwest::Client,
+    /// The HTTP executor, with its egress policy.
+    pub http: crate::executor::http::HttpExecutor,
+    /// What the Pod executor may create.
+    pub pods: crate::policy::PodPolicy,
     /// Metrics (shared with the metrics server).
     pub metrics: Arc<Metrics>,
     /// Audit trail of attempt starts and ends.
@@ -46,6 +48,7 @@ impl Worker {
         registry: Registry,
         events: EventLevel,
         invocation_log: Option<&Path>,
+        policy: crate::policy::Policy,
     ) -> crate::Result<Self> {
         let recorder = (events != EventLevel::Off).then(|| {
             Recorder::new(client.clone(), Reporter { controller: "bgjobs".into(), instance: Some(identity.clone()) })
@@ -55,10 +58,11 @@ impl Worker {
             identity,
             timing,
             registry,
-            http: reqwest::Client::builder()
-                .user_agent("bgjobs")
-                .build()
-                .map_err(|e| crate::Error::Config(e.to_string()))?,
+            http: crate::executor::http::HttpExecutor::new(
+                policy.egress,
+                Arc::new(crate::executor::http::SystemLookup),
+            ),
+            pods: policy.pods,
             metrics: Arc::new(Metrics::default()),
             invocations: InvocationLog::open(invocation_log)?,
             clock: Default::default(),

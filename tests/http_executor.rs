@@ -21,9 +21,15 @@ struct Seen {
     body: serde_json::Value,
 }
 
-/// A tiny HTTP/1.1 server: `/ok` answers 200, `/bad` 400, `/flaky` 503. Records every request.
+/// A tiny HTTP/1.1 server on 127.0.0.1: `/ok` answers 200, `/bad` 400, `/redirect/<host:port>` 302 to
+/// `http://<host:port>/landed`, anything else 503. Records every request.
 async fn serve() -> (String, Arc<Mutex<Vec<Seen>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on("127.0.0.1:0").await
+}
+
+/// [`serve`] on another address (a loopback address such as `127.0.0.3:0`).
+async fn serve_on(addr: &str) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -70,12 +76,16 @@ async fn serve() -> (String, Arc<Mutex<Vec<Seen>>>) {
                     .collect();
                 let body = serde_json::from_slice(&buf[head_end..]).unwrap_or(serde_json::Value::Null);
                 log.lock().unwrap().push(Seen { path: path.clone(), headers, body });
-                let status = match path.as_str() {
-                    "/ok" => "200 OK",
-                    "/bad" => "400 Bad Request",
-                    _ => "503 Service Unavailable",
+                let (status, location) = match path.as_str() {
+                    "/ok" => ("200 OK", String::new()),
+                    "/bad" => ("400 Bad Request", String::new()),
+                    p if p.starts_with("/redirect/") => {
+                        ("302 Found", format!("location: http://{}/landed\r\n", &p["/redirect/".len()..]))
+                    }
+                    _ => ("503 Service Unavailable", String::new()),
                 };
-                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 7\r\nconnection: close\r\n\r\nanswer!");
+                let reply =
+                    format!("HTTP/1.1 {status}\r\n{location}content-length: 7\r\nconnection: close\r\n\r\nanswer!");
                 let _ = sock.write_all(reply.as_bytes()).await;
             });
         }
@@ -118,4 +128,69 @@ async fn the_http_executor_maps_status_codes_to_outcomes_and_sends_the_uid_as_id
     assert_eq!(to_ok[0].headers.get("x-team").map(String::as_str), Some("platform"));
     assert_eq!(to_ok[0].headers.get("x-bgjobs-attempt").map(String::as_str), Some("1"));
     assert_eq!(seen.iter().filter(|s| s.path == "/flaky").count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_policy_fails_jobs_aimed_at_the_operators_port_or_outside_the_allowlist_and_sends_them_nothing() {
+    let env = TestEnv::new("egress").await;
+    let (base, seen) = serve().await;
+    // Outside the allowlist: a server on another loopback address.
+    let (outside, outside_seen) = serve_on("127.0.0.3:0").await;
+    // The operator serves metrics on 127.0.0.1:<port>; a recording server holds the same port on 127.0.0.2, another
+    // local address, where the operator's port is refused too.
+    let (same_port, same_port_seen) = serve_on("127.0.0.2:0").await;
+    let port = same_port.rsplit(':').next().unwrap().to_string();
+    let metrics = format!("127.0.0.1:{port}");
+    let by_ns = json!({ env.ns.clone(): [format!("{base}/ok"), format!("{base}/redirect/")] }).to_string();
+    let _r = env.replica(
+        "r",
+        &[
+            "--metrics-addr",
+            &metrics,
+            "--egress-allow",
+            "127.0.0.1,127.0.0.2/32",
+            "--egress-allow-by-namespace",
+            &by_ns,
+        ],
+    );
+    let outside_host = outside.trim_start_matches("http://").to_string();
+    let jobs = [
+        ("ok", format!("{base}/ok")),
+        ("metrics", format!("http://{metrics}/metrics")),
+        ("same-port", format!("{same_port}/ok")),
+        ("outside", format!("{outside}/ok")),
+        ("redirect", format!("{base}/redirect/{outside_host}")),
+        ("not-in-namespace-list", format!("{base}/bad")),
+    ];
+    for (name, url) in &jobs {
+        env.create(name, json!({"jobName": "Notify", "http": {"url": url}, "retry": {"maxAttempts": 3}})).await;
+    }
+    let done = env
+        .wait_until(Duration::from_secs(60), "all final", |js| {
+            js.len() == jobs.len() && js.iter().all(|j| j.phase().is_final())
+        })
+        .await;
+    let get = |name: &str| {
+        let j = done.iter().find(|j| j.name_any() == name).unwrap().clone();
+        let error = j.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+        (j.phase(), j.attempts(), error)
+    };
+    assert_eq!(get("ok").0, Phase::Succeeded, "an allowed loopback endpoint still works: {:?}", get("ok"));
+    for (name, wanted) in [
+        ("metrics", "rule `operator-port`: 127.0.0.1 port"),
+        ("same-port", "rule `operator-port`: 127.0.0.2 port"),
+        ("outside", "rule `allowlist`: 127.0.0.3 matches no entry of --egress-allow"),
+        ("not-in-namespace-list", &format!("matches no entry of the allowlist of namespace {}", env.ns)),
+        ("redirect", "redirects are not followed"),
+    ] {
+        let (phase, attempts, error) = get(name);
+        assert_eq!((phase, attempts), (Phase::Failed, 1), "{name}: refused for good, not retried: {error}");
+        assert!(error.contains(wanted), "{name}: {error}");
+    }
+    assert!(get("metrics").2.contains("nothing was sent"), "{:?}", get("metrics"));
+    assert!(same_port_seen.lock().unwrap().is_empty(), "the refused jobs' target received nothing");
+    assert!(outside_seen.lock().unwrap().is_empty(), "nothing reached the address outside the allowlist");
+    let paths: Vec<String> = seen.lock().unwrap().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths.iter().filter(|p| *p == "/ok").count(), 1, "{paths:?}");
+    assert!(!paths.iter().any(|p| p == "/bad"), "the namespace's list refused /bad before sending: {paths:?}");
 }

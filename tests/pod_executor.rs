@@ -326,3 +326,43 @@ async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() 
     assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 1), "{:?}", s.last_error);
     assert!(s.last_error.unwrap_or_default().contains("vanished"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_policy_fails_privileged_host_path_and_foreign_service_account_jobs_without_creating_a_pod() {
+    let env = TestEnv::new("pod-policy").await;
+    let agent = env.node_agent();
+    agent.ready(&env.client).await;
+    let _r = env.replica("r", &[]);
+    let job = |pod_spec: serde_json::Value| {
+        let mut spec = pod_job(&agent, "echo fine", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}));
+        let template = spec["template"]["spec"].as_object_mut().unwrap();
+        template.extend(pod_spec.as_object().unwrap().clone());
+        spec
+    };
+    let container = |extra: serde_json::Value| {
+        let mut c = json!({"name": "main", "image": "busybox", "command": ["sh", "-c", "echo fine"]});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        json!({"containers": [c]})
+    };
+    env.create("plain", job(json!({}))).await;
+    env.create("privileged", job(container(json!({"securityContext": {"privileged": true}})))).await;
+    env.create("host-path", job(json!({"volumes": [{"name": "root", "hostPath": {"path": "/"}}]}))).await;
+    env.create("foreign-sa", job(json!({"serviceAccountName": "deployer"}))).await;
+    let jobs = env
+        .wait_until(2 * MINUTE, "all final", |jobs| jobs.len() == 4 && jobs.iter().all(|j| j.phase().is_final()))
+        .await;
+    let get = |n: &str| jobs.iter().find(|j| j.name_any() == n).unwrap().clone();
+
+    assert_eq!(get("plain").phase(), Phase::Succeeded, "a plain Pod as the default ServiceAccount still runs");
+    for (name, field, rule) in [
+        ("privileged", "spec.template.spec.containers[0] (main).securityContext.privileged is true", "`privileged`"),
+        ("host-path", "spec.template.spec.volumes[0] (root) is a hostPath volume", "`host-path`"),
+        ("foreign-sa", "spec.template.spec.serviceAccountName is \"deployer\"", "`service-account`"),
+    ] {
+        let j = get(name);
+        let error = j.status.clone().and_then(|s| s.last_error).unwrap_or_default();
+        assert_eq!((j.phase(), j.attempts()), (Phase::Failed, 1), "{name}: refused for good: {error}");
+        assert!(error.contains(field) && error.contains(rule) && error.contains("none was created"), "{name}: {error}");
+        assert!(pods_of(&env, name).await.is_empty(), "{name}: no Pod was created");
+    }
+}

@@ -1,62 +1,302 @@
 //! The HTTP executor: POST the job's args as JSON; the status code says how it went.
 //!
 //! 2xx → success; 4xx → permanent failure (the request itself is wrong, retrying will not help; 408 and 429 are
-//! the exceptions and are retried); 5xx, a timeout or a connection error → retryable failure.
+//! the exceptions and are retried); 5xx, a timeout or a connection error → retryable failure; 3xx → permanent
+//! failure, because redirects are not followed (the egress policy judged `spec.http.url`, not where it points).
 //! The job's UID goes in `Idempotency-Key` so the receiver can deduplicate retries; `X-BGJobs-Attempt` is the
 //! fencing token (a receiver that remembers the highest attempt it saw per key can refuse a stale one) and
 //! `X-BGJobs-Worker` names the replica that sent it.
+//!
+//! Resolve, check, connect: the host is resolved once, every address is checked against the egress policy
+//! ([`crate::policy::egress`]), and the request goes out on a client whose resolver answers only that host, with
+//! exactly the checked addresses. A second lookup (DNS rebinding: a short-lived answer that changes between check and
+//! connect) cannot happen, and the URL still carries the host name, so `Host`, SNI and certificate checks are
+//! unchanged. No proxy from the environment is used: a proxy would resolve the host itself.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use url::{Host, Url};
 
 use super::JobContext;
 use crate::api::HttpTarget;
+use crate::policy::EgressPolicy;
 use crate::retry::AttemptResult;
 
 /// Longest part of a response body quoted in `lastError`.
 const BODY_EXCERPT: usize = 300;
 
-/// POST `args` to `target.url` for the attempt described by `ctx`.
-pub async fn post(
-    client: &reqwest::Client,
-    target: &HttpTarget,
-    ctx: &JobContext,
-    args: &serde_json::Value,
-    attempt_timeout_seconds: Option<i64>,
-) -> AttemptResult {
-    let mut req = client
-        .post(&target.url)
-        .json(args)
-        .header("Idempotency-Key", &ctx.uid)
-        .header("X-BGJobs-Job", format!("{}/{}", ctx.namespace, ctx.name))
-        .header("X-BGJobs-Attempt", ctx.attempt.to_string())
-        .header("X-BGJobs-Worker", &ctx.worker);
-    for (k, v) in &target.headers {
-        req = req.header(k, v);
+/// Name resolution for the HTTP executor (a trait so tests can answer with addresses of their choosing).
+pub trait Lookup: Send + Sync {
+    /// The addresses of `host`.
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, std::io::Result<Vec<IpAddr>>>;
+}
+
+/// The system resolver (`getaddrinfo`).
+pub struct SystemLookup;
+
+impl Lookup for SystemLookup {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, std::io::Result<Vec<IpAddr>>> {
+        Box::pin(async move {
+            let mut addrs: Vec<IpAddr> = tokio::net::lookup_host((host, port)).await?.map(|a| a.ip()).collect();
+            addrs.dedup();
+            Ok(addrs)
+        })
     }
-    if let Some(secs) = target.timeout_seconds.or(attempt_timeout_seconds) {
-        req = req.timeout(Duration::from_secs(secs.max(1) as u64));
+}
+
+/// A resolver that knows one host, with the addresses the policy checked, and refuses every other name.
+struct Pinned {
+    host: String,
+    addrs: Vec<IpAddr>,
+}
+
+impl Resolve for Pinned {
+    fn resolve(&self, name: Name) -> Resolving {
+        let answer = if name.as_str().eq_ignore_ascii_case(&self.host) {
+            let addrs: Vec<SocketAddr> = self.addrs.iter().map(|ip| SocketAddr::new(*ip, 0)).collect();
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        } else {
+            Err(format!("{} was not checked by the egress policy", name.as_str()).into())
+        };
+        Box::pin(std::future::ready(answer))
     }
-    let response = tokio::select! {
-        r = req.send() => r,
-        _ = ctx.cancel.cancelled() => return AttemptResult::Retryable(format!("POST {} was cancelled", target.url)),
-    };
-    match response {
-        Err(e) if e.is_timeout() => AttemptResult::Retryable(format!("POST {} timed out", target.url)),
-        Err(e) => AttemptResult::Retryable(format!("POST {} failed: {e}", target.url)),
-        Ok(resp) => {
-            let status = resp.status();
-            if status.is_success() {
-                return AttemptResult::Succeeded;
+}
+
+/// The HTTP executor of a replica: its egress policy and resolver.
+pub struct HttpExecutor {
+    policy: EgressPolicy,
+    lookup: Arc<dyn Lookup>,
+}
+
+impl HttpExecutor {
+    /// An executor that resolves with `lookup` and sends what `policy` allows.
+    pub fn new(policy: EgressPolicy, lookup: Arc<dyn Lookup>) -> Self {
+        HttpExecutor { policy, lookup }
+    }
+
+    /// Resolve the URL's host and check every address: the addresses to connect to, or how the attempt ends.
+    async fn checked(&self, url: &Url, namespace: &str) -> Result<Vec<IpAddr>, AttemptResult> {
+        let port = url.port_or_known_default().unwrap_or(80);
+        let addrs = match url.host() {
+            Some(Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
+            Some(Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
+            Some(Host::Domain(name)) => self
+                .lookup
+                .lookup(name, port)
+                .await
+                .map_err(|e| AttemptResult::Retryable(format!("POST {url}: cannot resolve {name}: {e}")))?,
+            None => return Err(AttemptResult::Permanent(format!("spec.http.url {url} has no host"))),
+        };
+        self.policy.check(namespace, url, &addrs).map_err(|denial| {
+            let shown: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+            AttemptResult::Permanent(format!(
+                "POST {url} refused by the egress policy ({} is {}), nothing was sent: {denial}",
+                url.host_str().unwrap_or_default(),
+                shown.join(", ")
+            ))
+        })?;
+        Ok(addrs)
+    }
+
+    /// POST `args` to `target.url` for the attempt described by `ctx`, if the egress policy allows it.
+    pub async fn post(
+        &self,
+        target: &HttpTarget,
+        ctx: &JobContext,
+        args: &serde_json::Value,
+        attempt_timeout_seconds: Option<i64>,
+    ) -> AttemptResult {
+        let url = match Url::parse(&target.url) {
+            Ok(u) => u,
+            Err(e) => return AttemptResult::Permanent(format!("spec.http.url {:?} is not a URL: {e}", target.url)),
+        };
+        let timeout = target.timeout_seconds.or(attempt_timeout_seconds).map(|s| Duration::from_secs(s.max(1) as u64));
+        let checked = async {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, self.checked(&url, &ctx.namespace))
+                    .await
+                    .unwrap_or_else(|_| Err(AttemptResult::Retryable(format!("POST {url}: resolving timed out")))),
+                None => self.checked(&url, &ctx.namespace).await,
             }
-            let body = resp.text().await.unwrap_or_default();
-            let excerpt: String = body.chars().take(BODY_EXCERPT).collect();
-            let msg = format!("POST {} answered {status}: {excerpt}", target.url);
-            let retry_anyway = status.as_u16() == 408 || status.as_u16() == 429;
-            if status.is_client_error() && !retry_anyway {
-                AttemptResult::Permanent(msg)
-            } else {
-                AttemptResult::Retryable(msg)
-            }
+        };
+        let addrs = tokio::select! {
+            r = checked => r,
+            _ = ctx.cancel.cancelled() => return AttemptResult::Retryable(format!("POST {url} was cancelled")),
+        };
+        let addrs = match addrs {
+            Ok(a) => a,
+            Err(ended) => return ended,
+        };
+        let pinned = Pinned { host: url.host_str().unwrap_or_default().to_string(), addrs };
+        // One client per request: the resolver is the request's own, so no job can connect to an address checked
+        // for another (whose namespace may allow more).
+        let client = match reqwest::Client::builder()
+            .user_agent("bgjobs")
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(pinned))
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => return AttemptResult::Retryable(format!("POST {url}: cannot build the HTTP client: {e}")),
+        };
+        let mut req = client
+            .post(url.clone())
+            .json(args)
+            .header("Idempotency-Key", &ctx.uid)
+            .header("X-BGJobs-Job", format!("{}/{}", ctx.namespace, ctx.name))
+            .header("X-BGJobs-Attempt", ctx.attempt.to_string())
+            .header("X-BGJobs-Worker", &ctx.worker);
+        for (k, v) in &target.headers {
+            req = req.header(k, v);
         }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        let response = tokio::select! {
+            r = req.send() => r,
+            _ = ctx.cancel.cancelled() => return AttemptResult::Retryable(format!("POST {} was cancelled", target.url)),
+        };
+        match response {
+            Err(e) if e.is_timeout() => AttemptResult::Retryable(format!("POST {} timed out", target.url)),
+            Err(e) => AttemptResult::Retryable(format!("POST {} failed: {e}", target.url)),
+            Ok(resp) => outcome(&target.url, resp).await,
+        }
+    }
+}
+
+async fn outcome(url: &str, resp: reqwest::Response) -> AttemptResult {
+    let status = resp.status();
+    if status.is_success() {
+        return AttemptResult::Succeeded;
+    }
+    if status.is_redirection() {
+        let to = resp.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok()).unwrap_or("?");
+        return AttemptResult::Permanent(format!(
+            "POST {url} answered {status} (to {to}): redirects are not followed, the egress policy checks only \
+             spec.http.url; point the job at the final URL"
+        ));
+    }
+    let body = resp.text().await.unwrap_or_default();
+    let excerpt: String = body.chars().take(BODY_EXCERPT).collect();
+    let msg = format!("POST {url} answered {status}: {excerpt}");
+    let retry_anyway = status.as_u16() == 408 || status.as_u16() == 429;
+    if status.is_client_error() && !retry_anyway {
+        AttemptResult::Permanent(msg)
+    } else {
+        AttemptResult::Retryable(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    /// Answers with the next of its scripted answers on each lookup, and counts lookups.
+    struct Scripted(Mutex<Vec<Vec<IpAddr>>>, Mutex<usize>);
+
+    impl Lookup for Scripted {
+        fn lookup<'a>(&'a self, _host: &'a str, _port: u16) -> BoxFuture<'a, std::io::Result<Vec<IpAddr>>> {
+            *self.1.lock().unwrap() += 1;
+            let mut answers = self.0.lock().unwrap();
+            let next = if answers.len() > 1 { answers.remove(0) } else { answers[0].clone() };
+            Box::pin(std::future::ready(Ok(next)))
+        }
+    }
+
+    fn scripted(answers: &[&[&str]]) -> Arc<Scripted> {
+        let answers = answers.iter().map(|a| a.iter().map(|s| s.parse().unwrap()).collect()).collect();
+        Arc::new(Scripted(Mutex::new(answers), Mutex::new(0)))
+    }
+
+    fn ctx() -> JobContext {
+        JobContext {
+            namespace: "team-a".into(),
+            name: "j".into(),
+            uid: "uid-1".into(),
+            job_name: "call".into(),
+            attempt: 1,
+            worker: "w".into(),
+            leases: vec![],
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn target(url: &str) -> HttpTarget {
+        HttpTarget { url: url.into(), headers: Default::default(), timeout_seconds: Some(5) }
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_the_metadata_address_is_refused_before_any_connection() {
+        let lookup = scripted(&[&["169.254.169.254"]]);
+        let exec = HttpExecutor::new(EgressPolicy::default(), lookup.clone());
+        let r = exec.post(&target("http://metadata.example:80/latest"), &ctx(), &serde_json::json!({}), None).await;
+        let AttemptResult::Permanent(msg) = r else { panic!("expected a permanent failure, got {r:?}") };
+        assert!(msg.contains("refused by the egress policy (metadata.example is 169.254.169.254)"), "{msg}");
+        assert!(msg.contains("rule `metadata`") && msg.contains("nothing was sent"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn the_request_goes_to_the_checked_address_and_a_rebinding_answer_is_never_asked_for() {
+        // A loopback server; the name first resolves to it, then (a rebinding DNS server) to the metadata address.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap();
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        });
+        let lookup = scripted(&[&["127.0.0.1"], &["169.254.169.254"]]);
+        let exec = HttpExecutor::new(EgressPolicy::default(), lookup.clone());
+        let url = format!("http://rebind.example:{port}/hook");
+        let r = exec.post(&target(&url), &ctx(), &serde_json::json!({}), None).await;
+        assert!(matches!(r, AttemptResult::Succeeded), "{r:?}");
+        assert_eq!(*lookup.1.lock().unwrap(), 1, "one lookup: the connection used the checked answer");
+        let request = server.await.unwrap();
+        assert!(request.to_ascii_lowercase().contains(&format!("host: rebind.example:{port}")), "{request}");
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let mut seen = 0;
+            // The first request is answered with a redirect; a second one would be the redirect followed.
+            while let Ok(Ok((mut sock, _))) = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await
+            {
+                seen += 1;
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:{port}/elsewhere\r\n\
+                     content-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = sock.write_all(reply.as_bytes()).await;
+            }
+            seen
+        });
+        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let r = exec.post(&target(&format!("http://127.0.0.1:{port}/")), &ctx(), &serde_json::json!({}), None).await;
+        let AttemptResult::Permanent(msg) = r else { panic!("expected a permanent failure, got {r:?}") };
+        assert!(msg.contains("307") && msg.contains("redirects are not followed"), "{msg}");
+        assert_eq!(server.await.unwrap(), 1, "one request: the redirect was not followed");
+    }
+
+    #[tokio::test]
+    async fn the_pinned_resolver_answers_only_its_host() {
+        let pinned = Pinned { host: "a.example".into(), addrs: vec!["127.0.0.1".parse().unwrap()] };
+        let ok: Vec<SocketAddr> = pinned.resolve("A.example".parse().unwrap()).await.unwrap().collect();
+        assert_eq!(ok, ["127.0.0.1:0".parse().unwrap()]);
+        assert!(pinned.resolve("b.example".parse().unwrap()).await.is_err());
     }
 }

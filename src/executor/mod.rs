@@ -11,22 +11,25 @@ pub mod registry;
 pub use registry::{JobContext, JobError, Registry};
 
 use crate::api::BackgroundJob;
+use crate::policy::PodPolicy;
 use crate::retry::AttemptResult;
 
-/// Run one attempt of `job` with the executor its spec selects.
+/// Run one attempt of `job` with the executor its spec selects. The HTTP and Pod executors check their policy
+/// ([`crate::policy`]) before they send or create anything.
 pub async fn execute(
     job: &BackgroundJob,
     ctx: JobContext,
     registry: &Registry,
-    http_client: &reqwest::Client,
+    http: &http::HttpExecutor,
+    pods: &PodPolicy,
     client: &kube::Client,
 ) -> AttemptResult {
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
     if job.spec.template.is_some() {
-        return pod::run(client, job, &ctx).await;
+        return pod::run(client, pods, job, &ctx).await;
     }
     if let Some(target) = &job.spec.http {
-        return http::post(http_client, target, &ctx, &args, job.spec.attempt_timeout_seconds).await;
+        return http.post(target, &ctx, &args, job.spec.attempt_timeout_seconds).await;
     }
     registry.run(ctx, args).await
 }

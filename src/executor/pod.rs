@@ -51,6 +51,7 @@ use tokio::time::Instant;
 use super::JobContext;
 use crate::api::BackgroundJob;
 use crate::error::api_code;
+use crate::policy::PodPolicy;
 use crate::retry::AttemptResult;
 
 /// Label with the job's UID on every Pod of the job.
@@ -107,13 +108,13 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
 }
 
 /// Run (or adopt) the Pod of this attempt and wait for it to finish.
-pub async fn run(client: &Client, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
+pub async fn run(client: &Client, policy: &PodPolicy, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
     let started = if adopted(job, ctx.attempt) {
         adopt(&pods, job, ctx, &name).await
     } else {
-        start(&pods, job, ctx, &name).await
+        start(&pods, policy, job, ctx, &name).await
     };
     let uid = match started {
         Ok(uid) => uid,
@@ -140,8 +141,22 @@ const CREATE_PATIENCE: Duration = Duration::from_secs(90);
 /// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
 /// the attempt does not end while a Pod of it may have been created unseen. Only after [`CREATE_PATIENCE`] of
 /// answered failures (a broken admission webhook) does a read decide, so the error reaches the job's `lastError`.
-async fn start(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
+///
+/// The Pod policy is checked first: a Pod it refuses is never sent to the apiserver, and the job fails naming the
+/// field and the rule. An adopted Pod (see [`adopt`]) was checked by the replica that created it.
+async fn start(
+    pods: &Api<Pod>,
+    policy: &PodPolicy,
+    job: &BackgroundJob,
+    ctx: &JobContext,
+    name: &str,
+) -> Result<String, AttemptResult> {
     let wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
+    if let Some(spec) = &wanted.spec {
+        policy.check(&ctx.namespace, spec).map_err(|denial| {
+            AttemptResult::Permanent(format!("the Pod policy refused the job's Pod, none was created: {denial}"))
+        })?;
+    }
     let mut backoff = Backoff::new();
     let patience = Instant::now() + CREATE_PATIENCE;
     loop {

@@ -1,0 +1,317 @@
+//! The Pod executor's policy: which Pods may the operator create from a job's `spec.template`?
+//!
+//! The operator creates the Pod with its own RBAC, so a user who may create BackgroundJobs but not Pods would
+//! otherwise get any Pod they describe. By default the policy refuses what gives a Pod power over its node or over
+//! other workloads' identities:
+//! - `privileged`: a container with `securityContext.privileged: true`;
+//! - `privilege-escalation`: `securityContext.allowPrivilegeEscalation: true`;
+//! - `capabilities`: `securityContext.capabilities.add` beyond `--pod-allowed-capabilities` (default: none);
+//! - `host-namespaces`: `hostNetwork`, `hostPID`, `hostIPC`, or a container port with a `hostPort`;
+//! - `host-path`: a `hostPath` volume;
+//! - `service-account`: a `serviceAccountName` outside `--pod-service-accounts` (default: `default`).
+//!
+//! Each relaxation is a flag for every namespace, or an entry of `--pod-policy-by-namespace` for one; a namespace's
+//! entry adds to the global settings. Pod Security Admission, where the namespace enforces a level, judges the Pod
+//! again when it is created (the stricter of the two wins); this check runs first so the job fails with a reason
+//! before anything is sent to the apiserver.
+
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use serde::Deserialize;
+
+use super::PerNamespace;
+
+/// What Pods may do beyond the defaults: the global flags, or one namespace's entry in `--pod-policy-by-namespace`
+/// (e.g. `{"infra": {"hostPath": true, "serviceAccounts": ["builder"]}}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Relaxations {
+    /// Allow privileged containers.
+    pub privileged: bool,
+    /// Allow `allowPrivilegeEscalation: true`.
+    pub privilege_escalation: bool,
+    /// Allow `hostNetwork`, `hostPID`, `hostIPC` and `hostPort`.
+    pub host_namespaces: bool,
+    /// Allow `hostPath` volumes.
+    pub host_path: bool,
+    /// Capabilities containers may add (`NET_ADMIN`; `ALL` only if listed itself).
+    pub capabilities: Vec<String>,
+    /// ServiceAccounts Pods may run as.
+    pub service_accounts: Vec<String>,
+}
+
+/// Which Pods the Pod executor may create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// Relaxations for every namespace (the `--pod-allow-*` flags, `--pod-service-accounts`).
+    pub global: Relaxations,
+    /// More relaxations for single namespaces (`--pod-policy-by-namespace`).
+    pub by_namespace: PerNamespace<Relaxations>,
+}
+
+impl Default for PodPolicy {
+    /// The safe configuration: nothing relaxed, Pods run as the namespace's `default` ServiceAccount only.
+    fn default() -> Self {
+        PodPolicy {
+            global: Relaxations { service_accounts: vec!["default".into()], ..Default::default() },
+            by_namespace: PerNamespace::default(),
+        }
+    }
+}
+
+/// Why a Pod may not be created: the field (a path under `spec.template.spec`) and the rule it breaks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("spec.template.spec.{field} {what}: rule `{rule}` forbids it ({how})")]
+pub struct Denial {
+    /// Path of the offending field below `spec.template.spec`.
+    pub field: String,
+    /// What the field says.
+    pub what: String,
+    /// The rule's name.
+    pub rule: &'static str,
+    /// How an operator may relax the rule.
+    pub how: &'static str,
+}
+
+fn normalize_capability(c: &str) -> String {
+    let c = c.trim().to_ascii_uppercase();
+    c.strip_prefix("CAP_").map(str::to_string).unwrap_or(c)
+}
+
+impl PodPolicy {
+    /// The relaxations in force for `namespace`: the global ones plus the namespace's own.
+    fn effective(&self, namespace: &str) -> Relaxations {
+        let mut r = self.global.clone();
+        if let Some(ns) = self.by_namespace.0.get(namespace) {
+            r.privileged |= ns.privileged;
+            r.privilege_escalation |= ns.privilege_escalation;
+            r.host_namespaces |= ns.host_namespaces;
+            r.host_path |= ns.host_path;
+            r.capabilities.extend(ns.capabilities.iter().cloned());
+            r.service_accounts.extend(ns.service_accounts.iter().cloned());
+        }
+        r
+    }
+
+    /// May a job of `namespace` run a Pod with `spec`? The first field that breaks a rule, if any.
+    pub fn check(&self, namespace: &str, spec: &PodSpec) -> Result<(), Denial> {
+        let r = self.effective(namespace);
+        let deny = |field: String, what: String, rule, how| Err(Denial { field, what, rule, how });
+        const HOST_NS: &str = "relax with --pod-allow-host-namespaces or hostNamespaces in --pod-policy-by-namespace";
+        if !r.host_namespaces {
+            for (field, on) in
+                [("hostNetwork", spec.host_network), ("hostPID", spec.host_pid), ("hostIPC", spec.host_ipc)]
+            {
+                if on == Some(true) {
+                    return deny(field.into(), "is true".into(), "host-namespaces", HOST_NS);
+                }
+            }
+        }
+        for (i, v) in spec.volumes.iter().flatten().enumerate() {
+            if v.host_path.is_some() && !r.host_path {
+                return deny(
+                    format!("volumes[{i}] ({})", v.name),
+                    "is a hostPath volume".into(),
+                    "host-path",
+                    "relax with --pod-allow-host-path or hostPath in --pod-policy-by-namespace",
+                );
+            }
+        }
+        // Unset means `default`; the deprecated `serviceAccount` stands in for `serviceAccountName` when that is unset.
+        let name = spec.service_account_name.as_deref().or(spec.service_account.as_deref()).unwrap_or("default");
+        let named = [("serviceAccountName", Some(name)), ("serviceAccount", spec.service_account.as_deref())];
+        for (field, sa) in named {
+            let Some(sa) = sa else { continue };
+            if !r.service_accounts.iter().any(|a| a == sa) {
+                return deny(
+                    field.into(),
+                    format!("is {sa:?}, not one of {:?}", r.service_accounts),
+                    "service-account",
+                    "add it to --pod-service-accounts or to serviceAccounts in --pod-policy-by-namespace",
+                );
+            }
+        }
+        let groups = [("containers", Some(&spec.containers)), ("initContainers", spec.init_containers.as_ref())];
+        for (group, containers) in groups {
+            for (i, c) in containers.into_iter().flatten().enumerate() {
+                check_container(&r, &format!("{group}[{i}] ({})", c.name), c, HOST_NS)?;
+            }
+        }
+        for (i, c) in spec.ephemeral_containers.iter().flatten().enumerate() {
+            let as_container = Container {
+                name: c.name.clone(),
+                security_context: c.security_context.clone(),
+                ports: c.ports.clone(),
+                ..Default::default()
+            };
+            check_container(&r, &format!("ephemeralContainers[{i}] ({})", c.name), &as_container, HOST_NS)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_container(r: &Relaxations, at: &str, c: &Container, host_ns: &'static str) -> Result<(), Denial> {
+    let deny = |field: &str, what: String, rule, how| Err(Denial { field: format!("{at}.{field}"), what, rule, how });
+    let sc = c.security_context.clone().unwrap_or_default();
+    if sc.privileged == Some(true) && !r.privileged {
+        return deny(
+            "securityContext.privileged",
+            "is true".into(),
+            "privileged",
+            "relax with --pod-allow-privileged or privileged in --pod-policy-by-namespace",
+        );
+    }
+    if sc.allow_privilege_escalation == Some(true) && !r.privilege_escalation {
+        return deny(
+            "securityContext.allowPrivilegeEscalation",
+            "is true".into(),
+            "privilege-escalation",
+            "relax with --pod-allow-privilege-escalation or privilegeEscalation in --pod-policy-by-namespace",
+        );
+    }
+    let allowed: Vec<String> = r.capabilities.iter().map(|c| normalize_capability(c)).collect();
+    for cap in sc.capabilities.and_then(|c| c.add).unwrap_or_default() {
+        if !allowed.contains(&normalize_capability(&cap)) {
+            return deny(
+                "securityContext.capabilities.add",
+                format!("adds {cap}"),
+                "capabilities",
+                "allow it with --pod-allowed-capabilities or capabilities in --pod-policy-by-namespace",
+            );
+        }
+    }
+    if !r.host_namespaces {
+        for (i, p) in c.ports.iter().flatten().enumerate() {
+            if let Some(port) = p.host_port.filter(|p| *p != 0) {
+                return deny(&format!("ports[{i}].hostPort"), format!("is {port}"), "host-namespaces", host_ns);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(v: serde_json::Value) -> PodSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn with_container(extra: serde_json::Value) -> PodSpec {
+        let mut c = json!({"name": "main", "image": "busybox"});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        spec(json!({"containers": [c]}))
+    }
+
+    fn rule(r: Result<(), Denial>) -> &'static str {
+        r.expect_err("refused").rule
+    }
+
+    #[test]
+    fn a_plain_pod_as_the_default_service_account_passes() {
+        let p = PodPolicy::default();
+        assert_eq!(p.check("ns", &with_container(json!({}))), Ok(()));
+        assert_eq!(p.check("ns", &spec(json!({"serviceAccountName": "default", "containers": []}))), Ok(()));
+        let hardened = json!({"securityContext": {"privileged": false, "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]}}, "ports": [{"containerPort": 80}]});
+        assert_eq!(p.check("ns", &with_container(hardened)), Ok(()));
+    }
+
+    #[test]
+    fn a_privileged_container_is_refused_naming_the_field() {
+        let p = PodPolicy::default();
+        let d = p.check("ns", &with_container(json!({"securityContext": {"privileged": true}}))).unwrap_err();
+        assert_eq!((d.rule, d.field.as_str()), ("privileged", "containers[0] (main).securityContext.privileged"));
+        assert!(
+            d.to_string().starts_with("spec.template.spec.containers[0] (main).securityContext.privileged is true")
+        );
+        let init = spec(json!({"containers": [{"name": "m"}],
+            "initContainers": [{"name": "setup", "securityContext": {"privileged": true}}]}));
+        assert_eq!(p.check("ns", &init).unwrap_err().field, "initContainers[0] (setup).securityContext.privileged");
+    }
+
+    #[test]
+    fn privilege_escalation_is_refused() {
+        let s = with_container(json!({"securityContext": {"allowPrivilegeEscalation": true}}));
+        assert_eq!(rule(PodPolicy::default().check("ns", &s)), "privilege-escalation");
+    }
+
+    #[test]
+    fn added_capabilities_are_refused_unless_listed() {
+        let s = with_container(json!({"securityContext": {"capabilities": {"add": ["cap_net_admin"]}}}));
+        assert_eq!(rule(PodPolicy::default().check("ns", &s)), "capabilities");
+        let mut p = PodPolicy::default();
+        p.global.capabilities = vec!["NET_ADMIN".into()];
+        assert_eq!(p.check("ns", &s), Ok(()), "CAP_ prefix and case do not matter");
+        let all = with_container(json!({"securityContext": {"capabilities": {"add": ["ALL"]}}}));
+        assert_eq!(rule(p.check("ns", &all)), "capabilities", "ALL is not NET_ADMIN");
+    }
+
+    #[test]
+    fn host_namespaces_and_host_ports_are_refused() {
+        let p = PodPolicy::default();
+        for field in ["hostNetwork", "hostPID", "hostIPC"] {
+            let s = spec(json!({field: true, "containers": [{"name": "m"}]}));
+            let d = p.check("ns", &s).unwrap_err();
+            assert_eq!((d.rule, d.field.as_str()), ("host-namespaces", field));
+        }
+        let s = with_container(json!({"ports": [{"containerPort": 80, "hostPort": 80}]}));
+        assert_eq!(p.check("ns", &s).unwrap_err().field, "containers[0] (main).ports[0].hostPort");
+        assert_eq!(p.check("ns", &spec(json!({"hostNetwork": false, "containers": []}))), Ok(()));
+    }
+
+    #[test]
+    fn host_path_volumes_are_refused() {
+        let s = spec(json!({"containers": [{"name": "m"}],
+            "volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "root", "hostPath": {"path": "/"}}]}));
+        let d = PodPolicy::default().check("ns", &s).unwrap_err();
+        assert_eq!((d.rule, d.field.as_str()), ("host-path", "volumes[1] (root)"));
+    }
+
+    #[test]
+    fn only_listed_service_accounts_are_allowed_in_either_field() {
+        let p = PodPolicy::default();
+        let s = spec(json!({"serviceAccountName": "deployer", "containers": []}));
+        let d = p.check("ns", &s).unwrap_err();
+        assert_eq!((d.rule, d.field.as_str()), ("service-account", "serviceAccountName"));
+        assert!(d.to_string().contains("\"deployer\""), "{d}");
+        let deprecated = spec(json!({"serviceAccountName": "default", "serviceAccount": "deployer", "containers": []}));
+        assert_eq!(p.check("ns", &deprecated).unwrap_err().field, "serviceAccount");
+        let only_deprecated = spec(json!({"serviceAccount": "deployer", "containers": []}));
+        assert_eq!(rule(p.check("ns", &only_deprecated)), "service-account");
+    }
+
+    #[test]
+    fn a_namespace_entry_relaxes_that_namespace_only() {
+        let by_ns: PerNamespace<Relaxations> =
+            r#"{"infra": {"privileged": true, "hostPath": true, "serviceAccounts": ["builder"]}}"#.parse().unwrap();
+        let p = PodPolicy { by_namespace: by_ns, ..Default::default() };
+        let s = spec(json!({"serviceAccountName": "builder", "volumes": [{"name": "r", "hostPath": {"path": "/"}}],
+            "containers": [{"name": "m", "securityContext": {"privileged": true}}]}));
+        assert_eq!(p.check("infra", &s), Ok(()));
+        assert_eq!(p.check("infra", &with_container(json!({}))), Ok(()), "default stays allowed");
+        assert!(p.check("apps", &s).is_err());
+        assert!("{\"infra\": {\"hostpath\": true}}".parse::<PerNamespace<Relaxations>>().is_err(), "typos fail");
+    }
+
+    #[test]
+    fn global_flags_relax_every_namespace() {
+        let p = PodPolicy {
+            global: Relaxations {
+                privileged: true,
+                privilege_escalation: true,
+                host_namespaces: true,
+                host_path: true,
+                capabilities: vec!["SYS_ADMIN".into()],
+                service_accounts: vec!["default".into(), "x".into()],
+            },
+            ..Default::default()
+        };
+        let s = spec(json!({"hostNetwork": true, "hostPID": true, "serviceAccountName": "x",
+            "volumes": [{"name": "r", "hostPath": {"path": "/"}}],
+            "containers": [{"name": "m", "ports": [{"containerPort": 1, "hostPort": 1}], "securityContext":
+                {"privileged": true, "allowPrivilegeEscalation": true, "capabilities": {"add": ["SYS_ADMIN"]}}}]}));
+        assert_eq!(p.check("any", &s), Ok(()));
+    }
+}
