@@ -14,6 +14,7 @@
 //! always reports back, even when it panics, so a slot is never lost.
 
 mod backlog;
+mod pace;
 mod triage;
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +42,7 @@ use crate::status;
 use crate::worker::Worker;
 use backlog::{Backlog, Candidate};
 use kube::runtime::reflector::ObjectRef;
+use pace::Pace;
 use triage::{Decision, Facts, KeyFacts};
 
 /// Longest the loop sleeps without a reason to wake: a safety net against a missed notification.
@@ -76,6 +78,13 @@ impl Drop for DoneOnDrop {
     }
 }
 
+/// Retention deletes per second per replica (in bursts of [`DELETE_BURST`]): a day's worth of finished jobs whose
+/// retention ends at once (an upgrade that introduces retention, a namespace rule shortened) is deleted at a pace the
+/// apiserver and etcd absorb next to the queue's own writes.
+const DELETES_PER_SECOND: f64 = 50.0;
+/// See [`DELETES_PER_SECOND`].
+const DELETE_BURST: f64 = 50.0;
+
 /// Every job is looked at again this often, whatever the index says: a safety net against a lost watch event, at
 /// the cost of one walk over the cache per period.
 const FULL_LOOK: Duration = Duration::from_secs(60);
@@ -95,6 +104,9 @@ pub struct Dispatcher {
     writing: HashSet<String>,
     /// Jobs that needed a write while every write slot was busy: looked at again as slots free up.
     deferred: HashSet<String>,
+    /// Finished jobs due for deletion beyond the delete pace: looked at again as the pace allows.
+    deferred_deletes: HashSet<String>,
+    delete_pace: Pace,
     /// Jobs this replica just acted on: the resourceVersion it acted on, and when.
     settled_at: HashMap<String, (String, Instant)>,
     observer: Observer,
@@ -137,6 +149,8 @@ impl Dispatcher {
             held: HashMap::new(),
             writing: HashSet::new(),
             deferred: HashSet::new(),
+            deferred_deletes: HashSet::new(),
+            delete_pace: Pace::new(DELETES_PER_SECOND, DELETE_BURST, Instant::now()),
             settled_at: HashMap::new(),
             observer: Observer::default(),
             slot_observer: Observer::default(),
@@ -236,6 +250,16 @@ impl Dispatcher {
         let inst = Instant::now();
         self.health.beat();
         self.take_changes(inst);
+        let mut due = IDLE_PASS;
+        if !self.deferred_deletes.is_empty() {
+            let allowed = self.delete_pace.available(inst);
+            let next: Vec<String> = self.deferred_deletes.iter().take(allowed).cloned().collect();
+            for uid in next {
+                self.deferred_deletes.remove(&uid);
+                self.backlog.mark(&uid);
+            }
+            due = due.min(self.delete_pace.wait().max(Duration::from_millis(20)));
+        }
         let me = self.worker.identity.clone();
         let timing = self.worker.timing;
         let members = crate::members::live(&self.view.members, &mut self.member_observer, inst, &timing, &me);
@@ -246,7 +270,6 @@ impl Dispatcher {
         }
         let held_for_adopters: Vec<String> = adoption_slots.values().map(|l| l.name_any()).collect();
         let adoptions: Vec<String> = adoption_slots.into_keys().collect();
-        let mut due = IDLE_PASS;
         if let Some(wait) = self.claim_some(&members, &held_for_adopters, &adoptions) {
             due = due.min(wait);
         }
@@ -299,6 +322,7 @@ impl Dispatcher {
         self.observer.forget(uid);
         self.settled_at.remove(uid);
         self.deferred.remove(uid);
+        self.deferred_deletes.remove(uid);
         if let Some(control) = self.held.get(uid) {
             control.stop(StopReason::Deleted);
         }
@@ -639,6 +663,10 @@ impl Dispatcher {
             // Its definition has not confirmed creating it yet: deleted now, it would look never created, and the
             // definition's next owner would create it again. Kept until the confirmation.
             return Some(inst + Duration::from_secs(1));
+        }
+        if !self.delete_pace.take(inst) {
+            self.deferred_deletes.insert(uid);
+            return None;
         }
         let done = self.start_write(job)?;
         let api: Api<BackgroundJob> = Api::namespaced(self.worker.client.clone(), &job.namespace().unwrap_or_default());
