@@ -119,8 +119,11 @@ pub struct Claimant<'a> {
 pub enum ClaimOutcome {
     /// Ours.
     Claimed(Box<Claimed>),
-    /// Another replica got there first (at an extra Lease, the claim Lease or the status write).
+    /// Another replica got there first (at the claim Lease or the status write).
     Lost,
+    /// Another replica took an extra Lease first (a cluster slot, the concurrency key): the job itself was not
+    /// touched and may be claimed again at once.
+    Busy,
 }
 
 /// Claim the next attempt of `job` (as seen at its resourceVersion) for `worker`. `seen_lease` and `state` are the
@@ -156,7 +159,7 @@ pub async fn claim(
             Ok(Acquire::Acquired(l)) => held.push((api, l)),
             other => {
                 release_all(&held, adopts(job)).await;
-                return other.map(|_| ClaimOutcome::Lost);
+                return other.map(|_| ClaimOutcome::Busy);
             }
         }
     }

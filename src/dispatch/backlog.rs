@@ -60,6 +60,9 @@ pub struct Backlog {
     key_leases: HashMap<(String, String), String>,
     turns: HashMap<String, KeyVerdict>,
     stale_groups: HashSet<KeyGroup>,
+    /// Since when a job withdrawn by a change had been a candidate, until it is looked at again (so the claim
+    /// latency counts from when it first became runnable, not from its last change).
+    carried_since: HashMap<String, Instant>,
     depth: HashMap<QueueLabels, i64>,
     running: HashSet<String>,
 }
@@ -83,6 +86,7 @@ impl Backlog {
         self.due.remove(uid);
         self.dirty.remove(uid);
         self.turns.remove(uid);
+        self.carried_since.remove(uid);
         Some(old)
     }
 
@@ -183,6 +187,11 @@ impl Backlog {
         self.runnable.remove(&QueueKey::of(job))
     }
 
+    /// Since when a job withdrawn by its last change had been a candidate (taken: asked once per look).
+    pub fn take_since(&mut self, uid: &str) -> Option<Instant> {
+        self.carried_since.remove(uid)
+    }
+
     /// A job's candidacy, if it is a candidate.
     pub fn runnable_candidate(&self, uid: &str) -> Option<&Candidate> {
         self.runnable.get(&QueueKey::of(self.jobs.get(uid)?))
@@ -227,7 +236,9 @@ impl Backlog {
     }
 
     fn forget(&mut self, uid: &str, old: &BackgroundJob) {
-        self.runnable.remove(&QueueKey::of(old));
+        if let Some(c) = self.runnable.remove(&QueueKey::of(old)) {
+            self.carried_since.insert(uid.to_string(), c.since);
+        }
         match old.phase() {
             Phase::Waiting => {
                 let l = labels(old);
@@ -344,9 +355,12 @@ mod tests {
         b.set_runnable("uid-early", candidate(&early));
         assert_eq!(names(&b), ["early", "late"]);
         assert!(b.take_dirty(Instant::now()).is_empty(), "nothing changed");
+        let since = b.runnable_candidate("uid-early").unwrap().since;
         b.upsert(job("early", 10, Phase::Running, None));
         assert_eq!(names(&b), ["late"]);
         assert_eq!(b.take_dirty(Instant::now()), ["uid-early"]);
+        assert_eq!(b.take_since("uid-early"), Some(since), "runnable since then, for the claim latency");
+        assert_eq!(b.take_since("uid-early"), None);
     }
 
     #[test]

@@ -196,7 +196,8 @@ impl Dispatcher {
         self.held.remove(&done.uid);
         self.writing.remove(&done.uid);
         self.slots_in_use.remove(&done.uid);
-        if let Some(rv) = done.seen_at {
+        // A job deleted meanwhile is forgotten, not held: it will never come back to clear its entry.
+        if let Some(rv) = done.seen_at.filter(|_| self.backlog.job(&done.uid).is_some()) {
             self.settled_at.insert(done.uid.clone(), (rv, Instant::now()));
         }
         self.backlog.mark(&done.uid);
@@ -294,6 +295,8 @@ impl Dispatcher {
                 self.gone(&job.uid().unwrap_or_default());
             }
             let backlog = &self.backlog;
+            self.settled_at.retain(|uid, _| backlog.job(uid).is_some());
+            let backlog = &self.backlog;
             self.key_observer.retain(|k| k.split_once('/').is_some_and(|(ns, name)| backlog.has_key_lease(ns, name)));
         }
         for (at, uid) in changes.jobs {
@@ -338,7 +341,7 @@ impl Dispatcher {
         adoption_slots: &HashMap<String, Arc<Lease>>,
     ) {
         let Some(job) = self.backlog.job(uid).cloned() else { return };
-        let since = self.backlog.take_runnable(uid).map(|c| c.since);
+        let since = self.backlog.take_runnable(uid).map(|c| c.since).or_else(|| self.backlog.take_since(uid));
         self.backlog.disarm(uid);
         if let Some(control) = self.held.get(uid) {
             if job.spec.cancel {
@@ -476,34 +479,45 @@ impl Dispatcher {
                     || !self.held.contains_key(&j.uid().unwrap_or_default())
             });
         let mut slots = Vec::new();
-        let mut slots_bound = false;
+        let mut scarce_slots = None;
         if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
             let reserved: Vec<String> =
                 self.slots_in_use.values().cloned().chain(held_for_adopters.iter().cloned()).collect();
             let timing = &self.worker.timing;
             slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, &me);
-            slots_bound = slots.len() < free;
+            scarce_slots = Some(slots.len());
             free = free.min(slots.len());
         }
         // How many replicas race for the head (nobody races the exclusive leader, or for scarce cluster slots).
         let leases = self.view.leases.state();
         let mut holders: HashSet<&str> = leases.iter().filter_map(|l| crate::lease::holder(l)).collect();
         holders.insert(&me);
-        let workers = ordering::racing(self.leader.is_some() || slots_bound, members.len(), holders.len());
+        let racing = ordering::racing(false, members.len(), holders.len());
+        // With a cluster cap, the free slots are scarce when the replicas racing for them could want more than there
+        // are: then whoever wins a slot must use it for the head.
+        let slots_scarce = scarce_slots.is_some_and(|n| n < free.max(1).saturating_mul(racing));
+        let workers = ordering::racing(self.leader.is_some() || slots_scarce, members.len(), holders.len());
 
         // Overdue means "passed over at the very head": among the first `free` jobs (those a strict-FIFO replica
         // would take now) for longer than OVERDUE_AFTER. Time spent deeper in the window or in a backlog does not
         // count, or every replica would go for the same jobs whenever the queue is long.
         let now = Instant::now();
         let window = free.max(1).saturating_mul(workers.max(1));
-        let head: Vec<(QueueKey, String)> = self
-            .backlog
-            .runnable()
-            .filter(|(_, c)| !only_takeovers || c.job.phase() == Phase::Running)
-            .take(window)
-            .map(|(k, c)| (k.clone(), c.job.uid().unwrap_or_default()))
-            .collect();
+        let head: Vec<(QueueKey, String)> = if only_takeovers {
+            // Only orphaned running jobs: found through the running set, not by walking every candidate.
+            let mut takeovers: Vec<(QueueKey, String)> = self
+                .backlog
+                .running()
+                .filter_map(|j| self.backlog.runnable_candidate(&j.uid()?))
+                .map(|c| (QueueKey::of(&c.job), c.job.uid().unwrap_or_default()))
+                .collect();
+            takeovers.sort();
+            takeovers.truncate(window);
+            takeovers
+        } else {
+            self.backlog.runnable().take(window).map(|(k, c)| (k.clone(), c.job.uid().unwrap_or_default())).collect()
+        };
         let at_head: HashSet<&str> = head.iter().take(free.max(1)).map(|(_, uid)| uid.as_str()).collect();
         self.head_since.retain(|uid, _| at_head.contains(uid.as_str()));
         let mut next_overdue: Option<Duration> = None;
@@ -557,7 +571,7 @@ impl Dispatcher {
         // The slot first: it is the scarcer resource, and losing it costs no other write.
         let extras: Vec<ExtraLease> = slot.into_iter().chain(extras).collect();
         tokio::spawn(async move {
-            let _done = done;
+            let mut done = done;
             let claimant =
                 claim::Claimant { identity: &worker.identity, timing: &worker.timing, now: worker.clock.now() };
             // However its calls hang, a claim gives its slot back within a lease duration.
@@ -572,6 +586,14 @@ impl Dispatcher {
                 Ok(ClaimOutcome::Lost) => {
                     worker.metrics.claim_conflicts.inc();
                     debug!(job = %job.name_any(), "claim lost to another replica");
+                }
+                Ok(ClaimOutcome::Busy) => {
+                    worker.metrics.claim_conflicts.inc();
+                    debug!(job = %job.name_any(), "a slot or key Lease was taken first; the job is still free");
+                    // Nothing moved the job: it is not held back (with scarce slots, it is the head to go for).
+                    if let Some(d) = done.done.as_mut() {
+                        d.seen_at = None;
+                    }
                 }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
             }
