@@ -4,7 +4,8 @@
 # script prints, per size, in one run:
 #   throughput (jobs/s, first start to last finish), replica CPU per job, peak RSS per replica (VmHWM), apiserver
 #   CPU per job, API writes per job (the apiserver's apiserver_request_total for backgroundjobs and leases; Events
-#   counted apart), and the adversarial tier's checker line (bgjobs-history: lost, overlaps, duplicates).
+#   counted apart), the apiserver's memory per 10k created jobs and etcd's database growth per job, and the
+#   adversarial tier's checker line (bgjobs-history: lost, overlaps, duplicates).
 #
 #   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k drain takes about 40 minutes)
 #   SCALE_SIZES="1000 10000" e2e/bench_scale.sh          a quicker run
@@ -49,6 +50,10 @@ done
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
 
 cpu_seconds() { awk -v tck="$CLK_TCK" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# etcd's database file: it grows with every revision until compaction, so its growth per created job bounds what a
+# job costs etcd (compaction runs every 5 minutes by default and frees space for reuse, not back to the file system).
+etcd_db_bytes() { stat -c %s "$ROOT/.cluster/etcd/member/snap/db" 2>/dev/null || echo 0; }
 peak_rss_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
 plane_pid() { cat "$ROOT/.cluster/$1.pid" 2>/dev/null || echo 0; }
 
@@ -98,9 +103,15 @@ one_size() {
   echo "==> backlog of $n jobs"
   kubectl delete namespace "$NS" --wait=true --timeout=600s >/dev/null 2>&1 || true
   kubectl create namespace "$NS" >/dev/null
-  local t0=$SECONDS
+  local t0=$SECONDS api_rss0 etcd_db0
+  api_rss0=$(rss_mib "$(plane_pid kube-apiserver)")
+  etcd_db0=$(etcd_db_bytes)
   create_jobs "$dir" "$n"
   echo "created $n jobs in $((SECONDS - t0)) s"
+  sleep 5 # let the apiserver's watch cache settle
+  local api_rss_per_10k etcd_bytes_per_job
+  api_rss_per_10k=$(awk -v a="$api_rss0" -v b="$(rss_mib "$(plane_pid kube-apiserver)")" -v n="$n" 'BEGIN {printf "%.1f", (b - a) * 10000 / n}')
+  etcd_bytes_per_job=$(awk -v a="$etcd_db0" -v b="$(etcd_db_bytes)" -v n="$n" 'BEGIN {printf "%.0f", (b - a) / n}')
   "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
   RECORDER_PID=$!
   metrics_snapshot "$dir/metrics-before.txt"
@@ -149,9 +160,9 @@ one_size() {
       "$n" "$(awk -v n="$n" -v s="$span" 'BEGIN {print (s > 0 ? n / s : 0)}')" \
       "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" \
       "$(awk -v c="$api_cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')"
-    printf 'writes_per_job=%.2f (jobs %d, leases %d) events_per_job=%.2f\n' \
+    printf 'writes_per_job=%.2f (jobs %d, leases %d) events_per_job=%.2f apiserver_rss_mib_per_10k_jobs=%s etcd_db_bytes_per_job=%s\n' \
       "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
-      "$(awk -v e="$events_w" -v n="$n" 'BEGIN {print e / n}')"
+      "$(awk -v e="$events_w" -v n="$n" 'BEGIN {print e / n}')" "$api_rss_per_10k" "$etcd_bytes_per_job"
     echo "  checker: $(head -n 1 <<<"$check")"
   } | tee "$dir/figures.txt"
   kubectl delete namespace "$NS" --wait=false >/dev/null
