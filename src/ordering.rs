@@ -118,18 +118,21 @@ pub struct Runnable {
 /// Which of the runnable jobs (sorted, head first) this replica should try to claim now.
 ///
 /// With one replica the answer is simply the head `free_slots` jobs. With `workers` replicas racing for the same
-/// head, each looks at a window of `free_slots * workers` jobs (all of which are about to start anyway) and takes
-/// the `free_slots` it ranks highest by a hash of (its identity, the job, `epoch`). Rankings differ per replica, so
-/// replicas mostly go for different jobs and claim conflicts stay rare.
+/// head, each looks at a window of `free_slots * workers` jobs (all of which are about to start anyway). Each job of
+/// the window belongs to one of the live `members` (rendezvous hashing over the job and `epoch`): a replica takes
+/// its own jobs first, then, with slots left, the others' by a hash of (its identity, the job, `epoch`). Replicas
+/// that see the same window and members thus go for disjoint jobs, and claim conflicts stay rare; a job whose owner
+/// is busy, runs no jobs or is gone is taken by whoever has slots left.
 ///
-/// A fixed ranking could pass over the same job forever (a job every replica ranks low, with new jobs always
-/// entering the window). Two things prevent that: the ranking changes with `epoch` (the caller passes the current
-/// second), and overdue jobs come first, in queue order, whatever their rank, so no job sits at the head behind
-/// later ones for much longer than [`OVERDUE_AFTER`]. The picks are returned in queue order.
+/// A fixed assignment could pass over the same job forever (a job every replica ranks low, with new jobs always
+/// entering the window). Two things prevent that: ownership and ranking change with `epoch` (the caller passes the
+/// current second), and overdue jobs come first, in queue order, whatever their rank, so no job sits at the head
+/// behind later ones for much longer than [`OVERDUE_AFTER`]. The picks are returned in queue order.
 pub fn pick<'a>(
     runnable: &'a [Runnable],
     free_slots: usize,
     workers: usize,
+    members: &[String],
     me: &str,
     epoch: u64,
 ) -> Vec<&'a QueueKey> {
@@ -138,13 +141,20 @@ pub fn pick<'a>(
     }
     let mut chosen: Vec<usize> = (0..runnable.len()).filter(|&i| runnable[i].overdue).take(free_slots).collect();
     let window = runnable.len().min(free_slots.saturating_mul(workers.max(1)));
-    let mut ranked: Vec<(u64, usize)> =
-        (0..window).filter(|i| !chosen.contains(i)).map(|i| (rank(me, &runnable[i].key, epoch), i)).collect();
+    let mut ranked: Vec<(bool, u64, usize)> = (0..window)
+        .filter(|i| !chosen.contains(i))
+        .map(|i| {
+            let key = &runnable[i].key;
+            let owned = format!("{}/{}#{epoch}", key.namespace, key.name);
+            let mine = crate::members::owner(members, &owned).is_none_or(|owner| owner == me);
+            (!mine, rank(me, key, epoch), i)
+        })
+        .collect();
     if window > free_slots {
         ranked.sort_unstable();
     }
     let left = free_slots - chosen.len();
-    chosen.extend(ranked.into_iter().take(left).map(|(_, i)| i));
+    chosen.extend(ranked.into_iter().take(left).map(|(_, _, i)| i));
     chosen.sort_unstable();
     chosen.into_iter().map(|i| &runnable[i].key).collect()
 }
@@ -274,7 +284,7 @@ mod tests {
     #[test]
     fn a_single_worker_takes_exactly_the_head() {
         let k = keys(10);
-        let names: Vec<_> = pick(&k, 3, 1, "me", 7).into_iter().map(|k| k.name.clone()).collect();
+        let names: Vec<_> = pick(&k, 3, 1, &[], "me", 7).into_iter().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["j000", "j001", "j002"]);
     }
 
@@ -284,7 +294,7 @@ mod tests {
         let workers = 4;
         let mut all = Vec::new();
         for w in 0..workers {
-            let picks = pick(&k, 4, workers, &format!("worker-{w}"), 7);
+            let picks = pick(&k, 4, workers, &crew(workers), &format!("worker-{w}"), 7);
             assert_eq!(picks.len(), 4);
             assert!(picks.iter().all(|p| p.sequence < 16), "picks stay within the first 16 jobs");
             assert!(picks.windows(2).all(|w| w[0] < w[1]), "picks come back in queue order");
@@ -292,7 +302,39 @@ mod tests {
         }
         all.sort();
         all.dedup();
-        assert!(all.len() >= 9, "4 workers x 4 slots should mostly pick distinct jobs, got {} distinct", all.len());
+        assert!(all.len() >= 14, "4 workers x 4 slots should mostly pick distinct jobs, got {} distinct", all.len());
+    }
+
+    fn crew(n: usize) -> Vec<String> {
+        (0..n).map(|w| format!("worker-{w}")).collect()
+    }
+
+    #[test]
+    fn each_job_of_the_window_has_one_owner_who_takes_it_first() {
+        let k = keys(100);
+        let members = crew(4);
+        for epoch in 0..20 {
+            // A window of 40 for 10 slots each: every replica's own jobs come first, and no two own the same job.
+            let mut taken = std::collections::HashMap::new();
+            for w in 0..4 {
+                let me = format!("worker-{w}");
+                let own: Vec<String> = (0..40)
+                    .filter(|&i| {
+                        let key = &k[i].key;
+                        crate::members::owner(&members, &format!("{}/{}#{epoch}", key.namespace, key.name))
+                            == Some(me.as_str())
+                    })
+                    .map(|i| k[i].key.name.clone())
+                    .collect();
+                let picks: Vec<String> =
+                    pick(&k, 10, 4, &members, &me, epoch).into_iter().map(|p| p.name.clone()).collect();
+                let own_picked = picks.iter().filter(|p| own.contains(p)).count();
+                assert_eq!(own_picked, own.len().min(10), "worker-{w} takes its own jobs first");
+                for p in picks.iter().filter(|p| own.contains(p)) {
+                    assert!(taken.insert(p.clone(), w).is_none(), "{p} owned twice");
+                }
+            }
+        }
     }
 
     #[test]
@@ -300,7 +342,7 @@ mod tests {
         let mut k = keys(40);
         k[5].overdue = true;
         for w in 0..4 {
-            let picks = pick(&k, 2, 4, &format!("worker-{w}"), 7);
+            let picks = pick(&k, 2, 4, &crew(4), &format!("worker-{w}"), 7);
             assert!(picks.iter().any(|p| p.name == "j005"), "worker-{w} must go for the overdue job: {picks:?}");
             assert_eq!(picks.len(), 2);
         }
@@ -311,20 +353,20 @@ mod tests {
         let mut k = keys(40);
         k[30].overdue = true;
         k[20].overdue = true;
-        let names: Vec<_> = pick(&k, 2, 2, "me", 7).into_iter().map(|p| p.name.clone()).collect();
+        let names: Vec<_> = pick(&k, 2, 2, &[], "me", 7).into_iter().map(|p| p.name.clone()).collect();
         assert_eq!(names, ["j020", "j030"]);
     }
 
     #[test]
     fn the_ranking_changes_from_one_epoch_to_the_next() {
         let k = keys(40);
-        let at = |epoch| pick(&k, 2, 8, "me", epoch).into_iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let at = |epoch| pick(&k, 2, 8, &[], "me", epoch).into_iter().map(|p| p.name.clone()).collect::<Vec<_>>();
         assert!((1..6).any(|e| at(e) != at(0)), "a job ranked low now is not ranked low forever");
     }
 
     #[test]
     fn no_free_slot_picks_nothing() {
-        assert!(pick(&keys(5), 0, 3, "me", 0).is_empty());
+        assert!(pick(&keys(5), 0, 3, &[], "me", 0).is_empty());
     }
 
     #[test]
@@ -338,13 +380,13 @@ mod tests {
         let names = |picked: Vec<&QueueKey>| picked.into_iter().map(|k| k.name.clone()).collect::<Vec<_>>();
         // Four live members, one free slot: racing replicas spread over a window of four...
         let spread = (0..20)
-            .map(|e| names(pick(&runnable, 1, racing(false, 4, 1), "leader", e)))
+            .map(|e| names(pick(&runnable, 1, racing(false, 4, 1), &[], "leader", e)))
             .collect::<std::collections::HashSet<_>>();
         assert!(spread.len() > 1, "{spread:?}");
         // ... but the exclusive leader races nobody: the head, every time.
         for e in 0..20 {
-            assert_eq!(names(pick(&runnable, 1, racing(true, 4, 1), "leader", e)), ["j0"]);
-            assert_eq!(names(pick(&runnable, 2, racing(true, 4, 1), "leader", e)), ["j0", "j1"]);
+            assert_eq!(names(pick(&runnable, 1, racing(true, 4, 1), &[], "leader", e)), ["j0"]);
+            assert_eq!(names(pick(&runnable, 2, racing(true, 4, 1), &[], "leader", e)), ["j0", "j1"]);
         }
     }
 }

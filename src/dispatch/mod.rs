@@ -540,7 +540,7 @@ impl Dispatcher {
         }
         let epoch = jiff::Timestamp::now().as_second() as u64;
         let picked: HashSet<QueueKey> =
-            ordering::pick(&runnable, free, workers, &me, epoch).into_iter().cloned().collect();
+            ordering::pick(&runnable, free, workers, members, &me, epoch).into_iter().cloned().collect();
         let mut slots = slots.into_iter();
         let lease_namespace = self.config.lease_namespace.clone();
         for (key, uid) in head.iter().filter(|(key, _)| picked.contains(key)) {
