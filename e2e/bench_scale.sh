@@ -4,7 +4,8 @@
 # script prints, per size, in one run:
 #   throughput (jobs/s, first start to last finish), replica CPU per job, peak RSS per replica (VmHWM), apiserver
 #   CPU per job, API writes per job (the apiserver's apiserver_request_total for backgroundjobs and leases; Events
-#   counted apart), the apiserver's memory per 10k created jobs and etcd's database growth per job, and the
+#   counted apart; refused writes, 409s, apart too), the apiserver's memory per 10k created jobs and a job's size as
+#   stored, and the
 #   adversarial tier's checker line (bgjobs-history: lost, overlaps, duplicates).
 #
 #   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k drain takes about 40 minutes)
@@ -51,18 +52,17 @@ for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; 
 
 cpu_seconds() { awk -v tck="$CLK_TCK" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
-# etcd's database file: it grows with every revision until compaction, so its growth per created job bounds what a
-# job costs etcd (compaction runs every 5 minutes by default and frees space for reuse, not back to the file system).
-etcd_db_bytes() { stat -c %s "$ROOT/.cluster/etcd/member/snap/db" 2>/dev/null || echo 0; }
 peak_rss_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
 plane_pid() { cat "$ROOT/.cluster/$1.pid" 2>/dev/null || echo 0; }
 
-# Writes by resource from two snapshots of the apiserver's counters (all response codes: a 409 costs it too).
-writes_between() { # before after resource
-  awk -v res="$3" '
+# Write requests by resource and response code (a regular expression) from two snapshots of the apiserver's
+# counters. Successful writes change etcd; refused ones (409: another replica got there first) cost the apiserver a
+# request but write nothing.
+writes_between() { # before after resource code-regex
+  awk -v res="$3" -v code="$4" '
     function value(line) { n = split(line, f, " "); return f[n] }
     FNR == NR { before[$1] = value($0); next }
-    /^apiserver_request_total\{/ && $0 ~ "resource=\"" res "\"" && $0 ~ /verb="(POST|PUT|PATCH|DELETE|DELETECOLLECTION)"/ {
+    /^apiserver_request_total\{/ && $0 ~ "resource=\"" res "\"" && $0 ~ /verb="(POST|PUT|PATCH|DELETE|DELETECOLLECTION)"/ && $0 ~ "code=\"" code "\"" {
       sum += value($0) - before[$1]
     }
     END { printf "%d", sum }' "$1" "$2"
@@ -103,15 +103,17 @@ one_size() {
   echo "==> backlog of $n jobs"
   kubectl delete namespace "$NS" --wait=true --timeout=600s >/dev/null 2>&1 || true
   kubectl create namespace "$NS" >/dev/null
-  local t0=$SECONDS api_rss0 etcd_db0
+  local t0=$SECONDS api_rss0
   api_rss0=$(rss_mib "$(plane_pid kube-apiserver)")
-  etcd_db0=$(etcd_db_bytes)
   create_jobs "$dir" "$n"
   echo "created $n jobs in $((SECONDS - t0)) s"
   sleep 5 # let the apiserver's watch cache settle
-  local api_rss_per_10k etcd_bytes_per_job
+  # The apiserver keeps every object of a watched resource in its watch cache; its resident memory before and after
+  # the creates, per 10k jobs (noisy: garbage collection and other clients move it too). etcd stores each custom
+  # resource as its JSON, managed fields included: one job's size as stored.
+  local api_rss_per_10k stored_bytes
   api_rss_per_10k=$(awk -v a="$api_rss0" -v b="$(rss_mib "$(plane_pid kube-apiserver)")" -v n="$n" 'BEGIN {printf "%.1f", (b - a) * 10000 / n}')
-  etcd_bytes_per_job=$(awk -v a="$etcd_db0" -v b="$(etcd_db_bytes)" -v n="$n" 'BEGIN {printf "%.0f", (b - a) / n}')
+  stored_bytes=$(kubectl get -n "$NS" backgroundjob s-000001 -o json --show-managed-fields | jq -c . | wc -c)
   "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
   RECORDER_PID=$!
   metrics_snapshot "$dir/metrics-before.txt"
@@ -143,10 +145,11 @@ one_size() {
   api_cpu=$(awk -v a="$api_cpu0" -v b="$(cpu_seconds "$api_pid")" 'BEGIN {printf "%.2f", b - a}')
   metrics_snapshot "$dir/metrics-after.txt"
   cleanup
-  local jobs_w leases_w events_w span
-  jobs_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" backgroundjobs)
-  leases_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" leases)
-  events_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" events)
+  local jobs_w leases_w events_w refused span m=("$dir/metrics-before.txt" "$dir/metrics-after.txt")
+  jobs_w=$(writes_between "${m[@]}" backgroundjobs '2[0-9][0-9]')
+  leases_w=$(writes_between "${m[@]}" leases '2[0-9][0-9]')
+  events_w=$(writes_between "${m[@]}" events '2[0-9][0-9]')
+  refused=$(($(writes_between "${m[@]}" backgroundjobs 409) + $(writes_between "${m[@]}" leases 409)))
   span=$(awk 'match($0, /"t_ms":[0-9]+/) {
       t = substr($0, RSTART + 7, RLENGTH - 7) + 0
       if ($0 ~ /"ev":"start"/ && (lo == "" || t < lo)) lo = t
@@ -160,9 +163,10 @@ one_size() {
       "$n" "$(awk -v n="$n" -v s="$span" 'BEGIN {print (s > 0 ? n / s : 0)}')" \
       "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" \
       "$(awk -v c="$api_cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')"
-    printf 'writes_per_job=%.2f (jobs %d, leases %d) events_per_job=%.2f apiserver_rss_mib_per_10k_jobs=%s etcd_db_bytes_per_job=%s\n' \
+    printf 'writes_per_job=%.2f (jobs %d, leases %d) refused_per_job=%.2f events_per_job=%.2f apiserver_rss_mib_per_10k_jobs=%s stored_job_bytes=%s\n' \
       "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
-      "$(awk -v e="$events_w" -v n="$n" 'BEGIN {print e / n}')" "$api_rss_per_10k" "$etcd_bytes_per_job"
+      "$(awk -v r="$refused" -v n="$n" 'BEGIN {print r / n}')" \
+      "$(awk -v e="$events_w" -v n="$n" 'BEGIN {print e / n}')" "$api_rss_per_10k" "$stored_bytes"
     echo "  checker: $(head -n 1 <<<"$check")"
   } | tee "$dir/figures.txt"
   kubectl delete namespace "$NS" --wait=false >/dev/null
