@@ -207,6 +207,23 @@ pub struct OperatorConfig {
     /// hostNamespaces, hostPath, capabilities, serviceAccounts).
     #[arg(long, default_value = "{}", env = "BGJOBS_POD_POLICY_BY_NAMESPACE")]
     pub pod_policy_by_namespace: PerNamespace<crate::policy::pods::Relaxations>,
+
+    /// Pod executor: before creating a job's Pod, ask the apiserver (a LocalSubjectAccessReview) whether the job's
+    /// creator, as the admission webhook recorded them, may create pods in its namespace; fail the job naming the
+    /// user if not. `if-recorded`: jobs without a record are not checked; `required`: they fail.
+    #[arg(long, value_enum, default_value = "off", env = "BGJOBS_POD_CREATOR_CHECK")]
+    pub pod_creator_check: crate::policy::creator::CreatorCheck,
+
+    /// Serve the admission webhook (HTTPS, path `/mutate`) on this address, e.g. `0.0.0.0:9443`: it records who
+    /// creates each BackgroundJob and RecurringBackgroundJob and refuses changes to that record. Needs
+    /// `--admission-cert-dir`. Default: not served.
+    #[arg(long, env = "BGJOBS_ADMISSION_ADDR", requires = "admission_cert_dir")]
+    pub admission_addr: Option<std::net::SocketAddr>,
+
+    /// Directory with the webhook's serving certificate and key as `tls.crt` and `tls.key` (a mounted
+    /// `kubernetes.io/tls` Secret); reloaded when they change.
+    #[arg(long, env = "BGJOBS_ADMISSION_CERT_DIR")]
+    pub admission_cert_dir: Option<PathBuf>,
 }
 
 impl OperatorConfig {
@@ -243,7 +260,7 @@ impl OperatorConfig {
                 allow: self.egress_allow.clone(),
                 allow_by_namespace: self.egress_allow_by_namespace.0.clone(),
                 allow_link_local: self.egress_allow_link_local,
-                operator_ports: self.metrics_addr.iter().map(|a| a.port()).collect(),
+                operator_ports: self.metrics_addr.iter().chain(&self.admission_addr).map(|a| a.port()).collect(),
                 local_addrs,
             },
             pods: PodPolicy {
@@ -256,6 +273,7 @@ impl OperatorConfig {
                     service_accounts: self.pod_service_accounts.clone(),
                 },
                 by_namespace: self.pod_policy_by_namespace.clone(),
+                creator_check: self.pod_creator_check,
             },
         }
     }

@@ -59,6 +59,10 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     if let Some(addr) = config.metrics_addr {
         crate::metrics::serve(addr, worker.metrics.clone(), health.clone()).await?;
     }
+    // Served before the caches sync: the webhook needs no cache, and job creation waits on it (failurePolicy Fail).
+    if let (Some(addr), Some(dir)) = (config.admission_addr, config.admission_cert_dir.as_deref()) {
+        crate::admission::serve(addr, dir).await?;
+    }
     let slots = config.cluster_max_concurrency.is_some();
     let view = QueueView::start(client.clone(), config.namespace.as_deref(), &config.lease_namespace, slots);
     view.ready().await;

@@ -41,6 +41,7 @@ use jiff::SignedDuration;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::authorization::v1::LocalSubjectAccessReview;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
@@ -49,9 +50,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::time::Instant;
 
 use super::JobContext;
-use crate::api::BackgroundJob;
+use crate::api::{BackgroundJob, RecurringBackgroundJob};
 use crate::error::api_code;
 use crate::policy::PodPolicy;
+use crate::policy::creator::{self, CreatorCheck};
 use crate::retry::AttemptResult;
 
 /// Label with the job's UID on every Pod of the job.
@@ -114,7 +116,7 @@ pub async fn run(client: &Client, policy: &PodPolicy, job: &BackgroundJob, ctx: 
     let started = if adopted(job, ctx.attempt) {
         adopt(&pods, job, ctx, &name).await
     } else {
-        start(&pods, policy, job, ctx, &name).await
+        start(client, &pods, policy, job, ctx, &name).await
     };
     let uid = match started {
         Ok(uid) => uid,
@@ -142,9 +144,11 @@ const CREATE_PATIENCE: Duration = Duration::from_secs(90);
 /// the attempt does not end while a Pod of it may have been created unseen. Only after [`CREATE_PATIENCE`] of
 /// answered failures (a broken admission webhook) does a read decide, so the error reaches the job's `lastError`.
 ///
-/// The Pod policy is checked first: a Pod it refuses is never sent to the apiserver, and the job fails naming the
-/// field and the rule. An adopted Pod (see [`adopt`]) was checked by the replica that created it.
+/// The Pod policy is checked first, then (with `--pod-creator-check`) the job's creator: a Pod either refuses is
+/// never sent to the apiserver, and the job fails naming the field or the user, and the rule. An adopted Pod (see
+/// [`adopt`]) was checked by the replica that created it.
 async fn start(
+    client: &Client,
     pods: &Api<Pod>,
     policy: &PodPolicy,
     job: &BackgroundJob,
@@ -157,6 +161,7 @@ async fn start(
             AttemptResult::Permanent(format!("the Pod policy refused the job's Pod, none was created: {denial}"))
         })?;
     }
+    check_creator(client, policy.creator_check, job, &ctx.namespace).await?;
     let mut backoff = Backoff::new();
     let patience = Instant::now() + CREATE_PATIENCE;
     loop {
@@ -197,6 +202,58 @@ async fn start(
         }
         backoff.wait().await;
     }
+}
+
+/// `--pod-creator-check`: ask the apiserver whether each recorded creator of the job (and of its
+/// RecurringBackgroundJob) may create pods in its namespace ([`creator`]). A refusal fails the job; an unanswered
+/// question is retried like any failed call.
+async fn check_creator(
+    client: &Client,
+    check: CreatorCheck,
+    job: &BackgroundJob,
+    namespace: &str,
+) -> Result<(), AttemptResult> {
+    if check == CreatorCheck::Off {
+        return Ok(());
+    }
+    let refused =
+        |e: String| AttemptResult::Permanent(format!("the creator check refused the job's Pod, none was created: {e}"));
+    let owner = job
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == RecurringBackgroundJob::kind(&()));
+    let definition = match owner {
+        Some(o) => {
+            let definitions: Api<RecurringBackgroundJob> = Api::namespaced(client.clone(), namespace);
+            let found = definitions.get_opt(&o.name).await.map_err(|e| {
+                AttemptResult::Retryable(format!(
+                    "cannot read RecurringBackgroundJob {} to check its creator: {e}",
+                    o.name
+                ))
+            })?;
+            // A definition re-created under the same name is not the one that owns the job.
+            Some((o.name.as_str(), found.filter(|d| d.uid().as_deref() == Some(o.uid.as_str())).map(|d| d.metadata)))
+        }
+        None => None,
+    };
+    let subjects =
+        creator::subjects(check, &job.metadata, definition.as_ref().map(|(n, m)| (*n, m.as_ref()))).map_err(refused)?;
+    let reviews: Api<LocalSubjectAccessReview> = Api::namespaced(client.clone(), namespace);
+    for subject in &subjects {
+        let answer = reviews
+            .create(&PostParams::default(), &creator::access_review(&subject.creator, namespace))
+            .await
+            .map_err(|e| {
+                AttemptResult::Retryable(format!(
+                    "cannot ask whether {} may create pods (the operator needs create on \
+                         localsubjectaccessreviews; the chart grants it with operator.podCreatorCheck): {e}",
+                    subject.creator.username
+                ))
+            })?;
+        creator::verdict(subject, namespace, &answer.status.unwrap_or_default()).map_err(refused)?;
+    }
+    tracing::debug!(subjects = subjects.len(), "creator check passed");
+    Ok(())
 }
 
 /// Take over the Pod an earlier holder of this attempt created; its UID. It is never created here: if it is gone

@@ -4,8 +4,10 @@
 //! policy `create backgroundjobs` would grant far more than it says: POSTs to the cloud metadata address or the
 //! operator's own ports, and privileged or host-mounting Pods in a namespace whose users may not create Pods. Both
 //! policies are pure decisions over plain data ([`egress`], [`pods`]); each executor calls one function before it
-//! sends or creates anything, and a refusal ends the job `Failed` with the rule in `lastError`.
+//! sends or creates anything, and a refusal ends the job `Failed` with the rule in `lastError`. Pod mode can also ask
+//! whether the job's creator could have created the Pod themselves ([`creator`]).
 
+pub mod creator;
 pub mod egress;
 pub mod pods;
 

@@ -46,6 +46,9 @@ pub struct PodPolicy {
     pub global: Relaxations,
     /// More relaxations for single namespaces (`--pod-policy-by-namespace`).
     pub by_namespace: PerNamespace<Relaxations>,
+    /// Whether the job's creator must be allowed to create the Pod themselves (`--pod-creator-check`, see
+    /// [`super::creator`]).
+    pub creator_check: super::creator::CreatorCheck,
 }
 
 impl Default for PodPolicy {
@@ -54,6 +57,7 @@ impl Default for PodPolicy {
         PodPolicy {
             global: Relaxations { service_accounts: vec!["default".into()], ..Default::default() },
             by_namespace: PerNamespace::default(),
+            creator_check: Default::default(),
         }
     }
 }

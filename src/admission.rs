@@ -1,0 +1,316 @@
+//! The admission webhook: who asked.
+//!
+//! The apiserver does not tell a controller who created an object (`managedFields` names field managers, not users),
+//! but it tells an admission webhook. Registered (by the chart's MutatingWebhookConfiguration) for CREATE and UPDATE
+//! of BackgroundJobs and RecurringBackgroundJobs, the operator
+//! - on CREATE stamps the requesting user and their groups as annotations ([`CREATED_BY`], [`CREATED_BY_GROUPS`]),
+//!   replacing whatever the request carried there, so a record cannot be forged;
+//! - on UPDATE refuses any change to those annotations, so a record cannot be altered, removed or added later.
+//!
+//! The Pod executor reads the record back for `--pod-creator-check` ([`crate::policy::creator`]). The decision is
+//! [`review`], a pure function; [`serve`] is HTTPS (rustls, HTTP/1.1) around it, with the certificate reloaded from
+//! `--admission-cert-dir` when its files change (cert-manager and the kubelet rotate mounted Secrets in place).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use kube::api::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::policy::creator::Creator;
+pub use crate::policy::creator::{CREATED_BY, CREATED_BY_GROUPS};
+
+/// The path the webhook is served on (the chart's `clientConfig.service.path`).
+pub const PATH: &str = "/mutate";
+
+/// An AdmissionReview holds the object and the old object; both are bounded by the apiserver's request limit (3 MiB).
+const MAX_BODY: usize = 8 << 20;
+
+/// The decision for one admission request: stamp the creator on CREATE, refuse changes to the stamp on UPDATE,
+/// allow anything else.
+pub fn review(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(req);
+    match req.operation {
+        Operation::Create => {
+            let creator = Creator {
+                username: req.user_info.username.clone().unwrap_or_default(),
+                groups: req.user_info.groups.clone().unwrap_or_default(),
+            };
+            let has_annotations = req.object.as_ref().is_some_and(|o| o.metadata.annotations.is_some());
+            match allow.with_patch(stamp(&creator, has_annotations)) {
+                Ok(r) => r,
+                Err(e) => AdmissionResponse::from(req).deny(format!("cannot write the creator record: {e}")),
+            }
+        }
+        Operation::Update => {
+            let record = |o: &Option<DynamicObject>| {
+                let annotations = o.as_ref().and_then(|o| o.metadata.annotations.as_ref());
+                [CREATED_BY, CREATED_BY_GROUPS].map(|k| annotations.and_then(|a| a.get(k)).cloned())
+            };
+            if record(&req.object) == record(&req.old_object) {
+                allow
+            } else {
+                allow.deny(format!(
+                    "the annotations {CREATED_BY} and {CREATED_BY_GROUPS} record who created this object (written by \
+                     the bgjobs admission webhook when it was created) and cannot be added, changed or removed"
+                ))
+            }
+        }
+        _ => allow,
+    }
+}
+
+/// The JSON patch that writes `creator` into the object's annotations (creating the map if it has none).
+fn stamp(creator: &Creator, has_annotations: bool) -> json_patch::Patch {
+    let record: serde_json::Map<String, serde_json::Value> =
+        creator.annotations().into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
+    let ops = if has_annotations {
+        // `add` on an existing member replaces it: a record sent by the client is overwritten, never kept.
+        record
+            .into_iter()
+            .map(|(k, v)| serde_json::json!({"op": "add", "path": format!("/metadata/annotations/{}", escape(&k)), "value": v}))
+            .collect()
+    } else {
+        vec![serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": record})]
+    };
+    serde_json::from_value(serde_json::Value::Array(ops)).expect("well-formed patch operations")
+}
+
+/// A JSON pointer segment (RFC 6901): `~` and `/` escaped.
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Answer one AdmissionReview body.
+fn answer(body: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let asked: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let req: AdmissionRequest<DynamicObject> = asked.try_into().map_err(|e| format!("{e}"))?;
+    let resp = review(&req);
+    debug!(uid = %req.uid, operation = ?req.operation, user = ?req.user_info.username, allowed = resp.allowed, "admission review");
+    serde_json::to_vec(&resp.into_review()).map_err(|e| e.to_string())
+}
+
+/// The serving certificate, reloaded from `tls.crt` and `tls.key` in a directory when either file changes.
+struct Certificates {
+    dir: PathBuf,
+    current: Mutex<(Option<SystemTime>, Arc<ServerConfig>)>,
+}
+
+impl Certificates {
+    fn load(dir: &Path) -> Result<Certificates> {
+        let config = server_config(dir)?;
+        Ok(Certificates { dir: dir.to_path_buf(), current: Mutex::new((modified(dir), config)) })
+    }
+
+    /// The configuration for a new connection: reloaded if the files changed since; a broken new pair (a rotation
+    /// caught between its two writes) keeps the previous one until the next connection.
+    fn config(&self) -> Arc<ServerConfig> {
+        let mut current = self.current.lock().expect("certificate lock");
+        let stamp = modified(&self.dir);
+        if stamp != current.0 {
+            match server_config(&self.dir) {
+                Ok(config) => {
+                    info!(dir = %self.dir.display(), "admission webhook certificate reloaded");
+                    *current = (stamp, config);
+                }
+                Err(e) => warn!(error = %e, "cannot reload the admission webhook certificate; keeping the old one"),
+            }
+        }
+        current.1.clone()
+    }
+}
+
+/// The later modification time of the two files (the kubelet swaps a symlinked directory: both change at once).
+fn modified(dir: &Path) -> Option<SystemTime> {
+    ["tls.crt", "tls.key"].iter().filter_map(|f| std::fs::metadata(dir.join(f)).and_then(|m| m.modified()).ok()).max()
+}
+
+fn server_config(dir: &Path) -> Result<Arc<ServerConfig>> {
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let bad = |what: &Path, e: &dyn std::fmt::Display| {
+        Error::Invalid(format!("admission webhook: cannot read {}: {e} (--admission-cert-dir)", what.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| bad(&cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| bad(&key, &e))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| Error::Invalid(format!("admission webhook: unusable certificate in {}: {e}", dir.display())))?;
+    Ok(Arc::new(config))
+}
+
+/// Serve the webhook on `addr` (HTTPS with the certificate in `cert_dir`) until the process ends. Returns the bound
+/// address.
+pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
+    let certificates = Arc::new(Certificates::load(cert_dir)?);
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    info!(%bound, path = PATH, "serving the admission webhook");
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, peer)) = listener.accept().await else { continue };
+            let acceptor = TlsAcceptor::from(certificates.config());
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "admission webhook: TLS handshake failed"),
+                    Err(_) => return debug!(%peer, "admission webhook: TLS handshake timed out"),
+                };
+                let service = hyper::service::service_fn(handle);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                if let Err(e) = conn.await {
+                    debug!(%peer, error = %e, "admission webhook connection ended");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+async fn handle(req: Request<Incoming>) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, content_type.parse().expect("a valid header value"));
+        Ok(r)
+    };
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.uri().path() != PATH {
+        return reply(StatusCode::NOT_FOUND, TEXT, format!("the webhook is at {PATH}\n").into_bytes());
+    }
+    if req.method() != Method::POST {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, b"POST an AdmissionReview\n".to_vec());
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, TEXT, format!("cannot read the request: {e}\n").into_bytes()),
+    };
+    match answer(&body) {
+        Ok(json) => reply(StatusCode::OK, "application/json", json),
+        Err(e) => reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n").into_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(operation: &str, object: serde_json::Value, old: serde_json::Value) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "bgjobs.dev", "version": "v1alpha1", "kind": "BackgroundJob"},
+                "resource": {"group": "bgjobs.dev", "version": "v1alpha1", "resource": "backgroundjobs"},
+                "name": "j", "namespace": "ns", "operation": operation,
+                "userInfo": {"username": "alice", "groups": ["team-a", "system:authenticated"]},
+                "object": object, "oldObject": old, "dryRun": false,
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    fn job(annotations: serde_json::Value) -> serde_json::Value {
+        let mut j = serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+            "metadata": {"name": "j", "namespace": "ns"}, "spec": {"jobName": "noop"}});
+        if !annotations.is_null() {
+            j["metadata"]["annotations"] = annotations;
+        }
+        j
+    }
+
+    /// The object after the response's patch.
+    fn patched(object: serde_json::Value, resp: &AdmissionResponse) -> serde_json::Value {
+        let patch: json_patch::Patch = serde_json::from_slice(resp.patch.as_ref().expect("a patch")).unwrap();
+        let mut out = object;
+        json_patch::patch(&mut out, &patch).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_create_is_stamped_with_the_requesting_user_and_groups() {
+        let object = job(serde_json::Value::Null);
+        let resp = review(&request("CREATE", object.clone(), serde_json::Value::Null));
+        assert!(resp.allowed);
+        let out = patched(object, &resp);
+        assert_eq!(out["metadata"]["annotations"][CREATED_BY], "alice");
+        assert_eq!(out["metadata"]["annotations"][CREATED_BY_GROUPS], r#"["team-a","system:authenticated"]"#);
+    }
+
+    #[test]
+    fn a_record_sent_by_the_client_is_overwritten_and_other_annotations_are_kept() {
+        let object =
+            job(serde_json::json!({CREATED_BY: "admin", CREATED_BY_GROUPS: "[\"system:masters\"]", "keep": "1"}));
+        let out = patched(object.clone(), &review(&request("CREATE", object, serde_json::Value::Null)));
+        assert_eq!(out["metadata"]["annotations"][CREATED_BY], "alice");
+        assert_eq!(out["metadata"]["annotations"][CREATED_BY_GROUPS], r#"["team-a","system:authenticated"]"#);
+        assert_eq!(out["metadata"]["annotations"]["keep"], "1");
+    }
+
+    #[test]
+    fn an_update_that_keeps_the_record_is_allowed_and_one_that_touches_it_is_refused() {
+        let stamped = job(serde_json::json!({CREATED_BY: "alice", CREATED_BY_GROUPS: "[]"}));
+        let mut cancelled = stamped.clone();
+        cancelled["spec"]["cancel"] = true.into();
+        let ok = review(&request("UPDATE", cancelled, stamped.clone()));
+        assert!(ok.allowed && ok.patch.is_none());
+
+        let forged = job(serde_json::json!({CREATED_BY: "admin", CREATED_BY_GROUPS: "[]"}));
+        let removed = job(serde_json::json!({CREATED_BY_GROUPS: "[]"}));
+        for (what, new, old) in [
+            ("changed", forged.clone(), stamped.clone()),
+            ("removed", removed, stamped.clone()),
+            ("added later", forged, job(serde_json::Value::Null)),
+        ] {
+            let resp = review(&request("UPDATE", new, old));
+            assert!(!resp.allowed, "a record {what} must be refused");
+            assert!(resp.result.message.contains("cannot be added, changed or removed"), "{}", resp.result.message);
+        }
+    }
+
+    #[test]
+    fn other_operations_are_allowed_untouched() {
+        let resp = review(&request("DELETE", serde_json::Value::Null, job(serde_json::Value::Null)));
+        assert!(resp.allowed && resp.patch.is_none());
+    }
+
+    #[test]
+    fn the_answer_is_an_admission_review_with_the_requests_uid() {
+        let body = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u-1", "kind": {"group": "bgjobs.dev", "version": "v1alpha1", "kind": "BackgroundJob"},
+                "resource": {"group": "bgjobs.dev", "version": "v1alpha1", "resource": "backgroundjobs"},
+                "operation": "CREATE", "userInfo": {"username": "bob"}, "object": job(serde_json::Value::Null)}
+        });
+        let out: serde_json::Value = serde_json::from_slice(&answer(body.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            (out["apiVersion"].as_str(), out["kind"].as_str()),
+            (Some("admission.k8s.io/v1"), Some("AdmissionReview"))
+        );
+        assert_eq!(out["response"]["uid"], "u-1");
+        assert_eq!(out["response"]["allowed"], true);
+        assert_eq!(out["response"]["patchType"], "JSONPatch");
+        assert!(answer(b"{}").is_err(), "a review without a request is an error, not an allow");
+    }
+}
