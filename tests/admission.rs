@@ -1,0 +1,253 @@
+//! Who asked, on the local control plane: the operator's admission webhook records the creator of every job, and
+//! `--pod-creator-check required` creates a job's Pod only for a creator who could create it themselves.
+//!
+//! The control plane is shared: the webhook is registered for this test's namespace only (a namespaceSelector on a
+//! label only it carries), and its configuration is deleted when the test ends, panics included.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bgjobs::admission::{CREATED_BY, CREATED_BY_GROUPS};
+use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
+use common::{NodeAgent, TestEnv, kubeconfig_path};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A CA, and a serving certificate for 127.0.0.1 it signed, written as `tls.crt` and `tls.key` into `dir`; the
+/// CA's PEM.
+fn certificates(dir: &Path) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "bgjobs admission test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let serving = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), serving.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    ca.pem()
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The MutatingWebhookConfiguration `name`, deleted on drop (also when the test panics), so a shared control plane
+/// never keeps calling a webhook that is gone.
+struct Registered(String);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let status = Command::new("kubectl")
+            .args(["--kubeconfig", &kubeconfig_path().display().to_string()])
+            .args(["delete", "mutatingwebhookconfiguration", &self.0, "--ignore-not-found"])
+            .stdout(Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("could not delete mutatingwebhookconfiguration {}: delete it by hand", self.0);
+        }
+    }
+}
+
+/// Register the operator's webhook at `https://127.0.0.1:<port>/mutate` for CREATE and UPDATE of jobs and
+/// recurring jobs in namespaces labelled `label=value` (only the test's), failing requests it cannot answer.
+async fn register(client: &Client, name: &str, port: u16, ca_pem: &str, label: (&str, &str)) -> Registered {
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "creator.bgjobs.dev",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}{}", bgjobs::admission::PATH),
+                             "caBundle": k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())},
+            "rules": [{"apiGroups": ["bgjobs.dev"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
+                       "resources": ["backgroundjobs", "recurringbackgroundjobs"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {label.0: label.1}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+        }]
+    }))
+    .unwrap();
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    api.create(&PostParams::default(), &config).await.expect("register the webhook");
+    Registered(name.to_string())
+}
+
+/// A client of the local control plane that acts as `user` (impersonation by the admin).
+async fn client_as(user: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).unwrap();
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+    config.auth_info.impersonate = Some(user.to_string());
+    Client::try_from(config).unwrap()
+}
+
+/// A Role with `rules`, bound to `user`, in the test's namespace.
+async fn grant(env: &TestEnv, user: &str, role: &str, rules: serde_json::Value) {
+    let meta = ObjectMeta { name: Some(format!("{role}-{user}")), ..Default::default() };
+    let rules: Vec<PolicyRule> = serde_json::from_value(rules).unwrap();
+    let pp = PostParams::default();
+    Api::<Role>::namespaced(env.client.clone(), &env.ns)
+        .create(&pp, &Role { metadata: meta.clone(), rules: Some(rules) })
+        .await
+        .unwrap();
+    let binding = RoleBinding {
+        metadata: meta.clone(),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: meta.name.unwrap(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: user.into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns).create(&pp, &binding).await.unwrap();
+}
+
+fn annotation<'a>(job: &'a impl ResourceExt, key: &str) -> Option<&'a str> {
+    job.annotations().get(key).map(String::as_str)
+}
+
+async fn pods_of(env: &TestEnv, job: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.list(&ListParams::default().labels(&format!("bgjobs.dev/job={job}"))).await.unwrap().items
+}
+
+fn last_error(job: &BackgroundJob) -> String {
+    job.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default()
+}
+
+fn shell_job(agent: &NodeAgent) -> BackgroundJob {
+    let spec = serde_json::from_value(agent.shell_job("exit 0", json!({"retry": {"maxAttempts": 1}}))).unwrap();
+    BackgroundJob::new("placeholder", spec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_creators_who_may_create_them() {
+    let env = TestEnv::new("admission").await;
+    let label = ("test.bgjobs.dev/admission", env.ns.as_str());
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    let labels = json!({"metadata": {"labels": {label.0: label.1}}});
+    namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
+
+    // Created before the webhook exists: no record, so the required check fails it.
+    let agent = env.node_agent();
+    let mut unrecorded = shell_job(&agent);
+    unrecorded.metadata.name = Some("unrecorded".into());
+    env.jobs.create(&PostParams::default(), &unrecorded).await.unwrap();
+
+    let ca = certificates(&env.dir.join("certs"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cert_dir = env.dir.join("certs").display().to_string();
+    let flags = ["--admission-addr", &addr, "--admission-cert-dir", &cert_dir, "--pod-creator-check", "required"];
+    let _replica = env.replica("r1", &flags);
+    agent.ready(&env.client).await;
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _registered = register(&env.client, &format!("bgjobs-test-{}", env.ns), port, &ca, label).await;
+
+    let (alice, bob) = (format!("alice-{}", env.ns), format!("bob-{}", env.ns));
+    let jobs_rule = json!([{"apiGroups": ["bgjobs.dev"], "resources": ["backgroundjobs", "recurringbackgroundjobs"],
+                            "verbs": ["get", "list", "create", "update", "patch"]}]);
+    let pods_rule = json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}]);
+    grant(&env, &alice, "jobs", jobs_rule.clone()).await;
+    grant(&env, &bob, "jobs", jobs_rule).await;
+    grant(&env, &bob, "pods", pods_rule).await;
+    let as_alice: Api<BackgroundJob> = Api::namespaced(client_as(&alice).await, &env.ns);
+    let as_bob: Api<BackgroundJob> = Api::namespaced(client_as(&bob).await, &env.ns);
+
+    // The apiserver picks the new configuration up within a moment; until then creates are not stamped (probe with
+    // jobs that create no Pod).
+    let start = Instant::now();
+    for probe in 0.. {
+        let job =
+            BackgroundJob::new(&format!("probe-{probe}"), serde_json::from_value(json!({"jobName": "noop"})).unwrap());
+        let job = as_alice.create(&PostParams::default(), &job).await.expect("alice may create jobs");
+        if annotation(&job, CREATED_BY).is_some() {
+            break;
+        }
+        assert!(start.elapsed() < MINUTE, "the webhook was never called");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // A record the client sends is not kept: the webhook writes who asked.
+    let mut job = shell_job(&agent);
+    job.metadata.name = Some("by-alice".into());
+    job.metadata.annotations = Some([(CREATED_BY.to_string(), bob.clone())].into());
+    let by_alice = as_alice.create(&PostParams::default(), &job).await.unwrap();
+    assert_eq!(annotation(&by_alice, CREATED_BY), Some(alice.as_str()));
+    let groups: Vec<String> = serde_json::from_str(annotation(&by_alice, CREATED_BY_GROUPS).unwrap()).unwrap();
+    assert!(groups.contains(&"system:authenticated".to_string()), "{groups:?}");
+
+    // Nobody changes the record afterwards, not even its subject.
+    let forge = json!({"metadata": {"annotations": {CREATED_BY: bob}}});
+    let refused = as_alice.patch(&by_alice.name_any(), &PatchParams::default(), &Patch::Merge(&forge)).await;
+    let message = format!("{:?}", refused.expect_err("changing the record is refused"));
+    assert!(message.contains("cannot be added, changed or removed"), "{message}");
+
+    // Alice may create jobs but not pods: her job fails naming her, and no Pod is created.
+    let name = by_alice.name_any();
+    let failed = env.wait_job(&name, MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
+    let error = last_error(&failed);
+    assert!(
+        error.contains("rule `pod-creator`") && error.contains(&format!("{alice:?} may not create pods")),
+        "{error}"
+    );
+    assert!(pods_of(&env, &name).await.is_empty(), "a Pod was created for alice's job");
+
+    // Bob may create pods: his job gets its Pod and runs.
+    let mut job = shell_job(&agent);
+    job.metadata.name = Some("by-bob".into());
+    let created = as_bob.create(&PostParams::default(), &job).await.unwrap();
+    assert_eq!(annotation(&created, CREATED_BY), Some(bob.as_str()));
+    let done = env.wait_job("by-bob", MINUTE, "Succeeded", |j| j.phase().is_final()).await;
+    assert_eq!(done.phase(), Phase::Succeeded, "{}", last_error(&done));
+    assert_eq!(pods_of(&env, "by-bob").await.len(), 1);
+
+    // The job created before the webhook has no record.
+    let failed = env.wait_job("unrecorded", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
+    assert!(last_error(&failed).contains("no creator recorded"), "{}", last_error(&failed));
+    assert!(pods_of(&env, "unrecorded").await.is_empty());
+
+    // A schedule alice defined: its jobs are created by someone else (here the admin triggers one; on schedule,
+    // the operator), and still get no Pod, because the definition's creator is checked too.
+    let definitions: Api<RecurringBackgroundJob> = Api::namespaced(client_as(&alice).await, &env.ns);
+    let template = serde_json::to_value(&shell_job(&agent).spec).unwrap();
+    let def: RecurringBackgroundJob = serde_json::from_value(json!({
+        "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob",
+        "metadata": {"name": "nightly"},
+        "spec": {"schedule": "0 3 * * *", "suspend": true, "jobTemplate": {"spec": template}}
+    }))
+    .unwrap();
+    let def = definitions.create(&PostParams::default(), &def).await.unwrap();
+    assert_eq!(annotation(&def, CREATED_BY), Some(alice.as_str()));
+    let triggered = bgjobs::recurring::trigger(&env.client, &def).await.unwrap();
+    assert_ne!(annotation(&triggered, CREATED_BY), Some(alice.as_str()), "the admin created this one");
+    let name = triggered.name_any();
+    let failed = env.wait_job(&name, MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
+    let error = last_error(&failed);
+    assert!(
+        error.contains("the creator of RecurringBackgroundJob nightly") && error.contains(&format!("{alice:?}")),
+        "{error}"
+    );
+    assert!(pods_of(&env, &name).await.is_empty());
+}
