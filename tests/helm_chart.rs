@@ -185,6 +185,7 @@ impl Rendered {
             ("coordination.k8s.io", "leases"),
             ("events.k8s.io", "events"),
             ("", "pods"),
+            ("authorization.k8s.io", "localsubjectaccessreviews"),
         ];
         let mut saw_pods = false;
         for (kind, ns, rule) in self.rules() {
@@ -417,6 +418,58 @@ fn pod_permissions_exist_only_with_pod_mode() {
 }
 
 #[test]
+fn the_admission_webhook_and_the_creator_check_render_only_when_enabled() {
+    let off = render(json!({}));
+    for kind in ["MutatingWebhookConfiguration", "Secret"] {
+        assert!(off.of_kind(kind).is_empty(), "{kind} rendered by default");
+    }
+    assert_eq!(off.env_value("BGJOBS_POD_CREATOR_CHECK").as_deref(), Some("off"));
+    assert!(off.env_value("BGJOBS_ADMISSION_ADDR").is_none());
+    assert!(verbs(&off.rules(), "authorization.k8s.io", "localsubjectaccessreviews").is_empty());
+
+    for watch in ["", "team-a"] {
+        let on = render(json!({"watchNamespace": watch, "podMode": {"enabled": true},
+            "operator": {"podCreatorCheck": "required"}, "admissionWebhook": {"enabled": true}}));
+        on.assert_least_privilege(true);
+        assert_eq!(verbs(&on.rules(), "authorization.k8s.io", "localsubjectaccessreviews"), set(&["create"]));
+        let hook = &on.one("MutatingWebhookConfiguration")["webhooks"][0];
+        assert_eq!(hook["failurePolicy"], "Fail");
+        let service = on.of_kind("Service").into_iter().find(|s| s["spec"]["ports"][0]["name"] == "webhook").unwrap();
+        assert_eq!(hook["clientConfig"]["service"]["name"], service["metadata"]["name"]);
+        assert_eq!(hook["clientConfig"]["service"]["path"], bgjobs::admission::PATH);
+        assert_eq!(hook["rules"][0]["operations"], json!(["CREATE", "UPDATE"]));
+        assert_eq!(hook["rules"][0]["resources"], json!(["backgroundjobs", "recurringbackgroundjobs"]));
+        // The caBundle is the CA of the generated Secret, which the Deployment mounts where the flag points.
+        let secret = on.one("Secret");
+        assert_eq!(secret["type"], "kubernetes.io/tls");
+        assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+        let pod = &on.deployment()["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"][0]["secret"]["secretName"], secret["metadata"]["name"]);
+        assert_eq!(
+            on.env_value("BGJOBS_ADMISSION_CERT_DIR").as_deref(),
+            pod["containers"][0]["volumeMounts"][0]["mountPath"].as_str()
+        );
+        assert_eq!(on.env_value("BGJOBS_ADMISSION_ADDR").as_deref(), Some("0.0.0.0:9443"));
+        let selector = &hook["namespaceSelector"]["matchExpressions"][0];
+        match watch {
+            "" => assert!(hook.get("namespaceSelector").is_none(), "cluster mode: every namespace"),
+            ns => assert_eq!(
+                (selector["key"].as_str(), &selector["values"]),
+                (Some("kubernetes.io/metadata.name"), &json!([ns]))
+            ),
+        }
+    }
+
+    // A Secret of your own (e.g. cert-manager's): the chart creates none and mounts that one.
+    let own = render(json!({"admissionWebhook": {"enabled": true,
+        "certificate": {"generate": false, "secretName": "webhook-cert"},
+        "annotations": {"cert-manager.io/inject-ca-from": "bgjobs-system/webhook-cert"}}}));
+    assert!(own.of_kind("Secret").is_empty());
+    assert_eq!(own.deployment()["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"], "webhook-cert");
+    assert!(own.one("MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"].get("caBundle").is_none());
+}
+
+#[test]
 fn autoscaling_renders_an_hpa_on_cpu_by_default_or_on_queue_depth() {
     let r = render(json!({}));
     assert!(r.of_kind("HorizontalPodAutoscaler").is_empty());
@@ -518,6 +571,17 @@ fn bad_values_fail_with_a_message_that_names_the_value() {
             json!({"metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true}}}),
             &["metrics.service.enabled"],
         ),
+        (json!({"operator": {"podCreatorCheck": "always"}}), &["/operator/podCreatorCheck", "if-recorded"]),
+        (json!({"operator": {"podCreatorCheck": "required"}}), &["needs admissionWebhook.enabled"]),
+        (
+            json!({"operator": {"podCreatorCheck": "if-recorded"},
+                   "admissionWebhook": {"enabled": true, "failurePolicy": "Ignore"}}),
+            &["needs admissionWebhook.failurePolicy Fail"],
+        ),
+        (
+            json!({"admissionWebhook": {"enabled": true, "certificate": {"generate": false}}}),
+            &["admissionWebhook.certificate.secretName"],
+        ),
     ];
     for (values, expected) in cases {
         let message = render_error(values.clone());
@@ -562,6 +626,8 @@ fn value_path(flag: &str) -> String {
     match flag {
         "namespace" => "watchNamespace".into(),
         "metrics-addr" => "metrics.port".into(),
+        "admission-addr" => "admissionWebhook.port".into(),
+        "admission-cert-dir" => "admissionWebhook.certDir".into(),
         f => {
             let mut out = String::from("operator.");
             let mut upper = false;

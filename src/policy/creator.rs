@@ -32,7 +32,9 @@ pub const RULE: &str = "pod-creator";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum CreatorCheck {
     /// No check: granting `create backgroundjobs` with Pod mode on grants the Pods the Pod policy allows.
+    /// (`false` too: YAML 1.1 reads an unquoted `off` in a values file as false.)
     #[default]
+    #[value(alias = "false")]
     Off,
     /// Check every recorded creator; a job without a record (created before the webhook, or while it was not
     /// called) is not checked.

@@ -117,6 +117,18 @@ app.kubernetes.io/part-of: bgjobs
 {{- fail (printf "autoscaling.maxReplicas (%v) is below autoscaling.minReplicas (%v)" .Values.autoscaling.maxReplicas .Values.autoscaling.minReplicas) -}}
 {{- end -}}
 {{- end -}}
+{{- $w := .Values.admissionWebhook -}}
+{{- if include "bgjobs.creatorCheck" . -}}
+{{- if not $w.enabled -}}
+{{- fail (printf "operator.podCreatorCheck %q needs admissionWebhook.enabled: the webhook records the creators it checks (without it, a job's creator record is whatever its author wrote)" (toString $o.podCreatorCheck)) -}}
+{{- end -}}
+{{- if ne $w.failurePolicy "Fail" -}}
+{{- fail (printf "operator.podCreatorCheck %q needs admissionWebhook.failurePolicy Fail: a job created while the webhook is skipped keeps whatever creator record its author wrote" (toString $o.podCreatorCheck)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $w.enabled (not $w.certificate.generate) (not $w.certificate.secretName) -}}
+{{- fail "admissionWebhook.certificate.generate is false: set admissionWebhook.certificate.secretName to the kubernetes.io/tls Secret with the webhook's certificate" -}}
+{{- end -}}
 {{- if and .Values.podDisruptionBudget.enabled (ne (toString .Values.podDisruptionBudget.minAvailable) "<nil>") (ne (toString .Values.podDisruptionBudget.maxUnavailable) "<nil>") -}}
 {{- fail "podDisruptionBudget: set maxUnavailable or minAvailable, not both (set the other to null)" -}}
 {{- end -}}
@@ -153,4 +165,20 @@ app.kubernetes.io/part-of: bgjobs
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
 {{- end }}
+{{- if include "bgjobs.creatorCheck" . }}
+# The creator check asks, per Pod, whether the job's creator may create pods (namespaced: a Role suffices).
+- apiGroups: ["authorization.k8s.io"]
+  resources: ["localsubjectaccessreviews"]
+  verbs: ["create"]
+{{- end }}
+{{- end -}}
+
+{{/* The Secret with the admission webhook's serving certificate (tls.crt, tls.key). */}}
+{{- define "bgjobs.admissionSecretName" -}}
+{{- default (printf "%s-webhook-tls" (include "bgjobs.fullname" .)) .Values.admissionWebhook.certificate.secretName -}}
+{{- end -}}
+
+{{/* Non-empty when operator.podCreatorCheck is on (an unquoted YAML `off` arrives as false). */}}
+{{- define "bgjobs.creatorCheck" -}}
+{{- if not (has (toString .Values.operator.podCreatorCheck) (list "off" "false")) -}}on{{- end -}}
 {{- end -}}
