@@ -22,6 +22,9 @@
 #                                running them costs their own writes, which `make bench-scale` measures
 #   BENCH_KILL [1]               1: the fourth tick, with one replica killed before it
 #   BENCH_KILL_BEFORE [10]       seconds before the fourth tick the replica is killed
+#   BENCH_RAW [3000]             then the apiserver's raw write rate now (examples/lease_write_rate.rs: this many
+#                                Lease creates from 32 streams; 0: not measured), for the floor of a tick:
+#                                writes per tick x definitions / that rate
 #   BGJOBS_BIN                   use this bgjobs binary instead of building the release one
 # Results: target/bench/recurring-<date>/ (definitions, replica logs, figures.txt).
 set -euo pipefail
@@ -37,6 +40,7 @@ CONCURRENCY=${BENCH_CONCURRENCY:-32}
 EXECUTE=${BENCH_EXECUTE:-false}
 KILL=${BENCH_KILL:-1}
 KILL_BEFORE=${BENCH_KILL_BEFORE:-10}
+RAW=${BENCH_RAW:-3000}
 NS=bgjobs-rec-bench
 RUN_DIR=$ROOT/target/bench/recurring-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
@@ -48,6 +52,7 @@ die() {
   exit 1
 }
 
+[[ $RAW =~ ^[0-9]+$ ]] || die "BENCH_RAW must be a number, got '$RAW'"
 for v in $DEFS $REPLICAS $CONCURRENCY $KILL_BEFORE; do
   [[ $v =~ ^[1-9][0-9]*$ ]] || die "counts and seconds must be positive integers, got '$v'"
 done
@@ -75,7 +80,10 @@ writes_between() { # before after resource
 next_minute_after() { local t=$(($(date +%s) + $1)); echo $(((t + 59) / 60 * 60)); }
 sleep_until() { local d=$(($1 - $(date +%s))); ((d <= 0)) || sleep "$d"; }
 
-cleanup() { stop_replicas "$PID_DIR" recbench; }
+cleanup() {
+  stop_replicas "$PID_DIR" recbench
+  kubectl delete namespace "$NS-raw" --wait=false >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 
 mkdir -p "$RUN_DIR"
@@ -88,6 +96,13 @@ else
   echo "==> cargo build --release --bin bgjobs"
   cargo build --release --bin bgjobs
   BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/bgjobs
+fi
+RATE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/lease_write_rate
+if ((RAW > 0)); then
+  echo "==> cargo build --release --example lease_write_rate"
+  cargo build --release --example lease_write_rate
+  cp "$RATE_BIN" "$RUN_DIR/lease_write_rate"
+  RATE_BIN=$RUN_DIR/lease_write_rate
 fi
 # Frozen for the run: someone else's `cargo build --release` may replace the binary meanwhile.
 cp "$BIN" "$RUN_DIR/bgjobs"
@@ -185,8 +200,10 @@ writes_job=$(writes_between "$RUN_DIR/metrics-before.txt" "$RUN_DIR/metrics-afte
 writes_ev=$(writes_between "$RUN_DIR/metrics-before.txt" "$RUN_DIR/metrics-after.txt" events)
 writes_lease=$(writes_between "$RUN_DIR/metrics-before.txt" "$RUN_DIR/metrics-after.txt" leases)
 n_ticks=${#TICKS[@]}
-say "API writes per tick and definition: $(awk -v d="$writes_def" -v j="$writes_job" -v e="$writes_ev" -v n="$((n_ticks * DEFS))" \
-  'BEGIN {printf "definition status %.2f, jobs %.2f, Events %.2f", d / n, j / n, e / n}') (Leases, all replicas: $writes_lease)"
+created=$(cat "$RUN_DIR"/created-*.tsv | wc -l)
+say "API writes per tick and definition: $(awk -v d="$writes_def" -v c="$created" -v e="$writes_ev" -v n="$((n_ticks * DEFS))" \
+  'BEGIN {printf "definition status %.2f, job creates %.2f, Events %.2f", d / n, c / n, e / n}')"
+say "(apiserver-wide over the run, other users of the shared control plane included: $writes_job BackgroundJob and $writes_lease Lease writes)"
 say "apiserver CPU over the measured ticks: $api_cpu s"
 for ((i = 1; i <= REPLICAS; i++)); do
   pid=${REPLICA_PIDS[$((i - 1))]}
@@ -196,4 +213,21 @@ for ((i = 1; i <= REPLICAS; i++)); do
     say "replica $i: CPU $(awk -v a="${cpu0[$pid]}" -v b="$(cpu_seconds "$pid")" 'BEGIN {printf "%.1f", b - a}') s over the measured ticks, peak RSS $(peak_rss_mib "$pid") MiB"
   fi
 done
+
+if ((RAW > 0)); then
+  # After the replicas stopped: the rate the apiserver accepts now, on this machine as loaded now.
+  stop_replicas "$PID_DIR" recbench
+  kubectl delete namespace "$NS-raw" --wait=true --timeout=300s >/dev/null 2>&1 || true
+  kubectl create namespace "$NS-raw" >/dev/null
+  "$RATE_BIN" --namespace "$NS-raw" --concurrency 32 --count "$RAW" >"$RUN_DIR/raw.txt" 2>&1 || true
+  rate=$(sed -n 's/^RESULT //p' "$RUN_DIR/raw.txt" | jq -r '.creates_per_s // empty')
+  kubectl delete namespace "$NS-raw" --wait=false >/dev/null 2>&1 || true
+  if [ -n "$rate" ]; then
+    per_tick=$(awk -v d="$writes_def" -v e="$writes_ev" -v n="$((n_ticks * DEFS))" 'BEGIN {printf "%.2f", (d + e) / n + 1}')
+    say "raw write rate now: $(printf '%.0f' "$rate") Lease creates/s (load average $(cut -d' ' -f1-3 /proc/loadavg));" \
+      "floor of one tick: $per_tick writes x $DEFS / that rate = $(awk -v w="$per_tick" -v n="$DEFS" -v r="$rate" 'BEGIN {printf "%.1f", w * n / r}') s"
+  else
+    say "raw write rate: not measured ($RUN_DIR/raw.txt)"
+  fi
+fi
 echo "figures: ${FIG#"$ROOT"/}"
