@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods bench-scale clean helm-deps chaos chaos-deps
+.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods bench-scale bench-recurring clean helm-deps chaos chaos-deps
 
 all: build
 
@@ -78,6 +78,11 @@ bench-pods:
 ## bench-scale: drain backlogs of 1k, 10k and 100k jobs (SCALE_SIZES) on 4 replicas x 16 slots; figures per size.
 bench-scale:
 	e2e/bench_scale.sh
+
+## bench-recurring: BENCH_DEFS (default 5,000) one-minute RecurringBackgroundJobs on 3 replicas: jobs, misses,
+## duplicates and lateness per tick, then a tick with one replica killed (BENCH_KILL=0: not).
+bench-recurring:
+	e2e/bench_recurring.sh
 
 clean: cluster-down
 	cargo clean

@@ -146,6 +146,11 @@ pub struct OperatorConfig {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "BGJOBS_RECURRING_ENABLED")]
     pub recurring_enabled: bool,
 
+    /// Reconcile at most this many RecurringBackgroundJobs at once on this replica (each one's ticks stay in
+    /// order). A tick costs each definition three API writes in a row; this many definitions wait on them together.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024), env = "BGJOBS_RECURRING_CONCURRENCY")]
+    pub recurring_concurrency: u32,
+
     /// Which Kubernetes Events to record on jobs and recurring definitions: `problems` (retries, failures,
     /// give-ups, takeovers, cancellations, skips), `all` (also one `Claimed` per attempt and `Succeeded`), or `off`.
     /// `true`/`false` still mean all/off. Every Event recorded is counted in `bgjobs_events_total`.

@@ -47,6 +47,14 @@ pub struct EventLabels {
     pub reason: String,
 }
 
+/// Label of the skipped-ticks counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `Forbid` (the previous job is unfinished), `StartingDeadline` (too late to start), or `Abandoned` (claimed,
+    /// but its job could not be created before the starting deadline).
+    pub reason: String,
+}
+
 /// One replica's metrics.
 pub struct Metrics {
     /// Attempts claimed (including takeovers).
@@ -75,6 +83,15 @@ pub struct Metrics {
     pub claim_latency: Histogram,
     /// Seconds an attempt's execution took.
     pub run_duration: Histogram,
+    /// Seconds from a recurring tick being due (its time plus the definition's jitter offset) to its job created.
+    pub recurring_lateness: Histogram,
+    /// Jobs of recurring ticks this replica created.
+    pub recurring_created: Counter,
+    /// Recurring ticks claimed after earlier ones were missed (operator down, suspended): the claim stands in for
+    /// them (at most one job for the latest, like CronJob).
+    pub recurring_caught_up: Counter,
+    /// Recurring ticks this replica skipped, by reason.
+    pub recurring_skipped: Family<ReasonLabel, Counter>,
     registry: Registry,
 }
 
@@ -94,6 +111,10 @@ impl Default for Metrics {
             running: Gauge::default(),
             claim_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             run_duration: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
+            recurring_lateness: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            recurring_created: Counter::default(),
+            recurring_caught_up: Counter::default(),
+            recurring_skipped: Family::default(),
             registry: Registry::with_prefix("bgjobs"),
         };
         let mut r = Registry::with_prefix("bgjobs");
@@ -125,6 +146,22 @@ impl Default for Metrics {
         r.register("running_jobs", "Attempts claimed or running on this replica", m.running.clone());
         r.register("claim_latency_seconds", "From runnable (as seen here) to claimed", m.claim_latency.clone());
         r.register("run_duration_seconds", "Execution time of an attempt", m.run_duration.clone());
+        r.register(
+            "recurring_lateness_seconds",
+            "From a recurring tick being due (plus its jitter offset) to its job created by this replica",
+            m.recurring_lateness.clone(),
+        );
+        r.register(
+            "recurring_jobs_created",
+            "Jobs of recurring ticks this replica created",
+            m.recurring_created.clone(),
+        );
+        r.register(
+            "recurring_ticks_caught_up",
+            "Recurring ticks claimed after earlier ones were missed, standing in for them",
+            m.recurring_caught_up.clone(),
+        );
+        r.register("recurring_ticks_skipped", "Recurring ticks skipped, by reason", m.recurring_skipped.clone());
         Metrics { registry: r, ..m }
     }
 }
@@ -157,6 +194,10 @@ impl Metrics {
     /// The counters as one JSON object (logged when a replica stops; read by the benchmarks).
     pub fn summary(&self) -> serde_json::Value {
         let finished = |p: &str| self.finished.get_or_create(&PhaseLabel { phase: p.into() }).get();
+        let skipped: u64 = ["Forbid", "StartingDeadline", "Abandoned"]
+            .map(|r| self.recurring_skipped.get_or_create(&ReasonLabel { reason: r.into() }).get())
+            .iter()
+            .sum();
         serde_json::json!({
             "claimed": self.claimed.get(),
             "claim_conflicts": self.claim_conflicts.get(),
@@ -170,6 +211,9 @@ impl Metrics {
             "abandoned": finished("Abandoned"),
             "cancelled": finished("Cancelled"),
             "events": self.events_total(),
+            "recurring_jobs_created": self.recurring_created.get(),
+            "recurring_ticks_caught_up": self.recurring_caught_up.get(),
+            "recurring_ticks_skipped": skipped,
         })
     }
 

@@ -94,12 +94,13 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     let recurring = config.recurring_enabled.then(|| {
         let rview = crate::recurring::RecurringView {
             definitions: view.definitions.clone(),
-            jobs: view.jobs.clone(),
+            children: crate::recurring::Children::start(client.clone(), config.namespace.as_deref()),
             members: view.members.clone(),
             changed: view.recurring_changed.clone(),
             membership,
         };
-        tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, stop_background.clone()))
+        let concurrency = config.recurring_concurrency as usize;
+        tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, concurrency, stop_background.clone()))
     });
     let stop_election = CancellationToken::new();
     let (leader, election) = match config.strategy {

@@ -22,9 +22,9 @@
 //! Missed ticks (operator down, suspended) create at most one job, for the latest of them, and only within
 //! `startingDeadlineSeconds`, like CronJob.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -34,7 +34,6 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::api::{
@@ -42,17 +41,19 @@ use crate::api::{
 };
 use crate::cron::{self, Schedule};
 use crate::error::{Error, Result, api_code};
-use crate::lease::{LeaseTiming, Observer};
-use crate::members;
 use crate::worker::Worker;
+
+pub mod children;
+pub mod scheduler;
+
+pub use children::{Child, Children};
+pub use scheduler::run;
 
 /// Label on every job a recurring definition created: the definition's name.
 pub const RECURRING_LABEL: &str = "bgjobs.dev/recurring";
 /// Annotation with the tick a job was created for (RFC 3339).
 pub const SCHEDULED_TIME_ANNOTATION: &str = "bgjobs.dev/scheduled-time";
 
-/// Longest the controller sleeps without a reason to wake.
-const IDLE: Duration = Duration::from_secs(5);
 /// How soon a definition whose reconcile failed is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 /// Most steps one reconcile takes. A tick needs three (claim, create and confirm, idle); the rest absorb re-reads
@@ -63,74 +64,15 @@ const MAX_STEPS: usize = 16;
 pub struct RecurringView {
     /// The definitions in scope.
     pub definitions: Store<RecurringBackgroundJob>,
-    /// Every BackgroundJob in scope (to find a definition's children).
-    pub jobs: Store<BackgroundJob>,
+    /// The definitions' jobs, by definition.
+    pub children: Arc<Children>,
     /// Member Leases.
     pub members: Store<Lease>,
-    /// Notified on changes.
+    /// Notified on changes of definitions and member Leases.
     pub changed: Arc<Notify>,
     /// This replica's own member Lease, while held: the controller acts only while it is current, so a replica
     /// that was paused or cut off never finishes a tick another owner has taken over since.
     pub membership: tokio::sync::watch::Receiver<Option<Arc<crate::lease::Keeper>>>,
-}
-
-/// Jobs this process created whose creation the definition's status does not confirm yet, by definition UID.
-/// When the confirmation is refused (a 409) and retried, the job is not created again, even if it already ran and
-/// was deleted (ttlSecondsAfterFinished: 0) in between.
-type Unconfirmed = HashMap<String, String>;
-
-/// Run the controller until `stop`.
-pub async fn run(worker: Arc<Worker>, mut view: RecurringView, timing: LeaseTiming, stop: CancellationToken) {
-    // Nothing is done for a definition before this replica holds its member Lease (the fence of every tick).
-    tokio::select! {
-        _ = view.membership.wait_for(|m| m.is_some()) => {}
-        _ = stop.cancelled() => return,
-    }
-    let mut observer = Observer::default();
-    let mut unconfirmed = Unconfirmed::new();
-    let mut wait = Duration::ZERO;
-    loop {
-        tokio::select! {
-            _ = view.changed.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.cancelled() => return,
-        }
-        let Some(fence) = view.membership.borrow().clone().filter(|k| k.is_current()) else {
-            wait = RETRY;
-            continue;
-        };
-        // Definitions are shared among the replicas that run this controller, not every member.
-        let live = members::live_where(
-            &view.members,
-            &mut observer,
-            Instant::now(),
-            &timing,
-            &worker.identity,
-            members::runs_recurring,
-        );
-        let mut children: HashMap<String, Vec<Arc<BackgroundJob>>> = HashMap::new();
-        for j in view.jobs.state() {
-            if let Some(owner) = j.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob") {
-                children.entry(owner.uid.clone()).or_default().push(j);
-            }
-        }
-        wait = IDLE;
-        for def in view.definitions.state() {
-            let uid = def.uid().unwrap_or_default();
-            if members::owner(&live, &uid) != Some(worker.identity.as_str()) {
-                continue;
-            }
-            let kids = children.remove(&uid).unwrap_or_default();
-            match reconcile(&worker, &def, &kids, &mut unconfirmed, worker.clock.now(), &fence).await {
-                Ok(Some(next)) => wait = wait.min(next),
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(definition = %def.name_any(), error = %e, "recurring job reconcile failed");
-                    wait = wait.min(RETRY);
-                }
-            }
-        }
-    }
 }
 
 /// Name of the job for tick `t`: `<definition>-<Unix seconds>`, shortened with a hash when too long.
@@ -151,6 +93,8 @@ pub enum Plan {
         tick: Timestamp,
         /// Why the tick is skipped instead (`Forbid` with an unfinished job, past the starting deadline).
         skip: Option<String>,
+        /// Earlier ticks were missed (operator down, suspended): this one stands in for them.
+        catch_up: bool,
     },
     /// A claimed tick's job is not confirmed to exist: cancel `replace`, create `job` (AlreadyExists: it was),
     /// then confirm it in the status.
@@ -170,9 +114,32 @@ pub enum Plan {
     },
 }
 
+/// How long after each tick a definition's job is due: `spec.jitterSeconds` spread by a hash of the definition's
+/// namespace and name, so that it is the same for every tick and on every replica, and many definitions with the
+/// same schedule are due at different moments (millisecond steps) instead of all at once.
+pub fn jitter_offset(namespace: &str, name: &str, jitter_seconds: u32) -> Duration {
+    if jitter_seconds == 0 {
+        return Duration::ZERO;
+    }
+    let spread = u64::from(jitter_seconds) * 1000;
+    Duration::from_millis(crate::members::stable_hash(&["jitter", namespace, name]) % spread)
+}
+
+/// `now` moved back by `def`'s jitter offset: a tick `t` is due once `t <= shifted(now)`.
+fn shifted(def: &RecurringBackgroundJob, now: Timestamp) -> Timestamp {
+    let offset = jitter_offset(
+        def.metadata.namespace.as_deref().unwrap_or_default(),
+        def.metadata.name.as_deref().unwrap_or_default(),
+        def.spec.jitter_seconds.unwrap_or(0),
+    );
+    now.checked_sub(SignedDuration::try_from(offset).unwrap_or(SignedDuration::ZERO)).unwrap_or(now)
+}
+
 /// Decide what `def` needs at `now`, given its unfinished children `active`.
 pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> Plan {
     let status = def.status.clone().unwrap_or_default();
+    // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
+    let now = shifted(def, now);
     if let Some(job) = status.pending_job {
         return plan_pending(def, job, status.last_schedule_time.map(|t| t.0), active, now);
     }
@@ -207,7 +174,8 @@ pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> 
         }
         _ => None,
     };
-    Plan::Claim { tick, skip }
+    let catch_up = schedule.next_after(since, &tz).is_some_and(|first| first < tick);
+    Plan::Claim { tick, skip, catch_up }
 }
 
 /// What a claimed tick's unconfirmed job needs. It is carried out even if the definition was suspended or changed
@@ -236,11 +204,14 @@ fn plan_pending(
     Plan::Create { job, replace }
 }
 
-/// The first tick after `now` (for `nextScheduleTime`), if the schedule is usable.
-fn next_tick(def: &RecurringBackgroundJob, now: Timestamp) -> Option<Timestamp> {
+/// When the first tick after `now` is due (for `nextScheduleTime`: the tick plus the jitter offset), if the schedule
+/// is usable. The same instant as `now` plus [`Plan::Idle`]'s wait, so an idle look after a claim writes nothing.
+fn next_due(def: &RecurringBackgroundJob, now: Timestamp) -> Option<Timestamp> {
     let schedule: Schedule = def.spec.schedule.parse().ok()?;
     let tz = cron::time_zone(def.spec.time_zone.as_deref()).ok()?;
-    schedule.next_after(now, &tz)
+    let shifted = shifted(def, now);
+    let next = schedule.next_after(shifted, &tz)?;
+    now.checked_add(next.duration_since(shifted)).ok()
 }
 
 /// The claim of tick `tick`: recorded as handled, its job (None: skipped) pending until confirmed.
@@ -269,17 +240,20 @@ fn set_active(s: &mut RecurringBackgroundJobStatus, active: &[String]) {
 /// Whether `job` is known to exist, or to have existed: seen among the definition's children, or created by this
 /// process. A pending job that is neither was never created, unless a crash came between its creation and its
 /// confirmation and the job was deleted before this reconcile (see README).
-fn known_created(job: &str, kids: &[Arc<BackgroundJob>], unconfirmed: &Unconfirmed, def_uid: &str) -> bool {
-    kids.iter().any(|k| k.name_any() == job) || unconfirmed.get(def_uid).is_some_and(|j| j == job)
+fn known_created(job: &str, kids: &[Child], unconfirmed: Option<&str>) -> bool {
+    kids.iter().any(|k| k.name == job) || unconfirmed == Some(job)
 }
 
 /// Bring one definition up to date: claim, create and confirm, each step decided anew from the definition as last
-/// written or read, then trim the history. Returns when to look again.
+/// written or read, then trim the history. Returns when to look again. `unconfirmed` is the job this process
+/// created for the definition and has not confirmed yet, carried from one reconcile to the next; `versions`
+/// collects the resourceVersions of the definition this reconcile read or wrote (its own writes are no news).
 async fn reconcile(
     worker: &Worker,
     def: &RecurringBackgroundJob,
-    kids: &[Arc<BackgroundJob>],
-    unconfirmed: &mut Unconfirmed,
+    kids: &[Child],
+    unconfirmed: &mut Option<String>,
+    versions: &mut Vec<String>,
     now: Timestamp,
     fence: &crate::lease::Keeper,
 ) -> Result<Option<Duration>> {
@@ -293,9 +267,10 @@ async fn reconcile(
         fence,
     };
     let mut current = Current { def: def.clone(), fresh: false };
-    let outcome = pass.decide(&mut current, unconfirmed).await;
+    versions.extend(def.resource_version());
+    let outcome = pass.decide(&mut current, unconfirmed, versions).await;
     if outcome.as_ref().is_err_and(Error::is_not_found) {
-        unconfirmed.remove(&def.uid().unwrap_or_default());
+        *unconfirmed = None;
         return Ok(None);
     }
     trim_history(&pass.jobs, &current.def, kids).await;
@@ -313,8 +288,8 @@ struct Current {
 enum Step {
     /// Decide again on this newer version of the definition, as the API server returned it.
     Again(Box<RecurringBackgroundJob>),
-    /// Done; look again in this long.
-    Done(Option<Duration>),
+    /// Done; look again in this long. The definition's resourceVersion as last written.
+    Done(Option<Duration>, Option<String>),
 }
 
 /// One reconcile of one definition: what each of its steps needs.
@@ -323,7 +298,7 @@ struct Pass<'a> {
     defs: Api<RecurringBackgroundJob>,
     jobs: Api<BackgroundJob>,
     /// The definition's children, as cached.
-    kids: &'a [Arc<BackgroundJob>],
+    kids: &'a [Child],
     now: Timestamp,
     /// This replica's member Lease: a job is created only while it is current.
     fence: &'a crate::lease::Keeper,
@@ -332,18 +307,30 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// Take [`Pass::step`]s until one is done. A 409 means someone wrote the definition since it was read: read it
     /// again and decide again. Gives up after [`MAX_STEPS`] with the last conflict (the next reconcile tries again).
-    async fn decide(&self, current: &mut Current, unconfirmed: &mut Unconfirmed) -> Result<Option<Duration>> {
+    async fn decide(
+        &self,
+        current: &mut Current,
+        unconfirmed: &mut Option<String>,
+        versions: &mut Vec<String>,
+    ) -> Result<Option<Duration>> {
         let mut active: Vec<String> =
-            self.kids.iter().filter(|j| !j.phase().is_final()).map(|j| j.name_any()).collect();
+            self.kids.iter().filter(|j| !j.phase.is_final()).map(|j| j.name.clone()).collect();
         active.sort();
         let mut conflict = None;
         for _ in 0..MAX_STEPS {
             match self.step(current, &mut active, unconfirmed).await {
-                Ok(Step::Again(newer)) => *current = Current { def: *newer, fresh: true },
-                Ok(Step::Done(next)) => return Ok(next),
+                Ok(Step::Again(newer)) => {
+                    versions.extend(newer.resource_version());
+                    *current = Current { def: *newer, fresh: true }
+                }
+                Ok(Step::Done(next, version)) => {
+                    versions.extend(version);
+                    return Ok(next);
+                }
                 Err(e) if e.is_conflict() => {
                     debug!(definition = %current.def.name_any(), "definition changed since read (409): reading again");
                     *current = Current { def: self.defs.get(&current.def.name_any()).await?, fresh: true };
+                    versions.extend(current.def.resource_version());
                     conflict = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -353,51 +340,56 @@ impl Pass<'_> {
     }
 
     /// Carry out one decision of [`plan`] for the definition as read.
-    async fn step(&self, current: &Current, active: &mut Vec<String>, unconfirmed: &mut Unconfirmed) -> Result<Step> {
+    async fn step(
+        &self,
+        current: &Current,
+        active: &mut Vec<String>,
+        unconfirmed: &mut Option<String>,
+    ) -> Result<Step> {
         let (def, now) = (&current.def, self.now);
         let again = |newer: RecurringBackgroundJob| Ok(Step::Again(Box::new(newer)));
         match plan(def, active, now) {
             Plan::Invalid(reason) => {
-                write_status(&self.defs, def, |s| set_valid(s, false, "InvalidSchedule", &reason, now)).await?;
-                Ok(Step::Done(None))
+                let written =
+                    write_status(&self.defs, def, |s| set_valid(s, false, "InvalidSchedule", &reason, now)).await?;
+                Ok(Step::Done(None, written.resource_version()))
             }
             Plan::Idle(next) => {
                 let next_time = next.and_then(|d| now.checked_add(d).ok()).map(Time);
-                write_status(&self.defs, def, |s| {
+                let written = write_status(&self.defs, def, |s| {
                     s.next_schedule_time = next_time.clone();
                     set_active(s, active);
                     set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
                 })
                 .await?;
-                Ok(Step::Done(next))
+                Ok(Step::Done(next, written.resource_version()))
             }
-            Plan::Claim { tick, skip } => again(self.claim_tick(def, tick, skip).await?),
+            Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up).await?),
             // A cached `pendingJob` may have been confirmed, and its job deleted, since: creating it again would run
             // the tick twice. Decide from the definition as stored.
             Plan::Create { .. } if !current.fresh => again(self.defs.get(&def.name_any()).await?),
             Plan::Create { job, replace } => {
-                let uid = def.uid().unwrap_or_default();
                 cancel_replaced(&self.jobs, &replace).await;
-                if !known_created(&job, self.kids, unconfirmed, &uid) {
+                if !known_created(&job, self.kids, unconfirmed.as_deref()) {
                     self.create_job(def, &job).await?;
-                    unconfirmed.insert(uid.clone(), job.clone());
+                    *unconfirmed = Some(job.clone());
                 }
                 if !active.contains(&job) {
                     active.push(job.clone());
                     active.sort();
                 }
                 let newer = write_status(&self.defs, def, |s| confirm(s, &job, active)).await?;
-                unconfirmed.remove(&uid);
+                *unconfirmed = None;
                 again(newer)
             }
             Plan::Abandon { job, reason } => {
-                let uid = def.uid().unwrap_or_default();
                 let newer = write_status(&self.defs, def, |s| confirm(s, &job, active)).await?;
-                if !known_created(&job, self.kids, unconfirmed, &uid) {
+                if !known_created(&job, self.kids, unconfirmed.as_deref()) {
                     warn!(definition = %def.name_any(), %reason, "tick abandoned");
+                    self.worker.metrics.recurring_skipped.get_or_create(&reason_label("Abandoned")).inc();
                     self.worker.event_on(def, EventType::Warning, "TickSkipped", reason);
                 }
-                unconfirmed.remove(&uid);
+                *unconfirmed = None;
                 again(newer)
             }
         }
@@ -411,10 +403,11 @@ impl Pass<'_> {
         def: &RecurringBackgroundJob,
         tick: Timestamp,
         skip: Option<String>,
+        catch_up: bool,
     ) -> Result<RecurringBackgroundJob> {
         let (name, now) = (def.name_any(), self.now);
         let job = skip.is_none().then(|| job_name(&name, tick));
-        let next = next_tick(def, now);
+        let next = next_due(def, now);
         let claimed = write_status(&self.defs, def, |s| {
             claim(s, tick, job.as_deref(), next);
             set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
@@ -428,7 +421,12 @@ impl Pass<'_> {
             }
             other => other?,
         };
+        if catch_up {
+            self.worker.metrics.recurring_caught_up.inc();
+        }
         if let Some(reason) = skip {
+            let why = if reason.contains("startingDeadlineSeconds") { "StartingDeadline" } else { "Forbid" };
+            self.worker.metrics.recurring_skipped.get_or_create(&reason_label(why)).inc();
             info!(definition = %name, %reason, "tick skipped");
             self.worker.event_on(def, EventType::Normal, "TickSkipped", reason);
         } else if let Some(job) = job
@@ -461,7 +459,11 @@ impl Pass<'_> {
         };
         match created {
             Ok(_) => {
-                info!(definition = %def.name_any(), job = %name, "tick: job created");
+                // Lateness counts from when the tick was due: the tick plus the definition's jitter offset.
+                let late = shifted(def, self.worker.clock.now()).duration_since(tick);
+                self.worker.metrics.recurring_lateness.observe(late.as_secs_f64().max(0.0));
+                self.worker.metrics.recurring_created.inc();
+                info!(definition = %def.name_any(), job = %name, late_ms = late.as_millis() as i64, "tick: job created");
                 let note = format!("tick {tick}: created job {name}");
                 self.worker.event_on(def, EventType::Normal, "JobCreated", note);
                 Ok(())
@@ -526,16 +528,16 @@ pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> Backg
 
 /// Finished children beyond the history limits, oldest first. Never the pending job: while its creation is
 /// unconfirmed, its existence is the only proof that it was created.
-pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Arc<BackgroundJob>]) -> Vec<&'a Arc<BackgroundJob>> {
+pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Vec<&'a Child> {
     let pending = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
-    let mut finished: BTreeMap<bool, Vec<&Arc<BackgroundJob>>> = BTreeMap::new();
-    for j in kids.iter().filter(|j| j.phase().is_final() && Some(j.name_any().as_str()) != pending) {
-        finished.entry(j.phase() == Phase::Succeeded).or_default().push(j);
+    let mut finished: BTreeMap<bool, Vec<&Child>> = BTreeMap::new();
+    for j in kids.iter().filter(|j| j.phase.is_final() && Some(j.name.as_str()) != pending) {
+        finished.entry(j.phase == Phase::Succeeded).or_default().push(j);
     }
     let mut out = Vec::new();
     for (succeeded, mut list) in finished {
         let keep = if succeeded { def.spec.successful_jobs_history_limit } else { def.spec.failed_jobs_history_limit };
-        list.sort_by_key(|j| std::cmp::Reverse(j.status.as_ref().and_then(|s| s.completion_time.clone()).map(|t| t.0)));
+        list.sort_by_key(|j| std::cmp::Reverse(j.completed));
         out.extend(list.into_iter().skip(keep.max(0) as usize));
     }
     out
@@ -543,16 +545,20 @@ pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Arc<Backgroun
 
 /// Delete finished children beyond the history limits. Each delete names the job's UID, so it never removes a newer
 /// job that took the name (a cache that still shows a deleted job must not cost its successor).
-async fn trim_history(jobs: &Api<BackgroundJob>, def: &RecurringBackgroundJob, kids: &[Arc<BackgroundJob>]) {
+async fn trim_history(jobs: &Api<BackgroundJob>, def: &RecurringBackgroundJob, kids: &[Child]) {
     for old in beyond_history(def, kids) {
-        let preconditions = Preconditions { uid: old.uid(), resource_version: None };
+        let preconditions = Preconditions { uid: Some(old.uid.clone()), resource_version: None };
         let params = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
-        if let Err(e) = jobs.delete(&old.name_any(), &params).await
+        if let Err(e) = jobs.delete(&old.name, &params).await
             && !matches!(api_code(&e), Some(404) | Some(409))
         {
-            warn!(job = %old.name_any(), error = %e, "could not delete an old recurring job");
+            warn!(job = %old.name, error = %e, "could not delete an old recurring job");
         }
     }
+}
+
+fn reason_label(reason: &str) -> crate::metrics::ReasonLabel {
+    crate::metrics::ReasonLabel { reason: reason.to_string() }
 }
 
 fn set_valid(s: &mut RecurringBackgroundJobStatus, valid: bool, reason: &str, message: &str, now: Timestamp) {
@@ -624,14 +630,14 @@ mod tests {
     #[test]
     fn after_an_outage_only_the_latest_missed_tick_runs() {
         let d = with_last(def("* * * * *", serde_json::json!({})), 0);
-        assert_eq!(plan(&d, &[], t(60 * 5 + 10)), Plan::Claim { tick: t(300), skip: None });
+        assert_eq!(plan(&d, &[], t(60 * 5 + 10)), Plan::Claim { tick: t(300), skip: None, catch_up: true });
     }
 
     #[test]
     fn a_tick_past_the_starting_deadline_is_skipped() {
         let d = with_last(def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 5})), 0);
         match plan(&d, &[], t(70)) {
-            Plan::Claim { tick, skip: Some(reason) } => {
+            Plan::Claim { tick, skip: Some(reason), .. } => {
                 assert_eq!(tick, t(60));
                 assert!(reason.contains("past startingDeadlineSeconds"), "{reason}");
             }
@@ -645,12 +651,12 @@ mod tests {
         let forbid = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"})), 0);
         assert!(matches!(plan(&forbid, &active, t(61)), Plan::Claim { skip: Some(_), .. }));
         let replace = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"})), 0);
-        assert_eq!(plan(&replace, &active, t(61)), Plan::Claim { tick: t(60), skip: None });
+        assert_eq!(plan(&replace, &active, t(61)), Plan::Claim { tick: t(60), skip: None, catch_up: false });
         let claimed = with_pending(replace, 60, "report-1800000060");
         let create = Plan::Create { job: "report-1800000060".into(), replace: active.clone() };
         assert_eq!(plan(&claimed, &active, t(61)), create);
         let allow = with_last(def("* * * * *", serde_json::json!({})), 0);
-        assert_eq!(plan(&allow, &active, t(61)), Plan::Claim { tick: t(60), skip: None });
+        assert_eq!(plan(&allow, &active, t(61)), Plan::Claim { tick: t(60), skip: None, catch_up: false });
         let claimed = with_pending(allow, 60, "report-1800000060");
         assert_eq!(plan(&claimed, &active, t(61)), Plan::Create { job: "report-1800000060".into(), replace: vec![] });
     }
@@ -665,7 +671,7 @@ mod tests {
     fn two_days_of_missed_seconds_claim_the_latest_second() {
         let d = with_last(def("* * * * * *", serde_json::json!({})), 0);
         let now = t(48 * 3600).checked_add(SignedDuration::from_millis(400)).unwrap();
-        assert_eq!(plan(&d, &[], now), Plan::Claim { tick: t(48 * 3600), skip: None });
+        assert_eq!(plan(&d, &[], now), Plan::Claim { tick: t(48 * 3600), skip: None, catch_up: true });
     }
 
     #[test]
@@ -721,11 +727,8 @@ mod tests {
         assert_eq!((s.pending_job, s.active_count), (None, 2));
     }
 
-    fn finished(name: &str, phase: Phase, completed: i64) -> Arc<BackgroundJob> {
-        let mut j = BackgroundJob::new(name, serde_json::from_value(serde_json::json!({"jobName": "noop"})).unwrap());
-        let status = serde_json::json!({"phase": phase.to_string(), "completionTime": t(completed).to_string()});
-        j.status = Some(serde_json::from_value(status).unwrap());
-        Arc::new(j)
+    fn finished(name: &str, phase: Phase, completed: i64) -> Child {
+        Child { name: name.into(), uid: format!("uid-{name}"), phase, completed: Some(t(completed)) }
     }
 
     #[test]
@@ -737,7 +740,7 @@ mod tests {
             finished("report-4", Phase::Failed, 4),
         ];
         let names =
-            |d: &RecurringBackgroundJob| beyond_history(d, &kids).iter().map(|j| j.name_any()).collect::<Vec<_>>();
+            |d: &RecurringBackgroundJob| beyond_history(d, &kids).iter().map(|j| j.name.clone()).collect::<Vec<_>>();
         let d = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 1}));
         assert_eq!(names(&d), ["report-2", "report-1"]);
         let none = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 0}));
@@ -757,12 +760,53 @@ mod tests {
     #[test]
     fn a_job_is_known_created_if_cached_or_created_by_this_process() {
         let kids = vec![finished("report-1", Phase::Succeeded, 1)];
-        let mut unconfirmed = Unconfirmed::new();
-        assert!(known_created("report-1", &kids, &unconfirmed, "uid"));
-        assert!(!known_created("report-2", &kids, &unconfirmed, "uid"));
-        unconfirmed.insert("uid".into(), "report-2".into());
-        assert!(known_created("report-2", &kids, &unconfirmed, "uid"));
-        assert!(!known_created("report-2", &kids, &unconfirmed, "other-uid"));
+        assert!(known_created("report-1", &kids, None));
+        assert!(!known_created("report-2", &kids, None));
+        assert!(known_created("report-2", &kids, Some("report-2")));
+        assert!(!known_created("report-2", &kids, Some("report-1")));
+    }
+
+    #[test]
+    fn a_first_tick_is_no_catch_up_and_one_after_missed_ticks_is() {
+        assert_eq!(
+            plan(&def("* * * * *", serde_json::json!({})), &[], t(61)),
+            Plan::Claim { tick: t(60), skip: None, catch_up: false }
+        );
+        let d = with_last(def("* * * * *", serde_json::json!({})), 60);
+        assert_eq!(plan(&d, &[], t(121)), Plan::Claim { tick: t(120), skip: None, catch_up: false });
+        assert_eq!(plan(&d, &[], t(181)), Plan::Claim { tick: t(180), skip: None, catch_up: true });
+    }
+
+    #[test]
+    fn a_jitter_offset_is_stable_within_bounds_and_spreads_definitions() {
+        assert_eq!(jitter_offset("ns", "a", 0), Duration::ZERO, "no jitter: due on the tick");
+        assert_eq!(jitter_offset("ns", "a", 30), jitter_offset("ns", "a", 30), "the same on every replica");
+        let offsets: Vec<Duration> = (0..5000).map(|i| jitter_offset("ns", &format!("tenant-{i}"), 60)).collect();
+        assert!(offsets.iter().all(|o| *o < Duration::from_secs(60)));
+        // 5,000 definitions over 60 s: every 10 s window gets about a sixth of them.
+        let mut per_window = [0; 6];
+        offsets.iter().for_each(|o| per_window[o.as_secs() as usize / 10] += 1);
+        assert!(per_window.iter().all(|n| (700..967).contains(n)), "{per_window:?}");
+        assert_ne!(jitter_offset("ns", "a", 60), jitter_offset("other", "a", 60), "namespaces differ");
+    }
+
+    #[test]
+    fn with_a_jitter_a_tick_is_due_its_offset_late_and_its_deadline_counts_from_then() {
+        let d = def("* * * * *", serde_json::json!({"jitterSeconds": 30, "startingDeadlineSeconds": 5}));
+        let d = with_last(d, 0);
+        let offset = SignedDuration::try_from(jitter_offset("ns", "report", 30)).unwrap();
+        let due = t(60).checked_add(offset).unwrap();
+        let just_before = due.checked_sub(SignedDuration::from_millis(1)).unwrap();
+        assert_eq!(plan(&d, &[], just_before), Plan::Idle(Some(Duration::from_millis(1))), "not early");
+        assert_eq!(plan(&d, &[], due), Plan::Claim { tick: t(60), skip: None, catch_up: false });
+        let within = due.checked_add(SignedDuration::from_secs(5)).unwrap();
+        assert!(matches!(plan(&d, &[], within), Plan::Claim { skip: None, .. }), "5 s after due: in time");
+        let mut claimed = d.clone();
+        claimed.status.as_mut().unwrap().last_schedule_time = Some(Time(t(60)));
+        claimed.status.as_mut().unwrap().pending_job = Some("report-1800000060".into());
+        assert!(matches!(plan(&claimed, &[], within), Plan::Create { .. }), "a pending job's deadline too");
+        assert_eq!(next_due(&d, t(61)), Some(due), "tick 60 is due after 61 still");
+        assert_eq!(next_due(&d, due), Some(t(120).checked_add(offset).unwrap()));
     }
 
     #[test]

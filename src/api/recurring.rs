@@ -61,6 +61,14 @@ pub struct RecurringBackgroundJobSpec {
     #[schemars(range(min = 0))]
     pub starting_deadline_seconds: Option<i64>,
 
+    /// Spread the jobs of many definitions with the same schedule: each tick of this definition is due a fixed
+    /// offset after it, between 0 and this many seconds, the same for every tick and every replica (derived from the
+    /// definition's namespace and name). The job's name and `bgjobs.dev/scheduled-time` still name the tick itself;
+    /// `startingDeadlineSeconds` counts from the offset. Unset or 0: due on the tick, as a CronJob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub jitter_seconds: Option<u32>,
+
     /// `true` stops creating jobs; jobs already created are not affected.
     #[serde(default)]
     pub suspend: bool,

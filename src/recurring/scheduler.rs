@@ -1,0 +1,339 @@
+//! Which definitions to reconcile, and when: up to `--recurring-concurrency` at once, never two of one definition.
+//!
+//! A scan looks at every definition this replica owns, but only compares cheap facts (its resourceVersion, whether
+//! its children changed, whether its next look is due): a definition is reconciled only when one of them says so.
+//! Scans are at least [`MIN_SCAN_GAP`] apart, so the events of a tick (three per definition, and each job's own)
+//! cost a few scans per second, not one per event. The reconciles themselves ([`super::reconcile`]) run as tasks.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::{RETRY, RecurringView, reconcile};
+use crate::api::RecurringBackgroundJob;
+use crate::lease::{LeaseTiming, Observer};
+use crate::members;
+use crate::worker::Worker;
+
+/// Scans are at least this far apart.
+pub const MIN_SCAN_GAP: Duration = Duration::from_millis(50);
+/// Longest a definition goes without a look, changed or not (a safety net; changes are seen at once).
+const IDLE: Duration = Duration::from_secs(30);
+/// How long running reconciles may finish when the controller stops.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What this replica remembers of a definition it owns.
+struct Tracked<R> {
+    /// Where the cache keeps it.
+    at: R,
+    /// The resourceVersions its last reconcile read or wrote: the cache showing any of them is no news.
+    versions: Vec<String>,
+    /// When to look again if nothing changes (None: only on a change).
+    next: Option<Instant>,
+    /// The scan that last saw it owned here.
+    seen: u64,
+}
+
+/// The scheduler's bookkeeping. Pure: fed what the caches show and what reconciles returned.
+pub struct Book<R = ObjectRef<RecurringBackgroundJob>> {
+    tracked: HashMap<String, Tracked<R>>,
+    in_flight: HashSet<String>,
+    queue: VecDeque<String>,
+    queued: HashSet<String>,
+    children_changed: HashSet<String>,
+    scan: u64,
+}
+
+impl<R> Default for Book<R> {
+    fn default() -> Self {
+        Book {
+            tracked: HashMap::new(),
+            in_flight: HashSet::new(),
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            children_changed: HashSet::new(),
+            scan: 0,
+        }
+    }
+}
+
+impl<R: Clone> Book<R> {
+    /// Start a scan; `children_changed` names the definitions whose children changed since the last one.
+    pub fn begin_scan(&mut self, children_changed: HashSet<String>) {
+        self.scan += 1;
+        self.children_changed.extend(children_changed);
+    }
+
+    /// One definition this replica owns, as cached (`version`: its resourceVersion). Queued for a reconcile if it
+    /// changed since its last one, its children changed, or its next look is due. Returns when it needs a look next
+    /// otherwise.
+    pub fn consider(&mut self, uid: &str, at: R, version: &str, now: Instant) -> Option<Instant> {
+        let tracked = self.tracked.entry(uid.to_string()).or_insert_with(|| Tracked {
+            at: at.clone(),
+            versions: vec![],
+            next: Some(now),
+            seen: 0,
+        });
+        tracked.seen = self.scan;
+        tracked.at = at;
+        // A definition being reconciled is looked at again once its reconcile is done.
+        if self.in_flight.contains(uid) || self.queued.contains(uid) {
+            return None;
+        }
+        let changed = !tracked.versions.iter().any(|v| v == version);
+        let kids_changed = self.children_changed.remove(uid);
+        let due = tracked.next.is_some_and(|n| n <= now);
+        if changed || kids_changed || due {
+            self.queue.push_back(uid.to_string());
+            self.queued.insert(uid.to_string());
+            return None;
+        }
+        tracked.next
+    }
+
+    /// End a scan: forget the definitions it did not see (deleted, or owned by another replica now), so that one
+    /// that comes back is reconciled at once.
+    pub fn end_scan(&mut self) {
+        let (scan, in_flight) = (self.scan, &self.in_flight);
+        self.tracked.retain(|uid, t| t.seen == scan || in_flight.contains(uid));
+        let tracked = &self.tracked;
+        self.children_changed.retain(|uid| tracked.contains_key(uid));
+    }
+
+    /// The next queued definition to reconcile; it counts as in flight until [`Book::done`].
+    pub fn start_next(&mut self) -> Option<(String, R)> {
+        while let Some(uid) = self.queue.pop_front() {
+            self.queued.remove(&uid);
+            // Forgotten since it was queued (deleted, or owned elsewhere now): nothing to do.
+            let Some(at) = self.tracked.get(&uid).map(|t| t.at.clone()) else { continue };
+            self.in_flight.insert(uid.clone());
+            return Some((uid, at));
+        }
+        None
+    }
+
+    /// A reconcile of `uid` is over: it read or wrote `versions`, and asks to be looked at again `next`.
+    pub fn done(&mut self, uid: &str, versions: Vec<String>, next: Option<Instant>) {
+        self.in_flight.remove(uid);
+        if let Some(t) = self.tracked.get_mut(uid) {
+            t.versions = versions;
+            t.next = next;
+        }
+    }
+
+    /// Reconciles running now.
+    pub fn running(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+/// What a reconcile task hands back.
+struct Outcome {
+    versions: Vec<String>,
+    next: Option<Duration>,
+    unconfirmed: Option<String>,
+}
+
+/// Run the controller until `stop`.
+pub async fn run(
+    worker: Arc<Worker>,
+    mut view: RecurringView,
+    timing: LeaseTiming,
+    concurrency: usize,
+    stop: CancellationToken,
+) {
+    // Nothing is done for a definition before this replica holds its member Lease (the fence of every tick).
+    tokio::select! {
+        _ = view.membership.wait_for(|m| m.is_some()) => {}
+        _ = stop.cancelled() => return,
+    }
+    tokio::select! {
+        _ = view.children.ready() => {}
+        _ = stop.cancelled() => return,
+    }
+    let mut observer = Observer::default();
+    let mut book = Book::default();
+    // Jobs this process created whose creation the definition's status does not confirm yet, by definition UID:
+    // when the confirmation is refused (a 409) and retried, the job is not created again, even if it already ran
+    // and was deleted (ttlSecondsAfterFinished: 0) in between.
+    let mut unconfirmed: HashMap<String, String> = HashMap::new();
+    let mut tasks: JoinSet<Outcome> = JoinSet::new();
+    let mut spawned: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut scan_wanted = true;
+    let mut last_scan = Instant::now() - MIN_SCAN_GAP;
+    let mut wake = Instant::now();
+    loop {
+        tokio::select! {
+            _ = view.changed.notified() => scan_wanted = true,
+            _ = view.children.notify.notified() => scan_wanted = true,
+            _ = tokio::time::sleep_until(wake.into()) => scan_wanted = true,
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let (uid, o) = match done {
+                    Ok((id, o)) => (spawned.remove(&id).unwrap_or_default(), o),
+                    // A reconcile that panicked: try again soon (what it had not confirmed stays unconfirmed).
+                    Err(e) => {
+                        let uid = spawned.remove(&e.id()).unwrap_or_default();
+                        warn!(error = %e, "recurring job reconcile panicked");
+                        let o = Outcome { versions: vec![], next: Some(RETRY), unconfirmed: unconfirmed.get(&uid).cloned() };
+                        (uid, o)
+                    }
+                };
+                let next = o.next.map(|d| Instant::now() + d.min(IDLE));
+                book.done(&uid, o.versions, next);
+                match o.unconfirmed {
+                    Some(job) => unconfirmed.insert(uid, job),
+                    None => unconfirmed.remove(&uid),
+                };
+                // Its next look is due then: the timer must know.
+                if let Some(n) = next {
+                    wake = wake.min(n);
+                }
+            }
+            _ = stop.cancelled() => {
+                let _ = tokio::time::timeout(STOP_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+                return;
+            }
+        }
+        let now = Instant::now();
+        let fence = view.membership.borrow().clone().filter(|k| k.is_current());
+        if scan_wanted && now >= last_scan + MIN_SCAN_GAP && fence.is_some() {
+            scan_wanted = false;
+            last_scan = now;
+            let live = members::live_where(
+                &view.members,
+                &mut observer,
+                now,
+                &timing,
+                &worker.identity,
+                members::runs_recurring,
+            );
+            book.begin_scan(view.children.take_changed());
+            wake = now + IDLE;
+            for def in view.definitions.state() {
+                let uid = def.uid().unwrap_or_default();
+                if members::owner(&live, &uid) != Some(worker.identity.as_str()) {
+                    continue;
+                }
+                let at = ObjectRef::from_obj(&*def);
+                if let Some(next) = book.consider(&uid, at, &def.resource_version().unwrap_or_default(), now) {
+                    wake = wake.min(next);
+                }
+            }
+            book.end_scan();
+        } else if scan_wanted {
+            wake = wake.min(last_scan + MIN_SCAN_GAP).max(now + Duration::from_millis(1));
+            if fence.is_none() {
+                wake = now + RETRY;
+            }
+        }
+        let Some(fence) = fence else { continue };
+        while book.running() < concurrency
+            && let Some((uid, at)) = book.start_next()
+        {
+            // As cached now: the scan may be a little older.
+            let def = view.definitions.get(&at).filter(|d| d.uid().as_deref() == Some(uid.as_str()));
+            let Some(def) = def else {
+                book.done(&uid, vec![], None);
+                continue;
+            };
+            let kids = view.children.of(&uid);
+            let (worker, fence, pending) = (worker.clone(), fence.clone(), unconfirmed.get(&uid).cloned());
+            let name = def.name_any();
+            let task = tasks.spawn(async move {
+                let mut versions = Vec::new();
+                let mut pending = pending;
+                let now = worker.clock.now();
+                let next = match reconcile(&worker, &def, &kids, &mut pending, &mut versions, now, &fence).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        warn!(definition = %name, error = %e, "recurring job reconcile failed");
+                        Some(RETRY)
+                    }
+                };
+                Outcome { versions, next, unconfirmed: pending }
+            });
+            spawned.insert(task.id(), uid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestBook = Book<&'static str>;
+
+    fn scan(book: &mut TestBook, defs: &[(&'static str, &str)], kids_changed: &[&str], now: Instant) {
+        book.begin_scan(kids_changed.iter().map(|s| s.to_string()).collect());
+        for (uid, version) in defs {
+            book.consider(uid, uid, version, now);
+        }
+        book.end_scan();
+    }
+
+    fn drain(book: &mut TestBook) -> Vec<String> {
+        std::iter::from_fn(|| book.start_next().map(|(uid, _)| uid)).collect()
+    }
+
+    #[test]
+    fn a_definition_is_reconciled_when_new_changed_by_others_its_children_changed_or_due_and_not_otherwise() {
+        let (mut book, now) = (TestBook::default(), Instant::now());
+        scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
+        assert_eq!(drain(&mut book), ["a", "b"], "new definitions at once");
+        let later = now + Duration::from_secs(60);
+        // a's reconcile claimed, created and confirmed (versions 2 and 3); b's found nothing to do.
+        book.done("a", vec!["1".into(), "2".into(), "3".into()], Some(later));
+        book.done("b", vec!["1".into()], Some(later));
+        scan(&mut book, &[("a", "2"), ("b", "1")], &[], now);
+        assert!(drain(&mut book).is_empty(), "its own writes, even seen late, are no news");
+        scan(&mut book, &[("a", "4"), ("b", "1")], &[], now);
+        assert_eq!(drain(&mut book), ["a"], "someone else wrote a");
+        book.done("a", vec!["4".into()], Some(later));
+        scan(&mut book, &[("a", "4"), ("b", "1")], &["b"], now);
+        assert_eq!(drain(&mut book), ["b"], "a job of b changed");
+        book.done("b", vec!["1".into()], Some(later));
+        scan(&mut book, &[("a", "4"), ("b", "1")], &[], later);
+        assert_eq!(drain(&mut book), ["a", "b"], "both are due");
+    }
+
+    #[test]
+    fn a_definition_is_never_reconciled_twice_at_once_and_a_change_meanwhile_is_seen_after() {
+        let (mut book, now) = (TestBook::default(), Instant::now());
+        scan(&mut book, &[("a", "1")], &[], now);
+        assert_eq!(drain(&mut book), ["a"]);
+        scan(&mut book, &[("a", "5")], &["a"], now);
+        assert!(drain(&mut book).is_empty(), "in flight");
+        assert_eq!(book.running(), 1);
+        book.done("a", vec!["1".into(), "2".into()], None);
+        scan(&mut book, &[("a", "5")], &[], now);
+        assert_eq!(drain(&mut book), ["a"], "changed while in flight: again");
+    }
+
+    #[test]
+    fn a_definition_owned_elsewhere_is_forgotten_and_reconciled_at_once_when_it_comes_back() {
+        let (mut book, now) = (TestBook::default(), Instant::now());
+        scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
+        drain(&mut book);
+        book.done("a", vec!["1".into()], None);
+        book.done("b", vec!["1".into()], None);
+        scan(&mut book, &[("b", "1")], &[], now);
+        assert!(drain(&mut book).is_empty());
+        scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
+        assert_eq!(drain(&mut book), ["a"], "back here: this replica may have missed anything meanwhile");
+    }
+
+    #[test]
+    fn a_queued_definition_that_went_away_is_not_started() {
+        let (mut book, now) = (TestBook::default(), Instant::now());
+        scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
+        assert_eq!(book.start_next().map(|(u, _)| u).as_deref(), Some("a"));
+        scan(&mut book, &[("a", "1")], &[], now);
+        assert!(book.start_next().is_none(), "b was deleted or moved while queued");
+    }
+}
