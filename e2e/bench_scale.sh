@@ -15,6 +15,7 @@
 #   SCALE_SIZES ["1000 10000 100000"]  SCALE_REPLICAS [4]  SCALE_SLOTS [16]
 #   SCALE_CREATE_PARALLEL [4]   concurrent `kubectl create` streams filling the backlog
 #   SCALE_STALL [180]           give up on a size when no job finished for this many seconds
+#   SCALE_NAMESPACE [bgjobs-scale]  the namespace the run fills (deleted and re-created per size)
 #
 # The replicas are `bgjobs-test-worker operator` (the operator with recording handlers): each job is
 # `jobName: record` with `ms: 0`, so the handler does nothing but write its start and finish lines to the execution
@@ -34,7 +35,7 @@ CREATE_PARALLEL=${SCALE_CREATE_PARALLEL:-4}
 STALL=${SCALE_STALL:-180}
 RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
-NS=bgjobs-scale
+NS=${SCALE_NAMESPACE:-bgjobs-scale}
 CLK_TCK=$(getconf CLK_TCK)
 REPLICA_PIDS=()
 RECORDER_PID=""
