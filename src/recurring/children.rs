@@ -74,7 +74,9 @@ impl Children {
             ready: watch::channel(false).0,
         });
         let index = children.clone();
-        let config = watcher::Config::default().labels(super::RECURRING_LABEL);
+        // Listed from the apiserver's watch cache (see `queue`): a label-selected list from etcd scans every job in
+        // scope, and with 100,000 waiting jobs on a busy apiserver it timed out after a minute, again and again.
+        let config = watcher::Config::default().labels(super::RECURRING_LABEL).any_semantic();
         tokio::spawn(async move {
             let stream = watcher(api, config).default_backoff();
             futures::pin_mut!(stream);
