@@ -300,3 +300,62 @@ mod tests {
         assert!(pinned.resolve("b.example".parse().unwrap()).await.is_err());
     }
 }
+
+#[cfg(test)]
+mod secreview {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    struct To(IpAddr);
+    impl Lookup for To {
+        fn lookup<'a>(&'a self, _h: &'a str, _p: u16) -> BoxFuture<'a, std::io::Result<Vec<IpAddr>>> {
+            let a = self.0;
+            Box::pin(async move { Ok(vec![a]) })
+        }
+    }
+
+    /// An allowlist by host name or URL prefix pins scheme, host, port and path, but a `Host` header from
+    /// spec.http.headers replaces the Host the receiver routes by (a shared ingress / gateway serves other vhosts).
+    #[tokio::test]
+    async fn review_a_job_header_overrides_the_host_the_allowlist_checked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap();
+            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        });
+        let policy = EgressPolicy {
+            allow: vec![format!("http://hooks.example.test:{port}/team-a/").parse().unwrap()],
+            ..Default::default()
+        };
+        let exec = HttpExecutor::new(policy, Arc::new(To("127.0.0.1".parse().unwrap())));
+        let target = HttpTarget {
+            url: format!("http://hooks.example.test:{port}/team-a/x"),
+            headers: [
+                ("Host".to_string(), "admin.internal.test".to_string()),
+                ("X-Original-URL".to_string(), "/admin/delete-everything".to_string()),
+            ]
+            .into(),
+            timeout_seconds: Some(5),
+        };
+        let ctx = JobContext {
+            namespace: "team-a".into(),
+            name: "j".into(),
+            uid: "u".into(),
+            job_name: "call".into(),
+            attempt: 1,
+            worker: "w".into(),
+            leases: vec![],
+            cancel: CancellationToken::new(),
+        };
+        let r = exec.post(&target, &ctx, &serde_json::json!({}), None).await;
+        assert!(matches!(r, AttemptResult::Succeeded), "{r:?}");
+        let request = server.await.unwrap().to_ascii_lowercase();
+        assert!(request.contains("host: admin.internal.test"), "{request}");
+        assert!(!request.contains("host: hooks.example.test"), "{request}");
+    }
+}

@@ -431,3 +431,67 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod secreview {
+    //! Security review probes: each asserts what the current policy does (a passing test documents a gap).
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn review_metadata_addresses_missing_from_the_fixed_list_are_allowed_by_default() {
+        let p = EgressPolicy::default();
+        let u = Url::parse("http://x/").unwrap();
+        // GCP metadata over IPv6 (not link-local: fd00::/8 ULA), Azure WireServer, NAT64 local-use prefix.
+        for a in ["fd20:ce::254", "168.63.129.16", "64:ff9b:1::a9fe:a9fe"] {
+            assert_eq!(p.check("ns", &u, &[ip(a)]), Ok(()), "{a} passes the default policy");
+        }
+        // Tencent metadata is link-local: refused by default, but allowed with --egress-allow-link-local,
+        // although the docs say cloud metadata "stays refused".
+        let relaxed = EgressPolicy { allow_link_local: true, ..Default::default() };
+        assert_eq!(relaxed.check("ns", &u, &[ip("169.254.0.23")]), Ok(()));
+    }
+
+    #[test]
+    fn review_operator_ports_are_judged_only_on_local_addresses() {
+        // Another replica's Pod IP, or the webhook/metrics Service ClusterIP (443 -> 9443), is not local.
+        let p = EgressPolicy { operator_ports: vec![8080, 9443], ..Default::default() };
+        let u = Url::parse("https://bgjobs-webhook.bgjobs.svc:443/mutate").unwrap();
+        assert_eq!(p.check("ns", &u, &[ip("10.96.0.20")]), Ok(()));
+        let u = Url::parse("http://10.244.1.7:8080/metrics").unwrap();
+        assert_eq!(p.check("ns", &u, &[ip("10.244.1.7")]), Ok(()));
+    }
+
+    #[test]
+    fn review_metrics_port_zero_protects_nothing() {
+        // --metrics-addr 127.0.0.1:0 binds a random port; the policy is built from the flag (port 0).
+        let p = EgressPolicy { operator_ports: vec![0], ..Default::default() };
+        let u = Url::parse("http://127.0.0.1:41234/metrics").unwrap();
+        assert_eq!(p.check("ns", &u, &[ip("127.0.0.1")]), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod secreview_paths {
+    use super::*;
+
+    #[test]
+    fn review_prefix_entries_admit_segments_that_receivers_resolve_upwards() {
+        let p = EgressPolicy { allow: vec!["https://x.example/team-a/".parse().unwrap()], ..Default::default() };
+        let a: IpAddr = "203.0.113.2".parse().unwrap();
+        // Tomcat/Jetty treat `..;` as `..`; many gateways decode %2f before normalizing.
+        for u in [
+            "https://x.example/team-a/..;/admin",
+            "https://x.example/team-a/..%2fadmin",
+            "https://x.example/team-a/%2e%2e%2fadmin",
+        ] {
+            assert_eq!(p.check("ns", &Url::parse(u).unwrap(), &[a]), Ok(()), "{u}");
+        }
+        // A host or CIDR entry admits every port and both schemes.
+        let h = EgressPolicy { allow: vec!["api.example.com".parse().unwrap()], ..Default::default() };
+        assert_eq!(h.check("ns", &Url::parse("http://api.example.com:6379/").unwrap(), &[a]), Ok(()));
+    }
+}

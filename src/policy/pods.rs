@@ -319,3 +319,62 @@ mod tests {
         assert_eq!(p.check("any", &s), Ok(()));
     }
 }
+
+#[cfg(test)]
+mod secreview {
+    //! Security review probes: each Pod below passes the default policy.
+    use super::*;
+    use serde_json::json;
+
+    fn passes(v: serde_json::Value) {
+        let s: PodSpec = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(PodPolicy::default().check("team-a", &s), Ok(()), "{v}");
+    }
+
+    #[test]
+    fn review_secrets_and_other_identities_reach_the_pod() {
+        // Any Secret of the namespace (incl. a legacy SA token Secret of a privileged ServiceAccount).
+        passes(json!({"containers": [{"name": "m"}],
+            "volumes": [{"name": "t", "secret": {"secretName": "deployer-token-abcde"}}]}));
+        passes(json!({"containers": [{"name": "m", "env": [{"name": "T", "valueFrom":
+            {"secretKeyRef": {"name": "deployer-token-abcde", "key": "token"}}}],
+            "envFrom": [{"secretRef": {"name": "db-credentials"}}]}]}));
+        passes(json!({"containers": [{"name": "m"}], "volumes": [{"name": "p", "projected": {"sources": [
+            {"secret": {"name": "db-credentials"}},
+            {"serviceAccountToken": {"audience": "vault", "path": "t", "expirationSeconds": 86400}}]}}]}));
+        // Any PVC of the namespace, any NFS/iSCSI server (mounted by the node), gitRepo (kubelet runs git on the host).
+        passes(json!({"containers": [{"name": "m"}], "volumes": [
+            {"name": "d", "persistentVolumeClaim": {"claimName": "prod-db-data"}},
+            {"name": "n", "nfs": {"server": "10.0.0.5", "path": "/exports"}},
+            {"name": "i", "iscsi": {"targetPortal": "10.0.0.6:3260", "iqn": "iqn.x:y", "lun": 0}},
+            {"name": "g", "gitRepo": {"repository": "https://example.test/r.git"}},
+            {"name": "c", "csi": {"driver": "secrets-store.csi.k8s.io", "volumeAttributes": {"secretProviderClass": "prod"}}}]}));
+    }
+
+    #[test]
+    fn review_kernel_and_lsm_hardening_can_be_turned_off() {
+        passes(
+            json!({"securityContext": {"seLinuxOptions": {"type": "spc_t"}, "seccompProfile": {"type": "Unconfined"},
+                "appArmorProfile": {"type": "Unconfined"}, "sysctls": [{"name": "kernel.msgmax", "value": "1"}],
+                "windowsOptions": {"hostProcess": true}},
+            "containers": [{"name": "m", "securityContext": {"procMount": "Unmasked",
+                "seLinuxOptions": {"type": "spc_t"}, "seccompProfile": {"type": "Unconfined"},
+                "windowsOptions": {"hostProcess": true}}}]}),
+        );
+    }
+
+    #[test]
+    fn review_node_side_requests_and_placement() {
+        // The kubelet sends probes / lifecycle hooks from the node's network namespace to `host`.
+        passes(json!({"containers": [{"name": "m",
+            "livenessProbe": {"httpGet": {"host": "169.254.169.254", "path": "/latest/meta-data/", "port": 80}},
+            "lifecycle": {"postStart": {"httpGet": {"host": "127.0.0.1", "path": "/", "port": 10250}}},
+            "readinessProbe": {"tcpSocket": {"host": "127.0.0.1", "port": 2379}}}]}));
+        // Skip the scheduler onto a control-plane node, tolerate everything, top priority.
+        passes(json!({"nodeName": "control-plane-1", "tolerations": [{"operator": "Exists"}],
+            "priorityClassName": "system-node-critical", "runtimeClassName": "runc-unsandboxed",
+            "containers": [{"name": "m"}]}));
+        // The default ServiceAccount's token, mounted explicitly.
+        passes(json!({"automountServiceAccountToken": true, "containers": [{"name": "m"}]}));
+    }
+}
