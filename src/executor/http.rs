@@ -12,6 +12,11 @@
 //! exactly the checked addresses. A second lookup (DNS rebinding: a short-lived answer that changes between check and
 //! connect) cannot happen, and the URL still carries the host name, so `Host`, SNI and certificate checks are
 //! unchanged. No proxy from the environment is used: a proxy would resolve the host itself.
+//!
+//! A job's own headers (`spec.http.headers`) cannot replace what the policy checked or what bgjobs sends: `Host`
+//! (a shared ingress routes by it, so it would reach another virtual host than the one allowed), the framing and
+//! connection headers (`Content-Length`, `Transfer-Encoding`, `Connection`, `Upgrade`, `TE`, `Trailer`), `Proxy-*`
+//! and `X-BGJobs-*` fail the job before anything is sent ([`reserved_header`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -66,6 +71,21 @@ impl Resolve for Pinned {
     }
 }
 
+/// Why a job may not set header `name` itself, if it may not: the headers that pick the receiver (`Host`), frame
+/// the request or the connection, address a proxy, or carry bgjobs' own fencing (`X-BGJobs-*`).
+pub fn reserved_header(name: &str) -> Option<&'static str> {
+    let name = name.trim().to_ascii_lowercase();
+    match name.as_str() {
+        "host" => Some("it picks the virtual host, which the egress policy checked in spec.http.url"),
+        "content-length" | "transfer-encoding" | "connection" | "upgrade" | "te" | "trailer" | "keep-alive" => {
+            Some("it frames the request or the connection, which the HTTP client owns")
+        }
+        _ if name.starts_with("proxy-") => Some("it addresses a proxy, and bgjobs connects directly"),
+        _ if name.starts_with("x-bgjobs-") => Some("bgjobs sets the X-BGJobs-* headers itself"),
+        _ => None,
+    }
+}
+
 /// The HTTP executor of a replica: its egress policy and resolver.
 pub struct HttpExecutor {
     policy: EgressPolicy,
@@ -114,6 +134,11 @@ impl HttpExecutor {
             Ok(u) => u,
             Err(e) => return AttemptResult::Permanent(format!("spec.http.url {:?} is not a URL: {e}", target.url)),
         };
+        if let Some((name, why)) = target.headers.keys().find_map(|k| reserved_header(k).map(|why| (k, why))) {
+            return AttemptResult::Permanent(format!(
+                "spec.http.headers sets {name:?}, which a job may not set ({why}); nothing was sent"
+            ));
+        }
         let timeout = target.timeout_seconds.or(attempt_timeout_seconds).map(|s| Duration::from_secs(s.max(1) as u64));
         let checked = async {
             match timeout {
@@ -302,9 +327,9 @@ mod tests {
 }
 
 #[cfg(test)]
-mod secreview {
+mod reserved_headers {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     use tokio_util::sync::CancellationToken;
 
     struct To(IpAddr);
@@ -315,17 +340,39 @@ mod secreview {
         }
     }
 
-    /// An allowlist by host name or URL prefix pins scheme, host, port and path, but a `Host` header from
-    /// spec.http.headers replaces the Host the receiver routes by (a shared ingress / gateway serves other vhosts).
+    #[test]
+    fn host_framing_proxy_and_bgjobs_headers_are_reserved_in_any_case() {
+        for h in [
+            "Host",
+            "HOST",
+            "content-length",
+            "Transfer-Encoding",
+            "Connection",
+            "Upgrade",
+            "TE",
+            "Trailer",
+            "Proxy-Authorization",
+            "proxy-connection",
+            "X-BGJobs-Attempt",
+            "x-bgjobs-anything",
+        ] {
+            assert!(reserved_header(h).is_some(), "{h} must be reserved");
+        }
+        for h in ["Authorization", "Content-Type", "X-Original-URL", "X-Request-Id", "Hostname"] {
+            assert_eq!(reserved_header(h), None, "{h} is the job's own");
+        }
+    }
+
+    /// An allowlist by host name or URL prefix pins scheme, host, port and path; a `Host` header from
+    /// spec.http.headers would replace the Host the receiver routes by (a shared ingress serves other vhosts).
     #[tokio::test]
-    async fn review_a_job_header_overrides_the_host_the_allowlist_checked() {
+    async fn a_job_header_that_would_replace_the_checked_host_fails_the_job_and_nothing_is_sent() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
-            let n = sock.read(&mut buf).await.unwrap();
-            sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await.unwrap();
+            let n = sock.read(&mut buf).await.unwrap_or(0);
             String::from_utf8_lossy(&buf[..n]).to_string()
         });
         let policy = EgressPolicy {
@@ -353,9 +400,13 @@ mod secreview {
             cancel: CancellationToken::new(),
         };
         let r = exec.post(&target, &ctx, &serde_json::json!({}), None).await;
-        assert!(matches!(r, AttemptResult::Succeeded), "{r:?}");
-        let request = server.await.unwrap().to_ascii_lowercase();
-        assert!(request.contains("host: admin.internal.test"), "{request}");
-        assert!(!request.contains("host: hooks.example.test"), "{request}");
+        match &r {
+            AttemptResult::Permanent(m) => assert!(m.contains("\"Host\"") && m.contains("nothing was sent"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Nothing connected: the listener is still waiting.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!server.is_finished(), "a request was sent: {:?}", server.await);
+        server.abort();
     }
 }
