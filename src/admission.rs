@@ -5,7 +5,15 @@
 //! of BackgroundJobs and RecurringBackgroundJobs, the operator
 //! - on CREATE stamps the requesting user and their groups as annotations ([`CREATED_BY`], [`CREATED_BY_GROUPS`]),
 //!   replacing whatever the request carried there, so a record cannot be forged;
-//! - on UPDATE refuses any change to those annotations, so a record cannot be altered, removed or added later.
+//! - on UPDATE refuses any change to those annotations, so a record cannot be altered, removed or added later;
+//! - on UPDATE refuses a change to what the creator vouched for ([`vouched_change`]): a BackgroundJob's `spec`
+//!   beyond `cancel`, `retry.maxAttempts` and `timeoutSeconds` (what `bgjobs cancel` and `bgjobs retry` write),
+//!   and a RecurringBackgroundJob's `spec.jobTemplate`. Otherwise a user who may patch jobs but not create Pods
+//!   would rewrite the template of a job a Pod-capable user created, and the Pod would run under the creator's
+//!   name. A schedule's template is refused rather than re-stamped with its latest editor because jobs already
+//!   created from the old template are checked against the definition's record: re-stamping would let a
+//!   Pod-capable editor vouch, after the fact, for jobs an earlier editor's template produced. Delete and recreate
+//!   a schedule to change what it runs.
 //!
 //! The Pod executor reads the record back for `--pod-creator-check` ([`crate::policy::creator`]). The decision is
 //! [`review`], a pure function; [`serve`] is HTTPS (rustls, HTTP/1.1) around it, with the certificate reloaded from
@@ -59,17 +67,64 @@ pub fn review(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
                 let annotations = o.as_ref().and_then(|o| o.metadata.annotations.as_ref());
                 [CREATED_BY, CREATED_BY_GROUPS].map(|k| annotations.and_then(|a| a.get(k)).cloned())
             };
-            if record(&req.object) == record(&req.old_object) {
-                allow
-            } else {
-                allow.deny(format!(
+            if record(&req.object) != record(&req.old_object) {
+                return allow.deny(format!(
                     "the annotations {CREATED_BY} and {CREATED_BY_GROUPS} record who created this object (written by \
                      the bgjobs admission webhook when it was created) and cannot be added, changed or removed"
-                ))
+                ));
+            }
+            // The status subresource carries no spec change (the apiserver keeps the old spec); the chart does not
+            // register it, but a registration that does must not refuse the operator's status writes.
+            if req.sub_resource.is_some() {
+                return allow;
+            }
+            let spec = |o: &Option<DynamicObject>| o.as_ref().and_then(|o| o.data.get("spec")).cloned();
+            match vouched_change(&req.kind.kind, spec(&req.object), spec(&req.old_object)) {
+                Some(refusal) => allow.deny(refusal),
+                None => allow,
             }
         }
         _ => allow,
     }
+}
+
+/// The part of a spec the creator record vouches for: what a change would make run under the creator's name. For a
+/// BackgroundJob the whole spec except what `bgjobs cancel` and `bgjobs retry` write (`cancel`,
+/// `retry.maxAttempts`, `timeoutSeconds`: when and how often the same work runs, not what it is); for a
+/// RecurringBackgroundJob its `jobTemplate` (schedule, suspend and history limits stay editable).
+fn vouched(kind: &str, spec: Option<serde_json::Value>) -> Option<serde_json::Value> {
+    let mut spec = spec?;
+    match kind {
+        "BackgroundJob" => {
+            if let Some(o) = spec.as_object_mut() {
+                o.remove("cancel");
+                o.remove("timeoutSeconds");
+                if let Some(r) = o.get_mut("retry").and_then(|r| r.as_object_mut()) {
+                    r.remove("maxAttempts");
+                }
+            }
+            Some(spec)
+        }
+        "RecurringBackgroundJob" => spec.get("jobTemplate").cloned(),
+        _ => None,
+    }
+}
+
+/// The refusal of an UPDATE that changes what the creator vouched for ([`vouched`]), if it does.
+fn vouched_change(kind: &str, new: Option<serde_json::Value>, old: Option<serde_json::Value>) -> Option<String> {
+    if vouched(kind, new) == vouched(kind, old) {
+        return None;
+    }
+    Some(match kind {
+        "RecurringBackgroundJob" => format!(
+            "spec.jobTemplate of a RecurringBackgroundJob cannot be changed: its creator ({CREATED_BY}) vouches for \
+             what its jobs run; delete and recreate it to change the template"
+        ),
+        _ => format!(
+            "the spec of a {kind} cannot be changed after creation except spec.cancel, spec.retry.maxAttempts and \
+             spec.timeoutSeconds: its creator ({CREATED_BY}) vouches for what it runs; create a new job instead"
+        ),
+    })
 }
 
 /// The JSON patch that writes `creator` into the object's annotations (creating the map if it has none).
@@ -215,12 +270,21 @@ mod tests {
     use super::*;
 
     fn request(operation: &str, object: serde_json::Value, old: serde_json::Value) -> AdmissionRequest<DynamicObject> {
+        request_for("BackgroundJob", operation, object, old)
+    }
+
+    fn request_for(
+        kind: &str,
+        operation: &str,
+        object: serde_json::Value,
+        old: serde_json::Value,
+    ) -> AdmissionRequest<DynamicObject> {
         let review: AdmissionReview<DynamicObject> = serde_json::from_value(serde_json::json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
             "request": {
                 "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
-                "kind": {"group": "bgjobs.dev", "version": "v1alpha1", "kind": "BackgroundJob"},
+                "kind": {"group": "bgjobs.dev", "version": "v1alpha1", "kind": kind},
                 "resource": {"group": "bgjobs.dev", "version": "v1alpha1", "resource": "backgroundjobs"},
                 "name": "j", "namespace": "ns", "operation": operation,
                 "userInfo": {"username": "alice", "groups": ["team-a", "system:authenticated"]},
@@ -287,6 +351,62 @@ mod tests {
             assert!(!resp.allowed, "a record {what} must be refused");
             assert!(resp.result.message.contains("cannot be added, changed or removed"), "{}", resp.result.message);
         }
+    }
+
+    #[test]
+    fn a_job_spec_change_other_than_cancel_or_what_bgjobs_retry_writes_is_refused() {
+        let mut stamped = job(serde_json::json!({CREATED_BY: "alice", CREATED_BY_GROUPS: "[]"}));
+        stamped["spec"]["template"] = serde_json::json!({"spec": {"containers": [{"name": "main", "image": "a"}]}});
+        stamped["spec"]["retry"] = serde_json::json!({"maxAttempts": 1, "backoffSeconds": 5});
+        stamped["spec"]["timeoutSeconds"] = 600.into();
+
+        // `bgjobs cancel` and `bgjobs retry` (budget and deadline extended) still pass.
+        let mut retried = stamped.clone();
+        retried["spec"]["cancel"] = true.into();
+        retried["spec"]["retry"]["maxAttempts"] = 3.into();
+        retried["spec"]["timeoutSeconds"] = 1200.into();
+        let ok = review(&request("UPDATE", retried, stamped.clone()));
+        assert!(ok.allowed, "{}", ok.result.message);
+
+        let mut rewritten = stamped.clone();
+        rewritten["spec"]["template"]["spec"]["containers"][0]["image"] = "mallory/tool".into();
+        let mut backoff = stamped.clone();
+        backoff["spec"]["retry"]["backoffSeconds"] = 1.into();
+        let mut renamed = stamped.clone();
+        renamed["spec"]["jobName"] = "other".into();
+        for (what, new) in [("template", rewritten), ("retry.backoffSeconds", backoff), ("jobName", renamed)] {
+            let resp = review(&request("UPDATE", new, stamped.clone()));
+            assert!(!resp.allowed, "a change of spec.{what} must be refused");
+            assert!(resp.result.message.contains("cannot be changed after creation"), "{}", resp.result.message);
+        }
+    }
+
+    #[test]
+    fn a_status_subresource_update_is_not_judged_on_its_spec() {
+        let stamped = job(serde_json::json!({CREATED_BY: "alice", CREATED_BY_GROUPS: "[]"}));
+        let mut other = stamped.clone();
+        other["spec"]["jobName"] = "other".into();
+        let mut req = request("UPDATE", other, stamped);
+        req.sub_resource = Some("status".into());
+        assert!(review(&req).allowed);
+    }
+
+    #[test]
+    fn a_schedule_template_change_is_refused_and_its_schedule_and_suspend_may_change() {
+        let definition = serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob",
+            "metadata": {"name": "nightly", "namespace": "ns", "annotations": {CREATED_BY: "alice", CREATED_BY_GROUPS: "[]"}},
+            "spec": {"schedule": "0 3 * * *", "suspend": false, "jobTemplate": {"spec": {"jobName": "noop"}}}});
+        let mut rescheduled = definition.clone();
+        rescheduled["spec"]["schedule"] = "0 4 * * *".into();
+        rescheduled["spec"]["suspend"] = true.into();
+        let ok = review(&request_for("RecurringBackgroundJob", "UPDATE", rescheduled, definition.clone()));
+        assert!(ok.allowed, "{}", ok.result.message);
+
+        let mut rewritten = definition.clone();
+        rewritten["spec"]["jobTemplate"]["spec"]["jobName"] = "shell".into();
+        let resp = review(&request_for("RecurringBackgroundJob", "UPDATE", rewritten, definition));
+        assert!(!resp.allowed);
+        assert!(resp.result.message.contains("spec.jobTemplate"), "{}", resp.result.message);
     }
 
     #[test]

@@ -251,3 +251,103 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     );
     assert!(pods_of(&env, &name).await.is_empty());
 }
+
+/// The creator check judges who created a job, and the Pod is built from the spec when the attempt starts: so a user
+/// with the README's application-team Role (`patch backgroundjobs`, no `create pods`) must not rewrite the template
+/// of a job a Pod-capable user created. The webhook refuses the patch, the Pod is built from the creator's template,
+/// and `bgjobs cancel` and `bgjobs retry` (which write spec.cancel, spec.retry.maxAttempts) still pass the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_pass_the_webhook() {
+    let env = TestEnv::new("vouched").await;
+    let label = ("test.bgjobs.dev/admission", env.ns.as_str());
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    let labels = json!({"metadata": {"labels": {label.0: label.1}}});
+    namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
+
+    let (alice, mallory) = (format!("alice-{}", env.ns), format!("mallory-{}", env.ns));
+    // The README's "RBAC for application teams" Role, for both; alice may also create pods.
+    let readme_role = json!([
+        {"apiGroups": ["bgjobs.dev"], "resources": ["backgroundjobs", "recurringbackgroundjobs"],
+         "verbs": ["get", "list", "watch", "create", "delete"]},
+        {"apiGroups": ["bgjobs.dev"], "resources": ["backgroundjobs"], "verbs": ["patch"]}]);
+    grant(&env, &mallory, "app", readme_role.clone()).await;
+    grant(&env, &alice, "app", readme_role).await;
+    grant(&env, &alice, "pods", json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}])).await;
+    let as_alice: Api<BackgroundJob> = Api::namespaced(client_as(&alice).await, &env.ns);
+    let as_mallory: Api<BackgroundJob> = Api::namespaced(client_as(&mallory).await, &env.ns);
+
+    // Pods that can never be scheduled: nothing runs, the Pod object is the evidence.
+    let pod_job = |name: &str, script: &str, delay: i64| -> BackgroundJob {
+        serde_json::from_value(json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+            "metadata": {"name": name}, "spec": {"jobName": "shell", "delaySeconds": delay,
+            "retry": {"maxAttempts": 1},
+            "template": {"spec": {"nodeSelector": {"vouched.bgjobs.dev/none": "none"},
+                "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]}}}}))
+        .unwrap()
+    };
+
+    let ca = certificates(&env.dir.join("certs"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cert_dir = env.dir.join("certs").display().to_string();
+    let flags = ["--admission-addr", &addr, "--admission-cert-dir", &cert_dir, "--pod-creator-check", "required"];
+    let _replica = env.replica("r1", &flags);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _registered = register(&env.client, &format!("bgjobs-vouched-{}", env.ns), port, &ca, label).await;
+    let start = Instant::now();
+    for probe in 0.. {
+        let job =
+            BackgroundJob::new(&format!("probe-{probe}"), serde_json::from_value(json!({"jobName": "noop"})).unwrap());
+        let job = as_mallory.create(&PostParams::default(), &job).await.unwrap();
+        if annotation(&job, CREATED_BY).is_some() {
+            break;
+        }
+        assert!(start.elapsed() < MINUTE, "the webhook was never called");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Alice's delayed job; mallory tries to rewrite its template while it waits.
+    let created = as_alice.create(&PostParams::default(), &pod_job("alice-job", "echo alice", 5)).await.unwrap();
+    assert_eq!(annotation(&created, CREATED_BY), Some(alice.as_str()));
+    let rewrite = json!({"spec": {"template": {"spec": {"nodeSelector": {"vouched.bgjobs.dev/none": "none"},
+        "containers": [{"name": "main", "image": "mallory/tool", "command": ["sh", "-c", "echo mallory"]}]}}}});
+    let refused = as_mallory.patch("alice-job", &PatchParams::default(), &Patch::Merge(&rewrite)).await;
+    let message = format!("{:?}", refused.expect_err("rewriting another user's template is refused"));
+    assert!(message.contains("cannot be changed after creation"), "{message}");
+
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let start = Instant::now();
+    let alice_pod = loop {
+        if let Some(p) = pods.get_opt("alice-job-1").await.unwrap() {
+            break p;
+        }
+        assert!(start.elapsed() < 2 * MINUTE, "no Pod for alice-job");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let container = &alice_pod.spec.as_ref().unwrap().containers[0];
+    assert_eq!(container.image.as_deref(), Some("busybox"));
+    assert_eq!(container.command.as_ref().unwrap()[2], "echo alice");
+
+    // Mallory's own Pod job fails (she may not create pods); `bgjobs retry` (the admin) extends its budget through
+    // the webhook, and `bgjobs cancel` (mallory) cancels it.
+    as_mallory.create(&PostParams::default(), &pod_job("mallory-job", "echo mallory", 0)).await.unwrap();
+    let failed = env.wait_job("mallory-job", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
+    assert!(last_error(&failed).contains("rule `pod-creator`"), "{}", last_error(&failed));
+    let retried = bgjobs::jobs::retry(&env.jobs, "mallory-job").await.expect("bgjobs retry passes the webhook");
+    assert_eq!(retried.spec.retry.max_attempts, Some(2));
+    let cancelled = bgjobs::jobs::cancel(&as_mallory, "mallory-job").await.expect("bgjobs cancel passes the webhook");
+    assert!(cancelled.spec.cancel);
+
+    // Server-side apply: the webhook's stamp is owned by no field manager, so re-applying keeps it.
+    let manifest = json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+        "metadata": {"name": "ssa"}, "spec": {"jobName": "noop", "delaySeconds": 3600}});
+    let pp = PatchParams::apply("alice-ssa");
+    let first = as_alice.patch("ssa", &pp, &Patch::Apply(&manifest)).await.unwrap();
+    assert_eq!(annotation(&first, CREATED_BY), Some(alice.as_str()));
+    let again = as_alice.patch("ssa", &pp, &Patch::Apply(&manifest)).await;
+    assert_eq!(annotation(&again.expect("re-apply"), CREATED_BY), Some(alice.as_str()));
+}

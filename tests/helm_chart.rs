@@ -579,6 +579,11 @@ fn bad_values_fail_with_a_message_that_names_the_value() {
             &["needs admissionWebhook.failurePolicy Fail"],
         ),
         (
+            json!({"operator": {"podCreatorCheck": "required"},
+                   "admissionWebhook": {"enabled": true, "namespaceSelector": {"matchLabels": {"team": "a"}}}}),
+            &["operator.podCreatorCheck \"required\" with admissionWebhook.namespaceSelector", "watchNamespace"],
+        ),
+        (
             json!({"admissionWebhook": {"enabled": true, "certificate": {"generate": false}}}),
             &["admissionWebhook.certificate.secretName"],
         ),

@@ -219,7 +219,8 @@ pub struct HttpTarget {
     #[schemars(regex(pattern = r"^https?://"))]
     pub url: String,
 
-    /// Extra request headers.
+    /// Extra request headers. `Host`, `Content-Length`, `Transfer-Encoding`, `Connection`, `Upgrade`, `TE`,
+    /// `Trailer`, `Proxy-*` and `X-BGJobs-*` are refused (the job fails, nothing is sent).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
 

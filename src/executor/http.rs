@@ -12,6 +12,11 @@
 //! exactly the checked addresses. A second lookup (DNS rebinding: a short-lived answer that changes between check and
 //! connect) cannot happen, and the URL still carries the host name, so `Host`, SNI and certificate checks are
 //! unchanged. No proxy from the environment is used: a proxy would resolve the host itself.
+//!
+//! A job's own headers (`spec.http.headers`) cannot replace what the policy checked or what bgjobs sends: `Host`
+//! (a shared ingress routes by it, so it would reach another virtual host than the one allowed), the framing and
+//! connection headers (`Content-Length`, `Transfer-Encoding`, `Connection`, `Upgrade`, `TE`, `Trailer`), `Proxy-*`
+//! and `X-BGJobs-*` fail the job before anything is sent ([`reserved_header`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -66,6 +71,21 @@ impl Resolve for Pinned {
     }
 }
 
+/// Why a job may not set header `name` itself, if it may not: the headers that pick the receiver (`Host`), frame
+/// the request or the connection, address a proxy, or carry bgjobs' own fencing (`X-BGJobs-*`).
+pub fn reserved_header(name: &str) -> Option<&'static str> {
+    let name = name.trim().to_ascii_lowercase();
+    match name.as_str() {
+        "host" => Some("it picks the virtual host, which the egress policy checked in spec.http.url"),
+        "content-length" | "transfer-encoding" | "connection" | "upgrade" | "te" | "trailer" | "keep-alive" => {
+            Some("it frames the request or the connection, which the HTTP client owns")
+        }
+        _ if name.starts_with("proxy-") => Some("it addresses a proxy, and bgjobs connects directly"),
+        _ if name.starts_with("x-bgjobs-") => Some("bgjobs sets the X-BGJobs-* headers itself"),
+        _ => None,
+    }
+}
+
 /// The HTTP executor of a replica: its egress policy and resolver.
 pub struct HttpExecutor {
     policy: EgressPolicy,
@@ -114,6 +134,11 @@ impl HttpExecutor {
             Ok(u) => u,
             Err(e) => return AttemptResult::Permanent(format!("spec.http.url {:?} is not a URL: {e}", target.url)),
         };
+        if let Some((name, why)) = target.headers.keys().find_map(|k| reserved_header(k).map(|why| (k, why))) {
+            return AttemptResult::Permanent(format!(
+                "spec.http.headers sets {name:?}, which a job may not set ({why}); nothing was sent"
+            ));
+        }
         let timeout = target.timeout_seconds.or(attempt_timeout_seconds).map(|s| Duration::from_secs(s.max(1) as u64));
         let checked = async {
             match timeout {
@@ -298,5 +323,90 @@ mod tests {
         let ok: Vec<SocketAddr> = pinned.resolve("A.example".parse().unwrap()).await.unwrap().collect();
         assert_eq!(ok, ["127.0.0.1:0".parse().unwrap()]);
         assert!(pinned.resolve("b.example".parse().unwrap()).await.is_err());
+    }
+}
+
+#[cfg(test)]
+mod reserved_headers {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio_util::sync::CancellationToken;
+
+    struct To(IpAddr);
+    impl Lookup for To {
+        fn lookup<'a>(&'a self, _h: &'a str, _p: u16) -> BoxFuture<'a, std::io::Result<Vec<IpAddr>>> {
+            let a = self.0;
+            Box::pin(async move { Ok(vec![a]) })
+        }
+    }
+
+    #[test]
+    fn host_framing_proxy_and_bgjobs_headers_are_reserved_in_any_case() {
+        for h in [
+            "Host",
+            "HOST",
+            "content-length",
+            "Transfer-Encoding",
+            "Connection",
+            "Upgrade",
+            "TE",
+            "Trailer",
+            "Proxy-Authorization",
+            "proxy-connection",
+            "X-BGJobs-Attempt",
+            "x-bgjobs-anything",
+        ] {
+            assert!(reserved_header(h).is_some(), "{h} must be reserved");
+        }
+        for h in ["Authorization", "Content-Type", "X-Original-URL", "X-Request-Id", "Hostname"] {
+            assert_eq!(reserved_header(h), None, "{h} is the job's own");
+        }
+    }
+
+    /// An allowlist by host name or URL prefix pins scheme, host, port and path; a `Host` header from
+    /// spec.http.headers would replace the Host the receiver routes by (a shared ingress serves other vhosts).
+    #[tokio::test]
+    async fn a_job_header_that_would_replace_the_checked_host_fails_the_job_and_nothing_is_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        });
+        let policy = EgressPolicy {
+            allow: vec![format!("http://hooks.example.test:{port}/team-a/").parse().unwrap()],
+            ..Default::default()
+        };
+        let exec = HttpExecutor::new(policy, Arc::new(To("127.0.0.1".parse().unwrap())));
+        let target = HttpTarget {
+            url: format!("http://hooks.example.test:{port}/team-a/x"),
+            headers: [
+                ("Host".to_string(), "admin.internal.test".to_string()),
+                ("X-Original-URL".to_string(), "/admin/delete-everything".to_string()),
+            ]
+            .into(),
+            timeout_seconds: Some(5),
+        };
+        let ctx = JobContext {
+            namespace: "team-a".into(),
+            name: "j".into(),
+            uid: "u".into(),
+            job_name: "call".into(),
+            attempt: 1,
+            worker: "w".into(),
+            leases: vec![],
+            cancel: CancellationToken::new(),
+        };
+        let r = exec.post(&target, &ctx, &serde_json::json!({}), None).await;
+        match &r {
+            AttemptResult::Permanent(m) => assert!(m.contains("\"Host\"") && m.contains("nothing was sent"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Nothing connected: the listener is still waiting.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!server.is_finished(), "a request was sent: {:?}", server.await);
+        server.abort();
     }
 }

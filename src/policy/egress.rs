@@ -6,14 +6,17 @@
 //!
 //! In order, each address is refused when it is
 //! 1. the unspecified address (`0.0.0.0`, `::`: "this host");
-//! 2. a cloud metadata address (`169.254.169.254`, `169.254.170.2`, `fd00:ec2::254`, `100.100.100.200`): always;
+//! 2. a cloud metadata address (`169.254.169.254`, `169.254.170.2`, `fd00:ec2::254`, `fd20:ce::254`,
+//!    `100.100.100.200`, `168.63.129.16`, `169.254.0.23`): always;
 //! 3. link-local (`169.254.0.0/16`, `fe80::/10`) unless `--egress-allow-link-local`;
 //! 4. a local address (loopback or one of this host's) at a port the operator itself serves on (metrics, health);
 //! 5. outside `--egress-allow`, when that list is set, or outside the job's namespace's list in
 //!    `--egress-allow-by-namespace`, when it has one (both apply: a namespace list narrows the global one).
 //!
-//! IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`) IPv6 addresses are judged as the IPv4 address they
-//! carry, so `::ffff:169.254.169.254` is the metadata address too.
+//! IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`, and the local-use `64:ff9b:1::/48` with the IPv4
+//! address in the last 32 bits, as a /96 inside it embeds it) IPv6 addresses are judged as the IPv4 address they
+//! carry, so `::ffff:169.254.169.254` is the metadata address too. A local-use NAT64 prefix shorter than /96 (RFC
+//! 6052 spreads the IPv4 address around bits 64-71 there) is not decoded: list such a prefix in no allowlist.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,11 +27,14 @@ use ipnet::IpNet;
 use url::Url;
 
 /// Addresses of cloud instance metadata services: never reachable from a job, whatever the flags say.
-const METADATA: [IpAddr; 4] = [
+const METADATA: [IpAddr; 7] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), // AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean
     IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),   // AWS ECS task metadata and credentials
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)), // AWS IMDS over IPv6
+    IpAddr::V6(Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)), // GCP metadata over IPv6 (a ULA, not link-local)
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)), // Alibaba Cloud
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),   // Azure WireServer (VM agent, extensions' settings)
+    IpAddr::V4(Ipv4Addr::new(169, 254, 0, 23)),    // Tencent Cloud (link-local, refused even when that is allowed)
 ];
 
 /// One entry of an allowlist: a host name (`api.example.com`, or `*.example.com` for its subdomains), an address or
@@ -131,7 +137,9 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => {
             let s = v6.segments();
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            // The well-known NAT64 prefix (64:ff9b::/96) and the local-use one (64:ff9b:1::/48, RFC 8215), the
+            // latter as a /96 inside it: the IPv4 address is the last 32 bits.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..3] == [0x64, 0xff9b, 1] {
                 let [.., a, b, c, d] = v6.octets();
                 return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
             }
@@ -429,5 +437,80 @@ mod tests {
         for bad in ["", "ftp://x/", "a b", "*.", "http://", "10.0.0.0/33"] {
             assert!(bad.parse::<Entry>().is_err(), "{bad:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod more_metadata_and_known_limits {
+    //! Metadata addresses added after a security review, and known limits (README "Security"): the tests named
+    //! `limit_*` assert what the policy does not refuse.
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn gcp_v6_azure_wireserver_tencent_and_local_use_nat64_metadata_are_refused_even_with_link_local_allowed() {
+        let relaxed = EgressPolicy { allow_link_local: true, ..Default::default() };
+        let u = Url::parse("http://x/").unwrap();
+        for a in [
+            "fd20:ce::254",
+            "168.63.129.16",
+            "169.254.0.23",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b:1:abcd::a9fe:a9fe",
+            "64:ff9b:1::a83f:8110",
+        ] {
+            for p in [&EgressPolicy::default(), &relaxed] {
+                assert!(
+                    matches!(p.check("ns", &u, &[ip(a)]), Err(Denial::Metadata(_))),
+                    "{a}: {:?}",
+                    p.check("ns", &u, &[ip(a)])
+                );
+            }
+        }
+        assert_eq!(canonical(ip("64:ff9b:1::a00:1")), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn limit_operator_ports_are_judged_only_on_local_addresses() {
+        // Another replica's Pod IP, or the webhook/metrics Service ClusterIP (443 -> 9443), is not local.
+        let p = EgressPolicy { operator_ports: vec![8080, 9443], ..Default::default() };
+        let u = Url::parse("https://bgjobs-webhook.bgjobs.svc:443/mutate").unwrap();
+        assert_eq!(p.check("ns", &u, &[ip("10.96.0.20")]), Ok(()));
+        let u = Url::parse("http://10.244.1.7:8080/metrics").unwrap();
+        assert_eq!(p.check("ns", &u, &[ip("10.244.1.7")]), Ok(()));
+    }
+
+    #[test]
+    fn limit_a_metrics_port_of_zero_protects_no_port() {
+        // --metrics-addr 127.0.0.1:0 binds a random port; the policy is built from the flag (port 0).
+        let p = EgressPolicy { operator_ports: vec![0], ..Default::default() };
+        let u = Url::parse("http://127.0.0.1:41234/metrics").unwrap();
+        assert_eq!(p.check("ns", &u, &[ip("127.0.0.1")]), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod known_limits_of_prefix_and_host_entries {
+    //! README "Security": what a URL prefix or host entry admits depends on the receiver.
+    use super::*;
+
+    #[test]
+    fn limit_prefix_entries_admit_segments_that_receivers_may_resolve_upwards_and_host_entries_every_port() {
+        let p = EgressPolicy { allow: vec!["https://x.example/team-a/".parse().unwrap()], ..Default::default() };
+        let a: IpAddr = "203.0.113.2".parse().unwrap();
+        // Tomcat/Jetty treat `..;` as `..`; many gateways decode %2f before normalizing.
+        for u in [
+            "https://x.example/team-a/..;/admin",
+            "https://x.example/team-a/..%2fadmin",
+            "https://x.example/team-a/%2e%2e%2fadmin",
+        ] {
+            assert_eq!(p.check("ns", &Url::parse(u).unwrap(), &[a]), Ok(()), "{u}");
+        }
+        // A host or CIDR entry admits every port and both schemes.
+        let h = EgressPolicy { allow: vec!["api.example.com".parse().unwrap()], ..Default::default() };
+        assert_eq!(h.check("ns", &Url::parse("http://api.example.com:6379/").unwrap(), &[a]), Ok(()));
     }
 }

@@ -10,6 +10,14 @@
 //! - `host-path`: a `hostPath` volume;
 //! - `service-account`: a `serviceAccountName` outside `--pod-service-accounts` (default: `default`).
 //!
+//! and, with no flag to relax them (run such a Pod as a batch/v1 Job, created by someone who may):
+//! - `node-side-request`: a probe or lifecycle handler with `httpGet.host` or `tcpSocket.host` (the kubelet sends it
+//!   from the node's network, to any address: the node's own ports, metadata);
+//! - `node-mounted-volume`: `gitRepo`, `nfs`, `iscsi`, `rbd`, `cephfs`, `glusterfs` and `flexVolume` volumes (the
+//!   node mounts them, or runs git or a driver for them, as root, with the node's network);
+//! - `security-profile`: any `seLinuxOptions.type`, a seccomp or AppArmor profile `Unconfined`, `procMount:
+//!   Unmasked`, Pod `sysctls`; and `windowsOptions.hostProcess` counts as `host-namespaces`.
+//!
 //! Each relaxation is a flag for every namespace, or an entry of `--pod-policy-by-namespace` for one; a namespace's
 //! entry adds to the global settings. Pod Security Admission, where the namespace enforces a level, judges the Pod
 //! again when it is created (the stricter of the two wins); this check runs first so the job fails with a reason
@@ -110,7 +118,44 @@ impl PodPolicy {
                 }
             }
         }
+        const FIXED: &str = "not relaxable; run such a Pod as a batch/v1 Job";
+        if let Some(psc) = &spec.security_context {
+            if psc.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) && !r.host_namespaces {
+                let field = "securityContext.windowsOptions.hostProcess";
+                return deny(field.into(), "is true".into(), "host-namespaces", HOST_NS);
+            }
+            if let Some(t) = psc.se_linux_options.as_ref().and_then(|o| o.type_.as_ref()) {
+                let what = format!("is {t:?}");
+                return deny("securityContext.seLinuxOptions.type".into(), what, "security-profile", FIXED);
+            }
+            let unconfined = [
+                ("seccompProfile", psc.seccomp_profile.as_ref().map(|p| p.type_.as_str())),
+                ("appArmorProfile", psc.app_armor_profile.as_ref().map(|p| p.type_.as_str())),
+            ];
+            for (field, t) in unconfined {
+                if t == Some("Unconfined") {
+                    let field = format!("securityContext.{field}.type");
+                    return deny(field, "is Unconfined".into(), "security-profile", FIXED);
+                }
+            }
+            if psc.sysctls.as_ref().is_some_and(|s| !s.is_empty()) {
+                return deny("securityContext.sysctls".into(), "is set".into(), "security-profile", FIXED);
+            }
+        }
         for (i, v) in spec.volumes.iter().flatten().enumerate() {
+            let node_mounted = [
+                ("gitRepo", v.git_repo.is_some()),
+                ("nfs", v.nfs.is_some()),
+                ("iscsi", v.iscsi.is_some()),
+                ("rbd", v.rbd.is_some()),
+                ("cephfs", v.cephfs.is_some()),
+                ("glusterfs", v.glusterfs.is_some()),
+                ("flexVolume", v.flex_volume.is_some()),
+            ];
+            if let Some((kind, _)) = node_mounted.iter().find(|(_, set)| *set) {
+                let what = format!("is a {kind} volume");
+                return deny(format!("volumes[{i}] ({})", v.name), what, "node-mounted-volume", FIXED);
+            }
             if v.host_path.is_some() && !r.host_path {
                 return deny(
                     format!("volumes[{i}] ({})", v.name),
@@ -181,6 +226,50 @@ fn check_container(r: &Relaxations, at: &str, c: &Container, host_ns: &'static s
                 "capabilities",
                 "allow it with --pod-allowed-capabilities or capabilities in --pod-policy-by-namespace",
             );
+        }
+    }
+    const FIXED: &str = "not relaxable; run such a Pod as a batch/v1 Job";
+    if sc.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) && !r.host_namespaces {
+        return deny("securityContext.windowsOptions.hostProcess", "is true".into(), "host-namespaces", host_ns);
+    }
+    if let Some(t) = sc.se_linux_options.as_ref().and_then(|o| o.type_.as_ref()) {
+        return deny("securityContext.seLinuxOptions.type", format!("is {t:?}"), "security-profile", FIXED);
+    }
+    let unconfined = [
+        ("seccompProfile", sc.seccomp_profile.as_ref().map(|p| p.type_.as_str())),
+        ("appArmorProfile", sc.app_armor_profile.as_ref().map(|p| p.type_.as_str())),
+    ];
+    for (field, t) in unconfined {
+        if t == Some("Unconfined") {
+            return deny(&format!("securityContext.{field}.type"), "is Unconfined".into(), "security-profile", FIXED);
+        }
+    }
+    if sc.proc_mount.as_deref() == Some("Unmasked") {
+        return deny("securityContext.procMount", "is Unmasked".into(), "security-profile", FIXED);
+    }
+    let handlers = [
+        ("livenessProbe", c.liveness_probe.as_ref().map(|p| (&p.http_get, &p.tcp_socket))),
+        ("readinessProbe", c.readiness_probe.as_ref().map(|p| (&p.http_get, &p.tcp_socket))),
+        ("startupProbe", c.startup_probe.as_ref().map(|p| (&p.http_get, &p.tcp_socket))),
+        (
+            "lifecycle.postStart",
+            c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()).map(|h| (&h.http_get, &h.tcp_socket)),
+        ),
+        (
+            "lifecycle.preStop",
+            c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).map(|h| (&h.http_get, &h.tcp_socket)),
+        ),
+    ];
+    for (field, handler) in handlers {
+        let Some((http, tcp)) = handler else { continue };
+        let hosts = [
+            ("httpGet.host", http.as_ref().and_then(|h| h.host.as_ref())),
+            ("tcpSocket.host", tcp.as_ref().and_then(|t| t.host.as_ref())),
+        ];
+        for (sub, host) in hosts {
+            if let Some(h) = host.filter(|h| !h.is_empty()) {
+                return deny(&format!("{field}.{sub}"), format!("is {h:?}"), "node-side-request", FIXED);
+            }
         }
     }
     if !r.host_namespaces {
@@ -317,5 +406,159 @@ mod tests {
             "containers": [{"name": "m", "ports": [{"containerPort": 1, "hostPort": 1}], "securityContext":
                 {"privileged": true, "allowPrivilegeEscalation": true, "capabilities": {"add": ["SYS_ADMIN"]}}}]}));
         assert_eq!(p.check("any", &s), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod node_side_and_known_limits {
+    //! Node-side requests, node-mounted volumes and security profiles (refused), and known limits (README
+    //! "Security"): the tests named `limit_*` assert what the policy lets through.
+    use super::*;
+    use serde_json::json;
+
+    fn check(v: &serde_json::Value) -> Result<(), Denial> {
+        let s: PodSpec = serde_json::from_value(v.clone()).unwrap();
+        PodPolicy::default().check("team-a", &s)
+    }
+
+    fn passes(v: serde_json::Value) {
+        assert_eq!(check(&v), Ok(()), "{v}");
+    }
+
+    fn refused(v: serde_json::Value, rule: &str, field: &str) {
+        let d = check(&v).expect_err(&v.to_string());
+        assert_eq!((d.rule, d.field.as_str()), (rule, field), "{d}");
+        assert!(d.to_string().contains("not relaxable") || rule == "host-namespaces", "{d}");
+    }
+
+    #[test]
+    fn probes_and_lifecycle_handlers_that_name_a_host_are_refused() {
+        let c = |extra: serde_json::Value| {
+            let mut c = json!({"name": "m"});
+            c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            json!({"containers": [c]})
+        };
+        let at = "containers[0] (m)";
+        refused(
+            c(json!({"livenessProbe": {"httpGet": {"host": "169.254.169.254", "path": "/", "port": 80}}})),
+            "node-side-request",
+            &format!("{at}.livenessProbe.httpGet.host"),
+        );
+        refused(
+            c(json!({"lifecycle": {"postStart": {"httpGet": {"host": "127.0.0.1", "path": "/", "port": 10250}}}})),
+            "node-side-request",
+            &format!("{at}.lifecycle.postStart.httpGet.host"),
+        );
+        refused(
+            c(json!({"readinessProbe": {"tcpSocket": {"host": "127.0.0.1", "port": 2379}}})),
+            "node-side-request",
+            &format!("{at}.readinessProbe.tcpSocket.host"),
+        );
+        refused(
+            c(json!({"lifecycle": {"preStop": {"tcpSocket": {"host": "10.0.0.1", "port": 22}}}})),
+            "node-side-request",
+            &format!("{at}.lifecycle.preStop.tcpSocket.host"),
+        );
+        // Without a host the kubelet probes the Pod's own IP: allowed.
+        passes(c(json!({"livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
+            "startupProbe": {"tcpSocket": {"port": 8080}}})));
+    }
+
+    #[test]
+    fn volumes_the_node_mounts_or_fetches_are_refused() {
+        for v in [
+            json!({"name": "n", "nfs": {"server": "10.0.0.5", "path": "/exports"}}),
+            json!({"name": "n", "iscsi": {"targetPortal": "10.0.0.6:3260", "iqn": "iqn.x:y", "lun": 0}}),
+            json!({"name": "n", "gitRepo": {"repository": "https://example.test/r.git"}}),
+            json!({"name": "n", "rbd": {"monitors": ["10.0.0.7"], "image": "i"}}),
+            json!({"name": "n", "cephfs": {"monitors": ["10.0.0.7"]}}),
+            json!({"name": "n", "glusterfs": {"endpoints": "e", "path": "p"}}),
+            json!({"name": "n", "flexVolume": {"driver": "vendor/driver"}}),
+        ] {
+            let pod = json!({"containers": [{"name": "m"}], "volumes": [{"name": "e", "emptyDir": {}}, v]});
+            refused(pod, "node-mounted-volume", "volumes[1] (n)");
+        }
+    }
+
+    #[test]
+    fn selinux_types_unconfined_profiles_unmasked_proc_and_sysctls_are_refused() {
+        let pod = |psc: serde_json::Value| json!({"securityContext": psc, "containers": [{"name": "m"}]});
+        let ctr = |sc: serde_json::Value| json!({"containers": [{"name": "m", "securityContext": sc}]});
+        refused(
+            pod(json!({"seLinuxOptions": {"type": "spc_t"}})),
+            "security-profile",
+            "securityContext.seLinuxOptions.type",
+        );
+        refused(
+            pod(json!({"seccompProfile": {"type": "Unconfined"}})),
+            "security-profile",
+            "securityContext.seccompProfile.type",
+        );
+        refused(
+            pod(json!({"appArmorProfile": {"type": "Unconfined"}})),
+            "security-profile",
+            "securityContext.appArmorProfile.type",
+        );
+        refused(
+            pod(json!({"sysctls": [{"name": "kernel.msgmax", "value": "1"}]})),
+            "security-profile",
+            "securityContext.sysctls",
+        );
+        refused(
+            pod(json!({"windowsOptions": {"hostProcess": true}})),
+            "host-namespaces",
+            "securityContext.windowsOptions.hostProcess",
+        );
+        let at = "containers[0] (m).securityContext";
+        refused(
+            ctr(json!({"seLinuxOptions": {"type": "spc_t"}})),
+            "security-profile",
+            &format!("{at}.seLinuxOptions.type"),
+        );
+        refused(
+            ctr(json!({"seccompProfile": {"type": "Unconfined"}})),
+            "security-profile",
+            &format!("{at}.seccompProfile.type"),
+        );
+        refused(
+            ctr(json!({"appArmorProfile": {"type": "Unconfined"}})),
+            "security-profile",
+            &format!("{at}.appArmorProfile.type"),
+        );
+        refused(ctr(json!({"procMount": "Unmasked"})), "security-profile", &format!("{at}.procMount"));
+        refused(
+            ctr(json!({"windowsOptions": {"hostProcess": true}})),
+            "host-namespaces",
+            &format!("{at}.windowsOptions.hostProcess"),
+        );
+        // The hardened settings pass.
+        passes(
+            json!({"securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, "seLinuxOptions": {"level": "s0:c1,c2"}},
+            "containers": [{"name": "m", "securityContext": {"procMount": "Default",
+                "appArmorProfile": {"type": "RuntimeDefault"}, "seccompProfile": {"type": "RuntimeDefault"}}}]}),
+        );
+    }
+
+    #[test]
+    fn limit_secrets_pvcs_csi_and_tokens_of_the_namespace_reach_the_pod() {
+        passes(json!({"containers": [{"name": "m"}],
+            "volumes": [{"name": "t", "secret": {"secretName": "deployer-token-abcde"}}]}));
+        passes(json!({"containers": [{"name": "m", "env": [{"name": "T", "valueFrom":
+            {"secretKeyRef": {"name": "deployer-token-abcde", "key": "token"}}}],
+            "envFrom": [{"secretRef": {"name": "db-credentials"}}]}]}));
+        passes(json!({"containers": [{"name": "m"}], "volumes": [{"name": "p", "projected": {"sources": [
+            {"secret": {"name": "db-credentials"}},
+            {"serviceAccountToken": {"audience": "vault", "path": "t", "expirationSeconds": 86400}}]}}]}));
+        passes(json!({"containers": [{"name": "m"}], "volumes": [
+            {"name": "d", "persistentVolumeClaim": {"claimName": "prod-db-data"}},
+            {"name": "c", "csi": {"driver": "secrets-store.csi.k8s.io", "volumeAttributes": {"secretProviderClass": "prod"}}}]}));
+        passes(json!({"automountServiceAccountToken": true, "containers": [{"name": "m"}]}));
+    }
+
+    #[test]
+    fn limit_placement_fields_pass() {
+        passes(json!({"nodeName": "control-plane-1", "tolerations": [{"operator": "Exists"}],
+            "priorityClassName": "system-node-critical", "runtimeClassName": "runc-unsandboxed",
+            "containers": [{"name": "m"}]}));
     }
 }

@@ -125,6 +125,9 @@ app.kubernetes.io/part-of: bgjobs
 {{- if ne $w.failurePolicy "Fail" -}}
 {{- fail (printf "operator.podCreatorCheck %q needs admissionWebhook.failurePolicy Fail: a job created while the webhook is skipped keeps whatever creator record its author wrote" (toString $o.podCreatorCheck)) -}}
 {{- end -}}
+{{- if and (not .Values.watchNamespace) $w.namespaceSelector -}}
+{{- fail (printf "operator.podCreatorCheck %q with admissionWebhook.namespaceSelector: the operator watches every namespace, and a job created in a namespace the selector leaves out keeps whatever creator record its author wrote. Leave namespaceSelector empty, or set watchNamespace" (toString $o.podCreatorCheck)) -}}
+{{- end -}}
 {{- end -}}
 {{- if and $w.enabled (not $w.certificate.generate) (not $w.certificate.secretName) -}}
 {{- fail "admissionWebhook.certificate.generate is false: set admissionWebhook.certificate.secretName to the kubernetes.io/tls Secret with the webhook's certificate" -}}
