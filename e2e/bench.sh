@@ -204,7 +204,7 @@ metrics_snapshot() {
   }
 }
 
-# The apiserver's counters have no namespace label: on a shared control plane (colleagues' tests, the demo) they
+# The apiserver's counters have no namespace label: on a shared control plane (other test runs, the demo) they
 # also count other clients' writes. Watching the scenario's namespace counts exactly the successful writes made
 # there (one watch event per create, update or delete), so the analysis can tell the two apart. The watches start
 # at the resourceVersion of a fresh list, i.e. after the jobs were created.

@@ -179,7 +179,7 @@ eval "$(e2e/cluster.sh env)"
 export KUBECONFIG
 cargo build --release -p bgjobs-test-worker -p bgjobs-history
 mkdir -p "$RUN_DIR" "$PID_DIR"
-# Frozen copies: a colleague's build must not swap the binaries mid-run.
+# Frozen copies: a concurrent `cargo build` must not swap the binaries mid-run.
 cp target/release/bgjobs-test-worker target/release/bgjobs-history "$RUN_DIR/"
 WORKER=$RUN_DIR/bgjobs-test-worker
 HISTORY=$RUN_DIR/bgjobs-history
