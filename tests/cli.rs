@@ -13,17 +13,6 @@ use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// Run `bgjobs ARGS -n <test namespace>`; returns (success, stdout, stderr).
-fn bgjobs(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
-        .args(args)
-        .args(["-n", &env.ns])
-        .env("KUBECONFIG", common::kubeconfig_path())
-        .output()
-        .expect("run bgjobs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_history() {
     let env = TestEnv::new("cli-retry").await;
@@ -32,12 +21,12 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
         .await;
     env.wait_job("flaky", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
 
-    let (ok, out, err) = bgjobs(&env, &["retry", "flaky"]);
+    let (ok, out, err) = env.cli(&["retry", "flaky"]);
     assert!(ok && out.contains("re-queued"), "{out}{err}");
     let job = env.wait_job("flaky", MINUTE, "Failed again", |j| j.phase() == Phase::Failed && j.attempts() == 2).await;
     assert_eq!(job.spec.retry.max_attempts, Some(2), "another full budget of 1 on top of the attempt made");
 
-    let (ok, out, err) = bgjobs(&env, &["retry", "flaky"]);
+    let (ok, out, err) = env.cli(&["retry", "flaky"]);
     assert!(ok, "{err}");
     assert!(out.contains("re-queued"), "{out}");
     env.wait_job("flaky", MINUTE, "Failed a third time", |j| j.phase() == Phase::Failed && j.attempts() == 3).await;
@@ -46,7 +35,7 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
     // own series (the recorder would fold equal ones), and no Claimed (the happy path).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (ok, out, err) = bgjobs(&env, &["describe", "flaky", "-o", "json"]);
+        let (ok, out, err) = env.cli(&["describe", "flaky", "-o", "json"]);
         assert!(ok, "{err}");
         let described: serde_json::Value = serde_json::from_str(&out).expect("describe -o json is JSON");
         let reasons: Vec<&str> =
@@ -58,12 +47,12 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
         assert!(std::time::Instant::now() < deadline, "history incomplete: {reasons:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (ok, out, err) = bgjobs(&env, &["describe", "flaky"]);
+    let (ok, out, err) = env.cli(&["describe", "flaky"]);
     assert!(ok, "{err}");
     assert!(out.contains("Phase:         Failed") && out.contains("Attempts:      3"), "{out}");
     assert!(out.contains("History:") && out.matches("still down").count() >= 3, "{out}");
 
-    let (ok, _, err) = bgjobs(&env, &["retry", "missing-job"]);
+    let (ok, _, err) = env.cli(&["retry", "missing-job"]);
     assert!(!ok && err.contains("missing-job"), "{err}");
 }
 
@@ -71,25 +60,25 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
 async fn enqueue_list_stats_and_cancel_speak_table_json_and_yaml() {
     let env = TestEnv::new("cli-list").await;
     let (ok, out, err) =
-        bgjobs(&env, &["enqueue", "sleep", "--args", r#"{"seconds": 60}"#, "--priority", "High", "-c", "2"]);
+        env.cli(&["enqueue", "sleep", "--args", r#"{"seconds": 60}"#, "--priority", "High", "-c", "2"]);
     assert!(ok && out.matches("created").count() == 2, "{out}{err}");
-    let (ok, _, err) = bgjobs(&env, &["enqueue", "sleep", "--args", "not json"]);
+    let (ok, _, err) = env.cli(&["enqueue", "sleep", "--args", "not json"]);
     assert!(!ok && err.contains("--args is not JSON"), "{err}");
 
-    let (ok, out, _) = bgjobs(&env, &["list", "-o", "json"]);
+    let (ok, out, _) = env.cli(&["list", "-o", "json"]);
     let jobs: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list -o json is a JSON array");
     assert!(ok && jobs.len() == 2 && jobs.iter().all(|j| j["spec"]["priority"] == "High"));
-    let (ok, out, _) = bgjobs(&env, &["list"]);
+    let (ok, out, _) = env.cli(&["list"]);
     assert!(ok && out.starts_with("NAME") && out.lines().count() == 3, "{out}");
-    let (ok, out, _) = bgjobs(&env, &["stats", "-o", "yaml"]);
+    let (ok, out, _) = env.cli(&["stats", "-o", "yaml"]);
     assert!(ok && out.contains("waiting: 2"), "{out}");
 
     let name = jobs[0]["metadata"]["name"].as_str().unwrap().to_string();
-    let (ok, out, err) = bgjobs(&env, &["cancel", &name]);
+    let (ok, out, err) = env.cli(&["cancel", &name]);
     assert!(ok && out.contains("cancellation requested"), "{out}{err}");
     let _r = env.replica("r", &[]);
     env.wait_job(&name, MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
-    let (ok, out, _) = bgjobs(&env, &["stats", "-o", "json"]);
+    let (ok, out, _) = env.cli(&["stats", "-o", "json"]);
     let counts: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(ok && counts["cancelled"] == 1, "{out}");
 }
@@ -106,7 +95,7 @@ fn completions_are_generated_for_common_shells() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_enqueue_with_parallel_1_is_dispatched_in_index_order() {
     let env = TestEnv::new("cli-bulk-order").await;
-    let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", "25", "--parallel", "1", "--batch", "ordered"]);
+    let (ok, out, err) = env.cli(&["enqueue", "noop", "-c", "25", "--parallel", "1", "--batch", "ordered"]);
     assert!(ok && out.matches("created").count() == 25, "{out}{err}");
     // One replica with one slot starts them one by one, in dispatch order.
     let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "1"]);
@@ -129,7 +118,7 @@ async fn a_parallel_bulk_enqueue_creates_each_job_once_and_a_repeat_creates_only
     let env = TestEnv::new("cli-bulk").await;
     let (n, parallel) = (300usize, 32usize);
     let (ok, out, err) =
-        bgjobs(&env, &["enqueue", "noop", "-c", &n.to_string(), "--parallel", &parallel.to_string(), "--batch", "b1"]);
+        env.cli(&["enqueue", "noop", "-c", &n.to_string(), "--parallel", &parallel.to_string(), "--batch", "b1"]);
     assert!(ok && out.matches("created").count() == n, "{out}{err}");
     let jobs = env.list().await;
     let index = |j: &bgjobs::api::BackgroundJob| -> usize {
@@ -147,7 +136,7 @@ async fn a_parallel_bulk_enqueue_creates_each_job_once_and_a_repeat_creates_only
         api.delete(&format!("noop-b1-{i:03}"), &Default::default()).await.unwrap();
     }
     let uids: std::collections::BTreeSet<String> = env.list().await.iter().filter_map(|j| j.uid()).collect();
-    let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", &n.to_string(), "--batch", "b1"]);
+    let (ok, out, err) = env.cli(&["enqueue", "noop", "-c", &n.to_string(), "--batch", "b1"]);
     assert!(ok && out.matches("created").count() == n, "{out}{err}");
     let again = env.list().await;
     assert_eq!(again.len(), n, "no duplicates");

@@ -67,17 +67,6 @@ async fn jobs_of_a_recurring_definition_follow_its_history_limit_not_the_operato
     defs.delete("tick", &Default::default()).await.expect("delete the definition");
 }
 
-/// Run `bgjobs ARGS -n <test namespace>`; returns (success, stdout, stderr).
-fn bgjobs(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgjobs"))
-        .args(args)
-        .args(["-n", &env.ns])
-        .env("KUBECONFIG", common::kubeconfig_path())
-        .output()
-        .expect("run bgjobs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_deletes_finished_jobs() {
     use k8s_openapi::api::core::v1::ResourceQuota;
@@ -96,7 +85,7 @@ async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_delet
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", "5", "--parallel", "1", "--batch", "q1"]);
+    let (ok, out, err) = env.cli(&["enqueue", "noop", "-c", "5", "--parallel", "1", "--batch", "q1"]);
     assert!(!ok, "a 4th job is refused: {out}{err}");
     assert!(err.contains("ResourceQuota refuses more BackgroundJobs") && err.contains("exceeded quota"), "{err}");
     assert!(err.contains("3 of 5 jobs of batch \"q1\" were created") && err.contains("--batch q1"), "{err}");
@@ -110,7 +99,7 @@ async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_delet
     let _r = env.replica("r", &["--retention", &rule]);
     let deadline = Instant::now() + 2 * MINUTE;
     loop {
-        let (ok, out, err) = bgjobs(&env, &["enqueue", "noop", "-c", "3"]);
+        let (ok, out, err) = env.cli(&["enqueue", "noop", "-c", "3"]);
         if ok {
             assert_eq!(out.matches("created").count(), 3, "{out}");
             break;

@@ -546,6 +546,19 @@ pub struct NodeAgentOptions {
 }
 
 impl TestEnv {
+    /// Run `bgjobs ARGS -n <test namespace>`; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+            .args(args)
+            .args(["-n", &self.ns])
+            .env("KUBECONFIG", kubeconfig_path())
+            .output()
+            .expect("run bgjobs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+}
+
+impl TestEnv {
     /// Start a node agent (the local stand-in for a kubelet) with a Node of its own. Place the test's Pods on it
     /// with [`NodeAgent::placement`] or [`NodeAgent::pin`], and wait for [`NodeAgent::ready`] before timing anything.
     pub fn node_agent(&self) -> NodeAgent {
