@@ -79,28 +79,24 @@ impl QueueView {
         let changes = Arc::new(Mutex::new(Changes::default()));
         let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
 
-        let (noted, dispatch, recurring) = (changes.clone(), changed.clone(), recurring_changed.clone());
+        let (noted, dispatch) = (changes.clone(), changed.clone());
         // Jobs are listed from the apiserver's watch cache (resourceVersion 0, as client-go's informers do), not
         // page by page from etcd: with 100,000 jobs a paged quorum list takes minutes on a busy apiserver, by which
         // time its resourceVersion has left the watch cache's window, the watch that follows fails as expired, and
         // the replica lists again, forever (seen at 100,000 waiting jobs: 204 jobs run in 10 minutes). A list from
         // the cache may be older than etcd; nothing here trusts the cache beyond what a fenced write checks.
+        // The recurring controller does not read this cache: it follows its definitions' jobs through its own watch
+        // (`recurring::Children`), so job events wake only the dispatcher.
         let jobs = reflect(
             scoped::<BackgroundJob>(&client, namespace),
             watcher::Config::default().any_semantic(),
             slim,
             "BackgroundJob",
             move |event| {
-                let mut owned = false;
                 note(&noted, event, |c, job: &BackgroundJob| {
-                    owned |= job.owner_references().iter().any(|o| o.kind == "RecurringBackgroundJob");
                     c.jobs.push((ObjectRef::from_obj(job), job.uid().unwrap_or_default()));
                 });
                 dispatch.notify_one();
-                // The recurring controller cares only about jobs its definitions made, and about re-lists.
-                if owned || matches!(event, watcher::Event::InitDone) {
-                    recurring.notify_one();
-                }
             },
         );
         let lease_note = |noted: Arc<Mutex<Changes>>, notify: Vec<Arc<Notify>>| {

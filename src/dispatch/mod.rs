@@ -479,14 +479,14 @@ impl Dispatcher {
                     || !self.held.contains_key(&j.uid().unwrap_or_default())
             });
         let mut slots = Vec::new();
-        let mut scarce_slots = None;
+        let mut cluster_free = None;
         if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
             let reserved: Vec<String> =
                 self.slots_in_use.values().cloned().chain(held_for_adopters.iter().cloned()).collect();
             let timing = &self.worker.timing;
             slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, &me);
-            scarce_slots = Some(slots.len());
+            cluster_free = Some(slots.len());
             free = free.min(slots.len());
         }
         // How many replicas race for the head (nobody races the exclusive leader, or for scarce cluster slots).
@@ -496,7 +496,7 @@ impl Dispatcher {
         let racing = ordering::racing(false, members.len(), holders.len());
         // With a cluster cap, the free slots are scarce when the replicas racing for them could want more than there
         // are: then whoever wins a slot must use it for the head.
-        let slots_scarce = scarce_slots.is_some_and(|n| n < free.max(1).saturating_mul(racing));
+        let slots_scarce = cluster_free.is_some_and(|n| n < free.max(1).saturating_mul(racing));
         let workers = ordering::racing(self.leader.is_some() || slots_scarce, members.len(), holders.len());
 
         // Overdue means "passed over at the very head": among the first `free` jobs (those a strict-FIFO replica
