@@ -137,13 +137,19 @@ fn shell_job(agent: &NodeAgent) -> BackgroundJob {
     BackgroundJob::new("placeholder", spec)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_creators_who_may_create_them() {
-    let env = TestEnv::new("admission").await;
+/// Label the test's namespace so that only it is selected by the webhook this test registers.
+async fn select_for_webhook(env: &TestEnv) -> (&'static str, &str) {
     let label = ("test.bgjobs.dev/admission", env.ns.as_str());
     let namespaces: Api<Namespace> = Api::all(env.client.clone());
     let labels = json!({"metadata": {"labels": {label.0: label.1}}});
     namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
+    label
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_creators_who_may_create_them() {
+    let env = TestEnv::new("admission").await;
+    let label = select_for_webhook(&env).await;
 
     // Created before the webhook exists: no record, so the required check fails it.
     let agent = env.node_agent();
@@ -259,10 +265,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_pass_the_webhook() {
     let env = TestEnv::new("vouched").await;
-    let label = ("test.bgjobs.dev/admission", env.ns.as_str());
-    let namespaces: Api<Namespace> = Api::all(env.client.clone());
-    let labels = json!({"metadata": {"labels": {label.0: label.1}}});
-    namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
+    let label = select_for_webhook(&env).await;
 
     let (alice, mallory) = (format!("alice-{}", env.ns), format!("mallory-{}", env.ns));
     // The README's "RBAC for application teams" Role, for both; alice may also create pods.

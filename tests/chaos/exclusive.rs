@@ -8,14 +8,13 @@
 use std::time::{Duration, Instant};
 
 use bgjobs::exclusive::EXCLUSIVE_LEASE;
-use bgjobs_history::Limits;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::DeleteParams;
 
 use crate::common::{self, TestEnv};
 use crate::fleet::{Fleet, Rng};
-use crate::{FIFO_BOUND_MS, LEASE_MS, ONE_RUN_AT_A_TIME, OPERATOR_ACCOUNT, workload};
+use crate::{ONE_RUN_AT_A_TIME, OPERATOR_ACCOUNT, workload};
 
 const PER_REPLICA: usize = 4;
 /// Below the per-replica cap, so that the leader's attempts also hold slot Leases.
@@ -61,14 +60,7 @@ async fn under_the_exclusive_strategy_a_randomized_fault_schedule_never_lets_two
     proxy.heal();
     load.stop_recurring().await;
     let jobs = crate::drain(&env).await;
-    let limits = Limits {
-        cluster_cap: Some(CLUSTER_CAP),
-        per_replica_cap: Some(PER_REPLICA),
-        lease_ms: LEASE_MS,
-        catch_up_ms: Some(60_000),
-        fifo_bound_ms: Some(FIFO_BOUND_MS),
-        exclusive: true,
-    };
+    let limits = crate::limits(CLUSTER_CAP, PER_REPLICA, true);
     crate::judge(&env, seed, &limits, jobs.len());
 }
 
