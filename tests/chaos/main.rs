@@ -25,6 +25,7 @@ mod workload;
 
 use std::time::{Duration, Instant};
 
+use bgjobs::api::Phase;
 use bgjobs_history::{History, Limits};
 use common::TestEnv;
 use fleet::{Fleet, MemberSpec, Rng};
@@ -76,9 +77,25 @@ async fn drain(env: &TestEnv) -> Vec<bgjobs::api::BackgroundJob> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         jobs = env.list().await;
     }
-    // The last status changes reach the recorder before the history is read.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The history is read once the recorder has seen every job final too: after an apiserver restart its watch
+    // re-lists, which can take longer than the operator's own writes.
+    let recorded = Instant::now();
+    while !recorded_final(env, &jobs) && recorded.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     jobs
+}
+
+/// Whether the recorder's last line for each of `jobs` shows it in a final phase.
+fn recorded_final(env: &TestEnv, jobs: &[bgjobs::api::BackgroundJob]) -> bool {
+    let Ok(history) = History::read(&env.dir) else { return false };
+    let last: std::collections::HashMap<&str, &str> =
+        history.status.iter().map(|l| (l.uid.as_str(), l.phase.as_str())).collect();
+    jobs.iter().all(|j| {
+        let uid = j.uid().unwrap_or_default();
+        let phase = last.get(uid.as_str()).and_then(|p| serde_json::from_value::<Phase>(serde_json::json!(p)).ok());
+        phase.is_some_and(Phase::is_final)
+    })
 }
 
 /// Check the run's history against `limits`, print its figures, keep them in `report.txt`, and fail on any
@@ -140,17 +157,22 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
     proxy.heal();
     load.stop_recurring().await;
     let jobs = drain(&env).await;
-    let limits = Limits {
-        cluster_cap: Some(CLUSTER_CAP),
-        per_replica_cap: Some(PER_REPLICA),
+    let limits = limits(CLUSTER_CAP, PER_REPLICA, false);
+    judge(&env, seed, &limits, jobs.len());
+}
+
+/// What a run with these caps is held to; `exclusive` adds that no two replicas ever run jobs at once.
+fn limits(cluster_cap: usize, per_replica: usize, exclusive: bool) -> Limits {
+    Limits {
+        cluster_cap: Some(cluster_cap),
+        per_replica_cap: Some(per_replica),
         lease_ms: LEASE_MS,
         // A tick is decided (claimed) on time by a live owner; its job may come later when the owner dies or etcd and
         // the apiserver restart between the claim and the create, but never more than this after its tick.
         catch_up_ms: Some(60_000),
         fifo_bound_ms: Some(FIFO_BOUND_MS),
-        exclusive: false,
-    };
-    judge(&env, seed, &limits, jobs.len());
+        exclusive,
+    }
 }
 
 /// The second kube-apiserver on the control plane's etcd (started if needed), and its kubeconfig.
