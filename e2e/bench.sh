@@ -63,7 +63,6 @@ BENCH_DIR=$ROOT/target/bench
 RUN_DIR=$BENCH_DIR/run-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$BENCH_DIR/pids # shared by every run, so a later run can find replicas an aborted run left behind
 NS_PREFIX=bgjobs-bench
-CLK_TCK=$(getconf CLK_TCK)
 
 REPLICA_PIDS=()  # exactly the operator processes this run started; with WATCH_PIDS, the only ones the script signals
 WATCH_PIDS=()    # the `kubectl get --raw ...?watch=1` processes counting writes in the scenario's namespace
@@ -140,14 +139,6 @@ machine_info() {
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
-# CPU seconds (user + system) a process has used so far; 0 if it is gone. Field 2 (comm) has no spaces for the
-# processes we look at (bgjobs, kube-apiserver, etcd).
-cpu_seconds() {
-  awk -v tck="$CLK_TCK" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0
-}
-
-# The control plane's PIDs, read from cluster.sh's PID files (read only: we never signal them).
-plane_pid() { cat "$ROOT/.cluster/$1.pid" 2>/dev/null || echo 0; }
 
 # --- namespaces ---------------------------------------------------------------------------------------------------
 

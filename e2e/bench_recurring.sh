@@ -44,7 +44,6 @@ RAW=${BENCH_RAW:-3000}
 NS=bgjobs-rec-bench
 RUN_DIR=$ROOT/target/bench/recurring-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
-CLK_TCK=$(getconf CLK_TCK)
 REPLICA_PIDS=()
 
 die() {
@@ -62,9 +61,6 @@ done
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
 [ -n "${KUBECONFIG:-}" ] || die "KUBECONFIG is not set (the local control plane's kubeconfig)"
 
-cpu_seconds() { awk -v tck="$CLK_TCK" '{printf "%.1f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-peak_rss_mib() { awk '/^VmHWM:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
-plane_pid() { cat "${BGJOBS_CLUSTER_DIR:-$ROOT/.cluster}/$1.pid" 2>/dev/null || echo 0; }
 metrics_snapshot() { kubectl get --raw /metrics | grep -E '^apiserver_request_total\{' >"$1"; }
 # Writes to one resource between two snapshots of the apiserver's counters (every response code: a 409 costs too).
 writes_between() { # before after resource

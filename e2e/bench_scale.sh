@@ -36,7 +36,6 @@ STALL=${SCALE_STALL:-180}
 RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
 NS=${SCALE_NAMESPACE:-bgjobs-scale}
-CLK_TCK=$(getconf CLK_TCK)
 REPLICA_PIDS=()
 RECORDER_PID=""
 LEASE_WATCH_PID=""
@@ -52,10 +51,6 @@ for v in $SIZES $REPLICAS $SLOTS $CREATE_PARALLEL $STALL; do
 done
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
 
-cpu_seconds() { awk -v tck="$CLK_TCK" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
-peak_rss_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
-plane_pid() { cat "$ROOT/.cluster/$1.pid" 2>/dev/null || echo 0; }
 
 # The apiserver's request counters have no namespace label: on a shared control plane they count other clients
 # too. Successful writes are therefore counted in the run's namespace: the recorder logs every job change, and a

@@ -1,4 +1,4 @@
-# Shared by e2e/demo.sh and e2e/bench.sh: operator replicas as background processes, started and stopped by PID.
+# Shared by the e2e scripts (demo and benchmarks): operator replicas as background processes, started and stopped by PID.
 # Callers define `die MESSAGE`, set BIN (the bgjobs binary) and keep the started PIDs in the array REPLICA_PIDS.
 
 # wait_gone PID SECONDS: true once PID has exited.
@@ -83,3 +83,12 @@ stop_replicas() {
   REPLICA_PIDS=()
   rm -f "$pid_dir/$prefix"-*.pid
 }
+
+# Process figures for the benchmarks, read from /proc (0 once the process is gone).
+# cpu_seconds PID: user + system CPU seconds so far. Field 2 (comm) has no spaces for the processes measured.
+cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# rss_mib PID / peak_rss_mib PID: resident memory now / at its peak (VmHWM), in MiB.
+rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
+peak_rss_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# plane_pid NAME: a control plane process's PID from e2e/cluster.sh's PID file (read only: never signalled).
+plane_pid() { cat "${BGJOBS_CLUSTER_DIR:-$ROOT/.cluster}/$1.pid" 2>/dev/null || echo 0; }
