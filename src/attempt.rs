@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::poll_fn;
 use jiff::Timestamp;
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +25,7 @@ use tracing::{Instrument, info, warn};
 use crate::api::{BackgroundJob, Phase};
 use crate::claim::Claimed;
 use crate::executor::{self, JobContext};
-use crate::lease::Keeper;
+use crate::lease::{Give, Hold, Keeper};
 use crate::retry::{self, AttemptResult, Verdict};
 use crate::status::{self, Fenced};
 use crate::worker::Worker;
@@ -143,41 +142,41 @@ pub async fn run(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptCont
 }
 
 async fn run_inner(worker: Arc<Worker>, claimed: Claimed, control: Arc<AttemptControl>) {
-    let Claimed { job, lease: held, fence, took_over, extras } = claimed;
+    let Claimed { job, lease, fence, took_over, extras, tenure } = claimed;
     let ns = job.namespace().unwrap_or_default();
-    let lease_api = |ns: &str| -> Api<Lease> { Api::namespaced(worker.client.clone(), ns) };
     let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &ns);
-    let keeper = Keeper::new(lease_api(&ns), held, worker.timing);
-    // Extra Leases (cluster slot, concurrency key) are kept like the claim: losing any of them loses the claim.
-    let extras: Vec<Keeper> = extras
-        .into_iter()
-        .map(|h| {
-            let slot = h.lease.labels().contains_key(crate::limits::SLOT_LABEL);
-            let keeper = Keeper::new(lease_api(&h.lease.namespace().unwrap_or_default()), h, worker.timing);
-            if slot { keeper.recreating_when_absent() } else { keeper }
-        })
-        .collect();
-    let pod_runs_on =
-        run_claimed(&worker, &jobs, job, fence, took_over, &control, &keeper, &extras).await == Handover::PodRunsOn;
-    // A Pod that runs on still counts against the cluster cap and its concurrency key: its slot and key Leases stay
-    // as they are and expire, and the adopter takes the same ones over (see `claim::adoption_extras`).
-    if !pod_runs_on {
-        for k in &extras {
-            // A slot is left vacant rather than deleted: an absent slot is waited out (it may have been deleted by
-            // hand under a running attempt), a vacant one is free at once.
-            if k.lease().labels().contains_key(crate::limits::SLOT_LABEL) {
-                k.vacate().await;
-            } else {
-                k.release().await;
-            }
-        }
+    // The claim and its extra Leases (cluster slot, concurrency key) are vouched for by the replica's tenure and
+    // confirmed by its one list per renew interval: losing any of them loses the claim.
+    let leases = std::iter::once(lease).chain(extras).collect();
+    let hold = worker.held.hold(worker.client.clone(), leases, tenure, worker.timing);
+    let ended = run_claimed(&worker, &jobs, job, fence, took_over, &control, &hold).await;
+    hold.give_back(|lease| give_back(ended, lease.labels().contains_key(crate::limits::SLOT_LABEL))).await;
+}
+
+/// How an attempt's Leases are given back once it has ended.
+fn give_back(ended: Handover, slot: bool) -> Give {
+    match ended {
+        // Recorded: the claim is over. A slot is left vacant rather than deleted: an absent slot is waited out (it
+        // may have been deleted by hand under a running attempt), a vacant one is free at once.
+        Handover::Recorded if slot => Give::Vacate,
+        Handover::Recorded => Give::Release,
+        // A Pod that runs on still counts against the cluster cap and its concurrency key: its Leases stay, vouched
+        // for by no one, so the adopter takes the same ones over once they have aged a lease duration (see
+        // `claim::adopts`).
+        Handover::PodRunsOn => Give::Disown,
+        // Not recorded (the claim was lost, or the outcome write did not go through): whoever takes over waits the
+        // Leases out a lease duration, from now.
+        Handover::Unrecorded => Give::Disown,
     }
 }
 
-/// What is left running once the attempt runner returns.
-#[derive(PartialEq, Eq)]
+/// What is left once the attempt runner returns.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Handover {
-    Nothing,
+    /// The outcome is recorded.
+    Recorded,
+    /// The outcome is not recorded (claim lost, or the write failed); nothing runs.
+    Unrecorded,
     /// A Pod attempt was handed over (or its claim lost) while its Pod may still run.
     PodRunsOn,
 }
@@ -190,10 +189,9 @@ async fn run_claimed(
     fence: status::Fence,
     took_over: bool,
     control: &AttemptControl,
-    keeper: &Keeper,
-    extras: &[Keeper],
+    hold: &Hold,
 ) -> Handover {
-    let holds_claim = || keeper.is_current() && extras.iter().all(Keeper::is_current);
+    let holds_claim = || hold.is_current();
     let current = || holds_claim() && control.leading();
     let ns = job.namespace().unwrap_or_default();
     if took_over {
@@ -218,7 +216,7 @@ async fn run_claimed(
         // handler never starts.
         worker.metrics.stale_results_discarded.inc();
         warn!("the claim's lease was past its renew deadline before the attempt could start; it does not run");
-        return if job.spec.template.is_some() { Handover::PodRunsOn } else { Handover::Nothing };
+        return if job.spec.template.is_some() { Handover::PodRunsOn } else { Handover::Unrecorded };
     }
     if job.spec.cancel {
         control.stop(StopReason::Cancelled);
@@ -232,7 +230,7 @@ async fn run_claimed(
         job_name: job.spec.job_name.clone(),
         attempt: fence.attempt,
         worker: worker.identity.clone(),
-        leases: extras.iter().map(|k| k.lease().name_any()).collect(),
+        leases: hold.leases().iter().skip(1).map(|l| l.name_any()).collect(),
         cancel: cancel.clone(),
     };
     let (limit, limit_is_deadline) = attempt_limit(&job, worker.clock.now());
@@ -261,14 +259,7 @@ async fn run_claimed(
                 Err(_) if limit_is_deadline => Ending::DeadlineReached,
                 Err(_) => Ending::AttemptTimedOut(job.spec.attempt_timeout_seconds.unwrap_or(0)),
             },
-            _ = keeper.keep(&worker.metrics.renew_failures) => Ending::LeaseLost,
-            _ = async {
-                if extras.is_empty() {
-                    std::future::pending::<()>().await;
-                }
-                let renewals = extras.iter().map(|k| Box::pin(k.keep(&worker.metrics.renew_failures)));
-                futures::future::select_all(renewals).await;
-            } => Ending::LeaseLost,
+            _ = hold.lost() => Ending::LeaseLost,
             _ = control.leadership_lost() => Ending::Stopped(StopReason::NotLeader),
         };
         cancel.cancel();
@@ -285,7 +276,7 @@ async fn run_claimed(
     if matches!(ending, Ending::LeaseLost) || !holds_claim() {
         worker.metrics.stale_results_discarded.inc();
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");
-        return if is_pod { Handover::PodRunsOn } else { Handover::Nothing };
+        return if is_pod { Handover::PodRunsOn } else { Handover::Unrecorded };
     }
     // A Pod outlives our interest in it only when it finished or when the attempt is handed over.
     let pod_must_go = matches!(
@@ -297,7 +288,7 @@ async fn run_claimed(
     );
     // Bounded by the claim's time left; the outcome is recorded only once the Pod's containers have stopped, so a
     // retry never starts beside a container still in its termination grace period.
-    if is_pod && pod_must_go && !executor::pod::delete(&worker.client, &job, fence.attempt, keeper.time_left()).await {
+    if is_pod && pod_must_go && !executor::pod::delete(&worker.client, &job, fence.attempt, hold.time_left()).await {
         warn!(
             "the attempt's pod was still stopping when the claim ran out; the lease expires and the adopter finishes"
         );
@@ -306,15 +297,22 @@ async fn run_claimed(
     let handed_over = is_pod && matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
     let record = record(worker, jobs, &job, &fence, ending);
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
-    match tokio::time::timeout(keeper.time_left(), record).await {
-        Ok(Ok(true)) => keeper.release().await,
-        Ok(Ok(false)) => {}
+    let recorded = match tokio::time::timeout(hold.time_left(), record).await {
+        Ok(Ok(recorded)) => recorded,
         Ok(Err(e)) => {
-            warn!(error = %e, "could not record the attempt's outcome; the lease expires and another replica retries")
+            warn!(error = %e, "could not record the attempt's outcome; the lease expires and another replica retries");
+            false
         }
-        Err(_) => warn!("recording the attempt's outcome timed out; the lease expires and another replica retries"),
+        Err(_) => {
+            warn!("recording the attempt's outcome timed out; the lease expires and another replica retries");
+            false
+        }
+    };
+    match (handed_over, recorded) {
+        (true, _) => Handover::PodRunsOn,
+        (false, true) => Handover::Recorded,
+        (false, false) => Handover::Unrecorded,
     }
-    if handed_over { Handover::PodRunsOn } else { Handover::Nothing }
 }
 
 /// Record the outcome. `Ok(true)`: recorded, the Lease can go. `Ok(false)`: nothing to release (job gone, or moved on).

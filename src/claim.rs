@@ -21,7 +21,8 @@ use crate::api::BackgroundJobStatus;
 use crate::api::{BackgroundJob, Phase};
 use crate::error::Error;
 use crate::error::Result;
-use crate::lease::{self, Acquire, Claim, Held, LeaseTiming};
+use crate::lease::tenure::{self, TENURE_ANNOTATION};
+use crate::lease::{self, Acquire, Claim, Ending, Held, Keeper, LeaseTiming};
 use crate::status::{self, Fence};
 
 /// The state of a job's claim Lease, as one replica judges it.
@@ -86,6 +87,9 @@ pub struct ExtraLease {
     pub seen: Option<Arc<Lease>>,
     /// Label that marks what it is (`bgjobs.dev/slot`, `bgjobs.dev/concurrency-key`).
     pub label: &'static str,
+    /// The tenure vouching for `seen`, when it is taken because it expired (that tenure must end first; see
+    /// [`crate::lease::tenure`]). `None` for a Lease that is free without that: absent, vacant, or left over.
+    pub expired_tenure: Option<String>,
 }
 
 /// A claimed attempt, ready to run.
@@ -101,10 +105,12 @@ pub struct Claimed {
     pub took_over: bool,
     /// The extra Leases (slot, concurrency key) held for the attempt.
     pub extras: Vec<Held>,
+    /// The tenure (this replica's member Lease) the claim was made under: the attempt acts only while it is current.
+    pub tenure: Arc<Keeper>,
 }
 
-/// Who claims, under which Lease timing, and the cluster's time of the decision ([`crate::clock`]).
-#[derive(Clone, Copy, Debug)]
+/// Who claims, under which Lease timing and tenure, and the cluster's time of the decision ([`crate::clock`]).
+#[derive(Clone, Copy)]
 pub struct Claimant<'a> {
     /// The replica's identity.
     pub identity: &'a str,
@@ -112,6 +118,10 @@ pub struct Claimant<'a> {
     pub timing: &'a LeaseTiming,
     /// The cluster's time now.
     pub now: Timestamp,
+    /// The replica's tenure (its member Lease's Keeper), which vouches for every Lease the claim writes.
+    pub tenure: &'a Arc<Keeper>,
+    /// How to end the tenures vouching for the expired Leases the claim takes over (see [`end_tenures`]).
+    pub ends: &'a [(String, Ending)],
 }
 
 /// Outcome of a claim.
@@ -137,11 +147,14 @@ pub async fn claim(
     claimant: Claimant<'_>,
     extras: &[ExtraLease],
 ) -> Result<ClaimOutcome> {
-    let (worker, timing) = (claimant.identity, claimant.timing);
+    let timing = claimant.timing;
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let claim = claim_for(job, worker);
+    let Some(claim) = claim_for(job, claimant) else { return Ok(ClaimOutcome::Busy) };
+    if !end_tenures(client, claimant.ends, timing).await? {
+        return Ok(ClaimOutcome::Lost);
+    }
     let mut held: Vec<(Api<Lease>, Held)> = Vec::new();
     for extra in extras {
         let api: Api<Lease> = Api::namespaced(client.clone(), &extra.namespace);
@@ -171,14 +184,44 @@ pub async fn claim(
     outcome
 }
 
+/// End the tenures vouching for the expired Leases a claim (or settle) takes over, before taking any: revoke those
+/// this replica saw unchanged for a lease duration (see [`crate::lease::tenure`]). `Ok(false)`: one was renewed
+/// since, so its holder is alive and nothing is taken.
+async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseTiming) -> Result<bool> {
+    for (id, ending) in ends {
+        match ending {
+            Ending::Over => {}
+            Ending::Revoke(member) => {
+                let api: Api<Lease> = Api::namespaced(client.clone(), &member.namespace().unwrap_or_default());
+                if !tenure::revoke(&api, member, id).await? {
+                    return Ok(false);
+                }
+                tracing::info!(tenure = %id, "revoked the tenure of a replica that stopped renewing");
+            }
+            Ending::Unknown(namespace) => {
+                // Never seen in its member Lease here: read that Lease. Still in the tenure: its holder may be
+                // alive. Otherwise the tenure ended before this read, and its holder stops within a renew deadline
+                // of its end: wait a lease duration (the conservative bound) before taking over.
+                let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+                let member = api.get_opt(tenure::member_of(id)).await?;
+                if member.as_ref().and_then(tenure::tenure_id).as_deref() == Some(id.as_str()) {
+                    return Ok(false);
+                }
+                tokio::time::sleep(timing.duration).await;
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// Give back the extra Leases of a claim that was lost. A cluster slot is left vacant, never deleted (an absent slot
-/// is waited out for a lease duration); the slot of a failed adoption is left exactly as it is, because the
-/// attempt's Pod still runs under it and its next adopter takes it over.
+/// is waited out for a lease duration); the slot of a failed adoption is kept but disowned, because the attempt's
+/// Pod still runs under it and its next adopter takes it over once it has aged a lease duration.
 async fn release_all(held: &[(Api<Lease>, Held)], adoption: bool) {
     for (api, h) in held {
         let slot = h.lease.labels().contains_key(crate::limits::SLOT_LABEL);
         let given_back = match (slot, adoption) {
-            (true, true) => continue,
+            (true, true) => lease::disown(api, &h.lease).await,
             (true, false) => lease::vacate(api, &h.lease).await,
             (false, _) => lease::release(api, &h.lease).await,
         };
@@ -200,18 +243,23 @@ pub fn next_attempt(job: &BackgroundJob) -> i32 {
     if adopts(job) { job.attempts() } else { job.attempts() + 1 }
 }
 
-/// What a claim of the next attempt of `job` writes into its Lease.
-fn claim_for(job: &BackgroundJob, worker: &str) -> Claim {
+/// What a claim of the next attempt of `job` writes into its Lease: the attempt, and the tenure that vouches for
+/// it (`None` when the claimant's tenure is not current: it must not claim).
+fn claim_for(job: &BackgroundJob, claimant: Claimant<'_>) -> Option<Claim> {
     let attempt = next_attempt(job);
-    Claim {
-        holder: worker.to_string(),
+    let member = claimant.tenure.lease();
+    let tenure = tenure::tenure_id(&member).filter(|_| claimant.tenure.is_current())?;
+    Some(Claim {
+        holder: claimant.identity.to_string(),
         annotations: BTreeMap::from([
             (lease::JOB_UID_ANNOTATION.to_string(), job.uid().unwrap_or_default()),
             (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+            (TENURE_ANNOTATION.to_string(), tenure),
         ]),
         labels: BTreeMap::from([
             (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
             (JOB_LABEL.to_string(), crate::names::label_value(&job.name_any())),
+            (tenure::HELD_BY_LABEL.to_string(), member.name_any()),
         ]),
         owner: job.controller_owner_ref(&()).map(|mut o| {
             // Not the controller, and no blockOwnerDeletion: that would need extra RBAC on the job's finalizers.
@@ -219,7 +267,7 @@ fn claim_for(job: &BackgroundJob, worker: &str) -> Claim {
             o.block_owner_deletion = None;
             o
         }),
-    }
+    })
 }
 
 /// Acquire the job's claim Lease as judged: create it if absent, take it over under the version seen otherwise.
@@ -264,10 +312,11 @@ async fn write_holding(
     jobs: &Api<BackgroundJob>,
     job: &BackgroundJob,
     held: &Held,
-    timing: &LeaseTiming,
+    claimant: Claimant<'_>,
     status: BackgroundJobStatus,
 ) -> Result<Option<BackgroundJob>> {
-    let left = timing.renew_deadline.saturating_sub(held.written_at.elapsed());
+    let left =
+        claimant.timing.renew_deadline.saturating_sub(held.written_at.elapsed()).min(claimant.tenure.time_left());
     match tokio::time::timeout(left, status::write_if_unchanged(jobs, job, status)).await {
         Ok(written) => written,
         Err(_) => Err(Error::Timeout(left)),
@@ -308,13 +357,14 @@ async fn claim_job(
         // The adopted attempt keeps the start time it had: its attemptTimeoutSeconds counts from there.
         new_status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone()).or(new_status.start_time);
     }
-    match write_holding(jobs, job, &acquired, timing, new_status).await {
+    match write_holding(jobs, job, &acquired, claimant, new_status).await {
         Ok(Some(written)) => Ok(ClaimOutcome::Claimed(Box::new(Claimed {
             job: written,
             lease: acquired,
             fence: Fence { uid, worker: worker.to_string(), attempt },
             took_over,
             extras,
+            tenure: claimant.tenure.clone(),
         }))),
         Ok(None) => {
             lease::release(leases, &acquired.lease).await?;
@@ -341,7 +391,7 @@ pub async fn settle(
     claimant: Claimant<'_>,
     new_status: BackgroundJobStatus,
 ) -> Result<bool> {
-    let (worker, timing) = (claimant.identity, claimant.timing);
+    let timing = claimant.timing;
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     if job.phase() != Phase::Running {
@@ -350,7 +400,10 @@ pub async fn settle(
         return Ok(status::write_if_unchanged(&jobs, job, new_status).await?.is_some());
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let claim = claim_for(job, worker);
+    let Some(claim) = claim_for(job, claimant) else { return Ok(false) };
+    if !end_tenures(client, claimant.ends, timing).await? {
+        return Ok(false);
+    }
     let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
         return Ok(false);
     };
@@ -362,7 +415,7 @@ pub async fn settle(
             return Ok(false);
         }
     }
-    let written = write_holding(&jobs, job, &held, timing, new_status).await;
+    let written = write_holding(&jobs, job, &held, claimant, new_status).await;
     if written.is_ok() {
         lease::release(&leases, &held.lease).await?;
     }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
@@ -29,6 +29,8 @@ pub struct FreeSlot {
     pub name: String,
     /// The stale Lease to take over, or `None` to create it.
     pub seen: Option<Arc<Lease>>,
+    /// The tenure vouching for `seen`, when it is free because that tenure stopped (it must end first).
+    pub expired_tenure: Option<String>,
 }
 
 /// Create the `capacity` slot Leases, vacant, where they do not exist yet: every replica does this at start-up, so
@@ -80,12 +82,15 @@ pub fn held_for_adoption<'a>(
 }
 
 /// The slots free to this replica now, rotated by its identity so replicas try different slots first.
-/// `reserved` are slots this replica is acquiring or holding already.
+/// `reserved` are slots this replica is acquiring or holding already. `vouched` turns how long a slot has been
+/// seen unchanged into how long to treat it as unchanged (see [`crate::lease::Tenures::vouched_unchanged`]).
+#[allow(clippy::too_many_arguments)]
 pub fn free_slots(
     capacity: u32,
     leases: &HashMap<String, Arc<Lease>>,
     reserved: &[String],
     observer: &mut Observer,
+    mut vouched: impl FnMut(Option<&Lease>, Duration) -> Duration,
     now: Instant,
     timing: &LeaseTiming,
     me: &str,
@@ -94,15 +99,18 @@ pub fn free_slots(
     for i in 0..capacity {
         let name = slot_name(i);
         let seen = leases.get(&name).cloned();
-        let unchanged =
+        let own =
             observer.observe(&format!("slot/{name}"), seen.as_ref().and_then(|l| l.resource_version()).as_deref(), now);
+        let unchanged = vouched(seen.as_deref(), own);
         // Vacant (given back by its holder): free at once. Held, or absent (never created, or deleted by hand under
         // a running attempt): free once seen unchanged for a lease duration.
         let vacant = seen.as_ref().is_some_and(|l| crate::lease::holder(l).is_none());
         if reserved.contains(&name) || (!vacant && !timing.expired(unchanged)) {
             continue;
         }
-        free.push(FreeSlot { name, seen });
+        let expired_tenure =
+            seen.as_deref().filter(|_| !vacant).and_then(crate::lease::tenure::vouched_by).map(str::to_string);
+        free.push(FreeSlot { name, seen, expired_tenure });
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     me.hash(&mut h);
@@ -144,8 +152,8 @@ mod tests {
             n.sort();
             n
         };
-        assert!(free_slots(3, &leases, &[], &mut o, t0, &T, "me").is_empty());
-        let later = free_slots(3, &leases, &[], &mut o, t0 + Duration::from_secs(3), &T, "me");
+        assert!(free_slots(3, &leases, &[], &mut o, |_, d| d, t0, &T, "me").is_empty());
+        let later = free_slots(3, &leases, &[], &mut o, |_, d| d, t0 + Duration::from_secs(3), &T, "me");
         assert_eq!(names(later), ["bgjobs-slot-0", "bgjobs-slot-1", "bgjobs-slot-2"]);
     }
 
@@ -189,7 +197,7 @@ mod tests {
     fn reserved_slots_are_skipped() {
         let mut o = Observer::default();
         let leases: HashMap<_, _> = [vacant("bgjobs-slot-0"), vacant("bgjobs-slot-1")].into();
-        let free = free_slots(2, &leases, &["bgjobs-slot-1".into()], &mut o, Instant::now(), &T, "me");
+        let free = free_slots(2, &leases, &["bgjobs-slot-1".into()], &mut o, |_, d| d, Instant::now(), &T, "me");
         assert_eq!(free.len(), 1);
         assert_eq!(free[0].name, "bgjobs-slot-0");
     }
@@ -199,9 +207,9 @@ mod tests {
         let leases: HashMap<_, _> = [vacant("bgjobs-slot-0")].into();
         let mut o = Observer::default();
         let t0 = Instant::now();
-        let free = free_slots(2, &leases, &[], &mut o, t0, &T, "me");
+        let free = free_slots(2, &leases, &[], &mut o, |_, d| d, t0, &T, "me");
         assert_eq!(free.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["bgjobs-slot-0"]);
-        let free = free_slots(2, &leases, &[], &mut o, t0 + Duration::from_secs(3), &T, "me");
+        let free = free_slots(2, &leases, &[], &mut o, |_, d| d, t0 + Duration::from_secs(3), &T, "me");
         assert_eq!(free.len(), 2, "a slot deleted by hand may still be in use until its holder's renewal fails");
     }
 }

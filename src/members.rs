@@ -50,15 +50,17 @@ pub fn runs_recurring(l: &Lease) -> bool {
     lease::annotation(l, RECURRING_ANNOTATION) != Some("false")
 }
 
-/// Name of a replica's member Lease.
-pub fn member_lease_name(identity: &str) -> String {
+/// Name of a replica's member Lease in watch scope `scope`. The scope is part of the name: replicas of two
+/// deployments may share a Lease namespace and a Pod name, and a member Lease is the tenure that vouches for every
+/// Lease its replica holds ([`crate::lease::tenure`]), so two replicas must never share one.
+pub fn member_lease_name(identity: &str, scope: &str) -> String {
     let readable: String = identity
         .to_ascii_lowercase()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .take(40)
         .collect();
-    format!("bgjobs-member-{}-{:08x}", readable.trim_matches('-'), stable_hash(&[identity]) as u32)
+    format!("bgjobs-member-{}-{:08x}", readable.trim_matches('-'), stable_hash(&[identity, scope]) as u32)
 }
 
 /// The live member whose rendezvous hash with `key` is highest: the one that does `key`'s work.
@@ -66,20 +68,24 @@ pub fn owner<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
     members.iter().max_by_key(|m| stable_hash(&[m.as_str(), key])).map(String::as_str)
 }
 
-/// Identities of the members seen renewing within a lease duration, plus `me`, sorted.
+/// Identities of the members of `scope` ([`scope`]) seen renewing within a lease duration, plus `me`, sorted.
 pub fn live(
     store: &Store<Lease>,
+    scope: &str,
     observer: &mut Observer,
     now: Instant,
     timing: &LeaseTiming,
     me: &str,
 ) -> Vec<String> {
-    live_where(store, observer, now, timing, me, |_| true)
+    live_where(store, scope, observer, now, timing, me, |_| true)
 }
 
 /// Like [`live`], counting only members whose Lease `includes` (e.g. those that run the recurring controller).
+/// Replicas watch the member Leases of every scope (a Lease any of them holds may be vouched for by any tenure; see
+/// [`crate::lease::tenure`]), but share work only within their own.
 pub fn live_where(
     store: &Store<Lease>,
+    scope: &str,
     observer: &mut Observer,
     now: Instant,
     timing: &LeaseTiming,
@@ -91,6 +97,7 @@ pub fn live_where(
     for l in &leases {
         let unchanged = observer.observe(&l.name_any(), l.resource_version().as_deref(), now);
         if !timing.expired(unchanged)
+            && l.labels().get(MEMBER_LABEL).map(String::as_str) == Some(scope)
             && includes(l)
             && let Some(h) = lease::holder(l)
             && h != me
@@ -118,7 +125,7 @@ pub async fn heartbeat(
     stop: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
-    let name = member_lease_name(&identity);
+    let name = member_lease_name(&identity, &scope);
     let claim = Claim {
         holder: identity,
         annotations: BTreeMap::from([(RECURRING_ANNOTATION.to_string(), recurring.to_string())]),
@@ -197,7 +204,10 @@ mod tests {
 
     #[test]
     fn member_lease_names_are_valid() {
-        let n = member_lease_name("Pod_Name.1");
+        let n = member_lease_name("Pod_Name.1", "jobs");
         assert!(n.starts_with("bgjobs-member-pod-name-1-"), "{n}");
+        assert!(n.len() <= 63, "usable as a label value ({})", crate::lease::tenure::HELD_BY_LABEL);
+        assert_ne!(n, member_lease_name("Pod_Name.1", "other-jobs"), "one per scope");
+        assert!(member_lease_name(&"x".repeat(100), "s").len() <= 63);
     }
 }

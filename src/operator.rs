@@ -97,7 +97,8 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
             children: crate::recurring::Children::start(client.clone(), config.namespace.as_deref()),
             members: view.members.clone(),
             changed: view.recurring_changed.clone(),
-            membership,
+            membership: membership.clone(),
+            scope: crate::members::scope(config.namespace.as_deref()),
         };
         let concurrency = config.recurring_concurrency as usize;
         tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, concurrency, stop_background.clone()))
@@ -126,19 +127,38 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         shutdown_signal().await;
         stopping.stopping.store(true, Ordering::Relaxed);
     };
-    Dispatcher::new(worker.clone(), config, view, leader, health).run(shutdown).await;
+    // One list per renew interval confirms every Lease the attempts hold (see `lease::held`).
+    let confirming = tokio::spawn(crate::lease::held::confirm_loop(
+        client.clone(),
+        worker.held.clone(),
+        crate::members::member_lease_name(&identity, &crate::members::scope(config.namespace.as_deref())),
+        held_lease_namespaces(config.namespace.as_deref(), &config.lease_namespace),
+        timing,
+        stop_background.clone(),
+    ));
+    Dispatcher::new(worker.clone(), config, view, membership, leader, health).run(shutdown).await;
     stop_election.cancel();
     if let Some(task) = election {
         let _ = task.await;
     }
     stop_background.cancel();
     let _ = heartbeat.await;
+    let _ = confirming.await;
     let _ = clock.await;
     if let Some(task) = recurring {
         let _ = task.await;
     }
     info!(stats = %worker.metrics.summary(), "bgjobs operator stopped");
     Ok(())
+}
+
+/// Where the Leases of this replica's attempts live: its watched namespace (claims, concurrency keys) and the Lease
+/// namespace (cluster slots); everywhere when it watches every namespace.
+fn held_lease_namespaces(watched: Option<&str>, lease_namespace: &str) -> Option<Vec<String>> {
+    let watched = watched?;
+    let mut out = vec![watched.to_string(), lease_namespace.to_string()];
+    out.dedup();
+    Some(out)
 }
 
 /// Fail fast with a hint when the CRD is missing (a list of BackgroundJobs answers 404).

@@ -128,11 +128,10 @@ impl QueueView {
                 lease_note(changes.clone(), vec![changed.clone()]),
             )
         });
-        let member_selector = format!("{MEMBER_LABEL}={}", crate::members::scope(namespace));
         let both = [changed.clone(), recurring_changed.clone()];
         let members = reflect(
             in_lease_ns(),
-            watcher::Config::default().labels(&member_selector),
+            watcher::Config::default().labels(MEMBER_LABEL),
             |_| {},
             "member Lease",
             move |_| both.iter().for_each(|n| n.notify_one()),

@@ -73,6 +73,8 @@ pub struct RecurringView {
     /// This replica's own member Lease, while held: the controller acts only while it is current, so a replica
     /// that was paused or cut off never finishes a tick another owner has taken over since.
     pub membership: tokio::sync::watch::Receiver<Option<Arc<crate::lease::Keeper>>>,
+    /// The replicas' watch scope ([`crate::members::scope`]): ownership is shared among its members.
+    pub scope: String,
 }
 
 /// Name of the job for tick `t`: `<definition>-<Unix seconds>`, shortened with a hash when too long.

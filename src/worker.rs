@@ -35,6 +35,8 @@ pub struct Worker {
     pub invocations: InvocationLog,
     /// The cluster's clock, for every scheduling decision ([`crate::clock`]).
     pub clock: crate::clock::ServerClock,
+    /// The Leases this replica's attempts hold under its tenure ([`crate::lease::held`]).
+    pub held: Arc<crate::lease::HeldLeases>,
     recorder: Option<Recorder>,
     events: EventLevel,
 }
@@ -66,6 +68,7 @@ impl Worker {
             metrics: Arc::new(Metrics::default()),
             invocations: InvocationLog::open(invocation_log)?,
             clock: Default::default(),
+            held: Default::default(),
             recorder,
             events,
         })

@@ -33,7 +33,8 @@ use crate::attempt::{self, AttemptControl, StopReason};
 use crate::claim::{self, ClaimOutcome, ExtraLease, LeaseState};
 use crate::config::OperatorConfig;
 use crate::keys;
-use crate::lease::{Keeper, Observer};
+use crate::lease::tenure;
+use crate::lease::{Ending, Keeper, Observer, Tenures};
 use crate::limits;
 use crate::metrics::Health;
 use crate::ordering::{self, QueueKey, Runnable};
@@ -116,6 +117,10 @@ pub struct Dispatcher {
     key_observer: Observer,
     /// Member Leases as last seen.
     member_observer: Observer,
+    /// How each replica's tenure has aged, as seen here (see [`crate::lease::tenure`]).
+    tenures: Tenures,
+    /// This replica's tenure: claims are made only while it is current.
+    membership: watch::Receiver<Option<Arc<Keeper>>>,
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been at the head of this replica's view of the queue.
     head_since: HashMap<String, Instant>,
@@ -127,15 +132,18 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher over `view`. With `leader`, it runs jobs only while it holds the Lease the receiver shows.
+    /// A dispatcher over `view`, claiming under the tenure `membership` shows. With `leader`, it runs jobs only while
+    /// it holds the Lease that receiver shows.
     pub fn new(
         worker: Arc<Worker>,
         config: OperatorConfig,
         view: QueueView,
+        membership: watch::Receiver<Option<Arc<Keeper>>>,
         leader: Option<watch::Receiver<Option<Arc<Keeper>>>>,
         health: Arc<Health>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let tenures = Tenures::new(&config.lease_namespace);
         let mut backlog = Backlog::default();
         // The caches are synced: start from a full look, then follow the changes.
         Changes::take(&view.changes);
@@ -156,6 +164,8 @@ impl Dispatcher {
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
             member_observer: Observer::default(),
+            tenures,
+            membership,
             slots_in_use: HashMap::new(),
             head_since: HashMap::new(),
             health,
@@ -208,6 +218,48 @@ impl Dispatcher {
             self.deferred.remove(&uid);
             self.backlog.mark(&uid);
         }
+    }
+
+    /// This replica's tenure, while current.
+    fn tenure(&self) -> Option<Arc<Keeper>> {
+        self.membership.borrow().clone().filter(|k| k.is_current())
+    }
+
+    fn tenure_id(&self) -> Option<String> {
+        self.membership.borrow().as_ref().and_then(|k| tenure::tenure_id(&k.lease()))
+    }
+
+    /// How long to treat `lease` as unchanged, given how long this replica has seen it unchanged (`own`): the
+    /// younger of that and its tenure's age ([`Tenures::vouched_unchanged`]). Except for a Lease of this replica's
+    /// own tenure for a job no attempt here holds: that attempt has ended, nothing acts under the Lease any more,
+    /// so its own clock alone counts.
+    fn vouched(&mut self, lease: Option<&Lease>, own: Duration, inst: Instant) -> Duration {
+        if lease.is_some_and(|l| self.idle_of_mine(l)) {
+            return own;
+        }
+        self.tenures.vouched_unchanged(lease, own, inst)
+    }
+
+    fn idle_of_mine(&self, lease: &Lease) -> bool {
+        let mine = self.tenure_id();
+        tenure::vouched_by(lease).is_some_and(|t| Some(t) == mine.as_deref())
+            && !crate::lease::annotation(lease, crate::lease::JOB_UID_ANNOTATION)
+                .is_some_and(|uid| self.held.contains_key(uid))
+    }
+
+    /// How to end the tenures vouching for expired Leases a claim takes over (this replica's own tenure is never
+    /// revoked: a Lease of it that looks expired is one no attempt here holds).
+    fn ends(&self, tenures: impl IntoIterator<Item = String>) -> Vec<(String, Ending)> {
+        let mine = self.tenure_id();
+        let mut ids: Vec<String> = tenures.into_iter().filter(|t| Some(t) != mine.as_ref()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|t| {
+                let ending = self.tenures.ending(&t);
+                (t, ending)
+            })
+            .collect()
     }
 
     fn is_leader(&self) -> bool {
@@ -263,7 +315,9 @@ impl Dispatcher {
         }
         let me = self.worker.identity.clone();
         let timing = self.worker.timing;
-        let members = crate::members::live(&self.view.members, &mut self.member_observer, inst, &timing, &me);
+        self.tenures.update(&self.view.members.state(), inst);
+        let scope = crate::members::scope(self.config.namespace.as_deref());
+        let members = crate::members::live(&self.view.members, &scope, &mut self.member_observer, inst, &timing, &me);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
         for uid in self.backlog.take_dirty(inst) {
@@ -296,6 +350,7 @@ impl Dispatcher {
             }
             let backlog = &self.backlog;
             self.settled_at.retain(|uid, _| backlog.job(uid).is_some());
+            self.tenures.prune(FULL_LOOK.max(self.worker.timing.duration * 4), inst);
             let backlog = &self.backlog;
             self.key_observer.retain(|k| k.split_once('/').is_some_and(|(ns, name)| backlog.has_key_lease(ns, name)));
         }
@@ -385,16 +440,18 @@ impl Dispatcher {
             Duration::ZERO
         } else {
             let version = claim::observed_version(&job, lease.as_deref());
-            self.observer.observe(uid, Some(&version), inst)
+            let own = self.observer.observe(uid, Some(&version), inst);
+            self.vouched(lease.as_deref(), own, inst)
         };
         let key = job.spec.concurrency_key.as_deref().map(|key| {
             let name = keys::lease_name(key);
             let seen = self.view.leases.get(&ObjectRef::new(&name).within(&ns));
-            let unchanged = self.key_observer.observe(
+            let own = self.key_observer.observe(
                 &format!("{ns}/{name}"),
                 seen.as_ref().and_then(|l| l.resource_version()).as_deref(),
                 inst,
             );
+            let unchanged = self.vouched(seen.as_deref(), own, inst);
             (key, name, seen, unchanged)
         });
         let owner = key.as_ref().and_then(|(_, _, seen, _)| {
@@ -402,12 +459,12 @@ impl Dispatcher {
             self.backlog.job(owner_uid).cloned()
         });
         let adoption_slot = adoption_slots.get(uid).map(|slot| {
-            let age = self.slot_observer.observe(
+            let own = self.slot_observer.observe(
                 &format!("slot/{}", slot.name_any()),
                 slot.resource_version().as_deref(),
                 inst,
             );
-            (slot, age)
+            (slot, self.vouched(Some(slot), own, inst))
         });
         let facts = Facts {
             job: &job,
@@ -454,7 +511,7 @@ impl Dispatcher {
         held_for_adopters: &[String],
         adoptions: &[String],
     ) -> Option<Duration> {
-        if !self.config.job_execution_enabled || !self.is_leader() {
+        if !self.config.job_execution_enabled || !self.is_leader() || self.tenure().is_none() {
             return None;
         }
         let mut free = (self.config.max_concurrent_jobs_per_instance as usize).saturating_sub(self.held.len());
@@ -484,8 +541,12 @@ impl Dispatcher {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
             let reserved: Vec<String> =
                 self.slots_in_use.values().cloned().chain(held_for_adopters.iter().cloned()).collect();
-            let timing = &self.worker.timing;
-            slots = limits::free_slots(cap, &seen, &reserved, &mut self.slot_observer, Instant::now(), timing, &me);
+            let timing = self.worker.timing;
+            let inst = Instant::now();
+            let mut observer = std::mem::take(&mut self.slot_observer);
+            let vouched = |l: Option<&Lease>, own| self.vouched(l, own, inst);
+            slots = limits::free_slots(cap, &seen, &reserved, &mut observer, vouched, inst, &timing, &me);
+            self.slot_observer = observer;
             cluster_free = Some(slots.len());
             free = free.min(slots.len());
         }
@@ -551,6 +612,7 @@ impl Dispatcher {
                 name: s.name,
                 seen: s.seen,
                 label: limits::SLOT_LABEL,
+                expired_tenure: s.expired_tenure,
             });
             self.spawn_claim(c, slot);
         }
@@ -558,6 +620,7 @@ impl Dispatcher {
     }
 
     fn spawn_claim(&mut self, c: Candidate, slot: Option<ExtraLease>) {
+        let Some(tenure) = self.tenure() else { return };
         let uid = c.job.uid().unwrap_or_default();
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
@@ -570,10 +633,19 @@ impl Dispatcher {
         let Candidate { job, lease, state, extras, .. } = c;
         // The slot first: it is the scarcer resource, and losing it costs no other write.
         let extras: Vec<ExtraLease> = slot.into_iter().chain(extras).collect();
+        let expired_claim = lease.as_deref().filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by);
+        let ends = self.ends(
+            expired_claim.map(str::to_string).into_iter().chain(extras.iter().filter_map(|e| e.expired_tenure.clone())),
+        );
         tokio::spawn(async move {
             let mut done = done;
-            let claimant =
-                claim::Claimant { identity: &worker.identity, timing: &worker.timing, now: worker.clock.now() };
+            let claimant = claim::Claimant {
+                identity: &worker.identity,
+                timing: &worker.timing,
+                now: worker.clock.now(),
+                tenure: &tenure,
+                ends: &ends,
+            };
             // However its calls hang, a claim gives its slot back within a lease duration.
             let claiming = claim::claim(&worker.client, &job, lease.as_deref(), state, claimant, &extras);
             let outcome = crate::client::bounded(worker.timing.duration, claiming).await;
@@ -610,6 +682,9 @@ impl Dispatcher {
         phase: Phase,
         reason: String,
     ) {
+        let Some(tenure) = self.tenure() else { return };
+        let expired_claim = lease.as_deref().filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by);
+        let ends = self.ends(expired_claim.map(str::to_string));
         let Some(done) = self.start_write(job) else { return };
         let (worker, job) = (self.worker.clone(), job.clone());
         tokio::spawn(async move {
@@ -617,7 +692,13 @@ impl Dispatcher {
             let mut s = job.status.clone().unwrap_or_default();
             let now = worker.clock.now();
             status::finish(&mut s, phase, Some(reason.clone()), now);
-            let claimant = claim::Claimant { identity: &worker.identity, timing: &worker.timing, now };
+            let claimant = claim::Claimant {
+                identity: &worker.identity,
+                timing: &worker.timing,
+                now,
+                tenure: &tenure,
+                ends: &ends,
+            };
             let settled = claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, s);
             match crate::client::bounded(SIDE_WRITE_LIMIT, settled).await {
                 Ok(true) => {

@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use crate::api::{BackgroundJob, Phase};
 use crate::claim::{self, ExtraLease, LeaseState};
 use crate::keys::{self, KeyVerdict};
-use crate::lease::LeaseTiming;
+use crate::lease::{LeaseTiming, tenure};
 use crate::limits;
 use crate::ordering;
 use crate::retry::{self, Verdict};
@@ -147,19 +147,19 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             Some(KeyVerdict::Wait { .. }) => return Decision::Leave { recheck },
             _ => {}
         }
-        let seen = k.lease.cloned();
-        let extra = |seen| ExtraLease {
+        let extra = |seen: Option<&Arc<Lease>>, expired: bool| ExtraLease {
             namespace: k.lease_namespace.to_string(),
             name: k.lease_name.to_string(),
-            seen,
+            seen: seen.cloned(),
             label: keys::KEY_LABEL,
+            expired_tenure: seen.filter(|_| expired).and_then(|l| tenure::vouched_by(l)).map(str::to_string),
         };
         match keys::key_lease_state(job, k.lease.map(|l| l.as_ref()), k.owner, k.unchanged, timing) {
             LeaseState::Live => {
                 return Decision::Leave { recheck: earliest(recheck, Some(timing.until_expiry(k.unchanged))) };
             }
-            LeaseState::Absent => extras.push(extra(None)),
-            _ => extras.push(extra(seen)),
+            LeaseState::Absent => extras.push(extra(None, false)),
+            state => extras.push(extra(k.lease, state == LeaseState::Expired)),
         }
     }
     if !f.serves_queue {
@@ -177,6 +177,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
                 name: slot.name_any(),
                 seen: Some(slot.clone()),
                 label: limits::SLOT_LABEL,
+                expired_tenure: tenure::vouched_by(slot).map(str::to_string),
             })
         }
         None => None,

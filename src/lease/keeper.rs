@@ -37,6 +37,12 @@ enum Renewal {
     Unknown(String),
 }
 
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keeper").field("lease", &self.lease().name_any()).field("current", &self.is_current()).finish()
+    }
+}
+
 impl Keeper {
     /// Keep `held`, acquired through `api`.
     pub fn new(api: Api<Lease>, held: Held, timing: LeaseTiming) -> Self {

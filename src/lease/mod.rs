@@ -10,14 +10,22 @@
 //!   Lease unchanged on its own monotonic clock, like client-go's leader election, never by comparing `renewTime`
 //!   with the local wall clock (immune to clock offset).
 //!
+//! - the Leases an attempt takes (claim, cluster slot, concurrency key) are not renewed one by one: the replica's
+//!   member Lease vouches for all of them ([`tenure`]), and the replica confirms them in one list per renew
+//!   interval ([`held`]), so an attempt's writes do not grow with its duration.
+//!
 //! Safety rests on `duration > renew_deadline`: a holder stops acting at the renew deadline, counted from a moment
 //! no later than any observer's first sighting of the write, so it has stopped before anyone may take over.
 
+pub mod held;
 mod keeper;
 mod observer;
+pub mod tenure;
 
+pub use held::{Give, HeldLeases, Hold};
 pub use keeper::Keeper;
 pub use observer::Observer;
+pub use tenure::{Ending, Tenures};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -217,6 +225,21 @@ pub async fn vacate(api: &Api<Lease>, held: &Lease) -> Result<()> {
     let spec = lease.spec.get_or_insert_with(Default::default);
     spec.holder_identity = None;
     spec.renew_time = Some(now_micro());
+    replace(api, &lease).await.map(|_| ())
+}
+
+/// Keep a Lease this replica holds as it is, but vouched for by no tenure (see [`tenure`]): others take it once
+/// they have seen it unchanged for a lease duration. For a cluster slot whose Pod runs on after its attempt was
+/// handed over: the slot stays counted until the Pod's adopter takes it. Only if it is still exactly as held.
+pub async fn disown(api: &Api<Lease>, held: &Lease) -> Result<()> {
+    let mut lease = held.clone();
+    if let Some(a) = lease.metadata.annotations.as_mut() {
+        a.remove(tenure::TENURE_ANNOTATION);
+    }
+    if let Some(l) = lease.metadata.labels.as_mut() {
+        l.remove(tenure::HELD_BY_LABEL);
+    }
+    lease.spec.get_or_insert_with(Default::default).renew_time = Some(now_micro());
     replace(api, &lease).await.map(|_| ())
 }
 

@@ -207,6 +207,7 @@ pub async fn run(
             last_scan = now;
             let live = members::live_where(
                 &view.members,
+                &view.scope,
                 &mut observer,
                 now,
                 &timing,
