@@ -159,10 +159,9 @@ pub async fn claim(
     for extra in extras {
         let api: Api<Lease> = Api::namespaced(client.clone(), &extra.namespace);
         let mut c = claim.clone();
-        c.labels = BTreeMap::from([
-            (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
-            (extra.label.to_string(), "true".to_string()),
-        ]);
+        // Not the job's label (a slot or a key is not the job's), but the holder's, so its confirming list finds it.
+        c.labels.retain(|k, _| k != JOB_LABEL);
+        c.labels.insert(extra.label.to_string(), "true".to_string());
         c.owner = None;
         let acquired = match extra.seen.as_deref() {
             None => lease::create(&api, &extra.name, &c, timing).await,

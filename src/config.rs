@@ -102,15 +102,17 @@ pub struct OperatorConfig {
     #[arg(long, value_delimiter = ',', env = "BGJOBS_QUEUES")]
     pub queues: Vec<String>,
 
-    /// Others take over a claim whose Lease they have seen unchanged this long.
+    /// Others take over a claim once they have seen it, and the member Lease that vouches for it, unchanged this long.
     #[arg(long, default_value = "15s", env = "BGJOBS_LEASE_DURATION")]
     pub lease_duration: HumanDuration,
 
-    /// A replica that could not renew a claim for this long stops that attempt (must be < lease duration).
+    /// A replica that could not renew its member Lease (or confirm an attempt's Leases) for this long stops those
+    /// attempts (must be < lease duration).
     #[arg(long, default_value = "10s", env = "BGJOBS_RENEW_DEADLINE")]
     pub renew_deadline: HumanDuration,
 
-    /// How often claims are renewed (must be < renew deadline).
+    /// How often each replica renews its member Lease and confirms the Leases its attempts hold (must be < renew
+    /// deadline).
     #[arg(long, default_value = "3s", env = "BGJOBS_RENEW_INTERVAL")]
     pub renew_interval: HumanDuration,
 

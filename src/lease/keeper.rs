@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use tracing::warn;
 
-use super::{Acquire, Claim, Held, LeaseTiming, create, now_micro, release_if_current, replace, same_tenure, vacate};
+use super::{Held, LeaseTiming, now_micro, release_if_current, replace, same_tenure, vacate};
 
 /// Keeps one acquired Lease renewed and says whether its holder may still act on it.
 ///
@@ -21,8 +21,6 @@ pub struct Keeper {
     timing: LeaseTiming,
     state: Mutex<State>,
     lost: AtomicBool,
-    /// Put the Lease back at once if it turns up deleted (a cluster slot: what it counts still runs).
-    recreate_when_absent: bool,
 }
 
 struct State {
@@ -51,16 +49,7 @@ impl Keeper {
             timing,
             state: Mutex::new(State { lease: held.lease, renewed_at: held.written_at }),
             lost: AtomicBool::new(false),
-            recreate_when_absent: false,
         }
-    }
-
-    /// Keep the Lease even if it is deleted by hand: re-create it at once, as held. Safe within the renew deadline
-    /// because others wait out an absent Lease for a full lease duration. For cluster slots, whose work (a Pod) may
-    /// outlive anything that would stop it.
-    pub fn recreating_when_absent(mut self) -> Self {
-        self.recreate_when_absent = true;
-        self
     }
 
     /// Whether the holder may still act: renewed within the renew deadline and never lost.
@@ -138,31 +127,9 @@ impl Keeper {
                 self.renewed(now, landed.then_some(sent));
                 if landed { Renewal::Renewed } else { Renewal::Unknown(why) }
             }
-            Ok(Ok(None)) if self.recreate_when_absent => self.recreate(&held, why).await,
             Ok(Ok(_)) => Renewal::Lost,
             Ok(Err(e)) => Renewal::Unknown(format!("{why}; reading it back: {e}")),
             Err(_) => Renewal::Unknown(format!("{why}; reading it back timed out")),
-        }
-    }
-
-    /// Create the Lease again as `held` had it (holder, labels, annotations, owner).
-    async fn recreate(&self, held: &Lease, why: String) -> Renewal {
-        let claim = Claim {
-            holder: super::holder(held).unwrap_or_default().to_string(),
-            annotations: held.metadata.annotations.clone().unwrap_or_default(),
-            labels: held.metadata.labels.clone().unwrap_or_default(),
-            owner: held.metadata.owner_references.as_ref().and_then(|o| o.first().cloned()),
-        };
-        let name = held.name_any();
-        match tokio::time::timeout(self.time_left(), create(&self.api, &name, &claim, &self.timing)).await {
-            Ok(Ok(Acquire::Acquired(h))) => {
-                warn!(lease = %name, "lease was deleted under its holder; re-created");
-                self.renewed(h.lease, Some(h.written_at));
-                Renewal::Renewed
-            }
-            Ok(Ok(Acquire::Lost(_))) => Renewal::Lost,
-            Ok(Err(e)) => Renewal::Unknown(format!("{why}; re-creating it: {e}")),
-            Err(_) => Renewal::Unknown(format!("{why}; re-creating it timed out")),
         }
     }
 
