@@ -4,74 +4,61 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bgjobs::api::{BackgroundJob, Phase};
+use bgjobs::api::Phase;
 use common::{TestEnv, executions};
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::DeleteParams;
-use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// Counts every write (create, update, delete) to the objects of `api`, by name, as a watch sees them.
-fn count_writes<K>(api: Api<K>, name: Option<&str>) -> Arc<Mutex<HashMap<String, usize>>>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let counts: Arc<Mutex<HashMap<String, usize>>> = Default::default();
-    let out = counts.clone();
-    let config = match name {
-        Some(n) => watcher::Config::default().fields(&format!("metadata.name={n}")),
-        None => watcher::Config::default(),
-    };
-    tokio::spawn(async move {
-        let stream = watcher(api, config);
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::Delete(o)) => {
-                    *out.lock().unwrap().entry(o.name_any()).or_default() += 1;
-                }
-                Ok(_) => {}
-                Err(e) => panic!("the write-counting watch failed: {e}"),
-            }
-        }
-    });
-    counts
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_attempt_costs_the_same_api_writes_as_a_short_one() {
+async fn a_long_attempts_claim_lease_is_written_once_however_long_it_runs() {
     let env = TestEnv::new("writes-per-duration").await;
-    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
-    let lease_writes = count_writes(leases, None);
-    // Member Leases live in the Lease namespace (`default` for test replicas).
-    let member = bgjobs::members::member_lease_name("r", &env.ns);
-    let member_writes = count_writes(Api::<Lease>::namespaced(env.client.clone(), "default"), Some(&member));
-    let job_writes = count_writes::<BackgroundJob>(env.jobs.clone(), None);
-    tokio::time::sleep(Duration::from_secs(1)).await;
     // Fast leases: renewed every 500 ms, so 10 s of running would be about 20 renewals of a per-job Lease.
     let _r = env.replica("r", &[]);
-    env.create("short", json!({"jobName": "sleep", "args": {"seconds": 0}})).await;
     env.create("long", json!({"jobName": "sleep", "args": {"seconds": 10}})).await;
-    for name in ["short", "long"] {
-        env.wait_job(name, 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let running = env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let name = running.status.as_ref().and_then(|s| s.lease.clone()).unwrap();
+    let member = bgjobs::members::member_lease_name("r", &env.ns);
+    let claimed = leases.get(&name).await.unwrap();
+    let (mut member_versions, mut last_member) = (0, None);
+    // Every 250 ms until the job has finished: the claim Lease stays exactly as the claim wrote it (or is gone, once
+    // given back), while the replica's member Lease keeps being renewed.
+    loop {
+        let job = env.jobs.get("long").await.unwrap();
+        match leases.get_opt(&name).await.unwrap() {
+            Some(l) => assert_eq!(
+                l.resource_version(),
+                claimed.resource_version(),
+                "the claim Lease was written while its attempt ran (renewTime {:?})",
+                l.spec.as_ref().and_then(|s| s.renew_time.clone())
+            ),
+            None => assert!(job.phase().is_final(), "the claim Lease went before the attempt ended"),
+        }
+        let rv = members.get(&member).await.unwrap().resource_version();
+        if rv != last_member {
+            member_versions += 1;
+            last_member = rv;
+        }
+        if job.phase().is_final() {
+            assert_eq!(job.phase(), Phase::Succeeded);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let leases = lease_writes.lock().unwrap().clone();
-    let jobs = job_writes.lock().unwrap().clone();
-    let (short, long) = (leases.get("bgj-short").copied(), leases.get("bgj-long").copied());
-    assert_eq!(long, short, "the long attempt's claim Lease was written more often than the short one's: {leases:?}");
-    assert_eq!(long, Some(2), "a claim Lease is created and given back, nothing in between: {leases:?}");
-    assert_eq!(jobs.get("long"), jobs.get("short"), "job writes differ: {jobs:?}");
-    let renewals = member_writes.lock().unwrap().get(&member).copied().unwrap_or(0);
-    assert!(renewals >= 10, "the replica's one renewal kept going meanwhile: {renewals}");
+    assert!(member_versions >= 10, "the replica's one renewal kept going meanwhile: {member_versions} versions seen");
+    // Given back when the attempt ended: the claim cost one create and one delete.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while leases.get_opt(&name).await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the claim Lease was not given back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
