@@ -199,14 +199,14 @@ async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseT
             }
             Ending::Unknown(namespace) => {
                 // Never seen in its member Lease here: read that Lease. Still in the tenure: its holder may be
-                // alive. Otherwise the tenure ended before this read, and its holder stops within a renew deadline
-                // of its end: wait a lease duration (the conservative bound) before taking over.
+                // alive. Otherwise the tenure ended before this read: its holder's last renewal was sent before
+                // that, so it stops within a renew deadline of the read. Wait that out before taking over.
                 let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
                 let member = api.get_opt(tenure::member_of(id)).await?;
                 if member.as_ref().and_then(tenure::tenure_id).as_deref() == Some(id.as_str()) {
                     return Ok(false);
                 }
-                tokio::time::sleep(timing.duration).await;
+                tokio::time::sleep(timing.renew_deadline).await;
             }
         }
     }

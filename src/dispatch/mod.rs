@@ -131,6 +131,10 @@ pub struct Dispatcher {
     leader: Option<watch::Receiver<Option<Arc<Keeper>>>>,
 }
 
+/// How long an ended tenure is remembered. A Lease that names one this replica forgot (or never saw) is not lost
+/// for that: its tenure is read before the Lease is taken (`claim::end_tenures`), only slower.
+const TENURE_MEMORY: Duration = Duration::from_secs(600);
+
 impl Dispatcher {
     /// A dispatcher over `view`, claiming under the tenure `membership` shows. With `leader`, it runs jobs only while
     /// it holds the Lease that receiver shows.
@@ -186,6 +190,7 @@ impl Dispatcher {
                 Some(done) = self.done_rx.recv() => self.finish(done),
                 _ = tokio::time::sleep(wait) => {}
                 Ok(()) = async { match self.leader.as_mut() { Some(l) => l.changed().await, None => std::future::pending().await } } => leader_changed = true,
+                Ok(()) = self.membership.changed() => {}
                 _ = &mut shutdown => break,
             }
             while let Ok(done) = self.done_rx.try_recv() {
@@ -249,17 +254,14 @@ impl Dispatcher {
 
     /// How to end the tenures vouching for expired Leases a claim takes over (this replica's own tenure is never
     /// revoked: a Lease of it that looks expired is one no attempt here holds).
-    fn ends(&self, tenures: impl IntoIterator<Item = String>) -> Vec<(String, Ending)> {
+    /// `None` if one of them is no longer expired (renewed since it was judged): then nothing is taken.
+    fn ends(&mut self, tenures: impl IntoIterator<Item = String>) -> Option<Vec<(String, Ending)>> {
         let mine = self.tenure_id();
         let mut ids: Vec<String> = tenures.into_iter().filter(|t| Some(t) != mine.as_ref()).collect();
         ids.sort();
         ids.dedup();
-        ids.into_iter()
-            .map(|t| {
-                let ending = self.tenures.ending(&t);
-                (t, ending)
-            })
-            .collect()
+        let (duration, now) = (self.worker.timing.duration, Instant::now());
+        ids.into_iter().map(|t| Some((t.clone(), self.tenures.ending(&t, duration, now)?))).collect()
     }
 
     fn is_leader(&self) -> bool {
@@ -350,7 +352,7 @@ impl Dispatcher {
             }
             let backlog = &self.backlog;
             self.settled_at.retain(|uid, _| backlog.job(uid).is_some());
-            self.tenures.prune(FULL_LOOK.max(self.worker.timing.duration * 4), inst);
+            self.tenures.prune(TENURE_MEMORY, inst);
             let backlog = &self.backlog;
             self.key_observer.retain(|k| k.split_once('/').is_some_and(|(ns, name)| backlog.has_key_lease(ns, name)));
         }
@@ -622,6 +624,20 @@ impl Dispatcher {
     fn spawn_claim(&mut self, c: Candidate, slot: Option<ExtraLease>) {
         let Some(tenure) = self.tenure() else { return };
         let uid = c.job.uid().unwrap_or_default();
+        let expired_claim = c.lease.as_deref().filter(|_| c.state == LeaseState::Expired).and_then(tenure::vouched_by);
+        let expired = expired_claim
+            .map(str::to_string)
+            .into_iter()
+            .chain(slot.iter().chain(&c.extras).filter_map(|e| e.expired_tenure.clone()));
+        let Some(ends) = self.ends(expired) else {
+            // A tenure it was judged on has been renewed since: look at the job again.
+            self.backlog.mark(&uid);
+            return;
+        };
+        // Waiting out a tenure never seen here comes before anything is acquired (see `claim::end_tenures`).
+        let unknown = ends.iter().any(|(_, e)| matches!(e, Ending::Unknown(_)));
+        let limit =
+            self.worker.timing.duration + if unknown { self.worker.timing.renew_deadline } else { Duration::ZERO };
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
         }
@@ -633,10 +649,6 @@ impl Dispatcher {
         let Candidate { job, lease, state, extras, .. } = c;
         // The slot first: it is the scarcer resource, and losing it costs no other write.
         let extras: Vec<ExtraLease> = slot.into_iter().chain(extras).collect();
-        let expired_claim = lease.as_deref().filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by);
-        let ends = self.ends(
-            expired_claim.map(str::to_string).into_iter().chain(extras.iter().filter_map(|e| e.expired_tenure.clone())),
-        );
         tokio::spawn(async move {
             let mut done = done;
             let claimant = claim::Claimant {
@@ -646,9 +658,9 @@ impl Dispatcher {
                 tenure: &tenure,
                 ends: &ends,
             };
-            // However its calls hang, a claim gives its slot back within a lease duration.
+            // However its calls hang, a claim gives its slot back within a lease duration of acquiring it.
             let claiming = claim::claim(&worker.client, &job, lease.as_deref(), state, claimant, &extras);
-            let outcome = crate::client::bounded(worker.timing.duration, claiming).await;
+            let outcome = crate::client::bounded(limit, claiming).await;
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
                     worker.metrics.claimed.inc();
@@ -682,9 +694,17 @@ impl Dispatcher {
         phase: Phase,
         reason: String,
     ) {
-        let Some(tenure) = self.tenure() else { return };
+        let uid = job.uid().unwrap_or_default();
+        let Some(tenure) = self.tenure() else {
+            // Not a member yet (starting up) or any more: look again shortly.
+            self.backlog.arm(&uid, Instant::now() + Duration::from_millis(500));
+            return;
+        };
         let expired_claim = lease.as_deref().filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by);
-        let ends = self.ends(expired_claim.map(str::to_string));
+        let Some(ends) = self.ends(expired_claim.map(str::to_string)) else {
+            self.backlog.mark(&uid);
+            return;
+        };
         let Some(done) = self.start_write(job) else { return };
         let (worker, job) = (self.worker.clone(), job.clone());
         tokio::spawn(async move {

@@ -122,6 +122,8 @@ impl HeldLeases {
                     e.lease = h.lease;
                     e.confirmed_at = h.written_at;
                 }
+                // Not gone after all: the list was served before our own create (a claim in flight) landed.
+                Ok(Ok(Acquire::Lost(Some(now)))) if check(&lease, Some(&now)) == Check::Ours => e.lease = now,
                 Ok(Ok(Acquire::Lost(_))) => e.lost = true,
                 Ok(Err(err)) => warn!(lease = %key.1, error = %err, "could not re-create a held lease; retrying"),
                 Err(_) => warn!(lease = %key.1, "re-creating a held lease timed out; retrying"),
@@ -224,7 +226,10 @@ impl Hold {
     /// Stop holding: give back each Lease by `give_back` (delete, vacate or disown; see [`Give`]), only if it is
     /// still exactly as last confirmed. Call only after the work they guard has stopped.
     pub async fn give_back(self, how: impl Fn(&Lease) -> Give) {
-        for lease in self.leases() {
+        let leases = self.leases();
+        // Out of the confirming list first, or it could find a released Lease gone and put it back.
+        self.forget();
+        for lease in leases {
             let api: Api<Lease> = Api::namespaced(self.client.clone(), &lease.namespace().unwrap_or_default());
             give(&api, &lease, how(&lease), &self.timing).await;
         }
@@ -249,6 +254,12 @@ pub enum Give {
 
 impl Drop for Hold {
     fn drop(&mut self) {
+        self.forget();
+    }
+}
+
+impl Hold {
+    fn forget(&self) {
         let mut entries = self.registry.entries.lock().unwrap();
         for k in &self.keys {
             if entries.get(k).is_some_and(|e| e.hold == self.id) {

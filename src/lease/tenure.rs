@@ -144,16 +144,24 @@ impl Tenures {
         }
     }
 
-    /// What must happen before a Lease vouched for by `tenure` is taken over (call only once it is judged expired).
-    pub fn ending(&self, tenure: &str) -> Ending {
-        let Some(s) = self.seen.get(tenure).filter(|s| s.witnessed) else {
-            return Ending::Unknown(self.namespace.clone());
-        };
-        match self.members.get(member_of(tenure)) {
-            _ if s.revoked || s.version.is_none() => Ending::Over,
-            Some(m) if tenure_id(m).as_deref() == Some(tenure) => Ending::Revoke(m.clone()),
-            _ => Ending::Over,
+    /// What must happen before a Lease vouched for by `tenure` is taken over, judged now: `None` while the tenure
+    /// is not expired (it may have been renewed since a Lease it vouches for was judged expired). A revocation is
+    /// made under the very version this replica has seen unchanged for `duration`.
+    pub fn ending(&mut self, tenure: &str, duration: Duration, now: Instant) -> Option<Ending> {
+        if self.unchanged(tenure, now) < duration {
+            return None;
         }
+        let s = self.seen.get(tenure)?;
+        if !s.witnessed {
+            return Some(Ending::Unknown(self.namespace.clone()));
+        }
+        Some(match self.members.get(member_of(tenure)) {
+            _ if s.revoked || s.version.is_none() => Ending::Over,
+            Some(m) if tenure_id(m).as_deref() == Some(tenure) && m.resource_version() == s.version => {
+                Ending::Revoke(m.clone())
+            }
+            _ => Ending::Over,
+        })
     }
 
     /// Record that `tenure` was revoked (by this replica or, as its member Lease says, another).
@@ -231,7 +239,11 @@ mod tests {
         assert_eq!(t.unchanged(&id, t0 + S(8)), S(2), "a renewal resets the clock");
         t.update(&[member("u1", 0, "2", Some("a"))], t0 + S(30));
         assert_eq!(t.unchanged(&id, t0 + S(30)), S(24), "seen unchanged since the renewal");
-        assert!(matches!(t.ending(&id), Ending::Revoke(_)), "still in the tenure: revoke under what was seen");
+        assert!(t.ending(&id, S(15), t0 + S(20)).is_none(), "renewed 14 s ago: not expired");
+        assert!(
+            matches!(t.ending(&id, S(15), t0 + S(30)), Some(Ending::Revoke(m)) if m.resource_version().as_deref() == Some("2")),
+            "still in the tenure: revoke under the version seen unchanged"
+        );
     }
 
     #[test]
@@ -245,7 +257,10 @@ mod tests {
             t.update(&[member("u1", 1, &format!("{}", 5 + i), Some("a"))], t0 + S(i));
         }
         assert_eq!(t.unchanged(&old, t0 + S(20)), S(18));
-        assert!(matches!(t.ending(&old), Ending::Over), "nothing to revoke: the tenure is over");
+        assert!(
+            matches!(t.ending(&old, S(15), t0 + S(20)), Some(Ending::Over)),
+            "nothing to revoke: the tenure is over"
+        );
         // A member Lease deleted by hand ends its tenure too.
         let young = tenure_id(&member("u1", 1, "24", Some("a"))).unwrap();
         t.update(&[], t0 + S(21));
@@ -261,7 +276,7 @@ mod tests {
         revoked.metadata.annotations = Some(BTreeMap::from([(REVOKED_ANNOTATION.to_string(), id.clone())]));
         t.update(&[Arc::new(revoked)], t0 + S(1));
         assert_eq!(t.unchanged(&id, t0 + S(1)), Duration::MAX);
-        assert!(matches!(t.ending(&id), Ending::Over));
+        assert!(matches!(t.ending(&id, S(15), t0 + S(1)), Some(Ending::Over)));
     }
 
     #[test]
@@ -282,7 +297,10 @@ mod tests {
         let (mut t, t0) = (Tenures::default(), Instant::now());
         assert_eq!(t.unchanged("bgjobs-member-b/u9/0", t0), Duration::ZERO);
         assert_eq!(t.unchanged("bgjobs-member-b/u9/0", t0 + S(16)), S(16));
-        assert!(matches!(t.ending("bgjobs-member-b/u9/0"), Ending::Unknown(_)), "the member watch may lag");
+        assert!(
+            matches!(t.ending("bgjobs-member-b/u9/0", S(15), t0 + S(16)), Some(Ending::Unknown(_))),
+            "the member watch may lag"
+        );
     }
 
     #[test]
