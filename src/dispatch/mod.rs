@@ -490,6 +490,13 @@ impl Dispatcher {
             Decision::Settle { phase, reason, state } => self.spawn_settle(&job, lease, state, phase, reason),
             Decision::Claim { state, extras, adopted_slot, recheck } => {
                 self.recheck(uid, inst, recheck);
+                if !self.is_leader()
+                    && let Some(l) = lease.as_ref().filter(|l| self.idle_of_mine(l))
+                {
+                    // Only this replica may free a Lease of its own tenure that no attempt here holds (others see
+                    // the tenure renewed), and a replica that is not the exclusive leader never claims: disown it.
+                    self.spawn_disown(&job, l.clone());
+                }
                 let since = since.unwrap_or(inst);
                 let candidate = Candidate { job, lease, state, extras, adopted_slot, since };
                 self.backlog.set_runnable(uid, candidate);
@@ -734,6 +741,18 @@ impl Dispatcher {
                 Ok(false) => debug!(job = %job.name_any(), "not settled: someone moved it first"),
                 Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
             }
+        });
+    }
+
+    /// Disown a Lease of this replica's tenure that no attempt here holds (see [`crate::lease::disown`]), so that
+    /// other replicas judge it by its own age.
+    fn spawn_disown(&mut self, job: &Arc<BackgroundJob>, lease: Arc<Lease>) {
+        let Some(done) = self.start_write(job) else { return };
+        let worker = self.worker.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            let api: Api<Lease> = Api::namespaced(worker.client.clone(), &lease.namespace().unwrap_or_default());
+            crate::lease::give(&api, &lease, crate::lease::Give::Disown, &worker.timing).await;
         });
     }
 

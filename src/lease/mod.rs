@@ -22,7 +22,7 @@ mod keeper;
 mod observer;
 pub mod tenure;
 
-pub use held::{Give, HeldLeases, Hold};
+pub use held::{Give, HeldLeases, Hold, give};
 pub use keeper::Keeper;
 pub use observer::Observer;
 pub use tenure::{Ending, Tenures};
