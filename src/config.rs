@@ -315,6 +315,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_report_port_is_one_of_the_operators_own_ports_that_jobs_may_not_call() {
+        use clap::Parser;
+        let args = ["bgjobs", "operator", "--metrics-addr", "0.0.0.0:8080", "--report-addr", "0.0.0.0:8090"];
+        let crate::cli::Command::Operator(config) = crate::cli::Cli::try_parse_from(args).unwrap().command else {
+            panic!("not the operator command")
+        };
+        assert_eq!(config.policy(vec![]).egress.operator_ports, [8080, 8090]);
+    }
+
+    #[test]
     fn durations_read_like_kubectl_flags() {
         let d = |s: &str| s.parse::<HumanDuration>().map(|h| h.0);
         assert_eq!(d("15s"), Ok(Duration::from_secs(15)));

@@ -77,7 +77,8 @@ async fn accepting_endpoint() -> (String, Arc<Mutex<Vec<Accepted>>>) {
                     token: header("x-bgjobs-report-token"),
                     url: header("x-bgjobs-report-url"),
                 });
-                let _ = sock.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                let _ =
+                    sock.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
             });
         }
     });
@@ -248,7 +249,9 @@ async fn the_holder_is_killed_while_its_worker_runs_and_the_report_lands_through
     a.kill9();
     // b sees a's Lease stand still and adopts the waiting attempt: the same attempt, nothing sent again.
     let adopted = env
-        .wait_job("handed", MINUTE, "adopted by b", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b"))
+        .wait_job("handed", MINUTE, "adopted by b", |j| {
+            j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")
+        })
         .await;
     let s = adopted.status.unwrap();
     assert_eq!((s.phase, s.attempts, s.awaiting_report), (Some(Phase::Running), 1, true), "{:?}", s.last_error);
