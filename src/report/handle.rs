@@ -135,3 +135,22 @@ impl Reporter {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handlers_result_is_kept_for_the_outcome_write_and_one_over_the_cap_is_refused() {
+        let detached = Reporter::default();
+        let big = serde_json::json!("x".repeat(decide::MAX_RESULT_BYTES));
+        match detached.set_result(big) {
+            Err(JobError::Permanent(why)) => assert!(why.contains("at most 32768"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        detached.set_result(serde_json::json!({"rows": 3})).unwrap();
+        assert_eq!(detached.clone().take_result(), Some(serde_json::json!({"rows": 3})), "clones share the result");
+        assert_eq!(detached.take_result(), None, "taken once");
+        assert!(!detached.hands_out() && detached.token().is_none(), "a detached handle hands nothing out");
+    }
+}
