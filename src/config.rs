@@ -154,8 +154,8 @@ pub struct OperatorConfig {
     pub recurring_concurrency: u32,
 
     /// Which Kubernetes Events to record on jobs and recurring definitions: `problems` (retries, failures,
-    /// give-ups, takeovers, cancellations, skips), `all` (also one `Claimed` per attempt, `Succeeded` and reported `Progress`), or `off`.
-    /// `true`/`false` still mean all/off. Every Event recorded is counted in `bgjobs_events_total`.
+    /// give-ups, takeovers, cancellations, skips), `all` (also one `Claimed` per attempt, `Succeeded` and reported
+    /// `Progress`), or `off`. `true`/`false` still mean all/off. Every Event recorded is counted in `bgjobs_events_total`.
     #[arg(long, value_enum, default_value = "problems", env = "BGJOBS_EVENTS")]
     pub events: EventLevel,
 

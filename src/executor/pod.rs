@@ -34,8 +34,8 @@
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
 //! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON); when the operator serves reports, `BGJOBS_REPORT_URL` and
 //! `BGJOBS_REPORT_TOKEN` let the Pod report progress and a result ([`crate::report`]; its exit still ends the attempt).
-//! Whoever may read the Pod may read its token, as whoever may read the job may compute it. The Pod's `restartPolicy` is forced to `Never`: retries are the
-//! job's, with its backoff, not the kubelet's.
+//! Whoever may read the Pod may read its token, as whoever may read the job may compute it. The Pod's
+//! `restartPolicy` is forced to `Never`: retries are the job's, with its backoff, not the kubelet's.
 
 use std::collections::BTreeMap;
 
