@@ -177,7 +177,8 @@ enum Handover {
     Recorded,
     /// The outcome is not recorded (claim lost, or the write failed); nothing runs.
     Unrecorded,
-    /// A Pod attempt was handed over (or its claim lost) while its Pod may still run.
+    /// A Pod attempt (or one waiting for its worker's report) was handed over, or its claim lost, while its work
+    /// may go on.
     PodRunsOn,
 }
 
@@ -216,13 +217,15 @@ async fn run_claimed(
         // handler never starts.
         worker.metrics.stale_results_discarded.inc();
         warn!("the claim's lease was past its renew deadline before the attempt could start; it does not run");
-        return if job.spec.template.is_some() { Handover::PodRunsOn } else { Handover::Unrecorded };
+        let runs_on = job.spec.template.is_some() || crate::report::awaits_report(&job);
+        return if runs_on { Handover::PodRunsOn } else { Handover::Unrecorded };
     }
     if job.spec.cancel {
         control.stop(StopReason::Cancelled);
     }
     // The handler's token: a child of the stop token, and cancelled on every other ending too (below).
     let cancel = control.token.child_token();
+    let report = crate::report::Reporter::for_attempt(worker.clone(), jobs.clone(), &job, &fence);
     let ctx = JobContext {
         namespace: ns.clone(),
         name: job.name_any(),
@@ -232,6 +235,7 @@ async fn run_claimed(
         worker: worker.identity.clone(),
         leases: hold.leases().iter().skip(1).map(|l| l.name_any()).collect(),
         cancel: cancel.clone(),
+        report: report.clone(),
     };
     let (limit, limit_is_deadline) = attempt_limit(&job, worker.clock.now());
     let ending = if !control.leading() {
@@ -268,15 +272,17 @@ async fn run_claimed(
     // A handler that noticed a stop request fails with something like "cancelled"; the stop is the real reason.
     // Only a success that raced the stop is kept: the work is done.
     let ending = match (ending, control.reason()) {
-        (Ending::Finished(AttemptResult::Succeeded), _) => Ending::Finished(AttemptResult::Succeeded),
+        (Ending::Finished(r @ (AttemptResult::Succeeded | AttemptResult::Reported)), _) => Ending::Finished(r),
         (Ending::Finished(_) | Ending::AttemptTimedOut(_), Some(reason)) => Ending::Stopped(reason),
         (ending, _) => ending,
     };
     let is_pod = job.spec.template.is_some();
+    // Work that goes on without this replica (a Pod, a worker that will report) is handed over, not lost.
+    let runs_on = is_pod || report.awaiting();
     if matches!(ending, Ending::LeaseLost) || !holds_claim() {
         worker.metrics.stale_results_discarded.inc();
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");
-        return if is_pod { Handover::PodRunsOn } else { Handover::Unrecorded };
+        return if runs_on { Handover::PodRunsOn } else { Handover::Unrecorded };
     }
     // A Pod outlives our interest in it only when it finished or when the attempt is handed over.
     let pod_must_go = matches!(
@@ -294,8 +300,8 @@ async fn run_claimed(
         );
         return Handover::PodRunsOn;
     }
-    let handed_over = is_pod && matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
-    let record = record(worker, jobs, &job, &fence, ending);
+    let handed_over = runs_on && matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
+    let record = record(worker, jobs, &job, &fence, ending, handed_over, report.take_result());
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
     let recorded = match tokio::time::timeout(hold.time_left(), record).await {
         Ok(Ok(recorded)) => recorded,
@@ -322,10 +328,16 @@ async fn record(
     job: &BackgroundJob,
     fence: &status::Fence,
     ending: Ending,
+    handed_over: bool,
+    result: Option<serde_json::Value>,
 ) -> crate::Result<bool> {
     let now = worker.clock.now();
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let verdict = match ending {
+        Ending::Finished(AttemptResult::Reported) => {
+            info!("attempt ended by its worker's report");
+            return Ok(true);
+        }
         Ending::Finished(result) => retry::verdict(&job.spec, created, fence.attempt, result, now),
         Ending::DeadlineReached => Verdict::Abandon(format!(
             "attempt {} was still running when the job's timeout of {}s since creation passed; it was stopped",
@@ -359,10 +371,10 @@ async fn record(
             worker.event(job, EventType::Normal, "Cancelled", format!("attempt {} cancelled", fence.attempt));
             return Ok(matches!(written, Fenced::Written(_)));
         }
-        Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader) if job.spec.template.is_some() => {
-            // The Pod runs on without us: give up the claim but not the attempt. Another replica sees the Lease
-            // gone, waits a lease duration, and adopts the attempt's Pod.
-            info!("attempt handed over: its pod keeps running and will be adopted");
+        Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader) if handed_over => {
+            // The Pod (or the worker that will report) runs on without us: give up the claim but not the attempt.
+            // Another replica sees the Lease gone, waits a lease duration, and adopts the attempt.
+            info!("attempt handed over: its work goes on and will be adopted");
             return Ok(true);
         }
         Ending::Stopped(reason @ (StopReason::Shutdown | StopReason::NotLeader)) => {
@@ -387,7 +399,13 @@ async fn record(
     };
     let (written, phase) = match &verdict {
         Verdict::Succeed => (
-            status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Succeeded, None, now)).await?,
+            status::write_fenced(jobs, job, fence, |s| {
+                status::finish(s, Phase::Succeeded, None, now);
+                if result.is_some() {
+                    s.result = result.clone();
+                }
+            })
+            .await?,
             Phase::Succeeded,
         ),
         Verdict::RetryAt { at, reason } => (

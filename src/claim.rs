@@ -230,11 +230,12 @@ async fn release_all(held: &[(Api<Lease>, Held)], adoption: bool) {
     }
 }
 
-/// Whether a claim adopts the job's current attempt instead of starting a new one: a Pod job taken over from a
-/// replica that stopped renewing. Its Pod runs on regardless of the replica that watched it, so the work is not
-/// lost; the new holder watches the same Pod. (In-process attempts die with their replica and count as lost.)
+/// Whether a claim adopts the job's current attempt instead of starting a new one: a Pod job, or an attempt that
+/// waits for its worker's report ([`crate::report`]), taken over from a replica that stopped renewing. The work runs
+/// on regardless of the replica that watched it, so it is not lost; the new holder watches the same Pod or waits for
+/// the same report. (In-process attempts die with their replica and count as lost.)
 pub fn adopts(job: &BackgroundJob) -> bool {
-    job.phase() == Phase::Running && job.spec.template.is_some()
+    job.phase() == Phase::Running && (job.spec.template.is_some() || crate::report::awaits_report(job))
 }
 
 /// The attempt number a claim of `job` holds: the next one, or the current one when it [`adopts`].
@@ -344,7 +345,13 @@ async fn claim_job(
     let took_over = job.phase() == Phase::Running;
     let lost_note = took_over.then(|| {
         let old = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
-        if adopts(job) {
+        if adopts(job) && job.spec.template.is_none() {
+            format!(
+                "worker {old} stopped renewing its lease; {worker} adopted attempt {}, which waits for its worker's \
+                 report",
+                job.attempts()
+            )
+        } else if adopts(job) {
             format!("worker {old} stopped renewing its lease; {worker} adopted attempt {}'s pod", job.attempts())
         } else {
             format!("attempt {} was lost: worker {old} stopped renewing its lease", job.attempts())
@@ -494,6 +501,14 @@ mod tests {
         let mut waiting = job(Some(Phase::Waiting), 2);
         waiting.spec.template = Some(Default::default());
         assert_eq!(next_attempt(&waiting), 3, "a retry of a pod job is a new attempt with a new pod");
+    }
+
+    #[test]
+    fn a_taken_over_attempt_that_waits_for_its_report_is_adopted() {
+        let mut running = job(Some(Phase::Running), 2);
+        running.status.as_mut().unwrap().awaiting_report = true;
+        assert!(adopts(&running));
+        assert_eq!(next_attempt(&running), 2, "its worker still works on attempt 2 and reports for it");
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub enum Command {
     Retry(NamedArgs),
     /// Cancel a job: a waiting job never starts, a running attempt is stopped (`spec.cancel: true`).
     Cancel(NamedArgs),
+    /// Report for an attempt that runs outside the operator (an HTTP endpoint answered 202, or a Pod): its outcome,
+    /// or a heartbeat with progress. The token and URL come from the request's `X-BGJobs-Report-Token` and
+    /// `X-BGJobs-Report-Url` headers, or a Pod's environment.
+    Report(ReportArgs),
     /// Print a shell completion script: `bgjobs completions bash > /etc/bash_completion.d/bgjobs`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -116,6 +120,49 @@ pub struct NamedArgs {
     /// table, json or yaml.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: Output,
+}
+
+/// `bgjobs report ...`.
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// What to report.
+    #[command(subcommand)]
+    pub kind: ReportKind,
+    /// The attempt's report token.
+    #[arg(long, env = "BGJOBS_REPORT_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// The report endpoint.
+    #[arg(long, env = "BGJOBS_REPORT_URL", global = true)]
+    pub url: Option<String>,
+}
+
+/// The kinds of report.
+#[derive(Subcommand, Debug)]
+pub enum ReportKind {
+    /// The work is done (the job succeeds), optionally with a JSON result (at most 32 KiB).
+    Complete {
+        /// The result, any JSON (e.g. '{"rows": 42}').
+        #[arg(long)]
+        result: Option<String>,
+    },
+    /// The work failed: retried per the job's retry policy, or with --permanent, the job fails.
+    Fail {
+        /// Why, in words a user can act on.
+        #[arg(long)]
+        message: String,
+        /// No retry can fix it.
+        #[arg(long)]
+        permanent: bool,
+    },
+    /// The worker is alive (resets the job's heartbeatTimeoutSeconds), optionally with progress.
+    Heartbeat {
+        /// Percent done, 0 to 100.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(0..=100))]
+        percent: Option<i32>,
+        /// A short note on what the worker is doing.
+        #[arg(long)]
+        message: Option<String>,
+    },
 }
 
 /// Flags of `bgjobs enqueue`.
@@ -207,6 +254,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("backgroundjob.bgjobs.dev/{} cancellation requested", a.name);
             Ok(())
         }
+        Command::Report(a) => report(a).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -251,6 +299,24 @@ pub fn init_tracing(format: LogFormat) {
         let thread = std::thread::current().name().unwrap_or("?").to_string();
         tracing::error!(%thread, %location, "a panic unwound: {message}");
     }));
+}
+
+async fn report(a: ReportArgs) -> Result<()> {
+    let token = a.token.ok_or_else(|| Error::Invalid("no token: pass --token or set BGJOBS_REPORT_TOKEN".into()))?;
+    let url = a.url.ok_or_else(|| Error::Invalid("no report URL: pass --url or set BGJOBS_REPORT_URL".into()))?;
+    let report = match a.kind {
+        ReportKind::Complete { result } => {
+            let result = result
+                .map(|r| serde_json::from_str(&r).map_err(|e| Error::Invalid(format!("--result is not JSON: {e}"))))
+                .transpose()?;
+            crate::report::Report::Complete { result }
+        }
+        ReportKind::Fail { message, permanent } => crate::report::Report::Fail { message, retryable: !permanent },
+        ReportKind::Heartbeat { percent, message } => crate::report::Report::Heartbeat { percent, message },
+    };
+    let answer = crate::report::client::send(&url, &token, &report).await?;
+    println!("{}", answer.get("message").and_then(|m| m.as_str()).unwrap_or("recorded"));
+    Ok(())
 }
 
 async fn enqueue(a: EnqueueArgs) -> Result<()> {

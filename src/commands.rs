@@ -191,6 +191,21 @@ pub async fn describe(client: &Client, api: &Api<BackgroundJob>, name: &str, out
         t(&s.next_attempt_time)
     );
     println!("Last error:    {}", s.last_error.as_deref().unwrap_or("-"));
+    if s.awaiting_report || s.last_heartbeat_time.is_some() {
+        let waiting = if s.awaiting_report { "waiting for its worker's report" } else { "not waiting" };
+        let timeout = j
+            .spec
+            .heartbeat_timeout_seconds
+            .map_or("no heartbeat timeout".to_string(), |t| format!("heartbeat timeout {t}s"));
+        println!("Report:        {waiting}; last heard from {} ({timeout})", t(&s.last_heartbeat_time));
+    }
+    if let Some(p) = &s.progress {
+        let percent = p.percent.map(|n| format!("{n}%")).unwrap_or_else(|| "-".into());
+        println!("Progress:      {percent} {} (at {})", p.message.as_deref().unwrap_or(""), t(&p.time));
+    }
+    if let Some(r) = &s.result {
+        println!("Result:        {r}");
+    }
     for c in &s.conditions {
         println!("Condition:     {}={} ({}): {}", c.type_, c.status, c.reason, c.message);
     }

@@ -154,8 +154,8 @@ pub struct OperatorConfig {
     pub recurring_concurrency: u32,
 
     /// Which Kubernetes Events to record on jobs and recurring definitions: `problems` (retries, failures,
-    /// give-ups, takeovers, cancellations, skips), `all` (also one `Claimed` per attempt and `Succeeded`), or `off`.
-    /// `true`/`false` still mean all/off. Every Event recorded is counted in `bgjobs_events_total`.
+    /// give-ups, takeovers, cancellations, skips), `all` (also one `Claimed` per attempt, `Succeeded` and reported
+    /// `Progress`), or `off`. `true`/`false` still mean all/off. Every Event recorded is counted in `bgjobs_events_total`.
     #[arg(long, value_enum, default_value = "problems", env = "BGJOBS_EVENTS")]
     pub events: EventLevel,
 
@@ -163,6 +163,19 @@ pub struct OperatorConfig {
     /// Default: not served.
     #[arg(long, env = "BGJOBS_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Serve the report endpoint (HTTP: `POST /v1/complete`, `/v1/fail`, `/v1/heartbeat`) on this address, e.g.
+    /// `0.0.0.0:8090`: workers of asynchronous jobs report their outcome, heartbeats and progress to any replica.
+    /// Default: not served.
+    #[arg(long, env = "BGJOBS_REPORT_ADDR")]
+    pub report_addr: Option<std::net::SocketAddr>,
+
+    /// The URL workers report to, handed out with each HTTP request (`X-BGJobs-Report-Url`) and Pod
+    /// (`BGJOBS_REPORT_URL`): the Service in front of every replica's `--report-addr` (the chart's
+    /// `http://<release>-reports.<namespace>.svc:8090`). Unset: nothing is handed out, and a `202 Accepted` is a
+    /// success like any 2xx.
+    #[arg(long, env = "BGJOBS_REPORT_URL")]
+    pub report_url: Option<url::Url>,
 
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "BGJOBS_LOG_FORMAT")]
@@ -267,7 +280,13 @@ impl OperatorConfig {
                 allow: self.egress_allow.clone(),
                 allow_by_namespace: self.egress_allow_by_namespace.0.clone(),
                 allow_link_local: self.egress_allow_link_local,
-                operator_ports: self.metrics_addr.iter().chain(&self.admission_addr).map(|a| a.port()).collect(),
+                operator_ports: self
+                    .metrics_addr
+                    .iter()
+                    .chain(&self.admission_addr)
+                    .chain(&self.report_addr)
+                    .map(|a| a.port())
+                    .collect(),
                 local_addrs,
             },
             pods: PodPolicy {
@@ -294,6 +313,16 @@ impl OperatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_port_is_one_of_the_operators_own_ports_that_jobs_may_not_call() {
+        use clap::Parser;
+        let args = ["bgjobs", "operator", "--metrics-addr", "0.0.0.0:8080", "--report-addr", "0.0.0.0:8090"];
+        let crate::cli::Command::Operator(config) = crate::cli::Cli::try_parse_from(args).unwrap().command else {
+            panic!("not the operator command")
+        };
+        assert_eq!(config.policy(vec![]).egress.operator_ports, [8080, 8090]);
+    }
 
     #[test]
     fn durations_read_like_kubectl_flags() {

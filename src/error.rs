@@ -61,6 +61,10 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// The report endpoint refused a report (its HTTP status and why), or could not be reached.
+    #[error("report not recorded: {0}")]
+    Report(String),
+
     /// An I/O error (metrics server, child processes).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -79,6 +83,7 @@ impl Error {
             Error::Stale(_) => "stale",
             Error::QuotaExceeded(_) => "quota_exceeded",
             Error::Bulk { .. } => "bulk",
+            Error::Report(_) => "report",
             Error::Io(_) => "io",
         }
     }

@@ -22,8 +22,9 @@ pub enum EventLevel {
     Off,
 }
 
-/// Reasons of the happy path: recorded only with [`EventLevel::All`].
-pub const HAPPY_PATH: [&str; 3] = ["Claimed", "Succeeded", "JobCreated"];
+/// Reasons of the happy path: recorded only with [`EventLevel::All`]. `Progress` is a worker's reported progress
+/// (one per change of it).
+pub const HAPPY_PATH: [&str; 4] = ["Claimed", "Succeeded", "JobCreated", "Progress"];
 
 /// Whether an Event with `reason` is recorded at `level`.
 pub fn records(level: EventLevel, reason: &str) -> bool {

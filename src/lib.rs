@@ -5,7 +5,8 @@
 //! replicas add throughput without a global lock and no job runs twice at the same time.
 //!
 //! The flow, one module per step: observe ([`queue`]) → pick ([`ordering`], [`dispatch`]) → claim ([`claim`],
-//! [`lease`]) → run ([`attempt`], [`executor`]) → record ([`status`], [`retry`]).
+//! [`lease`]) → run ([`attempt`], [`executor`]) → record ([`status`], [`retry`]); work that runs elsewhere
+//! reports its outcome back to any replica ([`report`]).
 //!
 //! Where each guarantee lives: every Lease is written, kept and judged in [`lease`] (one expiry rule, one renew loop);
 //! every scheduling decision reads the apiserver's clock ([`clock`]); names derived from user names stay within
@@ -41,6 +42,7 @@ pub mod ordering;
 pub mod policy;
 pub mod queue;
 pub mod recurring;
+pub mod report;
 pub mod retention;
 pub mod retry;
 pub mod status;

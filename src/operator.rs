@@ -51,6 +51,8 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         config.invocation_log.as_deref(),
         policy,
     )?;
+    let mut worker = worker;
+    worker.report_url = config.report_url.as_ref().map(|u| u.as_str().trim_end_matches('/').to_string());
     let worker = Arc::new(worker);
     info!(%identity, strategy = ?config.strategy, slots = config.max_concurrent_jobs_per_instance,
         namespace = config.namespace.as_deref().unwrap_or("<all>"), execution = config.job_execution_enabled, "bgjobs operator starting");
@@ -62,6 +64,9 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     // Served before the caches sync: the webhook needs no cache, and job creation waits on it (failurePolicy Fail).
     if let (Some(addr), Some(dir)) = (config.admission_addr, config.admission_cert_dir.as_deref()) {
         crate::admission::serve(addr, dir).await?;
+    }
+    if let Some(addr) = config.report_addr {
+        crate::report::server::serve(addr, worker.clone()).await?;
     }
     let slots = config.cluster_max_concurrency.is_some();
     let view = QueueView::start(client.clone(), config.namespace.as_deref(), &config.lease_namespace, slots);

@@ -171,13 +171,21 @@ fn note<K>(shared: &Mutex<Changes>, event: &watcher::Event<K>, mut each: impl Fn
 }
 
 /// Drop from a cached job what dispatch never reads: managed fields, kubectl's copy of the last applied manifest,
-/// the arguments, and the Pod template (whose presence is kept: it decides how an orphaned attempt is handled).
+/// the arguments, a finished job's result, and the Pod template (whose presence is kept: it decides how an orphaned
+/// attempt is handled).
 pub fn slim(job: &mut BackgroundJob) {
     job.metadata.managed_fields = None;
     if let Some(annotations) = job.metadata.annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
     job.spec.args = None;
+    // A finished job's result (up to 32 KiB) is never read by dispatch; an unfinished job's is kept, because status
+    // writes made from the cache (a claim, a settle) write its status back whole.
+    if job.phase().is_final()
+        && let Some(s) = job.status.as_mut()
+    {
+        s.result = None;
+    }
     if job.spec.template.is_some() {
         job.spec.template = Some(Default::default());
     }

@@ -22,6 +22,9 @@ pub enum AttemptResult {
     Retryable(String),
     /// A failure no retry can fix (unknown jobName, malformed args, HTTP 4xx, a handler's permanent error).
     Permanent(String),
+    /// The attempt's worker reported its outcome (to any replica), which wrote it already: nothing is left to
+    /// record ([`crate::report`]).
+    Reported,
 }
 
 /// What to record after an attempt (or a lost attempt) ended.
@@ -63,7 +66,8 @@ pub fn verdict(
     now: Timestamp,
 ) -> Verdict {
     let reason = match result {
-        AttemptResult::Succeeded => return Verdict::Succeed,
+        // The attempt runner records nothing for a reported outcome; should one get here, it changes nothing.
+        AttemptResult::Succeeded | AttemptResult::Reported => return Verdict::Succeed,
         AttemptResult::Permanent(reason) => return Verdict::Fail(reason),
         AttemptResult::Retryable(reason) => reason,
     };

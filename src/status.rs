@@ -70,6 +70,17 @@ pub fn running(
     now: Timestamp,
 ) -> BackgroundJobStatus {
     let mut s = job.status.clone().unwrap_or_default();
+    if attempt != s.attempts {
+        // A new attempt: what the previous one reported is not this one's.
+        s.awaiting_report = false;
+        s.last_heartbeat_time = None;
+        s.progress = None;
+        s.result = None;
+    }
+    // Jobs that run outside the operator (HTTP, Pod) can report for themselves: their tokens need the job's key.
+    if s.report_key.is_none() && (job.spec.http.is_some() || job.spec.template.is_some()) {
+        s.report_key = Some(crate::report::token::new_key());
+    }
     s.phase = Some(Phase::Running);
     s.attempts = attempt;
     s.worker = Some(worker.to_string());
@@ -90,6 +101,7 @@ pub fn running(
 pub fn finish(s: &mut BackgroundJobStatus, phase: Phase, error: Option<String>, now: Timestamp) {
     debug_assert!(phase.is_final());
     s.phase = Some(phase);
+    s.awaiting_report = false;
     s.completion_time = Some(Time(now));
     s.next_attempt_time = None;
     if error.is_some() {
@@ -112,6 +124,7 @@ pub fn reopen(s: &mut BackgroundJobStatus, note: String, now: Timestamp) {
 /// Put the job back in the queue, not to start before `at` (None: at once).
 pub fn requeue(s: &mut BackgroundJobStatus, at: Option<Timestamp>, error: String, now: Timestamp) {
     s.phase = Some(Phase::Waiting);
+    s.awaiting_report = false;
     s.next_attempt_time = at.map(Time);
     s.last_error = Some(capped(error));
     set_condition(s, "Running", "False", "Requeued", "waiting for the next attempt", now);
@@ -227,6 +240,24 @@ mod tests {
         );
         assert_eq!(s.enqueue_sequence, Some(42));
         assert_eq!(s.conditions[0].type_, "Running");
+    }
+
+    #[test]
+    fn a_new_attempt_forgets_what_the_last_one_reported_and_an_adoption_keeps_it() {
+        let mut j = job();
+        j.spec.http = Some(serde_json::from_value(serde_json::json!({"url": "http://127.0.0.1:1/"})).unwrap());
+        let now = Timestamp::from_second(100).unwrap();
+        let mut first = running(&j, 1, "w1", "l", None, None, now);
+        let key = first.report_key.clone().expect("an HTTP job gets a report key");
+        first.awaiting_report = true;
+        first.progress = Some(crate::api::Progress { percent: Some(50), ..Default::default() });
+        j.status = Some(first);
+        let adopted = running(&j, 1, "w2", "l", None, None, now);
+        assert!(adopted.awaiting_report && adopted.progress.is_some(), "the adopter waits for the same report");
+        let next = running(&j, 2, "w2", "l", None, None, now);
+        assert!(!next.awaiting_report && next.progress.is_none() && next.result.is_none());
+        assert_eq!(next.report_key, Some(key), "the key is the job's, kept across attempts");
+        assert!(running(&job(), 1, "w", "l", None, None, now).report_key.is_none(), "in-process jobs need none");
     }
 
     #[test]

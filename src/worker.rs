@@ -37,6 +37,8 @@ pub struct Worker {
     pub clock: crate::clock::ServerClock,
     /// The Leases this replica's attempts hold under its tenure ([`crate::lease::held`]).
     pub held: Arc<crate::lease::HeldLeases>,
+    /// Where workers elsewhere report (`--report-url`); `None`: work is not handed out for reporting.
+    pub report_url: Option<String>,
     recorder: Option<Recorder>,
     events: EventLevel,
 }
@@ -69,6 +71,7 @@ impl Worker {
             invocations: InvocationLog::open(invocation_log)?,
             clock: Default::default(),
             held: Default::default(),
+            report_url: None,
             recorder,
             events,
         })

@@ -135,6 +135,18 @@ impl Rendered {
         all[0]
     }
 
+    /// The Service whose name ends in `-<suffix>` (`metrics`, `reports`).
+    fn service(&self, suffix: &str) -> &Value {
+        let wanted = format!("-{suffix}");
+        let all: Vec<&Value> = self
+            .of_kind("Service")
+            .into_iter()
+            .filter(|s| s["metadata"]["name"].as_str().is_some_and(|n| n.ends_with(&wanted)))
+            .collect();
+        assert_eq!(all.len(), 1, "expected one {suffix} Service");
+        all[0]
+    }
+
     fn deployment(&self) -> &Value {
         self.one("Deployment")
     }
@@ -297,7 +309,23 @@ fn default_values_render_cluster_mode_rbac_and_a_probed_gracefully_terminating_d
     let c = r.container();
     assert_eq!(c["image"], "bgjobs:0.1.0", "the Dockerfile's image, tagged with the chart's appVersion");
     assert_eq!(r.args(), ["operator"]);
-    assert_eq!(c["ports"], json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]));
+    assert_eq!(
+        c["ports"],
+        json!([
+            {"name": "metrics", "containerPort": 8080, "protocol": "TCP"},
+            {"name": "reports", "containerPort": 8090, "protocol": "TCP"}
+        ])
+    );
+    // Every replica serves reports, behind one Service whose cluster DNS name is the URL handed to workers.
+    let reports = r.service("reports");
+    assert_eq!(reports["spec"]["ports"][0]["targetPort"], "reports");
+    let reports_name = reports["metadata"]["name"].as_str().unwrap();
+    assert_eq!(r.env_value("BGJOBS_REPORT_ADDR").as_deref(), Some("0.0.0.0:8090"));
+    assert_eq!(
+        r.env_value("BGJOBS_REPORT_URL"),
+        Some(format!("http://{reports_name}.{RELEASE_NS}.svc:8090")),
+        "the report Service's DNS name"
+    );
     assert_eq!(c["livenessProbe"]["httpGet"], json!({"path": "/healthz", "port": "metrics"}));
     assert_eq!(c["readinessProbe"]["httpGet"], json!({"path": "/readyz", "port": "metrics"}));
     assert!(c["resources"]["requests"]["cpu"].is_string() && c["resources"]["limits"]["memory"].is_string());
@@ -316,9 +344,10 @@ fn default_values_render_cluster_mode_rbac_and_a_probed_gracefully_terminating_d
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
 
-    let svc = r.one("Service");
-    assert_eq!(&svc["spec"]["selector"], labels);
-    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
+    for (svc, port) in [(r.service("metrics"), "metrics"), (r.service("reports"), "reports")] {
+        assert_eq!(&svc["spec"]["selector"], labels);
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"], port);
+    }
     let pdb = r.one("PodDisruptionBudget");
     assert_eq!(pdb["apiVersion"], "policy/v1");
     assert_eq!(&pdb["spec"]["selector"]["matchLabels"], labels);
@@ -507,7 +536,7 @@ fn the_service_monitor_is_optional_and_scrapes_the_metrics_service() {
     let sm = r.one("ServiceMonitor");
     assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(sm["metadata"]["labels"]["release"], "prom");
-    let svc = r.one("Service");
+    let svc = r.service("metrics");
     for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
         assert_eq!(&svc["metadata"]["labels"][k], v, "the ServiceMonitor selects the metrics Service");
     }
@@ -633,6 +662,8 @@ fn value_path(flag: &str) -> String {
         "metrics-addr" => "metrics.port".into(),
         "admission-addr" => "admissionWebhook.port".into(),
         "admission-cert-dir" => "admissionWebhook.certDir".into(),
+        "report-addr" => "reports.port".into(),
+        "report-url" => "reports.url".into(),
         f => {
             let mut out = String::from("operator.");
             let mut upper = false;

@@ -50,7 +50,10 @@ pub const DEFAULT_BACKOFF_FACTOR: f64 = 2.0;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Job","type":"string","priority":1,"jsonPath":".spec.jobName"}"#,
     printcolumn = r#"{"name":"Next Attempt","type":"string","priority":1,"jsonPath":".status.nextAttemptTime"}"#,
-    printcolumn = r#"{"name":"Last Error","type":"string","priority":1,"jsonPath":".status.lastError"}"#
+    printcolumn = r#"{"name":"Last Error","type":"string","priority":1,"jsonPath":".status.lastError"}"#,
+    printcolumn = r#"{"name":"Progress","type":"integer","priority":1,"jsonPath":".status.progress.percent"}"#,
+    printcolumn = r#"{"name":"Progress Message","type":"string","priority":1,"jsonPath":".status.progress.message"}"#,
+    printcolumn = r#"{"name":"Result","type":"string","priority":1,"jsonPath":".status.result"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BackgroundJobSpec {
@@ -94,6 +97,13 @@ pub struct BackgroundJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub attempt_timeout_seconds: Option<i64>,
+
+    /// An attempt that waits for its worker's report (its HTTP endpoint answered `202 Accepted`) and has heard
+    /// nothing from it for this many seconds (no heartbeat, no outcome) is lost: it fails and is retried per `retry`,
+    /// and a late report for it is refused. Unset: only `attemptTimeoutSeconds` and `timeoutSeconds` bound the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub heartbeat_timeout_seconds: Option<i64>,
 
     /// Run the job by POSTing `args` to an HTTP endpoint instead of an in-process handler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,7 +225,9 @@ impl Default for RetryPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct HttpTarget {
     /// URL the job's `args` are POSTed to as JSON. The job's UID is sent as `Idempotency-Key`. A 2xx answer is
-    /// success, 4xx a permanent failure, 5xx, a timeout or a connection error a retryable one.
+    /// success, 4xx a permanent failure, 5xx, a timeout or a connection error a retryable one. `202 Accepted` means
+    /// the work goes on elsewhere: the attempt stays `Running` until the worker reports its outcome with the token
+    /// sent in `X-BGJobs-Report-Token` to the URL in `X-BGJobs-Report-Url` (when the operator serves reports).
     #[schemars(regex(pattern = r"^https?://"))]
     pub url: String,
 
@@ -278,6 +290,47 @@ pub struct BackgroundJobStatus {
     /// The `metadata.generation` of the spec this status was written for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// The key that signs this job's report tokens (HTTP and Pod jobs): whoever may read the job may report for it,
+    /// nobody else. Set at the first claim and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_key: Option<String>,
+
+    /// The current attempt runs elsewhere and ends with its worker's report: its endpoint answered `202 Accepted`.
+    /// A replica that takes the job over keeps waiting for that report instead of starting another attempt.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_report: bool,
+
+    /// When the current attempt's worker was last heard from (its `202 Accepted` counts): the start of its
+    /// `heartbeatTimeoutSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+
+    /// The current (or last) attempt's progress, as its worker or handler last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+
+    /// What the job produced: any JSON its worker reported with `complete` (or an in-process handler set), at most
+    /// 32 KiB. Cleared when another attempt starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_json")]
+    pub result: Option<serde_json::Value>,
+}
+
+/// An attempt's progress as last reported.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Percent done, 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: Option<i32>,
+    /// A short note on what the attempt is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it was reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
 }
 
 /// Where a job stands.
@@ -353,6 +406,13 @@ fn default_backoff_factor() -> f64 {
 fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true
+    })
+}
+
+/// Schema of a field that holds any JSON value (object, array, string, number, boolean) kept as it is.
+fn any_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
         "x-kubernetes-preserve-unknown-fields": true
     })
 }

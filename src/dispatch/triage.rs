@@ -101,8 +101,10 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
     // Pod first.
     let adoptable = orphaned && claim::adopts(job);
     if job.spec.cancel {
-        let reason = if adoptable {
+        let reason = if adoptable && job.spec.template.is_some() {
             "cancelled by the user while its pod ran unwatched; the pod was deleted"
+        } else if adoptable {
+            "cancelled by the user while its attempt waited, unwatched, for its worker's report"
         } else {
             "cancelled by the user before it ran"
         };
@@ -316,6 +318,19 @@ mod tests {
         j.spec.template = Some(Default::default());
         let l = claim_lease(1);
         assert!(matches!(triage(&facts(&j, Some(&l), 15, 10), &T), Decision::Claim { .. }));
+    }
+
+    #[test]
+    fn an_orphaned_attempt_waiting_for_its_report_with_no_attempts_left_is_adopted_not_failed() {
+        let mut j = job(serde_json::json!({"retry": {"maxAttempts": 1}}), Phase::Running, 1);
+        j.status.as_mut().unwrap().awaiting_report = true;
+        let l = claim_lease(1);
+        assert!(matches!(triage(&facts(&j, Some(&l), 15, 10), &T), Decision::Claim { .. }));
+        j.spec.cancel = true;
+        match triage(&facts(&j, Some(&l), 15, 10), &T) {
+            Decision::Settle { phase: Phase::Cancelled, reason, .. } => assert!(reason.contains("report"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

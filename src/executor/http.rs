@@ -7,6 +7,11 @@
 //! fencing token (a receiver that remembers the highest attempt it saw per key can refuse a stale one) and
 //! `X-BGJobs-Worker` names the replica that sent it.
 //!
+//! Asynchronous jobs: when the operator serves reports (`--report-url`), the request also carries
+//! `X-BGJobs-Report-Url` and `X-BGJobs-Report-Token`, and a `202 Accepted` answer means the work goes on elsewhere:
+//! the attempt stays Running until the worker reports its outcome ([`crate::report`]). Without a report URL nothing
+//! could report, so a 202 is a success like any 2xx.
+//!
 //! Resolve, check, connect: the host is resolved once, every address is checked against the egress policy
 //! ([`crate::policy::egress`]), and the request goes out on a client whose resolver answers only that host, with
 //! exactly the checked addresses. A second lookup (DNS rebinding: a short-lived answer that changes between check and
@@ -176,6 +181,11 @@ impl HttpExecutor {
             .header("X-BGJobs-Job", format!("{}/{}", ctx.namespace, ctx.name))
             .header("X-BGJobs-Attempt", ctx.attempt.to_string())
             .header("X-BGJobs-Worker", &ctx.worker);
+        if ctx.report.hands_out() {
+            req = req
+                .header("X-BGJobs-Report-Url", ctx.report.url().unwrap_or_default())
+                .header("X-BGJobs-Report-Token", ctx.report.token().unwrap_or_default());
+        }
         for (k, v) in &target.headers {
             req = req.header(k, v);
         }
@@ -189,6 +199,10 @@ impl HttpExecutor {
         match response {
             Err(e) if e.is_timeout() => AttemptResult::Retryable(format!("POST {} timed out", target.url)),
             Err(e) => AttemptResult::Retryable(format!("POST {} failed: {e}", target.url)),
+            Ok(resp) if resp.status() == reqwest::StatusCode::ACCEPTED && ctx.report.hands_out() => {
+                drop(resp);
+                ctx.report.wait_for_report(true).await
+            }
             Ok(resp) => outcome(&target.url, resp).await,
         }
     }
@@ -251,6 +265,7 @@ mod tests {
             worker: "w".into(),
             leases: vec![],
             cancel: CancellationToken::new(),
+            report: Default::default(),
         }
     }
 
@@ -398,6 +413,7 @@ mod reserved_headers {
             worker: "w".into(),
             leases: vec![],
             cancel: CancellationToken::new(),
+            report: Default::default(),
         };
         let r = exec.post(&target, &ctx, &serde_json::json!({}), None).await;
         match &r {

@@ -29,6 +29,10 @@ pub async fn execute(
         return pod::run(client, pods, job, &ctx).await;
     }
     if let Some(target) = &job.spec.http {
+        // An attempt adopted while it waited for its worker's report is not sent again: the worker has it.
+        if crate::report::awaits_report(job) && job.attempts() == ctx.attempt {
+            return ctx.report.wait_for_report(false).await;
+        }
         return http.post(target, &ctx, &args, job.spec.attempt_timeout_seconds).await;
     }
     registry.run(ctx, args).await

@@ -32,8 +32,10 @@
 //!   the adopter, which waits the same way.
 //!
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
-//! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON). The Pod's `restartPolicy` is forced to `Never`: retries are the
-//! job's, with its backoff, not the kubelet's.
+//! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON); when the operator serves reports, `BGJOBS_REPORT_URL` and
+//! `BGJOBS_REPORT_TOKEN` let the Pod report progress and a result ([`crate::report`]; its exit still ends the attempt).
+//! Whoever may read the Pod may read its token, as whoever may read the job may compute it. The Pod's
+//! `restartPolicy` is forced to `Never`: retries are the job's, with its backoff, not the kubelet's.
 
 use std::collections::BTreeMap;
 
@@ -75,12 +77,16 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     }
     spec.restart_policy = Some("Never".into());
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
-    let env = [
+    let mut env = vec![
         ("BGJOBS_JOB", format!("{}/{}", ctx.namespace, ctx.name)),
         ("BGJOBS_JOB_UID", ctx.uid.clone()),
         ("BGJOBS_ATTEMPT", ctx.attempt.to_string()),
         ("BGJOBS_ARGS", args.to_string()),
     ];
+    if let (Some(url), Some(token)) = (ctx.report.url(), ctx.report.token()) {
+        env.push(("BGJOBS_REPORT_URL", url.to_string()));
+        env.push(("BGJOBS_REPORT_TOKEN", token.to_string()));
+    }
     for c in &mut spec.containers {
         let vars = c.env.get_or_insert_with(Vec::new);
         vars.retain(|v| !env.iter().any(|(k, _)| *k == v.name));
@@ -517,6 +523,7 @@ mod tests {
             worker: "w".into(),
             leases: Vec::new(),
             cancel: CancellationToken::new(),
+            report: Default::default(),
         }
     }
 

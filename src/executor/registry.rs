@@ -43,6 +43,9 @@ pub struct JobContext {
     /// Cancelled when the attempt must stop: job cancelled or deleted, attempt timeout, lease lost, shutdown.
     /// Handlers doing long work should check it; a handler that ignores it is dropped at its next await point.
     pub cancel: CancellationToken,
+    /// Progress and a result for the job's status (`ctx.report.progress(Some(40), Some("copying")).await`,
+    /// `ctx.report.set_result(json)?`), and the token and URL a worker elsewhere reports this attempt with.
+    pub report: crate::report::Reporter,
 }
 
 /// A handler's failure.
@@ -149,6 +152,7 @@ mod tests {
             worker: "w".into(),
             leases: Vec::new(),
             cancel: CancellationToken::new(),
+            report: Default::default(),
         }
     }
 

@@ -199,7 +199,9 @@ pub enum Denial {
     )]
     LinkLocal(IpAddr),
     /// A port the operator serves on, at a local address.
-    #[error("rule `operator-port`: {addr} port {port} is served by the operator itself (metrics, health)")]
+    #[error(
+        "rule `operator-port`: {addr} port {port} is served by the operator itself (metrics, health, admission, reports)"
+    )]
     OperatorPort {
         /// The local address.
         addr: IpAddr,

@@ -185,3 +185,17 @@ app.kubernetes.io/part-of: bgjobs
 {{- define "bgjobs.creatorCheck" -}}
 {{- if not (has (toString .Values.operator.podCreatorCheck) (list "off" "false")) -}}on{{- end -}}
 {{- end -}}
+
+{{/* The report Service's name (`<fullname>-reports`, within 63 characters). */}}
+{{- define "bgjobs.reportsService" -}}
+{{- printf "%s-reports" (include "bgjobs.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The URL workers report to: reports.url, or the report Service's cluster DNS name. */}}
+{{- define "bgjobs.reportUrl" -}}
+{{- if .Values.reports.url -}}
+{{- .Values.reports.url -}}
+{{- else -}}
+{{- printf "http://%s.%s.svc:%d" (include "bgjobs.reportsService" .) .Release.Namespace (.Values.reports.service.port | int) -}}
+{{- end -}}
+{{- end -}}

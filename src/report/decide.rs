@@ -1,0 +1,373 @@
+//! What a report does to a job, and when a waiting attempt's worker counts as gone: pure functions of the job, the
+//! report and the cluster's time, tested without a cluster. [`super::apply`] and [`super::wait`] do the I/O.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::token::Claims;
+use crate::api::{BackgroundJob, BackgroundJobStatus, Phase, Progress};
+use crate::retry::{self, AttemptResult, Verdict};
+use crate::status;
+
+/// Largest `result` a report (or an in-process handler) may record, as compact JSON. A job is one etcd object, and
+/// etcd refuses requests over 1.5 MiB by default: spec, args and status share that budget. And every replica keeps
+/// every job in memory until retention deletes it, so a large result costs memory on each replica. Bigger outputs
+/// belong in object storage, with their address in the result.
+pub const MAX_RESULT_BYTES: usize = 32 * 1024;
+/// Longest progress or failure message kept (characters); longer ones are cut.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// What a worker reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Report {
+    /// The work is done, with an optional result.
+    Complete {
+        /// Any JSON, at most [`MAX_RESULT_BYTES`].
+        result: Option<serde_json::Value>,
+    },
+    /// The work failed.
+    Fail {
+        /// Why, in words a user can act on.
+        message: String,
+        /// Whether another attempt may succeed (retried per the job's policy) or not (the job fails).
+        retryable: bool,
+    },
+    /// The worker is alive, with optional progress.
+    Heartbeat {
+        /// Percent done, 0 to 100.
+        percent: Option<i32>,
+        /// A short note.
+        message: Option<String>,
+    },
+}
+
+impl Report {
+    /// `complete`, `fail` or `heartbeat`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Report::Complete { .. } => "complete",
+            Report::Fail { .. } => "fail",
+            Report::Heartbeat { .. } => "heartbeat",
+        }
+    }
+}
+
+/// Why a report changes nothing, as an HTTP status and words for the worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status: 400 bad report, 401 bad token, 404 unknown job, 409 stale, 413 too large, 503 try again.
+    pub code: u16,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code`.
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        Refusal { code, message: message.into() }
+    }
+}
+
+/// What an accepted report changes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// The attempt ends: the verdict the retry policy gives its outcome, and the result of a success.
+    Outcome {
+        /// What follows the attempt.
+        verdict: Verdict,
+        /// The reported result.
+        result: Option<serde_json::Value>,
+    },
+    /// The worker is alive.
+    Heartbeat {
+        /// Its progress, if it said.
+        progress: Option<Progress>,
+    },
+    /// A Pod job's worker reported its result; the attempt still ends with its Pod.
+    Result(serde_json::Value),
+}
+
+/// The checks that need no job: a result over the cap (413), a percentage out of range (400).
+pub fn check(report: &Report) -> Result<(), Refusal> {
+    match report {
+        Report::Complete { result: Some(r) } => {
+            let size = serde_json::to_vec(r).map(|b| b.len()).unwrap_or(usize::MAX);
+            if size > MAX_RESULT_BYTES {
+                return Err(Refusal::new(
+                    413,
+                    format!(
+                        "the result is {size} bytes of JSON; at most {MAX_RESULT_BYTES} are kept in the job's status \
+                         (a job is one etcd object): store large output elsewhere and report its address"
+                    ),
+                ));
+            }
+        }
+        Report::Heartbeat { percent: Some(p), .. } if !(0..=100).contains(p) => {
+            return Err(Refusal::new(400, format!("percent must be between 0 and 100, not {p}")));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Judge a report against the job as just read: what it changes, or why it changes nothing.
+pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timestamp) -> Result<Change, Refusal> {
+    check(report)?;
+    let phase = job.phase();
+    let current = job.attempts();
+    let name = format!("{}/{}", claims.namespace, claims.name);
+    if phase.is_final() {
+        return Err(Refusal::new(
+            409,
+            format!("job {name} has finished ({phase}); attempt {} is no longer current", claims.attempt),
+        ));
+    }
+    if phase != Phase::Running || current != claims.attempt {
+        let now_on = if phase == Phase::Running {
+            format!("attempt {current} is running")
+        } else {
+            format!("it is {phase} after attempt {current}")
+        };
+        return Err(Refusal::new(
+            409,
+            format!("attempt {} of job {name} is no longer current: {now_on}", claims.attempt),
+        ));
+    }
+    let pod = job.spec.template.is_some();
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    match report.clone() {
+        Report::Complete { result } if pod => match result {
+            Some(r) => Ok(Change::Result(r)),
+            None => Ok(Change::Heartbeat { progress: None }),
+        },
+        Report::Fail { .. } if pod => Err(Refusal::new(
+            400,
+            format!("job {name} runs as a Pod: its attempt fails when the Pod exits non-zero, not by a report"),
+        )),
+        Report::Complete { result } => Ok(Change::Outcome { verdict: Verdict::Succeed, result }),
+        Report::Fail { message, retryable } => {
+            let message = format!("the worker reported failure: {}", cut(&message));
+            let result = if retryable { AttemptResult::Retryable(message) } else { AttemptResult::Permanent(message) };
+            Ok(Change::Outcome {
+                verdict: retry::verdict(&job.spec, created, claims.attempt, result, now),
+                result: None,
+            })
+        }
+        Report::Heartbeat { percent, message } => {
+            let progress = (percent.is_some() || message.is_some()).then(|| Progress {
+                percent,
+                message: message.map(|m| cut(&m)),
+                time: Some(Time(now)),
+            });
+            Ok(Change::Heartbeat { progress })
+        }
+    }
+}
+
+/// Write `change` into a status (inside the fenced write that checked the attempt is still current).
+pub fn apply(s: &mut BackgroundJobStatus, change: &Change, now: Timestamp) {
+    s.last_heartbeat_time = Some(Time(now));
+    match change {
+        Change::Heartbeat { progress } => {
+            if progress.is_some() {
+                s.progress = progress.clone();
+            }
+        }
+        Change::Result(r) => s.result = Some(r.clone()),
+        Change::Outcome { verdict, result } => match verdict {
+            Verdict::Succeed => {
+                status::finish(s, Phase::Succeeded, None, now);
+                s.result = result.clone();
+            }
+            Verdict::RetryAt { at, reason } => status::requeue(s, Some(*at), reason.clone(), now),
+            Verdict::Fail(reason) => status::finish(s, Phase::Failed, Some(reason.clone()), now),
+            Verdict::Abandon(reason) => status::finish(s, Phase::Abandoned, Some(reason.clone()), now),
+        },
+    }
+}
+
+/// Whether an attempt waiting for its worker's report still hears from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// Alive; with a heartbeat timeout, it is lost if nothing arrives within `overdue_in`.
+    Alive {
+        /// How long until the worker counts as gone (`None`: no heartbeat timeout).
+        overdue_in: Option<Duration>,
+    },
+    /// Nothing heard for `heartbeatTimeoutSeconds`: the attempt is lost (the message says so).
+    Lost(String),
+}
+
+/// Judge a waiting attempt's worker by its last heartbeat (the `202 Accepted` counts as the first one).
+pub fn liveness(job: &BackgroundJob, now: Timestamp) -> Liveness {
+    let Some(timeout) = job.spec.heartbeat_timeout_seconds else { return Liveness::Alive { overdue_in: None } };
+    let s = job.status.clone().unwrap_or_default();
+    let Some(last) = s.last_heartbeat_time.or(s.start_time).map(|t| t.0) else {
+        return Liveness::Alive { overdue_in: Some(Duration::from_secs(timeout.max(1) as u64)) };
+    };
+    let deadline = last.checked_add(jiff::SignedDuration::from_secs(timeout.max(1))).unwrap_or(Timestamp::MAX);
+    if now >= deadline {
+        return Liveness::Lost(format!(
+            "attempt {} was lost: its worker sent no heartbeat or report for {timeout}s (heartbeatTimeoutSeconds; \
+             last heard from at {last})",
+            s.attempts
+        ));
+    }
+    Liveness::Alive { overdue_in: Some(deadline.duration_since(now).unsigned_abs()) }
+}
+
+/// Whether the job's current attempt waits for a report (and so is adopted, not restarted, by a replica that takes
+/// the job over).
+pub fn awaits_report(job: &BackgroundJob) -> bool {
+    job.phase() == Phase::Running && job.status.as_ref().is_some_and(|s| s.awaiting_report)
+}
+
+fn cut(message: &str) -> String {
+    message.chars().take(MAX_MESSAGE).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::BackgroundJobSpec;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn job(spec: serde_json::Value, phase: Phase, attempts: i32) -> BackgroundJob {
+        let mut spec = spec;
+        spec["jobName"] = "x".into();
+        let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(spec).unwrap());
+        j.metadata.namespace = Some("ns".into());
+        j.metadata.uid = Some("uid-1".into());
+        j.metadata.creation_timestamp = Some(Time(at(0)));
+        j.status = Some(BackgroundJobStatus {
+            phase: Some(phase),
+            attempts,
+            worker: Some("w1".into()),
+            awaiting_report: phase == Phase::Running,
+            last_heartbeat_time: Some(Time(at(10))),
+            ..Default::default()
+        });
+        j
+    }
+
+    fn claims(attempt: i32) -> Claims {
+        Claims { namespace: "ns".into(), name: "j".into(), uid: "uid-1".into(), attempt }
+    }
+
+    fn complete(result: serde_json::Value) -> Report {
+        Report::Complete { result: Some(result) }
+    }
+
+    #[test]
+    fn a_complete_for_the_current_attempt_succeeds_the_job_with_its_result() {
+        let j = job(serde_json::json!({}), Phase::Running, 2);
+        let change = judge(&j, &claims(2), &complete(serde_json::json!({"rows": 42})), at(20)).unwrap();
+        let mut s = j.status.clone().unwrap();
+        apply(&mut s, &change, at(20));
+        assert_eq!((s.phase, s.result), (Some(Phase::Succeeded), Some(serde_json::json!({"rows": 42}))));
+        assert!(!s.awaiting_report, "a finished attempt waits for nothing");
+    }
+
+    #[test]
+    fn a_report_for_an_earlier_attempt_is_refused_with_409_naming_both_attempts() {
+        let j = job(serde_json::json!({}), Phase::Running, 4);
+        let refusal = judge(&j, &claims(3), &complete(serde_json::json!(1)), at(20)).unwrap_err();
+        assert_eq!(refusal.code, 409);
+        assert!(
+            refusal.message.contains("attempt 3 of job ns/j is no longer current: attempt 4 is running"),
+            "{refusal:?}"
+        );
+        let waiting = job(serde_json::json!({}), Phase::Waiting, 3);
+        let refusal = judge(&waiting, &claims(3), &Report::Heartbeat { percent: None, message: None }, at(20));
+        assert!(refusal.unwrap_err().message.contains("it is Waiting after attempt 3"));
+    }
+
+    #[test]
+    fn a_report_for_a_finished_job_is_refused() {
+        let j = job(serde_json::json!({}), Phase::Succeeded, 1);
+        let refusal = judge(&j, &claims(1), &complete(serde_json::json!(1)), at(20)).unwrap_err();
+        assert_eq!(refusal.code, 409);
+        assert!(refusal.message.contains("has finished (Succeeded)"), "{refusal:?}");
+    }
+
+    #[test]
+    fn a_result_over_the_cap_is_refused_with_413_before_anything_else() {
+        let big = serde_json::json!({"blob": "x".repeat(MAX_RESULT_BYTES)});
+        let j = job(serde_json::json!({}), Phase::Running, 1);
+        let refusal = judge(&j, &claims(1), &complete(big), at(20)).unwrap_err();
+        assert_eq!(refusal.code, 413);
+        assert!(refusal.message.contains("at most 32768"), "{refusal:?}");
+        let fits = serde_json::json!({"blob": "x".repeat(MAX_RESULT_BYTES - 20)});
+        assert!(check(&complete(fits)).is_ok());
+    }
+
+    #[test]
+    fn a_failure_follows_the_retry_policy_and_a_permanent_one_fails_the_job() {
+        let j = job(serde_json::json!({"retry": {"backoffSeconds": 5, "maxAttempts": 3}}), Phase::Running, 1);
+        let fail = |retryable| Report::Fail { message: "disk full".into(), retryable };
+        match judge(&j, &claims(1), &fail(true), at(20)).unwrap() {
+            Change::Outcome { verdict: Verdict::RetryAt { at: t, reason }, .. } => {
+                assert_eq!(t, at(25));
+                assert_eq!(reason, "the worker reported failure: disk full");
+            }
+            other => panic!("{other:?}"),
+        }
+        let change = judge(&j, &claims(1), &fail(false), at(20)).unwrap();
+        let mut s = j.status.clone().unwrap();
+        apply(&mut s, &change, at(20));
+        assert_eq!(s.phase, Some(Phase::Failed));
+    }
+
+    #[test]
+    fn a_heartbeat_records_progress_and_the_time_and_keeps_the_attempt_running() {
+        let j = job(serde_json::json!({}), Phase::Running, 1);
+        let beat = Report::Heartbeat { percent: Some(40), message: Some("copying".into()) };
+        let change = judge(&j, &claims(1), &beat, at(30)).unwrap();
+        let mut s = j.status.clone().unwrap();
+        apply(&mut s, &change, at(30));
+        assert_eq!((s.phase, s.last_heartbeat_time.clone()), (Some(Phase::Running), Some(Time(at(30)))));
+        assert_eq!(s.progress.as_ref().and_then(|p| p.percent), Some(40));
+        let bare = judge(&j, &claims(1), &Report::Heartbeat { percent: None, message: None }, at(31)).unwrap();
+        apply(&mut s, &bare, at(31));
+        assert_eq!(s.progress.and_then(|p| p.message).as_deref(), Some("copying"), "a bare heartbeat keeps progress");
+        let bad = Report::Heartbeat { percent: Some(140), message: None };
+        assert_eq!(judge(&j, &claims(1), &bad, at(31)).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn a_pod_jobs_report_records_its_result_but_its_pod_ends_the_attempt() {
+        let j = job(serde_json::json!({"template": {}}), Phase::Running, 1);
+        let change = judge(&j, &claims(1), &complete(serde_json::json!("done")), at(20)).unwrap();
+        assert_eq!(change, Change::Result(serde_json::json!("done")));
+        let fail = Report::Fail { message: "x".into(), retryable: true };
+        assert_eq!(judge(&j, &claims(1), &fail, at(20)).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn a_waiting_attempt_is_lost_once_its_worker_is_silent_for_the_heartbeat_timeout() {
+        let j = job(serde_json::json!({"heartbeatTimeoutSeconds": 30}), Phase::Running, 2);
+        assert_eq!(liveness(&j, at(25)), Liveness::Alive { overdue_in: Some(Duration::from_secs(15)) });
+        match liveness(&j, at(40)) {
+            Liveness::Lost(why) => assert!(why.contains("attempt 2 was lost") && why.contains("30s"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let patient = job(serde_json::json!({}), Phase::Running, 2);
+        assert_eq!(liveness(&patient, at(100_000)), Liveness::Alive { overdue_in: None });
+    }
+
+    #[test]
+    fn only_a_running_attempt_marked_as_waiting_awaits_a_report() {
+        assert!(awaits_report(&job(serde_json::json!({}), Phase::Running, 1)));
+        let mut j = job(serde_json::json!({}), Phase::Running, 1);
+        j.status.as_mut().unwrap().awaiting_report = false;
+        assert!(!awaits_report(&j));
+        let mut waiting = job(serde_json::json!({}), Phase::Waiting, 1);
+        waiting.status.as_mut().unwrap().awaiting_report = true;
+        assert!(!awaits_report(&waiting));
+    }
+}

@@ -1,0 +1,90 @@
+//! The holder's side of an asynchronous attempt: after `202 Accepted`, mark the attempt as waiting for its report
+//! (so a replica that takes the job over adopts it instead of starting another), then watch the job until a report
+//! (applied by whichever replica received it) moves it on, or until the worker counts as gone
+//! ([`super::decide::liveness`]). The attempt runner bounds the wait like any attempt (attempt timeout, job
+//! deadline, Leases, stop requests) and keeps the claim Lease renewed meanwhile.
+
+use std::pin::pin;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::watch_object;
+use kube::{Api, ResourceExt};
+use tracing::{info, warn};
+
+use super::decide::{self, Liveness};
+use crate::api::BackgroundJob;
+use crate::retry::AttemptResult;
+use crate::status::{self, Fence, Fenced};
+use crate::worker::Worker;
+
+/// Wait for the report of the attempt `fence` holds. `mark`: this replica just got the `202` (else it adopted an
+/// attempt already marked). `marked` is called once the attempt is known to wait for a report.
+pub async fn until_reported(
+    worker: &Worker,
+    jobs: &Api<BackgroundJob>,
+    latest: BackgroundJob,
+    fence: &Fence,
+    mark: bool,
+    marked: impl FnOnce(),
+) -> AttemptResult {
+    let mut job = latest;
+    if mark {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let now = worker.clock.now();
+            let change = |s: &mut crate::api::BackgroundJobStatus| {
+                s.awaiting_report = true;
+                s.last_heartbeat_time = Some(Time(now));
+            };
+            match status::write_fenced(jobs, &job, fence, change).await {
+                Ok(Fenced::Written(j)) => {
+                    job = *j;
+                    break;
+                }
+                // A fast worker's report landed before the mark: the attempt is over already.
+                Ok(Fenced::Stale) => return AttemptResult::Reported,
+                Err(e) => {
+                    warn!(error = %e, "could not mark the attempt as waiting for its report; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        info!("the endpoint accepted the attempt (202): waiting for its worker's report");
+    } else {
+        info!("adopted an attempt that waits for its worker's report");
+    }
+    marked();
+    let mut watch = pin!(watch_object(jobs.clone(), &job.name_any()).default_backoff());
+    loop {
+        if !fence.holds(&job) {
+            return AttemptResult::Reported;
+        }
+        let overdue_in = match decide::liveness(&job, worker.clock.now()) {
+            Liveness::Lost(why) => {
+                warn!(%why, "the worker of this attempt went silent");
+                return AttemptResult::Retryable(why);
+            }
+            Liveness::Alive { overdue_in } => overdue_in,
+        };
+        let overdue = async {
+            match overdue_in {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = watch.next() => match event {
+                Some(Ok(Some(seen))) if seen.uid() == job.uid() => job = seen,
+                // Deleted, or the name holds another job: this attempt is over (the dispatcher stops it too).
+                Some(Ok(_)) => return AttemptResult::Reported,
+                Some(Err(e)) => warn!(error = %e, "watching the job for its report failed; watching again"),
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+            },
+            _ = overdue => {}
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Asynchronous HTTP jobs on the local control plane: the endpoint answers 202, a worker elsewhere reports the
+//! outcome (with heartbeats and progress) to any replica's report endpoint, and only the current attempt's reports
+//! count. Every HTTP server and report endpoint listens on 127.0.0.1.
+
+mod common;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bgjobs::api::{BackgroundJob, Phase};
+use bgjobs::report::{Report, client, token};
+use common::{TestEnv, kubeconfig_path};
+use kube::ResourceExt;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A free port on 127.0.0.1 (bound, then given back for a replica to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `--report-addr` and `--report-url` for a replica serving reports on its own loopback port; and that URL.
+fn reporting(port: u16) -> ([String; 4], String) {
+    let url = format!("http://127.0.0.1:{port}");
+    (["--report-addr".into(), format!("127.0.0.1:{port}"), "--report-url".into(), url.clone()], url)
+}
+
+fn strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// One request an accepting endpoint received.
+#[derive(Clone, Debug)]
+struct Accepted {
+    attempt: i32,
+    token: String,
+    url: String,
+}
+
+/// An endpoint on 127.0.0.1 that answers every POST `202 Accepted` and records the attempt, token and report URL.
+async fn accepting_endpoint() -> (String, Arc<Mutex<Vec<Accepted>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break String::from_utf8_lossy(&buf[..i]).to_string();
+                    }
+                };
+                let header = |name: &str| {
+                    head.lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                        .map(|(_, v)| v.trim().to_string())
+                        .unwrap_or_default()
+                };
+                log.lock().unwrap().push(Accepted {
+                    attempt: header("x-bgjobs-attempt").parse().unwrap_or(0),
+                    token: header("x-bgjobs-report-token"),
+                    url: header("x-bgjobs-report-url"),
+                });
+                let _ =
+                    sock.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+            });
+        }
+    });
+    (base, seen)
+}
+
+/// Wait until the endpoint has accepted attempt `attempt`; its request.
+async fn accepted(seen: &Arc<Mutex<Vec<Accepted>>>, attempt: i32) -> Accepted {
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        if let Some(a) = seen.lock().unwrap().iter().find(|a| a.attempt == attempt).cloned() {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "attempt {attempt} was never sent: {:?}", seen.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `bgjobs report ARGS` as a separate process with the token and URL in its environment, as a Pod would have them.
+fn cli_report(url: &str, token: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+        .arg("report")
+        .args(args)
+        .env("BGJOBS_REPORT_URL", url)
+        .env("BGJOBS_REPORT_TOKEN", token)
+        .output()
+        .expect("run bgjobs report");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+async fn wait_waiting_for_report(env: &TestEnv, name: &str) -> BackgroundJob {
+    env.wait_job(name, MINUTE, "waiting for its report", |j| {
+        j.phase() == Phase::Running && j.status.as_ref().is_some_and(|s| s.awaiting_report)
+    })
+    .await
+}
+
+/// A worker process that runs the README's Python example (`examples/async_worker.py`), stopped on drop.
+struct PythonWorker(std::process::Child, String);
+
+impl PythonWorker {
+    fn start(env: &TestEnv, args: &[&str]) -> PythonWorker {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/async_worker.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(env.dir.join("python-worker.log")).unwrap())
+            .spawn()
+            .expect("start python3 examples/async_worker.py");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("worker said {line:?}"));
+        PythonWorker(child, format!("http://{addr}/"))
+    }
+}
+
+impl Drop for PythonWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_job_is_completed_by_the_python_worker_30_s_later_and_describe_shows_its_result() {
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let example =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/async_worker.py"))
+            .unwrap();
+    assert!(readme.contains(&example), "the README shows examples/async_worker.py as it is");
+
+    let env = TestEnv::new("async-python").await;
+    let (flags, _) = reporting(free_port());
+    let _r = env.replica("r", &strs(&flags));
+    let worker = PythonWorker::start(&env, &["--seconds", "30", "--every", "5"]);
+    let started = Instant::now();
+    env.create("render", json!({"jobName": "Render", "args": {"page": 7}, "http": {"url": worker.1}})).await;
+    let job = env.wait_job("render", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let s = job.status.clone().unwrap();
+    assert_eq!((s.phase, s.attempts), (Some(Phase::Succeeded), 1), "{:?}", s.last_error);
+    assert!(started.elapsed() >= Duration::from_secs(30), "it waited for the worker: {:?}", started.elapsed());
+    assert_eq!(s.result, Some(json!({"echo": {"page": 7}, "seconds": 30})));
+    assert!(s.progress.is_some_and(|p| p.percent.is_some()), "heartbeats recorded progress");
+    let (ok, out, err) = env.cli(&["describe", "render"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(r#"Result:        {"echo":{"page":7},"seconds":30}"#), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeating_worker_keeps_its_attempt_well_past_the_lease_duration() {
+    let env = TestEnv::new("async-heartbeats").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (flags, _) = reporting(free_port());
+    let _r = env.replica("r", &strs(&flags));
+    // Leases of 3 s (common::FAST_LEASES); the worker runs 12 s, heartbeating every second, 4 s allowed between.
+    env.create("long", json!({"jobName": "Long", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 4})).await;
+    let first = accepted(&seen, 1).await;
+    wait_waiting_for_report(&env, "long").await;
+    let start = Instant::now();
+    let mut percent = 0;
+    while start.elapsed() < Duration::from_secs(12) {
+        let (ok, out) = cli_report(&first.url, &first.token, &["heartbeat", "--percent", &percent.to_string()]);
+        assert!(ok, "heartbeat refused: {out}");
+        percent = (percent + 8).min(100);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let running = env.jobs.get("long").await.unwrap();
+    assert_eq!((running.phase(), running.attempts()), (Phase::Running, 1), "{:?}", running.status);
+    let wide = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig_path().display().to_string(), "get", "bgj", "long", "-n", &env.ns])
+        .args(["-o", "wide"])
+        .output()
+        .unwrap();
+    let wide = String::from_utf8_lossy(&wide.stdout).to_string();
+    let reported = running.status.unwrap().progress.unwrap().percent.unwrap();
+    assert!(wide.contains("PROGRESS") && wide.contains(&format!(" {reported} ")), "{wide}");
+
+    let (ok, out) = cli_report(&first.url, &first.token, &["complete", "--result", r#"{"rows": 42}"#]);
+    assert!(ok, "{out}");
+    let job = env.wait_job("long", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(job.attempts(), 1, "one attempt from start to end");
+    assert_eq!(job.status.unwrap().result, Some(json!({"rows": 42})));
+    assert_eq!(seen.lock().unwrap().len(), 1, "the endpoint was called once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_heartbeating_is_retried_and_its_late_complete_is_refused() {
+    let env = TestEnv::new("async-silent").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (flags, _) = reporting(free_port());
+    let _r = env.replica("r", &strs(&flags));
+    let spec = json!({"jobName": "Silent", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 3,
+        "retry": {"backoffSeconds": 0, "maxAttempts": 3}});
+    env.create("silent", spec).await;
+    let first = accepted(&seen, 1).await;
+    // The first worker never reports: after 3 s its attempt is lost and attempt 2 is sent.
+    let second = accepted(&seen, 2).await;
+    let (ok, out) = cli_report(&first.url, &first.token, &["complete", "--result", "1"]);
+    assert!(!ok, "the late complete of attempt 1 was accepted: {out}");
+    assert!(out.contains("409") && out.contains("attempt 1 of job") && out.contains("is no longer current"), "{out}");
+    let job = env.jobs.get("silent").await.unwrap();
+    assert_eq!((job.phase(), job.attempts()), (Phase::Running, 2), "the late report changed nothing");
+    assert!(job.status.unwrap().result.is_none());
+
+    let (ok, out) = cli_report(&second.url, &second.token, &["complete"]);
+    assert!(ok, "{out}");
+    let job = env.wait_job("silent", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(job.attempts(), 2);
+    let why = job.status.unwrap().last_error.unwrap_or_default();
+    assert!(why.contains("attempt 1 was lost: its worker sent no heartbeat or report for 3s"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_is_killed_while_its_worker_runs_and_the_report_lands_through_another_replica_with_one_execution() {
+    let env = TestEnv::new("async-holder-killed").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (a_flags, _) = reporting(free_port());
+    let (b_flags, b_url) = reporting(free_port());
+    let mut a = env.replica("a", &strs(&a_flags));
+    env.create("handed", json!({"jobName": "Handed", "http": {"url": endpoint}})).await;
+    let sent = accepted(&seen, 1).await;
+    let held = wait_waiting_for_report(&env, "handed").await;
+    assert_eq!(held.status.unwrap().worker.as_deref(), Some("a"));
+    let _b = env.replica("b", &strs(&b_flags));
+    a.kill9();
+    // b sees a's Lease stand still and adopts the waiting attempt: the same attempt, nothing sent again.
+    let adopted = env
+        .wait_job("handed", MINUTE, "adopted by b", |j| {
+            j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")
+        })
+        .await;
+    let s = adopted.status.unwrap();
+    assert_eq!((s.phase, s.attempts, s.awaiting_report), (Some(Phase::Running), 1, true), "{:?}", s.last_error);
+    assert!(s.last_error.unwrap_or_default().contains("adopted attempt 1, which waits for its worker's report"));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    // The worker's report reaches b (in a cluster: the Service picks any replica).
+    let (ok, out) = cli_report(&b_url, &sent.token, &["complete", "--result", r#""done""#]);
+    assert!(ok, "{out}");
+    let job = env.wait_job("handed", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let s = job.status.unwrap();
+    assert_eq!((s.attempts, s.result), (1, Some(json!("done"))));
+    assert_eq!(seen.lock().unwrap().len(), 1, "one execution: the endpoint was called once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_forged_malformed_and_oversized_reports_are_refused_and_change_nothing() {
+    let env = TestEnv::new("async-refused").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (flags, url) = reporting(free_port());
+    let _r = env.replica("r", &strs(&flags));
+    env.create("guarded", json!({"jobName": "Guarded", "http": {"url": endpoint}})).await;
+    let sent = accepted(&seen, 1).await;
+    let before = wait_waiting_for_report(&env, "guarded").await;
+    let claims = token::parse(&sent.token).unwrap().claims;
+    assert_eq!((claims.name.as_str(), claims.attempt, claims.uid.clone()), ("guarded", 1, before.uid().unwrap()));
+    let done = Report::Complete { result: Some(json!("forged")) };
+
+    let refused = |r: bgjobs::Result<serde_json::Value>| match r {
+        Ok(answer) => panic!("accepted: {answer}"),
+        Err(e) => e.to_string(),
+    };
+    // Malformed, and missing.
+    let e = refused(client::send(&url, "not-a-token", &done).await);
+    assert!(e.contains("401") && e.contains("malformed token"), "{e}");
+    let raw = reqwest::Client::new().post(format!("{url}/v1/complete")).body("{}").send().await.unwrap();
+    assert_eq!(raw.status().as_u16(), 401);
+    // Forged: the real token's signature over a payload that claims attempt 2; and a token signed with another key.
+    let mac = sent.token.rsplit('.').next().unwrap();
+    let next = bgjobs::report::token::Claims { attempt: 2, ..claims.clone() };
+    let other_key = token::issue(&next, &token::new_key()).unwrap();
+    let payload = other_key.split('.').nth(1).unwrap();
+    let e = refused(client::send(&url, &format!("bgj1.{payload}.{mac}"), &done).await);
+    assert!(e.contains("401") && e.contains("signature does not match"), "{e}");
+    let e = refused(client::send(&url, &token::issue(&claims, &token::new_key()).unwrap(), &done).await);
+    assert!(e.contains("401") && e.contains("signature does not match"), "{e}");
+    // Unknown: a job of another UID.
+    let gone = bgjobs::report::token::Claims { uid: "0000".into(), ..claims.clone() };
+    let e = refused(client::send(&url, &token::issue(&gone, &token::new_key()).unwrap(), &done).await);
+    assert!(e.contains("404"), "{e}");
+    // Stale: whoever reads the job can sign for it, but not for an attempt that is not current.
+    let key = before.status.as_ref().unwrap().report_key.clone().unwrap();
+    let stale = token::issue(&bgjobs::report::token::Claims { attempt: 0, ..claims.clone() }, &key).unwrap();
+    let e = refused(client::send(&url, &stale, &done).await);
+    assert!(e.contains("409") && e.contains("attempt 0 of job") && e.contains("no longer current"), "{e}");
+    // Oversized.
+    let big = Report::Complete { result: Some(json!({"blob": "x".repeat(bgjobs::report::MAX_RESULT_BYTES)})) };
+    let e = refused(client::send(&url, &sent.token, &big).await);
+    assert!(e.contains("413") && e.contains("at most 32768"), "{e}");
+
+    let after = env.jobs.get("guarded").await.unwrap();
+    assert_eq!(after.resource_version(), before.resource_version(), "no refused report wrote anything");
+
+    client::send(&url, &sent.token, &Report::Complete { result: None }).await.unwrap();
+    env.wait_job("guarded", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let e = refused(client::send(&url, &sent.token, &Report::Heartbeat { percent: None, message: None }).await);
+    assert!(e.contains("409") && e.contains("has finished (Succeeded)"), "{e}");
+}
