@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint fmt crds check-crds cluster cluster-down bench bench-pods bench-scale bench-recurring clean helm-deps chaos chaos-deps
+.PHONY: all build demo test unit integration lint lint-deps fmt crds check-crds cluster cluster-down bench bench-pods bench-scale bench-recurring clean helm-deps chaos chaos-deps
 
 all: build
 
@@ -49,9 +49,19 @@ helm-deps:
 	  python3 -m pip install -q --disable-pip-version-check $(HELM_SDK) || \
 	  python3 -m pip install -q --disable-pip-version-check --break-system-packages $(HELM_SDK)
 
-lint:
+## lint: Rust (rustfmt, clippy) and the e2e Python files (ruff: e2e/helm.py, e2e/report.py; ruff.toml).
+lint: lint-deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	python3 -m ruff check e2e
+	python3 -m ruff format --check e2e
+
+## lint-deps: ruff for the e2e Python files, pinned like the Helm SDK. Idempotent.
+RUFF := ruff==0.8.6
+lint-deps:
+	@python3 -c 'import importlib.metadata as m, sys; sys.exit(m.version("ruff") != "0.8.6")' 2>/dev/null || \
+	  python3 -m pip install -q --disable-pip-version-check $(RUFF) || \
+	  python3 -m pip install -q --disable-pip-version-check --break-system-packages $(RUFF)
 
 fmt:
 	cargo fmt --all

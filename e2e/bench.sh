@@ -55,8 +55,10 @@ RAW_CONCURRENCY=${BENCH_RAW_CONCURRENCY:-16}
 BASELINE_JOBS=${BENCH_BASELINE_JOBS:-30}
 BASELINE_REPLICAS=${BENCH_BASELINE_REPLICAS:-4}
 STALL=${BENCH_STALL:-120}
-BIN=${BGJOBS_BIN:-$ROOT/target/release/bgjobs}
-RATE_BIN=$ROOT/target/release/examples/lease_write_rate
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=${BGJOBS_BIN:-$TARGET/release/bgjobs}
+RATE_BIN=$TARGET/release/examples/lease_write_rate
+HISTORY=$TARGET/release/bgjobs-history # the exactly-once oracle (e2e/history)
 BIN_SOURCE=$BIN
 
 BENCH_DIR=$ROOT/target/bench
@@ -88,7 +90,7 @@ check_inputs() {
     [[ $v =~ ^(seed|scaling|noop|baseline)$ ]] || die "unknown scenario '$v' in BENCH_SCENARIOS (seed scaling noop baseline)"
   done
   for v in kubectl python3 jq; do
-    command -v "$v" >/dev/null || die "$v is required (kubectl and jq poll the queue, python3 does the arithmetic)"
+    command -v "$v" >/dev/null || die "$v is required (kubectl and jq poll the queue, python3 writes the report)"
   done
 }
 
@@ -108,6 +110,7 @@ prepare() {
     step "cargo build --release"
     cargo build --release --bin bgjobs
   fi
+  cargo build --release -p bgjobs-history
   [ -x "$BIN" ] || die "no bgjobs binary at $BIN"
   if wants noop; then
     cargo build --release --example lease_write_rate
@@ -119,6 +122,8 @@ prepare() {
   cp "$BIN" "$RUN_DIR/bgjobs"
   BIN_SOURCE=$BIN
   BIN=$RUN_DIR/bgjobs
+  cp "$HISTORY" "$RUN_DIR/bgjobs-history"
+  HISTORY=$RUN_DIR/bgjobs-history
   if wants noop; then
     cp "$RATE_BIN" "$RUN_DIR/lease_write_rate"
     RATE_BIN=$RUN_DIR/lease_write_rate
@@ -167,23 +172,7 @@ delete_namespace() {
 
 # One multi-document YAML: `kubectl create -f` sends the documents one after another over one client, far faster
 # than one CLI call per job. Names b-00001... sort in creation order.
-write_jobs() { # file count handler args-json
-  python3 - "$@" <<'PY'
-import sys
-path, count, handler, args = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-with open(path, "w") as f:
-    for i in range(1, count + 1):
-        f.write(f"""---
-apiVersion: bgjobs.dev/v1alpha1
-kind: BackgroundJob
-metadata:
-  name: b-{i:05d}
-spec:
-  jobName: {handler}
-  args: {args}
-""")
-PY
-}
+write_jobs() { e2e/report.py bench-jobs "$@"; } # file count handler args-json
 
 # The apiserver's own request counters; compared before and after to count writes without trusting the client.
 metrics_snapshot() {
@@ -240,7 +229,7 @@ start_replicas() { # dir ns count slots extra-args...
 replicas_cpu_seconds() {
   local pid total=0
   for pid in ${REPLICA_PIDS[@]+"${REPLICA_PIDS[@]}"}; do
-    total=$(python3 -c 'import sys; print(round(float(sys.argv[1]) + float(sys.argv[2]), 2))' "$total" "$(cpu_seconds "$pid")")
+    total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN {printf "%.2f", a + b}')
   done
   echo "$total"
 }
@@ -313,7 +302,7 @@ scenario() {
   local t0=$EPOCHREALTIME
   kubectl create -n "$ns" -f "$dir/jobs.yaml" >/dev/null
   local create_s
-  create_s=$(python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.1f}")' "$t0" "$EPOCHREALTIME")
+  create_s=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')
   echo "created $jobs jobs in $create_s s (one kubectl create), before starting the replicas"
   metrics_snapshot "$dir/metrics-1-before-replicas.txt"
   local api_cpu0 etcd_cpu0
@@ -332,8 +321,8 @@ scenario() {
   metrics_snapshot "$dir/metrics-2-after.txt"
   sleep 1 # the watch events of the last writes are on their way
   stop_watches
-  api_cpu=$(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))' "$api_cpu0" "$(cpu_seconds "$apiserver_pid")")
-  etcd_cpu=$(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))' "$etcd_cpu0" "$(cpu_seconds "$etcd_pid")")
+  api_cpu=$(awk -v a="$api_cpu0" -v b="$(cpu_seconds "$apiserver_pid")" 'BEGIN {printf "%.2f", b - a}')
+  etcd_cpu=$(awk -v a="$etcd_cpu0" -v b="$(cpu_seconds "$etcd_pid")" 'BEGIN {printf "%.2f", b - a}')
 
   cat >"$dir/meta.json" <<EOF
 {"id": "$id", "title": "$title", "strategy": "$strategy", "replicas": $n, "slots": $slots, "jobs": $jobs,
@@ -346,200 +335,12 @@ EOF
   delete_namespace "$ns"
 }
 
-# Figures of one scenario from the replicas' audit trail, their final counters, the final job list and the
-# apiserver's counters. Prints them, writes result.json; exit status 1 if a job was lost or duplicated.
+# Figures of one scenario from the replicas' audit trail (judged by `bgjobs-history audit`, the oracle the tests
+# share), their final counters, the final job list and the apiserver's counters. Prints them, writes result.json; exit
+# status 1 if a job was lost, duplicated or re-executed.
 analyze() {
-  python3 - "$1" <<'PY'
-import glob, json, os, re, sys
-from collections import defaultdict
-
-d = sys.argv[1]
-meta = json.load(open(os.path.join(d, "meta.json")))
-jobs, n, slots, seconds = meta["jobs"], meta["replicas"], meta["slots"], meta["seconds"]
-
-# Executions: one per start line, paired with its end line by (uid, attempt, worker).
-starts, ends = [], {}
-for path in sorted(glob.glob(os.path.join(d, "replica-*.inv"))):
-    for line in open(path):
-        line = line.strip()
-        if not line:
-            continue
-        e = json.loads(line)
-        key = (e["uid"], e["attempt"], e["worker"])
-        if e["event"] == "start":
-            starts.append((e["t_ms"], key))
-        else:
-            ends[key] = e["t_ms"]
-execs = defaultdict(list)
-for t, key in starts:
-    execs[key[0]].append((t, ends.get(key), key[2]))
-duplicates = sum(1 for runs in execs.values() if len(runs) > 1)
-overlaps = 0
-for runs in execs.values():
-    runs.sort(key=lambda r: r[0])
-    for a, b in zip(runs, runs[1:]):
-        if a[1] is None or b[0] < a[1]:
-            overlaps += 1
-unended = sum(1 for runs in execs.values() for r in runs if r[1] is None)
-all_runs = [r for runs in execs.values() for r in runs]
-first = min((r[0] for r in all_runs), default=None)
-last = max((r[1] for r in all_runs if r[1] is not None), default=None)
-makespan = (last - first) / 1000 if first is not None and last is not None else None
-per_worker = defaultdict(int)
-first_by_worker = {}
-for t, e, w in all_runs:
-    per_worker[w] += 1
-    first_by_worker[w] = min(first_by_worker.get(w, t), t)
-skew = (max(first_by_worker.values()) - first) / 1000 if first_by_worker else None
-busy = sum((e - t) for t, e, _ in all_runs if e is not None) / 1000
-utilization = busy / (makespan * n * slots) if makespan else None
-
-ideal = jobs / (n * slots) * seconds if meta["handler"] == "sleep" else None
-efficiency = ideal / makespan if ideal and makespan else None
-jobs_per_s = jobs / makespan if makespan else None
-
-# Final phases, from the last poll.
-phases = defaultdict(int)
-try:
-    for j in json.load(open(os.path.join(d, "final-jobs.json")))["items"]:
-        phases[(j.get("status") or {}).get("phase") or "Waiting"] += 1
-except (OSError, ValueError):
-    pass
-not_succeeded = jobs - phases.get("Succeeded", 0)
-
-# Each replica's own counters, from its "bgjobs operator stopped stats={...}" line.
-counters, missing_stats = defaultdict(int), []
-for path in sorted(glob.glob(os.path.join(d, "replica-*.log"))):
-    text = re.sub(r"\x1b\[[0-9;]*m", "", open(path, errors="replace").read())
-    m = re.findall(r"stats=(\{[^}]*\})", text)
-    if not m:
-        missing_stats.append(os.path.basename(path))
-        continue
-    for k, v in json.loads(m[-1]).items():
-        counters[k] += v
-
-# API writes from the apiserver's apiserver_request_total (all response codes: a 409 costs the apiserver too).
-WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "CREATE", "UPDATE", "APPLY"}
-QUEUE_RESOURCES = ("backgroundjobs", "leases", "events")
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-def load(name):
-    out = {}
-    try:
-        for line in open(os.path.join(d, name)):
-            labels, _, value = line.rpartition(" ")
-            out[labels] = float(value)
-    except OSError:
-        pass
-    return out
-def writes(a, b):
-    by = defaultdict(float)
-    for series, v in b.items():
-        if not series.startswith("apiserver_request_total{"):
-            continue
-        lab = dict(LABEL.findall(series))
-        if lab.get("verb") not in WRITE_VERBS:
-            continue
-        delta = v - a.get(series, 0.0)
-        if delta:
-            by[(lab.get("resource", ""), lab.get("verb"), lab.get("code", ""))] += delta
-    return by
-m0, m1, m2 = load("metrics-0-before-create.txt"), load("metrics-1-before-replicas.txt"), load("metrics-2-after.txt")
-have_metrics = bool(m1 and m2)
-run_w = writes(m1, m2) if have_metrics else {}
-by_resource = {r: int(sum(v for (res, _, _), v in run_w.items() if res == r)) for r in QUEUE_RESOURCES}
-by_verb = defaultdict(int)
-for (res, verb, code), v in run_w.items():
-    if res in QUEUE_RESOURCES:
-        by_verb[f"{res} {verb}" + ("" if code.startswith("2") else f" ({code})")] += int(v)
-terminated = {}
-for series, v in m2.items():
-    if series.startswith("apiserver_terminated_watchers_total{") and v - m1.get(series, 0.0) > 0:
-        terminated[dict(LABEL.findall(series)).get("resource", "?")] = int(v - m1.get(series, 0.0))
-conflict_409 = int(sum(v for (res, _, code), v in run_w.items() if res in QUEUE_RESOURCES and code == "409"))
-other = int(sum(v for (res, _, _), v in run_w.items() if res not in QUEUE_RESOURCES))
-queue_writes = sum(by_resource.values())
-
-# Successful writes in this scenario's namespace, from the watches (see start_watches).
-watched = {}
-for r in QUEUE_RESOURCES:
-    try:
-        types = [json.loads(l).get("type") for l in open(os.path.join(d, f"watch-{r}.jsonl")) if l.strip()]
-    except (OSError, ValueError):
-        watched = None
-        break
-    if "ERROR" in types or os.path.exists(os.path.join(d, f"watch-{r}.ended-early")):
-        watched = None  # incomplete: it cannot tell this benchmark's writes from other clients'
-        break
-    watched[r] = sum(1 for t in types if t in ("ADDED", "MODIFIED", "DELETED"))
-# What the apiserver counted beyond this namespace's successful writes and its 409s came from other clients.
-foreign = queue_writes - conflict_409 - sum(watched.values()) if have_metrics and watched is not None else None
-contaminated = foreign is not None and foreign > max(5, 0.01 * queue_writes)
-# Then count only this namespace's successful writes plus the 409s the replicas caused: each lost claim is exactly
-# one 409 answer (a Lease create or a status write), which the replicas count as claim_conflicts.
-own_409 = min(conflict_409, counters.get("claim_conflicts", 0))
-own_writes = sum(watched.values()) + own_409 if contaminated else queue_writes
-enqueue_writes = int(sum(v for (res, _, _), v in writes(m0, m1).items() if res == "backgroundjobs")) if m0 and m1 else None
-
-result = dict(meta)
-result.update(
-    makespan_s=makespan, ideal_s=ideal, efficiency=efficiency, jobs_per_s=jobs_per_s, duplicates=duplicates,
-    overlaps=overlaps, unended=unended, started=len(execs), not_succeeded=not_succeeded, phases=dict(phases),
-    per_worker=dict(sorted(per_worker.items())), start_skew_s=skew, utilization=utilization,
-    counters=dict(counters), missing_stats=missing_stats,
-    api_writes_all_clients=queue_writes if have_metrics else None,
-    api_writes=own_writes if have_metrics else None, api_writes_per_job=own_writes / jobs if have_metrics else None,
-    watched_writes=watched, foreign_writes=foreign, contaminated=contaminated, terminated_watchers=terminated,
-    api_writes_by_resource=by_resource, api_writes_by_verb=dict(sorted(by_verb.items())), api_409=conflict_409,
-    other_writes=other, enqueue_writes=enqueue_writes,
-    conflicts_per_job=counters.get("claim_conflicts", 0) / jobs,
-)
-json.dump(result, open(os.path.join(d, "result.json"), "w"), indent=1)
-
-f = lambda x, fmt: "n/a" if x is None else format(x, fmt)
-def row(label, value, note=""):
-    print(f"  {label:<20}{value:<16}{note}")
-print()
-row("makespan", f"{f(makespan, '.1f')} s", "first attempt start -> last attempt end (invocation logs)")
-if ideal is not None:
-    row("ideal", f"{ideal:.1f} s", f"{jobs} / ({n} x {slots}) x {seconds:g} s")
-    goal = "  (goal >= 95 %)" if meta["id"] == "seed" else ""
-    row("efficiency", f"{f(efficiency and 100 * efficiency, '.1f')} %", "ideal / makespan" + goal)
-else:
-    row("throughput", f"{f(jobs_per_s, '.1f')} jobs/s", "jobs / makespan")
-row("slot utilization", f"{f(utilization and 100 * utilization, '.1f')} %", "time inside handlers / (makespan x slots)")
-row("start skew", f"{f(skew, '.2f')} s", "last replica's first start - first start")
-row("jobs per replica", ", ".join(f"{w}: {c}" for w, c in sorted(per_worker.items())) or "none")
-row("duplicates", f"{duplicates}", "jobs started more than once (must be 0)")
-row("overlaps", f"{overlaps}", "executions of one job overlapping in time (must be 0)")
-row("not succeeded", f"{not_succeeded}", ", ".join(f"{p}: {c}" for p, c in sorted(phases.items()) if p != "Succeeded") or "(must be 0)")
-row("claim conflicts", f"{counters.get('claim_conflicts', 0)}", f"{result['conflicts_per_job']:.3f} per job (replicas' own counters)")
-for k in ("takeovers", "stale_results_discarded", "renew_failures"):
-    if counters.get(k):
-        row(k.replace("_", " "), f"{counters[k]}")
-if missing_stats:
-    row("no final stats line", ", ".join(missing_stats))
-if have_metrics:
-    row("API writes", f"{queue_writes}", f"{queue_writes / jobs:.2f} per job (apiserver_request_total): " + ", ".join(f"{r} {c}" for r, c in by_resource.items()))
-    row("", "", "; ".join(f"{k} {v}" for k, v in sorted(by_verb.items())) + f"; {conflict_409} answered 409")
-    if watched is not None:
-        row("seen in namespace", f"{sum(watched.values())}", "successful writes (watch events): " + ", ".join(f"{r} {c}" for r, c in watched.items())
-            + f"; + {conflict_409} answered 409 = {sum(watched.values()) + conflict_409}")
-    if terminated:
-        row("watchers cut", f"{sum(terminated.values())}", "watches the apiserver closed for not keeping up (any client): "
-            + ", ".join(f"{k} {v}" for k, v in terminated.items()))
-    if watched is None:
-        row("seen in namespace", "n/a", "a namespace watch ended early (watch-*.ended-early): other clients' writes cannot be told apart")
-    if contaminated:
-        row("OTHER CLIENTS", f"{queue_writes - own_writes}", f"writes to these resources by other clients of the shared apiserver: not counted; "
-            f"this benchmark's: {sum(watched.values())} + {own_409} lost claims = {own_writes / jobs:.2f} writes/job")
-    if other:
-        row("other writes", f"{other}", "to other resources in the same interval (other clients, controllers)")
-row("CPU", f"{meta['replica_cpu_s']:.1f} s", f"replicas; apiserver {meta['apiserver_cpu_s']:.1f} s, etcd {meta['etcd_cpu_s']:.1f} s (load {meta['load_before']} -> {meta['load_after']})")
-ok = duplicates == 0 and overlaps == 0 and not_succeeded == 0 and meta["complete"]
-if not ok:
-    print(f"  CHECK FAILED: {duplicates} duplicates, {overlaps} overlaps, {not_succeeded} not succeeded")
-sys.exit(0 if ok else 1)
-PY
+  "$HISTORY" audit "$1" >"$1/audit.json" || true # a duplicate is reported by the scenario's figures
+  e2e/report.py scenario "$1"
 }
 
 # --- the apiserver's raw write ceiling ----------------------------------------------------------------------------
@@ -554,20 +355,15 @@ raw_write_rate() {
   etcd_cpu0=$(cpu_seconds "$(plane_pid etcd)")
   "$RATE_BIN" --namespace "$ns" --concurrency "$RAW_CONCURRENCY" --count "$RAW_LEASES" >"$dir/output.txt" ||
     echo "warning: lease_write_rate failed ($dir/output.txt)" >&2
-  echo "  apiserver CPU $(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))' "$api_cpu0" "$(cpu_seconds "$(plane_pid kube-apiserver)")") s, etcd CPU $(python3 -c 'import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))' "$etcd_cpu0" "$(cpu_seconds "$(plane_pid etcd)")") s" | tee "$dir/cpu.txt"
+  awk -v a="$api_cpu0" -v b="$(cpu_seconds "$(plane_pid kube-apiserver)")" -v c="$etcd_cpu0" \
+    -v d="$(cpu_seconds "$(plane_pid etcd)")" 'BEGIN {printf "  apiserver CPU %.1f s, etcd CPU %.1f s\n", b - a, d - c}' |
+    tee "$dir/cpu.txt"
   grep -v '^RESULT ' "$dir/output.txt" | sed 's/^/  /' || true
   sed -n 's/^RESULT //p' "$dir/output.txt" >"$dir/result.json"
   echo "deleting namespace $ns ($RAW_LEASES Leases)"
   delete_namespace "$ns"
   if [ -s "$dir/result.json" ] && [ -f "$RUN_DIR/noop/result.json" ]; then
-    python3 - "$RUN_DIR/noop/result.json" "$dir/result.json" <<'PY'
-import json, sys
-noop, raw = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
-if noop.get("jobs_per_s") and noop.get("api_writes_per_job") and raw.get("creates_per_s"):
-    used = noop["jobs_per_s"] * noop["api_writes_per_job"]
-    print(f"\n  the queue wrote {used:.0f} writes/s ({noop['jobs_per_s']:.1f} jobs/s x {noop['api_writes_per_job']:.2f} writes/job): "
-          f"it uses {100 * used / raw['creates_per_s']:.0f}% of the apiserver's raw write capacity ({raw['creates_per_s']:.0f} creates/s)")
-PY
+    e2e/report.py raw-share "$RUN_DIR/noop/result.json" "$dir/result.json"
   fi
 }
 
@@ -575,87 +371,7 @@ PY
 
 report() {
   step "results"
-  python3 - "$RUN_DIR" <<'PY' | tee "$RUN_DIR/report.md"
-import json, os, sys
-run = sys.argv[1]
-order = [l.strip() for l in open(os.path.join(run, "order.txt")) if l.strip()]
-res = {}
-for i in order:
-    try:
-        res[i] = json.load(open(os.path.join(run, i, "result.json")))
-    except (OSError, ValueError):
-        pass
-raw = None
-try:
-    raw = json.load(open(os.path.join(run, "raw", "result.json")))
-except (OSError, ValueError):
-    pass
-f = lambda x, fmt, suffix="": "n/a" if x is None else format(x, fmt) + suffix
-
-print("## bgjobs benchmark\n")
-for line in open(os.path.join(run, "machine.txt")):
-    print(f"- {line.strip()}")
-print()
-print("Jobs are created before the replicas start (one `kubectl create -f`); makespan = first attempt start -> "
-      "last attempt end (invocation logs); ideal = jobs / (replicas x slots) x job seconds; efficiency = ideal / makespan; "
-      "API writes = the apiserver's apiserver_request_total for backgroundjobs, leases and events (POST/PUT/PATCH/DELETE/APPLY, "
-      "any response code) from replica start to replica stop, so the enqueue POST is not included; load = the machine's "
-      "1-minute load average before and after the scenario (the control plane, the replicas and anything else share "
-      f"{os.cpu_count()} CPUs).\n")
-print("| scenario | strategy | replicas x slots | jobs | makespan | ideal | efficiency | jobs/s | duplicates | not succeeded | claim conflicts/job | API writes/job | load 1 min |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for i in order:
-    r = res.get(i)
-    if not r:
-        print(f"| {i} | (no result) ||||||||||||")
-        continue
-    print(f"| {r['title']} | {r['strategy']} | {r['replicas']} x {r['slots']} | {r['jobs']} x {r['handler']}"
-          + (f" {r['seconds']:g} s" if r['handler'] == 'sleep' else "")
-          + f" | {f(r['makespan_s'], '.1f', ' s')} | {f(r['ideal_s'], '.1f', ' s')} | {f(r['efficiency'] and 100 * r['efficiency'], '.1f', ' %')}"
-          + f" | {f(r['jobs_per_s'], '.1f')} | {r['duplicates']} | {r['not_succeeded']} | {r['conflicts_per_job']:.3f}"
-          + f" | {f(r['api_writes_per_job'], '.2f')}{' *' if r.get('contaminated') else ''}"
-          + f" | {r['load_before']:g} -> {r['load_after']:g} |")
-
-seed = res.get("seed")
-if seed and seed.get("efficiency"):
-    verdict = "met" if seed["efficiency"] >= 0.95 else "missed"
-    import math
-    floor = math.ceil(seed["jobs"] / (seed["replicas"] * seed["slots"])) * seed["seconds"]
-    print(f"\nseed efficiency {100 * seed['efficiency']:.1f} % (goal >= 95 %): {verdict}; duplicates {seed['duplicates']} (must be 0). "
-          f"Equal jobs run in whole rounds, so no schedule beats {floor:g} s here: at most {100 * seed['ideal_s'] / floor:.1f} % by this definition.")
-if any(r.get("contaminated") for r in res.values()):
-    print("\n\\* other clients of the shared apiserver wrote to these resources during the run (seen as apiserver-counted writes "
-          "that the scenario namespace's watch did not see); the figure is this benchmark's own: successful writes in its "
-          "namespace (watch events) + one 409 answer per claim conflict the replicas counted.")
-noop = res.get("noop")
-if noop or raw:
-    print("\n| no-op throughput | value |")
-    print("|---|---|")
-    if noop:
-        print(f"| jobs/s ({noop['jobs']} noop jobs, {noop['replicas']} x {noop['slots']}) | {f(noop['jobs_per_s'], '.1f')} |")
-        br = noop.get("api_writes_by_resource") or {}
-        per_res = ", ".join(f"{k} {v / noop['jobs']:.2f}" for k, v in br.items())
-        print(f"| API writes per job (operator, excl. the enqueue POST) | {f(noop['api_writes_per_job'], '.2f')} ({per_res}) |")
-        print(f"| API writes during the run, by resource and verb | {'; '.join(f'{k} {v}' for k, v in noop['api_writes_by_verb'].items())} ({noop['api_409']} answered 409) |")
-        print(f"| claim conflicts per job | {noop['conflicts_per_job']:.3f} ({noop['counters'].get('claim_conflicts', 0)} total) |")
-        print(f"| CPU during the run | replicas {noop['replica_cpu_s']:.1f} s, apiserver {noop['apiserver_cpu_s']:.1f} s, etcd {noop['etcd_cpu_s']:.1f} s |")
-    if raw:
-        print(f"| apiserver raw write rate ({raw['creates']} Lease creates, {raw['concurrency']} streams) | {raw['creates_per_s']:.0f} creates/s "
-              f"(p50 {raw['p50_ms']:.1f} ms, p99 {raw['p99_ms']:.1f} ms, {raw['errors']} errors) |")
-    if noop and raw and noop.get("jobs_per_s") and noop.get("api_writes_per_job"):
-        used = noop["jobs_per_s"] * noop["api_writes_per_job"]
-        print(f"| queue write rate | {used:.0f} writes/s: the queue uses {100 * used / raw['creates_per_s']:.0f}% of the apiserver's raw write capacity |")
-
-ex, par = res.get("baseline-exclusive"), res.get("baseline-parallel")
-if ex and par and ex.get("makespan_s") and par.get("makespan_s"):
-    busy = lambda r: sum(1 for c in r["per_worker"].values() if c > 0)
-    print("\n| single-lock baseline | makespan | replicas that ran jobs | jobs per replica |")
-    print("|---|---|---|---|")
-    for r in (ex, par):
-        print(f"| {r['strategy']} ({r['replicas']} x {r['slots']}, {r['jobs']} x sleep {r['seconds']:g} s) | {r['makespan_s']:.1f} s "
-              f"| {busy(r)} of {r['replicas']} | {', '.join(f'{w}: {c}' for w, c in r['per_worker'].items())} |")
-    print(f"\nparallel is {ex['makespan_s'] / par['makespan_s']:.1f}x faster on the same replicas and slots.")
-PY
+  e2e/report.py bench "$RUN_DIR" | tee "$RUN_DIR/report.md"
   mkdir -p "$BENCH_DIR"
   cp "$RUN_DIR/report.md" "$BENCH_DIR/latest.md"
   echo

@@ -48,7 +48,7 @@ trap on_exit EXIT
 trap 'exit 130' INT TERM
 
 now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", b - a}'; }
 
 fresh_namespace() {
   kubectl delete namespace "$1" --ignore-not-found --wait=true >/dev/null 2>&1 || true
@@ -146,7 +146,7 @@ main() {
   kubectl delete namespace "$NS_BGJ" --wait=true >/dev/null 2>&1 || true
 
   local ratio
-  ratio=$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$batch" "$bgj")
+  ratio=$(awk -v a="$batch" -v b="$bgj" 'BEGIN {printf "%.2f", a / b}')
   {
     echo "## Pod mode vs batch/v1 Jobs ($(date -Is), $(nproc) CPUs)"
     echo

@@ -14,8 +14,8 @@
 #   BGJOBS_BIN      use this bgjobs binary instead of building target/release/bgjobs
 #
 # Everything the demo writes lives in .demo/ (git-ignored): replica-N.log (operator logs), replica-N.inv (invocation
-# logs), replica-N.pid, jobs.yaml, final-jobs.json. The replicas are stopped when the script ends (also on Ctrl-C);
-# the namespace and its jobs are left for you to look at. The control plane keeps running: `e2e/cluster.sh down`.
+# logs), replica-N.pid, jobs.yaml, final-jobs.json, audit.json (the oracle's verdict). The replicas are stopped when
+# the script ends (also on Ctrl-C); the namespace and its jobs are left for you to look at. The control plane keeps running: `e2e/cluster.sh down`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,7 +30,9 @@ REPLICAS=${DEMO_REPLICAS:-3}
 SLOTS=${DEMO_SLOTS:-4}
 STALL=${DEMO_STALL:-120}
 DEMO_DIR=$ROOT/.demo
-BIN=${BGJOBS_BIN:-$ROOT/target/release/bgjobs}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=${BGJOBS_BIN:-$TARGET/release/bgjobs}
+HISTORY=$TARGET/release/bgjobs-history # the exactly-once oracle (e2e/history)
 
 REPLICA_PIDS=()  # exactly the operator processes this run started; the only processes the exit trap signals
 AGENT_PID=       # the node agent of the Pod-mode section, likewise
@@ -52,7 +54,7 @@ check_inputs() {
   [[ $STALL =~ ^[1-9][0-9]*$ ]] || die "DEMO_STALL must be a positive integer, got '$STALL'"
   local cmd
   for cmd in kubectl python3; do
-    command -v "$cmd" >/dev/null || die "$cmd is required (kubectl talks to the control plane, python3 does the arithmetic)"
+    command -v "$cmd" >/dev/null || die "$cmd is required (kubectl talks to the control plane, python3 writes the report)"
   done
 }
 
@@ -66,12 +68,14 @@ prepare() {
 
   if [ -n "${BGJOBS_BIN:-}" ]; then
     step "using BGJOBS_BIN=$BIN"
+    cargo build --release -p bgjobs-history
   else
     # Release build: the demo measures throughput, so measure what would be deployed.
     step "cargo build --release (a few minutes the first time)"
-    cargo build --release
+    cargo build --release -p bgjobs -p bgjobs-history
   fi
   [ -x "$BIN" ] || die "no bgjobs binary at $BIN"
+  [ -x "$HISTORY" ] || die "no bgjobs-history binary at $HISTORY"
 }
 
 # --- 2. a fresh namespace ----------------------------------------------------------------------------------------
@@ -167,31 +171,10 @@ pod_mode() {
 # would spend most of the demo starting processes.
 enqueue_jobs() {
   step "enqueueing $JOBS sleep jobs ({\"seconds\": $JOB_SECONDS}) in one kubectl create"
-  python3 - "$JOBS" "$JOB_SECONDS" >"$DEMO_DIR/jobs.yaml" <<'PY'
-import random, sys
-jobs, seconds = int(sys.argv[1]), sys.argv[2]
-# 10% High, 20% AboveNormal, 50% Normal, 20% Low, shuffled with a fixed seed: every run enqueues the same queue.
-mix = ["High"] * 10 + ["AboveNormal"] * 20 + ["Normal"] * 50 + ["Low"] * 20
-rng = random.Random(2024)
-width = max(4, len(str(jobs)))
-for i in range(1, jobs + 1):
-    print(f"""---
-apiVersion: bgjobs.dev/v1alpha1
-kind: BackgroundJob
-metadata:
-  name: demo-{i:0{width}d}
-  labels:
-    app.kubernetes.io/part-of: bgjobs-demo
-spec:
-  jobName: sleep
-  args:
-    seconds: {seconds}
-  priority: {rng.choice(mix)}""")
-PY
+  e2e/report.py demo-jobs "$JOBS" "$JOB_SECONDS" >"$DEMO_DIR/jobs.yaml"
   local t0=$EPOCHREALTIME
   kubectl create -n "$NS" -f "$DEMO_DIR/jobs.yaml" >/dev/null
-  python3 -c 'import sys; print(f"created {sys.argv[1]} jobs in {float(sys.argv[3]) - float(sys.argv[2]):.1f} s")' \
-    "$JOBS" "$t0" "$EPOCHREALTIME"
+  awk -v n="$JOBS" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "created %d jobs in %.1f s\n", n, b - a}'
   grep -h '^  priority:' "$DEMO_DIR/jobs.yaml" | sort | uniq -c | awk '{printf "  %-12s %d\n", $3, $1}'
 }
 
@@ -290,146 +273,13 @@ watch_progress() {
 
 # --- 6. summary --------------------------------------------------------------------------------------------------
 
-# From the replicas' own audit trail (invocation logs) and the final job list. Exit status 1 on FAIL.
+# From the replicas' own audit trail (invocation logs, judged by `bgjobs-history audit`, the oracle the tests share)
+# and the final job list. Exit status 1 on FAIL.
 summarize() {
   kubectl get bgj -n "$NS" -o json >"$DEMO_DIR/final-jobs.json"
   step "summary"
-  python3 - "$DEMO_DIR" "$JOBS" "$REPLICAS" "$SLOTS" "$JOB_SECONDS" <<'PY'
-import bisect, glob, json, math, os, re, statistics, sys
-from collections import defaultdict
-from datetime import datetime
-
-demo_dir, expected, replicas, slots, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-RANK = {"Low": 0, "BelowNormal": 1, "Normal": 2, "AboveNormal": 3, "High": 4}
-
-items = json.load(open(os.path.join(demo_dir, "final-jobs.json")))["items"]
-jobs = {j["metadata"]["name"]: j for j in items}
-
-# Executions: one per start line, paired with its end line by (uid, attempt, worker).
-starts, ends = [], {}
-for path in sorted(glob.glob(os.path.join(demo_dir, "replica-*.inv"))):
-    for line in open(path):
-        line = line.strip()
-        if not line:
-            continue
-        e = json.loads(line)
-        key = (e["uid"], e["attempt"], e["worker"])
-        if e["event"] == "start":
-            starts.append((e["t_ms"], key, e["job"].split("/", 1)[1]))
-        else:
-            ends[key] = e["t_ms"]
-execs = defaultdict(list)  # uid -> [(start, end or None, worker, attempt)]
-name_of = {}
-for t, key, name in starts:
-    execs[key[0]].append((t, ends.get(key), key[2], key[1]))
-    name_of[key[0]] = name
-unended = sum(1 for runs in execs.values() for r in runs if r[1] is None)
-
-# Exactly once: a job started more than once is a duplicate; two executions of one job at the same time overlap.
-duplicates = sorted(name_of[u] for u, runs in execs.items() if len(runs) > 1)
-overlaps = 0
-for runs in execs.values():
-    runs.sort()
-    for a, b in zip(runs, runs[1:]):
-        if a[1] is None or b[0] < a[1]:
-            overlaps += 1
-
-# Lost: every enqueued job must be there and Succeeded.
-width = max(4, len(str(expected)))
-names = [f"demo-{i:0{width}d}" for i in range(1, expected + 1)]
-phase = lambda n: (jobs[n].get("status") or {}).get("phase") or "Waiting" if n in jobs else "missing"
-lost = [n for n in names if phase(n) != "Succeeded"]
-
-# Timing.
-all_starts = [r[0] for runs in execs.values() for r in runs]
-all_ends = [r[1] for runs in execs.values() for r in runs if r[1] is not None]
-makespan = (max(all_ends) - min(all_starts)) / 1000 if all_starts and all_ends else float("nan")
-ideal = math.ceil(expected / (replicas * slots)) * seconds
-efficiency = 100 * ideal / makespan if makespan > 0 else float("nan")
-
-# Priority inversions: pairs (a, b) where b has LOWER priority and was created AFTER a (creation order = name
-# order), yet a started more than 1 s after b. Also, for information, the same within one priority (FIFO).
-first_start = {name_of[u]: min(r[0] for r in runs) for u, runs in execs.items()}
-order = [n for n in names if n in first_start and n in jobs]
-prio = {n: RANK[jobs[n]["spec"].get("priority", "Normal")] for n in order}
-later = defaultdict(list)  # priority -> sorted first-start times of the jobs created after the current one
-earliest = {}              # priority -> (first start, name) of the earliest-started job created after the current one
-inv_pairs, inv_worst, inv_example = 0, 0, None
-fifo_pairs, fifo_worst = 0, 0
-for n in reversed(order):
-    t, p = first_start[n], prio[n]
-    for q in range(p + 1):
-        k = bisect.bisect_left(later[q], t - 1000)  # later-created jobs of priority q that started > 1 s before n
-        if not k:
-            continue
-        delay = t - earliest[q][0]
-        if q < p:
-            inv_pairs += k
-            if delay > inv_worst:
-                inv_worst, inv_example = delay, (n, earliest[q][1])
-        else:
-            fifo_pairs += k
-            fifo_worst = max(fifo_worst, delay)
-    bisect.insort(later[p], t)
-    if p not in earliest or t < earliest[p][0]:
-        earliest[p] = (t, n)
-
-# Queue wait by priority: creation (whole seconds) to first start.
-waits = defaultdict(list)
-for n in order:
-    created = datetime.fromisoformat(jobs[n]["metadata"]["creationTimestamp"].replace("Z", "+00:00")).timestamp()
-    waits[jobs[n]["spec"].get("priority", "Normal")].append(max(0.0, first_start[n] / 1000 - created))
-
-# Per replica: executions from the audit trail, plus each replica's own counters from its "operator stopped" line.
-per_worker = defaultdict(int)
-for runs in execs.values():
-    for r in runs:
-        per_worker[r[2]] += 1
-counters = {}
-for path in sorted(glob.glob(os.path.join(demo_dir, "replica-*.log"))):
-    rid = os.path.basename(path)[: -len(".log")]
-    text = re.sub(r"\x1b\[[0-9;]*m", "", open(path, errors="replace").read())
-    m = re.findall(r"stats=(\{[^}]*\})", text)
-    if m:
-        counters[rid] = json.loads(m[-1])
-
-def row(label, value, note=""):
-    print(f"  {label:<22}{value:<14}{note}")
-
-row("jobs", f"{expected}", f"{sum(1 for n in names if phase(n) == 'Succeeded')} succeeded, {len(execs)} started at least once")
-row("makespan", f"{makespan:.1f} s", "first start -> last end (invocation logs)")
-row("ideal makespan", f"{ideal:.1f} s", f"ceil({expected} / ({replicas} x {slots})) x {seconds:g} s")
-if lost:
-    row("efficiency", "n/a", "not every job finished")
-else:
-    row("efficiency", f"{efficiency:.1f} %", "ideal / makespan")
-row("jobs per replica", ", ".join(f"{w}: {per_worker[w]}" for w in sorted(per_worker)) or "none")
-if counters:
-    total = lambda k: sum(c.get(k, 0) for c in counters.values())
-    row("claim conflicts", f"{total('claim_conflicts')}", "claims lost to another replica (harmless, counted by the replicas)")
-    row("takeovers", f"{total('takeovers')}", "attempts taken over from a replica that stopped renewing")
-    row("stale results", f"{total('stale_results_discarded')}", "outcomes discarded because the claim was gone")
-row("duplicates", f"{len(duplicates)}", "jobs started more than once (must be 0)" + (f": {', '.join(duplicates[:10])}" if duplicates else ""))
-row("overlaps", f"{overlaps}", "executions of one job overlapping in time (must be 0)")
-row("lost", f"{len(lost)}", "jobs not Succeeded (must be 0)" + (": " + ", ".join(f"{n} ({phase(n)})" for n in lost[:10]) if lost else ""))
-if unended:
-    row("unfinished executions", f"{unended}", "start lines without an end line")
-note = f"worst {inv_worst / 1000:.1f} s" + (f": {inv_example[0]} waited for later, lower-priority {inv_example[1]}" if inv_example else "")
-row("priority inversions", f"{inv_pairs}", note)
-row("FIFO inversions", f"{fifo_pairs}", f"same priority, later job started > 1 s earlier; worst {fifo_worst / 1000:.1f} s")
-print("  queue wait by priority (creation -> first start, s):")
-for p in sorted(waits, key=lambda p: -RANK[p]):
-    w = waits[p]
-    print(f"    {p:<12} {len(w):>5} jobs   median {statistics.median(w):5.1f}   max {max(w):5.1f}")
-
-ok = not duplicates and not overlaps and not lost
-print()
-if ok:
-    print(f"PASS: every one of the {expected} jobs ran exactly once (0 duplicates, 0 overlaps, 0 lost)")
-else:
-    print(f"FAIL: {len(duplicates)} duplicates, {overlaps} overlaps, {len(lost)} lost (details: .demo/)")
-sys.exit(0 if ok else 1)
-PY
+  "$HISTORY" audit "$DEMO_DIR" --jobs >"$DEMO_DIR/audit.json" || true # a duplicate is reported below
+  e2e/report.py demo "$DEMO_DIR" --jobs "$JOBS" --replicas "$REPLICAS" --slots "$SLOTS" --seconds "$JOB_SECONDS"
 }
 
 # --- 7. where to look --------------------------------------------------------------------------------------------

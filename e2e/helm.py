@@ -29,7 +29,8 @@ import os
 import signal
 import sys
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 try:
     import helm_python as helm
@@ -83,7 +84,7 @@ def emit(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def config(args: argparse.Namespace) -> "helm.Config":
+def config(args: argparse.Namespace) -> helm.Config:
     kubeconfig = args.kubeconfig or os.environ.get("KUBECONFIG")
     return helm.Config(kubeconfig_path=kubeconfig, namespace=args.namespace)
 

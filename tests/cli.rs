@@ -106,7 +106,7 @@ async fn a_bulk_enqueue_with_parallel_1_is_dispatched_in_index_order() {
     let started: Vec<String> = env
         .invocations()
         .into_iter()
-        .filter(|l| l.event == "start")
+        .filter(|l| l.ev == "start")
         .map(|l| l.job.rsplit('/').next().unwrap().to_string())
         .collect();
     let expected: Vec<String> = (0..25).map(|i| format!("noop-ordered-{i:02}")).collect();

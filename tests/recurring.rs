@@ -86,7 +86,7 @@ async fn annotate_until(api: Api<RecurringBackgroundJob>, name: String, every: D
 /// Start lines in the invocation logs, by job name.
 fn starts_by_job(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in env.invocations().into_iter().filter(|l| l.event == "start") {
+    for line in env.invocations().into_iter().filter(|l| l.ev == "start") {
         let name = line.job.rsplit('/').next().unwrap().to_string();
         out.entry(name).or_default().push(format!("uid {} attempt {}", line.uid, line.attempt));
     }

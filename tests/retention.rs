@@ -29,7 +29,7 @@ async fn a_namespaces_retention_deletes_its_successes_and_keeps_its_failures() {
     let left = env.wait_until(MINUTE, "the succeeded job deleted", |jobs| jobs.len() == 1).await;
     assert_eq!(left[0].name_any(), "broken");
     assert_eq!(left[0].phase(), Phase::Failed);
-    let ran: Vec<String> = env.invocations().into_iter().filter(|l| l.event == "start").map(|l| l.job).collect();
+    let ran: Vec<String> = env.invocations().into_iter().filter(|l| l.ev == "start").map(|l| l.job).collect();
     assert!(ran.iter().any(|j| j.ends_with("/ok")), "the deleted job ran first: {ran:?}");
     // Well past the succeeded job's retention, the failed one is still there (its default is 7 days).
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -55,7 +55,7 @@ async fn jobs_of_a_recurring_definition_follow_its_history_limit_not_the_operato
         let jobs = env.list().await;
         let kids: Vec<&BackgroundJob> = jobs.iter().filter(|j| j.name_any().starts_with("tick-")).collect();
         let succeeded: Vec<&&BackgroundJob> = kids.iter().filter(|j| j.phase() == Phase::Succeeded).collect();
-        let ticks_run = env.invocations().iter().filter(|l| l.event == "start" && l.job.contains("/tick-")).count();
+        let ticks_run = env.invocations().iter().filter(|l| l.ev == "start" && l.job.contains("/tick-")).count();
         assert!(succeeded.len() <= 4, "history limit 2 (+ jobs not trimmed yet): {}", common::summary(&jobs));
         let old = succeeded.iter().filter(|j| finished_for(j).is_some_and(|d| d > Duration::from_secs(2))).count();
         if ticks_run >= 6 && old >= 1 && !jobs.iter().any(|j| j.name_any() == "one-off") {
@@ -109,6 +109,6 @@ async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_delet
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     env.wait_until(MINUTE, "every job ran and was deleted", |jobs| jobs.is_empty()).await;
-    let ran = env.invocations().into_iter().filter(|l| l.event == "start").count();
+    let ran = env.invocations().into_iter().filter(|l| l.ev == "start").count();
     assert_eq!(ran, 6, "the 3 refused-over jobs and the 3 enqueued once there was room, each once");
 }

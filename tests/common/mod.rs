@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, BackgroundJobSpec, Phase};
+pub use bgjobs_history::{ExecLine, Execution, Open};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -330,16 +331,9 @@ impl TestEnv {
         jobs.into_iter().find(|j| j.name_any() == name).unwrap()
     }
 
-    /// Every attempt start/end line written by this test's replicas.
-    pub fn invocations(&self) -> Vec<Invocation> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
-            if entry.path().extension().is_some_and(|e| e == "inv") {
-                out.extend(read_invocations(&entry.path()));
-            }
-        }
-        out.sort_by_key(|i| i.t_ms);
-        out
+    /// Every attempt start/end line written by this test's replicas (their audit trail, `*.inv`), in time order.
+    pub fn invocations(&self) -> Vec<ExecLine> {
+        bgjobs_history::read_audit_trail(&self.dir).expect("read the replicas' audit trail")
     }
 }
 
@@ -376,84 +370,16 @@ pub fn all_in(jobs: &[BackgroundJob], phase: Phase) -> bool {
     !jobs.is_empty() && jobs.iter().all(|j| j.phase() == phase)
 }
 
-/// One line of an invocation log.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct Invocation {
-    /// `start` or `end`.
-    pub event: String,
-    /// Job UID.
-    pub uid: String,
-    /// `namespace/name`.
-    pub job: String,
-    /// Attempt number.
-    pub attempt: i32,
-    /// Replica identity.
-    pub worker: String,
-    /// Wall-clock milliseconds.
-    pub t_ms: i64,
+/// Pair the operators' audit-trail lines into executions: the shared oracle's pairing
+/// ([`bgjobs_history::executions`]), where a duplicate is defined once.
+pub fn executions(lines: &[ExecLine]) -> Vec<Execution> {
+    bgjobs_history::pair(lines, |_| 0)
 }
 
-fn read_invocations(path: &Path) -> Vec<Invocation> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
-/// One execution interval: start and (if it was logged) end.
-#[derive(Debug, Clone)]
-pub struct Execution {
-    /// `namespace/name`.
-    pub job: String,
-    /// Attempt number.
-    pub attempt: i32,
-    /// Replica identity.
-    pub worker: String,
-    /// Start, ms.
-    pub start: i64,
-    /// End, ms; `None` if the process died first.
-    pub end: Option<i64>,
-}
-
-/// Pair start and end lines into executions, in start order.
-pub fn executions(lines: &[Invocation]) -> Vec<Execution> {
-    let mut open: HashMap<(String, i32, String), Execution> = HashMap::new();
-    let mut out = Vec::new();
-    for l in lines {
-        let key = (l.uid.clone(), l.attempt, l.worker.clone());
-        if l.event == "start" {
-            open.insert(
-                key,
-                Execution {
-                    job: l.job.clone(),
-                    attempt: l.attempt,
-                    worker: l.worker.clone(),
-                    start: l.t_ms,
-                    end: None,
-                },
-            );
-        } else if let Some(mut e) = open.remove(&key) {
-            e.end = Some(l.t_ms);
-            out.push(e);
-        }
-    }
-    out.extend(open.into_values());
-    out.sort_by_key(|e| e.start);
-    out
-}
-
-/// The most executions running at any instant (an execution without an end counts until `until`).
+/// The most executions running at any instant; an execution without an end line counts until `until` (the audit
+/// trail does not tick, so nothing says it stopped earlier).
 pub fn max_overlap<'a>(execs: impl IntoIterator<Item = &'a Execution>, until: i64) -> usize {
-    let mut points: Vec<(i64, i32)> = Vec::new();
-    for e in execs {
-        points.push((e.start, 1));
-        points.push((e.end.unwrap_or(until), -1));
-    }
-    // Ends sort before starts at the same instant: back-to-back executions do not overlap.
-    points.sort();
-    let (mut cur, mut max) = (0i32, 0i32);
-    for (_, d) in points {
-        cur += d;
-        max = max.max(cur);
-    }
-    max as usize
+    bgjobs_history::max_overlap(execs, Open::Until(until))
 }
 
 /// An operator replica running as a child process.

@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use crate::model::{ExecLine, FaultLine, History, LeaseLine, StatusLine};
+use crate::executions::{Execution, Open, duplicates, overlapping, pair, peak};
+use crate::model::{FaultLine, History, LeaseLine, StatusLine};
 
 /// What the run promised, against which the history is checked.
 #[derive(Clone, Debug)]
@@ -113,20 +114,6 @@ impl fmt::Display for Report {
     }
 }
 
-/// One execution: from its handler's `start` to the last line it wrote (a paused or killed process writes none).
-#[derive(Clone, Debug)]
-struct Execution {
-    uid: String,
-    job: String,
-    attempt: i32,
-    worker: String,
-    key: Option<String>,
-    slot: bool,
-    start: i64,
-    last: i64,
-    finished: bool,
-}
-
 /// How much earlier than its tick a recurring job may appear: what whole-second `Date` headers let replicas agree on.
 const EARLY_SLACK_MS: i64 = 2_500;
 
@@ -155,7 +142,8 @@ pub fn check(h: &History, limits: &Limits) -> Report {
     r
 }
 
-/// Pair handler lines into executions; times of a replica running under a clock offset are corrected.
+/// Pair handler lines into executions ([`crate::executions::pair`]); times of a replica running under a clock
+/// offset are corrected.
 fn executions(h: &History) -> Vec<Execution> {
     let offsets: HashMap<&str, i64> = h
         .faults
@@ -163,47 +151,7 @@ fn executions(h: &History) -> Vec<Execution> {
         .filter(|f| f.kind == "clock-offset")
         .filter_map(|f| Some((f.target.as_str(), f.detail.trim().parse::<i64>().ok()?)))
         .collect();
-    let mut open: BTreeMap<(String, i32, String), Execution> = BTreeMap::new();
-    let mut done = Vec::new();
-    let mut lines: Vec<&ExecLine> = h.exec.iter().collect();
-    let t = |l: &ExecLine| l.t_ms - offsets.get(l.clock.as_deref().unwrap_or(&l.worker)).copied().unwrap_or(0);
-    lines.sort_by_key(|l| t(l));
-    for l in lines {
-        let id = (l.uid.clone(), l.attempt, l.worker.clone());
-        match l.ev.as_str() {
-            "start" => {
-                if let Some(previous) = open.remove(&id) {
-                    done.push(previous);
-                }
-                open.insert(
-                    id,
-                    Execution {
-                        uid: l.uid.clone(),
-                        job: l.job.clone(),
-                        attempt: l.attempt,
-                        worker: l.worker.clone(),
-                        key: l.key.clone(),
-                        slot: l.leases.iter().any(|n| n.starts_with("bgjobs-slot-")),
-                        start: t(l),
-                        last: t(l),
-                        finished: false,
-                    },
-                );
-            }
-            ev => {
-                if let Some(e) = open.get_mut(&id) {
-                    e.last = e.last.max(t(l));
-                    if ev == "finish" {
-                        e.finished = true;
-                        done.push(open.remove(&id).unwrap());
-                    }
-                }
-            }
-        }
-    }
-    done.extend(open.into_values());
-    done.sort_by_key(|e| e.start);
-    done
+    pair(&h.exec, |l| offsets.get(l.clock.as_deref().unwrap_or(&l.worker)).copied().unwrap_or(0))
 }
 
 fn status_by_uid(status: &[StatusLine]) -> BTreeMap<String, Vec<&StatusLine>> {
@@ -243,7 +191,7 @@ fn check_outcomes(
                 .push(format!("stuck: {} ended the run {:?} (attempt {})", last.job, last.phase, last.attempts));
             continue;
         }
-        let worked = execs.iter().any(|e| &e.uid == uid && e.finished);
+        let worked = execs.iter().any(|e| &e.uid == uid && e.end.is_some());
         let given_up = matches!(last.phase.as_str(), "Failed" | "Abandoned");
         // A job may give up on an attempt its holder really lost (at-most-once jobs, `maxAttempts`): only if a
         // fault explains the loss of its last execution.
@@ -255,42 +203,21 @@ fn check_outcomes(
                 last.job,
                 last.phase,
                 last.attempts,
-                execs.iter().filter(|e| &e.uid == uid && e.finished).count()
+                execs.iter().filter(|e| &e.uid == uid && e.end.is_some()).count()
             ));
         }
     }
 }
 
-/// Pairs of intervals from `execs` that intersect, among those `group` puts together.
-fn overlapping(execs: &[Execution], group: impl Fn(&Execution) -> Option<String>) -> Vec<(&Execution, &Execution)> {
-    let mut groups: BTreeMap<String, Vec<&Execution>> = BTreeMap::new();
-    for e in execs {
-        if let Some(g) = group(e) {
-            groups.entry(g).or_default().push(e);
-        }
-    }
-    let mut out = Vec::new();
-    for list in groups.values() {
-        for (i, a) in list.iter().enumerate() {
-            for b in &list[i + 1..] {
-                if a.start < b.last && b.start < a.last {
-                    out.push((*a, *b));
-                }
-            }
-        }
-    }
-    out
-}
-
 fn check_overlaps(execs: &[Execution], r: &mut Report) {
-    for (a, b) in overlapping(execs, |e| Some(e.uid.clone())) {
+    for (a, b) in duplicates(execs, Open::LastLine) {
         r.overlaps += 1;
         r.violations.push(format!(
             "overlap: {} ran as attempt {} on {} [{}..{}] and attempt {} on {} [{}..{}]",
             a.job, a.attempt, a.worker, a.start, a.last, b.attempt, b.worker, b.start, b.last
         ));
     }
-    for (a, b) in overlapping(execs, |e| e.key.clone()) {
+    for (a, b) in overlapping(execs, Open::LastLine, |e| e.key.clone()) {
         if a.uid == b.uid {
             continue;
         }
@@ -302,28 +229,9 @@ fn check_overlaps(execs: &[Execution], r: &mut Report) {
     }
 }
 
-/// The most intervals open at once among `execs`, and when.
-fn peak<'a>(execs: impl IntoIterator<Item = &'a Execution>) -> (usize, i64) {
-    let mut points: Vec<(i64, i32)> = Vec::new();
-    for e in execs {
-        points.push((e.start, 1));
-        points.push((e.last, -1));
-    }
-    // Ends before starts at the same instant: back-to-back executions do not overlap.
-    points.sort();
-    let (mut cur, mut best, mut at) = (0i32, 0i32, 0i64);
-    for (t, d) in points {
-        cur += d;
-        if cur > best {
-            (best, at) = (cur, t);
-        }
-    }
-    (best as usize, at)
-}
-
 fn check_caps(execs: &[Execution], limits: &Limits, r: &mut Report) {
     if let Some(cap) = limits.cluster_cap {
-        let (most, at) = peak(execs.iter().filter(|e| e.slot));
+        let (most, at) = peak(execs.iter().filter(|e| e.slot), Open::LastLine);
         if most > cap {
             r.cap_violations += 1;
             r.violations.push(format!("cluster cap: {most} executions at once at {at}, cap {cap}"));
@@ -332,7 +240,7 @@ fn check_caps(execs: &[Execution], limits: &Limits, r: &mut Report) {
     if let Some(cap) = limits.per_replica_cap {
         let workers: BTreeSet<&str> = execs.iter().map(|e| e.worker.as_str()).collect();
         for w in workers {
-            let (most, at) = peak(execs.iter().filter(|e| e.worker == w));
+            let (most, at) = peak(execs.iter().filter(|e| e.worker == w), Open::LastLine);
             if most > cap {
                 r.cap_violations += 1;
                 r.violations.push(format!("replica cap: {w} ran {most} executions at once at {at}, cap {cap}"));

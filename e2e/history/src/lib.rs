@@ -7,10 +7,15 @@
 //! re-executions nobody faulted, duplicate recurring ticks and FIFO inversions beyond the stated bound that no
 //! fault explains.
 //! Deciding offline, from what was recorded, keeps the checker independent of the code under test.
+//!
+//! [`executions`] is the exactly-once oracle every other consumer shares: the integration tests, the demo and the
+//! benchmarks (`bgjobs-history audit`) judge duplicates with the same code, and the same definition, as [`check`].
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod executions;
 pub mod model;
 
 pub use check::{Limits, Report, check};
-pub use model::{ExecLine, FaultLine, History, LeaseLine, StatusLine};
+pub use executions::{Audit, Execution, Open, audit, duplicates, max_overlap, pair};
+pub use model::{ExecLine, FaultLine, History, LeaseLine, StatusLine, read_audit_trail};

@@ -7,15 +7,20 @@
 //! - `leases.jsonl`: every Lease change in the Lease namespace as a watch delivered it (the recorder): who tried to
 //!   claim which job, and who led under the exclusive strategy.
 //! - `faults.jsonl`: every fault the run injected, with its time and target.
+//!
+//! Beside them, `*.inv`: the operator's own audit trail (`bgjobs operator --invocation-log`), one `start` and one
+//! `end` line per execution and no ticks, read by [`read_audit_trail`]. Under the test worker both exist for the same
+//! executions, so they are never mixed.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// One line written by a handler.
+/// One line written by a handler, or by the operator's audit trail (whose `event` is read as `ev`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ExecLine {
-    /// `start`, `tick` or `finish`.
+    /// `start`, `tick` or `finish` (the audit trail: `start` or `end`).
+    #[serde(alias = "event")]
     pub ev: String,
     /// Job UID.
     pub uid: String,
@@ -155,6 +160,19 @@ impl History {
         h.leases.sort_by_key(|l| l.t_ms);
         Ok(h)
     }
+}
+
+/// Every `*.inv` file in `dir` (the operator's audit trail), in time order.
+pub fn read_audit_trail(dir: &Path) -> std::io::Result<Vec<ExecLine>> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "inv") {
+            lines.extend(read_lines(&path)?);
+        }
+    }
+    lines.sort_by_key(|l: &ExecLine| l.t_ms);
+    Ok(lines)
 }
 
 /// Parse a JSON-lines file; a torn last line (a writer killed mid-write) is skipped.

@@ -1,7 +1,7 @@
 //! Hand-made histories, one per invariant: each is caught, and a clean run reports none.
 
 use super::*;
-use crate::model::{FaultLine, LeaseLine};
+use crate::model::{ExecLine, FaultLine, LeaseLine};
 
 fn exec(ev: &str, job: &str, attempt: i32, worker: &str, t_ms: i64) -> ExecLine {
     ExecLine {
