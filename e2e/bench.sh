@@ -11,7 +11,7 @@
 #   scaling   the same workload on each replica count of BENCH_SCALING (BENCH_SLOTS slots each).
 #   noop      BENCH_NOOP_JOBS `noop` jobs on BENCH_NOOP_REPLICAS x BENCH_NOOP_SLOTS: jobs/s, API writes per job
 #             (the apiserver's own apiserver_request_total), claim conflicts per job; then, in the same run, the
-#             apiserver's raw write ceiling (examples/lease_write_rate.rs: BENCH_RAW_LEASES Lease creates from
+#             apiserver's raw write ceiling (e2e/bench: lease-write-rate: BENCH_RAW_LEASES Lease creates from
 #             BENCH_RAW_CONCURRENCY streams) and the share of it the queue uses.
 #   baseline  BENCH_BASELINE_JOBS `sleep` jobs on 4 replicas x 1 slot, once with `--strategy exclusive` (one
 #             cluster-wide Lease, like single-lock job managers) and once with the default parallel strategy.
@@ -57,7 +57,7 @@ BASELINE_REPLICAS=${BENCH_BASELINE_REPLICAS:-4}
 STALL=${BENCH_STALL:-120}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=${BGJOBS_BIN:-$TARGET/release/bgjobs}
-RATE_BIN=$TARGET/release/examples/lease_write_rate
+RATE_BIN=$TARGET/release/lease-write-rate
 HISTORY=$TARGET/release/bgjobs-history # the exactly-once oracle (e2e/history)
 BIN_SOURCE=$BIN
 
@@ -113,8 +113,8 @@ prepare() {
   cargo build --release -p bgjobs-history
   [ -x "$BIN" ] || die "no bgjobs binary at $BIN"
   if wants noop; then
-    cargo build --release --example lease_write_rate
-    [ -x "$RATE_BIN" ] || die "no lease_write_rate example at $RATE_BIN"
+    cargo build --release -p bgjobs-bench --bin lease-write-rate
+    [ -x "$RATE_BIN" ] || die "no lease-write-rate binary at $RATE_BIN"
   fi
   mkdir -p "$RUN_DIR" "$PID_DIR"
   # Freeze the binaries for the whole run: other people's `cargo build --release` may replace target/release/bgjobs
@@ -125,8 +125,8 @@ prepare() {
   cp "$HISTORY" "$RUN_DIR/bgjobs-history"
   HISTORY=$RUN_DIR/bgjobs-history
   if wants noop; then
-    cp "$RATE_BIN" "$RUN_DIR/lease_write_rate"
-    RATE_BIN=$RUN_DIR/lease_write_rate
+    cp "$RATE_BIN" "$RUN_DIR/lease-write-rate"
+    RATE_BIN=$RUN_DIR/lease-write-rate
   fi
   : >"$RUN_DIR/order.txt"
   machine_info >"$RUN_DIR/machine.txt"
@@ -347,14 +347,14 @@ analyze() {
 
 raw_write_rate() {
   local dir=$RUN_DIR/raw ns=$NS_PREFIX-raw
-  step "raw write ceiling: $RAW_LEASES Lease creates from $RAW_CONCURRENCY concurrent streams (examples/lease_write_rate.rs)"
+  step "raw write ceiling: $RAW_LEASES Lease creates from $RAW_CONCURRENCY concurrent streams (e2e/bench: lease-write-rate)"
   mkdir -p "$dir"
   fresh_namespace "$ns"
   local api_cpu0 etcd_cpu0
   api_cpu0=$(cpu_seconds "$(plane_pid kube-apiserver)")
   etcd_cpu0=$(cpu_seconds "$(plane_pid etcd)")
   "$RATE_BIN" --namespace "$ns" --concurrency "$RAW_CONCURRENCY" --count "$RAW_LEASES" >"$dir/output.txt" ||
-    echo "warning: lease_write_rate failed ($dir/output.txt)" >&2
+    echo "warning: lease-write-rate failed ($dir/output.txt)" >&2
   awk -v a="$api_cpu0" -v b="$(cpu_seconds "$(plane_pid kube-apiserver)")" -v c="$etcd_cpu0" \
     -v d="$(cpu_seconds "$(plane_pid etcd)")" 'BEGIN {printf "  apiserver CPU %.1f s, etcd CPU %.1f s\n", b - a, d - c}' |
     tee "$dir/cpu.txt"

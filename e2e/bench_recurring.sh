@@ -22,7 +22,7 @@
 #                                running them costs their own writes, which `make bench-scale` measures
 #   BENCH_KILL [1]               1: the fourth tick, with one replica killed before it
 #   BENCH_KILL_BEFORE [10]       seconds before the fourth tick the replica is killed
-#   BENCH_RAW [3000]             then the apiserver's raw write rate now (examples/lease_write_rate.rs: this many
+#   BENCH_RAW [3000]             then the apiserver's raw write rate now (e2e/bench: lease-write-rate: this many
 #                                Lease creates from 32 streams; 0: not measured), for the floor of a tick:
 #                                writes per tick x definitions / that rate
 #   BGJOBS_BIN                   use this bgjobs binary instead of building the release one
@@ -93,12 +93,12 @@ else
   cargo build --release --bin bgjobs
   BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/bgjobs
 fi
-RATE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/lease_write_rate
+RATE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/lease-write-rate
 if ((RAW > 0)); then
-  echo "==> cargo build --release --example lease_write_rate"
-  cargo build --release --example lease_write_rate
-  cp "$RATE_BIN" "$RUN_DIR/lease_write_rate"
-  RATE_BIN=$RUN_DIR/lease_write_rate
+  echo "==> cargo build --release -p bgjobs-bench --bin lease-write-rate"
+  cargo build --release -p bgjobs-bench --bin lease-write-rate
+  cp "$RATE_BIN" "$RUN_DIR/lease-write-rate"
+  RATE_BIN=$RUN_DIR/lease-write-rate
 fi
 # Frozen for the run: someone else's `cargo build --release` may replace the binary meanwhile.
 cp "$BIN" "$RUN_DIR/bgjobs"

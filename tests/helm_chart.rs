@@ -374,6 +374,34 @@ fn the_dockerfile_builds_the_default_image_and_runs_as_the_charts_non_root_user(
     }
 }
 
+/// The image builds `bgjobs` alone, but cargo reads every workspace member's manifest first: a member the Dockerfile
+/// does not copy breaks `docker build` with "failed to load manifest for workspace member".
+#[test]
+fn the_dockerfile_copies_the_manifest_of_every_workspace_member() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("a Dockerfile at the repository root");
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
+        .current_dir(repo())
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let root = std::fs::canonicalize(repo()).unwrap();
+    let members: Vec<String> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["manifest_path"].as_str().unwrap())
+        .map(|m| std::path::Path::new(m).strip_prefix(&root).unwrap().display().to_string())
+        .filter(|m| m != "Cargo.toml")
+        .collect();
+    assert!(members.len() >= 3, "the dev-tool members: {members:?}");
+    for manifest in members {
+        let dir = manifest.trim_end_matches("Cargo.toml");
+        assert!(dockerfile.contains(&format!("COPY {manifest} {dir}")), "the Dockerfile does not copy {manifest}");
+    }
+}
+
 /// The Role (and binding) for the cluster-wide Leases: Leases only, in the lease namespace only.
 fn assert_lease_role(r: &Rendered, lease_ns: &str) {
     let roles: Vec<&Value> = r

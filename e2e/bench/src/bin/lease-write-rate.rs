@@ -3,11 +3,11 @@
 //!
 //! ```sh
 //! kubectl create namespace lease-rate
-//! cargo run --release --example lease_write_rate -- --namespace lease-rate --concurrency 16 --count 3000
+//! cargo run --release -p bgjobs-bench --bin lease-write-rate -- --namespace lease-rate --concurrency 16 --count 3000
 //! kubectl delete namespace lease-rate
 //! ```
 //!
-//! The Leases look like bgjobs' claim Leases (same annotations, labels and spec fields, see `src/lease.rs`), so one
+//! The Leases look like bgjobs' claim Leases (same annotations, labels and spec fields, see `src/lease/mod.rs`), so one
 //! create here costs the apiserver and etcd what one claim create costs; only the `managed-by` label differs, so that
 //! no operator watching every namespace caches them. The namespace must exist and be empty of `rate-*` Leases; this
 //! program does not delete what it creates (deleting the namespace does). The last line is machine-readable:
@@ -18,53 +18,42 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bgjobs::lease;
+use clap::Parser;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 
+/// The apiserver's raw write ceiling: Lease creates per second from concurrent streams.
+#[derive(Parser)]
+#[command(name = "lease-write-rate")]
 struct Args {
+    /// The namespace to create the Leases in (it must exist and hold no `rate-*` Leases).
+    #[arg(long, short = 'n')]
     namespace: String,
-    concurrency: usize,
-    count: usize,
+    /// Concurrent create streams.
+    #[arg(long, short = 'c', default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Leases to create (timed), after one warm-up create per stream.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..))]
+    count: u32,
 }
 
-fn usage() -> ! {
-    eprintln!("usage: lease_write_rate --namespace NS [--concurrency 16] [--count 3000]");
-    std::process::exit(2)
-}
-
-fn parse_args() -> Args {
-    let mut args = Args { namespace: String::new(), concurrency: 16, count: 3000 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| usage());
-        match flag.as_str() {
-            "--namespace" | "-n" => args.namespace = value,
-            "--concurrency" | "-c" => args.concurrency = value.parse().unwrap_or_else(|_| usage()),
-            "--count" => args.count = value.parse().unwrap_or_else(|_| usage()),
-            _ => usage(),
-        }
-    }
-    if args.namespace.is_empty() || args.concurrency == 0 || args.count == 0 {
-        usage();
-    }
-    args
-}
-
-/// A Lease shaped like a bgjobs claim Lease (`bgjobs::lease::create`).
+/// A Lease shaped like a bgjobs claim Lease (`bgjobs::lease::create`): the same annotation keys, read from the
+/// product so they cannot drift; only the `managed-by` value differs (see the module docs).
 fn lease(name: String, i: usize) -> Lease {
     let now = MicroTime(jiff::Timestamp::now());
     Lease {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/managed-by".to_string(), "bgjobs-bench".to_string()),
-                ("bgjobs.dev/job".to_string(), name),
+                (lease::MANAGED_BY_LABEL.to_string(), "bgjobs-bench".to_string()),
+                (bgjobs::claim::JOB_LABEL.to_string(), name),
             ])),
             annotations: Some(BTreeMap::from([
-                ("bgjobs.dev/job-uid".to_string(), format!("00000000-0000-4000-8000-{i:012}")),
-                ("bgjobs.dev/attempt".to_string(), "1".to_string()),
+                (lease::JOB_UID_ANNOTATION.to_string(), format!("00000000-0000-4000-8000-{i:012}")),
+                (lease::ATTEMPT_ANNOTATION.to_string(), "1".to_string()),
             ])),
             ..Default::default()
         },
@@ -99,7 +88,7 @@ async fn stream(
             Err(e) => {
                 // Report the first few; an apiserver that refuses everything should not flood the terminal.
                 if errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                    eprintln!("lease_write_rate: create {prefix}-{i} failed: {e}");
+                    eprintln!("lease-write-rate: create {prefix}-{i} failed: {e}");
                 }
             }
         }
@@ -132,17 +121,18 @@ fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args();
+    let args = Args::parse();
+    let (concurrency, count) = (usize::from(args.concurrency), args.count as usize);
     let client = kube::Client::try_default().await?;
     let api: Api<Lease> = Api::namespaced(client, &args.namespace);
 
     // Warm-up outside the clock: one create per stream opens the connections (TCP + TLS) the timed run reuses.
-    let (_, warm_errors, _) = run(&api, "warmup", args.concurrency, args.concurrency).await;
-    if warm_errors == args.concurrency {
+    let (_, warm_errors, _) = run(&api, "warmup", concurrency, concurrency).await;
+    if warm_errors == concurrency {
         return Err(format!("every warm-up create failed (does namespace {} exist?)", args.namespace).into());
     }
 
-    let (mut latencies, errors, seconds) = run(&api, "rate", args.concurrency, args.count).await;
+    let (mut latencies, errors, seconds) = run(&api, "rate", concurrency, count).await;
     latencies.sort_unstable();
     let created = latencies.len();
     let rate = created as f64 / seconds;
