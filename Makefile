@@ -18,9 +18,13 @@ demo:
 ## test: lint, unit tests, then integration tests on the local control plane (started if needed).
 test: lint unit integration
 
-unit:
+## unit: everything that needs no control plane, in seconds: the pure decisions and the CRD drift check (the
+## crates' unit tests), the oracle's hand-made histories (e2e/history), and the chart offline (tests/chart_render.rs:
+## render, schema, every flag reachable through values and documented; it needs the Helm SDK, see helm-deps).
+unit: helm-deps
 	cargo test --workspace --lib --bins
 	cargo test --doc
+	cargo test --test chart_render
 
 ## integration: every test binary against the local control plane, the bounded chaos run (tests/chaos) included.
 ## The test worker and the history checker (e2e/) are built first: the chaos run starts them as processes.
@@ -41,7 +45,7 @@ chaos-deps:
 	  { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q faketime >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null; }; \
 	    else sudo apt-get install -y -q faketime; fi; }
 
-## helm-deps: the Helm v4 engine for tests/helm_chart.rs and e2e/helm.py (Debian has no helm binary). Idempotent.
+## helm-deps: the Helm v4 engine for tests/chart_render.rs, tests/chart_install.rs and e2e/helm.py (Debian has no helm binary). Idempotent.
 ## Debian's own python3 refuses pip installs into the system (PEP 668) unless told --break-system-packages.
 HELM_SDK := helm-python-sdk==0.2.2
 helm-deps:

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bgjobs::admission::{CREATED_BY, CREATED_BY_GROUPS};
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
-use common::{NodeAgent, TestEnv, kubeconfig_path};
+use common::{NodeAgent, TestEnv, free_port, kubeconfig_path};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -37,11 +37,6 @@ fn certificates(dir: &Path) -> String {
     std::fs::write(dir.join("tls.crt"), serving.pem()).unwrap();
     std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
     ca.pem()
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The MutatingWebhookConfiguration `name`, deleted on drop (also when the test panics), so a shared control plane
@@ -133,8 +128,7 @@ fn last_error(job: &BackgroundJob) -> String {
 }
 
 fn shell_job(agent: &NodeAgent) -> BackgroundJob {
-    let spec = serde_json::from_value(agent.shell_job("exit 0", json!({"retry": {"maxAttempts": 1}}))).unwrap();
-    BackgroundJob::new("placeholder", spec)
+    common::fixtures::job("placeholder", agent.shell_job("exit 0", json!({"retry": {"maxAttempts": 1}})))
 }
 
 /// Label the test's namespace so that only it is selected by the webhook this test registers.
@@ -185,8 +179,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     // jobs that create no Pod).
     let start = Instant::now();
     for probe in 0.. {
-        let job =
-            BackgroundJob::new(&format!("probe-{probe}"), serde_json::from_value(json!({"jobName": "noop"})).unwrap());
+        let job = common::fixtures::job(&format!("probe-{probe}"), json!({"jobName": "noop"}));
         let job = as_alice.create(&PostParams::default(), &job).await.expect("alice may create jobs");
         if annotation(&job, CREATED_BY).is_some() {
             break;
@@ -303,8 +296,7 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
     let _registered = register(&env.client, &format!("bgjobs-vouched-{}", env.ns), port, &ca, label).await;
     let start = Instant::now();
     for probe in 0.. {
-        let job =
-            BackgroundJob::new(&format!("probe-{probe}"), serde_json::from_value(json!({"jobName": "noop"})).unwrap());
+        let job = common::fixtures::job(&format!("probe-{probe}"), json!({"jobName": "noop"}));
         let job = as_mallory.create(&PostParams::default(), &job).await.unwrap();
         if annotation(&job, CREATED_BY).is_some() {
             break;

@@ -1,5 +1,5 @@
-//! The BackgroundJob API as the apiserver enforces it: the committed CRD matches the Rust types, the OpenAPI
-//! schema rejects bad specs with messages that name the field, fills in defaults, and the samples under
+//! The BackgroundJob API as the apiserver enforces it (that the committed CRDs match the Rust types is a unit test,
+//! `api::tests`, needing no apiserver): the OpenAPI schema rejects bad specs with messages that name the field, fills in defaults, and the samples under
 //! `config/samples/` apply as they are and list with the printer columns.
 mod common;
 
@@ -67,36 +67,6 @@ fn assert_mentions(stderr: &str, expected: &[&str]) {
     for e in expected {
         assert!(stderr.contains(e), "expected {e:?} in kubectl's stderr: {stderr}");
     }
-}
-
-#[test]
-fn crds_directory_matches_the_generated_crd() {
-    let files = bgjobs::api::crd_files();
-    assert_eq!(files.len(), 2, "BackgroundJob and RecurringBackgroundJob");
-    for (file, generated) in files {
-        let path = repo_path(&format!("crds/{file}"));
-        let on_disk = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("crds/ is out of date: run `make crds` (read {}: {e})", path.display()));
-        assert!(
-            on_disk == generated,
-            "crds/{file} is out of date: run `make crds` ({})",
-            first_difference(&on_disk, &generated)
-        );
-    }
-    let on_disk = std::fs::read_dir(repo_path("crds")).unwrap().count();
-    assert_eq!(on_disk, 2, "crds/ holds exactly the generated files: run `make crds`");
-}
-
-/// Where two texts first differ, for a readable failure message.
-fn first_difference(file: &str, generated: &str) -> String {
-    file.lines()
-        .zip(generated.lines())
-        .enumerate()
-        .find(|(_, (a, b))| a != b)
-        .map(|(i, (a, b))| format!("line {}: file has {a:?}, generated has {b:?}", i + 1))
-        .unwrap_or_else(|| {
-            format!("file has {} lines, generated has {}", file.lines().count(), generated.lines().count())
-        })
 }
 
 #[tokio::test]

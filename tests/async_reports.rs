@@ -11,18 +11,13 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase};
 use bgjobs::report::{Report, client, token};
-use common::{TestEnv, kubeconfig_path};
+use common::{TestEnv, free_port, kubeconfig_path};
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// A free port on 127.0.0.1 (bound, then given back for a replica to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `--report-addr` and `--report-url` for a replica serving reports on its own loopback port; and that URL.
 fn reporting(port: u16) -> ([String; 4], String) {

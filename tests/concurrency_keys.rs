@@ -6,15 +6,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bgjobs::api::Phase;
-use common::{TestEnv, all_in, executions, max_overlap};
+use common::{TestEnv, all_in, executions, max_overlap, now_ms};
 use kube::ResourceExt;
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_jobs_over_five_keys_never_run_two_of_a_key_at_once_and_keep_fifo_per_key() {

@@ -7,17 +7,13 @@ mod common;
 use std::time::Duration;
 
 use bgjobs::api::Phase;
-use common::{TestEnv, all_in, executions, max_overlap};
+use common::{Open, TestEnv, all_in, executions, max_overlap, now_ms};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
 
 fn last_error(j: &bgjobs::api::BackgroundJob) -> String {
     j.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default()
@@ -157,12 +153,8 @@ async fn a_hand_deleted_exclusive_lease_never_lets_two_replicas_run_at_once() {
     }
     env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 16 && all_in(jobs, Phase::Succeeded)).await;
     let execs = executions(&env.invocations());
-    for a in &execs {
-        for b in execs.iter().filter(|b| b.worker != a.worker) {
-            let (end_a, end_b) = (a.end.unwrap_or(now_ms()), b.end.unwrap_or(now_ms()));
-            assert!(end_a <= b.start || end_b <= a.start, "two replicas ran jobs at the same time: {a:?} {b:?}");
-        }
-    }
+    let both = bgjobs_history::across_replicas(&execs, Open::Until(now_ms()));
+    assert!(both.is_empty(), "two replicas ran jobs at the same time: {both:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,9 +193,9 @@ async fn a_replica_that_learns_of_its_claim_only_after_the_lease_expired_never_r
     let _a = env.replica_with("a", &[], &options);
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.throttle_downstream(32 * 1024);
-    let spec = serde_json::from_value(json!({"jobName": "sleep", "args": {"seconds": 10}})).unwrap();
-    let mut job = bgjobs::api::BackgroundJob::new("slow", spec);
-    job.metadata.annotations = Some([("padding".to_string(), "p".repeat(240_000))].into());
+    let job = common::fixtures::JobBuilder::new("slow", json!({"jobName": "sleep", "args": {"seconds": 10}}))
+        .annotation("padding", &"p".repeat(240_000))
+        .build();
     env.jobs.create(&PostParams::default(), &job).await.unwrap();
     // b starts once a has claimed: it sees a's claim Lease never renewed and takes over after a lease duration.
     env.wait_job("slow", MINUTE, "claimed by a", |j| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a"))

@@ -5,15 +5,11 @@ mod common;
 use std::time::Duration;
 
 use bgjobs::api::Phase;
-use common::{TestEnv, all_in};
+use common::{TestEnv, all_in, free_port};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 async fn get(url: &str) -> (u16, String) {
     let r = reqwest::get(url).await.expect("metrics server answers");

@@ -9,17 +9,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bgjobs::api::Phase;
-use common::{TestEnv, all_in, executions, max_overlap};
+use common::{TestEnv, all_in, executions, max_overlap, now_ms};
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
 
 /// Executions per job name.
 fn starts_per_job(env: &TestEnv) -> HashMap<String, usize> {

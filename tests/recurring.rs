@@ -16,7 +16,7 @@ use serde_json::json;
 
 async fn define(env: &TestEnv, name: &str, spec: serde_json::Value) -> RecurringBackgroundJob {
     let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
-    let def = RecurringBackgroundJob::new(name, serde_json::from_value(spec).expect("valid spec"));
+    let def = common::fixtures::recurring(name, spec);
     api.create(&PostParams::default(), &def).await.expect("create recurring job")
 }
 

@@ -45,7 +45,7 @@ async fn jobs_of_a_recurring_definition_follow_its_history_limit_not_the_operato
     let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
     let def = json!({"schedule": "* * * * * *", "successfulJobsHistoryLimit": 2,
                      "jobTemplate": {"spec": {"jobName": "noop"}}});
-    let def = RecurringBackgroundJob::new("tick", serde_json::from_value(def).unwrap());
+    let def = common::fixtures::recurring("tick", def);
     defs.create(&PostParams::default(), &def).await.expect("create recurring job");
     env.create("one-off", json!({"jobName": "noop"})).await;
 

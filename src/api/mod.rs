@@ -438,3 +438,46 @@ pub fn crd_files() -> Vec<(String, String)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    fn repo_path(relative: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    }
+
+    /// The committed CRDs drift from the Rust types the moment a field changes without `make crds`; checked here,
+    /// with no apiserver, so `make unit` catches it.
+    #[test]
+    fn crds_directory_matches_the_generated_crd() {
+        let files = crd_files();
+        assert_eq!(files.len(), 2, "BackgroundJob and RecurringBackgroundJob");
+        for (file, generated) in files {
+            let path = repo_path(&format!("crds/{file}"));
+            let on_disk = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("crds/ is out of date: run `make crds` (read {}: {e})", path.display()));
+            assert!(
+                on_disk == generated,
+                "crds/{file} is out of date: run `make crds` ({})",
+                first_difference(&on_disk, &generated)
+            );
+        }
+        let on_disk = std::fs::read_dir(repo_path("crds")).unwrap().count();
+        assert_eq!(on_disk, 2, "crds/ holds exactly the generated files: run `make crds`");
+    }
+
+    /// Where two texts first differ, for a readable failure message.
+    fn first_difference(file: &str, generated: &str) -> String {
+        file.lines()
+            .zip(generated.lines())
+            .enumerate()
+            .find(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| format!("line {}: file has {a:?}, generated has {b:?}", i + 1))
+            .unwrap_or_else(|| {
+                format!("file has {} lines, generated has {}", file.lines().count(), generated.lines().count())
+            })
+    }
+}

@@ -139,11 +139,11 @@ impl Workload {
             let spec = self.random_spec(rng);
             let name = format!("j{:05}", self.next);
             self.next += 1;
-            let mut job = bgjobs::api::BackgroundJob::new(&name, serde_json::from_value(spec.0).unwrap());
+            let mut job = crate::common::fixtures::JobBuilder::new(&name, spec.0);
             if spec.1 {
-                job.metadata.labels =
-                    Some([("chaos.bgjobs.dev/expect-retries".to_string(), "true".to_string())].into());
+                job = job.label("chaos.bgjobs.dev/expect-retries", "true");
             }
+            let job = job.build();
             // The apiserver may be restarting: a failed create is simply not part of the run.
             let _ = self.jobs.create(&PostParams::default(), &job).await;
         }

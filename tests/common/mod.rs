@@ -4,7 +4,9 @@
 //! (`bgjobs operator --namespace <its namespace>`) so it can `kill -9`, `SIGSTOP` and `SIGCONT` them.
 #![allow(dead_code)]
 
+pub mod chart;
 pub mod control_plane;
+pub mod fixtures;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -13,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use bgjobs::api::{BackgroundJob, BackgroundJobSpec, Phase};
+use bgjobs::api::{BackgroundJob, Phase};
 pub use bgjobs_history::{ExecLine, Execution, Open};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{ObjectMeta, PostParams};
@@ -54,6 +56,16 @@ pub async fn client() -> Client {
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Wall-clock milliseconds, as the audit trail writes them.
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// A free loopback port (for a replica's metrics and probes, a webhook).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
 
 /// A unique suffix for names.
 pub fn unique() -> String {
@@ -281,9 +293,7 @@ impl TestEnv {
 
     /// Create a job named `name` from a JSON spec.
     pub async fn create(&self, name: &str, spec: serde_json::Value) -> BackgroundJob {
-        let spec: BackgroundJobSpec = serde_json::from_value(spec).expect("valid spec");
-        let job = BackgroundJob::new(name, spec);
-        self.jobs.create(&PostParams::default(), &job).await.expect("create job")
+        self.jobs.create(&PostParams::default(), &fixtures::job(name, spec)).await.expect("create job")
     }
 
     /// All jobs in the namespace.

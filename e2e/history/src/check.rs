@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use crate::executions::{Execution, Open, duplicates, overlapping, pair, peak};
+use crate::executions::{Execution, Open, across_replicas, duplicates, overlapping, pair, peak};
 use crate::model::{FaultLine, History, LeaseLine, StatusLine};
 
 /// What the run promised, against which the history is checked.
@@ -339,17 +339,12 @@ fn check_ticks(by_uid: &BTreeMap<String, Vec<&StatusLine>>, limits: &Limits, r: 
 /// Exclusive strategy: at no instant do two replicas run jobs. A Pod's execution belongs to whichever replica
 /// watches it (it is adopted across a change of leader), so Pod executions are not judged here.
 fn check_exclusive(execs: &[Execution], r: &mut Report) {
-    let mut open: Vec<&Execution> = Vec::new();
-    for e in execs.iter().filter(|e| !e.worker.starts_with("pod:")) {
-        open.retain(|o| o.last > e.start);
-        for o in open.iter().filter(|o| o.worker != e.worker) {
-            r.exclusive_overlaps += 1;
-            r.violations.push(format!(
-                "exclusive overlap: {} ran {} [{}..{}] while {} ran {} [{}..{}]",
-                o.worker, o.job, o.start, o.last, e.worker, e.job, e.start, e.last
-            ));
-        }
-        open.push(e);
+    for (o, e) in across_replicas(execs.iter().filter(|e| !e.worker.starts_with("pod:")), Open::LastLine) {
+        r.exclusive_overlaps += 1;
+        r.violations.push(format!(
+            "exclusive overlap: {} ran {} [{}..{}] while {} ran {} [{}..{}]",
+            o.worker, o.job, o.start, o.last, e.worker, e.job, e.start, e.last
+        ));
     }
 }
 

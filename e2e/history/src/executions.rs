@@ -146,6 +146,24 @@ pub fn duplicates(execs: &[Execution], open: Open) -> Vec<(&Execution, &Executio
     overlapping(execs, open, |e| Some(e.uid.clone()))
 }
 
+/// Pairs of executions on two different replicas that intersect in time: what the exclusive strategy forbids.
+pub fn across_replicas<'a>(
+    execs: impl IntoIterator<Item = &'a Execution>,
+    open: Open,
+) -> Vec<(&'a Execution, &'a Execution)> {
+    let mut sorted: Vec<&Execution> = execs.into_iter().collect();
+    sorted.sort_by_key(|e| e.start);
+    let mut out = Vec::new();
+    for (i, a) in sorted.iter().enumerate() {
+        for b in sorted[i + 1..].iter().take_while(|b| b.start < a.until(open)) {
+            if b.worker != a.worker && a.start < b.until(open) {
+                out.push((*a, *b));
+            }
+        }
+    }
+    out
+}
+
 /// Re-executions: executions beyond the first of each job. Legitimate after a fault (a takeover), a failure
 /// without one.
 pub fn re_executions(execs: &[Execution]) -> usize {
@@ -388,6 +406,18 @@ mod tests {
         let execs = pairs(&lines);
         assert_eq!(execs.len(), 2);
         assert_eq!((execs[0].end, execs[1].end), (None, Some(200)));
+    }
+
+    #[test]
+    fn runs_on_two_replicas_at_once_overlap_across_replicas_and_runs_on_one_do_not() {
+        let mut lines = ran("a", 1, "r1", 0, 100);
+        lines.extend(ran("b", 1, "r1", 50, 150)); // same replica: allowed
+        lines.extend(ran("c", 1, "r2", 140, 200)); // overlaps b on another replica
+        lines.extend(ran("d", 1, "r2", 200, 300)); // back to back with c, after b
+        let execs = pairs(&lines);
+        let found: Vec<(&str, &str)> =
+            across_replicas(&execs, Open::LastLine).iter().map(|(x, y)| (x.job.as_str(), y.job.as_str())).collect();
+        assert_eq!(found, vec![("ns/b", "ns/c")]);
     }
 
     #[test]

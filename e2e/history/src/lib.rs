@@ -17,5 +17,5 @@ pub mod executions;
 pub mod model;
 
 pub use check::{Limits, Report, check};
-pub use executions::{Audit, Execution, Open, audit, duplicates, max_overlap, pair};
+pub use executions::{Audit, Execution, Open, across_replicas, audit, duplicates, max_overlap, pair};
 pub use model::{ExecLine, FaultLine, History, LeaseLine, StatusLine, read_audit_trail};
