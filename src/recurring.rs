@@ -14,7 +14,7 @@
 //!    process): that finishes a tick a crash interrupted between claim and create. A create is only made from the
 //!    definition as stored, never from a cache that may still show a `pendingJob` confirmed since.
 //!
-//! One case is left (README): a crash between create and confirm, with the job finished and deleted (its
+//! One case is left (docs/usage.md, "Recurring jobs"): a crash between create and confirm, with the job finished and deleted (its
 //! `ttlSecondsAfterFinished`) before the next owner looks. That owner cannot tell "never created" from "created and
 //! gone", creates the job again, and the tick runs twice. History trimming never deletes a pending job, so it cannot
 //! cause this.
@@ -241,7 +241,7 @@ fn set_active(s: &mut RecurringBackgroundJobStatus, active: &[String]) {
 
 /// Whether `job` is known to exist, or to have existed: seen among the definition's children, or created by this
 /// process. A pending job that is neither was never created, unless a crash came between its creation and its
-/// confirmation and the job was deleted before this reconcile (see README).
+/// confirmation and the job was deleted before this reconcile (see docs/usage.md, "Recurring jobs").
 fn known_created(job: &str, kids: &[Child], unconfirmed: Option<&str>) -> bool {
     kids.iter().any(|k| k.name == job) || unconfirmed == Some(job)
 }

@@ -252,7 +252,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
 }
 
 /// The creator check judges who created a job, and the Pod is built from the spec when the attempt starts: so a user
-/// with the README's application-team Role (`patch backgroundjobs`, no `create pods`) must not rewrite the template
+/// with the application-team Role of docs/security.md (`patch backgroundjobs`, no `create pods`) must not rewrite the template
 /// of a job a Pod-capable user created. The webhook refuses the patch, the Pod is built from the creator's template,
 /// and `bgjobs cancel` and `bgjobs retry` (which write spec.cancel, spec.retry.maxAttempts) still pass the webhook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +261,7 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
     let label = select_for_webhook(&env).await;
 
     let (alice, mallory) = (format!("alice-{}", env.ns), format!("mallory-{}", env.ns));
-    // The README's "RBAC for application teams" Role, for both; alice may also create pods.
+    // docs/security.md's "RBAC for application teams" Role, for both; alice may also create pods.
     let readme_role = json!([
         {"apiGroups": ["bgjobs.dev"], "resources": ["backgroundjobs", "recurringbackgroundjobs"],
          "verbs": ["get", "list", "watch", "create", "delete"]},

@@ -490,14 +490,7 @@ fn every_operator_flag_is_reachable_through_values_and_documented() {
     let all_set: Value = serde_yaml::from_str(&std::fs::read_to_string(&ci_file).unwrap()).unwrap();
     let rendered = render_args(&["-f", &ci_file.display().to_string()]);
     let (env, args) = (rendered.env(), rendered.args());
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let reference = readme
-        .split("## Configuration reference")
-        .nth(1)
-        .expect("README.md has a \"## Configuration reference\" section")
-        .split("\n## ")
-        .next()
-        .unwrap();
+    let reference = std::fs::read_to_string(repo().join("docs/configuration.md")).expect("docs/configuration.md");
 
     let mut missing = Vec::new();
     for (flag, env_name) in &flags {
@@ -518,7 +511,7 @@ fn every_operator_flag_is_reachable_through_values_and_documented() {
         }
         for needle in [format!("`--{flag}"), format!("`{env_name}`"), format!("`{path}`")] {
             if !reference.contains(&needle) {
-                missing.push(format!("--{flag}: README's Configuration reference does not mention {needle}"));
+                missing.push(format!("--{flag}: docs/configuration.md does not mention {needle}"));
             }
         }
     }

@@ -444,7 +444,7 @@ mod tests {
 
 #[cfg(test)]
 mod more_metadata_and_known_limits {
-    //! Metadata addresses added after a security review, and known limits (README "Security"): the tests named
+    //! Metadata addresses added after a security review, and known limits (docs/security.md): the tests named
     //! `limit_*` assert what the policy does not refuse.
     use super::*;
 
@@ -496,7 +496,7 @@ mod more_metadata_and_known_limits {
 
 #[cfg(test)]
 mod known_limits_of_prefix_and_host_entries {
-    //! README "Security": what a URL prefix or host entry admits depends on the receiver.
+    //! docs/security.md: what a URL prefix or host entry admits depends on the receiver.
     use super::*;
 
     #[test]

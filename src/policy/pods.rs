@@ -411,8 +411,8 @@ mod tests {
 
 #[cfg(test)]
 mod node_side_and_known_limits {
-    //! Node-side requests, node-mounted volumes and security profiles (refused), and known limits (README
-    //! "Security"): the tests named `limit_*` assert what the policy lets through.
+    //! Node-side requests, node-mounted volumes and security profiles (refused), and known limits
+    //! (docs/security.md): the tests named `limit_*` assert what the policy lets through.
     use super::*;
     use serde_json::json;
 

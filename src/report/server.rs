@@ -1,8 +1,8 @@
 //! The report endpoint every replica serves (`--report-addr`): plain HTTP/1.1 (hyper, as the admission webhook),
 //! in front of [`super::apply`].
 //!
-//! `POST /v1/complete`, `/v1/fail` or `/v1/heartbeat` with `Authorization: Bearer <token>` and a JSON body (see the
-//! README's "Asynchronous jobs" for the contract). Every answer is JSON: `{"job", "attempt", "phase", "message"}`
+//! `POST /v1/complete`, `/v1/fail` or `/v1/heartbeat` with `Authorization: Bearer <token>` and a JSON body (see
+//! docs/usage.md, "Asynchronous jobs" for the contract). Every answer is JSON: `{"job", "attempt", "phase", "message"}`
 //! when recorded (200), `{"code", "error"}` otherwise.
 
 use std::net::SocketAddr;
