@@ -377,7 +377,10 @@ async fn claim_job(
             Ok(ClaimOutcome::Lost)
         }
         Err(e) => {
-            // Unknown whether the status write landed; keep the Lease so nobody starts a twin before it expires.
+            // Perhaps the status write landed, perhaps not (or it was refused): nothing runs here either way. Keep the
+            // Lease, so nobody starts a twin before it has aged a lease duration, but vouched for by no tenure, or
+            // a live replica's tenure would hold the job back from everyone else for as long as it lives.
+            disown_quietly(leases, &acquired.lease).await;
             Err(e)
         }
     }
@@ -422,10 +425,19 @@ pub async fn settle(
         }
     }
     let written = write_holding(&jobs, job, &held, claimant, new_status).await;
-    if written.is_ok() {
-        lease::release(&leases, &held.lease).await?;
+    match &written {
+        Ok(_) => lease::release(&leases, &held.lease).await?,
+        Err(_) => disown_quietly(&leases, &held.lease).await,
     }
     Ok(written?.is_some())
+}
+
+/// [`lease::disown`] a claim Lease whose claim or settle ended in an error (logged, not returned: the caller's error
+/// is the one to report; if this fails too, this replica frees the Lease later, see `Dispatcher::idle_of_mine`).
+async fn disown_quietly(leases: &Api<Lease>, lease: &Lease) {
+    if let Err(e) = lease::disown(leases, lease).await {
+        tracing::warn!(error = %e, lease = %lease.name_any(), "could not disown a claim lease after a failed write");
+    }
 }
 
 #[cfg(test)]

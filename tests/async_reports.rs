@@ -142,11 +142,12 @@ impl Drop for PythonWorker {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accepted_job_is_completed_by_the_python_worker_30_s_later_and_describe_shows_its_result() {
-    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let usage = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/usage.md");
+    let readme = std::fs::read_to_string(usage).unwrap();
     let example =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/async_worker.py"))
             .unwrap();
-    assert!(readme.contains(&example), "the README shows examples/async_worker.py as it is");
+    assert!(readme.contains(&example), "docs/usage.md shows examples/async_worker.py as it is");
 
     let env = TestEnv::new("async-python").await;
     let (flags, _) = reporting(free_port());

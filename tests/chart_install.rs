@@ -246,8 +246,10 @@ async fn chart_replica(
     let deployment = release_deployment(manifest);
     let port = free_port();
     let mut vars = container_env(&deployment, identity, release_ns);
-    vars.retain(|(k, _)| k != "BGJOBS_METRICS_ADDR");
+    // Free loopback ports for metrics and reports: installs run side by side, each with the chart's fixed ports.
+    vars.retain(|(k, _)| k != "BGJOBS_METRICS_ADDR" && k != "BGJOBS_REPORT_ADDR");
     vars.push(("BGJOBS_METRICS_ADDR".into(), format!("127.0.0.1:{port}")));
+    vars.push(("BGJOBS_REPORT_ADDR".into(), format!("127.0.0.1:{}", free_port())));
     let args: Vec<String> = deployment.args().into_iter().filter(|a| a != "operator").collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let options = ReplicaOptions { kubeconfig: Some(kubeconfig), env: vars, all_namespaces, ..Default::default() };
