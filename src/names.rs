@@ -9,6 +9,17 @@ pub const MAX_LABEL_VALUE: usize = 63;
 /// Longest object name (DNS subdomain).
 pub const MAX_NAME: usize = 253;
 
+/// Whether `s` is a valid object name (a DNS-1123 subdomain: at most 253 characters of lowercase letters, digits,
+/// `-` and `.`, starting and ending with a letter or digit). Names from outside (a report token) are checked with
+/// this before they go into an apiserver path.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= 253
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
 /// `value` as a label value: itself when it fits, otherwise a prefix and a hash (always valid).
 pub fn label_value(value: &str) -> String {
     shorten(value, MAX_LABEL_VALUE)
@@ -38,6 +49,14 @@ fn shorten(value: &str, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_valid_object_names_pass() {
+        assert!(is_dns1123_subdomain("report-1.a"));
+        for bad in ["", "..", "a/b", "A", "-a", "a-", "a?x=1", &"a".repeat(254)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn short_values_are_kept_as_they_are() {

@@ -36,25 +36,33 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
     decide::check(&report)?;
     let parsed = token::parse(token).map_err(|e| Refusal::new(401, e))?;
     let claims = &parsed.claims;
+    // What the token names is not trusted yet: it goes into an apiserver path only once it is a valid name.
+    if !crate::names::is_dns1123_subdomain(&claims.namespace) || !crate::names::is_dns1123_subdomain(&claims.name) {
+        return Err(Refusal::new(401, "the token does not name a job"));
+    }
     let name = format!("{}/{}", claims.namespace, claims.name);
     let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &claims.namespace);
     for _ in 0..ROUNDS {
         let job = match jobs.get_opt(&claims.name).await {
             Ok(Some(j)) => j,
             Ok(None) => return Err(Refusal::new(404, format!("job {name} does not exist (any more)"))),
-            Err(e) => return Err(Refusal::new(503, format!("cannot read job {name}; try again: {e}"))),
+            Err(e) => {
+                tracing::warn!(job = %name, error = %e, "cannot read a reported job");
+                return Err(Refusal::new(503, format!("cannot read job {name}; try again")));
+            }
         };
-        if job.uid().as_deref() != Some(claims.uid.as_str()) {
-            return Err(Refusal::new(
-                404,
-                format!("the job this token was issued for is gone: {name} is another job created under that name"),
-            ));
-        }
+        // The signature first: without a valid token, nobody learns whether a guessed UID matches.
         let key = job.status.as_ref().and_then(|s| s.report_key.as_deref());
         if !key.is_some_and(|k| parsed.signed_with(k)) {
             return Err(Refusal::new(
                 401,
                 format!("the token's signature does not match job {name}: it was not issued for this job and attempt"),
+            ));
+        }
+        if job.uid().as_deref() != Some(claims.uid.as_str()) {
+            return Err(Refusal::new(
+                404,
+                format!("the job this token was issued for is gone: {name} is another job created under that name"),
             ));
         }
         let now = worker.clock.now();

@@ -14,7 +14,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::decide::{MAX_RESULT_BYTES, Refusal, Report};
 use crate::error::Result;
@@ -25,17 +25,33 @@ pub const PATH_PREFIX: &str = "/v1/";
 /// The largest request body read: a result at its cap, with room for the rest of the body.
 const MAX_BODY: usize = MAX_RESULT_BYTES + 8 * 1024;
 
+/// How many reports one replica handles at once.
+const MAX_IN_FLIGHT: usize = 64;
+/// How long a report's body may take to arrive.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serve reports on `addr` until the process ends. Returns the bound address.
 pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(%bound, "serving the report endpoint (POST /v1/complete, /v1/fail, /v1/heartbeat)");
+    // Reports in flight are bounded: each costs apiserver reads and writes on the client that also renews this
+    // replica's tenure, so a flood (forged or not) must not starve it. Past the bound a report is answered 503.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     tokio::spawn(async move {
         loop {
-            let Ok((sock, peer)) = listener.accept().await else { continue };
-            let worker = worker.clone();
+            let (sock, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, typically: do not spin.
+                    warn!(error = %e, "report endpoint: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (worker, in_flight) = (worker.clone(), in_flight.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| handle(worker.clone(), req));
+                let service = hyper::service::service_fn(move |req| handle(worker.clone(), in_flight.clone(), req));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
@@ -51,9 +67,14 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
 
 async fn handle(
     worker: Arc<Worker>,
+    in_flight: Arc<tokio::sync::Semaphore>,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let (code, body) = match receive(&worker, req).await {
+    let received = match in_flight.try_acquire() {
+        Ok(_permit) => receive(&worker, req).await,
+        Err(_) => Err(Refusal::new(503, "too many reports in flight on this replica; try again")),
+    };
+    let (code, body) = match received {
         Ok(applied) => (200, serde_json::to_vec(&applied).unwrap_or_default()),
         Err(refusal) => {
             debug!(code = refusal.code, error = %refusal.message, "report refused");
@@ -79,7 +100,11 @@ async fn receive(worker: &Worker, req: Request<Incoming>) -> std::result::Result
         return Err(Refusal::new(405, format!("POST the report to /v1/{kind}")));
     }
     let token = bearer(req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let reading = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect());
+    let Ok(read) = reading.await else {
+        return Err(Refusal::new(408, format!("the report's body did not arrive within {BODY_READ_TIMEOUT:?}")));
+    };
+    let body = match read {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(Refusal::new(

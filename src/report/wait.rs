@@ -65,6 +65,23 @@ pub async fn until_reported(
         }
         let overdue_in = match decide::liveness(&job, worker.clock.now()) {
             Liveness::Lost(why) => {
+                // The watch may lag: a heartbeat that landed (and was answered 200) must not be overruled by a stale
+                // copy. Judge again on the job as it is now.
+                match jobs.get_opt(&job.name_any()).await {
+                    Ok(Some(fresh))
+                        if fresh.uid() == job.uid() && fresh.resource_version() != job.resource_version() =>
+                    {
+                        job = fresh;
+                        continue;
+                    }
+                    Ok(Some(fresh)) if fresh.uid() == job.uid() => {}
+                    Ok(_) => return AttemptResult::Reported,
+                    Err(e) => {
+                        warn!(error = %e, "could not read the job to confirm its worker went silent; reading again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
                 warn!(%why, "the worker of this attempt went silent");
                 return AttemptResult::Retryable(why);
             }
