@@ -6,8 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use bgjobs::api::{Phase, RecurringBackgroundJob};
-use bgjobs::recurring::SCHEDULED_TIME_ANNOTATION;
+use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
+use bgjobs::recurring::{RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION};
 use common::{ReplicaOptions, TestEnv};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -67,6 +67,165 @@ async fn no_tick_is_lost_while_replicas_are_killed_and_restarted() {
     assert!(seconds.len() >= 4, "about five ticks in 25 s: {seconds:?}");
     assert!(seconds.iter().all(|s| s % 5 == 0), "jobs only for schedule ticks: {seconds:?}");
     assert!(seconds.windows(2).all(|w| w[1] - w[0] == 5), "no tick missed across the kills: {seconds:?}");
+}
+
+/// One job of a definition, as listed: its name and when the API server created it (Unix seconds, truncated).
+struct Made {
+    name: String,
+    created: i64,
+}
+
+/// Jobs by definition (the `bgjobs.dev/recurring` label), then by tick (Unix seconds).
+fn by_definition(jobs: &[BackgroundJob]) -> BTreeMap<String, BTreeMap<i64, Vec<Made>>> {
+    let mut out: BTreeMap<String, BTreeMap<i64, Vec<Made>>> = BTreeMap::new();
+    for j in jobs {
+        let (Some(def), Some(tick)) = (j.labels().get(RECURRING_LABEL), j.annotations().get(SCHEDULED_TIME_ANNOTATION))
+        else {
+            continue;
+        };
+        let tick = tick.parse::<jiff::Timestamp>().unwrap().as_second();
+        let created = j.metadata.creation_timestamp.as_ref().expect("created").0.as_second();
+        out.entry(def.clone()).or_default().entry(tick).or_default().push(Made { name: j.name_any(), created });
+    }
+    out
+}
+
+/// Sleep until the Unix time `at` (seconds).
+async fn sleep_until_unix(at: f64) {
+    let now = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+    tokio::time::sleep(Duration::from_secs_f64((at - now).max(0.0))).await;
+}
+
+/// Period of the shared schedule, in seconds: a tick every 3 s, about a lease duration (3 s in tests), so that the
+/// hand-over after a kill -9 takes one or two ticks.
+const PERIOD: i64 = 3;
+/// How soon after a kill -9 the dead replica's definitions must have jobs again: one lease duration (the tests'
+/// `--lease-duration 3s`, after which the others see its member Lease expired) plus a generous margin for a loaded
+/// two-core machine (scans, the claim and the create on a busy apiserver).
+const HANDOVER_BOUND: f64 = 3.0 + 7.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tick_of_thirty_shared_definitions_has_one_job_or_is_caught_up_after_a_kill9_of_a_replica() {
+    let env = TestEnv::new("rec-share").await;
+    let identities = ["r0", "r1", "r2"].map(String::from);
+    // The replicas only create jobs: running them is not what is checked here, and would only load the machine.
+    let no_runs = ["--job-execution-enabled", "false"];
+    let mut replicas: Vec<_> = identities.iter().map(|id| env.replica(id, &no_runs)).collect();
+    let schedule = format!("*/{PERIOD} * * * * *");
+    // Which replica owns each definition while all three live: the replicas' own rendezvous rule.
+    let mut owner_of: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..30 {
+        let name = format!("tenant-{i:02}");
+        let def = define(
+            &env,
+            &name,
+            json!({"schedule": schedule, "successfulJobsHistoryLimit": 100, "failedJobsHistoryLimit": 100,
+            "jobTemplate": {"spec": {"jobName": "noop"}}}),
+        )
+        .await;
+        let owner = bgjobs::members::owner(&identities, &def.uid().unwrap()).unwrap();
+        owner_of.insert(name, owner.to_string());
+    }
+    for id in &identities {
+        // 30 definitions over 3 replicas: that one owns none happens about once in 60,000 runs.
+        assert!(owner_of.values().any(|o| o == id), "{id} owns no definition: {owner_of:?}");
+    }
+    let victim = identities[0].as_str();
+    let orphaned: Vec<&str> = owner_of.iter().filter(|(_, o)| *o == victim).map(|(d, _)| d.as_str()).collect();
+
+    // All three replicas at work: every definition has a job. Ticks are checked from the next one on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while by_definition(&env.list().await).len() < owner_of.len() {
+        assert!(Instant::now() < deadline, "not every definition has a job after 60 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let now = jiff::Timestamp::now().as_second();
+    let start = now - now.rem_euclid(PERIOD) + PERIOD;
+    // Three ticks, then the kill 200 ms into the fourth: while the victim claims and creates that tick's jobs.
+    sleep_until_unix((start + 3 * PERIOD) as f64 + 0.2).await;
+    replicas[0].kill9();
+    let killed = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+    // Five ticks after the hand-over's bound; wait until every definition has reached it (a definition's ticks are
+    // claimed in order, so every earlier tick is then decided), on a loaded machine a little later. One that never
+    // does shows below as ticks without a job.
+    let end = ((killed + HANDOVER_BOUND) as i64 / PERIOD + 5) * PERIOD;
+    let deadline = Instant::now() + Duration::from_secs((end as f64 - killed) as u64 + 60);
+    let jobs = loop {
+        let jobs = env.list().await;
+        let reached = by_definition(&jobs).values().filter(|ticks| ticks.keys().any(|t| *t >= end)).count();
+        if reached == owner_of.len() || Instant::now() > deadline {
+            break jobs;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    drop(replicas);
+
+    // The rule (README, "Missed ticks"): ticks missed while no replica looks at a definition create at most one
+    // job, for the latest of them. So, per definition, from `start` to `end`:
+    // - no tick has two jobs, and no job is for a second that is not a tick;
+    // - a definition of a survivor has a job for every tick;
+    // - a definition of the victim has its first job for a tick after the kill (made by its new owner) within
+    //   HANDOVER_BOUND of the kill; the only ticks without a job came due between the last tick before the kill
+    //   (which the victim may not have reached) and that job; and that job, like every later one, is for the
+    //   latest tick due when it was made: it was created before the following tick, give or take the 2 s a
+    //   create may take after the claim (it is bounded by what is left of the replica's 2 s renew deadline).
+    let by_def = by_definition(&jobs);
+    let none = BTreeMap::new();
+    let mut wrong = Vec::new();
+    let (mut moved, mut missed) = (Vec::new(), 0);
+    for (def, owner) in &owner_of {
+        let ticks = by_def.get(def).unwrap_or(&none);
+        for (tick, made) in ticks {
+            if made.len() > 1 {
+                wrong.push(format!("{def}: tick {tick} has {} jobs: {:?}", made.len(), names(made)));
+            }
+            if tick % PERIOD != 0 {
+                wrong.push(format!("{def}: job {:?} for {tick}, not a tick", names(made)));
+            }
+        }
+        let missing: Vec<i64> = (start..=end).step_by(PERIOD as usize).filter(|t| !ticks.contains_key(t)).collect();
+        if owner != victim {
+            if !missing.is_empty() {
+                wrong.push(format!("{def} (owned by {owner}, alive): no job for ticks {missing:?}"));
+            }
+            continue;
+        }
+        let after: Vec<(i64, i64)> = ticks
+            .iter()
+            .filter(|(t, _)| **t as f64 > killed)
+            .flat_map(|(t, made)| made.iter().map(move |m| (*t, m.created)))
+            .collect();
+        let Some(handed) = after.iter().map(|(_, created)| *created).min() else {
+            wrong.push(format!("{def} (owned by {victim}, killed): no job after the kill"));
+            continue;
+        };
+        moved.push(handed as f64 - killed);
+        if handed as f64 > killed + HANDOVER_BOUND {
+            wrong.push(format!("{def}: first job after the kill {:.1} s after it", handed as f64 - killed));
+        }
+        let outside: Vec<&i64> =
+            missing.iter().filter(|t| **t as f64 <= killed - PERIOD as f64 || **t > handed).collect();
+        if !outside.is_empty() {
+            let when = format!("killed at {killed:.1}, first job after at {handed}");
+            wrong.push(format!("{def}: no job for ticks {outside:?}, outside the hand-over ({when})"));
+        }
+        missed += missing.len();
+        for (tick, created) in &after {
+            if *created >= tick + PERIOD + 2 {
+                wrong.push(format!("{def}: job for tick {tick} made at {created}, when a later tick was due"));
+            }
+        }
+    }
+    eprintln!(
+        "ticks {start}..={end}, {victim} killed at {killed:.1}; its {} definitions had jobs again after {moved:.1?} s; \
+         ticks they missed (caught up by the next): {missed}",
+        orphaned.len()
+    );
+    assert!(wrong.is_empty(), "{} violations:\n{}\nlogs in {}", wrong.len(), wrong.join("\n"), env.dir.display());
+}
+
+fn names(made: &[Made]) -> Vec<&str> {
+    made.iter().map(|m| m.name.as_str()).collect()
 }
 
 /// Merge-patch an annotation onto the definition every `every` until `until`, as a user's or a GitOps tool's
