@@ -149,8 +149,23 @@ async fn each_tick_of_thirty_shared_definitions_has_one_job_or_is_caught_up_afte
     }
     let now = jiff::Timestamp::now().as_second();
     let start = now - now.rem_euclid(PERIOD) + PERIOD;
-    // Three ticks, then the kill 200 ms into the fourth: while the victim claims and creates that tick's jobs.
-    sleep_until_unix((start + 3 * PERIOD) as f64 + 0.2).await;
+    // Three ticks, then the kill in the fourth as soon as the victim has claimed it for one of its definitions:
+    // while it claims, creates and confirms the others (or 2.5 s into the tick, before the next, if no claim shows).
+    let fourth = start + 3 * PERIOD;
+    sleep_until_unix(fourth as f64).await;
+    let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        let listed = defs.list(&ListParams::default()).await.expect("list definitions").items;
+        let claimed = |d: &RecurringBackgroundJob| {
+            let last = d.status.as_ref().and_then(|s| s.last_schedule_time.as_ref());
+            orphaned.contains(&d.name_any().as_str()) && last.is_some_and(|t| t.0.as_second() == fourth)
+        };
+        if listed.iter().any(claimed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     replicas[0].kill9();
     let killed = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
     // Five ticks after the hand-over's bound; wait until every definition has reached it (a definition's ticks are
