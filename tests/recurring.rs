@@ -6,8 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use bgjobs::api::{Phase, RecurringBackgroundJob};
-use bgjobs::recurring::SCHEDULED_TIME_ANNOTATION;
+use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
+use bgjobs::recurring::{RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION};
 use common::{ReplicaOptions, TestEnv};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -67,6 +67,185 @@ async fn no_tick_is_lost_while_replicas_are_killed_and_restarted() {
     assert!(seconds.len() >= 4, "about five ticks in 25 s: {seconds:?}");
     assert!(seconds.iter().all(|s| s % 5 == 0), "jobs only for schedule ticks: {seconds:?}");
     assert!(seconds.windows(2).all(|w| w[1] - w[0] == 5), "no tick missed across the kills: {seconds:?}");
+}
+
+/// One job of a definition, as listed: its name and when the API server created it (Unix seconds, truncated).
+struct Made {
+    name: String,
+    created: i64,
+}
+
+/// Jobs by definition (the `bgjobs.dev/recurring` label), then by tick (Unix seconds).
+fn by_definition(jobs: &[BackgroundJob]) -> BTreeMap<String, BTreeMap<i64, Vec<Made>>> {
+    let mut out: BTreeMap<String, BTreeMap<i64, Vec<Made>>> = BTreeMap::new();
+    for j in jobs {
+        let (Some(def), Some(tick)) = (j.labels().get(RECURRING_LABEL), j.annotations().get(SCHEDULED_TIME_ANNOTATION))
+        else {
+            continue;
+        };
+        let tick = tick.parse::<jiff::Timestamp>().unwrap().as_second();
+        let created = j.metadata.creation_timestamp.as_ref().expect("created").0.as_second();
+        out.entry(def.clone()).or_default().entry(tick).or_default().push(Made { name: j.name_any(), created });
+    }
+    out
+}
+
+/// Sleep until the Unix time `at` (seconds).
+async fn sleep_until_unix(at: f64) {
+    let now = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+    tokio::time::sleep(Duration::from_secs_f64((at - now).max(0.0))).await;
+}
+
+/// Period of the shared schedule, in seconds.
+const PERIOD: i64 = 3;
+/// Lease duration of the kill -9 test, in seconds: longer than the tests' usual 3 s, so that two or three ticks come
+/// due while a dead replica's share waits to move, and the catch-up rule (only the latest of them gets a job) shows.
+/// Renew deadline and interval stay the tests' 2 s and 500 ms.
+const LEASE: f64 = 8.0;
+/// The tests' renew deadline: a replica whose renewals fail stops acting this long after its last one, so the last
+/// renewal of a replica killed at K was no earlier than K minus this, and its share cannot move before
+/// K + LEASE - RENEW_DEADLINE.
+const RENEW_DEADLINE: f64 = 2.0;
+/// How soon after a kill -9 the dead replica's definitions must have jobs again: one lease duration (after which the
+/// others see its member Lease expired) plus a generous margin for a loaded two-core machine (scans, the claim and
+/// the create on a busy apiserver).
+const HANDOVER_BOUND: f64 = LEASE + 7.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tick_of_thirty_shared_definitions_has_one_job_or_is_caught_up_after_a_kill9_of_a_replica() {
+    let env = TestEnv::new("rec-share").await;
+    let identities = ["r0", "r1", "r2"].map(String::from);
+    // The replicas only create jobs: running them is not what is checked here, and would only load the machine.
+    let lease = format!("{LEASE}s");
+    let flags = ["--job-execution-enabled", "false", "--lease-duration", lease.as_str()];
+    let mut replicas: Vec<_> = identities.iter().map(|id| env.replica(id, &flags)).collect();
+    let schedule = format!("*/{PERIOD} * * * * *");
+    // Which replica owns each definition while all three live: the replicas' own rendezvous rule.
+    let mut owner_of: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..30 {
+        let name = format!("tenant-{i:02}");
+        let def = define(
+            &env,
+            &name,
+            json!({"schedule": schedule, "successfulJobsHistoryLimit": 100, "failedJobsHistoryLimit": 100,
+            "jobTemplate": {"spec": {"jobName": "noop"}}}),
+        )
+        .await;
+        let owner = bgjobs::members::owner(&identities, &def.uid().unwrap()).unwrap();
+        owner_of.insert(name, owner.to_string());
+    }
+    for id in &identities {
+        // 30 definitions over 3 replicas: that one owns none happens about once in 60,000 runs.
+        assert!(owner_of.values().any(|o| o == id), "{id} owns no definition: {owner_of:?}");
+    }
+    let victim = identities[0].as_str();
+    let orphaned: Vec<&str> = owner_of.iter().filter(|(_, o)| *o == victim).map(|(d, _)| d.as_str()).collect();
+
+    // All three replicas at work: every definition has a job. Ticks are checked from the next one on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while by_definition(&env.list().await).len() < owner_of.len() {
+        assert!(Instant::now() < deadline, "not every definition has a job after 60 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let now = jiff::Timestamp::now().as_second();
+    let start = now - now.rem_euclid(PERIOD) + PERIOD;
+    // Three ticks, then the kill in the fourth as soon as the victim has claimed it for one of its definitions:
+    // while it claims, creates and confirms the others (or 2.5 s into the tick, before the next, if no claim shows).
+    let fourth = start + 3 * PERIOD;
+    sleep_until_unix(fourth as f64).await;
+    let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        let listed = defs.list(&ListParams::default()).await.expect("list definitions").items;
+        let claimed = |d: &RecurringBackgroundJob| {
+            let last = d.status.as_ref().and_then(|s| s.last_schedule_time.as_ref());
+            orphaned.contains(&d.name_any().as_str()) && last.is_some_and(|t| t.0.as_second() == fourth)
+        };
+        if listed.iter().any(claimed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replicas[0].kill9();
+    let killed = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+    // Five ticks after the hand-over's bound; wait until every definition has reached it (a definition's ticks are
+    // claimed in order, so every earlier tick is then decided), on a loaded machine a little later. One that never
+    // does shows below as ticks without a job.
+    let end = ((killed + HANDOVER_BOUND) as i64 / PERIOD + 5) * PERIOD;
+    let deadline = Instant::now() + Duration::from_secs((end as f64 - killed) as u64 + 60);
+    let jobs = loop {
+        let jobs = env.list().await;
+        let reached = by_definition(&jobs).values().filter(|ticks| ticks.keys().any(|t| *t >= end)).count();
+        if reached == owner_of.len() || Instant::now() > deadline {
+            break jobs;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    drop(replicas);
+
+    // The rule (README, "Missed ticks"): ticks missed while no replica looks at a definition create at most one
+    // job, for the latest of them. So, per definition, from `start` to `end`:
+    // - no tick has two jobs, and no job is for a second that is not a tick;
+    // - a definition of a survivor has a job for every tick;
+    // - a definition of the victim has its first job for a tick after the kill (made by its new owner) within
+    //   HANDOVER_BOUND of the kill; the only ticks without a job came due between the last tick before the kill
+    //   (which the victim may not have reached) and that job;
+    // - and it has none for a tick that came due after the kill and was followed by another before its share could
+    //   move (before K + LEASE - RENEW_DEADLINE): of the ticks missed, only the latest gets a job.
+    let by_def = by_definition(&jobs);
+    let earliest_move = killed + LEASE - RENEW_DEADLINE;
+    let none = BTreeMap::new();
+    let mut wrong = Vec::new();
+    let (mut moved, mut missed) = (Vec::new(), 0);
+    for (def, owner) in &owner_of {
+        let ticks = by_def.get(def).unwrap_or(&none);
+        for (tick, made) in ticks {
+            if made.len() > 1 {
+                wrong.push(format!("{def}: tick {tick} has {} jobs: {:?}", made.len(), names(made)));
+            }
+            if tick % PERIOD != 0 {
+                wrong.push(format!("{def}: job {:?} for {tick}, not a tick", names(made)));
+            }
+        }
+        let missing: Vec<i64> = (start..=end).step_by(PERIOD as usize).filter(|t| !ticks.contains_key(t)).collect();
+        if owner != victim {
+            if !missing.is_empty() {
+                wrong.push(format!("{def} (owned by {owner}, alive): no job for ticks {missing:?}"));
+            }
+            continue;
+        }
+        // Only a new owner makes a job for a tick after the kill: the first one marks the hand-over.
+        let after_kill = ticks.iter().filter(|(t, _)| **t as f64 > killed);
+        let Some(handed) = after_kill.flat_map(|(_, made)| made.iter().map(|m| m.created)).min() else {
+            wrong.push(format!("{def} (owned by {victim}, killed): no job after the kill"));
+            continue;
+        };
+        moved.push(handed as f64 - killed);
+        if handed as f64 > killed + HANDOVER_BOUND {
+            wrong.push(format!("{def}: first job after the kill {:.1} s after it", handed as f64 - killed));
+        }
+        let outside: Vec<&i64> =
+            missing.iter().filter(|t| **t as f64 <= killed - PERIOD as f64 || **t > handed).collect();
+        if !outside.is_empty() {
+            let when = format!("killed at {killed:.1}, first job after at {handed}");
+            wrong.push(format!("{def}: no job for ticks {outside:?}, outside the hand-over ({when})"));
+        }
+        missed += missing.len();
+        let superseded = ticks.keys().filter(|t| **t as f64 > killed && (**t + PERIOD) as f64 <= earliest_move);
+        for tick in superseded {
+            wrong.push(format!("{def}: a job for tick {tick}, missed and followed by another before the hand-over"));
+        }
+    }
+    eprintln!(
+        "ticks {start}..={end}, {victim} killed at {killed:.1}; its {} definitions had jobs again after {moved:.1?} s; \
+         ticks they missed (caught up by the next): {missed}",
+        orphaned.len()
+    );
+    assert!(wrong.is_empty(), "{} violations:\n{}\nlogs in {}", wrong.len(), wrong.join("\n"), env.dir.display());
+}
+
+fn names(made: &[Made]) -> Vec<&str> {
+    made.iter().map(|m| m.name.as_str()).collect()
 }
 
 /// Merge-patch an annotation onto the definition every `every` until `until`, as a user's or a GitOps tool's
