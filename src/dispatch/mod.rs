@@ -121,6 +121,8 @@ pub struct Dispatcher {
     tenures: Tenures,
     /// This replica's tenure: claims are made only while it is current.
     membership: watch::Receiver<Option<Arc<Keeper>>>,
+    /// Leases (`namespace/name`) being disowned ([`Dispatcher::disown_if_idle`]).
+    disowning: Arc<std::sync::Mutex<HashSet<String>>>,
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been at the head of this replica's view of the queue.
     head_since: HashMap<String, Instant>,
@@ -170,6 +172,7 @@ impl Dispatcher {
             member_observer: Observer::default(),
             tenures,
             membership,
+            disowning: Default::default(),
             slots_in_use: HashMap::new(),
             head_since: HashMap::new(),
             health,
@@ -322,6 +325,9 @@ impl Dispatcher {
         let members = crate::members::live(&self.view.members, &scope, &mut self.member_observer, inst, &timing, &me);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
+        for slot in &slot_leases {
+            self.disown_if_idle(slot);
+        }
         for uid in self.backlog.take_dirty(inst) {
             self.look_at(&uid, now, inst, &members, &adoption_slots);
         }
@@ -456,6 +462,9 @@ impl Dispatcher {
             let unchanged = self.vouched(seen.as_deref(), own, inst);
             (key, name, seen, unchanged)
         });
+        if let Some(l) = key.as_ref().and_then(|(_, _, seen, _)| seen.clone()) {
+            self.disown_if_idle(&l);
+        }
         let owner = key.as_ref().and_then(|(_, _, seen, _)| {
             let owner_uid = crate::lease::annotation(seen.as_ref()?, crate::lease::JOB_UID_ANNOTATION)?;
             self.backlog.job(owner_uid).cloned()
@@ -490,12 +499,8 @@ impl Dispatcher {
             Decision::Settle { phase, reason, state } => self.spawn_settle(&job, lease, state, phase, reason),
             Decision::Claim { state, extras, adopted_slot, recheck } => {
                 self.recheck(uid, inst, recheck);
-                if !self.is_leader()
-                    && let Some(l) = lease.as_ref().filter(|l| self.idle_of_mine(l))
-                {
-                    // Only this replica may free a Lease of its own tenure that no attempt here holds (others see
-                    // the tenure renewed), and a replica that is not the exclusive leader never claims: disown it.
-                    self.spawn_disown(&job, l.clone());
+                if let Some(l) = &lease {
+                    self.disown_if_idle(l);
                 }
                 let since = since.unwrap_or(inst);
                 let candidate = Candidate { job, lease, state, extras, adopted_slot, since };
@@ -746,13 +751,23 @@ impl Dispatcher {
 
     /// Disown a Lease of this replica's tenure that no attempt here holds (see [`crate::lease::disown`]), so that
     /// other replicas judge it by its own age.
-    fn spawn_disown(&mut self, job: &Arc<BackgroundJob>, lease: Arc<Lease>) {
-        let Some(done) = self.start_write(job) else { return };
-        let worker = self.worker.clone();
+    ///
+    /// Such a Lease is left behind when a give-back write fails (a claim that lost its race, an attempt's end,
+    /// during an apiserver outage): others see this replica's tenure renewed and would wait for as long as it lives,
+    /// and only this replica knows nothing acts under the Lease.
+    fn disown_if_idle(&mut self, lease: &Arc<Lease>) {
+        if crate::lease::holder(lease).is_none() || !self.idle_of_mine(lease) {
+            return;
+        }
+        let key = format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any());
+        if !self.disowning.lock().unwrap().insert(key.clone()) {
+            return;
+        }
+        let (worker, lease, disowning) = (self.worker.clone(), lease.clone(), self.disowning.clone());
         tokio::spawn(async move {
-            let _done = done;
             let api: Api<Lease> = Api::namespaced(worker.client.clone(), &lease.namespace().unwrap_or_default());
             crate::lease::give(&api, &lease, crate::lease::Give::Disown, &worker.timing).await;
+            disowning.lock().unwrap().remove(&key);
         });
     }
 
