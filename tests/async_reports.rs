@@ -294,10 +294,14 @@ async fn stale_forged_malformed_and_oversized_reports_are_refused_and_change_not
     assert!(e.contains("401") && e.contains("signature does not match"), "{e}");
     let e = refused(client::send(&url, &token::issue(&claims, &token::new_key()).unwrap(), &done).await);
     assert!(e.contains("401") && e.contains("signature does not match"), "{e}");
-    // Unknown: a job of another UID.
-    let gone = bgjobs::report::token::Claims { uid: "0000".into(), ..claims.clone() };
-    let e = refused(client::send(&url, &token::issue(&gone, &token::new_key()).unwrap(), &done).await);
-    assert!(e.contains("404"), "{e}");
+    // Unknown: a job that does not exist; and a guessed UID, which without the job's key learns nothing (401, the
+    // same answer as any bad signature, not whether the UID matches).
+    let unknown = bgjobs::report::token::Claims { name: "no-such-job".into(), ..claims.clone() };
+    let e = refused(client::send(&url, &token::issue(&unknown, &token::new_key()).unwrap(), &done).await);
+    assert!(e.contains("404") && e.contains("does not exist"), "{e}");
+    let guessed = bgjobs::report::token::Claims { uid: "0000".into(), ..claims.clone() };
+    let e = refused(client::send(&url, &token::issue(&guessed, &token::new_key()).unwrap(), &done).await);
+    assert!(e.contains("401") && e.contains("signature does not match"), "{e}");
     // Stale: whoever reads the job can sign for it, but not for an attempt that is not current.
     let key = before.status.as_ref().unwrap().report_key.clone().unwrap();
     let stale = token::issue(&bgjobs::report::token::Claims { attempt: 0, ..claims.clone() }, &key).unwrap();
