@@ -133,6 +133,11 @@ pub struct Dispatcher {
     leader: Option<watch::Receiver<Option<Arc<Keeper>>>>,
 }
 
+/// The tenure vouching for a claim Lease taken over because it expired (none for one absent or left over).
+fn expired_tenure(lease: Option<&Lease>, state: LeaseState) -> Option<String> {
+    lease.filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by).map(str::to_string)
+}
+
 /// How long an ended tenure is remembered. A Lease that names one this replica forgot (or never saw) is not lost
 /// for that: its tenure is read before the Lease is taken (`claim::end_tenures`), only slower.
 const TENURE_MEMORY: Duration = Duration::from_secs(600);
@@ -636,9 +641,7 @@ impl Dispatcher {
     fn spawn_claim(&mut self, c: Candidate, slot: Option<ExtraLease>) {
         let Some(tenure) = self.tenure() else { return };
         let uid = c.job.uid().unwrap_or_default();
-        let expired_claim = c.lease.as_deref().filter(|_| c.state == LeaseState::Expired).and_then(tenure::vouched_by);
-        let expired = expired_claim
-            .map(str::to_string)
+        let expired = expired_tenure(c.lease.as_deref(), c.state)
             .into_iter()
             .chain(slot.iter().chain(&c.extras).filter_map(|e| e.expired_tenure.clone()));
         let Some(ends) = self.ends(expired) else {
@@ -712,8 +715,7 @@ impl Dispatcher {
             self.backlog.arm(&uid, Instant::now() + Duration::from_millis(500));
             return;
         };
-        let expired_claim = lease.as_deref().filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by);
-        let Some(ends) = self.ends(expired_claim.map(str::to_string)) else {
+        let Some(ends) = self.ends(expired_tenure(lease.as_deref(), state)) else {
             self.backlog.mark(&uid);
             return;
         };

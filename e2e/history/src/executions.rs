@@ -293,17 +293,7 @@ mod tests {
     use super::*;
 
     fn line(ev: &str, job: &str, attempt: i32, worker: &str, t_ms: i64) -> ExecLine {
-        ExecLine {
-            ev: ev.into(),
-            uid: format!("uid-{job}"),
-            job: format!("ns/{job}"),
-            attempt,
-            worker: worker.into(),
-            t_ms,
-            key: None,
-            leases: Vec::new(),
-            clock: None,
-        }
+        ExecLine::at(ev, job, attempt, worker, t_ms)
     }
 
     /// The operator's audit trail for one execution: a start and an end line.

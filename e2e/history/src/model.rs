@@ -183,3 +183,21 @@ fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Vec<
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+impl ExecLine {
+    /// A hand-made line for tests: event `ev` of `ns/<job>` (UID `uid-<job>`), attempt, worker, time.
+    pub(crate) fn at(ev: &str, job: &str, attempt: i32, worker: &str, t_ms: i64) -> ExecLine {
+        ExecLine {
+            ev: ev.into(),
+            uid: format!("uid-{job}"),
+            job: format!("ns/{job}"),
+            attempt,
+            worker: worker.into(),
+            t_ms,
+            key: None,
+            leases: Vec::new(),
+            clock: None,
+        }
+    }
+}

@@ -4,17 +4,7 @@ use super::*;
 use crate::model::{ExecLine, FaultLine, LeaseLine};
 
 fn exec(ev: &str, job: &str, attempt: i32, worker: &str, t_ms: i64) -> ExecLine {
-    ExecLine {
-        ev: ev.into(),
-        uid: format!("uid-{job}"),
-        job: format!("ns/{job}"),
-        attempt,
-        worker: worker.into(),
-        t_ms,
-        key: None,
-        leases: Vec::new(),
-        clock: None,
-    }
+    ExecLine::at(ev, job, attempt, worker, t_ms)
 }
 
 /// A handler that ran on `worker` from `from` to `to` (ms), ticking every 50 ms, and returned.
