@@ -115,6 +115,58 @@ pub struct Runnable {
     pub overdue: bool,
 }
 
+/// Since when each job has been at the head of this replica's view of the queue: what makes a job [`Runnable::overdue`].
+///
+/// Overdue means "passed over at the very head": among the first `free` jobs (those a strict-FIFO replica would take
+/// now) for longer than [`OVERDUE_AFTER`]. Time spent deeper in the window or in a backlog does not count, or every
+/// replica would go for the same jobs whenever the queue is long. A job that leaves the head starts over when it
+/// comes back, and no clock outlives its job's place at the head.
+#[derive(Debug, Default)]
+pub struct HeadClocks {
+    since: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl HeadClocks {
+    /// The `window` (queue key and UID, head first) as the picker sees it, given `free` slots at `now`, and how long
+    /// until the next job at the head becomes overdue (none when no job is waiting to).
+    pub fn mark(
+        &mut self,
+        window: &[(QueueKey, String)],
+        free: usize,
+        now: std::time::Instant,
+    ) -> (Vec<Runnable>, Option<std::time::Duration>) {
+        let at_head: std::collections::HashSet<&str> =
+            window.iter().take(free.max(1)).map(|(_, uid)| uid.as_str()).collect();
+        self.since.retain(|uid, _| at_head.contains(uid.as_str()));
+        let mut next_overdue: Option<std::time::Duration> = None;
+        let runnable = window
+            .iter()
+            .map(|(key, uid)| {
+                let overdue = at_head.contains(uid.as_str()) && {
+                    let waited = now.saturating_duration_since(*self.since.entry(uid.clone()).or_insert(now));
+                    let left = OVERDUE_AFTER.saturating_sub(waited);
+                    if !left.is_zero() {
+                        next_overdue = Some(next_overdue.map_or(left, |n| n.min(left)));
+                    }
+                    left.is_zero()
+                };
+                Runnable { key: key.clone(), overdue }
+            })
+            .collect();
+        (runnable, next_overdue)
+    }
+
+    /// How many jobs have a clock running (for tests: no clock outlives its job's place at the head).
+    pub fn len(&self) -> usize {
+        self.since.len()
+    }
+
+    /// No clock is running.
+    pub fn is_empty(&self) -> bool {
+        self.since.is_empty()
+    }
+}
+
 /// Which of the runnable jobs (sorted, head first) this replica should try to claim now.
 ///
 /// With one replica the answer is simply the head `free_slots` jobs. With `workers` replicas racing for the same
@@ -388,5 +440,61 @@ mod tests {
             assert_eq!(names(pick(&runnable, 1, racing(true, 4, 1), &[], "leader", e)), ["j0"]);
             assert_eq!(names(pick(&runnable, 2, racing(true, 4, 1), &[], "leader", e)), ["j0", "j1"]);
         }
+    }
+
+    fn window(names: &[&str]) -> Vec<(QueueKey, String)> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (QueueKey::of(&job(n, Priority::Normal, 0, &i.to_string())), format!("uid-{n}")))
+            .collect()
+    }
+
+    fn overdue(runnable: &[Runnable]) -> Vec<&str> {
+        runnable.iter().filter(|r| r.overdue).map(|r| r.key.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_job_is_overdue_after_a_second_at_the_head_and_the_wait_says_when() {
+        let t0 = std::time::Instant::now();
+        let mut clocks = HeadClocks::default();
+        let (r, next) = clocks.mark(&window(&["a", "b", "c"]), 2, t0);
+        assert!(overdue(&r).is_empty());
+        assert_eq!(next, Some(OVERDUE_AFTER));
+        let (r, next) = clocks.mark(&window(&["a", "b", "c"]), 2, t0 + OVERDUE_AFTER / 4);
+        assert!(overdue(&r).is_empty());
+        assert_eq!(next, Some(OVERDUE_AFTER * 3 / 4));
+        let (r, next) = clocks.mark(&window(&["a", "b", "c"]), 2, t0 + OVERDUE_AFTER);
+        assert_eq!(overdue(&r), ["a", "b"], "the head two, not c behind them");
+        assert_eq!(next, None);
+    }
+
+    #[test]
+    fn time_deeper_in_the_window_does_not_count() {
+        let t0 = std::time::Instant::now();
+        let mut clocks = HeadClocks::default();
+        // c waits behind a and b, one free slot, for a long time...
+        clocks.mark(&window(&["a", "b", "c"]), 1, t0);
+        clocks.mark(&window(&["a", "b", "c"]), 1, t0 + OVERDUE_AFTER * 10);
+        assert_eq!(clocks.len(), 1, "only the head has a clock");
+        // ... then reaches the head: its clock starts now.
+        let (r, next) = clocks.mark(&window(&["c"]), 1, t0 + OVERDUE_AFTER * 10);
+        assert!(overdue(&r).is_empty());
+        assert_eq!(next, Some(OVERDUE_AFTER));
+    }
+
+    #[test]
+    fn a_job_that_leaves_the_head_starts_over_and_leaves_no_clock_behind() {
+        let t0 = std::time::Instant::now();
+        let mut clocks = HeadClocks::default();
+        clocks.mark(&window(&["a"]), 1, t0);
+        // An earlier job (a retry keeps its place) pushes a out of the head for a while.
+        clocks.mark(&window(&["x", "a"]), 1, t0 + OVERDUE_AFTER / 2);
+        assert_eq!(clocks.len(), 1);
+        let (r, _) = clocks.mark(&window(&["a"]), 1, t0 + OVERDUE_AFTER);
+        assert!(overdue(&r).is_empty(), "a's wait restarted when it came back");
+        // The queue empties: no clock outlives its job.
+        clocks.mark(&[], 4, t0 + OVERDUE_AFTER * 2);
+        assert!(clocks.is_empty());
     }
 }

@@ -37,7 +37,7 @@ use crate::lease::tenure;
 use crate::lease::{Ending, Keeper, Observer, Tenures};
 use crate::limits;
 use crate::metrics::Health;
-use crate::ordering::{self, QueueKey, Runnable};
+use crate::ordering::{self, QueueKey};
 use crate::queue::{Changes, QueueView};
 use crate::status;
 use crate::worker::Worker;
@@ -125,7 +125,7 @@ pub struct Dispatcher {
     disowning: Arc<std::sync::Mutex<HashSet<String>>>,
     slots_in_use: HashMap<String, String>,
     /// Since when each candidate has been at the head of this replica's view of the queue.
-    head_since: HashMap<String, Instant>,
+    head_clocks: ordering::HeadClocks,
     health: Arc<Health>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -179,7 +179,7 @@ impl Dispatcher {
             membership,
             disowning: Default::default(),
             slots_in_use: HashMap::new(),
-            head_since: HashMap::new(),
+            head_clocks: ordering::HeadClocks::default(),
             health,
             done_tx,
             done_rx,
@@ -579,9 +579,6 @@ impl Dispatcher {
         let slots_scarce = cluster_free.is_some_and(|n| n < free.max(1).saturating_mul(racing));
         let workers = ordering::racing(self.leader.is_some() || slots_scarce, members.len(), holders.len());
 
-        // Overdue means "passed over at the very head": among the first `free` jobs (those a strict-FIFO replica
-        // would take now) for longer than OVERDUE_AFTER. Time spent deeper in the window or in a backlog does not
-        // count, or every replica would go for the same jobs whenever the queue is long.
         let now = Instant::now();
         let window = free.max(1).saturating_mul(workers.max(1));
         let head: Vec<(QueueKey, String)> = if only_takeovers {
@@ -598,23 +595,7 @@ impl Dispatcher {
         } else {
             self.backlog.runnable().take(window).map(|(k, c)| (k.clone(), c.job.uid().unwrap_or_default())).collect()
         };
-        let at_head: HashSet<&str> = head.iter().take(free.max(1)).map(|(_, uid)| uid.as_str()).collect();
-        self.head_since.retain(|uid, _| at_head.contains(uid.as_str()));
-        let mut next_overdue: Option<Duration> = None;
-        let runnable: Vec<Runnable> = head
-            .iter()
-            .map(|(key, uid)| {
-                let overdue = at_head.contains(uid.as_str()) && {
-                    let waited = now.saturating_duration_since(*self.head_since.entry(uid.clone()).or_insert(now));
-                    let left = ordering::OVERDUE_AFTER.saturating_sub(waited);
-                    if !left.is_zero() {
-                        next_overdue = Some(next_overdue.map_or(left, |n| n.min(left)));
-                    }
-                    left.is_zero()
-                };
-                Runnable { key: key.clone(), overdue }
-            })
-            .collect();
+        let (runnable, next_overdue) = self.head_clocks.mark(&head, free, now);
         if free == 0 || runnable.is_empty() {
             return next_overdue;
         }
