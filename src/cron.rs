@@ -136,7 +136,8 @@ impl FromStr for Schedule {
 
 impl Schedule {
     /// Whether the schedule has a seconds field (6 fields).
-    pub fn has_seconds(&self) -> bool {
+    #[cfg(test)]
+    fn has_seconds(&self) -> bool {
         self.has_seconds
     }
 
@@ -206,8 +207,10 @@ impl Schedule {
         }
     }
 
-    /// Every scheduled instant in `(after, until]`, at most `max` of them (the earliest first).
-    pub fn between(&self, after: Timestamp, until: Timestamp, tz: &TimeZone, max: usize) -> Vec<Timestamp> {
+    /// Every scheduled instant in `(after, until]`, at most `max` of them (the earliest first): the walk
+    /// [`Schedule::latest_between`] is checked against.
+    #[cfg(test)]
+    fn between(&self, after: Timestamp, until: Timestamp, tz: &TimeZone, max: usize) -> Vec<Timestamp> {
         let mut out = Vec::new();
         let mut t = after;
         while out.len() < max {

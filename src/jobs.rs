@@ -35,6 +35,8 @@ pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Resul
     api.create(&PostParams::default(), &job).await.map_err(crate::error::from_create)
 }
 
+pub use crate::recurring::trigger as trigger_recurring;
+
 /// Default parallelism of [`enqueue_many`] and `bgjobs enqueue -c N`: enough to keep the apiserver busy (its write
 /// rate is reached at 16 concurrent clients on the local control plane), few enough not to trip its flow control.
 pub const DEFAULT_PARALLEL: usize = 16;

@@ -4,48 +4,51 @@
 //! order (priority, then enqueue order), claiming each job with its own Lease plus a fenced status write, so
 //! replicas add throughput without a global lock and no job runs twice at the same time.
 //!
-//! The flow, one module per step: observe ([`queue`]) → pick ([`ordering`], [`dispatch`]) → claim ([`claim`],
-//! [`lease`]) → run ([`attempt`], [`executor`]) → record ([`status`], [`retry`]); work that runs elsewhere
-//! reports its outcome back to any replica ([`report`]).
+//! What a team building its own worker uses: the resource types ([`api`]), enqueueing and managing jobs ([`jobs`]),
+//! the handlers a replica runs ([`executor`]), the operator itself ([`operator::run`] with an [`config`]), the
+//! report client for work that finishes elsewhere ([`report`]), the names and labels bgjobs writes on the cluster
+//! ([`wire`]), the one error type ([`error`]) and the command line ([`cli`]). Everything else is crate-private.
 //!
-//! Where each guarantee lives: every Lease is written, kept and judged in [`lease`] (one expiry rule, one renew loop);
-//! every scheduling decision reads the apiserver's clock ([`clock`]); names derived from user names stay within
-//! Kubernetes' limits through [`names`].
+//! Inside, one module per step: observe (`queue`) → pick (`ordering`, `dispatch`) → claim (`claim`, `lease`) → run
+//! (`attempt`, `executor`) → record (`status`, `retry`). Where each guarantee lives: every Lease is written, kept
+//! and judged in `lease` (one expiry rule, one renew loop); every scheduling decision reads the apiserver's clock
+//! (`clock`); names derived from user names stay within Kubernetes' limits through `names`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admission;
+pub(crate) mod admission;
 pub mod api;
-pub mod attempt;
-pub mod claim;
+pub(crate) mod attempt;
+pub(crate) mod claim;
 pub mod cli;
-pub mod client;
-pub mod clock;
-pub mod commands;
+pub(crate) mod client;
+pub(crate) mod clock;
+pub(crate) mod commands;
 pub mod config;
-pub mod cron;
-pub mod dispatch;
+pub(crate) mod cron;
+pub(crate) mod dispatch;
 pub mod error;
-pub mod events;
-pub mod exclusive;
+pub(crate) mod events;
+pub(crate) mod exclusive;
 pub mod executor;
 pub mod jobs;
-pub mod keys;
-pub mod lease;
-pub mod limits;
-pub mod members;
-pub mod metrics;
-pub mod names;
+pub(crate) mod keys;
+pub(crate) mod lease;
+pub(crate) mod limits;
+pub(crate) mod members;
+pub(crate) mod metrics;
+pub(crate) mod names;
 pub mod nodeagent;
 pub mod operator;
-pub mod ordering;
-pub mod policy;
-pub mod queue;
-pub mod recurring;
+pub(crate) mod ordering;
+pub(crate) mod policy;
+pub(crate) mod queue;
+pub(crate) mod recurring;
 pub mod report;
-pub mod retention;
-pub mod retry;
-pub mod status;
-pub mod worker;
+pub(crate) mod retention;
+pub(crate) mod retry;
+pub(crate) mod status;
+pub mod wire;
+pub(crate) mod worker;
 
 pub use error::{Error, Result};

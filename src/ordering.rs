@@ -157,12 +157,14 @@ impl HeadClocks {
     }
 
     /// How many jobs have a clock running (for tests: no clock outlives its job's place at the head).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.since.len()
     }
 
     /// No clock is running.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.since.is_empty()
     }
 }

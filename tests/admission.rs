@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bgjobs::admission::{CREATED_BY, CREATED_BY_GROUPS};
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
+use bgjobs::wire::{CREATED_BY, CREATED_BY_GROUPS};
 use common::{NodeAgent, TestEnv, free_port, kubeconfig_path};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -63,7 +63,7 @@ async fn register(client: &Client, name: &str, port: u16, ca_pem: &str, label: (
         "metadata": {"name": name},
         "webhooks": [{
             "name": "creator.bgjobs.dev",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}{}", bgjobs::admission::PATH),
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}{}", bgjobs::wire::ADMISSION_PATH),
                              "caBundle": k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())},
             "rules": [{"apiGroups": ["bgjobs.dev"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
                        "resources": ["backgroundjobs", "recurringbackgroundjobs"], "scope": "Namespaced"}],
@@ -239,7 +239,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     .unwrap();
     let def = definitions.create(&PostParams::default(), &def).await.unwrap();
     assert_eq!(annotation(&def, CREATED_BY), Some(alice.as_str()));
-    let triggered = bgjobs::recurring::trigger(&env.client, &def).await.unwrap();
+    let triggered = bgjobs::jobs::trigger_recurring(&env.client, &def).await.unwrap();
     assert_ne!(annotation(&triggered, CREATED_BY), Some(alice.as_str()), "the admin created this one");
     let name = triggered.name_any();
     let failed = env.wait_job(&name, MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;

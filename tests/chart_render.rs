@@ -252,7 +252,7 @@ fn the_admission_webhook_and_the_creator_check_render_only_when_enabled() {
         assert_eq!(hook["failurePolicy"], "Fail");
         let service = on.of_kind("Service").into_iter().find(|s| s["spec"]["ports"][0]["name"] == "webhook").unwrap();
         assert_eq!(hook["clientConfig"]["service"]["name"], service["metadata"]["name"]);
-        assert_eq!(hook["clientConfig"]["service"]["path"], bgjobs::admission::PATH);
+        assert_eq!(hook["clientConfig"]["service"]["path"], bgjobs::wire::ADMISSION_PATH);
         assert_eq!(hook["rules"][0]["operations"], json!(["CREATE", "UPDATE"]));
         assert_eq!(hook["rules"][0]["resources"], json!(["backgroundjobs", "recurringbackgroundjobs"]));
         // The caBundle is the CA of the generated Secret, which the Deployment mounts where the flag points.

@@ -105,7 +105,8 @@ async fn a_keyed_job_of_a_killed_replica_is_taken_over_and_its_key_stays_exclusi
     env.create("second", json!({"jobName": "sleep", "args": {"seconds": 1}, "concurrencyKey": "k"})).await;
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
         kube::Api::namespaced(env.client.clone(), &env.ns);
-    let key_lease = leases.get(&bgjobs::keys::lease_name("k")).await.expect("the running job holds its key's Lease");
+    let key_lease =
+        leases.get(&bgjobs::wire::key_lease_name("k")).await.expect("the running job holds its key's Lease");
     assert_eq!(key_lease.spec.unwrap().holder_identity.as_deref(), Some("a"));
     let _b = env.replica("b", &[]);
     a.kill9();

@@ -139,16 +139,16 @@ async fn a_hand_deleted_exclusive_lease_never_lets_two_replicas_run_at_once() {
     // Delete the exclusive Lease by hand right after the leader renewed it, three times: the leader then notices
     // only at its next renewal, seconds later, while the other replica looks for the Lease every second.
     for _ in 0..3 {
-        let seen = leases.get_opt(bgjobs::exclusive::EXCLUSIVE_LEASE).await.unwrap().and_then(|l| l.resource_version());
+        let seen = leases.get_opt(bgjobs::wire::EXCLUSIVE_LEASE).await.unwrap().and_then(|l| l.resource_version());
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while std::time::Instant::now() < deadline {
-            let now = leases.get_opt(bgjobs::exclusive::EXCLUSIVE_LEASE).await.unwrap();
-            if now.as_ref().is_some_and(|l| l.resource_version() != seen && bgjobs::lease::holder(l).is_some()) {
+            let now = leases.get_opt(bgjobs::wire::EXCLUSIVE_LEASE).await.unwrap();
+            if now.as_ref().is_some_and(|l| l.resource_version() != seen && bgjobs::wire::holder(l).is_some()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _ = leases.delete(bgjobs::exclusive::EXCLUSIVE_LEASE, &DeleteParams::default()).await;
+        let _ = leases.delete(bgjobs::wire::EXCLUSIVE_LEASE, &DeleteParams::default()).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| jobs.len() == 16 && all_in(jobs, Phase::Succeeded)).await;
@@ -166,7 +166,7 @@ async fn a_leftover_lease_of_a_deleted_job_is_reowned_by_the_new_job_of_the_same
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     let mut old = Lease::default();
     old.metadata.name = Some("bgj-same".into());
-    old.metadata.annotations = Some([(bgjobs::lease::JOB_UID_ANNOTATION.to_string(), "gone".to_string())].into());
+    old.metadata.annotations = Some([(bgjobs::wire::JOB_UID_ANNOTATION.to_string(), "gone".to_string())].into());
     old.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
         api_version: "bgjobs.dev/v1".into(),
         kind: "BackgroundJob".into(),
@@ -282,20 +282,20 @@ async fn a_key_lease_held_for_a_job_this_replica_has_not_seen_is_waited_out_not_
     // A live key Lease whose job has not reached this replica's cache (a lagging job watch looks exactly like
     // this): it is renewed, so it must hold the key, whoever it names.
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
-    let name = bgjobs::keys::lease_name("tenant-1");
+    let name = bgjobs::wire::key_lease_name("tenant-1");
     let mut ghost = Lease::default();
     ghost.metadata.name = Some(name.clone());
     ghost.metadata.labels = Some(
         [
-            (bgjobs::lease::MANAGED_BY_LABEL.to_string(), bgjobs::lease::MANAGED_BY.to_string()),
-            (bgjobs::keys::KEY_LABEL.to_string(), "true".to_string()),
+            (bgjobs::wire::MANAGED_BY_LABEL.to_string(), bgjobs::wire::MANAGED_BY.to_string()),
+            (bgjobs::wire::KEY_LABEL.to_string(), "true".to_string()),
         ]
         .into(),
     );
     ghost.metadata.annotations = Some(
         [
-            (bgjobs::lease::JOB_UID_ANNOTATION.to_string(), "not-yet-seen".to_string()),
-            (bgjobs::lease::ATTEMPT_ANNOTATION.to_string(), "1".to_string()),
+            (bgjobs::wire::JOB_UID_ANNOTATION.to_string(), "not-yet-seen".to_string()),
+            (bgjobs::wire::ATTEMPT_ANNOTATION.to_string(), "1".to_string()),
         ]
         .into(),
     );
@@ -311,7 +311,7 @@ async fn a_key_lease_held_for_a_job_this_replica_has_not_seen_is_waited_out_not_
     let renewed_until = std::time::Instant::now() + Duration::from_secs(6);
     while std::time::Instant::now() < renewed_until {
         let l = leases.get_opt(&name).await.unwrap();
-        let held_by = l.as_ref().and_then(|l| bgjobs::lease::holder(l)).map(str::to_string);
+        let held_by = l.as_ref().and_then(|l| bgjobs::wire::holder(l)).map(str::to_string);
         assert_eq!(held_by.as_deref(), Some("elsewhere"), "the key Lease was taken from its live holder");
         let mut l = l.unwrap();
         l.spec.as_mut().unwrap().renew_time =
@@ -466,7 +466,7 @@ async fn cluster_slots_are_never_deleted_by_lost_claims() {
             use futures::StreamExt;
             let stream = kube::runtime::watcher(
                 leases,
-                kube::runtime::watcher::Config::default().labels(bgjobs::limits::SLOT_LABEL),
+                kube::runtime::watcher::Config::default().labels(bgjobs::wire::SLOT_LABEL),
             );
             futures::pin_mut!(stream);
             while let Some(e) = stream.next().await {
@@ -504,7 +504,7 @@ async fn a_recurring_owner_paused_between_claiming_a_tick_and_creating_its_job_n
         }))
         .unwrap();
         let created = defs.create(&PostParams::default(), &def).await.unwrap();
-        if bgjobs::members::owner(&["a".to_string(), "b".to_string()], &created.uid().unwrap()) == Some("a") {
+        if bgjobs::wire::member_owner(&["a".to_string(), "b".to_string()], &created.uid().unwrap()) == Some("a") {
             break;
         }
     }
@@ -547,7 +547,7 @@ async fn a_ticks_job_created_but_not_yet_confirmed_is_kept_past_its_ttl_and_neve
     .unwrap();
     let def = defs.create(&PostParams::default(), &def).await.unwrap();
     let tick = jiff::Timestamp::now().as_second() - 5;
-    let name = bgjobs::recurring::job_name("nightly", jiff::Timestamp::from_second(tick).unwrap());
+    let name = bgjobs::wire::recurring_job_name("nightly", jiff::Timestamp::from_second(tick).unwrap());
     let mut status = def.clone();
     status.status = Some(bgjobs::api::RecurringBackgroundJobStatus {
         last_schedule_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -557,7 +557,7 @@ async fn a_ticks_job_created_but_not_yet_confirmed_is_kept_past_its_ttl_and_neve
         ..Default::default()
     });
     defs.replace_status("nightly", &PostParams::default(), &status).await.unwrap();
-    let child = bgjobs::recurring::child(&def, &name, jiff::Timestamp::from_second(tick).unwrap());
+    let child = bgjobs::wire::recurring_child(&def, &name, jiff::Timestamp::from_second(tick).unwrap());
     env.jobs.create(&PostParams::default(), &child).await.unwrap();
     // First a replica that runs jobs but not the recurring controller: it runs the job, and its TTL is due at once.
     let _worker = env.replica("worker", &["--recurring-enabled=false"]);

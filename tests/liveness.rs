@@ -25,7 +25,7 @@ async fn a_long_attempts_claim_lease_is_written_once_however_long_it_runs() {
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
     let name = running.status.as_ref().and_then(|s| s.lease.clone()).unwrap();
-    let member = bgjobs::members::member_lease_name("r", &env.ns);
+    let member = bgjobs::wire::member_lease_name("r", &env.ns);
     let claimed = leases.get(&name).await.unwrap();
     let (mut member_versions, mut last_member) = (0, None);
     // Every 250 ms until the job has finished: the claim Lease stays exactly as the claim wrote it (or is gone, once
@@ -81,7 +81,7 @@ async fn a_hand_deleted_claim_lease_is_put_back_by_its_live_holder_and_the_job_r
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_ne!(back.uid(), before.uid(), "a new object");
-    assert_eq!(bgjobs::lease::holder(&back), bgjobs::lease::holder(&before), "held by the same replica");
+    assert_eq!(bgjobs::wire::holder(&back), bgjobs::wire::holder(&before), "held by the same replica");
     let done = env.wait_job("long", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     assert_eq!(done.attempts(), 1, "the live holder kept its attempt");
     let execs = executions(&env.invocations());
@@ -110,10 +110,10 @@ async fn a_paused_replicas_tenure_is_revoked_before_its_jobs_move_and_it_acts_on
         .await;
     }
     let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
-    let a_member = bgjobs::members::member_lease_name("a", &env.ns);
+    let a_member = bgjobs::wire::member_lease_name("a", &env.ns);
     let revoked = members.get(&a_member).await.unwrap();
     assert!(
-        bgjobs::lease::annotation(&revoked, bgjobs::lease::tenure::REVOKED_ANNOTATION).is_some(),
+        bgjobs::wire::annotation(&revoked, bgjobs::wire::REVOKED_ANNOTATION).is_some(),
         "b revoked a's tenure before taking over: {:?}",
         revoked.metadata.annotations
     );

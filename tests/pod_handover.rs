@@ -101,7 +101,7 @@ async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_hold
     env.create("first", pod_job(&agent, "sleep 10", json!({}))).await;
     wait_running_pods(&env, 1).await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
-    leases.delete(&bgjobs::limits::slot_name(0), &Default::default()).await.unwrap();
+    leases.delete(&bgjobs::wire::slot_name(0), &Default::default()).await.unwrap();
     for i in 0..2 {
         env.create(&format!("next-{i}"), pod_job(&agent, "sleep 2", json!({"priority": "High"}))).await;
     }

@@ -479,5 +479,5 @@ async fn a_cluster_cap_scarcer_than_the_replicas_slots_keeps_fifo_within_the_bou
     sorted.sort_by_key(|(_, t)| *t);
     eprintln!("dispatch order: {:?}", sorted.iter().map(|(j, _)| j.as_str()).collect::<Vec<_>>());
     eprintln!("worst inversion {} ms ({})", worst.0, worst.1);
-    assert!(worst.0 < bgjobs::ordering::FIFO_BOUND.as_millis() as i64, "worst inversion {} ms: {}", worst.0, worst.1);
+    assert!(worst.0 < bgjobs::wire::FIFO_BOUND.as_millis() as i64, "worst inversion {} ms: {}", worst.0, worst.1);
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
-use bgjobs::recurring::{RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION};
+use bgjobs::wire::{RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION};
 use common::{ReplicaOptions, TestEnv};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -131,7 +131,7 @@ async fn each_tick_of_thirty_shared_definitions_has_one_job_or_is_caught_up_afte
             "jobTemplate": {"spec": {"jobName": "noop"}}}),
         )
         .await;
-        let owner = bgjobs::members::owner(&identities, &def.uid().unwrap()).unwrap();
+        let owner = bgjobs::wire::member_owner(&identities, &def.uid().unwrap()).unwrap();
         owner_of.insert(name, owner.to_string());
     }
     for id in &identities {
@@ -309,7 +309,7 @@ async fn a_tick_claimed_just_before_a_crash_gets_its_job_once_even_if_suspended_
     // What a replica killed between its claim and the create leaves behind: the tick recorded, its job pending.
     let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
     let tick = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 10).unwrap();
-    let job = bgjobs::recurring::job_name("claimed", tick);
+    let job = bgjobs::wire::recurring_job_name("claimed", tick);
     let status = json!({"status": {"lastScheduleTime": tick.to_string(), "pendingJob": job}});
     api.patch_status("claimed", &PatchParams::default(), &Patch::Merge(&status)).await.expect("patch status");
     let _r = env.replica("r", &[]);

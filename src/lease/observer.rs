@@ -40,13 +40,9 @@ impl Observer {
         self.seen.retain(|k, _| keep(k));
     }
 
-    /// How many keys are tracked.
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-
     /// Whether nothing is tracked.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
 }

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use bgjobs::exclusive::EXCLUSIVE_LEASE;
+use bgjobs::wire::EXCLUSIVE_LEASE;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::DeleteParams;
@@ -68,7 +68,7 @@ async fn under_the_exclusive_strategy_a_randomized_fault_schedule_never_lets_two
 pub async fn leader(env: &TestEnv, fleet: &Fleet) -> Option<usize> {
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     let lease = leases.get_opt(EXCLUSIVE_LEASE).await.ok()??;
-    let holder = bgjobs::lease::holder(&lease)?;
+    let holder = bgjobs::wire::holder(&lease)?;
     fleet.members.iter().position(|m| m.identity == holder)
 }
 

@@ -39,8 +39,8 @@ const OPERATOR_ACCOUNT: &str = "chaos-operator";
 const CLUSTER_CAP: usize = 6;
 /// The tests' lease duration (`common::FAST_LEASES`), plus the renew deadline's slack for the checker's window.
 const LEASE_MS: i64 = 3_000 + 2_000;
-/// The FIFO bound `bgjobs::ordering` states, in ms.
-const FIFO_BOUND_MS: i64 = bgjobs::ordering::FIFO_BOUND.as_millis() as i64;
+/// The FIFO bound the dispatch keeps (`bgjobs::wire::FIFO_BOUND`), in ms.
+const FIFO_BOUND_MS: i64 = bgjobs::wire::FIFO_BOUND.as_millis() as i64;
 
 /// The runs take turns: an apiserver restart in one would be a fault the other never recorded.
 static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -269,10 +269,10 @@ async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, 
             fleet.faults.record("proxy-heal", &fleet.members[1].identity.clone(), "");
         }
         7 if exclusive => exclusive::delete_the_lease(env, fleet).await,
-        9 if exclusive => delete_a_lease(env, fleet, rng, bgjobs::claim::JOB_LABEL).await,
-        7 => delete_a_lease(env, fleet, rng, bgjobs::claim::JOB_LABEL).await,
-        8 => delete_a_lease(env, fleet, rng, bgjobs::limits::SLOT_LABEL).await,
-        _ => delete_a_lease(env, fleet, rng, bgjobs::keys::KEY_LABEL).await,
+        9 if exclusive => delete_a_lease(env, fleet, rng, bgjobs::wire::JOB_LABEL).await,
+        7 => delete_a_lease(env, fleet, rng, bgjobs::wire::JOB_LABEL).await,
+        8 => delete_a_lease(env, fleet, rng, bgjobs::wire::SLOT_LABEL).await,
+        _ => delete_a_lease(env, fleet, rng, bgjobs::wire::KEY_LABEL).await,
     }
 }
 
@@ -280,7 +280,7 @@ async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, 
 async fn delete_a_lease(env: &TestEnv, fleet: &Fleet, rng: &mut Rng, label: &str) {
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     let Ok(list) = leases.list(&ListParams::default().labels(label)).await else { return };
-    let held: Vec<&Lease> = list.items.iter().filter(|l| bgjobs::lease::holder(l).is_some()).collect();
+    let held: Vec<&Lease> = list.items.iter().filter(|l| bgjobs::wire::holder(l).is_some()).collect();
     if held.is_empty() {
         return;
     }

@@ -48,15 +48,15 @@ async fn record_leases(api: Api<Lease>, path: std::path::PathBuf) -> Result<(), 
             Ok(Event::Init | Event::InitDone) | Err(_) => continue,
         };
         let labels = lease.labels();
-        let kind = if lease.name_any() == bgjobs::exclusive::EXCLUSIVE_LEASE {
+        let kind = if lease.name_any() == bgjobs::wire::EXCLUSIVE_LEASE {
             "exclusive"
-        } else if labels.contains_key(bgjobs::claim::JOB_LABEL) {
+        } else if labels.contains_key(bgjobs::wire::JOB_LABEL) {
             "claim"
-        } else if labels.contains_key(bgjobs::limits::SLOT_LABEL) {
+        } else if labels.contains_key(bgjobs::wire::SLOT_LABEL) {
             "slot"
-        } else if labels.contains_key(bgjobs::keys::KEY_LABEL) {
+        } else if labels.contains_key(bgjobs::wire::KEY_LABEL) {
             "key"
-        } else if labels.contains_key(bgjobs::members::MEMBER_LABEL) {
+        } else if labels.contains_key(bgjobs::wire::MEMBER_LABEL) {
             "member"
         } else {
             ""
@@ -65,8 +65,8 @@ async fn record_leases(api: Api<Lease>, path: std::path::PathBuf) -> Result<(), 
             t_ms: jiff::Timestamp::now().as_millisecond(),
             name: lease.name_any(),
             kind: kind.into(),
-            holder: bgjobs::lease::holder(&lease).map(str::to_string),
-            job_uid: bgjobs::lease::annotation(&lease, bgjobs::lease::JOB_UID_ANNOTATION).map(str::to_string),
+            holder: bgjobs::wire::holder(&lease).map(str::to_string),
+            job_uid: bgjobs::wire::annotation(&lease, bgjobs::wire::JOB_UID_ANNOTATION).map(str::to_string),
             deleted,
         };
         let mut text = serde_json::to_string(&line).unwrap_or_default();
@@ -151,7 +151,7 @@ fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> Statu
     };
     let tick_ms = job
         .annotations()
-        .get(bgjobs::recurring::SCHEDULED_TIME_ANNOTATION)
+        .get(bgjobs::wire::SCHEDULED_TIME_ANNOTATION)
         .and_then(|t| t.parse::<jiff::Timestamp>().ok())
         .map(|t| t.as_millisecond());
     let recurring = job
@@ -169,7 +169,7 @@ fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> Statu
         attempts: status.attempts,
         worker: status.worker,
         priority,
-        seq: bgjobs::ordering::enqueue_sequence(job).unwrap_or(i64::MAX),
+        seq: bgjobs::wire::enqueue_sequence(job).unwrap_or(i64::MAX),
         created_ms,
         not_before_ms,
         recurring,

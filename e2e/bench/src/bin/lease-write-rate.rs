@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bgjobs::lease;
+use bgjobs::wire;
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -40,7 +40,7 @@ struct Args {
     count: u32,
 }
 
-/// A Lease shaped like a bgjobs claim Lease (`bgjobs::lease::create`): the same annotation keys, read from the
+/// A Lease shaped like a bgjobs claim Lease (as the operator writes them): the same annotation keys, read from the
 /// product so they cannot drift; only the `managed-by` value differs (see the module docs).
 fn lease(name: String, i: usize) -> Lease {
     let now = MicroTime(jiff::Timestamp::now());
@@ -48,12 +48,12 @@ fn lease(name: String, i: usize) -> Lease {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             labels: Some(BTreeMap::from([
-                (lease::MANAGED_BY_LABEL.to_string(), "bgjobs-bench".to_string()),
-                (bgjobs::claim::JOB_LABEL.to_string(), name),
+                (wire::MANAGED_BY_LABEL.to_string(), "bgjobs-bench".to_string()),
+                (bgjobs::wire::JOB_LABEL.to_string(), name),
             ])),
             annotations: Some(BTreeMap::from([
-                (lease::JOB_UID_ANNOTATION.to_string(), format!("00000000-0000-4000-8000-{i:012}")),
-                (lease::ATTEMPT_ANNOTATION.to_string(), "1".to_string()),
+                (wire::JOB_UID_ANNOTATION.to_string(), format!("00000000-0000-4000-8000-{i:012}")),
+                (wire::ATTEMPT_ANNOTATION.to_string(), "1".to_string()),
             ])),
             ..Default::default()
         },

@@ -1,0 +1,17 @@
+//! What bgjobs writes on the cluster, for the tools that read it (dashboards, audits, this repository's tests,
+//! checker and benchmarks): the labels and annotations on jobs and Leases, the Leases' names, how to read a Lease,
+//! and the order and bound the dispatch keeps. Each is a contract with running replicas: changing one is a
+//! breaking change (docs/install.md, upgrades).
+
+pub use crate::admission::{CREATED_BY, CREATED_BY_GROUPS, PATH as ADMISSION_PATH};
+pub use crate::claim::JOB_LABEL;
+pub use crate::exclusive::EXCLUSIVE_LEASE;
+pub use crate::keys::{KEY_LABEL, lease_name as key_lease_name};
+pub use crate::lease::tenure::{HELD_BY_LABEL, REVOKED_ANNOTATION, TENURE_ANNOTATION};
+pub use crate::lease::{ATTEMPT_ANNOTATION, JOB_UID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, annotation, holder};
+pub use crate::limits::{SLOT_LABEL, slot_name};
+pub use crate::members::{MEMBER_LABEL, member_lease_name, owner as member_owner};
+pub use crate::ordering::{FIFO_BOUND, enqueue_sequence};
+pub use crate::recurring::{
+    RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION, child as recurring_child, job_name as recurring_job_name,
+};
