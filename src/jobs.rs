@@ -17,6 +17,9 @@ use serde::Serialize;
 use crate::api::{BackgroundJob, BackgroundJobSpec, Phase};
 use crate::error::Result;
 
+/// Start a recurring definition's job now, outside its schedule (`bgjobs recurring trigger`).
+pub use crate::recurring::trigger as trigger_recurring;
+
 /// A spec with every default, for `job_name` and `args`.
 pub fn spec(job_name: &str, args: serde_json::Value) -> BackgroundJobSpec {
     let mut s: BackgroundJobSpec =
@@ -34,8 +37,6 @@ pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Resul
     };
     api.create(&PostParams::default(), &job).await.map_err(crate::error::from_create)
 }
-
-pub use crate::recurring::trigger as trigger_recurring;
 
 /// Default parallelism of [`enqueue_many`] and `bgjobs enqueue -c N`: enough to keep the apiserver busy (its write
 /// rate is reached at 16 concurrent clients on the local control plane), few enough not to trip its flow control.

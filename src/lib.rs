@@ -5,7 +5,7 @@
 //! replicas add throughput without a global lock and no job runs twice at the same time.
 //!
 //! What a team building its own worker uses: the resource types ([`api`]), enqueueing and managing jobs ([`jobs`]),
-//! the handlers a replica runs ([`executor`]), the operator itself ([`operator::run`] with an [`config`]), the
+//! the handlers a replica runs ([`executor`]), the operator itself ([`operator::run`] with its [`config`]), the
 //! report client for work that finishes elsewhere ([`report`]), the names and labels bgjobs writes on the cluster
 //! ([`wire`]), the one error type ([`error`]) and the command line ([`cli`]). Everything else is crate-private.
 //!
