@@ -129,11 +129,36 @@ pub struct Claimant<'a> {
 pub enum ClaimOutcome {
     /// Ours.
     Claimed(Box<Claimed>),
-    /// Another replica got there first (at the claim Lease or the status write).
-    Lost,
+    /// Another replica got there first: what it had done first is the reason.
+    Lost(LostAt),
     /// Another replica took an extra Lease first (a cluster slot, the concurrency key): the job itself was not
     /// touched and may be claimed again at once.
     Busy,
+}
+
+/// Where a claim found another replica ahead of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LostAt {
+    /// The tenure vouching for an expired Lease it needed was renewed after all: its holder is alive, whatever
+    /// this replica's (lagging) watch of the member Leases showed. Holds that tenure.
+    TenureRenewed(String),
+    /// The job's claim Lease is held, or was taken between the look and the write.
+    ClaimLease,
+    /// The job changed since it was read (or is gone): someone else moved it.
+    JobChanged,
+    /// The attempt's Pod has not stopped yet (a settle waits for it).
+    PodRunning,
+}
+
+impl std::fmt::Display for LostAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LostAt::TenureRenewed(_) => "the holder of a Lease it needed renewed its tenure",
+            LostAt::ClaimLease => "the claim Lease is held",
+            LostAt::JobChanged => "the job changed since it was read",
+            LostAt::PodRunning => "the attempt's Pod has not stopped yet",
+        })
+    }
 }
 
 /// Claim the next attempt of `job` (as seen at its resourceVersion) for `worker`. `seen_lease` and `state` are the
@@ -152,8 +177,8 @@ pub async fn claim(
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let Some(claim) = claim_for(job, claimant) else { return Ok(ClaimOutcome::Busy) };
-    if !end_tenures(client, claimant.ends, timing).await? {
-        return Ok(ClaimOutcome::Lost);
+    if let Some(alive) = end_tenures(client, claimant.ends, timing).await? {
+        return Ok(ClaimOutcome::Lost(LostAt::TenureRenewed(alive)));
     }
     let mut held: Vec<(Api<Lease>, Held)> = Vec::new();
     for extra in extras {
@@ -184,16 +209,16 @@ pub async fn claim(
 }
 
 /// End the tenures vouching for the expired Leases a claim (or settle) takes over, before taking any: revoke those
-/// this replica saw unchanged for a lease duration (see [`crate::lease::tenure`]). `Ok(false)`: one was renewed
-/// since, so its holder is alive and nothing is taken.
-async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseTiming) -> Result<bool> {
+/// this replica saw unchanged for a lease duration (see [`crate::lease::tenure`]). `Ok(Some(tenure))`: that one was
+/// renewed since, so its holder is alive and nothing is taken.
+async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseTiming) -> Result<Option<String>> {
     for (id, ending) in ends {
         match ending {
             Ending::Over => {}
             Ending::Revoke(member) => {
                 let api: Api<Lease> = Api::namespaced(client.clone(), &member.namespace().unwrap_or_default());
                 if !tenure::revoke(&api, member, id).await? {
-                    return Ok(false);
+                    return Ok(Some(id.clone()));
                 }
                 tracing::info!(tenure = %id, "revoked the tenure of a replica that stopped renewing");
             }
@@ -204,13 +229,13 @@ async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseT
                 let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
                 let member = api.get_opt(tenure::member_of(id)).await?;
                 if member.as_ref().and_then(tenure::tenure_id).as_deref() == Some(id.as_str()) {
-                    return Ok(false);
+                    return Ok(Some(id.clone()));
                 }
                 tokio::time::sleep(timing.renew_deadline).await;
             }
         }
     }
-    Ok(true)
+    Ok(None)
 }
 
 /// Give back the extra Leases of a claim that was lost. A cluster slot is left vacant, never deleted (an absent slot
@@ -339,7 +364,7 @@ async fn claim_job(
     let name = lease_name(job);
     let uid = job.uid().unwrap_or_default();
     let Some(acquired) = acquire(leases, job, seen_lease, state, claim, timing).await? else {
-        return Ok(ClaimOutcome::Lost);
+        return Ok(ClaimOutcome::Lost(LostAt::ClaimLease));
     };
 
     let took_over = job.phase() == Phase::Running;
@@ -374,7 +399,7 @@ async fn claim_job(
         }))),
         Ok(None) => {
             lease::release(leases, &acquired.lease).await?;
-            Ok(ClaimOutcome::Lost)
+            Ok(ClaimOutcome::Lost(LostAt::JobChanged))
         }
         Err(e) => {
             // Perhaps the status write landed, perhaps not (or it was refused): nothing runs here either way. Keep the
@@ -391,7 +416,7 @@ async fn claim_job(
 /// A Running job whose holder looks gone is settled only under its claim Lease, taken exactly as a claim takes it:
 /// a holder that is in fact alive (this replica's view of its Lease was stale) has renewed since, the takeover
 /// conflicts, and nothing is written. A Pod attempt's Pod is deleted (and waited for) before the write.
-/// `Ok(false)`: someone else moved first, or the Pod has not stopped yet.
+/// `Ok(None)`: settled. `Ok(Some(at))`: not, and why (someone else moved first, or the Pod has not stopped yet).
 pub async fn settle(
     client: &Client,
     job: &BackgroundJob,
@@ -399,29 +424,31 @@ pub async fn settle(
     state: LeaseState,
     claimant: Claimant<'_>,
     new_status: BackgroundJobStatus,
-) -> Result<bool> {
+) -> Result<Option<LostAt>> {
     let timing = claimant.timing;
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
+    let moved = |written: Option<BackgroundJob>| if written.is_some() { None } else { Some(LostAt::JobChanged) };
     if job.phase() != Phase::Running {
         // Nobody holds a Waiting job: a claim in flight writes under the job's resourceVersion too, so exactly one
         // of the two writes lands.
-        return Ok(status::write_if_unchanged(&jobs, job, new_status).await?.is_some());
+        return Ok(moved(status::write_if_unchanged(&jobs, job, new_status).await?));
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let Some(claim) = claim_for(job, claimant) else { return Ok(false) };
-    if !end_tenures(client, claimant.ends, timing).await? {
-        return Ok(false);
+    // Without a current tenure of its own, this replica may not take the job's Lease.
+    let Some(claim) = claim_for(job, claimant) else { return Ok(Some(LostAt::ClaimLease)) };
+    if let Some(alive) = end_tenures(client, claimant.ends, timing).await? {
+        return Ok(Some(LostAt::TenureRenewed(alive)));
     }
     let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
-        return Ok(false);
+        return Ok(Some(LostAt::ClaimLease));
     };
     // A Pod attempt ends only once its Pod has stopped: delete it first, while the Lease is ours.
     if job.spec.template.is_some() {
         let left = timing.renew_deadline.saturating_sub(held.written_at.elapsed());
         if !crate::executor::pod::delete(client, job, job.attempts(), left).await {
             lease::release(&leases, &held.lease).await?;
-            return Ok(false);
+            return Ok(Some(LostAt::PodRunning));
         }
     }
     let written = write_holding(&jobs, job, &held, claimant, new_status).await;
@@ -429,7 +456,7 @@ pub async fn settle(
         Ok(_) => lease::release(&leases, &held.lease).await?,
         Err(_) => disown_quietly(&leases, &held.lease).await,
     }
-    Ok(written?.is_some())
+    Ok(moved(written?))
 }
 
 /// [`lease::disown`] a claim Lease whose claim or settle ended in an error (logged, not returned: the caller's error

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{BackgroundJob, Phase};
 use crate::attempt::{self, AttemptControl, StopReason};
-use crate::claim::{self, ClaimOutcome, ExtraLease, LeaseState};
+use crate::claim::{self, ClaimOutcome, ExtraLease, LeaseState, LostAt};
 use crate::config::OperatorConfig;
 use crate::keys;
 use crate::lease::tenure;
@@ -63,6 +63,8 @@ struct Done {
     /// The job's resourceVersion when the task began: the cache may still show it after the task ended, so skip
     /// the job until the cache shows it moved.
     seen_at: Option<String>,
+    /// A tenure this replica judged expired, found renewed when the task tried to end it (see [`LostAt`]).
+    alive_tenure: Option<String>,
 }
 
 /// Sends its [`Done`] when dropped: when the task returns, and also when it unwinds from a panic.
@@ -222,6 +224,11 @@ impl Dispatcher {
         // A job deleted meanwhile is forgotten, not held: it will never come back to clear its entry.
         if let Some(rv) = done.seen_at.filter(|_| self.backlog.job(&done.uid).is_some()) {
             self.settled_at.insert(done.uid.clone(), (rv, Instant::now()));
+        }
+        if let Some(tenure) = &done.alive_tenure {
+            // The member watch lags: until it catches up, count this tenure as renewed just now, or every pass would
+            // try (and fail) to end it again, and hand its Leases' jobs the blame for the lag.
+            self.tenures.renewed(tenure, Instant::now());
         }
         self.backlog.mark(&done.uid);
         // A write slot is free again: let waiting writes have it.
@@ -641,7 +648,10 @@ impl Dispatcher {
         self.held.insert(uid.clone(), control.clone());
         let since = c.since;
         let worker = self.worker.clone();
-        let done = DoneOnDrop { tx: self.done_tx.clone(), done: Some(Done { uid, seen_at: c.job.resource_version() }) };
+        let done = DoneOnDrop {
+            tx: self.done_tx.clone(),
+            done: Some(Done { uid, seen_at: c.job.resource_version(), alive_tenure: None }),
+        };
         let Candidate { job, lease, state, extras, .. } = c;
         // The slot first: it is the scarcer resource, and losing it costs no other write.
         let extras: Vec<ExtraLease> = slot.into_iter().chain(extras).collect();
@@ -663,9 +673,12 @@ impl Dispatcher {
                     worker.metrics.claim_latency.observe(since.elapsed().as_secs_f64());
                     attempt::run(worker, *claimed, control).await;
                 }
-                Ok(ClaimOutcome::Lost) => {
+                Ok(ClaimOutcome::Lost(at)) => {
                     worker.metrics.claim_conflicts.inc();
-                    debug!(job = %job.name_any(), "claim lost to another replica");
+                    debug!(job = %job.name_any(), why = %at, "claim lost to another replica");
+                    if let (Some(d), LostAt::TenureRenewed(tenure)) = (done.done.as_mut(), at) {
+                        d.alive_tenure = Some(tenure);
+                    }
                 }
                 Ok(ClaimOutcome::Busy) => {
                     worker.metrics.claim_conflicts.inc();
@@ -703,7 +716,7 @@ impl Dispatcher {
         let Some(done) = self.start_write(job) else { return };
         let (worker, job) = (self.worker.clone(), job.clone());
         tokio::spawn(async move {
-            let _done = done;
+            let mut done = done;
             let mut s = job.status.clone().unwrap_or_default();
             let now = worker.clock.now();
             status::finish(&mut s, phase, Some(reason.clone()), now);
@@ -716,7 +729,7 @@ impl Dispatcher {
             };
             let settled = claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, s);
             match crate::client::bounded(SIDE_WRITE_LIMIT, settled).await {
-                Ok(true) => {
+                Ok(None) => {
                     info!(job = %job.name_any(), %phase, %reason, "job settled");
                     worker.metrics.count_outcome(phase);
                     let type_ = if phase == Phase::Cancelled {
@@ -726,7 +739,12 @@ impl Dispatcher {
                     };
                     worker.event(&job, type_, &phase.to_string(), reason);
                 }
-                Ok(false) => debug!(job = %job.name_any(), "not settled: someone moved it first"),
+                Ok(Some(at)) => {
+                    debug!(job = %job.name_any(), why = %at, "not settled");
+                    if let (Some(d), LostAt::TenureRenewed(tenure)) = (done.done.as_mut(), at) {
+                        d.alive_tenure = Some(tenure);
+                    }
+                }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
             }
         });
@@ -762,7 +780,10 @@ impl Dispatcher {
             return None;
         }
         self.writing.insert(uid.clone());
-        Some(DoneOnDrop { tx: self.done_tx.clone(), done: Some(Done { uid, seen_at: job.resource_version() }) })
+        Some(DoneOnDrop {
+            tx: self.done_tx.clone(),
+            done: Some(Done { uid, seen_at: job.resource_version(), alive_tenure: None }),
+        })
     }
 
     /// Whether `job` is the job its recurring definition's status names as created but not yet confirmed.

@@ -164,6 +164,21 @@ impl Tenures {
         })
     }
 
+    /// Record that `tenure` was found renewed by a write or read of its member Lease that this replica's watch has
+    /// not shown yet: it is young again from `now` (unless revoked meanwhile). The version to revoke under stays the
+    /// one last seen, so a revocation before the watch catches up fails again (once per lease duration, not per pass).
+    pub fn renewed(&mut self, tenure: &str, now: Instant) {
+        let s = self.seen.entry(tenure.to_string()).or_insert(Seen {
+            version: None,
+            since: now,
+            revoked: false,
+            witnessed: false,
+        });
+        if !s.revoked {
+            s.since = now;
+        }
+    }
+
     /// Record that `tenure` was revoked (by this replica or, as its member Lease says, another).
     pub fn revoked(&mut self, tenure: &str, now: Instant) {
         let seen = Seen { version: None, since: now, revoked: true, witnessed: true };
@@ -301,6 +316,32 @@ mod tests {
             matches!(t.ending("bgjobs-member-b/u9/0", S(15), t0 + S(16)), Some(Ending::Unknown(_))),
             "the member watch may lag"
         );
+    }
+
+    #[test]
+    fn a_tenure_found_renewed_behind_a_lagging_watch_is_young_again_for_a_lease_duration() {
+        let (mut t, t0) = (Tenures::default(), Instant::now());
+        let id = tenure_id(&member("u1", 0, "1", Some("a"))).unwrap();
+        t.update(&[member("u1", 0, "1", Some("a"))], t0);
+        assert!(matches!(t.ending(&id, S(15), t0 + S(16)), Some(Ending::Revoke(_))), "the watch shows no renewal");
+        // The revocation failed (409): the holder renewed, the watch has not shown it yet.
+        t.renewed(&id, t0 + S(16));
+        t.update(&[member("u1", 0, "1", Some("a"))], t0 + S(17));
+        assert!(t.ending(&id, S(15), t0 + S(30)).is_none(), "not judged expired again within a lease duration");
+        assert!(
+            matches!(t.ending(&id, S(15), t0 + S(31)), Some(Ending::Revoke(m)) if m.resource_version().as_deref() == Some("1")),
+            "a lease duration later, still unseen: tried again under the version seen"
+        );
+        // Never witnessed (only named by a Lease): the read that found it current counts the same way.
+        let other = "bgjobs-member-b/u9/0";
+        t.unchanged(other, t0 + S(20));
+        assert!(matches!(t.ending(other, S(15), t0 + S(40)), Some(Ending::Unknown(_))));
+        t.renewed(other, t0 + S(40));
+        assert!(t.ending(other, S(15), t0 + S(50)).is_none());
+        // A revoked tenure stays over, whatever a late answer says.
+        t.revoked(other, t0 + S(51));
+        t.renewed(other, t0 + S(52));
+        assert!(matches!(t.ending(other, S(15), t0 + S(52)), Some(Ending::Over)));
     }
 
     #[test]

@@ -215,10 +215,21 @@ pub fn faketime_lib() -> PathBuf {
     panic!("libfaketime is missing: apt-get install faketime (make test installs it)")
 }
 
-/// The test worker (`e2e/test-worker`), built next to `bgjobs` by `cargo build --workspace` (make test does).
+/// The test worker (`e2e/test-worker`), built next to `bgjobs`. Cargo builds a test's own package only, so the
+/// worker is brought up to date here, once per test binary: a stale worker would test yesterday's operator.
 pub fn test_worker_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_bgjobs")).with_file_name("bgjobs-test-worker");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build --workspace` (make test does)", bin.display());
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", "bgjobs-test-worker"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo to build the test worker");
+        assert!(status.success(), "building the test worker (cargo build -p bgjobs-test-worker) failed");
+    });
+    assert!(bin.exists(), "{} is missing after building it", bin.display());
     bin
 }
 

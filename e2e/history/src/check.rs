@@ -411,9 +411,13 @@ fn check_fifo(
     }
     let mut jobs: Vec<Queued> = Vec::new();
     for (uid, lines) in by_uid {
-        // The handler's first start where no claim was recorded.
-        let claimed = lines.iter().find(|s| s.phase == "Running").map(|s| s.t_ms);
-        let start = claimed.or_else(|| first_start.get(uid.as_str()).copied());
+        // The earliest of: the first claim recorded, the claim time a Running status carries, the handler's first
+        // start. The recorder misses claims (and whole attempts) while its watch is down: the first Running line
+        // it sees may be a later attempt, or a claim made long before the line.
+        let running = lines.iter().filter(|s| s.phase == "Running");
+        let claimed = running.flat_map(|s| [Some(s.t_ms), s.started_ms.filter(|t| *t <= s.t_ms)]).flatten().min();
+        let started = first_start.get(uid.as_str()).copied();
+        let start = claimed.into_iter().chain(started).min();
         let (Some(first), Some(dispatched)) = (lines.first(), start) else { continue };
         if !first_start.contains_key(uid.as_str()) {
             continue; // keyed (its key's turn decides), or never ran

@@ -88,6 +88,10 @@ pub struct StatusLine {
     /// This line records a deletion.
     #[serde(default)]
     pub deleted: bool,
+    /// `status.startTime` (ms): when the current attempt was claimed, as its claimant wrote it. Dates a claim the
+    /// recorder did not see happen (its watch was down).
+    #[serde(default)]
+    pub started_ms: Option<i64>,
 }
 
 /// One Lease change as the recorder saw it.

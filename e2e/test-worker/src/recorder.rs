@@ -167,7 +167,7 @@ fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> Statu
         rv: job.resource_version().unwrap_or_default(),
         phase: status.phase.map(|p| p.to_string()).unwrap_or_default(),
         attempts: status.attempts,
-        worker: status.worker,
+        worker: status.worker.clone(),
         priority,
         seq: bgjobs::wire::enqueue_sequence(job).unwrap_or(i64::MAX),
         created_ms,
@@ -177,5 +177,6 @@ fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> Statu
         expect_retries: job.labels().contains_key(EXPECT_RETRIES_LABEL) || job.spec.job_name == "fail",
         pod: job.spec.template.is_some(),
         deleted,
+        started_ms: status.start_time.map(|t| t.0.as_millisecond()),
     }
 }

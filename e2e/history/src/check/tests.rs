@@ -198,6 +198,38 @@ fn a_job_started_long_after_one_queued_behind_it_is_a_fifo_inversion() {
 }
 
 #[test]
+fn a_job_whose_first_claim_the_recorder_missed_is_judged_on_its_first_execution() {
+    // The recorder was blind (an apiserver restart) while "first" was claimed and ran attempt 1 at 50; it first saw
+    // the job Running for attempt 2, at 5_000, long after "second" (queued behind it) was dispatched at 100.
+    let mut h = History::default();
+    for (job, seq, t, attempts) in [("first", 1, 5_000, 2), ("second", 2, 100, 1)] {
+        for (t, phase) in [(0, ""), (t, "Running"), (t + 400, "Succeeded")] {
+            let mut s = status(job, t, phase, attempts, Some("r1"));
+            s.seq = seq;
+            h.status.push(s);
+        }
+    }
+    h.exec.extend(ran("first", 1, "r1", 50, 80));
+    h.exec.extend(ran("first", 2, "r1", 5_020, 5_100));
+    h.exec.extend(ran("second", 1, "r1", 120, 200));
+    h.status.sort_by_key(|s| s.t_ms);
+    let limits = Limits { fifo_bound_ms: Some(1_000), ..Default::default() };
+    let r = check(&h, &limits);
+    assert_eq!((r.worst_fifo_inversion_ms, r.fifo_violations), (0, 0), "{:?}", r.violations);
+
+    // A Pod job: claimed at 50 unseen, its container started at 6_000; its status, first seen at 5_000, says when
+    // it was claimed. A claim time after the line that carries it is not believed.
+    h.exec.retain(|l| l.job != "ns/first");
+    h.exec.extend(ran("first", 2, "pod", 6_000, 6_100));
+    let first_running = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Running").unwrap();
+    first_running.started_ms = Some(50);
+    assert_eq!(check(&h, &limits).fifo_violations, 0, "{:?}", check(&h, &limits).violations);
+    let first_running = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Running").unwrap();
+    first_running.started_ms = Some(5_500);
+    assert_eq!(check(&h, &limits).fifo_violations, 1);
+}
+
+#[test]
 fn a_replica_under_a_clock_offset_is_judged_on_corrected_times() {
     let mut h = clean();
     h.exec = ran("j", 1, "a", 100, 400);
