@@ -94,6 +94,22 @@ create_jobs() { # dir count
 
 finished_jobs() { cat "$1"/*.exec 2>/dev/null | grep -c '"ev":"finish"' || true; }
 
+# Wait until FILE has not grown for QUIET seconds (at most LIMIT): the recorder trails the queue under a large
+# backlog, and the checker judges its lines, so it is stopped only once it has caught up.
+wait_quiet() { # file quiet limit
+  local size=-1 now since=$SECONDS start=$SECONDS
+  while ((SECONDS - start < $3)); do
+    now=$(stat -c %s "$1" 2>/dev/null || echo 0)
+    if ((now != size)); then
+      size=$now since=$SECONDS
+    elif ((SECONDS - since >= $2)); then
+      return 0
+    fi
+    sleep 1
+  done
+  echo "the recorder was still writing after $3 s" >&2
+}
+
 one_size() {
   local n=$1 dir=$RUN_DIR/$1 i
   mkdir -p "$dir"
@@ -141,6 +157,7 @@ one_size() {
   done
   local api_cpu
   api_cpu=$(awk -v a="$api_cpu0" -v b="$(cpu_seconds "$api_pid")" 'BEGIN {printf "%.2f", b - a}')
+  wait_quiet "$dir/status.jsonl" 10 600
   cleanup
   local jobs_w leases_w refused span
   # The recorder's first n lines are the jobs as created (its initial list).

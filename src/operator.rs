@@ -99,7 +99,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     let recurring = config.recurring_enabled.then(|| {
         let rview = crate::recurring::RecurringView {
             definitions: view.definitions.clone(),
-            children: crate::recurring::Children::start(client.clone(), config.namespace.as_deref()),
+            children: view.children.clone(),
             members: view.members.clone(),
             changed: view.recurring_changed.clone(),
             membership: membership.clone(),

@@ -67,6 +67,8 @@ pub struct QueueView {
     pub changed: Arc<Notify>,
     /// Notified on every change of the caches the recurring controller reads.
     pub recurring_changed: Arc<Notify>,
+    /// The definitions' jobs, by definition, fed by the job watch.
+    pub children: Arc<crate::recurring::Children>,
 }
 
 impl QueueView {
@@ -85,8 +87,12 @@ impl QueueView {
         // time its resourceVersion has left the watch cache's window, the watch that follows fails as expired, and
         // the replica lists again, forever (seen at 100,000 waiting jobs: 204 jobs run in 10 minutes). A list from
         // the cache may be older than etcd; nothing here trusts the cache beyond what a fenced write checks.
-        // The recurring controller does not read this cache: it follows its definitions' jobs through its own watch
-        // (`recurring::Children`), so job events wake only the dispatcher.
+        // The recurring controller's index of its definitions' jobs (`recurring::Children`) is fed by this one watch
+        // too, and only its definitions' jobs wake it. (It once had a label-selected watch of its own: a second list
+        // of every job, which on a busy apiserver with 100,000 jobs timed out a minute at a time, for as long as
+        // the backlog lasted, each try scanning every job again.)
+        let children = crate::recurring::Children::new();
+        let index = children.clone();
         let jobs = reflect(
             scoped::<BackgroundJob>(&client, namespace),
             watcher::Config::default().any_semantic(),
@@ -97,6 +103,7 @@ impl QueueView {
                     c.jobs.push((ObjectRef::from_obj(job), job.uid().unwrap_or_default()));
                 });
                 dispatch.notify_one();
+                index.apply(event);
             },
         );
         let lease_note = |noted: Arc<Mutex<Changes>>, notify: Vec<Arc<Notify>>| {
@@ -144,7 +151,7 @@ impl QueueView {
             "RecurringBackgroundJob",
             move |_| recurring.notify_one(),
         );
-        QueueView { jobs, leases, slots, members, definitions, changes, changed, recurring_changed }
+        QueueView { jobs, leases, slots, members, definitions, changes, changed, recurring_changed, children }
     }
 
     /// Wait until every cache holds a full initial list.

@@ -1,14 +1,13 @@
-//! The jobs each definition made, by definition: fed by a watch of the jobs labelled `bgjobs.dev/recurring`, so
-//! that a definition's children are found without looking at every job, and a change to one job wakes only its
+//! The jobs each definition made, by definition: fed by the operator's one job watch ([`crate::queue`]), so that a
+//! definition's children are found without looking at every job, and a change to one job wakes only its
 //! definition's reconcile (see [`super::scheduler`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
 use jiff::Timestamp;
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::ResourceExt;
+use kube::runtime::watcher;
 use tokio::sync::{Notify, watch};
 
 use crate::api::{BackgroundJob, Phase};
@@ -61,33 +60,9 @@ pub struct Children {
 }
 
 impl Children {
-    /// Start watching the definitions' jobs in `namespace` (all: None). The watch runs until the process ends,
-    /// retrying with backoff on errors.
-    pub fn start(client: Client, namespace: Option<&str>) -> Arc<Children> {
-        let api: Api<BackgroundJob> = match namespace {
-            Some(ns) => Api::namespaced(client, ns),
-            None => Api::all(client),
-        };
-        let children = Arc::new(Children {
-            state: Mutex::default(),
-            notify: Arc::new(Notify::new()),
-            ready: watch::channel(false).0,
-        });
-        let index = children.clone();
-        // Listed from the apiserver's watch cache (see `queue`): a label-selected list from etcd scans every job in
-        // scope, and with 100,000 waiting jobs on a busy apiserver it timed out after a minute, again and again.
-        let config = watcher::Config::default().labels(super::RECURRING_LABEL).any_semantic();
-        tokio::spawn(async move {
-            let stream = watcher(api, config).default_backoff();
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(event) => index.apply(event),
-                    Err(e) => tracing::warn!(error = %e, "recurring jobs watch error; retrying"),
-                }
-            }
-        });
-        children
+    /// An empty index, fed by [`Children::apply`] with the events of the job watch (see [`crate::queue`]).
+    pub fn new() -> Arc<Children> {
+        Arc::new(Children { state: Mutex::default(), notify: Arc::new(Notify::new()), ready: watch::channel(false).0 })
     }
 
     /// Wait until the first list is in.
@@ -95,31 +70,35 @@ impl Children {
         let _ = self.ready.subscribe().wait_for(|r| *r).await;
     }
 
-    fn apply(&self, event: watcher::Event<BackgroundJob>) {
+    /// Take in one event of the job watch. Only a definition's own jobs (and a completed re-list) wake the
+    /// controller: every other job of the scope passes through here too.
+    pub fn apply(&self, event: &watcher::Event<BackgroundJob>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match event {
             watcher::Event::Apply(job) => {
-                if let Some((owner, child)) = Child::of(&job) {
-                    s.by_owner.entry(owner.clone()).or_default().insert(child.name.clone(), child);
-                    s.changed.insert(owner);
-                }
+                let Some((owner, child)) = Child::of(job) else { return };
+                s.by_owner.entry(owner.clone()).or_default().insert(child.name.clone(), child);
+                s.changed.insert(owner);
             }
             watcher::Event::Delete(job) => {
-                if let Some((owner, child)) = Child::of(&job) {
-                    if let Some(kids) = s.by_owner.get_mut(&owner) {
-                        kids.remove(&child.name);
-                        if kids.is_empty() {
-                            s.by_owner.remove(&owner);
-                        }
+                let Some((owner, child)) = Child::of(job) else { return };
+                if let Some(kids) = s.by_owner.get_mut(&owner) {
+                    kids.remove(&child.name);
+                    if kids.is_empty() {
+                        s.by_owner.remove(&owner);
                     }
-                    s.changed.insert(owner);
                 }
+                s.changed.insert(owner);
             }
-            watcher::Event::Init => s.listing = Some(ByOwner::new()),
+            watcher::Event::Init => {
+                s.listing = Some(ByOwner::new());
+                return;
+            }
             watcher::Event::InitApply(job) => {
-                if let (Some((owner, child)), Some(listing)) = (Child::of(&job), s.listing.as_mut()) {
+                if let (Some((owner, child)), Some(listing)) = (Child::of(job), s.listing.as_mut()) {
                     listing.entry(owner).or_default().insert(child.name.clone(), child);
                 }
+                return;
             }
             watcher::Event::InitDone => {
                 let listed = s.listing.take().unwrap_or_default();
@@ -163,38 +142,46 @@ mod tests {
         j
     }
 
-    fn index() -> Children {
-        Children { state: Mutex::default(), notify: Arc::new(Notify::new()), ready: watch::channel(false).0 }
+    fn index() -> Arc<Children> {
+        Children::new()
     }
 
     #[test]
     fn events_keep_each_definitions_children_and_name_the_definitions_that_changed() {
         let c = index();
-        c.apply(watcher::Event::Init);
-        c.apply(watcher::Event::InitApply(job("a-1", "A", "Succeeded")));
-        c.apply(watcher::Event::InitApply(job("b-1", "B", "Waiting")));
+        c.apply(&watcher::Event::Init);
+        c.apply(&watcher::Event::InitApply(job("a-1", "A", "Succeeded")));
+        c.apply(&watcher::Event::InitApply(job("b-1", "B", "Waiting")));
         assert!(c.of("A").is_empty(), "a list is used only once complete");
-        c.apply(watcher::Event::InitDone);
+        c.apply(&watcher::Event::InitDone);
         assert_eq!(c.take_changed(), HashSet::from(["A".to_string(), "B".to_string()]));
-        c.apply(watcher::Event::Apply(job("a-2", "A", "Running")));
+        c.apply(&watcher::Event::Apply(job("a-2", "A", "Running")));
         assert_eq!(c.of("A").iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["a-1", "a-2"]);
         assert_eq!(c.take_changed(), HashSet::from(["A".to_string()]), "only A changed");
-        c.apply(watcher::Event::Delete(job("b-1", "B", "Waiting")));
+        c.apply(&watcher::Event::Delete(job("b-1", "B", "Waiting")));
         assert!(c.of("B").is_empty());
         assert_eq!(c.take_changed(), HashSet::from(["B".to_string()]));
         // A re-list drops what was deleted while the watch was down, and every definition looks again.
-        c.apply(watcher::Event::Init);
-        c.apply(watcher::Event::InitApply(job("a-2", "A", "Succeeded")));
-        c.apply(watcher::Event::InitDone);
+        c.apply(&watcher::Event::Init);
+        c.apply(&watcher::Event::InitApply(job("a-2", "A", "Succeeded")));
+        c.apply(&watcher::Event::InitDone);
         assert_eq!(c.of("A").len(), 1);
         assert_eq!(c.of("A")[0].phase, Phase::Succeeded);
         assert!(c.take_changed().contains("A"));
     }
 
     #[test]
-    fn jobs_without_a_definition_are_ignored() {
+    fn jobs_without_a_definition_are_ignored_and_wake_nobody() {
+        use futures::FutureExt;
         let mut j = job("x", "A", "Waiting");
         j.metadata.owner_references = None;
         assert!(Child::of(&j).is_none());
+        let c = index();
+        c.apply(&watcher::Event::Apply(j.clone()));
+        c.apply(&watcher::Event::Delete(j));
+        assert!(c.take_changed().is_empty());
+        assert!(c.notify.notified().now_or_never().is_none(), "the controller is not woken by other jobs");
+        c.apply(&watcher::Event::Apply(job("a-1", "A", "Running")));
+        assert!(c.notify.notified().now_or_never().is_some(), "a definition's job wakes it");
     }
 }
