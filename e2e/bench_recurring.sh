@@ -61,17 +61,6 @@ done
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
 [ -n "${KUBECONFIG:-}" ] || die "KUBECONFIG is not set (the local control plane's kubeconfig)"
 
-metrics_snapshot() { kubectl get --raw /metrics | grep -E '^apiserver_request_total\{' >"$1"; }
-# Writes to one resource between two snapshots of the apiserver's counters (every response code: a 409 costs too).
-writes_between() { # before after resource
-  awk -v res="$3" '
-    function value(line) { n = split(line, f, " "); return f[n] }
-    FNR == NR { before[$1] = value($0); next }
-    /^apiserver_request_total\{/ && $0 ~ "resource=\"" res "\"" && $0 ~ /verb="(POST|PUT|PATCH|DELETE|DELETECOLLECTION)"/ {
-      sum += value($0) - before[$1]
-    }
-    END { printf "%d", sum }' "$1" "$2"
-}
 # The next whole minute (Unix seconds) at least $1 seconds from now.
 next_minute_after() { local t=$(($(date +%s) + $1)); echo $(((t + 59) / 60 * 60)); }
 sleep_until() { local d=$(($1 - $(date +%s))); ((d <= 0)) || sleep "$d"; }

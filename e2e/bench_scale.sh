@@ -3,12 +3,12 @@
 # replicas (release build, separate processes) drain that many pre-created jobs on the local control plane, and the
 # script prints, per size, in one run:
 #   throughput (jobs/s, first start to last finish), replica CPU per job, peak RSS per replica (VmHWM), apiserver
-#   CPU per job, successful API writes per job (job and Lease changes seen in the run's namespace; the replicas
-#   record no Event for a job that succeeds), refused claims per job, the apiserver's memory per 10k created jobs
+#   CPU per job, successful API writes per job (BackgroundJob and Lease writes that landed, from the apiserver's
+#   counters; the replicas record no Event for a job that succeeds), refused claims per job, the apiserver's memory per 10k created jobs
 #   and a job's size as stored, and the
 #   adversarial tier's checker line (bgjobs-history: lost, overlaps, duplicates).
 #
-#   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k drain takes about 40 minutes)
+#   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k run takes about 30 minutes)
 #   SCALE_SIZES="1000 10000" e2e/bench_scale.sh          a quicker run
 #
 # Environment (defaults in brackets):
@@ -38,7 +38,6 @@ PID_DIR=$ROOT/target/bench/pids
 NS=${SCALE_NAMESPACE:-bgjobs-scale}
 REPLICA_PIDS=()
 RECORDER_PID=""
-LEASE_WATCH_PID=""
 export SYNC_SECONDS=600 # listing 100,000 jobs takes a while
 
 die() {
@@ -52,16 +51,9 @@ done
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
 
 
-# The apiserver's request counters have no namespace label: on a shared control plane they count other clients
-# too. Successful writes are therefore counted in the run's namespace: the recorder logs every job change, and a
-# watch logs every Lease change (one line per create, update or delete). Refused claims (another replica got there
-# first, at least one 409 each) come from the replicas' own counters.
-lease_watch() { # dir
-  local path=/apis/coordination.k8s.io/v1/namespaces/$NS/leases rv
-  rv=$(kubectl get --raw "$path?limit=1" | jq -r '.metadata.resourceVersion')
-  kubectl get --raw "$path?watch=1&resourceVersion=$rv" >"$1/leases.watch" 2>"$1/leases.watch.err" &
-  LEASE_WATCH_PID=$!
-}
+# API writes come from the apiserver's request counters (e2e/lib.sh: metrics_snapshot, writes_between), counting the
+# writes that landed (2xx) to BackgroundJobs and Leases; nothing else writes those while a size runs. Refused claims
+# (another replica got there first, a 409 each) come from the replicas' own counters.
 claim_conflicts() { # dir
   cat "$1"/replica-*.log | sed -n 's/.*"claim_conflicts":\([0-9]*\).*/\1/p' | awk '{s += $1} END {print s + 0}'
 }
@@ -70,11 +62,11 @@ claim_conflicts() { # dir
 cleanup() {
   stop_replicas "$PID_DIR" scale
   local pid
-  for pid in $RECORDER_PID $LEASE_WATCH_PID; do
+  for pid in $RECORDER_PID; do
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  RECORDER_PID="" LEASE_WATCH_PID=""
+  RECORDER_PID=""
 }
 trap cleanup EXIT
 
@@ -130,7 +122,7 @@ one_size() {
   stored_bytes=$(kubectl get -n "$NS" backgroundjob s-000001 -o json --show-managed-fields | jq -c . | wc -c)
   "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
   RECORDER_PID=$!
-  lease_watch "$dir"
+  metrics_snapshot "$dir/metrics-before.txt"
   local api_pid api_cpu0
   api_pid=$(plane_pid kube-apiserver)
   api_cpu0=$(cpu_seconds "$api_pid")
@@ -157,12 +149,12 @@ one_size() {
   done
   local api_cpu
   api_cpu=$(awk -v a="$api_cpu0" -v b="$(cpu_seconds "$api_pid")" 'BEGIN {printf "%.2f", b - a}')
+  metrics_snapshot "$dir/metrics-after.txt"
   wait_quiet "$dir/status.jsonl" 10 600
   cleanup
   local jobs_w leases_w refused span
-  # The recorder's first n lines are the jobs as created (its initial list).
-  jobs_w=$(($(wc -l <"$dir/status.jsonl") - n))
-  leases_w=$(wc -l <"$dir/leases.watch")
+  jobs_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" backgroundjobs '2..')
+  leases_w=$(writes_between "$dir/metrics-before.txt" "$dir/metrics-after.txt" leases '2..')
   refused=$(claim_conflicts "$dir")
   # First start to last finish, from the replicas' audit trail: the oracle the tests and the demo share.
   "$HISTORY" audit "$dir" >"$dir/audit.json" || true # the checker line below reports duplicates

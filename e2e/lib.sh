@@ -92,3 +92,19 @@ rss_mib() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/
 peak_rss_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
 # plane_pid NAME: a control plane process's PID from e2e/cluster.sh's PID file (read only: never signalled).
 plane_pid() { cat "${BGJOBS_CLUSTER_DIR:-$ROOT/.cluster}/$1.pid" 2>/dev/null || echo 0; }
+
+# The apiserver's request counters, for counting API writes between two snapshots. They have no namespace label:
+# on a shared control plane they count other clients too (run the benchmarks alone).
+metrics_snapshot() { kubectl get --raw /metrics | grep -E '^apiserver_request_total\{' >"$1"; }
+# Writes to one resource between two snapshots: every response code (a refused write costs the apiserver too), or
+# only those matching CODES (a regex, e.g. '2..' for the writes that landed).
+writes_between() { # before after resource [codes]
+  awk -v res="$3" -v codes="${4:-.*}" '
+    function value(line) { n = split(line, f, " "); return f[n] }
+    FNR == NR { before[$1] = value($0); next }
+    /^apiserver_request_total\{/ && $0 ~ "resource=\"" res "\"" && $0 ~ /verb="(POST|PUT|PATCH|DELETE|DELETECOLLECTION)"/ \
+      && $0 ~ "code=\"" codes "\"" {
+      sum += value($0) - before[$1]
+    }
+    END { printf "%d", sum }' "$1" "$2"
+}

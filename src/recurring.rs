@@ -9,15 +9,14 @@
 //!    again; a 409 means someone wrote the definition since it was read: re-read and decide again. A status that
 //!    cannot be written (e.g. RBAC) creates no job at all, and is reported in a Warning Event;
 //! 2. **create**: the job is named `<definition>-<t in Unix seconds>`, so a second create is AlreadyExists;
-//! 3. **confirm**: `pendingJob` is cleared once the job is known to exist. While it is set, no later tick is
-//!    claimed, and a reconcile that finds it creates the job unless it is known to exist (cached, or created by this
-//!    process): that finishes a tick a crash interrupted between claim and create. A create is only made from the
-//!    definition as stored, never from a cache that may still show a `pendingJob` confirmed since.
+//! 3. **no confirmation write**: `pendingJob` stays until the next tick's claim replaces it. A pending job known to
+//!    exist (seen by the job watch, or created by this process) needs nothing more; one that is not is created (a
+//!    crash came between claim and create), and no later tick is claimed before it is. A create is only made from
+//!    the definition as stored, never from a cache that may still show a `pendingJob` replaced since.
 //!
-//! One case is left (docs/usage.md, "Recurring jobs"): a crash between create and confirm, with the job finished and deleted (its
-//! `ttlSecondsAfterFinished`) before the next owner looks. That owner cannot tell "never created" from "created and
-//! gone", creates the job again, and the tick runs twice. History trimming never deletes a pending job, so it cannot
-//! cause this.
+//! Nothing of bgjobs deletes a pending job (history trimming skips it, and so does `ttlSecondsAfterFinished`, see
+//! `Dispatcher::is_pending_tick`), so a pending job that existed is still seen by the next owner. One case is left
+//! (docs/usage.md, "Recurring jobs"): a pending job deleted by hand while its definition changes owner is created again.
 //!
 //! Missed ticks (operator down, suspended) create at most one job, for the latest of them, and only within
 //! `startingDeadlineSeconds`, like CronJob.
@@ -56,7 +55,7 @@ pub const SCHEDULED_TIME_ANNOTATION: &str = "bgjobs.dev/scheduled-time";
 
 /// How soon a definition whose reconcile failed is tried again.
 const RETRY: Duration = Duration::from_secs(1);
-/// Most steps one reconcile takes. A tick needs three (claim, create and confirm, idle); the rest absorb re-reads
+/// Most steps one reconcile takes. A tick needs three (claim, create, idle); the rest absorb re-reads
 /// after 409s from other writers of the definition.
 const MAX_STEPS: usize = 16;
 
@@ -98,8 +97,7 @@ pub enum Plan {
         /// Earlier ticks were missed (operator down, suspended): this one stands in for them.
         catch_up: bool,
     },
-    /// A claimed tick's job is not confirmed to exist: cancel `replace`, create `job` (AlreadyExists: it was),
-    /// then confirm it in the status.
+    /// A claimed tick's job is not known to exist: cancel `replace`, then create `job` (AlreadyExists: it was).
     Create {
         /// The job's name (`status.pendingJob`).
         job: String,
@@ -137,12 +135,13 @@ fn shifted(def: &RecurringBackgroundJob, now: Timestamp) -> Timestamp {
     now.checked_sub(SignedDuration::try_from(offset).unwrap_or(SignedDuration::ZERO)).unwrap_or(now)
 }
 
-/// Decide what `def` needs at `now`, given its unfinished children `active`.
-pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> Plan {
+/// Decide what `def` needs at `now`, given its unfinished children `active` and which jobs are `known` to have been
+/// created. A pending job known to exist needs nothing more: its tick is done, and the next claim replaces it.
+pub fn plan(def: &RecurringBackgroundJob, active: &[String], known: impl Fn(&str) -> bool, now: Timestamp) -> Plan {
     let status = def.status.clone().unwrap_or_default();
     // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
     let now = shifted(def, now);
-    if let Some(job) = status.pending_job {
+    if let Some(job) = status.pending_job.filter(|job| !known(job)) {
         return plan_pending(def, job, status.last_schedule_time.map(|t| t.0), active, now);
     }
     let schedule: Schedule = match def.spec.schedule.parse() {
@@ -180,7 +179,7 @@ pub fn plan(def: &RecurringBackgroundJob, active: &[String], now: Timestamp) -> 
     Plan::Claim { tick, skip, catch_up }
 }
 
-/// What a claimed tick's unconfirmed job needs. It is carried out even if the definition was suspended or changed
+/// What a claimed tick's job, not known to exist, needs. It is carried out even if the definition was suspended or changed
 /// since the claim (the claim was the decision), but only within `startingDeadlineSeconds` of its tick.
 fn plan_pending(
     def: &RecurringBackgroundJob,
@@ -194,7 +193,7 @@ fn plan_pending(
         && late > SignedDuration::from_secs(deadline)
     {
         let reason = format!(
-            "gave up on job {job}: not confirmed created {}s after its tick, past startingDeadlineSeconds ({deadline}s)",
+            "gave up on job {job}: not created {}s after its tick, past startingDeadlineSeconds ({deadline}s)",
             late.as_secs()
         );
         return Plan::Abandon { job, reason };
@@ -216,7 +215,7 @@ fn next_due(def: &RecurringBackgroundJob, now: Timestamp) -> Option<Timestamp> {
     now.checked_add(next.duration_since(shifted)).ok()
 }
 
-/// The claim of tick `tick`: recorded as handled, its job (None: skipped) pending until confirmed.
+/// The claim of tick `tick`: recorded as handled, its job (None: skipped) pending until known to exist.
 pub fn claim(s: &mut RecurringBackgroundJobStatus, tick: Timestamp, job: Option<&str>, next: Option<Timestamp>) {
     s.last_schedule_time = Some(Time(tick));
     s.next_schedule_time = next.map(Time);
@@ -226,8 +225,8 @@ pub fn claim(s: &mut RecurringBackgroundJobStatus, tick: Timestamp, job: Option<
     }
 }
 
-/// The confirmation that `job` exists: no longer pending, and counted as active.
-pub fn confirm(s: &mut RecurringBackgroundJobStatus, job: &str, active: &[String]) {
+/// Giving up on a pending `job` that could not be created in time: no longer pending, so later ticks are claimed.
+pub fn give_up(s: &mut RecurringBackgroundJobStatus, job: &str, active: &[String]) {
     if s.pending_job.as_deref() == Some(job) {
         s.pending_job = None;
     }
@@ -240,21 +239,21 @@ fn set_active(s: &mut RecurringBackgroundJobStatus, active: &[String]) {
 }
 
 /// Whether `job` is known to exist, or to have existed: seen among the definition's children, or created by this
-/// process. A pending job that is neither was never created, unless a crash came between its creation and its
-/// confirmation and the job was deleted before this reconcile (see docs/usage.md, "Recurring jobs").
-fn known_created(job: &str, kids: &[Child], unconfirmed: Option<&str>) -> bool {
-    kids.iter().any(|k| k.name == job) || unconfirmed == Some(job)
+/// process. A pending job that is neither was never created, unless it was deleted by hand (see docs/usage.md,
+/// "Recurring jobs").
+fn known_created(job: &str, kids: &[Child], created_here: Option<&str>) -> bool {
+    kids.iter().any(|k| k.name == job) || created_here == Some(job)
 }
 
-/// Bring one definition up to date: claim, create and confirm, each step decided anew from the definition as last
-/// written or read, then trim the history. Returns when to look again. `unconfirmed` is the job this process
-/// created for the definition and has not confirmed yet, carried from one reconcile to the next; `versions`
+/// Bring one definition up to date: claim and create, each step decided anew from the definition as last written or
+/// read, then trim the history. Returns when to look again. `created_here` is the job this process last created for
+/// the definition, carried from one reconcile to the next; `versions`
 /// collects the resourceVersions of the definition this reconcile read or wrote (its own writes are no news).
 async fn reconcile(
     worker: &Worker,
     def: &RecurringBackgroundJob,
     kids: &[Child],
-    unconfirmed: &mut Option<String>,
+    created_here: &mut Option<String>,
     versions: &mut Vec<String>,
     now: Timestamp,
     fence: &crate::lease::Keeper,
@@ -270,9 +269,9 @@ async fn reconcile(
     };
     let mut current = Current { def: def.clone(), fresh: false };
     versions.extend(def.resource_version());
-    let outcome = pass.decide(&mut current, unconfirmed, versions).await;
+    let outcome = pass.decide(&mut current, created_here, versions).await;
     if outcome.as_ref().is_err_and(Error::is_not_found) {
-        *unconfirmed = None;
+        *created_here = None;
         return Ok(None);
     }
     trim_history(&pass.jobs, &current.def, kids).await;
@@ -312,7 +311,7 @@ impl Pass<'_> {
     async fn decide(
         &self,
         current: &mut Current,
-        unconfirmed: &mut Option<String>,
+        created_here: &mut Option<String>,
         versions: &mut Vec<String>,
     ) -> Result<Option<Duration>> {
         let mut active: Vec<String> =
@@ -320,7 +319,7 @@ impl Pass<'_> {
         active.sort();
         let mut conflict = None;
         for _ in 0..MAX_STEPS {
-            match self.step(current, &mut active, unconfirmed).await {
+            match self.step(current, &mut active, created_here).await {
                 Ok(Step::Again(newer)) => {
                     versions.extend(newer.resource_version());
                     *current = Current { def: *newer, fresh: true }
@@ -346,11 +345,12 @@ impl Pass<'_> {
         &self,
         current: &Current,
         active: &mut Vec<String>,
-        unconfirmed: &mut Option<String>,
+        created_here: &mut Option<String>,
     ) -> Result<Step> {
         let (def, now) = (&current.def, self.now);
         let again = |newer: RecurringBackgroundJob| Ok(Step::Again(Box::new(newer)));
-        match plan(def, active, now) {
+        let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
+        match plan(def, active, known, now) {
             Plan::Invalid(reason) => {
                 let written =
                     write_status(&self.defs, def, |s| set_valid(s, false, "InvalidSchedule", &reason, now)).await?;
@@ -366,32 +366,30 @@ impl Pass<'_> {
                 .await?;
                 Ok(Step::Done(next, written.resource_version()))
             }
-            Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up).await?),
-            // A cached `pendingJob` may have been confirmed, and its job deleted, since: creating it again would run
-            // the tick twice. Decide from the definition as stored.
+            Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up, active).await?),
+            // A cached `pendingJob` may have been replaced since, and its job deleted: creating it again would run
+            // its tick twice. Decide from the definition as stored.
             Plan::Create { .. } if !current.fresh => again(self.defs.get(&def.name_any()).await?),
             Plan::Create { job, replace } => {
                 cancel_replaced(&self.jobs, &replace).await;
-                if !known_created(&job, self.kids, unconfirmed.as_deref()) {
-                    self.create_job(def, &job).await?;
-                    *unconfirmed = Some(job.clone());
-                }
+                self.create_job(def, &job).await?;
+                // Known to exist from now on: `plan` treats the tick as done. No status write confirms it; the next
+                // claim replaces `pendingJob`, and until then nothing of bgjobs deletes a pending job.
+                *created_here = Some(job.clone());
                 if !active.contains(&job) {
                     active.push(job.clone());
                     active.sort();
                 }
-                let newer = write_status(&self.defs, def, |s| confirm(s, &job, active)).await?;
-                *unconfirmed = None;
-                again(newer)
+                again(def.clone())
             }
             Plan::Abandon { job, reason } => {
-                let newer = write_status(&self.defs, def, |s| confirm(s, &job, active)).await?;
-                if !known_created(&job, self.kids, unconfirmed.as_deref()) {
+                let newer = write_status(&self.defs, def, |s| give_up(s, &job, active)).await?;
+                if !known_created(&job, self.kids, created_here.as_deref()) {
                     warn!(definition = %def.name_any(), %reason, "tick abandoned");
                     self.worker.metrics.recurring_skipped.get_or_create(&reason_label("Abandoned")).inc();
                     self.worker.event_on(def, EventType::Warning, "TickSkipped", reason);
                 }
-                *unconfirmed = None;
+                *created_here = None;
                 again(newer)
             }
         }
@@ -406,12 +404,18 @@ impl Pass<'_> {
         tick: Timestamp,
         skip: Option<String>,
         catch_up: bool,
+        active: &[String],
     ) -> Result<RecurringBackgroundJob> {
         let (name, now) = (def.name_any(), self.now);
         let job = skip.is_none().then(|| job_name(&name, tick));
         let next = next_due(def, now);
+        // `active` as it will be once the job exists, so that the look after the create has nothing to write.
+        let mut active = active.to_vec();
+        active.extend(job.clone().filter(|j| !active.contains(j)));
+        active.sort();
         let claimed = write_status(&self.defs, def, |s| {
             claim(s, tick, job.as_deref(), next);
+            set_active(s, &active);
             set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
         })
         .await;
@@ -528,12 +532,28 @@ pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> Backg
     }
 }
 
-/// Finished children beyond the history limits, oldest first. Never the pending job: while its creation is
-/// unconfirmed, its existence is the only proof that it was created.
+/// The tick a job was made for (its `bgjobs.dev/scheduled-time`), if it is a tick's job.
+pub fn tick_of(job: &BackgroundJob) -> Option<Timestamp> {
+    job.annotations().get(SCHEDULED_TIME_ANNOTATION)?.parse().ok()
+}
+
+/// Whether a job of tick `tick` must be kept whatever its history limit or TTL say, judged on `def` as this replica
+/// last saw it (None: not seen, or another definition by that name): it may be the latest claimed tick's job, whose
+/// existence is the only proof that its tick was created until the next claim. A claim only moves
+/// `lastScheduleTime` forward, so a definition seen late errs on the side of keeping. The one rule for every delete
+/// of a definition's job that bgjobs makes (history trimming, `ttlSecondsAfterFinished`).
+pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>) -> bool {
+    let Some(tick) = tick else { return false };
+    let last = def.and_then(|d| d.status.as_ref()).and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
+    def.is_none() || last.is_none_or(|last| tick >= last)
+}
+
+/// Finished children beyond the history limits, oldest first. Never one [`keeps_tick`] keeps, nor the pending job.
 pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Vec<&'a Child> {
     let pending = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
     let mut finished: BTreeMap<bool, Vec<&Child>> = BTreeMap::new();
-    for j in kids.iter().filter(|j| j.phase.is_final() && Some(j.name.as_str()) != pending) {
+    let deletable = |j: &&Child| Some(j.name.as_str()) != pending && !keeps_tick(Some(def), j.tick);
+    for j in kids.iter().filter(|j| j.phase.is_final()).filter(deletable) {
         finished.entry(j.phase == Phase::Succeeded).or_default().push(j);
     }
     let mut out = Vec::new();
@@ -614,6 +634,11 @@ mod tests {
         d
     }
 
+    /// No job is known to exist.
+    fn none(_: &str) -> bool {
+        false
+    }
+
     fn t(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).unwrap()
     }
@@ -626,19 +651,19 @@ mod tests {
     #[test]
     fn nothing_is_due_between_ticks() {
         let d = with_last(def("* * * * *", serde_json::json!({})), 0);
-        assert!(matches!(plan(&d, &[], t(30)), Plan::Idle(Some(_))));
+        assert!(matches!(plan(&d, &[], none, t(30)), Plan::Idle(Some(_))));
     }
 
     #[test]
     fn after_an_outage_only_the_latest_missed_tick_runs() {
         let d = with_last(def("* * * * *", serde_json::json!({})), 0);
-        assert_eq!(plan(&d, &[], t(60 * 5 + 10)), Plan::Claim { tick: t(300), skip: None, catch_up: true });
+        assert_eq!(plan(&d, &[], none, t(60 * 5 + 10)), Plan::Claim { tick: t(300), skip: None, catch_up: true });
     }
 
     #[test]
     fn a_tick_past_the_starting_deadline_is_skipped() {
         let d = with_last(def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 5})), 0);
-        match plan(&d, &[], t(70)) {
+        match plan(&d, &[], none, t(70)) {
             Plan::Claim { tick, skip: Some(reason), .. } => {
                 assert_eq!(tick, t(60));
                 assert!(reason.contains("past startingDeadlineSeconds"), "{reason}");
@@ -651,16 +676,19 @@ mod tests {
     fn forbid_skips_while_a_job_is_unfinished_and_replace_cancels_it_after_the_claim() {
         let active = vec!["report-1800000000".to_string()];
         let forbid = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"})), 0);
-        assert!(matches!(plan(&forbid, &active, t(61)), Plan::Claim { skip: Some(_), .. }));
+        assert!(matches!(plan(&forbid, &active, none, t(61)), Plan::Claim { skip: Some(_), .. }));
         let replace = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"})), 0);
-        assert_eq!(plan(&replace, &active, t(61)), Plan::Claim { tick: t(60), skip: None, catch_up: false });
+        assert_eq!(plan(&replace, &active, none, t(61)), Plan::Claim { tick: t(60), skip: None, catch_up: false });
         let claimed = with_pending(replace, 60, "report-1800000060");
         let create = Plan::Create { job: "report-1800000060".into(), replace: active.clone() };
-        assert_eq!(plan(&claimed, &active, t(61)), create);
+        assert_eq!(plan(&claimed, &active, none, t(61)), create);
         let allow = with_last(def("* * * * *", serde_json::json!({})), 0);
-        assert_eq!(plan(&allow, &active, t(61)), Plan::Claim { tick: t(60), skip: None, catch_up: false });
+        assert_eq!(plan(&allow, &active, none, t(61)), Plan::Claim { tick: t(60), skip: None, catch_up: false });
         let claimed = with_pending(allow, 60, "report-1800000060");
-        assert_eq!(plan(&claimed, &active, t(61)), Plan::Create { job: "report-1800000060".into(), replace: vec![] });
+        assert_eq!(
+            plan(&claimed, &active, none, t(61)),
+            Plan::Create { job: "report-1800000060".into(), replace: vec![] }
+        );
     }
 
     fn with_pending(d: RecurringBackgroundJob, tick: i64, job: &str) -> RecurringBackgroundJob {
@@ -673,31 +701,41 @@ mod tests {
     fn two_days_of_missed_seconds_claim_the_latest_second() {
         let d = with_last(def("* * * * * *", serde_json::json!({})), 0);
         let now = t(48 * 3600).checked_add(SignedDuration::from_millis(400)).unwrap();
-        assert_eq!(plan(&d, &[], now), Plan::Claim { tick: t(48 * 3600), skip: None, catch_up: true });
+        assert_eq!(plan(&d, &[], none, now), Plan::Claim { tick: t(48 * 3600), skip: None, catch_up: true });
     }
 
     #[test]
     fn a_claimed_tick_is_created_before_any_later_tick_is_claimed() {
         let d = with_pending(def("* * * * *", serde_json::json!({})), 60, "report-1800000060");
         let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
-        assert_eq!(plan(&d, &[], t(60 * 5)), create, "tick 300 waits until the job of tick 60 is confirmed");
+        assert_eq!(plan(&d, &[], none, t(60 * 5)), create, "tick 300 waits until the job of tick 60 is created");
+    }
+
+    #[test]
+    fn a_pending_job_known_to_exist_needs_no_write_and_the_next_tick_is_claimed_over_it() {
+        let d = with_pending(def("* * * * *", serde_json::json!({})), 60, "report-1800000060");
+        let known = |job: &str| job == "report-1800000060";
+        assert!(matches!(plan(&d, &[], known, t(61)), Plan::Idle(Some(_))), "its tick is done");
+        assert_eq!(plan(&d, &[], known, t(121)), Plan::Claim { tick: t(120), skip: None, catch_up: false });
+        let other = |job: &str| job == "report-1800000000";
+        assert!(matches!(plan(&d, &[], other, t(121)), Plan::Create { .. }), "another job's existence proves nothing");
     }
 
     #[test]
     fn a_claimed_tick_is_carried_out_even_if_suspended_or_made_invalid_since() {
         let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
         let suspended = with_pending(def("* * * * *", serde_json::json!({"suspend": true})), 60, "report-1800000060");
-        assert_eq!(plan(&suspended, &[], t(61)), create);
+        assert_eq!(plan(&suspended, &[], none, t(61)), create);
         let invalid = with_pending(def("99 * * * *", serde_json::json!({})), 60, "report-1800000060");
-        assert_eq!(plan(&invalid, &[], t(61)), create);
+        assert_eq!(plan(&invalid, &[], none, t(61)), create);
     }
 
     #[test]
     fn a_claimed_job_not_created_within_the_starting_deadline_is_given_up() {
         let d = def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 30}));
         let d = with_pending(d, 60, "report-1800000060");
-        assert!(matches!(plan(&d, &[], t(90)), Plan::Create { .. }));
-        match plan(&d, &[], t(91)) {
+        assert!(matches!(plan(&d, &[], none, t(90)), Plan::Create { .. }));
+        match plan(&d, &[], none, t(91)) {
             Plan::Abandon { job, reason } => {
                 assert_eq!(job, "report-1800000060");
                 assert!(reason.contains("past startingDeadlineSeconds"), "{reason}");
@@ -720,17 +758,37 @@ mod tests {
     }
 
     #[test]
-    fn a_confirmation_clears_only_its_own_pending_job() {
+    fn giving_up_clears_only_its_own_pending_job() {
         let mut s =
             RecurringBackgroundJobStatus { pending_job: Some("report-1800000120".into()), ..Default::default() };
-        confirm(&mut s, "report-1800000060", &["report-1800000060".to_string()]);
+        give_up(&mut s, "report-1800000060", &["report-1800000060".to_string()]);
         assert_eq!(s.pending_job.as_deref(), Some("report-1800000120"), "a later claim stays pending");
-        confirm(&mut s, "report-1800000120", &["report-1800000060".to_string(), "report-1800000120".to_string()]);
-        assert_eq!((s.pending_job, s.active_count), (None, 2));
+        give_up(&mut s, "report-1800000120", &["report-1800000060".to_string()]);
+        assert_eq!((s.pending_job, s.active_count), (None, 1));
     }
 
     fn finished(name: &str, phase: Phase, completed: i64) -> Child {
-        Child { name: name.into(), uid: format!("uid-{name}"), phase, completed: Some(t(completed)) }
+        Child { name: name.into(), uid: format!("uid-{name}"), phase, completed: Some(t(completed)), tick: None }
+    }
+
+    #[test]
+    fn a_tick_not_older_than_the_last_claimed_one_is_kept_whatever_the_limits_and_a_stale_definition_keeps_more() {
+        let ticked = |n: i64| Child { tick: Some(t(n)), ..finished(&format!("report-{n}"), Phase::Succeeded, n) };
+        let kids: Vec<Child> = (1..=4).map(ticked).collect();
+        let none = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0}));
+        let names =
+            |d: &RecurringBackgroundJob| beyond_history(d, &kids).iter().map(|j| j.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&with_last(none.clone(), 4)),
+            ["report-3", "report-2", "report-1"],
+            "the latest tick's job stays"
+        );
+        // A copy of the definition from before the claims of ticks 3 and 4 (a lagging cache): both stay.
+        assert_eq!(names(&with_last(none.clone(), 2)), ["report-1"]);
+        assert!(keeps_tick(None, Some(t(1))), "definition not seen: kept");
+        assert!(keeps_tick(Some(&none), Some(t(1))), "no tick claimed yet: kept");
+        assert!(!keeps_tick(Some(&with_last(none.clone(), 2)), Some(t(1))), "an older tick goes");
+        assert!(!keeps_tick(None, None), "not a tick's job");
     }
 
     #[test]
@@ -756,7 +814,7 @@ mod tests {
         assert!(!restore_dropped_pending(&mut claimed, "report-1800000060"), "kept by a current CRD");
         let mut dropped = with_last(def("* * * * *", serde_json::json!({})), 60);
         assert!(restore_dropped_pending(&mut dropped, "report-1800000060"));
-        assert!(matches!(plan(&dropped, &[], t(61)), Plan::Create { job, .. } if job == "report-1800000060"));
+        assert!(matches!(plan(&dropped, &[], none, t(61)), Plan::Create { job, .. } if job == "report-1800000060"));
     }
 
     #[test]
@@ -771,12 +829,12 @@ mod tests {
     #[test]
     fn a_first_tick_is_no_catch_up_and_one_after_missed_ticks_is() {
         assert_eq!(
-            plan(&def("* * * * *", serde_json::json!({})), &[], t(61)),
+            plan(&def("* * * * *", serde_json::json!({})), &[], none, t(61)),
             Plan::Claim { tick: t(60), skip: None, catch_up: false }
         );
         let d = with_last(def("* * * * *", serde_json::json!({})), 60);
-        assert_eq!(plan(&d, &[], t(121)), Plan::Claim { tick: t(120), skip: None, catch_up: false });
-        assert_eq!(plan(&d, &[], t(181)), Plan::Claim { tick: t(180), skip: None, catch_up: true });
+        assert_eq!(plan(&d, &[], none, t(121)), Plan::Claim { tick: t(120), skip: None, catch_up: false });
+        assert_eq!(plan(&d, &[], none, t(181)), Plan::Claim { tick: t(180), skip: None, catch_up: true });
     }
 
     #[test]
@@ -799,14 +857,14 @@ mod tests {
         let offset = SignedDuration::try_from(jitter_offset("ns", "report", 30)).unwrap();
         let due = t(60).checked_add(offset).unwrap();
         let just_before = due.checked_sub(SignedDuration::from_millis(1)).unwrap();
-        assert_eq!(plan(&d, &[], just_before), Plan::Idle(Some(Duration::from_millis(1))), "not early");
-        assert_eq!(plan(&d, &[], due), Plan::Claim { tick: t(60), skip: None, catch_up: false });
+        assert_eq!(plan(&d, &[], none, just_before), Plan::Idle(Some(Duration::from_millis(1))), "not early");
+        assert_eq!(plan(&d, &[], none, due), Plan::Claim { tick: t(60), skip: None, catch_up: false });
         let within = due.checked_add(SignedDuration::from_secs(5)).unwrap();
-        assert!(matches!(plan(&d, &[], within), Plan::Claim { skip: None, .. }), "5 s after due: in time");
+        assert!(matches!(plan(&d, &[], none, within), Plan::Claim { skip: None, .. }), "5 s after due: in time");
         let mut claimed = d.clone();
         claimed.status.as_mut().unwrap().last_schedule_time = Some(Time(t(60)));
         claimed.status.as_mut().unwrap().pending_job = Some("report-1800000060".into());
-        assert!(matches!(plan(&claimed, &[], within), Plan::Create { .. }), "a pending job's deadline too");
+        assert!(matches!(plan(&claimed, &[], none, within), Plan::Create { .. }), "a pending job's deadline too");
         assert_eq!(next_due(&d, t(61)), Some(due), "tick 60 is due after 61 still");
         assert_eq!(next_due(&d, due), Some(t(120).checked_add(offset).unwrap()));
     }
@@ -814,12 +872,12 @@ mod tests {
     #[test]
     fn suspended_and_invalid_definitions_create_nothing() {
         let suspended = def("* * * * *", serde_json::json!({"suspend": true}));
-        assert_eq!(plan(&suspended, &[], t(600)), Plan::Idle(None));
+        assert_eq!(plan(&suspended, &[], none, t(600)), Plan::Idle(None));
         assert!(
-            matches!(plan(&def("99 * * * *", serde_json::json!({})), &[], t(60)), Plan::Invalid(r) if r.contains("out of range"))
+            matches!(plan(&def("99 * * * *", serde_json::json!({})), &[], none, t(60)), Plan::Invalid(r) if r.contains("out of range"))
         );
         let bad_tz = def("* * * * *", serde_json::json!({"timeZone": "Mars/Olympus"}));
-        assert!(matches!(plan(&bad_tz, &[], t(60)), Plan::Invalid(r) if r.contains("unknown time zone")));
+        assert!(matches!(plan(&bad_tz, &[], none, t(60)), Plan::Invalid(r) if r.contains("unknown time zone")));
     }
 
     #[test]

@@ -91,6 +91,9 @@ const DELETE_BURST: f64 = 50.0;
 /// Every job is looked at again this often, whatever the index says: a safety net against a lost watch event, at
 /// the cost of one walk over the cache per period.
 const FULL_LOOK: Duration = Duration::from_secs(60);
+/// How often a finished recurring job kept past its TTL (see `keeps_tick`) is looked at again: its definition's next
+/// claim lets it go, and a schedule's ticks are seconds to days apart.
+const KEPT_TICK_LOOK: Duration = Duration::from_secs(10);
 
 /// The dispatcher of one replica.
 pub struct Dispatcher {
@@ -786,17 +789,15 @@ impl Dispatcher {
         })
     }
 
-    /// Whether `job` is the job its recurring definition's status names as created but not yet confirmed.
-    fn awaits_confirmation(&self, job: &BackgroundJob) -> bool {
+    /// Whether `job` is a recurring definition's job that must outlive its TTL ([`crate::recurring::keeps_tick`]).
+    fn keeps_tick(&self, job: &BackgroundJob) -> bool {
         let Some(owner) = job.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob") else {
             return false;
         };
         let ns = job.namespace().unwrap_or_default();
-        self.view.definitions.state().iter().any(|d| {
-            d.uid().as_deref() == Some(owner.uid.as_str())
-                && d.namespace().as_deref() == Some(ns.as_str())
-                && d.status.as_ref().and_then(|s| s.pending_job.as_deref()) == Some(job.name_any().as_str())
-        })
+        let def = self.view.definitions.get(&ObjectRef::new(&owner.name).within(&ns));
+        let def = def.filter(|d| d.uid().as_deref() == Some(owner.uid.as_str()));
+        crate::recurring::keeps_tick(def.as_deref(), crate::recurring::tick_of(job))
     }
 
     /// Delete a finished job whose retention has passed; otherwise return when to look at it again. One replica
@@ -820,10 +821,10 @@ impl Dispatcher {
         if crate::members::owner(members, &uid).is_some_and(|owner| owner != self.worker.identity) {
             return Some(inst + self.worker.timing.duration);
         }
-        if self.awaits_confirmation(job) {
-            // Its definition has not confirmed creating it yet: deleted now, it would look never created, and the
-            // definition's next owner would create it again. Kept until the confirmation.
-            return Some(inst + Duration::from_secs(1));
+        if self.keeps_tick(job) {
+            // Maybe its definition's latest tick's job: deleted now, it would look never created, and the
+            // definition's next owner would create it again. Kept until a later tick is claimed.
+            return Some(inst + KEPT_TICK_LOOK);
         }
         if !self.delete_pace.take(inst) {
             self.deferred_deletes.insert(uid);

@@ -23,6 +23,8 @@ pub struct Child {
     pub phase: Phase,
     /// When it finished, if it did.
     pub completed: Option<Timestamp>,
+    /// The tick it was made for.
+    pub tick: Option<Timestamp>,
 }
 
 impl Child {
@@ -34,6 +36,7 @@ impl Child {
             uid: job.uid().unwrap_or_default(),
             phase: job.phase(),
             completed: job.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|t| t.0),
+            tick: super::tick_of(job),
         };
         Some((owner, child))
     }

@@ -137,7 +137,7 @@ impl<R: Clone> Book<R> {
 struct Outcome {
     versions: Vec<String>,
     next: Option<Duration>,
-    unconfirmed: Option<String>,
+    created_here: Option<String>,
 }
 
 /// Run the controller until `stop`.
@@ -159,10 +159,9 @@ pub async fn run(
     }
     let mut observer = Observer::default();
     let mut book = Book::default();
-    // Jobs this process created whose creation the definition's status does not confirm yet, by definition UID:
-    // when the confirmation is refused (a 409) and retried, the job is not created again, even if it already ran
-    // and was deleted (ttlSecondsAfterFinished: 0) in between.
-    let mut unconfirmed: HashMap<String, String> = HashMap::new();
+    // The job this process last created for each definition, by definition UID: proof that it was created, even
+    // before the job watch shows it, and after it was deleted (by hand) while its definition still names it pending.
+    let mut created_here: HashMap<String, String> = HashMap::new();
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut spawned: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut scan_wanted = true;
@@ -176,19 +175,19 @@ pub async fn run(
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                 let (uid, o) = match done {
                     Ok((id, o)) => (spawned.remove(&id).unwrap_or_default(), o),
-                    // A reconcile that panicked: try again soon (what it had not confirmed stays unconfirmed).
+                    // A reconcile that panicked: try again soon (what it had created stays known).
                     Err(e) => {
                         let uid = spawned.remove(&e.id()).unwrap_or_default();
                         warn!(error = %e, "recurring job reconcile panicked");
-                        let o = Outcome { versions: vec![], next: Some(RETRY), unconfirmed: unconfirmed.get(&uid).cloned() };
+                        let o = Outcome { versions: vec![], next: Some(RETRY), created_here: created_here.get(&uid).cloned() };
                         (uid, o)
                     }
                 };
                 let next = o.next.map(|d| Instant::now() + d.min(IDLE));
                 book.done(&uid, o.versions, next);
-                match o.unconfirmed {
-                    Some(job) => unconfirmed.insert(uid, job),
-                    None => unconfirmed.remove(&uid),
+                match o.created_here {
+                    Some(job) => created_here.insert(uid, job),
+                    None => created_here.remove(&uid),
                 };
                 // Its next look is due then: the timer must know.
                 if let Some(n) = next {
@@ -244,7 +243,7 @@ pub async fn run(
                 continue;
             };
             let kids = view.children.of(&uid);
-            let (worker, fence, pending) = (worker.clone(), fence.clone(), unconfirmed.get(&uid).cloned());
+            let (worker, fence, pending) = (worker.clone(), fence.clone(), created_here.get(&uid).cloned());
             let name = def.name_any();
             let task = tasks.spawn(async move {
                 let mut versions = Vec::new();
@@ -257,7 +256,7 @@ pub async fn run(
                         Some(RETRY)
                     }
                 };
-                Outcome { versions, next, unconfirmed: pending }
+                Outcome { versions, next, created_here: pending }
             });
             spawned.insert(task.id(), uid);
         }
@@ -288,7 +287,7 @@ mod tests {
         scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
         assert_eq!(drain(&mut book), ["a", "b"], "new definitions at once");
         let later = now + Duration::from_secs(60);
-        // a's reconcile claimed, created and confirmed (versions 2 and 3); b's found nothing to do.
+        // a's reconcile read version 2 (after a 409) and wrote 3 (its claim); b's found nothing to do.
         book.done("a", vec!["1".into(), "2".into(), "3".into()], Some(later));
         book.done("b", vec!["1".into()], Some(later));
         scan(&mut book, &[("a", "2"), ("b", "1")], &[], now);

@@ -381,6 +381,10 @@ fn spans(faults: &[FaultLine]) -> Vec<Span<'_>> {
         .collect()
 }
 
+/// How far a replica's estimate of the apiserver's clock may be off (`src/clock.rs` ignores smaller offsets), so
+/// how much earlier than it was a claim time written in a status may look.
+const CLAIM_CLOCK_SLACK_MS: i64 = 1_500;
+
 /// FIFO, judged on dispatch (the job first seen Running; for a Pod job, long before its container starts).
 ///
 /// For each job `a`, the earliest dispatch of a job queued behind it while `a` was already runnable and still
@@ -413,9 +417,11 @@ fn check_fifo(
     for (uid, lines) in by_uid {
         // The earliest of: the first claim recorded, the claim time a Running status carries, the handler's first
         // start. The recorder misses claims (and whole attempts) while its watch is down: the first Running line
-        // it sees may be a later attempt, or a claim made long before the line.
+        // it sees may be a later attempt, or a claim made long before the line. The claim time was written on the
+        // claimant's clock, which may run up to CLAIM_CLOCK_SLACK_MS fast: never believed earlier than that allows.
         let running = lines.iter().filter(|s| s.phase == "Running");
-        let claimed = running.flat_map(|s| [Some(s.t_ms), s.started_ms.filter(|t| *t <= s.t_ms)]).flatten().min();
+        let stated = |s: &StatusLine| s.started_ms.map(|t| (t + CLAIM_CLOCK_SLACK_MS).min(s.t_ms));
+        let claimed = running.flat_map(|s| [Some(s.t_ms), stated(s)]).flatten().min();
         let started = first_start.get(uid.as_str()).copied();
         let start = claimed.into_iter().chain(started).min();
         let (Some(first), Some(dispatched)) = (lines.first(), start) else { continue };

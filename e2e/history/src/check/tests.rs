@@ -218,15 +218,23 @@ fn a_job_whose_first_claim_the_recorder_missed_is_judged_on_its_first_execution(
     assert_eq!((r.worst_fifo_inversion_ms, r.fifo_violations), (0, 0), "{:?}", r.violations);
 
     // A Pod job: claimed at 50 unseen, its container started at 6_000; its status, first seen at 5_000, says when
-    // it was claimed. A claim time after the line that carries it is not believed.
+    // it was claimed.
     h.exec.retain(|l| l.job != "ns/first");
     h.exec.extend(ran("first", 2, "pod", 6_000, 6_100));
     let first_running = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Running").unwrap();
     first_running.started_ms = Some(50);
-    assert_eq!(check(&h, &limits).fifo_violations, 0, "{:?}", check(&h, &limits).violations);
+    // Believed no earlier than a claimant's clock error allows (1.5 s): 1_550, so 1.45 s after "second".
+    assert_eq!(check(&h, &limits).worst_fifo_inversion_ms, 1_450);
+    let first_running = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Running").unwrap();
+    first_running.started_ms = None;
+    assert_eq!(check(&h, &limits).worst_fifo_inversion_ms, 4_900, "without it, the line's time");
+    // Claimed at 2_000 on its clock: 3_500 at the earliest.
+    let first_running = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Running").unwrap();
+    first_running.started_ms = Some(2_000);
+    assert_eq!(check(&h, &limits).worst_fifo_inversion_ms, 3_400);
     let first_running = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Running").unwrap();
     first_running.started_ms = Some(5_500);
-    assert_eq!(check(&h, &limits).fifo_violations, 1);
+    assert_eq!(check(&h, &limits).worst_fifo_inversion_ms, 4_900, "a claim time after the line is not believed");
 }
 
 #[test]
