@@ -150,7 +150,7 @@ async fn each_tick_of_thirty_shared_definitions_has_one_job_or_is_caught_up_afte
     let now = jiff::Timestamp::now().as_second();
     let start = now - now.rem_euclid(PERIOD) + PERIOD;
     // Three ticks, then the kill in the fourth as soon as the victim has claimed it for one of its definitions:
-    // while it claims, creates and confirms the others (or 2.5 s into the tick, before the next, if no claim shows).
+    // while it claims and creates the others (or 2.5 s into the tick, before the next, if no claim shows).
     let fourth = start + 3 * PERIOD;
     sleep_until_unix(fourth as f64).await;
     let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
