@@ -402,10 +402,7 @@ async fn claim_job(
             Ok(ClaimOutcome::Lost(LostAt::JobChanged))
         }
         Err(e) => {
-            // Perhaps the status write landed, perhaps not (or it was refused): nothing runs here either way. Keep the
-            // Lease, so nobody starts a twin before it has aged a lease duration, but vouched for by no tenure, or
-            // a live replica's tenure would hold the job back from everyone else for as long as it lives.
-            disown_quietly(leases, &acquired.lease).await;
+            give_back_after_failed_write(leases, &acquired.lease, &e).await;
             Err(e)
         }
     }
@@ -454,9 +451,22 @@ pub async fn settle(
     let written = write_holding(&jobs, job, &held, claimant, new_status).await;
     match &written {
         Ok(_) => lease::release(&leases, &held.lease).await?,
-        Err(_) => disown_quietly(&leases, &held.lease).await,
+        Err(e) => give_back_after_failed_write(&leases, &held.lease, e).await,
     }
     Ok(moved(written?))
+}
+
+/// Give back the claim Lease of a claim or settle whose status write failed; nothing runs here either way. If the
+/// apiserver refused the write outright ([`crate::error::refused`]: RBAC, validation, admission), it did not land:
+/// the Lease is released, and the job is free at once, in its turn. Otherwise perhaps it landed, perhaps not: the
+/// Lease is kept, so nobody starts a twin before it has aged a lease duration, but vouched for by no tenure, or a
+/// live replica's tenure would hold the job back from everyone else for as long as it lives.
+async fn give_back_after_failed_write(leases: &Api<Lease>, lease: &Lease, e: &Error) {
+    if crate::error::refused(e) && lease::release(leases, lease).await.is_ok() {
+        tracing::info!(lease = %lease.name_any(), error = %e, "the status write was refused: claim Lease released");
+        return;
+    }
+    disown_quietly(leases, lease).await;
 }
 
 /// [`lease::disown`] a claim Lease whose claim or settle ended in an error (logged, not returned: the caller's error

@@ -99,6 +99,13 @@ impl Error {
     }
 }
 
+/// Whether the apiserver turned a write down before storing anything (authentication, authorization, validation,
+/// admission, size, a rate limit, the object gone), so it certainly did not land. A timeout, a 5xx or a broken
+/// connection may follow a write that landed.
+pub fn refused(e: &Error) -> bool {
+    matches!(e, Error::Kube(kube::Error::Api(s)) if matches!(s.code, 400 | 401 | 403 | 404 | 413 | 415 | 422 | 429))
+}
+
 /// A Kubernetes API error, told apart when it is a ResourceQuota refusing a create (403 "exceeded quota").
 pub fn from_create(e: kube::Error) -> Error {
     match &e {
@@ -130,3 +137,23 @@ pub fn api_code(e: &kube::Error) -> Option<u16> {
 
 /// `Result` with the crate's error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(kube::core::Status { code, ..Default::default() })))
+    }
+
+    #[test]
+    fn only_an_answer_that_turned_the_write_down_counts_as_refused() {
+        for code in [400, 401, 403, 404, 422, 429] {
+            assert!(refused(&api(code)), "{code}");
+        }
+        for code in [409, 500, 503, 504] {
+            assert!(!refused(&api(code)), "{code}: perhaps it landed (a 409 is a lost race, told apart elsewhere)");
+        }
+        assert!(!refused(&Error::Timeout(std::time::Duration::from_secs(1))), "no answer: perhaps it landed");
+    }
+}
