@@ -148,6 +148,8 @@ pub enum LostAt {
     JobChanged,
     /// The attempt's Pod has not stopped yet (a settle waits for it).
     PodRunning,
+    /// This replica's own tenure is not current: it may take no Lease.
+    NoTenure,
 }
 
 impl std::fmt::Display for LostAt {
@@ -157,6 +159,7 @@ impl std::fmt::Display for LostAt {
             LostAt::ClaimLease => "the claim Lease is held",
             LostAt::JobChanged => "the job changed since it was read",
             LostAt::PodRunning => "the attempt's Pod has not stopped yet",
+            LostAt::NoTenure => "this replica's tenure is not current",
         })
     }
 }
@@ -433,7 +436,7 @@ pub async fn settle(
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     // Without a current tenure of its own, this replica may not take the job's Lease.
-    let Some(claim) = claim_for(job, claimant) else { return Ok(Some(LostAt::ClaimLease)) };
+    let Some(claim) = claim_for(job, claimant) else { return Ok(Some(LostAt::NoTenure)) };
     if let Some(alive) = end_tenures(client, claimant.ends, timing).await? {
         return Ok(Some(LostAt::TenureRenewed(alive)));
     }

@@ -73,6 +73,15 @@ struct DoneOnDrop {
     done: Option<Done>,
 }
 
+impl DoneOnDrop {
+    /// Carry back what a lost claim or settle learnt: a tenure found renewed behind a lagging member watch.
+    fn lost(&mut self, at: LostAt) {
+        if let (Some(d), LostAt::TenureRenewed(tenure)) = (self.done.as_mut(), at) {
+            d.alive_tenure = Some(tenure);
+        }
+    }
+}
+
 impl Drop for DoneOnDrop {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
@@ -679,9 +688,7 @@ impl Dispatcher {
                 Ok(ClaimOutcome::Lost(at)) => {
                     worker.metrics.claim_conflicts.inc();
                     debug!(job = %job.name_any(), why = %at, "claim lost to another replica");
-                    if let (Some(d), LostAt::TenureRenewed(tenure)) = (done.done.as_mut(), at) {
-                        d.alive_tenure = Some(tenure);
-                    }
+                    done.lost(at);
                 }
                 Ok(ClaimOutcome::Busy) => {
                     worker.metrics.claim_conflicts.inc();
@@ -744,9 +751,7 @@ impl Dispatcher {
                 }
                 Ok(Some(at)) => {
                     debug!(job = %job.name_any(), why = %at, "not settled");
-                    if let (Some(d), LostAt::TenureRenewed(tenure)) = (done.done.as_mut(), at) {
-                        d.alive_tenure = Some(tenure);
-                    }
+                    done.lost(at);
                 }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
             }
