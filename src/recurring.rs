@@ -532,6 +532,11 @@ pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> Backg
     }
 }
 
+/// The definition that made `job`, if a definition did (its owner reference).
+pub fn definition_of(job: &BackgroundJob) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+    job.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob")
+}
+
 /// The tick a job was made for (its `bgjobs.dev/scheduled-time`), if it is a tick's job.
 pub fn tick_of(job: &BackgroundJob) -> Option<Timestamp> {
     job.annotations().get(SCHEDULED_TIME_ANNOTATION)?.parse().ok()

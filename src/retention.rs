@@ -128,7 +128,7 @@ pub fn ttl_for(job: &BackgroundJob, policy: &RetentionPolicy) -> Keep {
     if let Some(secs) = job.spec.ttl_seconds_after_finished {
         return Some(Duration::from_secs(secs.max(0) as u64));
     }
-    if job.owner_references().iter().any(|o| o.kind == "RecurringBackgroundJob") {
+    if crate::recurring::definition_of(job).is_some() {
         return None;
     }
     policy.keep(&job.namespace().unwrap_or_default(), phase)

@@ -796,7 +796,7 @@ impl Dispatcher {
 
     /// Whether `job` is a recurring definition's job that must outlive its TTL ([`crate::recurring::keeps_tick`]).
     fn keeps_tick(&self, job: &BackgroundJob) -> bool {
-        let Some(owner) = job.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob") else {
+        let Some(owner) = crate::recurring::definition_of(job) else {
             return false;
         };
         let ns = job.namespace().unwrap_or_default();

@@ -30,7 +30,7 @@ pub struct Child {
 impl Child {
     /// What is kept of `job`, and the UID of the definition that owns it (None: not a definition's job).
     pub fn of(job: &BackgroundJob) -> Option<(String, Child)> {
-        let owner = job.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob")?.uid.clone();
+        let owner = super::definition_of(job)?.uid.clone();
         let child = Child {
             name: job.name_any(),
             uid: job.uid().unwrap_or_default(),
