@@ -164,9 +164,9 @@ fn give_back(ended: Handover, slot: bool) -> Give {
         // for by no one, so the adopter takes the same ones over once they have aged a lease duration (see
         // `claim::adopts`).
         Handover::PodRunsOn => Give::Disown,
-        // Not recorded (the claim was lost, or the outcome write did not go through), or recorded while the work
-        // may still run elsewhere: whoever takes over waits the Leases out a lease duration, from now.
-        Handover::Unrecorded | Handover::RecordedWhileRemoteMayRun => Give::Disown,
+        // Not recorded (the claim was lost, or the outcome write did not go through): whoever takes over waits the
+        // Leases out a lease duration, from now.
+        Handover::Unrecorded => Give::Disown,
     }
 }
 
@@ -177,9 +177,6 @@ enum Handover {
     Recorded,
     /// The outcome is not recorded (claim lost, or the write failed); nothing runs.
     Unrecorded,
-    /// The outcome is recorded, but the attempt was an HTTP request dropped before its answer: its endpoint may
-    /// still be running it, so the next attempt must not start at once.
-    RecordedWhileRemoteMayRun,
     /// A Pod attempt (or one waiting for its worker's report) was handed over, or its claim lost, while its work
     /// may go on.
     PodRunsOn,
@@ -304,9 +301,6 @@ async fn run_claimed(
         return Handover::PodRunsOn;
     }
     let handed_over = runs_on && matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
-    // An HTTP request dropped without its answer (a stop, a timeout) may still run at its endpoint, which a closed
-    // connection does not stop: the next attempt (at once, for an attempt handed back) must wait a lease duration.
-    let unanswered = job.spec.http.is_some() && !matches!(ending, Ending::Finished(_));
     let record = record(worker, jobs, &job, &fence, ending, handed_over, report.take_result());
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
     let recorded = match tokio::time::timeout(hold.time_left(), record).await {
@@ -322,7 +316,6 @@ async fn run_claimed(
     };
     match (handed_over, recorded) {
         (true, _) => Handover::PodRunsOn,
-        (false, true) if unanswered => Handover::RecordedWhileRemoteMayRun,
         (false, true) => Handover::Recorded,
         (false, false) => Handover::Unrecorded,
     }
@@ -464,17 +457,6 @@ async fn record(
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn leases_are_kept_to_age_when_the_work_may_still_run_and_freed_when_it_is_recorded_and_over() {
-        assert_eq!(give_back(Handover::Recorded, false), Give::Release);
-        assert_eq!(give_back(Handover::Recorded, true), Give::Vacate);
-        for ended in [Handover::Unrecorded, Handover::PodRunsOn, Handover::RecordedWhileRemoteMayRun] {
-            for slot in [false, true] {
-                assert_eq!(give_back(ended, slot), Give::Disown, "{ended:?}, slot {slot}");
-            }
-        }
-    }
     use super::*;
     use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
