@@ -10,6 +10,7 @@
 //! Whatever ends it, `ctx.cancel` fires before the executor's future is dropped, so work the handler moved to
 //! threads or tasks learns of it too.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -51,6 +52,11 @@ pub struct AttemptControl {
     /// Exclusive strategy: the cluster-wide Lease this replica held when it claimed. The attempt may act only
     /// while that very tenure is current, like its own Lease.
     leader: Option<Arc<Keeper>>,
+    /// Set once the attempt's work has left this process and cannot be called back (an HTTP request is sent: closing
+    /// the connection does not stop the endpoint). From then on a lost leadership no longer stops the attempt: the
+    /// replica waits for the answer under its own claim, and the job stays `Running` meanwhile, so a new leader
+    /// starts nothing beside it (see `Dispatcher::pass`).
+    out_of_reach: AtomicBool,
 }
 
 impl AttemptControl {
@@ -59,9 +65,16 @@ impl AttemptControl {
         AttemptControl { leader, ..Default::default() }
     }
 
-    /// Whether the leadership the attempt was claimed under (if any) still holds.
+    /// Whether the leadership the attempt was claimed under (if any) still holds, or no longer matters.
     fn leading(&self) -> bool {
-        self.leader.as_ref().is_none_or(|k| k.is_current())
+        self.out_of_reach.load(Ordering::SeqCst) || self.leader.as_ref().is_none_or(|k| k.is_current())
+    }
+
+    /// The leadership the attempt was claimed under has ended: stop it, unless its work is already out of reach.
+    pub fn leadership_ended(&self) {
+        if !self.out_of_reach.load(Ordering::SeqCst) {
+            self.stop(StopReason::NotLeader);
+        }
     }
 
     /// Resolves once the leadership the attempt was claimed under is gone (never without the exclusive strategy).
@@ -242,6 +255,9 @@ async fn run_claimed(
         // Claimed under a leadership that has ended since: hand the attempt back without running it.
         Ending::NotStarted
     } else {
+        if job.spec.http.is_some() {
+            control.out_of_reach.store(true, Ordering::SeqCst);
+        }
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
         let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.pods, &worker.client);
@@ -277,8 +293,10 @@ async fn run_claimed(
         (ending, _) => ending,
     };
     let is_pod = job.spec.template.is_some();
-    // Work that goes on without this replica (a Pod, a worker that will report) is handed over, not lost.
-    let runs_on = is_pod || report.awaiting();
+    // Work that goes on without this replica (a Pod, a worker that will report, an HTTP request left unanswered)
+    // is handed over, not lost: the job stays `Running` and whoever takes over waits its Leases out first.
+    let unanswered = control.out_of_reach.load(Ordering::SeqCst) && matches!(ending, Ending::Stopped(_));
+    let runs_on = is_pod || report.awaiting() || unanswered;
     if matches!(ending, Ending::LeaseLost) || !holds_claim() {
         worker.metrics.stale_results_discarded.inc();
         warn!("claim lease lost: the attempt was stopped and its outcome is not recorded; another replica takes over");

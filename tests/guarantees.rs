@@ -4,6 +4,9 @@
 
 mod common;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bgjobs::api::Phase;
@@ -12,6 +15,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -155,6 +159,90 @@ async fn a_hand_deleted_exclusive_lease_never_lets_two_replicas_run_at_once() {
     let execs = executions(&env.invocations());
     let both = bgjobs_history::across_replicas(&execs, Open::Until(now_ms()));
     assert!(both.is_empty(), "two replicas ran jobs at the same time: {both:#?}");
+}
+
+/// An HTTP endpoint on loopback that works `seconds` per request and counts the requests in flight at once (the
+/// most ever) and the requests per job (by `Idempotency-Key`).
+struct SlowEndpoint {
+    url: String,
+    most_in_flight: Arc<AtomicUsize>,
+    per_job: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl SlowEndpoint {
+    async fn start(seconds: u64) -> SlowEndpoint {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/work", listener.local_addr().unwrap());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let most_in_flight = Arc::new(AtomicUsize::new(0));
+        let per_job = Arc::new(Mutex::new(HashMap::new()));
+        let (most, jobs) = (most_in_flight.clone(), per_job.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (in_flight, most, jobs) = (in_flight.clone(), most.clone(), jobs.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let key = String::from_utf8_lossy(&head)
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("idempotency-key:").map(|v| v.trim().to_string())
+                        })
+                        .unwrap_or_default();
+                    *jobs.lock().unwrap().entry(key).or_insert(0) += 1;
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    // The work goes on whether or not the caller still listens, as an ordinary endpoint's does.
+                    tokio::time::sleep(Duration::from_secs(seconds)).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    let _ = sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                });
+            }
+        });
+        SlowEndpoint { url, most_in_flight, per_job }
+    }
+
+    fn in_flight_ever(&self) -> usize {
+        self.most_in_flight.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.per_job.lock().unwrap().values().sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answered_before_any_other_request_is_sent() {
+    let env = TestEnv::new("exclusive-http").await;
+    // Each request works 6 s, twice the test's 3 s lease: before the fix the leader handed the attempt back as soon as
+    // it noticed the deletion, and the next leader sent it again while the endpoint still ran the first request.
+    let endpoint = SlowEndpoint::start(6).await;
+    let args =
+        ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str(), "--max-concurrent-jobs-per-instance", "1"];
+    let _replicas: Vec<_> = (0..2).map(|i| env.replica(&format!("r{i}"), &args)).collect();
+    for i in 0..3 {
+        env.create(&format!("call-{i}"), json!({"jobName": "call", "http": {"url": endpoint.url}})).await;
+    }
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + MINUTE;
+    while endpoint.requests() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no request reached the endpoint within a minute");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    leases.delete(bgjobs::wire::EXCLUSIVE_LEASE, &DeleteParams::default()).await.unwrap();
+    let jobs = env
+        .wait_until(2 * MINUTE, "all 3 jobs Succeeded", |jobs| jobs.len() == 3 && all_in(jobs, Phase::Succeeded))
+        .await;
+    assert_eq!(endpoint.in_flight_ever(), 1, "two requests ran at once at the endpoint");
+    let per_job = endpoint.per_job.lock().unwrap().clone();
+    assert!(per_job.len() == 3 && per_job.values().all(|&n| n == 1), "requests per job: {per_job:?}");
+    assert!(jobs.iter().all(|j| j.attempts() == 1), "every job took one attempt");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -221,7 +221,7 @@ impl Dispatcher {
             if leader_changed && !self.is_leader() {
                 warn!("lost the exclusive lease: stopping every running attempt");
                 for control in self.held.values() {
-                    control.stop(StopReason::NotLeader);
+                    control.leadership_ended();
                 }
             }
             wait = self.pass().min(IDLE_PASS);
