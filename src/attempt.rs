@@ -10,7 +10,6 @@
 //! Whatever ends it, `ctx.cancel` fires before the executor's future is dropped, so work the handler moved to
 //! threads or tasks learns of it too.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -48,15 +47,23 @@ pub enum StopReason {
 #[derive(Default)]
 pub struct AttemptControl {
     token: CancellationToken,
-    reason: Mutex<Option<StopReason>>,
+    /// One lock over the stop reason and the out-of-reach mark: a lost leadership either stops the attempt before
+    /// its work leaves the process or finds it out of reach, never both (see [`AttemptControl::begin`]).
+    state: Mutex<ControlState>,
     /// Exclusive strategy: the cluster-wide Lease this replica held when it claimed. The attempt may act only
     /// while that very tenure is current, like its own Lease.
     leader: Option<Arc<Keeper>>,
-    /// Set once the attempt's work has left this process and cannot be called back (an HTTP request is sent: closing
-    /// the connection does not stop the endpoint). From then on a lost leadership no longer stops the attempt: the
-    /// replica waits for the answer under its own claim, and the job stays `Running` meanwhile, so a new leader
-    /// starts nothing beside it (see `Dispatcher::pass`).
-    out_of_reach: AtomicBool,
+}
+
+#[derive(Default)]
+struct ControlState {
+    /// Why the attempt was stopped; the first reason given wins.
+    reason: Option<StopReason>,
+    /// The attempt's work has left this process and cannot be called back (an HTTP request: closing the connection
+    /// does not stop the endpoint). From then on a lost leadership no longer stops the attempt: the replica waits
+    /// for the answer under its own claim, and the job stays `Running` meanwhile, so a new leader starts nothing
+    /// beside it (see `Dispatcher::pass`).
+    out_of_reach: bool,
 }
 
 impl AttemptControl {
@@ -65,21 +72,47 @@ impl AttemptControl {
         AttemptControl { leader, ..Default::default() }
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether the leadership the attempt was claimed under (if any) still holds, or no longer matters.
     fn leading(&self) -> bool {
-        self.out_of_reach.load(Ordering::SeqCst) || self.leader.as_ref().is_none_or(|k| k.is_current())
+        self.state().out_of_reach || self.leader.as_ref().is_none_or(|k| k.is_current())
+    }
+
+    /// Just before the attempt's work starts: `Some(reason)` if it must not start (this replica is shutting down,
+    /// or the leadership it was claimed under has ended), else mark it `out_of_reach` if its work leaves the
+    /// process. A cancellation or deletion is not refused here: the attempt then ends as such at once.
+    fn begin(&self, out_of_reach: bool) -> Option<StopReason> {
+        let mut state = self.state();
+        if let Some(reason @ (StopReason::Shutdown | StopReason::NotLeader)) = state.reason {
+            return Some(reason);
+        }
+        if !self.leader.as_ref().is_none_or(|k| k.is_current()) {
+            return Some(StopReason::NotLeader);
+        }
+        state.out_of_reach = out_of_reach && state.reason.is_none();
+        None
     }
 
     /// The leadership the attempt was claimed under has ended: stop it, unless its work is already out of reach.
     pub fn leadership_ended(&self) {
-        if !self.out_of_reach.load(Ordering::SeqCst) {
-            self.stop(StopReason::NotLeader);
+        let mut state = self.state();
+        if !state.out_of_reach {
+            state.reason.get_or_insert(StopReason::NotLeader);
+            self.token.cancel();
         }
     }
 
-    /// Resolves once the leadership the attempt was claimed under is gone (never without the exclusive strategy).
+    fn out_of_reach(&self) -> bool {
+        self.state().out_of_reach
+    }
+
+    /// Resolves once the leadership the attempt was claimed under is gone (never without the exclusive strategy,
+    /// nor once the attempt is out of reach).
     async fn leadership_lost(&self) {
-        if self.leader.is_none() {
+        if self.leader.is_none() || self.out_of_reach() {
             return std::future::pending().await;
         }
         while self.leading() {
@@ -89,12 +122,12 @@ impl AttemptControl {
 
     /// Stop the attempt; the first reason given wins.
     pub fn stop(&self, reason: StopReason) {
-        self.reason.lock().unwrap().get_or_insert(reason);
+        self.state().reason.get_or_insert(reason);
         self.token.cancel();
     }
 
     fn reason(&self) -> Option<StopReason> {
-        *self.reason.lock().unwrap()
+        self.state().reason
     }
 }
 
@@ -114,8 +147,8 @@ enum Ending {
     /// The job's own deadline (`timeoutSeconds` since creation) passed while the attempt ran.
     DeadlineReached,
     Stopped(StopReason),
-    /// Claimed under a leadership that ended before the attempt started: nothing ran (no Pod either).
-    NotStarted,
+    /// Stopped (shutdown, or the leadership it was claimed under ended) before it started: nothing ran, no Pod either.
+    NotStarted(StopReason),
     LeaseLost,
 }
 
@@ -251,13 +284,9 @@ async fn run_claimed(
         report: report.clone(),
     };
     let (limit, limit_is_deadline) = attempt_limit(&job, worker.clock.now());
-    let ending = if !control.leading() {
-        // Claimed under a leadership that has ended since: hand the attempt back without running it.
-        Ending::NotStarted
+    let ending = if let Some(reason) = control.begin(job.spec.http.is_some()) {
+        Ending::NotStarted(reason)
     } else {
-        if job.spec.http.is_some() {
-            control.out_of_reach.store(true, Ordering::SeqCst);
-        }
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
         let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.pods, &worker.client);
@@ -285,6 +314,8 @@ async fn run_claimed(
         cancel.cancel();
         ending
     };
+    // An HTTP request the stop cut off before its answer came may still run at the endpoint.
+    let unanswered = control.out_of_reach() && matches!(ending, Ending::Stopped(_));
     // A handler that noticed a stop request fails with something like "cancelled"; the stop is the real reason.
     // Only a success that raced the stop is kept: the work is done.
     let ending = match (ending, control.reason()) {
@@ -295,7 +326,6 @@ async fn run_claimed(
     let is_pod = job.spec.template.is_some();
     // Work that goes on without this replica (a Pod, a worker that will report, an HTTP request left unanswered)
     // is handed over, not lost: the job stays `Running` and whoever takes over waits its Leases out first.
-    let unanswered = control.out_of_reach.load(Ordering::SeqCst) && matches!(ending, Ending::Stopped(_));
     let runs_on = is_pod || report.awaiting() || unanswered;
     if matches!(ending, Ending::LeaseLost) || !holds_claim() {
         worker.metrics.stale_results_discarded.inc();
@@ -403,9 +433,10 @@ async fn record(
             info!("attempt handed back to the queue");
             return Ok(matches!(written, Fenced::Written(_)));
         }
-        Ending::NotStarted => {
+        Ending::NotStarted(reason) => {
+            let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };
             let msg = format!(
-                "attempt {} was not started: worker {} lost the exclusive lease right after claiming it",
+                "attempt {} was not started: worker {} {why} right after claiming it",
                 fence.attempt, worker.identity
             );
             let written =
@@ -510,5 +541,35 @@ mod tests {
     fn a_panic_payload_becomes_words() {
         let p = std::panic::catch_unwind(|| panic!("bad input {}", 3)).unwrap_err();
         assert_eq!(panic_message(&*p), "bad input 3");
+    }
+
+    #[test]
+    fn a_leadership_lost_before_the_work_starts_stops_it_and_one_lost_after_an_http_request_left_does_not() {
+        let before = AttemptControl::default();
+        before.leadership_ended();
+        assert_eq!(before.begin(true), Some(StopReason::NotLeader), "nothing may start once the leadership ended");
+
+        let sent = AttemptControl::default();
+        assert_eq!(sent.begin(true), None);
+        sent.leadership_ended();
+        assert!(!sent.token.is_cancelled() && sent.reason().is_none(), "a sent request is waited for");
+        assert!(sent.leading());
+
+        let local = AttemptControl::default();
+        assert_eq!(local.begin(false), None);
+        local.leadership_ended();
+        assert!(local.token.is_cancelled() && local.reason() == Some(StopReason::NotLeader), "local work is stopped");
+    }
+
+    #[test]
+    fn a_shutdown_before_the_work_starts_hands_it_back_unstarted_and_a_cancellation_ends_it_unsent() {
+        let shutdown = AttemptControl::default();
+        shutdown.stop(StopReason::Shutdown);
+        assert_eq!(shutdown.begin(true), Some(StopReason::Shutdown));
+
+        let cancelled = AttemptControl::default();
+        cancelled.stop(StopReason::Cancelled);
+        assert_eq!(cancelled.begin(true), None, "it ends as cancelled, at once");
+        assert!(!cancelled.out_of_reach(), "and nothing was sent that could run on");
     }
 }

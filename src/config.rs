@@ -121,7 +121,8 @@ pub struct OperatorConfig {
     pub lease_namespace: String,
 
     /// On SIGTERM/SIGINT: stop claiming, let running jobs finish for this long, then cancel them and release their
-    /// Leases so other replicas pick them up at once.
+    /// Leases so other replicas pick them up at once (a Pod, or an HTTP request still unanswered, is handed over:
+    /// taken over a lease duration later).
     #[arg(long, default_value = "25s", env = "BGJOBS_SHUTDOWN_GRACE")]
     pub shutdown_grace: HumanDuration,
 

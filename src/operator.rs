@@ -2,8 +2,9 @@
 //!
 //! Start-up: check that the CRD is installed (exit with a hint if not), start the watches, wait for the caches,
 //! then dispatch. Shutdown (SIGTERM/SIGINT): stop claiming, let running attempts finish for `--shutdown-grace`,
-//! then stop them, write them back to `Waiting` and delete their Leases so other replicas start them at once;
-//! only then give up the exclusive Lease, if held.
+//! then stop them, write them back to `Waiting` and delete their Leases so other replicas start them at once
+//! (work that goes on without this replica, a Pod or an HTTP request still unanswered, is handed over instead:
+//! another replica takes it over a lease duration later); only then give up the exclusive Lease, if held.
 //!
 //! Teams with their own handlers build their own worker binary around [`run`]:
 //! ```no_run
