@@ -513,10 +513,10 @@ mod tests {
     fn job(spec: serde_json::Value, created: i64, started: Option<i64>) -> BackgroundJob {
         let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(spec).unwrap());
         j.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
-        j.status = Some(BackgroundJobStatus {
+        j.status = Some(Box::new(BackgroundJobStatus {
             start_time: started.map(|s| Time(Timestamp::from_second(s).unwrap())),
             ..Default::default()
-        });
+        }));
         j
     }
 

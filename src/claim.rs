@@ -493,7 +493,7 @@ mod tests {
             serde_json::from_value::<BackgroundJobSpec>(serde_json::json!({"jobName": "noop"})).unwrap(),
         );
         j.metadata.uid = Some("uid-1".into());
-        j.status = Some(BackgroundJobStatus { phase, attempts, ..Default::default() });
+        j.status = Some(Box::new(BackgroundJobStatus { phase, attempts, ..Default::default() }));
         j
     }
 

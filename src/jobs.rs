@@ -325,7 +325,7 @@ pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob
         api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::Value::Object(patch))).await?
     };
     let was = job.phase();
-    let mut s = job.status.clone().unwrap_or_default();
+    let mut s = job.status.as_deref().cloned().unwrap_or_default();
     let old = s.last_error.clone().unwrap_or_default();
     crate::status::reopen(&mut s, format!("re-queued by bgjobs retry (was {was}: {old})"), Timestamp::now());
     crate::status::write_if_unchanged(api, &job, s)
@@ -379,7 +379,8 @@ mod tests {
         j.spec.timeout_seconds = timeout;
         j.metadata.creation_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::from_second(1000).unwrap()));
-        j.status = Some(crate::api::BackgroundJobStatus { phase: Some(phase), attempts, ..Default::default() });
+        j.status =
+            Some(Box::new(crate::api::BackgroundJobStatus { phase: Some(phase), attempts, ..Default::default() }));
         j
     }
 

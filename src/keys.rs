@@ -135,11 +135,13 @@ mod tests {
         j.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(100).unwrap()));
         j.metadata.resource_version = Some(rv.to_string());
         j.metadata.generation = Some(1);
-        j.status = phase.map(|p| BackgroundJobStatus {
-            phase: Some(p),
-            attempts: 1,
-            enqueue_sequence: Some(rv),
-            ..Default::default()
+        j.status = phase.map(|p| {
+            Box::new(BackgroundJobStatus {
+                phase: Some(p),
+                attempts: 1,
+                enqueue_sequence: Some(rv),
+                ..Default::default()
+            })
         });
         j
     }

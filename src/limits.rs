@@ -164,7 +164,8 @@ mod tests {
             "p",
             serde_json::from_value(serde_json::json!({"jobName": "x", "template": {}})).unwrap(),
         );
-        pod_job.status = Some(BackgroundJobStatus { phase: Some(Phase::Running), attempts: 2, ..Default::default() });
+        pod_job.status =
+            Some(Box::new(BackgroundJobStatus { phase: Some(Phase::Running), attempts: 2, ..Default::default() }));
         let slot = |attempt: &str| {
             let (_, l) = held("bgjobs-slot-0", "1");
             let mut l = (*l).clone();

@@ -301,7 +301,8 @@ mod tests {
     #[test]
     fn a_retried_job_keeps_its_recorded_place() {
         let mut retried = job("retried", Priority::Normal, 100, "500");
-        retried.status = Some(BackgroundJobStatus { attempts: 1, enqueue_sequence: Some(10), ..Default::default() });
+        retried.status =
+            Some(Box::new(BackgroundJobStatus { attempts: 1, enqueue_sequence: Some(10), ..Default::default() }));
         let fresh = job("fresh", Priority::Normal, 100, "20");
         assert_eq!(sorted(&[fresh, retried]), ["retried", "fresh"]);
     }
@@ -319,10 +320,10 @@ mod tests {
         let mut j = job("d", Priority::Normal, 1000, "1");
         j.spec.delay_seconds = Some(30);
         assert_eq!(not_before(&j), Some(Timestamp::from_second(1030).unwrap()));
-        j.status = Some(BackgroundJobStatus {
+        j.status = Some(Box::new(BackgroundJobStatus {
             next_attempt_time: Some(Time(Timestamp::from_second(5000).unwrap())),
             ..Default::default()
-        });
+        }));
         assert_eq!(not_before(&j), Some(Timestamp::from_second(5000).unwrap()));
     }
 

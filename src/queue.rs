@@ -186,12 +186,18 @@ pub fn slim(job: &mut BackgroundJob) {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
     job.spec.args = None;
-    // A finished job's result (up to 32 KiB) is never read by dispatch; an unfinished job's is kept, because status
-    // writes made from the cache (a claim, a settle) write its status back whole.
+    // A finished job is read only for its retention and its recurring history (phase, times, labels), and never
+    // written from the cache: its result (up to 32 KiB), error, conditions and claim record go. An unfinished
+    // job's status is kept whole, because status writes made from the cache (a claim, a settle) write it back.
     if job.phase().is_final()
         && let Some(s) = job.status.as_mut()
     {
         s.result = None;
+        s.last_error = None;
+        s.conditions = Vec::new();
+        s.worker = None;
+        s.lease = None;
+        s.report_key = None;
     }
     if job.spec.template.is_some() {
         job.spec.template = Some(Default::default());
@@ -262,6 +268,31 @@ mod tests {
             (job.spec.concurrency_key.clone(), job.uid(), job.resource_version()),
             (before.spec.concurrency_key.clone(), before.uid(), before.resource_version())
         );
+    }
+
+    #[test]
+    fn a_slimmed_finished_job_keeps_what_retention_and_history_read_and_nothing_else_of_its_status() {
+        let mut job: BackgroundJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "bgjobs.dev/v1", "kind": "BackgroundJob",
+            "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "labels": {"bgjobs.dev/recurring": "d"}},
+            "spec": {"jobName": "send"},
+            "status": {"phase": "Failed", "attempts": 3, "completionTime": "2026-12-01T00:00:00Z",
+                "startTime": "2026-11-30T23:59:00Z", "lastError": "boom", "worker": "w", "lease": "bgj-j",
+                "reportKey": "secret", "result": {"x": 1},
+                "conditions": [{"type": "Finished", "status": "True", "reason": "Failed", "message": "m",
+                    "lastTransitionTime": "2026-12-01T00:00:00Z"}]}
+        }))
+        .unwrap();
+        let before = job.clone();
+        slim(&mut job);
+        let (s, b) = (job.status.as_ref().unwrap(), before.status.as_ref().unwrap());
+        assert_eq!(
+            (s.phase, s.attempts, &s.completion_time, &s.start_time),
+            (b.phase, b.attempts, &b.completion_time, &b.start_time)
+        );
+        assert_eq!(job.labels(), before.labels());
+        assert!(s.conditions.is_empty() && s.last_error.is_none() && s.worker.is_none() && s.lease.is_none());
+        assert!(s.report_key.is_none() && s.result.is_none());
     }
 
     /// Every cached job costs a replica this much inline, whatever it holds: the Pod template (1.7 KB inline) is

@@ -144,7 +144,7 @@ mod tests {
         let mut j = BackgroundJob::new("j", crate::jobs::spec("noop", serde_json::json!({})));
         j.metadata.namespace = Some(ns.into());
         j.spec.ttl_seconds_after_finished = ttl;
-        j.status = Some(BackgroundJobStatus { phase: Some(phase), ..Default::default() });
+        j.status = Some(Box::new(BackgroundJobStatus { phase: Some(phase), ..Default::default() }));
         j
     }
 

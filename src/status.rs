@@ -69,7 +69,7 @@ pub fn running(
     lost: Option<String>,
     now: Timestamp,
 ) -> BackgroundJobStatus {
-    let mut s = job.status.clone().unwrap_or_default();
+    let mut s = job.status.as_deref().cloned().unwrap_or_default();
     if attempt != s.attempts {
         // A new attempt: what the previous one reported is not this one's.
         s.awaiting_report = false;
@@ -175,7 +175,7 @@ pub async fn write_if_unchanged(
     status: BackgroundJobStatus,
 ) -> Result<Option<BackgroundJob>> {
     let mut obj = seen.clone();
-    obj.status = Some(status);
+    obj.status = Some(Box::new(status));
     let name = seen.metadata.name.as_deref().unwrap_or_default();
     match api.replace_status(name, &PostParams::default(), &obj).await {
         Ok(j) => Ok(Some(j)),
@@ -251,7 +251,7 @@ mod tests {
         let key = first.report_key.clone().expect("an HTTP job gets a report key");
         first.awaiting_report = true;
         first.progress = Some(crate::api::Progress { percent: Some(50), ..Default::default() });
-        j.status = Some(first);
+        j.status = Some(Box::new(first));
         let adopted = running(&j, 1, "w2", "l", None, None, now);
         assert!(adopted.awaiting_report && adopted.progress.is_some(), "the adopter waits for the same report");
         let next = running(&j, 2, "w2", "l", None, None, now);
@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn the_enqueue_sequence_is_kept_across_attempts() {
         let mut j = job();
-        j.status = Some(BackgroundJobStatus { attempts: 1, enqueue_sequence: Some(7), ..Default::default() });
+        j.status = Some(Box::new(BackgroundJobStatus { attempts: 1, enqueue_sequence: Some(7), ..Default::default() }));
         let s = running(&j, 2, "w2", "l", Some(999), Some("attempt 1 lost".into()), Timestamp::now());
         assert_eq!((s.attempts, s.enqueue_sequence, s.last_error.as_deref()), (2, Some(7), Some("attempt 1 lost")));
     }
@@ -271,7 +271,7 @@ mod tests {
     #[test]
     fn the_fence_holds_only_for_the_same_worker_attempt_and_uid_while_running() {
         let mut j = job();
-        j.status = Some(running(&j, 1, "w1", "l", None, None, Timestamp::now()));
+        j.status = Some(Box::new(running(&j, 1, "w1", "l", None, None, Timestamp::now())));
         let fence = Fence { uid: "uid-1".into(), worker: "w1".into(), attempt: 1 };
         assert!(fence.holds(&j));
         assert!(!Fence { worker: "w2".into(), ..fence.clone() }.holds(&j));

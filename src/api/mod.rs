@@ -41,7 +41,7 @@ pub const DEFAULT_BACKOFF_FACTOR: f64 = 2.0;
     category = "bgjobs",
     doc = "A background job: one unit of work in the bgjobs queue. See spec and status for every field.",
     namespaced,
-    status = "BackgroundJobStatus",
+    status = "Box<BackgroundJobStatus>",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Priority","type":"string","jsonPath":".spec.priority"}"#,
     printcolumn = r#"{"name":"Queue","type":"string","jsonPath":".spec.queue"}"#,

@@ -320,7 +320,7 @@ mod tests {
         j.metadata.namespace = Some("ns".into());
         j.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(1_800_000_000 + created).unwrap()));
         j.spec.concurrency_key = key.map(str::to_string);
-        j.status = Some(BackgroundJobStatus { phase: Some(phase), ..Default::default() });
+        j.status = Some(Box::new(BackgroundJobStatus { phase: Some(phase), ..Default::default() }));
         Arc::new(j)
     }
 

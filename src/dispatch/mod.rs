@@ -727,7 +727,7 @@ impl Dispatcher {
         let (worker, job) = (self.worker.clone(), job.clone());
         tokio::spawn(async move {
             let mut done = done;
-            let mut s = job.status.clone().unwrap_or_default();
+            let mut s = job.status.as_deref().cloned().unwrap_or_default();
             let now = worker.clock.now();
             status::finish(&mut s, phase, Some(reason.clone()), now);
             let claimant = claim::Claimant {

@@ -230,8 +230,12 @@ mod tests {
         j.metadata.uid = Some("uid-1".into());
         j.metadata.namespace = Some("ns".into());
         j.metadata.creation_timestamp = Some(Time(at(0)));
-        j.status =
-            Some(BackgroundJobStatus { phase: Some(phase), attempts, worker: Some("w1".into()), ..Default::default() });
+        j.status = Some(Box::new(BackgroundJobStatus {
+            phase: Some(phase),
+            attempts,
+            worker: Some("w1".into()),
+            ..Default::default()
+        }));
         j
     }
 

@@ -563,10 +563,10 @@ mod tests {
     fn only_a_claim_that_adopted_this_very_attempt_counts_as_an_adoption() {
         let mut j = job();
         let note = |e: &str| Some(crate::api::BackgroundJobStatus { last_error: Some(e.into()), ..Default::default() });
-        j.status = note("worker a stopped renewing its lease; b adopted attempt 2's pod");
+        j.status = note("worker a stopped renewing its lease; b adopted attempt 2's pod").map(Box::new);
         assert!(adopted(&j, 2));
         assert!(!adopted(&j, 3), "a later attempt is started, not adopted");
-        j.status = note("pod render-7-2 failed: container main exited with code 3");
+        j.status = note("pod render-7-2 failed: container main exited with code 3").map(Box::new);
         assert!(!adopted(&j, 3));
         j.status = None;
         assert!(!adopted(&j, 1));

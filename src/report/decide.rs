@@ -244,14 +244,14 @@ mod tests {
         j.metadata.namespace = Some("ns".into());
         j.metadata.uid = Some("uid-1".into());
         j.metadata.creation_timestamp = Some(Time(at(0)));
-        j.status = Some(BackgroundJobStatus {
+        j.status = Some(Box::new(BackgroundJobStatus {
             phase: Some(phase),
             attempts,
             worker: Some("w1".into()),
             awaiting_report: phase == Phase::Running,
             last_heartbeat_time: Some(Time(at(10))),
             ..Default::default()
-        });
+        }));
         j
     }
 
