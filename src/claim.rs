@@ -465,9 +465,16 @@ pub async fn settle(
 /// Lease is kept, so nobody starts a twin before it has aged a lease duration, but vouched for by no tenure, or a
 /// live replica's tenure would hold the job back from everyone else for as long as it lives.
 async fn give_back_after_failed_write(leases: &Api<Lease>, lease: &Lease, e: &Error) {
-    if crate::error::refused(e) && lease::release(leases, lease).await.is_ok() {
-        tracing::info!(lease = %lease.name_any(), error = %e, "the status write was refused: claim Lease released");
-        return;
+    if crate::error::refused(e) {
+        match lease::release_if_current(leases, lease).await {
+            Ok(true) => {
+                tracing::info!(lease = %lease.name_any(), error = %e, "the status write was refused: claim Lease released");
+                return;
+            }
+            // Changed since: no longer this claim's to give back.
+            Ok(false) => return,
+            Err(_) => {}
+        }
     }
     disown_quietly(leases, lease).await;
 }

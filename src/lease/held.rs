@@ -38,6 +38,10 @@ struct Entry {
     lease: Lease,
     /// Send time of the last write or list that showed it ours.
     confirmed_at: Instant,
+    /// When this replica learnt that its write of the Lease landed (the answer came in). Only a list sent after
+    /// that is sure to show the write: one sent between the write's send and its answer may be served before the
+    /// write, and show the version it replaced (perhaps another tenure's, or disowned): not a takeover.
+    landed_at: Instant,
     lost: bool,
 }
 
@@ -77,7 +81,13 @@ impl HeldLeases {
             .into_iter()
             .map(|h| {
                 let key = key_of(&h.lease);
-                let entry = Entry { hold: id, lease: h.lease, confirmed_at: h.written_at, lost: false };
+                let entry = Entry {
+                    hold: id,
+                    lease: h.lease,
+                    confirmed_at: h.written_at,
+                    landed_at: Instant::now(),
+                    lost: false,
+                };
                 entries.insert(key.clone(), entry);
                 key
             })
@@ -87,25 +97,7 @@ impl HeldLeases {
 
     /// Confirm every Lease held before `sent` against `found` (a list sent at `sent`); re-create the absent ones.
     async fn confirm(&self, found: &HashMap<Key, Lease>, sent: Instant, client: &Client, timing: &LeaseTiming) {
-        let judged: Vec<(Key, Lease, Check)> = {
-            let mut entries = self.entries.lock().unwrap();
-            let mut out = Vec::new();
-            for (key, e) in entries.iter_mut().filter(|(_, e)| !e.lost && e.confirmed_at <= sent) {
-                match check(&e.lease, found.get(key)) {
-                    Check::Ours => {
-                        e.lease = found[key].clone();
-                        e.confirmed_at = sent;
-                    }
-                    Check::Taken => {
-                        warn!(lease = %key.1, namespace = %key.0, "a held lease was taken by someone else");
-                        e.lost = true;
-                    }
-                    Check::Absent => out.push((key.clone(), e.lease.clone(), Check::Absent)),
-                }
-            }
-            out
-        };
-        for (key, lease, _) in judged {
+        for (key, lease) in self.judge(found, sent) {
             let api: Api<Lease> = Api::namespaced(client.clone(), &key.0);
             let claim = Claim {
                 holder: holder(&lease).unwrap_or_default().to_string(),
@@ -121,6 +113,7 @@ impl HeldLeases {
                     warn!(lease = %key.1, namespace = %key.0, "a held lease was deleted under its holder; re-created");
                     e.lease = h.lease;
                     e.confirmed_at = h.written_at;
+                    e.landed_at = Instant::now();
                 }
                 // Not gone after all: the list was served before our own create (a claim in flight) landed.
                 Ok(Ok(Acquire::Lost(Some(now)))) if check(&lease, Some(&now)) == Check::Ours => e.lease = now,
@@ -129,6 +122,27 @@ impl HeldLeases {
                 Err(_) => warn!(lease = %key.1, "re-creating a held lease timed out; retrying"),
             }
         }
+    }
+
+    /// Judge every Lease whose write had landed before `sent` against `found` (a list sent at `sent`): confirm
+    /// ours, mark the taken ones lost, and return the absent ones (to re-create).
+    fn judge(&self, found: &HashMap<Key, Lease>, sent: Instant) -> Vec<(Key, Lease)> {
+        let mut entries = self.entries.lock().unwrap();
+        let mut absent = Vec::new();
+        for (key, e) in entries.iter_mut().filter(|(_, e)| !e.lost && e.landed_at <= sent) {
+            match check(&e.lease, found.get(key)) {
+                Check::Ours => {
+                    e.lease = found[key].clone();
+                    e.confirmed_at = sent;
+                }
+                Check::Taken => {
+                    warn!(lease = %key.1, namespace = %key.0, "a held lease was taken by someone else");
+                    e.lost = true;
+                }
+                Check::Absent => absent.push((key.clone(), e.lease.clone())),
+            }
+        }
+        absent
     }
 
     /// How many Leases are held.
@@ -313,5 +327,37 @@ mod tests {
         assert_eq!(check(&held, Some(&lease("u1", Some("b"), 1))), Check::Taken);
         assert_eq!(check(&held, Some(&lease("u2", Some("a"), 0))), Check::Taken, "re-created by someone else");
         assert_eq!(check(&held, Some(&lease("u1", None, 0))), Check::Taken, "vacated by someone else");
+    }
+
+    /// Seen in chaos-free CI (concurrency keys): a replica took over its own disowned key Lease for the key's next
+    /// job, and its confirming list, sent after the takeover's write was sent but served before it landed, showed
+    /// the disowned version: the attempt was judged taken over, stopped after its work, and run again.
+    #[test]
+    fn a_list_sent_before_a_takeovers_answer_came_in_does_not_judge_it_taken() {
+        let registry = HeldLeases::default();
+        let mut ours = lease("u1", Some("a"), 0);
+        ours.metadata.name = Some("key".into());
+        ours.metadata.namespace = Some("ns".into());
+        let key = key_of(&ours);
+        let written_at = Instant::now();
+        let list_sent = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        let entry =
+            Entry { hold: 1, lease: ours.clone(), confirmed_at: written_at, landed_at: Instant::now(), lost: false };
+        registry.entries.lock().unwrap().insert(key.clone(), entry);
+        // The list shows the version the takeover replaced: held by no tenure.
+        let found: HashMap<Key, Lease> = [(key.clone(), lease("u1", Some("a"), 0))]
+            .into_iter()
+            .map(|(k, mut l)| {
+                l.metadata.annotations = None;
+                l.spec.as_mut().unwrap().holder_identity = None;
+                (k, l)
+            })
+            .collect();
+        assert!(registry.judge(&found, list_sent).is_empty());
+        assert!(!registry.entries.lock().unwrap()[&key].lost, "a list older than the write says nothing of it");
+        // A list sent after the answer came in does.
+        assert!(registry.judge(&found, Instant::now()).is_empty());
+        assert!(registry.entries.lock().unwrap()[&key].lost);
     }
 }
