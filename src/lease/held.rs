@@ -124,17 +124,21 @@ impl HeldLeases {
         }
     }
 
-    /// Judge every Lease whose write had landed before `sent` against `found` (a list sent at `sent`): confirm
-    /// ours, mark the taken ones lost, and return the absent ones (to re-create).
+    /// Judge the held Leases against `found` (a list sent at `sent`): confirm ours, mark the taken ones lost, and
+    /// return the absent ones (to re-create). Only a list sent after a write's answer came in may say it was taken
+    /// or is gone.
     fn judge(&self, found: &HashMap<Key, Lease>, sent: Instant) -> Vec<(Key, Lease)> {
         let mut entries = self.entries.lock().unwrap();
         let mut absent = Vec::new();
-        for (key, e) in entries.iter_mut().filter(|(_, e)| !e.lost && e.landed_at <= sent) {
+        for (key, e) in entries.iter_mut().filter(|(_, e)| !e.lost && e.confirmed_at <= sent) {
             match check(&e.lease, found.get(key)) {
+                // Our very tenure in a list sent after our write was: proof enough, whenever the answer came.
                 Check::Ours => {
                     e.lease = found[key].clone();
                     e.confirmed_at = sent;
                 }
+                // Anything else says nothing of a write whose answer came in after the list was sent.
+                _ if e.landed_at > sent => {}
                 Check::Taken => {
                     warn!(lease = %key.1, namespace = %key.0, "a held lease was taken by someone else");
                     e.lost = true;
@@ -359,5 +363,25 @@ mod tests {
         // A list sent after the answer came in does.
         assert!(registry.judge(&found, Instant::now()).is_empty());
         assert!(registry.entries.lock().unwrap()[&key].lost);
+    }
+
+    /// The other side of the rule above (review of the fix): a list sent before the answer came in that shows our
+    /// own tenure confirms the Lease, or the attempt's renew deadline would run a list's latency short.
+    #[test]
+    fn a_list_sent_before_the_answer_came_in_that_shows_our_tenure_confirms_the_lease() {
+        let registry = HeldLeases::default();
+        let mut ours = lease("u1", Some("a"), 0);
+        ours.metadata.name = Some("key".into());
+        let key = key_of(&ours);
+        let written_at = Instant::now();
+        let list_sent = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        let entry =
+            Entry { hold: 1, lease: ours.clone(), confirmed_at: written_at, landed_at: Instant::now(), lost: false };
+        registry.entries.lock().unwrap().insert(key.clone(), entry);
+        let found: HashMap<Key, Lease> = [(key.clone(), ours)].into_iter().collect();
+        registry.judge(&found, list_sent);
+        let e = &registry.entries.lock().unwrap()[&key];
+        assert!(!e.lost && e.confirmed_at == list_sent);
     }
 }
