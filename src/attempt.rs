@@ -76,9 +76,14 @@ impl AttemptControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the leadership the attempt was claimed under (if any) still holds.
+    fn leader_current(&self) -> bool {
+        self.leader.as_ref().is_none_or(|k| k.is_current())
+    }
+
     /// Whether the leadership the attempt was claimed under (if any) still holds, or no longer matters.
     fn leading(&self) -> bool {
-        self.state().out_of_reach || self.leader.as_ref().is_none_or(|k| k.is_current())
+        self.state().out_of_reach || self.leader_current()
     }
 
     /// Just before the attempt's work starts: `Some(reason)` if it must not start (this replica is shutting down,
@@ -89,7 +94,7 @@ impl AttemptControl {
         if let Some(reason @ (StopReason::Shutdown | StopReason::NotLeader)) = state.reason {
             return Some(reason);
         }
-        if !self.leader.as_ref().is_none_or(|k| k.is_current()) {
+        if !self.leader_current() {
             return Some(StopReason::NotLeader);
         }
         state.out_of_reach = out_of_reach && state.reason.is_none();

@@ -333,11 +333,8 @@ mod tests {
         assert_eq!(check(&held, Some(&lease("u1", None, 0))), Check::Taken, "vacated by someone else");
     }
 
-    /// Seen in chaos-free CI (concurrency keys): a replica took over its own disowned key Lease for the key's next
-    /// job, and its confirming list, sent after the takeover's write was sent but served before it landed, showed
-    /// the disowned version: the attempt was judged taken over, stopped after its work, and run again.
-    #[test]
-    fn a_list_sent_before_a_takeovers_answer_came_in_does_not_judge_it_taken() {
+    /// A registry holding `key` in namespace `ns`, written (sent) before `list_sent` and answered after it.
+    fn answered_after_a_list_was_sent() -> (HeldLeases, Lease, Key, Instant) {
         let registry = HeldLeases::default();
         let mut ours = lease("u1", Some("a"), 0);
         ours.metadata.name = Some("key".into());
@@ -349,15 +346,20 @@ mod tests {
         let entry =
             Entry { hold: 1, lease: ours.clone(), confirmed_at: written_at, landed_at: Instant::now(), lost: false };
         registry.entries.lock().unwrap().insert(key.clone(), entry);
+        (registry, ours, key, list_sent)
+    }
+
+    /// Seen in chaos-free CI (concurrency keys): a replica took over its own disowned key Lease for the key's next
+    /// job, and its confirming list, sent after the takeover's write was sent but served before it landed, showed
+    /// the disowned version: the attempt was judged taken over, stopped after its work, and run again.
+    #[test]
+    fn a_list_sent_before_a_takeovers_answer_came_in_does_not_judge_it_taken() {
+        let (registry, ours, key, list_sent) = answered_after_a_list_was_sent();
         // The list shows the version the takeover replaced: held by no tenure.
-        let found: HashMap<Key, Lease> = [(key.clone(), lease("u1", Some("a"), 0))]
-            .into_iter()
-            .map(|(k, mut l)| {
-                l.metadata.annotations = None;
-                l.spec.as_mut().unwrap().holder_identity = None;
-                (k, l)
-            })
-            .collect();
+        let mut replaced = ours;
+        replaced.metadata.annotations = None;
+        replaced.spec.as_mut().unwrap().holder_identity = None;
+        let found: HashMap<Key, Lease> = [(key.clone(), replaced)].into_iter().collect();
         assert!(registry.judge(&found, list_sent).is_empty());
         assert!(!registry.entries.lock().unwrap()[&key].lost, "a list older than the write says nothing of it");
         // A list sent after the answer came in does.
@@ -369,16 +371,7 @@ mod tests {
     /// own tenure confirms the Lease, or the attempt's renew deadline would run a list's latency short.
     #[test]
     fn a_list_sent_before_the_answer_came_in_that_shows_our_tenure_confirms_the_lease() {
-        let registry = HeldLeases::default();
-        let mut ours = lease("u1", Some("a"), 0);
-        ours.metadata.name = Some("key".into());
-        let key = key_of(&ours);
-        let written_at = Instant::now();
-        let list_sent = Instant::now();
-        std::thread::sleep(Duration::from_millis(2));
-        let entry =
-            Entry { hold: 1, lease: ours.clone(), confirmed_at: written_at, landed_at: Instant::now(), lost: false };
-        registry.entries.lock().unwrap().insert(key.clone(), entry);
+        let (registry, ours, key, list_sent) = answered_after_a_list_was_sent();
         let found: HashMap<Key, Lease> = [(key.clone(), ours)].into_iter().collect();
         registry.judge(&found, list_sent);
         let e = &registry.entries.lock().unwrap()[&key];
