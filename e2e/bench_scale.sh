@@ -3,9 +3,11 @@
 # replicas (release build, separate processes) drain that many pre-created jobs on the local control plane, and the
 # script prints, per size, in one run:
 #   throughput (jobs/s, first start to last finish), replica CPU per job, peak RSS per replica (VmHWM), apiserver
-#   CPU per job, successful API writes per job (BackgroundJob and Lease writes that landed, from the apiserver's
-#   counters; the replicas record no Event for a job that succeeds), refused claims per job, the apiserver's memory per 10k created jobs
-#   and a job's size as stored, and the
+#   CPU per job (and etcd's, the recorder's and the whole machine's: on a 2-core machine throughput follows the
+#   machine's CPU per job, so they say where a larger backlog's extra time went), successful API writes per job
+#   (BackgroundJob and Lease writes that landed, from the apiserver's counters; the replicas record no Event for a
+#   job that succeeds), refused claims per job, the apiserver's memory per 10k created jobs, a job's size as stored,
+#   and the
 #   adversarial tier's checker line (bgjobs-history: lost, overlaps, duplicates).
 #
 #   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k run takes about 30 minutes)
@@ -123,9 +125,13 @@ one_size() {
   "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
   RECORDER_PID=$!
   metrics_snapshot "$dir/metrics-before.txt"
-  local api_pid api_cpu0
+  local api_pid api_cpu0 etcd_pid etcd_cpu0 rec_cpu0 busy0
   api_pid=$(plane_pid kube-apiserver)
   api_cpu0=$(cpu_seconds "$api_pid")
+  etcd_pid=$(plane_pid etcd)
+  etcd_cpu0=$(cpu_seconds "$etcd_pid")
+  rec_cpu0=$(cpu_seconds "$RECORDER_PID")
+  busy0=$(busy_cpu_seconds)
   BIN=$WORKER launch_replicas "$dir" "$PID_DIR" "$NS" "$REPLICAS" "$SLOTS" scale \
     --exec-log "$dir/replicas.exec"
   local done_before=-1 stalled_since=$SECONDS done_now
@@ -147,8 +153,12 @@ one_size() {
     r=$(peak_rss_mib "$pid")
     rss=$(awk -v a="$rss" -v b="$r" 'BEGIN {print (b > a ? b : a)}')
   done
-  local api_cpu
-  api_cpu=$(awk -v a="$api_cpu0" -v b="$(cpu_seconds "$api_pid")" 'BEGIN {printf "%.2f", b - a}')
+  per_job_ms() { awk -v a="$1" -v b="$2" -v n="$n" 'BEGIN {printf "%.2f", (b - a) * 1000 / n}'; }
+  local api_ms etcd_ms rec_ms busy_ms
+  api_ms=$(per_job_ms "$api_cpu0" "$(cpu_seconds "$api_pid")")
+  etcd_ms=$(per_job_ms "$etcd_cpu0" "$(cpu_seconds "$etcd_pid")")
+  rec_ms=$(per_job_ms "$rec_cpu0" "$(cpu_seconds "$RECORDER_PID")")
+  busy_ms=$(per_job_ms "$busy0" "$(busy_cpu_seconds)")
   metrics_snapshot "$dir/metrics-after.txt"
   wait_quiet "$dir/status.jsonl" 10 600
   cleanup
@@ -163,10 +173,10 @@ one_size() {
   check=$("$HISTORY" check "$dir" --per-replica-cap "$SLOTS" 2>&1 | head -n 20) || true
   echo "$check" >"$dir/check.txt"
   {
-    printf 'backlog=%d jobs_per_s=%.1f replica_cpu_ms_per_job=%.2f peak_rss_mib=%s apiserver_cpu_ms_per_job=%.2f ' \
+    printf 'backlog=%d jobs_per_s=%.1f replica_cpu_ms_per_job=%.2f peak_rss_mib=%s apiserver_cpu_ms_per_job=%s ' \
       "$n" "$(awk -v n="$n" -v s="$span" 'BEGIN {print (s > 0 ? n / s : 0)}')" \
-      "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" \
-      "$(awk -v c="$api_cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')"
+      "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" "$api_ms"
+    printf 'etcd_cpu_ms_per_job=%s recorder_cpu_ms_per_job=%s machine_cpu_ms_per_job=%s ' "$etcd_ms" "$rec_ms" "$busy_ms"
     printf 'writes_per_job=%.2f (jobs %d, leases %d) refused_claims_per_job=%.2f apiserver_rss_mib_per_10k_jobs=%s stored_job_bytes=%s\n' \
       "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
       "$(awk -v r="$refused" -v n="$n" 'BEGIN {print r / n}')" \

@@ -35,6 +35,7 @@ use crate::worker::Worker;
 
 /// Run one operator replica until SIGTERM or SIGINT.
 pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
+    crate::allocator::keep_little_freed_memory();
     let timing = config.lease_timing();
     timing.validate()?;
     config.validate()?;

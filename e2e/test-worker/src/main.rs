@@ -13,10 +13,6 @@
 mod exec_log;
 mod recorder;
 
-// The allocator of the `bgjobs` binary, so that the benchmarks' memory figures are the product's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
