@@ -19,6 +19,29 @@ use tracing::{info, warn};
 
 use crate::lease::{self, Acquire, Claim, Keeper, LeaseTiming, Observer};
 
+/// What the leader may start, given the jobs that run but not in this process's own attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Starts {
+    /// Anything: nothing runs elsewhere.
+    Any,
+    /// Only orphaned attempts (their holder stopped renewing), in queue order: a new attempt of an in-process job, or
+    /// the adoption of a Pod that may still run. Nothing new starts beside them.
+    Orphans,
+    /// Only adoptions of orphaned Pods (which run anyway): something runs elsewhere under a live claim, so no new
+    /// attempt of any job may start beside it.
+    Adoptions,
+}
+
+/// The leader's rule (see [`Starts`]): `live` if a job runs elsewhere under a live claim (or is claimed elsewhere
+/// although this replica's cache still shows it waiting), `orphans` if a job's holder stopped renewing.
+pub fn starts(live: bool, orphans: bool) -> Starts {
+    match (live, orphans) {
+        (true, _) => Starts::Adoptions,
+        (false, true) => Starts::Orphans,
+        (false, false) => Starts::Any,
+    }
+}
+
 /// Name of the cluster-wide Lease.
 pub const EXCLUSIVE_LEASE: &str = "bgjobs-exclusive";
 
@@ -99,5 +122,18 @@ async fn try_acquire(
             warn!(error = %e, lease = %current.map(|l| l.name_any()).unwrap_or_default(), "cannot acquire the exclusive lease");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_starts_no_new_attempt_beside_a_job_that_runs_elsewhere_under_a_live_claim() {
+        assert_eq!(starts(false, false), Starts::Any);
+        assert_eq!(starts(false, true), Starts::Orphans, "orphans are taken over when nothing else runs");
+        assert_eq!(starts(true, true), Starts::Adoptions, "an orphan restarted beside a live job would run two");
+        assert_eq!(starts(true, false), Starts::Adoptions);
     }
 }

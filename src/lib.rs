@@ -13,7 +13,7 @@
 //! (`attempt`, `executor`) → record (`status`, `retry`). Where each guarantee lives: every Lease is written, kept
 //! and judged in `lease` (one expiry rule, one renew loop); every scheduling decision reads the apiserver's clock
 //! (`clock`); names derived from user names stay within Kubernetes' limits through `names`.
-// One module calls the C library (`allocator`, two `mallopt` settings); nothing else may.
+// One function calls the C library (`allocator`: two `mallopt` settings); nothing else may.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use crate::allocator::keep_little_freed_memory;
 use crate::api::BackgroundJob;
 use crate::config::{OperatorConfig, Strategy};
 use crate::dispatch::Dispatcher;
@@ -35,7 +36,6 @@ use crate::worker::Worker;
 
 /// Run one operator replica until SIGTERM or SIGINT.
 pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
-    crate::allocator::keep_little_freed_memory();
     let timing = config.lease_timing();
     timing.validate()?;
     config.validate()?;

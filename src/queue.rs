@@ -178,8 +178,8 @@ fn note<K>(shared: &Mutex<Changes>, event: &watcher::Event<K>, mut each: impl Fn
 }
 
 /// Drop from a cached job what dispatch never reads: managed fields, kubectl's copy of the last applied manifest,
-/// the arguments, a finished job's result, and the Pod template (whose presence is kept: it decides how an orphaned
-/// attempt is handled).
+/// the arguments, a finished job's result, error, conditions and claim record, and the Pod template (whose presence
+/// is kept: it decides how an orphaned attempt is handled).
 pub fn slim(job: &mut BackgroundJob) {
     job.metadata.managed_fields = None;
     if let Some(annotations) = job.metadata.annotations.as_mut() {

@@ -4,7 +4,7 @@
 //! replicas: changing one is a breaking change (docs/install.md, upgrades).
 
 pub use crate::admission::{CREATED_BY, CREATED_BY_GROUPS, PATH as ADMISSION_PATH};
-pub use crate::claim::JOB_LABEL;
+pub use crate::claim::{JOB_LABEL, lease_name as claim_lease_name};
 pub use crate::exclusive::EXCLUSIVE_LEASE;
 pub use crate::keys::{KEY_LABEL, lease_name as key_lease_name};
 pub use crate::lease::tenure::{HELD_BY_LABEL, REVOKED_ANNOTATION, TENURE_ANNOTATION};

@@ -371,18 +371,75 @@ async fn a_key_lease_held_for_a_job_this_replica_has_not_seen_is_waited_out_not_
     // this): it is renewed, so it must hold the key, whoever it names.
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     let name = bgjobs::wire::key_lease_name("tenant-1");
+    leases
+        .create(&PostParams::default(), &held_elsewhere(&name, bgjobs::wire::KEY_LABEL, "not-yet-seen"))
+        .await
+        .unwrap();
+    let _r = env.replica("r", &[]);
+    env.create("keyed", json!({"jobName": "noop", "concurrencyKey": "tenant-1"})).await;
+    // Keep the Lease alive for 6 s, as its holder would.
+    let holder = Holder::until(&leases, &name, Duration::from_secs(6));
+    while holder.renew().await {
+        let job = env.jobs.get("keyed").await.unwrap();
+        assert_eq!(job.phase(), Phase::Waiting, "the job ran while another holder kept its key: {:?}", job.status);
+    }
+    // Once nobody renews it, the key Lease expires and the job runs.
+    env.wait_job("keyed", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_leader_starts_nothing_while_another_replica_holds_a_live_claim_on_a_waiting_job() {
+    let env = TestEnv::new("exclusive-claimed").await;
+    // A live claim Lease on a job cached as Waiting: what an old leader's claim looks like to a new leader whose job
+    // watch has not shown the job Running yet (review F3). The leader must start nothing beside it.
+    let first = env.create("first", json!({"jobName": "noop"})).await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let name = bgjobs::wire::claim_lease_name(&first);
+    let ghost = held_elsewhere(&name, bgjobs::wire::JOB_LABEL, first.uid().as_deref().unwrap());
+    leases.create(&PostParams::default(), &ghost).await.unwrap();
+    env.create("second", json!({"jobName": "noop"})).await;
+    // Renewed from before the replica starts (its first look at the Lease starts its clock) until 8 s after it leads.
+    let mut holder = Holder::until(&leases, &name, MINUTE);
+    let args =
+        ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str(), "--max-concurrent-jobs-per-instance", "1"];
+    let _r = env.replica("r", &args);
+    loop {
+        assert!(holder.renew().await, "the replica did not lead within a minute");
+        let exclusive = leases.get_opt(bgjobs::wire::EXCLUSIVE_LEASE).await.unwrap();
+        if exclusive.as_ref().and_then(|l| bgjobs::wire::holder(l)).is_some() {
+            break;
+        }
+    }
+    holder.until = std::time::Instant::now() + Duration::from_secs(8);
+    while holder.renew().await {
+        let jobs = env.jobs.list(&Default::default()).await.unwrap().items;
+        assert!(
+            jobs.iter().all(|j| j.phase() == Phase::Waiting),
+            "a job started while another replica held a live claim: {:?}",
+            jobs.iter().map(|j| (j.name_any(), j.phase())).collect::<Vec<_>>()
+        );
+    }
+    // Once its holder stops renewing, the claim expires: both jobs run, one at a time, the first one first.
+    let jobs =
+        env.wait_until(MINUTE, "both jobs Succeeded", |jobs| jobs.len() == 2 && all_in(jobs, Phase::Succeeded)).await;
+    let started = |n: &str| jobs.iter().find(|j| j.name_any() == n).and_then(|j| j.status.as_ref()?.start_time.clone());
+    assert!(started("first") <= started("second"), "FIFO: {:?} then {:?}", started("first"), started("second"));
+}
+
+/// A Lease held by a replica the test plays ("elsewhere") for the job or key `uid` names, labelled `label`.
+fn held_elsewhere(name: &str, label: &str, uid: &str) -> Lease {
     let mut ghost = Lease::default();
-    ghost.metadata.name = Some(name.clone());
+    ghost.metadata.name = Some(name.to_string());
     ghost.metadata.labels = Some(
         [
             (bgjobs::wire::MANAGED_BY_LABEL.to_string(), bgjobs::wire::MANAGED_BY.to_string()),
-            (bgjobs::wire::KEY_LABEL.to_string(), "true".to_string()),
+            (label.to_string(), "true".to_string()),
         ]
         .into(),
     );
     ghost.metadata.annotations = Some(
         [
-            (bgjobs::wire::JOB_UID_ANNOTATION.to_string(), "not-yet-seen".to_string()),
+            (bgjobs::wire::JOB_UID_ANNOTATION.to_string(), uid.to_string()),
             (bgjobs::wire::ATTEMPT_ANNOTATION.to_string(), "1".to_string()),
         ]
         .into(),
@@ -392,25 +449,36 @@ async fn a_key_lease_held_for_a_job_this_replica_has_not_seen_is_waited_out_not_
         lease_duration_seconds: Some(3),
         ..Default::default()
     });
-    leases.create(&PostParams::default(), &ghost).await.unwrap();
-    let _r = env.replica("r", &[]);
-    env.create("keyed", json!({"jobName": "noop", "concurrencyKey": "tenant-1"})).await;
-    // Keep the Lease alive for 6 s, as its holder would.
-    let renewed_until = std::time::Instant::now() + Duration::from_secs(6);
-    while std::time::Instant::now() < renewed_until {
-        let l = leases.get_opt(&name).await.unwrap();
+    ghost
+}
+
+/// The replica the test plays: renews a Lease of "elsewhere" until a time, as that holder would.
+struct Holder<'a> {
+    leases: &'a Api<Lease>,
+    name: &'a str,
+    until: std::time::Instant,
+}
+
+impl<'a> Holder<'a> {
+    fn until(leases: &'a Api<Lease>, name: &'a str, span: Duration) -> Self {
+        Holder { leases, name, until: std::time::Instant::now() + span }
+    }
+
+    /// Renew once (checking nobody took the Lease), then wait 500 ms; false once the time is up.
+    async fn renew(&self) -> bool {
+        if std::time::Instant::now() >= self.until {
+            return false;
+        }
+        let l = self.leases.get_opt(self.name).await.unwrap();
         let held_by = l.as_ref().and_then(|l| bgjobs::wire::holder(l)).map(str::to_string);
-        assert_eq!(held_by.as_deref(), Some("elsewhere"), "the key Lease was taken from its live holder");
+        assert_eq!(held_by.as_deref(), Some("elsewhere"), "the Lease {} was taken from its live holder", self.name);
         let mut l = l.unwrap();
         l.spec.as_mut().unwrap().renew_time =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(jiff::Timestamp::now()));
-        let _ = leases.replace(&name, &PostParams::default(), &l).await;
-        let job = env.jobs.get("keyed").await.unwrap();
-        assert_eq!(job.phase(), Phase::Waiting, "the job ran while another holder kept its key: {:?}", job.status);
+        let _ = self.leases.replace(self.name, &PostParams::default(), &l).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
+        true
     }
-    // Once nobody renews it, the key Lease expires and the job runs.
-    env.wait_job("keyed", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,6 +193,14 @@ fn until(t: Timestamp, now: Timestamp) -> Duration {
     if d.is_positive() { d.unsigned_abs() } else { Duration::ZERO }
 }
 
+/// Whether a job this replica is not acting on is being claimed or run by another replica although it is cached
+/// as `Waiting`: its claim Lease for the next attempt is live. That is the job cache lagging the claim (or a claim
+/// between its Lease and its status write); the exclusive strategy's leader counts it as running elsewhere.
+pub fn claimed_elsewhere(f: &Facts<'_>, timing: &LeaseTiming) -> bool {
+    f.job.phase() == Phase::Waiting
+        && claim::lease_state(f.job, f.lease.map(|l| l.as_ref()), f.lease_unchanged, timing) == LeaseState::Live
+}
+
 fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -364,6 +372,18 @@ mod tests {
     fn a_claim_in_flight_elsewhere_is_left_alone() {
         let (j, l) = (job(serde_json::json!({}), Phase::Waiting, 0), claim_lease(1));
         assert!(matches!(triage(&facts(&j, Some(&l), 2, 1), &T), Decision::Leave { .. }));
+    }
+
+    #[test]
+    fn a_waiting_job_is_claimed_elsewhere_only_while_a_claim_lease_for_its_next_attempt_is_live() {
+        let waiting = job(serde_json::json!({}), Phase::Waiting, 0);
+        let (next, earlier) = (claim_lease(1), claim_lease(0));
+        assert!(claimed_elsewhere(&facts(&waiting, Some(&next), 2, 1), &T));
+        assert!(!claimed_elsewhere(&facts(&waiting, Some(&next), 15, 1), &T), "stood still a lease duration");
+        assert!(!claimed_elsewhere(&facts(&waiting, Some(&earlier), 2, 1), &T), "an earlier attempt's Lease");
+        assert!(!claimed_elsewhere(&facts(&waiting, None, 0, 1), &T));
+        let running = job(serde_json::json!({}), Phase::Running, 1);
+        assert!(!claimed_elsewhere(&facts(&running, Some(&next), 2, 1), &T), "running jobs are counted as such");
     }
 
     #[test]

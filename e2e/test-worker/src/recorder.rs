@@ -85,7 +85,10 @@ async fn record_jobs(api: Api<BackgroundJob>, dir: &Path) -> Result<(), String> 
         .map_err(|e| format!("{}: {e}", path.display()))?;
     // First sighting of each job, in ms: a creation time finer than creationTimestamp's whole seconds.
     let mut first_seen: HashMap<String, i64> = HashMap::new();
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    // Lists come from the apiserver's watch cache in one response, as the replicas' do: a paged list from etcd of
+    // 100,000 jobs outlives etcd's compaction window on a busy machine and starts over, again and again, while the
+    // queue moves on unrecorded.
+    let stream = watcher::watcher(api, watcher::Config::default().any_semantic()).default_backoff();
     futures::pin_mut!(stream);
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -133,7 +136,7 @@ async fn record_jobs(api: Api<BackgroundJob>, dir: &Path) -> Result<(), String> 
         let line = line(&job, now, created_ms, deleted);
         // A re-list repeats every job; only a version not yet recorded is a change (a benchmark counts the lines as
         // the queue's writes).
-        if !deleted && alive.get(&uid).is_some_and(|last| last.rv == line.rv) {
+        if !deleted && alive.get(&uid).is_some_and(|last| last.rv == line.rv || older(&line.rv, &last.rv)) {
             continue;
         }
         if deleted {
@@ -143,6 +146,12 @@ async fn record_jobs(api: Api<BackgroundJob>, dir: &Path) -> Result<(), String> 
         }
         write(&line)?;
     }
+}
+
+/// Whether version `a` is older than `b` (a list served from a watch cache may trail the watch's last event). Compared
+/// as numbers, which the apiserver's etcd revisions are; versions that do not parse are never older.
+fn older(a: &str, b: &str) -> bool {
+    matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a < b)
 }
 
 fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> StatusLine {
