@@ -202,3 +202,7 @@ for n in $SIZES; do one_size "$n"; done
 echo
 echo "==> summary"
 cat "$RUN_DIR"/*/figures.txt | tee "$RUN_DIR/summary.txt"
+echo
+echo "the last size's namespace ($NS) is still being deleted: the namespace controller deletes its jobs one by one,"
+echo "which loads the apiserver for minutes after a large size (tests run meanwhile may time out);"
+echo "e2e/cluster.sh down && e2e/cluster.sh up starts afresh at once"
