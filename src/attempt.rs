@@ -391,7 +391,7 @@ async fn record(
             info!("attempt ended by its worker's report");
             return Ok(true);
         }
-        Ending::Finished(result) => retry::verdict(&job.spec, created, fence.attempt, result, now),
+        Ending::Finished(result) => retry::verdict(&job.spec, created, job.attempts_spent(fence.attempt), result, now),
         Ending::DeadlineReached => Verdict::Abandon(format!(
             "attempt {} was still running when the job's timeout of {}s since creation passed; it was stopped",
             fence.attempt, job.spec.timeout_seconds
@@ -399,7 +399,7 @@ async fn record(
         Ending::AttemptTimedOut(secs) => retry::verdict(
             &job.spec,
             created,
-            fence.attempt,
+            job.attempts_spent(fence.attempt),
             AttemptResult::Retryable(format!(
                 "attempt {} exceeded attemptTimeoutSeconds ({secs}s) and was cancelled",
                 fence.attempt
@@ -444,8 +444,11 @@ async fn record(
                 "attempt {} was not started: worker {} {why} right after claiming it",
                 fence.attempt, worker.identity
             );
-            let written =
-                status::write_fenced(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
+            let written = status::write_fenced(jobs, job, fence, |s| {
+                status::requeue(s, None, msg.clone(), now);
+                s.unstarted_attempts += 1;
+            })
+            .await?;
             info!("attempt handed back to the queue before it started");
             return Ok(matches!(written, Fenced::Written(_)));
         }

@@ -254,6 +254,11 @@ pub struct BackgroundJobStatus {
     #[serde(default)]
     pub attempts: i32,
 
+    /// Of `attempts`, those handed back before they started (their replica shut down, or lost the exclusive Lease,
+    /// right after claiming): nothing ran, so they do not count against `retry.maxAttempts`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unstarted_attempts: i32,
+
     /// The job is not started again before this time (delay or retry backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_time: Option<Time>,
@@ -387,6 +392,15 @@ impl BackgroundJob {
     pub fn attempts(&self) -> i32 {
         self.status.as_ref().map(|s| s.attempts).unwrap_or(0)
     }
+
+    /// Of attempt number `attempt`, how many count against `retry.maxAttempts` (those that really started).
+    pub fn attempts_spent(&self, attempt: i32) -> i32 {
+        attempt - self.status.as_ref().map(|s| s.unstarted_attempts).unwrap_or(0)
+    }
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 fn default_queue() -> String {

@@ -110,7 +110,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
         };
         return Decision::Settle { phase: Phase::Cancelled, reason: reason.into(), state };
     }
-    match retry::may_start(&job.spec, created, job.attempts(), f.now) {
+    match retry::may_start(&job.spec, created, job.attempts_spent(job.attempts()), f.now) {
         Ok(()) => {}
         Err(Verdict::Fail(_)) if adoptable => {}
         Err(verdict) => {
@@ -372,6 +372,14 @@ mod tests {
     fn a_claim_in_flight_elsewhere_is_left_alone() {
         let (j, l) = (job(serde_json::json!({}), Phase::Waiting, 0), claim_lease(1));
         assert!(matches!(triage(&facts(&j, Some(&l), 2, 1), &T), Decision::Leave { .. }));
+    }
+
+    #[test]
+    fn an_attempt_handed_back_before_it_started_does_not_use_up_the_budget() {
+        let mut j = job(serde_json::json!({"retry": {"maxAttempts": 1}}), Phase::Waiting, 1);
+        assert!(matches!(triage(&facts(&j, None, 0, 10), &T), Decision::Settle { phase: Phase::Failed, .. }));
+        j.status.as_mut().unwrap().unstarted_attempts = 1;
+        assert!(matches!(triage(&facts(&j, None, 0, 10), &T), Decision::Claim { .. }), "nothing of it ran");
     }
 
     #[test]

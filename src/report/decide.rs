@@ -151,7 +151,7 @@ pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timesta
             let message = format!("the worker reported failure: {}", cut(&message));
             let result = if retryable { AttemptResult::Retryable(message) } else { AttemptResult::Permanent(message) };
             Ok(Change::Outcome {
-                verdict: retry::verdict(&job.spec, created, claims.attempt, result, now),
+                verdict: retry::verdict(&job.spec, created, job.attempts_spent(claims.attempt), result, now),
                 result: None,
             })
         }
