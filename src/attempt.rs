@@ -353,7 +353,11 @@ async fn run_claimed(
         );
         return Handover::PodRunsOn;
     }
-    let handed_over = runs_on && matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
+    // An adoption stopped before it started still has its Pod or its reporting worker at work: handed over too,
+    // never requeued (a requeue would start the next attempt beside it).
+    let adoption_not_started = took_over && matches!(ending, Ending::NotStarted(_));
+    let handed_over = runs_on
+        && (adoption_not_started || matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader)));
     let record = record(worker, jobs, &job, &fence, ending, handed_over, report.take_result());
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
     let recorded = match tokio::time::timeout(hold.time_left(), record).await {

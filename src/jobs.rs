@@ -294,8 +294,9 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
             job.metadata.name.as_deref().unwrap_or("?")
         ));
     }
-    let attempts = job.attempts();
-    let max_attempts = job.spec.retry.max_attempts.filter(|m| attempts >= *m).map(|m| attempts + retry_budget(job, m));
+    // Measured in attempts that count against the budget (not those handed back before they started).
+    let spent = job.attempts_spent(job.attempts());
+    let max_attempts = job.spec.retry.max_attempts.filter(|m| spent >= *m).map(|m| spent + retry_budget(job, m));
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let deadline = crate::retry::deadline(&job.spec, created);
     let near = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap_or(now) >= deadline;

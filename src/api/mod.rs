@@ -250,13 +250,15 @@ pub struct BackgroundJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
-    /// Attempts started so far, including one that is running and attempts lost with a crashed replica.
+    /// Attempts claimed so far (the fencing epoch), including one that is running, attempts lost with a crashed
+    /// replica, and those handed back before they started (`unstartedAttempts`).
     #[serde(default)]
     pub attempts: i32,
 
     /// Of `attempts`, those handed back before they started (their replica shut down, or lost the exclusive Lease,
     /// right after claiming): nothing ran, so they do not count against `retry.maxAttempts`.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0))]
     pub unstarted_attempts: i32,
 
     /// The job is not started again before this time (delay or retry backoff).
