@@ -256,7 +256,8 @@ impl Dispatcher {
         self.held.remove(&done.uid);
         self.writing.remove(&done.uid);
         self.slots_in_use.remove(&done.uid);
-        if done.lost_to_another && self.leader.is_some() {
+        // Only for a job still known: a deleted one has had its entries cleared (`gone`) and never comes back.
+        if done.lost_to_another && self.leader.is_some() && self.backlog.job(&done.uid).is_some() {
             self.claimed_elsewhere.insert(done.uid.clone());
         }
         // A job deleted meanwhile is forgotten, not held: it will never come back to clear its entry.
@@ -456,10 +457,7 @@ impl Dispatcher {
         members: &[String],
         adoption_slots: &HashMap<String, Arc<Lease>>,
     ) {
-        let Some(job) = self.backlog.job(uid).cloned() else {
-            self.claimed_elsewhere.remove(uid);
-            return;
-        };
+        let Some(job) = self.backlog.job(uid).cloned() else { return };
         let since = self.backlog.take_runnable(uid).map(|c| c.since).or_else(|| self.backlog.take_since(uid));
         self.backlog.disarm(uid);
         if let Some(control) = self.held.get(uid) {
