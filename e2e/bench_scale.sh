@@ -18,6 +18,10 @@
 #   SCALE_CREATE_PARALLEL [4]   concurrent `kubectl create` streams filling the backlog
 #   SCALE_STALL [180]           give up on a size when no job finished for this many seconds
 #   SCALE_NAMESPACE [bgjobs-scale]  the namespace the run fills (deleted and re-created per size)
+#   SCALE_PROFILE_SECONDS [0]   when > 0, the apiserver's own CPU profile (/debug/pprof/profile) is taken for
+#                               that many seconds once a tenth of the jobs finished: <size>/apiserver.pprof, and its
+#                               top functions (own time, then cumulative) in <size>/apiserver-profile.txt
+#                               (`go tool pprof`; the Go that e2e/cluster.sh installs)
 #
 # The replicas are `bgjobs-test-worker operator` (the operator with recording handlers): each job is
 # `jobName: record` with `ms: 0`, so the handler does nothing but write its start and finish lines to the execution
@@ -35,6 +39,8 @@ REPLICAS=${SCALE_REPLICAS:-4}
 SLOTS=${SCALE_SLOTS:-16}
 CREATE_PARALLEL=${SCALE_CREATE_PARALLEL:-4}
 STALL=${SCALE_STALL:-180}
+PROFILE_SECONDS=${SCALE_PROFILE_SECONDS:-0}
+GO=/usr/lib/go-1.19/bin/go # installed by e2e/cluster.sh to build the control plane
 RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
 NS=${SCALE_NAMESPACE:-bgjobs-scale}
@@ -47,6 +53,7 @@ die() {
   exit 1
 }
 
+[[ $PROFILE_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PROFILE_SECONDS must be a number of seconds, got '$PROFILE_SECONDS'"
 for v in $SIZES $REPLICAS $SLOTS $CREATE_PARALLEL $STALL; do
   [[ $v =~ ^[1-9][0-9]*$ ]] || die "sizes, replicas, slots, parallelism and stall must be positive integers, got '$v'"
 done
@@ -134,10 +141,16 @@ one_size() {
   busy0=$(busy_cpu_seconds)
   BIN=$WORKER launch_replicas "$dir" "$PID_DIR" "$NS" "$REPLICAS" "$SLOTS" scale \
     --exec-log "$dir/replicas.exec"
+  local profiler=""
   local done_before=-1 stalled_since=$SECONDS done_now
   while :; do
     done_now=$(finished_jobs "$dir")
     ((done_now >= n)) && break
+    # The profile starts once a tenth of the jobs finished: past the replicas' first list, in the steady drain.
+    if ((PROFILE_SECONDS > 0)) && [ -z "$profiler" ] && ((done_now * 10 >= n)); then
+      kubectl get --raw "/debug/pprof/profile?seconds=$PROFILE_SECONDS" >"$dir/apiserver.pprof" 2>"$dir/pprof.log" &
+      profiler=$!
+    fi
     if ((done_now != done_before)); then
       done_before=$done_now stalled_since=$SECONDS
     elif ((SECONDS - stalled_since > STALL)); then
@@ -147,6 +160,11 @@ one_size() {
     sleep 2
   done
   sleep 3 # the last status writes
+  if [ -n "$profiler" ]; then
+    wait "$profiler" || true
+    { "$GO" tool pprof -top -nodecount=40 "$dir/apiserver.pprof" && echo &&
+      "$GO" tool pprof -top -cum -nodecount=80 "$dir/apiserver.pprof"; } >"$dir/apiserver-profile.txt" 2>>"$dir/pprof.log" || true
+  fi
   local cpu=0 rss=0 r pid
   for pid in "${REPLICA_PIDS[@]}"; do
     cpu=$(awk -v a="$cpu" -v b="$(cpu_seconds "$pid")" 'BEGIN {printf "%.2f", a + b}')

@@ -17,6 +17,10 @@ use serde::Serialize;
 use crate::api::{BackgroundJob, BackgroundJobSpec, Phase};
 use crate::error::Result;
 
+/// The watcher configuration bgjobs' replicas watch jobs with, for tools that watch many jobs too (a dashboard, a
+/// recorder): lists come from the apiserver's watch cache in one response.
+pub use crate::queue::from_watch_cache;
+
 /// Start a recurring definition's job now, outside its schedule (`bgjobs recurring trigger`).
 pub use crate::recurring::trigger as trigger_recurring;
 

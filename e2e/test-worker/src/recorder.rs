@@ -85,10 +85,11 @@ async fn record_jobs(api: Api<BackgroundJob>, dir: &Path) -> Result<(), String> 
         .map_err(|e| format!("{}: {e}", path.display()))?;
     // First sighting of each job, in ms: a creation time finer than creationTimestamp's whole seconds.
     let mut first_seen: HashMap<String, i64> = HashMap::new();
-    // Lists come from the apiserver's watch cache in one response, as the replicas' do: a paged list from etcd of
-    // 100,000 jobs outlives etcd's compaction window on a busy machine and starts over, again and again, while the
-    // queue moves on unrecorded.
-    let stream = watcher::watcher(api, watcher::Config::default().any_semantic()).default_backoff();
+    // Lists come from the apiserver's watch cache in one response, as the replicas' do (`from_watch_cache` says
+    // why): a paged list of 100,000 jobs from etcd outlives the watch cache's window on a busy machine and starts
+    // over, again and again, while the queue moves on unrecorded.
+    let config = bgjobs::jobs::from_watch_cache(watcher::Config::default());
+    let stream = watcher::watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
