@@ -17,9 +17,13 @@ use serde::Serialize;
 use crate::api::{BackgroundJob, BackgroundJobSpec, Phase};
 use crate::error::Result;
 
-/// The watcher configuration bgjobs' replicas watch jobs with, for tools that watch many jobs too (a dashboard, a
-/// recorder): lists come from the apiserver's watch cache in one response.
-pub use crate::queue::from_watch_cache;
+/// Every change to the jobs of `api`, as bgjobs' replicas watch them, for tools that watch many jobs too (a
+/// dashboard, a recorder): kube's `watcher` events, the list read from the apiserver's watch cache item by item.
+pub fn watch(
+    api: Api<BackgroundJob>,
+) -> impl futures::Stream<Item = kube::runtime::watcher::Result<kube::runtime::watcher::Event<BackgroundJob>>> + Send {
+    crate::list_watch::list_watch(api, |_| {})
+}
 
 /// Start a recurring definition's job now, outside its schedule (`bgjobs recurring trigger`).
 pub use crate::recurring::trigger as trigger_recurring;

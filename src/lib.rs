@@ -37,6 +37,7 @@ pub mod jobs;
 pub(crate) mod keys;
 pub(crate) mod lease;
 pub(crate) mod limits;
+pub(crate) mod list_watch;
 pub(crate) mod members;
 pub(crate) mod metrics;
 pub(crate) mod names;

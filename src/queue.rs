@@ -82,7 +82,7 @@ impl QueueView {
         let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
 
         let (noted, dispatch) = (changes.clone(), changed.clone());
-        // Jobs are listed from the apiserver's watch cache (`from_watch_cache`), not page by page from etcd.
+        // Jobs are listed from the apiserver's watch cache and slimmed as the list arrives (`list_watch`).
         // The recurring controller's index of its definitions' jobs (`recurring::Children`) is fed by this one watch
         // too, and only its definitions' jobs wake it. (It once had a label-selected watch of its own: a second list
         // of every job, which on a busy apiserver with 100,000 jobs timed out a minute at a time, for as long as
@@ -90,9 +90,7 @@ impl QueueView {
         let children = crate::recurring::Children::new();
         let index = children.clone();
         let jobs = reflect(
-            scoped::<BackgroundJob>(&client, namespace),
-            from_watch_cache(watcher::Config::default()),
-            slim,
+            crate::list_watch::list_watch(scoped::<BackgroundJob>(&client, namespace), slim),
             "BackgroundJob",
             move |event| {
                 note(&noted, event, |c, job: &BackgroundJob| {
@@ -115,35 +113,27 @@ impl QueueView {
             }
         };
         let leases = reflect(
-            scoped::<Lease>(&client, namespace),
-            watcher::Config::default().labels(&managed),
-            |_| {},
+            watcher(scoped::<Lease>(&client, namespace), watcher::Config::default().labels(&managed)),
             "Lease",
             lease_note(changes.clone(), vec![changed.clone()]),
         );
         let in_lease_ns = || Api::<Lease>::namespaced(client.clone(), lease_namespace);
         let slots = slots.then(|| {
             reflect(
-                in_lease_ns(),
-                watcher::Config::default().labels(SLOT_LABEL),
-                |_| {},
+                watcher(in_lease_ns(), watcher::Config::default().labels(SLOT_LABEL)),
                 "slot Lease",
                 lease_note(changes.clone(), vec![changed.clone()]),
             )
         });
         let both = [changed.clone(), recurring_changed.clone()];
         let members = reflect(
-            in_lease_ns(),
-            watcher::Config::default().labels(MEMBER_LABEL),
-            |_| {},
+            watcher(in_lease_ns(), watcher::Config::default().labels(MEMBER_LABEL)),
             "member Lease",
             move |_| both.iter().for_each(|n| n.notify_one()),
         );
         let recurring = recurring_changed.clone();
         let definitions = reflect(
-            scoped::<RecurringBackgroundJob>(&client, namespace),
-            watcher::Config::default(),
-            |_| {},
+            watcher(scoped::<RecurringBackgroundJob>(&client, namespace), watcher::Config::default()),
             "RecurringBackgroundJob",
             move |_| recurring.notify_one(),
         );
@@ -210,28 +200,10 @@ where
     }
 }
 
-/// `config` with its lists served by the apiserver's watch cache in one response (`resourceVersion=0`, as client-go's
-/// informers list), not page by page from etcd.
-///
-/// With 100,000 jobs a paged quorum list takes minutes on a busy apiserver (each page is an etcd read, decoded and
-/// encoded again), by which time its resourceVersion has left the watch cache's window (75 s of events): the watch
-/// that follows fails as expired and the replica lists again, forever. Seen at 100,000 waiting jobs, with two of four
-/// replicas listing for 16 minutes without running a job. kube's watcher pages its lists by default, and kube leaves
-/// `resourceVersion=0` out of a list that has a limit (the apiserver would ignore the limit), so `any_semantic`
-/// alone still lists from etcd: the page size has to go too. A list from the cache may be older than etcd; nothing
-/// here trusts the cache beyond what a fenced write checks.
-pub fn from_watch_cache(config: watcher::Config) -> watcher::Config {
-    let mut config = config.any_semantic();
-    config.page_size = None;
-    config
-}
-
-/// A reflector over `api`: each object is passed through `modify` before it is cached, and each event, once cached,
-/// to `on_event`.
+/// A reflector over `events` (kube's `watcher`, or `list_watch` for the jobs): each event, once cached, goes to
+/// `on_event`.
 fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    modify: impl FnMut(&mut K) + Send + 'static,
+    events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     what: &'static str,
     on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> Store<K>
@@ -241,7 +213,7 @@ where
 {
     let (store, writer) = reflector::store();
     tokio::spawn(async move {
-        let stream = watcher(api, config).default_backoff().modify(modify).reflect(writer);
+        let stream = events.default_backoff().reflect(writer);
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
@@ -256,41 +228,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The list kube's watcher sends with `config`, answered with an empty list.
-    async fn first_list_request(config: watcher::Config) -> String {
-        let asked = Arc::new(Mutex::new(Vec::<String>::new()));
-        let seen = asked.clone();
-        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            seen.lock().unwrap().push(request.uri().to_string());
-            async move {
-                let list = serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJobList",
-                    "metadata": {"resourceVersion": "5"}, "items": []});
-                Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::from(
-                    serde_json::to_vec(&list).unwrap(),
-                )))
-            }
-        });
-        let api: Api<BackgroundJob> = Api::namespaced(Client::new(service, "ns"), "ns");
-        let mut events = std::pin::pin!(watcher(api, config));
-        // Init, then the list, then InitDone.
-        for _ in 0..2 {
-            events.next().await.expect("an event").expect("no error");
-        }
-        let asked = asked.lock().unwrap();
-        assert_eq!(asked.len(), 1, "one list: {asked:?}");
-        asked[0].clone()
-    }
-
-    #[tokio::test]
-    async fn the_job_watcher_lists_from_the_watch_cache_in_one_response_not_page_by_page_from_etcd() {
-        let list = first_list_request(from_watch_cache(watcher::Config::default())).await;
-        assert!(list.contains("resourceVersion=0"), "{list}");
-        assert!(!list.contains("limit="), "{list}");
-        // What `any_semantic` alone sends: a paged quorum list (kube drops resourceVersion=0 beside a limit).
-        let paged = first_list_request(watcher::Config::default().any_semantic()).await;
-        assert!(paged.contains("limit=500") && !paged.contains("resourceVersion"), "{paged}");
-    }
 
     #[test]
     fn a_slimmed_job_keeps_what_dispatch_reads_and_drops_the_rest() {

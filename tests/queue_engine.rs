@@ -497,7 +497,7 @@ async fn etcd_custom_resource_lists(env: &TestEnv) -> f64 {
 
 /// A replica's first list of its jobs comes from the apiserver's watch cache in one response. A paged list reads
 /// every page from etcd and, at 100,000 jobs on a busy apiserver, outlasts the watch cache's window, so the replica
-/// lists again and again and never runs a job (`queue::from_watch_cache`).
+/// lists again and again and never runs a job (`list_watch`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_lists_a_backlog_of_2500_jobs_from_the_watch_cache_not_page_by_page_from_etcd() {
     let env = TestEnv::new("cache-list").await;

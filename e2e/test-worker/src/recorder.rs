@@ -85,11 +85,10 @@ async fn record_jobs(api: Api<BackgroundJob>, dir: &Path) -> Result<(), String> 
         .map_err(|e| format!("{}: {e}", path.display()))?;
     // First sighting of each job, in ms: a creation time finer than creationTimestamp's whole seconds.
     let mut first_seen: HashMap<String, i64> = HashMap::new();
-    // Lists come from the apiserver's watch cache in one response, as the replicas' do (`from_watch_cache` says
+    // Lists come from the apiserver's watch cache in one response, as the replicas' do (`bgjobs::jobs::watch` says
     // why): a paged list of 100,000 jobs from etcd outlives the watch cache's window on a busy machine and starts
     // over, again and again, while the queue moves on unrecorded.
-    let config = bgjobs::jobs::from_watch_cache(watcher::Config::default());
-    let stream = watcher::watcher(api, config).default_backoff();
+    let stream = bgjobs::jobs::watch(api).default_backoff();
     futures::pin_mut!(stream);
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
