@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) on loopback.
+# A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) on loopback, or
+# with a real node (`up --node`) on a bridge of its own (e2e/node.sh says why and how).
 #
 #   e2e/cluster.sh up       install + build once per machine (cached), start everything, install the CRDs
+#   e2e/cluster.sh up --node
+#                           the same plus a real node (containerd, runc, CNI bridge, kube-proxy, kubelet; e2e/node.sh)
 #   e2e/cluster.sh down     stop exactly the processes `up` started (by PID) and remove the state
 #   e2e/cluster.sh status   say what runs and where
 #   e2e/cluster.sh env      print `export KUBECONFIG=...` for eval
-#   e2e/cluster.sh build    only install and build the binaries into the cache
+#   e2e/cluster.sh build [--node]
+#                           only install and build the binaries (and the node's, and its pause image) into the cache
 #   e2e/cluster.sh restart apiserver|etcd|both
 #                           fault injection: kill -9 and start again, same ports and data (waits until healthy)
 #   e2e/cluster.sh second-apiserver
@@ -16,6 +20,7 @@
 # ${BGJOBS_CACHE:-~/.cache/bgjobs}; the running state (kubeconfig, certs, logs, PID files, etcd data) lives in
 # ${BGJOBS_CLUSTER_DIR:-<repo>/.cluster}, which git ignores. Ports are picked free at start.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/node.sh"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${BGJOBS_CACHE:-$HOME/.cache/bgjobs}
@@ -74,9 +79,29 @@ build_binaries() {
   fi
   install_packages
   fetch_source
+  local tree log=$CACHE/build.log
+  tree=$(unpack_source) || exit 1
+  step "building kube-apiserver, kube-controller-manager, kube-scheduler (about 7 minutes on 2 cores; log: $log)"
+  (
+    cd "$tree"
+    export PATH=$GO_BIN:$PATH CGO_ENABLED=0 HOME=$CACHE/build/home GOCACHE=$CACHE/build/gocache \
+      KUBE_GIT_VERSION_FILE=$CACHE/build/version.env
+    mkdir -p "$HOME"
+    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
+  ) >"$log" 2>&1 || fail "build kubernetes binaries" "$log"
+  mkdir -p "$BIN"
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    cp "$tree/_output/bin/$b" "$BIN/$b"
+  done
+  step "cached binaries in $BIN; removing the build tree"
+  rm -rf "$CACHE/build"
+}
+
+# Unpacks the source into $CACHE/build (outside any git tree, so its version script reads our version file) and
+# prints the tree's path.
+unpack_source() {
   local src=$CACHE/build
-  local log=$CACHE/build.log
-  step "unpacking the kubernetes source (outside any git tree, so its version script reads our version file)"
+  step "unpacking the kubernetes source"
   rm -rf "$src" && mkdir -p "$src"
   tar -xzf "$(ls "$CACHE"/source/kubernetes_*.orig.tar.gz | head -n1)" -C "$src" || fail "unpack source"
   local tree
@@ -91,19 +116,7 @@ KUBE_GIT_VERSION='$K8S_VERSION'
 KUBE_GIT_MAJOR='1'
 KUBE_GIT_MINOR='20'
 EOF
-  step "building kube-apiserver, kube-controller-manager, kube-scheduler (about 7 minutes on 2 cores; log: $log)"
-  (
-    cd "$tree"
-    export PATH=$GO_BIN:$PATH CGO_ENABLED=0 HOME=$src/home GOCACHE=$src/gocache KUBE_GIT_VERSION_FILE=$src/version.env
-    mkdir -p "$HOME"
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
-  ) >"$log" 2>&1 || fail "build kubernetes binaries" "$log"
-  mkdir -p "$BIN"
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
-    cp "$tree/_output/bin/$b" "$BIN/$b"
-  done
-  step "cached binaries in $BIN; removing the build tree"
-  rm -rf "$src"
+  echo "$tree"
 }
 
 # --- run --------------------------------------------------------------------------------------------------------
@@ -144,12 +157,15 @@ start_etcd() { # ports from $STATE/ports.env
 start_apiserver() { # name, port (on the etcd of $STATE/ports.env)
   local name=$1 port=$2
   . "$STATE/ports.env"
-  step "starting $name on https://127.0.0.1:$port"
-  start "$name" "$BIN/kube-apiserver" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+  local addr=${api_addr:-127.0.0.1} admission=--disable-admission-plugins=ServiceAccount
+  # With a node, Pods are real: they get their ServiceAccount's token mounted, as in any cluster.
+  [ "${node:-0}" = 1 ] && admission=--enable-admission-plugins=ServiceAccount
+  step "starting $name on https://$addr:$port"
+  start "$name" "$BIN/kube-apiserver" --bind-address="$addr" --advertise-address="$addr" \
     --secure-port="$port" --cert-dir "$STATE/certs" --etcd-servers "http://127.0.0.1:$etcd_port" \
     --service-cluster-ip-range=10.0.0.0/24 --authorization-mode=RBAC --token-auth-file "$STATE/tokens.csv" \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file "$STATE/certs/sa.pub" \
-    --service-account-signing-key-file "$STATE/certs/sa.key" --disable-admission-plugins=ServiceAccount
+    --service-account-signing-key-file "$STATE/certs/sa.key" "$admission"
 }
 
 write_kubeconfig() { # path, port, token
@@ -159,7 +175,7 @@ kind: Config
 clusters:
 - name: bgjobs-local
   cluster:
-    server: https://127.0.0.1:$2
+    server: https://${api_addr:-127.0.0.1}:$2
     certificate-authority: $STATE/certs/apiserver.crt
 users:
 - name: admin
@@ -210,16 +226,23 @@ second_apiserver() {
 
 all_running() { running etcd && running kube-apiserver && running kube-controller-manager && running kube-scheduler; }
 
-up() {
+up() { # [--node]
+  local want_node=0
+  [ "${1:-}" = --node ] && want_node=1
   if all_running && kubectl --kubeconfig "$STATE/kubeconfig" get --raw /healthz >/dev/null 2>&1; then
-    step "control plane already up (KUBECONFIG=$STATE/kubeconfig)"
-    install_crds
-    return 0
+    local has_node=0
+    grep -q '^node=1$' "$STATE/ports.env" && has_node=1
+    if ((has_node >= want_node)); then
+      step "control plane already up (KUBECONFIG=$STATE/kubeconfig)"
+      install_crds
+      return 0
+    fi
+    step "the control plane runs without a node; starting afresh with one"
   fi
   [ -d "$STATE" ] && down
   # Serialise the per-machine build so two parallel `up`s do not build twice.
   mkdir -p "$CACHE"
-  (flock 9 && build_binaries) 9>"$CACHE/build.lock"
+  (flock 9 && build_binaries && if ((want_node)); then build_node_binaries; fi) 9>"$CACHE/build.lock"
 
   mkdir -p "$STATE/logs" "$STATE/certs" "$STATE/etcd"
   local etcd_port peer_port api_port token
@@ -233,6 +256,11 @@ up() {
     fail "derive service-account public key"
 
   printf 'etcd_port=%s\npeer_port=%s\napi_port=%s\n' "$etcd_port" "$peer_port" "$api_port" >"$STATE/ports.env"
+  if ((want_node)); then
+    create_node_network
+    printf 'node=1\napi_addr=%s\n' "$NODE_ADDR" >>"$STATE/ports.env"
+  fi
+  . "$STATE/ports.env"
   start_etcd
   start_apiserver kube-apiserver "$api_port"
   write_kubeconfig "$STATE/kubeconfig" "$api_port" "$token"
@@ -242,6 +270,7 @@ up() {
   step "starting kube-controller-manager and kube-scheduler"
   start kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig "$STATE/kubeconfig" \
     --leader-elect=false --service-account-private-key-file "$STATE/certs/sa.key" \
+    --root-ca-file "$STATE/certs/apiserver.crt" \
     --bind-address=127.0.0.1 --secure-port=0 --port=0
   start kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$STATE/kubeconfig" --leader-elect=false \
     --bind-address=127.0.0.1 --secure-port=0 --port=0
@@ -251,6 +280,7 @@ up() {
   wait_for "default namespace" "$STATE/logs/kube-apiserver.log" \
     kubectl --kubeconfig "$STATE/kubeconfig" get namespace default
   install_crds
+  if ((want_node)); then start_node; fi
   step "control plane up: export KUBECONFIG=$STATE/kubeconfig"
 }
 
@@ -266,23 +296,27 @@ install_crds() {
   done
 }
 
+stop_by_pid() { # name: SIGTERM, 5 s, then SIGKILL
+  running "$1" || return 0
+  local pid
+  pid=$(cat "$STATE/$1.pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
 down() {
   [ -d "$STATE" ] || return 0
-  for name in kube-scheduler kube-controller-manager kube-apiserver-2 kube-apiserver etcd; do
-    if running "$name"; then
-      local pid
-      pid=$(cat "$STATE/$name.pid")
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
-    fi
-  done
+  stop_node
+  for name in kube-scheduler kube-controller-manager kube-apiserver-2 kube-apiserver etcd; do stop_by_pid "$name"; done
   rm -rf "$STATE"
   step "control plane stopped"
 }
 
 status() {
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+  local names=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+  grep -qs '^node=1$' "$STATE/ports.env" && names+=(containerd kube-proxy kubelet)
+  for name in "${names[@]}"; do
     if running "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; fi
   done
   [ -f "$STATE/kubeconfig" ] && echo "KUBECONFIG=$STATE/kubeconfig"
@@ -290,12 +324,15 @@ status() {
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) up "${2:-}" ;;
   down) down ;;
   status) status ;;
   env) echo "export KUBECONFIG=$STATE/kubeconfig" ;;
-  build) mkdir -p "$CACHE" && (flock 9 && build_binaries) 9>"$CACHE/build.lock" ;;
+  build)
+    mkdir -p "$CACHE"
+    (flock 9 && build_binaries && if [ "${2:-}" = --node ]; then build_node_binaries && node_images; fi) 9>"$CACHE/build.lock"
+    ;;
   restart) restart "${2:-}" ;;
   second-apiserver) second_apiserver ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Builds the images a real node runs, with no registry but Debian's and crates.io:
+#
+#   e2e/image.sh operator   the repository's Dockerfile, as it is, with buildah -> bgjobs:<chart appVersion>
+#   e2e/image.sh job        a 1 MiB job image from Debian's busybox-static   -> localhost/bgjobs/busybox:1
+#   e2e/image.sh import [operator|job]
+#                           both (or one), built if needed and imported into the node's containerd
+#                           (e2e/cluster.sh up --node)
+#
+# The Dockerfile's base images cannot be pulled here, so they are made here under the names it uses, and they are
+# not the official ones:
+#   debian:bookworm-slim   Debian bookworm, minbase variant, by mmdebstrap from Debian's archive;
+#   rust:1.89-bookworm     the same plus a C toolchain, with this machine's Rust toolchain (rustup's, 1.89 or newer)
+#                          copied in; CARGO_HOME and PATH as in the official image.
+# Images and archives are cached in ${BGJOBS_CACHE:-~/.cache/bgjobs}/images; the operator image is rebuilt when the
+# sources it copies change. Status: a first version, not yet run; nothing calls it yet.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${BGJOBS_CACHE:-$HOME/.cache/bgjobs}
+IMAGES=$CACHE/images
+STATE=${BGJOBS_CLUSTER_DIR:-$ROOT/.cluster}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$ROOT/charts/bgjobs/Chart.yaml")
+OPERATOR_IMAGE=docker.io/library/bgjobs:$APP_VERSION
+JOB_IMAGE=localhost/bgjobs/busybox:1
+STORE=(--root "$CACHE/buildah/root" --runroot "$CACHE/buildah/run" --storage-driver vfs)
+
+step() { printf '==> %s\n' "$*" >&2; }
+fail() {
+  printf 'image.sh: FAILED at step "%s"\n' "$1" >&2
+  [ -n "${2:-}" ] && printf '  read the log: %s\n' "$2" >&2 && tail -n 20 "$2" >&2
+  exit 1
+}
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+bah() { as_root buildah "${STORE[@]}" "$@"; }
+have_image() { bah inspect --type image "$1" >/dev/null 2>&1; }
+
+install_packages() {
+  local missing=()
+  command -v buildah >/dev/null || missing+=(buildah)
+  command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+  [ -x /bin/busybox ] && /bin/busybox --help 2>&1 | head -n1 | grep -q static || missing+=(busybox-static)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  step "installing Debian packages: ${missing[*]}"
+  local log=$IMAGES/apt.log
+  as_root apt-get update >"$log" 2>&1 || fail "apt-get update" "$log"
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends "${missing[@]}" >>"$log" 2>&1 ||
+    fail "apt-get install ${missing[*]}" "$log"
+}
+
+# A root filesystem from Debian's archive, as a working container (FROM scratch plus one tar layer) in $NEW_CTR;
+# $NEW_CTR is empty when the image exists already.
+debian_image() { # name, mmdebstrap options...
+  local name=$1 tar log=$IMAGES/base.log
+  tar=$IMAGES/$(echo "$1" | tr '/:' '__').tar
+  shift
+  NEW_CTR=
+  have_image "$name" && return 0
+  step "making $name from Debian's archive (mmdebstrap; log: $log)"
+  as_root mmdebstrap --variant=minbase --format=tar "$@" bookworm "$tar" "$MIRROR" >>"$log" 2>&1 ||
+    fail "mmdebstrap $name" "$log"
+  NEW_CTR=$(bah from scratch 2>>"$log") || fail "buildah from scratch" "$log"
+  bah add "$NEW_CTR" "$tar" / >>"$log" 2>&1 || fail "add the root filesystem of $name" "$log"
+  rm -f "$tar"
+}
+
+base_images() {
+  local toolchain log=$IMAGES/base.log
+  debian_image docker.io/library/debian:bookworm-slim
+  if [ -n "$NEW_CTR" ]; then
+    bah config --cmd '["bash"]' "$NEW_CTR" >>"$log" 2>&1
+    bah commit --rm "$NEW_CTR" docker.io/library/debian:bookworm-slim >>"$log" 2>&1 || fail "commit debian" "$log"
+  fi
+  toolchain=$(rustc --print sysroot 2>/dev/null) || fail "find this machine's Rust toolchain (rustc --print sysroot)"
+  debian_image docker.io/library/rust:1.89-bookworm --include=ca-certificates,gcc,libc6-dev,make,pkg-config
+  if [ -n "$NEW_CTR" ]; then
+    local ctr=$NEW_CTR
+    step "copying the Rust toolchain $(rustc --version | cut -d' ' -f2) from $toolchain into rust:1.89-bookworm"
+    bah copy "$ctr" "$toolchain" /usr/local/rust >>"$log" 2>&1 || fail "copy the Rust toolchain" "$log"
+    bah config --env CARGO_HOME=/usr/local/cargo --env RUSTUP_HOME=/usr/local/rustup \
+      --env PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+      "$ctr" >>"$log" 2>&1
+    bah commit --rm "$ctr" docker.io/library/rust:1.89-bookworm >>"$log" 2>&1 || fail "commit rust" "$log"
+  fi
+}
+
+# What the Dockerfile copies; the image is rebuilt when it changes.
+source_digest() {
+  (cd "$ROOT" && cat Dockerfile Cargo.toml Cargo.lock e2e/*/Cargo.toml $(git ls-files src) | sha256sum | cut -c1-16)
+}
+
+operator_image() {
+  mkdir -p "$IMAGES"
+  install_packages
+  local digest archive=$IMAGES/bgjobs-operator.tar log=$IMAGES/operator.log
+  digest=$(source_digest)
+  if [ -f "$archive" ] && [ "$(cat "$archive.digest" 2>/dev/null)" = "$digest" ]; then return 0; fi
+  base_images
+  step "building $OPERATOR_IMAGE from the Dockerfile (a release build: about 10 minutes on 2 cores; log: $log)"
+  # Host networking: cargo fetches crates from crates.io and the runtime stage runs apt-get, nothing else.
+  bah bud --network host --pull=never --layers -t "$OPERATOR_IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$log" 2>&1 ||
+    fail "build the Dockerfile" "$log"
+  bah push "$OPERATOR_IMAGE" "oci-archive:$archive.tmp:$OPERATOR_IMAGE" >>"$log" 2>&1 || fail "export the image" "$log"
+  mv "$archive.tmp" "$archive"
+  echo "$digest" >"$archive.digest"
+}
+
+job_image() {
+  mkdir -p "$IMAGES"
+  install_packages
+  local archive=$IMAGES/job-busybox.tar log=$IMAGES/job.log ctr
+  [ -f "$archive" ] && return 0
+  step "building $JOB_IMAGE from Debian's busybox-static"
+  # busybox and its applets as links, so a Pod's `sh -c ...` or `sleep 5` works.
+  local root=$IMAGES/job-root applet
+  rm -rf "$root" && mkdir -p "$root/bin"
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in $(/bin/busybox --list); do [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"; done
+  ctr=$(bah from scratch 2>"$log") || fail "buildah from scratch" "$log"
+  bah copy "$ctr" "$root" / >>"$log" 2>&1 || fail "copy busybox" "$log"
+  rm -rf "$root"
+  bah config --cmd '["sh"]' "$ctr" >>"$log" 2>&1
+  bah commit --rm "$ctr" "$JOB_IMAGE" >>"$log" 2>&1 || fail "commit $JOB_IMAGE" "$log"
+  bah push "$JOB_IMAGE" "oci-archive:$archive.tmp:$JOB_IMAGE" >>"$log" 2>&1 || fail "export $JOB_IMAGE" "$log"
+  mv "$archive.tmp" "$archive"
+}
+
+import_images() { # [operator|job]
+  local sock=$STATE/node/containerd/containerd.sock log=$IMAGES/import.log archives=() a
+  [ -S "$sock" ] || fail "import: no node runs (e2e/cluster.sh up --node)"
+  case "${1:-all}" in
+    operator | all) operator_image && archives+=("$IMAGES/bgjobs-operator.tar") ;;&
+    job | all) job_image && archives+=("$IMAGES/job-busybox.tar") ;;
+    operator) ;;
+    *) fail "import: say operator, job or nothing (both)" ;;
+  esac
+  for a in "${archives[@]}"; do
+    as_root ctr --address "$sock" -n k8s.io images import "$a" >>"$log" 2>&1 || fail "import $a" "$log"
+    step "imported $(basename "$a") into the node's containerd"
+  done
+}
+
+case "${1:-}" in
+  operator) operator_image ;;
+  job) job_image ;;
+  import) import_images "${2:-all}" ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
