@@ -499,9 +499,9 @@ async fn etcd_custom_resource_lists(env: &TestEnv) -> f64 {
 /// every page from etcd and, at 100,000 jobs on a busy apiserver, outlasts the watch cache's window, so the replica
 /// lists again and again and never runs a job (`list_watch`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_lists_a_backlog_of_2500_jobs_from_the_watch_cache_not_page_by_page_from_etcd() {
+async fn a_replica_lists_a_backlog_of_6000_jobs_from_the_watch_cache_not_page_by_page_from_etcd() {
     let env = TestEnv::new("cache-list").await;
-    let (ok, _, err) = env.cli(&["enqueue", "noop", "-c", "2500", "--parallel", "8"]);
+    let (ok, _, err) = env.cli(&["enqueue", "noop", "-c", "6000", "--parallel", "8"]);
     assert!(ok, "{err}");
     let before = etcd_custom_resource_lists(&env).await;
     let replica = env.replica("r1", &["--job-execution-enabled=false"]);
@@ -511,8 +511,8 @@ async fn a_replica_lists_a_backlog_of_2500_jobs_from_the_watch_cache_not_page_by
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let after = etcd_custom_resource_lists(&env).await;
-    // Measured: 8 when the jobs were listed page by page (500 a page), 2 now: the replica's start-up check that the
-    // CRD exists (one job) and its recurring definitions (a small collection). Tests running beside this one may
-    // add a few.
-    assert!(after - before <= 4.0, "{} custom-resource lists from etcd while the replica started", after - before);
+    // Measured: 14 when the jobs were listed page by page (500 a page), 2 now (the replica's start-up check that
+    // the CRD exists, one job, and its recurring definitions, a small collection). Tests running beside this one add
+    // a few: 3 were seen.
+    assert!(after - before <= 7.0, "{} custom-resource lists from etcd while the replica started", after - before);
 }
