@@ -20,6 +20,7 @@
 # ${BGJOBS_CACHE:-~/.cache/bgjobs}; the running state (kubeconfig, certs, logs, PID files, etcd data) lives in
 # ${BGJOBS_CLUSTER_DIR:-<repo>/.cluster}, which git ignores. Ports are picked free at start.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/steps.sh"
 . "$(dirname "${BASH_SOURCE[0]}")/node.sh"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,14 +30,7 @@ BIN=$CACHE/kubernetes-$K8S_VERSION/bin
 STATE=${BGJOBS_CLUSTER_DIR:-$ROOT/.cluster}
 GO_BIN=/usr/lib/go-1.19/bin
 
-step() { printf '==> %s\n' "$*" >&2; }
-fail() {
-  printf 'cluster.sh: FAILED at step "%s"\n' "$1" >&2
-  [ -n "${2:-}" ] && printf '  read the log: %s\n' "$2" >&2 && tail -n 20 "$2" >&2
-  exit 1
-}
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- install ----------------------------------------------------------------------------------------------------
 
@@ -79,22 +73,29 @@ build_binaries() {
   fi
   install_packages
   fetch_source
-  local tree log=$CACHE/build.log
+  step "building kube-apiserver, kube-controller-manager, kube-scheduler (about 7 minutes on 2 cores)"
+  build_from_source "$CACHE/build.log" kube-apiserver kube-controller-manager kube-scheduler
+  step "cached binaries in $BIN; removing the build tree"
+  rm -rf "$CACHE/build"
+}
+
+# Builds the named commands (cmd/<name>) from a freshly unpacked source tree into $BIN. The tree stays in
+# $CACHE/build ($BUILT_TREE) for the caller to use and remove.
+build_from_source() { # log, command names...
+  local log=$1 tree b
+  shift
   tree=$(unpack_source) || exit 1
-  step "building kube-apiserver, kube-controller-manager, kube-scheduler (about 7 minutes on 2 cores; log: $log)"
+  step "log: $log"
   (
     cd "$tree"
     export PATH=$GO_BIN:$PATH CGO_ENABLED=0 HOME=$CACHE/build/home GOCACHE=$CACHE/build/gocache \
       KUBE_GIT_VERSION_FILE=$CACHE/build/version.env
     mkdir -p "$HOME"
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
-  ) >"$log" 2>&1 || fail "build kubernetes binaries" "$log"
+    make WHAT="${*/#/cmd/}"
+  ) >"$log" 2>&1 || fail "build $*" "$log"
   mkdir -p "$BIN"
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
-    cp "$tree/_output/bin/$b" "$BIN/$b"
-  done
-  step "cached binaries in $BIN; removing the build tree"
-  rm -rf "$CACHE/build"
+  for b in "$@"; do cp "$tree/_output/bin/$b" "$BIN/$b"; done
+  BUILT_TREE=$tree
 }
 
 # Unpacks the source into $CACHE/build (outside any git tree, so its version script reads our version file) and

@@ -25,14 +25,9 @@ APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$ROOT/ch
 OPERATOR_IMAGE=docker.io/library/bgjobs:$APP_VERSION
 JOB_IMAGE=localhost/bgjobs/busybox:1
 STORE=(--root "$CACHE/buildah/root" --runroot "$CACHE/buildah/run" --storage-driver vfs)
+# shellcheck source=e2e/steps.sh
+. "$ROOT/e2e/steps.sh"
 
-step() { printf '==> %s\n' "$*" >&2; }
-fail() {
-  printf 'image.sh: FAILED at step "%s"\n' "$1" >&2
-  [ -n "${2:-}" ] && printf '  read the log: %s\n' "$2" >&2 && tail -n 20 "$2" >&2
-  exit 1
-}
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 bah() { as_root buildah "${STORE[@]}" "$@"; }
 have_image() { bah inspect --type image "$1" >/dev/null 2>&1; }
 

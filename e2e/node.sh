@@ -47,20 +47,11 @@ build_node_binaries() {
   install_packages
   install_node_packages
   fetch_source
-  local tree log=$CACHE/build-node.log
-  tree=$(unpack_source)
-  step "building kubelet and kube-proxy (about 5 minutes on 2 cores; log: $log)"
-  (
-    cd "$tree"
-    export PATH=$GO_BIN:$PATH CGO_ENABLED=0 HOME=$CACHE/build/home GOCACHE=$CACHE/build/gocache \
-      KUBE_GIT_VERSION_FILE=$CACHE/build/version.env
-    mkdir -p "$HOME"
-    make WHAT="cmd/kubelet cmd/kube-proxy"
-  ) >"$log" 2>&1 || fail "build kubelet and kube-proxy" "$log"
+  local log=$CACHE/build-node.log
+  step "building kubelet and kube-proxy (about 5 minutes on 2 cores)"
+  build_from_source "$log" kubelet kube-proxy
   # The pause program holds a Pod's namespaces; static, so the image needs nothing else.
-  gcc -Os -static -o "$tree/_output/bin/pause" "$tree/build/pause/linux/pause.c" >>"$log" 2>&1 || fail "build pause" "$log"
-  mkdir -p "$BIN"
-  for b in kubelet kube-proxy pause; do cp "$tree/_output/bin/$b" "$BIN/$b"; done
+  gcc -Os -static -o "$BIN/pause" "$BUILT_TREE/build/pause/linux/pause.c" >>"$log" 2>&1 || fail "build pause" "$log"
   rm -rf "$CACHE/build"
 }
 
