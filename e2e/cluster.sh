@@ -159,14 +159,16 @@ start_apiserver() { # name, port (on the etcd of $STATE/ports.env)
   local name=$1 port=$2
   . "$STATE/ports.env"
   local addr=${api_addr:-127.0.0.1} admission=--disable-admission-plugins=ServiceAccount
-  # With a node, Pods are real: they get their ServiceAccount's token mounted, as in any cluster.
+  # With a node, Pods are real: they get their ServiceAccount's token mounted, as in any cluster. The apiserver
+  # reaches a kubelet (logs, exec) at its InternalIP, never by looking its name up in DNS.
   [ "${node:-0}" = 1 ] && admission=--enable-admission-plugins=ServiceAccount
   step "starting $name on https://$addr:$port"
   start "$name" "$BIN/kube-apiserver" --bind-address="$addr" --advertise-address="$addr" \
     --secure-port="$port" --cert-dir "$STATE/certs" --etcd-servers "http://127.0.0.1:$etcd_port" \
     --service-cluster-ip-range=10.0.0.0/24 --authorization-mode=RBAC --token-auth-file "$STATE/tokens.csv" \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file "$STATE/certs/sa.pub" \
-    --service-account-signing-key-file "$STATE/certs/sa.key" "$admission"
+    --service-account-signing-key-file "$STATE/certs/sa.key" "$admission" \
+    --kubelet-preferred-address-types=InternalIP
 }
 
 write_kubeconfig() { # path, port, token

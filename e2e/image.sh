@@ -13,7 +13,8 @@
 #   rust:1.89-bookworm     the same plus a C toolchain, with this machine's Rust toolchain (rustup's, 1.89 or newer)
 #                          copied in; CARGO_HOME and PATH as in the official image.
 # Images and archives are cached in ${BGJOBS_CACHE:-~/.cache/bgjobs}/images; the operator image is rebuilt when the
-# sources it copies change. Status: a first version, not yet run; nothing calls it yet.
+# sources it copies change. Status: the job image is built and imported (by hand, with e2e/cluster.sh up --node);
+# the operator image has not been built yet.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

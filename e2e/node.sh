@@ -2,8 +2,9 @@
 # kube-proxy and a kubelet, all of Debian's packages or built from the same kubernetes source as the control plane.
 # Sourced by e2e/cluster.sh (`up --node`, `down`, `status`); not run on its own.
 #
-# Status: a first version, built (kubelet, kube-proxy, pause image) but not yet brought up end to end; `make test`
-# does not use it (Pod mode and the chart tests run on `bgjobs node-agent`).
+# Status: brought up by hand (a Pod runs in a container, reaches the apiserver through the `kubernetes` Service,
+# `kubectl logs` reads it through the kubelet; `down` with a Pod still running leaves no process, mount, rule,
+# cgroup or device behind). No test uses it yet: Pod mode and the chart tests run on `bgjobs node-agent`.
 #
 # Addresses. The node lives on a bridge this script creates, `bgjobs0`, with 198.18.0.1/24 (RFC 2544's benchmarking
 # range: reserved, never routed on the internet, not a private LAN range). With a node, the apiserver binds and
@@ -104,6 +105,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   address = "$d/containerd/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # This machine refuses to lower a process's oom_score_adj (the kubelet asks -998 for a Pod's sandbox): keep
+  # containers at containerd's own value or above.
+  restrict_oom_score_adj = true
+  # Pods' network namespaces under the state folder, where the script's down finds whatever a crash left.
   netns_mounts_under_state_dir = true
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -189,6 +194,23 @@ start_node() {
     kubectl --kubeconfig "$STATE/kubeconfig" wait --for=condition=Ready --timeout=5s "node/$NODE_NAME"
 }
 
+# The kubelet's own iptables chains (KUBE-FIREWALL, KUBE-MARK-*, canaries), which kube-proxy's cleanup leaves: the
+# rules that jump to them first, then the chains.
+drop_kube_chains() {
+  local table rule chain
+  for table in filter nat mangle; do
+    as_root iptables -t "$table" -S 2>/dev/null | { grep -E '^-A [A-Z]+ .*-j KUBE-' || true; } |
+      while read -r rule; do eval "as_root iptables -t $table ${rule/-A/-D}" 2>/dev/null || true; done
+    # (eval: the rules' comments are quoted)
+    for chain in $(as_root iptables -t "$table" -S 2>/dev/null | sed -n 's/^-N \(KUBE-[A-Z0-9-]*\)$/\1/p'); do
+      as_root iptables -t "$table" -F "$chain" 2>/dev/null || true
+    done
+    for chain in $(as_root iptables -t "$table" -S 2>/dev/null | sed -n 's/^-N \(KUBE-[A-Z0-9-]*\)$/\1/p'); do
+      as_root iptables -t "$table" -X "$chain" 2>/dev/null || true
+    done
+  done
+}
+
 node_running() { running containerd || running kubelet || running kube-proxy; }
 
 # Stop what start_node started, then take away what its Pods left: containers, network namespaces, mounts,
@@ -210,9 +232,10 @@ stop_node() {
   fi
   # Mounts under the state folder (overlay roots, shm, Secrets' tmpfs, network namespaces), deepest first.
   if [ -d "$d" ]; then
-    findmnt -rn -o TARGET | grep "^$d/" | sort -r | while read -r m; do as_root umount -l "$m" 2>/dev/null || true; done
+    findmnt -rn -o TARGET | { grep "^$d/" || true; } | sort -r | while read -r m; do as_root umount -l "$m" || true; done
   fi
   [ -x "$BIN/kube-proxy" ] && as_root "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+  drop_kube_chains
   if as_root iptables -C FORWARD -j "$NODE_FORWARD_CHAIN" 2>/dev/null; then
     as_root iptables -D FORWARD -j "$NODE_FORWARD_CHAIN"
   fi
