@@ -42,13 +42,7 @@ install_packages() {
   command -v jq >/dev/null || missing+=(jq)
   command -v openssl >/dev/null || missing+=(openssl)
   [ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] || missing+=(golang-github-modern-go-reflect2-dev)
-  [ ${#missing[@]} -eq 0 ] && return 0
-  step "installing Debian packages: ${missing[*]}"
-  local log=$CACHE/apt.log
-  mkdir -p "$CACHE"
-  as_root apt-get update >"$log" 2>&1 || fail "apt-get update" "$log"
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends "${missing[@]}" >>"$log" 2>&1 ||
-    fail "apt-get install ${missing[*]}" "$log"
+  [ ${#missing[@]} -eq 0 ] || apt_install "$CACHE/apt.log" "${missing[@]}"
 }
 
 fetch_source() {

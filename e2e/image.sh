@@ -37,12 +37,7 @@ install_packages() {
   command -v buildah >/dev/null || missing+=(buildah)
   command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
   [ -x /bin/busybox ] && /bin/busybox --help 2>&1 | head -n1 | grep -q static || missing+=(busybox-static)
-  [ ${#missing[@]} -eq 0 ] && return 0
-  step "installing Debian packages: ${missing[*]}"
-  local log=$IMAGES/apt.log
-  as_root apt-get update >"$log" 2>&1 || fail "apt-get update" "$log"
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends "${missing[@]}" >>"$log" 2>&1 ||
-    fail "apt-get install ${missing[*]}" "$log"
+  [ ${#missing[@]} -eq 0 ] || apt_install "$IMAGES/apt.log" "${missing[@]}"
 }
 
 # A root filesystem from Debian's archive, as a working container (FROM scratch plus one tar layer) in $NEW_CTR;

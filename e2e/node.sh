@@ -34,12 +34,7 @@ install_node_packages() {
   command -v buildah >/dev/null || missing+=(buildah)
   command -v gcc >/dev/null || missing+=(gcc)
   [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/aarch64-linux-gnu/libc.a ] || missing+=(libc6-dev)
-  [ ${#missing[@]} -eq 0 ] && return 0
-  step "installing Debian packages for the node: ${missing[*]}"
-  local log=$CACHE/apt-node.log
-  as_root apt-get update >"$log" 2>&1 || fail "apt-get update" "$log"
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y --no-install-recommends "${missing[@]}" >>"$log" 2>&1 ||
-    fail "apt-get install ${missing[*]}" "$log"
+  [ ${#missing[@]} -eq 0 ] || apt_install "$CACHE/apt-node.log" "${missing[@]}"
 }
 
 # kubelet, kube-proxy and the pause program, from the source package the control plane was built from.
