@@ -36,7 +36,7 @@ install_packages() {
   local missing=()
   command -v buildah >/dev/null || missing+=(buildah)
   command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
-  [ -x /bin/busybox ] && /bin/busybox --help 2>&1 | head -n1 | grep -q static || missing+=(busybox-static)
+  dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static) # /bin/busybox may be the dynamic one
   [ ${#missing[@]} -eq 0 ] || apt_install "$IMAGES/apt.log" "${missing[@]}"
 }
 
