@@ -501,7 +501,7 @@ async fn etcd_custom_resource_lists(env: &TestEnv) -> f64 {
 /// custom-resource lists read from etcd while the replica started was 14 with paged lists and 2 now; beside the rest
 /// of the suite that count moves by more than that, so it is printed here, not judged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_lists_a_backlog_of_6000_jobs_in_one_response_from_the_watch_cache() {
+async fn a_replica_reads_a_backlog_of_6000_jobs_in_one_list() {
     let env = TestEnv::new("cache-list").await;
     let (ok, _, err) = env.cli(&["enqueue", "noop", "-c", "6000", "--parallel", "8"]);
     assert!(ok, "{err}");
