@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint lint-deps fmt crds check-crds cluster cluster-down bench bench-pods bench-scale bench-recurring clean helm-deps chaos chaos-deps
+.PHONY: all build demo test unit integration lint lint-deps fmt crds check-crds cluster node cluster-down bench bench-pods bench-scale bench-recurring clean helm-deps chaos chaos-deps
 
 all: build
 
@@ -26,9 +26,10 @@ unit: helm-deps
 	cargo test --doc
 	cargo test --test chart_render
 
-## integration: every test binary against the local control plane, the bounded chaos run (tests/chaos) included.
-## The test worker and the history checker (e2e/) are built first: the chaos run starts them as processes.
-integration: cluster helm-deps chaos-deps
+## integration: every test binary against the local control plane with a real node (the chart's Deployment runs
+## the operator image there: tests/chart_on_node.rs), the bounded chaos run (tests/chaos) included. The test worker
+## and the history checker (e2e/) are built first: the chaos run starts them as processes.
+integration: node helm-deps chaos-deps
 	cargo build --workspace --bins
 	cargo test --tests --no-fail-fast -- --test-threads $(TEST_THREADS)
 
@@ -78,6 +79,12 @@ crds:
 cluster:
 	e2e/cluster.sh up
 
+## node: the control plane plus a real node (kubelet, containerd, CNI bridge, kube-proxy; e2e/node.sh), with the
+## operator image (built from the Dockerfile) and the job image imported into it (e2e/image.sh). Cached per machine.
+node:
+	e2e/cluster.sh up --node
+	e2e/image.sh import
+
 cluster-down:
 	e2e/cluster.sh down
 
@@ -85,7 +92,7 @@ cluster-down:
 bench:
 	e2e/bench.sh
 
-## bench-pods: 500 short Pods as batch/v1 Jobs vs Pod-mode BackgroundJobs, on the local node agent.
+## bench-pods: 500 short Pods as batch/v1 Jobs vs Pod-mode BackgroundJobs, on the real node (e2e/cluster.sh up --node).
 bench-pods:
 	e2e/bench_pods.sh
 

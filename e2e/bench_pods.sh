@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Pod-mode benchmark (`make bench-pods`): what a user would pick instead of bgjobs for Pod work is one batch/v1 Job
-# per task. Both run the same short Pods on the same control plane and the same local node agent:
+# per task. Both run the same short Pods on the same control plane and the same real node (e2e/cluster.sh up --node:
+# kubelet, containerd, runc), in the job image built here (e2e/image.sh job, Debian's busybox-static):
 #   A. BENCH_PODS (500) batch/v1 Jobs, driven by the real kube-controller-manager;
 #   B. BENCH_PODS Pod-mode BackgroundJobs, driven by BENCH_POD_REPLICAS (4) bgjobs replicas.
 # Each is timed from the start of its `kubectl create` (one multi-document file) to the moment every Job / job has
@@ -10,8 +11,8 @@
 #   BENCH_PODS=100 e2e/bench_pods.sh       a quick one
 #   BGJOBS_BIN=...                         use this bgjobs binary instead of building target/release/bgjobs
 #
-# The node agent is dev tooling: it runs each Pod's command as a local process (`sh -c 'sleep 1'`). Both contenders
-# are bound by the same node capacity (BENCH_NODE_PODS, 110, like a kubelet's default).
+# Both contenders are bound by the same node: its kubelet's capacity (110 Pods, the default) and its 2 cores, which
+# also run the control plane and the replicas.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,15 +23,14 @@ cd "$ROOT"
 PODS=${BENCH_PODS:-500}
 REPLICAS=${BENCH_POD_REPLICAS:-4}
 SLOTS=${BENCH_POD_SLOTS:-32}
-NODE_PODS=${BENCH_NODE_PODS:-110}
 SCRIPT=${BENCH_POD_SCRIPT:-sleep 1}
 BIN=${BGJOBS_BIN:-$ROOT/target/release/bgjobs}
 DIR=$ROOT/target/bench/pods-$(date +%Y%m%d-%H%M%S)
-NODE=bgjobs-bench-node
+NODE=bgjobs-node # e2e/node.sh
+IMAGE=localhost/bgjobs/busybox:1 # e2e/image.sh job
 NS_JOBS=bgjobs-bench-batch
 NS_BGJ=bgjobs-bench-pods
 REPLICA_PIDS=()
-AGENT_PID=
 
 die() { echo "bench_pods.sh: $*" >&2; exit 1; }
 step() { printf '\n==> %s\n' "$*"; }
@@ -38,10 +38,6 @@ step() { printf '\n==> %s\n' "$*"; }
 on_exit() {
   local rc=$?
   stop_replicas "$DIR" bench
-  if [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; then
-    kill -TERM "$AGENT_PID" 2>/dev/null || true
-    wait_gone "$AGENT_PID" 30 || kill -KILL "$AGENT_PID" 2>/dev/null || true
-  fi
   exit "$rc"
 }
 trap on_exit EXIT
@@ -55,15 +51,16 @@ fresh_namespace() {
   kubectl create namespace "$1" >/dev/null
 }
 
-# The Pod spec both contenders run: on the bench node only, never restarted by the kubelet.
+# The Pod spec both contenders run: on the real node, never restarted by the kubelet, the image never pulled.
 pod_spec() {
   cat <<EOF
-      nodeSelector: {bgjobs.dev/bench-node: "true"}
+      nodeSelector: {kubernetes.io/hostname: $NODE}
       restartPolicy: Never
       terminationGracePeriodSeconds: 1
       containers:
       - name: main
-        image: busybox
+        image: $IMAGE
+        imagePullPolicy: Never
         command: ["sh", "-c", "$SCRIPT"]
 EOF
 }
@@ -98,7 +95,8 @@ wait_done() {
 
 main() {
   command -v jq >/dev/null || die "jq is missing: run e2e/cluster.sh up (it installs it)"
-  e2e/cluster.sh up
+  e2e/cluster.sh up --node
+  e2e/image.sh import job
   eval "$(e2e/cluster.sh env)"
   if [ -z "${BGJOBS_BIN:-}" ]; then
     step "building the release binary"
@@ -107,13 +105,9 @@ main() {
   mkdir -p "$DIR"
   cp "$BIN" "$DIR/bgjobs" && BIN=$DIR/bgjobs
 
-  step "starting the node agent ($NODE, $NODE_PODS pods)"
-  "$BIN" node-agent --node-name "$NODE" --max-pods "$NODE_PODS" --node-label bgjobs.dev/bench-node=true \
-    --work-dir "$DIR/node" --delete-node-on-exit >"$DIR/node-agent.log" 2>&1 &
-  AGENT_PID=$!
   local deadline=$((SECONDS + 60))
   until kubectl get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -q True; do
-    ((SECONDS < deadline)) || die "node $NODE not Ready ($DIR/node-agent.log)"
+    ((SECONDS < deadline)) || die "node $NODE not Ready (.cluster/logs/kubelet.log)"
     sleep 0.5
   done
 
@@ -156,7 +150,7 @@ main() {
     echo "| $PODS Pod-mode BackgroundJobs ($REPLICAS replicas x $SLOTS slots) | $PODS x \`$SCRIPT\` | ${bgj} s |"
     echo
     echo "batch/v1 time / bgjobs time = **$ratio** (above 1: bgjobs is faster). Jobs with more than one pod: $dups."
-    echo "Same node agent ($NODE_PODS pods capacity), same control plane, same Pod spec; details in ${DIR#"$ROOT"/}."
+    echo "Same real node ($NODE: kubelet, containerd), same control plane, same Pod spec; details in ${DIR#"$ROOT"/}."
   } | tee "$DIR/result.md"
   [ "$dups" = 0 ] || die "a BackgroundJob got more than one pod"
 }

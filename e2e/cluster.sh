@@ -229,12 +229,13 @@ up() { # [--node]
   if all_running && kubectl --kubeconfig "$STATE/kubeconfig" get --raw /healthz >/dev/null 2>&1; then
     local has_node=0
     grep -q '^node=1$' "$STATE/ports.env" && has_node=1
-    if ((has_node >= want_node)); then
+    # A node that was asked for must still run whole (containerd, kube-proxy and the kubelet).
+    if ((has_node >= want_node)) && { ((!want_node)) || { running containerd && running kubelet && running kube-proxy; }; }; then
       step "control plane already up (KUBECONFIG=$STATE/kubeconfig)"
       install_crds
       return 0
     fi
-    step "the control plane runs without a node; starting afresh with one"
+    step "the control plane runs without a (whole) node; starting afresh with one"
   fi
   [ -d "$STATE" ] && down
   # Serialise the per-machine build so two parallel `up`s do not build twice.

@@ -11,6 +11,8 @@
 #   DEMO_REPLICAS   operator replicas (default 3)
 #   DEMO_SLOTS      --max-concurrent-jobs-per-instance of each replica (default 4)
 #   DEMO_STALL      give up when no job finished for this many seconds (default 120)
+#   DEMO_POD_JOBS   jobs of the Pod-mode section, run as Pods in containers on a real node (default 20)
+#   DEMO_PODS       0: skip the Pod-mode section and the real node it needs (kubelet, containerd, a job image)
 #   BGJOBS_BIN      use this bgjobs binary instead of building target/release/bgjobs
 #
 # Everything the demo writes lives in .demo/ (git-ignored): replica-N.log (operator logs), replica-N.inv (invocation
@@ -35,7 +37,6 @@ BIN=${BGJOBS_BIN:-$TARGET/release/bgjobs}
 HISTORY=$TARGET/release/bgjobs-history # the exactly-once oracle (e2e/history)
 
 REPLICA_PIDS=()  # exactly the operator processes this run started; the only processes the exit trap signals
-AGENT_PID=       # the node agent of the Pod-mode section, likewise
 POD_NS=bgjobs-demo-pods
 POD_JOBS=${DEMO_POD_JOBS:-20}
 CURSOR_HIDDEN=0
@@ -62,7 +63,7 @@ check_inputs() {
 
 prepare() {
   step "control plane (first run on a machine builds Kubernetes once, ~7 min; later runs reuse it)"
-  e2e/cluster.sh up
+  if [ "${DEMO_PODS:-1}" = 0 ]; then e2e/cluster.sh up; else e2e/cluster.sh up --node && e2e/image.sh import job; fi
   eval "$(e2e/cluster.sh env)"
   export KUBECONFIG
 
@@ -109,44 +110,29 @@ on_exit() {
   [ "$CURSOR_HIDDEN" = 1 ] && { tput cnorm 2>/dev/null || true; }
   stop_replicas "$DEMO_DIR" replica
   stop_replicas "$DEMO_DIR/pods" pod-replica
-  stop_node_agent
   exit "$rc"
-}
-
-stop_node_agent() {
-  if [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; then
-    kill -TERM "$AGENT_PID" 2>/dev/null || true
-    wait_gone "$AGENT_PID" 30 || kill -KILL "$AGENT_PID" 2>/dev/null || true
-    wait "$AGENT_PID" 2>/dev/null || true
-  fi
-  AGENT_PID=
 }
 
 # --- Pod mode ----------------------------------------------------------------------------------------------------
 
-# The same queue, with jobs that run as Pods: the real kube-scheduler binds them to a local node agent (a dev
-# stand-in for a kubelet that runs each Pod's command as a local process: `bgjobs node-agent --help`).
+# The same queue, with jobs that run as Pods: the kube-scheduler binds them to the real node (a kubelet with
+# containerd, e2e/cluster.sh up --node), which runs them in containers of the job image built here (e2e/image.sh).
 pod_mode() {
-  step "Pod mode: $POD_JOBS jobs run as Pods (sh -c 'sleep 1; echo done') on a local node agent"
+  step "Pod mode: $POD_JOBS jobs run as Pods (sh -c 'sleep 1; echo done') in containers on a real node"
   fresh_namespace "$POD_NS"
   mkdir -p "$DEMO_DIR/pods"
-  "$BIN" node-agent --node-name bgjobs-demo-node --node-label bgjobs.dev/demo-node=true \
-    --work-dir "$DEMO_DIR/pods/node" --delete-node-on-exit >"$DEMO_DIR/pods/node-agent.log" 2>&1 &
-  AGENT_PID=$!
   local deadline=$((SECONDS + 60))
-  until kubectl get node bgjobs-demo-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null |
-    grep -q True; do
-    ((SECONDS < deadline)) || die "the demo node did not become Ready (.demo/pods/node-agent.log)"
-    sleep 0.5
+  until kubectl get serviceaccount default -n "$POD_NS" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "no default ServiceAccount in $POD_NS (Pods need one)"
+    sleep 0.2
   done
-  echo "node bgjobs-demo-node is Ready"
   launch_replicas "$DEMO_DIR/pods" "$DEMO_DIR/pods" "$POD_NS" "$REPLICAS" "$SLOTS" pod-replica
   local i
   for ((i = 1; i <= POD_JOBS; i++)); do
     printf -- '---\napiVersion: bgjobs.dev/v1alpha1\nkind: BackgroundJob\nmetadata: {name: pod-job-%02d}\n' "$i"
     printf 'spec:\n  jobName: render\n  args: {page: %d}\n  template:\n    spec:\n' "$i"
-    printf '      nodeSelector: {bgjobs.dev/demo-node: "true"}\n      containers:\n      - name: main\n'
-    printf '        image: busybox\n        command: ["sh", "-c", "sleep 1; echo done: $BGJOBS_ARGS"]\n'
+    printf '      containers:\n      - name: main\n        image: localhost/bgjobs/busybox:1\n'
+    printf '        imagePullPolicy: Never\n        command: ["sh", "-c", "sleep 1; echo done: $BGJOBS_ARGS"]\n'
   done >"$DEMO_DIR/pods/jobs.yaml"
   kubectl create -n "$POD_NS" -f "$DEMO_DIR/pods/jobs.yaml" >/dev/null
   local finished=0 start=$SECONDS
@@ -157,11 +143,10 @@ pod_mode() {
     ((SECONDS - start < 180)) || die "pod jobs did not finish in 180 s (.demo/pods/)"
   done
   stop_replicas "$DEMO_DIR/pods" pod-replica
-  stop_node_agent
   local pods
   pods=$(kubectl get pods -n "$POD_NS" --no-headers 2>/dev/null | wc -l)
   echo "all $POD_JOBS pod jobs Succeeded; $pods Pods (one per attempt, kept for inspection)"
-  echo "  kubectl get bgj,pods -n $POD_NS; their output: .demo/pods/node/*/logs/"
+  echo "  kubectl get bgj,pods -n $POD_NS; their output: kubectl logs -n $POD_NS pod-job-01-1"
 }
 
 # --- 4. enqueue --------------------------------------------------------------------------------------------------

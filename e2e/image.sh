@@ -6,6 +6,8 @@
 #   e2e/image.sh import [operator|job]
 #                           both (or one), built if needed and imported into the node's containerd
 #                           (e2e/cluster.sh up --node)
+#   e2e/image.sh current operator
+#                           exit 0 if the operator image was built from the sources as they are
 #
 # The Dockerfile's base images cannot be pulled here, so they are made here under the names it uses, and they are
 # not the official ones:
@@ -68,7 +70,12 @@ base_images() {
   if [ -n "$NEW_CTR" ]; then
     local ctr=$NEW_CTR
     step "copying the Rust toolchain $(rustc --version | cut -d' ' -f2) from $toolchain into rust:1.89-bookworm"
-    bah copy "$ctr" "$toolchain" /usr/local/rust >>"$log" 2>&1 || fail "copy the Rust toolchain" "$log"
+    # Its programs and libraries, not its documentation (share/: most of its size).
+    local part
+    for part in bin lib libexec etc; do
+      [ -d "$toolchain/$part" ] || continue
+      bah copy "$ctr" "$toolchain/$part" "/usr/local/rust/$part" >>"$log" 2>&1 || fail "copy the Rust toolchain" "$log"
+    done
     bah config --env CARGO_HOME=/usr/local/cargo --env RUSTUP_HOME=/usr/local/rustup \
       --env PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       "$ctr" >>"$log" 2>&1
@@ -132,9 +139,17 @@ import_images() { # [operator|job]
   done
 }
 
+# Exit 0 when the operator image was built from the sources as they are.
+operator_current() {
+  [ "$(cat "$IMAGES/bgjobs-operator.tar.digest" 2>/dev/null)" = "$(source_digest)" ] && return 0
+  echo "the operator image was not built from the current sources (or not at all): e2e/image.sh import operator" >&2
+  return 1
+}
+
 case "${1:-}" in
   operator) operator_image ;;
+  current) [ "${2:-}" = operator ] || fail "current: say operator"; operator_current ;;
   job) job_image ;;
   import) import_images "${2:-all}" ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -4,7 +4,8 @@
 #
 # Status: brought up by hand (a Pod runs in a container, reaches the apiserver through the `kubernetes` Service,
 # `kubectl logs` reads it through the kubelet; `down` with a Pod still running leaves no process, mount, rule,
-# cgroup or device behind). No test uses it yet: Pod mode and the chart tests run on `bgjobs node-agent`.
+# cgroup or device behind). The Pod executor tests, the chart's Deployment test (tests/chart_on_node.rs), the Pod
+# benchmark and the demo's Pod section run on it.
 #
 # Addresses. The node lives on a bridge this script creates, `bgjobs0`, with 198.18.0.1/24 (RFC 2544's benchmarking
 # range: reserved, never routed on the internet, not a private LAN range). With a node, the apiserver binds and
@@ -23,6 +24,7 @@ POD_CIDR=198.18.0.0/24
 NODE_FORWARD_CHAIN=BGJOBS-NODE-FORWARD
 PAUSE_IMAGE=localhost/bgjobs/pause:3.2
 CNI_BIN=/usr/lib/cni
+NO_PULL_PROXY=http://127.0.0.1:9
 
 install_node_packages() {
   local missing=()
@@ -171,8 +173,14 @@ start_node() {
   local d=$STATE/node
   step "starting containerd, the kubelet and kube-proxy (node $NODE_NAME on $NODE_ADDR)"
   write_node_config
-  start containerd containerd --config "$d/containerd/config.toml"
+  # No image is ever pulled: the node runs only images built here and imported. Should a Pod name another one, its
+  # pull goes to a proxy on a loopback port where nothing listens (9, discard), so not even a name lookup leaves this
+  # machine (Go's HTTP client asks the proxy to resolve).
+  start containerd env HTTP_PROXY="$NO_PULL_PROXY" HTTPS_PROXY="$NO_PULL_PROXY" NO_PROXY= \
+    containerd --config "$d/containerd/config.toml"
   wait_for containerd "$STATE/logs/containerd.log" ctr --address "$d/containerd/containerd.sock" version
+  as_root tr '\0' '\n' <"/proc/$(cat "$STATE/containerd.pid")/environ" | grep -qx "HTTPS_PROXY=$NO_PULL_PROXY" ||
+    fail "containerd runs without the no-pull proxy" "$STATE/logs/containerd.log"
   node_images
   ctr --address "$d/containerd/containerd.sock" -n k8s.io images import "$CACHE/images/pause.tar" \
     >"$d/logs/import.log" 2>&1 || fail "import the pause image" "$d/logs/import.log"

@@ -64,14 +64,6 @@ pub enum Command {
     /// RecurringBackgroundJobs: list them, or run one now.
     #[command(subcommand)]
     Recurring(RecurringCommand),
-    /// TEST/DEV TOOLING, NOT FOR PRODUCTION: a local stand-in for a kubelet that runs Pods as local processes.
-    ///
-    /// For the local control plane, which has no kubelet: registers a Node (and keeps its Lease and Ready condition
-    /// fresh), runs the first container's command + args of every Pod the scheduler binds to it as a local child
-    /// process (no image, no isolation: it runs on this host as this user), reports Pending → Running →
-    /// Succeeded/Failed with exit codes, and kills the process group when the Pod is deleted. restartPolicy is
-    /// treated as Never (OnFailure/Always are not implemented). See the module docs of `bgjobs::nodeagent`.
-    NodeAgent(crate::nodeagent::NodeAgentConfig),
     /// Print the CustomResourceDefinitions as YAML (`bgjobs crd | kubectl apply --server-side -f -`).
     Crd {
         /// Write one file per CRD into this directory instead (how `crds/` is generated).
@@ -223,10 +215,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Operator(config) => {
             init_tracing(config.log_format);
             crate::operator::run(*config, crate::executor::Registry::with_builtins()).await
-        }
-        Command::NodeAgent(config) => {
-            init_tracing(LogFormat::Text);
-            crate::nodeagent::run(config).await
         }
         Command::Enqueue(args) => enqueue(args).await,
         Command::List(scope) => {

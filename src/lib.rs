@@ -41,7 +41,6 @@ pub(crate) mod list_watch;
 pub(crate) mod members;
 pub(crate) mod metrics;
 pub(crate) mod names;
-pub mod nodeagent;
 pub mod operator;
 pub(crate) mod ordering;
 pub(crate) mod policy;

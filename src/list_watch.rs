@@ -15,6 +15,9 @@
 //! (410) lists again, any other failure watches again from where it was, and a watch silent for longer than its own
 //! timeout (a connection that died without a word) is replaced, as kube's watcher does.
 //!
+//! An item of the list that cannot be read as `K` is logged and skipped, as kube's watch skips an event it cannot
+//! read: one bad object must not keep a replica from ever seeing the rest of the queue.
+//!
 //! The price of parsing as it arrives: the apiserver must finish writing a list within its request timeout (60 s by
 //! default), so the replica must read it that fast. Parsing and slimming 100,000 jobs takes a few seconds of one
 //! core; `IN_FLIGHT` parsed items wait for the reflector, so a busy reflector does not slow the read. Each list
@@ -31,6 +34,7 @@ use kube::core::ListMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -246,11 +250,29 @@ impl<'de, K: DeserializeOwned, F: FnMut(K) -> Result<(), String>> Visitor<'de> f
         Ok(()) // "items": null, an empty list
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(item) = seq.next_element::<K>()? {
-            (self.each)(item).map_err(de::Error::custom)?;
+        while let Some(raw) = seq.next_element::<Box<RawValue>>()? {
+            match serde_json::from_str::<K>(raw.get()) {
+                Ok(item) => (self.each)(item).map_err(de::Error::custom)?,
+                // One object this replica cannot read (written past the schema, or by a newer version) must not fail
+                // every list: the rest of the queue would never be seen. It is skipped, as kube's watch skips an
+                // event it cannot read.
+                Err(e) => skip_unreadable(raw.get(), &e),
+            }
         }
         Ok(())
     }
+}
+
+fn skip_unreadable(raw: &str, error: &serde_json::Error) {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Named {
+        metadata: kube::core::ObjectMeta,
+    }
+    let meta = serde_json::from_str::<Named>(raw).unwrap_or_default().metadata;
+    let name = meta.name.unwrap_or_default();
+    let namespace = meta.namespace.unwrap_or_default();
+    tracing::error!(%namespace, %name, %error, "an object in the list cannot be read; skipped");
 }
 
 #[cfg(test)]
@@ -291,6 +313,20 @@ mod tests {
         }
         let body = serde_json::json!({"items": [], "metadata": {}});
         assert!(parse_list(body.to_string().as_bytes(), |_: BackgroundJob| Ok(())).is_err());
+    }
+
+    #[test]
+    fn an_item_that_cannot_be_read_is_skipped_and_the_rest_of_the_list_is_read() {
+        let mut unreadable = job("b", "4");
+        unreadable["spec"]["jobName"] = serde_json::json!(5);
+        let body = list(vec![job("a", "3"), unreadable, job("c", "5")], "9");
+        let mut seen = Vec::new();
+        let rv = parse_list(body.to_string().as_bytes(), |j: BackgroundJob| {
+            seen.push(j.name_any());
+            Ok(())
+        })
+        .expect("one unreadable job does not fail the list");
+        assert_eq!((rv.as_str(), seen), ("9", vec!["a".to_string(), "c".into()]));
     }
 
     #[test]

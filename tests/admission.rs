@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
 use bgjobs::wire::{CREATED_BY, CREATED_BY_GROUPS};
-use common::{NodeAgent, TestEnv, free_port, kubeconfig_path};
+use common::kubelet::{JOB_IMAGE, real_node};
+use common::{TestEnv, free_port, kubeconfig_path};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -127,8 +128,9 @@ fn last_error(job: &BackgroundJob) -> String {
     job.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default()
 }
 
-fn shell_job(agent: &NodeAgent) -> BackgroundJob {
-    common::fixtures::job("placeholder", agent.shell_job("exit 0", json!({"retry": {"maxAttempts": 1}})))
+/// A Pod-mode job for the real node (`e2e/cluster.sh up --node`).
+fn shell_job() -> BackgroundJob {
+    common::fixtures::job("placeholder", common::kubelet::shell_job("exit 0", json!({"retry": {"maxAttempts": 1}})))
 }
 
 /// Label the test's namespace so that only it is selected by the webhook this test registers.
@@ -146,8 +148,8 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     let label = select_for_webhook(&env).await;
 
     // Created before the webhook exists: no record, so the required check fails it.
-    let agent = env.node_agent();
-    let mut unrecorded = shell_job(&agent);
+    real_node(&env.client, &[JOB_IMAGE]).await;
+    let mut unrecorded = shell_job();
     unrecorded.metadata.name = Some("unrecorded".into());
     env.jobs.create(&PostParams::default(), &unrecorded).await.unwrap();
 
@@ -157,7 +159,6 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     let cert_dir = env.dir.join("certs").display().to_string();
     let flags = ["--admission-addr", &addr, "--admission-cert-dir", &cert_dir, "--pod-creator-check", "required"];
     let _replica = env.replica("r1", &flags);
-    agent.ready(&env.client).await;
     let start = Instant::now();
     while std::net::TcpStream::connect(&addr).is_err() {
         assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
@@ -189,7 +190,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     }
 
     // A record the client sends is not kept: the webhook writes who asked.
-    let mut job = shell_job(&agent);
+    let mut job = shell_job();
     job.metadata.name = Some("by-alice".into());
     job.metadata.annotations = Some([(CREATED_BY.to_string(), bob.clone())].into());
     let by_alice = as_alice.create(&PostParams::default(), &job).await.unwrap();
@@ -214,7 +215,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     assert!(pods_of(&env, &name).await.is_empty(), "a Pod was created for alice's job");
 
     // Bob may create pods: his job gets its Pod and runs.
-    let mut job = shell_job(&agent);
+    let mut job = shell_job();
     job.metadata.name = Some("by-bob".into());
     let created = as_bob.create(&PostParams::default(), &job).await.unwrap();
     assert_eq!(annotation(&created, CREATED_BY), Some(bob.as_str()));
@@ -230,7 +231,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     // A schedule alice defined: its jobs are created by someone else (here the admin triggers one; on schedule,
     // the operator), and still get no Pod, because the definition's creator is checked too.
     let definitions: Api<RecurringBackgroundJob> = Api::namespaced(client_as(&alice).await, &env.ns);
-    let template = serde_json::to_value(&shell_job(&agent).spec).unwrap();
+    let template = serde_json::to_value(&shell_job().spec).unwrap();
     let def: RecurringBackgroundJob = serde_json::from_value(json!({
         "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob",
         "metadata": {"name": "nightly"},
@@ -278,7 +279,8 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
             "metadata": {"name": name}, "spec": {"jobName": "shell", "delaySeconds": delay,
             "retry": {"maxAttempts": 1},
             "template": {"spec": {"nodeSelector": {"vouched.bgjobs.dev/none": "none"},
-                "containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", script]}]}}}}))
+                "containers": [{"name": "main", "image": JOB_IMAGE, "imagePullPolicy": "Never",
+                                "command": ["sh", "-c", script]}]}}}}))
         .unwrap()
     };
 
@@ -309,7 +311,8 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
     let created = as_alice.create(&PostParams::default(), &pod_job("alice-job", "echo alice", 5)).await.unwrap();
     assert_eq!(annotation(&created, CREATED_BY), Some(alice.as_str()));
     let rewrite = json!({"spec": {"template": {"spec": {"nodeSelector": {"vouched.bgjobs.dev/none": "none"},
-        "containers": [{"name": "main", "image": "mallory/tool", "command": ["sh", "-c", "echo mallory"]}]}}}});
+        "containers": [{"name": "main", "image": "mallory/tool", "imagePullPolicy": "Never",
+                        "command": ["sh", "-c", "echo mallory"]}]}}}});
     let refused = as_mallory.patch("alice-job", &PatchParams::default(), &Patch::Merge(&rewrite)).await;
     let message = format!("{:?}", refused.expect_err("rewriting another user's template is refused"));
     assert!(message.contains("cannot be changed after creation"), "{message}");
@@ -324,7 +327,7 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let container = &alice_pod.spec.as_ref().unwrap().containers[0];
-    assert_eq!(container.image.as_deref(), Some("busybox"));
+    assert_eq!(container.image.as_deref(), Some(JOB_IMAGE));
     assert_eq!(container.command.as_ref().unwrap()[2], "echo alice");
 
     // Mallory's own Pod job fails (she may not create pods); `bgjobs retry` (the admin) extends its budget through

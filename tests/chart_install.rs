@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
 use common::chart::*;
 use common::fixtures::job;
+use common::release::*;
 use common::{ReplicaOptions, TestEnv, free_port};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
@@ -31,161 +31,10 @@ use serde_json::{Value, json};
 
 // --- on the local control plane ------------------------------------------------------------------------------------
 
-/// A release that is uninstalled when dropped (the CRD stays: Helm never deletes crds/).
-struct Release {
-    name: String,
-    namespace: String,
-}
-
-impl Release {
-    fn install(name: &str, namespace: &str, values: &Value, dir: &Path) -> (Release, Vec<Value>) {
-        assert_cluster_runs_the_charts_crds(dir);
-        let summary = helm_ok(&[
-            "install",
-            &chart(),
-            "--name",
-            name,
-            "--namespace",
-            namespace,
-            "--values-json",
-            &values.to_string(),
-        ]);
-        assert_eq!(summary["status"], "deployed", "{summary}");
-        let manifest = objects(summary["manifest"].as_str().expect("the release's manifest"));
-        (Release { name: name.into(), namespace: namespace.into() }, manifest)
-    }
-
-    fn upgrade(&self, values: &Value) -> Vec<Value> {
-        let summary = helm_ok(&[
-            "upgrade",
-            &chart(),
-            "--name",
-            &self.name,
-            "--namespace",
-            &self.namespace,
-            "--values-json",
-            &values.to_string(),
-        ]);
-        assert_eq!(summary["status"], "deployed", "{summary}");
-        objects(summary["manifest"].as_str().unwrap())
-    }
-
-    fn uninstall(&self) {
-        helm_ok(&["uninstall", "--name", &self.name, "--namespace", &self.namespace]);
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = helm(&["uninstall", "--name", &self.name, "--namespace", &self.namespace]);
-    }
-}
-
-/// The names of the chart's CRDs.
-fn chart_crd_names() -> Vec<String> {
-    helm_ok(&["crds", &chart()])
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|c| objects(c["data"].as_str().unwrap()))
-        .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// Each chart CRD's name, UID and generation (a re-created or changed CRD would differ); all must be Established.
-async fn crd_identity(client: &Client) -> Vec<(String, String, i64)> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut out = Vec::new();
-    for name in chart_crd_names() {
-        let crd = crds.get(&name).await.unwrap_or_else(|e| panic!("CRD {name} is installed: {e}"));
-        let established = crd
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"));
-        assert!(established, "the CRD {name} is Established");
-        out.push((name, crd.uid().unwrap(), crd.metadata.generation.unwrap()));
-    }
-    assert!(out.iter().any(|(name, _, _)| name == CRD), "the chart ships {CRD}");
-    out
-}
-
-/// The shared cluster runs exactly the chart's CRDs as the Helm engine loads them (they are the repository's, and
-/// `e2e/cluster.sh up` applies crds/), so Helm's install of crds/ cannot change them: a server-side dry-run apply
-/// must find nothing to change.
-fn assert_cluster_runs_the_charts_crds(dir: &Path) {
-    let docs: Vec<String> = helm_ok(&["crds", &chart()])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["data"].as_str().unwrap().to_string())
-        .collect();
-    let file = dir.join("chart-crds.yaml");
-    std::fs::write(&file, docs.join("\n---\n")).unwrap();
-    let out = Command::new("kubectl")
-        .args(["--kubeconfig", &common::kubeconfig_path().display().to_string()])
-        .args(["diff", "--server-side", "--force-conflicts", "-f"])
-        .arg(&file)
-        .output()
-        .expect("run kubectl diff");
-    match out.status.code() {
-        Some(0) => {}
-        Some(1) => panic!(
-            "the cluster's CRDs differ from charts/bgjobs/crds (= crds/); `e2e/cluster.sh up` applies crds/:\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        ),
-        _ => panic!("kubectl diff failed: {}", String::from_utf8_lossy(&out.stderr)),
-    }
-}
-
-/// Every field path a managed-fields entry names.
-fn field_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
-    if let Some(map) = v.as_object() {
-        for (k, child) in map {
-            let path = format!("{prefix}/{k}");
-            out.insert(path.clone());
-            field_paths(child, &path, out);
-        }
-    }
-}
-
-/// Helm 4 installs crds/ by server-side apply, which makes its field manager a co-owner of every field of the
-/// shared CRDs. Co-ownership would outlive the release: a later apply of crds/ (manager `kubectl`, by
-/// `e2e/cluster.sh`) could no longer remove a field. Give up every such ownership whose fields another manager owns
-/// too (so nothing is removed), and check the CRDs did not change.
-async fn release_helm_crd_ownership(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in chart_crd_names() {
-        let crd = crds.get(&name).await.unwrap();
-        let generation = crd.metadata.generation;
-        let entries = crd.metadata.managed_fields.clone().unwrap_or_default();
-        let paths = |e: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry| {
-            let mut set = BTreeSet::new();
-            if let Some(f) = &e.fields_v1 {
-                field_paths(&f.0, "", &mut set);
-            }
-            set
-        };
-        for entry in entries.iter().filter(|e| e.operation.as_deref() == Some("Apply")) {
-            let manager = entry.manager.clone().unwrap_or_default();
-            if manager == "kubectl" {
-                continue;
-            }
-            let others: BTreeSet<String> =
-                entries.iter().filter(|e| e.manager.as_deref() != Some(&manager)).flat_map(paths).collect();
-            if !paths(entry).is_subset(&others) {
-                continue; // fields only it owns: releasing them would remove them
-            }
-            let empty = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-                               "metadata": {"name": name}});
-            crds.patch(&name, &PatchParams::apply(&manager), &Patch::Apply(&empty))
-                .await
-                .unwrap_or_else(|e| panic!("release {manager}'s ownership of CRD {name}: {e}"));
-        }
-        let after = crds.get(&name).await.unwrap();
-        assert_eq!(after.metadata.generation, generation, "releasing Helm's field ownership changed CRD {name}");
-    }
-}
+/// A nodeSelector no node matches: Pods that must not run (these tests play the kubelet, or run the replica out of
+/// cluster) stay Pending, also when the real node of `e2e/cluster.sh up --node` is there.
+static OFF_EVERY_NODE: std::sync::LazyLock<Value> =
+    std::sync::LazyLock::new(|| json!({"bgjobs.dev/no-such-node": "none"}));
 
 /// Every object of a release exists in the cluster (`kubectl get -f`).
 fn assert_all_exist(manifest: &[Value], dir: &Path) {
@@ -297,6 +146,9 @@ async fn namespace_mode_install_runs_jobs_with_the_charts_service_account_and_no
         "operator": {"queues": [queue], "clusterMaxConcurrency": 2, "logFormat": "text", "events": "all"},
         // Objects the apiserver must accept too: HPA on CPU and queue depth (v2beta2 on 1.20), PDB (v1beta1).
         "autoscaling": {"enabled": true, "queueDepth": {"enabled": true, "selector": {"queue": queue}}},
+        // The Deployment's own Pods stay unscheduled: the replica under test runs out of cluster (tests/chart_on_node.rs
+        // runs them).
+        "nodeSelector": OFF_EVERY_NODE.clone(), "image": {"pullPolicy": "Never"},
     });
     let (release, manifest) = Release::install("bgjobs", &rel.ns, &values, &rel.dir);
     assert_all_exist(&manifest, &rel.dir);
@@ -393,7 +245,8 @@ async fn cluster_mode_install_runs_jobs_in_every_namespace_and_pod_mode_is_an_up
     // This replica sees every test's jobs and schedules: it runs only its own queue, sets no default TTL, and
     // creates no recurring jobs (which also takes create/patch on BackgroundJobs away).
     let queue = format!("helm-{}", common::unique());
-    let values = json!({"operator": {"queues": [queue], "recurringEnabled": false, "events": "all"}});
+    let values = json!({"operator": {"queues": [queue], "recurringEnabled": false, "events": "all"},
+                        "nodeSelector": OFF_EVERY_NODE.clone(), "image": {"pullPolicy": "Never"}});
     let (release, manifest) = Release::install("bgjobs", &rel.ns, &values, &rel.dir);
     assert_all_exist(&manifest, &rel.dir);
     let cluster_role = manifest.iter().find(|o| o["kind"] == "ClusterRole").expect("cluster mode: a ClusterRole");
@@ -448,9 +301,11 @@ async fn cluster_mode_install_runs_jobs_in_every_namespace_and_pod_mode_is_an_up
     assert_eq!(crd_identity(&admin).await, crd_before, "upgrading kept the shared CRDs");
 
     // The Pod executor with the upgraded permissions: the replica creates and watches the attempt's Pod, and deletes
-    // it on cancellation. No kubelet runs Pods here, so the test plays the kubelet and reports one Pod finished.
+    // it on cancellation. The Pods are kept off every node (a nodeSelector no node matches), so the test plays the
+    // kubelet and reports one Pod finished.
     let replica = chart_replica(&rel, &upgraded, "chart-pods", &rel.ns, kubeconfig.clone(), true).await;
-    let template = json!({"spec": {"containers": [{"name": "main", "image": "busybox:1.36", "command": ["true"]}]}});
+    let template = json!({"spec": {"nodeSelector": OFF_EVERY_NODE.clone(), "containers": [{
+        "name": "main", "image": common::kubelet::JOB_IMAGE, "imagePullPolicy": "Never", "command": ["true"]}]}});
     for name in ["in-a-pod", "cancelled-pod"] {
         team_a.create(name, json!({"jobName": "pod", "queue": queue, "template": template})).await;
     }

@@ -1,4 +1,4 @@
-//! The node agent (`bgjobs node-agent`, the local stand-in for a kubelet) on the local control plane: the real
+//! The node agent (`bgjobs-node-agent`, the process-based stand-in for a kubelet in `e2e/node-agent`) on the local control plane: the real
 //! kube-scheduler binds Pods to its Node, the real kube-controller-manager drives Jobs and watches the node's health.
 //!
 //! Every test runs its own agent with its own Node (labelled and tainted with its name), and places its Pods there
@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bgjobs::nodeagent::container_pid;
+use bgjobs_node_agent::container_pid;
 use common::{NodeAgent, NodeAgentOptions, TestEnv, node_ready, process_group_alive};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Node, Pod};

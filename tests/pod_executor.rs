@@ -1,26 +1,126 @@
-//! The Pod executor on the local control plane: the real kube-scheduler binds the Pods to the local node agent,
-//! which runs them as processes; operator replicas are separate processes that can be killed.
+//! The Pod executor on the local control plane with a real node (`e2e/cluster.sh up --node`): the kube-scheduler
+//! binds the Pods to the kubelet, which runs them in containers (containerd, runc) of the job image built here
+//! (`e2e/image.sh job`); operator replicas are separate processes that can be killed.
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
-use bgjobs::nodeagent::container_pid;
 use common::control_plane::ControllerManagerPaused;
+use common::kubelet::{JOB_IMAGE, pod_log, real_node, shell_job};
 use common::proxy::Proxy;
-use common::{NodeAgent, ReplicaOptions, TestEnv, all_in, process_group_alive};
+use common::{ReplicaOptions, TestEnv, all_in};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// A Pod job running `script` with `sh -c`, placed on `agent`'s node.
-fn pod_job(agent: &NodeAgent, script: &str, extra: serde_json::Value) -> serde_json::Value {
-    agent.shell_job(script, extra)
+/// A Pod job running `script` with `sh -c` in the job image.
+fn pod_job(script: &str, extra: serde_json::Value) -> serde_json::Value {
+    shell_job(script, extra)
+}
+
+/// A test namespace on a Ready real node that has the job image.
+async fn env_on_node(test: &str) -> TestEnv {
+    let env = TestEnv::new(test).await;
+    real_node(&env.client, &[JOB_IMAGE]).await;
+    env
+}
+
+/// One thing the apiserver said about a Pod.
+#[derive(Clone, Debug)]
+struct PodEvent {
+    /// ADDED, MODIFIED or DELETED.
+    kind: &'static str,
+    name: String,
+    uid: String,
+    /// `status.phase` (Pending when unset).
+    phase: String,
+    /// The container ran (its state was `running`, or it terminated after starting).
+    started: bool,
+    /// The container's exit code, once it terminated.
+    exit_code: Option<i32>,
+}
+
+/// What the apiserver said about the Pods of some jobs, in order. The watch is resumed from the last version it
+/// saw whenever it ends (the apiserver ends a watch after a few minutes), so nothing is missed in between.
+struct PodHistory {
+    seen: Arc<Mutex<Vec<PodEvent>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodHistory {
+    /// Watch the Pods of the jobs named `jobs` from now on.
+    async fn watch(env: &TestEnv, jobs: &[&str]) -> PodHistory {
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+        let params = WatchParams::default().labels(&format!("bgjobs.dev/job in ({})", jobs.join(",")));
+        let first = pods.watch(&params, "0").await.expect("watch Pods").boxed();
+        let seen: Arc<Mutex<Vec<PodEvent>>> = Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            let (mut stream, mut version) = (first, "0".to_string());
+            loop {
+                while let Ok(Some(event)) = stream.try_next().await {
+                    let (kind, pod) = match event {
+                        WatchEvent::Added(p) => ("ADDED", p),
+                        WatchEvent::Modified(p) => ("MODIFIED", p),
+                        WatchEvent::Deleted(p) => ("DELETED", p),
+                        WatchEvent::Bookmark(b) => {
+                            version = b.metadata.resource_version;
+                            continue;
+                        }
+                        WatchEvent::Error(e) => panic!("the Pod watch failed: {e:?}"),
+                    };
+                    version = pod.resource_version().unwrap_or(version);
+                    record.lock().unwrap().push(pod_event(kind, &pod));
+                }
+                stream = pods.watch(&params, &version).await.expect("watch Pods again").boxed();
+            }
+        });
+        PodHistory { seen, task }
+    }
+
+    fn events(&self) -> Vec<PodEvent> {
+        assert!(!self.task.is_finished(), "the Pod watch stopped: the history is incomplete");
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Every UID a Pod of this name ever had.
+    fn uids(&self, pod: &str) -> BTreeSet<String> {
+        self.events().into_iter().filter(|e| e.name == pod).map(|e| e.uid).collect()
+    }
+
+    /// Where in the history the first event about `pod` that satisfies `what` is.
+    fn first(&self, pod: &str, what: impl Fn(&PodEvent) -> bool) -> Option<usize> {
+        self.events().iter().position(|e| e.name == pod && what(e))
+    }
+}
+
+fn pod_event(kind: &'static str, pod: &Pod) -> PodEvent {
+    let status = pod.status.clone().unwrap_or_default();
+    let container = status.container_statuses.unwrap_or_default().into_iter().next();
+    let state = container.and_then(|c| c.state).unwrap_or_default();
+    let terminated = state.terminated;
+    PodEvent {
+        kind,
+        name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+        phase: status.phase.unwrap_or_else(|| "Pending".into()),
+        started: state.running.is_some() || terminated.as_ref().is_some_and(|t| t.started_at.is_some()),
+        exit_code: terminated.map(|t| t.exit_code),
+    }
+}
+
+impl Drop for PodHistory {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 async fn pods_of(env: &TestEnv, job: &str) -> Vec<Pod> {
@@ -57,17 +157,11 @@ async fn wait_no_pods(env: &TestEnv, job: &str, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_per_policy() {
-    let env = TestEnv::new("pod-outcomes").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-outcomes").await;
     let _r = env.replica("r", &[]);
-    env.create("ok", pod_job(&agent, "echo \"job=$BGJOBS_JOB attempt=$BGJOBS_ATTEMPT args=$BGJOBS_ARGS\"", json!({})))
+    env.create("ok", pod_job("echo \"job=$BGJOBS_JOB attempt=$BGJOBS_ATTEMPT args=$BGJOBS_ARGS\"", json!({}))).await;
+    env.create("broken", pod_job("echo oops >&2; exit 3", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}})))
         .await;
-    env.create(
-        "broken",
-        pod_job(&agent, "echo oops >&2; exit 3", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}})),
-    )
-    .await;
     let jobs = env
         .wait_until(2 * MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()))
         .await;
@@ -77,12 +171,7 @@ async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_
     let ok_pods = pods_of(&env, "ok").await;
     assert_eq!(ok_pods.len(), 1);
     assert_eq!(ok_pods[0].name_any(), "ok-1", "one deterministic pod per attempt");
-    let log = std::fs::read_dir(agent.work_dir.join(&agent.node).join("logs"))
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().contains("_ok-1_"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .expect("the pod's output");
+    let log = pod_log(&env.client, &env.ns, "ok-1").await;
     assert!(log.contains(&format!("job={}/ok attempt=1 args={{\"greeting\":\"hello\"}}", env.ns)), "{log}");
 
     let broken = get("broken");
@@ -96,11 +185,9 @@ async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_pod() {
-    let env = TestEnv::new("pod-adopt").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-adopt").await;
     let mut a = env.replica("a", &[]);
-    env.create("long", pod_job(&agent, "sleep 6", json!({}))).await;
+    env.create("long", pod_job("sleep 6", json!({}))).await;
     wait_pod_phase(&env, "long", "Running").await;
     let _b = env.replica("b", &[]);
     a.kill9();
@@ -118,17 +205,11 @@ async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
-    let env = TestEnv::new("pod-cancel").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-cancel").await;
     let _r = env.replica("r", &[]);
-    env.create("to-cancel", pod_job(&agent, "sleep 60", json!({}))).await;
-    env.create("to-delete", pod_job(&agent, "sleep 60", json!({}))).await;
-    env.create(
-        "too-slow",
-        pod_job(&agent, "sleep 60", json!({"attemptTimeoutSeconds": 2, "retry": {"maxAttempts": 1}})),
-    )
-    .await;
+    env.create("to-cancel", pod_job("sleep 60", json!({}))).await;
+    env.create("to-delete", pod_job("sleep 60", json!({}))).await;
+    env.create("too-slow", pod_job("sleep 60", json!({"attemptTimeoutSeconds": 2, "retry": {"maxAttempts": 1}}))).await;
     env.wait_until(MINUTE, "all Running", |jobs| jobs.len() == 3 && all_in(jobs, Phase::Running)).await;
     for name in ["to-cancel", "to-delete"] {
         // A job is Running from its claim on; its Pod is created just after.
@@ -150,12 +231,10 @@ async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_replica_cap_counts_pod_jobs() {
-    let env = TestEnv::new("pod-cap").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-cap").await;
     let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "2"]);
     for i in 0..6 {
-        env.create(&format!("p{i}"), pod_job(&agent, "sleep 1", json!({}))).await;
+        env.create(&format!("p{i}"), pod_job("sleep 1", json!({}))).await;
     }
     let deadline = Instant::now() + 2 * MINUTE;
     let mut peak = 0;
@@ -173,11 +252,9 @@ async fn the_per_replica_cap_counts_pod_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_garbage_collector_removes_the_pods_of_a_deleted_job_without_any_operator() {
-    let env = TestEnv::new("pod-gc").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-gc").await;
     let mut r = env.replica("r", &[]);
-    env.create("done", pod_job(&agent, "exit 0", json!({}))).await;
+    env.create("done", pod_job("exit 0", json!({}))).await;
     env.wait_job("done", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     assert_eq!(pods_of(&env, "done").await.len(), 1, "the finished attempt's pod is kept for inspection");
     // No operator from here on: only kube-controller-manager's garbage collector can remove the Pod.
@@ -188,15 +265,13 @@ async fn the_garbage_collector_removes_the_pods_of_a_deleted_job_without_any_ope
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_pod_watch_keeps_watching_the_same_pod_instead_of_starting_another() {
-    let env = TestEnv::new("pod-watch-reset").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-watch-reset").await;
     // Every connection of this replica goes through the proxy, so resetting them breaks its Pod watch (as an
     // apiserver restart behind a load balancer would) while the Pod itself runs on.
     let proxy = Proxy::to_apiserver().await;
     let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
     let _r = env.replica_with("r", &[], &options);
-    env.create("watched", pod_job(&agent, "sleep 20", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}))).await;
+    env.create("watched", pod_job("sleep 20", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}))).await;
     wait_pod_phase(&env, "watched", "Running").await;
 
     let (mut peak, mut reset) = (0, 0);
@@ -225,59 +300,54 @@ async fn a_broken_pod_watch_keeps_watching_the_same_pod_instead_of_starting_anot
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_starts() {
-    let env = TestEnv::new("pod-timeout-grace").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
-    let _r = env.replica("r", &[]);
-    // `quick` stops within the claim's renew deadline (2 s in tests), `stubborn` outlives it.
+    let env = env_on_node("pod-timeout-grace").await;
+    // Each attempt times out after 8 s (its container has long started by then) and ignores SIGTERM, so the kubelet
+    // kills it with SIGKILL at the Pod's grace: `quick` after 1 s, `stubborn` after 4 s, beyond the claim's renew
+    // deadline (2 s in tests).
     let jobs = [("quick", 1), ("stubborn", 4)];
+    let history = PodHistory::watch(&env, &jobs.map(|(name, _)| name)).await;
+    let _r = env.replica("r", &[]);
     for (name, grace) in jobs {
         let mut spec = pod_job(
-            &agent,
             "trap '' TERM; sleep 60",
-            json!({"attemptTimeoutSeconds": 2, "retry": {"maxAttempts": 2, "backoffSeconds": 0}}),
+            json!({"attemptTimeoutSeconds": 8, "retry": {"maxAttempts": 2, "backoffSeconds": 0}}),
         );
         spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(grace);
         env.create(name, spec).await;
     }
-
-    // Every process group any Pod of the job ever had, and the most of them alive at once.
-    let mut pids: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
-    let mut peak: BTreeMap<&str, usize> = BTreeMap::new();
-    let deadline = Instant::now() + 2 * MINUTE;
-    loop {
-        for (name, _) in jobs {
-            let seen = pids.entry(name).or_default();
-            for pod in pods_of(&env, name).await {
-                let statuses = pod.status.and_then(|s| s.container_statuses).unwrap_or_default();
-                seen.extend(statuses.iter().filter_map(container_pid));
-            }
-            let alive = seen.iter().filter(|pid| process_group_alive(**pid)).count();
-            let p = peak.entry(name).or_default();
-            *p = (*p).max(alive);
-        }
-        let all = env.list().await;
-        if all.len() == jobs.len() && all.iter().all(|j| j.phase().is_final()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{}", common::summary(&all));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    env.wait_until(3 * MINUTE, "both final", |all| all.len() == jobs.len() && all.iter().all(|j| j.phase().is_final()))
+        .await;
+    for (name, _) in jobs {
+        wait_no_pods(&env, name, "timed out").await;
     }
     for (name, _) in jobs {
         let job = env.jobs.get(name).await.unwrap();
         assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 2), "{name}: {:?}", job.status);
-        assert_eq!(pids[name].len(), 2, "{name}: one process per attempt");
-        assert_eq!(peak[name], 1, "{name}: the next attempt's process started while the last one still ran");
+        let (first, second) = (format!("{name}-1"), format!("{name}-2"));
+        assert_eq!((history.uids(&first).len(), history.uids(&second).len()), (1, 1), "{name}: one Pod per attempt");
+        // The first attempt's container ran, ignored SIGTERM and was killed (137 = 128 + SIGKILL) ...
+        assert!(history.first(&first, |e| e.started).is_some(), "{name}: the first attempt's container never ran");
+        let killed = history.first(&first, |e| e.exit_code.is_some()).map(|i| history.events()[i].exit_code);
+        assert_eq!(killed, Some(Some(137)), "{name}: the first attempt's container was not killed at the grace");
+        // ... and had stopped (its Pod final, as the kubelet reports once the container is dead, or gone) before the
+        // second attempt's Pod was created.
+        let stopped = history
+            .first(&first, |e| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
+            .expect("the first attempt's Pod stopped");
+        let next = history.first(&second, |e| e.kind == "ADDED").expect("the second attempt's Pod was created");
+        assert!(
+            stopped < next,
+            "{name}: the next attempt's Pod was created while the last one still ran: {:?}",
+            history.events()
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_behind() {
-    let env = TestEnv::new("pod-namesake").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-namesake").await;
     let mut a = env.replica("a", &[]);
-    env.create("again", pod_job(&agent, "sleep 60", json!({}))).await;
+    env.create("again", pod_job("sleep 60", json!({}))).await;
     wait_pod_phase(&env, "again", "Running").await;
     // Nobody may remove the old job's Pod: not its replica (which would on seeing the job deleted), not the garbage
     // collector. It stays behind, owned by a deleted job, as it does while the GC lags.
@@ -289,7 +359,7 @@ async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_beh
         assert!(Instant::now() < deadline, "the old job was not deleted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    env.create("again", pod_job(&agent, "exit 0", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 1}}))).await;
+    env.create("again", pod_job("exit 0", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 1}}))).await;
     let _b = env.replica("b", &[]);
     let job = env.wait_job("again", MINUTE, "final", |j| j.phase().is_final()).await;
     assert!(pods_of(&env, "again").await.iter().any(|p| p.name_any() == "again-1"), "the old pod was still there");
@@ -302,13 +372,10 @@ async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_beh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() {
-    let env = TestEnv::new("pod-vanished").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
-    let runs = env.dir.join("runs");
+    let env = env_on_node("pod-vanished").await;
+    let history = PodHistory::watch(&env, &["once"]).await;
     let mut a = env.replica("a", &[]);
-    let script = format!("echo \"$BGJOBS_ATTEMPT\" >> {}; sleep 3", runs.display());
-    env.create("once", pod_job(&agent, &script, json!({"retry": {"maxAttempts": 1}}))).await;
+    env.create("once", pod_job("sleep 3", json!({"retry": {"maxAttempts": 1}}))).await;
     wait_pod_phase(&env, "once", "Running").await;
     // The replica dies while the Pod runs; the Pod finishes, then is removed (by hand, or by the terminated-pod
     // garbage collector) before anybody recorded its outcome.
@@ -320,8 +387,8 @@ async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() 
     let _b = env.replica("b", &[]);
     // The adopter concludes "vanished" only once no create of the attempt can still land (90 s after it began).
     let job = env.wait_job("once", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
-    let ran = std::fs::read_to_string(&runs).unwrap();
-    assert_eq!(ran.lines().collect::<Vec<_>>(), ["1"], "attempt 1 ran once, and was not re-run under its number");
+    assert_eq!(history.uids("once-1").len(), 1, "attempt 1 ran once, and was not re-run under its number");
+    assert!(pods_of(&env, "once").await.is_empty(), "no Pod was created after the first one");
     let s = job.status.unwrap();
     assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 1), "{:?}", s.last_error);
     assert!(s.last_error.unwrap_or_default().contains("vanished"));
@@ -329,18 +396,17 @@ async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pod_policy_fails_privileged_host_path_and_foreign_service_account_jobs_without_creating_a_pod() {
-    let env = TestEnv::new("pod-policy").await;
-    let agent = env.node_agent();
-    agent.ready(&env.client).await;
+    let env = env_on_node("pod-policy").await;
     let _r = env.replica("r", &[]);
     let job = |pod_spec: serde_json::Value| {
-        let mut spec = pod_job(&agent, "echo fine", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}));
+        let mut spec = pod_job("echo fine", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}));
         let template = spec["template"]["spec"].as_object_mut().unwrap();
         template.extend(pod_spec.as_object().unwrap().clone());
         spec
     };
     let container = |extra: serde_json::Value| {
-        let mut c = json!({"name": "main", "image": "busybox", "command": ["sh", "-c", "echo fine"]});
+        let mut c = json!({"name": "main", "image": JOB_IMAGE, "imagePullPolicy": "Never",
+                           "command": ["sh", "-c", "echo fine"]});
         c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         json!({"containers": [c]})
     };

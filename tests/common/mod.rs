@@ -7,7 +7,9 @@
 pub mod chart;
 pub mod control_plane;
 pub mod fixtures;
+pub mod kubelet;
 pub mod proxy;
+pub mod release;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -219,15 +221,26 @@ pub fn faketime_lib() -> PathBuf {
 /// worker is brought up to date here, once per test binary: a stale worker would test yesterday's operator.
 pub fn test_worker_bin() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_bgjobs")).with_file_name("bgjobs-test-worker");
-    BUILT.call_once(|| {
+    dev_bin("bgjobs-test-worker", &BUILT)
+}
+
+/// The process-based kubelet stand-in (`e2e/node-agent`), built on first use.
+pub fn node_agent_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    dev_bin("bgjobs-node-agent", &BUILT)
+}
+
+/// The binary of the workspace's dev-tool package `package` (same name), built once per test process.
+fn dev_bin(package: &str, built: &std::sync::Once) -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_bgjobs")).with_file_name(package);
+    built.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", "bgjobs-test-worker"])
+            .args(["build", "--quiet", "-p", package])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
-            .expect("run cargo to build the test worker");
-        assert!(status.success(), "building the test worker (cargo build -p bgjobs-test-worker) failed");
+            .unwrap_or_else(|e| panic!("run cargo to build {package}: {e}"));
+        assert!(status.success(), "building {package} (cargo build -p {package}) failed");
     });
     assert!(bin.exists(), "{} is missing after building it", bin.display());
     bin
@@ -243,6 +256,18 @@ pub struct TestEnv {
     pub jobs: Api<BackgroundJob>,
     /// Scratch directory for replica logs and invocation logs.
     pub dir: PathBuf,
+}
+
+/// Wait until the controller-manager created the namespace's `default` ServiceAccount: with a real node
+/// (`e2e/cluster.sh up --node`) the apiserver's ServiceAccount admission refuses Pods until it exists, as in any
+/// cluster. Longer than a test may pause the controller-manager ([`control_plane::ControllerManagerPaused`]).
+async fn wait_for_default_service_account(client: &Client, ns: &str) {
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let start = Instant::now();
+    while accounts.get_opt("default").await.expect("read the default ServiceAccount").is_none() {
+        assert!(start.elapsed() < Duration::from_secs(180), "no default ServiceAccount in {ns} after 3 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 impl TestEnv {
@@ -261,6 +286,7 @@ impl TestEnv {
             )
             .await
             .expect("create test namespace");
+        wait_for_default_service_account(&client, &ns).await;
         let dir = repo_root().join("target/test-runs").join(&ns);
         std::fs::create_dir_all(&dir).unwrap();
         TestEnv { jobs: Api::namespaced(client.clone(), &ns), client, ns, dir }
@@ -488,7 +514,7 @@ pub struct NodeAgentOptions {
     /// Leave the Node (marked NotReady) when the agent stops, for a restart to adopt; [`NodeAgent`]'s Drop still
     /// deletes it.
     pub keep_node: bool,
-    /// More `bgjobs node-agent` flags.
+    /// More `bgjobs-node-agent` flags.
     pub extra: Vec<String>,
 }
 
@@ -518,7 +544,7 @@ impl TestEnv {
     }
 }
 
-/// A `bgjobs node-agent` process with its own Node, which carries the label and the NoSchedule taint
+/// A `bgjobs-node-agent` process (e2e/node-agent) with its own Node, which carries the label and the NoSchedule taint
 /// `bgjobs.dev/test-node=<node>`. The scheduler spreads Pods over every Ready node, other tests' too: the taint
 /// keeps everybody else's Pods off this node, and [`NodeAgent::placement`] puts this test's Pods on it.
 ///
@@ -542,7 +568,7 @@ impl NodeAgent {
         let node = options.node.clone().unwrap_or_else(|| format!("t-node-{}", unique()));
         let work_dir = dir.join("nodeagent");
         let label = format!("{TEST_NODE_LABEL}={node}");
-        let mut args: Vec<String> = vec!["node-agent".into(), "--node-name".into(), node.clone()];
+        let mut args: Vec<String> = vec!["--node-name".into(), node.clone()];
         args.extend(["--node-label".into(), label.clone(), "--node-taint".into(), format!("{label}:NoSchedule")]);
         args.extend(["--work-dir".into(), work_dir.display().to_string()]);
         if !options.keep_node {
@@ -557,14 +583,14 @@ impl NodeAgent {
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+        let child = Command::new(node_agent_bin())
             .args(&self.args)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info,bgjobs=debug,kube=warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start bgjobs node-agent");
+            .expect("start bgjobs-node-agent");
         self.child = Some(child);
     }
 

@@ -17,7 +17,7 @@ use super::{
     CONTAINER_ID_PREFIX, HEARTBEAT, LOCALHOST, MAX_WRITE_ATTEMPTS, NODE_LEASE_NAMESPACE, NODE_LEASE_SECONDS,
     NodeAgentConfig, update_status,
 };
-use crate::error::{Error, Result, api_code};
+use bgjobs::error::{Error, Result, api_code};
 
 /// What the agent says about its node.
 #[derive(Clone, Debug)]

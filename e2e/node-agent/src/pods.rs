@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use super::process::{Exit, launch, log_tail, signal_group, spawn, stop_process};
 use super::{CONTAINER_ID_PREFIX, LOCALHOST, LOST_EXIT_CODE, MAX_GRACE, container_pid, update_status};
-use crate::error::api_code;
+use bgjobs::error::api_code;
 
 /// What the agent shares with every Pod task.
 pub(super) struct Shared {
@@ -475,7 +475,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    use crate::nodeagent::test_pod as pod;
+    use crate::test_pod as pod;
 
     #[test]
     fn grace_periods_are_capped() {

@@ -1,7 +1,10 @@
-//! A local stand-in for the kubelet, for the dev control plane: **test and development tooling, NOT for production.**
+//! `bgjobs-node-agent`: a process-based stand-in for the kubelet, for fast tests on the local control plane:
+//! **test and development tooling, NOT for production, not part of the operator's binary or image.**
 //!
-//! The local control plane (`e2e/cluster.sh`) has no kubelet and no container runtime, so every Pod stays Pending.
-//! `bgjobs node-agent` does just enough of a kubelet's job to run Pod-mode BackgroundJobs and `batch/v1` Jobs on one
+//! The real node (`e2e/cluster.sh up --node`: kubelet, containerd, runc) runs Pods in containers; the Pod executor
+//! and chart tests use it. This stand-in stays for the adversarial tier (`tests/chaos`), whose Pod-mode work runs the
+//! host's test worker binary and writes the execution log the checker reads, and for its own tests
+//! (`tests/node_agent.rs`). It does just enough of a kubelet's job to run Pod-mode BackgroundJobs and `batch/v1` Jobs on one
 //! machine, with the real kube-scheduler and kube-controller-manager doing their real work around it:
 //!
 //! - **Node.** It registers a Node (capacity from flags, labels `kubernetes.io/hostname` and `kubernetes.io/os`, no
@@ -19,7 +22,7 @@
 //!   period (at most 10 s), reports the final status and then finalizes the deletion as a kubelet does (delete with
 //!   grace period 0 and a UID precondition).
 //!
-//! Run it beside the local control plane (`eval $(e2e/cluster.sh env); target/debug/bgjobs node-agent`). To keep
+//! Run it beside the local control plane (`eval $(e2e/cluster.sh env); cargo run -p bgjobs-node-agent --`). To keep
 //! other Pods off a node, taint it and tolerate the taint in the Pods meant for it
 //! (`--node-taint dedicated=mine:NoSchedule --node-label dedicated=mine`, plus a toleration and a nodeSelector): the
 //! scheduler spreads Pods over every Ready node, so several agents each get some of every workload otherwise.
@@ -66,7 +69,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::error::{Result, api_code};
+use bgjobs::error::{Error, Result, api_code};
 
 mod node;
 mod pods;
@@ -102,7 +105,7 @@ const LOST_EXIT_CODE: i32 = 137;
 const MESSAGE_MAX_BYTES: u64 = 2048;
 const MESSAGE_MAX_LINES: usize = 80;
 
-/// Flags of `bgjobs node-agent`.
+/// Flags of `bgjobs-node-agent`.
 #[derive(Args, Clone, Debug)]
 pub struct NodeAgentConfig {
     /// Name of the Node to register (also the name of its Lease in kube-node-lease).
@@ -147,7 +150,7 @@ pub struct NodeAgentConfig {
 }
 
 impl NodeAgentConfig {
-    /// What `bgjobs node-agent --node-name <node_name>` runs with: every other flag at its default (or its
+    /// What `bgjobs-node-agent --node-name <node_name>` runs with: every other flag at its default (or its
     /// environment variable), for running the agent in-process with [`run_until`].
     pub fn new(node_name: &str) -> NodeAgentConfig {
         #[derive(clap::Parser)]
@@ -190,7 +193,7 @@ pub fn container_pid(status: &ContainerStatus) -> Option<u32> {
 
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: NodeAgentConfig) -> Result<()> {
-    let client = crate::client::connect().await?;
+    let client = Client::try_default().await.map_err(|e| Error::Config(e.to_string()))?;
     run_until(client, config, shutdown_signal()).await
 }
 
@@ -332,7 +335,7 @@ where
 
 /// A Pod with `spec` for the unit tests of the node agent's modules.
 #[cfg(test)]
-pub(crate) fn test_pod(spec: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
+pub fn test_pod(spec: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
     serde_json::from_value(serde_json::json!({
         "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "a"}},
         "spec": spec,

@@ -235,7 +235,7 @@ mod tests {
 
     use serde_json::json;
 
-    use crate::nodeagent::test_pod as pod;
+    use crate::test_pod as pod;
 
     #[test]
     fn expansion_follows_the_kubelet() {
