@@ -13,7 +13,7 @@
 # not the official ones:
 #   debian:bookworm-slim   Debian bookworm, minbase variant, by mmdebstrap from Debian's archive;
 #   rust:1.89-bookworm     the same plus a C toolchain, with this machine's Rust toolchain (rustup's, 1.89 or newer)
-#                          copied in; CARGO_HOME and PATH as in the official image.
+#                          and its CA bundle copied in; CARGO_HOME and PATH as in the official image.
 # Images and archives are cached in ${BGJOBS_CACHE:-~/.cache/bgjobs}/images; the operator image is rebuilt when the
 # sources it copies change. Status: the job image is built and imported (by hand, with e2e/cluster.sh up --node);
 # the operator image has not been built yet.
@@ -76,6 +76,10 @@ base_images() {
       [ -d "$toolchain/$part" ] || continue
       bah copy "$ctr" "$toolchain/$part" "/usr/local/rust/$part" >>"$log" 2>&1 || fail "copy the Rust toolchain" "$log"
     done
+    # cargo fetches crates over TLS. This machine may reach crates.io only through a TLS-inspecting proxy whose CA
+    # only this machine trusts (/usr/local/share/ca-certificates): the local builder trusts what this machine trusts.
+    bah copy "$ctr" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >>"$log" 2>&1 ||
+      fail "copy this machine's CA bundle" "$log"
     bah config --env CARGO_HOME=/usr/local/cargo --env RUSTUP_HOME=/usr/local/rustup \
       --env PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       "$ctr" >>"$log" 2>&1
