@@ -78,8 +78,10 @@ base_images() {
     done
     # cargo fetches crates over TLS. This machine may reach crates.io only through a TLS-inspecting proxy whose CA
     # only this machine trusts (/usr/local/share/ca-certificates): the local builder trusts what this machine trusts.
-    bah copy "$ctr" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >>"$log" 2>&1 ||
-      fail "copy this machine's CA bundle" "$log"
+    if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+      bah copy "$ctr" /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt >>"$log" 2>&1 ||
+        fail "copy this machine's CA bundle" "$log"
+    fi
     bah config --env CARGO_HOME=/usr/local/cargo --env RUSTUP_HOME=/usr/local/rustup \
       --env PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       "$ctr" >>"$log" 2>&1

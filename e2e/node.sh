@@ -189,7 +189,10 @@ start_node() {
     --proxy-mode iptables --cluster-cidr "$POD_CIDR" --bind-address "$NODE_ADDR" \
     --healthz-bind-address "127.0.0.1:$(free_port)" --metrics-bind-address "127.0.0.1:$(free_port)" \
     --conntrack-max-per-core 0 --conntrack-tcp-timeout-established 0 --conntrack-tcp-timeout-close-wait 0
-  start kubelet "$BIN/kubelet" --config "$d/kubelet/config.yaml" --kubeconfig "$STATE/kubeconfig" \
+  # The kubelet's cAdvisor asks a cloud's metadata service (a link-local address) about the machine when the
+  # machine's DMI names that cloud: GCE's client is pointed at a dead loopback port, AWS's is turned off.
+  start kubelet env GCE_METADATA_HOST=127.0.0.1:9 AWS_EC2_METADATA_DISABLED=true \
+    "$BIN/kubelet" --config "$d/kubelet/config.yaml" --kubeconfig "$STATE/kubeconfig" \
     --container-runtime remote --container-runtime-endpoint "unix://$d/containerd/containerd.sock" \
     --root-dir "$d/kubelet/root" --cert-dir "$d/kubelet/pki" --hostname-override "$NODE_NAME" \
     --node-ip "$NODE_ADDR"

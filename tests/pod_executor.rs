@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
 use common::control_plane::ControllerManagerPaused;
-use common::kubelet::{JOB_IMAGE, pod_log, real_node, shell_job};
+use common::kubelet::{JOB_IMAGE, on_node, pod_log, shell_job};
 use common::proxy::Proxy;
 use common::{ReplicaOptions, TestEnv, all_in};
 use futures::{StreamExt, TryStreamExt};
@@ -20,18 +20,6 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// A Pod job running `script` with `sh -c` in the job image.
-fn pod_job(script: &str, extra: serde_json::Value) -> serde_json::Value {
-    shell_job(script, extra)
-}
-
-/// A test namespace on a Ready real node that has the job image.
-async fn env_on_node(test: &str) -> TestEnv {
-    let env = TestEnv::new(test).await;
-    real_node(&env.client, &[JOB_IMAGE]).await;
-    env
-}
 
 /// One thing the apiserver said about a Pod.
 #[derive(Clone, Debug)]
@@ -157,10 +145,10 @@ async fn wait_no_pods(env: &TestEnv, job: &str, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_per_policy() {
-    let env = env_on_node("pod-outcomes").await;
+    let env = on_node("pod-outcomes").await;
     let _r = env.replica("r", &[]);
-    env.create("ok", pod_job("echo \"job=$BGJOBS_JOB attempt=$BGJOBS_ATTEMPT args=$BGJOBS_ARGS\"", json!({}))).await;
-    env.create("broken", pod_job("echo oops >&2; exit 3", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}})))
+    env.create("ok", shell_job("echo \"job=$BGJOBS_JOB attempt=$BGJOBS_ATTEMPT args=$BGJOBS_ARGS\"", json!({}))).await;
+    env.create("broken", shell_job("echo oops >&2; exit 3", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}})))
         .await;
     let jobs = env
         .wait_until(2 * MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()))
@@ -185,9 +173,9 @@ async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_pod() {
-    let env = env_on_node("pod-adopt").await;
+    let env = on_node("pod-adopt").await;
     let mut a = env.replica("a", &[]);
-    env.create("long", pod_job("sleep 6", json!({}))).await;
+    env.create("long", shell_job("sleep 6", json!({}))).await;
     wait_pod_phase(&env, "long", "Running").await;
     let _b = env.replica("b", &[]);
     a.kill9();
@@ -205,11 +193,12 @@ async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
-    let env = env_on_node("pod-cancel").await;
+    let env = on_node("pod-cancel").await;
     let _r = env.replica("r", &[]);
-    env.create("to-cancel", pod_job("sleep 60", json!({}))).await;
-    env.create("to-delete", pod_job("sleep 60", json!({}))).await;
-    env.create("too-slow", pod_job("sleep 60", json!({"attemptTimeoutSeconds": 2, "retry": {"maxAttempts": 1}}))).await;
+    env.create("to-cancel", shell_job("sleep 60", json!({}))).await;
+    env.create("to-delete", shell_job("sleep 60", json!({}))).await;
+    env.create("too-slow", shell_job("sleep 60", json!({"attemptTimeoutSeconds": 2, "retry": {"maxAttempts": 1}})))
+        .await;
     env.wait_until(MINUTE, "all Running", |jobs| jobs.len() == 3 && all_in(jobs, Phase::Running)).await;
     for name in ["to-cancel", "to-delete"] {
         // A job is Running from its claim on; its Pod is created just after.
@@ -231,10 +220,10 @@ async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_replica_cap_counts_pod_jobs() {
-    let env = env_on_node("pod-cap").await;
+    let env = on_node("pod-cap").await;
     let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "2"]);
     for i in 0..6 {
-        env.create(&format!("p{i}"), pod_job("sleep 1", json!({}))).await;
+        env.create(&format!("p{i}"), shell_job("sleep 1", json!({}))).await;
     }
     let deadline = Instant::now() + 2 * MINUTE;
     let mut peak = 0;
@@ -252,9 +241,9 @@ async fn the_per_replica_cap_counts_pod_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_garbage_collector_removes_the_pods_of_a_deleted_job_without_any_operator() {
-    let env = env_on_node("pod-gc").await;
+    let env = on_node("pod-gc").await;
     let mut r = env.replica("r", &[]);
-    env.create("done", pod_job("exit 0", json!({}))).await;
+    env.create("done", shell_job("exit 0", json!({}))).await;
     env.wait_job("done", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     assert_eq!(pods_of(&env, "done").await.len(), 1, "the finished attempt's pod is kept for inspection");
     // No operator from here on: only kube-controller-manager's garbage collector can remove the Pod.
@@ -265,13 +254,13 @@ async fn the_garbage_collector_removes_the_pods_of_a_deleted_job_without_any_ope
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_pod_watch_keeps_watching_the_same_pod_instead_of_starting_another() {
-    let env = env_on_node("pod-watch-reset").await;
+    let env = on_node("pod-watch-reset").await;
     // Every connection of this replica goes through the proxy, so resetting them breaks its Pod watch (as an
     // apiserver restart behind a load balancer would) while the Pod itself runs on.
     let proxy = Proxy::to_apiserver().await;
     let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
     let _r = env.replica_with("r", &[], &options);
-    env.create("watched", pod_job("sleep 20", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}))).await;
+    env.create("watched", shell_job("sleep 20", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}))).await;
     wait_pod_phase(&env, "watched", "Running").await;
 
     let (mut peak, mut reset) = (0, 0);
@@ -300,7 +289,7 @@ async fn a_broken_pod_watch_keeps_watching_the_same_pod_instead_of_starting_anot
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_starts() {
-    let env = env_on_node("pod-timeout-grace").await;
+    let env = on_node("pod-timeout-grace").await;
     // Each attempt times out after 8 s (its container has long started by then) and ignores SIGTERM, so the kubelet
     // kills it with SIGKILL at the Pod's grace: `quick` after 1 s, `stubborn` after 4 s, beyond the claim's renew
     // deadline (2 s in tests).
@@ -308,7 +297,7 @@ async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_st
     let history = PodHistory::watch(&env, &jobs.map(|(name, _)| name)).await;
     let _r = env.replica("r", &[]);
     for (name, grace) in jobs {
-        let mut spec = pod_job(
+        let mut spec = shell_job(
             "trap '' TERM; sleep 60",
             json!({"attemptTimeoutSeconds": 8, "retry": {"maxAttempts": 2, "backoffSeconds": 0}}),
         );
@@ -345,9 +334,9 @@ async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_behind() {
-    let env = env_on_node("pod-namesake").await;
+    let env = on_node("pod-namesake").await;
     let mut a = env.replica("a", &[]);
-    env.create("again", pod_job("sleep 60", json!({}))).await;
+    env.create("again", shell_job("sleep 60", json!({}))).await;
     wait_pod_phase(&env, "again", "Running").await;
     // Nobody may remove the old job's Pod: not its replica (which would on seeing the job deleted), not the garbage
     // collector. It stays behind, owned by a deleted job, as it does while the GC lags.
@@ -359,7 +348,7 @@ async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_beh
         assert!(Instant::now() < deadline, "the old job was not deleted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    env.create("again", pod_job("exit 0", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 1}}))).await;
+    env.create("again", shell_job("exit 0", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 1}}))).await;
     let _b = env.replica("b", &[]);
     let job = env.wait_job("again", MINUTE, "final", |j| j.phase().is_final()).await;
     assert!(pods_of(&env, "again").await.iter().any(|p| p.name_any() == "again-1"), "the old pod was still there");
@@ -372,10 +361,10 @@ async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_beh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() {
-    let env = env_on_node("pod-vanished").await;
+    let env = on_node("pod-vanished").await;
     let history = PodHistory::watch(&env, &["once"]).await;
     let mut a = env.replica("a", &[]);
-    env.create("once", pod_job("sleep 3", json!({"retry": {"maxAttempts": 1}}))).await;
+    env.create("once", shell_job("sleep 3", json!({"retry": {"maxAttempts": 1}}))).await;
     wait_pod_phase(&env, "once", "Running").await;
     // The replica dies while the Pod runs; the Pod finishes, then is removed (by hand, or by the terminated-pod
     // garbage collector) before anybody recorded its outcome.
@@ -396,10 +385,10 @@ async fn an_adopter_does_not_re_create_the_pod_of_an_attempt_that_already_ran() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pod_policy_fails_privileged_host_path_and_foreign_service_account_jobs_without_creating_a_pod() {
-    let env = env_on_node("pod-policy").await;
+    let env = on_node("pod-policy").await;
     let _r = env.replica("r", &[]);
     let job = |pod_spec: serde_json::Value| {
-        let mut spec = pod_job("echo fine", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}));
+        let mut spec = shell_job("echo fine", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}));
         let template = spec["template"]["spec"].as_object_mut().unwrap();
         template.extend(pod_spec.as_object().unwrap().clone());
         spec

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
-use common::kubelet::{JOB_IMAGE, real_node, shell_job};
+use common::kubelet::{on_node, shell_job};
 use common::{TestEnv, all_in};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -15,18 +15,6 @@ use kube::api::ListParams;
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// A Pod job running `script` with `sh -c` in the job image.
-fn pod_job(script: &str, extra: serde_json::Value) -> serde_json::Value {
-    shell_job(script, extra)
-}
-
-/// A test namespace on a Ready real node that has the job image.
-async fn env_on_node(test: &str) -> TestEnv {
-    let env = TestEnv::new(test).await;
-    real_node(&env.client, &[JOB_IMAGE]).await;
-    env
-}
 
 /// The Pods bgjobs made in the test's namespace that are Running now.
 async fn running_pods(env: &TestEnv) -> Vec<Pod> {
@@ -60,9 +48,9 @@ async fn peak_running_pods_until_all_succeed(env: &TestEnv, n: usize, within: Du
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_job_on_its_last_attempt_survives_a_rolling_restart_of_its_replica() {
-    let env = env_on_node("pod-last-attempt").await;
+    let env = on_node("pod-last-attempt").await;
     let mut a = env.replica("a", &["--shutdown-grace", "1s"]);
-    env.create("last", pod_job("sleep 8", json!({"retry": {"maxAttempts": 1}}))).await;
+    env.create("last", shell_job("sleep 8", json!({"retry": {"maxAttempts": 1}}))).await;
     wait_running_pods(&env, 1).await;
     let _b = env.replica("b", &[]);
     assert!(a.terminate(Duration::from_secs(20)), "a shut down within its grace");
@@ -78,11 +66,11 @@ async fn a_pod_job_on_its_last_attempt_survives_a_rolling_restart_of_its_replica
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_handed_over_on_shutdown_keep_their_cluster_slots() {
-    let env = env_on_node("pod-cap-handover").await;
+    let env = on_node("pod-cap-handover").await;
     let cap = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "2", "--shutdown-grace", "1s"];
     let mut a = env.replica("a", &cap);
     for i in 0..6 {
-        env.create(&format!("p{i}"), pod_job("sleep 5", json!({}))).await;
+        env.create(&format!("p{i}"), shell_job("sleep 5", json!({}))).await;
     }
     wait_running_pods(&env, 2).await;
     let _b = env.replica("b", &cap);
@@ -97,16 +85,16 @@ async fn pods_handed_over_on_shutdown_keep_their_cluster_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_holds() {
-    let env = env_on_node("pod-slot-deleted").await;
+    let env = on_node("pod-slot-deleted").await;
     let cap = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "1"];
     let _a = env.replica("a", &cap);
     let _b = env.replica("b", &cap);
-    env.create("first", pod_job("sleep 10", json!({}))).await;
+    env.create("first", shell_job("sleep 10", json!({}))).await;
     wait_running_pods(&env, 1).await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
     leases.delete(&bgjobs::wire::slot_name(0), &Default::default()).await.unwrap();
     for i in 0..2 {
-        env.create(&format!("next-{i}"), pod_job("sleep 2", json!({"priority": "High"}))).await;
+        env.create(&format!("next-{i}"), shell_job("sleep 2", json!({"priority": "High"}))).await;
     }
     let most = peak_running_pods_until_all_succeed(&env, 3, 2 * MINUTE).await;
     assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
@@ -114,15 +102,15 @@ async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_hold
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orphaned_pod_job_is_cancelled_and_its_pod_deleted_even_when_no_replica_has_a_free_slot() {
-    let env = env_on_node("pod-orphan-cancel").await;
+    let env = on_node("pod-orphan-cancel").await;
     let one = ["--max-concurrent-jobs-per-instance", "1"];
     let mut a = env.replica("a", &one);
-    env.create("orphan", pod_job("sleep 120", json!({}))).await;
+    env.create("orphan", shell_job("sleep 120", json!({}))).await;
     wait_running_pods(&env, 1).await;
     a.kill9();
     // b's only slot is busy with another long Pod job: it cannot adopt the orphan.
     let _b = env.replica("b", &one);
-    env.create("busy", pod_job("sleep 120", json!({}))).await;
+    env.create("busy", shell_job("sleep 120", json!({}))).await;
     wait_running_pods(&env, 2).await;
     let cancel = kube::api::Patch::Merge(json!({"spec": {"cancel": true}}));
     env.jobs.patch("orphan", &Default::default(), &cancel).await.unwrap();

@@ -9,7 +9,7 @@ use kube::api::LogParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 
-use super::{TEST_NODE_LABEL, node_ready};
+use super::{TEST_NODE_LABEL, TestEnv, node_ready};
 
 /// How to get what these tests need.
 pub const HOW_TO_START: &str = "start the node and import the images: e2e/cluster.sh up --node && e2e/image.sh import";
@@ -79,6 +79,13 @@ pub fn shell_job(script: &str, extra: Value) -> Value {
     });
     spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     spec
+}
+
+/// A fresh test namespace ([`TestEnv::new`]) on a Ready real node that has the job image.
+pub async fn on_node(test: &str) -> TestEnv {
+    let env = TestEnv::new(test).await;
+    real_node(&env.client, &[JOB_IMAGE]).await;
+    env
 }
 
 /// What the Pod's container wrote, read through the kubelet (`kubectl logs`).
