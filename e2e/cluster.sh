@@ -240,6 +240,9 @@ up() { # [--node]
   [ -d "$STATE" ] && down
   # Serialise the per-machine build so two parallel `up`s do not build twice.
   mkdir -p "$CACHE"
+  # Installs first, also when the binaries come from a cache made elsewhere (each is a presence check, then apt).
+  install_packages
+  if ((want_node)); then install_node_packages; fi
   (flock 9 && build_binaries && if ((want_node)); then build_node_binaries; fi) 9>"$CACHE/build.lock"
 
   mkdir -p "$STATE/logs" "$STATE/certs" "$STATE/etcd"
@@ -255,8 +258,9 @@ up() { # [--node]
 
   printf 'etcd_port=%s\npeer_port=%s\napi_port=%s\n' "$etcd_port" "$peer_port" "$api_port" >"$STATE/ports.env"
   if ((want_node)); then
-    create_node_network
+    # Recorded first, so that `down` cleans up after a network set up halfway.
     printf 'node=1\napi_addr=%s\n' "$NODE_ADDR" >>"$STATE/ports.env"
+    create_node_network
   fi
   . "$STATE/ports.env"
   start_etcd
