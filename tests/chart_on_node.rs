@@ -176,12 +176,18 @@ async fn the_charts_pods_run_jobs_take_more_after_a_scale_up_and_hand_a_job_back
     assert_eq!(status.attempts, 2, "one interrupted attempt, one that succeeded: {status:?}");
     println!("the deleted Pod handed its job back after {handed_back_after:?}");
 
-    // Uninstall: the Pods go; the jobs stay.
+    // Uninstall: the Pods go; the jobs stay. The kubelet removes a Pod object only once its containers, volumes and
+    // cgroups are gone, which takes it over a minute on this busy 2-core machine at times.
     release.uninstall();
     let start = Instant::now();
-    while !operator_pods(&pods).await.is_empty() || !pods.list(&ListParams::default()).await.unwrap().items.is_empty() {
-        assert!(start.elapsed() < MINUTE, "Pods left after uninstall:\n{}", kubectl(&["get", "pods", "-n", &env.ns]));
+    while !pods.list(&ListParams::default()).await.unwrap().items.is_empty() {
+        assert!(
+            start.elapsed() < 3 * MINUTE,
+            "Pods left after uninstall:\n{}",
+            kubectl(&["get", "pods", "-n", &env.ns])
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    println!("the release's Pods were gone {:?} after uninstall", start.elapsed());
     assert_eq!(env.list().await.len(), 23, "uninstalling keeps the jobs");
 }
