@@ -288,7 +288,7 @@ async fn a_broken_pod_watch_keeps_watching_the_same_pod_instead_of_starting_anot
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_pod_that_ignores_sigterm_is_gone_before_the_next_attempt_starts() {
+async fn a_timed_out_pod_that_ignores_sigterm_has_stopped_before_the_next_attempt_starts() {
     let env = on_node("pod-timeout-grace").await;
     // Each attempt times out after 8 s (its container has long started by then) and ignores SIGTERM, so the kubelet
     // kills it with SIGKILL at the Pod's grace: `quick` after 1 s, `stubborn` after 4 s, beyond the claim's renew
