@@ -41,6 +41,8 @@ install_packages() {
   command -v rsync >/dev/null || missing+=(rsync)
   command -v jq >/dev/null || missing+=(jq)
   command -v openssl >/dev/null || missing+=(openssl)
+  # The scripts and the tests drive the cluster with kubectl; Debian's is the same v1.20.2 as the control plane.
+  command -v kubectl >/dev/null || missing+=(kubernetes-client)
   [ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] || missing+=(golang-github-modern-go-reflect2-dev)
   [ ${#missing[@]} -eq 0 ] || apt_install "$CACHE/apt.log" "${missing[@]}"
 }

@@ -54,12 +54,12 @@ fn assert_all_exist(manifest: &[Value], dir: &Path) {
 
 /// A kubeconfig for the same apiserver (and CA) as the admin's, authenticated by a token of `sa` in `namespace`.
 /// A kubeconfig that authenticates as the ServiceAccount the installed chart's Deployment runs with.
-fn chart_service_account_kubeconfig(manifest: &[Value], namespace: &str, dir: &Path) -> PathBuf {
+async fn chart_service_account_kubeconfig(admin: &Client, manifest: &[Value], namespace: &str, dir: &Path) -> PathBuf {
     let sa = release_deployment(manifest).deployment()["spec"]["template"]["spec"]["serviceAccountName"]
         .as_str()
         .expect("the Deployment names its ServiceAccount")
         .to_string();
-    common::service_account_kubeconfig(&sa, namespace, dir)
+    common::service_account_kubeconfig(admin, &sa, namespace, dir).await
 }
 
 async fn client_for(kubeconfig: &Path) -> Client {
@@ -162,7 +162,7 @@ async fn namespace_mode_install_runs_jobs_with_the_charts_service_account_and_no
     release_helm_crd_ownership(&admin).await;
     assert_eq!(crd_identity(&admin).await, crd_before, "installing the chart left the shared CRDs as they were");
 
-    let kubeconfig = chart_service_account_kubeconfig(&manifest, &rel.ns, &rel.dir);
+    let kubeconfig = chart_service_account_kubeconfig(&admin, &manifest, &rel.ns, &rel.dir).await;
     let replica = chart_replica(&jobs, &manifest, "chart-ns", &rel.ns, kubeconfig.clone(), false).await;
 
     for i in 0..5 {
@@ -254,7 +254,7 @@ async fn cluster_mode_install_runs_jobs_in_every_namespace_and_pod_mode_is_an_up
     release_helm_crd_ownership(&admin).await;
     assert_eq!(crd_identity(&admin).await, crd_before, "installing the chart left the shared CRDs as they were");
 
-    let kubeconfig = chart_service_account_kubeconfig(&manifest, &rel.ns, &rel.dir);
+    let kubeconfig = chart_service_account_kubeconfig(&admin, &manifest, &rel.ns, &rel.dir).await;
     let replica = chart_replica(&rel, &manifest, "chart-cluster", &rel.ns, kubeconfig.clone(), true).await;
     for (env, n) in [(&team_a, 3), (&team_b, 3)] {
         for i in 0..n {

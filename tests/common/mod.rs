@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase};
 pub use bgjobs_history::{ExecLine, Execution, Open};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
@@ -77,15 +78,20 @@ pub fn unique() -> String {
 
 /// A kubeconfig for the local control plane's apiserver (and CA) that authenticates with a one-hour token of the
 /// ServiceAccount `sa` in `namespace`, written to `dir`: a replica started with it has exactly the RBAC bound to `sa`.
-pub fn service_account_kubeconfig(sa: &str, namespace: &str, dir: &Path) -> PathBuf {
+/// The token comes from the TokenRequest API (what `kubectl create token` calls; v1.20's kubectl has no such command).
+pub async fn service_account_kubeconfig(admin_client: &Client, sa: &str, namespace: &str, dir: &Path) -> PathBuf {
     let admin = kubeconfig_path();
-    let out = Command::new("kubectl")
-        .args(["--kubeconfig", &admin.display().to_string(), "create", "token", sa, "-n", namespace])
-        .args(["--duration", "1h"])
-        .output()
-        .expect("run kubectl create token");
-    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let request = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin_client.clone(), namespace)
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .expect("a token for the ServiceAccount")
+        .status
+        .expect("a TokenRequest answered with a status")
+        .token;
     let kc = Kubeconfig::read_from(&admin).unwrap();
     let cluster = kc.clusters[0].cluster.clone().expect("a cluster in the admin kubeconfig");
     let ca = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
@@ -159,7 +165,6 @@ pub fn operator_rules(without: &[(&str, &str)]) -> Vec<k8s_openapi::api::rbac::v
 /// A ServiceAccount `name` in the test's namespace, bound to a Role `name` with [`operator_rules`] minus `without`;
 /// returns a kubeconfig that authenticates as it. Its Leases must live in the test's namespace (`--lease-namespace`).
 pub async fn operator_account(env: &TestEnv, name: &str, without: &[(&str, &str)]) -> PathBuf {
-    use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding, RoleRef, Subject};
     let meta = || ObjectMeta { name: Some(name.to_string()), ..Default::default() };
     let role = Role { metadata: meta(), rules: Some(operator_rules(without)) };
@@ -178,7 +183,7 @@ pub async fn operator_account(env: &TestEnv, name: &str, without: &[(&str, &str)
     Api::<ServiceAccount>::namespaced(env.client.clone(), &env.ns).create(&pp, &account).await.unwrap();
     Api::<Role>::namespaced(env.client.clone(), &env.ns).create(&pp, &role).await.unwrap();
     Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns).create(&pp, &binding).await.unwrap();
-    service_account_kubeconfig(name, &env.ns, &env.dir)
+    service_account_kubeconfig(&env.client, name, &env.ns, &env.dir).await
 }
 
 /// Change the Role of [`operator_account`] `name` to [`operator_rules`] minus `without` (a verb taken away, or

@@ -385,7 +385,8 @@ fn spans(faults: &[FaultLine]) -> Vec<Span<'_>> {
 /// how much earlier than it was a claim time written in a status may look.
 const CLAIM_CLOCK_SLACK_MS: i64 = 1_500;
 
-/// FIFO, judged on dispatch (the job first seen Running; for a Pod job, long before its container starts).
+/// FIFO, judged on dispatch (the job first seen Running; for a Pod job, long before its container starts), in the
+/// order bgjobs documents: priority, creation second, creation revision, namespace/name.
 ///
 /// For each job `a`, the earliest dispatch of a job queued behind it while `a` was already runnable and still
 /// waiting gives its inversion. The time of that inversion covered by a fault that could hold `a` back, from the
@@ -407,7 +408,7 @@ fn check_fifo(
         *t = (*t).min(e.start);
     }
     struct Queued<'a> {
-        key: (i32, i64),
+        key: (i32, i64, i64, Option<(&'a str, &'a str)>),
         runnable: i64,
         dispatched: i64,
         uid: &'a str,
@@ -429,7 +430,9 @@ fn check_fifo(
             continue; // keyed (its key's turn decides), or never ran
         }
         jobs.push(Queued {
-            key: (-first.priority, first.seq),
+            // The documented order: priority, creation second, creation revision, name. Jobs created around a
+            // second's boundary may commit in the other order than their creation seconds say: the second decides.
+            key: (-first.priority, first.created_s, first.seq, first.job.split_once('/')),
             runnable: first.created_ms.max(first.not_before_ms.unwrap_or(0)),
             dispatched,
             uid,

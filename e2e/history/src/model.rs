@@ -64,7 +64,11 @@ pub struct StatusLine {
     /// Priority as a number (higher first).
     #[serde(default)]
     pub priority: i32,
-    /// Enqueue order (the creation revision).
+    /// `creationTimestamp` in whole seconds: the enqueue order's first part (bgjobs' `ordering` module), before
+    /// `seq`. Histories recorded without it read 0, so their order is `seq` alone.
+    #[serde(default)]
+    pub created_s: i64,
+    /// Enqueue order within a second (the creation revision).
     #[serde(default)]
     pub seq: i64,
     /// Creation time (ms).

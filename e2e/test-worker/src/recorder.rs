@@ -183,6 +183,7 @@ fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> Statu
         attempts: status.attempts,
         worker: status.worker.clone(),
         priority,
+        created_s: job.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
         seq: bgjobs::wire::enqueue_sequence(job).unwrap_or(i64::MAX),
         created_ms,
         not_before_ms,

@@ -198,6 +198,25 @@ fn a_job_started_long_after_one_queued_behind_it_is_a_fifo_inversion() {
 }
 
 #[test]
+fn the_creation_second_orders_before_the_revision_as_the_operator_documents() {
+    // "late" committed first (revision 1) but was created in a later second than "early" (revision 2): jobs created
+    // around a second's boundary commit out of their seconds' order. The documented order runs "early" first.
+    let mut h = History::default();
+    for (job, created_s, seq, start) in [("late", 11, 1, 5_000), ("early", 10, 2, 100)] {
+        let mut s = status(job, 0, "Succeeded", 1, Some("a"));
+        (s.created_s, s.seq) = (created_s, seq);
+        h.status.push(s);
+        h.exec.extend(ran(job, 1, "a", start, start + 100));
+    }
+    let limits = Limits { fifo_bound_ms: Some(1_000), ..Default::default() };
+    let r = check(&h, &limits);
+    assert_eq!((r.worst_fifo_inversion_ms, r.fifo_violations), (0, 0), "{:?}", r.violations);
+    h.status[0].created_s = 10; // the same second: now the revision decides, and "late" was held back
+    let r = check(&h, &limits);
+    assert_eq!((r.worst_fifo_inversion_ms, r.fifo_violations), (4_900, 1), "{:?}", r.violations);
+}
+
+#[test]
 fn a_job_whose_first_claim_the_recorder_missed_is_judged_on_its_first_execution() {
     // The recorder was blind (an apiserver restart) while "first" was claimed and ran attempt 1 at 50; it first saw
     // the job Running for attempt 2, at 5_000, long after "second" (queued behind it) was dispatched at 100.
