@@ -203,6 +203,8 @@ one_size() {
       "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
       "$(awk -v r="$refused" -v n="$n" 'BEGIN {print r / n}')" \
       "$api_rss_per_10k" "$stored_bytes"
+    # The fleet's longest pause in dispatch: nothing started anywhere for this long (claims held up, e.g. by a walk).
+    echo "  longest_dispatch_gap_ms=$(jq -r '.longest_start_gap_ms // 0' "$dir/audit.json")"
     echo "  checker: $(head -n 1 <<<"$check")"
   } | tee "$dir/figures.txt"
   kubectl delete namespace "$NS" --wait=false >/dev/null

@@ -3,9 +3,9 @@
 //! bgjobs guarantees this dispatch order among runnable jobs: **priority first (High → Low), then enqueue order,
 //! then namespace/name**. Enqueue order is `creationTimestamp` (one-second resolution) refined by the apiserver
 //! revision at which the job was created, so jobs created within one second still start in creation order.
-//! Requests in flight at once around a second's boundary may commit in the other order than their creation seconds
-//! (under load, a job stamped in one second can commit after many stamped in the next): the second decides. No
-//! client saw an order between such concurrent requests; one made after another's answer always comes later.
+//! Requests in flight at once around a second's boundary may commit in the other order than their creation seconds:
+//! the second decides. No client saw an order between such concurrent requests; one made after another's answer
+//! always comes later.
 //! A retried job keeps its original place: it is not pushed behind jobs enqueued after it.
 //!
 //! A job that cannot run yet (delayed, waiting for its retry) is simply not runnable; it never blocks the jobs
@@ -293,6 +293,13 @@ mod tests {
             job("mid", Priority::Normal, 100, "10"),
         ];
         assert_eq!(sorted(&jobs), ["mid", "zeta", "alpha"]);
+    }
+
+    #[test]
+    fn the_creation_second_outranks_the_revision() {
+        // Created concurrently around a second's boundary: "late" committed first but was stamped a second later.
+        let jobs = [job("late", Priority::Normal, 101, "10"), job("early", Priority::Normal, 100, "11")];
+        assert_eq!(sorted(&jobs), ["early", "late"]);
     }
 
     #[test]

@@ -103,13 +103,18 @@ const DELETES_PER_SECOND: f64 = 50.0;
 const DELETE_BURST: f64 = 50.0;
 
 /// Every job is looked at again at least this often, whatever the index says: a safety net against a lost watch
-/// event, at the cost of one walk over the cache per period (see [`full_look_period`]).
+/// event, at the cost of one walk over the cache per period (see [`full_look_period`]); unchanged jobs are looked at
+/// a chunk per pass (`Backlog::resync`), so the walk never holds up claims.
 const FULL_LOOK: Duration = Duration::from_secs(60);
 /// A walk costs about 13 µs of CPU per cached job (1.3 s for 100,000 jobs, a quarter of a replica's CPU at that size
 /// with a 60 s period); the period grows by this much per job, so that the walk stays near half a percent of a core.
 const FULL_LOOK_PER_JOB: Duration = Duration::from_millis(3);
 /// The longest period between walks, however many jobs are cached.
 const FULL_LOOK_MAX: Duration = Duration::from_secs(600);
+
+/// Between two passes that look again at a chunk of unchanged jobs after a walk (see `Backlog::resync`): the loop
+/// takes in watch events and finished attempts in between.
+const SWEEP_PAUSE: Duration = Duration::from_millis(1);
 
 /// How long until the next walk over `jobs` cached jobs.
 fn full_look_period(jobs: usize) -> Duration {
@@ -389,6 +394,9 @@ impl Dispatcher {
         }
         if let Some(at) = self.backlog.next_due() {
             due = due.min(at.saturating_duration_since(inst));
+        }
+        if self.backlog.sweeping() {
+            due = due.min(SWEEP_PAUSE);
         }
         self.worker.metrics.queue_depth.clear();
         for (labels, n) in self.backlog.depth() {

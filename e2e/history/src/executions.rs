@@ -219,6 +219,10 @@ pub struct Audit {
     pub makespan_ms: Option<i64>,
     /// Time spent inside handlers, summed over finished executions (ms).
     pub busy_ms: i64,
+    /// The longest time between two consecutive starts, on any replica (ms): a pause of the whole fleet's
+    /// dispatch shows here (a backlog drain should have none longer than a claim's round trip).
+    #[serde(default)]
+    pub longest_start_gap_ms: i64,
     /// Executions per replica.
     pub per_worker: BTreeMap<String, usize>,
     /// Each replica's first start (ms).
@@ -253,6 +257,9 @@ pub fn audit(execs: &[Execution], open: Open, per_job: bool) -> Audit {
         ..Audit::default()
     };
     a.started = a.executions - a.re_executions;
+    let mut starts: Vec<i64> = execs.iter().map(|e| e.start).collect();
+    starts.sort_unstable();
+    a.longest_start_gap_ms = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     if let (Some(first), Some(last)) = (a.first_start_ms, a.last_end_ms) {
         a.makespan_ms = Some(last - first);
     }
@@ -429,5 +436,6 @@ mod tests {
         assert_eq!(a.first_start_by_worker, BTreeMap::from([("r1".into(), 10), ("r2".into(), 40)]));
         assert_eq!(a.jobs["ns/b"], JobRuns { uid: "uid-b".into(), first_start_ms: 40, executions: 2 });
         assert_eq!((a.first_start_ms, a.last_end_ms, a.makespan_ms), (Some(10), Some(250), Some(240)));
+        assert_eq!(a.longest_start_gap_ms, 160, "starts at 10, 40, 200: nothing started between 40 and 200");
     }
 }
