@@ -6,13 +6,14 @@
 FROM rust:1.89-bookworm AS builder
 WORKDIR /src
 # Dependencies first, in their own layer: a change to src/ does not rebuild them. The workspace's dev-tool members
-# (e2e/history, e2e/test-worker, e2e/bench, e2e/node-agent) are not built; cargo only needs their manifests, so they
-# get empty sources.
+# (e2e/history, e2e/test-worker, e2e/bench, e2e/node-agent) and the integration tests (tests) are not built; cargo
+# only needs their manifests, so they get empty sources.
 COPY Cargo.toml Cargo.lock ./
 COPY e2e/history/Cargo.toml e2e/history/
 COPY e2e/test-worker/Cargo.toml e2e/test-worker/
 COPY e2e/bench/Cargo.toml e2e/bench/
 COPY e2e/node-agent/Cargo.toml e2e/node-agent/
+COPY tests/Cargo.toml tests/
 RUN mkdir -p src e2e/history/src e2e/test-worker/src e2e/bench/src e2e/node-agent/src && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs && touch e2e/history/src/lib.rs && echo 'fn main() {}' > e2e/history/src/main.rs \
     && echo 'fn main() {}' > e2e/test-worker/src/main.rs && echo 'fn main() {}' > e2e/bench/src/main.rs \

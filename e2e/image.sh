@@ -91,7 +91,7 @@ base_images() {
 
 # What the Dockerfile copies; the image is rebuilt when it changes.
 source_digest() {
-  (cd "$ROOT" && cat Dockerfile Cargo.toml Cargo.lock e2e/*/Cargo.toml $(git ls-files src) | sha256sum | cut -c1-16)
+  (cd "$ROOT" && cat Dockerfile Cargo.toml Cargo.lock e2e/*/Cargo.toml tests/Cargo.toml $(git ls-files src) | sha256sum | cut -c1-16)
 }
 
 operator_image() {

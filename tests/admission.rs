@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
@@ -46,8 +46,7 @@ struct Registered(String);
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        let status = Command::new("kubectl")
-            .args(["--kubeconfig", &kubeconfig_path().display().to_string()])
+        let status = common::kubectl()
             .args(["delete", "mutatingwebhookconfiguration", &self.0, "--ignore-not-found"])
             .stdout(Stdio::null())
             .status();

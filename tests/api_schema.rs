@@ -3,8 +3,7 @@
 //! `config/samples/` apply as they are and list with the printer columns.
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use bgjobs::api::BackgroundJob;
 use common::TestEnv;
@@ -12,7 +11,7 @@ use kube::Api;
 use kube::api::{ApiResource, DynamicObject, PostParams};
 
 fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    common::repo_root().join(relative)
 }
 
 /// Run `kubectl --kubeconfig <local control plane> -n <ns> ARGS`, feeding `stdin` if given; (success, stdout, stderr).
@@ -20,9 +19,7 @@ fn kubectl(ns: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, Strin
     use std::io::Write;
     use std::process::Stdio;
 
-    let mut child = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(common::kubeconfig_path())
+    let mut child = common::kubectl()
         .args(["-n", ns])
         .args(args)
         .stdin(Stdio::piped())

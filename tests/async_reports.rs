@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase};
 use bgjobs::report::{Report, client, token};
-use common::{TestEnv, free_port, kubeconfig_path};
+use common::{TestEnv, free_port};
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -94,7 +94,7 @@ async fn accepted(seen: &Arc<Mutex<Vec<Accepted>>>, attempt: i32) -> Accepted {
 
 /// `bgjobs report ARGS` as a separate process with the token and URL in its environment, as a Pod would have them.
 fn cli_report(url: &str, token: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+    let out = Command::new(common::bgjobs_bin())
         .arg("report")
         .args(args)
         .env("BGJOBS_REPORT_URL", url)
@@ -117,7 +117,7 @@ struct PythonWorker(std::process::Child, String);
 
 impl PythonWorker {
     fn start(env: &TestEnv, args: &[&str]) -> PythonWorker {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/async_worker.py");
+        let script = common::repo_root().join("examples/async_worker.py");
         let mut child = Command::new("python3")
             .arg(&script)
             .args(["--host", "127.0.0.1", "--port", "0"])
@@ -142,11 +142,9 @@ impl Drop for PythonWorker {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accepted_job_is_completed_by_the_python_worker_30_s_later_and_describe_shows_its_result() {
-    let usage = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/usage.md");
+    let usage = common::repo_root().join("docs/usage.md");
     let readme = std::fs::read_to_string(usage).unwrap();
-    let example =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/async_worker.py"))
-            .unwrap();
+    let example = std::fs::read_to_string(common::repo_root().join("examples/async_worker.py")).unwrap();
     assert!(readme.contains(&example), "docs/usage.md shows examples/async_worker.py as it is");
 
     let env = TestEnv::new("async-python").await;
@@ -186,11 +184,7 @@ async fn a_heartbeating_worker_keeps_its_attempt_well_past_the_lease_duration() 
     }
     let running = env.jobs.get("long").await.unwrap();
     assert_eq!((running.phase(), running.attempts()), (Phase::Running, 1), "{:?}", running.status);
-    let wide = Command::new("kubectl")
-        .args(["--kubeconfig", &kubeconfig_path().display().to_string(), "get", "bgj", "long", "-n", &env.ns])
-        .args(["-o", "wide"])
-        .output()
-        .unwrap();
+    let wide = common::kubectl().args(["get", "bgj", "long", "-n", &env.ns]).args(["-o", "wide"]).output().unwrap();
     let wide = String::from_utf8_lossy(&wide.stdout).to_string();
     let reported = running.status.unwrap().progress.unwrap().percent.unwrap();
     assert!(wide.contains("PROGRESS") && wide.contains(&format!(" {reported} ")), "{wide}");

@@ -13,7 +13,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
@@ -41,12 +40,7 @@ fn assert_all_exist(manifest: &[Value], dir: &Path) {
     let file = dir.join("release-manifest.json");
     let list = json!({"apiVersion": "v1", "kind": "List", "items": manifest});
     std::fs::write(&file, list.to_string()).unwrap();
-    let out = Command::new("kubectl")
-        .args(["--kubeconfig", &common::kubeconfig_path().display().to_string(), "get", "-f"])
-        .arg(&file)
-        .args(["-o", "name"])
-        .output()
-        .unwrap();
+    let out = common::kubectl().args(["get", "-f"]).arg(&file).args(["-o", "name"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "kubectl get -f: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.lines().count(), manifest.len(), "every object of the release exists:\n{stdout}");

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::{BackgroundJob, Phase};
@@ -36,11 +35,7 @@ fn pod_ready(pod: &Pod) -> bool {
 }
 
 fn kubectl(args: &[&str]) -> String {
-    let out = Command::new("kubectl")
-        .args(["--kubeconfig", &common::kubeconfig_path().display().to_string()])
-        .args(args)
-        .output()
-        .expect("run kubectl");
+    let out = common::kubectl().args(args).output().expect("run kubectl");
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 

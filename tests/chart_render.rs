@@ -416,7 +416,7 @@ fn bad_values_fail_with_a_message_that_names_the_value() {
 
 /// `--flag` (without dashes) and its env var, from `bgjobs operator --help`.
 fn operator_flags() -> Vec<(String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_bgjobs")).args(["operator", "--help"]).output().unwrap();
+    let out = Command::new(common::bgjobs_bin()).args(["operator", "--help"]).output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     let mut flags: Vec<(String, Option<String>)> = Vec::new();
@@ -529,7 +529,7 @@ fn every_operator_flag_is_reachable_through_values_and_documented() {
     // cluster to reach. A flag the parser rejected would exit 2 with a usage message before trying to connect.
     let scratch = repo().join("target/test-runs").join(format!("all-flags-{}", common::unique()));
     std::fs::create_dir_all(&scratch).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bgjobs"));
+    let mut cmd = Command::new(common::bgjobs_bin());
     cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("HOME", &scratch);
     cmd.env("KUBECONFIG", scratch.join("no-such-kubeconfig"));
     for (name, value) in container_env(&rendered, "bgjobs-abc12", "bgjobs-system") {

@@ -86,7 +86,7 @@ async fn enqueue_list_stats_and_cancel_speak_table_json_and_yaml() {
 #[test]
 fn completions_are_generated_for_common_shells() {
     for shell in ["bash", "zsh", "fish"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_bgjobs")).args(["completions", shell]).output().unwrap();
+        let out = Command::new(common::bgjobs_bin()).args(["completions", shell]).output().unwrap();
         let script = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && script.contains("bgjobs") && script.contains("enqueue"), "{shell}: {script}");
     }

@@ -316,7 +316,7 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
     let env = TestEnv::new("stale-view").await;
     // b talks to a second kube-apiserver on the same etcd; freezing that apiserver freezes b's view of the
     // cluster (its watches) while a renews its Lease through the first one.
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = common::repo_root();
     let out = std::process::Command::new(root.join("e2e/cluster.sh")).arg("second-apiserver").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let second = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap().to_string();

@@ -540,7 +540,7 @@ async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now()
     })
     .await;
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+    let out = std::process::Command::new(common::bgjobs_bin())
         .args(["recurring", "trigger", "hist", "-n", &env.ns])
         .env("KUBECONFIG", common::kubeconfig_path())
         .output()

@@ -4,7 +4,8 @@
 //! - `jobs`: every job in scope by UID (the watch cache's own objects, shared, not copied);
 //! - `runnable`: the jobs that may be claimed now, in queue order ([`QueueKey`]);
 //! - `dirty`: jobs to look at in the next pass (they, or a Lease that guards them, changed);
-//! - `sweep`: jobs a full look found unchanged, still to be looked at again, [`SWEEP_CHUNK`] per pass;
+//! - `sweep`: jobs a full look found unchanged, still to be looked at again, [`SWEEP_CHUNK`] per pass, the head of
+//!   the queue first;
 //! - timers: when to look at a job again although nothing changed (a delay, a backoff, a deadline, a Lease that
 //!   may expire), in a heap;
 //! - concurrency-key groups and each member's turn, recomputed for a group only when one of its jobs changes;
@@ -51,6 +52,9 @@ type KeyGroup = (String, String);
 /// about 20 µs: looking at 100,000 in one pass held every claim back for 2 s, on every replica at once (their
 /// periods start together), which broke the FIFO bound. A chunk costs a pass about 20 ms.
 pub const SWEEP_CHUNK: usize = 1_000;
+/// How many jobs at the head of the queue a full look puts first even when it interrupts a sweep (a watch re-listed
+/// again): the next claims are judged on fresh looks, and the rest of the sweep still moves on every pass.
+const SWEEP_HEAD: usize = SWEEP_CHUNK / 4;
 
 /// See the module docs.
 #[derive(Default)]
@@ -58,7 +62,9 @@ pub struct Backlog {
     jobs: HashMap<String, Arc<BackgroundJob>>,
     runnable: BTreeMap<QueueKey, Candidate>,
     dirty: HashSet<String>,
-    sweep: Vec<String>,
+    /// Taken from the end: the last element is looked at first. The flag: the job is one the current round of
+    /// full looks has yet to reach (see [`sweep_order`]).
+    sweep: Vec<(String, bool)>,
     timers: BinaryHeap<Reverse<(Instant, String)>>,
     /// The time each job's live timer fires; heap entries that disagree are stale and skipped.
     due: HashMap<String, Instant>,
@@ -99,27 +105,33 @@ impl Backlog {
 
     /// Replace the whole index by `all` (after a watch re-listed, or as a periodic safety net). A job that changed
     /// (another resourceVersion, or none to compare) is replaced and marked; an unchanged one keeps its candidacy,
-    /// takes the cache's copy, and joins the sweep, to be looked at again within the next passes. Jobs no longer
-    /// listed are removed and returned.
+    /// takes the cache's copy, and joins the sweep, to be looked at again within the next passes ([`sweep_order`]).
+    /// Jobs no longer listed are removed and returned.
     pub fn resync(&mut self, all: Vec<Arc<BackgroundJob>>) -> Vec<Arc<BackgroundJob>> {
         let listed: HashSet<String> = all.iter().map(|j| j.uid().unwrap_or_default()).collect();
         let gone: Vec<String> = self.jobs.keys().filter(|uid| !listed.contains(*uid)).cloned().collect();
         let removed = gone.iter().filter_map(|uid| self.remove(uid)).collect();
-        self.sweep.clear();
+        let mut unchanged_jobs = Vec::new();
         for job in all {
             let uid = job.uid().unwrap_or_default();
             match self.jobs.get_mut(&uid) {
                 Some(indexed) if unchanged(indexed, &job) => {
                     // The same version: its key, counts and group stay; only the copy is the cache's now.
-                    if let Some(c) = self.runnable.get_mut(&QueueKey::of(&job)) {
+                    let key = QueueKey::of(&job);
+                    if let Some(c) = self.runnable.get_mut(&key) {
                         c.job = job.clone();
                     }
                     *indexed = job;
-                    self.sweep.push(uid);
+                    unchanged_jobs.push((job_is_final(indexed), key, uid));
                 }
                 _ => self.upsert(job),
             }
         }
+        let unreached: HashSet<String> = std::mem::take(&mut self.sweep)
+            .into_iter()
+            .filter_map(|(uid, unreached)| unreached.then_some(uid))
+            .collect();
+        self.sweep = sweep_order(unchanged_jobs, &unreached);
         removed
     }
 
@@ -177,7 +189,7 @@ impl Backlog {
     /// next [`SWEEP_CHUNK`] of the sweep.
     pub fn take_dirty(&mut self, now: Instant) -> Vec<String> {
         let chunk = self.sweep.len().saturating_sub(SWEEP_CHUNK);
-        self.dirty.extend(self.sweep.drain(chunk..));
+        self.dirty.extend(self.sweep.drain(chunk..).map(|(uid, _)| uid));
         while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > now {
                 break;
@@ -320,6 +332,31 @@ impl Backlog {
     }
 }
 
+fn job_is_final(job: &BackgroundJob) -> bool {
+    job.phase().is_final()
+}
+
+/// The order in which a full look's unchanged jobs are looked at again, returned last first (as the sweep takes
+/// them), each flagged if it is still to be reached in the current round: waiting and running jobs in queue order,
+/// then finished ones. A full look that interrupts a round (`unreached` is not empty: a watch re-listed again)
+/// looks at [`SWEEP_HEAD`] jobs of the head first, then at the jobs the round has yet to reach, then at the others;
+/// otherwise a new round begins with every job. So a look at the head of the queue is never more than a pass away,
+/// and re-lists in a row cannot keep the back of the queue from ever being looked at.
+fn sweep_order(mut jobs: Vec<(bool, QueueKey, String)>, unreached: &HashSet<String>) -> Vec<(String, bool)> {
+    jobs.sort_unstable();
+    let new_round = unreached.is_empty();
+    let mut rest = jobs.into_iter().map(|(_, _, uid)| {
+        let unreached = new_round || unreached.contains(&uid);
+        (uid, unreached)
+    });
+    let mut order: Vec<(String, bool)> = rest.by_ref().take(SWEEP_HEAD).collect();
+    let (pending, reached): (Vec<_>, Vec<_>) = rest.partition(|(_, unreached)| *unreached);
+    order.extend(pending);
+    order.extend(reached);
+    order.reverse();
+    order
+}
+
 /// Whether `cached` is the version `indexed` already is (both carry a resourceVersion, and it is the same).
 fn unchanged(indexed: &BackgroundJob, cached: &BackgroundJob) -> bool {
     indexed.resource_version().is_some_and(|rv| cached.resource_version().as_deref() == Some(rv.as_str()))
@@ -442,19 +479,10 @@ mod tests {
 
     #[test]
     fn a_full_look_keeps_unchanged_candidates_and_looks_at_them_again_a_chunk_per_pass() {
-        let mut b = Backlog::default();
         let n = SWEEP_CHUNK * 2 + 5;
-        let jobs: Vec<_> =
-            (0..n).map(|i| versioned(&job(&format!("j{i:05}"), i as i64, Phase::Waiting, None), "1")).collect();
-        for j in &jobs {
-            b.upsert(j.clone());
-        }
-        for uid in b.take_dirty(Instant::now()) {
-            let j = b.job(&uid).unwrap().clone();
-            b.set_runnable(&uid, candidate(&j));
-        }
+        let (mut b, jobs) = indexed_candidates(n);
         // The same versions, as new copies (a re-list), and one job that changed.
-        let mut listed: Vec<_> = jobs.iter().map(|j| Arc::new((**j).clone())).collect();
+        let mut listed = copies(&jobs);
         listed[7] = versioned(&job("j00007", 7, Phase::Running, None), "2");
         assert!(b.resync(listed.clone()).is_empty());
         assert_eq!(b.runnable().count(), n - 1, "only the changed job is withdrawn");
@@ -473,6 +501,76 @@ mod tests {
         assert_eq!(looked.len(), n, "every job is looked at again");
         assert_eq!(b.depth().values().sum::<i64>(), (n - 1) as i64);
         assert_eq!(b.running().count(), 1);
+    }
+
+    /// `n` waiting jobs, one per second of creation, indexed and made candidates, at resourceVersion "1".
+    fn indexed_candidates(n: usize) -> (Backlog, Vec<Arc<BackgroundJob>>) {
+        let mut b = Backlog::default();
+        let jobs: Vec<_> =
+            (0..n).map(|i| versioned(&job(&format!("j{i:05}"), i as i64, Phase::Waiting, None), "1")).collect();
+        for j in &jobs {
+            b.upsert(j.clone());
+        }
+        for uid in b.take_dirty(Instant::now()) {
+            let j = b.job(&uid).unwrap().clone();
+            b.set_runnable(&uid, candidate(&j));
+        }
+        (b, jobs)
+    }
+
+    fn copies(jobs: &[Arc<BackgroundJob>]) -> Vec<Arc<BackgroundJob>> {
+        jobs.iter().map(|j| Arc::new((**j).clone())).collect()
+    }
+
+    #[test]
+    fn a_full_look_looks_at_the_head_of_the_queue_first_and_finished_jobs_last() {
+        let (mut b, mut jobs) = indexed_candidates(SWEEP_CHUNK * 3);
+        // The first-created job has finished: it goes behind every unfinished one.
+        jobs[0] = versioned(&job("j00000", 0, Phase::Succeeded, None), "1");
+        b.upsert(jobs[0].clone());
+        b.take_dirty(Instant::now());
+        b.resync(copies(&jobs));
+        let first = b.take_dirty(Instant::now());
+        assert!(first.contains(&"uid-j00001".to_string()), "the head is looked at in the first pass");
+        let mut passes = vec![first];
+        while b.sweeping() {
+            passes.push(b.take_dirty(Instant::now()));
+        }
+        assert_eq!(passes.len(), 3);
+        assert!(passes[2].contains(&"uid-j00000".to_string()), "the finished job is looked at last");
+        assert!(passes[2].contains(&format!("uid-j{:05}", jobs.len() - 1)));
+    }
+
+    #[test]
+    fn full_looks_in_a_row_still_reach_every_job() {
+        let (mut b, jobs) = indexed_candidates(SWEEP_CHUNK * 3);
+        let mut looked = HashSet::new();
+        // A watch re-lists after every pass: each full look interrupts the last one's sweep.
+        for _ in 0..5 {
+            b.resync(copies(&jobs));
+            let pass = b.take_dirty(Instant::now());
+            assert!(pass.contains(&"uid-j00000".to_string()), "each full look starts at the head");
+            looked.extend(pass);
+        }
+        assert_eq!(looked.len(), jobs.len(), "every job was looked at again");
+    }
+
+    #[test]
+    fn a_job_not_yet_claimed_keeps_its_candidacy_through_a_full_look() {
+        // No status yet: its place comes from its resourceVersion, which a copy of the same version shares.
+        let mut b = Backlog::default();
+        let mut fresh = (*job("fresh", 1, Phase::Waiting, None)).clone();
+        fresh.status = None;
+        let fresh = versioned(&Arc::new(fresh), "5");
+        assert_eq!(crate::ordering::enqueue_sequence(&fresh), Some(5));
+        b.upsert(fresh.clone());
+        b.take_dirty(Instant::now());
+        b.set_runnable("uid-fresh", candidate(&fresh));
+        let copy = Arc::new((*fresh).clone());
+        b.resync(vec![copy.clone()]);
+        assert!(Arc::ptr_eq(&b.runnable_candidate("uid-fresh").expect("still a candidate").job, &copy));
+        assert_eq!(b.take_dirty(Instant::now()), ["uid-fresh"]);
+        assert!(!b.sweeping());
     }
 
     #[test]

@@ -104,7 +104,8 @@ const DELETE_BURST: f64 = 50.0;
 
 /// Every job is looked at again at least this often, whatever the index says: a safety net against a lost watch
 /// event, at the cost of one walk over the cache per period (see [`full_look_period`]); unchanged jobs are looked at
-/// a chunk per pass (`Backlog::resync`), so the walk never holds up claims.
+/// a chunk per pass, the head of the queue first (`Backlog::resync`), so claims are not held up while every job is
+/// looked at.
 const FULL_LOOK: Duration = Duration::from_secs(60);
 /// A walk costs about 13 µs of CPU per cached job (1.3 s for 100,000 jobs, a quarter of a replica's CPU at that size
 /// with a 60 s period); the period grows by this much per job, so that the walk stays near half a percent of a core.

@@ -177,7 +177,7 @@ fn limits(cluster_cap: usize, per_replica: usize, exclusive: bool) -> Limits {
 
 /// The second kube-apiserver on the control plane's etcd (started if needed), and its kubeconfig.
 fn second_apiserver() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = common::repo_root();
     let out = std::process::Command::new(root.join("e2e/cluster.sh"))
         .arg("second-apiserver")
         .output()
@@ -249,7 +249,7 @@ async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, 
         4 => {
             let what = if rng.below(3) == 0 { "both" } else { "apiserver" };
             fleet.faults.record("apiserver-restart", "cluster", what);
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            let root = common::repo_root();
             let ok = tokio::process::Command::new(root.join("e2e/cluster.sh"))
                 .args(["restart", what])
                 .output()

@@ -13,7 +13,7 @@ pub const CRD: &str = "backgroundjobs.bgjobs.dev";
 pub const MINUTE: Duration = Duration::from_secs(60);
 
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    super::repo_root()
 }
 
 pub fn chart() -> String {

@@ -28,8 +28,16 @@ use kube::{Api, Client, Config, ResourceExt};
 /// Lease timing for tests: short, so takeovers happen within seconds.
 pub const FAST_LEASES: [&str; 6] = ["--lease-duration", "3s", "--renew-deadline", "2s", "--renew-interval", "500ms"];
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// `kubectl --kubeconfig <the local control plane's>`, for the caller to add arguments to and run.
+pub fn kubectl() -> Command {
+    let mut kubectl = Command::new("kubectl");
+    kubectl.arg("--kubeconfig").arg(kubeconfig_path());
+    kubectl
+}
+
+/// The repository's root (this package, `bgjobs-tests`, is its `tests/` directory).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lies in the repository").to_path_buf()
 }
 
 /// Path of the local control plane's kubeconfig (`$KUBECONFIG` wins).
@@ -235,14 +243,25 @@ pub fn node_agent_bin() -> PathBuf {
     dev_bin("bgjobs-node-agent", &BUILT)
 }
 
-/// The binary of the workspace's dev-tool package `package` (same name), built once per test process.
+/// The operator's binary, `bgjobs`, built on first use like the dev tools (this package's tests are not its own).
+pub fn bgjobs_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    dev_bin("bgjobs", &BUILT)
+}
+
+/// The binary of the workspace's package `package` (same name), built once per test process, in the profile
+/// directory the running test was built into (`target/<profile>/deps/<test>` → `target/<profile>/<package>`).
 fn dev_bin(package: &str, built: &std::sync::Once) -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_bgjobs")).with_file_name(package);
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("a test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join(package);
+    let release = profile_dir.ends_with("release");
     built.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let status = std::process::Command::new(cargo)
             .args(["build", "--quiet", "-p", package])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(release.then_some("--release"))
+            .current_dir(repo_root())
             .status()
             .unwrap_or_else(|e| panic!("run cargo to build {package}: {e}"));
         assert!(status.success(), "building {package} (cargo build -p {package}) failed");
@@ -319,7 +338,7 @@ impl TestEnv {
             args.extend(["--exec-log".to_string(), self.dir.join(format!("{identity}.exec")).display().to_string()]);
             test_worker_bin()
         } else {
-            PathBuf::from(env!("CARGO_BIN_EXE_bgjobs"))
+            bgjobs_bin()
         };
         let child = Command::new(program)
             .args(&args)
@@ -391,15 +410,8 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let _ = Command::new("kubectl")
-            .args([
-                "--kubeconfig",
-                &kubeconfig_path().display().to_string(),
-                "delete",
-                "namespace",
-                &self.ns,
-                "--wait=false",
-            ])
+        let _ = kubectl()
+            .args(["delete", "namespace", &self.ns, "--wait=false"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -526,7 +538,7 @@ pub struct NodeAgentOptions {
 impl TestEnv {
     /// Run `bgjobs ARGS -n <test namespace>`; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgjobs"))
+        let out = std::process::Command::new(bgjobs_bin())
             .args(args)
             .args(["-n", &self.ns])
             .env("KUBECONFIG", kubeconfig_path())
@@ -696,16 +708,8 @@ impl Drop for NodeAgent {
         if !self.terminate(Duration::from_secs(25)) {
             self.kill9();
         }
-        let _ = Command::new("kubectl")
-            .args([
-                "--kubeconfig",
-                &kubeconfig_path().display().to_string(),
-                "delete",
-                "node",
-                &self.node,
-                "--ignore-not-found",
-                "--wait=false",
-            ])
+        let _ = kubectl()
+            .args(["delete", "node", &self.node, "--ignore-not-found", "--wait=false"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams};
@@ -108,8 +107,7 @@ pub fn assert_cluster_runs_the_charts_crds(dir: &Path) {
         .collect();
     let file = dir.join("chart-crds.yaml");
     std::fs::write(&file, docs.join("\n---\n")).unwrap();
-    let out = Command::new("kubectl")
-        .args(["--kubeconfig", &super::kubeconfig_path().display().to_string()])
+    let out = super::kubectl()
         .args(["diff", "--server-side", "--force-conflicts", "-f"])
         .arg(&file)
         .output()

@@ -219,8 +219,9 @@ pub struct Audit {
     pub makespan_ms: Option<i64>,
     /// Time spent inside handlers, summed over finished executions (ms).
     pub busy_ms: i64,
-    /// The longest time between two consecutive starts, on any replica (ms): a pause of the whole fleet's
-    /// dispatch shows here (a backlog drain should have none longer than a claim's round trip).
+    /// The longest time between two consecutive starts across the fleet (ms): a pause of every replica's dispatch
+    /// at once shows here (a backlog drain should have none longer than a claim's round trip); one replica's pause
+    /// while others start jobs does not.
     #[serde(default)]
     pub longest_start_gap_ms: i64,
     /// Executions per replica.
