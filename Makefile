@@ -4,7 +4,7 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 # Integration tests start operator processes; two test threads keep a 2-core machine responsive.
 TEST_THREADS ?= 2
 
-.PHONY: all build demo test unit integration lint lint-deps fmt crds check-crds cluster node cluster-down bench bench-pods bench-scale bench-recurring clean helm-deps chaos chaos-deps
+.PHONY: all build binaries demo test unit integration lint lint-deps fmt crds check-crds cluster node cluster-down bench bench-pods bench-scale bench-recurring clean helm-deps chaos chaos-deps
 
 all: build
 
@@ -27,17 +27,20 @@ unit: helm-deps
 	cargo test --test chart_render
 
 ## integration: every test binary against the local control plane with a real node (the chart's Deployment runs
-## the operator image there: tests/chart_on_node.rs), the bounded chaos run (tests/chaos) included. The test worker
-## and the history checker (e2e/) are built first: the chaos run starts them as processes.
-integration: node helm-deps chaos-deps
-	cargo build --workspace --bins
+## the operator image there: tests/chart_on_node.rs), the bounded chaos run (tests/chaos) included. The binaries the
+## tests start as processes are built first, each package on its own as the tests build them (tests/common
+## dev_bin), so that the tests' own builds find them fresh.
+integration: node helm-deps chaos-deps binaries
 	cargo test --tests --no-fail-fast -- --test-threads $(TEST_THREADS)
+
+## binaries: the binaries the tests and the chaos run start, one package at a time.
+binaries:
+	for p in bgjobs bgjobs-test-worker bgjobs-node-agent bgjobs-history; do cargo build -p $$p || exit 1; done
 
 ## chaos: the adversarial tier on its own, longer: CHAOS_SECONDS (default 600) of randomized faults over a mixed
 ## workload; CHAOS_SEED=<n> replays a schedule. The run's history and report stay in target/test-runs/t-chaos-*.
 CHAOS_SECONDS ?= 600
-chaos: cluster chaos-deps
-	cargo build --workspace --bins
+chaos: cluster chaos-deps binaries
 	CHAOS_SECONDS=$(CHAOS_SECONDS) cargo test --test chaos -- --nocapture
 
 ## chaos-deps: libfaketime (Debian's faketime) for the clock-offset fault.

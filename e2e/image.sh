@@ -15,8 +15,8 @@
 #   rust:1.89-bookworm     the same plus a C toolchain, with this machine's Rust toolchain (rustup's, 1.89 or newer)
 #                          and its CA bundle copied in; CARGO_HOME and PATH as in the official image.
 # Images and archives are cached in ${BGJOBS_CACHE:-~/.cache/bgjobs}/images; the operator image is rebuilt when the
-# sources it copies change. Status: the job image is built and imported (by hand, with e2e/cluster.sh up --node);
-# the operator image has not been built yet.
+# sources it copies change. The builder's cached build steps are dropped when the dependencies change or when less
+# than BGJOBS_IMAGE_MIN_FREE_GIB (25) GiB of disk is free.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,6 +27,8 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$ROOT/charts/bgjobs/Chart.yaml")
 OPERATOR_IMAGE=docker.io/library/bgjobs:$APP_VERSION
 JOB_IMAGE=localhost/bgjobs/busybox:1
+# Below this much free disk, a build first drops the builder's cached intermediate images (prune_build_cache).
+MIN_FREE_GIB=${BGJOBS_IMAGE_MIN_FREE_GIB:-25}
 STORE=(--root "$CACHE/buildah/root" --runroot "$CACHE/buildah/run" --storage-driver vfs)
 # shellcheck source=e2e/steps.sh
 . "$ROOT/e2e/steps.sh"
@@ -94,13 +96,35 @@ source_digest() {
   (cd "$ROOT" && cat Dockerfile Cargo.toml Cargo.lock e2e/*/Cargo.toml tests/Cargo.toml $(git ls-files src) | sha256sum | cut -c1-16)
 }
 
+# What the Dockerfile's dependency layer is built from: while it is unchanged, that cached layer is reused.
+dependency_digest() {
+  (cd "$ROOT" && cat Dockerfile Cargo.toml Cargo.lock e2e/*/Cargo.toml tests/Cargo.toml | sha256sum | cut -c1-16)
+}
+
+# Free GiB on the filesystem that holds the builder's storage.
+free_gib() { df -P --block-size=1G "$CACHE/buildah" | awk 'NR == 2 {print $4}'; }
+
+# Every build step is an intermediate image, and with the vfs driver each is a full copy of its file system (1–2 GB
+# in the builder stage): kept for the next build's cache, they filled 39 GB of disk in a day of rebuilds. They go
+# when the dependency layer cannot be reused anyway, or when the disk runs short (the next build then compiles the
+# dependencies again); the tagged images and their parents stay.
+prune_build_cache() {
+  local deps=$1 stamp=$IMAGES/bgjobs-operator.deps-digest
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ] || [ "$(free_gib)" -lt "$MIN_FREE_GIB" ]; then
+    step "removing the builder's cached intermediate images ($(free_gib) GiB free)"
+    bah rmi --prune >>"$IMAGES/operator.log" 2>&1 || true
+  fi
+}
+
 operator_image() {
   mkdir -p "$IMAGES"
   install_packages
-  local digest archive=$IMAGES/bgjobs-operator.tar log=$IMAGES/operator.log
+  local digest deps archive=$IMAGES/bgjobs-operator.tar log=$IMAGES/operator.log
   digest=$(source_digest)
   if [ -f "$archive" ] && [ "$(cat "$archive.digest" 2>/dev/null)" = "$digest" ]; then return 0; fi
   base_images
+  deps=$(dependency_digest)
+  prune_build_cache "$deps"
   step "building $OPERATOR_IMAGE from the Dockerfile (a release build: about 10 minutes on 2 cores; log: $log)"
   # Host networking: cargo fetches crates from crates.io and the runtime stage runs apt-get, nothing else.
   bah bud --network host --pull=never --layers -t "$OPERATOR_IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$log" 2>&1 ||
@@ -108,6 +132,7 @@ operator_image() {
   bah push "$OPERATOR_IMAGE" "oci-archive:$archive.tmp:$OPERATOR_IMAGE" >>"$log" 2>&1 || fail "export the image" "$log"
   mv "$archive.tmp" "$archive"
   echo "$digest" >"$archive.digest"
+  echo "$deps" >"$IMAGES/bgjobs-operator.deps-digest"
 }
 
 job_image() {

@@ -161,6 +161,30 @@ fn the_dockerfile_copies_the_manifest_of_every_workspace_member() {
     }
 }
 
+/// tests/ is a package whose test targets are listed by hand (its root is tests/, so cargo would look for them in
+/// tests/tests/): a test file missing from tests/Cargo.toml would never be built, linted or run, and nothing else
+/// would say so.
+#[test]
+fn every_test_file_is_a_test_target_of_the_tests_package() {
+    let tests = repo().join("tests");
+    let manifest = std::fs::read_to_string(tests.join("Cargo.toml")).unwrap();
+    let listed: BTreeSet<String> = manifest
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("path = \"")?.strip_suffix('"').map(str::to_string))
+        .collect();
+    let mut files = BTreeSet::new();
+    for entry in std::fs::read_dir(&tests).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".rs") {
+            files.insert(name);
+        } else if entry.path().join("main.rs").exists() {
+            files.insert(format!("{name}/main.rs"));
+        }
+    }
+    assert!(files.len() >= 19, "{files:?}");
+    assert_eq!(files, listed, "tests/Cargo.toml must list every test file as a [[test]] (and nothing else)");
+}
+
 /// The Role (and binding) for the cluster-wide Leases: Leases only, in the lease namespace only.
 fn assert_lease_role(r: &Rendered, lease_ns: &str) {
     let roles: Vec<&Value> = r

@@ -14,6 +14,7 @@ pub mod release;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -233,41 +234,50 @@ pub fn faketime_lib() -> PathBuf {
 /// The test worker (`e2e/test-worker`), built next to `bgjobs`. Cargo builds a test's own package only, so the
 /// worker is brought up to date here, once per test binary: a stale worker would test yesterday's operator.
 pub fn test_worker_bin() -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
     dev_bin("bgjobs-test-worker", &BUILT)
 }
 
 /// The process-based kubelet stand-in (`e2e/node-agent`), built on first use.
 pub fn node_agent_bin() -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
     dev_bin("bgjobs-node-agent", &BUILT)
 }
 
 /// The operator's binary, `bgjobs`, built on first use like the dev tools (this package's tests are not its own).
 pub fn bgjobs_bin() -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
     dev_bin("bgjobs", &BUILT)
 }
 
-/// The binary of the workspace's package `package` (same name), built once per test process, in the profile
-/// directory the running test was built into (`target/<profile>/deps/<test>` → `target/<profile>/<package>`).
-fn dev_bin(package: &str, built: &std::sync::Once) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("a test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join(package);
-    let release = profile_dir.ends_with("release");
-    built.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", package])
-            .args(release.then_some("--release"))
-            .current_dir(repo_root())
-            .status()
-            .unwrap_or_else(|e| panic!("run cargo to build {package}: {e}"));
-        assert!(status.success(), "building {package} (cargo build -p {package}) failed");
-    });
-    assert!(bin.exists(), "{} is missing after building it", bin.display());
-    bin
+/// The binary of the workspace's package `package` (same name), brought up to date once per test process with
+/// `cargo build -p <package>` (in release if the running test was built so), and taken from where cargo says it
+/// put it: never a stale copy from another profile or target directory.
+fn dev_bin(package: &str, built: &OnceLock<PathBuf>) -> PathBuf {
+    built
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test's own path");
+            let release = exe.parent().and_then(Path::parent).is_some_and(|profile| profile.ends_with("release"));
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+            let out = Command::new(cargo)
+                .args(["build", "--quiet", "-p", package, "--message-format=json-render-diagnostics"])
+                .args(release.then_some("--release"))
+                .current_dir(repo_root())
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap_or_else(|e| panic!("run cargo to build {package}: {e}"));
+            assert!(out.status.success(), "building {package} (cargo build -p {package}) failed");
+            // Cargo names each artifact it built or found fresh; the package's binary is the one with its name.
+            let bin = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == package)
+                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .unwrap_or_else(|| panic!("cargo build -p {package} named no binary {package}"));
+            assert!(bin.exists(), "{} is missing after building it", bin.display());
+            bin
+        })
+        .clone()
 }
 
 /// One test's namespace, client and scratch directory.
