@@ -105,12 +105,13 @@ dependency_digest() {
 free_gib() { df -P --block-size=1G "$CACHE/buildah" | awk 'NR == 2 {print $4}'; }
 
 # Every build step is an intermediate image, and with the vfs driver each is a full copy of its file system (1–2 GB
-# in the builder stage): kept for the next build's cache, they filled 39 GB of disk in a day of rebuilds. They go
-# when the dependency layer cannot be reused anyway, or when the disk runs short (the next build then compiles the
-# dependencies again); the tagged images and their parents stay.
-prune_build_cache() {
+# in the builder stage): kept for the next build's cache, they filled 39 GB of disk in a day of rebuilds, and a disk
+# that ran short put the node under disk pressure, whose kubelet then removed the images built here. They go before
+# a build when the dependency layer cannot be reused anyway, and before or after one when the disk runs short (the
+# next build then compiles the dependencies again); the tagged images and their parents stay.
+prune_build_cache() { # dependency digest, or "" after a build
   local deps=$1 stamp=$IMAGES/bgjobs-operator.deps-digest
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ] || [ "$(free_gib)" -lt "$MIN_FREE_GIB" ]; then
+  if { [ -n "$deps" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ]; } || [ "$(free_gib)" -lt "$MIN_FREE_GIB" ]; then
     step "removing the builder's cached intermediate images ($(free_gib) GiB free)"
     bah rmi --prune >>"$IMAGES/operator.log" 2>&1 || true
   fi
@@ -133,6 +134,7 @@ operator_image() {
   mv "$archive.tmp" "$archive"
   echo "$digest" >"$archive.digest"
   echo "$deps" >"$IMAGES/bgjobs-operator.deps-digest"
+  prune_build_cache ""
 }
 
 job_image() {

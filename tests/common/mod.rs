@@ -75,8 +75,19 @@ pub fn now_ms() -> i64 {
 }
 
 /// A free loopback port (for a replica's metrics and probes, a webhook).
+///
+/// Never the same port twice in one test process: the kernel may hand a port that was just let go to the next
+/// `bind(0)`, and two tests running at once then gave their replicas one port (an admission test's webhook
+/// configuration reached the other test's webhook, whose certificate its CA had not signed).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A unique suffix for names.
