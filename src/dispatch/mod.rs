@@ -117,6 +117,11 @@ const FULL_LOOK_MAX: Duration = Duration::from_secs(600);
 /// takes in watch events and finished attempts in between.
 const SWEEP_PAUSE: Duration = Duration::from_millis(1);
 
+/// A dispatch pass that takes this long is logged (one normally takes a few milliseconds).
+const SLOW_PASS: Duration = Duration::from_millis(250);
+/// A claim whose writes take this long is logged (they normally take milliseconds).
+const SLOW_CLAIM: Duration = Duration::from_secs(1);
+
 /// How long until the next walk over `jobs` cached jobs.
 fn full_look_period(jobs: usize) -> Duration {
     FULL_LOOK_PER_JOB.saturating_mul(u32::try_from(jobs).unwrap_or(u32::MAX)).clamp(FULL_LOOK, FULL_LOOK_MAX)
@@ -253,7 +258,12 @@ impl Dispatcher {
                     control.leadership_ended();
                 }
             }
+            let started = Instant::now();
             wait = self.pass().min(IDLE_PASS);
+            if started.elapsed() >= SLOW_PASS {
+                // No claim goes out during a pass: a long one holds up the queue on this replica.
+                info!(took_ms = started.elapsed().as_millis() as u64, "slow dispatch pass");
+            }
         }
         self.shut_down().await;
     }
@@ -743,7 +753,13 @@ impl Dispatcher {
             };
             // However its calls hang, a claim gives its slot back within a lease duration of acquiring it.
             let claiming = claim::claim(&worker.client, &job, lease.as_deref(), state, claimant, &extras);
+            let sent = Instant::now();
             let outcome = crate::client::bounded(limit, claiming).await;
+            if sent.elapsed() >= SLOW_CLAIM {
+                // Its writes took long: the apiserver, not this replica, held the job back (the FIFO bound's
+                // enemy; a claim's writes normally take milliseconds).
+                info!(job = %job.name_any(), took_ms = sent.elapsed().as_millis() as u64, "slow claim");
+            }
             match outcome {
                 Ok(ClaimOutcome::Claimed(claimed)) => {
                     worker.metrics.claimed.inc();
