@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 #[test]
 fn the_chart_lints_clean_with_defaults_and_with_every_flag_set() {
-    let all_flags = repo().join("charts/bgjobs/ci/all-flags-values.yaml").display().to_string();
+    let all_flags = common::repo_root().join("charts/bgjobs/ci/all-flags-values.yaml").display().to_string();
     let chart = chart();
     for extra in [vec![], vec!["-f", all_flags.as_str()]] {
         let mut args = vec!["lint", chart.as_str(), "--namespace", RELEASE_NS];
@@ -119,7 +119,8 @@ fn default_values_render_cluster_mode_rbac_and_a_probed_gracefully_terminating_d
 
 #[test]
 fn the_dockerfile_builds_the_default_image_and_runs_as_the_charts_non_root_user() {
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("a Dockerfile at the repository root");
+    let dockerfile =
+        std::fs::read_to_string(common::repo_root().join("Dockerfile")).expect("a Dockerfile at the repository root");
     let r = render(json!({}));
     let uid = r.deployment()["spec"]["template"]["spec"]["securityContext"]["runAsUser"].as_i64().unwrap();
     for expected in [
@@ -137,15 +138,16 @@ fn the_dockerfile_builds_the_default_image_and_runs_as_the_charts_non_root_user(
 /// does not copy breaks `docker build` with "failed to load manifest for workspace member".
 #[test]
 fn the_dockerfile_copies_the_manifest_of_every_workspace_member() {
-    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("a Dockerfile at the repository root");
+    let dockerfile =
+        std::fs::read_to_string(common::repo_root().join("Dockerfile")).expect("a Dockerfile at the repository root");
     let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--no-deps", "--format-version", "1", "--offline"])
-        .current_dir(repo())
+        .current_dir(common::repo_root())
         .output()
         .expect("run cargo metadata");
     assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
     let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let root = std::fs::canonicalize(repo()).unwrap();
+    let root = std::fs::canonicalize(common::repo_root()).unwrap();
     let members: Vec<String> = meta["packages"]
         .as_array()
         .unwrap()
@@ -166,7 +168,7 @@ fn the_dockerfile_copies_the_manifest_of_every_workspace_member() {
 /// would say so.
 #[test]
 fn every_test_file_is_a_test_target_of_the_tests_package() {
-    let tests = repo().join("tests");
+    let tests = common::repo_root().join("tests");
     let manifest = std::fs::read_to_string(tests.join("Cargo.toml")).unwrap();
     let listed: BTreeSet<String> = manifest
         .lines()
@@ -510,11 +512,12 @@ fn as_flag_text(v: &Value) -> String {
 fn every_operator_flag_is_reachable_through_values_and_documented() {
     let flags = operator_flags();
     let defaults = helm_ok(&["values", &chart()]);
-    let ci_file = repo().join("charts/bgjobs/ci/all-flags-values.yaml");
+    let ci_file = common::repo_root().join("charts/bgjobs/ci/all-flags-values.yaml");
     let all_set: Value = serde_yaml::from_str(&std::fs::read_to_string(&ci_file).unwrap()).unwrap();
     let rendered = render_args(&["-f", &ci_file.display().to_string()]);
     let (env, args) = (rendered.env(), rendered.args());
-    let reference = std::fs::read_to_string(repo().join("docs/configuration.md")).expect("docs/configuration.md");
+    let reference =
+        std::fs::read_to_string(common::repo_root().join("docs/configuration.md")).expect("docs/configuration.md");
 
     let mut missing = Vec::new();
     for (flag, env_name) in &flags {
@@ -551,7 +554,7 @@ fn every_operator_flag_is_reachable_through_values_and_documented() {
 
     // The binary accepts what the chart renders: run it as the Pod would (downward API values filled in), with no
     // cluster to reach. A flag the parser rejected would exit 2 with a usage message before trying to connect.
-    let scratch = repo().join("target/test-runs").join(format!("all-flags-{}", common::unique()));
+    let scratch = common::repo_root().join("target/test-runs").join(format!("all-flags-{}", common::unique()));
     std::fs::create_dir_all(&scratch).unwrap();
     let mut cmd = Command::new(common::bgjobs_bin());
     cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("HOME", &scratch);
@@ -599,7 +602,7 @@ fn the_charts_crds_are_the_repositorys_crds() {
         })
         .collect();
     let mut in_repo = BTreeMap::new();
-    for entry in std::fs::read_dir(repo().join("crds")).unwrap().flatten() {
+    for entry in std::fs::read_dir(common::repo_root().join("crds")).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         in_repo.insert(name, std::fs::read_to_string(entry.path()).unwrap());
     }

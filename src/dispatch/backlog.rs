@@ -122,7 +122,7 @@ impl Backlog {
                         c.job = job.clone();
                     }
                     *indexed = job;
-                    unchanged_jobs.push((job_is_final(indexed), key, uid));
+                    unchanged_jobs.push((indexed.phase().is_final(), key, uid));
                 }
                 _ => self.upsert(job),
             }
@@ -330,10 +330,6 @@ impl Backlog {
             }
         }
     }
-}
-
-fn job_is_final(job: &BackgroundJob) -> bool {
-    job.phase().is_final()
 }
 
 /// The order in which a full look's unchanged jobs are looked at again, returned last first (as the sweep takes

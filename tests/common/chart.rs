@@ -3,7 +3,6 @@
 //! (`tests/chart_install.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,18 +11,14 @@ use serde_json::Value;
 pub const CRD: &str = "backgroundjobs.bgjobs.dev";
 pub const MINUTE: Duration = Duration::from_secs(60);
 
-pub fn repo() -> PathBuf {
-    super::repo_root()
-}
-
 pub fn chart() -> String {
-    repo().join("charts/bgjobs").display().to_string()
+    super::repo_root().join("charts/bgjobs").display().to_string()
 }
 
 /// Run `e2e/helm.py ARGS`: stdout, or (exit code, stderr).
 pub fn helm(args: &[&str]) -> Result<String, (i32, String)> {
     let out = Command::new("python3")
-        .arg(repo().join("e2e/helm.py"))
+        .arg(super::repo_root().join("e2e/helm.py"))
         .args(args)
         .env("KUBECONFIG", super::kubeconfig_path())
         .output()

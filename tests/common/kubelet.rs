@@ -19,7 +19,7 @@ pub const JOB_IMAGE: &str = "localhost/bgjobs/busybox:1";
 
 /// The operator image the chart runs by default (`bgjobs:<appVersion>`), as containerd names it.
 pub fn operator_image() -> String {
-    let chart = std::fs::read_to_string(super::chart::repo().join("charts/bgjobs/Chart.yaml")).unwrap();
+    let chart = std::fs::read_to_string(super::repo_root().join("charts/bgjobs/Chart.yaml")).unwrap();
     let chart: Value = serde_yaml::from_str(&chart).unwrap();
     format!("docker.io/library/bgjobs:{}", chart["appVersion"].as_str().expect("Chart.yaml has an appVersion"))
 }
@@ -27,7 +27,7 @@ pub fn operator_image() -> String {
 /// The operator image `e2e/image.sh` built last was built from the sources as they are (its digest of what the
 /// Dockerfile copies matches), or panic with how to rebuild it.
 pub fn assert_operator_image_is_current() {
-    let out = std::process::Command::new(super::chart::repo().join("e2e/image.sh"))
+    let out = std::process::Command::new(super::repo_root().join("e2e/image.sh"))
         .args(["current", "operator"])
         .output()
         .expect("run e2e/image.sh");
