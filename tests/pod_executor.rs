@@ -32,8 +32,17 @@ struct PodEvent {
     phase: String,
     /// The container ran (its state was `running`, or it terminated after starting).
     started: bool,
-    /// The container's exit code, once it terminated.
+    /// The container's exit code, once it terminated. When the kubelet lost track of a container it was stopping
+    /// (it happens on this node under load: the runtime no longer lists it), it reports the container `waiting`
+    /// with a last state of `terminated(137, ContainerStatusUnknown)`; that code counts too.
     exit_code: Option<i32>,
+    /// The container's state as the kubelet reported it, for the failure messages (read through `Debug` only).
+    #[allow(dead_code)]
+    state: String,
+    /// When this test received the event.
+    at: jiff::Timestamp,
+    /// `metadata.deletionTimestamp`: when a graceful deletion's grace runs out.
+    deletion: Option<jiff::Timestamp>,
 }
 
 /// What the apiserver said about the Pods of some jobs, in order. The watch is resumed from the last version it
@@ -93,7 +102,17 @@ impl PodHistory {
 fn pod_event(kind: &'static str, pod: &Pod) -> PodEvent {
     let status = pod.status.clone().unwrap_or_default();
     let container = status.container_statuses.unwrap_or_default().into_iter().next();
-    let state = container.and_then(|c| c.state).unwrap_or_default();
+    let state = container.as_ref().and_then(|c| c.state.clone()).unwrap_or_default();
+    let mut described = match (&state.running, &state.terminated, &state.waiting) {
+        (_, Some(t), _) => format!("terminated({}, {:?})", t.exit_code, t.reason),
+        (Some(_), _, _) => "running".into(),
+        (_, _, Some(w)) => format!("waiting({:?})", w.reason),
+        _ => "none".into(),
+    };
+    if let Some(t) = container.as_ref().and_then(|c| c.last_state.as_ref()).and_then(|s| s.terminated.as_ref()) {
+        described.push_str(&format!(", last terminated({}, {:?})", t.exit_code, t.reason));
+    }
+    let lost = container.and_then(|c| c.last_state).and_then(|s| s.terminated);
     let terminated = state.terminated;
     PodEvent {
         kind,
@@ -101,7 +120,10 @@ fn pod_event(kind: &'static str, pod: &Pod) -> PodEvent {
         uid: pod.uid().unwrap_or_default(),
         phase: status.phase.unwrap_or_else(|| "Pending".into()),
         started: state.running.is_some() || terminated.as_ref().is_some_and(|t| t.started_at.is_some()),
-        exit_code: terminated.map(|t| t.exit_code),
+        exit_code: terminated.or(lost).map(|t| t.exit_code),
+        state: described,
+        at: jiff::Timestamp::now(),
+        deletion: pod.metadata.deletion_timestamp.as_ref().map(|t| t.0),
     }
 }
 
@@ -316,13 +338,23 @@ async fn a_timed_out_pod_that_ignores_sigterm_has_stopped_before_the_next_attemp
         assert_eq!((history.uids(&first).len(), history.uids(&second).len()), (1, 1), "{name}: one Pod per attempt");
         // The first attempt's container ran, ignored SIGTERM and was killed (137 = 128 + SIGKILL) ...
         assert!(history.first(&first, |e| e.started).is_some(), "{name}: the first attempt's container never ran");
-        let killed = history.first(&first, |e| e.exit_code.is_some()).map(|i| history.events()[i].exit_code);
-        assert_eq!(killed, Some(Some(137)), "{name}: the first attempt's container was not killed at the grace");
+        let events = history.events();
+        let killed = history.first(&first, |e| e.exit_code.is_some()).map(|i| events[i].exit_code);
+        assert_eq!(killed, Some(Some(137)), "{name}: the first attempt's container was not killed: {events:?}");
+        // ... at the end of its grace, not before (the timeout's deletion sets when the grace runs out) ...
+        let grace_ends = history
+            .first(&first, |e| e.deletion.is_some())
+            .and_then(|i| events[i].deletion)
+            .expect("the timed-out attempt's Pod was deleted");
         // ... and had stopped (its Pod final, as the kubelet reports once the container is dead, or gone) before the
         // second attempt's Pod was created.
         let stopped = history
             .first(&first, |e| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
             .expect("the first attempt's Pod stopped");
+        assert!(
+            events[stopped].at >= grace_ends,
+            "{name}: the first attempt's Pod stopped before its grace ran out at {grace_ends}: {events:?}"
+        );
         let next = history.first(&second, |e| e.kind == "ADDED").expect("the second attempt's Pod was created");
         assert!(
             stopped < next,
