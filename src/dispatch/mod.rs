@@ -42,7 +42,7 @@ use crate::ordering::{self, QueueKey};
 use crate::queue::{Changes, QueueView};
 use crate::status;
 use crate::worker::Worker;
-use backlog::{Backlog, Candidate};
+use backlog::{Backlog, Candidate, WALK_CHUNK};
 use kube::runtime::reflector::ObjectRef;
 use pace::Pace;
 use triage::{Decision, Facts, KeyFacts};
@@ -104,8 +104,8 @@ const DELETE_BURST: f64 = 50.0;
 
 /// Every job is looked at again at least this often, whatever the index says: a safety net against a lost watch
 /// event, at the cost of one walk over the cache per period (see [`full_look_period`]); unchanged jobs are looked at
-/// a chunk per pass, the head of the queue first (`Backlog::resync`), so claims are not held up while every job is
-/// looked at.
+/// a chunk per pass, the head of the queue first (`Backlog::begin_full_look`), so claims are not held up while every
+/// job is looked at.
 const FULL_LOOK: Duration = Duration::from_secs(60);
 /// A walk costs about 13 µs of CPU per cached job (1.3 s for 100,000 jobs, a quarter of a replica's CPU at that size
 /// with a 60 s period); the period grows by this much per job, so that the walk stays near half a percent of a core.
@@ -113,7 +113,7 @@ const FULL_LOOK_PER_JOB: Duration = Duration::from_millis(3);
 /// The longest period between walks, however many jobs are cached.
 const FULL_LOOK_MAX: Duration = Duration::from_secs(600);
 
-/// Between two passes that look again at a chunk of unchanged jobs after a walk (see `Backlog::resync`): the loop
+/// Between two passes of a full look (see `Backlog::begin_full_look`): the loop
 /// takes in watch events and finished attempts in between.
 const SWEEP_PAUSE: Duration = Duration::from_millis(1);
 
@@ -425,14 +425,7 @@ impl Dispatcher {
             self.last_full_look = inst;
             let all = self.view.jobs.state();
             self.full_look_every = full_look_period(all.len());
-            for job in self.backlog.resync(all) {
-                self.gone(&job.uid().unwrap_or_default());
-            }
-            let backlog = &self.backlog;
-            self.settled_at.retain(|uid, _| backlog.job(uid).is_some());
-            self.tenures.prune(TENURE_MEMORY, inst);
-            let backlog = &self.backlog;
-            self.key_observer.retain(|k| k.split_once('/').is_some_and(|(ns, name)| backlog.has_key_lease(ns, name)));
+            self.backlog.begin_full_look(all);
         }
         for (at, uid) in changes.jobs {
             match self.view.jobs.get(&at) {
@@ -452,6 +445,17 @@ impl Dispatcher {
         }
         for (ns, name) in changes.key_leases {
             self.backlog.mark_key_lease(&ns, &name);
+        }
+        // A full look walks a chunk per pass, after the changes (the walk leaves the jobs they touched alone).
+        if let Some(removed) = self.backlog.walk(WALK_CHUNK) {
+            for job in removed {
+                self.gone(&job.uid().unwrap_or_default());
+            }
+            let backlog = &self.backlog;
+            self.settled_at.retain(|uid, _| backlog.job(uid).is_some());
+            self.tenures.prune(TENURE_MEMORY, inst);
+            let backlog = &self.backlog;
+            self.key_observer.retain(|k| k.split_once('/').is_some_and(|(ns, name)| backlog.has_key_lease(ns, name)));
         }
     }
 
