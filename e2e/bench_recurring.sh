@@ -24,7 +24,10 @@
 #   BENCH_KILL_BEFORE [10]       seconds before the fourth tick the replica is killed
 #   BENCH_RAW [3000]             then the apiserver's raw write rate now (e2e/bench: lease-write-rate: this many
 #                                Lease creates from 32 streams; 0: not measured), for the floor of a tick:
-#                                writes per tick x definitions / that rate
+#                                writes per tick x definitions / that rate; and the floor measured with the tick's
+#                                own writes (e2e/bench: tick-floor: a claim and a create per definition, from
+#                                replicas x concurrency streams, no operator running), printed as the lateness
+#                                p50/p99/max it allows
 #   BGJOBS_BIN                   use this bgjobs binary instead of building the release one
 # Results: target/bench/recurring-<date>/ (definitions, replica logs, figures.txt).
 set -euo pipefail
@@ -83,11 +86,13 @@ else
   BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/bgjobs
 fi
 RATE_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/lease-write-rate
+FLOOR_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tick-floor
 if ((RAW > 0)); then
-  echo "==> cargo build --release -p bgjobs-bench --bin lease-write-rate"
-  cargo build --release -p bgjobs-bench --bin lease-write-rate
-  cp "$RATE_BIN" "$RUN_DIR/lease-write-rate"
+  echo "==> cargo build --release -p bgjobs-bench --bin lease-write-rate --bin tick-floor"
+  cargo build --release -p bgjobs-bench --bin lease-write-rate --bin tick-floor
+  cp "$RATE_BIN" "$FLOOR_BIN" "$RUN_DIR/"
   RATE_BIN=$RUN_DIR/lease-write-rate
+  FLOOR_BIN=$RUN_DIR/tick-floor
 fi
 # Frozen for the run: someone else's `cargo build --release` may replace the binary meanwhile.
 cp "$BIN" "$RUN_DIR/bgjobs"
@@ -213,6 +218,16 @@ if ((RAW > 0)); then
       "floor of one tick: $per_tick writes x $DEFS / that rate = $(awk -v w="$per_tick" -v n="$DEFS" -v r="$rate" 'BEGIN {printf "%.1f", w * n / r}') s"
   else
     say "raw write rate: not measured ($RUN_DIR/raw.txt)"
+  fi
+  # The tick's own writes (claim + create per definition) on the bench's definitions, for a tick a day ahead, from
+  # as many streams as the replicas had, with none of them running.
+  "$FLOOR_BIN" --namespace "$NS" --concurrency $((REPLICAS * CONCURRENCY)) >"$RUN_DIR/floor.txt" 2>&1 || true
+  floor=$(sed -n 's/^RESULT //p' "$RUN_DIR/floor.txt")
+  if [ -n "$floor" ]; then
+    say "floor of one tick, its own writes with no operator running ($((REPLICAS * CONCURRENCY)) streams):" \
+      "$(jq -r '"\(.definitions) jobs created after p50 \(.p50_s * 100 | round / 100) s, p99 \(.p99_s * 100 | round / 100) s, max \(.max_s * 100 | round / 100) s (\(.errors) errors)"' <<<"$floor")"
+  else
+    say "floor of one tick: not measured ($RUN_DIR/floor.txt)"
   fi
 fi
 echo "figures: ${FIG#"$ROOT"/}"

@@ -1,6 +1,6 @@
 //! What bgjobs writes on the cluster, for the tools that read it (dashboards, audits, this repository's tests,
 //! checker and benchmarks): the labels and annotations on jobs and Leases, the Leases' names, how to read a Lease,
-//! the job a recurring tick creates, and the order and bound the dispatch keeps. Each is a contract with running
+//! how a recurring tick is claimed and the job it creates, and the order and bound the dispatch keeps. Each is a contract with running
 //! replicas: changing one is a breaking change (docs/install.md, upgrades).
 
 pub use crate::admission::{CREATED_BY, CREATED_BY_GROUPS, PATH as ADMISSION_PATH};
@@ -13,5 +13,6 @@ pub use crate::limits::{SLOT_LABEL, slot_name};
 pub use crate::members::{MEMBER_LABEL, member_lease_name, owner as member_owner};
 pub use crate::ordering::{FIFO_BOUND, enqueue_sequence};
 pub use crate::recurring::{
-    RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION, child as recurring_child, job_name as recurring_job_name,
+    RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION, child as recurring_child, claim as recurring_claim,
+    job_name as recurring_job_name,
 };

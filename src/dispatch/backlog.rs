@@ -72,6 +72,8 @@ pub struct Backlog {
     /// full looks has yet to reach (see [`sweep_order`]).
     sweep: Vec<(String, bool)>,
     walk: Option<Walk>,
+    /// A full look was asked for while a walk was under way: it begins once that walk ends.
+    look_wanted: bool,
     /// While a full look walks: the jobs a watch event changed (or removed) since the listing, whose indexed version
     /// is therefore newer than the listed one.
     touched: HashSet<String>,
@@ -96,8 +98,9 @@ struct Walk {
     listed: Vec<Arc<BackgroundJob>>,
     /// The UIDs listed so far.
     met: HashSet<String>,
-    /// The jobs found unchanged so far (finished or not, queue key, UID): the sweep's material.
-    unchanged: Vec<(bool, QueueKey, String)>,
+    /// The jobs found unchanged so far, by (finished or not, queue key): the sweep's material, kept in its order as
+    /// it grows so that the pass that ends the walk has no sort of every job to do.
+    unchanged: BTreeMap<(bool, QueueKey), String>,
 }
 
 impl Backlog {
@@ -136,14 +139,32 @@ impl Backlog {
         self.walk(usize::MAX).unwrap_or_default()
     }
 
-    /// Begin a full look at `all`, the cache as it is now (after a watch re-listed, or as a periodic safety net); a
-    /// look still walking is replaced (this listing is newer). [`Backlog::walk`] then compares it with the index a
-    /// chunk per pass, so that no pass holds up claims for the whole cache. Watch events keep being taken in
-    /// meanwhile; a job they change is newer in the index than in the listing, and the walk leaves it alone.
-    pub fn begin_full_look(&mut self, all: Vec<Arc<BackgroundJob>>) {
+    /// Ask for a full look at the cache (`wanted`: a watch re-listed, or the period ran out). It begins now, with the
+    /// listing `list` makes, unless a walk is still under way: then it begins at the first call after that walk
+    /// ended, with a listing made then. Re-lists in a row thus cost at most one more walk and never keep one from
+    /// ending (a walk restarted by every re-list would never drop the jobs the re-lists no longer show). The listing
+    /// is always made as the walk begins, never kept from earlier: the changes taken in between would not be among
+    /// those the walk leaves alone. Call it before taking in the pass's changes. Returns whether a walk began.
+    pub fn full_look(&mut self, wanted: bool, list: impl FnOnce() -> Vec<Arc<BackgroundJob>>) -> bool {
+        self.look_wanted |= wanted;
+        if !self.look_wanted || self.walk.is_some() {
+            return false;
+        }
+        self.look_wanted = false;
+        self.begin_full_look(list());
+        true
+    }
+
+    /// Begin a full look at `all`, the cache as it is now. [`Backlog::walk`] then compares it with the index a chunk
+    /// per pass, so that no pass holds up claims for the whole cache. Watch events keep being taken in meanwhile; a
+    /// job they change is newer in the index than in the listing, and the walk leaves it alone. The head of the
+    /// queue is looked at again in the next pass, without waiting for the walk to end.
+    fn begin_full_look(&mut self, all: Vec<Arc<BackgroundJob>>) {
         self.touched.clear();
+        let head: Vec<String> = self.runnable.values().take(SWEEP_HEAD).filter_map(|c| c.job.uid()).collect();
+        self.dirty.extend(head);
         let met = HashSet::with_capacity(all.len());
-        self.walk = Some(Walk { listed: all, met, unchanged: Vec::new() });
+        self.walk = Some(Walk { listed: all, met, unchanged: BTreeMap::new() });
     }
 
     /// Compare the next `chunk` listed jobs with the index: a changed job (another resourceVersion, none to compare,
@@ -165,7 +186,7 @@ impl Backlog {
                             c.job = job.clone();
                         }
                         *indexed = job;
-                        walk.unchanged.push((indexed.phase().is_final(), key, uid.clone()));
+                        walk.unchanged.insert((indexed.phase().is_final(), key), uid.clone());
                     }
                     _ => self.upsert(job),
                 }
@@ -184,7 +205,7 @@ impl Backlog {
             .into_iter()
             .filter_map(|(uid, unreached)| unreached.then_some(uid))
             .collect();
-        self.sweep = sweep_order(walk.unchanged, &unreached);
+        self.sweep = sweep_order(walk.unchanged.into_values(), &unreached);
         Some(removed)
     }
 
@@ -256,6 +277,11 @@ impl Backlog {
         }
         self.refresh_turns();
         self.dirty.drain().collect()
+    }
+
+    /// How many jobs are indexed.
+    pub fn indexed(&self) -> usize {
+        self.jobs.len()
     }
 
     /// A job as indexed.
@@ -386,16 +412,15 @@ impl Backlog {
     }
 }
 
-/// The order in which a full look's unchanged jobs are looked at again, returned last first (as the sweep takes
-/// them), each flagged if it is still to be reached in the current round: waiting and running jobs in queue order,
-/// then finished ones. A full look that interrupts a round (`unreached` is not empty: a watch re-listed again)
+/// The order in which a full look's unchanged jobs (`jobs`, their UIDs: waiting and running ones in queue order,
+/// then finished ones) are looked at again, returned last first (as the sweep takes them), each flagged if it is
+/// still to be reached in the current round. A full look that interrupts a round (`unreached` is not empty: a watch re-listed again)
 /// looks at [`SWEEP_HEAD`] jobs of the head first, then at the jobs the round has yet to reach, then at the others;
 /// otherwise a new round begins with every job. So a look at the head of the queue is never more than a pass away,
 /// and re-lists in a row cannot keep the back of the queue from ever being looked at.
-fn sweep_order(mut jobs: Vec<(bool, QueueKey, String)>, unreached: &HashSet<String>) -> Vec<(String, bool)> {
-    jobs.sort_unstable();
+fn sweep_order(jobs: impl Iterator<Item = String>, unreached: &HashSet<String>) -> Vec<(String, bool)> {
     let new_round = unreached.is_empty();
-    let mut rest = jobs.into_iter().map(|(_, _, uid)| {
+    let mut rest = jobs.map(|uid| {
         let unreached = new_round || unreached.contains(&uid);
         (uid, unreached)
     });
@@ -589,6 +614,47 @@ mod tests {
             looked.extend(b.take_dirty(Instant::now()));
         }
         assert_eq!(looked.len(), jobs.len() - 2 + 2, "every job present is looked at: {}", looked.len());
+    }
+
+    #[test]
+    fn re_lists_in_a_row_do_not_keep_a_full_look_from_ending() {
+        let (mut b, jobs) = indexed_candidates(WALK_CHUNK * 3);
+        let listed: Vec<_> = copies(&jobs).into_iter().filter(|j| j.uid().as_deref() != Some("uid-j00004")).collect();
+        let (mut removed, mut begun) = (Vec::new(), 0);
+        // A watch re-lists before every pass.
+        for _ in 0..10 {
+            begun += usize::from(b.full_look(true, || listed.clone()));
+            removed.extend(b.walk(WALK_CHUNK).unwrap_or_default());
+        }
+        assert_eq!(removed.iter().map(|j| j.name_any()).collect::<Vec<_>>(), ["j00004"], "the first walk ended");
+        assert!(b.job("uid-j00004").is_none());
+        // Each walk took its three passes, and the re-lists during it asked for one more, begun when it ended.
+        assert_eq!(begun, 4, "walks begun in 10 passes");
+        assert!((0..3).any(|_| b.walk(WALK_CHUNK).is_some()), "the last walk ended");
+        let nothing_asked = b.full_look(false, || -> Vec<Arc<BackgroundJob>> { unreachable!("no look was asked for") });
+        assert!(!nothing_asked);
+    }
+
+    #[test]
+    fn a_full_look_looks_at_the_head_at_once_and_at_changes_between_its_chunks_as_the_index_has_them() {
+        let (mut b, jobs) = indexed_candidates(WALK_CHUNK * 2);
+        let listed = copies(&jobs);
+        assert!(b.full_look(true, || listed.clone()));
+        let first = b.take_dirty(Instant::now());
+        assert_eq!(first.len(), SWEEP_HEAD, "the head's candidates are looked at in the next pass");
+        assert!(first.contains(&"uid-j00000".to_string()));
+        assert!(b.walk(WALK_CHUNK).is_none());
+        // The listing is walked from its end: the first chunk compared the later half.
+        let compared = listed.iter().filter(|j| Arc::ptr_eq(b.job(&j.uid().unwrap()).unwrap(), j)).count();
+        assert_eq!(compared, WALK_CHUNK, "one chunk compared");
+        // Between chunks: a job already compared is deleted, one not yet reached starts running.
+        let (last, early) = (format!("uid-j{:05}", WALK_CHUNK * 2 - 1), "uid-j00001");
+        assert!(b.remove(&last).is_some());
+        b.upsert(versioned(&job("j00001", 1, Phase::Running, None), "2"));
+        assert_eq!(b.walk(WALK_CHUNK).map(|gone| gone.len()), Some(0), "nothing more to drop");
+        assert!(b.job(&last).is_none(), "the deleted job stays deleted");
+        assert_eq!(b.job(early).unwrap().resource_version().as_deref(), Some("2"), "the newer version stays");
+        assert_eq!(b.running().count(), 1);
     }
 
     /// `n` waiting jobs, one per second of creation, indexed and made candidates, at resourceVersion "1".

@@ -107,8 +107,9 @@ const DELETE_BURST: f64 = 50.0;
 /// a chunk per pass, the head of the queue first (`Backlog::begin_full_look`), so claims are not held up while every
 /// job is looked at.
 const FULL_LOOK: Duration = Duration::from_secs(60);
-/// A walk costs about 13 µs of CPU per cached job (1.3 s for 100,000 jobs, a quarter of a replica's CPU at that size
-/// with a 60 s period); the period grows by this much per job, so that the walk stays near half a percent of a core.
+/// A full look costs about 13 µs of CPU per cached job, the walk and the sweep together (1.3 s for 100,000 jobs, a
+/// quarter of a replica's CPU at that size with a 60 s period); the period grows by this much per job, so that full
+/// looks stay near half a percent of a core.
 const FULL_LOOK_PER_JOB: Duration = Duration::from_millis(3);
 /// The longest period between walks, however many jobs are cached.
 const FULL_LOOK_MAX: Duration = Duration::from_secs(600);
@@ -421,11 +422,11 @@ impl Dispatcher {
     /// after a re-list, and every [`full_look_period`].
     fn take_changes(&mut self, inst: Instant) {
         let changes = Changes::take(&self.view.changes);
-        if changes.relisted || inst.saturating_duration_since(self.last_full_look) >= self.full_look_every {
+        let due = inst.saturating_duration_since(self.last_full_look) >= self.full_look_every;
+        let jobs = &self.view.jobs;
+        if self.backlog.full_look(changes.relisted || due, || jobs.state()) {
             self.last_full_look = inst;
-            let all = self.view.jobs.state();
-            self.full_look_every = full_look_period(all.len());
-            self.backlog.begin_full_look(all);
+            self.full_look_every = full_look_period(self.backlog.indexed());
         }
         for (at, uid) in changes.jobs {
             match self.view.jobs.get(&at) {
