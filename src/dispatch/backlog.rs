@@ -72,6 +72,9 @@ pub struct Backlog {
     dirty: HashSet<String>,
     /// In the order they are looked at: unfinished jobs in queue order, then finished ones.
     sweep: BTreeMap<(bool, QueueKey), String>,
+    /// The unchanged jobs of a walk that ended while the last sweep was still under way: swept after it, so that a
+    /// sweep is never cut short (the back of the queue is always reached) and a look need not wait for one.
+    next_sweep: Option<BTreeMap<(bool, QueueKey), String>>,
     walk: Option<Walk>,
     /// A full look was asked for while one was under way: it begins once that one ends.
     look_wanted: bool,
@@ -138,20 +141,23 @@ impl Backlog {
     /// Replace the whole index by `all` at once: [`Backlog::begin_full_look`], walked to its end in one go (for the
     /// first look, before any claim; a sweep under way is replaced).
     pub fn resync(&mut self, all: Vec<Arc<BackgroundJob>>) -> Vec<Arc<BackgroundJob>> {
+        self.sweep.clear();
+        self.next_sweep = None;
         self.begin_full_look(all);
         self.walk(usize::MAX).unwrap_or_default()
     }
 
     /// Ask for a full look at the cache (`wanted`: a watch re-listed, or the period ran out). It begins now, with the
-    /// listing `list` makes, unless one is still under way (walking or sweeping): then it begins at the first call
-    /// after that one ended, with a listing made then. Re-lists in a row thus cost at most one more look and never
-    /// keep one from ending (a walk restarted by every re-list would never drop the jobs the re-lists no longer
-    /// show, a sweep restarted would never reach the back of the queue). The listing is always made as the walk
-    /// begins, never kept from earlier: the changes taken in between would not be among those the walk leaves
-    /// alone. Call it before taking in the pass's changes. Returns whether a look began.
+    /// listing `list` makes, unless a walk is still under way, or a sweep already waits behind the one under way:
+    /// then it begins at the first call after that, with a listing made then. A re-list's look (the only way the
+    /// index learns what changed during the watch's gap) thus waits at most for one walk and one sweep, and re-lists
+    /// in a row never keep a look from ending (a walk restarted by every re-list would never drop the jobs the
+    /// re-lists no longer show; a sweep restarted would never reach the back of the queue). The listing is always
+    /// made as the walk begins, never kept from earlier: the changes taken in between would not be among those the
+    /// walk leaves alone. Call it before taking in the pass's changes. Returns whether a look began.
     pub fn full_look(&mut self, wanted: bool, list: impl FnOnce() -> Vec<Arc<BackgroundJob>>) -> bool {
         self.look_wanted |= wanted;
-        if !self.look_wanted || self.sweeping() {
+        if !self.look_wanted || self.walk.is_some() || self.next_sweep.is_some() {
             return false;
         }
         self.look_wanted = false;
@@ -210,14 +216,18 @@ impl Backlog {
             .cloned()
             .collect();
         let removed = gone.iter().filter_map(|uid| self.remove(uid)).collect();
-        self.sweep = unchanged;
+        if self.sweep.is_empty() {
+            self.sweep = unchanged;
+        } else {
+            self.next_sweep = Some(unchanged);
+        }
         Some(removed)
     }
 
     /// Whether a full look is still under way: listed jobs to compare, or unchanged ones to look at again (the next
     /// pass should come soon).
     pub fn sweeping(&self) -> bool {
-        self.walk.is_some() || !self.sweep.is_empty()
+        self.walk.is_some() || !self.sweep.is_empty() || self.next_sweep.is_some()
     }
 
     /// Mark a known job for the next pass.
@@ -269,6 +279,11 @@ impl Backlog {
     /// next [`SWEEP_CHUNK`] of the sweep.
     pub fn take_dirty(&mut self, now: Instant) -> Vec<String> {
         for _ in 0..SWEEP_CHUNK {
+            if self.sweep.is_empty()
+                && let Some(next) = self.next_sweep.take()
+            {
+                self.sweep = next;
+            }
             let Some((_, uid)) = self.sweep.pop_first() else { break };
             self.dirty.insert(uid);
         }
@@ -610,9 +625,9 @@ mod tests {
         let (mut removed, mut begun, mut looked) = (Vec::new(), 0, HashSet::new());
         // A watch re-lists before every pass.
         for pass in 0..40 {
-            let busy = b.sweeping();
+            let busy = b.walk.is_some() || b.next_sweep.is_some();
             let began = b.full_look(true, || listed.clone());
-            assert!(!(busy && began), "pass {pass}: a look began while another was under way");
+            assert!(!(busy && began), "pass {pass}: a look began while another walked, or a sweep waited");
             begun += usize::from(began);
             removed.extend(b.walk(WALK_CHUNK).unwrap_or_default());
             looked.extend(b.take_dirty(Instant::now()));
@@ -621,6 +636,49 @@ mod tests {
         assert!(b.job("uid-j00004").is_none());
         assert!(listed.iter().all(|j| looked.contains(&j.uid().unwrap())), "every job was looked at again");
         assert!(begun >= 3, "a look asked for during another begins when that one ends: {begun} begun");
+    }
+
+    #[test]
+    fn a_re_list_during_a_sweep_is_walked_at_once() {
+        let (mut b, jobs) = indexed_candidates(SWEEP_CHUNK * 5);
+        assert!(b.full_look(true, || copies(&jobs)));
+        while b.walk(WALK_CHUNK).is_none() {}
+        b.take_dirty(Instant::now());
+        assert!(b.sweeping(), "the first look still sweeps");
+        // The watch's gap: j00004 was deleted and j00009 started; only the re-list tells.
+        let mut gap: Vec<_> = copies(&jobs).into_iter().filter(|j| j.uid().as_deref() != Some("uid-j00004")).collect();
+        gap[8] = versioned(&job("j00009", 9, Phase::Running, None), "2");
+        assert!(b.full_look(true, || gap.clone()), "the re-list's look begins at once");
+        let mut removed = Vec::new();
+        for _ in 0..gap.len().div_ceil(WALK_CHUNK) {
+            removed.extend(b.walk(WALK_CHUNK).unwrap_or_default());
+            b.take_dirty(Instant::now());
+        }
+        assert_eq!(removed.iter().map(|j| j.name_any()).collect::<Vec<_>>(), ["j00004"]);
+        assert_eq!(b.job("uid-j00009").unwrap().resource_version().as_deref(), Some("2"));
+        // Both sweeps run to their end, the first one first.
+        let mut looked = HashSet::new();
+        while b.sweeping() {
+            looked.extend(b.take_dirty(Instant::now()));
+        }
+        assert!(looked.contains(&format!("uid-j{:05}", jobs.len() - 1)), "the back of the queue is reached");
+    }
+
+    #[test]
+    fn a_look_asked_for_during_a_walk_begins_once_after_it() {
+        let (mut b, jobs) = indexed_candidates(WALK_CHUNK * 2);
+        let nothing = || -> Vec<Arc<BackgroundJob>> { unreachable!("no look may begin now") };
+        assert!(b.full_look(true, || copies(&jobs)));
+        assert!(!b.full_look(true, nothing), "asked for during the walk: it begins later");
+        let mut begun = 0;
+        for _ in 0..40 {
+            begun += usize::from(b.full_look(false, || copies(&jobs)));
+            b.walk(WALK_CHUNK);
+            b.take_dirty(Instant::now());
+        }
+        assert_eq!(begun, 1, "the look asked for began once");
+        assert!(!b.sweeping(), "and both looks ended");
+        assert!(!b.full_look(false, nothing), "nothing more was asked for");
     }
 
     #[test]
