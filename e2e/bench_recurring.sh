@@ -61,8 +61,11 @@ done
 [[ $EXECUTE == true || $EXECUTE == false ]] || die "BENCH_EXECUTE must be true or false"
 [[ $KILL == 0 || $KILL == 1 ]] || die "BENCH_KILL must be 0 or 1"
 ((KILL_BEFORE < 50)) || die "BENCH_KILL_BEFORE must be under 50 s (the tick before must be done)"
+# The local control plane (started if it is not up; it installs kubectl and jq when missing).
+e2e/cluster.sh up
+eval "$(e2e/cluster.sh env)"
+export KUBECONFIG
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
-[ -n "${KUBECONFIG:-}" ] || die "KUBECONFIG is not set (the local control plane's kubeconfig)"
 
 # The next whole minute (Unix seconds) at least $1 seconds from now.
 next_minute_after() { local t=$(($(date +%s) + $1)); echo $(((t + 59) / 60 * 60)); }
