@@ -1,7 +1,7 @@
 //! What bgjobs writes on the cluster, for the tools that read it (dashboards, audits, this repository's tests,
 //! checker and benchmarks): the labels and annotations on jobs and Leases, the Leases' names, how to read a Lease,
-//! how a recurring tick is claimed and the job it creates, and the order and bound the dispatch keeps. Each is a contract with running
-//! replicas: changing one is a breaking change (docs/install.md, upgrades).
+//! how a recurring tick is claimed and the job it creates, and the order and bound the dispatch keeps. Each is a
+//! contract with running replicas: changing one is a breaking change (docs/install.md, upgrades).
 
 pub use crate::admission::{CREATED_BY, CREATED_BY_GROUPS, PATH as ADMISSION_PATH};
 pub use crate::claim::{JOB_LABEL, lease_name as claim_lease_name};

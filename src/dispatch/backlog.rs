@@ -50,13 +50,13 @@ pub struct Candidate {
 /// A namespace and a concurrency key.
 type KeyGroup = (String, String);
 
-/// How many listed jobs a pass compares with the index during a full look ([`Backlog::begin_full_look`]). A replica
+/// How many listed jobs a pass compares with the index during a full look ([`Backlog::full_look`]). A replica
 /// that compared 100,000 in one pass claimed nothing for 2.4–3.7 s on this project's 2-core machine; each replica's
 /// walk came at its own moment, and together they broke the FIFO bound at 100,000 waiting jobs. A comparison costs
 /// about 3.4 µs of CPU (0.37 s for 100,000 synthetic jobs, in 40 chunks), so a chunk costs a pass about 10 ms. The
 /// pass that ends a walk also checks every indexed job for a deletion the index missed: 35 ms at 100,000.
 pub const WALK_CHUNK: usize = 2_500;
-/// How many unchanged jobs a pass looks at again after a full look ([`Backlog::begin_full_look`]). Looking at a job costs
+/// How many unchanged jobs a pass looks at again after a full look ([`Backlog::full_look`]). Looking at a job costs
 /// about 20 µs: looking at 100,000 in one pass held every claim back for 2 s, on every replica at once (their
 /// periods start together), which broke the FIFO bound. A chunk costs a pass about 20 ms.
 pub const SWEEP_CHUNK: usize = 1_000;
@@ -96,7 +96,7 @@ pub struct Backlog {
     running: HashSet<String>,
 }
 
-/// A full look in progress (see [`Backlog::begin_full_look`]).
+/// A full look in progress (see [`Backlog::full_look`]).
 struct Walk {
     /// Listed jobs still to compare, taken from the end.
     listed: Vec<Arc<BackgroundJob>>,
@@ -656,7 +656,7 @@ mod tests {
         }
         assert_eq!(removed.iter().map(|j| j.name_any()).collect::<Vec<_>>(), ["j00004"]);
         assert_eq!(b.job("uid-j00009").unwrap().resource_version().as_deref(), Some("2"));
-        // Both sweeps run to their end, the first one first.
+        // Both sweeps run to their end: the back of the queue is reached.
         let mut looked = HashSet::new();
         while b.sweeping() {
             looked.extend(b.take_dirty(Instant::now()));

@@ -104,8 +104,8 @@ const DELETE_BURST: f64 = 50.0;
 
 /// Every job is looked at again at least this often, whatever the index says: a safety net against a lost watch
 /// event, at the cost of one walk over the cache per period (see [`full_look_period`]); unchanged jobs are looked at
-/// a chunk per pass, the head of the queue first (`Backlog::begin_full_look`), so claims are not held up while every
-/// job is looked at.
+/// a chunk per pass, the head of the queue first (`Backlog::full_look`), so claims are not held up while every job
+/// is looked at.
 const FULL_LOOK: Duration = Duration::from_secs(60);
 /// A full look costs about 13 µs of CPU per cached job, the walk and the sweep together (1.3 s for 100,000 jobs, a
 /// quarter of a replica's CPU at that size with a 60 s period); the period grows by this much per job, so that full
@@ -114,8 +114,8 @@ const FULL_LOOK_PER_JOB: Duration = Duration::from_millis(3);
 /// The longest period between walks, however many jobs are cached.
 const FULL_LOOK_MAX: Duration = Duration::from_secs(600);
 
-/// Between two passes of a full look (see `Backlog::begin_full_look`): the loop
-/// takes in watch events and finished attempts in between.
+/// Between two passes of a full look (see `Backlog::full_look`): the loop takes in watch events and finished attempts
+/// in between.
 const SWEEP_PAUSE: Duration = Duration::from_millis(1);
 
 /// A dispatch pass that takes this long is logged (one normally takes a few milliseconds).
