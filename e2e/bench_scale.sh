@@ -7,7 +7,7 @@
 #   machine's CPU per job, so they say where a larger backlog's extra time went), successful API writes per job
 #   (BackgroundJob and Lease writes that landed, from the apiserver's counters; the replicas record no Event for a
 #   job that succeeds), refused claims per job, the apiserver's memory per 10k created jobs, a job's size as stored,
-#   and the
+#   throughput per tenth of the drain (first tenth: the whole backlog waiting; last: almost none), and the
 #   adversarial tier's checker line (bgjobs-history: lost, overlaps, duplicates).
 #
 #   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k run takes about 30 minutes)
@@ -94,6 +94,21 @@ create_jobs() { # dir count
 }
 
 finished_jobs() { cat "$1"/*.exec 2>/dev/null | grep -c '"ev":"finish"' || true; }
+
+# Throughput per tenth of one drain (jobs/s over the time its tenth of the finishes took): the first tenth ran
+# with the whole backlog waiting, the last with almost none, so first/last compares backlog sizes within one run,
+# on the same machine minutes apart. Prints "t1 t2 ... t10 last/first=R".
+drain_tenths() { # dir
+  cat "$1"/*.exec 2>/dev/null | grep '"ev":"finish"' | sed -n 's/.*"t_ms":\([0-9]*\).*/\1/p' | sort -n |
+    awk '{t[NR] = $1} END {
+      if (NR < 20) exit
+      for (k = 1; k <= 10; k++) {
+        a = int(NR * (k - 1) / 10) + 1; b = int(NR * k / 10)
+        s = (t[b] - t[a]) / 1000; r[k] = (s > 0 ? (b - a) / s : 0); printf "%.1f ", r[k]
+      }
+      printf "last/first=%.2f\n", (r[1] > 0 ? r[10] / r[1] : 0)
+    }'
+}
 
 # Wait until FILE has not grown for QUIET seconds (at most LIMIT): the recorder trails the queue under a large
 # backlog, and the checker judges its lines, so it is stopped only once it has caught up.
@@ -205,6 +220,7 @@ one_size() {
       "$api_rss_per_10k" "$stored_bytes"
     # The fleet's longest pause in dispatch: nothing started anywhere for this long (claims held up, e.g. by a walk).
     echo "  longest_dispatch_gap_ms=$(jq -r '.longest_start_gap_ms // 0' "$dir/audit.json")"
+    echo "  jobs_per_s_by_tenth_of_drain: $(drain_tenths "$dir")"
     echo "  checker: $(head -n 1 <<<"$check")"
   } | tee "$dir/figures.txt"
   kubectl delete namespace "$NS" --wait=false >/dev/null
