@@ -232,5 +232,11 @@ if ((RAW > 0)); then
   else
     say "floor of one tick: not measured ($RUN_DIR/floor.txt)"
   fi
+  # The creates alone (a tick two days ahead): the floor if every claim were written before its tick.
+  "$FLOOR_BIN" --namespace "$NS" --concurrency $((REPLICAS * CONCURRENCY)) --create-only --days-ahead 2 \
+    >"$RUN_DIR/floor-creates.txt" 2>&1 || true
+  floor=$(sed -n 's/^RESULT //p' "$RUN_DIR/floor-creates.txt")
+  [ -z "$floor" ] || say "floor of the creates alone (as if every claim came before the tick):" \
+    "$(jq -r '"p50 \(.p50_s * 100 | round / 100) s, p99 \(.p99_s * 100 | round / 100) s, max \(.max_s * 100 | round / 100) s (\(.errors) errors)"' <<<"$floor")"
 fi
 echo "figures: ${FIG#"$ROOT"/}"

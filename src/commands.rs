@@ -162,7 +162,10 @@ pub async fn history(client: &Client, job: &BackgroundJob) -> Result<Vec<History
 
 /// `bgjobs describe NAME`: spec, status, conditions and the attempt history.
 pub async fn describe(client: &Client, api: &Api<BackgroundJob>, name: &str, output: Output) -> Result<()> {
-    let job = api.get_opt(name).await?.ok_or_else(|| Error::Invalid(format!("no BackgroundJob {name:?}")))?;
+    // A job the operator cannot read is shown as its stand-in: its status says why it failed.
+    let job = crate::unreadable::get_opt(api, name)
+        .await?
+        .ok_or_else(|| Error::Invalid(format!("no BackgroundJob {name:?}")))?;
     let described = Described { history: history(client, &job).await?, job };
     if output != Output::Table {
         return print_structured(&described, output);
@@ -221,7 +224,8 @@ pub async fn describe(client: &Client, api: &Api<BackgroundJob>, name: &str, out
 
 /// `bgjobs recurring list`.
 pub async fn recurring_list(api: &Api<RecurringBackgroundJob>, output: Output) -> Result<()> {
-    let defs = api.list(&Default::default()).await?.items;
+    // A definition the operator cannot read is listed as its stand-in (its status says why) rather than failing all.
+    let defs = crate::unreadable::list(api).await?;
     if output != Output::Table {
         return print_structured(&defs, output);
     }

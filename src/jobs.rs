@@ -11,14 +11,15 @@
 
 use jiff::Timestamp;
 use kube::Api;
-use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde::Serialize;
 
 use crate::api::{BackgroundJob, BackgroundJobSpec, Phase};
 use crate::error::Result;
 
 /// Every change to the jobs of `api`, as bgjobs' replicas watch them, for tools that watch many jobs too (a
-/// dashboard, a recorder): kube's `watcher` events, the list read from the apiserver's watch cache item by item.
+/// dashboard, a recorder): kube's `watcher` events, the list read from the apiserver's watch cache item by item. A
+/// job the operator's types cannot hold comes as its stand-in, marked with [`crate::wire::UNREADABLE_ANNOTATION`].
 pub fn watch(
     api: Api<BackgroundJob>,
 ) -> impl futures::Stream<Item = kube::runtime::watcher::Result<kube::runtime::watcher::Event<BackgroundJob>>> + Send {
@@ -178,7 +179,10 @@ async fn create_once(
         let e = match answer {
             Ok(Ok(created)) => return Ok(created),
             Ok(Err(e)) if crate::error::api_code(&e) == Some(409) => {
-                let existing = api.get(&name).await?;
+                // Read as far as it can be: a job of the batch that cannot be read is still known by its labels.
+                let Some(existing) = crate::unreadable::get_opt(api, &name).await? else {
+                    return Err(crate::Error::Invalid(format!("job {name} existed, and was deleted meanwhile")));
+                };
                 return match is_batch_job(&existing, batch, index) {
                     true => Ok(existing),
                     false => {
@@ -215,18 +219,10 @@ pub fn name_prefix(job_name: &str) -> String {
     if p.is_empty() { "job".into() } else { p }
 }
 
-/// All jobs, listed in pages.
+/// All jobs, listed in pages. A job the operator's types cannot hold comes as its stand-in, marked with
+/// [`crate::wire::UNREADABLE_ANNOTATION`] (why), instead of failing the list.
 pub async fn list(api: &Api<BackgroundJob>) -> Result<Vec<BackgroundJob>> {
-    let mut out = Vec::new();
-    let mut lp = ListParams::default().limit(500);
-    loop {
-        let page = api.list(&lp).await?;
-        out.extend(page.items);
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => lp = lp.continue_token(&token),
-            _ => return Ok(out),
-        }
-    }
+    Ok(crate::unreadable::list(api).await?)
 }
 
 /// Job counts by state, like a job dashboard's monitoring API.

@@ -50,6 +50,7 @@ pub mod report;
 pub(crate) mod retention;
 pub(crate) mod retry;
 pub(crate) mod status;
+pub(crate) mod unreadable;
 pub mod wire;
 pub(crate) mod worker;
 

@@ -11,9 +11,13 @@
 //!   and on to the reflector before the next is read. Neither the response (92 MB for 100,000 jobs) nor the objects
 //!   as they came are ever held whole: memory follows the slimmed cache, not the list.
 //!
-//! The watch is kube's ([`Api::watch`]) from the list's resourceVersion, with bookmarks; a watch that has expired
-//! (410) lists again, any other failure watches again from where it was, and a watch silent for longer than its own
-//! timeout (a connection that died without a word) is replaced, as kube's watcher does.
+//! The watch is kube's (the request of [`Api::watch`]) from the list's resourceVersion, with bookmarks; a watch that
+//! has expired (410) lists again, any other failure watches again from where it was, and a watch silent for longer
+//! than its own timeout (a connection that died without a word) is replaced, as kube's watcher does.
+//!
+//! An object the operator's types cannot hold, in the list or in an event, is passed on as its stand-in
+//! ([`crate::unreadable`]), never as an error: one such object would fail every list, and its events would be
+//! dropped.
 //!
 //! The price of parsing as it arrives: the apiserver must finish writing a list within its request timeout (60 s by
 //! default), so the replica must read it that fast. Parsing and slimming 100,000 jobs takes a few seconds of one
@@ -31,9 +35,12 @@ use kube::core::ListMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+use crate::unreadable::{self, Readable, Unreadable};
 
 /// Items parsed but not yet taken by the reflector: enough that a busy reflector does not hold up the read, few
 /// enough to cost little memory (they are slimmed).
@@ -54,7 +61,7 @@ pub fn list_watch<K>(
     modify: impl Fn(&mut K) + Clone + Send + Sync + 'static,
 ) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug + Send + Sync + 'static,
 {
     futures::stream::unfold(State::List, move |state| {
         let api = api.clone();
@@ -78,7 +85,7 @@ enum State<K> {
     },
     Watching {
         resource_version: String,
-        events: BoxStream<'static, kube::Result<WatchEvent<K>>>,
+        events: BoxStream<'static, kube::Result<WatchEvent<Readable<K>>>>,
     },
 }
 
@@ -88,7 +95,7 @@ async fn step<K>(
     mut state: State<K>,
 ) -> (watcher::Result<Event<K>>, State<K>)
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug + Send + Sync + 'static,
 {
     loop {
         state = match state {
@@ -124,7 +131,7 @@ where
                     }
                 },
             },
-            State::Watch { resource_version } => match api.watch(&WatchParams::default(), &resource_version).await {
+            State::Watch { resource_version } => match watch(api, &resource_version).await {
                 Ok(events) => State::Watching { resource_version, events: events.boxed() },
                 Err(e) => {
                     let next = if gone(&e) { State::List } else { State::Watch { resource_version } };
@@ -133,12 +140,12 @@ where
             },
             State::Watching { resource_version, mut events } => {
                 match tokio::time::timeout(WATCH_SILENCE, events.next()).await.unwrap_or(None) {
-                    Some(Ok(WatchEvent::Added(mut o) | WatchEvent::Modified(mut o))) => {
+                    Some(Ok(WatchEvent::Added(Readable(mut o)) | WatchEvent::Modified(Readable(mut o)))) => {
                         let resource_version = o.resource_version().unwrap_or(resource_version);
                         modify(&mut o);
                         return (Ok(Event::Apply(o)), State::Watching { resource_version, events });
                     }
-                    Some(Ok(WatchEvent::Deleted(o))) => {
+                    Some(Ok(WatchEvent::Deleted(Readable(o)))) => {
                         let resource_version = o.resource_version().unwrap_or(resource_version);
                         return (Ok(Event::Delete(o)), State::Watching { resource_version, events });
                     }
@@ -161,6 +168,21 @@ where
     }
 }
 
+/// A watch of `api`'s objects from `resource_version`, each object decoded or made a stand-in.
+async fn watch<K>(
+    api: &Api<K>,
+    resource_version: &str,
+) -> kube::Result<impl Stream<Item = kube::Result<WatchEvent<Readable<K>>>> + use<K>>
+where
+    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug,
+{
+    let mut request = kube::core::Request::new(api.resource_url())
+        .watch(&WatchParams::default(), resource_version)
+        .map_err(kube::Error::BuildRequest)?;
+    request.extensions_mut().insert("watch");
+    api.clone().into_client().request_events::<Readable<K>>(request).await
+}
+
 fn gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 410)
 }
@@ -172,7 +194,7 @@ async fn start_list<K>(
     modify: impl Fn(&mut K) + Send + 'static,
 ) -> Result<(mpsc::Receiver<K>, JoinHandle<Result<String, kube::Error>>), kube::Error>
 where
-    K: Resource + Clone + DeserializeOwned + Send + 'static,
+    K: Resource + Clone + DeserializeOwned + Unreadable + Send + 'static,
 {
     let request =
         http::Request::get(list_query(api.resource_url())).body(Vec::new()).map_err(kube::Error::HttpError)?;
@@ -192,7 +214,7 @@ where
 
 /// Parses a list response (`{"items": [...], "metadata": {"resourceVersion": ...}, ...}`, in any key order) from
 /// `reader`, handing each item to `each` as soon as it is parsed, and returns the list's resourceVersion.
-pub fn parse_list<K: DeserializeOwned>(
+pub fn parse_list<K: Resource + DeserializeOwned + Unreadable>(
     reader: impl Read,
     mut each: impl FnMut(K) -> Result<(), String>,
 ) -> serde_json::Result<String> {
@@ -207,14 +229,18 @@ struct ListSeed<'a, K, F> {
     item: PhantomData<K>,
 }
 
-impl<'de, K: DeserializeOwned, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de> for ListSeed<'_, K, F> {
+impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de>
+    for ListSeed<'_, K, F>
+{
     type Value = String;
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
         deserializer.deserialize_map(self)
     }
 }
 
-impl<'de, K: DeserializeOwned, F: FnMut(K) -> Result<(), String>> Visitor<'de> for ListSeed<'_, K, F> {
+impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de>
+    for ListSeed<'_, K, F>
+{
     type Value = String;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a Kubernetes list")
@@ -241,14 +267,18 @@ struct ItemsSeed<'a, K, F> {
     item: PhantomData<K>,
 }
 
-impl<'de, K: DeserializeOwned, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de> for ItemsSeed<'_, K, F> {
+impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de>
+    for ItemsSeed<'_, K, F>
+{
     type Value = ();
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de, K: DeserializeOwned, F: FnMut(K) -> Result<(), String>> Visitor<'de> for ItemsSeed<'_, K, F> {
+impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de>
+    for ItemsSeed<'_, K, F>
+{
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a list's items")
@@ -257,7 +287,9 @@ impl<'de, K: DeserializeOwned, F: FnMut(K) -> Result<(), String>> Visitor<'de> f
         Ok(()) // "items": null, an empty list
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(item) = seq.next_element::<K>()? {
+        // Each item's text first, so that one the type cannot hold is read again as its stand-in.
+        while let Some(raw) = seq.next_element::<Box<RawValue>>()? {
+            let item = unreadable::decode_text(raw.get()).map_err(de::Error::custom)?;
             (self.each)(item).map_err(de::Error::custom)?;
         }
         Ok(())
@@ -316,10 +348,10 @@ mod tests {
         assert_eq!(n, 1, "no item after the first refusal");
     }
 
-    /// A stand-in apiserver for the stream's requests: `lists` answer list requests in turn, `watches` answer watch
+    /// A scripted apiserver for the stream's requests: `lists` answer list requests in turn, `watches` answer watch
     /// requests in turn (each a body of watch events, one per line; an empty body once they run out). Records every
     /// request's URI.
-    fn stand_in(
+    fn scripted_apiserver(
         lists: Vec<serde_json::Value>,
         watches: Vec<String>,
     ) -> (Api<BackgroundJob>, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
@@ -357,7 +389,7 @@ mod tests {
             "metadata": {"resourceVersion": "15"}});
         let expired = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
             "message": "too old resource version: 15 (18)", "reason": "Expired", "code": 410});
-        let (api, asked) = stand_in(
+        let (api, asked) = scripted_apiserver(
             vec![list(vec![job("a", "3")], "10"), list(vec![job("b", "19")], "20")],
             vec![
                 // The first watch ends after a bookmark (its timeout); the second resumes from the bookmark.
@@ -395,6 +427,35 @@ mod tests {
         assert!(query(1).contains("watch=true") && query(1).contains("resourceVersion=10"), "{}", query(1));
         assert!(query(2).contains("watch=true") && query(2).contains("resourceVersion=15"), "{}", query(2));
         assert_eq!(query(3), "resourceVersion=0&resourceVersionMatch=NotOlderThan");
+    }
+
+    #[tokio::test]
+    async fn an_object_the_types_cannot_hold_comes_as_its_stand_in_in_the_list_and_in_the_watch() {
+        let mut bad = job("bad", "4");
+        bad["spec"]["template"] = serde_json::json!({"spec": {"containers": "x"}});
+        let mut bad_later = job("worse", "12");
+        bad_later["spec"]["retry"] = serde_json::json!({"maxAttempts": 3_000_000_000u64});
+        let (api, _) = scripted_apiserver(
+            vec![list(vec![job("a", "3"), bad, job("c", "5")], "10")],
+            vec![event("ADDED", bad_later) + &event("ADDED", job("d", "13"))],
+        );
+        let seen: Vec<String> = list_watch(api, |_: &mut BackgroundJob| {})
+            .take(7)
+            .map(|e| match e {
+                Ok(Event::InitApply(j) | Event::Apply(j)) => {
+                    format!(
+                        "{}{}",
+                        j.name_any(),
+                        if crate::unreadable::standing(&j).is_some() { " (stand-in)" } else { "" }
+                    )
+                }
+                Ok(Event::Init | Event::InitDone) => "-".into(),
+                Ok(other) => format!("{other:?}"),
+                Err(e) => format!("error {e}"),
+            })
+            .collect()
+            .await;
+        assert_eq!(seen, ["-", "a", "bad (stand-in)", "c", "-", "worse (stand-in)", "d"]);
     }
 
     #[test]

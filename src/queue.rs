@@ -132,8 +132,12 @@ impl QueueView {
             move |_| both.iter().for_each(|n| n.notify_one()),
         );
         let recurring = recurring_changed.clone();
+        // Definitions too come through `list_watch`: one the operator cannot read is kept as its stand-in (reported
+        // invalid) instead of failing every list of them.
         let definitions = reflect(
-            watcher(scoped::<RecurringBackgroundJob>(&client, namespace), watcher::Config::default()),
+            crate::list_watch::list_watch(scoped::<RecurringBackgroundJob>(&client, namespace), |d| {
+                d.metadata.managed_fields = None
+            }),
             "RecurringBackgroundJob",
             move |_| recurring.notify_one(),
         );
@@ -200,8 +204,8 @@ where
     }
 }
 
-/// A reflector over `events` (kube's `watcher`, or `list_watch` for the jobs): each event, once cached, goes to
-/// `on_event`.
+/// A reflector over `events` (kube's `watcher` for Leases, `list_watch` for bgjobs' kinds): each event, once cached,
+/// goes to `on_event`.
 fn reflect<K>(
     events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     what: &'static str,

@@ -40,6 +40,7 @@ use crate::api::{
 };
 use crate::cron::{self, Schedule};
 use crate::error::{Error, Result, api_code};
+use crate::unreadable::Standing;
 use crate::worker::Worker;
 
 pub mod children;
@@ -138,6 +139,9 @@ fn shifted(def: &RecurringBackgroundJob, now: Timestamp) -> Timestamp {
 /// Decide what `def` needs at `now`, given its unfinished children `active` and which jobs are `known` to have been
 /// created. A pending job known to exist needs nothing more: its tick is done, and the next claim replaces it.
 pub fn plan(def: &RecurringBackgroundJob, active: &[String], known: impl Fn(&str) -> bool, now: Timestamp) -> Plan {
+    if let Some(Standing::Fail(why)) = crate::unreadable::standing(def) {
+        return Plan::Invalid(format!("bgjobs cannot read this definition, so it makes no job: {why}"));
+    }
     let status = def.status.clone().unwrap_or_default();
     // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
     let now = shifted(def, now);
@@ -267,6 +271,11 @@ async fn reconcile(
         now,
         fence,
     };
+    // Perhaps a newer operator's definition: not a write, not a trim, for the replicas that can read it.
+    if let Some(Standing::Leave(why)) = crate::unreadable::standing(def) {
+        debug!(definition = %def.name_any(), %why, "a definition this version cannot read: left alone");
+        return Ok(None);
+    }
     let mut current = Current { def: def.clone(), fresh: false };
     versions.extend(def.resource_version());
     let outcome = pass.decide(&mut current, created_here, versions).await;
@@ -274,7 +283,10 @@ async fn reconcile(
         *created_here = None;
         return Ok(None);
     }
-    trim_history(&pass.jobs, &current.def, kids).await;
+    // A definition that cannot be read has no history limits to go by.
+    if crate::unreadable::standing(&current.def).is_none() {
+        trim_history(&pass.jobs, &current.def, kids).await;
+    }
     outcome
 }
 
@@ -352,8 +364,8 @@ impl Pass<'_> {
         let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
         match plan(def, active, known, now) {
             Plan::Invalid(reason) => {
-                let written =
-                    write_status(&self.defs, def, |s| set_valid(s, false, "InvalidSchedule", &reason, now)).await?;
+                let why = if crate::unreadable::standing(def).is_some() { "Unreadable" } else { "InvalidSchedule" };
+                let written = write_status(&self.defs, def, |s| set_valid(s, false, why, &reason, now)).await?;
                 Ok(Step::Done(None, written.resource_version()))
             }
             Plan::Idle(next) => {
@@ -609,7 +621,7 @@ async fn write_status(
     }
     let mut obj = seen.clone();
     obj.status = Some(status);
-    Ok(api.replace_status(&seen.name_any(), &PostParams::default(), &obj).await?)
+    Ok(crate::unreadable::replace_status(api, &obj).await?)
 }
 
 /// Create a job from `def`'s template now, outside the schedule (`bgjobs recurring trigger`).
@@ -872,6 +884,19 @@ mod tests {
         assert!(matches!(plan(&claimed, &[], none, within), Plan::Create { .. }), "a pending job's deadline too");
         assert_eq!(next_due(&d, t(61)), Some(due), "tick 60 is due after 61 still");
         assert_eq!(next_due(&d, due), Some(t(120).checked_add(offset).unwrap()));
+    }
+
+    #[test]
+    fn a_definition_the_operator_cannot_read_is_invalid_with_the_reason_even_with_a_tick_pending() {
+        let mut d = with_pending(def("* * * * *", serde_json::json!({})), 60, "report-1800000060");
+        d.metadata.annotations =
+            Some([(crate::unreadable::UNREADABLE_ANNOTATION.to_string(), "invalid type: string".to_string())].into());
+        match plan(&d, &[], none, t(61)) {
+            Plan::Invalid(reason) => {
+                assert!(reason.contains("cannot read") && reason.contains("invalid type"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -8,7 +8,6 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Api;
-use kube::api::PostParams;
 
 use crate::api::{BackgroundJob, BackgroundJobStatus, Phase};
 use crate::error::{Result, api_code};
@@ -176,8 +175,7 @@ pub async fn write_if_unchanged(
 ) -> Result<Option<BackgroundJob>> {
     let mut obj = seen.clone();
     obj.status = Some(Box::new(status));
-    let name = seen.metadata.name.as_deref().unwrap_or_default();
-    match api.replace_status(name, &PostParams::default(), &obj).await {
+    match crate::unreadable::replace_status(api, &obj).await {
         Ok(j) => Ok(Some(j)),
         Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(None),
         Err(e) => Err(e.into()),
@@ -203,9 +201,10 @@ pub async fn write_fenced(
         let mut status = current.status.clone().unwrap_or_default();
         change(&mut status);
         current.status = Some(status);
-        match api.replace_status(&name, &PostParams::default(), &current).await {
+        // Through `unreadable`: a job edited into a shape the types cannot hold meanwhile still gets its outcome.
+        match crate::unreadable::replace_status(api, &current).await {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
-            Err(e) if api_code(&e) == Some(409) => match api.get_opt(&name).await? {
+            Err(e) if api_code(&e) == Some(409) => match crate::unreadable::get_opt(api, &name).await? {
                 Some(j) => current = j,
                 None => return Ok(Fenced::Stale),
             },

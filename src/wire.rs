@@ -16,3 +16,6 @@ pub use crate::recurring::{
     RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION, child as recurring_child, claim as recurring_claim,
     job_name as recurring_job_name,
 };
+/// Marks the copy of a job that [`crate::jobs::list`] or [`crate::jobs::watch`] could not read (why); never on the
+/// cluster.
+pub use crate::unreadable::UNREADABLE_ANNOTATION;

@@ -79,6 +79,13 @@ async fn the_apiserver_rejects_negative_max_attempts_naming_the_field() {
 }
 
 #[tokio::test]
+async fn the_apiserver_rejects_max_attempts_beyond_what_the_operator_can_hold_naming_the_field() {
+    // 2^31: the operator's 32-bit field could not hold it, and the job could not be read.
+    let stderr = rejection_of("huge_max_attempts", "{jobName: noop, retry: {maxAttempts: 2147483648}}").await;
+    assert_mentions(&stderr, &["spec.retry.maxAttempts", "less than or equal to 2147483647"]);
+}
+
+#[tokio::test]
 async fn the_apiserver_rejects_a_job_without_job_name_naming_the_field() {
     let stderr = rejection_of("missing_job_name", "{args: {seconds: 1}}").await;
     assert_mentions(&stderr, &["spec.jobName", "Required value"]);

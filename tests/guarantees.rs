@@ -500,6 +500,132 @@ async fn a_recurring_definition_with_a_long_name_makes_jobs_that_run() {
     .await;
 }
 
+/// Create an object of kind `K` as written, past the operator's types: what `kubectl apply` can store and they cannot
+/// hold (a Pod template the schema leaves open).
+async fn create_as_written<K: kube::Resource<DynamicType = ()>>(env: &TestEnv, object: serde_json::Value) {
+    use kube::api::{ApiResource, DynamicObject};
+    let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<K>(&()));
+    let object: DynamicObject = serde_json::from_value(object).unwrap();
+    api.create(&PostParams::default(), &object).await.expect("the apiserver stores it");
+}
+
+/// A job whose Pod template's `containers` is a string: the schema lets it through, the operator's types cannot
+/// hold it.
+fn unreadable_job(name: &str) -> serde_json::Value {
+    json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob", "metadata": {"name": name},
+           "spec": {"jobName": "noop", "template": {"spec": {"containers": "not a list"}}}})
+}
+
+/// Poll the job `name` as written (not through the operator's types) until `done` holds for its status, or panic.
+async fn wait_raw_status(env: &TestEnv, name: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    use kube::api::{ApiResource, DynamicObject};
+    let raw: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<bgjobs::api::BackgroundJob>(&()));
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let status = raw.get(name).await.unwrap().data["status"].clone();
+        if done(&status) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name}: never {what}; status: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait until the readable job `name` Succeeded (read by name: a list would meet the unreadable ones).
+async fn wait_succeeded(env: &TestEnv, name: &str) {
+    let deadline = std::time::Instant::now() + MINUTE;
+    while env.jobs.get(name).await.unwrap().phase() != Phase::Succeeded {
+        assert!(std::time::Instant::now() < deadline, "{name} never Succeeded; logs in {}", env.dir.display());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_operator_cannot_read_fails_with_the_reason_and_the_queue_runs_on_across_a_restart() {
+    use bgjobs::api::BackgroundJob;
+    let env = TestEnv::new("unreadable-job").await;
+    let mut r = env.replica("r", &[]);
+    env.create("before", json!({"jobName": "noop"})).await;
+    wait_succeeded(&env, "before").await;
+    let failed_with_why = |s: &serde_json::Value| {
+        s["phase"] == "Failed"
+            && s["lastError"].as_str().is_some_and(|e| e.contains("cannot read this job") && e.contains("invalid type"))
+    };
+    // Seen first by the watch of a running replica (before the fix its event was dropped: Waiting forever).
+    create_as_written::<BackgroundJob>(&env, unreadable_job("unreadable-watched")).await;
+    env.create("after", json!({"jobName": "noop"})).await;
+    wait_raw_status(&env, "unreadable-watched", "Failed, with why", failed_with_why).await;
+    wait_succeeded(&env, "after").await;
+    // Seen first by a list (before the fix every list failed on it: the replica never saw its queue again).
+    assert!(r.terminate(Duration::from_secs(20)), "the replica stops");
+    create_as_written::<BackgroundJob>(&env, unreadable_job("unreadable-listed")).await;
+    env.create("after-restart", json!({"jobName": "noop"})).await;
+    let _r2 = env.replica("r2", &[]);
+    wait_raw_status(&env, "unreadable-listed", "Failed, with why", failed_with_why).await;
+    wait_succeeded(&env, "after-restart").await;
+    let listed = env.list().await;
+    let stand_ins = listed.iter().filter(|j| j.annotations().contains_key(bgjobs::wire::UNREADABLE_ANNOTATION));
+    assert_eq!(stand_ins.count(), 2, "`jobs::list` reads both as stand-ins: {}", common::summary(&listed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurring_definition_the_operator_cannot_read_is_reported_invalid_and_the_others_still_tick() {
+    use bgjobs::api::RecurringBackgroundJob;
+    let env = TestEnv::new("unreadable-definition").await;
+    let _r = env.replica("r", &[]);
+    create_as_written::<RecurringBackgroundJob>(
+        &env,
+        json!({
+            "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": "broken"},
+            "spec": {"schedule": "* * * * * *",
+                     "jobTemplate": {"spec": {"jobName": "noop", "template": {"spec": {"containers": "x"}}}}}
+        }),
+    )
+    .await;
+    let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    defs.create(
+        &PostParams::default(),
+        &common::fixtures::recurring(
+            "fine",
+            json!({
+                "schedule": "* * * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    env.wait_until(MINUTE, "a job of `fine` Succeeded", |jobs| {
+        jobs.iter().any(|j| j.name_any().starts_with("fine-") && j.phase() == Phase::Succeeded)
+    })
+    .await;
+    // The broken one is read as written (the test's own reads do not go through the operator's types).
+    use kube::api::{ApiResource, DynamicObject};
+    let raw: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<RecurringBackgroundJob>(&()));
+    let deadline = std::time::Instant::now() + MINUTE;
+    let condition = loop {
+        let broken = raw.get("broken").await.unwrap();
+        let valid = broken.data["status"]["conditions"].as_array().and_then(|c| {
+            c.iter().find(|c| c["type"] == "Valid" && c["status"] == "False" && c["reason"] == "Unreadable").cloned()
+        });
+        if let Some(c) = valid {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`broken` never reported Unreadable: {:?}",
+            broken.data["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(condition["message"].as_str().unwrap_or_default().contains("cannot read this definition"), "{condition}");
+    assert!(
+        env.list().await.iter().all(|j| !j.name_any().starts_with("broken-")),
+        "a definition that cannot be read makes no job"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_a_handler_moved_to_a_thread_stops_when_its_lease_is_lost_or_its_attempt_times_out() {
     let env = TestEnv::new("cancel-threads").await;

@@ -196,7 +196,7 @@ impl std::str::FromStr for Priority {
 pub struct RetryPolicy {
     /// Total attempts before the job ends in phase `Failed`. Unset: retry until `timeoutSeconds` runs out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 2147483647))]
     pub max_attempts: Option<i32>,
 
     /// Wait before the first retry, in seconds. Default 60.

@@ -75,12 +75,12 @@ pub struct RecurringBackgroundJobSpec {
 
     /// Succeeded jobs to keep (older ones are deleted). Default 3.
     #[serde(default = "default_successful_history")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 2147483647))]
     pub successful_jobs_history_limit: i32,
 
     /// Jobs that ended otherwise (Failed, Abandoned, Cancelled, Skipped) to keep. Default 1.
     #[serde(default = "default_failed_history")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 2147483647))]
     pub failed_jobs_history_limit: i32,
 }
 

@@ -18,6 +18,7 @@ use crate::lease::{LeaseTiming, tenure};
 use crate::limits;
 use crate::ordering;
 use crate::retry::{self, Verdict};
+use crate::unreadable::{self, Standing};
 
 /// What this replica knows about an unfinished job.
 pub struct Facts<'a> {
@@ -88,6 +89,10 @@ pub enum Decision {
 /// Decide what to do with an unfinished job (see the module docs of [`super`] for the rules).
 pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
     let job = f.job;
+    // A job this version cannot read, perhaps a newer operator's: left to the replicas that can (a rolling upgrade).
+    if let Some(Standing::Leave(_)) = unreadable::standing(job) {
+        return Decision::Leave { recheck: None };
+    }
     let phase = job.phase();
     let state = claim::lease_state(job, f.lease.map(|l| l.as_ref()), f.lease_unchanged, timing);
     let orphaned = phase == Phase::Running && state != LeaseState::Live && timing.expired(f.lease_unchanged);
@@ -109,6 +114,10 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             "cancelled by the user before it ran"
         };
         return Decision::Settle { phase: Phase::Cancelled, reason: reason.into(), state };
+    }
+    if let Some(Standing::Fail(why)) = unreadable::standing(job) {
+        let reason = format!("bgjobs cannot read this job, so it never runs: {why}");
+        return Decision::Settle { phase: Phase::Failed, reason, state };
     }
     match retry::may_start(&job.spec, created, job.attempts_spent(job.attempts()), f.now) {
         Ok(()) => {}
@@ -305,6 +314,58 @@ mod tests {
             Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(11))),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The stand-in the job cache holds for a job whose Pod template the types cannot hold.
+    fn unreadable(phase: &str, attempts: i32, extra_spec: serde_json::Value, newer: bool) -> BackgroundJob {
+        let mut spec = serde_json::json!({"jobName": "noop", "template": {"spec": {"containers": "x"}}});
+        spec.as_object_mut().unwrap().extend(extra_spec.as_object().unwrap().clone());
+        if newer {
+            spec["priority"] = "Urgent".into();
+            spec.as_object_mut().unwrap().remove("template");
+        }
+        let object = serde_json::json!({"metadata": {"name": "j", "namespace": "ns", "uid": "uid-1",
+            "creationTimestamp": at(0).to_string()},
+            "spec": spec, "status": {"phase": phase, "attempts": attempts, "worker": "w1"}});
+        let job: BackgroundJob = crate::unreadable::decode(object).unwrap();
+        assert!(unreadable::standing(&job).is_some());
+        job
+    }
+
+    #[test]
+    fn a_job_the_operator_cannot_read_is_failed_with_the_reason_when_nobody_holds_it_and_never_claimed() {
+        let waiting = unreadable("Waiting", 0, serde_json::json!({}), false);
+        match triage(&facts(&waiting, None, 0, 10), &T) {
+            Decision::Settle { phase: Phase::Failed, reason, state: LeaseState::Absent } => {
+                assert!(reason.contains("cannot read this job") && reason.contains("invalid type"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (running, l) = (unreadable("Running", 1, serde_json::json!({}), false), claim_lease(1));
+        assert!(
+            matches!(triage(&facts(&running, Some(&l), 4, 10), &T), Decision::Leave { .. }),
+            "its holder is alive: left to it"
+        );
+        assert!(
+            matches!(
+                triage(&facts(&running, Some(&l), 15, 10), &T),
+                Decision::Settle { phase: Phase::Failed, state: LeaseState::Expired, .. }
+            ),
+            "orphaned: failed under its Lease, never taken over"
+        );
+        let cancelled = unreadable("Waiting", 0, serde_json::json!({"cancel": true}), false);
+        assert!(
+            matches!(triage(&facts(&cancelled, None, 0, 10), &T), Decision::Settle { phase: Phase::Cancelled, .. }),
+            "a cancel the user wrote is still read"
+        );
+    }
+
+    #[test]
+    fn a_job_perhaps_of_a_newer_operator_is_left_alone_waiting_or_orphaned() {
+        let waiting = unreadable("Waiting", 0, serde_json::json!({}), true);
+        assert!(matches!(triage(&facts(&waiting, None, 100, 10), &T), Decision::Leave { recheck: None }));
+        let (running, l) = (unreadable("Running", 1, serde_json::json!({}), true), claim_lease(1));
+        assert!(matches!(triage(&facts(&running, Some(&l), 100, 10), &T), Decision::Leave { recheck: None }));
     }
 
     #[test]

@@ -231,7 +231,8 @@ async fn check_creator(
     let definition = match owner {
         Some(o) => {
             let definitions: Api<RecurringBackgroundJob> = Api::namespaced(client.clone(), namespace);
-            let found = definitions.get_opt(&o.name).await.map_err(|e| {
+            // Its creator record is metadata: read even from a definition whose template cannot be read.
+            let found = crate::unreadable::get_opt(&definitions, &o.name).await.map_err(|e| {
                 AttemptResult::Retryable(format!(
                     "cannot read RecurringBackgroundJob {} to check its creator: {e}",
                     o.name

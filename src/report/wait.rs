@@ -67,7 +67,7 @@ pub async fn until_reported(
             Liveness::Lost(why) => {
                 // The watch may lag: a heartbeat that landed (and was answered 200) must not be overruled by a stale
                 // copy. Judge again on the job as it is now.
-                match jobs.get_opt(&job.name_any()).await {
+                match crate::unreadable::get_opt(jobs, &job.name_any()).await {
                     Ok(Some(fresh))
                         if fresh.uid() == job.uid() && fresh.resource_version() != job.resource_version() =>
                     {
