@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
-use crate::unreadable::{self, Readable, Unreadable};
+use crate::unreadable::{self, Buffered, Unreadable};
 
 /// Items parsed but not yet taken by the reflector: enough that a busy reflector does not hold up the read, few
 /// enough to cost little memory (they are slimmed).
@@ -85,7 +85,7 @@ enum State<K> {
     },
     Watching {
         resource_version: String,
-        events: BoxStream<'static, kube::Result<WatchEvent<Readable<K>>>>,
+        events: BoxStream<'static, kube::Result<WatchEvent<Buffered<K>>>>,
     },
 }
 
@@ -140,12 +140,12 @@ where
             },
             State::Watching { resource_version, mut events } => {
                 match tokio::time::timeout(WATCH_SILENCE, events.next()).await.unwrap_or(None) {
-                    Some(Ok(WatchEvent::Added(Readable(mut o)) | WatchEvent::Modified(Readable(mut o)))) => {
+                    Some(Ok(WatchEvent::Added(Buffered(mut o)) | WatchEvent::Modified(Buffered(mut o)))) => {
                         let resource_version = o.resource_version().unwrap_or(resource_version);
                         modify(&mut o);
                         return (Ok(Event::Apply(o)), State::Watching { resource_version, events });
                     }
-                    Some(Ok(WatchEvent::Deleted(Readable(o)))) => {
+                    Some(Ok(WatchEvent::Deleted(Buffered(o)))) => {
                         let resource_version = o.resource_version().unwrap_or(resource_version);
                         return (Ok(Event::Delete(o)), State::Watching { resource_version, events });
                     }
@@ -172,7 +172,7 @@ where
 async fn watch<K>(
     api: &Api<K>,
     resource_version: &str,
-) -> kube::Result<impl Stream<Item = kube::Result<WatchEvent<Readable<K>>>> + use<K>>
+) -> kube::Result<impl Stream<Item = kube::Result<WatchEvent<Buffered<K>>>> + use<K>>
 where
     K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug,
 {
@@ -180,7 +180,7 @@ where
         .watch(&WatchParams::default(), resource_version)
         .map_err(kube::Error::BuildRequest)?;
     request.extensions_mut().insert("watch");
-    api.clone().into_client().request_events::<Readable<K>>(request).await
+    api.clone().into_client().request_events::<Buffered<K>>(request).await
 }
 
 fn gone(e: &kube::Error) -> bool {

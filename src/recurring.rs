@@ -272,12 +272,12 @@ async fn reconcile(
         fence,
     };
     // Perhaps a newer operator's definition: not a write, not a trim, for the replicas that can read it.
+    versions.extend(def.resource_version());
     if let Some(Standing::Leave(why)) = crate::unreadable::standing(def) {
         debug!(definition = %def.name_any(), %why, "a definition this version cannot read: left alone");
         return Ok(None);
     }
     let mut current = Current { def: def.clone(), fresh: false };
-    versions.extend(def.resource_version());
     let outcome = pass.decide(&mut current, created_here, versions).await;
     if outcome.as_ref().is_err_and(Error::is_not_found) {
         *created_here = None;
@@ -342,7 +342,7 @@ impl Pass<'_> {
                 }
                 Err(e) if e.is_conflict() => {
                     debug!(definition = %current.def.name_any(), "definition changed since read (409): reading again");
-                    *current = Current { def: self.defs.get(&current.def.name_any()).await?, fresh: true };
+                    *current = Current { def: self.read(&current.def.name_any()).await?, fresh: true };
                     versions.extend(current.def.resource_version());
                     conflict = Some(e);
                 }
@@ -350,6 +350,14 @@ impl Pass<'_> {
             }
         }
         conflict.map_or(Ok(Some(RETRY)), Err)
+    }
+
+    /// The definition as stored (a stand-in if it cannot be read); NotFound if it is gone.
+    async fn read(&self, name: &str) -> Result<RecurringBackgroundJob> {
+        crate::unreadable::get_opt(&self.defs, name).await?.ok_or_else(|| {
+            let gone = kube::core::Status::failure(&format!("recurringbackgroundjobs {name:?} not found"), "NotFound");
+            Error::Kube(kube::Error::Api(gone.with_code(404).boxed()))
+        })
     }
 
     /// Carry out one decision of [`plan`] for the definition as read.
@@ -381,7 +389,7 @@ impl Pass<'_> {
             Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up, active).await?),
             // A cached `pendingJob` may have been replaced since, and its job deleted: creating it again would run
             // its tick twice. Decide from the definition as stored.
-            Plan::Create { .. } if !current.fresh => again(self.defs.get(&def.name_any()).await?),
+            Plan::Create { .. } if !current.fresh => again(self.read(&def.name_any()).await?),
             Plan::Create { job, replace } => {
                 cancel_replaced(&self.jobs, &replace).await;
                 self.create_job(def, &job).await?;

@@ -1,29 +1,32 @@
 //! Objects the operator cannot read: bad input that the CRD schema lets through, and what becomes of it.
 //!
-//! The schema leaves some of a job open (a Pod `template` is any object until a Pod is made from it), so the
-//! apiserver can store a BackgroundJob or a RecurringBackgroundJob that the operator's types cannot hold: a template
-//! whose `containers` is a string. Failing to decode it must not fail the list it is in (every later list would fail
-//! too, and the replica would never see its queue again), nor drop it from the cache (a running job would look
-//! deleted, a new one would be lost without a word). So every read of these kinds (`list_watch`, [`list`],
-//! [`get_opt`]) keeps such an object as a stand-in, built from what can be read of it: its metadata, each field of
-//! its spec that can be read on its own, its status, and why, in annotations of the copy in memory ([`standing`]).
-//! Then:
-//! - **bad input** (a field the schema leaves open, in a shape the type cannot hold): a job nobody holds (waiting, or
-//!   orphaned) is never claimed and ends `Failed` with the error as its reason (`dispatch::triage`); a definition is
-//!   reported `Valid=False` with reason `Unreadable`, makes no job and trims no history (`recurring`);
-//! - **perhaps a newer operator's object** (a value of an enum this version does not know, which only a newer CRD
-//!   allows; or a status this version cannot read): left alone, for the replicas that can read it (a rolling
-//!   upgrade).
+//! The schema leaves some of a job open (a Pod `template` is any object until a Pod is made from it; `args` is any
+//! JSON, nested as deep as the user likes), so the apiserver can store a BackgroundJob or a RecurringBackgroundJob
+//! that the operator's types cannot hold: a template whose `containers` is a string. Failing to decode it must not
+//! fail the list it is in (every later list would fail too, and the replica would never see its queue again), nor
+//! drop it from the cache (a running job would look deleted, a new one would be lost without a word). So every read
+//! of these kinds (`list_watch`, [`list`], [`get_opt`], [`Readable`]) keeps such an object as a stand-in, built
+//! from what can be read of it ([`Shell`]): its metadata, each field of its spec that can be read on its own, its
+//! status, and why, in annotations of the copy in memory ([`standing`]). Then:
+//! - **bad input** (the object reads once the open part is taken out, or it is nested deeper than any reader goes):
+//!   a job nobody holds (waiting, or orphaned) is never claimed and ends `Failed` with the error as its reason
+//!   (`dispatch::triage`); a definition is reported `Valid=False` with reason `Unreadable`, makes no job and trims
+//!   no history (`recurring`);
+//! - **perhaps a newer operator's object** (anything else: a value outside what this version's schema allowed, a
+//!   status it cannot read): left alone, for the replicas that can read it (a rolling upgrade).
 //!
 //! Status writes to a stand-in ([`replace_status`]) change only its status (`PUT .../status` keeps the rest as
-//! stored) and do not read the answer, which the types cannot hold either. The marks never reach the cluster, and
-//! an object read whole is stripped of them, so a user cannot set them.
+//! stored) and read only the answer's resourceVersion. The marks never reach the cluster, and marks an object
+//! arrives with are removed, so a user cannot set them.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::api::PostParams;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::api::{BackgroundJob, RecurringBackgroundJob};
 
@@ -33,10 +36,52 @@ pub const UNREADABLE_ANNOTATION: &str = "bgjobs.dev/unreadable";
 const NEWER_ANNOTATION: &str = "bgjobs.dev/unreadable-perhaps-newer";
 
 /// A kind whose objects may be stored in a shape its type cannot hold.
-pub trait Unreadable: Sized {
-    /// The stand-in for `object`, which failed to decode; None when not even its metadata can be read (then
-    /// nothing can be done with it but report it). `metadata` is the object's, already marked.
-    fn stand_in(object: &serde_json::Value, metadata: ObjectMeta) -> Option<Self>;
+pub trait Unreadable: Resource + DeserializeOwned {
+    /// Remove the part of `object` the schema leaves open (a Pod template), whose shape is the user's to get wrong.
+    fn without_open_part(object: &mut serde_json::Value);
+    /// The stand-in made of what `shell` holds; `metadata` is the object's, already marked. None: not even that.
+    fn stand_in(shell: Shell, metadata: ObjectMeta) -> Option<Self>;
+}
+
+/// What can be read of any object of these kinds, whatever the shape of its spec: its metadata, and each spec field
+/// and its status as text (serde passes over text it does not parse, at any depth).
+#[derive(Deserialize)]
+pub struct Shell {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: BTreeMap<String, Box<RawValue>>,
+    #[serde(default)]
+    status: Option<Box<RawValue>>,
+}
+
+impl Shell {
+    /// The spec field `key`, if it decodes as `T`.
+    fn spec_field<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        serde_json::from_str(self.spec.get(key)?.get()).ok()
+    }
+
+    /// The status, if it decodes as `T`.
+    fn status<T: DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_str(self.status.as_ref()?.get()).ok()
+    }
+
+    /// The spec as far as it can be read: `base`, plus each field (but `skip`) that still decodes with the ones kept,
+    /// one at a time, so that one bad field costs only itself (a cancel, a TTL, a queue stay as the user set them).
+    fn readable_spec<S: DeserializeOwned>(&self, base: serde_json::Value, skip: &str) -> Option<S> {
+        let mut kept = base;
+        for (key, raw) in &self.spec {
+            if key == skip || kept.get(key).is_some() {
+                continue;
+            }
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(raw.get()) else { continue };
+            let mut candidate = kept.clone();
+            candidate[key] = value;
+            if serde_json::from_value::<S>(candidate.clone()).is_ok() {
+                kept = candidate;
+            }
+        }
+        serde_json::from_value(kept).ok()
+    }
 }
 
 /// What may be done with a stand-in.
@@ -55,66 +100,85 @@ pub fn standing<K: Resource>(obj: &K) -> Option<Standing<'_>> {
     Some(if annotations.contains_key(NEWER_ANNOTATION) { Standing::Leave(why) } else { Standing::Fail(why) })
 }
 
-/// Decode `object`, or make its stand-in. Err: not even a stand-in could be made.
-pub fn decode<K: Resource + DeserializeOwned + Unreadable>(object: serde_json::Value) -> Result<K, serde_json::Error> {
-    match K::deserialize(&object) {
+/// The text of one object, decoded or made a stand-in. Err: not even its metadata could be read.
+pub fn decode_text<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
+    let error = match serde_json::from_str::<K>(text) {
         Ok(mut k) => {
-            unmark(&mut k);
-            Ok(k)
+            unmark(k.meta_mut());
+            return Ok(k);
         }
-        Err(e) => {
-            let name = |key: &str| object.pointer(&format!("/metadata/{key}")).and_then(|v| v.as_str()).unwrap_or("?");
-            tracing::warn!(kind = object.get("kind").and_then(|k| k.as_str()).unwrap_or("?"),
-                namespace = name("namespace"), name = name("name"), error = %e,
-                "an object the operator cannot read: kept as a stand-in");
-            let metadata = marked_metadata(&object, &e).ok_or_else(|| clone_error(&e))?;
-            K::stand_in(&object, metadata).ok_or(e)
-        }
+        Err(e) => e,
+    };
+    let shell: Shell = serde_json::from_str(text)?;
+    let mut metadata = shell.metadata.clone();
+    tracing::warn!(kind = std::any::type_name::<K>(), namespace = metadata.namespace.as_deref().unwrap_or("?"),
+        name = metadata.name.as_deref().unwrap_or("?"), error = %error,
+        "an object the operator cannot read: kept as a stand-in");
+    unmark(&mut metadata);
+    let annotations = metadata.annotations.get_or_insert_with(Default::default);
+    annotations.insert(UNREADABLE_ANNOTATION.to_string(), error.to_string());
+    if !bad_input::<K>(text) {
+        annotations.insert(NEWER_ANNOTATION.to_string(), "true".to_string());
     }
+    K::stand_in(shell, metadata).ok_or(error)
 }
 
-/// The text of one listed object, decoded or made a stand-in (`list_watch` reads a large list item by item so).
-pub fn decode_text<K: Resource + DeserializeOwned + Unreadable>(text: &str) -> Result<K, serde_json::Error> {
-    match serde_json::from_str::<K>(text) {
-        Ok(mut k) => {
-            unmark(&mut k);
-            Ok(k)
-        }
-        Err(_) => decode(serde_json::from_str(text)?),
-    }
+/// Whether what makes the object unreadable is the user's input: it reads without the part the schema leaves open,
+/// or it is nested too deep for any reader. Anything else (a value the schema refused when this version was
+/// written, a status it cannot read) may be a newer operator's.
+fn bad_input<K: Unreadable>(text: &str) -> bool {
+    let Ok(mut object) = serde_json::from_str::<serde_json::Value>(text) else { return true };
+    K::without_open_part(&mut object);
+    serde_json::from_value::<K>(object).is_ok()
 }
 
-/// Marks that came with an object read whole were set by someone: they mean nothing.
-fn unmark<K: Resource>(k: &mut K) {
-    if let Some(a) = k.meta_mut().annotations.as_mut()
-        && a.contains_key(UNREADABLE_ANNOTATION)
-    {
+/// Marks that came with an object were set by someone: they mean nothing.
+fn unmark(meta: &mut ObjectMeta) {
+    if let Some(a) = meta.annotations.as_mut() {
         a.remove(UNREADABLE_ANNOTATION);
         a.remove(NEWER_ANNOTATION);
     }
 }
 
-fn clone_error(e: &serde_json::Error) -> serde_json::Error {
-    serde::de::Error::custom(e.to_string())
-}
-
-/// An object as read from an answer of the apiserver (a watch event, a page of a list): decoded, or its stand-in.
+/// An object as read from an answer of the apiserver (a page of a list, a get): decoded, or its stand-in. Its text
+/// is taken as it is (serde_json's own deserializer, which every kube answer goes through), so that it can be read
+/// twice. Only where the object is a value of its own, not a field of something serde buffers first (a watch event:
+/// see [`Buffered`]).
 #[derive(Clone, Debug)]
 pub struct Readable<K>(pub K);
 
-impl<'de, K: Resource + DeserializeOwned + Unreadable> serde::Deserialize<'de> for Readable<K> {
+impl<'de, K: Unreadable> Deserialize<'de> for Readable<K> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        // Through a Value, from which it is decoded again if the type cannot hold it. (A list of 100,000 jobs reads
-        // each item's text instead, see `list_watch`: cheaper than a Value per item.)
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        decode_text(raw.get()).map(Readable).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The object of a watch event, decoded or made a stand-in. kube's `WatchEvent` is an adjacently tagged enum, which
+/// serde buffers when `object` comes before `type`, and raw text cannot be taken from a buffer: the object is read
+/// as a `Value` first. (One nested deeper than serde_json's limit of 128 cannot be: its event fails, as before, and
+/// the next list reads it as a stand-in.)
+#[derive(Clone, Debug)]
+pub struct Buffered<K>(pub K);
+
+impl<'de, K: Unreadable> Deserialize<'de> for Buffered<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = serde_json::Value::deserialize(deserializer)?;
-        decode(value).map(Readable).map_err(serde::de::Error::custom)
+        let decoded = match K::deserialize(&value) {
+            Ok(mut k) => {
+                unmark(k.meta_mut());
+                Ok(k)
+            }
+            Err(_) => decode_text(&value.to_string()),
+        };
+        decoded.map(Buffered).map_err(serde::de::Error::custom)
     }
 }
 
 /// Every object of `api`, listed in pages of 500, each decoded or made a stand-in.
 pub async fn list<K>(api: &kube::Api<K>) -> kube::Result<Vec<K>>
 where
-    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug,
+    K: Unreadable + Clone + std::fmt::Debug,
 {
     let mut out = Vec::new();
     let mut params = kube::api::ListParams::default().limit(500);
@@ -132,7 +196,7 @@ where
 /// The object `name` of `api`, decoded or made a stand-in; None if it does not exist.
 pub async fn get_opt<K>(api: &kube::Api<K>, name: &str) -> kube::Result<Option<K>>
 where
-    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug,
+    K: Unreadable + Clone + std::fmt::Debug,
 {
     let request = kube::core::Request::new(api.resource_url()).get(name, &Default::default());
     let request = request.map_err(kube::Error::BuildRequest)?;
@@ -144,97 +208,74 @@ where
 }
 
 /// Replace the status of `obj` (`PUT .../status`, under its resourceVersion) and return the object as written. For
-/// a stand-in the answer is not read (the types cannot hold it either): `obj` itself is returned, with the
-/// resourceVersion it was written under.
+/// a stand-in only the answer's resourceVersion is read (the types cannot hold the rest either): `obj` itself is
+/// returned, with its status and that resourceVersion.
 pub async fn replace_status<K>(api: &kube::Api<K>, obj: &K) -> kube::Result<K>
 where
-    K: Resource + Clone + DeserializeOwned + Serialize + Unreadable + std::fmt::Debug,
+    K: Unreadable + Clone + Serialize + std::fmt::Debug,
 {
+    #[derive(Deserialize)]
+    struct Answer {
+        metadata: Version,
+    }
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(rename = "resourceVersion")]
+        resource_version: Option<String>,
+    }
     let name = obj.meta().name.clone().unwrap_or_default();
     if standing(obj).is_none() {
         return api.replace_status(&name, &PostParams::default(), obj).await;
     }
-    let mut written = obj.clone();
-    unmark(&mut written); // what is sent: the marks are kept away from the cluster all the same
-    let body = serde_json::to_vec(&written).map_err(kube::Error::SerdeError)?;
+    let mut sent = obj.clone();
+    unmark(sent.meta_mut()); // the marks are kept away from the cluster all the same
+    let body = serde_json::to_vec(&sent).map_err(kube::Error::SerdeError)?;
     let request = kube::core::Request::new(api.resource_url())
         .replace_subresource("status", &name, &PostParams::default(), body)
         .map_err(kube::Error::BuildRequest)?;
-    api.clone().into_client().request_text(request).await?;
-    Ok(obj.clone())
-}
-
-/// The stand-in's metadata: the object's own, marked with `error` (and as perhaps a newer operator's, when the error
-/// is a value of an enum this version does not know, or the status cannot be read).
-fn marked_metadata(object: &serde_json::Value, error: &serde_json::Error) -> Option<ObjectMeta> {
-    let mut meta: ObjectMeta = serde_json::from_value(object.get("metadata")?.clone()).ok()?;
-    let annotations = meta.annotations.get_or_insert_with(Default::default);
-    annotations.insert(UNREADABLE_ANNOTATION.to_string(), error.to_string());
-    let status_unreadable = |status: &serde_json::Value| match object.get("kind").and_then(|k| k.as_str()) {
-        Some("RecurringBackgroundJob") => {
-            serde_json::from_value::<crate::api::RecurringBackgroundJobStatus>(status.clone()).is_err()
-        }
-        _ => serde_json::from_value::<crate::api::BackgroundJobStatus>(status.clone()).is_err(),
-    };
-    // serde's own wording for a value outside an enum: the schema refuses such values, so a newer CRD allowed it.
-    let newer = error.to_string().starts_with("unknown variant") || object.get("status").is_some_and(status_unreadable);
-    if newer {
-        annotations.insert(NEWER_ANNOTATION.to_string(), "true".to_string());
+    let answer = api.clone().into_client().request_text(request).await?;
+    let mut written = obj.clone();
+    if let Ok(Answer { metadata: Version { resource_version: Some(v) } }) = serde_json::from_str(&answer) {
+        written.meta_mut().resource_version = Some(v);
     }
-    Some(meta)
-}
-
-/// A field of `object` by its path, decoded as `T` if it can be.
-fn field<T: DeserializeOwned>(object: &serde_json::Value, path: &[&str]) -> Option<T> {
-    let value = path.iter().try_fold(object, |v, key| v.get(key))?;
-    serde_json::from_value(value.clone()).ok()
-}
-
-/// The spec as far as it can be read: `base`, plus each field of `spec` (but `skip`) that still decodes with it,
-/// one at a time, so that one bad field costs only itself (a cancel, a TTL, a queue stay as the user set them).
-fn readable_spec<S: DeserializeOwned>(
-    spec: Option<&serde_json::Value>,
-    base: serde_json::Value,
-    skip: &str,
-) -> Option<S> {
-    let mut kept = base;
-    for (key, value) in spec.and_then(|s| s.as_object()).into_iter().flatten() {
-        if key == skip || kept.get(key).is_some() {
-            continue;
-        }
-        let mut candidate = kept.clone();
-        candidate[key] = value.clone();
-        if serde_json::from_value::<S>(candidate.clone()).is_ok() {
-            kept = candidate;
-        }
-    }
-    serde_json::from_value(kept).ok()
+    Ok(written)
 }
 
 impl Unreadable for BackgroundJob {
-    fn stand_in(object: &serde_json::Value, metadata: ObjectMeta) -> Option<Self> {
-        let spec_json = object.get("spec");
+    fn without_open_part(object: &mut serde_json::Value) {
+        if let Some(spec) = object.get_mut("spec").and_then(|s| s.as_object_mut()) {
+            spec.remove("template");
+        }
+    }
+
+    fn stand_in(shell: Shell, metadata: ObjectMeta) -> Option<Self> {
         // The handler's name, for `kubectl get` and the Event.
-        let job_name: String = field(object, &["spec", "jobName"]).unwrap_or_default();
+        let job_name: String = shell.spec_field("jobName").unwrap_or_default();
         let mut spec: crate::api::BackgroundJobSpec =
-            readable_spec(spec_json, serde_json::json!({ "jobName": job_name }), "template")?;
+            shell.readable_spec(serde_json::json!({ "jobName": job_name }), "template")?;
         // A Pod job's attempt may have left a Pod: settling the job deletes it by name, not by template.
-        if spec_json.and_then(|s| s.get("template")).is_some() {
+        if shell.spec.contains_key("template") {
             spec.template = Some(Default::default());
         }
         // The status is the operator's own writing: kept when it can be read, so that a running job stays running.
-        Some(BackgroundJob { metadata, spec, status: field(object, &["status"]) })
+        Some(BackgroundJob { metadata, spec, status: shell.status() })
     }
 }
 
 impl Unreadable for RecurringBackgroundJob {
-    fn stand_in(object: &serde_json::Value, metadata: ObjectMeta) -> Option<Self> {
+    fn without_open_part(object: &mut serde_json::Value) {
+        if let Some(spec) = object.pointer_mut("/spec/jobTemplate/spec").and_then(|s| s.as_object_mut()) {
+            spec.remove("template");
+        }
+    }
+
+    fn stand_in(shell: Shell, metadata: ObjectMeta) -> Option<Self> {
         let base = serde_json::json!({
-            "schedule": field::<String>(object, &["spec", "schedule"]).unwrap_or_default(),
+            "schedule": shell.spec_field::<String>("schedule").unwrap_or_default(),
             "suspend": true, "jobTemplate": {"spec": {"jobName": ""}}
         });
-        let spec = readable_spec(object.get("spec"), base, "jobTemplate")?;
-        Some(RecurringBackgroundJob { metadata, spec, status: field(object, &["status"]) })
+        let spec = shell.readable_spec(base, "jobTemplate")?;
+        Some(RecurringBackgroundJob { metadata, spec, status: shell.status() })
     }
 }
 
@@ -257,7 +298,7 @@ mod tests {
         let extra = serde_json::json!({"cancel": true, "ttlSecondsAfterFinished": 604800, "queue": "mail",
             "concurrencyKey": "tenant-1", "priority": "High"});
         let object = bad_template_job(extra, serde_json::json!({"phase": "Running", "attempts": 2}));
-        let job: BackgroundJob = decode(object).unwrap();
+        let job: BackgroundJob = decode_text(&object.to_string()).unwrap();
         assert_eq!(
             (job.name_any(), job.uid().as_deref(), job.resource_version().as_deref()),
             ("bad".into(), Some("u1"), Some("7"))
@@ -277,11 +318,11 @@ mod tests {
     #[test]
     fn a_value_only_a_newer_crd_allows_or_an_unreadable_status_is_left_to_a_newer_operator() {
         let newer_enum = bad_template_job(serde_json::json!({}), serde_json::json!({"phase": "Paused"}));
-        let job: BackgroundJob = decode(newer_enum).unwrap();
+        let job: BackgroundJob = decode_text(&newer_enum.to_string()).unwrap();
         assert!(matches!(standing(&job), Some(Standing::Leave(_))), "{:?}", standing(&job));
         let mut priority =
             serde_json::json!({"metadata": {"name": "p"}, "spec": {"jobName": "noop", "priority": "Urgent"}});
-        let job: BackgroundJob = decode(priority.take()).unwrap();
+        let job: BackgroundJob = decode_text(&priority.take().to_string()).unwrap();
         match standing(&job) {
             Some(Standing::Leave(why)) => assert!(why.starts_with("unknown variant"), "{why}"),
             other => panic!("{other:?}"),
@@ -292,19 +333,59 @@ mod tests {
     fn a_readable_object_is_no_stand_in_even_if_someone_wrote_the_marks_on_it() {
         let marked = serde_json::json!({"metadata": {"name": "ok", "annotations": {UNREADABLE_ANNOTATION: "forged"}},
             "spec": {"jobName": "noop"}});
-        let job: BackgroundJob = decode(marked.clone()).unwrap();
+        let job: BackgroundJob = decode_text(&marked.to_string()).unwrap();
         assert!(standing(&job).is_none() && job.annotations().is_empty(), "{:?}", job.annotations());
         let job: BackgroundJob = decode_text(&marked.to_string()).unwrap();
         assert!(standing(&job).is_none());
         let def = serde_json::json!({"metadata": {"name": "d", "annotations": {UNREADABLE_ANNOTATION: "x"}},
             "spec": {"schedule": "* * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}}});
-        assert!(standing(&decode::<RecurringBackgroundJob>(def).unwrap()).is_none());
+        assert!(standing(&decode_text::<RecurringBackgroundJob>(&def.to_string()).unwrap()).is_none());
+    }
+
+    #[test]
+    fn args_nested_deeper_than_any_reader_goes_is_bad_input_and_still_a_stand_in() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let text = format!(
+            r#"{{"kind":"BackgroundJob","metadata":{{"name":"deep"}},"spec":{{"jobName":"noop","cancel":true,"args":{deep}}},"status":{{"phase":"Waiting"}}}}"#
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_err(), "deeper than serde_json's limit");
+        let job: BackgroundJob = decode_text(&text).unwrap();
+        assert!(matches!(standing(&job), Some(Standing::Fail(_))), "{:?}", standing(&job));
+        assert!(job.spec.cancel && job.phase() == Phase::Waiting);
+    }
+
+    #[test]
+    fn a_user_cannot_turn_bad_input_into_a_newer_operators_object_with_the_marks() {
+        let mut object = bad_template_job(serde_json::json!({}), serde_json::json!({"phase": "Waiting"}));
+        object["metadata"]["annotations"] =
+            serde_json::json!({NEWER_ANNOTATION: "true", UNREADABLE_ANNOTATION: "nothing to see"});
+        let job: BackgroundJob = decode_text(&object.to_string()).unwrap();
+        match standing(&job) {
+            Some(Standing::Fail(why)) => assert!(why.contains("invalid type"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_value_beyond_what_this_version_allows_outside_the_template_is_left_alone_and_a_null_status_is_none() {
+        let widened = serde_json::json!({"metadata": {"name": "w"},
+            "spec": {"jobName": "noop", "retry": {"maxAttempts": 3_000_000_000u64}}, "status": null});
+        let job: BackgroundJob = decode_text(&widened.to_string()).unwrap();
+        assert!(
+            matches!(standing(&job), Some(Standing::Leave(_))),
+            "perhaps a newer CRD widened it: {:?}",
+            standing(&job)
+        );
+        let null_status = serde_json::json!({"metadata": {"name": "n"},
+            "spec": {"jobName": "noop", "template": {"spec": {"containers": 5}}}, "status": null});
+        let job: BackgroundJob = decode_text(&null_status.to_string()).unwrap();
+        assert!(matches!(standing(&job), Some(Standing::Fail(_))), "a null status is no status: {:?}", standing(&job));
     }
 
     #[test]
     fn without_readable_metadata_there_is_no_stand_in() {
         let object = serde_json::json!({"metadata": {"name": 5}, "spec": {"jobName": 1}});
-        assert!(decode::<BackgroundJob>(object.clone()).is_err());
+        assert!(decode_text::<BackgroundJob>(&object.clone().to_string()).is_err());
         assert!(decode_text::<BackgroundJob>(&object.to_string()).is_err());
     }
 
@@ -313,7 +394,7 @@ mod tests {
         let object = serde_json::json!({"kind": "RecurringBackgroundJob", "metadata": {"name": "nightly", "namespace": "ns"},
             "spec": {"schedule": "0 3 * * *", "successfulJobsHistoryLimit": 20,
                      "jobTemplate": {"spec": {"jobName": "x", "template": {"spec": {"containers": 1}}}}}});
-        let def: RecurringBackgroundJob = decode(object).unwrap();
+        let def: RecurringBackgroundJob = decode_text(&object.to_string()).unwrap();
         assert!(def.spec.suspend, "it makes no job");
         assert_eq!((def.spec.schedule.as_str(), def.spec.successful_jobs_history_limit), ("0 3 * * *", 20));
         assert!(matches!(standing(&def), Some(Standing::Fail(_))), "{:?}", standing(&def));

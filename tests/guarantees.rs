@@ -570,19 +570,35 @@ async fn a_job_the_operator_cannot_read_fails_with_the_reason_and_the_queue_runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_edited_into_a_shape_the_operator_cannot_read_still_gets_its_outcome() {
+    use kube::api::{ApiResource, DynamicObject};
+    let env = TestEnv::new("unreadable-running").await;
+    let _r = env.replica("r", &[]);
+    env.create("edited", json!({"jobName": "sleep", "args": {"seconds": 4}, "retry": {"maxAttempts": 1}})).await;
+    env.wait_job("edited", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    // What the admission webhook would refuse, done without it: the spec edited under the running attempt.
+    let raw: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<bgjobs::api::BackgroundJob>(&()));
+    let bad = Patch::Merge(json!({"spec": {"template": {"spec": {"containers": "not a list"}}}}));
+    raw.patch("edited", &PatchParams::default(), &bad).await.expect("the apiserver stores it");
+    // Before, the outcome's write met a 409, the strict re-read failed, and the job ended Failed as lost.
+    wait_raw_status(&env, "edited", "Succeeded, the outcome of its attempt", |s| s["phase"] == "Succeeded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recurring_definition_the_operator_cannot_read_is_reported_invalid_and_the_others_still_tick() {
     use bgjobs::api::RecurringBackgroundJob;
     let env = TestEnv::new("unreadable-definition").await;
+    let broken = |name: &str| {
+        json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": name},
+               "spec": {"schedule": "* * * * * *",
+                        "jobTemplate": {"spec": {"jobName": "noop", "template": {"spec": {"containers": "x"}}}}}})
+    };
+    // One met by the replica's first list of definitions (before the fix that list failed, forever), one by its
+    // watch.
+    create_as_written::<RecurringBackgroundJob>(&env, broken("broken")).await;
     let _r = env.replica("r", &[]);
-    create_as_written::<RecurringBackgroundJob>(
-        &env,
-        json!({
-            "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": "broken"},
-            "spec": {"schedule": "* * * * * *",
-                     "jobTemplate": {"spec": {"jobName": "noop", "template": {"spec": {"containers": "x"}}}}}
-        }),
-    )
-    .await;
+    create_as_written::<RecurringBackgroundJob>(&env, broken("broken-later")).await;
     let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
     defs.create(
         &PostParams::default(),
@@ -603,26 +619,33 @@ async fn a_recurring_definition_the_operator_cannot_read_is_reported_invalid_and
     use kube::api::{ApiResource, DynamicObject};
     let raw: Api<DynamicObject> =
         Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<RecurringBackgroundJob>(&()));
-    let deadline = std::time::Instant::now() + MINUTE;
-    let condition = loop {
-        let broken = raw.get("broken").await.unwrap();
-        let valid = broken.data["status"]["conditions"].as_array().and_then(|c| {
-            c.iter().find(|c| c["type"] == "Valid" && c["status"] == "False" && c["reason"] == "Unreadable").cloned()
-        });
-        if let Some(c) = valid {
-            break c;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "`broken` never reported Unreadable: {:?}",
-            broken.data["status"]
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(condition["message"].as_str().unwrap_or_default().contains("cannot read this definition"), "{condition}");
+    for name in ["broken", "broken-later"] {
+        let deadline = std::time::Instant::now() + MINUTE;
+        let condition = loop {
+            let broken = raw.get(name).await.unwrap();
+            let valid = broken.data["status"]["conditions"].as_array().and_then(|c| {
+                c.iter()
+                    .find(|c| c["type"] == "Valid" && c["status"] == "False" && c["reason"] == "Unreadable")
+                    .cloned()
+            });
+            if let Some(c) = valid {
+                break c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never reported Unreadable: {:?}",
+                broken.data["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let message = condition["message"].as_str().unwrap_or_default();
+        assert!(message.contains("cannot read this definition"), "{name}: {condition}");
+    }
+    let jobs = env.list().await;
     assert!(
-        env.list().await.iter().all(|j| !j.name_any().starts_with("broken-")),
-        "a definition that cannot be read makes no job"
+        jobs.iter().all(|j| !j.name_any().starts_with("broken")),
+        "a definition that cannot be read makes no job: {}",
+        common::summary(&jobs)
     );
 }
 

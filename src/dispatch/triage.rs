@@ -327,7 +327,7 @@ mod tests {
         let object = serde_json::json!({"metadata": {"name": "j", "namespace": "ns", "uid": "uid-1",
             "creationTimestamp": at(0).to_string()},
             "spec": spec, "status": {"phase": phase, "attempts": attempts, "worker": "w1"}});
-        let job: BackgroundJob = crate::unreadable::decode(object).unwrap();
+        let job: BackgroundJob = crate::unreadable::decode_text(&object.to_string()).unwrap();
         assert!(unreadable::standing(&job).is_some());
         job
     }
