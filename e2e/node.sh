@@ -162,9 +162,11 @@ authentication:
   webhook: {enabled: false}
 authorization: {mode: AlwaysAllow}
 serializeImagePulls: false
-# A test machine's disk is shared with builds: evict only when it is nearly full, and never collect the images
-# built here (no registry can give them back).
-evictionHard: {memory.available: "100Mi", nodefs.available: "2%", imagefs.available: "2%"}
+# A test machine's disk is shared with builds (an operator image build in buildah's vfs store takes tens of GiB for
+# a while): never evict for disk, and never collect the images built here (no registry can give them back). Under
+# disk pressure the kubelet deletes every unused image whatever imageGCHighThresholdPercent says; once it deleted the
+# pause image, and no Pod could start again until the node was restarted.
+evictionHard: {memory.available: "100Mi", nodefs.available: "0%", imagefs.available: "0%"}
 imageGCHighThresholdPercent: 100
 EOF
 }
