@@ -27,13 +27,19 @@ pub const MIN_SCAN_GAP: Duration = Duration::from_millis(50);
 const IDLE: Duration = Duration::from_secs(30);
 /// How long running reconciles may finish when the controller stops.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Longest a definition whose cache is behind its own last reconcile waits for the watch before it is reconciled
+/// anyway.
+const CATCH_UP: Duration = Duration::from_secs(2);
 
 /// What this replica remembers of a definition it owns.
 struct Tracked<R> {
     /// Where the cache keeps it.
     at: R,
-    /// The resourceVersions its last reconcile read or wrote: the cache showing any of them is no news.
+    /// The resourceVersions its last reconcile read or wrote, in that order: the cache showing any of them is no
+    /// news, and showing one before the last is behind.
     versions: Vec<String>,
+    /// When its last reconcile ended.
+    done_at: Option<Instant>,
     /// When to look again if nothing changes (None: only on a change).
     next: Option<Instant>,
     /// The scan that last saw it owned here.
@@ -77,6 +83,7 @@ impl<R: Clone> Book<R> {
         let tracked = self.tracked.entry(uid.to_string()).or_insert_with(|| Tracked {
             at: at.clone(),
             versions: vec![],
+            done_at: None,
             next: Some(now),
             seen: 0,
         });
@@ -87,8 +94,17 @@ impl<R: Clone> Book<R> {
             return None;
         }
         let changed = !tracked.versions.iter().any(|v| v == version);
-        let kids_changed = self.children_changed.remove(uid);
         let due = tracked.next.is_some_and(|n| n <= now);
+        // The cache still shows a version from before the last reconcile's own last write (the definition's watch
+        // lags the job watch that brought the children's news). Decided from it, a tick already claimed looks due
+        // again and its claim only meets a 409. Its write is on its way: wait for it, a while at most; the
+        // children's news waits too.
+        let behind = !changed && tracked.versions.last().is_some_and(|last| last != version);
+        if let Some(wait_until) = tracked.done_at.map(|at| at + CATCH_UP).filter(|until| behind && !due && now < *until)
+        {
+            return Some(tracked.next.map_or(wait_until, |n| n.min(wait_until)));
+        }
+        let kids_changed = self.children_changed.remove(uid);
         if changed || kids_changed || due {
             self.queue.push_back(uid.to_string());
             self.queued.insert(uid.to_string());
@@ -118,12 +134,14 @@ impl<R: Clone> Book<R> {
         None
     }
 
-    /// A reconcile of `uid` is over: it read or wrote `versions`, and asks to be looked at again `next`.
-    pub fn done(&mut self, uid: &str, versions: Vec<String>, next: Option<Instant>) {
+    /// A reconcile of `uid` is over (`now`): it read or wrote `versions`, in that order, and asks to be looked at
+    /// again `next`.
+    pub fn done(&mut self, uid: &str, versions: Vec<String>, next: Option<Instant>, now: Instant) {
         self.in_flight.remove(uid);
         if let Some(t) = self.tracked.get_mut(uid) {
             t.versions = versions;
             t.next = next;
+            t.done_at = Some(now);
         }
     }
 
@@ -184,7 +202,7 @@ pub async fn run(
                     }
                 };
                 let next = o.next.map(|d| Instant::now() + d.min(IDLE));
-                book.done(&uid, o.versions, next);
+                book.done(&uid, o.versions, next, Instant::now());
                 match o.created_here {
                     Some(job) => created_here.insert(uid, job),
                     None => created_here.remove(&uid),
@@ -239,7 +257,7 @@ pub async fn run(
             // As cached now: the scan may be a little older.
             let def = view.definitions.get(&at).filter(|d| d.uid().as_deref() == Some(uid.as_str()));
             let Some(def) = def else {
-                book.done(&uid, vec![], None);
+                book.done(&uid, vec![], None, now);
                 continue;
             };
             let kids = view.children.of(&uid);
@@ -288,18 +306,37 @@ mod tests {
         assert_eq!(drain(&mut book), ["a", "b"], "new definitions at once");
         let later = now + Duration::from_secs(60);
         // a's reconcile read version 2 (after a 409) and wrote 3 (its claim); b's found nothing to do.
-        book.done("a", vec!["1".into(), "2".into(), "3".into()], Some(later));
-        book.done("b", vec!["1".into()], Some(later));
+        book.done("a", vec!["1".into(), "2".into(), "3".into()], Some(later), now);
+        book.done("b", vec!["1".into()], Some(later), now);
         scan(&mut book, &[("a", "2"), ("b", "1")], &[], now);
         assert!(drain(&mut book).is_empty(), "its own writes, even seen late, are no news");
         scan(&mut book, &[("a", "4"), ("b", "1")], &[], now);
         assert_eq!(drain(&mut book), ["a"], "someone else wrote a");
-        book.done("a", vec!["4".into()], Some(later));
+        book.done("a", vec!["4".into()], Some(later), now);
         scan(&mut book, &[("a", "4"), ("b", "1")], &["b"], now);
         assert_eq!(drain(&mut book), ["b"], "a job of b changed");
-        book.done("b", vec!["1".into()], Some(later));
+        book.done("b", vec!["1".into()], Some(later), now);
         scan(&mut book, &[("a", "4"), ("b", "1")], &[], later);
         assert_eq!(drain(&mut book), ["a", "b"], "both are due");
+    }
+
+    #[test]
+    fn news_of_children_waits_while_the_cache_is_behind_the_last_reconciles_own_write_a_while_at_most() {
+        let (mut book, now) = (TestBook::default(), Instant::now());
+        scan(&mut book, &[("a", "1")], &[], now);
+        assert_eq!(drain(&mut book), ["a"]);
+        // Its reconcile read 1 and claimed a tick (wrote 2); the job it then created is seen before the claim is.
+        book.done("a", vec!["1".into(), "2".into()], Some(now + Duration::from_secs(60)), now);
+        scan(&mut book, &[("a", "1")], &["a"], now + Duration::from_millis(100));
+        assert!(drain(&mut book).is_empty(), "decided from version 1, the claimed tick would look due again");
+        scan(&mut book, &[("a", "2")], &[], now + Duration::from_millis(200));
+        assert_eq!(drain(&mut book), ["a"], "caught up: the children's news is acted on");
+        // A watch that never catches up holds it back for CATCH_UP at most.
+        book.done("a", vec!["2".into(), "3".into()], None, now);
+        scan(&mut book, &[("a", "2")], &["a"], now + Duration::from_millis(300));
+        assert!(drain(&mut book).is_empty());
+        scan(&mut book, &[("a", "2")], &[], now + CATCH_UP);
+        assert_eq!(drain(&mut book), ["a"], "waited long enough");
     }
 
     #[test]
@@ -310,7 +347,7 @@ mod tests {
         scan(&mut book, &[("a", "5")], &["a"], now);
         assert!(drain(&mut book).is_empty(), "in flight");
         assert_eq!(book.running(), 1);
-        book.done("a", vec!["1".into(), "2".into()], None);
+        book.done("a", vec!["1".into(), "2".into()], None, now);
         scan(&mut book, &[("a", "5")], &[], now);
         assert_eq!(drain(&mut book), ["a"], "changed while in flight: again");
     }
@@ -320,8 +357,8 @@ mod tests {
         let (mut book, now) = (TestBook::default(), Instant::now());
         scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
         drain(&mut book);
-        book.done("a", vec!["1".into()], None);
-        book.done("b", vec!["1".into()], None);
+        book.done("a", vec!["1".into()], None, now);
+        book.done("b", vec!["1".into()], None, now);
         scan(&mut book, &[("b", "1")], &[], now);
         assert!(drain(&mut book).is_empty());
         scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
