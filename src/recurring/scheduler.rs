@@ -340,6 +340,31 @@ mod tests {
     }
 
     #[test]
+    fn a_definition_held_for_its_cache_is_looked_at_again_by_then_and_not_held_past_its_timer_or_someone_elses_write() {
+        let now = Instant::now();
+        let held = |next: Option<Instant>| {
+            let mut book = TestBook::default();
+            scan(&mut book, &[("a", "1")], &[], now);
+            drain(&mut book);
+            book.done("a", vec!["1".into(), "2".into()], next, now);
+            book
+        };
+        let mut book = held(None);
+        book.begin_scan(HashSet::from(["a".to_string()]));
+        assert_eq!(book.consider("a", "a", "1", now), Some(now + CATCH_UP), "looked at again when the wait ends");
+        let soon = now + Duration::from_millis(500);
+        let mut book = held(Some(soon));
+        book.begin_scan(HashSet::new());
+        assert_eq!(book.consider("a", "a", "1", now), Some(soon), "or at its timer, if sooner");
+        book.begin_scan(HashSet::new());
+        book.consider("a", "a", "1", soon);
+        assert_eq!(drain(&mut book), ["a"], "a due timer is never held back");
+        let mut book = held(None);
+        scan(&mut book, &[("a", "9")], &[], now);
+        assert_eq!(drain(&mut book), ["a"], "a version it never saw is someone else's write: at once");
+    }
+
+    #[test]
     fn a_definition_is_never_reconciled_twice_at_once_and_a_change_meanwhile_is_seen_after() {
         let (mut book, now) = (TestBook::default(), Instant::now());
         scan(&mut book, &[("a", "1")], &[], now);
