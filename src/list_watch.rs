@@ -33,8 +33,8 @@ use futures::{Stream, StreamExt};
 use kube::api::{WatchEvent, WatchParams};
 use kube::core::ListMeta;
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Resource, ResourceExt};
-use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use kube::{Api, ResourceExt};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -61,7 +61,7 @@ pub fn list_watch<K>(
     modify: impl Fn(&mut K) + Clone + Send + Sync + 'static,
 ) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
 where
-    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug + Send + Sync + 'static,
+    K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
     futures::stream::unfold(State::List, move |state| {
         let api = api.clone();
@@ -95,7 +95,7 @@ async fn step<K>(
     mut state: State<K>,
 ) -> (watcher::Result<Event<K>>, State<K>)
 where
-    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug + Send + Sync + 'static,
+    K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
     loop {
         state = match state {
@@ -174,7 +174,7 @@ async fn watch<K>(
     resource_version: &str,
 ) -> kube::Result<impl Stream<Item = kube::Result<WatchEvent<Buffered<K>>>> + use<K>>
 where
-    K: Resource + Clone + DeserializeOwned + Unreadable + std::fmt::Debug,
+    K: Unreadable + Clone + std::fmt::Debug,
 {
     let mut request = kube::core::Request::new(api.resource_url())
         .watch(&WatchParams::default(), resource_version)
@@ -194,7 +194,7 @@ async fn start_list<K>(
     modify: impl Fn(&mut K) + Send + 'static,
 ) -> Result<(mpsc::Receiver<K>, JoinHandle<Result<String, kube::Error>>), kube::Error>
 where
-    K: Resource + Clone + DeserializeOwned + Unreadable + Send + 'static,
+    K: Unreadable + Clone + Send + 'static,
 {
     let request =
         http::Request::get(list_query(api.resource_url())).body(Vec::new()).map_err(kube::Error::HttpError)?;
@@ -214,7 +214,7 @@ where
 
 /// Parses a list response (`{"items": [...], "metadata": {"resourceVersion": ...}, ...}`, in any key order) from
 /// `reader`, handing each item to `each` as soon as it is parsed, and returns the list's resourceVersion.
-pub fn parse_list<K: Resource + DeserializeOwned + Unreadable>(
+pub fn parse_list<K: Unreadable>(
     reader: impl Read,
     mut each: impl FnMut(K) -> Result<(), String>,
 ) -> serde_json::Result<String> {
@@ -229,18 +229,14 @@ struct ListSeed<'a, K, F> {
     item: PhantomData<K>,
 }
 
-impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de>
-    for ListSeed<'_, K, F>
-{
+impl<'de, K: Unreadable, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de> for ListSeed<'_, K, F> {
     type Value = String;
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
         deserializer.deserialize_map(self)
     }
 }
 
-impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de>
-    for ListSeed<'_, K, F>
-{
+impl<'de, K: Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de> for ListSeed<'_, K, F> {
     type Value = String;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a Kubernetes list")
@@ -267,18 +263,14 @@ struct ItemsSeed<'a, K, F> {
     item: PhantomData<K>,
 }
 
-impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de>
-    for ItemsSeed<'_, K, F>
-{
+impl<'de, K: Unreadable, F: FnMut(K) -> Result<(), String>> DeserializeSeed<'de> for ItemsSeed<'_, K, F> {
     type Value = ();
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de, K: Resource + DeserializeOwned + Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de>
-    for ItemsSeed<'_, K, F>
-{
+impl<'de, K: Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de> for ItemsSeed<'_, K, F> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a list's items")

@@ -87,6 +87,8 @@ pub fn job_name(definition: &str, t: Timestamp) -> String {
 pub enum Plan {
     /// The schedule or time zone is unusable.
     Invalid(String),
+    /// The definition is bad input the operator cannot read (see [`crate::unreadable`]): it makes no job.
+    Unreadable(String),
     /// Nothing due; look again in this long (None: never, e.g. suspended).
     Idle(Option<Duration>),
     /// Tick `tick` is due: record it in the status first, then create its job, unless `skip` says why not.
@@ -140,7 +142,7 @@ fn shifted(def: &RecurringBackgroundJob, now: Timestamp) -> Timestamp {
 /// created. A pending job known to exist needs nothing more: its tick is done, and the next claim replaces it.
 pub fn plan(def: &RecurringBackgroundJob, active: &[String], known: impl Fn(&str) -> bool, now: Timestamp) -> Plan {
     if let Some(Standing::Fail(why)) = crate::unreadable::standing(def) {
-        return Plan::Invalid(format!("bgjobs cannot read this definition, so it makes no job: {why}"));
+        return Plan::Unreadable(format!("bgjobs cannot read this definition, so it makes no job: {why}"));
     }
     let status = def.status.clone().unwrap_or_default();
     // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
@@ -360,6 +362,12 @@ impl Pass<'_> {
         })
     }
 
+    /// Record that `def` makes no job, and why (`Valid=False`).
+    async fn report_invalid(&self, def: &RecurringBackgroundJob, reason: &str, message: &str) -> Result<Step> {
+        let written = write_status(&self.defs, def, |s| set_valid(s, false, reason, message, self.now)).await?;
+        Ok(Step::Done(None, written.resource_version()))
+    }
+
     /// Carry out one decision of [`plan`] for the definition as read.
     async fn step(
         &self,
@@ -371,11 +379,8 @@ impl Pass<'_> {
         let again = |newer: RecurringBackgroundJob| Ok(Step::Again(Box::new(newer)));
         let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
         match plan(def, active, known, now) {
-            Plan::Invalid(reason) => {
-                let why = if crate::unreadable::standing(def).is_some() { "Unreadable" } else { "InvalidSchedule" };
-                let written = write_status(&self.defs, def, |s| set_valid(s, false, why, &reason, now)).await?;
-                Ok(Step::Done(None, written.resource_version()))
-            }
+            Plan::Invalid(message) => self.report_invalid(def, "InvalidSchedule", &message).await,
+            Plan::Unreadable(message) => self.report_invalid(def, "Unreadable", &message).await,
             Plan::Idle(next) => {
                 let next_time = next.and_then(|d| now.checked_add(d).ok()).map(Time);
                 let written = write_status(&self.defs, def, |s| {
@@ -900,7 +905,7 @@ mod tests {
         d.metadata.annotations =
             Some([(crate::unreadable::UNREADABLE_ANNOTATION.to_string(), "invalid type: string".to_string())].into());
         match plan(&d, &[], none, t(61)) {
-            Plan::Invalid(reason) => {
+            Plan::Unreadable(reason) => {
                 assert!(reason.contains("cannot read") && reason.contains("invalid type"), "{reason}")
             }
             other => panic!("{other:?}"),
