@@ -154,6 +154,14 @@ pub struct OperatorConfig {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024), env = "BGJOBS_RECURRING_CONCURRENCY")]
     pub recurring_concurrency: u32,
 
+    /// Claim a recurring tick (record it in the definition's status) up to this long before it is due, so that the
+    /// only API write left when it comes is its job's create: a thousand definitions on one schedule then get their
+    /// jobs in about the time of a thousand creates. Applies to schedules whose ticks are at least twice this far
+    /// apart, and not to `concurrencyPolicy: Forbid` (decided at the tick). The claim is the decision: a suspend or
+    /// edit made within this long before a tick applies from the next one. `0` claims each tick when it is due.
+    #[arg(long, default_value = "10s", env = "BGJOBS_RECURRING_CLAIM_AHEAD")]
+    pub recurring_claim_ahead: HumanDuration,
+
     /// Which Kubernetes Events to record on jobs and recurring definitions: `problems` (retries, failures,
     /// give-ups, takeovers, cancellations, skips), `all` (also one `Claimed` per attempt, `Succeeded` and reported
     /// `Progress`), or `off`. `true`/`false` still mean all/off. Every Event recorded is counted in `bgjobs_events_total`.

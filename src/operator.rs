@@ -107,8 +107,11 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
             membership: membership.clone(),
             scope: crate::members::scope(config.namespace.as_deref()),
         };
-        let concurrency = config.recurring_concurrency as usize;
-        tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, concurrency, stop_background.clone()))
+        let settings = crate::recurring::Settings {
+            concurrency: config.recurring_concurrency as usize,
+            claim_ahead: config.recurring_claim_ahead.0,
+        };
+        tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, settings, stop_background.clone()))
     });
     let stop_election = CancellationToken::new();
     let (leader, election) = match config.strategy {

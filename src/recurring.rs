@@ -47,7 +47,7 @@ pub mod children;
 pub mod scheduler;
 
 pub use children::{Child, Children};
-pub use scheduler::run;
+pub use scheduler::{Settings, run};
 
 /// Label on every job a recurring definition created: the definition's name.
 pub const RECURRING_LABEL: &str = "bgjobs.dev/recurring";
@@ -107,6 +107,13 @@ pub enum Plan {
         /// Unfinished jobs to cancel first (`Replace`).
         replace: Vec<String>,
     },
+    /// A tick claimed ahead (see [`lead`]) is not due yet: its job is created in this long, not before.
+    Await {
+        /// The job's name (`status.pendingJob`).
+        job: String,
+        /// Until the tick is due.
+        wait: Duration,
+    },
     /// A claimed tick's job could not be created before `startingDeadlineSeconds` ran out (e.g. creates were
     /// refused): stop trying, so that later ticks are claimed again.
     Abandon {
@@ -138,9 +145,39 @@ fn shifted(def: &RecurringBackgroundJob, now: Timestamp) -> Timestamp {
     now.checked_sub(SignedDuration::try_from(offset).unwrap_or(SignedDuration::ZERO)).unwrap_or(now)
 }
 
+/// How long before tick `next` it is claimed, given `ahead` (`--recurring-claim-ahead`): claimed ahead, a tick's
+/// one write on its way is its job's create, so a thousand definitions on one schedule get their jobs within the
+/// creates' own time after the tick, not the claims' and the creates'. Not ahead when the decision belongs to the
+/// tick itself (`Forbid` skips a tick whose predecessor is still unfinished then), nor for ticks less than twice
+/// `ahead` apart: a tick's job is created from the claim as written for at most `ahead` after the tick, and the
+/// next tick, claimed `ahead` before it, is what makes the job deletable.
+pub fn lead(
+    def: &RecurringBackgroundJob,
+    schedule: &Schedule,
+    tz: &jiff::tz::TimeZone,
+    next: Timestamp,
+    ahead: Duration,
+) -> Duration {
+    if ahead.is_zero() || def.spec.concurrency_policy == RecurringConcurrencyPolicy::Forbid {
+        return Duration::ZERO;
+    }
+    let gap = schedule.next_after(next, tz).map(|after| after.duration_since(next).unsigned_abs());
+    match gap {
+        Some(gap) if gap >= ahead * 2 => ahead,
+        _ => Duration::ZERO,
+    }
+}
+
 /// Decide what `def` needs at `now`, given its unfinished children `active` and which jobs are `known` to have been
-/// created. A pending job known to exist needs nothing more: its tick is done, and the next claim replaces it.
-pub fn plan(def: &RecurringBackgroundJob, active: &[String], known: impl Fn(&str) -> bool, now: Timestamp) -> Plan {
+/// created; the next tick is claimed up to `ahead` before it is due ([`lead`]). A pending job known to exist needs
+/// nothing more: its tick is done, and the next claim replaces it.
+pub fn plan(
+    def: &RecurringBackgroundJob,
+    active: &[String],
+    known: impl Fn(&str) -> bool,
+    now: Timestamp,
+    ahead: Duration,
+) -> Plan {
     if let Some(Standing::Fail(why)) = crate::unreadable::standing(def) {
         return Plan::Unreadable(format!("bgjobs cannot read this definition, so it makes no job: {why}"));
     }
@@ -168,8 +205,14 @@ pub fn plan(def: &RecurringBackgroundJob, active: &[String], known: impl Fn(&str
         .unwrap_or(now);
     // Only the latest missed tick matters, however many were missed.
     let Some(tick) = schedule.latest_between(since, now, &tz) else {
-        let next = schedule.next_after(now, &tz);
-        return Plan::Idle(next.map(|n| n.duration_since(now).unsigned_abs()));
+        // None due: the next one, claimed once it is within its lead. After `since`, should a tick claimed ahead
+        // and done still lie ahead (its job was created early by an operator without claims ahead).
+        let Some(next) = schedule.next_after(now.max(since), &tz) else { return Plan::Idle(None) };
+        let claim_at = next.checked_sub(lead(def, &schedule, &tz, next, ahead)).unwrap_or(next);
+        if claim_at <= now {
+            return Plan::Claim { tick: next, skip: None, catch_up: false };
+        }
+        return Plan::Idle(Some(claim_at.duration_since(now).unsigned_abs()));
     };
     let late = now.duration_since(tick);
     let skip = match (def.spec.starting_deadline_seconds, def.spec.concurrency_policy) {
@@ -186,7 +229,8 @@ pub fn plan(def: &RecurringBackgroundJob, active: &[String], known: impl Fn(&str
 }
 
 /// What a claimed tick's job, not known to exist, needs. It is carried out even if the definition was suspended or changed
-/// since the claim (the claim was the decision), but only within `startingDeadlineSeconds` of its tick.
+/// since the claim (the claim was the decision), at its tick, not before (it may have been claimed ahead), and only
+/// within `startingDeadlineSeconds` of it.
 fn plan_pending(
     def: &RecurringBackgroundJob,
     job: String,
@@ -194,6 +238,9 @@ fn plan_pending(
     active: &[String],
     now: Timestamp,
 ) -> Plan {
+    if let Some(due) = tick.filter(|t| *t > now) {
+        return Plan::Await { job, wait: due.duration_since(now).unsigned_abs() };
+    }
     let late = tick.map(|t| now.duration_since(t));
     if let (Some(late), Some(deadline)) = (late, def.spec.starting_deadline_seconds)
         && late > SignedDuration::from_secs(deadline)
@@ -211,13 +258,14 @@ fn plan_pending(
     Plan::Create { job, replace }
 }
 
-/// When the first tick after `now` is due (for `nextScheduleTime`: the tick plus the jitter offset), if the schedule
-/// is usable. The same instant as `now` plus [`Plan::Idle`]'s wait, so an idle look after a claim writes nothing.
-fn next_due(def: &RecurringBackgroundJob, now: Timestamp) -> Option<Timestamp> {
+/// When the first tick after `now` and after `claimed` (the latest tick claimed, perhaps ahead) is due (for
+/// `nextScheduleTime`: the tick plus the jitter offset), if the schedule is usable. The claim and the idle look after
+/// it compute the same instant, so that look writes nothing.
+fn next_due(def: &RecurringBackgroundJob, now: Timestamp, claimed: Option<Timestamp>) -> Option<Timestamp> {
     let schedule: Schedule = def.spec.schedule.parse().ok()?;
     let tz = cron::time_zone(def.spec.time_zone.as_deref()).ok()?;
     let shifted = shifted(def, now);
-    let next = schedule.next_after(shifted, &tz)?;
+    let next = schedule.next_after(claimed.map_or(shifted, |c| c.max(shifted)), &tz)?;
     now.checked_add(next.duration_since(shifted)).ok()
 }
 
@@ -251,18 +299,53 @@ fn known_created(job: &str, kids: &[Child], created_here: Option<&str>) -> bool 
     kids.iter().any(|k| k.name == job) || created_here == Some(job)
 }
 
+/// What this process carries from one reconcile of a definition to the next.
+#[derive(Clone, Default)]
+pub struct Carried {
+    /// The job this process last created for the definition: proof that it was created, even before the job watch
+    /// shows it, and after it was deleted (by hand) while its definition still names it pending.
+    pub created_here: Option<String>,
+    /// This process's own claim of a tick not yet due, as written: at the tick its job is created from it, with no
+    /// read on the tick's way. The scheduler hands it back only while it is as good as a read ([`Armed::usable`]).
+    pub armed: Option<Armed>,
+}
+
+/// A definition as this process's claim of a tick ahead of time wrote it.
+#[derive(Clone)]
+pub struct Armed {
+    /// The definition as written.
+    pub def: RecurringBackgroundJob,
+    /// The member Lease it was written under.
+    pub fence: Arc<crate::lease::Keeper>,
+    /// The latest a reconcile may start from it: the tick plus its lead. Until then no later tick can have been
+    /// claimed (ticks claimed ahead are at least two leads apart), so the job of this one cannot have been made,
+    /// finished and deleted.
+    pub until: std::time::Instant,
+}
+
+impl Armed {
+    /// Whether a reconcile starting `now` under `fence` may decide from the claim as written, as if just read: the
+    /// same member Lease, held without a break since the claim; before [`Armed::until`]; and the definition's cache
+    /// shows nothing newer than this process's own writes (`no_news`).
+    pub fn usable(&self, fence: &Arc<crate::lease::Keeper>, no_news: bool, now: std::time::Instant) -> bool {
+        no_news && now <= self.until && Arc::ptr_eq(&self.fence, fence) && fence.is_current()
+    }
+}
+
 /// Bring one definition up to date: claim and create, each step decided anew from the definition as last written or
-/// read, then trim the history. Returns when to look again. `created_here` is the job this process last created for
-/// the definition, carried from one reconcile to the next; `versions`
-/// collects the resourceVersions of the definition this reconcile read or wrote (its own writes are no news).
+/// read, then trim the history. Returns when to look again. `carried` is what this process keeps of the definition
+/// between reconciles; `versions` collects the resourceVersions of the definition this reconcile read or wrote (its
+/// own writes are no news). `ahead`: how long before a tick it may be claimed ([`lead`]).
+#[allow(clippy::too_many_arguments)]
 async fn reconcile(
     worker: &Worker,
     def: &RecurringBackgroundJob,
     kids: &[Child],
-    created_here: &mut Option<String>,
+    carried: &mut Carried,
     versions: &mut Vec<String>,
     now: Timestamp,
-    fence: &crate::lease::Keeper,
+    fence: &Arc<crate::lease::Keeper>,
+    ahead: Duration,
 ) -> Result<Option<Duration>> {
     let ns = def.namespace().unwrap_or_default();
     let pass = Pass {
@@ -272,6 +355,7 @@ async fn reconcile(
         kids,
         now,
         fence,
+        ahead,
     };
     // Perhaps a newer operator's definition: not a write, not a trim, for the replicas that can read it.
     versions.extend(def.resource_version());
@@ -279,10 +363,17 @@ async fn reconcile(
         debug!(definition = %def.name_any(), %why, "a definition this version cannot read: left alone");
         return Ok(None);
     }
-    let mut current = Current { def: def.clone(), fresh: false };
-    let outcome = pass.decide(&mut current, created_here, versions).await;
+    // The scheduler handed the claim back only if it is as good as a read.
+    let mut current = match carried.armed.take() {
+        Some(armed) => {
+            versions.extend(armed.def.resource_version());
+            Current { def: armed.def, fresh: true }
+        }
+        None => Current { def: def.clone(), fresh: false },
+    };
+    let outcome = pass.decide(&mut current, carried, versions).await;
     if outcome.as_ref().is_err_and(Error::is_not_found) {
-        *created_here = None;
+        *carried = Carried::default();
         return Ok(None);
     }
     // A definition that cannot be read has no history limits to go by.
@@ -316,7 +407,9 @@ struct Pass<'a> {
     kids: &'a [Child],
     now: Timestamp,
     /// This replica's member Lease: a job is created only while it is current.
-    fence: &'a crate::lease::Keeper,
+    fence: &'a Arc<crate::lease::Keeper>,
+    /// How long before a tick it may be claimed.
+    ahead: Duration,
 }
 
 impl Pass<'_> {
@@ -325,7 +418,7 @@ impl Pass<'_> {
     async fn decide(
         &self,
         current: &mut Current,
-        created_here: &mut Option<String>,
+        carried: &mut Carried,
         versions: &mut Vec<String>,
     ) -> Result<Option<Duration>> {
         let mut active: Vec<String> =
@@ -333,7 +426,7 @@ impl Pass<'_> {
         active.sort();
         let mut conflict = None;
         for _ in 0..MAX_STEPS {
-            match self.step(current, &mut active, created_here).await {
+            match self.step(current, &mut active, carried).await {
                 Ok(Step::Again(newer)) => {
                     versions.extend(newer.resource_version());
                     *current = Current { def: *newer, fresh: true }
@@ -369,20 +462,17 @@ impl Pass<'_> {
     }
 
     /// Carry out one decision of [`plan`] for the definition as read.
-    async fn step(
-        &self,
-        current: &Current,
-        active: &mut Vec<String>,
-        created_here: &mut Option<String>,
-    ) -> Result<Step> {
+    async fn step(&self, current: &Current, active: &mut Vec<String>, carried: &mut Carried) -> Result<Step> {
         let (def, now) = (&current.def, self.now);
         let again = |newer: RecurringBackgroundJob| Ok(Step::Again(Box::new(newer)));
+        let created_here = &mut carried.created_here;
         let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
-        match plan(def, active, known, now) {
+        match plan(def, active, known, now, self.ahead) {
             Plan::Invalid(message) => self.report_invalid(def, "InvalidSchedule", &message).await,
             Plan::Unreadable(message) => self.report_invalid(def, "Unreadable", &message).await,
             Plan::Idle(next) => {
-                let next_time = next.and_then(|d| now.checked_add(d).ok()).map(Time);
+                let claimed = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
+                let next_time = next.and_then(|_| next_due(def, now, claimed)).map(Time);
                 let written = write_status(&self.defs, def, |s| {
                     s.next_schedule_time = next_time.clone();
                     set_active(s, active);
@@ -392,6 +482,16 @@ impl Pass<'_> {
                 Ok(Step::Done(next, written.resource_version()))
             }
             Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up, active).await?),
+            Plan::Await { job, wait } => {
+                // Claimed ahead. From the claim as written (or just read), its job can be created at the tick
+                // without reading the definition again; from a cache, it is read then (below).
+                if current.fresh {
+                    let until = std::time::Instant::now() + wait + self.ahead;
+                    carried.armed = Some(Armed { def: def.clone(), fence: self.fence.clone(), until });
+                }
+                debug!(definition = %def.name_any(), %job, ?wait, "tick claimed ahead: its job is created when due");
+                Ok(Step::Done(Some(wait), def.resource_version()))
+            }
             // A cached `pendingJob` may have been replaced since, and its job deleted: creating it again would run
             // its tick twice. Decide from the definition as stored.
             Plan::Create { .. } if !current.fresh => again(self.read(&def.name_any()).await?),
@@ -433,7 +533,7 @@ impl Pass<'_> {
     ) -> Result<RecurringBackgroundJob> {
         let (name, now) = (def.name_any(), self.now);
         let job = skip.is_none().then(|| job_name(&name, tick));
-        let next = next_due(def, now);
+        let next = next_due(def, now, Some(tick));
         // `active` as it will be once the job exists, so that the look after the create has nothing to write.
         let mut active = active.to_vec();
         active.extend(job.clone().filter(|j| !active.contains(j)));
@@ -662,6 +762,11 @@ mod tests {
         d.metadata.namespace = Some("ns".into());
         d.metadata.creation_timestamp = Some(Time(t(0)));
         d
+    }
+
+    /// [`super::plan`] with every tick claimed when due.
+    fn plan(def: &RecurringBackgroundJob, active: &[String], known: impl Fn(&str) -> bool, now: Timestamp) -> Plan {
+        super::plan(def, active, known, now, Duration::ZERO)
     }
 
     /// No job is known to exist.
@@ -895,8 +1000,8 @@ mod tests {
         claimed.status.as_mut().unwrap().last_schedule_time = Some(Time(t(60)));
         claimed.status.as_mut().unwrap().pending_job = Some("report-1800000060".into());
         assert!(matches!(plan(&claimed, &[], none, within), Plan::Create { .. }), "a pending job's deadline too");
-        assert_eq!(next_due(&d, t(61)), Some(due), "tick 60 is due after 61 still");
-        assert_eq!(next_due(&d, due), Some(t(120).checked_add(offset).unwrap()));
+        assert_eq!(next_due(&d, t(61), None), Some(due), "tick 60 is due after 61 still");
+        assert_eq!(next_due(&d, due, None), Some(t(120).checked_add(offset).unwrap()));
     }
 
     #[test]
@@ -910,6 +1015,80 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    const AHEAD: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_tick_is_claimed_its_lead_ahead_and_its_job_waits_for_the_tick() {
+        let d = with_last(def("* * * * *", serde_json::json!({})), 0);
+        assert_eq!(super::plan(&d, &[], none, t(49), AHEAD), Plan::Idle(Some(Duration::from_secs(1))));
+        assert_eq!(super::plan(&d, &[], none, t(50), AHEAD), Plan::Claim { tick: t(60), skip: None, catch_up: false });
+        let claimed = with_pending(d, 60, "report-1800000060");
+        let job = "report-1800000060".to_string();
+        assert_eq!(
+            super::plan(&claimed, &[], none, t(55), AHEAD),
+            Plan::Await { job: job.clone(), wait: Duration::from_secs(5) },
+            "not created before its tick"
+        );
+        assert_eq!(super::plan(&claimed, &[], none, t(60), AHEAD), Plan::Create { job: job.clone(), replace: vec![] });
+        let known = |j: &str| j == job;
+        assert_eq!(super::plan(&claimed, &[], known, t(61), AHEAD), Plan::Idle(Some(Duration::from_secs(49))));
+        assert_eq!(
+            next_due(&claimed, t(50), Some(t(60))),
+            Some(t(120)),
+            "the claim's nextScheduleTime: the tick after"
+        );
+        assert_eq!(next_due(&claimed, t(61), Some(t(60))), Some(t(120)), "and the idle look's, so it writes nothing");
+    }
+
+    #[test]
+    fn forbid_and_ticks_closer_than_twice_the_lead_are_claimed_when_due() {
+        let forbid = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"})), 0);
+        assert_eq!(super::plan(&forbid, &[], none, t(55), AHEAD), Plan::Idle(Some(Duration::from_secs(5))));
+        let close = with_last(def("*/15 * * * * *", serde_json::json!({})), 0);
+        assert_eq!(super::plan(&close, &[], none, t(10), AHEAD), Plan::Idle(Some(Duration::from_secs(5))));
+        let spaced = with_last(def("*/20 * * * * *", serde_json::json!({})), 0);
+        assert_eq!(
+            super::plan(&spaced, &[], none, t(10), AHEAD),
+            Plan::Claim { tick: t(20), skip: None, catch_up: false }
+        );
+        let d = with_last(def("* * * * *", serde_json::json!({})), 0);
+        assert_eq!(
+            super::plan(&d, &[], none, t(55), Duration::ZERO),
+            Plan::Idle(Some(Duration::from_secs(5))),
+            "0: off"
+        );
+    }
+
+    #[test]
+    fn a_missed_tick_is_claimed_before_one_ahead_and_a_jittered_tick_its_lead_before_it_is_due() {
+        let d = with_last(def("* * * * *", serde_json::json!({})), 0);
+        let late = super::plan(&d, &[], none, t(60 * 5 + 55), AHEAD);
+        assert_eq!(late, Plan::Claim { tick: t(300), skip: None, catch_up: true }, "the missed tick, not 360 ahead");
+        let d = with_last(def("* * * * *", serde_json::json!({"jitterSeconds": 30})), 0);
+        let offset = SignedDuration::try_from(jitter_offset("ns", "report", 30)).unwrap();
+        let claim_at = t(50).checked_add(offset).unwrap();
+        let before = claim_at.checked_sub(SignedDuration::from_millis(1)).unwrap();
+        assert_eq!(super::plan(&d, &[], none, before, AHEAD), Plan::Idle(Some(Duration::from_millis(1))));
+        assert_eq!(
+            super::plan(&d, &[], none, claim_at, AHEAD),
+            Plan::Claim { tick: t(60), skip: None, catch_up: false }
+        );
+        let claimed = with_pending(d, 60, "report-1800000060");
+        let wait = super::plan(&claimed, &[], none, claim_at, AHEAD);
+        assert_eq!(
+            wait,
+            Plan::Await { job: "report-1800000060".into(), wait: AHEAD },
+            "due at the tick plus the offset"
+        );
+    }
+
+    #[test]
+    fn a_tick_claimed_ahead_is_carried_out_at_its_tick_even_if_suspended_since() {
+        let d = with_pending(def("* * * * *", serde_json::json!({"suspend": true})), 60, "report-1800000060");
+        assert!(matches!(super::plan(&d, &[], none, t(55), AHEAD), Plan::Await { .. }));
+        assert!(matches!(super::plan(&d, &[], none, t(60), AHEAD), Plan::Create { .. }));
     }
 
     #[test]

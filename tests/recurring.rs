@@ -113,11 +113,30 @@ const HANDOVER_BOUND: f64 = LEASE + 7.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tick_of_thirty_shared_definitions_has_one_job_or_is_caught_up_after_a_kill9_of_a_replica() {
-    let env = TestEnv::new("rec-share").await;
+    thirty_shared_definitions_and_a_kill9("rec-share", "0").await;
+}
+
+/// The same with each tick claimed a second ahead: the kill comes between the victim's claims and their creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_claimed_ahead_have_one_job_each_or_are_caught_up_after_a_kill9_of_a_replica() {
+    thirty_shared_definitions_and_a_kill9("rec-ahead", "1s").await;
+}
+
+/// 30 definitions every PERIOD seconds on three replicas claiming ticks `claim_ahead` early; one killed -9 in the
+/// fourth tick, as soon as it has claimed it for one of its definitions.
+async fn thirty_shared_definitions_and_a_kill9(ns: &str, claim_ahead: &str) {
+    let env = TestEnv::new(ns).await;
     let identities = ["r0", "r1", "r2"].map(String::from);
     // The replicas only create jobs: running them is not what is checked here, and would only load the machine.
     let lease = format!("{LEASE}s");
-    let flags = ["--job-execution-enabled", "false", "--lease-duration", lease.as_str()];
+    let flags = [
+        "--job-execution-enabled",
+        "false",
+        "--lease-duration",
+        lease.as_str(),
+        "--recurring-claim-ahead",
+        claim_ahead,
+    ];
     let mut replicas: Vec<_> = identities.iter().map(|id| env.replica(id, &flags)).collect();
     let schedule = format!("*/{PERIOD} * * * * *");
     // Which replica owns each definition while all three live: the replicas' own rendezvous rule.
@@ -558,5 +577,63 @@ async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now()
     while !common::executions(&env.invocations()).iter().any(|e| e.job.ends_with(&format!("/{manual}"))) {
         assert!(Instant::now() < deadline, "{manual} did not run within 20 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_then_even_if_suspended_meanwhile() {
+    const EVERY: i64 = 6;
+    let env = TestEnv::new("rec-early").await;
+    let _r = env.replica("r", &["--job-execution-enabled", "false", "--recurring-claim-ahead", "2s"]);
+    define(
+        &env,
+        "early",
+        json!({"schedule": format!("*/{EVERY} * * * * *"), "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    // Watch the claims land: for each tick, whether the status named it while the clock was still before it.
+    let claimed_at = |d: &RecurringBackgroundJob| {
+        d.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0.as_second())
+    };
+    let mut early: Vec<i64> = Vec::new();
+    let first = {
+        let now = jiff::Timestamp::now().as_second();
+        now - now.rem_euclid(EVERY) + 2 * EVERY
+    };
+    let (last, deadline) = (first + 3 * EVERY, Instant::now() + Duration::from_secs(60));
+    // Three ticks watched, then the fourth: suspended as soon as its claim shows, before it is due.
+    let suspended_tick = loop {
+        assert!(Instant::now() < deadline, "the claim of tick {last} never showed before it was due");
+        let def = api.get("early").await.expect("get definition");
+        let now = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+        if let Some(tick) = claimed_at(&def).filter(|t| *t as f64 > now && *t >= first) {
+            if !early.contains(&tick) {
+                early.push(tick);
+            }
+            if tick == last {
+                api.patch("early", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}})))
+                    .await
+                    .expect("suspend");
+                break tick;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sleep_until_unix((suspended_tick + 2 * EVERY) as f64 + 1.0).await;
+
+    let jobs = by_definition(&env.list().await).remove("early").unwrap_or_default();
+    let ticks: Vec<i64> = jobs.keys().copied().filter(|t| *t >= first).collect();
+    eprintln!("claimed before due: {early:?}; ticks with jobs from {first}: {ticks:?}");
+    assert!(early.len() >= 3, "ticks {first}..={last} were claimed ahead, seen before due: {early:?}");
+    assert_eq!(ticks, (first..=last).step_by(EVERY as usize).collect::<Vec<_>>(), "one job per tick up to the suspend");
+    for (tick, made) in &jobs {
+        assert_eq!(made.len(), 1, "tick {tick}: {:?}", names(made));
+        assert!(
+            made[0].created >= *tick,
+            "tick {tick}: job created at {} (seconds), before it was due",
+            made[0].created
+        );
     }
 }

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{RETRY, RecurringView, reconcile};
+use super::{Carried, RETRY, RecurringView, reconcile};
 use crate::api::RecurringBackgroundJob;
 use crate::lease::{LeaseTiming, Observer};
 use crate::members;
@@ -145,6 +145,12 @@ impl<R: Clone> Book<R> {
         }
     }
 
+    /// Whether the cache showing `version` of `uid` brings nothing this replica did not know: its last reconcile
+    /// read or wrote that version.
+    pub fn no_news(&self, uid: &str, version: &str) -> bool {
+        self.tracked.get(uid).is_some_and(|t| t.versions.iter().any(|v| v == version))
+    }
+
     /// Reconciles running now.
     pub fn running(&self) -> usize {
         self.in_flight.len()
@@ -155,7 +161,16 @@ impl<R: Clone> Book<R> {
 struct Outcome {
     versions: Vec<String>,
     next: Option<Duration>,
-    created_here: Option<String>,
+    carried: Carried,
+}
+
+/// How the controller works.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Reconciles at once (`--recurring-concurrency`).
+    pub concurrency: usize,
+    /// How long before a tick it may be claimed (`--recurring-claim-ahead`, see [`super::lead`]).
+    pub claim_ahead: Duration,
 }
 
 /// Run the controller until `stop`.
@@ -163,9 +178,10 @@ pub async fn run(
     worker: Arc<Worker>,
     mut view: RecurringView,
     timing: LeaseTiming,
-    concurrency: usize,
+    settings: Settings,
     stop: CancellationToken,
 ) {
+    let Settings { concurrency, claim_ahead } = settings;
     // Nothing is done for a definition before this replica holds its member Lease (the fence of every tick).
     tokio::select! {
         _ = view.membership.wait_for(|m| m.is_some()) => {}
@@ -177,9 +193,8 @@ pub async fn run(
     }
     let mut observer = Observer::default();
     let mut book = Book::default();
-    // The job this process last created for each definition, by definition UID: proof that it was created, even
-    // before the job watch shows it, and after it was deleted (by hand) while its definition still names it pending.
-    let mut created_here: HashMap<String, String> = HashMap::new();
+    // What this process carries from one reconcile of a definition to the next, by definition UID.
+    let mut carried: HashMap<String, Carried> = HashMap::new();
     let mut tasks: JoinSet<Outcome> = JoinSet::new();
     let mut spawned: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut scan_wanted = true;
@@ -193,20 +208,23 @@ pub async fn run(
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                 let (uid, o) = match done {
                     Ok((id, o)) => (spawned.remove(&id).unwrap_or_default(), o),
-                    // A reconcile that panicked: try again soon (what it had created stays known).
+                    // A reconcile that panicked: try again soon (what it had created stays known; a claim ahead is read
+                    // again).
                     Err(e) => {
                         let uid = spawned.remove(&e.id()).unwrap_or_default();
                         warn!(error = %e, "recurring job reconcile panicked");
-                        let o = Outcome { versions: vec![], next: Some(RETRY), created_here: created_here.get(&uid).cloned() };
+                        let created_here = carried.get(&uid).and_then(|c| c.created_here.clone());
+                        let o = Outcome { versions: vec![], next: Some(RETRY), carried: Carried { created_here, armed: None } };
                         (uid, o)
                     }
                 };
                 let next = o.next.map(|d| Instant::now() + d.min(IDLE));
                 book.done(&uid, o.versions, next, Instant::now());
-                match o.created_here {
-                    Some(job) => created_here.insert(uid, job),
-                    None => created_here.remove(&uid),
-                };
+                if o.carried.created_here.is_some() || o.carried.armed.is_some() {
+                    carried.insert(uid, o.carried);
+                } else {
+                    carried.remove(&uid);
+                }
                 // Its next look is due then: the timer must know.
                 if let Some(n) = next {
                     wake = wake.min(n);
@@ -261,20 +279,25 @@ pub async fn run(
                 continue;
             };
             let kids = view.children.of(&uid);
-            let (worker, fence, pending) = (worker.clone(), fence.clone(), created_here.get(&uid).cloned());
+            let mut kept = carried.get(&uid).cloned().unwrap_or_default();
+            // A claim made ahead is decided from as written only while it is as good as a read.
+            let no_news = book.no_news(&uid, &def.resource_version().unwrap_or_default());
+            kept.armed = kept.armed.filter(|a| a.usable(&fence, no_news, Instant::now()));
+            let (worker, fence) = (worker.clone(), fence.clone());
             let name = def.name_any();
             let task = tasks.spawn(async move {
                 let mut versions = Vec::new();
-                let mut pending = pending;
                 let now = worker.clock.now();
-                let next = match reconcile(&worker, &def, &kids, &mut pending, &mut versions, now, &fence).await {
+                let outcome = reconcile(&worker, &def, &kids, &mut kept, &mut versions, now, &fence, claim_ahead).await;
+                let next = match outcome {
                     Ok(next) => next,
                     Err(e) => {
                         warn!(definition = %name, error = %e, "recurring job reconcile failed");
+                        kept.armed = None;
                         Some(RETRY)
                     }
                 };
-                Outcome { versions, next, created_here: pending }
+                Outcome { versions, next, carried: kept }
             });
             spawned.insert(task.id(), uid);
         }
