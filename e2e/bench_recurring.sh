@@ -18,6 +18,7 @@
 #   BENCH_DEFS [5000]            definitions
 #   BENCH_REPLICAS [3]           replicas
 #   BENCH_CONCURRENCY [32]       --recurring-concurrency of each replica
+#   BENCH_CLAIM_AHEAD [10s]      --recurring-claim-ahead of each replica (0: each tick claimed when due)
 #   BENCH_EXECUTE [false]        --job-execution-enabled: false measures the schedule alone (the jobs stay Waiting);
 #                                running them costs their own writes, which `make bench-scale` measures
 #   BENCH_KILL [1]               1: the fourth tick, with one replica killed before it
@@ -40,6 +41,7 @@ cd "$ROOT"
 DEFS=${BENCH_DEFS:-5000}
 REPLICAS=${BENCH_REPLICAS:-3}
 CONCURRENCY=${BENCH_CONCURRENCY:-32}
+CLAIM_AHEAD=${BENCH_CLAIM_AHEAD:-10s}
 EXECUTE=${BENCH_EXECUTE:-false}
 KILL=${BENCH_KILL:-1}
 KILL_BEFORE=${BENCH_KILL_BEFORE:-10}
@@ -58,6 +60,7 @@ die() {
 for v in $DEFS $REPLICAS $CONCURRENCY $KILL_BEFORE; do
   [[ $v =~ ^[1-9][0-9]*$ ]] || die "counts and seconds must be positive integers, got '$v'"
 done
+[[ $CLAIM_AHEAD =~ ^[0-9]+(ms|s)?$ ]] || die "BENCH_CLAIM_AHEAD must be e.g. 10s, 500ms or 0, got '$CLAIM_AHEAD'"
 [[ $EXECUTE == true || $EXECUTE == false ]] || die "BENCH_EXECUTE must be true or false"
 [[ $KILL == 0 || $KILL == 1 ]] || die "BENCH_KILL must be 0 or 1"
 ((KILL_BEFORE < 50)) || die "BENCH_KILL_BEFORE must be under 50 s (the tick before must be done)"
@@ -117,15 +120,18 @@ find "$RUN_DIR/defs" -name 'part-*.yaml' | sort | xargs -P 4 -I{} kubectl create
 echo "created $DEFS definitions in $((SECONDS - t0)) s"
 
 BIN=$BIN launch_replicas "$RUN_DIR" "$PID_DIR" "$NS" "$REPLICAS" 4 recbench \
-  --lease-namespace "$NS" --job-execution-enabled="$EXECUTE" --recurring-concurrency "$CONCURRENCY" --log-format json
-# Any tick that passed while the definitions were created is caught up first; the measured ticks come after.
-FIRST=$(next_minute_after 25)
+  --lease-namespace "$NS" --job-execution-enabled="$EXECUTE" --recurring-concurrency "$CONCURRENCY" \
+  --recurring-claim-ahead "$CLAIM_AHEAD" --log-format json
+# Any tick that passed while the definitions were created is caught up first; the measured ticks come after, and
+# the counters start 30 s before the first (its claims come up to the claim-ahead before it; the first looks at the
+# definitions are over by then).
+FIRST=$(next_minute_after 60)
 TICKS=("$FIRST" $((FIRST + 60)) $((FIRST + 120)))
 ((KILL == 0)) || TICKS+=($((FIRST + 180)))
 LAST=${TICKS[${#TICKS[@]} - 1]}
 echo "measuring ticks at $(date -u -d "@$FIRST" +%H:%M:%S) and the $((${#TICKS[@]} - 1)) after (UTC)"
 
-sleep_until $((FIRST - 5))
+sleep_until $((FIRST - 30))
 metrics_snapshot "$RUN_DIR/metrics-before.txt"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A cpu0
@@ -165,7 +171,7 @@ done >"$RUN_DIR/created.tsv"
 
 {
   echo
-  echo "# bench-recurring: $DEFS definitions (* * * * *), $REPLICAS replicas, --recurring-concurrency $CONCURRENCY, job execution $EXECUTE"
+  echo "# bench-recurring: $DEFS definitions (* * * * *), $REPLICAS replicas, --recurring-concurrency $CONCURRENCY, --recurring-claim-ahead $CLAIM_AHEAD, job execution $EXECUTE"
   echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load average $load_before (before) / $load_after (after)"
   printf '%-9s %6s %6s %5s %9s %9s %9s %12s  %s\n' tick jobs misses dups p50_s p99_s max_s max_api_s per-replica
 } | tee -a "$FIG"

@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -164,6 +164,17 @@ pub fn lead(
     let gap = schedule.next_after(next, tz).map(|after| after.duration_since(next).unsigned_abs());
     match gap {
         Some(gap) if gap >= ahead * 2 => ahead,
+        _ => Duration::ZERO,
+    }
+}
+
+/// The lead of `def`'s claimed tick (`lastScheduleTime`), as [`lead`] gives it; zero if the schedule is unusable.
+fn tick_lead(def: &RecurringBackgroundJob, ahead: Duration) -> Duration {
+    let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
+    let schedule: Option<Schedule> = def.spec.schedule.parse().ok();
+    let tz = cron::time_zone(def.spec.time_zone.as_deref()).ok();
+    match (tick, schedule, tz) {
+        (Some(tick), Some(schedule), Some(tz)) => lead(def, &schedule, &tz, tick, ahead),
         _ => Duration::ZERO,
     }
 }
@@ -320,14 +331,14 @@ pub struct Armed {
     /// The latest a reconcile may start from it: the tick plus its lead. Until then no later tick can have been
     /// claimed (ticks claimed ahead are at least two leads apart), so the job of this one cannot have been made,
     /// finished and deleted.
-    pub until: std::time::Instant,
+    pub until: Instant,
 }
 
 impl Armed {
     /// Whether a reconcile starting `now` under `fence` may decide from the claim as written, as if just read: the
     /// same member Lease, held without a break since the claim; before [`Armed::until`]; and the definition's cache
     /// shows nothing newer than this process's own writes (`no_news`).
-    pub fn usable(&self, fence: &Arc<crate::lease::Keeper>, no_news: bool, now: std::time::Instant) -> bool {
+    pub fn usable(&self, fence: &Arc<crate::lease::Keeper>, no_news: bool, now: Instant) -> bool {
         no_news && now <= self.until && Arc::ptr_eq(&self.fence, fence) && fence.is_current()
     }
 }
@@ -343,7 +354,7 @@ async fn reconcile(
     kids: &[Child],
     carried: &mut Carried,
     versions: &mut Vec<String>,
-    now: Timestamp,
+    (now, started): (Timestamp, Instant),
     fence: &Arc<crate::lease::Keeper>,
     ahead: Duration,
 ) -> Result<Option<Duration>> {
@@ -354,6 +365,7 @@ async fn reconcile(
         jobs: Api::namespaced(worker.client.clone(), &ns),
         kids,
         now,
+        started,
         fence,
         ahead,
     };
@@ -363,13 +375,13 @@ async fn reconcile(
         debug!(definition = %def.name_any(), %why, "a definition this version cannot read: left alone");
         return Ok(None);
     }
-    // The scheduler handed the claim back only if it is as good as a read.
+    // The scheduler handed the claim back only if it is as good as a read, and it is only until its `until`.
     let mut current = match carried.armed.take() {
         Some(armed) => {
             versions.extend(armed.def.resource_version());
-            Current { def: armed.def, fresh: true }
+            Current { def: armed.def, fresh: true, good_until: Some(armed.until) }
         }
-        None => Current { def: def.clone(), fresh: false },
+        None => Current { def: def.clone(), fresh: false, good_until: None },
     };
     let outcome = pass.decide(&mut current, carried, versions).await;
     if outcome.as_ref().is_err_and(Error::is_not_found) {
@@ -388,12 +400,27 @@ async fn reconcile(
 struct Current {
     def: RecurringBackgroundJob,
     fresh: bool,
+    /// For a claim carried to its tick ([`Armed`]): fresh only until then.
+    good_until: Option<Instant>,
+}
+
+impl Current {
+    /// Whether the definition may be taken as stored now (see [`Armed::until`]).
+    fn is_fresh(&self) -> bool {
+        self.fresh && self.good_until.is_none_or(|until| Instant::now() <= until)
+    }
+
+    fn read(def: RecurringBackgroundJob) -> Current {
+        Current { def, fresh: true, good_until: None }
+    }
 }
 
 /// What a step of [`Pass::decide`] leaves to do.
 enum Step {
     /// Decide again on this newer version of the definition, as the API server returned it.
     Again(Box<RecurringBackgroundJob>),
+    /// Decide again on the same version (a job was created: it is known now).
+    Same,
     /// Done; look again in this long. The definition's resourceVersion as last written.
     Done(Option<Duration>, Option<String>),
 }
@@ -405,7 +432,9 @@ struct Pass<'a> {
     jobs: Api<BackgroundJob>,
     /// The definition's children, as cached.
     kids: &'a [Child],
+    /// When the reconcile started, on the wall clock and on the monotonic one: waits are counted from then.
     now: Timestamp,
+    started: Instant,
     /// This replica's member Lease: a job is created only while it is current.
     fence: &'a Arc<crate::lease::Keeper>,
     /// How long before a tick it may be claimed.
@@ -429,15 +458,16 @@ impl Pass<'_> {
             match self.step(current, &mut active, carried).await {
                 Ok(Step::Again(newer)) => {
                     versions.extend(newer.resource_version());
-                    *current = Current { def: *newer, fresh: true }
+                    *current = Current::read(*newer)
                 }
+                Ok(Step::Same) => {}
                 Ok(Step::Done(next, version)) => {
                     versions.extend(version);
                     return Ok(next);
                 }
                 Err(e) if e.is_conflict() => {
                     debug!(definition = %current.def.name_any(), "definition changed since read (409): reading again");
-                    *current = Current { def: self.read(&current.def.name_any()).await?, fresh: true };
+                    *current = Current::read(self.read(&current.def.name_any()).await?);
                     versions.extend(current.def.resource_version());
                     conflict = Some(e);
                 }
@@ -484,9 +514,12 @@ impl Pass<'_> {
             Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up, active).await?),
             Plan::Await { job, wait } => {
                 // Claimed ahead. From the claim as written (or just read), its job can be created at the tick
-                // without reading the definition again; from a cache, it is read then (below).
-                if current.fresh {
-                    let until = std::time::Instant::now() + wait + self.ahead;
+                // without reading the definition again, until the tick's lead after it; from a cache, or later,
+                // the definition is read then (above).
+                let lead = tick_lead(def, self.ahead);
+                if current.is_fresh() && !lead.is_zero() {
+                    let until = self.started + wait + lead;
+                    let until = current.good_until.map_or(until, |u| u.min(until));
                     carried.armed = Some(Armed { def: def.clone(), fence: self.fence.clone(), until });
                 }
                 debug!(definition = %def.name_any(), %job, ?wait, "tick claimed ahead: its job is created when due");
@@ -494,9 +527,12 @@ impl Pass<'_> {
             }
             // A cached `pendingJob` may have been replaced since, and its job deleted: creating it again would run
             // its tick twice. Decide from the definition as stored.
-            Plan::Create { .. } if !current.fresh => again(self.read(&def.name_any()).await?),
+            Plan::Create { .. } if !current.is_fresh() => again(self.read(&def.name_any()).await?),
             Plan::Create { job, replace } => {
                 cancel_replaced(&self.jobs, &replace).await;
+                if !current.is_fresh() {
+                    return again(self.read(&def.name_any()).await?);
+                }
                 self.create_job(def, &job).await?;
                 // Known to exist from now on: `plan` treats the tick as done. No status write confirms it; the next
                 // claim replaces `pendingJob`, and until then nothing of bgjobs deletes a pending job.
@@ -505,7 +541,7 @@ impl Pass<'_> {
                     active.push(job.clone());
                     active.sort();
                 }
-                again(def.clone())
+                Ok(Step::Same)
             }
             Plan::Abandon { job, reason } => {
                 let newer = write_status(&self.defs, def, |s| give_up(s, &job, active)).await?;
@@ -564,7 +600,8 @@ impl Pass<'_> {
             && restore_dropped_pending(&mut claimed, &job)
         {
             warn!(definition = %name, %job, "the API server dropped status.pendingJob: the RecurringBackgroundJob \
-                CRD is older than the operator (apply crds/); a crash right after this claim would lose the tick");
+                CRD is older than the operator (apply crds/); a crash between this claim and the create (which \
+                waits for the tick when claimed ahead) would lose the tick");
         }
         Ok(claimed)
     }

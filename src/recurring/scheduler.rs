@@ -145,6 +145,11 @@ impl<R: Clone> Book<R> {
         }
     }
 
+    /// Whether `uid` is tracked: owned here as of the last scan, or being reconciled.
+    pub fn tracks(&self, uid: &str) -> bool {
+        self.tracked.contains_key(uid)
+    }
+
     /// Whether the cache showing `version` of `uid` brings nothing this replica did not know: its last reconcile
     /// read or wrote that version.
     pub fn no_news(&self, uid: &str, version: &str) -> bool {
@@ -160,7 +165,7 @@ impl<R: Clone> Book<R> {
 /// What a reconcile task hands back.
 struct Outcome {
     versions: Vec<String>,
-    next: Option<Duration>,
+    next: Option<Instant>,
     carried: Carried,
 }
 
@@ -214,11 +219,12 @@ pub async fn run(
                         let uid = spawned.remove(&e.id()).unwrap_or_default();
                         warn!(error = %e, "recurring job reconcile panicked");
                         let created_here = carried.get(&uid).and_then(|c| c.created_here.clone());
-                        let o = Outcome { versions: vec![], next: Some(RETRY), carried: Carried { created_here, armed: None } };
+                        let next = Some(Instant::now() + RETRY);
+                        let o = Outcome { versions: vec![], next, carried: Carried { created_here, armed: None } };
                         (uid, o)
                     }
                 };
-                let next = o.next.map(|d| Instant::now() + d.min(IDLE));
+                let next = o.next;
                 book.done(&uid, o.versions, next, Instant::now());
                 if o.carried.created_here.is_some() || o.carried.armed.is_some() {
                     carried.insert(uid, o.carried);
@@ -262,6 +268,7 @@ pub async fn run(
                 }
             }
             book.end_scan();
+            carried.retain(|uid, _| book.tracks(uid));
         } else if scan_wanted {
             wake = wake.min(last_scan + MIN_SCAN_GAP).max(now + Duration::from_millis(1));
             if fence.is_none() {
@@ -287,14 +294,15 @@ pub async fn run(
             let name = def.name_any();
             let task = tasks.spawn(async move {
                 let mut versions = Vec::new();
-                let now = worker.clock.now();
-                let outcome = reconcile(&worker, &def, &kids, &mut kept, &mut versions, now, &fence, claim_ahead).await;
-                let next = match outcome {
-                    Ok(next) => next,
+                let started = (worker.clock.now(), Instant::now());
+                let outcome = reconcile(&worker, &def, &kids, &mut kept, &mut versions, started, &fence, claim_ahead);
+                // Its waits count from its start (a tick claimed ahead is due that long after it), a retry from now.
+                let next = match outcome.await {
+                    Ok(next) => next.map(|d| started.1 + d.min(IDLE)),
                     Err(e) => {
                         warn!(definition = %name, error = %e, "recurring job reconcile failed");
                         kept.armed = None;
-                        Some(RETRY)
+                        Some(Instant::now() + RETRY)
                     }
                 };
                 Outcome { versions, next, carried: kept }
