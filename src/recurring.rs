@@ -14,6 +14,10 @@
 //!    crash came between claim and create), and no later tick is claimed before it is. A create is only made from
 //!    the definition as stored, never from a cache that may still show a `pendingJob` replaced since.
 //!
+//! A tick is claimed up to `--recurring-claim-ahead` before it is due ([`lead`]) and its job created when it is due
+//! ([`Plan::Await`]), so that the one write left on the tick's way is the create. The claiming process creates it
+//! from its claim as written ([`Armed`]) while that is as good as a read; anyone else reads the definition first.
+//!
 //! Nothing of bgjobs deletes a pending job (history trimming skips it, and so does `ttlSecondsAfterFinished`, see
 //! `Dispatcher::is_pending_tick`), so a pending job that existed is still seen by the next owner. One case is left
 //! (docs/usage.md, "Recurring jobs"): a pending job deleted by hand while its definition changes owner is created again.
@@ -328,15 +332,16 @@ pub struct Armed {
     pub def: RecurringBackgroundJob,
     /// The member Lease it was written under.
     pub fence: Arc<crate::lease::Keeper>,
-    /// The latest a reconcile may start from it: the tick plus its lead. Until then no later tick can have been
-    /// claimed (ticks claimed ahead are at least two leads apart), so the job of this one cannot have been made,
-    /// finished and deleted.
+    /// The latest it may be used, up to the create: the tick plus half its lead. The next tick is claimed no sooner
+    /// than a lead after this one (ticks claimed ahead are at least two leads apart), so until then the job of this
+    /// one cannot have been made, finished and deleted by anyone; the other half is left for replicas' clocks
+    /// that disagree (each reads the apiserver's to within a second or so, see [`crate::clock`]).
     pub until: Instant,
 }
 
 impl Armed {
     /// Whether a reconcile starting `now` under `fence` may decide from the claim as written, as if just read: the
-    /// same member Lease, held without a break since the claim; before [`Armed::until`]; and the definition's cache
+    /// same member Lease, held without a break since the claim; not after [`Armed::until`]; and the definition's cache
     /// shows nothing newer than this process's own writes (`no_news`).
     pub fn usable(&self, fence: &Arc<crate::lease::Keeper>, no_news: bool, now: Instant) -> bool {
         no_news && now <= self.until && Arc::ptr_eq(&self.fence, fence) && fence.is_current()
@@ -514,11 +519,11 @@ impl Pass<'_> {
             Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up, active).await?),
             Plan::Await { job, wait } => {
                 // Claimed ahead. From the claim as written (or just read), its job can be created at the tick
-                // without reading the definition again, until the tick's lead after it; from a cache, or later,
+                // without reading the definition again, until half the tick's lead after it; from a cache, or later,
                 // the definition is read then (above).
                 let lead = tick_lead(def, self.ahead);
                 if current.is_fresh() && !lead.is_zero() {
-                    let until = self.started + wait + lead;
+                    let until = self.started + wait + lead / 2;
                     let until = current.good_until.map_or(until, |u| u.min(until));
                     carried.armed = Some(Armed { def: def.clone(), fence: self.fence.clone(), until });
                 }
