@@ -46,9 +46,19 @@ impl OperatorConfig {
                     .into(),
             ));
         }
+        if self.recurring_claim_ahead.0 > MAX_CLAIM_AHEAD {
+            return Err(crate::Error::Invalid(format!(
+                "--recurring-claim-ahead must be at most {}: a tick claimed that early applies a suspend or an edit \
+                 only from the next tick",
+                humantime::format_duration(MAX_CLAIM_AHEAD)
+            )));
+        }
         Ok(())
     }
 }
+
+/// The most `--recurring-claim-ahead` may be.
+const MAX_CLAIM_AHEAD: Duration = Duration::from_secs(3600);
 
 /// How replicas share the work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -157,8 +167,9 @@ pub struct OperatorConfig {
     /// Claim a recurring tick (record it in the definition's status) up to this long before it is due, so that the
     /// only API write left when it comes is its job's create: a thousand definitions on one schedule then get their
     /// jobs in about the time of a thousand creates. Applies to schedules whose ticks are at least twice this far
-    /// apart, and not to `concurrencyPolicy: Forbid` (decided at the tick). The claim is the decision: a suspend or
-    /// edit made within this long before a tick applies from the next one. `0` claims each tick when it is due.
+    /// apart, and not to `concurrencyPolicy: Forbid` (decided at the tick). The claim is the decision: a suspend made
+    /// within this long before a tick does not stop its job. Keep it the same on every replica; at most 1h. `0`
+    /// claims each tick when it is due.
     #[arg(long, default_value = "10s", env = "BGJOBS_RECURRING_CLAIM_AHEAD")]
     pub recurring_claim_ahead: HumanDuration,
 
@@ -331,6 +342,22 @@ mod tests {
             panic!("not the operator command")
         };
         assert_eq!(config.policy(vec![]).egress.operator_ports, [8080, 8090]);
+    }
+
+    #[test]
+    fn a_claim_ahead_beyond_an_hour_is_refused_with_the_flag_named() {
+        use clap::Parser;
+        let config = |ahead: &str| {
+            let args = ["bgjobs", "operator", "--recurring-claim-ahead", ahead];
+            let crate::cli::Command::Operator(config) = crate::cli::Cli::try_parse_from(args).unwrap().command else {
+                panic!("not the operator command")
+            };
+            config
+        };
+        assert!(config("1h").validate().is_ok());
+        assert!(config("0").validate().is_ok());
+        let err = config("10000000h").validate().unwrap_err().to_string();
+        assert!(err.contains("--recurring-claim-ahead must be at most 1h"), "{err}");
     }
 
     #[test]

@@ -388,16 +388,20 @@ async fn reconcile(
         }
         None => Current { def: def.clone(), fresh: false, good_until: None },
     };
-    let outcome = pass.decide(&mut current, carried, versions).await;
-    if outcome.as_ref().is_err_and(Error::is_not_found) {
-        *carried = Carried::default();
-        return Ok(None);
-    }
-    // A definition that cannot be read has no history limits to go by.
-    if crate::unreadable::standing(&current.def).is_none() {
+    let decided = match pass.decide(&mut current, carried, versions).await {
+        Err(e) if e.is_not_found() => {
+            *carried = Carried::default();
+            return Ok(None);
+        }
+        other => other,
+    };
+    // A definition that cannot be read has no history limits to go by; one whose job was just created is trimmed
+    // by the next reconcile, which that job's watch event brings, off the way of this tick's other creates.
+    let created = decided.as_ref().is_ok_and(|d| d.created);
+    if !created && crate::unreadable::standing(&current.def).is_none() {
         trim_history(&pass.jobs, &current.def, kids).await;
     }
-    outcome
+    decided.map(|d| d.next)
 }
 
 /// The definition a decision is made from, and whether it came from the API server in this reconcile (`fresh`) or
@@ -420,12 +424,23 @@ impl Current {
     }
 }
 
+/// How the steps of one reconcile ended.
+struct Decided {
+    /// When to look again.
+    next: Option<Duration>,
+    /// A job was created and the rest left to the next reconcile.
+    created: bool,
+}
+
 /// What a step of [`Pass::decide`] leaves to do.
 enum Step {
     /// Decide again on this newer version of the definition, as the API server returned it.
     Again(Box<RecurringBackgroundJob>),
-    /// Decide again on the same version (a job was created: it is known now).
+    /// Decide again on the same version.
     Same,
+    /// The tick's job was just created and nothing else is due: look again in this long. The rest (the status's
+    /// `active`, the history) is left to the next reconcile.
+    Created(Option<Duration>),
     /// Done; look again in this long. The definition's resourceVersion as last written.
     Done(Option<Duration>, Option<String>),
 }
@@ -454,7 +469,7 @@ impl Pass<'_> {
         current: &mut Current,
         carried: &mut Carried,
         versions: &mut Vec<String>,
-    ) -> Result<Option<Duration>> {
+    ) -> Result<Decided> {
         let mut active: Vec<String> =
             self.kids.iter().filter(|j| !j.phase.is_final()).map(|j| j.name.clone()).collect();
         active.sort();
@@ -466,9 +481,10 @@ impl Pass<'_> {
                     *current = Current::read(*newer)
                 }
                 Ok(Step::Same) => {}
+                Ok(Step::Created(next)) => return Ok(Decided { next, created: true }),
                 Ok(Step::Done(next, version)) => {
                     versions.extend(version);
-                    return Ok(next);
+                    return Ok(Decided { next, created: false });
                 }
                 Err(e) if e.is_conflict() => {
                     debug!(definition = %current.def.name_any(), "definition changed since read (409): reading again");
@@ -479,7 +495,7 @@ impl Pass<'_> {
                 Err(e) => return Err(e),
             }
         }
-        conflict.map_or(Ok(Some(RETRY)), Err)
+        conflict.map_or(Ok(Decided { next: Some(RETRY), created: false }), Err)
     }
 
     /// The definition as stored (a stand-in if it cannot be read); NotFound if it is gone.
@@ -546,7 +562,14 @@ impl Pass<'_> {
                     active.push(job.clone());
                     active.sort();
                 }
-                Ok(Step::Same)
+                // The tick is done. Its status was written with the claim; what a look now would still write (a
+                // job of the tick before that the cache showed only since) waits for the next reconcile, so
+                // that the one write on the tick's way stays the create.
+                let known = |job: &str| known_created(job, self.kids, carried.created_here.as_deref());
+                match plan(def, active, known, now, self.ahead) {
+                    Plan::Idle(next) => Ok(Step::Created(next)),
+                    _ => Ok(Step::Same),
+                }
             }
             Plan::Abandon { job, reason } => {
                 let newer = write_status(&self.defs, def, |s| give_up(s, &job, active)).await?;
