@@ -748,19 +748,26 @@ pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>)
     def.is_none() || last.is_none_or(|last| tick >= last)
 }
 
-/// Finished children beyond the history limits, oldest first. Never one [`keeps_tick`] keeps, nor the pending job.
+/// Finished children beyond the history limits, oldest first. Never one [`keeps_tick`] keeps, nor the pending job;
+/// those, once finished, count toward their outcome's limit, so that the limit is what stays (as with a CronJob)
+/// however soon after its tick's job finishes the history is trimmed.
 pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Vec<&'a Child> {
     let pending = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
-    let mut finished: BTreeMap<bool, Vec<&Child>> = BTreeMap::new();
-    let deletable = |j: &&Child| Some(j.name.as_str()) != pending && !keeps_tick(Some(def), j.tick);
-    for j in kids.iter().filter(|j| j.phase.is_final()).filter(deletable) {
-        finished.entry(j.phase == Phase::Succeeded).or_default().push(j);
+    // By outcome (succeeded or not): the finished jobs that may go, and how many are kept anyway.
+    let mut finished: BTreeMap<bool, (Vec<&Child>, usize)> = BTreeMap::new();
+    for j in kids.iter().filter(|j| j.phase.is_final()) {
+        let (deletable, kept) = finished.entry(j.phase == Phase::Succeeded).or_default();
+        if Some(j.name.as_str()) == pending || keeps_tick(Some(def), j.tick) {
+            *kept += 1;
+        } else {
+            deletable.push(j);
+        }
     }
     let mut out = Vec::new();
-    for (succeeded, mut list) in finished {
-        let keep = if succeeded { def.spec.successful_jobs_history_limit } else { def.spec.failed_jobs_history_limit };
+    for (succeeded, (mut list, kept)) in finished {
+        let limit = if succeeded { def.spec.successful_jobs_history_limit } else { def.spec.failed_jobs_history_limit };
         list.sort_by_key(|j| std::cmp::Reverse(j.completed));
-        out.extend(list.into_iter().skip(keep.max(0) as usize));
+        out.extend(list.into_iter().skip((limit.max(0) as usize).saturating_sub(kept)));
     }
     out
 }
@@ -1011,6 +1018,8 @@ mod tests {
         let none = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 0}));
         let pending = with_pending(none, 3, "report-3");
         assert_eq!(names(&pending), ["report-4", "report-2", "report-1"], "report-3 is pending: kept");
+        let two = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 2}));
+        assert_eq!(names(&with_pending(two, 3, "report-3")), ["report-1"], "the pending one counts toward the two");
     }
 
     #[test]
