@@ -180,12 +180,15 @@ pub fn lead(
 /// The lead of `def`'s claimed tick (`lastScheduleTime`), as [`lead`] gives it; zero if the schedule is unusable.
 fn tick_lead(def: &RecurringBackgroundJob, ahead: Duration) -> Duration {
     let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
-    let schedule: Option<Schedule> = def.spec.schedule.parse().ok();
-    let tz = cron::time_zone(def.spec.time_zone.as_deref()).ok();
-    match (tick, schedule, tz) {
-        (Some(tick), Some(schedule), Some(tz)) => lead(def, &schedule, &tz, tick, ahead),
+    match (tick, usable_schedule(def)) {
+        (Some(tick), Some((schedule, tz))) => lead(def, &schedule, &tz, tick, ahead),
         _ => Duration::ZERO,
     }
+}
+
+/// The definition's schedule and time zone, if both are usable ([`plan`] says why when not).
+fn usable_schedule(def: &RecurringBackgroundJob) -> Option<(Schedule, jiff::tz::TimeZone)> {
+    Some((def.spec.schedule.parse().ok()?, cron::time_zone(def.spec.time_zone.as_deref()).ok()?))
 }
 
 /// Decide what `def` needs at `now`, given its unfinished children `active` and which jobs are `known` to have been
@@ -282,8 +285,7 @@ fn plan_pending(
 /// `nextScheduleTime`: the tick plus the jitter offset), if the schedule is usable. The claim and the idle look after
 /// it compute the same instant, so that look writes nothing.
 fn next_due(def: &RecurringBackgroundJob, now: Timestamp, claimed: Option<Timestamp>) -> Option<Timestamp> {
-    let schedule: Schedule = def.spec.schedule.parse().ok()?;
-    let tz = cron::time_zone(def.spec.time_zone.as_deref()).ok()?;
+    let (schedule, tz) = usable_schedule(def)?;
     let shifted = shifted(def, now);
     let next = schedule.next_after(claimed.map_or(shifted, |c| c.max(shifted)), &tz)?;
     now.checked_add(next.duration_since(shifted)).ok()

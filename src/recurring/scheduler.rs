@@ -422,6 +422,20 @@ mod tests {
     }
 
     #[test]
+    fn only_versions_the_last_reconcile_read_or_wrote_are_no_news_and_a_definition_owned_elsewhere_is_not_tracked() {
+        let (mut book, now) = (TestBook::default(), Instant::now());
+        scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
+        drain(&mut book);
+        book.done("a", vec!["1".into(), "2".into()], None, now);
+        book.done("b", vec!["1".into()], None, now);
+        assert!(book.no_news("a", "1") && book.no_news("a", "2"), "what it read and what it wrote");
+        assert!(!book.no_news("a", "3"), "someone else's write");
+        assert!(book.tracks("b"));
+        scan(&mut book, &[("a", "2")], &[], now);
+        assert!(!book.tracks("b") && !book.no_news("b", "1"), "b is owned elsewhere now: forgotten");
+    }
+
+    #[test]
     fn a_queued_definition_that_went_away_is_not_started() {
         let (mut book, now) = (TestBook::default(), Instant::now());
         scan(&mut book, &[("a", "1"), ("b", "1")], &[], now);
