@@ -48,8 +48,8 @@ impl OperatorConfig {
         }
         if self.recurring_claim_ahead.0 > MAX_CLAIM_AHEAD {
             return Err(crate::Error::Invalid(format!(
-                "--recurring-claim-ahead must be at most {}: a tick claimed that early applies a suspend or an edit \
-                 only from the next tick",
+                "--recurring-claim-ahead must be at most {}: the claims of thousands of definitions take seconds, and a \
+                 longer lead only keeps `lastScheduleTime` ahead of the clock for longer",
                 humantime::format_duration(MAX_CLAIM_AHEAD)
             )));
         }
@@ -160,16 +160,17 @@ pub struct OperatorConfig {
     pub recurring_enabled: bool,
 
     /// Reconcile at most this many RecurringBackgroundJobs at once on this replica (each one's ticks stay in
-    /// order). A tick costs each definition three API writes in a row; this many definitions wait on them together.
+    /// order). A tick costs each definition two API writes, the claim and the create; this many definitions wait on
+    /// them together.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024), env = "BGJOBS_RECURRING_CONCURRENCY")]
     pub recurring_concurrency: u32,
 
     /// Claim a recurring tick (record it in the definition's status) up to this long before it is due, so that the
     /// only API write left when it comes is its job's create: a thousand definitions on one schedule then get their
     /// jobs in about the time of a thousand creates. Applies to schedules whose ticks are at least twice this far
-    /// apart, and not to `concurrencyPolicy: Forbid` (decided at the tick). The claim is the decision: a suspend made
-    /// within this long before a tick does not stop its job. Keep it the same on every replica; at most 1h. `0`
-    /// claims each tick when it is due.
+    /// apart, and not to `concurrencyPolicy: Forbid` (decided at the tick). An edit of the definition's spec before
+    /// the tick is due takes the claim back, so a suspend or a new schedule applies at once. Keep it the same on every
+    /// replica; at most 1h. `0` claims each tick when it is due.
     #[arg(long, default_value = "10s", env = "BGJOBS_RECURRING_CLAIM_AHEAD")]
     pub recurring_claim_ahead: HumanDuration,
 

@@ -17,6 +17,8 @@
 //! A tick is claimed up to `--recurring-claim-ahead` before it is due ([`lead`]) and its job created when it is due
 //! ([`Plan::Await`]), so that the one write left on the tick's way is the create. The claiming process creates it
 //! from its claim as written ([`Armed`]) while that is as good as a read; anyone else reads the definition first.
+//! An edit of the spec before a claimed tick is due takes the claim back ([`Plan::Withdraw`]): the claim was made
+//! for the spec as it was, and the edit applies from then on, as it would have had the tick not been claimed yet.
 //! Reading it at the tick instead was measured: p99 lateness 3.9–4.4 s for 1,000 definitions against 2.0–3.4 s.
 //! What that read would still catch (docs/usage.md, "Recurring jobs"): a replica whose watches lag by seconds, so that
 //! it misses both a new owner and an edit that brings the next tick closer (a shorter period, a smaller jitter), while
@@ -123,6 +125,15 @@ pub enum Plan {
         /// Until the tick is due.
         wait: Duration,
     },
+    /// A tick claimed ahead, not due yet and its job not made, whose spec was edited since the claim (its
+    /// `metadata.generation` is newer than the claim's `observedGeneration`): take the claim back, so that the edit
+    /// (a schedule, a suspend, a policy) applies from `at` on, as it would have had the tick not been claimed yet.
+    Withdraw {
+        /// The job's name (`status.pendingJob`).
+        job: String,
+        /// Now, on the definition's schedule clock: recorded as the latest tick handled.
+        at: Timestamp,
+    },
     /// A claimed tick's job could not be created before `startingDeadlineSeconds` ran out (e.g. creates were
     /// refused): stop trying, so that later ticks are claimed again.
     Abandon {
@@ -208,7 +219,11 @@ pub fn plan(
     // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
     let now = shifted(def, now);
     if let Some(job) = status.pending_job.filter(|job| !known(job)) {
-        return plan_pending(def, job, status.last_schedule_time.map(|t| t.0), active, now);
+        let tick = status.last_schedule_time.map(|t| t.0);
+        if tick.is_some_and(|t| t > now) && edited_since_status(def) {
+            return Plan::Withdraw { job, at: now };
+        }
+        return plan_pending(def, job, tick, active, now);
     }
     let schedule: Schedule = match def.spec.schedule.parse() {
         Ok(s) => s,
@@ -251,9 +266,15 @@ pub fn plan(
     Plan::Claim { tick, skip, catch_up }
 }
 
-/// What a claimed tick's job, not known to exist, needs. It is carried out even if the definition was suspended or changed
-/// since the claim (the claim was the decision), at its tick, not before (it may have been claimed ahead), and only
-/// within `startingDeadlineSeconds` of it.
+/// Whether `def`'s spec was edited after its status was last written (for a claim: after the claim).
+fn edited_since_status(def: &RecurringBackgroundJob) -> bool {
+    let written_for = def.status.as_ref().and_then(|s| s.observed_generation);
+    matches!((def.metadata.generation, written_for), (Some(now), Some(then)) if now > then)
+}
+
+/// What a claimed tick's job, not known to exist, needs. Once due, it is carried out even if the definition was
+/// suspended or changed since (the claim was the decision; an edit before a tick claimed ahead is due takes the claim
+/// back instead, see [`Plan::Withdraw`]), at its tick, not before, and only within `startingDeadlineSeconds` of it.
 fn plan_pending(
     def: &RecurringBackgroundJob,
     job: String,
@@ -298,6 +319,22 @@ pub fn claim(s: &mut RecurringBackgroundJobStatus, tick: Timestamp, job: Option<
     s.pending_job = job.map(str::to_string);
     if job.is_some() {
         s.last_job = job.map(str::to_string);
+    }
+}
+
+/// Taking back the claim of a tick not yet due, pending `job`, never made: the latest tick handled becomes `at` (now),
+/// and nothing is pending, so the next tick is decided anew from the spec as it is now. `at` is still after every
+/// tick handled before the claim: those were due before it was made, and the claim came no more than its lead before
+/// its own tick, where the tick before lay at least two leads back ([`lead`]).
+pub fn withdraw(s: &mut RecurringBackgroundJobStatus, job: &str, at: Timestamp) {
+    if s.pending_job.as_deref() != Some(job) {
+        return;
+    }
+    s.pending_job = None;
+    s.last_schedule_time = Some(Time(at));
+    s.next_schedule_time = None;
+    if s.last_job.as_deref() == Some(job) {
+        s.last_job = None;
     }
 }
 
@@ -561,7 +598,7 @@ impl Pass<'_> {
                 if !current.is_fresh() {
                     return again(self.read(&def.name_any()).await?);
                 }
-                self.create_job(def, &job).await?;
+                self.create_job(def, &job, current.good_until).await?;
                 // Known to exist from now on: `plan` treats the tick as done. No status write confirms it; the next
                 // claim replaces `pendingJob`, and until then nothing of bgjobs deletes a pending job.
                 *created_here = Some(job.clone());
@@ -577,6 +614,13 @@ impl Pass<'_> {
                     Plan::Idle(next) => Ok(Step::Created(next)),
                     _ => Ok(Step::Same),
                 }
+            }
+            Plan::Withdraw { job, at } => {
+                // Under the resourceVersion the edit is in: from a cache that lags, a 409 and a read.
+                let newer = write_status(&self.defs, def, |s| withdraw(s, &job, at)).await?;
+                carried.armed = None;
+                info!(definition = %def.name_any(), %job, "claim of a tick not yet due taken back: the spec changed since");
+                again(newer)
             }
             Plan::Abandon { job, reason } => {
                 let newer = write_status(&self.defs, def, |s| give_up(s, &job, active)).await?;
@@ -643,7 +687,9 @@ impl Pass<'_> {
 
     /// Create the claimed tick's job; AlreadyExists means an earlier attempt did. A refusal is reported on the
     /// definition; the job stays pending and is tried again.
-    async fn create_job(&self, def: &RecurringBackgroundJob, name: &str) -> Result<()> {
+    /// `good_until`: for a claim carried to its tick ([`Armed::until`]), the create is waited for no longer than that
+    /// (past it, a new owner may have made, run and deleted the job); it is then read and decided again.
+    async fn create_job(&self, def: &RecurringBackgroundJob, name: &str, good_until: Option<Instant>) -> Result<()> {
         let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map_or(self.now, |t| t.0);
         // The one write not fenced by the definition's resourceVersion: made only while this replica's membership is
         // current (checked after every await before it), and bounded by what is left of it.
@@ -651,6 +697,7 @@ impl Pass<'_> {
             return Err(Error::Stale(format!("not creating job {name}: this replica's membership lapsed")));
         }
         let left = self.fence.time_left();
+        let left = good_until.map_or(left, |until| left.min(until.saturating_duration_since(Instant::now())));
         let created = crate::client::bounded(left, async {
             Ok(self.jobs.create(&PostParams::default(), &child(def, name, tick)).await?)
         })
@@ -1166,10 +1213,43 @@ mod tests {
     }
 
     #[test]
-    fn a_tick_claimed_ahead_is_carried_out_at_its_tick_even_if_suspended_since() {
-        let d = with_pending(def("* * * * *", serde_json::json!({"suspend": true})), 60, "report-1800000060");
-        assert!(matches!(super::plan(&d, &[], none, t(55), AHEAD), Plan::Await { .. }));
-        assert!(matches!(super::plan(&d, &[], none, t(60), AHEAD), Plan::Create { .. }));
+    fn an_edit_before_a_tick_claimed_ahead_is_due_takes_the_claim_back_and_one_after_it_is_due_does_not() {
+        let job = "report-1800000060";
+        // The claim was written for generation 1.
+        let claimed = |spec: serde_json::Value, generation: i64| {
+            let mut d = with_pending(def("* * * * *", spec), 60, job);
+            d.metadata.generation = Some(generation);
+            d.status.as_mut().unwrap().observed_generation = Some(1);
+            d
+        };
+        let unchanged = claimed(serde_json::json!({}), 1);
+        assert!(matches!(super::plan(&unchanged, &[], none, t(55), AHEAD), Plan::Await { .. }));
+        // Suspended, or made denser, after the claim and before the tick: the claim goes, and the edit applies from now.
+        for spec in [serde_json::json!({"suspend": true}), serde_json::json!({"schedule": "*/2 * * * * *"})] {
+            let edited = claimed(spec, 2);
+            assert_eq!(super::plan(&edited, &[], none, t(55), AHEAD), Plan::Withdraw { job: job.into(), at: t(55) });
+            let mut taken_back = edited.clone();
+            withdraw(taken_back.status.as_mut().unwrap(), job, t(55));
+            taken_back.status.as_mut().unwrap().observed_generation = Some(2);
+            let s = taken_back.status.as_ref().unwrap();
+            assert_eq!((s.pending_job.as_deref(), s.last_schedule_time.as_ref().map(|t| t.0)), (None, Some(t(55))));
+            let next = super::plan(&taken_back, &[], none, t(55), AHEAD);
+            if edited.spec.suspend {
+                assert_eq!(next, Plan::Idle(None), "suspended: no job");
+            } else {
+                // Every 2 s is less than two leads apart: claimed when due, from 56 on.
+                assert_eq!(next, Plan::Idle(Some(Duration::from_secs(1))));
+                assert!(
+                    matches!(super::plan(&taken_back, &[], none, t(56), AHEAD), Plan::Claim { tick, .. } if tick == t(56))
+                );
+            }
+            // Once the tick is due, the claim stands whatever the edit: its job may be on its way.
+            assert!(matches!(super::plan(&edited, &[], none, t(60), AHEAD), Plan::Create { .. }));
+        }
+        // A claim written by an operator that records no generation is carried out as written.
+        let mut unknown = claimed(serde_json::json!({"suspend": true}), 2);
+        unknown.status.as_mut().unwrap().observed_generation = None;
+        assert!(matches!(super::plan(&unknown, &[], none, t(55), AHEAD), Plan::Await { .. }));
     }
 
     #[test]

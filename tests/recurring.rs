@@ -584,10 +584,10 @@ async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_then_even_if_suspended_meanwhile() {
-    const EVERY: i64 = 6;
+async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_then_unless_suspended_before() {
+    const EVERY: i64 = 10;
     let env = TestEnv::new("rec-early").await;
-    let _r = env.replica("r", &["--job-execution-enabled", "false", "--recurring-claim-ahead", "2s"]);
+    let _r = env.replica("r", &["--job-execution-enabled", "false", "--recurring-claim-ahead", "4s"]);
     define(
         &env,
         "early",
@@ -600,28 +600,28 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
     let claimed_at = |d: &RecurringBackgroundJob| {
         d.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0.as_second())
     };
+    let unix_now = || jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
     let mut early: Vec<i64> = Vec::new();
     let first = {
         let now = jiff::Timestamp::now().as_second();
         now - now.rem_euclid(EVERY) + 2 * EVERY
     };
-    let (last, deadline) = (first + 3 * EVERY, Instant::now() + Duration::from_secs(60));
+    let (last, deadline) = (first + 3 * EVERY, Instant::now() + Duration::from_secs(90));
     // Three ticks watched, then the fourth (or a later one, on a slow machine): suspended as soon as its claim
-    // shows, before it is due.
+    // shows, well before it is due (a claim seen in its last 2.5 s is let run, and the next one waited for).
     let suspended_tick = loop {
-        assert!(Instant::now() < deadline, "no claim of a tick from {last} on showed before it was due");
+        assert!(Instant::now() < deadline, "no claim of a tick from {last} on showed 2.5 s before it was due");
         let def = api.get("early").await.expect("get definition");
-        let now = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
-        if let Some(tick) = claimed_at(&def).filter(|t| *t as f64 > now && *t >= first) {
+        if let Some(tick) = claimed_at(&def).filter(|t| *t as f64 > unix_now() && *t >= first) {
             if !early.contains(&tick) {
                 early.push(tick);
             }
-            if tick >= last {
+            if tick >= last && unix_now() < tick as f64 - 2.5 {
                 api.patch("early", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}})))
                     .await
                     .expect("suspend");
-                let landed = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
-                assert!(landed < tick as f64, "the suspend landed only after tick {tick}, at {landed:.2}");
+                let landed = unix_now();
+                assert!(landed < tick as f64 - 1.5, "the suspend landed only at {landed:.2}, tick {tick}");
                 break tick;
             }
         }
@@ -631,10 +631,15 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
 
     let jobs = by_definition(&env.list().await).remove("early").unwrap_or_default();
     let ticks: Vec<i64> = jobs.keys().copied().filter(|t| *t >= first).collect();
-    eprintln!("claimed before due: {early:?}; ticks with jobs from {first}: {ticks:?}");
+    eprintln!(
+        "claimed before due: {early:?}; ticks with jobs from {first}: {ticks:?}; suspended before {suspended_tick}"
+    );
     assert!(early.len() >= 3, "ticks from {first} on were claimed ahead, seen before due: {early:?}");
-    let expected: Vec<i64> = (first..=suspended_tick).step_by(EVERY as usize).collect();
-    assert_eq!(ticks, expected, "one job per tick, the one claimed before the suspend included, none after");
+    let expected: Vec<i64> = (first..suspended_tick).step_by(EVERY as usize).collect();
+    assert_eq!(
+        ticks, expected,
+        "one job per tick before the suspend; the claim it came after taken back, so none from it on"
+    );
     for (tick, made) in &jobs {
         assert_eq!(made.len(), 1, "tick {tick}: {:?}", names(made));
         assert!(
@@ -642,5 +647,56 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
             "tick {tick}: job created at {} (seconds), before it was due",
             made[0].created
         );
+    }
+    let status = api.get("early").await.expect("get definition").status.unwrap_or_default();
+    assert_eq!(status.pending_job, None, "the claim was taken back: {status:?}");
+    assert!(
+        status.last_schedule_time.as_ref().is_some_and(|t| t.0.as_second() < suspended_tick),
+        "the latest tick handled is from before the suspend: {status:?}"
+    );
+}
+
+/// The claim of a tick ahead was made for the schedule as it was: an edit that brings ticks before it applies at once,
+/// as it would have had that tick not been claimed yet (every 30 s, claimed 10 s ahead, then every 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_made_denser_after_a_tick_was_claimed_ahead_runs_its_ticks_before_that_one() {
+    let env = TestEnv::new("rec-dense").await;
+    let _r = env.replica("r", &["--job-execution-enabled", "false", "--recurring-claim-ahead", "10s"]);
+    define(
+        &env,
+        "dense",
+        json!({"schedule": "*/30 * * * * *", "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let unix_now = || jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    // A claim of a tick at least 6 s ahead, then the edit.
+    let (claimed, edited_at) = loop {
+        assert!(Instant::now() < deadline, "no claim showed 6 s before its tick");
+        let def = api.get("dense").await.expect("get definition");
+        let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0.as_second());
+        if let Some(tick) = tick.filter(|t| unix_now() < *t as f64 - 6.0) {
+            api.patch("dense", &PatchParams::default(), &Patch::Merge(json!({"spec": {"schedule": "*/2 * * * * *"}})))
+                .await
+                .expect("edit the schedule");
+            break (tick, unix_now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sleep_until_unix(claimed as f64 + 3.0).await;
+
+    let jobs = by_definition(&env.list().await).remove("dense").unwrap_or_default();
+    // The new schedule's ticks from two seconds after the edit (the time its withdrawal of the claim may take) up to
+    // the claimed one: each with its one job.
+    let from = edited_at.ceil() as i64 + 2;
+    let expected: Vec<i64> = (from..=claimed).filter(|t| t % 2 == 0).collect();
+    let ticks: Vec<i64> = jobs.keys().copied().filter(|t| *t >= from && *t <= claimed).collect();
+    eprintln!("claimed {claimed}, edited at {edited_at:.2}; ticks with jobs: {:?}", jobs.keys().collect::<Vec<_>>());
+    assert_eq!(ticks, expected, "every 2 s from the edit on, not only the tick claimed before it");
+    for (tick, made) in &jobs {
+        assert_eq!(made.len(), 1, "tick {tick}: {:?}", names(made));
+        assert!(made[0].created >= *tick, "tick {tick}: created at {}, before it was due", made[0].created);
     }
 }
