@@ -22,6 +22,9 @@
 #                               that many seconds once a tenth of the jobs finished: <size>/apiserver.pprof, and its
 #                               top functions (own time, then cumulative) in <size>/apiserver-profile.txt
 #                               (`go tool pprof`; the Go that e2e/cluster.sh installs)
+#   SCALE_PERF_SECONDS [0]      when > 0, replica 1's CPU profile is sampled with `perf record` (99 Hz) for that
+#                               many seconds, from the same moment: <size>/replica-1-profile.txt lists its functions
+#                               by share of samples. Both profiles take CPU: leave them at 0 for the ratios.
 #
 # The replicas are `bgjobs-test-worker operator` (the operator with recording handlers): each job is
 # `jobName: record` with `ms: 0`, so the handler does nothing but write its start and finish lines to the execution
@@ -40,6 +43,7 @@ SLOTS=${SCALE_SLOTS:-16}
 CREATE_PARALLEL=${SCALE_CREATE_PARALLEL:-4}
 STALL=${SCALE_STALL:-180}
 PROFILE_SECONDS=${SCALE_PROFILE_SECONDS:-0}
+PERF_SECONDS=${SCALE_PERF_SECONDS:-0}
 GO=/usr/lib/go-1.19/bin/go # installed by e2e/cluster.sh to build the control plane
 RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
@@ -54,6 +58,11 @@ die() {
 }
 
 [[ $PROFILE_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PROFILE_SECONDS must be a number of seconds, got '$PROFILE_SECONDS'"
+[[ $PERF_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PERF_SECONDS must be a number of seconds, got '$PERF_SECONDS'"
+if ((PERF_SECONDS > 0)) && ! command -v perf >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -q linux-perf >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q linux-perf >/dev/null; }; fi
+  command -v perf >/dev/null || die "SCALE_PERF_SECONDS needs perf (Debian: linux-perf)"
+fi
 for v in $SIZES $REPLICAS $SLOTS $CREATE_PARALLEL $STALL; do
   [[ $v =~ ^[1-9][0-9]*$ ]] || die "sizes, replicas, slots, parallelism and stall must be positive integers, got '$v'"
 done
@@ -156,7 +165,7 @@ one_size() {
   busy0=$(busy_cpu_seconds)
   BIN=$WORKER launch_replicas "$dir" "$PID_DIR" "$NS" "$REPLICAS" "$SLOTS" scale \
     --exec-log "$dir/replicas.exec"
-  local profiler=""
+  local profiler="" perf_pid=""
   local done_before=-1 stalled_since=$SECONDS done_now
   while :; do
     done_now=$(finished_jobs "$dir")
@@ -165,6 +174,11 @@ one_size() {
     if ((PROFILE_SECONDS > 0)) && [ -z "$profiler" ] && ((done_now * 10 >= n)); then
       kubectl get --raw "/debug/pprof/profile?seconds=$PROFILE_SECONDS" >"$dir/apiserver.pprof" 2>"$dir/pprof.log" &
       profiler=$!
+    fi
+    if ((PERF_SECONDS > 0)) && [ -z "$perf_pid" ] && ((done_now * 10 >= n)); then
+      perf record -q -F 99 -p "${REPLICA_PIDS[0]}" -o "$dir/replica-1.perf.data" -- sleep "$PERF_SECONDS" \
+        >"$dir/perf.log" 2>&1 &
+      perf_pid=$!
     fi
     if ((done_now != done_before)); then
       done_before=$done_now stalled_since=$SECONDS
@@ -193,6 +207,11 @@ one_size() {
     wait "$profiler" || true
     { "$GO" tool pprof -top -nodecount=40 "$dir/apiserver.pprof" && echo &&
       "$GO" tool pprof -top -cum -nodecount=80 "$dir/apiserver.pprof"; } >"$dir/apiserver-profile.txt" 2>>"$dir/pprof.log" || true
+  fi
+  if [ -n "$perf_pid" ]; then
+    wait "$perf_pid" || true
+    perf report -q --stdio --no-children --sort symbol --percent-limit 0.3 -i "$dir/replica-1.perf.data" \
+      >"$dir/replica-1-profile.txt" 2>>"$dir/perf.log" || true
   fi
   metrics_snapshot "$dir/metrics-after.txt"
   wait_quiet "$dir/status.jsonl" 10 600

@@ -220,7 +220,8 @@ pub fn plan(
     let now = shifted(def, now);
     if let Some(job) = status.pending_job.filter(|job| !known(job)) {
         let tick = status.last_schedule_time.map(|t| t.0);
-        if tick.is_some_and(|t| t > now) && edited_since_status(def) {
+        let replaced = status.previous_schedule_time.is_some();
+        if tick.is_some_and(|t| t > now) && replaced && edited_since_status(def) {
             return Plan::Withdraw { job, at: now };
         }
         return plan_pending(def, job, tick, active, now);
@@ -314,7 +315,7 @@ fn next_due(def: &RecurringBackgroundJob, now: Timestamp, claimed: Option<Timest
 
 /// The claim of tick `tick`: recorded as handled, its job (None: skipped) pending until known to exist.
 pub fn claim(s: &mut RecurringBackgroundJobStatus, tick: Timestamp, job: Option<&str>, next: Option<Timestamp>) {
-    s.last_schedule_time = Some(Time(tick));
+    s.previous_schedule_time = s.last_schedule_time.replace(Time(tick));
     s.next_schedule_time = next.map(Time);
     s.pending_job = job.map(str::to_string);
     if job.is_some() {
@@ -322,16 +323,18 @@ pub fn claim(s: &mut RecurringBackgroundJobStatus, tick: Timestamp, job: Option<
     }
 }
 
-/// Taking back the claim of a tick not yet due, pending `job`, never made: the latest tick handled becomes `at` (now),
-/// and nothing is pending, so the next tick is decided anew from the spec as it is now. `at` is still after every
-/// tick handled before the claim: those were due before it was made, and the claim came no more than its lead before
-/// its own tick, where the tick before lay at least two leads back ([`lead`]).
+/// Taking back the claim of a tick not yet due, pending `job`, never made: the latest tick handled becomes `at` (now,
+/// on the definition's clock as edited), but never earlier than the `lastScheduleTime` the claim replaced, so no tick
+/// handled before runs again (a larger jitter moves that clock back, and replicas' clocks disagree a little); nothing
+/// is pending, so the next tick is decided anew from the spec as it is now. A claim recorded without what it replaced
+/// (by an operator or a CRD from before `previousScheduleTime`) is not taken back ([`plan`]).
 pub fn withdraw(s: &mut RecurringBackgroundJobStatus, job: &str, at: Timestamp) {
+    let Some(floor) = s.previous_schedule_time.take().map(|t| t.0) else { return };
     if s.pending_job.as_deref() != Some(job) {
         return;
     }
     s.pending_job = None;
-    s.last_schedule_time = Some(Time(at));
+    s.last_schedule_time = Some(Time(at.max(floor)));
     s.next_schedule_time = None;
     if s.last_job.as_deref() == Some(job) {
         s.last_job = None;
@@ -598,7 +601,7 @@ impl Pass<'_> {
                 if !current.is_fresh() {
                     return again(self.read(&def.name_any()).await?);
                 }
-                self.create_job(def, &job, current.good_until).await?;
+                self.create_job(def, &job).await?;
                 // Known to exist from now on: `plan` treats the tick as done. No status write confirms it; the next
                 // claim replaces `pendingJob`, and until then nothing of bgjobs deletes a pending job.
                 *created_here = Some(job.clone());
@@ -655,6 +658,10 @@ impl Pass<'_> {
         active.sort();
         let claimed = write_status(&self.defs, def, |s| {
             claim(s, tick, job.as_deref(), next);
+            // A first claim replaced nothing: no tick before the definition was created runs (see `plan`'s `since`).
+            if s.previous_schedule_time.is_none() {
+                s.previous_schedule_time = def.metadata.creation_timestamp.clone();
+            }
             set_active(s, &active);
             set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
         })
@@ -687,9 +694,7 @@ impl Pass<'_> {
 
     /// Create the claimed tick's job; AlreadyExists means an earlier attempt did. A refusal is reported on the
     /// definition; the job stays pending and is tried again.
-    /// `good_until`: for a claim carried to its tick ([`Armed::until`]), the create is waited for no longer than that
-    /// (past it, a new owner may have made, run and deleted the job); it is then read and decided again.
-    async fn create_job(&self, def: &RecurringBackgroundJob, name: &str, good_until: Option<Instant>) -> Result<()> {
+    async fn create_job(&self, def: &RecurringBackgroundJob, name: &str) -> Result<()> {
         let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map_or(self.now, |t| t.0);
         // The one write not fenced by the definition's resourceVersion: made only while this replica's membership is
         // current (checked after every await before it), and bounded by what is left of it.
@@ -697,7 +702,6 @@ impl Pass<'_> {
             return Err(Error::Stale(format!("not creating job {name}: this replica's membership lapsed")));
         }
         let left = self.fence.time_left();
-        let left = good_until.map_or(left, |until| left.min(until.saturating_duration_since(Instant::now())));
         let created = crate::client::bounded(left, async {
             Ok(self.jobs.create(&PostParams::default(), &child(def, name, tick)).await?)
         })
@@ -788,13 +792,19 @@ pub fn tick_of(job: &BackgroundJob) -> Option<Timestamp> {
 
 /// Whether a job of tick `tick` must be kept whatever its history limit or TTL say, judged on `def` as this replica
 /// last saw it (None: not seen, or another definition by that name): it may be the latest claimed tick's job, whose
-/// existence is the only proof that its tick was created until the next claim. A claim only moves
-/// `lastScheduleTime` forward, so a definition seen late errs on the side of keeping. The one rule for every delete
-/// of a definition's job that bgjobs makes (history trimming, `ttlSecondsAfterFinished`).
+/// existence is the only proof that its tick was created until the next claim. A claim moves `lastScheduleTime`
+/// forward, so a definition seen late errs on the side of keeping. Taking back a claim made ahead ([`withdraw`]) moves
+/// it back, to no earlier than the `lastScheduleTime` that claim replaced: so the jobs of ticks after that one are kept
+/// too (seen with the claim, they can only be jobs made since it was taken back; ticks between the two have no job
+/// otherwise). The one rule for every delete of a definition's job that bgjobs makes (history trimming,
+/// `ttlSecondsAfterFinished`).
 pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>) -> bool {
     let Some(tick) = tick else { return false };
-    let last = def.and_then(|d| d.status.as_ref()).and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
-    def.is_none() || last.is_none_or(|last| tick >= last)
+    let Some(def) = def else { return true };
+    let status = def.status.as_ref();
+    let last = status.and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
+    let replaced = status.and_then(|s| s.previous_schedule_time.as_ref()).map(|t| t.0);
+    last.is_none_or(|last| tick >= last) || replaced.is_some_and(|replaced| tick > replaced)
 }
 
 /// Finished children beyond the history limits, oldest first. Never one [`keeps_tick`] keeps, nor the pending job;
@@ -1050,6 +1060,12 @@ mod tests {
         assert!(keeps_tick(Some(&none), Some(t(1))), "no tick claimed yet: kept");
         assert!(!keeps_tick(Some(&with_last(none.clone(), 2)), Some(t(1))), "an older tick goes");
         assert!(!keeps_tick(None, None), "not a tick's job");
+        // Tick 60 claimed over tick 2, then taken back: a copy from before that keeps the jobs of the ticks after 2
+        // (made since), not 2's.
+        let mut claimed = with_last(none.clone(), 2);
+        claim(claimed.status.as_mut().unwrap(), t(60), Some("report-60"), None);
+        assert!(keeps_tick(Some(&claimed), Some(t(30))) && keeps_tick(Some(&claimed), Some(t(60))));
+        assert!(!keeps_tick(Some(&claimed), Some(t(2))), "the job of the tick it replaced goes, as before");
     }
 
     #[test]
@@ -1217,7 +1233,8 @@ mod tests {
         let job = "report-1800000060";
         // The claim was written for generation 1.
         let claimed = |spec: serde_json::Value, generation: i64| {
-            let mut d = with_pending(def("* * * * *", spec), 60, job);
+            let mut d = with_last(def("* * * * *", spec), 0);
+            claim(d.status.as_mut().unwrap(), t(60), Some(job), None);
             d.metadata.generation = Some(generation);
             d.status.as_mut().unwrap().observed_generation = Some(1);
             d
@@ -1246,10 +1263,23 @@ mod tests {
             // Once the tick is due, the claim stands whatever the edit: its job may be on its way.
             assert!(matches!(super::plan(&edited, &[], none, t(60), AHEAD), Plan::Create { .. }));
         }
-        // A claim written by an operator that records no generation is carried out as written.
+        // A larger jitter moves the definition's clock back, past the tick the claim replaced: taken back no further
+        // than that tick, so it does not run again (nor any before it), and the claimed tick comes at its new time.
+        let jittered = claimed(serde_json::json!({"jitterSeconds": 86400}), 2);
+        let Plan::Withdraw { at, .. } = super::plan(&jittered, &[], none, t(55), AHEAD) else { panic!("withdrawn") };
+        assert!(at < t(0), "the clock went back by the new offset: {at}");
+        let mut taken_back = jittered.clone();
+        withdraw(taken_back.status.as_mut().unwrap(), job, at);
+        taken_back.status.as_mut().unwrap().observed_generation = Some(2);
+        assert_eq!(taken_back.status.as_ref().unwrap().last_schedule_time, Some(Time(t(0))));
+        assert!(matches!(super::plan(&taken_back, &[], none, t(55), AHEAD), Plan::Idle(Some(_))));
+        // A claim written by an operator that records no generation, or not what it replaced, is carried out.
         let mut unknown = claimed(serde_json::json!({"suspend": true}), 2);
         unknown.status.as_mut().unwrap().observed_generation = None;
         assert!(matches!(super::plan(&unknown, &[], none, t(55), AHEAD), Plan::Await { .. }));
+        let mut first = claimed(serde_json::json!({"suspend": true}), 2);
+        first.status.as_mut().unwrap().previous_schedule_time = None;
+        assert!(matches!(super::plan(&first, &[], none, t(55), AHEAD), Plan::Await { .. }));
     }
 
     #[test]

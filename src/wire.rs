@@ -13,7 +13,7 @@ pub use crate::limits::{SLOT_LABEL, slot_name};
 pub use crate::members::{MEMBER_LABEL, member_lease_name, owner as member_owner};
 pub use crate::ordering::{FIFO_BOUND, enqueue_sequence};
 pub use crate::recurring::{
-    RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION, child as recurring_child, claim as recurring_claim,
+    RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION, child as recurring_child, claim as recurring_claim, jitter_offset,
     job_name as recurring_job_name,
 };
 /// Marks the copy of a job that [`crate::jobs::list`] or [`crate::jobs::watch`] could not read (why); never on the

@@ -656,6 +656,53 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
     );
 }
 
+/// A larger `jitterSeconds` set after a tick was claimed ahead takes the claim back, and moves the definition's clock
+/// back past ticks that already ran: none of them runs again (every 10 s, claimed 4 s ahead, then a jitter whose
+/// offset is 20 to 30 s, history 0 so that their jobs are gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_larger_jitter_set_after_a_tick_was_claimed_ahead_runs_no_earlier_tick_again() {
+    let env = TestEnv::new("rec-jitter").await;
+    let _r = env.replica("r", &["--recurring-claim-ahead", "4s"]);
+    let jitter = (31..86_400)
+        .find(|j| (20..=30).contains(&bgjobs::wire::jitter_offset(&env.ns, "shift", *j).as_secs()))
+        .expect("a jitter whose offset is 20 to 30 s");
+    let offset = bgjobs::wire::jitter_offset(&env.ns, "shift", jitter).as_secs_f64();
+    define(
+        &env,
+        "shift",
+        json!({"schedule": "*/10 * * * * *", "successfulJobsHistoryLimit": 0,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let unix_now = || jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Two ticks run first, then the edit as soon as a claim shows 2 s or more ahead of its tick.
+    let claimed = loop {
+        assert!(Instant::now() < deadline, "no claim showed 2 s before its tick after two ticks ran");
+        let def = api.get("shift").await.expect("get definition");
+        let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0.as_second());
+        if let Some(tick) = tick.filter(|t| unix_now() < *t as f64 - 2.0)
+            && starts_by_job(&env).len() >= 2
+        {
+            api.patch("shift", &PatchParams::default(), &Patch::Merge(json!({"spec": {"jitterSeconds": jitter}})))
+                .await
+                .expect("set the jitter");
+            break tick;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Until the claimed tick is due on the new clock, and a tick more: ticks that ran before the edit would be due
+    // again from about then on, had the claim been taken back behind them.
+    sleep_until_unix(claimed as f64 + offset + 12.0).await;
+    let starts = starts_by_job(&env);
+    eprintln!("jitter {jitter} (offset {offset:.1} s), claimed {claimed}; starts: {starts:?}");
+    let twice: Vec<_> = starts.iter().filter(|(_, s)| s.len() > 1).collect();
+    assert!(twice.is_empty(), "a tick ran again: {twice:?}");
+    let claimed_job = bgjobs::wire::recurring_job_name("shift", jiff::Timestamp::from_second(claimed).unwrap());
+    assert!(starts.contains_key(&claimed_job), "the claimed tick ran at its new time: {starts:?}");
+}
+
 /// The claim of a tick ahead was made for the schedule as it was: an edit that brings ticks before it applies at once,
 /// as it would have had that tick not been claimed yet (every 30 s, claimed 10 s ahead, then every 2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

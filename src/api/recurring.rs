@@ -126,6 +126,10 @@ pub struct RecurringBackgroundJobStatus {
     /// so that no tick is ever handled twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Time>,
+    /// The `lastScheduleTime` the latest claim replaced. No tick up to it is run again, even when an edit takes back
+    /// a claim made ahead of its tick, and jobs of later ticks are kept from deletion like the pending one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_schedule_time: Option<Time>,
     /// The next tick.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<Time>,
