@@ -619,6 +619,12 @@ impl Pass<'_> {
                 }
             }
             Plan::Withdraw { job, at } => {
+                // The job watch may not show yet a job made at its tick (by a replica whose clock runs ahead, or while
+                // this one's watch lags): asked, so that a tick that ran is never taken back.
+                if crate::unreadable::get_opt(&self.jobs, &job).await?.is_some() {
+                    *created_here = Some(job);
+                    return Ok(Step::Same);
+                }
                 // Under the resourceVersion the edit is in: from a cache that lags, a 409 and a read.
                 let newer = write_status(&self.defs, def, |s| withdraw(s, &job, at)).await?;
                 carried.armed = None;
@@ -785,9 +791,12 @@ pub fn definition_of(job: &BackgroundJob) -> Option<&k8s_openapi::apimachinery::
     job.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob")
 }
 
-/// The tick a job was made for (its `bgjobs.dev/scheduled-time`), if it is a tick's job.
+/// The tick a job was made for (its `bgjobs.dev/scheduled-time`), if it is a tick's job: named for that tick by its
+/// definition. A job `bgjobs recurring trigger` made carries the time it was made, but is no tick's.
 pub fn tick_of(job: &BackgroundJob) -> Option<Timestamp> {
-    job.annotations().get(SCHEDULED_TIME_ANNOTATION)?.parse().ok()
+    let tick: Timestamp = job.annotations().get(SCHEDULED_TIME_ANNOTATION)?.parse().ok()?;
+    let definition = &definition_of(job)?.name;
+    (job.metadata.name.as_deref() == Some(job_name(definition, tick).as_str())).then_some(tick)
 }
 
 /// Whether a job of tick `tick` must be kept whatever its history limit or TTL say, judged on `def` as this replica
@@ -1309,6 +1318,8 @@ mod tests {
         );
         d.metadata.uid = Some("def-uid".into());
         let c = child(&d, "report-1", t(60));
+        assert_eq!(tick_of(&c), None, "named for no tick (as `bgjobs recurring trigger` names its jobs)");
+        assert_eq!(tick_of(&child(&d, &job_name("report", t(60)), t(60))), Some(t(60)));
         assert_eq!(c.spec.job_name, "sleep");
         assert_eq!(c.metadata.labels.as_ref().unwrap()["team"], "a");
         assert_eq!(c.metadata.labels.as_ref().unwrap()[RECURRING_LABEL], "report");

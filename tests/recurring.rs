@@ -540,6 +540,35 @@ async fn invalid_schedules_are_rejected_by_schema_or_reported_in_a_condition() {
     assert!(env.list().await.is_empty(), "invalid definitions create no jobs");
 }
 
+/// A job `bgjobs recurring trigger` made is no tick's: its TTL deletes it, even on a suspended definition whose
+/// latest claim is older than it (it was kept forever, as if it were the latest tick's job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triggered_job_of_a_suspended_definition_is_deleted_by_its_ttl() {
+    let env = TestEnv::new("rec-manual").await;
+    let _r = env.replica("r", &[]);
+    define(
+        &env,
+        "held",
+        json!({"schedule": "0 0 1 1 *", "suspend": true,
+        "jobTemplate": {"spec": {"jobName": "noop", "ttlSecondsAfterFinished": 1}}}),
+    )
+    .await;
+    for _ in 0..2 {
+        let out = std::process::Command::new(common::bgjobs_bin())
+            .args(["recurring", "trigger", "held", "-n", &env.ns])
+            .env("KUBECONFIG", common::kubeconfig_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::executions(&env.invocations()).len() < 2 {
+        assert!(Instant::now() < deadline, "the triggered jobs did not run: {}", common::summary(&env.list().await));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    env.wait_until(Duration::from_secs(30), "the triggered jobs deleted by their TTL", |jobs| jobs.is_empty()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now() {
     let env = TestEnv::new("rec-history").await;
@@ -608,20 +637,20 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
     };
     let (last, deadline) = (first + 3 * EVERY, Instant::now() + Duration::from_secs(90));
     // Three ticks watched, then the fourth (or a later one, on a slow machine): suspended as soon as its claim
-    // shows, well before it is due (a claim seen in its last 2.5 s is let run, and the next one waited for).
+    // shows, well before it is due (a claim seen in its last 3 s is let run, and the next one waited for).
     let suspended_tick = loop {
-        assert!(Instant::now() < deadline, "no claim of a tick from {last} on showed 2.5 s before it was due");
+        assert!(Instant::now() < deadline, "no claim of a tick from {last} on showed 3 s before it was due");
         let def = api.get("early").await.expect("get definition");
         if let Some(tick) = claimed_at(&def).filter(|t| *t as f64 > unix_now() && *t >= first) {
             if !early.contains(&tick) {
                 early.push(tick);
             }
-            if tick >= last && unix_now() < tick as f64 - 2.5 {
+            if tick >= last && unix_now() < tick as f64 - 3.0 {
                 api.patch("early", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}})))
                     .await
                     .expect("suspend");
                 let landed = unix_now();
-                assert!(landed < tick as f64 - 1.5, "the suspend landed only at {landed:.2}, tick {tick}");
+                assert!(landed < tick as f64 - 2.5, "the suspend landed only at {landed:.2}, tick {tick}");
                 break tick;
             }
         }
@@ -688,6 +717,8 @@ async fn a_larger_jitter_set_after_a_tick_was_claimed_ahead_runs_no_earlier_tick
             api.patch("shift", &PatchParams::default(), &Patch::Merge(json!({"spec": {"jitterSeconds": jitter}})))
                 .await
                 .expect("set the jitter");
+            let landed = unix_now();
+            assert!(landed < tick as f64 - 1.5, "the jitter landed only at {landed:.2}, tick {tick}");
             break tick;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -700,7 +731,12 @@ async fn a_larger_jitter_set_after_a_tick_was_claimed_ahead_runs_no_earlier_tick
     let twice: Vec<_> = starts.iter().filter(|(_, s)| s.len() > 1).collect();
     assert!(twice.is_empty(), "a tick ran again: {twice:?}");
     let claimed_job = bgjobs::wire::recurring_job_name("shift", jiff::Timestamp::from_second(claimed).unwrap());
-    assert!(starts.contains_key(&claimed_job), "the claimed tick ran at its new time: {starts:?}");
+    assert!(starts.contains_key(&claimed_job), "the claimed tick ran: {starts:?}");
+    // The claim was taken back, so the tick ran at its new time, not at the one it was claimed for.
+    let started =
+        env.invocations().into_iter().find(|l| l.ev == "start" && l.job.ends_with(&format!("/{claimed_job}")));
+    let started = started.expect("its start").t_ms as f64 / 1000.0;
+    assert!(started >= claimed as f64 + offset - 1.0, "tick {claimed} ran at {started:.2}, offset {offset:.1}");
 }
 
 /// The claim of a tick ahead was made for the schedule as it was: an edit that brings ticks before it applies at once,
@@ -735,13 +771,14 @@ async fn a_schedule_made_denser_after_a_tick_was_claimed_ahead_runs_its_ticks_be
     sleep_until_unix(claimed as f64 + 3.0).await;
 
     let jobs = by_definition(&env.list().await).remove("dense").unwrap_or_default();
-    // The new schedule's ticks from two seconds after the edit (the time its withdrawal of the claim may take) up to
-    // the claimed one: each with its one job.
-    let from = edited_at.ceil() as i64 + 2;
-    let expected: Vec<i64> = (from..=claimed).filter(|t| t % 2 == 0).collect();
-    let ticks: Vec<i64> = jobs.keys().copied().filter(|t| *t >= from && *t <= claimed).collect();
     eprintln!("claimed {claimed}, edited at {edited_at:.2}; ticks with jobs: {:?}", jobs.keys().collect::<Vec<_>>());
-    assert_eq!(ticks, expected, "every 2 s from the edit on, not only the tick claimed before it");
+    // The new schedule's ticks after the edit and before the claimed one have jobs (each due within a second or two
+    // of its tick; one late on a busy machine is caught up, or not, by the missed-tick rule), the claimed one too,
+    // and only ticks of the new schedule.
+    let before: Vec<i64> = jobs.keys().copied().filter(|t| *t as f64 > edited_at && *t < claimed).collect();
+    assert!(before.len() >= 2, "ticks of the new schedule before the claimed one ran: {before:?}");
+    assert!(before.iter().all(|t| t % 2 == 0), "only ticks of the new schedule: {before:?}");
+    assert!(jobs.contains_key(&claimed), "and the claimed tick, a tick of both schedules: {:?}", jobs.keys());
     for (tick, made) in &jobs {
         assert_eq!(made.len(), 1, "tick {tick}: {:?}", names(made));
         assert!(made[0].created >= *tick, "tick {tick}: created at {}, before it was due", made[0].created);
