@@ -90,10 +90,14 @@ fn by_definition(jobs: &[BackgroundJob]) -> BTreeMap<String, BTreeMap<i64, Vec<M
     out
 }
 
+/// The Unix time now, in seconds.
+fn unix_now() -> f64 {
+    jiff::Timestamp::now().as_nanosecond() as f64 / 1e9
+}
+
 /// Sleep until the Unix time `at` (seconds).
 async fn sleep_until_unix(at: f64) {
-    let now = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
-    tokio::time::sleep(Duration::from_secs_f64((at - now).max(0.0))).await;
+    tokio::time::sleep(Duration::from_secs_f64((at - unix_now()).max(0.0))).await;
 }
 
 /// Period of the shared schedule, in seconds.
@@ -187,7 +191,7 @@ async fn thirty_shared_definitions_and_a_kill9(ns: &str, claim_ahead: f64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     replicas[0].kill9();
-    let killed = jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
+    let killed = unix_now();
     // Five ticks after the hand-over's bound; wait until every definition has reached it (a definition's ticks are
     // claimed in order, so every earlier tick is then decided), on a loaded machine a little later. One that never
     // does shows below as ticks without a job.
@@ -629,7 +633,6 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
     let claimed_at = |d: &RecurringBackgroundJob| {
         d.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0.as_second())
     };
-    let unix_now = || jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
     let mut early: Vec<i64> = Vec::new();
     let first = {
         let now = jiff::Timestamp::now().as_second();
@@ -704,7 +707,6 @@ async fn a_larger_jitter_set_after_a_tick_was_claimed_ahead_runs_no_earlier_tick
     )
     .await;
     let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
-    let unix_now = || jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
     let deadline = Instant::now() + Duration::from_secs(60);
     // Two ticks run first, then the edit as soon as a claim shows 2 s or more ahead of its tick.
     let claimed = loop {
@@ -753,7 +755,6 @@ async fn a_schedule_made_denser_after_a_tick_was_claimed_ahead_runs_its_ticks_be
     )
     .await;
     let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
-    let unix_now = || jiff::Timestamp::now().as_nanosecond() as f64 / 1e9;
     let deadline = Instant::now() + Duration::from_secs(90);
     // A claim of a tick at least 6 s ahead, then the edit.
     let (claimed, edited_at) = loop {
