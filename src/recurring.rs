@@ -237,11 +237,7 @@ pub fn plan(
     if def.spec.suspend {
         return Plan::Idle(None);
     }
-    let since = status
-        .last_schedule_time
-        .map(|t| t.0)
-        .or_else(|| def.metadata.creation_timestamp.as_ref().map(|t| t.0))
-        .unwrap_or(now);
+    let since = handled_until(def).unwrap_or(now);
     // Only the latest missed tick matters, however many were missed.
     let Some(tick) = schedule.latest_between(since, now, &tz) else {
         // None due: the next one, claimed once it is within its lead. After `since`, should a tick claimed ahead
@@ -265,6 +261,12 @@ pub fn plan(
     };
     let catch_up = schedule.next_after(since, &tz).is_some_and(|first| first < tick);
     Plan::Claim { tick, skip, catch_up }
+}
+
+/// Up to when `def`'s ticks are handled: its latest claim, or its creation before the first (no tick before that runs).
+fn handled_until(def: &RecurringBackgroundJob) -> Option<Timestamp> {
+    let claimed = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref());
+    claimed.or(def.metadata.creation_timestamp.as_ref()).map(|t| t.0)
 }
 
 /// Whether `def`'s spec was edited after its status was last written (for a claim: after the claim).
@@ -664,10 +666,8 @@ impl Pass<'_> {
         active.sort();
         let claimed = write_status(&self.defs, def, |s| {
             claim(s, tick, job.as_deref(), next);
-            // A first claim replaced nothing: no tick before the definition was created runs (see `plan`'s `since`).
-            if s.previous_schedule_time.is_none() {
-                s.previous_schedule_time = def.metadata.creation_timestamp.clone();
-            }
+            // What the claim replaced, the definition's creation for a first one: the floor of a withdrawal.
+            s.previous_schedule_time = handled_until(def).map(Time);
             set_active(s, &active);
             set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
         })
