@@ -142,8 +142,8 @@ fn unmark(meta: &mut ObjectMeta) {
 
 /// An object as read from an answer of the apiserver (a page of a list, a get): decoded, or its stand-in. Its text
 /// is taken as it is (serde_json's own deserializer, which every kube answer goes through), so that it can be read
-/// twice. Only where the object is a value of its own, not a field of something serde buffers first (a watch event:
-/// see [`Buffered`]).
+/// twice. Only where serde reads the object from the text itself, not from a buffer (a field of an internally or
+/// adjacently tagged enum that comes before its tag is buffered).
 #[derive(Clone, Debug)]
 pub struct Readable<K>(pub K);
 
@@ -151,27 +151,6 @@ impl<'de, K: Unreadable> Deserialize<'de> for Readable<K> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
         decode_text(raw.get()).map(Readable).map_err(serde::de::Error::custom)
-    }
-}
-
-/// The object of a watch event, decoded or made a stand-in. kube's `WatchEvent` is an adjacently tagged enum, which
-/// serde buffers when `object` comes before `type`, and raw text cannot be taken from a buffer: the object is read
-/// as a `Value` first. (One nested deeper than serde_json's limit of 128 cannot be: its event fails, as before, and
-/// the next list reads it as a stand-in.)
-#[derive(Clone, Debug)]
-pub struct Buffered<K>(pub K);
-
-impl<'de, K: Unreadable> Deserialize<'de> for Buffered<K> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = serde_json::Value::deserialize(deserializer)?;
-        let decoded = match K::deserialize(&value) {
-            Ok(mut k) => {
-                unmark(k.meta_mut());
-                Ok(k)
-            }
-            Err(_) => decode_text(&value.to_string()),
-        };
-        decoded.map(Buffered).map_err(serde::de::Error::custom)
     }
 }
 
