@@ -505,8 +505,10 @@ async fn a_recurring_definition_with_a_long_name_makes_jobs_that_run() {
 async fn create_as_written<K: kube::Resource<DynamicType = ()>>(env: &TestEnv, object: serde_json::Value) {
     use kube::api::{ApiResource, DynamicObject};
     let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<K>(&()));
-    let object: DynamicObject = serde_json::from_value(object).unwrap();
-    api.create(&PostParams::default(), &object).await.expect("the apiserver stores it");
+    // Sent and answered as text: the answer may be nested deeper than serde_json decodes.
+    let body = serde_json::to_vec(&object).unwrap();
+    let request = kube::core::Request::new(api.resource_url()).create(&PostParams::default(), body).unwrap();
+    env.client.request_text(request).await.expect("the apiserver stores it");
 }
 
 /// A job whose Pod template's `containers` is a string: the schema lets it through, the operator's types cannot
@@ -516,14 +518,30 @@ fn unreadable_job(name: &str) -> serde_json::Value {
            "spec": {"jobName": "noop", "template": {"spec": {"containers": "not a list"}}}})
 }
 
+/// A job whose `args` hold `depth` arrays nested in one another: the apiserver stores it, serde_json decodes no value
+/// nested deeper than 128.
+fn nested_job(name: &str, depth: usize) -> serde_json::Value {
+    let args = json!({"deep": (0..depth).fold(json!([]), |inner, _| json!([inner]))});
+    json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob", "metadata": {"name": name},
+           "spec": {"jobName": "noop", "args": args}})
+}
+
 /// Poll the job `name` as written (not through the operator's types) until `done` holds for its status, or panic.
 async fn wait_raw_status(env: &TestEnv, name: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
     use kube::api::{ApiResource, DynamicObject};
     let raw: Api<DynamicObject> =
         Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<bgjobs::api::BackgroundJob>(&()));
+    // Only the status is decoded: the rest may be nested deeper than serde_json decodes.
+    #[derive(serde::Deserialize)]
+    struct Status {
+        #[serde(default)]
+        status: serde_json::Value,
+    }
     let deadline = std::time::Instant::now() + MINUTE;
     loop {
-        let status = raw.get(name).await.unwrap().data["status"].clone();
+        let request = kube::core::Request::new(raw.resource_url()).get(name, &Default::default()).unwrap();
+        let text = env.client.request_text(request).await.unwrap();
+        let status = serde_json::from_str::<Status>(&text).unwrap().status;
         if done(&status) {
             return;
         }
@@ -557,6 +575,12 @@ async fn a_job_the_operator_cannot_read_fails_with_the_reason_and_the_queue_runs
     env.create("after", json!({"jobName": "noop"})).await;
     wait_raw_status(&env, "unreadable-watched", "Failed, with why", failed_with_why).await;
     wait_succeeded(&env, "after").await;
+    // Nested deeper than any reader goes, seen first by the watch (before, its event failed: Waiting forever).
+    create_as_written::<BackgroundJob>(&env, nested_job("unreadable-deep", 200)).await;
+    let too_deep = |s: &serde_json::Value| {
+        s["phase"] == "Failed" && s["lastError"].as_str().is_some_and(|e| e.contains("recursion limit"))
+    };
+    wait_raw_status(&env, "unreadable-deep", "Failed, as nested too deep", too_deep).await;
     // Seen first by a list (before the fix every list failed on it: the replica never saw its queue again).
     assert!(r.terminate(Duration::from_secs(20)), "the replica stops");
     create_as_written::<BackgroundJob>(&env, unreadable_job("unreadable-listed")).await;
@@ -566,7 +590,7 @@ async fn a_job_the_operator_cannot_read_fails_with_the_reason_and_the_queue_runs
     wait_succeeded(&env, "after-restart").await;
     let listed = env.list().await;
     let stand_ins = listed.iter().filter(|j| j.annotations().contains_key(bgjobs::wire::UNREADABLE_ANNOTATION));
-    assert_eq!(stand_ins.count(), 2, "`jobs::list` reads both as stand-ins: {}", common::summary(&listed));
+    assert_eq!(stand_ins.count(), 3, "`jobs::list` reads all three as stand-ins: {}", common::summary(&listed));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
