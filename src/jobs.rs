@@ -20,6 +20,7 @@ use crate::error::Result;
 /// Every change to the jobs of `api`, as bgjobs' replicas watch them, for tools that watch many jobs too (a
 /// dashboard, a recorder): kube's `watcher` events, the list read from the apiserver's watch cache item by item. A
 /// job the operator's types cannot hold comes as its stand-in, marked with [`crate::wire::UNREADABLE_ANNOTATION`].
+/// Jobs come without their managed fields (`metadata.managedFields`), which are never decoded.
 pub fn watch(
     api: Api<BackgroundJob>,
 ) -> impl futures::Stream<Item = kube::runtime::watcher::Result<kube::runtime::watcher::Event<BackgroundJob>>> + Send {

@@ -183,9 +183,9 @@ where
 async fn watch<K>(
     api: &Api<K>,
     resource_version: &str,
-) -> kube::Result<impl Stream<Item = kube::Result<WatchEvent<K>>> + use<K>>
+) -> kube::Result<impl Stream<Item = kube::Result<WatchEvent<K>>> + Send + use<K>>
 where
-    K: Unreadable + Clone + std::fmt::Debug,
+    K: Unreadable + Clone + std::fmt::Debug + Send,
 {
     let mut request = kube::core::Request::new(api.resource_url())
         .watch(&WatchParams::default(), resource_version)
@@ -194,14 +194,27 @@ where
     // One gzip member per event (newer apiservers) is more than the client's decompression reads; as kube asks.
     request.headers_mut().insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
     let body = api.clone().into_client().request_stream(request).await?;
-    Ok(futures::AsyncBufReadExt::lines(body).filter_map(|line| {
+    Ok(events(body))
+}
+
+/// The events of a watch's answer, `body`, one per line ([`event_of`]). A connection that breaks ends them, with a
+/// warning and no error (as kube's own watch does: the watch is resumed at once from where it was, not after the
+/// backoff an error brings); a line that is not text is an error, and the lines after it are read on.
+fn events<K: Unreadable + Send>(
+    body: impl futures::AsyncBufRead + Send + 'static,
+) -> impl Stream<Item = kube::Result<WatchEvent<K>>> + Send {
+    futures::AsyncBufReadExt::lines(body).filter_map(|line| {
         futures::future::ready(match line {
             Ok(line) if line.trim().is_empty() => None,
             Ok(line) => event_of(&line),
-            // A connection cut mid-answer ends the watch, which is then resumed from where it was.
-            Err(e) => Some(Err(kube::Error::ReadEvents(e))),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Some(Err(kube::Error::ReadEvents(e))),
+            Err(e) => {
+                // The reader ends after its error: nothing after it is read, and nothing cut short is passed on.
+                tracing::warn!(error = %e, "a watch's connection broke; watching again from where it was");
+                None
+            }
         })
-    }))
+    })
 }
 
 /// The watch event on `line`, its object [`cached`]: taken as text whatever the order of the event's keys, and at
@@ -628,6 +641,29 @@ mod tests {
         assert_eq!(name(expired), "error event 410");
         assert_eq!(name(r#"{"kind":"Status","code":500,"message":"boom"}"#), "api error 500");
         assert_eq!(name(r#"{"type":"RENAMED","object":{}}"#), "unreadable: true");
+        // A whole line that is not an event is an error, never taken for one cut short.
+        assert_eq!(name(&format!("{type_first} x")), "unreadable: false");
+        assert_eq!(name("{}"), "unreadable: false");
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_ends_the_events_quietly_and_a_line_that_is_not_text_is_an_error_read_past() {
+        let line = |name: &str| format!(r#"{{"type":"MODIFIED","object":{}}}"#, job(name, "11")) + "\n";
+        let describe = |e: kube::Result<WatchEvent<BackgroundJob>>| match e {
+            Ok(WatchEvent::Modified(j)) => j.name_any(),
+            Ok(other) => format!("{other:?}"),
+            Err(e) => format!("error {}", matches!(e, kube::Error::ReadEvents(_))),
+        };
+        let chunks: Vec<std::io::Result<Vec<u8>>> = vec![
+            Ok(line("a").into_bytes()),
+            Ok(b"\xff\xfe\n".to_vec()),
+            Ok(line("b").into_bytes()),
+            Ok(line("cut")[..20].as_bytes().to_vec()),
+            Err(std::io::Error::other("connection reset")),
+        ];
+        let body = futures::TryStreamExt::into_async_read(futures::stream::iter(chunks));
+        let seen: Vec<String> = events(body).map(describe).collect().await;
+        assert_eq!(seen, ["a", "error true", "b"]);
     }
 
     #[test]
