@@ -658,7 +658,7 @@ mod tests {
             Ok(line("a").into_bytes()),
             Ok(b"\xff\xfe\n".to_vec()),
             Ok(line("b").into_bytes()),
-            Ok(line("cut")[..20].as_bytes().to_vec()),
+            Ok(line("cut").as_bytes()[..20].to_vec()),
             Err(std::io::Error::other("connection reset")),
         ];
         let body = futures::TryStreamExt::into_async_read(futures::stream::iter(chunks));
