@@ -25,6 +25,10 @@
 #   SCALE_PERF_SECONDS [0]      when > 0, replica 1's CPU profile is sampled with `perf record` (99 Hz) for that
 #                               many seconds, from the same moment: <size>/replica-1-profile.txt lists its functions
 #                               by share of samples. Both profiles take CPU: leave them at 0 for the ratios.
+#   SCALE_RETENTION [finished=never]  the replicas' --retention: by default every finished job stays, so the run
+#                               holds the whole backlog to the end; e.g. SCALE_RETENTION=succeeded=5m measures the
+#                               envelope as deployed (the chart's default). The checker reads the recorded history,
+#                               so jobs deleted by retention are judged by their last recorded status.
 #
 # The replicas are `bgjobs-test-worker operator` (the operator with recording handlers): each job is
 # `jobName: record` with `ms: 0`, so the handler does nothing but write its start and finish lines to the execution
@@ -44,6 +48,7 @@ CREATE_PARALLEL=${SCALE_CREATE_PARALLEL:-4}
 STALL=${SCALE_STALL:-180}
 PROFILE_SECONDS=${SCALE_PROFILE_SECONDS:-0}
 PERF_SECONDS=${SCALE_PERF_SECONDS:-0}
+RETENTION=${SCALE_RETENTION:-finished=never}
 GO=/usr/lib/go-1.19/bin/go # installed by e2e/cluster.sh to build the control plane
 RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
@@ -164,7 +169,7 @@ one_size() {
   rec_cpu0=$(cpu_seconds "$RECORDER_PID")
   busy0=$(busy_cpu_seconds)
   BIN=$WORKER launch_replicas "$dir" "$PID_DIR" "$NS" "$REPLICAS" "$SLOTS" scale \
-    --exec-log "$dir/replicas.exec"
+    --exec-log "$dir/replicas.exec" --retention "$RETENTION"
   local profiler="" perf_pid=""
   local done_before=-1 stalled_since=$SECONDS done_now
   while :; do
@@ -256,7 +261,7 @@ WORKER=$RUN_DIR/bgjobs-test-worker
 HISTORY=$RUN_DIR/bgjobs-history
 stop_leftover_replicas "$PID_DIR"/scale-*.pid -- "bgjobs-test-worker operator"
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "$REPLICAS replicas x $SLOTS slots; results in ${RUN_DIR#"$ROOT"/}"
+echo "$REPLICAS replicas x $SLOTS slots, --retention $RETENTION; results in ${RUN_DIR#"$ROOT"/}"
 for n in $SIZES; do one_size "$n"; done
 echo
 echo "==> summary"
