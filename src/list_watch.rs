@@ -16,8 +16,8 @@
 //! than its own timeout (a connection that died without a word) is replaced, as kube's watcher does.
 //!
 //! Each object, listed or in an event, is decoded once from its text, straight into its type, without its managed
-//! fields ([`cached`]): the cache drops them, and they were the largest part of a job's text and of the time spent
-//! decoding it.
+//! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
+//! decoding it took.
 //!
 //! An object the operator's types cannot hold, in the list or in an event, is passed on as its stand-in
 //! ([`crate::unreadable`]), never as an error: one such object would fail every list, and its events would be
@@ -253,13 +253,13 @@ fn event_of<K: Unreadable>(line: &str) -> Option<kube::Result<WatchEvent<K>>> {
 
 /// An object as the cache keeps it: decoded from `text` or made a stand-in ([`unreadable::decode_text`]), without
 /// its managed fields, which are never parsed.
-pub fn cached<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
+fn cached<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
     unreadable::decode_text(&without_managed_fields(text))
 }
 
 /// `text`, an object, with `metadata.managedFields` written as null. They are about 40 % of a stored job's text and
-/// most of its nesting, and decoding them into values (every key and string its own allocation) took about a third
-/// of the time a job's decoding took, for fields every cache here drops. Two scans find them, without allocating
+/// most of its nesting, and decoding them into values (every key and string its own allocation) took about a quarter
+/// of the time a job's decoding took (one sample job, docs/benchmarks.md run 11), for fields every cache here drops. Two scans find them, without allocating
 /// (the fields the scans skip are not decoded, only passed over); `text` as it is if it has none, or is not an object
 /// with such metadata (its decoding says what is wrong with it).
 fn without_managed_fields(text: &str) -> Cow<'_, str> {
