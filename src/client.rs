@@ -1,5 +1,6 @@
 //! Connecting to the cluster, with kubectl's kubeconfig resolution (`KUBECONFIG`, `~/.kube/config`, in-cluster).
 
+use http::header::{HeaderValue, USER_AGENT};
 use kube::Client;
 
 use crate::error::{Error, Result};
@@ -9,11 +10,20 @@ use crate::error::{Error, Result};
 /// kube's built-in retry of 429/503/504 answers is off: a write whose answer was a 504 may have landed, and a blind
 /// resend then meets a 409 that looks like a lost race. bgjobs decides itself what a failed write means (it reads
 /// back Leases, re-reads jobs, and retries on its next pass).
+///
+/// Every request names bgjobs ([`USER_AGENT_VALUE`]): the apiserver takes a write's field manager from it, so the
+/// fields bgjobs owns read `manager: bgjobs` in `managedFields` (not `unknown`), and audit logs and the apiserver's
+/// per-client metrics say who wrote.
 pub async fn connect() -> Result<Client> {
     let mut config = kube::Config::infer().await.map_err(|e| Error::Config(e.to_string()))?;
     config.default_retry = false;
+    config.headers.push((USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE)));
     Client::try_from(config).map_err(|e| Error::Config(e.to_string()))
 }
+
+/// The `User-Agent` of bgjobs' requests. The apiserver makes the part before the `/` the field manager of a write
+/// that names none.
+pub const USER_AGENT_VALUE: &str = concat!("bgjobs/", env!("CARGO_PKG_VERSION"));
 
 /// Run `call`, giving up after `limit`: for calls whose answer may never come (a hung connection) and that must
 /// not hold up what waits for them.

@@ -11,8 +11,9 @@ use std::time::Duration;
 use bgjobs::api::Phase;
 use common::{TestEnv, all_in, executions, max_overlap, now_ms};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -148,6 +149,27 @@ async fn a_job_of_a_killed_replica_is_retried_by_another_after_its_lease_expires
     let on_b: Vec<_> = execs.iter().filter(|e| e.worker == "b").collect();
     assert_eq!(on_b.len(), 1, "exactly one retry");
     assert!(on_b[0].start >= killed_at + 2_000, "b waited for the lease to expire before taking over");
+}
+
+/// The managers `managedFields` names for an object's fields under `top` (`f:status`, `f:spec`...).
+fn managers_of(meta: &ObjectMeta, top: &str) -> Vec<String> {
+    let entries = meta.managed_fields.iter().flatten();
+    let owning = entries.filter(|m| m.fields_v1.as_ref().is_some_and(|f| top.is_empty() || f.0.get(top).is_some()));
+    owning.map(|m| m.manager.clone().unwrap_or_default()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_is_named_as_the_manager_of_the_claim_lease_and_the_status_it_writes() {
+    let env = TestEnv::new("manager").await;
+    let _a = env.replica("a", &[]);
+    env.create("named", json!({"jobName": "sleep", "args": {"seconds": 3}})).await;
+    let job = env.wait_job("named", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let lease_name = job.status.as_ref().and_then(|s| s.lease.clone()).expect("a running job names its Lease");
+    let lease = Api::<Lease>::namespaced(env.client.clone(), &env.ns).get(&lease_name).await.unwrap();
+    assert_eq!(managers_of(&lease.metadata, ""), ["bgjobs"], "the claim Lease's writer");
+    assert_eq!(managers_of(&job.metadata, "f:status"), ["bgjobs"], "the Running status's writer");
+    let job = env.wait_job("named", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(managers_of(&job.metadata, "f:status"), ["bgjobs"], "the Succeeded status's writer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
