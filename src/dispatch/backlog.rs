@@ -6,7 +6,8 @@
 //! - `dirty`: jobs to look at in the next pass (they, or a Lease that guards them, changed);
 //! - `walk`: a full look in progress: the cache as listed, compared with the index [`WALK_CHUNK`] jobs per pass;
 //! - `sweep`: jobs a full look found unchanged, still to be looked at again, [`SWEEP_CHUNK`] per pass, the head of
-//!   the queue first, finished jobs last;
+//!   the queue first, finished jobs last (the dispatcher passes by those whose look would only repeat the last one:
+//!   [`repeats_last_look`]);
 //! - timers: when to look at a job again although nothing changed (a delay, a backoff, a deadline, a Lease that
 //!   may expire), in a heap;
 //! - concurrency-key groups and each member's turn, recomputed for a group only when one of its jobs changes;
@@ -19,8 +20,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 
@@ -45,6 +47,46 @@ pub struct Candidate {
     pub adopted_slot: Option<ExtraLease>,
     /// Since when this replica has seen it runnable (for the claim-latency metric).
     pub since: Instant,
+    /// When its deadline or delay changes its judgement (the wall clock; `None`: nothing time-driven does).
+    pub next_look: Option<Timestamp>,
+}
+
+/// Whether looking again at a candidate whose job has not changed since it was judged would only repeat that
+/// judgement, so that a full look's sweep may pass it by. So it is for a waiting job with no concurrency key and no
+/// adoption, whose claim Lease was absent when it was judged and is absent now (`lease_now`), and whose deadline or
+/// delay is further away than the next full look (`horizon`): its look would neither change its candidacy nor arm
+/// a timer (the next full look comes first). A job whose Lease appeared without the index hearing of it is still
+/// looked at, as is every job with a Lease, a key, or a time due before the next full look.
+pub fn repeats_last_look(c: &Candidate, lease_now: bool, now: Timestamp, horizon: Duration) -> bool {
+    let quiet = c.job.phase() == Phase::Waiting
+        && c.job.spec.concurrency_key.is_none()
+        && c.lease.is_none()
+        && !lease_now
+        && c.extras.is_empty()
+        && c.adopted_slot.is_none();
+    let horizon = jiff::SignedDuration::try_from(horizon).unwrap_or(jiff::SignedDuration::MAX);
+    let far = c.next_look.is_none_or(|at| at.duration_since(now) > horizon);
+    quiet && far
+}
+
+/// The jobs a pass looks at ([`Backlog::take_dirty`]).
+#[derive(Debug, Default)]
+pub struct Looks {
+    /// Jobs that changed (or a Lease that guards them, or their turn at a key did), or whose timer fired.
+    pub changed: Vec<String>,
+    /// Unchanged jobs a full look's sweep reached, none of them among `changed`: looked at again unless the look
+    /// would only repeat the last one ([`repeats_last_look`]).
+    pub swept: Vec<String>,
+}
+
+#[cfg(test)]
+impl Looks {
+    /// Every job, changed ones first.
+    pub fn all(self) -> Vec<String> {
+        let mut all = self.changed;
+        all.extend(self.swept);
+        all
+    }
 }
 
 /// A namespace and a concurrency key.
@@ -185,23 +227,25 @@ impl Backlog {
     pub fn walk(&mut self, chunk: usize) -> Option<Vec<Arc<BackgroundJob>>> {
         let mut walk = self.walk.take()?;
         let next = walk.listed.len().saturating_sub(chunk);
+        // Borrowed, not cloned: a walk meets every cached job, and each string copied is an allocation per job.
         for job in walk.listed.drain(next..) {
-            let uid = job.uid().unwrap_or_default();
-            if !self.touched.contains(&uid) {
-                match self.jobs.get_mut(&uid) {
-                    Some(indexed) if unchanged(indexed, &job) => {
-                        // The same version: its key, counts and group stay; only the copy is the cache's now.
-                        let key = QueueKey::of(&job);
-                        if let Some(c) = self.runnable.get_mut(&key) {
-                            c.job = job.clone();
-                        }
-                        *indexed = job;
-                        walk.unchanged.insert((indexed.phase().is_final(), key), uid.clone());
-                    }
-                    _ => self.upsert(job),
-                }
+            let uid = job.metadata.uid.as_deref().unwrap_or_default();
+            walk.met.insert(walk.hasher.hash_one(uid));
+            if self.touched.contains(uid) {
+                continue;
             }
-            walk.met.insert(walk.hasher.hash_one(&uid));
+            match self.jobs.get_mut(uid) {
+                Some(indexed) if unchanged(indexed, &job) => {
+                    // The same version: its key, counts and group stay; only the copy is the cache's now.
+                    let key = QueueKey::of(&job);
+                    if let Some(c) = self.runnable.get_mut(&key) {
+                        c.job = job.clone();
+                    }
+                    walk.unchanged.insert((job.phase().is_final(), key), uid.to_string());
+                    *indexed = job;
+                }
+                _ => self.upsert(job),
+            }
         }
         if !walk.listed.is_empty() {
             self.walk = Some(walk);
@@ -277,7 +321,8 @@ impl Backlog {
 
     /// Recompute the turns of the key groups that changed, then hand out every job marked or due by `now`, and the
     /// next [`SWEEP_CHUNK`] of the sweep.
-    pub fn take_dirty(&mut self, now: Instant) -> Vec<String> {
+    pub fn take_dirty(&mut self, now: Instant) -> Looks {
+        let mut swept = Vec::new();
         for _ in 0..SWEEP_CHUNK {
             if self.sweep.is_empty()
                 && let Some(next) = self.next_sweep.take()
@@ -285,7 +330,7 @@ impl Backlog {
                 self.sweep = next;
             }
             let Some((_, uid)) = self.sweep.pop_first() else { break };
-            self.dirty.insert(uid);
+            swept.push(uid);
         }
         while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > now {
@@ -300,7 +345,9 @@ impl Backlog {
         self.refresh_turns();
         // Taken, not drained: the set grew to every job at the first list (100,000 at 100k) and a table never
         // shrinks, and a drain scans and refills all of it, on every pass, for the few jobs a pass brings.
-        std::mem::take(&mut self.dirty).into_iter().collect()
+        let changed = std::mem::take(&mut self.dirty);
+        swept.retain(|uid| !changed.contains(uid));
+        Looks { changed: changed.into_iter().collect(), swept }
     }
 
     /// How many jobs are indexed.
@@ -438,7 +485,8 @@ impl Backlog {
 
 /// Whether `cached` is the version `indexed` already is (both carry a resourceVersion, and it is the same).
 fn unchanged(indexed: &BackgroundJob, cached: &BackgroundJob) -> bool {
-    indexed.resource_version().is_some_and(|rv| cached.resource_version().as_deref() == Some(rv.as_str()))
+    let cached = cached.metadata.resource_version.as_deref();
+    indexed.metadata.resource_version.as_deref().is_some_and(|rv| cached == Some(rv))
 }
 
 /// The concurrency-key group of an unfinished job with a key.
@@ -457,8 +505,6 @@ fn labels(job: &BackgroundJob) -> QueueLabels {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
@@ -482,6 +528,7 @@ mod tests {
             extras: Vec::new(),
             adopted_slot: None,
             since: Instant::now(),
+            next_look: None,
         }
     }
 
@@ -500,15 +547,15 @@ mod tests {
         let (late, early) = (job("late", 20, Phase::Waiting, None), job("early", 10, Phase::Waiting, None));
         b.upsert(late.clone());
         b.upsert(early.clone());
-        assert_eq!(sorted(b.take_dirty(Instant::now())), ["uid-early", "uid-late"]);
+        assert_eq!(sorted(b.take_dirty(Instant::now()).all()), ["uid-early", "uid-late"]);
         b.set_runnable("uid-late", candidate(&late));
         b.set_runnable("uid-early", candidate(&early));
         assert_eq!(names(&b), ["early", "late"]);
-        assert!(b.take_dirty(Instant::now()).is_empty(), "nothing changed");
+        assert!(b.take_dirty(Instant::now()).all().is_empty(), "nothing changed");
         let since = b.runnable_candidate("uid-early").unwrap().since;
         b.upsert(job("early", 10, Phase::Running, None));
         assert_eq!(names(&b), ["late"]);
-        assert_eq!(b.take_dirty(Instant::now()), ["uid-early"]);
+        assert_eq!(b.take_dirty(Instant::now()).all(), ["uid-early"]);
         assert_eq!(b.take_since("uid-early"), Some(since), "runnable since then, for the claim latency");
         assert_eq!(b.take_since("uid-early"), None);
     }
@@ -519,9 +566,9 @@ mod tests {
         for i in 0..10_000 {
             b.upsert(job(&format!("j{i:05}"), i, Phase::Waiting, None));
         }
-        assert_eq!(b.take_dirty(Instant::now()).len(), 10_000);
+        assert_eq!(b.take_dirty(Instant::now()).all().len(), 10_000);
         b.upsert(job("j00001", 1, Phase::Running, None));
-        assert_eq!(b.take_dirty(Instant::now()), ["uid-j00001"]);
+        assert_eq!(b.take_dirty(Instant::now()).all(), ["uid-j00001"]);
         assert!(b.dirty.capacity() < 100, "the marks of one pass are not a table of every job");
     }
 
@@ -538,9 +585,9 @@ mod tests {
         b.arm("uid-b", t0 + Duration::from_secs(1));
         b.disarm("uid-b");
         assert_eq!(b.next_due(), Some(t0 + Duration::from_secs(5)));
-        assert!(b.take_dirty(t0 + Duration::from_secs(4)).is_empty());
-        assert_eq!(b.take_dirty(t0 + Duration::from_secs(5)), ["uid-a"]);
-        assert!(b.take_dirty(t0 + Duration::from_secs(30)).is_empty(), "stale heap entries are skipped");
+        assert!(b.take_dirty(t0 + Duration::from_secs(4)).all().is_empty());
+        assert_eq!(b.take_dirty(t0 + Duration::from_secs(5)).all(), ["uid-a"]);
+        assert!(b.take_dirty(t0 + Duration::from_secs(30)).all().is_empty(), "stale heap entries are skipped");
         assert_eq!(b.next_due(), None);
     }
 
@@ -553,13 +600,68 @@ mod tests {
         b.take_dirty(Instant::now());
         assert!(matches!(b.turn("uid-second"), Some(KeyVerdict::Wait { .. })));
         b.upsert(job("first", 1, Phase::Succeeded, Some("k")));
-        assert_eq!(sorted(b.take_dirty(Instant::now())), ["uid-first", "uid-second"]);
+        assert_eq!(sorted(b.take_dirty(Instant::now()).all()), ["uid-first", "uid-second"]);
         assert_eq!(b.turn("uid-second"), Some(&KeyVerdict::Turn));
         assert!(b.has_key_lease("ns", &keys::lease_name("k")));
         b.mark_key_lease("ns", &keys::lease_name("k"));
-        assert_eq!(b.take_dirty(Instant::now()), ["uid-second"], "a key Lease change concerns the turn holder");
+        assert_eq!(b.take_dirty(Instant::now()).all(), ["uid-second"], "a key Lease change concerns the turn holder");
         b.remove("uid-second");
         assert!(!b.has_key_lease("ns", &keys::lease_name("k")));
+    }
+
+    #[test]
+    fn a_swept_job_that_also_changed_is_handed_out_once_as_changed() {
+        let n = SWEEP_HEAD + 50;
+        let (mut b, jobs) = indexed_candidates(n);
+        b.resync(copies(&jobs));
+        let (changed, marked) = (SWEEP_HEAD + 10, SWEEP_HEAD + 20);
+        b.upsert(versioned(&jobs[changed], "2"));
+        b.mark(&format!("uid-j{marked:05}"));
+        let looks = b.take_dirty(Instant::now());
+        for i in [changed, marked] {
+            let uid = format!("uid-j{i:05}");
+            assert!(looks.changed.contains(&uid) && !looks.swept.contains(&uid), "{uid}");
+        }
+        assert_eq!(looks.changed.len(), SWEEP_HEAD + 2, "the head of the queue, the changed job and the marked one");
+        assert_eq!(looks.swept.len(), n - SWEEP_HEAD - 2, "the others, swept");
+        assert_eq!(looks.all().into_iter().collect::<HashSet<_>>().len(), n, "every job, once");
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    #[test]
+    fn a_quiet_waiting_candidate_whose_deadline_is_past_the_next_full_look_need_not_be_looked_at_again() {
+        let horizon = Duration::from_secs(300);
+        let mut c = candidate(&job("quiet", 0, Phase::Waiting, None));
+        assert!(repeats_last_look(&c, false, at(0), horizon), "nothing time-driven");
+        c.next_look = Some(at(301));
+        assert!(repeats_last_look(&c, false, at(0), horizon), "its deadline comes after the next full look");
+        assert!(!repeats_last_look(&c, false, at(1), horizon), "the look would arm its timer (300 s away)");
+        assert!(!repeats_last_look(&c, false, at(400), horizon), "past its deadline");
+        assert!(!repeats_last_look(&c, true, at(0), horizon), "its Lease appeared unheard of");
+    }
+
+    #[test]
+    fn a_candidate_with_a_lease_a_key_an_adoption_or_not_waiting_is_looked_at_again() {
+        let (now, horizon) = (at(0), Duration::from_secs(300));
+        let lease = Arc::new(Lease::default());
+        let with_lease = Candidate { lease: Some(lease), ..candidate(&job("leased", 0, Phase::Waiting, None)) };
+        assert!(!repeats_last_look(&with_lease, true, now, horizon));
+        let keyed = candidate(&job("keyed", 0, Phase::Waiting, Some("k")));
+        assert!(!repeats_last_look(&keyed, false, now, horizon));
+        let running = candidate(&job("running", 0, Phase::Running, None));
+        assert!(!repeats_last_look(&running, false, now, horizon), "a takeover is judged on its Lease's clock");
+        let extra = ExtraLease {
+            namespace: "ns".into(),
+            name: "slot".into(),
+            seen: None,
+            label: "bgjobs.dev/slot",
+            expired_tenure: None,
+        };
+        let adopting = Candidate { adopted_slot: Some(extra), ..candidate(&job("adopting", 0, Phase::Waiting, None)) };
+        assert!(!repeats_last_look(&adopting, false, now, horizon));
     }
 
     fn versioned(j: &Arc<BackgroundJob>, rv: &str) -> Arc<BackgroundJob> {
@@ -580,12 +682,12 @@ mod tests {
         assert!(Arc::ptr_eq(&b.runnable_candidate("uid-j00000").unwrap().job, &listed[0]), "the cache's copy");
         assert!(Arc::ptr_eq(b.job("uid-j00001").unwrap(), &listed[1]));
         let mut looked = HashSet::new();
-        let first = b.take_dirty(Instant::now());
+        let first = b.take_dirty(Instant::now()).all();
         assert!(first.contains(&"uid-j00007".to_string()), "a changed job is looked at in the next pass");
         assert!(first.len() <= SWEEP_CHUNK + 1, "{} looks in one pass", first.len());
         looked.extend(first);
         while b.sweeping() {
-            let next = b.take_dirty(Instant::now());
+            let next = b.take_dirty(Instant::now()).all();
             assert!(!next.is_empty() && next.len() <= SWEEP_CHUNK, "{} looks in one pass", next.len());
             looked.extend(next);
         }
@@ -627,7 +729,7 @@ mod tests {
         // Then the sweep looks at every unchanged job again, a chunk per pass.
         let mut looked = HashSet::new();
         while b.sweeping() {
-            looked.extend(b.take_dirty(Instant::now()));
+            looked.extend(b.take_dirty(Instant::now()).all());
         }
         assert_eq!(looked.len(), jobs.len() - 2 + 2, "every job present is looked at: {}", looked.len());
     }
@@ -644,7 +746,7 @@ mod tests {
             assert!(!(busy && began), "pass {pass}: a look began while another walked, or a sweep waited");
             begun += usize::from(began);
             removed.extend(b.walk(WALK_CHUNK).unwrap_or_default());
-            looked.extend(b.take_dirty(Instant::now()));
+            looked.extend(b.take_dirty(Instant::now()).all());
         }
         assert_eq!(removed.iter().map(|j| j.name_any()).collect::<Vec<_>>(), ["j00004"], "the first walk ended");
         assert!(b.job("uid-j00004").is_none());
@@ -673,7 +775,7 @@ mod tests {
         // Both sweeps run to their end: the back of the queue is reached.
         let mut looked = HashSet::new();
         while b.sweeping() {
-            looked.extend(b.take_dirty(Instant::now()));
+            looked.extend(b.take_dirty(Instant::now()).all());
         }
         assert!(looked.contains(&format!("uid-j{:05}", jobs.len() - 1)), "the back of the queue is reached");
     }
@@ -700,7 +802,7 @@ mod tests {
         let (mut b, jobs) = indexed_candidates(WALK_CHUNK * 2);
         let listed = copies(&jobs);
         assert!(b.full_look(true, || listed.clone()));
-        let first = b.take_dirty(Instant::now());
+        let first = b.take_dirty(Instant::now()).all();
         assert_eq!(first.len(), SWEEP_HEAD, "the head's candidates are looked at in the next pass");
         assert!(first.contains(&"uid-j00000".to_string()));
         assert!(b.walk(WALK_CHUNK).is_none());
@@ -725,7 +827,7 @@ mod tests {
         for j in &jobs {
             b.upsert(j.clone());
         }
-        for uid in b.take_dirty(Instant::now()) {
+        for uid in b.take_dirty(Instant::now()).all() {
             let j = b.job(&uid).unwrap().clone();
             b.set_runnable(&uid, candidate(&j));
         }
@@ -744,11 +846,11 @@ mod tests {
         b.upsert(jobs[0].clone());
         b.take_dirty(Instant::now());
         b.resync(copies(&jobs));
-        let first = b.take_dirty(Instant::now());
+        let first = b.take_dirty(Instant::now()).all();
         assert!(first.contains(&"uid-j00001".to_string()), "the head is looked at in the first pass");
         let mut passes = vec![first];
         while b.sweeping() {
-            passes.push(b.take_dirty(Instant::now()));
+            passes.push(b.take_dirty(Instant::now()).all());
         }
         assert_eq!(passes.len(), 3);
         assert!(passes[2].contains(&"uid-j00000".to_string()), "the finished job is looked at last");
@@ -769,7 +871,7 @@ mod tests {
         let copy = Arc::new((*fresh).clone());
         b.resync(vec![copy.clone()]);
         assert!(Arc::ptr_eq(&b.runnable_candidate("uid-fresh").expect("still a candidate").job, &copy));
-        assert_eq!(b.take_dirty(Instant::now()), ["uid-fresh"]);
+        assert_eq!(b.take_dirty(Instant::now()).all(), ["uid-fresh"]);
         assert!(!b.sweeping());
     }
 

@@ -396,8 +396,14 @@ impl Dispatcher {
         for slot in &slot_leases {
             self.disown_if_idle(slot);
         }
-        for uid in self.backlog.take_dirty(inst) {
+        let looks = self.backlog.take_dirty(inst);
+        for uid in looks.changed {
             self.look_at(&uid, now, inst, &members, &adoption_slots);
+        }
+        for uid in looks.swept {
+            if !self.look_would_repeat(&uid, now, &adoption_slots) {
+                self.look_at(&uid, now, inst, &members, &adoption_slots);
+            }
         }
         let held_for_adopters: Vec<String> = adoption_slots.values().map(|l| l.name_any()).collect();
         let adoptions: Vec<String> = adoption_slots.into_keys().collect();
@@ -589,10 +595,38 @@ impl Dispatcher {
                     self.disown_if_idle(l);
                 }
                 let since = since.unwrap_or(inst);
-                let candidate = Candidate { job, lease, state, extras, adopted_slot, since };
+                let next_look = recheck.map(|d| {
+                    let d = jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX);
+                    now.checked_add(d).unwrap_or(Timestamp::MAX)
+                });
+                let candidate = Candidate { job, lease, state, extras, adopted_slot, since, next_look };
                 self.backlog.set_runnable(uid, candidate);
             }
         }
+    }
+
+    /// Whether a job a full look's sweep reached, unchanged, would be judged as its last look judged it, so that
+    /// looking at it again can be skipped: a finished job with no retention to keep (its look does nothing), or a
+    /// candidate [`backlog::repeats_last_look`] says so of. Never for a job this replica's own records name (held,
+    /// being written, just settled, deferred, claimed elsewhere, an adoption): those are looked at as before. At
+    /// 100,000 waiting jobs this spares each full look 100,000 looks; what the full look is there for (a change the
+    /// index missed) is still found: the walk compares every job's version, and this checks the Lease cache.
+    fn look_would_repeat(&self, uid: &str, now: Timestamp, adoption_slots: &HashMap<String, Arc<Lease>>) -> bool {
+        let own = self.held.contains_key(uid)
+            || self.writing.contains(uid)
+            || self.settled_at.contains_key(uid)
+            || self.deferred.contains(uid)
+            || self.deferred_deletes.contains(uid)
+            || self.claimed_elsewhere.contains(uid)
+            || adoption_slots.contains_key(uid);
+        let Some(job) = self.backlog.job(uid).filter(|_| !own) else { return false };
+        if job.phase().is_final() {
+            return crate::retention::ttl_for(job, &self.config.retention).is_none();
+        }
+        let Some(candidate) = self.backlog.runnable_candidate(uid) else { return false };
+        let lease = ObjectRef::new(&claim::lease_name(job)).within(&job.namespace().unwrap_or_default());
+        let lease_now = self.view.leases.get(&lease).is_some();
+        backlog::repeats_last_look(candidate, lease_now, now, self.full_look_every)
     }
 
     /// Arm a job's timer, unless the next full look comes first (a waiting job's deadline is usually hours away:
