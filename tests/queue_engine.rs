@@ -281,6 +281,23 @@ async fn jobs_past_their_timeout_are_abandoned_and_kept() {
     assert_eq!(starts_per_job(&env).get("never-runs"), None, "an abandoned job never started");
 }
 
+/// A waiting job's deadline further away than the replica's full-look period (60 s) gets no timer when the job is
+/// judged; a later full look finds it. The looks in between pass the job by (its look would only repeat the last),
+/// and the one that comes within a period of the deadline arms its timer: the job is abandoned at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_job_whose_deadline_is_beyond_a_full_look_is_abandoned_at_it() {
+    let env = TestEnv::new("far-deadline").await;
+    let _tidy = env.replica("tidy", &["--job-execution-enabled=false"]);
+    env.create("far", json!({"jobName": "noop", "timeoutSeconds": 150})).await;
+    let job = env.wait_job("far", Duration::from_secs(300), "Abandoned", |j| j.phase().is_final()).await;
+    let created = job.metadata.creation_timestamp.clone().unwrap().0;
+    let status = job.status.unwrap();
+    assert_eq!((status.phase, status.attempts), (Some(Phase::Abandoned), 0));
+    let ended = status.completion_time.expect("an abandoned job has a completion time").0;
+    let after = ended.duration_since(created).as_secs();
+    assert!((150..=165).contains(&after), "abandoned {after} s after its creation, its deadline at 150 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_job_does_not_start_before_its_delay() {
     let env = TestEnv::new("delay").await;

@@ -51,6 +51,14 @@ pub struct Candidate {
     pub next_look: Option<Timestamp>,
 }
 
+/// When a candidate judged at `now` must be judged again, from its judgement's `recheck` ([`Candidate::next_look`]).
+pub fn next_look(now: Timestamp, recheck: Option<Duration>) -> Option<Timestamp> {
+    recheck.map(|d| {
+        now.checked_add(jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX))
+            .unwrap_or(Timestamp::MAX)
+    })
+}
+
 /// Whether looking again at a candidate whose job has not changed since it was judged would only repeat that
 /// judgement, so that a full look's sweep may pass it by. So it is for a waiting job with no concurrency key and no
 /// adoption, whose claim Lease was absent when it was judged and is absent now (`lease_now`), and whose deadline or

@@ -595,10 +595,7 @@ impl Dispatcher {
                     self.disown_if_idle(l);
                 }
                 let since = since.unwrap_or(inst);
-                let next_look = recheck.map(|d| {
-                    let d = jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX);
-                    now.checked_add(d).unwrap_or(Timestamp::MAX)
-                });
+                let next_look = backlog::next_look(now, recheck);
                 let candidate = Candidate { job, lease, state, extras, adopted_slot, since, next_look };
                 self.backlog.set_runnable(uid, candidate);
             }

@@ -295,6 +295,57 @@ mod tests {
         }
     }
 
+    /// The sweep's shortcut ([`backlog::repeats_last_look`]) lists triage's inputs by hand: whenever it says a
+    /// candidate's look would repeat, triage must judge that candidate as before and want no timer before the next
+    /// full look, over deadlines, retry times, judgement times, look times and periods.
+    #[test]
+    fn a_candidate_the_sweep_passes_by_is_judged_as_before_and_wants_no_timer_before_the_next_full_look() {
+        use crate::dispatch::backlog::{self, Candidate};
+        let (mut skipped, mut looked) = (0, 0);
+        for timeout in [None, Some(30), Some(100), Some(400), Some(1_000)] {
+            for retry_at in [None, Some(50)] {
+                let mut j = job(serde_json::json!({}), Phase::Waiting, i32::from(retry_at.is_some()));
+                if let Some(t) = timeout {
+                    j.spec.timeout_seconds = t;
+                }
+                j.status.as_mut().unwrap().next_attempt_time = retry_at.map(|s| Time(at(s)));
+                let j = Arc::new(j);
+                for judged in [0, 10, 60, 200] {
+                    let Decision::Claim { state, extras, adopted_slot, recheck } =
+                        triage(&facts(&j, None, 0, judged), &T)
+                    else {
+                        continue;
+                    };
+                    let c = Candidate {
+                        job: j.clone(),
+                        lease: None,
+                        state,
+                        extras,
+                        adopted_slot,
+                        since: std::time::Instant::now(),
+                        next_look: backlog::next_look(at(judged), recheck),
+                    };
+                    for later in [0, 5, 50, 100, 500, 2_000] {
+                        for period in [60, 300, 600] {
+                            let (now, period) = (judged + later, Duration::from_secs(period));
+                            if !backlog::repeats_last_look(&c, false, at(now), period) {
+                                looked += 1;
+                                continue;
+                            }
+                            skipped += 1;
+                            match triage(&facts(&j, None, 0, now), &T) {
+                                Decision::Claim { state: LeaseState::Absent, extras, adopted_slot: None, recheck }
+                                    if extras.is_empty() && recheck.is_none_or(|r| r > period) => {}
+                                other => panic!("timeout {timeout:?}, judged {judged}, now {now}: {other:?}"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(skipped > 50 && looked > 50, "both ways are tried: {skipped} skipped, {looked} looked at");
+    }
+
     #[test]
     fn a_waiting_job_with_no_lease_is_claimed_and_looked_at_again_at_its_deadline() {
         let j = job(serde_json::json!({"timeoutSeconds": 100}), Phase::Waiting, 0);
