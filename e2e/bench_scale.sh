@@ -13,8 +13,14 @@
 #   e2e/bench_scale.sh                                    1k, 10k and 100k (the 100k run takes about 30 minutes)
 #   SCALE_SIZES="1000 10000" e2e/bench_scale.sh          a quicker run
 #
+# The first size is the baseline the others are compared with. A 1k drain lasts about 11 s, so one drain measures the
+# shared machine's moment as much as the code (two runs of the same code: 89 and 114 jobs/s): the baseline is drained
+# SCALE_BASELINE_ROUNDS times in a row, and the summary compares every larger size with the rounds' median
+# throughput and replica CPU per job (printing the rounds' range beside it).
+#
 # Environment (defaults in brackets):
 #   SCALE_SIZES ["1000 10000 100000"]  SCALE_REPLICAS [4]  SCALE_SLOTS [16]
+#   SCALE_BASELINE_ROUNDS [3]   drains of the first size, each with its own replicas and backlog
 #   SCALE_CREATE_PARALLEL [4]   concurrent `kubectl create` streams filling the backlog
 #   SCALE_STALL [180]           give up on a size when no job finished for this many seconds
 #   SCALE_NAMESPACE [bgjobs-scale]  the namespace the run fills (deleted and re-created per size)
@@ -44,6 +50,7 @@ cd "$ROOT"
 SIZES=${SCALE_SIZES:-1000 10000 100000}
 REPLICAS=${SCALE_REPLICAS:-4}
 SLOTS=${SCALE_SLOTS:-16}
+BASELINE_ROUNDS=${SCALE_BASELINE_ROUNDS:-3}
 CREATE_PARALLEL=${SCALE_CREATE_PARALLEL:-4}
 STALL=${SCALE_STALL:-180}
 PROFILE_SECONDS=${SCALE_PROFILE_SECONDS:-0}
@@ -68,8 +75,8 @@ if ((PERF_SECONDS > 0)) && ! command -v perf >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -q linux-perf >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q linux-perf >/dev/null; }; fi
   command -v perf >/dev/null || die "SCALE_PERF_SECONDS needs perf (Debian: linux-perf)"
 fi
-for v in $SIZES $REPLICAS $SLOTS $CREATE_PARALLEL $STALL; do
-  [[ $v =~ ^[1-9][0-9]*$ ]] || die "sizes, replicas, slots, parallelism and stall must be positive integers, got '$v'"
+for v in $SIZES $REPLICAS $SLOTS $BASELINE_ROUNDS $CREATE_PARALLEL $STALL; do
+  [[ $v =~ ^[1-9][0-9]*$ ]] || die "sizes, replicas, slots, rounds, parallelism and stall must be positive integers, got '$v'"
 done
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
 
@@ -107,6 +114,29 @@ create_jobs() { # dir count
   find "$dir/jobs" -name 'part-*.yaml' | sort | xargs -P "$CREATE_PARALLEL" -I{} kubectl create -n "$NS" -f {} -o name >/dev/null
 }
 
+# One figure (e.g. jobs_per_s) of every size's first line in a summary: "backlog figure" per line.
+figure_of() { # summary name
+  sed -n "s/^backlog=\([0-9]*\)[^ ]*.* $2=\([0-9.]*\).*/\1 \2/p" "$1"
+}
+
+# Each size's throughput and replica CPU per job as a ratio of the baseline's median over its rounds.
+compare_with_baseline() { # summary baseline
+  local name
+  for name in jobs_per_s replica_cpu_ms_per_job; do
+    figure_of "$1" "$name" | awk -v base="$2" -v name="$name" '
+      $1 == base { v[++k] = $2; next }
+      { size[++m] = $1; val[m] = $2 }
+      END {
+        if (k == 0) exit
+        for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+        med = (k % 2 ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2)
+        printf "%s at %d: median %.2f of %d round(s), range %.2f-%.2f\n", name, base, med, k, v[1], v[k]
+        for (i = 1; i <= m; i++)
+          printf "  at %d: %.2f = %.2fx the median (%.2fx-%.2fx of the rounds)\n", size[i], val[i], val[i] / med, val[i] / v[k], val[i] / v[1]
+      }'
+  done
+}
+
 finished_jobs() { cat "$1"/*.exec 2>/dev/null | grep -c '"ev":"finish"' || true; }
 
 # Throughput per tenth of one drain (jobs/s over the time its tenth of the finishes took): the first tenth ran
@@ -140,11 +170,11 @@ wait_quiet() { # file quiet limit
   echo "the recorder was still writing after $3 s" >&2
 }
 
-one_size() {
-  local n=$1 dir=$RUN_DIR/$1 i
+one_size() { # size label
+  local n=$1 dir=$RUN_DIR/$2 i
   mkdir -p "$dir"
   echo
-  echo "==> backlog of $n jobs"
+  echo "==> backlog of $n jobs${2#"$1"}"
   kubectl delete namespace "$NS" --wait=true --timeout=600s >/dev/null 2>&1 || true
   kubectl create namespace "$NS" >/dev/null
   local t0=$SECONDS api_rss0
@@ -234,8 +264,8 @@ one_size() {
   check=$("$HISTORY" check "$dir" --per-replica-cap "$SLOTS" --fifo-bound-ms 3000 2>&1 | head -n 20) || true
   echo "$check" >"$dir/check.txt"
   {
-    printf 'backlog=%d jobs_per_s=%.1f replica_cpu_ms_per_job=%.2f peak_rss_mib=%s apiserver_cpu_ms_per_job=%s ' \
-      "$n" "$(awk -v n="$executed" -v s="$span" 'BEGIN {print (s > 0 ? n / s : 0)}')" \
+    printf 'backlog=%d%s jobs_per_s=%.1f replica_cpu_ms_per_job=%.2f peak_rss_mib=%s apiserver_cpu_ms_per_job=%s ' \
+      "$n" "${2#"$1"}" "$(awk -v n="$executed" -v s="$span" 'BEGIN {print (s > 0 ? n / s : 0)}')" \
       "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" "$api_ms"
     printf 'etcd_cpu_ms_per_job=%s recorder_cpu_ms_per_job=%s machine_cpu_ms_per_job=%s ' "$etcd_ms" "$rec_ms" "$busy_ms"
     printf 'writes_per_job=%.2f (jobs %d, leases %d) refused_claims_per_job=%.2f apiserver_rss_mib_per_10k_jobs=%s stored_job_bytes=%s\n' \
@@ -268,10 +298,24 @@ if [ "$api2" != 0 ] && kill -0 "$api2" 2>/dev/null; then
 fi
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "$REPLICAS replicas x $SLOTS slots, --retention $RETENTION; results in ${RUN_DIR#"$ROOT"/}"
-for n in $SIZES; do one_size "$n"; done
+LABELS=()
+BASELINE=${SIZES%% *}
+for ((k = 1; k <= BASELINE_ROUNDS; k++)); do
+  label=$BASELINE
+  ((BASELINE_ROUNDS > 1)) && label=$BASELINE-round$k
+  LABELS+=("$label")
+  one_size "$BASELINE" "$label"
+done
+for n in ${SIZES#"$BASELINE"}; do
+  LABELS+=("$n")
+  one_size "$n" "$n"
+done
 echo
 echo "==> summary"
-cat "$RUN_DIR"/*/figures.txt | tee "$RUN_DIR/summary.txt"
+for label in "${LABELS[@]}"; do cat "$RUN_DIR/$label/figures.txt"; done | tee "$RUN_DIR/summary.txt"
+echo
+# The targets compare each larger size with the baseline: its rounds' median, their range beside it.
+compare_with_baseline "$RUN_DIR/summary.txt" "$BASELINE" | tee -a "$RUN_DIR/summary.txt"
 echo
 echo "the last size's namespace ($NS) is still being deleted: the namespace controller deletes its jobs one by one,"
 echo "which loads the apiserver for minutes after a large size (tests run meanwhile may time out);"
