@@ -21,6 +21,28 @@ use crate::lease::{self, Acquire, Claim, Keeper, LeaseTiming, Observer};
 pub const MEMBER_LABEL: &str = "bgjobs.dev/member";
 /// Annotation on a member Lease: whether that replica runs the recurring controller (`"true"`/`"false"`).
 pub const RECURRING_ANNOTATION: &str = "bgjobs.dev/recurring";
+/// Annotation on a member Lease: whether that replica claims and runs jobs (`"true"`/`"false"`).
+pub const JOBS_ANNOTATION: &str = "bgjobs.dev/jobs";
+
+/// What a replica does, written on its member Lease so that each kind of work is shared only among the members
+/// that do it: a member that runs no jobs owns none of the queue's head ([`crate::ordering::pick`]), or the others
+/// would leave its share to it for a moment every time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    /// Runs the recurring controller (`--recurring`).
+    pub recurring: bool,
+    /// Claims and runs jobs (not `--no-execute`).
+    pub jobs: bool,
+}
+
+impl Roles {
+    fn annotations(self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (RECURRING_ANNOTATION.to_string(), self.recurring.to_string()),
+            (JOBS_ANNOTATION.to_string(), self.jobs.to_string()),
+        ])
+    }
+}
 
 /// The watch scope members share: the watched namespace, or `all-namespaces`.
 pub fn scope(namespace: Option<&str>) -> String {
@@ -48,6 +70,12 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
 /// annotation, count as running it (they always did).
 pub fn runs_recurring(l: &Lease) -> bool {
     lease::annotation(l, RECURRING_ANNOTATION) != Some("false")
+}
+
+/// Whether a member Lease says its replica claims and runs jobs. Leases of older replicas, without the annotation,
+/// count as running them.
+pub fn runs_jobs(l: &Lease) -> bool {
+    lease::annotation(l, JOBS_ANNOTATION) != Some("false")
 }
 
 /// Name of a replica's member Lease in watch scope `scope`. The scope is part of the name: replicas of two
@@ -120,7 +148,7 @@ pub async fn heartbeat(
     scope: String,
     identity: String,
     timing: LeaseTiming,
-    recurring: bool,
+    roles: Roles,
     membership: watch::Sender<Option<Arc<Keeper>>>,
     stop: CancellationToken,
 ) {
@@ -128,7 +156,7 @@ pub async fn heartbeat(
     let name = member_lease_name(&identity, &scope);
     let claim = Claim {
         holder: identity,
-        annotations: BTreeMap::from([(RECURRING_ANNOTATION.to_string(), recurring.to_string())]),
+        annotations: roles.annotations(),
         labels: [
             (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
             (MEMBER_LABEL.to_string(), scope),

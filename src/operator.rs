@@ -94,7 +94,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         crate::members::scope(config.namespace.as_deref()),
         identity.clone(),
         timing,
-        config.recurring_enabled,
+        crate::members::Roles { recurring: config.recurring_enabled, jobs: config.job_execution_enabled },
         membership_tx,
         stop_background.clone(),
     ));

@@ -391,6 +391,9 @@ impl Dispatcher {
         self.tenures.update(&self.view.members.state(), inst);
         let scope = crate::members::scope(self.config.namespace.as_deref());
         let members = crate::members::live(&self.view.members, &scope, &mut self.member_observer, inst, &timing, &me);
+        let observer = &mut self.member_observer;
+        let claimers =
+            crate::members::live_where(&self.view.members, &scope, observer, inst, &timing, &me, crate::members::runs_jobs);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
         for slot in &slot_leases {
@@ -407,7 +410,7 @@ impl Dispatcher {
         }
         let held_for_adopters: Vec<String> = adoption_slots.values().map(|l| l.name_any()).collect();
         let adoptions: Vec<String> = adoption_slots.into_keys().collect();
-        if let Some(wait) = self.claim_some(&members, &held_for_adopters, &adoptions) {
+        if let Some(wait) = self.claim_some(&claimers, &held_for_adopters, &adoptions) {
             due = due.min(wait);
         }
         if let Some(at) = self.backlog.next_due() {
@@ -635,7 +638,9 @@ impl Dispatcher {
     }
 
     /// Claim what this replica should claim now: adoptions that bring their cluster slot first, then picks from the
-    /// head of the queue. Returns when a waiting head job will become overdue.
+    /// head of the queue, shared with the live `members` that run jobs. Returns when the picks may change: a waiting
+    /// head job becomes overdue, or another replica's job in the window was left to it long enough
+    /// ([`ordering::OWNER_FIRST_FOR`]).
     fn claim_some(
         &mut self,
         members: &[String],
@@ -710,31 +715,36 @@ impl Dispatcher {
 
         let now = Instant::now();
         let window = free.max(1).saturating_mul(workers.max(1));
-        let head: Vec<(QueueKey, String)> = if only_takeovers {
+        let waiting = |key: QueueKey, c: &Candidate| ordering::Waiting {
+            key,
+            uid: c.job.uid().unwrap_or_default(),
+            owner_first: c.job.spec.concurrency_key.is_none(),
+        };
+        let head: Vec<ordering::Waiting> = if only_takeovers {
             // Only orphaned running jobs: found through the running set, not by walking every candidate.
-            let mut takeovers: Vec<(QueueKey, String)> = self
+            let mut takeovers: Vec<ordering::Waiting> = self
                 .backlog
                 .running()
                 .filter_map(|j| self.backlog.runnable_candidate(&j.uid()?))
                 .filter(|c| starts == exclusive::Starts::Orphans || claim::adopts(&c.job))
-                .map(|c| (QueueKey::of(&c.job), c.job.uid().unwrap_or_default()))
+                .map(|c| waiting(QueueKey::of(&c.job), c))
                 .collect();
-            takeovers.sort();
+            takeovers.sort_by(|a, b| a.key.cmp(&b.key));
             takeovers.truncate(window);
             takeovers
         } else {
-            self.backlog.runnable().take(window).map(|(k, c)| (k.clone(), c.job.uid().unwrap_or_default())).collect()
+            self.backlog.runnable().take(window).map(|(k, c)| waiting(k.clone(), c)).collect()
         };
-        let (runnable, next_overdue) = self.head_clocks.mark(&head, free, now);
+        let (runnable, look_again_in) = self.head_clocks.mark(&head, free, now);
         if free == 0 || runnable.is_empty() {
-            return next_overdue;
+            return look_again_in;
         }
         let epoch = jiff::Timestamp::now().as_second() as u64;
         let picked: HashSet<QueueKey> =
             ordering::pick(&runnable, free, workers, members, &me, epoch).into_iter().cloned().collect();
         let mut slots = slots.into_iter();
         let lease_namespace = self.config.lease_namespace.clone();
-        for (key, uid) in head.iter().filter(|(key, _)| picked.contains(key)) {
+        for ordering::Waiting { key, uid, .. } in head.iter().filter(|w| picked.contains(&w.key)) {
             let Some(c) = self.backlog.take_runnable(uid) else { continue };
             debug_assert_eq!(&QueueKey::of(&c.job), key);
             let slot = slots.next().map(|s| ExtraLease {
@@ -746,7 +756,7 @@ impl Dispatcher {
             });
             self.spawn_claim(c, slot);
         }
-        next_overdue
+        look_again_in
     }
 
     fn spawn_claim(&mut self, c: Candidate, slot: Option<ExtraLease>) {
