@@ -473,7 +473,9 @@ mod tests {
         let owner = owners(&fresh[..3], &members, 7);
         // A replica that owns none of the head three (racing, it would take none of them yet).
         let me = members.iter().find(|m| !owner.contains(m)).expect("four members, three jobs");
-        assert!(pick(&fresh, 3, 4, &members, me, 7).iter().all(|p| !["j000", "j001", "j002"].contains(&p.name.as_str())));
+        assert!(
+            pick(&fresh, 3, 4, &members, me, 7).iter().all(|p| !["j000", "j001", "j002"].contains(&p.name.as_str()))
+        );
         let names: Vec<_> = pick(&fresh, 3, 1, &members, me, 7).into_iter().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["j000", "j001", "j002"]);
     }
@@ -594,7 +596,8 @@ mod tests {
         let t0 = std::time::Instant::now();
         let mut clocks = HeadClocks::default();
         // Jobs nobody gets a turn for: only their place at the head times the next look.
-        let w: Vec<Waiting> = window(&["a", "b", "c"]).into_iter().map(|w| Waiting { owner_first: false, ..w }).collect();
+        let w: Vec<Waiting> =
+            window(&["a", "b", "c"]).into_iter().map(|w| Waiting { owner_first: false, ..w }).collect();
         let (r, next) = clocks.mark(&w, 2, t0);
         assert!(overdue(&r).is_empty());
         assert_eq!(next, Some(OVERDUE_AFTER));
