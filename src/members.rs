@@ -231,6 +231,20 @@ mod tests {
     }
 
     #[test]
+    fn a_member_lease_says_what_its_replica_does_and_an_older_one_counts_as_doing_everything() {
+        let lease = |annotations: BTreeMap<String, String>| Lease {
+            metadata: kube::api::ObjectMeta { annotations: Some(annotations), ..Default::default() },
+            ..Default::default()
+        };
+        let no_jobs = lease(Roles { recurring: true, jobs: false }.annotations());
+        assert!(!runs_jobs(&no_jobs) && runs_recurring(&no_jobs));
+        let no_recurring = lease(Roles { recurring: false, jobs: true }.annotations());
+        assert!(runs_jobs(&no_recurring) && !runs_recurring(&no_recurring));
+        let older = lease(BTreeMap::new());
+        assert!(runs_jobs(&older) && runs_recurring(&older));
+    }
+
+    #[test]
     fn member_lease_names_are_valid() {
         let n = member_lease_name("Pod_Name.1", "jobs");
         assert!(n.starts_with("bgjobs-member-pod-name-1-"), "{n}");
