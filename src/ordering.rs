@@ -239,8 +239,7 @@ pub fn pick<'a>(
         .filter(|i| !chosen.contains(i))
         .filter_map(|i| {
             let key = &runnable[i].key;
-            let owned = format!("{}/{}#{epoch}", key.namespace, key.name);
-            let mine = crate::members::owner(members, &owned).is_none_or(|owner| owner == me);
+            let mine = owner_of(members, key, epoch).is_none_or(|owner| owner == me);
             (mine || !racing || runnable[i].owner_had_its_turn).then(|| (!mine, rank(me, key, epoch), i))
         })
         .collect();
@@ -266,17 +265,24 @@ pub fn racing(in_order: bool, members: usize, holders: usize) -> usize {
     if in_order { 1 } else { members.max(holders).max(1) }
 }
 
+/// The live member that owns the job at `key` during `epoch` ([`pick`]; none without members).
+fn owner_of<'a>(members: &'a [String], key: &QueueKey, epoch: u64) -> Option<&'a str> {
+    crate::members::owner(members, &format!("{}/{}#{epoch}", key.namespace, key.name))
+}
+
 /// How long `uid` has been where `clocks` time it, its clock started at `now` if it had none.
 fn waited(
     clocks: &mut std::collections::HashMap<String, std::time::Instant>,
     uid: &str,
     now: std::time::Instant,
 ) -> std::time::Duration {
-    let since = *clocks.get(uid).unwrap_or(&now);
-    if since == now {
-        clocks.insert(uid.to_owned(), now);
+    match clocks.get(uid) {
+        Some(since) => now.saturating_duration_since(*since),
+        None => {
+            clocks.insert(uid.to_owned(), now);
+            std::time::Duration::ZERO
+        }
     }
-    now.saturating_duration_since(since)
 }
 
 fn rank(me: &str, key: &QueueKey, epoch: u64) -> u64 {
@@ -427,13 +433,7 @@ mod tests {
 
     /// Whom `members` make the owner of each of `runnable`'s jobs at `epoch` (as `pick` decides it).
     fn owners(runnable: &[Runnable], members: &[String], epoch: u64) -> Vec<String> {
-        runnable
-            .iter()
-            .map(|r| {
-                let owned = format!("{}/{}#{epoch}", r.key.namespace, r.key.name);
-                crate::members::owner(members, &owned).unwrap().to_string()
-            })
-            .collect()
+        runnable.iter().map(|r| owner_of(members, &r.key, epoch).unwrap().to_string()).collect()
     }
 
     #[test]
@@ -503,11 +503,7 @@ mod tests {
             for w in 0..4 {
                 let me = format!("worker-{w}");
                 let own: Vec<String> = (0..40)
-                    .filter(|&i| {
-                        let key = &k[i].key;
-                        crate::members::owner(&members, &format!("{}/{}#{epoch}", key.namespace, key.name))
-                            == Some(me.as_str())
-                    })
+                    .filter(|&i| owner_of(&members, &k[i].key, epoch) == Some(me.as_str()))
                     .map(|i| k[i].key.name.clone())
                     .collect();
                 let picks: Vec<String> =
