@@ -226,14 +226,6 @@ start_replicas() { # dir ns count slots extra-args...
   launch_replicas "$dir" "$PID_DIR" "$ns" "$n" "$slots" bench "$@"
 }
 
-replicas_cpu_seconds() {
-  local pid total=0
-  for pid in ${REPLICA_PIDS[@]+"${REPLICA_PIDS[@]}"}; do
-    total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN {printf "%.2f", a + b}')
-  done
-  echo "$total"
-}
-
 on_exit() {
   local rc=$?
   stop_replicas "$PID_DIR" bench

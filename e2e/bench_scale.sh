@@ -2,7 +2,8 @@
 # `make bench-scale`: does dispatch cost stay flat as the backlog grows? For each backlog size, real operator
 # replicas (release build, separate processes) drain that many pre-created jobs on the local control plane, and the
 # script prints, per size, in one run:
-#   throughput (jobs/s, first start to last finish), replica CPU per job, peak RSS per replica (VmHWM), apiserver
+#   throughput (jobs/s, first start to last finish), replica CPU per job (and the part of it spent before the first
+#   job finished: listing and indexing the backlog), peak RSS per replica (VmHWM), apiserver
 #   CPU per job (and etcd's, the recorder's and the whole machine's: on a 2-core machine throughput follows the
 #   machine's CPU per job, so they say where a larger backlog's extra time went), successful API writes per job
 #   (BackgroundJob and Lease writes that landed, from the apiserver's counters; the replicas record no Event for a
@@ -31,6 +32,11 @@
 #   SCALE_PERF_SECONDS [0]      when > 0, replica 1's CPU profile is sampled with `perf record` (99 Hz) for that
 #                               many seconds, from the same moment: <size>/replica-1-profile.txt lists its functions
 #                               by share of samples. Both profiles take CPU: leave them at 0 for the ratios.
+#   SCALE_FRESH_PLANE [1]       each size, and each round of the baseline, starts on a control plane started afresh
+#                               (e2e/cluster.sh down && up: the run owns the local control plane), so that every
+#                               size starts from the same apiserver: one that held and deleted an earlier backlog
+#                               starts bigger (apiserver_rss_mib_at_start), and garbage collection grows with its
+#                               heap. 0: reuse the running one.
 #   SCALE_RETENTION [finished=never]  the replicas' --retention: by default every finished job stays, so the run
 #                               holds the whole backlog to the end; e.g. SCALE_RETENTION=succeeded=5m measures the
 #                               envelope as deployed (the chart's default). The checker reads the recorded history,
@@ -56,6 +62,7 @@ STALL=${SCALE_STALL:-180}
 PROFILE_SECONDS=${SCALE_PROFILE_SECONDS:-0}
 PERF_SECONDS=${SCALE_PERF_SECONDS:-0}
 RETENTION=${SCALE_RETENTION:-finished=never}
+FRESH_PLANE=${SCALE_FRESH_PLANE:-1}
 GO=/usr/lib/go-1.19/bin/go # installed by e2e/cluster.sh to build the control plane
 RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
@@ -69,6 +76,7 @@ die() {
   exit 1
 }
 
+[[ $FRESH_PLANE =~ ^[01]$ ]] || die "SCALE_FRESH_PLANE must be 0 or 1, got '$FRESH_PLANE'"
 [[ $PROFILE_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PROFILE_SECONDS must be a number of seconds, got '$PROFILE_SECONDS'"
 [[ $PERF_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PERF_SECONDS must be a number of seconds, got '$PERF_SECONDS'"
 if ((PERF_SECONDS > 0)) && ! command -v perf >/dev/null; then
@@ -175,6 +183,10 @@ one_size() { # size label
   mkdir -p "$dir"
   echo
   echo "==> backlog of $n jobs${2#"$1"}"
+  if ((FRESH_PLANE)); then
+    e2e/cluster.sh down >/dev/null && e2e/cluster.sh up >/dev/null
+    eval "$(e2e/cluster.sh env)"
+  fi
   kubectl delete namespace "$NS" --wait=true --timeout=600s >/dev/null 2>&1 || true
   kubectl create namespace "$NS" >/dev/null
   local t0=$SECONDS api_rss0
@@ -200,11 +212,13 @@ one_size() { # size label
   busy0=$(busy_cpu_seconds)
   BIN=$WORKER launch_replicas "$dir" "$PID_DIR" "$NS" "$REPLICAS" "$SLOTS" scale \
     --exec-log "$dir/replicas.exec" --retention "$RETENTION"
-  local profiler="" perf_pid=""
+  local profiler="" perf_pid="" startup_cpu=""
   local done_before=-1 stalled_since=$SECONDS done_now
   while :; do
     done_now=$(finished_jobs "$dir")
     ((done_now >= n)) && break
+    # The replicas' CPU until the first job finished: their list of the whole backlog and the first index of it.
+    if [ -z "$startup_cpu" ] && ((done_now > 0)); then startup_cpu=$(replicas_cpu_seconds); fi
     # The profile starts once a tenth of the jobs finished: past the replicas' first list, in the steady drain.
     if ((PROFILE_SECONDS > 0)) && [ -z "$profiler" ] && ((done_now * 10 >= n)); then
       kubectl get --raw "/debug/pprof/profile?seconds=$PROFILE_SECONDS" >"$dir/apiserver.pprof" 2>"$dir/pprof.log" &
@@ -225,10 +239,12 @@ one_size() { # size label
   done
   sleep 3 # the last status writes
   # CPU and memory now, right after the drain (a replica that died would read as 0: refuse that).
-  local cpu=0 rss=0 r pid
+  local cpu rss=0 r pid
   for pid in "${REPLICA_PIDS[@]}"; do
     kill -0 "$pid" 2>/dev/null || die "replica $pid died during the drain (logs in $dir)"
-    cpu=$(awk -v a="$cpu" -v b="$(cpu_seconds "$pid")" 'BEGIN {printf "%.2f", a + b}')
+  done
+  cpu=$(replicas_cpu_seconds)
+  for pid in "${REPLICA_PIDS[@]}"; do
     r=$(peak_rss_mib "$pid")
     rss=$(awk -v a="$rss" -v b="$r" 'BEGIN {print (b > a ? b : a)}')
   done
@@ -267,11 +283,12 @@ one_size() { # size label
     printf 'backlog=%d%s jobs_per_s=%.1f replica_cpu_ms_per_job=%.2f peak_rss_mib=%s apiserver_cpu_ms_per_job=%s ' \
       "$n" "${2#"$1"}" "$(awk -v n="$executed" -v s="$span" 'BEGIN {print (s > 0 ? n / s : 0)}')" \
       "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" "$api_ms"
+    printf 'replica_startup_cpu_ms_per_job=%.2f ' "$(awk -v c="${startup_cpu:-0}" -v n="$n" 'BEGIN {print c * 1000 / n}')"
     printf 'etcd_cpu_ms_per_job=%s recorder_cpu_ms_per_job=%s machine_cpu_ms_per_job=%s ' "$etcd_ms" "$rec_ms" "$busy_ms"
-    printf 'writes_per_job=%.2f (jobs %d, leases %d) refused_claims_per_job=%.2f apiserver_rss_mib_per_10k_jobs=%s stored_job_bytes=%s\n' \
+    printf 'writes_per_job=%.2f (jobs %d, leases %d) refused_claims_per_job=%.2f apiserver_rss_mib_at_start=%s apiserver_rss_mib_per_10k_jobs=%s stored_job_bytes=%s\n' \
       "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
       "$(awk -v r="$refused" -v n="$n" 'BEGIN {print r / n}')" \
-      "$api_rss_per_10k" "$stored_bytes"
+      "$api_rss0" "$api_rss_per_10k" "$stored_bytes"
     # The fleet's longest pause in dispatch: nothing started anywhere for this long (claims held up, e.g. by a walk).
     echo "  longest_dispatch_gap_ms=$(jq -r '.longest_start_gap_ms // 0' "$dir/audit.json")"
     echo "  jobs_per_s_by_tenth_of_drain: $(drain_tenths "$dir")"
@@ -292,8 +309,9 @@ HISTORY=$RUN_DIR/bgjobs-history
 stop_leftover_replicas "$PID_DIR"/scale-*.pid -- "bgjobs-test-worker operator"
 # The guarantees tests' fault injection leaves a second apiserver on the same etcd (e2e/cluster.sh second-apiserver).
 # Its watch cache takes in every job too, so its CPU would be in every figure: refuse rather than measure it.
+# (A fresh control plane per size stops it.)
 api2=$(plane_pid kube-apiserver-2)
-if [ "$api2" != 0 ] && kill -0 "$api2" 2>/dev/null; then
+if ((!FRESH_PLANE)) && [ "$api2" != 0 ] && kill -0 "$api2" 2>/dev/null; then
   die "a second kube-apiserver (pid $api2, started by the guarantees tests) runs on this etcd and would skew every figure; start afresh: e2e/cluster.sh down && e2e/cluster.sh up"
 fi
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -87,6 +87,14 @@ stop_replicas() {
 # Process figures for the benchmarks, read from /proc (0 once the process is gone).
 # cpu_seconds PID: user + system CPU seconds so far. Field 2 (comm) has no spaces for the processes measured.
 cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# replicas_cpu_seconds: the CPU seconds of the replicas in REPLICA_PIDS so far, together.
+replicas_cpu_seconds() {
+  local pid total=0
+  for pid in ${REPLICA_PIDS[@]+"${REPLICA_PIDS[@]}"}; do
+    total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN {printf "%.2f", a + b}')
+  done
+  echo "$total"
+}
 # busy_cpu_seconds: CPU seconds the whole machine spent busy so far (every core; /proc/stat's first line without
 # idle and iowait), to see where a benchmark's CPU went besides the processes it measures one by one.
 busy_cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '/^cpu / {printf "%.2f", ($2 + $3 + $4 + $7 + $8 + $9) / tck; exit}' /proc/stat; }
