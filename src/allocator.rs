@@ -1,33 +1,16 @@
-//! How much freed memory the process keeps: glibc's allocator, told to give back what a large list's parse freed.
+//! The memory allocator the `bgjobs` binary runs on: jemalloc.
 //!
-//! A replica's peak is its job watch's initial list: one response holding every job in scope, parsed whole, then
-//! slimmed into the cache. By default glibc keeps most of what that parse freed (its trim threshold grows with the
-//! largest block freed, and every thread may get its own arena of up to 64 MiB), so a replica with 100,000 jobs in
-//! scope sat at 192 MiB. A fixed trim threshold (which also keeps large blocks in their own mappings, returned on
-//! free) and one arena hold it at 155 MiB, and a small replica at its 25 MiB; mimalloc measured 173 MiB and 55 MiB.
+//! A replica holds every job in scope in its cache, so its heap grows with the backlog (about 210 MiB at 100,000
+//! jobs), and every watch event allocates and frees a few dozen small blocks next to those long-lived ones. glibc's
+//! allocator keeps freed blocks on free lists that it walks and coalesces: in a 215 MiB heap that work took a
+//! quarter more of a replica's CPU for the same events than at 10,000 jobs (`unlink_chunk` alone went from 2.5 % to
+//! 10.6 % of the samples; docs/benchmarks.md, run 10), so the cost per job grew with the backlog. jemalloc serves
+//! small blocks from slabs of one size class, so a free never searches or coalesces, whatever the heap's size.
 //!
-//! A call, not `MALLOC_*` variables, so that the binary gets it however it is started; and a call the binary makes,
-//! not the operator's entry point, because it must come before any thread allocates (a thread keeps the arena it
-//! got) and because a team's own worker binary may want its allocator left alone.
+//! A type the binaries name as their `#[global_allocator]`, not one the library sets: a team's own worker binary
+//! that links the library keeps whatever allocator it chose.
 
-/// Freed memory above this much at the heap's top goes back to the system (glibc's `M_TRIM_THRESHOLD`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TRIM_THRESHOLD_BYTES: i32 = 128 * 1024;
-/// Arenas for the process's threads (glibc's `M_ARENA_MAX`; its default is 8 per core, each keeping its own free
-/// memory). One is shared by all; the per-thread caches keep most small allocations off its lock, and a replica's
-/// work is network-bound.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const ARENA_MAX: i32 = 1;
-
-/// Tell glibc's allocator to give back what large transient allocations freed (see the module docs). Call it first
-/// thing in `main`, before the async runtime starts its threads; the `bgjobs` binary does. A no-op where the C
-/// library is not glibc.
-#[allow(unsafe_code)]
-pub fn keep_little_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters (integers); it is safe to call at any time, from any thread.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
-        libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
-    }
-}
+/// The global allocator of the `bgjobs` binary (and of the test worker, so that the benchmarks measure the
+/// product's): `#[global_allocator] static GLOBAL: Jemalloc = Jemalloc;`.
+#[cfg(not(target_env = "msvc"))]
+pub use tikv_jemallocator::Jemalloc;

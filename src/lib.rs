@@ -13,12 +13,11 @@
 //! (`attempt`, `executor`) → record (`status`, `retry`). Where each guarantee lives: every Lease is written, kept
 //! and judged in `lease` (one expiry rule, one renew loop); every scheduling decision reads the apiserver's clock
 //! (`clock`); names derived from user names stay within Kubernetes' limits through `names`.
-// One function calls the C library (`allocator`: two `mallopt` settings); nothing else may.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub(crate) mod admission;
-pub(crate) mod allocator;
+pub mod allocator;
 pub mod api;
 pub(crate) mod attempt;
 pub(crate) mod claim;

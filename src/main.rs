@@ -3,9 +3,12 @@
 
 use clap::Parser;
 
+// Why jemalloc: src/allocator.rs.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: bgjobs::allocator::Jemalloc = bgjobs::allocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
-    // Before the runtime's threads exist: each keeps the allocator arena it first gets.
-    bgjobs::operator::keep_little_freed_memory();
     let cli = bgjobs::cli::Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
     let result = runtime.map_err(bgjobs::Error::from).and_then(|r| r.block_on(bgjobs::cli::run(cli)));
