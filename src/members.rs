@@ -96,21 +96,8 @@ pub fn owner<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
     members.iter().max_by_key(|m| stable_hash(&[m.as_str(), key])).map(String::as_str)
 }
 
-/// Identities of the members of `scope` ([`scope`]) seen renewing within a lease duration, plus `me`, sorted.
-pub fn live(
-    store: &Store<Lease>,
-    scope: &str,
-    observer: &mut Observer,
-    now: Instant,
-    timing: &LeaseTiming,
-    me: &str,
-) -> Vec<String> {
-    live_where(store, scope, observer, now, timing, me, |_| true)
-}
-
-/// Like [`live`], counting only members whose Lease `includes` (e.g. those that run the recurring controller).
-/// Replicas watch the member Leases of every scope (a Lease any of them holds may be vouched for by any tenure; see
-/// [`crate::lease::tenure`]), but share work only within their own.
+/// Identities of the members of `scope` ([`scope`]) seen renewing within a lease duration whose Lease `includes`
+/// (e.g. those that run the recurring controller), plus `me`, sorted.
 pub fn live_where(
     store: &Store<Lease>,
     scope: &str,
@@ -120,27 +107,44 @@ pub fn live_where(
     me: &str,
     includes: impl Fn(&Lease) -> bool,
 ) -> Vec<String> {
-    let mut out = vec![me.to_string()];
+    identities(&live_leases(store, scope, observer, now, timing), me, includes)
+}
+
+/// The member Leases of `scope` ([`scope`]) seen renewing within a lease duration, read once for several
+/// [`identities`]. Replicas watch the member Leases of every scope (a Lease any of them holds may be vouched for by
+/// any tenure; see [`crate::lease::tenure`]), but share work only within their own.
+pub fn live_leases(
+    store: &Store<Lease>,
+    scope: &str,
+    observer: &mut Observer,
+    now: Instant,
+    timing: &LeaseTiming,
+) -> Vec<Arc<Lease>> {
     let leases = store.state();
+    let mut live = Vec::new();
     for l in &leases {
         let unchanged = observer.observe(&l.name_any(), l.resource_version().as_deref(), now);
-        if !timing.expired(unchanged)
-            && l.labels().get(MEMBER_LABEL).map(String::as_str) == Some(scope)
-            && includes(l)
-            && let Some(h) = lease::holder(l)
-            && h != me
-        {
-            out.push(h.to_string());
+        if !timing.expired(unchanged) && l.labels().get(MEMBER_LABEL).map(String::as_str) == Some(scope) {
+            live.push(l.clone());
         }
     }
     let names: std::collections::HashSet<String> = leases.iter().map(|l| l.name_any()).collect();
     observer.retain(|k| names.contains(k));
+    live
+}
+
+/// The holders of those of `leases` that `includes`, plus `me`, sorted.
+pub fn identities(leases: &[Arc<Lease>], me: &str, includes: impl Fn(&Lease) -> bool) -> Vec<String> {
+    let mut out = vec![me.to_string()];
+    out.extend(leases.iter().filter(|l| includes(l)).filter_map(|l| lease::holder(l)).map(str::to_string));
     out.sort();
     out.dedup();
     out
 }
 
-/// Keep this replica's member Lease renewed until `stop`, then delete it.
+/// Keep this replica's member Lease renewed until `stop`, then delete it. The Lease says what `roles` says, from
+/// the next renewal after a change (a replica beginning its shutdown grace stops claiming jobs but keeps vouching
+/// for the Leases of the attempts still running), and from the start if it must be acquired again.
 #[allow(clippy::too_many_arguments)]
 pub async fn heartbeat(
     client: Client,
@@ -148,25 +152,25 @@ pub async fn heartbeat(
     scope: String,
     identity: String,
     timing: LeaseTiming,
-    roles: Roles,
+    mut roles: watch::Receiver<Roles>,
     membership: watch::Sender<Option<Arc<Keeper>>>,
     stop: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let name = member_lease_name(&identity, &scope);
-    let claim = Claim {
-        holder: identity,
-        annotations: roles.annotations(),
-        labels: [
-            (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
-            (MEMBER_LABEL.to_string(), scope),
-        ]
-        .into(),
-        owner: None,
-    };
     // A member Lease is no guard, only a sign of life: renewed with the same Keeper as every other Lease.
     let failures = prometheus_client::metrics::counter::Counter::default();
     while !stop.is_cancelled() {
+        let claim = Claim {
+            holder: identity.clone(),
+            annotations: roles.borrow_and_update().annotations(),
+            labels: [
+                (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
+                (MEMBER_LABEL.to_string(), scope.clone()),
+            ]
+            .into(),
+            owner: None,
+        };
         let acquired =
             match crate::client::bounded(timing.renew_deadline, async { Ok(api.get_opt(&name).await?) }).await {
                 Ok(None) => lease::create(&api, &name, &claim, &timing).await,
@@ -178,12 +182,24 @@ pub async fn heartbeat(
             Ok(Acquire::Acquired(held)) => {
                 let keeper = Arc::new(Keeper::new(api.clone(), held, timing));
                 membership.send_replace(Some(keeper.clone()));
-                tokio::select! {
-                    _ = keeper.keep(&failures) => warn!("member lease lost; re-acquiring"),
-                    _ = stop.cancelled() => {
-                        membership.send_replace(None);
-                        keeper.release().await;
-                        return;
+                let keeping = keeper.keep(&failures);
+                tokio::pin!(keeping);
+                loop {
+                    tokio::select! {
+                        _ = &mut keeping => {
+                            warn!("member lease lost; re-acquiring");
+                            break;
+                        }
+                        Ok(()) = roles.changed() => {
+                            for (key, value) in roles.borrow_and_update().annotations() {
+                                keeper.annotate(&key, &value);
+                            }
+                        }
+                        _ = stop.cancelled() => {
+                            membership.send_replace(None);
+                            keeper.release().await;
+                            return;
+                        }
                     }
                 }
                 membership.send_replace(None);
@@ -242,6 +258,26 @@ mod tests {
         assert!(runs_jobs(&no_recurring) && !runs_recurring(&no_recurring));
         let older = lease(BTreeMap::new());
         assert!(runs_jobs(&older) && runs_recurring(&older));
+    }
+
+    #[test]
+    fn a_member_that_says_it_runs_no_jobs_is_no_claimer_but_still_a_member() {
+        let member = |holder: &str, roles: Roles| {
+            Arc::new(Lease {
+                metadata: kube::api::ObjectMeta { annotations: Some(roles.annotations()), ..Default::default() },
+                spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(holder.to_string()),
+                    ..Default::default()
+                }),
+            })
+        };
+        let live = [
+            member("b", Roles { recurring: true, jobs: true }),
+            member("c", Roles { recurring: true, jobs: false }),
+            member("a", Roles { recurring: true, jobs: true }),
+        ];
+        assert_eq!(identities(&live, "a", |_| true), ["a", "b", "c"], "sorted, this replica once");
+        assert_eq!(identities(&live, "a", runs_jobs), ["a", "b"]);
     }
 
     #[test]

@@ -24,7 +24,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use crate::allocator::keep_little_freed_memory;
 use crate::api::BackgroundJob;
 use crate::config::{OperatorConfig, Strategy};
 use crate::dispatch::Dispatcher;
@@ -88,13 +87,17 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         tokio::spawn(async move { worker.clock.follow(client, stop).await })
     };
     let (membership_tx, membership) = watch::channel(None);
+    let (roles, roles_rx) = watch::channel(crate::members::Roles {
+        recurring: config.recurring_enabled,
+        jobs: config.job_execution_enabled,
+    });
     let heartbeat = tokio::spawn(crate::members::heartbeat(
         client.clone(),
         config.lease_namespace.clone(),
         crate::members::scope(config.namespace.as_deref()),
         identity.clone(),
         timing,
-        crate::members::Roles { recurring: config.recurring_enabled, jobs: config.job_execution_enabled },
+        roles_rx,
         membership_tx,
         stop_background.clone(),
     ));
@@ -136,6 +139,9 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     let shutdown = async move {
         shutdown_signal().await;
         stopping.stopping.store(true, Ordering::Relaxed);
+        // No more claims from here on: the member Lease says so with its next renewal, so the others stop leaving
+        // this replica's share of the queue's head to it (`ordering::pick`) while its running attempts finish.
+        roles.send_modify(|r| r.jobs = false);
     };
     // One list per renew interval confirms every Lease the attempts hold (see `lease::held`).
     let confirming = tokio::spawn(crate::lease::held::confirm_loop(

@@ -1,6 +1,7 @@
 //! One renewal per replica vouches for every Lease it holds (`src/lease/tenure.rs`): an attempt's API writes do not
 //! grow with its duration, a hand-deleted claim Lease is put back by its live holder, and a paused replica's tenure
-//! is revoked before anything it holds is taken over.
+//! is revoked before anything it holds is taken over. A replica in its shutdown grace keeps vouching but says it claims
+//! no more.
 
 mod common;
 
@@ -155,4 +156,39 @@ async fn a_replica_whose_status_writes_are_refused_does_not_hold_jobs_back_from_
     let _r1 = env.replica("r1", &leases_here);
     let done = env.wait_job("first", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     assert_eq!(done.status.unwrap().worker.as_deref(), Some("r1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_in_its_shutdown_grace_keeps_its_member_lease_but_says_it_claims_no_more() {
+    let env = TestEnv::new("grace-roles").await;
+    let mut r = env.replica("r", &[]);
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 8}})).await;
+    env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let name = bgjobs::wire::member_lease_name("r", &env.ns);
+    let says = |l: &Lease| bgjobs::wire::annotation(l, bgjobs::wire::JOBS_ANNOTATION).map(str::to_string);
+    assert_eq!(says(&members.get(&name).await.unwrap()).as_deref(), Some("true"));
+    // SIGTERM: the replica claims nothing more and lets its running attempt finish (its grace is 25 s).
+    assert!(!r.terminate(Duration::from_millis(100)), "the replica waits for its running attempt");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let member = members.get_opt(&name).await.unwrap().expect("the member Lease stays while an attempt runs");
+        if says(&member).as_deref() == Some("false") {
+            assert_eq!(bgjobs::wire::holder(&member), Some("r"));
+            // And it is still renewed: it vouches for the running attempt's claim Lease.
+            let said_at = member.resource_version();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let later = members.get(&name).await.unwrap();
+            assert_ne!(later.resource_version(), said_at, "the member Lease is no longer renewed in the grace");
+            assert_eq!(says(&later).as_deref(), Some("false"), "a renewal brought the old roles back");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the member Lease still says the replica claims jobs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = env.jobs.get("long").await.unwrap();
+    assert_eq!(job.phase(), Phase::Running, "the attempt runs on through the grace");
+    env.wait_job("long", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert!(r.terminate(Duration::from_secs(20)), "the replica exits once its attempt finished");
+    assert!(members.get_opt(&name).await.unwrap().is_none(), "and gives its member Lease back");
 }

@@ -390,17 +390,9 @@ impl Dispatcher {
         let timing = self.worker.timing;
         self.tenures.update(&self.view.members.state(), inst);
         let scope = crate::members::scope(self.config.namespace.as_deref());
-        let members = crate::members::live(&self.view.members, &scope, &mut self.member_observer, inst, &timing, &me);
-        let observer = &mut self.member_observer;
-        let claimers = crate::members::live_where(
-            &self.view.members,
-            &scope,
-            observer,
-            inst,
-            &timing,
-            &me,
-            crate::members::runs_jobs,
-        );
+        let live = crate::members::live_leases(&self.view.members, &scope, &mut self.member_observer, inst, &timing);
+        let members = crate::members::identities(&live, &me, |_| true);
+        let claimers = crate::members::identities(&live, &me, crate::members::runs_jobs);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
         for slot in &slot_leases {

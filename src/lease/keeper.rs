@@ -1,5 +1,6 @@
 //! Keeping a Lease: the one renew loop every kind of Lease uses, and the one answer to "is it still mine?".
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -27,6 +28,9 @@ struct State {
     lease: Lease,
     /// When the last write known to have landed (the acquiring one, or a renewal) was sent.
     renewed_at: Instant,
+    /// Set by [`Keeper::annotate`]: written with every renewal (a renewal in flight as they are set would otherwise
+    /// bring back the Lease without them).
+    annotations: BTreeMap<String, String>,
 }
 
 enum Renewal {
@@ -47,7 +51,7 @@ impl Keeper {
         Keeper {
             api,
             timing,
-            state: Mutex::new(State { lease: held.lease, renewed_at: held.written_at }),
+            state: Mutex::new(State { lease: held.lease, renewed_at: held.written_at, annotations: BTreeMap::new() }),
             lost: AtomicBool::new(false),
         }
     }
@@ -78,6 +82,12 @@ impl Keeper {
         self.state.lock().unwrap().lease.clone()
     }
 
+    /// Set an annotation on the Lease from its next renewal on (within a renew interval): a change of what the
+    /// holder says about itself, not of who holds it, so it costs no write of its own.
+    pub fn annotate(&self, key: &str, value: &str) {
+        self.state.lock().unwrap().annotations.insert(key.to_string(), value.to_string());
+    }
+
     /// Renew every renew interval; return only once the Lease is no longer current (taken, deleted, or not renewed
     /// within the renew deadline). Whoever holds a Lease must stop acting when this returns.
     pub async fn keep(&self, failures: &Counter) {
@@ -106,11 +116,15 @@ impl Keeper {
     /// One renewal. A write that failed or conflicted may still have landed, or may have met a harmless change
     /// (a label edit): the Lease is read back, and only another tenure, or its absence, counts as lost.
     async fn renew_once(&self) -> Renewal {
-        let held = self.lease();
+        let (held, annotations) = {
+            let state = self.state.lock().unwrap();
+            (state.lease.clone(), state.annotations.clone())
+        };
         let sent = Instant::now();
         let stamp = now_micro();
         let mut lease = held.clone();
         lease.spec.get_or_insert_with(Default::default).renew_time = Some(stamp.clone());
+        lease.metadata.annotations.get_or_insert_with(Default::default).extend(annotations);
         let why = match tokio::time::timeout(self.time_left(), replace(&self.api, &lease)).await {
             Ok(Ok(Some(renewed))) => {
                 self.renewed(renewed, Some(sent));
