@@ -184,8 +184,10 @@ one_size() { # size label
   echo
   echo "==> backlog of $n jobs${2#"$1"}"
   if ((FRESH_PLANE)); then
-    e2e/cluster.sh down >/dev/null && e2e/cluster.sh up >/dev/null
+    { e2e/cluster.sh down && e2e/cluster.sh up; } >"$dir/control-plane.log" 2>&1 ||
+      die "could not start the control plane afresh (log: $dir/control-plane.log)"
     eval "$(e2e/cluster.sh env)"
+    echo "on a control plane started afresh"
   fi
   kubectl delete namespace "$NS" --wait=true --timeout=600s >/dev/null 2>&1 || true
   kubectl create namespace "$NS" >/dev/null
@@ -217,7 +219,8 @@ one_size() { # size label
   while :; do
     done_now=$(finished_jobs "$dir")
     ((done_now >= n)) && break
-    # The replicas' CPU until the first job finished: their list of the whole backlog and the first index of it.
+    # The replicas' CPU until the first job finished (as seen by this loop, every 2 s): their start, their list of
+    # the whole backlog and the first index of it.
     if [ -z "$startup_cpu" ] && ((done_now > 0)); then startup_cpu=$(replicas_cpu_seconds); fi
     # The profile starts once a tenth of the jobs finished: past the replicas' first list, in the steady drain.
     if ((PROFILE_SECONDS > 0)) && [ -z "$profiler" ] && ((done_now * 10 >= n)); then
