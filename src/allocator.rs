@@ -1,6 +1,6 @@
 //! The memory allocator the `bgjobs` binary runs on: jemalloc.
 //!
-//! A replica holds every job in scope in its cache, so its heap grows with the backlog (about 210 MiB at 100,000
+//! A replica holds every job in scope in its cache, so its heap grows with the backlog (210–230 MiB at 100,000
 //! jobs), and every watch event allocates and frees a few dozen small blocks next to those long-lived ones. glibc's
 //! allocator keeps freed blocks on free lists that it walks and coalesces: in a 215 MiB heap that work took a
 //! quarter more of a replica's CPU for the same events than at 10,000 jobs (`unlink_chunk` alone went from 2.5 % to
