@@ -84,13 +84,14 @@ pub struct BackgroundJobSpec {
     pub delay_seconds: Option<i64>,
 
     /// How failed attempts are retried.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "RetryPolicy::is_default")]
+    #[schemars(transform = applied_by_the_operator)]
     pub retry: RetryPolicy,
 
     /// Give up this many seconds after creation: a job that has not succeeded by then ends in phase `Abandoned`
     /// and is kept for inspection. Default 172800 (two days).
-    #[serde(default = "default_timeout_seconds")]
-    #[schemars(range(min = 1))]
+    #[serde(default = "default_timeout_seconds", skip_serializing_if = "is_default_timeout")]
+    #[schemars(range(min = 1), transform = applied_by_the_operator)]
     pub timeout_seconds: i64,
 
     /// Cancel one attempt that runs longer than this; the attempt counts as failed and is retried per `retry`.
@@ -200,13 +201,13 @@ pub struct RetryPolicy {
     pub max_attempts: Option<i32>,
 
     /// Wait before the first retry, in seconds. Default 60.
-    #[serde(default = "default_backoff_seconds")]
-    #[schemars(range(min = 0))]
+    #[serde(default = "default_backoff_seconds", skip_serializing_if = "is_default_backoff_seconds")]
+    #[schemars(range(min = 0), transform = applied_by_the_operator)]
     pub backoff_seconds: i64,
 
     /// Factor by which each further wait grows. Default 2.
-    #[serde(default = "default_backoff_factor")]
-    #[schemars(range(min = 1))]
+    #[serde(default = "default_backoff_factor", skip_serializing_if = "is_default_backoff_factor")]
+    #[schemars(range(min = 1), transform = applied_by_the_operator)]
     pub backoff_factor: f64,
 }
 
@@ -217,6 +218,12 @@ impl Default for RetryPolicy {
             backoff_seconds: DEFAULT_BACKOFF_SECONDS,
             backoff_factor: DEFAULT_BACKOFF_FACTOR,
         }
+    }
+}
+
+impl RetryPolicy {
+    fn is_default(&self) -> bool {
+        *self == RetryPolicy::default()
     }
 }
 
@@ -417,6 +424,25 @@ fn default_backoff_seconds() -> i64 {
 fn default_backoff_factor() -> f64 {
     DEFAULT_BACKOFF_FACTOR
 }
+fn is_default_timeout(t: &i64) -> bool {
+    *t == DEFAULT_TIMEOUT_SECONDS
+}
+fn is_default_backoff_seconds(s: &i64) -> bool {
+    *s == DEFAULT_BACKOFF_SECONDS
+}
+fn is_default_backoff_factor(f: &f64) -> bool {
+    *f == DEFAULT_BACKOFF_FACTOR
+}
+
+/// The schema of a field whose default the operator applies when it reads a job, not the apiserver when it stores
+/// one: no `default` in the CRD. Every field the apiserver defaults is stored in every job, twice (the value and
+/// its managed-fields entry), and the apiserver holds every job in memory: `retry` and `timeoutSeconds` defaulted
+/// on the server doubled the apiserver's live heap per waiting job (about 6.7 KB with those defaults, 3.5 KB
+/// without; docs/benchmarks.md). `priority` and `queue` cost little and stay visible in `kubectl get` columns, so the apiserver
+/// still fills those.
+fn applied_by_the_operator(schema: &mut schemars::Schema) {
+    schema.remove("default");
+}
 
 /// Schema of a field that holds an arbitrary JSON object the apiserver must keep as it is.
 fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -460,6 +486,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
+    use kube::CustomResourceExt;
 
     fn repo_path(relative: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
@@ -483,6 +510,41 @@ mod tests {
         }
         let on_disk = std::fs::read_dir(repo_path("crds")).unwrap().count();
         assert_eq!(on_disk, 2, "crds/ holds exactly the generated files: run `make crds`");
+    }
+
+    /// A job that leaves `retry` and `timeoutSeconds` at their defaults stores neither (the operator applies them
+    /// when it reads the job), and reads back with the same defaults; one that sets them keeps what it set.
+    #[test]
+    fn defaults_the_operator_applies_are_neither_stored_nor_lost() {
+        let spec: BackgroundJobSpec = serde_json::from_value(serde_json::json!({"jobName": "x"})).unwrap();
+        let stored = serde_json::to_value(&spec).unwrap();
+        assert_eq!(stored, serde_json::json!({"jobName": "x", "priority": "Normal", "queue": "default"}));
+        let read: BackgroundJobSpec = serde_json::from_value(stored).unwrap();
+        assert_eq!(read.timeout_seconds, DEFAULT_TIMEOUT_SECONDS);
+        assert_eq!(read.retry, RetryPolicy::default());
+
+        let set = serde_json::json!({"jobName": "x", "priority": "Normal", "queue": "default",
+            "timeoutSeconds": 30, "retry": {"maxAttempts": 2, "backoffFactor": 3.0}});
+        let spec: BackgroundJobSpec = serde_json::from_value(set.clone()).unwrap();
+        assert_eq!(spec.retry.backoff_seconds, DEFAULT_BACKOFF_SECONDS);
+        assert_eq!(serde_json::to_value(&spec).unwrap(), set);
+    }
+
+    /// The CRD leaves those defaults to the operator and keeps the cheap ones `kubectl get` shows as columns.
+    #[test]
+    fn the_crd_defaults_priority_and_queue_but_not_retry_or_timeout() {
+        let crd = serde_json::to_value(BackgroundJob::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        assert_eq!(spec["priority"]["default"], "Normal");
+        assert_eq!(spec["queue"]["default"], "default");
+        for field in [
+            &spec["retry"],
+            &spec["retry"]["properties"]["backoffSeconds"],
+            &spec["retry"]["properties"]["backoffFactor"],
+            &spec["timeoutSeconds"],
+        ] {
+            assert!(field.is_object() && field.get("default").is_none(), "{field}");
+        }
     }
 
     /// Where two texts first differ, for a readable failure message.
