@@ -265,6 +265,27 @@ async fn failures_are_retried_with_exponential_backoff_until_max_attempts_then_f
     assert!(starts[2] - starts[1] >= 2_000, "second retry waits twice as long: {starts:?}");
 }
 
+/// A job that leaves `backoffSeconds` out stores none (tests/api_schema.rs); the operator applies the default
+/// (60 s) when it schedules the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_job_that_stores_no_backoff_waits_the_default_backoff() {
+    let env = TestEnv::new("default-backoff").await;
+    let _r = env.replica("r", &[]);
+    env.create("plain", json!({"jobName": "fail", "retry": {"maxAttempts": 2}})).await;
+    let job = env.wait_job("plain", MINUTE, "a retry scheduled", |j| j.status.as_ref().is_some_and(|s| s.next_attempt_time.is_some())).await;
+    let status = job.status.unwrap();
+    assert_eq!((status.phase, status.attempts), (Some(Phase::Waiting), 1));
+    // The `fail` handler fails at once: the attempt's start is its end, to within the bounds below.
+    let started = status.start_time.expect("the failed attempt's start").0;
+    let next = status.next_attempt_time.unwrap().0;
+    let wait = next.duration_since(started).as_secs_f64();
+    assert!(
+        (55.0..=65.0).contains(&wait),
+        "the retry waits the default backoff of {} s after the failed attempt, not {wait} s",
+        bgjobs::api::DEFAULT_BACKOFF_SECONDS
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_past_their_timeout_are_abandoned_and_kept() {
     let env = TestEnv::new("abandon").await;
