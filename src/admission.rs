@@ -94,6 +94,7 @@ pub fn review(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
 /// RecurringBackgroundJob its `jobTemplate` (schedule, suspend and history limits stay editable).
 fn vouched(kind: &str, spec: Option<serde_json::Value>) -> Option<serde_json::Value> {
     let mut spec = spec?;
+    // A default held explicitly (stored before the operator applied it) and one left out ask for the same.
     match kind {
         "BackgroundJob" => {
             if let Some(o) = spec.as_object_mut() {
@@ -103,9 +104,16 @@ fn vouched(kind: &str, spec: Option<serde_json::Value>) -> Option<serde_json::Va
                     r.remove("maxAttempts");
                 }
             }
+            crate::api::without_operator_defaults(&mut spec);
             Some(spec)
         }
-        "RecurringBackgroundJob" => spec.get("jobTemplate").cloned(),
+        "RecurringBackgroundJob" => {
+            let mut template = spec.get("jobTemplate").cloned()?;
+            if let Some(job_spec) = template.get_mut("spec") {
+                crate::api::without_operator_defaults(job_spec);
+            }
+            Some(template)
+        }
         _ => None,
     }
 }
@@ -379,6 +387,46 @@ mod tests {
             assert!(!resp.allowed, "a change of spec.{what} must be refused");
             assert!(resp.result.message.contains("cannot be changed after creation"), "{}", resp.result.message);
         }
+    }
+
+    /// Jobs stored before the operator applied the retry and timeout defaults hold them explicitly; a client that
+    /// leaves them out (the Rust types do) writes the same spec. And a job stored without `retry` may still get a
+    /// `retry.maxAttempts`.
+    #[test]
+    fn defaults_held_explicitly_or_left_out_are_the_same_spec() {
+        let mut explicit = job(serde_json::json!({CREATED_BY: "alice", CREATED_BY_GROUPS: "[]"}));
+        explicit["spec"]["retry"] = serde_json::json!({"backoffSeconds": 60, "backoffFactor": 2});
+        explicit["spec"]["timeoutSeconds"] = crate::api::DEFAULT_TIMEOUT_SECONDS.into();
+        let mut left_out = explicit.clone();
+        left_out["spec"].as_object_mut().unwrap().remove("retry");
+        left_out["spec"].as_object_mut().unwrap().remove("timeoutSeconds");
+        let mut capped = left_out.clone();
+        capped["spec"]["retry"] = serde_json::json!({"maxAttempts": 1});
+        for (what, new, old) in [
+            ("defaults left out", left_out.clone(), explicit.clone()),
+            ("defaults written", explicit.clone(), left_out.clone()),
+            ("maxAttempts added", capped, left_out.clone()),
+        ] {
+            let resp = review(&request("UPDATE", new, old));
+            assert!(resp.allowed, "{what}: {}", resp.result.message);
+        }
+        let mut slower = left_out.clone();
+        slower["spec"]["retry"] = serde_json::json!({"backoffSeconds": 61});
+        assert!(!review(&request("UPDATE", slower, left_out)).allowed, "a backoff other than the default is a change");
+
+        let definition = |template: serde_json::Value| {
+            serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob",
+                "metadata": {"name": "nightly", "namespace": "ns", "annotations": {CREATED_BY: "alice", CREATED_BY_GROUPS: "[]"}},
+                "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": template}}})
+        };
+        let old = definition(serde_json::json!({"jobName": "noop", "timeoutSeconds": 172800,
+            "retry": {"backoffSeconds": 60, "backoffFactor": 2.0}}));
+        let mut suspended = definition(serde_json::json!({"jobName": "noop"}));
+        suspended["spec"]["suspend"] = true.into();
+        let ok = review(&request_for("RecurringBackgroundJob", "UPDATE", suspended, old.clone()));
+        assert!(ok.allowed, "{}", ok.result.message);
+        let shorter = definition(serde_json::json!({"jobName": "noop", "timeoutSeconds": 600}));
+        assert!(!review(&request_for("RecurringBackgroundJob", "UPDATE", shorter, old)).allowed);
     }
 
     #[test]

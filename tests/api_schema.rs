@@ -119,8 +119,11 @@ async fn the_apiserver_defaults_priority_and_queue_and_stores_no_other_default()
     jobs.create(&PostParams::default(), &DynamicObject::new("partial", &resource).data(partial))
         .await
         .expect("create a job with a partial retry policy");
-    env.create("typed", serde_json::json!({ "jobName": "noop", "timeoutSeconds": 172800, "retry": { "backoffSeconds": 60 } }))
-        .await;
+    env.create(
+        "typed",
+        serde_json::json!({ "jobName": "noop", "timeoutSeconds": 172800, "retry": { "backoffSeconds": 60 } }),
+    )
+    .await;
 
     let stored = jobs.get("minimal").await.expect("read the job back");
     let spec = &stored.data["spec"];
