@@ -437,20 +437,20 @@ fn is_default_backoff_factor(f: &f64) -> bool {
 /// A stored spec (raw JSON) without the fields the operator defaults that hold their default value, and without an
 /// emptied `retry`: jobs stored before the operator applied these defaults carry them explicitly, jobs stored since
 /// do not, and the two mean the same. For comparing what two specs ask for (the admission webhook's UPDATE check).
+/// What counts as a default is what the typed spec leaves out when it is written (its `skip_serializing_if`s).
 pub fn without_operator_defaults(spec: &mut serde_json::Value) {
     let Some(spec) = spec.as_object_mut() else { return };
-    if spec.get("timeoutSeconds").and_then(|t| t.as_i64()) == Some(DEFAULT_TIMEOUT_SECONDS) {
+    if spec.get("timeoutSeconds").and_then(|t| t.as_i64()).is_some_and(|t| is_default_timeout(&t)) {
         spec.remove("timeoutSeconds");
     }
-    if let Some(retry) = spec.get_mut("retry").and_then(|r| r.as_object_mut()) {
-        if retry.get("backoffSeconds").and_then(|b| b.as_i64()) == Some(DEFAULT_BACKOFF_SECONDS) {
-            retry.remove("backoffSeconds");
-        }
-        if retry.get("backoffFactor").and_then(|f| f.as_f64()) == Some(DEFAULT_BACKOFF_FACTOR) {
-            retry.remove("backoffFactor");
-        }
-        if retry.is_empty() {
+    // `retry` holds nothing but what `RetryPolicy` knows (the schema prunes the rest): written back through it,
+    // its defaults drop out.
+    let typed = spec.get("retry").and_then(|r| serde_json::from_value::<RetryPolicy>(r.clone()).ok());
+    if let Some(written) = typed.and_then(|r| serde_json::to_value(r).ok()) {
+        if written.as_object().is_some_and(|o| o.is_empty()) {
             spec.remove("retry");
+        } else {
+            spec.insert("retry".into(), written);
         }
     }
 }
