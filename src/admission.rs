@@ -413,6 +413,9 @@ mod tests {
         let mut slower = left_out.clone();
         slower["spec"]["retry"] = serde_json::json!({"backoffSeconds": 61});
         assert!(!review(&request("UPDATE", slower, left_out)).allowed, "a backoff other than the default is a change");
+        let mut steeper = explicit.clone();
+        steeper["spec"]["retry"]["backoffFactor"] = 3.into();
+        assert!(!review(&request("UPDATE", steeper, explicit)).allowed, "so is another backoff factor");
 
         let definition = |template: serde_json::Value| {
             serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob",
@@ -426,7 +429,12 @@ mod tests {
         let ok = review(&request_for("RecurringBackgroundJob", "UPDATE", suspended, old.clone()));
         assert!(ok.allowed, "{}", ok.result.message);
         let shorter = definition(serde_json::json!({"jobName": "noop", "timeoutSeconds": 600}));
-        assert!(!review(&request_for("RecurringBackgroundJob", "UPDATE", shorter, old)).allowed);
+        assert!(!review(&request_for("RecurringBackgroundJob", "UPDATE", shorter, old.clone())).allowed);
+        let capped = definition(serde_json::json!({"jobName": "noop", "retry": {"maxAttempts": 2}}));
+        assert!(
+            !review(&request_for("RecurringBackgroundJob", "UPDATE", capped, old)).allowed,
+            "a template's retry budget is vouched for"
+        );
     }
 
     #[test]
