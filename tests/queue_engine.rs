@@ -268,7 +268,7 @@ async fn failures_are_retried_with_exponential_backoff_until_max_attempts_then_f
 /// A job that leaves `backoffSeconds` out stores none (tests/api_schema.rs); the operator applies the default
 /// (60 s) when it schedules the retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_of_a_job_that_stores_no_backoff_waits_the_default_backoff() {
+async fn the_retry_of_a_job_that_stores_no_backoff_is_scheduled_the_default_backoff_later() {
     let env = TestEnv::new("default-backoff").await;
     let _r = env.replica("r", &[]);
     env.create("plain", json!({"jobName": "fail", "retry": {"maxAttempts": 2}})).await;

@@ -459,8 +459,8 @@ pub fn without_operator_defaults(spec: &mut serde_json::Value) {
 /// one: no `default` in the CRD. Every field the apiserver defaults is stored in every job, twice (the value and
 /// its managed-fields entry), and the apiserver holds every job in memory: `retry` and `timeoutSeconds` defaulted
 /// on the server about doubled the apiserver's live heap per waiting job (about 6.7 KB with those defaults, 3.5 KB
-/// without; docs/benchmarks.md). `priority` and `queue` cost little and stay visible in `kubectl get` columns, so the apiserver
-/// still fills those.
+/// without; docs/benchmarks.md). `priority` and `queue` cost little and stay visible in `kubectl get` columns, so
+/// the apiserver still fills those.
 fn applied_by_the_operator(schema: &mut schemars::Schema) {
     schema.remove("default");
 }
