@@ -97,17 +97,24 @@ pub fn running(
 }
 
 /// Record a final phase.
+///
+/// A finished job keeps what a person reads (phase, attempts, worker, times, error, the `Finished` condition) and
+/// drops what only a live attempt needs: its Lease's name and the `Running` condition (`Finished=True` says no
+/// attempt runs, as a batch Job keeps only `Complete`/`Failed`). Finished jobs are most of what a busy cluster
+/// holds until retention deletes them, and the apiserver keeps each one decoded in its watch cache (about 1.3 KB of
+/// its heap for these two; docs/benchmarks.md, "The apiserver's memory per job").
 pub fn finish(s: &mut BackgroundJobStatus, phase: Phase, error: Option<String>, now: Timestamp) {
     debug_assert!(phase.is_final());
     s.phase = Some(phase);
     s.awaiting_report = false;
     s.completion_time = Some(Time(now));
     s.next_attempt_time = None;
+    s.lease = None;
     if error.is_some() {
         s.last_error = error.map(capped);
     }
     let msg = s.last_error.clone().filter(|_| phase != Phase::Succeeded).unwrap_or_else(|| format!("job {phase}"));
-    set_condition(s, "Running", "False", &phase.to_string(), "no attempt running", now);
+    s.conditions.retain(|c| c.type_ != "Running");
     set_condition(s, "Finished", "True", &phase.to_string(), &msg, now);
 }
 
@@ -290,6 +297,32 @@ mod tests {
         let mut s = BackgroundJobStatus::default();
         requeue(&mut s, None, "short".into(), Timestamp::now());
         assert_eq!(s.last_error.as_deref(), Some("short"));
+    }
+
+    #[test]
+    fn a_finished_job_keeps_what_a_person_reads_and_drops_the_lease_and_the_running_condition() {
+        let mut j = job();
+        let start = Timestamp::from_second(100).unwrap();
+        j.status = Some(Box::new(running(&j, 2, "w1", "bgj-j", Some(42), None, start)));
+        let s = j.status.as_mut().unwrap();
+        finish(s, Phase::Succeeded, None, Timestamp::from_second(101).unwrap());
+        let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Finished"]);
+        assert_eq!(s.lease, None);
+        assert_eq!(
+            (s.phase, s.attempts, s.worker.as_deref(), s.enqueue_sequence),
+            (Some(Phase::Succeeded), 2, Some("w1"), Some(42)),
+            "who ran it, how often, and its place in the queue (a `bgjobs retry` keeps it) stay"
+        );
+        assert!(s.start_time.is_some() && s.completion_time.is_some());
+        reopen(s, "re-queued".into(), Timestamp::from_second(102).unwrap());
+        let again = running(&j, 3, "w2", "bgj-j", None, None, Timestamp::from_second(103).unwrap());
+        let types: Vec<&str> = again.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            (types, again.lease.as_deref()),
+            (vec!["Finished", "Running"], Some("bgj-j")),
+            "a retry claims anew"
+        );
     }
 
     #[test]
