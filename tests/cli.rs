@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use bgjobs::api::Phase;
+use bgjobs::api::{BackgroundJob, Phase};
 use common::TestEnv;
 use kube::ResourceExt;
 use serde_json::json;
@@ -19,12 +19,14 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
     let _r = env.replica("r", &[]);
     env.create("flaky", json!({"jobName": "fail", "args": {"message": "still down"}, "retry": {"maxAttempts": 1}}))
         .await;
-    env.wait_job("flaky", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
+    let failed = env.wait_job("flaky", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
+    assert_finished_shape(&failed);
 
     let (ok, out, err) = env.cli(&["retry", "flaky"]);
     assert!(ok && out.contains("re-queued"), "{out}{err}");
     let job = env.wait_job("flaky", MINUTE, "Failed again", |j| j.phase() == Phase::Failed && j.attempts() == 2).await;
     assert_eq!(job.spec.retry.max_attempts, Some(2), "another full budget of 1 on top of the attempt made");
+    assert_finished_shape(&job);
 
     let (ok, out, err) = env.cli(&["retry", "flaky"]);
     assert!(ok, "{err}");
@@ -54,6 +56,16 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
 
     let (ok, _, err) = env.cli(&["retry", "missing-job"]);
     assert!(!ok && err.contains("missing-job"), "{err}");
+}
+
+/// A finished job as stored keeps who ran it and a `Finished` condition, not its Lease's name or a `Running`
+/// condition (what the apiserver holds for every finished job until retention deletes it).
+fn assert_finished_shape(job: &BackgroundJob) {
+    let s = job.status.as_ref().expect("a finished job has a status");
+    let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, ["Finished"], "{s:?}");
+    assert_eq!(s.lease, None, "{s:?}");
+    assert!(s.worker.is_some() && s.start_time.is_some() && s.completion_time.is_some(), "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
