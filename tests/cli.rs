@@ -61,11 +61,17 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
 /// A finished job as stored keeps who ran it and a `Finished` condition, not its Lease's name or a `Running`
 /// condition (what the apiserver holds for every finished job until retention deletes it).
 fn assert_finished_shape(job: &BackgroundJob) {
+    assert_only_finished_condition(job);
+    let s = job.status.as_ref().expect("a finished job has a status");
+    assert!(s.worker.is_some() && s.start_time.is_some() && s.completion_time.is_some(), "{s:?}");
+}
+
+/// Whatever way a job ended (an attempt's outcome, or settled while it waited), it keeps only `Finished`.
+fn assert_only_finished_condition(job: &BackgroundJob) {
     let s = job.status.as_ref().expect("a finished job has a status");
     let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
     assert_eq!(types, ["Finished"], "{s:?}");
     assert_eq!(s.lease, None, "{s:?}");
-    assert!(s.worker.is_some() && s.start_time.is_some() && s.completion_time.is_some(), "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +95,8 @@ async fn enqueue_list_stats_and_cancel_speak_table_json_and_yaml() {
     let (ok, out, err) = env.cli(&["cancel", &name]);
     assert!(ok && out.contains("cancellation requested"), "{out}{err}");
     let _r = env.replica("r", &[]);
-    env.wait_job(&name, MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
+    let cancelled = env.wait_job(&name, MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
+    assert_only_finished_condition(&cancelled);
     let (ok, out, _) = env.cli(&["stats", "-o", "json"]);
     let counts: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(ok && counts["cancelled"] == 1, "{out}");
