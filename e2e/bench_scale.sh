@@ -37,6 +37,11 @@
 #                               size starts from the same apiserver: one that held and deleted an earlier backlog
 #                               starts bigger (apiserver_rss_mib_at_start), and garbage collection grows with its
 #                               heap. 0: reuse the running one.
+#   SCALE_BESIDE_ROUNDS [1]     after the last size, drains of the first size in a namespace of their own on the
+#                               same control plane, the last size's jobs still held (finished, and kept by the
+#                               default retention): what the apiserver holding them costs a small drain. Their
+#                               figures are printed beside the last size's, not counted among the baseline's rounds.
+#                               0: none.
 #   SCALE_RETENTION [finished=never]  the replicas' --retention: by default every finished job stays, so the run
 #                               holds the whole backlog to the end; e.g. SCALE_RETENTION=succeeded=5m measures the
 #                               envelope as deployed (the chart's default). The checker reads the recorded history,
@@ -63,6 +68,7 @@ PROFILE_SECONDS=${SCALE_PROFILE_SECONDS:-0}
 PERF_SECONDS=${SCALE_PERF_SECONDS:-0}
 RETENTION=${SCALE_RETENTION:-finished=never}
 FRESH_PLANE=${SCALE_FRESH_PLANE:-1}
+BESIDE_ROUNDS=${SCALE_BESIDE_ROUNDS:-1}
 GO=/usr/lib/go-1.19/bin/go # installed by e2e/cluster.sh to build the control plane
 RUN_DIR=$ROOT/target/bench/scale-$(date +%Y%m%d-%H%M%S)
 PID_DIR=$ROOT/target/bench/pids
@@ -76,6 +82,7 @@ die() {
   exit 1
 }
 
+[[ $BESIDE_ROUNDS =~ ^[0-9]+$ ]] || die "SCALE_BESIDE_ROUNDS must be a number of rounds, got '$BESIDE_ROUNDS'"
 [[ $FRESH_PLANE =~ ^[01]$ ]] || die "SCALE_FRESH_PLANE must be 0 or 1, got '$FRESH_PLANE'"
 [[ $PROFILE_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PROFILE_SECONDS must be a number of seconds, got '$PROFILE_SECONDS'"
 [[ $PERF_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PERF_SECONDS must be a number of seconds, got '$PERF_SECONDS'"
@@ -122,9 +129,35 @@ create_jobs() { # dir count
   find "$dir/jobs" -name 'part-*.yaml' | sort | xargs -P "$CREATE_PARALLEL" -I{} kubectl create -n "$NS" -f {} -o name >/dev/null
 }
 
-# One figure (e.g. jobs_per_s) of every size's first line in a summary: "backlog figure" per line.
+# One figure (e.g. jobs_per_s) of every size's first line in a summary: "backlog figure" per line. The rounds
+# beside the last size (labels "<size>-beside-<last>") are left out: they are neither baseline nor backlog.
 figure_of() { # summary name
-  sed -n "s/^backlog=\([0-9]*\)[^ ]*.* $2=\([0-9.]*\).*/\1 \2/p" "$1"
+  sed -n "/^backlog=[0-9]*-beside/d; s/^backlog=\([0-9]*\)[^ ]*.* $2=\([0-9.]*\).*/\1 \2/p" "$1"
+}
+
+# The rounds beside the last size against it and against the baseline's median: throughput and the CPU per job of
+# the replicas, the apiserver and the whole machine. Same-time comparison: the beside rounds ran minutes after the
+# last size, on the apiserver that still held its jobs.
+compare_beside() { # summary baseline last
+  local name
+  for name in jobs_per_s replica_cpu_ms_per_job apiserver_cpu_ms_per_job machine_cpu_ms_per_job; do
+    awk -v base="$2" -v last="$3" -v name="$name" '
+      /^backlog=/ {
+        label = substr($1, 9); x = ""
+        for (f = 2; f <= NF; f++) if (index($f, name "=") == 1) x = substr($f, length(name) + 2)
+        if (x == "") next
+        if (label ~ ("^" base "-beside-")) b[++m] = x
+        else if (label == base || label ~ ("^" base "-round")) v[++k] = x
+        else if (label == last) l = x
+      }
+      END {
+        if (k == 0 || m == 0 || l == 0) exit
+        for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+        med = (k % 2 ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2)
+        for (i = 1; i <= m; i++)
+          printf "%s at %d beside %d held: %.2f = %.2fx the baseline median, %.2fx the %d drain\n", name, base, last, b[i], b[i] / med, b[i] / l, last
+      }' "$1"
+  done
 }
 
 # Each size's throughput and replica CPU per job as a ratio of the baseline's median over its rounds.
@@ -178,12 +211,13 @@ wait_quiet() { # file quiet limit
   echo "the recorder was still writing after $3 s" >&2
 }
 
-one_size() { # size label
-  local n=$1 dir=$RUN_DIR/$2 i
+one_size() { # size label [beside: on the plane as it is, keeping what it holds]
+  local n=$1 dir=$RUN_DIR/$2 i fresh=$FRESH_PLANE
+  [ "${3:-}" = beside ] && fresh=0
   mkdir -p "$dir"
   echo
   echo "==> backlog of $n jobs${2#"$1"}"
-  if ((FRESH_PLANE)); then
+  if ((fresh)); then
     { e2e/cluster.sh down && e2e/cluster.sh up; } >"$dir/control-plane.log" 2>&1 ||
       die "could not start the control plane afresh (log: $dir/control-plane.log)"
     eval "$(e2e/cluster.sh env)"
@@ -297,7 +331,7 @@ one_size() { # size label
     echo "  jobs_per_s_by_tenth_of_drain: $(drain_tenths "$dir")"
     echo "  checker: $(head -n 1 <<<"$check")"
   } | tee "$dir/figures.txt"
-  kubectl delete namespace "$NS" --wait=false >/dev/null
+  ((KEEP_NAMESPACE)) || kubectl delete namespace "$NS" --wait=false >/dev/null
 }
 
 e2e/cluster.sh up
@@ -321,6 +355,8 @@ echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576
 echo "$REPLICAS replicas x $SLOTS slots, --retention $RETENTION; results in ${RUN_DIR#"$ROOT"/}"
 LABELS=()
 BASELINE=${SIZES%% *}
+LAST=${SIZES##* }
+KEEP_NAMESPACE=0
 for ((k = 1; k <= BASELINE_ROUNDS; k++)); do
   label=$BASELINE
   ((BASELINE_ROUNDS > 1)) && label=$BASELINE-round$k
@@ -329,14 +365,34 @@ for ((k = 1; k <= BASELINE_ROUNDS; k++)); do
 done
 for n in ${SIZES#"$BASELINE"}; do
   LABELS+=("$n")
+  # The last size's jobs stay for the rounds beside it.
+  [ "$n" = "$LAST" ] && ((BESIDE_ROUNDS > 0)) && KEEP_NAMESPACE=1
   one_size "$n" "$n"
 done
+if ((KEEP_NAMESPACE)); then
+  LAST_NS=$NS
+  NS=$LAST_NS-beside KEEP_NAMESPACE=0
+  echo
+  # One item and the count of the rest: cheaper than listing 100,000 jobs.
+  held=$(kubectl get --raw "/apis/bgjobs.dev/v1alpha1/namespaces/$LAST_NS/backgroundjobs?limit=1" |
+    jq '(.items | length) + (.metadata.remainingItemCount // 0)')
+  echo "==> beside the jobs the $LAST drain left: $held held in $LAST_NS"
+  for ((k = 1; k <= BESIDE_ROUNDS; k++)); do
+    label=$BASELINE-beside-$LAST
+    ((BESIDE_ROUNDS > 1)) && label=$label-round$k
+    LABELS+=("$label")
+    one_size "$BASELINE" "$label" beside
+  done
+  kubectl delete namespace "$LAST_NS" --wait=false >/dev/null
+  NS=$LAST_NS
+fi
 echo
 echo "==> summary"
 for label in "${LABELS[@]}"; do cat "$RUN_DIR/$label/figures.txt"; done | tee "$RUN_DIR/summary.txt"
 echo
 # The targets compare each larger size with the baseline: its rounds' median, their range beside it.
 compare_with_baseline "$RUN_DIR/summary.txt" "$BASELINE" | tee -a "$RUN_DIR/summary.txt"
+compare_beside "$RUN_DIR/summary.txt" "$BASELINE" "$LAST" | tee -a "$RUN_DIR/summary.txt"
 echo
 echo "the last size's namespace ($NS) is still being deleted: the namespace controller deletes its jobs one by one,"
 echo "which loads the apiserver for minutes after a large size (tests run meanwhile may time out);"
