@@ -99,7 +99,7 @@ bench:
 bench-pods:
 	e2e/bench_pods.sh
 
-## bench-scale: drain backlogs of 1k, 10k and 100k jobs (SCALE_SIZES; the first SCALE_BASELINE_ROUNDS times) on 4 replicas x 16 slots; figures per size, ratios to the baseline's median.
+## bench-scale: drain backlogs of 1k, 10k and 100k jobs (SCALE_SIZES; the first SCALE_BASELINE_ROUNDS times) on 4 replicas x 16 slots; figures per size, ratios to the baseline's median; then the first size again beside the jobs the last one left (SCALE_BESIDE_ROUNDS).
 bench-scale:
 	e2e/bench_scale.sh
 
