@@ -38,8 +38,9 @@
 #                               starts bigger (apiserver_rss_mib_at_start), and garbage collection grows with its
 #                               heap. 0: reuse the running one.
 #   SCALE_BESIDE_ROUNDS [1]     after the last size, drains of the first size in a namespace of their own on the
-#                               same control plane, the last size's jobs still held (finished, and kept by the
-#                               default retention): what the apiserver holding them costs a small drain. Their
+#                               same control plane, the last size's jobs still held (finished, unless it gave up,
+#                               and kept by the default retention): what the apiserver holding them costs a small
+#                               drain. Their
 #                               figures are printed beside the last size's, not counted among the baseline's rounds.
 #                               0: none.
 #   SCALE_RETENTION [finished=never]  the replicas' --retention: by default every finished job stays, so the run
@@ -143,9 +144,10 @@ compare_beside() { # summary baseline last
   for name in jobs_per_s replica_cpu_ms_per_job apiserver_cpu_ms_per_job machine_cpu_ms_per_job; do
     awk -v base="$2" -v last="$3" -v name="$name" '
       /^backlog=/ {
-        label = substr($1, 9); x = ""
-        for (f = 2; f <= NF; f++) if (index($f, name "=") == 1) x = substr($f, length(name) + 2)
-        if (x == "") next
+        label = substr($1, 9); found = 0
+        # substr gives a string: + 0 makes it a number, so that the sort and the ratios below compare numbers.
+        for (f = 2; f <= NF; f++) if (index($f, name "=") == 1) { x = substr($f, length(name) + 2) + 0; found = 1 }
+        if (!found) next
         if (label ~ ("^" base "-beside-")) b[++m] = x
         else if (label == base || label ~ ("^" base "-round")) v[++k] = x
         else if (label == last) l = x
@@ -383,7 +385,7 @@ if ((KEEP_NAMESPACE)); then
     LABELS+=("$label")
     one_size "$BASELINE" "$label" beside
   done
-  kubectl delete namespace "$LAST_NS" --wait=false >/dev/null
+  kubectl delete namespace "$LAST_NS" --wait=false >/dev/null || true
   NS=$LAST_NS
 fi
 echo
