@@ -40,8 +40,8 @@
 #   SCALE_BESIDE_ROUNDS [1]     after the last size, drains of the first size in a namespace of their own on the
 #                               same control plane, the last size's jobs still held (finished, unless it gave up,
 #                               and kept by the default retention): what the apiserver holding them costs a small
-#                               drain. Their
-#                               figures are printed beside the last size's, not counted among the baseline's rounds.
+#                               drain. Their figures are printed beside the last size's, not counted among the
+#                               baseline's rounds.
 #                               0: none.
 #   SCALE_RETENTION [finished=never]  the replicas' --retention: by default every finished job stays, so the run
 #                               holds the whole backlog to the end; e.g. SCALE_RETENTION=succeeded=5m measures the
