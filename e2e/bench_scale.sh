@@ -59,7 +59,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$ROOT/e2e/lib.sh"
 cd "$ROOT"
 
-SIZES=${SCALE_SIZES:-1000 10000 100000}
+# Word-split and re-joined: the first and last size are taken from its ends.
+SIZES=$(echo ${SCALE_SIZES:-1000 10000 100000})
 REPLICAS=${SCALE_REPLICAS:-4}
 SLOTS=${SCALE_SLOTS:-16}
 BASELINE_ROUNDS=${SCALE_BASELINE_ROUNDS:-3}
@@ -83,7 +84,7 @@ die() {
   exit 1
 }
 
-[[ $BESIDE_ROUNDS =~ ^[0-9]+$ ]] || die "SCALE_BESIDE_ROUNDS must be a number of rounds, got '$BESIDE_ROUNDS'"
+[[ $BESIDE_ROUNDS =~ ^(0|[1-9][0-9]*)$ ]] || die "SCALE_BESIDE_ROUNDS must be a number of rounds, got '$BESIDE_ROUNDS'"
 [[ $FRESH_PLANE =~ ^[01]$ ]] || die "SCALE_FRESH_PLANE must be 0 or 1, got '$FRESH_PLANE'"
 [[ $PROFILE_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PROFILE_SECONDS must be a number of seconds, got '$PROFILE_SECONDS'"
 [[ $PERF_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PERF_SECONDS must be a number of seconds, got '$PERF_SECONDS'"
