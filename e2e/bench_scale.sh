@@ -131,10 +131,40 @@ create_jobs() { # dir count
   find "$dir/jobs" -name 'part-*.yaml' | sort | xargs -P "$CREATE_PARALLEL" -I{} kubectl create -n "$NS" -f {} -o name >/dev/null
 }
 
-# One figure (e.g. jobs_per_s) of every size's first line in a summary: "backlog figure" per line. The rounds
-# beside the last size (labels "<size>-beside-<last>") are left out: they are neither baseline nor backlog.
+# One figure (e.g. jobs_per_s) of every drain in a summary: "label figure" per drain, from its first line.
+figures_of() { # summary name
+  awk -v name="$2" '/^backlog=/ {
+    for (f = 2; f <= NF; f++) if (index($f, name "=") == 1) { print substr($1, 9), substr($f, length(name) + 2); next }
+  }' "$1"
+}
+
+# The same per size ("backlog figure"), the baseline's rounds under their size. The rounds beside the last size
+# (labels "<size>-beside-<last>") are left out: they are neither baseline nor backlog.
 figure_of() { # summary name
-  sed -n "/^backlog=[0-9]*-beside/d; s/^backlog=\([0-9]*\)[^ ]*.* $2=\([0-9.]*\).*/\1 \2/p" "$1"
+  figures_of "$1" "$2" | awk '$1 !~ /-beside-/ { sub(/[^0-9].*/, "", $1); print $1, $2 }'
+}
+
+# awk: sorts v[1..k] (numbers) in place and returns their median. Shared by both comparisons below.
+MEDIAN_AWK='function median(v, k,   i, j, t) {
+  for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (v[j] + 0 < v[i] + 0) { t = v[i]; v[i] = v[j]; v[j] = t }
+  return k % 2 ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
+}'
+
+# Each size's throughput and replica CPU per job as a ratio of the baseline's median over its rounds.
+compare_with_baseline() { # summary baseline
+  local name
+  for name in jobs_per_s replica_cpu_ms_per_job; do
+    figure_of "$1" "$name" | awk -v base="$2" -v name="$name" "$MEDIAN_AWK"'
+      $1 == base { v[++k] = $2; next }
+      { size[++m] = $1; val[m] = $2 }
+      END {
+        if (k == 0) exit
+        med = median(v, k)
+        printf "%s at %d: median %.2f of %d round(s), range %.2f-%.2f\n", name, base, med, k, v[1], v[k]
+        for (i = 1; i <= m; i++)
+          printf "  at %d: %.2f = %.2fx the median (%.2fx-%.2fx of the rounds)\n", size[i], val[i], val[i] / med, val[i] / v[k], val[i] / v[1]
+      }'
+  done
 }
 
 # The rounds beside the last size against it and against the baseline's median: throughput and the CPU per job of
@@ -143,40 +173,15 @@ figure_of() { # summary name
 compare_beside() { # summary baseline last
   local name
   for name in jobs_per_s replica_cpu_ms_per_job apiserver_cpu_ms_per_job machine_cpu_ms_per_job; do
-    awk -v base="$2" -v last="$3" -v name="$name" '
-      /^backlog=/ {
-        label = substr($1, 9); found = 0
-        # substr gives a string: + 0 makes it a number, so that the sort and the ratios below compare numbers.
-        for (f = 2; f <= NF; f++) if (index($f, name "=") == 1) { x = substr($f, length(name) + 2) + 0; found = 1 }
-        if (!found) next
-        if (label ~ ("^" base "-beside-")) b[++m] = x
-        else if (label == base || label ~ ("^" base "-round")) v[++k] = x
-        else if (label == last) l = x
-      }
+    figures_of "$1" "$name" | awk -v base="$2" -v last="$3" -v name="$name" "$MEDIAN_AWK"'
+      $1 ~ ("^" base "-beside-") { b[++m] = $2; next }
+      $1 == base || $1 ~ ("^" base "-round") { v[++k] = $2; next }
+      $1 == last { l = $2 }
       END {
-        if (k == 0 || m == 0 || l == 0) exit
-        for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-        med = (k % 2 ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2)
+        if (k == 0 || m == 0 || l + 0 == 0) exit
+        med = median(v, k)
         for (i = 1; i <= m; i++)
           printf "%s at %d beside %d held: %.2f = %.2fx the baseline median, %.2fx the %d drain\n", name, base, last, b[i], b[i] / med, b[i] / l, last
-      }' "$1"
-  done
-}
-
-# Each size's throughput and replica CPU per job as a ratio of the baseline's median over its rounds.
-compare_with_baseline() { # summary baseline
-  local name
-  for name in jobs_per_s replica_cpu_ms_per_job; do
-    figure_of "$1" "$name" | awk -v base="$2" -v name="$name" '
-      $1 == base { v[++k] = $2; next }
-      { size[++m] = $1; val[m] = $2 }
-      END {
-        if (k == 0) exit
-        for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-        med = (k % 2 ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2)
-        printf "%s at %d: median %.2f of %d round(s), range %.2f-%.2f\n", name, base, med, k, v[1], v[k]
-        for (i = 1; i <= m; i++)
-          printf "  at %d: %.2f = %.2fx the median (%.2fx-%.2fx of the rounds)\n", size[i], val[i], val[i] / med, val[i] / v[k], val[i] / v[1]
       }'
   done
 }
