@@ -64,6 +64,17 @@ fn assert_finished_shape(job: &BackgroundJob) {
     assert_only_finished_condition(job);
     let s = job.status.as_ref().expect("a finished job has a status");
     assert!(s.worker.is_some() && s.start_time.is_some() && s.completion_time.is_some(), "{s:?}");
+    assert_status_tracked_whole(job);
+}
+
+/// The apiserver records the status's writer as one field (`f:status: {}`), not one nested entry per status field:
+/// it holds that record in memory for every job (the CRD marks the status an atomic map).
+fn assert_status_tracked_whole(job: &BackgroundJob) {
+    let entries = job.metadata.managed_fields.as_deref().unwrap_or_default();
+    let status: Vec<&serde_json::Value> =
+        entries.iter().filter_map(|e| e.fields_v1.as_ref()?.0.get("f:status")).collect();
+    assert!(!status.is_empty(), "some writer owns the status: {entries:?}");
+    assert!(status.iter().all(|s| *s == &serde_json::json!({})), "{status:?}");
 }
 
 /// Whatever way a job ended (an attempt's outcome, or settled while it waited), it keeps only `Finished`.
