@@ -1,0 +1,3 @@
+module bgjobs.dev/object-heap
+
+go 1.19
