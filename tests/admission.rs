@@ -341,10 +341,22 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
 
     // Server-side apply: the webhook's stamp is owned by no field manager, so re-applying keeps it.
     let manifest = json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
-        "metadata": {"name": "ssa"}, "spec": {"jobName": "noop", "delaySeconds": 3600}});
+        "metadata": {"name": "ssa"}, "spec": {"jobName": "noop", "delaySeconds": 3600, "args": {"a": 1, "b": {"c": 2}}}});
     let pp = PatchParams::apply("alice-ssa");
     let first = as_alice.patch("ssa", &pp, &Patch::Apply(&manifest)).await.unwrap();
     assert_eq!(annotation(&first, CREATED_BY), Some(alice.as_str()));
     let again = as_alice.patch("ssa", &pp, &Patch::Apply(&manifest)).await;
     assert_eq!(annotation(&again.expect("re-apply"), CREATED_BY), Some(alice.as_str()));
+    // `args` is an atomic map: its applier owns it as one field, not one per key (the apiserver holds that record
+    // for every job). The spec stays per field: `bgjobs cancel` adds `cancel`, and a forced re-apply of the same
+    // manifest, as GitOps tools do, keeps it and the arguments.
+    bgjobs::jobs::cancel(&as_alice, "ssa").await.expect("bgjobs cancel passes the webhook");
+    let forced = as_alice.patch("ssa", &pp.clone().force(), &Patch::Apply(&manifest)).await.expect("forced re-apply");
+    assert!(forced.spec.cancel, "a re-apply without `cancel` keeps the cancel another manager wrote");
+    assert_eq!(forced.spec.args, Some(json!({"a": 1, "b": {"c": 2}})));
+    let entries = forced.metadata.managed_fields.as_deref().unwrap_or_default();
+    let applied = entries.iter().find(|e| e.manager.as_deref() == Some("alice-ssa")).expect("the applier's entry");
+    let fields = &applied.fields_v1.as_ref().expect("fieldsV1").0;
+    assert_eq!(fields["f:spec"]["f:args"], json!({}), "{fields}");
+    assert!(fields["f:spec"].get("f:cancel").is_none(), "{fields}");
 }

@@ -472,11 +472,12 @@ fn applied_by_the_operator(schema: &mut schemars::Schema) {
 /// client wrote each field of an object (`metadata.managedFields`) and keeps that record, one nested map per field,
 /// in memory for every object it holds. For an object only ever written whole, one entry says the same: a finished
 /// job with its status tracked as one field holds 5.5 KB of the apiserver's heap instead of 6.6 KB
-/// (docs/benchmarks.md). The cost: a server-side apply of part of such an object owns all of it.
+/// (docs/benchmarks.md). The cost: whoever applies such an object server-side owns all of it.
 pub const ATOMIC: &str = "atomic";
 
-/// Schema of a field that holds an arbitrary JSON object the apiserver must keep as it is, and whose parts no one
-/// writes separately (`args`, a Pod `template`): tracked as one field ([`ATOMIC`]), however many keys it has.
+/// Schema of a field that holds an arbitrary JSON object the apiserver must keep as it is, and that no one applies
+/// in parts (`args`, a Pod `template`; the admission webhook refuses changing them after creation): tracked as one
+/// field ([`ATOMIC`]), however many keys it has.
 fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
@@ -590,7 +591,11 @@ mod tests {
             root(&recurring)["properties"]["spec"]["properties"]["jobTemplate"]["properties"]["spec"].clone();
         assert_eq!(root(&job)["properties"]["status"]["x-kubernetes-map-type"], ATOMIC);
         for spec in [root(&job)["properties"]["spec"].clone(), template_spec] {
-            assert!(spec.get("x-kubernetes-map-type").is_none(), "{spec}");
+            // `bgjobs retry` merge-patches `retry.maxAttempts`, `bgjobs cancel` adds `cancel`: per field.
+            for granular in [&spec, &spec["properties"]["retry"], &spec["properties"]["http"]] {
+                assert!(granular["properties"].is_object(), "an object schema: {granular}");
+                assert!(granular.get("x-kubernetes-map-type").is_none(), "{granular}");
+            }
             for field in ["args", "template"] {
                 assert_eq!(spec["properties"][field]["x-kubernetes-map-type"], ATOMIC, "{field}");
             }
