@@ -354,12 +354,12 @@ cp target/release/bgjobs-test-worker target/release/bgjobs-history "$RUN_DIR/"
 WORKER=$RUN_DIR/bgjobs-test-worker
 HISTORY=$RUN_DIR/bgjobs-history
 stop_leftover_replicas "$PID_DIR"/scale-*.pid -- "bgjobs-test-worker operator"
-# The guarantees tests' fault injection leaves a second apiserver on the same etcd (e2e/cluster.sh second-apiserver).
-# Its watch cache takes in every job too, so its CPU would be in every figure: refuse rather than measure it.
-# (A fresh control plane per size stops it.)
+# A second apiserver on the same etcd (e2e/cluster.sh second-apiserver), which the guarantees and chaos tests start
+# and stop, outlives a test that was killed. Its watch cache takes in every job too, so its CPU would be in every
+# figure: refuse rather than measure it. (A fresh control plane per size stops it.)
 api2=$(plane_pid kube-apiserver-2)
 if ((!FRESH_PLANE)) && [ "$api2" != 0 ] && kill -0 "$api2" 2>/dev/null; then
-  die "a second kube-apiserver (pid $api2, started by the guarantees tests) runs on this etcd and would skew every figure; start afresh: e2e/cluster.sh down && e2e/cluster.sh up"
+  die "a second kube-apiserver (pid $api2, left by a test) runs on this etcd and would skew every figure; start afresh: e2e/cluster.sh down && e2e/cluster.sh up"
 fi
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "$REPLICAS replicas x $SLOTS slots, --retention $RETENTION; results in ${RUN_DIR#"$ROOT"/}"

@@ -12,9 +12,10 @@
 #                           only install and build the binaries (and the node's, and its pause image) into the cache
 #   e2e/cluster.sh restart apiserver|etcd|both
 #                           fault injection: kill -9 and start again, same ports and data (waits until healthy)
-#   e2e/cluster.sh second-apiserver
+#   e2e/cluster.sh second-apiserver [stop]
 #                           fault injection: start a second kube-apiserver on the same etcd and write
-#                           $STATE/kubeconfig-2 for it (an HA pair whose watch caches can lag each other)
+#                           $STATE/kubeconfig-2 for it (an HA pair whose watch caches can lag each other);
+#                           `stop` stops it (by PID)
 #
 # The binaries are built from Debian's `kubernetes` source package (v1.20.2) and cached under
 # ${BGJOBS_CACHE:-~/.cache/bgjobs}; the running state (kubeconfig, certs, logs, PID files, etcd data) lives in
@@ -337,6 +338,6 @@ case "${1:-}" in
     (flock 9 && build_binaries && if [ "${2:-}" = --node ]; then build_node_binaries && node_images; fi) 9>"$CACHE/build.lock"
     ;;
   restart) restart "${2:-}" ;;
-  second-apiserver) second_apiserver ;;
-  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  second-apiserver) if [ "${2:-}" = stop ]; then stop_by_pid kube-apiserver-2; else second_apiserver; fi ;;
+  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -316,16 +316,13 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
     let env = TestEnv::new("stale-view").await;
     // b talks to a second kube-apiserver on the same etcd; freezing that apiserver freezes b's view of the
     // cluster (its watches) while a renews its Lease through the first one.
-    let root = common::repo_root();
-    let out = std::process::Command::new(root.join("e2e/cluster.sh")).arg("second-apiserver").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let second = String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap().to_string();
-    let pid: u32 = std::fs::read_to_string(root.join(".cluster/kube-apiserver-2.pid")).unwrap().trim().parse().unwrap();
+    let second = common::SecondApiserver::start();
+    let pid = second.pid;
 
     let _a = env.replica("a", &[]);
     env.create("once", json!({"jobName": "sleep", "args": {"seconds": 14}, "retry": {"maxAttempts": 1}})).await;
     env.wait_job("once", MINUTE, "Running on a", |j| j.phase() == Phase::Running).await;
-    let options = common::ReplicaOptions { kubeconfig: Some(second.into()), ..Default::default() };
+    let options = common::ReplicaOptions { kubeconfig: Some(second.kubeconfig.clone()), ..Default::default() };
     let b = env.replica_with("b", &[], &options);
     tokio::time::sleep(Duration::from_secs(2)).await;
     {

@@ -42,7 +42,8 @@ async fn under_the_exclusive_strategy_a_randomized_fault_schedule_never_lets_two
         "1s",
     ];
     let account = common::operator_account(&env, OPERATOR_ACCOUNT, &[]).await;
-    let specs = crate::members(&env, account, &proxy);
+    let second = common::SecondApiserver::start(); // stopped after the fleet, which is dropped first
+    let specs = crate::members(&env, account, &proxy, &second);
     let _recorder = workload::Recorder::start(&env);
     let mut fleet = Fleet::start(&env.dir, &env.ns, &flags, specs);
     let http = workload::HttpWorker::start(&env.dir).await;

@@ -59,12 +59,17 @@ fn schedule(run: &str, share: f64) -> (u64, u64) {
 }
 
 /// The four members of a fleet: r0 as the chart's ServiceAccount (`account`), r1 through `proxy`, r2 through the
-/// second apiserver, r3 with its clock 20 s ahead.
-fn members(env: &TestEnv, account: std::path::PathBuf, proxy: &common::proxy::Proxy) -> Vec<MemberSpec> {
+/// `second` apiserver, r3 with its clock 20 s ahead.
+fn members(
+    env: &TestEnv,
+    account: std::path::PathBuf,
+    proxy: &common::proxy::Proxy,
+    second: &common::SecondApiserver,
+) -> Vec<MemberSpec> {
     vec![
         MemberSpec { kubeconfig: account, clock_offset_ms: 0, via: "apiserver, as the chart's ServiceAccount" },
         MemberSpec { kubeconfig: proxy.kubeconfig(&env.dir), clock_offset_ms: 0, via: "proxy" },
-        MemberSpec { kubeconfig: second_apiserver(), clock_offset_ms: 0, via: "second apiserver" },
+        MemberSpec { kubeconfig: second.kubeconfig.clone(), clock_offset_ms: 0, via: "second apiserver" },
         MemberSpec { kubeconfig: common::kubeconfig_path(), clock_offset_ms: 20_000, via: "apiserver, clock +20 s" },
     ]
 }
@@ -137,7 +142,8 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
     ];
     // r0 acts as the chart's ServiceAccount would, so verbs can be taken from it mid-run.
     let account = common::operator_account(&env, OPERATOR_ACCOUNT, &[]).await;
-    let specs = members(&env, account, &proxy);
+    let second = common::SecondApiserver::start(); // stopped after the fleet, which is dropped first
+    let specs = members(&env, account, &proxy, &second);
     let _recorder = workload::Recorder::start(&env);
     let mut fleet = Fleet::start(&env.dir, &env.ns, &flags, specs);
     let agent = env.node_agent();
@@ -173,17 +179,6 @@ fn limits(cluster_cap: usize, per_replica: usize, exclusive: bool) -> Limits {
         fifo_bound_ms: Some(FIFO_BOUND_MS),
         exclusive,
     }
-}
-
-/// The second kube-apiserver on the control plane's etcd (started if needed), and its kubeconfig.
-fn second_apiserver() -> std::path::PathBuf {
-    let root = common::repo_root();
-    let out = std::process::Command::new(root.join("e2e/cluster.sh"))
-        .arg("second-apiserver")
-        .output()
-        .expect("run e2e/cluster.sh second-apiserver");
-    assert!(out.status.success(), "second apiserver: {}", String::from_utf8_lossy(&out.stderr));
-    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default())
 }
 
 const FAULT_KINDS: [&str; 10] = [

@@ -36,6 +36,43 @@ pub fn kubectl() -> Command {
     kubectl
 }
 
+/// A second kube-apiserver on the control plane's etcd (`e2e/cluster.sh second-apiserver`: an HA pair whose watch
+/// caches can lag each other), stopped when dropped so that nothing a test starts outlives it. The tests that use
+/// it never run at the same time (one in `guarantees.rs`; the chaos runs take turns).
+pub struct SecondApiserver {
+    /// Its kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// Its process, to freeze (`SIGSTOP`).
+    pub pid: u32,
+}
+
+impl SecondApiserver {
+    pub fn start() -> Self {
+        let out = Command::new(repo_root().join("e2e/cluster.sh"))
+            .arg("second-apiserver")
+            .output()
+            .expect("run e2e/cluster.sh second-apiserver");
+        assert!(out.status.success(), "second apiserver: {}", String::from_utf8_lossy(&out.stderr));
+        let kubeconfig = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default());
+        let pid_file = kubeconfig.with_file_name("kube-apiserver-2.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("read {}: {e}", pid_file.display()))
+            .trim()
+            .parse()
+            .expect("a PID");
+        SecondApiserver { kubeconfig, pid }
+    }
+}
+
+impl Drop for SecondApiserver {
+    fn drop(&mut self) {
+        let stopped = Command::new(repo_root().join("e2e/cluster.sh")).args(["second-apiserver", "stop"]).status();
+        if !matches!(stopped, Ok(s) if s.success()) {
+            eprintln!("could not stop the second apiserver (pid {}): {stopped:?}", self.pid);
+        }
+    }
+}
+
 /// The repository's root (this package, `bgjobs-tests`, is its `tests/` directory).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lies in the repository").to_path_buf()
