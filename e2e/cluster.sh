@@ -212,9 +212,13 @@ restart() { # apiserver|etcd|both
 
 second_apiserver() {
   [ -f "$STATE/ports.env" ] || fail "second-apiserver: the control plane is not up"
-  if ! running kube-apiserver-2; then
+  if running kube-apiserver-2; then
+    # Reused: one that a test killed outright may have left frozen (SIGSTOP).
+    kill -CONT "$(cat "$STATE/kube-apiserver-2.pid")" 2>/dev/null || true
+  else
     local port
     port=$(free_port)
+    sed -i '/^api2_port=/d' "$STATE/ports.env"
     echo "api2_port=$port" >>"$STATE/ports.env"
     start_apiserver kube-apiserver-2 "$port"
     write_kubeconfig "$STATE/kubeconfig-2" "$port" "$(cut -d, -f1 "$STATE/tokens.csv")"
@@ -307,7 +311,8 @@ stop_by_pid() { # name: SIGTERM, 5 s, then SIGKILL
   pid=$(cat "$STATE/$1.pid")
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
+  if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
+  rm -f "$STATE/$1.pid" # a stale PID file could name a reused PID later
 }
 
 down() {

@@ -37,40 +37,58 @@ pub fn kubectl() -> Command {
 }
 
 /// A second kube-apiserver on the control plane's etcd (`e2e/cluster.sh second-apiserver`: an HA pair whose watch
-/// caches can lag each other), stopped when dropped so that nothing a test starts outlives it. The tests that use
-/// it never run at the same time (one in `guarantees.rs`; the chaos runs take turns).
+/// caches can lag each other), stopped when dropped if this test started it, so that nothing a test starts outlives
+/// it. One already running (another test run on the same control plane) is used and left running.
 pub struct SecondApiserver {
     /// Its kubeconfig.
     pub kubeconfig: PathBuf,
     /// Its process, to freeze (`SIGSTOP`).
     pub pid: u32,
+    started: bool,
 }
 
 impl SecondApiserver {
     pub fn start() -> Self {
+        let running = || {
+            let pid = std::fs::read_to_string(control_plane_dir().join("kube-apiserver-2.pid")).ok()?;
+            let alive = Command::new("kill").args(["-0", pid.trim()]).stderr(Stdio::null()).status().ok()?.success();
+            alive.then(|| pid.trim().parse::<u32>().ok()).flatten()
+        };
+        let started = running().is_none();
         let out = Command::new(repo_root().join("e2e/cluster.sh"))
             .arg("second-apiserver")
             .output()
             .expect("run e2e/cluster.sh second-apiserver");
-        assert!(out.status.success(), "second apiserver: {}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            if started {
+                Self::stop();
+            }
+            panic!("second apiserver: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let kubeconfig = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default());
-        let pid_file = kubeconfig.with_file_name("kube-apiserver-2.pid");
-        let pid = std::fs::read_to_string(&pid_file)
-            .unwrap_or_else(|e| panic!("read {}: {e}", pid_file.display()))
-            .trim()
-            .parse()
-            .expect("a PID");
-        SecondApiserver { kubeconfig, pid }
+        let pid = running().expect("the second apiserver runs after `e2e/cluster.sh second-apiserver`");
+        SecondApiserver { kubeconfig, pid, started }
+    }
+
+    fn stop() {
+        let stopped = Command::new(repo_root().join("e2e/cluster.sh")).args(["second-apiserver", "stop"]).status();
+        if !matches!(stopped, Ok(s) if s.success()) {
+            eprintln!("could not stop the second apiserver: {stopped:?}");
+        }
     }
 }
 
 impl Drop for SecondApiserver {
     fn drop(&mut self) {
-        let stopped = Command::new(repo_root().join("e2e/cluster.sh")).args(["second-apiserver", "stop"]).status();
-        if !matches!(stopped, Ok(s) if s.success()) {
-            eprintln!("could not stop the second apiserver (pid {}): {stopped:?}", self.pid);
+        if self.started {
+            Self::stop();
         }
     }
+}
+
+/// Where `e2e/cluster.sh` keeps the control plane's state (PID files, kubeconfigs, logs).
+pub fn control_plane_dir() -> PathBuf {
+    std::env::var_os("BGJOBS_CLUSTER_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".cluster"))
 }
 
 /// The repository's root (this package, `bgjobs-tests`, is its `tests/` directory).
