@@ -243,9 +243,7 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
   # resource as its JSON, managed fields included: one job's size as stored.
   local api_rss_per_10k stored_bytes
   api_rss_per_10k=$(awk -v a="$api_rss0" -v b="$(rss_mib "$(plane_pid kube-apiserver)")" -v n="$n" 'BEGIN {printf "%.1f", (b - a) * 10000 / n}')
-  # kubectl before 1.21 (Debian's) prints managed fields unasked and knows no --show-managed-fields.
-  stored_bytes=$({ kubectl get -n "$NS" backgroundjob s-000001 -o json --show-managed-fields 2>/dev/null ||
-    kubectl get -n "$NS" backgroundjob s-000001 -o json; } | jq -c . | wc -c)
+  stored_bytes=$(stored_json -n "$NS" backgroundjob s-000001 | wc -c)
   "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
   RECORDER_PID=$!
   metrics_snapshot "$dir/metrics-before.txt"

@@ -104,6 +104,12 @@ peak_rss_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status" 2>
 # plane_pid NAME: a control plane process's PID from e2e/cluster.sh's PID file (read only: never signalled).
 plane_pid() { cat "${BGJOBS_CLUSTER_DIR:-$ROOT/.cluster}/$1.pid" 2>/dev/null || echo 0; }
 
+# stored_json KUBECTL_GET_ARGS...: one object as compact JSON, managed fields included, as etcd stores it. kubectl
+# before 1.21 (Debian's) prints managed fields unasked and knows no --show-managed-fields.
+stored_json() {
+  { kubectl get "$@" -o json --show-managed-fields 2>/dev/null || kubectl get "$@" -o json; } | jq -c .
+}
+
 # The apiserver's request counters, for counting API writes between two snapshots. They have no namespace label:
 # on a shared control plane they count other clients too (run the benchmarks alone).
 metrics_snapshot() { kubectl get --raw /metrics | grep -E '^apiserver_request_total\{' >"$1"; }

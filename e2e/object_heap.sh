@@ -21,14 +21,14 @@ done
 [ -x "$GO" ] || { echo "object_heap.sh: $GO is missing: run e2e/cluster.sh up first" >&2; exit 1; }
 env=$("$ROOT/e2e/cluster.sh" env)
 eval "$env"
+# shellcheck source=e2e/lib.sh
+. "$ROOT/e2e/lib.sh"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 files=()
 for job in "$@"; do
   file="$dir/$(printf '%s' "$job" | tr '/' '_').json"
-  # kubectl before 1.21 (Debian's) prints managed fields unasked and knows no --show-managed-fields.
-  { kubectl get "${ns[@]}" backgroundjob "$job" -o json --show-managed-fields 2>/dev/null ||
-    kubectl get "${ns[@]}" backgroundjob "$job" -o json; } | jq -c . >"$file"
+  stored_json "${ns[@]}" backgroundjob "$job" >"$file"
   files+=("$file")
 done
 cd "$ROOT/e2e/object-heap"
