@@ -5,7 +5,8 @@
 #   throughput (jobs/s, first start to last finish), replica CPU per job (and the part of it spent before the first
 #   job finished: listing and indexing the backlog), peak RSS per replica (VmHWM), apiserver
 #   CPU per job (and etcd's, the recorder's and the whole machine's: on a 2-core machine throughput follows the
-#   machine's CPU per job, so they say where a larger backlog's extra time went), successful API writes per job
+#   machine's CPU per job, so they say where a larger backlog's extra time went), the apiserver's allocations and
+#   its garbage collector's CPU per job (from its Go runtime metrics), successful API writes per job
 #   (BackgroundJob and Lease writes that landed, from the apiserver's counters; the replicas record no Event for a
 #   job that succeeds), refused claims per job, the apiserver's memory per 10k created jobs, a job's size as stored,
 #   throughput per tenth of the drain (first tenth: the whole backlog waiting; last: almost none), and the
@@ -32,6 +33,8 @@
 #   SCALE_PERF_SECONDS [0]      when > 0, replica 1's CPU profile is sampled with `perf record` (99 Hz) for that
 #                               many seconds, from the same moment: <size>/replica-1-profile.txt lists its functions
 #                               by share of samples. Both profiles take CPU: leave them at 0 for the ratios.
+#   SCALE_ALLOC_PROFILE [0]     1: the apiserver's allocations during each drain, by function (/debug/pprof/allocs
+#                               before and after, their difference): <size>/apiserver-allocs.txt
 #   SCALE_FRESH_PLANE [1]       each size, and each round of the baseline, starts on a control plane started afresh
 #                               (e2e/cluster.sh down && up: the run owns the local control plane), so that every
 #                               size starts from the same apiserver: one that held and deleted an earlier backlog
@@ -68,6 +71,7 @@ CREATE_PARALLEL=${SCALE_CREATE_PARALLEL:-4}
 STALL=${SCALE_STALL:-180}
 PROFILE_SECONDS=${SCALE_PROFILE_SECONDS:-0}
 PERF_SECONDS=${SCALE_PERF_SECONDS:-0}
+ALLOC_PROFILE=${SCALE_ALLOC_PROFILE:-0}
 RETENTION=${SCALE_RETENTION:-finished=never}
 FRESH_PLANE=${SCALE_FRESH_PLANE:-1}
 BESIDE_ROUNDS=${SCALE_BESIDE_ROUNDS:-1}
@@ -87,6 +91,7 @@ die() {
 [[ $BESIDE_ROUNDS =~ ^(0|[1-9][0-9]*)$ ]] || die "SCALE_BESIDE_ROUNDS must be a number of rounds, got '$BESIDE_ROUNDS'"
 [[ $FRESH_PLANE =~ ^[01]$ ]] || die "SCALE_FRESH_PLANE must be 0 or 1, got '$FRESH_PLANE'"
 [[ $PROFILE_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PROFILE_SECONDS must be a number of seconds, got '$PROFILE_SECONDS'"
+[[ $ALLOC_PROFILE =~ ^[01]$ ]] || die "SCALE_ALLOC_PROFILE must be 0 or 1, got '$ALLOC_PROFILE'"
 [[ $PERF_SECONDS =~ ^[0-9]+$ ]] || die "SCALE_PERF_SECONDS must be a number of seconds, got '$PERF_SECONDS'"
 if ((PERF_SECONDS > 0)) && ! command -v perf >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -q linux-perf >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q linux-perf >/dev/null; }; fi
@@ -101,6 +106,19 @@ for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; 
 # API writes come from the apiserver's request counters (e2e/lib.sh: metrics_snapshot, writes_between), counting the
 # writes that landed (2xx) to BackgroundJobs and Leases; nothing else writes those while a size runs. Refused claims
 # (another replica got there first, a 409 each) come from the replicas' own counters.
+# The apiserver's Go runtime, read from its /metrics: bytes allocated since it started and the CPU seconds its garbage
+# collector has spent since then (Go's GC CPU fraction times the CPU time available to it: its uptime times the
+# machine's cores, the apiserver's GOMAXPROCS). "Bytes allocated" x "GC cost per byte" is where an apiserver
+# holding many objects spends more per request: its collector scans every held object on each cycle. Prints
+# "ALLOC_BYTES GC_CPU_SECONDS".
+apiserver_runtime() {
+  kubectl get --raw /metrics | awk -v now="$(date +%s.%N)" -v cores="$(nproc)" '
+    /^go_memstats_alloc_bytes_total / { alloc = $2 }
+    /^go_memstats_gc_cpu_fraction / { frac = $2 }
+    /^process_start_time_seconds / { start = $2 }
+    END { printf "%.0f %.3f\n", alloc, frac * (now - start) * cores }'
+}
+
 claim_conflicts() { # dir
   cat "$1"/replica-*.log | sed -n 's/.*"claim_conflicts":\([0-9]*\).*/\1/p' | awk '{s += $1} END {print s + 0}'
 }
@@ -247,6 +265,9 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
   "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
   RECORDER_PID=$!
   metrics_snapshot "$dir/metrics-before.txt"
+  local runtime0
+  runtime0=$(apiserver_runtime)
+  ((ALLOC_PROFILE)) && kubectl get --raw /debug/pprof/allocs >"$dir/apiserver-allocs-before.pprof"
   local api_pid api_cpu0 etcd_pid etcd_cpu0 rec_cpu0 busy0
   api_pid=$(plane_pid kube-apiserver)
   api_cpu0=$(cpu_seconds "$api_pid")
@@ -310,6 +331,16 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
       >"$dir/replica-1-profile.txt" 2>>"$dir/perf.log" || true
   fi
   metrics_snapshot "$dir/metrics-after.txt"
+  local api_alloc_kb api_gc_ms
+  read -r api_alloc_kb api_gc_ms < <(awk -v n="$n" -v a="$runtime0" -v b="$(apiserver_runtime)" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); printf "%.1f %.2f\n", (y[1] - x[1]) / 1024 / n, (y[2] - x[2]) * 1000 / n }')
+  if ((ALLOC_PROFILE)); then
+    kubectl get --raw /debug/pprof/allocs >"$dir/apiserver-allocs-after.pprof"
+    "$GO" tool pprof -top -sample_index=alloc_space -nodecount=60 -base "$dir/apiserver-allocs-before.pprof" \
+      "$dir/apiserver-allocs-after.pprof" >"$dir/apiserver-allocs.txt" 2>>"$dir/pprof.log" || true
+    "$GO" tool pprof -top -cum -sample_index=alloc_space -nodecount=100 -base "$dir/apiserver-allocs-before.pprof" \
+      "$dir/apiserver-allocs-after.pprof" >>"$dir/apiserver-allocs.txt" 2>>"$dir/pprof.log" || true
+  fi
   wait_quiet "$dir/status.jsonl" 10 600
   cleanup
   local jobs_w leases_w refused span executed
@@ -330,6 +361,7 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
       "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" "$api_ms"
     printf 'replica_startup_cpu_ms_per_job=%.2f ' "$(awk -v c="${startup_cpu:-0}" -v n="$n" 'BEGIN {print c * 1000 / n}')"
     printf 'etcd_cpu_ms_per_job=%s recorder_cpu_ms_per_job=%s machine_cpu_ms_per_job=%s ' "$etcd_ms" "$rec_ms" "$busy_ms"
+    printf 'apiserver_alloc_kib_per_job=%s apiserver_gc_cpu_ms_per_job=%s ' "$api_alloc_kb" "$api_gc_ms"
     printf 'writes_per_job=%.2f (jobs %d, leases %d) refused_claims_per_job=%.2f apiserver_rss_mib_at_start=%s apiserver_rss_mib_per_10k_jobs=%s stored_job_bytes=%s\n' \
       "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
       "$(awk -v r="$refused" -v n="$n" 'BEGIN {print r / n}')" \
