@@ -106,17 +106,19 @@ for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; 
 # API writes come from the apiserver's request counters (e2e/lib.sh: metrics_snapshot, writes_between), counting the
 # writes that landed (2xx) to BackgroundJobs and Leases; nothing else writes those while a size runs. Refused claims
 # (another replica got there first, a 409 each) come from the replicas' own counters.
-# The apiserver's Go runtime, read from its /metrics: bytes allocated since it started and the CPU seconds its garbage
-# collector has spent since then (Go's GC CPU fraction times the CPU time available to it: its uptime times the
-# machine's cores, the apiserver's GOMAXPROCS). "Bytes allocated" x "GC cost per byte" is where an apiserver
-# holding many objects spends more per request: its collector scans every held object on each cycle. Prints
-# "ALLOC_BYTES GC_CPU_SECONDS".
+# The apiserver's Go runtime, read from its /metrics: bytes allocated since it started, and the CPU seconds its
+# garbage collector had spent when its last cycle ended (Go updates its GC CPU fraction at the end of each cycle, as
+# a share of the CPU time available since the start: uptime then times the cores, the apiserver's GOMAXPROCS; idle
+# marking is not counted). Between two readings, that counts the cycles completed in between: exact for a long drain,
+# within a cycle or two for a short one. "Bytes allocated" x "GC cost per byte" is where an apiserver holding many
+# objects spends more per request: each cycle scans every object it holds. Prints "ALLOC_BYTES GC_CPU_SECONDS".
 apiserver_runtime() {
-  kubectl get --raw /metrics | awk -v now="$(date +%s.%N)" -v cores="$(nproc)" '
+  kubectl get --raw /metrics | awk -v cores="$(nproc)" '
     /^go_memstats_alloc_bytes_total / { alloc = $2 }
     /^go_memstats_gc_cpu_fraction / { frac = $2 }
+    /^go_memstats_last_gc_time_seconds / { last = $2 }
     /^process_start_time_seconds / { start = $2 }
-    END { printf "%.0f %.3f\n", alloc, frac * (now - start) * cores }'
+    END { printf "%.0f %.3f\n", alloc, (last > start ? frac * (last - start) * cores : 0) }'
 }
 
 claim_conflicts() { # dir
