@@ -6,7 +6,8 @@
 #   job finished: listing and indexing the backlog), peak RSS per replica (VmHWM), apiserver
 #   CPU per job (and etcd's, the recorder's and the whole machine's: on a 2-core machine throughput follows the
 #   machine's CPU per job, so they say where a larger backlog's extra time went), the apiserver's allocations and
-#   its garbage collector's CPU per job (from its Go runtime metrics), successful API writes per job
+#   an estimate of its garbage collector's time per job (from its Go runtime metrics; readings in
+#   <size>/apiserver-runtime.txt), successful API writes per job
 #   (BackgroundJob and Lease writes that landed, from the apiserver's counters; the replicas record no Event for a
 #   job that succeeds), refused claims per job, the apiserver's memory per 10k created jobs, a job's size as stored,
 #   throughput per tenth of the drain (first tenth: the whole backlog waiting; last: almost none), and the
@@ -34,7 +35,9 @@
 #                               many seconds, from the same moment: <size>/replica-1-profile.txt lists its functions
 #                               by share of samples. Both profiles take CPU: leave them at 0 for the ratios.
 #   SCALE_ALLOC_PROFILE [0]     1: the apiserver's allocations during each drain, by function (/debug/pprof/allocs
-#                               before and after, their difference): <size>/apiserver-allocs.txt
+#                               before and after: <size>/apiserver-allocs-{before,after}.pprof; their difference
+#                               by `go tool pprof`, the Go that e2e/cluster.sh installs: <size>/apiserver-allocs.txt;
+#                               errors in <size>/pprof.log)
 #   SCALE_FRESH_PLANE [1]       each size, and each round of the baseline, starts on a control plane started afresh
 #                               (e2e/cluster.sh down && up: the run owns the local control plane), so that every
 #                               size starts from the same apiserver: one that held and deleted an earlier backlog
@@ -106,19 +109,38 @@ for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; 
 # API writes come from the apiserver's request counters (e2e/lib.sh: metrics_snapshot, writes_between), counting the
 # writes that landed (2xx) to BackgroundJobs and Leases; nothing else writes those while a size runs. Refused claims
 # (another replica got there first, a 409 each) come from the replicas' own counters.
-# The apiserver's Go runtime, read from its /metrics: bytes allocated since it started, and the CPU seconds its
-# garbage collector had spent when its last cycle ended (Go updates its GC CPU fraction at the end of each cycle, as
-# a share of the CPU time available since the start: uptime then times the cores, the apiserver's GOMAXPROCS; idle
-# marking is not counted). Between two readings, that counts the cycles completed in between: exact for a long drain,
-# within a cycle or two for a short one. "Bytes allocated" x "GC cost per byte" is where an apiserver holding many
-# objects spends more per request: each cycle scans every object it holds. Prints "ALLOC_BYTES GC_CPU_SECONDS".
-apiserver_runtime() {
-  kubectl get --raw /metrics | awk -v cores="$(nproc)" '
+# The apiserver's Go runtime, read from its /metrics: bytes allocated since it started; the time its garbage
+# collector had spent when its last cycle ended, estimated as Go's GC CPU fraction times the CPU time available
+# since the start (uptime then times the CPUs the apiserver may run on). Go 1.19 updates the fraction at each
+# cycle's end and counts the mark assists, the dedicated and fractional mark workers and the pauses, as time on its
+# threads, not as CPU the kernel counts: idle marking, sweeping and returning memory are left out, and on a busy
+# machine a mark worker's time includes waiting for a core. An estimate, then, and only counting the cycles
+# completed between two readings, so a drain with few cycles gets no figure (gc_figures). Prints "ALLOC_BYTES
+# GC_SECONDS CYCLES START", or fails when a figure is missing.
+apiserver_runtime() { # apiserver_pid
+  local cpus
+  cpus=$(awk '/^Cpus_allowed_list:/ {
+      n = split($2, r, ","); for (i = 1; i <= n; i++) { m = split(r[i], b, "-"); c += (m == 2 ? b[2] - b[1] + 1 : 1) }
+      print c }' "/proc/$1/status" 2>/dev/null)
+  kubectl get --raw /metrics | awk -v cpus="${cpus:-0}" '
     /^go_memstats_alloc_bytes_total / { alloc = $2 }
     /^go_memstats_gc_cpu_fraction / { frac = $2 }
     /^go_memstats_last_gc_time_seconds / { last = $2 }
+    /^go_gc_duration_seconds_count / { cycles = $2 }
     /^process_start_time_seconds / { start = $2 }
-    END { printf "%.0f %.3f\n", alloc, (last > start ? frac * (last - start) * cores : 0) }'
+    END {
+      if (alloc == "" || frac == "" || last == "" || cycles == "" || start == "" || cpus <= 0) exit 1
+      printf "%.0f %.3f %d %s\n", alloc, (last > start ? frac * (last - start) * cpus : 0), cycles, start
+    }'
+}
+# gc_figures N BEFORE AFTER: "ALLOC_KIB_PER_JOB GC_MS_PER_JOB CYCLES" between two apiserver_runtime readings; n/a where
+# a reading is missing or the apiserver restarted in between, and for GC when fewer than 3 cycles ended.
+gc_figures() {
+  awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN {
+    if (split(a, x, " ") < 4 || split(b, y, " ") < 4 || x[4] != y[4]) { print "n/a n/a n/a"; exit }
+    k = y[3] - x[3]
+    printf "%.1f %s %d\n", (y[1] - x[1]) / 1024 / n, (k >= 3 ? sprintf("%.2f", (y[2] - x[2]) * 1000 / n) : "n/a"), k
+  }'
 }
 
 claim_conflicts() { # dir
@@ -267,11 +289,12 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
   "$WORKER" record-history --namespace "$NS" --dir "$dir" >"$dir/recorder.log" 2>&1 &
   RECORDER_PID=$!
   metrics_snapshot "$dir/metrics-before.txt"
-  local runtime0
-  runtime0=$(apiserver_runtime)
-  ((ALLOC_PROFILE)) && kubectl get --raw /debug/pprof/allocs >"$dir/apiserver-allocs-before.pprof"
-  local api_pid api_cpu0 etcd_pid etcd_cpu0 rec_cpu0 busy0
+  if ((ALLOC_PROFILE)); then
+    kubectl get --raw /debug/pprof/allocs >"$dir/apiserver-allocs-before.pprof" 2>>"$dir/pprof.log" || true
+  fi
+  local api_pid api_cpu0 etcd_pid etcd_cpu0 rec_cpu0 busy0 runtime0
   api_pid=$(plane_pid kube-apiserver)
+  runtime0=$(apiserver_runtime "$api_pid") || runtime0=""
   api_cpu0=$(cpu_seconds "$api_pid")
   etcd_pid=$(plane_pid etcd)
   etcd_cpu0=$(cpu_seconds "$etcd_pid")
@@ -322,6 +345,10 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
   etcd_ms=$(per_job_ms "$etcd_cpu0" "$(cpu_seconds "$etcd_pid")")
   rec_ms=$(per_job_ms "$rec_cpu0" "$(cpu_seconds "$RECORDER_PID")")
   busy_ms=$(per_job_ms "$busy0" "$(busy_cpu_seconds)")
+  local runtime1 api_alloc_kb api_gc_ms api_gc_cycles
+  runtime1=$(apiserver_runtime "$api_pid") || runtime1=""
+  printf 'before: %s\nafter: %s\n' "${runtime0:-unread}" "${runtime1:-unread}" >"$dir/apiserver-runtime.txt"
+  read -r api_alloc_kb api_gc_ms api_gc_cycles < <(gc_figures "$n" "$runtime0" "$runtime1")
   if [ -n "$profiler" ]; then
     wait "$profiler" || true
     { "$GO" tool pprof -top -nodecount=40 "$dir/apiserver.pprof" && echo &&
@@ -333,11 +360,8 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
       >"$dir/replica-1-profile.txt" 2>>"$dir/perf.log" || true
   fi
   metrics_snapshot "$dir/metrics-after.txt"
-  local api_alloc_kb api_gc_ms
-  read -r api_alloc_kb api_gc_ms < <(awk -v n="$n" -v a="$runtime0" -v b="$(apiserver_runtime)" 'BEGIN {
-    split(a, x, " "); split(b, y, " "); printf "%.1f %.2f\n", (y[1] - x[1]) / 1024 / n, (y[2] - x[2]) * 1000 / n }')
   if ((ALLOC_PROFILE)); then
-    kubectl get --raw /debug/pprof/allocs >"$dir/apiserver-allocs-after.pprof"
+    kubectl get --raw /debug/pprof/allocs >"$dir/apiserver-allocs-after.pprof" 2>>"$dir/pprof.log" || true
     "$GO" tool pprof -top -sample_index=alloc_space -nodecount=60 -base "$dir/apiserver-allocs-before.pprof" \
       "$dir/apiserver-allocs-after.pprof" >"$dir/apiserver-allocs.txt" 2>>"$dir/pprof.log" || true
     "$GO" tool pprof -top -cum -sample_index=alloc_space -nodecount=100 -base "$dir/apiserver-allocs-before.pprof" \
@@ -363,7 +387,8 @@ one_size() { # size label [beside: on the plane as it is, keeping what it holds]
       "$(awk -v c="$cpu" -v n="$n" 'BEGIN {print c * 1000 / n}')" "$rss" "$api_ms"
     printf 'replica_startup_cpu_ms_per_job=%.2f ' "$(awk -v c="${startup_cpu:-0}" -v n="$n" 'BEGIN {print c * 1000 / n}')"
     printf 'etcd_cpu_ms_per_job=%s recorder_cpu_ms_per_job=%s machine_cpu_ms_per_job=%s ' "$etcd_ms" "$rec_ms" "$busy_ms"
-    printf 'apiserver_alloc_kib_per_job=%s apiserver_gc_cpu_ms_per_job=%s ' "$api_alloc_kb" "$api_gc_ms"
+    printf 'apiserver_alloc_kib_per_job=%s apiserver_gc_ms_per_job=%s apiserver_gc_cycles=%s ' \
+      "$api_alloc_kb" "$api_gc_ms" "$api_gc_cycles"
     printf 'writes_per_job=%.2f (jobs %d, leases %d) refused_claims_per_job=%.2f apiserver_rss_mib_at_start=%s apiserver_rss_mib_per_10k_jobs=%s stored_job_bytes=%s\n' \
       "$(awk -v a="$jobs_w" -v b="$leases_w" -v n="$n" 'BEGIN {print (a + b) / n}')" "$jobs_w" "$leases_w" \
       "$(awk -v r="$refused" -v n="$n" 'BEGIN {print r / n}')" \
