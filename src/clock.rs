@@ -22,6 +22,12 @@ const RESOLUTION: SignedDuration = SignedDuration::from_millis(1_500);
 /// held on the way in looks like a server clock running ahead): discarded.
 const MAX_ROUND_TRIP: Duration = Duration::from_millis(500);
 
+/// How far apart two replicas' estimates of the cluster's clock may be. Each estimate is within the `Date` header's
+/// half second (its middle is taken) plus half of at most [`MAX_ROUND_TRIP`] of the apiserver's clock when an offset
+/// is applied, and within [`RESOLUTION`] plus that when it is not: 2.25 s. Two replicas may be off in opposite
+/// directions. Decisions that one replica makes on another's behalf in time must leave this much room.
+pub const REPLICAS_AGREE_WITHIN: Duration = Duration::from_millis(2 * (1_500 + 500 + 250));
+
 /// This replica's estimate of the apiserver's clock.
 #[derive(Debug, Default)]
 pub struct ServerClock {
@@ -113,6 +119,12 @@ mod tests {
         // The server says 100 s; here it is 120.3 s.
         let offset = estimate_offset(at(100_000), at(120_300));
         assert_eq!(offset, SignedDuration::from_millis(-19_800));
+    }
+
+    #[test]
+    fn two_replicas_agree_within_twice_what_one_may_be_off() {
+        let one = RESOLUTION.unsigned_abs() + Duration::from_millis(500) + MAX_ROUND_TRIP / 2;
+        assert_eq!(REPLICAS_AGREE_WITHIN, one * 2);
     }
 
     #[test]

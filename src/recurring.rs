@@ -16,14 +16,15 @@
 //!
 //! A tick is claimed up to `--recurring-claim-ahead` before it is due ([`lead`]) and its job created when it is due
 //! ([`Plan::Await`]), so that the one write left on the tick's way is the create. The claiming process creates it
-//! from its claim as written ([`Armed`]) while that is as good as a read; anyone else reads the definition first.
+//! from its claim as written ([`Armed`]) while that is as good as a read ([`armed_past_tick`]: not with a lead of
+//! 4.5 s or less, too short to cover how far replicas' clocks may disagree); anyone else reads the definition first.
 //! An edit of the spec before a claimed tick is due takes the claim back ([`Plan::Withdraw`]): the claim was made
 //! for the spec as it was, and the edit applies from then on, as it would have had the tick not been claimed yet.
 //! Reading it at the tick instead was measured: p99 lateness 3.9–4.4 s for 1,000 definitions against 2.0–3.4 s.
 //! What that read would still catch (docs/usage.md, "Recurring jobs"): a replica whose watches lag by seconds, so that
 //! it misses both a new owner and an edit that brings the next tick closer (a shorter period, a smaller jitter), while
-//! the new owner creates this tick's job, runs it, claims the next tick and deletes the job, all within half a lead of
-//! the tick: the lagging replica then creates the job a second time.
+//! the new owner creates this tick's job, runs it, claims the next tick and deletes the job, all before the lagging
+//! replica's claim carried to the tick expires: the lagging replica then creates the job a second time.
 //!
 //! Nothing of bgjobs deletes a pending job (history trimming skips it, and so does `ttlSecondsAfterFinished`, see
 //! `Dispatcher::is_pending_tick`), so a pending job that existed is still seen by the next owner. One case is left
@@ -381,11 +382,22 @@ pub struct Armed {
     pub def: RecurringBackgroundJob,
     /// The member Lease it was written under.
     pub fence: Arc<crate::lease::Keeper>,
-    /// The latest it may be used, up to the create: the tick plus half its lead. The next tick is claimed no sooner
-    /// than a lead after this one (ticks claimed ahead are at least two leads apart), so until then the job of this
-    /// one cannot have been made, finished and deleted by anyone; the other half is left for replicas' clocks
-    /// that disagree (each reads the apiserver's to within a second or so, see [`crate::clock`]).
+    /// The latest it may be used, up to the create: the tick plus [`armed_past_tick`] of its lead. The next tick is
+    /// claimed no sooner than a lead after this one (ticks claimed ahead are at least two leads apart), so until then
+    /// the job of this one cannot have been made, finished and deleted by anyone, even by a replica whose clock is
+    /// ahead of this one's by as much as replicas' clocks may disagree.
     pub until: Instant,
+}
+
+/// How long after its tick a claim carried to it ([`Armed`]) may still be used, given the tick's `lead`; None: not
+/// at all (the definition is read at the tick). The next tick is at least two leads after this one, so its claim,
+/// by whichever replica owns the definition then, comes no sooner than a lead after this tick by that replica's
+/// clock, which may be [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's: the claim carried here must be
+/// used before. At most half the lead, as a 10 s lead has always had (the rest is left for the create's own time);
+/// a lead of 4.5 s or less leaves nothing, and its tick's job is created after a read.
+pub fn armed_past_tick(lead: Duration) -> Option<Duration> {
+    let past = (lead / 2).min(lead.saturating_sub(crate::clock::REPLICAS_AGREE_WITHIN));
+    (!past.is_zero()).then_some(past)
 }
 
 impl Armed {
@@ -584,11 +596,11 @@ impl Pass<'_> {
             Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up, active).await?),
             Plan::Await { job, wait } => {
                 // Claimed ahead. From the claim as written (or just read), its job can be created at the tick
-                // without reading the definition again, until half the tick's lead after it; from a cache, or later,
-                // the definition is read then (above).
+                // without reading the definition again, until `armed_past_tick` after it; from a cache, later, or
+                // with a lead too short to leave room for replicas' clocks, the definition is read then (above).
                 let lead = tick_lead(def, self.ahead);
-                if current.is_fresh() && !lead.is_zero() {
-                    let until = self.started + wait + lead / 2;
+                if let (true, Some(past_tick)) = (current.is_fresh(), armed_past_tick(lead)) {
+                    let until = self.started + wait + past_tick;
                     let until = current.good_until.map_or(until, |u| u.min(until));
                     carried.armed = Some(Armed { def: def.clone(), fence: self.fence.clone(), until });
                 }
@@ -1212,6 +1224,30 @@ mod tests {
             Plan::Idle(Some(Duration::from_secs(5))),
             "0: off"
         );
+    }
+
+    #[test]
+    fn a_claim_carried_to_its_tick_expires_before_another_replica_may_claim_the_next_one() {
+        use crate::clock::REPLICAS_AGREE_WITHIN as AGREE;
+        // Ticks claimed ahead are at least two leads apart, so the next owner claims the next tick no sooner than a
+        // lead after this one by its clock, which may be AGREE ahead of this replica's.
+        for secs in [1, 3, 4, 5, 8, 9, 10, 30, 3600] {
+            let lead = Duration::from_secs(secs);
+            if let Some(past) = super::armed_past_tick(lead) {
+                assert!(
+                    past + AGREE <= lead,
+                    "a {secs} s lead: used {past:?} past the tick, within {AGREE:?} of {lead:?}"
+                );
+                assert!(past <= lead / 2, "a {secs} s lead: more than half of it");
+            }
+        }
+        assert_eq!(
+            super::armed_past_tick(Duration::from_secs(10)),
+            Some(Duration::from_secs(5)),
+            "the default: as before"
+        );
+        assert_eq!(super::armed_past_tick(Duration::from_secs(4)), None, "too short to carry: read at the tick");
+        assert_eq!(super::armed_past_tick(Duration::ZERO), None, "0: not claimed ahead");
     }
 
     #[test]
