@@ -4,7 +4,7 @@
 //! by every replica. A replica whose clock runs ahead would start a tick or a delayed job early, one behind would
 //! start it late, and replicas that disagree could each decide a different tick is due. So every such decision
 //! reads this clock, which follows the apiserver's (its `Date` header) and not the machine's: replicas then agree
-//! to within about a second whatever their own clocks say. Lease expiry needs no clock at all (see `lease`).
+//! to within a few seconds ([`REPLICAS_AGREE_WITHIN`]) whatever their own clocks say. Lease expiry needs no clock at all (see `lease`).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};

@@ -393,8 +393,10 @@ pub struct Armed {
 /// at all (the definition is read at the tick). The next tick is at least two leads after this one, so its claim,
 /// by whichever replica owns the definition then, comes no sooner than a lead after this tick by that replica's
 /// clock, which may be [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's: the claim carried here must be
-/// used before. At most half the lead, as a 10 s lead has always had (the rest is left for the create's own time);
-/// a lead of 4.5 s or less leaves nothing, and its tick's job is created after a read.
+/// used before. At most half the lead, as a 10 s lead has always had; a lead of 4.5 s or less leaves nothing, and
+/// its tick's job is created after a read. The window is checked when the create is sent: a create still on its way
+/// when the next owner may claim (0.5 s later at the default lead) is the case docs/usage.md ("What is left") names,
+/// which also needs that owner to run and delete the job first.
 pub fn armed_past_tick(lead: Duration) -> Option<Duration> {
     let past = (lead / 2).min(lead.saturating_sub(crate::clock::REPLICAS_AGREE_WITHIN));
     (!past.is_zero()).then_some(past)

@@ -702,19 +702,20 @@ async fn work_a_handler_moved_to_a_thread_stops_when_its_lease_is_lost_or_its_at
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_whose_clocks_disagree_still_run_each_recurring_tick_once_and_never_early() {
-    clocks_disagree("skewed-ticks", "*/2 * * * * *", "0", 5).await;
+    clocks_disagree("skewed-ticks", "*/2 * * * * *", "0", 5, 7).await;
 }
 
-/// The same with ticks claimed 3 s ahead: the claim and the wait for the tick go by the apiserver's clock too (a job
-/// created when its tick was claimed would be 3 s early, past the 2.5 s the whole-second clocks allow).
+/// The same with ticks claimed 10 s ahead (the default, long enough that the claiming replica creates the job from
+/// its claim without reading the definition again): the claim and the wait for the tick go by the apiserver's clock
+/// too (a job created when its tick was claimed would be 10 s early, past the 2.5 s the whole-second clocks allow).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_whose_clocks_disagree_claim_ticks_ahead_yet_run_each_once_and_never_early() {
-    clocks_disagree("skewed-ahead", "*/6 * * * * *", "3s", 3).await;
+    clocks_disagree("skewed-ahead", "*/24 * * * * *", "10s", 3, 30).await;
 }
 
-/// A definition on `schedule`, owned in turn by replicas whose clocks are right and 20 s ahead, claiming ticks
-/// `claim_ahead` early; at least `min_ticks` ticks run.
-async fn clocks_disagree(ns: &str, schedule: &str, claim_ahead: &str, min_ticks: usize) {
+/// A definition on `schedule`, owned in turn by replicas whose clocks are right and 20 s ahead (three rounds of
+/// `round_secs`), claiming ticks `claim_ahead` early; at least `min_ticks` ticks run.
+async fn clocks_disagree(ns: &str, schedule: &str, claim_ahead: &str, min_ticks: usize, round_secs: u64) {
     let env = TestEnv::new(ns).await;
     let _recorder = common::Recorder::start(&env);
     // One replica's clock runs 20 s ahead (libfaketime); replicas start, stop and start again, so the definition
@@ -739,7 +740,7 @@ async fn clocks_disagree(ns: &str, schedule: &str, claim_ahead: &str, min_ticks:
     for round in 0..3 {
         let a = env.replica(&format!("true-{round}"), &flags);
         let b = env.replica_with(&format!("ahead-{round}"), &flags, &skewed);
-        tokio::time::sleep(Duration::from_secs(7)).await;
+        tokio::time::sleep(Duration::from_secs(round_secs)).await;
         drop((a, b));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
