@@ -106,9 +106,6 @@ done
 for v in kubectl jq awk; do command -v "$v" >/dev/null || die "$v is required"; done
 
 
-# API writes come from the apiserver's request counters (e2e/lib.sh: metrics_snapshot, writes_between), counting the
-# writes that landed (2xx) to BackgroundJobs and Leases; nothing else writes those while a size runs. Refused claims
-# (another replica got there first, a 409 each) come from the replicas' own counters.
 # The apiserver's Go runtime, read from its /metrics: bytes allocated since it started; the time its garbage
 # collector had spent when its last cycle ended, estimated as Go's GC CPU fraction times the CPU time available
 # since the start (uptime then times the CPUs the apiserver may run on). Go 1.19 updates the fraction at each
@@ -143,6 +140,9 @@ gc_figures() {
   }'
 }
 
+# API writes come from the apiserver's request counters (e2e/lib.sh: metrics_snapshot, writes_between), counting the
+# writes that landed (2xx) to BackgroundJobs and Leases; nothing else writes those while a size runs. Refused claims
+# (another replica got there first, a 409 each) come from the replicas' own counters.
 claim_conflicts() { # dir
   cat "$1"/replica-*.log | sed -n 's/.*"claim_conflicts":\([0-9]*\).*/\1/p' | awk '{s += $1} END {print s + 0}'
 }

@@ -4,7 +4,8 @@
 //! by every replica. A replica whose clock runs ahead would start a tick or a delayed job early, one behind would
 //! start it late, and replicas that disagree could each decide a different tick is due. So every such decision
 //! reads this clock, which follows the apiserver's (its `Date` header) and not the machine's: replicas then agree
-//! to within a few seconds ([`REPLICAS_AGREE_WITHIN`]) whatever their own clocks say. Lease expiry needs no clock at all (see `lease`).
+//! to within a few seconds ([`REPLICAS_AGREE_WITHIN`]) whatever their own clocks say. Lease expiry needs no clock at
+//! all (see `lease`).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,7 +27,13 @@ const MAX_ROUND_TRIP: Duration = Duration::from_millis(500);
 /// half second (its middle is taken) plus half of at most [`MAX_ROUND_TRIP`] of the apiserver's clock when an offset
 /// is applied, and within [`RESOLUTION`] plus that when it is not: 2.25 s. Two replicas may be off in opposite
 /// directions. Decisions that one replica makes on another's behalf in time must leave this much room.
-pub const REPLICAS_AGREE_WITHIN: Duration = Duration::from_millis(2 * (1_500 + 500 + 250));
+pub const REPLICAS_AGREE_WITHIN: Duration = Duration::from_millis(
+    2 * (RESOLUTION.as_millis() as u64
+        + HALF_A_HEADER_SECOND.as_millis() as u64
+        + MAX_ROUND_TRIP.as_millis() as u64 / 2),
+);
+/// The middle of the whole second a `Date` header names: how far it is from either end.
+const HALF_A_HEADER_SECOND: SignedDuration = SignedDuration::from_millis(500);
 
 /// This replica's estimate of the apiserver's clock.
 #[derive(Debug, Default)]
@@ -95,7 +102,7 @@ impl ServerClock {
 /// server's time is somewhere in `[date, date + 1 s)`, so its middle is taken; offsets below the header's
 /// resolution are taken as zero.
 pub fn estimate_offset(date: Timestamp, local_midpoint: Timestamp) -> SignedDuration {
-    let server = date + SignedDuration::from_millis(500);
+    let server = date + HALF_A_HEADER_SECOND;
     let offset = server.duration_since(local_midpoint);
     if offset.abs() <= RESOLUTION { SignedDuration::ZERO } else { offset }
 }
@@ -123,8 +130,23 @@ mod tests {
 
     #[test]
     fn two_replicas_agree_within_twice_what_one_may_be_off() {
-        let one = RESOLUTION.unsigned_abs() + Duration::from_millis(500) + MAX_ROUND_TRIP / 2;
-        assert_eq!(REPLICAS_AGREE_WITHIN, one * 2);
+        // A replica whose clock is `off` ms behind the apiserver's (negative: ahead) reads a `Date` header stamped at
+        // server time `stamp`, and takes the middle of its round trip, up to half of MAX_ROUND_TRIP from the stamp:
+        // its estimate is never further than half the agreement from the truth.
+        let half_trip = (MAX_ROUND_TRIP / 2).as_millis() as i64;
+        let most = (REPLICAS_AGREE_WITHIN / 2).as_millis() as i64;
+        let mut worst = 0;
+        for off in (-6_000..=6_000).step_by(37) {
+            for stamp in (100_000..101_000).step_by(50) {
+                for error in [-half_trip, 0, half_trip] {
+                    let date = at(stamp - stamp % 1_000);
+                    let estimate = estimate_offset(date, at(stamp - off + error)).as_millis() as i64;
+                    worst = worst.max((estimate - off).abs());
+                }
+            }
+        }
+        assert!(worst <= most, "an estimate {worst} ms off, beyond {most} ms");
+        assert!(worst > most - 100, "the bound is not loose: {worst} ms of {most} ms");
     }
 
     #[test]

@@ -601,7 +601,9 @@ impl Pass<'_> {
                 // without reading the definition again, until `armed_past_tick` after it; from a cache, later, or
                 // with a lead too short to leave room for replicas' clocks, the definition is read then (above).
                 let lead = tick_lead(def, self.ahead);
-                if let (true, Some(past_tick)) = (current.is_fresh(), armed_past_tick(lead)) {
+                if current.is_fresh()
+                    && let Some(past_tick) = armed_past_tick(lead)
+                {
                     let until = self.started + wait + past_tick;
                     let until = current.good_until.map_or(until, |u| u.min(until));
                     carried.armed = Some(Armed { def: def.clone(), fence: self.fence.clone(), until });
