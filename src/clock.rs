@@ -6,17 +6,24 @@
 //! reads this clock, which follows the apiserver's (its `Date` header) and not the machine's: replicas then agree
 //! to within a few seconds ([`REPLICAS_AGREE_WITHIN`]) whatever their own clocks say. Lease expiry needs no clock at
 //! all (see `lease`).
+//!
+//! That bound holds only once a reading was taken: until then [`ServerClock::now`] is this machine's clock, however
+//! wrong. Work that relies on the bound (the recurring controller) waits for [`ServerClock::measured`]; readings are
+//! retried sooner until one is taken ([`ServerClock::follow`]).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use kube::Client;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How often the offset is measured again.
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
+/// How often a reading is tried before the first one is taken.
+pub const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// Offsets within this are below what a whole-second `Date` header can show: ignored.
 const RESOLUTION: SignedDuration = SignedDuration::from_millis(1_500);
 /// A sample whose round trip took longer than this says little about when the server stamped its answer (a request
@@ -36,9 +43,28 @@ pub const REPLICAS_AGREE_WITHIN: Duration = Duration::from_millis(
 const HALF_A_HEADER_SECOND: SignedDuration = SignedDuration::from_millis(500);
 
 /// This replica's estimate of the apiserver's clock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServerClock {
     offset_ms: AtomicI64,
+    /// Whether a reading was taken: the offset is then an estimate, within half of [`REPLICAS_AGREE_WITHIN`].
+    measured: watch::Sender<bool>,
+}
+
+impl Default for ServerClock {
+    fn default() -> Self {
+        ServerClock { offset_ms: AtomicI64::new(0), measured: watch::Sender::new(false) }
+    }
+}
+
+/// What one attempt to read the apiserver's clock gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Taken: the apiserver's clock is this far ahead of this machine's.
+    Taken(SignedDuration),
+    /// Discarded: the answer took this long, too long to say when it was stamped.
+    Slow(Duration),
+    /// Discarded: the answer had no readable `Date` header.
+    Undated,
 }
 
 impl ServerClock {
@@ -53,9 +79,20 @@ impl ServerClock {
         SignedDuration::from_millis(self.offset_ms.load(Ordering::Relaxed))
     }
 
-    /// Measure the offset once: a request's `Date` header against the middle of its round trip. A slow answer is
-    /// discarded and the last estimate kept.
-    pub async fn sample(&self, client: &Client) -> crate::Result<()> {
+    /// Whether a reading was taken yet ([`ServerClock::now`] is this machine's clock until then).
+    pub fn is_measured(&self) -> bool {
+        *self.measured.borrow()
+    }
+
+    /// Returns once a reading was taken.
+    pub async fn measured(&self) {
+        let mut rx = self.measured.subscribe();
+        let _ = rx.wait_for(|m| *m).await;
+    }
+
+    /// Measure the offset once: a request's `Date` header against the middle of its round trip. A slow or undated
+    /// answer is discarded and the last estimate kept.
+    pub async fn sample(&self, client: &Client) -> crate::Result<Reading> {
         let request = http::Request::get("/version")
             .body(kube::client::Body::empty())
             .map_err(|e| crate::Error::Config(e.to_string()))?;
@@ -63,7 +100,7 @@ impl ServerClock {
         let response = crate::client::bounded(MAX_ROUND_TRIP * 4, async { Ok(client.send(request).await?) }).await?;
         let round_trip = sent.elapsed();
         if round_trip > MAX_ROUND_TRIP {
-            return Ok(());
+            return Ok(Reading::Slow(round_trip));
         }
         let date = response
             .headers()
@@ -71,27 +108,36 @@ impl ServerClock {
             .and_then(|d| d.to_str().ok())
             .and_then(|d| jiff::fmt::rfc2822::parse(d).ok())
             .map(|z| z.timestamp());
-        let Some(date) = date else { return Ok(()) };
+        let Some(date) = date else { return Ok(Reading::Undated) };
         let midpoint = sent_wall + SignedDuration::try_from(round_trip / 2).unwrap_or_default();
         let estimate = estimate_offset(date, midpoint);
         let previous = self.offset_ms.swap(estimate.as_millis() as i64, Ordering::Relaxed);
-        if (previous - estimate.as_millis() as i64).abs() > 1_000 {
-            info!(
-                offset_ms = estimate.as_millis() as i64,
-                "the apiserver's clock differs from this machine's; schedules follow the apiserver's"
-            );
+        let first = !self.measured.send_replace(true);
+        if first || (previous - estimate.as_millis() as i64).abs() > 1_000 {
+            info!(offset_ms = estimate.as_millis() as i64, "read the apiserver's clock; schedules follow it");
         }
-        Ok(())
+        Ok(Reading::Taken(estimate))
     }
 
-    /// Measure again every 30 s until `stop`.
+    /// Take readings until `stop`: every 30 s, and before the first is taken from [`RETRY_FIRST`] apart, twice as
+    /// far each time, up to that. A reading that could not be taken is logged as a warning while none was, since
+    /// work waits for it, and quietly after.
     pub async fn follow(&self, client: Client, stop: CancellationToken) {
+        let mut retry = RETRY_FIRST;
         loop {
-            if let Err(e) = self.sample(&client).await {
-                warn!(error = %e, "could not read the apiserver's clock; keeping the last estimate");
+            let measured = self.is_measured();
+            match self.sample(&client).await {
+                Ok(Reading::Taken(_)) => {}
+                Ok(discarded) if !measured => {
+                    warn!(reading = ?discarded, "could not read the apiserver's clock yet; recurring jobs wait for it")
+                }
+                Ok(discarded) => debug!(reading = ?discarded, "discarded a reading of the apiserver's clock"),
+                Err(e) => warn!(error = %e, "could not read the apiserver's clock; keeping the last estimate"),
             }
+            let every = if self.is_measured() { SAMPLE_EVERY } else { retry };
+            retry = (retry * 2).min(SAMPLE_EVERY);
             tokio::select! {
-                _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+                _ = tokio::time::sleep(every) => {}
                 _ = stop.cancelled() => return,
             }
         }

@@ -757,6 +757,45 @@ async fn clocks_disagree(ns: &str, schedule: &str, claim_ahead: &str, min_ticks:
     assert!(twice.is_empty(), "ticks with more than one job: {twice:?}");
 }
 
+/// A replica whose clock runs 20 s ahead and that cannot read the apiserver's yet (its answers arrive 800 ms late,
+/// too late to say when they were stamped) starts no tick early: its recurring controller waits for a first reading,
+/// and runs the definition on time once answers come quickly again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_has_not_read_the_apiservers_clock_yet_starts_no_tick() {
+    let env = TestEnv::new("unread-clock").await;
+    let _recorder = common::Recorder::start(&env);
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    proxy.delay_downstream(Duration::from_millis(800));
+    let skewed = common::ReplicaOptions {
+        kubeconfig: Some(proxy.kubeconfig(&env.dir)),
+        env: vec![
+            ("LD_PRELOAD".into(), common::faketime_lib().display().to_string()),
+            ("FAKETIME".into(), "+20".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+        ..Default::default()
+    };
+    let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let def: bgjobs::api::RecurringBackgroundJob = serde_json::from_value(json!({
+        "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": "ticking"},
+        "spec": {"schedule": "*/5 * * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}}
+    }))
+    .unwrap();
+    defs.create(&PostParams::default(), &def).await.unwrap();
+    let _ahead = env.replica_with("ahead", &["--recurring-claim-ahead", "0"], &skewed);
+    // Long enough to sync its caches, hold its member Lease and, by its own clock, see several ticks due.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let early: Vec<_> = env.list().await.iter().map(|j| j.name_any()).collect();
+    assert!(early.is_empty(), "ticks started before the apiserver's clock was read: {early:?}");
+    proxy.delay_downstream(Duration::ZERO);
+    env.wait_until(MINUTE, "two ticks ran", |jobs| jobs.len() >= 2).await;
+    let history = bgjobs_history::History::read(&env.dir).unwrap();
+    for s in history.status.iter().filter(|s| s.tick_ms.is_some()) {
+        let tick = s.tick_ms.unwrap();
+        assert!(s.created_ms >= tick - 2_500, "{} was created {} ms before its tick", s.job, tick - s.created_ms);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn definitions_are_shared_only_among_replicas_that_run_the_recurring_controller() {
     let env = TestEnv::new("recurring-off").await;
