@@ -8,8 +8,9 @@
 //! all (see `lease`).
 //!
 //! That bound holds only once a reading was taken: until then [`ServerClock::now`] is this machine's clock, however
-//! wrong. Work that relies on the bound (the recurring controller) waits for [`ServerClock::measured`]; readings are
-//! retried sooner until one is taken ([`ServerClock::follow`]).
+//! wrong, so the operator acts on nothing before a first reading ([`ServerClock::measured`]). A reading is taken
+//! when what it can be off by fits the bound ([`read`]): always for answers within [`MAX_ROUND_TRIP`], and for
+//! slower ones (a remote apiserver) while the header's half second and half the round trip still fit.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,13 +23,19 @@ use tracing::{debug, info, warn};
 
 /// How often the offset is measured again.
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
+/// How often, between readings, this machine's clock is checked for a step ([`stepped`]).
+const STEP_CHECK: Duration = Duration::from_secs(1);
+/// A difference between this machine's wall and monotonic clocks over the same time beyond which the wall clock
+/// was set (NTP slews it far more slowly).
+const STEP: SignedDuration = SignedDuration::from_millis(500);
 /// How often a reading is tried before the first one is taken.
 pub const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// Offsets within this are below what a whole-second `Date` header can show: ignored.
 const RESOLUTION: SignedDuration = SignedDuration::from_millis(1_500);
-/// A sample whose round trip took longer than this says little about when the server stamped its answer (a request
-/// held on the way in looks like a server clock running ahead): discarded.
+/// A round trip within which a reading is always taken: the bound below is built on it.
 const MAX_ROUND_TRIP: Duration = Duration::from_millis(500);
+/// The middle of the whole second a `Date` header names: how far it is from either end.
+const HALF_A_HEADER_SECOND: SignedDuration = SignedDuration::from_millis(500);
 
 /// How far apart two replicas' estimates of the cluster's clock may be. Each estimate is within the `Date` header's
 /// half second (its middle is taken) plus half of at most [`MAX_ROUND_TRIP`] of the apiserver's clock when an offset
@@ -39,8 +46,11 @@ pub const REPLICAS_AGREE_WITHIN: Duration = Duration::from_millis(
         + HALF_A_HEADER_SECOND.as_millis() as u64
         + MAX_ROUND_TRIP.as_millis() as u64 / 2),
 );
-/// The middle of the whole second a `Date` header names: how far it is from either end.
-const HALF_A_HEADER_SECOND: SignedDuration = SignedDuration::from_millis(500);
+/// The most one replica's estimate may be off: half of what two may disagree by.
+const MOST_OFF: Duration = Duration::from_millis(REPLICAS_AGREE_WITHIN.as_millis() as u64 / 2);
+/// The slowest answer whose reading can still fit [`MOST_OFF`] (3.5 s): a request is not waited for longer.
+const SLOWEST_USEFUL: Duration =
+    Duration::from_millis(2 * (MOST_OFF.as_millis() as u64 - HALF_A_HEADER_SECOND.as_millis() as u64));
 
 /// This replica's estimate of the apiserver's clock.
 #[derive(Debug)]
@@ -90,18 +100,15 @@ impl ServerClock {
         let _ = rx.wait_for(|m| *m).await;
     }
 
-    /// Measure the offset once: a request's `Date` header against the middle of its round trip. A slow or undated
-    /// answer is discarded and the last estimate kept.
+    /// Measure the offset once: a request's `Date` header against the middle of its round trip ([`read`]). A reading
+    /// that could be off by more than the bound allows is discarded and the last estimate kept.
     pub async fn sample(&self, client: &Client) -> crate::Result<Reading> {
         let request = http::Request::get("/version")
             .body(kube::client::Body::empty())
             .map_err(|e| crate::Error::Config(e.to_string()))?;
         let (sent_wall, sent) = (Timestamp::now(), Instant::now());
-        let response = crate::client::bounded(MAX_ROUND_TRIP * 4, async { Ok(client.send(request).await?) }).await?;
+        let response = crate::client::bounded(SLOWEST_USEFUL, async { Ok(client.send(request).await?) }).await?;
         let round_trip = sent.elapsed();
-        if round_trip > MAX_ROUND_TRIP {
-            return Ok(Reading::Slow(round_trip));
-        }
         let date = response
             .headers()
             .get(http::header::DATE)
@@ -109,18 +116,18 @@ impl ServerClock {
             .and_then(|d| jiff::fmt::rfc2822::parse(d).ok())
             .map(|z| z.timestamp());
         let Some(date) = date else { return Ok(Reading::Undated) };
-        let midpoint = sent_wall + SignedDuration::try_from(round_trip / 2).unwrap_or_default();
-        let estimate = estimate_offset(date, midpoint);
-        let previous = self.offset_ms.swap(estimate.as_millis() as i64, Ordering::Relaxed);
+        let reading = read(date, sent_wall, round_trip);
+        let Reading::Taken(offset) = reading else { return Ok(reading) };
+        let previous = self.offset_ms.swap(offset.as_millis() as i64, Ordering::Relaxed);
         let first = !self.measured.send_replace(true);
-        if first || (previous - estimate.as_millis() as i64).abs() > 1_000 {
-            info!(offset_ms = estimate.as_millis() as i64, "read the apiserver's clock; schedules follow it");
+        if first || (previous - offset.as_millis() as i64).abs() > 1_000 {
+            info!(offset_ms = offset.as_millis() as i64, "read the apiserver's clock; schedules follow it");
         }
-        Ok(Reading::Taken(estimate))
+        Ok(reading)
     }
 
-    /// Take readings until `stop`: every 30 s, and before the first is taken from [`RETRY_FIRST`] apart, twice as
-    /// far each time, up to that. A reading that could not be taken is logged as a warning while none was, since
+    /// Take readings until `stop`: every 30 s, at once when this machine's clock is set ([`stepped`]), and before the
+    /// first is taken from [`RETRY_FIRST`] apart, twice as far each time, up to that. A reading that could not be taken is logged as a warning while none was, since
     /// work waits for it, and quietly after.
     pub async fn follow(&self, client: Client, stop: CancellationToken) {
         let mut retry = RETRY_FIRST;
@@ -129,28 +136,56 @@ impl ServerClock {
             match self.sample(&client).await {
                 Ok(Reading::Taken(_)) => {}
                 Ok(discarded) if !measured => {
-                    warn!(reading = ?discarded, "could not read the apiserver's clock yet; recurring jobs wait for it")
+                    warn!(reading = ?discarded, "could not read the apiserver's clock yet; this replica waits for it")
                 }
                 Ok(discarded) => debug!(reading = ?discarded, "discarded a reading of the apiserver's clock"),
+                Err(e) if !measured => {
+                    warn!(error = %e, "could not read the apiserver's clock yet; this replica waits for it")
+                }
                 Err(e) => warn!(error = %e, "could not read the apiserver's clock; keeping the last estimate"),
             }
             let every = if self.is_measured() { SAMPLE_EVERY } else { retry };
             retry = (retry * 2).min(SAMPLE_EVERY);
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
+            let (wall, since) = (Timestamp::now(), Instant::now());
+            // Sooner if this machine's clock is set meanwhile: the offset measured is then stale.
+            while since.elapsed() < every {
+                tokio::select! {
+                    _ = tokio::time::sleep(STEP_CHECK.min(every)) => {}
+                    _ = stop.cancelled() => return,
+                }
+                if stepped(Timestamp::now().duration_since(wall), since.elapsed()) {
+                    info!("this machine's clock was set; reading the apiserver's again");
+                    break;
+                }
             }
         }
     }
 }
 
-/// The offset a `Date` header (whole seconds, truncated) shows against the local instant it was read at: the
-/// server's time is somewhere in `[date, date + 1 s)`, so its middle is taken; offsets below the header's
-/// resolution are taken as zero.
-pub fn estimate_offset(date: Timestamp, local_midpoint: Timestamp) -> SignedDuration {
-    let server = date + HALF_A_HEADER_SECOND;
-    let offset = server.duration_since(local_midpoint);
-    if offset.abs() <= RESOLUTION { SignedDuration::ZERO } else { offset }
+/// Whether this machine's wall clock moved unlike its monotonic one over the same time (`wall` against `elapsed`):
+/// it was set, or the machine slept.
+fn stepped(wall: SignedDuration, elapsed: Duration) -> bool {
+    let elapsed = SignedDuration::try_from(elapsed).unwrap_or(SignedDuration::MAX);
+    (wall - elapsed).abs() > STEP
+}
+
+/// What a `Date` header (whole seconds, truncated) read over a round trip of `round_trip` sent at `sent` (this
+/// machine's clock) says of the apiserver's clock. The server stamped it somewhere within the trip, at a time within
+/// the second the header names: its middle against the trip's middle is off by at most half a second plus half the
+/// trip. An offset within [`RESOLUTION`] is taken as zero, and a reading taken only if what it may be off by, so
+/// rounded, stays within [`MOST_OFF`].
+pub fn read(date: Timestamp, sent: Timestamp, round_trip: Duration) -> Reading {
+    let half_trip = SignedDuration::try_from(round_trip / 2).unwrap_or(SignedDuration::MAX);
+    let estimate = (date + HALF_A_HEADER_SECOND).duration_since(sent.checked_add(half_trip).unwrap_or(Timestamp::MAX));
+    let uncertain = HALF_A_HEADER_SECOND.saturating_add(half_trip);
+    let most_off = SignedDuration::try_from(MOST_OFF).unwrap_or(SignedDuration::MAX);
+    if estimate.abs() <= RESOLUTION && estimate.abs().saturating_add(uncertain) <= most_off {
+        Reading::Taken(SignedDuration::ZERO)
+    } else if uncertain <= most_off {
+        Reading::Taken(estimate)
+    } else {
+        Reading::Slow(round_trip)
+    }
 }
 
 #[cfg(test)]
@@ -161,38 +196,75 @@ mod tests {
         Timestamp::from_millisecond(ms).unwrap()
     }
 
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
     #[test]
     fn a_clock_within_the_headers_resolution_is_taken_as_right() {
-        assert_eq!(estimate_offset(at(100_000), at(100_900)), SignedDuration::ZERO);
-        assert_eq!(estimate_offset(at(100_000), at(99_200)), SignedDuration::ZERO);
+        assert_eq!(read(at(100_000), at(100_900), ms(0)), Reading::Taken(SignedDuration::ZERO));
+        assert_eq!(read(at(100_000), at(99_200), ms(0)), Reading::Taken(SignedDuration::ZERO));
     }
 
     #[test]
     fn a_clock_twenty_seconds_ahead_is_measured_as_such() {
-        // The server says 100 s; here it is 120.3 s.
-        let offset = estimate_offset(at(100_000), at(120_300));
-        assert_eq!(offset, SignedDuration::from_millis(-19_800));
+        // The server says 100 s; here it is 120.3 s at the middle of the trip.
+        assert_eq!(read(at(100_000), at(120_200), ms(200)), Reading::Taken(SignedDuration::from_millis(-19_800)));
     }
 
     #[test]
-    fn two_replicas_agree_within_twice_what_one_may_be_off() {
+    fn a_slow_answer_is_read_while_what_it_may_be_off_by_fits_and_discarded_after() {
+        // A right clock behind a 2 s round trip (a remote apiserver): read. 4 s: the stamp could be anywhere in it.
+        assert_eq!(read(at(100_000), at(99_500), ms(2_000)), Reading::Taken(SignedDuration::ZERO));
+        assert_eq!(read(at(100_000), at(79_500), ms(2_000)), Reading::Taken(SignedDuration::from_secs(20)));
+        assert_eq!(read(at(100_000), at(98_500), ms(4_000)), Reading::Slow(ms(4_000)));
+        // An offset within the resolution is applied, not ignored, when ignoring it would be off by too much.
+        assert_eq!(read(at(100_000), at(98_400), ms(3_000)), Reading::Taken(SignedDuration::from_millis(600)));
+    }
+
+    #[test]
+    fn a_reading_taken_is_never_off_by_more_than_half_what_two_replicas_may_disagree_by() {
         // A replica whose clock is `off` ms behind the apiserver's (negative: ahead) reads a `Date` header stamped at
-        // server time `stamp`, and takes the middle of its round trip, up to half of MAX_ROUND_TRIP from the stamp:
-        // its estimate is never further than half the agreement from the truth.
-        let half_trip = (MAX_ROUND_TRIP / 2).as_millis() as i64;
-        let most = (REPLICAS_AGREE_WITHIN / 2).as_millis() as i64;
-        let mut worst = 0;
-        for off in (-6_000..=6_000).step_by(37) {
-            for stamp in (100_000..101_000).step_by(50) {
-                for error in [-half_trip, 0, half_trip] {
-                    let date = at(stamp - stamp % 1_000);
-                    let estimate = estimate_offset(date, at(stamp - off + error)).as_millis() as i64;
-                    worst = worst.max((estimate - off).abs());
+        // server time `stamp`, somewhere within its round trip: every reading taken is within MOST_OFF of the truth,
+        // every answer within MAX_ROUND_TRIP is taken, and none slower than SLOWEST_USEFUL.
+        let most = MOST_OFF.as_millis() as i64;
+        let (mut worst, mut worst_fast) = (0, 0);
+        for trip in [0, 100, 250, 500, 1_000, 2_000, 3_000, 3_500, 3_600, 6_000] {
+            for off in (-6_000..=6_000).step_by(37) {
+                for stamp in (100_000..101_000).step_by(50) {
+                    for into_trip in [0, trip / 2, trip] {
+                        let date = at(stamp - stamp % 1_000);
+                        let sent = at(stamp - off - into_trip as i64);
+                        match read(date, sent, ms(trip)) {
+                            Reading::Taken(estimate) => {
+                                let error = (estimate.as_millis() as i64 - off).abs();
+                                assert!(error <= most, "{trip} ms trip, {off} ms off: read {error} ms off");
+                                worst = worst.max(error);
+                                if ms(trip) <= MAX_ROUND_TRIP {
+                                    worst_fast = worst_fast.max(error);
+                                }
+                            }
+                            other => assert!(ms(trip) > MAX_ROUND_TRIP, "{trip} ms trip, {off} ms off: {other:?}"),
+                        }
+                        if ms(trip) > SLOWEST_USEFUL {
+                            assert_eq!(read(date, sent, ms(trip)), Reading::Slow(ms(trip)));
+                        }
+                    }
                 }
             }
         }
-        assert!(worst <= most, "an estimate {worst} ms off, beyond {most} ms");
-        assert!(worst > most - 100, "the bound is not loose: {worst} ms of {most} ms");
+        assert!(worst_fast > most - 100, "the bound is not loose for fast answers: {worst_fast} ms of {most} ms");
+        assert!(worst <= most);
+        assert_eq!(SLOWEST_USEFUL, ms(3_500));
+    }
+
+    #[test]
+    fn a_wall_clock_set_between_readings_is_noticed_and_a_slewed_one_is_not() {
+        assert!(!stepped(SignedDuration::from_millis(1_000), ms(1_000)));
+        assert!(!stepped(SignedDuration::from_millis(30_010), ms(30_000)), "NTP slews by parts per million");
+        assert!(stepped(SignedDuration::from_millis(21_000), ms(1_000)), "set 20 s ahead");
+        assert!(stepped(SignedDuration::from_millis(-19_000), ms(1_000)), "set 20 s back");
+        assert!(stepped(SignedDuration::from_millis(61_000), ms(1_000)), "a minute asleep");
     }
 
     #[test]

@@ -66,31 +66,33 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     if let (Some(addr), Some(dir)) = (config.admission_addr, config.admission_cert_dir.as_deref()) {
         crate::admission::serve(addr, dir).await?;
     }
-    if let Some(addr) = config.report_addr {
-        crate::report::server::serve(addr, worker.clone()).await?;
-    }
-    let slots = config.cluster_max_concurrency.is_some();
-    let view = QueueView::start(client.clone(), config.namespace.as_deref(), &config.lease_namespace, slots);
-    view.ready().await;
-    health.ready.store(true, Ordering::Relaxed);
-    info!("caches synced; dispatching");
-
-    if let Some(cap) = config.cluster_max_concurrency {
-        crate::limits::ensure_slots(&client, &config.lease_namespace, cap).await?;
-    }
     let stop_background = CancellationToken::new();
     let clock = {
         let (worker, client, stop) = (worker.clone(), client.clone(), stop_background.clone());
         tokio::spawn(async move { worker.clock.follow(client, stop).await })
     };
-    // Dispatch follows the apiserver's clock from its first decision when a reading comes quickly, but does not wait
-    // for one: its schedules (delays, backoffs, deadlines) only move by what the clocks disagree. Recurring jobs wait.
-    let _ = tokio::time::timeout(crate::clock::RETRY_FIRST, worker.clock.measured()).await;
+    let slots = config.cluster_max_concurrency.is_some();
+    let view = QueueView::start(client.clone(), config.namespace.as_deref(), &config.lease_namespace, slots);
+    view.ready().await;
+    // Every decision in time (a recurring tick, a delay, a heartbeat's deadline, a report's stamp) follows the
+    // apiserver's clock, on which replicas agree only once each has read it (`clock::REPLICAS_AGREE_WITHIN`). Until
+    // then this replica does nothing: it holds no member Lease, so the others keep its share, and it is not ready.
+    if !worker.clock.is_measured() {
+        info!("waiting for a first reading of the apiserver's clock before dispatching");
+        worker.clock.measured().await;
+    }
+    health.ready.store(true, Ordering::Relaxed);
+    info!("caches synced; dispatching");
+    if let Some(addr) = config.report_addr {
+        crate::report::server::serve(addr, worker.clone()).await?;
+    }
+
+    if let Some(cap) = config.cluster_max_concurrency {
+        crate::limits::ensure_slots(&client, &config.lease_namespace, cap).await?;
+    }
     let (membership_tx, membership) = watch::channel(None);
-    // Recurring: off in the member Lease until the controller may start (below), so that the others keep this
-    // replica's share of the definitions meanwhile.
     let (roles, roles_rx) = watch::channel(crate::members::Roles {
-        recurring: config.recurring_enabled && worker.clock.is_measured(),
+        recurring: config.recurring_enabled,
         jobs: config.job_execution_enabled,
     });
     let heartbeat = tokio::spawn(crate::members::heartbeat(
@@ -116,18 +118,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
             concurrency: config.recurring_concurrency as usize,
             claim_ahead: config.recurring_claim_ahead.0,
         };
-        let (worker, roles, stop) = (worker.clone(), roles.clone(), stop_background.clone());
-        tokio::spawn(async move {
-            // Ticks are decided and claimed by the cluster's clock, on which replicas agree only once each has read
-            // it (`clock::REPLICAS_AGREE_WITHIN`): before that, this machine's clock could start a tick early or
-            // carry a claim past the next owner's. Not before, and only then does the member Lease say so.
-            tokio::select! {
-                _ = worker.clock.measured() => {}
-                _ = stop.cancelled() => return,
-            }
-            roles.send_modify(|r| r.recurring = true);
-            crate::recurring::run(worker, rview, timing, settings, stop).await
-        })
+        tokio::spawn(crate::recurring::run(worker.clone(), rview, timing, settings, stop_background.clone()))
     });
     let stop_election = CancellationToken::new();
     let (leader, election) = match config.strategy {

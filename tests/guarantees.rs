@@ -757,20 +757,82 @@ async fn clocks_disagree(ns: &str, schedule: &str, claim_ahead: &str, min_ticks:
     assert!(twice.is_empty(), "ticks with more than one job: {twice:?}");
 }
 
-/// A replica whose clock runs 20 s ahead and that cannot read the apiserver's yet (its answers arrive 800 ms late,
-/// too late to say when they were stamped) starts no tick early: its recurring controller waits for a first reading,
-/// and runs the definition on time once answers come quickly again.
+/// A replica whose clock runs 20 s ahead and that cannot read the apiserver's yet (its answers arrive 5 s late, too
+/// late to say when they were stamped) does nothing: it holds no member Lease, so a replica with a right clock runs
+/// every definition's ticks, on time; once its answers come quickly it reads the clock, joins, and takes its share
+/// without starting a tick early or twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_has_not_read_the_apiservers_clock_yet_starts_no_tick() {
+async fn a_replica_that_has_not_read_the_apiservers_clock_yet_leaves_every_tick_to_the_others() {
     let env = TestEnv::new("unread-clock").await;
     let _recorder = common::Recorder::start(&env);
     let proxy = common::proxy::Proxy::to_apiserver().await;
-    proxy.delay_downstream(Duration::from_millis(800));
+    proxy.delay_downstream(Duration::from_secs(5));
     let skewed = common::ReplicaOptions {
         kubeconfig: Some(proxy.kubeconfig(&env.dir)),
         env: vec![
             ("LD_PRELOAD".into(), common::faketime_lib().display().to_string()),
             ("FAKETIME".into(), "+20".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+        ..Default::default()
+    };
+    let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let names: Vec<String> = (0..6).map(|i| format!("d{i}")).collect();
+    for name in &names {
+        let def: bgjobs::api::RecurringBackgroundJob = serde_json::from_value(json!({
+            "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": name},
+            "spec": {"schedule": "*/5 * * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}}
+        }))
+        .unwrap();
+        defs.create(&PostParams::default(), &def).await.unwrap();
+    }
+    // Leases long enough to be kept through 5 s answers: only the clock holds the skewed replica back.
+    let flags = ["--recurring-claim-ahead", "0", "--lease-duration", "30s", "--renew-deadline", "20s"];
+    let flags = [&flags[..], &["--renew-interval", "5s"]].concat();
+    let _ahead = env.replica_with("ahead", &flags, &skewed);
+    let _right = env.replica("right", &flags);
+    let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let ahead_member = bgjobs::wire::member_lease_name("ahead", &env.ns);
+    // Long enough for it to sync its caches and, by its own clock, see several ticks due.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(members.get_opt(&ahead_member).await.unwrap().is_none(), "it joined before reading the clock");
+    let ran = |jobs: &[bgjobs::api::BackgroundJob], name: &str| {
+        jobs.iter().filter(|j| j.name_any().starts_with(&format!("{name}-"))).count()
+    };
+    let jobs = env.list().await;
+    for name in &names {
+        assert!(ran(&jobs, name) >= 3, "{name} ran {} ticks while one replica waited", ran(&jobs, name));
+    }
+    proxy.delay_downstream(Duration::ZERO);
+    let deadline = std::time::Instant::now() + 2 * MINUTE;
+    while members.get_opt(&ahead_member).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "it never joined once its answers came quickly");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let history = bgjobs_history::History::read(&env.dir).unwrap();
+    for s in history.status.iter().filter(|s| s.tick_ms.is_some()) {
+        let tick = s.tick_ms.unwrap();
+        assert!(s.created_ms >= tick - 2_500, "{} was created {} ms before its tick", s.job, tick - s.created_ms);
+    }
+    let report = bgjobs_history::check(&history, &Default::default());
+    assert_eq!(report.duplicate_ticks, 0, "{:?}", report.violations);
+}
+
+/// A replica that has read the apiserver's clock, whose machine clock is then set 20 s ahead (libfaketime reading
+/// its offset from a file), reads the apiserver's clock again at once: the tick after the step starts on time, not
+/// 20 s early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_machine_clock_is_set_ahead_reads_the_apiservers_again_and_starts_no_tick_early() {
+    let env = TestEnv::new("stepped-clock").await;
+    let _recorder = common::Recorder::start(&env);
+    let offset_file = env.dir.join("faketime");
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    let stepping = common::ReplicaOptions {
+        env: vec![
+            ("LD_PRELOAD".into(), common::faketime_lib().display().to_string()),
+            ("FAKETIME_TIMESTAMP_FILE".into(), offset_file.display().to_string()),
+            ("FAKETIME_NO_CACHE".into(), "1".into()),
             ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
         ],
         ..Default::default()
@@ -782,14 +844,18 @@ async fn a_replica_that_has_not_read_the_apiservers_clock_yet_starts_no_tick() {
     }))
     .unwrap();
     defs.create(&PostParams::default(), &def).await.unwrap();
-    let _ahead = env.replica_with("ahead", &["--recurring-claim-ahead", "0"], &skewed);
-    // Long enough to sync its caches, hold its member Lease and, by its own clock, see several ticks due.
-    tokio::time::sleep(Duration::from_secs(25)).await;
-    let early: Vec<_> = env.list().await.iter().map(|j| j.name_any()).collect();
-    assert!(early.is_empty(), "ticks started before the apiserver's clock was read: {early:?}");
-    proxy.delay_downstream(Duration::ZERO);
+    let _r = env.replica_with("stepping", &["--recurring-claim-ahead", "0"], &stepping);
     env.wait_until(MINUTE, "two ticks ran", |jobs| jobs.len() >= 2).await;
+    // Just after a tick: the replica's next look at the definition is almost 5 s away.
+    while now_ms() % 5_000 > 300 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&offset_file, "+20\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(15)).await;
     let history = bgjobs_history::History::read(&env.dir).unwrap();
+    let ticks = history.status.iter().filter(|s| s.tick_ms.is_some()).count();
+    assert!(ticks >= 4, "ticks ran: {ticks}");
     for s in history.status.iter().filter(|s| s.tick_ms.is_some()) {
         let tick = s.tick_ms.unwrap();
         assert!(s.created_ms >= tick - 2_500, "{} was created {} ms before its tick", s.job, tick - s.created_ms);

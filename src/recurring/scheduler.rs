@@ -25,9 +25,6 @@ use crate::worker::Worker;
 pub const MIN_SCAN_GAP: Duration = Duration::from_millis(50);
 /// Longest a definition goes without a look, changed or not (a safety net; changes are seen at once).
 const IDLE: Duration = Duration::from_secs(30);
-/// How often a replica waiting for its member Lease to say it runs this controller looks again (the Lease says so
-/// from its next renewal).
-const ROLE_POLL: Duration = Duration::from_millis(200);
 /// How long running reconciles may finish when the controller stops.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest a definition whose cache is behind its own last reconcile waits for the watch before it is reconciled
@@ -190,16 +187,10 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let Settings { concurrency, claim_ahead } = settings;
-    // Nothing is done for a definition before this replica holds its member Lease (the fence of every tick), and
-    // the Lease says it runs this controller: the others count it among the definitions' owners only then.
-    let says_so =
-        |m: &Option<Arc<crate::lease::Keeper>>| m.as_ref().is_some_and(|k| members::runs_recurring(&k.lease()));
-    while !says_so(&view.membership.borrow()) {
-        tokio::select! {
-            changed = view.membership.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(ROLE_POLL) => {}
-            _ = stop.cancelled() => return,
-        }
+    // Nothing is done for a definition before this replica holds its member Lease (the fence of every tick).
+    tokio::select! {
+        _ = view.membership.wait_for(|m| m.is_some()) => {}
+        _ = stop.cancelled() => return,
     }
     tokio::select! {
         _ = view.children.ready() => {}
