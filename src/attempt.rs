@@ -288,13 +288,14 @@ async fn run_claimed(
         cancel: cancel.clone(),
         report: report.clone(),
     };
-    let (limit, limit_is_deadline) = attempt_limit(&job, worker.clock.now());
+    let started = worker.clock.now();
+    let (limit, limit_is_deadline) = attempt_limit(&job, started);
     let ending = if let Some(reason) = control.begin(job.spec.http.is_some()) {
         Ending::NotStarted(reason)
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
-        let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.pods, &worker.client);
+        let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.pods, &worker.client, started);
         // A panicking handler fails its attempt like any other permanent error; the replica carries on.
         let mut exec = Box::pin(std::panic::AssertUnwindSafe(exec).catch_unwind().map(|r| {
             r.unwrap_or_else(|p| {

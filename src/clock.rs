@@ -10,9 +10,11 @@
 //! That bound holds only once a reading was taken: until then [`ServerClock::now`] is this machine's clock, however
 //! wrong, so the operator acts on nothing before a first reading ([`ServerClock::measured`]). A reading is taken
 //! when what it can be off by fits the bound ([`read`]): always for answers within [`MAX_ROUND_TRIP`], and for
-//! slower ones (a remote apiserver) while the header's half second and half the round trip still fit.
+//! slower ones (a remote apiserver) while the header's half second and half the round trip still fit. Between
+//! readings the time counts on from the last one by this machine's monotonic clock, so setting its wall clock
+//! changes nothing.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
@@ -23,46 +25,48 @@ use tracing::{debug, info, warn};
 
 /// How often the offset is measured again.
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
-/// How often, between readings, this machine's clock is checked for a step ([`stepped`]).
-const STEP_CHECK: Duration = Duration::from_secs(1);
-/// A difference between this machine's wall and monotonic clocks over the same time beyond which the wall clock
-/// was set (NTP slews it far more slowly).
-const STEP: SignedDuration = SignedDuration::from_millis(500);
 /// How often a reading is tried before the first one is taken.
-pub const RETRY_FIRST: Duration = Duration::from_secs(2);
-/// Offsets within this are below what a whole-second `Date` header can show: ignored.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// Offsets within this are below what a whole-second `Date` header can show: ignored when a reading is precise
+/// enough to afford it ([`read`]).
 const RESOLUTION: SignedDuration = SignedDuration::from_millis(1_500);
 /// A round trip within which a reading is always taken: the bound below is built on it.
 const MAX_ROUND_TRIP: Duration = Duration::from_millis(500);
 /// The middle of the whole second a `Date` header names: how far it is from either end.
 const HALF_A_HEADER_SECOND: SignedDuration = SignedDuration::from_millis(500);
 
-/// How far apart two replicas' estimates of the cluster's clock may be. Each estimate is within the `Date` header's
-/// half second (its middle is taken) plus half of at most [`MAX_ROUND_TRIP`] of the apiserver's clock when an offset
-/// is applied, and within [`RESOLUTION`] plus that when it is not: 2.25 s. Two replicas may be off in opposite
-/// directions. Decisions that one replica makes on another's behalf in time must leave this much room.
+/// How far apart two replicas' estimates of the cluster's clock may be: 4.5 s, twice what a fast reading may be off
+/// by (the `Date` header's half second, its middle being taken, plus half of at most [`MAX_ROUND_TRIP`], plus
+/// [`RESOLUTION`] when the offset is ignored). A reading is taken only within half of it less [`SLACK`] ([`read`]),
+/// whatever its round trip. Two replicas may be off in opposite directions. Decisions that one replica makes on
+/// another's behalf in time must leave this much room.
 pub const REPLICAS_AGREE_WITHIN: Duration = Duration::from_millis(
     2 * (RESOLUTION.as_millis() as u64
         + HALF_A_HEADER_SECOND.as_millis() as u64
         + MAX_ROUND_TRIP.as_millis() as u64 / 2),
 );
-/// The most one replica's estimate may be off: half of what two may disagree by.
-const MOST_OFF: Duration = Duration::from_millis(REPLICAS_AGREE_WITHIN.as_millis() as u64 / 2);
-/// The slowest answer whose reading can still fit [`MOST_OFF`] (3.5 s): a request is not waited for longer.
+/// Room kept from the bound for what [`read`]'s reckoning leaves out: milliseconds lost to rounding, the instants
+/// between reading this machine's two clocks, and its monotonic clock's drift between readings (15 ms in 30 s at
+/// NTP's largest correction, 500 ppm).
+const SLACK: Duration = Duration::from_millis(50);
+/// The most one replica's reading may be off: half of what two may disagree by, less [`SLACK`].
+const MOST_OFF: Duration = Duration::from_millis((REPLICAS_AGREE_WITHIN.as_millis() / 2 - SLACK.as_millis()) as u64);
+/// The slowest answer whose reading can still fit [`MOST_OFF`] (3.4 s): a request is not waited for longer.
 const SLOWEST_USEFUL: Duration =
     Duration::from_millis(2 * (MOST_OFF.as_millis() as u64 - HALF_A_HEADER_SECOND.as_millis() as u64));
 
 /// This replica's estimate of the apiserver's clock.
 #[derive(Debug)]
 pub struct ServerClock {
-    offset_ms: AtomicI64,
-    /// Whether a reading was taken: the offset is then an estimate, within half of [`REPLICAS_AGREE_WITHIN`].
+    /// The apiserver's time at an instant of this machine's monotonic clock, from the last reading taken.
+    anchor: Mutex<Option<(Instant, Timestamp)>>,
+    /// Whether a reading was taken: [`ServerClock::now`] is then within [`MOST_OFF`] of the apiserver's clock.
     measured: watch::Sender<bool>,
 }
 
 impl Default for ServerClock {
     fn default() -> Self {
-        ServerClock { offset_ms: AtomicI64::new(0), measured: watch::Sender::new(false) }
+        ServerClock { anchor: Mutex::new(None), measured: watch::Sender::new(false) }
     }
 }
 
@@ -78,15 +82,22 @@ pub enum Reading {
 }
 
 impl ServerClock {
-    /// The cluster's time now.
+    /// The cluster's time now: the last reading's, counted on by this machine's monotonic clock; this machine's
+    /// wall clock before the first.
     pub fn now(&self) -> Timestamp {
-        let offset = SignedDuration::from_millis(self.offset_ms.load(Ordering::Relaxed));
-        Timestamp::now().checked_add(offset).unwrap_or_else(|_| Timestamp::now())
+        self.at(Instant::now())
     }
 
-    /// How far the apiserver's clock is ahead of this machine's (negative: behind), as last measured.
-    pub fn offset(&self) -> SignedDuration {
-        SignedDuration::from_millis(self.offset_ms.load(Ordering::Relaxed))
+    /// The cluster's time at `instant`, as [`ServerClock::now`] would give it then.
+    fn at(&self, instant: Instant) -> Timestamp {
+        let Some((read_at, server)) = *self.anchor.lock().unwrap() else { return Timestamp::now() };
+        let since = SignedDuration::try_from(instant.saturating_duration_since(read_at)).unwrap_or_default();
+        server.checked_add(since).unwrap_or(Timestamp::MAX)
+    }
+
+    /// Count the cluster's time from `server` at `instant`.
+    fn anchor(&self, instant: Instant, server: Timestamp) {
+        *self.anchor.lock().unwrap() = Some((instant, server));
     }
 
     /// Whether a reading was taken yet ([`ServerClock::now`] is this machine's clock until then).
@@ -115,19 +126,29 @@ impl ServerClock {
             .and_then(|d| d.to_str().ok())
             .and_then(|d| jiff::fmt::rfc2822::parse(d).ok())
             .map(|z| z.timestamp());
+        // Read to its end, so that the connection can carry the next request.
+        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
         let Some(date) = date else { return Ok(Reading::Undated) };
         let reading = read(date, sent_wall, round_trip);
         let Reading::Taken(offset) = reading else { return Ok(reading) };
-        let previous = self.offset_ms.swap(offset.as_millis() as i64, Ordering::Relaxed);
-        let first = !self.measured.send_replace(true);
-        if first || (previous - offset.as_millis() as i64).abs() > 1_000 {
-            info!(offset_ms = offset.as_millis() as i64, "read the apiserver's clock; schedules follow it");
+        let middle = sent + round_trip / 2;
+        let server = (sent_wall + SignedDuration::try_from(round_trip / 2).unwrap_or_default()) + offset;
+        let moved = server.duration_since(self.at(middle));
+        let first = self.anchor.lock().unwrap().is_none();
+        self.anchor(middle, server);
+        self.measured.send_replace(true);
+        if first || moved.abs() > SignedDuration::from_secs(1) {
+            info!(
+                offset_ms = offset.as_millis() as i64,
+                moved_ms = moved.as_millis() as i64,
+                "read the apiserver's clock; schedules follow it"
+            );
         }
         Ok(reading)
     }
 
-    /// Take readings until `stop`: every 30 s, at once when this machine's clock is set ([`stepped`]), and before the
-    /// first is taken from [`RETRY_FIRST`] apart, twice as far each time, up to that. A reading that could not be taken is logged as a warning while none was, since
+    /// Take readings until `stop`: every 30 s, and before the first is taken from [`RETRY_FIRST`] apart, twice as far
+    /// each time, up to that. A reading that could not be taken is logged as a warning while none was, since
     /// work waits for it, and quietly after.
     pub async fn follow(&self, client: Client, stop: CancellationToken) {
         let mut retry = RETRY_FIRST;
@@ -146,27 +167,12 @@ impl ServerClock {
             }
             let every = if self.is_measured() { SAMPLE_EVERY } else { retry };
             retry = (retry * 2).min(SAMPLE_EVERY);
-            let (wall, since) = (Timestamp::now(), Instant::now());
-            // Sooner if this machine's clock is set meanwhile: the offset measured is then stale.
-            while since.elapsed() < every {
-                tokio::select! {
-                    _ = tokio::time::sleep(STEP_CHECK.min(every)) => {}
-                    _ = stop.cancelled() => return,
-                }
-                if stepped(Timestamp::now().duration_since(wall), since.elapsed()) {
-                    info!("this machine's clock was set; reading the apiserver's again");
-                    break;
-                }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
             }
         }
     }
-}
-
-/// Whether this machine's wall clock moved unlike its monotonic one over the same time (`wall` against `elapsed`):
-/// it was set, or the machine slept.
-fn stepped(wall: SignedDuration, elapsed: Duration) -> bool {
-    let elapsed = SignedDuration::try_from(elapsed).unwrap_or(SignedDuration::MAX);
-    (wall - elapsed).abs() > STEP
 }
 
 /// What a `Date` header (whole seconds, truncated) read over a round trip of `round_trip` sent at `sent` (this
@@ -229,7 +235,7 @@ mod tests {
         // every answer within MAX_ROUND_TRIP is taken, and none slower than SLOWEST_USEFUL.
         let most = MOST_OFF.as_millis() as i64;
         let (mut worst, mut worst_fast) = (0, 0);
-        for trip in [0, 100, 250, 500, 1_000, 2_000, 3_000, 3_500, 3_600, 6_000] {
+        for trip in [0, 100, 250, 500, 1_000, 2_000, 3_000, 3_400, 3_500, 6_000] {
             for off in (-6_000..=6_000).step_by(37) {
                 for stamp in (100_000..101_000).step_by(50) {
                     for into_trip in [0, trip / 2, trip] {
@@ -255,16 +261,22 @@ mod tests {
         }
         assert!(worst_fast > most - 100, "the bound is not loose for fast answers: {worst_fast} ms of {most} ms");
         assert!(worst <= most);
-        assert_eq!(SLOWEST_USEFUL, ms(3_500));
+        assert_eq!(SLOWEST_USEFUL, ms(3_400));
     }
 
     #[test]
-    fn a_wall_clock_set_between_readings_is_noticed_and_a_slewed_one_is_not() {
-        assert!(!stepped(SignedDuration::from_millis(1_000), ms(1_000)));
-        assert!(!stepped(SignedDuration::from_millis(30_010), ms(30_000)), "NTP slews by parts per million");
-        assert!(stepped(SignedDuration::from_millis(21_000), ms(1_000)), "set 20 s ahead");
-        assert!(stepped(SignedDuration::from_millis(-19_000), ms(1_000)), "set 20 s back");
-        assert!(stepped(SignedDuration::from_millis(61_000), ms(1_000)), "a minute asleep");
+    fn between_readings_the_time_counts_on_from_the_last_one_whatever_the_wall_clock_says() {
+        let clock = ServerClock::default();
+        let read_at = Instant::now();
+        let server = at(1_000_000_000);
+        clock.anchor(read_at, server);
+        assert_eq!(clock.at(read_at + ms(1_500)), at(1_000_001_500));
+        assert_eq!(clock.at(read_at), server);
+        // An instant before the reading (a decision that began before it) counts as the reading's.
+        if let Some(before) = read_at.checked_sub(ms(10)) {
+            assert_eq!(clock.at(before), server);
+        }
+        assert!(clock.now() >= server && clock.now() < at(1_000_060_000), "counted from the reading, not the wall");
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl Metrics {
 /// What the probes report.
 #[derive(Default)]
 pub struct Health {
-    /// Caches synced and the CRD present.
+    /// Caches synced, the CRD present and the apiserver's clock read.
     pub ready: AtomicBool,
     /// Unix seconds of the dispatcher's last pass; a loop stuck for long fails `/healthz`.
     pub last_pass: AtomicI64,
@@ -292,7 +292,9 @@ fn respond(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'s
             ("503 Service Unavailable", TEXT, "shutting down\n".into())
         }
         "/readyz" if health.ready.load(Ordering::Relaxed) => ("200 OK", TEXT, "ready\n".into()),
-        "/readyz" => ("503 Service Unavailable", TEXT, "caches not synced yet\n".into()),
+        "/readyz" => {
+            ("503 Service Unavailable", TEXT, "caches not synced, or the apiserver's clock not read, yet\n".into())
+        }
         _ => ("404 Not Found", TEXT, "try /metrics, /healthz or /readyz\n".into()),
     }
 }

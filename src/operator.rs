@@ -79,7 +79,14 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     // then this replica does nothing: it holds no member Lease, so the others keep its share, and it is not ready.
     if !worker.clock.is_measured() {
         info!("waiting for a first reading of the apiserver's clock before dispatching");
-        worker.clock.measured().await;
+        tokio::select! {
+            _ = worker.clock.measured() => {}
+            _ = shutdown_signal() => {
+                stop_background.cancel();
+                let _ = clock.await;
+                return Ok(());
+            }
+        }
     }
     health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");

@@ -759,8 +759,8 @@ async fn clocks_disagree(ns: &str, schedule: &str, claim_ahead: &str, min_ticks:
 
 /// A replica whose clock runs 20 s ahead and that cannot read the apiserver's yet (its answers arrive 5 s late, too
 /// late to say when they were stamped) does nothing: it holds no member Lease, so a replica with a right clock runs
-/// every definition's ticks, on time; once its answers come quickly it reads the clock, joins, and takes its share
-/// without starting a tick early or twice.
+/// every definition's ticks, on time; once its answers come quickly it reads the clock, joins and runs jobs, and no
+/// tick is started early or twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_has_not_read_the_apiservers_clock_yet_leaves_every_tick_to_the_others() {
     let env = TestEnv::new("unread-clock").await;
@@ -789,12 +789,13 @@ async fn a_replica_that_has_not_read_the_apiservers_clock_yet_leaves_every_tick_
     // Leases long enough to be kept through 5 s answers: only the clock holds the skewed replica back.
     let flags = ["--recurring-claim-ahead", "0", "--lease-duration", "30s", "--renew-deadline", "20s"];
     let flags = [&flags[..], &["--renew-interval", "5s"]].concat();
-    let _ahead = env.replica_with("ahead", &flags, &skewed);
+    let ahead = env.replica_with("ahead", &flags, &skewed);
     let _right = env.replica("right", &flags);
     let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
     let ahead_member = bgjobs::wire::member_lease_name("ahead", &env.ns);
     // Long enough for it to sync its caches and, by its own clock, see several ticks due.
     tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(ahead.log_text().contains("waiting for a first reading"), "it never got as far as the clock");
     assert!(members.get_opt(&ahead_member).await.unwrap().is_none(), "it joined before reading the clock");
     let ran = |jobs: &[bgjobs::api::BackgroundJob], name: &str| {
         jobs.iter().filter(|j| j.name_any().starts_with(&format!("{name}-"))).count()
@@ -811,6 +812,8 @@ async fn a_replica_that_has_not_read_the_apiservers_clock_yet_leaves_every_tick_
     }
     tokio::time::sleep(Duration::from_secs(20)).await;
     let history = bgjobs_history::History::read(&env.dir).unwrap();
+    let by_ahead = history.status.iter().filter(|s| s.worker.as_deref() == Some("ahead")).count();
+    assert!(by_ahead > 0, "it ran no job after joining");
     for s in history.status.iter().filter(|s| s.tick_ms.is_some()) {
         let tick = s.tick_ms.unwrap();
         assert!(s.created_ms >= tick - 2_500, "{} was created {} ms before its tick", s.job, tick - s.created_ms);
@@ -820,10 +823,9 @@ async fn a_replica_that_has_not_read_the_apiservers_clock_yet_leaves_every_tick_
 }
 
 /// A replica that has read the apiserver's clock, whose machine clock is then set 20 s ahead (libfaketime reading
-/// its offset from a file), reads the apiserver's clock again at once: the tick after the step starts on time, not
-/// 20 s early.
+/// its offset from a file), counts on from its reading: the ticks after the step start on time, not 20 s early.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_whose_machine_clock_is_set_ahead_reads_the_apiservers_again_and_starts_no_tick_early() {
+async fn a_replica_whose_machine_clock_is_set_ahead_after_reading_the_apiservers_starts_no_tick_early() {
     let env = TestEnv::new("stepped-clock").await;
     let _recorder = common::Recorder::start(&env);
     let offset_file = env.dir.join("faketime");
@@ -844,7 +846,7 @@ async fn a_replica_whose_machine_clock_is_set_ahead_reads_the_apiservers_again_a
     }))
     .unwrap();
     defs.create(&PostParams::default(), &def).await.unwrap();
-    let _r = env.replica_with("stepping", &["--recurring-claim-ahead", "0"], &stepping);
+    let r = env.replica_with("stepping", &["--recurring-claim-ahead", "0"], &stepping);
     env.wait_until(MINUTE, "two ticks ran", |jobs| jobs.len() >= 2).await;
     // Just after a tick: the replica's next look at the definition is almost 5 s away.
     while now_ms() % 5_000 > 300 {
@@ -853,6 +855,10 @@ async fn a_replica_whose_machine_clock_is_set_ahead_reads_the_apiservers_again_a
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(&offset_file, "+20\n").unwrap();
     tokio::time::sleep(Duration::from_secs(15)).await;
+    // The step took: the replica's log, stamped by its wall clock, runs ahead of this test's.
+    let last_stamp = r.log_text().lines().filter_map(|l| l.split(' ').next()?.parse::<jiff::Timestamp>().ok()).max();
+    let ahead_ms = last_stamp.map_or(0, |t| t.as_millisecond() - now_ms());
+    assert!(ahead_ms > 10_000, "the replica's clock was not set ahead: its last log line is {ahead_ms} ms ahead");
     let history = bgjobs_history::History::read(&env.dir).unwrap();
     let ticks = history.status.iter().filter(|s| s.tick_ms.is_some()).count();
     assert!(ticks >= 4, "ticks ran: {ticks}");

@@ -14,8 +14,9 @@ use crate::api::BackgroundJob;
 use crate::policy::PodPolicy;
 use crate::retry::AttemptResult;
 
-/// Run one attempt of `job` with the executor its spec selects. The HTTP and Pod executors check their policy
-/// ([`crate::policy`]) before they send or create anything.
+/// Run one attempt of `job` with the executor its spec selects, starting at the cluster's time `now`
+/// ([`crate::clock`]). The HTTP and Pod executors check their policy ([`crate::policy`]) before they send or create
+/// anything.
 pub async fn execute(
     job: &BackgroundJob,
     ctx: JobContext,
@@ -23,10 +24,11 @@ pub async fn execute(
     http: &http::HttpExecutor,
     pods: &PodPolicy,
     client: &kube::Client,
+    now: jiff::Timestamp,
 ) -> AttemptResult {
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
     if job.spec.template.is_some() {
-        return pod::run(client, pods, job, &ctx).await;
+        return pod::run(client, pods, job, &ctx, now).await;
     }
     if let Some(target) = &job.spec.http {
         // An attempt adopted while it waited for its worker's report is not sent again: the worker has it.

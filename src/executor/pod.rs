@@ -115,12 +115,18 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     })
 }
 
-/// Run (or adopt) the Pod of this attempt and wait for it to finish.
-pub async fn run(client: &Client, policy: &PodPolicy, job: &BackgroundJob, ctx: &JobContext) -> AttemptResult {
+/// Run (or adopt) the Pod of this attempt and wait for it to finish; `now` is the cluster's time.
+pub async fn run(
+    client: &Client,
+    policy: &PodPolicy,
+    job: &BackgroundJob,
+    ctx: &JobContext,
+    now: jiff::Timestamp,
+) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
     let started = if adopted(job, ctx.attempt) {
-        adopt(&pods, job, ctx, &name).await
+        adopt(&pods, job, ctx, &name, now).await
     } else {
         start(client, &pods, policy, job, ctx, &name).await
     };
@@ -267,17 +273,26 @@ async fn check_creator(
 /// (removed by hand or by the terminated-pod garbage collector before its outcome was recorded), running it again
 /// would redo work that may have finished, under the same attempt number. The attempt ends instead, and the retry
 /// policy decides (a new attempt, with its own Pod).
-async fn adopt(pods: &Api<Pod>, job: &BackgroundJob, ctx: &JobContext, name: &str) -> Result<String, AttemptResult> {
+async fn adopt(
+    pods: &Api<Pod>,
+    job: &BackgroundJob,
+    ctx: &JobContext,
+    name: &str,
+    now: jiff::Timestamp,
+) -> Result<String, AttemptResult> {
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver): "gone" is
-    // concluded only once no create sent during the attempt can still land, CREATE_PATIENCE after the attempt began.
+    // concluded only once no create sent during the attempt can still land, CREATE_PATIENCE after the attempt began
+    // (its startTime, by the cluster's clock, as `now` is), counted down here by this machine's monotonic clock.
     let started = job.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0);
     let patience = SignedDuration::try_from(CREATE_PATIENCE).unwrap_or_default();
-    let settled_at = started.and_then(|t| t.checked_add(patience).ok()).unwrap_or_else(jiff::Timestamp::now);
+    let left =
+        started.and_then(|t| t.checked_add(patience).ok()).map_or(SignedDuration::ZERO, |s| s.duration_since(now));
+    let settled_at = Instant::now() + left.try_into().unwrap_or(Duration::ZERO);
     loop {
         if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
             return Ok(uid);
         }
-        if jiff::Timestamp::now() >= settled_at {
+        if Instant::now() >= settled_at {
             return Err(AttemptResult::Retryable(format!(
                 "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its \
                  work may have run), the attempt counts as failed",
