@@ -126,8 +126,8 @@ impl ServerClock {
             .and_then(|d| d.to_str().ok())
             .and_then(|d| jiff::fmt::rfc2822::parse(d).ok())
             .map(|z| z.timestamp());
-        // Read to its end, so that the connection can carry the next request.
-        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+        // Read to its end, so that the connection can carry the next request; a stalled body is not waited for.
+        let _ = tokio::time::timeout(SLOWEST_USEFUL, http_body_util::BodyExt::collect(response.into_body())).await;
         let Some(date) = date else { return Ok(Reading::Undated) };
         let reading = read(date, sent_wall, round_trip);
         let Reading::Taken(offset) = reading else { return Ok(reading) };

@@ -66,6 +66,9 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     if let (Some(addr), Some(dir)) = (config.admission_addr, config.admission_cert_dir.as_deref()) {
         crate::admission::serve(addr, dir).await?;
     }
+    // Listened for from here: the default action (exit at once) is then replaced for good, so a signal that comes
+    // while nothing awaits it must be kept for the shutdown below.
+    let mut signals = Signals::listen()?;
     let stop_background = CancellationToken::new();
     let clock = {
         let (worker, client, stop) = (worker.clone(), client.clone(), stop_background.clone());
@@ -73,19 +76,23 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     };
     let slots = config.cluster_max_concurrency.is_some();
     let view = QueueView::start(client.clone(), config.namespace.as_deref(), &config.lease_namespace, slots);
-    view.ready().await;
     // Every decision in time (a recurring tick, a delay, a heartbeat's deadline, a report's stamp) follows the
     // apiserver's clock, on which replicas agree only once each has read it (`clock::REPLICAS_AGREE_WITHIN`). Until
     // then this replica does nothing: it holds no member Lease, so the others keep its share, and it is not ready.
-    if !worker.clock.is_measured() {
-        info!("waiting for a first reading of the apiserver's clock before dispatching");
-        tokio::select! {
-            _ = worker.clock.measured() => {}
-            _ = shutdown_signal() => {
-                stop_background.cancel();
-                let _ = clock.await;
-                return Ok(());
-            }
+    let started = async {
+        view.ready().await;
+        if !worker.clock.is_measured() {
+            info!("waiting for a first reading of the apiserver's clock before dispatching");
+            worker.clock.measured().await;
+        }
+    };
+    tokio::select! {
+        _ = started => {}
+        // Nothing is held yet: stop at once.
+        _ = signals.received() => {
+            stop_background.cancel();
+            let _ = clock.await;
+            return Ok(());
         }
     }
     health.ready.store(true, Ordering::Relaxed);
@@ -148,7 +155,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     };
     let stopping = health.clone();
     let shutdown = async move {
-        shutdown_signal().await;
+        signals.received().await;
         stopping.stopping.store(true, Ordering::Relaxed);
         // No more claims from here on: the member Lease says so with its next renewal, so the others stop leaving
         // this replica's share of the queue's head to it (`ordering::pick`) while its running attempts finish.
@@ -213,11 +220,23 @@ fn local_addresses() -> Vec<std::net::IpAddr> {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+/// SIGTERM and SIGINT, listened for from when this is made: one that comes before anyone awaits [`Signals::received`]
+/// is kept for it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM received"),
+            _ = self.int.recv() => info!("SIGINT received"),
+        }
     }
 }

@@ -720,14 +720,7 @@ async fn clocks_disagree(ns: &str, schedule: &str, claim_ahead: &str, min_ticks:
     let _recorder = common::Recorder::start(&env);
     // One replica's clock runs 20 s ahead (libfaketime); replicas start, stop and start again, so the definition
     // changes hands between them.
-    let skewed = common::ReplicaOptions {
-        env: vec![
-            ("LD_PRELOAD".into(), common::faketime_lib().display().to_string()),
-            ("FAKETIME".into(), "+20".into()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ],
-        ..Default::default()
-    };
+    let skewed = common::ReplicaOptions { env: common::faked_clock(&[("FAKETIME", "+20")]), ..Default::default() };
     let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
     let def: bgjobs::api::RecurringBackgroundJob = serde_json::from_value(json!({
         "apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob", "metadata": {"name": "ticking"},
@@ -769,11 +762,7 @@ async fn a_replica_that_has_not_read_the_apiservers_clock_yet_leaves_every_tick_
     proxy.delay_downstream(Duration::from_secs(5));
     let skewed = common::ReplicaOptions {
         kubeconfig: Some(proxy.kubeconfig(&env.dir)),
-        env: vec![
-            ("LD_PRELOAD".into(), common::faketime_lib().display().to_string()),
-            ("FAKETIME".into(), "+20".into()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ],
+        env: common::faked_clock(&[("FAKETIME", "+20")]),
         ..Default::default()
     };
     let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
@@ -831,12 +820,10 @@ async fn a_replica_whose_machine_clock_is_set_ahead_after_reading_the_apiservers
     let offset_file = env.dir.join("faketime");
     std::fs::write(&offset_file, "+0\n").unwrap();
     let stepping = common::ReplicaOptions {
-        env: vec![
-            ("LD_PRELOAD".into(), common::faketime_lib().display().to_string()),
-            ("FAKETIME_TIMESTAMP_FILE".into(), offset_file.display().to_string()),
-            ("FAKETIME_NO_CACHE".into(), "1".into()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ],
+        env: common::faked_clock(&[
+            ("FAKETIME_TIMESTAMP_FILE", &offset_file.display().to_string()),
+            ("FAKETIME_NO_CACHE", "1"),
+        ]),
         ..Default::default()
     };
     let defs: Api<bgjobs::api::RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);

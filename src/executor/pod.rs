@@ -128,7 +128,7 @@ pub async fn run(
     let started = if adopted(job, ctx.attempt) {
         adopt(&pods, job, ctx, &name, now).await
     } else {
-        start(client, &pods, policy, job, ctx, &name).await
+        start(client, &pods, policy, job, ctx, &name, now).await
     };
     let uid = match started {
         Ok(uid) => uid,
@@ -147,14 +147,26 @@ fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
     job.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with(&note))
 }
 
-/// How long a create that keeps failing with an error answer (5xx, 429, 408) is sent again before a read decides.
-/// Longer than the apiserver's default request timeout (60 s), so no earlier create is still being handled by then.
+/// Until how long after its attempt began (`startTime`) a create that keeps failing with an error answer (5xx, 429,
+/// 408) is sent again before a read decides. No create of the attempt is sent after it, by any replica.
 const CREATE_PATIENCE: Duration = Duration::from_secs(90);
+/// How long after it was sent a create may still be handled, and its Pod made: the apiserver's default request
+/// timeout. A read decides that a Pod was not created only this long after the last create that could make it.
+const CREATE_LANDS_WITHIN: Duration = Duration::from_secs(60);
+
+/// The instant, on this machine's monotonic clock, `after` past the start of `job`'s attempt (its `startTime`, by the
+/// cluster's clock, as `now` is); `after` from now without one.
+fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Instant {
+    let started = job.status.as_ref().and_then(|s| s.start_time.as_ref()).map_or(now, |t| t.0);
+    let at = started.checked_add(SignedDuration::try_from(after).unwrap_or_default()).unwrap_or(started);
+    Instant::now() + at.duration_since(now).try_into().unwrap_or(Duration::ZERO)
+}
 
 /// Create the attempt's Pod; its UID. A create whose outcome is unknown (connection lost, 5xx, throttled) is sent
 /// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
-/// the attempt does not end while a Pod of it may have been created unseen. Only after [`CREATE_PATIENCE`] of
-/// answered failures (a broken admission webhook) does a read decide, so the error reaches the job's `lastError`.
+/// the attempt does not end while a Pod of it may have been created unseen. Only when answered failures (a broken
+/// admission webhook) last until [`CREATE_PATIENCE`] after the attempt began does a read decide, once the last create
+/// can no longer land ([`CREATE_LANDS_WITHIN`]), so the error reaches the job's `lastError`.
 ///
 /// The Pod policy is checked first, then (with `--pod-creator-check`) the job's creator: a Pod either refuses is
 /// never sent to the apiserver, and the job fails naming the field or the user, and the rule. An adopted Pod (see
@@ -166,6 +178,7 @@ async fn start(
     job: &BackgroundJob,
     ctx: &JobContext,
     name: &str,
+    now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
     let wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
     if let Some(spec) = &wanted.spec {
@@ -175,8 +188,9 @@ async fn start(
     }
     check_creator(client, policy.creator_check, job, &ctx.namespace).await?;
     let mut backoff = Backoff::new();
-    let patience = Instant::now() + CREATE_PATIENCE;
+    let patience = past_start(job, CREATE_PATIENCE, now);
     loop {
+        let sent = Instant::now();
         let e = match pods.create(&PostParams::default(), &wanted).await {
             Ok(p) => {
                 tracing::info!(pod = %name, "pod created");
@@ -207,6 +221,8 @@ async fn start(
                 return Err(AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
             }
             Some(_) if Instant::now() >= patience => {
+                // An earlier create whose answer was lost may still be handled: read once none can be.
+                tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
                 let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
                 return existing.ok_or_else(|| AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
             }
@@ -281,13 +297,8 @@ async fn adopt(
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver): "gone" is
-    // concluded only once no create sent during the attempt can still land, CREATE_PATIENCE after the attempt began
-    // (its startTime, by the cluster's clock, as `now` is), counted down here by this machine's monotonic clock.
-    let started = job.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0);
-    let patience = SignedDuration::try_from(CREATE_PATIENCE).unwrap_or_default();
-    let left =
-        started.and_then(|t| t.checked_add(patience).ok()).map_or(SignedDuration::ZERO, |s| s.duration_since(now));
-    let settled_at = Instant::now() + left.try_into().unwrap_or(Duration::ZERO);
+    // concluded only once no create of the attempt can still land, sent by CREATE_PATIENCE after it began.
+    let settled_at = past_start(job, CREATE_PATIENCE + CREATE_LANDS_WITHIN, now);
     loop {
         if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
             return Ok(uid);
@@ -513,6 +524,23 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
     use tokio_util::sync::CancellationToken;
+
+    #[tokio::test]
+    async fn a_pod_is_given_up_for_lost_only_once_no_create_of_its_attempt_can_land_counted_by_the_clusters_clock() {
+        let now: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+        let mut j = job();
+        // Began 100 s ago by the cluster's clock, whatever this machine's says.
+        let began = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now - jiff::SignedDuration::from_secs(100));
+        let status = crate::api::BackgroundJobStatus { start_time: Some(began), ..Default::default() };
+        j.status = Some(Box::new(status));
+        let left = |after: Duration| past_start(&j, after, now).duration_since(Instant::now());
+        let adopter = left(CREATE_PATIENCE + CREATE_LANDS_WITHIN);
+        assert!(adopter > Duration::from_secs(49) && adopter <= Duration::from_secs(50), "{adopter:?}");
+        assert_eq!(left(CREATE_PATIENCE), Duration::ZERO, "its holder sends no create past 90 s");
+        let fresh = job();
+        let left = past_start(&fresh, CREATE_PATIENCE, now).duration_since(Instant::now());
+        assert!(left > Duration::from_secs(89), "no start time: from now");
+    }
 
     fn job() -> BackgroundJob {
         let spec = serde_json::from_value(serde_json::json!({

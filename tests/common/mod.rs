@@ -297,6 +297,15 @@ pub fn faketime_lib() -> PathBuf {
     panic!("libfaketime is missing: apt-get install faketime (make test installs it)")
 }
 
+/// The environment that runs a replica under libfaketime with `settings` (`FAKETIME`, or a
+/// `FAKETIME_TIMESTAMP_FILE` to change it while it runs): its wall clock faked, its monotonic clock left true.
+pub fn faked_clock(settings: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = vec![("LD_PRELOAD".to_string(), faketime_lib().display().to_string())];
+    env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env.push(("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()));
+    env
+}
+
 /// The test worker (`e2e/test-worker`), built next to `bgjobs`. Cargo builds a test's own package only, so the
 /// worker is brought up to date here, once per test binary: a stale worker would test yesterday's operator.
 pub fn test_worker_bin() -> PathBuf {
