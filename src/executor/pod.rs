@@ -10,9 +10,9 @@
 //! An attempt ends on what is known about its Pod, never on a failed call: only the Pod's final phase
 //! (`Succeeded`/`Failed`), or its absence confirmed by a GET (a quorum read, not a possibly lagging watch cache),
 //! ends the wait. A broken watch (410 Gone, a reset connection, a failed re-list), a failed read and a create whose
-//! answer was lost are all tried again with backoff; the attempt runner bounds the whole attempt (attempt timeout,
-//! job deadline, Leases, stop requests). Ending the attempt on such an error would start the next attempt's Pod
-//! beside one that still runs.
+//! answer was lost are all tried again with backoff (creates until [`CREATE_PATIENCE`], then a read decides once
+//! none can still land); the attempt runner bounds the whole attempt (attempt timeout, job deadline, Leases, stop
+//! requests). Ending the attempt on such an error would start the next attempt's Pod beside one that still runs.
 //!
 //! Edge cases, and why:
 //! - **Adoption never creates the Pod.** A holder that adopted the attempt (its claim was a takeover of a running Pod
@@ -147,8 +147,8 @@ fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
     job.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with(&note))
 }
 
-/// Until how long after its attempt began (`startTime`) a create that keeps failing with an error answer (5xx, 429,
-/// 408) is sent again before a read decides. No create of the attempt is sent after it, by any replica.
+/// Until how long after its attempt began (`startTime`) a create that keeps failing (no answer, 5xx, 429, 408) is
+/// sent again before a read decides. No create of the attempt is sent after it, by any replica.
 const CREATE_PATIENCE: Duration = Duration::from_secs(90);
 /// How long after it was sent a create may still be handled, and its Pod made: the apiserver's default request
 /// timeout. A read decides that a Pod was not created only this long after the last create that could make it.
@@ -164,9 +164,10 @@ fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Ins
 
 /// Create the attempt's Pod; its UID. A create whose outcome is unknown (connection lost, 5xx, throttled) is sent
 /// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
-/// the attempt does not end while a Pod of it may have been created unseen. Only when answered failures (a broken
-/// admission webhook) last until [`CREATE_PATIENCE`] after the attempt began does a read decide, once the last create
-/// can no longer land ([`CREATE_LANDS_WITHIN`]), so the error reaches the job's `lastError`.
+/// the attempt does not end while a Pod of it may have been created unseen. When failures (a broken admission
+/// webhook, an unreachable apiserver) last until [`CREATE_PATIENCE`] after the attempt began, no create is sent any
+/// more and a read decides, once a create whose outcome is unknown can no longer land ([`CREATE_LANDS_WITHIN`]), so
+/// the error reaches the job's `lastError`.
 ///
 /// The Pod policy is checked first, then (with `--pod-creator-check`) the job's creator: a Pod either refuses is
 /// never sent to the apiserver, and the job fails naming the field or the user, and the rule. An adopted Pod (see
@@ -189,7 +190,10 @@ async fn start(
     check_creator(client, policy.creator_check, job, &ctx.namespace).await?;
     let mut backoff = Backoff::new();
     let patience = past_start(job, CREATE_PATIENCE, now);
-    loop {
+    // The latest create whose outcome is unknown (no answer, or the apiserver's own timeout): it may still be handled.
+    let mut unanswered: Option<Instant> = None;
+    let mut last_error = String::from("no create was sent in time");
+    while Instant::now() < patience {
         let sent = Instant::now();
         let e = match pods.create(&PostParams::default(), &wanted).await {
             Ok(p) => {
@@ -220,16 +224,19 @@ async fn start(
             Some(code) if (400..500).contains(&code) && !matches!(code, 408 | 429) => {
                 return Err(AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
             }
-            Some(_) if Instant::now() >= patience => {
-                // An earlier create whose answer was lost may still be handled: read once none can be.
-                tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
-                let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
-                return existing.ok_or_else(|| AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
-            }
-            _ => tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again"),
+            None | Some(504) => unanswered = Some(sent),
+            Some(_) => {}
         }
+        tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again");
+        last_error = e.to_string();
         backoff.wait().await;
     }
+    // No create is sent from here on, whatever the errors were: a read decides once none can still make the Pod.
+    if let Some(sent) = unanswered {
+        tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
+    }
+    let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
+    existing.ok_or_else(|| AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}")))
 }
 
 /// `--pod-creator-check`: ask the apiserver whether each recorded creator of the job (and of its
@@ -297,8 +304,9 @@ async fn adopt(
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver): "gone" is
-    // concluded only once no create of the attempt can still land, sent by CREATE_PATIENCE after it began.
-    let settled_at = past_start(job, CREATE_PATIENCE + CREATE_LANDS_WITHIN, now);
+    // concluded only once no create of the attempt can still land: sent by CREATE_PATIENCE after it began, by its
+    // holder's clock, which may be REPLICAS_AGREE_WITHIN ahead of this one's.
+    let settled_at = past_start(job, CREATE_PATIENCE + CREATE_LANDS_WITHIN + crate::clock::REPLICAS_AGREE_WITHIN, now);
     loop {
         if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
             return Ok(uid);
@@ -536,6 +544,7 @@ mod tests {
         let left = |after: Duration| past_start(&j, after, now).duration_since(Instant::now());
         let adopter = left(CREATE_PATIENCE + CREATE_LANDS_WITHIN);
         assert!(adopter > Duration::from_secs(49) && adopter <= Duration::from_secs(50), "{adopter:?}");
+        assert_eq!(crate::clock::REPLICAS_AGREE_WITHIN, Duration::from_millis(4_500), "an adopter waits 154.5 s");
         assert_eq!(left(CREATE_PATIENCE), Duration::ZERO, "its holder sends no create past 90 s");
         let fresh = job();
         let left = past_start(&fresh, CREATE_PATIENCE, now).duration_since(Instant::now());
