@@ -346,13 +346,27 @@ async fn run_claimed(
             | Ending::Stopped(StopReason::Cancelled)
             | Ending::Stopped(StopReason::Deleted)
     );
-    // Bounded by the claim's time left; the outcome is recorded only once the Pod's containers have stopped, so a
-    // retry never starts beside a container still in its termination grace period.
-    if is_pod && pod_must_go && !executor::pod::delete(&worker.client, &job, fence.attempt, hold.time_left()).await {
-        warn!(
-            "the attempt's pod was still stopping when the claim ran out; the lease expires and the adopter finishes"
-        );
-        return Handover::PodRunsOn;
+    if is_pod && pod_must_go {
+        // A create the ending cut off (a slow admission webhook) may still make the Pod: wait for it while the claim
+        // is ours, so that the Pod it makes is deleted too, and no retry's Pod runs beside it.
+        let settled_by = worker.pods.settled_by(&fence.uid, fence.attempt);
+        tokio::select! {
+            biased;
+            _ = hold.lost() => {
+                warn!("the claim ran out while a create of the attempt's pod could still land; the adopter finishes");
+                return Handover::PodRunsOn;
+            }
+            _ = executor::pod::created_or_settled(&worker.client, &job, fence.attempt, settled_by) => {}
+        }
+        // Bounded by the claim's time left; the outcome is recorded only once the Pod's containers have stopped, so
+        // a retry never starts beside a container still in its termination grace period.
+        if !executor::pod::delete(&worker.client, &job, fence.attempt, hold.time_left(), settled_by).await {
+            warn!(
+                "the attempt's pod was still stopping when the claim ran out; the lease expires and the adopter \
+                 finishes"
+            );
+            return Handover::PodRunsOn;
+        }
     }
     // An adoption stopped before it started still has its Pod or its reporting worker at work: handed over too,
     // never requeued (a requeue would start the next attempt beside it).

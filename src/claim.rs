@@ -446,7 +446,9 @@ pub async fn settle(
     // A Pod attempt ends only once its Pod has stopped: delete it first, while the Lease is ours.
     if job.spec.template.is_some() {
         let left = timing.renew_deadline.saturating_sub(held.written_at.elapsed());
-        if !crate::executor::pod::delete(client, job, job.attempts(), left).await {
+        // Its holder's create may still be in flight: the Pod it makes is waited for, to be deleted too.
+        let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
+        if !crate::executor::pod::delete(client, job, job.attempts(), left, settled_by).await {
             lease::release(&leases, &held.lease).await?;
             return Ok(Some(LostAt::PodRunning));
         }

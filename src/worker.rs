@@ -27,8 +27,8 @@ pub struct Worker {
     pub registry: Registry,
     /// The HTTP executor, with its egress policy.
     pub http: crate::executor::http::HttpExecutor,
-    /// What the Pod executor may create.
-    pub pods: crate::policy::PodPolicy,
+    /// The Pod executor, with its policy.
+    pub pods: crate::executor::pod::PodExecutor,
     /// Metrics (shared with the metrics server).
     pub metrics: Arc<Metrics>,
     /// Audit trail of attempt starts and ends.
@@ -66,7 +66,7 @@ impl Worker {
                 policy.egress,
                 Arc::new(crate::executor::http::SystemLookup),
             ),
-            pods: policy.pods,
+            pods: crate::executor::pod::PodExecutor::new(policy.pods),
             metrics: Arc::new(Metrics::default()),
             invocations: InvocationLog::open(invocation_log)?,
             clock: Default::default(),

@@ -453,3 +453,119 @@ async fn the_pod_policy_fails_privileged_host_path_and_foreign_service_account_j
         assert!(pods_of(&env, name).await.is_empty(), "{name}: no Pod was created");
     }
 }
+
+/// A validating admission webhook for Pods created in the test's namespace that never answers: the apiserver waits
+/// its `timeoutSeconds` for it on every Pod create, then (`failurePolicy: Ignore`) creates the Pod anyway. A create
+/// sent by the operator is thus still in flight for that long, and lands after it. The configuration is deleted on
+/// drop (also when the test panics), so the shared control plane never keeps waiting on it.
+struct SilentPodWebhook {
+    name: String,
+    _listener: std::net::TcpListener,
+}
+
+impl SilentPodWebhook {
+    async fn register(env: &TestEnv, timeout_seconds: i32) -> SilentPodWebhook {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        use k8s_openapi::api::core::v1::Namespace;
+        // Accepts connections and never says a word: the TLS handshake, and with it the review, waits until the
+        // apiserver gives up.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let label = ("test.bgjobs.dev/slow-pod-creates", env.ns.as_str());
+        let namespaces: Api<Namespace> = Api::all(env.client.clone());
+        let labels = json!({"metadata": {"labels": {label.0: label.1}}});
+        namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
+        let name = format!("bgjobs-test-{}", env.ns);
+        let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "silent.test.bgjobs.dev",
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate")},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"],
+                           "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {label.0: label.1}},
+                "failurePolicy": "Ignore",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": timeout_seconds,
+            }]
+        }))
+        .unwrap();
+        let api: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
+        api.create(&Default::default(), &config).await.expect("register the webhook");
+        let webhook = SilentPodWebhook { name, _listener: listener };
+        // The apiserver picks the configuration up within a moment: probe with Pods that are never stored.
+        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+        let probe: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "probe"},
+            "spec": {"containers": [{"name": "main", "image": JOB_IMAGE}]},
+        }))
+        .unwrap();
+        let dry_run = kube::api::PostParams { dry_run: true, ..Default::default() };
+        let start = Instant::now();
+        loop {
+            let sent = Instant::now();
+            pods.create(&dry_run, &probe).await.expect("a dry-run Pod create");
+            if sent.elapsed() >= Duration::from_secs(timeout_seconds as u64 - 1) {
+                return webhook;
+            }
+            assert!(start.elapsed() < MINUTE, "the apiserver never called the webhook");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for SilentPodWebhook {
+    fn drop(&mut self) {
+        let status = common::kubectl()
+            .args(["delete", "validatingwebhookconfiguration", &self.name, "--ignore-not-found"])
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("could not delete validatingwebhookconfiguration {}: delete it by hand", self.name);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_its_pod_stopped() {
+    let env = on_node("pod-create-in-flight").await;
+    // Every Pod create takes 8 s to land; each attempt ends long before that: `timed-out` by its 2 s attempt
+    // timeout, `cancelled` by a cancel sent as soon as it runs. Ending the attempt drops its create, which closes
+    // the connection; the network between the replica and the apiserver swallows that close, so the apiserver carries
+    // the create out (it would cancel it otherwise).
+    let _webhook = SilentPodWebhook::register(&env, 8).await;
+    let jobs = ["timed-out", "cancelled"];
+    let history = PodHistory::watch(&env, &jobs).await;
+    let proxy = Proxy::to_apiserver().await;
+    proxy.lose_closes(true);
+    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let _r = env.replica_with("r", &[], &options);
+    let attempts = json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}});
+    let mut timed_out = shell_job("sleep 60", attempts.clone());
+    timed_out["attemptTimeoutSeconds"] = json!(2);
+    env.create("timed-out", timed_out).await;
+    env.create("cancelled", shell_job("sleep 60", attempts)).await;
+    env.wait_job("cancelled", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    env.jobs
+        .patch("cancelled", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
+        .await
+        .unwrap();
+    let final_ = |all: &[bgjobs::api::BackgroundJob]| all.len() == 2 && all.iter().all(|j| j.phase().is_final());
+    let all = env.wait_until(3 * MINUTE, "both final", final_).await;
+    let phase_of = |name: &str| all.iter().find(|j| j.name_any() == name).map(|j| (j.phase(), j.attempts()));
+    assert_eq!(phase_of("timed-out"), Some((Phase::Failed, 2)));
+    assert_eq!(phase_of("cancelled"), Some((Phase::Cancelled, 1)));
+    // Every create the operator sent has landed by now (8 s each); none may leave a Pod running for a job that
+    // ended, and the second attempt's Pod never ran beside the first's.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for name in jobs {
+        assert_eq!(live_pods(&env, name).await, 0, "{name} ended, yet a Pod of it runs: {:?}", history.events());
+    }
+    let events = history.events();
+    let stopped = history
+        .first("timed-out-1", |e| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
+        .unwrap_or_else(|| panic!("the first attempt's Pod was never created, or never stopped: {events:?}"));
+    let next = history.first("timed-out-2", |e| e.kind == "ADDED").expect("the second attempt's Pod was created");
+    assert!(stopped < next, "the second attempt's Pod was created while the first one's ran: {events:?}");
+}

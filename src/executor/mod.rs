@@ -11,7 +11,6 @@ pub mod registry;
 pub use registry::{JobContext, JobError, Registry};
 
 use crate::api::BackgroundJob;
-use crate::policy::PodPolicy;
 use crate::retry::AttemptResult;
 
 /// Run one attempt of `job` with the executor its spec selects, starting at the cluster's time `now`
@@ -22,7 +21,7 @@ pub async fn execute(
     ctx: JobContext,
     registry: &Registry,
     http: &http::HttpExecutor,
-    pods: &PodPolicy,
+    pods: &pod::PodExecutor,
     client: &kube::Client,
     now: jiff::Timestamp,
 ) -> AttemptResult {

@@ -37,10 +37,11 @@
 //! Whoever may read the Pod may read its token, as whoever may read the job may compute it. The Pod's
 //! `restartPolicy` is forced to `Never`: retries are the job's, with its backoff, not the kubelet's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use jiff::SignedDuration;
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::LocalSubjectAccessReview;
@@ -115,10 +116,46 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     })
 }
 
+/// A replica's Pod executor: what it may create, and the creates it sent whose outcome it does not know.
+pub struct PodExecutor {
+    /// What the Pod executor may create.
+    pub policy: PodPolicy,
+    /// Per attempt (job UID, attempt number): when the last create of its Pod whose outcome is unknown was sent (no
+    /// answer yet, none ever, or the apiserver's own timeout). Such a create may still make the Pod until
+    /// [`CREATE_LANDS_WITHIN`] after it was sent, also when the attempt ended meanwhile and dropped it.
+    unanswered: Mutex<HashMap<(String, i32), Instant>>,
+}
+
+impl PodExecutor {
+    /// A Pod executor that creates what `policy` allows, with no create sent yet.
+    pub fn new(policy: PodPolicy) -> Self {
+        PodExecutor { policy, unanswered: Mutex::default() }
+    }
+
+    /// The instant after which no create of this attempt's Pod sent by this replica can still make it; now if none
+    /// is unanswered.
+    pub fn settled_by(&self, job_uid: &str, attempt: i32) -> Instant {
+        let unanswered = self.unanswered.lock().unwrap().get(&(job_uid.to_string(), attempt)).copied();
+        unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN)
+    }
+
+    /// Record the attempt's last create of unknown outcome (`None`: none; the Pod exists, or every create was
+    /// answered). Entries that can no longer matter are dropped on the way.
+    fn note_unanswered(&self, job_uid: &str, attempt: i32, sent: Option<Instant>) {
+        let mut entries = self.unanswered.lock().unwrap();
+        entries.retain(|_, sent| sent.elapsed() < CREATE_LANDS_WITHIN);
+        let key = (job_uid.to_string(), attempt);
+        match sent {
+            Some(sent) => entries.insert(key, sent),
+            None => entries.remove(&key),
+        };
+    }
+}
+
 /// Run (or adopt) the Pod of this attempt and wait for it to finish; `now` is the cluster's time.
 pub async fn run(
     client: &Client,
-    policy: &PodPolicy,
+    executor: &PodExecutor,
     job: &BackgroundJob,
     ctx: &JobContext,
     now: jiff::Timestamp,
@@ -128,7 +165,7 @@ pub async fn run(
     let started = if adopted(job, ctx.attempt) {
         adopt(&pods, job, ctx, &name, now).await
     } else {
-        start(client, &pods, policy, job, ctx, &name, now).await
+        start(client, &pods, executor, job, ctx, &name, now).await
     };
     let uid = match started {
         Ok(uid) => uid,
@@ -162,12 +199,25 @@ fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Ins
     Instant::now() + at.duration_since(now).try_into().unwrap_or(Duration::ZERO)
 }
 
+/// The instant after which no create of the current attempt's Pod, sent by whichever replica held it, can still
+/// make it, for a replica that did not send them (an adopter, a replica settling an orphaned job): they were sent
+/// by [`CREATE_PATIENCE`] after the attempt began, by the holder's clock, which may be
+/// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's, and land within [`CREATE_LANDS_WITHIN`].
+pub fn no_create_lands_after(job: &BackgroundJob, now: jiff::Timestamp) -> Instant {
+    past_start(job, CREATE_PATIENCE + CREATE_LANDS_WITHIN + crate::clock::REPLICAS_AGREE_WITHIN, now)
+}
+
 /// Create the attempt's Pod; its UID. A create whose outcome is unknown (connection lost, 5xx, throttled) is sent
 /// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
 /// the attempt does not end while a Pod of it may have been created unseen. When failures (a broken admission
 /// webhook, an unreachable apiserver) last until [`CREATE_PATIENCE`] after the attempt began, no create is sent any
 /// more and a read decides, once a create whose outcome is unknown can no longer land ([`CREATE_LANDS_WITHIN`]), so
-/// the error reaches the job's `lastError`.
+/// the error reaches the job's `lastError`. A refusal is decided the same way: an earlier create of unknown outcome
+/// may still make the Pod, which is then this attempt's.
+///
+/// Every create of unknown outcome is recorded in `executor` as it is sent, so that when the attempt ends while one
+/// is in flight (a timeout, a cancel: the create is dropped, the apiserver may still carry it out), [`delete`] waits
+/// for its Pod rather than concluding there is none.
 ///
 /// The Pod policy is checked first, then (with `--pod-creator-check`) the job's creator: a Pod either refuses is
 /// never sent to the apiserver, and the job fails naming the field or the user, and the rule. An adopted Pod (see
@@ -175,12 +225,13 @@ fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Ins
 async fn start(
     client: &Client,
     pods: &Api<Pod>,
-    policy: &PodPolicy,
+    executor: &PodExecutor,
     job: &BackgroundJob,
     ctx: &JobContext,
     name: &str,
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
+    let policy = &executor.policy;
     let wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
     if let Some(spec) = &wanted.spec {
         policy.check(&ctx.namespace, spec).map_err(|denial| {
@@ -193,15 +244,24 @@ async fn start(
     // The latest create whose outcome is unknown (no answer, or the apiserver's own timeout): it may still be handled.
     let mut unanswered: Option<Instant> = None;
     let mut last_error = String::from("no create was sent in time");
-    while Instant::now() < patience {
+    let failed = loop {
+        if Instant::now() >= patience {
+            break AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}"));
+        }
         let sent = Instant::now();
+        executor.note_unanswered(&ctx.uid, ctx.attempt, Some(sent));
         let e = match pods.create(&PostParams::default(), &wanted).await {
             Ok(p) => {
+                executor.note_unanswered(&ctx.uid, ctx.attempt, None);
                 tracing::info!(pod = %name, "pod created");
                 return Ok(p.uid().unwrap_or_default());
             }
             Err(e) => e,
         };
+        if matches!(api_code(&e), None | Some(504)) {
+            unanswered = Some(sent);
+        }
+        executor.note_unanswered(&ctx.uid, ctx.attempt, unanswered);
         match api_code(&e) {
             // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
             // namesake's Pod collected), create ours.
@@ -211,32 +271,28 @@ async fn start(
                 }
             }
             Some(400) | Some(422) => {
-                return Err(AttemptResult::Permanent(format!(
-                    "the apiserver rejected the Pod from spec.template: {e}"
-                )));
+                break AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
             }
             Some(403) => {
-                return Err(AttemptResult::Retryable(format!(
+                break AttemptResult::Retryable(format!(
                     "not allowed to create pods (is the chart's podMode enabled?): {e}"
-                )));
+                ));
             }
-            // Any other refusal is an answer: nothing was created.
+            // Any other refusal is an answer: this create made nothing.
             Some(code) if (400..500).contains(&code) && !matches!(code, 408 | 429) => {
-                return Err(AttemptResult::Retryable(format!("cannot create pod {name}: {e}")));
+                break AttemptResult::Retryable(format!("cannot create pod {name}: {e}"));
             }
-            None | Some(504) => unanswered = Some(sent),
-            Some(_) => {}
+            _ => {}
         }
         tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again");
         last_error = e.to_string();
         backoff.wait().await;
-    }
-    // No create is sent from here on, whatever the errors were: a read decides once none can still make the Pod.
+    };
+    // No create is sent from here on: a read decides once none can still make the Pod.
     if let Some(sent) = unanswered {
         tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
     }
-    let existing = existing(find(pods, job, &ctx.uid, name).await, name)?;
-    existing.ok_or_else(|| AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}")))
+    existing(find(pods, job, &ctx.uid, name).await, name)?.ok_or(failed)
 }
 
 /// `--pod-creator-check`: ask the apiserver whether each recorded creator of the job (and of its
@@ -303,23 +359,15 @@ async fn adopt(
     name: &str,
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
-    // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver): "gone" is
-    // concluded only once no create of the attempt can still land: sent by CREATE_PATIENCE after it began, by its
-    // holder's clock, which may be REPLICAS_AGREE_WITHIN ahead of this one's.
-    let settled_at = past_start(job, CREATE_PATIENCE + CREATE_LANDS_WITHIN + crate::clock::REPLICAS_AGREE_WITHIN, now);
-    loop {
-        if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
-            return Ok(uid);
-        }
-        if Instant::now() >= settled_at {
-            return Err(AttemptResult::Retryable(format!(
-                "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its \
-                 work may have run), the attempt counts as failed",
-                ctx.attempt
-            )));
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver).
+    let found = landed(pods, job, &ctx.uid, name, no_create_lands_after(job, now)).await;
+    existing(found, name)?.ok_or_else(|| {
+        AttemptResult::Retryable(format!(
+            "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work may \
+             have run), the attempt counts as failed",
+            ctx.attempt
+        ))
+    })
 }
 
 /// What an existing Pod of the attempt's name means for the attempt: this job's is adopted (its UID), another ends
@@ -342,6 +390,17 @@ enum Found {
     /// Another Pod: how the attempt ends.
     Other(AttemptResult),
     Absent,
+}
+
+/// What holds the name of the attempt's Pod once a create of it can no longer land unseen: read every second until
+/// a Pod is there or `settled_by` has passed.
+async fn landed(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str, settled_by: Instant) -> Found {
+    loop {
+        match find(pods, job, job_uid, name).await {
+            Found::Absent if Instant::now() < settled_by => tokio::time::sleep(Duration::from_secs(1)).await,
+            found => return found,
+        }
+    }
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers).
@@ -474,24 +533,39 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
 }
 
 /// Delete the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion) and wait, for at most
-/// `within`, until none of its containers can still run: the Pod is gone or reached a final phase. True once that
-/// holds, or if the job has no Pod of that name. False if `within` ran out first: a container may still be in its
-/// termination grace period, so the caller must not let the next attempt start yet.
-pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32, within: Duration) -> bool {
+/// `within`, until none of its containers can still run: the Pod is gone or reached a final phase. A Pod that is not
+/// there yet is waited for until `settled_by`, when no create of the attempt can still make it (see
+/// [`PodExecutor::settled_by`] for the replica that sent them, [`no_create_lands_after`] for any other).
+///
+/// True once that holds, or if the job has no Pod of that name by `settled_by`. False if `within` ran out first: a
+/// container may still be in its termination grace period, or a create may still land, so the caller must not let
+/// the next attempt start yet.
+pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32, within: Duration, settled_by: Instant) -> bool {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
     let job_uid = job.uid().unwrap_or_default();
     let until = Instant::now() + within;
     let stopped = async {
+        if !matches!(landed(&pods, job, &job_uid, &name, settled_by).await, Found::Ours(_)) {
+            return;
+        }
         if let Some(uid) = request_deletion(&pods, &name, &job_uid, until).await {
             until_stopped(&pods, &name, &uid).await;
         }
     };
     let stopped = tokio::time::timeout_at(until, stopped).await.is_ok();
     if !stopped {
-        tracing::warn!(pod = %name, ?within, "the attempt's pod was still stopping when the time ran out");
+        tracing::warn!(pod = %name, ?within, "the attempt's pod was still stopping, or still to come, when the time ran out");
     }
     stopped
+}
+
+/// Wait until a create of this attempt's Pod that this replica sent and no longer awaits (the attempt ended while it
+/// was in flight) has made the Pod or can no longer (`settled_by`, from [`PodExecutor::settled_by`]), so that
+/// [`delete`] finds what it must stop. Unbounded: the caller bounds it by its claim.
+pub async fn created_or_settled(client: &Client, job: &BackgroundJob, attempt: i32, settled_by: Instant) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
+    landed(&pods, job, &job.uid().unwrap_or_default(), &pod_name(job, attempt), settled_by).await;
 }
 
 /// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition); the UID of the Pod
@@ -542,13 +616,32 @@ mod tests {
         let status = crate::api::BackgroundJobStatus { start_time: Some(began), ..Default::default() };
         j.status = Some(Box::new(status));
         let left = |after: Duration| past_start(&j, after, now).duration_since(Instant::now());
-        let adopter = left(CREATE_PATIENCE + CREATE_LANDS_WITHIN);
-        assert!(adopter > Duration::from_secs(49) && adopter <= Duration::from_secs(50), "{adopter:?}");
-        assert_eq!(crate::clock::REPLICAS_AGREE_WITHIN, Duration::from_millis(4_500), "an adopter waits 154.5 s");
+        // An adopter, or a replica settling the orphaned job: 90 + 60 + 4.5 s after it began, 54.5 s from now.
+        let others = no_create_lands_after(&j, now).duration_since(Instant::now());
+        assert!(others > Duration::from_millis(54_000) && others <= Duration::from_millis(54_500), "{others:?}");
         assert_eq!(left(CREATE_PATIENCE), Duration::ZERO, "its holder sends no create past 90 s");
         let fresh = job();
         let left = past_start(&fresh, CREATE_PATIENCE, now).duration_since(Instant::now());
         assert!(left > Duration::from_secs(89), "no start time: from now");
+    }
+
+    #[test]
+    fn a_create_of_unknown_outcome_is_waited_for_until_it_can_no_longer_land_and_only_by_its_own_attempt() {
+        let executor = PodExecutor::new(PodPolicy::default());
+        assert!(executor.settled_by("uid", 1) <= Instant::now(), "nothing sent: nothing to wait for");
+        let sent = Instant::now();
+        executor.note_unanswered("uid", 1, Some(sent));
+        assert_eq!(executor.settled_by("uid", 1), sent + CREATE_LANDS_WITHIN);
+        assert!(executor.settled_by("uid", 2) <= Instant::now(), "another attempt of the job");
+        assert!(executor.settled_by("other", 1) <= Instant::now(), "another job");
+        executor.note_unanswered("uid", 1, None);
+        assert!(executor.settled_by("uid", 1) <= Instant::now(), "answered (the Pod exists, or nothing was made)");
+        // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
+        let long_ago = Instant::now().checked_sub(CREATE_LANDS_WITHIN).unwrap();
+        executor.note_unanswered("uid", 1, Some(long_ago));
+        assert!(executor.settled_by("uid", 1) <= Instant::now(), "sent a minute ago: it would have landed by now");
+        executor.note_unanswered("uid", 2, Some(Instant::now()));
+        assert_eq!(executor.unanswered.lock().unwrap().len(), 1);
     }
 
     fn job() -> BackgroundJob {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kube::config::Kubeconfig;
@@ -34,6 +34,8 @@ pub struct Proxy {
     open: watch::Sender<bool>,
     /// How bytes from the apiserver to the client are shaped.
     downstream: Shape,
+    /// How bytes from the client to the apiserver are shaped.
+    upstream_shape: Shape,
 }
 
 impl Proxy {
@@ -53,9 +55,19 @@ impl Proxy {
         let accepted = Arc::new(AtomicU64::new(0));
         let (open, gate) = watch::channel(true);
         let downstream = Shape::default();
-        let link = Link { gate, downstream: downstream.clone() };
+        let upstream_shape = Shape::default();
+        let link = Link { gate, downstream: downstream.clone(), upstream: upstream_shape.clone() };
         let accept = tokio::spawn(accept_loop(listener, upstream, connections.clone(), accepted.clone(), link));
-        Proxy { addr, upstream, connections, accepted, accept, open, downstream }
+        Proxy { addr, upstream, connections, accepted, accept, open, downstream, upstream_shape }
+    }
+
+    /// Lose the close of every connection a client closes from now on (`false`: pass closes on again), as when a
+    /// partition begins just as the client gives up: the apiserver's side stays open until the proxy is dropped, and
+    /// what the client sent in its last [`LOSS_WINDOW`] (its TLS `close_notify`) never arrives. A request the client
+    /// abandoned mid-way (a dropped future closes its connection) is then carried out to its end, where the apiserver
+    /// would otherwise cancel it. Every byte to the apiserver is delayed by that window meanwhile.
+    pub fn lose_closes(&self, lose: bool) {
+        self.upstream_shape.lose_close.store(lose, Ordering::Relaxed);
     }
 
     /// Limit what the apiserver sends back to `bytes_per_second` (0: no limit): large responses then arrive long
@@ -161,11 +173,12 @@ fn server_url(kubeconfig: &Path) -> String {
         .expect("the current cluster's server")
 }
 
-/// What every connection obeys: the stall gate and the downstream shape.
+/// What every connection obeys: the stall gate and the shape of each direction.
 #[derive(Clone)]
 struct Link {
     gate: watch::Receiver<bool>,
     downstream: Shape,
+    upstream: Shape,
 }
 
 async fn accept_loop(
@@ -205,7 +218,7 @@ async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken,
     tokio::select! {
         _ = async {
             tokio::join!(
-                pump(client_read, server_write, link.gate.clone(), Shape::default()),
+                pump(client_read, server_write, link.gate.clone(), link.upstream.clone()),
                 pump(server_read, client_write, link.gate.clone(), link.downstream.clone())
             )
         } => {}
@@ -213,24 +226,34 @@ async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken,
     }
 }
 
-/// How one direction is shaped: bytes per second (0: unlimited), a fixed latency (ms), and a gate of its own (held
-/// shut: this direction stalls while the other flows).
+/// How one direction is shaped: bytes per second (0: unlimited), a fixed latency (ms), a gate of its own (held
+/// shut: this direction stalls while the other flows), and whether a close is lost ([`Proxy::lose_closes`]).
 #[derive(Clone)]
 struct Shape {
     rate: Arc<AtomicU64>,
     latency_ms: Arc<AtomicU64>,
     open: Arc<watch::Sender<bool>>,
+    lose_close: Arc<AtomicBool>,
 }
 
 impl Default for Shape {
     fn default() -> Self {
-        Shape { rate: Arc::default(), latency_ms: Arc::default(), open: Arc::new(watch::channel(true).0) }
+        Shape {
+            rate: Arc::default(),
+            latency_ms: Arc::default(),
+            open: Arc::new(watch::channel(true).0),
+            lose_close: Arc::default(),
+        }
     }
 }
 
+/// What is lost with a lost close: the bytes sent this shortly before it.
+pub const LOSS_WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Copy one direction: each chunk is read at once, then written no earlier than `latency` after it was read, only
 /// while the gate is open, and within `rate`. Dropping the halves on return closes the sockets; a reset drops them
-/// mid-copy.
+/// mid-copy. A lost close ([`Shape::lose_close`]) never returns: `to` stays open, and what was still held back
+/// when `from` closed is dropped.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -238,23 +261,34 @@ async fn pump(
     shape: Shape,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    let read = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let due = tokio::time::Instant::now()
-                + std::time::Duration::from_millis(shape.latency_ms.load(Ordering::Relaxed));
-            if tx.send((due, buf[..n].to_vec())).is_err() {
-                break;
+    let closed = Arc::new(AtomicBool::new(false));
+    let lose = shape.lose_close.load(Ordering::Relaxed);
+    let read = {
+        let closed = closed.clone();
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut latency = std::time::Duration::from_millis(shape.latency_ms.load(Ordering::Relaxed));
+                if lose {
+                    latency = latency.max(LOSS_WINDOW);
+                }
+                if tx.send((tokio::time::Instant::now() + latency, buf[..n].to_vec())).is_err() {
+                    break;
+                }
             }
+            closed.store(true, Ordering::Relaxed);
         }
     };
     let write = async move {
         while let Some((due, bytes)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
+            if lose && closed.load(Ordering::Relaxed) {
+                break;
+            }
             let limit = shape.rate.load(Ordering::Relaxed);
             let step = if limit == 0 { bytes.len() } else { (limit as usize / 10).max(1) };
             for piece in bytes.chunks(step) {
@@ -268,6 +302,10 @@ async fn pump(
                     tokio::time::sleep(std::time::Duration::from_secs_f64(piece.len() as f64 / limit as f64)).await;
                 }
             }
+        }
+        if lose {
+            // The close is lost: `to` stays open until the reset (or dropping the proxy) ends it.
+            std::future::pending::<()>().await;
         }
         let _ = to.shutdown().await;
     };
