@@ -347,9 +347,10 @@ async fn run_claimed(
             | Ending::Stopped(StopReason::Deleted)
     );
     if is_pod && pod_must_go {
-        // A create the ending cut off (a slow admission webhook) may still make the Pod: wait for it while the claim
-        // is ours, so that the Pod it makes is deleted too, and no retry's Pod runs beside it.
-        let settled_by = worker.pods.settled_by(&fence.uid, fence.attempt);
+        // A create the ending cut off (a slow admission webhook), or an earlier holder's (adopted), may still make
+        // the Pod: wait for it while the claim is ours, so that the Pod it makes is deleted too, and no retry's Pod
+        // runs beside it. A shutdown meanwhile leaves the claim to expire: its adopter waits the same way.
+        let settled_by = worker.pods.settled_by(&job, fence.attempt, worker.clock.now());
         tokio::select! {
             biased;
             _ = hold.lost() => {

@@ -148,6 +148,8 @@ pub enum LostAt {
     JobChanged,
     /// The attempt's Pod has not stopped yet (a settle waits for it).
     PodRunning,
+    /// The attempt has no Pod, but a create of it may still land: look again at that instant.
+    PodToCome(std::time::Instant),
     /// This replica's own tenure is not current: it may take no Lease.
     NoTenure,
 }
@@ -159,6 +161,7 @@ impl std::fmt::Display for LostAt {
             LostAt::ClaimLease => "the claim Lease is held",
             LostAt::JobChanged => "the job changed since it was read",
             LostAt::PodRunning => "the attempt's Pod has not stopped yet",
+            LostAt::PodToCome(_) => "a create of the attempt's Pod may still land",
             LostAt::NoTenure => "this replica's tenure is not current",
         })
     }
@@ -411,6 +414,9 @@ async fn claim_job(
     }
 }
 
+/// How often a settle that waits for an orphaned attempt's Pod to land looks for it (one read).
+const POD_TO_COME_RECHECK: Duration = Duration::from_secs(10);
+
 /// Move a job nobody holds to a final phase (`status` is the complete new status), if it is still as seen.
 ///
 /// A Running job whose holder looks gone is settled only under its claim Lease, taken exactly as a claim takes it:
@@ -433,6 +439,15 @@ pub async fn settle(
         // Nobody holds a Waiting job: a claim in flight writes under the job's resourceVersion too, so exactly one
         // of the two writes lands.
         return Ok(moved(status::write_if_unchanged(&jobs, job, new_status).await?));
+    }
+    // A Pod attempt whose Pod is not there (yet): its holder's create may still be in flight. Until none can land,
+    // the job is looked at again now and then, with no write: taking its Lease now would only hold it to wait.
+    if job.spec.template.is_some() {
+        let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
+        let now = tokio::time::Instant::now();
+        if now < settled_by && !crate::executor::pod::exists(client, job, job.attempts()).await? {
+            return Ok(Some(LostAt::PodToCome(settled_by.min(now + POD_TO_COME_RECHECK).into_std())));
+        }
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     // Without a current tenure of its own, this replica may not take the job's Lease.

@@ -12,6 +12,7 @@ use bgjobs::api::Phase;
 use common::control_plane::ControllerManagerPaused;
 use common::kubelet::{JOB_IMAGE, on_node, pod_log, shell_job};
 use common::proxy::Proxy;
+use common::silent_webhook::SilentPodWebhook;
 use common::{ReplicaOptions, TestEnv, all_in};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -454,79 +455,6 @@ async fn the_pod_policy_fails_privileged_host_path_and_foreign_service_account_j
     }
 }
 
-/// A validating admission webhook for Pods created in the test's namespace that never answers: the apiserver waits
-/// its `timeoutSeconds` for it on every Pod create, then (`failurePolicy: Ignore`) creates the Pod anyway. A create
-/// sent by the operator is thus still in flight for that long, and lands after it. The configuration is deleted on
-/// drop (also when the test panics), so the shared control plane never keeps waiting on it.
-struct SilentPodWebhook {
-    name: String,
-    _listener: std::net::TcpListener,
-}
-
-impl SilentPodWebhook {
-    async fn register(env: &TestEnv, timeout_seconds: i32) -> SilentPodWebhook {
-        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
-        use k8s_openapi::api::core::v1::Namespace;
-        // Accepts connections and never says a word: the TLS handshake, and with it the review, waits until the
-        // apiserver gives up.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let label = ("test.bgjobs.dev/slow-pod-creates", env.ns.as_str());
-        let namespaces: Api<Namespace> = Api::all(env.client.clone());
-        let labels = json!({"metadata": {"labels": {label.0: label.1}}});
-        namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
-        let name = format!("bgjobs-test-{}", env.ns);
-        let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "webhooks": [{
-                "name": "silent.test.bgjobs.dev",
-                "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate")},
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"],
-                           "scope": "Namespaced"}],
-                "namespaceSelector": {"matchLabels": {label.0: label.1}},
-                "failurePolicy": "Ignore",
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": timeout_seconds,
-            }]
-        }))
-        .unwrap();
-        let api: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
-        api.create(&Default::default(), &config).await.expect("register the webhook");
-        let webhook = SilentPodWebhook { name, _listener: listener };
-        // The apiserver picks the configuration up within a moment: probe with Pods that are never stored.
-        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-        let probe: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "probe"},
-            "spec": {"containers": [{"name": "main", "image": JOB_IMAGE}]},
-        }))
-        .unwrap();
-        let dry_run = kube::api::PostParams { dry_run: true, ..Default::default() };
-        let start = Instant::now();
-        loop {
-            let sent = Instant::now();
-            pods.create(&dry_run, &probe).await.expect("a dry-run Pod create");
-            if sent.elapsed() >= Duration::from_secs(timeout_seconds as u64 - 1) {
-                return webhook;
-            }
-            assert!(start.elapsed() < MINUTE, "the apiserver never called the webhook");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-}
-
-impl Drop for SilentPodWebhook {
-    fn drop(&mut self) {
-        let status = common::kubectl()
-            .args(["delete", "validatingwebhookconfiguration", &self.name, "--ignore-not-found"])
-            .stdout(std::process::Stdio::null())
-            .status();
-        if !status.is_ok_and(|s| s.success()) {
-            eprintln!("could not delete validatingwebhookconfiguration {}: delete it by hand", self.name);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_its_pod_stopped() {
     let env = on_node("pod-create-in-flight").await;
@@ -563,9 +491,44 @@ async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_it
         assert_eq!(live_pods(&env, name).await, 0, "{name} ended, yet a Pod of it runs: {:?}", history.events());
     }
     let events = history.events();
+    // Each create did land after its attempt ended (or the test showed nothing), and its Pod was stopped.
+    for pod in ["timed-out-1", "timed-out-2", "cancelled-1"] {
+        assert!(history.first(pod, |e| e.kind == "ADDED").is_some(), "{pod} never landed: {events:?}");
+        assert!(history.first(pod, |e| e.deletion.is_some()).is_some(), "{pod} was never deleted: {events:?}");
+    }
     let stopped = history
         .first("timed-out-1", |e| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
-        .unwrap_or_else(|| panic!("the first attempt's Pod was never created, or never stopped: {events:?}"));
+        .unwrap_or_else(|| panic!("the first attempt's Pod never stopped: {events:?}"));
     let next = history.first("timed-out-2", |e| e.kind == "ADDED").expect("the second attempt's Pod was created");
     assert!(stopped < next, "the second attempt's Pod was created while the first one's ran: {events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopter_whose_attempt_times_out_waits_for_the_create_its_killed_predecessor_left_in_flight() {
+    let env = on_node("pod-adopted-create").await;
+    // The Pod create takes 25 s to land. Its sender is killed (its close lost on the way, so the apiserver carries
+    // the create out) 2 s in; the adopter takes over and the attempt times out at 12 s, before the Pod exists.
+    let _webhook = SilentPodWebhook::register(&env, 25).await;
+    let history = PodHistory::watch(&env, &["orphan"]).await;
+    let proxy = Proxy::to_apiserver().await;
+    proxy.lose_closes(true);
+    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let mut sender = env.replica_with("sender", &[], &options);
+    let mut spec = shell_job("sleep 60", json!({"retry": {"maxAttempts": 1}}));
+    spec["attemptTimeoutSeconds"] = json!(12);
+    env.create("orphan", spec).await;
+    env.wait_job("orphan", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sender.kill9();
+    let created = Instant::now();
+    let _adopter = env.replica("adopter", &[]);
+    let job = env.wait_job("orphan", 4 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let status = job.status.clone().unwrap_or_default();
+    assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{status:?}");
+    assert_eq!(status.worker.as_deref(), Some("adopter"), "the adopter recorded the outcome: {status:?}");
+    // The create has landed by now; its Pod must not run for a job that failed.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(created.elapsed())).await;
+    let events = history.events();
+    assert!(history.first("orphan-1", |e| e.kind == "ADDED").is_some(), "the create never landed: {events:?}");
+    assert_eq!(live_pods(&env, "orphan").await, 0, "orphan failed, yet its Pod runs: {events:?}");
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
 use common::kubelet::{on_node, shell_job};
-use common::{TestEnv, all_in};
+use common::proxy::Proxy;
+use common::silent_webhook::SilentPodWebhook;
+use common::{ReplicaOptions, TestEnv, all_in};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
@@ -127,4 +129,46 @@ async fn an_orphaned_pod_job_is_cancelled_and_its_pod_deleted_even_when_no_repli
         assert!(Instant::now() < deadline, "the orphan's pod still runs");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_pod_job_cancelled_while_its_dead_holders_create_is_in_flight_has_that_pod_deleted_too() {
+    let env = on_node("pod-orphan-create").await;
+    // Every Pod create takes 25 s to land. The holder of `orphan` is killed 2 s into its create (its close is lost on
+    // the way, so the apiserver carries the create out); the job is cancelled while no replica can adopt it.
+    let _webhook = SilentPodWebhook::register(&env, 25).await;
+    let one = ["--max-concurrent-jobs-per-instance", "1"];
+    let proxy = Proxy::to_apiserver().await;
+    proxy.lose_closes(true);
+    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let mut a = env.replica_with("a", &one, &options);
+    env.create("orphan", shell_job("sleep 120", json!({}))).await;
+    env.wait_job("orphan", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let sent = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.kill9();
+    // b's only slot is busy with another job: it cannot adopt the orphan, only settle it.
+    let _b = env.replica("b", &one);
+    env.create("busy", shell_job("sleep 120", json!({}))).await;
+    env.wait_job("busy", MINUTE, "Running on b", |j| j.phase() == Phase::Running).await;
+    let cancel = kube::api::Patch::Merge(json!({"spec": {"cancel": true}}));
+    env.jobs.patch("orphan", &Default::default(), &cancel).await.unwrap();
+    let done = env.wait_job("orphan", 4 * MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let landed = pods.get_opt("orphan-1").await.unwrap();
+    assert!(
+        sent.elapsed() >= Duration::from_secs(25) || landed.is_some(),
+        "cancelled {:?} after the create was sent, before it could land: {:?}",
+        sent.elapsed(),
+        done.status
+    );
+    // Whenever it landed, its Pod does not run for the cancelled job.
+    tokio::time::sleep(Duration::from_secs(35).saturating_sub(sent.elapsed())).await;
+    let landed = pods.get_opt("orphan-1").await.unwrap();
+    let phase = landed.as_ref().and_then(|p| p.status.as_ref()).and_then(|s| s.phase.clone());
+    let stopping = landed.as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_some());
+    assert!(
+        landed.is_none() || stopping || matches!(phase.as_deref(), Some("Succeeded" | "Failed")),
+        "orphan was cancelled, yet its Pod runs: {phase:?}"
+    );
 }

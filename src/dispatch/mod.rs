@@ -68,6 +68,9 @@ struct Done {
     lost_to_another: bool,
     /// A tenure this replica judged expired, found renewed when the task tried to end it (see [`LostAt`]).
     alive_tenure: Option<String>,
+    /// Leave the job alone until then while the cache shows the version acted on (see [`LostAt::PodToCome`]);
+    /// `None`: [`SETTLE_HOLD`].
+    hold_until: Option<Instant>,
 }
 
 /// Sends its [`Done`] when dropped: when the task returns, and also when it unwinds from a panic.
@@ -80,9 +83,14 @@ impl DoneOnDrop {
     /// Carry back what a lost claim or settle learnt: a tenure found renewed behind a lagging member watch.
     fn lost(&mut self, at: LostAt) {
         let Some(d) = self.done.as_mut() else { return };
-        d.lost_to_another = true;
-        if let LostAt::TenureRenewed(tenure) = at {
-            d.alive_tenure = Some(tenure);
+        match at {
+            // Nobody else has it: a create of its Pod may still land, and it is looked at again then.
+            LostAt::PodToCome(until) => d.hold_until = Some(until),
+            LostAt::TenureRenewed(tenure) => {
+                d.lost_to_another = true;
+                d.alive_tenure = Some(tenure);
+            }
+            _ => d.lost_to_another = true,
         }
     }
 }
@@ -151,7 +159,8 @@ pub struct Dispatcher {
     /// Finished jobs due for deletion beyond the delete pace: looked at again as the pace allows.
     deferred_deletes: HashSet<String>,
     delete_pace: Pace,
-    /// Jobs this replica just acted on: the resourceVersion it acted on, and when.
+    /// Jobs this replica just acted on: the resourceVersion it acted on, and until when it leaves them alone while
+    /// the cache still shows that version.
     settled_at: HashMap<String, (String, Instant)>,
     observer: Observer,
     /// With a cluster-wide cap: slot Leases by name as last seen, and the slot each of our claims uses.
@@ -279,7 +288,8 @@ impl Dispatcher {
         }
         // A job deleted meanwhile is forgotten, not held: it will never come back to clear its entry.
         if let Some(rv) = done.seen_at.filter(|_| self.backlog.job(&done.uid).is_some()) {
-            self.settled_at.insert(done.uid.clone(), (rv, Instant::now()));
+            let until = done.hold_until.unwrap_or_else(|| Instant::now() + SETTLE_HOLD);
+            self.settled_at.insert(done.uid.clone(), (rv, until));
         }
         if let Some(tenure) = &done.alive_tenure {
             // The member watch lags: until it catches up, count this tenure as renewed just now, or every pass would
@@ -503,8 +513,8 @@ impl Dispatcher {
         }
         let rv = job.resource_version().unwrap_or_default();
         match self.settled_at.get(uid) {
-            Some((at, when)) if *at == rv && when.elapsed() < SETTLE_HOLD => {
-                self.backlog.arm(uid, *when + SETTLE_HOLD);
+            Some((at, until)) if *at == rv && Instant::now() < *until => {
+                self.backlog.arm(uid, *until);
                 return;
             }
             Some(_) => {
@@ -782,7 +792,13 @@ impl Dispatcher {
         let worker = self.worker.clone();
         let done = DoneOnDrop {
             tx: self.done_tx.clone(),
-            done: Some(Done { uid, seen_at: c.job.resource_version(), alive_tenure: None, lost_to_another: false }),
+            done: Some(Done {
+                uid,
+                seen_at: c.job.resource_version(),
+                alive_tenure: None,
+                lost_to_another: false,
+                hold_until: None,
+            }),
         };
         let Candidate { job, lease, state, extras, .. } = c;
         // The slot first: it is the scarcer resource, and losing it costs no other write.
@@ -916,7 +932,13 @@ impl Dispatcher {
         self.writing.insert(uid.clone());
         Some(DoneOnDrop {
             tx: self.done_tx.clone(),
-            done: Some(Done { uid, seen_at: job.resource_version(), alive_tenure: None, lost_to_another: false }),
+            done: Some(Done {
+                uid,
+                seen_at: job.resource_version(),
+                alive_tenure: None,
+                lost_to_another: false,
+                hold_until: None,
+            }),
         })
     }
 

@@ -30,6 +30,12 @@
 //!   deletion) returns true only once the Pod is gone or has reached a final phase, so a retry never starts beside a
 //!   container still in its termination grace period; when its time runs out first, the runner leaves the outcome to
 //!   the adopter, which waits the same way.
+//! - **And for a create still in flight.** An attempt that ends (timeout, cancel, deletion) while its create is in
+//!   flight (a slow admission webhook) drops the create, but the apiserver may still carry it out. Its Pod is waited
+//!   for until no create of the attempt can land: the holder records each create of unknown outcome as it is sent
+//!   ([`PodExecutor::settled_by`]: 60 s after the last); an adopter, or a replica settling the job of a holder that is
+//!   gone, counts 154.5 s from the attempt's start ([`no_create_lands_after`]). The bound assumes a sent request
+//!   reaches the apiserver promptly; a network that held its bytes for longer could still land it later.
 //!
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
 //! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON); when the operator serves reports, `BGJOBS_REPORT_URL` and
@@ -132,11 +138,14 @@ impl PodExecutor {
         PodExecutor { policy, unanswered: Mutex::default() }
     }
 
-    /// The instant after which no create of this attempt's Pod sent by this replica can still make it; now if none
-    /// is unanswered.
-    pub fn settled_by(&self, job_uid: &str, attempt: i32) -> Instant {
-        let unanswered = self.unanswered.lock().unwrap().get(&(job_uid.to_string(), attempt)).copied();
-        unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN)
+    /// The instant after which no create of this attempt's Pod can still make it, as this replica knows (`now` is
+    /// the cluster's time): the last it sent whose outcome is unknown, and, for an attempt it adopted, those its
+    /// earlier holder may have sent ([`no_create_lands_after`]).
+    pub fn settled_by(&self, job: &BackgroundJob, attempt: i32, now: jiff::Timestamp) -> Instant {
+        let key = (job.uid().unwrap_or_default(), attempt);
+        let unanswered = self.unanswered.lock().unwrap().get(&key).copied();
+        let own = unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN);
+        if adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own }
     }
 
     /// Record the attempt's last create of unknown outcome (`None`: none; the Pod exists, or every create was
@@ -203,7 +212,13 @@ fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Ins
 /// make it, for a replica that did not send them (an adopter, a replica settling an orphaned job): they were sent
 /// by [`CREATE_PATIENCE`] after the attempt began, by the holder's clock, which may be
 /// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's, and land within [`CREATE_LANDS_WITHIN`].
+///
+/// A Running job without a `startTime` (every claim writes one; only a hand-written status lacks it) has no such
+/// bound: now, rather than a wait that would start over at every look and never end.
 pub fn no_create_lands_after(job: &BackgroundJob, now: jiff::Timestamp) -> Instant {
+    if job.status.as_ref().and_then(|s| s.start_time.as_ref()).is_none() {
+        return Instant::now();
+    }
     past_start(job, CREATE_PATIENCE + CREATE_LANDS_WITHIN + crate::clock::REPLICAS_AGREE_WITHIN, now)
 }
 
@@ -393,14 +408,23 @@ enum Found {
 }
 
 /// What holds the name of the attempt's Pod once a create of it can no longer land unseen: read every second until
-/// a Pod is there or `settled_by` has passed.
+/// this job's Pod is there or `settled_by` has passed. Another Pod holding the name (a deleted namesake's, awaiting
+/// garbage collection) does not settle it: once it is collected, a create still in flight makes this job's.
 async fn landed(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str, settled_by: Instant) -> Found {
     loop {
         match find(pods, job, job_uid, name).await {
-            Found::Absent if Instant::now() < settled_by => tokio::time::sleep(Duration::from_secs(1)).await,
-            found => return found,
+            Found::Ours(uid) => return Found::Ours(uid),
+            found if Instant::now() >= settled_by => return found,
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
+}
+
+/// Whether this job's Pod of `attempt` exists now (one quorum read).
+pub async fn exists(client: &Client, job: &BackgroundJob, attempt: i32) -> crate::Result<bool> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
+    let found = pods.get_opt(&pod_name(job, attempt)).await?;
+    Ok(found.is_some_and(|p| belongs(&p, &job.uid().unwrap_or_default())))
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers).
@@ -537,7 +561,8 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
 /// there yet is waited for until `settled_by`, when no create of the attempt can still make it (see
 /// [`PodExecutor::settled_by`] for the replica that sent them, [`no_create_lands_after`] for any other).
 ///
-/// True once that holds, or if the job has no Pod of that name by `settled_by`. False if `within` ran out first: a
+/// True once that holds, or if the job has no Pod of that name by `settled_by` (another Pod of that name is not
+/// the job's, and is left alone). False if `within` ran out first: a
 /// container may still be in its termination grace period, or a create may still land, so the caller must not let
 /// the next attempt start yet.
 pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32, within: Duration, settled_by: Instant) -> bool {
@@ -626,21 +651,39 @@ mod tests {
     }
 
     #[test]
-    fn a_create_of_unknown_outcome_is_waited_for_until_it_can_no_longer_land_and_only_by_its_own_attempt() {
+    fn an_attempts_pod_is_waited_for_until_its_own_unanswered_creates_and_an_adopted_attempts_predecessors_can_land() {
         let executor = PodExecutor::new(PodPolicy::default());
-        assert!(executor.settled_by("uid", 1) <= Instant::now(), "nothing sent: nothing to wait for");
+        let now = jiff::Timestamp::now();
+        let (j, mut other) = (job(), job());
+        other.metadata.uid = Some("other".into());
+        let uid = j.uid().unwrap();
+        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "nothing sent: nothing to wait for");
         let sent = Instant::now();
-        executor.note_unanswered("uid", 1, Some(sent));
-        assert_eq!(executor.settled_by("uid", 1), sent + CREATE_LANDS_WITHIN);
-        assert!(executor.settled_by("uid", 2) <= Instant::now(), "another attempt of the job");
-        assert!(executor.settled_by("other", 1) <= Instant::now(), "another job");
-        executor.note_unanswered("uid", 1, None);
-        assert!(executor.settled_by("uid", 1) <= Instant::now(), "answered (the Pod exists, or nothing was made)");
+        executor.note_unanswered(&uid, 1, Some(sent));
+        assert_eq!(executor.settled_by(&j, 1, now), sent + CREATE_LANDS_WITHIN);
+        assert!(executor.settled_by(&j, 2, now) <= Instant::now(), "another attempt of the job");
+        assert!(executor.settled_by(&other, 1, now) <= Instant::now(), "another job");
+        executor.note_unanswered(&uid, 1, None);
+        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "answered (the Pod exists, or nothing was made)");
         // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
+        // An attempt this replica adopted: its earlier holder's creates may land until 154.5 s after it began.
+        let now: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+        let mut adopted = job();
+        let began = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now - jiff::SignedDuration::from_secs(10));
+        adopted.status = Some(Box::new(crate::api::BackgroundJobStatus {
+            start_time: Some(began),
+            last_error: Some("worker a stopped renewing its lease; b adopted attempt 1's pod".into()),
+            ..Default::default()
+        }));
+        let left = executor.settled_by(&adopted, 1, now).duration_since(Instant::now());
+        assert!(left > Duration::from_secs(144), "an adopter sent none, yet must wait for its predecessor's: {left:?}");
+        let mut no_start = adopted.clone();
+        no_start.status.as_mut().unwrap().start_time = None;
+        assert!(executor.settled_by(&no_start, 1, now) <= Instant::now(), "no startTime: no bound to wait for");
         let long_ago = Instant::now().checked_sub(CREATE_LANDS_WITHIN).unwrap();
-        executor.note_unanswered("uid", 1, Some(long_ago));
-        assert!(executor.settled_by("uid", 1) <= Instant::now(), "sent a minute ago: it would have landed by now");
-        executor.note_unanswered("uid", 2, Some(Instant::now()));
+        executor.note_unanswered(&uid, 1, Some(long_ago));
+        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "sent a minute ago: it would have landed by now");
+        executor.note_unanswered(&uid, 2, Some(Instant::now()));
         assert_eq!(executor.unanswered.lock().unwrap().len(), 1);
     }
 

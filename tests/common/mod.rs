@@ -10,6 +10,7 @@ pub mod fixtures;
 pub mod kubelet;
 pub mod proxy;
 pub mod release;
+pub mod silent_webhook;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
