@@ -459,7 +459,7 @@ async fn the_pod_policy_fails_privileged_host_path_and_foreign_service_account_j
 async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_its_pod_stopped() {
     let env = on_node("pod-create-in-flight").await;
     // Every Pod create takes 8 s to land; each attempt ends long before that: `timed-out` by its 2 s attempt
-    // timeout, `cancelled` by a cancel sent as soon as it runs. Ending the attempt drops its create, which closes
+    // timeout, `cancelled` by a cancel sent 2 s after it began. Ending the attempt drops its create, which closes
     // the connection; the network between the replica and the apiserver swallows that close, so the apiserver carries
     // the create out (it would cancel it otherwise).
     let _webhook = SilentPodWebhook::register(&env, 8).await;
@@ -475,6 +475,9 @@ async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_it
     env.create("timed-out", timed_out).await;
     env.create("cancelled", shell_job("sleep 60", attempts)).await;
     env.wait_job("cancelled", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    // Its create is sent at its claim; a moment later it has passed the proxy (which holds bytes for its loss window)
+    // and waits on the webhook.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     env.jobs
         .patch("cancelled", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
         .await

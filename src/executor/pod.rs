@@ -127,7 +127,7 @@ pub struct PodExecutor {
     /// What the Pod executor may create.
     pub policy: PodPolicy,
     /// Per attempt (job UID, attempt number): when the last create of its Pod whose outcome is unknown was sent (no
-    /// answer yet, none ever, or the apiserver's own timeout). Such a create may still make the Pod until
+    /// answer yet, none ever, or a server error). Such a create may still make the Pod until
     /// [`CREATE_LANDS_WITHIN`] after it was sent, also when the attempt ended meanwhile and dropped it.
     unanswered: Mutex<HashMap<(String, i32), Instant>>,
 }
@@ -256,7 +256,7 @@ async fn start(
     check_creator(client, policy.creator_check, job, &ctx.namespace).await?;
     let mut backoff = Backoff::new();
     let patience = past_start(job, CREATE_PATIENCE, now);
-    // The latest create whose outcome is unknown (no answer, or the apiserver's own timeout): it may still be handled.
+    // The latest create whose outcome is unknown (see `create_may_have_landed`): it may still be handled.
     let mut unanswered: Option<Instant> = None;
     let mut last_error = String::from("no create was sent in time");
     let failed = loop {
@@ -273,18 +273,22 @@ async fn start(
             }
             Err(e) => e,
         };
-        if matches!(api_code(&e), None | Some(504)) {
+        if create_may_have_landed(api_code(&e)) {
             unanswered = Some(sent);
         }
         executor.note_unanswered(&ctx.uid, ctx.attempt, unanswered);
         match api_code(&e) {
             // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
             // namesake's Pod collected), create ours.
-            Some(409) => {
-                if let Some(uid) = existing(find(pods, job, &ctx.uid, name).await, name)? {
+            Some(409) => match find(pods, job, &ctx.uid, name).await {
+                Found::Ours(uid) => {
+                    tracing::info!(pod = %name, "adopted the attempt's pod");
                     return Ok(uid);
                 }
-            }
+                // Another job's Pod holds the name: once it is gone, an earlier create still in flight makes ours.
+                Found::Other(ended) => break ended,
+                Found::Absent => {}
+            },
             Some(400) | Some(422) => {
                 break AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
             }
@@ -308,6 +312,16 @@ async fn start(
         tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
     }
     existing(find(pods, job, &ctx.uid, name).await, name)?.ok_or(failed)
+}
+
+/// Whether a create that failed with this answer (`None`: none came) may still have made, or yet make, the Pod: no
+/// answer, or a server error (the apiserver's own timeout, an etcd timeout after the write, a proxy in front of it
+/// that gave up), except 501. Any other answer says the create made nothing.
+fn create_may_have_landed(code: Option<u16>) -> bool {
+    match code {
+        None => true,
+        Some(code) => (500..600).contains(&code) && code != 501,
+    }
 }
 
 /// `--pod-creator-check`: ask the apiserver whether each recorded creator of the job (and of its
@@ -746,6 +760,16 @@ mod tests {
         let mut j = job();
         j.spec.template.as_mut().unwrap().spec.as_mut().unwrap().containers.clear();
         assert!(pod_for(&j, &ctx(1)).unwrap_err().contains("at least one container"));
+    }
+
+    #[test]
+    fn a_create_without_an_answer_or_with_a_server_error_may_still_make_its_pod_and_any_other_answer_says_it_did_not() {
+        for unknown in [None, Some(500), Some(502), Some(503), Some(504)] {
+            assert!(create_may_have_landed(unknown), "{unknown:?}");
+        }
+        for refused in [400, 403, 408, 409, 422, 429, 501] {
+            assert!(!create_may_have_landed(Some(refused)), "{refused}");
+        }
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl Proxy {
         Proxy { addr, upstream, connections, accepted, accept, open, downstream, upstream_shape }
     }
 
-    /// Lose the close of every connection a client closes from now on (`false`: pass closes on again), as when a
+    /// Lose the close of every connection opened from now on (`false`: pass the closes of those opened later on), as when a
     /// partition begins just as the client gives up: the apiserver's side stays open until the proxy is dropped, and
     /// what the client sent in its last [`LOSS_WINDOW`] (its TLS `close_notify`) never arrives. A request the client
     /// abandoned mid-way (a dropped future closes its connection) is then carried out to its end, where the apiserver
