@@ -116,8 +116,7 @@ async fn an_orphaned_pod_job_is_cancelled_and_its_pod_deleted_even_when_no_repli
     wait_running_pods(&env, 2).await;
     let cancel = kube::api::Patch::Merge(json!({"spec": {"cancel": true}}));
     env.jobs.patch("orphan", &Default::default(), &cancel).await.unwrap();
-    let done = env.wait_job("orphan", MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
-    assert!(done.status.unwrap().last_error.unwrap_or_default().contains("pod was deleted"));
+    // The Pod is stopped at once, by a replica that has no slot to spare...
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     let deadline = Instant::now() + MINUTE;
     while pods
@@ -126,9 +125,20 @@ async fn an_orphaned_pod_job_is_cancelled_and_its_pod_deleted_even_when_no_repli
         .unwrap()
         .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
     {
-        assert!(Instant::now() < deadline, "the orphan's pod still runs");
+        assert!(Instant::now() < deadline, "the orphan's pod still runs a minute after the cancel");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // ...and the job is Cancelled at the latest once no create of its dead holder's can land any more (154.5 s
+    // after the attempt began: another create of that attempt could still make the Pod again until then).
+    let done = env.wait_job("orphan", 4 * MINUTE, "Cancelled", |j| j.phase() == Phase::Cancelled).await;
+    assert!(done.status.unwrap().last_error.unwrap_or_default().contains("pod was deleted"));
+    assert!(
+        pods.get_opt("orphan-1")
+            .await
+            .unwrap()
+            .is_none_or(|p| p.status.and_then(|s| s.phase).as_deref() != Some("Running")),
+        "the cancelled orphan's pod runs again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
