@@ -47,6 +47,9 @@ pub enum StopReason {
 #[derive(Default)]
 pub struct AttemptControl {
     token: CancellationToken,
+    /// Cancelled once this replica shuts down, whatever stopped the attempt first: an ended Pod attempt that is
+    /// still waiting for its Pod to stop hands over instead.
+    shutdown: CancellationToken,
     /// One lock over the stop reason and the out-of-reach mark: a lost leadership either stops the attempt before
     /// its work leaves the process or finds it out of reach, never both (see [`AttemptControl::begin`]).
     state: Mutex<ControlState>,
@@ -128,6 +131,9 @@ impl AttemptControl {
     /// Stop the attempt; the first reason given wins.
     pub fn stop(&self, reason: StopReason) {
         self.state().reason.get_or_insert(reason);
+        if reason == StopReason::Shutdown {
+            self.shutdown.cancel();
+        }
         self.token.cancel();
     }
 
@@ -346,27 +352,35 @@ async fn run_claimed(
             | Ending::Stopped(StopReason::Cancelled)
             | Ending::Stopped(StopReason::Deleted)
     );
-    if is_pod && pod_must_go {
-        // A create the ending cut off (a slow admission webhook), or an earlier holder's (adopted), may still make
-        // the Pod: wait for it while the claim is ours, so that the Pod it makes is deleted too, and no retry's Pod
-        // runs beside it. A shutdown meanwhile leaves the claim to expire: its adopter waits the same way.
+    if is_pod {
+        // An attempt whose Pod finished, or went away (deleted by anyone), may still have a create of unknown outcome
+        // in flight that makes the Pod again (see `executor::pod::stop`).
         let settled_by = worker.pods.settled_by(&job, fence.attempt, worker.clock.now());
-        tokio::select! {
-            biased;
-            _ = hold.lost() => {
-                warn!("the claim ran out while a create of the attempt's pod could still land; the adopter finishes");
-                return Handover::PodRunsOn;
+        let may_land = matches!(ending, Ending::Finished(_)) && settled_by > tokio::time::Instant::now();
+        if pod_must_go || may_land {
+            // Stop its Pod while the claim is ours, and any Pod a create still in flight makes (the ending cut it
+            // off, a create whose answer was lost was sent again, or an earlier holder's, adopted): no Pod of the
+            // attempt may run once its outcome is recorded, nor beside a retry's. A shutdown meanwhile hands the
+            // attempt over: its adopter, or a replica settling it, does the same.
+            let may_act = || hold.is_current();
+            tokio::select! {
+                biased;
+                _ = hold.lost() => {
+                    warn!(
+                        "the claim ran out while the attempt's pod was stopping, or a create of it could still land; \
+                         the adopter finishes"
+                    );
+                    return Handover::PodRunsOn;
+                }
+                _ = control.shutdown.cancelled() => {
+                    warn!(
+                        "shutting down while the attempt's pod was stopping, or a create of it could still land; \
+                         handed over"
+                    );
+                    return Handover::PodRunsOn;
+                }
+                _ = executor::pod::stop(&worker.client, &job, fence.attempt, settled_by, &may_act) => {}
             }
-            _ = executor::pod::created_or_settled(&worker.client, &job, fence.attempt, settled_by) => {}
-        }
-        // Bounded by the claim's time left; the outcome is recorded only once the Pod's containers have stopped, so
-        // a retry never starts beside a container still in its termination grace period.
-        if !executor::pod::delete(&worker.client, &job, fence.attempt, hold.time_left(), settled_by).await {
-            warn!(
-                "the attempt's pod was still stopping when the claim ran out; the lease expires and the adopter \
-                 finishes"
-            );
-            return Handover::PodRunsOn;
         }
     }
     // An adoption stopped before it started still has its Pod or its reporting worker at work: handed over too,

@@ -146,9 +146,10 @@ pub enum LostAt {
     ClaimLease,
     /// The job changed since it was read (or is gone): someone else moved it.
     JobChanged,
-    /// The attempt's Pod has not stopped yet (a settle waits for it).
+    /// The attempt's Pod has not stopped yet, or a create of it may still land (a settle waits for both).
     PodRunning,
-    /// The attempt has no Pod, but a create of it may still land: look again at that instant.
+    /// The attempt has no Pod to stop (none, or it finished or is being deleted), but a create of it may still land:
+    /// look again at that instant.
     PodToCome(std::time::Instant),
     /// This replica's own tenure is not current: it may take no Lease.
     NoTenure,
@@ -160,7 +161,7 @@ impl std::fmt::Display for LostAt {
             LostAt::TenureRenewed(_) => "the holder of a Lease it needed renewed its tenure",
             LostAt::ClaimLease => "the claim Lease is held",
             LostAt::JobChanged => "the job changed since it was read",
-            LostAt::PodRunning => "the attempt's Pod has not stopped yet",
+            LostAt::PodRunning => "the attempt's Pod has not stopped yet, or a create of it may still land",
             LostAt::PodToCome(_) => "a create of the attempt's Pod may still land",
             LostAt::NoTenure => "this replica's tenure is not current",
         })
@@ -421,7 +422,8 @@ const POD_TO_COME_RECHECK: Duration = Duration::from_secs(10);
 ///
 /// A Running job whose holder looks gone is settled only under its claim Lease, taken exactly as a claim takes it:
 /// a holder that is in fact alive (this replica's view of its Lease was stale) has renewed since, the takeover
-/// conflicts, and nothing is written. A Pod attempt's Pod is deleted (and waited for) before the write.
+/// conflicts, and nothing is written. A Pod attempt's Pod is stopped before the write, and no create of the attempt
+/// may land any more (`executor::pod::stop`).
 /// `Ok(None)`: settled. `Ok(Some(at))`: not, and why (someone else moved first, or the Pod has not stopped yet).
 pub async fn settle(
     client: &Client,
@@ -440,12 +442,13 @@ pub async fn settle(
         // of the two writes lands.
         return Ok(moved(status::write_if_unchanged(&jobs, job, new_status).await?));
     }
-    // A Pod attempt whose Pod is not there (yet): its holder's create may still be in flight. Until none can land,
-    // the job is looked at again now and then, with no write: taking its Lease now would only hold it to wait.
+    // A Pod attempt with no Pod to stop (none there yet, or it is finished or being deleted): its holder's create
+    // may still be in flight, or be sent again, and make the Pod. Until none can land, the job is looked at again now
+    // and then, with no write: taking its Lease now would only hold it to wait.
     if job.spec.template.is_some() {
         let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
         let now = tokio::time::Instant::now();
-        if now < settled_by && !crate::executor::pod::exists(client, job, job.attempts()).await? {
+        if now < settled_by && !crate::executor::pod::needs_stopping(client, job, job.attempts()).await? {
             return Ok(Some(LostAt::PodToCome(settled_by.min(now + POD_TO_COME_RECHECK).into_std())));
         }
     }
@@ -458,12 +461,15 @@ pub async fn settle(
     let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
         return Ok(Some(LostAt::ClaimLease));
     };
-    // A Pod attempt ends only once its Pod has stopped: delete it first, while the Lease is ours.
+    // A Pod attempt ends only once its Pod has stopped, and no create of it can make it again: stop it first, while
+    // the Lease is ours (until its renew deadline: this Lease is not renewed). Not done by then: the Lease goes back,
+    // and the job is looked at again.
     if job.spec.template.is_some() {
-        let left = timing.renew_deadline.saturating_sub(held.written_at.elapsed());
-        // Its holder's create may still be in flight: the Pod it makes is waited for, to be deleted too.
+        let until = held.written_at + timing.renew_deadline;
         let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
-        if !crate::executor::pod::delete(client, job, job.attempts(), left, settled_by).await {
+        let may_act = || std::time::Instant::now() < until;
+        let stop = crate::executor::pod::stop(client, job, job.attempts(), settled_by, &may_act);
+        if tokio::time::timeout_at(until.into(), stop).await.is_err() {
             lease::release(&leases, &held.lease).await?;
             return Ok(Some(LostAt::PodRunning));
         }

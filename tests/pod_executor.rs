@@ -507,6 +507,89 @@ async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back_after_the_attempt_ends() {
+    let env = on_node("pod-create-again").await;
+    // The first Pod create takes 12 s to land, later ones 30 s. 9 s into the attempt the replica's connections are cut
+    // on its side only, so its first create (in flight) fails without an answer and is sent again, while the
+    // apiserver carries the first one out: it lands at 12 s, the second at about 40 s. The attempt times out at 13 s;
+    // the first create's Pod is deleted once it lands, and the second would make the Pod again once that one is gone.
+    let webhook = SilentPodWebhook::register(&env, 12).await;
+    let history = PodHistory::watch(&env, &["again"]).await;
+    let proxy = Proxy::to_apiserver().await;
+    proxy.lose_closes(true);
+    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    // Leases long enough that stopping a Pod never outlasts a renew deadline: the holder itself must wait for the
+    // create (an adopter waits until 154.5 s after the attempt began in its stead, which would hide a holder that
+    // does not).
+    let _r = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
+    let mut spec = shell_job("sleep 60", json!({"retry": {"maxAttempts": 1}}));
+    spec["attemptTimeoutSeconds"] = json!(13);
+    env.create("again", spec).await;
+    env.wait_job("again", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let running = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    webhook.set_timeout(&env, 30).await;
+    tokio::time::sleep(Duration::from_secs(9).saturating_sub(running.elapsed())).await;
+    assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
+    let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let status = job.status.clone().unwrap_or_default();
+    assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{status:?}");
+    assert!(
+        status.last_error.unwrap_or_default().contains("exceeded attemptTimeoutSeconds"),
+        "not the holder's own timeout"
+    );
+    // Both creates have landed by now; no Pod of the job may run.
+    tokio::time::sleep(Duration::from_secs(45).saturating_sub(running.elapsed())).await;
+    let events = history.events();
+    assert_eq!(history.uids("again-1").len(), 2, "the create sent again did not land too: {events:?}");
+    assert_eq!(live_pods(&env, "again").await, 0, "again failed, yet a Pod of it runs: {events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_beside_the_next_attempt() {
+    let env = on_node("pod-deleted-create-lands").await;
+    // The first Pod create takes 30 s to land, later ones 1 s. 3 s into the attempt the replica's connections are cut
+    // on its side only: its first create fails without an answer (the apiserver carries it out) and is sent again,
+    // and the second one makes the Pod at once. That Pod is deleted by hand; the first create lands at 30 s.
+    let webhook = SilentPodWebhook::register(&env, 30).await;
+    let history = PodHistory::watch(&env, &["redo"]).await;
+    let proxy = Proxy::to_apiserver().await;
+    proxy.lose_closes(true);
+    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let _r = env.replica_with("r", &[], &options);
+    env.create("redo", shell_job("sleep 120", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}))).await;
+    env.wait_job("redo", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let running = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    webhook.set_timeout(&env, 1).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(running.elapsed())).await;
+    assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
+    wait_pod_phase(&env, "redo", "Running").await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
+    // The next attempt's Pod is created only once the first create can no longer bring `redo-1` back (and it did).
+    let deadline = Instant::now() + 3 * MINUTE;
+    while history.first("redo-2", |e| e.kind == "ADDED").is_none() {
+        assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(running.elapsed())).await;
+    let events = history.events();
+    let uids = history.uids("redo-1");
+    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was deleted: {events:?}");
+    let next = history.first("redo-2", |e| e.kind == "ADDED").unwrap();
+    for uid in &uids {
+        let stopped = history.first("redo-1", |e| {
+            &e.uid == uid && (e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
+        });
+        assert!(
+            stopped.is_some_and(|stopped| stopped < next),
+            "redo-1 ({uid}) ran on beside the next attempt's Pod: {events:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopter_whose_attempt_times_out_waits_for_the_create_its_killed_predecessor_left_in_flight() {
     let env = on_node("pod-adopted-create").await;
     // The Pod create takes 25 s to land. Its sender is killed (its close lost on the way, so the apiserver carries

@@ -26,16 +26,17 @@
 //! - **A Pod left by a deleted namesake.** A job re-created under the same name meets `<job>-<n>` of the old job
 //!   until the garbage collector removes it. That attempt ends `Retryable`; the next attempt's Pod has another name.
 //!   A Pod of that name that belongs to no such job is not going away, and fails the job.
-//! - **Deleting waits for the containers to stop.** [`delete`] (cancellation, attempt timeout, deadline, job
-//!   deletion) returns true only once the Pod is gone or has reached a final phase, so a retry never starts beside a
-//!   container still in its termination grace period; when its time runs out first, the runner leaves the outcome to
-//!   the adopter, which waits the same way.
+//! - **Stopping waits for the containers to stop.** [`stop`] (cancellation, attempt timeout, deadline, job
+//!   deletion) deletes a running Pod and returns only once it is gone or has reached a final phase, so a retry never
+//!   starts beside a container still in its termination grace period; when the claim runs out first, the runner
+//!   leaves the outcome to the adopter, which waits the same way. A finished Pod is left in place.
 //! - **And for a create still in flight.** An attempt that ends (timeout, cancel, deletion) while its create is in
-//!   flight (a slow admission webhook) drops the create, but the apiserver may still carry it out. Its Pod is waited
-//!   for until no create of the attempt can land: the holder records each create of unknown outcome as it is sent
-//!   ([`PodExecutor::settled_by`]: 60 s after the last); an adopter, or a replica settling the job of a holder that is
-//!   gone, counts 154.5 s from the attempt's start ([`no_create_lands_after`]). The bound assumes a sent request
-//!   reaches the apiserver promptly; a network that held its bytes for longer could still land it later.
+//!   flight (a slow admission webhook) drops the create, but the apiserver may still carry it out; so may it a create
+//!   whose answer was lost, sent again, once the Pod the later one made is deleted. Until no create of the attempt
+//!   can land, its Pod is looked for and stopped too: the holder records each create of unknown outcome as it is
+//!   sent ([`PodExecutor::settled_by`]: 60 s after the last); an adopter, or a replica settling the job of a holder
+//!   that is gone, counts 154.5 s from the attempt's start ([`no_create_lands_after`]). The bound assumes a sent
+//!   request reaches the apiserver promptly; a network that held its bytes for longer could still land it later.
 //!
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
 //! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON); when the operator serves reports, `BGJOBS_REPORT_URL` and
@@ -148,8 +149,8 @@ impl PodExecutor {
         if adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own }
     }
 
-    /// Record the attempt's last create of unknown outcome (`None`: none; the Pod exists, or every create was
-    /// answered). Entries that can no longer matter are dropped on the way.
+    /// Record the attempt's last create of unknown outcome (`None`: none; every create was answered). Entries that
+    /// can no longer matter are dropped on the way.
     fn note_unanswered(&self, job_uid: &str, attempt: i32, sent: Option<Instant>) {
         let mut entries = self.unanswered.lock().unwrap();
         entries.retain(|_, sent| sent.elapsed() < CREATE_LANDS_WITHIN);
@@ -230,9 +231,10 @@ pub fn no_create_lands_after(job: &BackgroundJob, now: jiff::Timestamp) -> Insta
 /// the error reaches the job's `lastError`. A refusal is decided the same way: an earlier create of unknown outcome
 /// may still make the Pod, which is then this attempt's.
 ///
-/// Every create of unknown outcome is recorded in `executor` as it is sent, so that when the attempt ends while one
-/// is in flight (a timeout, a cancel: the create is dropped, the apiserver may still carry it out), [`delete`] waits
-/// for its Pod rather than concluding there is none.
+/// Every create of unknown outcome is recorded in `executor` as it is sent, and kept until it can no longer land,
+/// also once another create made the Pod: when the attempt ends while one is in flight (a timeout, a cancel: the
+/// create is dropped, the apiserver may still carry it out), or ends after its Pod was made by a later create,
+/// [`stop`] waits for the Pod it makes rather than concluding there is none.
 ///
 /// The Pod policy is checked first, then (with `--pod-creator-check`) the job's creator: a Pod either refuses is
 /// never sent to the apiserver, and the job fails naming the field or the user, and the rule. An adopted Pod (see
@@ -267,7 +269,9 @@ async fn start(
         executor.note_unanswered(&ctx.uid, ctx.attempt, Some(sent));
         let e = match pods.create(&PostParams::default(), &wanted).await {
             Ok(p) => {
-                executor.note_unanswered(&ctx.uid, ctx.attempt, None);
+                // An earlier create whose answer was lost may still be handled: once this Pod is gone, it would
+                // make the Pod again.
+                executor.note_unanswered(&ctx.uid, ctx.attempt, unanswered);
                 tracing::info!(pod = %name, "pod created");
                 return Ok(p.uid().unwrap_or_default());
             }
@@ -389,7 +393,7 @@ async fn adopt(
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver).
-    let found = landed(pods, job, &ctx.uid, name, no_create_lands_after(job, now)).await;
+    let found = landed(pods, job, &ctx.uid, name, no_create_lands_after(job, now), None).await;
     existing(found, name)?.ok_or_else(|| {
         AttemptResult::Retryable(format!(
             "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work may \
@@ -422,23 +426,34 @@ enum Found {
 }
 
 /// What holds the name of the attempt's Pod once a create of it can no longer land unseen: read every second until
-/// this job's Pod is there or `settled_by` has passed. Another Pod holding the name (a deleted namesake's, awaiting
-/// garbage collection) does not settle it: once it is collected, a create still in flight makes this job's.
-async fn landed(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str, settled_by: Instant) -> Found {
+/// this job's Pod is there (other than the one `stopped` already) or `settled_by` has passed. Another Pod holding
+/// the name (a deleted namesake's awaiting garbage collection, or the `stopped` one) does not settle it: once it is
+/// gone, a create still in flight makes this job's.
+async fn landed(
+    pods: &Api<Pod>,
+    job: &BackgroundJob,
+    job_uid: &str,
+    name: &str,
+    settled_by: Instant,
+    stopped: Option<&str>,
+) -> Found {
     loop {
         match find(pods, job, job_uid, name).await {
-            Found::Ours(uid) => return Found::Ours(uid),
+            Found::Ours(uid) if stopped != Some(uid.as_str()) => return Found::Ours(uid),
             found if Instant::now() >= settled_by => return found,
             _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
 }
 
-/// Whether this job's Pod of `attempt` exists now (one quorum read).
-pub async fn exists(client: &Client, job: &BackgroundJob, attempt: i32) -> crate::Result<bool> {
+/// Whether this job's Pod of `attempt` is there now and still to be stopped: neither finished nor being deleted
+/// (one quorum read).
+pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) -> crate::Result<bool> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let found = pods.get_opt(&pod_name(job, attempt)).await?;
-    Ok(found.is_some_and(|p| belongs(&p, &job.uid().unwrap_or_default())))
+    Ok(found.is_some_and(|p| {
+        belongs(&p, &job.uid().unwrap_or_default()) && !finished(&p) && p.metadata.deletion_timestamp.is_none()
+    }))
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers).
@@ -570,54 +585,83 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
     AttemptResult::Retryable(format!("pod {} failed: {detail}", pod.name_any()))
 }
 
-/// Delete the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion) and wait, for at most
-/// `within`, until none of its containers can still run: the Pod is gone or reached a final phase. A Pod that is not
-/// there yet is waited for until `settled_by`, when no create of the attempt can still make it (see
-/// [`PodExecutor::settled_by`] for the replica that sent them, [`no_create_lands_after`] for any other).
+/// Stop the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion), and any Pod a create of it
+/// still in flight makes, until `settled_by`, when none can land any more (see [`PodExecutor::settled_by`] for the
+/// replica that sent them, [`no_create_lands_after`] for any other). Returns once no Pod of the job under that name
+/// can still run: the Pod is gone or finished, none came, and `settled_by` has passed.
 ///
-/// True once that holds, or if the job has no Pod of that name by `settled_by` (another Pod of that name is not
-/// the job's, and is left alone). False if `within` ran out first: a
-/// container may still be in its termination grace period, or a create may still land, so the caller must not let
-/// the next attempt start yet.
-pub async fn delete(client: &Client, job: &BackgroundJob, attempt: i32, within: Duration, settled_by: Instant) -> bool {
+/// A running Pod is deleted, and waited for until its containers have stopped (gone, or a final phase): a retry never
+/// starts beside a container still in its termination grace period. A finished one that stays is left for
+/// inspection, and ends the wait: while it holds the name, no create of the attempt can make another. Once a Pod is
+/// gone (deleted here or by anyone), a create sent before it was made (its answer lost, the create sent again) could
+/// still make it again: it is looked for until `settled_by`, and stopped too. Another job's Pod of that name is left
+/// alone.
+///
+/// Unbounded: the caller bounds it by its claim. No deletion is sent once `may_act` says no (the claim ran out: the
+/// Pod may be another holder's to watch by then); it waits for the caller's bound instead.
+pub async fn stop(
+    client: &Client,
+    job: &BackgroundJob,
+    attempt: i32,
+    settled_by: Instant,
+    may_act: &(dyn Fn() -> bool + Sync),
+) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
     let job_uid = job.uid().unwrap_or_default();
-    let until = Instant::now() + within;
-    let stopped = async {
-        if !matches!(landed(&pods, job, &job_uid, &name, settled_by).await, Found::Ours(_)) {
+    if settled_by > Instant::now() {
+        let wait = settled_by - Instant::now();
+        tracing::info!(pod = %name, ?wait, "a create of the attempt's pod may still land: looking for it until then");
+    }
+    let mut stopped: Option<String> = None;
+    loop {
+        let Found::Ours(uid) = landed(&pods, job, &job_uid, &name, settled_by, stopped.as_deref()).await else {
+            return;
+        };
+        if stopped.as_ref() == Some(&uid) {
+            // `settled_by` has passed while the stopped Pod still holds the name.
             return;
         }
-        if let Some(uid) = request_deletion(&pods, &name, &job_uid, until).await {
-            until_stopped(&pods, &name, &uid).await;
+        match request_deletion(&pods, &name, &job_uid, may_act).await {
+            Deletion::Kept => return,
+            Deletion::Requested(uid) => {
+                until_stopped(&pods, &name, &uid).await;
+                stopped = Some(uid);
+            }
+            // Gone between the two reads (or a delete answered so while the Pod stays): look again in a moment.
+            Deletion::Gone => tokio::time::sleep(Duration::from_secs(1)).await,
         }
-    };
-    let stopped = tokio::time::timeout_at(until, stopped).await.is_ok();
-    if !stopped {
-        tracing::warn!(pod = %name, ?within, "the attempt's pod was still stopping, or still to come, when the time ran out");
     }
-    stopped
 }
 
-/// Wait until a create of this attempt's Pod that this replica sent and no longer awaits (the attempt ended while it
-/// was in flight) has made the Pod or can no longer (`settled_by`, from [`PodExecutor::settled_by`]), so that
-/// [`delete`] finds what it must stop. Unbounded: the caller bounds it by its claim.
-pub async fn created_or_settled(client: &Client, job: &BackgroundJob, attempt: i32, settled_by: Instant) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
-    landed(&pods, job, &job.uid().unwrap_or_default(), &pod_name(job, attempt), settled_by).await;
+/// What [`request_deletion`] found and did.
+enum Deletion {
+    /// The Pod has finished and is not being deleted: it runs nothing, and while it holds the name no create of the
+    /// attempt can make another. Left for inspection.
+    Kept,
+    /// Its deletion was asked for (or was under way): the UID to wait for.
+    Requested(String),
+    /// No Pod of this job has the name any more.
+    Gone,
 }
 
-/// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition); the UID of the Pod
-/// being deleted, or `None` if no Pod of this job has that name any more. Failed calls are tried again. Never sends
-/// the delete after `until` (it waits for the caller's timeout instead): the caller's claim may have run out, and
-/// the Pod may be another holder's to watch by now.
-async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, until: Instant) -> Option<String> {
+/// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition), unless it has
+/// finished and stays (see [`Deletion`]). Failed calls are tried again. Never sends the delete once `may_act` says
+/// no: it waits for the caller's bound instead.
+async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, may_act: &(dyn Fn() -> bool + Sync)) -> Deletion {
     let mut backoff = Backoff::new();
     loop {
         match pods.get_opt(name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
-                let uid = p.uid()?;
-                if Instant::now() >= until {
+                let Some(uid) = p.uid() else { return Deletion::Gone };
+                if finished(&p) {
+                    return if p.metadata.deletion_timestamp.is_some() {
+                        Deletion::Requested(uid)
+                    } else {
+                        Deletion::Kept
+                    };
+                }
+                if !may_act() {
                     std::future::pending::<()>().await;
                 }
                 let dp = DeleteParams {
@@ -625,15 +669,15 @@ async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, until: Ins
                     ..Default::default()
                 };
                 match pods.delete(name, &dp).await {
-                    Ok(_) => return Some(uid),
+                    Ok(_) => return Deletion::Requested(uid),
                     // Gone already, or the name now holds another Pod (the UID precondition failed).
-                    Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
+                    Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return Deletion::Gone,
                     Err(e) => {
                         tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod; trying again")
                     }
                 }
             }
-            Ok(_) => return None,
+            Ok(_) => return Deletion::Gone,
             Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
         }
         backoff.wait().await;
@@ -678,7 +722,7 @@ mod tests {
         assert!(executor.settled_by(&j, 2, now) <= Instant::now(), "another attempt of the job");
         assert!(executor.settled_by(&other, 1, now) <= Instant::now(), "another job");
         executor.note_unanswered(&uid, 1, None);
-        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "answered (the Pod exists, or nothing was made)");
+        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "every create answered");
         // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
         // An attempt this replica adopted: its earlier holder's creates may land until 154.5 s after it began.
         let now: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();

@@ -18,8 +18,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The open connections, each with the token that resets it.
-type Connections = Arc<Mutex<HashMap<u64, (CancellationToken, std::time::Instant)>>>;
+/// The open connections.
+type Connections = Arc<Mutex<HashMap<u64, Connection>>>;
+
+/// One open connection: what resets it (both sides), what cuts its client's side only, and when it opened.
+struct Connection {
+    reset: CancellationToken,
+    cut: CancellationToken,
+    opened: std::time::Instant,
+}
 
 /// A running proxy; dropping it resets every connection and stops listening.
 pub struct Proxy {
@@ -113,13 +120,25 @@ impl Proxy {
     /// Reset the connections open for at least `age` (established ones, not those still in their TLS handshake).
     pub fn reset_older_than(&self, age: std::time::Duration) -> usize {
         let mut connections = self.connections.lock().unwrap();
-        let old: Vec<u64> = connections.iter().filter(|(_, (_, at))| at.elapsed() >= age).map(|(id, _)| *id).collect();
+        let old: Vec<u64> = connections.iter().filter(|(_, c)| c.opened.elapsed() >= age).map(|(id, _)| *id).collect();
         for id in &old {
-            if let Some((token, _)) = connections.remove(id) {
-                token.cancel();
+            if let Some(c) = connections.remove(id) {
+                c.reset.cancel();
             }
         }
         old.len()
+    }
+
+    /// Reset the client's side of every connection open now, and leave the apiserver's side open: a partition the
+    /// client notices (its requests fail, and it may send them again) and the apiserver does not. Of connections
+    /// opened under [`Proxy::lose_closes`], a request in flight is then carried out to its end. Returns how many were
+    /// cut.
+    pub fn cut_clients(&self) -> usize {
+        let connections = self.connections.lock().unwrap();
+        for c in connections.values() {
+            c.cut.cancel();
+        }
+        connections.len()
     }
 
     /// Connections open now.
@@ -192,20 +211,22 @@ async fn accept_loop(
     while let Ok((client, _)) = listener.accept().await {
         accepted.fetch_add(1, Ordering::Relaxed);
         let id = ids.fetch_add(1, Ordering::Relaxed);
-        let reset = CancellationToken::new();
-        connections.lock().unwrap().insert(id, (reset.clone(), std::time::Instant::now()));
+        let (reset, cut) = (CancellationToken::new(), CancellationToken::new());
+        let connection = Connection { reset: reset.clone(), cut: cut.clone(), opened: std::time::Instant::now() };
+        connections.lock().unwrap().insert(id, connection);
         let connections = connections.clone();
         let link = link.clone();
         tokio::spawn(async move {
-            pipe(client, upstream, reset, link).await;
+            pipe(client, upstream, reset, cut, link).await;
             connections.lock().unwrap().remove(&id);
         });
     }
 }
 
 /// Copy bytes both ways until either side closes, holding them while the gate is shut; on `reset`, close both
-/// sockets with a RST (zero linger), as a dropped connection or a restarted load balancer would.
-async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken, link: Link) {
+/// sockets with a RST (zero linger), as a dropped connection or a restarted load balancer would; on `cut`, the
+/// client's only (the apiserver's side then closes as a close from the client would: see [`Proxy::lose_closes`]).
+async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken, cut: CancellationToken, link: Link) {
     if wait_open(link.gate.clone()).await.is_none() {
         return;
     }
@@ -218,8 +239,8 @@ async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken,
     tokio::select! {
         _ = async {
             tokio::join!(
-                pump(client_read, server_write, link.gate.clone(), link.upstream.clone()),
-                pump(server_read, client_write, link.gate.clone(), link.downstream.clone())
+                pump(client_read, server_write, link.gate.clone(), link.upstream.clone(), &cut),
+                pump(server_read, client_write, link.gate.clone(), link.downstream.clone(), &cut)
             )
         } => {}
         _ = reset.cancelled() => {}
@@ -253,12 +274,14 @@ pub const LOSS_WINDOW: std::time::Duration = std::time::Duration::from_millis(10
 /// Copy one direction: each chunk is read at once, then written no earlier than `latency` after it was read, only
 /// while the gate is open, and within `rate`. Dropping the halves on return closes the sockets; a reset drops them
 /// mid-copy. A lost close ([`Shape::lose_close`]) never returns: `to` stays open, and what was still held back
-/// when `from` closed is dropped.
+/// when `from` closed is dropped. On `cut`, the client's halves are dropped (`from` of the upstream direction, `to`
+/// of the downstream one), as if the client had closed.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     gate: watch::Receiver<bool>,
     shape: Shape,
+    cut: &CancellationToken,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let closed = Arc::new(AtomicBool::new(false));
@@ -268,9 +291,12 @@ async fn pump(
         async move {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                let n = match from.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                let n = tokio::select! {
+                    read = from.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    },
+                    _ = cut.cancelled() => break,
                 };
                 let mut latency = std::time::Duration::from_millis(shape.latency_ms.load(Ordering::Relaxed));
                 if lose {
@@ -281,10 +307,17 @@ async fn pump(
                 }
             }
             closed.store(true, Ordering::Relaxed);
+            drop(from);
         }
     };
     let write = async move {
-        while let Some((due, bytes)) = rx.recv().await {
+        loop {
+            // Cut: towards the client, stop; towards the apiserver, end as when the client closes.
+            let next = tokio::select! {
+                next = rx.recv() => next,
+                _ = cut.cancelled() => None,
+            };
+            let Some((due, bytes)) = next else { break };
             tokio::time::sleep_until(due).await;
             if lose && closed.load(Ordering::Relaxed) {
                 break;

@@ -82,6 +82,20 @@ impl SilentPodWebhook {
     }
 }
 
+impl SilentPodWebhook {
+    /// Make the creates sent from now on wait `timeout_seconds` (at most 30) instead; those in flight keep theirs.
+    /// The apiserver picks the change up within a moment.
+    pub async fn set_timeout(&self, env: &TestEnv, timeout_seconds: i32) {
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let api: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
+        let mut config = api.get(&self.name).await.expect("read the webhook");
+        for webhook in config.webhooks.iter_mut().flatten() {
+            webhook.timeout_seconds = Some(timeout_seconds);
+        }
+        api.replace(&self.name, &Default::default(), &config).await.expect("change the timeout");
+    }
+}
+
 impl Drop for SilentPodWebhook {
     fn drop(&mut self) {
         let status = super::kubectl()
