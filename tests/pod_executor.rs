@@ -532,23 +532,28 @@ async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back
     tokio::time::sleep(Duration::from_secs(9).saturating_sub(running.elapsed())).await;
     assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
     let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
-    let status = job.status.clone().unwrap_or_default();
-    assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{status:?}");
-    assert!(
-        status.last_error.unwrap_or_default().contains("exceeded attemptTimeoutSeconds"),
-        "not the holder's own timeout"
-    );
-    // Both creates have landed by now; no Pod of the job may run.
+    assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{:?}", job.status);
+    // The outcome was recorded only once both creates had landed and their Pods were stopped...
+    let events = history.events();
+    let uids = history.uids("again-1");
+    assert_eq!(uids.len(), 2, "the outcome was recorded before the create sent again landed: {events:?}");
+    for uid in &uids {
+        let stopped = |e: &PodEvent| &e.uid == uid && (e.kind == "DELETED" || e.deletion.is_some());
+        assert!(
+            history.first("again-1", stopped).is_some(),
+            "again-1 ({uid}) still ran when the job failed: {events:?}"
+        );
+    }
+    // ...and none runs later.
     tokio::time::sleep(Duration::from_secs(45).saturating_sub(running.elapsed())).await;
     let events = history.events();
-    assert_eq!(history.uids("again-1").len(), 2, "the create sent again did not land too: {events:?}");
     assert_eq!(live_pods(&env, "again").await, 0, "again failed, yet a Pod of it runs: {events:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_beside_the_next_attempt() {
     let env = on_node("pod-deleted-create-lands").await;
-    // The first Pod create takes 30 s to land, later ones 1 s. 3 s into the attempt the replica's connections are cut
+    // The first Pod create takes 30 s to land, later ones 1 s. 4 s into the attempt the replica's connections are cut
     // on its side only: its first create fails without an answer (the apiserver carries it out) and is sent again,
     // and the second one makes the Pod at once. That Pod is deleted by hand; the first create lands at 30 s.
     let webhook = SilentPodWebhook::register(&env, 30).await;
@@ -556,13 +561,14 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
     let proxy = Proxy::to_apiserver().await;
     proxy.lose_closes(true);
     let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
-    let _r = env.replica_with("r", &[], &options);
+    // Long leases: the cut must not cost the claim (an adopter would adopt the Pod the first create makes).
+    let _r = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
     env.create("redo", shell_job("sleep 120", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}))).await;
     env.wait_job("redo", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
     let running = Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     webhook.set_timeout(&env, 1).await;
-    tokio::time::sleep(Duration::from_secs(3).saturating_sub(running.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(running.elapsed())).await;
     assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
     wait_pod_phase(&env, "redo", "Running").await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
@@ -585,6 +591,48 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
         assert!(
             stopped.is_some_and(|stopped| stopped < next),
             "redo-1 ({uid}) ran on beside the next attempt's Pod: {events:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_pod_attempts_outcome_waits_until_a_create_whose_answer_was_lost_cannot_bring_the_pod_back() {
+    let env = on_node("pod-finished-create-lands").await;
+    // As above, but the Pod the second create made finishes (3 s), and is then removed by hand once the replica has
+    // seen it finish (as the terminated-pod garbage collector or a short ttlSecondsAfterFinished might): the first
+    // create lands at 30 s.
+    let webhook = SilentPodWebhook::register(&env, 30).await;
+    let history = PodHistory::watch(&env, &["quick"]).await;
+    let proxy = Proxy::to_apiserver().await;
+    proxy.lose_closes(true);
+    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let _r = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
+    env.create("quick", shell_job("sleep 3", json!({"retry": {"maxAttempts": 1}}))).await;
+    env.wait_job("quick", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let running = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    webhook.set_timeout(&env, 1).await;
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(running.elapsed())).await;
+    assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
+    wait_pod_phase(&env, "quick", "Succeeded").await;
+    // The replica has seen it finish by then.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete("quick-1", &DeleteParams::default()).await.unwrap();
+    let job = env.wait_job("quick", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let recorded = jiff::Timestamp::now();
+    assert_eq!(job.phase(), Phase::Succeeded, "{:?}", job.status);
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(running.elapsed())).await;
+    let events = history.events();
+    let uids = history.uids("quick-1");
+    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was removed: {events:?}");
+    for uid in &uids {
+        let stopped = |e: &PodEvent| {
+            &e.uid == uid && e.at < recorded && (e.kind == "DELETED" || e.deletion.is_some() || e.phase == "Succeeded")
+        };
+        assert!(
+            history.first("quick-1", stopped).is_some(),
+            "quick-1 ({uid}) had not stopped, or not yet come, when the job's outcome was recorded: {events:?}"
         );
     }
 }

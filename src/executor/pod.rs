@@ -32,8 +32,9 @@
 //!   leaves the outcome to the adopter, which waits the same way. A finished Pod is left in place.
 //! - **And for a create still in flight.** An attempt that ends (timeout, cancel, deletion) while its create is in
 //!   flight (a slow admission webhook) drops the create, but the apiserver may still carry it out; so may it a create
-//!   whose answer was lost, sent again, once the Pod the later one made is deleted. Until no create of the attempt
-//!   can land, its Pod is looked for and stopped too: the holder records each create of unknown outcome as it is
+//!   whose answer was lost, sent again, once the Pod the later one made is gone (deleted when the attempt ended, or
+//!   by anyone, finished or not). So an attempt that ends while a create may land (also one whose Pod finished or
+//!   was deleted) records its outcome only once none can: until then its Pod is looked for and stopped too: the holder records each create of unknown outcome as it is
 //!   sent ([`PodExecutor::settled_by`]: 60 s after the last); an adopter, or a replica settling the job of a holder
 //!   that is gone, counts 154.5 s from the attempt's start ([`no_create_lands_after`]). The bound assumes a sent
 //!   request reaches the apiserver promptly; a network that held its bytes for longer could still land it later.
@@ -591,14 +592,13 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
 /// can still run: the Pod is gone or finished, none came, and `settled_by` has passed.
 ///
 /// A running Pod is deleted, and waited for until its containers have stopped (gone, or a final phase): a retry never
-/// starts beside a container still in its termination grace period. A finished one that stays is left for
-/// inspection, and ends the wait: while it holds the name, no create of the attempt can make another. Once a Pod is
-/// gone (deleted here or by anyone), a create sent before it was made (its answer lost, the create sent again) could
-/// still make it again: it is looked for until `settled_by`, and stopped too. Another job's Pod of that name is left
-/// alone.
+/// starts beside a container still in its termination grace period. A finished one is left for inspection. Once a
+/// Pod is gone (deleted here, or by anyone, finished or not), a create sent before it was made (its answer lost, the
+/// create sent again) could still make it again: it is looked for until `settled_by`, and stopped too. Another job's
+/// Pod of that name is left alone.
 ///
-/// Unbounded: the caller bounds it by its claim. No deletion is sent once `may_act` says no (the claim ran out: the
-/// Pod may be another holder's to watch by then); it waits for the caller's bound instead.
+/// Unbounded: the caller bounds it by its claim. No deletion is sent while `may_act` says no (the claim is out of
+/// date: the Pod may be another holder's to watch by then).
 pub async fn stop(
     client: &Client,
     job: &BackgroundJob,
@@ -623,7 +623,8 @@ pub async fn stop(
             return;
         }
         match request_deletion(&pods, &name, &job_uid, may_act).await {
-            Deletion::Kept => return,
+            // It may still be removed (by hand, by the terminated-pod garbage collector) before `settled_by`.
+            Deletion::Kept(uid) => stopped = Some(uid),
             Deletion::Requested(uid) => {
                 until_stopped(&pods, &name, &uid).await;
                 stopped = Some(uid);
@@ -636,9 +637,8 @@ pub async fn stop(
 
 /// What [`request_deletion`] found and did.
 enum Deletion {
-    /// The Pod has finished and is not being deleted: it runs nothing, and while it holds the name no create of the
-    /// attempt can make another. Left for inspection.
-    Kept,
+    /// The Pod (this UID) has finished and is not being deleted: it runs nothing. Left for inspection.
+    Kept(String),
     /// Its deletion was asked for (or was under way): the UID to wait for.
     Requested(String),
     /// No Pod of this job has the name any more.
@@ -646,8 +646,7 @@ enum Deletion {
 }
 
 /// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition), unless it has
-/// finished and stays (see [`Deletion`]). Failed calls are tried again. Never sends the delete once `may_act` says
-/// no: it waits for the caller's bound instead.
+/// finished (see [`Deletion`]). Failed calls are tried again. Never sends the delete while `may_act` says no.
 async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, may_act: &(dyn Fn() -> bool + Sync)) -> Deletion {
     let mut backoff = Backoff::new();
     loop {
@@ -658,11 +657,13 @@ async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, may_act: &
                     return if p.metadata.deletion_timestamp.is_some() {
                         Deletion::Requested(uid)
                     } else {
-                        Deletion::Kept
+                        Deletion::Kept(uid)
                     };
                 }
-                if !may_act() {
-                    std::future::pending::<()>().await;
+                // Not while the claim is out of date: it may come back (a late confirmation), or the caller's bound
+                // ends this first.
+                while !may_act() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
