@@ -354,8 +354,14 @@ async fn run_claimed(
     );
     if is_pod {
         // An attempt whose Pod finished, or went away (deleted by anyone), may still have a create of unknown outcome
-        // in flight that makes the Pod again (see `executor::pod::stop`).
-        let settled_by = worker.pods.settled_by(&job, fence.attempt, worker.clock.now());
+        // in flight that makes the Pod again (see `executor::pod::stop`). Only this replica's own creates are waited
+        // for then: an earlier holder's (an adopted attempt) would hold every adopted Pod's outcome until 154.5 s
+        // after its attempt began, on every rolling restart; they are waited for when the attempt is ended here.
+        let settled_by = if pod_must_go {
+            worker.pods.settled_by(&job, fence.attempt, worker.clock.now())
+        } else {
+            worker.pods.own_creates_settled_by(&job, fence.attempt)
+        };
         let may_land = matches!(ending, Ending::Finished(_)) && settled_by > tokio::time::Instant::now();
         if pod_must_go || may_land {
             // Stop its Pod while the claim is ours, and any Pod a create still in flight makes (the ending cut it

@@ -506,31 +506,54 @@ async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_it
     assert!(stopped < next, "the second attempt's Pod was created while the first one's ran: {events:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back_after_the_attempt_ends() {
-    let env = on_node("pod-create-again").await;
-    // The first Pod create takes 12 s to land, later ones 30 s. 9 s into the attempt the replica's connections are cut
-    // on its side only, so its first create (in flight) fails without an answer and is sent again, while the
-    // apiserver carries the first one out: it lands at 12 s, the second at about 40 s. The attempt times out at 13 s;
-    // the first create's Pod is deleted once it lands, and the second would make the Pod again once that one is gone.
-    let webhook = SilentPodWebhook::register(&env, 12).await;
-    let history = PodHistory::watch(&env, &["again"]).await;
+/// A Pod job whose first create loses its answer while the apiserver carries it out. Every Pod create of the
+/// namespace waits `first` seconds on a silent webhook; 2 s after the job runs, creates sent from then on wait `later`
+/// seconds instead; `cut` after it runs, the replica's connections are cut on its side only (the apiserver's side
+/// stays open, so the create in flight lands `first` s after it was sent) and the create is sent again. The replica
+/// has long leases: the cut must not cost its claim, and stopping a Pod never outlasts a renew deadline, so the holder
+/// itself must wait for the create (an adopter would wait until 154.5 s after the attempt began in its stead).
+struct LostAnswer {
+    history: PodHistory,
+    /// When the test saw the job `Running` (its first create was sent just before).
+    running: Instant,
+    _webhook: SilentPodWebhook,
+    _proxy: Proxy,
+    _replica: common::Replica,
+}
+
+async fn lose_the_first_creates_answer(
+    env: &TestEnv,
+    job: &str,
+    spec: serde_json::Value,
+    first: i32,
+    later: i32,
+    cut: u64,
+) -> LostAnswer {
+    let webhook = SilentPodWebhook::register(env, first).await;
+    let history = PodHistory::watch(env, &[job]).await;
     let proxy = Proxy::to_apiserver().await;
     proxy.lose_closes(true);
     let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
-    // Leases long enough that stopping a Pod never outlasts a renew deadline: the holder itself must wait for the
-    // create (an adopter waits until 154.5 s after the attempt began in its stead, which would hide a holder that
-    // does not).
-    let _r = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
-    let mut spec = shell_job("sleep 60", json!({"retry": {"maxAttempts": 1}}));
-    spec["attemptTimeoutSeconds"] = json!(13);
-    env.create("again", spec).await;
-    env.wait_job("again", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let replica = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
+    env.create(job, spec).await;
+    env.wait_job(job, MINUTE, "Running", |j| j.phase() == Phase::Running).await;
     let running = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    webhook.set_timeout(&env, 30).await;
-    tokio::time::sleep(Duration::from_secs(9).saturating_sub(running.elapsed())).await;
+    webhook.set_timeout(env, later).await;
+    tokio::time::sleep(Duration::from_secs(cut).saturating_sub(running.elapsed())).await;
     assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
+    LostAnswer { history, running, _webhook: webhook, _proxy: proxy, _replica: replica }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back_after_the_attempt_ends() {
+    let env = on_node("pod-create-again").await;
+    // The first create lands at 12 s; cut at 9 s, the one sent again at about 40 s. The attempt times out at 13 s:
+    // the first create's Pod is deleted once it lands, and the second would make the Pod again once that one is gone.
+    let mut spec = shell_job("sleep 60", json!({"retry": {"maxAttempts": 1}}));
+    spec["attemptTimeoutSeconds"] = json!(13);
+    let LostAnswer { history, running, _webhook, _proxy, _replica } =
+        lose_the_first_creates_answer(&env, "again", spec, 12, 30, 9).await;
     let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{:?}", job.status);
     // The outcome was recorded only once both creates had landed and their Pods were stopped...
@@ -553,23 +576,11 @@ async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_beside_the_next_attempt() {
     let env = on_node("pod-deleted-create-lands").await;
-    // The first Pod create takes 30 s to land, later ones 1 s. 4 s into the attempt the replica's connections are cut
-    // on its side only: its first create fails without an answer (the apiserver carries it out) and is sent again,
-    // and the second one makes the Pod at once. That Pod is deleted by hand; the first create lands at 30 s.
-    let webhook = SilentPodWebhook::register(&env, 30).await;
-    let history = PodHistory::watch(&env, &["redo"]).await;
-    let proxy = Proxy::to_apiserver().await;
-    proxy.lose_closes(true);
-    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
-    // Long leases: the cut must not cost the claim (an adopter would adopt the Pod the first create makes).
-    let _r = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
-    env.create("redo", shell_job("sleep 120", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}))).await;
-    env.wait_job("redo", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
-    let running = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    webhook.set_timeout(&env, 1).await;
-    tokio::time::sleep(Duration::from_secs(4).saturating_sub(running.elapsed())).await;
-    assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
+    // The first create lands at 30 s; cut at 4 s, the one sent again makes the Pod at once. That Pod is deleted by
+    // hand; the first create then makes it again.
+    let spec = shell_job("sleep 120", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}));
+    let LostAnswer { history, running, _webhook, _proxy, _replica } =
+        lose_the_first_creates_answer(&env, "redo", spec, 30, 1, 4).await;
     wait_pod_phase(&env, "redo", "Running").await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
@@ -598,22 +609,11 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_pod_attempts_outcome_waits_until_a_create_whose_answer_was_lost_cannot_bring_the_pod_back() {
     let env = on_node("pod-finished-create-lands").await;
-    // As above, but the Pod the second create made finishes (3 s), and is then removed by hand once the replica has
-    // seen it finish (as the terminated-pod garbage collector or a short ttlSecondsAfterFinished might): the first
-    // create lands at 30 s.
-    let webhook = SilentPodWebhook::register(&env, 30).await;
-    let history = PodHistory::watch(&env, &["quick"]).await;
-    let proxy = Proxy::to_apiserver().await;
-    proxy.lose_closes(true);
-    let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
-    let _r = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
-    env.create("quick", shell_job("sleep 3", json!({"retry": {"maxAttempts": 1}}))).await;
-    env.wait_job("quick", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
-    let running = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    webhook.set_timeout(&env, 1).await;
-    tokio::time::sleep(Duration::from_secs(4).saturating_sub(running.elapsed())).await;
-    assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
+    // As above, but the Pod the create sent again made finishes (3 s), and is then removed by hand once the replica
+    // has seen it finish (as the terminated-pod garbage collector or a short ttlSecondsAfterFinished might).
+    let spec = shell_job("sleep 3", json!({"retry": {"maxAttempts": 1}}));
+    let LostAnswer { history, running, _webhook, _proxy, _replica } =
+        lose_the_first_creates_answer(&env, "quick", spec, 30, 1, 4).await;
     wait_pod_phase(&env, "quick", "Succeeded").await;
     // The replica has seen it finish by then.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -34,7 +34,8 @@
 //!   flight (a slow admission webhook) drops the create, but the apiserver may still carry it out; so may it a create
 //!   whose answer was lost, sent again, once the Pod the later one made is gone (deleted when the attempt ended, or
 //!   by anyone, finished or not). So an attempt that ends while a create may land (also one whose Pod finished or
-//!   was deleted) records its outcome only once none can: until then its Pod is looked for and stopped too: the holder records each create of unknown outcome as it is
+//!   was deleted: then only for the creates this replica sent) records its outcome only once none can: until then
+//!   its Pod is looked for and stopped too: the holder records each create of unknown outcome as it is
 //!   sent ([`PodExecutor::settled_by`]: 60 s after the last); an adopter, or a replica settling the job of a holder
 //!   that is gone, counts 154.5 s from the attempt's start ([`no_create_lands_after`]). The bound assumes a sent
 //!   request reaches the apiserver promptly; a network that held its bytes for longer could still land it later.
@@ -144,10 +145,16 @@ impl PodExecutor {
     /// the cluster's time): the last it sent whose outcome is unknown, and, for an attempt it adopted, those its
     /// earlier holder may have sent ([`no_create_lands_after`]).
     pub fn settled_by(&self, job: &BackgroundJob, attempt: i32, now: jiff::Timestamp) -> Instant {
+        let own = self.own_creates_settled_by(job, attempt);
+        if adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own }
+    }
+
+    /// The instant after which no create of this attempt's Pod that this replica sent can still make it (now if it
+    /// sent none of unknown outcome).
+    pub fn own_creates_settled_by(&self, job: &BackgroundJob, attempt: i32) -> Instant {
         let key = (job.uid().unwrap_or_default(), attempt);
         let unanswered = self.unanswered.lock().unwrap().get(&key).copied();
-        let own = unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN);
-        if adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own }
+        unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN)
     }
 
     /// Record the attempt's last create of unknown outcome (`None`: none; every create was answered). Entries that
