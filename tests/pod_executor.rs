@@ -548,10 +548,12 @@ async fn lose_the_first_creates_answer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back_after_the_attempt_ends() {
     let env = on_node("pod-create-again").await;
-    // The first create lands at 12 s; cut at 9 s, the one sent again at about 40 s. The attempt times out at 13 s:
-    // the first create's Pod is deleted once it lands, and the second would make the Pod again once that one is gone.
+    // The first create lands at 12 s; cut at 9 s, the one sent again at about 40 s. The attempt times out at 20 s,
+    // once the first create's Pod runs (a Pod deleted while its container is being created may be killed only when
+    // the kubelet next looks, long after), and that Pod is deleted; the second create would make it again once it is
+    // gone.
     let mut spec = shell_job("sleep 60", json!({"retry": {"maxAttempts": 1}}));
-    spec["attemptTimeoutSeconds"] = json!(13);
+    spec["attemptTimeoutSeconds"] = json!(20);
     let LostAnswer { history, running, _webhook, _proxy, _replica } =
         lose_the_first_creates_answer(&env, "again", spec, 12, 30, 9).await;
     let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
