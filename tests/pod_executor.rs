@@ -510,8 +510,8 @@ async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_it
 /// namespace waits `first` seconds on a silent webhook; 2 s after the job runs, creates sent from then on wait `later`
 /// seconds instead; `cut` after it runs, the replica's connections are cut on its side only (the apiserver's side
 /// stays open, so the create in flight lands `first` s after it was sent) and the create is sent again. The replica
-/// has long leases: the cut must not cost its claim, and stopping a Pod never outlasts a renew deadline, so the holder
-/// itself must wait for the create (an adopter would wait until 154.5 s after the attempt began in its stead).
+/// has long leases: the cut must not cost its claim, so the holder itself must wait for the create (an adopter would
+/// adopt the Pod it makes, or wait until 154.5 s after the attempt began, in its stead).
 struct LostAnswer {
     history: PodHistory,
     /// When the test saw the job `Running` (its first create was sent just before).
@@ -566,7 +566,7 @@ async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back
         let stopped = |e: &PodEvent| &e.uid == uid && (e.kind == "DELETED" || e.deletion.is_some());
         assert!(
             history.first("again-1", stopped).is_some(),
-            "again-1 ({uid}) still ran when the job failed: {events:?}"
+            "again-1 ({uid}) was not being stopped when the job failed: {events:?}"
         );
     }
     // ...and none runs later.

@@ -630,42 +630,34 @@ pub async fn stop(
             return;
         }
         match request_deletion(&pods, &name, &job_uid, may_act).await {
-            // It may still be removed (by hand, by the terminated-pod garbage collector) before `settled_by`.
-            Deletion::Kept(uid) => stopped = Some(uid),
-            Deletion::Requested(uid) => {
+            // Being deleted, or finished already: a finished Pod is left for inspection, and may still be removed (by
+            // hand, by the terminated-pod garbage collector) before `settled_by`.
+            Some(uid) => {
                 until_stopped(&pods, &name, &uid).await;
                 stopped = Some(uid);
             }
             // Gone between the two reads (or a delete answered so while the Pod stays): look again in a moment.
-            Deletion::Gone => tokio::time::sleep(Duration::from_secs(1)).await,
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
 }
 
-/// What [`request_deletion`] found and did.
-enum Deletion {
-    /// The Pod (this UID) has finished and is not being deleted: it runs nothing. Left for inspection.
-    Kept(String),
-    /// Its deletion was asked for (or was under way): the UID to wait for.
-    Requested(String),
-    /// No Pod of this job has the name any more.
-    Gone,
-}
-
 /// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition), unless it has
-/// finished (see [`Deletion`]). Failed calls are tried again. Never sends the delete while `may_act` says no.
-async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, may_act: &(dyn Fn() -> bool + Sync)) -> Deletion {
+/// finished; the UID of the Pod to wait for, or `None` if no Pod of this job has that name any more. Failed calls are
+/// tried again. Never sends the delete while `may_act` says no.
+async fn request_deletion(
+    pods: &Api<Pod>,
+    name: &str,
+    job_uid: &str,
+    may_act: &(dyn Fn() -> bool + Sync),
+) -> Option<String> {
     let mut backoff = Backoff::new();
     loop {
         match pods.get_opt(name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
-                let Some(uid) = p.uid() else { return Deletion::Gone };
+                let uid = p.uid()?;
                 if finished(&p) {
-                    return if p.metadata.deletion_timestamp.is_some() {
-                        Deletion::Requested(uid)
-                    } else {
-                        Deletion::Kept(uid)
-                    };
+                    return Some(uid);
                 }
                 // Not while the claim is out of date: it may come back (a late confirmation), or the caller's bound
                 // ends this first.
@@ -677,15 +669,15 @@ async fn request_deletion(pods: &Api<Pod>, name: &str, job_uid: &str, may_act: &
                     ..Default::default()
                 };
                 match pods.delete(name, &dp).await {
-                    Ok(_) => return Deletion::Requested(uid),
+                    Ok(_) => return Some(uid),
                     // Gone already, or the name now holds another Pod (the UID precondition failed).
-                    Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return Deletion::Gone,
+                    Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
                     Err(e) => {
                         tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod; trying again")
                     }
                 }
             }
-            Ok(_) => return Deletion::Gone,
+            Ok(_) => return None,
             Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
         }
         backoff.wait().await;
