@@ -166,34 +166,45 @@ fn shifted(def: &RecurringBackgroundJob, now: Timestamp) -> Timestamp {
     now.checked_sub(SignedDuration::try_from(offset).unwrap_or(SignedDuration::ZERO)).unwrap_or(now)
 }
 
-/// How long before tick `next` it is claimed, given `ahead` (`--recurring-claim-ahead`): claimed ahead, a tick's
-/// one write on its way is its job's create, so a thousand definitions on one schedule get their jobs within the
-/// creates' own time after the tick, not the claims' and the creates'. Not ahead when the decision belongs to the
-/// tick itself (`Forbid` skips a tick whose predecessor is still unfinished then), nor for ticks less than twice
-/// `ahead` apart: a tick's job is created from the claim as written for at most `ahead` after the tick, and the
-/// next tick, claimed `ahead` before it, is what makes the job deletable.
+/// How long before tick `next` it is claimed, given `ahead` (`--recurring-claim-ahead`) and `since`, the latest tick
+/// handled before it (the claim `next`'s claim replaces; the definition's creation before a first claim): claimed
+/// ahead, a tick's one write on its way is its job's create, so a thousand definitions on one schedule get their jobs
+/// within the creates' own time after the tick, not the claims' and the creates'. Not ahead when the decision belongs
+/// to the tick itself (`Forbid` skips a tick whose predecessor is still unfinished then), nor for ticks less than
+/// twice `ahead` apart; and never more than half the way back to `since`. Both halves together are what lets the
+/// replica that claimed `since` ahead create its job from the claim as written for a while after it
+/// ([`armed_past_tick`]): that replica's lead was at most half the gap to `next`, and `next` is claimed no sooner than
+/// halfway, whatever `--recurring-claim-ahead` the replica that claims it runs with (they may differ, as during a
+/// rolling change of the flag).
 pub fn lead(
     def: &RecurringBackgroundJob,
     schedule: &Schedule,
     tz: &jiff::tz::TimeZone,
     next: Timestamp,
+    since: Timestamp,
     ahead: Duration,
 ) -> Duration {
     if ahead.is_zero() || def.spec.concurrency_policy == RecurringConcurrencyPolicy::Forbid {
         return Duration::ZERO;
     }
     let gap = schedule.next_after(next, tz).map(|after| after.duration_since(next).unsigned_abs());
-    match gap {
+    let lead = match gap {
         Some(gap) if gap >= ahead * 2 => ahead,
         _ => Duration::ZERO,
-    }
+    };
+    let halfway_back = if next > since { next.duration_since(since).unsigned_abs() / 2 } else { Duration::ZERO };
+    lead.min(halfway_back)
 }
 
-/// The lead of `def`'s claimed tick (`lastScheduleTime`), as [`lead`] gives it; zero if the schedule is unusable.
+/// The lead of `def`'s claimed tick (`lastScheduleTime`), as [`lead`] gave it to the claim (which recorded what it
+/// replaced as `previousScheduleTime`); zero if the schedule is unusable, or if what the claim replaced is not on
+/// record (a CRD from before `previousScheduleTime`): the tick's job is then created after a read.
 fn tick_lead(def: &RecurringBackgroundJob, ahead: Duration) -> Duration {
-    let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
-    match (tick, usable_schedule(def)) {
-        (Some(tick), Some((schedule, tz))) => lead(def, &schedule, &tz, tick, ahead),
+    let status = def.status.as_ref();
+    let tick = status.and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
+    let since = status.and_then(|s| s.previous_schedule_time.as_ref()).map(|t| t.0);
+    match (tick, since, usable_schedule(def)) {
+        (Some(tick), Some(since), Some((schedule, tz))) => lead(def, &schedule, &tz, tick, since, ahead),
         _ => Duration::ZERO,
     }
 }
@@ -244,7 +255,7 @@ pub fn plan(
         // None due: the next one, claimed once it is within its lead. After `since`, should a tick claimed ahead
         // and done still lie ahead (its job was created early by an operator without claims ahead).
         let Some(next) = schedule.next_after(now.max(since), &tz) else { return Plan::Idle(None) };
-        let claim_at = next.checked_sub(lead(def, &schedule, &tz, next, ahead)).unwrap_or(next);
+        let claim_at = next.checked_sub(lead(def, &schedule, &tz, next, since, ahead)).unwrap_or(next);
         if claim_at <= now {
             return Plan::Claim { tick: next, skip: None, catch_up: false };
         }
@@ -383,17 +394,17 @@ pub struct Armed {
     /// The member Lease it was written under.
     pub fence: Arc<crate::lease::Keeper>,
     /// The latest it may be used, up to the create: the tick plus [`armed_past_tick`] of its lead. The next tick is
-    /// claimed no sooner than a lead after this one (ticks claimed ahead are at least two leads apart), so until then
-    /// the job of this one cannot have been made, finished and deleted by anyone, even by a replica whose clock is
-    /// ahead of this one's by as much as replicas' clocks may disagree.
+    /// claimed no sooner than a lead after this one ([`lead`]), so until then the job of this one cannot have been
+    /// made, finished and deleted by anyone, even by a replica whose clock is ahead of this one's by as much as
+    /// replicas' clocks may disagree.
     pub until: Instant,
 }
 
 /// How long after its tick a claim carried to it ([`Armed`]) may still be used, given the tick's `lead`; None: not
-/// at all (the definition is read at the tick). The next tick is at least two leads after this one, so its claim,
-/// by whichever replica owns the definition then, comes no sooner than a lead after this tick by that replica's
-/// clock, which may be [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's: the claim carried here must be
-/// used before. At most half the lead, as a 10 s lead has always had; a lead of 4.5 s or less leaves nothing, and
+/// at all (the definition is read at the tick). The next tick is at least two leads after this one, and is claimed
+/// no sooner than halfway to it ([`lead`]), whatever lead the replica that owns the definition then claims with: so
+/// that claim comes no sooner than a lead after this tick by that replica's clock, which may be
+/// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's: the claim carried here must be used before. At most half the lead, as a 10 s lead has always had; a lead of 4.5 s or less leaves nothing, and
 /// its tick's job is created after a read. The window is checked when the create is sent: a create still on its way
 /// when the next owner may claim (0.5 s later at the default lead) is the case docs/usage.md ("What is left") names,
 /// which also needs that owner to run and delete the job first.
@@ -1228,6 +1239,70 @@ mod tests {
             Plan::Idle(Some(Duration::from_secs(5))),
             "0: off"
         );
+    }
+
+    /// When `plan` first claims the next tick of `d` (every job known to exist), looking from `from` on: the tick,
+    /// and the instant it is claimed (`from` if it is due to be claimed already).
+    fn next_claim(d: &RecurringBackgroundJob, from: Timestamp, ahead: Duration) -> (Timestamp, Timestamp) {
+        let known = |_: &str| true;
+        match super::plan(d, &[], known, from, ahead) {
+            Plan::Claim { tick, .. } => (tick, from),
+            Plan::Idle(Some(wait)) => {
+                let at = from.checked_add(wait).unwrap();
+                match super::plan(d, &[], known, at, ahead) {
+                    Plan::Claim { tick, .. } => (tick, at),
+                    other => panic!("not claimed once the wait is over: {other:?}"),
+                }
+            }
+            other => panic!("neither claimed nor waiting: {other:?}"),
+        }
+    }
+
+    /// `d` with `tick` claimed, as [`Pass::claim_tick`] writes it.
+    fn claimed(d: &RecurringBackgroundJob, tick: Timestamp) -> RecurringBackgroundJob {
+        let mut c = d.clone();
+        let mut status = c.status.clone().unwrap_or_default();
+        claim(&mut status, tick, Some(&job_name("report", tick)), None);
+        status.previous_schedule_time = handled_until(d).map(Time);
+        c.status = Some(status);
+        c
+    }
+
+    #[test]
+    fn the_next_tick_is_claimed_after_the_claim_carried_to_the_tick_before_expires_whatever_lead_each_replica_runs_with()
+     {
+        use crate::clock::REPLICAS_AGREE_WITHIN as AGREE;
+        // One replica claims each tick with its lead; the one that owns the definition next claims the tick after it
+        // with another (a rolling change of --recurring-claim-ahead, or two versions of the chart). Irregular
+        // schedules make the gap before a tick shorter than the one after it.
+        let schedules = ["0,10 * * * * *", "0,5,30 * * * * *", "*/20 * * * * *", "0 0,1 * * * *", "0 9,10 * * *"];
+        let aheads = [1, 5, 9, 10, 30, 60, 600, 1800, 3600].map(Duration::from_secs);
+        for schedule in schedules {
+            for (first, second) in aheads.iter().flat_map(|a| aheads.iter().map(move |b| (*a, *b))) {
+                let mut d = def(schedule, serde_json::json!({}));
+                let mut from = t(0);
+                for _ in 0..6 {
+                    let (tick, at) = next_claim(&d, from, first);
+                    let now_claimed = claimed(&d, tick);
+                    let lead = tick_lead(&now_claimed, first);
+                    assert_eq!(
+                        tick.duration_since(at).unsigned_abs(),
+                        lead,
+                        "{schedule}: the lead recorded is the one used"
+                    );
+                    if let Some(past) = armed_past_tick(lead) {
+                        let usable_until = tick.checked_add(past).unwrap();
+                        let (after, next_at) = next_claim(&now_claimed, tick, second);
+                        assert!(
+                            next_at.duration_since(usable_until).unsigned_abs() >= AGREE && next_at > usable_until,
+                            "{schedule}, leads {first:?} then {second:?}: tick {tick} was usable until {usable_until}, \
+                             yet tick {after} was claimed at {next_at}"
+                        );
+                    }
+                    (d, from) = (now_claimed, tick);
+                }
+            }
+        }
     }
 
     #[test]

@@ -688,6 +688,59 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
     );
 }
 
+/// A tick is claimed ahead no sooner than halfway from the tick before it, whatever `--recurring-claim-ahead` says:
+/// the replica that claimed that one may create its job from the claim as written until up to half their gap after
+/// it, less what replicas' clocks may disagree, whatever lead it ran with (`recurring::lead` says why). Ticks at :00,
+/// :10 and :30 of each minute, claimed 10 s ahead: :10 (10 s after :00) halfway, at :05; :30 (20 s after :10) the
+/// whole 10 s ahead. Before, :10 was claimed as soon as :00's job was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_soon_after_the_one_before_is_claimed_no_sooner_than_halfway_from_it() {
+    let env = TestEnv::new("rec-halfway").await;
+    let _r = env.replica("r", &["--job-execution-enabled", "false", "--recurring-claim-ahead", "10s"]);
+    define(
+        &env,
+        "uneven",
+        json!({"schedule": "0,10,30 * * * * *", "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    )
+    .await;
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    // When each claim was first seen (Unix seconds), by tick; only ticks whose claim this watch can have seen made.
+    let watched_from = unix_now() + 1.0;
+    let mut seen: BTreeMap<i64, f64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let complete = |seen: &BTreeMap<i64, f64>, second: i64| seen.keys().any(|t| t.rem_euclid(60) == second);
+    while !(complete(&seen, 10) && complete(&seen, 30)) {
+        assert!(Instant::now() < deadline, "no claim of a :10 and a :30 tick seen: {seen:?}");
+        let def = api.get("uneven").await.expect("get definition");
+        let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0.as_second());
+        let now = unix_now();
+        if let Some(tick) = tick.filter(|t| *t as f64 - 10.0 > watched_from) {
+            seen.entry(tick).or_insert(now);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "claims seen (tick: seconds before it): {:?}",
+        seen.iter().map(|(t, at)| (t, *t as f64 - at)).collect::<Vec<_>>()
+    );
+    for (tick, at) in &seen {
+        let ahead = *tick as f64 - at;
+        match tick.rem_euclid(60) {
+            10 => assert!(ahead <= 5.5, "tick {tick}, 10 s after the one before: claimed {ahead:.2} s ahead"),
+            30 => assert!(ahead >= 5.0, "tick {tick}, 20 s after the one before: claimed only {ahead:.2} s ahead"),
+            _ => {}
+        }
+    }
+    sleep_until_unix(*seen.keys().max().unwrap() as f64 + 2.0).await;
+    let jobs = by_definition(&env.list().await).remove("uneven").unwrap_or_default();
+    for tick in seen.keys() {
+        let made = jobs.get(tick).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(made.len(), 1, "tick {tick}: {:?}", names(made));
+        assert!(made[0].created >= *tick, "tick {tick}: job created at {}, before it was due", made[0].created);
+    }
+}
+
 /// A larger `jitterSeconds` set after a tick was claimed ahead takes the claim back, and moves the definition's clock
 /// back past ticks that already ran: none of them runs again (every 10 s, claimed 4 s ahead, then a jitter whose
 /// offset is 20 to 30 s, history 0 so that their jobs are gone).
