@@ -168,10 +168,10 @@ pub struct OperatorConfig {
     /// Claim a recurring tick (record it in the definition's status) up to this long before it is due, so that the
     /// only API write left when it comes is its job's create: a thousand definitions on one schedule then get their
     /// jobs in about the time of a thousand creates. Applies to schedules whose ticks are at least twice this far
-    /// apart, and never more than half the way back to the tick before. An edit of the definition's spec before the
-    /// tick is due takes the claim back, so a suspend or a new schedule applies at once. Not to `concurrencyPolicy:
-    /// Forbid` (decided at the tick). Replicas may run with different values (as while a change of it rolls out); at
-    /// most 1h. `0` claims each tick when it is due. At 4.5s or less, the definition is read again at the tick before
+    /// apart, and never sooner than halfway from the tick claimed before. An edit of the definition's spec before
+    /// the tick is due takes the claim back, so a suspend or a new schedule applies at once. Not to
+    /// `concurrencyPolicy: Forbid` (decided at the tick). Replicas may run with different values (as while a change
+    /// of it rolls out); at most 1h. `0` claims each tick when it is due. At 4.5s or less, the definition is read again at the tick before
     /// its job is created (replicas' clocks may disagree by that much): one more read per tick.
     #[arg(long, default_value = "10s", env = "BGJOBS_RECURRING_CLAIM_AHEAD")]
     pub recurring_claim_ahead: HumanDuration,

@@ -166,45 +166,49 @@ fn shifted(def: &RecurringBackgroundJob, now: Timestamp) -> Timestamp {
     now.checked_sub(SignedDuration::try_from(offset).unwrap_or(SignedDuration::ZERO)).unwrap_or(now)
 }
 
-/// How long before tick `next` it is claimed, given `ahead` (`--recurring-claim-ahead`) and `since`, the latest tick
-/// handled before it (the claim `next`'s claim replaces; the definition's creation before a first claim): claimed
-/// ahead, a tick's one write on its way is its job's create, so a thousand definitions on one schedule get their jobs
-/// within the creates' own time after the tick, not the claims' and the creates'. Not ahead when the decision belongs
-/// to the tick itself (`Forbid` skips a tick whose predecessor is still unfinished then), nor for ticks less than
-/// twice `ahead` apart; and never more than half the way back to `since`. Both halves together are what lets the
-/// replica that claimed `since` ahead create its job from the claim as written for a while after it
-/// ([`armed_past_tick`]): that replica's lead was at most half the gap to `next`, and `next` is claimed no sooner than
-/// halfway, whatever `--recurring-claim-ahead` the replica that claims it runs with (they may differ, as during a
-/// rolling change of the flag).
+/// How long before tick `next` it is claimed, given `ahead` (`--recurring-claim-ahead`): claimed ahead, a tick's
+/// one write on its way is its job's create, so a thousand definitions on one schedule get their jobs within the
+/// creates' own time after the tick, not the claims' and the creates'. Not ahead when the decision belongs to the
+/// tick itself (`Forbid` skips a tick whose predecessor is still unfinished then), nor for ticks less than twice
+/// `ahead` apart: so a lead is at most half the gap to the tick after, whatever `ahead` it was given. The claim
+/// itself may come later ([`claim_at`]).
 pub fn lead(
     def: &RecurringBackgroundJob,
     schedule: &Schedule,
     tz: &jiff::tz::TimeZone,
     next: Timestamp,
-    since: Timestamp,
     ahead: Duration,
 ) -> Duration {
     if ahead.is_zero() || def.spec.concurrency_policy == RecurringConcurrencyPolicy::Forbid {
         return Duration::ZERO;
     }
     let gap = schedule.next_after(next, tz).map(|after| after.duration_since(next).unsigned_abs());
-    let lead = match gap {
+    match gap {
         Some(gap) if gap >= ahead * 2 => ahead,
         _ => Duration::ZERO,
-    };
-    let halfway_back = if next > since { next.duration_since(since).unsigned_abs() / 2 } else { Duration::ZERO };
-    lead.min(halfway_back)
+    }
 }
 
-/// The lead of `def`'s claimed tick (`lastScheduleTime`), as [`lead`] gave it to the claim (which recorded what it
-/// replaced as `previousScheduleTime`); zero if the schedule is unusable, or if what the claim replaced is not on
-/// record (a CRD from before `previousScheduleTime`): the tick's job is then created after a read.
+/// When tick `next` is claimed, given its `lead` and the claim it replaces (`lastScheduleTime`, if any): its lead
+/// before it, but never sooner than halfway from that one. The replica that claimed the tick before may create its job
+/// from its claim as written until up to half their gap after it, less what clocks may disagree ([`lead`],
+/// [`armed_past_tick`]); claimed no sooner than halfway, `next` leaves it that, whatever `--recurring-claim-ahead`
+/// each of the two replicas runs with (they may differ, as while a change of the flag rolls out).
+pub fn claim_at(next: Timestamp, lead: Duration, replaced: Option<Timestamp>) -> Timestamp {
+    let ahead = next.checked_sub(SignedDuration::try_from(lead).unwrap_or(SignedDuration::ZERO)).unwrap_or(next);
+    match replaced.filter(|before| *before < next) {
+        Some(before) => ahead.max(before.checked_add(next.duration_since(before) / 2).unwrap_or(next)),
+        None => ahead,
+    }
+}
+
+/// The lead of `def`'s claimed tick (`lastScheduleTime`), as [`lead`] gives it; zero if the schedule is unusable.
+/// Not shortened by [`claim_at`]: how long a claim carried to its tick may be used depends on when the next tick can
+/// be claimed, not on how early this one was.
 fn tick_lead(def: &RecurringBackgroundJob, ahead: Duration) -> Duration {
-    let status = def.status.as_ref();
-    let tick = status.and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
-    let since = status.and_then(|s| s.previous_schedule_time.as_ref()).map(|t| t.0);
-    match (tick, since, usable_schedule(def)) {
-        (Some(tick), Some(since), Some((schedule, tz))) => lead(def, &schedule, &tz, tick, since, ahead),
+    let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
+    match (tick, usable_schedule(def)) {
+        (Some(tick), Some((schedule, tz))) => lead(def, &schedule, &tz, tick, ahead),
         _ => Duration::ZERO,
     }
 }
@@ -250,16 +254,17 @@ pub fn plan(
         return Plan::Idle(None);
     }
     let since = handled_until(def).unwrap_or(now);
+    let replaced = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
     // Only the latest missed tick matters, however many were missed.
     let Some(tick) = schedule.latest_between(since, now, &tz) else {
         // None due: the next one, claimed once it is within its lead. After `since`, should a tick claimed ahead
         // and done still lie ahead (its job was created early by an operator without claims ahead).
         let Some(next) = schedule.next_after(now.max(since), &tz) else { return Plan::Idle(None) };
-        let claim_at = next.checked_sub(lead(def, &schedule, &tz, next, since, ahead)).unwrap_or(next);
-        if claim_at <= now {
+        let at = claim_at(next, lead(def, &schedule, &tz, next, ahead), replaced);
+        if at <= now {
             return Plan::Claim { tick: next, skip: None, catch_up: false };
         }
-        return Plan::Idle(Some(claim_at.duration_since(now).unsigned_abs()));
+        return Plan::Idle(Some(at.duration_since(now).unsigned_abs()));
     };
     let late = now.duration_since(tick);
     let skip = match (def.spec.starting_deadline_seconds, def.spec.concurrency_policy) {
@@ -394,20 +399,21 @@ pub struct Armed {
     /// The member Lease it was written under.
     pub fence: Arc<crate::lease::Keeper>,
     /// The latest it may be used, up to the create: the tick plus [`armed_past_tick`] of its lead. The next tick is
-    /// claimed no sooner than a lead after this one ([`lead`]), so until then the job of this one cannot have been
+    /// claimed no sooner than a lead after this one ([`claim_at`]), so until then the job of this one cannot have been
     /// made, finished and deleted by anyone, even by a replica whose clock is ahead of this one's by as much as
     /// replicas' clocks may disagree.
     pub until: Instant,
 }
 
 /// How long after its tick a claim carried to it ([`Armed`]) may still be used, given the tick's `lead`; None: not
-/// at all (the definition is read at the tick). The next tick is at least two leads after this one, and is claimed
-/// no sooner than halfway to it ([`lead`]), whatever lead the replica that owns the definition then claims with: so
-/// that claim comes no sooner than a lead after this tick by that replica's clock, which may be
-/// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's: the claim carried here must be used before. At most half the lead, as a 10 s lead has always had; a lead of 4.5 s or less leaves nothing, and
-/// its tick's job is created after a read. The window is checked when the create is sent: a create still on its way
-/// when the next owner may claim (0.5 s later at the default lead) is the case docs/usage.md ("What is left") names,
-/// which also needs that owner to run and delete the job first.
+/// at all (the definition is read at the tick). The next tick is at least two leads after this one ([`lead`]) and is
+/// claimed no sooner than halfway to it ([`claim_at`]), whatever lead the replica that owns the definition then runs
+/// with: so no sooner than a lead after this tick by that replica's clock, which may be
+/// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's. The claim carried here must be used before. At most
+/// half the lead, as a 10 s lead has always had; a lead of 4.5 s or less leaves nothing, and its tick's job is
+/// created after a read. The window is checked when the create is sent: a create still on its way when the next owner
+/// may claim (0.5 s later at the default lead) is the case docs/usage.md ("What is left") names, which also needs that
+/// owner to run and delete the job first.
 pub fn armed_past_tick(lead: Duration) -> Option<Duration> {
     let past = (lead / 2).min(lead.saturating_sub(crate::clock::REPLICAS_AGREE_WITHIN));
     (!past.is_zero()).then_some(past)
@@ -1272,29 +1278,26 @@ mod tests {
     fn the_next_tick_is_claimed_after_the_claim_carried_to_the_tick_before_expires_whatever_lead_each_replica_runs_with()
      {
         use crate::clock::REPLICAS_AGREE_WITHIN as AGREE;
-        // One replica claims each tick with its lead; the one that owns the definition next claims the tick after it
-        // with another (a rolling change of --recurring-claim-ahead, or two versions of the chart). Irregular
-        // schedules make the gap before a tick shorter than the one after it.
+        // One replica claims a tick with its lead; the one that owns the definition next claims the tick after it with
+        // another (a rolling change of --recurring-claim-ahead). Either may carry the claim of the first tick to it:
+        // the one that claimed it, or the other after reading the claim. Irregular schedules make the gap before a
+        // tick shorter than the one after it; definitions are created on a tick and between ticks.
         let schedules = ["0,10 * * * * *", "0,5,30 * * * * *", "*/20 * * * * *", "0 0,1 * * * *", "0 9,10 * * *"];
         let aheads = [1, 5, 9, 10, 30, 60, 600, 1800, 3600].map(Duration::from_secs);
-        for schedule in schedules {
+        for (schedule, created) in schedules.into_iter().flat_map(|s| [(s, 0), (s, 3), (s, 7)]) {
             for (first, second) in aheads.iter().flat_map(|a| aheads.iter().map(move |b| (*a, *b))) {
                 let mut d = def(schedule, serde_json::json!({}));
-                let mut from = t(0);
+                d.metadata.creation_timestamp = Some(Time(t(created)));
+                let mut from = t(created);
                 for _ in 0..6 {
-                    let (tick, at) = next_claim(&d, from, first);
+                    let (tick, _) = next_claim(&d, from, first);
                     let now_claimed = claimed(&d, tick);
-                    let lead = tick_lead(&now_claimed, first);
-                    assert_eq!(
-                        tick.duration_since(at).unsigned_abs(),
-                        lead,
-                        "{schedule}: the lead recorded is the one used"
-                    );
-                    if let Some(past) = armed_past_tick(lead) {
+                    let carried = [first, second].map(|ahead| armed_past_tick(tick_lead(&now_claimed, ahead)));
+                    if let Some(past) = carried.into_iter().flatten().max() {
                         let usable_until = tick.checked_add(past).unwrap();
                         let (after, next_at) = next_claim(&now_claimed, tick, second);
                         assert!(
-                            next_at.duration_since(usable_until).unsigned_abs() >= AGREE && next_at > usable_until,
+                            next_at > usable_until && next_at.duration_since(usable_until).unsigned_abs() >= AGREE,
                             "{schedule}, leads {first:?} then {second:?}: tick {tick} was usable until {usable_until}, \
                              yet tick {after} was claimed at {next_at}"
                         );
@@ -1303,6 +1306,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_tick_is_claimed_its_whole_lead_ahead_unless_that_is_more_than_halfway_back_to_the_claim_it_replaces() {
+        let every_minute = def("* * * * *", serde_json::json!({}));
+        // A first claim replaces none: the whole lead, however soon after the definition was made.
+        let mut fresh = every_minute.clone();
+        fresh.metadata.creation_timestamp = Some(Time(t(55)));
+        assert_eq!(
+            super::plan(&fresh, &[], none, t(55), AHEAD),
+            Plan::Claim { tick: t(60), skip: None, catch_up: false }
+        );
+        // Ticks a minute apart: the whole 10 s.
+        let d = with_last(every_minute.clone(), 0);
+        assert_eq!(super::plan(&d, &[], none, t(49), AHEAD), Plan::Idle(Some(Duration::from_secs(1))));
+        // Ticks at :00 and :10 (then 50 s to the next): :10 is claimed halfway from :00, at :05, not 10 s ahead.
+        let uneven = with_last(def("0,10 * * * * *", serde_json::json!({})), 0);
+        assert_eq!(super::plan(&uneven, &[], none, t(1), AHEAD), Plan::Idle(Some(Duration::from_secs(4))));
+        assert_eq!(
+            super::plan(&uneven, &[], none, t(5), AHEAD),
+            Plan::Claim { tick: t(10), skip: None, catch_up: false }
+        );
+        // Its claim may still be carried to it: how long depends on when the next tick can be claimed.
+        assert_eq!(tick_lead(&claimed(&uneven, t(10)), AHEAD), AHEAD);
     }
 
     #[test]

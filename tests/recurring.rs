@@ -705,10 +705,11 @@ async fn a_tick_soon_after_the_one_before_is_claimed_no_sooner_than_halfway_from
     )
     .await;
     let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
-    // When each claim was first seen (Unix seconds), by tick; only ticks whose claim this watch can have seen made.
-    let watched_from = unix_now() + 1.0;
+    // When each claim was first seen (Unix seconds), by tick; only ticks whose claim the replica, started by now,
+    // and this watch can have seen made.
+    let watched_from = unix_now() + 10.0;
     let mut seen: BTreeMap<i64, f64> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(150);
+    let deadline = Instant::now() + Duration::from_secs(160);
     let complete = |seen: &BTreeMap<i64, f64>, second: i64| seen.keys().any(|t| t.rem_euclid(60) == second);
     while !(complete(&seen, 10) && complete(&seen, 30)) {
         assert!(Instant::now() < deadline, "no claim of a :10 and a :30 tick seen: {seen:?}");
@@ -727,7 +728,10 @@ async fn a_tick_soon_after_the_one_before_is_claimed_no_sooner_than_halfway_from
     for (tick, at) in &seen {
         let ahead = *tick as f64 - at;
         match tick.rem_euclid(60) {
-            10 => assert!(ahead <= 5.5, "tick {tick}, 10 s after the one before: claimed {ahead:.2} s ahead"),
+            10 => assert!(
+                (2.5..=5.5).contains(&ahead),
+                "tick {tick}, 10 s after the one before: claimed {ahead:.2} s ahead, not about 5"
+            ),
             30 => assert!(ahead >= 5.0, "tick {tick}, 20 s after the one before: claimed only {ahead:.2} s ahead"),
             _ => {}
         }
