@@ -10,6 +10,7 @@
 //! Whatever ends it, `ctx.cancel` fires before the executor's future is dropped, so work the handler moved to
 //! threads or tasks learns of it too.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -296,12 +297,16 @@ async fn run_claimed(
     };
     let started = worker.clock.now();
     let (limit, limit_is_deadline) = attempt_limit(&job, started);
+    // A Pod that does not stop once deleted (its node unreachable) keeps this attempt's slots: said once per wait.
+    let not_stopping = PodNotStopping { worker, job: &job, told: AtomicBool::new(false) };
+    let tell_not_stopping = |pod: &str| not_stopping.tell(pod);
     let ending = if let Some(reason) = control.begin(job.spec.http.is_some()) {
         Ending::NotStarted(reason)
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
-        let exec = executor::execute(&job, ctx, &worker.registry, &worker.http, &worker.pods, &worker.client, started);
+        let overdue = not_stopping.overdue(&tell_not_stopping);
+        let exec = executor::execute(&job, ctx, worker, started, &overdue);
         // A panicking handler fails its attempt like any other permanent error; the replica carries on.
         let mut exec = Box::pin(std::panic::AssertUnwindSafe(exec).catch_unwind().map(|r| {
             r.unwrap_or_else(|p| {
@@ -324,6 +329,7 @@ async fn run_claimed(
             _ = control.leadership_lost() => Ending::Stopped(StopReason::NotLeader),
         };
         cancel.cancel();
+        not_stopping.done();
         ending
     };
     // An HTTP request the stop cut off before its answer came may still run at the endpoint.
@@ -369,23 +375,28 @@ async fn run_claimed(
             // attempt may run once its outcome is recorded, nor beside a retry's. A shutdown meanwhile hands the
             // attempt over: its adopter, or a replica settling it, does the same.
             let may_act = || hold.is_current();
-            tokio::select! {
+            let overdue = not_stopping.overdue(&tell_not_stopping);
+            let handed_over = tokio::select! {
                 biased;
                 _ = hold.lost() => {
                     warn!(
                         "the claim ran out while the attempt's pod was stopping, or a create of it could still land; \
                          the adopter finishes"
                     );
-                    return Handover::PodRunsOn;
+                    true
                 }
                 _ = control.shutdown.cancelled() => {
                     warn!(
                         "shutting down while the attempt's pod was stopping, or a create of it could still land; \
                          handed over"
                     );
-                    return Handover::PodRunsOn;
+                    true
                 }
-                _ = executor::pod::stop(&worker.client, &job, fence.attempt, settled_by, &may_act) => {}
+                _ = executor::pod::stop(&worker.client, &job, fence.attempt, settled_by, &may_act, &overdue) => false,
+            };
+            not_stopping.done();
+            if handed_over {
+                return Handover::PodRunsOn;
             }
         }
     }
@@ -550,6 +561,47 @@ async fn record(
         }
     }
     Ok(true)
+}
+
+/// Says once per wait that an attempt's Pod, deleted, has not stopped a lease duration past its grace period (a
+/// `PodNotStopping` Warning Event, a log line), and counts it in `bgjobs_pods_not_stopping` until the wait ends.
+struct PodNotStopping<'a> {
+    worker: &'a Worker,
+    job: &'a BackgroundJob,
+    told: AtomicBool,
+}
+
+impl PodNotStopping<'_> {
+    fn overdue<'f>(&self, tell: &'f (dyn Fn(&str) + Sync)) -> executor::pod::Overdue<'f> {
+        executor::pod::Overdue { after: self.worker.timing.duration, report: tell }
+    }
+
+    fn tell(&self, pod: &str) {
+        if self.told.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.worker.metrics.pods_overdue.inc();
+        warn!(%pod, "the attempt's pod was deleted and has not stopped a lease duration past its grace period");
+        let note = format!(
+            "pod {pod} was deleted and has not stopped a lease duration past its grace period: its node is most likely \
+             unreachable. The attempt keeps its slots until the pod stops or is gone; once the node is known to be \
+             down, `kubectl delete pod {pod} --grace-period=0 --force` removes it"
+        );
+        self.worker.event_on(self.job, EventType::Warning, "PodNotStopping", note);
+    }
+
+    /// The wait has ended.
+    fn done(&self) {
+        if self.told.swap(false, Ordering::Relaxed) {
+            self.worker.metrics.pods_overdue.dec();
+        }
+    }
+}
+
+impl Drop for PodNotStopping<'_> {
+    fn drop(&mut self) {
+        self.done();
+    }
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 9] = [
+    const PROBLEMS: [&str; 10] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -50,6 +50,7 @@ mod tests {
         "TickSkipped",
         "TickNotClaimed",
         "JobNotCreated",
+        "PodNotStopping",
     ];
 
     #[test]

@@ -15,19 +15,18 @@ use crate::retry::AttemptResult;
 
 /// Run one attempt of `job` with the executor its spec selects, starting at the cluster's time `now`
 /// ([`crate::clock`]). The HTTP and Pod executors check their policy ([`crate::policy`]) before they send or create
-/// anything.
+/// anything. A Pod that does not stop once deleted is reported to `overdue`.
 pub async fn execute(
     job: &BackgroundJob,
     ctx: JobContext,
-    registry: &Registry,
-    http: &http::HttpExecutor,
-    pods: &pod::PodExecutor,
-    client: &kube::Client,
+    worker: &crate::worker::Worker,
     now: jiff::Timestamp,
+    overdue: &pod::Overdue<'_>,
 ) -> AttemptResult {
+    let (registry, http, pods, client) = (&worker.registry, &worker.http, &worker.pods, &worker.client);
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
     if job.spec.template.is_some() {
-        return pod::run(client, pods, job, &ctx, now).await;
+        return pod::run(client, pods, job, &ctx, now, overdue).await;
     }
     if let Some(target) = &job.spec.http {
         // An attempt adopted while it waited for its worker's report is not sent again: the worker has it.

@@ -170,13 +170,15 @@ impl PodExecutor {
     }
 }
 
-/// Run (or adopt) the Pod of this attempt and wait for it to finish; `now` is the cluster's time.
+/// Run (or adopt) the Pod of this attempt and wait for it to finish; `now` is the cluster's time. A Pod deleted by
+/// someone else (an eviction) that does not stop is reported to `overdue`.
 pub async fn run(
     client: &Client,
     executor: &PodExecutor,
     job: &BackgroundJob,
     ctx: &JobContext,
     now: jiff::Timestamp,
+    overdue: &Overdue<'_>,
 ) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
@@ -189,7 +191,7 @@ pub async fn run(
         Ok(uid) => uid,
         Err(ended) => return ended,
     };
-    match until_stopped(&pods, &name, &uid).await {
+    match until_stopped(&pods, &name, &uid, overdue).await {
         Some(pod) => outcome(&pod),
         None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
@@ -510,14 +512,29 @@ fn finished(pod: &Pod) -> bool {
 /// confirms it is gone (absent, or the name holds another Pod). Nothing else ends the wait: a broken watch (410
 /// Gone, a reset connection, a failed re-list) is watched again with backoff, and a watch that says "gone" (it may
 /// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced by
-/// the watcher's idle timeout (about 5 minutes). The attempt runner bounds the whole wait.
-async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
+/// the watcher's idle timeout (about 5 minutes). The attempt runner bounds the whole wait. A Pod seen being deleted
+/// that is still not stopped `overdue.after` past its grace period is reported to `overdue` (once).
+async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue<'_>) -> Option<Pod> {
     let mut watch = std::pin::pin!(watch_object(pods.clone(), name).default_backoff());
-    while let Some(event) = watch.next().await {
+    let mut overdue_at: Option<Instant> = None;
+    let mut told = false;
+    loop {
+        let event = tokio::select! {
+            event = watch.next() => event,
+            _ = sleep_until(overdue_at), if !told => {
+                told = true;
+                (overdue.report)(name);
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
         match event {
             Ok(Some(pod)) if pod.uid().as_deref() == Some(uid) => {
                 if finished(&pod) {
                     return Some(pod);
+                }
+                if overdue_at.is_none() && pod.metadata.deletion_timestamp.is_some() {
+                    overdue_at = Some(Instant::now() + grace_period(&pod) + overdue.after);
                 }
             }
             Ok(_) => match read(pods, name, uid).await {
@@ -534,6 +551,21 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
             ended => return ended,
         }
     }
+}
+
+/// Sleep until `at`; for ever without it.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a Pod being deleted has to stop before it is killed: as the deletion set it, or as its spec says.
+fn grace_period(pod: &Pod) -> Duration {
+    let spec = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds);
+    let seconds = pod.metadata.deletion_grace_period_seconds.or(spec).unwrap_or(30);
+    Duration::from_secs(seconds.max(0) as u64)
 }
 
 /// The Pod `uid` as a quorum read sees it (retried with backoff until it answers); `None` once it is gone.
@@ -593,6 +625,17 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
     AttemptResult::Retryable(format!("pod {} failed: {detail}", pod.name_any()))
 }
 
+/// Who is told about an attempt's Pod, deleted (by [`stop`], or by anyone: an eviction), that has not stopped `after`
+/// its termination grace period: its node is most likely unreachable (a kubelet that does not answer kills nothing),
+/// and the wait, with the attempt's slots, lasts until the node comes back or the Pod is removed by force. Told once
+/// per wait, with the Pod's name; the wait goes on.
+pub struct Overdue<'a> {
+    /// How long past the grace period.
+    pub after: Duration,
+    /// Called with the Pod's name.
+    pub report: &'a (dyn Fn(&str) + Sync),
+}
+
 /// Stop the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion), and any Pod a create of it
 /// still in flight makes, until `settled_by`, when none can land any more (see [`PodExecutor::settled_by`] for the
 /// replica that sent them, [`no_create_lands_after`] for any other). Returns once no Pod of the job under that name
@@ -612,6 +655,7 @@ pub async fn stop(
     attempt: i32,
     settled_by: Instant,
     may_act: &(dyn Fn() -> bool + Sync),
+    overdue: &Overdue<'_>,
 ) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
@@ -633,7 +677,7 @@ pub async fn stop(
             // Being deleted, or finished already: a finished Pod is left for inspection, and may still be removed (by
             // hand, by the terminated-pod garbage collector) before `settled_by`.
             Some(uid) => {
-                until_stopped(&pods, &name, &uid).await;
+                until_stopped(&pods, &name, &uid, overdue).await;
                 stopped = Some(uid);
             }
             // Gone between the two reads (or a delete answered so while the Pod stays): look again in a moment.

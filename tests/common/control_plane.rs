@@ -5,19 +5,28 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// kube-controller-manager frozen with SIGSTOP (no garbage collection, no Job or node controllers) until this is
+/// A process of the local cluster (by its PID file, [`control_plane_pid`]) frozen with SIGSTOP until this is
 /// dropped, which sends SIGCONT, also when the test panics. A watchdog process sends SIGCONT after `at_most` in case
 /// the test process dies without unwinding (`kill -9`, a harness timeout); it runs in its own process group, so a
 /// Ctrl-C of the test run does not kill it.
-pub struct ControllerManagerPaused {
+pub struct Paused {
     pid: u32,
     watchdog: Child,
 }
 
-impl ControllerManagerPaused {
+/// kube-controller-manager frozen (no garbage collection, no Job or node controllers).
+pub type ControllerManagerPaused = Paused;
+
+impl Paused {
     /// Freeze kube-controller-manager for at most `at_most`.
-    pub fn new(at_most: Duration) -> ControllerManagerPaused {
-        let pid = control_plane_pid("kube-controller-manager");
+    pub fn new(at_most: Duration) -> Paused {
+        Paused::process("kube-controller-manager", at_most)
+    }
+
+    /// Freeze the cluster's process `name` (`kubelet`: a node that stops answering, its containers running on) for
+    /// at most `at_most`.
+    pub fn process(name: &str, at_most: Duration) -> Paused {
+        let pid = control_plane_pid(name);
         let watchdog = Command::new("sh")
             .args(["-c", &format!("sleep {}; kill -CONT {pid}", at_most.as_secs().max(1))])
             .process_group(0)
@@ -26,11 +35,11 @@ impl ControllerManagerPaused {
             .spawn()
             .expect("start the SIGCONT watchdog");
         assert!(signal(pid, "-STOP"), "kill -STOP {pid} failed");
-        ControllerManagerPaused { pid, watchdog }
+        Paused { pid, watchdog }
     }
 }
 
-impl Drop for ControllerManagerPaused {
+impl Drop for Paused {
     fn drop(&mut self) {
         if !signal(self.pid, "-CONT") {
             eprintln!("kill -CONT {} failed: the watchdog will try again", self.pid);
