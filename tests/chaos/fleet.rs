@@ -41,6 +41,8 @@ pub struct MemberSpec {
     pub kubeconfig: PathBuf,
     /// Its clock runs this many ms ahead (libfaketime), 0 for the real clock.
     pub clock_offset_ms: i64,
+    /// Its `--recurring-claim-ahead`: members differ, as while a change of it rolls out.
+    pub claim_ahead: &'static str,
     /// A word for how it reaches the apiserver, for the run's log.
     pub via: &'static str,
 }
@@ -95,6 +97,7 @@ impl Fleet {
             .args(common::FAST_LEASES)
             // The checker audits every job at the end of the run: none may be deleted by retention before.
             .args(["--retention", "finished=never"])
+            .args(["--recurring-claim-ahead", m.spec.claim_ahead])
             .args(&self.flags)
             .env("KUBECONFIG", &m.spec.kubeconfig)
             .env("RUST_LOG", "info,bgjobs=debug,kube=warn")

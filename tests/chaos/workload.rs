@@ -95,7 +95,11 @@ pub struct Workload {
     next: u32,
 }
 
-const DEFINITIONS: [&str; 2] = ["every-3s", "every-5s"];
+/// The recurring definitions and their schedules. `uneven` (ticks 8 s, then 22 s apart) is the one whose ticks are
+/// claimed ahead: :08 and :38 by each member's whole lead (3 to 10 s, `chaos::members`), but no sooner than halfway
+/// from the tick before; :00 and :30 only by a member whose lead is at most 4 s.
+const DEFINITIONS: [(&str, &str); 3] =
+    [("every-3s", "*/3 * * * * *"), ("every-5s", "*/5 * * * * *"), ("uneven", "0,8,30,38 * * * * *")];
 
 impl Workload {
     /// Every kind of job, Pod-mode jobs on `agent`'s node; without an agent, in-process jobs where Pod-mode jobs
@@ -111,9 +115,9 @@ impl Workload {
         }
     }
 
-    /// Two recurring definitions that make `record` jobs every few seconds.
+    /// The recurring definitions ([`DEFINITIONS`]): `record` jobs every few seconds.
     pub async fn define_recurring(&self) {
-        for (name, schedule) in DEFINITIONS.iter().zip(["*/3 * * * * *", "*/5 * * * * *"]) {
+        for (name, schedule) in DEFINITIONS {
             let def: RecurringBackgroundJob = serde_json::from_value(json!({
                 "apiVersion": "bgjobs.dev/v1", "kind": "RecurringBackgroundJob",
                 "metadata": {"name": name},
@@ -127,7 +131,7 @@ impl Workload {
 
     /// Suspend the definitions: no more ticks, so the run can drain.
     pub async fn stop_recurring(&self) {
-        for name in DEFINITIONS {
+        for (name, _) in DEFINITIONS {
             let suspend = Patch::Merge(json!({"spec": {"suspend": true}}));
             let _ = self.defs.patch(name, &PatchParams::default(), &suspend).await;
         }
