@@ -297,7 +297,8 @@ async fn run_claimed(
     };
     let started = worker.clock.now();
     let (limit, limit_is_deadline) = attempt_limit(&job, started);
-    // A Pod that does not stop once deleted (its node unreachable) keeps this attempt's slots: said once per wait.
+    // A Pod that does not stop once deleted (its node unreachable) keeps this attempt's slots: said once per attempt,
+    // whether it was deleted while the attempt ran (an eviction) or after it ended (the stop below).
     let not_stopping = PodNotStopping { worker, job: &job, told: AtomicBool::new(false) };
     let tell_not_stopping = |pod: &str| not_stopping.tell(pod);
     let ending = if let Some(reason) = control.begin(job.spec.http.is_some()) {
@@ -329,7 +330,6 @@ async fn run_claimed(
             _ = control.leadership_lost() => Ending::Stopped(StopReason::NotLeader),
         };
         cancel.cancel();
-        not_stopping.done();
         ending
     };
     // An HTTP request the stop cut off before its answer came may still run at the endpoint.
@@ -394,12 +394,13 @@ async fn run_claimed(
                 }
                 _ = executor::pod::stop(&worker.client, &job, fence.attempt, settled_by, &may_act, &overdue) => false,
             };
-            not_stopping.done();
             if handed_over {
                 return Handover::PodRunsOn;
             }
         }
     }
+    // A Pod reported while the attempt ran and stopped since, or after the ending: said once for both.
+    not_stopping.done();
     // An adoption stopped before it started still has its Pod or its reporting worker at work: handed over too,
     // never requeued (a requeue would start the next attempt beside it).
     let adoption_not_started = took_over && matches!(ending, Ending::NotStarted(_));
@@ -563,8 +564,9 @@ async fn record(
     Ok(true)
 }
 
-/// Says once per wait that an attempt's Pod, deleted, has not stopped a lease duration past its grace period (a
-/// `PodNotStopping` Warning Event, a log line), and counts it in `bgjobs_pods_not_stopping` until the wait ends.
+/// Says once per attempt that its Pod, deleted, has not stopped a lease duration past its grace period (a
+/// `PodNotStopping` Warning Event, a log line), and counts it in `bgjobs_pods_not_stopping` until the holder is done
+/// waiting for its Pods (the attempt's outcome is about to be recorded, or it is handed over).
 struct PodNotStopping<'a> {
     worker: &'a Worker,
     job: &'a BackgroundJob,
@@ -580,20 +582,20 @@ impl PodNotStopping<'_> {
         if self.told.swap(true, Ordering::Relaxed) {
             return;
         }
-        self.worker.metrics.pods_overdue.inc();
+        self.worker.metrics.pods_not_stopping.inc();
         warn!(%pod, "the attempt's pod was deleted and has not stopped a lease duration past its grace period");
         let note = format!(
             "pod {pod} was deleted and has not stopped a lease duration past its grace period: its node is most likely \
              unreachable. The attempt keeps its slots until the pod stops or is gone; once the node is known to be \
              down, `kubectl delete pod {pod} --grace-period=0 --force` removes it"
         );
-        self.worker.event_on(self.job, EventType::Warning, "PodNotStopping", note);
+        self.worker.event(self.job, EventType::Warning, "PodNotStopping", note);
     }
 
     /// The wait has ended.
     fn done(&self) {
         if self.told.swap(false, Ordering::Relaxed) {
-            self.worker.metrics.pods_overdue.dec();
+            self.worker.metrics.pods_not_stopping.dec();
         }
     }
 }

@@ -468,8 +468,8 @@ pub async fn settle(
         let until = held.written_at + timing.renew_deadline;
         let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
         let may_act = || std::time::Instant::now() < until;
-        // Bounded by the renew deadline, this look never waits long enough to find the Pod overdue; the holder's
-        // own wait, or a later look, would.
+        // Bounded by the renew deadline, this look never waits long enough to find the Pod overdue: a settle does not
+        // report a Pod that does not stop (docs/usage.md says so).
         let overdue = crate::executor::pod::Overdue { after: timing.duration, report: &|_| {} };
         let stop = crate::executor::pod::stop(client, job, job.attempts(), settled_by, &may_act, &overdue);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {

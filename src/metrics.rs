@@ -79,9 +79,10 @@ pub struct Metrics {
     pub queue_depth: Family<QueueLabels, Gauge>,
     /// Attempts claimed or running on this replica now.
     pub running: Gauge,
-    /// Ended Pod attempts whose Pod was deleted and has not stopped a lease duration past its grace period (its node
-    /// most likely unreachable); each keeps its slots until the Pod stops or is removed.
-    pub pods_overdue: Gauge,
+    /// Pod attempts whose Pod was deleted (by this replica when the attempt ended, or by anyone while it ran) and had
+    /// not stopped a lease duration past its grace period when last looked at (its node most likely unreachable);
+    /// each keeps its slots until the Pod stops or is removed.
+    pub pods_not_stopping: Gauge,
     /// Seconds from "runnable, as seen here" to "claimed".
     pub claim_latency: Histogram,
     /// Seconds an attempt's execution took.
@@ -112,7 +113,7 @@ impl Default for Metrics {
             events_sum: Counter::default(),
             queue_depth: Family::default(),
             running: Gauge::default(),
-            pods_overdue: Gauge::default(),
+            pods_not_stopping: Gauge::default(),
             claim_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             run_duration: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             recurring_lateness: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
@@ -150,8 +151,8 @@ impl Default for Metrics {
         r.register("running_jobs", "Attempts claimed or running on this replica", m.running.clone());
         r.register(
             "pods_not_stopping",
-            "Ended Pod attempts whose Pod has not stopped a lease duration past its grace period (node unreachable?)",
-            m.pods_overdue.clone(),
+            "Pod attempts whose deleted Pod has not stopped a lease duration past its grace period (node unreachable?)",
+            m.pods_not_stopping.clone(),
         );
         r.register("claim_latency_seconds", "From runnable (as seen here) to claimed", m.claim_latency.clone());
         r.register("run_duration_seconds", "Execution time of an attempt", m.run_duration.clone());

@@ -12,22 +12,23 @@ use common::kubelet::{on_node, shell_job};
 use common::{TestEnv, free_port};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const REASON: &str = "PodNotStopping";
 
-async fn wait_pod_running(env: &TestEnv, job: &str) {
+/// Wait until the Pod `pod` (`<job>-<attempt>`) runs.
+async fn wait_pod_running(env: &TestEnv, pod: &str) {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     let deadline = Instant::now() + MINUTE;
     loop {
-        let list = pods.list(&ListParams::default().labels(&format!("bgjobs.dev/job={job}"))).await.unwrap();
-        if list.items.iter().any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")) {
+        let found = pods.get_opt(pod).await.unwrap();
+        if found.and_then(|p| p.status?.phase).as_deref() == Some("Running") {
             return;
         }
-        assert!(Instant::now() < deadline, "no pod of {job} ran");
+        assert!(Instant::now() < deadline, "pod {pod} did not run");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -43,45 +44,61 @@ async fn not_stopping_on(env: &TestEnv, name: &str) -> Vec<String> {
         .collect()
 }
 
-async fn not_stopping_gauge(metrics: &str) -> String {
+/// The value of the metric line that starts with `name ` (name and labels as exported).
+async fn metric(metrics: &str, name: &str) -> String {
     let text = reqwest::get(metrics).await.expect("metrics server answers").text().await.unwrap();
-    let line = text.lines().find(|l| l.starts_with("bgjobs_pods_not_stopping "));
-    line.expect("bgjobs_pods_not_stopping is exported").to_string()
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} ")));
+    line.map(|l| l[name.len() + 1..].to_string()).unwrap_or_else(|| "absent".into())
 }
+
+const GAUGE: &str = "bgjobs_pods_not_stopping";
+const SENT: &str = r#"bgjobs_events_total{type="Warning",reason="PodNotStopping"}"#;
 
 async fn cancel(env: &TestEnv, name: &str) {
     let patch = Patch::Merge(json!({"spec": {"cancel": true}}));
     env.jobs.patch(name, &PatchParams::default(), &patch).await.expect("cancel");
 }
 
-/// A Pod job whose node does not answer keeps its slot until its deleted Pod stops (nothing may run beside it): the
-/// replica says so, once, in a `PodNotStopping` Warning Event on the job and in `bgjobs_pods_not_stopping`, a lease
-/// duration (3 s here) past the Pod's grace period (1 s). Whether the replica deleted the Pod (the job was cancelled)
-/// or someone else did (by hand here; an eviction alike). The node answers again: the Pods are killed, the jobs end,
-/// the gauge goes back to 0. A Pod that stops in time is not reported.
+/// A Pod job whose node does not answer keeps its attempt, and its slots, until its deleted Pod stops: no retry starts
+/// beside it. The replica says so, once per attempt, in a `PodNotStopping` Warning Event on the job and in
+/// `bgjobs_pods_not_stopping`, a lease duration (3 s here) past the Pod's grace period (1 s), not before: whether it
+/// deleted the Pod (the job was cancelled) or someone else did (by hand here; an eviction alike), and also when a job
+/// whose Pod was reported is then cancelled. The node answers again: the Pods are killed, the retry runs, the jobs
+/// end, the gauge goes back to 0. A Pod that stops when asked is not reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_pod_that_does_not_stop_is_reported_and_its_job_ends_once_it_stops() {
+async fn a_deleted_pod_that_does_not_stop_holds_its_attempt_is_reported_once_and_its_job_goes_on_once_it_stops() {
     let env = on_node("pod-stuck").await;
-    let metrics = format!("http://127.0.0.1:{}/metrics", free_port());
-    let _r = env.replica("r", &["--metrics-addr", metrics.trim_start_matches("http://").trim_end_matches("/metrics")]);
-    env.create("prompt", shell_job("trap 'exit 0' TERM; sleep 300 & wait", json!({}))).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("http://{addr}/metrics");
+    let _r = env.replica("r", &["--metrics-addr", &addr]);
+    // It stops at once when asked; a long grace leaves no doubt that it was not reported for taking its time.
+    let mut prompt = shell_job("trap 'exit 0' TERM; sleep 300 & wait", json!({}));
+    prompt["template"]["spec"]["terminationGracePeriodSeconds"] = json!(20);
+    env.create("prompt", prompt).await;
     env.create("stuck", shell_job("sleep 300", json!({}))).await;
-    env.create("evicted", shell_job("sleep 300", json!({"retry": {"maxAttempts": 1}}))).await;
-    for job in ["prompt", "stuck", "evicted"] {
-        wait_pod_running(&env, job).await;
+    let retried = json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}});
+    env.create("evicted", shell_job("sleep 300", retried)).await;
+    env.create("later", shell_job("sleep 300", json!({}))).await;
+    for job in ["prompt", "stuck", "evicted", "later"] {
+        wait_pod_running(&env, &format!("{job}-1")).await;
     }
 
-    // A Pod that stops when asked: no report.
     cancel(&env, "prompt").await;
     assert_eq!(env.wait_job("prompt", MINUTE, "final", |j| j.phase().is_final()).await.phase(), Phase::Cancelled);
 
-    let frozen = Paused::process("kubelet", Duration::from_secs(60));
-    let cancelled = Instant::now();
-    cancel(&env, "stuck").await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.delete("evicted-1", &Default::default()).await.expect("delete the pod by hand");
-    let deadline = cancelled + Duration::from_secs(30);
-    for (job, pod) in [("stuck", "stuck-1"), ("evicted", "evicted-1")] {
+    let frozen = Paused::process("kubelet", Duration::from_secs(40));
+    let deleted = Instant::now();
+    cancel(&env, "stuck").await;
+    for pod in ["evicted-1", "later-1"] {
+        pods.delete(pod, &Default::default()).await.expect("delete the pod by hand");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for job in ["stuck", "evicted", "later"] {
+        assert!(not_stopping_on(&env, job).await.is_empty(), "{job}: reported within its grace period and a lease");
+    }
+    let deadline = deleted + Duration::from_secs(30);
+    for (job, pod) in [("stuck", "stuck-1"), ("evicted", "evicted-1"), ("later", "later-1")] {
         let notes = loop {
             let notes = not_stopping_on(&env, job).await;
             if !notes.is_empty() {
@@ -92,22 +109,33 @@ async fn a_deleted_pod_that_does_not_stop_is_reported_and_its_job_ends_once_it_s
         };
         assert!(notes[0].contains(pod) && notes[0].contains("--force"), "says which pod and what to do: {notes:?}");
     }
-    let reported_after = cancelled.elapsed();
-    assert_eq!(not_stopping_gauge(&metrics).await, "bgjobs_pods_not_stopping 2");
-    for job in ["stuck", "evicted"] {
-        let job = env.jobs.get(job).await.unwrap();
-        assert_eq!(job.phase(), Phase::Running, "the outcome waits until the pod has stopped");
+    let reported_after = deleted.elapsed();
+    assert_eq!(metric(&metrics, GAUGE).await, "3");
+    // A job whose Pod was reported while its attempt ran, cancelled: the attempt still waits for the same Pod, and
+    // neither the gauge nor the report starts over (a grace period and a lease and more).
+    cancel(&env, "later").await;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(6) {
+        assert_eq!(metric(&metrics, GAUGE).await, "3", "every attempt still waits for its pod");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert_eq!(metric(&metrics, SENT).await, "3", "one report per attempt");
+    for job in ["stuck", "evicted", "later"] {
+        let job = env.jobs.get(job).await.unwrap();
+        assert_eq!(job.phase(), Phase::Running, "{}: the outcome waits until the pod has stopped", job.name_any());
+    }
+    assert!(pods.get_opt("evicted-2").await.unwrap().is_none(), "no retry beside a pod that has not stopped");
     drop(frozen);
 
-    let stuck = env.wait_job("stuck", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
-    let evicted = env.wait_job("evicted", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
-    eprintln!("both reported {reported_after:?} after the deletions; the jobs ended {:?} after", cancelled.elapsed());
-    assert_eq!(stuck.phase(), Phase::Cancelled);
-    assert_eq!(evicted.phase(), Phase::Failed, "its one attempt's pod was deleted");
-    assert_eq!(not_stopping_gauge(&metrics).await, "bgjobs_pods_not_stopping 0", "the waits have ended");
-    for job in ["stuck", "evicted"] {
-        assert_eq!(not_stopping_on(&env, job).await.len(), 1, "{job}: said once");
+    for job in ["stuck", "later"] {
+        assert_eq!(env.wait_job(job, 2 * MINUTE, "final", |j| j.phase().is_final()).await.phase(), Phase::Cancelled);
     }
-    assert!(not_stopping_on(&env, "prompt").await.is_empty(), "a pod that stopped in time is not reported");
+    // The evicted attempt ended once its pod stopped: retried.
+    wait_pod_running(&env, "evicted-2").await;
+    cancel(&env, "evicted").await;
+    assert_eq!(env.wait_job("evicted", 2 * MINUTE, "final", |j| j.phase().is_final()).await.phase(), Phase::Cancelled);
+    eprintln!("reported {reported_after:?} after the deletions; all ended {:?} after", deleted.elapsed());
+    assert_eq!(metric(&metrics, GAUGE).await, "0", "the waits have ended");
+    assert_eq!(metric(&metrics, SENT).await, "3", "and nothing more was reported");
+    assert!(not_stopping_on(&env, "prompt").await.is_empty(), "a pod that stopped when asked is not reported");
 }

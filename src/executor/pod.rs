@@ -520,11 +520,18 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
     let mut told = false;
     loop {
         let event = tokio::select! {
+            biased;
             event = watch.next() => event,
             _ = sleep_until(overdue_at), if !told => {
-                told = true;
-                (overdue.report)(name);
-                continue;
+                // The watch may lag, or its connection be silently dead: ask the apiserver before blaming the node.
+                match read(pods, name, uid).await {
+                    Some(pod) if !finished(&pod) => {
+                        told = true;
+                        (overdue.report)(name);
+                        continue;
+                    }
+                    ended => return ended,
+                }
             }
         };
         let Some(event) = event else { break };
@@ -533,8 +540,8 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
                 if finished(&pod) {
                     return Some(pod);
                 }
-                if overdue_at.is_none() && pod.metadata.deletion_timestamp.is_some() {
-                    overdue_at = Some(Instant::now() + grace_period(&pod) + overdue.after);
+                if overdue_at.is_none() {
+                    overdue_at = overdue_from(Instant::now(), &pod, overdue.after);
                 }
             }
             Ok(_) => match read(pods, name, uid).await {
@@ -544,7 +551,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
             Err(e) => tracing::warn!(pod = %name, error = %e, "watching the attempt's pod failed; watching again"),
         }
     }
-    // The watcher never ends; should it ever, fall back to reading.
+    // The watcher never ends; should it ever, fall back to reading (no report from here).
     loop {
         match read(pods, name, uid).await {
             Some(pod) if !finished(&pod) => tokio::time::sleep(Backoff::MAX).await,
@@ -561,11 +568,13 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// How long a Pod being deleted has to stop before it is killed: as the deletion set it, or as its spec says.
-fn grace_period(pod: &Pod) -> Duration {
+/// When `pod`, seen being deleted at `now`, is overdue: `after` past its grace period (as the deletion set it, or as
+/// its spec says). None if it is not being deleted, or for a grace too long to count (a Pod told to take for ever).
+fn overdue_from(now: Instant, pod: &Pod, after: Duration) -> Option<Instant> {
+    pod.metadata.deletion_timestamp.as_ref()?;
     let spec = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds);
     let seconds = pod.metadata.deletion_grace_period_seconds.or(spec).unwrap_or(30);
-    Duration::from_secs(seconds.max(0) as u64)
+    now.checked_add(Duration::from_secs(seconds.max(0) as u64).checked_add(after)?)
 }
 
 /// The Pod `uid` as a quorum read sees it (retried with backoff until it answers); `None` once it is gone.
@@ -750,6 +759,26 @@ mod tests {
         let fresh = job();
         let left = past_start(&fresh, CREATE_PATIENCE, now).duration_since(Instant::now());
         assert!(left > Duration::from_secs(89), "no start time: from now");
+    }
+
+    #[test]
+    fn a_deleted_pod_is_overdue_a_while_past_its_grace_period_and_one_told_to_take_for_ever_never_is() {
+        let now = Instant::now();
+        let after = Duration::from_secs(15);
+        let mut pod = Pod::default();
+        assert_eq!(overdue_from(now, &pod, after), None, "not being deleted");
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+        assert_eq!(overdue_from(now, &pod, after), Some(now + Duration::from_secs(45)), "the default 30 s grace");
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            termination_grace_period_seconds: Some(5),
+            ..Default::default()
+        });
+        assert_eq!(overdue_from(now, &pod, after), Some(now + Duration::from_secs(20)), "the spec's");
+        pod.metadata.deletion_grace_period_seconds = Some(1);
+        assert_eq!(overdue_from(now, &pod, after), Some(now + Duration::from_secs(16)), "the deletion's");
+        pod.metadata.deletion_grace_period_seconds = Some(i64::MAX);
+        assert_eq!(overdue_from(now, &pod, after), None, "no overflow: never");
     }
 
     #[test]
