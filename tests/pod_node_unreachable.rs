@@ -11,8 +11,7 @@ use common::control_plane::Paused;
 use common::kubelet::{on_node, shell_job};
 use common::{TestEnv, free_port};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -31,17 +30,6 @@ async fn wait_pod_running(env: &TestEnv, pod: &str) {
         assert!(Instant::now() < deadline, "pod {pod} did not run");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Notes of the `PodNotStopping` Warning Events on the job `name`.
-async fn not_stopping_on(env: &TestEnv, name: &str) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let list = events.list(&ListParams::default()).await.expect("list events").items;
-    list.into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .filter(|e| e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some(REASON))
-        .map(|e| e.note.unwrap_or_default())
-        .collect()
 }
 
 /// The value of the metric line that starts with `name ` (name and labels as exported).
@@ -95,12 +83,12 @@ async fn a_deleted_pod_that_does_not_stop_holds_its_attempt_is_reported_once_and
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     for job in ["stuck", "evicted", "later"] {
-        assert!(not_stopping_on(&env, job).await.is_empty(), "{job}: reported within its grace period and a lease");
+        assert!(env.warnings_on(job, REASON).await.is_empty(), "{job}: reported within its grace period and a lease");
     }
     let deadline = deleted + Duration::from_secs(30);
     for (job, pod) in [("stuck", "stuck-1"), ("evicted", "evicted-1"), ("later", "later-1")] {
         let notes = loop {
-            let notes = not_stopping_on(&env, job).await;
+            let notes = env.warnings_on(job, REASON).await;
             if !notes.is_empty() {
                 break notes;
             }
@@ -137,5 +125,5 @@ async fn a_deleted_pod_that_does_not_stop_holds_its_attempt_is_reported_once_and
     eprintln!("reported {reported_after:?} after the deletions; all ended {:?} after", deleted.elapsed());
     assert_eq!(metric(&metrics, GAUGE).await, "0", "the waits have ended");
     assert_eq!(metric(&metrics, SENT).await, "3", "and nothing more was reported");
-    assert!(not_stopping_on(&env, "prompt").await.is_empty(), "a pod that stopped when asked is not reported");
+    assert!(env.warnings_on("prompt", REASON).await.is_empty(), "a pod that stopped when asked is not reported");
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bgjobs::api::{BackgroundJob, Phase, RecurringBackgroundJob};
 use bgjobs::wire::{RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION};
 use common::{ReplicaOptions, TestEnv};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -374,14 +373,14 @@ async fn without_permission_to_record_a_tick_no_job_is_created_and_the_refusal_i
     while reported.is_none_or(|at| at.elapsed() < Duration::from_secs(5)) {
         let jobs = env.list().await;
         assert!(jobs.is_empty(), "a tick the status could not record created jobs: {}", common::summary(&jobs));
-        if reported.is_none() && !warnings_on(&env, "unrecorded", "TickNotClaimed").await.is_empty() {
+        if reported.is_none() && !env.warnings_on("unrecorded", "TickNotClaimed").await.is_empty() {
             reported = Some(Instant::now());
         }
         assert!(Instant::now() < deadline, "no TickNotClaimed Warning in 30 s; log:\n{}", r.log_text());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(starts_by_job(&env).is_empty(), "nothing ran");
-    let notes = warnings_on(&env, "unrecorded", "TickNotClaimed").await;
+    let notes = env.warnings_on("unrecorded", "TickNotClaimed").await;
     assert!(notes.iter().any(|n| n.contains("403") || n.contains("forbidden")), "the Event says why: {notes:?}");
 }
 
@@ -389,17 +388,6 @@ async fn without_permission_to_record_a_tick_no_job_is_created_and_the_refusal_i
 /// kubeconfig that authenticates as it.
 async fn account_without_recurring_status_update(env: &TestEnv) -> std::path::PathBuf {
     common::operator_account(env, "bgjobs-no-status", &[("recurringbackgroundjobs/status", "update")]).await
-}
-
-/// Notes of the Warning Events with `reason` on the definition `name`.
-async fn warnings_on(env: &TestEnv, name: &str, reason: &str) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let list = events.list(&ListParams::default()).await.expect("list events").items;
-    list.into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .filter(|e| e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some(reason))
-        .map(|e| e.note.unwrap_or_default())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,7 +678,7 @@ async fn a_tick_claimed_ahead_is_recorded_before_it_is_due_and_gets_its_one_job_
 
 /// A tick is claimed ahead no sooner than halfway from the tick before it, whatever `--recurring-claim-ahead` says:
 /// the replica that claimed that one may create its job from the claim as written until up to half their gap after
-/// it, less what replicas' clocks may disagree, whatever lead it ran with (`recurring::lead` says why). Ticks at :00,
+/// it, less what replicas' clocks may disagree, whatever lead it ran with (`recurring::claim_at` says why). Ticks at :00,
 /// :10 and :30 of each minute, claimed 10 s ahead: :10 (10 s after :00) halfway, at :05; :30 (20 s after :10) the
 /// whole 10 s ahead. Before, :10 was claimed as soon as :00's job was made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -448,6 +448,18 @@ impl TestEnv {
         bgjobs::jobs::list(&self.jobs).await.expect("list jobs")
     }
 
+    /// Notes of the Warning Events with `reason` on the object `name` (a job, a definition) in the namespace.
+    pub async fn warnings_on(&self, name: &str, reason: &str) -> Vec<String> {
+        use k8s_openapi::api::events::v1::Event;
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let list = events.list(&Default::default()).await.expect("list events").items;
+        list.into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter(|e| e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some(reason))
+            .map(|e| e.note.unwrap_or_default())
+            .collect()
+    }
+
     /// Poll until `done` holds for the job list, or panic after `timeout` with a summary.
     pub async fn wait_until(
         &self,
