@@ -584,11 +584,7 @@ impl PodNotStopping<'_> {
         }
         self.worker.metrics.pods_not_stopping.inc();
         warn!(%pod, "the attempt's pod was deleted and has not stopped a lease duration past its grace period");
-        let note = format!(
-            "pod {pod} was deleted and has not stopped a lease duration past its grace period: its node is most likely \
-             unreachable. The attempt keeps its slots until the pod stops or is gone; once the node is known to be \
-             down, `kubectl delete pod {pod} --grace-period=0 --force` removes it"
-        );
+        let note = executor::pod::not_stopping_note(pod);
         self.worker.event(self.job, EventType::Warning, "PodNotStopping", note);
     }
 

@@ -148,11 +148,26 @@ pub enum LostAt {
     JobChanged,
     /// The attempt's Pod has not stopped yet, or a create of it may still land (a settle waits for both).
     PodRunning,
+    /// The attempt's Pod (named here) was deleted and has not stopped a lease duration past its grace period: its
+    /// node is most likely unreachable (see `executor::pod::not_stopping`).
+    PodNotStopping(String),
     /// The attempt has no Pod to stop (none, or it finished or is being deleted), but a create of it may still land:
-    /// look again at that instant.
-    PodToCome(std::time::Instant),
+    /// look again at `until`. `not_stopping`: the Pod being deleted has not stopped a lease duration past its grace
+    /// period (as [`LostAt::PodNotStopping`]).
+    PodToCome { until: std::time::Instant, not_stopping: Option<String> },
     /// This replica's own tenure is not current: it may take no Lease.
     NoTenure,
+}
+
+impl LostAt {
+    /// The attempt's Pod, deleted, that has not stopped a lease duration past its grace period, if this look found
+    /// one (its node is most likely unreachable).
+    pub fn pod_not_stopping(&self) -> Option<&str> {
+        match self {
+            LostAt::PodNotStopping(pod) | LostAt::PodToCome { not_stopping: Some(pod), .. } => Some(pod),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for LostAt {
@@ -162,7 +177,8 @@ impl std::fmt::Display for LostAt {
             LostAt::ClaimLease => "the claim Lease is held",
             LostAt::JobChanged => "the job changed since it was read",
             LostAt::PodRunning => "the attempt's Pod has not stopped yet, or a create of it may still land",
-            LostAt::PodToCome(_) => "a create of the attempt's Pod may still land",
+            LostAt::PodNotStopping(_) => "the attempt's Pod was deleted and has not stopped (its node unreachable?)",
+            LostAt::PodToCome { .. } => "a create of the attempt's Pod may still land",
             LostAt::NoTenure => "this replica's tenure is not current",
         })
     }
@@ -449,7 +465,10 @@ pub async fn settle(
         let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
         let now = tokio::time::Instant::now();
         if now < settled_by && !crate::executor::pod::needs_stopping(client, job, job.attempts()).await? {
-            return Ok(Some(LostAt::PodToCome(settled_by.min(now + POD_TO_COME_RECHECK).into_std())));
+            let until = settled_by.min(now + POD_TO_COME_RECHECK).into_std();
+            let not_stopping =
+                crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration).await;
+            return Ok(Some(LostAt::PodToCome { until, not_stopping }));
         }
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
@@ -468,13 +487,15 @@ pub async fn settle(
         let until = held.written_at + timing.renew_deadline;
         let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
         let may_act = || std::time::Instant::now() < until;
-        // Bounded by the renew deadline, this look never waits long enough to find the Pod overdue: a settle does not
-        // report a Pod that does not stop (docs/usage.md says so).
+        // Bounded by the renew deadline, this look never waits long enough to find the Pod overdue: whether it is,
+        // is judged by the Pod's deletion time once the look is over.
         let overdue = crate::executor::pod::Overdue { after: timing.duration, report: &|_| {} };
         let stop = crate::executor::pod::stop(client, job, job.attempts(), settled_by, &may_act, &overdue);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {
             lease::release(&leases, &held.lease).await?;
-            return Ok(Some(LostAt::PodRunning));
+            let not_stopping =
+                crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration).await;
+            return Ok(Some(not_stopping.map_or(LostAt::PodRunning, LostAt::PodNotStopping)));
         }
     }
     let written = write_holding(&jobs, job, &held, claimant, new_status).await;

@@ -16,6 +16,9 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
+
+/// The tests of this binary freeze the one node in turn, each from its first Pod on.
+static ONE_FREEZE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const REASON: &str = "PodNotStopping";
 
 /// Wait until the Pod `pod` (`<job>-<attempt>`) runs.
@@ -55,6 +58,7 @@ async fn cancel(env: &TestEnv, name: &str) {
 /// end, the gauge goes back to 0. A Pod that stops when asked is not reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_pod_that_does_not_stop_holds_its_attempt_is_reported_once_and_its_job_goes_on_once_it_stops() {
+    let _turn = ONE_FREEZE_AT_A_TIME.lock().await;
     let env = on_node("pod-stuck").await;
     let addr = format!("127.0.0.1:{}", free_port());
     let metrics = format!("http://{addr}/metrics");
@@ -128,4 +132,54 @@ async fn a_deleted_pod_that_does_not_stop_holds_its_attempt_is_reported_once_and
     assert_eq!(metric(&metrics, GAUGE).await, "0", "the waits have ended");
     assert_eq!(metric(&metrics, SENT).await, "3", "and nothing more was reported");
     assert!(env.warnings_on("prompt", REASON).await.is_empty(), "a pod that stopped when asked is not reported");
+}
+
+/// An orphaned Pod job (its replica killed -9; the other replica's one slot busy, so nobody adopts it) cancelled while
+/// its node does not answer: the replica settling it deletes the Pod, which does not stop, and says so in a
+/// `PodNotStopping` Event once the Pod's grace period and a lease have passed (at each look from then on: the Event's
+/// series counts them); the job stays `Running` until the Pod has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_pod_jobs_pod_that_does_not_stop_once_cancelled_is_reported_by_the_replica_settling_it() {
+    let _turn = ONE_FREEZE_AT_A_TIME.lock().await;
+    let env = on_node("pod-stuck-orphan").await;
+    let one = ["--max-concurrent-jobs-per-instance", "1"];
+    let mut a = env.replica("a", &one);
+    env.create("orphan", shell_job("sleep 300", json!({}))).await;
+    wait_pod_running(&env, "orphan-1").await;
+    a.kill9();
+    let _b = env.replica("b", &one);
+    env.create("busy", shell_job("sleep 300", json!({}))).await;
+    wait_pod_running(&env, "busy-1").await;
+
+    let frozen = Paused::process("kubelet", Duration::from_secs(40));
+    let cancelled = Instant::now();
+    cancel(&env, "orphan").await;
+    let deadline = cancelled + Duration::from_secs(30);
+    let notes = loop {
+        let notes = env.warnings_on("orphan", REASON).await;
+        if !notes.is_empty() {
+            break notes;
+        }
+        assert!(Instant::now() < deadline, "no {REASON} Event on the orphan 30 s after its cancel");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let reported_after = cancelled.elapsed();
+    assert!(notes[0].contains("orphan-1") && notes[0].contains("--force"), "says which pod and what to do: {notes:?}");
+    let job = env.jobs.get("orphan").await.unwrap();
+    assert_eq!(job.phase(), Phase::Running, "the outcome waits until the pod has stopped");
+    drop(frozen);
+
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + MINUTE;
+    while pods
+        .get_opt("orphan-1")
+        .await
+        .unwrap()
+        .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
+    {
+        assert!(Instant::now() < deadline, "the orphan's pod still runs a minute after the node answers again");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!("reported {reported_after:?} after the cancel");
+    cancel(&env, "busy").await;
 }

@@ -85,7 +85,7 @@ impl DoneOnDrop {
         let Some(d) = self.done.as_mut() else { return };
         match at {
             // Nobody else has it: a create of its Pod may still land, and it is looked at again then.
-            LostAt::PodToCome(until) => d.hold_until = Some(until),
+            LostAt::PodToCome { until, .. } => d.hold_until = Some(until),
             LostAt::TenureRenewed(tenure) => {
                 d.lost_to_another = true;
                 d.alive_tenure = Some(tenure);
@@ -893,6 +893,12 @@ impl Dispatcher {
                 }
                 Ok(Some(at)) => {
                     debug!(job = %job.name_any(), why = %at, "not settled");
+                    // Said at every look that finds it so (about every 10 s): the Event's series counts them.
+                    if let Some(pod) = at.pod_not_stopping() {
+                        warn!(job = %job.name_any(), %pod, "the orphaned attempt's pod was deleted and has not stopped");
+                        let note = crate::executor::pod::not_stopping_note(pod);
+                        worker.event(&job, kube::runtime::events::EventType::Warning, "PodNotStopping", note);
+                    }
                     done.lost(at);
                 }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),

@@ -560,6 +560,39 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
     }
 }
 
+/// Whether this job's Pod of `attempt` was deleted and, by the cluster's clock `now`, has not stopped `after` past its
+/// grace period (its `deletionTimestamp` is when the grace ends): its name if so. For a replica that does not watch
+/// the Pod (a settle), from one read; a failed read says no.
+pub async fn not_stopping(
+    client: &Client,
+    job: &BackgroundJob,
+    attempt: i32,
+    now: jiff::Timestamp,
+    after: Duration,
+) -> Option<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
+    let name = pod_name(job, attempt);
+    let pod = pods.get_opt(&name).await.ok()??;
+    let overdue = belongs(&pod, &job.uid().unwrap_or_default()) && !finished(&pod) && overdue_by(&pod, now, after);
+    overdue.then_some(name)
+}
+
+/// Whether `pod`, being deleted, is still not stopped `after` past its grace period at the cluster's time `now`.
+fn overdue_by(pod: &Pod, now: jiff::Timestamp, after: Duration) -> bool {
+    let Some(grace_ends) = pod.metadata.deletion_timestamp.as_ref() else { return false };
+    let after = SignedDuration::try_from(after).unwrap_or(SignedDuration::MAX);
+    grace_ends.0.checked_add(after).is_ok_and(|overdue| overdue <= now)
+}
+
+/// What a person is told of a Pod that does not stop (the `PodNotStopping` Event), by whichever replica finds it.
+pub fn not_stopping_note(pod: &str) -> String {
+    format!(
+        "pod {pod} was deleted and has not stopped a lease duration past its grace period: its node is most likely \
+         unreachable. The attempt keeps its slots until the pod stops or is gone; once the node is known to be down, \
+         `kubectl delete pod {pod} --grace-period=0 --force` removes it"
+    )
+}
+
 /// Sleep until `at`; for ever without it.
 async fn sleep_until(at: Option<Instant>) {
     match at {
@@ -779,6 +812,19 @@ mod tests {
         assert_eq!(overdue_from(now, &pod, after), Some(now + Duration::from_secs(16)), "the deletion's");
         pod.metadata.deletion_grace_period_seconds = Some(i64::MAX);
         assert_eq!(overdue_from(now, &pod, after), None, "no overflow: never");
+    }
+
+    #[test]
+    fn a_settle_finds_a_deleted_pod_overdue_by_the_clusters_clock_a_while_after_its_grace_ended() {
+        let grace_ends: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+        let after = Duration::from_secs(15);
+        let mut pod = Pod::default();
+        let at = |s: i64| grace_ends + jiff::SignedDuration::from_secs(s);
+        assert!(!overdue_by(&pod, at(100), after), "not being deleted");
+        pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(grace_ends));
+        assert!(!overdue_by(&pod, at(14), after), "within a lease of the grace's end");
+        assert!(overdue_by(&pod, at(15), after));
+        assert!(!overdue_by(&pod, at(15), Duration::MAX), "no overflow");
     }
 
     #[test]
