@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use std::sync::Arc;
 
@@ -434,6 +434,9 @@ async fn claim_job(
 /// How often a settle that waits for an orphaned attempt's Pod to land looks for it (one read).
 const POD_TO_COME_RECHECK: Duration = Duration::from_secs(10);
 
+/// How long a settle waits for the read that tells whether the Pod it could not stop is overdue.
+const NOT_STOPPING_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Move a job nobody holds to a final phase (`status` is the complete new status), if it is still as seen.
 ///
 /// A Running job whose holder looks gone is settled only under its claim Lease, taken exactly as a claim takes it:
@@ -449,7 +452,7 @@ pub async fn settle(
     claimant: Claimant<'_>,
     new_status: BackgroundJobStatus,
 ) -> Result<Option<LostAt>> {
-    let timing = claimant.timing;
+    let (timing, began) = (claimant.timing, std::time::Instant::now());
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let moved = |written: Option<BackgroundJob>| if written.is_some() { None } else { Some(LostAt::JobChanged) };
@@ -466,8 +469,8 @@ pub async fn settle(
         let now = tokio::time::Instant::now();
         if now < settled_by && !crate::executor::pod::needs_stopping(client, job, job.attempts()).await? {
             let until = settled_by.min(now + POD_TO_COME_RECHECK).into_std();
-            let not_stopping =
-                crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration).await;
+            let look = crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration);
+            let not_stopping = tokio::time::timeout(NOT_STOPPING_READ_LIMIT, look).await.ok().flatten();
             return Ok(Some(LostAt::PodToCome { until, not_stopping }));
         }
     }
@@ -493,8 +496,10 @@ pub async fn settle(
         let stop = crate::executor::pod::stop(client, job, job.attempts(), settled_by, &may_act, &overdue);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {
             lease::release(&leases, &held.lease).await?;
-            let not_stopping =
-                crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration).await;
+            // Judged now, not when the settle began (a renew deadline ago); a read that hangs says no.
+            let now = claimant.now + SignedDuration::try_from(began.elapsed()).unwrap_or(SignedDuration::ZERO);
+            let look = crate::executor::pod::not_stopping(client, job, job.attempts(), now, timing.duration);
+            let not_stopping = tokio::time::timeout(NOT_STOPPING_READ_LIMIT, look).await.ok().flatten();
             return Ok(Some(not_stopping.map_or(LostAt::PodRunning, LostAt::PodNotStopping)));
         }
     }

@@ -136,24 +136,46 @@ async fn a_deleted_pod_that_does_not_stop_holds_its_attempt_is_reported_once_and
 
 /// An orphaned Pod job (its replica killed -9; the other replica's one slot busy, so nobody adopts it) cancelled while
 /// its node does not answer: the replica settling it deletes the Pod, which does not stop, and says so in a
-/// `PodNotStopping` Event once the Pod's grace period and a lease have passed (at each look from then on: the Event's
-/// series counts them); the job stays `Running` until the Pod has stopped.
+/// `PodNotStopping` Event once the Pod's grace period, a lease and the clocks' allowance have passed, not before; the
+/// job stays `Running` (still its dead holder's) until the Pod has stopped, then ends `Cancelled`. Cancelled early,
+/// while a create of the attempt could still land (the settle looks every 10 s without taking the Lease).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orphaned_pod_jobs_pod_that_does_not_stop_once_cancelled_is_reported_by_the_replica_settling_it() {
+    orphan_cancelled_on_a_frozen_node("pod-stuck-orphan", false).await;
+}
+
+/// As above, cancelled once no create of the attempt can land any more (154.5 s after it began): each look of the
+/// settle takes the Lease and tries to stop the Pod for a renew deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_pod_jobs_pod_that_does_not_stop_once_cancelled_late_is_reported_by_the_replica_settling_it() {
+    orphan_cancelled_on_a_frozen_node("pod-stuck-late", true).await;
+}
+
+async fn orphan_cancelled_on_a_frozen_node(test: &str, late: bool) {
     let _turn = ONE_FREEZE_AT_A_TIME.lock().await;
-    let env = on_node("pod-stuck-orphan").await;
+    let env = on_node(test).await;
     let one = ["--max-concurrent-jobs-per-instance", "1"];
     let mut a = env.replica("a", &one);
-    env.create("orphan", shell_job("sleep 300", json!({}))).await;
+    env.create("orphan", shell_job("sleep 600", json!({}))).await;
     wait_pod_running(&env, "orphan-1").await;
     a.kill9();
     let _b = env.replica("b", &one);
-    env.create("busy", shell_job("sleep 300", json!({}))).await;
+    env.create("busy", shell_job("sleep 600", json!({}))).await;
     wait_pod_running(&env, "busy-1").await;
+    if late {
+        let job = env.jobs.get("orphan").await.unwrap();
+        let began = job.status.and_then(|s| s.start_time).expect("the orphan's attempt began").0;
+        let bound = began + jiff::SignedDuration::from_secs(160);
+        let wait = bound.duration_since(jiff::Timestamp::now()).unsigned_abs();
+        tokio::time::sleep(wait).await;
+    }
 
     let frozen = Paused::process("kubelet", Duration::from_secs(40));
     let cancelled = Instant::now();
     cancel(&env, "orphan").await;
+    // Grace 1 s, lease 3 s, and 3.25 s for the clocks: none within 4 s of the cancel (the deletion comes after it).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(env.warnings_on("orphan", REASON).await.is_empty(), "reported before its grace, a lease and the clocks");
     let deadline = cancelled + Duration::from_secs(30);
     let notes = loop {
         let notes = env.warnings_on("orphan", REASON).await;
@@ -167,19 +189,13 @@ async fn an_orphaned_pod_jobs_pod_that_does_not_stop_once_cancelled_is_reported_
     assert!(notes[0].contains("orphan-1") && notes[0].contains("--force"), "says which pod and what to do: {notes:?}");
     let job = env.jobs.get("orphan").await.unwrap();
     assert_eq!(job.phase(), Phase::Running, "the outcome waits until the pod has stopped");
+    let holder = job.status.and_then(|s| s.worker).unwrap_or_default();
+    assert_eq!(holder, "a", "not adopted: it was the settle that reported it");
     drop(frozen);
 
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    let deadline = Instant::now() + MINUTE;
-    while pods
-        .get_opt("orphan-1")
-        .await
-        .unwrap()
-        .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
-    {
-        assert!(Instant::now() < deadline, "the orphan's pod still runs a minute after the node answers again");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    eprintln!("reported {reported_after:?} after the cancel");
+    let settled = env.wait_job("orphan", 4 * MINUTE, "final", |j| j.phase().is_final()).await;
+    eprintln!("reported {reported_after:?} after the cancel; settled {:?} after it", cancelled.elapsed());
+    assert_eq!(settled.phase(), Phase::Cancelled);
     cancel(&env, "busy").await;
+    assert_eq!(env.wait_job("busy", MINUTE, "final", |j| j.phase().is_final()).await.phase(), Phase::Cancelled);
 }

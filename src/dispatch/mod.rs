@@ -90,7 +90,11 @@ impl DoneOnDrop {
                 d.lost_to_another = true;
                 d.alive_tenure = Some(tenure);
             }
-            _ => d.lost_to_another = true,
+            LostAt::ClaimLease
+            | LostAt::JobChanged
+            | LostAt::PodRunning
+            | LostAt::PodNotStopping(_)
+            | LostAt::NoTenure => d.lost_to_another = true,
         }
     }
 }

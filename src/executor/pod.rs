@@ -577,10 +577,13 @@ pub async fn not_stopping(
     overdue.then_some(name)
 }
 
-/// Whether `pod`, being deleted, is still not stopped `after` past its grace period at the cluster's time `now`.
+/// Whether `pod`, being deleted, is still not stopped `after` past its grace period at the cluster's time `now`, as
+/// this replica reads it: its estimate may run up to half of [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead, and a
+/// `deletionTimestamp` comes in whole seconds (up to one early), so both are allowed for; never sooner.
 fn overdue_by(pod: &Pod, now: jiff::Timestamp, after: Duration) -> bool {
     let Some(grace_ends) = pod.metadata.deletion_timestamp.as_ref() else { return false };
-    let after = SignedDuration::try_from(after).unwrap_or(SignedDuration::MAX);
+    let allowance = crate::clock::REPLICAS_AGREE_WITHIN / 2 + Duration::from_secs(1);
+    let after = SignedDuration::try_from(after.saturating_add(allowance)).unwrap_or(SignedDuration::MAX);
     grace_ends.0.checked_add(after).is_ok_and(|overdue| overdue <= now)
 }
 
@@ -588,8 +591,8 @@ fn overdue_by(pod: &Pod, now: jiff::Timestamp, after: Duration) -> bool {
 pub fn not_stopping_note(pod: &str) -> String {
     format!(
         "pod {pod} was deleted and has not stopped a lease duration past its grace period: its node is most likely \
-         unreachable. The attempt keeps its slots until the pod stops or is gone; once the node is known to be down, \
-         `kubectl delete pod {pod} --grace-period=0 --force` removes it"
+         unreachable. Its attempt, and the slots held for it, wait until the pod stops or is gone; once the node is \
+         known to be down, `kubectl delete pod {pod} --grace-period=0 --force` removes it"
     )
 }
 
@@ -822,9 +825,10 @@ mod tests {
         let at = |s: i64| grace_ends + jiff::SignedDuration::from_secs(s);
         assert!(!overdue_by(&pod, at(100), after), "not being deleted");
         pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(grace_ends));
-        assert!(!overdue_by(&pod, at(14), after), "within a lease of the grace's end");
-        assert!(overdue_by(&pod, at(15), after));
-        assert!(!overdue_by(&pod, at(15), Duration::MAX), "no overflow");
+        // A lease, then what the replica's clock and the whole-second timestamp may be off by.
+        assert!(!overdue_by(&pod, at(18), after), "within a lease and the clocks' allowance of the grace's end");
+        assert!(overdue_by(&pod, at(19), after));
+        assert!(!overdue_by(&pod, at(100), Duration::MAX), "no overflow");
     }
 
     #[test]
