@@ -301,12 +301,12 @@ async fn run_claimed(
     // whether it was deleted while the attempt ran (an eviction) or after it ended (the stop below).
     let not_stopping = PodNotStopping { worker, job: &job, told: AtomicBool::new(false) };
     let tell_not_stopping = |pod: &str| not_stopping.tell(pod);
+    let overdue = executor::pod::Overdue { after: worker.timing.duration, report: &tell_not_stopping };
     let ending = if let Some(reason) = control.begin(job.spec.http.is_some()) {
         Ending::NotStarted(reason)
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
-        let overdue = not_stopping.overdue(&tell_not_stopping);
         let exec = executor::execute(&job, ctx, worker, started, &overdue);
         // A panicking handler fails its attempt like any other permanent error; the replica carries on.
         let mut exec = Box::pin(std::panic::AssertUnwindSafe(exec).catch_unwind().map(|r| {
@@ -375,7 +375,6 @@ async fn run_claimed(
             // attempt may run once its outcome is recorded, nor beside a retry's. A shutdown meanwhile hands the
             // attempt over: its adopter, or a replica settling it, does the same.
             let may_act = || hold.is_current();
-            let overdue = not_stopping.overdue(&tell_not_stopping);
             let handed_over = tokio::select! {
                 biased;
                 _ = hold.lost() => {
@@ -574,10 +573,6 @@ struct PodNotStopping<'a> {
 }
 
 impl PodNotStopping<'_> {
-    fn overdue<'f>(&self, tell: &'f (dyn Fn(&str) + Sync)) -> executor::pod::Overdue<'f> {
-        executor::pod::Overdue { after: self.worker.timing.duration, report: tell }
-    }
-
     fn tell(&self, pod: &str) {
         if self.told.swap(true, Ordering::Relaxed) {
             return;

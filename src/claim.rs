@@ -434,9 +434,6 @@ async fn claim_job(
 /// How often a settle that waits for an orphaned attempt's Pod to land looks for it (one read).
 const POD_TO_COME_RECHECK: Duration = Duration::from_secs(10);
 
-/// How long a settle waits for the read that tells whether the Pod it could not stop is overdue.
-const NOT_STOPPING_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Move a job nobody holds to a final phase (`status` is the complete new status), if it is still as seen.
 ///
 /// A Running job whose holder looks gone is settled only under its claim Lease, taken exactly as a claim takes it:
@@ -469,8 +466,8 @@ pub async fn settle(
         let now = tokio::time::Instant::now();
         if now < settled_by && !crate::executor::pod::needs_stopping(client, job, job.attempts()).await? {
             let until = settled_by.min(now + POD_TO_COME_RECHECK).into_std();
-            let look = crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration);
-            let not_stopping = tokio::time::timeout(NOT_STOPPING_READ_LIMIT, look).await.ok().flatten();
+            let not_stopping =
+                crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration).await;
             return Ok(Some(LostAt::PodToCome { until, not_stopping }));
         }
     }
@@ -496,10 +493,10 @@ pub async fn settle(
         let stop = crate::executor::pod::stop(client, job, job.attempts(), settled_by, &may_act, &overdue);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {
             lease::release(&leases, &held.lease).await?;
-            // Judged now, not when the settle began (a renew deadline ago); a read that hangs says no.
+            // Judged now, not when the settle began (a renew deadline ago).
             let now = claimant.now + SignedDuration::try_from(began.elapsed()).unwrap_or(SignedDuration::ZERO);
-            let look = crate::executor::pod::not_stopping(client, job, job.attempts(), now, timing.duration);
-            let not_stopping = tokio::time::timeout(NOT_STOPPING_READ_LIMIT, look).await.ok().flatten();
+            let not_stopping =
+                crate::executor::pod::not_stopping(client, job, job.attempts(), now, timing.duration).await;
             return Ok(Some(not_stopping.map_or(LostAt::PodRunning, LostAt::PodNotStopping)));
         }
     }

@@ -171,8 +171,9 @@ pub struct OperatorConfig {
     /// apart, and never sooner than halfway from the tick claimed before. An edit of the definition's spec before
     /// the tick is due takes the claim back, so a suspend or a new schedule applies at once. Not to
     /// `concurrencyPolicy: Forbid` (decided at the tick). Replicas may run with different values (as while a change
-    /// of it rolls out); at most 1h. `0` claims each tick when it is due. At 4.5s or less, the definition is read again at the tick before
-    /// its job is created (replicas' clocks may disagree by that much): one more read per tick.
+    /// of it rolls out); at most 1h. `0` claims each tick when it is due. At 4.5s or less, the definition is read
+    /// again at the tick before its job is created (replicas' clocks may disagree by that much): one more read per
+    /// tick.
     #[arg(long, default_value = "10s", env = "BGJOBS_RECURRING_CLAIM_AHEAD")]
     pub recurring_claim_ahead: HumanDuration,
 

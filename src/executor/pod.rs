@@ -560,9 +560,12 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
     }
 }
 
+/// How long [`not_stopping`] waits for its read.
+const NOT_STOPPING_READ_LIMIT: Duration = Duration::from_secs(5);
+
 /// Whether this job's Pod of `attempt` was deleted and, by the cluster's clock `now`, has not stopped `after` past its
 /// grace period (its `deletionTimestamp` is when the grace ends): its name if so. For a replica that does not watch
-/// the Pod (a settle), from one read; a failed read says no.
+/// the Pod (a settle), from one read; a read that fails, or takes longer than [`NOT_STOPPING_READ_LIMIT`], says no.
 pub async fn not_stopping(
     client: &Client,
     job: &BackgroundJob,
@@ -572,7 +575,7 @@ pub async fn not_stopping(
 ) -> Option<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
-    let pod = pods.get_opt(&name).await.ok()??;
+    let pod = tokio::time::timeout(NOT_STOPPING_READ_LIMIT, pods.get_opt(&name)).await.ok()?.ok()??;
     let overdue = belongs(&pod, &job.uid().unwrap_or_default()) && !finished(&pod) && overdue_by(&pod, now, after);
     overdue.then_some(name)
 }
