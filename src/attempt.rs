@@ -360,15 +360,12 @@ async fn run_claimed(
     );
     if is_pod {
         // An attempt whose Pod finished, or went away (deleted by anyone), may still have a create of unknown outcome
-        // in flight that makes the Pod again (see `executor::pod::stop`). Only this replica's own creates are waited
-        // for then: an earlier holder's (an adopted attempt) would hold every adopted Pod's outcome until 154.5 s
-        // after its attempt began, on every rolling restart; they are waited for when the attempt is ended here.
-        let settled_by = if pod_must_go {
-            worker.pods.settled_by(&job, fence.attempt, worker.clock.now())
-        } else {
-            worker.pods.own_creates_settled_by(&job, fence.attempt)
-        };
-        let may_land = matches!(ending, Ending::Finished(_)) && settled_by > tokio::time::Instant::now();
+        // in flight that makes the Pod again (see `executor::pod::stop`): this replica's own, and for an adopted
+        // attempt an earlier holder's, which can land only while no finished Pod keeps the name. Ended here, every
+        // create is waited for, whatever holds the name.
+        let late = worker.pods.late_creates(&job, fence.attempt, worker.clock.now());
+        let late = if pod_must_go { late.whatever_holds_the_name() } else { late };
+        let may_land = matches!(ending, Ending::Finished(_)) && late.after(tokio::time::Instant::now());
         if pod_must_go || may_land {
             // Stop its Pod while the claim is ours, and any Pod a create still in flight makes (the ending cut it
             // off, a create whose answer was lost was sent again, or an earlier holder's, adopted): no Pod of the
@@ -391,7 +388,7 @@ async fn run_claimed(
                     );
                     true
                 }
-                _ = executor::pod::stop(&worker.client, &job, fence.attempt, settled_by, &may_act, &overdue) => false,
+                _ = executor::pod::stop(&worker.client, &job, fence.attempt, late, &may_act, &overdue) => false,
             };
             if handed_over {
                 return Handover::PodRunsOn;

@@ -490,7 +490,8 @@ pub async fn settle(
         // Bounded by the renew deadline, this look never waits long enough to find the Pod overdue: whether it is,
         // is judged by the Pod's deletion time once the look is over.
         let overdue = crate::executor::pod::Overdue { after: timing.duration, report: &|_| {} };
-        let stop = crate::executor::pod::stop(client, job, job.attempts(), settled_by, &may_act, &overdue);
+        let late = crate::executor::pod::LateCreates::until(settled_by);
+        let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &overdue);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {
             lease::release(&leases, &held.lease).await?;
             // Judged now, not when the settle began (a renew deadline ago).

@@ -510,16 +510,19 @@ async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_it
 /// namespace waits `first` seconds on a silent webhook; 2 s after the job runs, creates sent from then on wait `later`
 /// seconds instead; `cut` after it runs, the replica's connections are cut on its side only (the apiserver's side
 /// stays open, so the create in flight lands `first` s after it was sent) and the create is sent again. The replica
-/// has long leases: the cut must not cost its claim, so the holder itself must wait for the create (an adopter would
-/// adopt the Pod it makes, or wait until 154.5 s after the attempt began, in its stead).
+/// has `leases` long enough that the cut does not cost its claim, so the holder itself must wait for the create (an
+/// adopter would adopt the Pod it makes, or wait until 154.5 s after the attempt began, in its stead).
 struct LostAnswer {
     history: PodHistory,
     /// When the test saw the job `Running` (its first create was sent just before).
     running: Instant,
     _webhook: SilentPodWebhook,
     _proxy: Proxy,
-    _replica: common::Replica,
+    replica: common::Replica,
 }
+
+/// Leases long enough that a cut does not cost the claim.
+const LONG_LEASES: [&str; 4] = ["--lease-duration", "30s", "--renew-deadline", "20s"];
 
 async fn lose_the_first_creates_answer(
     env: &TestEnv,
@@ -528,13 +531,14 @@ async fn lose_the_first_creates_answer(
     first: i32,
     later: i32,
     cut: u64,
+    leases: &[&str],
 ) -> LostAnswer {
     let webhook = SilentPodWebhook::register(env, first).await;
     let history = PodHistory::watch(env, &[job]).await;
     let proxy = Proxy::to_apiserver().await;
     proxy.lose_closes(true);
     let options = ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
-    let replica = env.replica_with("r", &["--lease-duration", "30s", "--renew-deadline", "20s"], &options);
+    let replica = env.replica_with("r", leases, &options);
     env.create(job, spec).await;
     env.wait_job(job, MINUTE, "Running", |j| j.phase() == Phase::Running).await;
     let running = Instant::now();
@@ -542,7 +546,7 @@ async fn lose_the_first_creates_answer(
     webhook.set_timeout(env, later).await;
     tokio::time::sleep(Duration::from_secs(cut).saturating_sub(running.elapsed())).await;
     assert!(proxy.cut_clients() > 0, "the replica had no connection to cut");
-    LostAnswer { history, running, _webhook: webhook, _proxy: proxy, _replica: replica }
+    LostAnswer { history, running, _webhook: webhook, _proxy: proxy, replica }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,8 +558,8 @@ async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back
     // gone.
     let mut spec = shell_job("sleep 60", json!({"retry": {"maxAttempts": 1}}));
     spec["attemptTimeoutSeconds"] = json!(20);
-    let LostAnswer { history, running, _webhook, _proxy, _replica } =
-        lose_the_first_creates_answer(&env, "again", spec, 12, 30, 9).await;
+    let LostAnswer { history, running, _webhook, _proxy, replica: _replica } =
+        lose_the_first_creates_answer(&env, "again", spec, 12, 30, 9, &LONG_LEASES).await;
     let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{:?}", job.status);
     // The outcome was recorded only once both creates had landed and their Pods were stopped...
@@ -581,8 +585,8 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
     // The first create lands at 30 s; cut at 4 s, the one sent again makes the Pod at once. That Pod is deleted by
     // hand; the first create then makes it again.
     let spec = shell_job("sleep 120", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}));
-    let LostAnswer { history, running, _webhook, _proxy, _replica } =
-        lose_the_first_creates_answer(&env, "redo", spec, 30, 1, 4).await;
+    let LostAnswer { history, running, _webhook, _proxy, replica: _replica } =
+        lose_the_first_creates_answer(&env, "redo", spec, 30, 1, 4, &LONG_LEASES).await;
     wait_pod_phase(&env, "redo", "Running").await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
@@ -609,13 +613,62 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_holders_create_whose_answer_was_lost_cannot_bring_back_an_adopted_pod_deleted_by_hand_beside_the_next_attempt()
+ {
+    let env = on_node("pod-adopted-create-lands").await;
+    // As above, but the replica that sent both creates is killed once the Pod runs, and another adopts the attempt;
+    // the Pod is deleted by hand under the adopter, before the first create lands (30 s). Short leases, so that the
+    // adoption comes first; a cut costs no claim that quickly.
+    let spec = shell_job("sleep 120", json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}));
+    let leases = ["--lease-duration", "6s", "--renew-deadline", "4s", "--renew-interval", "1s"];
+    let LostAnswer { history, running, _webhook, _proxy, mut replica } =
+        lose_the_first_creates_answer(&env, "redo", spec, 30, 1, 4, &leases).await;
+    wait_pod_phase(&env, "redo", "Running").await;
+    replica.kill9();
+    let _adopter = env.replica("adopter", &[]);
+    let adopted = |j: &bgjobs::api::BackgroundJob| {
+        j.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with("adopted attempt 1's pod"))
+    };
+    env.wait_job("redo", MINUTE, "adopted", adopted).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + MINUTE;
+    while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
+        assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(running.elapsed() < Duration::from_secs(28), "too late to stage: {:?}", running.elapsed());
+    // The next attempt's Pod is created only once the earlier holder's first create can no longer bring `redo-1`
+    // back (154.5 s after the attempt began), and it did bring it back.
+    let deadline = Instant::now() + 4 * MINUTE;
+    while history.first("redo-2", |e| e.kind == "ADDED").is_none() {
+        assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(running.elapsed())).await;
+    let events = history.events();
+    let uids = history.uids("redo-1");
+    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was deleted: {events:?}");
+    let next = history.first("redo-2", |e| e.kind == "ADDED").unwrap();
+    for uid in &uids {
+        let stopped = history.first("redo-1", |e| {
+            &e.uid == uid && (e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
+        });
+        assert!(
+            stopped.is_some_and(|stopped| stopped < next),
+            "redo-1 ({uid}) ran on beside the next attempt's Pod: {events:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_pod_attempts_outcome_waits_until_a_create_whose_answer_was_lost_cannot_bring_the_pod_back() {
     let env = on_node("pod-finished-create-lands").await;
     // As above, but the Pod the create sent again made finishes (3 s), and is then removed by hand once the replica
     // has seen it finish (as the terminated-pod garbage collector or a short ttlSecondsAfterFinished might).
     let spec = shell_job("sleep 3", json!({"retry": {"maxAttempts": 1}}));
-    let LostAnswer { history, running, _webhook, _proxy, _replica } =
-        lose_the_first_creates_answer(&env, "quick", spec, 30, 1, 4).await;
+    let LostAnswer { history, running, _webhook, _proxy, replica: _replica } =
+        lose_the_first_creates_answer(&env, "quick", spec, 30, 1, 4, &LONG_LEASES).await;
     wait_pod_phase(&env, "quick", "Succeeded").await;
     // The replica has seen it finish by then.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -34,11 +34,14 @@
 //!   flight (a slow admission webhook) drops the create, but the apiserver may still carry it out; so may it a create
 //!   whose answer was lost, sent again, once the Pod the later one made is gone (deleted when the attempt ended, or
 //!   by anyone, finished or not). So an attempt that ends while a create may land (also one whose Pod finished or
-//!   was deleted: then only for the creates this replica sent) records its outcome only once none can: until then
-//!   its Pod is looked for and stopped too: the holder records each create of unknown outcome as it is
-//!   sent ([`PodExecutor::settled_by`]: 60 s after the last); an adopter, or a replica settling the job of a holder
-//!   that is gone, counts 154.5 s from the attempt's start ([`no_create_lands_after`]). The bound assumes a sent
-//!   request reaches the apiserver promptly; a network that held its bytes for longer could still land it later.
+//!   was deleted) records its outcome only once none can: until then its Pod is looked for and stopped too. The
+//!   holder records each create of unknown outcome as it is sent ([`PodExecutor::late_creates`]: 60 s after the
+//!   last); an adopter, or a replica settling the job of a holder that is gone, counts 154.5 s from the attempt's
+//!   start ([`no_create_lands_after`]). An adopter whose Pod finished by itself waits for those only while the name
+//!   is free (the Pod is gone or being deleted): a finished Pod left in place keeps any create from landing, and
+//!   waiting whatever holds the name would hold every adopted Pod's outcome on every rolling restart. The bound
+//!   assumes a sent request reaches the apiserver promptly; a network that held its bytes for longer could still
+//!   land it later.
 //!
 //! The job's identity and args reach every container as `BGJOBS_JOB` (`namespace/name`), `BGJOBS_JOB_UID`,
 //! `BGJOBS_ATTEMPT` and `BGJOBS_ARGS` (JSON); when the operator serves reports, `BGJOBS_REPORT_URL` and
@@ -141,20 +144,15 @@ impl PodExecutor {
         PodExecutor { policy, unanswered: Mutex::default() }
     }
 
-    /// The instant after which no create of this attempt's Pod can still make it, as this replica knows (`now` is
-    /// the cluster's time): the last it sent whose outcome is unknown, and, for an attempt it adopted, those its
-    /// earlier holder may have sent ([`no_create_lands_after`]).
-    pub fn settled_by(&self, job: &BackgroundJob, attempt: i32, now: jiff::Timestamp) -> Instant {
-        let own = self.own_creates_settled_by(job, attempt);
-        if adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own }
-    }
-
-    /// The instant after which no create of this attempt's Pod that this replica sent can still make it (now if it
-    /// sent none of unknown outcome).
-    pub fn own_creates_settled_by(&self, job: &BackgroundJob, attempt: i32) -> Instant {
+    /// Until when a create of this attempt's Pod may still make it, as this replica knows (`now` is the cluster's
+    /// time): the last this replica sent whose outcome is unknown ([`LateCreates::until`]), and, for an attempt it
+    /// adopted, those its earlier holder may have sent ([`no_create_lands_after`]; [`LateCreates::while_name_free`]).
+    pub fn late_creates(&self, job: &BackgroundJob, attempt: i32, now: jiff::Timestamp) -> LateCreates {
         let key = (job.uid().unwrap_or_default(), attempt);
         let unanswered = self.unanswered.lock().unwrap().get(&key).copied();
-        unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN)
+        let own = unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN);
+        let earlier = if adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own };
+        LateCreates { until: own, while_name_free: earlier }
     }
 
     /// Record the attempt's last create of unknown outcome (`None`: none; every create was answered). Entries that
@@ -167,6 +165,42 @@ impl PodExecutor {
             Some(sent) => entries.insert(key, sent),
             None => entries.remove(&key),
         };
+    }
+}
+
+/// Until when [`stop`] looks for a Pod of the attempt that a create still in flight makes (again, once the Pod is
+/// gone), and stops it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LateCreates {
+    /// Whatever holds the Pod's name meanwhile: the creates this replica sent, which it knows are few and recent.
+    pub until: Instant,
+    /// As long as no finished Pod of the attempt keeps the name (a create meets AlreadyExists then): an earlier
+    /// holder's creates, for an attempt this replica adopted. Waiting for those whatever holds the name would keep
+    /// every adopted Pod's outcome until 154.5 s after its attempt began, on every rolling restart; a Pod that is
+    /// gone, or being deleted, frees the name for them.
+    pub while_name_free: Instant,
+}
+
+impl LateCreates {
+    /// Until `at`, whatever holds the name.
+    pub fn until(at: Instant) -> LateCreates {
+        LateCreates { until: at, while_name_free: at }
+    }
+
+    /// Every create looked for until the last may land, whatever holds the name.
+    pub fn whatever_holds_the_name(self) -> LateCreates {
+        LateCreates::until(self.until.max(self.while_name_free))
+    }
+
+    /// Whether the look may end, with `found` holding the name `now`.
+    fn over(&self, found: &Found, now: Instant) -> bool {
+        let kept = matches!(found, Found::Ours { kept: true, .. });
+        now >= self.until && (now >= self.while_name_free || kept)
+    }
+
+    /// Whether a create may land after `now`.
+    pub fn after(&self, now: Instant) -> bool {
+        self.until.max(self.while_name_free) > now
     }
 }
 
@@ -295,7 +329,7 @@ async fn start(
             // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
             // namesake's Pod collected), create ours.
             Some(409) => match find(pods, job, &ctx.uid, name).await {
-                Found::Ours(uid) => {
+                Found::Ours { uid, .. } => {
                     tracing::info!(pod = %name, "adopted the attempt's pod");
                     return Ok(uid);
                 }
@@ -403,7 +437,7 @@ async fn adopt(
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver).
-    let found = landed(pods, job, &ctx.uid, name, no_create_lands_after(job, now), None).await;
+    let found = landed(pods, job, &ctx.uid, name, LateCreates::until(no_create_lands_after(job, now)), None).await;
     existing(found, name)?.ok_or_else(|| {
         AttemptResult::Retryable(format!(
             "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work may \
@@ -417,7 +451,7 @@ async fn adopt(
 /// the attempt; `None` if there is none.
 fn existing(found: Found, name: &str) -> Result<Option<String>, AttemptResult> {
     match found {
-        Found::Ours(uid) => {
+        Found::Ours { uid, .. } => {
             tracing::info!(pod = %name, "adopted the attempt's pod");
             Ok(Some(uid))
         }
@@ -428,29 +462,33 @@ fn existing(found: Found, name: &str) -> Result<Option<String>, AttemptResult> {
 
 /// What holds the name of the attempt's Pod.
 enum Found {
-    /// This job's Pod, with its UID.
-    Ours(String),
+    /// This job's Pod, with its UID; `kept`: it finished, and is not being deleted, so it keeps the name until
+    /// someone removes it.
+    Ours {
+        uid: String,
+        kept: bool,
+    },
     /// Another Pod: how the attempt ends.
     Other(AttemptResult),
     Absent,
 }
 
 /// What holds the name of the attempt's Pod once a create of it can no longer land unseen: read every second until
-/// this job's Pod is there (other than the one `stopped` already) or `settled_by` has passed. Another Pod holding
-/// the name (a deleted namesake's awaiting garbage collection, or the `stopped` one) does not settle it: once it is
-/// gone, a create still in flight makes this job's.
+/// this job's Pod is there (other than the one `stopped` already) or `late` creates can land no more. Another Pod
+/// holding the name (a deleted namesake's awaiting garbage collection, or the `stopped` one) does not settle it:
+/// once it is gone, a create still in flight makes this job's.
 async fn landed(
     pods: &Api<Pod>,
     job: &BackgroundJob,
     job_uid: &str,
     name: &str,
-    settled_by: Instant,
+    late: LateCreates,
     stopped: Option<&str>,
 ) -> Found {
     loop {
         match find(pods, job, job_uid, name).await {
-            Found::Ours(uid) if stopped != Some(uid.as_str()) => return Found::Ours(uid),
-            found if Instant::now() >= settled_by => return found,
+            Found::Ours { uid, kept } if stopped != Some(uid.as_str()) => return Found::Ours { uid, kept },
+            found if late.over(&found, Instant::now()) => return found,
             _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
@@ -471,7 +509,10 @@ async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -
     let mut backoff = Backoff::new();
     loop {
         match pods.get_opt(name).await {
-            Ok(Some(p)) if belongs(&p, job_uid) => return Found::Ours(p.uid().unwrap_or_default()),
+            Ok(Some(p)) if belongs(&p, job_uid) => {
+                let kept = finished(&p) && p.metadata.deletion_timestamp.is_none();
+                return Found::Ours { uid: p.uid().unwrap_or_default(), kept };
+            }
             Ok(Some(p)) => return Found::Other(not_ours(&p, job)),
             Ok(None) => return Found::Absent,
             Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
@@ -685,15 +726,15 @@ pub struct Overdue<'a> {
 }
 
 /// Stop the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion), and any Pod a create of it
-/// still in flight makes, until `settled_by`, when none can land any more (see [`PodExecutor::settled_by`] for the
-/// replica that sent them, [`no_create_lands_after`] for any other). Returns once no Pod of the job under that name
-/// can still run: the Pod is gone or finished, none came, and `settled_by` has passed.
+/// still in flight makes, until none can land any more (`late`: see [`PodExecutor::late_creates`] for the replica
+/// that sent them, [`no_create_lands_after`] for any other). Returns once no Pod of the job under that name can still
+/// run: the Pod is gone or finished, none came, and `late` creates can land no more.
 ///
 /// A running Pod is deleted, and waited for until its containers have stopped (gone, or a final phase): a retry never
 /// starts beside a container still in its termination grace period. A finished one is left for inspection. Once a
 /// Pod is gone (deleted here, or by anyone, finished or not), a create sent before it was made (its answer lost, the
-/// create sent again) could still make it again: it is looked for until `settled_by`, and stopped too. Another job's
-/// Pod of that name is left alone.
+/// create sent again) could still make it again: it is looked for until `late.until`, or `late.while_name_free`
+/// while no finished Pod keeps the name, and stopped too. Another job's Pod of that name is left alone.
 ///
 /// Unbounded: the caller bounds it by its claim. No deletion is sent while `may_act` says no (the claim is out of
 /// date: the Pod may be another holder's to watch by then).
@@ -701,29 +742,32 @@ pub async fn stop(
     client: &Client,
     job: &BackgroundJob,
     attempt: i32,
-    settled_by: Instant,
+    late: LateCreates,
     may_act: &(dyn Fn() -> bool + Sync),
     overdue: &Overdue<'_>,
 ) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
     let job_uid = job.uid().unwrap_or_default();
-    if settled_by > Instant::now() {
-        let wait = settled_by - Instant::now();
-        tracing::info!(pod = %name, ?wait, "a create of the attempt's pod may still land: looking for it until then");
+    if late.after(Instant::now()) {
+        let (until, while_name_free) = (late.until - Instant::now(), late.while_name_free - Instant::now());
+        tracing::info!(
+            pod = %name, ?until, ?while_name_free,
+            "a create of the attempt's pod may still land: looking for it until then"
+        );
     }
     let mut stopped: Option<String> = None;
     loop {
-        let Found::Ours(uid) = landed(&pods, job, &job_uid, &name, settled_by, stopped.as_deref()).await else {
+        let Found::Ours { uid, .. } = landed(&pods, job, &job_uid, &name, late, stopped.as_deref()).await else {
             return;
         };
         if stopped.as_ref() == Some(&uid) {
-            // `settled_by` has passed while the stopped Pod still holds the name.
+            // No create can land any more while the stopped Pod still holds the name.
             return;
         }
         match request_deletion(&pods, &name, &job_uid, may_act).await {
             // Being deleted, or finished already: a finished Pod is left for inspection, and may still be removed (by
-            // hand, by the terminated-pod garbage collector) before `settled_by`.
+            // hand, by the terminated-pod garbage collector) before a create can land no more.
             Some(uid) => {
                 until_stopped(&pods, &name, &uid, overdue).await;
                 stopped = Some(uid);
@@ -841,16 +885,19 @@ mod tests {
         let (j, mut other) = (job(), job());
         other.metadata.uid = Some("other".into());
         let uid = j.uid().unwrap();
-        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "nothing sent: nothing to wait for");
+        let settled =
+            |job: &BackgroundJob, attempt: i32| !executor.late_creates(job, attempt, now).after(Instant::now());
+        assert!(settled(&j, 1), "nothing sent: nothing to wait for");
         let sent = Instant::now();
         executor.note_unanswered(&uid, 1, Some(sent));
-        assert_eq!(executor.settled_by(&j, 1, now), sent + CREATE_LANDS_WITHIN);
-        assert!(executor.settled_by(&j, 2, now) <= Instant::now(), "another attempt of the job");
-        assert!(executor.settled_by(&other, 1, now) <= Instant::now(), "another job");
+        let own = sent + CREATE_LANDS_WITHIN;
+        assert_eq!(executor.late_creates(&j, 1, now), LateCreates::until(own), "its own, whatever holds the name");
+        assert!(settled(&j, 2), "another attempt of the job");
+        assert!(settled(&other, 1), "another job");
         executor.note_unanswered(&uid, 1, None);
-        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "every create answered");
-        // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
-        // An attempt this replica adopted: its earlier holder's creates may land until 154.5 s after it began.
+        assert!(settled(&j, 1), "every create answered");
+        // An attempt this replica adopted: its earlier holder's creates may land until 154.5 s after it began, as
+        // long as the name is free.
         let now: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
         let mut adopted = job();
         let began = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now - jiff::SignedDuration::from_secs(10));
@@ -859,16 +906,36 @@ mod tests {
             last_error: Some("worker a stopped renewing its lease; b adopted attempt 1's pod".into()),
             ..Default::default()
         }));
-        let left = executor.settled_by(&adopted, 1, now).duration_since(Instant::now());
-        assert!(left > Duration::from_secs(144), "an adopter sent none, yet must wait for its predecessor's: {left:?}");
+        let late = executor.late_creates(&adopted, 1, now);
+        assert!(late.until <= Instant::now(), "an adopter sent none of its own");
+        let left = late.while_name_free.duration_since(Instant::now());
+        assert!(left > Duration::from_secs(144), "an adopter must wait for its predecessor's: {left:?}");
+        assert_eq!(late.whatever_holds_the_name(), LateCreates::until(late.while_name_free));
         let mut no_start = adopted.clone();
         no_start.status.as_mut().unwrap().start_time = None;
-        assert!(executor.settled_by(&no_start, 1, now) <= Instant::now(), "no startTime: no bound to wait for");
+        assert!(settled(&no_start, 1), "no startTime: no bound to wait for");
         let long_ago = Instant::now().checked_sub(CREATE_LANDS_WITHIN).unwrap();
         executor.note_unanswered(&uid, 1, Some(long_ago));
-        assert!(executor.settled_by(&j, 1, now) <= Instant::now(), "sent a minute ago: it would have landed by now");
+        assert!(settled(&j, 1), "sent a minute ago: it would have landed by now");
+        // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
         executor.note_unanswered(&uid, 2, Some(Instant::now()));
         assert_eq!(executor.unanswered.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_earlier_holders_creates_are_looked_for_only_while_no_finished_pod_keeps_the_name() {
+        let now = Instant::now();
+        let late = LateCreates { until: now, while_name_free: now + Duration::from_secs(100) };
+        let ours = |kept| Found::Ours { uid: "p".into(), kept };
+        assert!(late.over(&ours(true), now), "a finished Pod left in place: no create can land");
+        assert!(!late.over(&ours(false), now), "a Pod being deleted frees the name");
+        assert!(!late.over(&Found::Absent, now), "gone");
+        assert!(!late.over(&Found::Other(AttemptResult::Retryable(String::new())), now), "a namesake's, going away");
+        assert!(late.over(&Found::Absent, now + Duration::from_secs(100)), "none can land any more");
+        let own = LateCreates { until: now + Duration::from_secs(60), while_name_free: now };
+        assert!(!late.whatever_holds_the_name().over(&ours(true), now), "ended here: every create, whatever holds it");
+        assert!(!own.over(&ours(true), now), "this replica's own, whatever holds the name");
+        assert!(own.over(&ours(true), now + Duration::from_secs(60)));
     }
 
     fn job() -> BackgroundJob {
