@@ -627,7 +627,9 @@ async fn an_earlier_holders_create_whose_answer_was_lost_cannot_bring_back_an_ad
     replica.kill9();
     let _adopter = env.replica("adopter", &[]);
     let adopted = |j: &bgjobs::api::BackgroundJob| {
-        j.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with("adopted attempt 1's pod"))
+        let s = j.status.clone().unwrap_or_default();
+        s.worker.as_deref() == Some("adopter")
+            && s.last_error.as_deref().is_some_and(|e| e.ends_with("adopted attempt 1's pod"))
     };
     env.wait_job("redo", MINUTE, "adopted", adopted).await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
@@ -645,7 +647,8 @@ async fn an_earlier_holders_create_whose_answer_was_lost_cannot_bring_back_an_ad
         assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    tokio::time::sleep(Duration::from_secs(40).saturating_sub(running.elapsed())).await;
+    let retried = running.elapsed();
+    assert!(retried > Duration::from_secs(140), "retried {retried:?} after the attempt began, not after the bound");
     let events = history.events();
     let uids = history.uids("redo-1");
     assert_eq!(uids.len(), 2, "the first create did not land after the Pod was deleted: {events:?}");

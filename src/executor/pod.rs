@@ -34,12 +34,15 @@
 //!   flight (a slow admission webhook) drops the create, but the apiserver may still carry it out; so may it a create
 //!   whose answer was lost, sent again, once the Pod the later one made is gone (deleted when the attempt ended, or
 //!   by anyone, finished or not). So an attempt that ends while a create may land (also one whose Pod finished or
-//!   was deleted) records its outcome only once none can: until then its Pod is looked for and stopped too. The
+//!   was deleted) records its outcome only once none can (but see the adopter's finished Pod below): until then its
+//!   Pod is looked for and stopped too. The
 //!   holder records each create of unknown outcome as it is sent ([`PodExecutor::late_creates`]: 60 s after the
 //!   last); an adopter, or a replica settling the job of a holder that is gone, counts 154.5 s from the attempt's
 //!   start ([`no_create_lands_after`]). An adopter whose Pod finished by itself waits for those only while the name
 //!   is free (the Pod is gone or being deleted): a finished Pod left in place keeps any create from landing, and
-//!   waiting whatever holds the name would hold every adopted Pod's outcome on every rolling restart. The bound
+//!   waiting whatever holds the name would hold every adopted Pod's outcome on every rolling restart. Should that
+//!   Pod be removed once the outcome is recorded, but before the bound, a create still in flight could make it
+//!   again (beside a retry's Pod). The bound
 //!   assumes a sent request reaches the apiserver promptly; a network that held its bytes for longer could still
 //!   land it later.
 //!
@@ -474,9 +477,10 @@ enum Found {
 }
 
 /// What holds the name of the attempt's Pod once a create of it can no longer land unseen: read every second until
-/// this job's Pod is there (other than the one `stopped` already) or `late` creates can land no more. Another Pod
-/// holding the name (a deleted namesake's awaiting garbage collection, or the `stopped` one) does not settle it:
-/// once it is gone, a create still in flight makes this job's.
+/// this job's Pod is there (other than the one `stopped` already) or `late` creates can land no more
+/// ([`LateCreates::over`]: an earlier holder's no longer count once the `stopped` Pod keeps the name, finished and
+/// not being deleted). Another Pod holding the name (a deleted namesake's awaiting garbage collection, or the
+/// `stopped` one being deleted) does not settle it: once it is gone, a create still in flight makes this job's.
 async fn landed(
     pods: &Api<Pod>,
     job: &BackgroundJob,
@@ -510,8 +514,7 @@ async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -
     loop {
         match pods.get_opt(name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
-                let kept = finished(&p) && p.metadata.deletion_timestamp.is_none();
-                return Found::Ours { uid: p.uid().unwrap_or_default(), kept };
+                return Found::Ours { uid: p.uid().unwrap_or_default(), kept: keeps_name(&p) };
             }
             Ok(Some(p)) => return Found::Other(not_ours(&p, job)),
             Ok(None) => return Found::Absent,
@@ -542,6 +545,12 @@ fn not_ours(pod: &Pod, job: &BackgroundJob) -> AttemptResult {
     } else {
         AttemptResult::Permanent(format!("a Pod named {name} exists and does not belong to this job"))
     }
+}
+
+/// Whether the Pod keeps its name from any create for as long as nobody removes it: finished (a running one is
+/// stopped, by deletion), and not being deleted.
+fn keeps_name(pod: &Pod) -> bool {
+    finished(pod) && pod.metadata.deletion_timestamp.is_none()
 }
 
 /// Whether the Pod reached a final phase: none of its containers runs any more.
@@ -728,7 +737,8 @@ pub struct Overdue<'a> {
 /// Stop the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion), and any Pod a create of it
 /// still in flight makes, until none can land any more (`late`: see [`PodExecutor::late_creates`] for the replica
 /// that sent them, [`no_create_lands_after`] for any other). Returns once no Pod of the job under that name can still
-/// run: the Pod is gone or finished, none came, and `late` creates can land no more.
+/// run: the Pod is gone or finished, none came, and `late` creates can land no more, or only an earlier holder's
+/// while the finished Pod keeps the name.
 ///
 /// A running Pod is deleted, and waited for until its containers have stopped (gone, or a final phase): a retry never
 /// starts beside a container still in its termination grace period. A finished one is left for inspection. Once a
@@ -920,6 +930,26 @@ mod tests {
         // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
         executor.note_unanswered(&uid, 2, Some(Instant::now()));
         assert_eq!(executor.unanswered.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_a_finished_pod_that_is_not_being_deleted_keeps_its_name() {
+        let pod = |phase: &str, deleted: bool| {
+            let mut p = Pod {
+                status: Some(PodStatus { phase: Some(phase.into()), ..Default::default() }),
+                ..Default::default()
+            };
+            if deleted {
+                p.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
+            }
+            p
+        };
+        assert!(keeps_name(&pod("Succeeded", false)) && keeps_name(&pod("Failed", false)));
+        assert!(!keeps_name(&pod("Succeeded", true)), "removed once its grace is over");
+        assert!(!keeps_name(&pod("Failed", true)));
+        assert!(!keeps_name(&pod("Running", false)), "a running Pod is stopped by deleting it");
+        assert!(!keeps_name(&pod("Pending", false)));
     }
 
     #[test]
