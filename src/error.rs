@@ -22,6 +22,13 @@ pub enum Error {
     )]
     CrdMissing,
 
+    /// The installed CRDs lack fields this version writes (the apiserver would prune them): which, per CRD.
+    #[error(
+        "the installed CRDs are older than this operator: {0}. Apply this release's CRDs first (Helm does not upgrade \
+         them): `bgjobs crd | kubectl apply --server-side --force-conflicts -f -`"
+    )]
+    CrdOutdated(String),
+
     /// A value given by the user (flag, argument, manifest) is invalid.
     #[error("invalid input: {0}")]
     Invalid(String),
@@ -77,6 +84,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Config(_) => "config",
             Error::CrdMissing => "crd_missing",
+            Error::CrdOutdated(_) => "crd_outdated",
             Error::Invalid(_) => "invalid",
             Error::Serde(_) => "serde",
             Error::Timeout(_) => "timeout",

@@ -41,6 +41,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     config.retention = std::mem::take(&mut config.retention).with_legacy_ttl(config.ttl_seconds_after_finished);
     let client = crate::client::connect().await?;
     ensure_crd(&client, config.namespace.as_deref()).await?;
+    crate::api::installed::check(&client, config.recurring_enabled).await?;
     let identity = config.identity();
     let policy = config.policy(local_addresses());
     let worker = Worker::new(

@@ -23,6 +23,7 @@ use common::{ReplicaOptions, TestEnv, free_port};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
@@ -173,6 +174,8 @@ async fn namespace_mode_install_runs_jobs_with_the_charts_service_account_and_no
     }
     wait_for_events(&admin, &jobs.ns).await;
     assert_no_forbidden_in_log(&replica);
+    // No cluster-scoped object in namespace mode: the replica says it cannot check the CRDs, and runs.
+    assert!(replica.log_text().contains("cannot check that it holds every field"), "{}", replica.log_text());
 
     // Tight: with the same token, nothing beyond the jobs, their Leases and Events.
     let sa_client = client_for(&kubeconfig).await;
@@ -265,6 +268,7 @@ async fn cluster_mode_install_runs_jobs_in_every_namespace_and_pod_mode_is_an_up
     }
     wait_for_events(&admin, &team_b.ns).await;
     assert_no_forbidden_in_log(&replica);
+    assert!(!replica.log_text().contains("cannot check"), "the ClusterRole lets it read its CRDs");
     drop(replica);
 
     let sa_client = client_for(&kubeconfig).await;
@@ -280,6 +284,13 @@ async fn cluster_mode_install_runs_jobs_in_every_namespace_and_pod_mode_is_an_up
             .await,
     );
     Api::<BackgroundJob>::all(sa_client.clone()).list(&lp).await.expect("cluster mode lists jobs everywhere");
+    // Its own two CRDs, by name, and nothing else of the cluster's CRDs.
+    let crds: Api<CustomResourceDefinition> = Api::all(sa_client.clone());
+    for name in ["backgroundjobs.bgjobs.dev", "recurringbackgroundjobs.bgjobs.dev"] {
+        crds.get(name).await.unwrap_or_else(|e| panic!("the operator reads {name}: {e}"));
+    }
+    assert_forbidden("list CRDs", crds.list(&lp).await);
+    assert_forbidden("read another CRD", crds.get("certificates.cert-manager.io").await);
 
     // Upgrade: podMode on grants Pods (for the Pod executor), still no Secrets.
     let upgraded = release

@@ -48,6 +48,8 @@ fn default_values_render_cluster_mode_rbac_and_a_probed_gracefully_terminating_d
     r.assert_least_privilege(false);
     assert_job_rules(&r.rules(), true, false);
     assert_lease_role(&r, RELEASE_NS);
+    let crds = verbs(&r.rules(), "apiextensions.k8s.io", "customresourcedefinitions");
+    assert_eq!(crds, set(&["get"]), "the operator reads its CRDs at start, to refuse older ones");
 
     let sa = r.one("ServiceAccount");
     let sa_name = sa["metadata"]["name"].as_str().unwrap();

@@ -8,6 +8,7 @@
 //! what only the operator can detect (an unknown `jobName`, args that do not fit the handler) ends in phase
 //! `Failed` with a readable `lastError`.
 
+pub mod installed;
 mod recurring;
 
 pub use recurring::*;
