@@ -361,10 +361,13 @@ async fn run_claimed(
     if is_pod {
         // An attempt whose Pod finished, or went away (deleted by anyone), may still have a create of unknown outcome
         // in flight that makes the Pod again (see `executor::pod::stop`): this replica's own, and for an adopted
-        // attempt an earlier holder's, which can land only while no finished Pod keeps the name. Ended here, every
-        // create is waited for, whatever holds the name.
+        // attempt an earlier holder's, which can land only while no finished Pod keeps the name. Only a success
+        // settles for that: no attempt follows it, and every rolling restart would hold adopted Pods' successes
+        // otherwise. Any other ending waits for every create whatever holds the name: a finished Pod removed once
+        // the outcome is recorded would let one make the Pod again, beside the retry's.
         let late = worker.pods.late_creates(&job, fence.attempt, worker.clock.now());
-        let late = if pod_must_go { late.whatever_holds_the_name() } else { late };
+        let succeeded = matches!(ending, Ending::Finished(AttemptResult::Succeeded | AttemptResult::Reported));
+        let late = if succeeded { late } else { late.whatever_holds_the_name() };
         let may_land = matches!(ending, Ending::Finished(_)) && late.after(tokio::time::Instant::now());
         if pod_must_go || may_land {
             // Stop its Pod while the claim is ours, and any Pod a create still in flight makes (the ending cut it

@@ -665,6 +665,57 @@ async fn an_earlier_holders_create_whose_answer_was_lost_cannot_bring_back_an_ad
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_pod_that_failed_is_retried_only_once_an_earlier_holders_create_can_no_longer_bring_it_back() {
+    let env = on_node("pod-adopted-failed-create-lands").await;
+    // As above, but the first attempt's Pod fails by itself (8 s), after its sender was killed and before or as the
+    // adopter takes it; it is then removed by hand (as a cleanup tool might), before the first create lands (30 s).
+    let script = r#"[ "$BGJOBS_ATTEMPT" = 1 ] && { sleep 8; exit 1; }; sleep 60"#;
+    let spec = shell_job(script, json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}));
+    let leases = ["--lease-duration", "6s", "--renew-deadline", "4s", "--renew-interval", "1s"];
+    let LostAnswer { history, running, _webhook, _proxy, mut replica } =
+        lose_the_first_creates_answer(&env, "redo", spec, 30, 1, 4, &leases).await;
+    wait_pod_phase(&env, "redo", "Running").await;
+    replica.kill9();
+    let adopter = env.replica("adopter", &[]);
+    wait_pod_phase(&env, "redo", "Failed").await;
+    let deadline = Instant::now() + MINUTE;
+    while !adopter.log_text().contains("adopted the attempt's pod") {
+        assert!(Instant::now() < deadline, "the attempt was never adopted: {}", adopter.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + MINUTE;
+    while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
+        assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(running.elapsed() < Duration::from_secs(28), "too late to stage: {:?}", running.elapsed());
+    // Whenever the next attempt's Pod comes, no Pod of the first attempt runs beside it: the one the first create
+    // brought back was stopped before.
+    let deadline = Instant::now() + 4 * MINUTE;
+    while history.first("redo-2", |e| e.kind == "ADDED").is_none() {
+        assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let retried = running.elapsed();
+    assert!(retried > Duration::from_secs(140), "retried {retried:?} after the attempt began, not after the bound");
+    let events = history.events();
+    let uids = history.uids("redo-1");
+    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was removed: {events:?}");
+    let next = history.first("redo-2", |e| e.kind == "ADDED").unwrap();
+    for uid in &uids {
+        let stopped = history.first("redo-1", |e| {
+            &e.uid == uid && (e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
+        });
+        assert!(
+            stopped.is_some_and(|stopped| stopped < next),
+            "redo-1 ({uid}) ran on beside the next attempt's Pod: {events:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_pod_attempts_outcome_waits_until_a_create_whose_answer_was_lost_cannot_bring_the_pod_back() {
     let env = on_node("pod-finished-create-lands").await;
     // As above, but the Pod the create sent again made finishes (3 s), and is then removed by hand once the replica

@@ -18,42 +18,62 @@ use super::RecurringBackgroundJob;
 use crate::error::{Error, Result, api_code};
 
 /// Read each CRD this replica needs (the RecurringBackgroundJob one only with `recurring`) and check that it keeps
-/// every field the generated one has. A CRD this replica may not read (the chart grants it only in cluster mode: in
-/// namespace mode it creates no cluster-scoped object) is only warned about: the check is a safety net, not a
-/// requirement.
+/// every field of the one this version generates. A CRD this replica may not read (the chart grants it only in
+/// cluster mode: in namespace mode it creates no cluster-scoped object) is only warned about: the check is a safety
+/// net, not a requirement. A read that fails otherwise is tried again twice (a GET changes nothing) before the
+/// replica gives up.
 pub async fn check(client: &Client, recurring: bool) -> Result<()> {
     use kube::Resource;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut outdated = Vec::new();
     let needed =
         super::crds().into_iter().filter(|c| recurring || c.spec.names.kind != RecurringBackgroundJob::kind(&()));
-    for wanted in needed {
-        let name = wanted.name_any();
+    let verdicts = futures::future::try_join_all(needed.map(|wanted| outdated(&crds, wanted, recurring))).await?;
+    let outdated: Vec<String> = verdicts.into_iter().flatten().collect();
+    if outdated.is_empty() { Ok(()) } else { Err(Error::CrdOutdated(outdated.join("; "))) }
+}
+
+/// What is wrong with the installed CRD named as `wanted` (`None`: nothing, or it may not be read).
+async fn outdated(
+    crds: &Api<CustomResourceDefinition>,
+    wanted: CustomResourceDefinition,
+    recurring: bool,
+) -> Result<Option<String>> {
+    let name = wanted.name_any();
+    let mut tries = 0;
+    let installed = loop {
         match crds.get_opt(&name).await {
-            Ok(Some(installed)) => {
-                let missing = missing_fields(&installed, &wanted);
-                if !missing.is_empty() {
-                    outdated.push(format!("{name} lacks {}", missing.into_iter().collect::<Vec<_>>().join(", ")));
-                }
-            }
-            Ok(None) => outdated.push(format!("{name} is not installed")),
+            Ok(found) => break found,
             Err(e) if api_code(&e) == Some(403) => {
                 tracing::warn!(
                     crd = %name,
-                    "may not read the CRD (get customresourcedefinitions), so cannot check that it holds every field \
-                     this version writes; apply this release's CRDs before upgrading the operator"
+                    "may not read the CRD (get customresourcedefinitions), so cannot check that it has every field \
+                     of this version's schema; apply this release's CRDs before upgrading the operator"
                 );
+                return Ok(None);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) if tries < 2 => {
+                tries += 1;
+                tracing::warn!(crd = %name, error = %e, "cannot read the CRD; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(3 * tries)).await;
+            }
+            Err(e) => {
+                tracing::error!(crd = %name, error = %e, "cannot read the CRD");
+                return Err(e.into());
+            }
         }
-    }
-    if outdated.is_empty() { Ok(()) } else { Err(Error::CrdOutdated(outdated.join("; "))) }
+    };
+    let Some(installed) = installed else {
+        let off = if recurring { " (or run the operator with --recurring-enabled=false)" } else { "" };
+        return Ok(Some(format!("{name} is not installed{off}")));
+    };
+    let missing = missing_fields(&installed, &wanted);
+    Ok((!missing.is_empty()).then(|| format!("{name} lacks {}", missing.into_iter().collect::<Vec<_>>().join(", "))))
 }
 
 /// The fields of `wanted` (the CRD this version generates) that `installed` would prune, as dotted paths under each
 /// version of the schema (`v1alpha1: status.previousScheduleTime`); a version `installed` does not serve counts
-/// whole. A node of `installed` that keeps unknown fields (`x-kubernetes-preserve-unknown-fields`) keeps everything
-/// under it.
+/// whole. A node of `installed` that keeps unknown fields (`x-kubernetes-preserve-unknown-fields`) keeps every field
+/// it does not list.
 pub fn missing_fields(installed: &CustomResourceDefinition, wanted: &CustomResourceDefinition) -> BTreeSet<String> {
     let mut missing = BTreeSet::new();
     for version in &wanted.spec.versions {
@@ -75,15 +95,21 @@ pub fn missing_fields(installed: &CustomResourceDefinition, wanted: &CustomResou
     missing
 }
 
-/// The paths under `want` that `have` does not keep, added to `out` (`at` is the path so far).
+/// The paths under `want` that `have` does not keep, added to `out` (`at` is the path so far). A field `have` does
+/// not list is kept when `have` keeps unknown fields (`x-kubernetes-preserve-unknown-fields`) or takes any key
+/// (`additionalProperties`); one it lists is checked below. A node that wants unknown fields kept, where `have`
+/// would prune them, is missing too.
 fn unkept(have: &JSONSchemaProps, want: &JSONSchemaProps, at: &str, out: &mut BTreeSet<String>) {
-    if have.x_kubernetes_preserve_unknown_fields == Some(true) {
-        return;
+    let keeps_unknown = |node: &JSONSchemaProps| node.x_kubernetes_preserve_unknown_fields == Some(true);
+    let any_key = matches!(have.additional_properties, Some(JSONSchemaPropsOrBool::Schema(_)));
+    if keeps_unknown(want) && !keeps_unknown(have) && !any_key {
+        out.insert(if at.is_empty() { "(unknown fields)".into() } else { format!("{at} (unknown fields)") });
     }
     for (field, wanted) in want.properties.iter().flatten() {
         let path = if at.is_empty() { field.clone() } else { format!("{at}.{field}") };
         match have.properties.as_ref().and_then(|p| p.get(field)) {
             Some(kept) => unkept(kept, wanted, &path, out),
+            None if keeps_unknown(have) || any_key => {}
             None => {
                 out.insert(path);
             }
@@ -145,11 +171,21 @@ mod tests {
         let wanted = BackgroundJob::crd();
         let older_operator = without(wanted.clone(), "status.unstartedAttempts");
         assert_eq!(missing_fields(&wanted, &older_operator), BTreeSet::new(), "extra fields are kept");
-        let mut loose = without(wanted.clone(), "status.unstartedAttempts");
-        let schema = loose.spec.versions[0].schema.as_mut().unwrap().open_api_v3_schema.as_mut().unwrap();
-        schema.properties.as_mut().unwrap().get_mut("status").unwrap().x_kubernetes_preserve_unknown_fields =
-            Some(true);
-        assert_eq!(missing_fields(&loose, &wanted), BTreeSet::new());
+        let mut loose = without(without(wanted.clone(), "status.unstartedAttempts"), "status.progress.percent");
+        let status = |crd: &mut CustomResourceDefinition| {
+            let schema = crd.spec.versions[0].schema.as_mut().unwrap().open_api_v3_schema.as_mut().unwrap();
+            let status = schema.properties.as_mut().unwrap().get_mut("status").unwrap();
+            status.x_kubernetes_preserve_unknown_fields = Some(true);
+        };
+        status(&mut loose);
+        // `status` keeps what it does not list; `progress`, which it lists, still prunes what it does not.
+        let expected = BTreeSet::from(["v1alpha1: status.progress.percent".to_string()]);
+        assert_eq!(missing_fields(&loose, &wanted), expected);
+        // A schema that now keeps unknown fields where the installed one pruned them.
+        let mut newer = wanted.clone();
+        status(&mut newer);
+        let expected = BTreeSet::from(["v1alpha1: status (unknown fields)".to_string()]);
+        assert_eq!(missing_fields(&wanted, &newer), expected);
     }
 
     #[test]

@@ -38,11 +38,12 @@
 //!   Pod is looked for and stopped too. The
 //!   holder records each create of unknown outcome as it is sent ([`PodExecutor::late_creates`]: 60 s after the
 //!   last); an adopter, or a replica settling the job of a holder that is gone, counts 154.5 s from the attempt's
-//!   start ([`no_create_lands_after`]). An adopter whose Pod finished by itself waits for those only while the name
-//!   is free (the Pod is gone or being deleted): a finished Pod left in place keeps any create from landing, and
-//!   waiting whatever holds the name would hold every adopted Pod's outcome on every rolling restart. Should that
-//!   Pod be removed once the outcome is recorded, but before the bound, a create still in flight could make it
-//!   again (beside a retry's Pod). The bound
+//!   start ([`no_create_lands_after`]). An adopter whose Pod succeeded waits for those only while the name is free
+//!   (the Pod is gone or being deleted): a finished Pod left in place keeps any create from landing, no attempt
+//!   follows a success, and waiting whatever holds the name would hold every adopted Pod's success on every rolling
+//!   restart. Should that Pod be removed once the success is recorded, but before the bound, a create still in
+//!   flight could make it again (a second run, alone). Any other outcome waits for them whatever holds the name: a
+//!   retry's Pod must not start beside one they make. The bound
 //!   assumes a sent request reaches the apiserver promptly; a network that held its bytes for longer could still
 //!   land it later.
 //!
@@ -178,9 +179,10 @@ pub struct LateCreates {
     /// Whatever holds the Pod's name meanwhile: the creates this replica sent, which it knows are few and recent.
     pub until: Instant,
     /// As long as no finished Pod of the attempt keeps the name (a create meets AlreadyExists then): an earlier
-    /// holder's creates, for an attempt this replica adopted. Waiting for those whatever holds the name would keep
-    /// every adopted Pod's outcome until 154.5 s after its attempt began, on every rolling restart; a Pod that is
-    /// gone, or being deleted, frees the name for them.
+    /// holder's creates, for an attempt this replica adopted whose Pod succeeded ([`Self::whatever_holds_the_name`]
+    /// for any other ending). Waiting for those whatever holds the name would keep every adopted Pod's success until
+    /// 154.5 s after its attempt began, on every rolling restart; a Pod that is gone, or being deleted, frees the
+    /// name for them.
     pub while_name_free: Instant,
 }
 
