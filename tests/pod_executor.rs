@@ -591,15 +591,23 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
     // The next attempt's Pod is created only once the first create can no longer bring `redo-1` back (and it did).
-    let deadline = Instant::now() + 3 * MINUTE;
+    second_attempt_after_both_first_pods_stopped(&history, running).await;
+}
+
+/// Wait for the Pod of `redo`'s second attempt, then, once every create has landed (40 s after `running`), check
+/// that both Pods that held the first attempt's name (the first create made it again once the Pod was removed)
+/// stopped before it came; how long after `running` it came.
+async fn second_attempt_after_both_first_pods_stopped(history: &PodHistory, running: Instant) -> Duration {
+    let deadline = Instant::now() + 4 * MINUTE;
     while history.first("redo-2", |e| e.kind == "ADDED").is_none() {
         assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let retried = running.elapsed();
     tokio::time::sleep(Duration::from_secs(40).saturating_sub(running.elapsed())).await;
     let events = history.events();
     let uids = history.uids("redo-1");
-    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was deleted: {events:?}");
+    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was removed: {events:?}");
     let next = history.first("redo-2", |e| e.kind == "ADDED").unwrap();
     for uid in &uids {
         let stopped = history.first("redo-1", |e| {
@@ -610,11 +618,24 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
             "redo-1 ({uid}) ran on beside the next attempt's Pod: {events:?}"
         );
     }
+    retried
+}
+
+/// Delete `redo-1` by hand and wait until it is gone, which must be before the first create lands (30 s after
+/// `running`), or the test shows nothing.
+async fn remove_by_hand_before_the_first_create_lands(env: &TestEnv, history: &PodHistory, running: Instant) {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + MINUTE;
+    while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
+        assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(running.elapsed() < Duration::from_secs(28), "too late to stage: {:?}", running.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_earlier_holders_create_whose_answer_was_lost_cannot_bring_back_an_adopted_pod_deleted_by_hand_beside_the_next_attempt()
- {
+async fn a_dead_senders_lost_answer_create_cannot_bring_back_an_adopted_pod_deleted_by_hand_beside_the_next_attempt() {
     let env = on_node("pod-adopted-create-lands").await;
     // As above, but the replica that sent both creates is killed once the Pod runs, and another adopts the attempt;
     // the Pod is deleted by hand under the adopter, before the first create lands (30 s). Short leases, so that the
@@ -632,36 +653,11 @@ async fn an_earlier_holders_create_whose_answer_was_lost_cannot_bring_back_an_ad
             && s.last_error.as_deref().is_some_and(|e| e.ends_with("adopted attempt 1's pod"))
     };
     env.wait_job("redo", MINUTE, "adopted", adopted).await;
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
-    let deadline = Instant::now() + MINUTE;
-    while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
-        assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(running.elapsed() < Duration::from_secs(28), "too late to stage: {:?}", running.elapsed());
+    remove_by_hand_before_the_first_create_lands(&env, &history, running).await;
     // The next attempt's Pod is created only once the earlier holder's first create can no longer bring `redo-1`
     // back (154.5 s after the attempt began), and it did bring it back.
-    let deadline = Instant::now() + 4 * MINUTE;
-    while history.first("redo-2", |e| e.kind == "ADDED").is_none() {
-        assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let retried = running.elapsed();
+    let retried = second_attempt_after_both_first_pods_stopped(&history, running).await;
     assert!(retried > Duration::from_secs(140), "retried {retried:?} after the attempt began, not after the bound");
-    let events = history.events();
-    let uids = history.uids("redo-1");
-    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was deleted: {events:?}");
-    let next = history.first("redo-2", |e| e.kind == "ADDED").unwrap();
-    for uid in &uids {
-        let stopped = history.first("redo-1", |e| {
-            &e.uid == uid && (e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
-        });
-        assert!(
-            stopped.is_some_and(|stopped| stopped < next),
-            "redo-1 ({uid}) ran on beside the next attempt's Pod: {events:?}"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -683,36 +679,11 @@ async fn an_adopted_pod_that_failed_is_retried_only_once_an_earlier_holders_crea
         assert!(Instant::now() < deadline, "the attempt was never adopted: {}", adopter.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
-    let deadline = Instant::now() + MINUTE;
-    while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
-        assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(running.elapsed() < Duration::from_secs(28), "too late to stage: {:?}", running.elapsed());
+    remove_by_hand_before_the_first_create_lands(&env, &history, running).await;
     // Whenever the next attempt's Pod comes, no Pod of the first attempt runs beside it: the one the first create
     // brought back was stopped before.
-    let deadline = Instant::now() + 4 * MINUTE;
-    while history.first("redo-2", |e| e.kind == "ADDED").is_none() {
-        assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let retried = running.elapsed();
+    let retried = second_attempt_after_both_first_pods_stopped(&history, running).await;
     assert!(retried > Duration::from_secs(140), "retried {retried:?} after the attempt began, not after the bound");
-    let events = history.events();
-    let uids = history.uids("redo-1");
-    assert_eq!(uids.len(), 2, "the first create did not land after the Pod was removed: {events:?}");
-    let next = history.first("redo-2", |e| e.kind == "ADDED").unwrap();
-    for uid in &uids {
-        let stopped = history.first("redo-1", |e| {
-            &e.uid == uid && (e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed"))
-        });
-        assert!(
-            stopped.is_some_and(|stopped| stopped < next),
-            "redo-1 ({uid}) ran on beside the next attempt's Pod: {events:?}"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
