@@ -6,6 +6,14 @@
 //!
 //! Times are evaluated in an IANA time zone (UTC by default). A local time skipped by a DST change runs at the
 //! first instant after the gap; a local time that occurs twice runs once, at its first occurrence.
+//!
+//! Why not a crate: the maintained cron crates (`cron`, `croner`) compute on chrono, so a definition's `timeZone`
+//! would be resolved by chrono-tz's compiled-in zone data while every other time here is jiff's, from the system's
+//! tz database: two copies that can disagree about the same zone after a tz release. `jiff-cron`, the jiff port of
+//! `cron`, is Quartz-shaped: a seconds field is required, days of week run 1–7 with Sunday 1, so the standard
+//! `0 9 * * 1-5` does not parse, and `0 0 9 * * 1-5` runs Sunday to Thursday. What the recurring guarantees rest on is
+//! exactly [`Schedule::next_after`] and [`Schedule::latest_between`], DST gaps and folds included, and those are
+//! tested below.
 
 use std::str::FromStr;
 
