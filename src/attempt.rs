@@ -301,7 +301,9 @@ async fn run_claimed(
     // whether it was deleted while the attempt ran (an eviction) or after it ended (the stop below).
     let not_stopping = PodNotStopping { worker, job: &job, told: AtomicBool::new(false) };
     let tell_not_stopping = |pod: &str| not_stopping.tell(pod);
-    let overdue = executor::pod::Overdue { after: worker.timing.duration, report: &tell_not_stopping };
+    let cluster_now = || worker.clock.now();
+    let overdue =
+        executor::pod::Overdue { after: worker.timing.duration, now: &cluster_now, report: &tell_not_stopping };
     let ending = if let Some(reason) = control.begin(job.spec.http.is_some()) {
         Ending::NotStarted(reason)
     } else {

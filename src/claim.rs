@@ -489,15 +489,15 @@ pub async fn settle(
         let may_act = || std::time::Instant::now() < until;
         // Bounded by the renew deadline, this look never waits long enough to find the Pod overdue: whether it is,
         // is judged by the Pod's deletion time once the look is over.
-        let overdue = crate::executor::pod::Overdue { after: timing.duration, report: &|_| {} };
+        let now = || claimant.now + SignedDuration::try_from(began.elapsed()).unwrap_or(SignedDuration::ZERO);
+        let overdue = crate::executor::pod::Overdue { after: timing.duration, now: &now, report: &|_| {} };
         let late = crate::executor::pod::LateCreates::until(settled_by);
         let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &overdue);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {
             lease::release(&leases, &held.lease).await?;
             // Judged now, not when the settle began (a renew deadline ago).
-            let now = claimant.now + SignedDuration::try_from(began.elapsed()).unwrap_or(SignedDuration::ZERO);
             let not_stopping =
-                crate::executor::pod::not_stopping(client, job, job.attempts(), now, timing.duration).await;
+                crate::executor::pod::not_stopping(client, job, job.attempts(), now(), timing.duration).await;
             return Ok(Some(not_stopping.map_or(LostAt::PodRunning, LostAt::PodNotStopping)));
         }
     }

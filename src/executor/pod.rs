@@ -577,9 +577,14 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
             _ = sleep_until(overdue_at), if !told => {
                 // The watch may lag, or its connection be silently dead: ask the apiserver before blaming the node.
                 match read(pods, name, uid).await {
-                    Some(pod) if !finished(&pod) => {
+                    Some(pod) if !finished(&pod) && overdue_by(&pod, (overdue.now)(), overdue.after) => {
                         told = true;
                         (overdue.report)(name);
+                        continue;
+                    }
+                    // Not yet, by the clock as read now (its estimate moved since the timer was set).
+                    Some(pod) if !finished(&pod) => {
+                        overdue_at = due_in(&pod, overdue);
                         continue;
                     }
                     ended => return ended,
@@ -593,7 +598,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
                     return Some(pod);
                 }
                 if overdue_at.is_none() {
-                    overdue_at = overdue_from(Instant::now(), &pod, overdue.after);
+                    overdue_at = due_in(&pod, overdue);
                 }
             }
             Ok(_) => match read(pods, name, uid).await {
@@ -633,13 +638,27 @@ pub async fn not_stopping(
 }
 
 /// Whether `pod`, being deleted, is still not stopped `after` past its grace period at the cluster's time `now`, as
-/// this replica reads it: its estimate may run up to half of [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead, and a
-/// `deletionTimestamp` comes in whole seconds (up to one early), so both are allowed for; never sooner.
+/// this replica reads it ([`overdue_at`]). The one rule, for the replica that watches the Pod and for one that
+/// settles its job.
 fn overdue_by(pod: &Pod, now: jiff::Timestamp, after: Duration) -> bool {
-    let Some(grace_ends) = pod.metadata.deletion_timestamp.as_ref() else { return false };
+    overdue_at(pod, after).is_some_and(|overdue| overdue <= now)
+}
+
+/// When `pod`, being deleted, is overdue by the cluster's clock: `after` past its grace period (its
+/// `deletionTimestamp`), plus what a replica's reading may be off by: its estimate may run up to half of
+/// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead, and a `deletionTimestamp` comes in whole seconds (up to one early);
+/// never sooner. None if it is not being deleted, or never (a grace too long to count).
+fn overdue_at(pod: &Pod, after: Duration) -> Option<jiff::Timestamp> {
+    let grace_ends = pod.metadata.deletion_timestamp.as_ref()?;
     let allowance = crate::clock::REPLICAS_AGREE_WITHIN / 2 + Duration::from_secs(1);
-    let after = SignedDuration::try_from(after.saturating_add(allowance)).unwrap_or(SignedDuration::MAX);
-    grace_ends.0.checked_add(after).is_ok_and(|overdue| overdue <= now)
+    let after = SignedDuration::try_from(after.checked_add(allowance)?).ok()?;
+    grace_ends.0.checked_add(after).ok()
+}
+
+/// The instant, on this machine's monotonic clock, at which `pod` is [`overdue_at`], by `overdue`'s clock now.
+fn due_in(pod: &Pod, overdue: &Overdue<'_>) -> Option<Instant> {
+    let left = overdue_at(pod, overdue.after)?.duration_since((overdue.now)());
+    Some(Instant::now() + Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
 /// What a person is told of a Pod that does not stop (the `PodNotStopping` Event), by whichever replica finds it.
@@ -657,15 +676,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// When `pod`, seen being deleted at `now`, is overdue: `after` past its grace period (as the deletion set it, or as
-/// its spec says). None if it is not being deleted, or for a grace too long to count (a Pod told to take for ever).
-fn overdue_from(now: Instant, pod: &Pod, after: Duration) -> Option<Instant> {
-    pod.metadata.deletion_timestamp.as_ref()?;
-    let spec = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds);
-    let seconds = pod.metadata.deletion_grace_period_seconds.or(spec).unwrap_or(30);
-    now.checked_add(Duration::from_secs(seconds.max(0) as u64).checked_add(after)?)
 }
 
 /// The Pod `uid` as a quorum read sees it (retried with backoff until it answers); `None` once it is gone.
@@ -732,6 +742,8 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
 pub struct Overdue<'a> {
     /// How long past the grace period.
     pub after: Duration,
+    /// The cluster's time, as this replica reads it (a Pod's `deletionTimestamp` is the cluster's).
+    pub now: &'a (dyn Fn() -> jiff::Timestamp + Sync),
     /// Called with the Pod's name.
     pub report: &'a (dyn Fn(&str) + Sync),
 }
@@ -857,27 +869,8 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_pod_is_overdue_a_while_past_its_grace_period_and_one_told_to_take_for_ever_never_is() {
-        let now = Instant::now();
-        let after = Duration::from_secs(15);
-        let mut pod = Pod::default();
-        assert_eq!(overdue_from(now, &pod, after), None, "not being deleted");
-        pod.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()));
-        assert_eq!(overdue_from(now, &pod, after), Some(now + Duration::from_secs(45)), "the default 30 s grace");
-        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            termination_grace_period_seconds: Some(5),
-            ..Default::default()
-        });
-        assert_eq!(overdue_from(now, &pod, after), Some(now + Duration::from_secs(20)), "the spec's");
-        pod.metadata.deletion_grace_period_seconds = Some(1);
-        assert_eq!(overdue_from(now, &pod, after), Some(now + Duration::from_secs(16)), "the deletion's");
-        pod.metadata.deletion_grace_period_seconds = Some(i64::MAX);
-        assert_eq!(overdue_from(now, &pod, after), None, "no overflow: never");
-    }
-
-    #[test]
-    fn a_settle_finds_a_deleted_pod_overdue_by_the_clusters_clock_a_while_after_its_grace_ended() {
+    fn a_deleted_pod_is_overdue_by_the_clusters_clock_a_while_after_its_grace_ended_and_one_told_to_take_for_ever_never_is()
+     {
         let grace_ends: jiff::Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
         let after = Duration::from_secs(15);
         let mut pod = Pod::default();
@@ -887,7 +880,17 @@ mod tests {
         // A lease, then what the replica's clock and the whole-second timestamp may be off by.
         assert!(!overdue_by(&pod, at(18), after), "within a lease and the clocks' allowance of the grace's end");
         assert!(overdue_by(&pod, at(19), after));
-        assert!(!overdue_by(&pod, at(100), Duration::MAX), "no overflow");
+        assert_eq!(overdue_at(&pod, after), Some(at(18) + jiff::SignedDuration::from_millis(250)));
+        assert!(!overdue_by(&pod, at(100), Duration::MAX), "no overflow: never");
+        assert_eq!(overdue_at(&pod, Duration::from_secs(u64::MAX / 4)), None, "beyond any timestamp: never");
+        // The replica that watches the Pod sets its timer by the same rule, on the clock it reads.
+        let (now, report) = (|| at(10), |_: &str| {});
+        let overdue = Overdue { after, now: &now, report: &report };
+        let left = due_in(&pod, &overdue).unwrap().duration_since(Instant::now());
+        assert!(left > Duration::from_millis(8_000) && left <= Duration::from_millis(8_250), "{left:?}");
+        let late = || at(30);
+        let overdue = Overdue { after, now: &late, report: &report };
+        assert!(due_in(&pod, &overdue).unwrap() <= Instant::now(), "overdue already: now");
     }
 
     #[test]
