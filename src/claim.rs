@@ -487,10 +487,10 @@ pub async fn settle(
         let until = held.written_at + timing.renew_deadline;
         let settled_by = crate::executor::pod::no_create_lands_after(job, claimant.now);
         let may_act = || std::time::Instant::now() < until;
-        // Bounded by the renew deadline, this look never waits long enough to find the Pod overdue: whether it is,
-        // is judged by the Pod's deletion time once the look is over.
+        // This look reports nothing (`after` is never): whether the Pod is overdue is judged once the look is over,
+        // by the same rule (`not_stopping`).
         let now = || claimant.now + SignedDuration::try_from(began.elapsed()).unwrap_or(SignedDuration::ZERO);
-        let overdue = crate::executor::pod::Overdue { after: timing.duration, now: &now, report: &|_| {} };
+        let overdue = crate::executor::pod::Overdue { after: Duration::MAX, now: &now, report: &|_| {} };
         let late = crate::executor::pod::LateCreates::until(settled_by);
         let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &overdue);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {

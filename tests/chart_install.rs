@@ -175,7 +175,7 @@ async fn namespace_mode_install_runs_jobs_with_the_charts_service_account_and_no
     wait_for_events(&admin, &jobs.ns).await;
     assert_no_forbidden_in_log(&replica);
     // No cluster-scoped object in namespace mode: the replica says it cannot check the CRDs, and runs.
-    assert!(replica.log_text().contains("cannot check that it holds every field"), "{}", replica.log_text());
+    assert!(replica.log_text().contains("cannot check that it has every field"), "{}", replica.log_text());
 
     // Tight: with the same token, nothing beyond the jobs, their Leases and Events.
     let sa_client = client_for(&kubeconfig).await;

@@ -597,9 +597,8 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
                 if finished(&pod) {
                     return Some(pod);
                 }
-                if overdue_at.is_none() {
-                    overdue_at = due_in(&pod, overdue);
-                }
+                // Again at every change: a second deletion with a shorter grace moves `deletionTimestamp` earlier.
+                overdue_at = due_in(&pod, overdue);
             }
             Ok(_) => match read(pods, name, uid).await {
                 Some(pod) if !finished(&pod) => {}
@@ -658,7 +657,7 @@ fn overdue_at(pod: &Pod, after: Duration) -> Option<jiff::Timestamp> {
 /// The instant, on this machine's monotonic clock, at which `pod` is [`overdue_at`], by `overdue`'s clock now.
 fn due_in(pod: &Pod, overdue: &Overdue<'_>) -> Option<Instant> {
     let left = overdue_at(pod, overdue.after)?.duration_since((overdue.now)());
-    Some(Instant::now() + Duration::try_from(left).unwrap_or(Duration::ZERO))
+    Instant::now().checked_add(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
 /// What a person is told of a Pod that does not stop (the `PodNotStopping` Event), by whichever replica finds it.
@@ -891,6 +890,16 @@ mod tests {
         let late = || at(30);
         let overdue = Overdue { after, now: &late, report: &report };
         assert!(due_in(&pod, &overdue).unwrap() <= Instant::now(), "overdue already: now");
+        // A Pod told to take for ever: its grace ends at the edge of time, and it is never overdue.
+        let for_ever = jiff::Timestamp::MAX - jiff::SignedDuration::from_secs(1);
+        pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(for_ever));
+        assert_eq!((overdue_at(&pod, after), due_in(&pod, &overdue)), (None, None));
+        assert!(!overdue_by(&pod, jiff::Timestamp::MAX, after));
+        // One told to take centuries: a timer that far away, set without overflow, and no report before.
+        let far: jiff::Timestamp = "9000-01-01T00:00:00Z".parse().unwrap();
+        pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(far));
+        assert!(due_in(&pod, &overdue).is_none_or(|due| due > Instant::now() + Duration::from_secs(86_400 * 365)));
+        assert!(!overdue_by(&pod, at(100), after));
     }
 
     #[test]
