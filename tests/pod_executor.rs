@@ -12,7 +12,7 @@ use bgjobs::api::Phase;
 use common::control_plane::ControllerManagerPaused;
 use common::kubelet::{JOB_IMAGE, on_node, pod_log, shell_job};
 use common::proxy::Proxy;
-use common::silent_webhook::SilentPodWebhook;
+use common::silent_webhook::SilentWebhook;
 use common::{ReplicaOptions, TestEnv, all_in};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -462,7 +462,7 @@ async fn a_pod_create_still_in_flight_when_its_attempt_ends_is_waited_for_and_it
     // timeout, `cancelled` by a cancel sent 2 s after it began. Ending the attempt drops its create, which closes
     // the connection; the network between the replica and the apiserver swallows that close, so the apiserver carries
     // the create out (it would cancel it otherwise).
-    let _webhook = SilentPodWebhook::register(&env, 8).await;
+    let _webhook = SilentWebhook::register(&env, 8).await;
     let jobs = ["timed-out", "cancelled"];
     let history = PodHistory::watch(&env, &jobs).await;
     let proxy = Proxy::to_apiserver().await;
@@ -516,7 +516,7 @@ struct LostAnswer {
     history: PodHistory,
     /// When the test saw the job `Running` (its first create was sent just before).
     running: Instant,
-    _webhook: SilentPodWebhook,
+    _webhook: SilentWebhook,
     _proxy: Proxy,
     replica: common::Replica,
 }
@@ -533,7 +533,7 @@ async fn lose_the_first_creates_answer(
     cut: u64,
     leases: &[&str],
 ) -> LostAnswer {
-    let webhook = SilentPodWebhook::register(env, first).await;
+    let webhook = SilentWebhook::register(env, first).await;
     let history = PodHistory::watch(env, &[job]).await;
     let proxy = Proxy::to_apiserver().await;
     proxy.lose_closes(true);
@@ -722,7 +722,7 @@ async fn an_adopter_whose_attempt_times_out_waits_for_the_create_its_killed_pred
     let env = on_node("pod-adopted-create").await;
     // The Pod create takes 25 s to land. Its sender is killed (its close lost on the way, so the apiserver carries
     // the create out) 2 s in; the adopter takes over and the attempt times out at 12 s, before the Pod exists.
-    let _webhook = SilentPodWebhook::register(&env, 25).await;
+    let _webhook = SilentWebhook::register(&env, 25).await;
     let history = PodHistory::watch(&env, &["orphan"]).await;
     let proxy = Proxy::to_apiserver().await;
     proxy.lose_closes(true);

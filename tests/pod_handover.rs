@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bgjobs::api::Phase;
 use common::kubelet::{on_node, shell_job};
 use common::proxy::Proxy;
-use common::silent_webhook::SilentPodWebhook;
+use common::silent_webhook::SilentWebhook;
 use common::{ReplicaOptions, TestEnv, all_in};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -146,7 +146,7 @@ async fn an_orphaned_pod_job_cancelled_while_its_dead_holders_create_is_in_fligh
     let env = on_node("pod-orphan-create").await;
     // Every Pod create takes 25 s to land. The holder of `orphan` is killed 2 s into its create (its close is lost on
     // the way, so the apiserver carries the create out); the job is cancelled while no replica can adopt it.
-    let _webhook = SilentPodWebhook::register(&env, 25).await;
+    let _webhook = SilentWebhook::register(&env, 25).await;
     let one = ["--max-concurrent-jobs-per-instance", "1"];
     let proxy = Proxy::to_apiserver().await;
     proxy.lose_closes(true);

@@ -1,4 +1,5 @@
-//! A validating admission webhook for Pods that never answers, to make every Pod create of a test's namespace hang.
+//! A validating admission webhook that never answers, to make every create of Pods (or of BackgroundJobs) in a
+//! test's namespace hang.
 
 use std::time::{Duration, Instant};
 
@@ -10,19 +11,32 @@ use serde_json::json;
 use super::TestEnv;
 use super::kubelet::JOB_IMAGE;
 
-/// A validating admission webhook for Pods created in the test's namespace that never answers: the apiserver waits
-/// its `timeoutSeconds` for it on every Pod create, then (`failurePolicy: Ignore`) creates the Pod anyway. A create
-/// sent by the operator is thus still in flight for that long, and lands after it. The configuration is deleted on
-/// drop (also when the test panics), so the shared control plane never keeps waiting on it.
-pub struct SilentPodWebhook {
+/// What a [`SilentWebhook`] holds: the creates of Pods, or of BackgroundJobs.
+#[derive(Clone, Copy)]
+pub enum Creates {
+    Pods,
+    Jobs,
+}
+
+/// A validating admission webhook for creates of one kind in the test's namespace that never answers: the apiserver
+/// waits its `timeoutSeconds` for it on every such create, then (`failurePolicy: Ignore`) makes the object anyway. A
+/// create sent by the operator is thus still in flight for that long, and lands after it. The configuration is
+/// deleted on drop (also when the test panics), so the shared control plane never keeps waiting on it.
+pub struct SilentWebhook {
     name: String,
     _listener: tokio::net::TcpListener,
     _queued: Vec<std::net::TcpStream>,
 }
 
-impl SilentPodWebhook {
-    /// Register it for `env`'s namespace, with `timeout_seconds` (at most 30), and wait until the apiserver calls it.
-    pub async fn register(env: &TestEnv, timeout_seconds: i32) -> SilentPodWebhook {
+impl SilentWebhook {
+    /// Register it for Pod creates in `env`'s namespace (see [`SilentWebhook::register_for`]).
+    pub async fn register(env: &TestEnv, timeout_seconds: i32) -> SilentWebhook {
+        Self::register_for(env, Creates::Pods, timeout_seconds).await
+    }
+
+    /// Register it for `creates` in `env`'s namespace, with `timeout_seconds` (at most 30), and wait until the
+    /// apiserver calls it.
+    pub async fn register_for(env: &TestEnv, creates: Creates, timeout_seconds: i32) -> SilentWebhook {
         use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
         use k8s_openapi::api::core::v1::Namespace;
         // A listener that accepts nothing, its queue filled by this test's own connections: the apiserver's connect
@@ -38,7 +52,13 @@ impl SilentPodWebhook {
             assert!(queued.len() < 16, "the listen queue of {addr} never filled");
         }
         let port = addr.port();
-        let label = ("test.bgjobs.dev/slow-pod-creates", env.ns.as_str());
+        let label = ("test.bgjobs.dev/slow-creates", env.ns.as_str());
+        let rule = match creates {
+            Creates::Pods => json!({"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}),
+            Creates::Jobs => {
+                json!({"apiGroups": ["bgjobs.dev"], "apiVersions": ["v1alpha1"], "resources": ["backgroundjobs"]})
+            }
+        };
         let namespaces: Api<Namespace> = Api::all(env.client.clone());
         let labels = json!({"metadata": {"labels": {label.0: label.1}}});
         namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
@@ -48,8 +68,9 @@ impl SilentPodWebhook {
             "webhooks": [{
                 "name": "silent.test.bgjobs.dev",
                 "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate")},
-                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"],
-                           "scope": "Namespaced"}],
+                "rules": [{"operations": ["CREATE"], "scope": "Namespaced",
+                           "apiGroups": rule["apiGroups"], "apiVersions": rule["apiVersions"],
+                           "resources": rule["resources"]}],
                 "namespaceSelector": {"matchLabels": {label.0: label.1}},
                 "failurePolicy": "Ignore",
                 "sideEffects": "None",
@@ -60,19 +81,30 @@ impl SilentPodWebhook {
         .unwrap();
         let api: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
         api.create(&Default::default(), &config).await.expect("register the webhook");
-        let webhook = SilentPodWebhook { name, _listener: listener, _queued: queued };
-        // The apiserver picks the configuration up within a moment: probe with Pods that are never stored.
-        let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-        let probe: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "probe"},
-            "spec": {"containers": [{"name": "main", "image": JOB_IMAGE}]},
-        }))
-        .unwrap();
+        let webhook = SilentWebhook { name, _listener: listener, _queued: queued };
+        // The apiserver picks the configuration up within a moment: probe with creates that are never stored.
         let dry_run = kube::api::PostParams { dry_run: true, ..Default::default() };
+        let probe = || async {
+            match creates {
+                Creates::Pods => {
+                    let pod: Pod = serde_json::from_value(json!({
+                        "metadata": {"name": "probe"},
+                        "spec": {"containers": [{"name": "main", "image": JOB_IMAGE}]},
+                    }))
+                    .unwrap();
+                    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+                    pods.create(&dry_run, &pod).await.map(drop)
+                }
+                Creates::Jobs => {
+                    let job = super::fixtures::job("probe", json!({"jobName": "noop"}));
+                    env.jobs.create(&dry_run, &job).await.map(drop)
+                }
+            }
+        };
         let start = Instant::now();
         loop {
             let sent = Instant::now();
-            pods.create(&dry_run, &probe).await.expect("a dry-run Pod create");
+            probe().await.expect("a dry-run create");
             if sent.elapsed() >= Duration::from_secs(timeout_seconds as u64 - 1) {
                 return webhook;
             }
@@ -82,7 +114,7 @@ impl SilentPodWebhook {
     }
 }
 
-impl SilentPodWebhook {
+impl SilentWebhook {
     /// Make the creates sent from now on wait `timeout_seconds` (at most 30) instead; those in flight keep theirs.
     /// The apiserver picks the change up within a moment.
     pub async fn set_timeout(&self, env: &TestEnv, timeout_seconds: i32) {
@@ -96,7 +128,7 @@ impl SilentPodWebhook {
     }
 }
 
-impl Drop for SilentPodWebhook {
+impl Drop for SilentWebhook {
     fn drop(&mut self) {
         let status = super::kubectl()
             .args(["delete", "validatingwebhookconfiguration", &self.name, "--ignore-not-found"])
