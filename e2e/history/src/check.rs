@@ -416,13 +416,16 @@ fn check_fifo(
     }
     let mut jobs: Vec<Queued> = Vec::new();
     for (uid, lines) in by_uid {
-        // The earliest of: the first claim recorded, the claim time a Running status carries, the handler's first
-        // start. The recorder misses claims (and whole attempts) while its watch is down: the first Running line
-        // it sees may be a later attempt, or a claim made long before the line. The claim time was written on the
-        // claimant's clock, which may run up to CLAIM_CLOCK_SLACK_MS fast: never believed earlier than that allows.
-        let running = lines.iter().filter(|s| s.phase == "Running");
-        let stated = |s: &StatusLine| s.started_ms.map(|t| (t + CLAIM_CLOCK_SLACK_MS).min(s.t_ms));
-        let claimed = running.flat_map(|s| [Some(s.t_ms), stated(s)]).flatten().min();
+        // The earliest of: the first claim recorded, the claim time any status carries, the handler's first start.
+        // The recorder misses claims (and whole attempts) while its watch is down: the first Running line it sees
+        // may be a later attempt, or a claim made long before the line, and it may see none at all (a Pod job whose
+        // whole run fell in an apiserver restart: first seen Succeeded, its container started long after the
+        // claim). Every status after a claim carries the claim time of its attempt (`startTime`), never earlier
+        // than the first claim. It was written on the claimant's clock, which may run up to CLAIM_CLOCK_SLACK_MS
+        // fast: never believed earlier than that allows.
+        let seen_running = lines.iter().filter(|s| s.phase == "Running").map(|s| s.t_ms);
+        let stated = lines.iter().filter_map(|s| s.started_ms.map(|t| (t + CLAIM_CLOCK_SLACK_MS).min(s.t_ms)));
+        let claimed = seen_running.chain(stated).min();
         let started = first_start.get(uid.as_str()).copied();
         let start = claimed.into_iter().chain(started).min();
         let (Some(first), Some(dispatched)) = (lines.first(), start) else { continue };

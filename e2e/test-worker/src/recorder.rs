@@ -4,17 +4,50 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use bgjobs::api::{BackgroundJob, Priority};
 use bgjobs_history::{LeaseLine, StatusLine};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, ResourceExt};
 
 /// Label that marks a job whose handler is meant to fail and be retried.
 pub const EXPECT_RETRIES_LABEL: &str = "chaos.bgjobs.dev/expect-retries";
+
+/// How soon a watch is tried again after it broke: from 250 ms, doubling up to 2 s, and from 250 ms again once it
+/// delivers. The operator's watches back off like client-go (up to 30 s), but what the recorder misses while it
+/// waits, the checker must guess from what it sees later: after a 16 s apiserver restart, client-go's backoff kept
+/// it blind for another 13–19 s.
+struct Reconnect(Duration);
+
+impl Reconnect {
+    const FIRST: Duration = Duration::from_millis(250);
+    const LONGEST: Duration = Duration::from_secs(2);
+
+    fn new() -> Reconnect {
+        Reconnect(Self::FIRST)
+    }
+}
+
+impl Iterator for Reconnect {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let wait = self.0;
+        self.0 = (wait * 2).min(Self::LONGEST);
+        Some(wait)
+    }
+}
+
+impl Backoff for Reconnect {
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
 
 /// Record until interrupted (SIGINT/SIGTERM), flushing every line; the Leases of `lease_namespace` too, if given
 /// (a benchmark leaves them out: a watch of every claim Lease would weigh on what it measures).
@@ -39,7 +72,7 @@ async fn record_leases(api: Api<Lease>, path: std::path::PathBuf) -> Result<(), 
         .append(true)
         .open(&path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    let stream = watcher::watcher(api, watcher::Config::default()).backoff(Reconnect::new());
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         let (lease, deleted) = match event {
@@ -88,7 +121,7 @@ async fn record_jobs(api: Api<BackgroundJob>, dir: &Path) -> Result<(), String> 
     // Lists come from the apiserver's watch cache in one response, as the replicas' do (`bgjobs::jobs::watch` says
     // why): a paged list of 100,000 jobs from etcd outlives the watch cache's window on a busy machine and starts
     // over, again and again, while the queue moves on unrecorded.
-    let stream = bgjobs::jobs::watch(api).default_backoff();
+    let stream = bgjobs::jobs::watch(api).backoff(Reconnect::new());
     futures::pin_mut!(stream);
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -193,5 +226,19 @@ fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> Statu
         pod: job.spec.template.is_some(),
         deleted,
         started_ms: status.start_time.map(|t| t.0.as_millisecond()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_watch_is_tried_again_within_two_seconds_and_from_a_quarter_second_once_it_delivered() {
+        let mut reconnect = Reconnect::new();
+        let waits: Vec<u64> = reconnect.by_ref().take(6).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(waits, [250, 500, 1_000, 2_000, 2_000, 2_000]);
+        reconnect.reset();
+        assert_eq!(reconnect.next(), Some(Duration::from_millis(250)));
     }
 }

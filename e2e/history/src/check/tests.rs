@@ -217,7 +217,7 @@ fn the_creation_second_orders_before_the_revision_as_the_operator_documents() {
 }
 
 #[test]
-fn a_job_whose_first_claim_the_recorder_missed_is_judged_on_its_first_execution() {
+fn a_job_whose_claim_the_recorder_missed_is_judged_on_its_first_execution_or_the_claim_time_any_status_carries() {
     // The recorder was blind (an apiserver restart) while "first" was claimed and ran attempt 1 at 50; it first saw
     // the job Running for attempt 2, at 5_000, long after "second" (queued behind it) was dispatched at 100.
     let mut h = History::default();
@@ -254,6 +254,17 @@ fn a_job_whose_first_claim_the_recorder_missed_is_judged_on_its_first_execution(
     let first_running = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Running").unwrap();
     first_running.started_ms = Some(5_500);
     assert_eq!(check(&h, &limits).worst_fifo_inversion_ms, 4_900, "a claim time after the line is not believed");
+
+    // Its whole run unseen (the recorder's watch down through an apiserver restart): first seen Succeeded at 6_500,
+    // a status that still carries the claim time.
+    h.status.retain(|s| !(s.job == "ns/first" && s.phase == "Running"));
+    let first_done = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Succeeded").unwrap();
+    first_done.t_ms = 6_500;
+    first_done.started_ms = Some(50);
+    assert_eq!(check(&h, &limits).worst_fifo_inversion_ms, 1_450);
+    let first_done = h.status.iter_mut().find(|s| s.job == "ns/first" && s.phase == "Succeeded").unwrap();
+    first_done.started_ms = None;
+    assert_eq!(check(&h, &limits).worst_fifo_inversion_ms, 5_900, "without it, the container's start");
 }
 
 #[test]
