@@ -81,7 +81,10 @@ pub fn held_for_adoption<'a>(
     out
 }
 
-/// The slots free to this replica now, rotated by its identity so replicas try different slots first.
+/// The slots free to this replica now, the surest first: vacant ones (given back), then absent ones, then held ones
+/// whose holder looks gone (its renewal may still come, and the claim that needs the slot is then lost). Claims take
+/// them in queue order, so the head of the queue gets the slot it is least likely to lose to a later job. Within each
+/// kind the slots are rotated by this replica's identity, so replicas try different slots first.
 /// `reserved` are slots this replica is acquiring or holding already. `vouched` turns how long a slot has been
 /// seen unchanged into how long to treat it as unchanged (see [`crate::lease::Tenures::vouched_unchanged`]).
 #[allow(clippy::too_many_arguments)]
@@ -118,6 +121,11 @@ pub fn free_slots(
         let shift = (h.finish() % free.len() as u64) as usize;
         free.rotate_left(shift);
     }
+    free.sort_by_key(|s| match &s.seen {
+        Some(l) if crate::lease::holder(l).is_none() => 0,
+        None => 1,
+        Some(_) => 2,
+    });
     free
 }
 
@@ -212,5 +220,33 @@ mod tests {
         assert_eq!(free.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["bgjobs-slot-0"]);
         let free = free_slots(2, &leases, &[], &mut o, |_, d| d, t0 + Duration::from_secs(3), &T, "me");
         assert_eq!(free.len(), 2, "a slot deleted by hand may still be in use until its holder's renewal fails");
+    }
+
+    #[test]
+    fn the_surest_slots_come_first_vacant_then_absent_then_those_whose_holder_looks_gone() {
+        let leases: HashMap<_, _> =
+            [held("bgjobs-slot-0", "1"), held("bgjobs-slot-2", "2"), vacant("bgjobs-slot-3"), vacant("bgjobs-slot-5")]
+                .into();
+        let mut o = Observer::default();
+        let t0 = Instant::now();
+        free_slots(6, &leases, &[], &mut o, |_, d| d, t0, &T, "me");
+        for me in ["me", "another", "a third"] {
+            let free = free_slots(6, &leases, &[], &mut o, |_, d| d, t0 + Duration::from_secs(3), &T, me);
+            let mut kinds: Vec<(u8, &str)> = free
+                .iter()
+                .map(|s| match &s.seen {
+                    Some(l) if crate::lease::holder(l).is_none() => (0, s.name.as_str()),
+                    None => (1, s.name.as_str()),
+                    Some(_) => (2, s.name.as_str()),
+                })
+                .collect();
+            assert!(kinds.is_sorted_by_key(|(kind, _)| *kind), "{me}: {kinds:?}");
+            kinds.sort();
+            let names: Vec<&str> = kinds.iter().map(|(_, n)| *n).collect();
+            assert_eq!(
+                names,
+                ["bgjobs-slot-3", "bgjobs-slot-5", "bgjobs-slot-1", "bgjobs-slot-4", "bgjobs-slot-0", "bgjobs-slot-2"]
+            );
+        }
     }
 }
