@@ -98,7 +98,8 @@ pub fn free_slots(
     timing: &LeaseTiming,
     me: &str,
 ) -> Vec<FreeSlot> {
-    let mut free = Vec::new();
+    // By kind, the surest first: vacant, absent, held by a holder that looks gone.
+    let mut kinds: [Vec<FreeSlot>; 3] = Default::default();
     for i in 0..capacity {
         let name = slot_name(i);
         let seen = leases.get(&name).cloned();
@@ -113,19 +114,26 @@ pub fn free_slots(
         }
         let expired_tenure =
             seen.as_deref().filter(|_| !vacant).and_then(crate::lease::tenure::vouched_by).map(str::to_string);
-        free.push(FreeSlot { name, seen, expired_tenure });
+        let kind = if vacant {
+            0
+        } else if seen.is_none() {
+            1
+        } else {
+            2
+        };
+        kinds[kind].push(FreeSlot { name, seen, expired_tenure });
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     me.hash(&mut h);
-    if !free.is_empty() {
-        let shift = (h.finish() % free.len() as u64) as usize;
-        free.rotate_left(shift);
+    let hash = h.finish();
+    let mut free = Vec::new();
+    for mut kind in kinds {
+        if !kind.is_empty() {
+            let shift = (hash % kind.len() as u64) as usize;
+            kind.rotate_left(shift);
+        }
+        free.extend(kind);
     }
-    free.sort_by_key(|s| match &s.seen {
-        Some(l) if crate::lease::holder(l).is_none() => 0,
-        None => 1,
-        Some(_) => 2,
-    });
     free
 }
 
