@@ -25,6 +25,12 @@ pub async fn connect() -> Result<Client> {
 /// that names none.
 pub const USER_AGENT_VALUE: &str = concat!("bgjobs/", env!("CARGO_PKG_VERSION"));
 
+/// How long after it was sent a create may still be handled, and its object made: the apiserver's default request
+/// timeout. A create whose answer never came (a lost connection, a replica that died) may land until then, also
+/// after the object it would make was deleted; so a read decides that a create did not land only this long after it
+/// was sent, and an object a lost create could bring back is deleted only once that is over.
+pub const CREATE_LANDS_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Run `call`, giving up after `limit`: for calls whose answer may never come (a hung connection) and that must
 /// not hold up what waits for them.
 pub async fn bounded<T>(limit: std::time::Duration, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {

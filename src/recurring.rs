@@ -27,7 +27,8 @@
 //! replica's claim carried to the tick expires: the lagging replica then creates the job a second time.
 //!
 //! Nothing of bgjobs deletes a pending job (history trimming skips it, and so does `ttlSecondsAfterFinished`, see
-//! `Dispatcher::is_pending_tick`), so a pending job that existed is still seen by the next owner. One case is left
+//! [`keeps_tick`]), so a pending job that existed is still seen by the next owner; nor a replaced tick's job while a
+//! create of it sent before it was replaced may still land ([`late_creates_land_by`]). One case is left
 //! (docs/usage.md, "Recurring jobs"): a pending job deleted by hand while its definition changes owner is created again.
 //!
 //! Missed ticks (operator down, suspended) create at most one job, for the latest of them, and only within
@@ -68,6 +69,9 @@ pub const SCHEDULED_TIME_ANNOTATION: &str = "bgjobs.dev/scheduled-time";
 
 /// How soon a definition whose reconcile failed is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Longer than this, the cancels `Replace` sends before a create leave the definition as read too old to create
+/// from: it is read again (see [`Pass::step`]). They take milliseconds unless an admission webhook holds them.
+const CANCELS_TAKE_AT_MOST: Duration = Duration::from_secs(2);
 /// Most steps one reconcile takes. A tick needs three (claim, create, idle); the rest absorb re-reads
 /// after 409s from other writers of the definition.
 const MAX_STEPS: usize = 16;
@@ -412,8 +416,8 @@ pub struct Armed {
 /// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's. The claim carried here must be used before. At most
 /// half the lead, as a 10 s lead has always had; a lead of 4.5 s or less leaves nothing, and its tick's job is
 /// created after a read. The window is checked when the create is sent: a create still on its way when the next owner
-/// may claim (0.5 s later at the default lead) is the case docs/usage.md ("What is left") names, which also needs that
-/// owner to run and delete the job first.
+/// may claim (0.5 s later at the default lead) lands on the job if it was made, which is then kept until no such
+/// create can land ([`late_creates_land_by`]: a minute after the next tick's job was made).
 pub fn armed_past_tick(lead: Duration) -> Option<Duration> {
     let past = (lead / 2).min(lead.saturating_sub(crate::clock::REPLICAS_AGREE_WITHIN));
     (!past.is_zero()).then_some(past)
@@ -478,10 +482,14 @@ async fn reconcile(
     // A definition that cannot be read has no history limits to go by; one whose job was just created is trimmed
     // by the next reconcile, which that job's watch event brings, off the way of this tick's other creates.
     let created = decided.as_ref().is_ok_and(|d| d.created);
+    let mut trim_again = None;
     if !created && crate::unreadable::standing(&current.def).is_none() {
-        trim_history(&pass.jobs, &current.def, kids).await;
+        trim_again = trim_history(&pass.jobs, &current.def, kids, now).await;
     }
-    decided.map(|d| d.next)
+    decided.map(|d| match (d.next, trim_again) {
+        (Some(next), Some(trim)) => Some(next.min(trim)),
+        (next, trim) => next.or(trim),
+    })
 }
 
 /// The definition a decision is made from, and whether it came from the API server in this reconcile (`fresh`) or
@@ -632,10 +640,30 @@ impl Pass<'_> {
             // its tick twice. Decide from the definition as stored.
             Plan::Create { .. } if !current.is_fresh() => again(self.read(&def.name_any()).await?),
             Plan::Create { job, replace } => {
+                let cancelling = Instant::now();
                 cancel_replaced(&self.jobs, &replace).await;
                 if !current.is_fresh() {
                     return again(self.read(&def.name_any()).await?);
                 }
+                // Cancels slowed down (a slow admission webhook) may have outlasted this replica's hold on the
+                // definition: a later tick may have been claimed and this one's job made, run and deleted since
+                // (kept only [`LATE_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only
+                // while the job is pending as stored, just read.
+                let read;
+                let def = if cancelling.elapsed() > CANCELS_TAKE_AT_MOST {
+                    read = self.read(&def.name_any()).await?;
+                    let still = |stored: &RecurringBackgroundJob| {
+                        let known = |j: &str| known_created(j, self.kids, carried.created_here.as_deref());
+                        matches!(plan(stored, active, known, now, self.ahead), Plan::Create { job: j, .. } if j == job)
+                    };
+                    if !still(&read) {
+                        return again(read);
+                    }
+                    &read
+                } else {
+                    def
+                };
+                let created_here = &mut carried.created_here;
                 self.create_job(def, &job).await?;
                 // Known to exist from now on: `plan` treats the tick as done. No status write confirms it; the next
                 // claim replaces `pendingJob`, and until then nothing of bgjobs deletes a pending job.
@@ -838,8 +866,7 @@ pub fn tick_of(job: &BackgroundJob) -> Option<Timestamp> {
 /// forward, so a definition seen late errs on the side of keeping. Taking back a claim made ahead ([`withdraw`]) moves
 /// it back, to no earlier than the `lastScheduleTime` that claim replaced: so the jobs of ticks after that one are kept
 /// too (seen with the claim, they can only be jobs made since it was taken back; ticks between the two have no job
-/// otherwise). The one rule for every delete of a definition's job that bgjobs makes (history trimming,
-/// `ttlSecondsAfterFinished`).
+/// otherwise). Part of [`kept_until`].
 pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>) -> bool {
     let Some(tick) = tick else { return false };
     let Some(def) = def else { return true };
@@ -847,6 +874,51 @@ pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>)
     let last = status.and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
     let replaced = status.and_then(|s| s.previous_schedule_time.as_ref()).map(|t| t.0);
     last.is_none_or(|last| tick >= last) || replaced.is_some_and(|replaced| tick > replaced)
+}
+
+/// How long after the job of a later tick was created a tick's job is still kept (see [`late_creates_land_by`]):
+/// a create lands within [`crate::client::CREATE_LANDS_WITHIN`] of its send (the apiserver's default request
+/// timeout), `creationTimestamp` is in whole seconds (the job may have been created up to a second after it says),
+/// and this replica's reading of the cluster's clock may run ahead by half of [`crate::clock::REPLICAS_AGREE_WITHIN`]
+/// (a whole one, rounded up, is kept).
+const LATE_CREATES_KEPT_FOR: Duration = Duration::from_secs(
+    crate::client::CREATE_LANDS_WITHIN.as_secs() + 1 + crate::clock::REPLICAS_AGREE_WITHIN.as_secs() + 1,
+);
+
+/// Until when a create of the job of `tick` may still land, by the cluster's clock (None: not a tick's job, nothing
+/// to wait for; `Timestamp::MAX`: no bound is known yet). A finished tick's job must not be deleted before (history
+/// trimming, `ttlSecondsAfterFinished`): the create would make it again, and the tick would run a second time.
+///
+/// Such a create was sent by a replica that claimed the tick, or took the definition over before the job was seen,
+/// and then died, or lost the answer, while the create was on its way (held by a slow admission webhook, say).
+/// Every create of a tick's job is sent while that job is the definition's `pendingJob` (no replica creates any
+/// other), so before the claim of a later tick replaced it; and every later tick's job is created after its own
+/// claim. So the earliest creation among the jobs of later ticks bounds the sends, and the creates land no later
+/// than [`LATE_CREATES_KEPT_FOR`] after it. Without a later tick's job, nothing bounds them: the job is kept until one
+/// is made. (A pending job is kept anyway, see [`beyond_history`].)
+pub fn late_creates_land_by(tick: Option<Timestamp>, kids: &[Child]) -> Option<Timestamp> {
+    let tick = tick?;
+    let later = kids.iter().filter(|k| k.tick.is_some_and(|t| t > tick)).filter_map(|k| k.created).min();
+    let kept_for = SignedDuration::try_from(LATE_CREATES_KEPT_FOR).unwrap_or(SignedDuration::MAX);
+    Some(later.map_or(Timestamp::MAX, |created| created.checked_add(kept_for).unwrap_or(Timestamp::MAX)))
+}
+
+/// Until when bgjobs keeps the finished job `name` of tick `tick` (None: not a tick's job) of `def` (None: not seen,
+/// or another definition by that name), by the cluster's clock, whatever its history limit or TTL say; None: it may
+/// go now. The one rule for every delete of a definition's job that bgjobs makes (history trimming,
+/// `ttlSecondsAfterFinished`): the pending job, and one [`keeps_tick`] keeps, until a later claim (`Timestamp::MAX`:
+/// no time is known yet); a replaced tick's job until no create of it can land ([`late_creates_land_by`]).
+pub fn kept_until(
+    def: Option<&RecurringBackgroundJob>,
+    name: &str,
+    tick: Option<Timestamp>,
+    kids: &[Child],
+) -> Option<Timestamp> {
+    let pending = def.and_then(|d| d.status.as_ref()).and_then(|s| s.pending_job.as_deref());
+    if pending == Some(name) || keeps_tick(def, tick) {
+        return Some(Timestamp::MAX);
+    }
+    late_creates_land_by(tick, kids)
 }
 
 /// Finished children beyond the history limits, oldest first. Never one [`keeps_tick`] keeps, nor the pending job;
@@ -873,10 +945,38 @@ pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Ve
     out
 }
 
-/// Delete finished children beyond the history limits. Each delete names the job's UID, so it never removes a newer
-/// job that took the name (a cache that still shows a deleted job must not cost its successor).
-async fn trim_history(jobs: &Api<BackgroundJob>, def: &RecurringBackgroundJob, kids: &[Child]) {
+/// The children to delete now: those [`beyond_history`], each once [`kept_until`] lets it go; and how soon the first
+/// of those kept for now may go (None: no such time known yet).
+pub fn to_trim<'a>(
+    def: &RecurringBackgroundJob,
+    kids: &'a [Child],
+    now: Timestamp,
+) -> (Vec<&'a Child>, Option<Duration>) {
+    let (mut go, mut again) = (Vec::new(), None::<Duration>);
     for old in beyond_history(def, kids) {
+        match kept_until(Some(def), &old.name, old.tick, kids).filter(|by| *by > now) {
+            None => go.push(old),
+            Some(by) if by == Timestamp::MAX => {}
+            Some(by) => {
+                let wait = by.duration_since(now).unsigned_abs();
+                again = Some(again.map_or(wait, |a| a.min(wait)));
+            }
+        }
+    }
+    (go, again)
+}
+
+/// Delete the children [`to_trim`] says; returns when to look again for those kept for now. Each delete names the
+/// job's UID, so it never removes a newer job that took the name (a cache that still shows a deleted job must not
+/// cost its successor).
+async fn trim_history(
+    jobs: &Api<BackgroundJob>,
+    def: &RecurringBackgroundJob,
+    kids: &[Child],
+    now: Timestamp,
+) -> Option<Duration> {
+    let (old_jobs, again) = to_trim(def, kids, now);
+    for old in old_jobs {
         let preconditions = Preconditions { uid: Some(old.uid.clone()), resource_version: None };
         let params = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
         if let Err(e) = jobs.delete(&old.name, &params).await
@@ -885,6 +985,7 @@ async fn trim_history(jobs: &Api<BackgroundJob>, def: &RecurringBackgroundJob, k
             warn!(job = %old.name, error = %e, "could not delete an old recurring job");
         }
     }
+    again
 }
 
 fn reason_label(reason: &str) -> crate::metrics::ReasonLabel {
@@ -1081,7 +1182,46 @@ mod tests {
     }
 
     fn finished(name: &str, phase: Phase, completed: i64) -> Child {
-        Child { name: name.into(), uid: format!("uid-{name}"), phase, completed: Some(t(completed)), tick: None }
+        let uid = format!("uid-{name}");
+        Child { name: name.into(), uid, phase, completed: Some(t(completed)), tick: None, created: None }
+    }
+
+    #[test]
+    fn a_finished_ticks_job_is_kept_until_no_create_sent_before_a_later_tick_was_claimed_can_land() {
+        let made = |tick: i64, created: i64| Child {
+            tick: Some(t(tick)),
+            created: Some(t(created)),
+            ..finished(&format!("report-{tick}"), Phase::Succeeded, created + 1)
+        };
+        let kept_for = 60 + 1 + 4 + 1;
+        let mut kids = vec![made(10, 12), made(30, 31), made(20, 40)];
+        // The earliest creation among later ticks' jobs bounds the sends (tick 20's job was made late, after 30's).
+        assert_eq!(late_creates_land_by(Some(t(10)), &kids), Some(t(31 + kept_for)));
+        assert_eq!(late_creates_land_by(Some(t(20)), &kids), Some(t(31 + kept_for)));
+        assert_eq!(late_creates_land_by(Some(t(30)), &kids), Some(Timestamp::MAX), "no later tick's job: no bound yet");
+        assert_eq!(late_creates_land_by(None, &kids), None, "not a tick's job (a triggered one): nothing to wait for");
+        // A triggered job is no later tick's: it was never claimed, and may have been made before the claim.
+        kids.push(Child { created: Some(t(32)), ..finished("report-triggered", Phase::Succeeded, 33) });
+        assert_eq!(late_creates_land_by(Some(t(30)), &kids), Some(Timestamp::MAX));
+
+        // History limit 0, tick 30 claimed last: 10 and 20 are beyond it, and go only at 31 + kept_for.
+        let none = with_last(def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0})), 30);
+        let names = |at: i64| {
+            let (go, again) = to_trim(&none, &kids, t(at));
+            (go.iter().map(|j| j.name.clone()).collect::<Vec<_>>(), again.map(|d| d.as_secs()))
+        };
+        let triggered = vec!["report-triggered".to_string()];
+        assert_eq!(names(40), (triggered.clone(), Some((31 + kept_for - 40) as u64)), "a triggered job goes at once");
+        assert_eq!(names(31 + kept_for - 1), (triggered, Some(1)));
+        let (go, again) = names(31 + kept_for);
+        assert_eq!((go.len(), again), (3, None), "10, 20 and the triggered job: {go:?}");
+
+        // The one rule the TTL path asks too: the pending job and the latest claimed tick's stay until a later claim.
+        let pending = with_pending(none.clone(), 30, "report-30");
+        assert_eq!(kept_until(Some(&pending), "report-30", Some(t(30)), &kids), Some(Timestamp::MAX));
+        assert_eq!(kept_until(Some(&none), "report-30", Some(t(30)), &kids), Some(Timestamp::MAX), "latest tick");
+        assert_eq!(kept_until(Some(&none), "report-10", Some(t(10)), &kids), Some(t(31 + kept_for)));
+        assert_eq!(kept_until(Some(&none), "report-triggered", None, &kids), None);
     }
 
     #[test]

@@ -288,6 +288,24 @@ async fn annotate_until(api: Api<RecurringBackgroundJob>, name: String, every: D
     patches
 }
 
+/// Delete every finished job of `ns` as soon as it is seen finished (every 100 ms, each by its UID), until `until`;
+/// how many were deleted.
+async fn delete_finished_until(client: kube::Client, ns: String, until: Instant) -> usize {
+    let jobs: Api<BackgroundJob> = Api::namespaced(client, &ns);
+    let mut deleted = 0;
+    while Instant::now() < until {
+        for j in jobs.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
+            if j.phase().is_final() {
+                let preconditions = kube::api::Preconditions { uid: j.uid(), resource_version: None };
+                let params = kube::api::DeleteParams { preconditions: Some(preconditions), ..Default::default() };
+                deleted += usize::from(jobs.delete(&j.name_any(), &params).await.is_ok());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    deleted
+}
+
 /// Start lines in the invocation logs, by job name.
 fn starts_by_job(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -302,7 +320,9 @@ fn starts_by_job(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
 async fn a_tick_runs_once_although_its_job_is_deleted_at_once_and_status_writes_conflict() {
     let env = TestEnv::new("rec-conflict").await;
     let _r = env.replica("r", &[]);
-    // Jobs vanish as soon as they finish (TTL 0, history 0): nothing but the definition's status remembers a tick.
+    // Jobs vanish as soon as they finish: nothing but the definition's status remembers a tick. (bgjobs itself keeps
+    // a finished tick's job about a minute, for creates of it that may still land, whatever its TTL and history
+    // limit say: here they are deleted by hand.)
     define(
         &env,
         "busy",
@@ -312,12 +332,15 @@ async fn a_tick_runs_once_although_its_job_is_deleted_at_once_and_status_writes_
     .await;
     let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
     let until = Instant::now() + Duration::from_secs(20);
+    let deleter = tokio::spawn(delete_finished_until(env.client.clone(), env.ns.clone(), until));
     let patches = annotate_until(api, "busy".into(), Duration::from_millis(20), until).await;
+    let deleted = deleter.await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let starts = starts_by_job(&env);
     let twice: Vec<_> = starts.iter().filter(|(_, s)| s.len() > 1).collect();
-    eprintln!("{patches} annotation patches; {} ticks ran; ran more than once: {twice:?}", starts.len());
+    eprintln!("{patches} annotation patches; {deleted} jobs deleted; {} ticks ran; twice: {twice:?}", starts.len());
+    assert!(deleted >= 5, "finished jobs were deleted: {deleted}");
     assert!(twice.is_empty(), "each tick's job runs at most once: {twice:?}");
     assert!(starts.len() >= 5, "the schedule still makes progress under conflicts: {starts:?}");
 }
@@ -579,10 +602,21 @@ async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now()
         assert!(Instant::now() < deadline, "fewer than 4 ticks ran in 60 s: {}", common::summary(&env.list().await));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    env.wait_until(Duration::from_secs(30), "history trimmed to 2", |jobs| {
+    // A tick's job beyond the limit is kept until no create of it can land: about a minute after the next tick's
+    // job was made. Suspended, the schedule makes no more, and the history comes down to 2.
+    let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    defs.patch("hist", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}}))).await.unwrap();
+    env.wait_until(Duration::from_secs(120), "history trimmed to 2", |jobs| {
         jobs.iter().filter(|j| j.phase() == Phase::Succeeded).count() <= 2
     })
     .await;
+    // And not below (the pending job and one more), also once the later of them could have gone too.
+    for _ in 0..2 {
+        let jobs = env.list().await;
+        let kept = jobs.iter().filter(|j| j.phase() == Phase::Succeeded).count();
+        assert_eq!(kept, 2, "history limit 2: {}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 
     let out = std::process::Command::new(common::bgjobs_bin())
         .args(["recurring", "trigger", "hist", "-n", &env.ns])
@@ -596,8 +630,8 @@ async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now()
         String::from_utf8_lossy(&out.stderr)
     );
     let manual = stdout.trim().rsplit('/').next().unwrap().trim_end_matches(" created").to_string();
-    // It runs now; once finished it is history like any tick's job, and may be trimmed at once (limit 2, a tick
-    // every second): look for its execution, not for the object.
+    // It runs now, suspended or not; once finished it is history like any tick's job, and may be trimmed at once
+    // (it is no tick's, so no create of it can come late): look for its execution, not for the object.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !common::executions(&env.invocations()).iter().any(|e| e.job.ends_with(&format!("/{manual}"))) {
         assert!(Instant::now() < deadline, "{manual} did not run within 20 s");
@@ -832,13 +866,13 @@ async fn a_schedule_made_denser_after_a_tick_was_claimed_ahead_runs_its_ticks_be
     }
 }
 
-/// A known gap (docs/usage.md, "What is left"): the claiming replica's create of a tick's job is held 25 s on its
-/// way when the replica is killed; the new owner creates the missing pending job, which runs, is replaced by the next
-/// claim and trimmed (history limit 0); then the held create lands, and the tick runs a second time. Staged here on
-/// 2026-12-04: `tick-…130` ran twice.
+/// The claiming replica's create of a tick's job is held 25 s on its way when the replica is killed; the new owner
+/// creates the missing pending job, which runs and is replaced as pending by the next tick's claim. With history
+/// limit 0 it was trimmed at once, the held create then made it again, and the tick ran twice (staged on 2026-12-04:
+/// `tick-…130` ran twice). Now the job is kept until no create sent before that claim can land: the held create
+/// meets it, the tick runs once, and the job is trimmed after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a known gap, staged: a held create of a dead replica lands after its tick's job was trimmed"]
-async fn a_held_create_of_a_dead_replica_lands_after_its_ticks_job_was_trimmed() {
+async fn a_held_create_of_a_dead_replica_meets_its_ticks_job_kept_for_it_and_the_tick_runs_once() {
     let env = TestEnv::new("rec-late-create").await;
     let hook = SilentWebhook::register_for(&env, Creates::Jobs, 25).await;
     let proxy = common::proxy::Proxy::to_apiserver().await;
@@ -863,13 +897,42 @@ async fn a_held_create_of_a_dead_replica_lands_after_its_ticks_job_was_trimmed()
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // The create, sent just after the claim, has passed the proxy and waits on the webhook.
-    let claimed = Instant::now();
+    let (claimed, claimed_unix) = (Instant::now(), unix_now());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     a.kill9();
     hook.set_timeout(&env, 1).await;
-    let _b = env.replica("b", &["--recurring-claim-ahead", "0"]);
+    let b = env.replica("b", &["--recurring-claim-ahead", "0"]);
+    // b made the tick's job, well before the held create could land (25 s after it was sent).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let made_by_b =
+        |log: String| log.lines().any(|l| l.contains("tick: job created") && l.contains(&format!("job={pending} ")));
+    while !made_by_b(b.log_text()) {
+        assert!(Instant::now() < deadline, "b did not create {pending}; its log:\n{}", b.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let made = env.list().await.into_iter().find(|j| j.name_any() == pending).expect("the tick's job");
+    let made_at = made.creation_timestamp().expect("creationTimestamp").0.as_second() as f64;
+    assert!(made_at < claimed_unix + 20.0, "{pending} made at {made_at}, claimed at {claimed_unix:.1}: not by b");
     tokio::time::sleep(Duration::from_secs(45).saturating_sub(claimed.elapsed())).await;
-    // The held create has landed by now (25 s after it was sent).
+    // The held create has landed by now (25 s after it was sent), on the job b made, which ran and was replaced as
+    // pending by later ticks' claims.
     let starts = starts_by_job(&env);
-    assert!(starts.get(&pending).map_or(0, |s| s.len()) <= 1, "tick {pending} ran more than once: {starts:?}");
+    let ran = starts.get(&pending).cloned().unwrap_or_default();
+    assert_eq!(ran.len(), 1, "tick {pending} ran once: {starts:?}\nb's log:\n{}", b.log_text());
+    let later = starts.keys().filter(|job| **job > pending).count();
+    assert!(later >= 2, "later ticks ran, so {pending} was pending no more: {starts:?}");
+    let jobs = env.list().await;
+    let kept = jobs.iter().find(|j| j.name_any() == pending).map(|j| j.uid().unwrap_or_default());
+    assert!(
+        kept.as_ref().is_some_and(|uid| ran[0].contains(uid.as_str())),
+        "{pending} is kept (history limit 0), the job that ran: {kept:?}, {ran:?}"
+    );
+    // And trimmed once no create can land: a minute and a bit after the next tick's job was made.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while env.list().await.iter().any(|j| j.name_any() == pending) {
+        assert!(Instant::now() < deadline, "{pending} was never trimmed");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let starts = starts_by_job(&env);
+    assert_eq!(starts.get(&pending).map_or(0, Vec::len), 1, "tick {pending} ran once: {starts:?}");
 }

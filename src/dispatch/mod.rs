@@ -140,7 +140,7 @@ fn full_look_period(jobs: usize) -> Duration {
     FULL_LOOK_PER_JOB.saturating_mul(u32::try_from(jobs).unwrap_or(u32::MAX)).clamp(FULL_LOOK, FULL_LOOK_MAX)
 }
 /// How often a finished recurring job kept past its TTL (see `keeps_tick`) is looked at again: its definition's next
-/// claim lets it go, and a schedule's ticks are seconds to days apart.
+/// claim, and a minute after the next tick's job was made, let it go; a schedule's ticks are seconds to days apart.
 const KEPT_TICK_LOOK: Duration = Duration::from_secs(10);
 
 /// The dispatcher of one replica.
@@ -952,15 +952,16 @@ impl Dispatcher {
         })
     }
 
-    /// Whether `job` is a recurring definition's job that must outlive its TTL ([`crate::recurring::keeps_tick`]).
-    fn keeps_tick(&self, job: &BackgroundJob) -> bool {
+    /// Whether `job` is a recurring definition's job that must outlive its TTL ([`crate::recurring::kept_until`]).
+    fn keeps_tick(&self, job: &BackgroundJob, now: Timestamp) -> bool {
         let Some(owner) = crate::recurring::definition_of(job) else {
             return false;
         };
         let ns = job.namespace().unwrap_or_default();
         let def = self.view.definitions.get(&ObjectRef::new(&owner.name).within(&ns));
         let def = def.filter(|d| d.uid().as_deref() == Some(owner.uid.as_str()));
-        crate::recurring::keeps_tick(def.as_deref(), crate::recurring::tick_of(job))
+        let (tick, kids) = (crate::recurring::tick_of(job), self.view.children.of(&owner.uid));
+        crate::recurring::kept_until(def.as_deref(), &job.name_any(), tick, &kids).is_some_and(|by| by > now)
     }
 
     /// Delete a finished job whose retention has passed; otherwise return when to look at it again. One replica
@@ -984,9 +985,10 @@ impl Dispatcher {
         if crate::members::owner(members, &uid).is_some_and(|owner| owner != self.worker.identity) {
             return Some(inst + self.worker.timing.duration);
         }
-        if self.keeps_tick(job) {
+        if self.keeps_tick(job, now) {
             // Maybe its definition's latest tick's job: deleted now, it would look never created, and the
-            // definition's next owner would create it again. Kept until a later tick is claimed.
+            // definition's next owner would create it again. Kept until a later tick is claimed, and until no
+            // create of it can land.
             return Some(inst + KEPT_TICK_LOOK);
         }
         if !self.delete_pace.take(inst) {

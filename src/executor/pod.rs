@@ -70,6 +70,7 @@ use tokio::time::Instant;
 
 use super::JobContext;
 use crate::api::{BackgroundJob, RecurringBackgroundJob};
+use crate::client::CREATE_LANDS_WITHIN;
 use crate::error::api_code;
 use crate::policy::PodPolicy;
 use crate::policy::creator::{self, CreatorCheck};
@@ -138,7 +139,7 @@ pub struct PodExecutor {
     pub policy: PodPolicy,
     /// Per attempt (job UID, attempt number): when the last create of its Pod whose outcome is unknown was sent (no
     /// answer yet, none ever, or a server error). Such a create may still make the Pod until
-    /// [`CREATE_LANDS_WITHIN`] after it was sent, also when the attempt ended meanwhile and dropped it.
+    /// [`crate::client::CREATE_LANDS_WITHIN`] after it was sent, also when the attempt ended meanwhile and dropped it.
     unanswered: Mutex<HashMap<(String, i32), Instant>>,
 }
 
@@ -246,9 +247,6 @@ fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
 /// Until how long after its attempt began (`startTime`) a create that keeps failing (no answer, 5xx, 429, 408) is
 /// sent again before a read decides. No create of the attempt is sent after it, by any replica.
 const CREATE_PATIENCE: Duration = Duration::from_secs(90);
-/// How long after it was sent a create may still be handled, and its Pod made: the apiserver's default request
-/// timeout. A read decides that a Pod was not created only this long after the last create that could make it.
-const CREATE_LANDS_WITHIN: Duration = Duration::from_secs(60);
 
 /// The instant, on this machine's monotonic clock, `after` past the start of `job`'s attempt (its `startTime`, by the
 /// cluster's clock, as `now` is); `after` from now without one.
@@ -261,7 +259,7 @@ fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Ins
 /// The instant after which no create of the current attempt's Pod, sent by whichever replica held it, can still
 /// make it, for a replica that did not send them (an adopter, a replica settling an orphaned job): they were sent
 /// by [`CREATE_PATIENCE`] after the attempt began, by the holder's clock, which may be
-/// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's, and land within [`CREATE_LANDS_WITHIN`].
+/// [`crate::clock::REPLICAS_AGREE_WITHIN`] ahead of this one's, and land within [`crate::client::CREATE_LANDS_WITHIN`].
 ///
 /// A Running job without a `startTime` (every claim writes one; only a hand-written status lacks it) has no such
 /// bound: now, rather than a wait that would start over at every look and never end.
@@ -276,7 +274,7 @@ pub fn no_create_lands_after(job: &BackgroundJob, now: jiff::Timestamp) -> Insta
 /// again: the second either creates the Pod or meets the first one's (AlreadyExists), so there is never a twin, and
 /// the attempt does not end while a Pod of it may have been created unseen. When failures (a broken admission
 /// webhook, an unreachable apiserver) last until [`CREATE_PATIENCE`] after the attempt began, no create is sent any
-/// more and a read decides, once a create whose outcome is unknown can no longer land ([`CREATE_LANDS_WITHIN`]), so
+/// more and a read decides, once a create whose outcome is unknown can no longer land ([`crate::client::CREATE_LANDS_WITHIN`]), so
 /// the error reaches the job's `lastError`. A refusal is decided the same way: an earlier create of unknown outcome
 /// may still make the Pod, which is then this attempt's.
 ///

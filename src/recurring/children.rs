@@ -25,6 +25,8 @@ pub struct Child {
     pub completed: Option<Timestamp>,
     /// The tick it was made for.
     pub tick: Option<Timestamp>,
+    /// When it was created (`creationTimestamp`, whole seconds).
+    pub created: Option<Timestamp>,
 }
 
 impl Child {
@@ -37,6 +39,7 @@ impl Child {
             phase: job.phase(),
             completed: job.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|t| t.0),
             tick: super::tick_of(job),
+            created: job.creation_timestamp().map(|t| t.0),
         };
         Some((owner, child))
     }
