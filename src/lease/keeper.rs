@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::{Api, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use tracing::warn;
@@ -31,6 +32,19 @@ struct State {
     /// Set by [`Keeper::annotate`]: written with every renewal (a renewal in flight as they are set would otherwise
     /// bring back the Lease without them).
     annotations: BTreeMap<String, String>,
+    /// Renewals sent since the last one known to have landed whose answer never came (nor a read-back saying
+    /// whether they landed): their `renewTime` stamps and when they were sent. A later read-back that finds one of
+    /// them credits it: the answer to a renewal that landed may be lost, and so may the read-back after it.
+    unanswered: Vec<(MicroTime, Instant)>,
+}
+
+/// At most this many unanswered renewals are remembered (a renew deadline's worth at the shortest renew interval).
+const UNANSWERED_KEPT: usize = 16;
+
+/// When the renewal whose stamp `found` shows was sent, among `unanswered` (None: none of them).
+fn landed(unanswered: &[(MicroTime, Instant)], found: Option<&MicroTime>) -> Option<Instant> {
+    let found = found?;
+    unanswered.iter().find(|(stamp, _)| stamp == found).map(|(_, sent)| *sent)
 }
 
 enum Renewal {
@@ -51,7 +65,12 @@ impl Keeper {
         Keeper {
             api,
             timing,
-            state: Mutex::new(State { lease: held.lease, renewed_at: held.written_at, annotations: BTreeMap::new() }),
+            state: Mutex::new(State {
+                lease: held.lease,
+                renewed_at: held.written_at,
+                annotations: BTreeMap::new(),
+                unanswered: Vec::new(),
+            }),
             lost: AtomicBool::new(false),
         }
     }
@@ -134,12 +153,20 @@ impl Keeper {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timed out".to_string(),
         };
+        {
+            let mut state = self.state.lock().unwrap();
+            if state.unanswered.len() == UNANSWERED_KEPT {
+                state.unanswered.remove(0);
+            }
+            state.unanswered.push((stamp, sent));
+        }
         let name = held.name_any();
         match tokio::time::timeout(self.time_left(), self.api.get_opt(&name)).await {
             Ok(Ok(Some(now))) if same_tenure(&held, &now) => {
-                let landed = now.spec.as_ref().and_then(|s| s.renew_time.as_ref()) == Some(&stamp);
-                self.renewed(now, landed.then_some(sent));
-                if landed { Renewal::Renewed } else { Renewal::Unknown(why) }
+                let found = now.spec.as_ref().and_then(|s| s.renew_time.as_ref());
+                let landed = landed(&self.state.lock().unwrap().unanswered, found);
+                self.renewed(now, landed);
+                if landed.is_some() { Renewal::Renewed } else { Renewal::Unknown(why) }
             }
             Ok(Ok(_)) => Renewal::Lost,
             Ok(Err(e)) => Renewal::Unknown(format!("{why}; reading it back: {e}")),
@@ -151,7 +178,9 @@ impl Keeper {
         let mut state = self.state.lock().unwrap();
         state.lease = lease;
         if let Some(sent) = sent {
-            state.renewed_at = sent;
+            // Only ever forward: a read-back may credit a renewal older than one an answer already credited.
+            state.renewed_at = state.renewed_at.max(sent);
+            state.unanswered.retain(|(_, s)| *s > sent);
         }
     }
 
@@ -196,5 +225,22 @@ impl Keeper {
     /// Stop acting on this Lease from now on (e.g. the work it guards was handed over).
     pub fn give_up(&self) {
         self.lost.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_back_credits_whichever_unanswered_renewal_it_finds_landed() {
+        let stamp = |us: i64| MicroTime(jiff::Timestamp::from_microsecond(us).unwrap());
+        let t0 = Instant::now();
+        let sent = [(stamp(1), t0), (stamp(2), t0 + Duration::from_millis(500))];
+        // The second renewal's answer was lost, and so was its read-back; the third's read-back finds it.
+        assert_eq!(landed(&sent, Some(&stamp(2))), Some(t0 + Duration::from_millis(500)));
+        assert_eq!(landed(&sent, Some(&stamp(1))), Some(t0));
+        assert_eq!(landed(&sent, Some(&stamp(3))), None, "a renewTime none of them wrote (the acquiring write's)");
+        assert_eq!(landed(&sent, None), None);
     }
 }
