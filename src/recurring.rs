@@ -649,17 +649,17 @@ impl Pass<'_> {
                 // definition: a later tick may have been claimed and this one's job made, run and deleted since
                 // (kept only [`LATE_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only
                 // while the job is pending as stored, just read.
-                let read;
+                let mut read = None;
                 let def = if cancelling.elapsed() > CANCELS_TAKE_AT_MOST {
-                    read = self.read(&def.name_any()).await?;
+                    let stored = read.insert(self.read(&def.name_any()).await?);
                     let still = |stored: &RecurringBackgroundJob| {
                         let known = |j: &str| known_created(j, self.kids, carried.created_here.as_deref());
                         matches!(plan(stored, active, known, now, self.ahead), Plan::Create { job: j, .. } if j == job)
                     };
-                    if !still(&read) {
-                        return again(read);
+                    if !still(stored) {
+                        return again(stored.clone());
                     }
-                    &read
+                    &*stored
                 } else {
                     def
                 };
@@ -678,7 +678,11 @@ impl Pass<'_> {
                 let known = |job: &str| known_created(job, self.kids, carried.created_here.as_deref());
                 match plan(def, active, known, now, self.ahead) {
                     Plan::Idle(next) => Ok(Step::Created(next)),
-                    _ => Ok(Step::Same),
+                    // Go on from the definition as just read, if it was.
+                    _ => match read {
+                        Some(stored) => again(stored.clone()),
+                        None => Ok(Step::Same),
+                    },
                 }
             }
             Plan::Withdraw { job, at } => {

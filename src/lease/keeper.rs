@@ -38,8 +38,19 @@ struct State {
     unanswered: Vec<(MicroTime, Instant)>,
 }
 
-/// At most this many unanswered renewals are remembered (a renew deadline's worth at the shortest renew interval).
-const UNANSWERED_KEPT: usize = 16;
+/// How soon a renewal whose outcome is unknown is tried again, at most.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The `renewTime` of the next renewal: now, but strictly after the Lease's last one as known here and the last
+/// unanswered one, so that a stamp a read-back finds names one renewal only, even if the machine's clock stepped
+/// back.
+fn next_stamp(now: MicroTime, last: Option<&MicroTime>, unanswered: Option<&MicroTime>) -> MicroTime {
+    let Some(latest) = last.into_iter().chain(unanswered).map(|t| t.0).max() else { return now };
+    if now.0 > latest {
+        return now;
+    }
+    MicroTime(latest.checked_add(jiff::SignedDuration::from_micros(1)).unwrap_or(latest))
+}
 
 /// When the renewal whose stamp `found` shows was sent, among `unanswered` (None: none of them).
 fn landed(unanswered: &[(MicroTime, Instant)], found: Option<&MicroTime>) -> Option<Instant> {
@@ -126,7 +137,7 @@ impl Keeper {
                 Renewal::Unknown(why) => {
                     failures.inc();
                     warn!(lease = %self.lease().name_any(), %why, "lease renewal did not go through; retrying");
-                    self.timing.renew_interval.min(Duration::from_millis(500))
+                    self.timing.renew_interval.min(RETRY)
                 }
             };
         }
@@ -140,7 +151,8 @@ impl Keeper {
             (state.lease.clone(), state.annotations.clone())
         };
         let sent = Instant::now();
-        let stamp = now_micro();
+        let last = held.spec.as_ref().and_then(|s| s.renew_time.as_ref());
+        let stamp = next_stamp(now_micro(), last, self.state.lock().unwrap().unanswered.last().map(|(s, _)| s));
         let mut lease = held.clone();
         lease.spec.get_or_insert_with(Default::default).renew_time = Some(stamp.clone());
         lease.metadata.annotations.get_or_insert_with(Default::default).extend(annotations);
@@ -153,12 +165,16 @@ impl Keeper {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timed out".to_string(),
         };
-        {
+        if why != "conflict" {
+            // Its outcome is unknown (a conflict is a definite "not written"). As many are kept as can be sent
+            // within a renew deadline, retrying every 500 ms at most.
+            let most =
+                self.timing.renew_deadline.as_millis() / self.timing.renew_interval.min(RETRY).as_millis().max(1);
             let mut state = self.state.lock().unwrap();
-            if state.unanswered.len() == UNANSWERED_KEPT {
+            if state.unanswered.len() > most as usize {
                 state.unanswered.remove(0);
             }
-            state.unanswered.push((stamp, sent));
+            state.unanswered.push((stamp.clone(), sent));
         }
         let name = held.name_any();
         match tokio::time::timeout(self.time_left(), self.api.get_opt(&name)).await {
@@ -242,5 +258,14 @@ mod tests {
         assert_eq!(landed(&sent, Some(&stamp(1))), Some(t0));
         assert_eq!(landed(&sent, Some(&stamp(3))), None, "a renewTime none of them wrote (the acquiring write's)");
         assert_eq!(landed(&sent, None), None);
+    }
+
+    #[test]
+    fn each_renewal_is_stamped_after_the_last_known_one_even_if_the_clock_stepped_back() {
+        let stamp = |us: i64| MicroTime(jiff::Timestamp::from_microsecond(us).unwrap());
+        assert_eq!(next_stamp(stamp(10), Some(&stamp(5)), None), stamp(10));
+        assert_eq!(next_stamp(stamp(10), Some(&stamp(10)), None), stamp(11), "the same microsecond");
+        assert_eq!(next_stamp(stamp(3), Some(&stamp(5)), Some(&stamp(8))), stamp(9), "the clock stepped back");
+        assert_eq!(next_stamp(stamp(3), None, None), stamp(3));
     }
 }
