@@ -486,10 +486,7 @@ async fn reconcile(
     if !created && crate::unreadable::standing(&current.def).is_none() {
         trim_again = trim_history(&pass.jobs, &current.def, kids, now).await;
     }
-    decided.map(|d| match (d.next, trim_again) {
-        (Some(next), Some(trim)) => Some(next.min(trim)),
-        (next, trim) => next.or(trim),
-    })
+    decided.map(|d| d.next.into_iter().chain(trim_again).min())
 }
 
 /// The definition a decision is made from, and whether it came from the API server in this reconcile (`fresh`) or
@@ -652,11 +649,9 @@ impl Pass<'_> {
                 let mut read = None;
                 let def = if cancelling.elapsed() > CANCELS_TAKE_AT_MOST {
                     let stored = read.insert(self.read(&def.name_any()).await?);
-                    let still = |stored: &RecurringBackgroundJob| {
-                        let known = |j: &str| known_created(j, self.kids, carried.created_here.as_deref());
-                        matches!(plan(stored, active, known, now, self.ahead), Plan::Create { job: j, .. } if j == job)
-                    };
-                    if !still(stored) {
+                    let known = |j: &str| known_created(j, self.kids, carried.created_here.as_deref());
+                    if !matches!(plan(stored, active, known, now, self.ahead), Plan::Create { job: j, .. } if j == job)
+                    {
                         return again(stored.clone());
                     }
                     &*stored

@@ -156,18 +156,19 @@ impl Keeper {
         let mut lease = held.clone();
         lease.spec.get_or_insert_with(Default::default).renew_time = Some(stamp.clone());
         lease.metadata.annotations.get_or_insert_with(Default::default).extend(annotations);
-        let why = match tokio::time::timeout(self.time_left(), replace(&self.api, &lease)).await {
+        // Why it did not go through, and whether it may have landed all the same (a conflict is a definite "not
+        // written").
+        let (why, may_have_landed) = match tokio::time::timeout(self.time_left(), replace(&self.api, &lease)).await {
             Ok(Ok(Some(renewed))) => {
                 self.renewed(renewed, Some(sent));
                 return Renewal::Renewed;
             }
-            Ok(Ok(None)) => "conflict".to_string(),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".to_string(),
+            Ok(Ok(None)) => ("conflict".to_string(), false),
+            Ok(Err(e)) => (e.to_string(), true),
+            Err(_) => ("timed out".to_string(), true),
         };
-        if why != "conflict" {
-            // Its outcome is unknown (a conflict is a definite "not written"). As many are kept as can be sent
-            // within a renew deadline, retrying every 500 ms at most.
+        if may_have_landed {
+            // As many are kept as can be sent within a renew deadline, retrying every 500 ms at most.
             let most =
                 self.timing.renew_deadline.as_millis() / self.timing.renew_interval.min(RETRY).as_millis().max(1);
             let mut state = self.state.lock().unwrap();
