@@ -12,7 +12,10 @@
 //! when what it can be off by fits the bound ([`read`]): always for answers within [`MAX_ROUND_TRIP`], and for
 //! slower ones (a remote apiserver) while the header's half second and half the round trip still fit. Between
 //! readings the time counts on from the last one by this machine's monotonic clock, so setting its wall clock
-//! changes nothing.
+//! changes nothing. A paused virtual machine is the exception the monotonic clock cannot see: it does not count the
+//! pause, and the estimate would stay behind (late, never early) until the next reading. Once the machine's wall
+//! clock is put right after such a pause it runs ahead of the monotonic one, and a reading is taken then
+//! ([`wall_jumped`]). Only a reading moves the estimate: a wall clock set ahead by hand costs one reading.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -25,6 +28,12 @@ use tracing::{debug, info, warn};
 
 /// How often the offset is measured again.
 const SAMPLE_EVERY: Duration = Duration::from_secs(30);
+/// How often, between readings, this machine's wall clock is compared with its monotonic clock ([`wall_jumped`]).
+const WATCH_WALL_EVERY: Duration = Duration::from_secs(1);
+/// How far the wall clock may run ahead of the monotonic clock between two comparisons before a reading is taken at
+/// once: far above what NTP's slewing can do in [`WATCH_WALL_EVERY`] (0.5 ms at its largest correction), far below
+/// the seconds a paused machine misses.
+const WALL_JUMP: SignedDuration = SignedDuration::from_millis(500);
 /// How often a reading is tried before the first one is taken.
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 /// Offsets within this are below what a whole-second `Date` header can show: ignored when a reading is precise
@@ -113,7 +122,8 @@ impl ServerClock {
 
     /// Measure the offset once: a request's `Date` header against the middle of its round trip ([`read`]). A reading
     /// that could be off by more than the bound allows is discarded and the last estimate kept.
-    pub async fn sample(&self, client: &Client) -> crate::Result<Reading> {
+    /// `tell`: log the reading whether or not it moved the estimate.
+    pub async fn sample(&self, client: &Client, tell: bool) -> crate::Result<Reading> {
         let request = http::Request::get("/version")
             .body(kube::client::Body::empty())
             .map_err(|e| crate::Error::Config(e.to_string()))?;
@@ -137,7 +147,7 @@ impl ServerClock {
         let first = self.anchor.lock().unwrap().is_none();
         self.anchor(middle, server);
         self.measured.send_replace(true);
-        if first || moved.abs() > SignedDuration::from_secs(1) {
+        if first || tell || moved.abs() > SignedDuration::from_secs(1) {
             info!(
                 offset_ms = offset.as_millis() as i64,
                 moved_ms = moved.as_millis() as i64,
@@ -147,14 +157,16 @@ impl ServerClock {
         Ok(reading)
     }
 
-    /// Take readings until `stop`: every 30 s, and before the first is taken from [`RETRY_FIRST`] apart, twice as far
-    /// each time, up to that. A reading that could not be taken is logged as a warning while none was, since
-    /// work waits for it, and quietly after.
+    /// Take readings until `stop`: every 30 s, at once when the wall clock jumped ahead of the monotonic one (a paused
+    /// machine whose clock was put right: [`wall_jumped`]), and before the first is taken from [`RETRY_FIRST`] apart,
+    /// twice as far each time, up to that. A reading that could not be taken is logged as a warning while none was,
+    /// since work waits for it, and quietly after.
     pub async fn follow(&self, client: Client, stop: CancellationToken) {
         let mut retry = RETRY_FIRST;
+        let mut jumped = false;
         loop {
             let measured = self.is_measured();
-            match self.sample(&client).await {
+            match self.sample(&client, jumped).await {
                 Ok(Reading::Taken(_)) => {}
                 Ok(discarded) if !measured => {
                     warn!(reading = ?discarded, "could not read the apiserver's clock yet; this replica waits for it")
@@ -167,12 +179,48 @@ impl ServerClock {
             }
             let every = if self.is_measured() { SAMPLE_EVERY } else { retry };
             retry = (retry * 2).min(SAMPLE_EVERY);
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = stop.cancelled() => return,
+            match until_next_reading(every, &stop).await {
+                Some(jump) => jumped = jump,
+                None => return,
             }
         }
     }
+}
+
+/// Wait `every`, looking at this machine's two clocks each [`WATCH_WALL_EVERY`]: Some(true) as soon as the wall clock
+/// jumped ahead ([`wall_jumped`]), Some(false) after `every`, None once `stop` is cancelled.
+async fn until_next_reading(every: Duration, stop: &CancellationToken) -> Option<bool> {
+    let next = Instant::now() + every;
+    let mut last = (Instant::now(), Timestamp::now());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_WALL_EVERY.min(next.saturating_duration_since(last.0))) => {}
+            _ = stop.cancelled() => return None,
+        }
+        let now = (Instant::now(), Timestamp::now());
+        if let Some(ahead) = wall_jumped(last, now) {
+            info!(
+                ahead_ms = ahead.as_millis() as i64,
+                "this machine's wall clock jumped ahead of its monotonic clock (a paused machine?): reading the \
+                 apiserver's clock again"
+            );
+            return Some(true);
+        }
+        if now.0 >= next {
+            return Some(false);
+        }
+        last = now;
+    }
+}
+
+/// How far this machine's wall clock ran ahead of its monotonic clock between two looks at both, if more than
+/// [`WALL_JUMP`]: what a paused virtual machine shows once its wall clock is put right (its monotonic clock does not
+/// count the pause). A wall clock set back, or slewed by NTP, is not a jump.
+fn wall_jumped(before: (Instant, Timestamp), after: (Instant, Timestamp)) -> Option<SignedDuration> {
+    let monotonic = SignedDuration::try_from(after.0.saturating_duration_since(before.0)).ok()?;
+    let wall = after.1.duration_since(before.1);
+    let ahead = wall.checked_sub(monotonic)?;
+    (ahead > WALL_JUMP).then_some(ahead)
 }
 
 /// What a `Date` header (whole seconds, truncated) read over a round trip of `round_trip` sent at `sent` (this
@@ -277,6 +325,25 @@ mod tests {
             assert_eq!(clock.at(before), server);
         }
         assert!(clock.now() >= server && clock.now() < at(1_000_060_000), "counted from the reading, not the wall");
+    }
+
+    #[test]
+    fn a_wall_clock_put_right_after_a_pause_the_monotonic_clock_missed_asks_for_a_reading() {
+        let (t0, w0) = (Instant::now(), at(1_000_000_000));
+        // A second on both clocks, or NTP slewing at its largest correction: nothing to do.
+        assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_001_000))), None);
+        assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_001_001))), None);
+        // A wall clock set back, or a look delayed on a busy machine (both clocks counted the delay): nothing.
+        assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(999_990_000))), None);
+        assert_eq!(wall_jumped((t0, w0), (t0 + ms(40_000), at(1_000_040_000))), None);
+        // 37 s of pause the monotonic clock did not count, shown once the wall clock was put right.
+        assert_eq!(
+            wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_038_000))),
+            Some(SignedDuration::from_secs(37))
+        );
+        // Just past the threshold, and just within it.
+        assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_001_501))), Some(SignedDuration::from_millis(501)));
+        assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_001_500))), None);
     }
 
     #[test]

@@ -846,6 +846,15 @@ async fn a_replica_whose_machine_clock_is_set_ahead_after_reading_the_apiservers
     let last_stamp = r.log_text().lines().filter_map(|l| l.split(' ').next()?.parse::<jiff::Timestamp>().ok()).max();
     let ahead_ms = last_stamp.map_or(0, |t| t.as_millisecond() - now_ms());
     assert!(ahead_ms > 10_000, "the replica's clock was not set ahead: its last log line is {ahead_ms} ms ahead");
+    // The jump asked for a reading of the apiserver's clock at once (what puts a paused machine's estimate right), and
+    // that reading did not move the estimate: the monotonic clock had counted every second.
+    let log = r.log_text();
+    let jumped = log.lines().position(|l| l.contains("wall clock jumped ahead of its monotonic clock"));
+    let jumped = jumped.unwrap_or_else(|| panic!("the replica did not notice its wall clock jump:\n{log}"));
+    let reading = log.lines().skip(jumped).find(|l| l.contains("read the apiserver's clock;"));
+    let reading = reading.unwrap_or_else(|| panic!("no reading followed the jump:\n{log}"));
+    let moved_ms: i64 = reading.split("moved_ms=").nth(1).and_then(|v| v.split(' ').next()?.parse().ok()).unwrap();
+    assert!(moved_ms.abs() < 1_000, "the reading after the jump moved the estimate {moved_ms} ms: {reading}");
     let history = bgjobs_history::History::read(&env.dir).unwrap();
     let ticks = history.status.iter().filter(|s| s.tick_ms.is_some()).count();
     assert!(ticks >= 4, "ticks ran: {ticks}");
