@@ -337,10 +337,7 @@ mod tests {
         assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(999_990_000))), None);
         assert_eq!(wall_jumped((t0, w0), (t0 + ms(40_000), at(1_000_040_000))), None);
         // 37 s of pause the monotonic clock did not count, shown once the wall clock was put right.
-        assert_eq!(
-            wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_038_000))),
-            Some(SignedDuration::from_secs(37))
-        );
+        assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_038_000))), Some(SignedDuration::from_secs(37)));
         // Just past the threshold, and just within it.
         assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_001_501))), Some(SignedDuration::from_millis(501)));
         assert_eq!(wall_jumped((t0, w0), (t0 + ms(1_000), at(1_000_001_500))), None);

@@ -529,6 +529,61 @@ mod tests {
         assert_eq!(query(3), "resourceVersion=0&resourceVersionMatch=NotOlderThan");
     }
 
+    /// A watch whose connection stays open but says nothing more after its first event (it died without a word)
+    /// is replaced once it has been silent for [`WATCH_SILENCE`], from the last version it gave; not before. Time is
+    /// paused and moves only when everything waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_silent_past_its_own_timeout_is_replaced_from_its_last_version_and_not_before() {
+        use std::sync::{Arc, Mutex};
+        let asked: Arc<Mutex<Vec<(tokio::time::Instant, String)>>> = Arc::default();
+        let seen = asked.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let uri = request.uri().to_string();
+            let watches = {
+                let mut seen = seen.lock().unwrap();
+                seen.push((tokio::time::Instant::now(), uri.clone()));
+                seen.iter().filter(|(_, u)| u.contains("watch=true")).count()
+            };
+            let chunks: Vec<String> = if !uri.contains("watch=true") {
+                vec![list(vec![job("a", "3")], "10").to_string()]
+            } else if watches == 1 {
+                vec![event("MODIFIED", job("a", "11"))]
+            } else {
+                vec![event("MODIFIED", job("a", "12"))]
+            };
+            let frames = futures::stream::iter(chunks)
+                .map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(hyper::body::Bytes::from(c))));
+            // A list's answer ends; a watch's stays open, silent after its events.
+            let body: futures::stream::BoxStream<'static, _> = if uri.contains("watch=true") {
+                frames.chain(futures::stream::pending()).boxed()
+            } else {
+                frames.boxed()
+            };
+            async move { Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(body))) }
+        });
+        let api: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        let mut stream = list_watch(api, |_: &mut BackgroundJob| {}).boxed();
+        let mut applied = Vec::new();
+        let hour = tokio::time::Instant::now() + Duration::from_secs(3_600);
+        while applied.len() < 2 {
+            match tokio::time::timeout_at(hour, stream.next()).await {
+                Ok(Some(Ok(Event::Apply(j)))) => {
+                    applied.push((tokio::time::Instant::now(), j.resource_version().unwrap()))
+                }
+                Ok(_) => {}
+                Err(_) => panic!("the silent watch was not replaced within an hour: {applied:?}"),
+            }
+        }
+        assert_eq!(applied.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>(), ["11", "12"]);
+        let asked = asked.lock().unwrap();
+        let watches: Vec<_> = asked.iter().filter(|(_, u)| u.contains("watch=true")).collect();
+        assert_eq!(watches.len(), 2, "{asked:?}");
+        assert!(watches[1].1.contains("resourceVersion=11"), "replaced from the last version: {}", watches[1].1);
+        let silent = watches[1].0 - applied[0].0;
+        assert!(silent >= WATCH_SILENCE, "replaced after {silent:?} of silence");
+        assert!(silent < WATCH_SILENCE + Duration::from_secs(1), "replaced only after {silent:?}");
+    }
+
     #[tokio::test]
     async fn an_object_the_types_cannot_hold_comes_as_its_stand_in_in_the_list_and_in_the_watch() {
         let mut bad = job("bad", "4");
