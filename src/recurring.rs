@@ -27,36 +27,34 @@
 //! replica's claim carried to the tick expires: the lagging replica then creates the job a second time.
 //!
 //! Nothing of bgjobs deletes a pending job (history trimming skips it, and so does `ttlSecondsAfterFinished`, see
-//! [`keeps_tick`]), so a pending job that existed is still seen by the next owner; nor a replaced tick's job while a
-//! create of it sent before it was replaced may still land ([`late_creates_land_by`]). One case is left
+//! [`history::keeps_tick`]), so a pending job that existed is still seen by the next owner; nor a replaced tick's job while a
+//! create of it sent before it was replaced may still land ([`history::late_creates_land_by`]). One case is left
 //! (docs/usage.md, "Recurring jobs"): a pending job deleted by hand while its definition changes owner is created again.
 //!
 //! Missed ticks (operator down, suspended) create at most one job, for the latest of them, and only within
 //! `startingDeadlineSeconds`, like CronJob.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::api::{
-    BackgroundJob, Phase, RecurringBackgroundJob, RecurringBackgroundJobStatus, RecurringConcurrencyPolicy,
-};
+use crate::api::{BackgroundJob, RecurringBackgroundJob, RecurringBackgroundJobStatus, RecurringConcurrencyPolicy};
 use crate::cron::{self, Schedule};
 use crate::error::{Error, Result, api_code};
 use crate::unreadable::Standing;
 use crate::worker::Worker;
 
 pub mod children;
+pub mod history;
 pub mod scheduler;
 
 pub use children::{Child, Children};
@@ -417,7 +415,7 @@ pub struct Armed {
 /// half the lead, as a 10 s lead has always had; a lead of 4.5 s or less leaves nothing, and its tick's job is
 /// created after a read. The window is checked when the create is sent: a create still on its way when the next owner
 /// may claim (0.5 s later at the default lead) lands on the job if it was made, which is then kept until no such
-/// create can land ([`late_creates_land_by`]: a minute after the next tick's job was made).
+/// create can land ([`history::late_creates_land_by`]: a minute after the next tick's job was made).
 pub fn armed_past_tick(lead: Duration) -> Option<Duration> {
     let past = (lead / 2).min(lead.saturating_sub(crate::clock::REPLICAS_AGREE_WITHIN));
     (!past.is_zero()).then_some(past)
@@ -484,7 +482,7 @@ async fn reconcile(
     let created = decided.as_ref().is_ok_and(|d| d.created);
     let mut trim_again = None;
     if !created && crate::unreadable::standing(&current.def).is_none() {
-        trim_again = trim_history(&pass.jobs, &current.def, kids, now).await;
+        trim_again = history::trim_history(&pass.jobs, &current.def, kids, now).await;
     }
     decided.map(|d| d.next.into_iter().chain(trim_again).min())
 }
@@ -859,134 +857,6 @@ pub fn tick_of(job: &BackgroundJob) -> Option<Timestamp> {
     (job.metadata.name.as_deref() == Some(job_name(definition, tick).as_str())).then_some(tick)
 }
 
-/// Whether a job of tick `tick` must be kept whatever its history limit or TTL say, judged on `def` as this replica
-/// last saw it (None: not seen, or another definition by that name): it may be the latest claimed tick's job, whose
-/// existence is the only proof that its tick was created until the next claim. A claim moves `lastScheduleTime`
-/// forward, so a definition seen late errs on the side of keeping. Taking back a claim made ahead ([`withdraw`]) moves
-/// it back, to no earlier than the `lastScheduleTime` that claim replaced: so the jobs of ticks after that one are kept
-/// too (seen with the claim, they can only be jobs made since it was taken back; ticks between the two have no job
-/// otherwise). Part of [`kept_until`].
-pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>) -> bool {
-    let Some(tick) = tick else { return false };
-    let Some(def) = def else { return true };
-    let status = def.status.as_ref();
-    let last = status.and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
-    let replaced = status.and_then(|s| s.previous_schedule_time.as_ref()).map(|t| t.0);
-    last.is_none_or(|last| tick >= last) || replaced.is_some_and(|replaced| tick > replaced)
-}
-
-/// How long after the job of a later tick was created a tick's job is still kept (see [`late_creates_land_by`]):
-/// a create lands within [`crate::client::CREATE_LANDS_WITHIN`] of its send (the apiserver's default request
-/// timeout), `creationTimestamp` is in whole seconds (the job may have been created up to a second after it says),
-/// and this replica's reading of the cluster's clock may run ahead by half of [`crate::clock::REPLICAS_AGREE_WITHIN`]
-/// (a whole one, rounded up, is kept).
-const LATE_CREATES_KEPT_FOR: Duration = Duration::from_secs(
-    crate::client::CREATE_LANDS_WITHIN.as_secs() + 1 + crate::clock::REPLICAS_AGREE_WITHIN.as_secs() + 1,
-);
-
-/// Until when a create of the job of `tick` may still land, by the cluster's clock (None: not a tick's job, nothing
-/// to wait for; `Timestamp::MAX`: no bound is known yet). A finished tick's job must not be deleted before (history
-/// trimming, `ttlSecondsAfterFinished`): the create would make it again, and the tick would run a second time.
-///
-/// Such a create was sent by a replica that claimed the tick, or took the definition over before the job was seen,
-/// and then died, or lost the answer, while the create was on its way (held by a slow admission webhook, say).
-/// Every create of a tick's job is sent while that job is the definition's `pendingJob` (no replica creates any
-/// other), so before the claim of a later tick replaced it; and every later tick's job is created after its own
-/// claim. So the earliest creation among the jobs of later ticks bounds the sends, and the creates land no later
-/// than [`LATE_CREATES_KEPT_FOR`] after it. Without a later tick's job, nothing bounds them: the job is kept until one
-/// is made. (A pending job is kept anyway, see [`beyond_history`].)
-pub fn late_creates_land_by(tick: Option<Timestamp>, kids: &[Child]) -> Option<Timestamp> {
-    let tick = tick?;
-    let later = kids.iter().filter(|k| k.tick.is_some_and(|t| t > tick)).filter_map(|k| k.created).min();
-    let kept_for = SignedDuration::try_from(LATE_CREATES_KEPT_FOR).unwrap_or(SignedDuration::MAX);
-    Some(later.map_or(Timestamp::MAX, |created| created.checked_add(kept_for).unwrap_or(Timestamp::MAX)))
-}
-
-/// Until when bgjobs keeps the finished job `name` of tick `tick` (None: not a tick's job) of `def` (None: not seen,
-/// or another definition by that name), by the cluster's clock, whatever its history limit or TTL say; None: it may
-/// go now. The one rule for every delete of a definition's job that bgjobs makes (history trimming,
-/// `ttlSecondsAfterFinished`): the pending job, and one [`keeps_tick`] keeps, until a later claim (`Timestamp::MAX`:
-/// no time is known yet); a replaced tick's job until no create of it can land ([`late_creates_land_by`]).
-pub fn kept_until(
-    def: Option<&RecurringBackgroundJob>,
-    name: &str,
-    tick: Option<Timestamp>,
-    kids: &[Child],
-) -> Option<Timestamp> {
-    let pending = def.and_then(|d| d.status.as_ref()).and_then(|s| s.pending_job.as_deref());
-    if pending == Some(name) || keeps_tick(def, tick) {
-        return Some(Timestamp::MAX);
-    }
-    late_creates_land_by(tick, kids)
-}
-
-/// Finished children beyond the history limits, oldest first. Never one [`keeps_tick`] keeps, nor the pending job;
-/// those, once finished, count toward their outcome's limit, so that the limit is what stays (as with a CronJob)
-/// however soon after its tick's job finishes the history is trimmed.
-pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Vec<&'a Child> {
-    let pending = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
-    // By outcome (succeeded or not): the finished jobs that may go, and how many are kept anyway.
-    let mut finished: BTreeMap<bool, (Vec<&Child>, usize)> = BTreeMap::new();
-    for j in kids.iter().filter(|j| j.phase.is_final()) {
-        let (deletable, kept) = finished.entry(j.phase == Phase::Succeeded).or_default();
-        if Some(j.name.as_str()) == pending || keeps_tick(Some(def), j.tick) {
-            *kept += 1;
-        } else {
-            deletable.push(j);
-        }
-    }
-    let mut out = Vec::new();
-    for (succeeded, (mut list, kept)) in finished {
-        let limit = if succeeded { def.spec.successful_jobs_history_limit } else { def.spec.failed_jobs_history_limit };
-        list.sort_by_key(|j| std::cmp::Reverse(j.completed));
-        out.extend(list.into_iter().skip((limit.max(0) as usize).saturating_sub(kept)));
-    }
-    out
-}
-
-/// The children to delete now: those [`beyond_history`], each once [`kept_until`] lets it go; and how soon the first
-/// of those kept for now may go (None: no such time known yet).
-pub fn to_trim<'a>(
-    def: &RecurringBackgroundJob,
-    kids: &'a [Child],
-    now: Timestamp,
-) -> (Vec<&'a Child>, Option<Duration>) {
-    let (mut go, mut again) = (Vec::new(), None::<Duration>);
-    for old in beyond_history(def, kids) {
-        match kept_until(Some(def), &old.name, old.tick, kids).filter(|by| *by > now) {
-            None => go.push(old),
-            Some(by) if by == Timestamp::MAX => {}
-            Some(by) => {
-                let wait = by.duration_since(now).unsigned_abs();
-                again = Some(again.map_or(wait, |a| a.min(wait)));
-            }
-        }
-    }
-    (go, again)
-}
-
-/// Delete the children [`to_trim`] says; returns when to look again for those kept for now. Each delete names the
-/// job's UID, so it never removes a newer job that took the name (a cache that still shows a deleted job must not
-/// cost its successor).
-async fn trim_history(
-    jobs: &Api<BackgroundJob>,
-    def: &RecurringBackgroundJob,
-    kids: &[Child],
-    now: Timestamp,
-) -> Option<Duration> {
-    let (old_jobs, again) = to_trim(def, kids, now);
-    for old in old_jobs {
-        let preconditions = Preconditions { uid: Some(old.uid.clone()), resource_version: None };
-        let params = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
-        if let Err(e) = jobs.delete(&old.name, &params).await
-            && !matches!(api_code(&e), Some(404) | Some(409))
-        {
-            warn!(job = %old.name, error = %e, "could not delete an old recurring job");
-        }
-    }
-    again
-}
-
 fn reason_label(reason: &str) -> crate::metrics::ReasonLabel {
     crate::metrics::ReasonLabel { reason: reason.to_string() }
 }
@@ -1027,12 +897,13 @@ pub async fn trigger(client: &Client, def: &RecurringBackgroundJob) -> Result<Ba
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::api::Phase;
     use crate::api::RecurringBackgroundJobSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    fn def(schedule: &str, extra: serde_json::Value) -> RecurringBackgroundJob {
+    pub(crate) fn def(schedule: &str, extra: serde_json::Value) -> RecurringBackgroundJob {
         let mut spec = serde_json::json!({"schedule": schedule, "jobTemplate": {"spec": {"jobName": "noop"}}});
         spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         let spec: RecurringBackgroundJobSpec = serde_json::from_value(spec).unwrap();
@@ -1052,11 +923,11 @@ mod tests {
         false
     }
 
-    fn t(s: i64) -> Timestamp {
+    pub(crate) fn t(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).unwrap()
     }
 
-    fn with_last(mut d: RecurringBackgroundJob, last: i64) -> RecurringBackgroundJob {
+    pub(crate) fn with_last(mut d: RecurringBackgroundJob, last: i64) -> RecurringBackgroundJob {
         d.status = Some(RecurringBackgroundJobStatus { last_schedule_time: Some(Time(t(last))), ..Default::default() });
         d
     }
@@ -1104,7 +975,7 @@ mod tests {
         );
     }
 
-    fn with_pending(d: RecurringBackgroundJob, tick: i64, job: &str) -> RecurringBackgroundJob {
+    pub(crate) fn with_pending(d: RecurringBackgroundJob, tick: i64, job: &str) -> RecurringBackgroundJob {
         let mut d = with_last(d, tick);
         d.status.as_mut().unwrap().pending_job = Some(job.into());
         d
@@ -1180,92 +1051,9 @@ mod tests {
         assert_eq!((s.pending_job, s.active_count), (None, 1));
     }
 
-    fn finished(name: &str, phase: Phase, completed: i64) -> Child {
+    pub(crate) fn finished(name: &str, phase: Phase, completed: i64) -> Child {
         let uid = format!("uid-{name}");
         Child { name: name.into(), uid, phase, completed: Some(t(completed)), tick: None, created: None }
-    }
-
-    #[test]
-    fn a_finished_ticks_job_is_kept_until_no_create_sent_before_a_later_tick_was_claimed_can_land() {
-        let made = |tick: i64, created: i64| Child {
-            tick: Some(t(tick)),
-            created: Some(t(created)),
-            ..finished(&format!("report-{tick}"), Phase::Succeeded, created + 1)
-        };
-        let kept_for = 60 + 1 + 4 + 1;
-        let mut kids = vec![made(10, 12), made(30, 31), made(20, 40)];
-        // The earliest creation among later ticks' jobs bounds the sends (tick 20's job was made late, after 30's).
-        assert_eq!(late_creates_land_by(Some(t(10)), &kids), Some(t(31 + kept_for)));
-        assert_eq!(late_creates_land_by(Some(t(20)), &kids), Some(t(31 + kept_for)));
-        assert_eq!(late_creates_land_by(Some(t(30)), &kids), Some(Timestamp::MAX), "no later tick's job: no bound yet");
-        assert_eq!(late_creates_land_by(None, &kids), None, "not a tick's job (a triggered one): nothing to wait for");
-        // A triggered job is no later tick's: it was never claimed, and may have been made before the claim.
-        kids.push(Child { created: Some(t(32)), ..finished("report-triggered", Phase::Succeeded, 33) });
-        assert_eq!(late_creates_land_by(Some(t(30)), &kids), Some(Timestamp::MAX));
-
-        // History limit 0, tick 30 claimed last: 10 and 20 are beyond it, and go only at 31 + kept_for.
-        let none = with_last(def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0})), 30);
-        let names = |at: i64| {
-            let (go, again) = to_trim(&none, &kids, t(at));
-            (go.iter().map(|j| j.name.clone()).collect::<Vec<_>>(), again.map(|d| d.as_secs()))
-        };
-        let triggered = vec!["report-triggered".to_string()];
-        assert_eq!(names(40), (triggered.clone(), Some((31 + kept_for - 40) as u64)), "a triggered job goes at once");
-        assert_eq!(names(31 + kept_for - 1), (triggered, Some(1)));
-        let (go, again) = names(31 + kept_for);
-        assert_eq!((go.len(), again), (3, None), "10, 20 and the triggered job: {go:?}");
-
-        // The one rule the TTL path asks too: the pending job and the latest claimed tick's stay until a later claim.
-        let pending = with_pending(none.clone(), 30, "report-30");
-        assert_eq!(kept_until(Some(&pending), "report-30", Some(t(30)), &kids), Some(Timestamp::MAX));
-        assert_eq!(kept_until(Some(&none), "report-30", Some(t(30)), &kids), Some(Timestamp::MAX), "latest tick");
-        assert_eq!(kept_until(Some(&none), "report-10", Some(t(10)), &kids), Some(t(31 + kept_for)));
-        assert_eq!(kept_until(Some(&none), "report-triggered", None, &kids), None);
-    }
-
-    #[test]
-    fn a_tick_not_older_than_the_last_claimed_one_is_kept_whatever_the_limits_and_a_stale_definition_keeps_more() {
-        let ticked = |n: i64| Child { tick: Some(t(n)), ..finished(&format!("report-{n}"), Phase::Succeeded, n) };
-        let kids: Vec<Child> = (1..=4).map(ticked).collect();
-        let none = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0}));
-        let names =
-            |d: &RecurringBackgroundJob| beyond_history(d, &kids).iter().map(|j| j.name.clone()).collect::<Vec<_>>();
-        assert_eq!(
-            names(&with_last(none.clone(), 4)),
-            ["report-3", "report-2", "report-1"],
-            "the latest tick's job stays"
-        );
-        // A copy of the definition from before the claims of ticks 3 and 4 (a lagging cache): both stay.
-        assert_eq!(names(&with_last(none.clone(), 2)), ["report-1"]);
-        assert!(keeps_tick(None, Some(t(1))), "definition not seen: kept");
-        assert!(keeps_tick(Some(&none), Some(t(1))), "no tick claimed yet: kept");
-        assert!(!keeps_tick(Some(&with_last(none.clone(), 2)), Some(t(1))), "an older tick goes");
-        assert!(!keeps_tick(None, None), "not a tick's job");
-        // Tick 60 claimed over tick 2, then taken back: a copy from before that keeps the jobs of the ticks after 2
-        // (made since), not 2's.
-        let mut claimed = with_last(none.clone(), 2);
-        claim(claimed.status.as_mut().unwrap(), t(60), Some("report-60"), None);
-        assert!(keeps_tick(Some(&claimed), Some(t(30))) && keeps_tick(Some(&claimed), Some(t(60))));
-        assert!(!keeps_tick(Some(&claimed), Some(t(2))), "the job of the tick it replaced goes, as before");
-    }
-
-    #[test]
-    fn history_keeps_the_latest_finished_jobs_and_never_a_pending_one() {
-        let kids = vec![
-            finished("report-1", Phase::Succeeded, 1),
-            finished("report-2", Phase::Succeeded, 2),
-            finished("report-3", Phase::Succeeded, 3),
-            finished("report-4", Phase::Failed, 4),
-        ];
-        let names =
-            |d: &RecurringBackgroundJob| beyond_history(d, &kids).iter().map(|j| j.name.clone()).collect::<Vec<_>>();
-        let d = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 1, "failedJobsHistoryLimit": 1}));
-        assert_eq!(names(&d), ["report-2", "report-1"]);
-        let none = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0, "failedJobsHistoryLimit": 0}));
-        let pending = with_pending(none, 3, "report-3");
-        assert_eq!(names(&pending), ["report-4", "report-2", "report-1"], "report-3 is pending: kept");
-        let two = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 2}));
-        assert_eq!(names(&with_pending(two, 3, "report-3")), ["report-1"], "the pending one counts toward the two");
     }
 
     #[test]

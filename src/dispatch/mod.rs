@@ -952,7 +952,7 @@ impl Dispatcher {
         })
     }
 
-    /// Whether `job` is a recurring definition's job that must outlive its TTL ([`crate::recurring::kept_until`]).
+    /// Whether `job` is a recurring definition's job that must outlive its TTL ([`crate::recurring::history::kept_until`]).
     fn keeps_tick(&self, job: &BackgroundJob, now: Timestamp) -> bool {
         let Some(owner) = crate::recurring::definition_of(job) else {
             return false;
@@ -961,7 +961,7 @@ impl Dispatcher {
         let def = self.view.definitions.get(&ObjectRef::new(&owner.name).within(&ns));
         let def = def.filter(|d| d.uid().as_deref() == Some(owner.uid.as_str()));
         let (tick, kids) = (crate::recurring::tick_of(job), self.view.children.of(&owner.uid));
-        crate::recurring::kept_until(def.as_deref(), &job.name_any(), tick, &kids).is_some_and(|by| by > now)
+        crate::recurring::history::kept_until(def.as_deref(), &job.name_any(), tick, &kids).is_some_and(|by| by > now)
     }
 
     /// Delete a finished job whose retention has passed; otherwise return when to look at it again. One replica
