@@ -309,17 +309,19 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
     Ok(Requeue { max_attempts, timeout_seconds })
 }
 
-/// Re-queue a Failed or Abandoned job: extend its budget if needed (spec), then put it back to `Waiting` (status,
-/// under the resourceVersion just read).
+/// Re-queue a Failed or Abandoned job: extend its budget if needed (spec), then put it back to `Waiting` (status).
+/// Both writes are made under the resourceVersion of the job as read, so that a job that changed meanwhile (another
+/// retry re-queued it, and a replica may be running it) is left alone: the plan was made for the job as read.
 pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob> {
+    let changed = || crate::Error::Invalid(format!("{name} changed while it was being re-queued; try again"));
     let job = api.get(name).await?;
     let plan = requeue_plan(&job, Timestamp::now()).map_err(crate::Error::Invalid)?;
     let mut spec_patch = serde_json::Map::new();
-    let mut patch = serde_json::Map::new();
+    let mut metadata = serde_json::Map::new();
     if let Some(m) = plan.max_attempts {
         spec_patch.insert("retry".into(), serde_json::json!({ "maxAttempts": m }));
         let budget = retry_budget(&job, job.spec.retry.max_attempts.unwrap_or(1)).to_string();
-        patch.insert("metadata".into(), serde_json::json!({ "annotations": { RETRY_BUDGET_ANNOTATION: budget } }));
+        metadata.insert("annotations".into(), serde_json::json!({ RETRY_BUDGET_ANNOTATION: budget }));
     }
     if let Some(t) = plan.timeout_seconds {
         spec_patch.insert("timeoutSeconds".into(), t.into());
@@ -327,16 +329,19 @@ pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob
     let job = if spec_patch.is_empty() {
         job
     } else {
-        patch.insert("spec".into(), spec_patch.into());
-        api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::Value::Object(patch))).await?
+        // A resourceVersion in a merge patch is its precondition: 409 if the job is no longer the one planned for.
+        metadata.insert("resourceVersion".into(), job.metadata.resource_version.clone().unwrap_or_default().into());
+        let patch = serde_json::json!({ "metadata": metadata, "spec": spec_patch });
+        match api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await {
+            Err(e) if crate::error::api_code(&e) == Some(409) => return Err(changed()),
+            answer => answer?,
+        }
     };
     let was = job.phase();
     let mut s = job.status.as_deref().cloned().unwrap_or_default();
     let old = s.last_error.clone().unwrap_or_default();
     crate::status::reopen(&mut s, format!("re-queued by bgjobs retry (was {was}: {old})"), Timestamp::now());
-    crate::status::write_if_unchanged(api, &job, s)
-        .await?
-        .ok_or_else(|| crate::Error::Invalid(format!("{name} changed while it was being re-queued; try again")))
+    crate::status::write_if_unchanged(api, &job, s).await?.ok_or_else(changed)
 }
 
 /// Ask for a job's cancellation (`spec.cancel: true`).

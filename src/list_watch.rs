@@ -12,8 +12,9 @@
 //!   as they came are ever held whole: memory follows the slimmed cache, not the list.
 //!
 //! The watch is kube's (the request of [`Api::watch`]) from the list's resourceVersion, with bookmarks; a watch that
-//! has expired (410) lists again, any other failure watches again from where it was, and a watch silent for longer
-//! than its own timeout (a connection that died without a word) is replaced, as kube's watcher does.
+//! has expired (410) lists again, no older than what it last saw ([`ListFrom`]: with several apiservers, an older
+//! list would show a running job as deleted), any other failure watches again from where it was, and a watch silent
+//! for longer than its own timeout (a connection that died without a word) is replaced, as kube's watcher does.
 //!
 //! Each object, listed or in an event, is decoded once from its text, straight into its type, without its managed
 //! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
@@ -57,8 +58,39 @@ const IN_FLIGHT: usize = 1024;
 const WATCH_SILENCE: Duration = Duration::from_secs(295);
 
 /// The list request: everything in scope, from the watch cache, one response.
-pub fn list_query(resource_url: &str) -> String {
-    format!("{resource_url}?resourceVersion=0&resourceVersionMatch=NotOlderThan")
+fn list_query(resource_url: &str, from: &ListFrom) -> String {
+    match from {
+        ListFrom::Any => format!("{resource_url}?resourceVersion=0&resourceVersionMatch=NotOlderThan"),
+        ListFrom::NotOlderThan(rv) => format!("{resource_url}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
+        ListFrom::Quorum => resource_url.to_string(),
+    }
+}
+
+/// How fresh a list must be.
+///
+/// The first list takes whatever the apiserver's watch cache holds (`resourceVersion=0`). A list after the stream
+/// has seen a version must be at least as new as that one: with several apiservers, whose watch caches may lag each
+/// other, "any version" can be older than what was seen, and a job missing from an older list would be taken as
+/// deleted (a running attempt stopped). An apiserver whose cache is behind that version waits for it a few seconds,
+/// then answers "Too large resource version": the list after that is a quorum read from etcd, as client-go does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListFrom {
+    /// Any version, from the watch cache: a first list.
+    Any,
+    /// This version or a newer one, from the watch cache: a list after the stream has seen this version.
+    NotOlderThan(String),
+    /// The latest version, read from etcd: after an apiserver could not serve a version as new as the one seen.
+    Quorum,
+}
+
+impl ListFrom {
+    /// How to list after a list from here failed with `e`.
+    fn after_failure(&self, e: &kube::Error) -> ListFrom {
+        match self {
+            ListFrom::NotOlderThan(_) if gone(e) || too_large(e) => ListFrom::Quorum,
+            other => other.clone(),
+        }
+    }
 }
 
 /// Events for `api`'s objects: a list, then a watch, each object through `modify` before it is passed on.
@@ -69,7 +101,7 @@ pub fn list_watch<K>(
 where
     K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
-    futures::stream::unfold(State::List, move |state| {
+    futures::stream::unfold(State::List(ListFrom::Any), move |state| {
         let api = api.clone();
         let modify = modify.clone();
         async move { Some(step(&api, &modify, state).await) }
@@ -77,7 +109,7 @@ where
 }
 
 enum State<K> {
-    List,
+    List(ListFrom),
     Listing {
         items: mpsc::Receiver<K>,
         parser: JoinHandle<Result<String, kube::Error>>,
@@ -85,6 +117,7 @@ enum State<K> {
         asked: Instant,
         answered: f64,
         count: usize,
+        from: ListFrom,
     },
     Watch {
         resource_version: String,
@@ -105,16 +138,19 @@ where
 {
     loop {
         state = match state {
-            State::List => match (Instant::now(), start_list(api, modify.clone()).await) {
+            State::List(from) => match (Instant::now(), start_list(api, &from, modify.clone()).await) {
                 (asked, Ok((items, parser))) => {
                     let answered = asked.elapsed().as_secs_f64();
-                    return (Ok(Event::Init), State::Listing { items, parser, asked, answered, count: 0 });
+                    return (Ok(Event::Init), State::Listing { items, parser, asked, answered, count: 0, from });
                 }
-                (_, Err(e)) => return (Err(watcher::Error::InitialListFailed(e)), State::List),
+                (_, Err(e)) => {
+                    let next = State::List(from.after_failure(&e));
+                    return (Err(watcher::Error::InitialListFailed(e)), next);
+                }
             },
-            State::Listing { mut items, parser, asked, answered, count } => match items.recv().await {
+            State::Listing { mut items, parser, asked, answered, count, from } => match items.recv().await {
                 Some(item) => {
-                    let next = State::Listing { items, parser, asked, answered, count: count + 1 };
+                    let next = State::Listing { items, parser, asked, answered, count: count + 1, from };
                     return (Ok(Event::InitApply(item)), next);
                 }
                 None => match parser.await {
@@ -130,17 +166,21 @@ where
                         );
                         return (Ok(Event::InitDone), State::Watch { resource_version });
                     }
-                    Ok(Err(e)) => return (Err(watcher::Error::InitialListFailed(e)), State::List),
+                    Ok(Err(e)) => return (Err(watcher::Error::InitialListFailed(e)), State::List(from)),
                     Err(join) => {
                         let e = kube::Error::Service(Box::new(join));
-                        return (Err(watcher::Error::InitialListFailed(e)), State::List);
+                        return (Err(watcher::Error::InitialListFailed(e)), State::List(from));
                     }
                 },
             },
             State::Watch { resource_version } => match watch(api, &resource_version).await {
                 Ok(events) => State::Watching { resource_version, events: events.boxed() },
                 Err(e) => {
-                    let next = if gone(&e) { State::List } else { State::Watch { resource_version } };
+                    let next = if gone(&e) {
+                        State::List(ListFrom::NotOlderThan(resource_version))
+                    } else {
+                        State::Watch { resource_version }
+                    };
                     return (Err(watcher::Error::WatchStartFailed(e)), next);
                 }
             },
@@ -160,8 +200,11 @@ where
                     }
                     Some(Ok(WatchEvent::Error(status))) => {
                         // 410 Gone: the watch cache no longer has this resourceVersion; only a new list catches up.
-                        let next =
-                            if status.code == 410 { State::List } else { State::Watching { resource_version, events } };
+                        let next = if status.code == 410 {
+                            State::List(ListFrom::NotOlderThan(resource_version))
+                        } else {
+                            State::Watching { resource_version, events }
+                        };
                         return (Err(watcher::Error::WatchError(status)), next);
                     }
                     Some(Err(e)) => {
@@ -293,17 +336,23 @@ fn gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 410)
 }
 
+/// An apiserver's answer that its watch cache is not yet as new as the version asked for (it waited 3 s for it).
+fn too_large(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 504 && s.message.contains("Too large resource version"))
+}
+
 /// Sends the list request and, once the apiserver answers, parses its body on a blocking thread, item by item, into
 /// a small channel. The parser's result is the list's resourceVersion.
 async fn start_list<K>(
     api: &Api<K>,
+    from: &ListFrom,
     modify: impl Fn(&mut K) + Send + 'static,
 ) -> Result<(mpsc::Receiver<K>, JoinHandle<Result<String, kube::Error>>), kube::Error>
 where
     K: Unreadable + Clone + Send + 'static,
 {
     let request =
-        http::Request::get(list_query(api.resource_url())).body(Vec::new()).map_err(kube::Error::HttpError)?;
+        http::Request::get(list_query(api.resource_url(), from)).body(Vec::new()).map_err(kube::Error::HttpError)?;
     let body = api.clone().into_client().request_stream(request).await?;
     let body = tokio_util::io::SyncIoBridge::new(body.compat());
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
@@ -446,8 +495,8 @@ mod tests {
         assert_eq!(n, 1, "no item after the first refusal");
     }
 
-    /// A scripted apiserver for the stream's requests: `lists` answer list requests in turn, `watches` answer watch
-    /// requests in turn (each a body of watch events, one per line; an empty body once they run out). Records every
+    /// A scripted apiserver for the stream's requests: `lists` answer list requests in turn (a `Status` with its
+    /// code), `watches` answer watch requests in turn (each a body of watch events, one per line; an empty body once they run out). Records every
     /// request's URI.
     fn scripted_apiserver(
         lists: Vec<serde_json::Value>,
@@ -462,12 +511,16 @@ mod tests {
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
             let uri = request.uri().to_string();
             seen.lock().unwrap().push(uri.clone());
-            let body = if uri.contains("watch=true") {
-                watches.lock().unwrap().pop_front().unwrap_or_default().into_bytes()
+            let (code, body) = if uri.contains("watch=true") {
+                (200, watches.lock().unwrap().pop_front().unwrap_or_default().into_bytes())
             } else {
-                serde_json::to_vec(&lists.lock().unwrap().pop_front().expect("a list to answer")).unwrap()
+                let answer = lists.lock().unwrap().pop_front().expect("a list to answer");
+                let code = if answer["kind"] == "Status" { answer["code"].as_u64().unwrap() as u16 } else { 200 };
+                (code, serde_json::to_vec(&answer).unwrap())
             };
-            async move { Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::from(body))) }
+            let mut response = http::Response::new(kube::client::Body::from(body));
+            *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            async move { Ok::<_, std::convert::Infallible>(response) }
         });
         (Api::namespaced(kube::Client::new(service, "ns"), "ns"), asked)
     }
@@ -526,7 +579,69 @@ mod tests {
         assert_eq!(query(0), "resourceVersion=0&resourceVersionMatch=NotOlderThan");
         assert!(query(1).contains("watch=true") && query(1).contains("resourceVersion=10"), "{}", query(1));
         assert!(query(2).contains("watch=true") && query(2).contains("resourceVersion=15"), "{}", query(2));
-        assert_eq!(query(3), "resourceVersion=0&resourceVersionMatch=NotOlderThan");
+        // The list after the expired watch is no older than what the stream last saw (the deletion, at 16).
+        assert_eq!(query(3), "resourceVersion=16&resourceVersionMatch=NotOlderThan");
+    }
+
+    /// With several apiservers, "any version" may be older than what the stream has seen already, and a running job
+    /// missing from that list would be taken as deleted. So after the stream has seen version 16, a list must be no
+    /// older; an apiserver whose cache cannot serve that says "Too large resource version", and the next list is a
+    /// quorum read. A list that failed otherwise (the network) is asked again as it was.
+    #[tokio::test]
+    async fn a_list_after_a_version_was_seen_is_no_older_than_it_and_a_cache_that_cannot_serve_that_leads_to_a_quorum_read()
+     {
+        let expired = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": "too old resource version: 15 (18)", "reason": "Expired", "code": 410});
+        let too_large = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": "Timeout: Too large resource version: 16, current: 14", "reason": "Timeout", "code": 504,
+            "details": {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]}});
+        let unavailable = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": "the server is currently unable to handle the request", "reason": "ServiceUnavailable",
+            "code": 503});
+        let (api, asked) = scripted_apiserver(
+            vec![
+                list(vec![job("a", "3")], "10"),
+                unavailable.clone(),
+                too_large,
+                unavailable,
+                list(vec![job("a", "16")], "20"),
+            ],
+            vec![event("MODIFIED", job("a", "16")) + &event("ERROR", expired)],
+        );
+        let seen: Vec<String> = list_watch(api, |_: &mut BackgroundJob| {})
+            .take(10)
+            .map(|e| match e {
+                Ok(Event::Init) => "init".to_string(),
+                Ok(Event::InitApply(j)) => format!("init-apply {} {}", j.name_any(), j.resource_version().unwrap()),
+                Ok(Event::InitDone) => "init-done".into(),
+                Ok(Event::Apply(j)) => format!("apply {} {}", j.name_any(), j.resource_version().unwrap()),
+                Ok(Event::Delete(j)) => format!("delete {}", j.name_any()),
+                Err(_) => "error".into(),
+            })
+            .collect()
+            .await;
+        let expected = [
+            "init",
+            "init-apply a 3",
+            "init-done",
+            "apply a 16",
+            "error",
+            "error",
+            "error",
+            "error",
+            "init",
+            "init-apply a 16",
+        ];
+        assert_eq!(seen, expected);
+        let asked = asked.lock().unwrap();
+        let lists: Vec<String> = asked
+            .iter()
+            .filter(|u| !u.contains("watch=true"))
+            .map(|u| u.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default())
+            .collect();
+        let no_older = "resourceVersion=16&resourceVersionMatch=NotOlderThan";
+        let first = "resourceVersion=0&resourceVersionMatch=NotOlderThan";
+        assert_eq!(lists, [first, no_older, no_older, "", ""], "503: asked again; 504 too large: quorum");
     }
 
     /// A watch whose connection stays open but says nothing more after its first event (it died without a word)
@@ -723,8 +838,12 @@ mod tests {
 
     #[test]
     fn the_list_is_asked_of_the_watch_cache_in_one_response() {
-        let q = list_query("/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs");
+        let url = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
+        let q = list_query(url, &ListFrom::Any);
         assert!(q.ends_with("backgroundjobs?resourceVersion=0&resourceVersionMatch=NotOlderThan"), "{q}");
         assert!(!q.contains("limit"));
+        let q = list_query(url, &ListFrom::NotOlderThan("42".into()));
+        assert!(q.ends_with("backgroundjobs?resourceVersion=42&resourceVersionMatch=NotOlderThan"), "{q}");
+        assert_eq!(list_query(url, &ListFrom::Quorum), url, "no resourceVersion: the latest, from etcd");
     }
 }

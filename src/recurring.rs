@@ -1053,7 +1053,16 @@ pub(crate) mod tests {
 
     pub(crate) fn finished(name: &str, phase: Phase, completed: i64) -> Child {
         let uid = format!("uid-{name}");
-        Child { name: name.into(), uid, phase, completed: Some(t(completed)), tick: None, created: None }
+        let resource_version = "1".to_string();
+        Child {
+            name: name.into(),
+            uid,
+            resource_version,
+            phase,
+            completed: Some(t(completed)),
+            tick: None,
+            created: None,
+        }
     }
 
     #[test]

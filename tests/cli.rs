@@ -58,6 +58,48 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
     assert!(!ok && err.contains("missing-job"), "{err}");
 }
 
+/// Two retries of one failed job at once. Retry B reads the job (Failed, its budget spent) and its answer is held on
+/// the way; retry A re-queues the job and a replica starts attempt 2. When B goes on, its plan (a new budget, then
+/// back to `Waiting`) is for a job that no longer is: it must be refused, and attempt 2 left alone. Before, B's spec
+/// patch carried no precondition, and its status write went under the patch's answer: the running job went back to
+/// `Waiting`, and attempt 3 was claimed while attempt 2 still ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_read_the_job_before_another_retry_requeued_it_is_refused_and_the_running_attempt_left_alone() {
+    let env = TestEnv::new("cli-retry-race").await;
+    let _r = env.replica_with("r", &[], &common::ReplicaOptions { test_worker: true, ..Default::default() });
+    let args = json!({"ms": 10_000, "fail_until_attempt": 2});
+    env.create("flaky", json!({"jobName": "record", "args": args, "retry": {"maxAttempts": 1}})).await;
+    env.wait_job("flaky", Duration::from_secs(90), "Failed", |j| j.phase() == Phase::Failed).await;
+
+    // Retry B's client goes through a proxy, its connection open before the proxy holds the answers.
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let kubeconfig = kube::config::Kubeconfig::read_from(proxy.kubeconfig(&env.dir)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+    let through_proxy: kube::Api<BackgroundJob> =
+        kube::Api::namespaced(kube::Client::try_from(config).unwrap(), &env.ns);
+    through_proxy.get("flaky").await.unwrap();
+    proxy.hold_downstream();
+    let retry_b = tokio::spawn(async move { bgjobs::jobs::retry(&through_proxy, "flaky").await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!retry_b.is_finished(), "retry B's read was not held");
+
+    bgjobs::jobs::retry(&env.jobs, "flaky").await.expect("retry A");
+    let running =
+        env.wait_job("flaky", MINUTE, "attempt 2 running", |j| j.phase() == Phase::Running && j.attempts() == 2).await;
+    proxy.release_downstream();
+    let b = tokio::time::timeout(MINUTE, retry_b).await.expect("retry B answered").unwrap();
+    let err = b.expect_err("retry B re-queued a job that another retry had re-queued and a replica was running");
+    assert!(err.to_string().contains("changed while it was being re-queued"), "{err}");
+
+    let now = env.jobs.get("flaky").await.unwrap();
+    assert_eq!((now.phase(), now.attempts()), (Phase::Running, 2), "attempt 2 is left running");
+    assert_eq!(now.spec.retry.max_attempts, running.spec.retry.max_attempts, "no second budget");
+    let done = env.wait_job("flaky", MINUTE, "attempt 2 done", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 2));
+    let starts = env.invocations().into_iter().filter(|l| l.ev == "start").count();
+    assert_eq!(starts, 2, "one start per attempt");
+}
+
 /// A finished job as stored keeps who ran it and a `Finished` condition, not its Lease's name or a `Running`
 /// condition (what the apiserver holds for every finished job until retention deletes it).
 fn assert_finished_shape(job: &BackgroundJob) {

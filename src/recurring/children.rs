@@ -19,6 +19,9 @@ pub struct Child {
     pub name: String,
     /// The job's UID (a history delete names it, so it never removes a newer job of the same name).
     pub uid: String,
+    /// The job's resourceVersion (a history delete names it too, so it never removes the job changed since it was
+    /// judged: re-queued by `bgjobs retry`, say).
+    pub resource_version: String,
     /// The job's phase.
     pub phase: Phase,
     /// When it finished, if it did.
@@ -36,6 +39,7 @@ impl Child {
         let child = Child {
             name: job.name_any(),
             uid: job.uid().unwrap_or_default(),
+            resource_version: job.resource_version().unwrap_or_default(),
             phase: job.phase(),
             completed: job.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|t| t.0),
             tick: super::tick_of(job),

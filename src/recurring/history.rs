@@ -122,8 +122,9 @@ pub fn to_trim<'a>(
 }
 
 /// Delete the children [`to_trim`] says; returns when to look again for those kept for now. Each delete names the
-/// job's UID, so it never removes a newer job that took the name (a cache that still shows a deleted job must not
-/// cost its successor).
+/// job's UID and resourceVersion as judged, so it never removes a newer job that took the name (a cache that still
+/// shows a deleted job must not cost its successor), nor one changed since (a finished job `bgjobs retry` put back in
+/// the queue, and maybe running: it is no longer history).
 pub(super) async fn trim_history(
     jobs: &Api<BackgroundJob>,
     def: &RecurringBackgroundJob,
@@ -132,7 +133,8 @@ pub(super) async fn trim_history(
 ) -> Option<Duration> {
     let (old_jobs, again) = to_trim(def, kids, now);
     for old in old_jobs {
-        let preconditions = Preconditions { uid: Some(old.uid.clone()), resource_version: None };
+        let preconditions =
+            Preconditions { uid: Some(old.uid.clone()), resource_version: Some(old.resource_version.clone()) };
         let params = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
         if let Err(e) = jobs.delete(&old.name, &params).await
             && !matches!(api_code(&e), Some(404) | Some(409))
@@ -211,6 +213,38 @@ mod tests {
         claim(claimed.status.as_mut().unwrap(), t(60), Some("report-60"), None);
         assert!(keeps_tick(Some(&claimed), Some(t(30))) && keeps_tick(Some(&claimed), Some(t(60))));
         assert!(!keeps_tick(Some(&claimed), Some(t(2))), "the job of the tick it replaced goes, as before");
+    }
+
+    /// Each history delete names the job's UID and its resourceVersion as judged: a job re-queued since (`bgjobs
+    /// retry`) is no longer history, and the apiserver refuses the delete (409) instead of removing a running job.
+    #[tokio::test]
+    async fn a_history_delete_is_made_only_of_the_job_as_judged() {
+        use std::sync::{Arc, Mutex};
+        let bodies: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+        let seen = bodies.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect_bytes().await.unwrap();
+                let body = serde_json::from_slice(&body).unwrap_or_default();
+                seen.lock().unwrap().push((format!("{} {}", parts.method, parts.uri.path()), body));
+                let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "Conflict", "code": 409, "message": "Precondition failed"});
+                let mut response =
+                    http::Response::new(kube::client::Body::from(serde_json::to_vec(&conflict).unwrap()));
+                *response.status_mut() = http::StatusCode::CONFLICT;
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let jobs: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        let none = with_last(def("* * * * *", serde_json::json!({"failedJobsHistoryLimit": 0})), 60);
+        let kids = vec![Child { resource_version: "41".into(), ..finished("report-1", Phase::Failed, 1) }];
+        assert_eq!(trim_history(&jobs, &none, &kids, t(61)).await, None);
+        let bodies = bodies.lock().unwrap();
+        assert_eq!(bodies.len(), 1, "{bodies:?}");
+        assert_eq!(bodies[0].0, "DELETE /apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs/report-1");
+        assert_eq!(bodies[0].1["preconditions"], serde_json::json!({"uid": "uid-report-1", "resourceVersion": "41"}));
     }
 
     #[test]
