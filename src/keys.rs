@@ -105,10 +105,12 @@ pub fn key_lease_state(
     }
     let attempt: i32 = lease::annotation(l, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
     // An owner missing from this replica's cache may be deleted, or may not have reached the cache yet (watch lag):
-    // only the time rule can tell, so such a Lease is judged like any other held one.
+    // only the time rule can tell, so such a Lease is judged like any other held one. So is a Lease of an attempt
+    // later than the owner as cached: the owner was re-queued (`bgjobs retry` of a finished job, a retry of a waiting
+    // one) and claimed since, and the cache lags.
     let owner_done = match owner {
         None => false,
-        Some(o) => o.phase().is_final() || (o.phase() == Phase::Waiting && attempt <= o.attempts()),
+        Some(o) => attempt <= o.attempts() && (o.phase().is_final() || o.phase() == Phase::Waiting),
     };
     if owner_done || lease::holder(l).is_none() {
         LeaseState::Leftover
@@ -241,6 +243,22 @@ mod tests {
         // Deleted, or not in this replica's cache yet: only the time rule can tell.
         assert_eq!(key_lease_state(&me, Some(&l), None, Duration::ZERO, &T), LeaseState::Live);
         assert_eq!(key_lease_state(&me, Some(&l), None, Duration::from_secs(3), &T), LeaseState::Expired);
+    }
+
+    #[test]
+    fn a_key_lease_of_an_attempt_later_than_its_finished_owner_as_cached_is_waited_out_not_taken() {
+        // `other` failed at attempt 1 as this replica last saw it; `bgjobs retry` re-queued it since, and attempt 2
+        // holds the key: this replica's job watch lags its Lease watch.
+        let me = job("me", "k", 2, None, false);
+        let failed = job("other", "k", 1, Some(Phase::Failed), false);
+        let l = key_lease("other", 2);
+        assert_eq!(key_lease_state(&me, Some(&l), Some(&failed), Duration::ZERO, &T), LeaseState::Live);
+        assert_eq!(key_lease_state(&me, Some(&l), Some(&failed), Duration::from_secs(3), &T), LeaseState::Expired);
+        assert_eq!(
+            key_lease_state(&me, Some(&key_lease("other", 1)), Some(&failed), Duration::ZERO, &T),
+            LeaseState::Leftover,
+            "the attempt it finished with: a leftover"
+        );
     }
 
     #[test]
