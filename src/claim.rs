@@ -262,15 +262,16 @@ async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseT
 }
 
 /// Give back the extra Leases of a claim that was lost. A cluster slot is left vacant, never deleted (an absent slot
-/// is waited out for a lease duration); the slot of a failed adoption is kept but disowned, because the attempt's
-/// Pod still runs under it and its next adopter takes it over once it has aged a lease duration.
+/// is waited out for a lease duration), and a key Lease deleted. Those of a failed adoption, slot and key alike, are
+/// kept but disowned: the attempt's Pod still runs under them, and its next adopter takes them over once they have
+/// aged a lease duration.
 async fn release_all(held: &[(Api<Lease>, Held)], adoption: bool) {
     for (api, h) in held {
         let slot = h.lease.labels().contains_key(crate::limits::SLOT_LABEL);
-        let given_back = match (slot, adoption) {
-            (true, true) => lease::disown(api, &h.lease).await,
-            (true, false) => lease::vacate(api, &h.lease).await,
-            (false, _) => lease::release(api, &h.lease).await,
+        let given_back = match (adoption, slot) {
+            (true, _) => lease::disown(api, &h.lease).await,
+            (false, true) => lease::vacate(api, &h.lease).await,
+            (false, false) => lease::release(api, &h.lease).await,
         };
         if let Err(e) = given_back {
             tracing::warn!(error = %e, lease = %h.lease.name_any(), "could not give back a lease; it expires on its own");
@@ -421,7 +422,12 @@ async fn claim_job(
             tenure: claimant.tenure.clone(),
         }))),
         Ok(None) => {
-            lease::release(leases, &acquired.lease).await?;
+            // An adopted attempt's Pod runs on: its claim stays, disowned, for its next adopter (as its extras do).
+            if adopts(job) {
+                lease::disown(leases, &acquired.lease).await?;
+            } else {
+                lease::release(leases, &acquired.lease).await?;
+            }
             Ok(ClaimOutcome::Lost(LostAt::JobChanged))
         }
         Err(e) => {
@@ -541,6 +547,59 @@ async fn disown_quietly(leases: &Api<Lease>, lease: &Lease) {
 mod tests {
     use super::*;
     use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
+
+    /// What giving back a lost claim's extras asks of the apiserver, by Lease: a replace (vacate or disown, with
+    /// its holder as written) or a delete.
+    async fn given_back(adoption: bool) -> Vec<(String, String, Option<String>)> {
+        use std::sync::{Arc, Mutex};
+        let asked: Arc<Mutex<Vec<(String, String, Option<String>)>>> = Arc::default();
+        let seen = asked.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect_bytes().await.unwrap();
+                let sent: Option<Lease> = serde_json::from_slice(&body).ok();
+                let holder = sent.as_ref().and_then(|l| crate::lease::holder(l).map(str::to_string));
+                let name = parts.uri.path().rsplit('/').next().unwrap().to_string();
+                seen.lock().unwrap().push((parts.method.to_string(), name, holder));
+                let answer = sent.map(|l| serde_json::to_vec(&l).unwrap()).unwrap_or_else(|| {
+                    serde_json::to_vec(&serde_json::json!({"kind": "Status", "status": "Success"})).unwrap()
+                });
+                Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::from(answer)))
+            }
+        });
+        let api: Api<Lease> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        let lease = |name: &str, label: &str| Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                resource_version: Some("7".into()),
+                labels: Some([(label.to_string(), "true".to_string())].into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec { holder_identity: Some("w".into()), ..Default::default() }),
+        };
+        let held = vec![
+            (
+                api.clone(),
+                Held { lease: lease("slot-0", crate::limits::SLOT_LABEL), written_at: std::time::Instant::now() },
+            ),
+            (api, Held { lease: lease("key-k", "bgjobs.dev/key"), written_at: std::time::Instant::now() }),
+        ];
+        release_all(&held, adoption).await;
+        let asked = asked.lock().unwrap().clone();
+        asked
+    }
+
+    #[tokio::test]
+    async fn a_lost_claims_slot_is_vacated_and_its_key_deleted_but_a_failed_adoption_keeps_both_disowned() {
+        let w = Some("w".to_string());
+        let lost = given_back(false).await;
+        assert_eq!(lost, [("PUT".into(), "slot-0".into(), None), ("DELETE".into(), "key-k".into(), None)]);
+        // The adopted attempt's Pod still runs: its next adopter takes both over once they have aged.
+        let adoption = given_back(true).await;
+        assert_eq!(adoption, [("PUT".into(), "slot-0".into(), w.clone()), ("PUT".into(), "key-k".into(), w)]);
+    }
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use kube::api::ObjectMeta;
 
