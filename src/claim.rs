@@ -587,8 +587,7 @@ mod tests {
             (api, Held { lease: lease("key-k", "bgjobs.dev/key"), written_at: std::time::Instant::now() }),
         ];
         release_all(&held, adoption).await;
-        let asked = asked.lock().unwrap().clone();
-        asked
+        asked.lock().unwrap().clone()
     }
 
     #[tokio::test]
