@@ -548,11 +548,14 @@ mod tests {
     use super::*;
     use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
 
+    /// A request to the apiserver: its method, the Lease's name, and the holder the Lease sent names.
+    type Asked = (String, String, Option<String>);
+
     /// What giving back a lost claim's extras asks of the apiserver, by Lease: a replace (vacate or disown, with
     /// its holder as written) or a delete.
-    async fn given_back(adoption: bool) -> Vec<(String, String, Option<String>)> {
+    async fn given_back(adoption: bool) -> Vec<Asked> {
         use std::sync::{Arc, Mutex};
-        let asked: Arc<Mutex<Vec<(String, String, Option<String>)>>> = Arc::default();
+        let asked: Arc<Mutex<Vec<Asked>>> = Arc::default();
         let seen = asked.clone();
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
             let seen = seen.clone();
