@@ -68,6 +68,10 @@ struct ControlState {
     /// for the answer under its own claim, and the job stays `Running` meanwhile, so a new leader starts nothing
     /// beside it (see `Dispatcher::pass`).
     out_of_reach: bool,
+    /// A cancellation or deletion waits for the answer of the attempt's work, out of reach, rather than cut it off:
+    /// an HTTP request whose answer is the outcome (not one handing out a report URL, whose worker learns of a
+    /// cancellation from its next report's 409).
+    stop_awaits_answer: bool,
 }
 
 impl AttemptControl {
@@ -92,8 +96,9 @@ impl AttemptControl {
 
     /// Just before the attempt's work starts: `Some(reason)` if it must not start (this replica is shutting down,
     /// or the leadership it was claimed under has ended), else mark it `out_of_reach` if its work leaves the
-    /// process. A cancellation or deletion is not refused here: the attempt then ends as such at once.
-    fn begin(&self, out_of_reach: bool) -> Option<StopReason> {
+    /// process, and whether a later cancellation or deletion waits for its answer (`stop_awaits_answer`). A
+    /// cancellation or deletion is not refused here: the attempt then ends as such at once.
+    fn begin(&self, out_of_reach: bool, stop_awaits_answer: bool) -> Option<StopReason> {
         let mut state = self.state();
         if let Some(reason @ (StopReason::Shutdown | StopReason::NotLeader)) = state.reason {
             return Some(reason);
@@ -102,6 +107,7 @@ impl AttemptControl {
             return Some(StopReason::NotLeader);
         }
         state.out_of_reach = out_of_reach && state.reason.is_none();
+        state.stop_awaits_answer = state.out_of_reach && stop_awaits_answer;
         None
     }
 
@@ -129,11 +135,23 @@ impl AttemptControl {
         }
     }
 
-    /// Stop the attempt; the first reason given wins.
+    /// Stop the attempt; the first reason given wins. A cancellation or a deletion of an attempt whose work is out of
+    /// reach and answers with its outcome (an HTTP request sent) waits for that answer, within the attempt's limit:
+    /// closing the connection would not stop the endpoint, and the attempt's cluster slot and concurrency key would
+    /// go to another job while it still works. An answer that is a success is kept (the work is done); any other is
+    /// recorded as the stop.
     pub fn stop(&self, reason: StopReason) {
-        self.state().reason.get_or_insert(reason);
+        let mut state = self.state();
+        let first = state.reason.is_none();
+        state.reason.get_or_insert(reason);
         if reason == StopReason::Shutdown {
             self.shutdown.cancel();
+        }
+        if state.stop_awaits_answer && matches!(reason, StopReason::Cancelled | StopReason::Deleted) {
+            if first {
+                info!(?reason, "the attempt's request is out of reach: waiting for its answer before it ends");
+            }
+            return;
         }
         self.token.cancel();
     }
@@ -304,7 +322,7 @@ async fn run_claimed(
     let cluster_now = || worker.clock.now();
     let overdue =
         executor::pod::Overdue { after: worker.timing.duration, now: &cluster_now, report: &tell_not_stopping };
-    let ending = if let Some(reason) = control.begin(job.spec.http.is_some()) {
+    let ending = if let Some(reason) = control.begin(job.spec.http.is_some(), !report.hands_out()) {
         Ending::NotStarted(reason)
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
@@ -642,16 +660,16 @@ mod tests {
     fn a_leadership_lost_before_the_work_starts_stops_it_and_one_lost_after_an_http_request_left_does_not() {
         let before = AttemptControl::default();
         before.leadership_ended();
-        assert_eq!(before.begin(true), Some(StopReason::NotLeader), "nothing may start once the leadership ended");
+        assert_eq!(before.begin(true, true), Some(StopReason::NotLeader), "nothing may start once the leadership ended");
 
         let sent = AttemptControl::default();
-        assert_eq!(sent.begin(true), None);
+        assert_eq!(sent.begin(true, true), None);
         sent.leadership_ended();
         assert!(!sent.token.is_cancelled() && sent.reason().is_none(), "a sent request is waited for");
         assert!(sent.leading());
 
         let local = AttemptControl::default();
-        assert_eq!(local.begin(false), None);
+        assert_eq!(local.begin(false, false), None);
         local.leadership_ended();
         assert!(local.token.is_cancelled() && local.reason() == Some(StopReason::NotLeader), "local work is stopped");
     }
@@ -660,11 +678,35 @@ mod tests {
     fn a_shutdown_before_the_work_starts_hands_it_back_unstarted_and_a_cancellation_ends_it_unsent() {
         let shutdown = AttemptControl::default();
         shutdown.stop(StopReason::Shutdown);
-        assert_eq!(shutdown.begin(true), Some(StopReason::Shutdown));
+        assert_eq!(shutdown.begin(true, true), Some(StopReason::Shutdown));
 
         let cancelled = AttemptControl::default();
         cancelled.stop(StopReason::Cancelled);
-        assert_eq!(cancelled.begin(true), None, "it ends as cancelled, at once");
+        assert_eq!(cancelled.begin(true, true), None, "it ends as cancelled, at once");
         assert!(!cancelled.out_of_reach(), "and nothing was sent that could run on");
+    }
+
+    #[test]
+    fn a_cancellation_or_deletion_waits_for_a_sent_requests_answer_but_not_for_a_worker_that_reports() {
+        for reason in [StopReason::Cancelled, StopReason::Deleted] {
+            let sent = AttemptControl::default();
+            assert_eq!(sent.begin(true, true), None);
+            sent.stop(reason);
+            assert!(!sent.token.is_cancelled(), "{reason:?}: the request is not cut off, its answer is waited for");
+            assert_eq!(sent.reason(), Some(reason), "and the stop is what the attempt ends as");
+            sent.stop(StopReason::Shutdown);
+            assert!(sent.token.is_cancelled(), "a shutdown meanwhile ends the wait");
+
+            // A request handing out a report URL: its worker learns of the stop from its next report (409).
+            let reporting = AttemptControl::default();
+            assert_eq!(reporting.begin(true, false), None);
+            reporting.stop(reason);
+            assert!(reporting.token.is_cancelled(), "{reason:?}");
+
+            let local = AttemptControl::default();
+            assert_eq!(local.begin(false, true), None);
+            local.stop(reason);
+            assert!(local.token.is_cancelled(), "{reason:?}: work in this process is stopped at once");
+        }
     }
 }

@@ -246,6 +246,37 @@ async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_http_job_keeps_its_concurrency_key_until_its_request_is_answered() {
+    let env = TestEnv::new("cancel-http").await;
+    // Each request works 6 s. Before the fix a cancel closed the connection, recorded the job Cancelled and gave its
+    // key to the next job at once, whose request then ran at the endpoint beside the first one, still working.
+    let endpoint = SlowEndpoint::start(6).await;
+    let _r = env.replica("r", &[]);
+    for i in 0..2 {
+        let spec = json!({"jobName": "call", "http": {"url": endpoint.url}, "concurrencyKey": "k"});
+        env.create(&format!("call-{i}"), spec).await;
+    }
+    let deadline = std::time::Instant::now() + MINUTE;
+    while endpoint.requests() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no request reached the endpoint within a minute");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running = env.wait_until(MINUTE, "one job running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running));
+    let first = running.await.into_iter().find(|j| j.phase() == Phase::Running).unwrap();
+    bgjobs::jobs::cancel(&env.jobs, &first.name_any()).await.unwrap();
+    let jobs =
+        env.wait_until(MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()));
+    let jobs = jobs.await;
+    assert_eq!(endpoint.in_flight_ever(), 1, "the next job of the key was sent while the cancelled one still ran");
+    let per_job = endpoint.per_job.lock().unwrap().clone();
+    assert!(per_job.len() == 2 && per_job.values().all(|&n| n == 1), "requests per job: {per_job:?}");
+    // The cancelled job's request was answered 200: the work is done, and it is recorded as done.
+    let cancelled = jobs.iter().find(|j| j.name_any() == first.name_any()).unwrap();
+    assert_eq!((cancelled.phase(), cancelled.attempts()), (Phase::Succeeded, 1));
+    assert!(jobs.iter().all(|j| j.phase() == Phase::Succeeded && j.attempts() == 1), "{}", common::summary(&jobs));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leftover_lease_of_a_deleted_job_is_reowned_by_the_new_job_of_the_same_name() {
     let env = TestEnv::new("reowned").await;
     // A leftover claim Lease, owned by a job that no longer exists (as after a delete the GC has not caught up
