@@ -660,7 +660,11 @@ mod tests {
     fn a_leadership_lost_before_the_work_starts_stops_it_and_one_lost_after_an_http_request_left_does_not() {
         let before = AttemptControl::default();
         before.leadership_ended();
-        assert_eq!(before.begin(true, true), Some(StopReason::NotLeader), "nothing may start once the leadership ended");
+        assert_eq!(
+            before.begin(true, true),
+            Some(StopReason::NotLeader),
+            "nothing may start once the leadership ended"
+        );
 
         let sent = AttemptControl::default();
         assert_eq!(sent.begin(true, true), None);
