@@ -68,7 +68,7 @@ struct ControlState {
     /// for the answer under its own claim, and the job stays `Running` meanwhile, so a new leader starts nothing
     /// beside it (see `Dispatcher::pass`).
     out_of_reach: bool,
-    /// A cancellation or deletion waits for the answer of the attempt's work, out of reach, rather than cut it off:
+    /// A cancellation waits for the answer of the attempt's work, out of reach, rather than cut it off:
     /// an HTTP request whose answer is the outcome (not one handing out a report URL, whose worker learns of a
     /// cancellation from its next report's 409).
     stop_awaits_answer: bool,
@@ -135,11 +135,12 @@ impl AttemptControl {
         }
     }
 
-    /// Stop the attempt; the first reason given wins. A cancellation or a deletion of an attempt whose work is out of
-    /// reach and answers with its outcome (an HTTP request sent) waits for that answer, within the attempt's limit:
-    /// closing the connection would not stop the endpoint, and the attempt's cluster slot and concurrency key would
-    /// go to another job while it still works. An answer that is a success is kept (the work is done); any other is
-    /// recorded as the stop.
+    /// Stop the attempt; the first reason given wins. A cancellation of an attempt whose work is out of reach and
+    /// answers with its outcome (an HTTP request sent) waits for that answer, within the attempt's limit: closing the
+    /// connection would not stop the endpoint, and the attempt's cluster slot and concurrency key would go to another
+    /// job while it still works. An answer that is a success is kept (the work is done); any other is recorded as
+    /// the cancellation. A deletion does not wait (the job's claim Lease goes with it): its attempt ends unrecorded,
+    /// and its slot and key are left disowned, taken by others only once they have aged a lease duration.
     pub fn stop(&self, reason: StopReason) {
         let mut state = self.state();
         let first = state.reason.is_none();
@@ -147,7 +148,7 @@ impl AttemptControl {
         if reason == StopReason::Shutdown {
             self.shutdown.cancel();
         }
-        if state.stop_awaits_answer && matches!(reason, StopReason::Cancelled | StopReason::Deleted) {
+        if state.stop_awaits_answer && reason == StopReason::Cancelled {
             if first {
                 info!(?reason, "the attempt's request is out of reach: waiting for its answer before it ends");
             }
@@ -354,11 +355,18 @@ async fn run_claimed(
     };
     // An HTTP request the stop cut off before its answer came may still run at the endpoint.
     let unanswered = control.out_of_reach() && matches!(ending, Ending::Stopped(_));
+    // A cancellation waiting for that answer and cut short by a shutdown is handed over like any shutdown: recording
+    // it now would give the attempt's slot and key to others while the request may run on. The replica that takes
+    // the job over once its Leases have aged records the cancellation.
+    let ending =
+        if unanswered && control.shutdown.is_cancelled() { Ending::Stopped(StopReason::Shutdown) } else { ending };
     // A handler that noticed a stop request fails with something like "cancelled"; the stop is the real reason.
     // Only a success that raced the stop is kept: the work is done.
     let ending = match (ending, control.reason()) {
         (Ending::Finished(r @ (AttemptResult::Succeeded | AttemptResult::Reported)), _) => Ending::Finished(r),
-        (Ending::Finished(_) | Ending::AttemptTimedOut(_), Some(reason)) => Ending::Stopped(reason),
+        (Ending::Finished(_) | Ending::AttemptTimedOut(_) | Ending::DeadlineReached, Some(reason)) => {
+            Ending::Stopped(reason)
+        }
         (ending, _) => ending,
     };
     let is_pod = job.spec.template.is_some();
@@ -691,16 +699,21 @@ mod tests {
     }
 
     #[test]
-    fn a_cancellation_or_deletion_waits_for_a_sent_requests_answer_but_not_for_a_worker_that_reports() {
-        for reason in [StopReason::Cancelled, StopReason::Deleted] {
-            let sent = AttemptControl::default();
-            assert_eq!(sent.begin(true, true), None);
-            sent.stop(reason);
-            assert!(!sent.token.is_cancelled(), "{reason:?}: the request is not cut off, its answer is waited for");
-            assert_eq!(sent.reason(), Some(reason), "and the stop is what the attempt ends as");
-            sent.stop(StopReason::Shutdown);
-            assert!(sent.token.is_cancelled(), "a shutdown meanwhile ends the wait");
+    fn a_cancellation_waits_for_a_sent_requests_answer_but_not_for_a_worker_that_reports_nor_a_deletion() {
+        let sent = AttemptControl::default();
+        assert_eq!(sent.begin(true, true), None);
+        sent.stop(StopReason::Cancelled);
+        assert!(!sent.token.is_cancelled(), "the request is not cut off, its answer is waited for");
+        assert_eq!(sent.reason(), Some(StopReason::Cancelled), "and the cancellation is what the attempt ends as");
+        sent.stop(StopReason::Shutdown);
+        assert!(sent.token.is_cancelled() && sent.shutdown.is_cancelled(), "a shutdown meanwhile ends the wait");
 
+        let deleted = AttemptControl::default();
+        assert_eq!(deleted.begin(true, true), None);
+        deleted.stop(StopReason::Deleted);
+        assert!(deleted.token.is_cancelled(), "a deletion does not wait: the job's claim Lease goes with it");
+
+        for reason in [StopReason::Cancelled, StopReason::Deleted] {
             // A request handing out a report URL: its worker learns of the stop from its next report (409).
             let reporting = AttemptControl::default();
             assert_eq!(reporting.begin(true, false), None);

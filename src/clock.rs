@@ -166,6 +166,8 @@ impl ServerClock {
         let mut jumped = false;
         loop {
             let measured = self.is_measured();
+            // Looked at before the sample: a jump while it is under way (up to a few seconds) asks for another.
+            let before = (Instant::now(), Timestamp::now());
             match self.sample(&client, jumped).await {
                 Ok(Reading::Taken(_)) => {}
                 Ok(discarded) if !measured => {
@@ -179,7 +181,7 @@ impl ServerClock {
             }
             let every = if self.is_measured() { SAMPLE_EVERY } else { retry };
             retry = (retry * 2).min(SAMPLE_EVERY);
-            match until_next_reading(every, &stop).await {
+            match until_next_reading(every, before, &stop).await {
                 Some(jump) => jumped = jump,
                 None => return,
             }
@@ -187,11 +189,10 @@ impl ServerClock {
     }
 }
 
-/// Wait `every`, looking at this machine's two clocks each [`WATCH_WALL_EVERY`]: Some(true) as soon as the wall clock
-/// jumped ahead ([`wall_jumped`]), Some(false) after `every`, None once `stop` is cancelled.
-async fn until_next_reading(every: Duration, stop: &CancellationToken) -> Option<bool> {
+/// Wait `every`, looking at this machine's two clocks each [`WATCH_WALL_EVERY`], first against `last`: Some(true) as
+/// soon as the wall clock jumped ahead ([`wall_jumped`]), Some(false) after `every`, None once `stop` is cancelled.
+async fn until_next_reading(every: Duration, mut last: (Instant, Timestamp), stop: &CancellationToken) -> Option<bool> {
     let next = Instant::now() + every;
-    let mut last = (Instant::now(), Timestamp::now());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(WATCH_WALL_EVERY.min(next.saturating_duration_since(last.0))) => {}

@@ -62,7 +62,7 @@ fn list_query(resource_url: &str, from: &ListFrom) -> String {
     match from {
         ListFrom::Any => format!("{resource_url}?resourceVersion=0&resourceVersionMatch=NotOlderThan"),
         ListFrom::NotOlderThan(rv) => format!("{resource_url}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
-        ListFrom::Quorum => resource_url.to_string(),
+        ListFrom::Quorum(_) => resource_url.to_string(),
     }
 }
 
@@ -72,22 +72,33 @@ fn list_query(resource_url: &str, from: &ListFrom) -> String {
 /// has seen a version must be at least as new as that one: with several apiservers, whose watch caches may lag each
 /// other, "any version" can be older than what was seen, and a job missing from an older list would be taken as
 /// deleted (a running attempt stopped). An apiserver whose cache is behind that version waits for it a few seconds,
-/// then answers "Too large resource version": the list after that is a quorum read from etcd, as client-go does.
+/// then answers "Too large resource version": the list after that is a quorum read from etcd, as client-go does, and
+/// if that fails too (one read of the whole collection may not finish in time on a busy apiserver) the next is from
+/// the watch cache again, which has usually caught up by then.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListFrom {
     /// Any version, from the watch cache: a first list.
     Any,
     /// This version or a newer one, from the watch cache: a list after the stream has seen this version.
     NotOlderThan(String),
-    /// The latest version, read from etcd: after an apiserver could not serve a version as new as the one seen.
-    Quorum,
+    /// The latest version, read from etcd: after an apiserver could not serve a version as new as this one, seen.
+    Quorum(String),
 }
 
 impl ListFrom {
     /// How to list after a list from here failed with `e`.
     fn after_failure(&self, e: &kube::Error) -> ListFrom {
         match self {
-            ListFrom::NotOlderThan(_) if gone(e) || too_large(e) => ListFrom::Quorum,
+            ListFrom::NotOlderThan(rv) if gone(e) || too_large(e) => ListFrom::Quorum(rv.clone()),
+            other => other.retried(),
+        }
+    }
+
+    /// How to list again after a list from here broke off (the body failed): as before, but a quorum read goes back
+    /// to the watch cache.
+    fn retried(&self) -> ListFrom {
+        match self {
+            ListFrom::Quorum(rv) => ListFrom::NotOlderThan(rv.clone()),
             other => other.clone(),
         }
     }
@@ -166,10 +177,10 @@ where
                         );
                         return (Ok(Event::InitDone), State::Watch { resource_version });
                     }
-                    Ok(Err(e)) => return (Err(watcher::Error::InitialListFailed(e)), State::List(from)),
+                    Ok(Err(e)) => return (Err(watcher::Error::InitialListFailed(e)), State::List(from.retried())),
                     Err(join) => {
                         let e = kube::Error::Service(Box::new(join));
-                        return (Err(watcher::Error::InitialListFailed(e)), State::List(from));
+                        return (Err(watcher::Error::InitialListFailed(e)), State::List(from.retried()));
                     }
                 },
             },
@@ -586,7 +597,8 @@ mod tests {
     /// With several apiservers, "any version" may be older than what the stream has seen already, and a running job
     /// missing from that list would be taken as deleted. So after the stream has seen version 16, a list must be no
     /// older; an apiserver whose cache cannot serve that says "Too large resource version", and the next list is a
-    /// quorum read. A list that failed otherwise (the network) is asked again as it was.
+    /// quorum read, and after a quorum read that failed the watch cache is asked again. A list from the watch cache
+    /// that failed otherwise (the network) is asked again as it was.
     #[tokio::test]
     async fn a_list_after_a_version_was_seen_is_no_older_than_it_and_a_cache_that_cannot_serve_that_leads_to_a_quorum_read()
      {
@@ -602,14 +614,15 @@ mod tests {
             vec![
                 list(vec![job("a", "3")], "10"),
                 unavailable.clone(),
-                too_large,
+                too_large.clone(),
                 unavailable,
+                too_large,
                 list(vec![job("a", "16")], "20"),
             ],
             vec![event("MODIFIED", job("a", "16")) + &event("ERROR", expired)],
         );
         let seen: Vec<String> = list_watch(api, |_: &mut BackgroundJob| {})
-            .take(10)
+            .take(11)
             .map(|e| match e {
                 Ok(Event::Init) => "init".to_string(),
                 Ok(Event::InitApply(j)) => format!("init-apply {} {}", j.name_any(), j.resource_version().unwrap()),
@@ -629,6 +642,7 @@ mod tests {
             "error",
             "error",
             "error",
+            "error",
             "init",
             "init-apply a 16",
         ];
@@ -641,7 +655,8 @@ mod tests {
             .collect();
         let no_older = "resourceVersion=16&resourceVersionMatch=NotOlderThan";
         let first = "resourceVersion=0&resourceVersionMatch=NotOlderThan";
-        assert_eq!(lists, [first, no_older, no_older, "", ""], "503: asked again; 504 too large: quorum");
+        // 503: asked again; 504 too large: a quorum read; that failing, the watch cache again; too large again: quorum.
+        assert_eq!(lists, [first, no_older, no_older, "", no_older, ""]);
     }
 
     /// A watch whose connection stays open but says nothing more after its first event (it died without a word)
@@ -844,6 +859,6 @@ mod tests {
         assert!(!q.contains("limit"));
         let q = list_query(url, &ListFrom::NotOlderThan("42".into()));
         assert!(q.ends_with("backgroundjobs?resourceVersion=42&resourceVersionMatch=NotOlderThan"), "{q}");
-        assert_eq!(list_query(url, &ListFrom::Quorum), url, "no resourceVersion: the latest, from etcd");
+        assert_eq!(list_query(url, &ListFrom::Quorum("42".into())), url, "no resourceVersion: the latest, from etcd");
     }
 }

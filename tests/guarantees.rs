@@ -277,6 +277,42 @@ async fn a_cancelled_http_job_keeps_its_concurrency_key_until_its_request_is_ans
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_http_job_whose_replica_shuts_down_before_the_answer_is_handed_over_not_recorded() {
+    let env = TestEnv::new("cancel-http-term").await;
+    // Each request works 20 s, leases last 20 s. The job is cancelled while its request is out, and its replica a is
+    // told to stop 1 s later with a 1 s grace: the request is cut off unanswered about 3 s into its 20. Recording
+    // the cancel then gave the key to the next job as soon as replica b looked, beside the request still running at
+    // the endpoint. Handed over like any shutdown, the key is taken only once it has aged a lease duration (past the
+    // request's end here), and b records the cancel.
+    let endpoint = SlowEndpoint::start(20).await;
+    let leases = ["--lease-duration", "20s", "--renew-deadline", "12s", "--renew-interval", "2s"];
+    let mut a = env.replica("a", &[&leases[..], &["--shutdown-grace", "1s"]].concat());
+    for i in 0..2 {
+        let spec = json!({"jobName": "call", "http": {"url": endpoint.url}, "concurrencyKey": "k"});
+        env.create(&format!("call-{i}"), spec).await;
+    }
+    let deadline = std::time::Instant::now() + MINUTE;
+    while endpoint.requests() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no request reached the endpoint within a minute");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running = env.wait_until(MINUTE, "one job running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running));
+    let first = running.await.into_iter().find(|j| j.phase() == Phase::Running).unwrap();
+    bgjobs::jobs::cancel(&env.jobs, &first.name_any()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(a.terminate(Duration::from_secs(20)), "replica a did not exit");
+    let _b = env.replica("b", &leases);
+    let jobs =
+        env.wait_until(2 * MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()));
+    let jobs = jobs.await;
+    assert_eq!(endpoint.in_flight_ever(), 1, "the next job of the key was sent while the cut-off request still ran");
+    let cancelled = jobs.iter().find(|j| j.name_any() == first.name_any()).unwrap();
+    assert_eq!(cancelled.phase(), Phase::Cancelled, "{}", common::summary(&jobs));
+    let other = jobs.iter().find(|j| j.name_any() != first.name_any()).unwrap();
+    assert_eq!((other.phase(), other.attempts()), (Phase::Succeeded, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leftover_lease_of_a_deleted_job_is_reowned_by_the_new_job_of_the_same_name() {
     let env = TestEnv::new("reowned").await;
     // A leftover claim Lease, owned by a job that no longer exists (as after a delete the GC has not caught up
