@@ -200,6 +200,15 @@ fn attempt_limit(job: &BackgroundJob, now: Timestamp) -> (Duration, bool) {
     }
 }
 
+/// For [`AttemptControl::begin`]: whether the attempt's work leaves the process (an HTTP request, sent only by an
+/// attempt that runs no Pod), and whether a cancellation waits for its answer: only when that answer is the outcome,
+/// not when the request hands out a report URL (`hands_out`), nor for an adoption that only waits for a worker's
+/// report (its worker learns of a cancellation from its next report's 409).
+fn reach(job: &BackgroundJob, hands_out: bool) -> (bool, bool) {
+    let http_request = job.spec.http.is_some() && job.spec.template.is_none();
+    (http_request, http_request && !hands_out && !crate::report::awaits_report(job))
+}
+
 /// Words for a caught panic's payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -323,7 +332,8 @@ async fn run_claimed(
     let cluster_now = || worker.clock.now();
     let overdue =
         executor::pod::Overdue { after: worker.timing.duration, now: &cluster_now, report: &tell_not_stopping };
-    let ending = if let Some(reason) = control.begin(job.spec.http.is_some(), !report.hands_out()) {
+    let (out_of_reach, stop_awaits_answer) = reach(&job, report.hands_out());
+    let ending = if let Some(reason) = control.begin(out_of_reach, stop_awaits_answer) {
         Ending::NotStarted(reason)
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
@@ -696,6 +706,28 @@ mod tests {
         cancelled.stop(StopReason::Cancelled);
         assert_eq!(cancelled.begin(true, true), None, "it ends as cancelled, at once");
         assert!(!cancelled.out_of_reach(), "and nothing was sent that could run on");
+    }
+
+    #[test]
+    fn only_an_http_request_whose_answer_is_the_outcome_is_waited_for_on_a_cancellation() {
+        let spec = |extra: serde_json::Value| {
+            let mut spec = serde_json::json!({"jobName": "j"});
+            spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            BackgroundJob::new("j", serde_json::from_value(spec).unwrap())
+        };
+        let http = spec(serde_json::json!({"http": {"url": "http://127.0.0.1:1/"}}));
+        assert_eq!(reach(&http, false), (true, true));
+        assert_eq!(reach(&http, true), (true, false), "a report URL handed out: the worker learns from a 409");
+        let mut adopted = http.clone();
+        adopted.status = Some(Box::new(crate::api::BackgroundJobStatus {
+            phase: Some(crate::api::Phase::Running),
+            awaiting_report: true,
+            ..Default::default()
+        }));
+        assert_eq!(reach(&adopted, false), (true, false), "an adoption that only waits for a report sends nothing");
+        let both = spec(serde_json::json!({"http": {"url": "http://127.0.0.1:1/"}, "template": {"spec": {}}}));
+        assert_eq!(reach(&both, false), (false, false), "a Pod runs, not a request");
+        assert_eq!(reach(&spec(serde_json::json!({})), false), (false, false));
     }
 
     #[test]

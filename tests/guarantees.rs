@@ -308,6 +308,8 @@ async fn a_cancelled_http_job_whose_replica_shuts_down_before_the_answer_is_hand
     assert_eq!(endpoint.in_flight_ever(), 1, "the next job of the key was sent while the cut-off request still ran");
     let cancelled = jobs.iter().find(|j| j.name_any() == first.name_any()).unwrap();
     assert_eq!(cancelled.phase(), Phase::Cancelled, "{}", common::summary(&jobs));
+    let why = cancelled.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+    assert!(why.contains("left unwatched"), "recorded by the replica that took it over, as run: {why}");
     let other = jobs.iter().find(|j| j.name_any() != first.name_any()).unwrap();
     assert_eq!((other.phase(), other.attempts()), (Phase::Succeeded, 1));
 }

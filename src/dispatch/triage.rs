@@ -110,6 +110,8 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             "cancelled by the user while its pod ran unwatched; the pod was deleted"
         } else if adoptable {
             "cancelled by the user while its attempt waited, unwatched, for its worker's report"
+        } else if orphaned {
+            "cancelled by the user while its attempt was left unwatched (its replica stopped or shut down)"
         } else {
             "cancelled by the user before it ran"
         };
@@ -461,7 +463,19 @@ mod tests {
     fn a_cancelled_waiting_job_is_settled_cancelled() {
         let mut j = job(serde_json::json!({}), Phase::Waiting, 0);
         j.spec.cancel = true;
-        assert!(matches!(triage(&facts(&j, None, 0, 1), &T), Decision::Settle { phase: Phase::Cancelled, .. }));
+        match triage(&facts(&j, None, 0, 1), &T) {
+            Decision::Settle { phase: Phase::Cancelled, reason, .. } => assert!(reason.contains("before it ran")),
+            other => panic!("{other:?}"),
+        }
+        // An orphaned attempt (an HTTP request cut off by its replica's shutdown, handed over) did run.
+        let (mut j, l) = (job(serde_json::json!({}), Phase::Running, 1), claim_lease(1));
+        j.spec.cancel = true;
+        match triage(&facts(&j, Some(&l), 15, 10), &T) {
+            Decision::Settle { phase: Phase::Cancelled, reason, .. } => {
+                assert!(reason.contains("while its attempt was left unwatched"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
