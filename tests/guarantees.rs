@@ -208,6 +208,15 @@ impl SlowEndpoint {
         SlowEndpoint { url, most_in_flight, per_job }
     }
 
+    /// Returns once a request has reached the endpoint (panics after a minute).
+    async fn first_request(&self) {
+        let deadline = std::time::Instant::now() + MINUTE;
+        while self.requests() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no request reached the endpoint within a minute");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn in_flight_ever(&self) -> usize {
         self.most_in_flight.load(Ordering::SeqCst)
     }
@@ -230,11 +239,7 @@ async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answer
         env.create(&format!("call-{i}"), json!({"jobName": "call", "http": {"url": endpoint.url}})).await;
     }
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
-    let deadline = std::time::Instant::now() + MINUTE;
-    while endpoint.requests() == 0 {
-        assert!(std::time::Instant::now() < deadline, "no request reached the endpoint within a minute");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    endpoint.first_request().await;
     leases.delete(bgjobs::wire::EXCLUSIVE_LEASE, &DeleteParams::default()).await.unwrap();
     let jobs = env
         .wait_until(2 * MINUTE, "all 3 jobs Succeeded", |jobs| jobs.len() == 3 && all_in(jobs, Phase::Succeeded))
@@ -245,6 +250,23 @@ async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answer
     assert!(jobs.iter().all(|j| j.attempts() == 1), "every job took one attempt");
 }
 
+/// Create two HTTP jobs of one concurrency key calling `endpoint`, and cancel the one running once its request has
+/// reached the endpoint; returns it as it was before the cancel.
+async fn cancel_the_running_one_of_two_calls_of_one_key(
+    env: &TestEnv,
+    endpoint: &SlowEndpoint,
+) -> bgjobs::api::BackgroundJob {
+    for i in 0..2 {
+        let spec = json!({"jobName": "call", "http": {"url": endpoint.url}, "concurrencyKey": "k"});
+        env.create(&format!("call-{i}"), spec).await;
+    }
+    endpoint.first_request().await;
+    let running = env.wait_until(MINUTE, "one job running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running));
+    let first = running.await.into_iter().find(|j| j.phase() == Phase::Running).unwrap();
+    bgjobs::jobs::cancel(&env.jobs, &first.name_any()).await.unwrap();
+    first
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_http_job_keeps_its_concurrency_key_until_its_request_is_answered() {
     let env = TestEnv::new("cancel-http").await;
@@ -252,18 +274,7 @@ async fn a_cancelled_http_job_keeps_its_concurrency_key_until_its_request_is_ans
     // key to the next job at once, whose request then ran at the endpoint beside the first one, still working.
     let endpoint = SlowEndpoint::start(6).await;
     let _r = env.replica("r", &[]);
-    for i in 0..2 {
-        let spec = json!({"jobName": "call", "http": {"url": endpoint.url}, "concurrencyKey": "k"});
-        env.create(&format!("call-{i}"), spec).await;
-    }
-    let deadline = std::time::Instant::now() + MINUTE;
-    while endpoint.requests() == 0 {
-        assert!(std::time::Instant::now() < deadline, "no request reached the endpoint within a minute");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let running = env.wait_until(MINUTE, "one job running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running));
-    let first = running.await.into_iter().find(|j| j.phase() == Phase::Running).unwrap();
-    bgjobs::jobs::cancel(&env.jobs, &first.name_any()).await.unwrap();
+    let first = cancel_the_running_one_of_two_calls_of_one_key(&env, &endpoint).await;
     let jobs =
         env.wait_until(MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()));
     let jobs = jobs.await;
@@ -287,18 +298,7 @@ async fn a_cancelled_http_job_whose_replica_shuts_down_before_the_answer_is_hand
     let endpoint = SlowEndpoint::start(20).await;
     let leases = ["--lease-duration", "20s", "--renew-deadline", "12s", "--renew-interval", "2s"];
     let mut a = env.replica("a", &[&leases[..], &["--shutdown-grace", "1s"]].concat());
-    for i in 0..2 {
-        let spec = json!({"jobName": "call", "http": {"url": endpoint.url}, "concurrencyKey": "k"});
-        env.create(&format!("call-{i}"), spec).await;
-    }
-    let deadline = std::time::Instant::now() + MINUTE;
-    while endpoint.requests() == 0 {
-        assert!(std::time::Instant::now() < deadline, "no request reached the endpoint within a minute");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let running = env.wait_until(MINUTE, "one job running", |jobs| jobs.iter().any(|j| j.phase() == Phase::Running));
-    let first = running.await.into_iter().find(|j| j.phase() == Phase::Running).unwrap();
-    bgjobs::jobs::cancel(&env.jobs, &first.name_any()).await.unwrap();
+    let first = cancel_the_running_one_of_two_calls_of_one_key(&env, &endpoint).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(a.terminate(Duration::from_secs(20)), "replica a did not exit");
     let _b = env.replica("b", &leases);
