@@ -273,6 +273,9 @@ pub struct Requeue {
     pub max_attempts: Option<i32>,
     /// New `spec.timeoutSeconds`, when the deadline is (nearly) past: the original timeout again, counted from now.
     pub timeout_seconds: Option<i64>,
+    /// Clear `spec.cancel`, set after the job had finished (a no-op then): a retry asks for the job to run again,
+    /// and a re-queued job with `cancel` set would be settled `Cancelled` at once.
+    pub clear_cancel: bool,
 }
 
 /// Annotation that remembers a job's original `maxAttempts` once `bgjobs retry` has raised it, so every retry grants
@@ -306,7 +309,7 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
     let deadline = crate::retry::deadline(&job.spec, created);
     let near = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap_or(now) >= deadline;
     let timeout_seconds = near.then(|| now.duration_since(created).as_secs() + job.spec.timeout_seconds);
-    Ok(Requeue { max_attempts, timeout_seconds })
+    Ok(Requeue { max_attempts, timeout_seconds, clear_cancel: job.spec.cancel })
 }
 
 /// Re-queue a Failed or Abandoned job: extend its budget if needed (spec), then put it back to `Waiting` (status).
@@ -325,6 +328,9 @@ pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob
     }
     if let Some(t) = plan.timeout_seconds {
         spec_patch.insert("timeoutSeconds".into(), t.into());
+    }
+    if plan.clear_cancel {
+        spec_patch.insert("cancel".into(), false.into());
     }
     let job = if spec_patch.is_empty() {
         job
@@ -399,7 +405,7 @@ mod tests {
     fn a_retry_grants_another_attempt_budget_without_resetting_the_attempt_count() {
         let now = Timestamp::from_second(1100).unwrap();
         let plan = requeue_plan(&finished(Phase::Failed, 3, Some(3), 172_800), now).unwrap();
-        assert_eq!(plan, Requeue { max_attempts: Some(6), timeout_seconds: None });
+        assert_eq!(plan, Requeue { max_attempts: Some(6), timeout_seconds: None, clear_cancel: false });
         let mut raised = finished(Phase::Failed, 6, Some(6), 172_800);
         raised.metadata.annotations = Some([(RETRY_BUDGET_ANNOTATION.to_string(), "3".to_string())].into());
         assert_eq!(requeue_plan(&raised, now).unwrap().max_attempts, Some(9), "every retry grants the original 3");
@@ -412,6 +418,14 @@ mod tests {
         let plan =
             requeue_plan(&finished(Phase::Abandoned, 2, None, 100), Timestamp::from_second(1500).unwrap()).unwrap();
         assert_eq!(plan.timeout_seconds, Some(600), "500 s since creation + the original 100 s");
+    }
+
+    #[test]
+    fn a_retry_clears_a_cancel_set_after_the_job_finished() {
+        let mut j = finished(Phase::Failed, 1, None, 172_800);
+        j.spec.cancel = true;
+        let plan = requeue_plan(&j, Timestamp::from_second(1100).unwrap()).unwrap();
+        assert_eq!(plan, Requeue { clear_cancel: true, ..Default::default() });
     }
 
     #[test]

@@ -22,9 +22,13 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
     let failed = env.wait_job("flaky", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
     assert_finished_shape(&failed);
 
+    // A cancel asked for after the job failed changes nothing, and a retry clears it: the job runs again.
+    let (ok, _, err) = env.cli(&["cancel", "flaky"]);
+    assert!(ok, "{err}");
     let (ok, out, err) = env.cli(&["retry", "flaky"]);
     assert!(ok && out.contains("re-queued"), "{out}{err}");
     let job = env.wait_job("flaky", MINUTE, "Failed again", |j| j.phase() == Phase::Failed && j.attempts() == 2).await;
+    assert!(!job.spec.cancel, "the retry cleared the cancel");
     assert_eq!(job.spec.retry.max_attempts, Some(2), "another full budget of 1 on top of the attempt made");
     assert_finished_shape(&job);
 
