@@ -96,8 +96,8 @@ impl AttemptControl {
 
     /// Just before the attempt's work starts: `Some(reason)` if it must not start (this replica is shutting down,
     /// or the leadership it was claimed under has ended), else mark it `out_of_reach` if its work leaves the
-    /// process, and whether a later cancellation or deletion waits for its answer (`stop_awaits_answer`). A
-    /// cancellation or deletion is not refused here: the attempt then ends as such at once.
+    /// process, and whether a later cancellation waits for its answer (`stop_awaits_answer`). A cancellation or
+    /// deletion is not refused here: the attempt then ends as such at once.
     fn begin(&self, out_of_reach: bool, stop_awaits_answer: bool) -> Option<StopReason> {
         let mut state = self.state();
         if let Some(reason @ (StopReason::Shutdown | StopReason::NotLeader)) = state.reason {

@@ -554,25 +554,12 @@ mod tests {
     /// What giving back a lost claim's extras asks of the apiserver, by Lease: a replace (vacate or disown, with
     /// its holder as written) or a delete.
     async fn given_back(adoption: bool) -> Vec<Asked> {
-        use std::sync::{Arc, Mutex};
-        let asked: Arc<Mutex<Vec<Asked>>> = Arc::default();
-        let seen = asked.clone();
-        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            let seen = seen.clone();
-            async move {
-                let (parts, body) = request.into_parts();
-                let body = body.collect_bytes().await.unwrap();
-                let sent: Option<Lease> = serde_json::from_slice(&body).ok();
-                let holder = sent.as_ref().and_then(|l| crate::lease::holder(l).map(str::to_string));
-                let name = parts.uri.path().rsplit('/').next().unwrap().to_string();
-                seen.lock().unwrap().push((parts.method.to_string(), name, holder));
-                let answer = sent.map(|l| serde_json::to_vec(&l).unwrap()).unwrap_or_else(|| {
-                    serde_json::to_vec(&serde_json::json!({"kind": "Status", "status": "Success"})).unwrap()
-                });
-                Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::from(answer)))
-            }
+        // A replace is answered with the Lease as sent, a delete with a success Status.
+        let (client, sent) = crate::testing::scripted_client(|s| match s.body {
+            serde_json::Value::Null => (200, serde_json::json!({"kind": "Status", "status": "Success"})),
+            ref lease => (200, lease.clone()),
         });
-        let api: Api<Lease> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        let api: Api<Lease> = Api::namespaced(client, "ns");
         let lease = |name: &str, label: &str| Lease {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -590,7 +577,11 @@ mod tests {
             (api, Held { lease: lease("key-k", "bgjobs.dev/key"), written_at: std::time::Instant::now() }),
         ];
         release_all(&held, adoption).await;
-        asked.lock().unwrap().clone()
+        let sent = sent.lock().unwrap();
+        let holder = |body: &serde_json::Value| body["spec"]["holderIdentity"].as_str().map(str::to_string);
+        sent.iter()
+            .map(|s| (s.method.clone(), s.path.rsplit('/').next().unwrap().to_string(), holder(&s.body)))
+            .collect()
     }
 
     #[tokio::test]

@@ -49,6 +49,8 @@ pub mod report;
 pub(crate) mod retention;
 pub(crate) mod retry;
 pub(crate) mod status;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) mod unreadable;
 pub mod wire;
 pub(crate) mod worker;

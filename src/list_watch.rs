@@ -57,7 +57,8 @@ const IN_FLIGHT: usize = 1024;
 /// connection without an error.
 const WATCH_SILENCE: Duration = Duration::from_secs(295);
 
-/// The list request: everything in scope, from the watch cache, one response.
+/// The list request: everything in scope, in one response, as fresh as `from` says (from the watch cache, or a quorum
+/// read from etcd).
 fn list_query(resource_url: &str, from: &ListFrom) -> String {
     match from {
         ListFrom::Any => format!("{resource_url}?resourceVersion=0&resourceVersionMatch=NotOlderThan"),
@@ -76,7 +77,7 @@ fn list_query(resource_url: &str, from: &ListFrom) -> String {
 /// if that fails too (one read of the whole collection may not finish in time on a busy apiserver) the next is from
 /// the watch cache again, which has usually caught up by then.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListFrom {
+enum ListFrom {
     /// Any version, from the watch cache: a first list.
     Any,
     /// This version or a newer one, from the watch cache: a list after the stream has seen this version.
@@ -507,8 +508,8 @@ mod tests {
     }
 
     /// A scripted apiserver for the stream's requests: `lists` answer list requests in turn (a `Status` with its
-    /// code), `watches` answer watch requests in turn (each a body of watch events, one per line; an empty body once they run out). Records every
-    /// request's URI.
+    /// code), `watches` answer watch requests in turn (each a body of watch events, one per line; an empty body once
+    /// they run out). Records every request's URI.
     fn scripted_apiserver(
         lists: Vec<serde_json::Value>,
         watches: Vec<String>,

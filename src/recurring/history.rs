@@ -219,32 +219,18 @@ mod tests {
     /// retry`) is no longer history, and the apiserver refuses the delete (409) instead of removing a running job.
     #[tokio::test]
     async fn a_history_delete_is_made_only_of_the_job_as_judged() {
-        use std::sync::{Arc, Mutex};
-        let bodies: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
-        let seen = bodies.clone();
-        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            let seen = seen.clone();
-            async move {
-                let (parts, body) = request.into_parts();
-                let body = body.collect_bytes().await.unwrap();
-                let body = serde_json::from_slice(&body).unwrap_or_default();
-                seen.lock().unwrap().push((format!("{} {}", parts.method, parts.uri.path()), body));
-                let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "reason": "Conflict", "code": 409, "message": "Precondition failed"});
-                let mut response =
-                    http::Response::new(kube::client::Body::from(serde_json::to_vec(&conflict).unwrap()));
-                *response.status_mut() = http::StatusCode::CONFLICT;
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
-        let jobs: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "Conflict", "code": 409, "message": "Precondition failed"});
+        let (client, sent) = crate::testing::scripted_client(move |_| (409, conflict.clone()));
+        let jobs: Api<BackgroundJob> = Api::namespaced(client, "ns");
         let none = with_last(def("* * * * *", serde_json::json!({"failedJobsHistoryLimit": 0})), 60);
         let kids = vec![Child { resource_version: "41".into(), ..finished("report-1", Phase::Failed, 1) }];
         assert_eq!(trim_history(&jobs, &none, &kids, t(61)).await, None);
-        let bodies = bodies.lock().unwrap();
-        assert_eq!(bodies.len(), 1, "{bodies:?}");
-        assert_eq!(bodies[0].0, "DELETE /apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs/report-1");
-        assert_eq!(bodies[0].1["preconditions"], serde_json::json!({"uid": "uid-report-1", "resourceVersion": "41"}));
+        let sent = sent.lock().unwrap();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let deleted = (sent[0].method.as_str(), sent[0].path.as_str());
+        assert_eq!(deleted, ("DELETE", "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs/report-1"));
+        assert_eq!(sent[0].body["preconditions"], serde_json::json!({"uid": "uid-report-1", "resourceVersion": "41"}));
     }
 
     #[test]
