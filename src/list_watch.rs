@@ -14,7 +14,8 @@
 //! The watch is kube's (the request of [`Api::watch`]) from the list's resourceVersion, with bookmarks; a watch that
 //! has expired (410) lists again, no older than what it last saw ([`ListFrom`]: with several apiservers, an older
 //! list would show a running job as deleted), any other failure watches again from where it was, and a watch silent
-//! for longer than its own timeout (a connection that died without a word) is replaced, as kube's watcher does.
+//! for longer than its own timeout (a connection that died without a word) is replaced, as kube's watcher does, and
+//! one that ends as soon as it is opened, without a word, is an error, so that the caller's backoff spaces the next.
 //!
 //! Each object, listed or in an event, is decoded once from its text, straight into its type, without its managed
 //! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
@@ -56,6 +57,12 @@ const IN_FLIGHT: usize = 1024;
 /// A watch asks the apiserver to end it after 290 s (kube's default); one silent for longer than this lost its
 /// connection without an error.
 const WATCH_SILENCE: Duration = Duration::from_secs(295);
+
+/// A watch that ends this soon after it was opened, having said nothing, is taken as a failure, so that the stream's
+/// backoff applies: something between the replica and the apiserver (a proxy, an apiserver shutting down) that ends
+/// every watch at once would otherwise be asked again in a tight loop. A watch that ends normally (its timeout)
+/// has run for minutes.
+const ENDED_AT_ONCE: Duration = Duration::from_secs(1);
 
 /// The list request: everything in scope, in one response, as fresh as `from` says (from the watch cache, or a quorum
 /// read from etcd).
@@ -137,6 +144,8 @@ enum State<K> {
     Watching {
         resource_version: String,
         events: BoxStream<'static, kube::Result<WatchEvent<K>>>,
+        /// When the watch was opened, until it says anything.
+        unheard_since: Option<Instant>,
     },
 }
 
@@ -186,7 +195,9 @@ where
                 },
             },
             State::Watch { resource_version } => match watch(api, &resource_version).await {
-                Ok(events) => State::Watching { resource_version, events: events.boxed() },
+                Ok(events) => {
+                    State::Watching { resource_version, events: events.boxed(), unheard_since: Some(Instant::now()) }
+                }
                 Err(e) => {
                     let next = if gone(&e) {
                         State::List(ListFrom::NotOlderThan(resource_version))
@@ -196,31 +207,36 @@ where
                     return (Err(watcher::Error::WatchStartFailed(e)), next);
                 }
             },
-            State::Watching { resource_version, mut events } => {
-                match tokio::time::timeout(WATCH_SILENCE, events.next()).await.unwrap_or(None) {
+            State::Watching { resource_version, mut events, unheard_since } => {
+                let said = tokio::time::timeout(WATCH_SILENCE, events.next()).await.unwrap_or(None);
+                let watching =
+                    |resource_version, events| State::Watching { resource_version, events, unheard_since: None };
+                match said {
                     Some(Ok(WatchEvent::Added(mut o) | WatchEvent::Modified(mut o))) => {
                         let resource_version = o.resource_version().unwrap_or(resource_version);
                         modify(&mut o);
-                        return (Ok(Event::Apply(o)), State::Watching { resource_version, events });
+                        return (Ok(Event::Apply(o)), watching(resource_version, events));
                     }
                     Some(Ok(WatchEvent::Deleted(o))) => {
                         let resource_version = o.resource_version().unwrap_or(resource_version);
-                        return (Ok(Event::Delete(o)), State::Watching { resource_version, events });
+                        return (Ok(Event::Delete(o)), watching(resource_version, events));
                     }
-                    Some(Ok(WatchEvent::Bookmark(b))) => {
-                        State::Watching { resource_version: b.metadata.resource_version, events }
-                    }
+                    Some(Ok(WatchEvent::Bookmark(b))) => watching(b.metadata.resource_version, events),
                     Some(Ok(WatchEvent::Error(status))) => {
                         // 410 Gone: the watch cache no longer has this resourceVersion; only a new list catches up.
                         let next = if status.code == 410 {
                             State::List(ListFrom::NotOlderThan(resource_version))
                         } else {
-                            State::Watching { resource_version, events }
+                            watching(resource_version, events)
                         };
                         return (Err(watcher::Error::WatchError(status)), next);
                     }
                     Some(Err(e)) => {
-                        return (Err(watcher::Error::WatchFailed(e)), State::Watching { resource_version, events });
+                        return (Err(watcher::Error::WatchFailed(e)), watching(resource_version, events));
+                    }
+                    None if unheard_since.is_some_and(|opened| opened.elapsed() < ENDED_AT_ONCE) => {
+                        let e = kube::Error::Service("the watch ended as soon as it was opened, without a word".into());
+                        return (Err(watcher::Error::WatchFailed(e)), State::Watch { resource_version });
                     }
                     None => State::Watch { resource_version },
                 }
@@ -713,6 +729,42 @@ mod tests {
         let silent = watches[1].0 - applied[0].0;
         assert!(silent >= WATCH_SILENCE, "replaced after {silent:?} of silence");
         assert!(silent < WATCH_SILENCE + Duration::from_secs(1), "replaced only after {silent:?}");
+    }
+
+    /// A watch that ends as soon as it is opened without a word (something in between ends every watch) is an
+    /// error, so that the stream's backoff spaces the next ones; it was asked again at once, in a loop that never
+    /// yielded. A watch that said something first is not. The stream runs in a task of its own, so that a loop that
+    /// never yields fails the test instead of hanging it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_that_ends_as_soon_as_it_is_opened_without_a_word_is_an_error_so_that_the_backoff_applies() {
+        let (api, asked) =
+            scripted_apiserver(vec![list(vec![job("a", "3")], "10")], vec![event("MODIFIED", job("a", "11"))]);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let seen: Vec<String> = list_watch(api, |_: &mut BackgroundJob| {})
+                .take(6)
+                .map(|e| match e {
+                    Ok(Event::Init) => "init".to_string(),
+                    Ok(Event::InitApply(j)) => format!("init-apply {}", j.name_any()),
+                    Ok(Event::InitDone) => "init-done".into(),
+                    Ok(Event::Apply(j)) => format!("apply {} {}", j.name_any(), j.resource_version().unwrap()),
+                    Ok(Event::Delete(j)) => format!("delete {}", j.name_any()),
+                    Err(e) => format!("error {e}"),
+                })
+                .collect()
+                .await;
+            let _ = tx.send(seen);
+        });
+        let seen = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("the stream yielded nothing for 30 s: it watches again and again without a pause")
+            .unwrap();
+        let ended = "error watch stream failed: ServiceError: the watch ended as soon as it was opened, without a word";
+        assert_eq!(seen, ["init", "init-apply a", "init-done", "apply a 11", ended, ended]);
+        let asked = asked.lock().unwrap();
+        let watches: Vec<_> = asked.iter().filter(|u| u.contains("watch=true")).collect();
+        assert_eq!(watches.len(), 3, "{asked:?}");
+        assert!(watches[1].contains("resourceVersion=11") && watches[2].contains("resourceVersion=11"), "{watches:?}");
     }
 
     #[tokio::test]

@@ -149,6 +149,14 @@ async fn live_pods(env: &TestEnv, job: &str) -> usize {
     pods_of(env, job).await.iter().filter(|p| !matches!(phase(p), "Succeeded" | "Failed")).count()
 }
 
+/// Delete `pod` with no grace period, as `kubectl delete --force --grace-period=0` does: its name is free at once.
+/// Tests whose create in flight must find the name free use it: a kubelet may take half a minute to remove a Pod
+/// whose containers have already stopped (seen on CI), longer than a create can be held.
+async fn remove_at_once(env: &TestEnv, pod: &str) {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete(pod, &DeleteParams::default().grace_period(0)).await.unwrap();
+}
+
 /// Wait until a Pod of `job` is in `wanted` phase.
 async fn wait_pod_phase(env: &TestEnv, job: &str, wanted: &str) {
     let deadline = Instant::now() + MINUTE;
@@ -560,6 +568,15 @@ async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back
     spec["attemptTimeoutSeconds"] = json!(20);
     let LostAnswer { history, running, _webhook, _proxy, replica: _replica } =
         lose_the_first_creates_answer(&env, "again", spec, 12, 30, 9, &LONG_LEASES).await;
+    // Once the replica has asked for the Pod's deletion, it is removed at once, so that the create sent again (at
+    // about 40 s) finds the name free: the kubelet may leave a stopped Pod for half a minute more.
+    let deadline = Instant::now() + MINUTE;
+    while history.first("again-1", |e| e.deletion.is_some()).is_none() {
+        assert!(Instant::now() < deadline, "the replica never deleted again-1: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    remove_at_once(&env, "again-1").await;
+    assert!(running.elapsed() < Duration::from_secs(36), "too late to stage: {:?}", running.elapsed());
     let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{:?}", job.status);
     // The outcome was recorded only once both creates had landed and their Pods were stopped...
@@ -588,8 +605,7 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
     let LostAnswer { history, running, _webhook, _proxy, replica: _replica } =
         lose_the_first_creates_answer(&env, "redo", spec, 30, 1, 4, &LONG_LEASES).await;
     wait_pod_phase(&env, "redo", "Running").await;
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
+    remove_by_hand_before_the_first_create_lands(&env, &history, running).await;
     // The next attempt's Pod is created only once the first create can no longer bring `redo-1` back (and it did).
     second_attempt_after_both_first_pods_stopped(&history, running).await;
 }
@@ -624,8 +640,7 @@ async fn second_attempt_after_both_first_pods_stopped(history: &PodHistory, runn
 /// Delete `redo-1` by hand and wait until it is gone, which must be before the first create lands (30 s after
 /// `running`), or the test shows nothing.
 async fn remove_by_hand_before_the_first_create_lands(env: &TestEnv, history: &PodHistory, running: Instant) {
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
+    remove_at_once(env, "redo-1").await;
     let deadline = Instant::now() + MINUTE;
     while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
         assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
@@ -697,8 +712,7 @@ async fn a_finished_pod_attempts_outcome_waits_until_a_create_whose_answer_was_l
     wait_pod_phase(&env, "quick", "Succeeded").await;
     // The replica has seen it finish by then.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.delete("quick-1", &DeleteParams::default()).await.unwrap();
+    remove_at_once(&env, "quick-1").await;
     let job = env.wait_job("quick", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     let recorded = jiff::Timestamp::now();
     assert_eq!(job.phase(), Phase::Succeeded, "{:?}", job.status);
