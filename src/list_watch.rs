@@ -15,7 +15,7 @@
 //! has expired (410) lists again, no older than what it last saw ([`ListFrom`]: with several apiservers, an older
 //! list would show a running job as deleted), any other failure watches again from where it was, and a watch silent
 //! for longer than its own timeout (a connection that died without a word) is replaced, as kube's watcher does, and
-//! one that ends as soon as it is opened, without a word, is an error, so that the caller's backoff spaces the next.
+//! one that ends as soon as it is opened, without a word, is opened again only after a pause ([`ENDED_AT_ONCE`]).
 //!
 //! Each object, listed or in an event, is decoded once from its text, straight into its type, without its managed
 //! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
@@ -58,10 +58,10 @@ const IN_FLIGHT: usize = 1024;
 /// connection without an error.
 const WATCH_SILENCE: Duration = Duration::from_secs(295);
 
-/// A watch that ends this soon after it was opened, having said nothing, is taken as a failure, so that the stream's
-/// backoff applies: something between the replica and the apiserver (a proxy, an apiserver shutting down) that ends
-/// every watch at once would otherwise be asked again in a tight loop. A watch that ends normally (its timeout)
-/// has run for minutes.
+/// A watch that ends this soon after it was opened, having said nothing, is opened again only after this long:
+/// something between the replica and the apiserver (a proxy, an apiserver shutting down) that ends every watch at
+/// once would otherwise have it asked again in a loop. A watch that ends normally (its timeout) has run for minutes.
+/// A pause, not an error: an error's backoff grows to 30 s, and the replica would not see its jobs change meanwhile.
 const ENDED_AT_ONCE: Duration = Duration::from_secs(1);
 
 /// The list request: everything in scope, in one response, as fresh as `from` says (from the watch cache, or a quorum
@@ -234,11 +234,16 @@ where
                     Some(Err(e)) => {
                         return (Err(watcher::Error::WatchFailed(e)), watching(resource_version, events));
                     }
-                    None if unheard_since.is_some_and(|opened| opened.elapsed() < ENDED_AT_ONCE) => {
-                        let e = kube::Error::Service("the watch ended as soon as it was opened, without a word".into());
-                        return (Err(watcher::Error::WatchFailed(e)), State::Watch { resource_version });
+                    None => {
+                        if unheard_since.is_some_and(|opened| opened.elapsed() < ENDED_AT_ONCE) {
+                            tracing::warn!(
+                                what = api.resource_url(),
+                                "the watch ended as soon as it was opened, without a word; watching again in 1 s"
+                            );
+                            tokio::time::sleep(ENDED_AT_ONCE).await;
+                        }
+                        State::Watch { resource_version }
                     }
-                    None => State::Watch { resource_version },
                 }
             }
         }
@@ -731,40 +736,32 @@ mod tests {
         assert!(silent < WATCH_SILENCE + Duration::from_secs(1), "replaced only after {silent:?}");
     }
 
-    /// A watch that ends as soon as it is opened without a word (something in between ends every watch) is an
-    /// error, so that the stream's backoff spaces the next ones; it was asked again at once, in a loop that never
-    /// yielded. A watch that said something first is not. The stream runs in a task of its own, so that a loop that
-    /// never yields fails the test instead of hanging it.
+    /// A watch that ends as soon as it is opened without a word (something in between ends every watch) is opened
+    /// again only after a pause; it was asked again at once, in a loop that never yielded. A watch that said
+    /// something first is opened again at once. The stream runs in a task of its own, so that a loop that never
+    /// yields cannot hang the test.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_watch_that_ends_as_soon_as_it_is_opened_without_a_word_is_an_error_so_that_the_backoff_applies() {
+    async fn a_watch_that_ends_as_soon_as_it_is_opened_without_a_word_is_opened_again_only_after_a_pause() {
         let (api, asked) =
             scripted_apiserver(vec![list(vec![job("a", "3")], "10")], vec![event("MODIFIED", job("a", "11"))]);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let seen: Vec<String> = list_watch(api, |_: &mut BackgroundJob| {})
-                .take(6)
-                .map(|e| match e {
-                    Ok(Event::Init) => "init".to_string(),
-                    Ok(Event::InitApply(j)) => format!("init-apply {}", j.name_any()),
-                    Ok(Event::InitDone) => "init-done".into(),
-                    Ok(Event::Apply(j)) => format!("apply {} {}", j.name_any(), j.resource_version().unwrap()),
-                    Ok(Event::Delete(j)) => format!("delete {}", j.name_any()),
-                    Err(e) => format!("error {e}"),
-                })
-                .collect()
-                .await;
-            let _ = tx.send(seen);
+        let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = applied.clone();
+        let reader = tokio::spawn(async move {
+            let mut stream = list_watch(api, |_: &mut BackgroundJob| {}).boxed();
+            while let Some(event) = stream.next().await {
+                if let Ok(Event::Apply(j)) = event {
+                    seen.lock().unwrap().push(j.resource_version().unwrap());
+                }
+            }
         });
-        let seen = tokio::time::timeout(Duration::from_secs(30), rx)
-            .await
-            .expect("the stream yielded nothing for 30 s: it watches again and again without a pause")
-            .unwrap();
-        let ended = "error watch stream failed: ServiceError: the watch ended as soon as it was opened, without a word";
-        assert_eq!(seen, ["init", "init-apply a", "init-done", "apply a 11", ended, ended]);
-        let asked = asked.lock().unwrap();
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        reader.abort();
+        assert_eq!(*applied.lock().unwrap(), ["11"]);
+        let asked = asked.lock().unwrap().clone();
         let watches: Vec<_> = asked.iter().filter(|u| u.contains("watch=true")).collect();
-        assert_eq!(watches.len(), 3, "{asked:?}");
-        assert!(watches[1].contains("resourceVersion=11") && watches[2].contains("resourceVersion=11"), "{watches:?}");
+        // The first (10), at once the second (11, it ended without a word), then one a second: 4 or 5 in 3.5 s.
+        assert!((3..=6).contains(&watches.len()), "{} watches in 3.5 s", watches.len());
+        assert!(watches[1..].iter().all(|w| w.contains("resourceVersion=11")), "{watches:?}");
     }
 
     #[tokio::test]
