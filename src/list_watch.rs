@@ -15,7 +15,7 @@
 //! has expired (410) lists again, no older than what it last saw ([`ListFrom`]: with several apiservers, an older
 //! list would show a running job as deleted), any other failure watches again from where it was, and a watch silent
 //! for longer than its own timeout (a connection that died without a word) is replaced, as kube's watcher does, and
-//! one that ends as soon as it is opened, without a word, is opened again only after a pause ([`ENDED_AT_ONCE`]).
+//! one that ends as soon as it was opened is opened again only after a pause ([`ENDED_AT_ONCE`]).
 //!
 //! Each object, listed or in an event, is decoded once from its text, straight into its type, without its managed
 //! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
@@ -33,7 +33,7 @@
 use std::borrow::Cow;
 use std::io::Read;
 use std::marker::PhantomData;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -46,6 +46,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::unreadable::{self, Unreadable};
@@ -58,10 +59,11 @@ const IN_FLIGHT: usize = 1024;
 /// connection without an error.
 const WATCH_SILENCE: Duration = Duration::from_secs(295);
 
-/// A watch that ends this soon after it was opened, having said nothing, is opened again only after this long:
-/// something between the replica and the apiserver (a proxy, an apiserver shutting down) that ends every watch at
-/// once would otherwise have it asked again in a loop. A watch that ends normally (its timeout) has run for minutes.
-/// A pause, not an error: an error's backoff grows to 30 s, and the replica would not see its jobs change meanwhile.
+/// A watch that ends this soon after it was opened is opened again only after this long: something between the
+/// replica and the apiserver (a proxy, an apiserver shutting down) that ends every watch at once would otherwise have
+/// it asked again in a loop, which yields nothing if the watches say nothing (or only bookmarks). A watch that ends
+/// normally (its timeout) has run for minutes. A pause, not an error: an error's backoff grows to 30 s, and the
+/// replica would not see its jobs change meanwhile.
 const ENDED_AT_ONCE: Duration = Duration::from_secs(1);
 
 /// The list request: everything in scope, in one response, as fresh as `from` says (from the watch cache, or a quorum
@@ -144,8 +146,8 @@ enum State<K> {
     Watching {
         resource_version: String,
         events: BoxStream<'static, kube::Result<WatchEvent<K>>>,
-        /// When the watch was opened, until it says anything.
-        unheard_since: Option<Instant>,
+        /// When the watch was opened.
+        opened: Instant,
     },
 }
 
@@ -195,9 +197,7 @@ where
                 },
             },
             State::Watch { resource_version } => match watch(api, &resource_version).await {
-                Ok(events) => {
-                    State::Watching { resource_version, events: events.boxed(), unheard_since: Some(Instant::now()) }
-                }
+                Ok(events) => State::Watching { resource_version, events: events.boxed(), opened: Instant::now() },
                 Err(e) => {
                     let next = if gone(&e) {
                         State::List(ListFrom::NotOlderThan(resource_version))
@@ -207,10 +207,9 @@ where
                     return (Err(watcher::Error::WatchStartFailed(e)), next);
                 }
             },
-            State::Watching { resource_version, mut events, unheard_since } => {
+            State::Watching { resource_version, mut events, opened } => {
                 let said = tokio::time::timeout(WATCH_SILENCE, events.next()).await.unwrap_or(None);
-                let watching =
-                    |resource_version, events| State::Watching { resource_version, events, unheard_since: None };
+                let watching = |resource_version, events| State::Watching { resource_version, events, opened };
                 match said {
                     Some(Ok(WatchEvent::Added(mut o) | WatchEvent::Modified(mut o))) => {
                         let resource_version = o.resource_version().unwrap_or(resource_version);
@@ -235,10 +234,10 @@ where
                         return (Err(watcher::Error::WatchFailed(e)), watching(resource_version, events));
                     }
                     None => {
-                        if unheard_since.is_some_and(|opened| opened.elapsed() < ENDED_AT_ONCE) {
+                        if opened.elapsed() < ENDED_AT_ONCE {
                             tracing::warn!(
                                 what = api.resource_url(),
-                                "the watch ended as soon as it was opened, without a word; watching again in 1 s"
+                                "the watch ended as soon as it was opened; watching again in 1 s"
                             );
                             tokio::time::sleep(ENDED_AT_ONCE).await;
                         }
@@ -528,13 +527,13 @@ mod tests {
         assert_eq!(n, 1, "no item after the first refusal");
     }
 
+    /// Every request's URI, and when it came.
+    type Asked = std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
+
     /// A scripted apiserver for the stream's requests: `lists` answer list requests in turn (a `Status` with its
     /// code), `watches` answer watch requests in turn (each a body of watch events, one per line; an empty body once
-    /// they run out). Records every request's URI.
-    fn scripted_apiserver(
-        lists: Vec<serde_json::Value>,
-        watches: Vec<String>,
-    ) -> (Api<BackgroundJob>, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    /// they run out). Records every request's URI, and when it came.
+    fn scripted_apiserver(lists: Vec<serde_json::Value>, watches: Vec<String>) -> (Api<BackgroundJob>, Asked) {
         use std::collections::VecDeque;
         use std::sync::{Arc, Mutex};
         let asked = Arc::new(Mutex::new(Vec::new()));
@@ -543,7 +542,7 @@ mod tests {
         let seen = asked.clone();
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
             let uri = request.uri().to_string();
-            seen.lock().unwrap().push(uri.clone());
+            seen.lock().unwrap().push((Instant::now(), uri.clone()));
             let (code, body) = if uri.contains("watch=true") {
                 (200, watches.lock().unwrap().pop_front().unwrap_or_default().into_bytes())
             } else {
@@ -608,7 +607,7 @@ mod tests {
         ];
         assert_eq!(seen, expected);
         let asked = asked.lock().unwrap();
-        let query = |i: usize| asked[i].split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+        let query = |i: usize| asked[i].1.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
         assert_eq!(query(0), "resourceVersion=0&resourceVersionMatch=NotOlderThan");
         assert!(query(1).contains("watch=true") && query(1).contains("resourceVersion=10"), "{}", query(1));
         assert!(query(2).contains("watch=true") && query(2).contains("resourceVersion=15"), "{}", query(2));
@@ -672,6 +671,7 @@ mod tests {
         let asked = asked.lock().unwrap();
         let lists: Vec<String> = asked
             .iter()
+            .map(|(_, u)| u)
             .filter(|u| !u.contains("watch=true"))
             .map(|u| u.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default())
             .collect();
@@ -736,32 +736,45 @@ mod tests {
         assert!(silent < WATCH_SILENCE + Duration::from_secs(1), "replaced only after {silent:?}");
     }
 
-    /// A watch that ends as soon as it is opened without a word (something in between ends every watch) is opened
-    /// again only after a pause; it was asked again at once, in a loop that never yielded. A watch that said
-    /// something first is opened again at once. The stream runs in a task of its own, so that a loop that never
-    /// yields cannot hang the test.
+    /// A watch that ends as soon as it was opened (something in between ends every watch), whether it said
+    /// something first or not, is opened again from where it was only after a pause, and is no error (whose backoff
+    /// would grow to 30 s); it was asked again at once, in a loop that yielded nothing while the watches said nothing.
+    /// The stream is read in a task of its own, and the test waits for four watches at most 30 s.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_watch_that_ends_as_soon_as_it_is_opened_without_a_word_is_opened_again_only_after_a_pause() {
+    async fn a_watch_that_ends_as_soon_as_it_was_opened_is_opened_again_after_a_pause_and_is_no_error() {
         let (api, asked) =
             scripted_apiserver(vec![list(vec![job("a", "3")], "10")], vec![event("MODIFIED", job("a", "11"))]);
-        let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = applied.clone();
+        let items = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = items.clone();
         let reader = tokio::spawn(async move {
             let mut stream = list_watch(api, |_: &mut BackgroundJob| {}).boxed();
-            while let Some(event) = stream.next().await {
-                if let Ok(Event::Apply(j)) = event {
-                    seen.lock().unwrap().push(j.resource_version().unwrap());
-                }
+            while let Some(item) = stream.next().await {
+                seen.lock().unwrap().push(match item {
+                    Ok(Event::Init) => "init".to_string(),
+                    Ok(Event::InitApply(j)) => format!("init-apply {}", j.name_any()),
+                    Ok(Event::InitDone) => "init-done".into(),
+                    Ok(Event::Apply(j)) => format!("apply {} {}", j.name_any(), j.resource_version().unwrap()),
+                    Ok(Event::Delete(j)) => format!("delete {}", j.name_any()),
+                    Err(e) => format!("error {e}"),
+                });
             }
         });
-        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        let watches = || -> Vec<(Instant, String)> {
+            asked.lock().unwrap().iter().filter(|(_, u)| u.contains("watch=true")).cloned().collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while watches().len() < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         reader.abort();
-        assert_eq!(*applied.lock().unwrap(), ["11"]);
-        let asked = asked.lock().unwrap().clone();
-        let watches: Vec<_> = asked.iter().filter(|u| u.contains("watch=true")).collect();
-        // The first (10), at once the second (11, it ended without a word), then one a second: 4 or 5 in 3.5 s.
-        assert!((3..=6).contains(&watches.len()), "{} watches in 3.5 s", watches.len());
-        assert!(watches[1..].iter().all(|w| w.contains("resourceVersion=11")), "{watches:?}");
+        let watches = watches();
+        assert!(watches.len() >= 4, "only {} watches in 30 s", watches.len());
+        assert_eq!(*items.lock().unwrap(), ["init", "init-apply a", "init-done", "apply a 11"]);
+        for pair in watches[..4].windows(2) {
+            let gap = pair[1].0 - pair[0].0;
+            assert!(gap >= ENDED_AT_ONCE, "a watch was opened again {gap:?} after the last one ended at once");
+        }
+        assert!(watches[1..4].iter().all(|(_, w)| w.contains("resourceVersion=11")), "{watches:?}");
     }
 
     #[tokio::test]
