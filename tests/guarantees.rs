@@ -393,7 +393,16 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
     env.wait_job("once", MINUTE, "Running on a", |j| j.phase() == Phase::Running).await;
     let options = common::ReplicaOptions { kubeconfig: Some(second.kubeconfig.clone()), ..Default::default() };
     let b = env.replica_with("b", &[], &options);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // b writes its member Lease once its caches are synced and it has read the cluster's clock: from then on it
+    // judges Leases, and a freeze shows it a stale view (before, it would judge nothing, and show nothing).
+    let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let member = bgjobs::wire::member_lease_name("b", &env.ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while members.get_opt(&member).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "b never joined: {}", b.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     {
         let _frozen = Paused::stop(pid);
         // Past a lease duration: b's last view shows a's Lease unchanged, as if a were gone.
@@ -414,8 +423,11 @@ async fn a_renewal_whose_answer_is_lost_after_it_landed_does_not_lose_the_attemp
     let env = TestEnv::new("lost-answer").await;
     let proxy = common::proxy::Proxy::to_apiserver().await;
     let options = common::ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
-    let _a = env.replica_with("a", &[], &options);
-    env.create("once", json!({"jobName": "sleep", "args": {"seconds": 16}, "retry": {"maxAttempts": 1}})).await;
+    // Leases long enough that a slow machine's reconnect after each reset (a TLS handshake through the proxy, then a
+    // read-back) fits in the renew deadline; renewals as often as the tests' short leases have them.
+    let leases = ["--lease-duration", "8s", "--renew-deadline", "6s", "--renew-interval", "500ms"];
+    let _a = env.replica_with("a", &leases, &options);
+    env.create("once", json!({"jobName": "sleep", "args": {"seconds": 25}, "retry": {"maxAttempts": 1}})).await;
     env.wait_job("once", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
     // Five times: hold the apiserver's answers for 0.8 s (requests still land: a renewal, sent every 500 ms, takes
     // effect), then reset the connections, so the answers to writes that happened are lost. Then let it recover.
@@ -426,6 +438,8 @@ async fn a_renewal_whose_answer_is_lost_after_it_landed_does_not_lose_the_attemp
         proxy.release_downstream();
         tokio::time::sleep(Duration::from_millis(2_000)).await;
     }
+    let job = env.jobs.get("once").await.unwrap();
+    assert_ne!(job.phase(), Phase::Succeeded, "the job ended before the last round: the rounds showed too little");
     let done = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{}", last_error(&done));
 }

@@ -162,7 +162,8 @@ async fn a_replica_whose_status_writes_are_refused_does_not_hold_jobs_back_from_
 async fn a_replica_in_its_shutdown_grace_keeps_its_member_lease_but_says_it_claims_no_more() {
     let env = TestEnv::new("grace-roles").await;
     let mut r = env.replica("r", &[]);
-    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 8}})).await;
+    // Long enough to run on through the checks below (up to 7.5 s) on a slow machine, short of the 25 s grace.
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 16}})).await;
     env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
     let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
     let name = bgjobs::wire::member_lease_name("r", &env.ns);

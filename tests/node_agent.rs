@@ -69,15 +69,15 @@ async fn wait_pod(
 }
 
 /// Wait until the Pod `name` no longer exists; returns how long that took.
-async fn wait_gone(pods: &Api<Pod>, agent: &NodeAgent, name: &str, timeout: Duration) -> Duration {
-    let start = Instant::now();
+/// Wait until Pod `name` is gone, at most `timeout` after `since`; how long after `since` it went.
+async fn wait_gone(pods: &Api<Pod>, agent: &NodeAgent, name: &str, since: Instant, timeout: Duration) -> Duration {
     while pods.get_opt(name).await.expect("get pod").is_some() {
-        if start.elapsed() > timeout {
+        if since.elapsed() > timeout {
             panic!("pod {name} still exists after {timeout:?}\nagent log:\n{}", agent.log_text());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    start.elapsed()
+    since.elapsed()
 }
 
 fn phase(pod: &Pod) -> &str {
@@ -193,8 +193,11 @@ async fn a_deleted_pod_has_its_process_group_killed_and_its_deletion_finalized()
     // A plain delete: the apiserver sets deletionTimestamp (the Pod is bound and running), the agent finalizes.
     pods.delete("polite", &DeleteParams::default()).await.unwrap();
     pods.delete("stubborn", &DeleteParams::default()).await.unwrap();
-    let polite_took = wait_gone(&pods, &agent, "polite", Duration::from_secs(30)).await;
-    let stubborn_took = wait_gone(&pods, &agent, "stubborn", Duration::from_secs(30)).await;
+    // Both from the moment both were deleted (the stubborn one's grace began at most then), not from the end of the
+    // wait for the other.
+    let deleted = Instant::now();
+    let polite_took = wait_gone(&pods, &agent, "polite", deleted, Duration::from_secs(30)).await;
+    let stubborn_took = wait_gone(&pods, &agent, "stubborn", deleted, Duration::from_secs(30)).await;
     assert!(!process_group_alive(polite_pid), "the polite Pod's processes are gone");
     assert!(!process_group_alive(stubborn_pid), "the stubborn Pod's processes are gone");
     assert!(polite_took < Duration::from_secs(8), "SIGTERM stops the polite one at once: {polite_took:?}");

@@ -149,12 +149,23 @@ async fn live_pods(env: &TestEnv, job: &str) -> usize {
     pods_of(env, job).await.iter().filter(|p| !matches!(phase(p), "Succeeded" | "Failed")).count()
 }
 
-/// Delete `pod` with no grace period, as `kubectl delete --force --grace-period=0` does: its name is free at once.
-/// Tests whose create in flight must find the name free use it: a kubelet may take half a minute to remove a Pod
-/// whose containers have already stopped (seen on CI), longer than a create can be held.
-async fn remove_at_once(env: &TestEnv, pod: &str) {
+/// Once `pod` has stopped (its container ended, or it is gone), remove it with no grace period, as
+/// `kubectl delete --force --grace-period=0` does: its name is free at once. Tests whose create in flight must find
+/// the name free use it: a kubelet may take half a minute more to remove a Pod whose container has stopped (seen on
+/// CI), longer than a create can be held.
+async fn remove_once_stopped(env: &TestEnv, history: &PodHistory, pod: &str) {
+    let deadline = Instant::now() + MINUTE;
+    let stopped = |e: &PodEvent| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed");
+    while history.first(pod, stopped).is_none() {
+        assert!(Instant::now() < deadline, "{pod} never stopped: {:?}", history.events());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.delete(pod, &DeleteParams::default().grace_period(0)).await.unwrap();
+    match pods.delete(pod, &DeleteParams::default().grace_period(0)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("remove {pod}: {e}"),
+    }
 }
 
 /// Wait until a Pod of `job` is in `wanted` phase.
@@ -166,8 +177,10 @@ async fn wait_pod_phase(env: &TestEnv, job: &str, wanted: &str) {
     }
 }
 
+/// Wait until no Pod of `job` is left, for up to three minutes: a kubelet may take more than a minute to remove a
+/// Pod deleted while its container was being created.
 async fn wait_no_pods(env: &TestEnv, job: &str, what: &str) {
-    let deadline = Instant::now() + MINUTE;
+    let deadline = Instant::now() + 3 * MINUTE;
     while !pods_of(env, job).await.is_empty() {
         assert!(Instant::now() < deadline, "{what}: pods of {job} still exist");
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -568,23 +581,25 @@ async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back
     spec["attemptTimeoutSeconds"] = json!(20);
     let LostAnswer { history, running, _webhook, _proxy, replica: _replica } =
         lose_the_first_creates_answer(&env, "again", spec, 12, 30, 9, &LONG_LEASES).await;
-    // Once the replica has asked for the Pod's deletion, it is removed at once, so that the create sent again (at
-    // about 40 s) finds the name free: the kubelet may leave a stopped Pod for half a minute more.
+    // Once the replica has asked for the Pod's deletion and its container has stopped, it is removed at once, so that
+    // the create sent again (at about 40 s) finds the name free: the kubelet may leave a stopped Pod for half a
+    // minute more.
     let deadline = Instant::now() + MINUTE;
     while history.first("again-1", |e| e.deletion.is_some()).is_none() {
         assert!(Instant::now() < deadline, "the replica never deleted again-1: {:?}", history.events());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    remove_at_once(&env, "again-1").await;
+    remove_once_stopped(&env, &history, "again-1").await;
     assert!(running.elapsed() < Duration::from_secs(36), "too late to stage: {:?}", running.elapsed());
     let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let recorded = jiff::Timestamp::now();
     assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{:?}", job.status);
     // The outcome was recorded only once both creates had landed and their Pods were stopped...
     let events = history.events();
     let uids = history.uids("again-1");
     assert_eq!(uids.len(), 2, "the outcome was recorded before the create sent again landed: {events:?}");
     for uid in &uids {
-        let stopped = |e: &PodEvent| &e.uid == uid && (e.kind == "DELETED" || e.deletion.is_some());
+        let stopped = |e: &PodEvent| &e.uid == uid && e.at < recorded && (e.kind == "DELETED" || e.deletion.is_some());
         assert!(
             history.first("again-1", stopped).is_some(),
             "again-1 ({uid}) was not being stopped when the job failed: {events:?}"
@@ -640,7 +655,9 @@ async fn second_attempt_after_both_first_pods_stopped(history: &PodHistory, runn
 /// Delete `redo-1` by hand and wait until it is gone, which must be before the first create lands (30 s after
 /// `running`), or the test shows nothing.
 async fn remove_by_hand_before_the_first_create_lands(env: &TestEnv, history: &PodHistory, running: Instant) {
-    remove_at_once(env, "redo-1").await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
+    remove_once_stopped(env, history, "redo-1").await;
     let deadline = Instant::now() + MINUTE;
     while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
         assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
@@ -712,7 +729,8 @@ async fn a_finished_pod_attempts_outcome_waits_until_a_create_whose_answer_was_l
     wait_pod_phase(&env, "quick", "Succeeded").await;
     // The replica has seen it finish by then.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    remove_at_once(&env, "quick-1").await;
+    remove_once_stopped(&env, &history, "quick-1").await;
+    assert!(running.elapsed() < Duration::from_secs(28), "too late to stage: {:?}", running.elapsed());
     let job = env.wait_job("quick", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     let recorded = jiff::Timestamp::now();
     assert_eq!(job.phase(), Phase::Succeeded, "{:?}", job.status);

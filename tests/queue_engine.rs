@@ -411,7 +411,8 @@ async fn unknown_handlers_bad_args_and_attempt_timeouts_end_with_readable_reason
 async fn sigterm_hands_a_running_job_back_so_another_replica_starts_it_at_once() {
     let env = TestEnv::new("sigterm").await;
     let mut a = env.replica("a", &["--shutdown-grace", "1s"]);
-    env.create("handover", json!({"jobName": "sleep", "args": {"seconds": 4}})).await;
+    // Long enough to be running still when a's 1 s grace ends, some 3 s after it was seen running, on a slow machine.
+    env.create("handover", json!({"jobName": "sleep", "args": {"seconds": 10}})).await;
     env.wait_job("handover", MINUTE, "Running on a", |j| {
         j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")
     })
