@@ -273,8 +273,9 @@ where
 }
 
 /// The events of a watch's answer, `body`, one per line ([`event_of`]). A connection that breaks ends them, with a
-/// warning and no error (as kube's own watch does: the watch is resumed at once from where it was, not after the
-/// backoff an error brings); a line that is not text is an error, and the lines after it are read on.
+/// warning and no error (as kube's own watch does: the watch is resumed from where it was, at once or, if it broke
+/// as soon as it was opened, after [`ENDED_AT_ONCE`], not after the backoff an error brings); a line that is not text
+/// is an error, and the lines after it are read on.
 fn events<K: Unreadable + Send>(
     body: impl futures::AsyncBufRead + Send + 'static,
 ) -> impl Stream<Item = kube::Result<WatchEvent<K>>> + Send {

@@ -389,7 +389,8 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
     let pid = second.pid;
 
     let _a = env.replica("a", &[]);
-    env.create("once", json!({"jobName": "sleep", "args": {"seconds": 14}, "retry": {"maxAttempts": 1}})).await;
+    // Long enough to run on through b's start, a second and the freeze, on a slow machine.
+    env.create("once", json!({"jobName": "sleep", "args": {"seconds": 22}, "retry": {"maxAttempts": 1}})).await;
     env.wait_job("once", MINUTE, "Running on a", |j| j.phase() == Phase::Running).await;
     let options = common::ReplicaOptions { kubeconfig: Some(second.kubeconfig.clone()), ..Default::default() };
     let b = env.replica_with("b", &[], &options);
@@ -408,6 +409,8 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
         // Past a lease duration: b's last view shows a's Lease unchanged, as if a were gone.
         tokio::time::sleep(Duration::from_secs(6)).await;
     }
+    let job = env.jobs.get("once").await.unwrap();
+    assert_ne!(job.phase(), Phase::Succeeded, "the job ended before the freeze did: the test showed nothing");
     let done = env.wait_job("once", MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!(
         (done.phase(), done.attempts()),
