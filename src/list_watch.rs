@@ -237,7 +237,8 @@ where
                         if opened.elapsed() < ENDED_AT_ONCE {
                             tracing::warn!(
                                 what = api.resource_url(),
-                                "the watch ended as soon as it was opened; watching again in 1 s"
+                                pause = ?ENDED_AT_ONCE,
+                                "the watch ended as soon as it was opened; watching again after a pause"
                             );
                             tokio::time::sleep(ENDED_AT_ONCE).await;
                         }

@@ -68,7 +68,6 @@ async fn wait_pod(
     }
 }
 
-/// Wait until the Pod `name` no longer exists; returns how long that took.
 /// Wait until Pod `name` is gone, at most `timeout` after `since`; how long after `since` it went.
 async fn wait_gone(pods: &Api<Pod>, agent: &NodeAgent, name: &str, since: Instant, timeout: Duration) -> Duration {
     while pods.get_opt(name).await.expect("get pod").is_some() {

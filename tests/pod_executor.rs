@@ -98,6 +98,15 @@ impl PodHistory {
     fn first(&self, pod: &str, what: impl Fn(&PodEvent) -> bool) -> Option<usize> {
         self.events().iter().position(|e| e.name == pod && what(e))
     }
+
+    /// Wait until an event about `pod` satisfies `what` (`described` says what it is), for at most `within`.
+    async fn wait_for(&self, pod: &str, what: impl Fn(&PodEvent) -> bool, described: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.first(pod, &what).is_none() {
+            assert!(Instant::now() < deadline, "{pod}: {described} not within {within:?}: {:?}", self.events());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 fn pod_event(kind: &'static str, pod: &Pod) -> PodEvent {
@@ -154,12 +163,8 @@ async fn live_pods(env: &TestEnv, job: &str) -> usize {
 /// the name free use it: a kubelet may take half a minute more to remove a Pod whose container has stopped (seen on
 /// CI), longer than a create can be held.
 async fn remove_once_stopped(env: &TestEnv, history: &PodHistory, pod: &str) {
-    let deadline = Instant::now() + MINUTE;
     let stopped = |e: &PodEvent| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed");
-    while history.first(pod, stopped).is_none() {
-        assert!(Instant::now() < deadline, "{pod} never stopped: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    history.wait_for(pod, stopped, "stopped", MINUTE).await;
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     match pods.delete(pod, &DeleteParams::default().grace_period(0)).await {
         Ok(_) => {}
@@ -584,11 +589,7 @@ async fn a_create_sent_again_after_its_answer_was_lost_cannot_bring_the_pod_back
     // Once the replica has asked for the Pod's deletion and its container has stopped, it is removed at once, so that
     // the create sent again (at about 40 s) finds the name free: the kubelet may leave a stopped Pod for half a
     // minute more.
-    let deadline = Instant::now() + MINUTE;
-    while history.first("again-1", |e| e.deletion.is_some()).is_none() {
-        assert!(Instant::now() < deadline, "the replica never deleted again-1: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    history.wait_for("again-1", |e| e.deletion.is_some(), "deleted by the replica", MINUTE).await;
     remove_once_stopped(&env, &history, "again-1").await;
     assert!(running.elapsed() < Duration::from_secs(36), "too late to stage: {:?}", running.elapsed());
     let job = env.wait_job("again", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
@@ -629,11 +630,7 @@ async fn a_create_whose_answer_was_lost_cannot_bring_back_a_pod_deleted_by_hand_
 /// that both Pods that held the first attempt's name (the first create made it again once the Pod was removed)
 /// stopped before it came; how long after `running` it came.
 async fn second_attempt_after_both_first_pods_stopped(history: &PodHistory, running: Instant) -> Duration {
-    let deadline = Instant::now() + 4 * MINUTE;
-    while history.first("redo-2", |e| e.kind == "ADDED").is_none() {
-        assert!(Instant::now() < deadline, "the second attempt never started: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    history.wait_for("redo-2", |e| e.kind == "ADDED", "the second attempt's Pod created", 4 * MINUTE).await;
     let retried = running.elapsed();
     tokio::time::sleep(Duration::from_secs(40).saturating_sub(running.elapsed())).await;
     let events = history.events();
@@ -658,11 +655,7 @@ async fn remove_by_hand_before_the_first_create_lands(env: &TestEnv, history: &P
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
     pods.delete("redo-1", &DeleteParams::default()).await.unwrap();
     remove_once_stopped(env, history, "redo-1").await;
-    let deadline = Instant::now() + MINUTE;
-    while history.first("redo-1", |e| e.kind == "DELETED").is_none() {
-        assert!(Instant::now() < deadline, "redo-1 was never removed: {:?}", history.events());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    history.wait_for("redo-1", |e| e.kind == "DELETED", "removed", MINUTE).await;
     assert!(running.elapsed() < Duration::from_secs(28), "too late to stage: {:?}", running.elapsed());
 }
 
