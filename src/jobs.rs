@@ -24,7 +24,7 @@ use crate::error::Result;
 pub fn watch(
     api: Api<BackgroundJob>,
 ) -> impl futures::Stream<Item = kube::runtime::watcher::Result<kube::runtime::watcher::Event<BackgroundJob>>> + Send {
-    crate::list_watch::list_watch(api, |_| {})
+    crate::list_watch::list_watch(api, None, |_| {})
 }
 
 /// Start a recurring definition's job now, outside its schedule (`bgjobs recurring trigger`).

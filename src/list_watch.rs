@@ -1,6 +1,7 @@
-//! A list-then-watch stream for large collections. It feeds a reflector as kube's `watcher` does (the same
-//! [`watcher::Event`]s and errors, so `default_backoff` and `reflect` apply), with two differences that matter at
-//! 100,000 jobs:
+//! A list-then-watch stream, made for large collections and used for every cache a replica keeps (jobs, definitions,
+//! and Leases by label), so that all of them lose a watch and catch up the same way. It feeds a reflector as kube's
+//! `watcher` does (the same [`watcher::Event`]s and errors, so `default_backoff` and `reflect` apply), with
+//! differences that matter at 100,000 jobs:
 //! - **The list comes from the apiserver's watch cache in one response** (`resourceVersion=0`, as client-go's
 //!   informers list), not page by page from etcd. Paged, each page is an etcd read decoded and encoded again; a list
 //!   of 100,000 jobs took minutes on a busy apiserver, by which time its resourceVersion had left the watch cache's
@@ -66,13 +67,24 @@ const WATCH_SILENCE: Duration = Duration::from_secs(295);
 /// replica would not see its jobs change meanwhile.
 const ENDED_AT_ONCE: Duration = Duration::from_secs(1);
 
-/// The list request: everything in scope, in one response, as fresh as `from` says (from the watch cache, or a quorum
-/// read from etcd).
-fn list_query(resource_url: &str, from: &ListFrom) -> String {
+/// The list request: everything in scope with `labels` (all if None), in one response, as fresh as `from` says (from
+/// the watch cache, or a quorum read from etcd).
+fn list_query(resource_url: &str, labels: Option<&str>, from: &ListFrom) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
     match from {
-        ListFrom::Any => format!("{resource_url}?resourceVersion=0&resourceVersionMatch=NotOlderThan"),
-        ListFrom::NotOlderThan(rv) => format!("{resource_url}?resourceVersion={rv}&resourceVersionMatch=NotOlderThan"),
-        ListFrom::Quorum(_) => resource_url.to_string(),
+        ListFrom::Any => query.append_pair("resourceVersion", "0"),
+        ListFrom::NotOlderThan(rv) => query.append_pair("resourceVersion", rv),
+        ListFrom::Quorum(_) => &mut query,
+    };
+    if !matches!(from, ListFrom::Quorum(_)) {
+        query.append_pair("resourceVersionMatch", "NotOlderThan");
+    }
+    if let Some(labels) = labels {
+        query.append_pair("labelSelector", labels);
+    }
+    match query.finish() {
+        query if query.is_empty() => resource_url.to_string(),
+        query => format!("{resource_url}?{query}"),
     }
 }
 
@@ -114,19 +126,27 @@ impl ListFrom {
     }
 }
 
-/// Events for `api`'s objects: a list, then a watch, each object through `modify` before it is passed on.
+/// Events for `api`'s objects with `labels` (a label selector; all if None): a list, then a watch, each object
+/// through `modify` before it is passed on.
 pub fn list_watch<K>(
     api: Api<K>,
+    labels: Option<String>,
     modify: impl Fn(&mut K) + Clone + Send + Sync + 'static,
 ) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
 where
     K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
     futures::stream::unfold(State::List(ListFrom::Any), move |state| {
-        let api = api.clone();
+        let scope = Scope { api: api.clone(), labels: labels.clone() };
         let modify = modify.clone();
-        async move { Some(step(&api, &modify, state).await) }
+        async move { Some(step(&scope, &modify, state).await) }
     })
+}
+
+/// What a stream lists and watches: `api`'s objects with `labels`.
+struct Scope<K> {
+    api: Api<K>,
+    labels: Option<String>,
 }
 
 enum State<K> {
@@ -152,7 +172,7 @@ enum State<K> {
 }
 
 async fn step<K>(
-    api: &Api<K>,
+    scope: &Scope<K>,
     modify: &(impl Fn(&mut K) + Clone + Send + Sync + 'static),
     mut state: State<K>,
 ) -> (watcher::Result<Event<K>>, State<K>)
@@ -161,7 +181,7 @@ where
 {
     loop {
         state = match state {
-            State::List(from) => match (Instant::now(), start_list(api, &from, modify.clone()).await) {
+            State::List(from) => match (Instant::now(), start_list(scope, &from, modify.clone()).await) {
                 (asked, Ok((items, parser))) => {
                     let answered = asked.elapsed().as_secs_f64();
                     return (Ok(Event::Init), State::Listing { items, parser, asked, answered, count: 0, from });
@@ -184,7 +204,7 @@ where
                             objects = count,
                             seconds,
                             answered_after = answered,
-                            what = api.resource_url(),
+                            what = scope.api.resource_url(),
                             "listed"
                         );
                         return (Ok(Event::InitDone), State::Watch { resource_version });
@@ -196,7 +216,7 @@ where
                     }
                 },
             },
-            State::Watch { resource_version } => match watch(api, &resource_version).await {
+            State::Watch { resource_version } => match watch(scope, &resource_version).await {
                 Ok(events) => State::Watching { resource_version, events: events.boxed(), opened: Instant::now() },
                 Err(e) => {
                     let next = if gone(&e) {
@@ -236,7 +256,7 @@ where
                     None => {
                         if opened.elapsed() < ENDED_AT_ONCE {
                             tracing::warn!(
-                                what = api.resource_url(),
+                                what = scope.api.resource_url(),
                                 pause = ?ENDED_AT_ONCE,
                                 "the watch ended as soon as it was opened; watching again after a pause"
                             );
@@ -250,26 +270,30 @@ where
     }
 }
 
-/// A watch of `api`'s objects from `resource_version`, each object decoded or made a stand-in.
+/// A watch of `scope`'s objects from `resource_version`, each object decoded or made a stand-in.
 ///
 /// Its lines are read here, not by kube's `request_events`, so that each object is taken as text ([`event_of`]):
 /// kube's `WatchEvent` is an adjacently tagged enum, which serde buffers (as values) when `object` comes before
 /// `type`, and text cannot be taken from a buffer. The apiserver writes `type` first, but anything that writes JSON
 /// with sorted keys (a proxy, a recorder) does not, and an event not read is lost for good: the watch goes on past it.
 async fn watch<K>(
-    api: &Api<K>,
+    scope: &Scope<K>,
     resource_version: &str,
 ) -> kube::Result<impl Stream<Item = kube::Result<WatchEvent<K>>> + Send + use<K>>
 where
     K: Unreadable + Clone + std::fmt::Debug + Send,
 {
-    let mut request = kube::core::Request::new(api.resource_url())
-        .watch(&WatchParams::default(), resource_version)
+    let mut params = WatchParams::default();
+    if let Some(labels) = &scope.labels {
+        params = params.labels(labels);
+    }
+    let mut request = kube::core::Request::new(scope.api.resource_url())
+        .watch(&params, resource_version)
         .map_err(kube::Error::BuildRequest)?;
     request.extensions_mut().insert("watch");
     // One gzip member per event (newer apiservers) is more than the client's decompression reads; as kube asks.
     request.headers_mut().insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
-    let body = api.clone().into_client().request_stream(request).await?;
+    let body = scope.api.clone().into_client().request_stream(request).await?;
     Ok(events(body))
 }
 
@@ -378,16 +402,17 @@ fn too_large(e: &kube::Error) -> bool {
 /// Sends the list request and, once the apiserver answers, parses its body on a blocking thread, item by item, into
 /// a small channel. The parser's result is the list's resourceVersion.
 async fn start_list<K>(
-    api: &Api<K>,
+    scope: &Scope<K>,
     from: &ListFrom,
     modify: impl Fn(&mut K) + Send + 'static,
 ) -> Result<(mpsc::Receiver<K>, JoinHandle<Result<String, kube::Error>>), kube::Error>
 where
     K: Unreadable + Clone + Send + 'static,
 {
-    let request =
-        http::Request::get(list_query(api.resource_url(), from)).body(Vec::new()).map_err(kube::Error::HttpError)?;
-    let body = api.clone().into_client().request_stream(request).await?;
+    let request = http::Request::get(list_query(scope.api.resource_url(), scope.labels.as_deref(), from))
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let body = scope.api.clone().into_client().request_stream(request).await?;
     let body = tokio_util::io::SyncIoBridge::new(body.compat());
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
     let parser = tokio::task::spawn_blocking(move || {
@@ -481,6 +506,7 @@ impl<'de, K: Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de> for Ite
 mod tests {
     use super::*;
     use crate::api::BackgroundJob;
+    use crate::testing::scripted_watch_apiserver;
 
     fn job(name: &str, rv: &str) -> serde_json::Value {
         serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
@@ -529,36 +555,6 @@ mod tests {
         assert_eq!(n, 1, "no item after the first refusal");
     }
 
-    /// Every request's URI, and when it came.
-    type Asked = std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
-
-    /// A scripted apiserver for the stream's requests: `lists` answer list requests in turn (a `Status` with its
-    /// code), `watches` answer watch requests in turn (each a body of watch events, one per line; an empty body once
-    /// they run out). Records every request's URI, and when it came.
-    fn scripted_apiserver(lists: Vec<serde_json::Value>, watches: Vec<String>) -> (Api<BackgroundJob>, Asked) {
-        use std::collections::VecDeque;
-        use std::sync::{Arc, Mutex};
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let lists = Arc::new(Mutex::new(VecDeque::from(lists)));
-        let watches = Arc::new(Mutex::new(VecDeque::from(watches)));
-        let seen = asked.clone();
-        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            let uri = request.uri().to_string();
-            seen.lock().unwrap().push((Instant::now(), uri.clone()));
-            let (code, body) = if uri.contains("watch=true") {
-                (200, watches.lock().unwrap().pop_front().unwrap_or_default().into_bytes())
-            } else {
-                let answer = lists.lock().unwrap().pop_front().expect("a list to answer");
-                let code = if answer["kind"] == "Status" { answer["code"].as_u64().unwrap() as u16 } else { 200 };
-                (code, serde_json::to_vec(&answer).unwrap())
-            };
-            let mut response = http::Response::new(kube::client::Body::from(body));
-            *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
-            async move { Ok::<_, std::convert::Infallible>(response) }
-        });
-        (Api::namespaced(kube::Client::new(service, "ns"), "ns"), asked)
-    }
-
     fn list(items: Vec<serde_json::Value>, rv: &str) -> serde_json::Value {
         serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "items": items, "kind": "BackgroundJobList",
             "metadata": {"resourceVersion": rv}})
@@ -576,7 +572,7 @@ mod tests {
             "metadata": {"resourceVersion": "15"}});
         let expired = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
             "message": "too old resource version: 15 (18)", "reason": "Expired", "code": 410});
-        let (api, asked) = scripted_apiserver(
+        let (api, asked) = scripted_watch_apiserver(
             vec![list(vec![job("a", "3")], "10"), list(vec![job("b", "19")], "20")],
             vec![
                 // The first watch ends after a bookmark (its timeout); the second resumes from the bookmark.
@@ -584,7 +580,7 @@ mod tests {
                 event("DELETED", job("a", "16")) + &event("ERROR", expired),
             ],
         );
-        let seen: Vec<String> = list_watch(api, |j: &mut BackgroundJob| j.spec.args = None)
+        let seen: Vec<String> = list_watch(api, None, |j: &mut BackgroundJob| j.spec.args = None)
             .take(9)
             .map(|e| match e {
                 Ok(Event::Init) => "init".to_string(),
@@ -633,7 +629,7 @@ mod tests {
         let unavailable = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
             "message": "the server is currently unable to handle the request", "reason": "ServiceUnavailable",
             "code": 503});
-        let (api, asked) = scripted_apiserver(
+        let (api, asked) = scripted_watch_apiserver(
             vec![
                 list(vec![job("a", "3")], "10"),
                 unavailable.clone(),
@@ -644,7 +640,7 @@ mod tests {
             ],
             vec![event("MODIFIED", job("a", "16")) + &event("ERROR", expired)],
         );
-        let seen: Vec<String> = list_watch(api, |_: &mut BackgroundJob| {})
+        let seen: Vec<String> = list_watch(api, None, |_: &mut BackgroundJob| {})
             .take(11)
             .map(|e| match e {
                 Ok(Event::Init) => "init".to_string(),
@@ -716,7 +712,7 @@ mod tests {
             async move { Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(body))) }
         });
         let api: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
-        let mut stream = list_watch(api, |_: &mut BackgroundJob| {}).boxed();
+        let mut stream = list_watch(api, None, |_: &mut BackgroundJob| {}).boxed();
         let mut applied = Vec::new();
         let hour = tokio::time::Instant::now() + Duration::from_secs(3_600);
         while applied.len() < 2 {
@@ -745,11 +741,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_watch_that_ends_as_soon_as_it_was_opened_is_opened_again_after_a_pause_and_is_no_error() {
         let (api, asked) =
-            scripted_apiserver(vec![list(vec![job("a", "3")], "10")], vec![event("MODIFIED", job("a", "11"))]);
+            scripted_watch_apiserver(vec![list(vec![job("a", "3")], "10")], vec![event("MODIFIED", job("a", "11"))]);
         let items = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = items.clone();
         let reader = tokio::spawn(async move {
-            let mut stream = list_watch(api, |_: &mut BackgroundJob| {}).boxed();
+            let mut stream = list_watch(api, None, |_: &mut BackgroundJob| {}).boxed();
             while let Some(item) = stream.next().await {
                 seen.lock().unwrap().push(match item {
                     Ok(Event::Init) => "init".to_string(),
@@ -791,7 +787,7 @@ mod tests {
             &format!(r#""spec":{{"args":{}{}{}"#, "[".repeat(200), "]".repeat(200), ","),
             1,
         );
-        let (api, _) = scripted_apiserver(
+        let (api, _) = scripted_watch_apiserver(
             vec![list(vec![job("a", "3"), bad, job("c", "5")], "10")],
             vec![
                 event("ADDED", bad_later)
@@ -800,7 +796,7 @@ mod tests {
                     + &event("ADDED", job("e", "15")),
             ],
         );
-        let seen: Vec<String> = list_watch(api, |_: &mut BackgroundJob| {})
+        let seen: Vec<String> = list_watch(api, None, |_: &mut BackgroundJob| {})
             .take(9)
             .map(|e| match e {
                 Ok(Event::InitApply(j) | Event::Apply(j)) => {
@@ -919,11 +915,22 @@ mod tests {
     #[test]
     fn the_list_is_asked_of_the_watch_cache_in_one_response() {
         let url = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
-        let q = list_query(url, &ListFrom::Any);
+        let q = list_query(url, None, &ListFrom::Any);
         assert!(q.ends_with("backgroundjobs?resourceVersion=0&resourceVersionMatch=NotOlderThan"), "{q}");
         assert!(!q.contains("limit"));
-        let q = list_query(url, &ListFrom::NotOlderThan("42".into()));
+        let q = list_query(url, None, &ListFrom::NotOlderThan("42".into()));
         assert!(q.ends_with("backgroundjobs?resourceVersion=42&resourceVersionMatch=NotOlderThan"), "{q}");
-        assert_eq!(list_query(url, &ListFrom::Quorum("42".into())), url, "no resourceVersion: the latest, from etcd");
+        let quorum = ListFrom::Quorum("42".into());
+        assert_eq!(list_query(url, None, &quorum), url, "no resourceVersion: the latest, from etcd");
+    }
+
+    #[test]
+    fn a_list_by_label_carries_its_selector_encoded() {
+        let url = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";
+        let labels = Some("app.kubernetes.io/managed-by=bgjobs");
+        let encoded = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dbgjobs";
+        let q = list_query(url, labels, &ListFrom::Any);
+        assert!(q.ends_with(&format!("leases?resourceVersion=0&resourceVersionMatch=NotOlderThan&{encoded}")), "{q}");
+        assert_eq!(list_query(url, labels, &ListFrom::Quorum("42".into())), format!("{url}?{encoded}"));
     }
 }

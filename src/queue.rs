@@ -90,7 +90,7 @@ impl QueueView {
         let children = crate::recurring::Children::new();
         let index = children.clone();
         let jobs = reflect(
-            crate::list_watch::list_watch(scoped::<BackgroundJob>(&client, namespace), slim),
+            crate::list_watch::list_watch(scoped::<BackgroundJob>(&client, namespace), None, slim),
             "BackgroundJob",
             move |event| {
                 note(&noted, event, |c, job: &BackgroundJob| {
@@ -113,29 +113,27 @@ impl QueueView {
             }
         };
         let leases = reflect(
-            watcher(scoped::<Lease>(&client, namespace), watcher::Config::default().labels(&managed)),
+            leases_with(scoped::<Lease>(&client, namespace), &managed),
             "Lease",
             lease_note(changes.clone(), vec![changed.clone()]),
         );
         let in_lease_ns = || Api::<Lease>::namespaced(client.clone(), lease_namespace);
         let slots = slots.then(|| {
             reflect(
-                watcher(in_lease_ns(), watcher::Config::default().labels(SLOT_LABEL)),
+                leases_with(in_lease_ns(), SLOT_LABEL),
                 "slot Lease",
                 lease_note(changes.clone(), vec![changed.clone()]),
             )
         });
         let both = [changed.clone(), recurring_changed.clone()];
-        let members = reflect(
-            watcher(in_lease_ns(), watcher::Config::default().labels(MEMBER_LABEL)),
-            "member Lease",
-            move |_| both.iter().for_each(|n| n.notify_one()),
-        );
+        let members = reflect(leases_with(in_lease_ns(), MEMBER_LABEL), "member Lease", move |_| {
+            both.iter().for_each(|n| n.notify_one())
+        });
         let recurring = recurring_changed.clone();
         // Definitions too come through `list_watch`: one the operator cannot read is kept as its stand-in (reported
         // invalid) instead of failing every list of them.
         let definitions = reflect(
-            crate::list_watch::list_watch(scoped::<RecurringBackgroundJob>(&client, namespace), |d| {
+            crate::list_watch::list_watch(scoped::<RecurringBackgroundJob>(&client, namespace), None, |d| {
                 d.metadata.managed_fields = None
             }),
             "RecurringBackgroundJob",
@@ -194,6 +192,16 @@ pub fn slim(job: &mut BackgroundJob) {
     }
 }
 
+/// `api`'s Leases with `labels`, listed and watched as the jobs are ([`crate::list_watch`]): a watch that ends as soon
+/// as it was opened is opened again after a pause, not in a loop (kube's `watcher`, which these caches used, asks
+/// again at once, and yields nothing while it does).
+fn leases_with(
+    api: Api<Lease>,
+    labels: &str,
+) -> impl futures::Stream<Item = watcher::Result<watcher::Event<Lease>>> + Send + use<> {
+    crate::list_watch::list_watch(api, Some(labels.to_string()), |_| {})
+}
+
 fn scoped<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K::DynamicType: Default,
@@ -204,8 +212,7 @@ where
     }
 }
 
-/// A reflector over `events` (kube's `watcher` for Leases, `list_watch` for bgjobs' kinds): each event, once cached,
-/// goes to `on_event`.
+/// A reflector over `events` (a [`crate::list_watch`] stream): each event, once cached, goes to `on_event`.
 fn reflect<K>(
     events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     what: &'static str,
@@ -281,6 +288,43 @@ mod tests {
         assert_eq!(job.labels(), before.labels());
         assert!(s.conditions.is_empty() && s.last_error.is_none() && s.worker.is_none() && s.lease.is_none());
         assert!(s.report_key.is_none() && s.result.is_none());
+    }
+
+    /// The Lease caches are listed and watched by their labels, and a Lease watch that ends as soon as it was opened
+    /// (something in between ends every watch) is opened again only after a pause. kube's `watcher`, which these
+    /// caches used, asked again at once, in a loop that yielded nothing. The stream is read for 2.5 s in a task of
+    /// its own: three watches with the pause (two on a slow machine), thousands without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_caches_watch_by_label_and_a_watch_that_ends_at_once_is_opened_again_only_after_a_pause() {
+        let lease = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "slot-0", "namespace": "ns", "resourceVersion": "7", "labels": {SLOT_LABEL: "0"}}});
+        let list = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+            "metadata": {"resourceVersion": "10"}, "items": [lease]});
+        let (api, asked) = crate::testing::scripted_watch_apiserver::<Lease>(vec![list], vec![]);
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let seen = items.clone();
+        let reader = tokio::spawn(async move {
+            let mut stream = leases_with(api, SLOT_LABEL).boxed();
+            while let Some(item) = stream.next().await {
+                seen.lock().unwrap().push(match item {
+                    Ok(watcher::Event::InitApply(l)) => format!("init-apply {}", l.name_any()),
+                    Ok(other) => format!("{other:?}"),
+                    Err(e) => format!("error {e}"),
+                });
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+        reader.abort();
+        let asked: Vec<String> = asked.lock().unwrap().iter().map(|(_, uri)| uri.clone()).collect();
+        let watches = asked.iter().filter(|uri| uri.contains("watch=true")).count();
+        assert!(
+            (2..=4).contains(&watches),
+            "{watches} watches in 2.5 s; the first: {:?}",
+            &asked[..asked.len().min(4)]
+        );
+        let selector = "labelSelector=bgjobs.dev%2Fslot";
+        assert!(asked.iter().all(|uri| uri.contains(selector)), "{asked:?}");
+        assert_eq!(*items.lock().unwrap(), ["Init", "init-apply slot-0", "InitDone"]);
     }
 
     /// Every cached job costs a replica this much inline, whatever it holds: the Pod template (1.7 KB inline) is

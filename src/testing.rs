@@ -1,5 +1,5 @@
 //! Unit-test support: a client whose apiserver is a function, for the few I/O paths whose requests are the thing to
-//! check (what a give-back or a delete asks for), without a control plane.
+//! check (what a give-back or a delete asks for, how a watch is listed and opened again), without a control plane.
 
 use std::sync::{Arc, Mutex};
 
@@ -39,4 +39,37 @@ pub fn scripted_client(
         }
     });
     (kube::Client::new(service, "ns"), sent)
+}
+
+/// Every request's URI (with its query), and when it came.
+pub type Asked = Arc<Mutex<Vec<(tokio::time::Instant, String)>>>;
+
+/// A scripted apiserver for a list-then-watch stream's requests (`list_watch`): `lists` answer list requests in turn
+/// (a `Status` with its code), `watches` answer watch requests in turn (each a body of watch events, one per line;
+/// an empty body, a watch that ends at once, once they run out). Records every request's URI, and when it came.
+pub fn scripted_watch_apiserver<K>(lists: Vec<serde_json::Value>, watches: Vec<String>) -> (kube::Api<K>, Asked)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    use std::collections::VecDeque;
+    let asked: Asked = Arc::default();
+    let lists = Arc::new(Mutex::new(VecDeque::from(lists)));
+    let watches = Arc::new(Mutex::new(VecDeque::from(watches)));
+    let seen = asked.clone();
+    let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let uri = request.uri().to_string();
+        seen.lock().unwrap().push((tokio::time::Instant::now(), uri.clone()));
+        let (code, body) = if uri.contains("watch=true") {
+            (200, watches.lock().unwrap().pop_front().unwrap_or_default().into_bytes())
+        } else {
+            let answer = lists.lock().unwrap().pop_front().expect("a list to answer");
+            let code = if answer["kind"] == "Status" { answer["code"].as_u64().unwrap() as u16 } else { 200 };
+            (code, serde_json::to_vec(&answer).unwrap())
+        };
+        let mut response = http::Response::new(kube::client::Body::from(body));
+        *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    (kube::Api::namespaced(kube::Client::new(service, "ns"), "ns"), asked)
 }

@@ -241,6 +241,15 @@ impl Unreadable for BackgroundJob {
     }
 }
 
+/// A Lease has no part a user shapes: one the types cannot hold is an error, not a stand-in.
+impl Unreadable for k8s_openapi::api::coordination::v1::Lease {
+    fn without_open_part(_: &mut serde_json::Value) {}
+
+    fn stand_in(_: Shell, _: ObjectMeta) -> Option<Self> {
+        None
+    }
+}
+
 impl Unreadable for RecurringBackgroundJob {
     fn without_open_part(object: &mut serde_json::Value) {
         if let Some(spec) = object.pointer_mut("/spec/jobTemplate/spec").and_then(|s| s.as_object_mut()) {
