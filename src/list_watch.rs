@@ -67,20 +67,23 @@ const WATCH_SILENCE: Duration = Duration::from_secs(295);
 /// replica would not see its jobs change meanwhile.
 const ENDED_AT_ONCE: Duration = Duration::from_secs(1);
 
-/// The list request: everything in scope with `labels` (all if None), in one response, as fresh as `from` says (from
+/// The list request: everything in scope with `labels` and `fields` (selectors; all if None), in one response, as fresh as `from` says (from
 /// the watch cache, or a quorum read from etcd).
-fn list_query(resource_url: &str, labels: Option<&str>, from: &ListFrom) -> String {
+fn list_query(resource_url: &str, labels: Option<&str>, fields: Option<&str>, from: &ListFrom) -> String {
     let mut query = url::form_urlencoded::Serializer::new(String::new());
     match from {
         ListFrom::Any => query.append_pair("resourceVersion", "0"),
         ListFrom::NotOlderThan(rv) => query.append_pair("resourceVersion", rv),
-        ListFrom::Quorum(_) => &mut query,
+        ListFrom::Latest | ListFrom::Quorum(_) => &mut query,
     };
-    if !matches!(from, ListFrom::Quorum(_)) {
+    if !matches!(from, ListFrom::Latest | ListFrom::Quorum(_)) {
         query.append_pair("resourceVersionMatch", "NotOlderThan");
     }
     if let Some(labels) = labels {
         query.append_pair("labelSelector", labels);
+    }
+    if let Some(fields) = fields {
+        query.append_pair("fieldSelector", fields);
     }
     match query.finish() {
         query if query.is_empty() => resource_url.to_string(),
@@ -105,6 +108,9 @@ enum ListFrom {
     NotOlderThan(String),
     /// The latest version, read from etcd: after an apiserver could not serve a version as new as this one, seen.
     Quorum(String),
+    /// The latest version, read from etcd: the first list of one object's watch ([`watch_one`]), which must not show
+    /// an older object than a read would (a Pod just made, missing from a lagging cache, would look gone).
+    Latest,
 }
 
 impl ListFrom {
@@ -136,17 +142,60 @@ pub fn list_watch<K>(
 where
     K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
-    futures::stream::unfold(State::List(ListFrom::Any), move |state| {
-        let scope = Scope { api: api.clone(), labels: labels.clone() };
+    stream(Scope { api, labels, fields: None }, ListFrom::Any, modify)
+}
+
+/// The changes of `api`'s object `name`, as kube's `watch_object` gives them (`Some` as it is now; `None` once it is
+/// deleted, or when a list does not have it), through the same list-then-watch as the caches. Its first list is read
+/// from etcd, as kube's is: a cache that lags must not show an object just made as gone.
+pub fn watch_one<K>(api: Api<K>, name: &str) -> impl Stream<Item = watcher::Result<Option<K>>> + Send + use<K>
+where
+    K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
+{
+    let scope = Scope { api, labels: None, fields: Some(format!("metadata.name={name}")) };
+    // Whether the object was in the list being read: a list without it says it is gone.
+    stream(scope, ListFrom::Latest, |_| {})
+        .scan(false, |listed, event| {
+            let object = match event {
+                Ok(Event::Init) => {
+                    *listed = false;
+                    None
+                }
+                Ok(Event::InitApply(o)) => {
+                    *listed = true;
+                    Some(Ok(Some(o)))
+                }
+                Ok(Event::InitDone) => (!*listed).then_some(Ok(None)),
+                Ok(Event::Apply(o)) => Some(Ok(Some(o))),
+                Ok(Event::Delete(_)) => Some(Ok(None)),
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(Some(object))
+        })
+        .filter_map(futures::future::ready)
+}
+
+fn stream<K>(
+    scope: Scope<K>,
+    first: ListFrom,
+    modify: impl Fn(&mut K) + Clone + Send + Sync + 'static,
+) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
+{
+    futures::stream::unfold(State::List(first), move |state| {
+        let scope = scope.clone();
         let modify = modify.clone();
         async move { Some(step(&scope, &modify, state).await) }
     })
 }
 
-/// What a stream lists and watches: `api`'s objects with `labels`.
+/// What a stream lists and watches: `api`'s objects with `labels` and `fields` (selectors; all if None).
+#[derive(Clone)]
 struct Scope<K> {
     api: Api<K>,
     labels: Option<String>,
+    fields: Option<String>,
 }
 
 enum State<K> {
@@ -287,6 +336,9 @@ where
     if let Some(labels) = &scope.labels {
         params = params.labels(labels);
     }
+    if let Some(fields) = &scope.fields {
+        params = params.fields(fields);
+    }
     let mut request = kube::core::Request::new(scope.api.resource_url())
         .watch(&params, resource_version)
         .map_err(kube::Error::BuildRequest)?;
@@ -409,9 +461,14 @@ async fn start_list<K>(
 where
     K: Unreadable + Clone + Send + 'static,
 {
-    let request = http::Request::get(list_query(scope.api.resource_url(), scope.labels.as_deref(), from))
-        .body(Vec::new())
-        .map_err(kube::Error::HttpError)?;
+    let request = http::Request::get(list_query(
+        scope.api.resource_url(),
+        scope.labels.as_deref(),
+        scope.fields.as_deref(),
+        from,
+    ))
+    .body(Vec::new())
+    .map_err(kube::Error::HttpError)?;
     let body = scope.api.clone().into_client().request_stream(request).await?;
     let body = tokio_util::io::SyncIoBridge::new(body.compat());
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
@@ -915,13 +972,43 @@ mod tests {
     #[test]
     fn the_list_is_asked_of_the_watch_cache_in_one_response() {
         let url = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
-        let q = list_query(url, None, &ListFrom::Any);
+        let q = list_query(url, None, None, &ListFrom::Any);
         assert!(q.ends_with("backgroundjobs?resourceVersion=0&resourceVersionMatch=NotOlderThan"), "{q}");
         assert!(!q.contains("limit"));
-        let q = list_query(url, None, &ListFrom::NotOlderThan("42".into()));
+        let q = list_query(url, None, None, &ListFrom::NotOlderThan("42".into()));
         assert!(q.ends_with("backgroundjobs?resourceVersion=42&resourceVersionMatch=NotOlderThan"), "{q}");
         let quorum = ListFrom::Quorum("42".into());
-        assert_eq!(list_query(url, None, &quorum), url, "no resourceVersion: the latest, from etcd");
+        assert_eq!(list_query(url, None, None, &quorum), url, "no resourceVersion: the latest, from etcd");
+    }
+
+    /// One object's watch: its first list is the latest, from etcd, and both list and watch select it by name; it
+    /// says `Some` as the object is and `None` once it is deleted, or when a list does not have it.
+    #[tokio::test]
+    async fn one_objects_watch_lists_it_from_etcd_by_name_and_says_none_when_it_is_gone() {
+        let describe = |e: watcher::Result<Option<BackgroundJob>>| match e {
+            Ok(Some(j)) => format!("{} {}", j.name_any(), j.resource_version().unwrap()),
+            Ok(None) => "gone".to_string(),
+            Err(e) => format!("error {e}"),
+        };
+        let (api, asked) = scripted_watch_apiserver(
+            vec![list(vec![job("a", "3")], "10")],
+            vec![event("MODIFIED", job("a", "11")) + &event("DELETED", job("a", "12"))],
+        );
+        let seen: Vec<String> = watch_one(api, "a").take(3).map(describe).collect().await;
+        assert_eq!(seen, ["a 3", "a 11", "gone"]);
+        let asked = asked.lock().unwrap().clone();
+        let query = |i: usize| asked[i].1.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+        assert_eq!(query(0), "fieldSelector=metadata.name%3Da");
+        assert!(
+            query(1).contains("watch=true") && query(1).contains("fieldSelector=metadata.name%3Da"),
+            "{}",
+            query(1)
+        );
+        assert!(query(1).contains("resourceVersion=10"), "{}", query(1));
+
+        let (api, _) = scripted_watch_apiserver::<BackgroundJob>(vec![list(vec![], "10")], vec![]);
+        let seen: Vec<String> = watch_one(api, "a").take(1).map(describe).collect().await;
+        assert_eq!(seen, ["gone"], "a list without the object says it is gone");
     }
 
     #[test]
@@ -929,8 +1016,8 @@ mod tests {
         let url = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";
         let labels = Some("app.kubernetes.io/managed-by=bgjobs");
         let encoded = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dbgjobs";
-        let q = list_query(url, labels, &ListFrom::Any);
+        let q = list_query(url, labels, None, &ListFrom::Any);
         assert!(q.ends_with(&format!("leases?resourceVersion=0&resourceVersionMatch=NotOlderThan&{encoded}")), "{q}");
-        assert_eq!(list_query(url, labels, &ListFrom::Quorum("42".into())), format!("{url}?{encoded}"));
+        assert_eq!(list_query(url, labels, None, &ListFrom::Quorum("42".into())), format!("{url}?{encoded}"));
     }
 }

@@ -241,14 +241,20 @@ impl Unreadable for BackgroundJob {
     }
 }
 
-/// A Lease has no part a user shapes: one the types cannot hold is an error, not a stand-in.
-impl Unreadable for k8s_openapi::api::coordination::v1::Lease {
-    fn without_open_part(_: &mut serde_json::Value) {}
+/// Kinds of Kubernetes' own that the operator watches (its Leases, its attempts' Pods): the apiserver checks their
+/// every field, so one the types cannot hold is an error, not a stand-in.
+macro_rules! checked_by_the_apiserver {
+    ($($kind:ty),*) => {$(
+        impl Unreadable for $kind {
+            fn without_open_part(_: &mut serde_json::Value) {}
 
-    fn stand_in(_: Shell, _: ObjectMeta) -> Option<Self> {
-        None
-    }
+            fn stand_in(_: Shell, _: ObjectMeta) -> Option<Self> {
+                None
+            }
+        }
+    )*};
 }
+checked_by_the_apiserver!(k8s_openapi::api::coordination::v1::Lease, k8s_openapi::api::core::v1::Pod);
 
 impl Unreadable for RecurringBackgroundJob {
     fn without_open_part(object: &mut serde_json::Value) {

@@ -64,7 +64,6 @@ use k8s_openapi::api::authorization::v1::LocalSubjectAccessReview;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::watch_object;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::time::Instant;
 
@@ -72,6 +71,7 @@ use super::JobContext;
 use crate::api::{BackgroundJob, RecurringBackgroundJob};
 use crate::client::CREATE_LANDS_WITHIN;
 use crate::error::api_code;
+use crate::list_watch::watch_one;
 use crate::policy::PodPolicy;
 use crate::policy::creator::{self, CreatorCheck};
 use crate::retry::AttemptResult;
@@ -561,11 +561,11 @@ fn finished(pod: &Pod) -> bool {
 /// Wait until the Pod `uid` named `name` can run nothing any more: `Some` with a final phase, `None` once a GET
 /// confirms it is gone (absent, or the name holds another Pod). Nothing else ends the wait: a broken watch (410
 /// Gone, a reset connection, a failed re-list) is watched again with backoff, and a watch that says "gone" (it may
-/// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced by
-/// the watcher's idle timeout (about 5 minutes). The attempt runner bounds the whole wait. A Pod seen being deleted
+/// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced after
+/// 295 s of silence ([`crate::list_watch`]). The attempt runner bounds the whole wait. A Pod seen being deleted
 /// that is still not stopped `overdue.after` past its grace period is reported to `overdue` (once).
 async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue<'_>) -> Option<Pod> {
-    let mut watch = std::pin::pin!(watch_object(pods.clone(), name).default_backoff());
+    let mut watch = std::pin::pin!(watch_one(pods.clone(), name).default_backoff());
     let mut overdue_at: Option<Instant> = None;
     let mut told = false;
     loop {

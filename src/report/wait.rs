@@ -10,12 +10,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::watch_object;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
 use super::decide::{self, Liveness};
 use crate::api::BackgroundJob;
+use crate::list_watch::watch_one;
 use crate::retry::AttemptResult;
 use crate::status::{self, Fence, Fenced};
 use crate::worker::Worker;
@@ -58,7 +58,7 @@ pub async fn until_reported(
         info!("adopted an attempt that waits for its worker's report");
     }
     marked();
-    let mut watch = pin!(watch_object(jobs.clone(), &job.name_any()).default_backoff());
+    let mut watch = pin!(watch_one(jobs.clone(), &job.name_any()).default_backoff());
     loop {
         if !fence.holds(&job) {
             return AttemptResult::Reported;
