@@ -38,6 +38,10 @@ use crate::retry::AttemptResult;
 
 /// Longest part of a response body quoted in `lastError`.
 const BODY_EXCERPT: usize = 300;
+/// Most of an error answer's body read for that quote: enough for 300 characters of UTF-8.
+const BODY_READ_LIMIT: usize = 4 * BODY_EXCERPT;
+/// Longest wait for that much of it.
+const BODY_READ_TIME: Duration = Duration::from_secs(5);
 
 /// Name resolution for the HTTP executor (a trait so tests can answer with addresses of their choosing).
 pub trait Lookup: Send + Sync {
@@ -91,6 +95,20 @@ pub fn reserved_header(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Why the job's header `name: value` is not sent, if it is not: a name or a value HTTP does not allow (every attempt
+/// would fail the same way, so the job fails at once, saying which), or a reserved name ([`reserved_header`]).
+fn refused_header(name: &str, value: &str) -> Option<String> {
+    if let Err(e) = reqwest::header::HeaderName::from_bytes(name.as_bytes()) {
+        return Some(format!("has {name:?}, which is not an HTTP header name ({e})"));
+    }
+    if let Err(e) = reqwest::header::HeaderValue::from_str(value) {
+        return Some(format!(
+            "gives {name:?} a value HTTP does not allow ({e}: only visible ASCII, spaces and tabs, no line breaks)"
+        ));
+    }
+    reserved_header(name).map(|why| format!("sets {name:?}, which a job may not set ({why})"))
+}
+
 /// The HTTP executor of a replica: its egress policy and resolver.
 pub struct HttpExecutor {
     policy: EgressPolicy,
@@ -139,10 +157,8 @@ impl HttpExecutor {
             Ok(u) => u,
             Err(e) => return AttemptResult::Permanent(format!("spec.http.url {:?} is not a URL: {e}", target.url)),
         };
-        if let Some((name, why)) = target.headers.keys().find_map(|k| reserved_header(k).map(|why| (k, why))) {
-            return AttemptResult::Permanent(format!(
-                "spec.http.headers sets {name:?}, which a job may not set ({why}); nothing was sent"
-            ));
+        if let Some(why) = target.headers.iter().find_map(|(name, value)| refused_header(name, value)) {
+            return AttemptResult::Permanent(format!("spec.http.headers {why}; nothing was sent"));
         }
         let timeout = target.timeout_seconds.or(attempt_timeout_seconds).map(|s| Duration::from_secs(s.max(1) as u64));
         let checked = async {
@@ -220,15 +236,32 @@ async fn outcome(url: &str, resp: reqwest::Response) -> AttemptResult {
              spec.http.url; point the job at the final URL"
         ));
     }
-    let body = resp.text().await.unwrap_or_default();
-    let excerpt: String = body.chars().take(BODY_EXCERPT).collect();
-    let msg = format!("POST {url} answered {status}: {excerpt}");
+    let msg = format!("POST {url} answered {status}: {}", excerpt(resp).await);
     let retry_anyway = status.as_u16() == 408 || status.as_u16() == 429;
     if status.is_client_error() && !retry_anyway {
         AttemptResult::Permanent(msg)
     } else {
         AttemptResult::Retryable(msg)
     }
+}
+
+/// The start of an error answer's body, for `lastError`: at most [`BODY_READ_LIMIT`] bytes of it are read, for at
+/// most [`BODY_READ_TIME`], and the rest is dropped unread. The status decides the outcome; the body only explains
+/// it, and an endpoint that answers with a body without end (or one that never comes) must not fill the replica's
+/// memory or hold the attempt.
+async fn excerpt(mut resp: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let read = async {
+        while body.len() < BODY_READ_LIMIT {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(BODY_READ_TIME, read).await;
+    body.truncate(BODY_READ_LIMIT);
+    String::from_utf8_lossy(&body).chars().take(BODY_EXCERPT).collect()
 }
 
 #[cfg(test)]
@@ -332,6 +365,62 @@ mod tests {
         assert_eq!(server.await.unwrap(), 1, "one request: the redirect was not followed");
     }
 
+    /// An error answer's body is only quoted: one without end is read only in part (it would fill the replica's
+    /// memory), and one that never comes is waited for only a while (it would hold the attempt for ever, without a
+    /// timeout). Neither job has a timeout; both attempts end, retryable, with the status.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_error_answers_body_without_end_is_read_only_in_part_and_one_that_never_comes_only_a_while() {
+        async fn serve(answer: &'static [u8], endless: bool) -> (u16, tokio::task::JoinHandle<usize>) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(async move {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let mut sent = 0;
+                if sock.write_all(answer).await.is_err() {
+                    return sent;
+                }
+                let chunk = [b"10000\r\n".as_slice(), &[b'x'; 0x10000], b"\r\n"].concat();
+                while endless && sock.write_all(&chunk).await.is_ok() {
+                    sent += chunk.len();
+                }
+                // A body that never comes: the connection stays open, silent, until the client leaves.
+                while !endless && sock.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                sent
+            });
+            (port, server)
+        }
+        let no_timeout = |port: u16| HttpTarget {
+            url: format!("http://127.0.0.1:{port}/"),
+            headers: Default::default(),
+            timeout_seconds: None,
+        };
+        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let (ctx, args) = (ctx(), serde_json::json!({}));
+        let endless = b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n";
+        let (port, server) = serve(endless, true).await;
+        let target = no_timeout(port);
+        let post = exec.post(&target, &ctx, &args, None);
+        let r = tokio::time::timeout(Duration::from_secs(60), post).await.expect("the endless body was read for 60 s");
+        let AttemptResult::Retryable(msg) = r else { panic!("expected a retryable failure, got {r:?}") };
+        assert!(msg.contains("answered 500 Internal Server Error: xxx"), "{msg}");
+        assert!(msg.len() < 400, "the quote is cut: {} bytes", msg.len());
+        let sent = server.await.unwrap();
+        assert!(sent < 64 << 20, "the body was read on: {sent} bytes sent");
+
+        let silent = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\n";
+        let (port, server) = serve(silent, false).await;
+        let started = tokio::time::Instant::now();
+        let target = no_timeout(port);
+        let post = exec.post(&target, &ctx, &args, None);
+        let r = tokio::time::timeout(Duration::from_secs(60), post).await.expect("the silent body was waited for 60 s");
+        let AttemptResult::Retryable(msg) = r else { panic!("expected a retryable failure, got {r:?}") };
+        assert!(msg.contains("answered 503 Service Unavailable"), "{msg}");
+        assert!(started.elapsed() >= BODY_READ_TIME, "the body was waited for {:?}", started.elapsed());
+        server.await.unwrap();
+    }
+
     #[tokio::test]
     async fn the_pinned_resolver_answers_only_its_host() {
         let pinned = Pinned { host: "a.example".into(), addrs: vec!["127.0.0.1".parse().unwrap()] };
@@ -424,5 +513,43 @@ mod reserved_headers {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!server.is_finished(), "a request was sent: {:?}", server.await);
         server.abort();
+    }
+
+    /// A header name or value HTTP does not allow fails every attempt the same way: the job fails at once, saying
+    /// which header and why, and nothing is sent (it was retried until the job's timeout, as "builder error").
+    #[tokio::test]
+    async fn a_header_http_does_not_allow_fails_the_job_saying_why_and_nothing_is_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let cases = [
+            ("X Trace", "1", "\"X Trace\", which is not an HTTP header name"),
+            ("X-Trace", "a\nb", "\"X-Trace\" a value HTTP does not allow"),
+        ];
+        for (name, value, expected) in cases {
+            let target = HttpTarget {
+                url: format!("http://127.0.0.1:{port}/"),
+                headers: [(name.to_string(), value.to_string())].into(),
+                timeout_seconds: Some(5),
+            };
+            let ctx = JobContext {
+                namespace: "team-a".into(),
+                name: "j".into(),
+                uid: "u".into(),
+                job_name: "call".into(),
+                attempt: 1,
+                worker: "w".into(),
+                leases: vec![],
+                cancel: CancellationToken::new(),
+                report: Default::default(),
+            };
+            let r = exec.post(&target, &ctx, &serde_json::json!({}), None).await;
+            match &r {
+                AttemptResult::Permanent(m) => assert!(m.contains(expected) && m.contains("nothing was sent"), "{m}"),
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "a request was sent");
     }
 }
