@@ -22,9 +22,9 @@
 //! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
 //! decoding it took.
 //!
-//! An object the operator's types cannot hold, in the list or in an event, is passed on as its stand-in
-//! ([`crate::unreadable`]), never as an error: one such object would fail every list, and its events would be
-//! dropped.
+//! An object of bgjobs' kinds that the operator's types cannot hold, in the list or in an event, is passed on as its
+//! stand-in ([`crate::unreadable`]), never as an error: one such object would fail every list, and its events would
+//! be dropped. (Kubernetes' own kinds, Leases and Pods, have no stand-in: the apiserver checked every field of them.)
 //!
 //! The price of parsing as it arrives: the apiserver must finish writing a list within its request timeout (60 s by
 //! default), so the replica must read it that fast. Parsing and slimming 100,000 jobs takes a few seconds of one
@@ -93,7 +93,8 @@ fn list_query(resource_url: &str, labels: Option<&str>, fields: Option<&str>, fr
 
 /// How fresh a list must be.
 ///
-/// The first list takes whatever the apiserver's watch cache holds (`resourceVersion=0`). A list after the stream
+/// The first list takes whatever the apiserver's watch cache holds (`resourceVersion=0`), or the latest from etcd for
+/// the small collections whose first view must be fresh ([`ListFrom::Latest`]). A list after the stream
 /// has seen a version must be at least as new as that one: with several apiservers, whose watch caches may lag each
 /// other, "any version" can be older than what was seen, and a job missing from an older list would be taken as
 /// deleted (a running attempt stopped). An apiserver whose cache is behind that version waits for it a few seconds,
@@ -108,8 +109,9 @@ enum ListFrom {
     NotOlderThan(String),
     /// The latest version, read from etcd: after an apiserver could not serve a version as new as this one, seen.
     Quorum(String),
-    /// The latest version, read from etcd: the first list of one object's watch ([`watch_one`]), which must not show
-    /// an older object than a read would (a Pod just made, missing from a lagging cache, would look gone).
+    /// The latest version, read from etcd: a first list that must not be older than a read would be (one object's
+    /// watch, [`watch_one`]: a Pod just made, missing from a lagging cache, would look gone; the Lease caches,
+    /// [`list_watch_latest`]).
     Latest,
 }
 
@@ -133,7 +135,7 @@ impl ListFrom {
 }
 
 /// Events for `api`'s objects with `labels` (a label selector; all if None): a list, then a watch, each object
-/// through `modify` before it is passed on.
+/// through `modify` before it is passed on. The first list is the watch cache's, whatever its version.
 pub fn list_watch<K>(
     api: Api<K>,
     labels: Option<String>,
@@ -143,6 +145,16 @@ where
     K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
     stream(Scope { api, labels, fields: None }, ListFrom::Any, modify)
+}
+
+/// As [`list_watch`], but the first list is read from etcd: for a small collection whose first view must be at least
+/// as new as any other cache's (the claim Leases: a replica that starts must not see a job as claimed by nobody
+/// because its Lease cache lags).
+pub fn list_watch_latest<K>(api: Api<K>, labels: Option<String>) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: Unreadable + Clone + std::fmt::Debug + Send + Sync + 'static,
+{
+    stream(Scope { api, labels, fields: None }, ListFrom::Latest, |_| {})
 }
 
 /// The changes of `api`'s object `name`, as kube's `watch_object` gives them (`Some` as it is now; `None` once it is
@@ -1004,11 +1016,27 @@ mod tests {
             "{}",
             query(1)
         );
-        assert!(query(1).contains("resourceVersion=10"), "{}", query(1));
+        assert!(query(1).ends_with("resourceVersion=10"), "{}", query(1));
 
         let (api, _) = scripted_watch_apiserver::<BackgroundJob>(vec![list(vec![], "10")], vec![]);
         let seen: Vec<String> = watch_one(api, "a").take(1).map(describe).collect().await;
         assert_eq!(seen, ["gone"], "a list without the object says it is gone");
+
+        // An expired watch lists again, no older than what it saw, and a list without the object says it is gone.
+        let expired = serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": "too old resource version: 11 (18)", "reason": "Expired", "code": 410});
+        let (api, asked) = scripted_watch_apiserver(
+            vec![list(vec![job("a", "3")], "10"), list(vec![], "20")],
+            vec![event("MODIFIED", job("a", "11")) + &event("ERROR", expired)],
+        );
+        let seen: Vec<String> = watch_one(api, "a").take(4).map(describe).collect().await;
+        assert_eq!(seen[..2], ["a 3", "a 11"]);
+        assert!(seen[2].starts_with("error") && seen[3] == "gone", "{seen:?}");
+        let relist = asked.lock().unwrap()[2].1.clone();
+        assert!(
+            relist.ends_with("?resourceVersion=11&resourceVersionMatch=NotOlderThan&fieldSelector=metadata.name%3Da"),
+            "{relist}"
+        );
     }
 
     #[test]

@@ -192,14 +192,16 @@ pub fn slim(job: &mut BackgroundJob) {
     }
 }
 
-/// `api`'s Leases with `labels`, listed and watched as the jobs are ([`crate::list_watch`]): a watch that ends as soon
-/// as it was opened is opened again after a pause, not in a loop (kube's `watcher`, which these caches used, asks
-/// again at once, and yields nothing while it does).
+/// `api`'s Leases with `labels`, watched as the jobs are ([`crate::list_watch`]): a watch that ends as soon as it was
+/// opened is opened again after a pause, not in a loop (kube's `watcher`, which these caches used, asks again at once,
+/// and yields nothing while it does). The first list is read from etcd, as kube's was: decisions such as the
+/// exclusive leader's "does anything run elsewhere" read a job's claim from this cache beside the job cache, and
+/// must not find both behind.
 fn leases_with(
     api: Api<Lease>,
     labels: &str,
 ) -> impl futures::Stream<Item = watcher::Result<watcher::Event<Lease>>> + Send + use<> {
-    crate::list_watch::list_watch(api, Some(labels.to_string()), |_| {})
+    crate::list_watch::list_watch_latest(api, Some(labels.to_string()))
 }
 
 fn scoped<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -290,7 +292,7 @@ mod tests {
         assert!(s.report_key.is_none() && s.result.is_none());
     }
 
-    /// The Lease caches are listed and watched by their labels, and a Lease watch that ends as soon as it was opened
+    /// The Lease caches are listed (first from etcd) and watched by their labels, and a Lease watch that ends as soon as it was opened
     /// (something in between ends every watch) is opened again only after a pause. kube's `watcher`, which these
     /// caches used, asked again at once, in a loop that yielded nothing. The stream is read for 2.5 s in a task of
     /// its own: three watches with the pause (two on a slow machine), thousands without it.
@@ -316,6 +318,8 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
         reader.abort();
         let asked: Vec<String> = asked.lock().unwrap().iter().map(|(_, uri)| uri.clone()).collect();
+        let query = |uri: &String| uri.split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+        assert_eq!(query(&asked[0]), "labelSelector=bgjobs.dev%2Fslot", "the first list is the latest, from etcd");
         let watches = asked.iter().filter(|uri| uri.contains("watch=true")).count();
         assert!(
             (2..=4).contains(&watches),

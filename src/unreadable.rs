@@ -111,16 +111,17 @@ pub fn decode_text<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
     };
     let shell: Shell = serde_json::from_str(text)?;
     let mut metadata = shell.metadata.clone();
-    tracing::warn!(kind = std::any::type_name::<K>(), namespace = metadata.namespace.as_deref().unwrap_or("?"),
-        name = metadata.name.as_deref().unwrap_or("?"), error = %error,
-        "an object the operator cannot read: kept as a stand-in");
+    let (namespace, name) = (metadata.namespace.clone().unwrap_or_default(), metadata.name.clone().unwrap_or_default());
     unmark(&mut metadata);
     let annotations = metadata.annotations.get_or_insert_with(Default::default);
     annotations.insert(UNREADABLE_ANNOTATION.to_string(), error.to_string());
     if !bad_input::<K>(text) {
         annotations.insert(NEWER_ANNOTATION.to_string(), "true".to_string());
     }
-    K::stand_in(shell, metadata).ok_or(error)
+    let stand_in = K::stand_in(shell, metadata).ok_or(error)?;
+    tracing::warn!(kind = std::any::type_name::<K>(), namespace, name, why = ?standing(&stand_in),
+        "an object the operator cannot read: kept as a stand-in");
+    Ok(stand_in)
 }
 
 /// Whether what makes the object unreadable is the user's input: it reads without the part the schema leaves open,
