@@ -47,6 +47,10 @@ pub enum Verdict {
 
 /// The wait before the attempt that follows failed attempt number `failed_attempt` (1-based).
 pub fn backoff(policy: &RetryPolicy, failed_attempt: i32) -> Duration {
+    // No base, no wait, whatever the factor: from attempt 1,025 on, 2^exponent is infinite, and 0 × ∞ is not a number.
+    if policy.backoff_seconds <= 0 {
+        return Duration::ZERO;
+    }
     let exponent = (failed_attempt.max(1) - 1) as f64;
     let secs = policy.backoff_seconds.max(0) as f64 * policy.backoff_factor.max(1.0).powf(exponent);
     if !secs.is_finite() || secs >= MAX_BACKOFF.as_secs_f64() { MAX_BACKOFF } else { Duration::from_secs_f64(secs) }
@@ -138,6 +142,19 @@ mod tests {
     fn huge_factors_saturate_instead_of_overflowing() {
         let p = RetryPolicy { max_attempts: None, backoff_seconds: 60, backoff_factor: 1e9 };
         assert_eq!(backoff(&p, 1000), MAX_BACKOFF);
+    }
+
+    /// "Retry at once until the timeout": no wait at any attempt, so the job is retried, not abandoned, at attempt
+    /// 1,025 (where 2^1024 is infinite, 0 × ∞ was not a number, and the wait became the longest one).
+    #[test]
+    fn no_backoff_is_no_wait_at_every_attempt_and_a_late_attempt_is_retried_not_abandoned() {
+        let p = RetryPolicy { max_attempts: None, backoff_seconds: 0, backoff_factor: 2.0 };
+        for n in [1, 2, 1024, 1025, 5000, i32::MAX] {
+            assert_eq!(backoff(&p, n), Duration::ZERO, "attempt {n}");
+        }
+        let s = spec(serde_json::json!({"jobName": "x", "retry": {"backoffSeconds": 0}}));
+        let v = verdict(&s, t(0), 1025, AttemptResult::Retryable("boom".into()), t(1_000));
+        assert!(matches!(v, Verdict::RetryAt { at, .. } if at == t(1_000)), "{v:?}");
     }
 
     #[test]
