@@ -105,19 +105,25 @@ impl Worker {
         let Some(recorder) = self.recorder.clone() else { return };
         self.metrics.count_event(&type_, reason);
         let reference = object.object_ref(&());
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action,
-            secondary: None,
-        };
+        let ev = Event { type_, reason: reason.into(), note: Some(event_note(note)), action, secondary: None };
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::debug!(error = %e, "could not publish event");
+                tracing::warn!(error = %e, reason = ev.reason, "could not publish an Event");
             }
         });
     }
+}
+
+/// The apiserver refuses an Event whose note is longer than this many bytes (not characters).
+const MAX_EVENT_NOTE_BYTES: usize = 1024;
+
+/// `note` cut to fit an Event, at a character's boundary.
+fn event_note(mut note: String) -> String {
+    if note.len() > MAX_EVENT_NOTE_BYTES {
+        let end = (0..=MAX_EVENT_NOTE_BYTES).rev().find(|&i| note.is_char_boundary(i)).unwrap_or(0);
+        note.truncate(end);
+    }
+    note
 }
 
 /// JSON lines `{"event":"start"|"end","uid":..,"job":..,"attempt":..,"worker":..,"t_ms":..}`, one file per replica.
@@ -183,5 +189,24 @@ impl Drop for InvocationGuard<'_> {
             l.t_ms = jiff::Timestamp::now().as_millisecond();
             self.log.write(&l);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The apiserver counts an Event's note in bytes: 1,000 characters of a language written outside ASCII were
+    /// 2,000 bytes or more, and the Event (a Failed, a Retrying) was refused, unseen.
+    #[test]
+    fn an_event_note_is_cut_to_the_apiservers_limit_in_bytes_at_a_character_boundary() {
+        for c in ['é', '日', '🦀'] {
+            let note = event_note(c.to_string().repeat(1_000));
+            assert!(note.len() <= MAX_EVENT_NOTE_BYTES, "{c}: {} bytes", note.len());
+            assert!(note.len() > MAX_EVENT_NOTE_BYTES - c.len_utf8(), "{c}: cut short, {} bytes", note.len());
+            assert!(note.chars().all(|n| n == c));
+        }
+        let ascii = "x".repeat(MAX_EVENT_NOTE_BYTES);
+        assert_eq!(event_note(ascii.clone()), ascii, "a note that fits is kept whole");
     }
 }
