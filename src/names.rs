@@ -20,6 +20,23 @@ pub fn is_dns1123_subdomain(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
+/// Whether `key` is a valid label or annotation key: an optional prefix (a DNS subdomain) and `/`, then a name of at
+/// most 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit.
+pub fn is_qualified_name(key: &str) -> bool {
+    let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+    prefix.is_none_or(is_dns1123_subdomain) && !name.is_empty() && is_label_value(name)
+}
+
+/// Whether `value` is a valid label value: empty, or at most 63 letters, digits, `-`, `_` and `.`, starting and
+/// ending with a letter or digit.
+pub fn is_label_value(value: &str) -> bool {
+    let edge = |c: Option<char>| c.is_none_or(|c| c.is_ascii_alphanumeric());
+    value.len() <= MAX_LABEL_VALUE
+        && edge(value.chars().next())
+        && edge(value.chars().last())
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// `value` as a label value: itself when it fits, otherwise a prefix and a hash (always valid).
 pub fn label_value(value: &str) -> String {
     shorten(value, MAX_LABEL_VALUE)
@@ -49,6 +66,24 @@ fn shorten(value: &str, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_valid_label_keys_and_values_pass() {
+        for good in ["team", "app.kubernetes.io/name", "a_b.c-d", "x/Y1", &"a".repeat(63)] {
+            assert!(is_qualified_name(good), "{good:?}");
+        }
+        for bad in
+            ["", "/a", "a/", "A/b", "a/b/c", "-a", "a b", "ü", &"a".repeat(64), &format!("{}/a", "a".repeat(254))]
+        {
+            assert!(!is_qualified_name(bad), "{bad:?}");
+        }
+        for good in ["", "eu", "payments.eu_1-a", &"a".repeat(63)] {
+            assert!(is_label_value(good), "{good:?}");
+        }
+        for bad in ["payments/eu", "-a", "a-", "a b", "ü", &"a".repeat(64)] {
+            assert!(!is_label_value(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn only_valid_object_names_pass() {

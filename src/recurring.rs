@@ -99,8 +99,13 @@ pub fn job_name(definition: &str, t: Timestamp) -> String {
 /// What one definition needs now. Pure: decided from the definition, its children and the clock.
 #[derive(Debug, PartialEq)]
 pub enum Plan {
-    /// The schedule or time zone is unusable.
-    Invalid(String),
+    /// The schedule, the time zone or the job template is unusable: why (`reason`, the `Valid` condition's), and how.
+    Invalid {
+        /// `InvalidSchedule` or `InvalidTemplate`.
+        reason: &'static str,
+        /// What is wrong, for a person.
+        message: String,
+    },
     /// The definition is bad input the operator cannot read (see [`crate::unreadable`]): it makes no job.
     Unreadable(String),
     /// Nothing due; look again in this long (None: never, e.g. suspended).
@@ -233,6 +238,10 @@ pub fn plan(
     if let Some(Standing::Fail(why)) = crate::unreadable::standing(def) {
         return Plan::Unreadable(format!("bgjobs cannot read this definition, so it makes no job: {why}"));
     }
+    // Its jobs would be refused (422) at every try, for ever: a claimed tick's too, until the template is mended.
+    if let Some(message) = template_problem(def) {
+        return Plan::Invalid { reason: "InvalidTemplate", message };
+    }
     let status = def.status.clone().unwrap_or_default();
     // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
     let now = shifted(def, now);
@@ -246,11 +255,11 @@ pub fn plan(
     }
     let schedule: Schedule = match def.spec.schedule.parse() {
         Ok(s) => s,
-        Err(e) => return Plan::Invalid(format!("invalid schedule {:?}: {e}", def.spec.schedule)),
+        Err(e) => return invalid_schedule(format!("invalid schedule {:?}: {e}", def.spec.schedule)),
     };
     let tz = match cron::time_zone(def.spec.time_zone.as_deref()) {
         Ok(tz) => tz,
-        Err(e) => return Plan::Invalid(e),
+        Err(e) => return invalid_schedule(e),
     };
     if def.spec.suspend {
         return Plan::Idle(None);
@@ -280,6 +289,27 @@ pub fn plan(
     };
     let catch_up = schedule.next_after(since, &tz).is_some_and(|first| first < tick);
     Plan::Claim { tick, skip, catch_up }
+}
+
+fn invalid_schedule(message: String) -> Plan {
+    Plan::Invalid { reason: "InvalidSchedule", message }
+}
+
+/// What in `def`'s job template the apiserver would refuse in every job made from it, and the CRD schema lets
+/// through: a label key or value, or an annotation key, that Kubernetes does not allow.
+fn template_problem(def: &RecurringBackgroundJob) -> Option<String> {
+    use crate::names::{is_label_value, is_qualified_name};
+    let metadata = &def.spec.job_template.metadata;
+    const KEY: &str = "an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', \
+                       starting and ending with a letter or digit";
+    if let Some(key) = metadata.labels.keys().chain(metadata.annotations.keys()).find(|k| !is_qualified_name(k)) {
+        return Some(format!("jobTemplate.metadata has the key {key:?}, which Kubernetes does not allow ({KEY})"));
+    }
+    let (key, value) = metadata.labels.iter().find(|(_, v)| !is_label_value(v))?;
+    Some(format!(
+        "jobTemplate.metadata.labels gives {key:?} the value {value:?}, which Kubernetes does not allow in a label \
+         (at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit)"
+    ))
 }
 
 /// Up to when `def`'s ticks are handled: its latest claim, or its creation before the first (no tick before that runs).
@@ -602,7 +632,7 @@ impl Pass<'_> {
         let created_here = &mut carried.created_here;
         let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
         match plan(def, active, known, now, self.ahead) {
-            Plan::Invalid(message) => self.report_invalid(def, "InvalidSchedule", &message).await,
+            Plan::Invalid { reason, message } => self.report_invalid(def, reason, &message).await,
             Plan::Unreadable(message) => self.report_invalid(def, "Unreadable", &message).await,
             Plan::Idle(next) => {
                 let claimed = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map(|t| t.0);
@@ -1373,11 +1403,56 @@ pub(crate) mod tests {
     fn suspended_and_invalid_definitions_create_nothing() {
         let suspended = def("* * * * *", serde_json::json!({"suspend": true}));
         assert_eq!(plan(&suspended, &[], none, t(600)), Plan::Idle(None));
+        let out_of_range = plan(&def("99 * * * *", serde_json::json!({})), &[], none, t(60));
         assert!(
-            matches!(plan(&def("99 * * * *", serde_json::json!({})), &[], none, t(60)), Plan::Invalid(r) if r.contains("out of range"))
+            matches!(out_of_range, Plan::Invalid { reason: "InvalidSchedule", message } if message.contains("out of range"))
         );
         let bad_tz = def("* * * * *", serde_json::json!({"timeZone": "Mars/Olympus"}));
-        assert!(matches!(plan(&bad_tz, &[], none, t(60)), Plan::Invalid(r) if r.contains("unknown time zone")));
+        let bad_tz = plan(&bad_tz, &[], none, t(60));
+        assert!(
+            matches!(bad_tz, Plan::Invalid { reason: "InvalidSchedule", message } if message.contains("unknown time zone"))
+        );
+    }
+
+    /// A label or annotation the apiserver refuses in every job made from the template: the definition says so
+    /// (`Valid=False`) and claims no tick, and a tick claimed before the edit waits for the template to be mended.
+    /// Before, the definition claimed the tick, said `Valid=True`, and its job's create was refused once a second,
+    /// for ever.
+    #[test]
+    fn a_template_with_a_label_kubernetes_refuses_is_invalid_and_claims_nothing() {
+        let labelled = |labels: serde_json::Value| {
+            def(
+                "* * * * *",
+                serde_json::json!({"jobTemplate": {"metadata": {"labels": labels}, "spec": {"jobName": "x"}}}),
+            )
+        };
+        for (labels, says) in [
+            (serde_json::json!({"team": "payments/eu"}), "the value \"payments/eu\""),
+            (serde_json::json!({"team/a/b": "x"}), "the key \"team/a/b\""),
+            (serde_json::json!({"team": "x".repeat(64)}), "the value"),
+        ] {
+            let p = plan(&labelled(labels), &[], none, t(600));
+            assert!(
+                matches!(&p, Plan::Invalid { reason: "InvalidTemplate", message } if message.contains(says)),
+                "{p:?}"
+            );
+        }
+        let annotated = def(
+            "* * * * *",
+            serde_json::json!({"jobTemplate": {"metadata":
+            {"annotations": {"not a key": "any value / is fine"}}, "spec": {"jobName": "x"}}}),
+        );
+        assert!(matches!(plan(&annotated, &[], none, t(600)), Plan::Invalid { reason: "InvalidTemplate", .. }));
+        let fine = labelled(serde_json::json!({"team": "payments.eu", "app.kubernetes.io/part-of": "billing"}));
+        assert!(matches!(plan(&fine, &[], none, t(600)), Plan::Claim { .. }));
+        let mut pending = labelled(serde_json::json!({"team": "payments/eu"}));
+        pending.status = Some(
+            serde_json::from_value(
+                serde_json::json!({"pendingJob": "r-1", "lastScheduleTime": "2027-01-15T08:00:00Z"}),
+            )
+            .unwrap(),
+        );
+        assert!(matches!(plan(&pending, &[], none, t(600)), Plan::Invalid { reason: "InvalidTemplate", .. }));
     }
 
     #[test]
