@@ -4,8 +4,9 @@
 //! and month (`JAN`–`DEC`) and weekday (`SUN`–`SAT`; 0 and 7 are Sunday) names. As in Vixie cron, when both
 //! day-of-month and day-of-week are restricted, a day matching either runs.
 //!
-//! Times are evaluated in an IANA time zone (UTC by default). A local time skipped by a DST change runs at the
-//! first instant after the gap; a local time that occurs twice runs once, at its first occurrence.
+//! Times are evaluated in an IANA time zone (UTC by default). A local time skipped by a DST change runs later by the
+//! gap's length (02:30 in a one-hour gap runs at 03:30, as the clock would have read without the change); a local
+//! time that occurs twice runs once, at its first occurrence.
 //!
 //! Why not a crate: the maintained cron crates (`cron`, `croner`) compute on chrono, so a definition's `timeZone`
 //! would be resolved by chrono-tz's compiled-in zone data while every other time here is jiff's, from the system's
@@ -296,7 +297,7 @@ mod tests {
             next("0 9 * * *", "2026-03-28T12:00:00Z", "Europe/Berlin"),
             "2026-03-29T09:00:00+02:00[Europe/Berlin]"
         );
-        // 02:30 does not exist on 2026-03-29 in Berlin: it runs right after the gap.
+        // 02:30 does not exist on 2026-03-29 in Berlin: it runs an hour later, the gap's length.
         assert_eq!(
             next("30 2 * * *", "2026-03-28T12:00:00Z", "Europe/Berlin"),
             "2026-03-29T03:30:00+02:00[Europe/Berlin]"
