@@ -270,7 +270,12 @@ pub fn plan(
     let Some(tick) = schedule.latest_between(since, now, &tz) else {
         // None due: the next one, claimed once it is within its lead. After `since`, should a tick claimed ahead
         // and done still lie ahead (its job was created early by an operator without claims ahead).
-        let Some(next) = schedule.next_after(now.max(since), &tz) else { return Plan::Idle(None) };
+        let Some(next) = schedule.next_after(now.max(since), &tz) else {
+            return invalid_schedule(format!(
+                "schedule {:?} has no tick in the next eight years: a date that never comes, such as 30 February",
+                def.spec.schedule
+            ));
+        };
         let at = claim_at(next, lead(def, &schedule, &tz, next, ahead), replaced);
         if at <= now {
             return Plan::Claim { tick: next, skip: None, catch_up: false };
@@ -279,7 +284,7 @@ pub fn plan(
     };
     let late = now.duration_since(tick);
     let skip = match (def.spec.starting_deadline_seconds, def.spec.concurrency_policy) {
-        (Some(deadline), _) if late > SignedDuration::from_secs(deadline) => {
+        (Some(deadline), _) if past_starting_deadline(late, deadline) => {
             Some(format!("missed tick {tick}: {}s late, past startingDeadlineSeconds ({deadline}s)", late.as_secs()))
         }
         (_, RecurringConcurrencyPolicy::Forbid) if !active.is_empty() => {
@@ -339,7 +344,7 @@ fn plan_pending(
     }
     let late = tick.map(|t| now.duration_since(t));
     if let (Some(late), Some(deadline)) = (late, def.spec.starting_deadline_seconds)
-        && late > SignedDuration::from_secs(deadline)
+        && past_starting_deadline(late, deadline)
     {
         let reason = format!(
             "gave up on job {job}: not created {}s after its tick, past startingDeadlineSeconds ({deadline}s)",
@@ -352,6 +357,13 @@ fn plan_pending(
         _ => Vec::new(),
     };
     Plan::Create { job, replace }
+}
+
+/// Whether a tick `late` after it is due is past `startingDeadlineSeconds`, `deadline`. In whole seconds, as the
+/// field is: a tick handled within its second is never late, so a deadline of 0 means "on time", not "never" (a
+/// job is always created some milliseconds after its tick).
+fn past_starting_deadline(late: SignedDuration, deadline: i64) -> bool {
+    late.as_secs() > deadline
 }
 
 /// When the first tick after `now` and after `claimed` (the latest tick claimed, perhaps ahead) is due (for
@@ -1044,6 +1056,19 @@ pub(crate) mod tests {
         assert_eq!(plan(&invalid, &[], none, t(61)), create);
     }
 
+    /// A job is always created some milliseconds after its tick: with `startingDeadlineSeconds: 0` every tick was
+    /// skipped, or its job given up. The deadline counts whole seconds, as the field does.
+    #[test]
+    fn a_starting_deadline_of_zero_lets_a_tick_handled_within_its_second_through() {
+        let ms = |n: i64| t(60).checked_add(SignedDuration::from_millis(n)).unwrap();
+        let d = with_last(def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 0})), 0);
+        assert_eq!(plan(&d, &[], none, ms(300)), Plan::Claim { tick: t(60), skip: None, catch_up: false });
+        assert!(matches!(plan(&d, &[], none, ms(1_000)), Plan::Claim { skip: Some(_), .. }));
+        let pending = with_pending(def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 0})), 60, "r");
+        assert!(matches!(plan(&pending, &[], none, ms(300)), Plan::Create { .. }));
+        assert!(matches!(plan(&pending, &[], none, ms(1_000)), Plan::Abandon { .. }));
+    }
+
     #[test]
     fn a_claimed_job_not_created_within_the_starting_deadline_is_given_up() {
         let d = def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 30}));
@@ -1412,6 +1437,16 @@ pub(crate) mod tests {
         assert!(
             matches!(bad_tz, Plan::Invalid { reason: "InvalidSchedule", message } if message.contains("unknown time zone"))
         );
+    }
+
+    #[test]
+    fn a_schedule_that_never_fires_is_invalid_not_valid_and_idle() {
+        let never = plan(&def("0 0 30 2 *", serde_json::json!({})), &[], none, t(60));
+        assert!(
+            matches!(never, Plan::Invalid { reason: "InvalidSchedule", message } if message.contains("30 February"))
+        );
+        let leap_day = plan(&def("0 0 29 2 *", serde_json::json!({})), &[], none, t(60));
+        assert!(matches!(leap_day, Plan::Idle(Some(_))), "29 February comes every four years: {leap_day:?}");
     }
 
     /// A label or annotation the apiserver refuses in every job made from the template: the definition says so

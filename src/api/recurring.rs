@@ -55,8 +55,9 @@ pub struct RecurringBackgroundJobSpec {
     #[serde(default)]
     pub concurrency_policy: RecurringConcurrencyPolicy,
 
-    /// How late a missed tick (operator down, suspended) may still start. Past it, the tick is skipped. Unset: no
-    /// limit. However many ticks were missed, at most one catch-up job is created: for the latest of them.
+    /// How late a missed tick (operator down, suspended) may still start, in whole seconds: past it, the tick is
+    /// skipped. 0: only on time (within the tick's second). Unset: no limit. However many ticks were missed, at most
+    /// one catch-up job is created: for the latest of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub starting_deadline_seconds: Option<i64>,
