@@ -174,9 +174,11 @@ impl Drop for RunTimer<'_> {
 /// How the execution part of an attempt ended.
 enum Ending {
     Finished(AttemptResult),
-    AttemptTimedOut(i64),
-    /// The job's own deadline (`timeoutSeconds` since creation) passed while the attempt ran.
-    DeadlineReached,
+    /// `attemptTimeoutSeconds` passed while the attempt ran; why its Pod had not started, if it had not.
+    AttemptTimedOut(i64, Option<String>),
+    /// The job's own deadline (`timeoutSeconds` since creation) passed while the attempt ran; why its Pod had not
+    /// started, if it had not.
+    DeadlineReached(Option<String>),
     Stopped(StopReason),
     /// Stopped (shutdown, or the leadership it was claimed under ended) before it started: nothing ran, no Pod either.
     NotStarted(StopReason),
@@ -330,15 +332,22 @@ async fn run_claimed(
     let not_stopping = PodNotStopping { worker, job: &job, told: AtomicBool::new(false) };
     let tell_not_stopping = |pod: &str| not_stopping.tell(pod);
     let cluster_now = || worker.clock.now();
-    let overdue =
-        executor::pod::Overdue { after: worker.timing.duration, now: &cluster_now, report: &tell_not_stopping };
+    // A Pod that cannot start is said once per attempt, and why is kept for the outcome of an attempt that times out.
+    let not_starting = PodNotStarting { worker, job: &job, why: Mutex::new(None) };
+    let tell_not_starting = |pod: &str, why: &str| not_starting.tell(pod, why);
+    let watchers = executor::pod::Watchers {
+        after: worker.timing.duration,
+        now: &cluster_now,
+        not_stopping: &tell_not_stopping,
+        not_starting: &tell_not_starting,
+    };
     let (out_of_reach, stop_awaits_answer) = reach(&job, report.hands_out());
     let ending = if let Some(reason) = control.begin(out_of_reach, stop_awaits_answer) {
         Ending::NotStarted(reason)
     } else {
         let _log = worker.invocations.start(&job, fence.attempt, &worker.identity);
         let _timer = RunTimer(Instant::now(), &worker.metrics.run_duration);
-        let exec = executor::execute(&job, ctx, worker, started, &overdue);
+        let exec = executor::execute(&job, ctx, worker, started, &watchers);
         // A panicking handler fails its attempt like any other permanent error; the replica carries on.
         let mut exec = Box::pin(std::panic::AssertUnwindSafe(exec).catch_unwind().map(|r| {
             r.unwrap_or_else(|p| {
@@ -354,8 +363,8 @@ async fn run_claimed(
                 Ok(Some(result)) => Ending::Finished(result),
                 Ok(None) if holds_claim() => Ending::Stopped(StopReason::NotLeader),
                 Ok(None) => Ending::LeaseLost,
-                Err(_) if limit_is_deadline => Ending::DeadlineReached,
-                Err(_) => Ending::AttemptTimedOut(job.spec.attempt_timeout_seconds.unwrap_or(0)),
+                Err(_) if limit_is_deadline => Ending::DeadlineReached(not_starting.why()),
+                Err(_) => Ending::AttemptTimedOut(job.spec.attempt_timeout_seconds.unwrap_or(0), not_starting.why()),
             },
             _ = hold.lost() => Ending::LeaseLost,
             _ = control.leadership_lost() => Ending::Stopped(StopReason::NotLeader),
@@ -374,7 +383,7 @@ async fn run_claimed(
     // Only a success that raced the stop is kept: the work is done.
     let ending = match (ending, control.reason()) {
         (Ending::Finished(r @ (AttemptResult::Succeeded | AttemptResult::Reported)), _) => Ending::Finished(r),
-        (Ending::Finished(_) | Ending::AttemptTimedOut(_) | Ending::DeadlineReached, Some(reason)) => {
+        (Ending::Finished(_) | Ending::AttemptTimedOut(..) | Ending::DeadlineReached(_), Some(reason)) => {
             Ending::Stopped(reason)
         }
         (ending, _) => ending,
@@ -391,8 +400,8 @@ async fn run_claimed(
     // A Pod outlives our interest in it only when it finished or when the attempt is handed over.
     let pod_must_go = matches!(
         ending,
-        Ending::AttemptTimedOut(_)
-            | Ending::DeadlineReached
+        Ending::AttemptTimedOut(..)
+            | Ending::DeadlineReached(_)
             | Ending::Stopped(StopReason::Cancelled)
             | Ending::Stopped(StopReason::Deleted)
     );
@@ -429,7 +438,7 @@ async fn run_claimed(
                     );
                     true
                 }
-                _ = executor::pod::stop(&worker.client, &job, fence.attempt, late, &may_act, &overdue) => false,
+                _ = executor::pod::stop(&worker.client, &job, fence.attempt, late, &may_act, &watchers) => false,
             };
             if handed_over {
                 return Handover::PodRunsOn;
@@ -481,17 +490,20 @@ async fn record(
             return Ok(true);
         }
         Ending::Finished(result) => retry::verdict(&job.spec, created, job.attempts_spent(fence.attempt), result, now),
-        Ending::DeadlineReached => Verdict::Abandon(format!(
-            "attempt {} was still running when the job's timeout of {}s since creation passed; it was stopped",
-            fence.attempt, job.spec.timeout_seconds
+        Ending::DeadlineReached(not_started) => Verdict::Abandon(format!(
+            "attempt {} was still running when the job's timeout of {}s since creation passed; it was stopped{}",
+            fence.attempt,
+            job.spec.timeout_seconds,
+            had_not_started(not_started)
         )),
-        Ending::AttemptTimedOut(secs) => retry::verdict(
+        Ending::AttemptTimedOut(secs, not_started) => retry::verdict(
             &job.spec,
             created,
             job.attempts_spent(fence.attempt),
             AttemptResult::Retryable(format!(
-                "attempt {} exceeded attemptTimeoutSeconds ({secs}s) and was cancelled",
-                fence.attempt
+                "attempt {} exceeded attemptTimeoutSeconds ({secs}s) and was cancelled{}",
+                fence.attempt,
+                had_not_started(not_started)
             )),
             now,
         ),
@@ -627,6 +639,40 @@ impl PodNotStopping<'_> {
             self.worker.metrics.pods_not_stopping.dec();
         }
     }
+}
+
+/// Tells that an attempt's Pod cannot start (an image that cannot be pulled, a missing Secret, no node): a Warning
+/// Event, `PodNotStarting`, once per attempt (the kubelet's reasons alternate while it retries a pull); why, as last
+/// told, goes into the outcome of an attempt that then times out, which would otherwise say only "still running".
+struct PodNotStarting<'a> {
+    worker: &'a Worker,
+    job: &'a BackgroundJob,
+    why: Mutex<Option<String>>,
+}
+
+impl PodNotStarting<'_> {
+    fn tell(&self, pod: &str, why: &str) {
+        let said = format!("pod {pod}: {why}");
+        let first = self.why.lock().unwrap_or_else(|e| e.into_inner()).replace(said.clone()).is_none();
+        if first {
+            warn!(%pod, %why, "the attempt's pod cannot start");
+            self.worker.event(
+                self.job,
+                EventType::Warning,
+                "PodNotStarting",
+                format!("{said}; waiting, until the attempt's timeout"),
+            );
+        }
+    }
+
+    fn why(&self) -> Option<String> {
+        self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The end of an attempt's timeout message: why its Pod had not started, if it had not.
+fn had_not_started(why: Option<String>) -> String {
+    why.map(|w| format!(" (its pod had not started: {w})")).unwrap_or_default()
 }
 
 impl Drop for PodNotStopping<'_> {

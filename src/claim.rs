@@ -496,9 +496,14 @@ pub async fn settle(
         // This look reports nothing (`after` is never): whether the Pod is overdue is judged once the look is over,
         // by the same rule (`not_stopping`).
         let now = || claimant.now + SignedDuration::try_from(began.elapsed()).unwrap_or(SignedDuration::ZERO);
-        let overdue = crate::executor::pod::Overdue { after: Duration::MAX, now: &now, report: &|_| {} };
+        let watchers = crate::executor::pod::Watchers {
+            after: Duration::MAX,
+            now: &now,
+            not_stopping: &|_| {},
+            not_starting: &|_, _| {},
+        };
         let late = crate::executor::pod::LateCreates::until(settled_by);
-        let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &overdue);
+        let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &watchers);
         if tokio::time::timeout_at(until.into(), stop).await.is_err() {
             lease::release(&leases, &held.lease).await?;
             // Judged now, not when the settle began (a renew deadline ago).

@@ -40,7 +40,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 10] = [
+    const PROBLEMS: [&str; 11] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -51,6 +51,7 @@ mod tests {
         "TickNotClaimed",
         "JobNotCreated",
         "PodNotStopping",
+        "PodNotStarting",
     ];
 
     #[test]

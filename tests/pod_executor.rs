@@ -220,6 +220,25 @@ async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_
     assert_eq!(names, ["broken-1", "broken-2"], "each attempt has its own pod, kept for inspection");
 }
 
+/// A Pod that cannot start (its image is not on the node, and may not be pulled) says why: a `PodNotStarting`
+/// Warning on the job while the attempt waits, and the attempt's timeout names it. Before, nothing said why, and the
+/// job ended saying only that its attempt had exceeded its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_cannot_start_says_why_in_a_warning_and_in_its_attempts_timeout() {
+    let env = on_node("pod-not-starting").await;
+    let _r = env.replica("r", &[]);
+    let mut spec = shell_job("true", json!({"attemptTimeoutSeconds": 25, "retry": {"maxAttempts": 1}}));
+    spec["template"]["spec"]["containers"][0]["image"] = json!("bgjobs-no-such-image:1");
+    env.create("typo", spec).await;
+    let jobs = env.wait_until(2 * MINUTE, "the job final", |jobs| jobs.len() == 1 && jobs[0].phase().is_final()).await;
+    assert_eq!(jobs[0].phase(), Phase::Failed);
+    let reason = jobs[0].status.clone().unwrap().last_error.unwrap();
+    let why = "its pod had not started: pod typo-1: container main: ErrImageNeverPull";
+    assert!(reason.contains("exceeded attemptTimeoutSeconds (25s)") && reason.contains(why), "{reason}");
+    let warnings = env.warnings_on("typo", "PodNotStarting").await;
+    assert!(warnings.len() == 1 && warnings[0].contains("ErrImageNeverPull"), "{warnings:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_pod() {
     let env = on_node("pod-adopt").await;

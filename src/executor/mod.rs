@@ -15,18 +15,18 @@ use crate::retry::AttemptResult;
 
 /// Run one attempt of `job` with the executor its spec selects, starting at the cluster's time `now`
 /// ([`crate::clock`]). The HTTP and Pod executors check their policy ([`crate::policy`]) before they send or create
-/// anything. A Pod that does not stop once deleted is reported to `overdue`.
+/// anything. What becomes of a Pod (one that does not stop once deleted, one that cannot start) is told to `watchers`.
 pub async fn execute(
     job: &BackgroundJob,
     ctx: JobContext,
     worker: &crate::worker::Worker,
     now: jiff::Timestamp,
-    overdue: &pod::Overdue<'_>,
+    watchers: &pod::Watchers<'_>,
 ) -> AttemptResult {
     let (registry, http, pods, client) = (&worker.registry, &worker.http, &worker.pods, &worker.client);
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
     if job.spec.template.is_some() {
-        return pod::run(client, pods, job, &ctx, now, overdue).await;
+        return pod::run(client, pods, job, &ctx, now, watchers).await;
     }
     if let Some(target) = &job.spec.http {
         // An attempt adopted while it waited for its worker's report is not sent again: the worker has it.

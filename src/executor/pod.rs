@@ -211,14 +211,14 @@ impl LateCreates {
 }
 
 /// Run (or adopt) the Pod of this attempt and wait for it to finish; `now` is the cluster's time. A Pod deleted by
-/// someone else (an eviction) that does not stop is reported to `overdue`.
+/// someone else (an eviction) that does not stop, or one that cannot start, is told to `watchers`.
 pub async fn run(
     client: &Client,
     executor: &PodExecutor,
     job: &BackgroundJob,
     ctx: &JobContext,
     now: jiff::Timestamp,
-    overdue: &Overdue<'_>,
+    watchers: &Watchers<'_>,
 ) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
@@ -231,7 +231,7 @@ pub async fn run(
         Ok(uid) => uid,
         Err(ended) => return ended,
     };
-    match until_stopped(&pods, &name, &uid, overdue).await {
+    match until_stopped(&pods, &name, &uid, watchers).await {
         Some(pod) => outcome(&pod),
         None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
@@ -553,6 +553,42 @@ fn keeps_name(pod: &Pod) -> bool {
     finished(pod) && pod.metadata.deletion_timestamp.is_none()
 }
 
+/// A container's waiting reasons that say it cannot start as things are, rather than that it is on its way: its image
+/// cannot be had, or its container cannot be made from its configuration (a missing Secret or ConfigMap key).
+const CANNOT_START: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// Why `pod` cannot start, if it says so: a container (init or not) waits for one of the [`CANNOT_START`] reasons, or
+/// no node can take the Pod (`PodScheduled` false, `Unschedulable`). A Pod on its way (being scheduled, its image
+/// being pulled, its containers being made) says nothing.
+pub fn not_starting(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let containers = status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten());
+    for container in containers {
+        let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) else { continue };
+        let reason = waiting.reason.as_deref().unwrap_or_default();
+        if CANNOT_START.contains(&reason) {
+            let message = waiting.message.as_deref().filter(|m| !m.is_empty());
+            return Some(match message {
+                Some(m) => format!("container {}: {reason}: {m}", container.name),
+                None => format!("container {}: {reason}", container.name),
+            });
+        }
+    }
+    let unscheduled =
+        status.conditions.iter().flatten().find(|c| {
+            c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+        })?;
+    Some(format!("not scheduled: {}", unscheduled.message.as_deref().unwrap_or("no node can run it")))
+}
+
 /// Whether the Pod reached a final phase: none of its containers runs any more.
 fn finished(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
@@ -563,11 +599,14 @@ fn finished(pod: &Pod) -> bool {
 /// Gone, a reset connection, a failed re-list) is watched again with backoff, and a watch that says "gone" (it may
 /// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced after
 /// 295 s of silence ([`crate::list_watch`]). The attempt runner bounds the whole wait. A Pod seen being deleted
-/// that is still not stopped `overdue.after` past its grace period is reported to `overdue` (once).
-async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue<'_>) -> Option<Pod> {
+/// that is still not stopped `watchers.after` past its grace period is told to `watchers.not_stopping` (once), and one
+/// that cannot start, to `watchers.not_starting` (at each change of why).
+async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers<'_>) -> Option<Pod> {
     let mut watch = std::pin::pin!(watch_one(pods.clone(), name).default_backoff());
     let mut overdue_at: Option<Instant> = None;
     let mut told = false;
+    // Why the Pod cannot start, as last told.
+    let mut stuck: Option<String> = None;
     loop {
         let event = tokio::select! {
             biased;
@@ -575,14 +614,14 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
             _ = sleep_until(overdue_at), if !told => {
                 // The watch may lag, or its connection be silently dead: ask the apiserver before blaming the node.
                 match read(pods, name, uid).await {
-                    Some(pod) if !finished(&pod) && overdue_by(&pod, (overdue.now)(), overdue.after) => {
+                    Some(pod) if !finished(&pod) && overdue_by(&pod, (watchers.now)(), watchers.after) => {
                         told = true;
-                        (overdue.report)(name);
+                        (watchers.not_stopping)(name);
                         continue;
                     }
                     // Not yet, by the clock as read now (its estimate moved since the timer was set).
                     Some(pod) if !finished(&pod) => {
-                        overdue_at = due_in(&pod, overdue);
+                        overdue_at = due_in(&pod, watchers);
                         continue;
                     }
                     ended => return ended,
@@ -595,8 +634,13 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, overdue: &Overdue
                 if finished(&pod) {
                     return Some(pod);
                 }
+                let why = not_starting(&pod);
+                if why.is_some() && why != stuck {
+                    (watchers.not_starting)(name, why.as_deref().unwrap_or_default());
+                }
+                stuck = why;
                 // Again at every change: a second deletion with a shorter grace moves `deletionTimestamp` earlier.
-                overdue_at = due_in(&pod, overdue);
+                overdue_at = due_in(&pod, watchers);
             }
             Ok(_) => match read(pods, name, uid).await {
                 Some(pod) if !finished(&pod) => {}
@@ -652,9 +696,9 @@ fn overdue_at(pod: &Pod, after: Duration) -> Option<jiff::Timestamp> {
     grace_ends.0.checked_add(after).ok()
 }
 
-/// The instant, on this machine's monotonic clock, at which `pod` is [`overdue_at`], by `overdue`'s clock now.
-fn due_in(pod: &Pod, overdue: &Overdue<'_>) -> Option<Instant> {
-    let left = overdue_at(pod, overdue.after)?.duration_since((overdue.now)());
+/// The instant, on this machine's monotonic clock, at which `pod` is [`overdue_at`], by `watchers`' clock now.
+fn due_in(pod: &Pod, watchers: &Watchers<'_>) -> Option<Instant> {
+    let left = overdue_at(pod, watchers.after)?.duration_since((watchers.now)());
     Instant::now().checked_add(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
@@ -732,17 +776,25 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
     AttemptResult::Retryable(format!("pod {} failed: {detail}", pod.name_any()))
 }
 
-/// Who is told about an attempt's Pod, deleted (by [`stop`], or by anyone: an eviction), that has not stopped `after`
-/// its termination grace period: its node is most likely unreachable (a kubelet that does not answer kills nothing),
-/// and the wait, with the attempt's slots, lasts until the node comes back or the Pod is removed by force. Told once
-/// per wait, with the Pod's name; the wait goes on.
-pub struct Overdue<'a> {
-    /// How long past the grace period.
+/// Who is told what about an attempt's Pod while it is waited for.
+///
+/// A Pod deleted (by [`stop`], or by anyone: an eviction) that has not stopped `after` its termination grace period:
+/// its node is most likely unreachable (a kubelet that does not answer kills nothing), and the wait, with the
+/// attempt's slots, lasts until the node comes back or the Pod is removed by force. Told once per wait, with the
+/// Pod's name; the wait goes on.
+///
+/// A Pod that cannot start ([`not_starting`]: an image that cannot be pulled, a missing Secret, no node to run it):
+/// told with the Pod's name and why, each time why changes. The attempt waits on (a registry may come back), until
+/// its timeout.
+pub struct Watchers<'a> {
+    /// How long past the grace period a deleted Pod is overdue.
     pub after: Duration,
     /// The cluster's time, as this replica reads it (a Pod's `deletionTimestamp` is the cluster's).
     pub now: &'a (dyn Fn() -> jiff::Timestamp + Sync),
-    /// Called with the Pod's name.
-    pub report: &'a (dyn Fn(&str) + Sync),
+    /// Called with the name of a deleted Pod that has not stopped.
+    pub not_stopping: &'a (dyn Fn(&str) + Sync),
+    /// Called with the name of a Pod that cannot start, and why.
+    pub not_starting: &'a (dyn Fn(&str, &str) + Sync),
 }
 
 /// Stop the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion), and any Pod a create of it
@@ -765,7 +817,7 @@ pub async fn stop(
     attempt: i32,
     late: LateCreates,
     may_act: &(dyn Fn() -> bool + Sync),
-    overdue: &Overdue<'_>,
+    watchers: &Watchers<'_>,
 ) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
@@ -790,7 +842,7 @@ pub async fn stop(
             // Being deleted, or finished already: a finished Pod is left for inspection, and may still be removed (by
             // hand, by the terminated-pod garbage collector) before a create can land no more.
             Some(uid) => {
-                until_stopped(&pods, &name, &uid, overdue).await;
+                until_stopped(&pods, &name, &uid, watchers).await;
                 stopped = Some(uid);
             }
             // Gone between the two reads (or a delete answered so while the Pod stays): look again in a moment.
@@ -843,6 +895,43 @@ async fn request_deletion(
 
 #[cfg(test)]
 mod tests {
+    /// A Pod that cannot start says why (an image that cannot be had, a configuration that cannot be made, no node);
+    /// one on its way says nothing.
+    #[test]
+    fn a_pod_that_cannot_start_says_why_and_one_on_its_way_says_nothing() {
+        let pod = |status: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "j-1"}, "status": status})).unwrap()
+        };
+        let waiting = |name: &str, reason: &str, message: &str| {
+            serde_json::json!({"name": name, "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}}})
+        };
+        let never = pod(serde_json::json!({"phase": "Pending",
+            "containerStatuses": [waiting("main", "ErrImageNeverPull", "image \"nope:1\" is not present")]}));
+        assert_eq!(
+            not_starting(&never).as_deref(),
+            Some("container main: ErrImageNeverPull: image \"nope:1\" is not present")
+        );
+        let secret = pod(serde_json::json!({"phase": "Pending",
+            "initContainerStatuses": [waiting("setup", "CreateContainerConfigError", "secret \"s\" not found")]}));
+        assert!(not_starting(&secret).is_some_and(|w| w.starts_with("container setup: CreateContainerConfigError")));
+        let unschedulable = pod(serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable", "message": "0/1 nodes are available: 1 Insufficient cpu."}]}));
+        assert_eq!(
+            not_starting(&unschedulable).as_deref(),
+            Some("not scheduled: 0/1 nodes are available: 1 Insufficient cpu.")
+        );
+        for on_its_way in [
+            pod(serde_json::json!({"phase": "Pending"})),
+            pod(
+                serde_json::json!({"phase": "Pending", "containerStatuses": [waiting("main", "ContainerCreating", "")]}),
+            ),
+            pod(serde_json::json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]})),
+        ] {
+            assert_eq!(not_starting(&on_its_way), None, "{:?}", on_its_way.status);
+        }
+    }
+
     use super::*;
     use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
     use tokio_util::sync::CancellationToken;
@@ -882,21 +971,21 @@ mod tests {
         assert_eq!(overdue_at(&pod, Duration::from_secs(u64::MAX / 4)), None, "beyond any timestamp: never");
         // The replica that watches the Pod sets its timer by the same rule, on the clock it reads.
         let (now, report) = (|| at(10), |_: &str| {});
-        let overdue = Overdue { after, now: &now, report: &report };
-        let left = due_in(&pod, &overdue).unwrap().duration_since(Instant::now());
+        let watchers = Watchers { after, now: &now, not_stopping: &report, not_starting: &|_, _| {} };
+        let left = due_in(&pod, &watchers).unwrap().duration_since(Instant::now());
         assert!(left > Duration::from_millis(8_000) && left <= Duration::from_millis(8_250), "{left:?}");
         let late = || at(30);
-        let overdue = Overdue { after, now: &late, report: &report };
-        assert!(due_in(&pod, &overdue).unwrap() <= Instant::now(), "overdue already: now");
+        let watchers = Watchers { after, now: &late, not_stopping: &report, not_starting: &|_, _| {} };
+        assert!(due_in(&pod, &watchers).unwrap() <= Instant::now(), "overdue already: now");
         // A Pod told to take for ever: its grace ends at the edge of time, and it is never overdue.
         let for_ever = jiff::Timestamp::MAX - jiff::SignedDuration::from_secs(1);
         pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(for_ever));
-        assert_eq!((overdue_at(&pod, after), due_in(&pod, &overdue)), (None, None));
+        assert_eq!((overdue_at(&pod, after), due_in(&pod, &watchers)), (None, None));
         assert!(!overdue_by(&pod, jiff::Timestamp::MAX, after));
         // One told to take centuries: a timer that far away, set without overflow, and no report before.
         let far: jiff::Timestamp = "9000-01-01T00:00:00Z".parse().unwrap();
         pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(far));
-        assert!(due_in(&pod, &overdue).is_none_or(|due| due > Instant::now() + Duration::from_secs(86_400 * 365)));
+        assert!(due_in(&pod, &watchers).is_none_or(|due| due > Instant::now() + Duration::from_secs(86_400 * 365)));
         assert!(!overdue_by(&pod, at(100), after));
     }
 
