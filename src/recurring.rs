@@ -828,7 +828,21 @@ impl Pass<'_> {
                 self.worker.event_on(def, EventType::Normal, "JobCreated", note);
                 Ok(())
             }
-            Err(e) if api_code(&e) == Some(409) => Ok(()),
+            // Made earlier (a create whose answer was lost, another replica's), unless a job this definition did not
+            // make holds the tick's name (anyone may create a BackgroundJob by that name): then the tick has no job,
+            // and says so.
+            Err(e) if api_code(&e) == Some(409) => {
+                if let Ok(Some(holder)) = crate::unreadable::get_opt(&self.jobs, name).await
+                    && definition_of(&holder).map(|o| o.uid.as_str()) != def.metadata.uid.as_deref()
+                {
+                    let reason =
+                        format!("tick {tick}: no job, its name {name} is held by a job this definition did not make");
+                    warn!(definition = %def.name_any(), job = %name, "{reason}");
+                    self.worker.metrics.recurring_skipped.get_or_create(&reason_label("NameTaken")).inc();
+                    self.worker.event_on(def, EventType::Warning, "TickSkipped", reason);
+                }
+                Ok(())
+            }
             Err(e) => {
                 let note = format!(
                     "tick {tick}: could not create job {name} (tried again until startingDeadlineSeconds, if set): {e}"

@@ -537,15 +537,20 @@ async fn invalid_schedules_are_rejected_by_schema_or_reported_in_a_condition() {
         json!({"schedule": "* * * * *", "timeZone": "Mars/Olympus", "jobTemplate": {"spec": {"jobName": "noop"}}}),
     )
     .await;
-    for (name, expected) in
-        [("bad-minute", "minute: 99 is out of range 0-59"), ("bad-zone", "unknown time zone \"Mars/Olympus\"")]
-    {
+    // Every job of this one would be refused by the apiserver: its definition said Valid=True and tried once a second.
+    let bad_label = json!({"metadata": {"labels": {"team": "payments/eu"}}, "spec": {"jobName": "noop"}});
+    define(&env, "bad-label", json!({"schedule": "* * * * * *", "jobTemplate": bad_label})).await;
+    for (name, reason, expected) in [
+        ("bad-minute", "InvalidSchedule", "minute: 99 is out of range 0-59"),
+        ("bad-zone", "InvalidSchedule", "unknown time zone \"Mars/Olympus\""),
+        ("bad-label", "InvalidTemplate", "gives \"team\" the value \"payments/eu\""),
+    ] {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let def = api.get(name).await.unwrap();
             let cond = def.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid").cloned());
             if let Some(c) = cond {
-                assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "InvalidSchedule"));
+                assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reason));
                 assert!(c.message.contains(expected), "{}", c.message);
                 break;
             }
@@ -554,6 +559,47 @@ async fn invalid_schedules_are_rejected_by_schema_or_reported_in_a_condition() {
         }
     }
     assert!(env.list().await.is_empty(), "invalid definitions create no jobs");
+}
+
+/// Anyone may create a BackgroundJob by a tick's name before the tick: its definition then has no job for that tick,
+/// and says so in a `TickSkipped` Warning. It took the name as its own job, made earlier, and said nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_whose_name_a_job_of_someone_else_holds_is_reported_skipped() {
+    let env = TestEnv::new("rec-squat").await;
+    let _r = env.replica("r", &[]);
+    let spec = json!({"schedule": "* * * * * *", "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}});
+    define(&env, "squat", spec).await;
+    // The squatters come once the replica makes the definition's jobs (its start may include a build).
+    env.wait_until(Duration::from_secs(120), "a first tick's job", |jobs| !jobs.is_empty()).await;
+    let now = unix_now().ceil() as i64;
+    let squatted = now + 4..now + 9;
+    for t in squatted.clone() {
+        env.create(&format!("squat-{t}"), json!({"jobName": "noop"})).await;
+    }
+    sleep_until_unix((squatted.end + 3) as f64).await;
+    // One Event, its series counting the ticks (kube's recorder folds Events of one reason on one object).
+    let reported = || async {
+        use k8s_openapi::api::events::v1::Event;
+        let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+        let events = events.list(&Default::default()).await.expect("list events").items;
+        let held =
+            |e: &&Event| e.note.as_deref().is_some_and(|n| n.contains("held by a job this definition did not make"));
+        let skipped = |e: &&Event| e.reason.as_deref() == Some("TickSkipped");
+        events.iter().filter(skipped).filter(held).map(|e| e.series.as_ref().map_or(1, |s| s.count)).sum::<i32>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reported().await < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let count = reported().await;
+    assert!(count >= 3, "the squatted ticks {squatted:?} were reported {count} times");
+    let ticks = ticks(&env).await;
+    assert!(
+        squatted.clone().all(|t| !ticks.contains_key(&t)),
+        "no job of the definition for a squatted tick: {ticks:?}"
+    );
+    assert!(ticks.keys().any(|t| *t > squatted.end), "and the schedule goes on: {ticks:?}");
 }
 
 /// A job `bgjobs recurring trigger` made is no tick's: its TTL deletes it, even on a suspended definition whose
