@@ -333,8 +333,8 @@ async fn run_claimed(
     let tell_not_stopping = |pod: &str| not_stopping.tell(pod);
     let cluster_now = || worker.clock.now();
     // A Pod that cannot start is said once per attempt, and why is kept for the outcome of an attempt that times out.
-    let not_starting = PodNotStarting { worker, job: &job, why: Mutex::new(None) };
-    let tell_not_starting = |pod: &str, why: &str| not_starting.tell(pod, why);
+    let not_starting = PodNotStarting { worker, job: &job, state: Mutex::default() };
+    let tell_not_starting = |pod: &str, why: Option<&str>| not_starting.tell(pod, why);
     let watchers = executor::pod::Watchers {
         after: worker.timing.duration,
         now: &cluster_now,
@@ -642,31 +642,45 @@ impl PodNotStopping<'_> {
 }
 
 /// Tells that an attempt's Pod cannot start (an image that cannot be pulled, a missing Secret, no node): a Warning
-/// Event, `PodNotStarting`, once per attempt (the kubelet's reasons alternate while it retries a pull); why, as last
-/// told, goes into the outcome of an attempt that then times out, which would otherwise say only "still running".
+/// Event, `PodNotStarting`, once per attempt (the kubelet's reasons alternate while it retries a pull); why, while it
+/// holds, goes into the outcome of an attempt that then times out, which would otherwise say only "still running".
 struct PodNotStarting<'a> {
     worker: &'a Worker,
     job: &'a BackgroundJob,
-    why: Mutex<Option<String>>,
+    state: Mutex<NotStarting>,
 }
 
 impl PodNotStarting<'_> {
-    fn tell(&self, pod: &str, why: &str) {
-        let said = format!("pod {pod}: {why}");
-        let first = self.why.lock().unwrap_or_else(|e| e.into_inner()).replace(said.clone()).is_none();
-        if first {
-            warn!(%pod, %why, "the attempt's pod cannot start");
-            self.worker.event(
-                self.job,
-                EventType::Warning,
-                "PodNotStarting",
-                format!("{said}; waiting, until the attempt's timeout"),
-            );
+    fn tell(&self, pod: &str, why: Option<&str>) {
+        let first = self.state.lock().unwrap_or_else(|e| e.into_inner()).note(pod, why);
+        if let Some(said) = first {
+            warn!(%pod, why = %said, "the attempt's pod cannot start");
+            let note = format!("{said}; waiting, until the attempt's timeout");
+            self.worker.event(self.job, EventType::Warning, "PodNotStarting", note);
         }
     }
 
     fn why(&self) -> Option<String> {
-        self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).why.clone()
+    }
+}
+
+/// What an attempt's Pod last said about starting.
+#[derive(Default)]
+struct NotStarting {
+    /// Why it cannot start; None if it never said, or no longer says (a node was added, a pull worked).
+    why: Option<String>,
+    /// Whether it was told (once per attempt).
+    told: bool,
+}
+
+impl NotStarting {
+    /// Note what the Pod `pod` says now; returns what to tell, the first time it cannot start.
+    fn note(&mut self, pod: &str, why: Option<&str>) -> Option<String> {
+        self.why = why.map(|why| format!("pod {pod}: {why}"));
+        let first = self.why.is_some() && !self.told;
+        self.told |= first;
+        first.then(|| self.why.clone()).flatten()
     }
 }
 
@@ -684,6 +698,26 @@ impl Drop for PodNotStopping<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Pod that could not start, then did (a node was added), and timed out running: its outcome does not say it
+    /// had not started. Told once per attempt, whatever it says after.
+    #[test]
+    fn a_pod_that_could_not_start_then_did_is_not_said_to_have_not_started() {
+        let mut state = NotStarting::default();
+        assert_eq!(
+            state.note("j-1", Some("not scheduled: 0/1 nodes")).as_deref(),
+            Some("pod j-1: not scheduled: 0/1 nodes")
+        );
+        assert_eq!(state.note("j-1", Some("container main: ErrImagePull")), None, "told once per attempt");
+        assert_eq!(state.why.as_deref(), Some("pod j-1: container main: ErrImagePull"));
+        assert_eq!(state.note("j-1", None), None);
+        assert_eq!(had_not_started(state.why.clone()), "", "it started");
+        state.note("j-1", Some("container main: ImagePullBackOff"));
+        assert_eq!(
+            had_not_started(state.why.clone()),
+            " (its pod had not started: pod j-1: container main: ImagePullBackOff)"
+        );
+    }
     use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 

@@ -260,14 +260,17 @@ where
                 None => match parser.await {
                     Ok(Ok(resource_version)) => {
                         // The whole request (the apiserver's 60 s timeout counts from it), and the wait for its answer.
+                        // Not for one object's lists (one per Pod attempt): a cache's lists are the ones worth a line.
                         let seconds = asked.elapsed().as_secs_f64();
-                        tracing::info!(
-                            objects = count,
-                            seconds,
-                            answered_after = answered,
-                            what = scope.api.resource_url(),
-                            "listed"
-                        );
+                        if scope.fields.is_none() {
+                            tracing::info!(
+                                objects = count,
+                                seconds,
+                                answered_after = answered,
+                                what = scope.api.resource_url(),
+                                "listed"
+                            );
+                        }
                         return (Ok(Event::InitDone), State::Watch { resource_version });
                     }
                     Ok(Err(e)) => return (Err(watcher::Error::InitialListFailed(e)), State::List(from.retried())),

@@ -13,11 +13,14 @@ pub const MAX_NAME: usize = 253;
 /// `-` and `.`, starting and ending with a letter or digit). Names from outside (a report token) are checked with
 /// this before they go into an apiserver path.
 pub fn is_dns1123_subdomain(s: &str) -> bool {
+    // Dot-separated labels, each of lowercase letters, digits and `-`, starting and ending with a letter or digit.
     let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    s.len() <= 253
-        && edge(s.chars().next())
-        && edge(s.chars().last())
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    let label = |l: &str| {
+        edge(l.chars().next())
+            && edge(l.chars().last())
+            && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    s.len() <= 253 && s.split('.').all(label)
 }
 
 /// Whether `key` is a valid label or annotation key: an optional prefix (a DNS subdomain) and `/`, then a name of at
@@ -88,7 +91,7 @@ mod tests {
     #[test]
     fn only_valid_object_names_pass() {
         assert!(is_dns1123_subdomain("report-1.a"));
-        for bad in ["", "..", "a/b", "A", "-a", "a-", "a?x=1", &"a".repeat(254)] {
+        for bad in ["", "..", "a..b", "a.-b", "a-.b", ".a", "a.", "a/b", "A", "-a", "a-", "a?x=1", &"a".repeat(254)] {
             assert!(!is_dns1123_subdomain(bad), "{bad:?}");
         }
     }

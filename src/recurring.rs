@@ -238,19 +238,25 @@ pub fn plan(
     if let Some(Standing::Fail(why)) = crate::unreadable::standing(def) {
         return Plan::Unreadable(format!("bgjobs cannot read this definition, so it makes no job: {why}"));
     }
+    let status = def.status.clone().unwrap_or_default();
+    // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
+    let now = shifted(def, now);
+    let pending = status.pending_job.filter(|job| !known(job));
+    let tick = status.last_schedule_time.map(|t| t.0);
+    // An edit takes back a tick claimed ahead, whatever the edit says (first: reporting it invalid would record the
+    // edit as seen, and the claim would stand).
+    if let Some(job) = &pending
+        && tick.is_some_and(|t| t > now)
+        && status.previous_schedule_time.is_some()
+        && edited_since_status(def)
+    {
+        return Plan::Withdraw { job: job.clone(), at: now };
+    }
     // Its jobs would be refused (422) at every try, for ever: a claimed tick's too, until the template is mended.
     if let Some(message) = template_problem(def) {
         return Plan::Invalid { reason: "InvalidTemplate", message };
     }
-    let status = def.status.clone().unwrap_or_default();
-    // With a jitter, the schedule is read on a clock that runs late by the definition's offset.
-    let now = shifted(def, now);
-    if let Some(job) = status.pending_job.filter(|job| !known(job)) {
-        let tick = status.last_schedule_time.map(|t| t.0);
-        let replaced = status.previous_schedule_time.is_some();
-        if tick.is_some_and(|t| t > now) && replaced && edited_since_status(def) {
-            return Plan::Withdraw { job, at: now };
-        }
+    if let Some(job) = pending {
         return plan_pending(def, job, tick, active, now);
     }
     let schedule: Schedule = match def.spec.schedule.parse() {
@@ -296,6 +302,9 @@ pub fn plan(
     Plan::Claim { tick, skip, catch_up }
 }
 
+/// The most an object's annotations, keys and values, may take (bytes).
+const MAX_ANNOTATIONS: usize = 256 * 1024;
+
 fn invalid_schedule(message: String) -> Plan {
     Plan::Invalid { reason: "InvalidSchedule", message }
 }
@@ -307,8 +316,16 @@ fn template_problem(def: &RecurringBackgroundJob) -> Option<String> {
     let metadata = &def.spec.job_template.metadata;
     const KEY: &str = "an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', \
                        starting and ending with a letter or digit";
-    if let Some(key) = metadata.labels.keys().chain(metadata.annotations.keys()).find(|k| !is_qualified_name(k)) {
+    // Annotation keys are checked lowercased, as the apiserver does; label keys as they are.
+    let bad_annotation = metadata.annotations.keys().find(|k| !is_qualified_name(&k.to_lowercase()));
+    if let Some(key) = metadata.labels.keys().find(|k| !is_qualified_name(k)).or(bad_annotation) {
         return Some(format!("jobTemplate.metadata has the key {key:?}, which Kubernetes does not allow ({KEY})"));
+    }
+    let annotations: usize = metadata.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if annotations > MAX_ANNOTATIONS {
+        return Some(format!(
+            "jobTemplate.metadata.annotations take {annotations} bytes, more than Kubernetes allows ({MAX_ANNOTATIONS})"
+        ));
     }
     let (key, value) = metadata.labels.iter().find(|(_, v)| !is_label_value(v))?;
     Some(format!(
@@ -1397,6 +1414,14 @@ pub(crate) mod tests {
         };
         let unchanged = claimed(serde_json::json!({}), 1);
         assert!(matches!(super::plan(&unchanged, &[], none, t(55), AHEAD), Plan::Await { .. }));
+        // An edit that also breaks the template takes the claim back too: reported invalid first, the edit would be
+        // recorded as seen, and the claim would stand, made once the template is mended, however late.
+        let broken = claimed(
+            serde_json::json!({"suspend": true, "jobTemplate":
+            {"metadata": {"labels": {"team": "payments/eu"}}, "spec": {"jobName": "noop"}}}),
+            2,
+        );
+        assert_eq!(super::plan(&broken, &[], none, t(55), AHEAD), Plan::Withdraw { job: job.into(), at: t(55) });
         // Suspended, or made denser, after the claim and before the tick: the claim goes, and the edit applies from now.
         for spec in [serde_json::json!({"suspend": true}), serde_json::json!({"schedule": "*/2 * * * * *"})] {
             let edited = claimed(spec, 2);
@@ -1492,6 +1517,21 @@ pub(crate) mod tests {
             {"annotations": {"not a key": "any value / is fine"}}, "spec": {"jobName": "x"}}}),
         );
         assert!(matches!(plan(&annotated, &[], none, t(600)), Plan::Invalid { reason: "InvalidTemplate", .. }));
+        let big = def(
+            "* * * * *",
+            serde_json::json!({"jobTemplate": {"metadata":
+            {"annotations": {"a": "x".repeat(256 * 1024)}}, "spec": {"jobName": "x"}}}),
+        );
+        assert!(matches!(plan(&big, &[], none, t(600)), Plan::Invalid { reason: "InvalidTemplate", .. }));
+        // The apiserver checks annotation keys lowercased: a capital in the prefix is fine there, not in a label.
+        let capital = def(
+            "* * * * *",
+            serde_json::json!({"jobTemplate": {"metadata":
+            {"annotations": {"Example.com/owner": "x"}}, "spec": {"jobName": "x"}}}),
+        );
+        assert!(matches!(plan(&capital, &[], none, t(600)), Plan::Claim { .. }));
+        let capital_label = labelled(serde_json::json!({"Example.com/owner": "x"}));
+        assert!(matches!(plan(&capital_label, &[], none, t(600)), Plan::Invalid { reason: "InvalidTemplate", .. }));
         let fine = labelled(serde_json::json!({"team": "payments.eu", "app.kubernetes.io/part-of": "billing"}));
         assert!(matches!(plan(&fine, &[], none, t(600)), Plan::Claim { .. }));
         let mut pending = labelled(serde_json::json!({"team": "payments/eu"}));

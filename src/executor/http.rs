@@ -103,7 +103,7 @@ fn refused_header(name: &str, value: &str) -> Option<String> {
     }
     if let Err(e) = reqwest::header::HeaderValue::from_str(value) {
         return Some(format!(
-            "gives {name:?} a value HTTP does not allow ({e}: only visible ASCII, spaces and tabs, no line breaks)"
+            "gives {name:?} a value HTTP does not allow ({e}: no control characters, such as line breaks)"
         ));
     }
     reserved_header(name).map(|why| format!("sets {name:?}, which a job may not set ({why})"))

@@ -600,7 +600,7 @@ fn finished(pod: &Pod) -> bool {
 /// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced after
 /// 295 s of silence ([`crate::list_watch`]). The attempt runner bounds the whole wait. A Pod seen being deleted
 /// that is still not stopped `watchers.after` past its grace period is told to `watchers.not_stopping` (once), and one
-/// that cannot start, to `watchers.not_starting` (at each change of why).
+/// that cannot start, to `watchers.not_starting` (at each change of why, and once it can).
 async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers<'_>) -> Option<Pod> {
     let mut watch = std::pin::pin!(watch_one(pods.clone(), name).default_backoff());
     let mut overdue_at: Option<Instant> = None;
@@ -635,8 +635,8 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
                     return Some(pod);
                 }
                 let why = not_starting(&pod);
-                if why.is_some() && why != stuck {
-                    (watchers.not_starting)(name, why.as_deref().unwrap_or_default());
+                if why != stuck {
+                    (watchers.not_starting)(name, why.as_deref());
                 }
                 stuck = why;
                 // Again at every change: a second deletion with a shorter grace moves `deletionTimestamp` earlier.
@@ -784,8 +784,8 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
 /// Pod's name; the wait goes on.
 ///
 /// A Pod that cannot start ([`not_starting`]: an image that cannot be pulled, a missing Secret, no node to run it):
-/// told with the Pod's name and why, each time why changes. The attempt waits on (a registry may come back), until
-/// its timeout.
+/// told with the Pod's name and why, each time why changes, and with None once it no longer says so (a node was
+/// added, a pull worked). The attempt waits on (a registry may come back), until its timeout.
 pub struct Watchers<'a> {
     /// How long past the grace period a deleted Pod is overdue.
     pub after: Duration,
@@ -793,8 +793,8 @@ pub struct Watchers<'a> {
     pub now: &'a (dyn Fn() -> jiff::Timestamp + Sync),
     /// Called with the name of a deleted Pod that has not stopped.
     pub not_stopping: &'a (dyn Fn(&str) + Sync),
-    /// Called with the name of a Pod that cannot start, and why.
-    pub not_starting: &'a (dyn Fn(&str, &str) + Sync),
+    /// Called with the name of a Pod that cannot start and why, or None once it no longer says so.
+    pub not_starting: &'a (dyn Fn(&str, Option<&str>) + Sync),
 }
 
 /// Stop the Pod of `attempt` (cancellation, attempt timeout, deadline, job deletion), and any Pod a create of it
@@ -842,7 +842,9 @@ pub async fn stop(
             // Being deleted, or finished already: a finished Pod is left for inspection, and may still be removed (by
             // hand, by the terminated-pod garbage collector) before a create can land no more.
             Some(uid) => {
-                until_stopped(&pods, &name, &uid, watchers).await;
+                // The attempt has ended: whether its Pod could have started is no longer news.
+                let ended = Watchers { not_starting: &|_, _| {}, ..*watchers };
+                until_stopped(&pods, &name, &uid, &ended).await;
                 stopped = Some(uid);
             }
             // Gone between the two reads (or a delete answered so while the Pod stays): look again in a moment.
