@@ -189,8 +189,36 @@ pub async fn write_if_unchanged(
     }
 }
 
+/// Whether the apiserver refused a write because the object would be larger than etcd stores (1.5 MiB by default):
+/// etcd's "request is too large" (a 500 from older apiservers, a 413 from newer ones).
+pub fn too_large(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 413 || s.message.contains("request is too large"))
+}
+
+/// Longest error and condition message kept by [`shrink`] (characters).
+const SHRUNK_MESSAGE: usize = 200;
+
+/// What of `s` gives way when the job is too large to store it: the result and all but the start of the error and
+/// the condition messages, which only explain the outcome. The outcome itself (phase, attempts, times) stays, so a
+/// job whose spec nears etcd's limit still records how its attempt ended; refused, the outcome was taken as lost,
+/// and the attempt run again, for ever.
+pub fn shrink(s: &mut BackgroundJobStatus) {
+    let cut = |text: &mut String| {
+        if text.chars().count() > SHRUNK_MESSAGE {
+            *text = text.chars().take(SHRUNK_MESSAGE).collect::<String>()
+                + " … (cut: the job is too large for etcd to store more)";
+        }
+    };
+    s.result = None;
+    if let Some(error) = s.last_error.as_mut() {
+        cut(error);
+    }
+    s.conditions.iter_mut().for_each(|c| cut(&mut c.message));
+}
+
 /// Apply `change` to the job's status and write it, only while `fence` still holds. Starts from `latest` (the job
-/// as this worker last wrote or read it) and re-reads on each 409.
+/// as this worker last wrote or read it) and re-reads on each 409. A status too large to store is written again
+/// [`shrink`]ed.
 pub async fn write_fenced(
     api: &Api<BackgroundJob>,
     latest: &BackgroundJob,
@@ -199,18 +227,29 @@ pub async fn write_fenced(
 ) -> Result<Fenced> {
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
+    let mut shrunk = false;
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
     // as long as the fence holds; the caller bounds the whole write by what is left of its renew deadline.
     loop {
         if !fence.holds(&current) {
             return Ok(Fenced::Stale);
         }
+        let before = current.status.clone();
         let mut status = current.status.clone().unwrap_or_default();
         change(&mut status);
+        if shrunk {
+            shrink(&mut status);
+        }
         current.status = Some(status);
         // Through `unreadable`: a job edited into a shape the types cannot hold meanwhile still gets its outcome.
         match crate::unreadable::replace_status(api, &current).await {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
+            Err(e) if too_large(&e) && !shrunk => {
+                tracing::warn!(job = %name, error = %e, "the job is too large to store its status; writing it again \
+                    without its result, its error cut");
+                current.status = before;
+                shrunk = true;
+            }
             Err(e) if api_code(&e) == Some(409) => match crate::unreadable::get_opt(api, &name).await? {
                 Some(j) => current = j,
                 None => return Ok(Fenced::Stale),
@@ -234,6 +273,36 @@ mod tests {
         j.metadata.uid = Some("uid-1".into());
         j.metadata.generation = Some(1);
         j
+    }
+
+    #[test]
+    fn a_shrunk_status_keeps_the_outcome_and_the_start_of_its_error_and_drops_the_result() {
+        let now = Timestamp::from_second(100).unwrap();
+        let mut s = running(&job(), 1, "w1", "bgj-j", Some(42), None, now);
+        s.result = Some(serde_json::json!({"rows": "x".repeat(30_000)}));
+        finish(&mut s, Phase::Failed, Some("é".repeat(10_000)), now);
+        let before = s.clone();
+        shrink(&mut s);
+        assert_eq!((s.phase, s.attempts, &s.completion_time), (before.phase, before.attempts, &before.completion_time));
+        assert!(s.result.is_none());
+        let error = s.last_error.as_deref().unwrap();
+        assert!(error.starts_with(&"é".repeat(200)) && error.ends_with("too large for etcd to store more)"), "{error}");
+        assert!(s.conditions.iter().all(|c| c.message.chars().count() < 300), "{:?}", s.conditions);
+        assert!(serde_json::to_string(&s).unwrap().len() < 2_000);
+        let short = s.clone();
+        shrink(&mut s);
+        assert_eq!(s, short, "shrinking twice changes nothing");
+    }
+
+    #[test]
+    fn only_etcds_size_refusal_is_too_large() {
+        let status = |code: u16, message: &str| {
+            kube::Error::Api(Box::new(kube::core::Status::failure(message, "").with_code(code)))
+        };
+        assert!(too_large(&status(500, "etcdserver: request is too large")));
+        assert!(too_large(&status(413, "Request entity too large: limit is 3145728")));
+        assert!(!too_large(&status(500, "etcdserver: leader changed")));
+        assert!(!too_large(&status(409, "the object has been modified")));
     }
 
     #[test]

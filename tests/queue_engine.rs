@@ -407,6 +407,30 @@ async fn unknown_handlers_bad_args_and_attempt_timeouts_end_with_readable_reason
     assert!(slow.contains("exceeded attemptTimeoutSeconds (1s)") && slow.contains("2 of 2"), "{slow}");
 }
 
+/// A job whose spec nears etcd's limit (1.5 MiB a request by default) leaves no room for a long error in its status.
+/// The outcome is written again without its result and with its error cut, and the job ends, once. Refused, the
+/// outcome was taken as lost, and the attempt run again until the job's attempts or deadline ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_too_large_to_store_its_outcome_whole_still_records_how_it_ended_once() {
+    let env = TestEnv::new("too-large").await;
+    let _r = env.replica("r", &[]);
+    // The message, the job's args, is also its error: the claim fits (about 1 KB of status), the outcome with a
+    // 4 KiB error and a 1 KiB condition message does not (objects of 1,570,000 characters of args were stored here,
+    // 1,580,000 refused), the shrunk one does.
+    let message = "x".repeat(1_568_000);
+    let spec = json!({"jobName": "fail", "args": {"message": message, "permanent": true}, "retry": {"maxAttempts": 3, "backoffSeconds": 0}});
+    env.create("big", spec).await;
+    let job = env.wait_job("big", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let error = job.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+    assert_eq!((job.phase(), job.attempts()), (Phase::Failed, 1), "{}", &error[..error.len().min(300)]);
+    assert!(
+        error.starts_with("xxxx") && error.ends_with("too large for etcd to store more)"),
+        "{}",
+        &error[..error.len().min(300)]
+    );
+    assert_eq!(starts_per_job(&env).get("big"), Some(&1), "the job ran once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_a_running_job_back_so_another_replica_starts_it_at_once() {
     let env = TestEnv::new("sigterm").await;

@@ -436,6 +436,20 @@ mod reserved_headers {
     use tokio::io::AsyncReadExt;
     use tokio_util::sync::CancellationToken;
 
+    fn ctx() -> JobContext {
+        JobContext {
+            namespace: "team-a".into(),
+            name: "j".into(),
+            uid: "u".into(),
+            job_name: "call".into(),
+            attempt: 1,
+            worker: "w".into(),
+            leases: vec![],
+            cancel: CancellationToken::new(),
+            report: Default::default(),
+        }
+    }
+
     struct To(IpAddr);
     impl Lookup for To {
         fn lookup<'a>(&'a self, _h: &'a str, _p: u16) -> BoxFuture<'a, std::io::Result<Vec<IpAddr>>> {
@@ -493,18 +507,7 @@ mod reserved_headers {
             .into(),
             timeout_seconds: Some(5),
         };
-        let ctx = JobContext {
-            namespace: "team-a".into(),
-            name: "j".into(),
-            uid: "u".into(),
-            job_name: "call".into(),
-            attempt: 1,
-            worker: "w".into(),
-            leases: vec![],
-            cancel: CancellationToken::new(),
-            report: Default::default(),
-        };
-        let r = exec.post(&target, &ctx, &serde_json::json!({}), None).await;
+        let r = exec.post(&target, &ctx(), &serde_json::json!({}), None).await;
         match &r {
             AttemptResult::Permanent(m) => assert!(m.contains("\"Host\"") && m.contains("nothing was sent"), "{m}"),
             other => panic!("{other:?}"),
@@ -532,18 +535,7 @@ mod reserved_headers {
                 headers: [(name.to_string(), value.to_string())].into(),
                 timeout_seconds: Some(5),
             };
-            let ctx = JobContext {
-                namespace: "team-a".into(),
-                name: "j".into(),
-                uid: "u".into(),
-                job_name: "call".into(),
-                attempt: 1,
-                worker: "w".into(),
-                leases: vec![],
-                cancel: CancellationToken::new(),
-                report: Default::default(),
-            };
-            let r = exec.post(&target, &ctx, &serde_json::json!({}), None).await;
+            let r = exec.post(&target, &ctx(), &serde_json::json!({}), None).await;
             match &r {
                 AttemptResult::Permanent(m) => assert!(m.contains(expected) && m.contains("nothing was sent"), "{m}"),
                 other => panic!("{name:?}: {other:?}"),
