@@ -192,16 +192,17 @@ pub async fn write_if_unchanged(
 /// Whether the apiserver refused a write because the object would be larger than etcd stores (1.5 MiB by default):
 /// etcd's "request is too large" (a 500 from older apiservers, a 413 from newer ones).
 pub fn too_large(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 413 || s.message.contains("request is too large"))
+    matches!(e, kube::Error::Api(s) if s.code == 413 || (s.code == 500 && s.message.contains("etcdserver: request is too large")))
 }
 
 /// Longest error and condition message kept by [`shrink`] (characters).
 const SHRUNK_MESSAGE: usize = 200;
 
-/// What of `s` gives way when the job is too large to store it: the result and all but the start of the error and
-/// the condition messages, which only explain the outcome. The outcome itself (phase, attempts, times) stays, so a
+/// What of `s` gives way when the job is too large to store it: all but the start of the error and of the condition
+/// and progress messages, which only explain the outcome. The outcome itself (phase, attempts, times) stays, so a
 /// job whose spec nears etcd's limit still records how its attempt ended; refused, the outcome was taken as lost,
-/// and the attempt run again, for ever.
+/// and the attempt run again, for ever. A result is never dropped: a write that still does not fit fails as before
+/// (a worker's report is refused, and the worker knows).
 pub fn shrink(s: &mut BackgroundJobStatus) {
     let cut = |text: &mut String| {
         if text.chars().count() > SHRUNK_MESSAGE {
@@ -209,9 +210,11 @@ pub fn shrink(s: &mut BackgroundJobStatus) {
                 + " … (cut: the job is too large for etcd to store more)";
         }
     };
-    s.result = None;
     if let Some(error) = s.last_error.as_mut() {
         cut(error);
+    }
+    if let Some(message) = s.progress.as_mut().and_then(|p| p.message.as_mut()) {
+        cut(message);
     }
     s.conditions.iter_mut().for_each(|c| cut(&mut c.message));
 }
@@ -246,12 +249,16 @@ pub async fn write_fenced(
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
             Err(e) if too_large(&e) && !shrunk => {
                 tracing::warn!(job = %name, error = %e, "the job is too large to store its status; writing it again \
-                    without its result, its error cut");
+                    with its messages cut");
                 current.status = before;
                 shrunk = true;
             }
             Err(e) if api_code(&e) == Some(409) => match crate::unreadable::get_opt(api, &name).await? {
-                Some(j) => current = j,
+                Some(j) => {
+                    // Someone else wrote it: whole again, it may fit now.
+                    current = j;
+                    shrunk = false;
+                }
                 None => return Ok(Fenced::Stale),
             },
             Err(e) if api_code(&e) == Some(404) => return Ok(Fenced::Stale),
@@ -276,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shrunk_status_keeps_the_outcome_and_the_start_of_its_error_and_drops_the_result() {
+    fn a_shrunk_status_keeps_the_outcome_its_result_and_the_start_of_its_messages() {
         let now = Timestamp::from_second(100).unwrap();
         let mut s = running(&job(), 1, "w1", "bgj-j", Some(42), None, now);
         s.result = Some(serde_json::json!({"rows": "x".repeat(30_000)}));
@@ -284,11 +291,13 @@ mod tests {
         let before = s.clone();
         shrink(&mut s);
         assert_eq!((s.phase, s.attempts, &s.completion_time), (before.phase, before.attempts, &before.completion_time));
-        assert!(s.result.is_none());
+        assert_eq!(s.result, before.result, "a result is never dropped");
         let error = s.last_error.as_deref().unwrap();
         assert!(error.starts_with(&"é".repeat(200)) && error.ends_with("too large for etcd to store more)"), "{error}");
         assert!(s.conditions.iter().all(|c| c.message.chars().count() < 300), "{:?}", s.conditions);
-        assert!(serde_json::to_string(&s).unwrap().len() < 2_000);
+        s.result = None;
+        assert!(serde_json::to_string(&s).unwrap().len() < 2_000, "what is left is small");
+        s.result = before.result.clone();
         let short = s.clone();
         shrink(&mut s);
         assert_eq!(s, short, "shrinking twice changes nothing");
@@ -302,6 +311,7 @@ mod tests {
         assert!(too_large(&status(500, "etcdserver: request is too large")));
         assert!(too_large(&status(413, "Request entity too large: limit is 3145728")));
         assert!(!too_large(&status(500, "etcdserver: leader changed")));
+        assert!(!too_large(&status(403, "denied by a webhook: etcdserver: request is too large")));
         assert!(!too_large(&status(409, "the object has been modified")));
     }
 
