@@ -288,7 +288,7 @@ mod tests {
         Arc::new(Scripted(Mutex::new(answers), Mutex::new(0)))
     }
 
-    fn ctx() -> JobContext {
+    pub(super) fn ctx() -> JobContext {
         JobContext {
             namespace: "team-a".into(),
             name: "j".into(),
@@ -432,23 +432,9 @@ mod tests {
 
 #[cfg(test)]
 mod reserved_headers {
+    use super::tests::ctx;
     use super::*;
     use tokio::io::AsyncReadExt;
-    use tokio_util::sync::CancellationToken;
-
-    fn ctx() -> JobContext {
-        JobContext {
-            namespace: "team-a".into(),
-            name: "j".into(),
-            uid: "u".into(),
-            job_name: "call".into(),
-            attempt: 1,
-            worker: "w".into(),
-            leases: vec![],
-            cancel: CancellationToken::new(),
-            report: Default::default(),
-        }
-    }
 
     struct To(IpAddr);
     impl Lookup for To {
