@@ -106,12 +106,60 @@ impl Worker {
         self.metrics.count_event(&type_, reason);
         let reference = object.object_ref(&());
         let ev = Event { type_, reason: reason.into(), note: Some(event_note(note)), action, secondary: None };
+        let (client, identity) = (self.client.clone(), self.identity.clone());
         tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&ev, &reference).await {
+            let published = match &reference.name {
+                Some(name) if name.len() + EVENT_NAME_SUFFIX > crate::names::MAX_NAME => {
+                    publish_shortened(client, identity, &ev, &reference, name).await
+                }
+                _ => recorder.publish(&ev, &reference).await,
+            };
+            if let Err(e) = published {
                 tracing::warn!(error = %e, reason = ev.reason, "could not publish an Event");
             }
         });
     }
+}
+
+/// kube's recorder names an Event `<object's name>.<nanoseconds in hex>`: 17 characters more than the object's name,
+/// which may have 253 already.
+const EVENT_NAME_SUFFIX: usize = 17;
+
+/// Publish `ev` on the object `reference` names, `name`, too long for kube's recorder to name the Event after it (the
+/// apiserver refused those Events): under its name shortened as every derived name is ([`crate::names`]). Not
+/// folded into a series with the like of it, as the recorder's are.
+async fn publish_shortened(
+    client: Client,
+    identity: String,
+    ev: &Event,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    name: &str,
+) -> kube::Result<()> {
+    use k8s_openapi::api::events::v1::Event as Stored;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let now = jiff::Timestamp::now();
+    let namespace = reference.namespace.clone().unwrap_or_else(|| "default".into());
+    let stored = Stored {
+        metadata: kube::api::ObjectMeta {
+            name: Some(crate::names::with_suffix(name, &format!(".{:x}", now.as_nanosecond()), crate::names::MAX_NAME)),
+            namespace: Some(namespace.clone()),
+            ..Default::default()
+        },
+        action: Some(ev.action.clone()),
+        reason: Some(ev.reason.clone()),
+        note: ev.note.clone(),
+        event_time: Some(MicroTime(now)),
+        regarding: Some(reference.clone()),
+        related: ev.secondary.clone(),
+        reporting_controller: Some("bgjobs".into()),
+        reporting_instance: Some(identity),
+        type_: Some(match ev.type_ {
+            EventType::Normal => "Normal".into(),
+            EventType::Warning => "Warning".into(),
+        }),
+        ..Default::default()
+    };
+    kube::Api::<Stored>::namespaced(client, &namespace).create(&Default::default(), &stored).await.map(|_| ())
 }
 
 /// The apiserver refuses an Event whose note is longer than this many bytes (not characters).

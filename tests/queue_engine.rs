@@ -431,6 +431,23 @@ async fn a_job_too_large_to_store_its_outcome_whole_still_records_how_it_ended_o
     assert_eq!(starts_per_job(&env).get("big"), Some(&1), "the job ran once");
 }
 
+/// A job named near the 253-character limit still gets its Events. kube's recorder names an Event after its object
+/// plus 17 characters, and the apiserver refused every Event of a job named over 236.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_named_near_the_limit_still_gets_its_events() {
+    let env = TestEnv::new("long-name").await;
+    let _r = env.replica("r", &[]);
+    let name = format!("long-{}", "a".repeat(245));
+    env.create(&name, json!({"jobName": "fail", "args": {"permanent": true}})).await;
+    env.wait_job(&name, MINUTE, "final", |j| j.phase().is_final()).await;
+    // Events are published in the background, after the outcome.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env.warnings_on(&name, "Failed").await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no Failed Event on the job");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_a_running_job_back_so_another_replica_starts_it_at_once() {
     let env = TestEnv::new("sigterm").await;
