@@ -680,7 +680,7 @@ impl NotStarting {
         self.why = why.map(|why| format!("pod {pod}: {why}"));
         let first = self.why.is_some() && !self.told;
         self.told |= first;
-        first.then(|| self.why.clone()).flatten()
+        if first { self.why.clone() } else { None }
     }
 }
 
@@ -698,6 +698,8 @@ impl Drop for PodNotStopping<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     /// A Pod that could not start, then did (a node was added), and timed out running: its outcome does not say it
     /// had not started. Told once per attempt, whatever it says after.
@@ -718,8 +720,6 @@ mod tests {
             " (its pod had not started: pod j-1: container main: ImagePullBackOff)"
         );
     }
-    use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn job(spec: serde_json::Value, created: i64, started: Option<i64>) -> BackgroundJob {
         let mut j = BackgroundJob::new("j", serde_json::from_value::<BackgroundJobSpec>(spec).unwrap());

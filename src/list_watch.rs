@@ -67,17 +67,17 @@ const WATCH_SILENCE: Duration = Duration::from_secs(295);
 /// replica would not see its jobs change meanwhile.
 const ENDED_AT_ONCE: Duration = Duration::from_secs(1);
 
-/// The list request: everything in scope with `labels` and `fields` (selectors; all if None), in one response, as fresh as `from` says (from
-/// the watch cache, or a quorum read from etcd).
+/// The list request: everything in scope with `labels` and `fields` (selectors; all if None), in one response, as
+/// fresh as `from` says (from the watch cache, or a quorum read from etcd).
 fn list_query(resource_url: &str, labels: Option<&str>, fields: Option<&str>, from: &ListFrom) -> String {
     let mut query = url::form_urlencoded::Serializer::new(String::new());
-    match from {
-        ListFrom::Any => query.append_pair("resourceVersion", "0"),
-        ListFrom::NotOlderThan(rv) => query.append_pair("resourceVersion", rv),
-        ListFrom::Latest | ListFrom::Quorum(_) => &mut query,
+    let from_cache = match from {
+        ListFrom::Any => Some("0"),
+        ListFrom::NotOlderThan(rv) => Some(rv.as_str()),
+        ListFrom::Latest | ListFrom::Quorum(_) => None,
     };
-    if !matches!(from, ListFrom::Latest | ListFrom::Quorum(_)) {
-        query.append_pair("resourceVersionMatch", "NotOlderThan");
+    if let Some(version) = from_cache {
+        query.append_pair("resourceVersion", version).append_pair("resourceVersionMatch", "NotOlderThan");
     }
     if let Some(labels) = labels {
         query.append_pair("labelSelector", labels);

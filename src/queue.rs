@@ -292,10 +292,10 @@ mod tests {
         assert!(s.report_key.is_none() && s.result.is_none());
     }
 
-    /// The Lease caches are listed (first from etcd) and watched by their labels, and a Lease watch that ends as soon as it was opened
-    /// (something in between ends every watch) is opened again only after a pause. kube's `watcher`, which these
-    /// caches used, asked again at once, in a loop that yielded nothing. The stream is read for 2.5 s in a task of
-    /// its own: three watches with the pause (two on a slow machine), thousands without it.
+    /// The Lease caches are listed (first from etcd) and watched by their labels, and a Lease watch that ends as soon
+    /// as it was opened (something in between ends every watch) is opened again only after a pause. kube's `watcher`,
+    /// which these caches used, asked again at once, in a loop that yielded nothing. The stream is read for 2.5 s in a
+    /// task of its own: three watches with the pause (two on a slow machine), thousands without it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lease_caches_watch_by_label_and_a_watch_that_ends_at_once_is_opened_again_only_after_a_pause() {
         let lease = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",

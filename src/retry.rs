@@ -52,7 +52,7 @@ pub fn backoff(policy: &RetryPolicy, failed_attempt: i32) -> Duration {
         return Duration::ZERO;
     }
     let exponent = (failed_attempt.max(1) - 1) as f64;
-    let secs = policy.backoff_seconds.max(0) as f64 * policy.backoff_factor.max(1.0).powf(exponent);
+    let secs = policy.backoff_seconds as f64 * policy.backoff_factor.max(1.0).powf(exponent);
     if !secs.is_finite() || secs >= MAX_BACKOFF.as_secs_f64() { MAX_BACKOFF } else { Duration::from_secs_f64(secs) }
 }
 

@@ -191,11 +191,12 @@ pub async fn write_if_unchanged(
 
 /// Whether the apiserver refused a write because the object would be larger than etcd stores (1.5 MiB by default):
 /// etcd's "request is too large" (a 500 from older apiservers, a 413 from newer ones).
-pub fn too_large(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 413 || (s.code == 500 && s.message.contains("etcdserver: request is too large")))
+pub fn too_large_for_etcd(e: &kube::Error) -> bool {
+    let etcds = |s: &kube::core::Status| s.code == 500 && s.message.contains("etcdserver: request is too large");
+    matches!(e, kube::Error::Api(s) if s.code == 413 || etcds(s))
 }
 
-/// Longest error and condition message kept by [`shrink`] (characters).
+/// Longest error, condition and progress message kept by [`shrink`] (characters).
 const SHRUNK_MESSAGE: usize = 200;
 
 /// What of `s` gives way when the job is too large to store it: all but the start of the error and of the condition
@@ -247,7 +248,7 @@ pub async fn write_fenced(
         // Through `unreadable`: a job edited into a shape the types cannot hold meanwhile still gets its outcome.
         match crate::unreadable::replace_status(api, &current).await {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
-            Err(e) if too_large(&e) && !shrunk => {
+            Err(e) if too_large_for_etcd(&e) && !shrunk => {
                 tracing::warn!(job = %name, error = %e, "the job is too large to store its status; writing it again \
                     with its messages cut");
                 current.status = before;
@@ -304,15 +305,15 @@ mod tests {
     }
 
     #[test]
-    fn only_etcds_size_refusal_is_too_large() {
+    fn only_etcds_size_refusal_is_too_large_for_etcd() {
         let status = |code: u16, message: &str| {
             kube::Error::Api(Box::new(kube::core::Status::failure(message, "").with_code(code)))
         };
-        assert!(too_large(&status(500, "etcdserver: request is too large")));
-        assert!(too_large(&status(413, "Request entity too large: limit is 3145728")));
-        assert!(!too_large(&status(500, "etcdserver: leader changed")));
-        assert!(!too_large(&status(403, "denied by a webhook: etcdserver: request is too large")));
-        assert!(!too_large(&status(409, "the object has been modified")));
+        assert!(too_large_for_etcd(&status(500, "etcdserver: request is too large")));
+        assert!(too_large_for_etcd(&status(413, "Request entity too large: limit is 3145728")));
+        assert!(!too_large_for_etcd(&status(500, "etcdserver: leader changed")));
+        assert!(!too_large_for_etcd(&status(403, "denied by a webhook: etcdserver: request is too large")));
+        assert!(!too_large_for_etcd(&status(409, "the object has been modified")));
     }
 
     #[test]

@@ -226,8 +226,8 @@ async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_that_cannot_start_says_why_in_a_warning_and_in_its_attempts_timeout() {
     let env = on_node("pod-not-starting").await;
-    // 40 s for a kubelet, slow on a busy machine, to say why the Pod cannot start: it says so within seconds here.
     let _r = env.replica("r", &[]);
+    // 40 s for a kubelet, slow on a busy machine, to say why the Pod cannot start: it says so within seconds here.
     let mut spec = shell_job("true", json!({"attemptTimeoutSeconds": 40, "retry": {"maxAttempts": 1}}));
     spec["template"]["spec"]["containers"][0]["image"] = json!("bgjobs-no-such-image:1");
     env.create("typo", spec).await;

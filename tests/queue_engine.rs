@@ -408,7 +408,7 @@ async fn unknown_handlers_bad_args_and_attempt_timeouts_end_with_readable_reason
 }
 
 /// A job whose spec nears etcd's limit (1.5 MiB a request by default) leaves no room for a long error in its status.
-/// The outcome is written again without its result and with its error cut, and the job ends, once. Refused, the
+/// The outcome is written again with its error and condition messages cut, and the job ends, once. Refused, the
 /// outcome was taken as lost, and the attempt run again until the job's attempts or deadline ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_too_large_to_store_its_outcome_whole_still_records_how_it_ended_once() {

@@ -580,13 +580,10 @@ async fn a_tick_whose_name_a_job_of_someone_else_holds_is_reported_skipped() {
     sleep_until_unix((squatted.end + 3) as f64).await;
     // One Event, its series counting the ticks (kube's recorder folds Events of one reason on one object).
     let reported = || async {
-        use k8s_openapi::api::events::v1::Event;
-        let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-        let events = events.list(&Default::default()).await.expect("list events").items;
-        let held =
-            |e: &&Event| e.note.as_deref().is_some_and(|n| n.contains("held by a job this definition did not make"));
-        let skipped = |e: &&Event| e.reason.as_deref() == Some("TickSkipped");
-        events.iter().filter(skipped).filter(held).map(|e| e.series.as_ref().map_or(1, |s| s.count)).sum::<i32>()
+        let held = |n: &str| n.contains("held by a job this definition did not make");
+        let events = env.warning_events("squat", "TickSkipped").await;
+        let events = events.iter().filter(|e| e.note.as_deref().is_some_and(held));
+        events.map(|e| e.series.as_ref().map_or(1, |s| s.count)).sum::<i32>()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while reported().await < 3 && Instant::now() < deadline {

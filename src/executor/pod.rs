@@ -897,6 +897,10 @@ async fn request_deletion(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
+    use tokio_util::sync::CancellationToken;
+
     /// A Pod that cannot start says why (an image that cannot be had, a configuration that cannot be made, no node);
     /// one on its way says nothing.
     #[test]
@@ -933,10 +937,6 @@ mod tests {
             assert_eq!(not_starting(&on_its_way), None, "{:?}", on_its_way.status);
         }
     }
-
-    use super::*;
-    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
-    use tokio_util::sync::CancellationToken;
 
     #[tokio::test]
     async fn a_pod_is_given_up_for_lost_only_once_no_create_of_its_attempt_can_land_counted_by_the_clusters_clock() {

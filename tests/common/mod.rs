@@ -450,13 +450,18 @@ impl TestEnv {
 
     /// Notes of the Warning Events with `reason` on the object `name` (a job, a definition) in the namespace.
     pub async fn warnings_on(&self, name: &str, reason: &str) -> Vec<String> {
+        self.warning_events(name, reason).await.into_iter().map(|e| e.note.unwrap_or_default()).collect()
+    }
+
+    /// The Warning Events with `reason` on the object `name` in the namespace (one may stand for a series of them:
+    /// kube's recorder folds Events of one reason and action on one object, and counts them in `series`).
+    pub async fn warning_events(&self, name: &str, reason: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
         use k8s_openapi::api::events::v1::Event;
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
         let list = events.list(&Default::default()).await.expect("list events").items;
         list.into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
             .filter(|e| e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some(reason))
-            .map(|e| e.note.unwrap_or_default())
             .collect()
     }
 
