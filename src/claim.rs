@@ -134,6 +134,9 @@ pub enum ClaimOutcome {
     /// Another replica took an extra Lease first (a cluster slot, the concurrency key): the job itself was not
     /// touched and may be claimed again at once.
     Busy,
+    /// The job is too large for etcd to store the claim's status beside its spec (see [`too_large`]). `Some`: it
+    /// was failed instead, for this reason; `None`: not even that fits, and the job was left as it was.
+    TooLarge(Option<String>),
 }
 
 /// Where a claim found another replica ahead of it.
@@ -412,7 +415,8 @@ async fn claim_job(
         // The adopted attempt keeps the start time it had: its attemptTimeoutSeconds counts from there.
         new_status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone()).or(new_status.start_time);
     }
-    match write_holding(jobs, job, &acquired, claimant, new_status).await {
+    let written = write_holding(jobs, job, &acquired, claimant, new_status).await;
+    match written {
         Ok(Some(written)) => Ok(ClaimOutcome::Claimed(Box::new(Claimed {
             job: written,
             lease: acquired,
@@ -421,20 +425,60 @@ async fn claim_job(
             extras,
             tenure: claimant.tenure.clone(),
         }))),
-        Ok(None) => {
-            // An adopted attempt's Pod runs on: its claim stays, disowned, for its next adopter (as its extras do).
-            if adopts(job) {
-                lease::disown(leases, &acquired.lease).await?;
-            } else {
-                lease::release(leases, &acquired.lease).await?;
-            }
-            Ok(ClaimOutcome::Lost(LostAt::JobChanged))
-        }
+        Ok(None) => given_back(leases, job, &acquired, ClaimOutcome::Lost(LostAt::JobChanged)).await,
+        Err(e) if e.is_too_large_for_etcd() => too_large(jobs, leases, job, &acquired, claimant).await,
         Err(e) => {
             give_back_after_failed_write(leases, &acquired.lease, &e).await;
             Err(e)
         }
     }
+}
+
+/// Why a job too large to claim was failed (short: it must fit where the claim's status did not).
+pub const TOO_LARGE_TO_CLAIM: &str = "never started: the job is too large for etcd to store its status beside its \
+    spec (etcdserver: request is too large); pass large inputs by reference";
+
+/// Even shrunk, the claim's status did not fit beside the job's spec. A job that is not adopted is failed, its
+/// status kept as small as it can be, so it says why instead of being claimed in a loop for ever. An adopted
+/// attempt's Pod or worker runs on: its claim is disowned for its next adopter, and nothing is written.
+async fn too_large(
+    jobs: &Api<BackgroundJob>,
+    leases: &Api<Lease>,
+    job: &BackgroundJob,
+    acquired: &Held,
+    claimant: Claimant<'_>,
+) -> Result<ClaimOutcome> {
+    if adopts(job) {
+        return given_back(leases, job, acquired, ClaimOutcome::TooLarge(None)).await;
+    }
+    let mut failed = job.status.as_deref().cloned().unwrap_or_default();
+    status::finish(&mut failed, Phase::Failed, Some(TOO_LARGE_TO_CLAIM.to_string()), claimant.now);
+    let outcome = match write_holding(jobs, job, acquired, claimant, failed).await {
+        Ok(Some(_)) => ClaimOutcome::TooLarge(Some(TOO_LARGE_TO_CLAIM.to_string())),
+        Ok(None) => ClaimOutcome::Lost(LostAt::JobChanged),
+        Err(e) if e.is_too_large_for_etcd() => ClaimOutcome::TooLarge(None),
+        Err(e) => {
+            give_back_after_failed_write(leases, &acquired.lease, &e).await;
+            return Err(e);
+        }
+    };
+    given_back(leases, job, acquired, outcome).await
+}
+
+/// Give back the claim Lease of a claim that did not go ahead, then report `outcome`. An adopted attempt's Pod or
+/// worker runs on: its claim stays, disowned, for its next adopter (as its extras do).
+async fn given_back(
+    leases: &Api<Lease>,
+    job: &BackgroundJob,
+    acquired: &Held,
+    outcome: ClaimOutcome,
+) -> Result<ClaimOutcome> {
+    if adopts(job) {
+        lease::disown(leases, &acquired.lease).await?;
+    } else {
+        lease::release(leases, &acquired.lease).await?;
+    }
+    Ok(outcome)
 }
 
 /// How often a settle that waits for an orphaned attempt's Pod to land looks for it (one read).

@@ -101,6 +101,11 @@ impl Error {
         matches!(self, Error::Kube(e) if api_code(e) == Some(409))
     }
 
+    /// True when the apiserver refused a write because the object would be larger than etcd stores.
+    pub fn is_too_large_for_etcd(&self) -> bool {
+        matches!(self, Error::Kube(e) if crate::status::too_large_for_etcd(e))
+    }
+
     /// True for an HTTP 404 Not Found.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Kube(e) if api_code(e) == Some(404))
@@ -111,7 +116,10 @@ impl Error {
 /// admission, size, a rate limit, the object gone), so it certainly did not land. A timeout, a 5xx or a broken
 /// connection may follow a write that landed.
 pub fn refused(e: &Error) -> bool {
-    matches!(e, Error::Kube(kube::Error::Api(s)) if matches!(s.code, 400 | 401 | 403 | 404 | 413 | 415 | 422 | 429))
+    let turned_down = matches!(e, Error::Kube(kube::Error::Api(s))
+        if matches!(s.code, 400 | 401 | 403 | 404 | 413 | 415 | 422 | 429));
+    // etcd's own size refusal comes as a 500 from older apiservers: etcd stored nothing.
+    turned_down || e.is_too_large_for_etcd()
 }
 
 /// A Kubernetes API error, told apart when it is a ResourceQuota refusing a create (403 "exceeded quota").

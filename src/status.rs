@@ -173,19 +173,30 @@ pub fn upsert_condition(
     }
 }
 
-/// Write `status` over `seen` only if the job is still at `seen`'s resourceVersion. `Ok(None)`: someone else moved
-/// it first (or it is gone).
+/// Write `status` over `seen` only if the job is still at `seen`'s resourceVersion, with less of it each time etcd
+/// refuses it as too large ([`Room`]). `Ok(None)`: someone else moved it first (or it is gone).
 pub async fn write_if_unchanged(
     api: &Api<BackgroundJob>,
     seen: &BackgroundJob,
     status: BackgroundJobStatus,
 ) -> Result<Option<BackgroundJob>> {
-    let mut obj = seen.clone();
-    obj.status = Some(Box::new(status));
-    match crate::unreadable::replace_status(api, &obj).await {
-        Ok(j) => Ok(Some(j)),
-        Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(None),
-        Err(e) => Err(e.into()),
+    let mut step = 0;
+    loop {
+        let room = Room::LADDER[step];
+        let mut obj = seen.clone();
+        let mut s = status.clone();
+        fit(&mut s, room);
+        obj.status = Some(Box::new(s));
+        match crate::unreadable::replace_status(api, &obj).await {
+            Ok(j) => return Ok(Some(j)),
+            Err(e) if too_large_for_etcd(&e) && room != Room::Bare => {
+                tracing::warn!(job = ?seen.metadata.name, ?room, "the job is too large to store this status beside \
+                    its spec; writing it again with less");
+                step += 1;
+            }
+            Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -196,33 +207,71 @@ pub fn too_large_for_etcd(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 413 || etcds(s))
 }
 
-/// Longest error, condition and progress message kept by [`shrink`] (characters).
+/// Longest error, condition and progress message kept at [`Room::Cut`] (characters).
 const SHRUNK_MESSAGE: usize = 200;
 
-/// What of `s` gives way when the job is too large to store it: all but the start of the error and of the condition
-/// and progress messages, which only explain the outcome. The outcome itself (phase, attempts, times) stays, so a
-/// job whose spec nears etcd's limit still records how its attempt ended; refused, the outcome was taken as lost,
-/// and the attempt run again, for ever. A result is never dropped: a write that still does not fit fails as before
-/// (a worker's report is refused, and the worker knows).
-pub fn shrink(s: &mut BackgroundJobStatus) {
+/// Every condition's message at [`Room::Bare`].
+const BARE_MESSAGE: &str = "see Events";
+
+/// How much of a status gives way when the job's spec nears etcd's limit (1.5 MiB a request by default) and the
+/// status does not fit beside it. Refused, an outcome was taken as lost and the attempt run again, for ever; so a
+/// write refused as too large is made again with less, down to [`Room::Bare`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Room {
+    /// All of it.
+    Whole,
+    /// All but the start of the error and of the condition and progress messages, which only explain the outcome.
+    Cut,
+    /// The outcome alone (phase, attempts, worker, the conditions' types and reasons, times), no message: its reason
+    /// is in the job's Events, and every condition says so. A job not running also drops its start time and Lease name. No larger than the
+    /// status its claim stored (a `Running` condition's message, a start time and a Lease name give way to a
+    /// completion or next attempt time), so an attempt whose claim fitted can always record how it ended.
+    Bare,
+}
+
+impl Room {
+    /// The order a write that does not fit tries them in.
+    pub const LADDER: [Room; 3] = [Room::Whole, Room::Cut, Room::Bare];
+}
+
+/// Make `s` take no more than `room` allows. A result is never dropped: a write that still does not fit fails as
+/// before (a worker's report is refused, and the worker knows).
+pub fn fit(s: &mut BackgroundJobStatus, room: Room) {
     let cut = |text: &mut String| {
         if text.chars().count() > SHRUNK_MESSAGE {
             *text = text.chars().take(SHRUNK_MESSAGE).collect::<String>()
                 + " … (cut: the job is too large for etcd to store more)";
         }
     };
-    if let Some(error) = s.last_error.as_mut() {
-        cut(error);
+    match room {
+        Room::Whole => {}
+        Room::Cut => {
+            if let Some(error) = s.last_error.as_mut() {
+                cut(error);
+            }
+            if let Some(message) = s.progress.as_mut().and_then(|p| p.message.as_mut()) {
+                cut(message);
+            }
+            s.conditions.iter_mut().for_each(|c| cut(&mut c.message));
+        }
+        Room::Bare => {
+            s.last_error = None;
+            if let Some(p) = s.progress.as_mut() {
+                p.message = None;
+            }
+            // Not empty: the apiserver refuses a condition without a message.
+            s.conditions.iter_mut().for_each(|c| c.message = BARE_MESSAGE.to_string());
+            if s.phase != Some(Phase::Running) {
+                s.start_time = None;
+                s.lease = None;
+            }
+        }
     }
-    if let Some(message) = s.progress.as_mut().and_then(|p| p.message.as_mut()) {
-        cut(message);
-    }
-    s.conditions.iter_mut().for_each(|c| cut(&mut c.message));
 }
 
 /// Apply `change` to the job's status and write it, only while `fence` still holds. Starts from `latest` (the job
 /// as this worker last wrote or read it) and re-reads on each 409. A status too large to store is written again
-/// [`shrink`]ed.
+/// with less of it ([`Room`]).
 pub async fn write_fenced(
     api: &Api<BackgroundJob>,
     latest: &BackgroundJob,
@@ -231,34 +280,33 @@ pub async fn write_fenced(
 ) -> Result<Fenced> {
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
-    let mut shrunk = false;
+    let mut step = 0;
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
     // as long as the fence holds; the caller bounds the whole write by what is left of its renew deadline.
     loop {
         if !fence.holds(&current) {
             return Ok(Fenced::Stale);
         }
+        let room = Room::LADDER[step];
         let before = current.status.clone();
         let mut status = current.status.clone().unwrap_or_default();
         change(&mut status);
-        if shrunk {
-            shrink(&mut status);
-        }
+        fit(&mut status, room);
         current.status = Some(status);
         // Through `unreadable`: a job edited into a shape the types cannot hold meanwhile still gets its outcome.
         match crate::unreadable::replace_status(api, &current).await {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
-            Err(e) if too_large_for_etcd(&e) && !shrunk => {
-                tracing::warn!(job = %name, error = %e, "the job is too large to store its status; writing it again \
-                    with its messages cut");
+            Err(e) if too_large_for_etcd(&e) && room != Room::Bare => {
+                tracing::warn!(job = %name, error = %e, ?room, "the job is too large to store its status; writing \
+                    it again with less");
                 current.status = before;
-                shrunk = true;
+                step += 1;
             }
             Err(e) if api_code(&e) == Some(409) => match crate::unreadable::get_opt(api, &name).await? {
                 Some(j) => {
                     // Someone else wrote it: whole again, it may fit now.
                     current = j;
-                    shrunk = false;
+                    step = 0;
                 }
                 None => return Ok(Fenced::Stale),
             },
@@ -283,6 +331,12 @@ mod tests {
         j
     }
 
+    fn job_with(status: BackgroundJobStatus) -> BackgroundJob {
+        let mut j = job();
+        j.status = Some(Box::new(status));
+        j
+    }
+
     #[test]
     fn a_shrunk_status_keeps_the_outcome_its_result_and_the_start_of_its_messages() {
         let now = Timestamp::from_second(100).unwrap();
@@ -290,7 +344,7 @@ mod tests {
         s.result = Some(serde_json::json!({"rows": "x".repeat(30_000)}));
         finish(&mut s, Phase::Failed, Some("é".repeat(10_000)), now);
         let before = s.clone();
-        shrink(&mut s);
+        fit(&mut s, Room::Cut);
         assert_eq!((s.phase, s.attempts, &s.completion_time), (before.phase, before.attempts, &before.completion_time));
         assert_eq!(s.result, before.result, "a result is never dropped");
         let error = s.last_error.as_deref().unwrap();
@@ -300,8 +354,36 @@ mod tests {
         assert!(serde_json::to_string(&s).unwrap().len() < 2_000, "what is left is small");
         s.result = before.result.clone();
         let short = s.clone();
-        shrink(&mut s);
-        assert_eq!(s, short, "shrinking twice changes nothing");
+        fit(&mut s, Room::Cut);
+        assert_eq!(s, short, "cutting twice changes nothing");
+    }
+
+    /// The promise that ends the ladder: an attempt whose claim fitted beside the job's spec can record how it ended
+    /// (or its requeue), bare, however long its error; and the requeued job's next claim is no larger either.
+    #[test]
+    fn a_bare_outcome_or_requeue_is_no_larger_than_the_claim_that_fitted() {
+        let size = |s: &BackgroundJobStatus| serde_json::to_string(s).unwrap().len();
+        let (claimed_at, ended_at) = (Timestamp::from_second(100).unwrap(), Timestamp::from_second(200).unwrap());
+        // The shortest worker name and no takeover note: the claim as small as it can be.
+        let claim = running(&job(), 1, "r", "bgj-j", Some(42), None, claimed_at);
+        let mut endings: Vec<(&str, BackgroundJobStatus)> = Vec::new();
+        for phase in [Phase::Succeeded, Phase::Failed, Phase::Abandoned, Phase::Cancelled] {
+            let mut s = claim.clone();
+            finish(&mut s, phase, Some("é".repeat(5_000)), ended_at);
+            endings.push(("final", s));
+        }
+        let mut requeued = claim.clone();
+        requeue(&mut requeued, Some(ended_at), "é".repeat(5_000), ended_at);
+        endings.push(("requeue", requeued.clone()));
+        for (what, mut s) in endings {
+            fit(&mut s, Room::Bare);
+            assert!(size(&s) <= size(&claim), "{what}: {} > {} bytes: {s:?}", size(&s), size(&claim));
+            assert!(s.phase.is_some() && s.completion_time.is_some() != (what == "requeue"), "{s:?}");
+        }
+        fit(&mut requeued, Room::Bare);
+        let mut next = running(&job_with(requeued), 2, "r", "bgj-j", Some(42), None, ended_at);
+        fit(&mut next, Room::Bare);
+        assert!(size(&next) <= size(&claim), "{next:?}");
     }
 
     #[test]

@@ -431,6 +431,92 @@ async fn a_job_too_large_to_store_its_outcome_whole_still_records_how_it_ended_o
     assert_eq!(starts_per_job(&env).get("big"), Some(&1), "the job ran once");
 }
 
+/// Jobs whose spec leaves etcd (1.5 MiB a request by default) less and less room for a status, up to none at all,
+/// each end once, or are left alone saying why: a claim, an outcome or a requeue that does not fit is written again
+/// with less (down to the bare outcome, no larger than the claim it ends), and a job too large to store even that is
+/// failed if that fits, else left as it is with a `TooLarge` Warning, and not tried again for minutes. Before, a job
+/// whose claim fitted but whose outcome did not ran again and again ("attempt 6 was lost: worker r stopped renewing
+/// its lease"), and one too large to claim was claimed and given back once a second, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_too_large_for_any_status_fail_or_wait_saying_why_and_none_runs_twice() {
+    use kube::api::{DeleteParams, PostParams};
+    let env = TestEnv::new("too-large-claim").await;
+    // Job names of one length, so that one spec size means one object size.
+    let spec = |n: usize| json!({"jobName": "fail", "args": {"message": "x".repeat(n), "permanent": true}});
+    let (mut fits, mut refused) = (1_000_000usize, 2_000_000usize);
+    while refused - fits > 8 {
+        let mid = (fits + refused) / 2;
+        match env.jobs.create(&PostParams::default(), &common::fixtures::job("big-pp", spec(mid))).await {
+            Ok(_) => {
+                fits = mid;
+                env.jobs.delete("big-pp", &DeleteParams::default()).await.expect("delete the probe");
+                env.wait_until(MINUTE, "the probe gone", |jobs| jobs.is_empty()).await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 413 || s.message.contains("too large") => refused = mid,
+            Err(e) => panic!("create a probe of {mid} characters: {e}"),
+        }
+    }
+    // From no room at all to room for a claim and a cut outcome (a status takes about 1 KB; its messages, cut, 500
+    // bytes), 100 bytes apart.
+    let names: Vec<String> = (0..=12).map(|i| format!("big-{i:02}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        env.create(name, spec(fits - 100 * i)).await;
+    }
+    // A write of an object this large takes 0.3-0.5 s here, and a status may take three: more than the test's 2 s
+    // renew deadline leaves an outcome after a slow claim.
+    let _r = env.replica("r", &["--lease-duration", "15s", "--renew-deadline", "10s", "--renew-interval", "2s"]);
+    let deadline = std::time::Instant::now() + 2 * MINUTE;
+    // Every job final, or Waiting with its warning.
+    let settled_jobs = loop {
+        let jobs = env.list().await;
+        let mut settled = 0;
+        for j in &jobs {
+            settled +=
+                usize::from(j.phase().is_final() || !env.warning_events(&j.name_any(), "TooLarge").await.is_empty());
+        }
+        if settled == names.len() {
+            break jobs;
+        }
+        assert!(std::time::Instant::now() < deadline, "not all settled: {}", common::summary(&jobs));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    // Long enough for a job claimed in a loop to be claimed again a few times.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let starts = starts_per_job(&env);
+    let (mut ran_once, mut failed_unclaimed, mut left) = (0, 0, 0);
+    for j in env.list().await {
+        let name = j.name_any();
+        let error = j.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+        let shown =
+            format!("{name}: {:?} after {} attempts: {}", j.phase(), j.attempts(), &error[..error.len().min(200)]);
+        assert!(starts.get(&name).copied().unwrap_or(0) <= 1, "{shown}: ran {:?} times", starts.get(&name));
+        match (j.phase(), j.attempts()) {
+            (Phase::Failed, 1) => {
+                assert_eq!(starts.get(&name), Some(&1), "{shown}");
+                ran_once += 1;
+            }
+            (Phase::Failed, 0) => {
+                let warnings = env.warnings_on(&name, "Failed").await;
+                assert!(warnings.iter().any(|w| w.contains("too large for etcd")), "{shown}: {warnings:?}");
+                failed_unclaimed += 1;
+            }
+            (Phase::Waiting, 0) => {
+                let events = env.warning_events(&name, "TooLarge").await;
+                let times: i32 = events.iter().map(|e| e.series.as_ref().map_or(1, |s| s.count)).sum();
+                assert_eq!(times, 1, "{shown}: warned {times} times (tried again at once?)");
+                left += 1;
+            }
+            _ => panic!("{shown}"),
+        }
+    }
+    assert!(
+        left >= 1 && ran_once >= 1,
+        "every kind of job: {ran_once} ran once, {failed_unclaimed} failed \
+        unclaimed, {left} left waiting; {}",
+        common::summary(&settled_jobs)
+    );
+}
+
 /// A job named near the 253-character limit still gets its Events. kube's recorder names an Event after its object
 /// plus 17 characters, and the apiserver refused every Event of a job named over 236.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

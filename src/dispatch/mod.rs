@@ -43,6 +43,7 @@ use crate::queue::{Changes, QueueView};
 use crate::status;
 use crate::worker::Worker;
 use backlog::{Backlog, Candidate, WALK_CHUNK};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use pace::Pace;
 use triage::{Decision, Facts, KeyFacts};
@@ -52,6 +53,13 @@ const IDLE_PASS: Duration = Duration::from_secs(2);
 /// How long a job this replica just acted on is left alone while the cache still shows the version it acted on.
 /// Bounded, because a lost race at the Lease does not always change the job itself.
 const SETTLE_HOLD: Duration = Duration::from_secs(1);
+
+/// How long a job too large to store any status is left alone before it is tried again (while unchanged).
+const TOO_LARGE_HOLD: Duration = Duration::from_secs(300);
+/// What its Event says.
+const TOO_LARGE_NOTE: &str = "the job is too large for etcd to store any status beside its spec (etcdserver: \
+    request is too large): it cannot be claimed, and is tried again in 5 minutes; delete it and pass large inputs by \
+    reference";
 
 /// At most this many settle and delete writes in flight per replica; more wait for a later pass.
 const MAX_SIDE_WRITES: usize = 16;
@@ -844,6 +852,18 @@ impl Dispatcher {
                         d.seen_at = None;
                     }
                 }
+                Ok(ClaimOutcome::TooLarge(Some(reason))) => {
+                    warn!(job = %job.name_any(), %reason, "job failed");
+                    worker.metrics.count_outcome(Phase::Failed);
+                    worker.event(&job, EventType::Warning, "Failed", reason);
+                }
+                Ok(ClaimOutcome::TooLarge(None)) => {
+                    warn!(job = %job.name_any(), "the job is too large to store any status: left as it is");
+                    worker.event(&job, EventType::Warning, "TooLarge", TOO_LARGE_NOTE.to_string());
+                    if let Some(d) = done.done.as_mut() {
+                        d.hold_until = Some(Instant::now() + TOO_LARGE_HOLD);
+                    }
+                }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
             }
         });
@@ -888,11 +908,7 @@ impl Dispatcher {
                 Ok(None) => {
                     info!(job = %job.name_any(), %phase, %reason, "job settled");
                     worker.metrics.count_outcome(phase);
-                    let type_ = if phase == Phase::Cancelled {
-                        kube::runtime::events::EventType::Normal
-                    } else {
-                        kube::runtime::events::EventType::Warning
-                    };
+                    let type_ = if phase == Phase::Cancelled { EventType::Normal } else { EventType::Warning };
                     worker.event(&job, type_, &phase.to_string(), reason);
                 }
                 Ok(Some(at)) => {
@@ -901,7 +917,7 @@ impl Dispatcher {
                     if let Some(pod) = at.pod_not_stopping() {
                         warn!(job = %job.name_any(), %pod, "the orphaned attempt's pod was deleted and has not stopped");
                         let note = crate::executor::pod::not_stopping_note(pod);
-                        worker.event(&job, kube::runtime::events::EventType::Warning, "PodNotStopping", note);
+                        worker.event(&job, EventType::Warning, "PodNotStopping", note);
                     }
                     done.lost(at);
                 }
