@@ -94,7 +94,7 @@ async fn accepted(seen: &Arc<Mutex<Vec<Accepted>>>, attempt: i32) -> Accepted {
 
 /// `bgjobs report ARGS` as a separate process with the token and URL in its environment, as a Pod would have them.
 fn cli_report(url: &str, token: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(common::bgjobs_bin())
+    let out = common::without_ambient_settings(&mut Command::new(common::bgjobs_bin()))
         .arg("report")
         .args(args)
         .env("BGJOBS_REPORT_URL", url)

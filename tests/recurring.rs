@@ -613,7 +613,7 @@ async fn a_triggered_job_of_a_suspended_definition_is_deleted_by_its_ttl() {
     )
     .await;
     for _ in 0..2 {
-        let out = std::process::Command::new(common::bgjobs_bin())
+        let out = common::without_ambient_settings(&mut std::process::Command::new(common::bgjobs_bin()))
             .args(["recurring", "trigger", "held", "-n", &env.ns])
             .env("KUBECONFIG", common::kubeconfig_path())
             .output()
@@ -661,7 +661,7 @@ async fn history_limits_keep_the_latest_finished_jobs_and_trigger_runs_one_now()
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 
-    let out = std::process::Command::new(common::bgjobs_bin())
+    let out = common::without_ambient_settings(&mut std::process::Command::new(common::bgjobs_bin()))
         .args(["recurring", "trigger", "hist", "-n", &env.ns])
         .env("KUBECONFIG", common::kubeconfig_path())
         .output()

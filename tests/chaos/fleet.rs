@@ -91,7 +91,8 @@ impl Fleet {
             .open(self.dir.join(format!("{}.log", m.identity)))
             .unwrap();
         let mut cmd = Command::new(test_worker_bin());
-        cmd.arg("operator")
+        common::without_ambient_settings(&mut cmd)
+            .arg("operator")
             .args(["--namespace", &self.ns, "--identity", &m.identity])
             .args(["--exec-log", &self.dir.join(format!("{}.exec", m.identity)).display().to_string()])
             .args(common::FAST_LEASES)

@@ -186,13 +186,26 @@ pub async fn service_account_kubeconfig(admin_client: &Client, sa: &str, namespa
     path
 }
 
+/// Clear what a process of ours would otherwise take from the environment the tests run in: every `BGJOBS_*`
+/// setting, and the Pod's name and namespace (set when the tests run in a Pod, and read as the replica's identity
+/// and Lease namespace), so that a test's replicas run only with the flags it gives them.
+pub fn without_ambient_settings(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("BGJOBS_") || key == "POD_NAME" || key == "POD_NAMESPACE" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// `bgjobs-test-worker record-history` for the test's namespace, its jobs and its Leases (tests keep their Leases
 /// there), stopped (SIGTERM) on drop.
 pub struct Recorder(Child);
 
 impl Recorder {
     pub fn start(env: &TestEnv) -> Recorder {
-        let child = Command::new(test_worker_bin())
+        let child = without_ambient_settings(&mut Command::new(test_worker_bin()))
             .args(["record-history", "--namespace", &env.ns, "--lease-namespace", &env.ns])
             .args(["--dir", &env.dir.display().to_string()])
             .env("KUBECONFIG", kubeconfig_path())
@@ -426,7 +439,7 @@ impl TestEnv {
         } else {
             bgjobs_bin()
         };
-        let child = Command::new(program)
+        let child = without_ambient_settings(&mut Command::new(program))
             .args(&args)
             .env("KUBECONFIG", options.kubeconfig.clone().unwrap_or_else(kubeconfig_path))
             .env("RUST_LOG", "info,bgjobs=debug,kube=warn")
@@ -656,7 +669,7 @@ pub struct NodeAgentOptions {
 impl TestEnv {
     /// Run `bgjobs ARGS -n <test namespace>`; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = std::process::Command::new(bgjobs_bin())
+        let out = without_ambient_settings(&mut Command::new(bgjobs_bin()))
             .args(args)
             .args(["-n", &self.ns])
             .env("KUBECONFIG", kubeconfig_path())
