@@ -279,6 +279,8 @@ fn the_admission_webhook_and_the_creator_check_render_only_when_enabled() {
         let hook = &on.one("MutatingWebhookConfiguration")["webhooks"][0];
         assert_eq!(hook["failurePolicy"], "Fail");
         let service = on.of_kind("Service").into_iter().find(|s| s["spec"]["ports"][0]["name"] == "webhook").unwrap();
+        // Served from each replica's start: routed only to Ready replicas, no job could be created while none is.
+        assert_eq!(service["spec"]["publishNotReadyAddresses"], true);
         assert_eq!(hook["clientConfig"]["service"]["name"], service["metadata"]["name"]);
         assert_eq!(hook["clientConfig"]["service"]["path"], bgjobs::wire::ADMISSION_PATH);
         assert_eq!(hook["rules"][0]["operations"], json!(["CREATE", "UPDATE"]));
@@ -342,6 +344,35 @@ fn autoscaling_renders_an_hpa_on_cpu_by_default_or_on_queue_depth() {
     let types: Vec<&Value> =
         both.one("HorizontalPodAutoscaler")["spec"]["metrics"].as_array().unwrap().iter().map(|m| &m["type"]).collect();
     assert_eq!(types, [&json!("Resource"), &json!("External")]);
+    // Scaled down a replica a minute by default (each hands its running jobs back), unless told otherwise.
+    let policies = &cpu.one("HorizontalPodAutoscaler")["spec"]["behavior"]["scaleDown"]["policies"];
+    assert_eq!(policies, &json!([{"type": "Pods", "value": 1, "periodSeconds": 60}]));
+    // Helm merges a behavior of one's own into the default: `scaleDown: null` drops the default policy.
+    let own = render(json!({"autoscaling": {"enabled": true,
+        "behavior": {"scaleUp": {"stabilizationWindowSeconds": 0}, "scaleDown": null}}}));
+    assert_eq!(
+        own.one("HorizontalPodAutoscaler")["spec"]["behavior"],
+        json!({"scaleUp": {"stabilizationWindowSeconds": 0}})
+    );
+}
+
+/// Every Service's name is a DNS label (at most 63 characters), and no two come out the same, however long the
+/// release's full name: the full name gives way, never the suffix.
+#[test]
+fn service_names_fit_a_dns_label_and_stay_apart_with_the_longest_full_name() {
+    let long = format!("r{}", "e".repeat(62));
+    let r = render(json!({"fullnameOverride": long, "admissionWebhook": {"enabled": true}}));
+    let names: Vec<String> =
+        r.of_kind("Service").iter().map(|s| s["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    assert!(names.len() >= 3, "{names:?}");
+    for name in &names {
+        assert!(name.len() <= 63 && !name.contains("--"), "{name} ({} characters)", name.len());
+    }
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(distinct.len(), names.len(), "{names:?}");
+    for suffix in ["-metrics", "-webhook", "-reports"] {
+        assert!(names.iter().any(|n| n.ends_with(suffix)), "no Service ends with {suffix}: {names:?}");
+    }
 }
 
 #[test]
@@ -408,6 +439,14 @@ fn bad_values_fail_with_a_message_that_names_the_value() {
             &["terminationGracePeriodSeconds (30)", "shutdownGrace + operator.renewDeadline (35 s)"],
         ),
         (json!({"operator": {"identity": "worker"}}), &["operator.identity \"worker\"", "$(POD_NAME)"]),
+        // One replica too: a rollout runs the old and the new Pod side by side.
+        (json!({"replicaCount": 1, "operator": {"identity": "worker"}}), &["operator.identity \"worker\"", "rollout"]),
+        (
+            json!({"operator": {"strategy": "exclusive", "queues": ["fast"]}}),
+            &["operator.strategy exclusive", "operator.queues"],
+        ),
+        (json!({"operator": {"renewInterval": "0s"}}), &["operator.renewInterval (0s) must be longer than 0"]),
+        (json!({"serviceAccount": {"create": false}}), &["serviceAccount.name"]),
         (json!({"autoscaling": {"enabled": true, "cpu": {"enabled": false}}}), &["autoscaling.enabled needs a metric"]),
         (json!({"autoscaling": {"enabled": true}, "resources": {"requests": null}}), &["resources.requests.cpu"]),
         (json!({"podDisruptionBudget": {"minAvailable": 1}}), &["maxUnavailable or minAvailable, not both"]),
@@ -430,6 +469,10 @@ fn bad_values_fail_with_a_message_that_names_the_value() {
         (
             json!({"admissionWebhook": {"enabled": true, "certificate": {"generate": false}}}),
             &["admissionWebhook.certificate.secretName"],
+        ),
+        (
+            json!({"admissionWebhook": {"enabled": true, "certificate": {"generate": false, "secretName": "cert"}}}),
+            &["admissionWebhook.certificate.caBundle", "cert-manager.io/inject-ca-from"],
         ),
     ];
     for (values, expected) in cases {
@@ -572,7 +615,12 @@ fn every_operator_flag_is_reachable_through_values_and_documented() {
         Some(1),
         "the operator should parse every rendered flag and fail to connect: {stderr}"
     );
-    assert!(stderr.contains("bgjobs: ") && !stderr.contains("Usage:"), "{stderr}");
+    // Failing for want of a cluster, not on a combination of values it refuses (which also exits 1).
+    assert!(stderr.contains("cannot load Kubernetes client configuration") && !stderr.contains("Usage:"), "{stderr}");
+
+    // The one value the file leaves at its default, because it cannot go with `operator.queues`.
+    let exclusive = render(json!({"operator": {"strategy": "exclusive"}}));
+    assert_eq!(exclusive.env_value("BGJOBS_STRATEGY").as_deref(), Some("exclusive"));
 }
 
 fn run_with_timeout(mut cmd: Command, timeout: Duration) -> std::process::Output {

@@ -103,8 +103,17 @@ app.kubernetes.io/part-of: bgjobs
 {{- if not (lt $interval $deadline) -}}
 {{- fail (printf "operator.renewInterval (%v) must be shorter than operator.renewDeadline (%v)" $o.renewInterval $o.renewDeadline) -}}
 {{- end -}}
-{{- if and $o.identity (not (contains "$(POD_NAME)" $o.identity)) (or .Values.autoscaling.enabled (gt (.Values.replicaCount | int) 1)) -}}
-{{- fail (printf "operator.identity %q would be the same on every replica; include $(POD_NAME) in it, or leave it empty" $o.identity) -}}
+{{- if not (gt $interval 0) -}}
+{{- fail (printf "operator.renewInterval (%v) must be longer than 0" $o.renewInterval) -}}
+{{- end -}}
+{{- if and (eq $o.strategy "exclusive") $o.queues -}}
+{{- fail "operator.strategy exclusive runs every job on the one leader: it cannot be combined with operator.queues (a leader serving some queues would starve the others)" -}}
+{{- end -}}
+{{- if and $o.identity (not (contains "$(POD_NAME)" $o.identity)) -}}
+{{- fail (printf "operator.identity %q would be the same on every replica, and on the old and the new Pod of every rollout (which take its member Lease from each other); include $(POD_NAME) in it, or leave it empty" $o.identity) -}}
+{{- end -}}
+{{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) -}}
+{{- fail "serviceAccount.create is false: set serviceAccount.name to the ServiceAccount the operator runs as (the chart binds its roles to it; it would otherwise bind them to the namespace's default ServiceAccount)" -}}
 {{- end -}}
 {{- if .Values.autoscaling.enabled -}}
 {{- if not (or .Values.autoscaling.cpu.enabled .Values.autoscaling.queueDepth.enabled) -}}
@@ -131,6 +140,9 @@ app.kubernetes.io/part-of: bgjobs
 {{- end -}}
 {{- if and $w.enabled (not $w.certificate.generate) (not $w.certificate.secretName) -}}
 {{- fail "admissionWebhook.certificate.generate is false: set admissionWebhook.certificate.secretName to the kubernetes.io/tls Secret with the webhook's certificate" -}}
+{{- end -}}
+{{- if and $w.enabled (not $w.certificate.generate) (not $w.certificate.caBundle) (not (regexMatch "inject-ca" (keys ($w.annotations | default dict) | join ","))) -}}
+{{- fail "admissionWebhook.certificate.generate is false: set admissionWebhook.certificate.caBundle to the CA that signed the webhook's certificate, or an annotation that has it injected (cert-manager.io/inject-ca-from, OpenShift's service.beta.openshift.io/inject-cabundle) (without either, the apiserver trusts no certificate and, under failurePolicy Fail, refuses every job create and update)" -}}
 {{- end -}}
 {{- if and .Values.podDisruptionBudget.enabled (ne (toString .Values.podDisruptionBudget.minAvailable) "<nil>") (ne (toString .Values.podDisruptionBudget.maxUnavailable) "<nil>") -}}
 {{- fail "podDisruptionBudget: set maxUnavailable or minAvailable, not both (set the other to null)" -}}
@@ -186,9 +198,16 @@ app.kubernetes.io/part-of: bgjobs
 {{- if not (has (toString .Values.operator.podCreatorCheck) (list "off" "false")) -}}on{{- end -}}
 {{- end -}}
 
-{{/* The report Service's name (`<fullname>-reports`, within 63 characters). */}}
+{{/* `<fullname>-<suffix>` within 63 characters (a Service's name is a DNS label): the full name gives way, never the
+suffix, so that two such names never come out the same. Call with (dict "context" . "suffix" "metrics"). */}}
+{{- define "bgjobs.suffixed" -}}
+{{- $full := include "bgjobs.fullname" .context | trunc (int (sub 62 (len .suffix))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $full .suffix -}}
+{{- end -}}
+
+{{/* The report Service's name. */}}
 {{- define "bgjobs.reportsService" -}}
-{{- printf "%s-reports" (include "bgjobs.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- include "bgjobs.suffixed" (dict "context" . "suffix" "reports") -}}
 {{- end -}}
 
 {{/* The URL workers report to: reports.url, or the report Service's cluster DNS name. */}}
