@@ -276,21 +276,16 @@ async fn run_claimed(
     jobs: &Api<BackgroundJob>,
     job: BackgroundJob,
     fence: status::Fence,
-    took_over: bool,
+    took_over: Option<String>,
     control: &AttemptControl,
     hold: &Hold,
 ) -> Handover {
     let holds_claim = || hold.is_current();
     let current = || holds_claim() && control.leading();
     let ns = job.namespace().unwrap_or_default();
-    if took_over {
+    if let Some(note) = &took_over {
         worker.metrics.takeovers.inc();
-        worker.event(
-            &job,
-            EventType::Warning,
-            "TakenOver",
-            job.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default(),
-        );
+        worker.event(&job, EventType::Warning, "TakenOver", note.clone());
     }
     worker.event(
         &job,
@@ -449,7 +444,7 @@ async fn run_claimed(
     not_stopping.done();
     // An adoption stopped before it started still has its Pod or its reporting worker at work: handed over too,
     // never requeued (a requeue would start the next attempt beside it).
-    let adoption_not_started = took_over && matches!(ending, Ending::NotStarted(_));
+    let adoption_not_started = took_over.is_some() && matches!(ending, Ending::NotStarted(_));
     let handed_over = runs_on
         && (adoption_not_started || matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader)));
     let record = record(worker, jobs, &job, &fence, ending, handed_over, report.take_result());
@@ -556,16 +551,33 @@ async fn record(
         Ending::LeaseLost => return Ok(false),
     };
     let (written, phase) = match &verdict {
-        Verdict::Succeed => (
-            status::write_fenced(jobs, job, fence, |s| {
-                status::finish(s, Phase::Succeeded, None, now);
-                if result.is_some() {
-                    s.result = result.clone();
+        Verdict::Succeed => {
+            let succeed = |result: Option<serde_json::Value>| {
+                status::write_fenced(jobs, job, fence, move |s| {
+                    status::finish(s, Phase::Succeeded, None, now);
+                    if result.is_some() {
+                        s.result = result.clone();
+                    }
+                })
+            };
+            let written = match succeed(result.clone()).await {
+                // A result is kept whatever else gives way, but one that cannot fit beside the job's spec would
+                // leave the outcome unrecorded and the handler run again: the run counts, the result goes, and
+                // says so.
+                Err(e) if e.is_too_large_for_etcd() && result.is_some() => {
+                    let note = format!(
+                        "attempt {} succeeded, but its result does not fit beside the job's spec (etcd: request is \
+                         too large): the result was dropped",
+                        fence.attempt
+                    );
+                    warn!("{note}");
+                    worker.event(job, EventType::Warning, "ResultDropped", note);
+                    succeed(None).await?
                 }
-            })
-            .await?,
-            Phase::Succeeded,
-        ),
+                written => written?,
+            };
+            (written, Phase::Succeeded)
+        }
         Verdict::RetryAt { at, reason } => (
             status::write_fenced(jobs, job, fence, |s| status::requeue(s, Some(*at), reason.clone(), now)).await?,
             Phase::Waiting,

@@ -101,8 +101,9 @@ pub struct Claimed {
     pub lease: Held,
     /// Who may write from now on.
     pub fence: Fence,
-    /// The attempt replaced one whose worker stopped renewing its Lease.
-    pub took_over: bool,
+    /// The attempt replaced (or adopted) one whose worker stopped renewing its Lease: what happened, as the claim
+    /// wrote it into `lastError` (which a status too large to store whole may have had to drop).
+    pub took_over: Option<String>,
     /// The extra Leases (slot, concurrency key) held for the attempt.
     pub extras: Vec<Held>,
     /// The tenure (this replica's member Lease) the claim was made under: the attempt acts only while it is current.
@@ -290,6 +291,21 @@ pub fn adopts(job: &BackgroundJob) -> bool {
     job.phase() == Phase::Running && (job.spec.template.is_some() || crate::report::awaits_report(job))
 }
 
+/// Whether the claim that made `attempt` current adopted it from a replica that stopped renewing, rather than
+/// starting it: then its Pod or its reporting worker is already at work, and must not be started again. Said by the
+/// `Running` condition's reason, which a status too large to store whole keeps ([`status::Room::Bare`] drops
+/// messages, `lastError` with them); a claim written by an older replica says it only in `lastError`'s note.
+pub fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
+    let Some(s) = job.status.as_ref() else { return false };
+    let by_reason = s.attempts == attempt && status::adopted(s);
+    let notes = [
+        format!(" adopted attempt {attempt}'s pod"),
+        format!(" adopted attempt {attempt}, which waits for its worker's report"),
+    ];
+    let by_note = s.last_error.as_deref().is_some_and(|e| notes.iter().any(|n| e.ends_with(n.as_str())));
+    by_reason || by_note
+}
+
 /// The attempt number a claim of `job` holds: the next one, or the current one when it [`adopts`].
 pub fn next_attempt(job: &BackgroundJob) -> i32 {
     if adopts(job) { job.attempts() } else { job.attempts() + 1 }
@@ -394,8 +410,7 @@ async fn claim_job(
         return Ok(ClaimOutcome::Lost(LostAt::ClaimLease));
     };
 
-    let took_over = job.phase() == Phase::Running;
-    let lost_note = took_over.then(|| {
+    let lost_note = (job.phase() == Phase::Running).then(|| {
         let old = job.status.as_ref().and_then(|s| s.worker.as_deref()).unwrap_or("?");
         if adopts(job) && job.spec.template.is_none() {
             format!(
@@ -410,10 +425,11 @@ async fn claim_job(
         }
     });
     let sequence = crate::ordering::enqueue_sequence(job);
-    let mut new_status = status::running(job, attempt, worker, &name, sequence, lost_note, claimant.now);
+    let mut new_status = status::running(job, attempt, worker, &name, sequence, lost_note.clone(), claimant.now);
     if adopts(job) {
         // The adopted attempt keeps the start time it had: its attemptTimeoutSeconds counts from there.
         new_status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone()).or(new_status.start_time);
+        status::mark_adopted(&mut new_status);
     }
     let written = write_holding(jobs, job, &acquired, claimant, new_status).await;
     match written {
@@ -421,7 +437,7 @@ async fn claim_job(
             job: written,
             lease: acquired,
             fence: Fence { uid, worker: worker.to_string(), attempt },
-            took_over,
+            took_over: lost_note,
             extras,
             tenure: claimant.tenure.clone(),
         }))),
@@ -435,8 +451,8 @@ async fn claim_job(
 }
 
 /// Why a job too large to claim was failed (short: it must fit where the claim's status did not).
-pub const TOO_LARGE_TO_CLAIM: &str = "never started: the job is too large for etcd to store its status beside its \
-    spec (etcdserver: request is too large); pass large inputs by reference";
+pub const TOO_LARGE_TO_CLAIM: &str = "no attempt can be recorded: the job is too large for etcd to store an \
+    attempt's status beside its spec (etcdserver: request is too large); pass large inputs by reference";
 
 /// Even shrunk, the claim's status did not fit beside the job's spec. A job that is not adopted is failed, its
 /// status kept as small as it can be, so it says why instead of being claimed in a loop for ever. An adopted
@@ -711,6 +727,46 @@ mod tests {
         let mut waiting = job(Some(Phase::Waiting), 2);
         waiting.spec.template = Some(Default::default());
         assert_eq!(next_attempt(&waiting), 3, "a retry of a pod job is a new attempt with a new pod");
+    }
+
+    #[test]
+    fn only_a_claim_that_adopted_this_very_attempt_counts_as_an_adoption() {
+        let mut j = job(None, 0);
+        let note = |e: &str| Some(crate::api::BackgroundJobStatus { last_error: Some(e.into()), ..Default::default() });
+        // Claims written by older replicas say it only in their note.
+        j.status = note("worker a stopped renewing its lease; b adopted attempt 2's pod").map(Box::new);
+        assert!(adopted(&j, 2));
+        assert!(!adopted(&j, 3), "a later attempt is started, not adopted");
+        j.status =
+            note("worker a stopped renewing its lease; b adopted attempt 2, which waits for its worker's report")
+                .map(Box::new);
+        assert!(adopted(&j, 2));
+        j.status = note("pod render-7-2 failed: container main exited with code 3").map(Box::new);
+        assert!(!adopted(&j, 3));
+        j.status = None;
+        assert!(!adopted(&j, 1));
+    }
+
+    /// A job whose spec leaves too little room for a status whole: the adopting claim is stored bare, without its
+    /// note, and its attempt is still adopted (its Pod watched, never created again). Before, only the note said so.
+    #[test]
+    fn an_adoption_stored_bare_is_still_an_adoption_and_a_later_claim_is_not() {
+        let now = Timestamp::from_second(100).unwrap();
+        let mut j = job(None, 0);
+        j.status = Some(Box::new(status::running(&j, 2, "a", "bgj-j", Some(1), None, now)));
+        let mut s = status::running(&j, 2, "b", "bgj-j", Some(1), Some("… b adopted attempt 2's pod".into()), now);
+        status::mark_adopted(&mut s);
+        status::fit(&mut s, status::Room::Bare);
+        assert_eq!(s.last_error, None, "bare: the note is gone");
+        j.status = Some(Box::new(s.clone()));
+        assert!(adopted(&j, 2));
+        assert!(!adopted(&j, 3));
+        // Requeued, then claimed afresh: attempt 3 is started, not adopted.
+        status::requeue(&mut s, None, "pod failed".into(), now);
+        j.status = Some(Box::new(s));
+        let next = status::running(&j, 3, "b", "bgj-j", Some(1), None, now);
+        j.status = Some(Box::new(next));
+        assert!(!adopted(&j, 3));
     }
 
     #[test]

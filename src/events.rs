@@ -40,7 +40,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 11] = [
+    const PROBLEMS: [&str; 13] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -52,6 +52,8 @@ mod tests {
         "JobNotCreated",
         "PodNotStopping",
         "PodNotStarting",
+        "TooLarge",
+        "ResultDropped",
     ];
 
     #[test]

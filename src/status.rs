@@ -96,6 +96,21 @@ pub fn running(
     s
 }
 
+/// The `Running` condition's reason when the claim adopted the attempt (see [`crate::claim::adopted`]).
+const ADOPTED: &str = "Adopted";
+
+/// Say, in the `Running` condition's reason, that this claim adopted its attempt rather than starting it.
+pub fn mark_adopted(s: &mut BackgroundJobStatus) {
+    if let Some(c) = s.conditions.iter_mut().find(|c| c.type_ == "Running" && c.status == "True") {
+        c.reason = ADOPTED.to_string();
+    }
+}
+
+/// Whether the current claim adopted its attempt ([`mark_adopted`]).
+pub fn adopted(s: &BackgroundJobStatus) -> bool {
+    s.conditions.iter().any(|c| c.type_ == "Running" && c.status == "True" && c.reason == ADOPTED)
+}
+
 /// Record a final phase.
 ///
 /// A finished job keeps what a person reads (phase, attempts, worker, times, error, the `Finished` condition) and

@@ -439,23 +439,10 @@ async fn a_job_too_large_to_store_its_outcome_whole_still_records_how_it_ended_o
 /// its lease"), and one too large to claim was claimed and given back once a second, for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_too_large_for_any_status_fail_or_wait_saying_why_and_none_runs_twice() {
-    use kube::api::{DeleteParams, PostParams};
     let env = TestEnv::new("too-large-claim").await;
     // Job names of one length, so that one spec size means one object size.
     let spec = |n: usize| json!({"jobName": "fail", "args": {"message": "x".repeat(n), "permanent": true}});
-    let (mut fits, mut refused) = (1_000_000usize, 2_000_000usize);
-    while refused - fits > 8 {
-        let mid = (fits + refused) / 2;
-        match env.jobs.create(&PostParams::default(), &common::fixtures::job("big-pp", spec(mid))).await {
-            Ok(_) => {
-                fits = mid;
-                env.jobs.delete("big-pp", &DeleteParams::default()).await.expect("delete the probe");
-                env.wait_until(MINUTE, "the probe gone", |jobs| jobs.is_empty()).await;
-            }
-            Err(kube::Error::Api(s)) if s.code == 413 || s.message.contains("too large") => refused = mid,
-            Err(e) => panic!("create a probe of {mid} characters: {e}"),
-        }
-    }
+    let fits = largest_storable(&env, spec).await;
     // From no room at all to room for a claim and a cut outcome (a status takes about 1 KB; its messages, cut, 500
     // bytes), 100 bytes apart.
     let names: Vec<String> = (0..=12).map(|i| format!("big-{i:02}")).collect();
@@ -515,6 +502,50 @@ async fn jobs_too_large_for_any_status_fail_or_wait_saying_why_and_none_runs_twi
         unclaimed, {left} left waiting; {}",
         common::summary(&settled_jobs)
     );
+}
+
+/// The largest `n` for which etcd stores the job `spec(n)` under a name of six characters, with no status (to 8).
+/// Made here by creating (and deleting) probes: etcd's limit is its own flag (`--max-request-bytes`).
+async fn largest_storable(env: &TestEnv, spec: impl Fn(usize) -> serde_json::Value) -> usize {
+    use kube::api::{DeleteParams, PostParams};
+    let (mut fits, mut refused) = (1_000_000usize, 2_000_000usize);
+    while refused - fits > 8 {
+        let mid = (fits + refused) / 2;
+        match env.jobs.create(&PostParams::default(), &common::fixtures::job("big-pp", spec(mid))).await {
+            Ok(_) => {
+                fits = mid;
+                env.jobs.delete("big-pp", &DeleteParams::default()).await.expect("delete the probe");
+                env.wait_until(MINUTE, "the probe gone", |jobs| jobs.is_empty()).await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 413 || s.message.contains("too large") => refused = mid,
+            Err(e) => panic!("create a probe of {mid} characters: {e}"),
+        }
+    }
+    fits
+}
+
+/// An in-process handler's result that cannot fit beside its job's spec: the attempt is recorded `Succeeded`
+/// without it, with a `ResultDropped` Warning, and the handler runs once. Before, the outcome went unrecorded (a
+/// result was never dropped, even bare) and the handler ran again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_too_large_to_store_beside_its_job_is_dropped_saying_so_and_the_handler_runs_once() {
+    let env = TestEnv::new("too-large-result").await;
+    let spec =
+        |n: usize| json!({"jobName": "record", "args": {"ms": 10, "result_bytes": 20_000, "pad": "x".repeat(n)}});
+    // Room for a claim and its outcome (about 1 KB), not for a 20 KB result.
+    let pad = largest_storable(&env, spec).await - 3_000;
+    env.create("big-rr", spec(pad)).await;
+    let options = common::ReplicaOptions { test_worker: true, ..Default::default() };
+    let leases = ["--lease-duration", "15s", "--renew-deadline", "10s", "--renew-interval", "2s"];
+    let _r = env.replica_with("r", &leases, &options);
+    let job = env.wait_job("big-rr", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    // Long enough for an unrecorded attempt to be taken over and run again.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!((job.phase(), job.attempts()), (Phase::Succeeded, 1));
+    assert_eq!(job.status.as_ref().and_then(|s| s.result.clone()), None);
+    assert_eq!(starts_per_job(&env).get("big-rr"), Some(&1), "the handler ran once");
+    let warnings = env.warnings_on("big-rr", "ResultDropped").await;
+    assert!(warnings.iter().any(|w| w.contains("result was dropped")), "{warnings:?}");
 }
 
 /// A job named near the 253-character limit still gets its Events. kube's recorder names an Event after its object

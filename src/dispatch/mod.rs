@@ -58,8 +58,8 @@ const SETTLE_HOLD: Duration = Duration::from_secs(1);
 const TOO_LARGE_HOLD: Duration = Duration::from_secs(300);
 /// What its Event says.
 const TOO_LARGE_NOTE: &str = "the job is too large for etcd to store any status beside its spec (etcdserver: \
-    request is too large): it cannot be claimed, and is tried again in 5 minutes; delete it and pass large inputs by \
-    reference";
+    request is too large): it cannot be claimed or ended, and is tried again in 5 minutes (meanwhile it holds its \
+    concurrency key's turn, as any job at the head of its key); delete it and pass large inputs by reference";
 
 /// At most this many settle and delete writes in flight per replica; more wait for a later pass.
 const MAX_SIDE_WRITES: usize = 16;
@@ -920,6 +920,14 @@ impl Dispatcher {
                         worker.event(&job, EventType::Warning, "PodNotStopping", note);
                     }
                     done.lost(at);
+                }
+                Err(e) if e.is_too_large_for_etcd() => {
+                    // Even bare, no final status fits beside the job's spec: looked at again only after a while.
+                    warn!(job = %job.name_any(), %phase, "the job is too large to store any status: left as it is");
+                    worker.event(&job, EventType::Warning, "TooLarge", TOO_LARGE_NOTE.to_string());
+                    if let Some(d) = done.done.as_mut() {
+                        d.hold_until = Some(Instant::now() + TOO_LARGE_HOLD);
+                    }
                 }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
             }

@@ -69,6 +69,7 @@ use tokio::time::Instant;
 
 use super::JobContext;
 use crate::api::{BackgroundJob, RecurringBackgroundJob};
+use crate::claim;
 use crate::client::CREATE_LANDS_WITHIN;
 use crate::error::api_code;
 use crate::list_watch::watch_one;
@@ -156,7 +157,7 @@ impl PodExecutor {
         let key = (job.uid().unwrap_or_default(), attempt);
         let unanswered = self.unanswered.lock().unwrap().get(&key).copied();
         let own = unanswered.map_or_else(Instant::now, |sent| sent + CREATE_LANDS_WITHIN);
-        let earlier = if adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own };
+        let earlier = if claim::adopted(job, attempt) { own.max(no_create_lands_after(job, now)) } else { own };
         LateCreates { until: own, while_name_free: earlier }
     }
 
@@ -222,7 +223,7 @@ pub async fn run(
 ) -> AttemptResult {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ctx.namespace);
     let name = pod_name(job, ctx.attempt);
-    let started = if adopted(job, ctx.attempt) {
+    let started = if claim::adopted(job, ctx.attempt) {
         adopt(&pods, job, ctx, &name, now).await
     } else {
         start(client, &pods, executor, job, ctx, &name, now).await
@@ -235,13 +236,6 @@ pub async fn run(
         Some(pod) => outcome(&pod),
         None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
-}
-
-/// Whether this claim adopted the attempt from a replica that stopped renewing, rather than starting it: the claim
-/// then says so in `lastError` (`… adopted attempt <n>'s pod`, see `claim::claim_job`).
-fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
-    let note = format!(" adopted attempt {attempt}'s pod");
-    job.status.as_ref().and_then(|s| s.last_error.as_deref()).is_some_and(|e| e.ends_with(&note))
 }
 
 /// Until how long after its attempt began (`startTime`) a create that keeps failing (no answer, 5xx, 429, 408) is
@@ -1140,19 +1134,6 @@ mod tests {
         for refused in [400, 403, 408, 409, 422, 429, 501] {
             assert!(!create_may_have_landed(Some(refused)), "{refused}");
         }
-    }
-
-    #[test]
-    fn only_a_claim_that_adopted_this_very_attempt_counts_as_an_adoption() {
-        let mut j = job();
-        let note = |e: &str| Some(crate::api::BackgroundJobStatus { last_error: Some(e.into()), ..Default::default() });
-        j.status = note("worker a stopped renewing its lease; b adopted attempt 2's pod").map(Box::new);
-        assert!(adopted(&j, 2));
-        assert!(!adopted(&j, 3), "a later attempt is started, not adopted");
-        j.status = note("pod render-7-2 failed: container main exited with code 3").map(Box::new);
-        assert!(!adopted(&j, 3));
-        j.status = None;
-        assert!(!adopted(&j, 1));
     }
 
     #[test]

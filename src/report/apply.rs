@@ -73,6 +73,16 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
             Ok(Fenced::Written(written)) => return Ok(recorded(worker, &written, claims.attempt, &change, &job)),
             // Moved since the read (taken over, or its attempt ended): judged again on a fresh read.
             Ok(Fenced::Stale) => continue,
+            // Not to be tried again: only a smaller report (no result, a shorter message) can fit.
+            Err(e) if e.is_too_large_for_etcd() => {
+                return Err(Refusal::new(
+                    413,
+                    format!(
+                        "job {name}'s status cannot hold this report beside its spec (etcd: request is too large): \
+                         report without a result, or store the result elsewhere and report its address"
+                    ),
+                ));
+            }
             Err(e) => return Err(Refusal::new(503, format!("cannot write job {name}; try again: {e}"))),
         }
     }

@@ -65,13 +65,16 @@ enum Command {
     },
 }
 
-/// Args of `record`: work for `ms` milliseconds; fail (retryably) while the attempt is below `fail_until_attempt`.
+/// Args of `record`: work for `ms` milliseconds; fail (retryably) while the attempt is below `fail_until_attempt`;
+/// succeed with a result of `result_bytes` characters, if set. Other fields are ignored (a test may pad the job).
 #[derive(Deserialize)]
 struct RecordArgs {
     #[serde(default = "default_ms")]
     ms: u64,
     #[serde(default)]
     fail_until_attempt: i32,
+    #[serde(default)]
+    result_bytes: usize,
 }
 
 fn default_ms() -> u64 {
@@ -117,6 +120,9 @@ async fn operator(exec_log: PathBuf, config: OperatorConfig) -> Result<(), Strin
             work(&log, &run, args.ms).await;
             if ctx.attempt < args.fail_until_attempt {
                 return Err(JobError::Retryable(format!("record: failing attempt {} as asked", ctx.attempt)));
+            }
+            if args.result_bytes > 0 {
+                ctx.report.set_result(serde_json::json!({"blob": "r".repeat(args.result_bytes)}))?;
             }
             Ok(())
         }
