@@ -168,9 +168,13 @@ pub struct EnqueueArgs {
     /// Low, BelowNormal, Normal, AboveNormal or High.
     #[arg(long, default_value = "Normal")]
     pub priority: Priority,
-    /// Do not start before this long after creation (e.g. 30s, 5m).
+    /// Do not start before this long after creation (e.g. 30s, 5m; rounded up to whole seconds). It must end before
+    /// the job's timeout.
     #[arg(long)]
     pub delay: Option<HumanDuration>,
+    /// Give up on the job (Abandoned) this long after its creation, whatever its attempts (default 2d).
+    #[arg(long)]
+    pub timeout: Option<HumanDuration>,
     /// Queue name.
     #[arg(long, default_value = "default")]
     pub queue: String,
@@ -181,7 +185,7 @@ pub struct EnqueueArgs {
     #[arg(long)]
     pub http_url: Option<String>,
     /// How many identical jobs to create, named `<jobname>-<batch>-<index>` and labelled `bgjobs.dev/batch=<batch>`.
-    #[arg(short = 'c', long = "count", default_value_t = 1)]
+    #[arg(short = 'c', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub count: u32,
     /// Creates in flight at once. Jobs are dispatched in the order the apiserver created them: with `--parallel 1`
     /// that is index order; with more, the order among this call's jobs is close to index order but not promised
@@ -316,7 +320,10 @@ async fn enqueue(a: EnqueueArgs) -> Result<()> {
     let mut spec = crate::jobs::spec(&a.job_name, args);
     spec.priority = a.priority;
     spec.queue = a.queue;
-    spec.delay_seconds = a.delay.map(|d| d.0.as_secs() as i64);
+    spec.delay_seconds = a.delay.map(|d| whole_seconds(d.0)).transpose()?;
+    if let Some(t) = a.timeout {
+        spec.timeout_seconds = whole_seconds(t.0)?;
+    }
     spec.retry.max_attempts = a.max_attempts;
     spec.http =
         a.http_url.map(|url| crate::api::HttpTarget { url, headers: Default::default(), timeout_seconds: None });
@@ -336,6 +343,12 @@ async fn enqueue(a: EnqueueArgs) -> Result<()> {
         println!("backgroundjob.bgjobs.dev/{} created", kube::ResourceExt::name_any(&job));
     }
     Ok(())
+}
+
+/// A duration given on the command line in whole seconds, rounded up (`500ms` is 1 s: "not before" stays true).
+fn whole_seconds(d: std::time::Duration) -> Result<i64> {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    i64::try_from(secs).map_err(|_| Error::Invalid(format!("{d:?} is too long")))
 }
 
 /// One updating line on stderr (`12000/50000 created, 410/s`), only when stderr is a terminal.

@@ -40,12 +40,27 @@ pub fn spec(job_name: &str, args: serde_json::Value) -> BackgroundJobSpec {
 
 /// Create one job with a generated name (`<jobname>-xxxxx`). Jobs created one after another start in that order.
 pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Result<BackgroundJob> {
+    can_run(&spec).map_err(crate::Error::Invalid)?;
     let job = BackgroundJob {
         metadata: ObjectMeta { generate_name: Some(format!("{}-", name_prefix(&spec.job_name))), ..Default::default() },
         spec,
         status: None,
     };
     api.create(&PostParams::default(), &job).await.map_err(crate::error::from_create)
+}
+
+/// Refuse a spec that could never run, which the schema cannot tell: a delay that ends at or after its timeout
+/// (both counted from creation), so the job would be abandoned before it could start.
+pub fn can_run(spec: &BackgroundJobSpec) -> std::result::Result<(), String> {
+    let delay = spec.delay_seconds.unwrap_or(0);
+    if delay >= spec.timeout_seconds {
+        return Err(format!(
+            "a delay of {delay}s ends at or after the job's timeout of {}s (both count from its creation): it would \
+             be abandoned before it could start; raise timeoutSeconds above the delay",
+            spec.timeout_seconds
+        ));
+    }
+    Ok(())
 }
 
 /// Default parallelism of [`enqueue_many`] and `bgjobs enqueue -c N`: enough to keep the apiserver busy (its write
@@ -123,6 +138,9 @@ pub async fn enqueue_batch(
     if batch.is_empty() || batch.len() > 16 || !batch.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
         return Err(crate::Error::Invalid(format!("batch id {batch:?}: 1 to 16 lowercase letters and digits")));
     }
+    for spec in &specs {
+        can_run(spec).map_err(crate::Error::Invalid)?;
+    }
     let total = specs.len();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let stop = &stop;
@@ -184,9 +202,13 @@ async fn create_once(
                 let Some(existing) = crate::unreadable::get_opt(api, &name).await? else {
                     return Err(crate::Error::Invalid(format!("job {name} existed, and was deleted meanwhile")));
                 };
-                return match is_batch_job(&existing, batch, index) {
-                    true => Ok(existing),
-                    false => {
+                return match (is_batch_job(&existing, batch, index), same_work(&existing, job)) {
+                    (true, true) => Ok(existing),
+                    (true, false) => Err(crate::Error::Invalid(format!(
+                        "job {name} of batch {batch} exists already with other work (its jobName or args differ): \
+                         the batch id was used before; choose a new one"
+                    ))),
+                    (false, _) => {
                         Err(crate::Error::Invalid(format!("a job named {name} exists already, not of this batch")))
                     }
                 };
@@ -209,6 +231,13 @@ pub fn is_batch_job(job: &BackgroundJob, batch: &str, index: usize) -> bool {
     let label = job.metadata.labels.as_ref().and_then(|l| l.get(BATCH_LABEL));
     let at = job.metadata.annotations.as_ref().and_then(|a| a.get(BATCH_INDEX_ANNOTATION));
     label.map(String::as_str) == Some(batch) && at.and_then(|a| a.parse::<usize>().ok()) == Some(index)
+}
+
+/// Whether `existing`, found under the name of `wanted`, was made for the same work: its jobName and args. A job the
+/// operator's types cannot hold (a stand-in) is judged by its batch label and index alone.
+fn same_work(existing: &BackgroundJob, wanted: &BackgroundJob) -> bool {
+    let stand_in = kube::ResourceExt::annotations(existing).contains_key(crate::wire::UNREADABLE_ANNOTATION);
+    stand_in || (existing.spec.job_name == wanted.spec.job_name && existing.spec.args == wanted.spec.args)
 }
 
 /// A DNS-label-safe name prefix derived from a job name (`SendEmail` → `sendemail`).
@@ -282,6 +311,21 @@ pub struct Requeue {
 /// the same budget.
 pub const RETRY_BUDGET_ANNOTATION: &str = "bgjobs.dev/retry-budget";
 
+/// Annotation that remembers a job's original `timeoutSeconds` once `bgjobs retry` has raised it, so every retry
+/// grants the same time again (not the raised timeout, which would grow with each retry).
+pub const RETRY_TIMEOUT_ANNOTATION: &str = "bgjobs.dev/retry-timeout";
+
+/// The time one retry grants: the job's original `timeoutSeconds`.
+fn retry_timeout(job: &BackgroundJob) -> i64 {
+    job.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RETRY_TIMEOUT_ANNOTATION))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(job.spec.timeout_seconds)
+        .max(1)
+}
+
 /// The attempts one retry grants: the job's original `maxAttempts`.
 fn retry_budget(job: &BackgroundJob, current_max: i32) -> i32 {
     job.metadata
@@ -308,7 +352,7 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let deadline = crate::retry::deadline(&job.spec, created);
     let near = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap_or(now) >= deadline;
-    let timeout_seconds = near.then(|| now.duration_since(created).as_secs() + job.spec.timeout_seconds);
+    let timeout_seconds = near.then(|| now.duration_since(created).as_secs() + retry_timeout(job));
     Ok(Requeue { max_attempts, timeout_seconds, clear_cancel: job.spec.cancel })
 }
 
@@ -328,6 +372,8 @@ pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob
     }
     if let Some(t) = plan.timeout_seconds {
         spec_patch.insert("timeoutSeconds".into(), t.into());
+        let annotations = metadata.entry("annotations").or_insert_with(|| serde_json::json!({}));
+        annotations[RETRY_TIMEOUT_ANNOTATION] = retry_timeout(&job).to_string().into();
     }
     if plan.clear_cancel {
         spec_patch.insert("cancel".into(), false.into());
@@ -381,6 +427,23 @@ mod tests {
         assert!(is_batch_job(&j, "b", 1));
         assert!(!is_batch_job(&j, "b", 2));
         assert!(!is_batch_job(&j, "c", 1));
+        // The same batch id used again for other work: not the job this call asked for.
+        assert!(same_work(&j, &j.clone()));
+        let mut other = j.clone();
+        other.spec.args = Some(serde_json::json!({"day": 2}));
+        assert!(!same_work(&j, &other));
+        other.spec = spec("report", serde_json::json!({}));
+        assert!(!same_work(&j, &other));
+    }
+
+    #[test]
+    fn a_delay_that_ends_at_or_after_the_timeout_is_refused_before_anything_is_created() {
+        let mut s = spec("noop", serde_json::json!({}));
+        assert_eq!(can_run(&s), Ok(()));
+        s.delay_seconds = Some(s.timeout_seconds - 1);
+        assert_eq!(can_run(&s), Ok(()));
+        s.delay_seconds = Some(s.timeout_seconds);
+        assert!(can_run(&s).unwrap_err().contains("raise timeoutSeconds"), "{:?}", can_run(&s));
     }
 
     #[test]
@@ -418,6 +481,11 @@ mod tests {
         let plan =
             requeue_plan(&finished(Phase::Abandoned, 2, None, 100), Timestamp::from_second(1500).unwrap()).unwrap();
         assert_eq!(plan.timeout_seconds, Some(600), "500 s since creation + the original 100 s");
+        // Retried again once that ran out: the original 100 s again, not the raised 600 (which grew every retry).
+        let mut raised = finished(Phase::Abandoned, 3, None, 600);
+        raised.metadata.annotations = Some([(RETRY_TIMEOUT_ANNOTATION.to_string(), "100".to_string())].into());
+        let plan = requeue_plan(&raised, Timestamp::from_second(1610).unwrap()).unwrap();
+        assert_eq!(plan.timeout_seconds, Some(710), "610 s since creation + the original 100 s");
     }
 
     #[test]

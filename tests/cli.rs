@@ -219,3 +219,62 @@ async fn a_parallel_bulk_enqueue_creates_each_job_once_and_a_repeat_creates_only
     let new: Vec<String> = again.iter().filter(|j| !uids.contains(&j.uid().unwrap())).map(|j| j.name_any()).collect();
     assert_eq!(new.len(), 3, "only the deleted ones were created again: {new:?}");
 }
+
+/// What `enqueue` can tell would go wrong is refused before anything is created: a delay that ends at or after the
+/// job's timeout (the job was created, exit 0, and abandoned before it could start), a count of 0 (nothing created,
+/// exit 0), a batch id used before for other work (its old jobs were reported "created", the new work never made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_that_could_never_run_or_reuses_a_batch_id_for_other_work_is_refused_and_creates_nothing() {
+    let env = TestEnv::new("cli-refused").await;
+    for args in [&["enqueue", "noop", "--delay", "3d"][..], &["enqueue", "noop", "--delay", "1h", "--timeout", "30m"]] {
+        let (ok, out, err) = env.cli(args);
+        assert!(!ok && err.contains("raise timeoutSeconds above the delay"), "{args:?}: {out}{err}");
+    }
+    let (ok, out, err) = env.cli(&["enqueue", "noop", "-c", "0"]);
+    assert!(!ok && err.contains("0"), "{out}{err}");
+    assert!(env.list().await.is_empty(), "nothing created");
+
+    let (ok, out, err) = env.cli(&["enqueue", "noop", "--delay", "1h", "--timeout", "2h"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.cli(&["enqueue", "noop", "--delay", "500ms"]);
+    assert!(ok, "{out}{err}");
+    let mut delays: Vec<(Option<i64>, i64)> =
+        env.list().await.iter().map(|j| (j.spec.delay_seconds, j.spec.timeout_seconds)).collect();
+    delays.sort();
+    assert_eq!(delays, [(Some(1), 172_800), (Some(3600), 7200)], "500ms rounds up to 1 s: not before");
+
+    let day = |n: u32| format!(r#"{{"seconds": {n}}}"#);
+    let (ok, out, err) = env.cli(&["enqueue", "sleep", "--args", &day(1), "-c", "2", "--batch", "nightly"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = env.cli(&["enqueue", "sleep", "--args", &day(2), "-c", "2", "--batch", "nightly"]);
+    assert!(!ok && err.contains("with other work") && !out.contains("created"), "{out}{err}");
+    // The same work again is a repeat: nothing new, nothing refused.
+    let (ok, out, err) = env.cli(&["enqueue", "sleep", "--args", &day(1), "-c", "2", "--batch", "nightly"]);
+    assert!(ok && out.matches("created").count() == 2, "{out}{err}");
+    assert_eq!(env.list().await.len(), 4);
+}
+
+/// Each retry of a job abandoned at its timeout grants the job's original timeout again, counted from the retry.
+/// Before, each retry granted the timeout as the last retry had raised it: the time allowed grew with every retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_retry_of_an_abandoned_job_grants_its_original_timeout_again() {
+    let env = TestEnv::new("cli-retry-timeout").await;
+    let _r = env.replica("r", &[]);
+    env.create("hung", json!({"jobName": "sleep", "args": {"seconds": 3600}, "timeoutSeconds": 4})).await;
+    for round in 1..=3 {
+        env.wait_job("hung", MINUTE, "Abandoned", |j| j.phase() == Phase::Abandoned).await;
+        let (ok, out, err) = env.cli(&["retry", "hung"]);
+        assert!(ok, "round {round}: {out}{err}");
+        let job = env.jobs.get("hung").await.unwrap();
+        let created = job.metadata.creation_timestamp.as_ref().unwrap().0;
+        let elapsed = jiff::Timestamp::now().duration_since(created).as_secs();
+        // The new deadline is about 4 s away (the original timeout), whatever the earlier retries granted.
+        let left = job.spec.timeout_seconds - elapsed;
+        assert!(
+            (2..=7).contains(&left),
+            "round {round}: {left} s left ({} s since creation, timeout {})",
+            elapsed,
+            job.spec.timeout_seconds
+        );
+    }
+}
