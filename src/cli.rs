@@ -41,7 +41,7 @@ pub enum Command {
         /// Refresh until interrupted.
         #[arg(long, short = 'w')]
         watch: bool,
-        /// Refresh interval with --watch.
+        /// Refresh interval with --watch (at least 200ms).
         #[arg(long, default_value = "2s")]
         interval: HumanDuration,
     },
@@ -237,14 +237,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Retry(a) => {
             let api: Api<BackgroundJob> = commands::scoped(connect().await?, a.namespace.as_deref(), false);
             let job = crate::jobs::retry(&api, &a.name).await?;
-            println!("backgroundjob.bgjobs.dev/{} re-queued (attempts so far: {})", a.name, job.attempts());
-            Ok(())
+            let line = format!("backgroundjob.bgjobs.dev/{} re-queued (attempts so far: {})", a.name, job.attempts());
+            commands::print_changed(&job, line, a.output)
         }
         Command::Cancel(a) => {
             let api: Api<BackgroundJob> = commands::scoped(connect().await?, a.namespace.as_deref(), false);
-            crate::jobs::cancel(&api, &a.name).await?;
-            println!("backgroundjob.bgjobs.dev/{} cancellation requested", a.name);
-            Ok(())
+            let job = crate::jobs::cancel(&api, &a.name).await?;
+            let line = match job.phase() {
+                phase if phase.is_final() => {
+                    format!("backgroundjob.bgjobs.dev/{} is {phase} already: there is nothing to cancel", a.name)
+                }
+                _ => format!("backgroundjob.bgjobs.dev/{} cancellation requested", a.name),
+            };
+            commands::print_changed(&job, line, a.output)
         }
         Command::Report(a) => report(a).await,
         Command::Completions { shell } => {

@@ -46,6 +46,17 @@ fn print_structured<T: Serialize>(value: &T, output: Output) -> Result<()> {
     Ok(())
 }
 
+/// What a command that changed a job prints: `line` for a table, else the job as it now is.
+pub fn print_changed(job: &BackgroundJob, line: String, output: Output) -> Result<()> {
+    match output {
+        Output::Table => {
+            println!("{line}");
+            Ok(())
+        }
+        structured => print_structured(job, structured),
+    }
+}
+
 /// `bgjobs list`: jobs in queue order.
 pub async fn list(api: &Api<BackgroundJob>, output: Output) -> Result<()> {
     let mut jobs = crate::jobs::list(api).await?;
@@ -138,10 +149,21 @@ pub struct Described {
 pub async fn history(client: &Client, job: &BackgroundJob) -> Result<Vec<HistoryLine>> {
     let events: Api<Event> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let uid = job.uid();
-    let mut lines: Vec<(Option<Timestamp>, HistoryLine)> = events
-        .list(&Default::default())
-        .await?
-        .items
+    // Only this job's, asked of the apiserver and read in pages: a busy namespace holds hundreds of thousands.
+    let mut params = kube::api::ListParams::default().limit(500);
+    if let Some(uid) = &uid {
+        params = params.fields(&format!("regarding.uid={uid}"));
+    }
+    let mut found = Vec::new();
+    loop {
+        let page = events.list(&params).await?;
+        found.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(next) => params = params.continue_token(&next),
+            None => break,
+        }
+    }
+    let mut lines: Vec<(Option<Timestamp>, HistoryLine)> = found
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid)
         .map(|e| {
@@ -260,5 +282,42 @@ fn short_age(d: Duration) -> String {
         0..=119 => format!("{s}s"),
         120..=7199 => format!("{}m", s / 60),
         _ => format!("{}h", s / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `describe` asks the apiserver for the job's Events only, in pages: a namespace's every Event, hundreds of
+    /// thousands where jobs are busy, was read to keep a few.
+    #[tokio::test]
+    async fn a_jobs_history_asks_for_its_events_only_and_reads_every_page() {
+        let event = |reason: &str, at: &str| {
+            serde_json::json!({"metadata": {"name": reason}, "eventTime": at, "regarding": {"uid": "uid-1"},
+                "reason": reason, "note": "n", "reportingInstance": "r"})
+        };
+        let first = vec![event("Retrying", "2026-01-01T00:00:00.000000Z")];
+        let second = vec![event("Failed", "2026-01-01T00:00:05.000000Z")];
+        let (client, sent) = crate::testing::scripted_client(move |s| {
+            let later = s.query.contains("continue=");
+            let items = if later { second.clone() } else { first.clone() };
+            let more = if later { "" } else { "page-2" };
+            let list = serde_json::json!({"apiVersion": "events.k8s.io/v1", "kind": "EventList",
+                "metadata": {"continue": more}, "items": items});
+            (200, list)
+        });
+        let mut job = BackgroundJob::new("j", crate::jobs::spec("noop", serde_json::json!({})));
+        job.metadata.namespace = Some("ns".into());
+        job.metadata.uid = Some("uid-1".into());
+        let reasons: Vec<String> = history(&client, &job).await.unwrap().into_iter().map(|l| l.reason).collect();
+        assert_eq!(reasons, ["Retrying", "Failed"]);
+        let queries: Vec<String> = sent.lock().unwrap().iter().map(|s| s.query.clone()).collect();
+        assert_eq!(queries.len(), 2, "{queries:?}");
+        assert!(
+            queries.iter().all(|q| q.contains("fieldSelector=regarding.uid%3Duid-1") && q.contains("limit=500")),
+            "{queries:?}"
+        );
+        assert!(queries[1].contains("continue=page-2"), "{queries:?}");
     }
 }

@@ -10,6 +10,8 @@ pub struct Sent {
     pub method: String,
     /// The request's path (no query).
     pub path: String,
+    /// Its query, as sent (empty if none).
+    pub query: String,
     /// Its body, as JSON (`Null` if empty or not JSON).
     pub body: serde_json::Value,
 }
@@ -29,6 +31,7 @@ pub fn scripted_client(
             let request = Sent {
                 method: parts.method.to_string(),
                 path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
                 body: serde_json::from_slice(&body).unwrap_or_default(),
             };
             let (code, reply) = answer(&request);

@@ -22,11 +22,12 @@ async fn retry_requeues_a_failed_job_with_a_new_budget_and_describe_tells_its_hi
     let failed = env.wait_job("flaky", MINUTE, "Failed", |j| j.phase() == Phase::Failed).await;
     assert_finished_shape(&failed);
 
-    // A cancel asked for after the job failed changes nothing, and a retry clears it: the job runs again.
-    let (ok, _, err) = env.cli(&["cancel", "flaky"]);
-    assert!(ok, "{err}");
-    let (ok, out, err) = env.cli(&["retry", "flaky"]);
-    assert!(ok && out.contains("re-queued"), "{out}{err}");
+    // A cancel asked for after the job failed changes nothing, says so, and a retry clears it: the job runs again.
+    let (ok, out, err) = env.cli(&["cancel", "flaky"]);
+    assert!(ok && out.contains("is Failed already: there is nothing to cancel"), "{out}{err}");
+    let (ok, out, err) = env.cli(&["retry", "flaky", "-o", "json"]);
+    let requeued: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert!(ok && requeued["status"]["phase"] == "Waiting", "{out}{err}");
     let job = env.wait_job("flaky", MINUTE, "Failed again", |j| j.phase() == Phase::Failed && j.attempts() == 2).await;
     assert!(!job.spec.cancel, "the retry cleared the cancel");
     assert_eq!(job.spec.retry.max_attempts, Some(2), "another full budget of 1 on top of the attempt made");
