@@ -195,6 +195,11 @@ async fn a_heartbeating_worker_keeps_its_attempt_well_past_the_lease_duration() 
     assert_eq!(job.attempts(), 1, "one attempt from start to end");
     assert_eq!(job.status.unwrap().result, Some(json!({"rows": 42})));
     assert_eq!(seen.lock().unwrap().len(), 1, "the endpoint was called once");
+    // Sent again, as a worker that lost the answer would: recorded, not "no longer current"; another result is not.
+    let (ok, out) = cli_report(&first.url, &first.token, &["complete", "--result", r#"{"rows": 42}"#]);
+    assert!(ok && out.contains("already recorded"), "{out}");
+    let (ok, out) = cli_report(&first.url, &first.token, &["complete", "--result", r#"{"rows": 43}"#]);
+    assert!(!ok && out.contains("409"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

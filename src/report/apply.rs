@@ -65,6 +65,10 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
                 format!("the job this token was issued for is gone: {name} is another job created under that name"),
             ));
         }
+        if decide::already_recorded(&job, claims, &report) {
+            let message = format!("already recorded: attempt {} of job {name} succeeded", claims.attempt);
+            return Ok(Applied { job: name, attempt: claims.attempt, phase: job.phase(), message });
+        }
         let now = worker.clock.now();
         let change = decide::judge(&job, claims, &report, now)?;
         let holder = job.status.as_ref().and_then(|s| s.worker.clone()).unwrap_or_default();

@@ -112,6 +112,19 @@ pub fn check(report: &Report) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Whether `report` repeats what the job already records: a `complete` of the attempt that succeeded, with the
+/// result it stored. A worker that sent it, lost the answer and sent it again (as a `503` asks) is told it was
+/// recorded, not that its attempt is no longer current.
+pub fn already_recorded(job: &BackgroundJob, claims: &Claims, report: &Report) -> bool {
+    let stored = job.status.as_ref().and_then(|s| s.result.as_ref());
+    match report {
+        Report::Complete { result } => {
+            job.phase() == Phase::Succeeded && job.attempts() == claims.attempt && result.as_ref() == stored
+        }
+        Report::Fail { .. } | Report::Heartbeat { .. } => false,
+    }
+}
+
 /// Judge a report against the job as just read: what it changes, or why it changes nothing.
 pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timestamp) -> Result<Change, Refusal> {
     check(report)?;
@@ -257,6 +270,23 @@ mod tests {
 
     fn claims(attempt: i32) -> Claims {
         Claims { namespace: "ns".into(), name: "j".into(), uid: "uid-1".into(), attempt }
+    }
+
+    #[test]
+    fn a_complete_sent_again_after_it_was_recorded_is_recognised_and_nothing_else_is() {
+        let result = Some(serde_json::json!({"rows": 3}));
+        let mut done = job(serde_json::json!({}), Phase::Succeeded, 2);
+        done.status.as_mut().unwrap().result = result.clone();
+        let again = Report::Complete { result: result.clone() };
+        assert!(already_recorded(&done, &claims(2), &again));
+        assert!(!already_recorded(&done, &claims(1), &again), "another attempt's");
+        assert!(!already_recorded(&done, &claims(2), &Report::Complete { result: None }), "another result");
+        let fail = Report::Fail { message: "x".into(), retryable: false };
+        assert!(!already_recorded(&done, &claims(2), &fail));
+        let running = job(serde_json::json!({}), Phase::Running, 2);
+        assert!(!already_recorded(&running, &claims(2), &again), "not recorded yet: judged as any report");
+        let failed = job(serde_json::json!({}), Phase::Failed, 2);
+        assert!(!already_recorded(&failed, &claims(2), &Report::Complete { result: None }));
     }
 
     fn complete(result: serde_json::Value) -> Report {
