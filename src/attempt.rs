@@ -565,14 +565,17 @@ async fn record(
                 // leave the outcome unrecorded and the handler run again: the run counts, the result goes, and
                 // says so.
                 Err(e) if e.is_too_large_for_etcd() && result.is_some() => {
-                    let note = format!(
-                        "attempt {} succeeded, but its result does not fit beside the job's spec (etcd: request is \
-                         too large): the result was dropped",
-                        fence.attempt
-                    );
-                    warn!("{note}");
-                    worker.event(job, EventType::Warning, "ResultDropped", note);
-                    succeed(None).await?
+                    let written = succeed(None).await?;
+                    if matches!(written, Fenced::Written(_)) {
+                        let note = format!(
+                            "attempt {} succeeded, but its result does not fit beside the job's spec (etcd: request \
+                             is too large): the result was dropped",
+                            fence.attempt
+                        );
+                        warn!("{note}");
+                        worker.event(job, EventType::Warning, "ResultDropped", note);
+                    }
+                    written
                 }
                 written => written?,
             };

@@ -237,7 +237,8 @@ pub fn is_batch_job(job: &BackgroundJob, batch: &str, index: usize) -> bool {
 /// operator's types cannot hold (a stand-in) is judged by its batch label and index alone.
 fn same_work(existing: &BackgroundJob, wanted: &BackgroundJob) -> bool {
     let stand_in = kube::ResourceExt::annotations(existing).contains_key(crate::wire::UNREADABLE_ANNOTATION);
-    stand_in || (existing.spec.job_name == wanted.spec.job_name && existing.spec.args == wanted.spec.args)
+    let same_args = crate::api::same_once_stored(existing.spec.args.as_ref(), wanted.spec.args.as_ref());
+    stand_in || (existing.spec.job_name == wanted.spec.job_name && same_args)
 }
 
 /// A DNS-label-safe name prefix derived from a job name (`SendEmail` → `sendemail`).
@@ -429,6 +430,12 @@ mod tests {
         assert!(!is_batch_job(&j, "c", 1));
         // The same batch id used again for other work: not the job this call asked for.
         assert!(same_work(&j, &j.clone()));
+        // Its args as the apiserver gave them back: whole floats without their decimal.
+        let mut sent = j.clone();
+        sent.spec.args = Some(serde_json::json!({"scale": 1.0}));
+        let mut stored = j.clone();
+        stored.spec.args = Some(serde_json::json!({"scale": 1}));
+        assert!(same_work(&stored, &sent));
         let mut other = j.clone();
         other.spec.args = Some(serde_json::json!({"day": 2}));
         assert!(!same_work(&j, &other));

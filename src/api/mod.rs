@@ -459,6 +459,25 @@ pub fn without_operator_defaults(spec: &mut serde_json::Value) {
     }
 }
 
+/// Whether two JSON values are the same once stored: the apiserver keeps a custom resource's numbers as int64 when
+/// they are whole and in range and as float64 otherwise, and writes whole floats back without their decimal, so
+/// `1.0` comes back as `1` and `1e3` as `1000`. For telling whether a stored job's `args` or `result` is the one a
+/// client sent. An absent value and `null` are the same (the apiserver drops a `null` field).
+pub fn same_once_stored(a: Option<&serde_json::Value>, b: Option<&serde_json::Value>) -> bool {
+    use serde_json::Value;
+    let null = Value::Null;
+    match (a.unwrap_or(&null), b.unwrap_or(&null)) {
+        (Value::Number(x), Value::Number(y)) => x == y || x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_once_stored(Some(a), Some(b)))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_once_stored(Some(v), Some(w))))
+        }
+        (x, y) => x == y,
+    }
+}
+
 /// The schema of a field whose default the operator applies when it reads a job, not the apiserver when it stores
 /// one: no `default` in the CRD. Every field the apiserver defaults is stored in every job, twice (the value and
 /// its managed-fields entry), and the apiserver holds every job in memory: `retry` and `timeoutSeconds` defaulted
@@ -521,6 +540,20 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
+
+    #[test]
+    fn json_is_compared_as_the_apiserver_stores_it() {
+        use serde_json::json;
+        let same = |a: serde_json::Value, b: serde_json::Value| same_once_stored(Some(&a), Some(&b));
+        assert!(same(json!({"scale": 1.0, "n": [1e3]}), json!({"scale": 1, "n": [1000]})));
+        assert!(same(json!({"a": {"b": 0.5}}), json!({"a": {"b": 0.5}})));
+        assert!(!same(json!({"scale": 1.5}), json!({"scale": 1})));
+        assert!(!same(json!({"day": 1}), json!({"day": 2})));
+        assert!(!same(json!({"a": 1}), json!({"a": 1, "b": 2})));
+        assert!(!same(json!("1"), json!(1)));
+        assert!(same_once_stored(None, Some(&serde_json::Value::Null)));
+        assert!(!same_once_stored(None, Some(&json!({}))));
+    }
     use kube::CustomResourceExt;
 
     fn repo_path(relative: &str) -> PathBuf {

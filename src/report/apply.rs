@@ -82,8 +82,9 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
                 return Err(Refusal::new(
                     413,
                     format!(
-                        "job {name}'s status cannot hold this report beside its spec (etcd: request is too large): \
-                         report without a result, or store the result elsewhere and report its address"
+                        "job {name}'s status cannot hold this report beside its spec (etcd: request is too large): a \
+                         result or message may be too large (store a result elsewhere and report its address), or \
+                         the job's spec leaves no room for reports"
                     ),
                 ));
             }

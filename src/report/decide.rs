@@ -119,7 +119,8 @@ pub fn already_recorded(job: &BackgroundJob, claims: &Claims, report: &Report) -
     let stored = job.status.as_ref().and_then(|s| s.result.as_ref());
     match report {
         Report::Complete { result } => {
-            job.phase() == Phase::Succeeded && job.attempts() == claims.attempt && result.as_ref() == stored
+            let same = crate::api::same_once_stored(result.as_ref(), stored);
+            job.phase() == Phase::Succeeded && job.attempts() == claims.attempt && same
         }
         Report::Fail { .. } | Report::Heartbeat { .. } => false,
     }
@@ -281,6 +282,8 @@ mod tests {
         assert!(already_recorded(&done, &claims(2), &again));
         assert!(!already_recorded(&done, &claims(1), &again), "another attempt's");
         assert!(!already_recorded(&done, &claims(2), &Report::Complete { result: None }), "another result");
+        let as_sent = Report::Complete { result: Some(serde_json::json!({"rows": 3.0})) };
+        assert!(already_recorded(&done, &claims(2), &as_sent), "the stored result is the same once stored");
         let fail = Report::Fail { message: "x".into(), retryable: false };
         assert!(!already_recorded(&done, &claims(2), &fail));
         let running = job(serde_json::json!({}), Phase::Running, 2);
