@@ -244,7 +244,8 @@ async fn an_enqueue_that_could_never_run_or_reuses_a_batch_id_for_other_work_is_
     delays.sort();
     assert_eq!(delays, [(Some(1), 172_800), (Some(3600), 7200)], "500ms rounds up to 1 s: not before");
 
-    let day = |n: u32| format!(r#"{{"seconds": {n}}}"#);
+    // Floats, which the apiserver gives back whole (1.0 as 1): a repeat of the same command is still the same work.
+    let day = |n: u32| format!(r#"{{"seconds": {n}.0}}"#);
     let (ok, out, err) = env.cli(&["enqueue", "sleep", "--args", &day(1), "-c", "2", "--batch", "nightly"]);
     assert!(ok, "{out}{err}");
     let (ok, out, err) = env.cli(&["enqueue", "sleep", "--args", &day(2), "-c", "2", "--batch", "nightly"]);
