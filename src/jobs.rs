@@ -363,7 +363,14 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
 pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob> {
     let changed = || crate::Error::Invalid(format!("{name} changed while it was being re-queued; try again"));
     let job = api.get(name).await?;
-    let plan = requeue_plan(&job, Timestamp::now()).map_err(crate::Error::Invalid)?;
+    // "Near the deadline" by the apiserver's clock, as the operator judges deadlines: a client whose clock runs
+    // behind would grant no time and the job be abandoned again at once. This machine's clock if it cannot be read.
+    let clock = crate::clock::ServerClock::default();
+    if let Err(e) = clock.sample(&api.clone().into_client(), false).await {
+        tracing::debug!(error = %e, "could not read the apiserver's clock; using this machine's");
+    }
+    let now = clock.now();
+    let plan = requeue_plan(&job, now).map_err(crate::Error::Invalid)?;
     let mut spec_patch = serde_json::Map::new();
     let mut metadata = serde_json::Map::new();
     if let Some(m) = plan.max_attempts {
@@ -393,7 +400,7 @@ pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob
     let was = job.phase();
     let mut s = job.status.as_deref().cloned().unwrap_or_default();
     let old = s.last_error.clone().unwrap_or_default();
-    crate::status::reopen(&mut s, format!("re-queued by bgjobs retry (was {was}: {old})"), Timestamp::now());
+    crate::status::reopen(&mut s, format!("re-queued by bgjobs retry (was {was}: {old})"), now);
     crate::status::write_if_unchanged(api, &job, s).await?.ok_or_else(changed)
 }
 

@@ -280,3 +280,24 @@ async fn each_retry_of_an_abandoned_job_grants_its_original_timeout_again() {
         );
     }
 }
+
+/// `retry` judges "near the deadline" by the apiserver's clock, as the operator judges deadlines. Run on a machine
+/// whose clock is two minutes behind, it granted no time (the deadline looked far off), and the re-queued job was
+/// abandoned again at once, without running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_from_a_machine_whose_clock_is_behind_still_grants_the_job_time_to_run() {
+    let env = TestEnv::new("cli-retry-clock").await;
+    let _r = env.replica("r", &[]);
+    env.create("late", json!({"jobName": "sleep", "args": {"seconds": 3600}, "timeoutSeconds": 4})).await;
+    env.wait_job("late", MINUTE, "Abandoned", |j| j.phase() == Phase::Abandoned).await;
+    let out = common::without_ambient_settings(&mut Command::new(common::bgjobs_bin()))
+        .args(["retry", "late", "-n", &env.ns])
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .envs(common::faked_clock(&[("FAKETIME", "-120s")]))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let job = env.wait_job("late", MINUTE, "attempt 2 ran", |j| j.attempts() == 2 || j.phase().is_final()).await;
+    assert_eq!(job.attempts(), 2, "abandoned again without running: {:?}", job.status);
+}
