@@ -46,6 +46,19 @@ pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Resul
         spec,
         status: None,
     };
+    // Sent again only when it certainly made nothing: the apiserver's flow control turned it away (429). Any other
+    // failure may follow a create that landed, and a generated name would make a second job.
+    let mut wait = std::time::Duration::from_millis(200);
+    for _ in 1..CREATE_ATTEMPTS {
+        match api.create(&PostParams::default(), &job).await {
+            Err(e) if crate::error::api_code(&e) == Some(429) => {
+                tracing::debug!(error = %e, "create throttled; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            answer => return answer.map_err(crate::error::from_create),
+        }
+    }
     api.create(&PostParams::default(), &job).await.map_err(crate::error::from_create)
 }
 
@@ -448,6 +461,33 @@ mod tests {
         assert!(!same_work(&j, &other));
         other.spec = spec("report", serde_json::json!({}));
         assert!(!same_work(&j, &other));
+    }
+
+    /// A single enqueue (a generated name) is sent again only after a 429, which certainly made nothing; after a
+    /// 500 the job may exist, and another create would make a second one.
+    #[tokio::test(start_paused = true)]
+    async fn a_single_enqueue_is_sent_again_after_a_429_only() {
+        let answers = |codes: Vec<u16>| {
+            let left = std::sync::Arc::new(std::sync::Mutex::new(codes));
+            crate::testing::scripted_client(move |sent| {
+                let code = left.lock().unwrap().remove(0);
+                let reply = match code {
+                    201 => {
+                        let mut job = sent.body.clone();
+                        job["metadata"]["name"] = "noop-abcde".into();
+                        job
+                    }
+                    code => serde_json::json!({"kind": "Status", "status": "Failure", "code": code, "message": "no"}),
+                };
+                (code, reply)
+            })
+        };
+        let (client, sent) = answers(vec![429, 429, 201]);
+        let job = enqueue(&Api::namespaced(client, "ns"), spec("noop", serde_json::json!({}))).await.unwrap();
+        assert_eq!((job.metadata.name.as_deref(), sent.lock().unwrap().len()), (Some("noop-abcde"), 3));
+        let (client, sent) = answers(vec![500, 201]);
+        assert!(enqueue(&Api::namespaced(client, "ns"), spec("noop", serde_json::json!({}))).await.is_err());
+        assert_eq!(sent.lock().unwrap().len(), 1, "a create that may have landed is not sent again");
     }
 
     #[test]
