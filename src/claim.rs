@@ -431,8 +431,7 @@ async fn claim_job(
         new_status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone()).or(new_status.start_time);
         status::mark_adopted(&mut new_status);
     }
-    let written = write_holding(jobs, job, &acquired, claimant, new_status).await;
-    match written {
+    match write_holding(jobs, job, &acquired, claimant, new_status).await {
         Ok(Some(written)) => Ok(ClaimOutcome::Claimed(Box::new(Claimed {
             job: written,
             lease: acquired,
@@ -454,7 +453,7 @@ async fn claim_job(
 pub const TOO_LARGE_TO_CLAIM: &str = "no attempt can be recorded: the job is too large for etcd to store an \
     attempt's status beside its spec (etcdserver: request is too large); pass large inputs by reference";
 
-/// Even shrunk, the claim's status did not fit beside the job's spec. A job that is not adopted is failed, its
+/// Even bare ([`status::Room`]), the claim's status did not fit beside the job's spec. A job that is not adopted is failed, its
 /// status kept as small as it can be, so it says why instead of being claimed in a loop for ever. An adopted
 /// attempt's Pod or worker runs on: its claim is disowned for its next adopter, and nothing is written.
 async fn too_large(
