@@ -387,6 +387,17 @@ fn the_service_monitor_is_optional_and_scrapes_the_metrics_service() {
         assert_eq!(&svc["metadata"]["labels"][k], v, "the ServiceMonitor selects the metrics Service");
     }
     assert_eq!(sm["spec"]["namespaceSelector"]["matchNames"], json!([RELEASE_NS]));
+    // And only it: not the reports or webhook Services, which carry the release's labels too.
+    let with_all =
+        render(json!({"metrics": {"serviceMonitor": {"enabled": true}}, "admissionWebhook": {"enabled": true}}));
+    let selector = with_all.one("ServiceMonitor")["spec"]["selector"]["matchLabels"].clone();
+    let selected: Vec<&Value> = with_all
+        .of_kind("Service")
+        .into_iter()
+        .filter(|s| selector.as_object().unwrap().iter().all(|(k, v)| &s["metadata"]["labels"][k] == v))
+        .collect();
+    assert_eq!(selected.len(), 1, "{selected:?}");
+    assert_eq!(selected[0]["spec"]["ports"][0]["name"], "metrics");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], svc["spec"]["ports"][0]["name"]);
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(sm["spec"]["endpoints"][0]["honorLabels"], true);
