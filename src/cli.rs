@@ -194,7 +194,8 @@ pub struct EnqueueArgs {
     pub parallel: u32,
     /// Batch id (1-16 lowercase letters and digits; default: a new random one). Repeating a command that stopped
     /// part-way with the batch id it printed creates the jobs of the batch that do not exist, none twice (a job
-    /// already finished and deleted by retention does not exist any more: it is created again).
+    /// already finished and deleted by retention does not exist any more: it is created again). A batch id used
+    /// before for other work (another job name or args) is refused.
     #[arg(long)]
     pub batch: Option<String>,
     /// Namespace (default: the kubeconfig context's).
