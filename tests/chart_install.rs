@@ -139,8 +139,10 @@ async fn namespace_mode_install_runs_jobs_with_the_charts_service_account_and_no
         "watchNamespace": jobs.ns,
         // Every Event, so that jobs which simply succeed show the ServiceAccount may record Events.
         "operator": {"queues": [queue], "clusterMaxConcurrency": 2, "logFormat": "text", "events": "all"},
-        // Objects the apiserver must accept too: HPA on CPU and queue depth (v2beta2 on 1.20), PDB (v1beta1).
+        // Objects the apiserver must accept too: HPA on CPU and queue depth (v2beta2 on 1.20), PDB (v1beta1), the
+        // NetworkPolicy (nothing here enforces it).
         "autoscaling": {"enabled": true, "queueDepth": {"enabled": true, "selector": {"queue": queue}}},
+        "networkPolicy": {"enabled": true, "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]},
         // The Deployment's own Pods stay unscheduled: the replica under test runs out of cluster (tests/chart_on_node.rs
         // runs them).
         "nodeSelector": OFF_EVERY_NODE.clone(), "image": {"pullPolicy": "Never"},
