@@ -49,17 +49,18 @@ pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Resul
     // Sent again only when it certainly made nothing: the apiserver's flow control turned it away (429). Any other
     // failure may follow a create that landed, and a generated name would make a second job.
     let mut wait = std::time::Duration::from_millis(200);
-    for _ in 1..CREATE_ATTEMPTS {
+    let mut attempt = 1;
+    loop {
         match api.create(&PostParams::default(), &job).await {
-            Err(e) if crate::error::api_code(&e) == Some(429) => {
-                tracing::debug!(error = %e, "create throttled; trying again");
+            Err(e) if crate::error::api_code(&e) == Some(429) && attempt < CREATE_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "create throttled; trying again");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                attempt += 1;
             }
             answer => return answer.map_err(crate::error::from_create),
         }
     }
-    api.create(&PostParams::default(), &job).await.map_err(crate::error::from_create)
 }
 
 /// Refuse a spec that could never run, which the schema cannot tell: a delay that ends at or after its timeout
@@ -331,24 +332,17 @@ pub const RETRY_TIMEOUT_ANNOTATION: &str = "bgjobs.dev/retry-timeout";
 
 /// The time one retry grants: the job's original `timeoutSeconds`.
 fn retry_timeout(job: &BackgroundJob) -> i64 {
-    job.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(RETRY_TIMEOUT_ANNOTATION))
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(job.spec.timeout_seconds)
-        .max(1)
+    remembered(job, RETRY_TIMEOUT_ANNOTATION).unwrap_or(job.spec.timeout_seconds).max(1)
+}
+
+/// A value `bgjobs retry` remembered in the annotation `key` when it first raised it.
+fn remembered<T: std::str::FromStr>(job: &BackgroundJob, key: &str) -> Option<T> {
+    job.metadata.annotations.as_ref().and_then(|a| a.get(key)).and_then(|v| v.parse().ok())
 }
 
 /// The attempts one retry grants: the job's original `maxAttempts`.
 fn retry_budget(job: &BackgroundJob, current_max: i32) -> i32 {
-    job.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(RETRY_BUDGET_ANNOTATION))
-        .and_then(|b| b.parse().ok())
-        .unwrap_or(current_max)
-        .max(1)
+    remembered(job, RETRY_BUDGET_ANNOTATION).unwrap_or(current_max).max(1)
 }
 
 /// Decide how to re-queue `job` at `now`. Only `Failed` and `Abandoned` jobs can be retried.

@@ -195,24 +195,39 @@ pub async fn write_if_unchanged(
     seen: &BackgroundJob,
     status: BackgroundJobStatus,
 ) -> Result<Option<BackgroundJob>> {
-    let mut step = 0;
-    loop {
-        let room = Room::LADDER[step];
-        let mut obj = seen.clone();
+    match replace_fitted(api, seen, status).await {
+        Ok(j) => Ok(Some(j)),
+        Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replace `job`'s status with `status` under `job`'s resourceVersion, with less of it each time etcd refuses it as
+/// too large ([`Room`]): the one place a status write gives way. Through `unreadable`: a job edited into a shape the
+/// types cannot hold still gets its status.
+async fn replace_fitted(
+    api: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    status: BackgroundJobStatus,
+) -> std::result::Result<BackgroundJob, kube::Error> {
+    let mut obj = job.clone();
+    let fitted = |room| {
         let mut s = status.clone();
         fit(&mut s, room);
-        obj.status = Some(Box::new(s));
+        Some(Box::new(s))
+    };
+    for room in [Room::Whole, Room::Cut] {
+        obj.status = fitted(room);
         match crate::unreadable::replace_status(api, &obj).await {
-            Ok(j) => return Ok(Some(j)),
-            Err(e) if too_large_for_etcd(&e) && room != Room::Bare => {
-                tracing::warn!(job = ?seen.metadata.name, ?room, "the job is too large to store this status beside \
-                    its spec; writing it again with less");
-                step += 1;
+            Err(e) if too_large_for_etcd(&e) => {
+                tracing::warn!(job = ?job.metadata.name, error = %e, ?room, "the job is too large to store this \
+                    status beside its spec; writing it again with less");
             }
-            Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            answer => return answer,
         }
     }
+    obj.status = fitted(Room::Bare);
+    crate::unreadable::replace_status(api, &obj).await
 }
 
 /// Whether the apiserver refused a write because the object would be larger than etcd stores (1.5 MiB by default):
@@ -238,15 +253,11 @@ pub enum Room {
     /// All but the start of the error and of the condition and progress messages, which only explain the outcome.
     Cut,
     /// The outcome alone (phase, attempts, worker, the conditions' types and reasons, times), no message: its reason
-    /// is in the job's Events, and every condition says so. A job not running also drops its start time and Lease name. No larger than the
-    /// status its claim stored (a `Running` condition's message, a start time and a Lease name give way to a
-    /// completion or next attempt time), so an attempt whose claim fitted can always record how it ended.
+    /// is in the job's Events, and every condition says so. A job not running also drops its start time and Lease
+    /// name. No larger than the status its claim stored (a `Running` condition's message, a start time and a Lease
+    /// name give way to a completion or next attempt time), so an attempt whose claim fitted can always record how
+    /// it ended.
     Bare,
-}
-
-impl Room {
-    /// The order a write that does not fit tries them in.
-    pub const LADDER: [Room; 3] = [Room::Whole, Room::Cut, Room::Bare];
 }
 
 /// Make `s` take no more than `room` allows. A result is never dropped: a write that still does not fit fails as
@@ -295,34 +306,19 @@ pub async fn write_fenced(
 ) -> Result<Fenced> {
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
-    let mut step = 0;
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
     // as long as the fence holds; the caller bounds the whole write by what is left of its renew deadline.
     loop {
         if !fence.holds(&current) {
             return Ok(Fenced::Stale);
         }
-        let room = Room::LADDER[step];
-        let before = current.status.clone();
-        let mut status = current.status.clone().unwrap_or_default();
+        let mut status = current.status.as_deref().cloned().unwrap_or_default();
         change(&mut status);
-        fit(&mut status, room);
-        current.status = Some(status);
-        // Through `unreadable`: a job edited into a shape the types cannot hold meanwhile still gets its outcome.
-        match crate::unreadable::replace_status(api, &current).await {
+        match replace_fitted(api, &current, status).await {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
-            Err(e) if too_large_for_etcd(&e) && room != Room::Bare => {
-                tracing::warn!(job = %name, error = %e, ?room, "the job is too large to store its status; writing \
-                    it again with less");
-                current.status = before;
-                step += 1;
-            }
+            // Someone else wrote it: on a fresh read, whole again (it may fit now).
             Err(e) if api_code(&e) == Some(409) => match crate::unreadable::get_opt(api, &name).await? {
-                Some(j) => {
-                    // Someone else wrote it: whole again, it may fit now.
-                    current = j;
-                    step = 0;
-                }
+                Some(j) => current = j,
                 None => return Ok(Fenced::Stale),
             },
             Err(e) if api_code(&e) == Some(404) => return Ok(Fenced::Stale),

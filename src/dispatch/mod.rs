@@ -88,6 +88,16 @@ struct DoneOnDrop {
 }
 
 impl DoneOnDrop {
+    /// Not even a bare status fits beside the job's spec, so nothing could be written: say so on the job, and leave
+    /// it alone for [`TOO_LARGE_HOLD`] while it is unchanged.
+    fn too_large(&mut self, worker: &Worker, job: &BackgroundJob) {
+        warn!(job = %job.name_any(), "the job is too large to store any status: left as it is");
+        worker.event(job, EventType::Warning, "TooLarge", TOO_LARGE_NOTE.to_string());
+        if let Some(d) = self.done.as_mut() {
+            d.hold_until = Some(Instant::now() + TOO_LARGE_HOLD);
+        }
+    }
+
     /// Carry back what a lost claim or settle learnt: a tenure found renewed behind a lagging member watch.
     fn lost(&mut self, at: LostAt) {
         let Some(d) = self.done.as_mut() else { return };
@@ -857,13 +867,7 @@ impl Dispatcher {
                     worker.metrics.count_outcome(Phase::Failed);
                     worker.event(&job, EventType::Warning, "Failed", reason);
                 }
-                Ok(ClaimOutcome::TooLarge(None)) => {
-                    warn!(job = %job.name_any(), "the job is too large to store any status: left as it is");
-                    worker.event(&job, EventType::Warning, "TooLarge", TOO_LARGE_NOTE.to_string());
-                    if let Some(d) = done.done.as_mut() {
-                        d.hold_until = Some(Instant::now() + TOO_LARGE_HOLD);
-                    }
-                }
+                Ok(ClaimOutcome::TooLarge(None)) => done.too_large(&worker, &job),
                 Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
             }
         });
@@ -921,14 +925,8 @@ impl Dispatcher {
                     }
                     done.lost(at);
                 }
-                Err(e) if e.is_too_large_for_etcd() => {
-                    // Even bare, no final status fits beside the job's spec: looked at again only after a while.
-                    warn!(job = %job.name_any(), %phase, "the job is too large to store any status: left as it is");
-                    worker.event(&job, EventType::Warning, "TooLarge", TOO_LARGE_NOTE.to_string());
-                    if let Some(d) = done.done.as_mut() {
-                        d.hold_until = Some(Instant::now() + TOO_LARGE_HOLD);
-                    }
-                }
+                // Even bare, no final status fits beside the job's spec.
+                Err(e) if e.is_too_large_for_etcd() => done.too_large(&worker, &job),
                 Err(e) => warn!(job = %job.name_any(), error = %e, "could not settle job"),
             }
         });
