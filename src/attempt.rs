@@ -442,12 +442,22 @@ async fn run_claimed(
     }
     // A Pod reported while the attempt ran and stopped since, or after the ending: said once for both.
     not_stopping.done();
-    // An adoption stopped before it started still has its Pod or its reporting worker at work: handed over too,
-    // never requeued (a requeue would start the next attempt beside it).
-    let adoption_not_started = took_over.is_some() && matches!(ending, Ending::NotStarted(_));
-    let handed_over = runs_on
-        && (adoption_not_started || matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader)));
-    let record = record(worker, jobs, &job, &fence, ending, handed_over, report.take_result());
+    // The Pod (or the worker that will report, or the unanswered request) runs on without us: give up the claim but
+    // not the attempt. Another replica sees the Lease disowned, waits a lease duration, and adopts the attempt. An
+    // adoption stopped before it started has its Pod or its reporting worker at work all the same (which `runs_on`,
+    // judged from what this replica started, does not know): handed over too, never requeued, which would start the
+    // next attempt beside it.
+    let adoption_not_started = matches!(ending, Ending::NotStarted(_)) && crate::claim::adopted(&job, fence.attempt);
+    let stopped = matches!(ending, Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader));
+    if adoption_not_started {
+        info!("adoption stopped before it started: handed over, its work goes on and will be adopted again");
+        return Handover::PodRunsOn;
+    }
+    if runs_on && stopped {
+        info!("attempt handed over: its work goes on and will be adopted");
+        return Handover::PodRunsOn;
+    }
+    let record = record(worker, jobs, &job, &fence, ending, report.take_result());
     // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
     let recorded = match tokio::time::timeout(hold.time_left(), record).await {
         Ok(Ok(recorded)) => recorded,
@@ -460,11 +470,7 @@ async fn run_claimed(
             false
         }
     };
-    match (handed_over, recorded) {
-        (true, _) => Handover::PodRunsOn,
-        (false, true) => Handover::Recorded,
-        (false, false) => Handover::Unrecorded,
-    }
+    if recorded { Handover::Recorded } else { Handover::Unrecorded }
 }
 
 /// Record the outcome. `Ok(true)`: recorded, the Lease can go. `Ok(false)`: nothing to release (job gone, or moved on).
@@ -474,7 +480,6 @@ async fn record(
     job: &BackgroundJob,
     fence: &status::Fence,
     ending: Ending,
-    handed_over: bool,
     result: Option<serde_json::Value>,
 ) -> crate::Result<bool> {
     let now = worker.clock.now();
@@ -520,19 +525,13 @@ async fn record(
             worker.event(job, EventType::Normal, "Cancelled", format!("attempt {} cancelled", fence.attempt));
             return Ok(matches!(written, Fenced::Written(_)));
         }
-        Ending::Stopped(StopReason::Shutdown | StopReason::NotLeader) if handed_over => {
-            // The Pod (or the worker that will report) runs on without us: give up the claim but not the attempt.
-            // Another replica sees the Lease gone, waits a lease duration, and adopts the attempt.
-            info!("attempt handed over: its work goes on and will be adopted");
-            return Ok(true);
-        }
         Ending::Stopped(reason @ (StopReason::Shutdown | StopReason::NotLeader)) => {
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };
             let msg = format!("attempt {} was interrupted: worker {} {why}", fence.attempt, worker.identity);
             let written =
                 status::write_fenced(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
             info!("attempt handed back to the queue");
-            return Ok(matches!(written, Fenced::Written(_)));
+            return Ok(handed_back(worker, job, written, msg));
         }
         Ending::NotStarted(reason) => {
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };
@@ -546,7 +545,7 @@ async fn record(
             })
             .await?;
             info!("attempt handed back to the queue before it started");
-            return Ok(matches!(written, Fenced::Written(_)));
+            return Ok(handed_back(worker, job, written, msg));
         }
         Ending::LeaseLost => return Ok(false),
     };
@@ -697,6 +696,17 @@ impl NotStarting {
         self.told |= first;
         if first { self.why.clone() } else { None }
     }
+}
+
+/// Whether an interrupted attempt was handed back to the queue, saying so in an `Interrupted` Event: the job's
+/// `lastError` says it too, but not when the status had to be stored bare ([`status::Room::Bare`]), whose conditions
+/// send the reader to the Events.
+fn handed_back(worker: &Worker, job: &BackgroundJob, written: Fenced, why: String) -> bool {
+    let written = matches!(written, Fenced::Written(_));
+    if written {
+        worker.event(job, EventType::Warning, "Interrupted", why);
+    }
+    written
 }
 
 /// The end of an attempt's timeout message: why its Pod had not started, if it had not.

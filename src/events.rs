@@ -2,8 +2,8 @@
 //!
 //! Events are objects in etcd too (kept an hour by the apiserver's default `--event-ttl`): two per successful job at
 //! 50 jobs/s keep ~360,000 of them alive, more than the queue itself. So by default only what a person needs when
-//! something goes wrong is recorded (retries, failures, give-ups, takeovers, cancellations, skips, recurring ticks
-//! missed), and the happy path (claimed, succeeded, a recurring job created) is left to metrics and logs.
+//! something goes wrong is recorded (retries, failures, give-ups, takeovers, interruptions, cancellations, skips,
+//! recurring ticks missed), and the happy path (claimed, succeeded, a recurring job created) is left to metrics and logs.
 
 use clap::ValueEnum;
 
@@ -13,8 +13,8 @@ pub enum EventLevel {
     /// Every Event, the happy path included: one `Claimed` per attempt and a `Succeeded` per job (`true` before).
     #[value(alias = "true")]
     All,
-    /// What a person needs when something goes wrong: retries, failures, abandonment, takeovers, cancellations,
-    /// skipped jobs and ticks, recurring jobs not created (the default).
+    /// What a person needs when something goes wrong: retries, failures, abandonment, takeovers, interruptions,
+    /// cancellations, skipped jobs and ticks, recurring jobs not created (the default).
     #[default]
     Problems,
     /// None (`false` before).
@@ -40,7 +40,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 13] = [
+    const PROBLEMS: [&str; 14] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -54,6 +54,7 @@ mod tests {
         "PodNotStarting",
         "TooLarge",
         "ResultDropped",
+        "Interrupted",
     ];
 
     #[test]

@@ -183,9 +183,13 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     if let Some(task) = recurring {
         let _ = task.await;
     }
+    worker.finish_publishing(EVENTS_PATIENCE).await;
     info!(stats = %worker.metrics.summary(), "bgjobs operator stopped");
     Ok(())
 }
+
+/// How long a stopping replica waits for its last Events to be published (each is one API request).
+const EVENTS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where the Leases of this replica's attempts live: its watched namespace (claims, concurrency keys) and the Lease
 /// namespace (cluster slots); everywhere when it watches every namespace.

@@ -41,6 +41,8 @@ pub struct Worker {
     pub report_url: Option<String>,
     recorder: Option<Recorder>,
     events: EventLevel,
+    /// Events being published, waited for before the replica exits ([`Worker::finish_publishing`]).
+    publishing: tokio_util::task::TaskTracker,
 }
 
 impl Worker {
@@ -74,6 +76,7 @@ impl Worker {
             report_url: None,
             recorder,
             events,
+            publishing: Default::default(),
         })
     }
 
@@ -107,7 +110,7 @@ impl Worker {
         let reference = object.object_ref(&());
         let ev = Event { type_, reason: reason.into(), note: Some(event_note(note)), action, secondary: None };
         let (client, identity) = (self.client.clone(), self.identity.clone());
-        tokio::spawn(async move {
+        self.publishing.spawn(async move {
             let published = match &reference.name {
                 Some(name) if name.len() + EVENT_NAME_SUFFIX > crate::names::MAX_NAME => {
                     publish_shortened(client, identity, &ev, &reference, name).await
@@ -118,6 +121,17 @@ impl Worker {
                 tracing::warn!(error = %e, reason = ev.reason, "could not publish an Event");
             }
         });
+    }
+}
+
+impl Worker {
+    /// Wait, at most `patience`, for the Events still being published: those of a shutdown (an attempt handed back,
+    /// a cancel) come last, and the runtime drops whatever is still running when the replica returns.
+    pub async fn finish_publishing(&self, patience: std::time::Duration) {
+        self.publishing.close();
+        if tokio::time::timeout(patience, self.publishing.wait()).await.is_err() {
+            tracing::warn!(left = self.publishing.len(), "gave up waiting for Events to be published");
+        }
     }
 }
 

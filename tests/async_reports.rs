@@ -263,6 +263,62 @@ async fn the_holder_is_killed_while_its_worker_runs_and_the_report_lands_through
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoption_stopped_before_it_starts_is_handed_over_and_its_worker_is_not_sent_another_attempt() {
+    let env = TestEnv::new("async-adopter-stopped").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (a_flags, _) = reporting(free_port());
+    let (b_flags, _) = reporting(free_port());
+    let (c_flags, c_url) = reporting(free_port());
+    let mut a = env.replica("a", &strs(&a_flags));
+    env.create("handed", json!({"jobName": "Handed", "http": {"url": endpoint}})).await;
+    let sent = accepted(&seen, 1).await;
+    wait_waiting_for_report(&env, "handed").await;
+    // b hears every answer a second late, so the test can stop it between its adoption's Lease and its status write
+    // (a renew deadline of 9 s covers both writes), and stops at once on SIGTERM: the adoption never starts.
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let slow =
+        ["--lease-duration", "12s", "--renew-deadline", "9s", "--renew-interval", "1s", "--shutdown-grace", "0s"];
+    let b_args: Vec<&str> = strs(&b_flags).into_iter().chain(slow).collect();
+    let mut b = env.replica_with(
+        "b",
+        &b_args,
+        &common::ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() },
+    );
+    proxy.delay_downstream(Duration::from_secs(1));
+    a.kill9();
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + MINUTE;
+    while leases.get_opt("bgj-handed").await.unwrap().and_then(|l| l.spec?.holder_identity).as_deref() != Some("b") {
+        assert!(Instant::now() < deadline, "b never took the claim Lease over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tokio::task::spawn_blocking(move || b.terminate(MINUTE)).await.unwrap(), "b exits");
+    let log = std::fs::read_to_string(env.dir.join("b.log")).unwrap();
+    assert!(log.contains("adoption stopped before it started"), "b's adoption was stopped before it started");
+    let job = env.jobs.get("handed").await.unwrap();
+    let s = job.status.unwrap();
+    assert_eq!(
+        (s.phase, s.attempts, s.worker.as_deref()),
+        (Some(Phase::Running), 1, Some("b")),
+        "b's adoption landed and was handed over, not re-queued: {:?}",
+        s.last_error
+    );
+    // c adopts the same attempt in its turn; its worker is never sent another, and its report counts.
+    let _c = env.replica("c", &strs(&c_flags));
+    let adopted = env.wait_job("handed", MINUTE, "adopted by c", |j| {
+        j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("c")
+    });
+    assert_eq!(adopted.await.attempts(), 1);
+    let (ok, out) = cli_report(&c_url, &sent.token, &["complete"]);
+    assert!(ok, "{out}");
+    let job = env.wait_job("handed", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(job.attempts(), 1);
+    let attempts: Vec<i32> = seen.lock().unwrap().iter().map(|a| a.attempt).collect();
+    assert_eq!(attempts, vec![1], "the endpoint was called once, for attempt 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_forged_malformed_and_oversized_reports_are_refused_and_change_nothing() {
     let env = TestEnv::new("async-refused").await;
     let (endpoint, seen) = accepting_endpoint().await;

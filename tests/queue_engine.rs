@@ -578,6 +578,12 @@ async fn sigterm_hands_a_running_job_back_so_another_replica_starts_it_at_once()
     let _b = env.replica("b", &[]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(a.terminate(Duration::from_secs(15)), "a exits after its grace period");
+    // Said in an Event too (a job too large for its whole status keeps none of lastError), published before a exits.
+    let interrupted = env.warnings_on("handover", "Interrupted").await;
+    assert!(
+        interrupted.iter().any(|note| note.contains("attempt 1 was interrupted: worker a shut down")),
+        "an Interrupted Event, published before a exited: {interrupted:?}"
+    );
     let job = env
         .wait_job("handover", Duration::from_secs(5), "Running on b", |j| {
             j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")
