@@ -20,8 +20,10 @@
 //!
 //! A job's own headers (`spec.http.headers`) cannot replace what the policy checked or what bgjobs sends: `Host`
 //! (a shared ingress routes by it, so it would reach another virtual host than the one allowed), the framing and
-//! connection headers (`Content-Length`, `Transfer-Encoding`, `Connection`, `Upgrade`, `TE`, `Trailer`), `Proxy-*`
-//! and `X-BGJobs-*` fail the job before anything is sent ([`reserved_header`]).
+//! connection headers (`Content-Length`, `Transfer-Encoding`, `Connection`, `Upgrade`, `TE`, `Trailer`), `Proxy-*`,
+//! `X-BGJobs-*` and `Idempotency-Key` (the job's UID: a second one would let a job pass for another at a receiver
+//! that deduplicates) fail the job before anything is sent ([`reserved_header`]). Any other header replaces the one
+//! bgjobs sets under its name (`Content-Type`), never adds a second value.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -91,6 +93,7 @@ pub fn reserved_header(name: &str) -> Option<&'static str> {
         }
         _ if name.starts_with("proxy-") => Some("it addresses a proxy, and bgjobs connects directly"),
         _ if name.starts_with("x-bgjobs-") => Some("bgjobs sets the X-BGJobs-* headers itself"),
+        "idempotency-key" => Some("bgjobs sets it to the job's UID, which receivers deduplicate on"),
         _ => None,
     }
 }
@@ -202,9 +205,18 @@ impl HttpExecutor {
                 .header("X-BGJobs-Report-Url", ctx.report.url().unwrap_or_default())
                 .header("X-BGJobs-Report-Token", ctx.report.token().unwrap_or_default());
         }
+        // In place of what the request has under the same name (`Content-Type`), never beside it: a second value
+        // is read by some receivers and not by others.
+        let mut own = reqwest::header::HeaderMap::new();
         for (k, v) in &target.headers {
-            req = req.header(k, v);
+            // Checked by `refused_header` before anything is built.
+            if let (Ok(k), Ok(v)) =
+                (reqwest::header::HeaderName::from_bytes(k.as_bytes()), reqwest::header::HeaderValue::from_str(v))
+            {
+                own.insert(k, v);
+            }
         }
+        req = req.headers(own);
         if let Some(t) = timeout {
             req = req.timeout(t);
         }
@@ -459,6 +471,7 @@ mod reserved_headers {
             "proxy-connection",
             "X-BGJobs-Attempt",
             "x-bgjobs-anything",
+            "Idempotency-Key",
         ] {
             assert!(reserved_header(h).is_some(), "{h} must be reserved");
         }
@@ -502,6 +515,46 @@ mod reserved_headers {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!server.is_finished(), "a request was sent: {:?}", server.await);
         server.abort();
+    }
+
+    /// A job's `Content-Type` replaces the JSON one instead of adding a second value, and its `Idempotency-Key`
+    /// (another job's UID, to pass for it at a receiver that deduplicates) fails the job with nothing sent.
+    #[tokio::test]
+    async fn a_job_header_replaces_the_one_bgjobs_sets_and_the_idempotency_key_is_not_the_jobs_to_set() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+            let _ =
+                tokio::io::AsyncWriteExt::write_all(&mut sock, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+            (listener, head)
+        });
+        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let target = |name: &str, value: &str| HttpTarget {
+            url: format!("http://127.0.0.1:{port}/"),
+            headers: [(name.to_string(), value.to_string())].into(),
+            timeout_seconds: Some(5),
+        };
+        let r = exec
+            .post(&target("Content-Type", "application/cloudevents+json"), &ctx(), &serde_json::json!({}), None)
+            .await;
+        assert!(matches!(r, AttemptResult::Succeeded), "{r:?}");
+        let (listener, head) = server.await.unwrap();
+        assert_eq!(head.matches("content-type:").count(), 1, "one Content-Type: {head}");
+        assert!(head.contains("content-type: application/cloudevents+json"), "{head}");
+        assert_eq!(head.matches("idempotency-key:").count(), 1, "{head}");
+        let r = exec.post(&target("idempotency-key", "another-jobs-uid"), &ctx(), &serde_json::json!({}), None).await;
+        match &r {
+            AttemptResult::Permanent(m) => {
+                assert!(m.contains("idempotency-key") && m.contains("nothing was sent"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "a request was sent");
     }
 
     /// A header name or value HTTP does not allow fails every attempt the same way: the job fails at once, saying

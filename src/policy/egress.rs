@@ -16,7 +16,9 @@
 //! IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`, and the local-use `64:ff9b:1::/48` with the IPv4
 //! address in the last 32 bits, as a /96 inside it embeds it) IPv6 addresses are judged as the IPv4 address they
 //! carry, so `::ffff:169.254.169.254` is the metadata address too. A local-use NAT64 prefix shorter than /96 (RFC
-//! 6052 spreads the IPv4 address around bits 64-71 there) is not decoded: list such a prefix in no allowlist.
+//! 6052 spreads the IPv4 address around bits 64-71 there) is read every way it may be for rules 2 and 3, so its
+//! metadata and link-local addresses are refused too; the other rules and allowlists see only the /96 reading: list
+//! such a prefix in no allowlist.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -149,6 +151,22 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Every IPv4 address a local-use NAT64 address (`64:ff9b:1::/48`, RFC 8215) may carry, one per prefix length a
+/// network may give it inside that /48 (RFC 6052: /48, /56 and /64 split the IPv4 address around bits 64-71, a /96
+/// puts it last). Which one a network uses is not known here, so the metadata and link-local rules are applied to
+/// each; [`canonical`] (the /96 reading) is what the other rules and allowlists see.
+fn local_use_nat64_readings(ip: IpAddr) -> Vec<IpAddr> {
+    let IpAddr::V6(v6) = ip else { return Vec::new() };
+    if v6.segments()[..3] != [0x64, 0xff9b, 1] {
+        return Vec::new();
+    }
+    let o = v6.octets();
+    [[o[6], o[7], o[9], o[10]], [o[7], o[9], o[10], o[11]], [o[9], o[10], o[11], o[12]], [o[12], o[13], o[14], o[15]]]
+        .into_iter()
+        .map(|[a, b, c, d]| IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+        .collect()
+}
+
 fn is_link_local(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
@@ -255,11 +273,13 @@ impl EgressPolicy {
         if ip.is_unspecified() {
             return Err(Denial::Unspecified(addr));
         }
-        if METADATA.contains(&ip) {
-            return Err(Denial::Metadata(addr));
-        }
-        if is_link_local(ip) && !self.allow_link_local {
-            return Err(Denial::LinkLocal(addr));
+        for read in std::iter::once(ip).chain(local_use_nat64_readings(addr)) {
+            if METADATA.contains(&read) {
+                return Err(Denial::Metadata(addr));
+            }
+            if is_link_local(read) && !self.allow_link_local {
+                return Err(Denial::LinkLocal(addr));
+            }
         }
         let local = ip.is_loopback() || self.local_addrs.iter().any(|a| canonical(*a) == ip);
         if local && self.operator_ports.contains(&port) {
@@ -463,6 +483,10 @@ mod more_metadata_and_known_limits {
             "64:ff9b:1::a9fe:a9fe",
             "64:ff9b:1:abcd::a9fe:a9fe",
             "64:ff9b:1::a83f:8110",
+            // 169.254.169.254 under a /48 and a /64 local-use prefix (RFC 6052 layouts): 10.0.0.1 and 254.0.0.0 read
+            // as a /96.
+            "64:ff9b:1:a9fe:a9:fe00:a00:1",
+            "64:ff9b:1:0:a9:fea9:fe00:0",
         ] {
             for p in [&EgressPolicy::default(), &relaxed] {
                 assert!(
@@ -473,6 +497,8 @@ mod more_metadata_and_known_limits {
             }
         }
         assert_eq!(canonical(ip("64:ff9b:1::a00:1")), ip("10.0.0.1"));
+        // An ordinary address under a /96 local-use prefix is not refused by its other readings.
+        assert_eq!(EgressPolicy::default().check("ns", &u, &[ip("64:ff9b:1::a00:1")]), Ok(()));
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! and, with no flag to relax them (run such a Pod as a batch/v1 Job, created by someone who may):
 //! - `node-side-request`: a probe or lifecycle handler with `httpGet.host` or `tcpSocket.host` (the kubelet sends it
 //!   from the node's network, to any address: the node's own ports, metadata);
-//! - `node-mounted-volume`: `gitRepo`, `nfs`, `iscsi`, `rbd`, `cephfs`, `glusterfs` and `flexVolume` volumes (the
-//!   node mounts them, or runs git or a driver for them, as root, with the node's network);
+//! - `node-mounted-volume`: any volume but `configMap`, `csi`, `downwardAPI`, `emptyDir`, `ephemeral`,
+//!   `persistentVolumeClaim`, `projected`, `secret` (and `hostPath`, above): `nfs`, `iscsi`, `fc`, `gitRepo`,
+//!   `azureFile`, a cloud disk by its ID, ... (the node mounts, attaches or fetches them, as root, with the node's
+//!   network or the cluster's cloud credentials);
 //! - `security-profile`: any `seLinuxOptions.type`, a seccomp or AppArmor profile `Unconfined`, `procMount:
 //!   Unmasked`, Pod `sysctls`; and `windowsOptions.hostProcess` counts as `host-namespaces`.
 //!
@@ -143,16 +145,7 @@ impl PodPolicy {
             }
         }
         for (i, v) in spec.volumes.iter().flatten().enumerate() {
-            let node_mounted = [
-                ("gitRepo", v.git_repo.is_some()),
-                ("nfs", v.nfs.is_some()),
-                ("iscsi", v.iscsi.is_some()),
-                ("rbd", v.rbd.is_some()),
-                ("cephfs", v.cephfs.is_some()),
-                ("glusterfs", v.glusterfs.is_some()),
-                ("flexVolume", v.flex_volume.is_some()),
-            ];
-            if let Some((kind, _)) = node_mounted.iter().find(|(_, set)| *set) {
+            if let Some(kind) = node_mounted(v) {
                 let what = format!("is a {kind} volume");
                 return deny(format!("volumes[{i}] ({})", v.name), what, "node-mounted-volume", FIXED);
             }
@@ -280,6 +273,29 @@ fn check_container(r: &Relaxations, at: &str, c: &Container, host_ns: &'static s
         }
     }
     Ok(())
+}
+
+/// Volume types whose contents come from the Pod's own namespace through the apiserver or the Pod itself (Pod
+/// Security's `restricted` list); `hostPath` is judged on its own.
+const VOLUMES_OF_THE_NAMESPACE: [&str; 9] = [
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+    "hostPath",
+];
+
+/// The type of `v` if it is none of [`VOLUMES_OF_THE_NAMESPACE`]: a volume the node mounts, attaches or fetches
+/// (NFS, iSCSI, Fibre Channel, SMB, a cloud disk by its ID, git), as root, with the node's network or the cluster's
+/// cloud credentials. A list of what is allowed, not of what is refused: a type added to Kubernetes later is
+/// refused until it is judged.
+fn node_mounted(v: &k8s_openapi::api::core::v1::Volume) -> Option<String> {
+    let json = serde_json::to_value(v).ok()?;
+    json.as_object()?.keys().find(|k| *k != "name" && !VOLUMES_OF_THE_NAMESPACE.contains(&k.as_str())).cloned()
 }
 
 #[cfg(test)]
@@ -474,10 +490,24 @@ mod node_side_and_known_limits {
             json!({"name": "n", "cephfs": {"monitors": ["10.0.0.7"]}}),
             json!({"name": "n", "glusterfs": {"endpoints": "e", "path": "p"}}),
             json!({"name": "n", "flexVolume": {"driver": "vendor/driver"}}),
+            json!({"name": "n", "fc": {"targetWWNs": ["50060e801049cfd1"], "lun": 0}}),
+            json!({"name": "n", "azureFile": {"secretName": "s", "shareName": "share"}}),
+            json!({"name": "n", "awsElasticBlockStore": {"volumeID": "vol-0abc"}}),
+            json!({"name": "n", "gcePersistentDisk": {"pdName": "another-teams-disk"}}),
+            json!({"name": "n", "azureDisk": {"diskName": "d", "diskURI": "u"}}),
+            json!({"name": "n", "cinder": {"volumeID": "v"}}),
+            json!({"name": "n", "portworxVolume": {"volumeID": "v"}}),
+            json!({"name": "n", "vsphereVolume": {"volumePath": "[ds] v.vmdk"}}),
         ] {
             let pod = json!({"containers": [{"name": "m"}], "volumes": [{"name": "e", "emptyDir": {}}, v]});
             refused(pod, "node-mounted-volume", "volumes[1] (n)");
         }
+        // What comes from the namespace itself passes.
+        passes(json!({"containers": [{"name": "m"}], "volumes": [
+            {"name": "a", "emptyDir": {}}, {"name": "b", "configMap": {"name": "c"}}, {"name": "c", "secret": {"secretName": "s"}},
+            {"name": "d", "persistentVolumeClaim": {"claimName": "p"}}, {"name": "e", "downwardAPI": {}},
+            {"name": "f", "projected": {"sources": []}}, {"name": "g", "csi": {"driver": "d"}},
+            {"name": "h", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]}));
     }
 
     #[test]
