@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use kube::api::DynamicObject;
@@ -45,6 +45,10 @@ pub const PATH: &str = "/mutate";
 
 /// An AdmissionReview holds the object and the old object; both are bounded by the apiserver's request limit (3 MiB).
 const MAX_BODY: usize = 8 << 20;
+/// Bytes of AdmissionReviews read at once: eight at their largest; the apiserver's are rarely over a few KiB.
+const BODY_BUDGET: usize = 64 << 20;
+/// Connections open at once (the apiserver keeps a few alive and opens more under load).
+const MAX_CONNECTIONS: usize = 256;
 
 /// The decision for one admission request: stamp the creator on CREATE, refuse changes to the stamp on UPDATE,
 /// allow anything else.
@@ -225,17 +229,25 @@ pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(%bound, path = PATH, "serving the admission webhook");
+    // Anyone who reaches the port may connect: what a peer costs before it is known is bounded (`serving`).
+    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY, MAX_CONNECTIONS);
     tokio::spawn(async move {
         loop {
             let Ok((sock, peer)) = listener.accept().await else { continue };
+            let Some(open) = bounds.connection() else {
+                debug!(%peer, "admission webhook: too many connections open; closing this one");
+                continue;
+            };
             let acceptor = TlsAcceptor::from(certificates.config());
+            let bounds = bounds.clone();
             tokio::spawn(async move {
+                let _open = open;
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => return debug!(%peer, error = %e, "admission webhook: TLS handshake failed"),
                     Err(_) => return debug!(%peer, "admission webhook: TLS handshake timed out"),
                 };
-                let service = hyper::service::service_fn(handle);
+                let service = hyper::service::service_fn(move |req| handle(bounds.clone(), req));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
@@ -249,7 +261,10 @@ pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
     Ok(bound)
 }
 
-async fn handle(req: Request<Incoming>) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn handle(
+    bounds: crate::serving::Bounds,
+    req: Request<Incoming>,
+) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -263,9 +278,12 @@ async fn handle(req: Request<Incoming>) -> std::result::Result<Response<Full<Byt
     if req.method() != Method::POST {
         return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, b"POST an AdmissionReview\n".to_vec());
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return reply(StatusCode::BAD_REQUEST, TEXT, format!("cannot read the request: {e}\n").into_bytes()),
+    let body = match bounds.read(req).await {
+        Ok(b) => b,
+        Err(unread) => {
+            let code = StatusCode::from_u16(unread.code).unwrap_or(StatusCode::BAD_REQUEST);
+            return reply(code, TEXT, format!("{}\n", unread.message).into_bytes());
+        }
     };
     match answer(&body) {
         Ok(json) => reply(StatusCode::OK, "application/json", json),

@@ -48,6 +48,7 @@ pub(crate) mod recurring;
 pub mod report;
 pub(crate) mod retention;
 pub(crate) mod retry;
+pub(crate) mod serving;
 pub(crate) mod status;
 #[cfg(test)]
 pub(crate) mod testing;

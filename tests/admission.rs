@@ -360,3 +360,91 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
     assert_eq!(fields["f:spec"]["f:args"], json!({}), "{fields}");
     assert!(fields["f:spec"].get("f:cancel").is_none(), "{fields}");
 }
+
+/// VmRSS of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) / 1024
+}
+
+/// Anyone who reaches the webhook's port may send to it (the chart's NetworkPolicy lets anyone in: the apiserver's
+/// address is not known). Forty peers that each declare an 8 MB AdmissionReview, send all of it but a byte and
+/// stall held 320 MB in the replica (each body was collected whole, with no time limit): past the chart's 512 Mi
+/// limit with a few more, the replica is OOM-killed and, under `failurePolicy: Fail`, no job can be created. Now
+/// the bodies read at once are bounded in bytes and in time, and the webhook admits jobs again once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_webhook_serves_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let env = TestEnv::new("admission-flood").await;
+    let label = select_for_webhook(&env).await;
+    let ca = certificates(&env.dir.join("certs"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cert_dir = env.dir.join("certs").display().to_string();
+    let mut replica = env.replica("r1", &["--admission-addr", &addr, "--admission-cert-dir", &cert_dir]);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = rss_mib(replica.pid());
+
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    const DECLARED: usize = 8_000_000;
+    let mut peers = Vec::new();
+    for _ in 0..40 {
+        let connector = connector.clone();
+        let addr = addr.clone();
+        peers.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let Ok(mut tls) = connector.connect(name, tcp).await else { return };
+            let head = format!("POST /mutate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {DECLARED}\r\n\r\n");
+            if tls.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b' '; 64 * 1024];
+            let mut sent = 0;
+            while sent + chunk.len() < DECLARED {
+                if tls.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                sent += chunk.len();
+            }
+            // Everything but the last bytes; then nothing, until the replica gives up on it.
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(40), tls.read_to_end(&mut answer)).await;
+        }));
+    }
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < until {
+        peak = peak.max(rss_mib(replica.pid()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("replica RSS: {before} MiB before, peak {peak} MiB under 40 stalled 8 MB reviews");
+    assert!(peak > 0, "the replica's RSS was read");
+    assert!(peak < before + 150, "peak RSS {peak} MiB ({before} MiB before): the stalled bodies were held");
+    for peer in peers {
+        peer.abort();
+    }
+
+    // The webhook still admits jobs, and records their creator.
+    let _registered = register(&env.client, &format!("bgjobs-flood-{}", env.ns), port, &ca, label).await;
+    let created = env.create("after", json!({"jobName": "noop"})).await;
+    assert!(annotation(&created, CREATED_BY).is_some(), "the webhook stamped the job: {:?}", created.metadata);
+    assert!(replica.exit_within(Duration::from_millis(1)).is_none(), "the replica lives");
+}

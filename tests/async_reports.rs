@@ -318,6 +318,41 @@ async fn an_adoption_stopped_before_it_starts_is_handed_over_and_its_worker_is_n
     assert_eq!(attempts, vec![1], "the endpoint was called once, for attempt 1");
 }
 
+/// Anyone who reaches the report port may send to it, and a report's token is checked only once its body is in.
+/// Eighty connections that send a report's headers and never its body held all 64 places for reports in flight
+/// (for 30 s each, and again), so every genuine heartbeat was answered 503, and an attempt whose heartbeats stop
+/// is retried beside its worker. A body still arriving now holds no such place (only bytes of a bounded budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out() {
+    let env = TestEnv::new("async-stalled-peers").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let port = free_port();
+    let (flags, url) = reporting(port);
+    let _a = env.replica("a", &strs(&flags));
+    env.create("beating", json!({"jobName": "Beating", "http": {"url": endpoint}})).await;
+    let sent = accepted(&seen, 1).await;
+    wait_waiting_for_report(&env, "beating").await;
+    let mut stalled = Vec::new();
+    for _ in 0..80 {
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let head =
+            "POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer forged\r\nContent-Length: 100\r\n\r\n";
+        sock.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(sock);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answer = reqwest::Client::new()
+        .post(format!("{url}/v1/heartbeat"))
+        .bearer_auth(&sent.token)
+        .json(&json!({"percent": 10}))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    assert_eq!(status, 200, "a genuine heartbeat beside 80 stalled peers: {}", answer.text().await.unwrap_or_default());
+    drop(stalled);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_forged_malformed_and_oversized_reports_are_refused_and_change_nothing() {
     let env = TestEnv::new("async-refused").await;

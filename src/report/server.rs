@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -25,10 +25,12 @@ pub const PATH_PREFIX: &str = "/v1/";
 /// The largest request body read: a result at its cap, with room for the rest of the body.
 const MAX_BODY: usize = MAX_RESULT_BYTES + 8 * 1024;
 
-/// How many reports one replica handles at once.
+/// How many reports one replica applies at once (each costs apiserver reads and writes).
 const MAX_IN_FLIGHT: usize = 64;
-/// How long a report's body may take to arrive.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of reports read at once: 400 at their largest; a heartbeat is a hundred bytes.
+const BODY_BUDGET: usize = 400 * MAX_BODY;
+/// Connections open at once.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// Serve reports on `addr` until the process ends. Returns the bound address.
 pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> {
@@ -38,6 +40,9 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
     // Reports in flight are bounded: each costs apiserver reads and writes on the client that also renews this
     // replica's tenure, so a flood (forged or not) must not starve it. Past the bound a report is answered 503.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    // Before a report is applied its token is not checked: what a peer costs until then is bounded (`serving`), and
+    // a body still arriving holds no place among the reports in flight.
+    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY, MAX_CONNECTIONS);
     tokio::spawn(async move {
         loop {
             let (sock, peer) = match listener.accept().await {
@@ -49,9 +54,16 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
                     continue;
                 }
             };
-            let (worker, in_flight) = (worker.clone(), in_flight.clone());
+            let Some(open) = bounds.connection() else {
+                debug!(%peer, "report endpoint: too many connections open; closing this one");
+                continue;
+            };
+            let (worker, in_flight, bounds) = (worker.clone(), in_flight.clone(), bounds.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| handle(worker.clone(), in_flight.clone(), req));
+                let _open = open;
+                let service = hyper::service::service_fn(move |req| {
+                    handle(worker.clone(), in_flight.clone(), bounds.clone(), req)
+                });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
@@ -68,12 +80,10 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
 async fn handle(
     worker: Arc<Worker>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    bounds: crate::serving::Bounds,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let received = match in_flight.try_acquire() {
-        Ok(_permit) => receive(&worker, req).await,
-        Err(_) => Err(Refusal::new(503, "too many reports in flight on this replica; try again")),
-    };
+    let received = receive(&worker, &in_flight, &bounds, req).await;
     let (code, body) = match received {
         Ok(applied) => (200, serde_json::to_vec(&applied).unwrap_or_default()),
         Err(refusal) => {
@@ -91,7 +101,12 @@ async fn handle(
     Ok(r)
 }
 
-async fn receive(worker: &Worker, req: Request<Incoming>) -> std::result::Result<super::Applied, Refusal> {
+async fn receive(
+    worker: &Worker,
+    in_flight: &tokio::sync::Semaphore,
+    bounds: &crate::serving::Bounds,
+    req: Request<Incoming>,
+) -> std::result::Result<super::Applied, Refusal> {
     let kind = req.uri().path().strip_prefix(PATH_PREFIX).unwrap_or_default().to_string();
     if !["complete", "fail", "heartbeat"].contains(&kind.as_str()) {
         return Err(Refusal::new(404, "reports go to POST /v1/complete, /v1/fail or /v1/heartbeat"));
@@ -100,13 +115,9 @@ async fn receive(worker: &Worker, req: Request<Incoming>) -> std::result::Result
         return Err(Refusal::new(405, format!("POST the report to /v1/{kind}")));
     }
     let token = bearer(req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()))?;
-    let reading = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect());
-    let Ok(read) = reading.await else {
-        return Err(Refusal::new(408, format!("the report's body did not arrive within {BODY_READ_TIMEOUT:?}")));
-    };
-    let body = match read {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    let body = match bounds.read(req).await {
+        Ok(b) => b,
+        Err(unread) if unread.code == 413 => {
             return Err(Refusal::new(
                 413,
                 format!(
@@ -114,9 +125,12 @@ async fn receive(worker: &Worker, req: Request<Incoming>) -> std::result::Result
                 ),
             ));
         }
-        Err(e) => return Err(Refusal::new(400, format!("cannot read the report: {e}"))),
+        Err(unread) => return Err(Refusal::new(unread.code, unread.message)),
     };
     let report = parse(&kind, &body)?;
+    let Ok(_applying) = in_flight.try_acquire() else {
+        return Err(Refusal::new(503, "too many reports in flight on this replica; try again"));
+    };
     super::apply::apply(worker, &token, report).await
 }
 
