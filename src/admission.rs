@@ -5,7 +5,8 @@
 //! of BackgroundJobs and RecurringBackgroundJobs, the operator
 //! - on CREATE stamps the requesting user and their groups as annotations ([`CREATED_BY`], [`CREATED_BY_GROUPS`]),
 //!   replacing whatever the request carried there, so a record cannot be forged;
-//! - on UPDATE refuses any change to those annotations, so a record cannot be altered, removed or added later;
+//! - on UPDATE refuses any change to those annotations, so a record cannot be altered, removed or added later, nor
+//!   to the copy of its definition's record a schedule's job carries ([`DEFINITION_CREATED_BY`]);
 //! - on UPDATE refuses a change to what the creator vouched for ([`vouched_change`]): a BackgroundJob's `spec`
 //!   beyond `cancel`, `retry.maxAttempts` and `timeoutSeconds` (what `bgjobs cancel` and `bgjobs retry` write),
 //!   and a RecurringBackgroundJob's `spec.jobTemplate`. Otherwise a user who may patch jobs but not create Pods
@@ -38,7 +39,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::policy::creator::Creator;
-pub use crate::policy::creator::{CREATED_BY, CREATED_BY_GROUPS};
+pub use crate::policy::creator::{CREATED_BY, CREATED_BY_GROUPS, DEFINITION_CREATED_BY};
 
 /// The path the webhook is served on (the chart's `clientConfig.service.path`).
 pub const PATH: &str = "/mutate";
@@ -69,12 +70,14 @@ pub fn review(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
         Operation::Update => {
             let record = |o: &Option<DynamicObject>| {
                 let annotations = o.as_ref().and_then(|o| o.metadata.annotations.as_ref());
-                [CREATED_BY, CREATED_BY_GROUPS].map(|k| annotations.and_then(|a| a.get(k)).cloned())
+                [CREATED_BY, CREATED_BY_GROUPS, DEFINITION_CREATED_BY]
+                    .map(|k| annotations.and_then(|a| a.get(k)).cloned())
             };
             if record(&req.object) != record(&req.old_object) {
                 return allow.deny(format!(
                     "the annotations {CREATED_BY} and {CREATED_BY_GROUPS} record who created this object (written by \
-                     the bgjobs admission webhook when it was created) and cannot be added, changed or removed"
+                     the bgjobs admission webhook when it was created), and {DEFINITION_CREATED_BY} who created the \
+                     RecurringBackgroundJob that made it: they cannot be added, changed or removed"
                 ));
             }
             // The status subresource carries no spec change (the apiserver keeps the old spec); the chart does not
@@ -368,10 +371,16 @@ mod tests {
 
         let forged = job(serde_json::json!({CREATED_BY: "admin", CREATED_BY_GROUPS: "[]"}));
         let removed = job(serde_json::json!({CREATED_BY_GROUPS: "[]"}));
+        // A schedule's job, made by the operator, with its definition's record: stripping the copy would leave only
+        // the operator's own stamp to check.
+        let operators = serde_json::json!({CREATED_BY: "system:serviceaccount:bgjobs:bgjobs", CREATED_BY_GROUPS: "[]"});
+        let mut scheduled = operators.clone();
+        scheduled[DEFINITION_CREATED_BY] = r#"{"name":"nightly","createdBy":"mallory","createdByGroups":"[]"}"#.into();
         for (what, new, old) in [
             ("changed", forged.clone(), stamped.clone()),
             ("removed", removed, stamped.clone()),
             ("added later", forged, job(serde_json::Value::Null)),
+            ("whose definition's copy was removed", job(operators), job(scheduled)),
         ] {
             let resp = review(&request("UPDATE", new, old));
             assert!(!resp.allowed, "a record {what} must be refused");

@@ -900,6 +900,9 @@ pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> Backg
     labels.insert(RECURRING_LABEL.to_string(), crate::names::label_value(&def.name_any()));
     let mut annotations = template.metadata.annotations.clone();
     annotations.insert(SCHEDULED_TIME_ANNOTATION.to_string(), tick.to_string());
+    // Whoever wrote the template does not choose this: it is the definition's own record, for the Pod creator check.
+    let record = crate::policy::creator::definition_record(&def.name_any(), def.annotations());
+    annotations.insert(crate::policy::creator::DEFINITION_CREATED_BY.to_string(), record);
     BackgroundJob {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -1566,5 +1569,28 @@ pub(crate) mod tests {
         assert_eq!(c.metadata.labels.as_ref().unwrap()["team"], "a");
         assert_eq!(c.metadata.labels.as_ref().unwrap()[RECURRING_LABEL], "report");
         assert_eq!(c.metadata.owner_references.as_ref().unwrap()[0].uid, "def-uid");
+    }
+
+    /// The definition's creator record goes with each job it makes, whatever its template says there.
+    #[test]
+    fn a_child_carries_its_definitions_creator_record_not_its_templates() {
+        use crate::policy::creator::{CREATED_BY, CREATED_BY_GROUPS, DEFINITION_CREATED_BY, copied_definition};
+        let forged = r#"{"name":"report","createdBy":"admin","createdByGroups":"[\"system:masters\"]"}"#;
+        let mut d = def(
+            "* * * * *",
+            serde_json::json!({"jobTemplate": {"metadata": {"annotations": {DEFINITION_CREATED_BY: forged}},
+                "spec": {"jobName": "sleep"}}}),
+        );
+        let record = [(CREATED_BY, "mallory"), (CREATED_BY_GROUPS, r#"["team-b"]"#)];
+        d.metadata.annotations = Some(record.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        let (name, creator) = copied_definition(&child(&d, "report-1", t(60)).metadata).unwrap().unwrap();
+        let creator = creator.unwrap().unwrap();
+        assert_eq!(
+            (name.as_str(), creator.username.as_str(), creator.groups),
+            ("report", "mallory", vec!["team-b".into()])
+        );
+        d.metadata.annotations = None;
+        let (_, creator) = copied_definition(&child(&d, "report-1", t(60)).metadata).unwrap().unwrap();
+        assert_eq!(creator, None, "a definition without a record makes jobs that say so");
     }
 }

@@ -3,7 +3,7 @@
 //! how a recurring tick is claimed and the job it creates, and the order and bound the dispatch keeps. Each is a
 //! contract with running replicas: changing one is a breaking change (docs/install.md, upgrades).
 
-pub use crate::admission::{CREATED_BY, CREATED_BY_GROUPS, PATH as ADMISSION_PATH};
+pub use crate::admission::{CREATED_BY, CREATED_BY_GROUPS, DEFINITION_CREATED_BY, PATH as ADMISSION_PATH};
 pub use crate::claim::{JOB_LABEL, lease_name as claim_lease_name};
 pub use crate::exclusive::EXCLUSIVE_LEASE;
 pub use crate::keys::{KEY_LABEL, lease_name as key_lease_name};

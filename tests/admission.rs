@@ -448,3 +448,113 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
     assert!(annotation(&created, CREATED_BY).is_some(), "the webhook stamped the job: {:?}", created.metadata);
     assert!(replica.exit_within(Duration::from_millis(1)).is_none(), "the replica lives");
 }
+
+/// A schedule's job is created by the operator, so its own record names the operator: the definition's record is
+/// what names the person. Mallory (the application-team Role: create, delete and patch jobs, no `create pods`) made
+/// a schedule, then cut its job loose from it, by removing the job's ownerReference (a patch the webhook allowed) or
+/// by deleting the schedule with `--cascade=orphan` (the garbage collector removes it): the check then saw only the
+/// operator's record, and made the Pod. The job now carries its definition's record, which the webhook keeps as it
+/// keeps the creator's: each such job fails naming mallory, and no Pod is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedules_job_cut_loose_from_its_schedule_is_still_checked_against_the_schedules_creator() {
+    let env = TestEnv::new("cut-loose").await;
+    let label = select_for_webhook(&env).await;
+    let mallory = format!("mallory-{}", env.ns);
+    grant(
+        &env,
+        &mallory,
+        "app",
+        json!([
+        {"apiGroups": ["bgjobs.dev"], "resources": ["backgroundjobs", "recurringbackgroundjobs"],
+         "verbs": ["get", "list", "watch", "create", "delete"]},
+        {"apiGroups": ["bgjobs.dev"], "resources": ["backgroundjobs"], "verbs": ["patch"]}]),
+    )
+    .await;
+    let mallory_client = client_as(&mallory).await;
+    let as_mallory: Api<BackgroundJob> = Api::namespaced(mallory_client.clone(), &env.ns);
+    let her_definitions: Api<RecurringBackgroundJob> = Api::namespaced(mallory_client, &env.ns);
+
+    let ca = certificates(&env.dir.join("certs"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cert_dir = env.dir.join("certs").display().to_string();
+    let flags = ["--admission-addr", &addr, "--admission-cert-dir", &cert_dir, "--pod-creator-check", "required"];
+    let _replica = env.replica("r1", &flags);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _registered = register(&env.client, &format!("bgjobs-cut-loose-{}", env.ns), port, &ca, label).await;
+
+    // Two schedules of mallory's whose jobs wait 25 s before their Pod (one that is never scheduled) is made.
+    let schedule = |name: &str| -> RecurringBackgroundJob {
+        serde_json::from_value(json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob",
+            "metadata": {"name": name}, "spec": {"schedule": "*/5 * * * * *", "jobTemplate": {"spec": {
+                "jobName": "shell", "delaySeconds": 25, "retry": {"maxAttempts": 1},
+                "template": {"spec": {"nodeSelector": {"cut-loose.bgjobs.dev/none": "none"},
+                    "containers": [{"name": "main", "image": JOB_IMAGE, "imagePullPolicy": "Never",
+                                    "command": ["sh", "-c", "echo mallory"]}]}}}}}}))
+        .unwrap()
+    };
+    let start = Instant::now();
+    loop {
+        // The webhook may take a moment to be called once registered: a definition it did not stamp is refused by
+        // the required check for another reason, so make them only once it stamps.
+        let probe = common::fixtures::job("probe", json!({"jobName": "noop"}));
+        let stamped = as_mallory.create(&PostParams::default(), &probe).await;
+        if stamped.is_ok_and(|j| annotation(&j, CREATED_BY).is_some()) {
+            break;
+        }
+        let _ = env.jobs.delete("probe", &Default::default()).await;
+        assert!(start.elapsed() < MINUTE, "the webhook was never called");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for name in ["patched", "orphaned"] {
+        let made = her_definitions.create(&PostParams::default(), &schedule(name)).await.unwrap();
+        assert_eq!(annotation(&made, CREATED_BY), Some(mallory.as_str()));
+    }
+    // One job of each, then no more ticks.
+    let first_of = |def: &'static str| {
+        env.wait_until(MINUTE, "a job of each schedule", move |jobs| {
+            jobs.iter().any(|j| j.labels().get("bgjobs.dev/recurring").map(String::as_str) == Some(def))
+        })
+    };
+    let patched = first_of("patched").await;
+    let orphaned = first_of("orphaned").await;
+    let name_of = |jobs: &[BackgroundJob], def: &str| {
+        jobs.iter()
+            .find(|j| j.labels().get("bgjobs.dev/recurring").map(String::as_str) == Some(def))
+            .unwrap()
+            .name_any()
+    };
+    let (patched, orphaned) = (name_of(&patched, "patched"), name_of(&orphaned, "orphaned"));
+    let suspend = Patch::Merge(json!({"spec": {"suspend": true}}));
+    let definitions: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    definitions.patch("patched", &PatchParams::default(), &suspend).await.unwrap();
+
+    // Cut loose: a patch, and a delete that orphans.
+    let strip = Patch::Json::<()>(
+        serde_json::from_value(json!([{"op": "remove", "path": "/metadata/ownerReferences"}])).unwrap(),
+    );
+    as_mallory.patch(&patched, &PatchParams::default(), &strip).await.expect("the webhook lets an ownerReference go");
+    her_definitions.delete("orphaned", &kube::api::DeleteParams::orphan()).await.unwrap();
+    let start = Instant::now();
+    while env.jobs.get(&orphaned).await.unwrap().owner_references().iter().any(|o| o.kind == "RecurringBackgroundJob") {
+        assert!(start.elapsed() < MINUTE, "the garbage collector never orphaned {orphaned}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(env.jobs.get(&patched).await.unwrap().owner_references().is_empty());
+
+    for job in [&patched, &orphaned] {
+        let done = env
+            .wait_job(job, 2 * MINUTE, "Failed, or a Pod", |j| {
+                j.phase().is_final() || j.attempts() > 0 && j.phase() == Phase::Running
+            })
+            .await;
+        assert_eq!(done.phase(), Phase::Failed, "{job}: {}", last_error(&done));
+        let why = last_error(&done);
+        assert!(why.contains("rule `pod-creator`") && why.contains(&mallory), "{job}: {why}");
+        assert!(pods_of(&env, job).await.is_empty(), "{job} got a Pod");
+    }
+}

@@ -383,9 +383,12 @@ async fn check_creator(
     }
     let refused =
         |e: String| AttemptResult::Permanent(format!("the creator check refused the job's Pod, none was created: {e}"));
+    // A job that carries its definition's record is judged by it; only one made before the record was copied
+    // looks its definition up.
     let owner = job
         .owner_references()
         .iter()
+        .filter(|_| creator::copied_definition(&job.metadata).is_none())
         .find(|o| o.controller == Some(true) && o.kind == RecurringBackgroundJob::kind(&()));
     let definition = match owner {
         Some(o) => {

@@ -10,7 +10,9 @@
 //! Whose permission counts: the job's creator, and, for a job of a RecurringBackgroundJob (its controller owner),
 //! also the definition's creator. The operator itself creates a schedule's jobs, so the job's own stamp names the
 //! operator; the definition's stamp names the person. Both must pass, so a user cannot borrow a more privileged
-//! definition by pointing their own job's ownerReference at it.
+//! definition by pointing their own job's ownerReference at it. The operator copies the definition's stamp into the
+//! job it makes ([`DEFINITION_CREATED_BY`]), so removing the job's ownerReference (or deleting the definition with
+//! `--cascade=orphan`) does not leave only the operator's own stamp to check.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +26,13 @@ use kube::api::ObjectMeta;
 pub const CREATED_BY: &str = "bgjobs.dev/created-by";
 /// Annotation with that user's groups, a JSON array (set by the admission webhook).
 pub const CREATED_BY_GROUPS: &str = "bgjobs.dev/created-by-groups";
+
+/// Annotation on a job a RecurringBackgroundJob made: the definition's name and its creator record as it was when
+/// the job was made, a JSON object `{"name", "createdBy", "createdByGroups"}` (either record field `null` when the
+/// definition has none). Written by the operator, never changed afterwards (the webhook refuses it, as the creator
+/// record): the check then needs neither the job's ownerReference, which its owner may remove (a patch, or a
+/// `--cascade=orphan` delete of the definition), nor the definition, which may be gone.
+pub const DEFINITION_CREATED_BY: &str = "bgjobs.dev/definition-created-by";
 
 /// The name of the rule in a refusal.
 pub const RULE: &str = "pod-creator";
@@ -73,6 +82,42 @@ impl Creator {
     }
 }
 
+/// The value of [`DEFINITION_CREATED_BY`] for a job made by the definition `name` with `annotations`.
+pub fn definition_record(name: &str, annotations: &BTreeMap<String, String>) -> String {
+    serde_json::json!({
+        "name": name,
+        "createdBy": annotations.get(CREATED_BY),
+        "createdByGroups": annotations.get(CREATED_BY_GROUPS),
+    })
+    .to_string()
+}
+
+/// The definition's name and creator record a job carries in [`DEFINITION_CREATED_BY`]: `None` for a job made by
+/// no definition (or by an operator older than the annotation); an error for a malformed value.
+#[allow(clippy::type_complexity)]
+pub fn copied_definition(job: &ObjectMeta) -> Option<Result<(String, Option<Result<Creator, String>>), String>> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Copied {
+        name: String,
+        created_by: Option<String>,
+        created_by_groups: Option<String>,
+    }
+    let raw = job.annotations.as_ref()?.get(DEFINITION_CREATED_BY)?;
+    Some(
+        serde_json::from_str::<Copied>(raw)
+            .map_err(|e| format!("annotation {DEFINITION_CREATED_BY} is malformed: {e}"))
+            .map(|c| {
+                let record: BTreeMap<String, String> =
+                    [(CREATED_BY, c.created_by), (CREATED_BY_GROUPS, c.created_by_groups)]
+                        .into_iter()
+                        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+                        .collect();
+                (c.name, Creator::recorded(&record))
+            }),
+    )
+}
+
 /// One creator whose permission is checked, and where the record came from (for the job's `lastError`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subject {
@@ -83,8 +128,9 @@ pub struct Subject {
 }
 
 /// Whose permission the check asks for, before a job's Pod is created: an error (the job fails) when a record the
-/// mode requires is missing or malformed. `definition`: the job's RecurringBackgroundJob (its controller owner), by
-/// name, with its metadata if it still exists.
+/// mode requires is missing or malformed. The definition's record comes from the job's [`DEFINITION_CREATED_BY`];
+/// for a job without it (made before the annotation), from `definition`: the job's RecurringBackgroundJob (its
+/// controller owner), by name, with its metadata if it still exists.
 pub fn subjects(
     check: CreatorCheck,
     job: &ObjectMeta,
@@ -93,13 +139,23 @@ pub fn subjects(
     if check == CreatorCheck::Off {
         return Ok(Vec::new());
     }
-    let mut records = vec![("the job's creator".to_string(), Some(job))];
-    if let Some((name, meta)) = definition {
-        records.push((format!("the creator of RecurringBackgroundJob {name}"), meta));
+    let none = BTreeMap::new();
+    let recorded = |meta: &ObjectMeta| Creator::recorded(meta.annotations.as_ref().unwrap_or(&none));
+    // Per record: `None` when the object is gone, `Some(None)` when it has no record.
+    let mut records = vec![("the job's creator".to_string(), Some(recorded(job)))];
+    let whose = |name: &str| format!("the creator of RecurringBackgroundJob {name}");
+    match copied_definition(job) {
+        Some(Ok((name, record))) => records.push((whose(&name), Some(record))),
+        Some(Err(e)) => return Err(format!("rule `{RULE}`: {e}")),
+        None => {
+            if let Some((name, meta)) = definition {
+                records.push((whose(name), meta.map(recorded)));
+            }
+        }
     }
     let mut out = Vec::new();
-    for (whose, meta) in records {
-        let Some(meta) = meta else {
+    for (whose, record) in records {
+        let Some(record) = record else {
             if check == CreatorCheck::Required {
                 return Err(format!(
                     "rule `{RULE}`: {whose} cannot be checked, the RecurringBackgroundJob is gone (the job's Pod is \
@@ -108,8 +164,7 @@ pub fn subjects(
             }
             continue;
         };
-        let none = BTreeMap::new();
-        match Creator::recorded(meta.annotations.as_ref().unwrap_or(&none)) {
+        match record {
             Some(Ok(creator)) => out.push(Subject { whose, creator }),
             Some(Err(e)) => return Err(format!("rule `{RULE}`: {whose} is not readable: {e}")),
             None if check == CreatorCheck::Required => {
@@ -225,6 +280,37 @@ mod tests {
         let unrecorded = subjects(CreatorCheck::Required, &alice(), Some(("nightly", Some(&bare)))).unwrap_err();
         assert!(unrecorded.contains("RecurringBackgroundJob nightly"), "{unrecorded}");
         assert_eq!(subjects(CreatorCheck::IfRecorded, &alice(), Some(("nightly", None))).unwrap().len(), 1);
+    }
+
+    /// The copy a schedule's job carries is what counts: without its ownerReference (removed by a patch, or by a
+    /// `--cascade=orphan` delete) and without its definition, the definition's creator is still checked.
+    #[test]
+    fn a_schedules_job_is_judged_by_the_record_it_carries_without_its_owner_or_definition() {
+        let mallory = meta(&[(CREATED_BY, "mallory"), (CREATED_BY_GROUPS, r#"["team-b"]"#)]);
+        let mut job = meta(&[(CREATED_BY, "system:serviceaccount:bgjobs:bgjobs"), (CREATED_BY_GROUPS, "[]")]);
+        let copy = definition_record("nightly", mallory.annotations.as_ref().unwrap());
+        job.annotations.as_mut().unwrap().insert(DEFINITION_CREATED_BY.into(), copy);
+        for check in [CreatorCheck::Required, CreatorCheck::IfRecorded] {
+            let got = subjects(check, &job, None).unwrap();
+            let names: Vec<(&str, &str)> =
+                got.iter().map(|s| (s.whose.as_str(), s.creator.username.as_str())).collect();
+            assert_eq!(names[1], ("the creator of RecurringBackgroundJob nightly", "mallory"), "{check:?}");
+            assert_eq!(got[1].creator.groups, ["team-b"]);
+            // Not the definition the job's ownerReference names now: the one that made it.
+            assert_eq!(subjects(check, &job, Some(("other", Some(&alice())))).unwrap(), got);
+        }
+        // A definition without a record: its job carries that too, and a required check fails it.
+        let mut unrecorded = job.clone();
+        unrecorded
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(DEFINITION_CREATED_BY.into(), definition_record("old", &BTreeMap::new()));
+        let err = subjects(CreatorCheck::Required, &unrecorded, None).unwrap_err();
+        assert!(err.contains("RecurringBackgroundJob old"), "{err}");
+        let mut broken = job;
+        broken.annotations.as_mut().unwrap().insert(DEFINITION_CREATED_BY.into(), "nightly".into());
+        assert!(subjects(CreatorCheck::IfRecorded, &broken, None).unwrap_err().contains("malformed"));
     }
 
     #[test]
