@@ -509,6 +509,43 @@ async fn an_exclusive_leader_starts_nothing_while_another_replica_holds_a_live_c
     assert!(started("first") <= started("second"), "FIFO: {:?} then {:?}", started("first"), started("second"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_leader_starts_nothing_while_a_live_claim_names_a_job_it_has_not_seen() {
+    let env = TestEnv::new("exclusive-unseen").await;
+    // A live claim Lease whose job has not reached the new leader's cache at all: the old leader claimed a job
+    // moments after it was created, and the new leader's job watch (the apiserver's watch cache) lags its Lease
+    // watch (read from etcd). It was counted as nothing: the leader started jobs beside it (review C3).
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let name = "bgj-not-yet-seen";
+    leases
+        .create(&PostParams::default(), &held_elsewhere(name, bgjobs::wire::JOB_LABEL, "not-yet-seen"))
+        .await
+        .unwrap();
+    env.create("first", json!({"jobName": "noop"})).await;
+    env.create("second", json!({"jobName": "noop"})).await;
+    let mut holder = Holder::until(&leases, name, MINUTE);
+    let args = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str()];
+    let _r = env.replica("r", &args);
+    loop {
+        assert!(holder.renew().await, "the replica did not lead within a minute");
+        let exclusive = leases.get_opt(bgjobs::wire::EXCLUSIVE_LEASE).await.unwrap();
+        if exclusive.as_ref().and_then(|l| bgjobs::wire::holder(l)).is_some() {
+            break;
+        }
+    }
+    holder.until = std::time::Instant::now() + Duration::from_secs(8);
+    while holder.renew().await {
+        let jobs = env.jobs.list(&Default::default()).await.unwrap().items;
+        assert!(
+            jobs.iter().all(|j| j.phase() == Phase::Waiting),
+            "a job started while a live claim named a job the leader had not seen: {:?}",
+            jobs.iter().map(|j| (j.name_any(), j.phase())).collect::<Vec<_>>()
+        );
+    }
+    // Once its holder stops renewing, the claim expires and the jobs run.
+    env.wait_until(MINUTE, "both jobs Succeeded", |jobs| jobs.len() == 2 && all_in(jobs, Phase::Succeeded)).await;
+}
+
 /// A Lease held by a replica the test plays ("elsewhere") for the job or key `uid` names, labelled `label`.
 fn held_elsewhere(name: &str, label: &str, uid: &str) -> Lease {
     let mut ghost = Lease::default();

@@ -191,6 +191,8 @@ pub struct Dispatcher {
     key_observer: Observer,
     /// Member Leases as last seen.
     member_observer: Observer,
+    /// Claim Leases naming a job the cache does not show (`namespace/name`), as last seen (exclusive leader).
+    unseen_observer: Observer,
     /// How each replica's tenure has aged, as seen here (see [`crate::lease::tenure`]).
     tenures: Tenures,
     /// This replica's tenure: claims are made only while it is current.
@@ -254,6 +256,7 @@ impl Dispatcher {
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
             member_observer: Observer::default(),
+            unseen_observer: Observer::default(),
             tenures,
             membership,
             disowning: Default::default(),
@@ -716,6 +719,7 @@ impl Dispatcher {
                     (false, None) => live = true,
                 }
             }
+            live |= self.claimed_for_unseen_job(Instant::now());
             exclusive::starts(live, orphans)
         };
         let only_takeovers = starts != exclusive::Starts::Any;
@@ -790,9 +794,39 @@ impl Dispatcher {
         look_again_in
     }
 
+    /// Whether a live claim Lease names a job this replica's cache does not show at all: its job watch lags its
+    /// Lease watch, which reads etcd (a job claimed by the old leader moments after it was created). The exclusive
+    /// leader counts that job as running elsewhere, as it counts one cached as `Waiting` under a live claim.
+    fn claimed_for_unseen_job(&mut self, inst: Instant) -> bool {
+        let mut live = false;
+        let mut looked = HashSet::new();
+        for lease in self.view.leases.state() {
+            let unseen = crate::lease::annotation(&lease, crate::lease::JOB_UID_ANNOTATION)
+                .filter(|uid| self.backlog.job(uid).is_none() && !self.held.contains_key(*uid));
+            if !lease.labels().contains_key(claim::JOB_LABEL)
+                || unseen.is_none()
+                || crate::lease::holder(&lease).is_none()
+            {
+                continue;
+            }
+            let key = format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any());
+            let own = self.unseen_observer.observe(&key, lease.resource_version().as_deref(), inst);
+            let unchanged = self.vouched(Some(&lease), own, inst);
+            live |= !self.worker.timing.expired(unchanged);
+            looked.insert(key);
+        }
+        self.unseen_observer.retain(|k| looked.contains(k));
+        live
+    }
+
     fn spawn_claim(&mut self, c: Candidate, slot: Option<ExtraLease>) {
-        let Some(tenure) = self.tenure() else { return };
         let uid = c.job.uid().unwrap_or_default();
+        let Some(tenure) = self.tenure() else {
+            // The tenure lapsed since this pass began (its renewal is late): the candidate was taken out of the
+            // queue already, so look at the job again once there is a tenure, not at the next full look.
+            self.backlog.mark(&uid);
+            return;
+        };
         let expired = expired_tenure(c.lease.as_deref(), c.state)
             .into_iter()
             .chain(slot.iter().chain(&c.extras).filter_map(|e| e.expired_tenure.clone()));
