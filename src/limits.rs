@@ -33,23 +33,36 @@ pub struct FreeSlot {
     pub expired_tenure: Option<String>,
 }
 
-/// Create the `capacity` slot Leases, vacant, where they do not exist yet: every replica does this at start-up, so
-/// that an absent slot afterwards means one deleted by hand (waited out like an expired one), never a new one.
+/// The Lease that records how many slots were ever made (annotation [`SLOTS_MADE`]): a slot below that number that
+/// is absent was deleted by hand, maybe under a running attempt, and is not made again at start-up.
+pub const SLOTS_RECORD: &str = "bgjobs-slots";
+/// The annotation of [`SLOTS_RECORD`] with the number of slots made.
+pub const SLOTS_MADE: &str = "bgjobs.dev/slots-made";
+
+/// Create, vacant, the slot Leases of `capacity` never made before: every replica does this at start-up, so that an
+/// absent slot afterwards means one deleted by hand, waited out like an expired one (its holder, if alive, puts it
+/// back within a renew interval), never a new one. A slot made before and absent now is left absent: made vacant at
+/// a replica's start, it was free at once, and taken for another job beside the attempt that held it.
 pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32) -> crate::Result<()> {
     let api: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
-    for i in 0..capacity {
+    let labels = || {
+        Some(
+            [
+                (crate::lease::MANAGED_BY_LABEL.to_string(), crate::lease::MANAGED_BY.to_string()),
+                (SLOT_LABEL.to_string(), "true".to_string()),
+            ]
+            .into(),
+        )
+    };
+    // Made before the record existed (an older release), the slots count as never made: as that release did.
+    let made = |record: &Option<Lease>| {
+        record.as_ref().and_then(|r| crate::lease::annotation(r, SLOTS_MADE)?.parse::<u32>().ok()).unwrap_or(0)
+    };
+    let record = api.get_opt(SLOTS_RECORD).await?;
+    for i in made(&record)..capacity {
+        let name = slot_name(i);
         let lease = Lease {
-            metadata: kube::api::ObjectMeta {
-                name: Some(slot_name(i)),
-                labels: Some(
-                    [
-                        (crate::lease::MANAGED_BY_LABEL.to_string(), crate::lease::MANAGED_BY.to_string()),
-                        (SLOT_LABEL.to_string(), "true".to_string()),
-                    ]
-                    .into(),
-                ),
-                ..Default::default()
-            },
+            metadata: kube::api::ObjectMeta { name: Some(name), labels: labels(), ..Default::default() },
             spec: Some(Default::default()),
         };
         match api.create(&Default::default(), &lease).await {
@@ -58,7 +71,33 @@ pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32)
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    // Then the record, raised to `capacity` under the version read (another replica may raise it meanwhile).
+    let mut record = record;
+    loop {
+        if made(&record) >= capacity {
+            return Ok(());
+        }
+        let mut next = record.clone().unwrap_or_else(|| Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(SLOTS_RECORD.to_string()),
+                labels: Some(
+                    [(crate::lease::MANAGED_BY_LABEL.to_string(), crate::lease::MANAGED_BY.to_string())].into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(Default::default()),
+        });
+        next.annotations_mut().insert(SLOTS_MADE.to_string(), capacity.to_string());
+        let written = match &record {
+            None => api.create(&Default::default(), &next).await,
+            Some(_) => api.replace(SLOTS_RECORD, &Default::default(), &next).await,
+        };
+        match written {
+            Ok(_) => return Ok(()),
+            Err(e) if crate::error::api_code(&e) == Some(409) => record = api.get_opt(SLOTS_RECORD).await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The slots still held for a Pod attempt that runs on without a replica watching it (handed over on shutdown, or

@@ -1055,6 +1055,46 @@ async fn cluster_slots_are_never_deleted_by_lost_claims() {
     assert_eq!(deletions.load(std::sync::atomic::Ordering::Relaxed), 0, "slot Leases were deleted");
 }
 
+/// A slot deleted by hand while its holder is paused, and a replica that starts meanwhile (a rollout, a scale-up, a
+/// crash loop): every replica makes the slots at start-up, and made this one again, vacant, so free at once, and
+/// took it for another job beside the attempt that held it (review C1). A slot made before is now left absent at
+/// start-up: it is waited out a lease duration, and its holder puts it back before that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_deleted_by_hand_under_a_paused_holder_is_not_made_free_by_a_replica_that_starts() {
+    let env = TestEnv::new("slot-restarted").await;
+    let flags = [
+        "--lease-namespace",
+        env.ns.as_str(),
+        "--cluster-max-concurrency",
+        "1",
+        "--lease-duration",
+        "30s",
+        "--renew-deadline",
+        "20s",
+        "--renew-interval",
+        "5s",
+    ];
+    let a = env.replica("a", &flags);
+    env.create("first", json!({"jobName": "sleep", "args": {"seconds": 30}})).await;
+    env.wait_job("first", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    // Paused well within its renew deadline: its attempt holds slot-0 all along.
+    a.stop();
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    leases.delete(&bgjobs::wire::slot_name(0), &Default::default()).await.unwrap();
+    let _b = env.replica("b", &flags);
+    env.create("next", json!({"jobName": "sleep", "args": {"seconds": 3}, "priority": "High"})).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    a.resume();
+    env.wait_until(2 * MINUTE, "both jobs Succeeded", |jobs| jobs.len() == 2 && all_in(jobs, Phase::Succeeded)).await;
+    let execs = common::executions(&env.invocations());
+    assert!(execs.len() >= 2, "{execs:?}");
+    assert_eq!(
+        common::max_overlap(&execs, common::now_ms()),
+        1,
+        "two jobs ran at once under a cap of 1: {execs:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recurring_owner_paused_between_claiming_a_tick_and_creating_its_job_never_runs_the_tick_again() {
     let env = TestEnv::new("paused-tick-owner").await;
