@@ -75,8 +75,9 @@ impl QueueKey {
 /// The job's creation revision: recorded in `status.enqueueSequence` at its first claim; before that, its
 /// `resourceVersion` while the object is still as created (generation 1, no status written yet). Kubernetes calls
 /// resourceVersions opaque; on every etcd3-backed apiserver they are the etcd revision, a number that grows with
-/// every write, which is exactly the creation order we need. Anything else yields `None` and the job falls back to
-/// name order within its second.
+/// every write, which is exactly the creation order we need. An edit of the metadata only (labels, annotations)
+/// leaves the generation at 1, so such a job is placed by that edit's revision, as if created then. Anything else
+/// yields `None` and the job falls back to name order within its second.
 pub fn enqueue_sequence(job: &BackgroundJob) -> Option<i64> {
     if let Some(seq) = job.status.as_ref().and_then(|s| s.enqueue_sequence) {
         return Some(seq);
