@@ -48,8 +48,6 @@ pub const PATH: &str = "/mutate";
 const MAX_BODY: usize = 8 << 20;
 /// Bytes of AdmissionReviews read at once: eight at their largest; the apiserver's are rarely over a few KiB.
 const BODY_BUDGET: usize = 64 << 20;
-/// Connections open at once (the apiserver keeps a few alive and opens more under load).
-const MAX_CONNECTIONS: usize = 256;
 
 /// The decision for one admission request: stamp the creator on CREATE, refuse changes to the stamp on UPDATE,
 /// allow anything else.
@@ -233,18 +231,13 @@ pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
     let bound = listener.local_addr()?;
     info!(%bound, path = PATH, "serving the admission webhook");
     // Anyone who reaches the port may connect: what a peer costs before it is known is bounded (`serving`).
-    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY, MAX_CONNECTIONS);
+    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY);
     tokio::spawn(async move {
         loop {
             let Ok((sock, peer)) = listener.accept().await else { continue };
-            let Some(open) = bounds.connection() else {
-                debug!(%peer, "admission webhook: too many connections open; closing this one");
-                continue;
-            };
             let acceptor = TlsAcceptor::from(certificates.config());
             let bounds = bounds.clone();
             tokio::spawn(async move {
-                let _open = open;
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => return debug!(%peer, error = %e, "admission webhook: TLS handshake failed"),

@@ -1,18 +1,18 @@
-//! What the operator's own HTTPS and HTTP servers (the admission webhook, the report endpoint) spend on a peer
-//! before they know who it is.
+//! What the operator's own HTTPS and HTTP servers (the admission webhook, the report endpoint) spend on a request's
+//! body before they know who sent it.
 //!
 //! Both take requests from anyone who can reach their port (the webhook's callers cannot be narrowed to the
 //! apiserver's address), and a body is held in memory while it arrives. So each server keeps a budget of bytes for
-//! the bodies it is reading at once, charged what a request says it will send (its largest when it does not say),
-//! waits for room only briefly, and gives a body a time limit to arrive; and it keeps a bound on its open
-//! connections. Peers that declare large bodies and stall, or open connections and send nothing, then cost bounded
-//! memory and hold nothing for long: the replica is not OOM-killed, and requests that do arrive are served once the
-//! stalled ones time out.
+//! the bodies it is reading at once, charged as the bytes arrive (not what a request says it will send: a peer that
+//! declares a large body and sends nothing costs nothing), waits for room only briefly, and gives a body a time
+//! limit to arrive. Peers that send large bodies and stall then cost bounded memory and hold it for at most the
+//! time limit: the replica is not OOM-killed. Keeping the budget full takes sending it again every time limit;
+//! requests meanwhile wait for room and are answered 503.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::Request;
 use hyper::body::Bytes;
 use hyper::body::Incoming;
@@ -22,12 +22,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Clone)]
 pub struct Bounds {
     bytes: Arc<Semaphore>,
-    connections: Arc<Semaphore>,
     /// The largest body read.
     pub largest: usize,
-    /// How long a body may take to arrive, once there is room for it.
+    /// How long a body may take to arrive.
     pub arrive_within: Duration,
-    /// How long a request waits for room in the budget before it is answered 503.
+    /// How long a part of a body waits for room in the budget before the request is answered 503.
     pub wait_for_room: Duration,
 }
 
@@ -41,21 +40,15 @@ pub struct Unread {
 }
 
 impl Bounds {
-    /// `budget` bytes of bodies at once, none over `largest`, at most `connections` open.
-    pub fn new(budget: usize, largest: usize, connections: usize) -> Self {
-        assert!(largest <= budget && largest <= u32::MAX as usize, "a body at its largest must fit the budget");
+    /// `budget` bytes of bodies at once, none over `largest`.
+    pub fn new(budget: usize, largest: usize) -> Self {
+        assert!(largest <= budget && budget <= u32::MAX as usize, "a body at its largest must fit the budget");
         Bounds {
             bytes: Arc::new(Semaphore::new(budget)),
-            connections: Arc::new(Semaphore::new(connections)),
             largest,
             arrive_within: Duration::from_secs(10),
             wait_for_room: Duration::from_secs(5),
         }
-    }
-
-    /// Room for one more connection, held until it closes; `None`: the server is at its bound, close this one now.
-    pub fn connection(&self) -> Option<OwnedSemaphorePermit> {
-        self.connections.clone().try_acquire_owned().ok()
     }
 
     /// Read `req`'s body within the bounds.
@@ -65,26 +58,42 @@ impl Bounds {
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let charge = match declared {
-            Some(n) if n > self.largest as u64 => return Err(self.too_large()),
-            Some(n) => n as u32,
-            None => self.largest as u32,
-        };
-        let Ok(Ok(_room)) = tokio::time::timeout(self.wait_for_room, self.bytes.acquire_many(charge)).await else {
-            return Err(Unread {
-                code: 503,
-                message: "too many request bodies arriving at once on this replica; try again".into(),
-            });
-        };
-        match tokio::time::timeout(self.arrive_within, Limited::new(req.into_body(), charge as usize).collect()).await {
-            Ok(Ok(body)) => Ok(body.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(self.too_large()),
-            Ok(Err(e)) => Err(Unread { code: 400, message: format!("cannot read the request: {e}") }),
-            Err(_) => Err(Unread {
+        if declared.is_some_and(|n| n > self.largest as u64) {
+            return Err(self.too_large());
+        }
+        let arrived = tokio::time::timeout(self.arrive_within, self.collect(req.into_body())).await;
+        arrived.unwrap_or_else(|_| {
+            Err(Unread {
                 code: 408,
                 message: format!("the request's body did not arrive within {:?}", self.arrive_within),
-            }),
+            })
+        })
+    }
+
+    /// The body, each part charged to the budget as it arrives; the charge is given back when the body is dropped.
+    async fn collect(&self, mut body: Incoming) -> Result<Bytes, Unread> {
+        let mut read = Vec::new();
+        let mut charged: Option<OwnedSemaphorePermit> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Unread { code: 400, message: format!("cannot read the request: {e}") })?;
+            let Ok(data) = frame.into_data() else { continue };
+            if read.len() + data.len() > self.largest {
+                return Err(self.too_large());
+            }
+            let room = self.bytes.clone().acquire_many_owned(data.len() as u32);
+            let Ok(Ok(room)) = tokio::time::timeout(self.wait_for_room, room).await else {
+                return Err(Unread {
+                    code: 503,
+                    message: "too many request bodies arriving at once on this replica; try again".into(),
+                });
+            };
+            match charged.as_mut() {
+                Some(c) => c.merge(room),
+                None => charged = Some(room),
+            }
+            read.extend_from_slice(&data);
         }
+        Ok(Bytes::from(read))
     }
 
     fn too_large(&self) -> Unread {

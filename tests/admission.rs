@@ -390,6 +390,7 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let before = rss_mib(replica.pid());
+    let _registered = register(&env.client, &format!("bgjobs-flood-{}", env.ns), port, &ca, label).await;
 
     let mut roots = rustls::RootCertStore::empty();
     use rustls_pki_types::pem::PemObject;
@@ -404,14 +405,47 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     const DECLARED: usize = 8_000_000;
+    let connect = |connector: tokio_rustls::TlsConnector, addr: String| async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        connector.connect(name, tcp).await.ok()
+    };
+
+    // Forty peers that declare 8 MB each and send nothing of it cost nothing: a genuine review is answered at once
+    // meanwhile (charged by what they declared, they filled the budget and every create was refused).
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        let (connector, addr) = (connector.clone(), addr.clone());
+        idle.push(tokio::spawn(async move {
+            let Some(mut tls) = connect(connector, addr.clone()).await else { return };
+            let head = format!("POST /mutate HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {DECLARED}\r\n\r\n");
+            let _ = tls.write_all(head.as_bytes()).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(40), tls.read_to_end(&mut answer)).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = Instant::now();
+    loop {
+        // The apiserver may take a moment to call a webhook just registered.
+        let during = env.create(&format!("during-{}", start.elapsed().as_millis()), json!({"jobName": "noop"})).await;
+        if annotation(&during, CREATED_BY).is_some() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(8), "the webhook was never called beside the idle peers");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for peer in idle {
+        peer.abort();
+    }
+
+    // Forty peers that send all of 8 MB but a byte and stall: bounded memory.
     let mut peers = Vec::new();
     for _ in 0..40 {
         let connector = connector.clone();
         let addr = addr.clone();
         peers.push(tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let Ok(mut tls) = connector.connect(name, tcp).await else { return };
+            let Some(mut tls) = connect(connector, addr.clone()).await else { return };
             let head = format!("POST /mutate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {DECLARED}\r\n\r\n");
             if tls.write_all(head.as_bytes()).await.is_err() {
                 return;
@@ -443,7 +477,6 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
     }
 
     // The webhook still admits jobs, and records their creator.
-    let _registered = register(&env.client, &format!("bgjobs-flood-{}", env.ns), port, &ca, label).await;
     let created = env.create("after", json!({"jobName": "noop"})).await;
     assert!(annotation(&created, CREATED_BY).is_some(), "the webhook stamped the job: {:?}", created.metadata);
     assert!(replica.exit_within(Duration::from_millis(1)).is_none(), "the replica lives");

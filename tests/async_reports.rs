@@ -321,7 +321,9 @@ async fn an_adoption_stopped_before_it_starts_is_handed_over_and_its_worker_is_n
 /// Anyone who reaches the report port may send to it, and a report's token is checked only once its body is in.
 /// Eighty connections that send a report's headers and never its body held all 64 places for reports in flight
 /// (for 30 s each, and again), so every genuine heartbeat was answered 503, and an attempt whose heartbeats stop
-/// is retried beside its worker. A body still arriving now holds no such place (only bytes of a bounded budget).
+/// is retried beside its worker. A body still arriving now holds no such place, and the bytes it is charged are
+/// those that arrived, not those it declares (420 peers declaring the largest report filled a budget charged by
+/// declaration).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out() {
     let env = TestEnv::new("async-stalled-peers").await;
@@ -333,10 +335,12 @@ async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out
     let sent = accepted(&seen, 1).await;
     wait_waiting_for_report(&env, "beating").await;
     let mut stalled = Vec::new();
-    for _ in 0..80 {
+    for i in 0..420 {
         let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let head =
-            "POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer forged\r\nContent-Length: 100\r\n\r\n";
+        let declared = if i < 80 { 100 } else { 40_960 };
+        let head = format!(
+            "POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer forged\r\nContent-Length: {declared}\r\n\r\n"
+        );
         sock.write_all(head.as_bytes()).await.unwrap();
         stalled.push(sock);
     }
@@ -349,7 +353,12 @@ async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out
         .await
         .unwrap();
     let status = answer.status();
-    assert_eq!(status, 200, "a genuine heartbeat beside 80 stalled peers: {}", answer.text().await.unwrap_or_default());
+    assert_eq!(
+        status,
+        200,
+        "a genuine heartbeat beside 420 stalled peers: {}",
+        answer.text().await.unwrap_or_default()
+    );
     drop(stalled);
 }
 

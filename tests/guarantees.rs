@@ -1088,11 +1088,7 @@ async fn a_slot_deleted_by_hand_under_a_paused_holder_is_not_made_free_by_a_repl
     env.wait_until(2 * MINUTE, "both jobs Succeeded", |jobs| jobs.len() == 2 && all_in(jobs, Phase::Succeeded)).await;
     let execs = common::executions(&env.invocations());
     assert!(execs.len() >= 2, "{execs:?}");
-    assert_eq!(
-        common::max_overlap(&execs, common::now_ms()),
-        1,
-        "two jobs ran at once under a cap of 1: {execs:?}"
-    );
+    assert_eq!(common::max_overlap(&execs, common::now_ms()), 1, "two jobs ran at once under a cap of 1: {execs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

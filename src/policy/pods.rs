@@ -13,7 +13,7 @@
 //! and, with no flag to relax them (run such a Pod as a batch/v1 Job, created by someone who may):
 //! - `node-side-request`: a probe or lifecycle handler with `httpGet.host` or `tcpSocket.host` (the kubelet sends it
 //!   from the node's network, to any address: the node's own ports, metadata);
-//! - `node-mounted-volume`: any volume but `configMap`, `csi`, `downwardAPI`, `emptyDir`, `ephemeral`,
+//! - `node-mounted-volume`: any volume but `configMap`, `csi`, `downwardAPI`, `emptyDir`, `ephemeral`, `image`,
 //!   `persistentVolumeClaim`, `projected`, `secret` (and `hostPath`, above): `nfs`, `iscsi`, `fc`, `gitRepo`,
 //!   `azureFile`, a cloud disk by its ID, ... (the node mounts, attaches or fetches them, as root, with the node's
 //!   network or the cluster's cloud credentials);
@@ -276,8 +276,10 @@ fn check_container(r: &Relaxations, at: &str, c: &Container, host_ns: &'static s
 }
 
 /// Volume types whose contents come from the Pod's own namespace through the apiserver or the Pod itself (Pod
-/// Security's `restricted` list); `hostPath` is judged on its own.
-const VOLUMES_OF_THE_NAMESPACE: [&str; 9] = [
+/// Security's `restricted` list), and `image` (an OCI image the node pulls, as it pulls the containers'); `hostPath`
+/// is judged on its own.
+const VOLUMES_OF_THE_NAMESPACE: [&str; 10] = [
+    "image",
     "configMap",
     "csi",
     "downwardAPI",
@@ -507,7 +509,8 @@ mod node_side_and_known_limits {
             {"name": "a", "emptyDir": {}}, {"name": "b", "configMap": {"name": "c"}}, {"name": "c", "secret": {"secretName": "s"}},
             {"name": "d", "persistentVolumeClaim": {"claimName": "p"}}, {"name": "e", "downwardAPI": {}},
             {"name": "f", "projected": {"sources": []}}, {"name": "g", "csi": {"driver": "d"}},
-            {"name": "h", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]}));
+            {"name": "h", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}},
+            {"name": "i", "image": {"reference": "registry.example/models/m:1"}}]}));
     }
 
     #[test]

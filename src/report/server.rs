@@ -29,8 +29,6 @@ const MAX_BODY: usize = MAX_RESULT_BYTES + 8 * 1024;
 const MAX_IN_FLIGHT: usize = 64;
 /// Bytes of reports read at once: 400 at their largest; a heartbeat is a hundred bytes.
 const BODY_BUDGET: usize = 400 * MAX_BODY;
-/// Connections open at once.
-const MAX_CONNECTIONS: usize = 1024;
 
 /// Serve reports on `addr` until the process ends. Returns the bound address.
 pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> {
@@ -42,7 +40,7 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     // Before a report is applied its token is not checked: what a peer costs until then is bounded (`serving`), and
     // a body still arriving holds no place among the reports in flight.
-    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY, MAX_CONNECTIONS);
+    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY);
     tokio::spawn(async move {
         loop {
             let (sock, peer) = match listener.accept().await {
@@ -54,13 +52,8 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
                     continue;
                 }
             };
-            let Some(open) = bounds.connection() else {
-                debug!(%peer, "report endpoint: too many connections open; closing this one");
-                continue;
-            };
             let (worker, in_flight, bounds) = (worker.clone(), in_flight.clone(), bounds.clone());
             tokio::spawn(async move {
-                let _open = open;
                 let service = hyper::service::service_fn(move |req| {
                     handle(worker.clone(), in_flight.clone(), bounds.clone(), req)
                 });
