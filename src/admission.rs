@@ -232,22 +232,35 @@ pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
     info!(%bound, path = PATH, "serving the admission webhook");
     // Anyone who reaches the port may connect: what a peer costs before it is known is bounded (`serving`).
     let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY);
+    // A review parsed into JSON values takes many times its size (an 8 MB array of zeros, over 100 MB): one at a
+    // time, which takes milliseconds.
+    let parsing = Arc::new(tokio::sync::Semaphore::new(1));
     tokio::spawn(async move {
         loop {
-            let Ok((sock, peer)) = listener.accept().await else { continue };
+            let (sock, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, typically: do not spin.
+                    warn!(error = %e, "admission webhook: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(place) = bounds.connection(peer.ip()) else {
+                debug!(%peer, "admission webhook: this address holds its share of connections; closing this one");
+                continue;
+            };
             let acceptor = TlsAcceptor::from(certificates.config());
-            let bounds = bounds.clone();
+            let (bounds, parsing) = (bounds.clone(), parsing.clone());
             tokio::spawn(async move {
+                let _place = place;
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => return debug!(%peer, error = %e, "admission webhook: TLS handshake failed"),
                     Err(_) => return debug!(%peer, "admission webhook: TLS handshake timed out"),
                 };
-                let service = hyper::service::service_fn(move |req| handle(bounds.clone(), req));
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                let service = hyper::service::service_fn(move |req| handle(bounds.clone(), parsing.clone(), req));
+                let conn = crate::serving::Bounds::http1().serve_connection(hyper_util::rt::TokioIo::new(tls), service);
                 if let Err(e) = conn.await {
                     debug!(%peer, error = %e, "admission webhook connection ended");
                 }
@@ -259,6 +272,7 @@ pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
 
 async fn handle(
     bounds: crate::serving::Bounds,
+    parsing: Arc<tokio::sync::Semaphore>,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
@@ -281,7 +295,10 @@ async fn handle(
             return reply(code, TEXT, format!("{}\n", unread.message).into_bytes());
         }
     };
-    match answer(&body) {
+    let Ok(_parsing) = parsing.acquire().await else {
+        return reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, b"the webhook is stopping\n".to_vec());
+    };
+    match answer(&body.bytes) {
         Ok(json) => reply(StatusCode::OK, "application/json", json),
         Err(e) => reply(StatusCode::BAD_REQUEST, TEXT, format!("{e}\n").into_bytes()),
     }

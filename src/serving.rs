@@ -1,27 +1,40 @@
-//! What the operator's own HTTPS and HTTP servers (the admission webhook, the report endpoint) spend on a request's
-//! body before they know who sent it.
+//! What the operator's own HTTPS and HTTP servers (the admission webhook, the report endpoint) spend on a peer
+//! before they know who it is.
 //!
 //! Both take requests from anyone who can reach their port (the webhook's callers cannot be narrowed to the
-//! apiserver's address), and a body is held in memory while it arrives. So each server keeps a budget of bytes for
-//! the bodies it is reading at once, charged as the bytes arrive (not what a request says it will send: a peer that
-//! declares a large body and sends nothing costs nothing), waits for room only briefly, and gives a body a time
-//! limit to arrive. Peers that send large bodies and stall then cost bounded memory and hold it for at most the
-//! time limit: the replica is not OOM-killed. Keeping the budget full takes sending it again every time limit;
-//! requests meanwhile wait for room and are answered 503.
+//! apiserver's address), and hold what a peer sends in memory while it arrives. So each server
+//! - takes at most [`PER_PEER`] connections from one address at once (more are closed at once: one peer cannot fill
+//!   the server, nor lock others out), and reads at most [`READ_BUFFER`] of a connection ahead of what it handles;
+//! - keeps a budget of bytes for the bodies it is reading at once, charged as the bytes arrive (a peer that
+//!   declares a large body and sends nothing costs nothing), and held until the request is answered (its parse
+//!   included); a part of a body waits for room only briefly, then the request is answered 503;
+//! - gives a body a time limit to arrive.
+//!
+//! Peers that send large bodies and stall then cost bounded memory and hold it for at most the time limit: the
+//! replica is not OOM-killed. Keeping the budget full takes sending it again every time limit, from enough
+//! addresses; requests meanwhile wait for room and may be answered 503.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::Request;
-use hyper::body::Bytes;
-use hyper::body::Incoming;
+use hyper::body::{Bytes, Incoming};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Connections one address may hold open at once.
+pub const PER_PEER: usize = 64;
+/// How much of a connection is read ahead of what is handled (hyper's default is about 400 KiB): also the largest
+/// part of a body charged at once.
+pub const READ_BUFFER: usize = 64 * 1024;
 
 /// A server's bounds.
 #[derive(Clone)]
 pub struct Bounds {
     bytes: Arc<Semaphore>,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// The largest body read.
     pub largest: usize,
     /// How long a body may take to arrive.
@@ -39,20 +52,67 @@ pub struct Unread {
     pub message: String,
 }
 
+/// A body read within the bounds, and its charge to the budget: keep it until the request is answered.
+pub struct Body {
+    /// The bytes.
+    pub bytes: Bytes,
+    _charge: Option<OwnedSemaphorePermit>,
+}
+
+/// One of a peer's connections; its place is given back when dropped.
+pub struct Connection {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some(n) = peers.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
+}
+
 impl Bounds {
     /// `budget` bytes of bodies at once, none over `largest`.
     pub fn new(budget: usize, largest: usize) -> Self {
         assert!(largest <= budget && budget <= u32::MAX as usize, "a body at its largest must fit the budget");
         Bounds {
             bytes: Arc::new(Semaphore::new(budget)),
+            peers: Default::default(),
             largest,
             arrive_within: Duration::from_secs(10),
             wait_for_room: Duration::from_secs(5),
         }
     }
 
+    /// A place for one more connection from `peer`; `None`: it holds [`PER_PEER`] already, close this one.
+    pub fn connection(&self, peer: IpAddr) -> Option<Connection> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        let n = peers.entry(peer).or_default();
+        if *n >= PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Connection { peers: self.peers.clone(), peer })
+    }
+
+    /// An HTTP/1 connection reading at most [`READ_BUFFER`] ahead, and giving up on headers after 30 s.
+    pub fn http1() -> hyper::server::conn::http1::Builder {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(READ_BUFFER);
+        builder
+    }
+
     /// Read `req`'s body within the bounds.
-    pub async fn read(&self, req: Request<Incoming>) -> Result<Bytes, Unread> {
+    pub async fn read(&self, req: Request<Incoming>) -> Result<Body, Unread> {
         let declared = req
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
@@ -70,14 +130,14 @@ impl Bounds {
         })
     }
 
-    /// The body, each part charged to the budget as it arrives; the charge is given back when the body is dropped.
-    async fn collect(&self, mut body: Incoming) -> Result<Bytes, Unread> {
-        let mut read = Vec::new();
-        let mut charged: Option<OwnedSemaphorePermit> = None;
+    /// The body, each part charged to the budget as it arrives, and joined once at its exact size.
+    async fn collect(&self, mut body: Incoming) -> Result<Body, Unread> {
+        let (mut parts, mut len) = (Vec::new(), 0);
+        let mut charge: Option<OwnedSemaphorePermit> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Unread { code: 400, message: format!("cannot read the request: {e}") })?;
             let Ok(data) = frame.into_data() else { continue };
-            if read.len() + data.len() > self.largest {
+            if len + data.len() > self.largest {
                 return Err(self.too_large());
             }
             let room = self.bytes.clone().acquire_many_owned(data.len() as u32);
@@ -87,16 +147,36 @@ impl Bounds {
                     message: "too many request bodies arriving at once on this replica; try again".into(),
                 });
             };
-            match charged.as_mut() {
+            match charge.as_mut() {
                 Some(c) => c.merge(room),
-                None => charged = Some(room),
+                None => charge = Some(room),
             }
-            read.extend_from_slice(&data);
+            len += data.len();
+            parts.push(data);
         }
-        Ok(Bytes::from(read))
+        let mut bytes = Vec::with_capacity(len);
+        parts.iter().for_each(|p| bytes.extend_from_slice(p));
+        Ok(Body { bytes: Bytes::from(bytes), _charge: charge })
     }
 
     fn too_large(&self) -> Unread {
         Unread { code: 413, message: format!("the request's body is over {} bytes", self.largest) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_connections_and_gets_them_back() {
+        let bounds = Bounds::new(1024, 1024);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let held: Vec<Connection> = (0..PER_PEER).map(|_| bounds.connection(a).unwrap()).collect();
+        assert!(bounds.connection(a).is_none(), "a's share is full");
+        assert!(bounds.connection(b).is_some(), "another address is not locked out");
+        drop(held);
+        assert!(bounds.connection(a).is_some(), "closed connections give their places back");
+        assert!(bounds.peers.lock().unwrap().is_empty(), "no address is remembered once its connections closed");
     }
 }

@@ -322,7 +322,7 @@ async fn an_adoption_stopped_before_it_starts_is_handed_over_and_its_worker_is_n
 /// Eighty connections that send a report's headers and never its body held all 64 places for reports in flight
 /// (for 30 s each, and again), so every genuine heartbeat was answered 503, and an attempt whose heartbeats stop
 /// is retried beside its worker. A body still arriving now holds no such place, and the bytes it is charged are
-/// those that arrived, not those it declares (420 peers declaring the largest report filled a budget charged by
+/// those that arrived, not those it declares (420 peers declaring the largest report fill a budget charged by
 /// declaration).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out() {
@@ -335,8 +335,11 @@ async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out
     let sent = accepted(&seen, 1).await;
     wait_waiting_for_report(&env, "beating").await;
     let mut stalled = Vec::new();
-    for i in 0..420 {
-        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    for i in 0..500 {
+        // From addresses of their own (all loopback): one address holds at most 64 connections.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("127.0.3.{}:0", 1 + i / 60).parse().unwrap()).unwrap();
+        let mut sock = socket.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
         let declared = if i < 80 { 100 } else { 40_960 };
         let head = format!(
             "POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer forged\r\nContent-Length: {declared}\r\n\r\n"
@@ -356,7 +359,7 @@ async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out
     assert_eq!(
         status,
         200,
-        "a genuine heartbeat beside 420 stalled peers: {}",
+        "a genuine heartbeat beside 500 stalled peers: {}",
         answer.text().await.unwrap_or_default()
     );
     drop(stalled);

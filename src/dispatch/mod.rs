@@ -150,10 +150,6 @@ const SWEEP_PAUSE: Duration = Duration::from_millis(1);
 
 /// A dispatch pass that takes this long is logged (one normally takes a few milliseconds).
 const SLOW_PASS: Duration = Duration::from_millis(250);
-/// How many lease durations a claim Lease naming a job the cache does not show is taken for a live claim, at most
-/// ([`Dispatcher::claimed_for_unseen_job`]).
-const UNSEEN_CLAIM_PATIENCE: u32 = 4;
-
 /// A claim whose writes take this long is logged (they normally take milliseconds).
 const SLOW_CLAIM: Duration = Duration::from_secs(1);
 
@@ -815,11 +811,12 @@ impl Dispatcher {
             }
             let key = format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any());
             let own = self.unseen_observer.observe(&key, lease.resource_version().as_deref(), inst);
+            // Live for as long as its holder's tenure is: a running attempt's claim is never rewritten, and a job
+            // watch may lag for minutes (a silent watch is noticed after `WATCH_SILENCE`). A Lease left behind for a
+            // job that is gone holds starts back as long, which takes a failed give-back and a job deleted with
+            // `--cascade=orphan` at once (docs/usage.md, exclusive strategy).
             let unchanged = self.vouched(Some(&lease), own, inst);
-            // A job watch lags for seconds, not minutes: a Lease seen unchanged for longer names no job about to
-            // appear (one deleted while its Lease was kept, a Lease left behind by a failed give-back), and must not
-            // hold every start back for as long as its holder's tenure lives.
-            live |= !self.worker.timing.expired(unchanged) && own < UNSEEN_CLAIM_PATIENCE * self.worker.timing.duration;
+            live |= !self.worker.timing.expired(unchanged);
             looked.insert(key);
         }
         self.unseen_observer.retain(|k| looked.contains(k));

@@ -52,15 +52,18 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
                     continue;
                 }
             };
+            let Some(place) = bounds.connection(peer.ip()) else {
+                debug!(%peer, "report endpoint: this address holds its share of connections; closing this one");
+                continue;
+            };
             let (worker, in_flight, bounds) = (worker.clone(), in_flight.clone(), bounds.clone());
             tokio::spawn(async move {
+                let _place = place;
                 let service = hyper::service::service_fn(move |req| {
                     handle(worker.clone(), in_flight.clone(), bounds.clone(), req)
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+                let conn =
+                    crate::serving::Bounds::http1().serve_connection(hyper_util::rt::TokioIo::new(sock), service);
                 if let Err(e) = conn.await {
                     debug!(%peer, error = %e, "report connection ended");
                 }
@@ -120,7 +123,8 @@ async fn receive(
         }
         Err(unread) => return Err(Refusal::new(unread.code, unread.message)),
     };
-    let report = parse(&kind, &body)?;
+    let report = parse(&kind, &body.bytes)?;
+    drop(body);
     let Ok(_applying) = in_flight.try_acquire() else {
         return Err(Refusal::new(503, "too many reports in flight on this replica; try again"));
     };
