@@ -6,8 +6,9 @@
 //! - takes at most [`PER_PEER`] connections from one address at once (more are closed at once: one peer cannot fill
 //!   the server, nor lock others out), and reads at most [`READ_BUFFER`] of a connection ahead of what it handles;
 //! - keeps a budget of bytes for the bodies it is reading at once, charged as the bytes arrive (a peer that
-//!   declares a large body and sends nothing costs nothing), and held until the request is answered (its parse
-//!   included); a part of a body waits for room only briefly, then the request is answered 503;
+//!   declares a large body and sends nothing costs nothing: what is charged is the buffer the body is copied into),
+//!   and held until the request is answered (its parse included); a part of a body waits for room only briefly,
+//!   then the request is answered 503;
 //! - gives a body a time limit to arrive.
 //!
 //! Peers that send large bodies and stall then cost bounded memory and hold it for at most the time limit: the
@@ -130,33 +131,37 @@ impl Bounds {
         })
     }
 
-    /// The body, each part charged to the budget as it arrives, and joined once at its exact size.
+    /// The body, copied part by part into one buffer whose capacity is charged to the budget as it grows. Each part
+    /// is dropped once copied: a part is a slice of hyper's read buffer, and kept, it would pin that buffer's whole
+    /// block (a peer sending one byte at a time would pin kilobytes per byte charged).
     async fn collect(&self, mut body: Incoming) -> Result<Body, Unread> {
-        let (mut parts, mut len) = (Vec::new(), 0);
+        let mut read: Vec<u8> = Vec::new();
         let mut charge: Option<OwnedSemaphorePermit> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| Unread { code: 400, message: format!("cannot read the request: {e}") })?;
             let Ok(data) = frame.into_data() else { continue };
-            if len + data.len() > self.largest {
+            let needed = read.len() + data.len();
+            if needed > self.largest {
                 return Err(self.too_large());
             }
-            let room = self.bytes.clone().acquire_many_owned(data.len() as u32);
-            let Ok(Ok(room)) = tokio::time::timeout(self.wait_for_room, room).await else {
-                return Err(Unread {
-                    code: 503,
-                    message: "too many request bodies arriving at once on this replica; try again".into(),
-                });
-            };
-            match charge.as_mut() {
-                Some(c) => c.merge(room),
-                None => charge = Some(room),
+            if needed > read.capacity() {
+                let grown = needed.max(read.capacity().saturating_mul(2)).min(self.largest);
+                let room = self.bytes.clone().acquire_many_owned((grown - read.capacity()) as u32);
+                let Ok(Ok(room)) = tokio::time::timeout(self.wait_for_room, room).await else {
+                    return Err(Unread {
+                        code: 503,
+                        message: "too many request bodies arriving at once on this replica; try again".into(),
+                    });
+                };
+                match charge.as_mut() {
+                    Some(c) => c.merge(room),
+                    None => charge = Some(room),
+                }
+                read.reserve_exact(grown - read.len());
             }
-            len += data.len();
-            parts.push(data);
+            read.extend_from_slice(&data);
         }
-        let mut bytes = Vec::with_capacity(len);
-        parts.iter().for_each(|p| bytes.extend_from_slice(p));
-        Ok(Body { bytes: Bytes::from(bytes), _charge: charge })
+        Ok(Body { bytes: Bytes::from(read), _charge: charge })
     }
 
     fn too_large(&self) -> Unread {
