@@ -237,19 +237,7 @@ pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
     let parsing = Arc::new(tokio::sync::Semaphore::new(1));
     tokio::spawn(async move {
         loop {
-            let (sock, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, typically: do not spin.
-                    warn!(error = %e, "admission webhook: cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Some(place) = bounds.connection(peer.ip()) else {
-                debug!(%peer, "admission webhook: this address holds its share of connections; closing this one");
-                continue;
-            };
+            let (sock, peer, place) = bounds.accept(&listener, "admission webhook").await;
             let acceptor = TlsAcceptor::from(certificates.config());
             let (bounds, parsing) = (bounds.clone(), parsing.clone());
             tokio::spawn(async move {

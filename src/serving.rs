@@ -16,13 +16,14 @@
 //! addresses; requests meanwhile wait for room and may be answered 503.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::Request;
 use hyper::body::{Bytes, Incoming};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Connections one address may hold open at once.
@@ -100,6 +101,28 @@ impl Bounds {
         }
         *n += 1;
         Some(Connection { peers: self.peers.clone(), peer })
+    }
+
+    /// The next connection from an address that holds less than its share ([`PER_PEER`]); others are closed at
+    /// once. `server` names the server in the log.
+    pub async fn accept(&self, listener: &TcpListener, server: &str) -> (TcpStream, SocketAddr, Connection) {
+        loop {
+            let (sock, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, typically: do not spin.
+                    tracing::warn!(error = %e, "{server}: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match self.connection(peer.ip()) {
+                Some(place) => return (sock, peer, place),
+                None => {
+                    tracing::debug!(%peer, "{server}: this address holds its share of connections; closing this one")
+                }
+            }
+        }
     }
 
     /// An HTTP/1 connection reading at most [`READ_BUFFER`] ahead, and giving up on headers after 30 s.

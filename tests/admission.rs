@@ -132,6 +132,24 @@ fn shell_job() -> BackgroundJob {
     common::fixtures::job("placeholder", common::kubelet::shell_job("exit 0", json!({"retry": {"maxAttempts": 1}})))
 }
 
+/// A replica `r1` serving the webhook on a free loopback port, with a certificate from a CA of the test's own and
+/// `extra` flags, once it accepts connections; its port and the CA's PEM.
+async fn webhook_replica(env: &TestEnv, extra: &[&str]) -> (common::Replica, u16, String) {
+    let ca = certificates(&env.dir.join("certs"));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cert_dir = env.dir.join("certs").display().to_string();
+    let mut flags = vec!["--admission-addr", addr.as_str(), "--admission-cert-dir", cert_dir.as_str()];
+    flags.extend_from_slice(extra);
+    let replica = env.replica("r1", &flags);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (replica, port, ca)
+}
+
 /// Label the test's namespace so that only it is selected by the webhook this test registers.
 async fn select_for_webhook(env: &TestEnv) -> (&'static str, &str) {
     let label = ("test.bgjobs.dev/admission", env.ns.as_str());
@@ -152,17 +170,7 @@ async fn the_webhook_records_the_creator_and_pod_mode_creates_pods_only_for_crea
     unrecorded.metadata.name = Some("unrecorded".into());
     env.jobs.create(&PostParams::default(), &unrecorded).await.unwrap();
 
-    let ca = certificates(&env.dir.join("certs"));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let cert_dir = env.dir.join("certs").display().to_string();
-    let flags = ["--admission-addr", &addr, "--admission-cert-dir", &cert_dir, "--pod-creator-check", "required"];
-    let _replica = env.replica("r1", &flags);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_replica, port, ca) = webhook_replica(&env, &["--pod-creator-check", "required"]).await;
     let _registered = register(&env.client, &format!("bgjobs-test-{}", env.ns), port, &ca, label).await;
 
     let (alice, bob) = (format!("alice-{}", env.ns), format!("bob-{}", env.ns));
@@ -283,17 +291,7 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
         .unwrap()
     };
 
-    let ca = certificates(&env.dir.join("certs"));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let cert_dir = env.dir.join("certs").display().to_string();
-    let flags = ["--admission-addr", &addr, "--admission-cert-dir", &cert_dir, "--pod-creator-check", "required"];
-    let _replica = env.replica("r1", &flags);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_replica, port, ca) = webhook_replica(&env, &["--pod-creator-check", "required"]).await;
     let _registered = register(&env.client, &format!("bgjobs-vouched-{}", env.ns), port, &ca, label).await;
     let start = Instant::now();
     for probe in 0.. {
@@ -379,16 +377,8 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
     use tokio_rustls::rustls;
     let env = TestEnv::new("admission-flood").await;
     let label = select_for_webhook(&env).await;
-    let ca = certificates(&env.dir.join("certs"));
-    let port = free_port();
+    let (mut replica, port, ca) = webhook_replica(&env, &[]).await;
     let addr = format!("127.0.0.1:{port}");
-    let cert_dir = env.dir.join("certs").display().to_string();
-    let mut replica = env.replica("r1", &["--admission-addr", &addr, "--admission-cert-dir", &cert_dir]);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let before = rss_mib(replica.pid());
     let _registered = register(&env.client, &format!("bgjobs-flood-{}", env.ns), port, &ca, label).await;
 
@@ -516,17 +506,7 @@ async fn a_schedules_job_cut_loose_from_its_schedule_is_still_checked_against_th
     let as_mallory: Api<BackgroundJob> = Api::namespaced(mallory_client.clone(), &env.ns);
     let her_definitions: Api<RecurringBackgroundJob> = Api::namespaced(mallory_client, &env.ns);
 
-    let ca = certificates(&env.dir.join("certs"));
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let cert_dir = env.dir.join("certs").display().to_string();
-    let flags = ["--admission-addr", &addr, "--admission-cert-dir", &cert_dir, "--pod-creator-check", "required"];
-    let _replica = env.replica("r1", &flags);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(start.elapsed() < MINUTE, "the operator does not serve the webhook on {addr}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_replica, port, ca) = webhook_replica(&env, &["--pod-creator-check", "required"]).await;
     let _registered = register(&env.client, &format!("bgjobs-cut-loose-{}", env.ns), port, &ca, label).await;
 
     // Two schedules of mallory's whose jobs wait 25 s before their Pod (one that is never scheduled) is made.

@@ -7,14 +7,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::decide::{MAX_RESULT_BYTES, Refusal, Report};
 use crate::error::Result;
@@ -43,19 +42,7 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
     let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY);
     tokio::spawn(async move {
         loop {
-            let (sock, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, typically: do not spin.
-                    warn!(error = %e, "report endpoint: cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Some(place) = bounds.connection(peer.ip()) else {
-                debug!(%peer, "report endpoint: this address holds its share of connections; closing this one");
-                continue;
-            };
+            let (sock, peer, place) = bounds.accept(&listener, "report endpoint").await;
             let (worker, in_flight, bounds) = (worker.clone(), in_flight.clone(), bounds.clone());
             tokio::spawn(async move {
                 let _place = place;
