@@ -231,7 +231,8 @@ pub async fn serve(addr: SocketAddr, cert_dir: &Path) -> Result<SocketAddr> {
     let bound = listener.local_addr()?;
     info!(%bound, path = PATH, "serving the admission webhook");
     // Anyone who reaches the port may connect: what a peer costs before it is known is bounded (`serving`).
-    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY);
+    // The apiserver keeps a few connections alive and opens more under load; 64 from one address is plenty.
+    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY, 64);
     // A review parsed into JSON values takes many times its size (an 8 MB array of zeros, over 100 MB): one at a
     // time, which takes milliseconds.
     let parsing = Arc::new(tokio::sync::Semaphore::new(1));

@@ -3,7 +3,7 @@
 //!
 //! Both take requests from anyone who can reach their port (the webhook's callers cannot be narrowed to the
 //! apiserver's address), and hold what a peer sends in memory while it arrives. So each server
-//! - takes at most [`PER_PEER`] connections from one address at once (more are closed at once: one peer cannot fill
+//! - takes at most a share of connections from one address at once (more are closed at once: one peer cannot fill
 //!   the server, nor lock others out), and reads at most [`READ_BUFFER`] of a connection ahead of what it handles;
 //! - keeps a budget of bytes for the bodies it is reading at once, charged as the bytes arrive (a peer that
 //!   declares a large body and sends nothing costs nothing: what is charged is the buffer the body is copied into),
@@ -26,8 +26,6 @@ use hyper::body::{Bytes, Incoming};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Connections one address may hold open at once.
-pub const PER_PEER: usize = 64;
 /// How much of a connection is read ahead of what is handled (hyper's default is about 400 KiB): also the largest
 /// part of a body charged at once.
 pub const READ_BUFFER: usize = 64 * 1024;
@@ -37,6 +35,8 @@ pub const READ_BUFFER: usize = 64 * 1024;
 pub struct Bounds {
     bytes: Arc<Semaphore>,
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Connections one address may hold open at once.
+    per_peer: usize,
     /// The largest body read.
     pub largest: usize,
     /// How long a body may take to arrive.
@@ -80,30 +80,31 @@ impl Drop for Connection {
 }
 
 impl Bounds {
-    /// `budget` bytes of bodies at once, none over `largest`.
-    pub fn new(budget: usize, largest: usize) -> Self {
+    /// `budget` bytes of bodies at once, none over `largest`; `per_peer` connections from one address.
+    pub fn new(budget: usize, largest: usize, per_peer: usize) -> Self {
         assert!(largest <= budget && budget <= u32::MAX as usize, "a body at its largest must fit the budget");
         Bounds {
             bytes: Arc::new(Semaphore::new(budget)),
             peers: Default::default(),
+            per_peer,
             largest,
             arrive_within: Duration::from_secs(10),
             wait_for_room: Duration::from_secs(5),
         }
     }
 
-    /// A place for one more connection from `peer`; `None`: it holds [`PER_PEER`] already, close this one.
+    /// A place for one more connection from `peer`; `None`: it holds its share already, close this one.
     pub fn connection(&self, peer: IpAddr) -> Option<Connection> {
         let mut peers = self.peers.lock().expect("peers lock");
         let n = peers.entry(peer).or_default();
-        if *n >= PER_PEER {
+        if *n >= self.per_peer {
             return None;
         }
         *n += 1;
         Some(Connection { peers: self.peers.clone(), peer })
     }
 
-    /// The next connection from an address that holds less than its share ([`PER_PEER`]); others are closed at
+    /// The next connection from an address that holds less than its share; others are closed at
     /// once. `server` names the server in the log.
     pub async fn accept(&self, listener: &TcpListener, server: &str) -> (TcpStream, SocketAddr, Connection) {
         loop {
@@ -198,9 +199,9 @@ mod tests {
 
     #[test]
     fn one_address_holds_at_most_its_share_of_connections_and_gets_them_back() {
-        let bounds = Bounds::new(1024, 1024);
+        let bounds = Bounds::new(1024, 1024, 64);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let held: Vec<Connection> = (0..PER_PEER).map(|_| bounds.connection(a).unwrap()).collect();
+        let held: Vec<Connection> = (0..64).map(|_| bounds.connection(a).unwrap()).collect();
         assert!(bounds.connection(a).is_none(), "a's share is full");
         assert!(bounds.connection(b).is_some(), "another address is not locked out");
         drop(held);

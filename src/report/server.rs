@@ -39,7 +39,9 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     // Before a report is applied its token is not checked: what a peer costs until then is bounded (`serving`), and
     // a body still arriving holds no place among the reports in flight.
-    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY);
+    // Workers report from their own addresses, unless a proxy or an ingress in front of the endpoint brings them all
+    // from its own: a larger share for that.
+    let bounds = crate::serving::Bounds::new(BODY_BUDGET, MAX_BODY, 256);
     tokio::spawn(async move {
         loop {
             let (sock, peer, place) = bounds.accept(&listener, "report endpoint").await;
