@@ -470,7 +470,7 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
     }
     eprintln!("replica RSS: {before} MiB before, peak {peak} MiB under 40 stalled 8 MB reviews");
     assert!(peak > 0, "the replica's RSS was read");
-    assert!(peak < before + 150, "peak RSS {peak} MiB ({before} MiB before): the stalled bodies were held");
+    assert!(peak < before + 200, "peak RSS {peak} MiB ({before} MiB before): the stalled bodies were held");
     for peer in peers {
         peer.abort();
     }
