@@ -94,6 +94,15 @@ impl Worker {
         self.publish(object, type_, reason, reason.to_string(), note)
     }
 
+    /// Wait, at most `patience`, for the Events still being published: those of a shutdown (an attempt handed back,
+    /// a cancel) come last, and the runtime drops whatever is still running when the replica returns.
+    pub async fn finish_publishing(&self, patience: std::time::Duration) {
+        self.publishing.close();
+        if tokio::time::timeout(patience, self.publishing.wait()).await.is_err() {
+            tracing::warn!(left = self.publishing.len(), "gave up waiting for Events to be published");
+        }
+    }
+
     fn publish<K: Resource<DynamicType = ()>>(
         &self,
         object: &K,
@@ -121,17 +130,6 @@ impl Worker {
                 tracing::warn!(error = %e, reason = ev.reason, "could not publish an Event");
             }
         });
-    }
-}
-
-impl Worker {
-    /// Wait, at most `patience`, for the Events still being published: those of a shutdown (an attempt handed back,
-    /// a cancel) come last, and the runtime drops whatever is still running when the replica returns.
-    pub async fn finish_publishing(&self, patience: std::time::Duration) {
-        self.publishing.close();
-        if tokio::time::timeout(patience, self.publishing.wait()).await.is_err() {
-            tracing::warn!(left = self.publishing.len(), "gave up waiting for Events to be published");
-        }
     }
 }
 

@@ -395,35 +395,44 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     const DECLARED: usize = 8_000_000;
-    // Each peer from a loopback address of its own (one address holds at most 64 connections; the apiserver calls
-    // from 127.0.0.1).
+    // A peer, from a loopback address of its own (one address holds at most 64 connections; the apiserver calls from
+    // 127.0.0.1), that declares an 8 MB review, sends `sends` bytes of it, and then nothing until the replica gives
+    // up on it.
     let peer_number = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let connect = move |connector: tokio_rustls::TlsConnector, addr: String| {
+    let stalling_peer = |sends: usize| {
+        let (connector, addr) = (connector.clone(), addr.clone());
         let n = peer_number.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        async move {
+        tokio::spawn(async move {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.bind(format!("127.0.4.{}:0", 1 + n % 200).parse().unwrap()).unwrap();
             let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
             let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
             let tls = connector.connect(name, tcp).await;
             assert!(tls.is_ok(), "peer {n}: TLS handshake: {tls:?}");
-            tls.ok()
-        }
+            let mut tls = tls.unwrap();
+            let head = format!(
+                "POST /mutate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {DECLARED}\r\n\r\n"
+            );
+            if tls.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b' '; 64 * 1024];
+            let mut sent = 0;
+            while sent < sends {
+                let part = &chunk[..chunk.len().min(sends - sent)];
+                if tls.write_all(part).await.is_err() {
+                    return;
+                }
+                sent += part.len();
+            }
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(40), tls.read_to_end(&mut answer)).await;
+        })
     };
 
     // Forty peers that declare 8 MB each and send nothing of it cost nothing: a genuine review is answered at once
     // meanwhile (charged by what they declared, they filled the budget and every create was refused).
-    let mut idle = Vec::new();
-    for _ in 0..40 {
-        let (connector, addr, connect) = (connector.clone(), addr.clone(), connect.clone());
-        idle.push(tokio::spawn(async move {
-            let Some(mut tls) = connect(connector, addr.clone()).await else { return };
-            let head = format!("POST /mutate HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {DECLARED}\r\n\r\n");
-            let _ = tls.write_all(head.as_bytes()).await;
-            let mut answer = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(40), tls.read_to_end(&mut answer)).await;
-        }));
-    }
+    let idle: Vec<_> = (0..40).map(|_| stalling_peer(0)).collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let start = Instant::now();
     loop {
@@ -440,28 +449,7 @@ async fn peers_that_stall_large_admission_reviews_cost_bounded_memory_and_the_we
     }
 
     // Forty peers that send all of 8 MB but a byte and stall: bounded memory.
-    let mut peers = Vec::new();
-    for _ in 0..40 {
-        let (connector, addr, connect) = (connector.clone(), addr.clone(), connect.clone());
-        peers.push(tokio::spawn(async move {
-            let Some(mut tls) = connect(connector, addr.clone()).await else { return };
-            let head = format!("POST /mutate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {DECLARED}\r\n\r\n");
-            if tls.write_all(head.as_bytes()).await.is_err() {
-                return;
-            }
-            let chunk = vec![b' '; 64 * 1024];
-            let mut sent = 0;
-            while sent + chunk.len() < DECLARED {
-                if tls.write_all(&chunk).await.is_err() {
-                    return;
-                }
-                sent += chunk.len();
-            }
-            // Everything but the last bytes; then nothing, until the replica gives up on it.
-            let mut answer = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(40), tls.read_to_end(&mut answer)).await;
-        }));
-    }
+    let peers: Vec<_> = (0..40).map(|_| stalling_peer(DECLARED - 1)).collect();
     let mut peak = 0;
     let until = Instant::now() + Duration::from_secs(25);
     while Instant::now() < until {

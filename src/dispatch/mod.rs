@@ -802,11 +802,8 @@ impl Dispatcher {
         let mut looked = HashSet::new();
         for lease in self.view.leases.state() {
             let unseen = crate::lease::annotation(&lease, crate::lease::JOB_UID_ANNOTATION)
-                .filter(|uid| self.backlog.job(uid).is_none() && !self.held.contains_key(*uid));
-            if !lease.labels().contains_key(claim::JOB_LABEL)
-                || unseen.is_none()
-                || crate::lease::holder(&lease).is_none()
-            {
+                .is_some_and(|uid| self.backlog.job(uid).is_none() && !self.held.contains_key(uid));
+            if !unseen || !lease.labels().contains_key(claim::JOB_LABEL) || crate::lease::holder(&lease).is_none() {
                 continue;
             }
             let key = format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any());

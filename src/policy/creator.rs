@@ -143,13 +143,13 @@ pub fn subjects(
     let recorded = |meta: &ObjectMeta| Creator::recorded(meta.annotations.as_ref().unwrap_or(&none));
     // Per record: `None` when the object is gone, `Some(None)` when it has no record.
     let mut records = vec![("the job's creator".to_string(), Some(recorded(job)))];
-    let whose = |name: &str| format!("the creator of RecurringBackgroundJob {name}");
+    let definitions = |name: &str| format!("the creator of RecurringBackgroundJob {name}");
     match copied_definition(job) {
-        Some(Ok((name, record))) => records.push((whose(&name), Some(record))),
+        Some(Ok((name, record))) => records.push((definitions(&name), Some(record))),
         Some(Err(e)) => return Err(format!("rule `{RULE}`: {e}")),
         None => {
             if let Some((name, meta)) = definition {
-                records.push((whose(name), meta.map(recorded)));
+                records.push((definitions(name), meta.map(recorded)));
             }
         }
     }
