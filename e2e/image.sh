@@ -15,8 +15,10 @@
 #   rust:1.89-bookworm     the same plus a C toolchain, with this machine's Rust toolchain (rustup's, 1.89 or newer)
 #                          and its CA bundle copied in; CARGO_HOME and PATH as in the official image.
 # Images and archives are cached in ${BGJOBS_CACHE:-~/.cache/bgjobs}/images; the operator image is rebuilt when the
-# sources it copies change. The builder's cached build steps are dropped when the dependencies change or when less
-# than BGJOBS_IMAGE_MIN_FREE_GIB (25) GiB of disk is free.
+# sources it copies change. Each build compiles the operator in full (about 10 minutes on 2 cores) and keeps no build
+# steps: kept, they cost 20-25 GB of disk (see keep_build_steps). BGJOBS_IMAGE_LAYERS=1 keeps them, so that a rebuild
+# after a change to src/ reuses the compiled dependencies; they are then dropped when the dependencies change or when
+# less than BGJOBS_IMAGE_MIN_FREE_GIB (25) GiB of disk is free.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,7 +29,9 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$ROOT/charts/bgjobs/Chart.yaml")
 OPERATOR_IMAGE=docker.io/library/bgjobs:$APP_VERSION
 JOB_IMAGE=localhost/bgjobs/busybox:1
-# Below this much free disk, a build first drops the builder's cached intermediate images (prune_build_cache).
+# 1: keep the builder's build steps for the next build (keep_build_steps); below MIN_FREE_GIB of free disk, a build
+# first drops them (prune_build_cache).
+KEEP_LAYERS=${BGJOBS_IMAGE_LAYERS:-0}
 MIN_FREE_GIB=${BGJOBS_IMAGE_MIN_FREE_GIB:-25}
 STORE=(--root "$CACHE/buildah/root" --runroot "$CACHE/buildah/run" --storage-driver vfs)
 # shellcheck source=e2e/steps.sh
@@ -104,14 +108,19 @@ dependency_digest() {
 # Free GiB on the filesystem that holds the builder's storage.
 free_gib() { df -P --block-size=1G "$CACHE/buildah" | awk 'NR == 2 {print $4}'; }
 
-# Every build step is an intermediate image, and with the vfs driver each is a full copy of its file system (1–2 GB
-# in the builder stage): kept for the next build's cache, they filled 39 GB of disk in a day of rebuilds, and a disk
-# that ran short put the node under disk pressure, whose kubelet then removed the images built here. They go before
-# a build when the dependency layer cannot be reused anyway, and before or after one when the disk runs short (the
-# next build then compiles the dependencies again); the tagged images and their parents stay.
+# With --layers every build step is an intermediate image, and with the vfs driver each is a full copy of its file
+# system (1-4 GB in the builder stage, which grows with target/): one build keeps 20-25 GB of them, and a CI run whose
+# disk had less room left ran out while committing one. Without --layers the builder stage is one working container,
+# removed after the build. Kept (BGJOBS_IMAGE_LAYERS=1), they filled 39 GB of disk in a day of rebuilds, and a disk that
+# ran short put the node under disk pressure, whose kubelet then removed the images built here: so they go before a
+# build when the dependency layer cannot be reused anyway, and before or after one when the disk runs short (the next
+# build then compiles the dependencies again); the tagged images and their parents stay.
+keep_build_steps() { [ "$KEEP_LAYERS" = 1 ]; }
+
 prune_build_cache() { # dependency digest, or "" after a build
   local deps=$1 stamp=$IMAGES/bgjobs-operator.deps-digest
-  if { [ -n "$deps" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ]; } || [ "$(free_gib)" -lt "$MIN_FREE_GIB" ]; then
+  if ! keep_build_steps || { [ -n "$deps" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ]; } ||
+    [ "$(free_gib)" -lt "$MIN_FREE_GIB" ]; then
     step "removing the builder's cached intermediate images ($(free_gib) GiB free)"
     bah rmi --prune >>"$IMAGES/operator.log" 2>&1 || true
   fi
@@ -127,8 +136,10 @@ operator_image() {
   deps=$(dependency_digest)
   prune_build_cache "$deps"
   step "building $OPERATOR_IMAGE from the Dockerfile (a release build: about 10 minutes on 2 cores; log: $log)"
+  local layers=--layers=false
+  keep_build_steps && layers=--layers
   # Host networking: cargo fetches crates from crates.io and the runtime stage runs apt-get, nothing else.
-  bah bud --network host --pull=never --layers -t "$OPERATOR_IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$log" 2>&1 ||
+  bah bud --network host --pull=never "$layers" -t "$OPERATOR_IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$log" 2>&1 ||
     fail "build the Dockerfile" "$log"
   bah push "$OPERATOR_IMAGE" "oci-archive:$archive.tmp:$OPERATOR_IMAGE" >>"$log" 2>&1 || fail "export the image" "$log"
   mv "$archive.tmp" "$archive"
