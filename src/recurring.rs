@@ -441,6 +441,34 @@ fn known_created(job: &str, kids: &[Child], created_here: Option<&str>) -> bool 
     kids.iter().any(|k| k.name == job) || created_here == Some(job)
 }
 
+/// Whether `decided` rests on which of `def`'s jobs are unfinished: a `Forbid` tick about to start a job, a
+/// `Replace` job about to be created (and its predecessors cancelled).
+fn judges_unfinished(def: &RecurringBackgroundJob, decided: &Plan) -> bool {
+    matches!(
+        (def.spec.concurrency_policy, decided),
+        (RecurringConcurrencyPolicy::Forbid, Plan::Claim { skip: None, .. })
+            | (RecurringConcurrencyPolicy::Replace, Plan::Create { .. })
+    )
+}
+
+/// The jobs of `def` that may be unfinished and that its cached children, `kids`, do not show at all: those its status
+/// lists as active and those of its two latest claimed ticks, but `creating` (the job about to be made). The job
+/// watch may lag behind (the API server's watch cache, a replica that took the definition over moments ago), and a
+/// job it has not shown counted as finished: `Forbid` started a job beside it, `Replace` cancelled nothing. Only
+/// these few are asked of the API server, and only before such a decision.
+fn unseen_maybe_unfinished(def: &RecurringBackgroundJob, kids: &[Child], creating: Option<&str>) -> Vec<String> {
+    let Some(status) = def.status.as_ref() else { return Vec::new() };
+    let name = def.name_any();
+    let ticks = [&status.last_schedule_time, &status.previous_schedule_time];
+    let tick_jobs = ticks.into_iter().flatten().map(|t| job_name(&name, t.0));
+    let mut unseen: Vec<String> = (status.active.iter().cloned().chain(tick_jobs))
+        .filter(|job| Some(job.as_str()) != creating && !kids.iter().any(|k| k.name == *job))
+        .collect();
+    unseen.sort();
+    unseen.dedup();
+    unseen
+}
+
 /// What this process carries from one reconcile of a definition to the next.
 #[derive(Clone, Default)]
 pub struct Carried {
@@ -514,6 +542,7 @@ async fn reconcile(
         started,
         fence,
         ahead,
+        looked_past_cache: Default::default(),
     };
     // Perhaps a newer operator's definition: not a write, not a trim, for the replicas that can read it.
     versions.extend(def.resource_version());
@@ -601,6 +630,8 @@ struct Pass<'a> {
     fence: &'a Arc<crate::lease::Keeper>,
     /// How long before a tick it may be claimed.
     ahead: Duration,
+    /// Whether this reconcile has asked the API server for the jobs its cache does not show ([`Pass::add_unseen`]).
+    looked_past_cache: std::sync::atomic::AtomicBool,
 }
 
 impl Pass<'_> {
@@ -660,7 +691,14 @@ impl Pass<'_> {
         let again = |newer: RecurringBackgroundJob| Ok(Step::Again(Box::new(newer)));
         let created_here = &mut carried.created_here;
         let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
-        match plan(def, active, known, now, self.ahead) {
+        let decided = plan(def, active, known, now, self.ahead);
+        if judges_unfinished(def, &decided)
+            && !self.looked_past_cache.swap(true, std::sync::atomic::Ordering::Relaxed)
+            && self.add_unseen(def, active).await?
+        {
+            return Ok(Step::Same);
+        }
+        match decided {
             Plan::Invalid { reason, message } => self.report_invalid(def, reason, &message).await,
             Plan::Unreadable(message) => self.report_invalid(def, "Unreadable", &message).await,
             Plan::Idle(next) => {
@@ -761,6 +799,24 @@ impl Pass<'_> {
                 again(newer)
             }
         }
+    }
+
+    /// Add to `active` the jobs of `def` that its cached children do not show and the API server has as unfinished
+    /// ([`unseen_maybe_unfinished`]); true if any was. Asked of the API server, which a job watch may lag by minutes.
+    async fn add_unseen(&self, def: &RecurringBackgroundJob, active: &mut Vec<String>) -> Result<bool> {
+        let creating = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
+        let mut added = false;
+        for name in unseen_maybe_unfinished(def, self.kids, creating) {
+            let Some(job) = crate::unreadable::get_opt(&self.jobs, &name).await? else { continue };
+            let ours = definition_of(&job).is_some_and(|o| Some(o.uid.as_str()) == def.metadata.uid.as_deref());
+            if ours && !job.phase().is_final() && !active.contains(&name) {
+                debug!(definition = %def.name_any(), job = %name, "an unfinished job the job watch has not shown yet");
+                active.push(name);
+                added = true;
+            }
+        }
+        active.sort();
+        Ok(added)
     }
 
     /// Record tick `tick` in the status, before anything else happens for it, and return the definition as claimed.
@@ -1592,5 +1648,129 @@ pub(crate) mod tests {
         d.metadata.annotations = None;
         let (_, creator) = copied_definition(&child(&d, "report-1", t(60)).metadata).unwrap().unwrap();
         assert_eq!(creator, None, "a definition without a record makes jobs that say so");
+    }
+
+    /// The jobs a lagging job watch may hide: the status's active ones and the latest two ticks' jobs, but not those
+    /// the cache shows (finished or not) nor the one about to be made.
+    #[test]
+    fn the_jobs_asked_past_the_cache_are_the_ones_it_does_not_show() {
+        let mut d = with_pending(def("* * * * *", serde_json::json!({})), 120, "report-1800000120");
+        let status = d.status.as_mut().unwrap();
+        status.previous_schedule_time = Some(Time(t(60)));
+        status.active = vec!["report-manual-x".into(), "report-1800000060".into()];
+        let kids = |names: &[&str]| -> Vec<Child> { names.iter().map(|n| finished(n, Phase::Succeeded, 1)).collect() };
+        let creating = Some("report-1800000120");
+        assert_eq!(unseen_maybe_unfinished(&d, &[], creating), ["report-1800000060", "report-manual-x"]);
+        assert_eq!(unseen_maybe_unfinished(&d, &kids(&["report-1800000060"]), creating), ["report-manual-x"]);
+        assert_eq!(
+            unseen_maybe_unfinished(&d, &[], None),
+            ["report-1800000060", "report-1800000120", "report-manual-x"]
+        );
+        assert!(unseen_maybe_unfinished(&def("* * * * *", serde_json::json!({})), &[], None).is_empty());
+        let forbid = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"}));
+        let claim = Plan::Claim { tick: t(60), skip: None, catch_up: false };
+        assert!(judges_unfinished(&forbid, &claim));
+        assert!(!judges_unfinished(
+            &forbid,
+            &Plan::Claim { tick: t(60), skip: Some("skipped".into()), catch_up: false }
+        ));
+        let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
+        assert!(!judges_unfinished(&forbid, &create));
+        let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
+        assert!(judges_unfinished(&replace, &create));
+        assert!(!judges_unfinished(&def("* * * * *", serde_json::json!({})), &create), "Allow judges nothing");
+    }
+
+    /// An apiserver that holds `stored` and its running job `report-1800000000`, answers every other job read with 404
+    /// and every write with what was sent; and the requests it was sent.
+    fn apiserver_with_running_tick_job(
+        stored: &RecurringBackgroundJob,
+    ) -> (Client, std::sync::Arc<std::sync::Mutex<Vec<crate::testing::Sent>>>) {
+        let stored = serde_json::to_value(stored).unwrap();
+        crate::testing::scripted_client(move |sent| {
+            let jobs = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
+            match sent.method.as_str() {
+                "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => (200, stored.clone()),
+                "GET" if sent.path == format!("{jobs}/report-1800000000") => (
+                    200,
+                    serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+                        "metadata": {"name": "report-1800000000", "namespace": "ns", "uid": "uid-job",
+                            "resourceVersion": "7", "ownerReferences": [{"apiVersion": "bgjobs.dev/v1alpha1",
+                            "kind": "RecurringBackgroundJob", "name": "report", "uid": "uid-def"}]},
+                        "spec": {"jobName": "noop"}, "status": {"phase": "Running"}}),
+                ),
+                "GET" if sent.path.starts_with(jobs) => (
+                    404,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+                _ => {
+                    let mut echo = sent.body.clone();
+                    echo["metadata"]["resourceVersion"] = serde_json::json!("9");
+                    (200, echo)
+                }
+            }
+        })
+    }
+
+    /// Reconcile `d` at `now`, its cache showing no child at all (a job watch lagging behind).
+    async fn reconcile_with_lagging_cache(client: Client, d: &RecurringBackgroundJob, now: Timestamp) {
+        let worker = Worker::new(
+            client.clone(),
+            "r".into(),
+            Default::default(),
+            crate::executor::registry::Registry::new(),
+            crate::events::EventLevel::Off,
+            None,
+            Default::default(),
+        )
+        .unwrap();
+        let held = crate::lease::Held { lease: Lease::default(), written_at: Instant::now() };
+        let fence = Arc::new(crate::lease::Keeper::new(Api::namespaced(client, "ns"), held, Default::default()));
+        let (mut carried, mut versions) = (Carried::default(), Vec::new());
+        let started = (now, Instant::now());
+        reconcile(&worker, d, &[], &mut carried, &mut versions, started, &fence, Duration::ZERO).await.unwrap();
+    }
+
+    fn with_uid(mut d: RecurringBackgroundJob) -> RecurringBackgroundJob {
+        d.metadata.uid = Some("uid-def".into());
+        d.metadata.resource_version = Some("5".into());
+        d
+    }
+
+    /// `Forbid` with the previous tick's job running but not shown by the job watch yet: the tick is skipped, and no
+    /// second job is made beside the running one.
+    #[tokio::test]
+    async fn forbid_skips_a_tick_whose_predecessor_runs_though_the_job_watch_has_not_shown_it() {
+        let forbid = with_uid(with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"})), 0));
+        let (client, sent) = apiserver_with_running_tick_job(&forbid);
+        reconcile_with_lagging_cache(client, &forbid, t(61)).await;
+        let sent = sent.lock().unwrap();
+        let claims: Vec<_> =
+            sent.iter().filter(|s| s.path.ends_with("/recurringbackgroundjobs/report/status")).collect();
+        assert_eq!(claims.len(), 1, "{sent:#?}");
+        let status = &claims[0].body["status"];
+        assert_eq!(status["lastScheduleTime"], serde_json::json!(t(60).to_string()), "{status}");
+        assert_eq!(status["pendingJob"], serde_json::Value::Null, "tick 60 must be skipped: {status}");
+        assert_eq!(status["active"], serde_json::json!(["report-1800000000"]), "{status}");
+        assert!(sent.iter().all(|s| s.method != "POST"), "no job may be created: {sent:#?}");
+    }
+
+    /// `Replace` with the previous tick's job running but not shown by the job watch yet: it is cancelled before the
+    /// tick's job is made.
+    #[tokio::test]
+    async fn replace_cancels_a_predecessor_the_job_watch_has_not_shown() {
+        let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
+        let mut claimed = with_uid(with_pending(replace, 60, "report-1800000060"));
+        claimed.status.as_mut().unwrap().previous_schedule_time = Some(Time(t(0)));
+        let (client, sent) = apiserver_with_running_tick_job(&claimed);
+        reconcile_with_lagging_cache(client, &claimed, t(61)).await;
+        let sent = sent.lock().unwrap();
+        let cancels: Vec<_> = sent.iter().filter(|s| s.method == "PATCH").collect();
+        assert_eq!(cancels.len(), 1, "the running predecessor must be cancelled: {sent:#?}");
+        assert!(cancels[0].path.ends_with("/backgroundjobs/report-1800000000"), "{:?}", cancels[0]);
+        assert_eq!(cancels[0].body, serde_json::json!({"spec": {"cancel": true}}));
+        let created = sent.iter().position(|s| s.method == "POST").expect("the tick's job is created");
+        assert!(sent.iter().position(|s| s.method == "PATCH").unwrap() < created, "cancelled first: {sent:#?}");
     }
 }
