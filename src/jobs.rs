@@ -348,7 +348,7 @@ fn retry_budget(job: &BackgroundJob, current_max: i32) -> i32 {
 /// Decide how to re-queue `job` at `now`. Only `Failed` and `Abandoned` jobs can be retried.
 pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<Requeue, String> {
     let phase = job.phase();
-    if !matches!(phase, Phase::Failed | Phase::Abandoned) {
+    if !phase.can_retry() {
         return Err(format!(
             "only Failed or Abandoned jobs can be retried; {} is {phase}",
             job.metadata.name.as_deref().unwrap_or("?")

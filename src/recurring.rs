@@ -441,28 +441,38 @@ fn known_created(job: &str, kids: &[Child], created_here: Option<&str>) -> bool 
     kids.iter().any(|k| k.name == job) || created_here == Some(job)
 }
 
-/// Whether `decided` rests on which of `def`'s jobs are unfinished: a `Forbid` tick about to start a job, a
-/// `Replace` job about to be created (and its predecessors cancelled).
-fn judges_unfinished(def: &RecurringBackgroundJob, decided: &Plan) -> bool {
-    matches!(
-        (def.spec.concurrency_policy, decided),
-        (RecurringConcurrencyPolicy::Forbid, Plan::Claim { skip: None, .. })
-            | (RecurringConcurrencyPolicy::Replace, Plan::Create { .. })
-    )
+/// Whether `decided` rests on which of `def`'s jobs are unfinished, and the job it would make: a `Forbid` tick about
+/// to start a job; a `Replace` tick's claim (which records the jobs to cancel in `status.active`) or its job about to
+/// be created (and its predecessors cancelled).
+fn judges_unfinished(def: &RecurringBackgroundJob, decided: &Plan) -> Option<Option<String>> {
+    use RecurringConcurrencyPolicy::{Forbid, Replace};
+    match (def.spec.concurrency_policy, decided) {
+        (Forbid, Plan::Claim { skip: None, tick, .. }) | (Replace, Plan::Claim { tick, .. }) => {
+            Some(Some(job_name(&def.name_any(), *tick)))
+        }
+        (Replace, Plan::Create { job, .. }) => Some(Some(job.clone())),
+        _ => None,
+    }
 }
 
-/// The jobs of `def` that may be unfinished and that its cached children, `kids`, do not show at all: those its status
-/// lists as active and those of its two latest claimed ticks, but `creating` (the job about to be made). The job
-/// watch may lag behind (the API server's watch cache, a replica that took the definition over moments ago), and a
-/// job it has not shown counted as finished: `Forbid` started a job beside it, `Replace` cancelled nothing. Only
-/// these few are asked of the API server, and only before such a decision.
-fn unseen_maybe_unfinished(def: &RecurringBackgroundJob, kids: &[Child], creating: Option<&str>) -> Vec<String> {
+/// The jobs of `def` that may be unfinished although its cached children, `kids`, do not show them so: those its
+/// status names (`active`, `pendingJob`, `lastJob`: the latest tick's job however many ticks were skipped since),
+/// but `creating`, the job about to be made; of these, the ones the cache does not show at all, or shows in a phase
+/// `bgjobs retry` may have put back in the queue since. The job watch may lag behind (the API server's watch cache,
+/// a replica that took the definition over moments ago): a job it had not shown counted as finished, and `Forbid`
+/// started a job beside it, `Replace` cancelled nothing. Only these few are asked of the API server, and only before
+/// such a decision. A job `bgjobs recurring trigger` made is among them only once a status write has listed it.
+fn unseen_maybe_unfinished(def: &RecurringBackgroundJob, kids: &[Child], creating: Option<String>) -> Vec<String> {
     let Some(status) = def.status.as_ref() else { return Vec::new() };
-    let name = def.name_any();
-    let ticks = [&status.last_schedule_time, &status.previous_schedule_time];
-    let tick_jobs = ticks.into_iter().flatten().map(|t| job_name(&name, t.0));
-    let mut unseen: Vec<String> = (status.active.iter().cloned().chain(tick_jobs))
-        .filter(|job| Some(job.as_str()) != creating && !kids.iter().any(|k| k.name == *job))
+    let named = [&status.pending_job, &status.last_job].into_iter().flatten();
+    // Unfinished as cached: already in `active`. Finished for good as cached: settled.
+    let needs_a_look = |job: &String| match kids.iter().find(|k| k.name == *job) {
+        None => true,
+        Some(kid) => kid.phase.can_retry(),
+    };
+    let mut unseen: Vec<String> = (status.active.iter().chain(named))
+        .filter(|job| Some(*job) != creating.as_ref() && needs_a_look(job))
+        .cloned()
         .collect();
     unseen.sort();
     unseen.dedup();
@@ -542,7 +552,7 @@ async fn reconcile(
         started,
         fence,
         ahead,
-        looked_past_cache: Default::default(),
+        looked_up: Default::default(),
     };
     // Perhaps a newer operator's definition: not a write, not a trim, for the replicas that can read it.
     versions.extend(def.resource_version());
@@ -630,8 +640,8 @@ struct Pass<'a> {
     fence: &'a Arc<crate::lease::Keeper>,
     /// How long before a tick it may be claimed.
     ahead: Duration,
-    /// Whether this reconcile has asked the API server for the jobs its cache does not show ([`Pass::add_unseen`]).
-    looked_past_cache: std::sync::atomic::AtomicBool,
+    /// The jobs this reconcile has asked the API server for, past the cache ([`Pass::add_unseen`]).
+    looked_up: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Pass<'_> {
@@ -692,11 +702,13 @@ impl Pass<'_> {
         let created_here = &mut carried.created_here;
         let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
         let decided = plan(def, active, known, now, self.ahead);
-        if judges_unfinished(def, &decided)
-            && !self.looked_past_cache.swap(true, std::sync::atomic::Ordering::Relaxed)
-            && self.add_unseen(def, active).await?
-        {
-            return Ok(Step::Same);
+        // A create decided from a cached copy reads the definition first (below), and is judged on that.
+        let judged_now = !matches!(decided, Plan::Create { .. }) || current.is_fresh();
+        if judged_now && let Some(creating) = judges_unfinished(def, &decided) {
+            let unseen = unseen_maybe_unfinished(def, self.kids, creating);
+            if self.add_unseen(def, unseen, active).await? {
+                return Ok(Step::Same);
+            }
         }
         match decided {
             Plan::Invalid { reason, message } => self.report_invalid(def, reason, &message).await,
@@ -801,16 +813,23 @@ impl Pass<'_> {
         }
     }
 
-    /// Add to `active` the jobs of `def` that its cached children do not show and the API server has as unfinished
-    /// ([`unseen_maybe_unfinished`]); true if any was. Asked of the API server, which a job watch may lag by minutes.
-    async fn add_unseen(&self, def: &RecurringBackgroundJob, active: &mut Vec<String>) -> Result<bool> {
-        let creating = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
+    /// Add to `active` the jobs of `unseen` ([`unseen_maybe_unfinished`]) that the API server has as unfinished
+    /// jobs of `def`, each asked once a reconcile (a job watch may lag by minutes); true if any was added.
+    async fn add_unseen(
+        &self,
+        def: &RecurringBackgroundJob,
+        unseen: Vec<String>,
+        active: &mut Vec<String>,
+    ) -> Result<bool> {
         let mut added = false;
-        for name in unseen_maybe_unfinished(def, self.kids, creating) {
+        for name in unseen {
+            if !self.looked_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone()) {
+                continue;
+            }
             let Some(job) = crate::unreadable::get_opt(&self.jobs, &name).await? else { continue };
             let ours = definition_of(&job).is_some_and(|o| Some(o.uid.as_str()) == def.metadata.uid.as_deref());
             if ours && !job.phase().is_final() && !active.contains(&name) {
-                debug!(definition = %def.name_any(), job = %name, "an unfinished job the job watch has not shown yet");
+                debug!(definition = %def.name_any(), job = %name, "an unfinished job the job watch has not shown");
                 active.push(name);
                 added = true;
             }
@@ -1650,60 +1669,76 @@ pub(crate) mod tests {
         assert_eq!(creator, None, "a definition without a record makes jobs that say so");
     }
 
-    /// The jobs a lagging job watch may hide: the status's active ones and the latest two ticks' jobs, but not those
-    /// the cache shows (finished or not) nor the one about to be made.
+    /// The jobs a lagging job watch may hide: those the status names, but not those the cache shows unfinished (in
+    /// `active` already) or finished for good, nor the one about to be made.
     #[test]
-    fn the_jobs_asked_past_the_cache_are_the_ones_it_does_not_show() {
+    fn the_jobs_asked_past_the_cache_are_the_ones_it_does_not_show_or_shows_retryable() {
         let mut d = with_pending(def("* * * * *", serde_json::json!({})), 120, "report-1800000120");
         let status = d.status.as_mut().unwrap();
-        status.previous_schedule_time = Some(Time(t(60)));
+        status.last_job = Some("report-1800000120".into());
         status.active = vec!["report-manual-x".into(), "report-1800000060".into()];
-        let kids = |names: &[&str]| -> Vec<Child> { names.iter().map(|n| finished(n, Phase::Succeeded, 1)).collect() };
-        let creating = Some("report-1800000120");
-        assert_eq!(unseen_maybe_unfinished(&d, &[], creating), ["report-1800000060", "report-manual-x"]);
-        assert_eq!(unseen_maybe_unfinished(&d, &kids(&["report-1800000060"]), creating), ["report-manual-x"]);
+        let creating = || Some("report-1800000120".to_string());
+        let both = ["report-1800000060", "report-manual-x"];
+        assert_eq!(unseen_maybe_unfinished(&d, &[], creating()), both);
+        let shown = |phase| vec![finished("report-1800000060", phase, 1)];
+        assert_eq!(unseen_maybe_unfinished(&d, &shown(Phase::Succeeded), creating()), ["report-manual-x"]);
+        assert_eq!(unseen_maybe_unfinished(&d, &shown(Phase::Running), creating()), ["report-manual-x"], "in active");
         assert_eq!(
-            unseen_maybe_unfinished(&d, &[], None),
-            ["report-1800000060", "report-1800000120", "report-manual-x"]
+            unseen_maybe_unfinished(&d, &shown(Phase::Failed), creating()),
+            both,
+            "bgjobs retry may re-queue it"
         );
+        let all = ["report-1800000060", "report-1800000120", "report-manual-x"];
+        assert_eq!(unseen_maybe_unfinished(&d, &[], None), all);
         assert!(unseen_maybe_unfinished(&def("* * * * *", serde_json::json!({})), &[], None).is_empty());
-        let forbid = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"}));
-        let claim = Plan::Claim { tick: t(60), skip: None, catch_up: false };
-        assert!(judges_unfinished(&forbid, &claim));
-        assert!(!judges_unfinished(
-            &forbid,
-            &Plan::Claim { tick: t(60), skip: Some("skipped".into()), catch_up: false }
-        ));
-        let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
-        assert!(!judges_unfinished(&forbid, &create));
-        let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
-        assert!(judges_unfinished(&replace, &create));
-        assert!(!judges_unfinished(&def("* * * * *", serde_json::json!({})), &create), "Allow judges nothing");
     }
 
-    /// An apiserver that holds `stored` and its running job `report-1800000000`, answers every other job read with 404
-    /// and every write with what was sent; and the requests it was sent.
-    fn apiserver_with_running_tick_job(
-        stored: &RecurringBackgroundJob,
-    ) -> (Client, std::sync::Arc<std::sync::Mutex<Vec<crate::testing::Sent>>>) {
+    #[test]
+    fn forbid_and_replace_judge_what_is_unfinished_before_a_job_is_made_and_allow_never() {
+        let claim = |skip: Option<&str>| Plan::Claim { tick: t(60), skip: skip.map(String::from), catch_up: false };
+        let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
+        let making = Some(Some("report-1800000060".to_string()));
+        let forbid = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"}));
+        assert_eq!(judges_unfinished(&forbid, &claim(None)), making);
+        assert_eq!(judges_unfinished(&forbid, &claim(Some("skipped"))), None);
+        assert_eq!(judges_unfinished(&forbid, &create), None, "decided at the claim");
+        let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
+        assert_eq!(judges_unfinished(&replace, &claim(None)), making, "the claim records what to cancel");
+        assert_eq!(judges_unfinished(&replace, &create), making);
+        let allow = def("* * * * *", serde_json::json!({}));
+        assert_eq!((judges_unfinished(&allow, &claim(None)), judges_unfinished(&allow, &create)), (None, None));
+    }
+
+    type SentLog = std::sync::Arc<std::sync::Mutex<Vec<crate::testing::Sent>>>;
+
+    /// An apiserver that holds `stored` (a status write naming another resourceVersion gets 409) and, if given, job
+    /// `report-1800000000` in `phase`, owned by the definition of UID `owner`; it answers every other job read with
+    /// 404 and every other write with what was sent; and the requests it was sent.
+    fn apiserver(stored: &RecurringBackgroundJob, job: Option<(&str, &str)>) -> (Client, SentLog) {
+        let version = stored.metadata.resource_version.clone();
         let stored = serde_json::to_value(stored).unwrap();
+        let job = job.map(|(phase, owner)| {
+            serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+                "metadata": {"name": "report-1800000000", "namespace": "ns", "uid": "uid-job", "resourceVersion": "7",
+                    "ownerReferences": [{"apiVersion": "bgjobs.dev/v1alpha1", "kind": "RecurringBackgroundJob",
+                    "name": "report", "uid": owner}]},
+                "spec": {"jobName": "noop"}, "status": {"phase": phase}})
+        });
+        let status = |code: u16, reason: &str| {
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                "code": code, "message": reason})
+        };
         crate::testing::scripted_client(move |sent| {
             let jobs = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
             match sent.method.as_str() {
                 "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => (200, stored.clone()),
-                "GET" if sent.path == format!("{jobs}/report-1800000000") => (
-                    200,
-                    serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
-                        "metadata": {"name": "report-1800000000", "namespace": "ns", "uid": "uid-job",
-                            "resourceVersion": "7", "ownerReferences": [{"apiVersion": "bgjobs.dev/v1alpha1",
-                            "kind": "RecurringBackgroundJob", "name": "report", "uid": "uid-def"}]},
-                        "spec": {"jobName": "noop"}, "status": {"phase": "Running"}}),
-                ),
-                "GET" if sent.path.starts_with(jobs) => (
-                    404,
-                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "reason": "NotFound", "code": 404, "message": "not found"}),
-                ),
+                "GET" if sent.path == format!("{jobs}/report-1800000000") && job.is_some() => {
+                    (200, job.clone().unwrap())
+                }
+                "GET" => (404, status(404, "NotFound")),
+                "PUT" if sent.body["metadata"]["resourceVersion"].as_str() != version.as_deref() => {
+                    (409, status(409, "Conflict"))
+                }
                 _ => {
                     let mut echo = sent.body.clone();
                     echo["metadata"]["resourceVersion"] = serde_json::json!("9");
@@ -1713,8 +1748,8 @@ pub(crate) mod tests {
         })
     }
 
-    /// Reconcile `d` at `now`, its cache showing no child at all (a job watch lagging behind).
-    async fn reconcile_with_lagging_cache(client: Client, d: &RecurringBackgroundJob, now: Timestamp) {
+    /// Reconcile `d` at `now` with what this process carried from before, its cache showing `kids`.
+    async fn reconcile_at(client: Client, d: &RecurringBackgroundJob, kids: &[Child], mut carried: Carried, now: i64) {
         let worker = Worker::new(
             client.clone(),
             "r".into(),
@@ -1727,50 +1762,122 @@ pub(crate) mod tests {
         .unwrap();
         let held = crate::lease::Held { lease: Lease::default(), written_at: Instant::now() };
         let fence = Arc::new(crate::lease::Keeper::new(Api::namespaced(client, "ns"), held, Default::default()));
-        let (mut carried, mut versions) = (Carried::default(), Vec::new());
-        let started = (now, Instant::now());
-        reconcile(&worker, d, &[], &mut carried, &mut versions, started, &fence, Duration::ZERO).await.unwrap();
+        let started = (t(now), Instant::now());
+        reconcile(&worker, d, kids, &mut carried, &mut Vec::new(), started, &fence, Duration::ZERO).await.unwrap();
     }
 
-    fn with_uid(mut d: RecurringBackgroundJob) -> RecurringBackgroundJob {
+    /// `d` as stored: named by UID and resourceVersion.
+    fn stored(mut d: RecurringBackgroundJob, version: &str) -> RecurringBackgroundJob {
         d.metadata.uid = Some("uid-def".into());
-        d.metadata.resource_version = Some("5".into());
+        d.metadata.resource_version = Some(version.into());
         d
+    }
+
+    /// A `Forbid` definition whose tick-0 job this replica created (so not pending for it, and the idle looks since
+    /// wrote `active` from its cache: empty).
+    fn forbid_after_tick_0() -> (RecurringBackgroundJob, Carried) {
+        let forbid = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"}));
+        let mut d = stored(with_pending(forbid, 0, "report-1800000000"), "5");
+        d.status.as_mut().unwrap().last_job = Some("report-1800000000".into());
+        (d, Carried { created_here: Some("report-1800000000".into()), ..Default::default() })
+    }
+
+    /// The status the claim of tick 60 wrote, and whether any job was created, from what `sent` shows.
+    fn tick_60_claim(sent: &SentLog) -> (serde_json::Value, bool) {
+        let sent = sent.lock().unwrap();
+        let claims: Vec<_> =
+            sent.iter().filter(|s| s.path.ends_with("/recurringbackgroundjobs/report/status")).collect();
+        assert_eq!(claims.len(), 1, "{sent:#?}");
+        let status = claims[0].body["status"].clone();
+        assert_eq!(status["lastScheduleTime"], serde_json::json!(t(60).to_string()), "{status}");
+        (status, sent.iter().any(|s| s.method == "POST"))
     }
 
     /// `Forbid` with the previous tick's job running but not shown by the job watch yet: the tick is skipped, and no
     /// second job is made beside the running one.
     #[tokio::test]
     async fn forbid_skips_a_tick_whose_predecessor_runs_though_the_job_watch_has_not_shown_it() {
-        let forbid = with_uid(with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"})), 0));
-        let (client, sent) = apiserver_with_running_tick_job(&forbid);
-        reconcile_with_lagging_cache(client, &forbid, t(61)).await;
-        let sent = sent.lock().unwrap();
-        let claims: Vec<_> =
-            sent.iter().filter(|s| s.path.ends_with("/recurringbackgroundjobs/report/status")).collect();
-        assert_eq!(claims.len(), 1, "{sent:#?}");
-        let status = &claims[0].body["status"];
-        assert_eq!(status["lastScheduleTime"], serde_json::json!(t(60).to_string()), "{status}");
+        let (d, carried) = forbid_after_tick_0();
+        let (client, sent) = apiserver(&d, Some(("Running", "uid-def")));
+        reconcile_at(client, &d, &[], carried, 61).await;
+        let (status, created) = tick_60_claim(&sent);
         assert_eq!(status["pendingJob"], serde_json::Value::Null, "tick 60 must be skipped: {status}");
         assert_eq!(status["active"], serde_json::json!(["report-1800000000"]), "{status}");
-        assert!(sent.iter().all(|s| s.method != "POST"), "no job may be created: {sent:#?}");
+        assert!(!created, "no job may be created beside the running one");
     }
 
-    /// `Replace` with the previous tick's job running but not shown by the job watch yet: it is cancelled before the
-    /// tick's job is made.
+    /// What the API server says counts only for the definition's own unfinished job: one that finished, one of
+    /// another definition under that name, or none, does not hold the tick back.
+    #[tokio::test]
+    async fn forbid_runs_the_tick_when_the_job_asked_for_is_finished_not_its_own_or_gone() {
+        for job in [Some(("Succeeded", "uid-def")), Some(("Running", "uid-other")), None] {
+            let (d, carried) = forbid_after_tick_0();
+            let (client, sent) = apiserver(&d, job);
+            reconcile_at(client, &d, &[], carried, 61).await;
+            let (status, created) = tick_60_claim(&sent);
+            assert_eq!(status["pendingJob"], serde_json::json!("report-1800000060"), "{job:?}: {status}");
+            assert!(created, "{job:?}: the tick's job is created");
+        }
+    }
+
+    /// A cache that shows the previous job, running or finished for good, is enough: nothing is asked past it.
+    #[tokio::test]
+    async fn a_cache_that_shows_the_previous_job_is_not_second_guessed() {
+        for (phase, skipped) in [(Phase::Running, true), (Phase::Succeeded, false)] {
+            let (d, carried) = forbid_after_tick_0();
+            let (client, sent) = apiserver(&d, Some(("Running", "uid-def")));
+            let kids = [finished("report-1800000000", phase, 1)];
+            reconcile_at(client, &d, &kids, carried, 61).await;
+            let (status, _) = tick_60_claim(&sent);
+            assert_eq!(status["pendingJob"].is_null(), skipped, "{phase:?}: {status}");
+            let reads = sent
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.method == "GET" && s.path.contains("/backgroundjobs/"))
+                .count();
+            assert_eq!(reads, 0, "{phase:?}: no job read past the cache");
+        }
+    }
+
+    /// `Replace` with the previous tick's job running but not shown by the job watch yet: the claim records it, and
+    /// it is cancelled before the tick's job is made.
     #[tokio::test]
     async fn replace_cancels_a_predecessor_the_job_watch_has_not_shown() {
         let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
-        let mut claimed = with_uid(with_pending(replace, 60, "report-1800000060"));
-        claimed.status.as_mut().unwrap().previous_schedule_time = Some(Time(t(0)));
-        let (client, sent) = apiserver_with_running_tick_job(&claimed);
-        reconcile_with_lagging_cache(client, &claimed, t(61)).await;
+        let mut d = stored(with_last(replace, 0), "5");
+        d.status.as_mut().unwrap().last_job = Some("report-1800000000".into());
+        let (client, sent) = apiserver(&d, Some(("Running", "uid-def")));
+        reconcile_at(client, &d, &[], Carried::default(), 61).await;
+        let (status, _) = tick_60_claim(&sent);
+        assert_eq!(status["active"], serde_json::json!(["report-1800000000", "report-1800000060"]), "{status}");
+        assert_cancelled_then_created(&sent);
+    }
+
+    /// As above, from a cached copy older than the stored definition, whose claim of tick 60 (by the replica that
+    /// owned the definition before) recorded the running predecessor: the predecessor is asked for once the
+    /// definition is read, not judged from the copy.
+    #[tokio::test]
+    async fn replace_judges_from_the_definition_as_read_not_from_a_cached_copy() {
+        let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
+        let mut cached = stored(with_pending(replace, 0, "report-1800000000"), "5");
+        cached.status.as_mut().unwrap().last_job = Some("report-1800000000".into());
+        let mut claimed = cached.clone();
+        claim(claimed.status.as_mut().unwrap(), t(60), Some("report-1800000060"), None);
+        claimed.status.as_mut().unwrap().active = vec!["report-1800000000".into(), "report-1800000060".into()];
+        let (client, sent) = apiserver(&stored(claimed, "6"), Some(("Running", "uid-def")));
+        reconcile_at(client, &cached, &[], Carried::default(), 61).await;
+        assert_cancelled_then_created(&sent);
+    }
+
+    /// `report-1800000000` was cancelled, then `report-1800000060` created.
+    fn assert_cancelled_then_created(sent: &SentLog) {
         let sent = sent.lock().unwrap();
-        let cancels: Vec<_> = sent.iter().filter(|s| s.method == "PATCH").collect();
-        assert_eq!(cancels.len(), 1, "the running predecessor must be cancelled: {sent:#?}");
-        assert!(cancels[0].path.ends_with("/backgroundjobs/report-1800000000"), "{:?}", cancels[0]);
-        assert_eq!(cancels[0].body, serde_json::json!({"spec": {"cancel": true}}));
-        let created = sent.iter().position(|s| s.method == "POST").expect("the tick's job is created");
-        assert!(sent.iter().position(|s| s.method == "PATCH").unwrap() < created, "cancelled first: {sent:#?}");
+        let cancel = sent.iter().position(|s| s.method == "PATCH").expect("the running predecessor is cancelled");
+        assert!(sent[cancel].path.ends_with("/backgroundjobs/report-1800000000"), "{:?}", sent[cancel]);
+        assert_eq!(sent[cancel].body, serde_json::json!({"spec": {"cancel": true}}));
+        let create = sent.iter().position(|s| s.method == "POST").expect("the tick's job is created");
+        assert_eq!(sent[create].body["metadata"]["name"], "report-1800000060");
+        assert!(cancel < create, "cancelled first: {sent:#?}");
     }
 }

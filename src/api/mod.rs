@@ -372,9 +372,14 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// A final phase never changes again.
+    /// A final phase changes again only by `bgjobs retry` ([`Phase::can_retry`]).
     pub fn is_final(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed | Phase::Abandoned | Phase::Cancelled | Phase::Skipped)
+    }
+
+    /// Whether `bgjobs retry` may put a job in this phase back in the queue.
+    pub fn can_retry(self) -> bool {
+        matches!(self, Phase::Failed | Phase::Abandoned)
     }
 
     /// Every phase, in the order a job passes through them.
