@@ -31,6 +31,15 @@ pub const USER_AGENT_VALUE: &str = concat!("bgjobs/", env!("CARGO_PKG_VERSION"))
 /// was sent, and an object a lost create could bring back is deleted only once that is over.
 pub const CREATE_LANDS_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long after an object was created, by its `creationTimestamp` as this replica reads the cluster's clock, a
+/// create of its name sent no later than its creation may still land: [`CREATE_LANDS_WITHIN`], plus a second
+/// (`creationTimestamp` is in whole seconds: the object may have been created up to a second after it says), plus
+/// half of [`crate::clock::REPLICAS_AGREE_WITHIN`] (how far this replica's reading of the clock may run ahead; a
+/// whole one, rounded up, is kept).
+pub const LATE_CREATES_KEPT_FOR: std::time::Duration = std::time::Duration::from_secs(
+    CREATE_LANDS_WITHIN.as_secs() + 1 + crate::clock::REPLICAS_AGREE_WITHIN.as_secs() + 1,
+);
+
 /// Run `call`, giving up after `limit`: for calls whose answer may never come (a hung connection) and that must
 /// not hold up what waits for them.
 pub async fn bounded<T>(limit: std::time::Duration, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {

@@ -91,6 +91,13 @@ const CREATE_ATTEMPTS: u32 = 6;
 /// A create without an answer for this long is given up and tried again (it may have landed: the retry finds it).
 const CREATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long after the first create of a bulk job's name another may be sent (a retry after a lost answer, a timeout,
+/// a 5xx); after that, the call fails instead. Such a create lands within [`crate::client::CREATE_LANDS_WITHIN`] of
+/// its send, and the operator keeps a finished bulk job until it cannot land any more
+/// ([`crate::retention::kept_at_least_until`]): deleted sooner, a create that landed, ran and was deleted would be
+/// made again by the retry (a 201 instead of the 409 that finds it), and the job would run twice.
+pub const CREATES_SENT_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Create many jobs, `parallel` at a time, under a new batch id; `progress` is told how many are created so far.
 /// Returns the jobs in the order of `specs`. See [`enqueue_batch`] for the order they are dispatched in.
 pub async fn enqueue_many(
@@ -130,7 +137,9 @@ pub fn batch_name(job_name: &str, batch: &str, index: usize, total: usize) -> St
 /// Create the jobs of batch `batch`, `parallel` at a time (at least 1). Idempotent while the jobs exist: job `i` is
 /// named after the batch and `i` ([`batch_name`]), so a create retried after a lost answer, or the whole call
 /// repeated with the same batch after it stopped part-way, finds the job it made before (409, same batch label and
-/// index) instead of making a second one. A job finished and deleted by retention since is created again.
+/// index) instead of making a second one: the operator keeps a finished job of a batch at least
+/// [`crate::retention::kept_at_least_until`], whatever its retention, so that a retried create finds it. A job finished
+/// and deleted by retention since is created again by a repeated call.
 ///
 /// Dispatch order: jobs are dispatched in enqueue order, the order the apiserver created them. With `parallel = 1`
 /// that is the order of `specs`. With more, creates overlap and the order among the jobs of the call is the order
@@ -207,6 +216,7 @@ async fn create_once(
     let name = job.metadata.name.clone().unwrap_or_default();
     let mut wait = std::time::Duration::from_millis(100);
     let mut attempt = 1;
+    let first_sent = std::time::Instant::now();
     loop {
         let answer = tokio::time::timeout(CREATE_TIMEOUT, api.create(&PostParams::default(), job)).await;
         let e = match answer {
@@ -230,7 +240,10 @@ async fn create_once(
             Ok(Err(e)) => crate::error::from_create(e),
             Err(_) => crate::Error::Timeout(CREATE_TIMEOUT),
         };
-        if attempt >= CREATE_ATTEMPTS || !crate::error::is_transient(&e) {
+        if attempt >= CREATE_ATTEMPTS
+            || !crate::error::is_transient(&e)
+            || first_sent.elapsed() + wait > CREATES_SENT_WITHIN
+        {
             return Err(e);
         }
         tracing::debug!(job = %name, error = %e, attempt, "create failed; trying again");

@@ -10,6 +10,9 @@
 //! 5. the defaults: succeeded and skipped jobs 5 minutes ([`SUCCEEDED`]), failed, abandoned and cancelled ones
 //!    7 days ([`UNSUCCESSFUL`]).
 //!
+//! A job of a bulk call (`bgjobs enqueue -c`, `jobs::enqueue_many`) is kept at least about three minutes after its
+//! creation ([`kept_at_least_until`]), so that the call's retried creates find it instead of making it again.
+//!
 //! `never` keeps a job forever. Rules are written `[NAMESPACE/]OUTCOME=DURATION`, comma-separated; the outcome is
 //! `succeeded`, `failed`, `abandoned`, `cancelled`, `skipped`, or `finished` for all five; a later rule overrides an
 //! earlier one of the same scope: `finished=1d,succeeded=10m,batch/succeeded=0s,audit/finished=never`.
@@ -134,6 +137,18 @@ pub fn ttl_for(job: &BackgroundJob, policy: &RetentionPolicy) -> Keep {
     policy.keep(&job.namespace().unwrap_or_default(), phase)
 }
 
+/// The earliest the operator may delete `job`, whatever its retention (None: no bound). A job of a bulk call
+/// ([`crate::jobs::BATCH_LABEL`]) is kept until no create of it that the call may still send can land: sent within
+/// [`crate::jobs::CREATES_SENT_WITHIN`] of the first, which was sent before the job's creation, each lands within
+/// [`crate::client::LATE_CREATES_KEPT_FOR`] of the creation it is measured from. Deleted sooner, a create retried
+/// after a lost answer would make the job again, and it would run twice.
+pub fn kept_at_least_until(job: &BackgroundJob) -> Option<jiff::Timestamp> {
+    job.labels().get(crate::jobs::BATCH_LABEL)?;
+    let created = job.creation_timestamp()?.0;
+    let kept = crate::jobs::CREATES_SENT_WITHIN + crate::client::LATE_CREATES_KEPT_FOR;
+    created.checked_add(jiff::SignedDuration::try_from(kept).ok()?).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +180,21 @@ mod tests {
         for phase in [Phase::Waiting, Phase::Running] {
             assert_eq!(ttl_for(&job("a", phase, Some(0)), &p), None, "{phase} is not finished: never deleted");
         }
+    }
+
+    /// A bulk call's job outlives every create the call may still send for it, whatever its TTL; no other job has
+    /// such a floor.
+    #[test]
+    fn a_bulk_jobs_is_kept_until_its_calls_retried_creates_cannot_land() {
+        let created = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let mut j = job("a", Phase::Succeeded, Some(0));
+        j.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created));
+        assert_eq!(kept_at_least_until(&j), None, "not a bulk call's job");
+        j.metadata.labels = Some([(crate::jobs::BATCH_LABEL.to_string(), "abc".to_string())].into());
+        let until = kept_at_least_until(&j).expect("a bulk call's job");
+        let floor = crate::jobs::CREATES_SENT_WITHIN + crate::client::CREATE_LANDS_WITHIN;
+        assert!(until.duration_since(created).unsigned_abs() > floor, "{until}");
+        assert_eq!(until.duration_since(created).as_secs(), 186);
     }
 
     #[test]

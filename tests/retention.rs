@@ -137,3 +137,40 @@ async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_delet
     assert_eq!(distinct.len(), started.len(), "no job started twice: {started:?}");
     assert_eq!(started.len(), 6, "the 3 refused-over jobs and the 3 enqueued once there was room: {started:?}");
 }
+
+/// A bulk create whose answer is lost is sent again after 30 s. Meanwhile the job it made ran and, under
+/// `succeeded=0s`, was deleted: the retried create made it again (201, a new UID) and the work ran twice. A bulk
+/// call's job is now kept until the call's retried creates cannot land, so the retry finds it (409, same batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_create_retried_after_a_lost_answer_finds_its_finished_job_instead_of_running_it_again() {
+    let env = TestEnv::new("retention-bulk").await;
+    let _r = env.replica("r", &["--retention", &format!("{}/finished=0s", env.ns)]);
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let kubeconfig = kube::config::Kubeconfig::read_from(proxy.kubeconfig(&env.dir)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await.unwrap();
+    let through_proxy: Api<BackgroundJob> = Api::namespaced(kube::Client::try_from(config).unwrap(), &env.ns);
+    through_proxy.list(&Default::default()).await.unwrap();
+    // The create goes through and takes effect; its answer is held until the client gives up on it (30 s).
+    proxy.hold_downstream();
+    // Two seconds of work, so that the job is seen before it finishes and is deleted.
+    let spec = bgjobs::jobs::spec("sleep", json!({"seconds": 2}));
+    let sent = Instant::now();
+    let call =
+        tokio::spawn(async move { bgjobs::jobs::enqueue_batch(&through_proxy, "lost", vec![spec], 1, |_| {}).await });
+    let made = env.wait_until(MINUTE, "the job created", |jobs| !jobs.is_empty()).await;
+    let first = made[0].uid().unwrap();
+    while !env.invocations().iter().any(|l| matches!(l.ev.as_str(), "end" | "finish") && l.uid == first) {
+        assert!(sent.elapsed() < Duration::from_secs(25), "the job did not run within 25 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past the client's 30 s: the held answer is dropped with its connection, and the create is sent again.
+    tokio::time::sleep(Duration::from_secs(33).saturating_sub(sent.elapsed())).await;
+    proxy.release_downstream();
+    let created = tokio::time::timeout(MINUTE, call).await.expect("the call answered").unwrap();
+    let created = created.expect("the retried create finds the job the first one made");
+    assert_eq!(created[0].uid().as_deref(), Some(first.as_str()), "the job the first create made, not a new one");
+    // A second job made by the retry would run at once: give it time to.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let starts: Vec<String> = env.invocations().into_iter().filter(|l| l.ev == "start").map(|l| l.uid).collect();
+    assert_eq!(starts, [first], "the bulk job ran once");
+}

@@ -1035,6 +1035,7 @@ impl Dispatcher {
         let ttl = i64::try_from(crate::retention::ttl_for(job, &self.config.retention)?.as_secs()).ok()?;
         let finished = job.status.as_ref()?.completion_time.as_ref()?.0;
         let at = finished.checked_add(jiff::SignedDuration::from_secs(ttl.max(0))).ok()?;
+        let at = at.max(crate::retention::kept_at_least_until(job).unwrap_or(at));
         if at > now {
             return Some(inst + at.duration_since(now).unsigned_abs());
         }

@@ -13,6 +13,8 @@ use tracing::warn;
 
 use super::children::Child;
 use crate::api::{BackgroundJob, Phase, RecurringBackgroundJob};
+// How long after the job of a later tick was created a tick's job is still kept (see [`late_creates_land_by`]).
+use crate::client::LATE_CREATES_KEPT_FOR;
 use crate::error::api_code;
 
 /// Whether a job of tick `tick` must be kept whatever its history limit or TTL say, judged on `def` as this replica
@@ -30,15 +32,6 @@ pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>)
     let replaced = status.and_then(|s| s.previous_schedule_time.as_ref()).map(|t| t.0);
     last.is_none_or(|last| tick >= last) || replaced.is_some_and(|replaced| tick > replaced)
 }
-
-/// How long after the job of a later tick was created a tick's job is still kept (see [`late_creates_land_by`]):
-/// a create lands within [`crate::client::CREATE_LANDS_WITHIN`] of its send (the apiserver's default request
-/// timeout), `creationTimestamp` is in whole seconds (the job may have been created up to a second after it says),
-/// and this replica's reading of the cluster's clock may run ahead by half of [`crate::clock::REPLICAS_AGREE_WITHIN`]
-/// (a whole one, rounded up, is kept).
-const LATE_CREATES_KEPT_FOR: Duration = Duration::from_secs(
-    crate::client::CREATE_LANDS_WITHIN.as_secs() + 1 + crate::clock::REPLICAS_AGREE_WITHIN.as_secs() + 1,
-);
 
 /// Until when a create of the job of `tick` may still land, by the cluster's clock (None: not a tick's job, nothing
 /// to wait for; `Timestamp::MAX`: no bound is known yet). A finished tick's job must not be deleted before (history
