@@ -119,8 +119,8 @@ keep_build_steps() { [ "$KEEP_LAYERS" = 1 ]; }
 
 prune_build_cache() { # dependency digest, or "" after a build
   local deps=$1 stamp=$IMAGES/bgjobs-operator.deps-digest
-  if ! keep_build_steps || { [ -n "$deps" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ]; } ||
-    [ "$(free_gib)" -lt "$MIN_FREE_GIB" ]; then
+  keep_build_steps || return 0
+  if { [ -n "$deps" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$deps" ]; } || [ "$(free_gib)" -lt "$MIN_FREE_GIB" ]; then
     step "removing the builder's cached intermediate images ($(free_gib) GiB free)"
     bah rmi --prune >>"$IMAGES/operator.log" 2>&1 || true
   fi
@@ -139,7 +139,8 @@ operator_image() {
   local layers=--layers=false
   keep_build_steps && layers=--layers
   # Host networking: cargo fetches crates from crates.io and the runtime stage runs apt-get, nothing else.
-  bah bud --network host --pull=never "$layers" -t "$OPERATOR_IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$log" 2>&1 ||
+  # --force-rm: a failed build's working container (the builder's whole file system) goes too.
+  bah bud --network host --pull=never "$layers" --force-rm -t "$OPERATOR_IMAGE" -f "$ROOT/Dockerfile" "$ROOT" >"$log" 2>&1 ||
     fail "build the Dockerfile" "$log"
   bah push "$OPERATOR_IMAGE" "oci-archive:$archive.tmp:$OPERATOR_IMAGE" >>"$log" 2>&1 || fail "export the image" "$log"
   mv "$archive.tmp" "$archive"

@@ -33,6 +33,7 @@ install_node_packages() {
   [ -x $CNI_BIN/bridge ] || missing+=(containernetworking-plugins)
   command -v conntrack >/dev/null || missing+=(conntrack)
   command -v iptables >/dev/null || missing+=(iptables)
+  command -v ip >/dev/null || missing+=(iproute2)
   command -v buildah >/dev/null || missing+=(buildah)
   command -v gcc >/dev/null || missing+=(gcc)
   [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/aarch64-linux-gnu/libc.a ] || missing+=(libc6-dev)
