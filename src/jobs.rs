@@ -216,9 +216,14 @@ async fn create_once(
     let name = job.metadata.name.clone().unwrap_or_default();
     let mut wait = std::time::Duration::from_millis(100);
     let mut attempt = 1;
-    let first_sent = std::time::Instant::now();
+    let first_sent = (tokio::time::Instant::now(), std::time::SystemTime::now());
+    // The larger of the monotonic clock and the wall clock: only the wall clock counts the time a suspended machine
+    // or a stopped process (Ctrl-Z) was away.
+    let since_first = || first_sent.0.elapsed().max(first_sent.1.elapsed().unwrap_or_default());
     loop {
-        let answer = tokio::time::timeout(CREATE_TIMEOUT, api.create(&PostParams::default(), job)).await;
+        // A create still unanswered at the end of the window is given up: its bytes, if sent, were sent before.
+        let left = CREATES_SENT_WITHIN.saturating_sub(since_first());
+        let answer = tokio::time::timeout(CREATE_TIMEOUT.min(left), api.create(&PostParams::default(), job)).await;
         let e = match answer {
             Ok(Ok(created)) => return Ok(created),
             Ok(Err(e)) if crate::error::api_code(&e) == Some(409) => {
@@ -238,11 +243,9 @@ async fn create_once(
                 };
             }
             Ok(Err(e)) => crate::error::from_create(e),
-            Err(_) => crate::Error::Timeout(CREATE_TIMEOUT),
+            Err(_) => crate::Error::Timeout(CREATE_TIMEOUT.min(left)),
         };
-        if attempt >= CREATE_ATTEMPTS
-            || !crate::error::is_transient(&e)
-            || first_sent.elapsed() + wait > CREATES_SENT_WITHIN
+        if attempt >= CREATE_ATTEMPTS || !crate::error::is_transient(&e) || since_first() + wait >= CREATES_SENT_WITHIN
         {
             return Err(e);
         }
@@ -433,6 +436,29 @@ pub async fn cancel(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An apiserver that never answers: the bulk call sends its creates again after each 30 s, never later than
+    /// 120 s after the first (the operator keeps a finished bulk job only until such a create cannot land), and
+    /// gives up.
+    #[tokio::test(start_paused = true)]
+    async fn a_bulk_create_is_sent_again_only_within_its_window() {
+        let sent: std::sync::Arc<std::sync::Mutex<Vec<std::time::Duration>>> = Default::default();
+        let start = tokio::time::Instant::now();
+        let log = sent.clone();
+        let silent = tower::service_fn(move |_: http::Request<kube::client::Body>| {
+            log.lock().unwrap().push(start.elapsed());
+            async {
+                std::future::pending::<Result<http::Response<kube::client::Body>, std::convert::Infallible>>().await
+            }
+        });
+        let api: Api<BackgroundJob> = Api::namespaced(kube::Client::new(silent, "ns"), "ns");
+        let created = enqueue_batch(&api, "abc", vec![spec("noop", serde_json::json!({}))], 1, |_| {}).await;
+        assert!(matches!(created, Err(crate::Error::Bulk { created: 0, .. })), "{created:?}");
+        let sent = sent.lock().unwrap();
+        assert!(sent.len() >= 4, "sent again after each 30 s: {sent:?}");
+        assert!(sent.iter().all(|t| *t < CREATES_SENT_WITHIN), "none sent later than 120 s after the first: {sent:?}");
+        assert!(start.elapsed() <= CREATES_SENT_WITHIN, "the last one given up at the end of the window");
+    }
 
     #[test]
     fn batch_names_sort_in_index_order_and_stay_valid() {

@@ -441,6 +441,20 @@ fn known_created(job: &str, kids: &[Child], created_here: Option<&str>) -> bool 
     kids.iter().any(|k| k.name == job) || created_here == Some(job)
 }
 
+/// What [`Pass::add_unseen`] did, in increasing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Looked {
+    /// Asked the API server nothing.
+    Nothing,
+    /// Asked it, and added nothing to `active`.
+    Asked,
+    /// Added an unfinished job to `active`.
+    Added,
+}
+
+/// The longest one read of a job that the job watch has not shown may take ([`Pass::add_unseen`]).
+const LOOKUP_TAKES_AT_MOST: Duration = Duration::from_secs(5);
+
 /// Whether `decided` rests on which of `def`'s jobs are unfinished, and the job it would make: a `Forbid` tick about
 /// to start a job; a `Replace` tick's claim (which records the jobs to cancel in `status.active`) or its job about to
 /// be created (and its predecessors cancelled).
@@ -706,8 +720,15 @@ impl Pass<'_> {
         let judged_now = !matches!(decided, Plan::Create { .. }) || current.is_fresh();
         if judged_now && let Some(creating) = judges_unfinished(def, &decided) {
             let unseen = unseen_maybe_unfinished(def, self.kids, creating);
-            if self.add_unseen(def, unseen, active).await? {
-                return Ok(Step::Same);
+            match self.add_unseen(def, unseen, active).await? {
+                // The reads may have taken long enough for a later tick to be claimed and this one's job made, run
+                // and deleted: a create is decided from the definition as read after them. (A claim is written
+                // under the resourceVersion it was decided on: a 409 if anyone wrote since.)
+                Looked::Asked | Looked::Added if matches!(decided, Plan::Create { .. }) => {
+                    return again(self.read(&def.name_any()).await?);
+                }
+                Looked::Added => return Ok(Step::Same),
+                Looked::Asked | Looked::Nothing => {}
             }
         }
         match decided {
@@ -814,28 +835,43 @@ impl Pass<'_> {
     }
 
     /// Add to `active` the jobs of `unseen` ([`unseen_maybe_unfinished`]) that the API server has as unfinished
-    /// jobs of `def`, each asked once a reconcile (a job watch may lag by minutes); true if any was added.
+    /// jobs of `def`, each asked once a reconcile (a job watch may lag by minutes), each read bounded by
+    /// [`LOOKUP_TAKES_AT_MOST`]. A read that fails fails the reconcile under `Forbid` (no job is started on a guess);
+    /// under `Replace` it is logged and the job is not cancelled, as a cancel that fails ([`cancel_replaced`]).
     async fn add_unseen(
         &self,
         def: &RecurringBackgroundJob,
         unseen: Vec<String>,
         active: &mut Vec<String>,
-    ) -> Result<bool> {
-        let mut added = false;
+    ) -> Result<Looked> {
+        let mut looked = Looked::Nothing;
         for name in unseen {
             if !self.looked_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone()) {
                 continue;
             }
-            let Some(job) = crate::unreadable::get_opt(&self.jobs, &name).await? else { continue };
+            looked = looked.max(Looked::Asked);
+            let read = crate::client::bounded(LOOKUP_TAKES_AT_MOST, async {
+                Ok(crate::unreadable::get_opt(&self.jobs, &name).await?)
+            })
+            .await;
+            let job = match read {
+                Ok(Some(job)) => job,
+                Ok(None) => continue,
+                Err(e) if def.spec.concurrency_policy == RecurringConcurrencyPolicy::Replace => {
+                    warn!(definition = %def.name_any(), job = %name, error = %e, "could not read a job that may have to be cancelled");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let ours = definition_of(&job).is_some_and(|o| Some(o.uid.as_str()) == def.metadata.uid.as_deref());
             if ours && !job.phase().is_final() && !active.contains(&name) {
                 debug!(definition = %def.name_any(), job = %name, "an unfinished job the job watch has not shown");
                 active.push(name);
-                added = true;
+                looked = Looked::Added;
             }
         }
         active.sort();
-        Ok(added)
+        Ok(looked)
     }
 
     /// Record tick `tick` in the status, before anything else happens for it, and return the definition as claimed.
@@ -1712,11 +1748,13 @@ pub(crate) mod tests {
     type SentLog = std::sync::Arc<std::sync::Mutex<Vec<crate::testing::Sent>>>;
 
     /// An apiserver that holds `stored` (a status write naming another resourceVersion gets 409) and, if given, job
-    /// `report-1800000000` in `phase`, owned by the definition of UID `owner`; it answers every other job read with
+    /// `report-1800000000` in `phase` (`Unreadable`: its reads fail), owned by the definition of UID `owner`; it answers every other job read with
     /// 404 and every other write with what was sent; and the requests it was sent.
     fn apiserver(stored: &RecurringBackgroundJob, job: Option<(&str, &str)>) -> (Client, SentLog) {
         let version = stored.metadata.resource_version.clone();
         let stored = serde_json::to_value(stored).unwrap();
+        // Phase "Unreadable": every read of the job fails (500).
+        let failing = job.is_some_and(|(phase, _)| phase == "Unreadable");
         let job = job.map(|(phase, owner)| {
             serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
                 "metadata": {"name": "report-1800000000", "namespace": "ns", "uid": "uid-job", "resourceVersion": "7",
@@ -1732,6 +1770,9 @@ pub(crate) mod tests {
             let jobs = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
             match sent.method.as_str() {
                 "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => (200, stored.clone()),
+                "GET" if sent.path == format!("{jobs}/report-1800000000") && failing => {
+                    (500, status(500, "InternalError"))
+                }
                 "GET" if sent.path == format!("{jobs}/report-1800000000") && job.is_some() => {
                     (200, job.clone().unwrap())
                 }
@@ -1749,7 +1790,17 @@ pub(crate) mod tests {
     }
 
     /// Reconcile `d` at `now` with what this process carried from before, its cache showing `kids`.
-    async fn reconcile_at(client: Client, d: &RecurringBackgroundJob, kids: &[Child], mut carried: Carried, now: i64) {
+    async fn reconcile_at(client: Client, d: &RecurringBackgroundJob, kids: &[Child], carried: Carried, now: i64) {
+        try_reconcile_at(client, d, kids, carried, now).await.unwrap();
+    }
+
+    async fn try_reconcile_at(
+        client: Client,
+        d: &RecurringBackgroundJob,
+        kids: &[Child],
+        mut carried: Carried,
+        now: i64,
+    ) -> Result<Option<Duration>> {
         let worker = Worker::new(
             client.clone(),
             "r".into(),
@@ -1763,7 +1814,7 @@ pub(crate) mod tests {
         let held = crate::lease::Held { lease: Lease::default(), written_at: Instant::now() };
         let fence = Arc::new(crate::lease::Keeper::new(Api::namespaced(client, "ns"), held, Default::default()));
         let started = (t(now), Instant::now());
-        reconcile(&worker, d, kids, &mut carried, &mut Vec::new(), started, &fence, Duration::ZERO).await.unwrap();
+        reconcile(&worker, d, kids, &mut carried, &mut Vec::new(), started, &fence, Duration::ZERO).await
     }
 
     /// `d` as stored: named by UID and resourceVersion.
@@ -1879,5 +1930,40 @@ pub(crate) mod tests {
         let create = sent.iter().position(|s| s.method == "POST").expect("the tick's job is created");
         assert_eq!(sent[create].body["metadata"]["name"], "report-1800000060");
         assert!(cancel < create, "cancelled first: {sent:#?}");
+    }
+
+    /// A job that may be unfinished and cannot be read: `Forbid` starts nothing on a guess (the reconcile fails and is
+    /// tried again); `Replace` goes on and creates the tick's job, as when a cancel fails.
+    #[tokio::test]
+    async fn a_lookup_that_fails_holds_a_forbid_tick_back_and_lets_a_replace_tick_go_on() {
+        let (d, carried) = forbid_after_tick_0();
+        let (client, sent) = apiserver(&d, Some(("Unreadable", "uid-def")));
+        assert!(try_reconcile_at(client, &d, &[], carried, 61).await.is_err());
+        assert!(sent.lock().unwrap().iter().all(|s| s.method == "GET"), "nothing written: {:#?}", sent.lock().unwrap());
+
+        let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
+        let mut claimed = stored(with_pending(replace, 60, "report-1800000060"), "5");
+        claimed.status.as_mut().unwrap().active = vec!["report-1800000000".into(), "report-1800000060".into()];
+        let (client, sent) = apiserver(&claimed, Some(("Unreadable", "uid-def")));
+        reconcile_at(client, &claimed, &[], Carried::default(), 61).await;
+        assert!(sent.lock().unwrap().iter().any(|s| s.method == "POST"), "the tick's job is created");
+    }
+
+    /// A create is decided from the definition as read after the jobs were asked for, however long that took.
+    #[tokio::test]
+    async fn a_replace_create_reads_the_definition_again_after_asking_for_jobs() {
+        let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
+        let mut claimed = stored(with_pending(replace, 60, "report-1800000060"), "5");
+        claimed.status.as_mut().unwrap().active = vec!["report-1800000000".into(), "report-1800000060".into()];
+        let (client, sent) = apiserver(&claimed, Some(("Running", "uid-def")));
+        reconcile_at(client, &claimed, &[], Carried::default(), 61).await;
+        let sent = sent.lock().unwrap();
+        let is_definition =
+            |s: &crate::testing::Sent| s.method == "GET" && s.path.ends_with("/recurringbackgroundjobs/report");
+        let asked =
+            sent.iter().position(|s| s.method == "GET" && s.path.ends_with("/backgroundjobs/report-1800000000"));
+        let read = sent.iter().rposition(is_definition);
+        let created = sent.iter().position(|s| s.method == "POST");
+        assert!(asked.is_some() && asked < read && read < created, "ask, read, create: {sent:#?}");
     }
 }

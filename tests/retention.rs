@@ -106,6 +106,7 @@ async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_delet
     }
 
     let (ok, out, err) = env.cli(&["enqueue", "noop", "-c", "5", "--parallel", "1", "--batch", "q1"]);
+    let made = Instant::now();
     assert!(!ok, "a 4th job is refused: {out}{err}");
     assert!(err.contains("ResourceQuota refuses more BackgroundJobs") && err.contains("exceeded quota"), "{err}");
     assert!(err.contains("3 of 5 jobs of batch \"q1\" were created") && err.contains("--batch q1"), "{err}");
@@ -118,12 +119,16 @@ async fn a_resource_quota_refuses_enqueue_beyond_its_count_until_retention_delet
     let rule = format!("{}/succeeded=1s", env.ns);
     let _r = env.replica("r", &["--retention", &rule]);
     // One job per call: a bulk call may get some of its jobs in as room frees up, and the count below must be exact.
-    let deadline = Instant::now() + 2 * MINUTE;
+    // A bulk call's jobs are kept 186 s after their creation whatever the retention (`retention::kept_at_least_until`),
+    // so that its retried creates cannot make them again: room frees up only then (within a few seconds of clocks).
+    let deadline = made + 4 * MINUTE;
     let mut enqueued = 0;
     while enqueued < 3 {
         let (ok, out, err) = env.cli(&["enqueue", "noop"]);
         if ok {
             assert_eq!(out.matches("created").count(), 1, "{out}");
+            let kept = made.elapsed();
+            assert!(enqueued > 0 || kept > Duration::from_secs(175), "a bulk call's job deleted after only {kept:?}");
             enqueued += 1;
             continue;
         }

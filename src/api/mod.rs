@@ -118,8 +118,9 @@ pub struct BackgroundJobSpec {
     pub template: Option<Box<PodTemplateSpec>>,
 
     /// Delete the job this many seconds after it finished (Succeeded, Failed, Abandoned, Cancelled, Skipped). `0`
-    /// deletes it as soon as it finishes. Unset: the operator's `--retention` for its namespace and outcome (by
-    /// default succeeded and skipped jobs 5 minutes, the others 7 days).
+    /// deletes it as soon as it finishes (a job of a bulk call, labelled `bgjobs.dev/batch`, no sooner than 186 s
+    /// after its creation). Unset: the operator's `--retention` for its namespace and outcome (by default succeeded
+    /// and skipped jobs 5 minutes, the others 7 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,
