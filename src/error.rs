@@ -55,8 +55,8 @@ pub enum Error {
     /// A bulk enqueue stopped part-way (see [`crate::jobs::enqueue_batch`]).
     #[error(
         "{source}\n{created} of {total} jobs of batch {batch:?} were created; the same command with --batch {batch} \
-         creates those that do not exist (repeat it within a minute: jobs deleted by retention since count as \
-         missing)"
+         creates those that do not exist (and again those finished and deleted by retention since: a bulk call's \
+         jobs are kept at least 186 s after their creation)"
     )]
     Bulk {
         /// Jobs created (confirmed) before the call stopped.

@@ -218,8 +218,11 @@ async fn create_once(
     let mut attempt = 1;
     let first_sent = (tokio::time::Instant::now(), std::time::SystemTime::now());
     // The larger of the monotonic clock and the wall clock: only the wall clock counts the time a suspended machine
-    // or a stopped process (Ctrl-Z) was away.
+    // was away. (A request caught mid-connect by a suspend may still send its bytes after the resume, before its
+    // expired timeout is noticed: that is not bounded.)
     let since_first = || first_sent.0.elapsed().max(first_sent.1.elapsed().unwrap_or_default());
+    // Less than this left of the window: no attempt is worth starting.
+    const LEAST_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(1);
     loop {
         // A create still unanswered at the end of the window is given up: its bytes, if sent, were sent before.
         let left = CREATES_SENT_WITHIN.saturating_sub(since_first());
@@ -245,12 +248,16 @@ async fn create_once(
             Ok(Err(e)) => crate::error::from_create(e),
             Err(_) => crate::Error::Timeout(CREATE_TIMEOUT.min(left)),
         };
-        if attempt >= CREATE_ATTEMPTS || !crate::error::is_transient(&e) || since_first() + wait >= CREATES_SENT_WITHIN
-        {
+        let window_ends = |wait| since_first() + wait + LEAST_ATTEMPT >= CREATES_SENT_WITHIN;
+        if attempt >= CREATE_ATTEMPTS || !crate::error::is_transient(&e) || window_ends(wait) {
             return Err(e);
         }
         tracing::debug!(job = %name, error = %e, attempt, "create failed; trying again");
         tokio::time::sleep(wait).await;
+        // The sleep may have overrun (a suspended machine).
+        if window_ends(std::time::Duration::ZERO) {
+            return Err(e);
+        }
         wait = (wait * 2).min(std::time::Duration::from_secs(5));
         attempt += 1;
     }

@@ -1751,8 +1751,19 @@ pub(crate) mod tests {
     /// `report-1800000000` in `phase` (`Unreadable`: its reads fail), owned by the definition of UID `owner`; it answers every other job read with
     /// 404 and every other write with what was sent; and the requests it was sent.
     fn apiserver(stored: &RecurringBackgroundJob, job: Option<(&str, &str)>) -> (Client, SentLog) {
+        apiserver_changing(stored, stored, job)
+    }
+
+    /// As [`apiserver`], but the definition reads `later` once the job has been read.
+    fn apiserver_changing(
+        stored: &RecurringBackgroundJob,
+        later: &RecurringBackgroundJob,
+        job: Option<(&str, &str)>,
+    ) -> (Client, SentLog) {
         let version = stored.metadata.resource_version.clone();
         let stored = serde_json::to_value(stored).unwrap();
+        let later = serde_json::to_value(later).unwrap();
+        let job_read = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Phase "Unreadable": every read of the job fails (500).
         let failing = job.is_some_and(|(phase, _)| phase == "Unreadable");
         let job = job.map(|(phase, owner)| {
@@ -1768,8 +1779,14 @@ pub(crate) mod tests {
         };
         crate::testing::scripted_client(move |sent| {
             let jobs = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
+            if sent.path == format!("{jobs}/report-1800000000") {
+                job_read.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             match sent.method.as_str() {
-                "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => (200, stored.clone()),
+                "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => (
+                    200,
+                    if job_read.load(std::sync::atomic::Ordering::SeqCst) { later.clone() } else { stored.clone() },
+                ),
                 "GET" if sent.path == format!("{jobs}/report-1800000000") && failing => {
                     (500, status(500, "InternalError"))
                 }
@@ -1938,32 +1955,37 @@ pub(crate) mod tests {
     async fn a_lookup_that_fails_holds_a_forbid_tick_back_and_lets_a_replace_tick_go_on() {
         let (d, carried) = forbid_after_tick_0();
         let (client, sent) = apiserver(&d, Some(("Unreadable", "uid-def")));
-        assert!(try_reconcile_at(client, &d, &[], carried, 61).await.is_err());
-        assert!(sent.lock().unwrap().iter().all(|s| s.method == "GET"), "nothing written: {:#?}", sent.lock().unwrap());
+        let failed = try_reconcile_at(client, &d, &[], carried, 61).await.expect_err("the read's failure");
+        assert!(matches!(&failed, Error::Kube(e) if api_code(e) == Some(500)), "{failed}");
+        let sent_forbid = sent.lock().unwrap().clone();
+        assert!(sent_forbid.iter().all(|s| s.method == "GET"), "nothing written: {sent_forbid:#?}");
+        assert!(sent_forbid.iter().any(|s| s.path.ends_with("/backgroundjobs/report-1800000000")), "{sent_forbid:#?}");
 
         let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
         let mut claimed = stored(with_pending(replace, 60, "report-1800000060"), "5");
         claimed.status.as_mut().unwrap().active = vec!["report-1800000000".into(), "report-1800000060".into()];
         let (client, sent) = apiserver(&claimed, Some(("Unreadable", "uid-def")));
         reconcile_at(client, &claimed, &[], Carried::default(), 61).await;
-        assert!(sent.lock().unwrap().iter().any(|s| s.method == "POST"), "the tick's job is created");
+        let sent = sent.lock().unwrap();
+        let create = sent.iter().find(|s| s.method == "POST").expect("the tick's job is created");
+        assert!(create.path.ends_with("/backgroundjobs"), "{create:?}");
+        assert_eq!(create.body["metadata"]["name"], "report-1800000060");
     }
 
-    /// A create is decided from the definition as read after the jobs were asked for, however long that took.
+    /// A create is decided from the definition as read after the jobs were asked for, however long that took: here
+    /// the next tick was claimed meanwhile (by a replica that made this tick's job, which ran and was deleted), and
+    /// this tick's job is not made again.
     #[tokio::test]
     async fn a_replace_create_reads_the_definition_again_after_asking_for_jobs() {
         let replace = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"}));
         let mut claimed = stored(with_pending(replace, 60, "report-1800000060"), "5");
         claimed.status.as_mut().unwrap().active = vec!["report-1800000000".into(), "report-1800000060".into()];
-        let (client, sent) = apiserver(&claimed, Some(("Running", "uid-def")));
+        let mut next_claimed = claimed.clone();
+        claim(next_claimed.status.as_mut().unwrap(), t(120), Some("report-1800000120"), None);
+        let (client, sent) = apiserver_changing(&claimed, &stored(next_claimed, "6"), Some(("Running", "uid-def")));
         reconcile_at(client, &claimed, &[], Carried::default(), 61).await;
         let sent = sent.lock().unwrap();
-        let is_definition =
-            |s: &crate::testing::Sent| s.method == "GET" && s.path.ends_with("/recurringbackgroundjobs/report");
-        let asked =
-            sent.iter().position(|s| s.method == "GET" && s.path.ends_with("/backgroundjobs/report-1800000000"));
-        let read = sent.iter().rposition(is_definition);
-        let created = sent.iter().position(|s| s.method == "POST");
-        assert!(asked.is_some() && asked < read && read < created, "ask, read, create: {sent:#?}");
+        assert!(sent.iter().any(|s| s.path.ends_with("/backgroundjobs/report-1800000000")), "asked: {sent:#?}");
+        assert!(sent.iter().all(|s| s.method != "POST"), "tick 60's job must not be made again: {sent:#?}");
     }
 }
