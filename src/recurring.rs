@@ -458,13 +458,13 @@ const LOOKUP_TAKES_AT_MOST: Duration = Duration::from_secs(5);
 /// Whether `decided` rests on which of `def`'s jobs are unfinished, and the job it would make: a `Forbid` tick about
 /// to start a job; a `Replace` tick's claim (which records the jobs to cancel in `status.active`) or its job about to
 /// be created (and its predecessors cancelled).
-fn judges_unfinished(def: &RecurringBackgroundJob, decided: &Plan) -> Option<Option<String>> {
+fn judges_unfinished(def: &RecurringBackgroundJob, decided: &Plan) -> Option<String> {
     use RecurringConcurrencyPolicy::{Forbid, Replace};
     match (def.spec.concurrency_policy, decided) {
         (Forbid, Plan::Claim { skip: None, tick, .. }) | (Replace, Plan::Claim { tick, .. }) => {
-            Some(Some(job_name(&def.name_any(), *tick)))
+            Some(job_name(&def.name_any(), *tick))
         }
-        (Replace, Plan::Create { job, .. }) => Some(Some(job.clone())),
+        (Replace, Plan::Create { job, .. }) => Some(job.clone()),
         _ => None,
     }
 }
@@ -476,7 +476,7 @@ fn judges_unfinished(def: &RecurringBackgroundJob, decided: &Plan) -> Option<Opt
 /// a replica that took the definition over moments ago): a job it had not shown counted as finished, and `Forbid`
 /// started a job beside it, `Replace` cancelled nothing. Only these few are asked of the API server, and only before
 /// such a decision. A job `bgjobs recurring trigger` made is among them only once a status write has listed it.
-fn unseen_maybe_unfinished(def: &RecurringBackgroundJob, kids: &[Child], creating: Option<String>) -> Vec<String> {
+fn unseen_maybe_unfinished(def: &RecurringBackgroundJob, kids: &[Child], creating: Option<&str>) -> Vec<String> {
     let Some(status) = def.status.as_ref() else { return Vec::new() };
     let named = [&status.pending_job, &status.last_job].into_iter().flatten();
     // Unfinished as cached: already in `active`. Finished for good as cached: settled.
@@ -485,7 +485,7 @@ fn unseen_maybe_unfinished(def: &RecurringBackgroundJob, kids: &[Child], creatin
         Some(kid) => kid.phase.can_retry(),
     };
     let mut unseen: Vec<String> = (status.active.iter().chain(named))
-        .filter(|job| Some(*job) != creating.as_ref() && needs_a_look(job))
+        .filter(|job| Some(job.as_str()) != creating && needs_a_look(job))
         .cloned()
         .collect();
     unseen.sort();
@@ -719,7 +719,7 @@ impl Pass<'_> {
         // A create decided from a cached copy reads the definition first (below), and is judged on that.
         let judged_now = !matches!(decided, Plan::Create { .. }) || current.is_fresh();
         if judged_now && let Some(creating) = judges_unfinished(def, &decided) {
-            let unseen = unseen_maybe_unfinished(def, self.kids, creating);
+            let unseen = unseen_maybe_unfinished(def, self.kids, Some(&creating));
             match self.add_unseen(def, unseen, active).await? {
                 // The reads may have taken long enough for a later tick to be claimed and this one's job made, run
                 // and deleted: a create is decided from the definition as read after them. (A claim is written
@@ -863,8 +863,7 @@ impl Pass<'_> {
                 }
                 Err(e) => return Err(e),
             };
-            let ours = definition_of(&job).is_some_and(|o| Some(o.uid.as_str()) == def.metadata.uid.as_deref());
-            if ours && !job.phase().is_final() && !active.contains(&name) {
+            if made_by(&job, def) && !job.phase().is_final() && !active.contains(&name) {
                 debug!(definition = %def.name_any(), job = %name, "an unfinished job the job watch has not shown");
                 active.push(name);
                 looked = Looked::Added;
@@ -961,7 +960,7 @@ impl Pass<'_> {
             // and says so.
             Err(e) if api_code(&e) == Some(409) => {
                 if let Ok(Some(holder)) = crate::unreadable::get_opt(&self.jobs, name).await
-                    && definition_of(&holder).map(|o| o.uid.as_str()) != def.metadata.uid.as_deref()
+                    && !made_by(&holder, def)
                 {
                     let reason =
                         format!("tick {tick}: no job, its name {name} is held by a job this definition did not make");
@@ -1034,6 +1033,11 @@ pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> Backg
 /// The definition that made `job`, if a definition did (its owner reference).
 pub fn definition_of(job: &BackgroundJob) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
     job.owner_references().iter().find(|o| o.kind == "RecurringBackgroundJob")
+}
+
+/// Whether `job` was made by `def` itself (owned by its UID), not by a definition of the same name before it.
+fn made_by(job: &BackgroundJob, def: &RecurringBackgroundJob) -> bool {
+    definition_of(job).is_some_and(|o| Some(o.uid.as_str()) == def.metadata.uid.as_deref())
 }
 
 /// The tick a job was made for (its `bgjobs.dev/scheduled-time`), if it is a tick's job: named for that tick by its
@@ -1713,7 +1717,7 @@ pub(crate) mod tests {
         let status = d.status.as_mut().unwrap();
         status.last_job = Some("report-1800000120".into());
         status.active = vec!["report-manual-x".into(), "report-1800000060".into()];
-        let creating = || Some("report-1800000120".to_string());
+        let creating = || Some("report-1800000120");
         let both = ["report-1800000060", "report-manual-x"];
         assert_eq!(unseen_maybe_unfinished(&d, &[], creating()), both);
         let shown = |phase| vec![finished("report-1800000060", phase, 1)];
@@ -1733,7 +1737,7 @@ pub(crate) mod tests {
     fn forbid_and_replace_judge_what_is_unfinished_before_a_job_is_made_and_allow_never() {
         let claim = |skip: Option<&str>| Plan::Claim { tick: t(60), skip: skip.map(String::from), catch_up: false };
         let create = Plan::Create { job: "report-1800000060".into(), replace: vec![] };
-        let making = Some(Some("report-1800000060".to_string()));
+        let making = Some("report-1800000060".to_string());
         let forbid = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid"}));
         assert_eq!(judges_unfinished(&forbid, &claim(None)), making);
         assert_eq!(judges_unfinished(&forbid, &claim(Some("skipped"))), None);
