@@ -182,10 +182,10 @@ mod tests {
         }
     }
 
-    /// A bulk call's job outlives every create the call may still send for it, whatever its TTL; no other job has
-    /// such a floor.
+    /// A bulk call's job has a floor past every create the call may still send for it (`expire_finished` keeps the
+    /// job to it whatever its TTL); no other job has such a floor.
     #[test]
-    fn a_bulk_jobs_is_kept_until_its_calls_retried_creates_cannot_land() {
+    fn a_bulk_calls_job_is_kept_until_its_retried_creates_cannot_land() {
         let created = jiff::Timestamp::from_second(1_800_000_000).unwrap();
         let mut j = job("a", Phase::Succeeded, Some(0));
         j.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created));
