@@ -21,6 +21,17 @@ pub struct Sent {
 pub fn scripted_client(
     answer: impl Fn(&Sent) -> (u16, serde_json::Value) + Clone + Send + Sync + 'static,
 ) -> (kube::Client, Arc<Mutex<Vec<Sent>>>) {
+    scripted_client_slow(move |sent| {
+        let (code, reply) = answer(sent);
+        (code, reply, std::time::Duration::ZERO)
+    })
+}
+
+/// As [`scripted_client`], but each answer also says how long after the request it comes (on tokio's clock, so a
+/// test with paused time moves on to it at once): a read served at once and answered late.
+pub fn scripted_client_slow(
+    answer: impl Fn(&Sent) -> (u16, serde_json::Value, std::time::Duration) + Clone + Send + Sync + 'static,
+) -> (kube::Client, Arc<Mutex<Vec<Sent>>>) {
     let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let log = sent.clone();
     let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
@@ -34,8 +45,9 @@ pub fn scripted_client(
                 query: parts.uri.query().unwrap_or_default().to_string(),
                 body: serde_json::from_slice(&body).unwrap_or_default(),
             };
-            let (code, reply) = answer(&request);
+            let (code, reply, after) = answer(&request);
             log.lock().unwrap().push(request);
+            tokio::time::sleep(after).await;
             let mut response = http::Response::new(kube::client::Body::from(serde_json::to_vec(&reply).unwrap()));
             *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
             Ok::<_, std::convert::Infallible>(response)

@@ -325,7 +325,7 @@ async fn start(
         match api_code(&e) {
             // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
             // namesake's Pod collected), create ours.
-            Some(409) => match find(pods, job, &ctx.uid, name).await {
+            Some(409) => match find(pods, job, &ctx.uid, name).await.0 {
                 Found::Ours { uid, .. } => {
                     tracing::info!(pod = %name, "adopted the attempt's pod");
                     return Ok(uid);
@@ -356,7 +356,7 @@ async fn start(
     if let Some(sent) = unanswered {
         tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
     }
-    existing(find(pods, job, &ctx.uid, name).await, name)?.ok_or(failed)
+    existing(find(pods, job, &ctx.uid, name).await.0, name)?.ok_or(failed)
 }
 
 /// Whether a create that failed with this answer (`None`: none came) may still have made, or yet make, the Pod: no
@@ -487,9 +487,11 @@ async fn landed(
     stopped: Option<&str>,
 ) -> Found {
     loop {
+        // Judged as of when the read was sent, not when its answer came: a read served before a late create landed
+        // and answered after the bound says nothing of that create.
         match find(pods, job, job_uid, name).await {
-            Found::Ours { uid, kept } if stopped != Some(uid.as_str()) => return Found::Ours { uid, kept },
-            found if late.over(&found, Instant::now()) => return found,
+            (Found::Ours { uid, kept }, _) if stopped != Some(uid.as_str()) => return Found::Ours { uid, kept },
+            (found, sent) if late.over(&found, sent) => return found,
             _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
@@ -505,16 +507,18 @@ pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) 
     }))
 }
 
-/// Read the Pod named `name` (a quorum read, retried with backoff until it answers).
-async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -> Found {
+/// Read the Pod named `name` (a quorum read, retried with backoff until it answers): what holds the name, and when
+/// the read that answered was sent (it shows nothing that landed after that).
+async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -> (Found, Instant) {
     let mut backoff = Backoff::new();
     loop {
+        let sent = Instant::now();
         match pods.get_opt(name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
-                return Found::Ours { uid: p.uid().unwrap_or_default(), kept: keeps_name(&p) };
+                return (Found::Ours { uid: p.uid().unwrap_or_default(), kept: keeps_name(&p) }, sent);
             }
-            Ok(Some(p)) => return Found::Other(not_ours(&p, job)),
-            Ok(None) => return Found::Absent,
+            Ok(Some(p)) => return (Found::Other(not_ours(&p, job)), sent),
+            Ok(None) => return (Found::Absent, sent),
             Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
         }
         backoff.wait().await;
@@ -1066,6 +1070,43 @@ mod tests {
         assert!(!late.whatever_holds_the_name().over(&ours(true), now), "ended here: every create, whatever holds it");
         assert!(!own.over(&ours(true), now), "this replica's own, whatever holds the name");
         assert!(own.over(&ours(true), now + Duration::from_secs(60)));
+    }
+
+    /// A read served before a late create lands, and answered after the last such create could land, says nothing
+    /// of that create: the look judged it by when its answer came, ended with "absent", and the Pod the late create
+    /// made ran on beside the next attempt's.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_answered_after_the_bound_but_sent_before_it_does_not_end_the_look_for_late_creates() {
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = reads.clone();
+        let (client, _) = crate::testing::scripted_client_slow(move |_| {
+            match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                // Served before the late create landed (absent), answered 45 s later.
+                0 => (
+                    404,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404}),
+                    Duration::from_secs(45),
+                ),
+                // The late create has landed since.
+                _ => (
+                    200,
+                    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "render-7-1", "namespace": "ns", "uid": "pod-uid",
+                            "labels": {JOB_UID_LABEL: "uid-7"}},
+                        "status": {"phase": "Running"}}),
+                    Duration::ZERO,
+                ),
+            }
+        });
+        let pods: Api<Pod> = Api::namespaced(client, "ns");
+        let late = LateCreates::until(Instant::now() + Duration::from_secs(30));
+        let found = landed(&pods, &job(), "uid-7", "render-7-1", late, None).await;
+        assert!(
+            matches!(&found, Found::Ours { uid, .. } if uid == "pod-uid"),
+            "the late create's Pod must be found and stopped, not the look ended as absent"
+        );
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     fn job() -> BackgroundJob {
