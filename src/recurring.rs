@@ -67,9 +67,12 @@ pub const SCHEDULED_TIME_ANNOTATION: &str = "bgjobs.dev/scheduled-time";
 
 /// How soon a definition whose reconcile failed is tried again.
 const RETRY: Duration = Duration::from_secs(1);
-/// Longer than this, the cancels `Replace` sends before a create leave the definition as read too old to create
-/// from: it is read again (see [`Pass::step`]). They take milliseconds unless an admission webhook holds them.
-const CANCELS_TAKE_AT_MOST: Duration = Duration::from_secs(2);
+/// How long after the request that read (or wrote) it was sent a definition counts as stored, for a tick's create:
+/// every create of a tick's job must be sent while that job is still `pendingJob`, before any later claim (see
+/// [`history::late_creates_land_by`]). A read whose answer came later (a stalled connection, a slow apiserver), or
+/// cancels that `Replace` sent after it (an admission webhook holding them), leave it too old: it is read again
+/// before a create ([`Pass::step`]). Reads take milliseconds.
+const READ_GOOD_FOR: Duration = Duration::from_secs(2);
 /// Most steps one reconcile takes. A tick needs three (claim, create, idle); the rest absorb re-reads
 /// after 409s from other writers of the definition.
 const MAX_STEPS: usize = 16;
@@ -578,9 +581,9 @@ async fn reconcile(
     let mut current = match carried.armed.take() {
         Some(armed) => {
             versions.extend(armed.def.resource_version());
-            Current { def: armed.def, fresh: true, good_until: Some(armed.until) }
+            Current { def: armed.def, stored: Stored::Armed { until: armed.until } }
         }
-        None => Current { def: def.clone(), fresh: false, good_until: None },
+        None => Current { def: def.clone(), stored: Stored::Cached },
     };
     let decided = match pass.decide(&mut current, carried, versions).await {
         Err(e) if e.is_not_found() => {
@@ -599,23 +602,37 @@ async fn reconcile(
     decided.map(|d| d.next.into_iter().chain(trim_again).min())
 }
 
-/// The definition a decision is made from, and whether it came from the API server in this reconcile (`fresh`) or
-/// from the watch cache, which may lag behind.
+/// The definition a decision is made from, and where it came from.
 struct Current {
     def: RecurringBackgroundJob,
-    fresh: bool,
-    /// For a claim carried to its tick ([`Armed`]): fresh only until then.
-    good_until: Option<Instant>,
+    stored: Stored,
+}
+
+/// Where a [`Current`] definition came from, and so until when it may be taken as stored.
+#[derive(Clone, Copy)]
+enum Stored {
+    /// The watch cache, which may lag behind: never.
+    Cached,
+    /// Read from (or written to) the API server by a request sent at `sent`: for [`READ_GOOD_FOR`] after that.
+    Read { sent: Instant },
+    /// A claim this process carried to its tick ([`Armed`]): until [`Armed::until`].
+    Armed { until: Instant },
 }
 
 impl Current {
-    /// Whether the definition may be taken as stored now (see [`Armed::until`]).
+    /// Whether the definition may be taken as stored now.
     fn is_fresh(&self) -> bool {
-        self.fresh && self.good_until.is_none_or(|until| Instant::now() <= until)
+        let now = Instant::now();
+        match self.stored {
+            Stored::Cached => false,
+            Stored::Read { sent } => now <= sent + READ_GOOD_FOR,
+            Stored::Armed { until } => now <= until,
+        }
     }
 
-    fn read(def: RecurringBackgroundJob) -> Current {
-        Current { def, fresh: true, good_until: None }
+    /// The definition as a request sent at `sent` returned it.
+    fn read(def: RecurringBackgroundJob, sent: Instant) -> Current {
+        Current { def, stored: Stored::Read { sent } }
     }
 }
 
@@ -630,7 +647,7 @@ struct Decided {
 /// What a step of [`Pass::decide`] leaves to do.
 enum Step {
     /// Decide again on this newer version of the definition, as the API server returned it.
-    Again(Box<RecurringBackgroundJob>),
+    Again(Box<Current>),
     /// Decide again on the same version.
     Same,
     /// The tick's job was just created and nothing else is due: look again in this long. The rest (the status's
@@ -674,8 +691,8 @@ impl Pass<'_> {
         for _ in 0..MAX_STEPS {
             match self.step(current, &mut active, carried).await {
                 Ok(Step::Again(newer)) => {
-                    versions.extend(newer.resource_version());
-                    *current = Current::read(*newer)
+                    versions.extend(newer.def.resource_version());
+                    *current = *newer
                 }
                 Ok(Step::Same) => {}
                 Ok(Step::Created(next)) => return Ok(Decided { next, created: true }),
@@ -685,7 +702,7 @@ impl Pass<'_> {
                 }
                 Err(e) if e.is_conflict() => {
                     debug!(definition = %current.def.name_any(), "definition changed since read (409): reading again");
-                    *current = Current::read(self.read(&current.def.name_any()).await?);
+                    *current = self.read(&current.def.name_any()).await?;
                     versions.extend(current.def.resource_version());
                     conflict = Some(e);
                 }
@@ -695,12 +712,33 @@ impl Pass<'_> {
         conflict.map_or(Ok(Decided { next: Some(RETRY), created: false }), Err)
     }
 
+    /// The cluster's time now, by the clock reading this reconcile started from.
+    fn now_at_step(&self) -> Timestamp {
+        self.now + SignedDuration::try_from(self.started.elapsed()).unwrap_or(SignedDuration::ZERO)
+    }
+
     /// The definition as stored (a stand-in if it cannot be read); NotFound if it is gone.
-    async fn read(&self, name: &str) -> Result<RecurringBackgroundJob> {
-        crate::unreadable::get_opt(&self.defs, name).await?.ok_or_else(|| {
+    async fn read(&self, name: &str) -> Result<Current> {
+        let sent = Instant::now();
+        let def = crate::unreadable::get_opt(&self.defs, name).await?.ok_or_else(|| {
             let gone = kube::core::Status::failure(&format!("recurringbackgroundjobs {name:?} not found"), "NotFound");
             Error::Kube(kube::Error::Api(gone.with_code(404).boxed()))
-        })
+        })?;
+        Ok(Current::read(def, sent))
+    }
+
+    /// The definition as a status write of `current` sent now returns it (as `current` was, if nothing changed).
+    async fn write(
+        &self,
+        current: &Current,
+        change: impl FnOnce(&mut RecurringBackgroundJobStatus),
+    ) -> Result<Current> {
+        let sent = Instant::now();
+        let written = write_status(&self.defs, &current.def, change).await?;
+        if written.resource_version() == current.def.resource_version() {
+            return Ok(Current { def: written, stored: current.stored });
+        }
+        Ok(Current::read(written, sent))
     }
 
     /// Record that `def` makes no job, and why (`Valid=False`).
@@ -711,8 +749,9 @@ impl Pass<'_> {
 
     /// Carry out one decision of [`plan`] for the definition as read.
     async fn step(&self, current: &Current, active: &mut Vec<String>, carried: &mut Carried) -> Result<Step> {
-        let (def, now) = (&current.def, self.now);
-        let again = |newer: RecurringBackgroundJob| Ok(Step::Again(Box::new(newer)));
+        // Decided at the time of the step: the reads and writes of the steps before may have taken a while.
+        let (def, now) = (&current.def, self.now_at_step());
+        let again = |newer: Current| Ok(Step::Again(Box::new(newer)));
         let created_here = &mut carried.created_here;
         let known = |job: &str| known_created(job, self.kids, created_here.as_deref());
         let decided = plan(def, active, known, now, self.ahead);
@@ -745,7 +784,9 @@ impl Pass<'_> {
                 .await?;
                 Ok(Step::Done(next, written.resource_version()))
             }
-            Plan::Claim { tick, skip, catch_up } => again(self.claim_tick(def, tick, skip, catch_up, active).await?),
+            Plan::Claim { tick, skip, catch_up } => {
+                again(self.claim_tick(current, tick, skip, catch_up, active).await?)
+            }
             Plan::Await { job, wait } => {
                 // Claimed ahead. From the claim as written (or just read), its job can be created at the tick
                 // without reading the definition again, until `armed_past_tick` after it; from a cache, later, or
@@ -754,8 +795,11 @@ impl Pass<'_> {
                 if current.is_fresh()
                     && let Some(past_tick) = armed_past_tick(lead)
                 {
-                    let until = self.started + wait + past_tick;
-                    let until = current.good_until.map_or(until, |u| u.min(until));
+                    let until = Instant::now() + wait + past_tick;
+                    let until = match current.stored {
+                        Stored::Armed { until: armed } => armed.min(until),
+                        Stored::Read { .. } | Stored::Cached => until,
+                    };
                     carried.armed = Some(Armed { def: def.clone(), fence: self.fence.clone(), until });
                 }
                 debug!(definition = %def.name_any(), %job, ?wait, "tick claimed ahead: its job is created when due");
@@ -765,26 +809,23 @@ impl Pass<'_> {
             // its tick twice. Decide from the definition as stored.
             Plan::Create { .. } if !current.is_fresh() => again(self.read(&def.name_any()).await?),
             Plan::Create { job, replace } => {
-                let cancelling = Instant::now();
                 cancel_replaced(&self.jobs, &replace).await;
-                if !current.is_fresh() {
-                    return again(self.read(&def.name_any()).await?);
-                }
-                // Cancels slowed down (a slow admission webhook) may have outlasted this replica's hold on the
-                // definition: a later tick may have been claimed and this one's job made, run and deleted since
-                // (kept only [`LATE_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only
-                // while the job is pending as stored, just read.
+                // Cancels slowed down (a slow admission webhook) may have left the definition as read too old: a later
+                // tick may have been claimed and this one's job made, run and deleted since (kept only
+                // [`LATE_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only while the job
+                // is pending as stored, read within [`READ_GOOD_FOR`].
                 let mut read = None;
-                let def = if cancelling.elapsed() > CANCELS_TAKE_AT_MOST {
+                let def = if current.is_fresh() {
+                    def
+                } else {
                     let stored = read.insert(self.read(&def.name_any()).await?);
                     let known = |j: &str| known_created(j, self.kids, carried.created_here.as_deref());
-                    if !matches!(plan(stored, active, known, now, self.ahead), Plan::Create { job: j, .. } if j == job)
-                    {
-                        return again(stored.clone());
+                    let now = self.now_at_step();
+                    let still = |p: Plan| matches!(p, Plan::Create { job: j, .. } if j == job);
+                    if !stored.is_fresh() || !still(plan(&stored.def, active, known, now, self.ahead)) {
+                        return Ok(Step::Again(Box::new(read.take().expect("just read"))));
                     }
-                    &*stored
-                } else {
-                    def
+                    &stored.def
                 };
                 let created_here = &mut carried.created_here;
                 self.create_job(def, &job).await?;
@@ -803,7 +844,7 @@ impl Pass<'_> {
                     Plan::Idle(next) => Ok(Step::Created(next)),
                     // Go on from the definition as just read, if it was.
                     _ => match read {
-                        Some(stored) => again(stored.clone()),
+                        Some(stored) => again(stored),
                         None => Ok(Step::Same),
                     },
                 }
@@ -816,13 +857,13 @@ impl Pass<'_> {
                     return Ok(Step::Same);
                 }
                 // Under the resourceVersion the edit is in: from a cache that lags, a 409 and a read.
-                let newer = write_status(&self.defs, def, |s| withdraw(s, &job, at)).await?;
+                let newer = self.write(current, |s| withdraw(s, &job, at)).await?;
                 carried.armed = None;
                 info!(definition = %def.name_any(), %job, "claim of a tick not yet due taken back: the spec changed since");
                 again(newer)
             }
             Plan::Abandon { job, reason } => {
-                let newer = write_status(&self.defs, def, |s| give_up(s, &job, active)).await?;
+                let newer = self.write(current, |s| give_up(s, &job, active)).await?;
                 if !known_created(&job, self.kids, created_here.as_deref()) {
                     warn!(definition = %def.name_any(), %reason, "tick abandoned");
                     self.worker.metrics.recurring_skipped.get_or_create(&reason_label("Abandoned")).inc();
@@ -878,27 +919,29 @@ impl Pass<'_> {
     /// for a tick that could not be recorded.
     async fn claim_tick(
         &self,
-        def: &RecurringBackgroundJob,
+        current: &Current,
         tick: Timestamp,
         skip: Option<String>,
         catch_up: bool,
         active: &[String],
-    ) -> Result<RecurringBackgroundJob> {
-        let (name, now) = (def.name_any(), self.now);
+    ) -> Result<Current> {
+        let (def, now) = (&current.def, self.now_at_step());
+        let name = def.name_any();
         let job = skip.is_none().then(|| job_name(&name, tick));
         let next = next_due(def, now, Some(tick));
         // `active` as it will be once the job exists, so that the look after the create has nothing to write.
         let mut active = active.to_vec();
         active.extend(job.clone().filter(|j| !active.contains(j)));
         active.sort();
-        let claimed = write_status(&self.defs, def, |s| {
-            claim(s, tick, job.as_deref(), next);
-            // What the claim replaced, the definition's creation for a first one: the floor of a withdrawal.
-            s.previous_schedule_time = handled_until(def).map(Time);
-            set_active(s, &active);
-            set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
-        })
-        .await;
+        let claimed = self
+            .write(current, |s| {
+                claim(s, tick, job.as_deref(), next);
+                // What the claim replaced, the definition's creation for a first one: the floor of a withdrawal.
+                s.previous_schedule_time = handled_until(def).map(Time);
+                set_active(s, &active);
+                set_valid(s, true, "Scheduled", "schedule and time zone are valid", now);
+            })
+            .await;
         let mut claimed = match claimed {
             Err(e) if !e.is_conflict() && !e.is_not_found() => {
                 let note = format!("could not record tick {tick} in the status, so no job is created for it: {e}");
@@ -916,7 +959,7 @@ impl Pass<'_> {
             info!(definition = %name, %reason, "tick skipped");
             self.worker.event_on(def, EventType::Normal, "TickSkipped", reason);
         } else if let Some(job) = job
-            && restore_dropped_pending(&mut claimed, &job)
+            && restore_dropped_pending(&mut claimed.def, &job)
         {
             warn!(definition = %name, %job, "the API server dropped status.pendingJob: the RecurringBackgroundJob \
                 CRD is older than the operator (apply crds/); a crash between this claim and the create (which \
@@ -1991,5 +2034,43 @@ pub(crate) mod tests {
         let sent = sent.lock().unwrap();
         assert!(sent.iter().any(|s| s.path.ends_with("/backgroundjobs/report-1800000000")), "asked: {sent:#?}");
         assert!(sent.iter().all(|s| s.method != "POST"), "tick 60's job must not be made again: {sent:#?}");
+    }
+
+    /// A read of the definition answered late may show a tick's job pending after a later tick was claimed (by
+    /// another replica, which took the definition over and made, ran and trimmed that job meanwhile): a create
+    /// decided from it made the job again, and the tick ran twice. A read counts as stored only [`READ_GOOD_FOR`]
+    /// after it was sent; an older one is read again.
+    #[tokio::test]
+    async fn a_definition_read_answered_late_is_read_again_before_a_create() {
+        let allow = def("* * * * *", serde_json::json!({}));
+        let pending = stored(with_pending(allow, 60, "report-1800000060"), "5");
+        let mut next_claimed = pending.clone();
+        claim(next_claimed.status.as_mut().unwrap(), t(120), Some("report-1800000120"), None);
+        let next_claimed = stored(next_claimed, "6");
+        let (pending_json, next_json) =
+            (serde_json::to_value(&pending).unwrap(), serde_json::to_value(&next_claimed).unwrap());
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (client, sent) = crate::testing::scripted_client_slow(move |sent| match sent.method.as_str() {
+            "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => {
+                match reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                    // Served before the next claim, answered after it.
+                    0 => (200, pending_json.clone(), READ_GOOD_FOR + Duration::from_millis(500)),
+                    _ => (200, next_json.clone(), Duration::ZERO),
+                }
+            }
+            "GET" => (
+                404,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404}),
+                Duration::ZERO,
+            ),
+            _ => (200, sent.body.clone(), Duration::ZERO),
+        });
+        // The cache shows tick 60's job pending and no job: a create, decided from a read.
+        reconcile_at(client, &pending, &[], Carried::default(), 61).await;
+        let sent = sent.lock().unwrap();
+        assert!(sent.iter().all(|s| s.method != "POST"), "tick 60's job must not be made again: {sent:#?}");
+        let def_reads = sent.iter().filter(|s| s.path.ends_with("/recurringbackgroundjobs/report")).count();
+        assert_eq!(def_reads, 2, "read, then read again: {sent:#?}");
     }
 }
