@@ -15,16 +15,23 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def report(url, token, kind, body):
-    """POST one report (complete, fail or heartbeat); returns the endpoint's JSON answer."""
+def report(url, token, kind, body, tries=8):
+    """POST one report (complete, fail or heartbeat); returns the endpoint's JSON answer. A 503 (the job's request
+    is not answered yet, or the apiserver is unreachable) is sent again a few times."""
     request = urllib.request.Request(
         f"{url}/v1/{kind}",
         data=json.dumps(body).encode(),
         method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.load(answer)
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return json.load(answer)
+        except urllib.error.HTTPError as refused:
+            if refused.code != 503 or attempt == tries - 1:
+                raise
+            time.sleep(min(0.25 * 2**attempt, 4))
 
 
 def work(url, token, args, seconds, every):

@@ -5,10 +5,31 @@ use std::time::Duration;
 use super::decide::Report;
 use crate::error::{Error, Result};
 
+/// How long [`send`] keeps sending a report the endpoint answers `503` (send again: the apiserver could not be
+/// reached, the replica is busy, or the attempt's request is not answered yet).
+const SENT_AGAIN_FOR: Duration = Duration::from_secs(30);
+
 /// POST `report` for the attempt `token` names to the report endpoint at `url` (the `--report-url` the operator
-/// handed out: `X-BGJobs-Report-Url`, `BGJOBS_REPORT_URL`). The endpoint's JSON answer; a refusal is an error that
-/// carries its status and message.
+/// handed out: `X-BGJobs-Report-Url`, `BGJOBS_REPORT_URL`), sent again on `503` for up to [`SENT_AGAIN_FOR`]. The
+/// endpoint's JSON answer; a refusal is an error that carries its status and message.
 pub async fn send(url: &str, token: &str, report: &Report) -> Result<serde_json::Value> {
+    let until = tokio::time::Instant::now() + SENT_AGAIN_FOR;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match send_once(url, token, report).await {
+            Err(Error::Report(refused))
+                if refused.starts_with("503 ") && tokio::time::Instant::now() + pause < until =>
+            {
+                tracing::debug!(%refused, ?pause, "report refused for now: sending it again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(4));
+            }
+            answer => return answer,
+        }
+    }
+}
+
+async fn send_once(url: &str, token: &str, report: &Report) -> Result<serde_json::Value> {
     let endpoint = format!("{}/v1/{}", url.trim_end_matches('/'), report.kind());
     let body = match report {
         Report::Complete { result } => serde_json::json!({"result": result}),
