@@ -23,24 +23,73 @@ pub const MEMBER_LABEL: &str = "bgjobs.dev/member";
 pub const RECURRING_ANNOTATION: &str = "bgjobs.dev/recurring";
 /// Annotation on a member Lease: whether that replica claims and runs jobs (`"true"`/`"false"`).
 pub const JOBS_ANNOTATION: &str = "bgjobs.dev/jobs";
+/// Annotation on a member Lease: how many attempts that replica runs at once at most
+/// (`--max-concurrent-jobs-per-instance`).
+pub const SLOTS_ANNOTATION: &str = "bgjobs.dev/slots";
+/// Annotation on a member Lease: the queues that replica serves, comma-separated (`--queues`; empty: every queue).
+pub const QUEUES_ANNOTATION: &str = "bgjobs.dev/queues";
 
 /// What a replica does, written on its member Lease so that each kind of work is shared only among the members
 /// that do it: a member that runs no jobs owns none of the queue's head ([`crate::ordering::pick`]), or the others
 /// would leave its share to it for a moment every time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Roles {
     /// Runs the recurring controller (`--recurring`).
     pub recurring: bool,
     /// Claims and runs jobs (not `--no-execute`).
     pub jobs: bool,
+    /// Runs this many attempts at once at most: the other replicas leave it none of the queue's head while it runs
+    /// as many ([`Claimer`]).
+    pub slots: u32,
+    /// Serves only these queues (empty: every queue).
+    pub queues: Vec<String>,
 }
 
 impl Roles {
-    fn annotations(self) -> BTreeMap<String, String> {
+    fn annotations(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (RECURRING_ANNOTATION.to_string(), self.recurring.to_string()),
             (JOBS_ANNOTATION.to_string(), self.jobs.to_string()),
+            (SLOTS_ANNOTATION.to_string(), self.slots.to_string()),
+            (QUEUES_ANNOTATION.to_string(), self.queues.join(",")),
         ])
+    }
+}
+
+/// A member that claims jobs, as its Lease says: the owner of a share of the queue's head
+/// ([`crate::ordering::pick`]), but only of the jobs of the queues it serves, and only while it has room for one
+/// more attempt. A share left to a replica that cannot take it waits out its owner's turn, and meanwhile the replica
+/// with the free slot spends it on a later job: the head then waits for a slot to free up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimer {
+    /// Its identity.
+    pub identity: String,
+    /// How many attempts it runs at most; `None`: a replica of an older version, which does not say (it counts as
+    /// always having room, as all did).
+    pub slots: Option<u32>,
+    /// The queues it serves; empty: every queue.
+    pub queues: Vec<String>,
+}
+
+impl Claimer {
+    /// What the member Lease `l` says.
+    pub fn of(l: &Lease) -> Option<Claimer> {
+        let identity = lease::holder(l)?.to_string();
+        let slots = lease::annotation(l, SLOTS_ANNOTATION).and_then(|n| n.parse().ok());
+        let queues = lease::annotation(l, QUEUES_ANNOTATION)
+            .map(|q| q.split(',').filter(|q| !q.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default();
+        Some(Claimer { identity, slots, queues })
+    }
+
+    /// Whether it serves `queue`.
+    pub fn serves(&self, queue: &str) -> bool {
+        self.queues.is_empty() || self.queues.iter().any(|q| q == queue)
+    }
+
+    /// Whether it has room for another attempt, running `running` as far as the job cache shows.
+    pub fn has_room(&self, running: usize) -> bool {
+        self.slots.is_none_or(|slots| running < slots as usize)
     }
 }
 
@@ -140,6 +189,29 @@ pub fn identities(leases: &[Arc<Lease>], me: &str, includes: impl Fn(&Lease) -> 
     out.sort();
     out.dedup();
     out
+}
+
+/// The members that claim jobs among the `live` member Leases ([`runs_jobs`]), and `me`, sorted by identity. This
+/// replica counts as having room and serving every queue: it is the one picking, with a slot free, among the jobs
+/// of its own queues.
+pub fn claimers(live: &[Arc<Lease>], me: &str) -> Vec<Claimer> {
+    let mut out: Vec<Claimer> = live.iter().filter(|l| runs_jobs(l)).filter_map(|l| Claimer::of(l)).collect();
+    out.retain(|c| c.identity != me);
+    out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new() });
+    out.sort_by(|a, b| a.identity.cmp(&b.identity));
+    out.dedup_by(|a, b| a.identity == b.identity);
+    out
+}
+
+/// The members that may own a job of `queue` now ([`crate::ordering::Waiting::owners`]): the `claimers` that serve
+/// it and have room for another attempt, each running as many as `running` says (the job cache's `Running` jobs
+/// whose worker it is).
+pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &str) -> crate::ordering::Owners {
+    claimers
+        .iter()
+        .filter(|c| c.serves(queue) && c.has_room(running(&c.identity)))
+        .map(|c| c.identity.clone())
+        .collect()
 }
 
 /// Keep this replica's member Lease renewed until `stop`, then delete it. The Lease says what `roles` says, from
@@ -252,9 +324,9 @@ mod tests {
             metadata: kube::api::ObjectMeta { annotations: Some(annotations), ..Default::default() },
             ..Default::default()
         };
-        let no_jobs = lease(Roles { recurring: true, jobs: false }.annotations());
+        let no_jobs = lease(Roles { recurring: true, jobs: false, slots: 4, queues: vec![] }.annotations());
         assert!(!runs_jobs(&no_jobs) && runs_recurring(&no_jobs));
-        let no_recurring = lease(Roles { recurring: false, jobs: true }.annotations());
+        let no_recurring = lease(Roles { recurring: false, jobs: true, slots: 4, queues: vec![] }.annotations());
         assert!(runs_jobs(&no_recurring) && !runs_recurring(&no_recurring));
         let older = lease(BTreeMap::new());
         assert!(runs_jobs(&older) && runs_recurring(&older));
@@ -272,12 +344,55 @@ mod tests {
             })
         };
         let live = [
-            member("b", Roles { recurring: true, jobs: true }),
-            member("c", Roles { recurring: true, jobs: false }),
-            member("a", Roles { recurring: true, jobs: true }),
+            member("b", Roles { recurring: true, jobs: true, slots: 4, queues: vec![] }),
+            member("c", Roles { recurring: true, jobs: false, slots: 4, queues: vec![] }),
+            member("a", Roles { recurring: true, jobs: true, slots: 4, queues: vec![] }),
         ];
         assert_eq!(identities(&live, "a", |_| true), ["a", "b", "c"], "sorted, this replica once");
         assert_eq!(identities(&live, "a", runs_jobs), ["a", "b"]);
+    }
+
+    #[test]
+    fn only_members_with_room_that_serve_the_queue_own_its_jobs() {
+        let member = |holder: &str, slots: u32, queues: &[&str]| {
+            let roles =
+                Roles { recurring: true, jobs: true, slots, queues: queues.iter().map(|q| q.to_string()).collect() };
+            Arc::new(Lease {
+                metadata: kube::api::ObjectMeta { annotations: Some(roles.annotations()), ..Default::default() },
+                spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(holder.to_string()),
+                    ..Default::default()
+                }),
+            })
+        };
+        let older = Arc::new(Lease {
+            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: Some("old".to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let live = [
+            member("full", 2, &[]),
+            member("busy", 2, &[]),
+            member("only-b", 4, &["b"]),
+            older,
+            member("me", 1, &["a"]),
+        ];
+        let claimers = claimers(&live, "me");
+        assert_eq!(
+            claimers.iter().map(|c| c.identity.as_str()).collect::<Vec<_>>(),
+            ["busy", "full", "me", "old", "only-b"]
+        );
+        let running = |identity: &str| match identity {
+            "full" => 2,
+            "busy" | "old" => 1,
+            _ => 0,
+        };
+        // Full: none; an older replica, which does not say how many it runs: as before, always room; this replica:
+        // room (it is picking with a slot free) and every queue of its backlog.
+        assert_eq!(&*owners_of(&claimers, running, "a"), ["busy", "me", "old"]);
+        assert_eq!(&*owners_of(&claimers, running, "b"), ["busy", "me", "old", "only-b"]);
     }
 
     #[test]

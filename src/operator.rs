@@ -109,6 +109,8 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     let (roles, roles_rx) = watch::channel(crate::members::Roles {
         recurring: config.recurring_enabled,
         jobs: config.job_execution_enabled,
+        slots: config.max_concurrent_jobs_per_instance,
+        queues: config.queues.clone(),
     });
     let heartbeat = tokio::spawn(crate::members::heartbeat(
         client.clone(),

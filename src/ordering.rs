@@ -126,7 +126,13 @@ pub struct Runnable {
     pub overdue: bool,
     /// In this replica's window for at least [`OWNER_FIRST_FOR`]: the replica that owns it had its turn.
     pub owner_had_its_turn: bool,
+    /// The live members that may own it ([`Waiting::owners`]).
+    pub owners: Owners,
 }
+
+/// The identities of the live members that may own a job: those that run jobs, serve its queue and have room for
+/// another attempt (see [`crate::members::Claimer`]), this replica among them, sorted. Shared by the jobs of a queue.
+pub type Owners = std::sync::Arc<[String]>;
 
 /// A job of the window [`HeadClocks::mark`] is shown, head first.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,6 +145,8 @@ pub struct Waiting {
     /// with a concurrency key: its key's Lease lets one claim through anyway (a refused claim costs one key Lease
     /// write), and a key's next job would otherwise wait out a turn at every handoff while its owner is busy.
     pub owner_first: bool,
+    /// The live members that may own it: one of them, by rendezvous hashing, during each second ([`pick`]).
+    pub owners: Owners,
 }
 
 /// Since when each job has been at the head of this replica's view of the queue, what makes a job
@@ -178,7 +186,7 @@ impl HeadClocks {
         };
         let runnable = window
             .iter()
-            .map(|Waiting { key, uid, owner_first }| {
+            .map(|Waiting { key, uid, owner_first, owners }| {
                 let overdue = at_head.contains(uid.as_str()) && {
                     let left = OVERDUE_AFTER.saturating_sub(waited(&mut self.since, uid, now));
                     wake_in(left);
@@ -188,7 +196,12 @@ impl HeadClocks {
                 if free > 0 && *owner_first {
                     wake_in(turn_left);
                 }
-                Runnable { key: key.clone(), overdue, owner_had_its_turn: !owner_first || turn_left.is_zero() }
+                Runnable {
+                    key: key.clone(),
+                    overdue,
+                    owner_had_its_turn: !owner_first || turn_left.is_zero(),
+                    owners: owners.clone(),
+                }
             })
             .collect();
         (runnable, next)
@@ -211,12 +224,14 @@ impl HeadClocks {
 ///
 /// With one replica the answer is simply the head `free_slots` jobs. With `workers` replicas racing for the same
 /// head, each looks at a window of `free_slots * workers` jobs (all of which are about to start anyway). Each job of
-/// the window belongs to one of the live `members` (rendezvous hashing over the job and `epoch`): a replica takes
-/// its own jobs first, then, with slots left, the others' by a hash of (its identity, the job, `epoch`), but only
-/// those whose owner had its turn ([`OWNER_FIRST_FOR`] in this replica's window): until then the owner has most
-/// likely claimed it already, unseen here. Replicas that see the same window and members thus go for disjoint jobs,
-/// and claim conflicts stay rare; a job whose owner is busy, runs no jobs or is gone is taken by whoever has slots
-/// left once its owner's turn is over. Racing nobody (`workers` 1), a replica takes the head whoever owns it.
+/// the window belongs to one of its [`Runnable::owners`] (rendezvous hashing over the job and `epoch`): a replica
+/// takes its own jobs first, in queue order, then, with slots left, the others' by a hash of (its identity, the job,
+/// `epoch`), but only those whose owner had its turn ([`OWNER_FIRST_FOR`] in this replica's window): until then the
+/// owner has most likely claimed it already, unseen here. Replicas that see the same window and members thus go for
+/// disjoint jobs, and claim conflicts stay rare. Only a member with room for another attempt owns jobs (the caller
+/// counts `workers` and `owners` so): a slot free here is never spent on a later job while an earlier one waits for a
+/// replica that cannot take it. A job whose owner is slow or gone is taken by whoever has slots left once its
+/// owner's turn is over. Racing nobody (`workers` 1), a replica takes the head whoever owns it.
 ///
 /// A fixed assignment could pass over the same job forever (a job every replica ranks low, with new jobs always
 /// entering the window). Two things prevent that: ownership and ranking change with `epoch` (the caller passes the
@@ -226,7 +241,6 @@ pub fn pick<'a>(
     runnable: &'a [Runnable],
     free_slots: usize,
     workers: usize,
-    members: &[String],
     me: &str,
     epoch: u64,
 ) -> Vec<&'a QueueKey> {
@@ -240,8 +254,10 @@ pub fn pick<'a>(
         .filter(|i| !chosen.contains(i))
         .filter_map(|i| {
             let key = &runnable[i].key;
-            let mine = owner_of(members, key, epoch).is_none_or(|owner| owner == me);
-            (mine || !racing || runnable[i].owner_had_its_turn).then(|| (!mine, rank(me, key, epoch), i))
+            let mine = owner_of(&runnable[i].owners, key, epoch).is_none_or(|owner| owner == me);
+            // Its own in queue order; the others' spread over the replicas with slots left.
+            let rank = if mine { 0 } else { rank(me, key, epoch) };
+            (mine || !racing || runnable[i].owner_had_its_turn).then_some((!mine, rank, i))
         })
         .collect();
     if window > free_slots {
@@ -400,24 +416,34 @@ mod tests {
                 key: QueueKey::of(&job(&format!("j{i:03}"), Priority::Normal, 100, &i.to_string())),
                 overdue: false,
                 owner_had_its_turn: true,
+                owners: Owners::default(),
             })
             .collect()
+    }
+
+    /// `runnable`, each job owned by one of `members`.
+    fn owned(mut runnable: Vec<Runnable>, members: &[String]) -> Vec<Runnable> {
+        let owners: Owners = members.into();
+        for r in &mut runnable {
+            r.owners = owners.clone();
+        }
+        runnable
     }
 
     #[test]
     fn a_single_worker_takes_exactly_the_head() {
         let k = keys(10);
-        let names: Vec<_> = pick(&k, 3, 1, &[], "me", 7).into_iter().map(|k| k.name.clone()).collect();
+        let names: Vec<_> = pick(&k, 3, 1, "me", 7).into_iter().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["j000", "j001", "j002"]);
     }
 
     #[test]
     fn several_workers_stay_within_the_window_and_mostly_pick_different_jobs() {
-        let k = keys(100);
         let workers = 4;
+        let k = owned(keys(100), &crew(workers));
         let mut all = Vec::new();
         for w in 0..workers {
-            let picks = pick(&k, 4, workers, &crew(workers), &format!("worker-{w}"), 7);
+            let picks = pick(&k, 4, workers, &format!("worker-{w}"), 7);
             assert_eq!(picks.len(), 4);
             assert!(picks.iter().all(|p| p.sequence < 16), "picks stay within the first 16 jobs");
             assert!(picks.windows(2).all(|w| w[0] < w[1]), "picks come back in queue order");
@@ -440,7 +466,7 @@ mod tests {
     #[test]
     fn with_slots_to_spare_a_replica_takes_only_its_own_fresh_jobs_and_the_others_once_their_turn_is_over() {
         let members = crew(4);
-        let mut fresh = keys(40);
+        let mut fresh = owned(keys(40), &members);
         for r in &mut fresh {
             r.owner_had_its_turn = false;
         }
@@ -450,7 +476,7 @@ mod tests {
                 let me = format!("worker-{w}");
                 // Ten free slots, a window of 40 jobs that just entered it: only this replica's own jobs, even
                 // with slots to spare (the others' jobs are most likely claimed already, unseen here).
-                let picks = pick(&fresh, 10, 4, &members, &me, epoch);
+                let picks = pick(&fresh, 10, 4, &me, epoch);
                 let own = owner.iter().filter(|o| **o == me).count();
                 assert_eq!(picks.len(), own.min(10), "epoch {epoch}, {me}");
                 for p in &picks {
@@ -458,46 +484,44 @@ mod tests {
                     assert_eq!(owner[i], me, "epoch {epoch}: {me} took {}'s fresh job {}", owner[i], p.name);
                 }
                 // Once the owners had their turn, the slots left go to the others' jobs too.
-                let settled = keys(40);
-                assert_eq!(pick(&settled, 10, 4, &members, &me, epoch).len(), 10, "epoch {epoch}, {me}");
+                let settled = owned(keys(40), &members);
+                assert_eq!(pick(&settled, 10, 4, &me, epoch).len(), 10, "epoch {epoch}, {me}");
             }
         }
     }
 
     #[test]
     fn racing_nobody_a_replica_takes_the_head_whoever_owns_it() {
-        let mut fresh = keys(10);
+        let members = crew(4);
+        let mut fresh = owned(keys(10), &members);
         for r in &mut fresh {
             r.owner_had_its_turn = false;
         }
-        let members = crew(4);
         let owner = owners(&fresh[..3], &members, 7);
         // A replica that owns none of the head three (racing, it would take none of them yet).
         let me = members.iter().find(|m| !owner.contains(m)).expect("four members, three jobs");
-        assert!(
-            pick(&fresh, 3, 4, &members, me, 7).iter().all(|p| !["j000", "j001", "j002"].contains(&p.name.as_str()))
-        );
-        let names: Vec<_> = pick(&fresh, 3, 1, &members, me, 7).into_iter().map(|k| k.name.clone()).collect();
+        assert!(pick(&fresh, 3, 4, me, 7).iter().all(|p| !["j000", "j001", "j002"].contains(&p.name.as_str())));
+        let names: Vec<_> = pick(&fresh, 3, 1, me, 7).into_iter().map(|k| k.name.clone()).collect();
         assert_eq!(names, ["j000", "j001", "j002"]);
     }
 
     #[test]
     fn an_overdue_job_is_taken_before_its_owners_turn_is_over() {
-        let mut fresh = keys(40);
+        let mut fresh = owned(keys(40), &crew(4));
         for r in &mut fresh {
             r.owner_had_its_turn = false;
         }
         fresh[0].overdue = true;
         for w in 0..4 {
-            let picks = pick(&fresh, 1, 4, &crew(4), &format!("worker-{w}"), 7);
+            let picks = pick(&fresh, 1, 4, &format!("worker-{w}"), 7);
             assert_eq!(picks.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["j000"]);
         }
     }
 
     #[test]
     fn each_job_of_the_window_has_one_owner_who_takes_it_first() {
-        let k = keys(100);
         let members = crew(4);
+        let k = owned(keys(100), &members);
         for epoch in 0..20 {
             // A window of 40 for 10 slots each: every replica's own jobs come first, and no two own the same job.
             let mut taken = std::collections::HashMap::new();
@@ -507,8 +531,7 @@ mod tests {
                     .filter(|&i| owner_of(&members, &k[i].key, epoch) == Some(me.as_str()))
                     .map(|i| k[i].key.name.clone())
                     .collect();
-                let picks: Vec<String> =
-                    pick(&k, 10, 4, &members, &me, epoch).into_iter().map(|p| p.name.clone()).collect();
+                let picks: Vec<String> = pick(&k, 10, 4, &me, epoch).into_iter().map(|p| p.name.clone()).collect();
                 let own_picked = picks.iter().filter(|p| own.contains(p)).count();
                 assert_eq!(own_picked, own.len().min(10), "worker-{w} takes its own jobs first");
                 for p in picks.iter().filter(|p| own.contains(p)) {
@@ -520,10 +543,10 @@ mod tests {
 
     #[test]
     fn an_overdue_job_is_picked_by_every_replica_whatever_its_rank() {
-        let mut k = keys(40);
+        let mut k = owned(keys(40), &crew(4));
         k[5].overdue = true;
         for w in 0..4 {
-            let picks = pick(&k, 2, 4, &crew(4), &format!("worker-{w}"), 7);
+            let picks = pick(&k, 2, 4, &format!("worker-{w}"), 7);
             assert!(picks.iter().any(|p| p.name == "j005"), "worker-{w} must go for the overdue job: {picks:?}");
             assert_eq!(picks.len(), 2);
         }
@@ -534,20 +557,39 @@ mod tests {
         let mut k = keys(40);
         k[30].overdue = true;
         k[20].overdue = true;
-        let names: Vec<_> = pick(&k, 2, 2, &[], "me", 7).into_iter().map(|p| p.name.clone()).collect();
+        let names: Vec<_> = pick(&k, 2, 2, "me", 7).into_iter().map(|p| p.name.clone()).collect();
         assert_eq!(names, ["j020", "j030"]);
     }
 
     #[test]
     fn the_ranking_changes_from_one_epoch_to_the_next() {
-        let k = keys(40);
-        let at = |epoch| pick(&k, 2, 8, &[], "me", epoch).into_iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        // Jobs of others that had their turn (this replica's own it takes in queue order).
+        let k = owned(keys(40), &crew(8));
+        let at = |epoch| pick(&k, 2, 8, "me", epoch).into_iter().map(|p| p.name.clone()).collect::<Vec<_>>();
         assert!((1..6).any(|e| at(e) != at(0)), "a job ranked low now is not ranked low forever");
+    }
+
+    /// With one slot free, the replica whose slot it is takes the head: its own jobs in queue order, and no job of a
+    /// replica that has no room (the caller leaves those out of a job's owners). It took a later job it owned, or
+    /// ranked higher, while the head waited out the turn of an owner that could not take it.
+    #[test]
+    fn a_replica_takes_its_own_jobs_in_queue_order_and_owns_all_that_no_one_with_room_can() {
+        let mut fresh = keys(4);
+        for r in &mut fresh {
+            r.owner_had_its_turn = false;
+        }
+        let names = |picked: Vec<&QueueKey>| picked.into_iter().map(|k| k.name.clone()).collect::<Vec<_>>();
+        for epoch in 0..50 {
+            // The other member runs as many as it can: "me" owns every job.
+            let only_me = owned(fresh.clone(), &["me".to_string()]);
+            assert_eq!(names(pick(&only_me, 1, 2, "me", epoch)), ["j000"], "epoch {epoch}");
+            assert_eq!(names(pick(&only_me, 2, 2, "me", epoch)), ["j000", "j001"], "epoch {epoch}");
+        }
     }
 
     #[test]
     fn no_free_slot_picks_nothing() {
-        assert!(pick(&keys(5), 0, 3, &[], "me", 0).is_empty());
+        assert!(pick(&keys(5), 0, 3, "me", 0).is_empty());
     }
 
     #[test]
@@ -557,18 +599,19 @@ mod tests {
                 key: QueueKey::of(&job(&format!("j{i}"), Priority::Normal, 0, &i.to_string())),
                 overdue: false,
                 owner_had_its_turn: true,
+                owners: crew(4).into(),
             })
             .collect();
         let names = |picked: Vec<&QueueKey>| picked.into_iter().map(|k| k.name.clone()).collect::<Vec<_>>();
         // Four live members, one free slot: racing replicas spread over a window of four...
         let spread = (0..20)
-            .map(|e| names(pick(&runnable, 1, racing(false, 4, 1), &[], "leader", e)))
+            .map(|e| names(pick(&runnable, 1, racing(false, 4, 1), "leader", e)))
             .collect::<std::collections::HashSet<_>>();
         assert!(spread.len() > 1, "{spread:?}");
         // ... but the exclusive leader races nobody: the head, every time.
         for e in 0..20 {
-            assert_eq!(names(pick(&runnable, 1, racing(true, 4, 1), &[], "leader", e)), ["j0"]);
-            assert_eq!(names(pick(&runnable, 2, racing(true, 4, 1), &[], "leader", e)), ["j0", "j1"]);
+            assert_eq!(names(pick(&runnable, 1, racing(true, 4, 1), "leader", e)), ["j0"]);
+            assert_eq!(names(pick(&runnable, 2, racing(true, 4, 1), "leader", e)), ["j0", "j1"]);
         }
     }
 
@@ -580,6 +623,7 @@ mod tests {
                 key: QueueKey::of(&job(n, Priority::Normal, 0, &i.to_string())),
                 uid: format!("uid-{n}"),
                 owner_first: true,
+                owners: Owners::default(),
             })
             .collect()
     }

@@ -717,6 +717,48 @@ async fn a_cluster_cap_scarcer_than_the_replicas_slots_keeps_fifo_within_the_bou
     assert!(worst.0 < bgjobs::wire::FIFO_BOUND.as_millis() as i64, "worst inversion {} ms: {}", worst.0, worst.1);
 }
 
+/// The only free slot goes to the head of the queue. Two replicas with a slot each, one kept busy by a long job: a
+/// burst of two jobs, `a` then `b`, is run by the other, `a` first. Each job of the window has an owner among the
+/// replicas, who gets a moment to claim it first; the replica with the free slot took `b`, its own (or ranked
+/// higher), while `a` waited out the turn of an owner with no room, and then `a` waited for `b` to end (a review
+/// found this; about half the bursts inverted before the fix). A replica that runs as many jobs as it says it can
+/// (`bgjobs.dev/slots` on its member Lease) owns none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_free_slot_goes_to_the_head_not_to_a_later_job_its_replica_owns() {
+    let env = TestEnv::new("fifo-room").await;
+    let one_slot = ["--max-concurrent-jobs-per-instance", "1"];
+    let _busy = env.replica("busy", &one_slot);
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 600}})).await;
+    env.wait_job("long", MINUTE, "Running on busy", |j| j.phase() == Phase::Running).await;
+    let _free = env.replica("free", &one_slot);
+    // Until the second replica is a member, the first one's long job is all there is.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let bursts = 6;
+    for i in 0..bursts {
+        for first in ["a", "b"] {
+            env.create(&format!("{first}{i}"), json!({"jobName": "sleep", "args": {"seconds": 5}})).await;
+        }
+        env.wait_until(MINUTE, "the burst Succeeded", |jobs| {
+            ["a", "b"]
+                .iter()
+                .all(|p| jobs.iter().any(|j| j.name_any() == format!("{p}{i}") && j.phase() == Phase::Succeeded))
+        })
+        .await;
+    }
+    let starts: HashMap<String, i64> = executions(&env.invocations())
+        .into_iter()
+        .map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start))
+        .collect();
+    let late: Vec<String> = (0..bursts)
+        .filter_map(|i| {
+            let (a, b) = (starts[&format!("a{i}")], starts[&format!("b{i}")]);
+            (a - b > bgjobs::wire::FIFO_BOUND.as_millis() as i64)
+                .then(|| format!("a{i} started {} ms after b{i}", a - b))
+        })
+        .collect();
+    assert!(late.is_empty(), "the head waited behind a later job: {late:?}");
+}
+
 /// The apiserver's count of custom-resource lists it read from etcd (each page of a paged list is one).
 async fn etcd_custom_resource_lists(env: &TestEnv) -> f64 {
     let text = env.client.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();

@@ -427,7 +427,7 @@ impl Dispatcher {
         let scope = crate::members::scope(self.config.namespace.as_deref());
         let live = crate::members::live_leases(&self.view.members, &scope, &mut self.member_observer, inst, &timing);
         let members = crate::members::identities(&live, &me, |_| true);
-        let claimers = crate::members::identities(&live, &me, crate::members::runs_jobs);
+        let claimers = crate::members::claimers(&live, &me);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
         for slot in &slot_leases {
@@ -672,12 +672,12 @@ impl Dispatcher {
     }
 
     /// Claim what this replica should claim now: adoptions that bring their cluster slot first, then picks from the
-    /// head of the queue, shared with the live `members` that run jobs. Returns when the picks may change: a waiting
-    /// head job becomes overdue, or another replica's job in the window was left to it long enough
-    /// ([`ordering::OWNER_FIRST_FOR`]).
+    /// head of the queue, shared with the live `claimers` (members that run jobs) that have room for them. Returns
+    /// when the picks may change: a waiting head job becomes overdue, or another replica's job in the window was left
+    /// to it long enough ([`ordering::OWNER_FIRST_FOR`]).
     fn claim_some(
         &mut self,
-        members: &[String],
+        claimers: &[crate::members::Claimer],
         held_for_adopters: &[String],
         adoptions: &[String],
     ) -> Option<Duration> {
@@ -742,18 +742,35 @@ impl Dispatcher {
         let leases = self.view.leases.state();
         let mut holders: HashSet<&str> = leases.iter().filter_map(|l| crate::lease::holder(l)).collect();
         holders.insert(&me);
-        let racing = ordering::racing(false, members.len(), holders.len());
+        let racing = ordering::racing(false, claimers.len(), holders.len());
         // With a cluster cap, the free slots are scarce when the replicas racing for them could want more than there
         // are: then whoever wins a slot must use it for the head.
         let slots_scarce = cluster_free.is_some_and(|n| n < free.max(1).saturating_mul(racing));
-        let workers = ordering::racing(self.leader.is_some() || slots_scarce, members.len(), holders.len());
+        let workers = ordering::racing(self.leader.is_some() || slots_scarce, claimers.len(), holders.len());
 
         let now = Instant::now();
         let window = free.max(1).saturating_mul(workers.max(1));
-        let waiting = |key: QueueKey, c: &Candidate| ordering::Waiting {
+        // Who may own each job: a replica running as many attempts as it can owns none (the job cache's `Running`
+        // jobs by worker; this replica has a slot free).
+        let mut running: HashMap<&str, usize> = HashMap::new();
+        for j in self.backlog.running() {
+            if let Some(worker) = j.status.as_ref().and_then(|s| s.worker.as_deref()) {
+                *running.entry(worker).or_default() += 1;
+            }
+        }
+        let mut owners_by_queue: HashMap<String, ordering::Owners> = HashMap::new();
+        let mut owners = |queue: &str| {
+            let by_running = |identity: &str| running.get(identity).copied().unwrap_or(0);
+            owners_by_queue
+                .entry(queue.to_string())
+                .or_insert_with(|| crate::members::owners_of(claimers, by_running, queue))
+                .clone()
+        };
+        let mut waiting = |key: QueueKey, c: &Candidate| ordering::Waiting {
             key,
             uid: c.job.uid().unwrap_or_default(),
             owner_first: c.job.spec.concurrency_key.is_none(),
+            owners: owners(&c.job.spec.queue),
         };
         let head: Vec<ordering::Waiting> = if only_takeovers {
             // Only orphaned running jobs: found through the running set, not by walking every candidate.
@@ -776,7 +793,7 @@ impl Dispatcher {
         }
         let epoch = jiff::Timestamp::now().as_second() as u64;
         let picked: HashSet<QueueKey> =
-            ordering::pick(&runnable, free, workers, members, &me, epoch).into_iter().cloned().collect();
+            ordering::pick(&runnable, free, workers, &me, epoch).into_iter().cloned().collect();
         let mut slots = slots.into_iter();
         let lease_namespace = self.config.lease_namespace.clone();
         for ordering::Waiting { key, uid, .. } in head.iter().filter(|w| picked.contains(&w.key)) {
