@@ -15,9 +15,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def report(url, token, kind, body, tries=8):
-    """POST one report (complete, fail or heartbeat); returns the endpoint's JSON answer. A 503 (the job's request
-    is not answered yet, or the apiserver is unreachable) is sent again a few times."""
+def report(url, token, kind, body, tries=11):
+    """POST one report (complete, fail or heartbeat); returns the endpoint's JSON answer. A 503 (the apiserver could
+    not be reached, the replica is busy) is sent again for up to about 30 s."""
     request = urllib.request.Request(
         f"{url}/v1/{kind}",
         data=json.dumps(body).encode(),

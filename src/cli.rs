@@ -54,8 +54,8 @@ pub enum Command {
     Cancel(NamedArgs),
     /// Report for an attempt that runs outside the operator (an HTTP endpoint answered 202, or a Pod): its outcome,
     /// or a heartbeat with progress. The token and URL come from the request's `X-BGJobs-Report-Token` and
-    /// `X-BGJobs-Report-Url` headers, or a Pod's environment. An outcome is taken once the endpoint has answered
-    /// 202; a report answered 503 (not yet, or the apiserver is unreachable) is sent again for up to 30 s.
+    /// `X-BGJobs-Report-Url` headers, or a Pod's environment. A report answered 503 (the apiserver could not be
+    /// reached, the replica is busy) is sent again for up to 30 s.
     Report(ReportArgs),
     /// Print a shell completion script: `bgjobs completions bash > /etc/bash_completion.d/bgjobs`.
     Completions {

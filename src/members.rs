@@ -214,6 +214,20 @@ pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &
         .collect()
 }
 
+/// How many attempts the `claimers` can start now between them: this replica's `free` slots, and each other's room
+/// (its slots less what it runs, as `running` says; a replica of an older version, which does not say how many it
+/// runs at most, counts as having as many free as this one). The window of the queue's head the replicas share
+/// ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it is then taken by a
+/// replica that has some, once its owner's turn is over, not passed over for a later job.
+pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, free: usize) -> usize {
+    let of = |c: &Claimer| match c.slots {
+        _ if c.identity == me => free,
+        Some(slots) => (slots as usize).saturating_sub(running(&c.identity)),
+        None => free,
+    };
+    claimers.iter().map(of).sum()
+}
+
 /// Keep this replica's member Lease renewed until `stop`, then delete it. The Lease says what `roles` says, from
 /// the next renewal after a change (a replica beginning its shutdown grace stops claiming jobs but keeps vouching
 /// for the Leases of the attempts still running), and from the start if it must be acquired again.
@@ -393,6 +407,8 @@ mod tests {
         // room (it is picking with a slot free) and every queue of its backlog.
         assert_eq!(&*owners_of(&claimers, running, "a"), ["busy", "me", "old"]);
         assert_eq!(&*owners_of(&claimers, running, "b"), ["busy", "me", "old", "only-b"]);
+        // Room: busy 1, full 0, me 3 (its free slots), old 3 (as many as this one), only-b 4.
+        assert_eq!(room(&claimers, running, "me", 3), 11);
     }
 
     #[test]

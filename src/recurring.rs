@@ -67,12 +67,14 @@ pub const SCHEDULED_TIME_ANNOTATION: &str = "bgjobs.dev/scheduled-time";
 
 /// How soon a definition whose reconcile failed is tried again.
 const RETRY: Duration = Duration::from_secs(1);
-/// How long after the request that read (or wrote) it was sent a definition counts as stored, for a tick's create:
-/// every create of a tick's job must be sent while that job is still `pendingJob`, before any later claim (see
-/// [`history::late_creates_land_by`]). A read whose answer came later (a stalled connection, a slow apiserver), or
-/// cancels that `Replace` sent after it (an admission webhook holding them), leave it too old: it is read again
-/// before a create ([`Pass::step`]). Reads take milliseconds.
-const READ_GOOD_FOR: Duration = Duration::from_secs(2);
+/// How long after the request that read (or wrote) it was sent a definition counts as stored, for a tick's create: a
+/// create of a tick's job may be sent that long after a later claim replaced it (the claim came after the read was
+/// sent), and the job is kept after a later tick's job was made until no such create can land
+/// ([`history::TICK_CREATES_KEPT_FOR`]). A read whose answer came later (a stalled connection, an apiserver slower than
+/// this), or cancels that `Replace` sent after it (an admission webhook holding them), leave it too old: it is read
+/// again before a create ([`Pass::step`]). Reads take milliseconds; this is ten seconds, so that an apiserver slow to
+/// answer holds ticks back only when slower than that.
+pub(crate) const READ_GOOD_FOR: Duration = Duration::from_secs(10);
 /// Most steps one reconcile takes. A tick needs three (claim, create, idle); the rest absorb re-reads
 /// after 409s from other writers of the definition.
 const MAX_STEPS: usize = 16;
@@ -613,8 +615,9 @@ struct Current {
 enum Stored {
     /// The watch cache, which may lag behind: never.
     Cached,
-    /// Read from (or written to) the API server by a request sent at `sent`: for [`READ_GOOD_FOR`] after that.
-    Read { sent: Instant },
+    /// Read from (or written to) the API server by a request sent at `sent`: for [`READ_GOOD_FOR`] after that. On
+    /// tokio's clock (the machine's monotonic one), which unit tests can move.
+    Read { sent: tokio::time::Instant },
     /// A claim this process carried to its tick ([`Armed`]): until [`Armed::until`].
     Armed { until: Instant },
 }
@@ -622,16 +625,15 @@ enum Stored {
 impl Current {
     /// Whether the definition may be taken as stored now.
     fn is_fresh(&self) -> bool {
-        let now = Instant::now();
         match self.stored {
             Stored::Cached => false,
-            Stored::Read { sent } => now <= sent + READ_GOOD_FOR,
-            Stored::Armed { until } => now <= until,
+            Stored::Read { sent } => tokio::time::Instant::now() <= sent + READ_GOOD_FOR,
+            Stored::Armed { until } => Instant::now() <= until,
         }
     }
 
     /// The definition as a request sent at `sent` returned it.
-    fn read(def: RecurringBackgroundJob, sent: Instant) -> Current {
+    fn read(def: RecurringBackgroundJob, sent: tokio::time::Instant) -> Current {
         Current { def, stored: Stored::Read { sent } }
     }
 }
@@ -719,7 +721,7 @@ impl Pass<'_> {
 
     /// The definition as stored (a stand-in if it cannot be read); NotFound if it is gone.
     async fn read(&self, name: &str) -> Result<Current> {
-        let sent = Instant::now();
+        let sent = tokio::time::Instant::now();
         let def = crate::unreadable::get_opt(&self.defs, name).await?.ok_or_else(|| {
             let gone = kube::core::Status::failure(&format!("recurringbackgroundjobs {name:?} not found"), "NotFound");
             Error::Kube(kube::Error::Api(gone.with_code(404).boxed()))
@@ -733,7 +735,7 @@ impl Pass<'_> {
         current: &Current,
         change: impl FnOnce(&mut RecurringBackgroundJobStatus),
     ) -> Result<Current> {
-        let sent = Instant::now();
+        let sent = tokio::time::Instant::now();
         let written = write_status(&self.defs, &current.def, change).await?;
         if written.resource_version() == current.def.resource_version() {
             return Ok(Current { def: written, stored: current.stored });
@@ -812,7 +814,7 @@ impl Pass<'_> {
                 cancel_replaced(&self.jobs, &replace).await;
                 // Cancels slowed down (a slow admission webhook) may have left the definition as read too old: a later
                 // tick may have been claimed and this one's job made, run and deleted since (kept only
-                // [`LATE_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only while the job
+                // [`history::TICK_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only while the job
                 // is pending as stored, read within [`READ_GOOD_FOR`].
                 let mut read = None;
                 let def = if current.is_fresh() {
@@ -2040,7 +2042,7 @@ pub(crate) mod tests {
     /// another replica, which took the definition over and made, ran and trimmed that job meanwhile): a create
     /// decided from it made the job again, and the tick ran twice. A read counts as stored only [`READ_GOOD_FOR`]
     /// after it was sent; an older one is read again.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_definition_read_answered_late_is_read_again_before_a_create() {
         let allow = def("* * * * *", serde_json::json!({}));
         let pending = stored(with_pending(allow, 60, "report-1800000060"), "5");
@@ -2072,5 +2074,30 @@ pub(crate) mod tests {
         assert!(sent.iter().all(|s| s.method != "POST"), "tick 60's job must not be made again: {sent:#?}");
         let def_reads = sent.iter().filter(|s| s.path.ends_with("/recurringbackgroundjobs/report")).count();
         assert_eq!(def_reads, 2, "read, then read again: {sent:#?}");
+    }
+
+    /// An apiserver slow to answer, but within [`READ_GOOD_FOR`], holds no tick back: every read and write answered
+    /// 2.5 s after it was sent, the tick's job is still made (with a 2 s bound, it was read again and again, and never
+    /// made).
+    #[tokio::test(start_paused = true)]
+    async fn an_apiserver_slow_to_answer_within_the_bound_still_gets_the_ticks_job_made() {
+        let allow = def("* * * * *", serde_json::json!({}));
+        let pending = stored(with_pending(allow, 60, "report-1800000060"), "5");
+        let pending_json = serde_json::to_value(&pending).unwrap();
+        let slow = Duration::from_millis(2500);
+        let (client, sent) = crate::testing::scripted_client_slow(move |sent| match sent.method.as_str() {
+            "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => (200, pending_json.clone(), slow),
+            "GET" => (
+                404,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404}),
+                slow,
+            ),
+            _ => (201, sent.body.clone(), slow),
+        });
+        reconcile_at(client, &pending, &[], Carried::default(), 61).await;
+        let sent = sent.lock().unwrap();
+        let create = sent.iter().find(|s| s.method == "POST").expect("the tick's job is created");
+        assert_eq!(create.body["metadata"]["name"], "report-1800000060", "{create:?}");
     }
 }

@@ -1165,7 +1165,7 @@ async fn the_latest_ticks_job_outlives_its_ttl_until_a_later_tick_is_claimed_and
     let _owner = env.replica("owner", &[]);
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(env.jobs.get_opt(&name).await.unwrap().is_some(), "deleted past its TTL while it is the latest tick's");
-    // A later tick's claim lets it go, once no create of it can land any more: 66 s after the first later tick's
+    // A later tick's claim lets it go, once no create of it can land any more: 76 s after the first later tick's
     // job was made.
     defs.patch("nightly", &PatchParams::default(), &Patch::Merge(json!({"spec": {"schedule": "* * * * * *"}})))
         .await

@@ -717,29 +717,31 @@ async fn a_cluster_cap_scarcer_than_the_replicas_slots_keeps_fifo_within_the_bou
     assert!(worst.0 < bgjobs::wire::FIFO_BOUND.as_millis() as i64, "worst inversion {} ms: {}", worst.0, worst.1);
 }
 
-/// The only free slot goes to the head of the queue. Two replicas with a slot each, one kept busy by a long job: a
-/// burst of two jobs, `a` then `b`, is run by the other, `a` first. Each job of the window has an owner among the
-/// replicas, who gets a moment to claim it first; the replica with the free slot took `b`, its own (or ranked
-/// higher), while `a` waited out the turn of an owner with no room, and then `a` waited for `b` to end (a review
-/// found this; about half the bursts inverted before the fix). A replica that runs as many jobs as it says it can
-/// (`bgjobs.dev/slots` on its member Lease) owns none.
+/// The free slots go to the head of the queue. Three replicas with a slot each, one kept busy by a long job: each
+/// burst of three jobs, `a`, `b`, `c`, is run by the other two, `a` and `b` first. Each job of a replica's window
+/// has an owner among the replicas, who gets a moment to claim it first. Before: the busy replica owned jobs it had
+/// no room for, and a free replica took a later job it owned (or ranked higher) meanwhile; and a window wider than
+/// the free slots let one free replica own two of its jobs, take one, and the other free replica take `c`, its own.
+/// Either way an earlier job then waited for a later one to end (a review found these: 5 s inversions). Now only a
+/// replica with room owns jobs (`bgjobs.dev/slots` on its member Lease, its `Running` jobs in the cache), a replica
+/// takes its own in queue order, and the window is no wider than the replicas' room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_only_free_slot_goes_to_the_head_not_to_a_later_job_its_replica_owns() {
+async fn the_free_slots_go_to_the_head_not_to_later_jobs_their_replicas_own() {
     let env = TestEnv::new("fifo-room").await;
     let one_slot = ["--max-concurrent-jobs-per-instance", "1"];
     let _busy = env.replica("busy", &one_slot);
     env.create("long", json!({"jobName": "sleep", "args": {"seconds": 600}})).await;
     env.wait_job("long", MINUTE, "Running on busy", |j| j.phase() == Phase::Running).await;
-    let _free = env.replica("free", &one_slot);
-    // Until the second replica is a member, the first one's long job is all there is.
+    let _free: Vec<_> = ["free-1", "free-2"].iter().map(|r| env.replica(r, &one_slot)).collect();
+    // Until both are members, the busy replica's long job is all there is.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let bursts = 6;
+    let (bursts, order) = (8, ["a", "b", "c"]);
     for i in 0..bursts {
-        for first in ["a", "b"] {
+        for first in order {
             env.create(&format!("{first}{i}"), json!({"jobName": "sleep", "args": {"seconds": 5}})).await;
         }
         env.wait_until(MINUTE, "the burst Succeeded", |jobs| {
-            ["a", "b"]
+            order
                 .iter()
                 .all(|p| jobs.iter().any(|j| j.name_any() == format!("{p}{i}") && j.phase() == Phase::Succeeded))
         })
@@ -749,14 +751,19 @@ async fn the_only_free_slot_goes_to_the_head_not_to_a_later_job_its_replica_owns
         .into_iter()
         .map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start))
         .collect();
-    let late: Vec<String> = (0..bursts)
-        .filter_map(|i| {
-            let (a, b) = (starts[&format!("a{i}")], starts[&format!("b{i}")]);
-            (a - b > bgjobs::wire::FIFO_BOUND.as_millis() as i64)
-                .then(|| format!("a{i} started {} ms after b{i}", a - b))
-        })
-        .collect();
-    assert!(late.is_empty(), "the head waited behind a later job: {late:?}");
+    let bound = bgjobs::wire::FIFO_BOUND.as_millis() as i64;
+    let mut late = Vec::new();
+    for i in 0..bursts {
+        for (x, earlier) in order.iter().enumerate() {
+            for later in &order[x + 1..] {
+                let (e, l) = (starts[&format!("{earlier}{i}")], starts[&format!("{later}{i}")]);
+                if e - l > bound {
+                    late.push(format!("{earlier}{i} started {} ms after {later}{i}", e - l));
+                }
+            }
+        }
+    }
+    assert!(late.is_empty(), "a job waited behind a later one: {late:?}");
 }
 
 /// The apiserver's count of custom-resource lists it read from etcd (each page of a paged list is one).

@@ -33,21 +33,29 @@ pub fn keeps_tick(def: Option<&RecurringBackgroundJob>, tick: Option<Timestamp>)
     last.is_none_or(|last| tick >= last) || replaced.is_some_and(|replaced| tick > replaced)
 }
 
+/// How long after the first job of a later tick was made a create of a replaced tick's job may still land
+/// ([`late_creates_land_by`]): [`LATE_CREATES_KEPT_FOR`] for a create sent no later than that job was made, plus
+/// [`super::READ_GOOD_FOR`], how much later the create may be sent. 76 s.
+pub const TICK_CREATES_KEPT_FOR: std::time::Duration =
+    std::time::Duration::from_secs(LATE_CREATES_KEPT_FOR.as_secs() + super::READ_GOOD_FOR.as_secs());
+
 /// Until when a create of the job of `tick` may still land, by the cluster's clock (None: not a tick's job, nothing
 /// to wait for; `Timestamp::MAX`: no bound is known yet). A finished tick's job must not be deleted before (history
 /// trimming, `ttlSecondsAfterFinished`): the create would make it again, and the tick would run a second time.
 ///
 /// Such a create was sent by a replica that claimed the tick, or took the definition over before the job was seen,
 /// and then died, or lost the answer, while the create was on its way (held by a slow admission webhook, say).
-/// Every create of a tick's job is sent while that job is the definition's `pendingJob` (no replica creates any
-/// other), so before the claim of a later tick replaced it; and every later tick's job is created after its own
-/// claim. So the earliest creation among the jobs of later ticks bounds the sends, and the creates land no later
-/// than [`LATE_CREATES_KEPT_FOR`] after it. Without a later tick's job, nothing bounds them: the job is kept until one
-/// is made. (A pending job is kept anyway, see [`beyond_history`].)
+/// Every create of a tick's job is decided from the definition as a request sent at most
+/// [`super::READ_GOOD_FOR`] before it read or wrote it, with that job its `pendingJob` (no replica creates any other);
+/// so it is sent at most that long after the claim of a later tick replaced it (that claim came after the read was
+/// sent); and every later tick's job is created after its own claim. So the earliest creation among the jobs of later
+/// ticks, plus [`super::READ_GOOD_FOR`], bounds the sends, and the creates land no later than [`TICK_CREATES_KEPT_FOR`]
+/// after it. Without a later tick's job, nothing bounds them: the job is kept until one is made. (A pending job is
+/// kept anyway, see [`beyond_history`].)
 pub fn late_creates_land_by(tick: Option<Timestamp>, kids: &[Child]) -> Option<Timestamp> {
     let tick = tick?;
     let later = kids.iter().filter(|k| k.tick.is_some_and(|t| t > tick)).filter_map(|k| k.created).min();
-    let kept_for = SignedDuration::try_from(LATE_CREATES_KEPT_FOR).unwrap_or(SignedDuration::MAX);
+    let kept_for = SignedDuration::try_from(TICK_CREATES_KEPT_FOR).unwrap_or(SignedDuration::MAX);
     Some(later.map_or(Timestamp::MAX, |created| created.checked_add(kept_for).unwrap_or(Timestamp::MAX)))
 }
 
@@ -145,13 +153,15 @@ mod tests {
     use crate::recurring::tests::{def, finished, t, with_last, with_pending};
 
     #[test]
-    fn a_finished_ticks_job_is_kept_until_no_create_sent_before_a_later_tick_was_claimed_can_land() {
+    fn a_finished_ticks_job_is_kept_until_no_create_sent_soon_after_a_later_tick_was_claimed_can_land() {
         let made = |tick: i64, created: i64| Child {
             tick: Some(t(tick)),
             created: Some(t(created)),
             ..finished(&format!("report-{tick}"), Phase::Succeeded, created + 1)
         };
-        let kept_for = 60 + 1 + 4 + 1;
+        // The apiserver's 60 s, a second for creationTimestamp, 5 s for clocks, and the 10 s a create may be sent
+        // after a later claim (decided from a read sent before that claim).
+        let kept_for = 60 + 1 + 4 + 1 + 10;
         let mut kids = vec![made(10, 12), made(30, 31), made(20, 40)];
         // The earliest creation among later ticks' jobs bounds the sends (tick 20's job was made late, after 30's).
         assert_eq!(late_creates_land_by(Some(t(10)), &kids), Some(t(31 + kept_for)));

@@ -6,7 +6,7 @@ use super::decide::Report;
 use crate::error::{Error, Result};
 
 /// How long [`send`] keeps sending a report the endpoint answers `503` (send again: the apiserver could not be
-/// reached, the replica is busy, or the attempt's request is not answered yet).
+/// reached, or the replica is busy).
 const SENT_AGAIN_FOR: Duration = Duration::from_secs(30);
 
 /// POST `report` for the attempt `token` names to the report endpoint at `url` (the `--report-url` the operator

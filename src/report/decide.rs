@@ -160,17 +160,6 @@ pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timesta
             400,
             format!("job {name} runs as a Pod: its attempt fails when the Pod exits non-zero, not by a report"),
         )),
-        // An outcome ends the attempt and frees its claim and concurrency key; until the endpoint has answered its
-        // request (`202`, `awaitingReport`), the request is still open and the attempt runs on: another attempt of
-        // the job, or another job of its key, would start beside it. The worker sends it again once answered.
-        Report::Complete { .. } | Report::Fail { .. } if !awaits_report(job) => Err(Refusal::new(
-            503,
-            format!(
-                "attempt {} of job {name} has not answered its request yet: an outcome is taken once the endpoint \
-                 has answered 202 Accepted (send it again)",
-                claims.attempt
-            ),
-        )),
         Report::Complete { result } => Ok(Change::Outcome { verdict: Verdict::Succeed, result }),
         Report::Fail { message, retryable } => {
             let message = format!("the worker reported failure: {}", cut(&message));
@@ -329,26 +318,6 @@ mod tests {
         let waiting = job(serde_json::json!({}), Phase::Waiting, 3);
         let refusal = judge(&waiting, &claims(3), &Report::Heartbeat { percent: None, message: None }, at(20));
         assert!(refusal.unwrap_err().message.contains("it is Waiting after attempt 3"));
-    }
-
-    /// A worker that sent an outcome before its endpoint answered the request (still open, holding the claim and
-    /// key) freed them: another attempt, or another job of its key, started beside the open request.
-    #[test]
-    fn an_outcome_before_the_request_is_answered_is_refused_with_503_and_a_heartbeat_is_taken() {
-        let mut unanswered = job(serde_json::json!({"http": {"url": "http://127.0.0.1:9/"}}), Phase::Running, 2);
-        unanswered.status.as_mut().unwrap().awaiting_report = false;
-        for outcome in [complete(serde_json::json!(1)), Report::Fail { message: "x".into(), retryable: true }] {
-            let refusal = judge(&unanswered, &claims(2), &outcome, at(20)).unwrap_err();
-            assert_eq!(refusal.code, 503, "{refusal:?}");
-            assert!(refusal.message.contains("has not answered its request yet"), "{refusal:?}");
-        }
-        let heartbeat = Report::Heartbeat { percent: Some(5), message: None };
-        assert!(matches!(judge(&unanswered, &claims(2), &heartbeat, at(20)), Ok(Change::Heartbeat { .. })));
-        let answered = job(serde_json::json!({"http": {"url": "http://127.0.0.1:9/"}}), Phase::Running, 2);
-        assert!(matches!(
-            judge(&answered, &claims(2), &complete(serde_json::json!(1)), at(20)),
-            Ok(Change::Outcome { .. })
-        ));
     }
 
     #[test]
