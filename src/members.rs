@@ -203,9 +203,23 @@ pub fn claimers(live: &[Arc<Lease>], me: &str) -> Vec<Claimer> {
     out
 }
 
+/// How many attempts each replica holds, as this one's caches show them: the jobs `Running` under it as worker, and
+/// the jobs whose claim Lease it holds (`claims`: holder and job UID), each job once. A claim's Lease is written
+/// before its `Running` status, and the Lease watch shows it first: counted by the status alone, a replica that had
+/// just taken its last free slot still looked as if it had room.
+pub fn attempts_by_replica<'a>(
+    running: impl IntoIterator<Item = (&'a str, &'a str)>,
+    claims: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> std::collections::HashMap<&'a str, usize> {
+    let mut jobs: std::collections::HashMap<&str, std::collections::HashSet<&str>> = Default::default();
+    for (replica, uid) in running.into_iter().chain(claims) {
+        jobs.entry(replica).or_default().insert(uid);
+    }
+    jobs.into_iter().map(|(replica, uids)| (replica, uids.len())).collect()
+}
+
 /// The members that may own a job of `queue` now ([`crate::ordering::Waiting::owners`]): the `claimers` that serve
-/// it and have room for another attempt, each running as many as `running` says (the job cache's `Running` jobs
-/// whose worker it is).
+/// it and have room for another attempt, each holding as many as `running` says ([`attempts_by_replica`]).
 pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &str) -> crate::ordering::Owners {
     claimers
         .iter()
@@ -214,14 +228,18 @@ pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &
         .collect()
 }
 
-/// How many attempts the `claimers` can start now between them: this replica's `free` slots, and each other's room
-/// (its slots less what it runs, as `running` says; a replica of an older version, which does not say how many it
-/// runs at most, counts as having as many free as this one). The window of the queue's head the replicas share
+/// How many attempts the `claimers` can start now between them for the jobs of this replica's `queues` (empty:
+/// every queue): this replica's `free` slots, and the room of each other that serves all of them (its slots less
+/// what it holds, as `running` says; a replica of an older version, which does not say how many it runs at most,
+/// counts as having as many free as this one). One that serves only some of them may own and take some of the jobs,
+/// but is not counted on for the others. The window of the queue's head the replicas share
 /// ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it is then taken by a
 /// replica that has some, once its owner's turn is over, not passed over for a later job.
-pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, free: usize) -> usize {
+pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, queues: &[String], free: usize) -> usize {
+    let serves_all = |c: &Claimer| c.queues.is_empty() || (!queues.is_empty() && queues.iter().all(|q| c.serves(q)));
     let of = |c: &Claimer| match c.slots {
         _ if c.identity == me => free,
+        _ if !serves_all(c) => 0,
         Some(slots) => (slots as usize).saturating_sub(running(&c.identity)),
         None => free,
     };
@@ -407,8 +425,12 @@ mod tests {
         // room (it is picking with a slot free) and every queue of its backlog.
         assert_eq!(&*owners_of(&claimers, running, "a"), ["busy", "me", "old"]);
         assert_eq!(&*owners_of(&claimers, running, "b"), ["busy", "me", "old", "only-b"]);
-        // Room: busy 1, full 0, me 3 (its free slots), old 3 (as many as this one), only-b 4.
-        assert_eq!(room(&claimers, running, "me", 3), 11);
+        // Room for this replica's queue a: busy 1, full 0, me 3 (its free slots), old 3 (as many as this one), and
+        // none from only-b, which serves b alone.
+        assert_eq!(room(&claimers, running, "me", &["a".to_string()], 3), 7);
+        // A claim's Lease and its Running status count once; a Lease shown before the status counts already.
+        let held = attempts_by_replica([("busy", "j1"), ("full", "j2")], [("busy", "j1"), ("full", "j3")]);
+        assert_eq!((held["busy"], held["full"]), (1, 2));
     }
 
     #[test]

@@ -632,6 +632,17 @@ impl Current {
         }
     }
 
+    /// How much longer the definition may be taken as stored (zero: no longer). A create decided from it is sent
+    /// within this, or not at all ([`Pass::create_job`]): a request that takes longer to leave (a new connection to a
+    /// slow apiserver) could be sent after a later claim by more than the history allows for.
+    fn fresh_for(&self) -> Duration {
+        match self.stored {
+            Stored::Cached => Duration::ZERO,
+            Stored::Read { sent } => (sent + READ_GOOD_FOR).saturating_duration_since(tokio::time::Instant::now()),
+            Stored::Armed { until } => until.saturating_duration_since(Instant::now()),
+        }
+    }
+
     /// The definition as a request sent at `sent` returned it.
     fn read(def: RecurringBackgroundJob, sent: tokio::time::Instant) -> Current {
         Current { def, stored: Stored::Read { sent } }
@@ -814,11 +825,11 @@ impl Pass<'_> {
                 cancel_replaced(&self.jobs, &replace).await;
                 // Cancels slowed down (a slow admission webhook) may have left the definition as read too old: a later
                 // tick may have been claimed and this one's job made, run and deleted since (kept only
-                // [`history::TICK_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only while the job
-                // is pending as stored, read within [`READ_GOOD_FOR`].
+                // [`history::TICK_CREATES_KEPT_FOR`] after a later tick's job was made). The create is sent only while
+                // the job is pending as stored, read within [`READ_GOOD_FOR`].
                 let mut read = None;
-                let def = if current.is_fresh() {
-                    def
+                let (def, fresh_for) = if current.is_fresh() {
+                    (def, current.fresh_for())
                 } else {
                     let stored = read.insert(self.read(&def.name_any()).await?);
                     let known = |j: &str| known_created(j, self.kids, carried.created_here.as_deref());
@@ -827,10 +838,10 @@ impl Pass<'_> {
                     if !stored.is_fresh() || !still(plan(&stored.def, active, known, now, self.ahead)) {
                         return Ok(Step::Again(Box::new(read.take().expect("just read"))));
                     }
-                    &stored.def
+                    (&stored.def, stored.fresh_for())
                 };
                 let created_here = &mut carried.created_here;
-                self.create_job(def, &job).await?;
+                self.create_job(def, &job, fresh_for).await?;
                 // Known to exist from now on: `plan` treats the tick as done. No status write confirms it; the next
                 // claim replaces `pendingJob`, and until then nothing of bgjobs deletes a pending job.
                 *created_here = Some(job.clone());
@@ -970,16 +981,20 @@ impl Pass<'_> {
         Ok(claimed)
     }
 
-    /// Create the claimed tick's job; AlreadyExists means an earlier attempt did. A refusal is reported on the
-    /// definition; the job stays pending and is tried again.
-    async fn create_job(&self, def: &RecurringBackgroundJob, name: &str) -> Result<()> {
+    /// Create the claimed tick's job, sent within `fresh_for` or not at all; AlreadyExists means an earlier attempt
+    /// did. A refusal is reported on the definition; the job stays pending and is tried again.
+    async fn create_job(&self, def: &RecurringBackgroundJob, name: &str, fresh_for: Duration) -> Result<()> {
         let tick = def.status.as_ref().and_then(|s| s.last_schedule_time.as_ref()).map_or(self.now, |t| t.0);
         // The one write not fenced by the definition's resourceVersion: made only while this replica's membership is
-        // current (checked after every await before it), and bounded by what is left of it.
+        // current (checked after every await before it), and bounded by what is left of it and of the definition as
+        // read (`fresh_for`, [`Current::fresh_for`]): no byte of it leaves later.
         if !self.fence.is_current() {
             return Err(Error::Stale(format!("not creating job {name}: this replica's membership lapsed")));
         }
-        let left = self.fence.time_left();
+        if fresh_for.is_zero() {
+            return Err(Error::Stale(format!("not creating job {name}: the definition as read is too old")));
+        }
+        let left = self.fence.time_left().min(fresh_for);
         let created = crate::client::bounded(left, async {
             Ok(self.jobs.create(&PostParams::default(), &child(def, name, tick)).await?)
         })
@@ -2099,5 +2114,37 @@ pub(crate) mod tests {
         let sent = sent.lock().unwrap();
         let create = sent.iter().find(|s| s.method == "POST").expect("the tick's job is created");
         assert_eq!(create.body["metadata"]["name"], "report-1800000060", "{create:?}");
+    }
+
+    /// A create decided from a fresh read, but slow to leave (a new connection to a slow apiserver), is not sent once
+    /// the read is [`READ_GOOD_FOR`] old: sent later, it could land after the history let the tick's job go. Here
+    /// the read is answered after half of that, and the create would reach the apiserver 80 % of it later still (in
+    /// time by this replica's membership, which alone bounded it).
+    #[tokio::test(start_paused = true)]
+    async fn a_create_slow_to_leave_is_not_sent_once_the_definition_as_read_is_too_old() {
+        let allow = def("* * * * *", serde_json::json!({}));
+        let pending = stored(with_pending(allow, 60, "report-1800000060"), "5");
+        let pending_json = serde_json::to_value(&pending).unwrap();
+        let slow_to_leave = |method: &str, _: &str| match method {
+            "POST" => READ_GOOD_FOR * 4 / 5,
+            _ => Duration::ZERO,
+        };
+        let (client, sent) =
+            crate::testing::scripted_client_arriving(slow_to_leave, move |sent| match sent.method.as_str() {
+                "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => {
+                    (200, pending_json.clone(), READ_GOOD_FOR / 2)
+                }
+                "GET" => (
+                    404,
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "NotFound", "code": 404}),
+                    Duration::ZERO,
+                ),
+                _ => (201, sent.body.clone(), Duration::ZERO),
+            });
+        let done = try_reconcile_at(client, &pending, &[], Carried::default(), 61).await;
+        let sent = sent.lock().unwrap();
+        assert!(sent.iter().all(|s| s.method != "POST"), "no create may arrive that late: {sent:#?}");
+        assert!(done.is_err(), "the reconcile fails, and is tried again");
     }
 }

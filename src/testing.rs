@@ -32,11 +32,22 @@ pub fn scripted_client(
 pub fn scripted_client_slow(
     answer: impl Fn(&Sent) -> (u16, serde_json::Value, std::time::Duration) + Clone + Send + Sync + 'static,
 ) -> (kube::Client, Arc<Mutex<Vec<Sent>>>) {
+    scripted_client_arriving(|_, _| std::time::Duration::ZERO, answer)
+}
+
+/// As [`scripted_client_slow`], but each request also reaches the apiserver `arrives_after` (its method and path)
+/// after it was made: a request slow to leave (a new connection to a slow apiserver). One dropped meanwhile (a
+/// timeout) never arrives, and is not among the requests sent.
+pub fn scripted_client_arriving(
+    arrives_after: impl Fn(&str, &str) -> std::time::Duration + Clone + Send + Sync + 'static,
+    answer: impl Fn(&Sent) -> (u16, serde_json::Value, std::time::Duration) + Clone + Send + Sync + 'static,
+) -> (kube::Client, Arc<Mutex<Vec<Sent>>>) {
     let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let log = sent.clone();
     let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-        let (log, answer) = (log.clone(), answer.clone());
+        let (log, answer, arrives_after) = (log.clone(), answer.clone(), arrives_after.clone());
         async move {
+            tokio::time::sleep(arrives_after(request.method().as_str(), request.uri().path())).await;
             let (parts, body) = request.into_parts();
             let body = body.collect_bytes().await.unwrap();
             let request = Sent {

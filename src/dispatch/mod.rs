@@ -749,17 +749,19 @@ impl Dispatcher {
         let workers = ordering::racing(self.leader.is_some() || slots_scarce, claimers.len(), holders.len());
 
         let now = Instant::now();
-        // Who may own each job: a replica running as many attempts as it can owns none (the job cache's `Running`
-        // jobs by worker; this replica has a slot free). And no more of the head than the replicas can start between
-        // them: each job of the window has someone with room for it.
-        let mut running: HashMap<&str, usize> = HashMap::new();
-        for j in self.backlog.running() {
-            if let Some(worker) = j.status.as_ref().and_then(|s| s.worker.as_deref()) {
-                *running.entry(worker).or_default() += 1;
-            }
-        }
+        // Who may own each job: a replica holding as many attempts as it can owns none (its `Running` jobs and claim
+        // Leases, as the caches show them; this replica has a slot free). And no more of the head than the replicas
+        // can start between them: each job of the window has someone with room for it.
+        let running_jobs: Vec<Arc<BackgroundJob>> = self.backlog.running().cloned().collect();
+        let workers_of = running_jobs
+            .iter()
+            .filter_map(|j| Some((j.status.as_ref()?.worker.as_deref()?, j.metadata.uid.as_deref()?)));
+        let claims = leases.iter().filter(|l| !l.labels().contains_key(crate::keys::KEY_LABEL)).filter_map(|l| {
+            Some((crate::lease::holder(l)?, crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION)?))
+        });
+        let running = crate::members::attempts_by_replica(workers_of, claims);
         let by_running = |identity: &str| running.get(identity).copied().unwrap_or(0);
-        let room = crate::members::room(claimers, by_running, &me, free).max(free.max(1));
+        let room = crate::members::room(claimers, by_running, &me, &self.config.queues, free).max(free.max(1));
         let window = free.max(1).saturating_mul(workers.max(1)).min(room);
         let workers = window.div_ceil(free.max(1));
         let mut owners_by_queue: HashMap<String, ordering::Owners> = HashMap::new();
