@@ -21,7 +21,7 @@ use crate::api::BackgroundJobStatus;
 use crate::api::{BackgroundJob, Phase};
 use crate::error::Error;
 use crate::error::Result;
-use crate::lease::tenure::{self, TENURE_ANNOTATION};
+use crate::lease::tenure::{self, Revocation, TENURE_ANNOTATION, TENURE_MEMBER_ANNOTATION};
 use crate::lease::{self, Acquire, Claim, Ending, Held, Keeper, LeaseTiming};
 use crate::status::{self, Fence};
 
@@ -143,9 +143,10 @@ pub enum ClaimOutcome {
 /// Where a claim found another replica ahead of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LostAt {
-    /// The tenure vouching for an expired Lease it needed was renewed after all: its holder is alive, whatever
-    /// this replica's (lagging) watch of the member Leases showed. Holds that tenure.
-    TenureRenewed(String),
+    /// The tenure vouching for an expired Lease it needed was renewed after all, or may have been: its holder may be
+    /// alive, whatever this replica's member watch showed (lagging, or not watching its namespace). Holds that tenure,
+    /// and its member Lease as read in it when this replica never saw it in its watch ([`Ending::Unknown`]).
+    TenureRenewed(String, Option<ReadMember>),
     /// The job's claim Lease is held, or was taken between the look and the write.
     ClaimLease,
     /// The job changed since it was read (or is gone): someone else moved it.
@@ -163,6 +164,19 @@ pub enum LostAt {
     NoTenure,
 }
 
+/// A member Lease as read, compared by UID and resourceVersion.
+#[derive(Debug, Clone)]
+pub struct ReadMember(pub Arc<Lease>);
+
+impl PartialEq for ReadMember {
+    fn eq(&self, other: &Self) -> bool {
+        (self.0.metadata.uid.as_ref(), self.0.resource_version())
+            == (other.0.metadata.uid.as_ref(), other.0.resource_version())
+    }
+}
+
+impl Eq for ReadMember {}
+
 impl LostAt {
     /// The attempt's Pod, deleted, that has not stopped a lease duration past its grace period, if this look found
     /// one (its node is most likely unreachable).
@@ -177,7 +191,7 @@ impl LostAt {
 impl std::fmt::Display for LostAt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            LostAt::TenureRenewed(_) => "the holder of a Lease it needed renewed its tenure",
+            LostAt::TenureRenewed(..) => "the holder of a Lease it needed renewed its tenure",
             LostAt::ClaimLease => "the claim Lease is held",
             LostAt::JobChanged => "the job changed since it was read",
             LostAt::PodRunning => "the attempt's Pod has not stopped yet, or a create of it may still land",
@@ -204,8 +218,8 @@ pub async fn claim(
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let Some(claim) = claim_for(job, claimant) else { return Ok(ClaimOutcome::Busy) };
-    if let Some(alive) = end_tenures(client, claimant.ends, timing).await? {
-        return Ok(ClaimOutcome::Lost(LostAt::TenureRenewed(alive)));
+    if let Some((alive, read)) = end_tenures(client, claimant.ends, timing).await? {
+        return Ok(ClaimOutcome::Lost(LostAt::TenureRenewed(alive, read)));
     }
     let mut held: Vec<(Api<Lease>, Held)> = Vec::new();
     for extra in extras {
@@ -237,30 +251,86 @@ pub async fn claim(
 
 /// End the tenures vouching for the expired Leases a claim (or settle) takes over, before taking any: revoke those
 /// this replica saw unchanged for a lease duration (see [`crate::lease::tenure`]). `Ok(Some(tenure))`: that one was
-/// renewed since, so its holder is alive and nothing is taken.
-async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseTiming) -> Result<Option<String>> {
-    for (id, ending) in ends {
-        match ending {
-            Ending::Over => {}
-            Ending::Revoke(member) => {
-                let api: Api<Lease> = Api::namespaced(client.clone(), &member.namespace().unwrap_or_default());
-                if !tenure::revoke(&api, member, id).await? {
-                    return Ok(Some(id.clone()));
-                }
-                tracing::info!(tenure = %id, "revoked the tenure of a replica that stopped renewing");
-            }
-            Ending::Unknown(namespace) => {
-                // Never seen in its member Lease here: read that Lease. Still in the tenure: its holder may be
-                // alive. Otherwise the tenure ended before this read: its holder's last renewal was sent before
-                // that, so it stops within a renew deadline of the read. Wait that out before taking over.
-                let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-                let member = api.get_opt(tenure::member_of(id)).await?;
-                if member.as_ref().and_then(tenure::tenure_id).as_deref() == Some(id.as_str()) {
-                    return Ok(Some(id.clone()));
-                }
-                tokio::time::sleep(timing.renew_deadline).await;
-            }
+/// renewed since, or may have been (or this replica may not read or write its member Lease), so its holder may be
+/// alive and nothing is taken; with its member Lease as read in it when this replica never saw it in its watch.
+///
+/// A tenure found ended only now (its member Lease gone, or in another tenure, when read or revoked) was renewed
+/// until some time before: its holder acts until its renew deadline after its last renewal. A lease duration is
+/// waited out from that finding, once for all of them, before anything is taken: longer than any replica's renew
+/// deadline, of this deployment or another (docs/install.md, timing), not just this one's.
+async fn end_tenures(
+    client: &Client,
+    ends: &[(String, Ending)],
+    timing: &LeaseTiming,
+) -> Result<Option<(String, Option<ReadMember>)>> {
+    let mut wait_until: Option<tokio::time::Instant> = None;
+    let mut ended_before = |found: tokio::time::Instant| {
+        let until = found + timing.duration;
+        wait_until = Some(wait_until.map_or(until, |w| w.max(until)));
+    };
+    let forbidden = |id: &str, e: &kube::Error| {
+        let allowed = crate::error::api_code(e) != Some(403);
+        if !allowed {
+            tracing::warn!(tenure = %id, error = %e, "cannot read or revoke the member Lease of a tenure that \
+                vouches for an expired Lease (another lease namespace?): left to the replicas that can");
         }
+        !allowed
+    };
+    for (id, ending) in ends {
+        let (api, member) = match ending {
+            Ending::Over => continue,
+            Ending::Revoke(member) => {
+                (Api::<Lease>::namespaced(client.clone(), &member.namespace().unwrap_or_default()), member.clone())
+            }
+            Ending::Unknown { namespace, last_read } => {
+                // Never seen in its member Lease here: read that Lease.
+                let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+                let sent = tokio::time::Instant::now();
+                let read = match api.get_opt(tenure::member_of(id)).await {
+                    Ok(read) => read,
+                    Err(e) if forbidden(id, &e) => return Ok(Some((id.clone(), None))),
+                    Err(e) => return Err(e.into()),
+                };
+                let Some(read) = read.filter(|m| tenure::tenure_id(m).as_deref() == Some(id.as_str())) else {
+                    // Revoked by a replica that saw it unchanged a lease duration: its holder has stopped. Otherwise
+                    // gone or in another tenure: ended before this read.
+                    let revoked = read.as_ref().and_then(|m| lease::annotation(m, tenure::REVOKED_ANNOTATION));
+                    if revoked != Some(id.as_str()) {
+                        ended_before(sent);
+                    }
+                    continue;
+                };
+                // Still in the tenure: its holder may be alive. Unless it is exactly as read when the tenure was last
+                // judged expired, a lease duration or more ago: nothing renewed it since, so it is revoked under this
+                // version, as one seen in the watch would be (a replica of another lease namespace, which this one
+                // does not watch, ends so). Only a member Lease (labelled so) is revoked: the namespace a Lease names
+                // is written by whoever may write Leases in the job's namespace.
+                let unchanged = last_read.as_ref().is_some_and(|prev| {
+                    (prev.metadata.uid.as_ref(), prev.resource_version())
+                        == (read.metadata.uid.as_ref(), read.resource_version())
+                });
+                let member = read.labels().contains_key(crate::members::MEMBER_LABEL)
+                    && read.labels().get(lease::MANAGED_BY_LABEL).map(String::as_str) == Some(lease::MANAGED_BY);
+                if !unchanged || !member {
+                    return Ok(Some((id.clone(), Some(ReadMember(Arc::new(read))))));
+                }
+                (api, Arc::new(read))
+            }
+        };
+        let sent = tokio::time::Instant::now();
+        match tenure::revoke(&api, &member, id).await {
+            Ok(Revocation::Ended) => {
+                tracing::info!(tenure = %id, "revoked the tenure of a replica that stopped renewing")
+            }
+            Ok(Revocation::Renewed) => return Ok(Some((id.clone(), None))),
+            // Deleted after it was seen: it may have been renewed until just before.
+            Ok(Revocation::Gone) => ended_before(sent),
+            Err(Error::Kube(e)) if forbidden(id, &e) => return Ok(Some((id.clone(), None))),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(until) = wait_until {
+        tokio::time::sleep_until(until).await;
     }
     Ok(None)
 }
@@ -317,12 +387,14 @@ fn claim_for(job: &BackgroundJob, claimant: Claimant<'_>) -> Option<Claim> {
     let attempt = next_attempt(job);
     let member = claimant.tenure.lease();
     let tenure = tenure::tenure_id(&member).filter(|_| claimant.tenure.is_current())?;
+    let tenure_member = tenure::tenure_member(&member.namespace().unwrap_or_default(), &tenure);
     Some(Claim {
         holder: claimant.identity.to_string(),
         annotations: BTreeMap::from([
             (lease::JOB_UID_ANNOTATION.to_string(), job.uid().unwrap_or_default()),
             (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
             (TENURE_ANNOTATION.to_string(), tenure),
+            (TENURE_MEMBER_ANNOTATION.to_string(), tenure_member),
         ]),
         labels: BTreeMap::from([
             (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
@@ -539,8 +611,8 @@ pub async fn settle(
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     // Without a current tenure of its own, this replica may not take the job's Lease.
     let Some(claim) = claim_for(job, claimant) else { return Ok(Some(LostAt::NoTenure)) };
-    if let Some(alive) = end_tenures(client, claimant.ends, timing).await? {
-        return Ok(Some(LostAt::TenureRenewed(alive)));
+    if let Some((alive, read)) = end_tenures(client, claimant.ends, timing).await? {
+        return Ok(Some(LostAt::TenureRenewed(alive, read)));
     }
     let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
         return Ok(Some(LostAt::ClaimLease));
@@ -610,6 +682,116 @@ async fn disown_quietly(leases: &Api<Lease>, lease: &Lease) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The member Lease of a tenure this replica never saw in its watch, as a scripted apiserver serves it: named
+    /// `bgjobs-member-a` in namespace `theirs`, at resourceVersion `rv`, held by `holder` (in tenure
+    /// `bgjobs-member-a/u1/0`; none: revoked from it), or refused with `read` (its status code, unless 200); every
+    /// write answered `write`. The requests it was sent.
+    fn member_served(
+        rv: &'static str,
+        holder: Option<&'static str>,
+        read: u16,
+        write: u16,
+    ) -> (Client, Arc<std::sync::Mutex<Vec<crate::testing::Sent>>>) {
+        crate::testing::scripted_client(move |sent| {
+            let member = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "bgjobs-member-a", "namespace": "theirs", "uid": "u1", "resourceVersion": rv,
+                    "labels": {crate::members::MEMBER_LABEL: "all-namespaces", lease::MANAGED_BY_LABEL: lease::MANAGED_BY},
+                    "annotations": {tenure::REVOKED_ANNOTATION: if holder.is_none() { "bgjobs-member-a/u1/0" } else { "" }}},
+                "spec": {"holderIdentity": holder, "leaseTransitions": 0}});
+            let status = |code: u16| {
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "code": code, "reason": "x"})
+            };
+            match sent.method.as_str() {
+                "GET" if read != 200 => (read, status(read)),
+                "GET" if sent.path == "/apis/coordination.k8s.io/v1/namespaces/theirs/leases/bgjobs-member-a" => {
+                    (200, member)
+                }
+                "GET" => (404, status(404)),
+                _ if write == 200 => (200, sent.body.clone()),
+                _ => (write, status(write)),
+            }
+        })
+    }
+
+    fn unknown(last_read: Option<&str>) -> [(String, Ending); 1] {
+        let last_read = last_read.map(|rv| read_member(rv).0);
+        [("bgjobs-member-a/u1/0".to_string(), Ending::Unknown { namespace: "theirs".into(), last_read })]
+    }
+
+    fn read_member(rv: &str) -> ReadMember {
+        let mut m = Lease::default();
+        m.metadata.name = Some("bgjobs-member-a".into());
+        m.metadata.uid = Some("u1".into());
+        m.metadata.resource_version = Some(rv.into());
+        ReadMember(Arc::new(m))
+    }
+
+    /// A tenure of another lease namespace is read there: found in the tenure, it is left to its holder (and the
+    /// read is carried back); found exactly as read a lease duration before, it is revoked there, under that version.
+    #[tokio::test(start_paused = true)]
+    async fn a_tenure_never_seen_here_is_read_where_its_member_lease_is_and_revoked_once_unchanged() {
+        let id = "bgjobs-member-a/u1/0".to_string();
+        let timing = LeaseTiming::default();
+        let only_read =
+            |sent: &std::sync::Mutex<Vec<crate::testing::Sent>>| sent.lock().unwrap().iter().all(|s| s.method == "GET");
+        let (client, sent) = member_served("7", Some("a"), 200, 200);
+        let alive = end_tenures(&client, &unknown(None), &timing).await.unwrap();
+        assert_eq!(alive, Some((id.clone(), Some(read_member("7")))), "alive as far as anyone can tell");
+        assert!(only_read(&sent), "nothing written");
+        let (client, sent) = member_served("8", Some("a"), 200, 200);
+        let alive = end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap();
+        assert_eq!(alive, Some((id.clone(), Some(read_member("8")))), "renewed since");
+        assert!(only_read(&sent), "nothing written");
+        let (client, sent) = member_served("7", Some("a"), 200, 200);
+        let started = tokio::time::Instant::now();
+        assert_eq!(end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap(), None, "unchanged: revoked");
+        assert!(started.elapsed() < Duration::from_secs(1), "revoked here, so over: no wait");
+        let sent = sent.lock().unwrap();
+        let revoke = sent.iter().find(|s| s.method == "PUT").expect("the revocation");
+        assert_eq!(revoke.path, "/apis/coordination.k8s.io/v1/namespaces/theirs/leases/bgjobs-member-a");
+        assert_eq!(revoke.body["metadata"]["resourceVersion"], "7", "under the version read twice");
+        assert_eq!(revoke.body["metadata"]["annotations"][tenure::REVOKED_ANNOTATION], id.as_str());
+    }
+
+    /// Not allowed to read the member Lease (another lease namespace, and roles of this one's only): its holder may
+    /// be alive; nothing is taken, and the tenure counts as renewed (looked at again a lease duration later, not
+    /// every second). A Lease revoked by another replica is over at once; one gone is waited out a lease duration.
+    #[tokio::test(start_paused = true)]
+    async fn a_member_lease_that_cannot_be_read_leaves_the_tenure_alone_and_one_revoked_or_gone_ends_it() {
+        let id = "bgjobs-member-a/u1/0".to_string();
+        let timing = LeaseTiming::default();
+        let (client, sent) = member_served("7", Some("a"), 403, 200);
+        assert_eq!(end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap(), Some((id.clone(), None)));
+        assert!(sent.lock().unwrap().iter().all(|s| s.method == "GET"), "nothing written");
+        let (client, _) = member_served("9", None, 200, 200);
+        let started = tokio::time::Instant::now();
+        assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), None, "revoked by another");
+        assert!(started.elapsed() < Duration::from_secs(1), "its revoker waited: {:?}", started.elapsed());
+        let (client, _) = member_served("9", Some("a"), 404, 200);
+        let started = tokio::time::Instant::now();
+        assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), None, "gone");
+        assert!(started.elapsed() >= timing.duration, "waited out: {:?}", started.elapsed());
+    }
+
+    /// A revocation that finds the member Lease gone waits out a lease duration (more than any replica's renew
+    /// deadline) before anything is taken: it may have been renewed after this replica last saw it, until it was
+    /// deleted. It counted as ended at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_revocation_that_finds_the_member_lease_gone_waits_out_a_renew_deadline() {
+        let id = "bgjobs-member-a/u1/0".to_string();
+        let timing = LeaseTiming::default();
+        let (client, _) = member_served("7", Some("a"), 200, 404);
+        let mut seen = Lease::default();
+        seen.metadata.name = Some("bgjobs-member-a".into());
+        seen.metadata.namespace = Some("theirs".into());
+        seen.metadata.resource_version = Some("3".into());
+        let started = tokio::time::Instant::now();
+        let ends = [(id, Ending::Revoke(Arc::new(seen)))];
+        assert_eq!(end_tenures(&client, &ends, &timing).await.unwrap(), None);
+        assert!(started.elapsed() >= timing.duration, "took over after {:?}", started.elapsed());
+    }
     use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
 
     /// A request to the apiserver: its method, the Lease's name, and the holder the Lease sent names.

@@ -136,6 +136,38 @@ async fn a_paused_replicas_tenure_is_revoked_before_its_jobs_move_and_it_acts_on
     assert!(a.log_text().contains("member lease lost"), "a learnt its tenure ended:\n{}", a.log_text());
 }
 
+/// Replicas of two lease namespaces that see the same jobs (two deployments watching every namespace, or one whose
+/// `--lease-namespace` changes in a rolling update): neither takes the other's live claims, and one takes over the
+/// claims of another that died once its member Lease, read where it is, has not changed for a lease duration.
+/// Before: the replica of the other namespace looked for the holder's member Lease in its own namespace, found
+/// none, and took the running job over, a second run beside the first (a review found this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_another_lease_namespace_leaves_a_live_holders_job_alone_and_takes_over_a_dead_ones() {
+    let env = TestEnv::new("tenure-elsewhere").await;
+    // a's member Lease in `default` (the tests' lease namespace), b's in the test's own namespace.
+    let mut a = env.replica("a", &[]);
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 20}})).await;
+    env.wait_job("long", MINUTE, "Running on a", |j| {
+        j.phase() == Phase::Running && j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")
+    })
+    .await;
+    let _b = env.replica("b", &["--lease-namespace", &env.ns]);
+    // Many lease durations (3 s) of b beside a's live claim.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let job = env.jobs.get("long").await.unwrap();
+    let worker = job.status.as_ref().and_then(|s| s.worker.clone());
+    assert_eq!((job.attempts(), worker.as_deref()), (1, Some("a")), "b must leave a's live claim alone");
+    a.kill9();
+    let killed_at = common::now_ms();
+    let done = env.wait_job("long", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let s = done.status.unwrap();
+    assert_eq!((s.attempts, s.worker.as_deref()), (2, Some("b")), "b takes over once a is gone");
+    let execs = executions(&env.invocations());
+    let on_b: Vec<_> = execs.iter().filter(|e| e.worker == "b").collect();
+    assert_eq!(on_b.len(), 1, "one run on b: {execs:?}");
+    assert!(on_b[0].start >= killed_at, "b started only after a was killed: {execs:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_status_writes_are_refused_does_not_hold_jobs_back_from_the_others() {
     let env = TestEnv::new("claim-refused").await;

@@ -74,8 +74,9 @@ struct Done {
     seen_at: Option<String>,
     /// The claim was lost to another replica (or the job moved): someone else may run it now.
     lost_to_another: bool,
-    /// A tenure this replica judged expired, found renewed when the task tried to end it (see [`LostAt`]).
-    alive_tenure: Option<String>,
+    /// A tenure this replica judged expired, found renewed when the task tried to end it (see [`LostAt`]), and its
+    /// member Lease as read in it, if this replica never saw it in its member watch.
+    alive_tenure: Option<(String, Option<claim::ReadMember>)>,
     /// Leave the job alone until then while the cache shows the version acted on (see [`LostAt::PodToCome`]);
     /// `None`: [`SETTLE_HOLD`].
     hold_until: Option<Instant>,
@@ -104,9 +105,9 @@ impl DoneOnDrop {
         match at {
             // Nobody else has it: a create of its Pod may still land, and it is looked at again then.
             LostAt::PodToCome { until, .. } => d.hold_until = Some(until),
-            LostAt::TenureRenewed(tenure) => {
+            LostAt::TenureRenewed(tenure, read) => {
                 d.lost_to_another = true;
-                d.alive_tenure = Some(tenure);
+                d.alive_tenure = Some((tenure, read));
             }
             LostAt::ClaimLease
             | LostAt::JobChanged
@@ -316,10 +317,14 @@ impl Dispatcher {
             let until = done.hold_until.unwrap_or_else(|| Instant::now() + SETTLE_HOLD);
             self.settled_at.insert(done.uid.clone(), (rv, until));
         }
-        if let Some(tenure) = &done.alive_tenure {
-            // The member watch lags: until it catches up, count this tenure as renewed just now, or every pass would
-            // try (and fail) to end it again, and hand its Leases' jobs the blame for the lag.
+        if let Some((tenure, read)) = &done.alive_tenure {
+            // The member watch lags (or does not show it: another lease namespace): until it catches up, count this
+            // tenure as renewed just now, or every pass would try (and fail) to end it again, and hand its Leases'
+            // jobs the blame for the lag. As read, it is revoked if still so when it is next judged expired.
             self.tenures.renewed(tenure, Instant::now());
+            if let Some(read) = read {
+                self.tenures.read_in(tenure, read.0.clone());
+            }
         }
         self.backlog.mark(&done.uid);
         // A write slot is free again: let waiting writes have it.
@@ -859,10 +864,11 @@ impl Dispatcher {
             self.backlog.mark(&uid);
             return;
         };
-        // Waiting out a tenure never seen here comes before anything is acquired (see `claim::end_tenures`).
-        let unknown = ends.iter().any(|(_, e)| matches!(e, Ending::Unknown(_)));
-        let limit =
-            self.worker.timing.duration + if unknown { self.worker.timing.renew_deadline } else { Duration::ZERO };
+        // Waiting out a tenure never seen here (a lease duration) comes before anything is acquired (see
+        // `claim::end_tenures`). (A revocation that finds the member Lease gone waits too: a claim that outlasts its
+        // limit so is tried again, once the member watch shows the Lease gone.)
+        let unknown = ends.iter().any(|(_, e)| matches!(e, Ending::Unknown { .. }));
+        let limit = self.worker.timing.duration + if unknown { self.worker.timing.duration } else { Duration::ZERO };
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
         }

@@ -235,6 +235,7 @@ pub async fn disown(api: &Api<Lease>, held: &Lease) -> Result<()> {
     let mut lease = held.clone();
     if let Some(a) = lease.metadata.annotations.as_mut() {
         a.remove(tenure::TENURE_ANNOTATION);
+        a.remove(tenure::TENURE_MEMBER_ANNOTATION);
     }
     if let Some(l) = lease.metadata.labels.as_mut() {
         l.remove(tenure::HELD_BY_LABEL);

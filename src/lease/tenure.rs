@@ -33,6 +33,17 @@ pub const TENURE_ANNOTATION: &str = "bgjobs.dev/tenure";
 pub const HELD_BY_LABEL: &str = "bgjobs.dev/held-by";
 /// Annotation on a revoked member Lease: the tenure the revoking replica ended.
 pub const REVOKED_ANNOTATION: &str = "bgjobs.dev/revoked-tenure";
+/// Annotation on a Lease a tenure vouches for, next to [`TENURE_ANNOTATION`]: where that tenure's member Lease is,
+/// `<namespace>/<tenure>`. Replicas of another `--lease-namespace` that see the same jobs never see that member Lease
+/// in their member watch: they read it where it is (see [`Ending::Unknown`]). Leases written by older replicas do not
+/// say (or say it of another tenure, kept from before an older replica's take-over): theirs is taken to be the
+/// reader's own.
+pub const TENURE_MEMBER_ANNOTATION: &str = "bgjobs.dev/tenure-member";
+
+/// The [`TENURE_MEMBER_ANNOTATION`] of a Lease vouched for by `tenure`, whose member Lease is in `namespace`.
+pub fn tenure_member(namespace: &str, tenure: &str) -> String {
+    format!("{namespace}/{tenure}")
+}
 
 /// The tenure a member Lease is in: `<name>/<uid>/<transitions>`, or `None` while it has no holder.
 pub fn tenure_id(member: &Lease) -> Option<String> {
@@ -49,6 +60,13 @@ pub fn member_of(tenure: &str) -> &str {
 /// The tenure a Lease names, if a tenure vouches for it.
 pub fn vouched_by(lease: &Lease) -> Option<&str> {
     annotation(lease, TENURE_ANNOTATION).filter(|t| !t.is_empty())
+}
+
+/// The namespace of the member Lease of the tenure that vouches for `lease`, if the Lease says so of that tenure
+/// ([`TENURE_MEMBER_ANNOTATION`]).
+pub fn vouched_in(lease: &Lease) -> Option<&str> {
+    let (namespace, tenure) = annotation(lease, TENURE_MEMBER_ANNOTATION)?.split_once('/')?;
+    (!namespace.is_empty() && Some(tenure) == vouched_by(lease)).then_some(namespace)
 }
 
 /// What an observer knows of one tenure.
@@ -72,6 +90,11 @@ pub struct Tenures {
     seen: HashMap<String, Seen>,
     /// The member Leases as last seen, by name, for revocation.
     members: HashMap<String, Arc<Lease>>,
+    /// Tenures whose member Lease is in another namespace (as the Leases they vouch for say): never in this replica's
+    /// member watch.
+    elsewhere: HashMap<String, String>,
+    /// Tenures never seen in the member watch, and their member Lease as last read in them ([`Ending::Unknown`]).
+    read: HashMap<String, Arc<Lease>>,
 }
 
 /// How a tenure that looks gone must be ended before a Lease it vouches for is taken over.
@@ -81,10 +104,13 @@ pub enum Ending {
     Over,
     /// Revoke it: write this member Lease (as seen) under its resourceVersion first.
     Revoke(Arc<Lease>),
-    /// This replica never saw the tenure in its member Lease (its member watch may lag the Lease watch): read the
-    /// member Lease; if it is in another tenure or gone, the tenure ended no later than that read, and its holder
-    /// stops within a renew deadline of it. Holds the namespace of the member Leases.
-    Unknown(String),
+    /// This replica never saw the tenure in its member Lease (its member watch may lag the Lease watch, or the
+    /// member Lease is in another namespace, which it does not watch): read the member Lease, in `namespace`. In
+    /// another tenure or gone: the tenure ended no later than that read, and its holder stops within a renew deadline
+    /// of it. Still in the tenure: its holder may be alive, unless it is exactly as `last_read` (read in the tenure
+    /// when the tenure was last judged expired, a lease duration or more before): then nothing renewed it for that
+    /// long, and it is revoked under that version, as a watched one is.
+    Unknown { namespace: String, last_read: Option<Arc<Lease>> },
 }
 
 impl Tenures {
@@ -138,10 +164,11 @@ impl Tenures {
     /// How long to treat `lease` as unchanged: the younger of its own clock and its tenure's (a Lease no tenure
     /// vouches for, written by a replica that renews it itself, has only its own).
     pub fn vouched_unchanged(&mut self, lease: Option<&Lease>, own: Duration, now: Instant) -> Duration {
-        match lease.and_then(vouched_by) {
-            Some(t) => own.min(self.unchanged(t, now)),
-            None => own,
+        let Some((lease, t)) = lease.and_then(|l| Some((l, vouched_by(l)?))) else { return own };
+        if let Some(namespace) = vouched_in(lease).filter(|n| *n != self.namespace) {
+            self.elsewhere.insert(t.to_string(), namespace.to_string());
         }
+        own.min(self.unchanged(t, now))
     }
 
     /// What must happen before a Lease vouched for by `tenure` is taken over, judged now: `None` while the tenure
@@ -153,7 +180,8 @@ impl Tenures {
         }
         let s = self.seen.get(tenure)?;
         if !s.witnessed {
-            return Some(Ending::Unknown(self.namespace.clone()));
+            let namespace = self.elsewhere.get(tenure).unwrap_or(&self.namespace).clone();
+            return Some(Ending::Unknown { namespace, last_read: self.read.get(tenure).cloned() });
         }
         Some(match self.members.get(member_of(tenure)) {
             _ if s.revoked || s.version.is_none() => Ending::Over,
@@ -179,6 +207,11 @@ impl Tenures {
         }
     }
 
+    /// Record `member` as read in `tenure`, a tenure never seen in the member watch ([`Ending::Unknown`]).
+    pub fn read_in(&mut self, tenure: &str, member: Arc<Lease>) {
+        self.read.insert(tenure.to_string(), member);
+    }
+
     /// Record that `tenure` was revoked (by this replica or, as its member Lease says, another).
     pub fn revoked(&mut self, tenure: &str, now: Instant) {
         let seen = Seen { version: None, since: now, revoked: true, witnessed: true };
@@ -189,22 +222,37 @@ impl Tenures {
     /// judged as never seen: conservatively, from scratch).
     pub fn prune(&mut self, keep: Duration, now: Instant) {
         self.seen.retain(|_, s| s.version.is_some() || now.saturating_duration_since(s.since) < keep);
+        let seen = &self.seen;
+        self.elsewhere.retain(|t, _| seen.contains_key(t));
+        self.read.retain(|t, _| seen.contains_key(t));
     }
 }
 
+/// What a [`revoke`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revocation {
+    /// Written: the holder loses its tenure at its next renewal, and has stopped acting by now (it did not renew for
+    /// a lease duration).
+    Ended,
+    /// The member Lease is gone: nothing can renew it any more, but it may have been renewed until just before it
+    /// was deleted (after it was seen), so its holder may act until a renew deadline after that.
+    Gone,
+    /// Renewed since it was seen: its holder is alive.
+    Renewed,
+}
+
 /// End `tenure` by writing its member Lease as `seen`, under the resourceVersion seen: the holder loses it at its
-/// next renewal. `Ok(true)`: ended (or the Lease is gone: nothing can renew it any more). `Ok(false)`: it was
-/// renewed since, so its holder is alive.
-pub async fn revoke(api: &Api<Lease>, seen: &Lease, tenure: &str) -> Result<bool> {
+/// next renewal.
+pub async fn revoke(api: &Api<Lease>, seen: &Lease, tenure: &str) -> Result<Revocation> {
     let mut lease = seen.clone();
     lease.metadata.annotations.get_or_insert_with(Default::default).insert(REVOKED_ANNOTATION.into(), tenure.into());
     let spec = lease.spec.get_or_insert_with(Default::default);
     spec.holder_identity = None;
     spec.renew_time = Some(now_micro());
     match api.replace(&seen.name_any(), &Default::default(), &lease).await {
-        Ok(_) => Ok(true),
-        Err(e) if crate::error::api_code(&e) == Some(404) => Ok(true),
-        Err(e) if crate::error::api_code(&e) == Some(409) => Ok(false),
+        Ok(_) => Ok(Revocation::Ended),
+        Err(e) if crate::error::api_code(&e) == Some(404) => Ok(Revocation::Gone),
+        Err(e) if crate::error::api_code(&e) == Some(409) => Ok(Revocation::Renewed),
         Err(e) => Err(e.into()),
     }
 }
@@ -313,8 +361,52 @@ mod tests {
         assert_eq!(t.unchanged("bgjobs-member-b/u9/0", t0), Duration::ZERO);
         assert_eq!(t.unchanged("bgjobs-member-b/u9/0", t0 + S(16)), S(16));
         assert!(
-            matches!(t.ending("bgjobs-member-b/u9/0", S(15), t0 + S(16)), Some(Ending::Unknown(_))),
+            matches!(t.ending("bgjobs-member-b/u9/0", S(15), t0 + S(16)), Some(Ending::Unknown { .. })),
             "the member watch may lag"
+        );
+    }
+
+    /// A Lease vouched for by a tenure of another lease namespace (replicas of another deployment, or of the same
+    /// one during a change of `--lease-namespace`, that see the same jobs): its member Lease is never in this
+    /// replica's watch. It is read where it is, and revoked only once read unchanged a lease duration apart. It was
+    /// looked for in this replica's namespace, not found, and taken over while its holder ran on.
+    #[test]
+    fn a_tenure_of_another_lease_namespace_is_read_there_and_revoked_only_once_read_unchanged() {
+        let (mut t, t0) = (Tenures::new("mine"), Instant::now());
+        let id = "bgjobs-member-a/u1/0";
+        let mut l = vouched(id);
+        l.metadata.annotations.as_mut().unwrap().insert(TENURE_MEMBER_ANNOTATION.into(), tenure_member("theirs", id));
+        assert_eq!(t.vouched_unchanged(Some(&l), S(40), t0), Duration::ZERO);
+        let unknown = t.ending(id, S(15), t0 + S(16));
+        assert!(
+            matches!(&unknown, Some(Ending::Unknown { namespace, last_read: None }) if namespace == "theirs"),
+            "{unknown:?}"
+        );
+        // Read there, still in the tenure: young again, and remembered as read.
+        t.renewed(id, t0 + S(16));
+        t.read_in(id, member("u1", 0, "7", Some("a")));
+        assert!(t.ending(id, S(15), t0 + S(30)).is_none());
+        let again = t.ending(id, S(15), t0 + S(31));
+        assert!(
+            matches!(&again, Some(Ending::Unknown { namespace, last_read: Some(m) })
+                if namespace == "theirs" && m.resource_version().as_deref() == Some("7")),
+            "{again:?}"
+        );
+        // A Lease that does not say (an older replica's), or says it of another tenure (kept through an older
+        // replica's take-over), is taken to be of this replica's namespace.
+        let older = "bgjobs-member-b/u2/0";
+        t.vouched_unchanged(Some(&vouched(older)), S(40), t0);
+        let mut taken_over = vouched(older);
+        taken_over
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(TENURE_MEMBER_ANNOTATION.into(), tenure_member("theirs", id));
+        assert_eq!(vouched_in(&taken_over), None);
+        assert_eq!(vouched_in(&l), Some("theirs"));
+        assert!(
+            matches!(t.ending(older, S(15), t0 + S(16)), Some(Ending::Unknown { namespace, .. }) if namespace == "mine")
         );
     }
 
@@ -335,7 +427,7 @@ mod tests {
         // Never witnessed (only named by a Lease): the read that found it current counts the same way.
         let other = "bgjobs-member-b/u9/0";
         t.unchanged(other, t0 + S(20));
-        assert!(matches!(t.ending(other, S(15), t0 + S(40)), Some(Ending::Unknown(_))));
+        assert!(matches!(t.ending(other, S(15), t0 + S(40)), Some(Ending::Unknown { .. })));
         t.renewed(other, t0 + S(40));
         assert!(t.ending(other, S(15), t0 + S(50)).is_none());
         // A revoked tenure stays over, whatever a late answer says.
