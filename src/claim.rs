@@ -291,14 +291,15 @@ async fn end_tenures(
                     Err(e) if forbidden(id, &e) => return Ok(Some((id.clone(), None))),
                     Err(e) => return Err(e.into()),
                 };
-                let Some(read) = read.filter(|m| tenure::tenure_id(m).as_deref() == Some(id.as_str())) else {
-                    // Revoked by a replica that saw it unchanged a lease duration: its holder has stopped. Otherwise
-                    // gone or in another tenure: ended before this read.
-                    let revoked = read.as_ref().and_then(|m| lease::annotation(m, tenure::REVOKED_ANNOTATION));
-                    if revoked != Some(id.as_str()) {
+                let read = match read {
+                    Some(m) if tenure::tenure_id(&m).as_deref() == Some(id.as_str()) => m,
+                    // Revoked by a replica that saw it unchanged a lease duration: its holder has stopped.
+                    Some(m) if lease::annotation(&m, tenure::REVOKED_ANNOTATION) == Some(id.as_str()) => continue,
+                    // Gone or in another tenure: ended before this read.
+                    _ => {
                         ended_before(sent);
+                        continue;
                     }
-                    continue;
                 };
                 // Still in the tenure: its holder may be alive. Unless it is exactly as read when the tenure was last
                 // judged expired, a lease duration or more ago: nothing renewed it since, so it is revoked under this
@@ -701,7 +702,7 @@ mod tests {
                 "spec": {"holderIdentity": holder, "leaseTransitions": 0}});
             let status = |code: u16| {
                 serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "code": code, "reason": "x"})
+                "code": code, "reason": match code { 404 => "NotFound", 403 => "Forbidden", _ => "Conflict" }})
             };
             match sent.method.as_str() {
                 "GET" if read != 200 => (read, status(read)),
