@@ -700,10 +700,7 @@ mod tests {
                     "labels": {crate::members::MEMBER_LABEL: "all-namespaces", lease::MANAGED_BY_LABEL: lease::MANAGED_BY},
                     "annotations": {tenure::REVOKED_ANNOTATION: if holder.is_none() { "bgjobs-member-a/u1/0" } else { "" }}},
                 "spec": {"holderIdentity": holder, "leaseTransitions": 0}});
-            let status = |code: u16| {
-                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "code": code, "reason": match code { 404 => "NotFound", 403 => "Forbidden", _ => "Conflict" }})
-            };
+            let status = crate::testing::status;
             match sent.method.as_str() {
                 "GET" if read != 200 => (read, status(read)),
                 "GET" if sent.path == "/apis/coordination.k8s.io/v1/namespaces/theirs/leases/bgjobs-member-a" => {

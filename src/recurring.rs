@@ -2075,12 +2075,7 @@ pub(crate) mod tests {
                     _ => (200, next_json.clone(), Duration::ZERO),
                 }
             }
-            "GET" => (
-                404,
-                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "reason": "NotFound", "code": 404}),
-                Duration::ZERO,
-            ),
+            "GET" => (404, crate::testing::status(404), Duration::ZERO),
             _ => (200, sent.body.clone(), Duration::ZERO),
         });
         // The cache shows tick 60's job pending and no job: a create, decided from a read.
@@ -2102,12 +2097,7 @@ pub(crate) mod tests {
         let slow = Duration::from_millis(2500);
         let (client, sent) = crate::testing::scripted_client_slow(move |sent| match sent.method.as_str() {
             "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => (200, pending_json.clone(), slow),
-            "GET" => (
-                404,
-                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "reason": "NotFound", "code": 404}),
-                slow,
-            ),
+            "GET" => (404, crate::testing::status(404), slow),
             _ => (201, sent.body.clone(), slow),
         });
         reconcile_at(client, &pending, &[], Carried::default(), 61).await;
@@ -2134,12 +2124,7 @@ pub(crate) mod tests {
                 "GET" if sent.path.ends_with("/recurringbackgroundjobs/report") => {
                     (200, pending_json.clone(), READ_GOOD_FOR / 2)
                 }
-                "GET" => (
-                    404,
-                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "reason": "NotFound", "code": 404}),
-                    Duration::ZERO,
-                ),
+                "GET" => (404, crate::testing::status(404), Duration::ZERO),
                 _ => (201, sent.body.clone(), Duration::ZERO),
             });
         let done = try_reconcile_at(client, &pending, &[], Carried::default(), 61).await;

@@ -67,6 +67,18 @@ pub fn scripted_client_arriving(
     (kube::Client::new(service, "ns"), sent)
 }
 
+/// A `Status` body for a refusal with `code`, its reason as the apiserver gives it (what the client reads it by: a
+/// 404 must say `NotFound` for `get_opt`).
+pub fn status(code: u16) -> serde_json::Value {
+    let reason = match code {
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "Conflict",
+        _ => "InternalError",
+    };
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason})
+}
+
 /// Every request's URI (with its query), and when it came.
 pub type Asked = Arc<Mutex<Vec<(tokio::time::Instant, String)>>>;
 

@@ -1082,12 +1082,7 @@ mod tests {
         let (client, _) = crate::testing::scripted_client_slow(move |_| {
             match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
                 // Served before the late create landed (absent), answered 45 s later.
-                0 => (
-                    404,
-                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "reason": "NotFound", "code": 404}),
-                    Duration::from_secs(45),
-                ),
+                0 => (404, crate::testing::status(404), Duration::from_secs(45)),
                 // The late create has landed since.
                 _ => (
                     200,

@@ -66,7 +66,8 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
             ));
         }
         if decide::already_recorded(&job, claims, &report) {
-            let message = format!("already recorded: attempt {} of job {name} succeeded", claims.attempt);
+            let outcome = if job.phase() == Phase::Succeeded { "succeeded" } else { "failed" };
+            let message = format!("already recorded: attempt {} of job {name} {outcome}", claims.attempt);
             return Ok(Applied { job: name, attempt: claims.attempt, phase: job.phase(), message });
         }
         let now = worker.clock.now();

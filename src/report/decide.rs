@@ -113,17 +113,29 @@ pub fn check(report: &Report) -> Result<(), Refusal> {
 }
 
 /// Whether `report` repeats what the job already records: a `complete` of the attempt that succeeded, with the
-/// result it stored. A worker that sent it, lost the answer and sent it again (as a `503` asks) is told it was
-/// recorded, not that its attempt is no longer current.
+/// result it stored; a `fail` of the attempt that ended (retried later, or failed for good), with the message it
+/// recorded. A worker that sent it, lost the answer and sent it again (as a `503` asks, and `bgjobs report` does) is
+/// told it was recorded, not that its attempt is no longer current.
 pub fn already_recorded(job: &BackgroundJob, claims: &Claims, report: &Report) -> bool {
-    let stored = job.status.as_ref().and_then(|s| s.result.as_ref());
+    let Some(s) = job.status.as_ref() else { return false };
+    let this_attempt = s.attempts == claims.attempt;
     match report {
         Report::Complete { result } => {
-            let same = crate::api::same_once_stored(result.as_ref(), stored);
-            job.phase() == Phase::Succeeded && job.attempts() == claims.attempt && same
+            let same = crate::api::same_once_stored(result.as_ref(), s.result.as_ref());
+            job.phase() == Phase::Succeeded && this_attempt && same
         }
-        Report::Fail { .. } | Report::Heartbeat { .. } => false,
+        Report::Fail { message, .. } => {
+            let ended = matches!(job.phase(), Phase::Waiting | Phase::Failed | Phase::Abandoned);
+            let said = s.last_error.as_deref().is_some_and(|e| e.contains(&failure_reported(message)));
+            ended && this_attempt && said
+        }
+        Report::Heartbeat { .. } => false,
     }
+}
+
+/// What a `fail` report with `message` records in `lastError` (within the verdict's words).
+fn failure_reported(message: &str) -> String {
+    format!("the worker reported failure: {}", cut(message))
 }
 
 /// Judge a report against the job as just read: what it changes, or why it changes nothing.
@@ -162,7 +174,7 @@ pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timesta
         )),
         Report::Complete { result } => Ok(Change::Outcome { verdict: Verdict::Succeed, result }),
         Report::Fail { message, retryable } => {
-            let message = format!("the worker reported failure: {}", cut(&message));
+            let message = failure_reported(&message);
             let result = if retryable { AttemptResult::Retryable(message) } else { AttemptResult::Permanent(message) };
             Ok(Change::Outcome {
                 verdict: retry::verdict(&job.spec, created, job.attempts_spent(claims.attempt), result, now),
@@ -286,6 +298,26 @@ mod tests {
         assert!(already_recorded(&done, &claims(2), &as_sent), "the stored result is the same once stored");
         let fail = Report::Fail { message: "x".into(), retryable: false };
         assert!(!already_recorded(&done, &claims(2), &fail));
+        // A fail recorded (the job waits for its retry, or failed for good) and sent again: recorded; not another
+        // attempt's, nor another message.
+        for (phase, verdict) in [
+            (Phase::Waiting, Verdict::RetryAt { at: at(30), reason: String::new() }),
+            (Phase::Failed, Verdict::Fail(String::new())),
+        ] {
+            let mut ended = job(serde_json::json!({}), Phase::Running, 2);
+            let reason = format!("{} (gave up after 2 of 2 attempts)", failure_reported("disk full"));
+            let verdict = match verdict {
+                Verdict::RetryAt { at, .. } => Verdict::RetryAt { at, reason },
+                _ => Verdict::Fail(reason),
+            };
+            apply(ended.status.as_mut().unwrap(), &Change::Outcome { verdict, result: None }, at(20));
+            assert_eq!(ended.phase(), phase);
+            let again = Report::Fail { message: "disk full".into(), retryable: true };
+            assert!(already_recorded(&ended, &claims(2), &again), "{phase:?}");
+            assert!(!already_recorded(&ended, &claims(1), &again), "{phase:?}: another attempt's");
+            let other = Report::Fail { message: "disk empty".into(), retryable: true };
+            assert!(!already_recorded(&ended, &claims(2), &other), "{phase:?}: another message");
+        }
         let running = job(serde_json::json!({}), Phase::Running, 2);
         assert!(!already_recorded(&running, &claims(2), &again), "not recorded yet: judged as any report");
         let failed = job(serde_json::json!({}), Phase::Failed, 2);
