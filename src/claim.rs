@@ -254,10 +254,10 @@ pub async fn claim(
 /// renewed since, or may have been (or this replica may not read or write its member Lease), so its holder may be
 /// alive and nothing is taken; with its member Lease as read in it when this replica never saw it in its watch.
 ///
-/// A tenure found ended only now (its member Lease gone, or in another tenure, when read or revoked) was renewed
-/// until some time before: its holder acts until its renew deadline after its last renewal. A lease duration is
-/// waited out from that finding, once for all of them, before anything is taken: longer than any replica's renew
-/// deadline, of this deployment or another (docs/install.md, timing), not just this one's.
+/// A tenure found ended only now (its member Lease gone, or in another tenure, when read or revoked) may have been
+/// renewed until the request was served: its holder acts until its renew deadline after its last renewal. A lease
+/// duration is waited out from the answer, once for all of them, before anything is taken: longer than any replica's
+/// renew deadline, of this deployment or another (docs/install.md, timing), not just this one's.
 async fn end_tenures(
     client: &Client,
     ends: &[(String, Ending)],
@@ -282,30 +282,35 @@ async fn end_tenures(
             Ending::Revoke(member) => {
                 (Api::<Lease>::namespaced(client.clone(), &member.namespace().unwrap_or_default()), member.clone())
             }
-            Ending::Unknown { namespace, last_read } => {
+            Ending::Unknown { namespace, last_read, own_namespace } => {
                 // Never seen in its member Lease here: read that Lease.
                 let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-                let sent = tokio::time::Instant::now();
                 let read = match api.get_opt(tenure::member_of(id)).await {
                     Ok(read) => read,
                     Err(e) if forbidden(id, &e) => return Ok(Some((id.clone(), None))),
                     Err(e) => return Err(e.into()),
                 };
+                // Another namespace than this replica's own is named by the Lease it vouches for, which whoever may
+                // write Leases in the job's namespace can write: only the tenure's own member Lease (its UID) tells
+                // anything there, and a Lease missing there only once that Lease was read there before.
+                let genuine = |m: &Lease| m.metadata.uid.as_deref() == Some(tenure::uid_of(id));
+                let trusted = *own_namespace || last_read.as_deref().is_some_and(genuine);
                 let read = match read {
                     Some(m) if tenure::tenure_id(&m).as_deref() == Some(id.as_str()) => m,
+                    Some(m) if !*own_namespace && !genuine(&m) => return Ok(Some((id.clone(), None))),
                     // Revoked by a replica that saw it unchanged a lease duration: its holder has stopped.
                     Some(m) if lease::annotation(&m, tenure::REVOKED_ANNOTATION) == Some(id.as_str()) => continue,
-                    // Gone or in another tenure: ended before this read.
-                    _ => {
-                        ended_before(sent);
+                    // Gone or in another tenure: ended before this read was answered.
+                    _ if trusted => {
+                        ended_before(tokio::time::Instant::now());
                         continue;
                     }
+                    _ => return Ok(Some((id.clone(), None))),
                 };
                 // Still in the tenure: its holder may be alive. Unless it is exactly as read when the tenure was last
                 // judged expired, a lease duration or more ago: nothing renewed it since, so it is revoked under this
                 // version, as one seen in the watch would be (a replica of another lease namespace, which this one
-                // does not watch, ends so). Only a member Lease (labelled so) is revoked: the namespace a Lease names
-                // is written by whoever may write Leases in the job's namespace.
+                // does not watch, ends so). Only a member Lease (labelled so) is revoked.
                 let unchanged = last_read.as_ref().is_some_and(|prev| {
                     (prev.metadata.uid.as_ref(), prev.resource_version())
                         == (read.metadata.uid.as_ref(), read.resource_version())
@@ -318,14 +323,13 @@ async fn end_tenures(
                 (api, Arc::new(read))
             }
         };
-        let sent = tokio::time::Instant::now();
         match tenure::revoke(&api, &member, id).await {
             Ok(Revocation::Ended) => {
                 tracing::info!(tenure = %id, "revoked the tenure of a replica that stopped renewing")
             }
             Ok(Revocation::Renewed) => return Ok(Some((id.clone(), None))),
-            // Deleted after it was seen: it may have been renewed until just before.
-            Ok(Revocation::Gone) => ended_before(sent),
+            // Deleted after it was seen: it may have been renewed until just before the answer.
+            Ok(Revocation::Gone) => ended_before(tokio::time::Instant::now()),
             Err(Error::Kube(e)) if forbidden(id, &e) => return Ok(Some((id.clone(), None))),
             Err(e) => return Err(e),
         }
@@ -684,38 +688,71 @@ async fn disown_quietly(leases: &Api<Lease>, lease: &Lease) {
 mod tests {
     use super::*;
 
-    /// The member Lease of a tenure this replica never saw in its watch, as a scripted apiserver serves it: named
-    /// `bgjobs-member-a` in namespace `theirs`, at resourceVersion `rv`, held by `holder` (in tenure
-    /// `bgjobs-member-a/u1/0`; none: revoked from it), or refused with `read` (its status code, unless 200); every
-    /// write answered `write`. The requests it was sent.
-    fn member_served(
+    /// How a scripted apiserver serves the member Lease `bgjobs-member-a` in namespace `theirs`.
+    #[derive(Clone, Copy)]
+    struct Served {
+        /// Its UID (`u1`: the tenure's own Lease).
+        uid: &'static str,
         rv: &'static str,
+        /// Its holder: in tenure `bgjobs-member-a/u1/0`; none: revoked from it.
         holder: Option<&'static str>,
+        /// Labelled as a member Lease.
+        labelled: bool,
+        /// The answer to a read (200: the Lease) and to a write (200: as sent).
         read: u16,
         write: u16,
-    ) -> (Client, Arc<std::sync::Mutex<Vec<crate::testing::Sent>>>) {
-        crate::testing::scripted_client(move |sent| {
+        /// How long after it is sent a read is answered.
+        answered_after: Duration,
+    }
+
+    const IN_TENURE: Served = Served {
+        uid: "u1",
+        rv: "7",
+        holder: Some("a"),
+        labelled: true,
+        read: 200,
+        write: 200,
+        answered_after: Duration::ZERO,
+    };
+
+    /// A client of an apiserver that serves the member Lease as `served` says, and the requests it was sent.
+    fn member_served(served: Served) -> (Client, Arc<std::sync::Mutex<Vec<crate::testing::Sent>>>) {
+        crate::testing::scripted_client_slow(move |sent| {
+            let labels = if served.labelled {
+                serde_json::json!({crate::members::MEMBER_LABEL: "all-namespaces", lease::MANAGED_BY_LABEL: lease::MANAGED_BY})
+            } else {
+                serde_json::json!({})
+            };
+            let revoked = if served.holder.is_none() { "bgjobs-member-a/u1/0" } else { "" };
             let member = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": "bgjobs-member-a", "namespace": "theirs", "uid": "u1", "resourceVersion": rv,
-                    "labels": {crate::members::MEMBER_LABEL: "all-namespaces", lease::MANAGED_BY_LABEL: lease::MANAGED_BY},
-                    "annotations": {tenure::REVOKED_ANNOTATION: if holder.is_none() { "bgjobs-member-a/u1/0" } else { "" }}},
-                "spec": {"holderIdentity": holder, "leaseTransitions": 0}});
+                "metadata": {"name": "bgjobs-member-a", "namespace": "theirs", "uid": served.uid,
+                    "resourceVersion": served.rv, "labels": labels,
+                    "annotations": {tenure::REVOKED_ANNOTATION: revoked}},
+                "spec": {"holderIdentity": served.holder, "leaseTransitions": 0}});
             let status = crate::testing::status;
+            let late = served.answered_after;
             match sent.method.as_str() {
-                "GET" if read != 200 => (read, status(read)),
+                "GET" if served.read != 200 => (served.read, status(served.read), late),
                 "GET" if sent.path == "/apis/coordination.k8s.io/v1/namespaces/theirs/leases/bgjobs-member-a" => {
-                    (200, member)
+                    (200, member, late)
                 }
-                "GET" => (404, status(404)),
-                _ if write == 200 => (200, sent.body.clone()),
-                _ => (write, status(write)),
+                "GET" => (404, status(404), late),
+                _ if served.write == 200 => (200, sent.body.clone(), Duration::ZERO),
+                _ => (served.write, status(served.write), Duration::ZERO),
             }
         })
     }
 
+    /// The tenure `bgjobs-member-a/u1/0`, never seen here, its member Lease in `theirs` (another lease namespace),
+    /// last read at resourceVersion `last_read` (`None`: never read there).
     fn unknown(last_read: Option<&str>) -> [(String, Ending); 1] {
         let last_read = last_read.map(|rv| read_member(rv).0);
-        [("bgjobs-member-a/u1/0".to_string(), Ending::Unknown { namespace: "theirs".into(), last_read })]
+        let ending = Ending::Unknown { namespace: "theirs".into(), last_read, own_namespace: false };
+        [("bgjobs-member-a/u1/0".to_string(), ending)]
+    }
+
+    fn only_read(sent: &std::sync::Mutex<Vec<crate::testing::Sent>>) -> bool {
+        sent.lock().unwrap().iter().all(|s| s.method == "GET")
     }
 
     fn read_member(rv: &str) -> ReadMember {
@@ -732,17 +769,15 @@ mod tests {
     async fn a_tenure_never_seen_here_is_read_where_its_member_lease_is_and_revoked_once_unchanged() {
         let id = "bgjobs-member-a/u1/0".to_string();
         let timing = LeaseTiming::default();
-        let only_read =
-            |sent: &std::sync::Mutex<Vec<crate::testing::Sent>>| sent.lock().unwrap().iter().all(|s| s.method == "GET");
-        let (client, sent) = member_served("7", Some("a"), 200, 200);
+        let (client, sent) = member_served(IN_TENURE);
         let alive = end_tenures(&client, &unknown(None), &timing).await.unwrap();
         assert_eq!(alive, Some((id.clone(), Some(read_member("7")))), "alive as far as anyone can tell");
         assert!(only_read(&sent), "nothing written");
-        let (client, sent) = member_served("8", Some("a"), 200, 200);
+        let (client, sent) = member_served(Served { rv: "8", ..IN_TENURE });
         let alive = end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap();
         assert_eq!(alive, Some((id.clone(), Some(read_member("8")))), "renewed since");
         assert!(only_read(&sent), "nothing written");
-        let (client, sent) = member_served("7", Some("a"), 200, 200);
+        let (client, sent) = member_served(IN_TENURE);
         let started = tokio::time::Instant::now();
         assert_eq!(end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap(), None, "unchanged: revoked");
         assert!(started.elapsed() < Duration::from_secs(1), "revoked here, so over: no wait");
@@ -753,40 +788,69 @@ mod tests {
         assert_eq!(revoke.body["metadata"]["annotations"][tenure::REVOKED_ANNOTATION], id.as_str());
     }
 
-    /// Not allowed to read the member Lease (another lease namespace, and roles of this one's only): its holder may
-    /// be alive; nothing is taken, and the tenure counts as renewed (looked at again a lease duration later, not
-    /// every second). A Lease revoked by another replica is over at once; one gone is waited out a lease duration.
+    /// Not allowed to read or revoke the member Lease (another lease namespace, and roles of this one's only): its
+    /// holder may be alive; nothing is taken, and the tenure counts as renewed (looked at again a lease duration
+    /// later, not every second). One revoked by another replica is over at once, with nothing written.
     #[tokio::test(start_paused = true)]
-    async fn a_member_lease_that_cannot_be_read_leaves_the_tenure_alone_and_one_revoked_or_gone_ends_it() {
+    async fn a_member_lease_that_cannot_be_read_or_revoked_leaves_the_tenure_alone_and_one_revoked_ends_it() {
         let id = "bgjobs-member-a/u1/0".to_string();
         let timing = LeaseTiming::default();
-        let (client, sent) = member_served("7", Some("a"), 403, 200);
+        let (client, sent) = member_served(Served { read: 403, ..IN_TENURE });
         assert_eq!(end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap(), Some((id.clone(), None)));
-        assert!(sent.lock().unwrap().iter().all(|s| s.method == "GET"), "nothing written");
-        let (client, _) = member_served("9", None, 200, 200);
+        assert!(only_read(&sent), "nothing written");
+        let (client, _) = member_served(Served { write: 403, ..IN_TENURE });
+        assert_eq!(end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap(), Some((id.clone(), None)));
+        let (client, sent) = member_served(Served { rv: "9", holder: None, ..IN_TENURE });
         let started = tokio::time::Instant::now();
         assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), None, "revoked by another");
         assert!(started.elapsed() < Duration::from_secs(1), "its revoker waited: {:?}", started.elapsed());
-        let (client, _) = member_served("9", Some("a"), 404, 200);
+        assert!(only_read(&sent), "nothing written");
+    }
+
+    /// Where the Lease a claim vouches for says its tenure's member Lease is can be written by anyone who may write
+    /// Leases in the job's namespace. In such a namespace only the tenure's own member Lease (its UID) counts: a
+    /// Lease of that name with another UID, saying the tenure was revoked, or none at all where the member Lease was
+    /// never read, ends nothing; nor is a Lease revoked that is not labelled as a member Lease. Gone where it was
+    /// read before, it ended: waited out a lease duration from the answer.
+    #[tokio::test(start_paused = true)]
+    async fn in_another_namespace_only_the_tenures_own_member_lease_can_end_it() {
+        let id = "bgjobs-member-a/u1/0".to_string();
+        let timing = LeaseTiming::default();
+        let forged = Served { uid: "u2", rv: "9", holder: None, ..IN_TENURE };
+        let (client, sent) = member_served(forged);
+        assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), Some((id.clone(), None)), "forged");
+        assert!(only_read(&sent));
+        let (client, _) = member_served(Served { read: 404, ..IN_TENURE });
+        assert_eq!(
+            end_tenures(&client, &unknown(None), &timing).await.unwrap(),
+            Some((id.clone(), None)),
+            "never read"
+        );
+        let (client, sent) = member_served(Served { labelled: false, ..IN_TENURE });
+        let alive = end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap();
+        assert_eq!(alive, Some((id.clone(), Some(read_member("7")))), "not a member Lease: not revoked");
+        assert!(only_read(&sent), "nothing written");
+        let gone_late = Served { read: 404, answered_after: Duration::from_secs(8), ..IN_TENURE };
+        let (client, _) = member_served(gone_late);
         let started = tokio::time::Instant::now();
-        assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), None, "gone");
-        assert!(started.elapsed() >= timing.duration, "waited out: {:?}", started.elapsed());
+        assert_eq!(end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap(), None, "gone where it was read");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(8) + timing.duration, "from the answer: {waited:?}");
     }
 
     /// A revocation that finds the member Lease gone waits out a lease duration (more than any replica's renew
-    /// deadline) before anything is taken: it may have been renewed after this replica last saw it, until it was
-    /// deleted. It counted as ended at once.
+    /// deadline) from its answer before anything is taken: the member Lease may have been renewed after this replica
+    /// last saw it, until it was deleted. It counted as ended at once.
     #[tokio::test(start_paused = true)]
-    async fn a_revocation_that_finds_the_member_lease_gone_waits_out_a_renew_deadline() {
-        let id = "bgjobs-member-a/u1/0".to_string();
+    async fn a_revocation_that_finds_the_member_lease_gone_waits_out_a_lease_duration() {
         let timing = LeaseTiming::default();
-        let (client, _) = member_served("7", Some("a"), 200, 404);
+        let (client, _) = member_served(Served { write: 404, ..IN_TENURE });
         let mut seen = Lease::default();
         seen.metadata.name = Some("bgjobs-member-a".into());
         seen.metadata.namespace = Some("theirs".into());
         seen.metadata.resource_version = Some("3".into());
         let started = tokio::time::Instant::now();
-        let ends = [(id, Ending::Revoke(Arc::new(seen)))];
+        let ends = [("bgjobs-member-a/u1/0".to_string(), Ending::Revoke(Arc::new(seen)))];
         assert_eq!(end_tenures(&client, &ends, &timing).await.unwrap(), None);
         assert!(started.elapsed() >= timing.duration, "took over after {:?}", started.elapsed());
     }

@@ -219,6 +219,13 @@ fn expired_tenure(lease: Option<&Lease>, state: LeaseState) -> Option<String> {
     lease.filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by).map(str::to_string)
 }
 
+/// How long ending `ends` may wait before anything is taken (`claim::end_tenures`): a lease duration if one of them
+/// may be found ended by a read or a revocation.
+fn ending_waits(ends: &[(String, Ending)], timing: &crate::lease::LeaseTiming) -> Duration {
+    let may_wait = ends.iter().any(|(_, e)| matches!(e, Ending::Unknown { .. } | Ending::Revoke(_)));
+    if may_wait { timing.duration } else { Duration::ZERO }
+}
+
 /// How long an ended tenure is remembered. A Lease that names one this replica forgot (or never saw) is not lost
 /// for that: its tenure is read before the Lease is taken (`claim::end_tenures`), only slower.
 const TENURE_MEMORY: Duration = Duration::from_secs(600);
@@ -864,11 +871,9 @@ impl Dispatcher {
             self.backlog.mark(&uid);
             return;
         };
-        // Waiting out a tenure never seen here (a lease duration) comes before anything is acquired (see
-        // `claim::end_tenures`). (A revocation that finds the member Lease gone waits too: a claim that outlasts its
-        // limit so is tried again, once the member watch shows the Lease gone.)
-        let unknown = ends.iter().any(|(_, e)| matches!(e, Ending::Unknown { .. }));
-        let limit = self.worker.timing.duration + if unknown { self.worker.timing.duration } else { Duration::ZERO };
+        // Waiting out a tenure found ended by a read or a revocation (a lease duration) comes before anything is
+        // acquired (see `claim::end_tenures`).
+        let limit = self.worker.timing.duration + ending_waits(&ends, &self.worker.timing);
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
         }
@@ -972,7 +977,7 @@ impl Dispatcher {
                 ends: &ends,
             };
             let settled = claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, s);
-            match crate::client::bounded(SIDE_WRITE_LIMIT, settled).await {
+            match crate::client::bounded(SIDE_WRITE_LIMIT + ending_waits(&ends, &worker.timing), settled).await {
                 Ok(None) => {
                     info!(job = %job.name_any(), %phase, %reason, "job settled");
                     worker.metrics.count_outcome(phase);

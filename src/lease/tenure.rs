@@ -57,6 +57,11 @@ pub fn member_of(tenure: &str) -> &str {
     tenure.split('/').next().unwrap_or_default()
 }
 
+/// The UID of the member Lease a tenure belongs to (assigned by the apiserver: no other Lease has it).
+pub fn uid_of(tenure: &str) -> &str {
+    tenure.split('/').nth(1).unwrap_or_default()
+}
+
 /// The tenure a Lease names, if a tenure vouches for it.
 pub fn vouched_by(lease: &Lease) -> Option<&str> {
     annotation(lease, TENURE_ANNOTATION).filter(|t| !t.is_empty())
@@ -110,7 +115,10 @@ pub enum Ending {
     /// of it. Still in the tenure: its holder may be alive, unless it is exactly as `last_read` (read in the tenure
     /// when the tenure was last judged expired, a lease duration or more before): then nothing renewed it for that
     /// long, and it is revoked under that version, as a watched one is.
-    Unknown { namespace: String, last_read: Option<Arc<Lease>> },
+    /// `own_namespace`: the member Lease is in this replica's own lease namespace (the Lease does not name another),
+    /// which only replicas write: gone there means ended. In another namespace, named by a Lease that whoever may
+    /// write Leases in the job's namespace can write, only that tenure's member Lease (its UID) counts.
+    Unknown { namespace: String, last_read: Option<Arc<Lease>>, own_namespace: bool },
 }
 
 impl Tenures {
@@ -165,8 +173,10 @@ impl Tenures {
     /// vouches for, written by a replica that renews it itself, has only its own).
     pub fn vouched_unchanged(&mut self, lease: Option<&Lease>, own: Duration, now: Instant) -> Duration {
         let Some((lease, t)) = lease.and_then(|l| Some((l, vouched_by(l)?))) else { return own };
+        // The first namespace named for a tenure is kept: a later Lease naming another (written by anyone who may
+        // write Leases in its job's namespace) cannot move where the tenure is read.
         if let Some(namespace) = vouched_in(lease).filter(|n| *n != self.namespace) {
-            self.elsewhere.insert(t.to_string(), namespace.to_string());
+            self.elsewhere.entry(t.to_string()).or_insert_with(|| namespace.to_string());
         }
         own.min(self.unchanged(t, now))
     }
@@ -180,8 +190,10 @@ impl Tenures {
         }
         let s = self.seen.get(tenure)?;
         if !s.witnessed {
-            let namespace = self.elsewhere.get(tenure).unwrap_or(&self.namespace).clone();
-            return Some(Ending::Unknown { namespace, last_read: self.read.get(tenure).cloned() });
+            let elsewhere = self.elsewhere.get(tenure);
+            let namespace = elsewhere.unwrap_or(&self.namespace).clone();
+            let last_read = self.read.get(tenure).cloned();
+            return Some(Ending::Unknown { namespace, last_read, own_namespace: elsewhere.is_none() });
         }
         Some(match self.members.get(member_of(tenure)) {
             _ if s.revoked || s.version.is_none() => Ending::Over,
@@ -377,9 +389,19 @@ mod tests {
         let mut l = vouched(id);
         l.metadata.annotations.as_mut().unwrap().insert(TENURE_MEMBER_ANNOTATION.into(), tenure_member("theirs", id));
         assert_eq!(t.vouched_unchanged(Some(&l), S(40), t0), Duration::ZERO);
+        // A later Lease naming another namespace for it (anyone who may write Leases in a job's namespace can write
+        // one) does not move where it is read.
+        let mut forged = vouched(id);
+        forged
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(TENURE_MEMBER_ANNOTATION.into(), tenure_member("evil", id));
+        t.vouched_unchanged(Some(&forged), S(40), t0);
         let unknown = t.ending(id, S(15), t0 + S(16));
         assert!(
-            matches!(&unknown, Some(Ending::Unknown { namespace, last_read: None }) if namespace == "theirs"),
+            matches!(&unknown, Some(Ending::Unknown { namespace, last_read: None, own_namespace: false }) if namespace == "theirs"),
             "{unknown:?}"
         );
         // Read there, still in the tenure: young again, and remembered as read.
@@ -388,7 +410,7 @@ mod tests {
         assert!(t.ending(id, S(15), t0 + S(30)).is_none());
         let again = t.ending(id, S(15), t0 + S(31));
         assert!(
-            matches!(&again, Some(Ending::Unknown { namespace, last_read: Some(m) })
+            matches!(&again, Some(Ending::Unknown { namespace, last_read: Some(m), .. })
                 if namespace == "theirs" && m.resource_version().as_deref() == Some("7")),
             "{again:?}"
         );
@@ -406,7 +428,7 @@ mod tests {
         assert_eq!(vouched_in(&taken_over), None);
         assert_eq!(vouched_in(&l), Some("theirs"));
         assert!(
-            matches!(t.ending(older, S(15), t0 + S(16)), Some(Ending::Unknown { namespace, .. }) if namespace == "mine")
+            matches!(t.ending(older, S(15), t0 + S(16)), Some(Ending::Unknown { namespace, own_namespace: true, .. }) if namespace == "mine")
         );
     }
 
