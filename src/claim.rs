@@ -89,7 +89,7 @@ pub struct ExtraLease {
     pub label: &'static str,
     /// The tenure vouching for `seen`, when it is taken because it expired (that tenure must end first; see
     /// [`crate::lease::tenure`]). `None` for a Lease that is free without that: absent, vacant, or left over.
-    pub expired_tenure: Option<String>,
+    pub expired_tenure: Option<tenure::Vouch>,
 }
 
 /// A claimed attempt, ready to run.
@@ -282,30 +282,31 @@ async fn end_tenures(
             Ending::Revoke(member) => {
                 (Api::<Lease>::namespaced(client.clone(), &member.namespace().unwrap_or_default()), member.clone())
             }
-            Ending::Unknown { namespace, last_read, own_namespace } => {
-                // Never seen in its member Lease here: read that Lease.
+            Ending::Unknown { namespace, last_read } => {
+                // Never seen in its member Lease here: read that Lease, where the Lease being taken over says it is.
+                // (Whoever may write Leases in that Lease's namespace, so run its jobs, may have named it wrongly: a
+                // wrong answer bears on that Lease alone, never on another the same tenure vouches for.)
                 let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
                 let read = match api.get_opt(tenure::member_of(id)).await {
                     Ok(read) => read,
                     Err(e) if forbidden(id, &e) => return Ok(Some((id.clone(), None))),
                     Err(e) => return Err(e.into()),
                 };
-                // Another namespace than this replica's own is named by the Lease it vouches for, which whoever may
-                // write Leases in the job's namespace can write: only the tenure's own member Lease (its UID) tells
-                // anything there, and a Lease missing there only once that Lease was read there before.
                 let genuine = |m: &Lease| m.metadata.uid.as_deref() == Some(tenure::uid_of(id));
-                let trusted = *own_namespace || last_read.as_deref().is_some_and(genuine);
                 let read = match read {
                     Some(m) if tenure::tenure_id(&m).as_deref() == Some(id.as_str()) => m,
-                    Some(m) if !*own_namespace && !genuine(&m) => return Ok(Some((id.clone(), None))),
-                    // Revoked by a replica that saw it unchanged a lease duration: its holder has stopped.
-                    Some(m) if lease::annotation(&m, tenure::REVOKED_ANNOTATION) == Some(id.as_str()) => continue,
+                    // Revoked by a replica that saw it unchanged a lease duration: its holder has stopped. Only the
+                    // tenure's own member Lease (its UID, which the apiserver assigns) says so.
+                    Some(m)
+                        if genuine(&m) && lease::annotation(&m, tenure::REVOKED_ANNOTATION) == Some(id.as_str()) =>
+                    {
+                        continue;
+                    }
                     // Gone or in another tenure: ended before this read was answered.
-                    _ if trusted => {
+                    _ => {
                         ended_before(tokio::time::Instant::now());
                         continue;
                     }
-                    _ => return Ok(Some((id.clone(), None))),
                 };
                 // Still in the tenure: its holder may be alive. Unless it is exactly as read when the tenure was last
                 // judged expired, a lease duration or more ago: nothing renewed it since, so it is revoked under this
@@ -747,7 +748,7 @@ mod tests {
     /// last read at resourceVersion `last_read` (`None`: never read there).
     fn unknown(last_read: Option<&str>) -> [(String, Ending); 1] {
         let last_read = last_read.map(|rv| read_member(rv).0);
-        let ending = Ending::Unknown { namespace: "theirs".into(), last_read, own_namespace: false };
+        let ending = Ending::Unknown { namespace: "theirs".into(), last_read };
         [("bgjobs-member-a/u1/0".to_string(), ending)]
     }
 
@@ -807,25 +808,21 @@ mod tests {
         assert!(only_read(&sent), "nothing written");
     }
 
-    /// Where the Lease a claim vouches for says its tenure's member Lease is can be written by anyone who may write
-    /// Leases in the job's namespace. In such a namespace only the tenure's own member Lease (its UID) counts: a
-    /// Lease of that name with another UID, saying the tenure was revoked, or none at all where the member Lease was
-    /// never read, ends nothing; nor is a Lease revoked that is not labelled as a member Lease. Gone where it was
-    /// read before, it ended: waited out a lease duration from the answer.
+    /// Where the Lease being taken over says its tenure's member Lease is can be written by anyone who may write
+    /// Leases in that Lease's namespace. Only the tenure's own member Lease (its UID) says the tenure was revoked
+    /// (which ends it at once); a Lease of that name with another UID is no member Lease of the tenure: the tenure
+    /// ended there (another tenure, or forged), and is waited out a lease duration, as one gone is, from the answer.
+    /// An unlabelled Lease in the tenure is not revoked.
     #[tokio::test(start_paused = true)]
-    async fn in_another_namespace_only_the_tenures_own_member_lease_can_end_it() {
+    async fn only_the_tenures_own_member_lease_ends_it_at_once_and_one_gone_is_waited_out_from_the_answer() {
         let id = "bgjobs-member-a/u1/0".to_string();
         let timing = LeaseTiming::default();
         let forged = Served { uid: "u2", rv: "9", holder: None, ..IN_TENURE };
         let (client, sent) = member_served(forged);
-        assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), Some((id.clone(), None)), "forged");
+        let started = tokio::time::Instant::now();
+        assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), None);
+        assert!(started.elapsed() >= timing.duration, "another UID's word is not taken: {:?}", started.elapsed());
         assert!(only_read(&sent));
-        let (client, _) = member_served(Served { read: 404, ..IN_TENURE });
-        assert_eq!(
-            end_tenures(&client, &unknown(None), &timing).await.unwrap(),
-            Some((id.clone(), None)),
-            "never read"
-        );
         let (client, sent) = member_served(Served { labelled: false, ..IN_TENURE });
         let alive = end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap();
         assert_eq!(alive, Some((id.clone(), Some(read_member("7")))), "not a member Lease: not revoked");
@@ -833,7 +830,7 @@ mod tests {
         let gone_late = Served { read: 404, answered_after: Duration::from_secs(8), ..IN_TENURE };
         let (client, _) = member_served(gone_late);
         let started = tokio::time::Instant::now();
-        assert_eq!(end_tenures(&client, &unknown(Some("7")), &timing).await.unwrap(), None, "gone where it was read");
+        assert_eq!(end_tenures(&client, &unknown(None), &timing).await.unwrap(), None, "gone");
         let waited = started.elapsed();
         assert!(waited >= Duration::from_secs(8) + timing.duration, "from the answer: {waited:?}");
     }

@@ -30,7 +30,7 @@ pub struct FreeSlot {
     /// The stale Lease to take over, or `None` to create it.
     pub seen: Option<Arc<Lease>>,
     /// The tenure vouching for `seen`, when it is free because that tenure stopped (it must end first).
-    pub expired_tenure: Option<String>,
+    pub expired_tenure: Option<crate::lease::tenure::Vouch>,
 }
 
 /// The Lease that records how many slots were ever made (annotation [`SLOTS_MADE`]): a slot below that number that
@@ -151,8 +151,7 @@ pub fn free_slots(
         if reserved.contains(&name) || (!vacant && !timing.expired(unchanged)) {
             continue;
         }
-        let expired_tenure =
-            seen.as_deref().filter(|_| !vacant).and_then(crate::lease::tenure::vouched_by).map(str::to_string);
+        let expired_tenure = seen.as_deref().filter(|_| !vacant).and_then(crate::lease::tenure::vouch);
         let kind = if vacant {
             0
         } else if seen.is_none() {

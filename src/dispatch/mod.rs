@@ -215,8 +215,8 @@ pub struct Dispatcher {
 }
 
 /// The tenure vouching for a claim Lease taken over because it expired (none for one absent or left over).
-fn expired_tenure(lease: Option<&Lease>, state: LeaseState) -> Option<String> {
-    lease.filter(|_| state == LeaseState::Expired).and_then(tenure::vouched_by).map(str::to_string)
+fn expired_tenure(lease: Option<&Lease>, state: LeaseState) -> Option<tenure::Vouch> {
+    lease.filter(|_| state == LeaseState::Expired).and_then(tenure::vouch)
 }
 
 /// How long ending `ends` may wait before anything is taken (`claim::end_tenures`): a lease duration if one of them
@@ -373,13 +373,18 @@ impl Dispatcher {
     /// How to end the tenures vouching for expired Leases a claim takes over (this replica's own tenure is never
     /// revoked: a Lease of it that looks expired is one no attempt here holds).
     /// `None` if one of them is no longer expired (renewed since it was judged): then nothing is taken.
-    fn ends(&mut self, tenures: impl IntoIterator<Item = String>) -> Option<Vec<(String, Ending)>> {
+    /// Each tenure is judged with where the Lease it vouches for says its member Lease is: one tenure named by two
+    /// Leases with two namespaces is read in both.
+    fn ends(&mut self, tenures: impl IntoIterator<Item = tenure::Vouch>) -> Option<Vec<(String, Ending)>> {
         let mine = self.tenure_id();
-        let mut ids: Vec<String> = tenures.into_iter().filter(|t| Some(t) != mine.as_ref()).collect();
-        ids.sort();
-        ids.dedup();
+        let mut vouches: Vec<tenure::Vouch> = tenures.into_iter().filter(|(t, _)| Some(t) != mine.as_ref()).collect();
+        vouches.sort();
+        vouches.dedup();
         let (duration, now) = (self.worker.timing.duration, Instant::now());
-        ids.into_iter().map(|t| Some((t.clone(), self.tenures.ending(&t, duration, now)?))).collect()
+        let ending = |(t, namespace): tenure::Vouch, tenures: &mut Tenures| {
+            Some((t.clone(), tenures.ending(&t, namespace.as_deref(), duration, now)?))
+        };
+        vouches.into_iter().map(|v| ending(v, &mut self.tenures)).collect()
     }
 
     fn is_leader(&self) -> bool {

@@ -165,7 +165,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             name: k.lease_name.to_string(),
             seen: seen.cloned(),
             label: keys::KEY_LABEL,
-            expired_tenure: seen.filter(|_| expired).and_then(|l| tenure::vouched_by(l)).map(str::to_string),
+            expired_tenure: seen.filter(|_| expired).and_then(|l| tenure::vouch(l)),
         };
         match keys::key_lease_state(job, k.lease.map(|l| l.as_ref()), k.owner, k.unchanged, timing) {
             LeaseState::Live => {
@@ -190,7 +190,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
                 name: slot.name_any(),
                 seen: Some(slot.clone()),
                 label: limits::SLOT_LABEL,
-                expired_tenure: tenure::vouched_by(slot).map(str::to_string),
+                expired_tenure: tenure::vouch(slot),
             })
         }
         None => None,

@@ -74,6 +74,15 @@ pub fn vouched_in(lease: &Lease) -> Option<&str> {
     (!namespace.is_empty() && Some(tenure) == vouched_by(lease)).then_some(namespace)
 }
 
+/// The tenure that vouches for a Lease, and where that Lease says its member Lease is (`None`: it does not say; the
+/// reader's own lease namespace).
+pub type Vouch = (String, Option<String>);
+
+/// The [`Vouch`] of `lease`, if a tenure vouches for it.
+pub fn vouch(lease: &Lease) -> Option<Vouch> {
+    Some((vouched_by(lease)?.to_string(), vouched_in(lease).map(str::to_string)))
+}
+
 /// What an observer knows of one tenure.
 #[derive(Debug)]
 struct Seen {
@@ -95,11 +104,9 @@ pub struct Tenures {
     seen: HashMap<String, Seen>,
     /// The member Leases as last seen, by name, for revocation.
     members: HashMap<String, Arc<Lease>>,
-    /// Tenures whose member Lease is in another namespace (as the Leases they vouch for say): never in this replica's
-    /// member watch.
-    elsewhere: HashMap<String, String>,
-    /// Tenures never seen in the member watch, and their member Lease as last read in them ([`Ending::Unknown`]).
-    read: HashMap<String, Arc<Lease>>,
+    /// Tenures never seen in the member watch, by namespace read in, and their member Lease as last read in them
+    /// there ([`Ending::Unknown`]).
+    read: HashMap<(String, String), Arc<Lease>>,
 }
 
 /// How a tenure that looks gone must be ended before a Lease it vouches for is taken over.
@@ -110,15 +117,16 @@ pub enum Ending {
     /// Revoke it: write this member Lease (as seen) under its resourceVersion first.
     Revoke(Arc<Lease>),
     /// This replica never saw the tenure in its member Lease (its member watch may lag the Lease watch, or the
-    /// member Lease is in another namespace, which it does not watch): read the member Lease, in `namespace`. In
-    /// another tenure or gone: the tenure ended no later than that read, and its holder stops within a renew deadline
-    /// of it. Still in the tenure: its holder may be alive, unless it is exactly as `last_read` (read in the tenure
-    /// when the tenure was last judged expired, a lease duration or more before): then nothing renewed it for that
-    /// long, and it is revoked under that version, as a watched one is.
-    /// `own_namespace`: the member Lease is in this replica's own lease namespace (the Lease does not name another),
-    /// which only replicas write: gone there means ended. In another namespace, named by a Lease that whoever may
-    /// write Leases in the job's namespace can write, only that tenure's member Lease (its UID) counts.
-    Unknown { namespace: String, last_read: Option<Arc<Lease>>, own_namespace: bool },
+    /// member Lease is in another namespace, which it does not watch): read the member Lease, in `namespace` (where
+    /// the Lease being taken over says it is; see [`TENURE_MEMBER_ANNOTATION`]). In another tenure or gone: the
+    /// tenure ended no later than that read, and its holder stops within a renew deadline of it. Still in the
+    /// tenure: its holder may be alive, unless it is exactly as `last_read` (read there in the tenure when the tenure
+    /// was last judged expired, a lease duration or more before): then nothing renewed it for that long, and it is
+    /// revoked under that version, as a watched one is.
+    ///
+    /// Where to read comes from the Lease being taken over, never from another Lease: a namespace named wrongly (by
+    /// anyone who may write Leases in that Lease's namespace, so its own job's) bears on that Lease alone.
+    Unknown { namespace: String, last_read: Option<Arc<Lease>> },
 }
 
 impl Tenures {
@@ -172,28 +180,31 @@ impl Tenures {
     /// How long to treat `lease` as unchanged: the younger of its own clock and its tenure's (a Lease no tenure
     /// vouches for, written by a replica that renews it itself, has only its own).
     pub fn vouched_unchanged(&mut self, lease: Option<&Lease>, own: Duration, now: Instant) -> Duration {
-        let Some((lease, t)) = lease.and_then(|l| Some((l, vouched_by(l)?))) else { return own };
-        // The first namespace named for a tenure is kept: a later Lease naming another (written by anyone who may
-        // write Leases in its job's namespace) cannot move where the tenure is read.
-        if let Some(namespace) = vouched_in(lease).filter(|n| *n != self.namespace) {
-            self.elsewhere.entry(t.to_string()).or_insert_with(|| namespace.to_string());
+        match lease.and_then(vouched_by) {
+            Some(t) => own.min(self.unchanged(t, now)),
+            None => own,
         }
-        own.min(self.unchanged(t, now))
     }
 
-    /// What must happen before a Lease vouched for by `tenure` is taken over, judged now: `None` while the tenure
-    /// is not expired (it may have been renewed since a Lease it vouches for was judged expired). A revocation is
-    /// made under the very version this replica has seen unchanged for `duration`.
-    pub fn ending(&mut self, tenure: &str, duration: Duration, now: Instant) -> Option<Ending> {
+    /// What must happen before a Lease vouched for by `tenure` (whose member Lease it says is in `namespace`;
+    /// `None`: this replica's own) is taken over, judged now: `None` while the tenure is not expired (it may have been
+    /// renewed since a Lease it vouches for was judged expired). A revocation is made under the very version this
+    /// replica has seen unchanged for `duration`.
+    pub fn ending(
+        &mut self,
+        tenure: &str,
+        namespace: Option<&str>,
+        duration: Duration,
+        now: Instant,
+    ) -> Option<Ending> {
         if self.unchanged(tenure, now) < duration {
             return None;
         }
         let s = self.seen.get(tenure)?;
         if !s.witnessed {
-            let elsewhere = self.elsewhere.get(tenure);
-            let namespace = elsewhere.unwrap_or(&self.namespace).clone();
-            let last_read = self.read.get(tenure).cloned();
-            return Some(Ending::Unknown { namespace, last_read, own_namespace: elsewhere.is_none() });
+            let namespace = namespace.unwrap_or(&self.namespace).to_string();
+            let last_read = self.read.get(&(tenure.to_string(), namespace.clone())).cloned();
+            return Some(Ending::Unknown { namespace, last_read });
         }
         Some(match self.members.get(member_of(tenure)) {
             _ if s.revoked || s.version.is_none() => Ending::Over,
@@ -219,9 +230,10 @@ impl Tenures {
         }
     }
 
-    /// Record `member` as read in `tenure`, a tenure never seen in the member watch ([`Ending::Unknown`]).
+    /// Record `member` as read in `tenure` (in its namespace), a tenure never seen in the member watch
+    /// ([`Ending::Unknown`]).
     pub fn read_in(&mut self, tenure: &str, member: Arc<Lease>) {
-        self.read.insert(tenure.to_string(), member);
+        self.read.insert((tenure.to_string(), member.namespace().unwrap_or_default()), member);
     }
 
     /// Record that `tenure` was revoked (by this replica or, as its member Lease says, another).
@@ -235,8 +247,7 @@ impl Tenures {
     pub fn prune(&mut self, keep: Duration, now: Instant) {
         self.seen.retain(|_, s| s.version.is_some() || now.saturating_duration_since(s.since) < keep);
         let seen = &self.seen;
-        self.elsewhere.retain(|t, _| seen.contains_key(t));
-        self.read.retain(|t, _| seen.contains_key(t));
+        self.read.retain(|(t, _), _| seen.contains_key(t));
     }
 }
 
@@ -314,9 +325,9 @@ mod tests {
         assert_eq!(t.unchanged(&id, t0 + S(8)), S(2), "a renewal resets the clock");
         t.update(&[member("u1", 0, "2", Some("a"))], t0 + S(30));
         assert_eq!(t.unchanged(&id, t0 + S(30)), S(24), "seen unchanged since the renewal");
-        assert!(t.ending(&id, S(15), t0 + S(20)).is_none(), "renewed 14 s ago: not expired");
+        assert!(t.ending(&id, None, S(15), t0 + S(20)).is_none(), "renewed 14 s ago: not expired");
         assert!(
-            matches!(t.ending(&id, S(15), t0 + S(30)), Some(Ending::Revoke(m)) if m.resource_version().as_deref() == Some("2")),
+            matches!(t.ending(&id, None, S(15), t0 + S(30)), Some(Ending::Revoke(m)) if m.resource_version().as_deref() == Some("2")),
             "still in the tenure: revoke under the version seen unchanged"
         );
     }
@@ -333,7 +344,7 @@ mod tests {
         }
         assert_eq!(t.unchanged(&old, t0 + S(20)), S(18));
         assert!(
-            matches!(t.ending(&old, S(15), t0 + S(20)), Some(Ending::Over)),
+            matches!(t.ending(&old, None, S(15), t0 + S(20)), Some(Ending::Over)),
             "nothing to revoke: the tenure is over"
         );
         // A member Lease deleted by hand ends its tenure too.
@@ -351,7 +362,7 @@ mod tests {
         revoked.metadata.annotations = Some(BTreeMap::from([(REVOKED_ANNOTATION.to_string(), id.clone())]));
         t.update(&[Arc::new(revoked)], t0 + S(1));
         assert_eq!(t.unchanged(&id, t0 + S(1)), Duration::MAX);
-        assert!(matches!(t.ending(&id, S(15), t0 + S(1)), Some(Ending::Over)));
+        assert!(matches!(t.ending(&id, None, S(15), t0 + S(1)), Some(Ending::Over)));
     }
 
     #[test]
@@ -373,63 +384,60 @@ mod tests {
         assert_eq!(t.unchanged("bgjobs-member-b/u9/0", t0), Duration::ZERO);
         assert_eq!(t.unchanged("bgjobs-member-b/u9/0", t0 + S(16)), S(16));
         assert!(
-            matches!(t.ending("bgjobs-member-b/u9/0", S(15), t0 + S(16)), Some(Ending::Unknown { .. })),
+            matches!(t.ending("bgjobs-member-b/u9/0", None, S(15), t0 + S(16)), Some(Ending::Unknown { .. })),
             "the member watch may lag"
         );
     }
 
     /// A Lease vouched for by a tenure of another lease namespace (replicas of another deployment, or of the same
     /// one during a change of `--lease-namespace`, that see the same jobs): its member Lease is never in this
-    /// replica's watch. It is read where it is, and revoked only once read unchanged a lease duration apart. It was
-    /// looked for in this replica's namespace, not found, and taken over while its holder ran on.
+    /// replica's watch. It is read where that Lease says, and revoked only once read unchanged there a lease duration
+    /// apart: a read in one namespace never counts for another. It was looked for in this replica's namespace, not
+    /// found, and taken over while its holder ran on.
     #[test]
     fn a_tenure_of_another_lease_namespace_is_read_there_and_revoked_only_once_read_unchanged() {
         let (mut t, t0) = (Tenures::new("mine"), Instant::now());
         let id = "bgjobs-member-a/u1/0";
         let mut l = vouched(id);
         l.metadata.annotations.as_mut().unwrap().insert(TENURE_MEMBER_ANNOTATION.into(), tenure_member("theirs", id));
+        assert_eq!(vouch(&l), Some((id.to_string(), Some("theirs".to_string()))));
         assert_eq!(t.vouched_unchanged(Some(&l), S(40), t0), Duration::ZERO);
-        // A later Lease naming another namespace for it (anyone who may write Leases in a job's namespace can write
-        // one) does not move where it is read.
-        let mut forged = vouched(id);
-        forged
-            .metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .insert(TENURE_MEMBER_ANNOTATION.into(), tenure_member("evil", id));
-        t.vouched_unchanged(Some(&forged), S(40), t0);
-        let unknown = t.ending(id, S(15), t0 + S(16));
+        let unknown = t.ending(id, Some("theirs"), S(15), t0 + S(16));
         assert!(
-            matches!(&unknown, Some(Ending::Unknown { namespace, last_read: None, own_namespace: false }) if namespace == "theirs"),
+            matches!(&unknown, Some(Ending::Unknown { namespace, last_read: None }) if namespace == "theirs"),
             "{unknown:?}"
         );
-        // Read there, still in the tenure: young again, and remembered as read.
+        // Read there, still in the tenure: young again, and remembered as read there.
         t.renewed(id, t0 + S(16));
-        t.read_in(id, member("u1", 0, "7", Some("a")));
-        assert!(t.ending(id, S(15), t0 + S(30)).is_none());
-        let again = t.ending(id, S(15), t0 + S(31));
+        let mut read = (*member("u1", 0, "7", Some("a"))).clone();
+        read.metadata.namespace = Some("theirs".into());
+        t.read_in(id, Arc::new(read));
+        assert!(t.ending(id, Some("theirs"), S(15), t0 + S(30)).is_none());
+        let again = t.ending(id, Some("theirs"), S(15), t0 + S(31));
         assert!(
-            matches!(&again, Some(Ending::Unknown { namespace, last_read: Some(m), .. })
+            matches!(&again, Some(Ending::Unknown { namespace, last_read: Some(m) })
                 if namespace == "theirs" && m.resource_version().as_deref() == Some("7")),
             "{again:?}"
         );
+        // Another Lease naming another namespace for it is judged there, without the read made elsewhere.
+        let elsewhere = t.ending(id, Some("evil"), S(15), t0 + S(31));
+        assert!(
+            matches!(&elsewhere, Some(Ending::Unknown { namespace, last_read: None }) if namespace == "evil"),
+            "{elsewhere:?}"
+        );
         // A Lease that does not say (an older replica's), or says it of another tenure (kept through an older
         // replica's take-over), is taken to be of this replica's namespace.
-        let older = "bgjobs-member-b/u2/0";
-        t.vouched_unchanged(Some(&vouched(older)), S(40), t0);
-        let mut taken_over = vouched(older);
+        let mut taken_over = vouched("bgjobs-member-b/u2/0");
         taken_over
             .metadata
             .annotations
             .as_mut()
             .unwrap()
             .insert(TENURE_MEMBER_ANNOTATION.into(), tenure_member("theirs", id));
-        assert_eq!(vouched_in(&taken_over), None);
-        assert_eq!(vouched_in(&l), Some("theirs"));
-        assert!(
-            matches!(t.ending(older, S(15), t0 + S(16)), Some(Ending::Unknown { namespace, own_namespace: true, .. }) if namespace == "mine")
-        );
+        assert_eq!(vouch(&taken_over), Some(("bgjobs-member-b/u2/0".to_string(), None)));
+        t.unchanged("bgjobs-member-b/u2/0", t0);
+        let older = t.ending("bgjobs-member-b/u2/0", None, S(15), t0 + S(16));
+        assert!(matches!(&older, Some(Ending::Unknown { namespace, .. }) if namespace == "mine"), "{older:?}");
     }
 
     #[test]
@@ -437,25 +445,28 @@ mod tests {
         let (mut t, t0) = (Tenures::default(), Instant::now());
         let id = tenure_id(&member("u1", 0, "1", Some("a"))).unwrap();
         t.update(&[member("u1", 0, "1", Some("a"))], t0);
-        assert!(matches!(t.ending(&id, S(15), t0 + S(16)), Some(Ending::Revoke(_))), "the watch shows no renewal");
+        assert!(
+            matches!(t.ending(&id, None, S(15), t0 + S(16)), Some(Ending::Revoke(_))),
+            "the watch shows no renewal"
+        );
         // The revocation failed (409): the holder renewed, the watch has not shown it yet.
         t.renewed(&id, t0 + S(16));
         t.update(&[member("u1", 0, "1", Some("a"))], t0 + S(17));
-        assert!(t.ending(&id, S(15), t0 + S(30)).is_none(), "not judged expired again within a lease duration");
+        assert!(t.ending(&id, None, S(15), t0 + S(30)).is_none(), "not judged expired again within a lease duration");
         assert!(
-            matches!(t.ending(&id, S(15), t0 + S(31)), Some(Ending::Revoke(m)) if m.resource_version().as_deref() == Some("1")),
+            matches!(t.ending(&id, None, S(15), t0 + S(31)), Some(Ending::Revoke(m)) if m.resource_version().as_deref() == Some("1")),
             "a lease duration later, still unseen: tried again under the version seen"
         );
         // Never witnessed (only named by a Lease): the read that found it current counts the same way.
         let other = "bgjobs-member-b/u9/0";
         t.unchanged(other, t0 + S(20));
-        assert!(matches!(t.ending(other, S(15), t0 + S(40)), Some(Ending::Unknown { .. })));
+        assert!(matches!(t.ending(other, None, S(15), t0 + S(40)), Some(Ending::Unknown { .. })));
         t.renewed(other, t0 + S(40));
-        assert!(t.ending(other, S(15), t0 + S(50)).is_none());
+        assert!(t.ending(other, None, S(15), t0 + S(50)).is_none());
         // A revoked tenure stays over, whatever a late answer says.
         t.revoked(other, t0 + S(51));
         t.renewed(other, t0 + S(52));
-        assert!(matches!(t.ending(other, S(15), t0 + S(52)), Some(Ending::Over)));
+        assert!(matches!(t.ending(other, None, S(15), t0 + S(52)), Some(Ending::Over)));
     }
 
     #[test]
