@@ -109,6 +109,10 @@ impl DoneOnDrop {
                 d.lost_to_another = true;
                 d.alive_tenure = Some((tenure, read));
             }
+            LostAt::TenureUnreadable { until } => {
+                d.lost_to_another = true;
+                d.hold_until = Some(until);
+            }
             LostAt::ClaimLease
             | LostAt::JobChanged
             | LostAt::PodRunning
@@ -384,7 +388,14 @@ impl Dispatcher {
         let ending = |(t, namespace): tenure::Vouch, tenures: &mut Tenures| {
             Some((t.clone(), tenures.ending(&t, namespace.as_deref(), duration, now)?))
         };
-        vouches.into_iter().map(|v| ending(v, &mut self.tenures)).collect()
+        let mut ends: Vec<(String, Ending)> =
+            vouches.into_iter().map(|v| ending(v, &mut self.tenures)).collect::<Option<_>>()?;
+        // A tenure seen in the member watch is ended the same way whatever namespace a Lease names: once (a second
+        // revocation under the same version would fail, and read as the tenure renewed).
+        ends.dedup_by(|b, a| {
+            a.0 == b.0 && !matches!(a.1, Ending::Unknown { .. }) && !matches!(b.1, Ending::Unknown { .. })
+        });
+        Some(ends)
     }
 
     fn is_leader(&self) -> bool {
