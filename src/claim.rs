@@ -174,9 +174,13 @@ pub struct ReadMember(pub Arc<Lease>);
 
 impl PartialEq for ReadMember {
     fn eq(&self, other: &Self) -> bool {
-        (self.0.metadata.uid.as_ref(), self.0.resource_version())
-            == (other.0.metadata.uid.as_ref(), other.0.resource_version())
+        same_version(&self.0, &other.0)
     }
+}
+
+/// Whether two reads show the same Lease (UID) at the same version: nothing wrote it between them.
+fn same_version(a: &Lease, b: &Lease) -> bool {
+    (a.metadata.uid.as_ref(), a.resource_version()) == (b.metadata.uid.as_ref(), b.resource_version())
 }
 
 impl Eq for ReadMember {}
@@ -315,10 +319,7 @@ async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseT
                 // judged expired, a lease duration or more ago: nothing renewed it since, so it is revoked under this
                 // version, as one seen in the watch would be (a replica of another lease namespace, which this one
                 // does not watch, ends so). Only a member Lease (labelled so) is revoked.
-                let unchanged = last_read.as_ref().is_some_and(|prev| {
-                    (prev.metadata.uid.as_ref(), prev.resource_version())
-                        == (read.metadata.uid.as_ref(), read.resource_version())
-                });
+                let unchanged = last_read.as_ref().is_some_and(|prev| same_version(prev, &read));
                 let member = read.labels().contains_key(crate::members::MEMBER_LABEL)
                     && read.labels().get(lease::MANAGED_BY_LABEL).map(String::as_str) == Some(lease::MANAGED_BY);
                 if !unchanged || !member {

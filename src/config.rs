@@ -330,8 +330,13 @@ impl OperatorConfig {
 
     /// Whether this replica runs jobs of `queue`.
     pub fn serves_queue(&self, queue: &str) -> bool {
-        self.queues.is_empty() || self.queues.iter().any(|q| q == queue)
+        serves(&self.queues, queue)
     }
+}
+
+/// Whether a replica that serves `queues` (empty: every queue) runs jobs of `queue`.
+pub fn serves(queues: &[String], queue: &str) -> bool {
+    queues.is_empty() || queues.iter().any(|q| q == queue)
 }
 
 #[cfg(test)]

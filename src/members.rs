@@ -84,7 +84,7 @@ impl Claimer {
 
     /// Whether it serves `queue`.
     pub fn serves(&self, queue: &str) -> bool {
-        self.queues.is_empty() || self.queues.iter().any(|q| q == queue)
+        crate::config::serves(&self.queues, queue)
     }
 
     /// Whether it has room for another attempt, running `running` as far as the job cache shows.

@@ -1837,10 +1837,6 @@ pub(crate) mod tests {
                     "name": "report", "uid": owner}]},
                 "spec": {"jobName": "noop"}, "status": {"phase": phase}})
         });
-        let status = |code: u16, reason: &str| {
-            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
-                "code": code, "message": reason})
-        };
         crate::testing::scripted_client(move |sent| {
             let jobs = "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs";
             if sent.path == format!("{jobs}/report-1800000000") {
@@ -1852,14 +1848,14 @@ pub(crate) mod tests {
                     if job_read.load(std::sync::atomic::Ordering::SeqCst) { later.clone() } else { stored.clone() },
                 ),
                 "GET" if sent.path == format!("{jobs}/report-1800000000") && failing => {
-                    (500, status(500, "InternalError"))
+                    (500, crate::testing::status(500))
                 }
                 "GET" if sent.path == format!("{jobs}/report-1800000000") && job.is_some() => {
                     (200, job.clone().unwrap())
                 }
-                "GET" => (404, status(404, "NotFound")),
+                "GET" => (404, crate::testing::status(404)),
                 "PUT" if sent.body["metadata"]["resourceVersion"].as_str() != version.as_deref() => {
-                    (409, status(409, "Conflict"))
+                    (409, crate::testing::status(409))
                 }
                 _ => {
                     let mut echo = sent.body.clone();

@@ -794,7 +794,6 @@ impl Dispatcher {
         let workers = window.div_ceil(free.max(1));
         let mut owners_by_queue: HashMap<String, ordering::Owners> = HashMap::new();
         let mut owners = |queue: &str| {
-            let by_running = |identity: &str| running.get(identity).copied().unwrap_or(0);
             owners_by_queue
                 .entry(queue.to_string())
                 .or_insert_with(|| crate::members::owners_of(claimers, by_running, queue))
