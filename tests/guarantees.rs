@@ -421,6 +421,104 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
     );
 }
 
+/// A replica whose watches lag well past the lease duration, while its reads and writes are answered at once (a
+/// request-reading proxy holds back each watch event 8 s): its caches show jobs Pending that the other replica runs,
+/// claim Leases absent that are held, and the other's member Lease unrenewed for seconds. Every claim, takeover and
+/// settle it tries on that view must be fenced by what the apiserver holds: while a lives, each job runs once, on
+/// one replica; once a is paused past the lease, b takes its jobs over only after revoking its tenure, and a, woken,
+/// lands none of their results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_watches_lag_past_the_lease_takes_no_live_job_and_takes_over_only_a_revoked_tenure() {
+    let env = TestEnv::new("watch-lag").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
+    let a = env.replica("a", &["--max-concurrent-jobs-per-instance", "1"]);
+    let options = common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
+    let b = env.replica_with("b", &["--max-concurrent-jobs-per-instance", "3"], &options);
+    env.create("warm-up", json!({"jobName": "noop"})).await;
+    env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let b_member = bgjobs::wire::member_lease_name("b", &env.ns);
+    let deadline = std::time::Instant::now() + MINUTE;
+    while members.get_opt(&b_member).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "b never joined: {}", b.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.lag_watches(Duration::from_secs(8));
+    // Bursts that a (one slot) cannot keep up with: b sees each 8 s late, most of it already claimed or run.
+    let mut names = Vec::new();
+    for burst in 0..3 {
+        for i in 0..5 {
+            let name = format!("b{burst}-{i}");
+            env.create(&name, json!({"jobName": "sleep", "args": {"seconds": 4}})).await;
+            names.push(name);
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    let jobs = env
+        .wait_until(3 * MINUTE, "every burst job final", |jobs| {
+            names.iter().all(|n| jobs.iter().any(|j| &j.name_any() == n && j.phase().is_final()))
+        })
+        .await;
+    let execs = executions(&env.invocations());
+    for name in &names {
+        let job = jobs.iter().find(|j| &j.name_any() == name).unwrap();
+        let runs: Vec<_> = execs.iter().filter(|e| e.job.ends_with(&format!("/{name}"))).collect();
+        assert_eq!(
+            (job.phase(), job.attempts(), runs.len()),
+            (Phase::Succeeded, 1, 1),
+            "{name} ran once, never taken from a live replica: {runs:?}\nb's log:\n{}",
+            b.log_text()
+        );
+    }
+    let on_b = execs.iter().filter(|e| e.worker == "b" && names.iter().any(|n| e.job.ends_with(&format!("/{n}"))));
+    assert!(on_b.count() > 0, "b, lagging, ran none of the bursts: the test showed nothing\n{}", b.log_text());
+
+    // a paused past the lease while it runs long jobs: b (still lagging) sees a's member Lease stop changing 8 s late.
+    // (Those b owns wait for b to see them: its lag holds them back, as a pause would.)
+    for i in 0..4 {
+        env.create(&format!("long{i}"), json!({"jobName": "sleep", "args": {"seconds": 10}})).await;
+    }
+    let on_a = |j: &bgjobs::api::BackgroundJob| {
+        j.phase() == Phase::Running && j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a")
+    };
+    let running = env
+        .wait_until(MINUTE, "a long job Running on a", |jobs| {
+            jobs.iter().any(|j| j.name_any().starts_with("long") && on_a(j))
+        })
+        .await;
+    let taken: Vec<String> =
+        running.iter().filter(|j| j.name_any().starts_with("long") && on_a(j)).map(|j| j.name_any()).collect();
+    a.stop();
+    let stopped_at = now_ms();
+    for name in &taken {
+        env.wait_job(name, 2 * MINUTE, "taken over by b", |j| {
+            j.attempts() == 2 && j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("b")
+        })
+        .await;
+    }
+    let a_member = members.get(&bgjobs::wire::member_lease_name("a", &env.ns)).await.unwrap();
+    assert!(
+        bgjobs::wire::annotation(&a_member, bgjobs::wire::REVOKED_ANNOTATION).is_some(),
+        "b revoked a's tenure before taking over: {:?}",
+        a_member.metadata.annotations
+    );
+    a.resume();
+    for i in 0..4 {
+        let name = format!("long{i}");
+        let done = env.wait_job(&name, 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+        assert_eq!(done.phase(), Phase::Succeeded, "{name}: {}", last_error(&done));
+        if taken.contains(&name) {
+            assert_eq!(done.status.unwrap().worker.as_deref(), Some("b"), "{name}: a's result landed after it woke");
+            let b_runs = executions(&env.invocations())
+                .into_iter()
+                .filter(|e| e.job.ends_with(&format!("/{name}")) && e.worker == "b")
+                .collect::<Vec<_>>();
+            assert!(b_runs.iter().all(|e| e.start >= stopped_at), "b started {name} only after a stopped: {b_runs:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_whose_answer_is_lost_after_it_landed_does_not_lose_the_attempt() {
     let env = TestEnv::new("lost-answer").await;

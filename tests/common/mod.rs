@@ -7,6 +7,7 @@
 pub mod chart;
 pub mod control_plane;
 pub mod fixtures;
+pub mod http_proxy;
 pub mod kubelet;
 pub mod proxy;
 pub mod release;

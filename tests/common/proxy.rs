@@ -173,7 +173,7 @@ impl Drop for Proxy {
 }
 
 /// The server URL of the kubeconfig's current context.
-fn server_url(kubeconfig: &Path) -> String {
+pub fn server_url(kubeconfig: &Path) -> String {
     let config = Kubeconfig::read_from(kubeconfig).expect("read the kubeconfig");
     let context = config.current_context.clone().expect("a current context");
     let cluster = config
