@@ -463,6 +463,51 @@ async fn forbid_skips_ticks_while_the_previous_job_runs() {
     assert!((2..=4).contains(&n), "ticks were skipped while a job ran: {n} jobs in 12 s of 2 s ticks");
 }
 
+/// `Forbid` decided by a replica whose watches lag past a tick's period (every event 6 s late, its reads answered
+/// at once): its cache shows the previous tick's job not yet made, or still waiting, long after another replica
+/// started it. No two of the definition's jobs run at once, and ticks still get their jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbid_decided_by_a_replica_whose_watches_lag_never_runs_two_jobs_at_once() {
+    let env = TestEnv::new("rec-forbid-lag").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
+    let options = ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
+    // Only the lagging replica makes ticks' jobs; only the other runs them.
+    let ticker = env.replica_with("ticker", &["--job-execution-enabled", "false"], &options);
+    let _runner = env.replica("runner", &["--recurring-enabled", "false"]);
+    let members: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), "default");
+    let member = bgjobs::wire::member_lease_name("ticker", &env.ns);
+    let joined = Instant::now() + Duration::from_secs(60);
+    while members.get_opt(&member).await.unwrap().is_none() {
+        assert!(Instant::now() < joined, "the ticker never joined:\n{}", ticker.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.lag_watches(Duration::from_secs(6));
+    define(
+        &env,
+        "slow",
+        json!({"schedule": "*/2 * * * * *", "concurrencyPolicy": "Forbid",
+        "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 5}}}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(24)).await;
+    proxy.lag_watches(Duration::ZERO);
+    let done = env
+        .wait_until(Duration::from_secs(60), "every job final", |jobs| jobs.iter().all(|j| j.phase().is_final()))
+        .await;
+    let execs = common::executions(&env.invocations());
+    let mut runs: Vec<_> = execs.iter().filter(|e| e.job.contains("/slow-")).collect();
+    runs.sort_by_key(|e| e.start);
+    assert!(runs.len() >= 2, "ticks got jobs: {}", common::summary(&done));
+    for pair in runs.windows(2) {
+        assert!(
+            pair[0].end.is_some_and(|end| pair[1].start >= end),
+            "two of the definition's jobs ran at once under Forbid: {pair:?}\nticker's log:\n{}",
+            ticker.log_text()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_cancels_the_unfinished_job_and_allow_lets_them_overlap() {
     let env = TestEnv::new("rec-replace").await;

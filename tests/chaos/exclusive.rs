@@ -26,7 +26,7 @@ async fn under_the_exclusive_strategy_a_randomized_fault_schedule_never_lets_two
     let (seconds, seed) = crate::schedule("exclusive", 0.5);
     let mut rng = Rng::new(seed);
     let env = TestEnv::new("chaos-exclusive").await;
-    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let proxies = crate::Proxies::start().await;
     let per_replica = PER_REPLICA.to_string();
     let cap = CLUSTER_CAP.to_string();
     let flags = [
@@ -43,7 +43,7 @@ async fn under_the_exclusive_strategy_a_randomized_fault_schedule_never_lets_two
     ];
     let account = common::operator_account(&env, OPERATOR_ACCOUNT, &[]).await;
     let second = common::SecondApiserver::start(); // stopped after the fleet, which is dropped first
-    let specs = crate::members(&env, account, &proxy, &second);
+    let specs = crate::members(&env, account, &proxies, &second);
     let _recorder = workload::Recorder::start(&env);
     let mut fleet = Fleet::start(&env.dir, &env.ns, &flags, specs);
     let http = workload::HttpWorker::start(&env.dir).await;
@@ -55,10 +55,10 @@ async fn under_the_exclusive_strategy_a_randomized_fault_schedule_never_lets_two
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(seconds) {
         load.enqueue_batch(&mut rng, 6).await;
-        crate::inject(&mut fleet, &proxy, &env, &mut rng, true).await;
+        crate::inject(&mut fleet, &proxies, &env, &mut rng, true).await;
     }
     fleet.heal();
-    proxy.heal();
+    proxies.heal();
     load.stop_recurring().await;
     let jobs = crate::drain(&env).await;
     let limits = crate::limits(CLUSTER_CAP, PER_REPLICA, true);

@@ -7,14 +7,16 @@
 //! jobs, Pod-mode jobs and recurring definitions, under a per-replica cap and a cluster-wide cap.
 //! Fleet: four replicas; one reaches the apiserver through a TCP proxy that resets and stalls its connections, one
 //! through a second kube-apiserver on the same etcd (an HA pair whose watch caches lag each other), one runs with
-//! its clock 20 s ahead.
+//! its clock 20 s ahead through a proxy that reads its requests (its watches made to lag, its answers held back).
 //! Faults, one every 2–5 s: `kill -9` (restarted under the same or a new identity), SIGSTOP past the lease duration,
-//! SIGTERM, an apiserver restart (alone or with etcd), proxy resets and stalls, hand-deleted claim, slot and key
-//! Leases, a verb taken from the RBAC Role one replica runs under.
+//! SIGTERM, an apiserver restart (alone or with etcd), proxy resets and stalls, watches that lag past the lease while
+//! reads and writes are answered at once, answers held back after their requests took effect, hand-deleted claim,
+//! slot and key Leases, a verb taken from the RBAC Role one replica runs under.
 //!
 //! `CHAOS_SECONDS` (default 60) sets how long faults are injected into the parallel run (the exclusive run gets
 //! half); `CHAOS_SEED` reproduces a schedule (each run prints its seed); `CHAOS_FAULTS` (comma-separated kinds,
-//! default all: rbac-remove, kill9, stop, term, apiserver-restart, proxy-reset, proxy-stall, lease-delete) narrows
+//! default all: rbac-remove, kill9, stop, term, apiserver-restart, proxy-reset, proxy-stall, watch-lag, answer-delay,
+//! lease-delete) narrows
 //! the schedule. A failing run names the broken invariant and keeps its history in `target/test-runs/<ns>/`.
 
 #[path = "../common/mod.rs"]
@@ -58,12 +60,12 @@ fn schedule(run: &str, share: f64) -> (u64, u64) {
     (seconds, seed)
 }
 
-/// The four members of a fleet: r0 as the chart's ServiceAccount (`account`), r1 through `proxy`, r2 through the
-/// `second` apiserver, r3 with its clock 20 s ahead.
+/// The four members of a fleet: r0 as the chart's ServiceAccount (`account`), r1 through `proxies.tcp`, r2 through
+/// the `second` apiserver, r3 through `proxies.http` with its clock 20 s ahead.
 fn members(
     env: &TestEnv,
     account: std::path::PathBuf,
-    proxy: &common::proxy::Proxy,
+    proxies: &Proxies,
     second: &common::SecondApiserver,
 ) -> Vec<MemberSpec> {
     // Each claims recurring ticks ahead by another lead (workload::DEFINITIONS has a schedule that lets them): a
@@ -72,10 +74,38 @@ fn members(
         |kubeconfig, clock_offset_ms, claim_ahead, via| MemberSpec { kubeconfig, clock_offset_ms, claim_ahead, via };
     vec![
         spec(account, 0, "10s", "apiserver, as the chart's ServiceAccount"),
-        spec(proxy.kubeconfig(&env.dir), 0, "6s", "proxy"),
+        spec(proxies.tcp.kubeconfig(&env.dir), 0, "6s", "proxy"),
         spec(second.kubeconfig.clone(), 0, "3s", "second apiserver"),
-        spec(common::kubeconfig_path(), 20_000, "9s", "apiserver, clock +20 s"),
+        spec(
+            proxies.http.kubeconfig(&common::kubeconfig_path(), &env.dir, "http-proxied-kubeconfig"),
+            20_000,
+            "9s",
+            "request-reading proxy, clock +20 s",
+        ),
     ]
+}
+
+/// What stands between two members and the apiserver: r1's byte-copying proxy (resets, stalls) and r3's
+/// request-reading one (lagging watches, answers held back).
+struct Proxies {
+    tcp: common::proxy::Proxy,
+    http: common::http_proxy::HttpProxy,
+}
+
+impl Proxies {
+    async fn start() -> Proxies {
+        Proxies {
+            tcp: common::proxy::Proxy::to_apiserver().await,
+            http: common::http_proxy::HttpProxy::to_apiserver().await,
+        }
+    }
+
+    /// Every fault of theirs over.
+    fn heal(&self) {
+        self.tcp.heal();
+        self.http.lag_watches(Duration::ZERO);
+        self.http.answer_at_once();
+    }
 }
 
 /// Wait (bounded) for every job to end; whatever does not is reported by the checker as stuck.
@@ -130,7 +160,7 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
     let (seconds, seed) = schedule("parallel", 1.0);
     let mut rng = Rng::new(seed);
     let env = TestEnv::new("chaos").await;
-    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let proxies = Proxies::start().await;
     let lease_ns = env.ns.clone();
     let per_replica = PER_REPLICA.to_string();
     let cap = CLUSTER_CAP.to_string();
@@ -147,7 +177,7 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
     // r0 acts as the chart's ServiceAccount would, so verbs can be taken from it mid-run.
     let account = common::operator_account(&env, OPERATOR_ACCOUNT, &[]).await;
     let second = common::SecondApiserver::start(); // stopped after the fleet, which is dropped first
-    let specs = members(&env, account, &proxy, &second);
+    let specs = members(&env, account, &proxies, &second);
     let _recorder = workload::Recorder::start(&env);
     let mut fleet = Fleet::start(&env.dir, &env.ns, &flags, specs);
     let agent = env.node_agent();
@@ -161,10 +191,10 @@ async fn a_randomized_fault_schedule_breaks_no_guarantee() {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(seconds) {
         load.enqueue_batch(&mut rng, 12).await;
-        inject(&mut fleet, &proxy, &env, &mut rng, false).await;
+        inject(&mut fleet, &proxies, &env, &mut rng, false).await;
     }
     fleet.heal();
-    proxy.heal();
+    proxies.heal();
     load.stop_recurring().await;
     let jobs = drain(&env).await;
     let limits = limits(CLUSTER_CAP, PER_REPLICA, false);
@@ -185,7 +215,7 @@ fn limits(cluster_cap: usize, per_replica: usize, exclusive: bool) -> Limits {
     }
 }
 
-const FAULT_KINDS: [&str; 10] = [
+const FAULT_KINDS: [&str; 12] = [
     "rbac-remove",
     "kill9",
     "stop",
@@ -196,12 +226,14 @@ const FAULT_KINDS: [&str; 10] = [
     "lease-delete",
     "lease-delete",
     "lease-delete",
+    "watch-lag",
+    "answer-delay",
 ];
 
 /// Wait a random 2–5 s, then inject one fault (one of the kinds `CHAOS_FAULTS` allows). Under the `exclusive`
 /// strategy, replica faults go for the leader three times in four, and Lease deletions take the exclusive Lease, a
 /// slot or a claim.
-async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, rng: &mut Rng, exclusive: bool) {
+async fn inject(fleet: &mut Fleet, proxies: &Proxies, env: &TestEnv, rng: &mut Rng, exclusive: bool) {
     tokio::time::sleep(rng.ms(2_000, 5_000)).await;
     let allowed = std::env::var("CHAOS_FAULTS").unwrap_or_default();
     let allowed: Vec<&str> = allowed.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
@@ -258,14 +290,40 @@ async fn inject(fleet: &mut Fleet, proxy: &common::proxy::Proxy, env: &TestEnv, 
             fleet.faults.record("apiserver-up", "cluster", what);
         }
         5 => {
-            let n = proxy.reset_all();
+            let n = proxies.tcp.reset_all();
             fleet.faults.record("proxy-reset", &fleet.members[1].identity.clone(), format!("{n} connections"));
         }
         6 => {
             let stall = rng.ms(1_000, 6_000);
             fleet.faults.record("proxy-stall", &fleet.members[1].identity.clone(), format!("{stall:?}"));
-            proxy.stall(stall).await;
+            proxies.tcp.stall(stall).await;
             fleet.faults.record("proxy-heal", &fleet.members[1].identity.clone(), "");
+        }
+        10 => {
+            // r3's caches fall behind by more than a lease duration while what it reads and writes is current: every
+            // decision it takes from them must be fenced by the apiserver.
+            let (lag, how_long) = (rng.ms(2_000, 10_000), rng.ms(3_000, 12_000));
+            let r3 = fleet.members[3].identity.clone();
+            fleet.faults.record("watch-lag", &r3, format!("{lag:?} for {how_long:?}"));
+            proxies.http.lag_watches(lag);
+            tokio::time::sleep(how_long).await;
+            proxies.http.lag_watches(Duration::ZERO);
+            // Events already held keep their time: the lag lasts until the last of them is out.
+            tokio::time::sleep(lag).await;
+            fleet.faults.record("watch-lag-end", &r3, "");
+        }
+        11 => {
+            // r3's requests take effect at once and their answers come late: its reads, or everything it sends.
+            let (delay, how_long) = (rng.ms(500, 12_000), rng.ms(3_000, 10_000));
+            let method = if rng.below(2) == 0 { Some(http::Method::GET) } else { None };
+            let r3 = fleet.members[3].identity.clone();
+            let what = method.as_ref().map_or("every answer".to_string(), |m| format!("{m} answers"));
+            fleet.faults.record("answer-delay", &r3, format!("{what} {delay:?} late for {how_long:?}"));
+            proxies.http.delay_answers(method, "/", delay, usize::MAX);
+            tokio::time::sleep(how_long).await;
+            proxies.http.answer_at_once();
+            tokio::time::sleep(delay).await;
+            fleet.faults.record("answer-delay-end", &r3, "");
         }
         7 if exclusive => exclusive::delete_the_lease(env, fleet).await,
         9 if exclusive => delete_a_lease(env, fleet, rng, bgjobs::wire::JOB_LABEL).await,

@@ -355,11 +355,13 @@ struct Span<'a> {
 }
 
 /// Lines that end a lasting fault, by the fault's kind.
-const ENDED_BY: [(&str, &str); 4] = [
+const ENDED_BY: [(&str, &str); 6] = [
     ("stop", "cont"),
     ("rbac-remove", "rbac-restore"),
     ("apiserver-restart", "apiserver-up"),
     ("proxy-stall", "proxy-heal"),
+    ("watch-lag", "watch-lag-end"),
+    ("answer-delay", "answer-delay-end"),
 ];
 
 /// Faults that can hold a job back: not the lines that end one, nor the conditions of a whole run.
