@@ -42,6 +42,68 @@ pub fn starts(live: bool, orphans: bool) -> Starts {
     }
 }
 
+/// What a new leader reads from the apiserver, not from its caches, before it starts anything new: the claim Leases
+/// in scope, and the job each names. The Lease is won on a current read, but the caches may lag the old leader's
+/// last claims by any time (a watch cache behind, a slow watch): judged from them alone, a job the old leader started
+/// moments before it stopped is not there yet, and the new leader would start another beside it (an HTTP request or
+/// a Pod outlives its replica). Until its caches show at least what such a read showed ([`Fresh::shown_by`]), the
+/// leader starts nothing new; it reads again every [`FRESH_READ_EVERY`] until they do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fresh {
+    /// Each claim Lease (`namespace/name`) and its resourceVersion.
+    pub leases: Vec<(String, String)>,
+    /// The UID of each job a claim Lease names and its resourceVersion as read, `None` if it is gone (or its name
+    /// cannot be told from its Lease's: a job named past 249 characters, whose Lease is named by its UID).
+    pub jobs: Vec<(String, Option<String>)>,
+}
+
+/// How often a new leader whose caches have not yet shown its last [`Fresh`] read reads again (a Lease deleted after
+/// a read is never shown at that read's version).
+pub const FRESH_READ_EVERY: Duration = Duration::from_secs(2);
+
+impl Fresh {
+    /// Read the claim Leases through `leases` (the scope's) and the job each names through `jobs_in` (by namespace),
+    /// from the apiserver (quorum reads).
+    pub async fn read(
+        leases: &Api<Lease>,
+        jobs_in: impl Fn(&str) -> Api<crate::api::BackgroundJob>,
+    ) -> crate::error::Result<Fresh> {
+        let params = kube::api::ListParams::default().labels(crate::claim::JOB_LABEL);
+        let mut fresh = Fresh::default();
+        for l in leases.list(&params).await?.items {
+            let (namespace, name) = (l.namespace().unwrap_or_default(), l.name_any());
+            fresh.leases.push((format!("{namespace}/{name}"), l.resource_version().unwrap_or_default()));
+            let Some(uid) = lease::annotation(&l, lease::JOB_UID_ANNOTATION) else { continue };
+            let job = match name.strip_prefix("bgj-").filter(|n| *n != uid) {
+                Some(job_name) => jobs_in(&namespace).get_opt(job_name).await?,
+                None => None,
+            };
+            let version = job.filter(|j| j.uid().as_deref() == Some(uid)).and_then(|j| j.resource_version());
+            fresh.jobs.push((uid.to_string(), version));
+        }
+        Ok(fresh)
+    }
+
+    /// Whether caches that show each Lease (by `namespace/name`) and each job (by UID) at the resourceVersion
+    /// `lease_version` and `job_version` say show at least this read: every Lease and every job it found, at that
+    /// version or a later one.
+    pub fn shown_by(
+        &self,
+        lease_version: impl Fn(&str) -> Option<String>,
+        job_version: impl Fn(&str) -> Option<String>,
+    ) -> bool {
+        self.leases.iter().all(|(key, read)| at_least(lease_version(key), read))
+            && self.jobs.iter().all(|(uid, read)| read.as_ref().is_none_or(|read| at_least(job_version(uid), read)))
+    }
+}
+
+/// Whether a cache that shows an object at `seen` shows it at `read` or later. resourceVersions are etcd revisions
+/// on every etcd3-backed apiserver (see [`crate::ordering::enqueue_sequence`]); anything else counts only when equal.
+fn at_least(seen: Option<String>, read: &str) -> bool {
+    let Some(seen) = seen else { return false };
+    seen == read || matches!((seen.parse::<u64>(), read.parse::<u64>()), (Ok(s), Ok(r)) if s >= r)
+}
+
 /// Name of the cluster-wide Lease.
 pub const EXCLUSIVE_LEASE: &str = "bgjobs-exclusive";
 
@@ -128,6 +190,28 @@ async fn try_acquire(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_read_is_shown_once_every_lease_and_every_job_it_found_is_cached_at_its_version_or_later() {
+        let fresh = Fresh {
+            leases: vec![("ns/bgj-x".into(), "120".into())],
+            jobs: vec![("uid-x".into(), Some("118".into())), ("uid-gone".into(), None)],
+        };
+        let cached = |lease: Option<&str>, job: Option<&str>| {
+            let (lease, job) = (lease.map(str::to_string), job.map(str::to_string));
+            fresh.shown_by(
+                |k| (k == "ns/bgj-x").then(|| lease.clone()).flatten(),
+                |u| (u == "uid-x").then(|| job.clone()).flatten(),
+            )
+        };
+        assert!(!cached(None, None), "neither the claim nor its job cached yet");
+        assert!(!cached(Some("120"), None), "the claim cached, its job not yet");
+        assert!(!cached(Some("119"), Some("118")), "the claim cached at an older version");
+        assert!(cached(Some("120"), Some("118")), "both at the versions read; a job gone needs nothing");
+        assert!(cached(Some("131"), Some("125")), "later versions show at least as much");
+        assert!(Fresh::default().shown_by(|_| None, |_| None), "nothing claimed anywhere: nothing to wait for");
+        assert!(!at_least(Some("v2".into()), "v1") && at_least(Some("v1".into()), "v1"), "opaque versions: equal only");
+    }
 
     #[test]
     fn a_leader_starts_no_new_attempt_beside_a_job_that_runs_elsewhere_under_a_live_claim() {

@@ -204,7 +204,10 @@ fn leases_with(
     crate::list_watch::list_watch_latest(api, Some(labels.to_string()))
 }
 
-fn scoped<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(client: &Client, namespace: Option<&str>) -> Api<K>
+pub fn scoped<K: Resource<Scope = k8s_openapi::NamespaceResourceScope>>(
+    client: &Client,
+    namespace: Option<&str>,
+) -> Api<K>
 where
     K::DynamicType: Default,
 {

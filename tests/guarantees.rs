@@ -250,6 +250,58 @@ async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answer
     assert!(jobs.iter().all(|j| j.attempts() == 1), "every job took one attempt");
 }
 
+/// A new exclusive leader whose watches lag (15 s, its reads answered at once) is elected on a current read of the
+/// exclusive Lease, while its caches show the cluster as it was before the old leader's last claim: a request the old
+/// leader sent just before it was killed still works at the endpoint, and neither that job nor its claim Lease is in
+/// the new leader's caches yet. It must start nothing new until its caches show what a fresh read of the claim Leases
+/// shows. Before: it sent a waiting job's request beside the running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_exclusive_leader_whose_watches_lag_starts_nothing_beside_the_old_leaders_last_job() {
+    let env = TestEnv::new("exclusive-lag").await;
+    let endpoint = SlowEndpoint::start(20).await;
+    let args =
+        ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str(), "--max-concurrent-jobs-per-instance", "1"];
+    let mut a = env.replica("a", &args);
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + MINUTE;
+    let holder = |l: Option<Lease>| l.and_then(|l| bgjobs::wire::holder(&l).map(str::to_string));
+    while holder(leases.get_opt(bgjobs::wire::EXCLUSIVE_LEASE).await.unwrap()).as_deref() != Some("a") {
+        assert!(std::time::Instant::now() < deadline, "a never led:\n{}", a.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
+    let l = env.replica_with("l", &args, &common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() });
+    let member = bgjobs::wire::member_lease_name("l", &env.ns);
+    while leases.get_opt(&member).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "l never joined:\n{}", l.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.lag_watches(Duration::from_secs(15));
+    let t0 = std::time::Instant::now();
+    // Waiting in l's caches from t0 + 15 s, runnable from t0 + 17 s.
+    env.create("waiting", json!({"jobName": "call", "http": {"url": endpoint.url}, "delaySeconds": 17})).await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(t0.elapsed())).await;
+    // In l's caches from t0 + 25 s: its request is at the endpoint (20 s of work) when a is killed.
+    env.create("last", json!({"jobName": "call", "http": {"url": endpoint.url}})).await;
+    endpoint.first_request().await;
+    a.kill9();
+    // l leads about 4 s after the kill; "waiting" is runnable in its view from t0 + 17 s, "last" unseen until 25 s.
+    tokio::time::sleep(Duration::from_secs(23).saturating_sub(t0.elapsed())).await;
+    let led = holder(leases.get_opt(bgjobs::wire::EXCLUSIVE_LEASE).await.unwrap());
+    assert_eq!(led.as_deref(), Some("l"), "l leads by now: the test showed nothing\n{}", l.log_text());
+    let waiting = env.jobs.get("waiting").await.unwrap();
+    assert_eq!(
+        (waiting.attempts(), endpoint.in_flight_ever()),
+        (0, 1),
+        "l started a job beside the old leader's last one, still at the endpoint:\n{}",
+        l.log_text()
+    );
+    proxy.lag_watches(Duration::ZERO);
+    let done = env.wait_job("waiting", 3 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(done.attempts(), 1);
+}
+
 /// Create two HTTP jobs of one concurrency key calling `endpoint`, and cancel the one running once its request has
 /// reached the endpoint; returns it as it was before the cancel.
 async fn cancel_the_running_one_of_two_calls_of_one_key(

@@ -225,3 +225,33 @@ async fn a_replica_in_its_shutdown_grace_keeps_its_member_lease_but_says_it_clai
     assert!(r.terminate(Duration::from_secs(20)), "the replica exits once its attempt finished");
     assert!(members.get_opt(&name).await.unwrap().is_none(), "and gives its member Lease back");
 }
+
+/// A replica cut off from the apiserver past its renew deadline (a partition, an apiserver restart) stops its
+/// attempts and loses its tenure; the Leases it could not give back name that tenure. Once it can reach the
+/// apiserver again it takes its member Lease back and runs the jobs again within a few lease durations: the Leases
+/// of its own ended tenure hold nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_past_its_renew_deadline_runs_its_jobs_again_soon_after() {
+    let env = TestEnv::new("cut-off").await;
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let options = common::ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let r = env.replica_with("r", &[], &options);
+    for i in 0..2 {
+        env.create(&format!("long{i}"), json!({"jobName": "sleep", "args": {"seconds": 30}})).await;
+    }
+    for i in 0..2 {
+        env.wait_job(&format!("long{i}"), MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    }
+    proxy.reset_all();
+    proxy.stall(Duration::from_secs(5)).await;
+    let healed = std::time::Instant::now();
+    for i in 0..2 {
+        env.wait_job(&format!("long{i}"), MINUTE, "running again", |j| {
+            j.phase() == Phase::Running && j.attempts() == 2
+        })
+        .await;
+    }
+    let took = healed.elapsed();
+    eprintln!("both jobs running again {took:?} after the partition healed");
+    assert!(took < Duration::from_secs(20), "took {took:?} (3 s leases):\n{}", r.log_text());
+}

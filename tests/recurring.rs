@@ -463,11 +463,12 @@ async fn forbid_skips_ticks_while_the_previous_job_runs() {
     assert!((2..=4).contains(&n), "ticks were skipped while a job ran: {n} jobs in 12 s of 2 s ticks");
 }
 
-/// `Forbid` decided by a replica whose watches lag past a tick's period (every event 6 s late, its reads answered
-/// at once): its cache shows the previous tick's job not yet made, or still waiting, long after another replica
-/// started it. No two of the definition's jobs run at once, and ticks still get their jobs.
+/// `Forbid` and `Replace` decided by a replica whose watches lag past a tick's period (every event 6 s late, its
+/// reads answered at once): its cache shows the previous tick's job not yet made, or still waiting, long after
+/// another replica started it. Under `Forbid` no two of the definition's jobs run at once, and ticks still get their
+/// jobs; under `Replace` each job is cancelled by a later tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forbid_decided_by_a_replica_whose_watches_lag_never_runs_two_jobs_at_once() {
+async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() {
     let env = TestEnv::new("rec-forbid-lag").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
     let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
@@ -490,10 +491,32 @@ async fn forbid_decided_by_a_replica_whose_watches_lag_never_runs_two_jobs_at_on
         "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 5}}}}),
     )
     .await;
+    define(
+        &env,
+        "replaced",
+        json!({"schedule": "*/3 * * * * *", "concurrencyPolicy": "Replace",
+        "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 60}}}}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(24)).await;
+    let mut replaced: Vec<BackgroundJob> =
+        env.list().await.into_iter().filter(|j| j.name_any().starts_with("replaced-")).collect();
+    replaced.sort_by_key(|j| j.name_any());
+    assert!(replaced.len() >= 3, "Replace ticks got jobs: {}", common::summary(&replaced));
+    // The newest may be running, and the one before it may be being cancelled right now.
+    for j in &replaced[..replaced.len() - 2] {
+        assert_eq!(
+            j.phase(),
+            Phase::Cancelled,
+            "a later tick cancels it under Replace: {}",
+            common::summary(&replaced)
+        );
+    }
     proxy.lag_watches(Duration::ZERO);
     let done = env
-        .wait_until(Duration::from_secs(60), "every job final", |jobs| jobs.iter().all(|j| j.phase().is_final()))
+        .wait_until(Duration::from_secs(60), "every Forbid job final", |jobs| {
+            jobs.iter().filter(|j| j.name_any().starts_with("slow-")).all(|j| j.phase().is_final())
+        })
         .await;
     let execs = common::executions(&env.invocations());
     let mut runs: Vec<_> = execs.iter().filter(|e| e.job.contains("/slow-")).collect();

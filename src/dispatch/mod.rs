@@ -216,6 +216,21 @@ pub struct Dispatcher {
     /// show them `Running` (yet): their claim Lease is live in another's hands, or a claim of ours just lost to
     /// one. A new leader whose job watch lags the old leader's claims starts nothing new beside them.
     claimed_elsewhere: HashSet<String>,
+    /// Exclusive strategy: whether this leadership's caches have shown a fresh read of the claim Leases yet.
+    catch_up: CatchUp,
+}
+
+/// A new exclusive leader's wait for its caches to show a fresh read of the claim Leases ([`exclusive::Fresh`]).
+#[derive(Default)]
+struct CatchUp {
+    /// The leadership (the exclusive Lease's keeper) it is for.
+    keeper: Option<Arc<Keeper>>,
+    /// The caches have shown a read made under this leadership.
+    shown: bool,
+    /// The latest read, once answered.
+    read: Arc<std::sync::Mutex<Option<exclusive::Fresh>>>,
+    /// When the last read was sent.
+    asked: Option<Instant>,
 }
 
 /// The tenure vouching for a claim Lease taken over because it expired (none for one absent or left over).
@@ -278,6 +293,7 @@ impl Dispatcher {
             done_tx,
             done_rx,
             claimed_elsewhere: HashSet::new(),
+            catch_up: CatchUp::default(),
             leader,
         }
     }
@@ -734,6 +750,8 @@ impl Dispatcher {
         self.claimed_elsewhere.retain(|uid| backlog.job(uid).is_some_and(|j| !j.phase().is_final()));
         let starts = if self.leader.is_none() {
             exclusive::Starts::Any
+        } else if !self.caught_up_as_leader() {
+            exclusive::Starts::Adoptions
         } else {
             // An orphan (its holder stopped renewing) is a candidate again; anything else runs under a live claim.
             let (mut orphans, mut live) = (false, !self.claimed_elsewhere.is_empty());
@@ -842,6 +860,54 @@ impl Dispatcher {
             self.spawn_claim(c, slot);
         }
         look_again_in
+    }
+
+    /// Exclusive: whether this leadership's caches have shown a fresh read of the claim Leases and their jobs
+    /// ([`exclusive::Fresh`]); until they have, it reads again every [`exclusive::FRESH_READ_EVERY`].
+    fn caught_up_as_leader(&mut self) -> bool {
+        let Some(keeper) = self.leadership() else { return false };
+        if !self.catch_up.keeper.as_ref().is_some_and(|k| Arc::ptr_eq(k, &keeper)) {
+            self.catch_up = CatchUp { keeper: Some(keeper), ..Default::default() };
+        }
+        if self.catch_up.shown {
+            return true;
+        }
+        let read = self.catch_up.read.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(fresh) = read {
+            let leases: HashMap<String, String> = self
+                .view
+                .leases
+                .state()
+                .iter()
+                .map(|l| (format!("{}/{}", l.namespace().unwrap_or_default(), l.name_any()), l.resource_version()))
+                .filter_map(|(key, version)| Some((key, version?)))
+                .collect();
+            let backlog = &self.backlog;
+            if fresh.shown_by(|key| leases.get(key).cloned(), |uid| backlog.job(uid).and_then(|j| j.resource_version()))
+            {
+                info!(claims = fresh.leases.len(), "exclusive leader: the caches show the claims the apiserver holds");
+                self.catch_up.shown = true;
+                return true;
+            }
+        }
+        if self.catch_up.asked.is_none_or(|at| at.elapsed() >= exclusive::FRESH_READ_EVERY) {
+            self.catch_up.asked = Some(Instant::now());
+            let (client, namespace) = (self.worker.client.clone(), self.config.namespace.clone());
+            let (slot, changed) = (self.catch_up.read.clone(), self.view.changed.clone());
+            tokio::spawn(async move {
+                let leases = crate::queue::scoped::<Lease>(&client, namespace.as_deref());
+                let read = exclusive::Fresh::read(&leases, |ns| Api::namespaced(client.clone(), ns));
+                match tokio::time::timeout(exclusive::FRESH_READ_EVERY * 5, read).await {
+                    Ok(Ok(fresh)) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "exclusive leader: cannot read the claim Leases; nothing new starts")
+                    }
+                    Err(_) => warn!("exclusive leader: reading the claim Leases timed out; nothing new starts"),
+                }
+                changed.notify_one();
+            });
+        }
+        false
     }
 
     /// Whether a live claim Lease names a job this replica's cache does not show at all: its job watch lags its
