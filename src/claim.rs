@@ -525,9 +525,43 @@ async fn claim_job(
         Ok(None) => given_back(leases, job, &acquired, ClaimOutcome::Lost(LostAt::JobChanged)).await,
         Err(e) if e.is_too_large_for_etcd() => too_large(jobs, leases, job, &acquired, claimant).await,
         Err(e) => {
+            if !crate::error::refused(&e) && !adopts(job) {
+                let fence = Fence { uid, worker: worker.to_string(), attempt };
+                hand_back_if_landed(jobs, job, &fence, claimant).await;
+            }
             give_back_after_failed_write(leases, &acquired.lease, &e).await;
             Err(e)
         }
+    }
+}
+
+/// After a claim's status write whose outcome is unknown (an error or an answer later than the bound: the write may
+/// have landed), read the job and, if the claim landed, hand the attempt back unstarted, as an attempt never begun
+/// is: not counted against the job's retries. Left as it was, the claim was found orphaned a lease duration later
+/// and charged as a lost attempt, and on the job's last attempt it failed the job, which had never run. Best effort,
+/// bounded by the renew deadline; fenced, so it writes nothing if the claim did not land or the job moved on.
+async fn hand_back_if_landed(jobs: &Api<BackgroundJob>, job: &BackgroundJob, fence: &Fence, claimant: Claimant<'_>) {
+    let name = job.name_any();
+    let message = format!(
+        "attempt {} was not started: worker {} could not tell whether its claim was recorded in time",
+        fence.attempt, fence.worker
+    );
+    let hand_back = async {
+        let Some(read) = crate::unreadable::get_opt(jobs, &name).await? else { return Ok(false) };
+        let written = status::write_fenced(jobs, &read, fence, |s| {
+            status::requeue(s, None, message.clone(), claimant.now);
+            s.unstarted_attempts += 1;
+        })
+        .await?;
+        Ok::<_, Error>(matches!(written, status::Fenced::Written(_)))
+    };
+    match tokio::time::timeout(claimant.timing.renew_deadline, hand_back).await {
+        Ok(Ok(true)) => {
+            tracing::info!(job = %name, "a claim's status write landed after its bound: handed back unstarted")
+        }
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(job = %name, error = %e, "could not tell whether a claim landed"),
+        Err(_) => tracing::warn!(job = %name, "could not tell in time whether a claim landed"),
     }
 }
 

@@ -250,6 +250,34 @@ async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answer
     assert!(jobs.iter().all(|j| j.attempts() == 1), "every job took one attempt");
 }
 
+/// A claim's status write that lands but whose answer comes after the claim's bound (the renew deadline): the
+/// replica cannot tell it landed. Before: it gave the claim Lease up and moved on, the job was found orphaned a
+/// lease duration later and, on its last attempt, failed as lost without ever running. Now the replica reads the job
+/// back and hands a claim that landed back unstarted: the job runs, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_comes_after_its_bound_is_handed_back_unstarted_not_failed_unrun() {
+    let env = TestEnv::new("late-claim").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let slow = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "slow.kubeconfig");
+    let r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(slow), ..Default::default() });
+    env.create("warm-up", json!({"jobName": "noop"})).await;
+    env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    // The next status write's answer (the claim's) comes 12 s late; the tests' renew deadline is 2 s.
+    proxy.delay_answers(Some(http::Method::PUT), "/status", Duration::from_secs(12), 1);
+    env.create("once", json!({"jobName": "noop", "retry": {"maxAttempts": 1}})).await;
+    let done = env.wait_job("once", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(proxy.held(), 1, "the claim's answer was held back");
+    let runs = executions(&env.invocations()).into_iter().filter(|e| e.job.ends_with("/once")).count();
+    assert_eq!(
+        (done.phase(), runs),
+        (Phase::Succeeded, 1),
+        "{}: {:?}\nr's log:\n{}",
+        last_error(&done),
+        done.status,
+        r.log_text()
+    );
+}
+
 /// A new exclusive leader whose watches lag (15 s, its reads answered at once) is elected on a current read of the
 /// exclusive Lease, while its caches show the cluster as it was before the old leader's last claim: a request the old
 /// leader sent just before it was killed still works at the endpoint, and neither that job nor its claim Lease is in
