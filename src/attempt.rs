@@ -376,7 +376,7 @@ async fn run_claimed(
         if unanswered && control.shutdown.is_cancelled() { Ending::Stopped(StopReason::Shutdown) } else { ending };
     // A handler that noticed a stop request fails with something like "cancelled"; the stop is the real reason.
     // Only a success that raced the stop is kept: the work is done.
-    let ending = match (ending, control.reason()) {
+    let mut ending = match (ending, control.reason()) {
         (Ending::Finished(r @ (AttemptResult::Succeeded | AttemptResult::Reported)), _) => Ending::Finished(r),
         (Ending::Finished(_) | Ending::AttemptTimedOut(..) | Ending::DeadlineReached(_), Some(reason)) => {
             Ending::Stopped(reason)
@@ -417,6 +417,7 @@ async fn run_claimed(
             // attempt may run once its outcome is recorded, nor beside a retry's. A shutdown meanwhile hands the
             // attempt over: its adopter, or a replica settling it, does the same.
             let may_act = || hold.is_current();
+            let mut pod_succeeded = false;
             let handed_over = tokio::select! {
                 biased;
                 _ = hold.lost() => {
@@ -433,10 +434,19 @@ async fn run_claimed(
                     );
                     true
                 }
-                _ = executor::pod::stop(&worker.client, &job, fence.attempt, late, &may_act, &watchers) => false,
+                succeeded = executor::pod::stop(&worker.client, &job, fence.attempt, late, &may_act, &watchers) => {
+                    pod_succeeded = succeeded;
+                    false
+                }
             };
             if handed_over {
                 return Handover::PodRunsOn;
+            }
+            // The Pod had succeeded before the attempt's time ran out, its end not yet shown by this replica's Pod
+            // watch (a lagging one): the work is done, and recording a timeout would run it again.
+            if pod_succeeded && matches!(ending, Ending::AttemptTimedOut(..) | Ending::DeadlineReached(_)) {
+                info!("the attempt's pod had succeeded before its time ran out: recorded as succeeded");
+                ending = Ending::Finished(AttemptResult::Succeeded);
             }
         }
     }

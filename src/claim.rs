@@ -526,8 +526,10 @@ async fn claim_job(
         Err(e) if e.is_too_large_for_etcd() => too_large(jobs, leases, job, &acquired, claimant).await,
         Err(e) => {
             if !crate::error::refused(&e) && !adopts(job) {
+                // On its own task: the claim's own bound (a lease duration from its start) may be spent already.
                 let fence = Fence { uid, worker: worker.to_string(), attempt };
-                hand_back_if_landed(jobs, job, &fence, claimant).await;
+                let (jobs, job, now, bound) = (jobs.clone(), job.clone(), claimant.now, timing.renew_deadline);
+                tokio::spawn(async move { hand_back_if_landed(&jobs, &job, &fence, now, bound).await });
             }
             give_back_after_failed_write(leases, &acquired.lease, &e).await;
             Err(e)
@@ -539,8 +541,15 @@ async fn claim_job(
 /// have landed), read the job and, if the claim landed, hand the attempt back unstarted, as an attempt never begun
 /// is: not counted against the job's retries. Left as it was, the claim was found orphaned a lease duration later
 /// and charged as a lost attempt, and on the job's last attempt it failed the job, which had never run. Best effort,
-/// bounded by the renew deadline; fenced, so it writes nothing if the claim did not land or the job moved on.
-async fn hand_back_if_landed(jobs: &Api<BackgroundJob>, job: &BackgroundJob, fence: &Fence, claimant: Claimant<'_>) {
+/// bounded by `bound`; fenced, so it writes nothing if the claim did not land or the job moved on. (A write held on
+/// its way to the apiserver that lands after this read is not seen: that claim is still found orphaned.)
+async fn hand_back_if_landed(
+    jobs: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    fence: &Fence,
+    now: jiff::Timestamp,
+    bound: Duration,
+) {
     let name = job.name_any();
     let message = format!(
         "attempt {} was not started: worker {} could not tell whether its claim was recorded in time",
@@ -549,13 +558,13 @@ async fn hand_back_if_landed(jobs: &Api<BackgroundJob>, job: &BackgroundJob, fen
     let hand_back = async {
         let Some(read) = crate::unreadable::get_opt(jobs, &name).await? else { return Ok(false) };
         let written = status::write_fenced(jobs, &read, fence, |s| {
-            status::requeue(s, None, message.clone(), claimant.now);
+            status::requeue(s, None, message.clone(), now);
             s.unstarted_attempts += 1;
         })
         .await?;
         Ok::<_, Error>(matches!(written, status::Fenced::Written(_)))
     };
-    match tokio::time::timeout(claimant.timing.renew_deadline, hand_back).await {
+    match tokio::time::timeout(bound, hand_back).await {
         Ok(Ok(true)) => {
             tracing::info!(job = %name, "a claim's status write landed after its bound: handed back unstarted")
         }

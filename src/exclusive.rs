@@ -47,7 +47,10 @@ pub fn starts(live: bool, orphans: bool) -> Starts {
 /// last claims by any time (a watch cache behind, a slow watch): judged from them alone, a job the old leader started
 /// moments before it stopped is not there yet, and the new leader would start another beside it (an HTTP request or
 /// a Pod outlives its replica). Until its caches show at least what such a read showed ([`Fresh::shown_by`]), the
-/// leader starts nothing new; it reads again every [`FRESH_READ_EVERY`] until they do.
+/// leader starts nothing new; it reads again every [`FRESH_READ_EVERY`] until they show one of its reads (each is made
+/// after the old leader's last start, so any will do: under a steady lag, later reads may name versions newer than
+/// the caches can show yet). Claim Leases exist only while held or handed over (a released one is deleted), so a
+/// read costs one list and a read per attempt that may run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fresh {
     /// Each claim Lease (`namespace/name`) and its resourceVersion.
@@ -68,14 +71,17 @@ impl Fresh {
         leases: &Api<Lease>,
         jobs_in: impl Fn(&str) -> Api<crate::api::BackgroundJob>,
     ) -> crate::error::Result<Fresh> {
-        let params = kube::api::ListParams::default().labels(crate::claim::JOB_LABEL);
+        // The claim Leases as the Lease cache selects them (only bgjobs' own), so that every one can be shown there.
+        let selector = format!("{}={},{}", lease::MANAGED_BY_LABEL, lease::MANAGED_BY, crate::claim::JOB_LABEL);
+        let params = kube::api::ListParams::default().labels(&selector);
         let mut fresh = Fresh::default();
         for l in leases.list(&params).await?.items {
             let (namespace, name) = (l.namespace().unwrap_or_default(), l.name_any());
             fresh.leases.push((format!("{namespace}/{name}"), l.resource_version().unwrap_or_default()));
             let Some(uid) = lease::annotation(&l, lease::JOB_UID_ANNOTATION) else { continue };
             let job = match name.strip_prefix("bgj-").filter(|n| *n != uid) {
-                Some(job_name) => jobs_in(&namespace).get_opt(job_name).await?,
+                // Through the stand-in, as the caches read jobs: one the operator cannot read still has its version.
+                Some(job_name) => crate::unreadable::get_opt(&jobs_in(&namespace), job_name).await?,
                 None => None,
             };
             let version = job.filter(|j| j.uid().as_deref() == Some(uid)).and_then(|j| j.resource_version());

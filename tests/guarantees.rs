@@ -553,6 +553,8 @@ async fn a_replica_whose_watches_lag_past_the_lease_takes_no_live_job_and_takes_
     }
     let on_b = execs.iter().filter(|e| e.worker == "b" && names.iter().any(|n| e.job.ends_with(&format!("/{n}"))));
     assert!(on_b.count() > 0, "b, lagging, ran none of the bursts: the test showed nothing\n{}", b.log_text());
+    // b acted on its stale view: claims of jobs a had taken, refused by the apiserver.
+    assert!(b.log_text().contains("claim lost to another replica"), "b never tried a stale claim:\n{}", b.log_text());
 
     // a paused past the lease while it runs long jobs: b (still lagging) sees a's member Lease stop changing 8 s late.
     // (Those b owns wait for b to see them: its lag holds them back, as a pause would.)

@@ -253,5 +253,5 @@ async fn a_replica_cut_off_past_its_renew_deadline_runs_its_jobs_again_soon_afte
     }
     let took = healed.elapsed();
     eprintln!("both jobs running again {took:?} after the partition healed");
-    assert!(took < Duration::from_secs(20), "took {took:?} (3 s leases):\n{}", r.log_text());
+    assert!(took < Duration::from_secs(30), "took {took:?} (3 s leases):\n{}", r.log_text());
 }

@@ -220,6 +220,33 @@ async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_
     assert_eq!(names, ["broken-1", "broken-2"], "each attempt has its own pod, kept for inspection");
 }
 
+/// A Pod that succeeds before its attempt's timeout, seen by a replica whose watches lag past that timeout (its
+/// reads answered at once): the attempt times out in the replica's view, and stopping it finds the Pod succeeded.
+/// Before: the attempt was recorded as timed out and the job ran again in a second Pod. Now: succeeded, one Pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_succeeded_before_its_attempt_timed_out_unseen_by_a_lagging_watch_is_not_run_again() {
+    let env = on_node("pod-lag").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
+    let r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() });
+    env.create("warm-up", shell_job("true", json!({}))).await;
+    env.wait_job("warm-up", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let spec = json!({"attemptTimeoutSeconds": 20, "retry": {"maxAttempts": 2, "backoffSeconds": 0}});
+    env.create("quick", shell_job("sleep 2", spec)).await;
+    env.wait_job("quick", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    // From its claim on, what happens to the Pod reaches r 40 s late; the attempt times out 20 s after the claim.
+    proxy.lag_watches(Duration::from_secs(40));
+    let done = env.wait_job("quick", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let pods: Vec<String> = pods_of(&env, "quick").await.iter().map(|p| p.name_any()).collect();
+    assert_eq!(
+        (done.phase(), done.attempts(), pods.len()),
+        (Phase::Succeeded, 1, 1),
+        "{:?}; pods {pods:?}\nr's log:\n{}",
+        done.status,
+        r.log_text()
+    );
+}
+
 /// A Pod that cannot start (its image is not on the node, and may not be pulled) says why: a `PodNotStarting`
 /// Warning on the job while the attempt waits, and the attempt's timeout names it. Before, nothing said why, and the
 /// job ended saying only that its attempt had exceeded its timeout.

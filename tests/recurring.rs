@@ -512,6 +512,15 @@ async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() 
             common::summary(&replaced)
         );
     }
+    // Each is cancelled when the next is made, not a tick later, when the lagging cache first shows it: a run
+    // overlaps the next for no longer than the cancel takes to reach the runner.
+    let mut replacing: Vec<_> =
+        common::executions(&env.invocations()).into_iter().filter(|e| e.job.contains("/replaced-")).collect();
+    replacing.sort_by_key(|e| e.start);
+    for pair in replacing.windows(2) {
+        let overlap = pair[0].end.unwrap_or(i64::MAX).saturating_sub(pair[1].start);
+        assert!(overlap < 2_000, "a replaced job ran {overlap} ms beside the next: {pair:?}");
+    }
     proxy.lag_watches(Duration::ZERO);
     let done = env
         .wait_until(Duration::from_secs(60), "every Forbid job final", |jobs| {

@@ -227,11 +227,17 @@ struct CatchUp {
     keeper: Option<Arc<Keeper>>,
     /// The caches have shown a read made under this leadership.
     shown: bool,
-    /// The latest read, once answered.
-    read: Arc<std::sync::Mutex<Option<exclusive::Fresh>>>,
+    /// The reads answered so far (the latest [`MAX_FRESH_READS`]).
+    reads: Arc<std::sync::Mutex<Vec<exclusive::Fresh>>>,
     /// When the last read was sent.
     asked: Option<Instant>,
+    /// When this leadership began waiting, and whether a long wait was said.
+    since: Option<Instant>,
+    told: bool,
 }
+
+/// How long a new exclusive leader waits for its caches before it says so (a warning, once).
+const CATCH_UP_TELL_AFTER: Duration = Duration::from_secs(60);
 
 /// The tenure vouching for a claim Lease taken over because it expired (none for one absent or left over).
 fn expired_tenure(lease: Option<&Lease>, state: LeaseState) -> Option<tenure::Vouch> {
@@ -244,6 +250,10 @@ fn ending_waits(ends: &[(String, Ending)], timing: &crate::lease::LeaseTiming) -
     let may_wait = ends.iter().any(|(_, e)| matches!(e, Ending::Unknown { .. } | Ending::Revoke(_)));
     if may_wait { timing.duration } else { Duration::ZERO }
 }
+
+/// How many of a new exclusive leader's fresh reads it keeps comparing with its caches (one every
+/// [`exclusive::FRESH_READ_EVERY`]: a minute of them).
+const MAX_FRESH_READS: usize = 30;
 
 /// How long an ended tenure is remembered. A Lease that names one this replica forgot (or never saw) is not lost
 /// for that: its tenure is read before the Lease is taken (`claim::end_tenures`), only slower.
@@ -872,8 +882,16 @@ impl Dispatcher {
         if self.catch_up.shown {
             return true;
         }
-        let read = self.catch_up.read.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(fresh) = read {
+        let since = *self.catch_up.since.get_or_insert_with(Instant::now);
+        if !self.catch_up.told && since.elapsed() >= CATCH_UP_TELL_AFTER {
+            self.catch_up.told = true;
+            warn!(
+                waited_s = since.elapsed().as_secs(),
+                "exclusive leader: the caches have not yet shown the claim Leases the apiserver holds; nothing new starts"
+            );
+        }
+        let reads = self.catch_up.reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !reads.is_empty() {
             let leases: HashMap<String, String> = self
                 .view
                 .leases
@@ -883,8 +901,8 @@ impl Dispatcher {
                 .filter_map(|(key, version)| Some((key, version?)))
                 .collect();
             let backlog = &self.backlog;
-            if fresh.shown_by(|key| leases.get(key).cloned(), |uid| backlog.job(uid).and_then(|j| j.resource_version()))
-            {
+            let job_version = |uid: &str| backlog.job(uid).and_then(|j| j.resource_version());
+            if let Some(fresh) = reads.iter().find(|r| r.shown_by(|key| leases.get(key).cloned(), job_version)) {
                 info!(claims = fresh.leases.len(), "exclusive leader: the caches show the claims the apiserver holds");
                 self.catch_up.shown = true;
                 return true;
@@ -893,12 +911,17 @@ impl Dispatcher {
         if self.catch_up.asked.is_none_or(|at| at.elapsed() >= exclusive::FRESH_READ_EVERY) {
             self.catch_up.asked = Some(Instant::now());
             let (client, namespace) = (self.worker.client.clone(), self.config.namespace.clone());
-            let (slot, changed) = (self.catch_up.read.clone(), self.view.changed.clone());
+            let (slot, changed) = (self.catch_up.reads.clone(), self.view.changed.clone());
             tokio::spawn(async move {
                 let leases = crate::queue::scoped::<Lease>(&client, namespace.as_deref());
                 let read = exclusive::Fresh::read(&leases, |ns| Api::namespaced(client.clone(), ns));
                 match tokio::time::timeout(exclusive::FRESH_READ_EVERY * 5, read).await {
-                    Ok(Ok(fresh)) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(fresh),
+                    Ok(Ok(fresh)) => {
+                        let mut reads = slot.lock().unwrap_or_else(|e| e.into_inner());
+                        reads.push(fresh);
+                        let over = reads.len().saturating_sub(MAX_FRESH_READS);
+                        reads.drain(..over);
+                    }
                     Ok(Err(e)) => {
                         warn!(error = %e, "exclusive leader: cannot read the claim Leases; nothing new starts")
                     }

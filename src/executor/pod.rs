@@ -812,6 +812,9 @@ pub struct Watchers<'a> {
 ///
 /// Unbounded: the caller bounds it by its claim. No deletion is sent while `may_act` says no (the claim is out of
 /// date: the Pod may be another holder's to watch by then).
+///
+/// Returns whether the attempt's Pod had already succeeded when first found: a Pod that finished before the attempt
+/// timed out, its end not yet shown by a lagging watch, did the work, and recording a timeout would run it again.
 pub async fn stop(
     client: &Client,
     job: &BackgroundJob,
@@ -819,7 +822,7 @@ pub async fn stop(
     late: LateCreates,
     may_act: &(dyn Fn() -> bool + Sync),
     watchers: &Watchers<'_>,
-) {
+) -> bool {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
     let job_uid = job.uid().unwrap_or_default();
@@ -831,18 +834,20 @@ pub async fn stop(
         );
     }
     let mut stopped: Option<String> = None;
+    let mut succeeded = None;
     loop {
         let Found::Ours { uid, .. } = landed(&pods, job, &job_uid, &name, late, stopped.as_deref()).await else {
-            return;
+            return succeeded.unwrap_or(false);
         };
         if stopped.as_ref() == Some(&uid) {
             // No create can land any more while the stopped Pod still holds the name.
-            return;
+            return succeeded.unwrap_or(false);
         }
         match request_deletion(&pods, &name, &job_uid, may_act).await {
             // Being deleted, or finished already: a finished Pod is left for inspection, and may still be removed (by
             // hand, by the terminated-pod garbage collector) before a create can land no more.
-            Some(uid) => {
+            Some((uid, had_succeeded)) => {
+                succeeded.get_or_insert(had_succeeded);
                 // The attempt has ended: whether its Pod could have started is no longer news.
                 let ended = Watchers { not_starting: &|_, _| {}, ..*watchers };
                 until_stopped(&pods, &name, &uid, &ended).await;
@@ -855,21 +860,22 @@ pub async fn stop(
 }
 
 /// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition), unless it has
-/// finished; the UID of the Pod to wait for, or `None` if no Pod of this job has that name any more. Failed calls are
-/// tried again. Never sends the delete while `may_act` says no.
+/// finished; the UID of the Pod to wait for and whether it had succeeded, or `None` if no Pod of this job has that
+/// name any more. Failed calls are tried again. Never sends the delete while `may_act` says no.
 async fn request_deletion(
     pods: &Api<Pod>,
     name: &str,
     job_uid: &str,
     may_act: &(dyn Fn() -> bool + Sync),
-) -> Option<String> {
+) -> Option<(String, bool)> {
     let mut backoff = Backoff::new();
     loop {
         match pods.get_opt(name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
                 let uid = p.uid()?;
                 if finished(&p) {
-                    return Some(uid);
+                    let succeeded = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
+                    return Some((uid, succeeded));
                 }
                 // Not while the claim is out of date: it may come back (a late confirmation), or the caller's bound
                 // ends this first.
@@ -881,7 +887,7 @@ async fn request_deletion(
                     ..Default::default()
                 };
                 match pods.delete(name, &dp).await {
-                    Ok(_) => return Some(uid),
+                    Ok(_) => return Some((uid, false)),
                     // Gone already, or the name now holds another Pod (the UID precondition failed).
                     Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
                     Err(e) => {
@@ -1102,6 +1108,44 @@ mod tests {
             "the late create's Pod must be found and stopped, not the look ended as absent"
         );
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// A Pod that succeeded before its attempt timed out, its end not yet shown by a lagging Pod watch, is found
+    /// finished when the attempt stops it: `stop` says so (the attempt is then recorded as succeeded, not timed out
+    /// and run again), and deletes nothing. A Pod still running is deleted, and is no success.
+    #[tokio::test(start_paused = true)]
+    async fn stopping_an_attempt_whose_pod_already_succeeded_says_so_and_deletes_nothing() {
+        for (phase, succeeded) in [("Succeeded", true), ("Failed", false)] {
+            let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "render-7-1", "namespace": "ns", "uid": "pod-uid", "resourceVersion": "5",
+                    "labels": {JOB_UID_LABEL: "uid-7"}},
+                "status": {"phase": phase}});
+            let answer = pod.clone();
+            let (client, sent) = crate::testing::scripted_client(move |sent| {
+                if sent.query.contains("watch") {
+                    (200, serde_json::json!({"type": "ADDED", "object": answer.clone()}))
+                } else if sent.query.contains("fieldSelector") {
+                    let list = serde_json::json!({"apiVersion": "v1", "kind": "PodList",
+                        "metadata": {"resourceVersion": "5"}, "items": [answer.clone()]});
+                    (200, list)
+                } else {
+                    (200, answer.clone())
+                }
+            });
+            let watchers = Watchers {
+                after: Duration::from_secs(3),
+                now: &jiff::Timestamp::now,
+                not_stopping: &|_| {},
+                not_starting: &|_, _| {},
+            };
+            let late = LateCreates::until(Instant::now());
+            let said =
+                tokio::time::timeout(Duration::from_secs(60), stop(&client, &job(), 1, late, &|| true, &watchers))
+                    .await
+                    .expect("stop returns once the finished Pod is seen");
+            assert_eq!(said, succeeded, "a {phase} Pod");
+            assert!(sent.lock().unwrap().iter().all(|s| s.method != "DELETE"), "a finished Pod is left for inspection");
+        }
     }
 
     fn job() -> BackgroundJob {

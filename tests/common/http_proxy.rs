@@ -4,7 +4,7 @@
 //! and takes effect at once; its answer comes late). The byte-copying [`super::proxy::Proxy`] cannot tell one
 //! request from another under TLS, so it can only delay everything.
 //!
-//! The replica speaks plain HTTP to it on loopback ([`HttpProxy::kubeconfig`]); each request goes on over HTTPS to
+//! The replica speaks plain HTTP to it, on the apiserver's own IP ([`HttpProxy::kubeconfig`]); each request goes on over HTTPS to
 //! the apiserver with the replica's own headers, its bearer token included, so the replica keeps its identity and
 //! its RBAC. A request the apiserver cannot be reached for closes the replica's connection, as a refused or reset
 //! connection would.
@@ -34,7 +34,7 @@ type ProxyBody = StreamBody<mpsc::Receiver<Chunk>>;
 
 /// A running proxy; dropping it closes every connection and stops listening.
 pub struct HttpProxy {
-    /// Where the replica connects: 127.0.0.1 and a free port, plain HTTP.
+    /// Where the replica connects: the apiserver's IP (loopback, or the node bridge's) and a free port, plain HTTP.
     pub addr: SocketAddr,
     faults: Arc<Faults>,
     stop: CancellationToken,
@@ -65,11 +65,14 @@ impl HttpProxy {
     /// A proxy to the apiserver of the test kubeconfig ([`super::kubeconfig_path`]).
     pub async fn to_apiserver() -> HttpProxy {
         let upstream = super::proxy::server_url(&super::kubeconfig_path());
-        assert!(upstream.starts_with("https://127.0.0.1:"), "the apiserver {upstream} is not on loopback");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let host_port = upstream.trim_start_matches("https://").trim_end_matches('/');
+        let apiserver: SocketAddr =
+            host_port.parse().unwrap_or_else(|e| panic!("server {upstream} is not ip:port: {e}"));
+        // On the apiserver's own address (loopback, or the local control plane's bridge with a node): nothing else.
+        let listener = TcpListener::bind(SocketAddr::new(apiserver.ip(), 0)).await.expect("bind the proxy");
         let addr = listener.local_addr().unwrap();
-        // The apiserver on loopback is the only peer: its certificate is the control plane's own, and the replica's
-        // side of the proxy is what the tests are about.
+        // The local control plane's apiserver is the only peer: its certificate is the control plane's own, and the
+        // replica's side of the proxy is what the tests are about.
         let client = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
             .no_proxy()

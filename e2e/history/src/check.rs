@@ -162,10 +162,14 @@ fn status_by_uid(status: &[StatusLine]) -> BTreeMap<String, Vec<&StatusLine>> {
     m
 }
 
+/// Faults that may delay a job (FIFO) but never explain an attempt cut short or lost: a replica whose watches lag
+/// still reads, writes and renews at once, so a stale view must cost it a refused write, never an attempt.
+const CANNOT_CUT_SHORT: [&str; 2] = ["watch-lag", "watch-lag-end"];
+
 /// Whether a fault near `e` (on its worker, or cluster-wide, within a lease duration of its activity) explains
 /// why it was cut short.
 fn faulted(h: &History, e: &Execution, replicas: &BTreeSet<&str>, lease_ms: i64) -> bool {
-    h.faults.iter().any(|f| {
+    h.faults.iter().filter(|f| !CANNOT_CUT_SHORT.contains(&f.kind.as_str())).any(|f| {
         let near = f.t_ms >= e.start - lease_ms && f.t_ms <= e.last + lease_ms;
         let aimed = f.target == e.worker || !replicas.contains(f.target.as_str());
         near && aimed
