@@ -526,10 +526,10 @@ async fn claim_job(
         Err(e) if e.is_too_large_for_etcd() => too_large(jobs, leases, job, &acquired, claimant).await,
         Err(e) => {
             if !crate::error::refused(&e) && !adopts(job) {
-                // On its own task: the claim's own bound (a lease duration from its start) may be spent already.
+                // Within the claim (the dispatcher allows for it, [`hand_back_takes_at_most`]): the job stays held
+                // meanwhile, so neither a shutdown nor this replica's next claim of it overtakes the hand-back.
                 let fence = Fence { uid, worker: worker.to_string(), attempt };
-                let (jobs, job, now, bound) = (jobs.clone(), job.clone(), claimant.now, timing.renew_deadline);
-                tokio::spawn(async move { hand_back_if_landed(&jobs, &job, &fence, now, bound).await });
+                hand_back_if_landed(jobs, job, &fence, claimant.now, timing.renew_deadline).await;
             }
             give_back_after_failed_write(leases, &acquired.lease, &e).await;
             Err(e)
@@ -537,11 +537,16 @@ async fn claim_job(
     }
 }
 
+/// How much longer than its other steps a claim may take: a renew deadline for [`hand_back_if_landed`].
+pub fn hand_back_takes_at_most(timing: &LeaseTiming) -> Duration {
+    timing.renew_deadline
+}
+
 /// After a claim's status write whose outcome is unknown (an error or an answer later than the bound: the write may
 /// have landed), read the job and, if the claim landed, hand the attempt back unstarted, as an attempt never begun
 /// is: not counted against the job's retries. Left as it was, the claim was found orphaned a lease duration later
 /// and charged as a lost attempt, and on the job's last attempt it failed the job, which had never run. Best effort,
-/// bounded by `bound`; fenced, so it writes nothing if the claim did not land or the job moved on. (A write held on
+/// bounded by `bound`, within the claim; fenced, so it writes nothing if the claim did not land or the job moved on. (A write held on
 /// its way to the apiserver that lands after this read is not seen: that claim is still found orphaned.)
 async fn hand_back_if_landed(
     jobs: &Api<BackgroundJob>,

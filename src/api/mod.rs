@@ -268,7 +268,8 @@ pub struct BackgroundJobStatus {
     pub attempts: i32,
 
     /// Of `attempts`, those handed back before they started (their replica shut down, or lost the exclusive Lease,
-    /// right after claiming): nothing ran, so they do not count against `retry.maxAttempts`.
+    /// right after claiming, or could not tell in time whether its claim was recorded): nothing ran, so they do not
+    /// count against `retry.maxAttempts`.
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(range(min = 0))]
     pub unstarted_attempts: i32,

@@ -887,7 +887,8 @@ impl Dispatcher {
             self.catch_up.told = true;
             warn!(
                 waited_s = since.elapsed().as_secs(),
-                "exclusive leader: the caches have not yet shown the claim Leases the apiserver holds; nothing new starts"
+                "exclusive leader: no fresh read of the claim Leases shown by the caches yet (the reads fail, or the \
+                 caches lag); nothing new starts"
             );
         }
         let reads = self.catch_up.reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -977,7 +978,9 @@ impl Dispatcher {
         };
         // Waiting out a tenure found ended by a read or a revocation (a lease duration) comes before anything is
         // acquired (see `claim::end_tenures`).
-        let limit = self.worker.timing.duration + ending_waits(&ends, &self.worker.timing);
+        // And a claim write of unknown outcome is read back, and handed back if it landed, before the claim ends.
+        let timing = &self.worker.timing;
+        let limit = timing.duration + ending_waits(&ends, timing) + claim::hand_back_takes_at_most(timing);
         if let Some(s) = &slot {
             self.slots_in_use.insert(uid.clone(), s.name.clone());
         }

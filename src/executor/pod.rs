@@ -874,7 +874,10 @@ async fn request_deletion(
             Ok(Some(p)) if belongs(&p, job_uid) => {
                 let uid = p.uid()?;
                 if finished(&p) {
-                    let succeeded = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
+                    // Succeeded on its own: not a Pod that exited 0 when a deletion (this attempt's, before its
+                    // replica handed it over, or anyone's) stopped it.
+                    let succeeded = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
+                        && p.metadata.deletion_timestamp.is_none();
                     return Some((uid, succeeded));
                 }
                 // Not while the claim is out of date: it may come back (a late confirmation), or the caller's bound
@@ -1115,10 +1118,15 @@ mod tests {
     /// and run again), and deletes nothing. A Pod still running is deleted, and is no success.
     #[tokio::test(start_paused = true)]
     async fn stopping_an_attempt_whose_pod_already_succeeded_says_so_and_deletes_nothing() {
-        for (phase, succeeded) in [("Succeeded", true), ("Failed", false)] {
+        // A Pod that exited 0 once a deletion stopped it (an earlier holder's stop, before it handed the attempt
+        // over) did not succeed on its own.
+        let deleted = Some("2026-12-06T00:00:00Z");
+        for (phase, deletion, succeeded) in
+            [("Succeeded", None, true), ("Failed", None, false), ("Succeeded", deleted, false)]
+        {
             let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "render-7-1", "namespace": "ns", "uid": "pod-uid", "resourceVersion": "5",
-                    "labels": {JOB_UID_LABEL: "uid-7"}},
+                    "labels": {JOB_UID_LABEL: "uid-7"}, "deletionTimestamp": deletion},
                 "status": {"phase": phase}});
             let answer = pod.clone();
             let (client, sent) = crate::testing::scripted_client(move |sent| {
@@ -1143,7 +1151,7 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(60), stop(&client, &job(), 1, late, &|| true, &watchers))
                     .await
                     .expect("stop returns once the finished Pod is seen");
-            assert_eq!(said, succeeded, "a {phase} Pod");
+            assert_eq!(said, succeeded, "a {phase} Pod, deletion {deletion:?}");
             assert!(sent.lock().unwrap().iter().all(|s| s.method != "DELETE"), "a finished Pod is left for inspection");
         }
     }
