@@ -256,7 +256,7 @@ async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answer
 /// back and hands a claim that landed back unstarted: the job runs, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_answer_comes_after_its_bound_is_handed_back_unstarted_not_failed_unrun() {
-    let env = TestEnv::new("late-claim").await;
+    let env = TestEnv::new("late-claim-answer").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
     let slow = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "slow.kubeconfig");
     let r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(slow), ..Default::default() });
@@ -300,11 +300,7 @@ async fn a_new_exclusive_leader_whose_watches_lag_starts_nothing_beside_the_old_
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
     let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
     let l = env.replica_with("l", &args, &common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() });
-    let member = bgjobs::wire::member_lease_name("l", &env.ns);
-    while leases.get_opt(&member).await.unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "l never joined:\n{}", l.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_joined(&l, &env.ns).await;
     proxy.lag_watches(Duration::from_secs(15));
     let t0 = std::time::Instant::now();
     // Waiting in l's caches from t0 + 15 s, runnable from t0 + 17 s.
@@ -474,15 +470,9 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
     env.wait_job("once", MINUTE, "Running on a", |j| j.phase() == Phase::Running).await;
     let options = common::ReplicaOptions { kubeconfig: Some(second.kubeconfig.clone()), ..Default::default() };
     let b = env.replica_with("b", &[], &options);
-    // b writes its member Lease once its caches are synced and it has read the cluster's clock: from then on it
-    // judges Leases, and a freeze shows it a stale view (before, it would judge nothing, and show nothing).
-    let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
-    let member = bgjobs::wire::member_lease_name("b", &env.ns);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while members.get_opt(&member).await.unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "b never joined: {}", b.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Once b has joined it judges Leases, and a freeze shows it a stale view (before, it would judge nothing, and
+    // show nothing).
+    env.wait_joined(&b, "default").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     {
         let _frozen = Paused::stop(pid);
@@ -518,12 +508,7 @@ async fn a_replica_whose_watches_lag_past_the_lease_takes_no_live_job_and_takes_
     env.create("warm-up", json!({"jobName": "noop"})).await;
     env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
-    let b_member = bgjobs::wire::member_lease_name("b", &env.ns);
-    let deadline = std::time::Instant::now() + MINUTE;
-    while members.get_opt(&b_member).await.unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "b never joined: {}", b.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_joined(&b, "default").await;
     proxy.lag_watches(Duration::from_secs(8));
     // Bursts that a (one slot) cannot keep up with: b sees each 8 s late, most of it already claimed or run.
     let mut names = Vec::new();

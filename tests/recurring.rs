@@ -476,13 +476,7 @@ async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() 
     // Only the lagging replica makes ticks' jobs; only the other runs them.
     let ticker = env.replica_with("ticker", &["--job-execution-enabled", "false"], &options);
     let _runner = env.replica("runner", &["--recurring-enabled", "false"]);
-    let members: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), "default");
-    let member = bgjobs::wire::member_lease_name("ticker", &env.ns);
-    let joined = Instant::now() + Duration::from_secs(60);
-    while members.get_opt(&member).await.unwrap().is_none() {
-        assert!(Instant::now() < joined, "the ticker never joined:\n{}", ticker.log_text());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_joined(&ticker, "default").await;
     proxy.lag_watches(Duration::from_secs(6));
     define(
         &env,

@@ -519,6 +519,19 @@ impl TestEnv {
         jobs.into_iter().find(|j| j.name_any() == name).unwrap()
     }
 
+    /// Wait (a minute at most) until `replica` has joined: its member Lease exists in `lease_namespace`. It writes it
+    /// once its caches are synced and it has read the cluster's clock; from then on it judges Leases and claims.
+    pub async fn wait_joined(&self, replica: &Replica, lease_namespace: &str) {
+        let members: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), lease_namespace);
+        let member = bgjobs::wire::member_lease_name(&replica.identity, &self.ns);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while members.get_opt(&member).await.unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{} never joined:\n{}", replica.identity, replica.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Every attempt start/end line written by this test's replicas (their audit trail, `*.inv`), in time order.
     pub fn invocations(&self) -> Vec<ExecLine> {
         bgjobs_history::read_audit_trail(&self.dir).expect("read the replicas' audit trail")
