@@ -635,23 +635,33 @@ const POD_TO_COME_RECHECK: Duration = Duration::from_secs(10);
 /// a holder that is in fact alive (this replica's view of its Lease was stale) has renewed since, the takeover
 /// conflicts, and nothing is written. A Pod attempt's Pod is stopped before the write, and no create of the attempt
 /// may land any more (`executor::pod::stop`).
-/// `Ok(None)`: settled. `Ok(Some(at))`: not, and why (someone else moved first, or the Pod has not stopped yet).
+/// `ending`: the final phase and why. A Pod attempt whose Pod had succeeded on its own, unwatched (its replica gone),
+/// did the work whatever came since (a cancel, the deadline): the job is recorded `Succeeded` instead.
+/// `Ok(Ok(ending))`: settled, as `ending` says. `Ok(Err(at))`: not, and why (someone else moved first, or the Pod
+/// has not stopped yet).
 pub async fn settle(
     client: &Client,
     job: &BackgroundJob,
     seen_lease: Option<&Lease>,
     state: LeaseState,
     claimant: Claimant<'_>,
-    new_status: BackgroundJobStatus,
-) -> Result<Option<LostAt>> {
+    ending: (Phase, String),
+) -> Result<std::result::Result<(Phase, String), LostAt>> {
     let (timing, began) = (claimant.timing, std::time::Instant::now());
     let ns = job.namespace().unwrap_or_default();
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
-    let moved = |written: Option<BackgroundJob>| if written.is_some() { None } else { Some(LostAt::JobChanged) };
+    let finished = |(phase, reason): &(Phase, String)| {
+        let mut s = job.status.as_deref().cloned().unwrap_or_default();
+        let error = (*phase != Phase::Succeeded).then(|| reason.clone());
+        status::finish(&mut s, *phase, error, claimant.now);
+        s
+    };
+    let moved =
+        |written: Option<BackgroundJob>, ending| if written.is_some() { Ok(ending) } else { Err(LostAt::JobChanged) };
     if job.phase() != Phase::Running {
         // Nobody holds a Waiting job: a claim in flight writes under the job's resourceVersion too, so exactly one
         // of the two writes lands.
-        return Ok(moved(status::write_if_unchanged(&jobs, job, new_status).await?));
+        return Ok(moved(status::write_if_unchanged(&jobs, job, finished(&ending)).await?, ending));
     }
     // A Pod attempt with no Pod to stop (none there yet, or it is finished or being deleted): its holder's create
     // may still be in flight, or be sent again, and make the Pod. Until none can land, the job is looked at again now
@@ -663,18 +673,19 @@ pub async fn settle(
             let until = settled_by.min(now + POD_TO_COME_RECHECK).into_std();
             let not_stopping =
                 crate::executor::pod::not_stopping(client, job, job.attempts(), claimant.now, timing.duration).await;
-            return Ok(Some(LostAt::PodToCome { until, not_stopping }));
+            return Ok(Err(LostAt::PodToCome { until, not_stopping }));
         }
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     // Without a current tenure of its own, this replica may not take the job's Lease.
-    let Some(claim) = claim_for(job, claimant) else { return Ok(Some(LostAt::NoTenure)) };
+    let Some(claim) = claim_for(job, claimant) else { return Ok(Err(LostAt::NoTenure)) };
     if let Some(lost) = end_tenures(client, claimant.ends, timing).await? {
-        return Ok(Some(lost));
+        return Ok(Err(lost));
     }
     let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
-        return Ok(Some(LostAt::ClaimLease));
+        return Ok(Err(LostAt::ClaimLease));
     };
+    let mut ending = ending;
     // A Pod attempt ends only once its Pod has stopped, and no create of it can make it again: stop it first, while
     // the Lease is ours (until its renew deadline: this Lease is not renewed). Not done by then: the Lease goes back,
     // and the job is looked at again.
@@ -693,20 +704,25 @@ pub async fn settle(
         };
         let late = crate::executor::pod::LateCreates::until(settled_by);
         let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &watchers);
-        if tokio::time::timeout_at(until.into(), stop).await.is_err() {
+        let Ok(succeeded) = tokio::time::timeout_at(until.into(), stop).await else {
             lease::release(&leases, &held.lease).await?;
             // Judged now, not when the settle began (a renew deadline ago).
             let not_stopping =
                 crate::executor::pod::not_stopping(client, job, job.attempts(), now(), timing.duration).await;
-            return Ok(Some(not_stopping.map_or(LostAt::PodRunning, LostAt::PodNotStopping)));
+            return Ok(Err(not_stopping.map_or(LostAt::PodRunning, LostAt::PodNotStopping)));
+        };
+        if succeeded && ending.0 != Phase::Succeeded {
+            let attempt = job.attempts();
+            let why = format!("attempt {attempt}'s pod succeeded while no replica watched it: not {}", ending.0);
+            ending = (Phase::Succeeded, why);
         }
     }
-    let written = write_holding(&jobs, job, &held, claimant, new_status).await;
+    let written = write_holding(&jobs, job, &held, claimant, finished(&ending)).await;
     match &written {
         Ok(_) => lease::release(&leases, &held.lease).await?,
         Err(e) => give_back_after_failed_write(&leases, &held.lease, e).await,
     }
-    Ok(moved(written?))
+    Ok(moved(written?, ending))
 }
 
 /// Give back the claim Lease of a claim or settle whose status write failed; nothing runs here either way. If the

@@ -12,7 +12,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::lease::{self, Acquire, Claim, Keeper, LeaseTiming, Observer};
 
@@ -28,6 +28,22 @@ pub const JOBS_ANNOTATION: &str = "bgjobs.dev/jobs";
 pub const SLOTS_ANNOTATION: &str = "bgjobs.dev/slots";
 /// Annotation on a member Lease: the queues that replica serves, comma-separated (`--queues`; empty: every queue).
 pub const QUEUES_ANNOTATION: &str = "bgjobs.dev/queues";
+/// Annotation on a member Lease: `"true"` while that replica's member watch shows its own renewals later than
+/// [`WATCH_LAG_LIMIT`] ([`WatchLag`]). Its caches are that far behind: it would not see in time the jobs of the
+/// queue's head it owns, so the others leave it none ([`Claimer::lags`]).
+pub const WATCH_LAG_ANNOTATION: &str = "bgjobs.dev/watch-lag";
+/// How late a replica's member watch may show its own renewals before it says its watches lag: a job's owner has
+/// this long before the job is overdue at the head ([`crate::ordering::OVERDUE_AFTER`]), so an owner that sees
+/// its jobs later holds the head back.
+pub const WATCH_LAG_LIMIT: Duration = crate::ordering::OVERDUE_AFTER;
+/// How long a replica goes on saying its watches lag after it last found them late: a lag that comes and goes
+/// would otherwise move its share of the head back and forth at every renewal.
+const WATCH_LAG_HOLD: Duration = Duration::from_secs(5);
+/// How many renewals not yet shown by the member watch are timed at most (a dead watch shows none; the oldest,
+/// kept, says how late it is).
+const WATCH_LAG_PENDING: usize = 32;
+/// How often the member watch is looked at for this replica's renewals: the measured lag is this much coarse.
+const WATCH_LAG_EVERY: Duration = Duration::from_millis(100);
 
 /// What a replica does, written on its member Lease so that each kind of work is shared only among the members
 /// that do it: a member that runs no jobs owns none of the queue's head ([`crate::ordering::pick`]), or the others
@@ -69,6 +85,9 @@ pub struct Claimer {
     pub slots: Option<u32>,
     /// The queues it serves; empty: every queue.
     pub queues: Vec<String>,
+    /// Says its watches lag ([`WATCH_LAG_ANNOTATION`]): it owns none of the queue's head, and its room is not counted
+    /// on, until it says they caught up.
+    pub lags: bool,
 }
 
 impl Claimer {
@@ -79,7 +98,8 @@ impl Claimer {
         let queues = lease::annotation(l, QUEUES_ANNOTATION)
             .map(|q| q.split(',').filter(|q| !q.is_empty()).map(str::to_string).collect())
             .unwrap_or_default();
-        Some(Claimer { identity, slots, queues })
+        let lags = lease::annotation(l, WATCH_LAG_ANNOTATION) == Some("true");
+        Some(Claimer { identity, slots, queues, lags })
     }
 
     /// Whether it serves `queue`.
@@ -197,7 +217,7 @@ pub fn identities(leases: &[Arc<Lease>], me: &str, includes: impl Fn(&Lease) -> 
 pub fn claimers(live: &[Arc<Lease>], me: &str) -> Vec<Claimer> {
     let mut out: Vec<Claimer> = live.iter().filter(|l| runs_jobs(l)).filter_map(|l| Claimer::of(l)).collect();
     out.retain(|c| c.identity != me);
-    out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new() });
+    out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new(), lags: false });
     out.sort_by(|a, b| a.identity.cmp(&b.identity));
     out.dedup_by(|a, b| a.identity == b.identity);
     out
@@ -219,11 +239,12 @@ pub fn attempts_by_replica<'a>(
 }
 
 /// The members that may own a job of `queue` now ([`crate::ordering::Waiting::owners`]): the `claimers` that serve
-/// it and have room for another attempt, each holding as many as `running` says ([`attempts_by_replica`]).
+/// it, whose watches do not lag, and that have room for another attempt, each holding as many as `running` says
+/// ([`attempts_by_replica`]).
 pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &str) -> crate::ordering::Owners {
     claimers
         .iter()
-        .filter(|c| c.serves(queue) && c.has_room(running(&c.identity)))
+        .filter(|c| c.serves(queue) && !c.lags && c.has_room(running(&c.identity)))
         .map(|c| c.identity.clone())
         .collect()
 }
@@ -232,23 +253,75 @@ pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &
 /// every queue): this replica's `free` slots, and the room of each other that serves all of them (its slots less
 /// what it holds, as `running` says; a replica of an older version, which does not say how many it runs at most,
 /// counts as having as many free as this one). One that serves only some of them may own and take some of the jobs,
-/// but is not counted on for the others. The window of the queue's head the replicas share
+/// but is not counted on for the others; one whose watches lag is not counted on at all. The window of the queue's head the replicas share
 /// ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it is then taken by a
 /// replica that has some, once its owner's turn is over, not passed over for a later job.
 pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, queues: &[String], free: usize) -> usize {
     let serves_all = |c: &Claimer| c.queues.is_empty() || (!queues.is_empty() && queues.iter().all(|q| c.serves(q)));
     let of = |c: &Claimer| match c.slots {
         _ if c.identity == me => free,
-        _ if !serves_all(c) => 0,
+        _ if !serves_all(c) || c.lags => 0,
         Some(slots) => (slots as usize).saturating_sub(running(&c.identity)),
         None => free,
     };
     claimers.iter().map(of).sum()
 }
 
+/// How far behind this replica's member watch runs, timed by its own renewals: each renewal's resourceVersion from
+/// when its answer came to when the watch shows it (or a later version). A watch that shows them later than
+/// [`WATCH_LAG_LIMIT`] lags; the caches of every other watch on the same connection and apiserver most likely lag as
+/// much, the job watch among them. Pure: fed the versions and the instants they were seen.
+#[derive(Debug, Default)]
+pub struct WatchLag {
+    /// Renewals answered and not shown yet: their resourceVersion (an etcd revision) and when the answer was seen,
+    /// oldest first.
+    unseen: std::collections::VecDeque<(u64, Instant)>,
+    /// The newest version answered: each is timed once.
+    last_answered: Option<u64>,
+    /// Said to lag until then.
+    lags_until: Option<Instant>,
+}
+
+impl WatchLag {
+    /// A renewal answered `version`, seen at `at`.
+    pub fn answered(&mut self, version: &str, at: Instant) {
+        let Ok(version) = version.parse::<u64>() else { return };
+        if self.last_answered.is_some_and(|last| version <= last) {
+            return;
+        }
+        self.last_answered = Some(version);
+        if self.unseen.len() < WATCH_LAG_PENDING {
+            self.unseen.push_back((version, at));
+        }
+    }
+
+    /// The member watch shows the Lease at `version` at `at`: every renewal up to it has been shown.
+    pub fn shown(&mut self, version: &str, at: Instant) {
+        let Ok(version) = version.parse::<u64>() else { return };
+        while let Some(&(_, answered_at)) = self.unseen.front().filter(|(v, _)| *v <= version) {
+            self.unseen.pop_front();
+            if at.saturating_duration_since(answered_at) > WATCH_LAG_LIMIT {
+                self.lags_until = Some(at + WATCH_LAG_HOLD);
+            }
+        }
+    }
+
+    /// Whether the watch lags at `now`: a renewal shown later than [`WATCH_LAG_LIMIT`] within the last
+    /// [`WATCH_LAG_HOLD`], or one not shown yet that old.
+    pub fn lags(&mut self, now: Instant) -> bool {
+        if let Some(&(_, answered_at)) = self.unseen.front()
+            && now.saturating_duration_since(answered_at) > WATCH_LAG_LIMIT
+        {
+            self.lags_until = Some(now + WATCH_LAG_HOLD);
+        }
+        self.lags_until.is_some_and(|until| now < until)
+    }
+}
+
 /// Keep this replica's member Lease renewed until `stop`, then delete it. The Lease says what `roles` says, from
 /// the next renewal after a change (a replica beginning its shutdown grace stops claiming jobs but keeps vouching
-/// for the Leases of the attempts still running), and from the start if it must be acquired again.
+/// for the Leases of the attempts still running), and from the start if it must be acquired again; and whether the
+/// replica's watches lag, timed by when `members` (the member watch's cache) shows its renewals ([`WatchLag`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn heartbeat(
     client: Client,
@@ -257,17 +330,22 @@ pub async fn heartbeat(
     identity: String,
     timing: LeaseTiming,
     mut roles: watch::Receiver<Roles>,
+    members: Store<Lease>,
     membership: watch::Sender<Option<Arc<Keeper>>>,
     stop: CancellationToken,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let name = member_lease_name(&identity, &scope);
+    let in_watch = kube::runtime::reflector::ObjectRef::new(&name).within(&namespace);
     // A member Lease is no guard, only a sign of life: renewed with the same Keeper as every other Lease.
     let failures = prometheus_client::metrics::counter::Counter::default();
+    let (mut lag, mut said_lags) = (WatchLag::default(), false);
     while !stop.is_cancelled() {
+        let mut annotations = roles.borrow_and_update().annotations();
+        annotations.insert(WATCH_LAG_ANNOTATION.to_string(), said_lags.to_string());
         let claim = Claim {
             holder: identity.clone(),
-            annotations: roles.borrow_and_update().annotations(),
+            annotations,
             labels: [
                 (lease::MANAGED_BY_LABEL.to_string(), lease::MANAGED_BY.to_string()),
                 (MEMBER_LABEL.to_string(), scope.clone()),
@@ -288,8 +366,31 @@ pub async fn heartbeat(
                 membership.send_replace(Some(keeper.clone()));
                 let keeping = keeper.keep(&failures);
                 tokio::pin!(keeping);
+                let mut timing_lag = tokio::time::interval(WATCH_LAG_EVERY);
+                timing_lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
+                        _ = timing_lag.tick() => {
+                            let now = Instant::now();
+                            if let Some(version) = keeper.resource_version() {
+                                lag.answered(&version, now);
+                            }
+                            if let Some(version) = members.get(&in_watch).and_then(|l| l.resource_version()) {
+                                lag.shown(&version, now);
+                            }
+                            let lags = lag.lags(now);
+                            if lags != said_lags {
+                                if lags {
+                                    warn!("this replica's member watch shows its renewals over {WATCH_LAG_LIMIT:?} \
+                                        late: its caches lag; it owns none of the queue's head until they catch up");
+                                } else {
+                                    info!("this replica's member watch caught up: it owns its share of the queue's \
+                                        head again");
+                                }
+                                keeper.annotate(WATCH_LAG_ANNOTATION, &lags.to_string());
+                                said_lags = lags;
+                            }
+                        }
                         _ = &mut keeping => {
                             warn!("member lease lost; re-acquiring");
                             break;
@@ -431,6 +532,66 @@ mod tests {
         // A claim's Lease and its Running status count once; a Lease shown before the status counts already.
         let held = attempts_by_replica([("busy", "j1"), ("full", "j2")], [("busy", "j1"), ("full", "j3")]);
         assert_eq!((held["busy"], held["full"]), (1, 2));
+    }
+
+    #[test]
+    fn a_member_watch_that_shows_this_replicas_renewals_over_the_limit_late_lags_for_a_while_after() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut lag = WatchLag::default();
+        // Shown 200 ms after the answer: keeping up.
+        lag.answered("10", at(0));
+        lag.shown("10", at(200));
+        assert!(!lag.lags(at(200)));
+        // Not shown yet: keeping up until the limit, lagging after it.
+        lag.answered("12", at(500));
+        lag.answered("12", at(900));
+        assert!(!lag.lags(at(500) + WATCH_LAG_LIMIT));
+        assert!(lag.lags(at(501) + WATCH_LAG_LIMIT), "the renewal is over the limit late");
+        // A later version shows every renewal before it; still lagging for the hold after the late one was seen.
+        lag.answered("15", at(2_000));
+        lag.shown("16", at(2_100));
+        assert!(lag.lags(at(2_100)));
+        assert!(lag.lags(at(2_099) + WATCH_LAG_HOLD));
+        assert!(!lag.lags(at(2_100) + WATCH_LAG_HOLD), "caught up: its renewals shown in time since");
+        // An older version answered again (a read-back) is not timed twice; versions that are not numbers are not
+        // timed at all.
+        lag.answered("15", at(9_000));
+        lag.answered("not-a-number", at(9_000));
+        assert!(!lag.lags(at(9_000) + WATCH_LAG_HOLD));
+    }
+
+    #[test]
+    fn a_dead_member_watch_keeps_lagging_and_its_pending_renewals_are_bounded() {
+        let t0 = Instant::now();
+        let mut lag = WatchLag::default();
+        for v in 0..1_000u64 {
+            lag.answered(&v.to_string(), t0 + Duration::from_millis(v * 100));
+        }
+        assert_eq!(lag.unseen.len(), WATCH_LAG_PENDING, "the oldest kept");
+        assert!(lag.lags(t0 + Duration::from_secs(100)));
+        lag.shown("999", t0 + Duration::from_secs(100));
+        assert!(lag.unseen.is_empty());
+    }
+
+    #[test]
+    fn a_member_whose_watches_lag_owns_none_of_the_head_and_its_room_is_not_counted_on() {
+        let member = |holder: &str, lags: Option<&str>| {
+            let mut annotations = Roles { recurring: true, jobs: true, slots: 4, queues: vec![] }.annotations();
+            annotations.extend(lags.map(|v| (WATCH_LAG_ANNOTATION.to_string(), v.to_string())));
+            Arc::new(Lease {
+                metadata: kube::api::ObjectMeta { annotations: Some(annotations), ..Default::default() },
+                spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(holder.to_string()),
+                    ..Default::default()
+                }),
+            })
+        };
+        let live = [member("lagging", Some("true")), member("caught-up", Some("false")), member("older", None)];
+        let claimers = claimers(&live, "me");
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q"), ["caught-up", "me", "older"]);
+        // caught-up 4, older 4, me 2; lagging none.
+        assert_eq!(room(&claimers, |_| 0, "me", &[], 2), 10);
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         identity.clone(),
         timing,
         roles_rx,
+        view.members.clone(),
         membership_tx,
         stop_background.clone(),
     ));

@@ -10,7 +10,9 @@ pub use crate::keys::{KEY_LABEL, lease_name as key_lease_name};
 pub use crate::lease::tenure::{HELD_BY_LABEL, REVOKED_ANNOTATION, TENURE_ANNOTATION};
 pub use crate::lease::{ATTEMPT_ANNOTATION, JOB_UID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, annotation, holder};
 pub use crate::limits::{SLOT_LABEL, slot_name};
-pub use crate::members::{JOBS_ANNOTATION, MEMBER_LABEL, member_lease_name, owner as member_owner};
+pub use crate::members::{
+    JOBS_ANNOTATION, MEMBER_LABEL, WATCH_LAG_ANNOTATION, member_lease_name, owner as member_owner,
+};
 pub use crate::ordering::{FIFO_BOUND, enqueue_sequence};
 pub use crate::recurring::{
     RECURRING_LABEL, SCHEDULED_TIME_ANNOTATION, child as recurring_child, claim as recurring_claim, jitter_offset,

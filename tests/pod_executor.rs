@@ -247,6 +247,32 @@ async fn a_pod_that_succeeded_before_its_attempt_timed_out_unseen_by_a_lagging_w
     );
 }
 
+/// A Pod that succeeded while no replica watched it (its replica killed), its job cancelled afterwards: the replica
+/// that settles the orphaned attempt finds the Pod succeeded on its own. Before: `Cancelled`, "the pod was deleted",
+/// while the Pod had done the work and was left as it was. Now: `Succeeded`, the Pod kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_succeeded_unwatched_before_its_job_was_cancelled_is_recorded_as_succeeded() {
+    let env = on_node("pod-unwatched").await;
+    let mut a = env.replica("a", &[]);
+    env.create("done", shell_job("sleep 3", json!({}))).await;
+    wait_pod_phase(&env, "done", "Running").await;
+    a.kill9();
+    wait_pod_phase(&env, "done", "Succeeded").await;
+    bgjobs::jobs::cancel(&env.jobs, "done").await.unwrap();
+    let b = env.replica("b", &[]);
+    // Settled once no create of the attempt can land any more (90 s after it began).
+    let job = env.wait_job("done", 4 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let pods = pods_of(&env, "done").await;
+    let phases: Vec<_> = pods.iter().map(|p| p.status.as_ref().and_then(|s| s.phase.clone())).collect();
+    assert_eq!(
+        (job.phase(), job.attempts(), phases),
+        (Phase::Succeeded, 1, vec![Some("Succeeded".to_string())]),
+        "{:?}\nb's log:\n{}",
+        job.status,
+        b.log_text()
+    );
+}
+
 /// A Pod that cannot start (its image is not on the node, and may not be pulled) says why: a `PodNotStarting`
 /// Warning on the job while the attempt waits, and the attempt's timeout names it. Before, nothing said why, and the
 /// job ended saying only that its attempt had exceeded its timeout.

@@ -40,7 +40,6 @@ use crate::limits;
 use crate::metrics::Health;
 use crate::ordering::{self, QueueKey};
 use crate::queue::{Changes, QueueView};
-use crate::status;
 use crate::worker::Worker;
 use backlog::{Backlog, Candidate, WALK_CHUNK};
 use kube::runtime::events::EventType;
@@ -1073,9 +1072,7 @@ impl Dispatcher {
         let (worker, job) = (self.worker.clone(), job.clone());
         tokio::spawn(async move {
             let mut done = done;
-            let mut s = job.status.as_deref().cloned().unwrap_or_default();
             let now = worker.clock.now();
-            status::finish(&mut s, phase, Some(reason.clone()), now);
             let claimant = claim::Claimant {
                 identity: &worker.identity,
                 timing: &worker.timing,
@@ -1083,15 +1080,17 @@ impl Dispatcher {
                 tenure: &tenure,
                 ends: &ends,
             };
-            let settled = claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, s);
+            let settled = claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, (phase, reason));
             match crate::client::bounded(SIDE_WRITE_LIMIT + ending_waits(&ends, &worker.timing), settled).await {
-                Ok(None) => {
+                Ok(Ok((phase, reason))) => {
                     info!(job = %job.name_any(), %phase, %reason, "job settled");
                     worker.metrics.count_outcome(phase);
-                    let type_ = if phase == Phase::Cancelled { EventType::Normal } else { EventType::Warning };
+                    // A Pod that succeeded unwatched (`claim::settle`) is no warning either.
+                    let normal = matches!(phase, Phase::Cancelled | Phase::Succeeded);
+                    let type_ = if normal { EventType::Normal } else { EventType::Warning };
                     worker.event(&job, type_, &phase.to_string(), reason);
                 }
-                Ok(Some(at)) => {
+                Ok(Err(at)) => {
                     debug!(job = %job.name_any(), why = %at, "not settled");
                     // Said at every look that finds it so (about every 10 s): the Event's series counts them.
                     if let Some(pod) = at.pod_not_stopping() {

@@ -112,6 +112,11 @@ impl Keeper {
         self.state.lock().unwrap().lease.clone()
     }
 
+    /// The resourceVersion of the Lease as last written or read.
+    pub fn resource_version(&self) -> Option<String> {
+        self.state.lock().unwrap().lease.metadata.resource_version.clone()
+    }
+
     /// Set an annotation on the Lease from its next renewal on (within a renew interval): a change of what the
     /// holder says about itself, not of who holds it, so it costs no write of its own.
     pub fn annotate(&self, key: &str, value: &str) {
