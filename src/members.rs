@@ -135,6 +135,12 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
     h ^ (h >> 33)
 }
 
+/// Whether this replica's member Lease, as last written ([`Keeper::lease`]), says its watches lag
+/// ([`WATCH_LAG_ANNOTATION`]): what the others go by.
+pub fn says_it_lags(member: &Keeper) -> bool {
+    lease::annotation(&member.lease(), WATCH_LAG_ANNOTATION) == Some("true")
+}
+
 /// Whether a member Lease says its replica runs the recurring controller. Leases of older replicas, without the
 /// annotation, count as running it (they always did).
 pub fn runs_recurring(l: &Lease) -> bool {
@@ -213,10 +219,15 @@ pub fn identities(leases: &[Arc<Lease>], me: &str, includes: impl Fn(&Lease) -> 
 
 /// The members that claim jobs among the `live` member Leases ([`runs_jobs`]), and `me`, sorted by identity. This
 /// replica counts as having room and serving every queue: it is the one picking, with a slot free, among the jobs
-/// of its own queues.
-pub fn claimers(live: &[Arc<Lease>], me: &str) -> Vec<Claimer> {
+/// of its own queues. While this replica says its own watches lag (`me_lags`), it takes no other's word for theirs:
+/// leaving the head to itself alone, from a stale view, would only race the others for it, and when every replica
+/// lags, each would.
+pub fn claimers(live: &[Arc<Lease>], me: &str, me_lags: bool) -> Vec<Claimer> {
     let mut out: Vec<Claimer> = live.iter().filter(|l| runs_jobs(l)).filter_map(|l| Claimer::of(l)).collect();
     out.retain(|c| c.identity != me);
+    if me_lags {
+        out.iter_mut().for_each(|c| c.lags = false);
+    }
     out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new(), lags: false });
     out.sort_by(|a, b| a.identity.cmp(&b.identity));
     out.dedup_by(|a, b| a.identity == b.identity);
@@ -512,7 +523,7 @@ mod tests {
             older,
             member("me", 1, &["a"]),
         ];
-        let claimers = claimers(&live, "me");
+        let claimers = claimers(&live, "me", false);
         assert_eq!(
             claimers.iter().map(|c| c.identity.as_str()).collect::<Vec<_>>(),
             ["busy", "full", "me", "old", "only-b"]
@@ -588,10 +599,14 @@ mod tests {
             })
         };
         let live = [member("lagging", Some("true")), member("caught-up", Some("false")), member("older", None)];
-        let claimers = claimers(&live, "me");
+        let claimers = claimers(&live, "me", false);
         assert_eq!(&*owners_of(&claimers, |_| 0, "q"), ["caught-up", "me", "older"]);
         // caught-up 4, older 4, me 2; lagging none.
         assert_eq!(room(&claimers, |_| 0, "me", &[], 2), 10);
+        // A replica that lags itself takes no other's word for it: all of them lagging, each would take the head.
+        let claimers = crate::members::claimers(&live, "me", true);
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q"), ["caught-up", "lagging", "me", "older"]);
+        assert_eq!(room(&claimers, |_| 0, "me", &[], 2), 14);
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct Metrics {
     /// not stopped a lease duration past its grace period when last looked at (its node most likely unreachable);
     /// each keeps its slots until the Pod stops or is removed.
     pub pods_not_stopping: Gauge,
+    /// 1 while this replica's member Lease says its watches lag (`members::WATCH_LAG_ANNOTATION`): the others leave
+    /// it no share of the queue's head.
+    pub watch_lagging: Gauge,
     /// Seconds from "runnable, as seen here" to "claimed".
     pub claim_latency: Histogram,
     /// Seconds an attempt's execution took.
@@ -114,6 +117,7 @@ impl Default for Metrics {
             queue_depth: Family::default(),
             running: Gauge::default(),
             pods_not_stopping: Gauge::default(),
+            watch_lagging: Gauge::default(),
             claim_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             run_duration: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             recurring_lateness: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
@@ -149,6 +153,12 @@ impl Default for Metrics {
         r.register("events", "Kubernetes Events recorded, by type and reason (see --events)", m.events.clone());
         r.register("queue_depth", "Waiting jobs, by namespace, queue and priority", m.queue_depth.clone());
         r.register("running_jobs", "Attempts claimed or running on this replica", m.running.clone());
+        r.register(
+            "watch_lagging",
+            "1 while this replica's member watch shows its own renewals over a second late (its caches lag): the \
+             others leave it no share of the queue's head",
+            m.watch_lagging.clone(),
+        );
         r.register(
             "pods_not_stopping",
             "Pod attempts whose deleted Pod has not stopped a lease duration past its grace period (node unreachable?)",

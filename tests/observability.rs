@@ -45,6 +45,7 @@ async fn metrics_and_probes_report_what_the_replica_did() {
         r#"bgjobs_jobs_finished_total{phase="Failed"} 1"#.to_string(),
         format!(r#"bgjobs_queue_depth{{namespace="{}",queue="default",priority="High"}} 1"#, env.ns),
         "bgjobs_running_jobs 0".to_string(),
+        "bgjobs_watch_lagging 0".to_string(),
         "bgjobs_claim_latency_seconds_count 6".to_string(),
         "bgjobs_run_duration_seconds_count 6".to_string(),
     ] {

@@ -480,7 +480,9 @@ impl Dispatcher {
         let scope = crate::members::scope(self.config.namespace.as_deref());
         let live = crate::members::live_leases(&self.view.members, &scope, &mut self.member_observer, inst, &timing);
         let members = crate::members::identities(&live, &me, |_| true);
-        let claimers = crate::members::claimers(&live, &me);
+        let me_lags = self.membership.borrow().as_deref().is_some_and(crate::members::says_it_lags);
+        self.worker.metrics.watch_lagging.set(i64::from(me_lags));
+        let claimers = crate::members::claimers(&live, &me, me_lags);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
         for slot in &slot_leases {
