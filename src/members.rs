@@ -297,8 +297,11 @@ impl WatchLag {
     /// A renewal answered `version`, seen at `at`.
     pub fn answered(&mut self, version: &str, at: Instant) {
         let Ok(version) = version.parse::<u64>() else { return };
-        if self.last_answered.is_some_and(|last| version <= last) {
-            return;
+        match self.last_answered {
+            Some(last) if version == last => return,
+            // Versions went back (etcd restored from a backup): those waiting would never be shown.
+            Some(last) if version < last => self.unseen.clear(),
+            _ => {}
         }
         self.last_answered = Some(version);
         if self.unseen.len() < WATCH_LAG_PENDING {
@@ -399,6 +402,8 @@ pub async fn heartbeat(
                                         head again");
                                 }
                                 keeper.annotate(WATCH_LAG_ANNOTATION, &lags.to_string());
+                                // Written now, not a renew interval later: the others go by it.
+                                keeper.renew_soon();
                                 said_lags = lags;
                             }
                         }
@@ -565,11 +570,16 @@ mod tests {
         assert!(lag.lags(at(2_100)));
         assert!(lag.lags(at(2_099) + WATCH_LAG_HOLD));
         assert!(!lag.lags(at(2_100) + WATCH_LAG_HOLD), "caught up: its renewals shown in time since");
-        // An older version answered again (a read-back) is not timed twice; versions that are not numbers are not
-        // timed at all.
+        // A version answered again (a read-back) is not timed twice; versions that are not numbers are not timed at
+        // all.
         lag.answered("15", at(9_000));
         lag.answered("not-a-number", at(9_000));
         assert!(!lag.lags(at(9_000) + WATCH_LAG_HOLD));
+        // Versions that go back (etcd restored) start the timing over: the later ones would never be shown.
+        lag.answered("20", at(20_000));
+        lag.answered("3", at(20_100));
+        lag.shown("3", at(20_200));
+        assert!(!lag.lags(at(20_200) + WATCH_LAG_LIMIT * 2));
     }
 
     #[test]

@@ -254,14 +254,16 @@ async fn a_pod_that_succeeded_before_its_attempt_timed_out_unseen_by_a_lagging_w
 async fn a_pod_that_succeeded_unwatched_before_its_job_was_cancelled_is_recorded_as_succeeded() {
     let env = on_node("pod-unwatched").await;
     let mut a = env.replica("a", &[]);
-    env.create("done", shell_job("sleep 3", json!({}))).await;
+    env.create("done", shell_job("sleep 8", json!({}))).await;
     wait_pod_phase(&env, "done", "Running").await;
     a.kill9();
     wait_pod_phase(&env, "done", "Succeeded").await;
+    assert_eq!(env.jobs.get("done").await.unwrap().phase(), Phase::Running, "a recorded nothing before it was killed");
     bgjobs::jobs::cancel(&env.jobs, "done").await.unwrap();
     let b = env.replica("b", &[]);
-    // Settled once no create of the attempt can land any more (90 s after it began).
+    // Settled once no create of the attempt can land any more (about 155 s after it began).
     let job = env.wait_job("done", 4 * MINUTE, "final", |j| j.phase().is_final()).await;
+    assert!(b.log_text().contains("while no replica watched it"), "b settled it:\n{}", b.log_text());
     let pods = pods_of(&env, "done").await;
     let phases: Vec<_> = pods.iter().map(|p| p.status.as_ref().and_then(|s| s.phase.clone())).collect();
     assert_eq!(

@@ -23,6 +23,8 @@ pub struct Keeper {
     timing: LeaseTiming,
     state: Mutex<State>,
     lost: AtomicBool,
+    /// Wakes [`Keeper::keep`] for a renewal now ([`Keeper::renew_soon`]).
+    soon: tokio::sync::Notify,
 }
 
 struct State {
@@ -83,6 +85,7 @@ impl Keeper {
                 unanswered: Vec::new(),
             }),
             lost: AtomicBool::new(false),
+            soon: tokio::sync::Notify::new(),
         }
     }
 
@@ -117,6 +120,13 @@ impl Keeper {
         self.state.lock().unwrap().lease.metadata.resource_version.clone()
     }
 
+    /// Renew now rather than a renew interval after the last renewal (once; called while a renewal is in flight, right
+    /// after it), so that what [`Keeper::annotate`] set is written at once: one write more, for a change the others
+    /// must learn soon.
+    pub fn renew_soon(&self) {
+        self.soon.notify_one();
+    }
+
     /// Set an annotation on the Lease from its next renewal on (within a renew interval): a change of what the
     /// holder says about itself, not of who holds it, so it costs no write of its own.
     pub fn annotate(&self, key: &str, value: &str) {
@@ -128,7 +138,10 @@ impl Keeper {
     pub async fn keep(&self, failures: &Counter) {
         let mut wait = self.timing.renew_interval;
         loop {
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.soon.notified() => {}
+            }
             if !self.is_current() {
                 return;
             }
