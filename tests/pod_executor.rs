@@ -263,7 +263,6 @@ async fn a_pod_that_succeeded_unwatched_before_its_job_was_cancelled_is_recorded
     let b = env.replica("b", &[]);
     // Settled once no create of the attempt can land any more (about 155 s after it began).
     let job = env.wait_job("done", 4 * MINUTE, "final", |j| j.phase().is_final()).await;
-    assert!(b.log_text().contains("while no replica watched it"), "b settled it:\n{}", b.log_text());
     let pods = pods_of(&env, "done").await;
     let phases: Vec<_> = pods.iter().map(|p| p.status.as_ref().and_then(|s| s.phase.clone())).collect();
     assert_eq!(
@@ -273,6 +272,7 @@ async fn a_pod_that_succeeded_unwatched_before_its_job_was_cancelled_is_recorded
         job.status,
         b.log_text()
     );
+    assert!(b.log_text().contains("while no replica watched it"), "b settled it:\n{}", b.log_text());
 }
 
 /// A Pod that cannot start (its image is not on the node, and may not be pulled) says why: a `PodNotStarting`
