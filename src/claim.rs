@@ -654,6 +654,13 @@ pub async fn settle(
         let mut s = job.status.as_deref().cloned().unwrap_or_default();
         let error = (*phase != Phase::Succeeded).then(|| reason.clone());
         status::finish(&mut s, *phase, error, claimant.now);
+        if *phase == Phase::Succeeded {
+            // Only a Pod found succeeded turns a settle into a success: the `Finished` condition says so (no error
+            // to keep, and a successful job's Event is not recorded by default).
+            let generation = s.observed_generation;
+            let now = claimant.now;
+            status::upsert_condition(&mut s.conditions, generation, "Finished", "True", "Succeeded", reason, now);
+        }
         s
     };
     let moved =

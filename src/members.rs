@@ -36,8 +36,9 @@ pub const WATCH_LAG_ANNOTATION: &str = "bgjobs.dev/watch-lag";
 /// this long before the job is overdue at the head ([`crate::ordering::OVERDUE_AFTER`]), so an owner that sees
 /// its jobs later holds the head back.
 pub const WATCH_LAG_LIMIT: Duration = crate::ordering::OVERDUE_AFTER;
-/// How long a replica goes on saying its watches lag after it last found them late: a lag that comes and goes
-/// would otherwise move its share of the head back and forth at every renewal.
+/// How long a replica goes on saying its watches lag after it last found them late, at least (and until a renewal
+/// has been shown in time since): a lag that comes and goes would otherwise move its share of the head back and
+/// forth at every renewal.
 const WATCH_LAG_HOLD: Duration = Duration::from_secs(5);
 /// How many renewals not yet shown by the member watch are timed at most (a dead watch shows none; the oldest,
 /// kept, says how late it is).
@@ -289,8 +290,12 @@ pub struct WatchLag {
     unseen: std::collections::VecDeque<(u64, Instant)>,
     /// The newest version answered: each is timed once.
     last_answered: Option<u64>,
-    /// Said to lag until then.
-    lags_until: Option<Instant>,
+    /// When the latest renewal found late (shown, or still unseen, past [`WATCH_LAG_LIMIT`]) was answered.
+    late: Option<Instant>,
+    /// Said to lag until then at least: [`WATCH_LAG_HOLD`] after a renewal was last found late.
+    hold_until: Option<Instant>,
+    /// A renewal answered after `late` was shown within the limit: the watch has kept up since.
+    on_time_since: bool,
 }
 
 impl WatchLag {
@@ -315,20 +320,30 @@ impl WatchLag {
         while let Some(&(_, answered_at)) = self.unseen.front().filter(|(v, _)| *v <= version) {
             self.unseen.pop_front();
             if at.saturating_duration_since(answered_at) > WATCH_LAG_LIMIT {
-                self.lags_until = Some(at + WATCH_LAG_HOLD);
+                self.found_late(answered_at, at);
+            } else if self.late.is_some_and(|late| answered_at > late) {
+                self.on_time_since = true;
             }
         }
     }
 
-    /// Whether the watch lags at `now`: a renewal shown later than [`WATCH_LAG_LIMIT`] within the last
-    /// [`WATCH_LAG_HOLD`], or one not shown yet that old.
+    /// Whether the watch lags at `now`: since a renewal was found late, none answered after it has been shown within
+    /// [`WATCH_LAG_LIMIT`], or [`WATCH_LAG_HOLD`] has not passed yet. Caught up only on proof, a renewal shown in
+    /// time, not on the mere passing of time: renewals may be far apart, or go unanswered.
     pub fn lags(&mut self, now: Instant) -> bool {
         if let Some(&(_, answered_at)) = self.unseen.front()
             && now.saturating_duration_since(answered_at) > WATCH_LAG_LIMIT
         {
-            self.lags_until = Some(now + WATCH_LAG_HOLD);
+            self.found_late(answered_at, now);
         }
-        self.lags_until.is_some_and(|until| now < until)
+        self.late.is_some() && (!self.on_time_since || self.hold_until.is_some_and(|until| now < until))
+    }
+
+    /// The renewal answered at `answered_at` was found late at `now`.
+    fn found_late(&mut self, answered_at: Instant, now: Instant) {
+        self.late = Some(self.late.map_or(answered_at, |late| late.max(answered_at)));
+        self.hold_until = Some(now + WATCH_LAG_HOLD);
+        self.on_time_since = false;
     }
 }
 
@@ -580,6 +595,28 @@ mod tests {
         lag.answered("3", at(20_100));
         lag.shown("3", at(20_200));
         assert!(!lag.lags(at(20_200) + WATCH_LAG_LIMIT * 2));
+    }
+
+    #[test]
+    fn renewals_far_apart_each_shown_late_keep_the_watch_lagging_between_them() {
+        // Renewals every 6 s (a long --renew-interval), each shown 1.5 s late: no renewal is in flight when the hold
+        // runs out, which is no proof of catching up.
+        let t0 = Instant::now();
+        let mut lag = WatchLag::default();
+        let mut found = false;
+        for step in 0..300u64 {
+            let now = t0 + Duration::from_millis(step * 100);
+            if step % 60 == 0 {
+                lag.answered(&(step / 60 + 1).to_string(), now);
+            }
+            if step % 60 == 15 {
+                lag.shown(&(step / 60 + 1).to_string(), now);
+            }
+            let lags = lag.lags(now);
+            assert!(!found || lags, "said caught up at {} ms though every renewal is shown late", step * 100);
+            found |= lags;
+        }
+        assert!(found);
     }
 
     #[test]

@@ -272,6 +272,9 @@ async fn a_pod_that_succeeded_unwatched_before_its_job_was_cancelled_is_recorded
         job.status,
         b.log_text()
     );
+    let finished = job.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Finished").cloned());
+    let said = finished.map(|c| c.message).unwrap_or_default();
+    assert!(said.contains("while no replica watched it: not Cancelled"), "the Finished condition says why: {said}");
     assert!(b.log_text().contains("while no replica watched it"), "b settled it:\n{}", b.log_text());
 }
 
