@@ -546,8 +546,9 @@ pub fn hand_back_takes_at_most(timing: &LeaseTiming) -> Duration {
 /// have landed), read the job and, if the claim landed, hand the attempt back unstarted, as an attempt never begun
 /// is: not counted against the job's retries. Left as it was, the claim was found orphaned a lease duration later
 /// and charged as a lost attempt, and on the job's last attempt it failed the job, which had never run. Best effort,
-/// bounded by `bound`, within the claim; fenced, so it writes nothing if the claim did not land or the job moved on. (A write held on
-/// its way to the apiserver that lands after this read is not seen: that claim is still found orphaned.)
+/// bounded by `bound`, within the claim; fenced, so it writes nothing if the claim did not land or the job moved on.
+/// (A write held on its way to the apiserver that lands after this read is not seen: that claim is still found
+/// orphaned.)
 async fn hand_back_if_landed(
     jobs: &Api<BackgroundJob>,
     job: &BackgroundJob,

@@ -99,8 +99,7 @@ impl Claimer {
         let queues = lease::annotation(l, QUEUES_ANNOTATION)
             .map(|q| q.split(',').filter(|q| !q.is_empty()).map(str::to_string).collect())
             .unwrap_or_default();
-        let lags = lease::annotation(l, WATCH_LAG_ANNOTATION) == Some("true");
-        Some(Claimer { identity, slots, queues, lags })
+        Some(Claimer { identity, slots, queues, lags: says_it_lags(l) })
     }
 
     /// Whether it serves `queue`.
@@ -136,10 +135,10 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
     h ^ (h >> 33)
 }
 
-/// Whether this replica's member Lease, as last written ([`Keeper::lease`]), says its watches lag
-/// ([`WATCH_LAG_ANNOTATION`]): what the others go by.
-pub fn says_it_lags(member: &Keeper) -> bool {
-    lease::annotation(&member.lease(), WATCH_LAG_ANNOTATION) == Some("true")
+/// Whether a member Lease says its replica's watches lag ([`WATCH_LAG_ANNOTATION`]); for this replica's own, as last
+/// written ([`Keeper::lease`]): what the others go by.
+pub fn says_it_lags(member: &Lease) -> bool {
+    lease::annotation(member, WATCH_LAG_ANNOTATION) == Some("true")
 }
 
 /// Whether a member Lease says its replica runs the recurring controller. Leases of older replicas, without the
@@ -265,9 +264,9 @@ pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &
 /// every queue): this replica's `free` slots, and the room of each other that serves all of them (its slots less
 /// what it holds, as `running` says; a replica of an older version, which does not say how many it runs at most,
 /// counts as having as many free as this one). One that serves only some of them may own and take some of the jobs,
-/// but is not counted on for the others; one whose watches lag is not counted on at all. The window of the queue's head the replicas share
-/// ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it is then taken by a
-/// replica that has some, once its owner's turn is over, not passed over for a later job.
+/// but is not counted on for the others; one whose watches lag is not counted on at all. The window of the queue's
+/// head the replicas share ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it
+/// is then taken by a replica that has some, once its owner's turn is over, not passed over for a later job.
 pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, queues: &[String], free: usize) -> usize {
     let serves_all = |c: &Claimer| c.queues.is_empty() || (!queues.is_empty() && queues.iter().all(|q| c.serves(q)));
     let of = |c: &Claimer| match c.slots {

@@ -592,7 +592,7 @@ async fn a_replica_whose_watches_lag_past_the_lease_takes_no_live_job_and_takes_
 /// its own member watch lagging says so on its member Lease, and the others leave it no share of the head. Before,
 /// about half the bursts started a later job first (the head left to b, 5 s behind).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_whose_watches_lag_owns_none_of_the_queues_head_so_bursts_start_in_order() {
+async fn a_replica_whose_watches_lag_owns_none_of_the_queues_head_so_each_bursts_head_starts_first() {
     let env = TestEnv::new("lag-fifo").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
     let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");

@@ -480,7 +480,7 @@ impl Dispatcher {
         let scope = crate::members::scope(self.config.namespace.as_deref());
         let live = crate::members::live_leases(&self.view.members, &scope, &mut self.member_observer, inst, &timing);
         let members = crate::members::identities(&live, &me, |_| true);
-        let me_lags = self.membership.borrow().as_deref().is_some_and(crate::members::says_it_lags);
+        let me_lags = self.membership.borrow().as_deref().is_some_and(|k| crate::members::says_it_lags(&k.lease()));
         self.worker.metrics.watch_lagging.set(i64::from(me_lags));
         let claimers = crate::members::claimers(&live, &me, me_lags);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
