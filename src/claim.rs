@@ -46,7 +46,7 @@ pub fn lease_state(
     timing: &LeaseTiming,
 ) -> LeaseState {
     let Some(lease) = lease else { return LeaseState::Absent };
-    let same_job = lease::annotation(lease, lease::JOB_UID_ANNOTATION) == job.metadata.uid.as_deref();
+    let same_job = !names_another_job(lease, job);
     let lease_attempt: i32 =
         lease::annotation(lease, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
     // While Running, the current attempt's Lease is the live one; while Waiting, only a claim of the next attempt
@@ -422,6 +422,7 @@ fn claim_for(job: &BackgroundJob, claimant: Claimant<'_>) -> Option<Claim> {
 
 /// Acquire the job's claim Lease as judged: create it if absent, take it over under the version seen otherwise.
 async fn acquire(
+    jobs: &Api<BackgroundJob>,
     leases: &Api<Lease>,
     job: &BackgroundJob,
     seen_lease: Option<&Lease>,
@@ -430,29 +431,45 @@ async fn acquire(
     timing: &LeaseTiming,
 ) -> Result<Option<Held>> {
     let name = lease_name(job);
-    let acquired = match (state, seen_lease) {
-        (LeaseState::Live, Some(_)) => return Ok(None),
-        (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
+    let take_over = |seen: Lease| async move {
+        if names_another_job(&seen, job) && !still_the_job_of_its_name(jobs, job).await? {
+            tracing::debug!(job = %job.name_any(), "its claim Lease belongs to a job made under its name since: left to it");
+            return Ok(None);
+        }
+        Ok::<_, Error>(match lease::take_over(leases, &seen, claim, timing).await? {
             Acquire::Acquired(h) => Some(h),
+            Acquire::Lost(_) => None,
+        })
+    };
+    match (state, seen_lease) {
+        (LeaseState::Live, Some(_)) => Ok(None),
+        (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
+            Acquire::Acquired(h) => Ok(Some(h)),
             // Someone created it between our look and our write; it may be a leftover we can reuse at once.
             Acquire::Lost(Some(existing))
                 if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
             {
-                match lease::take_over(leases, &existing, claim, timing).await? {
-                    Acquire::Acquired(h) => Some(h),
-                    Acquire::Lost(_) => None,
-                }
+                take_over(existing).await
             }
-            Acquire::Lost(_) => None,
+            Acquire::Lost(_) => Ok(None),
         },
-        (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => {
-            match lease::take_over(leases, seen, claim, timing).await? {
-                Acquire::Acquired(h) => Some(h),
-                Acquire::Lost(_) => None,
-            }
-        }
-    };
-    Ok(acquired)
+        (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => take_over(seen.clone()).await,
+    }
+}
+
+/// Whether `lease` is the claim of another job than `job` under the same name: an earlier job's leftover, or the
+/// claim of a later job made after `job` was deleted.
+fn names_another_job(lease: &Lease, job: &BackgroundJob) -> bool {
+    lease::annotation(lease, lease::JOB_UID_ANNOTATION) != job.metadata.uid.as_deref()
+}
+
+/// Whether the name of `job` still holds `job`, on a quorum read made after its claim Lease was seen naming another
+/// job. Only then is that Lease an earlier job's leftover: with `job` deleted since this replica's cache showed it,
+/// the Lease may be the live claim of the job made under its name after it, which a takeover would take from a
+/// healthy holder (who would stop its attempt, then find the job orphaned).
+async fn still_the_job_of_its_name(jobs: &Api<BackgroundJob>, job: &BackgroundJob) -> Result<bool> {
+    let now = crate::unreadable::get_opt(jobs, &job.name_any()).await?;
+    Ok(now.is_some_and(|now| now.uid() == job.uid()))
 }
 
 /// Write `status` over `job` as seen, while `held` is still ours: bounded by what is left of the renew deadline,
@@ -488,7 +505,7 @@ async fn claim_job(
     let attempt = next_attempt(job);
     let name = lease_name(job);
     let uid = job.uid().unwrap_or_default();
-    let Some(acquired) = acquire(leases, job, seen_lease, state, claim, timing).await? else {
+    let Some(acquired) = acquire(jobs, leases, job, seen_lease, state, claim, timing).await? else {
         return Ok(ClaimOutcome::Lost(LostAt::ClaimLease));
     };
 
@@ -690,7 +707,7 @@ pub async fn settle(
     if let Some(lost) = end_tenures(client, claimant.ends, timing).await? {
         return Ok(Err(lost));
     }
-    let Some(held) = acquire(&leases, job, seen_lease, state, &claim, timing).await? else {
+    let Some(held) = acquire(&jobs, &leases, job, seen_lease, state, &claim, timing).await? else {
         return Ok(Err(LostAt::ClaimLease));
     };
     let mut ending = ending;

@@ -379,11 +379,13 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
     }
     // Measured in attempts that count against the budget (not those handed back before they started).
     let spent = job.attempts_spent(job.attempts());
-    let max_attempts = job.spec.retry.max_attempts.filter(|m| spent >= *m).map(|m| spent + retry_budget(job, m));
+    // Saturating: the remembered values are annotations anyone who may edit the job can set.
+    let max_attempts =
+        job.spec.retry.max_attempts.filter(|m| spent >= *m).map(|m| spent.saturating_add(retry_budget(job, m)));
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
     let deadline = crate::retry::deadline(&job.spec, created);
     let near = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap_or(now) >= deadline;
-    let timeout_seconds = near.then(|| now.duration_since(created).as_secs() + retry_timeout(job));
+    let timeout_seconds = near.then(|| now.duration_since(created).as_secs().saturating_add(retry_timeout(job)));
     Ok(Requeue { max_attempts, timeout_seconds, clear_cancel: job.spec.cancel })
 }
 
@@ -580,6 +582,22 @@ mod tests {
         raised.metadata.annotations = Some([(RETRY_TIMEOUT_ANNOTATION.to_string(), "100".to_string())].into());
         let plan = requeue_plan(&raised, Timestamp::from_second(1610).unwrap()).unwrap();
         assert_eq!(plan.timeout_seconds, Some(710), "610 s since creation + the original 100 s");
+    }
+
+    /// The remembered budget and timeout are annotations: set to the largest values, a retry asks for the largest
+    /// the spec holds (before: an overflow, a panic in a debug build and a negative value sent otherwise).
+    #[test]
+    fn a_retry_with_the_largest_remembered_budget_and_timeout_saturates_instead_of_overflowing() {
+        let mut j = finished(Phase::Abandoned, 1, Some(1), 100);
+        j.metadata.annotations = Some(
+            [
+                (RETRY_BUDGET_ANNOTATION.to_string(), i32::MAX.to_string()),
+                (RETRY_TIMEOUT_ANNOTATION.to_string(), i64::MAX.to_string()),
+            ]
+            .into(),
+        );
+        let plan = requeue_plan(&j, Timestamp::from_second(1500).unwrap()).unwrap();
+        assert_eq!((plan.max_attempts, plan.timeout_seconds), (Some(i32::MAX), Some(i64::MAX)));
     }
 
     #[test]

@@ -31,7 +31,6 @@
 //! core; `IN_FLIGHT` parsed items wait for the reflector, so a busy reflector does not slow the read. Each list
 //! logs its size, its duration from the request, and how long the apiserver took to begin its answer.
 
-use std::borrow::Cow;
 use std::io::Read;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -50,7 +49,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
-use crate::unreadable::{self, Unreadable};
+use crate::unreadable::{self, Unreadable, without_managed_fields};
 
 /// Items parsed but not yet taken by the reflector: enough that a busy reflector does not hold up the read, few
 /// enough to cost little memory (they are slimmed).
@@ -425,38 +424,6 @@ fn cached<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
     unreadable::decode_text(&without_managed_fields(text))
 }
 
-/// `text`, an object, with `metadata.managedFields` written as null. They are about 40 % of a stored job's text and
-/// most of its nesting, and decoding them into values (every key and string its own allocation) took about a quarter
-/// of the time a job's decoding took (one sample job, docs/benchmarks.md run 11), for fields every cache here drops. Two scans find them, without allocating
-/// (the fields the scans skip are not decoded, only passed over); `text` as it is if it has none, or is not an object
-/// with such metadata (its decoding says what is wrong with it).
-fn without_managed_fields(text: &str) -> Cow<'_, str> {
-    #[derive(Deserialize)]
-    struct Object<'a> {
-        #[serde(borrow)]
-        metadata: Option<&'a RawValue>,
-    }
-    #[derive(Deserialize)]
-    struct Metadata<'a> {
-        #[serde(borrow, rename = "managedFields")]
-        managed_fields: Option<&'a RawValue>,
-    }
-    let managed = serde_json::from_str::<Object>(text)
-        .ok()
-        .and_then(|o| o.metadata)
-        .and_then(|m| serde_json::from_str::<Metadata>(m.get()).ok())
-        .and_then(|m| m.managed_fields);
-    // A borrowed raw value is a slice of `text` itself: its place in it is where its first byte is.
-    let Some(start) = managed.and_then(|m| (m.get().as_ptr() as usize).checked_sub(text.as_ptr() as usize)) else {
-        return Cow::Borrowed(text);
-    };
-    let end = start + managed.map_or(0, |m| m.get().len());
-    match (text.get(..start), text.get(end..)) {
-        (Some(before), Some(after)) => Cow::Owned([before, "null", after].concat()),
-        _ => Cow::Borrowed(text),
-    }
-}
-
 fn gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 410)
 }
@@ -576,6 +543,8 @@ impl<'de, K: Unreadable, F: FnMut(K) -> Result<(), String>> Visitor<'de> for Ite
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
     use crate::api::BackgroundJob;
     use crate::testing::scripted_watch_apiserver;

@@ -105,10 +105,28 @@ pub fn may_start(
     attempts_started: i32,
     now: Timestamp,
 ) -> Result<(), Verdict> {
-    if now >= deadline(spec, created) {
+    let timeout = spec.timeout_seconds;
+    if attempts_started == 0
+        && let Some(delay) = spec.delay_seconds.filter(|d| *d >= timeout)
+    {
+        // Known at creation: said at once, not when the timeout comes.
         return Err(Verdict::Abandon(format!(
-            "not finished within the job's timeout of {}s since creation",
-            spec.timeout_seconds
+            "it could never start: its delaySeconds ({delay}) end at or after its timeout of {timeout}s since creation"
+        )));
+    }
+    if now >= deadline(spec, created) {
+        // A job that never started was not taken from its queue in time: say which, the likeliest cause being that
+        // no replica serves it (`--queues`).
+        let never = if attempts_started == 0 {
+            format!(
+                "; it never started: no replica took it from queue {:?} (do the replicas serve it? see --queues)",
+                spec.queue
+            )
+        } else {
+            String::new()
+        };
+        return Err(Verdict::Abandon(format!(
+            "not finished within the job's timeout of {timeout}s since creation{never}"
         )));
     }
     if let Some(max) = spec.retry.max_attempts
@@ -189,6 +207,30 @@ mod tests {
             verdict(&s, t(0), 1, AttemptResult::Permanent("bad args".into()), t(1)),
             Verdict::Fail("bad args".into())
         );
+    }
+
+    /// Bad input only the operator can see (the schema cannot compare two fields on 1.20): a delay that ends at or
+    /// after the timeout is said at once; a job that never started says in which queue it waited.
+    #[test]
+    fn a_job_that_could_never_start_or_never_started_says_why_when_it_is_abandoned() {
+        let late = spec(serde_json::json!({"jobName": "x", "delaySeconds": 120, "timeoutSeconds": 60}));
+        match may_start(&late, t(0), 0, t(1)) {
+            Err(Verdict::Abandon(r)) => {
+                assert!(r.contains("could never start") && r.contains("delaySeconds (120)"), "{r}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(may_start(&late, t(0), 1, t(1)), Ok(()), "a job that started once is judged by its deadline only");
+        let unserved = spec(serde_json::json!({"jobName": "x", "queue": "mail", "timeoutSeconds": 60}));
+        assert_eq!(may_start(&unserved, t(0), 0, t(59)), Ok(()));
+        match may_start(&unserved, t(0), 0, t(60)) {
+            Err(Verdict::Abandon(r)) => assert!(r.contains("never started") && r.contains("\"mail\""), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        match may_start(&unserved, t(0), 2, t(60)) {
+            Err(Verdict::Abandon(r)) => assert!(!r.contains("never started"), "{r}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

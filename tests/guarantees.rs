@@ -416,6 +416,50 @@ async fn a_leftover_lease_of_a_deleted_job_is_reowned_by_the_new_job_of_the_same
     assert_eq!(owners, vec![job.uid().unwrap()], "the Lease names only the new job as its owner");
 }
 
+/// A job deleted and made again under its name while replica b's watches lag (6 s): b still sees the first job
+/// waiting when the second already runs on a, and b's claim of the first finds the name's claim Lease, which names
+/// the second job. Before: a Lease naming another job counted as an earlier job's leftover and was taken over; a, a
+/// healthy holder, stopped the attempt when its Lease was taken, and the job, on its one attempt, failed as lost
+/// without having finished. Now b reads the name first, finds the second job there, and leaves the Lease to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_never_takes_the_claim_of_a_job_made_again_under_the_name_of_one_it_still_sees() {
+    let env = TestEnv::new("namesake-claim").await;
+    let _a = env.replica("a", &["--queues", "later"]);
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
+    let options = common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
+    let b = env.replica_with("b", &["--queues", "default"], &options);
+    env.wait_joined(&b, &env.ns).await;
+    proxy.lag_watches(Duration::from_secs(6));
+    let first = env.create("same", json!({"jobName": "noop"})).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.jobs.delete("same", &DeleteParams::default()).await.unwrap();
+    while env.jobs.get_opt("same").await.unwrap().is_some() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spec = json!({"jobName": "sleep", "args": {"seconds": 12}, "queue": "later", "retry": {"maxAttempts": 1}});
+    let second = env.create("same", spec).await;
+    let on_a = |j: &bgjobs::api::BackgroundJob| j.status.as_ref().and_then(|s| s.worker.as_deref()) == Some("a");
+    env.wait_job("same", MINUTE, "Running on a", |j| j.phase() == Phase::Running && on_a(j)).await;
+    let done = env.wait_job("same", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    proxy.lag_watches(Duration::ZERO);
+    assert_eq!(done.uid(), second.uid());
+    assert_eq!(
+        (done.phase(), done.attempts(), on_a(&done)),
+        (Phase::Succeeded, 1, true),
+        "{}\nb's log:\n{}",
+        last_error(&done),
+        b.log_text()
+    );
+    // b did go for the first job (it saw it waiting for 2 s after it was gone) and met the second's claim.
+    assert!(
+        b.log_text().contains("belongs to a job made under its name since"),
+        "b never met the second job's claim while claiming the first ({:?}): the test showed nothing\n{}",
+        first.uid(),
+        b.log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_learns_of_its_claim_only_after_the_lease_expired_never_runs_the_attempt() {
     let env = TestEnv::new("late-claim").await;
@@ -871,8 +915,14 @@ fn nested_job(name: &str, depth: usize) -> serde_json::Value {
            "spec": {"jobName": "noop", "args": args}})
 }
 
-/// Poll the job `name` as written (not through the operator's types) until `done` holds for its status, or panic.
-async fn wait_raw_status(env: &TestEnv, name: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+/// Poll the job `name` as written (not through the operator's types) until `done` holds for its status, which is
+/// returned, or panic.
+async fn wait_raw_status(
+    env: &TestEnv,
+    name: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     use kube::api::{ApiResource, DynamicObject};
     let raw: Api<DynamicObject> =
         Api::namespaced_with(env.client.clone(), &env.ns, &ApiResource::erase::<bgjobs::api::BackgroundJob>(&()));
@@ -888,7 +938,7 @@ async fn wait_raw_status(env: &TestEnv, name: &str, what: &str, done: impl Fn(&s
         let text = env.client.request_text(request).await.unwrap();
         let status = serde_json::from_str::<Status>(&text).unwrap().status;
         if done(&status) {
-            return;
+            return status;
         }
         assert!(std::time::Instant::now() < deadline, "{name}: never {what}; status: {status}");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -936,6 +986,39 @@ async fn a_job_the_operator_cannot_read_fails_with_the_reason_and_the_queue_runs
     let listed = env.list().await;
     let stand_ins = listed.iter().filter(|j| j.annotations().contains_key(bgjobs::wire::UNREADABLE_ANNOTATION));
     assert_eq!(stand_ins.count(), 3, "`jobs::list` reads all three as stand-ins: {}", common::summary(&listed));
+}
+
+/// A job whose `managedFields` a client wrote nested 200 deep: the apiserver keeps what a client sends there, and no
+/// schema covers metadata. Nothing in the operator reads them, yet every read of the whole job failed on them: the
+/// claim's status write landed but its answer could not be read, so the job was found orphaned a lease duration
+/// later, at each attempt, and failed as lost with its handler never started; and `bgjobs list` failed for the
+/// whole namespace. Now they are passed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_managed_fields_are_nested_too_deep_to_read_runs_once_and_its_namespace_still_lists() {
+    use bgjobs::api::BackgroundJob;
+    let env = TestEnv::new("deep-managed-fields").await;
+    let _r = env.replica("r", &[]);
+    let fields = (0..200).fold(json!({}), |inner, _| json!({ "f:a": inner }));
+    let entry = json!({"manager": "tenant", "operation": "Update", "apiVersion": "bgjobs.dev/v1alpha1",
+                       "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": fields});
+    let job = json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+                     "metadata": {"name": "deep", "managedFields": [entry]},
+                     "spec": {"jobName": "noop", "retry": {"maxAttempts": 2}}});
+    create_as_written::<BackgroundJob>(&env, job).await;
+    let is_final = |s: &serde_json::Value| matches!(s["phase"].as_str(), Some("Succeeded" | "Failed" | "Abandoned"));
+    let status = wait_raw_status(&env, "deep", "final", is_final).await;
+    let request = kube::core::Request::new(env.jobs.resource_url()).get("deep", &Default::default()).unwrap();
+    let stored = env.client.request_text(request).await.unwrap();
+    assert!(
+        stored.contains(r#""manager":"tenant""#),
+        "the apiserver kept the deep managed fields: the test showed nothing"
+    );
+    assert_eq!((status["phase"].as_str(), status["attempts"].as_i64()), (Some("Succeeded"), Some(1)), "{status}");
+    let runs = executions(&env.invocations()).into_iter().filter(|e| e.job.ends_with("/deep")).count();
+    assert_eq!(runs, 1, "the handler ran once");
+    let listed = env.list().await;
+    let deep = listed.iter().find(|j| j.name_any() == "deep").expect("listed");
+    assert!(!deep.annotations().contains_key(bgjobs::wire::UNREADABLE_ANNOTATION), "read as itself, not a stand-in");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
