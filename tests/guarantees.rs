@@ -418,9 +418,10 @@ async fn a_leftover_lease_of_a_deleted_job_is_reowned_by_the_new_job_of_the_same
 
 /// A job deleted and made again under its name while replica b's watches lag (6 s): b still sees the first job
 /// waiting when the second already runs on a, and b's claim of the first finds the name's claim Lease, which names
-/// the second job. Before: a Lease naming another job counted as an earlier job's leftover and was taken over; a, a
-/// healthy holder, stopped the attempt when its Lease was taken, and the job, on its one attempt, failed as lost
-/// without having finished. Now b reads the name first, finds the second job there, and leaves the Lease to it.
+/// the second job. Before: a Lease naming another job counted as an earlier job's leftover and was taken over; with
+/// the claim's status write answered late, b kept it (disowned), a, a healthy holder, stopped the attempt when it
+/// found its Lease taken, and the job, on its one attempt, failed as lost. Now b reads the name first, finds the
+/// second job there, and leaves the Lease to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_never_takes_the_claim_of_a_job_made_again_under_the_name_of_one_it_still_sees() {
     let env = TestEnv::new("namesake-claim").await;
@@ -429,8 +430,11 @@ async fn a_lagging_replica_never_takes_the_claim_of_a_job_made_again_under_the_n
     let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
     let options = common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
     let b = env.replica_with("b", &["--queues", "default"], &options);
-    env.wait_joined(&b, &env.ns).await;
+    env.wait_joined(&b, "default").await;
     proxy.lag_watches(Duration::from_secs(6));
+    // b's claim of the first job writes its status (refused: the job is gone) and hears so only after its bound: the
+    // claim can no longer release a Lease it took over, it disowns it, and the Lease stays b's.
+    proxy.delay_answers(Some(http::Method::PUT), "/same/status", Duration::from_secs(5), 1);
     let first = env.create("same", json!({"jobName": "noop"})).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.jobs.delete("same", &DeleteParams::default()).await.unwrap();
@@ -991,13 +995,12 @@ async fn a_job_the_operator_cannot_read_fails_with_the_reason_and_the_queue_runs
 /// A job whose `managedFields` a client wrote nested 200 deep: the apiserver keeps what a client sends there, and no
 /// schema covers metadata. Nothing in the operator reads them, yet every read of the whole job failed on them: the
 /// claim's status write landed but its answer could not be read, so the job was found orphaned a lease duration
-/// later, at each attempt, and failed as lost with its handler never started; and `bgjobs list` failed for the
-/// whole namespace. Now they are passed over.
+/// later, at each attempt, and failed as lost with its handler never started; a replica that started while it
+/// existed exited at once; and `bgjobs list` failed for the whole namespace. Now they are passed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_managed_fields_are_nested_too_deep_to_read_runs_once_and_its_namespace_still_lists() {
     use bgjobs::api::BackgroundJob;
     let env = TestEnv::new("deep-managed-fields").await;
-    let _r = env.replica("r", &[]);
     let fields = (0..200).fold(json!({}), |inner, _| json!({ "f:a": inner }));
     let entry = json!({"manager": "tenant", "operation": "Update", "apiVersion": "bgjobs.dev/v1alpha1",
                        "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": fields});
@@ -1005,6 +1008,9 @@ async fn a_job_whose_managed_fields_are_nested_too_deep_to_read_runs_once_and_it
                      "metadata": {"name": "deep", "managedFields": [entry]},
                      "spec": {"jobName": "noop", "retry": {"maxAttempts": 2}}});
     create_as_written::<BackgroundJob>(&env, job).await;
+    // Started after it: the start-up check that the CRD is installed lists one job (before, it decoded it, failed, and
+    // the replica exited: every replica of the namespace, at every restart).
+    let _r = env.replica("r", &[]);
     let is_final = |s: &serde_json::Value| matches!(s["phase"].as_str(), Some("Succeeded" | "Failed" | "Abandoned"));
     let status = wait_raw_status(&env, "deep", "final", is_final).await;
     let request = kube::core::Request::new(env.jobs.resource_url()).get("deep", &Default::default()).unwrap();
