@@ -11,7 +11,7 @@
 
 use jiff::Timestamp;
 use kube::Api;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ObjectMeta, PostParams};
 use serde::Serialize;
 
 use crate::api::{BackgroundJob, BackgroundJobSpec, Phase};
@@ -394,7 +394,9 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
 /// retry re-queued it, and a replica may be running it) is left alone: the plan was made for the job as read.
 pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob> {
     let changed = || crate::Error::Invalid(format!("{name} changed while it was being re-queued; try again"));
-    let job = api.get(name).await?;
+    let job = crate::unreadable::get_opt(api, name)
+        .await?
+        .ok_or_else(|| crate::Error::Invalid(format!("no BackgroundJob {name:?}")))?;
     // "Near the deadline" by the apiserver's clock, as the operator judges deadlines: a client whose clock runs
     // behind would grant no time and the job be abandoned again at once. This machine's clock if it cannot be read.
     let clock = crate::clock::ServerClock::default();
@@ -424,7 +426,7 @@ pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob
         // A resourceVersion in a merge patch is its precondition: 409 if the job is no longer the one planned for.
         metadata.insert("resourceVersion".into(), job.metadata.resource_version.clone().unwrap_or_default().into());
         let patch = serde_json::json!({ "metadata": metadata, "spec": spec_patch });
-        match api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await {
+        match crate::unreadable::merge_patch(api, name, patch).await {
             Err(e) if crate::error::api_code(&e) == Some(409) => return Err(changed()),
             answer => answer?,
         }
@@ -438,8 +440,7 @@ pub async fn retry(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob
 
 /// Ask for a job's cancellation (`spec.cancel: true`).
 pub async fn cancel(api: &Api<BackgroundJob>, name: &str) -> Result<BackgroundJob> {
-    let patch = Patch::Merge(serde_json::json!({ "spec": { "cancel": true } }));
-    Ok(api.patch(name, &PatchParams::default(), &patch).await?)
+    Ok(crate::unreadable::merge_patch(api, name, serde_json::json!({ "spec": { "cancel": true } })).await?)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ObjectMeta, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -1056,8 +1056,7 @@ fn restore_dropped_pending(claimed: &mut RecurringBackgroundJob, job: &str) -> b
 /// Cancel the unfinished jobs a `Replace` tick replaces (best effort: a failure leaves both running, as `Allow`).
 async fn cancel_replaced(jobs: &Api<BackgroundJob>, replace: &[String]) {
     for old in replace {
-        let cancel = Patch::Merge(serde_json::json!({"spec": {"cancel": true}}));
-        if let Err(e) = jobs.patch(old, &PatchParams::default(), &cancel).await {
+        if let Err(e) = crate::unreadable::merge_patch(jobs, old, serde_json::json!({"spec": {"cancel": true}})).await {
             warn!(job = %old, error = %e, "could not cancel the job being replaced");
         }
     }

@@ -233,6 +233,18 @@ where
     }
 }
 
+/// Merge-patch the object `name` of `api` and return it as written, decoded or made a stand-in (a patch that landed
+/// must not read as failed because of a part of the object it did not touch).
+pub async fn merge_patch<K>(api: &kube::Api<K>, name: &str, patch: serde_json::Value) -> kube::Result<K>
+where
+    K: Unreadable + Clone + std::fmt::Debug,
+{
+    let patch = kube::api::Patch::Merge(patch);
+    let request = kube::core::Request::new(api.resource_url()).patch(name, &Default::default(), &patch);
+    let answer = api.clone().into_client().request_text(request.map_err(kube::Error::BuildRequest)?).await?;
+    decode_text(&answer).map_err(kube::Error::SerdeError)
+}
+
 /// Replace the status of `obj` (`PUT .../status`, under its resourceVersion) and return the object as written. For
 /// a stand-in only the answer's resourceVersion is read (the types cannot hold the rest either): `obj` itself is
 /// returned, with its status and that resourceVersion.

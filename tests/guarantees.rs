@@ -996,7 +996,8 @@ async fn a_job_the_operator_cannot_read_fails_with_the_reason_and_the_queue_runs
 /// schema covers metadata. Nothing in the operator reads them, yet every read of the whole job failed on them: the
 /// claim's status write landed but its answer could not be read, so the job was found orphaned a lease duration
 /// later, at each attempt, and failed as lost with its handler never started; a replica that started while it
-/// existed exited at once; and `bgjobs list` failed for the whole namespace. Now they are passed over.
+/// existed exited at once; `bgjobs list` failed for the whole namespace, and `bgjobs cancel` of it said it failed
+/// when it had landed. Now they are passed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_managed_fields_are_nested_too_deep_to_read_runs_once_and_its_namespace_still_lists() {
     use bgjobs::api::BackgroundJob;
@@ -1025,6 +1026,9 @@ async fn a_job_whose_managed_fields_are_nested_too_deep_to_read_runs_once_and_it
     let listed = env.list().await;
     let deep = listed.iter().find(|j| j.name_any() == "deep").expect("listed");
     assert!(!deep.annotations().contains_key(bgjobs::wire::UNREADABLE_ANNOTATION), "read as itself, not a stand-in");
+    // A patch's answer is read the same way (`bgjobs cancel` failed on it, although the cancel landed).
+    let cancelled = bgjobs::jobs::cancel(&env.jobs, "deep").await.expect("the cancel's answer reads");
+    assert!(cancelled.spec.cancel);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
