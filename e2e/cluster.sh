@@ -64,14 +64,23 @@ fetch_source() {
     fail "apt-get source --download-only kubernetes" "$log"
 }
 
-build_binaries() {
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && [ -x "$BIN/kube-scheduler" ]; then
-    return 0
+# The control plane's binaries and, with --node, the node's (kubelet, kube-proxy, the pause program): whatever is
+# missing, in one build of the source, as the two sets share most of their packages (built one after the other, the
+# second build compiled them all again).
+build_binaries() { # [--node]
+  local want=() node=0
+  [ "${1:-}" = --node ] && node=1
+  if ! { [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] && [ -x "$BIN/kube-scheduler" ]; }; then
+    want+=(kube-apiserver kube-controller-manager kube-scheduler)
   fi
+  if ((node)) && ! node_binaries_built; then want+=(kubelet kube-proxy); fi
+  [ ${#want[@]} -gt 0 ] || return 0
   install_packages
+  if ((node)); then install_node_packages; fi
   fetch_source
-  step "building kube-apiserver, kube-controller-manager, kube-scheduler (about 7 minutes on 2 cores)"
-  build_from_source "$CACHE/build.log" kube-apiserver kube-controller-manager kube-scheduler
+  step "building ${want[*]} (about $((${#want[@]} * 2 + 2)) minutes on 2 cores)"
+  build_from_source "$CACHE/build.log" "${want[@]}"
+  if ((node)); then build_pause "$CACHE/build.log"; fi
   step "cached binaries in $BIN; removing the build tree"
   rm -rf "$CACHE/build"
 }
@@ -250,7 +259,7 @@ up() { # [--node]
   # Installs first, also when the binaries come from a cache made elsewhere (each is a presence check, then apt).
   install_packages
   if ((want_node)); then install_node_packages; fi
-  (flock 9 && build_binaries && if ((want_node)); then build_node_binaries; fi) 9>"$CACHE/build.lock"
+  (flock 9 && build_binaries "${1:-}") 9>"$CACHE/build.lock"
 
   mkdir -p "$STATE/logs" "$STATE/certs" "$STATE/etcd"
   local etcd_port peer_port api_port token
@@ -340,7 +349,7 @@ case "${1:-}" in
   env) echo "export KUBECONFIG=$STATE/kubeconfig" ;;
   build)
     mkdir -p "$CACHE"
-    (flock 9 && build_binaries && if [ "${2:-}" = --node ]; then build_node_binaries && node_images; fi) 9>"$CACHE/build.lock"
+    (flock 9 && build_binaries "${2:-}" && if [ "${2:-}" = --node ]; then node_images; fi) 9>"$CACHE/build.lock"
     ;;
   restart) restart "${2:-}" ;;
   second-apiserver) if [ "${2:-}" = stop ]; then stop_by_pid kube-apiserver-2; else second_apiserver; fi ;;

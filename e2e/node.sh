@@ -40,18 +40,13 @@ install_node_packages() {
   [ ${#missing[@]} -eq 0 ] || apt_install "$CACHE/apt-node.log" "${missing[@]}"
 }
 
-# kubelet, kube-proxy and the pause program, from the source package the control plane was built from.
-build_node_binaries() {
-  if [ -x "$BIN/kubelet" ] && [ -x "$BIN/kube-proxy" ] && [ -x "$BIN/pause" ]; then return 0; fi
-  install_packages
-  install_node_packages
-  fetch_source
-  local log=$CACHE/build-node.log
-  step "building kubelet and kube-proxy (about 5 minutes on 2 cores)"
-  build_from_source "$log" kubelet kube-proxy
-  # The pause program holds a Pod's namespaces; static, so the image needs nothing else.
-  gcc -Os -static -o "$BIN/pause" "$BUILT_TREE/build/pause/linux/pause.c" >>"$log" 2>&1 || fail "build pause" "$log"
-  rm -rf "$CACHE/build"
+# kubelet, kube-proxy and the pause program, built from the source package the control plane is built from (with
+# it, by build_binaries --node).
+node_binaries_built() { [ -x "$BIN/kubelet" ] && [ -x "$BIN/kube-proxy" ] && [ -x "$BIN/pause" ]; }
+
+# The pause program holds a Pod's namespaces; static, so the image needs nothing else. From the tree just built.
+build_pause() { # log
+  gcc -Os -static -o "$BIN/pause" "$BUILT_TREE/build/pause/linux/pause.c" >>"$1" 2>&1 || fail "build pause" "$1"
 }
 
 # An image from one static binary: no registry is reachable, so images are made here and imported into containerd.
