@@ -52,10 +52,26 @@ pub fn lease_state(
     // While Running, the current attempt's Lease is the live one; while Waiting, only a claim of the next attempt
     // (a replica between its two writes) is.
     let guarded_attempt = if job.phase() == Phase::Running { job.attempts() } else { job.attempts() + 1 };
-    if !same_job || lease_attempt < guarded_attempt || lease::holder(lease).is_none() {
+    let by_age = if timing.expired(unchanged_for) { LeaseState::Expired } else { LeaseState::Live };
+    if lease::holder(lease).is_none() {
         return LeaseState::Leftover;
     }
-    if timing.expired(unchanged_for) { LeaseState::Expired } else { LeaseState::Live }
+    if !same_job {
+        // Another job's claim. An earlier job of this name left it (or a later one holds it: `acquire` reads the
+        // name before taking it). A job of another name whose Lease has this Lease's name (one named by its UID,
+        // `bgj-<uid>`, and one named like that UID) holds it as any claim is held: judged by its age.
+        return if of_this_name(lease, job) { LeaseState::Leftover } else { by_age };
+    }
+    if lease_attempt < guarded_attempt {
+        return LeaseState::Leftover;
+    }
+    by_age
+}
+
+/// Whether `lease` was written for a job of `job`'s name (its job label), whichever job of that name.
+fn of_this_name(lease: &Lease, job: &BackgroundJob) -> bool {
+    let label = lease.metadata.labels.as_ref().and_then(|l| l.get(JOB_LABEL));
+    label.is_some_and(|l| *l == crate::names::label_value(&job.name_any()))
 }
 
 /// What a replica's [`lease::Observer`] tracks for a job's claim: the Lease's version *and* the job's phase and
@@ -432,7 +448,7 @@ async fn acquire(
 ) -> Result<Option<Held>> {
     let name = lease_name(job);
     let take_over = |seen: Lease| async move {
-        if names_another_job(&seen, job) && !still_the_job_of_its_name(jobs, job).await? {
+        if names_another_job(&seen, job) && !still_the_job_of_its_name(jobs, job, timing).await? {
             tracing::debug!(job = %job.name_any(), "its claim Lease belongs to a job made under its name since: left to it");
             return Ok(None);
         }
@@ -467,8 +483,15 @@ fn names_another_job(lease: &Lease, job: &BackgroundJob) -> bool {
 /// job. Only then is that Lease an earlier job's leftover: with `job` deleted since this replica's cache showed it,
 /// the Lease may be the live claim of the job made under its name after it, which a takeover would take from a
 /// healthy holder (who would stop its attempt, then find the job orphaned).
-async fn still_the_job_of_its_name(jobs: &Api<BackgroundJob>, job: &BackgroundJob) -> Result<bool> {
-    let now = crate::unreadable::get_opt(jobs, &job.name_any()).await?;
+///
+/// Bounded by half the renew deadline: Leases the claim took before this one (a slot, a key) age meanwhile.
+async fn still_the_job_of_its_name(
+    jobs: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    timing: &LeaseTiming,
+) -> Result<bool> {
+    let read = async { Ok(crate::unreadable::get_opt(jobs, &job.name_any()).await?) };
+    let now = crate::client::bounded(timing.renew_deadline / 2, read).await?;
     Ok(now.is_some_and(|now| now.uid() == job.uid()))
 }
 
@@ -1019,6 +1042,7 @@ mod tests {
     fn lease(uid: &str, attempt: i32, holder: &str) -> Lease {
         Lease {
             metadata: ObjectMeta {
+                labels: Some(BTreeMap::from([(JOB_LABEL.to_string(), "j".to_string())])),
                 annotations: Some(BTreeMap::from([
                     (lease::JOB_UID_ANNOTATION.to_string(), uid.to_string()),
                     (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
@@ -1060,6 +1084,22 @@ mod tests {
     fn a_lease_of_another_job_with_the_same_name_is_a_leftover() {
         let j = job(Some(Phase::Running), 1);
         assert_eq!(lease_state(&j, Some(&lease("old-uid", 1, "w1")), Duration::ZERO, &T), LeaseState::Leftover);
+    }
+
+    /// A job named past 249 characters has its Lease named by its UID (`bgj-<uid>`): a job named like that UID has
+    /// the same Lease name. Its Lease is that other job's live claim, not a leftover to take at once (before, the
+    /// second job took it, and the first, running, lost its attempt).
+    #[test]
+    fn a_lease_of_a_job_of_another_name_under_the_same_lease_name_is_judged_by_its_age() {
+        let j = job(Some(Phase::Waiting), 0);
+        let mut other = lease("uid-long", 1, "w1");
+        other.metadata.labels = Some(BTreeMap::from([(JOB_LABEL.to_string(), "a-long-name-hashed".to_string())]));
+        assert_eq!(lease_state(&j, Some(&other), Duration::from_secs(14), &T), LeaseState::Live);
+        assert_eq!(lease_state(&j, Some(&other), Duration::from_secs(15), &T), LeaseState::Expired);
+        other.metadata.labels = None;
+        assert_eq!(lease_state(&j, Some(&other), Duration::ZERO, &T), LeaseState::Live, "no label: any job's");
+        other.spec = Some(LeaseSpec::default());
+        assert_eq!(lease_state(&j, Some(&other), Duration::ZERO, &T), LeaseState::Leftover, "no holder: nobody's");
     }
 
     #[test]

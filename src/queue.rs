@@ -133,9 +133,7 @@ impl QueueView {
         // Definitions too come through `list_watch`: one the operator cannot read is kept as its stand-in (reported
         // invalid) instead of failing every list of them.
         let definitions = reflect(
-            crate::list_watch::list_watch(scoped::<RecurringBackgroundJob>(&client, namespace), None, |d| {
-                d.metadata.managed_fields = None
-            }),
+            crate::list_watch::list_watch(scoped::<RecurringBackgroundJob>(&client, namespace), None, slim_definition),
             "RecurringBackgroundJob",
             move |_| recurring.notify_one(),
         );
@@ -165,15 +163,34 @@ fn note<K>(shared: &Mutex<Changes>, event: &watcher::Event<K>, mut each: impl Fn
     }
 }
 
-/// Drop from a cached job what dispatch never reads: managed fields, kubectl's copy of the last applied manifest,
-/// the arguments, a finished job's result, error, conditions and claim record, and the Pod template (whose presence
-/// is kept: it decides how an orphaned attempt is handled).
+/// The labels a cached job keeps: those read from the cache (a bulk call's, a schedule's).
+const KEPT_LABELS: [&str; 2] = [crate::jobs::BATCH_LABEL, crate::recurring::RECURRING_LABEL];
+/// The annotations a cached job keeps: those read from the cache (a bulk call's index, a schedule's tick), and the
+/// marks of a job the operator cannot read.
+const KEPT_ANNOTATIONS: [&str; 4] = [
+    crate::jobs::BATCH_INDEX_ANNOTATION,
+    crate::recurring::SCHEDULED_TIME_ANNOTATION,
+    crate::unreadable::MARKS[0],
+    crate::unreadable::MARKS[1],
+];
+
+/// Drop from a cached job what dispatch never reads: managed fields, every label and annotation but the few it reads
+/// ([`KEPT_LABELS`], [`KEPT_ANNOTATIONS`]; a tenant may write hundreds of thousands of small ones within an object's
+/// 1.5 MB, each a map entry of its own in memory), the arguments and an HTTP job's headers, a finished job's result,
+/// error, conditions and claim record, and the Pod template (whose presence is kept: it decides how an orphaned
+/// attempt is handled). An attempt runs from the job as its claim's write returns it, whole.
 pub fn slim(job: &mut BackgroundJob) {
     job.metadata.managed_fields = None;
+    if let Some(labels) = job.metadata.labels.as_mut() {
+        labels.retain(|k, _| KEPT_LABELS.contains(&k.as_str()));
+    }
     if let Some(annotations) = job.metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        annotations.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
     }
     job.spec.args = None;
+    if let Some(http) = job.spec.http.as_mut() {
+        http.headers = Default::default();
+    }
     // A finished job is read only for its retention and its recurring history (phase, times, labels), and never
     // written from the cache: its result (up to 32 KiB), error, conditions and claim record go. An unfinished
     // job's status is kept whole, because status writes made from the cache (a claim, a settle) write it back.
@@ -189,6 +206,25 @@ pub fn slim(job: &mut BackgroundJob) {
     }
     if job.spec.template.is_some() {
         job.spec.template = Some(Default::default());
+    }
+}
+
+/// Drop from a cached definition what its scheduling never reads: managed fields, kubectl's copy of the last applied
+/// manifest, and its job template's arguments and Pod template (whose presence is kept). A job is made only from the
+/// definition as read from the apiserver (`recurring`), never from this copy. Arguments decoded take many times
+/// their text (a number in an array, 32 bytes), and a definition may hold 1.5 MB of them.
+pub fn slim_definition(def: &mut RecurringBackgroundJob) {
+    def.metadata.managed_fields = None;
+    if let Some(annotations) = def.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    let spec = &mut def.spec.job_template.spec;
+    spec.args = None;
+    if spec.template.is_some() {
+        spec.template = Some(Default::default());
+    }
+    if let Some(http) = spec.http.as_mut() {
+        http.headers = Default::default();
     }
 }
 
@@ -259,7 +295,7 @@ mod tests {
         let before = job.clone();
         slim(&mut job);
         assert!(job.metadata.managed_fields.is_none());
-        assert_eq!(job.annotations().len(), 1, "other annotations stay: {:?}", job.annotations());
+        assert!(job.annotations().is_empty(), "only the annotations dispatch reads stay: {:?}", job.annotations());
         assert!(job.spec.args.is_none());
         assert!(job.spec.template.is_some(), "a Pod job stays a Pod job");
         assert!(serde_json::to_string(&job).unwrap().len() < 1_000);
@@ -268,6 +304,47 @@ mod tests {
             (job.spec.concurrency_key.clone(), job.uid(), job.resource_version()),
             (before.spec.concurrency_key.clone(), before.uid(), before.resource_version())
         );
+    }
+
+    /// What a tenant writes beyond what dispatch reads costs no memory in the cache: labels, annotations and HTTP
+    /// headers by the thousand (within an object's 1.5 MB, each a map entry of its own once decoded), a
+    /// definition's job arguments (a number in an array decodes to 32 bytes) and Pod template.
+    #[test]
+    fn a_slimmed_job_or_definition_keeps_nothing_a_tenant_can_make_large() {
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..1000).map(|i| (format!("a{i}"), "".into())).collect();
+        let mut labels = many.clone();
+        labels.insert("bgjobs.dev/recurring".into(), "d".into());
+        labels.insert("bgjobs.dev/batch".into(), "b".into());
+        let mut annotations = many.clone();
+        annotations.insert("bgjobs.dev/scheduled-time".into(), "2026-12-01T00:00:00Z".into());
+        annotations.insert("bgjobs.dev/batch-index".into(), "3".into());
+        let mut job: BackgroundJob = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "j", "labels": labels, "annotations": annotations},
+            "spec": {"jobName": "send", "http": {"url": "http://127.0.0.1:1/x", "headers": many}}
+        }))
+        .unwrap();
+        slim(&mut job);
+        let kept = |m: &std::collections::BTreeMap<String, String>| m.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(kept(job.labels()), ["bgjobs.dev/batch", "bgjobs.dev/recurring"]);
+        assert_eq!(kept(job.annotations()), ["bgjobs.dev/batch-index", "bgjobs.dev/scheduled-time"]);
+        let http = job.spec.http.as_ref().unwrap();
+        assert!(http.headers.is_empty() && http.url == "http://127.0.0.1:1/x");
+
+        let args: Vec<u8> = vec![0; 10_000];
+        let mut def: RecurringBackgroundJob = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "d", "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"}},
+            "spec": {"schedule": "* * * * *", "jobTemplate": {"metadata": {"labels": {"team": "a"}},
+                "spec": {"jobName": "send", "args": {"a": args},
+                         "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}}}
+        }))
+        .unwrap();
+        slim_definition(&mut def);
+        let spec = &def.spec.job_template.spec;
+        assert!(spec.args.is_none() && spec.template == Some(Default::default()), "a Pod template, as nothing");
+        assert!(def.annotations().is_empty());
+        assert_eq!(def.spec.job_template.metadata.labels["team"], "a", "what `recurring::plan` checks stays");
+        assert!(serde_json::to_string(&def).unwrap().len() < 1_000);
     }
 
     #[test]

@@ -115,11 +115,11 @@ pub fn may_start(
         )));
     }
     if now >= deadline(spec, created) {
-        // A job that never started was not taken from its queue in time: say which, the likeliest cause being that
-        // no replica serves it (`--queues`).
+        // A job that never started was not taken from its queue in time: say which, and what can hold a job back.
         let never = if attempts_started == 0 {
             format!(
-                "; it never started: no replica took it from queue {:?} (do the replicas serve it? see --queues)",
+                "; it never started: no replica took it from queue {:?} (does a replica serve that queue, see \
+                 --queues? were all slots, the cluster cap or its concurrency key taken?)",
                 spec.queue
             )
         } else {

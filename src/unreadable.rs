@@ -35,6 +35,8 @@ use crate::api::{BackgroundJob, RecurringBackgroundJob};
 pub const UNREADABLE_ANNOTATION: &str = "bgjobs.dev/unreadable";
 /// Annotation on the copy in memory of such an object that may be a newer operator's: leave it alone.
 const NEWER_ANNOTATION: &str = "bgjobs.dev/unreadable-perhaps-newer";
+/// The annotations [`standing`] reads: what a cache that drops annotations must keep.
+pub const MARKS: [&str; 2] = [UNREADABLE_ANNOTATION, NEWER_ANNOTATION];
 
 /// A kind whose objects may be stored in a shape its type cannot hold.
 pub trait Unreadable: Resource + DeserializeOwned {
@@ -233,6 +235,15 @@ where
     }
 }
 
+/// Delete the object `name` of `api` as `params` say; the answer (the object being deleted, or a status) is not read.
+pub async fn delete<K>(api: &kube::Api<K>, name: &str, params: &kube::api::DeleteParams) -> kube::Result<()>
+where
+    K: Unreadable + Clone + std::fmt::Debug,
+{
+    let request = kube::core::Request::new(api.resource_url()).delete(name, params);
+    api.clone().into_client().request_text(request.map_err(kube::Error::BuildRequest)?).await.map(|_| ())
+}
+
 /// Merge-patch the object `name` of `api` and return it as written, decoded or made a stand-in (a patch that landed
 /// must not read as failed because of a part of the object it did not touch).
 pub async fn merge_patch<K>(api: &kube::Api<K>, name: &str, patch: serde_json::Value) -> kube::Result<K>
@@ -270,8 +281,15 @@ where
         .map_err(kube::Error::BuildRequest)?;
     let answer = api.clone().into_client().request_text(request).await?;
     if standing(obj).is_none() {
-        // Read as every answer is ([`decode_text`]): a write that landed must not read as failed.
-        return decode_text(&answer).map_err(kube::Error::SerdeError);
+        // Read as every answer is ([`decode_text`]): a write that landed must not read as failed. An object that was
+        // read whole and now reads only as a stand-in (a newer CRD's defaults?) is not to be acted on: an error, of
+        // unknown outcome, as the typed read's was.
+        let written = decode_text::<K>(&answer).map_err(kube::Error::SerdeError)?;
+        if let Some(standing) = standing(&written) {
+            let why = format!("the written object reads only in part now: {standing:?}");
+            return Err(kube::Error::SerdeError(serde::de::Error::custom(why)));
+        }
+        return Ok(written);
     }
     let mut written = obj.clone();
     if let Ok(Answer { metadata: Version { resource_version: Some(v) } }) = serde_json::from_str(&answer) {

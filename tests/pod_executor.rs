@@ -469,6 +469,37 @@ async fn a_timed_out_pod_that_ignores_sigterm_has_stopped_before_the_next_attemp
     }
 }
 
+/// Past its `activeDeadlineSeconds` the kubelet reports a Pod `Failed` first and kills its containers after, within
+/// the Pod's grace period (10 s here, the container ignoring SIGTERM), and on 1.20 never reports them stopped.
+/// Before: `Failed` ended the attempt, and the retry's Pod started beside the first one's container, still running.
+/// Now such a Pod is deleted and waited for until it is gone (the kubelet removes it once its containers are dead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_failed_past_its_active_deadline_is_gone_before_the_next_attempts_pod_is_made() {
+    let env = on_node("pod-active-deadline").await;
+    let history = PodHistory::watch(&env, &["deadline"]).await;
+    let _r = env.replica("r", &[]);
+    let mut spec = shell_job(
+        "trap '' TERM; while true; do sleep 1; done",
+        json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}),
+    );
+    spec["template"]["spec"]["activeDeadlineSeconds"] = json!(4);
+    spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(10);
+    env.create("deadline", spec).await;
+    let done = env.wait_job("deadline", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Failed, 2), "{:?}", done.status);
+    let why = done.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+    assert!(why.contains("deadline"), "the reason names the deadline: {why}");
+    let events = history.events();
+    let failed_running = history.first("deadline-1", |e| e.phase == "Failed" && e.state == "running");
+    assert!(
+        failed_running.is_some(),
+        "the first Pod was never shown Failed while running: the test showed nothing: {events:?}"
+    );
+    let gone = history.first("deadline-1", |e| e.kind == "DELETED").expect("the first attempt's Pod is gone");
+    let next = history.first("deadline-2", |e| e.kind == "ADDED").expect("the second attempt's Pod was made");
+    assert!(gone < next, "the next attempt's Pod was made while the first one's container still ran: {events:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_created_job_is_not_failed_by_the_pod_its_deleted_namesake_left_behind() {
     let env = on_node("pod-namesake").await;

@@ -501,7 +501,7 @@ async fn landed(
 /// (one quorum read).
 pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) -> crate::Result<bool> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
-    let found = pods.get_opt(&pod_name(job, attempt)).await?;
+    let found = crate::unreadable::get_opt(&pods, &pod_name(job, attempt)).await?;
     Ok(found.is_some_and(|p| {
         belongs(&p, &job.uid().unwrap_or_default()) && !finished(&p) && p.metadata.deletion_timestamp.is_none()
     }))
@@ -513,7 +513,7 @@ async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -
     let mut backoff = Backoff::new();
     loop {
         let sent = Instant::now();
-        match pods.get_opt(name).await {
+        match crate::unreadable::get_opt(pods, name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
                 return (Found::Ours { uid: p.uid().unwrap_or_default(), kept: keeps_name(&p) }, sent);
             }
@@ -590,9 +590,23 @@ pub fn not_starting(pod: &Pod) -> Option<String> {
     Some(format!("not scheduled: {}", unscheduled.message.as_deref().unwrap_or("no node can run it")))
 }
 
-/// Whether the Pod reached a final phase: none of its containers runs any more.
+/// Whether the Pod can run nothing any more: `Succeeded` (every container exited 0), or `Failed` with none of its
+/// containers shown running. The kubelet reports `Failed` for a Pod past its `activeDeadlineSeconds`, or evicted,
+/// *before* it kills the containers (within the Pod's termination grace period), and on 1.20 it never reports them
+/// stopped afterwards: such a Pod ([`failed_but_running`]) is stopped by deleting it, and its being gone is the proof.
 fn finished(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Succeeded") => true,
+        Some("Failed") => !failed_but_running(pod),
+        _ => false,
+    }
+}
+
+/// A Pod reported `Failed` while a container of it (an init container too) is still shown running.
+fn failed_but_running(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref().filter(|s| s.phase.as_deref() == Some("Failed")) else { return false };
+    let statuses = [&status.init_container_statuses, &status.container_statuses, &status.ephemeral_container_statuses];
+    statuses.into_iter().flatten().flatten().any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
 }
 
 /// Wait until the Pod `uid` named `name` can run nothing any more: `Some` with a final phase, `None` once a GET
@@ -603,6 +617,9 @@ fn finished(pod: &Pod) -> bool {
 /// that is still not stopped `watchers.after` past its grace period is told to `watchers.not_stopping` (once), and one
 /// that cannot start, to `watchers.not_starting` (at each change of why, and once it can).
 async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers<'_>) -> Option<Pod> {
+    // A Pod reported `Failed` while its containers may still run: deleted here, and once gone it is what ended.
+    let mut failed: Option<Pod> = None;
+    let ended = |found: Option<Pod>, failed: &Option<Pod>| found.or_else(|| failed.clone());
     let mut watch = std::pin::pin!(watch_one(pods.clone(), name).default_backoff());
     let mut overdue_at: Option<Instant> = None;
     let mut told = false;
@@ -625,7 +642,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
                         overdue_at = due_in(&pod, watchers);
                         continue;
                     }
-                    ended => return ended,
+                    found => return ended(found, &failed),
                 }
             }
         };
@@ -634,6 +651,12 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
             Ok(Some(pod)) if pod.uid().as_deref() == Some(uid) => {
                 if finished(&pod) {
                     return Some(pod);
+                }
+                if failed_but_running(&pod) && failed.is_none() && pod.metadata.deletion_timestamp.is_none() {
+                    tracing::info!(pod = %name, "the pod failed while its containers may still run: deleting it, \
+                        and waiting until it is gone");
+                    delete_failed(pods, name, uid).await;
+                    failed = Some(pod.clone());
                 }
                 let why = not_starting(&pod);
                 if why != stuck {
@@ -645,7 +668,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
             }
             Ok(_) => match read(pods, name, uid).await {
                 Some(pod) if !finished(&pod) => {}
-                ended => return ended,
+                found => return ended(found, &failed),
             },
             Err(e) => tracing::warn!(pod = %name, error = %e, "watching the attempt's pod failed; watching again"),
         }
@@ -654,8 +677,26 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
     loop {
         match read(pods, name, uid).await {
             Some(pod) if !finished(&pod) => tokio::time::sleep(Backoff::MAX).await,
-            ended => return ended,
+            found => return ended(found, &failed),
         }
+    }
+}
+
+/// Delete the Pod `uid` named `name`, which failed while its containers may still run, within its own grace period
+/// (UID precondition: only that Pod). Tried until the apiserver takes it (or says it is gone).
+async fn delete_failed(pods: &Api<Pod>, name: &str, uid: &str) {
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+        ..Default::default()
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match crate::unreadable::delete(pods, name, &dp).await {
+            Ok(()) => return,
+            Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return,
+            Err(e) => tracing::warn!(pod = %name, error = %e, "could not delete the failed pod; trying again"),
+        }
+        backoff.wait().await;
     }
 }
 
@@ -674,7 +715,8 @@ pub async fn not_stopping(
 ) -> Option<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
-    let pod = tokio::time::timeout(NOT_STOPPING_READ_LIMIT, pods.get_opt(&name)).await.ok()?.ok()??;
+    let pod =
+        tokio::time::timeout(NOT_STOPPING_READ_LIMIT, crate::unreadable::get_opt(&pods, &name)).await.ok()?.ok()??;
     let overdue = belongs(&pod, &job.uid().unwrap_or_default()) && !finished(&pod) && overdue_by(&pod, now, after);
     overdue.then_some(name)
 }
@@ -724,7 +766,7 @@ async fn sleep_until(at: Option<Instant>) {
 async fn read(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
     let mut backoff = Backoff::new();
     loop {
-        match pods.get_opt(name).await {
+        match crate::unreadable::get_opt(pods, name).await {
             Ok(found) => return found.filter(|p| p.uid().as_deref() == Some(uid)),
             Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
         }
@@ -755,10 +797,12 @@ pub fn outcome(pod: &Pod) -> AttemptResult {
     if status.phase.as_deref() == Some("Succeeded") {
         return AttemptResult::Succeeded;
     }
+    // An init container that failed leaves the others waiting: look at it too.
     let terminated = status
-        .container_statuses
+        .init_container_statuses
         .unwrap_or_default()
         .into_iter()
+        .chain(status.container_statuses.unwrap_or_default())
         .filter_map(|c| c.state.and_then(|s| s.terminated).map(|t| (c.name, t)))
         .find(|(_, t)| t.exit_code != 0);
     let detail = match terminated {
@@ -870,7 +914,7 @@ async fn request_deletion(
 ) -> Option<(String, bool)> {
     let mut backoff = Backoff::new();
     loop {
-        match pods.get_opt(name).await {
+        match crate::unreadable::get_opt(pods, name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
                 let uid = p.uid()?;
                 if finished(&p) {
@@ -889,7 +933,7 @@ async fn request_deletion(
                     preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
                     ..Default::default()
                 };
-                match pods.delete(name, &dp).await {
+                match crate::unreadable::delete(pods, name, &dp).await {
                     Ok(_) => return Some((uid, false)),
                     // Gone already, or the name now holds another Pod (the UID precondition failed).
                     Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
@@ -1043,6 +1087,40 @@ mod tests {
         // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
         executor.note_unanswered(&uid, 2, Some(Instant::now()));
         assert_eq!(executor.unanswered.lock().unwrap().len(), 1);
+    }
+
+    /// The kubelet reports `Failed` past `activeDeadlineSeconds`, or on eviction, before it kills the containers: a
+    /// Pod so reported while a container (or an init container) is still shown running has not finished.
+    #[test]
+    fn a_pod_reported_failed_while_a_container_is_shown_running_has_not_finished() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus,
+        };
+        let container = |running: bool| ContainerStatus {
+            name: "main".into(),
+            state: Some(if running {
+                ContainerState { running: Some(ContainerStateRunning::default()), ..Default::default() }
+            } else {
+                ContainerState { terminated: Some(ContainerStateTerminated::default()), ..Default::default() }
+            }),
+            ..Default::default()
+        };
+        let pod = |phase: &str, init: Option<bool>, main: Option<bool>| Pod {
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                init_container_statuses: init.map(|r| vec![container(r)]),
+                container_statuses: main.map(|r| vec![container(r)]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(!finished(&pod("Failed", None, Some(true))), "past its deadline, still running");
+        assert!(!finished(&pod("Failed", Some(true), None)), "an init container still running");
+        assert!(finished(&pod("Failed", None, Some(false))) && finished(&pod("Failed", None, None)));
+        assert!(finished(&pod("Succeeded", None, Some(false))));
+        assert!(!finished(&pod("Running", None, Some(true))));
+        assert!(failed_but_running(&pod("Failed", None, Some(true))));
+        assert!(!failed_but_running(&pod("Running", None, Some(true))), "running, not failed");
     }
 
     #[test]
