@@ -163,12 +163,48 @@ fn escape(key: &str) -> String {
 
 /// Answer one AdmissionReview body.
 fn answer(body: &[u8]) -> std::result::Result<Vec<u8>, String> {
-    let asked: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let body = std::str::from_utf8(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let asked: AdmissionReview<DynamicObject> = serde_json::from_str(&without_objects_managed_fields(body))
+        .map_err(|e| format!("not an AdmissionReview: {e}"))?;
     let req: AdmissionRequest<DynamicObject> = asked.try_into().map_err(|e| format!("{e}"))?;
     let resp = review(&req);
     debug!(uid = %req.uid, operation = ?req.operation, user = ?req.user_info.username, allowed = resp.allowed, "admission review");
     serde_json::to_vec(&resp.into_review()).map_err(|e| e.to_string())
+}
+
+/// `body`, an AdmissionReview, with the managed fields of its object and old object written as null: nothing here
+/// reads them, and a client may nest them deeper than serde_json reads (every write to such an object would be
+/// refused, "not an AdmissionReview").
+fn without_objects_managed_fields(body: &str) -> std::borrow::Cow<'_, str> {
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Review<'a> {
+        #[serde(borrow)]
+        request: Option<&'a RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Request<'a> {
+        #[serde(borrow)]
+        object: Option<&'a RawValue>,
+        #[serde(borrow, rename = "oldObject")]
+        old_object: Option<&'a RawValue>,
+    }
+    let request = serde_json::from_str::<Review>(body).ok().and_then(|r| r.request);
+    let Some(request) = request.and_then(|r| serde_json::from_str::<Request>(r.get()).ok()) else {
+        return body.into();
+    };
+    // Borrowed raw values are slices of `body`: each is replaced where it lies, the later one first.
+    let mut spans: Vec<&RawValue> = [request.object, request.old_object].into_iter().flatten().collect();
+    spans.sort_by_key(|r| std::cmp::Reverse(r.get().as_ptr() as usize));
+    let mut out = body.to_string();
+    for span in spans {
+        let Some(start) = (span.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize) else { continue };
+        let end = start + span.get().len();
+        if let std::borrow::Cow::Owned(slim) = crate::unreadable::without_managed_fields(span.get()) {
+            out.replace_range(start..end, &slim);
+        }
+    }
+    out.into()
 }
 
 /// The serving certificate, reloaded from `tls.crt` and `tls.key` in a directory when either file changes.
@@ -514,5 +550,28 @@ mod tests {
         assert_eq!(out["response"]["allowed"], true);
         assert_eq!(out["response"]["patchType"], "JSONPatch");
         assert!(answer(b"{}").is_err(), "a review without a request is an error, not an allow");
+    }
+
+    /// A cancel of a job whose managed fields a client nested 200 deep: its object and old object hold them, and the
+    /// review was refused as "not an AdmissionReview" (the reader stops at 128). They are passed over.
+    #[test]
+    fn a_review_of_an_object_with_managed_fields_nested_too_deep_is_answered() {
+        let fields = (0..200).fold(serde_json::json!({}), |inner, _| serde_json::json!({ "f:a": inner }));
+        let deep = |cancel: bool| {
+            let mut j = job(serde_json::Value::Null);
+            j["metadata"]["managedFields"] = serde_json::json!([{"manager": "x", "fieldsV1": fields.clone()}]);
+            j["spec"]["cancel"] = cancel.into();
+            j
+        };
+        let body = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u-2", "kind": {"group": "bgjobs.dev", "version": "v1alpha1", "kind": "BackgroundJob"},
+                "resource": {"group": "bgjobs.dev", "version": "v1alpha1", "resource": "backgroundjobs"},
+                "operation": "UPDATE", "userInfo": {"username": "bob"}, "object": deep(true), "oldObject": deep(false)}
+        })
+        .to_string();
+        assert!(serde_json::from_str::<AdmissionReview<DynamicObject>>(&body).is_err(), "the case");
+        let out: serde_json::Value = serde_json::from_slice(&answer(body.as_bytes()).unwrap()).unwrap();
+        assert_eq!((out["response"]["uid"].as_str(), out["response"]["allowed"].as_bool()), (Some("u-2"), Some(true)));
     }
 }
