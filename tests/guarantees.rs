@@ -464,6 +464,30 @@ async fn a_lagging_replica_never_takes_the_claim_of_a_job_made_again_under_the_n
     );
 }
 
+/// A job named past 249 characters has its claim Lease named by its UID (`bgj-<uid>`), the name a job named like that
+/// UID has too. Before: the second job's claim found the Lease naming another job and took it as an earlier job's
+/// leftover; the first job, running, lost its attempt (on its one attempt: failed as lost). Now a Lease of a job of
+/// another name is that job's claim: the second job waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_named_like_another_jobs_uid_waits_for_that_jobs_claim_instead_of_taking_it() {
+    let env = TestEnv::new("uid-named").await;
+    let _r = env.replica("r", &[]);
+    let long = format!("long-{}", "x".repeat(245));
+    let first =
+        env.create(&long, json!({"jobName": "sleep", "args": {"seconds": 8}, "retry": {"maxAttempts": 1}})).await;
+    env.wait_job(&long, MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let uid = first.uid().unwrap();
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    assert!(leases.get_opt(&format!("bgj-{uid}")).await.unwrap().is_some(), "the long name's Lease is named by UID");
+    env.create(&uid, json!({"jobName": "noop"})).await;
+    let done = env.wait_job(&long, MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{}", last_error(&done));
+    env.wait_job(&uid, MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let runs = executions(&env.invocations());
+    let long_runs = runs.iter().filter(|e| e.job.ends_with(&format!("/{long}"))).count();
+    assert_eq!(long_runs, 1, "the long-named job ran once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_learns_of_its_claim_only_after_the_lease_expired_never_runs_the_attempt() {
     let env = TestEnv::new("late-claim").await;
