@@ -655,7 +655,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
                 if failed_but_running(&pod) && failed.is_none() && pod.metadata.deletion_timestamp.is_none() {
                     tracing::info!(pod = %name, "the pod failed while its containers may still run: deleting it, \
                         and waiting until it is gone");
-                    delete_failed(pods, name, uid).await;
+                    delete_failed(pods, name, &pod).await;
                     failed = Some(pod.clone());
                 }
                 let why = not_starting(&pod);
@@ -682,13 +682,27 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
     }
 }
 
-/// Delete the Pod `uid` named `name`, which failed while its containers may still run, within its own grace period
-/// (UID precondition: only that Pod). Tried until the apiserver takes it (or says it is gone).
-async fn delete_failed(pods: &Api<Pod>, name: &str, uid: &str) {
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+/// The longest the operator lets a Pod it stops take to stop ([`stop_params`]), unless its own
+/// `terminationGracePeriodSeconds` is shorter. A template's grace is the tenant's to set (ten years is valid), and a
+/// stopping attempt holds its slots, its concurrency key and the next attempt back until the Pod has stopped.
+pub const STOP_GRACE_MAX_SECONDS: i64 = 600;
+
+/// How the operator deletes a Pod it stops: that Pod only (its UID), within its grace period, at most
+/// [`STOP_GRACE_MAX_SECONDS`] and at least 1 s (a grace of 0 removes the Pod at once, before its containers have
+/// stopped, and its being gone would prove nothing).
+fn stop_params(pod: &Pod) -> DeleteParams {
+    let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+    DeleteParams {
+        preconditions: Some(Preconditions { uid: pod.uid(), resource_version: None }),
+        grace_period_seconds: Some(grace.clamp(1, STOP_GRACE_MAX_SECONDS) as u32),
         ..Default::default()
-    };
+    }
+}
+
+/// Delete the Pod `pod` named `name`, which failed while its containers may still run ([`stop_params`]). Tried until
+/// the apiserver takes it (or says it is gone).
+async fn delete_failed(pods: &Api<Pod>, name: &str, pod: &Pod) {
+    let dp = stop_params(pod);
     let mut backoff = Backoff::new();
     loop {
         match crate::unreadable::delete(pods, name, &dp).await {
@@ -929,11 +943,7 @@ async fn request_deletion(
                 while !may_act() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }),
-                    ..Default::default()
-                };
-                match crate::unreadable::delete(pods, name, &dp).await {
+                match crate::unreadable::delete(pods, name, &stop_params(&p)).await {
                     Ok(_) => return Some((uid, false)),
                     // Gone already, or the name now holds another Pod (the UID precondition failed).
                     Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
@@ -1087,6 +1097,25 @@ mod tests {
         // A record that can no longer matter is dropped as others are made: the map does not grow with attempts.
         executor.note_unanswered(&uid, 2, Some(Instant::now()));
         assert_eq!(executor.unanswered.lock().unwrap().len(), 1);
+    }
+
+    /// A Pod the operator stops gets its own grace period, at most ten minutes (a tenant may set years, and the
+    /// attempt holds its slots until the Pod stops), at least a second (none would remove it before it stopped).
+    #[test]
+    fn a_stopped_pod_gets_its_own_grace_within_bounds() {
+        let grace = |g: Option<i64>| {
+            let mut p = Pod::default();
+            p.metadata.uid = Some("u".into());
+            p.spec =
+                Some(k8s_openapi::api::core::v1::PodSpec { termination_grace_period_seconds: g, ..Default::default() });
+            let dp = stop_params(&p);
+            assert_eq!(dp.preconditions.and_then(|c| c.uid).as_deref(), Some("u"), "that Pod only");
+            dp.grace_period_seconds
+        };
+        assert_eq!(grace(None), Some(30), "Kubernetes' default");
+        assert_eq!(grace(Some(10)), Some(10));
+        assert_eq!(grace(Some(315_360_000)), Some(600));
+        assert_eq!(grace(Some(0)), Some(1));
     }
 
     /// The kubelet reports `Failed` past `activeDeadlineSeconds`, or on eviction, before it kills the containers: a
