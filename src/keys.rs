@@ -54,7 +54,8 @@ pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
     }
     let mut out = HashMap::new();
     for (_, mut group) in by_key {
-        group.sort_by_key(|j| (j.phase() != Phase::Running, QueueKey::of(j)));
+        // Each key computed once (it clones the namespace and name): a group may hold tens of thousands of jobs.
+        group.sort_by_cached_key(|j| (j.phase() != Phase::Running, QueueKey::of(j)));
         let mut holder: Option<String> = None;
         for j in group {
             let uid = j.uid().unwrap_or_default();
