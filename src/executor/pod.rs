@@ -233,7 +233,14 @@ pub async fn run(
         Err(ended) => return ended,
     };
     match until_stopped(&pods, &name, &uid, watchers).await {
-        Some(pod) => outcome(&pod),
+        Some(pod) => {
+            if let Some(hold) = kill_pending(&pod) {
+                tracing::info!(pod = %name, ?hold, "the pod failed before its containers were killed: waiting for the \
+                    kill (its grace period) before the attempt ends");
+                tokio::time::sleep(hold).await;
+            }
+            outcome(&pod)
+        }
         None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
 }
@@ -590,24 +597,33 @@ pub fn not_starting(pod: &Pod) -> Option<String> {
     Some(format!("not scheduled: {}", unscheduled.message.as_deref().unwrap_or("no node can run it")))
 }
 
-/// Whether the Pod can run nothing any more: `Succeeded` (every container exited 0), or `Failed` with none of its
-/// containers shown running. The kubelet reports `Failed` for a Pod past its `activeDeadlineSeconds`, or evicted,
-/// *before* it kills the containers (within the Pod's termination grace period), and on 1.20 it never reports them
-/// stopped afterwards: such a Pod ([`failed_but_running`]) is stopped by deleting it, and its being gone is the proof.
+/// Whether the Pod reached a final phase. A `Failed` one may still run for a while: see [`kill_pending`].
 fn finished(pod: &Pod) -> bool {
-    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
-        Some("Succeeded") => true,
-        Some("Failed") => !failed_but_running(pod),
-        _ => false,
-    }
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
 }
 
-/// A Pod reported `Failed` while a container of it (an init container too) is still shown running.
-fn failed_but_running(pod: &Pod) -> bool {
-    let Some(status) = pod.status.as_ref().filter(|s| s.phase.as_deref() == Some("Failed")) else { return false };
+/// How long a Pod reported `Failed` may still run: the kubelet reports a Pod past its `activeDeadlineSeconds`
+/// (`DeadlineExceeded`), or evicted, `Failed` *before* it kills its containers, within the Pod's grace period (and
+/// on 1.20 never reports them stopped). Such a Pod is kept, as any failed Pod, and its attempt ends only once that
+/// grace (at most [`STOP_GRACE_MAX_SECONDS`]) and [`KILL_MARGIN`] have passed since it was seen `Failed`. Deleting
+/// it would not do: the apiserver removes a `Failed` Pod at once, so its being gone proves nothing. `None` for a Pod
+/// whose containers are all shown stopped, or that did not fail.
+fn kill_pending(pod: &Pod) -> Option<Duration> {
+    let status = pod.status.as_ref().filter(|s| s.phase.as_deref() == Some("Failed"))?;
     let statuses = [&status.init_container_statuses, &status.container_statuses, &status.ephemeral_container_statuses];
-    statuses.into_iter().flatten().flatten().any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+    let running =
+        statuses.into_iter().flatten().flatten().any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+    let killed_after = matches!(status.reason.as_deref(), Some("DeadlineExceeded" | "Evicted"));
+    if !running && !killed_after {
+        return None;
+    }
+    let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+    Some(Duration::from_secs(grace.clamp(0, STOP_GRACE_MAX_SECONDS) as u64) + KILL_MARGIN)
 }
+
+/// Allowed past a failed Pod's grace period for the kubelet to begin its kill (it reports `Failed` first) and to
+/// finish it (its SIGKILL, the runtime's reaping).
+const KILL_MARGIN: Duration = Duration::from_secs(5);
 
 /// Wait until the Pod `uid` named `name` can run nothing any more: `Some` with a final phase, `None` once a GET
 /// confirms it is gone (absent, or the name holds another Pod). Nothing else ends the wait: a broken watch (410
@@ -617,9 +633,6 @@ fn failed_but_running(pod: &Pod) -> bool {
 /// that is still not stopped `watchers.after` past its grace period is told to `watchers.not_stopping` (once), and one
 /// that cannot start, to `watchers.not_starting` (at each change of why, and once it can).
 async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers<'_>) -> Option<Pod> {
-    // A Pod reported `Failed` while its containers may still run: deleted here, and once gone it is what ended.
-    let mut failed: Option<Pod> = None;
-    let ended = |found: Option<Pod>, failed: &Option<Pod>| found.or_else(|| failed.clone());
     let mut watch = std::pin::pin!(watch_one(pods.clone(), name).default_backoff());
     let mut overdue_at: Option<Instant> = None;
     let mut told = false;
@@ -642,7 +655,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
                         overdue_at = due_in(&pod, watchers);
                         continue;
                     }
-                    found => return ended(found, &failed),
+                    ended => return ended,
                 }
             }
         };
@@ -651,12 +664,6 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
             Ok(Some(pod)) if pod.uid().as_deref() == Some(uid) => {
                 if finished(&pod) {
                     return Some(pod);
-                }
-                if failed_but_running(&pod) && failed.is_none() && pod.metadata.deletion_timestamp.is_none() {
-                    tracing::info!(pod = %name, "the pod failed while its containers may still run: deleting it, \
-                        and waiting until it is gone");
-                    delete_failed(pods, name, &pod).await;
-                    failed = Some(pod.clone());
                 }
                 let why = not_starting(&pod);
                 if why != stuck {
@@ -668,7 +675,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
             }
             Ok(_) => match read(pods, name, uid).await {
                 Some(pod) if !finished(&pod) => {}
-                found => return ended(found, &failed),
+                ended => return ended,
             },
             Err(e) => tracing::warn!(pod = %name, error = %e, "watching the attempt's pod failed; watching again"),
         }
@@ -677,7 +684,7 @@ async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watche
     loop {
         match read(pods, name, uid).await {
             Some(pod) if !finished(&pod) => tokio::time::sleep(Backoff::MAX).await,
-            found => return ended(found, &failed),
+            ended => return ended,
         }
     }
 }
@@ -696,21 +703,6 @@ fn stop_params(pod: &Pod) -> DeleteParams {
         preconditions: Some(Preconditions { uid: pod.uid(), resource_version: None }),
         grace_period_seconds: Some(grace.clamp(1, STOP_GRACE_MAX_SECONDS) as u32),
         ..Default::default()
-    }
-}
-
-/// Delete the Pod `pod` named `name`, which failed while its containers may still run ([`stop_params`]). Tried until
-/// the apiserver takes it (or says it is gone).
-async fn delete_failed(pods: &Api<Pod>, name: &str, pod: &Pod) {
-    let dp = stop_params(pod);
-    let mut backoff = Backoff::new();
-    loop {
-        match crate::unreadable::delete(pods, name, &dp).await {
-            Ok(()) => return,
-            Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return,
-            Err(e) => tracing::warn!(pod = %name, error = %e, "could not delete the failed pod; trying again"),
-        }
-        backoff.wait().await;
     }
 }
 
@@ -1118,12 +1110,12 @@ mod tests {
         assert_eq!(grace(Some(0)), Some(1));
     }
 
-    /// The kubelet reports `Failed` past `activeDeadlineSeconds`, or on eviction, before it kills the containers: a
-    /// Pod so reported while a container (or an init container) is still shown running has not finished.
+    /// The kubelet reports `Failed` past `activeDeadlineSeconds`, or on eviction, before it kills the containers: such
+    /// a Pod (a container shown running, or that reason) may run for its grace period after, at most ten minutes.
     #[test]
-    fn a_pod_reported_failed_while_a_container_is_shown_running_has_not_finished() {
+    fn a_pod_failed_before_its_containers_were_killed_may_run_for_its_grace_period() {
         use k8s_openapi::api::core::v1::{
-            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus,
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, PodSpec,
         };
         let container = |running: bool| ContainerStatus {
             name: "main".into(),
@@ -1134,22 +1126,25 @@ mod tests {
             }),
             ..Default::default()
         };
-        let pod = |phase: &str, init: Option<bool>, main: Option<bool>| Pod {
+        let pod = |phase: &str, reason: Option<&str>, init: Option<bool>, main: Option<bool>, grace: Option<i64>| Pod {
+            spec: Some(PodSpec { termination_grace_period_seconds: grace, ..Default::default() }),
             status: Some(PodStatus {
                 phase: Some(phase.into()),
+                reason: reason.map(str::to_string),
                 init_container_statuses: init.map(|r| vec![container(r)]),
                 container_statuses: main.map(|r| vec![container(r)]),
                 ..Default::default()
             }),
             ..Default::default()
         };
-        assert!(!finished(&pod("Failed", None, Some(true))), "past its deadline, still running");
-        assert!(!finished(&pod("Failed", Some(true), None)), "an init container still running");
-        assert!(finished(&pod("Failed", None, Some(false))) && finished(&pod("Failed", None, None)));
-        assert!(finished(&pod("Succeeded", None, Some(false))));
-        assert!(!finished(&pod("Running", None, Some(true))));
-        assert!(failed_but_running(&pod("Failed", None, Some(true))));
-        assert!(!failed_but_running(&pod("Running", None, Some(true))), "running, not failed");
+        let secs = |s: u64| Some(Duration::from_secs(s) + KILL_MARGIN);
+        assert_eq!(kill_pending(&pod("Failed", Some("DeadlineExceeded"), None, Some(true), Some(10))), secs(10));
+        assert_eq!(kill_pending(&pod("Failed", None, Some(true), None, None)), secs(30), "an init container running");
+        assert_eq!(kill_pending(&pod("Failed", Some("Evicted"), None, None, Some(10))), secs(10), "statuses dropped");
+        assert_eq!(kill_pending(&pod("Failed", None, None, Some(true), Some(315_360_000))), secs(600));
+        assert_eq!(kill_pending(&pod("Failed", None, None, Some(false), Some(10))), None, "its containers stopped");
+        assert_eq!(kill_pending(&pod("Succeeded", None, None, Some(false), None)), None);
+        assert_eq!(kill_pending(&pod("Running", None, None, Some(true), None)), None, "running, not failed");
     }
 
     #[test]
