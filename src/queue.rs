@@ -181,6 +181,10 @@ const KEPT_ANNOTATIONS: [&str; 4] = [
 /// attempt is handled). An attempt runs from the job as its claim's write returns it, whole.
 pub fn slim(job: &mut BackgroundJob) {
     job.metadata.managed_fields = None;
+    // Of its owners, only a schedule's is read (`recurring::definition_of`); finalizers are not read at all.
+    let schedule = crate::recurring::definition_of(job).cloned();
+    job.metadata.owner_references = schedule.map(|o| vec![o]);
+    job.metadata.finalizers = None;
     if let Some(labels) = job.metadata.labels.as_mut() {
         labels.retain(|k, _| KEPT_LABELS.contains(&k.as_str()));
     }
@@ -209,15 +213,28 @@ pub fn slim(job: &mut BackgroundJob) {
     }
 }
 
-/// Drop from a cached definition what its scheduling never reads: managed fields, kubectl's copy of the last applied
-/// manifest, and its job template's arguments and Pod template (whose presence is kept). A job is made only from the
-/// definition as read from the apiserver (`recurring`), never from this copy. Arguments decoded take many times
-/// their text (a number in an array, 32 bytes), and a definition may hold 1.5 MB of them.
+/// Drop from a cached definition what its scheduling never reads: managed fields, its labels, annotations (but the
+/// unreadable marks), owners and finalizers, and its job template's metadata (what `recurring::template_problem`
+/// finds in it is kept, as an in-memory mark), arguments and Pod template (whose presence is kept). A job is made
+/// only from the definition as read from the apiserver (`recurring`), never from this copy. Arguments decoded take
+/// many times their text (a number in an array, 32 bytes), and a definition may hold 1.5 MB of them, or of small
+/// labels.
 pub fn slim_definition(def: &mut RecurringBackgroundJob) {
     def.metadata.managed_fields = None;
+    let problem = crate::recurring::template_problem(def);
+    def.metadata.labels = None;
     if let Some(annotations) = def.metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        annotations.retain(|k, _| crate::unreadable::MARKS.contains(&k.as_str()));
+        if let Some(problem) = problem {
+            annotations.insert(crate::unreadable::TEMPLATE_PROBLEM_ANNOTATION.to_string(), problem);
+        }
+    } else if let Some(problem) = problem {
+        let mark = (crate::unreadable::TEMPLATE_PROBLEM_ANNOTATION.to_string(), problem);
+        def.metadata.annotations = Some([mark].into());
     }
+    def.metadata.owner_references = None;
+    def.metadata.finalizers = None;
+    def.spec.job_template.metadata = Default::default();
     let spec = &mut def.spec.job_template.spec;
     spec.args = None;
     if spec.template.is_some() {
@@ -319,12 +336,20 @@ mod tests {
         let mut annotations = many.clone();
         annotations.insert("bgjobs.dev/scheduled-time".into(), "2026-12-01T00:00:00Z".into());
         annotations.insert("bgjobs.dev/batch-index".into(), "3".into());
+        let owner = |kind: &str, i: usize| serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": kind, "name": format!("o{i}"), "uid": format!("u{i}")});
+        let mut owners: Vec<_> = (0..1000).map(|i| owner("BackgroundJob", i)).collect();
+        owners.push(owner("RecurringBackgroundJob", 1000));
+        let finalizers: Vec<_> = (0..1000).map(|i| format!("example.com/f{i}")).collect();
         let mut job: BackgroundJob = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "j", "labels": labels, "annotations": annotations},
+            "metadata": {"name": "j", "labels": labels, "annotations": annotations, "ownerReferences": owners,
+                         "finalizers": finalizers},
             "spec": {"jobName": "send", "http": {"url": "http://127.0.0.1:1/x", "headers": many}}
         }))
         .unwrap();
         slim(&mut job);
+        let owners: Vec<_> = job.owner_references().iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(owners, ["o1000"], "the schedule's, which `recurring` reads");
+        assert!(job.finalizers().is_empty());
         let kept = |m: &std::collections::BTreeMap<String, String>| m.keys().cloned().collect::<Vec<_>>();
         assert_eq!(kept(job.labels()), ["bgjobs.dev/batch", "bgjobs.dev/recurring"]);
         assert_eq!(kept(job.annotations()), ["bgjobs.dev/batch-index", "bgjobs.dev/scheduled-time"]);
@@ -339,12 +364,20 @@ mod tests {
                          "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}}}
         }))
         .unwrap();
+        def.metadata.labels = Some(many.iter().map(|(k, _)| (k.clone(), String::new())).collect());
         slim_definition(&mut def);
         let spec = &def.spec.job_template.spec;
         assert!(spec.args.is_none() && spec.template == Some(Default::default()), "a Pod template, as nothing");
-        assert!(def.annotations().is_empty());
-        assert_eq!(def.spec.job_template.metadata.labels["team"], "a", "what `recurring::plan` checks stays");
+        assert!(def.annotations().is_empty() && def.labels().is_empty());
+        assert!(def.spec.job_template.metadata.labels.is_empty());
         assert!(serde_json::to_string(&def).unwrap().len() < 1_000);
+        // What `recurring` finds wrong in the template's metadata is kept, not the metadata.
+        let mut bad = def.clone();
+        bad.spec.job_template.metadata.labels = many.keys().map(|k| (k.clone(), "not a label value!".into())).collect();
+        let found = crate::recurring::template_problem(&bad).expect("a label value Kubernetes refuses");
+        slim_definition(&mut bad);
+        assert_eq!(crate::recurring::template_problem(&bad), Some(found));
+        assert!(serde_json::to_string(&bad).unwrap().len() < 1_000);
     }
 
     #[test]

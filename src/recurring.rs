@@ -316,8 +316,12 @@ fn invalid_schedule(message: String) -> Plan {
 
 /// What in `def`'s job template the apiserver would refuse in every job made from it, and the CRD schema lets
 /// through: a label key or value, or an annotation key, that Kubernetes does not allow.
-fn template_problem(def: &RecurringBackgroundJob) -> Option<String> {
+pub fn template_problem(def: &RecurringBackgroundJob) -> Option<String> {
     use crate::names::{is_label_value, is_qualified_name};
+    // A cached definition keeps what was found, not the metadata it was found in (`queue::slim_definition`).
+    if let Some(found) = def.annotations().get(crate::unreadable::TEMPLATE_PROBLEM_ANNOTATION) {
+        return Some(found.clone());
+    }
     let metadata = &def.spec.job_template.metadata;
     const KEY: &str = "an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' and '.', \
                        starting and ending with a letter or digit";

@@ -37,6 +37,9 @@ pub const UNREADABLE_ANNOTATION: &str = "bgjobs.dev/unreadable";
 const NEWER_ANNOTATION: &str = "bgjobs.dev/unreadable-perhaps-newer";
 /// The annotations [`standing`] reads: what a cache that drops annotations must keep.
 pub const MARKS: [&str; 2] = [UNREADABLE_ANNOTATION, NEWER_ANNOTATION];
+/// Annotation on the copy in memory of a cached definition whose job template's metadata was dropped
+/// (`queue::slim_definition`): what `recurring` found wrong in it. Never on the cluster.
+pub const TEMPLATE_PROBLEM_ANNOTATION: &str = "bgjobs.dev/template-problem";
 
 /// A kind whose objects may be stored in a shape its type cannot hold.
 pub trait Unreadable: Resource + DeserializeOwned {
@@ -186,6 +189,7 @@ fn unmark(meta: &mut ObjectMeta) {
     if let Some(a) = meta.annotations.as_mut() {
         a.remove(UNREADABLE_ANNOTATION);
         a.remove(NEWER_ANNOTATION);
+        a.remove(TEMPLATE_PROBLEM_ANNOTATION);
     }
 }
 
