@@ -221,7 +221,8 @@ pub fn slim(job: &mut BackgroundJob) {
 /// labels.
 pub fn slim_definition(def: &mut RecurringBackgroundJob) {
     def.metadata.managed_fields = None;
-    let problem = crate::recurring::template_problem(def);
+    // At most as long as the condition that reports it (a bad label value may be long).
+    let problem = crate::recurring::template_problem(def).map(|p| p.chars().take(1024).collect::<String>());
     def.metadata.labels = None;
     if let Some(annotations) = def.metadata.annotations.as_mut() {
         annotations.retain(|k, _| crate::unreadable::MARKS.contains(&k.as_str()));
@@ -378,6 +379,11 @@ mod tests {
         slim_definition(&mut bad);
         assert_eq!(crate::recurring::template_problem(&bad), Some(found));
         assert!(serde_json::to_string(&bad).unwrap().len() < 1_000);
+        // The mark is no longer than the condition that reports it.
+        let mut long = def.clone();
+        long.spec.job_template.metadata.labels = [("a".to_string(), "!".repeat(100_000))].into();
+        slim_definition(&mut long);
+        assert!(serde_json::to_string(&long).unwrap().len() < 2_000);
     }
 
     #[test]

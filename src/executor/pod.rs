@@ -95,6 +95,11 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
         return Err("spec.template.spec.containers is empty: a Pod needs at least one container".into());
     }
     spec.restart_policy = Some("Never".into());
+    // The kubelet's own kills (past `activeDeadlineSeconds`, an eviction) take the Pod's grace period: capped as the
+    // operator's deletions are, so that a failed Pod's hold ([`kill_pending`]) covers them.
+    if let Some(grace) = spec.termination_grace_period_seconds.as_mut() {
+        *grace = (*grace).min(STOP_GRACE_MAX_SECONDS);
+    }
     let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
     let mut env = vec![
         ("BGJOBS_JOB", format!("{}/{}", ctx.namespace, ctx.name)),
@@ -233,14 +238,7 @@ pub async fn run(
         Err(ended) => return ended,
     };
     match until_stopped(&pods, &name, &uid, watchers).await {
-        Some(pod) => {
-            if let Some(hold) = kill_pending(&pod) {
-                tracing::info!(pod = %name, ?hold, "the pod failed before its containers were killed: waiting for the \
-                    kill (its grace period) before the attempt ends");
-                tokio::time::sleep(hold).await;
-            }
-            outcome(&pod)
-        }
+        Some(pod) => outcome(&pod),
         None => AttemptResult::Retryable(format!("pod {name} was deleted before it finished")),
     }
 }
@@ -602,22 +600,29 @@ fn finished(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
 }
 
-/// How long a Pod reported `Failed` may still run: the kubelet reports a Pod past its `activeDeadlineSeconds`
-/// (`DeadlineExceeded`), or evicted, `Failed` *before* it kills its containers, within the Pod's grace period (and
-/// on 1.20 never reports them stopped). Such a Pod is kept, as any failed Pod, and its attempt ends only once that
-/// grace (at most [`STOP_GRACE_MAX_SECONDS`]) and [`KILL_MARGIN`] have passed since it was seen `Failed`. Deleting
-/// it would not do: the apiserver removes a `Failed` Pod at once, so its being gone proves nothing. `None` for a Pod
-/// whose containers are all shown stopped, or that did not fail.
+/// How long a Pod reported `Failed` may still run. The kubelet reports a Pod past its `activeDeadlineSeconds`
+/// (`DeadlineExceeded`), evicted, preempted, or refused when it restarts, `Failed` *before* it kills its containers,
+/// within the Pod's grace period (and on 1.20 never reports them stopped). So unless every container of the Pod is
+/// shown stopped (terminated, or never started), its attempt ends only once that grace (capped at
+/// [`STOP_GRACE_MAX_SECONDS`] when the Pod is made, [`pod_for`]) and [`KILL_MARGIN`] have passed since it was seen
+/// `Failed` ([`until_stopped`]). Deleting it would not do: the apiserver removes a `Failed` Pod at once, so its being
+/// gone proves nothing. `None` for a Pod that did not fail, or whose containers all stopped.
 fn kill_pending(pod: &Pod) -> Option<Duration> {
     let status = pod.status.as_ref().filter(|s| s.phase.as_deref() == Some("Failed"))?;
-    let statuses = [&status.init_container_statuses, &status.container_statuses, &status.ephemeral_container_statuses];
-    let running =
-        statuses.into_iter().flatten().flatten().any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
-    let killed_after = matches!(status.reason.as_deref(), Some("DeadlineExceeded" | "Evicted"));
-    if !running && !killed_after {
+    let spec = pod.spec.as_ref();
+    let shown: Vec<&k8s_openapi::api::core::v1::ContainerStatus> =
+        [&status.init_container_statuses, &status.container_statuses, &status.ephemeral_container_statuses]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+    let running = shown.iter().any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+    // An eviction or a refusal writes no container statuses at all: nothing says the containers stopped.
+    let unshown = spec.is_some_and(|s| s.containers.iter().any(|c| !shown.iter().any(|st| st.name == c.name)));
+    if !running && !unshown {
         return None;
     }
-    let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+    let grace = spec.and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
     Some(Duration::from_secs(grace.clamp(0, STOP_GRACE_MAX_SECONDS) as u64) + KILL_MARGIN)
 }
 
@@ -633,6 +638,18 @@ const KILL_MARGIN: Duration = Duration::from_secs(5);
 /// that is still not stopped `watchers.after` past its grace period is told to `watchers.not_stopping` (once), and one
 /// that cannot start, to `watchers.not_starting` (at each change of why, and once it can).
 async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers<'_>) -> Option<Pod> {
+    let ended = until_final(pods, name, uid, watchers).await;
+    // A `Failed` Pod whose containers are not all shown stopped may still run: the kubelet's kill is waited out.
+    if let Some(hold) = ended.as_ref().and_then(kill_pending) {
+        tracing::info!(pod = %name, ?hold, "the pod failed before its containers were shown stopped: waiting out its \
+            grace period for the kubelet's kill");
+        tokio::time::sleep(hold).await;
+    }
+    ended
+}
+
+/// [`until_stopped`] up to the Pod's final phase, or its absence.
+async fn until_final(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers<'_>) -> Option<Pod> {
     let mut watch = std::pin::pin!(watch_one(pods.clone(), name).default_backoff());
     let mut overdue_at: Option<Instant> = None;
     let mut told = false;
@@ -930,6 +947,10 @@ async fn request_deletion(
                         && p.metadata.deletion_timestamp.is_none();
                     return Some((uid, succeeded));
                 }
+                // Being deleted already (by anyone): waited for within the grace it was given, not shortened.
+                if p.metadata.deletion_timestamp.is_some() {
+                    return Some((uid, false));
+                }
                 // Not while the claim is out of date: it may come back (a late confirmation), or the caller's bound
                 // ends this first.
                 while !may_act() {
@@ -1110,8 +1131,9 @@ mod tests {
         assert_eq!(grace(Some(0)), Some(1));
     }
 
-    /// The kubelet reports `Failed` past `activeDeadlineSeconds`, or on eviction, before it kills the containers: such
-    /// a Pod (a container shown running, or that reason) may run for its grace period after, at most ten minutes.
+    /// The kubelet reports `Failed` past `activeDeadlineSeconds`, on eviction, preemption or a refusal, before it kills
+    /// the containers: such a Pod (a container shown running, or not shown at all) may run for its grace period after,
+    /// at most ten minutes.
     #[test]
     fn a_pod_failed_before_its_containers_were_killed_may_run_for_its_grace_period() {
         use k8s_openapi::api::core::v1::{
@@ -1126,8 +1148,13 @@ mod tests {
             }),
             ..Default::default()
         };
+        let main_container = k8s_openapi::api::core::v1::Container { name: "main".into(), ..Default::default() };
         let pod = |phase: &str, reason: Option<&str>, init: Option<bool>, main: Option<bool>, grace: Option<i64>| Pod {
-            spec: Some(PodSpec { termination_grace_period_seconds: grace, ..Default::default() }),
+            spec: Some(PodSpec {
+                termination_grace_period_seconds: grace,
+                containers: vec![main_container.clone()],
+                ..Default::default()
+            }),
             status: Some(PodStatus {
                 phase: Some(phase.into()),
                 reason: reason.map(str::to_string),
@@ -1141,6 +1168,7 @@ mod tests {
         assert_eq!(kill_pending(&pod("Failed", Some("DeadlineExceeded"), None, Some(true), Some(10))), secs(10));
         assert_eq!(kill_pending(&pod("Failed", None, Some(true), None, None)), secs(30), "an init container running");
         assert_eq!(kill_pending(&pod("Failed", Some("Evicted"), None, None, Some(10))), secs(10), "statuses dropped");
+        assert_eq!(kill_pending(&pod("Failed", Some("Preempting"), None, None, Some(10))), secs(10), "any reason");
         assert_eq!(kill_pending(&pod("Failed", None, None, Some(true), Some(315_360_000))), secs(600));
         assert_eq!(kill_pending(&pod("Failed", None, None, Some(false), Some(10))), None, "its containers stopped");
         assert_eq!(kill_pending(&pod("Succeeded", None, None, Some(false), None)), None);
@@ -1310,6 +1338,19 @@ mod tests {
         assert_eq!(env["BGJOBS_JOB"], "ns/render-7");
         assert_eq!(env["BGJOBS_ARGS"], r#"{"page":3}"#);
         assert_eq!(env["KEEP"], "1");
+    }
+
+    /// The kubelet's own kills (past the Pod's deadline, an eviction) use the Pod's grace: capped as the operator's
+    /// deletions are, so a failed Pod's hold covers them; a grace within the cap, or none, is left as written.
+    #[test]
+    fn a_pods_grace_period_is_capped_at_ten_minutes() {
+        let grace = |g: Option<i64>| {
+            let mut j = job();
+            j.spec.template.as_mut().unwrap().spec.as_mut().unwrap().termination_grace_period_seconds = g;
+            pod_for(&j, &ctx(1)).unwrap().spec.unwrap().termination_grace_period_seconds
+        };
+        assert_eq!(grace(Some(315_360_000)), Some(STOP_GRACE_MAX_SECONDS));
+        assert_eq!((grace(Some(45)), grace(None)), (Some(45), None));
     }
 
     #[test]
