@@ -472,38 +472,46 @@ async fn a_timed_out_pod_that_ignores_sigterm_has_stopped_before_the_next_attemp
 /// Past its `activeDeadlineSeconds` the kubelet reports a Pod `Failed` first and kills its containers after, within
 /// the Pod's grace period (10 s here, the container ignoring SIGTERM), and on 1.20 never reports them stopped.
 /// Before: `Failed` ended the attempt at once, and the retry's Pod ran beside the first one's container, still
-/// running. Now the attempt ends once that grace has passed; the Pod is kept, and the two Pods' logs (a timestamp a
-/// second) show the first stopped before the second began.
+/// running. Now the attempt ends once that grace has passed, also when the attempt times out meanwhile (`timed`: its
+/// stop finds the Pod `Failed`); the Pod is kept, and the two Pods' logs (a timestamp a second) show the first
+/// stopped before the second began.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_failed_past_its_active_deadline_has_stopped_before_the_next_attempts_pod_runs() {
     let env = on_node("pod-active-deadline").await;
-    let history = PodHistory::watch(&env, &["deadline"]).await;
+    let jobs = [("deadline", json!({})), ("timed", json!({"attemptTimeoutSeconds": 8}))];
+    let history = PodHistory::watch(&env, &jobs.clone().map(|(name, _)| name)).await;
     let _r = env.replica("r", &[]);
     let script = "trap '' TERM; while true; do date +%s; sleep 1; done";
-    let mut spec = shell_job(script, json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}));
-    spec["template"]["spec"]["activeDeadlineSeconds"] = json!(4);
-    spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(10);
-    env.create("deadline", spec).await;
-    let done = env.wait_job("deadline", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
-    assert_eq!((done.phase(), done.attempts()), (Phase::Failed, 2), "{:?}", done.status);
-    let why = done.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
-    assert!(why.contains("deadline"), "the reason names the deadline: {why}");
-    let events = history.events();
-    let failed_running = history.first("deadline-1", |e| e.phase == "Failed" && e.state == "running");
-    assert!(
-        failed_running.is_some(),
-        "the first Pod was never shown Failed while running: the test showed nothing: {events:?}"
-    );
+    for (name, extra) in &jobs {
+        let mut spec = shell_job(script, json!({"retry": {"maxAttempts": 2, "backoffSeconds": 0}}));
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        spec["template"]["spec"]["activeDeadlineSeconds"] = json!(4);
+        spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(10);
+        env.create(name, spec).await;
+    }
+    env.wait_until(3 * MINUTE, "both final", |all| all.len() == jobs.len() && all.iter().all(|j| j.phase().is_final()))
+        .await;
     let stamps = |log: String| log.lines().filter_map(|l| l.trim().parse::<i64>().ok()).collect::<Vec<_>>();
-    let first = stamps(pod_log(&env.client, &env.ns, "deadline-1").await);
-    let second = stamps(pod_log(&env.client, &env.ns, "deadline-2").await);
-    let (Some(last_of_first), Some(first_of_second)) = (first.last(), second.first()) else {
-        panic!("both Pods logged: {first:?} {second:?}");
-    };
-    assert!(
-        last_of_first < first_of_second,
-        "the first attempt's container ran until {last_of_first}, the second's from {first_of_second}: {events:?}"
-    );
+    for (name, _) in &jobs {
+        let done = env.jobs.get(name).await.unwrap();
+        assert_eq!((done.phase(), done.attempts()), (Phase::Failed, 2), "{name}: {:?}", done.status);
+        let events = history.events();
+        let (first, second) = (format!("{name}-1"), format!("{name}-2"));
+        let failed_running = history.first(&first, |e| e.phase == "Failed" && e.state == "running");
+        assert!(
+            failed_running.is_some(),
+            "{name}: never shown Failed while running: the test showed nothing: {events:?}"
+        );
+        let first = stamps(pod_log(&env.client, &env.ns, &first).await);
+        let second = stamps(pod_log(&env.client, &env.ns, &second).await);
+        let (Some(last_of_first), Some(first_of_second)) = (first.last(), second.first()) else {
+            panic!("{name}: both Pods logged: {first:?} {second:?}");
+        };
+        assert!(
+            last_of_first < first_of_second,
+            "{name}: the first attempt's container ran until {last_of_first}, the second's from {first_of_second}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
