@@ -222,16 +222,15 @@ pub fn slim(job: &mut BackgroundJob) {
 pub fn slim_definition(def: &mut RecurringBackgroundJob) {
     def.metadata.managed_fields = None;
     // At most as long as the condition that reports it (a bad label value may be long).
-    let problem = crate::recurring::template_problem(def).map(|p| p.chars().take(1024).collect::<String>());
+    let problem = crate::recurring::template_problem(def)
+        .map(|p| p.chars().take(crate::status::MAX_CONDITION_MESSAGE).collect::<String>());
     def.metadata.labels = None;
     if let Some(annotations) = def.metadata.annotations.as_mut() {
         annotations.retain(|k, _| crate::unreadable::MARKS.contains(&k.as_str()));
-        if let Some(problem) = problem {
-            annotations.insert(crate::unreadable::TEMPLATE_PROBLEM_ANNOTATION.to_string(), problem);
-        }
-    } else if let Some(problem) = problem {
-        let mark = (crate::unreadable::TEMPLATE_PROBLEM_ANNOTATION.to_string(), problem);
-        def.metadata.annotations = Some([mark].into());
+    }
+    if let Some(problem) = problem {
+        let annotations = def.metadata.annotations.get_or_insert_with(Default::default);
+        annotations.insert(crate::unreadable::TEMPLATE_PROBLEM_ANNOTATION.to_string(), problem);
     }
     def.metadata.owner_references = None;
     def.metadata.finalizers = None;

@@ -156,6 +156,9 @@ fn set_condition(s: &mut BackgroundJobStatus, type_: &str, status: &str, reason:
     upsert_condition(&mut s.conditions, generation, type_, status, reason, message, now);
 }
 
+/// The longest a condition's message is kept (characters).
+pub const MAX_CONDITION_MESSAGE: usize = 1024;
+
 /// Set the condition `type_` in `conditions` (standard semantics: `lastTransitionTime` moves only when the status
 /// changes; messages are capped at 1024 characters). Shared by every bgjobs resource's status.
 pub fn upsert_condition(
@@ -167,7 +170,7 @@ pub fn upsert_condition(
     message: &str,
     now: Timestamp,
 ) {
-    let message: String = message.chars().take(1024).collect();
+    let message: String = message.chars().take(MAX_CONDITION_MESSAGE).collect();
     if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
         if c.status != status {
             c.last_transition_time = Time(now);

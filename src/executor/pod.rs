@@ -622,8 +622,7 @@ fn kill_pending(pod: &Pod) -> Option<Duration> {
     if !running && !unshown {
         return None;
     }
-    let grace = spec.and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
-    Some(Duration::from_secs(grace.clamp(0, STOP_GRACE_MAX_SECONDS) as u64) + KILL_MARGIN)
+    Some(Duration::from_secs(grace_of(pod).max(0) as u64) + KILL_MARGIN)
 }
 
 /// Allowed past a failed Pod's grace period for the kubelet to begin its kill (it reports `Failed` first) and to
@@ -711,14 +710,21 @@ async fn until_final(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers
 /// stopping attempt holds its slots, its concurrency key and the next attempt back until the Pod has stopped.
 pub const STOP_GRACE_MAX_SECONDS: i64 = 600;
 
+/// The Pod's termination grace period (Kubernetes' default 30 s if it sets none), at most
+/// [`STOP_GRACE_MAX_SECONDS`]: how long a stop ([`stop_params`]) or a kill the kubelet began ([`kill_pending`]) may
+/// take.
+fn grace_of(pod: &Pod) -> i64 {
+    let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+    grace.min(STOP_GRACE_MAX_SECONDS)
+}
+
 /// How the operator deletes a Pod it stops: that Pod only (its UID), within its grace period, at most
 /// [`STOP_GRACE_MAX_SECONDS`] and at least 1 s (a grace of 0 removes the Pod at once, before its containers have
 /// stopped, and its being gone would prove nothing).
 fn stop_params(pod: &Pod) -> DeleteParams {
-    let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
     DeleteParams {
         preconditions: Some(Preconditions { uid: pod.uid(), resource_version: None }),
-        grace_period_seconds: Some(grace.clamp(1, STOP_GRACE_MAX_SECONDS) as u32),
+        grace_period_seconds: Some(grace_of(pod).max(1) as u32),
         ..Default::default()
     }
 }
