@@ -345,6 +345,66 @@ async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
     wait_no_pods(&env, "too-slow", "timed out").await;
 }
 
+/// Anyone who may patch Pods can remove the job's UID label from a running attempt's Pod. Before, the Pod was then a
+/// stranger: the cancel's stop found no Pod of the job, the job was recorded `Cancelled` at once and its Pod left
+/// running (a retry's Pod would have run beside it). Now its controller, the job, still makes it the job's: the stop
+/// deletes it and waits for it (its shell ignores SIGTERM: the kubelet kills it at its 5 s grace) before the job is
+/// recorded `Cancelled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_attempts_pod_whose_uid_label_was_removed_is_still_stopped_before_its_job_ends() {
+    let env = on_node("pod-unlabelled").await;
+    let _r = env.replica("r", &[]);
+    let mut spec = shell_job("trap '' TERM; sleep 120", json!({}));
+    spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(5);
+    env.create("unlabelled", spec).await;
+    wait_pod_phase(&env, "unlabelled", "Running").await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let unlabel = json!({"metadata": {"labels": {"bgjobs.dev/job-uid": null}}});
+    pods.patch("unlabelled-1", &PatchParams::default(), &Patch::Merge(unlabel)).await.unwrap();
+    env.jobs
+        .patch("unlabelled", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}})))
+        .await
+        .unwrap();
+    let done = env.wait_job("unlabelled", MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(done.phase(), Phase::Cancelled, "{:?}", done.status);
+    if let Some(pod) = pods.get_opt("unlabelled-1").await.unwrap() {
+        assert!(
+            matches!(phase(&pod), "Succeeded" | "Failed"),
+            "the job was recorded Cancelled while its Pod was still {} (being deleted: {:?})",
+            phase(&pod),
+            pod.metadata.deletion_timestamp
+        );
+    }
+}
+
+/// Anyone who may create Pods in the namespace can make an attempt's Pod (`<job>-<n>`, with the job's UID label)
+/// before the attempt does. Before, the attempt's create met it, took it for its own (its label said so) and took its
+/// outcome: the job `Succeeded` without its template having run. Now a Pod is the attempt's only if it carries the id
+/// the attempt's creates send: the job fails, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_made_ahead_under_an_attempts_name_is_not_taken_for_the_attempts() {
+    let env = on_node("pod-forged").await;
+    // No replica yet: the job waits while its first attempt's Pod is made by someone else.
+    env.create("forged", shell_job("exit 0", json!({}))).await;
+    let uid = env.jobs.get("forged").await.unwrap().uid().unwrap();
+    let mut spec = shell_job("exit 0", json!({}))["template"]["spec"].clone();
+    spec["restartPolicy"] = json!("Never");
+    let forged: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "forged-1", "labels": {"bgjobs.dev/job": "forged", "bgjobs.dev/job-uid": uid}},
+        "spec": spec,
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.create(&Default::default(), &forged).await.unwrap();
+    wait_pod_phase(&env, "forged", "Succeeded").await;
+    let _r = env.replica("r", &[]);
+    let done = env.wait_job("forged", MINUTE, "final", |j| j.phase().is_final()).await;
+    let s = done.status.unwrap();
+    let last_error = s.last_error.unwrap_or_default();
+    assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 1), "{last_error}");
+    assert!(last_error.contains("no create of the attempt made it"), "{last_error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_replica_cap_counts_pod_jobs() {
     let env = on_node("pod-cap").await;

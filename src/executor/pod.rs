@@ -1,7 +1,8 @@
 //! The Pod executor: a job with `spec.template` runs as one Pod per attempt.
 //!
-//! The Pod of attempt `n` is named `<job>-<n>` (deterministic), owned by the job and labelled with the job's name,
-//! UID and the attempt, so:
+//! The Pod of attempt `n` is named `<job>-<n>` (deterministic), owned by the job, labelled with the job's name,
+//! UID and the attempt, and annotated with an id its creates send ([`CREATE_ID_ANNOTATION`]: a Pod made under its
+//! name by anyone else is not the attempt's), so:
 //! - a create after a takeover meets AlreadyExists and the new holder adopts the running Pod instead of starting a
 //!   twin (a takeover of a Pod job keeps the attempt number: the work was not lost, only its watcher);
 //! - deleting the job deletes its Pods (garbage collection);
@@ -81,6 +82,11 @@ use crate::retry::AttemptResult;
 pub const JOB_UID_LABEL: &str = "bgjobs.dev/job-uid";
 /// Label with the attempt number.
 pub const ATTEMPT_LABEL: &str = "bgjobs.dev/attempt";
+/// Annotation with a random id that every create of one attempt's Pod sends ([`start`]): the replica that sends them
+/// takes a Pod under the attempt's name for its attempt's only if it carries that id. The job's label and owner do not
+/// prove it: anyone who may create Pods in the namespace can write them, and a Pod made ahead of the attempt would
+/// have its outcome taken for the attempt's (a job `Succeeded` without its template having run).
+pub const CREATE_ID_ANNOTATION: &str = "bgjobs.dev/create-id";
 
 /// Name of the Pod of `attempt` of `job`.
 pub fn pod_name(job: &BackgroundJob, attempt: i32) -> String {
@@ -250,7 +256,7 @@ const CREATE_PATIENCE: Duration = Duration::from_secs(90);
 /// The instant, on this machine's monotonic clock, `after` past the start of `job`'s attempt (its `startTime`, by the
 /// cluster's clock, as `now` is); `after` from now without one.
 fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Instant {
-    let started = job.status.as_ref().and_then(|s| s.start_time.as_ref()).map_or(now, |t| t.0);
+    let started = attempt_began(job).unwrap_or(now);
     let at = started.checked_add(SignedDuration::try_from(after).unwrap_or_default()).unwrap_or(started);
     Instant::now() + at.duration_since(now).try_into().unwrap_or(Duration::ZERO)
 }
@@ -263,7 +269,7 @@ fn past_start(job: &BackgroundJob, after: Duration, now: jiff::Timestamp) -> Ins
 /// A Running job without a `startTime` (every claim writes one; only a hand-written status lacks it) has no such
 /// bound: now, rather than a wait that would start over at every look and never end.
 pub fn no_create_lands_after(job: &BackgroundJob, now: jiff::Timestamp) -> Instant {
-    if job.status.as_ref().and_then(|s| s.start_time.as_ref()).is_none() {
+    if attempt_began(job).is_none() {
         return Instant::now();
     }
     past_start(job, CREATE_PATIENCE + CREATE_LANDS_WITHIN + crate::clock::REPLICAS_AGREE_WITHIN, now)
@@ -295,7 +301,10 @@ async fn start(
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
     let policy = &executor.policy;
-    let wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
+    let mut wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
+    let create_id = crate::report::token::new_key();
+    wanted.annotations_mut().insert(CREATE_ID_ANNOTATION.into(), create_id.clone());
+    let made = Maker::ThisAttempt(&create_id);
     if let Some(spec) = &wanted.spec {
         policy.check(&ctx.namespace, spec).map_err(|denial| {
             AttemptResult::Permanent(format!("the Pod policy refused the job's Pod, none was created: {denial}"))
@@ -330,7 +339,7 @@ async fn start(
         match api_code(&e) {
             // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
             // namesake's Pod collected), create ours.
-            Some(409) => match find(pods, job, &ctx.uid, name).await.0 {
+            Some(409) => match find(pods, job, &ctx.uid, name, Some(&made)).await.0 {
                 Found::Ours { uid, .. } => {
                     tracing::info!(pod = %name, "adopted the attempt's pod");
                     return Ok(uid);
@@ -361,7 +370,7 @@ async fn start(
     if let Some(sent) = unanswered {
         tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
     }
-    existing(find(pods, job, &ctx.uid, name).await.0, name)?.ok_or(failed)
+    existing(find(pods, job, &ctx.uid, name, Some(&made)).await.0, name)?.ok_or(failed)
 }
 
 /// Whether a create that failed with this answer (`None`: none came) may still have made, or yet make, the Pod: no
@@ -442,7 +451,9 @@ async fn adopt(
     now: jiff::Timestamp,
 ) -> Result<String, AttemptResult> {
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver).
-    let found = landed(pods, job, &ctx.uid, name, LateCreates::until(no_create_lands_after(job, now)), None).await;
+    let late = LateCreates::until(no_create_lands_after(job, now));
+    let made = attempt_began(job).map(Maker::Began);
+    let found = landed(pods, job, &ctx.uid, name, late, None, made.as_ref()).await;
     existing(found, name)?.ok_or_else(|| {
         AttemptResult::Retryable(format!(
             "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work may \
@@ -490,11 +501,12 @@ async fn landed(
     name: &str,
     late: LateCreates,
     stopped: Option<&str>,
+    made: Option<&Maker<'_>>,
 ) -> Found {
     loop {
         // Judged as of when the read was sent, not when its answer came: a read served before a late create landed
         // and answered after the bound says nothing of that create.
-        match find(pods, job, job_uid, name).await {
+        match find(pods, job, job_uid, name, made).await {
             (Found::Ours { uid, kept }, _) if stopped != Some(uid.as_str()) => return Found::Ours { uid, kept },
             (found, sent) if late.over(&found, sent) => return found,
             _ => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -513,15 +525,24 @@ pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) 
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers): what holds the name, and when
-/// the read that answered was sent (it shows nothing that landed after that).
-async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -> (Found, Instant) {
+/// the read that answered was sent (it shows nothing that landed after that). With `made`, a Pod of the job's that
+/// its attempt's creates cannot have made is another's ([`Maker::refuses`]); without, any Pod of the job's is (a
+/// stop stops whatever runs under the job's name).
+async fn find(
+    pods: &Api<Pod>,
+    job: &BackgroundJob,
+    job_uid: &str,
+    name: &str,
+    made: Option<&Maker<'_>>,
+) -> (Found, Instant) {
     let mut backoff = Backoff::new();
     loop {
         let sent = Instant::now();
         match crate::unreadable::get_opt(pods, name).await {
-            Ok(Some(p)) if belongs(&p, job_uid) => {
-                return (Found::Ours { uid: p.uid().unwrap_or_default(), kept: keeps_name(&p) }, sent);
-            }
+            Ok(Some(p)) if belongs(&p, job_uid) => match made.and_then(|m| m.refuses(&p)) {
+                None => return (Found::Ours { uid: p.uid().unwrap_or_default(), kept: keeps_name(&p) }, sent),
+                Some(why) => return (Found::Other(AttemptResult::Permanent(why)), sent),
+            },
             Ok(Some(p)) => return (Found::Other(not_ours(&p, job)), sent),
             Ok(None) => return (Found::Absent, sent),
             Err(e) => tracing::warn!(pod = %name, error = %e, "cannot read the attempt's pod; trying again"),
@@ -530,8 +551,60 @@ async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str) -
     }
 }
 
+/// Whether the Pod is one of the job's: labelled with its UID, or controlled by it. Either does: a label or an owner
+/// removed by hand (anyone who may patch Pods can) must not make a running attempt's Pod a stranger that a stop
+/// leaves running beside the retry's.
 fn belongs(pod: &Pod, job_uid: &str) -> bool {
     pod.labels().get(JOB_UID_LABEL).map(String::as_str) == Some(job_uid)
+        || pod.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == job_uid)
+}
+
+/// Who made the attempt's Pod, as far as the replica that looks for it can tell.
+enum Maker<'a> {
+    /// This replica's creates of the attempt's Pod, each sending this [`CREATE_ID_ANNOTATION`].
+    ThisAttempt(&'a str),
+    /// An earlier holder of the attempt (it is adopted), which began then (`status.startTime`, the cluster's clock).
+    Began(jiff::Timestamp),
+}
+
+impl Maker<'_> {
+    /// Why a Pod of the job's under the attempt's name cannot be the attempt's, if it cannot: it lacks the id this
+    /// replica's creates sent, or it was created before the attempt began (by more than the attempt's start, written
+    /// by one replica's estimate of the cluster's clock, and a creation time in whole seconds may be off).
+    fn refuses(&self, pod: &Pod) -> Option<String> {
+        let name = pod.name_any();
+        match self {
+            Maker::ThisAttempt(id) => {
+                (pod.annotations().get(CREATE_ID_ANNOTATION) != Some(&id.to_string())).then(|| {
+                    format!(
+                        "pod {name} carries this job's UID, but no create of the attempt made it (it was created by \
+                     someone else under the attempt's name); its outcome is not taken for the attempt's"
+                    )
+                })
+            }
+            Maker::Began(began) => {
+                let created = pod.metadata.creation_timestamp.as_ref()?.0;
+                let allowance = SignedDuration::try_from(MADE_BEFORE_ALLOWANCE).unwrap_or_default();
+                (created.checked_add(allowance).ok()? < *began).then(|| {
+                    format!(
+                        "pod {name} carries this job's UID, but was created at {created}, before the attempt began \
+                         at {began} (someone else created it under the attempt's name); its outcome is not taken for \
+                         the attempt's"
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// How much earlier than its attempt's `startTime` the attempt's own Pod may seem created: the start is one replica's
+/// estimate of the cluster's clock, and the creation time comes in whole seconds.
+const MADE_BEFORE_ALLOWANCE: Duration =
+    Duration::from_millis(crate::clock::REPLICAS_AGREE_WITHIN.as_millis() as u64 + 1000);
+
+/// When the job's current attempt began (`status.startTime`), if its status says.
+fn attempt_began(job: &BackgroundJob) -> Option<jiff::Timestamp> {
+    job.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0)
 }
 
 /// How an attempt ends when its Pod's name is taken by a Pod that is not this job's. A Pod left by an earlier job of
@@ -909,7 +982,7 @@ pub async fn stop(
     let mut stopped: Option<String> = None;
     let mut succeeded = None;
     loop {
-        let Found::Ours { uid, .. } = landed(&pods, job, &job_uid, &name, late, stopped.as_deref()).await else {
+        let Found::Ours { uid, .. } = landed(&pods, job, &job_uid, &name, late, stopped.as_deref(), None).await else {
             return succeeded.unwrap_or(false);
         };
         if stopped.as_ref() == Some(&uid) {
@@ -1181,6 +1254,52 @@ mod tests {
         assert_eq!(kill_pending(&pod("Running", None, None, Some(true), None)), None, "running, not failed");
     }
 
+    /// A Pod is the job's by its UID label or its controller: either one removed by hand leaves it the job's (a stop
+    /// still stops it). Another job's owner, or a label naming another UID, does not make it so.
+    #[test]
+    fn a_pod_is_the_jobs_by_its_uid_label_or_by_its_controller() {
+        let pod = pod_for(&job(), &ctx(1)).unwrap();
+        assert!(belongs(&pod, "uid-7"), "made for the job");
+        let mut unlabelled = pod.clone();
+        unlabelled.labels_mut().remove(JOB_UID_LABEL);
+        assert!(belongs(&unlabelled, "uid-7"), "its label removed, its controller still says so");
+        let mut disowned = pod.clone();
+        disowned.metadata.owner_references = None;
+        assert!(belongs(&disowned, "uid-7"), "its owner removed, its label still says so");
+        let mut neither = unlabelled.clone();
+        neither.metadata.owner_references = None;
+        assert!(!belongs(&neither, "uid-7"));
+        assert!(!belongs(&pod, "uid-8"), "another job's");
+        let mut not_controller = unlabelled;
+        not_controller.metadata.owner_references.as_mut().unwrap()[0].controller = Some(false);
+        assert!(!belongs(&not_controller, "uid-7"), "an owner that is not the controller");
+    }
+
+    /// A Pod of the job's under the attempt's name is the attempt's for the replica that creates it only if it
+    /// carries the id its creates sent, and for an adopter only if it was not created before the attempt began.
+    #[test]
+    fn a_pod_of_the_jobs_is_the_attempts_only_if_its_creates_can_have_made_it() {
+        let at = |s: i64| jiff::Timestamp::from_second(s).unwrap();
+        let made = |id: Option<&str>, created: i64| {
+            let mut p = pod_for(&job(), &ctx(1)).unwrap();
+            if let Some(id) = id {
+                p.annotations_mut().insert(CREATE_ID_ANNOTATION.into(), id.into());
+            }
+            p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(created)));
+            p
+        };
+        let this = Maker::ThisAttempt("id-1");
+        assert_eq!(this.refuses(&made(Some("id-1"), 1000)), None, "made by one of its creates");
+        let forged = this.refuses(&made(None, 1000)).expect("no create of the attempt made it");
+        assert!(forged.contains("no create of the attempt made it"), "{forged}");
+        assert!(this.refuses(&made(Some("id-2"), 1000)).is_some(), "another create's id");
+        let adopter = Maker::Began(at(1000));
+        assert_eq!(adopter.refuses(&made(None, 1002)), None, "created after the attempt began");
+        assert_eq!(adopter.refuses(&made(None, 995)), None, "within what the start's estimate may be off by");
+        let early = adopter.refuses(&made(Some("any"), 994)).expect("created before the attempt began");
+        assert!(early.contains("before the attempt began"), "{early}");
+    }
+
     #[test]
     fn only_a_finished_pod_that_is_not_being_deleted_keeps_its_name() {
         let pod = |phase: &str, deleted: bool| {
@@ -1241,7 +1360,7 @@ mod tests {
         });
         let pods: Api<Pod> = Api::namespaced(client, "ns");
         let late = LateCreates::until(Instant::now() + Duration::from_secs(30));
-        let found = landed(&pods, &job(), "uid-7", "render-7-1", late, None).await;
+        let found = landed(&pods, &job(), "uid-7", "render-7-1", late, None, None).await;
         assert!(
             matches!(&found, Found::Ours { uid, .. } if uid == "pod-uid"),
             "the late create's Pod must be found and stopped, not the look ended as absent"
