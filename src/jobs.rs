@@ -34,7 +34,7 @@ pub use crate::recurring::trigger as trigger_recurring;
 pub fn spec(job_name: &str, args: serde_json::Value) -> BackgroundJobSpec {
     let mut s: BackgroundJobSpec =
         serde_json::from_value(serde_json::json!({ "jobName": job_name })).expect("a minimal spec always parses");
-    s.args = Some(args);
+    s.args = Some(args.into());
     s
 }
 
@@ -274,7 +274,8 @@ pub fn is_batch_job(job: &BackgroundJob, batch: &str, index: usize) -> bool {
 /// operator's types cannot hold (a stand-in) is judged by its batch label and index alone.
 fn same_work(existing: &BackgroundJob, wanted: &BackgroundJob) -> bool {
     let stand_in = kube::ResourceExt::annotations(existing).contains_key(crate::wire::UNREADABLE_ANNOTATION);
-    let same_args = crate::api::same_once_stored(existing.spec.args.as_ref(), wanted.spec.args.as_ref());
+    let value = |job: &BackgroundJob| job.spec.args.as_ref().and_then(|a| a.value().ok());
+    let same_args = crate::api::same_once_stored(value(existing).as_ref(), value(wanted).as_ref());
     stand_in || (existing.spec.job_name == wanted.spec.job_name && same_args)
 }
 
@@ -495,12 +496,12 @@ mod tests {
         assert!(same_work(&j, &j.clone()));
         // Its args as the apiserver gave them back: whole floats without their decimal.
         let mut sent = j.clone();
-        sent.spec.args = Some(serde_json::json!({"scale": 1.0}));
+        sent.spec.args = Some(serde_json::json!({"scale": 1.0}).into());
         let mut stored = j.clone();
-        stored.spec.args = Some(serde_json::json!({"scale": 1}));
+        stored.spec.args = Some(serde_json::json!({"scale": 1}).into());
         assert!(same_work(&stored, &sent));
         let mut other = j.clone();
-        other.spec.args = Some(serde_json::json!({"day": 2}));
+        other.spec.args = Some(serde_json::json!({"day": 2}).into());
         assert!(!same_work(&j, &other));
         other.spec = spec("report", serde_json::json!({}));
         assert!(!same_work(&j, &other));

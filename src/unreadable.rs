@@ -442,15 +442,28 @@ mod tests {
     }
 
     #[test]
-    fn args_nested_deeper_than_any_reader_goes_is_bad_input_and_still_a_stand_in() {
+    fn a_value_nested_deeper_than_any_reader_goes_is_bad_input_and_still_a_stand_in() {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         let text = format!(
-            r#"{{"kind":"BackgroundJob","metadata":{{"name":"deep"}},"spec":{{"jobName":"noop","cancel":true,"args":{deep}}},"status":{{"phase":"Waiting"}}}}"#
+            r#"{{"kind":"BackgroundJob","metadata":{{"name":"deep"}},"spec":{{"jobName":"noop","cancel":true}},"status":{{"phase":"Waiting","result":{deep}}}}}"#
         );
         assert!(serde_json::from_str::<serde_json::Value>(&text).is_err(), "deeper than serde_json's limit");
         let job: BackgroundJob = decode_text(&text).unwrap();
         assert!(matches!(standing(&job), Some(Standing::Fail(_))), "{:?}", standing(&job));
         assert!(job.spec.cancel && job.phase() == Phase::Waiting);
+    }
+
+    /// Arguments are kept as their text ([`crate::api::Args`]), read at any depth: a job whose arguments nest deeper
+    /// than a `Value` is read is itself, not a stand-in (the handler that decodes them says they do not fit).
+    #[test]
+    fn args_nested_deeper_than_a_value_is_read_are_kept_as_their_text() {
+        let deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        let text = format!(
+            r#"{{"kind":"BackgroundJob","metadata":{{"name":"deep"}},"spec":{{"jobName":"noop","args":{deep}}},"status":{{"phase":"Waiting"}}}}"#
+        );
+        let job: BackgroundJob = decode_text(&text).unwrap();
+        assert!(standing(&job).is_none());
+        assert_eq!(job.spec.args.as_ref().map(|a| a.text()), Some(deep.as_str()));
     }
 
     #[test]

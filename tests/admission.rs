@@ -351,7 +351,7 @@ async fn a_template_patch_by_another_user_is_refused_and_cancel_and_retry_still_
     bgjobs::jobs::cancel(&as_alice, "ssa").await.expect("bgjobs cancel passes the webhook");
     let forced = as_alice.patch("ssa", &pp.clone().force(), &Patch::Apply(&manifest)).await.expect("forced re-apply");
     assert!(forced.spec.cancel, "a re-apply without `cancel` keeps the cancel another manager wrote");
-    assert_eq!(forced.spec.args, Some(json!({"a": 1, "b": {"c": 2}})));
+    assert_eq!(forced.spec.args.map(|a| a.value().unwrap()), Some(json!({"a": 1, "b": {"c": 2}})));
     let entries = forced.metadata.managed_fields.as_deref().unwrap_or_default();
     let applied = entries.iter().find(|e| e.manager.as_deref() == Some("alice-ssa")).expect("the applier's entry");
     let fields = &applied.fields_v1.as_ref().expect("fieldsV1").0;

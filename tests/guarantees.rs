@@ -1056,6 +1056,43 @@ async fn a_job_whose_managed_fields_are_nested_too_deep_to_read_runs_once_and_it
     assert!(cancelled.spec.cancel);
 }
 
+/// A tenant may store about 1.3 MB of `args` in a job, under etcd's limit. As numbers in an array, decoded into
+/// JSON values (32 bytes each) they took about 20 times that, and a replica holds a running job several times over
+/// (its claim's answer, the attempt's copy, its reporting handle's, the executor's arguments): sixteen such jobs
+/// running on one replica took it past the chart's 512 Mi limit, OOM-killed, and its jobs taken over by the next
+/// replica in turn. Now arguments are kept as their text and decoded only into the handler's own type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_jobs_with_the_largest_args_a_tenant_can_store_run_on_one_replica_within_half_the_charts_memory_limit()
+{
+    const JOBS: usize = 16;
+    let env = TestEnv::new("large-args").await;
+    // The chart's leases: each status write sends and stores the whole job, which takes this apiserver a second or
+    // more at this size (beyond the tests' usual 2 s renew deadline once sixteen claims queue up).
+    let flags = ["--max-concurrent-jobs-per-instance", "16", "--lease-duration", "15s", "--renew-deadline", "10s"];
+    let r = env.replica_with("r", &flags, &common::ReplicaOptions { test_worker: true, ..Default::default() });
+    let pad = vec![0u8; 650_000];
+    for i in 0..JOBS {
+        // `record` ignores what it does not know: the padding is read only by the operator. A minute each, so that
+        // all sixteen run at once although each claim takes a second or more.
+        env.create(&format!("large-{i}"), json!({"jobName": "record", "args": {"ms": 60_000, "pad": pad}})).await;
+    }
+    env.wait_until(4 * MINUTE, "all succeeded", |jobs| jobs.len() == JOBS && all_in(jobs, Phase::Succeeded)).await;
+    // The most it held at any time (read while it still runs).
+    let peak = peak_rss_mib(r.pid());
+    eprintln!("the replica peaked at {peak} MiB");
+    let runs = executions(&env.invocations());
+    assert_eq!(runs.len(), JOBS, "each ran once: {runs:?}");
+    assert_eq!(max_overlap(&runs, now_ms()), JOBS, "all ran at once, or the test showed nothing: {runs:?}");
+    assert!(peak > 0 && peak <= 256, "the replica peaked at {peak} MiB running {JOBS} jobs with 1.3 MB of args each");
+}
+
+/// The most memory process `pid` has held (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next());
+    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) / 1024
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_edited_into_a_shape_the_operator_cannot_read_still_gets_its_outcome() {
     use kube::api::{ApiResource, DynamicObject};

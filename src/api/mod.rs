@@ -8,9 +8,11 @@
 //! what only the operator can detect (an unknown `jobName`, args that do not fit the handler) ends in phase
 //! `Failed` with a readable `lastError`.
 
+mod args;
 pub mod installed;
 mod recurring;
 
+pub use args::Args;
 pub use recurring::*;
 
 use std::collections::BTreeMap;
@@ -67,7 +69,7 @@ pub struct BackgroundJobSpec {
     /// argument type; the HTTP executor POSTs it as the request body; Pods get it in `BGJOBS_ARGS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
-    pub args: Option<serde_json::Value>,
+    pub args: Option<Args>,
 
     /// Dispatch priority: higher priorities start first; within one priority, jobs start in the order they were
     /// enqueued. One of `Low`, `BelowNormal`, `Normal` (default), `AboveNormal`, `High`.

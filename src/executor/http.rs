@@ -34,7 +34,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
 
 use super::JobContext;
-use crate::api::HttpTarget;
+use crate::api::{Args, HttpTarget};
 use crate::policy::EgressPolicy;
 use crate::retry::AttemptResult;
 
@@ -153,7 +153,7 @@ impl HttpExecutor {
         &self,
         target: &HttpTarget,
         ctx: &JobContext,
-        args: &serde_json::Value,
+        args: &Args,
         attempt_timeout_seconds: Option<i64>,
     ) -> AttemptResult {
         let url = match Url::parse(&target.url) {
@@ -195,7 +195,8 @@ impl HttpExecutor {
         };
         let mut req = client
             .post(url.clone())
-            .json(args)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(args.text().to_string())
             .header("Idempotency-Key", &ctx.uid)
             .header("X-BGJobs-Job", format!("{}/{}", ctx.namespace, ctx.name))
             .header("X-BGJobs-Attempt", ctx.attempt.to_string())
@@ -322,7 +323,7 @@ mod tests {
     async fn a_name_resolving_to_the_metadata_address_is_refused_before_any_connection() {
         let lookup = scripted(&[&["169.254.169.254"]]);
         let exec = HttpExecutor::new(EgressPolicy::default(), lookup.clone());
-        let r = exec.post(&target("http://metadata.example:80/latest"), &ctx(), &serde_json::json!({}), None).await;
+        let r = exec.post(&target("http://metadata.example:80/latest"), &ctx(), &Args::default(), None).await;
         let AttemptResult::Permanent(msg) = r else { panic!("expected a permanent failure, got {r:?}") };
         assert!(msg.contains("refused by the egress policy (metadata.example is 169.254.169.254)"), "{msg}");
         assert!(msg.contains("rule `metadata`") && msg.contains("nothing was sent"), "{msg}");
@@ -343,7 +344,7 @@ mod tests {
         let lookup = scripted(&[&["127.0.0.1"], &["169.254.169.254"]]);
         let exec = HttpExecutor::new(EgressPolicy::default(), lookup.clone());
         let url = format!("http://rebind.example:{port}/hook");
-        let r = exec.post(&target(&url), &ctx(), &serde_json::json!({}), None).await;
+        let r = exec.post(&target(&url), &ctx(), &Args::default(), None).await;
         assert!(matches!(r, AttemptResult::Succeeded), "{r:?}");
         assert_eq!(*lookup.1.lock().unwrap(), 1, "one lookup: the connection used the checked answer");
         let request = server.await.unwrap();
@@ -371,7 +372,7 @@ mod tests {
             seen
         });
         let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
-        let r = exec.post(&target(&format!("http://127.0.0.1:{port}/")), &ctx(), &serde_json::json!({}), None).await;
+        let r = exec.post(&target(&format!("http://127.0.0.1:{port}/")), &ctx(), &Args::default(), None).await;
         let AttemptResult::Permanent(msg) = r else { panic!("expected a permanent failure, got {r:?}") };
         assert!(msg.contains("307") && msg.contains("redirects are not followed"), "{msg}");
         assert_eq!(server.await.unwrap(), 1, "one request: the redirect was not followed");
@@ -409,7 +410,7 @@ mod tests {
             timeout_seconds: None,
         };
         let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
-        let (ctx, args) = (ctx(), serde_json::json!({}));
+        let (ctx, args) = (ctx(), Args::default());
         let endless = b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n";
         let (port, server) = serve(endless, true).await;
         let target = no_timeout(port);
@@ -506,7 +507,7 @@ mod reserved_headers {
             .into(),
             timeout_seconds: Some(5),
         };
-        let r = exec.post(&target, &ctx(), &serde_json::json!({}), None).await;
+        let r = exec.post(&target, &ctx(), &Args::default(), None).await;
         match &r {
             AttemptResult::Permanent(m) => assert!(m.contains("\"Host\"") && m.contains("nothing was sent"), "{m}"),
             other => panic!("{other:?}"),
@@ -538,15 +539,14 @@ mod reserved_headers {
             headers: [(name.to_string(), value.to_string())].into(),
             timeout_seconds: Some(5),
         };
-        let r = exec
-            .post(&target("Content-Type", "application/cloudevents+json"), &ctx(), &serde_json::json!({}), None)
-            .await;
+        let r =
+            exec.post(&target("Content-Type", "application/cloudevents+json"), &ctx(), &Args::default(), None).await;
         assert!(matches!(r, AttemptResult::Succeeded), "{r:?}");
         let (listener, head) = server.await.unwrap();
         assert_eq!(head.matches("content-type:").count(), 1, "one Content-Type: {head}");
         assert!(head.contains("content-type: application/cloudevents+json"), "{head}");
         assert_eq!(head.matches("idempotency-key:").count(), 1, "{head}");
-        let r = exec.post(&target("idempotency-key", "another-jobs-uid"), &ctx(), &serde_json::json!({}), None).await;
+        let r = exec.post(&target("idempotency-key", "another-jobs-uid"), &ctx(), &Args::default(), None).await;
         match &r {
             AttemptResult::Permanent(m) => {
                 assert!(m.contains("idempotency-key") && m.contains("nothing was sent"), "{m}")
@@ -574,7 +574,7 @@ mod reserved_headers {
                 headers: [(name.to_string(), value.to_string())].into(),
                 timeout_seconds: Some(5),
             };
-            let r = exec.post(&target, &ctx(), &serde_json::json!({}), None).await;
+            let r = exec.post(&target, &ctx(), &Args::default(), None).await;
             match &r {
                 AttemptResult::Permanent(m) => assert!(m.contains(expected) && m.contains("nothing was sent"), "{m}"),
                 other => panic!("{name:?}: {other:?}"),

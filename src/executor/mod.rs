@@ -24,7 +24,7 @@ pub async fn execute(
     watchers: &pod::Watchers<'_>,
 ) -> AttemptResult {
     let (registry, http, pods, client) = (&worker.registry, &worker.http, &worker.pods, &worker.client);
-    let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
+    let args = job.spec.args.clone().unwrap_or_default();
     if job.spec.template.is_some() {
         return pod::run(client, pods, job, &ctx, now, watchers).await;
     }

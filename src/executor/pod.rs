@@ -106,12 +106,12 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     if let Some(grace) = spec.termination_grace_period_seconds.as_mut() {
         *grace = (*grace).min(STOP_GRACE_MAX_SECONDS);
     }
-    let args = job.spec.args.clone().unwrap_or_else(|| serde_json::json!({}));
+    let args = job.spec.args.clone().unwrap_or_default();
     let mut env = vec![
         ("BGJOBS_JOB", format!("{}/{}", ctx.namespace, ctx.name)),
         ("BGJOBS_JOB_UID", ctx.uid.clone()),
         ("BGJOBS_ATTEMPT", ctx.attempt.to_string()),
-        ("BGJOBS_ARGS", args.to_string()),
+        ("BGJOBS_ARGS", args.text().to_string()),
     ];
     if let (Some(url), Some(token)) = (ctx.report.url(), ctx.report.token()) {
         env.push(("BGJOBS_REPORT_URL", url.to_string()));

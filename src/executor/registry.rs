@@ -21,6 +21,7 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::Args;
 use crate::retry::AttemptResult;
 
 /// What a handler knows about the attempt it runs.
@@ -65,7 +66,7 @@ impl std::fmt::Display for JobError {
     }
 }
 
-type Handler = Arc<dyn Fn(JobContext, serde_json::Value) -> BoxFuture<'static, AttemptResult> + Send + Sync>;
+type Handler = Arc<dyn Fn(JobContext, Args) -> BoxFuture<'static, AttemptResult> + Send + Sync>;
 
 /// Handlers by `jobName`.
 #[derive(Clone, Default)]
@@ -96,11 +97,11 @@ impl Registry {
     {
         let handler = Arc::new(handler);
         let name = job_name.to_string();
-        let erased: Handler = Arc::new(move |ctx: JobContext, args: serde_json::Value| {
+        let erased: Handler = Arc::new(move |ctx: JobContext, args: Args| {
             let handler = handler.clone();
             let name = name.clone();
             async move {
-                let args: A = match serde_json::from_value(args) {
+                let args: A = match args.decode() {
                     Ok(a) => a,
                     Err(e) => return AttemptResult::Permanent(format!("spec.args do not fit handler {name:?}: {e}")),
                 };
@@ -122,7 +123,7 @@ impl Registry {
     }
 
     /// Run the handler for `ctx.job_name`; an unknown name fails the job permanently.
-    pub fn run(&self, ctx: JobContext, args: serde_json::Value) -> BoxFuture<'static, AttemptResult> {
+    pub fn run(&self, ctx: JobContext, args: Args) -> BoxFuture<'static, AttemptResult> {
         match self.handlers.get(&ctx.job_name) {
             Some(h) => h(ctx, args),
             None => {
@@ -167,15 +168,18 @@ mod tests {
         r.register("even", |_ctx, a: Args| async move {
             if a.n.is_multiple_of(2) { Ok(()) } else { Err(JobError::Retryable(format!("{} is odd", a.n))) }
         });
-        assert_eq!(r.run(ctx("even"), serde_json::json!({"n": 2})).await, AttemptResult::Succeeded);
-        assert_eq!(r.run(ctx("even"), serde_json::json!({"n": 3})).await, AttemptResult::Retryable("3 is odd".into()));
+        assert_eq!(r.run(ctx("even"), serde_json::json!({"n": 2}).into()).await, AttemptResult::Succeeded);
+        assert_eq!(
+            r.run(ctx("even"), serde_json::json!({"n": 3}).into()).await,
+            AttemptResult::Retryable("3 is odd".into())
+        );
     }
 
     #[tokio::test]
     async fn malformed_args_fail_permanently_with_the_reason() {
         let mut r = Registry::new();
         r.register("even", |_ctx, _a: Args| async { Ok(()) });
-        match r.run(ctx("even"), serde_json::json!({"n": "two"})).await {
+        match r.run(ctx("even"), serde_json::json!({"n": "two"}).into()).await {
             AttemptResult::Permanent(m) => assert!(m.contains("spec.args do not fit handler \"even\""), "{m}"),
             other => panic!("expected a permanent failure, got {other:?}"),
         }
@@ -184,7 +188,7 @@ mod tests {
     #[tokio::test]
     async fn an_unknown_job_name_fails_permanently_and_lists_what_is_registered() {
         let r = Registry::with_builtins();
-        match r.run(ctx("SendEmail"), serde_json::json!({})).await {
+        match r.run(ctx("SendEmail"), serde_json::json!({}).into()).await {
             AttemptResult::Permanent(m) => {
                 assert!(m.contains("\"SendEmail\"") && m.contains("registered: fail, noop, sleep"), "{m}")
             }
