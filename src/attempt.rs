@@ -417,6 +417,8 @@ async fn run_claimed(
             // attempt may run once its outcome is recorded, nor beside a retry's. A shutdown meanwhile hands the
             // attempt over: its adopter, or a replica settling it, does the same.
             let may_act = || hold.is_current();
+            // A Pod of the job's that the attempt cannot have made (made ahead under its name) did not do its work.
+            let made = worker.pods.maker(&job, fence.attempt);
             let mut pod_succeeded = false;
             let handed_over = tokio::select! {
                 biased;
@@ -434,7 +436,7 @@ async fn run_claimed(
                     );
                     true
                 }
-                succeeded = executor::pod::stop(&worker.client, &job, fence.attempt, late, &may_act, &watchers) => {
+                succeeded = executor::pod::stop(&worker.client, &job, fence.attempt, late, &may_act, &watchers, &made) => {
                     pod_succeeded = succeeded;
                     false
                 }

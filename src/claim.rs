@@ -751,7 +751,8 @@ pub async fn settle(
             not_starting: &|_, _| {},
         };
         let late = crate::executor::pod::LateCreates::until(settled_by);
-        let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &watchers);
+        let made = crate::executor::pod::Maker::elsewhere(job);
+        let stop = crate::executor::pod::stop(client, job, job.attempts(), late, &may_act, &watchers, &made);
         let Ok(succeeded) = tokio::time::timeout_at(until.into(), stop).await else {
             lease::release(&leases, &held.lease).await?;
             // Judged now, not when the settle began (a renew deadline ago).

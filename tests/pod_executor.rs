@@ -386,23 +386,50 @@ async fn a_pod_made_ahead_under_an_attempts_name_is_not_taken_for_the_attempts()
     let env = on_node("pod-forged").await;
     // No replica yet: the job waits while its first attempt's Pod is made by someone else.
     env.create("forged", shell_job("exit 0", json!({}))).await;
-    let uid = env.jobs.get("forged").await.unwrap().uid().unwrap();
-    let mut spec = shell_job("exit 0", json!({}))["template"]["spec"].clone();
-    spec["restartPolicy"] = json!("Never");
-    let forged: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "forged-1", "labels": {"bgjobs.dev/job": "forged", "bgjobs.dev/job-uid": uid}},
-        "spec": spec,
-    }))
-    .unwrap();
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
-    pods.create(&Default::default(), &forged).await.unwrap();
-    wait_pod_phase(&env, "forged", "Succeeded").await;
+    forge_first_pod(&env, "forged").await;
     let _r = env.replica("r", &[]);
     let done = env.wait_job("forged", MINUTE, "final", |j| j.phase().is_final()).await;
     let s = done.status.unwrap();
     let last_error = s.last_error.unwrap_or_default();
     assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 1), "{last_error}");
     assert!(last_error.contains("no create of the attempt made it"), "{last_error}");
+}
+
+/// The same Pod made ahead, met by the attempt's stop instead of its create: the attempt times out while its create
+/// waits on a slow admission webhook, and its stop finds the Pod made ahead, `Succeeded`. Before, a Pod that had
+/// succeeded when the stop found it counted as the attempt's success (its end unseen by a lagging watch): the job
+/// `Succeeded`. Now only a Pod the attempt's creates made does: the job times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_made_ahead_under_an_attempts_name_is_no_success_for_an_attempt_that_timed_out_before_its_create() {
+    let env = on_node("pod-forged-stop").await;
+    let spec = shell_job("exit 0", json!({"attemptTimeoutSeconds": 3, "retry": {"maxAttempts": 1}}));
+    env.create("forged", spec).await;
+    forge_first_pod(&env, "forged").await;
+    // Registered after the Pod made ahead, so that only the attempt's create waits (10 s, then made anyway: it meets
+    // the Pod made ahead).
+    let _webhook = SilentWebhook::register(&env, 10).await;
+    let _r = env.replica("r", &[]);
+    let done = env.wait_job("forged", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let s = done.status.unwrap();
+    let last_error = s.last_error.unwrap_or_default();
+    assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 1), "{last_error}");
+    assert!(last_error.contains("timed out") || last_error.contains("timeout"), "{last_error}");
+}
+
+/// Make `<job>-1` as someone other than the operator would: labelled with the job's UID, running `exit 0`; wait until
+/// it has succeeded.
+async fn forge_first_pod(env: &TestEnv, job: &str) {
+    let uid = env.jobs.get(job).await.unwrap().uid().unwrap();
+    let mut spec = shell_job("exit 0", json!({}))["template"]["spec"].clone();
+    spec["restartPolicy"] = json!("Never");
+    let forged: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("{job}-1"), "labels": {"bgjobs.dev/job": job, "bgjobs.dev/job-uid": uid}},
+        "spec": spec,
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    pods.create(&Default::default(), &forged).await.unwrap();
+    wait_pod_phase(env, job, "Succeeded").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

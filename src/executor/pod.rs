@@ -153,12 +153,28 @@ pub struct PodExecutor {
     /// answer yet, none ever, or a server error). Such a create may still make the Pod until
     /// [`crate::client::CREATE_LANDS_WITHIN`] after it was sent, also when the attempt ended meanwhile and dropped it.
     unanswered: Mutex<HashMap<(String, i32), Instant>>,
+    /// This process's key for the ids its creates send ([`CREATE_ID_ANNOTATION`]): random, so nobody else can write
+    /// them; per process, because a replica that restarts takes its attempts over as any adopter does.
+    create_ids: ring::hmac::Key,
 }
 
 impl PodExecutor {
     /// A Pod executor that creates what `policy` allows, with no create sent yet.
     pub fn new(policy: PodPolicy) -> Self {
-        PodExecutor { policy, unanswered: Mutex::default() }
+        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("the system's random source works");
+        PodExecutor { policy, unanswered: Mutex::default(), create_ids: key }
+    }
+
+    /// Who may have made the Pod of `attempt` of `job`, for this replica: its own creates, if it started the
+    /// attempt (their id is the same for every create and stop of the attempt, on this process); else, adopted, an
+    /// earlier holder that began the attempt then ([`Maker::elsewhere`]).
+    pub fn maker(&self, job: &BackgroundJob, attempt: i32) -> Maker {
+        if claim::adopted(job, attempt) {
+            return Maker::elsewhere(job);
+        }
+        let tag = ring::hmac::sign(&self.create_ids, format!("{}/{attempt}", job.uid().unwrap_or_default()).as_bytes());
+        Maker::ThisReplica(tag.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Until when a create of this attempt's Pod may still make it, as this replica knows (`now` is the cluster's
@@ -302,9 +318,10 @@ async fn start(
 ) -> Result<String, AttemptResult> {
     let policy = &executor.policy;
     let mut wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
-    let create_id = crate::report::token::new_key();
-    wanted.annotations_mut().insert(CREATE_ID_ANNOTATION.into(), create_id.clone());
-    let made = Maker::ThisAttempt(&create_id);
+    let made = executor.maker(job, ctx.attempt);
+    if let Maker::ThisReplica(id) = &made {
+        wanted.annotations_mut().insert(CREATE_ID_ANNOTATION.into(), id.clone());
+    }
     if let Some(spec) = &wanted.spec {
         policy.check(&ctx.namespace, spec).map_err(|denial| {
             AttemptResult::Permanent(format!("the Pod policy refused the job's Pod, none was created: {denial}"))
@@ -452,8 +469,8 @@ async fn adopt(
 ) -> Result<String, AttemptResult> {
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver).
     let late = LateCreates::until(no_create_lands_after(job, now));
-    let made = attempt_began(job).map(Maker::Began);
-    let found = landed(pods, job, &ctx.uid, name, late, None, made.as_ref()).await;
+    let made = Maker::elsewhere(job);
+    let found = landed(pods, job, &ctx.uid, name, late, None, Some(&made)).await;
     existing(found, name)?.ok_or_else(|| {
         AttemptResult::Retryable(format!(
             "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work may \
@@ -501,7 +518,7 @@ async fn landed(
     name: &str,
     late: LateCreates,
     stopped: Option<&str>,
-    made: Option<&Maker<'_>>,
+    made: Option<&Maker>,
 ) -> Found {
     loop {
         // Judged as of when the read was sent, not when its answer came: a read served before a late create landed
@@ -533,7 +550,7 @@ async fn find(
     job: &BackgroundJob,
     job_uid: &str,
     name: &str,
-    made: Option<&Maker<'_>>,
+    made: Option<&Maker>,
 ) -> (Found, Instant) {
     let mut backoff = Backoff::new();
     loop {
@@ -560,21 +577,30 @@ fn belongs(pod: &Pod, job_uid: &str) -> bool {
 }
 
 /// Who made the attempt's Pod, as far as the replica that looks for it can tell.
-enum Maker<'a> {
+pub enum Maker {
     /// This replica's creates of the attempt's Pod, each sending this [`CREATE_ID_ANNOTATION`].
-    ThisAttempt(&'a str),
-    /// An earlier holder of the attempt (it is adopted), which began then (`status.startTime`, the cluster's clock).
+    ThisReplica(String),
+    /// Another replica (the attempt was adopted, or is settled by a replica that does not hold it), which began the
+    /// attempt then (`status.startTime`, the cluster's clock).
     Began(jiff::Timestamp),
+    /// Another replica, at a time not written (a status written by hand): any Pod of the job's.
+    Unknown,
 }
 
-impl Maker<'_> {
+impl Maker {
+    /// An attempt of `job` started by another replica.
+    pub fn elsewhere(job: &BackgroundJob) -> Maker {
+        attempt_began(job).map_or(Maker::Unknown, Maker::Began)
+    }
+
     /// Why a Pod of the job's under the attempt's name cannot be the attempt's, if it cannot: it lacks the id this
     /// replica's creates sent, or it was created before the attempt began (by more than the attempt's start, written
     /// by one replica's estimate of the cluster's clock, and a creation time in whole seconds may be off).
     fn refuses(&self, pod: &Pod) -> Option<String> {
         let name = pod.name_any();
         match self {
-            Maker::ThisAttempt(id) => {
+            Maker::Unknown => None,
+            Maker::ThisReplica(id) => {
                 (pod.annotations().get(CREATE_ID_ANNOTATION) != Some(&id.to_string())).then(|| {
                     format!(
                         "pod {name} carries this job's UID, but no create of the attempt made it (it was created by \
@@ -960,7 +986,9 @@ pub struct Watchers<'a> {
 /// date: the Pod may be another holder's to watch by then).
 ///
 /// Returns whether the attempt's Pod had already succeeded when first found: a Pod that finished before the attempt
-/// timed out, its end not yet shown by a lagging watch, did the work, and recording a timeout would run it again.
+/// timed out, its end not yet shown by a lagging watch, did the work, and recording a timeout would run it again. Only
+/// a Pod the attempt's creates can have made (`made`, [`Maker::refuses`]) did the attempt's work; any Pod of the job's
+/// is stopped.
 pub async fn stop(
     client: &Client,
     job: &BackgroundJob,
@@ -968,6 +996,7 @@ pub async fn stop(
     late: LateCreates,
     may_act: &(dyn Fn() -> bool + Sync),
     watchers: &Watchers<'_>,
+    made: &Maker,
 ) -> bool {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
     let name = pod_name(job, attempt);
@@ -989,7 +1018,7 @@ pub async fn stop(
             // No create can land any more while the stopped Pod still holds the name.
             return succeeded.unwrap_or(false);
         }
-        match request_deletion(&pods, &name, &job_uid, may_act).await {
+        match request_deletion(&pods, &name, &job_uid, may_act, made).await {
             // Being deleted, or finished already: a finished Pod is left for inspection, and may still be removed (by
             // hand, by the terminated-pod garbage collector) before a create can land no more.
             Some((uid, had_succeeded)) => {
@@ -1006,13 +1035,15 @@ pub async fn stop(
 }
 
 /// Ask for a graceful deletion of this job's Pod named `name` (only that Pod: UID precondition), unless it has
-/// finished; the UID of the Pod to wait for and whether it had succeeded, or `None` if no Pod of this job has that
-/// name any more. Failed calls are tried again. Never sends the delete while `may_act` says no.
+/// finished; the UID of the Pod to wait for and whether it had succeeded (a Pod `made` by the attempt), or `None` if
+/// no Pod of this job has that name any more. Failed calls are tried again. Never sends the delete while `may_act`
+/// says no.
 async fn request_deletion(
     pods: &Api<Pod>,
     name: &str,
     job_uid: &str,
     may_act: &(dyn Fn() -> bool + Sync),
+    made: &Maker,
 ) -> Option<(String, bool)> {
     let mut backoff = Backoff::new();
     loop {
@@ -1023,7 +1054,8 @@ async fn request_deletion(
                     // Succeeded on its own: not a Pod that exited 0 when a deletion (this attempt's, before its
                     // replica handed it over, or anyone's) stopped it.
                     let succeeded = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
-                        && p.metadata.deletion_timestamp.is_none();
+                        && p.metadata.deletion_timestamp.is_none()
+                        && made.refuses(&p).is_none();
                     return Some((uid, succeeded));
                 }
                 // Being deleted already (by anyone): waited for within the grace it was given, not shortened.
@@ -1288,7 +1320,7 @@ mod tests {
             p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(created)));
             p
         };
-        let this = Maker::ThisAttempt("id-1");
+        let this = Maker::ThisReplica("id-1".into());
         assert_eq!(this.refuses(&made(Some("id-1"), 1000)), None, "made by one of its creates");
         let forged = this.refuses(&made(None, 1000)).expect("no create of the attempt made it");
         assert!(forged.contains("no create of the attempt made it"), "{forged}");
@@ -1298,6 +1330,30 @@ mod tests {
         assert_eq!(adopter.refuses(&made(None, 995)), None, "within what the start's estimate may be off by");
         let early = adopter.refuses(&made(Some("any"), 994)).expect("created before the attempt began");
         assert!(early.contains("before the attempt began"), "{early}");
+        assert_eq!(Maker::Unknown.refuses(&made(None, 0)), None, "no start written: any Pod of the job's");
+    }
+
+    /// The id a replica's creates send is the same for every create and stop of one attempt, another for another
+    /// attempt or another process; an adopted attempt's Pod is judged by when the attempt began.
+    #[test]
+    fn a_replica_knows_its_own_attempts_pods_by_an_id_nobody_else_can_write() {
+        let executor = PodExecutor::new(PodPolicy::default());
+        let id = |e: &PodExecutor, job: &BackgroundJob, attempt| match e.maker(job, attempt) {
+            Maker::ThisReplica(id) => id,
+            _ => panic!("this replica's attempt"),
+        };
+        let first = id(&executor, &job(), 1);
+        assert_eq!(first.len(), 32);
+        assert_eq!(id(&executor, &job(), 1), first, "every create and stop of the attempt");
+        assert_ne!(id(&executor, &job(), 2), first, "another attempt");
+        assert_ne!(id(&PodExecutor::new(PodPolicy::default()), &job(), 1), first, "another process");
+        let mut adopted = job();
+        adopted.status = serde_json::from_value(serde_json::json!({"phase": "Running", "attempts": 1,
+            "startTime": "2026-12-06T10:00:00Z",
+            "lastError": "worker a stopped renewing its lease; b adopted attempt 1's pod"}))
+        .unwrap();
+        let began = jiff::Timestamp::from_second(1_796_551_200).unwrap();
+        assert!(matches!(executor.maker(&adopted, 1), Maker::Began(t) if t == began), "adopted: by its start");
     }
 
     #[test]
@@ -1370,18 +1426,24 @@ mod tests {
 
     /// A Pod that succeeded before its attempt timed out, its end not yet shown by a lagging Pod watch, is found
     /// finished when the attempt stops it: `stop` says so (the attempt is then recorded as succeeded, not timed out
-    /// and run again), and deletes nothing. A Pod still running is deleted, and is no success.
+    /// and run again), and deletes nothing. A Pod still running is deleted, and is no success; nor is one the
+    /// attempt's creates cannot have made (someone made it ahead under the attempt's name).
     #[tokio::test(start_paused = true)]
     async fn stopping_an_attempt_whose_pod_already_succeeded_says_so_and_deletes_nothing() {
         // A Pod that exited 0 once a deletion stopped it (an earlier holder's stop, before it handed the attempt
         // over) did not succeed on its own.
         let deleted = Some("2026-12-06T00:00:00Z");
-        for (phase, deletion, succeeded) in
-            [("Succeeded", None, true), ("Failed", None, false), ("Succeeded", deleted, false)]
-        {
+        let (ours, other) = ("id-1", "id-2");
+        for (phase, deletion, id, succeeded) in [
+            ("Succeeded", None, ours, true),
+            ("Failed", None, ours, false),
+            ("Succeeded", deleted, ours, false),
+            ("Succeeded", None, other, false),
+        ] {
             let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "render-7-1", "namespace": "ns", "uid": "pod-uid", "resourceVersion": "5",
-                    "labels": {JOB_UID_LABEL: "uid-7"}, "deletionTimestamp": deletion},
+                    "labels": {JOB_UID_LABEL: "uid-7"}, "annotations": {CREATE_ID_ANNOTATION: id},
+                    "deletionTimestamp": deletion},
                 "status": {"phase": phase}});
             let answer = pod.clone();
             let (client, sent) = crate::testing::scripted_client(move |sent| {
@@ -1402,11 +1464,12 @@ mod tests {
                 not_starting: &|_, _| {},
             };
             let late = LateCreates::until(Instant::now());
-            let said =
-                tokio::time::timeout(Duration::from_secs(60), stop(&client, &job(), 1, late, &|| true, &watchers))
-                    .await
-                    .expect("stop returns once the finished Pod is seen");
-            assert_eq!(said, succeeded, "a {phase} Pod, deletion {deletion:?}");
+            let (made, job) = (Maker::ThisReplica(ours.into()), job());
+            let stopped = stop(&client, &job, 1, late, &|| true, &watchers, &made);
+            let said = tokio::time::timeout(Duration::from_secs(60), stopped)
+                .await
+                .expect("stop returns once the finished Pod is seen");
+            assert_eq!(said, succeeded, "a {phase} Pod, deletion {deletion:?}, create id {id}");
             assert!(sent.lock().unwrap().iter().all(|s| s.method != "DELETE"), "a finished Pod is left for inspection");
         }
     }
