@@ -164,47 +164,40 @@ fn escape(key: &str) -> String {
 /// Answer one AdmissionReview body.
 fn answer(body: &[u8]) -> std::result::Result<Vec<u8>, String> {
     let body = std::str::from_utf8(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
-    let asked: AdmissionReview<DynamicObject> = serde_json::from_str(&without_objects_managed_fields(body))
-        .map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let asked: AdmissionReview<DynamicObject> =
+        serde_json::from_str(&readable_review(body)).map_err(|e| format!("not an AdmissionReview: {e}"))?;
     let req: AdmissionRequest<DynamicObject> = asked.try_into().map_err(|e| format!("{e}"))?;
     let resp = review(&req);
     debug!(uid = %req.uid, operation = ?req.operation, user = ?req.user_info.username, allowed = resp.allowed, "admission review");
     serde_json::to_vec(&resp.into_review()).map_err(|e| e.to_string())
 }
 
-/// `body`, an AdmissionReview, with the managed fields of its object and old object written as null: nothing here
-/// reads them, and a client may nest them deeper than serde_json reads (every write to such an object would be
-/// refused, "not an AdmissionReview").
-fn without_objects_managed_fields(body: &str) -> std::borrow::Cow<'_, str> {
-    use serde_json::value::RawValue;
-    #[derive(serde::Deserialize)]
-    struct Review<'a> {
-        #[serde(borrow)]
-        request: Option<&'a RawValue>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Request<'a> {
-        #[serde(borrow)]
-        object: Option<&'a RawValue>,
-        #[serde(borrow, rename = "oldObject")]
-        old_object: Option<&'a RawValue>,
-    }
-    let request = serde_json::from_str::<Review>(body).ok().and_then(|r| r.request);
-    let Some(request) = request.and_then(|r| serde_json::from_str::<Request>(r.get()).ok()) else {
-        return body.into();
+/// `body`, an AdmissionReview, as the webhook reads it: its object's and old object's managed fields written as null
+/// (nothing here reads them), and their arguments (a job's `spec.args`, a definition's job template's) written as a
+/// digest of their text, which tells a change as well. A client may nest either deeper than serde_json reads values,
+/// and every write to such an object would be refused ("not an AdmissionReview"), a cancel included, while the
+/// replicas read its arguments as text at any depth.
+fn readable_review(body: &str) -> std::borrow::Cow<'_, str> {
+    use crate::unreadable::replace_at;
+    let object = |review: &str, field: &str| {
+        let arguments = |text: &str, path: &[&str]| replace_at(text, path, digest).into_owned();
+        replace_at(review, &["request", field], |object| {
+            let object = crate::unreadable::without_managed_fields(object);
+            let object = arguments(&object, &["spec", "args"]);
+            arguments(&object, &["spec", "jobTemplate", "spec", "args"])
+        })
+        .into_owned()
     };
-    // Borrowed raw values are slices of `body`: each is replaced where it lies, the later one first.
-    let mut spans: Vec<&RawValue> = [request.object, request.old_object].into_iter().flatten().collect();
-    spans.sort_by_key(|r| std::cmp::Reverse(r.get().as_ptr() as usize));
-    let mut out = body.to_string();
-    for span in spans {
-        let Some(start) = (span.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize) else { continue };
-        let end = start + span.get().len();
-        if let std::borrow::Cow::Owned(slim) = crate::unreadable::without_managed_fields(span.get()) {
-            out.replace_range(start..end, &slim);
-        }
-    }
-    out.into()
+    let read = object(&object(body, "object"), "oldObject");
+    if read == body { body.into() } else { read.into() }
+}
+
+/// A JSON value standing for the value `text`: the same for the same text. The apiserver writes the object and the old
+/// object of a review alike (its own encoding, keys sorted), so arguments that did not change have the same text.
+fn digest(text: &str) -> String {
+    let sum = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let hex: String = sum.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    serde_json::json!({ "sha256": hex }).to_string()
 }
 
 /// The serving certificate, reloaded from `tls.crt` and `tls.key` in a directory when either file changes.
@@ -573,5 +566,43 @@ mod tests {
         assert!(serde_json::from_str::<AdmissionReview<DynamicObject>>(&body).is_err(), "the case");
         let out: serde_json::Value = serde_json::from_slice(&answer(body.as_bytes()).unwrap()).unwrap();
         assert_eq!((out["response"]["uid"].as_str(), out["response"]["allowed"].as_bool()), (Some("u-2"), Some(true)));
+    }
+
+    /// Arguments nested deeper than serde_json reads values (which the replicas read as text): a job with them is
+    /// admitted, cancelled like any other, and its arguments still cannot be changed; so for a definition's.
+    #[test]
+    fn a_review_of_an_object_whose_arguments_are_nested_too_deep_is_answered_and_still_guards_them() {
+        let args = |leaf: u8| format!(r#"{{"a":{}{leaf}{}}}"#, "[".repeat(200), "]".repeat(200));
+        let job = |leaf: u8, cancel: bool| {
+            format!(
+                r#"{{"apiVersion":"bgjobs.dev/v1alpha1","kind":"BackgroundJob","metadata":{{"name":"j","namespace":"ns"}},"spec":{{"args":{},"cancel":{cancel},"jobName":"noop"}}}}"#,
+                args(leaf)
+            )
+        };
+        let definition = |leaf: u8, suspend: bool| {
+            format!(
+                r#"{{"apiVersion":"bgjobs.dev/v1alpha1","kind":"RecurringBackgroundJob","metadata":{{"name":"d","namespace":"ns"}},"spec":{{"jobTemplate":{{"spec":{{"args":{},"jobName":"noop"}}}},"schedule":"* * * * *","suspend":{suspend}}}}}"#,
+                args(leaf)
+            )
+        };
+        let review = |kind: &str, operation: &str, object: &str, old: &str| {
+            let resource = format!("{}s", kind.to_lowercase());
+            format!(
+                r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u-3","kind":{{"group":"bgjobs.dev","version":"v1alpha1","kind":"{kind}"}},"resource":{{"group":"bgjobs.dev","version":"v1alpha1","resource":"{resource}"}},"operation":"{operation}","userInfo":{{"username":"bob"}},"object":{object},"oldObject":{old}}}}}"#
+            )
+        };
+        let allowed = |body: String| {
+            let out: serde_json::Value = serde_json::from_slice(&answer(body.as_bytes()).unwrap()).unwrap();
+            out["response"]["allowed"].as_bool().unwrap()
+        };
+        let (jobs, definitions) = ("BackgroundJob", "RecurringBackgroundJob");
+        let create = review(jobs, "CREATE", &job(1, false), "null");
+        assert!(serde_json::from_str::<AdmissionReview<DynamicObject>>(&create).is_err(), "the case");
+        assert!(allowed(create), "created");
+        assert!(allowed(review(jobs, "UPDATE", &job(1, true), &job(1, false))), "cancelled");
+        assert!(!allowed(review(jobs, "UPDATE", &job(2, false), &job(1, false))), "its arguments changed");
+        assert!(allowed(review(definitions, "CREATE", &definition(1, false), "null")));
+        assert!(allowed(review(definitions, "UPDATE", &definition(1, true), &definition(1, false))), "suspended");
+        assert!(!allowed(review(definitions, "UPDATE", &definition(2, false), &definition(1, false))), "changed");
     }
 }

@@ -38,12 +38,22 @@ where
 }
 
 fn print_structured<T: Serialize>(value: &T, output: Output) -> Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(value).map_err(|e| Error::Invalid(e.to_string()))?),
-        Output::Table => unreachable!("tables are printed by each command"),
-    }
+    print!("{}", structured(value, output)?);
     Ok(())
+}
+
+/// `value` as JSON or YAML text.
+fn structured<T: Serialize>(original: &T, output: Output) -> Result<String> {
+    // Through a JSON value: a job's `args` are kept as their JSON text, which a JSON writer would copy as it is (not
+    // indented) and a YAML writer could not take at all. Arguments nested deeper than a value is read are written as
+    // their text, in JSON only.
+    let value = serde_json::to_value(original);
+    Ok(match (output, value) {
+        (Output::Json, Ok(value)) => format!("{}\n", serde_json::to_string_pretty(&value)?),
+        (Output::Json, Err(_)) => format!("{}\n", serde_json::to_string_pretty(original)?),
+        (Output::Yaml, value) => serde_yaml::to_string(&value?).map_err(|e| Error::Invalid(e.to_string()))?,
+        (Output::Table, _) => unreachable!("tables are printed by each command"),
+    })
 }
 
 /// What a command that changed a job prints: `line` for a table, else the job as it now is.
@@ -319,5 +329,15 @@ mod tests {
             "{queries:?}"
         );
         assert!(queries[1].contains("continue=page-2"), "{queries:?}");
+    }
+
+    /// A job's `args`, kept as JSON text, are written as YAML like the rest of the job.
+    #[test]
+    fn a_jobs_args_are_written_as_yaml_like_the_rest() {
+        let job = BackgroundJob::new("j", crate::jobs::spec("noop", serde_json::json!({"a": 1, "b": ["x"]})));
+        let yaml = structured(&job, Output::Yaml).unwrap();
+        assert!(yaml.contains("args:\n    a: 1\n    b:\n    - x\n"), "{yaml}");
+        let json = structured(&job, Output::Json).unwrap();
+        assert!(json.contains("\"args\": {\n      \"a\": 1"), "{json}");
     }
 }

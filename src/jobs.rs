@@ -274,8 +274,17 @@ pub fn is_batch_job(job: &BackgroundJob, batch: &str, index: usize) -> bool {
 /// operator's types cannot hold (a stand-in) is judged by its batch label and index alone.
 fn same_work(existing: &BackgroundJob, wanted: &BackgroundJob) -> bool {
     let stand_in = kube::ResourceExt::annotations(existing).contains_key(crate::wire::UNREADABLE_ANNOTATION);
-    let value = |job: &BackgroundJob| job.spec.args.as_ref().and_then(|a| a.value().ok());
-    let same_args = crate::api::same_once_stored(value(existing).as_ref(), value(wanted).as_ref());
+    let same_args = match (&existing.spec.args, &wanted.spec.args) {
+        (Some(a), Some(b)) => match (a.value(), b.value()) {
+            (Ok(a), Ok(b)) => crate::api::same_once_stored(Some(&a), Some(&b)),
+            // Nested deeper than a value is read: by their text.
+            _ => a == b,
+        },
+        (a, b) => {
+            let value = |args: &Option<crate::api::Args>| args.as_ref().and_then(|a| a.value().ok());
+            crate::api::same_once_stored(value(a).as_ref(), value(b).as_ref())
+        }
+    };
     stand_in || (existing.spec.job_name == wanted.spec.job_name && same_args)
 }
 
@@ -505,6 +514,15 @@ mod tests {
         assert!(!same_work(&j, &other));
         other.spec = spec("report", serde_json::json!({}));
         assert!(!same_work(&j, &other));
+        // Arguments nested deeper than a value is read are compared by their text.
+        let deep = |leaf: &str| {
+            let mut d = j.clone();
+            let text = format!(r#"{{"a":{}{leaf}{}}}"#, "[".repeat(200), "]".repeat(200));
+            d.spec.args = Some(serde_json::from_str(&text).unwrap());
+            d
+        };
+        assert!(same_work(&deep("1"), &deep("1")));
+        assert!(!same_work(&deep("1"), &deep("2")), "other work, although neither reads as a value");
     }
 
     /// A single enqueue (a generated name) is sent again only after a 429, which certainly made nothing; after a

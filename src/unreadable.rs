@@ -154,34 +154,59 @@ fn bad_input<K: Unreadable>(text: &str) -> bool {
 /// `text`, an object, with `metadata.managedFields` written as null. They are about 40 % of a stored job's text and
 /// most of its nesting, and decoding them into values (every key and string its own allocation) took about a quarter
 /// of the time a job's decoding took (one sample job, docs/benchmarks.md run 11), for fields the caches drop; and a
-/// client may nest them deeper than serde_json's reader goes. Two scans find them, without allocating (the fields
-/// the scans skip are passed over, at any depth, not decoded); `text` as it is if it has none, or is not an object
+/// client may nest them deeper than serde_json's reader goes. `text` as it is if it has none, or is not an object
 /// with such metadata (its decoding says what is wrong with it).
 pub fn without_managed_fields(text: &str) -> Cow<'_, str> {
-    #[derive(Deserialize)]
-    struct Object<'a> {
-        #[serde(borrow)]
-        metadata: Option<&'a RawValue>,
-    }
-    #[derive(Deserialize)]
-    struct Metadata<'a> {
-        #[serde(borrow, rename = "managedFields")]
-        managed_fields: Option<&'a RawValue>,
-    }
-    let managed = serde_json::from_str::<Object>(text)
-        .ok()
-        .and_then(|o| o.metadata)
-        .and_then(|m| serde_json::from_str::<Metadata>(m.get()).ok())
-        .and_then(|m| m.managed_fields);
+    replace_at(text, &["metadata", "managedFields"], |_| "null".to_string())
+}
+
+/// `text`, a JSON object, with the value at `path` (the keys of nested objects) replaced by what `with` makes of
+/// its text; `text` as it is if there is none there, or it is already that. One scan per level finds it, without decoding what it passes
+/// over (at any depth: serde_json passes over a value it does not decode without a depth limit).
+pub fn replace_at<'t>(text: &'t str, path: &[&str], with: impl FnOnce(&str) -> String) -> Cow<'t, str> {
+    let Some(found) = value_at(text, path) else { return Cow::Borrowed(text) };
     // A borrowed raw value is a slice of `text` itself: its place in it is where its first byte is.
-    let Some(start) = managed.and_then(|m| (m.get().as_ptr() as usize).checked_sub(text.as_ptr() as usize)) else {
+    let Some(start) = (found.as_ptr() as usize).checked_sub(text.as_ptr() as usize) else {
         return Cow::Borrowed(text);
     };
-    let end = start + managed.map_or(0, |m| m.get().len());
-    match (text.get(..start), text.get(end..)) {
-        (Some(before), Some(after)) => Cow::Owned([before, "null", after].concat()),
+    let replacement = with(found);
+    match (text.get(..start), text.get(start + found.len()..)) {
+        (Some(before), Some(after)) if replacement != found => Cow::Owned([before, &replacement, after].concat()),
         _ => Cow::Borrowed(text),
     }
+}
+
+/// The text of the value at `path` in `text`, a slice of it.
+fn value_at<'t>(text: &'t str, path: &[&str]) -> Option<&'t str> {
+    /// One key of an object, every other member passed over.
+    struct Member<'k>(&'k str);
+    impl<'de> serde::de::DeserializeSeed<'de> for Member<'_> {
+        type Value = Option<&'de RawValue>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+            deserializer.deserialize_map(self)
+        }
+    }
+    impl<'de> serde::de::Visitor<'de> for Member<'_> {
+        type Value = Option<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                if key == self.0 {
+                    found = Some(map.next_value::<&'de RawValue>()?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    path.iter().try_fold(text, |within, key| {
+        let mut deserializer = serde_json::Deserializer::from_str(within);
+        serde::de::DeserializeSeed::deserialize(Member(key), &mut deserializer).ok().flatten().map(RawValue::get)
+    })
 }
 
 /// Marks that came with an object were set by someone: they mean nothing.
