@@ -413,7 +413,7 @@ async fn a_pod_made_ahead_under_an_attempts_name_is_no_success_for_an_attempt_th
     let s = done.status.unwrap();
     let last_error = s.last_error.unwrap_or_default();
     assert_eq!((s.phase, s.attempts), (Some(Phase::Failed), 1), "{last_error}");
-    assert!(last_error.contains("timed out") || last_error.contains("timeout"), "{last_error}");
+    assert!(last_error.contains("exceeded attemptTimeoutSeconds"), "{last_error}");
 }
 
 /// Make `<job>-1` as someone other than the operator would: labelled with the job's UID, running `exit 0`; wait until
