@@ -43,6 +43,8 @@ pub const TEMPLATE_PROBLEM_ANNOTATION: &str = "bgjobs.dev/template-problem";
 
 /// A kind whose objects may be stored in a shape its type cannot hold.
 pub trait Unreadable: Resource + DeserializeOwned {
+    /// Where its job arguments are (`api::Args`: read as text at any depth, whatever they hold), if it has any.
+    const ARGUMENTS: Option<&'static [&'static str]> = None;
     /// Remove the part of `object` the schema leaves open (a Pod template), whose shape is the user's to get wrong.
     fn without_open_part(object: &mut serde_json::Value);
     /// The stand-in made of what `shell` holds; `metadata` is the object's, already marked. None: not even that.
@@ -146,7 +148,9 @@ pub fn decode_text<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
 /// or it is nested too deep for any reader. Anything else (a value the schema refused when this version was
 /// written, a status it cannot read) may be a newer operator's.
 fn bad_input<K: Unreadable>(text: &str) -> bool {
-    let Ok(mut object) = serde_json::from_str::<serde_json::Value>(text) else { return true };
+    // Arguments are read as text at any depth: they make nothing unreadable, nor too deep to tell why.
+    let text = K::ARGUMENTS.map_or(Cow::Borrowed(text), |at| replace_at(text, at, |_| "null".to_string()));
+    let Ok(mut object) = serde_json::from_str::<serde_json::Value>(&text) else { return true };
     K::without_open_part(&mut object);
     serde_json::from_value::<K>(object).is_ok()
 }
@@ -328,6 +332,8 @@ where
 }
 
 impl Unreadable for BackgroundJob {
+    const ARGUMENTS: Option<&'static [&'static str]> = Some(&["spec", "args"]);
+
     fn without_open_part(object: &mut serde_json::Value) {
         if let Some(spec) = object.get_mut("spec").and_then(|s| s.as_object_mut()) {
             spec.remove("template");
@@ -364,6 +370,8 @@ macro_rules! checked_by_the_apiserver {
 checked_by_the_apiserver!(k8s_openapi::api::coordination::v1::Lease, k8s_openapi::api::core::v1::Pod);
 
 impl Unreadable for RecurringBackgroundJob {
+    const ARGUMENTS: Option<&'static [&'static str]> = Some(&["spec", "jobTemplate", "spec", "args"]);
+
     fn without_open_part(object: &mut serde_json::Value) {
         if let Some(spec) = object.pointer_mut("/spec/jobTemplate/spec").and_then(|s| s.as_object_mut()) {
             spec.remove("template");
@@ -479,16 +487,26 @@ mod tests {
     }
 
     /// Arguments are kept as their text ([`crate::api::Args`]), read at any depth: a job whose arguments nest deeper
-    /// than a `Value` is read is itself, not a stand-in (the handler that decodes them says they do not fit).
+    /// than a `Value` is read is itself, not a stand-in (the handler that decodes them says they do not fit); and one
+    /// that is unreadable for another reason (a value a newer operator may allow) is judged by that reason.
     #[test]
     fn args_nested_deeper_than_a_value_is_read_are_kept_as_their_text() {
         let deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
-        let text = format!(
-            r#"{{"kind":"BackgroundJob","metadata":{{"name":"deep"}},"spec":{{"jobName":"noop","args":{deep}}},"status":{{"phase":"Waiting"}}}}"#
-        );
-        let job: BackgroundJob = decode_text(&text).unwrap();
+        let text = |retry: &str| {
+            format!(
+                r#"{{"kind":"BackgroundJob","metadata":{{"name":"deep"}},"spec":{{"jobName":"noop","args":{deep}{retry}}},"status":{{"phase":"Waiting"}}}}"#
+            )
+        };
+        let job: BackgroundJob = decode_text(&text("")).unwrap();
         assert!(standing(&job).is_none());
         assert_eq!(job.spec.args.as_ref().map(|a| a.text()), Some(deep.as_str()));
+        let newer: BackgroundJob = decode_text(&text(r#","retry":{"maxAttempts":3000000000}"#)).unwrap();
+        assert!(matches!(standing(&newer), Some(Standing::Leave(_))), "{:?}", standing(&newer));
+        let definition = format!(
+            r#"{{"kind":"RecurringBackgroundJob","metadata":{{"name":"d"}},"spec":{{"schedule":"* * * * *","jobTemplate":{{"spec":{{"jobName":"noop","args":{deep},"retry":{{"maxAttempts":3000000000}}}}}}}}}}"#
+        );
+        let newer: RecurringBackgroundJob = decode_text(&definition).unwrap();
+        assert!(matches!(standing(&newer), Some(Standing::Leave(_))), "{:?}", standing(&newer));
     }
 
     #[test]
