@@ -268,6 +268,25 @@ where
     }
 }
 
+/// [`get_opt`], without the object's job arguments ([`Unreadable::ARGUMENTS`]), for a reader that only writes its
+/// status: a tenant may store 1.5 MB of them, and a report, which anyone who reaches the report endpoint can send,
+/// holds what it read for as long as its write takes. A status write of the object read so changes only its status
+/// (the apiserver keeps the stored spec).
+pub async fn get_opt_without_args<K>(api: &kube::Api<K>, name: &str) -> kube::Result<Option<K>>
+where
+    K: Unreadable + Clone + std::fmt::Debug,
+{
+    let request = kube::core::Request::new(api.resource_url()).get(name, &Default::default());
+    let request = request.map_err(kube::Error::BuildRequest)?;
+    let text = match api.clone().into_client().request_text(request).await {
+        Ok(text) => text,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let text = K::ARGUMENTS.map_or(Cow::Borrowed(text.as_str()), |at| replace_at(&text, at, |_| "null".to_string()));
+    decode_text(&text).map(Some).map_err(kube::Error::SerdeError)
+}
+
 /// Delete the object `name` of `api` as `params` say; the answer (the object being deleted, or a status) is not read.
 pub async fn delete<K>(api: &kube::Api<K>, name: &str, params: &kube::api::DeleteParams) -> kube::Result<()>
 where
@@ -484,6 +503,23 @@ mod tests {
         let job: BackgroundJob = decode_text(&text).unwrap();
         assert!(matches!(standing(&job), Some(Standing::Fail(_))), "{:?}", standing(&job));
         assert!(job.spec.cancel && job.phase() == Phase::Waiting);
+    }
+
+    /// A reader that only writes the status reads the object without its arguments, everything else as it is.
+    #[tokio::test]
+    async fn an_object_read_for_its_status_comes_without_its_arguments() {
+        let stored = serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+            "metadata": {"name": "j", "namespace": "ns", "resourceVersion": "7"},
+            "spec": {"jobName": "noop", "args": {"pad": vec![0; 1000]}, "cancel": true},
+            "status": {"phase": "Running", "attempts": 2}});
+        let (client, _) = crate::testing::scripted_client(move |_| (200, stored.clone()));
+        let api: kube::Api<BackgroundJob> = kube::Api::namespaced(client, "ns");
+        let whole = get_opt(&api, "j").await.unwrap().unwrap();
+        assert!(whole.spec.args.is_some());
+        let lean = get_opt_without_args(&api, "j").await.unwrap().unwrap();
+        assert_eq!(lean.spec.args, None);
+        assert_eq!(lean.spec, crate::api::BackgroundJobSpec { args: None, ..whole.spec.clone() });
+        assert_eq!((lean.metadata, lean.status), (whole.metadata, whole.status));
     }
 
     /// Arguments are kept as their text ([`crate::api::Args`]), read at any depth: a job whose arguments nest deeper

@@ -43,7 +43,7 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
     let name = format!("{}/{}", claims.namespace, claims.name);
     let jobs: Api<BackgroundJob> = Api::namespaced(worker.client.clone(), &claims.namespace);
     for _ in 0..ROUNDS {
-        let job = match crate::unreadable::get_opt(&jobs, &claims.name).await {
+        let job = match crate::unreadable::get_opt_without_args(&jobs, &claims.name).await {
             Ok(Some(j)) => j,
             Ok(None) => return Err(Refusal::new(404, format!("job {name} does not exist (any more)"))),
             Err(e) => {
