@@ -172,19 +172,24 @@ fn answer(body: &[u8]) -> std::result::Result<Vec<u8>, String> {
     serde_json::to_vec(&resp.into_review()).map_err(|e| e.to_string())
 }
 
-/// `body`, an AdmissionReview, as the webhook reads it: its object's and old object's managed fields written as null
-/// (nothing here reads them), and their arguments (a job's `spec.args`, a definition's job template's) written as a
-/// digest of their text, which tells a change as well. A client may nest either deeper than serde_json reads values,
-/// and every write to such an object would be refused ("not an AdmissionReview"), a cancel included, while the
-/// replicas read its arguments as text at any depth.
+/// `body`, an AdmissionReview, as the webhook reads it: its object's and old object's managed fields and status
+/// written as null (nothing here reads them), and the parts of their spec the schema leaves open (a job's `args` and
+/// Pod `template`, a definition's job template's) written as a digest of their text, which tells a change as well.
+/// A client may nest any of them deeper than serde_json reads values, and every write to such an object would be
+/// refused ("not an AdmissionReview"), a cancel included, while the replicas read them at any depth.
 fn readable_review(body: &str) -> std::borrow::Cow<'_, str> {
     use crate::unreadable::replace_at;
+    const OPEN: [&[&str]; 4] = [
+        &["spec", "args"],
+        &["spec", "template"],
+        &["spec", "jobTemplate", "spec", "args"],
+        &["spec", "jobTemplate", "spec", "template"],
+    ];
     let object = |review: &str, field: &str| {
-        let arguments = |text: &str, path: &[&str]| replace_at(text, path, digest).into_owned();
         replace_at(review, &["request", field], |object| {
-            let object = crate::unreadable::without_managed_fields(object);
-            let object = arguments(&object, &["spec", "args"]);
-            arguments(&object, &["spec", "jobTemplate", "spec", "args"])
+            let object = crate::unreadable::without_managed_fields(object).into_owned();
+            let object = replace_at(&object, &["status"], |_| "null".to_string()).into_owned();
+            OPEN.iter().fold(object, |object, at| replace_at(&object, at, digest).into_owned())
         })
         .into_owned()
     };
@@ -568,10 +573,11 @@ mod tests {
         assert_eq!((out["response"]["uid"].as_str(), out["response"]["allowed"].as_bool()), (Some("u-2"), Some(true)));
     }
 
-    /// Arguments nested deeper than serde_json reads values (which the replicas read as text): a job with them is
-    /// admitted, cancelled like any other, and its arguments still cannot be changed; so for a definition's.
+    /// Arguments, a Pod template's unknown fields or a result nested deeper than serde_json reads values (the replicas
+    /// read arguments as text and pass over what they do not know): a job with them is admitted, cancelled like any
+    /// other, and its arguments and template still cannot be changed; so for a definition's.
     #[test]
-    fn a_review_of_an_object_whose_arguments_are_nested_too_deep_is_answered_and_still_guards_them() {
+    fn a_review_of_an_object_whose_open_parts_are_nested_too_deep_is_answered_and_still_guards_them() {
         let args = |leaf: u8| format!(r#"{{"a":{}{leaf}{}}}"#, "[".repeat(200), "]".repeat(200));
         let job = |leaf: u8, cancel: bool| {
             format!(
@@ -604,5 +610,16 @@ mod tests {
         assert!(allowed(review(definitions, "CREATE", &definition(1, false), "null")));
         assert!(allowed(review(definitions, "UPDATE", &definition(1, true), &definition(1, false))), "suspended");
         assert!(!allowed(review(definitions, "UPDATE", &definition(2, false), &definition(1, false))), "changed");
+        // So for a Pod template with a field nested as deep (the replicas pass over fields they do not know).
+        let templated = |leaf: u8, cancel: bool| {
+            format!(
+                r#"{{"apiVersion":"bgjobs.dev/v1alpha1","kind":"BackgroundJob","metadata":{{"name":"j","namespace":"ns"}},"spec":{{"cancel":{cancel},"jobName":"noop","template":{{"spec":{{"containers":[{{"image":"x","name":"main"}}]}},"x":{}}}}},"status":{{"result":{}}}}}"#,
+                args(leaf),
+                args(1)
+            )
+        };
+        assert!(allowed(review(jobs, "CREATE", &templated(1, false), "null")));
+        assert!(allowed(review(jobs, "UPDATE", &templated(1, true), &templated(1, false))), "cancelled");
+        assert!(!allowed(review(jobs, "UPDATE", &templated(2, false), &templated(1, false))), "its template changed");
     }
 }

@@ -42,17 +42,18 @@ fn print_structured<T: Serialize>(value: &T, output: Output) -> Result<()> {
     Ok(())
 }
 
-/// `value` as JSON or YAML text.
-fn structured<T: Serialize>(original: &T, output: Output) -> Result<String> {
-    // Through a JSON value: a job's `args` are kept as their JSON text, which a JSON writer would copy as it is (not
-    // indented) and a YAML writer could not take at all. Arguments nested deeper than a value is read are written as
-    // their text, in JSON only.
-    let value = serde_json::to_value(original);
-    Ok(match (output, value) {
-        (Output::Json, Ok(value)) => format!("{}\n", serde_json::to_string_pretty(&value)?),
-        (Output::Json, Err(_)) => format!("{}\n", serde_json::to_string_pretty(original)?),
-        (Output::Yaml, value) => serde_yaml::to_string(&value?).map_err(|e| Error::Invalid(e.to_string()))?,
-        (Output::Table, _) => unreachable!("tables are printed by each command"),
+/// `value` as JSON or YAML text. A job's `args` are kept as the JSON text the apiserver stored, which JSON output
+/// shows as it is (the text its handler gets); YAML is written from a JSON value, or, for arguments nested deeper
+/// than a value is read, as the JSON text (JSON is YAML too) rather than fail a command whose change has landed.
+fn structured<T: Serialize>(value: &T, output: Output) -> Result<String> {
+    let json = || serde_json::to_string_pretty(value).map(|text| text + "\n");
+    Ok(match output {
+        Output::Json => json()?,
+        Output::Yaml => match serde_json::to_value(value) {
+            Ok(tree) => serde_yaml::to_string(&tree).map_err(|e| Error::Invalid(e.to_string()))?,
+            Err(_) => json()?,
+        },
+        Output::Table => unreachable!("tables are printed by each command"),
     })
 }
 
@@ -331,13 +332,18 @@ mod tests {
         assert!(queries[1].contains("continue=page-2"), "{queries:?}");
     }
 
-    /// A job's `args`, kept as JSON text, are written as YAML like the rest of the job.
+    /// A job's `args`, kept as JSON text, are written as YAML like the rest of the job, and as stored in JSON.
     #[test]
     fn a_jobs_args_are_written_as_yaml_like_the_rest() {
         let job = BackgroundJob::new("j", crate::jobs::spec("noop", serde_json::json!({"a": 1, "b": ["x"]})));
         let yaml = structured(&job, Output::Yaml).unwrap();
         assert!(yaml.contains("args:\n    a: 1\n    b:\n    - x\n"), "{yaml}");
         let json = structured(&job, Output::Json).unwrap();
-        assert!(json.contains("\"args\": {\n      \"a\": 1"), "{json}");
+        assert!(json.contains(r#""args": {"a":1,"b":["x"]},"#), "as stored: {json}");
+        let deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        let mut deep_job = job.clone();
+        deep_job.spec.args = Some(serde_json::from_str(&deep).unwrap());
+        let yaml = structured(&deep_job, Output::Yaml).expect("written although too deep for a value");
+        assert!(yaml.contains(&deep), "as its JSON text: {yaml}");
     }
 }
