@@ -55,9 +55,13 @@ use crate::unreadable::{self, Unreadable, without_managed_fields};
 /// enough to cost little memory (they are slimmed).
 const IN_FLIGHT: usize = 1024;
 
-/// A watch asks the apiserver to end it after 290 s (kube's default); one silent for longer than this lost its
-/// connection without an error.
-const WATCH_SILENCE: Duration = Duration::from_secs(295);
+/// A watch silent for this long has most likely lost its connection without an error (an apiserver gone without its
+/// FIN or RST reaching the replica): it is replaced, from the last version it gave. The apiserver's watch cache sends
+/// each watch that asks for bookmarks one about every minute (measured on 1.20: 60 s apart, in a namespace where
+/// nothing changed), once it has seen any change of the kind since it started; so two missed bookmarks and some room.
+/// A watch of a kind nothing changed since then is told nothing, and is opened again this often (one request). It
+/// was 295 s (past kube's 290 s watch timeout): jobs created meanwhile waited five minutes.
+const WATCH_SILENCE: Duration = Duration::from_secs(130);
 
 /// A watch that ends this soon after it was opened is opened again only after this long: something between the
 /// replica and the apiserver (a proxy, an apiserver shutting down) that ends every watch at once would otherwise have

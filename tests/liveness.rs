@@ -1,7 +1,7 @@
 //! One renewal per replica vouches for every Lease it holds (`src/lease/tenure.rs`): an attempt's API writes do not
 //! grow with its duration, a hand-deleted claim Lease is put back by its live holder, and a paused replica's tenure
 //! is revoked before anything it holds is taken over. A replica in its shutdown grace keeps vouching but says it claims
-//! no more.
+//! no more. A replica whose watch connections died without a word replaces them within two bookmarks' time.
 
 mod common;
 
@@ -254,4 +254,26 @@ async fn a_replica_cut_off_past_its_renew_deadline_runs_its_jobs_again_soon_afte
     let took = healed.elapsed();
     eprintln!("both jobs running again {took:?} after the partition healed");
     assert!(took < Duration::from_secs(30), "took {took:?} (3 s leases):\n{}", r.log_text());
+}
+
+/// An apiserver gone without its FIN or RST reaching the replica (its host lost, a partition that drops the close):
+/// the replica's watches hear nothing and nothing tells it so. Its caches stayed blind until a watch had been silent
+/// for 295 s, and a job created meanwhile waited five minutes. Now a watch is replaced after 130 s of silence, two of
+/// the bookmarks the apiserver sends each watch about every minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_watch_connections_died_without_a_word_sees_new_jobs_within_two_minutes_and_a_bit() {
+    let env = TestEnv::new("silent-watches").await;
+    let proxy = common::proxy::Proxy::to_apiserver().await;
+    let options = common::ReplicaOptions { kubeconfig: Some(proxy.kubeconfig(&env.dir)), ..Default::default() };
+    let r = env.replica_with("r", &[], &options);
+    env.wait_joined(&r, "default").await;
+    env.create("before", json!({"jobName": "noop"})).await;
+    env.wait_job("before", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    // Every connection open now, its watches' among them, passes nothing more; new ones work.
+    assert!(proxy.kill_silently() > 0, "the replica's connections were silenced");
+    let created = std::time::Instant::now();
+    env.create("after", json!({"jobName": "noop"})).await;
+    env.wait_job("after", 6 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let waited = created.elapsed();
+    assert!(waited < Duration::from_secs(200), "a job waited {waited:?} for the replica's dead watches to be replaced");
 }

@@ -950,7 +950,7 @@ impl Dispatcher {
             let key = format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any());
             let own = self.unseen_observer.observe(&key, lease.resource_version().as_deref(), inst);
             // Live for as long as its holder's tenure is: a running attempt's claim is never rewritten, and a job
-            // watch may lag for minutes (a silent watch is noticed after `WATCH_SILENCE`). A Lease left behind for a
+            // watch may lag for minutes (a silent watch is noticed after `WATCH_SILENCE`, 130 s). A Lease left behind for a
             // job that is gone holds starts back as long, which takes a failed give-back and a job deleted with
             // `--cascade=orphan` at once (docs/usage.md, "Notes and limits").
             let unchanged = self.vouched(Some(&lease), own, inst);

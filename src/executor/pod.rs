@@ -732,7 +732,7 @@ const KILL_MARGIN: Duration = Duration::from_secs(5);
 /// confirms it is gone (absent, or the name holds another Pod). Nothing else ends the wait: a broken watch (410
 /// Gone, a reset connection, a failed re-list) is watched again with backoff, and a watch that says "gone" (it may
 /// be served from a lagging cache) is checked with a quorum read. A silently dead watch connection is replaced after
-/// 295 s of silence ([`crate::list_watch`]). The attempt runner bounds the whole wait. A Pod seen being deleted
+/// 130 s of silence ([`crate::list_watch`]). The attempt runner bounds the whole wait. A Pod seen being deleted
 /// that is still not stopped `watchers.after` past its grace period is told to `watchers.not_stopping` (once), and one
 /// that cannot start, to `watchers.not_starting` (at each change of why, and once it can).
 async fn until_stopped(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers<'_>) -> Option<Pod> {

@@ -21,10 +21,12 @@ use tokio_util::sync::CancellationToken;
 /// The open connections.
 type Connections = Arc<Mutex<HashMap<u64, Connection>>>;
 
-/// One open connection: what resets it (both sides), what cuts its client's side only, and when it opened.
+/// One open connection: what resets it (both sides), what cuts its client's side only, what silences it for good
+/// ([`Proxy::kill_silently`]), and when it opened.
 struct Connection {
     reset: CancellationToken,
     cut: CancellationToken,
+    alive: watch::Sender<bool>,
     opened: std::time::Instant,
 }
 
@@ -141,6 +143,17 @@ impl Proxy {
         connections.len()
     }
 
+    /// Make every connection open now pass nothing more, either way, and never close: a connection that died
+    /// without a word (the apiserver's host gone, its FIN or RST lost). New connections work as before. Returns how
+    /// many were silenced.
+    pub fn kill_silently(&self) -> usize {
+        let connections = self.connections.lock().unwrap();
+        for c in connections.values() {
+            c.alive.send_replace(false);
+        }
+        connections.len()
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.connections.lock().unwrap().len()
@@ -212,12 +225,14 @@ async fn accept_loop(
         accepted.fetch_add(1, Ordering::Relaxed);
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let (reset, cut) = (CancellationToken::new(), CancellationToken::new());
-        let connection = Connection { reset: reset.clone(), cut: cut.clone(), opened: std::time::Instant::now() };
+        let (alive, living) = watch::channel(true);
+        let opened = std::time::Instant::now();
+        let connection = Connection { reset: reset.clone(), cut: cut.clone(), alive, opened };
         connections.lock().unwrap().insert(id, connection);
         let connections = connections.clone();
         let link = link.clone();
         tokio::spawn(async move {
-            pipe(client, upstream, reset, cut, link).await;
+            pipe(client, upstream, reset, cut, link, living).await;
             connections.lock().unwrap().remove(&id);
         });
     }
@@ -226,7 +241,15 @@ async fn accept_loop(
 /// Copy bytes both ways until either side closes, holding them while the gate is shut; on `reset`, close both
 /// sockets with a RST (zero linger), as a dropped connection or a restarted load balancer would; on `cut`, the
 /// client's only (the apiserver's side then closes as a close from the client would: see [`Proxy::lose_closes`]).
-async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken, cut: CancellationToken, link: Link) {
+/// Once not `alive`, nothing more passes either way, and neither side is closed.
+async fn pipe(
+    client: TcpStream,
+    upstream: SocketAddr,
+    reset: CancellationToken,
+    cut: CancellationToken,
+    link: Link,
+    alive: watch::Receiver<bool>,
+) {
     if wait_open(link.gate.clone()).await.is_none() {
         return;
     }
@@ -239,8 +262,8 @@ async fn pipe(client: TcpStream, upstream: SocketAddr, reset: CancellationToken,
     tokio::select! {
         _ = async {
             tokio::join!(
-                pump(client_read, server_write, link.gate.clone(), link.upstream.clone(), &cut),
-                pump(server_read, client_write, link.gate.clone(), link.downstream.clone(), &cut)
+                pump(client_read, server_write, link.gate.clone(), alive.clone(), link.upstream.clone(), &cut),
+                pump(server_read, client_write, link.gate.clone(), alive.clone(), link.downstream.clone(), &cut)
             )
         } => {}
         _ = reset.cancelled() => {}
@@ -280,6 +303,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     gate: watch::Receiver<bool>,
+    alive: watch::Receiver<bool>,
     shape: Shape,
     cut: &CancellationToken,
 ) {
@@ -326,6 +350,7 @@ async fn pump(
             let step = if limit == 0 { bytes.len() } else { (limit as usize / 10).max(1) };
             for piece in bytes.chunks(step) {
                 if wait_open(gate.clone()).await.is_none()
+                    || wait_open(alive.clone()).await.is_none()
                     || wait_open(shape.open.subscribe()).await.is_none()
                     || to.write_all(piece).await.is_err()
                 {
