@@ -14,9 +14,10 @@
 //!
 //! The watch is kube's (the request of [`Api::watch`]) from the list's resourceVersion, with bookmarks; a watch that
 //! has expired (410) lists again, no older than what it last saw ([`ListFrom`]: with several apiservers, an older
-//! list would show a running job as deleted), any other failure watches again from where it was, and a watch silent
-//! for longer than its own timeout (a connection that died without a word) is replaced, as kube's watcher does, and
-//! one that ends as soon as it was opened is opened again only after a pause ([`ENDED_AT_ONCE`]).
+//! list would show a running job as deleted), any other failure watches again from where it was, a watch silent
+//! for [`WATCH_SILENCE`] (a connection that died without a word: two bookmarks missed) is replaced, as is one not
+//! answered within [`WATCH_OPEN_LIMIT`], and one that ends as soon as it was opened is opened again only after a pause
+//! ([`ENDED_AT_ONCE`]).
 //!
 //! Each object, listed or in an event, is decoded once from its text, straight into its type, without its managed
 //! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
@@ -62,6 +63,11 @@ const IN_FLIGHT: usize = 1024;
 /// A watch of a kind nothing changed since then is told nothing, and is opened again this often (one request). It
 /// was 295 s (past kube's 290 s watch timeout): jobs created meanwhile waited five minutes.
 const WATCH_SILENCE: Duration = Duration::from_secs(130);
+
+/// How long a watch may take to be answered (the apiserver answers at once, and gives any request 60 s by default).
+/// Unbounded, a watch opened again on a pooled connection that died without a word with the one it replaces (the
+/// client keeps an idle connection for 90 s) would wait for the kernel to give that connection up, about 15 minutes.
+const WATCH_OPEN_LIMIT: Duration = Duration::from_secs(60);
 
 /// A watch that ends this soon after it was opened is opened again only after this long: something between the
 /// replica and the apiserver (a proxy, an apiserver shutting down) that ends every watch at once would otherwise have
@@ -283,7 +289,7 @@ where
                     }
                 },
             },
-            State::Watch { resource_version } => match watch(scope, &resource_version).await {
+            State::Watch { resource_version } => match opened_in_time(watch(scope, &resource_version)).await {
                 Ok(events) => State::Watching { resource_version, events: events.boxed(), opened: Instant::now() },
                 Err(e) => {
                     let next = if gone(&e) {
@@ -295,7 +301,18 @@ where
                 }
             },
             State::Watching { resource_version, mut events, opened } => {
-                let said = tokio::time::timeout(WATCH_SILENCE, events.next()).await.unwrap_or(None);
+                let said = match tokio::time::timeout(WATCH_SILENCE, events.next()).await {
+                    Ok(said) => said,
+                    Err(_) => {
+                        tracing::warn!(
+                            what = scope.api.resource_url(),
+                            silent_for = ?WATCH_SILENCE,
+                            "the watch said nothing, not even a bookmark: its connection is taken for dead and the \
+                             watch opened again"
+                        );
+                        None
+                    }
+                };
                 let watching = |resource_version, events| State::Watching { resource_version, events, opened };
                 match said {
                     Some(Ok(WatchEvent::Added(mut o) | WatchEvent::Modified(mut o))) => {
@@ -335,6 +352,15 @@ where
             }
         }
     }
+}
+
+/// `watch`, unless its answer has not begun within [`WATCH_OPEN_LIMIT`]: then an error, and the watch is asked for
+/// again (on another connection: the one it was sent on is dropped with it).
+async fn opened_in_time<T>(watch: impl std::future::Future<Output = kube::Result<T>>) -> kube::Result<T> {
+    tokio::time::timeout(WATCH_OPEN_LIMIT, watch).await.unwrap_or_else(|_| {
+        let late = std::io::Error::new(std::io::ErrorKind::TimedOut, "the watch was not answered in time");
+        Err(kube::Error::Service(Box::new(late)))
+    })
 }
 
 /// A watch of `scope`'s objects from `resource_version`, each object decoded or made a stand-in.
@@ -728,7 +754,7 @@ mod tests {
     /// is replaced once it has been silent for [`WATCH_SILENCE`], from the last version it gave; not before. Time is
     /// paused and moves only when everything waits.
     #[tokio::test(start_paused = true)]
-    async fn a_watch_silent_past_its_own_timeout_is_replaced_from_its_last_version_and_not_before() {
+    async fn a_watch_silent_for_two_bookmarks_is_replaced_from_its_last_version_and_not_before() {
         use std::sync::{Arc, Mutex};
         let asked: Arc<Mutex<Vec<(tokio::time::Instant, String)>>> = Arc::default();
         let seen = asked.clone();
@@ -777,6 +803,60 @@ mod tests {
         let silent = watches[1].0 - applied[0].0;
         assert!(silent >= WATCH_SILENCE, "replaced after {silent:?} of silence");
         assert!(silent < WATCH_SILENCE + Duration::from_secs(1), "replaced only after {silent:?}");
+    }
+
+    /// A watch opened again that is never answered (sent on a pooled connection that died with the one it replaces)
+    /// is given up after [`WATCH_OPEN_LIMIT`] and asked for again, from the same version. Time is paused.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_never_answered_is_asked_for_again_after_its_limit() {
+        use std::sync::{Arc, Mutex};
+        let asked: Arc<Mutex<Vec<(tokio::time::Instant, String)>>> = Arc::default();
+        let seen = asked.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let uri = request.uri().to_string();
+            let watches = {
+                let mut seen = seen.lock().unwrap();
+                seen.push((tokio::time::Instant::now(), uri.clone()));
+                seen.iter().filter(|(_, u)| u.contains("watch=true")).count()
+            };
+            let chunks: Vec<String> = match (uri.contains("watch=true"), watches) {
+                (false, _) => vec![list(vec![job("a", "3")], "10").to_string()],
+                (true, 1) => vec![event("MODIFIED", job("a", "11"))],
+                (true, _) => vec![event("MODIFIED", job("a", "12"))],
+            };
+            let never = uri.contains("watch=true") && watches == 2;
+            let frames = futures::stream::iter(chunks)
+                .map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(hyper::body::Bytes::from(c))));
+            let body: futures::stream::BoxStream<'static, _> = if uri.contains("watch=true") {
+                frames.chain(futures::stream::pending()).boxed()
+            } else {
+                frames.boxed()
+            };
+            async move {
+                if never {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(body)))
+            }
+        });
+        let api: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        let mut stream = list_watch(api, None, |_: &mut BackgroundJob| {}).boxed();
+        let mut applied = Vec::new();
+        let hour = tokio::time::Instant::now() + Duration::from_secs(3_600);
+        while applied.len() < 2 {
+            match tokio::time::timeout_at(hour, stream.next()).await {
+                Ok(Some(Ok(Event::Apply(j)))) => applied.push(j.resource_version().unwrap()),
+                Ok(_) => {}
+                Err(_) => panic!("the unanswered watch was not asked for again within an hour: {applied:?}"),
+            }
+        }
+        assert_eq!(applied, ["11", "12"]);
+        let asked = asked.lock().unwrap();
+        let watches: Vec<_> = asked.iter().filter(|(_, u)| u.contains("watch=true")).collect();
+        assert_eq!(watches.len(), 3, "{asked:?}");
+        assert!(watches[2].1.contains("resourceVersion=11"), "from the same version: {}", watches[2].1);
+        let waited = watches[2].0 - watches[1].0;
+        assert!(waited >= WATCH_OPEN_LIMIT && waited < WATCH_OPEN_LIMIT + Duration::from_secs(1), "{waited:?}");
     }
 
     /// A watch that ends as soon as it was opened (something in between ends every watch), whether it said

@@ -276,4 +276,7 @@ async fn a_replica_whose_watch_connections_died_without_a_word_sees_new_jobs_wit
     env.wait_job("after", 6 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     let waited = created.elapsed();
     assert!(waited < Duration::from_secs(200), "a job waited {waited:?} for the replica's dead watches to be replaced");
+    // Not found another way (or the connections were not silenced, and the test showed nothing).
+    assert!(waited > Duration::from_secs(60), "a job ran {waited:?} after the kill: its watch was not dead");
+    assert!(r.log_text().contains("its connection is taken for dead"), "the replacement said why");
 }

@@ -405,6 +405,13 @@ impl std::fmt::Display for Phase {
 }
 
 impl BackgroundJob {
+    /// The job as a reader that only writes its status keeps it: without its arguments, which may be 1.5 MB. A
+    /// status write of it keeps the stored spec.
+    pub fn without_args(mut self) -> Self {
+        self.spec.args = None;
+        self
+    }
+
     /// The job's phase, reading "never touched by an operator" as `Waiting`.
     pub fn phase(&self) -> Phase {
         self.status.as_ref().and_then(|s| s.phase).unwrap_or_default()

@@ -42,14 +42,6 @@ impl std::fmt::Debug for Reporter {
     }
 }
 
-/// The attempt's job as its reporting handle keeps it: written from, never run from, so without its arguments (which
-/// may be 1.5 MB); a status write keeps the stored spec.
-fn without_args(job: &BackgroundJob) -> BackgroundJob {
-    let mut kept = job.clone();
-    kept.spec.args = None;
-    kept
-}
-
 impl Reporter {
     /// The handle of the attempt `fence` holds on `job` (as claimed), run by `worker`.
     pub fn for_attempt(worker: Arc<Worker>, jobs: Api<BackgroundJob>, job: &BackgroundJob, fence: &Fence) -> Self {
@@ -64,7 +56,8 @@ impl Reporter {
         let attempt = Attempt {
             worker,
             jobs,
-            job: Mutex::new(without_args(job)),
+            // Written from, never run from.
+            job: Mutex::new(job.clone().without_args()),
             fence: fence.clone(),
             token,
             awaiting: AtomicBool::new(false),
@@ -108,7 +101,7 @@ impl Reporter {
         let latest = a.job.lock().unwrap().clone();
         match status::write_fenced(&a.jobs, &latest, &a.fence, |s| s.progress = Some(progress.clone())).await {
             Ok(Fenced::Written(j)) => {
-                *a.job.lock().unwrap() = without_args(&j);
+                *a.job.lock().unwrap() = j.without_args();
                 Ok(())
             }
             Ok(Fenced::Stale) => Err(JobError::Retryable("the attempt is no longer current".into())),

@@ -30,7 +30,8 @@ pub async fn until_reported(
     mark: bool,
     marked: impl FnOnce(),
 ) -> AttemptResult {
-    let mut job = latest;
+    // Written from, never run from: kept without its arguments.
+    let mut job = latest.without_args();
     if mark {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -41,7 +42,7 @@ pub async fn until_reported(
             };
             match status::write_fenced(jobs, &job, fence, change).await {
                 Ok(Fenced::Written(j)) => {
-                    job = *j;
+                    job = j.without_args();
                     break;
                 }
                 // A fast worker's report landed before the mark: the attempt is over already.
@@ -71,7 +72,7 @@ pub async fn until_reported(
                     Ok(Some(fresh))
                         if fresh.uid() == job.uid() && fresh.resource_version() != job.resource_version() =>
                     {
-                        job = fresh;
+                        job = fresh.without_args();
                         continue;
                     }
                     Ok(Some(fresh)) if fresh.uid() == job.uid() => {}
@@ -95,7 +96,7 @@ pub async fn until_reported(
         };
         tokio::select! {
             event = watch.next() => match event {
-                Some(Ok(Some(seen))) if seen.uid() == job.uid() => job = seen,
+                Some(Ok(Some(seen))) if seen.uid() == job.uid() => job = seen.without_args(),
                 // Deleted, or the name holds another job: this attempt is over (the dispatcher stops it too).
                 Some(Ok(_)) => return AttemptResult::Reported,
                 Some(Err(e)) => warn!(error = %e, "watching the job for its report failed; watching again"),
