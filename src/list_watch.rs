@@ -750,39 +750,45 @@ mod tests {
         assert_eq!(lists, [first, no_older, no_older, "", no_older, ""]);
     }
 
-    /// A watch whose connection stays open but says nothing more after its first event (it died without a word)
-    /// is replaced once it has been silent for [`WATCH_SILENCE`], from the last version it gave; not before. Time is
-    /// paused and moves only when everything waits.
-    #[tokio::test(start_paused = true)]
-    async fn a_watch_silent_for_two_bookmarks_is_replaced_from_its_last_version_and_not_before() {
-        use std::sync::{Arc, Mutex};
-        let asked: Arc<Mutex<Vec<(tokio::time::Instant, String)>>> = Arc::default();
+    /// What a [`watching_apiserver`] was asked, and when.
+    type Asked = std::sync::Arc<std::sync::Mutex<Vec<(tokio::time::Instant, String)>>>;
+
+    /// An apiserver that lists job `a` at version 10 and answers the `n`-th watch (from 1) with `a` at version
+    /// `10 + n`, then stays silent with the watch open; a watch for which `never(n)` holds is never answered.
+    fn watching_apiserver(never: fn(usize) -> bool) -> (Api<BackgroundJob>, Asked) {
+        let asked: Asked = Default::default();
         let seen = asked.clone();
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
             let uri = request.uri().to_string();
-            let watches = {
+            let watch = uri.contains("watch=true");
+            let n = {
                 let mut seen = seen.lock().unwrap();
                 seen.push((tokio::time::Instant::now(), uri.clone()));
                 seen.iter().filter(|(_, u)| u.contains("watch=true")).count()
             };
-            let chunks: Vec<String> = if !uri.contains("watch=true") {
-                vec![list(vec![job("a", "3")], "10").to_string()]
-            } else if watches == 1 {
-                vec![event("MODIFIED", job("a", "11"))]
+            let chunk = if watch {
+                event("MODIFIED", job("a", &(10 + n).to_string()))
             } else {
-                vec![event("MODIFIED", job("a", "12"))]
+                list(vec![job("a", "3")], "10").to_string()
             };
-            let frames = futures::stream::iter(chunks)
+            let frames = futures::stream::iter([chunk])
                 .map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(hyper::body::Bytes::from(c))));
-            // A list's answer ends; a watch's stays open, silent after its events.
-            let body: futures::stream::BoxStream<'static, _> = if uri.contains("watch=true") {
-                frames.chain(futures::stream::pending()).boxed()
-            } else {
-                frames.boxed()
-            };
-            async move { Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(body))) }
+            // A list's answer ends; a watch's stays open, silent after its event.
+            let body: futures::stream::BoxStream<'static, _> =
+                if watch { frames.chain(futures::stream::pending()).boxed() } else { frames.boxed() };
+            let unanswered = watch && never(n);
+            async move {
+                if unanswered {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(body)))
+            }
         });
-        let api: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        (Api::namespaced(kube::Client::new(service, "ns"), "ns"), asked)
+    }
+
+    /// The first two jobs applied from `api`'s list and watches, with when (an hour at most: time is paused).
+    async fn two_applied(api: Api<BackgroundJob>) -> Vec<(tokio::time::Instant, String)> {
         let mut stream = list_watch(api, None, |_: &mut BackgroundJob| {}).boxed();
         let mut applied = Vec::new();
         let hour = tokio::time::Instant::now() + Duration::from_secs(3_600);
@@ -792,13 +798,27 @@ mod tests {
                     applied.push((tokio::time::Instant::now(), j.resource_version().unwrap()))
                 }
                 Ok(_) => {}
-                Err(_) => panic!("the silent watch was not replaced within an hour: {applied:?}"),
+                Err(_) => panic!("the watch was not replaced within an hour: {applied:?}"),
             }
         }
+        applied
+    }
+
+    /// The watches `asked` shows.
+    fn watches(asked: &Asked) -> Vec<(tokio::time::Instant, String)> {
+        asked.lock().unwrap().iter().filter(|(_, u)| u.contains("watch=true")).cloned().collect()
+    }
+
+    /// A watch whose connection stays open but says nothing more after its first event (it died without a word)
+    /// is replaced once it has been silent for [`WATCH_SILENCE`], from the last version it gave; not before. Time is
+    /// paused and moves only when everything waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_silent_for_two_bookmarks_is_replaced_from_its_last_version_and_not_before() {
+        let (api, asked) = watching_apiserver(|_| false);
+        let applied = two_applied(api).await;
         assert_eq!(applied.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>(), ["11", "12"]);
-        let asked = asked.lock().unwrap();
-        let watches: Vec<_> = asked.iter().filter(|(_, u)| u.contains("watch=true")).collect();
-        assert_eq!(watches.len(), 2, "{asked:?}");
+        let watches = watches(&asked);
+        assert_eq!(watches.len(), 2, "{watches:?}");
         assert!(watches[1].1.contains("resourceVersion=11"), "replaced from the last version: {}", watches[1].1);
         let silent = watches[1].0 - applied[0].0;
         assert!(silent >= WATCH_SILENCE, "replaced after {silent:?} of silence");
@@ -809,51 +829,11 @@ mod tests {
     /// is given up after [`WATCH_OPEN_LIMIT`] and asked for again, from the same version. Time is paused.
     #[tokio::test(start_paused = true)]
     async fn a_watch_never_answered_is_asked_for_again_after_its_limit() {
-        use std::sync::{Arc, Mutex};
-        let asked: Arc<Mutex<Vec<(tokio::time::Instant, String)>>> = Arc::default();
-        let seen = asked.clone();
-        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
-            let uri = request.uri().to_string();
-            let watches = {
-                let mut seen = seen.lock().unwrap();
-                seen.push((tokio::time::Instant::now(), uri.clone()));
-                seen.iter().filter(|(_, u)| u.contains("watch=true")).count()
-            };
-            let chunks: Vec<String> = match (uri.contains("watch=true"), watches) {
-                (false, _) => vec![list(vec![job("a", "3")], "10").to_string()],
-                (true, 1) => vec![event("MODIFIED", job("a", "11"))],
-                (true, _) => vec![event("MODIFIED", job("a", "12"))],
-            };
-            let never = uri.contains("watch=true") && watches == 2;
-            let frames = futures::stream::iter(chunks)
-                .map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(hyper::body::Bytes::from(c))));
-            let body: futures::stream::BoxStream<'static, _> = if uri.contains("watch=true") {
-                frames.chain(futures::stream::pending()).boxed()
-            } else {
-                frames.boxed()
-            };
-            async move {
-                if never {
-                    std::future::pending::<()>().await;
-                }
-                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(body)))
-            }
-        });
-        let api: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
-        let mut stream = list_watch(api, None, |_: &mut BackgroundJob| {}).boxed();
-        let mut applied = Vec::new();
-        let hour = tokio::time::Instant::now() + Duration::from_secs(3_600);
-        while applied.len() < 2 {
-            match tokio::time::timeout_at(hour, stream.next()).await {
-                Ok(Some(Ok(Event::Apply(j)))) => applied.push(j.resource_version().unwrap()),
-                Ok(_) => {}
-                Err(_) => panic!("the unanswered watch was not asked for again within an hour: {applied:?}"),
-            }
-        }
-        assert_eq!(applied, ["11", "12"]);
-        let asked = asked.lock().unwrap();
-        let watches: Vec<_> = asked.iter().filter(|(_, u)| u.contains("watch=true")).collect();
-        assert_eq!(watches.len(), 3, "{asked:?}");
+        let (api, asked) = watching_apiserver(|n| n == 2);
+        let applied = two_applied(api).await;
+        assert_eq!(applied.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>(), ["11", "13"]);
+        let watches = watches(&asked);
+        assert_eq!(watches.len(), 3, "{watches:?}");
         assert!(watches[2].1.contains("resourceVersion=11"), "from the same version: {}", watches[2].1);
         let waited = watches[2].0 - watches[1].0;
         assert!(waited >= WATCH_OPEN_LIMIT && waited < WATCH_OPEN_LIMIT + Duration::from_secs(1), "{waited:?}");
