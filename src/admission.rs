@@ -188,7 +188,7 @@ fn readable_review(body: &str) -> std::borrow::Cow<'_, str> {
     let object = |review: &str, field: &str| {
         replace_at(review, &["request", field], |object| {
             let object = crate::unreadable::without_managed_fields(object).into_owned();
-            let object = replace_at(&object, &["status"], |_| "null".to_string()).into_owned();
+            let object = crate::unreadable::null_at(&object, &["status"]).into_owned();
             OPEN.iter().fold(object, |object, at| replace_at(&object, at, digest).into_owned())
         })
         .into_owned()

@@ -149,7 +149,7 @@ pub fn decode_text<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
 /// written, a status it cannot read) may be a newer operator's.
 fn bad_input<K: Unreadable>(text: &str) -> bool {
     // Arguments are read as text at any depth: they make nothing unreadable, nor too deep to tell why.
-    let text = K::ARGUMENTS.map_or(Cow::Borrowed(text), |at| replace_at(text, at, |_| "null".to_string()));
+    let text = without_arguments::<K>(text);
     let Ok(mut object) = serde_json::from_str::<serde_json::Value>(&text) else { return true };
     K::without_open_part(&mut object);
     serde_json::from_value::<K>(object).is_ok()
@@ -161,12 +161,23 @@ fn bad_input<K: Unreadable>(text: &str) -> bool {
 /// client may nest them deeper than serde_json's reader goes. `text` as it is if it has none, or is not an object
 /// with such metadata (its decoding says what is wrong with it).
 pub fn without_managed_fields(text: &str) -> Cow<'_, str> {
-    replace_at(text, &["metadata", "managedFields"], |_| "null".to_string())
+    null_at(text, &["metadata", "managedFields"])
+}
+
+/// `text`, an object of kind `K`, with its job arguments ([`Unreadable::ARGUMENTS`]) written as null.
+fn without_arguments<K: Unreadable>(text: &str) -> Cow<'_, str> {
+    K::ARGUMENTS.map_or(Cow::Borrowed(text), |at| null_at(text, at))
+}
+
+/// `text`, a JSON object, with the value at `path` written as null ([`replace_at`]).
+pub fn null_at<'t>(text: &'t str, path: &[&str]) -> Cow<'t, str> {
+    replace_at(text, path, |_| "null".to_string())
 }
 
 /// `text`, a JSON object, with the value at `path` (the keys of nested objects) replaced by what `with` makes of
-/// its text; `text` as it is if there is none there, or it is already that. One scan per level finds it, without decoding what it passes
-/// over (at any depth: serde_json passes over a value it does not decode without a depth limit).
+/// its text; `text` as it is if there is none there, or it is already that. One scan per level finds it, without
+/// decoding what it passes over (at any depth: serde_json passes over a value it does not decode without a depth
+/// limit).
 pub fn replace_at<'t>(text: &'t str, path: &[&str], with: impl FnOnce(&str) -> String) -> Cow<'t, str> {
     let Some(found) = value_at(text, path) else { return Cow::Borrowed(text) };
     // A borrowed raw value is a slice of `text` itself: its place in it is where its first byte is.
@@ -283,7 +294,7 @@ where
         Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
         Err(e) => return Err(e),
     };
-    let text = K::ARGUMENTS.map_or(Cow::Borrowed(text.as_str()), |at| replace_at(&text, at, |_| "null".to_string()));
+    let text = without_arguments::<K>(&text);
     decode_text(&text).map(Some).map_err(kube::Error::SerdeError)
 }
 

@@ -82,8 +82,9 @@ use crate::retry::AttemptResult;
 pub const JOB_UID_LABEL: &str = "bgjobs.dev/job-uid";
 /// Label with the attempt number.
 pub const ATTEMPT_LABEL: &str = "bgjobs.dev/attempt";
-/// Annotation with a random id that every create of one attempt's Pod sends ([`start`]): the replica that sends them
-/// takes a Pod under the attempt's name for its attempt's only if it carries that id. The job's label and owner do not
+/// Annotation with an id that every create of one attempt's Pod sends ([`start`], [`PodExecutor::maker`]: derived
+/// from a random key of the replica's process): the replica that sends them takes a Pod under the attempt's name for
+/// its attempt's only if it carries that id. The job's label and owner do not
 /// prove it: anyone who may create Pods in the namespace can write them, and a Pod made ahead of the attempt would
 /// have its outcome taken for the attempt's (a job `Succeeded` without its template having run).
 pub const CREATE_ID_ANNOTATION: &str = "bgjobs.dev/create-id";
@@ -356,7 +357,7 @@ async fn start(
         match api_code(&e) {
             // Ours (an earlier create whose answer was lost), or another's; if it went away in between (an earlier
             // namesake's Pod collected), create ours.
-            Some(409) => match find(pods, job, &ctx.uid, name, Some(&made)).await.0 {
+            Some(409) => match find(pods, job, &ctx.uid, name, &made).await.0 {
                 Found::Ours { uid, .. } => {
                     tracing::info!(pod = %name, "adopted the attempt's pod");
                     return Ok(uid);
@@ -387,7 +388,7 @@ async fn start(
     if let Some(sent) = unanswered {
         tokio::time::sleep_until(sent + CREATE_LANDS_WITHIN).await;
     }
-    existing(find(pods, job, &ctx.uid, name, Some(&made)).await.0, name)?.ok_or(failed)
+    existing(find(pods, job, &ctx.uid, name, &made).await.0, name)?.ok_or(failed)
 }
 
 /// Whether a create that failed with this answer (`None`: none came) may still have made, or yet make, the Pod: no
@@ -470,7 +471,7 @@ async fn adopt(
     // The earlier holder's create may still be in flight (a slow admission webhook, a frozen apiserver).
     let late = LateCreates::until(no_create_lands_after(job, now));
     let made = Maker::elsewhere(job);
-    let found = landed(pods, job, &ctx.uid, name, late, None, Some(&made)).await;
+    let found = landed(pods, job, &ctx.uid, name, late, None, &made).await;
     existing(found, name)?.ok_or_else(|| {
         AttemptResult::Retryable(format!(
             "pod {name} of attempt {} vanished before its outcome was recorded; it is not created again (its work may \
@@ -518,7 +519,7 @@ async fn landed(
     name: &str,
     late: LateCreates,
     stopped: Option<&str>,
-    made: Option<&Maker>,
+    made: &Maker,
 ) -> Found {
     loop {
         // Judged as of when the read was sent, not when its answer came: a read served before a late create landed
@@ -542,21 +543,14 @@ pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) 
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers): what holds the name, and when
-/// the read that answered was sent (it shows nothing that landed after that). With `made`, a Pod of the job's that
-/// its attempt's creates cannot have made is another's ([`Maker::refuses`]); without, any Pod of the job's is (a
-/// stop stops whatever runs under the job's name).
-async fn find(
-    pods: &Api<Pod>,
-    job: &BackgroundJob,
-    job_uid: &str,
-    name: &str,
-    made: Option<&Maker>,
-) -> (Found, Instant) {
+/// the read that answered was sent (it shows nothing that landed after that). A Pod of the job's that `made` refuses
+/// ([`Maker::refuses`]) is another's; a stop looks with [`Maker::Unknown`], for whatever runs under the job's name.
+async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str, made: &Maker) -> (Found, Instant) {
     let mut backoff = Backoff::new();
     loop {
         let sent = Instant::now();
         match crate::unreadable::get_opt(pods, name).await {
-            Ok(Some(p)) if belongs(&p, job_uid) => match made.and_then(|m| m.refuses(&p)) {
+            Ok(Some(p)) if belongs(&p, job_uid) => match made.refuses(&p) {
                 None => return (Found::Ours { uid: p.uid().unwrap_or_default(), kept: keeps_name(&p) }, sent),
                 Some(why) => return (Found::Other(AttemptResult::Permanent(why)), sent),
             },
@@ -583,7 +577,7 @@ pub enum Maker {
     /// Another replica (the attempt was adopted, or is settled by a replica that does not hold it), which began the
     /// attempt then (`status.startTime`, the cluster's clock).
     Began(jiff::Timestamp),
-    /// Another replica, at a time not written (a status written by hand): any Pod of the job's.
+    /// Another replica, at a time not written (a status written by hand), or whoever: any Pod of the job's.
     Unknown,
 }
 
@@ -604,7 +598,7 @@ impl Maker {
                 (pod.annotations().get(CREATE_ID_ANNOTATION) != Some(&id.to_string())).then(|| {
                     format!(
                         "pod {name} carries this job's UID, but no create of the attempt made it (it was created by \
-                     someone else under the attempt's name); its outcome is not taken for the attempt's"
+                         someone else under the attempt's name); its outcome is not taken for the attempt's"
                     )
                 })
             }
@@ -1011,7 +1005,9 @@ pub async fn stop(
     let mut stopped: Option<String> = None;
     let mut succeeded = None;
     loop {
-        let Found::Ours { uid, .. } = landed(&pods, job, &job_uid, &name, late, stopped.as_deref(), None).await else {
+        let Found::Ours { uid, .. } =
+            landed(&pods, job, &job_uid, &name, late, stopped.as_deref(), &Maker::Unknown).await
+        else {
             return succeeded.unwrap_or(false);
         };
         if stopped.as_ref() == Some(&uid) {
@@ -1416,7 +1412,7 @@ mod tests {
         });
         let pods: Api<Pod> = Api::namespaced(client, "ns");
         let late = LateCreates::until(Instant::now() + Duration::from_secs(30));
-        let found = landed(&pods, &job(), "uid-7", "render-7-1", late, None, None).await;
+        let found = landed(&pods, &job(), "uid-7", "render-7-1", late, None, &Maker::Unknown).await;
         assert!(
             matches!(&found, Found::Ours { uid, .. } if uid == "pod-uid"),
             "the late create's Pod must be found and stopped, not the look ended as absent"
