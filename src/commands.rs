@@ -144,6 +144,10 @@ pub struct HistoryLine {
     pub note: String,
     /// The replica that reported it.
     pub reporter: String,
+    /// How often it happened: an Event's series counts repeats, e.g. a job's retries past its first few attempts.
+    pub count: i32,
+    /// When it last happened, if more than once.
+    pub last_time: Option<String>,
 }
 
 /// A job with its history, as `bgjobs describe` shows it.
@@ -185,6 +189,8 @@ pub async fn history(client: &Client, job: &BackgroundJob) -> Result<Vec<History
                 reason: e.reason.unwrap_or_default(),
                 note: e.note.unwrap_or_default(),
                 reporter: e.reporting_instance.unwrap_or_default(),
+                count: e.series.as_ref().map_or(1, |s| s.count),
+                last_time: e.series.map(|s| s.last_observed_time.0.to_string()),
             };
             (t, line)
         })
@@ -250,7 +256,11 @@ pub async fn describe(client: &Client, api: &Api<BackgroundJob>, name: &str, out
         println!("  (no events: none yet, or expired)");
     }
     for h in &described.history {
-        println!("  {:<28} {:<11} {:<20} {}", h.time.as_deref().unwrap_or("-"), h.reason, h.reporter, h.note);
+        let repeats = match &h.last_time {
+            Some(last) => format!(" [{} times, the last at {last}]", h.count),
+            None => String::new(),
+        };
+        println!("  {:<28} {:<11} {:<20} {}{repeats}", h.time.as_deref().unwrap_or("-"), h.reason, h.reporter, h.note);
     }
     Ok(())
 }
@@ -308,7 +318,9 @@ mod tests {
             serde_json::json!({"metadata": {"name": reason}, "eventTime": at, "regarding": {"uid": "uid-1"},
                 "reason": reason, "note": "n", "reportingInstance": "r"})
         };
-        let first = vec![event("Retrying", "2026-01-01T00:00:00.000000Z")];
+        let mut folded = event("Retrying", "2026-01-01T00:00:00.000000Z");
+        folded["series"] = serde_json::json!({"count": 7, "lastObservedTime": "2026-01-01T00:00:04.000000Z"});
+        let first = vec![folded];
         let second = vec![event("Failed", "2026-01-01T00:00:05.000000Z")];
         let (client, sent) = crate::testing::scripted_client(move |s| {
             let later = s.query.contains("continue=");
@@ -321,8 +333,10 @@ mod tests {
         let mut job = BackgroundJob::new("j", crate::jobs::spec("noop", serde_json::json!({})));
         job.metadata.namespace = Some("ns".into());
         job.metadata.uid = Some("uid-1".into());
-        let reasons: Vec<String> = history(&client, &job).await.unwrap().into_iter().map(|l| l.reason).collect();
-        assert_eq!(reasons, ["Retrying", "Failed"]);
+        let lines = history(&client, &job).await.unwrap();
+        let reasons: Vec<(&str, i32)> = lines.iter().map(|l| (l.reason.as_str(), l.count)).collect();
+        assert_eq!(reasons, [("Retrying", 7), ("Failed", 1)], "a series counts its repeats");
+        assert_eq!(lines[0].last_time.as_deref(), Some("2026-01-01T00:00:04Z"));
         let queries: Vec<String> = sent.lock().unwrap().iter().map(|s| s.query.clone()).collect();
         assert_eq!(queries.len(), 2, "{queries:?}");
         assert!(

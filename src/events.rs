@@ -35,6 +35,26 @@ pub fn records(level: EventLevel, reason: &str) -> bool {
     }
 }
 
+/// How many of a job's attempts get Events of their own (an Event per reason and attempt); later attempts' Events of
+/// a reason are counted in one Event's series ([`on_attempt`]).
+pub const ATTEMPTS_APART: i32 = 5;
+
+/// The action and note of an Event on attempt `attempt` of a job. The first [`ATTEMPTS_APART`] attempts are named
+/// apart (`Attempt3`), so each shows in `kubectl describe` and `bgjobs describe`: kube's recorder folds Events of
+/// equal reason, action and object into one series. Later attempts share one action (`Attempt6+`), so a job retried
+/// with no backoff, a failure a second for as long as its timeout, adds to one Event's count (a write, no new object
+/// in etcd) rather than storing an Event per attempt. A series keeps its first note, so that note says so.
+pub fn on_attempt(attempt: i32, note: String) -> (String, String) {
+    if attempt <= ATTEMPTS_APART {
+        return (format!("Attempt{attempt}"), note);
+    }
+    let folded = format!(
+        "{note} (the Event for attempt {} and on: its count says how many; the job's status has the latest)",
+        ATTEMPTS_APART + 1
+    );
+    (format!("Attempt{}+", ATTEMPTS_APART + 1), folded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +95,18 @@ mod tests {
             assert!(records(EventLevel::All, reason));
             assert!(!records(EventLevel::Off, reason));
         }
+    }
+
+    #[test]
+    fn a_jobs_first_attempts_have_events_apart_and_later_ones_share_one() {
+        let actions: Vec<String> = (1..=8).map(|a| on_attempt(a, "failed".into()).0).collect();
+        assert_eq!(
+            actions,
+            ["Attempt1", "Attempt2", "Attempt3", "Attempt4", "Attempt5", "Attempt6+", "Attempt6+", "Attempt6+"]
+        );
+        assert_eq!(on_attempt(5, "attempt 5 failed".into()).1, "attempt 5 failed");
+        let (_, folded) = on_attempt(6, "attempt 6 failed".into());
+        assert!(folded.starts_with("attempt 6 failed") && folded.contains("count"), "{folded}");
     }
 
     #[test]

@@ -83,15 +83,19 @@ impl Worker {
     /// Publish a Kubernetes Event on `job` in the background, if `--events` records its reason (an Event lost to an
     /// API hiccup is only logged).
     ///
-    /// The action names the attempt (`Attempt3`): the recorder folds events with equal reason and action into one
-    /// series, which would hide every attempt after the first from `kubectl describe` and `bgjobs describe`.
+    /// The action names the attempt for a job's first attempts, and one action stands for all later ones
+    /// ([`crate::events::on_attempt`]): the recorder folds Events of equal reason, action and object into one series.
+    /// The object is named without its resourceVersion, which every attempt changes, so that they do fold.
     pub fn event(&self, job: &BackgroundJob, type_: EventType, reason: &str, note: String) {
-        self.publish(job, type_, reason, format!("Attempt{}", job.attempts()), note)
+        let (action, note) = crate::events::on_attempt(job.attempts(), note);
+        let mut reference = job.object_ref(&());
+        reference.resource_version = None;
+        self.publish(reference, type_, reason, action, note)
     }
 
     /// Publish a Kubernetes Event on any object in the background.
     pub fn event_on<K: Resource<DynamicType = ()>>(&self, object: &K, type_: EventType, reason: &str, note: String) {
-        self.publish(object, type_, reason, reason.to_string(), note)
+        self.publish(object.object_ref(&()), type_, reason, reason.to_string(), note)
     }
 
     /// Wait, at most `patience`, for the Events still being published: those of a shutdown (an attempt handed back,
@@ -103,9 +107,9 @@ impl Worker {
         }
     }
 
-    fn publish<K: Resource<DynamicType = ()>>(
+    fn publish(
         &self,
-        object: &K,
+        reference: k8s_openapi::api::core::v1::ObjectReference,
         type_: EventType,
         reason: &str,
         action: String,
@@ -116,7 +120,6 @@ impl Worker {
         }
         let Some(recorder) = self.recorder.clone() else { return };
         self.metrics.count_event(&type_, reason);
-        let reference = object.object_ref(&());
         let ev = Event { type_, reason: reason.into(), note: Some(event_note(note)), action, secondary: None };
         let (client, identity) = (self.client.clone(), self.identity.clone());
         self.publishing.spawn(async move {

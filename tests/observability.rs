@@ -122,6 +122,35 @@ async fn with_events_all_the_happy_path_is_recorded_too() {
     .await;
 }
 
+/// A job that fails at once and is retried with no backoff makes an Event a second: past its first few attempts they
+/// are counted in one Event's series, not stored as an object each (Events are objects in etcd, kept an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_storm_adds_to_one_events_count_instead_of_an_event_per_attempt() {
+    let env = TestEnv::new("events-storm").await;
+    let _r = env.replica("e", &[]);
+    env.create("storm", json!({"jobName": "fail", "retry": {"maxAttempts": 12, "backoffSeconds": 0}})).await;
+    env.wait_until(Duration::from_secs(90), "the job failed", |jobs| jobs.iter().all(|j| j.phase().is_final())).await;
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let retried = |all: &[Event]| -> (usize, i32) {
+        let mine = all.iter().filter(|e| e.reason.as_deref() == Some("Retrying"));
+        let counts: Vec<i32> = mine.map(|e| e.series.as_ref().map_or(1, |s| s.count)).collect();
+        (counts.len(), counts.iter().sum())
+    };
+    // Eleven attempts failed and were retried; the twelfth failed the job. Publishing is in the background: wait
+    // until every retry is counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (objects, counted) = loop {
+        let all = events.list(&ListParams::default()).await.unwrap().items;
+        let (objects, counted) = retried(&all);
+        if counted >= 11 || std::time::Instant::now() > deadline {
+            break (objects, counted);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(counted, 11, "every retry is counted once ({objects} Event objects)");
+    assert_eq!(objects, 6, "the first five attempts' apart, the other six in one series");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_expired_job_is_deleted_by_exactly_one_replica() {
     let env = TestEnv::new("ttl-owner").await;
