@@ -182,6 +182,10 @@ pub enum LostAt {
     PodToCome { until: std::time::Instant, not_stopping: Option<String> },
     /// This replica's own tenure is not current: it may take no Lease.
     NoTenure,
+    /// An expired Lease it needed (a concurrency key, a cluster slot) names a job that is not this one, whose Pod
+    /// (named here) may still run: its job was deleted, or is not in this replica's cache, and its holder is gone.
+    /// Look again at `until`.
+    GoneJobsPod { pod: String, until: std::time::Instant },
 }
 
 /// A member Lease as read, compared by UID and resourceVersion.
@@ -223,6 +227,7 @@ impl std::fmt::Display for LostAt {
             LostAt::PodNotStopping(_) => "the attempt's Pod was deleted and has not stopped (its node unreachable?)",
             LostAt::PodToCome { .. } => "a create of the attempt's Pod may still land",
             LostAt::NoTenure => "this replica's tenure is not current",
+            LostAt::GoneJobsPod { .. } => "a Lease it needed names another job whose Pod may still run",
         })
     }
 }
@@ -243,6 +248,10 @@ pub async fn claim(
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let Some(claim) = claim_for(job, claimant) else { return Ok(ClaimOutcome::Busy) };
+    if let Some(pod) = pod_outliving_its_lease(client, job, extras).await? {
+        tracing::debug!(job = %job.name_any(), %pod, "a Lease it needs names a gone job whose Pod may still run");
+        return Ok(ClaimOutcome::Lost(LostAt::GoneJobsPod { pod, until: std::time::Instant::now() + POD_LOOK }));
+    }
     if let Some(lost) = end_tenures(client, claimant.ends, timing).await? {
         return Ok(ClaimOutcome::Lost(lost));
     }
@@ -272,6 +281,39 @@ pub async fn claim(
         release_all(&held, adopts(job)).await;
     }
     outcome
+}
+
+/// How soon a claim held back by a gone job's Pod ([`LostAt::GoneJobsPod`]) looks again.
+const POD_LOOK: Duration = Duration::from_secs(2);
+
+/// A Pod that may still run, of a job another than `job` whose expired Lease (a concurrency key, a cluster slot)
+/// the claim would take over. Such a Lease's job is adopted with it while it exists: it is the key's turn, and
+/// takes its slot along. If the job was deleted with its holder dead, the Lease is all that is left of it, while
+/// the garbage collector deletes its Pod, which runs on through its grace period (a container that ignores SIGTERM,
+/// as a shell does, runs all of it), or for as long as it likes while the controller-manager is down. The key and
+/// the slot stay taken until that Pod has stopped. A Lease that does not say its job's namespace (a slot of an
+/// older release) is not looked into; a key Lease is in its job's namespace.
+async fn pod_outliving_its_lease(
+    client: &Client,
+    job: &BackgroundJob,
+    extras: &[ExtraLease],
+) -> Result<Option<String>> {
+    for extra in extras.iter().filter(|e| e.expired_tenure.is_some()) {
+        let Some(seen) = extra.seen.as_deref() else { continue };
+        let Some(uid) = lease::annotation(seen, lease::JOB_UID_ANNOTATION).filter(|u| Some(*u) != job.uid().as_deref())
+        else {
+            continue;
+        };
+        let namespace = match lease::annotation(seen, lease::JOB_NAMESPACE_ANNOTATION) {
+            Some(ns) => ns.to_string(),
+            None if extra.label == crate::keys::KEY_LABEL => extra.namespace.clone(),
+            None => continue,
+        };
+        if let Some(pod) = crate::executor::pod::running_pod_of(client, &namespace, uid).await? {
+            return Ok(Some(pod));
+        }
+    }
+    Ok(None)
 }
 
 /// End the tenures vouching for the expired Leases a claim (or settle) takes over, before taking any: revoke those
@@ -419,6 +461,7 @@ fn claim_for(job: &BackgroundJob, claimant: Claimant<'_>) -> Option<Claim> {
         annotations: BTreeMap::from([
             (lease::JOB_UID_ANNOTATION.to_string(), job.uid().unwrap_or_default()),
             (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+            (lease::JOB_NAMESPACE_ANNOTATION.to_string(), job.namespace().unwrap_or_default()),
             (TENURE_ANNOTATION.to_string(), tenure),
             (TENURE_MEMBER_ANNOTATION.to_string(), tenure_member),
         ]),

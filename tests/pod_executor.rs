@@ -318,6 +318,37 @@ async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_
     assert_eq!(pods.len(), 1, "never two pods for one attempt");
 }
 
+/// A keyed Pod job whose replica is killed, then deleted before any replica adopts it, leaves its Pod to the garbage
+/// collector, which deletes it; its container ignores SIGTERM and runs on through its grace (15 s). Before, the key's
+/// Lease, naming a job that is gone, was taken over a lease duration after the replica died, and the next job of the
+/// key ran beside that Pod. Now a claim that would take over an expired Lease naming another job first looks for
+/// that job's Pods, and waits until they have stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_jobs_pod_running_on_through_its_grace_still_holds_its_concurrency_key() {
+    let env = on_node("pod-gone-key").await;
+    let history = PodHistory::watch(&env, &["first", "second"]).await;
+    let mut a = env.replica("a", &[]);
+    let mut first = shell_job("trap '' TERM; sleep 600", json!({"concurrencyKey": "k"}));
+    first["template"]["spec"]["terminationGracePeriodSeconds"] = json!(15);
+    env.create("first", first).await;
+    history.wait_for("first-1", |e| e.started, "running", MINUTE).await;
+    a.kill9();
+    env.jobs.delete("first", &Default::default()).await.unwrap();
+    env.create("second", shell_job("true", json!({"concurrencyKey": "k"}))).await;
+    let _b = env.replica("b", &[]);
+    let second = env.wait_job("second", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(second.phase(), Phase::Succeeded, "{:?}", second.status);
+    let has_stopped = |e: &PodEvent| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed");
+    history.wait_for("first-1", has_stopped, "stopped", MINUTE).await;
+    let stopped = history.first("first-1", has_stopped).expect("the deleted job's Pod stopped");
+    let next = history.first("second-1", |e| e.kind == "ADDED").expect("the next job's Pod was created");
+    assert!(
+        stopped < next,
+        "the next job of the key had its Pod created while the deleted job's Pod still ran: {:?}",
+        history.events()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
     let env = on_node("pod-cancel").await;

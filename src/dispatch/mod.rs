@@ -112,6 +112,8 @@ impl DoneOnDrop {
                 d.lost_to_another = true;
                 d.hold_until = Some(until);
             }
+            // Nobody has it: a gone job's Pod holds its key or slot, and it is looked at again then.
+            LostAt::GoneJobsPod { until, .. } => d.hold_until = Some(until),
             LostAt::ClaimLease
             | LostAt::JobChanged
             | LostAt::PodRunning

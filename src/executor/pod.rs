@@ -63,7 +63,7 @@ use jiff::SignedDuration;
 use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::LocalSubjectAccessReview;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
-use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::time::Instant;
@@ -540,6 +540,25 @@ pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) 
     Ok(found.is_some_and(|p| {
         belongs(&p, &job.uid().unwrap_or_default()) && !finished(&p) && p.metadata.deletion_timestamp.is_none()
     }))
+}
+
+/// A Pod of the job with UID `job_uid` in `namespace` that may still run (one quorum list): for a Lease that names
+/// a job no replica can adopt (deleted, its holder dead), whose Pod the garbage collector deletes but which runs on
+/// through its grace period, or for as long as it likes while the controller-manager is down. `None` when there is
+/// none, or when this replica may not list Pods there (it then runs no Pods there either, and nothing is concluded).
+pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> crate::Result<Option<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let params = ListParams::default().labels(&format!("{JOB_UID_LABEL}={job_uid}"));
+    match pods.list(&params).await {
+        Ok(list) => {
+            Ok(list.items.into_iter().find(|p| !finished(p) || kill_pending(p).is_some()).map(|p| p.name_any()))
+        }
+        Err(e) if crate::error::api_code(&e) == Some(403) => {
+            tracing::debug!(%namespace, error = %e, "may not list Pods: a gone job's Pods there are not looked for");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers): what holds the name, and when

@@ -45,6 +45,9 @@ pub const MANAGED_BY: &str = "bgjobs";
 pub const JOB_UID_ANNOTATION: &str = "bgjobs.dev/job-uid";
 /// Annotation naming the attempt a claim Lease guards (the fencing epoch).
 pub const ATTEMPT_ANNOTATION: &str = "bgjobs.dev/attempt";
+/// Annotation naming the namespace of the job a claim's Leases guard: a cluster slot lives in the lease namespace,
+/// and the Pods of its job, which may outlive the job, in the job's.
+pub const JOB_NAMESPACE_ANNOTATION: &str = "bgjobs.dev/job-namespace";
 
 /// How long Leases last and how they are kept alive. Invariant: `duration > renew_deadline > renew_interval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
