@@ -182,10 +182,10 @@ pub enum LostAt {
     PodToCome { until: std::time::Instant, not_stopping: Option<String> },
     /// This replica's own tenure is not current: it may take no Lease.
     NoTenure,
-    /// An expired Lease it needed (a concurrency key, a cluster slot) names a job that is not this one, whose Pod
-    /// (named here) may still run: its job was deleted, or is not in this replica's cache, and its holder is gone.
-    /// Look again at `until`.
-    GoneJobsPod { pod: String, until: std::time::Instant },
+    /// A held Lease it needed (a concurrency key, a cluster slot: `slot`), named `lease`, names a job that is not
+    /// this one, whose Pod `pod` may still run: that job was deleted (or is not in this replica's cache), and its
+    /// holder is gone. Look again at `until` (a slot: try the others meanwhile).
+    GoneJobsPod { pod: String, lease: String, slot: bool, until: std::time::Instant },
 }
 
 /// A member Lease as read, compared by UID and resourceVersion.
@@ -248,9 +248,10 @@ pub async fn claim(
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let Some(claim) = claim_for(job, claimant) else { return Ok(ClaimOutcome::Busy) };
-    if let Some(pod) = pod_outliving_its_lease(client, job, extras).await? {
-        tracing::debug!(job = %job.name_any(), %pod, "a Lease it needs names a gone job whose Pod may still run");
-        return Ok(ClaimOutcome::Lost(LostAt::GoneJobsPod { pod, until: std::time::Instant::now() + POD_LOOK }));
+    if let Some((pod, extra)) = pod_outliving_its_lease(client, job, extras).await? {
+        let (lease, slot) = (extra.name.clone(), extra.label == crate::limits::SLOT_LABEL);
+        let until = std::time::Instant::now() + POD_LOOK;
+        return Ok(ClaimOutcome::Lost(LostAt::GoneJobsPod { pod, lease, slot, until }));
     }
     if let Some(lost) = end_tenures(client, claimant.ends, timing).await? {
         return Ok(ClaimOutcome::Lost(lost));
@@ -284,22 +285,24 @@ pub async fn claim(
 }
 
 /// How soon a claim held back by a gone job's Pod ([`LostAt::GoneJobsPod`]) looks again.
-const POD_LOOK: Duration = Duration::from_secs(2);
+const POD_LOOK: Duration = Duration::from_secs(5);
 
-/// A Pod that may still run, of a job another than `job` whose expired Lease (a concurrency key, a cluster slot)
-/// the claim would take over. Such a Lease's job is adopted with it while it exists: it is the key's turn, and
-/// takes its slot along. If the job was deleted with its holder dead, the Lease is all that is left of it, while
-/// the garbage collector deletes its Pod, which runs on through its grace period (a container that ignores SIGTERM,
-/// as a shell does, runs all of it), or for as long as it likes while the controller-manager is down. The key and
-/// the slot stay taken until that Pod has stopped. A Lease that does not say its job's namespace (a slot of an
-/// older release) is not looked into; a key Lease is in its job's namespace.
-async fn pod_outliving_its_lease(
+/// A Pod that may still run, of a job another than `job` whose held Lease (a concurrency key, a cluster slot) the
+/// claim would take over, expired or disowned. Such a Lease's job is adopted with it while it exists: it is the
+/// key's turn, and takes its slot along. If the job was deleted while its holder was dead, or after its holder
+/// handed it over, the Lease is all that is left of it, while the garbage collector deletes its Pod, which runs on
+/// through its grace period (a container that ignores SIGTERM, as a shell does, runs all of it), or for as long as
+/// it likes while the controller-manager is down. The key and the slot stay taken until that Pod has stopped.
+/// Vacant Leases are free without a look (their holder stopped its Pod before it gave them back). A Lease that does
+/// not say its job's namespace (a slot of an older release) is not looked into; a key Lease is in its job's
+/// namespace.
+async fn pod_outliving_its_lease<'a>(
     client: &Client,
     job: &BackgroundJob,
-    extras: &[ExtraLease],
-) -> Result<Option<String>> {
-    for extra in extras.iter().filter(|e| e.expired_tenure.is_some()) {
-        let Some(seen) = extra.seen.as_deref() else { continue };
+    extras: &'a [ExtraLease],
+) -> Result<Option<(String, &'a ExtraLease)>> {
+    for extra in extras {
+        let Some(seen) = extra.seen.as_deref().filter(|l| lease::holder(l).is_some()) else { continue };
         let Some(uid) = lease::annotation(seen, lease::JOB_UID_ANNOTATION).filter(|u| Some(*u) != job.uid().as_deref())
         else {
             continue;
@@ -310,7 +313,7 @@ async fn pod_outliving_its_lease(
             None => continue,
         };
         if let Some(pod) = crate::executor::pod::running_pod_of(client, &namespace, uid).await? {
-            return Ok(Some(pod));
+            return Ok(Some((pod, extra)));
         }
     }
     Ok(None)

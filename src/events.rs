@@ -2,7 +2,7 @@
 //!
 //! Events are objects in etcd too (kept an hour by the apiserver's default `--event-ttl`): two per successful job at
 //! 50 jobs/s keep ~360,000 of them alive, more than the queue itself. So by default only what a person needs when
-//! something goes wrong is recorded (retries, failures, give-ups, takeovers, interruptions, cancellations, skips,
+//! something goes wrong is recorded (retries, failures, give-ups, takeovers, interruptions, cancellations, skips, waits,
 //! recurring ticks missed), and the happy path (claimed, succeeded, a recurring job created) is left to metrics and logs.
 
 use clap::ValueEnum;
@@ -14,7 +14,8 @@ pub enum EventLevel {
     #[value(alias = "true")]
     All,
     /// What a person needs when something goes wrong: retries, failures, abandonment, takeovers, interruptions,
-    /// cancellations, skipped jobs and ticks, recurring jobs not created (the default).
+    /// cancellations, skipped jobs and ticks, recurring jobs not created, jobs waiting for a deleted job's Pod (the
+    /// default).
     #[default]
     Problems,
     /// None (`false` before).
@@ -60,7 +61,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 14] = [
+    const PROBLEMS: [&str; 15] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -75,6 +76,7 @@ mod tests {
         "TooLarge",
         "ResultDropped",
         "Interrupted",
+        "WaitingForPod",
     ];
 
     #[test]

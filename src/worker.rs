@@ -86,8 +86,13 @@ impl Worker {
     /// The action names the attempt for a job's first attempts, and one action stands for all later ones
     /// ([`crate::events::on_attempt`]): the recorder folds Events of equal reason, action and object into one series.
     /// The object is named without its resourceVersion, which every attempt changes, so that they do fold.
+    /// A job named too long for the recorder to name its Events after ([`publish_shortened`]) is not folded: each
+    /// attempt keeps an Event of its own.
     pub fn event(&self, job: &BackgroundJob, type_: EventType, reason: &str, note: String) {
-        let (action, note) = crate::events::on_attempt(job.attempts(), note);
+        let attempt = job.attempts();
+        let folds = job.metadata.name.as_ref().is_some_and(|n| n.len() + EVENT_NAME_SUFFIX <= crate::names::MAX_NAME);
+        let (action, note) =
+            if folds { crate::events::on_attempt(attempt, note) } else { (format!("Attempt{attempt}"), note) };
         let mut reference = job.object_ref(&());
         reference.resource_version = None;
         self.publish(reference, type_, reason, action, note)

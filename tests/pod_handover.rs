@@ -85,6 +85,29 @@ async fn pods_handed_over_on_shutdown_keep_their_cluster_slots() {
     assert_eq!(adopted, 6, "b adopted a's two pods and ran the rest: {}", common::summary(&env.list().await));
 }
 
+/// A Pod job whose replica shuts down hands the running Pod over, its cluster slot kept (disowned); the job deleted
+/// before any replica adopts it leaves its Pod to the garbage collector, which deletes it, and its container ignores
+/// SIGTERM and runs on through its grace (15 s). Before, the slot, naming a job that is gone, was taken a lease
+/// duration after the hand-over, and the next job ran beside that Pod under a cap of one. Now the slot's Lease names
+/// the job's namespace too, and a claim that would take it over waits until that job's Pods have stopped (as for a
+/// concurrency key whose holder was killed: `pod_executor.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_jobs_pod_running_on_through_its_grace_still_counts_against_the_cluster_cap() {
+    let env = on_node("pod-gone-slot").await;
+    let cap = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "1", "--shutdown-grace", "1s"];
+    let mut a = env.replica("a", &cap);
+    let mut first = shell_job("trap '' TERM; sleep 600", json!({}));
+    first["template"]["spec"]["terminationGracePeriodSeconds"] = json!(15);
+    env.create("first", first).await;
+    wait_running_pods(&env, 1).await;
+    assert!(a.terminate(Duration::from_secs(20)), "a shut down, handing its Pod over");
+    env.jobs.delete("first", &Default::default()).await.unwrap();
+    env.create("second", shell_job("sleep 2", json!({}))).await;
+    let _b = env.replica("b", &cap);
+    let most = peak_running_pods_until_all_succeed(&env, 1, 2 * MINUTE).await;
+    assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_holds() {
     let env = on_node("pod-slot-deleted").await;

@@ -79,6 +79,8 @@ struct Done {
     /// Leave the job alone until then while the cache shows the version acted on (see [`LostAt::PodToCome`]);
     /// `None`: [`SETTLE_HOLD`].
     hold_until: Option<Instant>,
+    /// A cluster slot held by a gone job's Pod ([`LostAt::GoneJobsPod`]): offered to no claim until then.
+    blocked_slot: Option<(String, Instant)>,
 }
 
 /// Sends its [`Done`] when dropped: when the task returns, and also when it unwinds from a panic.
@@ -112,7 +114,12 @@ impl DoneOnDrop {
                 d.lost_to_another = true;
                 d.hold_until = Some(until);
             }
-            // Nobody has it: a gone job's Pod holds its key or slot, and it is looked at again then.
+            // Nobody has it: a gone job's Pod holds a slot (left out until then, the job tries another at once) or
+            // its key (the job is looked at again then).
+            LostAt::GoneJobsPod { lease, slot: true, until, .. } => {
+                d.blocked_slot = Some((lease, until));
+                d.seen_at = None;
+            }
             LostAt::GoneJobsPod { until, .. } => d.hold_until = Some(until),
             LostAt::ClaimLease
             | LostAt::JobChanged
@@ -129,6 +136,16 @@ impl Drop for DoneOnDrop {
             let _ = self.tx.send(done);
         }
     }
+}
+
+/// What a claim held back by a gone job's Pod says ([`LostAt::GoneJobsPod`]).
+fn gone_jobs_pod_note(pod: &str, lease: &str, slot: bool) -> String {
+    let what = if slot { "the cluster slot" } else { "the concurrency key" };
+    format!(
+        "{what} (Lease {lease}) is held by Pod {pod} of a job that is gone (deleted while its replica was down), which \
+         may still run: waiting until it has stopped (the garbage collector deletes it; a Pod that does not stop, \
+         its node unreachable or the controller-manager down, holds it until it is removed)"
+    )
 }
 
 /// Retention deletes per second per replica (in bursts of [`DELETE_BURST`]): a day's worth of finished jobs whose
@@ -206,6 +223,8 @@ pub struct Dispatcher {
     /// Leases (`namespace/name`) being disowned ([`Dispatcher::disown_if_idle`]).
     disowning: Arc<std::sync::Mutex<HashSet<String>>>,
     slots_in_use: HashMap<String, String>,
+    /// Cluster slots a claim found held by a gone job's Pod, offered to no claim until the instant given.
+    blocked_slots: HashMap<String, Instant>,
     /// Since when each candidate has been at the head of this replica's view of the queue.
     head_clocks: ordering::HeadClocks,
     health: Arc<Health>,
@@ -299,6 +318,7 @@ impl Dispatcher {
             membership,
             disowning: Default::default(),
             slots_in_use: HashMap::new(),
+            blocked_slots: HashMap::new(),
             head_clocks: ordering::HeadClocks::default(),
             health,
             done_tx,
@@ -346,6 +366,9 @@ impl Dispatcher {
         self.held.remove(&done.uid);
         self.writing.remove(&done.uid);
         self.slots_in_use.remove(&done.uid);
+        if let Some((slot, until)) = done.blocked_slot {
+            self.blocked_slots.insert(slot, until);
+        }
         // Only for a job still known: a deleted one has had its entries cleared (`gone`) and never comes back.
         if done.lost_to_another && self.leader.is_some() && self.backlog.job(&done.uid).is_some() {
             self.claimed_elsewhere.insert(done.uid.clone());
@@ -786,10 +809,11 @@ impl Dispatcher {
         let mut cluster_free = None;
         if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
-            let reserved: Vec<String> =
-                self.slots_in_use.values().cloned().chain(held_for_adopters.iter().cloned()).collect();
-            let timing = self.worker.timing;
             let inst = Instant::now();
+            self.blocked_slots.retain(|_, until| *until > inst);
+            let reserved: Vec<String> =
+                self.slots_in_use.values().chain(held_for_adopters).chain(self.blocked_slots.keys()).cloned().collect();
+            let timing = self.worker.timing;
             let mut observer = std::mem::take(&mut self.slot_observer);
             let vouched = |l: Option<&Lease>, own| self.vouched(l, own, inst);
             slots = limits::free_slots(cap, &seen, &reserved, &mut observer, vouched, inst, &timing, &me);
@@ -999,6 +1023,7 @@ impl Dispatcher {
                 alive_tenure: None,
                 lost_to_another: false,
                 hold_until: None,
+                blocked_slot: None,
             }),
         };
         let Candidate { job, lease, state, extras, .. } = c;
@@ -1027,6 +1052,15 @@ impl Dispatcher {
                     worker.metrics.claimed.inc();
                     worker.metrics.claim_latency.observe(since.elapsed().as_secs_f64());
                     attempt::run(worker, *claimed, control).await;
+                }
+                Ok(ClaimOutcome::Lost(LostAt::GoneJobsPod { pod, lease, slot, until })) => {
+                    let note = gone_jobs_pod_note(&pod, &lease, slot);
+                    info!(job = %job.name_any(), %pod, %lease, "{note}");
+                    if !slot {
+                        // Folded into one Event's series while the job waits (the job does not change meanwhile).
+                        worker.event(&job, EventType::Warning, "WaitingForPod", note);
+                    }
+                    done.lost(LostAt::GoneJobsPod { pod, lease, slot, until });
                 }
                 Ok(ClaimOutcome::Lost(at)) => {
                     worker.metrics.claim_conflicts.inc();
@@ -1149,6 +1183,7 @@ impl Dispatcher {
                 alive_tenure: None,
                 lost_to_another: false,
                 hold_until: None,
+                blocked_slot: None,
             }),
         })
     }
