@@ -150,7 +150,7 @@ pub(super) async fn trim_history(
 mod tests {
     use super::*;
     use crate::recurring::claim;
-    use crate::recurring::tests::{def, finished, t, with_last, with_pending};
+    use crate::recurring::decisions::tests::{def, finished, t, with_last, with_pending};
 
     #[test]
     fn a_finished_ticks_job_is_kept_until_no_create_sent_soon_after_a_later_tick_was_claimed_can_land() {
