@@ -106,6 +106,9 @@ pub struct ExtraLease {
     /// The tenure vouching for `seen`, when it is taken because it expired (that tenure must end first; see
     /// [`crate::lease::tenure`]). `None` for a Lease that is free without that: absent, vacant, or left over.
     pub expired_tenure: Option<tenure::Vouch>,
+    /// `seen` names a job this replica's cache does not show (deleted, or not seen yet): its Pods may still run with
+    /// nobody to stop them, so they are looked for before it is taken ([`pod_outliving_its_lease`]).
+    pub names_unseen_job: bool,
 }
 
 /// A claimed attempt, ready to run.
@@ -293,21 +296,23 @@ const POD_LOOK: Duration = Duration::from_secs(5);
 /// handed it over, the Lease is all that is left of it, while the garbage collector deletes its Pod, which runs on
 /// through its grace period (a container that ignores SIGTERM, as a shell does, runs all of it), or for as long as
 /// it likes while the controller-manager is down. The key and the slot stay taken until that Pod has stopped.
-/// Vacant Leases are free without a look (their holder stopped its Pod before it gave them back). A Lease that does
-/// not say its job's namespace (a slot of an older release) is not looked into; a key Lease is in its job's
-/// namespace.
+/// Vacant Leases are free without a look (their holder stopped its Pod before it gave them back), and so are those
+/// whose job this replica's cache shows ([`ExtraLease::names_unseen_job`]: a job that runs holds its key's turn and is
+/// adopted with its Leases; one that finished stopped its Pods first, and a `Failed` Pod kept for inspection must not
+/// hold the key for as long as its job is kept). A Lease that does not say its job's namespace (a slot of an older
+/// release) is not looked into; a key Lease is in its job's namespace.
 async fn pod_outliving_its_lease<'a>(
     client: &Client,
     job: &BackgroundJob,
     extras: &'a [ExtraLease],
 ) -> Result<Option<(String, &'a ExtraLease)>> {
-    for extra in extras {
+    for extra in extras.iter().filter(|e| e.names_unseen_job) {
         let Some(seen) = extra.seen.as_deref().filter(|l| lease::holder(l).is_some()) else { continue };
         let Some(uid) = lease::annotation(seen, lease::JOB_UID_ANNOTATION).filter(|u| Some(*u) != job.uid().as_deref())
         else {
             continue;
         };
-        let namespace = match lease::annotation(seen, lease::JOB_NAMESPACE_ANNOTATION) {
+        let namespace = match lease::job_namespace(seen) {
             Some(ns) => ns.to_string(),
             None if extra.label == crate::keys::KEY_LABEL => extra.namespace.clone(),
             None => continue,
@@ -464,7 +469,10 @@ fn claim_for(job: &BackgroundJob, claimant: Claimant<'_>) -> Option<Claim> {
         annotations: BTreeMap::from([
             (lease::JOB_UID_ANNOTATION.to_string(), job.uid().unwrap_or_default()),
             (lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
-            (lease::JOB_NAMESPACE_ANNOTATION.to_string(), job.namespace().unwrap_or_default()),
+            (
+                lease::JOB_REF_ANNOTATION.to_string(),
+                lease::job_ref(&job.namespace().unwrap_or_default(), &job.uid().unwrap_or_default()),
+            ),
             (TENURE_ANNOTATION.to_string(), tenure),
             (TENURE_MEMBER_ANNOTATION.to_string(), tenure_member),
         ]),

@@ -58,6 +58,10 @@ pub struct Fresh {
     /// The UID of each job a claim Lease names and its resourceVersion as read, `None` if it is gone (or its name
     /// cannot be told from its Lease's: a job named past 249 characters, whose Lease is named by its UID).
     pub jobs: Vec<(String, Option<String>)>,
+    /// Pods that may still run although their job is gone (`namespace/name`): a job deleted while the old leader was
+    /// down leaves no claim Lease (it goes with the job) but its Pod, which the garbage collector deletes and which
+    /// runs on through its grace period. No read that shows one is caught up with.
+    pub gone_jobs_pods: Vec<String>,
 }
 
 /// How often a new leader whose caches have not yet shown its last [`Fresh`] read reads again (a Lease deleted after
@@ -69,6 +73,7 @@ impl Fresh {
     /// from the apiserver (quorum reads).
     pub async fn read(
         leases: &Api<Lease>,
+        pods: &Api<k8s_openapi::api::core::v1::Pod>,
         jobs_in: impl Fn(&str) -> Api<crate::api::BackgroundJob>,
     ) -> crate::error::Result<Fresh> {
         // The claim Leases as the Lease cache selects them (only bgjobs' own), so that every one can be shown there.
@@ -87,6 +92,7 @@ impl Fresh {
             let version = job.filter(|j| j.uid().as_deref() == Some(uid)).and_then(|j| j.resource_version());
             fresh.jobs.push((uid.to_string(), version));
         }
+        fresh.gone_jobs_pods = crate::executor::pod::pods_of_gone_jobs(pods, &jobs_in).await?;
         Ok(fresh)
     }
 
@@ -98,7 +104,8 @@ impl Fresh {
         lease_version: impl Fn(&str) -> Option<String>,
         job_version: impl Fn(&str) -> Option<String>,
     ) -> bool {
-        self.leases.iter().all(|(key, read)| at_least(lease_version(key), read))
+        self.gone_jobs_pods.is_empty()
+            && self.leases.iter().all(|(key, read)| at_least(lease_version(key), read))
             && self.jobs.iter().all(|(uid, read)| read.as_ref().is_none_or(|read| at_least(job_version(uid), read)))
     }
 }
@@ -202,6 +209,7 @@ mod tests {
         let fresh = Fresh {
             leases: vec![("ns/bgj-x".into(), "120".into())],
             jobs: vec![("uid-x".into(), Some("118".into())), ("uid-gone".into(), None)],
+            gone_jobs_pods: vec![],
         };
         let cached = |lease: Option<&str>, job: Option<&str>| {
             let (lease, job) = (lease.map(str::to_string), job.map(str::to_string));
@@ -216,6 +224,8 @@ mod tests {
         assert!(cached(Some("120"), Some("118")), "both at the versions read; a job gone needs nothing");
         assert!(cached(Some("131"), Some("125")), "later versions show at least as much");
         assert!(Fresh::default().shown_by(|_| None, |_| None), "nothing claimed anywhere: nothing to wait for");
+        let pod_left = Fresh { gone_jobs_pods: vec!["ns/deleted-1".into()], ..Fresh::default() };
+        assert!(!pod_left.shown_by(|_| None, |_| None), "a deleted job's Pod may still run: not caught up with");
         assert!(!at_least(Some("v2".into()), "v1") && at_least(Some("v1".into()), "v1"), "opaque versions: equal only");
     }
 

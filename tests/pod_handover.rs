@@ -108,6 +108,27 @@ async fn a_deleted_jobs_pod_running_on_through_its_grace_still_counts_against_th
     assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
 }
 
+/// Under the exclusive strategy, a Pod job whose leader is killed, then deleted before the next leader adopts it,
+/// leaves no claim Lease (it goes with the job) but its Pod, which the garbage collector deletes and which runs on
+/// through its grace (15 s, SIGTERM ignored). Before, the next leader started the next job beside it. Now a new
+/// leader's fresh read looks for Pods of jobs that are gone, and starts nothing new until they have stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_exclusive_leader_starts_nothing_beside_the_pod_of_a_job_deleted_while_the_old_leader_was_down() {
+    let env = on_node("pod-gone-exclusive").await;
+    let flags = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str()];
+    let mut a = env.replica("a", &flags);
+    let mut first = shell_job("trap '' TERM; sleep 600", json!({}));
+    first["template"]["spec"]["terminationGracePeriodSeconds"] = json!(15);
+    env.create("first", first).await;
+    wait_running_pods(&env, 1).await;
+    a.kill9();
+    env.jobs.delete("first", &Default::default()).await.unwrap();
+    env.create("second", shell_job("sleep 2", json!({}))).await;
+    let _b = env.replica("b", &flags);
+    let most = peak_running_pods_until_all_succeed(&env, 1, 2 * MINUTE).await;
+    assert_eq!(most, 1, "{most} pods ran at once under the exclusive strategy");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_holds() {
     let env = on_node("pod-slot-deleted").await;

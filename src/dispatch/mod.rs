@@ -254,6 +254,8 @@ struct CatchUp {
     /// When this leadership began waiting, and whether a long wait was said.
     since: Option<Instant>,
     told: bool,
+    /// The Pods of gone jobs last said to hold starts back.
+    told_pods: Option<Vec<String>>,
 }
 
 /// How long a new exclusive leader waits for its caches before it says so (a warning, once).
@@ -887,12 +889,17 @@ impl Dispatcher {
         for ordering::Waiting { key, uid, .. } in head.iter().filter(|w| picked.contains(&w.key)) {
             let Some(c) = self.backlog.take_runnable(uid) else { continue };
             debug_assert_eq!(&QueueKey::of(&c.job), key);
-            let slot = slots.next().map(|s| ExtraLease {
-                namespace: lease_namespace.clone(),
-                name: s.name,
-                seen: s.seen,
-                label: limits::SLOT_LABEL,
-                expired_tenure: s.expired_tenure,
+            let slot = slots.next().map(|s| {
+                let named =
+                    s.seen.as_deref().and_then(|l| crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION));
+                ExtraLease {
+                    namespace: lease_namespace.clone(),
+                    names_unseen_job: named.is_some_and(|uid| self.backlog.job(uid).is_none()),
+                    name: s.name,
+                    seen: s.seen,
+                    label: limits::SLOT_LABEL,
+                    expired_tenure: s.expired_tenure,
+                }
             });
             self.spawn_claim(c, slot);
         }
@@ -919,6 +926,16 @@ impl Dispatcher {
             );
         }
         let reads = self.catch_up.reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(pods) = reads.last().map(|r| &r.gone_jobs_pods).filter(|p| !p.is_empty())
+            && self.catch_up.told_pods.as_ref() != Some(pods)
+        {
+            self.catch_up.told_pods = Some(pods.clone());
+            warn!(
+                ?pods,
+                "exclusive leader: Pods of deleted jobs may still run (their garbage collection waits for them \
+                to stop); nothing new starts until they have"
+            );
+        }
         if !reads.is_empty() {
             let leases: HashMap<String, String> = self
                 .view
@@ -942,7 +959,8 @@ impl Dispatcher {
             let (slot, changed) = (self.catch_up.reads.clone(), self.view.changed.clone());
             tokio::spawn(async move {
                 let leases = crate::queue::scoped::<Lease>(&client, namespace.as_deref());
-                let read = exclusive::Fresh::read(&leases, |ns| Api::namespaced(client.clone(), ns));
+                let pods = crate::queue::scoped(&client, namespace.as_deref());
+                let read = exclusive::Fresh::read(&leases, &pods, |ns| Api::namespaced(client.clone(), ns));
                 match tokio::time::timeout(exclusive::FRESH_READ_EVERY * 5, read).await {
                     Ok(Ok(fresh)) => {
                         let mut reads = slot.lock().unwrap_or_else(|e| e.into_inner());

@@ -166,6 +166,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             seen: seen.cloned(),
             label: keys::KEY_LABEL,
             expired_tenure: seen.filter(|_| expired).and_then(|l| tenure::vouch(l)),
+            names_unseen_job: k.owner.is_none(),
         };
         match keys::key_lease_state(job, k.lease.map(|l| l.as_ref()), k.owner, k.unchanged, timing) {
             LeaseState::Live => {
@@ -191,6 +192,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
                 seen: Some(slot.clone()),
                 label: limits::SLOT_LABEL,
                 expired_tenure: tenure::vouch(slot),
+                names_unseen_job: false,
             })
         }
         None => None,

@@ -64,6 +64,8 @@ use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::LocalSubjectAccessReview;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions};
+
+use crate::lease::{MANAGED_BY, MANAGED_BY_LABEL};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::time::Instant;
@@ -125,7 +127,7 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     }
     let meta = template.metadata.unwrap_or_default();
     let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
-    labels.insert("app.kubernetes.io/managed-by".into(), "bgjobs".into());
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     labels.insert(crate::claim::JOB_LABEL.into(), crate::names::label_value(&ctx.name));
     labels.insert(JOB_UID_LABEL.into(), ctx.uid.clone());
     labels.insert(ATTEMPT_LABEL.into(), ctx.attempt.to_string());
@@ -550,15 +552,55 @@ pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> 
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let params = ListParams::default().labels(&format!("{JOB_UID_LABEL}={job_uid}"));
     match pods.list(&params).await {
-        Ok(list) => {
-            Ok(list.items.into_iter().find(|p| !finished(p) || kill_pending(p).is_some()).map(|p| p.name_any()))
-        }
+        Ok(list) => Ok(list.items.into_iter().find(may_still_run).map(|p| p.name_any())),
         Err(e) if crate::error::api_code(&e) == Some(403) => {
             tracing::debug!(%namespace, error = %e, "may not list Pods: a gone job's Pods there are not looked for");
             Ok(None)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The Pods bgjobs made in `pods`' scope that may still run while their job is gone (deleted, or another job holds
+/// its name now), as `namespace/name` (one quorum list, and a read per job that such a Pod names): nobody adopts or
+/// stops them, and the garbage collector's delete lets them run through their grace period, or for as long as they
+/// like while the controller-manager is down. A new exclusive leader starts nothing beside them
+/// ([`crate::exclusive::Fresh`]). None when this replica may not list Pods there (it runs none there either).
+pub async fn pods_of_gone_jobs(
+    pods: &Api<Pod>,
+    jobs_in: impl Fn(&str) -> Api<BackgroundJob>,
+) -> crate::Result<Vec<String>> {
+    let params = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_UID_LABEL}"));
+    let listed = match pods.list(&params).await {
+        Ok(list) => list.items,
+        Err(e) if crate::error::api_code(&e) == Some(403) => {
+            tracing::debug!(error = %e, "may not list Pods: Pods of gone jobs are not looked for");
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut gone = Vec::new();
+    for pod in listed.iter().filter(|p| may_still_run(p)) {
+        let namespace = pod.namespace().unwrap_or_default();
+        let uid = pod.labels().get(JOB_UID_LABEL).cloned().unwrap_or_default();
+        let owner = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.uid == uid);
+        let exists = match owner {
+            Some(o) => {
+                crate::unreadable::get_opt(&jobs_in(&namespace), &o.name).await?.is_some_and(|j| j.uid() == Some(uid))
+            }
+            // No owner to find it by (removed by hand): its job is taken to exist, as before.
+            None => true,
+        };
+        if !exists {
+            gone.push(format!("{namespace}/{}", pod.name_any()));
+        }
+    }
+    Ok(gone)
+}
+
+/// Whether a Pod may still run a container: not finished, or `Failed` with its kill still pending ([`kill_pending`]).
+fn may_still_run(pod: &Pod) -> bool {
+    !finished(pod) || kill_pending(pod).is_some()
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers): what holds the name, and when

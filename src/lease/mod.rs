@@ -45,9 +45,24 @@ pub const MANAGED_BY: &str = "bgjobs";
 pub const JOB_UID_ANNOTATION: &str = "bgjobs.dev/job-uid";
 /// Annotation naming the attempt a claim Lease guards (the fencing epoch).
 pub const ATTEMPT_ANNOTATION: &str = "bgjobs.dev/attempt";
-/// Annotation naming the namespace of the job a claim's Leases guard: a cluster slot lives in the lease namespace,
-/// and the Pods of its job, which may outlive the job, in the job's.
-pub const JOB_NAMESPACE_ANNOTATION: &str = "bgjobs.dev/job-namespace";
+/// Annotation naming the job a claim's Leases guard as `<namespace>/<uid>`: a cluster slot lives in the lease
+/// namespace, and the Pods of its job, which may outlive the job, in the job's. With the UID, so that one a release
+/// without it left beside a newer [`JOB_UID_ANNOTATION`] (a takeover keeps the annotations it does not write) is
+/// told apart: [`job_namespace`].
+pub const JOB_REF_ANNOTATION: &str = "bgjobs.dev/job-ref";
+
+/// The value of [`JOB_REF_ANNOTATION`] for the job `uid` in `namespace`.
+pub fn job_ref(namespace: &str, uid: &str) -> String {
+    format!("{namespace}/{uid}")
+}
+
+/// The namespace of the job a Lease guards, if its [`JOB_REF_ANNOTATION`] names the job its [`JOB_UID_ANNOTATION`]
+/// does.
+pub fn job_namespace(lease: &Lease) -> Option<&str> {
+    let uid = annotation(lease, JOB_UID_ANNOTATION)?;
+    let (namespace, named) = annotation(lease, JOB_REF_ANNOTATION)?.rsplit_once('/')?;
+    (named == uid).then_some(namespace)
+}
 
 /// How long Leases last and how they are kept alive. Invariant: `duration > renew_deadline > renew_interval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,6 +306,22 @@ mod tests {
             renew_interval: Duration::from_millis(500),
         };
         assert_eq!(t.duration_seconds(), 3);
+    }
+
+    /// A Lease names its job's namespace only beside the UID it was written with: a takeover by a release that does
+    /// not write it keeps the one an earlier claim left, next to a newer UID.
+    #[test]
+    fn a_leases_job_namespace_counts_only_beside_the_uid_it_was_written_with() {
+        let with = |uid: &str, job_ref: Option<&str>| {
+            let mut annotations = std::collections::BTreeMap::from([(JOB_UID_ANNOTATION.to_string(), uid.to_string())]);
+            if let Some(r) = job_ref {
+                annotations.insert(JOB_REF_ANNOTATION.to_string(), r.to_string());
+            }
+            Lease { metadata: ObjectMeta { annotations: Some(annotations), ..Default::default() }, spec: None }
+        };
+        assert_eq!(job_namespace(&with("uid-b", Some(&job_ref("team-b", "uid-b")))), Some("team-b"));
+        assert_eq!(job_namespace(&with("uid-b", Some(&job_ref("team-a", "uid-a")))), None, "left by an earlier claim");
+        assert_eq!(job_namespace(&with("uid-b", None)), None, "written by an older release");
     }
 
     #[test]
