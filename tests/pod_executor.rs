@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
 use common::control_plane::ControllerManagerPaused;
-use common::kubelet::{JOB_IMAGE, on_node, pod_log, shell_job};
+use common::kubelet::{JOB_IMAGE, on_node, pod_log, shell_job, stubborn_job};
 use common::proxy::Proxy;
 use common::silent_webhook::SilentWebhook;
 use common::{ReplicaOptions, TestEnv, all_in};
@@ -328,9 +328,7 @@ async fn a_deleted_jobs_pod_running_on_through_its_grace_still_holds_its_concurr
     let env = on_node("pod-gone-key").await;
     let history = PodHistory::watch(&env, &["first", "second"]).await;
     let mut a = env.replica("a", &[]);
-    let mut first = shell_job("trap '' TERM; sleep 600", json!({"concurrencyKey": "k"}));
-    first["template"]["spec"]["terminationGracePeriodSeconds"] = json!(15);
-    env.create("first", first).await;
+    env.create("first", stubborn_job(15, json!({"concurrencyKey": "k"}))).await;
     history.wait_for("first-1", |e| e.started, "running", MINUTE).await;
     a.kill9();
     env.jobs.delete("first", &Default::default()).await.unwrap();

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
-use common::kubelet::{on_node, shell_job};
+use common::kubelet::{on_node, shell_job, stubborn_job};
 use common::proxy::Proxy;
 use common::silent_webhook::SilentWebhook;
 use common::{ReplicaOptions, TestEnv, all_in};
@@ -96,9 +96,7 @@ async fn a_deleted_jobs_pod_running_on_through_its_grace_still_counts_against_th
     let env = on_node("pod-gone-slot").await;
     let cap = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "1", "--shutdown-grace", "1s"];
     let mut a = env.replica("a", &cap);
-    let mut first = shell_job("trap '' TERM; sleep 600", json!({}));
-    first["template"]["spec"]["terminationGracePeriodSeconds"] = json!(15);
-    env.create("first", first).await;
+    env.create("first", stubborn_job(15, json!({}))).await;
     wait_running_pods(&env, 1).await;
     assert!(a.terminate(Duration::from_secs(20)), "a shut down, handing its Pod over");
     env.jobs.delete("first", &Default::default()).await.unwrap();
@@ -117,9 +115,7 @@ async fn a_new_exclusive_leader_starts_nothing_beside_the_pod_of_a_job_deleted_w
     let env = on_node("pod-gone-exclusive").await;
     let flags = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str()];
     let mut a = env.replica("a", &flags);
-    let mut first = shell_job("trap '' TERM; sleep 600", json!({}));
-    first["template"]["spec"]["terminationGracePeriodSeconds"] = json!(15);
-    env.create("first", first).await;
+    env.create("first", stubborn_job(15, json!({}))).await;
     wait_running_pods(&env, 1).await;
     a.kill9();
     env.jobs.delete("first", &Default::default()).await.unwrap();

@@ -81,6 +81,14 @@ pub fn shell_job(script: &str, extra: Value) -> Value {
     spec
 }
 
+/// A Pod job that outlives whoever stops it: its shell ignores SIGTERM, so once its Pod is deleted it runs on until
+/// the kubelet's SIGKILL at the end of its grace, `grace` seconds.
+pub fn stubborn_job(grace: i64, extra: Value) -> Value {
+    let mut spec = shell_job("trap '' TERM; sleep 600", extra);
+    spec["template"]["spec"]["terminationGracePeriodSeconds"] = json!(grace);
+    spec
+}
+
 /// A fresh test namespace ([`TestEnv::new`]) on a Ready real node that has the job image.
 pub async fn on_node(test: &str) -> TestEnv {
     let env = TestEnv::new(test).await;
