@@ -106,9 +106,10 @@ pub struct ExtraLease {
     /// The tenure vouching for `seen`, when it is taken because it expired (that tenure must end first; see
     /// [`crate::lease::tenure`]). `None` for a Lease that is free without that: absent, vacant, or left over.
     pub expired_tenure: Option<tenure::Vouch>,
-    /// `seen` names a job this replica's cache does not show (deleted, or not seen yet): its Pods may still run with
-    /// nobody to stop them, so they are looked for before it is taken ([`pod_outliving_its_lease`]).
-    pub names_unseen_job: bool,
+    /// `seen` names a job this replica's cache does not show as finished (deleted, not seen yet, or shown unfinished by
+    /// a cache that lags): its Pods may still run with nobody to stop them, so they are looked for before it is taken
+    /// ([`pod_outliving_its_lease`]).
+    pub job_may_run: bool,
 }
 
 /// A claimed attempt, ready to run.
@@ -297,16 +298,15 @@ const POD_LOOK: Duration = Duration::from_secs(5);
 /// through its grace period (a container that ignores SIGTERM, as a shell does, runs all of it), or for as long as
 /// it likes while the controller-manager is down. The key and the slot stay taken until that Pod has stopped.
 /// Vacant Leases are free without a look (their holder stopped its Pod before it gave them back), and so are those
-/// whose job this replica's cache shows ([`ExtraLease::names_unseen_job`]: a job that runs holds its key's turn and is
-/// adopted with its Leases; one that finished stopped its Pods first, and a `Failed` Pod kept for inspection must not
-/// hold the key for as long as its job is kept). A Lease that does not say its job's namespace (a slot of an older
+/// whose job this replica's cache shows finished ([`ExtraLease::job_may_run`]: its Pods were stopped before it was
+/// recorded, and a `Failed` Pod kept for inspection must not hold the key for as long as its job is kept). A Lease that does not say its job's namespace (a slot of an older
 /// release) is not looked into; a key Lease is in its job's namespace.
 async fn pod_outliving_its_lease<'a>(
     client: &Client,
     job: &BackgroundJob,
     extras: &'a [ExtraLease],
 ) -> Result<Option<(String, &'a ExtraLease)>> {
-    for extra in extras.iter().filter(|e| e.names_unseen_job) {
+    for extra in extras.iter().filter(|e| e.job_may_run) {
         let Some(seen) = extra.seen.as_deref().filter(|l| lease::holder(l).is_some()) else { continue };
         let Some(uid) = lease::annotation(seen, lease::JOB_UID_ANNOTATION).filter(|u| Some(*u) != job.uid().as_deref())
         else {

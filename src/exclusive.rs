@@ -58,10 +58,11 @@ pub struct Fresh {
     /// The UID of each job a claim Lease names and its resourceVersion as read, `None` if it is gone (or its name
     /// cannot be told from its Lease's: a job named past 249 characters, whose Lease is named by its UID).
     pub jobs: Vec<(String, Option<String>)>,
-    /// Pods that may still run although their job is gone (`namespace/name`): a job deleted while the old leader was
-    /// down leaves no claim Lease (it goes with the job) but its Pod, which the garbage collector deletes and which
-    /// runs on through its grace period. No read that shows one is caught up with.
-    pub gone_jobs_pods: Vec<String>,
+    /// The Pods bgjobs made that may still run (`namespace/name`) and their job's UID: a job deleted while the old
+    /// leader was down leaves no claim Lease (it goes with the job) but its Pod, which the garbage collector deletes
+    /// and which runs on through its grace period. A read is shown only by caches that show every such Pod's job: a
+    /// Pod whose job is gone holds every read that lists it back, until one no longer does.
+    pub pods: Vec<(String, String)>,
 }
 
 /// How often a new leader whose caches have not yet shown its last [`Fresh`] read reads again (a Lease deleted after
@@ -92,19 +93,19 @@ impl Fresh {
             let version = job.filter(|j| j.uid().as_deref() == Some(uid)).and_then(|j| j.resource_version());
             fresh.jobs.push((uid.to_string(), version));
         }
-        fresh.gone_jobs_pods = crate::executor::pod::pods_of_gone_jobs(pods, &jobs_in).await?;
+        fresh.pods = crate::executor::pod::pods_that_may_run(pods).await?;
         Ok(fresh)
     }
 
     /// Whether caches that show each Lease (by `namespace/name`) and each job (by UID) at the resourceVersion
     /// `lease_version` and `job_version` say show at least this read: every Lease and every job it found, at that
-    /// version or a later one.
+    /// version or a later one, and the job of every Pod it found that may still run.
     pub fn shown_by(
         &self,
         lease_version: impl Fn(&str) -> Option<String>,
         job_version: impl Fn(&str) -> Option<String>,
     ) -> bool {
-        self.gone_jobs_pods.is_empty()
+        self.pods.iter().all(|(_, uid)| job_version(uid).is_some())
             && self.leases.iter().all(|(key, read)| at_least(lease_version(key), read))
             && self.jobs.iter().all(|(uid, read)| read.as_ref().is_none_or(|read| at_least(job_version(uid), read)))
     }
@@ -209,7 +210,7 @@ mod tests {
         let fresh = Fresh {
             leases: vec![("ns/bgj-x".into(), "120".into())],
             jobs: vec![("uid-x".into(), Some("118".into())), ("uid-gone".into(), None)],
-            gone_jobs_pods: vec![],
+            pods: vec![],
         };
         let cached = |lease: Option<&str>, job: Option<&str>| {
             let (lease, job) = (lease.map(str::to_string), job.map(str::to_string));
@@ -224,8 +225,10 @@ mod tests {
         assert!(cached(Some("120"), Some("118")), "both at the versions read; a job gone needs nothing");
         assert!(cached(Some("131"), Some("125")), "later versions show at least as much");
         assert!(Fresh::default().shown_by(|_| None, |_| None), "nothing claimed anywhere: nothing to wait for");
-        let pod_left = Fresh { gone_jobs_pods: vec!["ns/deleted-1".into()], ..Fresh::default() };
+        let pod_left = Fresh { pods: vec![("ns/deleted-1".into(), "uid-gone".into())], ..Fresh::default() };
         assert!(!pod_left.shown_by(|_| None, |_| None), "a deleted job's Pod may still run: not caught up with");
+        let running = Fresh { pods: vec![("ns/x-1".into(), "uid-x".into())], ..Fresh::default() };
+        assert!(running.shown_by(|_| None, |u| (u == "uid-x").then(|| "118".into())), "its job is cached");
         assert!(!at_least(Some("v2".into()), "v1") && at_least(Some("v1".into()), "v1"), "opaque versions: equal only");
     }
 

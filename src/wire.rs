@@ -8,7 +8,9 @@ pub use crate::claim::{JOB_LABEL, lease_name as claim_lease_name};
 pub use crate::exclusive::EXCLUSIVE_LEASE;
 pub use crate::keys::{KEY_LABEL, lease_name as key_lease_name};
 pub use crate::lease::tenure::{HELD_BY_LABEL, REVOKED_ANNOTATION, TENURE_ANNOTATION};
-pub use crate::lease::{ATTEMPT_ANNOTATION, JOB_UID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, annotation, holder};
+pub use crate::lease::{
+    ATTEMPT_ANNOTATION, JOB_REF_ANNOTATION, JOB_UID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, annotation, holder,
+};
 pub use crate::limits::{SLOT_LABEL, slot_name};
 pub use crate::members::{
     JOBS_ANNOTATION, MEMBER_LABEL, WATCH_LAG_ANNOTATION, member_lease_name, owner as member_owner,

@@ -106,23 +106,64 @@ async fn a_deleted_jobs_pod_running_on_through_its_grace_still_counts_against_th
     assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
 }
 
-/// Under the exclusive strategy, a Pod job whose leader is killed, then deleted before the next leader adopts it,
+/// How the exclusive leader running a stubborn Pod job goes away: killed, or shut down (its Pod handed over).
+#[derive(Clone, Copy, PartialEq)]
+enum LeaderGoes {
+    Killed,
+    ShutDown,
+}
+
+/// Under the exclusive strategy, a Pod job whose leader went away, then deleted before the next leader adopted it,
 /// leaves no claim Lease (it goes with the job) but its Pod, which the garbage collector deletes and which runs on
-/// through its grace (15 s, SIGTERM ignored). Before, the next leader started the next job beside it. Now a new
-/// leader's fresh read looks for Pods of jobs that are gone, and starts nothing new until they have stopped.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_exclusive_leader_starts_nothing_beside_the_pod_of_a_job_deleted_while_the_old_leader_was_down() {
-    let env = on_node("pod-gone-exclusive").await;
-    let flags = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str()];
+/// through its grace (15 s, SIGTERM ignored): the next job must not start beside it. Killed: the job is deleted
+/// before the next leader is elected, and its fresh read finds the Pod. Shut down: the next leader is elected at once
+/// (the Lease is given back) and has read the handed-over claim before the job is deleted.
+async fn exclusive_leader_after_a_deleted_jobs_leader_went(how: LeaderGoes) {
+    let env = on_node(if how == LeaderGoes::Killed { "pod-gone-excl-kill" } else { "pod-gone-excl-term" }).await;
+    let flags = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str(), "--shutdown-grace", "1s"];
     let mut a = env.replica("a", &flags);
     env.create("first", stubborn_job(15, json!({}))).await;
     wait_running_pods(&env, 1).await;
-    a.kill9();
-    env.jobs.delete("first", &Default::default()).await.unwrap();
+    let _b = match how {
+        LeaderGoes::Killed => {
+            a.kill9();
+            env.jobs.delete("first", &Default::default()).await.unwrap();
+            env.replica("b", &flags)
+        }
+        LeaderGoes::ShutDown => {
+            let b = env.replica("b", &flags);
+            env.wait_joined(&b, &env.ns).await;
+            assert!(a.terminate(Duration::from_secs(20)), "a shut down, handing its Pod over");
+            let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
+            let deadline = Instant::now() + MINUTE;
+            while leases.get_opt("bgjobs-exclusive").await.unwrap().and_then(|l| l.spec?.holder_identity).as_deref()
+                != Some("b")
+            {
+                assert!(Instant::now() < deadline, "b never led");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Let the new leader read and catch up with the handed-over claim first.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            env.jobs.delete("first", &Default::default()).await.unwrap();
+            b
+        }
+    };
     env.create("second", shell_job("sleep 2", json!({}))).await;
-    let _b = env.replica("b", &flags);
     let most = peak_running_pods_until_all_succeed(&env, 1, 2 * MINUTE).await;
     assert_eq!(most, 1, "{most} pods ran at once under the exclusive strategy");
+}
+
+/// Before: the next leader, its fresh read showing no claim, started the next job beside the Pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_exclusive_leader_starts_nothing_beside_the_pod_of_a_job_deleted_while_the_old_leader_was_down() {
+    exclusive_leader_after_a_deleted_jobs_leader_went(LeaderGoes::Killed).await;
+}
+
+/// Before (the second review): the next leader had caught up with the handed-over claim, which went with the job,
+/// and started the next job beside the Pod. Now a job that ran elsewhere and goes makes the leader read afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_leader_starts_nothing_beside_the_handed_over_pod_of_a_job_deleted_after_it_took_over() {
+    exclusive_leader_after_a_deleted_jobs_leader_went(LeaderGoes::ShutDown).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -667,7 +667,7 @@ mod tests {
             seen: None,
             label: "bgjobs.dev/slot",
             expired_tenure: None,
-            names_unseen_job: false,
+            job_may_run: false,
         };
         let adopting = Candidate { adopted_slot: Some(extra), ..candidate(&job("adopting", 0, Phase::Waiting, None)) };
         assert!(!repeats_last_look(&adopting, false, now, horizon));

@@ -557,8 +557,8 @@ impl Dispatcher {
             match self.view.jobs.get(&at) {
                 Some(job) if job.uid().as_deref() == Some(uid.as_str()) => self.backlog.upsert(job),
                 current => {
-                    if self.backlog.remove(&uid).is_some() {
-                        self.gone(&uid);
+                    if let Some(job) = self.backlog.remove(&uid) {
+                        self.gone(&job);
                     }
                     if let Some(job) = current {
                         self.backlog.upsert(job);
@@ -575,7 +575,7 @@ impl Dispatcher {
         // A full look walks a chunk per pass, after the changes (the walk leaves the jobs they touched alone).
         if let Some(removed) = self.backlog.walk(WALK_CHUNK) {
             for job in removed {
-                self.gone(&job.uid().unwrap_or_default());
+                self.gone(&job);
             }
             let backlog = &self.backlog;
             self.settled_at.retain(|uid, _| backlog.job(uid).is_some());
@@ -585,8 +585,18 @@ impl Dispatcher {
         }
     }
 
-    /// A job left the cache (deleted): forget it, and stop its attempt if it runs here.
-    fn gone(&mut self, uid: &str) {
+    /// A job left the cache (deleted): forget it, and stop its attempt if it runs here. An exclusive leader reads
+    /// afresh when a job that ran elsewhere goes (before it adopted it, say at a hand-over): its claim Lease went with
+    /// it, and its Pod may run on through its grace ([`exclusive::Fresh`]).
+    fn gone(&mut self, job: &BackgroundJob) {
+        let uid = job.uid().unwrap_or_default();
+        let uid = uid.as_str();
+        if job.phase() == Phase::Running && !self.held.contains_key(uid) && self.catch_up.shown {
+            info!(job = %job.name_any(), "exclusive leader: a job that ran elsewhere was deleted; reading afresh for its Pod");
+            self.catch_up.shown = false;
+            self.catch_up.reads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.catch_up.asked = None;
+        }
         self.observer.forget(uid);
         self.settled_at.remove(uid);
         self.deferred.remove(uid);
@@ -894,7 +904,7 @@ impl Dispatcher {
                     s.seen.as_deref().and_then(|l| crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION));
                 ExtraLease {
                     namespace: lease_namespace.clone(),
-                    names_unseen_job: named.is_some_and(|uid| self.backlog.job(uid).is_none()),
+                    job_may_run: named.is_some_and(|uid| self.backlog.job(uid).is_none_or(|j| !j.phase().is_final())),
                     name: s.name,
                     seen: s.seen,
                     label: limits::SLOT_LABEL,
@@ -926,8 +936,11 @@ impl Dispatcher {
             );
         }
         let reads = self.catch_up.reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(pods) = reads.last().map(|r| &r.gone_jobs_pods).filter(|p| !p.is_empty())
-            && self.catch_up.told_pods.as_ref() != Some(pods)
+        let gone_jobs_pods = |r: &exclusive::Fresh| -> Vec<String> {
+            r.pods.iter().filter(|(_, uid)| self.backlog.job(uid).is_none()).map(|(pod, _)| pod.clone()).collect()
+        };
+        if let Some(pods) = reads.last().map(gone_jobs_pods).filter(|p| !p.is_empty())
+            && self.catch_up.told_pods.as_ref() != Some(&pods)
         {
             self.catch_up.told_pods = Some(pods.clone());
             warn!(

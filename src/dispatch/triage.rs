@@ -166,7 +166,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             seen: seen.cloned(),
             label: keys::KEY_LABEL,
             expired_tenure: seen.filter(|_| expired).and_then(|l| tenure::vouch(l)),
-            names_unseen_job: k.owner.is_none(),
+            job_may_run: k.owner.is_none_or(|o| !o.phase().is_final()),
         };
         match keys::key_lease_state(job, k.lease.map(|l| l.as_ref()), k.owner, k.unchanged, timing) {
             LeaseState::Live => {
@@ -192,7 +192,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
                 seen: Some(slot.clone()),
                 label: limits::SLOT_LABEL,
                 expired_tenure: tenure::vouch(slot),
-                names_unseen_job: false,
+                job_may_run: false,
             })
         }
         None => None,

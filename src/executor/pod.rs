@@ -552,7 +552,10 @@ pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> 
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let params = ListParams::default().labels(&format!("{JOB_UID_LABEL}={job_uid}"));
     match pods.list(&params).await {
-        Ok(list) => Ok(list.items.into_iter().find(may_still_run).map(|p| p.name_any())),
+        Ok(list) => {
+            let now = jiff::Timestamp::now();
+            Ok(list.items.into_iter().find(|p| may_still_run(p, now)).map(|p| p.name_any()))
+        }
         Err(e) if crate::error::api_code(&e) == Some(403) => {
             tracing::debug!(%namespace, error = %e, "may not list Pods: a gone job's Pods there are not looked for");
             Ok(None)
@@ -561,15 +564,12 @@ pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> 
     }
 }
 
-/// The Pods bgjobs made in `pods`' scope that may still run while their job is gone (deleted, or another job holds
-/// its name now), as `namespace/name` (one quorum list, and a read per job that such a Pod names): nobody adopts or
-/// stops them, and the garbage collector's delete lets them run through their grace period, or for as long as they
-/// like while the controller-manager is down. A new exclusive leader starts nothing beside them
-/// ([`crate::exclusive::Fresh`]). None when this replica may not list Pods there (it runs none there either).
-pub async fn pods_of_gone_jobs(
-    pods: &Api<Pod>,
-    jobs_in: impl Fn(&str) -> Api<BackgroundJob>,
-) -> crate::Result<Vec<String>> {
+/// The Pods bgjobs made in `pods`' scope that may still run, as `namespace/name` and the UID of their job (one quorum
+/// list): a new exclusive leader starts nothing beside those whose job is gone ([`crate::exclusive::Fresh`]): nobody
+/// adopts or stops them, and the garbage collector's delete lets them run through their grace period, or for as long
+/// as they like while the controller-manager is down. None when this replica may not list Pods there (it runs none
+/// there either).
+pub async fn pods_that_may_run(pods: &Api<Pod>) -> crate::Result<Vec<(String, String)>> {
     let params = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_UID_LABEL}"));
     let listed = match pods.list(&params).await {
         Ok(list) => list.items,
@@ -579,28 +579,28 @@ pub async fn pods_of_gone_jobs(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut gone = Vec::new();
-    for pod in listed.iter().filter(|p| may_still_run(p)) {
-        let namespace = pod.namespace().unwrap_or_default();
-        let uid = pod.labels().get(JOB_UID_LABEL).cloned().unwrap_or_default();
-        let owner = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.uid == uid);
-        let exists = match owner {
-            Some(o) => {
-                crate::unreadable::get_opt(&jobs_in(&namespace), &o.name).await?.is_some_and(|j| j.uid() == Some(uid))
-            }
-            // No owner to find it by (removed by hand): its job is taken to exist, as before.
-            None => true,
-        };
-        if !exists {
-            gone.push(format!("{namespace}/{}", pod.name_any()));
-        }
-    }
-    Ok(gone)
+    let now = jiff::Timestamp::now();
+    Ok(listed
+        .into_iter()
+        .filter(|p| may_still_run(p, now))
+        .map(|p| {
+            let uid = p.labels().get(JOB_UID_LABEL).cloned().unwrap_or_default();
+            (format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()), uid)
+        })
+        .collect())
 }
 
-/// Whether a Pod may still run a container: not finished, or `Failed` with its kill still pending ([`kill_pending`]).
-fn may_still_run(pod: &Pod) -> bool {
-    !finished(pod) || kill_pending(pod).is_some()
+/// Whether a Pod may still run a container at `now` (the machine's clock, against the times the kubelet wrote): not
+/// finished, or `Failed` with its kill still pending ([`kill_pending`]) since it failed (its conditions' latest
+/// change; a `Failed` Pod that says nothing of when is taken to be still running).
+fn may_still_run(pod: &Pod, now: jiff::Timestamp) -> bool {
+    if !finished(pod) {
+        return true;
+    }
+    let Some(pending) = kill_pending(pod) else { return false };
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    let failed_at = conditions.into_iter().flatten().filter_map(|c| c.last_transition_time.as_ref()).map(|t| t.0).max();
+    failed_at.is_none_or(|at| at.checked_add(pending).is_ok_and(|until| until > now))
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers): what holds the name, and when
@@ -1341,6 +1341,25 @@ mod tests {
         assert_eq!(kill_pending(&pod("Failed", None, None, Some(false), Some(10))), None, "its containers stopped");
         assert_eq!(kill_pending(&pod("Succeeded", None, None, Some(false), None)), None);
         assert_eq!(kill_pending(&pod("Running", None, None, Some(true), None)), None, "running, not failed");
+        // Counted from when it failed: a Pod kept long after (its job's, for inspection) runs nothing any more.
+        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let failed_ago = |s: i64| {
+            let mut p = pod("Failed", Some("DeadlineExceeded"), None, Some(true), Some(10));
+            let at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now - jiff::SignedDuration::from_secs(s));
+            let ready = k8s_openapi::api::core::v1::PodCondition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                last_transition_time: Some(at),
+                ..Default::default()
+            };
+            p.status.as_mut().unwrap().conditions = Some(vec![ready]);
+            p
+        };
+        assert!(may_still_run(&failed_ago(3), now), "within its grace and margin of failing");
+        assert!(!may_still_run(&failed_ago(60), now), "long past them");
+        assert!(may_still_run(&pod("Failed", None, None, Some(true), Some(10)), now), "no time said: still running");
+        assert!(may_still_run(&pod("Running", None, None, Some(true), None), now));
+        assert!(!may_still_run(&pod("Succeeded", None, None, Some(false), None), now));
     }
 
     /// A Pod is the job's by its UID label or its controller: either one removed by hand leaves it the job's (a stop
