@@ -586,16 +586,20 @@ impl Dispatcher {
     }
 
     /// A job left the cache (deleted): forget it, and stop its attempt if it runs here. An exclusive leader reads
-    /// afresh when a job that ran elsewhere goes (before it adopted it, say at a hand-over): its claim Lease went with
-    /// it, and its Pod may run on through its grace ([`exclusive::Fresh`]).
+    /// afresh when a job that ran elsewhere goes (before it adopted it, say at a hand-over, even while its adoption's
+    /// claim is on its way): its claim Lease went with it, and its Pod may run on through its grace
+    /// ([`exclusive::Fresh`]).
     fn gone(&mut self, job: &BackgroundJob) {
         let uid = job.uid().unwrap_or_default();
         let uid = uid.as_str();
-        if job.phase() == Phase::Running && !self.held.contains_key(uid) && self.catch_up.shown {
+        let ran_elsewhere = (job.phase() == Phase::Running
+            && job.status.as_ref().and_then(|s| s.worker.as_deref()) != Some(self.worker.identity.as_str()))
+            || self.claimed_elsewhere.contains(uid);
+        if ran_elsewhere && self.catch_up.shown && self.leadership().is_some() {
             info!(job = %job.name_any(), "exclusive leader: a job that ran elsewhere was deleted; reading afresh for its Pod");
-            self.catch_up.shown = false;
-            self.catch_up.reads.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            self.catch_up.asked = None;
+            let reads = self.catch_up.reads.clone();
+            reads.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.catch_up = CatchUp { keeper: self.catch_up.keeper.take(), reads, ..Default::default() };
         }
         self.observer.forget(uid);
         self.settled_at.remove(uid);

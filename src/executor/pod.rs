@@ -552,10 +552,7 @@ pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> 
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let params = ListParams::default().labels(&format!("{JOB_UID_LABEL}={job_uid}"));
     match pods.list(&params).await {
-        Ok(list) => {
-            let now = jiff::Timestamp::now();
-            Ok(list.items.into_iter().find(|p| may_still_run(p, now)).map(|p| p.name_any()))
-        }
+        Ok(list) => Ok(list.items.into_iter().find(may_still_run).map(|p| p.name_any())),
         Err(e) if crate::error::api_code(&e) == Some(403) => {
             tracing::debug!(%namespace, error = %e, "may not list Pods: a gone job's Pods there are not looked for");
             Ok(None)
@@ -579,10 +576,9 @@ pub async fn pods_that_may_run(pods: &Api<Pod>) -> crate::Result<Vec<(String, St
         }
         Err(e) => return Err(e.into()),
     };
-    let now = jiff::Timestamp::now();
     Ok(listed
         .into_iter()
-        .filter(|p| may_still_run(p, now))
+        .filter(may_still_run)
         .map(|p| {
             let uid = p.labels().get(JOB_UID_LABEL).cloned().unwrap_or_default();
             (format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()), uid)
@@ -590,17 +586,11 @@ pub async fn pods_that_may_run(pods: &Api<Pod>) -> crate::Result<Vec<(String, St
         .collect())
 }
 
-/// Whether a Pod may still run a container at `now` (the machine's clock, against the times the kubelet wrote): not
-/// finished, or `Failed` with its kill still pending ([`kill_pending`]) since it failed (its conditions' latest
-/// change; a `Failed` Pod that says nothing of when is taken to be still running).
-fn may_still_run(pod: &Pod, now: jiff::Timestamp) -> bool {
-    if !finished(pod) {
-        return true;
-    }
-    let Some(pending) = kill_pending(pod) else { return false };
-    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
-    let failed_at = conditions.into_iter().flatten().filter_map(|c| c.last_transition_time.as_ref()).map(|t| t.0).max();
-    failed_at.is_none_or(|at| at.checked_add(pending).is_ok_and(|until| until > now))
+/// Whether a Pod may still run a container: not finished, or `Failed` with its kill pending ([`kill_pending`]). No
+/// time is counted for the latter: nothing in the Pod says when the kubelet began its kill (its conditions may keep
+/// the time its container became ready), and a Pod that stays so is removed with its job by the garbage collector.
+fn may_still_run(pod: &Pod) -> bool {
+    !finished(pod) || kill_pending(pod).is_some()
 }
 
 /// Read the Pod named `name` (a quorum read, retried with backoff until it answers): what holds the name, and when
@@ -1341,25 +1331,10 @@ mod tests {
         assert_eq!(kill_pending(&pod("Failed", None, None, Some(false), Some(10))), None, "its containers stopped");
         assert_eq!(kill_pending(&pod("Succeeded", None, None, Some(false), None)), None);
         assert_eq!(kill_pending(&pod("Running", None, None, Some(true), None)), None, "running, not failed");
-        // Counted from when it failed: a Pod kept long after (its job's, for inspection) runs nothing any more.
-        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
-        let failed_ago = |s: i64| {
-            let mut p = pod("Failed", Some("DeadlineExceeded"), None, Some(true), Some(10));
-            let at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now - jiff::SignedDuration::from_secs(s));
-            let ready = k8s_openapi::api::core::v1::PodCondition {
-                type_: "Ready".into(),
-                status: "False".into(),
-                last_transition_time: Some(at),
-                ..Default::default()
-            };
-            p.status.as_mut().unwrap().conditions = Some(vec![ready]);
-            p
-        };
-        assert!(may_still_run(&failed_ago(3), now), "within its grace and margin of failing");
-        assert!(!may_still_run(&failed_ago(60), now), "long past them");
-        assert!(may_still_run(&pod("Failed", None, None, Some(true), Some(10)), now), "no time said: still running");
-        assert!(may_still_run(&pod("Running", None, None, Some(true), None), now));
-        assert!(!may_still_run(&pod("Succeeded", None, None, Some(false), None), now));
+        assert!(may_still_run(&pod("Failed", Some("DeadlineExceeded"), None, Some(true), Some(10))), "a kill pending");
+        assert!(!may_still_run(&pod("Failed", None, None, Some(false), Some(10))), "its containers stopped");
+        assert!(may_still_run(&pod("Running", None, None, Some(true), None)));
+        assert!(!may_still_run(&pod("Succeeded", None, None, Some(false), None)));
     }
 
     /// A Pod is the job's by its UID label or its controller: either one removed by hand leaves it the job's (a stop
