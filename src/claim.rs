@@ -288,6 +288,13 @@ pub async fn claim(
     outcome
 }
 
+/// Whether the job a key or slot Lease names, as this replica caches it (`None`: not cached, deleted or not seen yet),
+/// may still have a Pod running ([`ExtraLease::job_may_run`]): unless it is shown finished, its Pods stopped before
+/// that was recorded (a `Failed` Pod kept for inspection must not hold the key for as long as its job is kept).
+pub fn job_may_run(cached: Option<&BackgroundJob>) -> bool {
+    cached.is_none_or(|j| !j.phase().is_final())
+}
+
 /// How soon a claim held back by a gone job's Pod ([`LostAt::GoneJobsPod`]) looks again.
 const POD_LOOK: Duration = Duration::from_secs(5);
 
@@ -298,9 +305,8 @@ const POD_LOOK: Duration = Duration::from_secs(5);
 /// through its grace period (a container that ignores SIGTERM, as a shell does, runs all of it), or for as long as
 /// it likes while the controller-manager is down. The key and the slot stay taken until that Pod has stopped.
 /// Vacant Leases are free without a look (their holder stopped its Pod before it gave them back), and so are those
-/// whose job this replica's cache shows finished ([`ExtraLease::job_may_run`]: its Pods were stopped before it was
-/// recorded, and a `Failed` Pod kept for inspection must not hold the key for as long as its job is kept). A Lease that does not say its job's namespace (a slot of an older
-/// release) is not looked into; a key Lease is in its job's namespace.
+/// whose job this replica's cache shows finished ([`job_may_run`]). A Lease that does not say its job's namespace (a
+/// slot of an older release) is not looked into; a key Lease is in its job's namespace.
 async fn pod_outliving_its_lease<'a>(
     client: &Client,
     job: &BackgroundJob,

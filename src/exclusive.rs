@@ -105,9 +105,15 @@ impl Fresh {
         lease_version: impl Fn(&str) -> Option<String>,
         job_version: impl Fn(&str) -> Option<String>,
     ) -> bool {
-        self.pods.iter().all(|(_, uid)| job_version(uid).is_some())
+        self.pods_of_unseen_jobs(&job_version).is_empty()
             && self.leases.iter().all(|(key, read)| at_least(lease_version(key), read))
             && self.jobs.iter().all(|(uid, read)| read.as_ref().is_none_or(|read| at_least(job_version(uid), read)))
+    }
+
+    /// The Pods this read found that may still run (`namespace/name`) whose job caches that show jobs at
+    /// `job_version` do not show: deleted (or not cached yet). While there is one, the read is not shown.
+    pub fn pods_of_unseen_jobs(&self, job_version: impl Fn(&str) -> Option<String>) -> Vec<&str> {
+        self.pods.iter().filter(|(_, uid)| job_version(uid).is_none()).map(|(pod, _)| pod.as_str()).collect()
     }
 }
 

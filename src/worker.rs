@@ -90,7 +90,7 @@ impl Worker {
     /// attempt keeps an Event of its own.
     pub fn event(&self, job: &BackgroundJob, type_: EventType, reason: &str, note: String) {
         let attempt = job.attempts();
-        let folds = job.metadata.name.as_ref().is_some_and(|n| n.len() + EVENT_NAME_SUFFIX <= crate::names::MAX_NAME);
+        let folds = job.metadata.name.as_deref().is_some_and(recorder_names);
         let (action, note) =
             if folds { crate::events::on_attempt(attempt, note) } else { (format!("Attempt{attempt}"), note) };
         let mut reference = job.object_ref(&());
@@ -129,9 +129,7 @@ impl Worker {
         let (client, identity) = (self.client.clone(), self.identity.clone());
         self.publishing.spawn(async move {
             let published = match &reference.name {
-                Some(name) if name.len() + EVENT_NAME_SUFFIX > crate::names::MAX_NAME => {
-                    publish_shortened(client, identity, &ev, &reference, name).await
-                }
+                Some(name) if !recorder_names(name) => publish_shortened(client, identity, &ev, &reference, name).await,
                 _ => recorder.publish(&ev, &reference).await,
             };
             if let Err(e) = published {
@@ -144,6 +142,12 @@ impl Worker {
 /// kube's recorder names an Event `<object's name>.<nanoseconds in hex>`: 17 characters more than the object's name,
 /// which may have 253 already.
 const EVENT_NAME_SUFFIX: usize = 17;
+
+/// Whether kube's recorder can name the Events of an object named `name` (and so fold them into series); if not, they
+/// go through [`publish_shortened`].
+fn recorder_names(name: &str) -> bool {
+    name.len() + EVENT_NAME_SUFFIX <= crate::names::MAX_NAME
+}
 
 /// Publish `ev` on the object `reference` names, `name`, too long for kube's recorder to name the Event after it (the
 /// apiserver refused those Events): under its name shortened as every derived name is ([`crate::names`]). Not

@@ -136,7 +136,12 @@ async fn exclusive_leader_after_a_deleted_jobs_leader_went(how: LeaderGoes) {
             assert!(a.terminate(Duration::from_secs(20)), "a shut down, handing its Pod over");
             let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
             let deadline = Instant::now() + MINUTE;
-            while leases.get_opt("bgjobs-exclusive").await.unwrap().and_then(|l| l.spec?.holder_identity).as_deref()
+            while leases
+                .get_opt(bgjobs::wire::EXCLUSIVE_LEASE)
+                .await
+                .unwrap()
+                .and_then(|l| l.spec?.holder_identity)
+                .as_deref()
                 != Some("b")
             {
                 assert!(Instant::now() < deadline, "b never led");

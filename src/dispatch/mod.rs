@@ -142,7 +142,7 @@ impl Drop for DoneOnDrop {
 fn gone_jobs_pod_note(pod: &str, lease: &str, slot: bool) -> String {
     let what = if slot { "the cluster slot" } else { "the concurrency key" };
     format!(
-        "{what} (Lease {lease}) is held by Pod {pod} of a job that is gone (deleted while its replica was down), which \
+        "{what} (Lease {lease}) is held by Pod {pod} of a job that is gone (deleted while no replica held it), which \
          may still run: waiting until it has stopped (the garbage collector deletes it; a Pod that does not stop, \
          its node unreachable or the controller-manager down, holds it until it is removed)"
     )
@@ -908,7 +908,7 @@ impl Dispatcher {
                     s.seen.as_deref().and_then(|l| crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION));
                 ExtraLease {
                     namespace: lease_namespace.clone(),
-                    job_may_run: named.is_some_and(|uid| self.backlog.job(uid).is_none_or(|j| !j.phase().is_final())),
+                    job_may_run: named.is_some_and(|uid| claim::job_may_run(self.backlog.job(uid).map(|j| &**j))),
                     name: s.name,
                     seen: s.seen,
                     label: limits::SLOT_LABEL,
@@ -940,10 +940,11 @@ impl Dispatcher {
             );
         }
         let reads = self.catch_up.reads.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let gone_jobs_pods = |r: &exclusive::Fresh| -> Vec<String> {
-            r.pods.iter().filter(|(_, uid)| self.backlog.job(uid).is_none()).map(|(pod, _)| pod.clone()).collect()
+        let job_version = |uid: &str| self.backlog.job(uid).and_then(|j| j.resource_version());
+        let unseen = |r: &exclusive::Fresh| -> Vec<String> {
+            r.pods_of_unseen_jobs(job_version).into_iter().map(str::to_string).collect()
         };
-        if let Some(pods) = reads.last().map(gone_jobs_pods).filter(|p| !p.is_empty())
+        if let Some(pods) = reads.last().map(unseen).filter(|p| !p.is_empty())
             && self.catch_up.told_pods.as_ref() != Some(&pods)
         {
             self.catch_up.told_pods = Some(pods.clone());

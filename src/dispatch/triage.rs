@@ -166,7 +166,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             seen: seen.cloned(),
             label: keys::KEY_LABEL,
             expired_tenure: seen.filter(|_| expired).and_then(|l| tenure::vouch(l)),
-            job_may_run: k.owner.is_none_or(|o| !o.phase().is_final()),
+            job_may_run: claim::job_may_run(k.owner),
         };
         match keys::key_lease_state(job, k.lease.map(|l| l.as_ref()), k.owner, k.unchanged, timing) {
             LeaseState::Live => {

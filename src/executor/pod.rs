@@ -544,34 +544,30 @@ pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) 
     }))
 }
 
-/// A Pod of the job with UID `job_uid` in `namespace` that may still run (one quorum list): for a Lease that names
-/// a job no replica can adopt (deleted, its holder dead), whose Pod the garbage collector deletes but which runs on
-/// through its grace period, or for as long as it likes while the controller-manager is down. `None` when there is
-/// none, or when this replica may not list Pods there (it then runs no Pods there either, and nothing is concluded).
+/// A Pod of the job with UID `job_uid` in `namespace` that may still run: for a Lease that names a job no replica
+/// can adopt (deleted, its holder dead), whose Pod the garbage collector deletes but which runs on through its grace
+/// period, or for as long as it likes while the controller-manager is down.
 pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> crate::Result<Option<String>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let params = ListParams::default().labels(&format!("{JOB_UID_LABEL}={job_uid}"));
-    match pods.list(&params).await {
-        Ok(list) => Ok(list.items.into_iter().find(may_still_run).map(|p| p.name_any())),
-        Err(e) if crate::error::api_code(&e) == Some(403) => {
-            tracing::debug!(%namespace, error = %e, "may not list Pods: a gone job's Pods there are not looked for");
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
+    Ok(list_may_run(&pods, &format!("{JOB_UID_LABEL}={job_uid}")).await?.into_iter().next().map(|(pod, _)| pod))
 }
 
-/// The Pods bgjobs made in `pods`' scope that may still run, as `namespace/name` and the UID of their job (one quorum
-/// list): a new exclusive leader starts nothing beside those whose job is gone ([`crate::exclusive::Fresh`]): nobody
-/// adopts or stops them, and the garbage collector's delete lets them run through their grace period, or for as long
-/// as they like while the controller-manager is down. None when this replica may not list Pods there (it runs none
-/// there either).
+/// The Pods bgjobs made in `pods`' scope that may still run, as `namespace/name` and the UID of their job: a new
+/// exclusive leader starts nothing beside those whose job is gone ([`crate::exclusive::Fresh`]): nobody adopts or
+/// stops them, and the garbage collector's delete lets them run through their grace period, or for as long as they
+/// like while the controller-manager is down.
 pub async fn pods_that_may_run(pods: &Api<Pod>) -> crate::Result<Vec<(String, String)>> {
-    let params = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_UID_LABEL}"));
-    let listed = match pods.list(&params).await {
+    list_may_run(pods, &format!("{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_UID_LABEL}")).await
+}
+
+/// The Pods `selector` picks in `pods`' scope that may still run ([`may_still_run`]), as `namespace/name` and the UID
+/// of their job (one quorum list). None when this replica may not list Pods there: it runs none there either, and
+/// nothing is concluded.
+async fn list_may_run(pods: &Api<Pod>, selector: &str) -> crate::Result<Vec<(String, String)>> {
+    let listed = match pods.list(&ListParams::default().labels(selector)).await {
         Ok(list) => list.items,
         Err(e) if crate::error::api_code(&e) == Some(403) => {
-            tracing::debug!(error = %e, "may not list Pods: Pods of gone jobs are not looked for");
+            tracing::debug!(%selector, error = %e, "may not list Pods: Pods of gone jobs are not looked for");
             return Ok(Vec::new());
         }
         Err(e) => return Err(e.into()),
