@@ -201,11 +201,12 @@ async fn reconcile(
     // A definition that cannot be read has no history limits to go by; one whose job was just created is trimmed
     // by the next reconcile, which that job's watch event brings, off the way of this tick's other creates.
     let created = decided.as_ref().is_ok_and(|d| d.created);
-    let mut trim_again = None;
+    let (mut trim_again, mut cancel_again) = (None, None);
     if !created && crate::unreadable::standing(&current.def).is_none() {
+        cancel_again = cancel_replaced_still_running(&pass.jobs, &current.def, kids).await;
         trim_again = history::trim_history(&pass.jobs, &current.def, kids, now).await;
     }
-    decided.map(|d| d.next.into_iter().chain(trim_again).min())
+    decided.map(|d| d.next.into_iter().chain(trim_again).chain(cancel_again).min())
 }
 
 /// The definition a decision is made from, and where it came from.
@@ -495,7 +496,8 @@ impl Pass<'_> {
     /// Add to `active` the jobs of `unseen` ([`unseen_maybe_unfinished`]) that the API server has as unfinished
     /// jobs of `def`, each asked once a reconcile (a job watch may lag by minutes), each read bounded by
     /// [`LOOKUP_TAKES_AT_MOST`]. A read that fails fails the reconcile under `Forbid` (no job is started on a guess);
-    /// under `Replace` it is logged and the job is not cancelled, as a cancel that fails ([`cancel_replaced`]).
+    /// under `Replace` it is logged and the tick goes on; the job is cancelled once the job watch shows it
+    /// ([`cancel_replaced_still_running`]).
     async fn add_unseen(
         &self,
         def: &RecurringBackgroundJob,
@@ -645,13 +647,38 @@ impl Pass<'_> {
     }
 }
 
-/// Cancel the unfinished jobs a `Replace` tick replaces (best effort: a failure leaves both running, as `Allow`).
+/// Cancel the unfinished jobs a `Replace` tick replaces. One that fails is asked again from the next look on
+/// ([`cancel_replaced_still_running`]), the tick's job made meanwhile.
 async fn cancel_replaced(jobs: &Api<BackgroundJob>, replace: &[String]) {
     for old in replace {
         if let Err(e) = crate::unreadable::merge_patch(jobs, old, serde_json::json!({"spec": {"cancel": true}})).await {
             warn!(job = %old, error = %e, "could not cancel the job being replaced");
         }
     }
+}
+
+/// Ask again for the cancel of the jobs `def`'s latest `Replace` tick replaced that still run unasked
+/// ([`replaced_still_running`]), each under the resourceVersion it was judged at: a job changed since (finished, or
+/// put back in the queue) is judged again at the look its change brings. Some([`RETRY`]) if a cancel failed.
+async fn cancel_replaced_still_running(
+    jobs: &Api<BackgroundJob>,
+    def: &RecurringBackgroundJob,
+    kids: &[Child],
+) -> Option<Duration> {
+    let mut failed = false;
+    for old in replaced_still_running(def, kids) {
+        let patch =
+            serde_json::json!({"metadata": {"resourceVersion": old.resource_version}, "spec": {"cancel": true}});
+        match crate::unreadable::merge_patch(jobs, &old.name, patch).await {
+            Ok(_) => info!(definition = %def.name_any(), job = %old.name, "cancelled a job a later tick replaced"),
+            Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => {}
+            Err(e) => {
+                warn!(definition = %def.name_any(), job = %old.name, error = %e, "could not cancel a job a later tick replaced");
+                failed = true;
+            }
+        }
+    }
+    failed.then_some(RETRY)
 }
 
 /// The BackgroundJob for one tick, owned by its definition.

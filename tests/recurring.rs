@@ -534,6 +534,61 @@ async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() 
     }
 }
 
+/// Under `Replace`, a cancel refused at the tick (an apiserver restarting: the proxy answers every cancel the ticking
+/// replica sends with a `503` for a while) is asked again once it can be: the replaced job stops soon after, not a
+/// whole period later at the next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replace_cancel_refused_at_the_tick_is_asked_again_and_the_replaced_job_stops_before_the_next_tick() {
+    let env = TestEnv::new("rec-replace-refused").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
+    let options = ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() };
+    // Only the proxied replica makes ticks' jobs (and so cancels them); only the other runs them.
+    let ticker = env.replica_with("ticker", &["--job-execution-enabled", "false"], &options);
+    let _runner = env.replica("runner", &["--recurring-enabled", "false"]);
+    env.wait_joined(&ticker, "default").await;
+    proxy.refuse(Some(http::Method::PATCH), "/backgroundjobs/replaced-", usize::MAX);
+    define(
+        &env,
+        "replaced",
+        json!({"schedule": "*/30 * * * * *", "concurrencyPolicy": "Replace",
+        "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 300}}}}),
+    )
+    .await;
+    let of_definition = |jobs: &[BackgroundJob]| {
+        let mut mine: Vec<BackgroundJob> =
+            jobs.iter().filter(|j| j.name_any().starts_with("replaced-")).cloned().collect();
+        mine.sort_by_key(|j| j.name_any());
+        mine
+    };
+    let jobs = env
+        .wait_until(Duration::from_secs(80), "two ticks' jobs, the first running", |jobs| {
+            let mine = of_definition(jobs);
+            mine.len() >= 2 && mine[0].phase() == Phase::Running
+        })
+        .await;
+    let mine = of_definition(&jobs);
+    assert_eq!(mine.len(), 2, "{}", common::summary(&mine));
+    let (first, second) = (&mine[0], &mine[1]);
+    assert!(proxy.held() >= 1, "the tick's cancel of {} was refused", first.name_any());
+    assert!(!first.spec.cancel, "refused, so not asked yet: {}", common::summary(&mine));
+    proxy.answer_at_once();
+    // The next tick comes 30 s after the second's: asked again before it, the first job stops well before it.
+    let next_tick = tick_of(second) + 30.0;
+    let until_next_tick = Duration::from_secs_f64((next_tick - unix_now() - 5.0).max(1.0));
+    let first_name = first.name_any();
+    env.wait_until(until_next_tick, "the replaced job cancelled before the next tick", |jobs| {
+        jobs.iter().any(|j| j.name_any() == first_name && j.phase() == Phase::Cancelled)
+    })
+    .await;
+}
+
+/// The tick a job of a definition was made for, in Unix seconds.
+fn tick_of(job: &BackgroundJob) -> f64 {
+    let at = job.annotations().get(SCHEDULED_TIME_ANNOTATION).expect("a tick's job names its tick");
+    at.parse::<jiff::Timestamp>().expect("an RFC 3339 tick").as_millisecond() as f64 / 1000.0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_cancels_the_unfinished_job_and_allow_lets_them_overlap() {
     let env = TestEnv::new("rec-replace").await;

@@ -368,6 +368,24 @@ pub(crate) fn known_created(job: &str, kids: &[Child], created_here: Option<&str
     kids.iter().any(|k| k.name == job) || created_here == Some(job)
 }
 
+/// The jobs a `Replace` definition's latest tick replaced that are unfinished, as cached, and not asked to stop:
+/// once that tick's job (`lastJob`) exists, every other unfinished job of the definition made for an earlier tick,
+/// or created before it (by `bgjobs recurring trigger`). The tick cancels these before its job is made
+/// ([`Plan::Create`]); a cancel that failed there (an apiserver restarting), or a job the job watch showed only
+/// later, would leave one running beside the tick's job until the next tick, so every look asks again.
+pub(crate) fn replaced_still_running<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Vec<&'a Child> {
+    if def.spec.concurrency_policy != RecurringConcurrencyPolicy::Replace {
+        return Vec::new();
+    }
+    let latest = def.status.as_ref().and_then(|s| s.last_job.as_deref());
+    let Some(latest) = latest.and_then(|job| kids.iter().find(|k| k.name == job)) else { return Vec::new() };
+    let earlier = |k: &Child| match (k.tick, latest.tick) {
+        (Some(tick), Some(latest_tick)) => tick < latest_tick,
+        _ => matches!((k.created, latest.created), (Some(c), Some(latest_c)) if c < latest_c),
+    };
+    kids.iter().filter(|k| k.name != latest.name && !k.phase.is_final() && !k.cancel && earlier(k)).collect()
+}
+
 /// Whether `decided` rests on which of `def`'s jobs are unfinished, and the job it would make: a `Forbid` tick about
 /// to start a job; a `Replace` tick's claim (which records the jobs to cancel in `status.active`) or its job about to
 /// be created (and its predecessors cancelled).
@@ -594,6 +612,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_replace_tick_leaves_its_job_to_run_alone_until_every_job_made_before_it_was_asked_to_stop() {
+        let running = |name: &str, tick: Option<i64>, created: i64| Child {
+            tick: tick.map(t),
+            created: Some(t(created)),
+            completed: None,
+            ..finished(name, Phase::Running, 0)
+        };
+        let kids = vec![
+            running("report-1800000000", Some(0), 0),
+            Child { phase: Phase::Succeeded, ..running("report-1799999940", Some(-60), -60) },
+            Child { cancel: true, ..running("report-1799999880", Some(-120), -120) },
+            running("report-manual-before", None, 59),
+            running("report-1800000060", Some(60), 60),
+            running("report-manual-after", None, 60),
+        ];
+        let mut replace = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"})), 60);
+        replace.status.as_mut().unwrap().last_job = Some("report-1800000060".into());
+        let names = |d: &RecurringBackgroundJob, kids: &[Child]| {
+            replaced_still_running(d, kids).iter().map(|k| k.name.clone()).collect::<Vec<_>>()
+        };
+        // Not the finished one, nor the one asked already, nor a job triggered in the tick's own second or after.
+        assert_eq!(names(&replace, &kids), ["report-1800000000", "report-manual-before"]);
+        // Only once the tick's job exists: until then the tick itself decides (its claim may still be withdrawn).
+        assert_eq!(names(&replace, &kids[..4]), Vec::<String>::new());
+        let mut allow = replace.clone();
+        allow.spec.concurrency_policy = RecurringConcurrencyPolicy::Allow;
+        assert_eq!(names(&allow, &kids), Vec::<String>::new(), "only under Replace");
+    }
+
+    #[test]
     fn giving_up_clears_only_its_own_pending_job() {
         let mut s =
             RecurringBackgroundJobStatus { pending_job: Some("report-1800000120".into()), ..Default::default() };
@@ -614,6 +662,7 @@ pub(crate) mod tests {
             completed: Some(t(completed)),
             tick: None,
             created: None,
+            cancel: false,
         }
     }
 

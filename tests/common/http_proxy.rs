@@ -1,7 +1,8 @@
 //! A proxy that reads the requests it carries, to put between one operator replica and the apiserver: it can make
 //! the replica's watches lag (every event delivered late and in order, the connection alive) while its reads and
 //! writes are answered at once, or hold back the answers of one kind of request (the request reaches the apiserver
-//! and takes effect at once; its answer comes late). The byte-copying [`super::proxy::Proxy`] cannot tell one
+//! and takes effect at once; its answer comes late), or refuse one kind of request with a `503` without passing it
+//! on (an apiserver that is restarting, or overloaded). The byte-copying [`super::proxy::Proxy`] cannot tell one
 //! request from another under TLS, so it can only delay everything.
 //!
 //! The replica speaks plain HTTP to it, on the apiserver's own IP ([`HttpProxy::kubeconfig`]); each request goes on over HTTPS to
@@ -46,19 +47,27 @@ pub struct HttpProxy {
 struct Faults {
     /// How late every watch event is delivered, in ms (0: at once).
     watch_lag_ms: AtomicU64,
-    /// Answers to hold back, first match wins.
+    /// Answers to hold back or requests to refuse, first match wins.
     holds: Mutex<Vec<Hold>>,
     /// How many answers were held back so far.
     held: AtomicU64,
 }
 
-/// The next `left` answers to requests of `method` (any: `None`) whose path and query contain `path_contains` come
-/// `delay` late.
+/// The next `left` requests of `method` (any: `None`) whose path and query contain `path_contains` get `effect`.
 struct Hold {
     method: Option<Method>,
     path_contains: String,
-    delay: Duration,
+    effect: Effect,
     left: usize,
+}
+
+/// What a [`Hold`] does to a request.
+#[derive(Clone, Copy)]
+enum Effect {
+    /// Its answer comes this late.
+    Late(Duration),
+    /// It is answered `503 Service Unavailable` by the proxy and never reaches the apiserver.
+    Refused,
 }
 
 impl HttpProxy {
@@ -96,7 +105,15 @@ impl HttpProxy {
     /// of `method` (any: `None`) whose path and query contain `path_contains` (watches excepted) by `delay`: each
     /// request reaches the apiserver at once and takes effect; its answer comes `delay` after the apiserver gave it.
     pub fn delay_answers(&self, method: Option<Method>, path_contains: &str, delay: Duration, count: usize) {
-        let hold = Hold { method, path_contains: path_contains.to_string(), delay, left: count };
+        let hold = Hold { method, path_contains: path_contains.to_string(), effect: Effect::Late(delay), left: count };
+        self.faults.holds.lock().unwrap().push(hold);
+    }
+
+    /// Refuse the next `count` requests (`usize::MAX`: every one, until [`HttpProxy::answer_at_once`]) of `method`
+    /// (any: `None`) whose path and query contain `path_contains` (watches excepted): each is answered `503` with a
+    /// `Status`, as an apiserver that cannot serve it now would, and never reaches the apiserver.
+    pub fn refuse(&self, method: Option<Method>, path_contains: &str, count: usize) {
+        let hold = Hold { method, path_contains: path_contains.to_string(), effect: Effect::Refused, left: count };
         self.faults.holds.lock().unwrap().push(hold);
     }
 
@@ -105,7 +122,7 @@ impl HttpProxy {
         self.faults.holds.lock().unwrap().clear();
     }
 
-    /// How many answers were held back so far.
+    /// How many answers were held back or refused so far.
     pub fn held(&self) -> u64 {
         self.faults.held.load(Ordering::Relaxed)
     }
@@ -129,15 +146,15 @@ impl Drop for HttpProxy {
 }
 
 impl Faults {
-    /// The delay the answer to this request gets, counting it against its hold.
-    fn hold_for(&self, method: &Method, path: &str) -> Option<Duration> {
+    /// What this request gets, counting it against its hold.
+    fn hold_for(&self, method: &Method, path: &str) -> Option<Effect> {
         let mut holds = self.holds.lock().unwrap();
         let i = holds.iter().position(|h| {
             h.left > 0 && h.method.as_ref().is_none_or(|m| m == method) && path.contains(&h.path_contains)
         })?;
         holds[i].left = holds[i].left.saturating_sub(1);
         self.held.fetch_add(1, Ordering::Relaxed);
-        Some(holds[i].delay)
+        Some(holds[i].effect)
     }
 
     fn watch_lag(&self) -> Duration {
@@ -182,9 +199,12 @@ async fn forward(
             out = out.header(name, value);
         }
     }
-    let delay = if watch { None } else { faults.hold_for(&parts.method, &path) };
+    let effect = if watch { None } else { faults.hold_for(&parts.method, &path) };
+    if let Some(Effect::Refused) = effect {
+        return Ok(refusal());
+    }
     let answer = out.body(body).send().await?;
-    if let Some(delay) = delay {
+    if let Some(Effect::Late(delay)) = effect {
         tokio::time::sleep(delay).await;
     }
     let mut response = Response::builder().status(answer.status());
@@ -196,6 +216,20 @@ async fn forward(
     let (chunks, body) = mpsc::channel(16);
     tokio::spawn(relay(answer, chunks, watch.then_some(faults)));
     Ok(response.body(StreamBody::new(body))?)
+}
+
+/// The `503` an apiserver that cannot serve a request now answers, with its `Status`.
+fn refusal() -> Response<ProxyBody> {
+    let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "the server is currently unable to handle the request (refused by the test proxy)",
+        "reason": "ServiceUnavailable", "code": 503});
+    let (mut chunks, body) = mpsc::channel(1);
+    chunks.try_send(Ok(Frame::data(Bytes::from(status.to_string())))).expect("room for the one chunk");
+    Response::builder()
+        .status(http::StatusCode::SERVICE_UNAVAILABLE)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(StreamBody::new(body))
+        .expect("a valid answer")
 }
 
 /// Copy an answer's body to the replica: at once, or for a watch each chunk its lag after it arrived, in order.
