@@ -183,6 +183,12 @@ pub struct OperatorConfig {
     #[arg(long, value_enum, default_value = "problems", env = "BGJOBS_EVENTS")]
     pub events: EventLevel,
 
+    /// The most series `bgjobs_queue_depth` shows (one per namespace, queue and priority with waiting jobs): past
+    /// it, the deepest queues and one `_other` series with the rest, so that jobs spread over thousands of queue
+    /// names cannot make as many series. 0: no queue-depth series.
+    #[arg(long, default_value_t = 100, env = "BGJOBS_QUEUE_DEPTH_SERIES")]
+    pub queue_depth_series: usize,
+
     /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this address, e.g. `0.0.0.0:8080` in a Pod.
     /// Default: not served.
     #[arg(long, env = "BGJOBS_METRICS_ADDR")]

@@ -3,6 +3,7 @@
 //! Every replica exports its own view: counters of what it did, the jobs it runs, and the queue depth it sees (the
 //! same for every replica watching the same namespaces; aggregate with `max`, not `sum`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -21,7 +22,7 @@ use tracing::{debug, info};
 use crate::api::Phase;
 
 /// Labels of the queue-depth gauge.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct QueueLabels {
     /// Namespace of the jobs.
     pub namespace: String,
@@ -186,6 +187,38 @@ impl Default for Metrics {
     }
 }
 
+/// The label values of the one series that sums the queues [`queue_depth_series`] leaves out: no namespace, queue
+/// or priority can be spelled so (they are DNS labels and an enum).
+pub const OTHER_QUEUES: &str = "_other";
+
+/// The series of `bgjobs_queue_depth` for `depth`: one per (namespace, queue, priority) while they are at most
+/// `series`; past that, the `series - 1` deepest and one [`OTHER_QUEUES`] series with the rest, so that tenants who
+/// spread jobs over thousands of queue names cannot make as many series in every replica and in Prometheus (each
+/// costs memory there for hours). Ties go by name, so the same depths give the same series.
+pub fn queue_depth_series(depth: &HashMap<QueueLabels, i64>, series: usize) -> Vec<(QueueLabels, i64)> {
+    let mut all: Vec<(QueueLabels, i64)> = depth.iter().map(|(l, n)| (l.clone(), *n)).collect();
+    if all.len() <= series {
+        return all;
+    }
+    let kept = series.saturating_sub(1);
+    let deepest_first = |a: &(QueueLabels, i64), b: &(QueueLabels, i64)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+    if kept > 0 {
+        all.select_nth_unstable_by(kept - 1, deepest_first);
+        all[..kept].sort_unstable_by(deepest_first);
+    }
+    let rest: i64 = all[kept..].iter().map(|(_, n)| n).sum();
+    all.truncate(kept);
+    if series > 0 {
+        let other = QueueLabels {
+            namespace: OTHER_QUEUES.to_string(),
+            queue: OTHER_QUEUES.to_string(),
+            priority: OTHER_QUEUES.to_string(),
+        };
+        all.push((other, rest));
+    }
+    all
+}
+
 impl Metrics {
     /// Count a recorded outcome (`Waiting` counts as `Retried`).
     pub fn count_outcome(&self, phase: Phase) {
@@ -195,6 +228,15 @@ impl Metrics {
             p => p.to_string(),
         };
         self.finished.get_or_create(&PhaseLabel { phase }).inc();
+    }
+
+    /// Show `depth` (waiting jobs per namespace, queue and priority) in `bgjobs_queue_depth`, in at most `series`
+    /// series ([`queue_depth_series`]).
+    pub fn set_queue_depth(&self, depth: &HashMap<QueueLabels, i64>, series: usize) {
+        self.queue_depth.clear();
+        for (labels, n) in queue_depth_series(depth, series) {
+            self.queue_depth.get_or_create(&labels).set(n);
+        }
     }
 
     /// Count an Event sent to the apiserver.
@@ -348,6 +390,30 @@ mod tests {
         assert!(text.contains(r#"bgjobs_jobs_finished_total{phase="Succeeded"} 1"#), "{text}");
         assert!(text.contains(r#"bgjobs_queue_depth{namespace="ns",queue="default",priority="High"} 7"#), "{text}");
         assert_eq!(m.summary()["succeeded"], 1);
+    }
+
+    #[test]
+    fn queue_depth_keeps_the_deepest_queues_and_sums_the_rest_past_its_series_limit() {
+        let queue =
+            |ns: &str, q: &str| QueueLabels { namespace: ns.into(), queue: q.into(), priority: "Normal".into() };
+        let depth: HashMap<QueueLabels, i64> =
+            [(queue("a", "big"), 50), (queue("a", "q1"), 3), (queue("b", "q2"), 3), (queue("b", "q3"), 1)].into();
+        let mut all = queue_depth_series(&depth, 4);
+        all.sort();
+        assert_eq!(all.len(), 4, "within the limit, every queue: {all:?}");
+        let series = queue_depth_series(&depth, 3);
+        let other =
+            QueueLabels { namespace: OTHER_QUEUES.into(), queue: OTHER_QUEUES.into(), priority: OTHER_QUEUES.into() };
+        // The two deepest (a tie at 3 goes by name), and the rest summed.
+        assert_eq!(series, [(queue("a", "big"), 50), (queue("a", "q1"), 3), (other.clone(), 4)]);
+        assert_eq!(queue_depth_series(&depth, 1), [(other, 57)], "every waiting job is still counted");
+        assert_eq!(queue_depth_series(&depth, 0), [], "none: the gauge is off");
+        let m = Metrics::default();
+        let many: HashMap<QueueLabels, i64> = (0..20_000).map(|i| (queue("t", &format!("q{i}")), 1)).collect();
+        m.set_queue_depth(&many, 100);
+        let text = m.render();
+        assert_eq!(text.matches("bgjobs_queue_depth{").count(), 100, "at most the limit");
+        assert!(text.contains(r#"bgjobs_queue_depth{namespace="_other",queue="_other",priority="_other"} 19901"#));
     }
 
     #[test]

@@ -53,6 +53,52 @@ async fn metrics_and_probes_report_what_the_replica_did() {
     }
 }
 
+/// Jobs spread over many queue names make at most `--queue-depth-series` series: the deepest queues, and one
+/// `_other` series with the rest, redrawn as the queues change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_depth_shows_the_deepest_queues_and_sums_the_rest_in_one_series_past_its_limit() {
+    let env = TestEnv::new("depth-series").await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _r = env.replica("d", &["--metrics-addr", &addr, "--queue-depth-series", "3"]);
+    let waiting = |queue: &str| json!({"jobName": "noop", "delaySeconds": 3600, "queue": queue});
+    for i in 0..4 {
+        env.create(&format!("big-{i}"), waiting("big")).await;
+    }
+    for q in ["q1", "q2", "q3", "q4", "q5"] {
+        env.create(q, waiting(q)).await;
+    }
+    let series = |queue: &str, n: usize| {
+        let ns = if queue == "_other" { "_other".to_string() } else { env.ns.clone() };
+        let priority = if queue == "_other" { "_other" } else { "Normal" };
+        format!(r#"bgjobs_queue_depth{{namespace="{ns}",queue="{queue}",priority="{priority}"}} {n}"#)
+    };
+    let shown = |expected: Vec<String>| {
+        let url = format!("http://{addr}/metrics");
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                // Until the replica serves its metrics, nothing is shown.
+                let text = match reqwest::get(&url).await {
+                    Ok(answer) => answer.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("bgjobs_queue_depth{")).collect();
+                if lines.len() == expected.len() && expected.iter().all(|e| lines.contains(&e.as_str())) {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "wanted {expected:?}, the replica shows {lines:?}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    // The deepest, the next (a tie goes by name), and the other four jobs in one series.
+    shown(vec![series("big", 4), series("q1", 1), series("_other", 4)]).await;
+    for i in 0..4 {
+        env.jobs.delete(&format!("big-{i}"), &Default::default()).await.expect("delete a job");
+    }
+    shown(vec![series("q1", 1), series("q2", 1), series("_other", 3)]).await;
+}
+
 /// Event reasons by the name of the object they are about, once `complete` holds for them (or a timeout).
 async fn reasons_when(
     env: &TestEnv,

@@ -143,6 +143,8 @@ pub struct Backlog {
     /// latency counts from when it first became runnable, not from its last change).
     carried_since: HashMap<String, Instant>,
     depth: HashMap<QueueLabels, i64>,
+    /// Counts the changes of `depth`, so that its gauge is redrawn only after one.
+    depth_version: u64,
     running: HashSet<String>,
 }
 
@@ -412,6 +414,11 @@ impl Backlog {
         &self.depth
     }
 
+    /// Changes with every change of [`Backlog::depth`].
+    pub fn depth_version(&self) -> u64 {
+        self.depth_version
+    }
+
     /// Jobs in phase Running, anywhere.
     pub fn running(&self) -> impl Iterator<Item = &Arc<BackgroundJob>> {
         self.running.iter().filter_map(|uid| self.jobs.get(uid))
@@ -419,7 +426,10 @@ impl Backlog {
 
     fn account(&mut self, uid: &str, job: &BackgroundJob) {
         match job.phase() {
-            Phase::Waiting => *self.depth.entry(labels(job)).or_default() += 1,
+            Phase::Waiting => {
+                *self.depth.entry(labels(job)).or_default() += 1;
+                self.depth_version += 1;
+            }
             Phase::Running => {
                 self.running.insert(uid.to_string());
             }
@@ -441,6 +451,7 @@ impl Backlog {
         }
         match old.phase() {
             Phase::Waiting => {
+                self.depth_version += 1;
                 let l = labels(old);
                 if let Some(n) = self.depth.get_mut(&l) {
                     *n -= 1;

@@ -227,6 +227,8 @@ pub struct Dispatcher {
     blocked_slots: HashMap<String, Instant>,
     /// Since when each candidate has been at the head of this replica's view of the queue.
     head_clocks: ordering::HeadClocks,
+    /// The [`Backlog::depth_version`] `bgjobs_queue_depth` shows.
+    depth_shown: Option<u64>,
     health: Arc<Health>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -322,6 +324,7 @@ impl Dispatcher {
             slots_in_use: HashMap::new(),
             blocked_slots: HashMap::new(),
             head_clocks: ordering::HeadClocks::default(),
+            depth_shown: None,
             health,
             done_tx,
             done_rx,
@@ -535,9 +538,9 @@ impl Dispatcher {
         if self.backlog.sweeping() {
             due = due.min(SWEEP_PAUSE);
         }
-        self.worker.metrics.queue_depth.clear();
-        for (labels, n) in self.backlog.depth() {
-            self.worker.metrics.queue_depth.get_or_create(labels).set(*n);
+        if self.depth_shown != Some(self.backlog.depth_version()) {
+            self.worker.metrics.set_queue_depth(self.backlog.depth(), self.config.queue_depth_series);
+            self.depth_shown = Some(self.backlog.depth_version());
         }
         self.worker.metrics.running.set(self.held.len() as i64);
         due
