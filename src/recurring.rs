@@ -125,7 +125,13 @@ pub struct Carried {
     /// This process's own claim of a tick not yet due, as written: at the tick its job is created from it, with no
     /// read on the tick's way. The scheduler hands it back only while it is as good as a read ([`Armed::usable`]).
     pub armed: Option<Armed>,
+    /// Looks in a row whose cancel of a replaced job failed ([`Pass::cancel_replaced_still_running`]): the next
+    /// comes after a pause that doubles with each, up to [`CANCEL_AGAIN_AT_MOST`].
+    pub cancels_failed: u32,
 }
+
+/// The longest pause between looks that ask again for a replaced job's cancel while the apiserver refuses it.
+const CANCEL_AGAIN_AT_MOST: Duration = Duration::from_secs(5);
 
 /// A definition as this process's claim of a tick ahead of time wrote it.
 #[derive(Clone)]
@@ -139,6 +145,15 @@ pub struct Armed {
     /// made, finished and deleted by anyone, even by a replica whose clock is ahead of this one's by as much as
     /// replicas' clocks may disagree.
     pub until: Instant,
+}
+
+impl Carried {
+    /// Count a look whose cancel of a replaced job failed, and return the pause before the next: [`RETRY`], doubled
+    /// with each failure in a row, up to [`CANCEL_AGAIN_AT_MOST`].
+    fn cancel_failed(&mut self) -> Duration {
+        self.cancels_failed = self.cancels_failed.saturating_add(1);
+        RETRY.saturating_mul(1 << (self.cancels_failed - 1).min(5)).min(CANCEL_AGAIN_AT_MOST)
+    }
 }
 
 impl Armed {
@@ -203,7 +218,7 @@ async fn reconcile(
     let created = decided.as_ref().is_ok_and(|d| d.created);
     let (mut trim_again, mut cancel_again) = (None, None);
     if !created && crate::unreadable::standing(&current.def).is_none() {
-        cancel_again = cancel_replaced_still_running(&pass.jobs, &current.def, kids).await;
+        cancel_again = pass.cancel_replaced_still_running(&current, carried).await;
         trim_again = history::trim_history(&pass.jobs, &current.def, kids, now).await;
     }
     decided.map(|d| d.next.into_iter().chain(trim_again).chain(cancel_again).min())
@@ -533,6 +548,64 @@ impl Pass<'_> {
         Ok(looked)
     }
 
+    /// Ask again for the cancel of the jobs the latest `Replace` tick replaced that still run unasked beside its job
+    /// ([`replaced_still_running`]). Rare (the tick's own cancel failed, or the job watch showed a job late), so it
+    /// is judged from the definition as stored: an edit to another policy that the cache does not show yet stands.
+    /// Each patch carries the resourceVersion the job watch showed, so a job changed since (finished, or put back in
+    /// the queue) is judged again at the look its change brings; each is bounded by [`LOOKUP_TAKES_AT_MOST`], so a
+    /// hung one holds no tick up. When the next look should come, if a cancel failed.
+    async fn cancel_replaced_still_running(&self, current: &Current, carried: &mut Carried) -> Option<Duration> {
+        if replaced_still_running(&current.def, self.kids).is_empty() {
+            return None;
+        }
+        let mut stored = None;
+        let def = if current.is_fresh() {
+            &current.def
+        } else {
+            match crate::client::bounded(LOOKUP_TAKES_AT_MOST, self.read(&current.def.name_any())).await {
+                Ok(read) => &stored.insert(read).def,
+                Err(e) if e.is_not_found() => return None,
+                Err(e) => {
+                    warn!(definition = %current.def.name_any(), error = %e, "could not read a definition whose replaced job runs on");
+                    return Some(carried.cancel_failed());
+                }
+            }
+        };
+        let mut failed = false;
+        for old in replaced_still_running(def, self.kids) {
+            // As a create: only while this replica's membership is current (a paused replica's look is another's now).
+            if !self.fence.is_current() {
+                return None;
+            }
+            let patch =
+                serde_json::json!({"metadata": {"resourceVersion": old.resource_version}, "spec": {"cancel": true}});
+            let cancel = crate::client::bounded(LOOKUP_TAKES_AT_MOST, async {
+                Ok(crate::unreadable::merge_patch(&self.jobs, &old.name, patch).await?)
+            });
+            match cancel.await {
+                Ok(_) => {
+                    info!(definition = %def.name_any(), job = %old.name, "cancelled a job a later tick replaced");
+                    let note = format!(
+                        "cancelled job {}, which a later tick's job replaces (concurrencyPolicy: Replace): asked again, \
+                         as it was refused at that tick, made before it, or run again by hand",
+                        old.name
+                    );
+                    self.worker.event_on(def, EventType::Normal, "JobReplaced", note);
+                }
+                Err(e) if e.is_conflict() || e.is_not_found() => {}
+                Err(e) => {
+                    warn!(definition = %def.name_any(), job = %old.name, error = %e, "could not cancel a job a later tick replaced");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            return Some(carried.cancel_failed());
+        }
+        carried.cancels_failed = 0;
+        None
+    }
+
     /// Record tick `tick` in the status, before anything else happens for it, and return the definition as claimed.
     /// A refusal other than a conflict (RBAC, an admission webhook) is reported on the definition: no job is created
     /// for a tick that could not be recorded.
@@ -657,30 +730,6 @@ async fn cancel_replaced(jobs: &Api<BackgroundJob>, replace: &[String]) {
     }
 }
 
-/// Ask again for the cancel of the jobs `def`'s latest `Replace` tick replaced that still run unasked
-/// ([`replaced_still_running`]), each under the resourceVersion it was judged at: a job changed since (finished, or
-/// put back in the queue) is judged again at the look its change brings. Some([`RETRY`]) if a cancel failed.
-async fn cancel_replaced_still_running(
-    jobs: &Api<BackgroundJob>,
-    def: &RecurringBackgroundJob,
-    kids: &[Child],
-) -> Option<Duration> {
-    let mut failed = false;
-    for old in replaced_still_running(def, kids) {
-        let patch =
-            serde_json::json!({"metadata": {"resourceVersion": old.resource_version}, "spec": {"cancel": true}});
-        match crate::unreadable::merge_patch(jobs, &old.name, patch).await {
-            Ok(_) => info!(definition = %def.name_any(), job = %old.name, "cancelled a job a later tick replaced"),
-            Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => {}
-            Err(e) => {
-                warn!(definition = %def.name_any(), job = %old.name, error = %e, "could not cancel a job a later tick replaced");
-                failed = true;
-            }
-        }
-    }
-    failed.then_some(RETRY)
-}
-
 /// The BackgroundJob for one tick, owned by its definition.
 pub fn child(def: &RecurringBackgroundJob, name: &str, tick: Timestamp) -> BackgroundJob {
     let template = &def.spec.job_template;
@@ -770,6 +819,13 @@ pub(crate) mod tests {
     use super::decisions::tests::{def, finished, t, with_last, with_pending};
     use super::*;
     use crate::api::Phase;
+
+    #[test]
+    fn a_refused_replace_cancel_is_asked_again_after_a_pause_that_doubles_up_to_its_cap() {
+        let mut carried = Carried::default();
+        let pauses: Vec<u64> = (0..5).map(|_| carried.cancel_failed().as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 5, 5]);
+    }
 
     #[test]
     fn job_names_are_per_tick_and_valid_even_for_long_definitions() {

@@ -474,7 +474,9 @@ async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() 
     let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
     let options = ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
     // Only the lagging replica makes ticks' jobs; only the other runs them.
-    let ticker = env.replica_with("ticker", &["--job-execution-enabled", "false"], &options);
+    // Ticks claimed 15 s ahead (half the period), so the refusals outlast the next tick's claim.
+    let flags = ["--job-execution-enabled", "false", "--recurring-claim-ahead", "15s"];
+    let ticker = env.replica_with("ticker", &flags, &options);
     let _runner = env.replica("runner", &["--recurring-enabled", "false"]);
     env.wait_joined(&ticker, "default").await;
     proxy.lag_watches(Duration::from_secs(6));
@@ -535,8 +537,8 @@ async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() 
 }
 
 /// Under `Replace`, a cancel refused at the tick (an apiserver restarting: the proxy answers every cancel the ticking
-/// replica sends with a `503` for a while) is asked again once it can be: the replaced job stops soon after, not a
-/// whole period later at the next tick.
+/// replica sends with a `503` for a while, past the next tick's claim ahead of time) is asked again once it can be:
+/// the replaced job stops soon after, not a whole period later at the next tick, and the tick's job runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replace_cancel_refused_at_the_tick_is_asked_again_and_the_replaced_job_stops_before_the_next_tick() {
     let env = TestEnv::new("rec-replace-refused").await;
@@ -544,7 +546,9 @@ async fn a_replace_cancel_refused_at_the_tick_is_asked_again_and_the_replaced_jo
     let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
     let options = ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() };
     // Only the proxied replica makes ticks' jobs (and so cancels them); only the other runs them.
-    let ticker = env.replica_with("ticker", &["--job-execution-enabled", "false"], &options);
+    // Ticks claimed 15 s ahead (half the period), so the refusals outlast the next tick's claim.
+    let flags = ["--job-execution-enabled", "false", "--recurring-claim-ahead", "15s"];
+    let ticker = env.replica_with("ticker", &flags, &options);
     let _runner = env.replica("runner", &["--recurring-enabled", "false"]);
     env.wait_joined(&ticker, "default").await;
     proxy.refuse(Some(http::Method::PATCH), "/backgroundjobs/replaced-", usize::MAX);
@@ -572,15 +576,29 @@ async fn a_replace_cancel_refused_at_the_tick_is_asked_again_and_the_replaced_jo
     let (first, second) = (&mine[0], &mine[1]);
     assert!(proxy.held() >= 1, "the tick's cancel of {} was refused", first.name_any());
     assert!(!first.spec.cancel, "refused, so not asked yet: {}", common::summary(&mine));
-    proxy.answer_at_once();
-    // The next tick comes 30 s after the second's: asked again before it, the first job stops well before it.
+    // The next tick comes 30 s after the second's, and is claimed 15 s before it: its job is named in `lastJob`
+    // then, not made yet.
     let next_tick = tick_of(second) + 30.0;
-    let until_next_tick = Duration::from_secs_f64((next_tick - unix_now() - 5.0).max(1.0));
+    let definitions: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let claimed = |d: &RecurringBackgroundJob| {
+        let last = d.status.as_ref().and_then(|s| s.last_schedule_time.as_ref());
+        last.is_some_and(|t| t.0.as_second() as f64 >= next_tick)
+    };
+    while !claimed(&definitions.get("replaced").await.unwrap()) {
+        assert!(unix_now() < next_tick - 5.0, "the next tick was not claimed ahead of time");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.answer_at_once();
+    let until_next_tick = Duration::from_secs_f64((next_tick - unix_now() - 1.0).max(1.0));
     let first_name = first.name_any();
-    env.wait_until(until_next_tick, "the replaced job cancelled before the next tick", |jobs| {
-        jobs.iter().any(|j| j.name_any() == first_name && j.phase() == Phase::Cancelled)
-    })
-    .await;
+    let jobs = env
+        .wait_until(until_next_tick, "the replaced job cancelled before the next tick", |jobs| {
+            jobs.iter().any(|j| j.name_any() == first_name && j.phase() == Phase::Cancelled)
+        })
+        .await;
+    let second = jobs.iter().find(|j| j.name_any() == second.name_any()).expect("the tick's job");
+    assert_eq!((second.phase(), second.spec.cancel), (Phase::Running, false), "the tick's job runs on");
 }
 
 /// The tick a job of a definition was made for, in Unix seconds.

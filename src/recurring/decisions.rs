@@ -368,17 +368,21 @@ pub(crate) fn known_created(job: &str, kids: &[Child], created_here: Option<&str
     kids.iter().any(|k| k.name == job) || created_here == Some(job)
 }
 
-/// The jobs a `Replace` definition's latest tick replaced that are unfinished, as cached, and not asked to stop:
-/// once that tick's job (`lastJob`) exists, every other unfinished job of the definition made for an earlier tick,
-/// or created before it (by `bgjobs recurring trigger`). The tick cancels these before its job is made
+/// The jobs a `Replace` definition's latest tick replaced that are unfinished, as cached, and not asked to stop,
+/// while that tick's job runs: every other unfinished job of the definition made for an earlier tick, or created
+/// before it (by `bgjobs recurring trigger`). The latest tick's job is the newest that exists, not `lastJob` (a
+/// later tick claimed ahead names its job there before it is made). The tick cancels these before its job is made
 /// ([`Plan::Create`]); a cancel that failed there (an apiserver restarting), or a job the job watch showed only
-/// later, would leave one running beside the tick's job until the next tick, so every look asks again.
+/// later, would leave one running beside the tick's job until the next tick, so every look asks again. Nothing once
+/// the latest job has finished: an earlier job run again then (`bgjobs retry`) runs alone.
 pub(crate) fn replaced_still_running<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Vec<&'a Child> {
     if def.spec.concurrency_policy != RecurringConcurrencyPolicy::Replace {
         return Vec::new();
     }
-    let latest = def.status.as_ref().and_then(|s| s.last_job.as_deref());
-    let Some(latest) = latest.and_then(|job| kids.iter().find(|k| k.name == job)) else { return Vec::new() };
+    let Some(latest) = kids.iter().filter(|k| k.tick.is_some()).max_by_key(|k| k.tick) else { return Vec::new() };
+    if latest.phase.is_final() {
+        return Vec::new();
+    }
     let earlier = |k: &Child| match (k.tick, latest.tick) {
         (Some(tick), Some(latest_tick)) => tick < latest_tick,
         _ => matches!((k.created, latest.created), (Some(c), Some(latest_c)) if c < latest_c),
@@ -627,15 +631,23 @@ pub(crate) mod tests {
             running("report-1800000060", Some(60), 60),
             running("report-manual-after", None, 60),
         ];
-        let mut replace = with_last(def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"})), 60);
-        replace.status.as_mut().unwrap().last_job = Some("report-1800000060".into());
+        // The next tick claimed ahead: `lastJob` names a job not made yet.
+        let replace = with_pending(
+            def("* * * * *", serde_json::json!({"concurrencyPolicy": "Replace"})),
+            120,
+            "report-1800000120",
+        );
         let names = |d: &RecurringBackgroundJob, kids: &[Child]| {
             replaced_still_running(d, kids).iter().map(|k| k.name.clone()).collect::<Vec<_>>()
         };
         // Not the finished one, nor the one asked already, nor a job triggered in the tick's own second or after.
         assert_eq!(names(&replace, &kids), ["report-1800000000", "report-manual-before"]);
-        // Only once the tick's job exists: until then the tick itself decides (its claim may still be withdrawn).
+        // Before the tick-60 job exists, the tick-0 job is the latest, and the job triggered after it runs beside it.
         assert_eq!(names(&replace, &kids[..4]), Vec::<String>::new());
+        // Once the latest has finished, an earlier job run again by hand runs alone.
+        let mut done = kids.clone();
+        done[4].phase = Phase::Succeeded;
+        assert_eq!(names(&replace, &done), Vec::<String>::new());
         let mut allow = replace.clone();
         allow.spec.concurrency_policy = RecurringConcurrencyPolicy::Allow;
         assert_eq!(names(&allow, &kids), Vec::<String>::new(), "only under Replace");

@@ -220,13 +220,14 @@ pub async fn run(
                         warn!(error = %e, "recurring job reconcile panicked");
                         let created_here = carried.get(&uid).and_then(|c| c.created_here.clone());
                         let next = Some(Instant::now() + RETRY);
-                        let o = Outcome { versions: vec![], next, carried: Carried { created_here, armed: None } };
+                        let carried = Carried { created_here, ..Default::default() };
+                        let o = Outcome { versions: vec![], next, carried };
                         (uid, o)
                     }
                 };
                 let next = o.next;
                 book.done(&uid, o.versions, next, Instant::now());
-                if o.carried.created_here.is_some() || o.carried.armed.is_some() {
+                if o.carried.created_here.is_some() || o.carried.armed.is_some() || o.carried.cancels_failed > 0 {
                     carried.insert(uid, o.carried);
                 } else {
                     carried.remove(&uid);
