@@ -125,13 +125,20 @@ pub struct Carried {
     /// This process's own claim of a tick not yet due, as written: at the tick its job is created from it, with no
     /// read on the tick's way. The scheduler hands it back only while it is as good as a read ([`Armed::usable`]).
     pub armed: Option<Armed>,
-    /// Looks in a row whose cancel of a replaced job failed ([`Pass::cancel_replaced_still_running`]): the next
-    /// comes after a pause that doubles with each, up to [`CANCEL_AGAIN_AT_MOST`].
-    pub cancels_failed: u32,
+    /// Looks in a row that failed (a write the apiserver refused, a replaced job's cancel not sent): the next comes
+    /// after a pause that doubles with each ([`Carried::failed`]).
+    pub failures: u32,
 }
 
-/// The longest pause between looks that ask again for a replaced job's cancel while the apiserver refuses it.
+/// The longest pause between looks that ask again for a replaced job's cancel that failed: short, as the job runs
+/// beside the tick's meanwhile.
 const CANCEL_AGAIN_AT_MOST: Duration = Duration::from_secs(5);
+
+/// The longest pause between looks whose write the apiserver refused (a ResourceQuota full of BackgroundJobs, RBAC,
+/// a policy webhook, a rate limit): asked once a second, a thousand definitions would send a thousand refused
+/// creates a second, and an Event each, for as long as the refusal lasts. A tick's job is made at most this late
+/// after the refusal ends.
+pub const REFUSED_AGAIN_AT_MOST: Duration = Duration::from_secs(30);
 
 /// A definition as this process's claim of a tick ahead of time wrote it.
 #[derive(Clone)]
@@ -148,11 +155,11 @@ pub struct Armed {
 }
 
 impl Carried {
-    /// Count a look whose cancel of a replaced job failed, and return the pause before the next: [`RETRY`], doubled
-    /// with each failure in a row, up to [`CANCEL_AGAIN_AT_MOST`].
-    fn cancel_failed(&mut self) -> Duration {
-        self.cancels_failed = self.cancels_failed.saturating_add(1);
-        RETRY.saturating_mul(1 << (self.cancels_failed - 1).min(5)).min(CANCEL_AGAIN_AT_MOST)
+    /// Count a look that failed, and return the pause before the next: [`RETRY`], doubled with each failure in a row,
+    /// up to `at_most`.
+    pub fn failed(&mut self, at_most: Duration) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        RETRY.saturating_mul(1 << (self.failures - 1).min(10)).min(at_most)
     }
 }
 
@@ -220,6 +227,9 @@ async fn reconcile(
     if !created && crate::unreadable::standing(&current.def).is_none() {
         cancel_again = pass.cancel_replaced_still_running(&current, carried).await;
         trim_again = history::trim_history(&pass.jobs, &current.def, kids, now).await;
+    }
+    if decided.is_ok() && cancel_again.is_none() {
+        carried.failures = 0;
     }
     decided.map(|d| d.next.into_iter().chain(trim_again).chain(cancel_again).min())
 }
@@ -567,7 +577,7 @@ impl Pass<'_> {
                 Err(e) if e.is_not_found() => return None,
                 Err(e) => {
                     warn!(definition = %current.def.name_any(), error = %e, "could not read a definition whose replaced job runs on");
-                    return Some(carried.cancel_failed());
+                    return Some(carried.failed(CANCEL_AGAIN_AT_MOST));
                 }
             }
         };
@@ -599,11 +609,7 @@ impl Pass<'_> {
                 }
             }
         }
-        if failed {
-            return Some(carried.cancel_failed());
-        }
-        carried.cancels_failed = 0;
-        None
+        failed.then(|| carried.failed(CANCEL_AGAIN_AT_MOST))
     }
 
     /// Record tick `tick` in the status, before anything else happens for it, and return the definition as claimed.
@@ -821,10 +827,13 @@ pub(crate) mod tests {
     use crate::api::Phase;
 
     #[test]
-    fn a_refused_replace_cancel_is_asked_again_after_a_pause_that_doubles_up_to_its_cap() {
+    fn a_failed_look_is_tried_again_after_a_pause_that_doubles_up_to_its_cap() {
         let mut carried = Carried::default();
-        let pauses: Vec<u64> = (0..5).map(|_| carried.cancel_failed().as_secs()).collect();
+        let pauses: Vec<u64> = (0..5).map(|_| carried.failed(CANCEL_AGAIN_AT_MOST).as_secs()).collect();
         assert_eq!(pauses, [1, 2, 4, 5, 5]);
+        let mut carried = Carried::default();
+        let pauses: Vec<u64> = (0..7).map(|_| carried.failed(REFUSED_AGAIN_AT_MOST).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30]);
     }
 
     #[test]

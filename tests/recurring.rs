@@ -377,6 +377,46 @@ async fn a_tick_claimed_just_before_a_crash_gets_its_job_once_even_if_suspended_
     assert_eq!(starts[&job].len(), 1, "it ran once: {starts:?}");
 }
 
+/// A tick's job the apiserver refuses (a ResourceQuota full of BackgroundJobs) is tried again less and less often,
+/// not once a second for as long as the refusal lasts, and is made once the quota frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticks_job_a_quota_refuses_is_tried_again_less_and_less_often_and_made_once_the_quota_frees() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let env = TestEnv::new("rec-quota").await;
+    let quotas: Api<ResourceQuota> = Api::namespaced(env.client.clone(), &env.ns);
+    let quota = json!({"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/backgroundjobs.bgjobs.dev": "0"}}});
+    quotas.create(&PostParams::default(), &serde_json::from_value(quota).unwrap()).await.expect("create the quota");
+    // Admission counts against the quota only once its controller has written the status.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while quotas.get("no-jobs").await.unwrap().status.and_then(|s| s.hard).is_none() {
+        assert!(Instant::now() < deadline, "the ResourceQuota controller never filled in the quota's status");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let _r = env.replica("r", &["--metrics-addr", &metrics]);
+    define(&env, "refused", json!({"schedule": "* * * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}})).await;
+    let tries = || async {
+        let text = match reqwest::get(format!("http://{metrics}/metrics")).await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let line = text.lines().find(|l| l.contains(r#"reason="JobNotCreated""#)).map(str::to_string);
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tries().await == 0 {
+        assert!(Instant::now() < deadline, "no create was refused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(24)).await;
+    // Once a second would be about 25; pauses of 1, 2, 4, 8 and 16 s make 5 or 6.
+    let tried = tries().await;
+    assert!(tried <= 8, "the refused create was tried {tried} times in 24 s");
+    assert!(env.list().await.is_empty());
+    quotas.delete("no-jobs", &Default::default()).await.expect("delete the quota");
+    env.wait_until(Duration::from_secs(60), "the tick's job made", |jobs| !jobs.is_empty()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_permission_to_record_a_tick_no_job_is_created_and_the_refusal_is_reported() {
     let env = TestEnv::new("rec-rbac").await;

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Carried, RETRY, RecurringView, reconcile};
+use super::{Carried, REFUSED_AGAIN_AT_MOST, RETRY, RecurringView, reconcile};
 use crate::api::RecurringBackgroundJob;
 use crate::lease::{LeaseTiming, Observer};
 use crate::members;
@@ -227,7 +227,7 @@ pub async fn run(
                 };
                 let next = o.next;
                 book.done(&uid, o.versions, next, Instant::now());
-                if o.carried.created_here.is_some() || o.carried.armed.is_some() || o.carried.cancels_failed > 0 {
+                if o.carried.created_here.is_some() || o.carried.armed.is_some() || o.carried.failures > 0 {
                     carried.insert(uid, o.carried);
                 } else {
                     carried.remove(&uid);
@@ -303,7 +303,10 @@ pub async fn run(
                     Err(e) => {
                         warn!(definition = %name, error = %e, "recurring job reconcile failed");
                         kept.armed = None;
-                        Some(Instant::now() + RETRY)
+                        // Refused (a quota, RBAC, a policy webhook): asked again less and less often. Anything else (no
+                        // answer, a conflict) a second later.
+                        let pause = if crate::error::refused(&e) { kept.failed(REFUSED_AGAIN_AT_MOST) } else { RETRY };
+                        Some(Instant::now() + pause)
                     }
                 };
                 Outcome { versions, next, carried: kept }
