@@ -503,6 +503,22 @@ async fn forbid_skips_ticks_while_the_previous_job_runs() {
     assert!((2..=4).contains(&n), "ticks were skipped while a job ran: {n} jobs in 12 s of 2 s ticks");
 }
 
+/// A replica that makes ticks' jobs and runs none, talking to the apiserver through `proxy` (with `extra` flags),
+/// and one that runs them and makes none; once the first has joined.
+async fn ticker_and_runner(
+    env: &TestEnv,
+    proxy: &common::http_proxy::HttpProxy,
+    extra: &[&str],
+) -> (common::Replica, common::Replica) {
+    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
+    let options = ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() };
+    let flags: Vec<&str> = ["--job-execution-enabled", "false"].iter().chain(extra).copied().collect();
+    let ticker = env.replica_with("ticker", &flags, &options);
+    let runner = env.replica("runner", &["--recurring-enabled", "false"]);
+    env.wait_joined(&ticker, "default").await;
+    (ticker, runner)
+}
+
 /// `Forbid` and `Replace` decided by a replica whose watches lag past a tick's period (every event 6 s late, its
 /// reads answered at once): its cache shows the previous tick's job not yet made, or still waiting, long after
 /// another replica started it. Under `Forbid` no two of the definition's jobs run at once, and ticks still get their
@@ -511,14 +527,8 @@ async fn forbid_skips_ticks_while_the_previous_job_runs() {
 async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() {
     let env = TestEnv::new("rec-forbid-lag").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
-    let options = ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
     // Only the lagging replica makes ticks' jobs; only the other runs them.
-    // Ticks claimed 15 s ahead (half the period), so the refusals outlast the next tick's claim.
-    let flags = ["--job-execution-enabled", "false", "--recurring-claim-ahead", "15s"];
-    let ticker = env.replica_with("ticker", &flags, &options);
-    let _runner = env.replica("runner", &["--recurring-enabled", "false"]);
-    env.wait_joined(&ticker, "default").await;
+    let (ticker, _runner) = ticker_and_runner(&env, &proxy, &[]).await;
     proxy.lag_watches(Duration::from_secs(6));
     define(
         &env,
@@ -583,14 +593,9 @@ async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() 
 async fn a_replace_cancel_refused_at_the_tick_is_asked_again_and_the_replaced_job_stops_before_the_next_tick() {
     let env = TestEnv::new("rec-replace-refused").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
-    let options = ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() };
-    // Only the proxied replica makes ticks' jobs (and so cancels them); only the other runs them.
-    // Ticks claimed 15 s ahead (half the period), so the refusals outlast the next tick's claim.
-    let flags = ["--job-execution-enabled", "false", "--recurring-claim-ahead", "15s"];
-    let ticker = env.replica_with("ticker", &flags, &options);
-    let _runner = env.replica("runner", &["--recurring-enabled", "false"]);
-    env.wait_joined(&ticker, "default").await;
+    // Only the proxied replica makes ticks' jobs (and so cancels them); only the other runs them. Ticks claimed 15 s
+    // ahead (half the period), so the refusals outlast the next tick's claim.
+    let (_ticker, _runner) = ticker_and_runner(&env, &proxy, &["--recurring-claim-ahead", "15s"]).await;
     proxy.refuse(Some(http::Method::PATCH), "/backgroundjobs/replaced-", usize::MAX);
     define(
         &env,
