@@ -183,9 +183,9 @@ pub struct OperatorConfig {
     #[arg(long, value_enum, default_value = "problems", env = "BGJOBS_EVENTS")]
     pub events: EventLevel,
 
-    /// The most series `bgjobs_queue_depth` shows (one per namespace, queue and priority with waiting jobs): past
-    /// it, the deepest queues and one `_other` series with the rest, so that jobs spread over thousands of queue
-    /// names cannot make as many series. 0: no queue-depth series.
+    /// The most (namespace, queue, priority) series `bgjobs_queue_depth` shows: past it, the deepest, and per
+    /// namespace one `queue="_other"` series with the rest of its waiting jobs, so that jobs spread over thousands of
+    /// queue names cannot make as many series. 0: no queue-depth series.
     #[arg(long, default_value_t = 100, env = "BGJOBS_QUEUE_DEPTH_SERIES")]
     pub queue_depth_series: usize,
 

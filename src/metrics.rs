@@ -187,35 +187,34 @@ impl Default for Metrics {
     }
 }
 
-/// The label values of the one series that sums the queues [`queue_depth_series`] leaves out: no namespace, queue
-/// or priority can be spelled so (they are DNS labels and an enum).
+/// The queue and priority of a namespace's series that sums the queues [`queue_depth_series`] leaves out: no queue or
+/// priority can be spelled so (queues are DNS labels, priorities an enum).
 pub const OTHER_QUEUES: &str = "_other";
 
 /// The series of `bgjobs_queue_depth` for `depth`: one per (namespace, queue, priority) while they are at most
-/// `series`; past that, the `series - 1` deepest and one [`OTHER_QUEUES`] series with the rest, so that tenants who
-/// spread jobs over thousands of queue names cannot make as many series in every replica and in Prometheus (each
-/// costs memory there for hours). Ties go by name, so the same depths give the same series.
+/// `series`; past that, the `series` deepest and, per namespace, one [`OTHER_QUEUES`] series with the rest of its
+/// waiting jobs, so that tenants who spread jobs over thousands of queue names cannot make as many series in every
+/// replica and in Prometheus (each costs memory there for hours), while every namespace's sum holds (installations
+/// watch namespaces of their own, so sums across them hold too). At most `series` plus one per namespace with more
+/// queues than shown; none for 0. Ties go by name, so the same depths give the same series.
 pub fn queue_depth_series(depth: &HashMap<QueueLabels, i64>, series: usize) -> Vec<(QueueLabels, i64)> {
     let mut all: Vec<(QueueLabels, i64)> = depth.iter().map(|(l, n)| (l.clone(), *n)).collect();
+    if series == 0 {
+        return Vec::new();
+    }
     if all.len() <= series {
         return all;
     }
-    let kept = series.saturating_sub(1);
     let deepest_first = |a: &(QueueLabels, i64), b: &(QueueLabels, i64)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
-    if kept > 0 {
-        all.select_nth_unstable_by(kept - 1, deepest_first);
-        all[..kept].sort_unstable_by(deepest_first);
+    all.select_nth_unstable_by(series - 1, deepest_first);
+    let rest = all.split_off(series);
+    all.sort_unstable_by(deepest_first);
+    let mut other: std::collections::BTreeMap<String, i64> = Default::default();
+    for (labels, n) in rest {
+        *other.entry(labels.namespace).or_default() += n;
     }
-    let rest: i64 = all[kept..].iter().map(|(_, n)| n).sum();
-    all.truncate(kept);
-    if series > 0 {
-        let other = QueueLabels {
-            namespace: OTHER_QUEUES.to_string(),
-            queue: OTHER_QUEUES.to_string(),
-            priority: OTHER_QUEUES.to_string(),
-        };
-        all.push((other, rest));
-    }
+    let other_of = |namespace| QueueLabels { namespace, queue: OTHER_QUEUES.into(), priority: OTHER_QUEUES.into() };
+    all.extend(other.into_iter().map(|(namespace, n)| (other_of(namespace), n)));
     all
 }
 
@@ -393,27 +392,27 @@ mod tests {
     }
 
     #[test]
-    fn queue_depth_keeps_the_deepest_queues_and_sums_the_rest_past_its_series_limit() {
+    fn queue_depth_keeps_the_deepest_queues_and_sums_the_rest_of_each_namespace_past_its_series_limit() {
         let queue =
             |ns: &str, q: &str| QueueLabels { namespace: ns.into(), queue: q.into(), priority: "Normal".into() };
+        let other = |ns: &str| QueueLabels { namespace: ns.into(), queue: "_other".into(), priority: "_other".into() };
         let depth: HashMap<QueueLabels, i64> =
             [(queue("a", "big"), 50), (queue("a", "q1"), 3), (queue("b", "q2"), 3), (queue("b", "q3"), 1)].into();
         let mut all = queue_depth_series(&depth, 4);
         all.sort();
         assert_eq!(all.len(), 4, "within the limit, every queue: {all:?}");
-        let series = queue_depth_series(&depth, 3);
-        let other =
-            QueueLabels { namespace: OTHER_QUEUES.into(), queue: OTHER_QUEUES.into(), priority: OTHER_QUEUES.into() };
-        // The two deepest (a tie at 3 goes by name), and the rest summed.
-        assert_eq!(series, [(queue("a", "big"), 50), (queue("a", "q1"), 3), (other.clone(), 4)]);
-        assert_eq!(queue_depth_series(&depth, 1), [(other, 57)], "every waiting job is still counted");
+        // The three deepest (a tie at 3 goes by name), and the rest of namespace b.
+        let shown = [(queue("a", "big"), 50), (queue("a", "q1"), 3), (queue("b", "q2"), 3), (other("b"), 1)];
+        assert_eq!(queue_depth_series(&depth, 3), shown);
+        let shown = [(queue("a", "big"), 50), (other("a"), 3), (other("b"), 4)];
+        assert_eq!(queue_depth_series(&depth, 1), shown, "every namespace's waiting jobs are still counted");
         assert_eq!(queue_depth_series(&depth, 0), [], "none: the gauge is off");
         let m = Metrics::default();
         let many: HashMap<QueueLabels, i64> = (0..20_000).map(|i| (queue("t", &format!("q{i}")), 1)).collect();
         m.set_queue_depth(&many, 100);
         let text = m.render();
-        assert_eq!(text.matches("bgjobs_queue_depth{").count(), 100, "at most the limit");
-        assert!(text.contains(r#"bgjobs_queue_depth{namespace="_other",queue="_other",priority="_other"} 19901"#));
+        assert_eq!(text.matches("bgjobs_queue_depth{").count(), 101, "the limit, and one for the rest");
+        assert!(text.contains(r#"bgjobs_queue_depth{namespace="t",queue="_other",priority="_other"} 19900"#));
     }
 
     #[test]

@@ -128,6 +128,8 @@ pub struct Carried {
     /// Looks in a row that failed (a write the apiserver refused, a replaced job's cancel not sent): the next comes
     /// after a pause that doubles with each ([`Carried::failed`]).
     pub failures: u32,
+    /// The last look could not cancel a job a later `Replace` tick replaced: the pause before the next stays short.
+    pub cancel_owed: bool,
 }
 
 /// The longest pause between looks that ask again for a replaced job's cancel that failed: short, as the job runs
@@ -160,6 +162,16 @@ impl Carried {
     pub fn failed(&mut self, at_most: Duration) -> Duration {
         self.failures = self.failures.saturating_add(1);
         RETRY.saturating_mul(1 << (self.failures - 1).min(10)).min(at_most)
+    }
+
+    /// Count a look whose write the apiserver refused, and return the pause before the next: [`Carried::failed`] up to
+    /// [`REFUSED_AGAIN_AT_MOST`] ([`CANCEL_AGAIN_AT_MOST`] while a replaced job's cancel is owed), and never past the
+    /// claimed tick's `startingDeadlineSeconds` (`deadline_left`, [`starting_deadline_left`]): one more try comes a
+    /// second before it.
+    pub fn refused(&mut self, deadline_left: Option<Duration>) -> Duration {
+        let at_most = if self.cancel_owed { CANCEL_AGAIN_AT_MOST } else { REFUSED_AGAIN_AT_MOST };
+        let pause = self.failed(at_most);
+        deadline_left.map_or(pause, |left| pause.min(left.saturating_sub(RETRY)).max(RETRY))
     }
 }
 
@@ -223,15 +235,19 @@ async fn reconcile(
     // A definition that cannot be read has no history limits to go by; one whose job was just created is trimmed
     // by the next reconcile, which that job's watch event brings, off the way of this tick's other creates.
     let created = decided.as_ref().is_ok_and(|d| d.created);
-    let (mut trim_again, mut cancel_again) = (None, None);
+    let (mut trim_again, mut cancel_failed) = (None, false);
     if !created && crate::unreadable::standing(&current.def).is_none() {
-        cancel_again = pass.cancel_replaced_still_running(&current, carried).await;
+        cancel_failed = pass.cancel_replaced_still_running(&current).await;
         trim_again = history::trim_history(&pass.jobs, &current.def, kids, now).await;
     }
-    if decided.is_ok() && cancel_again.is_none() {
+    // A look that failed is counted once: here, or by the scheduler if its write was refused ([`Carried::refused`]).
+    carried.cancel_owed = cancel_failed;
+    let decided = decided?;
+    let cancel_again = cancel_failed.then(|| carried.failed(CANCEL_AGAIN_AT_MOST));
+    if !cancel_failed {
         carried.failures = 0;
     }
-    decided.map(|d| d.next.into_iter().chain(trim_again).chain(cancel_again).min())
+    Ok(decided.next.into_iter().chain(trim_again).chain(cancel_again).min())
 }
 
 /// The definition a decision is made from, and where it came from.
@@ -563,10 +579,10 @@ impl Pass<'_> {
     /// is judged from the definition as stored: an edit to another policy that the cache does not show yet stands.
     /// Each patch carries the resourceVersion the job watch showed, so a job changed since (finished, or put back in
     /// the queue) is judged again at the look its change brings; each is bounded by [`LOOKUP_TAKES_AT_MOST`], so a
-    /// hung one holds no tick up. When the next look should come, if a cancel failed.
-    async fn cancel_replaced_still_running(&self, current: &Current, carried: &mut Carried) -> Option<Duration> {
+    /// hung one holds no tick up. Whether a cancel failed.
+    async fn cancel_replaced_still_running(&self, current: &Current) -> bool {
         if replaced_still_running(&current.def, self.kids).is_empty() {
-            return None;
+            return false;
         }
         let mut stored = None;
         let def = if current.is_fresh() {
@@ -574,10 +590,10 @@ impl Pass<'_> {
         } else {
             match crate::client::bounded(LOOKUP_TAKES_AT_MOST, self.read(&current.def.name_any())).await {
                 Ok(read) => &stored.insert(read).def,
-                Err(e) if e.is_not_found() => return None,
+                Err(e) if e.is_not_found() => return false,
                 Err(e) => {
                     warn!(definition = %current.def.name_any(), error = %e, "could not read a definition whose replaced job runs on");
-                    return Some(carried.failed(CANCEL_AGAIN_AT_MOST));
+                    return true;
                 }
             }
         };
@@ -585,7 +601,7 @@ impl Pass<'_> {
         for old in replaced_still_running(def, self.kids) {
             // As a create: only while this replica's membership is current (a paused replica's look is another's now).
             if !self.fence.is_current() {
-                return None;
+                return false;
             }
             let patch =
                 serde_json::json!({"metadata": {"resourceVersion": old.resource_version}, "spec": {"cancel": true}});
@@ -609,7 +625,7 @@ impl Pass<'_> {
                 }
             }
         }
-        failed.then(|| carried.failed(CANCEL_AGAIN_AT_MOST))
+        failed
     }
 
     /// Record tick `tick` in the status, before anything else happens for it, and return the definition as claimed.
@@ -832,8 +848,13 @@ pub(crate) mod tests {
         let pauses: Vec<u64> = (0..5).map(|_| carried.failed(CANCEL_AGAIN_AT_MOST).as_secs()).collect();
         assert_eq!(pauses, [1, 2, 4, 5, 5]);
         let mut carried = Carried::default();
-        let pauses: Vec<u64> = (0..7).map(|_| carried.failed(REFUSED_AGAIN_AT_MOST).as_secs()).collect();
+        let pauses: Vec<u64> = (0..7).map(|_| carried.refused(None).as_secs()).collect();
         assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30]);
+        let near = |left: u64| Some(Duration::from_secs(left));
+        assert_eq!(carried.refused(near(12)).as_secs(), 11, "a last try a second before the starting deadline");
+        assert_eq!(carried.refused(near(0)).as_secs(), 1, "past it, the look gives the tick up");
+        carried.cancel_owed = true;
+        assert_eq!(carried.refused(None).as_secs(), 5, "short while a replaced job runs on");
     }
 
     #[test]

@@ -303,6 +303,18 @@ pub(crate) fn plan_pending(
     Plan::Create { job, replace }
 }
 
+/// How long until `def`'s claimed tick whose job is not made yet (`pendingJob`) is past `startingDeadlineSeconds`
+/// ([`past_starting_deadline`]) at `now`: zero once it is; None without a pending tick or a deadline.
+pub fn starting_deadline_left(def: &RecurringBackgroundJob, now: Timestamp) -> Option<Duration> {
+    let status = def.status.as_ref()?;
+    status.pending_job.as_ref()?;
+    let tick = status.last_schedule_time.as_ref()?.0;
+    let deadline = def.spec.starting_deadline_seconds?;
+    // Past it from the second after `deadline` whole seconds late on.
+    let past_at = tick.checked_add(SignedDuration::from_secs(deadline.saturating_add(1))).ok()?;
+    Some(past_at.duration_since(shifted(def, now)).try_into().unwrap_or(Duration::ZERO))
+}
+
 /// Whether a tick `late` after it is due is past `startingDeadlineSeconds`, `deadline`. In whole seconds, as the
 /// field is: a tick handled within its second is never late, so a deadline of 0 means "on time", not "never" (a
 /// job is always created some milliseconds after its tick).
@@ -651,6 +663,17 @@ pub(crate) mod tests {
         let mut allow = replace.clone();
         allow.spec.concurrency_policy = RecurringConcurrencyPolicy::Allow;
         assert_eq!(names(&allow, &kids), Vec::<String>::new(), "only under Replace");
+    }
+
+    #[test]
+    fn a_pending_ticks_starting_deadline_is_counted_from_its_tick() {
+        let d = def("* * * * *", serde_json::json!({"startingDeadlineSeconds": 10}));
+        let pending = with_pending(d.clone(), 60, "report-1800000060");
+        assert_eq!(starting_deadline_left(&pending, t(65)), Some(Duration::from_secs(6)));
+        assert_eq!(starting_deadline_left(&pending, t(80)), Some(Duration::ZERO), "past it");
+        assert_eq!(starting_deadline_left(&with_last(d, 60), t(65)), None, "nothing pending");
+        let no_deadline = with_pending(def("* * * * *", serde_json::json!({})), 60, "report-1800000060");
+        assert_eq!(starting_deadline_left(&no_deadline, t(65)), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Carried, REFUSED_AGAIN_AT_MOST, RETRY, RecurringView, reconcile};
+use super::{Carried, RETRY, RecurringView, reconcile, starting_deadline_left};
 use crate::api::RecurringBackgroundJob;
 use crate::lease::{LeaseTiming, Observer};
 use crate::members;
@@ -44,6 +44,9 @@ struct Tracked<R> {
     next: Option<Instant>,
     /// The scan that last saw it owned here.
     seen: u64,
+    /// Its last reconcile's write was refused: until then, news of its children (a running job's status writes) does
+    /// not bring a look, only its own change or the end of the pause does ([`Book::refused`]).
+    refused_until: Option<Instant>,
 }
 
 /// The scheduler's bookkeeping. Pure: fed what the caches show and what reconciles returned.
@@ -86,6 +89,7 @@ impl<R: Clone> Book<R> {
             done_at: None,
             next: Some(now),
             seen: 0,
+            refused_until: None,
         });
         tracked.seen = self.scan;
         tracked.at = at;
@@ -104,7 +108,8 @@ impl<R: Clone> Book<R> {
         {
             return Some(tracked.next.map_or(wait_until, |n| n.min(wait_until)));
         }
-        let kids_changed = self.children_changed.remove(uid);
+        let paused = tracked.refused_until.is_some_and(|until| now < until);
+        let kids_changed = self.children_changed.remove(uid) && !paused;
         if changed || kids_changed || due {
             self.queue.push_back(uid.to_string());
             self.queued.insert(uid.to_string());
@@ -142,6 +147,14 @@ impl<R: Clone> Book<R> {
             t.versions = versions;
             t.next = next;
             t.done_at = Some(now);
+            t.refused_until = None;
+        }
+    }
+
+    /// The reconcile of `uid` just [`Book::done`] had a write refused, and its next look is paused until `until`.
+    pub fn refused(&mut self, uid: &str, until: Instant) {
+        if let Some(t) = self.tracked.get_mut(uid) {
+            t.refused_until = Some(until);
         }
     }
 
@@ -167,6 +180,8 @@ struct Outcome {
     versions: Vec<String>,
     next: Option<Instant>,
     carried: Carried,
+    /// A write was refused: the next look waits for `next` or a change of the definition.
+    refused: bool,
 }
 
 /// How the controller works.
@@ -221,12 +236,15 @@ pub async fn run(
                         let created_here = carried.get(&uid).and_then(|c| c.created_here.clone());
                         let next = Some(Instant::now() + RETRY);
                         let carried = Carried { created_here, ..Default::default() };
-                        let o = Outcome { versions: vec![], next, carried };
+                        let o = Outcome { versions: vec![], next, carried, refused: false };
                         (uid, o)
                     }
                 };
                 let next = o.next;
                 book.done(&uid, o.versions, next, Instant::now());
+                if let Some(until) = next.filter(|_| o.refused) {
+                    book.refused(&uid, until);
+                }
                 if o.carried.created_here.is_some() || o.carried.armed.is_some() || o.carried.failures > 0 {
                     carried.insert(uid, o.carried);
                 } else {
@@ -294,7 +312,7 @@ pub async fn run(
             let (worker, fence) = (worker.clone(), fence.clone());
             let name = def.name_any();
             let task = tasks.spawn(async move {
-                let mut versions = Vec::new();
+                let (mut versions, mut refused) = (Vec::new(), false);
                 let started = (worker.clock.now(), Instant::now());
                 let outcome = reconcile(&worker, &def, &kids, &mut kept, &mut versions, started, &fence, claim_ahead);
                 // Its waits count from its start (a tick claimed ahead is due that long after it), a retry from now.
@@ -305,11 +323,15 @@ pub async fn run(
                         kept.armed = None;
                         // Refused (a quota, RBAC, a policy webhook): asked again less and less often. Anything else (no
                         // answer, a conflict) a second later.
-                        let pause = if crate::error::refused(&e) { kept.failed(REFUSED_AGAIN_AT_MOST) } else { RETRY };
+                        refused = crate::error::refused(&e);
+                        let pause = match refused {
+                            true => kept.refused(starting_deadline_left(&def, worker.clock.now())),
+                            false => RETRY,
+                        };
                         Some(Instant::now() + pause)
                     }
                 };
-                Outcome { versions, next, carried: kept }
+                Outcome { versions, next, carried: kept, refused }
             });
             spawned.insert(task.id(), uid);
         }
@@ -397,6 +419,31 @@ mod tests {
         let mut book = held(None);
         scan(&mut book, &[("a", "9")], &[], now);
         assert_eq!(drain(&mut book), ["a"], "a version it never saw is someone else's write: at once");
+    }
+
+    #[test]
+    fn a_definition_whose_write_was_refused_waits_out_its_pause_unless_it_changes_itself() {
+        let now = Instant::now();
+        let until = now + Duration::from_secs(8);
+        let refused = || {
+            let mut book = TestBook::default();
+            scan(&mut book, &[("a", "1")], &[], now);
+            drain(&mut book);
+            book.done("a", vec!["1".into()], Some(until), now);
+            book.refused("a", until);
+            book
+        };
+        let mut book = refused();
+        scan(&mut book, &[("a", "1")], &["a"], now);
+        assert!(drain(&mut book).is_empty(), "a child's news (a running job's status) brings no look meanwhile");
+        scan(&mut book, &[("a", "1")], &[], until);
+        assert_eq!(drain(&mut book), ["a"], "the pause's end does");
+        let mut book = refused();
+        scan(&mut book, &[("a", "2")], &[], now);
+        assert_eq!(drain(&mut book), ["a"], "and so does an edit of the definition");
+        book.done("a", vec!["2".into()], None, now);
+        scan(&mut book, &[("a", "2")], &["a"], now);
+        assert_eq!(drain(&mut book), ["a"], "a look that was not refused ends the pause");
     }
 
     #[test]
