@@ -225,13 +225,10 @@ async fn reconcile(
         }
         None => Current { def: def.clone(), stored: Stored::Cached },
     };
-    let decided = match pass.decide(&mut current, carried, versions).await {
-        Err(e) if e.is_not_found() => {
-            *carried = Carried::default();
-            return Ok(None);
-        }
-        other => other,
-    };
+    // A 404 fails the look like any refusal, and it is tried again: the definition may be gone (its watch will say so,
+    // and the scheduler forgets it), or an apiserver that has just started may not serve the custom resources yet.
+    // Taken for "gone", the look asked for none again, and a claimed tick waited for the definition's next change.
+    let decided = pass.decide(&mut current, carried, versions).await;
     // A definition that cannot be read has no history limits to go by; one whose job was just created is trimmed
     // by the next reconcile, which that job's watch event brings, off the way of this tick's other creates.
     let created = decided.as_ref().is_ok_and(|d| d.created);

@@ -427,6 +427,32 @@ async fn a_ticks_job_a_quota_refuses_is_tried_again_less_and_less_often_and_made
     env.wait_until(Duration::from_secs(60), "the tick's job made", |jobs| jobs.len() >= 2).await;
 }
 
+/// A tick's create answered `404` (an apiserver that has just started and does not serve BackgroundJobs yet) is
+/// tried again: the definition is not taken for deleted, and its ticks go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticks_create_answered_not_found_by_a_starting_apiserver_is_tried_again_and_the_ticks_go_on() {
+    let env = TestEnv::new("rec-create-404").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
+    let options = ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() };
+    let ticker = env.replica_with("ticker", &[], &options);
+    env.wait_joined(&ticker, "default").await;
+    // The first create of a job is answered 404; the definition's own requests go through.
+    proxy.answer_instead(404, Some(http::Method::POST), "/backgroundjobs", 1);
+    let def =
+        define(&env, "every5", json!({"schedule": "*/5 * * * * *", "jobTemplate": {"spec": {"jobName": "noop"}}}))
+            .await;
+    env.wait_until(Duration::from_secs(30), "ticks' jobs after a create answered 404", |jobs| jobs.len() >= 2).await;
+    assert_eq!(proxy.held(), 1, "the first create was answered 404");
+    // Every tick from the first after the definition was made has its job, the refused one's too.
+    let made = def.creation_timestamp().expect("a creation time").0.as_second();
+    let first = (made / 5 + 1) * 5;
+    let by_tick = ticks(&env).await;
+    let expected: Vec<i64> = (0..by_tick.len() as i64).map(|i| first + 5 * i).collect();
+    assert_eq!(by_tick.keys().copied().collect::<Vec<_>>(), expected, "{by_tick:?}");
+    assert!(by_tick.values().all(|jobs| jobs.len() == 1), "{by_tick:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_permission_to_record_a_tick_no_job_is_created_and_the_refusal_is_reported() {
     let env = TestEnv::new("rec-rbac").await;

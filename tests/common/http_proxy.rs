@@ -66,8 +66,8 @@ struct Hold {
 enum Effect {
     /// Its answer comes this late.
     Late(Duration),
-    /// It is answered `503 Service Unavailable` by the proxy and never reaches the apiserver.
-    Refused,
+    /// It is answered with this status (`503`, `404`, ...) by the proxy and never reaches the apiserver.
+    Refused(u16),
 }
 
 impl HttpProxy {
@@ -113,7 +113,14 @@ impl HttpProxy {
     /// (any: `None`) whose path and query contain `path_contains` (watches excepted): each is answered `503` with a
     /// `Status`, as an apiserver that cannot serve it now would, and never reaches the apiserver.
     pub fn refuse(&self, method: Option<Method>, path_contains: &str, count: usize) {
-        let hold = Hold { method, path_contains: path_contains.to_string(), effect: Effect::Refused, left: count };
+        self.answer_instead(503, method, path_contains, count);
+    }
+
+    /// As [`HttpProxy::refuse`], with `code` instead of `503`: `404` is what an apiserver that has just started answers
+    /// for a custom resource it does not serve yet.
+    pub fn answer_instead(&self, code: u16, method: Option<Method>, path_contains: &str, count: usize) {
+        let effect = Effect::Refused(code);
+        let hold = Hold { method, path_contains: path_contains.to_string(), effect, left: count };
         self.faults.holds.lock().unwrap().push(hold);
     }
 
@@ -200,8 +207,8 @@ async fn forward(
         }
     }
     let effect = if watch { None } else { faults.hold_for(&parts.method, &path) };
-    if let Some(Effect::Refused) = effect {
-        return Ok(refusal());
+    if let Some(Effect::Refused(code)) = effect {
+        return Ok(refusal(code));
     }
     let answer = out.body(body).send().await?;
     if let Some(Effect::Late(delay)) = effect {
@@ -218,15 +225,19 @@ async fn forward(
     Ok(response.body(StreamBody::new(body))?)
 }
 
-/// The `503` an apiserver that cannot serve a request now answers, with its `Status`.
-fn refusal() -> Response<ProxyBody> {
+/// The answer an apiserver that cannot serve a request now gives, with its `Status`: `code`, and for `404` the
+/// words of a resource it does not serve.
+fn refusal(code: u16) -> Response<ProxyBody> {
+    let (message, reason) = match code {
+        404 => ("the server could not find the requested resource (refused by the test proxy)", "NotFound"),
+        _ => ("the server is currently unable to handle the request (refused by the test proxy)", "ServiceUnavailable"),
+    };
     let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "message": "the server is currently unable to handle the request (refused by the test proxy)",
-        "reason": "ServiceUnavailable", "code": 503});
+        "message": message, "reason": reason, "code": code});
     let (mut chunks, body) = mpsc::channel(1);
     chunks.try_send(Ok(Frame::data(Bytes::from(status.to_string())))).expect("room for the one chunk");
     Response::builder()
-        .status(http::StatusCode::SERVICE_UNAVAILABLE)
+        .status(http::StatusCode::from_u16(code).expect("a valid status"))
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(StreamBody::new(body))
         .expect("a valid answer")
