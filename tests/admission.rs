@@ -57,8 +57,21 @@ impl Drop for Registered {
 }
 
 /// Register the operator's webhook at `https://127.0.0.1:<port>/mutate` for CREATE and UPDATE of jobs and
-/// recurring jobs in namespaces labelled `label=value` (only the test's), failing requests it cannot answer.
+/// recurring jobs in namespaces labelled `label=value` (only the test's), failing requests it cannot answer: as the
+/// chart does.
 async fn register(client: &Client, name: &str, port: u16, ca_pem: &str, label: (&str, &str)) -> Registered {
+    register_for(client, name, port, ca_pem, label, &["backgroundjobs", "recurringbackgroundjobs"]).await
+}
+
+/// As [`register`], for `resources` (subresources such as `backgroundjobs/status` too, as an admin may).
+async fn register_for(
+    client: &Client,
+    name: &str,
+    port: u16,
+    ca_pem: &str,
+    label: (&str, &str),
+    resources: &[&str],
+) -> Registered {
     let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "metadata": {"name": name},
         "webhooks": [{
@@ -66,7 +79,7 @@ async fn register(client: &Client, name: &str, port: u16, ca_pem: &str, label: (
             "clientConfig": {"url": format!("https://127.0.0.1:{port}{}", bgjobs::wire::ADMISSION_PATH),
                              "caBundle": k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())},
             "rules": [{"apiGroups": ["bgjobs.dev"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
-                       "resources": ["backgroundjobs", "recurringbackgroundjobs"], "scope": "Namespaced"}],
+                       "resources": resources, "scope": "Namespaced"}],
             "namespaceSelector": {"matchLabels": {label.0: label.1}},
             "failurePolicy": "Fail",
             "sideEffects": "None",
@@ -157,6 +170,39 @@ async fn select_for_webhook(env: &TestEnv) -> (&'static str, &str) {
     let labels = json!({"metadata": {"labels": {label.0: label.1}}});
     namespaces.patch(&env.ns, &PatchParams::default(), &Patch::Merge(&labels)).await.unwrap();
     label
+}
+
+/// The webhook registered for the status subresources too (the chart does not, an admin may) lets the operator's
+/// status writes through: it writes them from its slim cache, without the creator record, which the apiserver keeps
+/// anyway. Jobs run and end, a cancel ends its job, and a schedule's ticks get their jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_registered_for_the_status_subresources_too_lets_the_operators_status_writes_through() {
+    let env = TestEnv::new("admission-status").await;
+    let label = select_for_webhook(&env).await;
+    let (_replica, port, ca) = webhook_replica(&env, &[]).await;
+    let resources =
+        ["backgroundjobs", "backgroundjobs/status", "recurringbackgroundjobs", "recurringbackgroundjobs/status"];
+    let name = format!("bgjobs-status-{}", env.ns);
+    let _registered = register_for(&env.client, &name, port, &ca, label, &resources).await;
+    env.create("quick", json!({"jobName": "noop"})).await;
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 300}})).await;
+    env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let cancel = json!({"spec": {"cancel": true}});
+    env.jobs.patch("long", &PatchParams::default(), &Patch::Merge(&cancel)).await.expect("cancel");
+    let defs: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let every_second = common::fixtures::recurring(
+        "tick",
+        json!({"schedule": "* * * * * *",
+        "jobTemplate": {"spec": {"jobName": "noop"}}}),
+    );
+    defs.create(&PostParams::default(), &every_second).await.expect("create a schedule");
+    env.wait_until(MINUTE, "the job succeeded, the cancel ended its job, ticks made jobs", |jobs| {
+        let phase = |name: &str| jobs.iter().find(|j| j.name_any() == name).map(|j| j.phase());
+        phase("quick") == Some(Phase::Succeeded)
+            && phase("long") == Some(Phase::Cancelled)
+            && jobs.iter().any(|j| j.name_any().starts_with("tick-"))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
