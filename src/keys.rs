@@ -10,7 +10,8 @@
 //!   jobs of one key at once. An orphaned key Lease is taken over like a claim Lease.
 //!
 //! `Skip` jobs: a Skip job with an earlier unfinished job of the same key (or a Running one) ends in phase
-//! `Skipped`, naming that job.
+//! `Skipped`, naming that job, unless every such job was asked to stop (`spec.cancel`): then it waits its turn, as
+//! the work it would defer to is not going to be done.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -57,18 +58,26 @@ pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
         // Each key computed once (it clones the namespace and name): a group may hold tens of thousands of jobs.
         group.sort_by_cached_key(|j| (j.phase() != Phase::Running, QueueKey::of(j)));
         let mut holder: Option<String> = None;
+        // The first job ahead that was not asked to stop: the work a Skip job defers to.
+        let mut going_ahead: Option<String> = None;
         for j in group {
             let uid = j.uid().unwrap_or_default();
             let skip = j.spec.concurrency_policy == Some(ConcurrencyPolicy::Skip);
-            let verdict = match &holder {
-                None => {
+            let verdict = match (&holder, &going_ahead) {
+                (None, _) => {
                     holder = Some(j.name_any());
                     KeyVerdict::Turn
                 }
-                // A Skip job never waits, and a Running job keeps running whatever its place.
-                Some(first) if skip && j.phase() != Phase::Running => KeyVerdict::Skip { deferred_to: first.clone() },
-                Some(first) => KeyVerdict::Wait { behind: first.clone() },
+                // A Skip job never waits for work that will be done, and a Running job keeps running whatever its
+                // place.
+                (Some(_), Some(ahead)) if skip && j.phase() != Phase::Running => {
+                    KeyVerdict::Skip { deferred_to: ahead.clone() }
+                }
+                (Some(first), _) => KeyVerdict::Wait { behind: first.clone() },
             };
+            if going_ahead.is_none() && !j.spec.cancel {
+                going_ahead = Some(j.name_any());
+            }
             out.insert(uid, verdict);
         }
     }
@@ -181,6 +190,18 @@ mod tests {
         let skipper = job("skipper", "k", 2, None, true);
         assert_eq!(turns(&[&first, &skipper])["uid-skipper"], KeyVerdict::Skip { deferred_to: "first".into() });
         assert_eq!(turns(&[&skipper])["uid-skipper"], KeyVerdict::Turn);
+    }
+
+    #[test]
+    fn a_skip_job_waits_behind_jobs_of_its_key_that_were_asked_to_stop_and_defers_to_the_first_that_was_not() {
+        let mut cancelled = job("cancelled", "k", 1, Some(Phase::Running), false);
+        cancelled.spec.cancel = true;
+        let skipper = job("skipper", "k", 3, None, true);
+        assert_eq!(turns(&[&cancelled, &skipper])["uid-skipper"], KeyVerdict::Wait { behind: "cancelled".into() });
+        let waiting = job("waiting", "k", 2, None, false);
+        let t = turns(&[&cancelled, &waiting, &skipper]);
+        assert_eq!(t["uid-skipper"], KeyVerdict::Skip { deferred_to: "waiting".into() });
+        assert_eq!(t["uid-waiting"], KeyVerdict::Wait { behind: "cancelled".into() });
     }
 
     #[test]

@@ -363,6 +363,26 @@ async fn a_cancelled_http_job_keeps_its_concurrency_key_until_its_request_is_ans
     assert!(jobs.iter().all(|j| j.phase() == Phase::Succeeded && j.attempts() == 1), "{}", common::summary(&jobs));
 }
 
+/// A `Skip` job created while the one job of its key is being cancelled (its request still out, 6 s) is not skipped in
+/// favour of work that was asked to stop: it waits for the key, and runs once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skip_job_created_while_its_keys_job_is_being_cancelled_waits_for_the_key_and_runs() {
+    let env = TestEnv::new("skip-cancelled").await;
+    let endpoint = SlowEndpoint::start(6).await;
+    let _r = env.replica("r", &[]);
+    let call = |policy: &str| json!({"jobName": "call", "http": {"url": endpoint.url}, "concurrencyKey": "k", "concurrencyPolicy": policy});
+    env.create("first", call("Wait")).await;
+    endpoint.first_request().await;
+    bgjobs::jobs::cancel(&env.jobs, "first").await.unwrap();
+    env.create("second", call("Skip")).await;
+    let jobs =
+        env.wait_until(MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()));
+    let jobs = jobs.await;
+    let second = jobs.iter().find(|j| j.name_any() == "second").unwrap();
+    assert_eq!((second.phase(), second.attempts()), (Phase::Succeeded, 1), "{}", common::summary(&jobs));
+    assert_eq!(endpoint.in_flight_ever(), 1, "the Skip job was sent while the cancelled one's request still ran");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_http_job_whose_replica_shuts_down_before_the_answer_is_handed_over_not_recorded() {
     let env = TestEnv::new("cancel-http-term").await;

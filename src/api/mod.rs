@@ -135,7 +135,7 @@ pub struct BackgroundJobSpec {
 
     /// What a job with a `concurrencyKey` does when another job with that key is waiting or running: `Wait`
     /// (default) waits its turn in queue order; `Skip` does not run and ends in phase `Skipped`, naming the job it
-    /// deferred to. Ignored without a key.
+    /// deferred to (jobs asked to stop do not count). Ignored without a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_policy: Option<ConcurrencyPolicy>,
 
@@ -152,7 +152,7 @@ pub enum ConcurrencyPolicy {
     /// Wait for its turn; jobs with one key run one at a time, in queue order.
     #[default]
     Wait,
-    /// Do not run if an earlier job with the key is waiting or running: end in phase `Skipped`.
+    /// Do not run if an earlier job with the key, not asked to stop, is waiting or running: end in phase `Skipped`.
     Skip,
 }
 
