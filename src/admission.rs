@@ -74,7 +74,7 @@ pub fn review(req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
             // The status subresource changes neither spec nor metadata (the apiserver keeps the stored ones, whatever
             // the body says, and the operator writes status from its slim cache, without the creator record); the
             // chart does not register it, but a registration that does must not refuse the operator's status writes.
-            if req.sub_resource.is_some() {
+            if req.sub_resource.as_deref() == Some("status") {
                 return allow;
             }
             if record(&req.object) != record(&req.old_object) {
