@@ -324,9 +324,10 @@ pub async fn run(
                         // Refused (a quota, RBAC, a policy webhook): asked again less and less often. Anything else (no
                         // answer, a conflict) a second later.
                         refused = crate::error::refused(&e);
-                        let pause = match refused {
-                            true => kept.refused(starting_deadline_left(&def, worker.clock.now())),
-                            false => RETRY,
+                        let pause = if refused {
+                            kept.refused(starting_deadline_left(&def, worker.clock.now()))
+                        } else {
+                            RETRY
                         };
                         Some(Instant::now() + pause)
                     }
