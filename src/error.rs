@@ -107,10 +107,23 @@ impl Error {
         matches!(self, Error::Kube(e) if crate::status::too_large_for_etcd(e))
     }
 
-    /// True for an HTTP 404 Not Found.
+    /// True when the apiserver said the object does not exist ([`gone`]).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::Kube(e) if api_code(e) == Some(404))
+        matches!(self, Error::Kube(e) if gone(e))
     }
+}
+
+/// Whether the apiserver said the object asked for does not exist: a 404 with its `Status` (reason `NotFound`). A
+/// 404 without one, a bare `404 page not found`, says nothing of the object: it is what a 1.20 apiserver that has
+/// just started answers for a custom resource whose definition it has not loaded yet (or a proxy on the way for a
+/// path it does not know), and reading it as "gone" would drop an outcome or take a running job for absent.
+pub fn gone(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound")
+}
+
+/// A 404 that is not [`gone`]: the path is not served (yet). It may be served when asked again.
+fn not_served(e: &kube::Error) -> bool {
+    api_code(e) == Some(404) && !gone(e)
 }
 
 /// Whether the apiserver turned a write down before storing anything (authentication, authorization, validation,
@@ -133,13 +146,24 @@ pub fn from_create(e: kube::Error) -> Error {
     }
 }
 
-/// Whether a failed call may succeed when made again: no answer (connection, timeout), throttling (429) or a
-/// server-side failure (5xx).
+/// Whether a failed call may succeed when made again: no answer (connection, timeout), throttling (429), a
+/// server-side failure (5xx, but not etcd's size refusal) or a path not served yet ([`not_served`]).
 pub fn is_transient(e: &Error) -> bool {
     match e {
         Error::Timeout(_) => true,
-        Error::Kube(kube::Error::Api(status)) => matches!(status.code, 429 | 500 | 502 | 503 | 504),
-        Error::Kube(kube::Error::HyperError(_) | kube::Error::Service(_)) => true,
+        Error::Kube(e) => is_transient_answer(e),
+        _ => false,
+    }
+}
+
+/// [`is_transient`] for a call's own error.
+pub fn is_transient_answer(e: &kube::Error) -> bool {
+    match e {
+        _ if not_served(e) => true,
+        kube::Error::Api(status) => {
+            matches!(status.code, 429 | 500 | 502 | 503 | 504) && !crate::status::too_large_for_etcd(e)
+        }
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
         _ => false,
     }
 }
@@ -161,6 +185,23 @@ mod tests {
 
     fn api(code: u16) -> Error {
         Error::Kube(kube::Error::Api(Box::new(kube::core::Status { code, ..Default::default() })))
+    }
+
+    /// A restarting 1.20 apiserver answers a bare `404 page not found` for a custom resource it does not serve yet:
+    /// that says nothing of the object, and may be served when asked again.
+    #[test]
+    fn only_a_404_whose_status_says_not_found_means_the_object_is_gone() {
+        let object_gone = kube::core::Status::failure("backgroundjobs.bgjobs.dev \"j\" not found", "NotFound");
+        let object_gone = kube::Error::Api(object_gone.with_code(404).boxed());
+        // What the client makes of a body that is not a `Status`.
+        let not_served = kube::core::Status::failure("404 page not found", "Failed to parse error data");
+        let not_served = kube::Error::Api(not_served.with_code(404).boxed());
+        assert!(gone(&object_gone) && !is_transient_answer(&object_gone));
+        assert!(!gone(&not_served) && is_transient_answer(&not_served));
+        assert!(Error::Kube(object_gone).is_not_found() && !Error::Kube(not_served).is_not_found());
+        let too_large = kube::core::Status::failure("etcdserver: request is too large", "").with_code(500);
+        assert!(!is_transient_answer(&kube::Error::Api(too_large.boxed())), "sent again, it is as large");
+        assert!(is_transient_answer(&kube::Error::Api(kube::core::Status::failure("", "").with_code(503).boxed())));
     }
 
     #[test]

@@ -214,6 +214,7 @@ async fn ensure_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
     let list = kube::core::Request::new(api.resource_url()).list(&ListParams::default().limit(1));
     match client.request_text(list.map_err(kube::Error::BuildRequest)?).await {
         Ok(_) => Ok(()),
+        // Any 404, the bare `404 page not found` of a path not served above all: no such resource.
         Err(e) if crate::error::api_code(&e) == Some(404) => Err(Error::CrdMissing),
         Err(e) => Err(e.into()),
     }

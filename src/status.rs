@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Api;
 
 use crate::api::{BackgroundJob, BackgroundJobStatus, Phase};
-use crate::error::{Result, api_code};
+use crate::error::{Result, api_code, gone};
 
 /// Longest `lastError` kept (characters). Handler errors of any size must not make the outcome write itself fail
 /// (an oversized object is rejected, and the attempt would be lost and retried for ever).
@@ -200,7 +200,7 @@ pub async fn write_if_unchanged(
 ) -> Result<Option<BackgroundJob>> {
     match replace_fitted(api, seen, status).await {
         Ok(j) => Ok(Some(j)),
-        Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(None),
+        Err(e) if api_code(&e) == Some(409) || gone(&e) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -300,7 +300,9 @@ pub fn fit(s: &mut BackgroundJobStatus, room: Room) {
 
 /// Apply `change` to the job's status and write it, only while `fence` still holds. Starts from `latest` (the job
 /// as this worker last wrote or read it) and re-reads on each 409. A status too large to store is written again
-/// with less of it ([`Room`]).
+/// with less of it ([`Room`]). A write that may succeed when sent again (no answer, a 5xx, a 429, a path a
+/// restarting apiserver does not serve yet) is sent again after a pause: an outcome given up on is an attempt run
+/// again. The caller bounds the whole write (by what is left of its renew deadline).
 pub async fn write_fenced(
     api: &Api<BackgroundJob>,
     latest: &BackgroundJob,
@@ -309,6 +311,7 @@ pub async fn write_fenced(
 ) -> Result<Fenced> {
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
+    let mut pause = WRITE_AGAIN_FIRST;
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
     // as long as the fence holds; the caller bounds the whole write by what is left of its renew deadline.
     loop {
@@ -324,11 +327,21 @@ pub async fn write_fenced(
                 Some(j) => current = j,
                 None => return Ok(Fenced::Stale),
             },
-            Err(e) if api_code(&e) == Some(404) => return Ok(Fenced::Stale),
+            Err(e) if gone(&e) => return Ok(Fenced::Stale),
+            // Sent again as it was: if the first one landed after all, this one meets a 409, and the fresh read
+            // shows the fence no longer holds (the outcome moved the job on).
+            Err(e) if crate::error::is_transient_answer(&e) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(WRITE_AGAIN_AT_MOST);
+            }
             Err(e) => return Err(e.into()),
         }
     }
 }
+
+/// The pauses of [`write_fenced`] before a write is sent again: doubling from the first to the most.
+const WRITE_AGAIN_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+const WRITE_AGAIN_AT_MOST: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
@@ -398,6 +411,41 @@ mod tests {
         let mut next = running(&job_with(requeued), 2, "r", "bgj-j", Some(42), None, ended_at);
         fit(&mut next, Room::Bare);
         assert!(size(&next) <= size(&claim), "{next:?}");
+    }
+
+    /// An outcome given up on is an attempt run again: a write the apiserver could not take now (a restarting
+    /// apiserver's bare 404 for a resource it does not serve yet, a 503, no answer) is sent again; only a 404 that
+    /// says the job is gone ends the write as stale.
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_write_not_taken_now_is_sent_again_and_only_a_gone_job_makes_it_stale() {
+        let now = Timestamp::from_second(100).unwrap();
+        let claimed = job_with(running(&job(), 1, "w1", "bgj-j", Some(42), None, now));
+        let fence = Fence { uid: "uid-1".into(), worker: "w1".into(), attempt: 1 };
+        let answers = |script: Vec<(u16, serde_json::Value)>| {
+            let script = std::sync::Arc::new(std::sync::Mutex::new(script.into_iter()));
+            crate::testing::scripted_client(move |sent| {
+                let (code, body) = script.lock().unwrap().next().expect("no request past the script");
+                // A write that is taken answers the job as written.
+                (code, if code == 200 { sent.body.clone() } else { body })
+            })
+        };
+        let not_served = serde_json::json!("404 page not found");
+        let (client, sent) = answers(vec![
+            (404, not_served.clone()),
+            (503, crate::testing::status(503)),
+            (200, serde_json::Value::Null),
+        ]);
+        let api = Api::<BackgroundJob>::namespaced(client, "ns");
+        let written = write_fenced(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
+        let Fenced::Written(j) = written else { panic!("not written: {written:?}") };
+        assert_eq!(j.status.unwrap().phase, Some(Phase::Succeeded));
+        assert_eq!(sent.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 3, "sent until taken");
+
+        let (client, sent) = answers(vec![(404, crate::testing::status(404))]);
+        let api = Api::<BackgroundJob>::namespaced(client, "ns");
+        let written = write_fenced(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
+        assert!(matches!(written, Fenced::Stale), "{written:?}");
+        assert_eq!(sent.lock().unwrap().len(), 1, "a gone job is not written again");
     }
 
     #[test]

@@ -274,7 +274,7 @@ where
     let request = request.map_err(kube::Error::BuildRequest)?;
     match api.clone().into_client().request::<Readable<K>>(request).await {
         Ok(Readable(k)) => Ok(Some(k)),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+        Err(e) if crate::error::gone(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -291,7 +291,7 @@ where
     let request = request.map_err(kube::Error::BuildRequest)?;
     let text = match api.clone().into_client().request_text(request).await {
         Ok(text) => text,
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(None),
+        Err(e) if crate::error::gone(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
     let text = without_arguments::<K>(&text);

@@ -94,6 +94,29 @@ async fn a_hand_deleted_claim_lease_is_put_back_by_its_live_holder_and_the_job_r
     assert_eq!(execs.len(), 1, "one execution: {execs:?}");
 }
 
+/// A restarting apiserver turns down the outcome write of a job that has just finished: first with the bare 404 it
+/// answers for a custom resource it does not serve yet, then with a 503. The write is sent again until it lands: the
+/// job is recorded once and its work done once. Before, the 404 read as "the job is gone" (and a 503 as a failed
+/// write): the outcome was dropped, and the job ran again once its claim expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_write_a_restarting_apiserver_turns_down_is_sent_again_and_the_job_runs_once() {
+    let env = TestEnv::new("outcome-again").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
+    let _r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() });
+    env.create("job", json!({"jobName": "sleep", "args": {"seconds": 4}})).await;
+    env.wait_job("job", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    // The job's next status write is its outcome (a sleep reports nothing while it runs).
+    let status = format!("/namespaces/{}/backgroundjobs/job/status", env.ns);
+    proxy.answer_instead(404, Some(http::Method::PUT), &status, 1);
+    proxy.refuse(Some(http::Method::PUT), &status, 1);
+    let done = env.wait_job("job", 2 * MINUTE, "Succeeded", |j| j.phase().is_final()).await;
+    assert_eq!(proxy.held(), 2, "both turn-downs met the outcome write: the test showed nothing");
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{:?}", done.status);
+    let execs = executions(&env.invocations());
+    assert_eq!(execs.len(), 1, "one execution: {execs:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_replicas_tenure_is_revoked_before_its_jobs_move_and_it_acts_on_none_when_it_wakes() {
     let env = TestEnv::new("tenure-revoked").await;

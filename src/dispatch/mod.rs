@@ -1283,7 +1283,7 @@ impl Dispatcher {
             let _done = done;
             match crate::client::bounded(SIDE_WRITE_LIMIT, async { Ok(api.delete(&name, &dp).await?) }).await {
                 Ok(_) => debug!(job = %name, "deleted finished job after its TTL"),
-                Err(crate::Error::Kube(e)) if matches!(crate::error::api_code(&e), Some(404) | Some(409)) => {}
+                Err(crate::Error::Kube(e)) if crate::error::api_code(&e) == Some(409) || crate::error::gone(&e) => {}
                 Err(e) => warn!(job = %name, error = %e, "could not delete finished job"),
             }
         });

@@ -1113,7 +1113,7 @@ async fn request_deletion(
                 match crate::unreadable::delete(pods, name, &stop_params(&p)).await {
                     Ok(_) => return Some((uid, false)),
                     // Gone already, or the name now holds another Pod (the UID precondition failed).
-                    Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => return None,
+                    Err(e) if api_code(&e) == Some(409) || crate::error::gone(&e) => return None,
                     Err(e) => {
                         tracing::warn!(pod = %name, error = %e, "could not delete the attempt's pod; trying again")
                     }

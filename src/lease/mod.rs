@@ -35,7 +35,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use kube::Api;
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 
-use crate::error::{Error, Result, api_code};
+use crate::error::{Error, Result, api_code, gone};
 
 /// Label on every Lease bgjobs creates, so replicas can watch exactly those.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -208,7 +208,7 @@ async fn replace(api: &Api<Lease>, lease: &Lease) -> Result<Option<Lease>> {
     let name = lease.metadata.name.as_deref().unwrap_or_default();
     match api.replace(name, &PostParams::default(), lease).await {
         Ok(l) => Ok(Some(l)),
-        Err(e) if matches!(api_code(&e), Some(409) | Some(404)) => Ok(None),
+        Err(e) if api_code(&e) == Some(409) || gone(&e) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -229,7 +229,7 @@ pub async fn release_if_current(api: &Api<Lease>, held: &Lease) -> Result<bool> 
     };
     match api.delete(held.metadata.name.as_deref().unwrap_or_default(), &dp).await {
         Ok(_) => Ok(true),
-        Err(e) if api_code(&e) == Some(404) => Ok(true),
+        Err(e) if gone(&e) => Ok(true),
         Err(e) if api_code(&e) == Some(409) => Ok(false),
         Err(e) => Err(e.into()),
     }

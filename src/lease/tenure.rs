@@ -274,7 +274,7 @@ pub async fn revoke(api: &Api<Lease>, seen: &Lease, tenure: &str) -> Result<Revo
     spec.renew_time = Some(now_micro());
     match api.replace(&seen.name_any(), &Default::default(), &lease).await {
         Ok(_) => Ok(Revocation::Ended),
-        Err(e) if crate::error::api_code(&e) == Some(404) => Ok(Revocation::Gone),
+        Err(e) if crate::error::gone(&e) => Ok(Revocation::Gone),
         Err(e) if crate::error::api_code(&e) == Some(409) => Ok(Revocation::Renewed),
         Err(e) => Err(e.into()),
     }

@@ -138,7 +138,7 @@ pub(super) async fn trim_history(
             Preconditions { uid: Some(old.uid.clone()), resource_version: Some(old.resource_version.clone()) };
         let params = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
         if let Err(e) = jobs.delete(&old.name, &params).await
-            && !matches!(api_code(&e), Some(404) | Some(409))
+            && !(api_code(&e) == Some(409) || crate::error::gone(&e))
         {
             warn!(job = %old.name, error = %e, "could not delete an old recurring job");
         }
