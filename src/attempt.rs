@@ -524,7 +524,7 @@ async fn record(
             return Ok(false);
         }
         Ending::Stopped(StopReason::Cancelled) => {
-            let written = status::write_fenced(jobs, job, fence, |s| {
+            let written = status::write_outcome(jobs, job, fence, |s| {
                 status::finish(
                     s,
                     Phase::Cancelled,
@@ -541,7 +541,7 @@ async fn record(
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };
             let msg = format!("attempt {} was interrupted: worker {} {why}", fence.attempt, worker.identity);
             let written =
-                status::write_fenced(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
+                status::write_outcome(jobs, job, fence, |s| status::requeue(s, None, msg.clone(), now)).await?;
             info!("attempt handed back to the queue");
             return Ok(handed_back(worker, job, written, msg));
         }
@@ -551,7 +551,7 @@ async fn record(
                 "attempt {} was not started: worker {} {why} right after claiming it",
                 fence.attempt, worker.identity
             );
-            let written = status::write_fenced(jobs, job, fence, |s| {
+            let written = status::write_outcome(jobs, job, fence, |s| {
                 status::requeue(s, None, msg.clone(), now);
                 s.unstarted_attempts += 1;
             })
@@ -564,7 +564,7 @@ async fn record(
     let (written, phase) = match &verdict {
         Verdict::Succeed => {
             let succeed = |result: Option<serde_json::Value>| {
-                status::write_fenced(jobs, job, fence, move |s| {
+                status::write_outcome(jobs, job, fence, move |s| {
                     status::finish(s, Phase::Succeeded, None, now);
                     if result.is_some() {
                         s.result = result.clone();
@@ -593,16 +593,16 @@ async fn record(
             (written, Phase::Succeeded)
         }
         Verdict::RetryAt { at, reason } => (
-            status::write_fenced(jobs, job, fence, |s| status::requeue(s, Some(*at), reason.clone(), now)).await?,
+            status::write_outcome(jobs, job, fence, |s| status::requeue(s, Some(*at), reason.clone(), now)).await?,
             Phase::Waiting,
         ),
         Verdict::Fail(reason) => (
-            status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Failed, Some(reason.clone()), now))
+            status::write_outcome(jobs, job, fence, |s| status::finish(s, Phase::Failed, Some(reason.clone()), now))
                 .await?,
             Phase::Failed,
         ),
         Verdict::Abandon(reason) => (
-            status::write_fenced(jobs, job, fence, |s| status::finish(s, Phase::Abandoned, Some(reason.clone()), now))
+            status::write_outcome(jobs, job, fence, |s| status::finish(s, Phase::Abandoned, Some(reason.clone()), now))
                 .await?,
             Phase::Abandoned,
         ),

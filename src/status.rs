@@ -300,18 +300,47 @@ pub fn fit(s: &mut BackgroundJobStatus, room: Room) {
 
 /// Apply `change` to the job's status and write it, only while `fence` still holds. Starts from `latest` (the job
 /// as this worker last wrote or read it) and re-reads on each 409. A status too large to store is written again
-/// with less of it ([`Room`]). A write that may succeed when sent again (no answer, a 5xx, a 429, a path a
-/// restarting apiserver does not serve yet) is sent again after a pause: an outcome given up on is an attempt run
-/// again. The caller bounds the whole write (by what is left of its renew deadline).
+/// with less of it ([`Room`]). Any other failure is the caller's to handle (see [`write_outcome`]).
 pub async fn write_fenced(
     api: &Api<BackgroundJob>,
     latest: &BackgroundJob,
     fence: &Fence,
     change: impl Fn(&mut BackgroundJobStatus),
 ) -> Result<Fenced> {
+    write_fenced_as(api, latest, fence, change, SendAgain::Never).await
+}
+
+/// [`write_fenced`] for how an attempt ended: a write or read that may succeed when sent again (no answer, a 5xx, a
+/// 429, the bare 404 of a restarting apiserver that does not serve the resource yet) is sent again after a pause,
+/// for as long as the caller lets it (what is left of its renew deadline): an outcome given up on is an attempt run
+/// again. `change` must be the same at every send (an outcome's times are when the attempt ended, not when the write
+/// landed). Not for heartbeats or progress, whose time is the write's own.
+pub async fn write_outcome(
+    api: &Api<BackgroundJob>,
+    latest: &BackgroundJob,
+    fence: &Fence,
+    change: impl Fn(&mut BackgroundJobStatus),
+) -> Result<Fenced> {
+    write_fenced_as(api, latest, fence, change, SendAgain::WhileTransient).await
+}
+
+/// Whether [`write_fenced_as`] sends a write (or its re-read) again after a failure that may pass.
+#[derive(Clone, Copy, PartialEq)]
+enum SendAgain {
+    Never,
+    WhileTransient,
+}
+
+async fn write_fenced_as(
+    api: &Api<BackgroundJob>,
+    latest: &BackgroundJob,
+    fence: &Fence,
+    change: impl Fn(&mut BackgroundJobStatus),
+    again: SendAgain,
+) -> Result<Fenced> {
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
-    let mut pause = WRITE_AGAIN_FIRST;
+    let mut pause = Pause::default();
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
     // as long as the fence holds; the caller bounds the whole write by what is left of its renew deadline.
     loop {
@@ -322,26 +351,41 @@ pub async fn write_fenced(
         change(&mut status);
         match replace_fitted(api, &current, status).await {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
-            // Someone else wrote it: on a fresh read, whole again (it may fit now).
-            Err(e) if api_code(&e) == Some(409) => match crate::unreadable::get_opt(api, &name).await? {
-                Some(j) => current = j,
-                None => return Ok(Fenced::Stale),
+            // Someone else wrote it: on a fresh read, whole again (it may fit now). A write sent again after one that
+            // landed unanswered meets this too, and the fresh read shows the fence no longer holds: `Stale`, and the
+            // claim expires rather than being given back (the job moved on all the same).
+            Err(e) if api_code(&e) == Some(409) => loop {
+                match crate::unreadable::get_opt(api, &name).await {
+                    Ok(Some(j)) => break current = j,
+                    Ok(None) => return Ok(Fenced::Stale),
+                    Err(e) if again == SendAgain::WhileTransient && crate::error::is_transient_answer(&e) => {
+                        pause.wait().await
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             },
             Err(e) if gone(&e) => return Ok(Fenced::Stale),
-            // Sent again as it was: if the first one landed after all, this one meets a 409, and the fresh read
-            // shows the fence no longer holds (the outcome moved the job on).
-            Err(e) if crate::error::is_transient_answer(&e) => {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(WRITE_AGAIN_AT_MOST);
-            }
+            Err(e) if again == SendAgain::WhileTransient && crate::error::is_transient_answer(&e) => pause.wait().await,
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// The pauses of [`write_fenced`] before a write is sent again: doubling from the first to the most.
-const WRITE_AGAIN_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
-const WRITE_AGAIN_AT_MOST: std::time::Duration = std::time::Duration::from_secs(2);
+/// The pauses before a write or read is sent again ([`write_outcome`]): from 0.2 s, doubling up to 2 s.
+struct Pause(std::time::Duration);
+
+impl Default for Pause {
+    fn default() -> Self {
+        Pause(std::time::Duration::from_millis(200))
+    }
+}
+
+impl Pause {
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(std::time::Duration::from_secs(2));
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -413,9 +457,9 @@ mod tests {
         assert!(size(&next) <= size(&claim), "{next:?}");
     }
 
-    /// An outcome given up on is an attempt run again: a write the apiserver could not take now (a restarting
-    /// apiserver's bare 404 for a resource it does not serve yet, a 503, no answer) is sent again; only a 404 that
-    /// says the job is gone ends the write as stale.
+    /// An outcome given up on is an attempt run again: a write (or its re-read) the apiserver could not take now (a
+    /// restarting apiserver's bare 404 for a resource it does not serve yet, a 503, no answer) is sent again; only a
+    /// 404 that says the job is gone ends the write as stale. Other writes ([`write_fenced`]) are sent once.
     #[tokio::test(start_paused = true)]
     async fn an_outcome_write_not_taken_now_is_sent_again_and_only_a_gone_job_makes_it_stale() {
         let now = Timestamp::from_second(100).unwrap();
@@ -426,24 +470,33 @@ mod tests {
             crate::testing::scripted_client(move |sent| {
                 let (code, body) = script.lock().unwrap().next().expect("no request past the script");
                 // A write that is taken answers the job as written.
-                (code, if code == 200 { sent.body.clone() } else { body })
+                (code, if body.is_null() { sent.body.clone() } else { body })
             })
         };
         let not_served = serde_json::json!("404 page not found");
         let (client, sent) = answers(vec![
             (404, not_served.clone()),
             (503, crate::testing::status(503)),
+            (409, crate::testing::status(409)),
+            (404, not_served.clone()),
+            (200, serde_json::to_value(&claimed).unwrap()),
             (200, serde_json::Value::Null),
         ]);
         let api = Api::<BackgroundJob>::namespaced(client, "ns");
-        let written = write_fenced(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
+        let written = write_outcome(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
         let Fenced::Written(j) = written else { panic!("not written: {written:?}") };
         assert_eq!(j.status.unwrap().phase, Some(Phase::Succeeded));
-        assert_eq!(sent.lock().unwrap().iter().filter(|s| s.method == "PUT").count(), 3, "sent until taken");
+        let methods: Vec<String> = sent.lock().unwrap().iter().map(|s| s.method.clone()).collect();
+        assert_eq!(methods, ["PUT", "PUT", "PUT", "GET", "GET", "PUT"], "sent until taken, the re-read too");
+
+        let (client, sent) = answers(vec![(503, crate::testing::status(503))]);
+        let api = Api::<BackgroundJob>::namespaced(client, "ns");
+        let once = write_fenced(&api, &claimed, &fence, |s| s.progress = None).await;
+        assert!(once.is_err() && sent.lock().unwrap().len() == 1, "other writes are sent once: {once:?}");
 
         let (client, sent) = answers(vec![(404, crate::testing::status(404))]);
         let api = Api::<BackgroundJob>::namespaced(client, "ns");
-        let written = write_fenced(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
+        let written = write_outcome(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
         assert!(matches!(written, Fenced::Stale), "{written:?}");
         assert_eq!(sent.lock().unwrap().len(), 1, "a gone job is not written again");
     }
