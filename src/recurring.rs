@@ -126,9 +126,10 @@ pub struct Carried {
     /// read on the tick's way. The scheduler hands it back only while it is as good as a read ([`Armed::usable`]).
     pub armed: Option<Armed>,
     /// Looks in a row that failed (a write the apiserver refused, a replaced job's cancel not sent): the next comes
-    /// after a pause that doubles with each ([`Carried::failed`]).
+    /// after a pause that doubles with each ([`Carried::pause_after`]).
     pub failures: u32,
     /// The last look could not cancel a job a later `Replace` tick replaced: the pause before the next stays short.
+    /// Set by the look, counted by [`Carried::pause_after`].
     pub cancel_owed: bool,
 }
 
@@ -157,9 +158,29 @@ pub struct Armed {
 }
 
 impl Carried {
+    /// Count how a look went (`failed`: the error it ended with; a replaced job's cancel it could not send is in
+    /// [`Carried::cancel_owed`]), and return the pause it asks for before the next look (`None`: a look that went
+    /// well, whose own next look stands). The one place failed looks are counted:
+    /// - a write the apiserver refused ([`crate::error::refused`]): 1, 2, 4… s up to [`REFUSED_AGAIN_AT_MOST`],
+    ///   never past the claimed tick's starting deadline (`deadline_left`, [`starting_deadline_left`]);
+    /// - otherwise, a cancel owed: 1, 2, 4, then every [`CANCEL_AGAIN_AT_MOST`] (also a refusal's cap while it is owed);
+    /// - any other failure (no answer, a conflict): [`RETRY`], not counted;
+    /// - a look that went well starts the count over.
+    pub fn pause_after(&mut self, failed: Option<&Error>, deadline_left: Option<Duration>) -> Option<Duration> {
+        match failed {
+            Some(e) if crate::error::refused(e) => Some(self.refused(deadline_left)),
+            Some(_) => Some(RETRY),
+            None if self.cancel_owed => Some(self.failed(CANCEL_AGAIN_AT_MOST)),
+            None => {
+                self.failures = 0;
+                None
+            }
+        }
+    }
+
     /// Count a look that failed, and return the pause before the next: [`RETRY`], doubled with each failure in a row,
     /// up to `at_most`.
-    pub fn failed(&mut self, at_most: Duration) -> Duration {
+    fn failed(&mut self, at_most: Duration) -> Duration {
         self.failures = self.failures.saturating_add(1);
         RETRY.saturating_mul(1 << (self.failures - 1).min(10)).min(at_most)
     }
@@ -168,7 +189,7 @@ impl Carried {
     /// [`REFUSED_AGAIN_AT_MOST`] ([`CANCEL_AGAIN_AT_MOST`] while a replaced job's cancel is owed), and never past the
     /// claimed tick's `startingDeadlineSeconds` (`deadline_left`, [`starting_deadline_left`]): one more try comes a
     /// second before it.
-    pub fn refused(&mut self, deadline_left: Option<Duration>) -> Duration {
+    fn refused(&mut self, deadline_left: Option<Duration>) -> Duration {
         let at_most = if self.cancel_owed { CANCEL_AGAIN_AT_MOST } else { REFUSED_AGAIN_AT_MOST };
         let pause = self.failed(at_most);
         deadline_left.map_or(pause, |left| pause.min(left.saturating_sub(RETRY)).max(RETRY))
@@ -237,14 +258,9 @@ async fn reconcile(
         cancel_failed = pass.cancel_replaced_still_running(&current).await;
         trim_again = history::trim_history(&pass.jobs, &current.def, kids, now).await;
     }
-    // A look that failed is counted once: here, or by the scheduler if its write was refused ([`Carried::refused`]).
+    // Counted, with how the look ended, by the scheduler ([`Carried::pause_after`]).
     carried.cancel_owed = cancel_failed;
-    let decided = decided?;
-    let cancel_again = cancel_failed.then(|| carried.failed(CANCEL_AGAIN_AT_MOST));
-    if !cancel_failed {
-        carried.failures = 0;
-    }
-    Ok(decided.next.into_iter().chain(trim_again).chain(cancel_again).min())
+    Ok(decided?.next.into_iter().chain(trim_again).min())
 }
 
 /// The definition a decision is made from, and where it came from.
@@ -841,17 +857,26 @@ pub(crate) mod tests {
 
     #[test]
     fn a_failed_look_is_tried_again_after_a_pause_that_doubles_up_to_its_cap() {
-        let mut carried = Carried::default();
-        let pauses: Vec<u64> = (0..5).map(|_| carried.failed(CANCEL_AGAIN_AT_MOST).as_secs()).collect();
-        assert_eq!(pauses, [1, 2, 4, 5, 5]);
-        let mut carried = Carried::default();
-        let pauses: Vec<u64> = (0..7).map(|_| carried.refused(None).as_secs()).collect();
-        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30]);
+        let api =
+            |code: u16| Error::Kube(kube::Error::Api(kube::core::Status::failure("", "").with_code(code).boxed()));
+        let (quota, unanswered) = (api(403), api(503));
+        let secs = |pause: Option<Duration>| pause.map(|p| p.as_secs());
+        // A replaced job's cancel that failed, look after look.
+        let mut carried = Carried { cancel_owed: true, ..Default::default() };
+        let pauses: Vec<_> = (0..5).map(|_| secs(carried.pause_after(None, None))).collect();
+        assert_eq!(pauses, [Some(1), Some(2), Some(4), Some(5), Some(5)]);
+        carried.cancel_owed = false;
+        assert_eq!(carried.pause_after(None, None), None, "a look that went well asks for no pause");
+        assert_eq!(carried.failures, 0, "and starts the count over");
+        // A refused write, look after look; no answer is tried a second later, uncounted.
+        let pauses: Vec<_> = (0..7).map(|_| secs(carried.pause_after(Some(&quota), None))).collect();
+        assert_eq!(pauses, [Some(1), Some(2), Some(4), Some(8), Some(16), Some(30), Some(30)]);
+        assert_eq!(secs(carried.pause_after(Some(&unanswered), None)), Some(1));
         let near = |left: u64| Some(Duration::from_secs(left));
-        assert_eq!(carried.refused(near(12)).as_secs(), 11, "a last try a second before the starting deadline");
-        assert_eq!(carried.refused(near(0)).as_secs(), 1, "past it, the look gives the tick up");
+        assert_eq!(secs(carried.pause_after(Some(&quota), near(12))), Some(11), "a last try before the deadline");
+        assert_eq!(secs(carried.pause_after(Some(&quota), near(0))), Some(1), "past it, the look gives the tick up");
         carried.cancel_owed = true;
-        assert_eq!(carried.refused(None).as_secs(), 5, "short while a replaced job runs on");
+        assert_eq!(secs(carried.pause_after(Some(&quota), None)), Some(5), "short while a replaced job runs on");
     }
 
     #[test]

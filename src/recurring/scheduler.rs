@@ -314,22 +314,19 @@ pub async fn run(
             let task = tasks.spawn(async move {
                 let (mut versions, mut refused) = (Vec::new(), false);
                 let started = (worker.clock.now(), Instant::now());
-                let outcome = reconcile(&worker, &def, &kids, &mut kept, &mut versions, started, &fence, claim_ahead);
-                // Its waits count from its start (a tick claimed ahead is due that long after it), a retry from now.
-                let next = match outcome.await {
-                    Ok(next) => next.map(|d| started.1 + d.min(IDLE)),
+                let outcome =
+                    reconcile(&worker, &def, &kids, &mut kept, &mut versions, started, &fence, claim_ahead).await;
+                let deadline_left = starting_deadline_left(&def, worker.clock.now());
+                let again = kept.pause_after(outcome.as_ref().err(), deadline_left).map(|pause| Instant::now() + pause);
+                // Its waits count from its start (a tick claimed ahead is due that long after it), a pause from now.
+                let next = match outcome {
+                    Ok(next) => next.map(|d| started.1 + d.min(IDLE)).into_iter().chain(again).min(),
                     Err(e) => {
                         warn!(definition = %name, error = %e, "recurring job reconcile failed");
                         kept.armed = None;
-                        // Refused (a quota, RBAC, a policy webhook): asked again less and less often. Anything else (no
-                        // answer, a conflict) a second later.
+                        // A refused definition waits out its pause whatever its children do ([`Book::refused`]).
                         refused = crate::error::refused(&e);
-                        let pause = if refused {
-                            kept.refused(starting_deadline_left(&def, worker.clock.now()))
-                        } else {
-                            RETRY
-                        };
-                        Some(Instant::now() + pause)
+                        again
                     }
                 };
                 Outcome { versions, next, carried: kept, refused }
