@@ -470,15 +470,20 @@ async fn run_claimed(
         return Handover::PodRunsOn;
     }
     let record = record(worker, jobs, &job, &fence, ending, report.take_result());
-    // Bound the outcome write by what is left of the renew deadline; past it another replica may take over.
-    let recorded = match tokio::time::timeout(hold.time_left(), record).await {
-        Ok(Ok(recorded)) => recorded,
-        Ok(Err(e)) => {
-            warn!(error = %e, "could not record the attempt's outcome; the lease expires and another replica retries");
-            false
-        }
-        Err(_) => {
-            warn!("recording the attempt's outcome timed out; the lease expires and another replica retries");
+    // The outcome is written (and sent again while the apiserver cannot take it) for as long as the attempt's claim
+    // holds: its tenure and Leases confirmed within the renew deadline, whatever happens to the job's writes. Past
+    // that another replica may take over. Not a deadline fixed when the write began: an apiserver that serves Leases
+    // again but not yet the job's resource would have the outcome dropped, and the work done twice.
+    let recorded = tokio::select! {
+        recorded = record => match recorded {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                warn!(error = %e, "could not record the attempt's outcome; the lease expires and another replica retries");
+                false
+            }
+        },
+        _ = hold.lost() => {
+            warn!("the attempt's claim lapsed before its outcome was recorded; the lease expires and another replica retries");
             false
         }
     };

@@ -136,6 +136,13 @@ pub fn refused(e: &Error) -> bool {
     turned_down || e.is_too_large_for_etcd()
 }
 
+/// A [`refused`] write that will be refused again until something changes (a full quota, RBAC, a policy webhook, a
+/// rate limit, the object gone): not the bare 404 of a path a restarting apiserver does not serve yet
+/// ([`not_served`]), which may be served a moment later.
+pub fn lasting_refusal(e: &Error) -> bool {
+    refused(e) && !matches!(e, Error::Kube(e) if not_served(e))
+}
+
 /// A Kubernetes API error, told apart when it is a ResourceQuota refusing a create (403 "exceeded quota").
 pub fn from_create(e: kube::Error) -> Error {
     match &e {

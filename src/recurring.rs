@@ -161,14 +161,14 @@ impl Carried {
     /// Count how a look went (`failed`: the error it ended with; a replaced job's cancel it could not send is in
     /// [`Carried::cancel_owed`]), and return the pause it asks for before the next look (`None`: a look that went
     /// well, whose own next look stands). The one place failed looks are counted:
-    /// - a write the apiserver refused ([`crate::error::refused`]): 1, 2, 4… s up to [`REFUSED_AGAIN_AT_MOST`],
+    /// - a write the apiserver refused ([`crate::error::lasting_refusal`]): 1, 2, 4… s up to [`REFUSED_AGAIN_AT_MOST`],
     ///   never past the claimed tick's starting deadline (`deadline_left`, [`starting_deadline_left`]);
     /// - otherwise, a cancel owed: 1, 2, 4, then every [`CANCEL_AGAIN_AT_MOST`] (also a refusal's cap while it is owed);
-    /// - any other failure (no answer, a conflict): [`RETRY`], not counted;
+    /// - any other failure (no answer, a conflict, a restarting apiserver's bare 404): [`RETRY`], not counted;
     /// - a look that went well starts the count over.
     pub fn pause_after(&mut self, failed: Option<&Error>, deadline_left: Option<Duration>) -> Option<Duration> {
         match failed {
-            Some(e) if crate::error::refused(e) => Some(self.refused(deadline_left)),
+            Some(e) if crate::error::lasting_refusal(e) => Some(self.refused(deadline_left)),
             Some(_) => Some(RETRY),
             None if self.cancel_owed => Some(self.failed(CANCEL_AGAIN_AT_MOST)),
             None => {
@@ -860,6 +860,8 @@ pub(crate) mod tests {
         let api =
             |code: u16| Error::Kube(kube::Error::Api(kube::core::Status::failure("", "").with_code(code).boxed()));
         let (quota, unanswered) = (api(403), api(503));
+        let not_served = kube::core::Status::failure("404 page not found", "Failed to parse error data");
+        let not_served = Error::Kube(kube::Error::Api(not_served.with_code(404).boxed()));
         let secs = |pause: Option<Duration>| pause.map(|p| p.as_secs());
         // A replaced job's cancel that failed, look after look.
         let mut carried = Carried { cancel_owed: true, ..Default::default() };
@@ -872,6 +874,7 @@ pub(crate) mod tests {
         let pauses: Vec<_> = (0..7).map(|_| secs(carried.pause_after(Some(&quota), None))).collect();
         assert_eq!(pauses, [Some(1), Some(2), Some(4), Some(8), Some(16), Some(30), Some(30)]);
         assert_eq!(secs(carried.pause_after(Some(&unanswered), None)), Some(1));
+        assert_eq!(secs(carried.pause_after(Some(&not_served), None)), Some(1), "served again any moment");
         let near = |left: u64| Some(Duration::from_secs(left));
         assert_eq!(secs(carried.pause_after(Some(&quota), near(12))), Some(11), "a last try before the deadline");
         assert_eq!(secs(carried.pause_after(Some(&quota), near(0))), Some(1), "past it, the look gives the tick up");

@@ -325,7 +325,7 @@ pub async fn run(
                         warn!(definition = %name, error = %e, "recurring job reconcile failed");
                         kept.armed = None;
                         // A refused definition waits out its pause whatever its children do ([`Book::refused`]).
-                        refused = crate::error::refused(&e);
+                        refused = crate::error::lasting_refusal(&e);
                         again
                     }
                 };
