@@ -45,3 +45,61 @@ pub const LATE_CREATES_KEPT_FOR: std::time::Duration = std::time::Duration::from
 pub async fn bounded<T>(limit: std::time::Duration, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::time::timeout(limit, call).await.unwrap_or(Err(Error::Timeout(limit)))
 }
+
+/// How long a replica that starts beside a restarting apiserver keeps asking its start-up questions (is the CRD
+/// installed and current, are the cluster slots made) before it gives up and exits (its Deployment starts it again,
+/// after a growing back-off): an apiserver restart, with its custom resources served only once their CRDs are loaded
+/// again, takes seconds to tens of seconds.
+pub const START_UP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Ask `ask` until it succeeds, fails in a way asking again would not change, or [`START_UP_PATIENCE`] has passed: a
+/// failure that may pass ([`crate::error::is_transient`]: no answer, a 5xx, a 429, a path not served yet) is asked
+/// again after 1, 2, 4, then every 5 s, with a warning saying `what` was asked.
+pub async fn at_start_up<T, F>(what: &str, mut ask: impl FnMut() -> F) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_secs(1);
+    loop {
+        match ask().await {
+            Err(e) if crate::error::is_transient(&e) && started.elapsed() + pause < START_UP_PATIENCE => {
+                tracing::warn!(error = %e, "could not {what} at start-up (is the apiserver restarting?); asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            answer => return answer,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(code: u16) -> Error {
+        Error::Kube(kube::Error::Api(kube::core::Status::failure("", "").with_code(code).boxed()))
+    }
+
+    /// A replica starting beside a restarting apiserver waits for it; a question it cannot answer stops it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_up_question_is_asked_again_while_the_answer_may_change_and_for_a_minute_at_most() {
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let ask = |fail_first: u32, code: u16| {
+            asked.store(0, std::sync::atomic::Ordering::Relaxed);
+            let asked = &asked;
+            move || async move {
+                let n = asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n < fail_first { Err(answer(code)) } else { Ok(n) }
+            }
+        };
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(at_start_up("ask", ask(3, 503)).await.unwrap(), 3, "asked until answered");
+        assert_eq!(t0.elapsed().as_secs(), 1 + 2 + 4);
+        assert!(at_start_up("ask", ask(3, 403)).await.is_err(), "refused: not asked again");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let t0 = tokio::time::Instant::now();
+        assert!(at_start_up("ask", ask(u32::MAX, 503)).await.is_err(), "given up on");
+        assert!(t0.elapsed() <= START_UP_PATIENCE && t0.elapsed() >= START_UP_PATIENCE - std::time::Duration::from_secs(5));
+    }
+}

@@ -103,7 +103,8 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     }
 
     if let Some(cap) = config.cluster_max_concurrency {
-        crate::limits::ensure_slots(&client, &config.lease_namespace, cap).await?;
+        let ensured = || crate::limits::ensure_slots(&client, &config.lease_namespace, cap);
+        crate::client::at_start_up("make the cluster slot Leases", ensured).await?;
     }
     let (membership_tx, membership) = watch::channel(None);
     let (roles, roles_rx) = watch::channel(crate::members::Roles {
@@ -203,21 +204,38 @@ fn held_lease_namespaces(watched: Option<&str>, lease_namespace: &str) -> Option
     Some(out)
 }
 
-/// Fail fast with a hint when the CRD is missing (a list of BackgroundJobs answers 404).
+/// Fail with a hint when the CRD is missing (a list of BackgroundJobs answers 404). An apiserver that has just started
+/// answers the same bare 404 until it has loaded the CRDs: where the CRD may be read (cluster mode), its absence
+/// fails at once; otherwise the list is asked again for [`crate::client::START_UP_PATIENCE`] first.
 async fn ensure_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
     let api: Api<BackgroundJob> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    // Only whether the list is answered matters: its one item is not decoded (any job, however written, would
-    // otherwise stop every replica at start-up).
-    let list = kube::core::Request::new(api.resource_url()).list(&ListParams::default().limit(1));
-    match client.request_text(list.map_err(kube::Error::BuildRequest)?).await {
-        Ok(_) => Ok(()),
-        // Any 404, the bare `404 page not found` of a path not served above all: no such resource.
-        Err(e) if crate::error::api_code(&e) == Some(404) => Err(Error::CrdMissing),
-        Err(e) => Err(e.into()),
+    let listed = crate::client::at_start_up("list BackgroundJobs", || async {
+        // Only whether the list is answered matters: its one item is not decoded (any job, however written, would
+        // otherwise stop every replica at start-up).
+        let list = kube::core::Request::new(api.resource_url()).list(&ListParams::default().limit(1));
+        match client.request_text(list.map_err(kube::Error::BuildRequest)?).await {
+            Ok(_) => Ok(()),
+            Err(e) if crate::error::api_code(&e) == Some(404) && crd_absent(client).await => Err(Error::CrdMissing),
+            Err(e) => Err(e.into()),
+        }
+    });
+    match listed.await {
+        // Any 404 left, the bare `404 page not found` of a path not served above all: no such resource.
+        Err(Error::Kube(e)) if crate::error::api_code(&e) == Some(404) => Err(Error::CrdMissing),
+        answer => answer,
     }
+}
+
+/// Whether the BackgroundJob CRD is certainly not installed (`false` also when it may not be read).
+async fn crd_absent(client: &Client) -> bool {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    use kube::Resource;
+    let name = format!("{}.{}", BackgroundJob::plural(&()), BackgroundJob::group(&()));
+    matches!(crds.get_metadata(&name).await, Err(e) if crate::error::gone(&e))
 }
 
 /// This host's addresses (a Pod's: its Pod IPs), where the metrics port is reachable when bound to `0.0.0.0`: the

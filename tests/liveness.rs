@@ -120,6 +120,29 @@ async fn an_outcome_write_a_restarting_apiserver_turns_down_is_sent_again_and_th
     assert_eq!(execs.len(), 1, "one execution: {execs:?}");
 }
 
+/// A replica that starts while the apiserver, just restarted, answers BackgroundJobs with a bare 404 (their CRD not
+/// loaded yet) asks again and starts once they are served. Before, it exited at once saying the CRD was not
+/// installed (a Deployment would restart it after a growing back-off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_before_the_apiserver_serves_backgroundjobs_again_waits_for_them_and_runs_jobs() {
+    let env = TestEnv::new("start-not-served").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
+    // The start-up check's list of BackgroundJobs (one item), answered as a restarting apiserver does, three times.
+    proxy.answer_instead(404, Some(http::Method::GET), "/backgroundjobs?limit=1", 3);
+    let mut r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() });
+    env.create("job", json!({"jobName": "noop"})).await;
+    let deadline = std::time::Instant::now() + MINUTE;
+    while !env.list().await.iter().any(|j| j.phase() == Phase::Succeeded) {
+        if let Some(status) = r.exit_within(Duration::from_millis(1)) {
+            panic!("the replica exited ({status}):\n{}", r.log_text());
+        }
+        assert!(std::time::Instant::now() < deadline, "the job did not succeed:\n{}", r.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(proxy.held(), 3, "the start-up check met every bare 404: the test showed nothing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_replicas_tenure_is_revoked_before_its_jobs_move_and_it_acts_on_none_when_it_wakes() {
     let env = TestEnv::new("tenure-revoked").await;

@@ -20,8 +20,8 @@ use crate::error::{Error, Result, api_code};
 /// Read each CRD this replica needs (the RecurringBackgroundJob one only with `recurring`) and check that it keeps
 /// every field of the one this version generates. A CRD this replica may not read (the chart grants it only in
 /// cluster mode: in namespace mode it creates no cluster-scoped object) is only warned about: the check is a safety
-/// net, not a requirement. A read that fails otherwise is tried again twice (a GET changes nothing) before the
-/// replica gives up.
+/// net, not a requirement. A read that fails in a way that may pass is tried again
+/// ([`crate::client::at_start_up`]) before the replica gives up.
 pub async fn check(client: &Client, recurring: bool) -> Result<()> {
     use kube::Resource;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -39,28 +39,21 @@ async fn outdated(
     recurring: bool,
 ) -> Result<Option<String>> {
     let name = wanted.name_any();
-    let mut tries = 0;
-    let installed = loop {
+    let what = format!("read the CRD {name}");
+    let read = crate::client::at_start_up(&what, || async {
         match crds.get_opt(&name).await {
-            Ok(found) => break found,
-            Err(e) if api_code(&e) == Some(403) => {
-                tracing::warn!(
-                    crd = %name,
-                    "may not read the CRD (get customresourcedefinitions), so cannot check that it has every field \
-                     of this version's schema; apply this release's CRDs before upgrading the operator"
-                );
-                return Ok(None);
-            }
-            Err(e) if tries < 2 => {
-                tries += 1;
-                tracing::warn!(crd = %name, error = %e, "cannot read the CRD; trying again");
-                tokio::time::sleep(std::time::Duration::from_secs(3 * tries)).await;
-            }
-            Err(e) => {
-                tracing::error!(crd = %name, error = %e, "cannot read the CRD");
-                return Err(e.into());
-            }
+            Ok(found) => Ok(Some(found)),
+            Err(e) if api_code(&e) == Some(403) => Ok(None),
+            Err(e) => Err(Error::from(e)),
         }
+    });
+    let Some(installed) = read.await? else {
+        tracing::warn!(
+            crd = %name,
+            "may not read the CRD (get customresourcedefinitions), so cannot check that it has every field of this \
+             version's schema; apply this release's CRDs before upgrading the operator"
+        );
+        return Ok(None);
     };
     let Some(installed) = installed else {
         let off = if recurring { " (or run the operator with --recurring-enabled=false)" } else { "" };
