@@ -100,6 +100,8 @@ mod tests {
         assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
         let t0 = tokio::time::Instant::now();
         assert!(at_start_up("ask", ask(u32::MAX, 503)).await.is_err(), "given up on");
-        assert!(t0.elapsed() <= START_UP_PATIENCE && t0.elapsed() >= START_UP_PATIENCE - std::time::Duration::from_secs(5));
+        assert!(
+            t0.elapsed() <= START_UP_PATIENCE && t0.elapsed() >= START_UP_PATIENCE - std::time::Duration::from_secs(5)
+        );
     }
 }
