@@ -473,8 +473,10 @@ async fn run_claimed(
     // The outcome is written (and sent again while the apiserver cannot take it) for as long as the attempt's claim
     // holds: its tenure and Leases confirmed within the renew deadline, whatever happens to the job's writes. Past
     // that another replica may take over. Not a deadline fixed when the write began: an apiserver that serves Leases
-    // again but not yet the job's resource would have the outcome dropped, and the work done twice.
+    // again but not yet the job's resource would have the outcome dropped, and the work done twice. A write answered
+    // as it lapses counts (`biased`: its Leases are then given back, not left to expire).
     let recorded = tokio::select! {
+        biased;
         recorded = record => match recorded {
             Ok(recorded) => recorded,
             Err(e) => {
@@ -486,9 +488,19 @@ async fn run_claimed(
             warn!("the attempt's claim lapsed before its outcome was recorded; the lease expires and another replica retries");
             false
         }
+        _ = tokio::time::sleep(OUTCOME_PATIENCE) => {
+            warn!(patience = ?OUTCOME_PATIENCE, "the attempt's outcome could not be recorded in time; the lease expires and \
+                another replica retries");
+            false
+        }
     };
     if recorded { Handover::Recorded } else { Handover::Unrecorded }
 }
+
+/// How long an attempt's outcome is sent again while the apiserver cannot take it (and its claim holds): past an
+/// apiserver restart, but not for ever when the failure that looks passing is not (a status webhook answering 500,
+/// a CRD version no longer served), which would hold the attempt's slot, key and claim as long as the replica lives.
+const OUTCOME_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Record the outcome. `Ok(true)`: recorded, the Lease can go. `Ok(false)`: nothing to release (job gone, or moved on).
 async fn record(

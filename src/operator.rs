@@ -96,16 +96,17 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
             return Ok(());
         }
     }
+    // Before it says it is ready: a replica that cannot make them exits (a rollout must not go on past it).
+    if let Some(cap) = config.cluster_max_concurrency {
+        let ensured = || crate::limits::ensure_slots(&client, &config.lease_namespace, cap);
+        crate::client::at_start_up("make the cluster slot Leases", ensured).await?;
+    }
     health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");
     if let Some(addr) = config.report_addr {
         crate::report::server::serve(addr, worker.clone()).await?;
     }
 
-    if let Some(cap) = config.cluster_max_concurrency {
-        let ensured = || crate::limits::ensure_slots(&client, &config.lease_namespace, cap);
-        crate::client::at_start_up("make the cluster slot Leases", ensured).await?;
-    }
     let (membership_tx, membership) = watch::channel(None);
     let (roles, roles_rx) = watch::channel(crate::members::Roles {
         recurring: config.recurring_enabled,

@@ -134,7 +134,7 @@ pub struct Carried {
 }
 
 /// The longest pause between looks that ask again for a replaced job's cancel that failed: short, as the job runs
-/// beside the tick's meanwhile.
+/// beside the tick's meanwhile. Also between looks that met a path not served (a restarting apiserver's).
 const CANCEL_AGAIN_AT_MOST: Duration = Duration::from_secs(5);
 
 /// The longest pause between looks whose write the apiserver refused (a ResourceQuota full of BackgroundJobs, RBAC,
@@ -164,11 +164,14 @@ impl Carried {
     /// - a write the apiserver refused ([`crate::error::lasting_refusal`]): 1, 2, 4… s up to [`REFUSED_AGAIN_AT_MOST`],
     ///   never past the claimed tick's starting deadline (`deadline_left`, [`starting_deadline_left`]);
     /// - otherwise, a cancel owed: 1, 2, 4, then every [`CANCEL_AGAIN_AT_MOST`] (also a refusal's cap while it is owed);
-    /// - any other failure (no answer, a conflict, a restarting apiserver's bare 404): [`RETRY`], not counted;
+    /// - a path not served (a restarting apiserver's bare 404, but also a CRD version no longer served): 1, 2, 4, then
+    ///   every [`CANCEL_AGAIN_AT_MOST`], so a lasting one does not cost a write and an Event a second per definition;
+    /// - any other failure (no answer, a conflict): [`RETRY`], not counted;
     /// - a look that went well starts the count over.
     pub fn pause_after(&mut self, failed: Option<&Error>, deadline_left: Option<Duration>) -> Option<Duration> {
         match failed {
             Some(e) if crate::error::lasting_refusal(e) => Some(self.refused(deadline_left)),
+            Some(e) if crate::error::refused(e) => Some(self.failed(CANCEL_AGAIN_AT_MOST)),
             Some(_) => Some(RETRY),
             None if self.cancel_owed => Some(self.failed(CANCEL_AGAIN_AT_MOST)),
             None => {
@@ -234,6 +237,7 @@ async fn reconcile(
     };
     // Perhaps a newer operator's definition: not a write, not a trim, for the replicas that can read it.
     versions.extend(def.resource_version());
+    carried.cancel_owed = false;
     if let Some(Standing::Leave(why)) = crate::unreadable::standing(def) {
         debug!(definition = %def.name_any(), %why, "a definition this version cannot read: left alone");
         return Ok(None);
@@ -870,11 +874,14 @@ pub(crate) mod tests {
         carried.cancel_owed = false;
         assert_eq!(carried.pause_after(None, None), None, "a look that went well asks for no pause");
         assert_eq!(carried.failures, 0, "and starts the count over");
+        // A path not served, look after look.
+        let pauses: Vec<_> = (0..5).map(|_| secs(carried.pause_after(Some(&not_served), None))).collect();
+        assert_eq!(pauses, [Some(1), Some(2), Some(4), Some(5), Some(5)], "served again any moment, or not for long");
+        assert_eq!(carried.pause_after(None, None), None);
         // A refused write, look after look; no answer is tried a second later, uncounted.
         let pauses: Vec<_> = (0..7).map(|_| secs(carried.pause_after(Some(&quota), None))).collect();
         assert_eq!(pauses, [Some(1), Some(2), Some(4), Some(8), Some(16), Some(30), Some(30)]);
         assert_eq!(secs(carried.pause_after(Some(&unanswered), None)), Some(1));
-        assert_eq!(secs(carried.pause_after(Some(&not_served), None)), Some(1), "served again any moment");
         let near = |left: u64| Some(Duration::from_secs(left));
         assert_eq!(secs(carried.pause_after(Some(&quota), near(12))), Some(11), "a last try before the deadline");
         assert_eq!(secs(carried.pause_after(Some(&quota), near(0))), Some(1), "past it, the look gives the tick up");

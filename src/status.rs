@@ -312,7 +312,7 @@ pub async fn write_fenced(
 
 /// [`write_fenced`] for how an attempt ended: a write or read that may succeed when sent again (no answer, a 5xx, a
 /// 429, the bare 404 of a restarting apiserver that does not serve the resource yet) is sent again after a pause,
-/// for as long as the caller lets it (what is left of its renew deadline): an outcome given up on is an attempt run
+/// for as long as the caller lets it (while the attempt's claim holds): an outcome given up on is an attempt run
 /// again. `change` must be the same at every send (an outcome's times are when the attempt ended, not when the write
 /// landed). Not for heartbeats or progress, whose time is the write's own.
 pub async fn write_outcome(
@@ -342,7 +342,7 @@ async fn write_fenced_as(
     let mut current = latest.clone();
     let mut pause = Pause::default();
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
-    // as long as the fence holds; the caller bounds the whole write by what is left of its renew deadline.
+    // as long as the fence holds; the caller bounds the whole write (while its claim holds).
     loop {
         if !fence.holds(&current) {
             return Ok(Fenced::Stale);

@@ -41,8 +41,10 @@ async fn outdated(
     let name = wanted.name_any();
     let what = format!("read the CRD {name}");
     let read = crate::client::at_start_up(&what, || async {
-        match crds.get_opt(&name).await {
-            Ok(found) => Ok(Some(found)),
+        // Not kube's `get_opt`, which reads any 404 as absent: only one whose `Status` says so ([`crate::error::gone`]).
+        match crds.get(&name).await {
+            Ok(found) => Ok(Some(Some(found))),
+            Err(e) if crate::error::gone(&e) => Ok(Some(None)),
             Err(e) if api_code(&e) == Some(403) => Ok(None),
             Err(e) => Err(Error::from(e)),
         }
