@@ -258,8 +258,7 @@ async fn an_http_request_in_flight_when_the_exclusive_lease_is_deleted_is_answer
 async fn a_claim_whose_answer_comes_after_its_bound_is_handed_back_unstarted_not_failed_unrun() {
     let env = TestEnv::new("late-claim-answer").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let slow = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "slow.kubeconfig");
-    let r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(slow), ..Default::default() });
+    let r = env.replica_with("r", &[], &proxy.options(&env.dir));
     env.create("warm-up", json!({"jobName": "noop"})).await;
     env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     // The next status write's answer (the claim's) comes 12 s late; the tests' renew deadline is 2 s.
@@ -298,8 +297,7 @@ async fn a_new_exclusive_leader_whose_watches_lag_starts_nothing_beside_the_old_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
-    let l = env.replica_with("l", &args, &common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() });
+    let l = env.replica_with("l", &args, &proxy.options(&env.dir));
     env.wait_joined(&l, &env.ns).await;
     proxy.lag_watches(Duration::from_secs(15));
     let t0 = std::time::Instant::now();
@@ -447,8 +445,7 @@ async fn a_lagging_replica_never_takes_the_claim_of_a_job_made_again_under_the_n
     let env = TestEnv::new("namesake-claim").await;
     let _a = env.replica("a", &["--queues", "later"]);
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
-    let options = common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
+    let options = proxy.options(&env.dir);
     let b = env.replica_with("b", &["--queues", "default"], &options);
     env.wait_joined(&b, "default").await;
     proxy.lag_watches(Duration::from_secs(6));
@@ -593,9 +590,8 @@ async fn a_replica_behind_a_frozen_apiserver_never_settles_a_job_that_is_alive_e
 async fn a_replica_whose_watches_lag_past_the_lease_takes_no_live_job_and_takes_over_only_a_revoked_tenure() {
     let env = TestEnv::new("watch-lag").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
     let a = env.replica("a", &["--max-concurrent-jobs-per-instance", "1"]);
-    let options = common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
+    let options = proxy.options(&env.dir);
     let b = env.replica_with("b", &["--max-concurrent-jobs-per-instance", "3"], &options);
     env.create("warm-up", json!({"jobName": "noop"})).await;
     env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
@@ -687,9 +683,8 @@ async fn a_replica_whose_watches_lag_past_the_lease_takes_no_live_job_and_takes_
 async fn a_replica_whose_watches_lag_owns_none_of_the_queues_head_so_each_bursts_head_starts_first() {
     let env = TestEnv::new("lag-fifo").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
     let _a = env.replica("a", &["--max-concurrent-jobs-per-instance", "1"]);
-    let options = common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() };
+    let options = proxy.options(&env.dir);
     let b = env.replica_with("b", &["--max-concurrent-jobs-per-instance", "2"], &options);
     env.wait_joined(&b, "default").await;
     let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");

@@ -104,8 +104,7 @@ async fn a_hand_deleted_claim_lease_is_put_back_by_its_live_holder_and_the_job_r
 async fn an_outcome_write_a_restarting_apiserver_turns_down_is_sent_again_and_the_job_runs_once() {
     let env = TestEnv::new("outcome-again").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
-    let _r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() });
+    let _r = env.replica_with("r", &[], &proxy.options(&env.dir));
     env.create("job", json!({"jobName": "sleep", "args": {"seconds": 4}})).await;
     env.wait_job("job", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
     // The job's next status write is its outcome (a sleep reports nothing while it runs).
@@ -127,10 +126,9 @@ async fn an_outcome_write_a_restarting_apiserver_turns_down_is_sent_again_and_th
 async fn a_replica_started_before_the_apiserver_serves_backgroundjobs_again_waits_for_them_and_runs_jobs() {
     let env = TestEnv::new("start-not-served").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
     // The start-up check's list of BackgroundJobs (one item), answered as a restarting apiserver does, three times.
     proxy.answer_instead(404, Some(http::Method::GET), "/backgroundjobs?limit=1", 3);
-    let mut r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() });
+    let mut r = env.replica_with("r", &[], &proxy.options(&env.dir));
     env.create("job", json!({"jobName": "noop"})).await;
     let deadline = std::time::Instant::now() + MINUTE;
     while !env.list().await.iter().any(|j| j.phase() == Phase::Succeeded) {

@@ -227,8 +227,7 @@ async fn pod_jobs_succeed_or_fail_with_the_containers_exit_code_and_are_retried_
 async fn a_pod_that_succeeded_before_its_attempt_timed_out_unseen_by_a_lagging_watch_is_not_run_again() {
     let env = on_node("pod-lag").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let lagging = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "lagging.kubeconfig");
-    let r = env.replica_with("r", &[], &common::ReplicaOptions { kubeconfig: Some(lagging), ..Default::default() });
+    let r = env.replica_with("r", &[], &proxy.options(&env.dir));
     env.create("warm-up", shell_job("true", json!({}))).await;
     env.wait_job("warm-up", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     let spec = json!({"attemptTimeoutSeconds": 20, "retry": {"maxAttempts": 2, "backoffSeconds": 0}});

@@ -433,8 +433,7 @@ async fn a_ticks_job_a_quota_refuses_is_tried_again_less_and_less_often_and_made
 async fn a_ticks_create_answered_not_found_by_a_starting_apiserver_is_tried_again_and_the_ticks_go_on() {
     let env = TestEnv::new("rec-create-404").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
-    let options = ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() };
+    let options = proxy.options(&env.dir);
     let ticker = env.replica_with("ticker", &[], &options);
     env.wait_joined(&ticker, "default").await;
     // The first create of a job is answered 404; the definition's own requests go through.
@@ -546,8 +545,7 @@ async fn ticker_and_runner(
     proxy: &common::http_proxy::HttpProxy,
     extra: &[&str],
 ) -> (common::Replica, common::Replica) {
-    let proxied = proxy.kubeconfig(&common::kubeconfig_path(), &env.dir, "proxied.kubeconfig");
-    let options = ReplicaOptions { kubeconfig: Some(proxied), ..Default::default() };
+    let options = proxy.options(&env.dir);
     let flags: Vec<&str> = ["--job-execution-enabled", "false"].iter().chain(extra).copied().collect();
     let ticker = env.replica_with("ticker", &flags, &options);
     let runner = env.replica("runner", &["--recurring-enabled", "false"]);

@@ -135,6 +135,16 @@ impl HttpProxy {
         self.faults.held.load(Ordering::Relaxed)
     }
 
+    /// The options of a replica that talks to the apiserver through this proxy, with the test's own credentials (its
+    /// kubeconfig written to `<dir>/proxied-<port>.kubeconfig`).
+    pub fn options(&self, dir: &Path) -> super::ReplicaOptions {
+        let name = format!("proxied-{}.kubeconfig", self.addr.port());
+        super::ReplicaOptions {
+            kubeconfig: Some(self.kubeconfig(&super::kubeconfig_path(), dir, &name)),
+            ..Default::default()
+        }
+    }
+
     /// Write `<dir>/<name>`: the kubeconfig at `source` (its credentials) with its server pointing at this proxy.
     pub fn kubeconfig(&self, source: &Path, dir: &Path, name: &str) -> PathBuf {
         let text = std::fs::read_to_string(source).expect("read the kubeconfig");
