@@ -126,8 +126,9 @@ async fn an_outcome_write_a_restarting_apiserver_turns_down_is_sent_again_and_th
 async fn a_replica_started_before_the_apiserver_serves_backgroundjobs_again_waits_for_them_and_runs_jobs() {
     let env = TestEnv::new("start-not-served").await;
     let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    // The start-up check's list of BackgroundJobs (one item), answered as a restarting apiserver does, three times.
-    proxy.answer_instead(404, Some(http::Method::GET), "/backgroundjobs?limit=1", 3);
+    // The start-up check's list of BackgroundJobs (one item: kube spells its query `?&limit=1`), answered as a
+    // restarting apiserver does, three times.
+    proxy.answer_instead(404, Some(http::Method::GET), "/backgroundjobs?&limit=1", 3);
     let mut r = env.replica_with("r", &[], &proxy.options(&env.dir));
     env.create("job", json!({"jobName": "noop"})).await;
     let deadline = std::time::Instant::now() + MINUTE;
