@@ -52,23 +52,31 @@ pub async fn bounded<T>(limit: std::time::Duration, call: impl std::future::Futu
 /// again, takes seconds to tens of seconds.
 pub const START_UP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The longest one try of [`at_start_up`] may take.
+/// The longest one try of [`ask_until`] may take.
 pub const START_UP_ASK_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Ask `ask` until it succeeds, fails in a way asking again would not change, or [`START_UP_PATIENCE`] has passed: a
-/// failure that may pass ([`crate::error::is_transient`]: no answer, a 5xx, a 429, a path not served yet) is asked
-/// again after 1, 2, 4, then every 5 s, with a warning saying `what` was asked. Each try is bounded by
-/// [`START_UP_ASK_LIMIT`] (the client sets no read timeout: a hung request is no answer).
-pub async fn at_start_up<T, F>(what: &str, mut ask: impl FnMut() -> F) -> Result<T>
+/// Ask `ask` until it succeeds, fails in a way asking again would not change, or [`START_UP_PATIENCE`] has passed
+/// ([`ask_until`]).
+pub async fn at_start_up<T, F>(what: &str, ask: impl FnMut() -> F) -> Result<T>
 where
     F: std::future::Future<Output = Result<T>>,
 {
-    let started = tokio::time::Instant::now();
+    ask_until(what, tokio::time::Instant::now() + START_UP_PATIENCE, ask).await
+}
+
+/// Ask `ask` until it succeeds, fails in a way asking again would not change, or `until` passes: a failure that may
+/// pass ([`crate::error::is_transient`]: no answer, a 5xx, a 429, a path not served yet, as while the apiserver
+/// restarts) is asked again after 1, 2, 4, then every 5 s, with a warning saying `what` was asked. Each try is bounded
+/// by [`START_UP_ASK_LIMIT`] (the client sets no read timeout: a hung request is no answer).
+pub async fn ask_until<T, F>(what: &str, until: tokio::time::Instant, mut ask: impl FnMut() -> F) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
     let mut pause = std::time::Duration::from_secs(1);
     loop {
         match bounded(START_UP_ASK_LIMIT, ask()).await {
-            Err(e) if crate::error::is_transient(&e) && started.elapsed() + pause < START_UP_PATIENCE => {
-                tracing::warn!(error = %e, "could not {what} at start-up (is the apiserver restarting?); asking again");
+            Err(e) if crate::error::is_transient(&e) && tokio::time::Instant::now() + pause < until => {
+                tracing::warn!(error = %e, "could not {what} (is the apiserver restarting?); asking again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
             }

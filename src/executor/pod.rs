@@ -330,9 +330,9 @@ async fn start(
             AttemptResult::Permanent(format!("the Pod policy refused the job's Pod, none was created: {denial}"))
         })?;
     }
-    check_creator(client, policy.creator_check, job, &ctx.namespace).await?;
-    let mut backoff = Backoff::new();
     let patience = past_start(job, CREATE_PATIENCE, now);
+    check_creator(client, policy.creator_check, job, &ctx.namespace, patience).await?;
+    let mut backoff = Backoff::new();
     // The latest create whose outcome is unknown (see `create_may_have_landed`): it may still be handled.
     let mut unanswered: Option<Instant> = None;
     let mut last_error = String::from("no create was sent in time");
@@ -404,13 +404,15 @@ fn create_may_have_landed(code: Option<u16>) -> bool {
 }
 
 /// `--pod-creator-check`: ask the apiserver whether each recorded creator of the job (and of its
-/// RecurringBackgroundJob) may create pods in its namespace ([`creator`]). A refusal fails the job; an unanswered
-/// question is retried like any failed call.
+/// RecurringBackgroundJob) may create pods in its namespace ([`creator`]). A refusal fails the job; a question the
+/// apiserver cannot answer now (it restarts) is asked again until `patience`, as the Pod's create is, then fails the
+/// attempt, to be retried.
 async fn check_creator(
     client: &Client,
     check: CreatorCheck,
     job: &BackgroundJob,
     namespace: &str,
+    patience: Instant,
 ) -> Result<(), AttemptResult> {
     if check == CreatorCheck::Off {
         return Ok(());
@@ -428,7 +430,9 @@ async fn check_creator(
         Some(o) => {
             let definitions: Api<RecurringBackgroundJob> = Api::namespaced(client.clone(), namespace);
             // Its creator record is metadata: read even from a definition whose template cannot be read.
-            let found = crate::unreadable::get_opt(&definitions, &o.name).await.map_err(|e| {
+            let read = || async { Ok(crate::unreadable::get_opt(&definitions, &o.name).await?) };
+            let found = crate::client::ask_until("read the job's RecurringBackgroundJob", patience, read).await;
+            let found = found.map_err(|e| {
                 AttemptResult::Retryable(format!(
                     "cannot read RecurringBackgroundJob {} to check its creator: {e}",
                     o.name
@@ -443,8 +447,9 @@ async fn check_creator(
         creator::subjects(check, &job.metadata, definition.as_ref().map(|(n, m)| (*n, m.as_ref()))).map_err(refused)?;
     let reviews: Api<LocalSubjectAccessReview> = Api::namespaced(client.clone(), namespace);
     for subject in &subjects {
-        let answer = reviews
-            .create(&PostParams::default(), &creator::access_review(&subject.creator, namespace))
+        let review = creator::access_review(&subject.creator, namespace);
+        let ask = || async { Ok(reviews.create(&PostParams::default(), &review).await?) };
+        let answer = crate::client::ask_until("ask whether the job's creator may create pods", patience, ask)
             .await
             .map_err(|e| {
                 AttemptResult::Retryable(format!(
@@ -1518,6 +1523,32 @@ mod tests {
                 .expect("stop returns once the finished Pod is seen");
             assert_eq!(said, succeeded, "a {phase} Pod, deletion {deletion:?}, create id {id}");
             assert!(sent.lock().unwrap().iter().all(|s| s.method != "DELETE"), "a finished Pod is left for inspection");
+        }
+    }
+
+    /// A creator check the apiserver cannot answer now (it restarts) is asked again, not charged to the attempt; a
+    /// refusal is final.
+    #[tokio::test(start_paused = true)]
+    async fn a_creator_check_the_apiserver_cannot_answer_now_is_asked_again_and_a_refusal_fails_the_job() {
+        let mut recorded = job();
+        recorded.metadata.annotations = Some([(creator::CREATED_BY.to_string(), "alice".to_string())].into());
+        let review = |allowed: bool| {
+            serde_json::json!({"apiVersion": "authorization.k8s.io/v1",
+            "kind": "LocalSubjectAccessReview", "spec": {}, "status": {"allowed": allowed}})
+        };
+        for (allowed, passes) in [(true, true), (false, false)] {
+            let answers = std::sync::Arc::new(std::sync::Mutex::new(vec![
+                (200, review(allowed)),
+                (503, crate::testing::status(503)),
+            ]));
+            let (client, sent) = crate::testing::scripted_client(move |_| answers.lock().unwrap().pop().unwrap());
+            let patience = Instant::now() + Duration::from_secs(90);
+            let checked = check_creator(&client, CreatorCheck::Required, &recorded, "ns", patience).await;
+            assert_eq!(checked.is_ok(), passes, "{checked:?}");
+            if !passes {
+                assert!(matches!(checked, Err(AttemptResult::Permanent(_))), "{checked:?}");
+            }
+            assert_eq!(sent.lock().unwrap().len(), 2, "asked again after the 503");
         }
     }
 
