@@ -52,7 +52,7 @@ pub async fn bounded<T>(limit: std::time::Duration, call: impl std::future::Futu
 /// again, takes seconds to tens of seconds.
 pub const START_UP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The longest one try of [`ask_until`] may take.
+/// The longest one question of [`at_start_up`] (and of the Pod executor's creator check) may take.
 pub const START_UP_ASK_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Ask `ask` until it succeeds, fails in a way asking again would not change, or [`START_UP_PATIENCE`] has passed
@@ -61,20 +61,25 @@ pub async fn at_start_up<T, F>(what: &str, ask: impl FnMut() -> F) -> Result<T>
 where
     F: std::future::Future<Output = Result<T>>,
 {
-    ask_until(what, tokio::time::Instant::now() + START_UP_PATIENCE, ask).await
+    ask_until(what, tokio::time::Instant::now() + START_UP_PATIENCE, START_UP_ASK_LIMIT, ask).await
 }
 
 /// Ask `ask` until it succeeds, fails in a way asking again would not change, or `until` passes: a failure that may
 /// pass ([`crate::error::is_transient`]: no answer, a 5xx, a 429, a path not served yet, as while the apiserver
 /// restarts) is asked again after 1, 2, 4, then every 5 s, with a warning saying `what` was asked. Each try is bounded
-/// by [`START_UP_ASK_LIMIT`] (the client sets no read timeout: a hung request is no answer).
-pub async fn ask_until<T, F>(what: &str, until: tokio::time::Instant, mut ask: impl FnMut() -> F) -> Result<T>
+/// by `each` (the client sets no read timeout: a hung request is no answer).
+pub async fn ask_until<T, F>(
+    what: &str,
+    until: tokio::time::Instant,
+    each: std::time::Duration,
+    mut ask: impl FnMut() -> F,
+) -> Result<T>
 where
     F: std::future::Future<Output = Result<T>>,
 {
     let mut pause = std::time::Duration::from_secs(1);
     loop {
-        match bounded(START_UP_ASK_LIMIT, ask()).await {
+        match bounded(each, ask()).await {
             Err(e) if crate::error::is_transient(&e) && tokio::time::Instant::now() + pause < until => {
                 tracing::warn!(error = %e, "could not {what} (is the apiserver restarting?); asking again");
                 tokio::time::sleep(pause).await;

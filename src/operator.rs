@@ -96,10 +96,13 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
             return Ok(());
         }
     }
-    // Before it says it is ready: a replica that cannot make them exits (a rollout must not go on past it).
+    // Before it says it is ready: a replica that cannot make them exits (a rollout must not go on past it). A try
+    // makes (or meets) every slot, one request each, so it may take the whole patience.
     if let Some(cap) = config.cluster_max_concurrency {
         let ensured = || crate::limits::ensure_slots(&client, &config.lease_namespace, cap);
-        crate::client::at_start_up("make the cluster slot Leases", ensured).await?;
+        let patience = crate::client::START_UP_PATIENCE;
+        let until = tokio::time::Instant::now() + patience;
+        crate::client::ask_until("make the cluster slot Leases", until, patience, ensured).await?;
     }
     health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");

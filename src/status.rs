@@ -331,6 +331,22 @@ enum SendAgain {
     WhileTransient,
 }
 
+/// The longest one send of [`write_outcome`] (or its re-read) is waited for before it is sent again: the client sets
+/// no read timeout, and a send left hanging (a stalled etcd, a dead connection) would use up the caller's whole
+/// patience instead.
+const OUTCOME_SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl SendAgain {
+    /// `send`'s answer; `None` if none came within [`OUTCOME_SEND_LIMIT`] while sending again (a write sent once waits
+    /// for its answer, bounded by its caller).
+    async fn answer<T>(self, send: impl std::future::Future<Output = T>) -> Option<T> {
+        match self {
+            SendAgain::Never => Some(send.await),
+            SendAgain::WhileTransient => tokio::time::timeout(OUTCOME_SEND_LIMIT, send).await.ok(),
+        }
+    }
+}
+
 async fn write_fenced_as(
     api: &Api<BackgroundJob>,
     latest: &BackgroundJob,
@@ -349,13 +365,22 @@ async fn write_fenced_as(
         }
         let mut status = current.status.as_deref().cloned().unwrap_or_default();
         change(&mut status);
-        match replace_fitted(api, &current, status).await {
+        // No answer in time: perhaps it landed; sent again, a 409 then says so.
+        let Some(written) = again.answer(replace_fitted(api, &current, status)).await else {
+            pause.wait().await;
+            continue;
+        };
+        match written {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
             // Someone else wrote it: on a fresh read, whole again (it may fit now). A write sent again after one that
             // landed unanswered meets this too, and the fresh read shows the fence no longer holds: `Stale`, and the
             // claim expires rather than being given back (the job moved on all the same).
             Err(e) if api_code(&e) == Some(409) => loop {
-                match crate::unreadable::get_opt(api, &name).await {
+                let Some(read) = again.answer(crate::unreadable::get_opt(api, &name)).await else {
+                    pause.wait().await;
+                    continue;
+                };
+                match read {
                     Ok(Some(j)) => break current = j,
                     Ok(None) => return Ok(Fenced::Stale),
                     Err(e) if again == SendAgain::WhileTransient && crate::error::is_transient_answer(&e) => {
@@ -499,6 +524,28 @@ mod tests {
         let written = write_outcome(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
         assert!(matches!(written, Fenced::Stale), "{written:?}");
         assert_eq!(sent.lock().unwrap().len(), 1, "a gone job is not written again");
+    }
+
+    /// A send of an outcome left without an answer (a stalled etcd, a dead connection) is sent again after
+    /// [`OUTCOME_SEND_LIMIT`], not waited for until the caller gives the outcome up.
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_write_left_unanswered_is_sent_again() {
+        let now = Timestamp::from_second(100).unwrap();
+        let claimed = job_with(running(&job(), 1, "w1", "bgj-j", Some(42), None, now));
+        let fence = Fence { uid: "uid-1".into(), worker: "w1".into(), attempt: 1 };
+        let sends = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = sends.clone();
+        let (client, _) = crate::testing::scripted_client_slow(move |sent| {
+            let first = counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0;
+            let hang = if first { std::time::Duration::from_secs(3600) } else { std::time::Duration::ZERO };
+            (200, sent.body.clone(), hang)
+        });
+        let api = Api::<BackgroundJob>::namespaced(client, "ns");
+        let t0 = tokio::time::Instant::now();
+        let written = write_outcome(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
+        assert!(matches!(written, Fenced::Written(_)), "{written:?}");
+        assert_eq!(sends.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert!(t0.elapsed() < OUTCOME_SEND_LIMIT + std::time::Duration::from_secs(1), "{:?}", t0.elapsed());
     }
 
     #[test]

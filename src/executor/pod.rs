@@ -431,7 +431,13 @@ async fn check_creator(
             let definitions: Api<RecurringBackgroundJob> = Api::namespaced(client.clone(), namespace);
             // Its creator record is metadata: read even from a definition whose template cannot be read.
             let read = || async { Ok(crate::unreadable::get_opt(&definitions, &o.name).await?) };
-            let found = crate::client::ask_until("read the job's RecurringBackgroundJob", patience, read).await;
+            let found = crate::client::ask_until(
+                "read the job's RecurringBackgroundJob",
+                patience,
+                crate::client::START_UP_ASK_LIMIT,
+                read,
+            )
+            .await;
             let found = found.map_err(|e| {
                 AttemptResult::Retryable(format!(
                     "cannot read RecurringBackgroundJob {} to check its creator: {e}",
@@ -449,15 +455,20 @@ async fn check_creator(
     for subject in &subjects {
         let review = creator::access_review(&subject.creator, namespace);
         let ask = || async { Ok(reviews.create(&PostParams::default(), &review).await?) };
-        let answer = crate::client::ask_until("ask whether the job's creator may create pods", patience, ask)
-            .await
-            .map_err(|e| {
-                AttemptResult::Retryable(format!(
-                    "cannot ask whether {} may create pods (the operator needs create on \
+        let answer = crate::client::ask_until(
+            "ask whether the job's creator may create pods",
+            patience,
+            crate::client::START_UP_ASK_LIMIT,
+            ask,
+        )
+        .await
+        .map_err(|e| {
+            AttemptResult::Retryable(format!(
+                "cannot ask whether {} may create pods (the operator needs create on \
                          localsubjectaccessreviews; the chart grants it with operator.podCreatorCheck): {e}",
-                    subject.creator.username
-                ))
-            })?;
+                subject.creator.username
+            ))
+        })?;
         creator::verdict(subject, namespace, &answer.status.unwrap_or_default()).map_err(refused)?;
     }
     tracing::debug!(subjects = subjects.len(), "creator check passed");
