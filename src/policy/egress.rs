@@ -6,8 +6,8 @@
 //!
 //! In order, each address is refused when it is
 //! 1. the unspecified address (`0.0.0.0`, `::`: "this host");
-//! 2. a cloud metadata address (`169.254.169.254`, `169.254.170.2`, `fd00:ec2::254`, `fd20:ce::254`,
-//!    `100.100.100.200`, `168.63.129.16`, `169.254.0.23`): always;
+//! 2. a cloud metadata or credentials address (`169.254.169.254`, `169.254.170.2`, `fd00:ec2::254`, `fd20:ce::254`,
+//!    `100.100.100.200`, `168.63.129.16`, `169.254.0.23`, `169.254.170.23`, `fd00:ec2::23`): always;
 //! 3. link-local (`169.254.0.0/16`, `fe80::/10`) unless `--egress-allow-link-local`;
 //! 4. a local address (loopback or one of this host's) at a port the operator itself serves on (metrics, health);
 //! 5. outside `--egress-allow`, when that list is set, or outside the job's namespace's list in
@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use url::Url;
 
 /// Addresses of cloud instance metadata services: never reachable from a job, whatever the flags say.
-const METADATA: [IpAddr; 7] = [
+const METADATA: [IpAddr; 9] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)), // AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean
     IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),   // AWS ECS task metadata and credentials
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)), // AWS IMDS over IPv6
@@ -37,6 +37,8 @@ const METADATA: [IpAddr; 7] = [
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)), // Alibaba Cloud
     IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),   // Azure WireServer (VM agent, extensions' settings)
     IpAddr::V4(Ipv4Addr::new(169, 254, 0, 23)),    // Tencent Cloud (link-local, refused even when that is allowed)
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 23)),  // AWS EKS Pod Identity agent (hands out credentials)
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)), // the same over IPv6 (a ULA, not link-local)
 ];
 
 /// One entry of an allowlist: a host name (`api.example.com`, or `*.example.com` for its subdomains), an address or
@@ -449,6 +451,22 @@ mod tests {
         );
     }
 
+    /// A host-name entry admits whatever its name resolves to (its DNS owner decides: an `ExternalName` Service can
+    /// point anywhere); a global list of CIDRs still fences where a namespace's names may lead.
+    #[test]
+    fn limit_a_name_entry_follows_its_dns_and_only_a_global_cidr_list_fences_where_it_leads() {
+        let names_only = EgressPolicy {
+            allow_by_namespace: [("team-a".to_string(), entries(&["*.team-a.svc.cluster.local"]))].into(),
+            ..Default::default()
+        };
+        let u = "http://x.team-a.svc.cluster.local:15000/";
+        assert_eq!(check(&names_only, u, &["127.0.0.1"]), Ok(()), "loopback, reached through a name");
+        assert_eq!(check(&names_only, u, &["10.96.0.1"]), Ok(()), "another team's Service, or the apiserver");
+        let fenced = EgressPolicy { allow: entries(&["10.96.0.0/12"]), ..names_only };
+        assert_eq!(check(&fenced, u, &["10.96.0.1"]), Ok(()));
+        assert!(matches!(check(&fenced, u, &["127.0.0.1"]), Err(Denial::NotAllowed { list: List::Global, .. })));
+    }
+
     #[test]
     fn entries_parse_or_say_what_they_expect() {
         assert_eq!("10.0.0.0/8".parse(), Ok(Entry::Cidr("10.0.0.0/8".parse().unwrap())));
@@ -473,11 +491,14 @@ mod more_metadata_and_known_limits {
     }
 
     #[test]
-    fn gcp_v6_azure_wireserver_tencent_and_local_use_nat64_metadata_are_refused_even_with_link_local_allowed() {
+    fn gcp_v6_azure_wireserver_tencent_eks_pod_identity_and_local_use_nat64_metadata_are_refused_even_with_link_local_allowed()
+     {
         let relaxed = EgressPolicy { allow_link_local: true, ..Default::default() };
         let u = Url::parse("http://x/").unwrap();
         for a in [
             "fd20:ce::254",
+            "169.254.170.23",
+            "fd00:ec2::23",
             "168.63.129.16",
             "169.254.0.23",
             "64:ff9b:1::a9fe:a9fe",
