@@ -46,6 +46,29 @@ pub async fn bounded<T>(limit: std::time::Duration, call: impl std::future::Futu
     tokio::time::timeout(limit, call).await.unwrap_or(Err(Error::Timeout(limit)))
 }
 
+/// Pauses between tries of a request that may succeed when sent again: from `first`, doubling up to `most`.
+pub struct Backoff {
+    next: std::time::Duration,
+    most: std::time::Duration,
+}
+
+impl Backoff {
+    pub fn new(first: std::time::Duration, most: std::time::Duration) -> Self {
+        Backoff { next: first, most }
+    }
+
+    /// The pause that comes next, without waiting it out.
+    pub fn next(&self) -> std::time::Duration {
+        self.next
+    }
+
+    /// Wait out the next pause; the one after is twice as long, up to the most.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.most);
+    }
+}
+
 /// How long a replica that starts beside a restarting apiserver keeps asking its start-up questions (is the CRD
 /// installed and current, are the cluster slots made) before it gives up and exits (its Deployment starts it again,
 /// after a growing back-off): an apiserver restart, with its custom resources served only once their CRDs are loaded
@@ -77,13 +100,12 @@ pub async fn ask_until<T, F>(
 where
     F: std::future::Future<Output = Result<T>>,
 {
-    let mut pause = std::time::Duration::from_secs(1);
+    let mut pause = Backoff::new(std::time::Duration::from_secs(1), std::time::Duration::from_secs(5));
     loop {
         match bounded(each, ask()).await {
-            Err(e) if crate::error::is_transient(&e) && tokio::time::Instant::now() + pause < until => {
+            Err(e) if crate::error::is_transient(&e) && tokio::time::Instant::now() + pause.next() < until => {
                 tracing::warn!(error = %e, "could not {what} (is the apiserver restarting?); asking again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                pause.wait().await;
             }
             answer => return answer,
         }

@@ -5,6 +5,8 @@
 //! - [`write_fenced`]: for every write after a claim. Applies only while the job is still this worker's, on this
 //!   attempt; a replica that was paused past its lease finds another worker or a higher attempt and writes nothing.
 
+use std::time::Duration;
+
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Api;
@@ -334,9 +336,14 @@ enum SendAgain {
 /// The longest one send of [`write_outcome`] (or its re-read) is waited for before it is sent again: the client sets
 /// no read timeout, and a send left hanging (a stalled etcd, a dead connection) would use up the caller's whole
 /// patience instead.
-const OUTCOME_SEND_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+const OUTCOME_SEND_LIMIT: Duration = Duration::from_secs(15);
 
 impl SendAgain {
+    /// Whether a send that failed with `e` is sent again: only while sending again, and only if it may pass.
+    fn after(self, e: &kube::Error) -> bool {
+        self == SendAgain::WhileTransient && crate::error::is_transient_answer(e)
+    }
+
     /// `send`'s answer; `None` if none came within [`OUTCOME_SEND_LIMIT`] while sending again (a write sent once waits
     /// for its answer, bounded by its caller).
     async fn answer<T>(self, send: impl std::future::Future<Output = T>) -> Option<T> {
@@ -356,7 +363,7 @@ async fn write_fenced_as(
 ) -> Result<Fenced> {
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
-    let mut pause = Pause::default();
+    let mut pause = crate::client::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
     // as long as the fence holds; the caller bounds the whole write (while its claim holds).
     loop {
@@ -383,32 +390,14 @@ async fn write_fenced_as(
                 match read {
                     Ok(Some(j)) => break current = j,
                     Ok(None) => return Ok(Fenced::Stale),
-                    Err(e) if again == SendAgain::WhileTransient && crate::error::is_transient_answer(&e) => {
-                        pause.wait().await
-                    }
+                    Err(e) if again.after(&e) => pause.wait().await,
                     Err(e) => return Err(e.into()),
                 }
             },
             Err(e) if gone(&e) => return Ok(Fenced::Stale),
-            Err(e) if again == SendAgain::WhileTransient && crate::error::is_transient_answer(&e) => pause.wait().await,
+            Err(e) if again.after(&e) => pause.wait().await,
             Err(e) => return Err(e.into()),
         }
-    }
-}
-
-/// The pauses before a write or read is sent again ([`write_outcome`]): from 0.2 s, doubling up to 2 s.
-struct Pause(std::time::Duration);
-
-impl Default for Pause {
-    fn default() -> Self {
-        Pause(std::time::Duration::from_millis(200))
-    }
-}
-
-impl Pause {
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(std::time::Duration::from_secs(2));
     }
 }
 

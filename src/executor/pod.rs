@@ -332,7 +332,7 @@ async fn start(
     }
     let patience = past_start(job, CREATE_PATIENCE, now);
     check_creator(client, policy.creator_check, job, &ctx.namespace, patience).await?;
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     // The latest create whose outcome is unknown (see `create_may_have_landed`): it may still be handled.
     let mut unanswered: Option<Instant> = None;
     let mut last_error = String::from("no create was sent in time");
@@ -609,7 +609,7 @@ fn may_still_run(pod: &Pod) -> bool {
 /// the read that answered was sent (it shows nothing that landed after that). A Pod of the job's that `made` refuses
 /// ([`Maker::refuses`]) is another's; a stop looks with [`Maker::Unknown`], for whatever runs under the job's name.
 async fn find(pods: &Api<Pod>, job: &BackgroundJob, job_uid: &str, name: &str, made: &Maker) -> (Found, Instant) {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         let sent = Instant::now();
         match crate::unreadable::get_opt(pods, name).await {
@@ -855,7 +855,7 @@ async fn until_final(pods: &Api<Pod>, name: &str, uid: &str, watchers: &Watchers
     // The watcher never ends; should it ever, fall back to reading (no report from here).
     loop {
         match read(pods, name, uid).await {
-            Some(pod) if !finished(&pod) => tokio::time::sleep(Backoff::MAX).await,
+            Some(pod) if !finished(&pod) => tokio::time::sleep(BACKOFF_MOST).await,
             ended => return ended,
         }
     }
@@ -949,7 +949,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The Pod `uid` as a quorum read sees it (retried with backoff until it answers); `None` once it is gone.
 async fn read(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         match crate::unreadable::get_opt(pods, name).await {
             Ok(found) => return found.filter(|p| p.uid().as_deref() == Some(uid)),
@@ -959,22 +959,13 @@ async fn read(pods: &Api<Pod>, name: &str, uid: &str) -> Option<Pod> {
     }
 }
 
-/// Growing pauses between tries of a call whose failure says nothing about the Pod.
-struct Backoff(Duration);
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(10);
-
-    fn new() -> Self {
-        Backoff(Self::FIRST)
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Self::MAX);
-    }
+/// Growing pauses between tries of a call whose failure says nothing about the Pod: from half a second, doubling up
+/// to [`BACKOFF_MOST`].
+fn backoff() -> crate::client::Backoff {
+    crate::client::Backoff::new(Duration::from_millis(500), BACKOFF_MOST)
 }
+
+const BACKOFF_MOST: Duration = Duration::from_secs(10);
 
 /// How a finished Pod went.
 pub fn outcome(pod: &Pod) -> AttemptResult {
@@ -1104,7 +1095,7 @@ async fn request_deletion(
     may_act: &(dyn Fn() -> bool + Sync),
     made: &Maker,
 ) -> Option<(String, bool)> {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         match crate::unreadable::get_opt(pods, name).await {
             Ok(Some(p)) if belongs(&p, job_uid) => {
