@@ -326,6 +326,20 @@ pub async fn write_outcome(
     write_fenced_as(api, latest, fence, change, SendAgain::WhileTransient).await
 }
 
+/// Whether `read` is the job as a send of `sent` under `fence` left it: the same job, and its status `sent` as one of
+/// [`replace_fitted`]'s sizes stored it (compared as stored: times keep whole seconds). `change` is the same at every
+/// send, and an outcome's time is the attempt's end, so another writer's status is told apart by it.
+fn shows_sent(read: &BackgroundJob, fence: &Fence, sent: &BackgroundJobStatus) -> bool {
+    let stored = |s: &BackgroundJobStatus| serde_json::to_value(s).ok();
+    let Some(found) = read.status.as_deref() else { return false };
+    read.metadata.uid.as_deref() == Some(fence.uid.as_str())
+        && [Room::Whole, Room::Cut, Room::Bare].into_iter().any(|room| {
+            let mut fitted = sent.clone();
+            fit(&mut fitted, room);
+            stored(&fitted) == stored(found)
+        })
+}
+
 /// Whether [`write_fenced_as`] sends a write (or its re-read) again after a failure that may pass.
 #[derive(Clone, Copy, PartialEq)]
 enum SendAgain {
@@ -364,24 +378,32 @@ async fn write_fenced_as(
     let name = latest.metadata.name.clone().unwrap_or_default();
     let mut current = latest.clone();
     let mut pause = crate::client::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    // The status of a send that may have landed without its answer reaching this worker (none came in time, or a
+    // 5xx: the apiserver may answer so after etcd stored it).
+    let mut maybe_landed: Option<BackgroundJobStatus> = None;
     // However often others write the job (labels, annotations, GitOps), the outcome is retried on a fresh read for
     // as long as the fence holds; the caller bounds the whole write (while its claim holds).
     loop {
         if !fence.holds(&current) {
+            // Sent again after one that landed unanswered, the write meets a 409, and the fresh read shows the fence
+            // gone because of this very write: it is written (its claim is given back, its outcome told).
+            if maybe_landed.as_ref().is_some_and(|sent| shows_sent(&current, fence, sent)) {
+                return Ok(Fenced::Written(Box::new(current)));
+            }
             return Ok(Fenced::Stale);
         }
         let mut status = current.status.as_deref().cloned().unwrap_or_default();
         change(&mut status);
         // No answer in time: perhaps it landed; sent again, a 409 then says so.
-        let Some(written) = again.answer(replace_fitted(api, &current, status)).await else {
+        let Some(written) = again.answer(replace_fitted(api, &current, status.clone())).await else {
+            maybe_landed = Some(status);
             pause.wait().await;
             continue;
         };
         match written {
             Ok(j) => return Ok(Fenced::Written(Box::new(j))),
-            // Someone else wrote it: on a fresh read, whole again (it may fit now). A write sent again after one that
-            // landed unanswered meets this too, and the fresh read shows the fence no longer holds: `Stale`, and the
-            // claim expires rather than being given back (the job moved on all the same).
+            // Someone else wrote it (or an earlier send of this one landed): on a fresh read, whole again (it may fit
+            // now).
             Err(e) if api_code(&e) == Some(409) => loop {
                 let Some(read) = again.answer(crate::unreadable::get_opt(api, &name)).await else {
                     pause.wait().await;
@@ -395,7 +417,10 @@ async fn write_fenced_as(
                 }
             },
             Err(e) if gone(&e) => return Ok(Fenced::Stale),
-            Err(e) if again.after(&e) => pause.wait().await,
+            Err(e) if again.after(&e) => {
+                maybe_landed = Some(status);
+                pause.wait().await
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -535,6 +560,43 @@ mod tests {
         assert!(matches!(written, Fenced::Written(_)), "{written:?}");
         assert_eq!(sends.load(std::sync::atomic::Ordering::Relaxed), 2);
         assert!(t0.elapsed() < OUTCOME_SEND_LIMIT + std::time::Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+
+    /// An outcome send that landed but whose answer was lost is sent again, meets a 409, and the fresh read shows the
+    /// job final: its own status there makes it written (its claim given back), another writer's makes it stale.
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_that_landed_unanswered_is_known_on_the_fresh_read_by_its_own_status() {
+        let now = Timestamp::from_second(100).unwrap();
+        let claimed = job_with(running(&job(), 1, "w1", "bgj-j", Some(42), None, now));
+        let fence = Fence { uid: "uid-1".into(), worker: "w1".into(), attempt: 1 };
+        // The job as someone else left it, final under this same worker and attempt (a settle of the deadline).
+        let mut settled = claimed.clone();
+        finish(settled.status.as_mut().unwrap(), Phase::Abandoned, Some("past its timeout".into()), now);
+        for first_lands in [true, false] {
+            let stored = std::sync::Arc::new(std::sync::Mutex::new(None::<serde_json::Value>));
+            let kept = stored.clone();
+            let other = serde_json::to_value(&settled).unwrap();
+            let (client, _) = crate::testing::scripted_client_slow(move |sent| {
+                let mut stored = kept.lock().unwrap();
+                match (sent.method.as_str(), stored.is_none()) {
+                    // The first send lands when it should, and its answer never comes.
+                    ("PUT", true) => {
+                        *stored = Some(if first_lands { sent.body.clone() } else { other.clone() });
+                        (200, sent.body.clone(), std::time::Duration::from_secs(3600))
+                    }
+                    ("PUT", false) => (409, crate::testing::status(409), std::time::Duration::ZERO),
+                    _ => (200, stored.clone().unwrap(), std::time::Duration::ZERO),
+                }
+            });
+            let api = Api::<BackgroundJob>::namespaced(client, "ns");
+            let written =
+                write_outcome(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
+            match (first_lands, written) {
+                (true, Fenced::Written(j)) => assert_eq!(j.status.unwrap().phase, Some(Phase::Succeeded)),
+                (false, Fenced::Stale) => {}
+                (lands, other) => panic!("first send landed: {lands}, yet {other:?}"),
+            }
+        }
     }
 
     #[test]
