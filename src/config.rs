@@ -228,6 +228,11 @@ pub struct OperatorConfig {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_EGRESS_ALLOW_LINK_LOCAL")]
     pub egress_allow_link_local: bool,
 
+    /// HTTP executor: allow loopback and the operator Pod's own addresses, where its sidecars listen (a service
+    /// mesh's admin port). The operator's own ports stay refused.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_EGRESS_ALLOW_LOOPBACK")]
+    pub egress_allow_loopback: bool,
+
     /// Pod executor: allow privileged containers.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "BGJOBS_POD_ALLOW_PRIVILEGED")]
     pub pod_allow_privileged: bool,
@@ -310,6 +315,7 @@ impl OperatorConfig {
                 allow: self.egress_allow.clone(),
                 allow_by_namespace: self.egress_allow_by_namespace.0.clone(),
                 allow_link_local: self.egress_allow_link_local,
+                allow_loopback: self.egress_allow_loopback,
                 operator_ports: self
                     .metrics_addr
                     .iter()
@@ -357,6 +363,7 @@ mod tests {
             panic!("not the operator command")
         };
         assert_eq!(config.policy(vec![]).egress.operator_ports, [8080, 8090]);
+        assert!(!config.policy(vec![]).egress.allow_loopback, "loopback (a sidecar's port) is refused by default");
     }
 
     #[test]

@@ -315,6 +315,11 @@ mod tests {
         }
     }
 
+    /// The default policy, but for loopback, where these tests' servers listen.
+    pub(super) fn loopback_allowed() -> EgressPolicy {
+        EgressPolicy { allow_loopback: true, ..Default::default() }
+    }
+
     fn target(url: &str) -> HttpTarget {
         HttpTarget { url: url.into(), headers: Default::default(), timeout_seconds: Some(5) }
     }
@@ -327,6 +332,20 @@ mod tests {
         let AttemptResult::Permanent(msg) = r else { panic!("expected a permanent failure, got {r:?}") };
         assert!(msg.contains("refused by the egress policy (metadata.example is 169.254.169.254)"), "{msg}");
         assert!(msg.contains("rule `metadata`") && msg.contains("nothing was sent"), "{msg}");
+    }
+
+    /// By default a job cannot call what listens on the operator Pod's loopback (a sidecar's admin port).
+    #[tokio::test]
+    async fn by_default_a_job_aimed_at_loopback_is_refused_before_any_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let url = format!("http://localhost:{port}/quitquitquit");
+        let r = exec.post(&target(&url), &ctx(), &Args::default(), None).await;
+        let AttemptResult::Permanent(msg) = r else { panic!("expected a permanent failure, got {r:?}") };
+        assert!(msg.contains("rule `loopback`") && msg.contains("nothing was sent"), "{msg}");
+        let accepted = tokio::time::timeout(std::time::Duration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "the listener was reached: {accepted:?}");
     }
 
     #[tokio::test]
@@ -342,7 +361,7 @@ mod tests {
             String::from_utf8_lossy(&buf[..n]).to_string()
         });
         let lookup = scripted(&[&["127.0.0.1"], &["169.254.169.254"]]);
-        let exec = HttpExecutor::new(EgressPolicy::default(), lookup.clone());
+        let exec = HttpExecutor::new(loopback_allowed(), lookup.clone());
         let url = format!("http://rebind.example:{port}/hook");
         let r = exec.post(&target(&url), &ctx(), &Args::default(), None).await;
         assert!(matches!(r, AttemptResult::Succeeded), "{r:?}");
@@ -371,7 +390,7 @@ mod tests {
             }
             seen
         });
-        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let exec = HttpExecutor::new(loopback_allowed(), Arc::new(SystemLookup));
         let r = exec.post(&target(&format!("http://127.0.0.1:{port}/")), &ctx(), &Args::default(), None).await;
         let AttemptResult::Permanent(msg) = r else { panic!("expected a permanent failure, got {r:?}") };
         assert!(msg.contains("307") && msg.contains("redirects are not followed"), "{msg}");
@@ -409,7 +428,7 @@ mod tests {
             headers: Default::default(),
             timeout_seconds: None,
         };
-        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let exec = HttpExecutor::new(loopback_allowed(), Arc::new(SystemLookup));
         let (ctx, args) = (ctx(), Args::default());
         let endless = b"HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n";
         let (port, server) = serve(endless, true).await;
@@ -445,7 +464,7 @@ mod tests {
 
 #[cfg(test)]
 mod reserved_headers {
-    use super::tests::ctx;
+    use super::tests::{ctx, loopback_allowed};
     use super::*;
     use tokio::io::AsyncReadExt;
 
@@ -495,7 +514,7 @@ mod reserved_headers {
         });
         let policy = EgressPolicy {
             allow: vec![format!("http://hooks.example.test:{port}/team-a/").parse().unwrap()],
-            ..Default::default()
+            ..loopback_allowed()
         };
         let exec = HttpExecutor::new(policy, Arc::new(To("127.0.0.1".parse().unwrap())));
         let target = HttpTarget {
@@ -533,7 +552,7 @@ mod reserved_headers {
                 tokio::io::AsyncWriteExt::write_all(&mut sock, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
             (listener, head)
         });
-        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let exec = HttpExecutor::new(loopback_allowed(), Arc::new(SystemLookup));
         let target = |name: &str, value: &str| HttpTarget {
             url: format!("http://127.0.0.1:{port}/"),
             headers: [(name.to_string(), value.to_string())].into(),
@@ -563,7 +582,7 @@ mod reserved_headers {
     async fn a_header_http_does_not_allow_fails_the_job_saying_why_and_nothing_is_sent() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let exec = HttpExecutor::new(EgressPolicy::default(), Arc::new(SystemLookup));
+        let exec = HttpExecutor::new(loopback_allowed(), Arc::new(SystemLookup));
         let cases = [
             ("X Trace", "1", "\"X Trace\", which is not an HTTP header name"),
             ("X-Trace", "a\nb", "\"X-Trace\" a value HTTP does not allow"),

@@ -10,7 +10,10 @@
 //!    `100.100.100.200`, `168.63.129.16`, `169.254.0.23`, `169.254.170.23`, `fd00:ec2::23`): always;
 //! 3. link-local (`169.254.0.0/16`, `fe80::/10`) unless `--egress-allow-link-local`;
 //! 4. a local address (loopback or one of this host's) at a port the operator itself serves on (metrics, health);
-//! 5. outside `--egress-allow`, when that list is set, or outside the job's namespace's list in
+//! 5. any other local address unless `--egress-allow-loopback`: the operator Pod's sidecars listen there (a service
+//!    mesh proxy's admin port, which can shut it down or show its configuration), and no job's endpoint is in the
+//!    operator's own Pod;
+//! 6. outside `--egress-allow`, when that list is set, or outside the job's namespace's list in
 //!    `--egress-allow-by-namespace`, when it has one (both apply: a namespace list narrows the global one).
 //!
 //! IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`, and the local-use `64:ff9b:1::/48` with the IPv4
@@ -218,6 +221,12 @@ pub enum Denial {
          listen; the operator allows it only with --egress-allow-link-local"
     )]
     LinkLocal(IpAddr),
+    /// Loopback, or one of this host's own addresses.
+    #[error(
+        "rule `loopback`: {0} is loopback or the operator Pod's own address, where its sidecars listen (a service \
+         mesh's admin port); the operator allows it only with --egress-allow-loopback"
+    )]
+    Loopback(IpAddr),
     /// A port the operator serves on, at a local address.
     #[error(
         "rule `operator-port`: {addr} port {port} is served by the operator itself (metrics, health, admission, reports)"
@@ -247,6 +256,8 @@ pub struct EgressPolicy {
     pub allow_by_namespace: BTreeMap<String, Vec<Entry>>,
     /// `--egress-allow-link-local`.
     pub allow_link_local: bool,
+    /// `--egress-allow-loopback`.
+    pub allow_loopback: bool,
     /// Ports the operator serves on (its metrics address).
     pub operator_ports: Vec<u16>,
     /// This host's own addresses besides loopback (where a port bound to `0.0.0.0` is reachable too).
@@ -287,6 +298,9 @@ impl EgressPolicy {
         if local && self.operator_ports.contains(&port) {
             return Err(Denial::OperatorPort { addr, port });
         }
+        if local && !self.allow_loopback {
+            return Err(Denial::Loopback(addr));
+        }
         if !self.allow.is_empty() && !self.allow.iter().any(|e| e.allows(url, addr)) {
             return Err(Denial::NotAllowed { addr, list: List::Global });
         }
@@ -321,10 +335,25 @@ mod tests {
     }
 
     #[test]
-    fn by_default_loopback_and_ordinary_addresses_are_allowed() {
+    fn by_default_ordinary_addresses_are_allowed() {
         let p = EgressPolicy::default();
-        assert_eq!(check(&p, "http://127.0.0.1:8080/ok", &["127.0.0.1"]), Ok(()));
         assert_eq!(check(&p, "https://hooks.example.com/x", &["203.0.113.7", "2001:db8::7"]), Ok(()));
+        assert_eq!(check(&p, "http://svc.team-a.svc:8080/", &["10.96.4.2", "fd12::4"]), Ok(()), "private ranges");
+    }
+
+    /// A sidecar of the operator's Pod (a mesh proxy's admin port, a Dapr runtime) listens on loopback or on the
+    /// Pod's own address: no job reaches either unless the operator is told to let them.
+    #[test]
+    fn loopback_and_this_hosts_own_addresses_are_refused_unless_the_operator_allows_them() {
+        let p = EgressPolicy { local_addrs: vec![ip("10.244.1.7")], ..Default::default() };
+        for a in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "64:ff9b::7f00:1", "10.244.1.7"] {
+            assert_eq!(check(&p, "http://h:15000/quitquitquit", &[a]), Err(Denial::Loopback(ip(a))), "{a}");
+        }
+        let text = check(&p, "http://localhost:15000/", &["127.0.0.1"]).unwrap_err().to_string();
+        assert!(text.contains("rule `loopback`") && text.contains("--egress-allow-loopback"), "{text}");
+        assert_eq!(check(&p, "http://h:15000/", &["10.244.1.8"]), Ok(()), "another Pod's address");
+        let relaxed = EgressPolicy { allow_loopback: true, ..p };
+        assert_eq!(check(&relaxed, "http://127.0.0.1:8080/ok", &["127.0.0.1", "::1", "10.244.1.7"]), Ok(()));
     }
 
     #[test]
@@ -357,7 +386,12 @@ mod tests {
 
     #[test]
     fn the_operators_own_ports_are_refused_on_every_local_address_and_no_other() {
-        let p = EgressPolicy { operator_ports: vec![8080], local_addrs: vec![ip("10.1.2.3")], ..Default::default() };
+        let p = EgressPolicy {
+            operator_ports: vec![8080],
+            local_addrs: vec![ip("10.1.2.3")],
+            allow_loopback: true,
+            ..Default::default()
+        };
         for a in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1", "10.1.2.3"] {
             assert_eq!(
                 check(&p, "http://h:8080/metrics", &[a]),
@@ -391,6 +425,7 @@ mod tests {
                 "*.hooks.example.com",
                 "https://x.example/in/",
             ]),
+            allow_loopback: true,
             ..Default::default()
         };
         assert_eq!(check(&p, "http://svc/", &["10.3.4.5"]), Ok(()));
@@ -426,6 +461,7 @@ mod tests {
         assert!(matches!(check(&p, "http://x/", &["169.254.169.254"]), Err(Denial::Metadata(_))));
         assert!(matches!(check(&p, "http://x/", &["169.254.1.1"]), Err(Denial::LinkLocal(_))));
         assert!(matches!(check(&p, "http://x:8080/", &["127.0.0.1"]), Err(Denial::OperatorPort { .. })));
+        assert!(matches!(check(&p, "http://x:15000/", &["127.0.0.1"]), Err(Denial::Loopback(_))));
     }
 
     #[test]
@@ -433,6 +469,7 @@ mod tests {
         let p = EgressPolicy {
             allow: entries(&["127.0.0.0/8"]),
             allow_by_namespace: [("team-a".to_string(), entries(&["http://127.0.0.1:9000/team-a/"]))].into(),
+            allow_loopback: true,
             ..Default::default()
         };
         assert_eq!(check(&p, "http://127.0.0.1:9000/team-a/x", &["127.0.0.1"]), Ok(()));
@@ -460,9 +497,11 @@ mod tests {
             ..Default::default()
         };
         let u = "http://x.team-a.svc.cluster.local:15000/";
-        assert_eq!(check(&names_only, u, &["127.0.0.1"]), Ok(()), "loopback, reached through a name");
         assert_eq!(check(&names_only, u, &["10.96.0.1"]), Ok(()), "another team's Service, or the apiserver");
-        let fenced = EgressPolicy { allow: entries(&["10.96.0.0/12"]), ..names_only };
+        assert!(matches!(check(&names_only, u, &["127.0.0.1"]), Err(Denial::Loopback(_))), "not loopback");
+        let with_loopback = EgressPolicy { allow_loopback: true, ..names_only.clone() };
+        assert_eq!(check(&with_loopback, u, &["127.0.0.1"]), Ok(()), "loopback, once allowed, through a name");
+        let fenced = EgressPolicy { allow: entries(&["10.96.0.0/12"]), ..with_loopback };
         assert_eq!(check(&fenced, u, &["10.96.0.1"]), Ok(()));
         assert!(matches!(check(&fenced, u, &["127.0.0.1"]), Err(Denial::NotAllowed { list: List::Global, .. })));
     }
@@ -535,7 +574,7 @@ mod more_metadata_and_known_limits {
     #[test]
     fn limit_a_metrics_port_of_zero_protects_no_port() {
         // --metrics-addr 127.0.0.1:0 binds a random port; the policy is built from the flag (port 0).
-        let p = EgressPolicy { operator_ports: vec![0], ..Default::default() };
+        let p = EgressPolicy { operator_ports: vec![0], allow_loopback: true, ..Default::default() };
         let u = Url::parse("http://127.0.0.1:41234/metrics").unwrap();
         assert_eq!(p.check("ns", &u, &[ip("127.0.0.1")]), Ok(()));
     }

@@ -96,6 +96,7 @@ impl Fleet {
             .args(["--namespace", &self.ns, "--identity", &m.identity])
             .args(["--exec-log", &self.dir.join(format!("{}.exec", m.identity)).display().to_string()])
             .args(common::FAST_LEASES)
+            .args(common::LOOPBACK_ENDPOINTS)
             // The checker audits every job at the end of the run: none may be deleted by retention before.
             .args(["--retention", "finished=never"])
             .args(["--recurring-claim-ahead", m.spec.claim_ahead])

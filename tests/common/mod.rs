@@ -28,6 +28,9 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 
+/// The tests' HTTP endpoints listen on loopback, which the egress policy refuses by default (a sidecar's port).
+pub const LOOPBACK_ENDPOINTS: [&str; 2] = ["--egress-allow-loopback", "true"];
+
 /// Lease timing for tests: short, so takeovers happen within seconds.
 pub const FAST_LEASES: [&str; 6] = ["--lease-duration", "3s", "--renew-deadline", "2s", "--renew-interval", "500ms"];
 
@@ -433,6 +436,9 @@ impl TestEnv {
         args.extend(["--identity".to_string(), identity.into()]);
         args.extend(["--invocation-log".to_string(), invocations.display().to_string()]);
         args.extend(FAST_LEASES.iter().map(|s| s.to_string()));
+        if !extra.contains(&"--egress-allow-loopback") {
+            args.extend(LOOPBACK_ENDPOINTS.iter().map(|s| s.to_string()));
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let program = if options.test_worker {
             args.extend(["--exec-log".to_string(), self.dir.join(format!("{identity}.exec")).display().to_string()]);
