@@ -4,7 +4,8 @@
     python3 async_worker.py --port 8000 --seconds 30
 
 A BackgroundJob with `spec.http.url: http://<this host>:8000/` is POSTed here; the answer 202 keeps it Running until
-this worker reports. Only the standard library is used.
+this worker reports (an operator on this very host calls it only with `--egress-allow-loopback true`). Only the
+standard library is used.
 """
 import argparse
 import json

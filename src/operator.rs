@@ -242,13 +242,13 @@ async fn crd_absent(client: &Client) -> bool {
     matches!(crds.get_metadata(&name).await, Err(e) if crate::error::gone(&e))
 }
 
-/// This host's addresses (a Pod's: its Pod IPs), where the metrics port is reachable when bound to `0.0.0.0`: the
-/// egress policy refuses the operator's own ports there as on loopback.
+/// This host's addresses (a Pod's: its Pod IPs), where the metrics port, and the Pod's sidecars, are reachable when
+/// bound to `0.0.0.0`: the egress policy refuses them there as on loopback.
 fn local_addresses() -> Vec<std::net::IpAddr> {
     match if_addrs::get_if_addrs() {
         Ok(ifs) => ifs.into_iter().map(|i| i.ip()).collect(),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot list this host's addresses; the operator's ports are refused on loopback only");
+            tracing::warn!(error = %e, "cannot list this host's addresses; the operator's ports and its sidecars are refused on loopback only");
             Vec::new()
         }
     }

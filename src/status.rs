@@ -327,16 +327,20 @@ pub async fn write_outcome(
 }
 
 /// Whether `read` is the job as a send of `sent` under `fence` left it: the same job, and its status `sent` as one of
-/// [`replace_fitted`]'s sizes stored it (compared as stored: times keep whole seconds). `change` is the same at every
-/// send, and an outcome's time is the attempt's end, so another writer's status is told apart by it.
+/// [`replace_fitted`]'s sizes stored it (compared as stored: times keep whole seconds, `1.0` comes back `1`).
+/// `change` is the same at every send, and an outcome's text and time (the attempt's end) tell another writer's
+/// status apart; a worker's own report of success without a result, written in the same second over a heartbeat of
+/// that second, looks alike: the success is then counted (and told in an Event) twice, recorded once.
 fn shows_sent(read: &BackgroundJob, fence: &Fence, sent: &BackgroundJobStatus) -> bool {
-    let stored = |s: &BackgroundJobStatus| serde_json::to_value(s).ok();
-    let Some(found) = read.status.as_deref() else { return false };
+    let (Some(found), Ok(found_json)) = (read.status.as_deref(), serde_json::to_value(&read.status)) else {
+        return false;
+    };
     read.metadata.uid.as_deref() == Some(fence.uid.as_str())
+        && found.phase == sent.phase
         && [Room::Whole, Room::Cut, Room::Bare].into_iter().any(|room| {
             let mut fitted = sent.clone();
             fit(&mut fitted, room);
-            stored(&fitted) == stored(found)
+            serde_json::to_value(Some(&fitted)).is_ok_and(|f| crate::api::same_once_stored(Some(&f), Some(&found_json)))
         })
 }
 
@@ -572,7 +576,9 @@ mod tests {
         // The job as someone else left it, final under this same worker and attempt (a settle of the deadline).
         let mut settled = claimed.clone();
         finish(settled.status.as_mut().unwrap(), Phase::Abandoned, Some("past its timeout".into()), now);
-        for first_lands in [true, false] {
+        // What the first send leaves stored: itself; itself as the apiserver stores JSON (its result's `1.0` as `1`);
+        // someone else's status.
+        for (case, first_lands) in [("as sent", true), ("as stored", true), ("another's", false)] {
             let stored = std::sync::Arc::new(std::sync::Mutex::new(None::<serde_json::Value>));
             let kept = stored.clone();
             let other = serde_json::to_value(&settled).unwrap();
@@ -581,7 +587,11 @@ mod tests {
                 match (sent.method.as_str(), stored.is_none()) {
                     // The first send lands when it should, and its answer never comes.
                     ("PUT", true) => {
-                        *stored = Some(if first_lands { sent.body.clone() } else { other.clone() });
+                        let mut landed = if first_lands { sent.body.clone() } else { other.clone() };
+                        if case == "as stored" {
+                            landed["status"]["result"] = serde_json::json!({"n": 1});
+                        }
+                        *stored = Some(landed);
                         (200, sent.body.clone(), std::time::Duration::from_secs(3600))
                     }
                     ("PUT", false) => (409, crate::testing::status(409), std::time::Duration::ZERO),
@@ -589,12 +599,16 @@ mod tests {
                 }
             });
             let api = Api::<BackgroundJob>::namespaced(client, "ns");
-            let written =
-                write_outcome(&api, &claimed, &fence, |s| finish(s, Phase::Succeeded, None, now)).await.unwrap();
+            let written = write_outcome(&api, &claimed, &fence, |s| {
+                finish(s, Phase::Succeeded, None, now);
+                s.result = Some(serde_json::json!({"n": 1.0}));
+            })
+            .await
+            .unwrap();
             match (first_lands, written) {
-                (true, Fenced::Written(j)) => assert_eq!(j.status.unwrap().phase, Some(Phase::Succeeded)),
+                (true, Fenced::Written(j)) => assert_eq!(j.status.unwrap().phase, Some(Phase::Succeeded), "{case}"),
                 (false, Fenced::Stale) => {}
-                (lands, other) => panic!("first send landed: {lands}, yet {other:?}"),
+                (_, other) => panic!("{case}: {other:?}"),
             }
         }
     }

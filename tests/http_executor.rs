@@ -131,7 +131,7 @@ async fn the_http_executor_maps_status_codes_to_outcomes_and_sends_the_uid_as_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_egress_policy_fails_jobs_aimed_at_the_operators_port_or_outside_the_allowlist_and_sends_them_nothing() {
+async fn the_egress_policy_fails_jobs_aimed_at_loopback_the_operators_port_or_outside_the_allowlist_and_send_nothing() {
     let env = TestEnv::new("egress").await;
     let (base, seen) = serve().await;
     // Outside the allowlist: a server on another loopback address.
@@ -151,8 +151,14 @@ async fn the_egress_policy_fails_jobs_aimed_at_the_operators_port_or_outside_the
             "127.0.0.1,127.0.0.2/32",
             "--egress-allow-by-namespace",
             &by_ns,
+            "--queues",
+            "default",
         ],
     );
+    // The default: no loopback (a sidecar's port), even where an allowlist names it. Its own queue keeps its jobs
+    // from the replica above.
+    let _strict = env
+        .replica("strict", &["--egress-allow-loopback", "false", "--egress-allow", "127.0.0.1", "--queues", "strict"]);
     let outside_host = outside.trim_start_matches("http://").to_string();
     let jobs = [
         ("ok", format!("{base}/ok")),
@@ -161,9 +167,12 @@ async fn the_egress_policy_fails_jobs_aimed_at_the_operators_port_or_outside_the
         ("outside", format!("{outside}/ok")),
         ("redirect", format!("{base}/redirect/{outside_host}")),
         ("not-in-namespace-list", format!("{base}/bad")),
+        ("loopback", format!("{base}/ok")),
     ];
     for (name, url) in &jobs {
-        env.create(name, json!({"jobName": "Notify", "http": {"url": url}, "retry": {"maxAttempts": 3}})).await;
+        let queue = if *name == "loopback" { "strict" } else { "default" };
+        let spec = json!({"jobName": "Notify", "http": {"url": url}, "retry": {"maxAttempts": 3}, "queue": queue});
+        env.create(name, spec).await;
     }
     let done = env
         .wait_until(Duration::from_secs(60), "all final", |js| {
@@ -182,6 +191,7 @@ async fn the_egress_policy_fails_jobs_aimed_at_the_operators_port_or_outside_the
         ("outside", "rule `allowlist`: 127.0.0.3 matches no entry of --egress-allow"),
         ("not-in-namespace-list", &format!("matches no entry of the allowlist of namespace {}", env.ns)),
         ("redirect", "redirects are not followed"),
+        ("loopback", "rule `loopback`: 127.0.0.1"),
     ] {
         let (phase, attempts, error) = get(name);
         assert_eq!((phase, attempts), (Phase::Failed, 1), "{name}: refused for good, not retried: {error}");
@@ -191,6 +201,10 @@ async fn the_egress_policy_fails_jobs_aimed_at_the_operators_port_or_outside_the
     assert!(same_port_seen.lock().unwrap().is_empty(), "the refused jobs' target received nothing");
     assert!(outside_seen.lock().unwrap().is_empty(), "nothing reached the address outside the allowlist");
     let paths: Vec<String> = seen.lock().unwrap().iter().map(|s| s.path.clone()).collect();
-    assert_eq!(paths.iter().filter(|p| *p == "/ok").count(), 1, "{paths:?}");
+    assert_eq!(
+        paths.iter().filter(|p| *p == "/ok").count(),
+        1,
+        "only the allowed job's, not the loopback one's: {paths:?}"
+    );
     assert!(!paths.iter().any(|p| p == "/bad"), "the namespace's list refused /bad before sending: {paths:?}");
 }

@@ -19,9 +19,9 @@
 //! IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`, and the local-use `64:ff9b:1::/48` with the IPv4
 //! address in the last 32 bits, as a /96 inside it embeds it) IPv6 addresses are judged as the IPv4 address they
 //! carry, so `::ffff:169.254.169.254` is the metadata address too. A local-use NAT64 prefix shorter than /96 (RFC
-//! 6052 spreads the IPv4 address around bits 64-71 there) is read every way it may be for rules 2 and 3, so its
-//! metadata and link-local addresses are refused too; the other rules and allowlists see only the /96 reading: list
-//! such a prefix in no allowlist.
+//! 6052 spreads the IPv4 address around bits 64-71 there) is read every way it may be for rules 2 to 5, so its
+//! metadata, link-local and local addresses are refused too; the allowlists see only the /96 reading: list such a
+//! prefix in no allowlist.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -294,7 +294,10 @@ impl EgressPolicy {
                 return Err(Denial::LinkLocal(addr));
             }
         }
-        let local = ip.is_loopback() || self.local_addrs.iter().any(|a| canonical(*a) == ip);
+        // Every reading of a local-use NAT64 address: one embedding this Pod's address under a short prefix is local.
+        let local = std::iter::once(ip)
+            .chain(local_use_nat64_readings(addr))
+            .any(|read| read.is_loopback() || self.local_addrs.iter().any(|a| canonical(*a) == read));
         if local && self.operator_ports.contains(&port) {
             return Err(Denial::OperatorPort { addr, port });
         }
@@ -346,7 +349,16 @@ mod tests {
     #[test]
     fn loopback_and_this_hosts_own_addresses_are_refused_unless_the_operator_allows_them() {
         let p = EgressPolicy { local_addrs: vec![ip("10.244.1.7")], ..Default::default() };
-        for a in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "64:ff9b::7f00:1", "10.244.1.7"] {
+        // The last: this Pod's 10.244.1.7 under a local-use NAT64 /64 prefix (RFC 6052 puts it in bits 72-103).
+        for a in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::7f00:1",
+            "10.244.1.7",
+            "64:ff9b:1:0:a:f401:700:0",
+        ] {
             assert_eq!(check(&p, "http://h:15000/quitquitquit", &[a]), Err(Denial::Loopback(ip(a))), "{a}");
         }
         let text = check(&p, "http://localhost:15000/", &["127.0.0.1"]).unwrap_err().to_string();
