@@ -36,6 +36,8 @@ use crate::worker::Worker;
 pub enum StopReason {
     /// The user set `spec.cancel`.
     Cancelled,
+    /// The job's deletion was asked for and something holds it back (a finalizer): cancelled as by the user.
+    DeletionRequested,
     /// The job was deleted.
     Deleted,
     /// This replica is shutting down.
@@ -148,7 +150,7 @@ impl AttemptControl {
         if reason == StopReason::Shutdown {
             self.shutdown.cancel();
         }
-        if state.stop_awaits_answer && reason == StopReason::Cancelled {
+        if state.stop_awaits_answer && reason.cancels() {
             if first {
                 info!(?reason, "the attempt's request is out of reach: waiting for its answer before it ends");
             }
@@ -159,6 +161,35 @@ impl AttemptControl {
 
     fn reason(&self) -> Option<StopReason> {
         self.state().reason
+    }
+}
+
+impl StopReason {
+    /// Whether the attempt is to end `Cancelled`: the work is not to be done (see [`AttemptControl::stop`]).
+    fn cancels(self) -> bool {
+        matches!(self, StopReason::Cancelled | StopReason::DeletionRequested)
+    }
+
+    /// What a stop that cancels is, for the job's `lastError`.
+    fn cancellation(self, attempt: i32) -> String {
+        match self {
+            StopReason::DeletionRequested => {
+                format!("{} during attempt {attempt}", crate::api::DELETION_REQUESTED)
+            }
+            _ => format!("cancelled by the user during attempt {attempt}"),
+        }
+    }
+}
+
+/// Whether `job`, as last seen, asks its running attempt to stop: its deletion waits (checked first: the object is
+/// going whatever its spec says), or the user cancelled it.
+pub fn stop_asked(job: &BackgroundJob) -> Option<StopReason> {
+    if job.deletion_requested() {
+        Some(StopReason::DeletionRequested)
+    } else if job.spec.cancel {
+        Some(StopReason::Cancelled)
+    } else {
+        None
     }
 }
 
@@ -303,8 +334,8 @@ async fn run_claimed(
         let runs_on = job.spec.template.is_some() || crate::report::awaits_report(&job);
         return if runs_on { Handover::PodRunsOn } else { Handover::Unrecorded };
     }
-    if job.spec.cancel {
-        control.stop(StopReason::Cancelled);
+    if let Some(reason) = stop_asked(&job) {
+        control.stop(reason);
     }
     // The handler's token: a child of the stop token, and cancelled on every other ending too (below).
     let cancel = control.token.child_token();
@@ -397,8 +428,7 @@ async fn run_claimed(
         ending,
         Ending::AttemptTimedOut(..)
             | Ending::DeadlineReached(_)
-            | Ending::Stopped(StopReason::Cancelled)
-            | Ending::Stopped(StopReason::Deleted)
+            | Ending::Stopped(StopReason::Cancelled | StopReason::DeletionRequested | StopReason::Deleted)
     );
     if is_pod {
         // An attempt whose Pod finished, or went away (deleted by anyone), may still have a create of unknown outcome
@@ -540,14 +570,10 @@ async fn record(
             info!("job deleted: attempt stopped");
             return Ok(false);
         }
-        Ending::Stopped(StopReason::Cancelled) => {
+        Ending::Stopped(reason @ (StopReason::Cancelled | StopReason::DeletionRequested)) => {
+            let why = reason.cancellation(fence.attempt);
             let written = status::write_outcome(jobs, job, fence, |s| {
-                status::finish(
-                    s,
-                    Phase::Cancelled,
-                    Some(format!("cancelled by the user during attempt {}", fence.attempt)),
-                    now,
-                )
+                status::finish(s, Phase::Cancelled, Some(why.clone()), now)
             })
             .await?;
             worker.metrics.count_outcome(Phase::Cancelled);
@@ -864,6 +890,20 @@ mod tests {
         assert_eq!(reach(&spec(serde_json::json!({})), false), (false, false));
     }
 
+    /// A job whose deletion waits is stopped as cancelled, and its record says why; a deletion outranks a cancel.
+    #[test]
+    fn a_running_job_is_stopped_when_cancelled_or_when_its_deletion_waits() {
+        let mut j = BackgroundJob::new("j", serde_json::from_value(serde_json::json!({"jobName": "noop"})).unwrap());
+        assert_eq!(stop_asked(&j), None);
+        j.spec.cancel = true;
+        assert_eq!(stop_asked(&j), Some(StopReason::Cancelled));
+        j.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(stop_asked(&j), Some(StopReason::DeletionRequested));
+        let why = StopReason::DeletionRequested.cancellation(2);
+        assert!(why.starts_with(crate::api::DELETION_REQUESTED) && why.ends_with("during attempt 2"), "{why}");
+        assert_eq!(StopReason::Cancelled.cancellation(2), "cancelled by the user during attempt 2");
+    }
+
     #[test]
     fn a_cancellation_waits_for_a_sent_requests_answer_but_not_for_a_worker_that_reports_nor_a_deletion() {
         let sent = AttemptControl::default();
@@ -879,7 +919,13 @@ mod tests {
         deleted.stop(StopReason::Deleted);
         assert!(deleted.token.is_cancelled(), "a deletion does not wait: the job's claim Lease goes with it");
 
-        for reason in [StopReason::Cancelled, StopReason::Deleted] {
+        // A deletion held back by a finalizer cancels: the job and its claim Lease stay until the answer comes.
+        let deleting = AttemptControl::default();
+        assert_eq!(deleting.begin(true, true), None);
+        deleting.stop(StopReason::DeletionRequested);
+        assert!(!deleting.token.is_cancelled(), "the request's answer is waited for");
+
+        for reason in [StopReason::Cancelled, StopReason::DeletionRequested, StopReason::Deleted] {
             // A request handing out a report URL: its worker learns of the stop from its next report (409).
             let reporting = AttemptControl::default();
             assert_eq!(reporting.begin(true, false), None);

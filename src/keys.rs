@@ -10,8 +10,8 @@
 //!   jobs of one key at once. An orphaned key Lease is taken over like a claim Lease.
 //!
 //! `Skip` jobs: a Skip job with an earlier unfinished job of the same key (or a Running one) ends in phase
-//! `Skipped`, naming that job, unless every such job was asked to stop (`spec.cancel`): then it waits its turn, as
-//! the work it would defer to is not going to be done.
+//! `Skipped`, naming that job, unless every such job was asked to stop (`spec.cancel`, or a deletion that waits):
+//! then it waits its turn, as the work it would defer to is not going to be done.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -75,7 +75,7 @@ pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
                 }
                 (Some(first), _) => KeyVerdict::Wait { behind: first.clone() },
             };
-            if going_ahead.is_none() && !j.spec.cancel {
+            if going_ahead.is_none() && !j.spec.cancel && !j.deletion_requested() {
                 going_ahead = Some(j.name_any());
             }
             out.insert(uid, verdict);

@@ -387,6 +387,77 @@ async fn deleting_a_running_job_stops_its_attempt() {
     }
 }
 
+/// A deletion that waits (a finalizer of someone else's; `kubectl delete --cascade=foreground` while the job's
+/// dependents go) cancels the job: a waiting one never starts and gives up its concurrency key's turn, a running
+/// one is stopped, each recorded `Cancelled` saying why, and the object goes once its finalizer is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
+    let env = TestEnv::new("deleting").await;
+    let hold = |name: &str, spec: serde_json::Value| {
+        let mut job = common::fixtures::job(name, spec);
+        job.metadata.finalizers = Some(vec!["test.bgjobs.dev/hold".into()]);
+        job
+    };
+    let _release = Released { jobs: env.jobs.clone(), names: &["waiting", "running"] };
+    env.jobs
+        .create(&Default::default(), &hold("waiting", json!({"jobName": "noop", "concurrencyKey": "k"})))
+        .await
+        .unwrap();
+    env.create("after", json!({"jobName": "noop", "concurrencyKey": "k"})).await;
+    env.jobs.delete("waiting", &Default::default()).await.unwrap();
+    env.jobs
+        .create(&Default::default(), &hold("running", json!({"jobName": "sleep", "args": {"seconds": 60}})))
+        .await
+        .unwrap();
+    let _r = env.replica("r", &[]);
+    env.wait_job("running", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    env.jobs.delete("running", &Default::default()).await.unwrap();
+    for (name, attempts) in [("running", 1), ("waiting", 0)] {
+        let job = env.wait_job(name, Duration::from_secs(30), "final", |j| j.phase().is_final()).await;
+        let error = job.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+        assert_eq!((job.phase(), job.attempts()), (Phase::Cancelled, attempts), "{name}: {error}");
+        assert!(error.contains("its deletion was requested"), "{name}: {error}");
+        assert!(job.metadata.deletion_timestamp.is_some(), "{name}: still held by its finalizer");
+    }
+    let after = env.wait_job("after", MINUTE, "Succeeded", |j| j.phase().is_final()).await;
+    assert_eq!(after.phase(), Phase::Succeeded, "the key's next job ran");
+    let execs = executions(&env.invocations());
+    let ran = |name: &str| execs.iter().filter(|e| e.job.ends_with(&format!("/{name}"))).count();
+    assert_eq!((ran("waiting"), ran("running"), ran("after")), (0, 1, 1), "{execs:?}");
+    assert!(execs.iter().all(|e| e.end.is_some()), "the running job's handler was stopped: {execs:?}");
+    drop(_release);
+    let deadline = std::time::Instant::now() + MINUTE;
+    while env.jobs.get_opt("running").await.unwrap().is_some() || env.jobs.get_opt("waiting").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the jobs did not go once their finalizer was removed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Removes the test's finalizer from `names` when dropped, so that a failed test leaves no job (nor its namespace)
+/// stuck in deletion.
+struct Released<'a> {
+    jobs: Api<bgjobs::api::BackgroundJob>,
+    names: &'a [&'a str],
+}
+
+impl Drop for Released<'_> {
+    fn drop(&mut self) {
+        let (jobs, names) = (self.jobs.clone(), self.names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+        let release = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+        // Drop cannot await: a thread of its own with a runtime of its own, waited for.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                for name in names {
+                    let _ = jobs.patch(&name, &PatchParams::default(), &release).await;
+                }
+            })
+        })
+        .join()
+        .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_handlers_bad_args_and_attempt_timeouts_end_with_readable_reasons() {
     let env = TestEnv::new("failures").await;

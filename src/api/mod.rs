@@ -404,6 +404,9 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// How the record of a job cancelled because its deletion waits (see [`BackgroundJob::deletion_requested`]) begins.
+pub const DELETION_REQUESTED: &str = "cancelled: its deletion was requested (something holds the object back)";
+
 impl BackgroundJob {
     /// The job as a reader that only writes its status keeps it: without its arguments, which may be 1.5 MB. A
     /// status write of it keeps the stored spec.
@@ -415,6 +418,12 @@ impl BackgroundJob {
     /// The job's phase, reading "never touched by an operator" as `Waiting`.
     pub fn phase(&self) -> Phase {
         self.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+    }
+
+    /// Whether the job's deletion was asked for while something holds it back (a finalizer of someone else's, a
+    /// foreground deletion waiting for its dependents): it is to run no more, as if cancelled.
+    pub fn deletion_requested(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
     }
 
     /// Attempts started so far.

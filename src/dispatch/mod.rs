@@ -627,8 +627,8 @@ impl Dispatcher {
         let since = self.backlog.take_runnable(uid).map(|c| c.since).or_else(|| self.backlog.take_since(uid));
         self.backlog.disarm(uid);
         if let Some(control) = self.held.get(uid) {
-            if job.spec.cancel {
-                control.stop(StopReason::Cancelled);
+            if let Some(reason) = crate::attempt::stop_asked(&job) {
+                control.stop(reason);
             }
             return;
         }

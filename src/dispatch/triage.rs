@@ -105,17 +105,18 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
     // spent on this very attempt); cancelling it or passing its deadline settles it, and the settle deletes its
     // Pod first.
     let adoptable = orphaned && claim::adopts(job);
-    if job.spec.cancel {
+    if job.spec.cancel || job.deletion_requested() {
+        let by = if job.deletion_requested() { crate::api::DELETION_REQUESTED } else { "cancelled by the user" };
         let reason = if adoptable && job.spec.template.is_some() {
-            "cancelled by the user while its pod ran unwatched; the pod was deleted"
+            format!("{by} while its pod ran unwatched; the pod was deleted")
         } else if adoptable {
-            "cancelled by the user while its attempt waited, unwatched, for its worker's report"
+            format!("{by} while its attempt waited, unwatched, for its worker's report")
         } else if orphaned {
-            "cancelled by the user while its attempt was left unwatched (its replica stopped or shut down)"
+            format!("{by} while its attempt was left unwatched (its replica stopped or shut down)")
         } else {
-            "cancelled by the user before it ran"
+            format!("{by} before it ran")
         };
-        return Decision::Settle { phase: Phase::Cancelled, reason: reason.into(), state };
+        return Decision::Settle { phase: Phase::Cancelled, reason, state };
     }
     if let Some(Standing::Fail(why)) = unreadable::standing(job) {
         let reason = format!("bgjobs cannot read this job, so it never runs: {why}");
@@ -478,6 +479,35 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A job whose deletion waits (a finalizer holds it) is cancelled, never claimed: waiting, or orphaned with its
+    /// Pod (which the settle deletes), whatever its attempts and delay say; one held live elsewhere is its holder's.
+    #[test]
+    fn a_job_whose_deletion_waits_is_settled_cancelled_not_claimed() {
+        let deleting = |mut j: BackgroundJob| {
+            j.metadata.deletion_timestamp = Some(Time(at(5)));
+            j.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+            j
+        };
+        let j = deleting(job(serde_json::json!({"delaySeconds": 50}), Phase::Waiting, 0));
+        match triage(&facts(&j, None, 0, 1), &T) {
+            Decision::Settle { phase: Phase::Cancelled, reason, .. } => {
+                assert!(reason.starts_with(crate::api::DELETION_REQUESTED) && reason.ends_with("before it ran"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut orphan = job(serde_json::json!({"retry": {"maxAttempts": 1}}), Phase::Running, 1);
+        orphan.spec.template = Some(Default::default());
+        let (orphan, l) = (deleting(orphan), claim_lease(1));
+        match triage(&facts(&orphan, Some(&l), 15, 10), &T) {
+            Decision::Settle { phase: Phase::Cancelled, reason, .. } => {
+                assert!(reason.contains("deletion was requested") && reason.contains("the pod was deleted"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let live = deleting(job(serde_json::json!({}), Phase::Running, 1));
+        assert!(matches!(triage(&facts(&live, Some(&l), 1, 10), &T), Decision::Leave { .. }), "its holder stops it");
     }
 
     #[test]

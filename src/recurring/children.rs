@@ -30,7 +30,7 @@ pub struct Child {
     pub tick: Option<Timestamp>,
     /// When it was created (`creationTimestamp`, whole seconds).
     pub created: Option<Timestamp>,
-    /// Whether it was asked to stop (`spec.cancel`).
+    /// Whether it was asked to stop (`spec.cancel`, or its deletion requested).
     pub cancel: bool,
 }
 
@@ -46,7 +46,7 @@ impl Child {
             completed: job.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|t| t.0),
             tick: super::tick_of(job),
             created: job.creation_timestamp().map(|t| t.0),
-            cancel: job.spec.cancel,
+            cancel: job.spec.cancel || job.deletion_requested(),
         };
         Some((owner, child))
     }
