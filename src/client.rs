@@ -40,6 +40,21 @@ pub const LATE_CREATES_KEPT_FOR: std::time::Duration = std::time::Duration::from
     CREATE_LANDS_WITHIN.as_secs() + 1 + crate::clock::REPLICAS_AGREE_WITHIN.as_secs() + 1,
 );
 
+/// Read `name`: `None` when it is gone ([`crate::error::gone`]: a `NotFound` status). kube's own `Api::get_opt` takes
+/// any 404 for absent, also the bare one an apiserver that has just started gives for resources it does not serve
+/// yet; every read of bgjobs that acts on an object's absence goes through here (or [`crate::unreadable::get_opt`]
+/// for its own kinds).
+pub async fn get_opt<K>(api: &kube::Api<K>, name: &str) -> kube::Result<Option<K>>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get(name).await {
+        Ok(k) => Ok(Some(k)),
+        Err(e) if crate::error::gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Run `call`, giving up after `limit`: for calls whose answer may never come (a hung connection) and that must
 /// not hold up what waits for them.
 pub async fn bounded<T>(limit: std::time::Duration, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
@@ -115,6 +130,57 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "Is it gone?" has one home, [`crate::error::gone`]: no read in the crate uses kube's `Api::get_opt`, which
+    /// takes a restarting apiserver's bare 404 for an object's absence.
+    #[test]
+    fn no_read_takes_any_404_for_absent() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    sources(&path, out)
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path)
+                }
+            }
+        }
+        let mut files = Vec::new();
+        sources(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+        let needle = [".get", "_opt("].concat();
+        let found: Vec<String> = files
+            .iter()
+            .flat_map(|f| {
+                let text = std::fs::read_to_string(f).unwrap();
+                let hits: Vec<String> = text
+                    .lines()
+                    .enumerate()
+                    .filter(|(_, l)| l.contains(&needle))
+                    .map(|(n, l)| format!("{}:{}: {}", f.display(), n + 1, l.trim()))
+                    .collect();
+                hits
+            })
+            .collect();
+        assert!(found.is_empty(), "use crate::client::get_opt:\n{}", found.join("\n"));
+        assert!(files.len() > 20, "the sources were found");
+    }
+
+    #[tokio::test]
+    async fn get_opt_reads_only_a_not_found_status_as_gone() {
+        for (code, body, gone) in [
+            (404, crate::testing::status(404), true),
+            (404, serde_json::Value::String("404 page not found".into()), false),
+            (503, crate::testing::status(503), false),
+        ] {
+            let (client, _) = crate::testing::scripted_client(move |_| (code, body.clone()));
+            let api = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client, "ns");
+            match get_opt(&api, "l").await {
+                Ok(None) => assert!(gone, "{code} read as gone"),
+                Err(_) => assert!(!gone, "{code} not read as gone"),
+                Ok(Some(_)) => panic!("no object was served"),
+            }
+        }
+    }
 
     fn answer(code: u16) -> Error {
         Error::Kube(kube::Error::Api(kube::core::Status::failure("", "").with_code(code).boxed()))

@@ -291,7 +291,9 @@ pub async fn recurring_list(api: &Api<RecurringBackgroundJob>, output: Output) -
 
 /// `bgjobs recurring trigger NAME`.
 pub async fn recurring_trigger(client: &Client, api: &Api<RecurringBackgroundJob>, name: &str) -> Result<()> {
-    let def = api.get_opt(name).await?.ok_or_else(|| Error::Invalid(format!("no RecurringBackgroundJob {name:?}")))?;
+    let def = crate::client::get_opt(&api, name)
+        .await?
+        .ok_or_else(|| Error::Invalid(format!("no RecurringBackgroundJob {name:?}")))?;
     let job = crate::recurring::trigger(client, &def).await?;
     println!("backgroundjob.bgjobs.dev/{} created", job.name_any());
     Ok(())

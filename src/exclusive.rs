@@ -180,7 +180,7 @@ async fn try_acquire(
     timing: &LeaseTiming,
     observer: &mut Observer,
 ) -> Option<lease::Held> {
-    let current = match api.get_opt(EXCLUSIVE_LEASE).await {
+    let current = match crate::client::get_opt(api, EXCLUSIVE_LEASE).await {
         Ok(l) => l,
         Err(e) => {
             warn!(error = %e, "cannot read the exclusive lease");

@@ -381,13 +381,16 @@ pub async fn heartbeat(
             .into(),
             owner: None,
         };
-        let acquired =
-            match crate::client::bounded(timing.renew_deadline, async { Ok(api.get_opt(&name).await?) }).await {
-                Ok(None) => lease::create(&api, &name, &claim, &timing).await,
-                // Our own name, left by an earlier process with the same identity: take it over.
-                Ok(Some(old)) => lease::take_over(&api, &old, &claim, &timing).await,
-                Err(e) => Err(e),
-            };
+        let acquired = match crate::client::bounded(timing.renew_deadline, async {
+            Ok(crate::client::get_opt(&api, &name).await?)
+        })
+        .await
+        {
+            Ok(None) => lease::create(&api, &name, &claim, &timing).await,
+            // Our own name, left by an earlier process with the same identity: take it over.
+            Ok(Some(old)) => lease::take_over(&api, &old, &claim, &timing).await,
+            Err(e) => Err(e),
+        };
         match acquired {
             Ok(Acquire::Acquired(held)) => {
                 let keeper = Arc::new(Keeper::new(api.clone(), held, timing));

@@ -196,7 +196,7 @@ impl Keeper {
             state.unanswered.push((stamp.clone(), sent));
         }
         let name = held.name_any();
-        match tokio::time::timeout(self.time_left(), self.api.get_opt(&name)).await {
+        match tokio::time::timeout(self.time_left(), crate::client::get_opt(&self.api, &name)).await {
             Ok(Ok(Some(now))) if same_tenure(&held, &now) => {
                 let found = now.spec.as_ref().and_then(|s| s.renew_time.as_ref());
                 let landed = landed(&self.state.lock().unwrap().unanswered, found);
@@ -231,7 +231,7 @@ impl Keeper {
                 if release_if_current(&self.api, &lease).await? {
                     return Ok(());
                 }
-                match self.api.get_opt(&lease.name_any()).await? {
+                match crate::client::get_opt(&self.api, &lease.name_any()).await? {
                     Some(now) if same_tenure(&lease, &now) => self.renewed(now, None),
                     _ => return Ok(()),
                 }
