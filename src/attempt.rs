@@ -576,9 +576,13 @@ async fn record(
                 status::finish(s, Phase::Cancelled, Some(why.clone()), now)
             })
             .await?;
-            worker.metrics.count_outcome(Phase::Cancelled);
-            worker.event(job, EventType::Normal, "Cancelled", format!("attempt {} cancelled", fence.attempt));
-            return Ok(matches!(written, Fenced::Written(_)));
+            let written = matches!(written, Fenced::Written(_));
+            // Told only when recorded: a job removed meanwhile (its finalizer gone) has no outcome.
+            if written {
+                worker.metrics.count_outcome(Phase::Cancelled);
+                worker.event(job, EventType::Normal, "Cancelled", format!("attempt {} cancelled", fence.attempt));
+            }
+            return Ok(written);
         }
         Ending::Stopped(reason @ (StopReason::Shutdown | StopReason::NotLeader)) => {
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };

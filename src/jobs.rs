@@ -378,6 +378,12 @@ fn retry_budget(job: &BackgroundJob, current_max: i32) -> i32 {
 /// Decide how to re-queue `job` at `now`. Only `Failed` and `Abandoned` jobs can be retried.
 pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<Requeue, String> {
     let phase = job.phase();
+    if job.deletion_requested() {
+        return Err(format!(
+            "{} is being deleted (its deletion waits for a finalizer): it is not run again",
+            job.metadata.name.as_deref().unwrap_or("?")
+        ));
+    }
     if !phase.can_retry() {
         return Err(format!(
             "only Failed or Abandoned jobs can be retried; {} is {phase}",
@@ -628,6 +634,11 @@ mod tests {
     fn only_failed_or_abandoned_jobs_can_be_retried() {
         let err = requeue_plan(&finished(Phase::Succeeded, 1, None, 100), Timestamp::now()).unwrap_err();
         assert!(err.contains("only Failed or Abandoned"), "{err}");
+        let mut deleting = finished(Phase::Failed, 1, None, 100);
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
+        let err = requeue_plan(&deleting, Timestamp::now()).unwrap_err();
+        assert!(err.contains("is being deleted"), "a job whose deletion waits is not put back: {err}");
     }
 
     #[test]

@@ -202,6 +202,11 @@ mod tests {
         let t = turns(&[&cancelled, &waiting, &skipper]);
         assert_eq!(t["uid-skipper"], KeyVerdict::Skip { deferred_to: "waiting".into() });
         assert_eq!(t["uid-waiting"], KeyVerdict::Wait { behind: "cancelled".into() });
+        // A job whose deletion waits (a finalizer) is as good as cancelled.
+        let mut deleting = job("deleting", "k", 1, Some(Phase::Running), false);
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(turns(&[&deleting, &skipper])["uid-skipper"], KeyVerdict::Wait { behind: "deleting".into() });
     }
 
     #[test]

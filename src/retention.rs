@@ -122,10 +122,11 @@ impl FromStr for RetentionPolicy {
     }
 }
 
-/// How long after it finished `job` is deleted: `None` while it is not finished, and for a job kept forever.
+/// How long after it finished `job` is deleted: `None` while it is not finished, for a job kept forever, and for one
+/// whose deletion was asked for already (a finalizer holds it: deleted again, it would be a no-op a second, for ever).
 pub fn ttl_for(job: &BackgroundJob, policy: &RetentionPolicy) -> Keep {
     let phase = job.phase();
-    if !phase.is_final() {
+    if !phase.is_final() || job.deletion_requested() {
         return None;
     }
     if let Some(secs) = job.spec.ttl_seconds_after_finished {
@@ -180,6 +181,10 @@ mod tests {
         for phase in [Phase::Waiting, Phase::Running] {
             assert_eq!(ttl_for(&job("a", phase, Some(0)), &p), None, "{phase} is not finished: never deleted");
         }
+        let mut deleting = job("a", Phase::Cancelled, Some(0));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(ttl_for(&deleting, &p), None, "a job whose deletion waits is not deleted again");
     }
 
     /// A bulk call's job has a floor past every create the call may still send for it (`expire_finished` keeps the

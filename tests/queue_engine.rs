@@ -387,9 +387,9 @@ async fn deleting_a_running_job_stops_its_attempt() {
     }
 }
 
-/// A deletion that waits (a finalizer of someone else's; `kubectl delete --cascade=foreground` while the job's
-/// dependents go) cancels the job: a waiting one never starts and gives up its concurrency key's turn, a running
-/// one is stopped, each recorded `Cancelled` saying why, and the object goes once its finalizer is removed.
+/// A deletion that waits (a finalizer of another controller's) cancels the job: a waiting one never starts and gives
+/// up its concurrency key's turn, a running one is stopped, each recorded `Cancelled` saying why; neither is deleted
+/// again by retention meanwhile (a no-op a second), and the object goes once its finalizer is removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
     let env = TestEnv::new("deleting").await;
@@ -398,18 +398,17 @@ async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
         job.metadata.finalizers = Some(vec!["test.bgjobs.dev/hold".into()]);
         job
     };
-    let _release = Released { jobs: env.jobs.clone(), names: &["waiting", "running"] };
+    let _release = Released { ns: env.ns.clone(), names: &["waiting", "running"] };
     env.jobs
         .create(&Default::default(), &hold("waiting", json!({"jobName": "noop", "concurrencyKey": "k"})))
         .await
         .unwrap();
     env.create("after", json!({"jobName": "noop", "concurrencyKey": "k"})).await;
     env.jobs.delete("waiting", &Default::default()).await.unwrap();
-    env.jobs
-        .create(&Default::default(), &hold("running", json!({"jobName": "sleep", "args": {"seconds": 60}})))
-        .await
-        .unwrap();
-    let _r = env.replica("r", &[]);
+    let long = json!({"jobName": "sleep", "args": {"seconds": 60}, "ttlSecondsAfterFinished": 0});
+    env.jobs.create(&Default::default(), &hold("running", long)).await.unwrap();
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let _r = env.replica("r", &["--metrics-addr", &metrics]);
     env.wait_job("running", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
     env.jobs.delete("running", &Default::default()).await.unwrap();
     for (name, attempts) in [("running", 1), ("waiting", 0)] {
@@ -425,6 +424,14 @@ async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
     let ran = |name: &str| execs.iter().filter(|e| e.job.ends_with(&format!("/{name}"))).count();
     assert_eq!((ran("waiting"), ran("running"), ran("after")), (0, 1, 1), "{execs:?}");
     assert!(execs.iter().all(|e| e.end.is_some()), "the running job's handler was stopped: {execs:?}");
+    // "running" is past its TTL of 0: its deletion was asked for already, so retention sends none (or one, at most).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let text = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap().text().await.unwrap();
+    let deletes: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("bgjobs_ttl_deletions_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap());
+    assert!(deletes <= 1.0, "a job held by its finalizer was deleted again and again: {deletes}");
     drop(_release);
     let deadline = std::time::Instant::now() + MINUTE;
     while env.jobs.get_opt("running").await.unwrap().is_some() || env.jobs.get_opt("waiting").await.unwrap().is_some() {
@@ -433,28 +440,23 @@ async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
     }
 }
 
-/// Removes the test's finalizer from `names` when dropped, so that a failed test leaves no job (nor its namespace)
-/// stuck in deletion.
+/// Removes the test's finalizer from `names` (in namespace `ns`) when dropped, so that a failed test leaves no job
+/// (nor its namespace) stuck in deletion. With kubectl: a drop cannot await the test's client.
 struct Released<'a> {
-    jobs: Api<bgjobs::api::BackgroundJob>,
+    ns: String,
     names: &'a [&'a str],
 }
 
 impl Drop for Released<'_> {
     fn drop(&mut self) {
-        let (jobs, names) = (self.jobs.clone(), self.names.iter().map(|n| n.to_string()).collect::<Vec<_>>());
-        let release = Patch::Merge(json!({"metadata": {"finalizers": null}}));
-        // Drop cannot await: a thread of its own with a runtime of its own, waited for.
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                for name in names {
-                    let _ = jobs.patch(&name, &PatchParams::default(), &release).await;
-                }
-            })
-        })
-        .join()
-        .unwrap();
+        for name in self.names {
+            let _ = common::kubectl()
+                .args(["patch", "backgroundjob", name, "-n", &self.ns, "--type", "merge"])
+                .args(["-p", r#"{"metadata":{"finalizers":null}}"#, "--request-timeout", "10s"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 

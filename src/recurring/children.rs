@@ -32,6 +32,8 @@ pub struct Child {
     pub created: Option<Timestamp>,
     /// Whether it was asked to stop (`spec.cancel`, or its deletion requested).
     pub cancel: bool,
+    /// Whether its deletion was asked for already: it is going, and counts as no one's history.
+    pub deleting: bool,
 }
 
 impl Child {
@@ -47,6 +49,7 @@ impl Child {
             tick: super::tick_of(job),
             created: job.creation_timestamp().map(|t| t.0),
             cancel: job.spec.cancel || job.deletion_requested(),
+            deleting: job.deletion_requested(),
         };
         Some((owner, child))
     }

@@ -698,6 +698,7 @@ pub(crate) mod tests {
             tick: None,
             created: None,
             cancel: false,
+            deleting: false,
         }
     }
 

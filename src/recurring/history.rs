@@ -84,7 +84,8 @@ pub fn beyond_history<'a>(def: &RecurringBackgroundJob, kids: &'a [Child]) -> Ve
     let pending = def.status.as_ref().and_then(|s| s.pending_job.as_deref());
     // By outcome (succeeded or not): the finished jobs that may go, and how many are kept anyway.
     let mut finished: BTreeMap<bool, (Vec<&Child>, usize)> = BTreeMap::new();
-    for j in kids.iter().filter(|j| j.phase.is_final()) {
+    // One whose deletion waits (a finalizer) is going already: neither kept nor deleted again.
+    for j in kids.iter().filter(|j| j.phase.is_final() && !j.deleting) {
         let (deletable, kept) = finished.entry(j.phase == Phase::Succeeded).or_default();
         if Some(j.name.as_str()) == pending || keeps_tick(Some(def), j.tick) {
             *kept += 1;
@@ -253,5 +254,20 @@ mod tests {
         assert_eq!(names(&pending), ["report-4", "report-2", "report-1"], "report-3 is pending: kept");
         let two = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 2}));
         assert_eq!(names(&with_pending(two, 3, "report-3")), ["report-1"], "the pending one counts toward the two");
+    }
+
+    /// A job whose deletion waits (a finalizer) is going already: it is not deleted again at each look, and it is not
+    /// counted as one of the jobs the history keeps.
+    #[test]
+    fn a_finished_job_whose_deletion_waits_is_neither_history_nor_deleted_again() {
+        let kids = vec![
+            finished("report-1", Phase::Succeeded, 1),
+            Child { deleting: true, ..finished("report-2", Phase::Succeeded, 2) },
+        ];
+        let one = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 1}));
+        assert!(beyond_history(&one, &kids).is_empty(), "report-1 is the one kept");
+        let none = def("* * * * *", serde_json::json!({"successfulJobsHistoryLimit": 0}));
+        let names: Vec<_> = beyond_history(&none, &kids).iter().map(|j| j.name.clone()).collect();
+        assert_eq!(names, ["report-1"]);
     }
 }
