@@ -113,6 +113,8 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             format!("{by} while its attempt waited, unwatched, for its worker's report")
         } else if orphaned {
             format!("{by} while its attempt was left unwatched (its replica stopped or shut down)")
+        } else if job.attempts() > 0 {
+            format!("{by} while it waited for attempt {}", job.attempts() + 1)
         } else {
             format!("{by} before it ran")
         };
@@ -468,6 +470,15 @@ mod tests {
         j.spec.cancel = true;
         match triage(&facts(&j, None, 0, 1), &T) {
             Decision::Settle { phase: Phase::Cancelled, reason, .. } => assert!(reason.contains("before it ran")),
+            other => panic!("{other:?}"),
+        }
+        // One that ran and waits for its next attempt (a retry's backoff) did run.
+        let mut j = job(serde_json::json!({}), Phase::Waiting, 2);
+        j.spec.cancel = true;
+        match triage(&facts(&j, None, 0, 1), &T) {
+            Decision::Settle { reason, .. } => {
+                assert_eq!(reason, "cancelled by the user while it waited for attempt 3")
+            }
             other => panic!("{other:?}"),
         }
         // An orphaned attempt (an HTTP request cut off by its replica's shutdown, handed over) did run.
