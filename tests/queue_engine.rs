@@ -395,10 +395,10 @@ async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
     let env = TestEnv::new("deleting").await;
     let hold = |name: &str, spec: serde_json::Value| {
         let mut job = common::fixtures::job(name, spec);
-        job.metadata.finalizers = Some(vec!["test.bgjobs.dev/hold".into()]);
+        job.metadata.finalizers = Some(vec![common::HOLD_FINALIZER.into()]);
         job
     };
-    let _release = Released { ns: env.ns.clone(), names: &["waiting", "running"] };
+    let release = common::Held::on(&env, "backgroundjob", &["waiting", "running"]);
     env.jobs
         .create(&Default::default(), &hold("waiting", json!({"jobName": "noop", "concurrencyKey": "k"})))
         .await
@@ -432,31 +432,11 @@ async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
         .find_map(|l| l.strip_prefix("bgjobs_ttl_deletions_total "))
         .map_or(0.0, |v| v.trim().parse().unwrap());
     assert!(deletes <= 1.0, "a job held by its finalizer was deleted again and again: {deletes}");
-    drop(_release);
+    drop(release);
     let deadline = std::time::Instant::now() + MINUTE;
     while env.jobs.get_opt("running").await.unwrap().is_some() || env.jobs.get_opt("waiting").await.unwrap().is_some() {
         assert!(std::time::Instant::now() < deadline, "the jobs did not go once their finalizer was removed");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Removes the test's finalizer from `names` (in namespace `ns`) when dropped, so that a failed test leaves no job
-/// (nor its namespace) stuck in deletion. With kubectl: a drop cannot await the test's client.
-struct Released<'a> {
-    ns: String,
-    names: &'a [&'a str],
-}
-
-impl Drop for Released<'_> {
-    fn drop(&mut self) {
-        for name in self.names {
-            let _ = common::kubectl()
-                .args(["patch", "backgroundjob", name, "-n", &self.ns, "--type", "merge"])
-                .args(["-p", r#"{"metadata":{"finalizers":null}}"#, "--request-timeout", "10s"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
     }
 }
 

@@ -521,6 +521,40 @@ async fn after_two_days_suspended_an_every_second_schedule_catches_up_only_the_l
     assert!(lag <= 3, "the catch-up job is for the latest missed tick, not one {lag} s before the un-suspend");
 }
 
+/// A definition whose deletion waits for another controller's finalizer makes no more jobs (as if suspended), and
+/// goes once the finalizer is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_whose_deletion_waits_for_a_finalizer_makes_no_more_jobs() {
+    let env = TestEnv::new("rec-deleting").await;
+    let api: Api<RecurringBackgroundJob> = Api::namespaced(env.client.clone(), &env.ns);
+    let spec = json!({"schedule": "* * * * * *", "successfulJobsHistoryLimit": 100,
+        "jobTemplate": {"spec": {"jobName": "noop"}}});
+    let mut def = common::fixtures::recurring("held", spec);
+    def.metadata.finalizers = Some(vec![common::HOLD_FINALIZER.into()]);
+    api.create(&PostParams::default(), &def).await.unwrap();
+    let release = common::Held::on(&env, "recurringbackgroundjob", &["held"]);
+    let _r = env.replica("r", &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ticks(&env).await.len() < 2 {
+        assert!(Instant::now() < deadline, "the definition never ticked");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    api.delete("held", &Default::default()).await.unwrap();
+    // A tick claimed before the deletion was seen may still get its job: wait that out, then count.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = ticks(&env).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = ticks(&env).await;
+    assert_eq!(after.len(), before.len(), "ticks went on after the deletion was asked for: {after:?}");
+    assert!(api.get("held").await.unwrap().metadata.deletion_timestamp.is_some(), "still held by its finalizer");
+    drop(release);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.get_opt("held").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the definition did not go once its finalizer was removed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbid_skips_ticks_while_the_previous_job_runs() {
     let env = TestEnv::new("rec-forbid").await;

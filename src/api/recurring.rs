@@ -156,6 +156,14 @@ pub struct RecurringBackgroundJobStatus {
     pub observed_generation: Option<i64>,
 }
 
+impl RecurringBackgroundJob {
+    /// Whether the definition's deletion was asked for while something holds it back (a finalizer of another
+    /// controller's): it makes no more jobs, as if suspended.
+    pub fn deletion_requested(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
+    }
+}
+
 fn default_successful_history() -> i32 {
     3
 }

@@ -190,7 +190,9 @@ pub fn plan(
         Ok(tz) => tz,
         Err(e) => return invalid_schedule(e),
     };
-    if def.spec.suspend {
+    // A definition being deleted (a finalizer holds it back) ticks no more, as if suspended; a tick claimed ahead of
+    // the deletion is taken back as for any edit (the deletion raises `generation`).
+    if def.spec.suspend || def.deletion_requested() {
         return Plan::Idle(None);
     }
     let since = handled_until(def).unwrap_or(now);
@@ -1011,9 +1013,14 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn suspended_and_invalid_definitions_create_nothing() {
+    fn suspended_being_deleted_and_invalid_definitions_create_nothing() {
         let suspended = def("* * * * *", serde_json::json!({"suspend": true}));
         assert_eq!(plan(&suspended, &[], none, t(600)), Plan::Idle(None));
+        // Its deletion asked for while a finalizer holds it back.
+        let mut deleting = def("* * * * *", serde_json::json!({}));
+        assert_ne!(plan(&deleting, &[], none, t(600)), Plan::Idle(None));
+        deleting.metadata.deletion_timestamp = Some(Time(t(590)));
+        assert_eq!(plan(&deleting, &[], none, t(600)), Plan::Idle(None));
         let out_of_range = plan(&def("99 * * * *", serde_json::json!({})), &[], none, t(60));
         assert!(
             matches!(out_of_range, Plan::Invalid { reason: "InvalidSchedule", message } if message.contains("out of range"))

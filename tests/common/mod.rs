@@ -554,6 +554,37 @@ impl Drop for TestEnv {
     }
 }
 
+/// A finalizer of the tests' own, which holds an object's deletion back as another controller's would.
+pub const HOLD_FINALIZER: &str = "test.bgjobs.dev/hold";
+
+/// Objects a test holds with [`HOLD_FINALIZER`]: the finalizer is removed when this is dropped, so that a failed test
+/// leaves no object (nor its namespace) stuck in deletion. With kubectl: a drop cannot await the test's client.
+pub struct Held {
+    kind: &'static str,
+    ns: String,
+    names: Vec<String>,
+}
+
+impl Held {
+    /// The objects `names` of `kind` (as kubectl names it) in the test's namespace.
+    pub fn on(env: &TestEnv, kind: &'static str, names: &[&str]) -> Held {
+        Held { kind, ns: env.ns.clone(), names: names.iter().map(|n| n.to_string()).collect() }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = kubectl()
+                .args(["patch", self.kind, name, "-n", &self.ns, "--type", "merge"])
+                .args(["-p", r#"{"metadata":{"finalizers":null}}"#, "--request-timeout", "10s"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// `name=phase/attempts` for every job, for failure messages.
 pub fn summary(jobs: &[BackgroundJob]) -> String {
     let mut counts: HashMap<String, usize> = HashMap::new();
