@@ -294,6 +294,11 @@ pub async fn recurring_trigger(client: &Client, api: &Api<RecurringBackgroundJob
     let def = crate::client::get_opt(&api, name)
         .await?
         .ok_or_else(|| Error::Invalid(format!("no RecurringBackgroundJob {name:?}")))?;
+    if def.deletion_requested() {
+        return Err(Error::Invalid(format!(
+            "RecurringBackgroundJob {name:?} is being deleted (its deletion waits for a finalizer): it makes no more jobs"
+        )));
+    }
     let job = crate::recurring::trigger(client, &def).await?;
     println!("backgroundjob.bgjobs.dev/{} created", job.name_any());
     Ok(())

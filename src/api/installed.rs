@@ -41,7 +41,7 @@ async fn outdated(
     let name = wanted.name_any();
     let what = format!("read the CRD {name}");
     let read = crate::client::at_start_up(&what, || async {
-        // Not kube's `get_opt`, which reads any 404 as absent: only one whose `Status` says so ([`crate::error::gone`]).
+        // Absent only when its `Status` says so ([`crate::error::gone`]): a bare 404 is an apiserver not serving yet.
         match crds.get(&name).await {
             Ok(found) => Ok(Some(Some(found))),
             Err(e) if crate::error::gone(&e) => Ok(Some(None)),

@@ -113,7 +113,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             format!("{by} while its attempt waited, unwatched, for its worker's report")
         } else if orphaned {
             format!("{by} while its attempt was left unwatched (its replica stopped or shut down)")
-        } else if job.attempts() > 0 {
+        } else if job.attempts_spent(job.attempts()) > 0 {
             format!("{by} while it waited for attempt {}", job.attempts() + 1)
         } else {
             format!("{by} before it ran")
@@ -479,6 +479,13 @@ mod tests {
             Decision::Settle { reason, .. } => {
                 assert_eq!(reason, "cancelled by the user while it waited for attempt 3")
             }
+            other => panic!("{other:?}"),
+        }
+        // One whose only attempt was handed back before it started did not.
+        j.status.as_mut().unwrap().attempts = 1;
+        j.status.as_mut().unwrap().unstarted_attempts = 1;
+        match triage(&facts(&j, None, 0, 1), &T) {
+            Decision::Settle { reason, .. } => assert_eq!(reason, "cancelled by the user before it ran"),
             other => panic!("{other:?}"),
         }
         // An orphaned attempt (an HTTP request cut off by its replica's shutdown, handed over) did run.

@@ -180,6 +180,11 @@ pub fn plan(
         return Plan::Invalid { reason: "InvalidTemplate", message };
     }
     if let Some(job) = pending {
+        // Being deleted, a definition's tick not yet made is given up: its jobs may already have been removed with
+        // it (a foreground deletion), and the pending one made again would run its tick twice.
+        if def.deletion_requested() {
+            return Plan::Abandon { job, reason: "the definition is being deleted".into() };
+        }
         return plan_pending(def, job, tick, active, now);
     }
     let schedule: Schedule = match def.spec.schedule.parse() {
@@ -971,6 +976,10 @@ pub(crate) mod tests {
             2,
         );
         assert_eq!(super::plan(&broken, &[], none, t(55), AHEAD), Plan::Withdraw { job: job.into(), at: t(55) });
+        // A deletion (which raises the generation) before the tick takes the claim back too.
+        let mut deleting = claimed(serde_json::json!({}), 2);
+        deleting.metadata.deletion_timestamp = Some(Time(t(50)));
+        assert_eq!(super::plan(&deleting, &[], none, t(55), AHEAD), Plan::Withdraw { job: job.into(), at: t(55) });
         // Suspended, or made denser, after the claim and before the tick: the claim goes, and the edit applies from now.
         for spec in [serde_json::json!({"suspend": true}), serde_json::json!({"schedule": "*/2 * * * * *"})] {
             let edited = claimed(spec, 2);
@@ -1021,6 +1030,11 @@ pub(crate) mod tests {
         assert_ne!(plan(&deleting, &[], none, t(600)), Plan::Idle(None));
         deleting.metadata.deletion_timestamp = Some(Time(t(590)));
         assert_eq!(plan(&deleting, &[], none, t(600)), Plan::Idle(None));
+        // Its due tick's job not known to exist (perhaps made, then removed with it by a foreground deletion) is given
+        // up, not made (again); one known to exist needs nothing.
+        let pending = with_pending(deleting, 540, "report-1800000540");
+        assert!(matches!(plan(&pending, &[], none, t(600)), Plan::Abandon { .. }));
+        assert_eq!(plan(&pending, &[], |_| true, t(600)), Plan::Idle(None));
         let out_of_range = plan(&def("99 * * * *", serde_json::json!({})), &[], none, t(60));
         assert!(
             matches!(out_of_range, Plan::Invalid { reason: "InvalidSchedule", message } if message.contains("out of range"))
