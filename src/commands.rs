@@ -291,7 +291,7 @@ pub async fn recurring_list(api: &Api<RecurringBackgroundJob>, output: Output) -
 
 /// `bgjobs recurring trigger NAME`.
 pub async fn recurring_trigger(client: &Client, api: &Api<RecurringBackgroundJob>, name: &str) -> Result<()> {
-    let def = crate::client::get_opt(&api, name)
+    let def = crate::client::get_opt(api, name)
         .await?
         .ok_or_else(|| Error::Invalid(format!("no RecurringBackgroundJob {name:?}")))?;
     if def.deletion_requested() {
