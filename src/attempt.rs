@@ -34,10 +34,9 @@ use crate::worker::Worker;
 /// Why a running attempt was stopped from outside.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
-    /// The user set `spec.cancel`.
-    Cancelled,
-    /// The job's deletion was asked for and something holds it back (a finalizer): cancelled as by the user.
-    DeletionRequested,
+    /// The job was asked to run no more: its user set `spec.cancel`, or its deletion waits for a finalizer. How its
+    /// record begins ([`BackgroundJob::cancellation`]).
+    Cancelled(&'static str),
     /// The job was deleted.
     Deleted,
     /// This replica is shutting down.
@@ -167,30 +166,18 @@ impl AttemptControl {
 impl StopReason {
     /// Whether the attempt is to end `Cancelled`: the work is not to be done (see [`AttemptControl::stop`]).
     fn cancels(self) -> bool {
-        matches!(self, StopReason::Cancelled | StopReason::DeletionRequested)
-    }
-
-    /// What a stop that cancels is, for the job's `lastError`.
-    fn cancellation(self, attempt: i32) -> String {
-        match self {
-            StopReason::DeletionRequested => {
-                format!("{} during attempt {attempt}", crate::api::DELETION_REQUESTED)
-            }
-            _ => format!("cancelled by the user during attempt {attempt}"),
-        }
+        matches!(self, StopReason::Cancelled(_))
     }
 }
 
-/// Whether `job`, as last seen, asks its running attempt to stop: its deletion waits (checked first: the object is
-/// going whatever its spec says), or the user cancelled it.
+/// The `lastError` of an attempt stopped as cancelled, `by` saying who asked ([`BackgroundJob::cancellation`]).
+fn cancelled_during(by: &str, attempt: i32) -> String {
+    format!("{by} during attempt {attempt}")
+}
+
+/// Whether `job`, as last seen, asks its running attempt to stop ([`BackgroundJob::cancellation`]).
 pub fn stop_asked(job: &BackgroundJob) -> Option<StopReason> {
-    if job.deletion_requested() {
-        Some(StopReason::DeletionRequested)
-    } else if job.spec.cancel {
-        Some(StopReason::Cancelled)
-    } else {
-        None
-    }
+    job.cancellation().map(StopReason::Cancelled)
 }
 
 /// Observes the execution time into the run-duration histogram when dropped (finished, cancelled or lost).
@@ -428,7 +415,7 @@ async fn run_claimed(
         ending,
         Ending::AttemptTimedOut(..)
             | Ending::DeadlineReached(_)
-            | Ending::Stopped(StopReason::Cancelled | StopReason::DeletionRequested | StopReason::Deleted)
+            | Ending::Stopped(StopReason::Cancelled(_) | StopReason::Deleted)
     );
     if is_pod {
         // An attempt whose Pod finished, or went away (deleted by anyone), may still have a create of unknown outcome
@@ -570,8 +557,8 @@ async fn record(
             info!("job deleted: attempt stopped");
             return Ok(false);
         }
-        Ending::Stopped(reason @ (StopReason::Cancelled | StopReason::DeletionRequested)) => {
-            let why = reason.cancellation(fence.attempt);
+        Ending::Stopped(StopReason::Cancelled(by)) => {
+            let why = cancelled_during(by, fence.attempt);
             let written = status::write_outcome(jobs, job, fence, |s| {
                 status::finish(s, Phase::Cancelled, Some(why.clone()), now)
             })
@@ -867,7 +854,7 @@ mod tests {
         assert_eq!(shutdown.begin(true, true), Some(StopReason::Shutdown));
 
         let cancelled = AttemptControl::default();
-        cancelled.stop(StopReason::Cancelled);
+        cancelled.stop(StopReason::Cancelled(crate::api::CANCELLED_BY_USER));
         assert_eq!(cancelled.begin(true, true), None, "it ends as cancelled, at once");
         assert!(!cancelled.out_of_reach(), "and nothing was sent that could run on");
     }
@@ -900,21 +887,25 @@ mod tests {
         let mut j = BackgroundJob::new("j", serde_json::from_value(serde_json::json!({"jobName": "noop"})).unwrap());
         assert_eq!(stop_asked(&j), None);
         j.spec.cancel = true;
-        assert_eq!(stop_asked(&j), Some(StopReason::Cancelled));
+        assert_eq!(stop_asked(&j), Some(StopReason::Cancelled("cancelled by the user")));
         j.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
-        assert_eq!(stop_asked(&j), Some(StopReason::DeletionRequested));
-        let why = StopReason::DeletionRequested.cancellation(2);
+        assert_eq!(stop_asked(&j), Some(StopReason::Cancelled(crate::api::DELETION_REQUESTED)));
+        let why = cancelled_during(crate::api::DELETION_REQUESTED, 2);
         assert!(why.starts_with(crate::api::DELETION_REQUESTED) && why.ends_with("during attempt 2"), "{why}");
-        assert_eq!(StopReason::Cancelled.cancellation(2), "cancelled by the user during attempt 2");
+        assert_eq!(cancelled_during(crate::api::CANCELLED_BY_USER, 2), "cancelled by the user during attempt 2");
     }
 
     #[test]
     fn a_cancellation_waits_for_a_sent_requests_answer_but_not_for_a_worker_that_reports_nor_a_deletion() {
         let sent = AttemptControl::default();
         assert_eq!(sent.begin(true, true), None);
-        sent.stop(StopReason::Cancelled);
+        sent.stop(StopReason::Cancelled(crate::api::CANCELLED_BY_USER));
         assert!(!sent.token.is_cancelled(), "the request is not cut off, its answer is waited for");
-        assert_eq!(sent.reason(), Some(StopReason::Cancelled), "and the cancellation is what the attempt ends as");
+        assert_eq!(
+            sent.reason(),
+            Some(StopReason::Cancelled(crate::api::CANCELLED_BY_USER)),
+            "and the cancellation is what the attempt ends as"
+        );
         sent.stop(StopReason::Shutdown);
         assert!(sent.token.is_cancelled() && sent.shutdown.is_cancelled(), "a shutdown meanwhile ends the wait");
 
@@ -926,10 +917,11 @@ mod tests {
         // A deletion held back by a finalizer cancels: the job and its claim Lease stay until the answer comes.
         let deleting = AttemptControl::default();
         assert_eq!(deleting.begin(true, true), None);
-        deleting.stop(StopReason::DeletionRequested);
+        deleting.stop(StopReason::Cancelled(crate::api::DELETION_REQUESTED));
         assert!(!deleting.token.is_cancelled(), "the request's answer is waited for");
 
-        for reason in [StopReason::Cancelled, StopReason::DeletionRequested, StopReason::Deleted] {
+        let by = [crate::api::CANCELLED_BY_USER, crate::api::DELETION_REQUESTED];
+        for reason in by.map(StopReason::Cancelled).into_iter().chain([StopReason::Deleted]) {
             // A request handing out a report URL: its worker learns of the stop from its next report (409).
             let reporting = AttemptControl::default();
             assert_eq!(reporting.begin(true, false), None);

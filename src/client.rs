@@ -134,7 +134,7 @@ mod tests {
     /// "Is it gone?" has one home, [`crate::error::gone`]: no read in the crate uses kube's `Api::get_opt` (or its
     /// metadata form), whose rule is kube's to change.
     #[test]
-    fn no_read_takes_any_404_for_absent() {
+    fn every_read_of_an_absence_goes_through_client_get_opt() {
         fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
             for entry in std::fs::read_dir(dir).unwrap() {
                 let path = entry.unwrap().path();

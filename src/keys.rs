@@ -75,7 +75,7 @@ pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
                 }
                 (Some(first), _) => KeyVerdict::Wait { behind: first.clone() },
             };
-            if going_ahead.is_none() && !j.spec.cancel && !j.deletion_requested() {
+            if going_ahead.is_none() && j.cancellation().is_none() {
                 going_ahead = Some(j.name_any());
             }
             out.insert(uid, verdict);

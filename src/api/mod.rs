@@ -407,6 +407,9 @@ impl std::fmt::Display for Phase {
 /// How the record of a job cancelled because its deletion waits (see [`BackgroundJob::deletion_requested`]) begins.
 pub const DELETION_REQUESTED: &str = "cancelled: its deletion was requested (something holds the object back)";
 
+/// How the record of a job its user cancelled (`spec.cancel`) begins.
+pub const CANCELLED_BY_USER: &str = "cancelled by the user";
+
 impl BackgroundJob {
     /// The job as a reader that only writes its status keeps it: without its arguments, which may be 1.5 MB. A
     /// status write of it keeps the stored spec.
@@ -424,6 +427,18 @@ impl BackgroundJob {
     /// foreground deletion waiting for its dependents): it is to run no more, as if cancelled.
     pub fn deletion_requested(&self) -> bool {
         self.metadata.deletion_timestamp.is_some()
+    }
+
+    /// Whether the job was asked to run no more, and how its record says so: its deletion waits (first: the object is
+    /// going whatever its spec says, [`DELETION_REQUESTED`]), or its user cancelled it ([`CANCELLED_BY_USER`]).
+    pub fn cancellation(&self) -> Option<&'static str> {
+        if self.deletion_requested() {
+            Some(DELETION_REQUESTED)
+        } else if self.spec.cancel {
+            Some(CANCELLED_BY_USER)
+        } else {
+            None
+        }
     }
 
     /// Attempts started so far.

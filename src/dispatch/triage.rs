@@ -105,8 +105,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
     // spent on this very attempt); cancelling it or passing its deadline settles it, and the settle deletes its
     // Pod first.
     let adoptable = orphaned && claim::adopts(job);
-    if job.spec.cancel || job.deletion_requested() {
-        let by = if job.deletion_requested() { crate::api::DELETION_REQUESTED } else { "cancelled by the user" };
+    if let Some(by) = job.cancellation() {
         let reason = if adoptable && job.spec.template.is_some() {
             format!("{by} while its pod ran unwatched; the pod was deleted")
         } else if adoptable {

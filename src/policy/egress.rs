@@ -286,7 +286,9 @@ impl EgressPolicy {
         if ip.is_unspecified() {
             return Err(Denial::Unspecified(addr));
         }
-        for read in std::iter::once(ip).chain(local_use_nat64_readings(addr)) {
+        // Every way the address may be read (a local-use NAT64 address under a short prefix: several).
+        let readings: Vec<IpAddr> = std::iter::once(ip).chain(local_use_nat64_readings(addr)).collect();
+        for &read in &readings {
             if METADATA.contains(&read) {
                 return Err(Denial::Metadata(addr));
             }
@@ -294,10 +296,8 @@ impl EgressPolicy {
                 return Err(Denial::LinkLocal(addr));
             }
         }
-        // Every reading of a local-use NAT64 address: one embedding this Pod's address under a short prefix is local.
-        let local = std::iter::once(ip)
-            .chain(local_use_nat64_readings(addr))
-            .any(|read| read.is_loopback() || self.local_addrs.iter().any(|a| canonical(*a) == read));
+        let local =
+            readings.iter().any(|read| read.is_loopback() || self.local_addrs.iter().any(|a| canonical(*a) == *read));
         if local && self.operator_ports.contains(&port) {
             return Err(Denial::OperatorPort { addr, port });
         }

@@ -48,7 +48,7 @@ impl Child {
             completed: job.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|t| t.0),
             tick: super::tick_of(job),
             created: job.creation_timestamp().map(|t| t.0),
-            cancel: job.spec.cancel || job.deletion_requested(),
+            cancel: job.cancellation().is_some(),
             deleting: job.deletion_requested(),
         };
         Some((owner, child))
