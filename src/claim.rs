@@ -47,8 +47,7 @@ pub fn lease_state(
 ) -> LeaseState {
     let Some(lease) = lease else { return LeaseState::Absent };
     let same_job = !names_another_job(lease, job);
-    let lease_attempt: i32 =
-        lease::annotation(lease, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let lease_attempt = lease::attempt(lease);
     // While Running, the current attempt's Lease is the live one; while Waiting, only a claim of the next attempt
     // (a replica between its two writes) is.
     let guarded_attempt = if job.phase() == Phase::Running { job.attempts() } else { job.attempts() + 1 };
@@ -288,11 +287,13 @@ pub async fn claim(
     outcome
 }
 
-/// Whether the job a key or slot Lease names, as this replica caches it (`None`: not cached, deleted or not seen yet),
-/// may still have a Pod running ([`ExtraLease::job_may_run`]): unless it is shown finished, its Pods stopped before
-/// that was recorded (a `Failed` Pod kept for inspection must not hold the key for as long as its job is kept).
-pub fn job_may_run(cached: Option<&BackgroundJob>) -> bool {
-    cached.is_none_or(|j| !j.phase().is_final())
+/// Whether the job a key or slot Lease (`lease`) names, as this replica caches it (`None`: not cached, deleted or not
+/// seen yet), may still have a Pod running ([`ExtraLease::job_may_run`]): unless it is shown finished, its Pods
+/// stopped before that was recorded (a `Failed` Pod kept for inspection must not hold the key for as long as its job
+/// is kept). Unless the Lease names a later attempt than the cache shows: the job was put back in the queue
+/// (`bgjobs retry`) and claimed since, and this replica's cache lags.
+pub fn job_may_run(cached: Option<&BackgroundJob>, lease: Option<&Lease>) -> bool {
+    cached.is_none_or(|j| !j.phase().is_final() || lease.is_some_and(|l| lease::attempt(l) > j.attempts()))
 }
 
 /// How soon a claim held back by a gone job's Pod ([`LostAt::GoneJobsPod`]) looks again.
@@ -1139,6 +1140,19 @@ mod tests {
         let j = job(Some(Phase::Waiting), 2);
         assert_eq!(lease_state(&j, Some(&lease("uid-1", 3, "w1")), Duration::ZERO, &T), LeaseState::Live);
         assert_eq!(lease_state(&j, Some(&lease("uid-1", 3, "w1")), Duration::from_secs(20), &T), LeaseState::Expired);
+    }
+
+    /// A key or slot Lease's job as this replica caches it decides whether its Pod is looked for before the Lease is
+    /// taken over. Cached finished at attempt 2 but named by the Lease at attempt 3, it was put back in the queue and
+    /// claimed since (the cache lags): its Pod may run, and taking the key or slot without looking started a second
+    /// job of the key (or one over the cap) beside it (review).
+    #[test]
+    fn a_job_cached_finished_may_still_run_a_pod_when_the_lease_names_a_later_attempt() {
+        let failed = job(Some(Phase::Failed), 2);
+        assert!(job_may_run(None, None), "not cached: deleted, or not seen yet");
+        assert!(!job_may_run(Some(&failed), Some(&lease("uid-1", 2, "w1"))), "its Pods stopped before it finished");
+        assert!(job_may_run(Some(&failed), Some(&lease("uid-1", 3, "w1"))), "retried and claimed since");
+        assert!(job_may_run(Some(&job(Some(Phase::Running), 2)), Some(&lease("uid-1", 2, "w1"))));
     }
 
     #[test]

@@ -40,8 +40,38 @@ pub enum KeyVerdict {
     /// `Skip` policy and another job of its key was there first.
     Skip {
         /// The job it defers to.
-        deferred_to: String,
+        deferred_to: Ahead,
     },
+}
+
+/// The job a `Skip` job defers to: named in its reason, and read again before the skip is written
+/// ([`still_ahead`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ahead {
+    pub name: String,
+    pub uid: String,
+}
+
+/// Whether `job` is work a `Skip` job of its key may defer to: unfinished, and not asked to stop.
+fn goes_ahead(job: &BackgroundJob) -> bool {
+    !job.phase().is_final() && job.cancellation().is_none()
+}
+
+/// Whether the job `skipper` deferred to, read afresh (`None`: gone), is still that job, still going ahead, and still
+/// ahead of it in its key's order (as [`turns`] sorts: Running first, then queue order). A skip is final, and the
+/// caches a verdict was drawn from may show a job that has since finished, been cancelled or gone (a re-list's look
+/// brings in jobs created meanwhile before it drops the ones deleted meanwhile), or its place before an edit moved it
+/// (two replicas must not each skip one of two `Skip` jobs for the other).
+pub fn still_ahead(read: Option<&BackgroundJob>, ahead: &Ahead, skipper: &BackgroundJob) -> bool {
+    read.is_some_and(|j| {
+        let before = turn_order(j) < turn_order(skipper);
+        j.uid().as_deref() == Some(ahead.uid.as_str()) && goes_ahead(j) && before
+    })
+}
+
+/// A job's place among the unfinished jobs of its key: the Running one first, then queue order.
+fn turn_order(job: &BackgroundJob) -> (bool, QueueKey) {
+    (job.phase() != Phase::Running, QueueKey::of(job))
 }
 
 /// Decide, for every unfinished job with a concurrency key, whether it has its key's turn. Jobs without a key are
@@ -56,10 +86,10 @@ pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
     let mut out = HashMap::new();
     for (_, mut group) in by_key {
         // Each key computed once (it clones the namespace and name): a group may hold tens of thousands of jobs.
-        group.sort_by_cached_key(|j| (j.phase() != Phase::Running, QueueKey::of(j)));
+        group.sort_by_cached_key(|j| turn_order(j));
         let mut holder: Option<String> = None;
         // The first job ahead that was not asked to stop: the work a Skip job defers to.
-        let mut going_ahead: Option<String> = None;
+        let mut going_ahead: Option<Ahead> = None;
         for j in group {
             let uid = j.uid().unwrap_or_default();
             let skip = j.spec.concurrency_policy == Some(ConcurrencyPolicy::Skip);
@@ -75,8 +105,8 @@ pub fn turns(jobs: &[&BackgroundJob]) -> HashMap<String, KeyVerdict> {
                 }
                 (Some(first), _) => KeyVerdict::Wait { behind: first.clone() },
             };
-            if going_ahead.is_none() && j.cancellation().is_none() {
-                going_ahead = Some(j.name_any());
+            if going_ahead.is_none() && goes_ahead(j) {
+                going_ahead = Some(Ahead { name: j.name_any(), uid: uid.clone() });
             }
             out.insert(uid, verdict);
         }
@@ -113,7 +143,7 @@ pub fn key_lease_state(
         // Our own job's key Lease: the same rules as its claim Lease.
         return crate::claim::lease_state(job, Some(l), unchanged_for, timing);
     }
-    let attempt: i32 = lease::annotation(l, lease::ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let attempt = lease::attempt(l);
     // An owner missing from this replica's cache may be deleted, or may not have reached the cache yet (watch lag):
     // only the time rule can tell, so such a Lease is judged like any other held one. So is a Lease of an attempt
     // later than the owner as cached: the owner was re-queued (`bgjobs retry` of a finished job, a retry of a waiting
@@ -136,6 +166,33 @@ mod tests {
     use super::*;
     use crate::api::{BackgroundJobSpec, BackgroundJobStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn ahead(name: &str) -> Ahead {
+        Ahead { name: name.into(), uid: format!("uid-{name}") }
+    }
+
+    #[test]
+    fn a_skip_defers_only_to_the_same_job_still_unfinished_not_asked_to_stop_and_ahead_as_read_afresh() {
+        let skipper = job("skipper", "k", 5, None, true);
+        let ahead_of = |read: Option<&BackgroundJob>| still_ahead(read, &ahead("first"), &skipper);
+        let first = job("first", "k", 1, Some(Phase::Running), false);
+        assert!(ahead_of(Some(&first)));
+        assert!(!ahead_of(None), "deleted since the verdict");
+        let mut recreated = first.clone();
+        recreated.metadata.uid = Some("uid-another".into());
+        assert!(!ahead_of(Some(&recreated)), "another job under its name");
+        let finished = job("first", "k", 2, Some(Phase::Succeeded), false);
+        assert!(!ahead_of(Some(&finished)), "finished since");
+        let mut cancelled = first.clone();
+        cancelled.spec.cancel = true;
+        assert!(!ahead_of(Some(&cancelled)), "asked to stop since");
+        let waiting = job("first", "k", 3, Some(Phase::Waiting), false);
+        assert!(ahead_of(Some(&waiting)), "waiting for its retry, earlier in the queue: still going ahead");
+        let behind = job("first", "k", 9, Some(Phase::Waiting), false);
+        assert!(!ahead_of(Some(&behind)), "an edit moved it behind the skipper since");
+        let running_behind = job("first", "k", 9, Some(Phase::Running), false);
+        assert!(ahead_of(Some(&running_behind)), "a Running job keeps the key whatever its place");
+    }
 
     fn job(name: &str, key: &str, rv: i64, phase: Option<Phase>, skip: bool) -> BackgroundJob {
         let mut spec: BackgroundJobSpec = serde_json::from_value(serde_json::json!({"jobName": "noop"})).unwrap();
@@ -188,7 +245,7 @@ mod tests {
     fn a_skip_job_defers_to_an_earlier_job_of_its_key_but_runs_when_first() {
         let first = job("first", "k", 1, None, false);
         let skipper = job("skipper", "k", 2, None, true);
-        assert_eq!(turns(&[&first, &skipper])["uid-skipper"], KeyVerdict::Skip { deferred_to: "first".into() });
+        assert_eq!(turns(&[&first, &skipper])["uid-skipper"], KeyVerdict::Skip { deferred_to: ahead("first") });
         assert_eq!(turns(&[&skipper])["uid-skipper"], KeyVerdict::Turn);
     }
 
@@ -200,7 +257,7 @@ mod tests {
         assert_eq!(turns(&[&cancelled, &skipper])["uid-skipper"], KeyVerdict::Wait { behind: "cancelled".into() });
         let waiting = job("waiting", "k", 2, None, false);
         let t = turns(&[&cancelled, &waiting, &skipper]);
-        assert_eq!(t["uid-skipper"], KeyVerdict::Skip { deferred_to: "waiting".into() });
+        assert_eq!(t["uid-skipper"], KeyVerdict::Skip { deferred_to: ahead("waiting") });
         assert_eq!(t["uid-waiting"], KeyVerdict::Wait { behind: "cancelled".into() });
         // A job whose deletion waits (a finalizer) is as good as cancelled.
         let mut deleting = job("deleting", "k", 1, Some(Phase::Running), false);

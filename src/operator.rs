@@ -107,7 +107,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");
     if let Some(addr) = config.report_addr {
-        crate::report::server::serve(addr, worker.clone()).await?;
+        crate::report::server::serve(addr, worker.clone(), view.jobs.clone()).await?;
     }
 
     let (membership_tx, membership) = watch::channel(None);

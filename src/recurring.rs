@@ -446,6 +446,9 @@ impl Pass<'_> {
                 Looked::Asked | Looked::Nothing => {}
             }
         }
+        if skips_for_unfinished(def, &decided, active, now) && self.drop_finished(def, active).await {
+            return Ok(Step::Same);
+        }
         match decided {
             Plan::Invalid { reason, message } => self.report_invalid(def, reason, &message).await,
             Plan::Unreadable(message) => self.report_invalid(def, "Unreadable", &message).await,
@@ -589,6 +592,35 @@ impl Pass<'_> {
         }
         active.sort();
         Ok(looked)
+    }
+
+    /// Take out of `active` the jobs the API server has as finished, gone, or not `def`'s ([`skips_for_unfinished`]),
+    /// each asked once a reconcile and bounded by [`LOOKUP_TAKES_AT_MOST`]; whether any went. A job that cannot be
+    /// read stays, as the cache shows it: the tick is skipped as before, rather than held back until the reads work
+    /// and then run late, when the policy would have dropped it.
+    async fn drop_finished(&self, def: &RecurringBackgroundJob, active: &mut Vec<String>) -> bool {
+        let mut dropped = false;
+        for name in active.clone() {
+            if !self.looked_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone()) {
+                continue;
+            }
+            let read = crate::client::bounded(LOOKUP_TAKES_AT_MOST, async {
+                Ok(crate::unreadable::get_opt_without_args(&self.jobs, &name).await?)
+            })
+            .await;
+            match read {
+                Ok(read) if !read.as_ref().is_some_and(|job| made_by(job, def) && !job.phase().is_final()) => {
+                    debug!(definition = %def.name_any(), job = %name, "the job watch showed a job unfinished that is not");
+                    active.retain(|a| *a != name);
+                    dropped = true;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(definition = %def.name_any(), job = %name, error = %e, "could not read a job the tick is skipped for; skipped as the cache shows it")
+                }
+            }
+        }
+        dropped
     }
 
     /// Ask again for the cancel of the jobs the latest `Replace` tick replaced that still run unasked beside its job
@@ -1075,10 +1107,11 @@ pub(crate) mod tests {
         }
     }
 
-    /// A cache that shows the previous job, running or finished for good, is enough: nothing is asked past it.
+    /// A cache that shows the previous job finished for good is enough: nothing is asked past it. One that shows it
+    /// unfinished is asked for once before the tick is skipped for it (a skip is final, and the watch may lag).
     #[tokio::test]
-    async fn a_cache_that_shows_the_previous_job_is_not_second_guessed() {
-        for (phase, skipped) in [(Phase::Running, true), (Phase::Succeeded, false)] {
+    async fn a_cache_that_shows_the_previous_job_finished_is_not_second_guessed_and_one_that_shows_it_running_once() {
+        for (phase, skipped, asked) in [(Phase::Running, true, 1), (Phase::Succeeded, false, 0)] {
             let (d, carried) = forbid_after_tick_0();
             let (client, sent) = apiserver(&d, Some(("Running", "uid-def")));
             let kids = [finished("report-1800000000", phase, 1)];
@@ -1091,8 +1124,37 @@ pub(crate) mod tests {
                 .iter()
                 .filter(|s| s.method == "GET" && s.path.contains("/backgroundjobs/"))
                 .count();
-            assert_eq!(reads, 0, "{phase:?}: no job read past the cache");
+            assert_eq!(reads, asked, "{phase:?}: jobs read past the cache");
         }
+    }
+
+    /// `Forbid` whose job watch still shows the previous tick's job running when the tick comes, though it has
+    /// finished, was deleted (to unblock the schedule), or is another definition's job under its name: the tick
+    /// runs. It was skipped (lost) on the cache's word.
+    #[tokio::test]
+    async fn forbid_runs_the_tick_when_the_job_the_cache_shows_running_has_finished_or_gone() {
+        for job in [Some(("Succeeded", "uid-def")), None, Some(("Running", "uid-other"))] {
+            let (d, carried) = forbid_after_tick_0();
+            let (client, sent) = apiserver(&d, job);
+            let kids = [finished("report-1800000000", Phase::Running, 1)];
+            reconcile_at(client, &d, &kids, carried, 61).await;
+            let (status, created) = tick_60_claim(&sent);
+            assert_eq!(status["pendingJob"], serde_json::json!("report-1800000060"), "{job:?}: {status}");
+            assert!(created, "{job:?}: the tick's job is created");
+        }
+    }
+
+    /// A job the cache shows running that cannot be read (the apiserver answers 500) is taken as the cache shows it:
+    /// the tick is skipped, not held back until the reads work and then run late.
+    #[tokio::test]
+    async fn a_forbid_tick_whose_running_job_cannot_be_read_is_skipped_as_the_cache_shows_it() {
+        let (d, carried) = forbid_after_tick_0();
+        let (client, sent) = apiserver(&d, Some(("Unreadable", "uid-def")));
+        let kids = [finished("report-1800000000", Phase::Running, 1)];
+        reconcile_at(client, &d, &kids, carried, 61).await;
+        let (status, created) = tick_60_claim(&sent);
+        assert_eq!(status["pendingJob"], serde_json::Value::Null, "tick 60 is skipped: {status}");
+        assert!(!created);
     }
 
     /// `Replace` with the previous tick's job running but not shown by the job watch yet: the claim records it, and

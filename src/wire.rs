@@ -7,7 +7,7 @@ pub use crate::admission::{CREATED_BY, CREATED_BY_GROUPS, DEFINITION_CREATED_BY,
 pub use crate::claim::{JOB_LABEL, lease_name as claim_lease_name};
 pub use crate::exclusive::EXCLUSIVE_LEASE;
 pub use crate::keys::{KEY_LABEL, lease_name as key_lease_name};
-pub use crate::lease::tenure::{HELD_BY_LABEL, REVOKED_ANNOTATION, TENURE_ANNOTATION};
+pub use crate::lease::tenure::{HELD_BY_LABEL, REVOKED_ANNOTATION, TENURE_ANNOTATION, tenure_id};
 pub use crate::lease::{
     ATTEMPT_ANNOTATION, JOB_REF_ANNOTATION, JOB_UID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, annotation, holder,
 };

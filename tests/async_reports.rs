@@ -112,6 +112,19 @@ async fn wait_waiting_for_report(env: &TestEnv, name: &str) -> BackgroundJob {
     .await
 }
 
+/// Send one genuine heartbeat with `token` to `url` (no retry) and check it was recorded (`200`), `beside` what.
+async fn assert_heartbeat_recorded(url: &str, token: &str, beside: &str) {
+    let answer = reqwest::Client::new()
+        .post(format!("{url}/v1/heartbeat"))
+        .bearer_auth(token)
+        .json(&json!({"percent": 10}))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status();
+    assert_eq!(status, 200, "a genuine heartbeat beside {beside}: {}", answer.text().await.unwrap_or_default());
+}
+
 /// A worker process that runs the README's Python example (`examples/async_worker.py`), stopped on drop.
 struct PythonWorker(std::process::Child, String);
 
@@ -348,21 +361,45 @@ async fn peers_that_never_send_a_reports_body_do_not_keep_genuine_heartbeats_out
         stalled.push(sock);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let answer = reqwest::Client::new()
-        .post(format!("{url}/v1/heartbeat"))
-        .bearer_auth(&sent.token)
-        .json(&json!({"percent": 10}))
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status();
-    assert_eq!(
-        status,
-        200,
-        "a genuine heartbeat beside 500 stalled peers: {}",
-        answer.text().await.unwrap_or_default()
-    );
+    assert_heartbeat_recorded(&url, &sent.token, "500 stalled peers").await;
     drop(stalled);
+}
+
+/// A report's token is checked against the job as the apiserver has it, so a forged one costs a read before it is
+/// refused, and the reports being read were bounded together: whoever could reach the endpoint kept every place
+/// taken with forged reports naming any job (here: reads of it answered 5 s late, as by an overloaded apiserver), and
+/// genuine heartbeats were answered 503, until the attempt would be retried beside its worker. A report whose token
+/// the replica's cache vouches for (signed with the key of the job it caches under that UID) now never waits behind
+/// the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reports_that_keep_the_apiserver_busy_do_not_keep_genuine_heartbeats_out() {
+    let env = TestEnv::new("async-forged-flood").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let port = free_port();
+    let (flags, url) = reporting(port);
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let _a = env.replica_with("a", &strs(&flags), &proxy.options(&env.dir));
+    env.create("beating", json!({"jobName": "Beating", "http": {"url": endpoint}})).await;
+    let sent = accepted(&seen, 1).await;
+    wait_waiting_for_report(&env, "beating").await;
+    let claims = token::parse(&sent.token).unwrap().claims;
+    let forged = token::issue(&token::Claims { name: "flood".into(), ..claims }, &token::new_key()).unwrap();
+    proxy.delay_answers(Some(http::Method::GET), "/backgroundjobs/flood", Duration::from_secs(5), usize::MAX);
+    let flood = reqwest::Client::new();
+    let floods: Vec<_> = (0..100)
+        .map(|_| {
+            let request = flood.post(format!("{url}/v1/complete")).bearer_auth(&forged).json(&json!({}));
+            tokio::spawn(async move { request.send().await.map(|a| a.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_heartbeat_recorded(&url, &sent.token, "100 forged reports").await;
+    let mut refused = Vec::new();
+    for f in floods {
+        refused.push(f.await.unwrap().unwrap());
+    }
+    assert!(refused.iter().all(|c| [404, 503].contains(c)), "forged reports are refused: {refused:?}");
+    assert!(proxy.held() > 0, "the forged reports' reads were held");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -837,6 +837,36 @@ async fn an_exclusive_leader_starts_nothing_while_a_live_claim_names_a_job_it_ha
     env.wait_until(MINUTE, "both jobs Succeeded", |jobs| jobs.len() == 2 && all_in(jobs, Phase::Succeeded)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_lease_another_replica_left_behind_for_a_gone_job_does_not_hold_the_leader_back() {
+    let env = TestEnv::new("exclusive-leftover").await;
+    // A claim Lease of a live replica's tenure whose job is gone and which no attempt holds: what a give-back that
+    // failed leaves when the job is deleted meanwhile with `--cascade=orphan`, once its replica no longer leads (or
+    // what anyone who may write Leases in the namespace can forge). The leader must wait for such a Lease for as long
+    // as the tenure lives; only its holder knows nothing acts under it, and it did not say so: nothing started.
+    let args = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str()];
+    let leader = env.replica("leader", &args);
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = std::time::Instant::now() + MINUTE;
+    while leases.get_opt(bgjobs::wire::EXCLUSIVE_LEASE).await.unwrap().as_ref().and_then(bgjobs::wire::holder)
+        != Some(leader.identity.as_str())
+    {
+        assert!(std::time::Instant::now() < deadline, "the first replica did not lead:\n{}", leader.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let other = env.replica("other", &args);
+    env.wait_joined(&other, &env.ns).await;
+    let member = leases.get(&bgjobs::wire::member_lease_name(&other.identity, &env.ns)).await.unwrap();
+    let tenure = bgjobs::wire::tenure_id(&member).expect("a joined replica's member Lease names its tenure");
+    let mut left = held_elsewhere("bgj-gone", bgjobs::wire::JOB_LABEL, "a-job-deleted-meanwhile");
+    left.spec.as_mut().unwrap().holder_identity = Some(other.identity.clone());
+    left.metadata.annotations.as_mut().unwrap().insert(bgjobs::wire::TENURE_ANNOTATION.into(), tenure);
+    leases.create(&PostParams::default(), &left).await.unwrap();
+    env.create("next", json!({"jobName": "noop"})).await;
+    let done = env.wait_job("next", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(done.status.as_ref().and_then(|s| s.worker.as_deref()), Some(leader.identity.as_str()));
+}
+
 /// Renew `holder`'s Lease until the exclusive replica leads (within a minute), then for 8 s more, asserting that no
 /// job starts meanwhile.
 async fn nothing_starts_while_renewed(env: &TestEnv, leases: &Api<Lease>, holder: &mut Holder<'_>) {

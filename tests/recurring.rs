@@ -654,6 +654,50 @@ async fn forbid_and_replace_decided_by_a_replica_whose_watches_lag_still_hold() 
     }
 }
 
+/// `Forbid` decided by a replica whose watches lag (every event 8 s late, its reads answered at once): at each tick its
+/// cache shows the previous tick's job unfinished, though that job (5 s long, ticks 10 s apart) has ended. The tick
+/// was skipped on the cache's word ("job ... is unfinished"), every other tick lost; the jobs the cache shows
+/// unfinished are read before a tick is skipped for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbid_tick_is_not_skipped_for_a_job_a_lagging_watch_still_shows_running() {
+    let env = TestEnv::new("rec-forbid-stale").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let (ticker, _runner) = ticker_and_runner(&env, &proxy, &[]).await;
+    proxy.lag_watches(Duration::from_secs(8));
+    define(
+        &env,
+        "stale",
+        json!({"schedule": "*/10 * * * * *", "concurrencyPolicy": "Forbid",
+        "jobTemplate": {"spec": {"jobName": "sleep", "args": {"seconds": 5}}}}),
+    )
+    .await;
+    let first = loop {
+        if let Some((&tick, _)) = ticks(&env).await.iter().next() {
+            break tick;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Three more ticks, and time for the last one's job to be made.
+    let last = first + 30;
+    while jiff::Timestamp::now().as_second() < last + 3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let made = ticks(&env).await;
+    let missing: Vec<i64> = (0..=3).map(|i| first + 10 * i).filter(|t| !made.contains_key(t)).collect();
+    assert!(
+        missing.is_empty(),
+        "ticks without a job: {missing:?} (made: {:?})\nticker's log:\n{}",
+        made.keys().collect::<Vec<_>>(),
+        ticker.log_text()
+    );
+    let jobs = env.list().await;
+    assert!(
+        jobs.iter().filter(|j| !j.phase().is_final()).count() <= 1,
+        "never two unfinished jobs under Forbid: {}",
+        common::summary(&jobs)
+    );
+}
+
 /// Under `Replace`, a cancel refused at the tick (an apiserver restarting: the proxy answers every cancel the ticking
 /// replica sends with a `503` for a while, past the next tick's claim ahead of time) is asked again once it can be:
 /// the replaced job stops soon after, not a whole period later at the next tick, and the tick's job runs on.

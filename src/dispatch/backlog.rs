@@ -754,6 +754,31 @@ mod tests {
         assert_eq!(looked.len(), jobs.len() - 2 + 2, "every job present is looked at: {}", looked.len());
     }
 
+    /// Why a skip reads the job it defers to before it is written (`keys::still_ahead`): a re-list's look brings in
+    /// a job created during the watch's gap a chunk at a time, and drops the ones deleted in it only as its walk ends.
+    #[test]
+    fn a_relists_look_can_show_a_skip_job_from_the_gap_deferring_to_a_job_deleted_in_it_until_its_walk_ends() {
+        let (mut b, jobs) = indexed_candidates(WALK_CHUNK * 2);
+        b.upsert(versioned(&job("ahead", 0, Phase::Running, Some("k")), "1"));
+        b.take_dirty(Instant::now());
+        // In the gap: "ahead" deleted, a Skip job of its key created (walked first: the walk takes the listing's end).
+        let mut skipper = (*job("skipper", 9_000, Phase::Waiting, Some("k"))).clone();
+        skipper.spec.concurrency_policy = Some(crate::api::ConcurrencyPolicy::Skip);
+        let mut listed = copies(&jobs);
+        listed.push(versioned(&Arc::new(skipper), "2"));
+        b.begin_full_look(listed);
+        assert!(b.walk(WALK_CHUNK).is_none(), "the walk goes on");
+        assert!(b.take_dirty(Instant::now()).all().contains(&"uid-skipper".to_string()), "looked at in this pass");
+        assert!(
+            matches!(b.turn("uid-skipper"), Some(KeyVerdict::Skip { deferred_to }) if deferred_to.name == "ahead"),
+            "mid-walk, the index still holds the deleted job: {:?}",
+            b.turn("uid-skipper")
+        );
+        while b.walk(WALK_CHUNK).is_none() {}
+        b.take_dirty(Instant::now());
+        assert_eq!(b.turn("uid-skipper"), Some(&KeyVerdict::Turn), "once the walk has ended");
+    }
+
     #[test]
     fn re_lists_in_a_row_do_not_keep_a_full_look_from_ending() {
         let (mut b, jobs) = indexed_candidates(WALK_CHUNK * 3);

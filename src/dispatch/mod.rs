@@ -142,8 +142,8 @@ impl Drop for DoneOnDrop {
 fn gone_jobs_pod_note(pod: &str, lease: &str, slot: bool) -> String {
     let what = if slot { "the cluster slot" } else { "the concurrency key" };
     format!(
-        "{what} (Lease {lease}) is held by Pod {pod} of a job that is gone (deleted while no replica held it), which \
-         may still run: waiting until it has stopped (the garbage collector deletes it; a Pod that does not stop, \
+        "{what} (Lease {lease}) is held by Pod {pod} of another job whose holder is gone (the job deleted while no \
+         replica held it, or put back in the queue and claimed since), which may still run: waiting until it has stopped (the garbage collector deletes it; a Pod that does not stop, \
          its node unreachable or the controller-manager down, holds it until it is removed)"
     )
 }
@@ -216,6 +216,10 @@ pub struct Dispatcher {
     member_observer: Observer,
     /// Claim Leases naming a job the cache does not show (`namespace/name`), as last seen (exclusive leader).
     unseen_observer: Observer,
+    /// Claim Leases of this replica's tenure naming a job the cache does not show, as last seen, and when to look
+    /// at them next ([`Dispatcher::disown_claims_of_gone_jobs`]).
+    gone_observer: Observer,
+    next_gone_look: Instant,
     /// How each replica's tenure has aged, as seen here (see [`crate::lease::tenure`]).
     tenures: Tenures,
     /// This replica's tenure: claims are made only while it is current.
@@ -318,6 +322,8 @@ impl Dispatcher {
             key_observer: Observer::default(),
             member_observer: Observer::default(),
             unseen_observer: Observer::default(),
+            gone_observer: Observer::default(),
+            next_gone_look: Instant::now(),
             tenures,
             membership,
             disowning: Default::default(),
@@ -518,6 +524,7 @@ impl Dispatcher {
         for slot in &slot_leases {
             self.disown_if_idle(slot);
         }
+        self.disown_claims_of_gone_jobs(inst);
         let looks = self.backlog.take_dirty(inst);
         for uid in looks.changed {
             self.look_at(&uid, now, inst, &members, &adoption_slots);
@@ -724,7 +731,9 @@ impl Dispatcher {
         }
         match decision {
             Decision::Leave { recheck } => self.recheck(uid, inst, recheck),
-            Decision::Settle { phase, reason, state } => self.spawn_settle(&job, lease, state, phase, reason),
+            Decision::Settle { phase, reason, state, defers_to } => {
+                self.spawn_settle(&job, lease, state, (phase, reason), defers_to)
+            }
             Decision::Claim { state, extras, adopted_slot, recheck } => {
                 self.recheck(uid, inst, recheck);
                 if let Some(l) = &lease {
@@ -911,7 +920,8 @@ impl Dispatcher {
                     s.seen.as_deref().and_then(|l| crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION));
                 ExtraLease {
                     namespace: lease_namespace.clone(),
-                    job_may_run: named.is_some_and(|uid| claim::job_may_run(self.backlog.job(uid).map(|j| &**j))),
+                    job_may_run: named
+                        .is_some_and(|uid| claim::job_may_run(self.backlog.job(uid).map(|j| &**j), s.seen.as_deref())),
                     name: s.name,
                     seen: s.seen,
                     label: limits::SLOT_LABEL,
@@ -1016,8 +1026,7 @@ impl Dispatcher {
             let own = self.unseen_observer.observe(&key, lease.resource_version().as_deref(), inst);
             // Live for as long as its holder's tenure is: a running attempt's claim is never rewritten, and a job
             // watch may lag for minutes (a silent watch is noticed after `WATCH_SILENCE`, 130 s). A Lease left behind for a
-            // job that is gone holds starts back as long, which takes a failed give-back and a job deleted with
-            // `--cascade=orphan` at once (docs/usage.md, "Notes and limits").
+            // job that is gone is disowned by its own replica (`disown_claims_of_gone_jobs`), then expires.
             let unchanged = self.vouched(Some(&lease), own, inst);
             live |= !self.worker.timing.expired(unchanged);
             looked.insert(key);
@@ -1132,8 +1141,8 @@ impl Dispatcher {
         job: &Arc<BackgroundJob>,
         lease: Option<Arc<Lease>>,
         state: LeaseState,
-        phase: Phase,
-        reason: String,
+        (phase, reason): (Phase, String),
+        defers_to: Option<keys::Ahead>,
     ) {
         let uid = job.uid().unwrap_or_default();
         let Some(tenure) = self.tenure() else {
@@ -1157,6 +1166,20 @@ impl Dispatcher {
                 tenure: &tenure,
                 ends: &ends,
             };
+            if let Some(ahead) = &defers_to {
+                // Not still ahead (or unreadable): the job is looked at again shortly, once the cache has caught up.
+                match crate::client::bounded(SIDE_WRITE_LIMIT, skip_still_stands(&worker.client, &job, ahead)).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        info!(job = %job.name_any(), ahead = %ahead.name, "not skipped: the job it deferred to is no longer ahead");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(job = %job.name_any(), ahead = %ahead.name, error = %e, "not skipped: cannot read the job it defers to");
+                        return;
+                    }
+                }
+            }
             let settled = claim::settle(&worker.client, &job, lease.as_deref(), state, claimant, (phase, reason));
             match crate::client::bounded(SIDE_WRITE_LIMIT + ending_waits(&ends, &worker.timing), settled).await {
                 Ok(Ok((phase, reason))) => {
@@ -1204,6 +1227,35 @@ impl Dispatcher {
             crate::lease::give(&api, &lease, crate::lease::Give::Disown, &worker.timing).await;
             disowning.lock().unwrap().remove(&key);
         });
+    }
+
+    /// Disown the claim Leases of this replica's tenure that name a job the cache does not show and that no attempt or
+    /// settle here holds: a give-back that failed while the job was deleted with `--cascade=orphan` (which keeps the
+    /// Lease), or a Lease forged in this tenure's name. Every other replica waits for such a Lease for as long as the
+    /// tenure lives (an exclusive leader starts nothing meanwhile), and a job's look disowns only its own job's Lease:
+    /// a gone job is never looked at again. A Lease is first seen unchanged for a renew interval: one just given back
+    /// may still be in the cache.
+    fn disown_claims_of_gone_jobs(&mut self, inst: Instant) {
+        let every = self.worker.timing.renew_interval;
+        if inst < self.next_gone_look {
+            return;
+        }
+        self.next_gone_look = inst + every;
+        let Some(mine) = self.tenure_id() else { return };
+        let mut looked = HashSet::new();
+        for lease in self.view.leases.state() {
+            let Some(uid) = crate::lease::annotation(&lease, crate::lease::JOB_UID_ANNOTATION) else { continue };
+            let gone = self.backlog.job(uid).is_none() && !self.writing.contains(uid);
+            if !gone || !lease.labels().contains_key(claim::JOB_LABEL) || tenure::vouched_by(&lease) != Some(&mine) {
+                continue;
+            }
+            let key = format!("{}/{}", lease.namespace().unwrap_or_default(), lease.name_any());
+            if self.gone_observer.observe(&key, lease.resource_version().as_deref(), inst) >= every {
+                self.disown_if_idle(&lease);
+            }
+            looked.insert(key);
+        }
+        self.gone_observer.retain(|k| looked.contains(k));
     }
 
     /// Reserve a write slot for `job`: the returned guard reports back when the write task ends.
@@ -1291,9 +1343,51 @@ impl Dispatcher {
     }
 }
 
+/// Whether `job` may still be skipped for `ahead`, the job its verdict deferred to, read afresh: a skip is final, and
+/// the cache the verdict was drawn from may show that job after it went (see [`keys::still_ahead`]).
+async fn skip_still_stands(client: &kube::Client, job: &BackgroundJob, ahead: &keys::Ahead) -> crate::Result<bool> {
+    let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &job.namespace().unwrap_or_default());
+    // Without its arguments (up to 1.5 MB, not read here), and a stand-in if it cannot be decoded (`unreadable`).
+    let read = crate::unreadable::get_opt_without_args(&jobs, &ahead.name).await?;
+    Ok(keys::still_ahead(read.as_ref(), ahead, job))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_skip_stands_only_while_the_job_it_defers_to_is_read_still_ahead() {
+        let job = |name: &str, uid: &str, phase: &str| {
+            serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+                "metadata": {"name": name, "namespace": "ns", "uid": uid, "resourceVersion": "5"},
+                "spec": {"jobName": "noop", "concurrencyKey": "k"}, "status": {"phase": phase}})
+        };
+        let mut skipper: BackgroundJob = serde_json::from_value(job("skipper", "uid-skipper", "Waiting")).unwrap();
+        skipper.metadata.resource_version = Some("7".into());
+        let ahead = keys::Ahead { name: "ahead".into(), uid: "uid-ahead".into() };
+        let stands = |answer: (u16, serde_json::Value)| {
+            let (skipper, ahead) = (skipper.clone(), ahead.clone());
+            async move {
+                let (client, sent) = crate::testing::scripted_client(move |_| answer.clone());
+                let stands = skip_still_stands(&client, &skipper, &ahead).await;
+                let sent = sent.lock().unwrap().clone();
+                assert_eq!((sent.len(), sent[0].method.as_str()), (1, "GET"));
+                assert_eq!(sent[0].path, "/apis/bgjobs.dev/v1alpha1/namespaces/ns/backgroundjobs/ahead");
+                stands
+            }
+        };
+        assert!(stands((200, job("ahead", "uid-ahead", "Running"))).await.unwrap());
+        assert!(!stands((404, crate::testing::status(404))).await.unwrap(), "deleted since the verdict");
+        assert!(stands((200, job("ahead", "uid-ahead", "Waiting"))).await.unwrap(), "earlier in the queue");
+        assert!(!stands((200, job("ahead", "uid-ahead", "Succeeded"))).await.unwrap(), "finished since");
+        let unreadable = serde_json::json!({"apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+            "metadata": {"name": "ahead", "namespace": "ns", "uid": "uid-ahead", "resourceVersion": "5"},
+            "spec": {"jobName": "noop", "concurrencyKey": "k", "priority": "high"}, "status": {"phase": "Running"}});
+        assert!(stands((200, unreadable)).await.unwrap(), "one this release cannot decode is read as a stand-in");
+        assert!(!stands((200, job("ahead", "uid-again", "Waiting"))).await.unwrap(), "re-created under its name");
+        assert!(stands((503, crate::testing::status(503))).await.is_err(), "unreadable: not skipped now");
+    }
 
     #[test]
     fn the_walk_over_every_job_comes_less_often_as_the_cache_grows_within_bounds() {

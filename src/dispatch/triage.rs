@@ -72,6 +72,8 @@ pub enum Decision {
         reason: String,
         /// Its claim Lease's state, which the settle write goes through.
         state: LeaseState,
+        /// A skip's: the job it defers to, read again before the write ([`keys::still_ahead`]).
+        defers_to: Option<keys::Ahead>,
     },
     /// It may run: claim it when its turn in the queue comes.
     Claim {
@@ -117,11 +119,11 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
         } else {
             format!("{by} before it ran")
         };
-        return Decision::Settle { phase: Phase::Cancelled, reason, state };
+        return Decision::Settle { phase: Phase::Cancelled, reason, state, defers_to: None };
     }
     if let Some(Standing::Fail(why)) = unreadable::standing(job) {
         let reason = format!("bgjobs cannot read this job, so it never runs: {why}");
-        return Decision::Settle { phase: Phase::Failed, reason, state };
+        return Decision::Settle { phase: Phase::Failed, reason, state, defers_to: None };
     }
     match retry::may_start(&job.spec, created, job.attempts_spent(job.attempts()), f.now) {
         Ok(()) => {}
@@ -138,7 +140,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             } else {
                 reason
             };
-            return Decision::Settle { phase, reason, state };
+            return Decision::Settle { phase, reason, state, defers_to: None };
         }
     }
     let recheck = Some(until(retry::deadline(&job.spec, created), f.now));
@@ -153,11 +155,12 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
         match k.verdict {
             Some(KeyVerdict::Skip { deferred_to }) => {
                 let reason = format!(
-                    "skipped: job {deferred_to} with concurrencyKey {:?} was already waiting or running \
+                    "skipped: job {} with concurrencyKey {:?} was already waiting or running \
                      (concurrencyPolicy: Skip)",
-                    k.key
+                    deferred_to.name, k.key
                 );
-                return Decision::Settle { phase: Phase::Skipped, reason, state };
+                let defers_to = Some(deferred_to.clone());
+                return Decision::Settle { phase: Phase::Skipped, reason, state, defers_to };
             }
             Some(KeyVerdict::Wait { .. }) => return Decision::Leave { recheck },
             _ => {}
@@ -168,7 +171,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             seen: seen.cloned(),
             label: keys::KEY_LABEL,
             expired_tenure: seen.filter(|_| expired).and_then(|l| tenure::vouch(l)),
-            job_may_run: claim::job_may_run(k.owner),
+            job_may_run: claim::job_may_run(k.owner, k.lease.map(|l| l.as_ref())),
         };
         match keys::key_lease_state(job, k.lease.map(|l| l.as_ref()), k.owner, k.unchanged, timing) {
             LeaseState::Live => {
@@ -393,7 +396,7 @@ mod tests {
     fn a_job_the_operator_cannot_read_is_failed_with_the_reason_when_nobody_holds_it_and_never_claimed() {
         let waiting = unreadable("Waiting", 0, serde_json::json!({}), false);
         match triage(&facts(&waiting, None, 0, 10), &T) {
-            Decision::Settle { phase: Phase::Failed, reason, state: LeaseState::Absent } => {
+            Decision::Settle { phase: Phase::Failed, reason, state: LeaseState::Absent, .. } => {
                 assert!(reason.contains("cannot read this job") && reason.contains("invalid type"), "{reason}");
             }
             other => panic!("{other:?}"),
@@ -435,7 +438,7 @@ mod tests {
     fn a_lost_attempt_with_no_attempts_left_fails_and_says_the_worker_stopped_renewing() {
         let (j, l) = (job(serde_json::json!({"retry": {"maxAttempts": 1}}), Phase::Running, 1), claim_lease(1));
         match triage(&facts(&j, Some(&l), 15, 10), &T) {
-            Decision::Settle { phase: Phase::Failed, reason, state: LeaseState::Expired } => {
+            Decision::Settle { phase: Phase::Failed, reason, state: LeaseState::Expired, .. } => {
                 assert!(reason.contains("attempt 1 was lost (worker w1 stopped renewing"), "{reason}");
             }
             other => panic!("{other:?}"),
@@ -576,10 +579,14 @@ mod tests {
         let mut f = facts(&j, None, 0, 1);
         f.key = Some(key(Some(&wait), None, 0));
         assert!(matches!(triage(&f, &T), Decision::Leave { .. }));
-        let skip = KeyVerdict::Skip { deferred_to: "first".into() };
+        let first = keys::Ahead { name: "first".into(), uid: "uid-first".into() };
+        let skip = KeyVerdict::Skip { deferred_to: first.clone() };
         f.key = Some(key(Some(&skip), None, 0));
         match triage(&f, &T) {
-            Decision::Settle { phase: Phase::Skipped, reason, .. } => assert!(reason.contains("job first"), "{reason}"),
+            Decision::Settle { phase: Phase::Skipped, reason, defers_to, .. } => {
+                assert!(reason.contains("job first"), "{reason}");
+                assert_eq!(defers_to, Some(first), "the job it defers to is read again before the skip is written");
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -267,6 +267,11 @@ pub fn holder(lease: &Lease) -> Option<&str> {
     lease.spec.as_ref()?.holder_identity.as_deref().filter(|h| !h.is_empty())
 }
 
+/// The attempt a claim, key or slot Lease was written for ([`ATTEMPT_ANNOTATION`]; 0 if it does not say).
+pub fn attempt(lease: &Lease) -> i32 {
+    annotation(lease, ATTEMPT_ANNOTATION).and_then(|a| a.parse().ok()).unwrap_or(0)
+}
+
 /// An annotation of a Lease.
 pub fn annotation<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
     lease.metadata.annotations.as_ref()?.get(key).map(String::as_str)

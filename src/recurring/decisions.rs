@@ -423,6 +423,22 @@ pub(crate) fn judges_unfinished(def: &RecurringBackgroundJob, decided: &Plan) ->
     }
 }
 
+/// Whether `decided` skips a tick because `def`'s jobs in `active`, as its cached children show them, are unfinished
+/// (`Forbid`; not a tick past its starting deadline, skipped whatever runs). A skip is final, and the job watch may
+/// lag: a job that finished, or was deleted to unblock the schedule, moments before the tick made it skip a tick that
+/// should run. Each is read afresh first.
+pub(crate) fn skips_for_unfinished(
+    def: &RecurringBackgroundJob,
+    decided: &Plan,
+    active: &[String],
+    now: Timestamp,
+) -> bool {
+    let Plan::Claim { tick, skip: Some(_), .. } = decided else { return false };
+    let missed =
+        def.spec.starting_deadline_seconds.is_some_and(|d| past_starting_deadline(now.duration_since(*tick), d));
+    def.spec.concurrency_policy == RecurringConcurrencyPolicy::Forbid && !active.is_empty() && !missed
+}
+
 /// The jobs of `def` that may be unfinished although its cached children, `kids`, do not show them so: those its
 /// status names (`active`, `pendingJob`, `lastJob`: the latest tick's job however many ticks were skipped since),
 /// but `creating`, the job about to be made; of these, the ones the cache does not show at all, or shows in a phase
@@ -510,6 +526,20 @@ pub(crate) mod tests {
     pub(crate) fn with_last(mut d: RecurringBackgroundJob, last: i64) -> RecurringBackgroundJob {
         d.status = Some(RecurringBackgroundJobStatus { last_schedule_time: Some(Time(t(last))), ..Default::default() });
         d
+    }
+
+    #[test]
+    fn only_a_forbid_skip_for_unfinished_jobs_reads_them_not_one_past_its_starting_deadline() {
+        let forbid = def("* * * * *", serde_json::json!({"concurrencyPolicy": "Forbid", "startingDeadlineSeconds": 5}));
+        let skip = |tick| Plan::Claim { tick: t(tick), skip: Some("skipped".into()), catch_up: false };
+        let active = ["report-1800000000".to_string()];
+        assert!(skips_for_unfinished(&forbid, &skip(60), &active, t(62)));
+        assert!(!skips_for_unfinished(&forbid, &skip(60), &active, t(70)), "past its deadline: skipped whatever runs");
+        assert!(!skips_for_unfinished(&forbid, &skip(60), &[], t(62)));
+        let runs = Plan::Claim { tick: t(60), skip: None, catch_up: false };
+        assert!(!skips_for_unfinished(&forbid, &runs, &active, t(62)));
+        let allow = def("* * * * *", serde_json::json!({}));
+        assert!(!skips_for_unfinished(&allow, &skip(60), &active, t(62)));
     }
 
     #[test]

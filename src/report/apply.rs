@@ -52,8 +52,7 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
             }
         };
         // The signature first: without a valid token, nobody learns whether a guessed UID matches.
-        let key = job.status.as_ref().and_then(|s| s.report_key.as_deref());
-        if !key.is_some_and(|k| parsed.signed_with(k)) {
+        if !parsed.signed_for(&job) {
             return Err(Refusal::new(
                 401,
                 format!("the token's signature does not match job {name}: it was not issued for this job and attempt"),

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use super::decide::{MAX_RESULT_BYTES, Refusal, Report};
+use crate::api::BackgroundJob;
 use crate::error::Result;
 use crate::worker::Worker;
 
@@ -26,17 +28,26 @@ const MAX_BODY: usize = MAX_RESULT_BYTES + 8 * 1024;
 
 /// How many reports one replica applies at once (each costs apiserver reads and writes).
 const MAX_IN_FLIGHT: usize = 64;
+/// How many of those its cache cannot vouch for ([`super::token::Parsed::vouched_by`]): a job it does not show yet,
+/// a finished job's late repeat, or a forgery, which only a read of its job refuses.
+const MAX_UNVOUCHED_IN_FLIGHT: usize = 16;
 /// Bytes of reports read at once: 400 at their largest; a heartbeat is a hundred bytes.
 const BODY_BUDGET: usize = 400 * MAX_BODY;
 
 /// Serve reports on `addr` until the process ends. Returns the bound address.
-pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, worker: Arc<Worker>, jobs: Store<BackgroundJob>) -> Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(%bound, "serving the report endpoint (POST /v1/complete, /v1/fail, /v1/heartbeat)");
     // Reports in flight are bounded: each costs apiserver reads and writes on the client that also renews this
-    // replica's tenure, so a flood (forged or not) must not starve it. Past the bound a report is answered 503.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    // replica's tenure, so a flood (forged or not) must not starve it. Past the bound a report is answered 503. Those
+    // the cache cannot vouch for have fewer places of their own: a forged token is refused only once its job is read
+    // (seconds, from an overloaded apiserver), and a flood of them must not keep genuine reports out.
+    let in_flight = Arc::new(InFlight {
+        vouched: tokio::sync::Semaphore::new(MAX_IN_FLIGHT - MAX_UNVOUCHED_IN_FLIGHT),
+        unvouched: tokio::sync::Semaphore::new(MAX_UNVOUCHED_IN_FLIGHT),
+        jobs,
+    });
     // Before a report is applied its token is not checked: what a peer costs until then is bounded (`serving`), and
     // a body still arriving holds no place among the reports in flight.
     // Workers report from their own addresses, unless a proxy or an ingress in front of the endpoint brings them all
@@ -62,9 +73,26 @@ pub async fn serve(addr: SocketAddr, worker: Arc<Worker>) -> Result<SocketAddr> 
     Ok(bound)
 }
 
+/// The places of reports being applied, and the cache that says which kind a report takes.
+struct InFlight {
+    vouched: tokio::sync::Semaphore,
+    unvouched: tokio::sync::Semaphore,
+    jobs: Store<BackgroundJob>,
+}
+
+impl InFlight {
+    /// A place for a report presented with `token`, if one of its kind is free.
+    fn acquire(&self, token: &str) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let cached = |c: &super::token::Claims| self.jobs.get(&ObjectRef::new(&c.name).within(&c.namespace));
+        let vouched = super::token::parse(token).is_ok_and(|t| t.vouched_by(cached(&t.claims).as_deref()));
+        let places = if vouched { &self.vouched } else { &self.unvouched };
+        places.try_acquire().ok()
+    }
+}
+
 async fn handle(
     worker: Arc<Worker>,
-    in_flight: Arc<tokio::sync::Semaphore>,
+    in_flight: Arc<InFlight>,
     bounds: crate::serving::Bounds,
     req: Request<Incoming>,
 ) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -88,7 +116,7 @@ async fn handle(
 
 async fn receive(
     worker: &Worker,
-    in_flight: &tokio::sync::Semaphore,
+    in_flight: &InFlight,
     bounds: &crate::serving::Bounds,
     req: Request<Incoming>,
 ) -> std::result::Result<super::Applied, Refusal> {
@@ -114,7 +142,7 @@ async fn receive(
     };
     let report = parse(&kind, &body.bytes)?;
     drop(body);
-    let Ok(_applying) = in_flight.try_acquire() else {
+    let Some(_applying) = in_flight.acquire(&token) else {
         return Err(Refusal::new(503, "too many reports in flight on this replica; try again"));
     };
     super::apply::apply(worker, &token, report).await

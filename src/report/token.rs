@@ -19,6 +19,8 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
+use crate::api::BackgroundJob;
+
 /// What a token says: the attempt it reports for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -96,6 +98,19 @@ impl Parsed {
     pub fn signed_with(&self, key: &str) -> bool {
         mac_key(key).is_some_and(|k| hmac::verify(&k, &signed(&self.payload), &self.mac).is_ok())
     }
+
+    /// Whether `cached`, a replica's cached copy of the job this token names, vouches for it: the same UID, and a
+    /// key the token is signed with (a job's key never changes once written). This only orders which reports wait
+    /// for a place to be applied (`server`): a forged token needs a read of its job to be refused, and must not keep
+    /// a genuine one out. Every report is still checked against the job as the apiserver has it.
+    pub fn vouched_by(&self, cached: Option<&BackgroundJob>) -> bool {
+        cached.is_some_and(|job| job.metadata.uid.as_deref() == Some(self.claims.uid.as_str()) && self.signed_for(job))
+    }
+
+    /// Whether the token was signed with `job`'s own key (`status.reportKey`; none yet: not).
+    pub fn signed_for(&self, job: &BackgroundJob) -> bool {
+        job.status.as_ref().and_then(|s| s.report_key.as_deref()).is_some_and(|k| self.signed_with(k))
+    }
 }
 
 #[cfg(test)]
@@ -127,6 +142,29 @@ mod tests {
         let forged = parse(&format!("bgj1.{forged_payload}.{mac}")).unwrap();
         assert_eq!(forged.claims.attempt, 4);
         assert!(!forged.signed_with(&key));
+    }
+
+    #[test]
+    fn a_cached_job_vouches_only_for_tokens_signed_with_its_key_under_its_uid() {
+        let key = new_key();
+        let token = parse(&issue(&claims(3), &key).unwrap()).unwrap();
+        let cached = |uid: &str, key: Option<&str>| {
+            let mut job: BackgroundJob = serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "report", "namespace": "ns", "uid": uid},
+                    "spec": {"jobName": "noop"}}),
+            )
+            .unwrap();
+            job.status = Some(Box::new(crate::api::BackgroundJobStatus {
+                report_key: key.map(str::to_string),
+                ..Default::default()
+            }));
+            job
+        };
+        assert!(token.vouched_by(Some(&cached("uid-1", Some(&key)))));
+        assert!(!token.vouched_by(None), "not cached (yet)");
+        assert!(!token.vouched_by(Some(&cached("uid-1", None))), "no key cached (finished, or not claimed yet)");
+        assert!(!token.vouched_by(Some(&cached("uid-1", Some(&new_key())))), "signed with another key");
+        assert!(!token.vouched_by(Some(&cached("uid-2", Some(&key)))), "another job under the name");
     }
 
     #[test]
