@@ -218,12 +218,11 @@ pub fn plan(
         }
         return Plan::Idle(Some(at.duration_since(now).unsigned_abs()));
     };
-    let late = now.duration_since(tick);
-    let skip = match (def.spec.starting_deadline_seconds, def.spec.concurrency_policy) {
-        (Some(deadline), _) if past_starting_deadline(late, deadline) => {
+    let skip = match (missed_by(def, tick, now), def.spec.concurrency_policy) {
+        (Some((late, deadline)), _) => {
             Some(format!("missed tick {tick}: {}s late, past startingDeadlineSeconds ({deadline}s)", late.as_secs()))
         }
-        (_, RecurringConcurrencyPolicy::Forbid) if !active.is_empty() => {
+        (None, RecurringConcurrencyPolicy::Forbid) if !active.is_empty() => {
             Some(format!("skipped tick {tick}: job {} is unfinished (concurrencyPolicy: Forbid)", active.join(", ")))
         }
         _ => None,
@@ -293,10 +292,7 @@ pub(crate) fn plan_pending(
     if let Some(due) = tick.filter(|t| *t > now) {
         return Plan::Await { job, wait: due.duration_since(now).unsigned_abs() };
     }
-    let late = tick.map(|t| now.duration_since(t));
-    if let (Some(late), Some(deadline)) = (late, def.spec.starting_deadline_seconds)
-        && past_starting_deadline(late, deadline)
-    {
+    if let Some((late, deadline)) = tick.and_then(|t| missed_by(def, t, now)) {
         let reason = format!(
             "gave up on job {job}: not created {}s after its tick, past startingDeadlineSeconds ({deadline}s)",
             late.as_secs()
@@ -320,6 +316,14 @@ pub fn starting_deadline_left(def: &RecurringBackgroundJob, now: Timestamp) -> O
     // Past it from the second after `deadline` whole seconds late on.
     let past_at = tick.checked_add(SignedDuration::from_secs(deadline.saturating_add(1))).ok()?;
     Some(past_at.duration_since(shifted(def, now)).try_into().unwrap_or(Duration::ZERO))
+}
+
+/// How late `tick` is at `now`, read on the schedule's clock ([`shifted`]), and `def`'s `startingDeadlineSeconds`,
+/// when that is past it ([`past_starting_deadline`]): the one rule for a tick missed whatever runs.
+fn missed_by(def: &RecurringBackgroundJob, tick: Timestamp, now: Timestamp) -> Option<(SignedDuration, i64)> {
+    let deadline = def.spec.starting_deadline_seconds?;
+    let late = now.duration_since(tick);
+    past_starting_deadline(late, deadline).then_some((late, deadline))
 }
 
 /// Whether a tick `late` after it is due is past `startingDeadlineSeconds`, `deadline`. In whole seconds, as the
@@ -434,8 +438,8 @@ pub(crate) fn skips_for_unfinished(
     now: Timestamp,
 ) -> bool {
     let Plan::Claim { tick, skip: Some(_), .. } = decided else { return false };
-    let missed =
-        def.spec.starting_deadline_seconds.is_some_and(|d| past_starting_deadline(now.duration_since(*tick), d));
+    // Read on the schedule's clock, as `plan` read it: with a jitter, the wall clock runs the offset ahead of it.
+    let missed = missed_by(def, *tick, shifted(def, now)).is_some();
     def.spec.concurrency_policy == RecurringConcurrencyPolicy::Forbid && !active.is_empty() && !missed
 }
 
@@ -540,6 +544,28 @@ pub(crate) mod tests {
         assert!(!skips_for_unfinished(&forbid, &runs, &active, t(62)));
         let allow = def("* * * * *", serde_json::json!({}));
         assert!(!skips_for_unfinished(&allow, &skip(60), &active, t(62)));
+    }
+
+    /// With a jitter, a tick is due its offset late, and its deadline counts from then ([`plan`]). The skip for
+    /// unfinished jobs counted it from the tick itself: with an offset past the deadline, every Forbid skip looked
+    /// like a missed tick, and the jobs were never read (review).
+    #[test]
+    fn a_forbid_skip_of_a_jittered_tick_reads_the_unfinished_jobs_while_plan_counts_it_in_time() {
+        let d = def(
+            "* * * * *",
+            serde_json::json!({"concurrencyPolicy": "Forbid", "jitterSeconds": 30,
+            "startingDeadlineSeconds": 2}),
+        );
+        let d = with_last(d, 0);
+        let offset = SignedDuration::try_from(jitter_offset("ns", "report", 30)).unwrap();
+        assert!(offset > SignedDuration::from_secs(3), "the test needs an offset past the deadline: {offset:?}");
+        let due = t(60).checked_add(offset).unwrap();
+        let active = ["report-1800000000".to_string()];
+        let decided = plan(&d, &active, none, due);
+        assert!(matches!(decided, Plan::Claim { skip: Some(_), .. }), "{decided:?}");
+        assert!(skips_for_unfinished(&d, &decided, &active, due), "in time: the unfinished jobs are read first");
+        let late = due.checked_add(SignedDuration::from_secs(3)).unwrap();
+        assert!(!skips_for_unfinished(&d, &plan(&d, &active, none, late), &active, late), "past its deadline");
     }
 
     #[test]
