@@ -307,13 +307,27 @@ const POD_LOOK: Duration = Duration::from_secs(5);
 /// it likes while the controller-manager is down. The key and the slot stay taken until that Pod has stopped.
 /// Vacant Leases are free without a look (their holder stopped its Pod before it gave them back), and so are those
 /// whose job this replica's cache shows finished ([`job_may_run`]). A Lease that does not say its job's namespace (a
-/// slot of an older release) is not looked into; a key Lease is in its job's namespace.
+/// slot of an older release) is not looked into; a key Lease is in its job's namespace. An absent key Lease was
+/// given back (its Pods stopped), never made, or deleted by hand, maybe under a Pod that runs on: the key's Pods are
+/// looked for by their label ([`crate::keys::POD_KEY_LABEL`]; a Pod of an older release carries none). An absent slot
+/// is waited out instead ([`crate::limits::free_slots`]), and a running job that no slot names keeps its place
+/// ([`crate::limits::slotless`]).
 async fn pod_outliving_its_lease<'a>(
     client: &Client,
     job: &BackgroundJob,
     extras: &'a [ExtraLease],
 ) -> Result<Option<(String, &'a ExtraLease)>> {
+    let uid = job.uid().unwrap_or_default();
     for extra in extras.iter().filter(|e| e.job_may_run) {
+        if extra.seen.is_none()
+            && extra.label == crate::keys::KEY_LABEL
+            && let Some(key) = job.spec.concurrency_key.as_deref()
+            && let Some(pod) =
+                crate::executor::pod::running_pod_of_key(client, &job.namespace().unwrap_or_default(), key, &uid)
+                    .await?
+        {
+            return Ok(Some((pod, extra)));
+        }
         let Some(seen) = extra.seen.as_deref().filter(|l| lease::holder(l).is_some()) else { continue };
         let Some(uid) = lease::annotation(seen, lease::JOB_UID_ANNOTATION).filter(|u| Some(*u) != job.uid().as_deref())
         else {
@@ -556,18 +570,23 @@ async fn still_the_job_of_its_name(
     Ok(now.is_some_and(|now| now.uid() == job.uid()))
 }
 
-/// Write `status` over `job` as seen, while `held` is still ours: bounded by what is left of the renew deadline,
-/// because past it another replica may take over. `Ok(None)`: someone moved the job first. An error (or the
-/// bound) leaves it unknown whether the write landed.
+/// Write `status` over `job` as seen, while `held` and the Leases taken `beside` it (a slot, a key) are still ours:
+/// bounded by what is left of the renew deadline of the one written first, because past it another replica may take
+/// that one over (and the attempt would find itself stale as it starts: not run, yet charged as lost). `Ok(None)`:
+/// someone moved the job first. An error (or the bound) leaves it unknown whether the write landed; a bound spent
+/// before the write is sent sends nothing.
 async fn write_holding(
     jobs: &Api<BackgroundJob>,
     job: &BackgroundJob,
-    held: &Held,
+    (held, beside): (&Held, &[Held]),
     claimant: Claimant<'_>,
     status: BackgroundJobStatus,
 ) -> Result<Option<BackgroundJob>> {
-    let left =
-        claimant.timing.renew_deadline.saturating_sub(held.written_at.elapsed()).min(claimant.tenure.time_left());
+    let oldest = beside.iter().map(|h| h.written_at).fold(held.written_at, std::time::Instant::min);
+    let left = claimant.timing.renew_deadline.saturating_sub(oldest.elapsed()).min(claimant.tenure.time_left());
+    if left.is_zero() {
+        return Err(Error::Timeout(left));
+    }
     match tokio::time::timeout(left, status::write_if_unchanged(jobs, job, status)).await {
         Ok(written) => written,
         Err(_) => Err(Error::Timeout(left)),
@@ -614,7 +633,7 @@ async fn claim_job(
         new_status.start_time = job.status.as_ref().and_then(|s| s.start_time.clone()).or(new_status.start_time);
         status::mark_adopted(&mut new_status);
     }
-    match write_holding(jobs, job, &acquired, claimant, new_status).await {
+    match write_holding(jobs, job, (&acquired, &extras), claimant, new_status).await {
         Ok(Some(written)) => Ok(ClaimOutcome::Claimed(Box::new(Claimed {
             job: written,
             lease: acquired,
@@ -700,7 +719,7 @@ async fn too_large(
     }
     let mut failed = job.status.as_deref().cloned().unwrap_or_default();
     status::finish(&mut failed, Phase::Failed, Some(TOO_LARGE_TO_CLAIM.to_string()), claimant.now);
-    let outcome = match write_holding(jobs, job, acquired, claimant, failed).await {
+    let outcome = match write_holding(jobs, job, (acquired, &[]), claimant, failed).await {
         Ok(Some(_)) => ClaimOutcome::TooLarge(Some(TOO_LARGE_TO_CLAIM.to_string())),
         Ok(None) => ClaimOutcome::Lost(LostAt::JobChanged),
         Err(e) if e.is_too_large_for_etcd() => ClaimOutcome::TooLarge(None),
@@ -827,7 +846,7 @@ pub async fn settle(
             ending = (Phase::Succeeded, why);
         }
     }
-    let written = write_holding(&jobs, job, &held, claimant, finished(&ending)).await;
+    let written = write_holding(&jobs, job, (&held, &[]), claimant, finished(&ending)).await;
     match &written {
         Ok(_) => lease::release(&leases, &held.lease).await?,
         Err(e) => give_back_after_failed_write(&leases, &held.lease, e).await,

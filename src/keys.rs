@@ -26,6 +26,14 @@ use crate::ordering::QueueKey;
 
 /// Label that marks concurrency-key Leases.
 pub const KEY_LABEL: &str = "bgjobs.dev/concurrency-key";
+/// Label of a keyed job's Pods: its key, as [`pod_label`] spells it. When the key's Lease is gone (deleted by hand),
+/// the Pods are all that says the key may still be held ([`crate::claim`]).
+pub const POD_KEY_LABEL: &str = "bgjobs.dev/concurrency-key-hash";
+
+/// The value of [`POD_KEY_LABEL`] for `key`: its stable hash, as in its Lease's name ([`lease_name`]).
+pub fn pod_label(key: &str) -> String {
+    format!("{:016x}", crate::members::stable_hash(&[key]))
+}
 
 /// What the key rules say about one unfinished keyed job.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -122,6 +122,30 @@ pub fn held_for_adoption<'a>(
     out
 }
 
+/// The jobs among `running` whose work runs on without a replica watching it ([`crate::claim::adopts`]: a Pod, a
+/// worker that reports) that no slot in `slots` names at their current attempt: their slot was deleted by hand once
+/// their holder had died (nobody makes it again: [`SLOTS_RECORD`]), or they started before the cap was set. Each
+/// still takes a place under the cap, and is adopted before anything new starts; found by job UID. (A job whose
+/// slot this replica's Lease cache does not show yet counts too, for that moment: fewer starts, never more.)
+pub fn slotless<'a>(
+    running: impl IntoIterator<Item = &'a crate::api::BackgroundJob>,
+    slots: &HashMap<String, Arc<Lease>>,
+) -> Vec<String> {
+    let named: std::collections::HashSet<(&str, i32)> = slots
+        .values()
+        .filter_map(|l| {
+            Some((crate::lease::annotation(l, crate::lease::JOB_UID_ANNOTATION)?, crate::lease::attempt(l)))
+        })
+        .collect();
+    running
+        .into_iter()
+        .filter(|j| crate::claim::adopts(j))
+        .filter_map(|j| j.metadata.uid.as_deref().map(|uid| (uid, j.attempts())))
+        .filter(|named_at| !named.contains(named_at))
+        .map(|(uid, _)| uid.to_string())
+        .collect()
+}
+
 /// The slots free to this replica now, the surest first: vacant ones (given back), then absent ones, then held ones
 /// whose holder looks gone (its renewal may still come, and the claim that needs the slot is then lost). Claims take
 /// them in queue order, so the head of the queue gets the slot it is least likely to lose to a later job. Within each
@@ -241,6 +265,48 @@ mod tests {
         let mut in_process = pod_job.clone();
         in_process.spec.template = None;
         assert!(held_for_adoption([&current], |_| Some(&in_process)).is_empty(), "an in-process attempt died");
+    }
+
+    /// A slot deleted by hand after its holder died: the Pod job it held, still running, is named by no slot, and
+    /// takes a place under the cap until it is adopted with a slot of its own (review: a later job of higher
+    /// priority took the slot, and the orphaned Pod ran beside it).
+    #[test]
+    fn a_running_pod_job_no_slot_names_at_its_attempt_still_takes_a_place_under_the_cap() {
+        use crate::api::{BackgroundJob, BackgroundJobStatus, Phase};
+        let job = |uid: &str, template: bool, phase: Phase| {
+            let spec = if template {
+                serde_json::json!({"jobName": "x", "template": {}})
+            } else {
+                serde_json::json!({"jobName": "x"})
+            };
+            let mut j = BackgroundJob::new(uid, serde_json::from_value(spec).unwrap());
+            j.metadata.uid = Some(uid.into());
+            j.status = Some(Box::new(BackgroundJobStatus { phase: Some(phase), attempts: 2, ..Default::default() }));
+            j
+        };
+        let naming = |name: &str, uid: &str, attempt: &str| {
+            let (n, l) = held(name, "1");
+            let mut l = (*l).clone();
+            l.metadata.annotations = Some(
+                [
+                    (crate::lease::JOB_UID_ANNOTATION.to_string(), uid.to_string()),
+                    (crate::lease::ATTEMPT_ANNOTATION.to_string(), attempt.to_string()),
+                ]
+                .into(),
+            );
+            (n, Arc::new(l))
+        };
+        let jobs = [
+            job("held", true, Phase::Running),
+            job("orphan", true, Phase::Running),
+            job("older-slot", true, Phase::Running),
+            job("in-process", false, Phase::Running),
+            job("done", true, Phase::Succeeded),
+        ];
+        let slots: HashMap<_, _> =
+            [naming("bgjobs-slot-0", "held", "2"), naming("bgjobs-slot-1", "older-slot", "1")].into();
+        assert_eq!(slotless(&jobs, &slots), ["orphan", "older-slot"]);
+        assert!(slotless(&jobs[..1], &slots).is_empty());
     }
 
     fn vacant(name: &str) -> (String, Arc<Lease>) {

@@ -277,6 +277,34 @@ async fn a_claim_whose_answer_comes_after_its_bound_is_handed_back_unstarted_not
     );
 }
 
+/// A claim takes its concurrency key's Lease before its own, and the key's create is answered 2.5 s late (past the
+/// tests' 2 s renew deadline). Before: the claim's status write was bounded by its own Lease's age only, and landed;
+/// the attempt then found the key Lease past its renew deadline as it started, did not run, and left the job to be
+/// found orphaned and charged a lost attempt: on its last attempt it failed without ever running. Now the status
+/// write is bounded by the oldest Lease the claim holds: none is sent, the Leases go back, and the job runs, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_key_lease_aged_past_the_renew_deadline_is_given_back_not_failed_unrun() {
+    let env = TestEnv::new("late-key-answer").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let r = env.replica_with("r", &[], &proxy.options(&env.dir));
+    env.create("warm-up", json!({"jobName": "noop"})).await;
+    env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    // The next Lease create is the key's: a claim takes its key before its own Lease.
+    proxy.delay_answers(Some(http::Method::POST), "/leases", Duration::from_millis(2500), 1);
+    env.create("once", json!({"jobName": "noop", "concurrencyKey": "k", "retry": {"maxAttempts": 1}})).await;
+    let done = env.wait_job("once", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(proxy.held(), 1, "the key Lease's answer was held back");
+    let runs = executions(&env.invocations()).into_iter().filter(|e| e.job.ends_with("/once")).count();
+    assert_eq!(
+        (done.phase(), runs),
+        (Phase::Succeeded, 1),
+        "{}: {:?}\nr's log:\n{}",
+        last_error(&done),
+        done.status,
+        r.log_text()
+    );
+}
+
 /// A new exclusive leader whose watches lag (15 s, its reads answered at once) is elected on a current read of the
 /// exclusive Lease, while its caches show the cluster as it was before the old leader's last claim: a request the old
 /// leader sent just before it was killed still works at the endpoint, and neither that job nor its claim Lease is in

@@ -346,6 +346,35 @@ async fn a_deleted_jobs_pod_running_on_through_its_grace_still_holds_its_concurr
     );
 }
 
+/// A keyed Pod job deleted while it runs: its replica stops its Pod (whose container ignores SIGTERM and runs on
+/// through its 20 s grace), holding the key meanwhile; then the key's Lease is deleted by hand. An absent key Lease
+/// was free at once, and the next job of the key ran beside that Pod. Now the key's Pods are looked for first (they
+/// carry the key in a label), and the next job waits until that Pod has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_lease_deleted_by_hand_while_a_deleted_jobs_pod_stops_still_holds_the_key() {
+    let env = on_node("pod-key-deleted").await;
+    let history = PodHistory::watch(&env, &["first", "second"]).await;
+    let _a = env.replica("a", &[]);
+    env.create("first", stubborn_job(20, json!({"concurrencyKey": "k"}))).await;
+    history.wait_for("first-1", |e| e.started, "running", MINUTE).await;
+    env.create("second", shell_job("true", json!({"concurrencyKey": "k"}))).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.jobs.delete("first", &Default::default()).await.unwrap();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    leases.delete(&bgjobs::wire::key_lease_name("k"), &Default::default()).await.unwrap();
+    let second = env.wait_job("second", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(second.phase(), Phase::Succeeded, "{:?}", second.status);
+    let has_stopped = |e: &PodEvent| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed");
+    history.wait_for("first-1", has_stopped, "stopped", MINUTE).await;
+    let stopped = history.first("first-1", has_stopped).expect("the deleted job's Pod stopped");
+    let next = history.first("second-1", |e| e.kind == "ADDED").expect("the next job's Pod was created");
+    assert!(
+        stopped < next,
+        "the next job of the key had its Pod created while the deleted job's Pod still ran: {:?}",
+        history.events()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
     let env = on_node("pod-cancel").await;

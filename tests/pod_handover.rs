@@ -188,6 +188,28 @@ async fn a_slot_deleted_by_hand_under_a_running_pod_is_restored_and_the_cap_hold
     assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
 }
 
+/// A slot deleted by hand once its holder had died: nothing named the orphaned Pod's place under the cap any more,
+/// the absent slot was free a lease duration later, a waiting job of higher priority took it, and the orphan's Pod
+/// ran beside that job's, unwatched. A Pod job running with no slot naming it keeps its place, and its adoption (with a
+/// slot of its own) goes before any new start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_deleted_by_hand_after_its_holder_died_still_counts_the_orphaned_pod_against_the_cap() {
+    let env = on_node("pod-slot-orphan").await;
+    let cap = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "1"];
+    let mut a = env.replica("a", &cap);
+    env.create("first", shell_job("sleep 30", json!({}))).await;
+    wait_running_pods(&env, 1).await;
+    a.kill9();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    leases.delete(&bgjobs::wire::slot_name(0), &Default::default()).await.unwrap();
+    env.create("next", shell_job("sleep 2", json!({"priority": "High"}))).await;
+    let _b = env.replica("b", &cap);
+    let most = peak_running_pods_until_all_succeed(&env, 2, 3 * MINUTE).await;
+    assert_eq!(most, 1, "{most} pods ran at once under a cluster cap of 1");
+    let first = env.jobs.get("first").await.unwrap().status.unwrap();
+    assert_eq!((first.attempts, first.worker.as_deref()), (1, Some("b")), "adopted, not run again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orphaned_pod_job_is_cancelled_and_its_pod_deleted_even_when_no_replica_has_a_free_slot() {
     let env = on_node("pod-orphan-cancel").await;

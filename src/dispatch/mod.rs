@@ -832,9 +832,11 @@ impl Dispatcher {
             live |= self.claimed_for_unseen_job(Instant::now());
             exclusive::starts(live, orphans)
         };
-        let only_takeovers = starts != exclusive::Starts::Any;
+        let mut only_takeovers = starts != exclusive::Starts::Any;
         let mut slots = Vec::new();
         let mut cluster_free = None;
+        // Pod attempts running under the cap with no slot naming them, to adopt before anything new starts.
+        let mut slotless_first = None;
         if let (Some(cap), Some(store)) = (self.config.cluster_max_concurrency, &self.view.slots) {
             let seen: HashMap<String, Arc<Lease>> = store.state().into_iter().map(|l| (l.name_any(), l)).collect();
             let inst = Instant::now();
@@ -846,8 +848,20 @@ impl Dispatcher {
             let vouched = |l: Option<&Lease>, own| self.vouched(l, own, inst);
             slots = limits::free_slots(cap, &seen, &reserved, &mut observer, vouched, inst, &timing, &me);
             self.slot_observer = observer;
-            cluster_free = Some(slots.len());
-            free = free.min(slots.len());
+            // Those of the queues this replica serves (another deployment's cap keeps its own), each in a place of
+            // the cap: a takeover that may happen now goes first, with a slot of its own; the others keep theirs.
+            let serves = |j: &&Arc<BackgroundJob>| self.config.serves_queue(&j.spec.queue);
+            let slotless = limits::slotless(self.backlog.running().filter(serves).map(|j| &**j), &seen);
+            let (adoptable, running_on): (HashSet<String>, HashSet<String>) =
+                slotless.into_iter().partition(|uid| self.backlog.runnable_candidate(uid).is_some());
+            let room = slots.len().saturating_sub(running_on.len());
+            slots.truncate(room);
+            if !adoptable.is_empty() {
+                only_takeovers = true;
+                slotless_first = Some(adoptable);
+            }
+            cluster_free = Some(room);
+            free = free.min(room);
         }
         // How many replicas race for the head (nobody races the exclusive leader, or for scarce cluster slots).
         let leases = self.view.leases.state();
@@ -895,6 +909,7 @@ impl Dispatcher {
                 .running()
                 .filter_map(|j| self.backlog.runnable_candidate(&j.uid()?))
                 .filter(|c| starts == exclusive::Starts::Orphans || claim::adopts(&c.job))
+                .filter(|c| slotless_first.as_ref().is_none_or(|s| c.job.uid().is_some_and(|u| s.contains(&u))))
                 .map(|c| waiting(QueueKey::of(&c.job), c))
                 .collect();
             takeovers.sort_by(|a, b| a.key.cmp(&b.key));

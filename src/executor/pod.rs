@@ -131,6 +131,9 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     labels.insert(crate::claim::JOB_LABEL.into(), crate::names::label_value(&ctx.name));
     labels.insert(JOB_UID_LABEL.into(), ctx.uid.clone());
     labels.insert(ATTEMPT_LABEL.into(), ctx.attempt.to_string());
+    if let Some(key) = &job.spec.concurrency_key {
+        labels.insert(crate::keys::POD_KEY_LABEL.into(), crate::keys::pod_label(key));
+    }
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(job, ctx.attempt)),
@@ -566,6 +569,20 @@ pub async fn needs_stopping(client: &Client, job: &BackgroundJob, attempt: i32) 
 pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> crate::Result<Option<String>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     Ok(list_may_run(&pods, &format!("{JOB_UID_LABEL}={job_uid}")).await?.into_iter().next().map(|(pod, _)| pod))
+}
+
+/// A Pod that may still run of a job of `key` in `namespace` but the one whose UID is `except` (`namespace/name`):
+/// one made before that job's key Lease was deleted by hand ([`crate::keys::POD_KEY_LABEL`]).
+pub async fn running_pod_of_key(
+    client: &Client,
+    namespace: &str,
+    key: &str,
+    except: &str,
+) -> crate::Result<Option<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector =
+        format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}={}", crate::keys::POD_KEY_LABEL, crate::keys::pod_label(key));
+    Ok(list_may_run(&pods, &selector).await?.into_iter().find(|(_, uid)| uid != except).map(|(pod, _)| pod))
 }
 
 /// The Pods bgjobs made in `pods`' scope that may still run, as `namespace/name` and the UID of their job: a new
@@ -1591,6 +1608,16 @@ mod tests {
         assert_eq!(
             (labels["app"].as_str(), labels[JOB_UID_LABEL].as_str(), labels[ATTEMPT_LABEL].as_str()),
             ("renderer", "uid-7", "2")
+        );
+        assert!(!labels.contains_key(crate::keys::POD_KEY_LABEL), "no key, no key label");
+        let mut keyed = job();
+        keyed.spec.concurrency_key = Some("Tenant 42/exports".into());
+        let keyed_labels = pod_for(&keyed, &ctx(2)).unwrap().metadata.labels.unwrap();
+        let key_label = &keyed_labels[crate::keys::POD_KEY_LABEL];
+        assert_eq!(key_label, &crate::keys::pod_label("Tenant 42/exports"), "a keyed job's Pods say its key");
+        assert!(
+            crate::names::is_label_value(key_label)
+                && crate::keys::lease_name("Tenant 42/exports").ends_with(key_label.as_str())
         );
         assert_eq!(pod.metadata.owner_references.unwrap()[0].uid, "uid-7");
         let spec = pod.spec.unwrap();
