@@ -585,7 +585,7 @@ async fn write_holding(
     let oldest = beside.iter().map(|h| h.written_at).fold(held.written_at, std::time::Instant::min);
     let left = claimant.timing.renew_deadline.saturating_sub(oldest.elapsed()).min(claimant.tenure.time_left());
     if left.is_zero() {
-        return Err(Error::Timeout(left));
+        return Err(Error::Stale("a Lease the write needs aged past its renew deadline before it was sent".into()));
     }
     match tokio::time::timeout(left, status::write_if_unchanged(jobs, job, status)).await {
         Ok(written) => written,
@@ -645,7 +645,7 @@ async fn claim_job(
         Ok(None) => given_back(leases, job, &acquired, ClaimOutcome::Lost(LostAt::JobChanged)).await,
         Err(e) if e.is_too_large_for_etcd() => too_large(jobs, leases, job, &acquired, claimant).await,
         Err(e) => {
-            if !crate::error::refused(&e) && !adopts(job) {
+            if !not_landed(&e) && !adopts(job) {
                 // Within the claim (the dispatcher allows for it, [`hand_back_takes_at_most`]): the job stays held
                 // meanwhile, so neither a shutdown nor this replica's next claim of it overtakes the hand-back.
                 let fence = Fence { uid, worker: worker.to_string(), attempt };
@@ -860,7 +860,7 @@ pub async fn settle(
 /// Lease is kept, so nobody starts a twin before it has aged a lease duration, but vouched for by no tenure, or a
 /// live replica's tenure would hold the job back from everyone else for as long as it lives.
 async fn give_back_after_failed_write(leases: &Api<Lease>, lease: &Lease, e: &Error) {
-    if crate::error::refused(e) {
+    if not_landed(e) {
         match lease::release_if_current(leases, lease).await {
             Ok(true) => {
                 tracing::info!(lease = %lease.name_any(), error = %e, "the status write was refused: claim Lease released");
@@ -872,6 +872,12 @@ async fn give_back_after_failed_write(leases: &Api<Lease>, lease: &Lease, e: &Er
         }
     }
     disown_quietly(leases, lease).await;
+}
+
+/// Whether a failed status write certainly did not land: the apiserver refused it ([`crate::error::refused`]), or
+/// it was never sent ([`write_holding`]'s bound spent first: [`Error::Stale`]).
+fn not_landed(e: &Error) -> bool {
+    crate::error::refused(e) || matches!(e, Error::Stale(_))
 }
 
 /// [`lease::disown`] a claim Lease whose claim or settle ended in an error (logged, not returned: the caller's error

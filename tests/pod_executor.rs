@@ -375,6 +375,33 @@ async fn a_key_lease_deleted_by_hand_while_a_deleted_jobs_pod_stops_still_holds_
     );
 }
 
+/// A keyed Pod job failed past its `activeDeadlineSeconds`: its Pod is kept for inspection, `Failed` with its
+/// container never shown stopped (1.20), so it "may still run" for as long as it is kept; the key's Lease was deleted
+/// when the job ended. The look for the key's Pods under an absent key Lease held the next job of the key back for as
+/// long as that finished job was kept (review); a Pod whose job is read finished does not hold the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_keyed_jobs_failed_pod_kept_for_inspection_does_not_hold_its_key() {
+    let env = on_node("pod-key-kept").await;
+    let history = PodHistory::watch(&env, &["first"]).await;
+    let _r = env.replica("r", &[]);
+    let script = "trap '' TERM; while true; do sleep 1; done";
+    let mut first = shell_job(script, json!({"concurrencyKey": "k", "retry": {"maxAttempts": 1}}));
+    first["template"]["spec"]["activeDeadlineSeconds"] = json!(3);
+    first["template"]["spec"]["terminationGracePeriodSeconds"] = json!(2);
+    env.create("first", first).await;
+    let done = env.wait_job("first", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(done.phase(), Phase::Failed, "{:?}", done.status);
+    assert!(
+        history.first("first-1", |e| e.phase == "Failed" && e.state == "running").is_some(),
+        "never shown Failed while running: the test showed nothing: {:?}",
+        history.events()
+    );
+    env.create("second", shell_job("true", json!({"concurrencyKey": "k"}))).await;
+    let second = env.wait_job("second", MINUTE, "final", |j| j.phase().is_final()).await;
+    assert_eq!(second.phase(), Phase::Succeeded, "{:?}", second.status);
+    assert_eq!(pods_of(&env, "first").await.len(), 1, "the failed Pod is kept");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_or_deleting_a_pod_job_removes_its_pod() {
     let env = on_node("pod-cancel").await;

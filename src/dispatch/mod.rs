@@ -848,10 +848,15 @@ impl Dispatcher {
             let vouched = |l: Option<&Lease>, own| self.vouched(l, own, inst);
             slots = limits::free_slots(cap, &seen, &reserved, &mut observer, vouched, inst, &timing, &me);
             self.slot_observer = observer;
-            // Those of the queues this replica serves (another deployment's cap keeps its own), each in a place of
-            // the cap: a takeover that may happen now goes first, with a slot of its own; the others keep theirs.
-            let serves = |j: &&Arc<BackgroundJob>| self.config.serves_queue(&j.spec.queue);
-            let slotless = limits::slotless(self.backlog.running().filter(serves).map(|j| &**j), &seen);
+            // Each in a place of the cap (not those claimed under another lease namespace: that deployment's cap
+            // keeps its own): a takeover that may happen now goes first, with a slot of its own; the others keep
+            // theirs.
+            // (Nor this replica's own claims: their slots are reserved already.)
+            let ours = |j: &&Arc<BackgroundJob>| {
+                !self.held.contains_key(j.uid().as_deref().unwrap_or_default())
+                    && !self.claimed_under_another_lease_namespace(j)
+            };
+            let slotless = limits::slotless(self.backlog.running().filter(ours).map(|j| &**j), &seen);
             let (adoptable, running_on): (HashSet<String>, HashSet<String>) =
                 slotless.into_iter().partition(|uid| self.backlog.runnable_candidate(uid).is_some());
             let room = slots.len().saturating_sub(running_on.len());
@@ -946,6 +951,15 @@ impl Dispatcher {
             self.spawn_claim(c, slot);
         }
         look_again_in
+    }
+
+    /// Whether `job`'s claim Lease, as cached, is vouched for by a member Lease in another `--lease-namespace`: a
+    /// deployment that sees the same jobs and keeps its own cluster slots (docs/usage.md, "Notes and limits"). A
+    /// claim that does not say (disowned, handed over, an older replica's) is counted as this deployment's.
+    fn claimed_under_another_lease_namespace(&self, job: &BackgroundJob) -> bool {
+        let name = job.status.as_ref().and_then(|s| s.lease.clone()).unwrap_or_else(|| claim::lease_name(job));
+        let lease = self.view.leases.get(&ObjectRef::new(&name).within(&job.namespace().unwrap_or_default()));
+        lease.is_some_and(|l| tenure::vouched_in(&l).is_some_and(|ns| ns != self.config.lease_namespace))
     }
 
     /// Exclusive: whether this leadership's caches have shown a fresh read of the claim Leases and their jobs

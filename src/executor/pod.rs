@@ -127,6 +127,8 @@ pub fn pod_for(job: &BackgroundJob, ctx: &JobContext) -> Result<Pod, String> {
     }
     let meta = template.metadata.unwrap_or_default();
     let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
+    // Only a keyed job's Pods say a key: a template's own would hold another job's key outside its turns.
+    labels.remove(crate::keys::POD_KEY_LABEL);
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     labels.insert(crate::claim::JOB_LABEL.into(), crate::names::label_value(&ctx.name));
     labels.insert(JOB_UID_LABEL.into(), ctx.uid.clone());
@@ -572,7 +574,14 @@ pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> 
 }
 
 /// A Pod that may still run of a job of `key` in `namespace` but the one whose UID is `except` (`namespace/name`):
-/// one made before that job's key Lease was deleted by hand ([`crate::keys::POD_KEY_LABEL`]).
+/// one made before that job's key Lease was deleted by hand ([`crate::keys::POD_KEY_LABEL`]). Unless its job is read
+/// finished: its Pods stopped before that was recorded ([`crate::claim::job_may_run`]; a `Failed` Pod kept for
+/// inspection, its kill never shown ended, must not hold the key for as long as its job is kept).
+///
+/// The list is served from the apiserver's watch cache (any version): it is sent for nearly every claim of a keyed
+/// job, as a key's Lease is deleted when given back, and a quorum list would read every Pod of the namespace from etcd
+/// each time. Such a Pod has run since before its key Lease was deleted by hand, so only a watch cache lagging that
+/// long would miss it.
 pub async fn running_pod_of_key(
     client: &Client,
     namespace: &str,
@@ -582,7 +591,23 @@ pub async fn running_pod_of_key(
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let selector =
         format!("{MANAGED_BY_LABEL}={MANAGED_BY},{}={}", crate::keys::POD_KEY_LABEL, crate::keys::pod_label(key));
-    Ok(list_may_run(&pods, &selector).await?.into_iter().find(|(_, uid)| uid != except).map(|(pod, _)| pod))
+    let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), namespace);
+    for pod in pods_may_run(&pods, ListParams::default().labels(&selector).match_any()).await? {
+        let uid = pod.labels().get(JOB_UID_LABEL).map(String::as_str).unwrap_or_default();
+        if uid == except {
+            continue;
+        }
+        let job = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.uid == uid);
+        if let Some(owner) = job
+            && let Some(read) = crate::unreadable::get_opt_without_args(&jobs, &owner.name).await?
+            && read.uid().as_deref() == Some(uid)
+            && !crate::claim::job_may_run(Some(&read), None)
+        {
+            continue;
+        }
+        return Ok(Some(format!("{namespace}/{}", pod.name_any())));
+    }
+    Ok(None)
 }
 
 /// The Pods bgjobs made in `pods`' scope that may still run, as `namespace/name` and the UID of their job: a new
@@ -597,22 +622,28 @@ pub async fn pods_that_may_run(pods: &Api<Pod>) -> crate::Result<Vec<(String, St
 /// of their job (one quorum list). None when this replica may not list Pods there: it runs none there either, and
 /// nothing is concluded.
 async fn list_may_run(pods: &Api<Pod>, selector: &str) -> crate::Result<Vec<(String, String)>> {
-    let listed = match pods.list(&ListParams::default().labels(selector)).await {
-        Ok(list) => list.items,
-        Err(e) if crate::error::api_code(&e) == Some(403) => {
-            tracing::debug!(%selector, error = %e, "may not list Pods: Pods of gone jobs are not looked for");
-            return Ok(Vec::new());
-        }
-        Err(e) => return Err(e.into()),
-    };
-    Ok(listed
+    Ok(pods_may_run(pods, ListParams::default().labels(selector))
+        .await?
         .into_iter()
-        .filter(may_still_run)
         .map(|p| {
             let uid = p.labels().get(JOB_UID_LABEL).cloned().unwrap_or_default();
             (format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()), uid)
         })
         .collect())
+}
+
+/// The Pods `params` list in `pods`' scope that may still run ([`may_still_run`]); none when this replica may not list
+/// Pods there: it runs none there either, and nothing is concluded.
+async fn pods_may_run(pods: &Api<Pod>, params: ListParams) -> crate::Result<Vec<Pod>> {
+    match pods.list(&params).await {
+        Ok(list) => Ok(list.items.into_iter().filter(may_still_run).collect()),
+        Err(e) if crate::error::api_code(&e) == Some(403) => {
+            let selector = params.label_selector.unwrap_or_default();
+            tracing::debug!(%selector, error = %e, "may not list Pods: Pods of gone jobs are not looked for");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Whether a Pod may still run a container: not finished, or `Failed` with its kill pending ([`kill_pending`]). No
@@ -1610,6 +1641,11 @@ mod tests {
             ("renderer", "uid-7", "2")
         );
         assert!(!labels.contains_key(crate::keys::POD_KEY_LABEL), "no key, no key label");
+        let mut forged = job();
+        let template_labels = forged.spec.template.as_mut().unwrap().metadata.get_or_insert_default();
+        template_labels.labels.get_or_insert_default().insert(crate::keys::POD_KEY_LABEL.into(), "0123".into());
+        let forged_labels = pod_for(&forged, &ctx(2)).unwrap().metadata.labels.unwrap();
+        assert!(!forged_labels.contains_key(crate::keys::POD_KEY_LABEL), "a template cannot say a key");
         let mut keyed = job();
         keyed.spec.concurrency_key = Some("Tenant 42/exports".into());
         let keyed_labels = pod_for(&keyed, &ctx(2)).unwrap().metadata.labels.unwrap();
