@@ -142,6 +142,8 @@ pub struct Claimant<'a> {
     pub tenure: &'a Arc<Keeper>,
     /// How to end the tenures vouching for the expired Leases the claim takes over (see [`end_tenures`]).
     pub ends: &'a [(String, Ending)],
+    /// The replica's job cache: what it shows finished spares a read ([`pod_outliving_its_lease`]).
+    pub cached: &'a kube::runtime::reflector::Store<BackgroundJob>,
 }
 
 /// Outcome of a claim.
@@ -251,7 +253,7 @@ pub async fn claim(
     let jobs: Api<BackgroundJob> = Api::namespaced(client.clone(), &ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let Some(claim) = claim_for(job, claimant) else { return Ok(ClaimOutcome::Busy) };
-    if let Some((pod, extra)) = pod_outliving_its_lease(client, job, extras).await? {
+    if let Some((pod, extra)) = pod_outliving_its_lease(client, job, extras, claimant.cached).await? {
         let (lease, slot) = (extra.name.clone(), extra.label == crate::limits::SLOT_LABEL);
         let until = std::time::Instant::now() + POD_LOOK;
         return Ok(ClaimOutcome::Lost(LostAt::GoneJobsPod { pod, lease, slot, until }));
@@ -316,15 +318,21 @@ async fn pod_outliving_its_lease<'a>(
     client: &Client,
     job: &BackgroundJob,
     extras: &'a [ExtraLease],
+    cached: &kube::runtime::reflector::Store<BackgroundJob>,
 ) -> Result<Option<(String, &'a ExtraLease)>> {
     let uid = job.uid().unwrap_or_default();
     for extra in extras.iter().filter(|e| e.job_may_run) {
         if extra.seen.is_none()
             && extra.label == crate::keys::KEY_LABEL
             && let Some(key) = job.spec.concurrency_key.as_deref()
-            && let Some(pod) =
-                crate::executor::pod::running_pod_of_key(client, &job.namespace().unwrap_or_default(), key, &uid)
-                    .await?
+            && let Some(pod) = crate::executor::pod::running_pod_of_key(
+                client,
+                &job.namespace().unwrap_or_default(),
+                key,
+                &uid,
+                cached,
+            )
+            .await?
         {
             return Ok(Some((pod, extra)));
         }
@@ -863,7 +871,7 @@ async fn give_back_after_failed_write(leases: &Api<Lease>, lease: &Lease, e: &Er
     if not_landed(e) {
         match lease::release_if_current(leases, lease).await {
             Ok(true) => {
-                tracing::info!(lease = %lease.name_any(), error = %e, "the status write was refused: claim Lease released");
+                tracing::info!(lease = %lease.name_any(), error = %e, "the status write did not land (refused, or not sent): claim Lease released");
                 return;
             }
             // Changed since: no longer this claim's to give back.

@@ -146,6 +146,17 @@ pub fn slotless<'a>(
         .collect()
 }
 
+/// Whether a running job that no slot names ([`slotless`]) takes a place under this deployment's cap, by where its
+/// claim is vouched for (`claimed_in`: the namespace of the member Lease its claim Lease names, [`crate::lease::tenure::vouched_in`])
+/// against this deployment's `lease_namespace`. A claim that does not say (disowned, handed over, an older
+/// replica's, not cached) counts when a replica here serves its queue (`served_here`): one of them may adopt it, into
+/// one of these slots. A claim of another lease namespace, or a handed-over job nobody here could adopt, belongs to
+/// another deployment, whose cap keeps its own slots: counted here, it would shrink this cap for as long as it runs
+/// (for ever, if that deployment is gone and nobody adopts it).
+pub fn takes_a_place_here(claimed_in: Option<&str>, lease_namespace: &str, served_here: bool) -> bool {
+    claimed_in.map_or(served_here, |ns| ns == lease_namespace)
+}
+
 /// The slots free to this replica now, the surest first: vacant ones (given back), then absent ones, then held ones
 /// whose holder looks gone (its renewal may still come, and the claim that needs the slot is then lost). Claims take
 /// them in queue order, so the head of the queue gets the slot it is least likely to lose to a later job. Within each
@@ -307,6 +318,14 @@ mod tests {
             [naming("bgjobs-slot-0", "held", "2"), naming("bgjobs-slot-1", "older-slot", "1")].into();
         assert_eq!(slotless(&jobs, &slots), ["orphan", "older-slot"]);
         assert!(slotless(&jobs[..1], &slots).is_empty());
+    }
+
+    #[test]
+    fn only_a_running_job_this_deployment_claimed_or_may_adopt_takes_a_place_under_its_cap() {
+        assert!(takes_a_place_here(Some("ops"), "ops", false), "claimed here");
+        assert!(!takes_a_place_here(Some("other"), "ops", true), "another deployment's claim");
+        assert!(takes_a_place_here(None, "ops", true), "handed over: may be adopted here");
+        assert!(!takes_a_place_here(None, "ops", false), "handed over, of a queue nobody here serves");
     }
 
     fn vacant(name: &str) -> (String, Arc<Lease>) {

@@ -261,17 +261,20 @@ pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &
 }
 
 /// How many attempts the `claimers` can start now between them for the jobs of this replica's `queues` (empty:
-/// every queue): this replica's `free` slots, and the room of each other that serves all of them (its slots less
-/// what it holds, as `running` says; a replica of an older version, which does not say how many it runs at most,
+/// every queue): this replica's `free` slots, and the room of each other that serves the very same queues (its slots
+/// less what it holds, as `running` says; a replica of an older version, which does not say how many it runs at most,
 /// counts as having as many free as this one). One that serves only some of them may own and take some of the jobs,
-/// but is not counted on for the others; one whose watches lag is not counted on at all. The window of the queue's
+/// but is not counted on for the others; nor is one that serves more: it may spend its room on another queue's head,
+/// and the jobs of this window left to it would wait for a slot while later ones of theirs start here (review: a
+/// whole run time late). One whose watches lag is not counted on at all. The window of the queue's
 /// head the replicas share ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it
 /// is then taken by a replica that has some, once its owner's turn is over, not passed over for a later job.
 pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, queues: &[String], free: usize) -> usize {
-    let serves_all = |c: &Claimer| c.queues.is_empty() || (!queues.is_empty() && queues.iter().all(|q| c.serves(q)));
+    let mine: std::collections::BTreeSet<&String> = queues.iter().collect();
+    let same_queues = |c: &Claimer| c.queues.iter().collect::<std::collections::BTreeSet<_>>() == mine;
     let of = |c: &Claimer| match c.slots {
         _ if c.identity == me => free,
-        _ if !serves_all(c) || c.lags => 0,
+        _ if !same_queues(c) || c.lags => 0,
         Some(slots) => (slots as usize).saturating_sub(running(&c.identity)),
         None => free,
     };
@@ -559,9 +562,13 @@ mod tests {
         // room (it is picking with a slot free) and every queue of its backlog.
         assert_eq!(&*owners_of(&claimers, running, "a"), ["busy", "me", "old"]);
         assert_eq!(&*owners_of(&claimers, running, "b"), ["busy", "me", "old", "only-b"]);
-        // Room for this replica's queue a: busy 1, full 0, me 3 (its free slots), old 3 (as many as this one), and
-        // none from only-b, which serves b alone.
-        assert_eq!(room(&claimers, running, "me", &["a".to_string()], 3), 7);
+        // Room for this replica's queue a: me 3 (its free slots), and none from only-b, which serves b alone, nor
+        // from those serving every queue, which may spend theirs on another queue's head.
+        assert_eq!(room(&claimers, running, "me", &["a".to_string()], 3), 3);
+        // Serving every queue as they do: busy 1, full 0, me 3, old 3 (as many as this one); not only-b.
+        assert_eq!(room(&claimers, running, "me", &[], 3), 7);
+        let also_a = super::claimers(&[member("also-a", 3, &["a"]), member("me", 1, &["a"])], "me", false);
+        assert_eq!(room(&also_a, |_| 1, "me", &["a".to_string()], 3), 5, "the same queues: me 3, also-a 3 - 1");
         // A claim's Lease and its Running status count once; a Lease shown before the status counts already.
         let held = attempts_by_replica([("busy", "j1"), ("full", "j2")], [("busy", "j1"), ("full", "j3")]);
         assert_eq!((held["busy"], held["full"]), (1, 2));

@@ -825,6 +825,60 @@ async fn the_free_slots_go_to_the_head_not_to_later_jobs_their_replicas_own() {
     assert!(late.is_empty(), "a job waited behind a later one: {late:?}");
 }
 
+/// A replica that serves one queue (`--queues x`) beside one that serves every queue, twelve jobs runnable at once
+/// on both (one creation second, one delay): four of queue y, then eight of x. Before: the first counted the other's
+/// free slots as room for x, so its window was twice its slots; it took the jobs of x it owned and left the others
+/// to that replica, which spent its slots on the head of y, and those earlier jobs of x waited a whole run while later
+/// ones ran (a review found it: a 20 s inversion). Now a replica counts on the room only of those serving the very
+/// same queues: the first takes the head of x in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serving_one_queue_does_not_leave_its_head_to_one_that_serves_every_queue() {
+    let env = TestEnv::new("fifo-queues").await;
+    let a = env.replica("a", &["--queues", "x", "--max-concurrent-jobs-per-instance", "4"]);
+    let b = env.replica("b", &["--max-concurrent-jobs-per-instance", "4"]);
+    env.wait_joined(&a, &env.ns).await;
+    env.wait_joined(&b, &env.ns).await;
+    let names: Vec<(String, &str)> =
+        (1..=4).map(|i| (format!("y{i}"), "y")).chain((1..=8).map(|i| (format!("x{i}"), "x"))).collect();
+    for round in 0.. {
+        assert!(round < 5, "never created the twelve jobs within one second");
+        // Right after a second begins, one at a time: their queue order is the order they are stored in.
+        tokio::time::sleep(Duration::from_millis(1050 - (now_ms() % 1000) as u64)).await;
+        let mut seconds = std::collections::BTreeSet::new();
+        for (name, queue) in &names {
+            let spec = json!({"jobName": "sleep", "queue": queue, "delaySeconds": 6, "args": {"seconds": 15}});
+            let made = env.create(name, spec).await;
+            seconds.insert(made.metadata.creation_timestamp.map(|t| t.0.as_second()));
+        }
+        if seconds.len() == 1 {
+            break;
+        }
+        for (name, _) in &names {
+            env.jobs.delete(name, &Default::default()).await.unwrap();
+        }
+        env.wait_until(MINUTE, "the round's jobs gone", |jobs| jobs.is_empty()).await;
+    }
+    env.wait_until(3 * MINUTE, "all jobs Succeeded", |jobs| {
+        jobs.len() == names.len() && all_in(jobs, Phase::Succeeded)
+    })
+    .await;
+    let starts: HashMap<String, i64> = executions(&env.invocations())
+        .into_iter()
+        .map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start))
+        .collect();
+    let bound = bgjobs::wire::FIFO_BOUND.as_millis() as i64;
+    let mut late = Vec::new();
+    for i in 1..=8 {
+        for j in i + 1..=8 {
+            let (earlier, later) = (starts[&format!("x{i}")], starts[&format!("x{j}")]);
+            if earlier - later > bound {
+                late.push(format!("x{i} started {} ms after x{j}, queued behind it", earlier - later));
+            }
+        }
+    }
+    assert!(late.is_empty(), "a job of x waited behind a later one: {late:?}");
+}
+
 /// The apiserver's count of custom-resource lists it read from etcd (each page of a paged list is one).
 async fn etcd_custom_resource_lists(env: &TestEnv) -> f64 {
     let text = env.client.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();

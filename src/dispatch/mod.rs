@@ -848,13 +848,18 @@ impl Dispatcher {
             let vouched = |l: Option<&Lease>, own| self.vouched(l, own, inst);
             slots = limits::free_slots(cap, &seen, &reserved, &mut observer, vouched, inst, &timing, &me);
             self.slot_observer = observer;
-            // Each in a place of the cap (not those claimed under another lease namespace: that deployment's cap
-            // keeps its own): a takeover that may happen now goes first, with a slot of its own; the others keep
-            // theirs.
-            // (Nor this replica's own claims: their slots are reserved already.)
+            // Each of this deployment's in a place of the cap ([`limits::takes_a_place_here`]): a takeover that may
+            // happen now goes first, with a slot of its own; the others keep theirs. (Not this replica's own
+            // claims: their slots are reserved already.)
+            let served_here = |queue: &str| self.config.serves_queue(queue) || claimers.iter().any(|c| c.serves(queue));
             let ours = |j: &&Arc<BackgroundJob>| {
+                let claimed_in = self.claim_vouched_in(j);
                 !self.held.contains_key(j.uid().as_deref().unwrap_or_default())
-                    && !self.claimed_under_another_lease_namespace(j)
+                    && limits::takes_a_place_here(
+                        claimed_in.as_deref(),
+                        &self.config.lease_namespace,
+                        served_here(&j.spec.queue),
+                    )
             };
             let slotless = limits::slotless(self.backlog.running().filter(ours).map(|j| &**j), &seen);
             let (adoptable, running_on): (HashSet<String>, HashSet<String>) =
@@ -953,13 +958,13 @@ impl Dispatcher {
         look_again_in
     }
 
-    /// Whether `job`'s claim Lease, as cached, is vouched for by a member Lease in another `--lease-namespace`: a
-    /// deployment that sees the same jobs and keeps its own cluster slots (docs/usage.md, "Notes and limits"). A
-    /// claim that does not say (disowned, handed over, an older replica's) is counted as this deployment's.
-    fn claimed_under_another_lease_namespace(&self, job: &BackgroundJob) -> bool {
+    /// The namespace of the member Lease that vouches for `job`'s claim Lease as cached
+    /// ([`tenure::vouched_in`]): which deployment's claim it is. None if the claim does not say (disowned, handed
+    /// over, an older replica's) or is not cached.
+    fn claim_vouched_in(&self, job: &BackgroundJob) -> Option<String> {
         let name = job.status.as_ref().and_then(|s| s.lease.clone()).unwrap_or_else(|| claim::lease_name(job));
-        let lease = self.view.leases.get(&ObjectRef::new(&name).within(&job.namespace().unwrap_or_default()));
-        lease.is_some_and(|l| tenure::vouched_in(&l).is_some_and(|ns| ns != self.config.lease_namespace))
+        let lease = self.view.leases.get(&ObjectRef::new(&name).within(&job.namespace().unwrap_or_default()))?;
+        tenure::vouched_in(&lease).map(str::to_string)
     }
 
     /// Exclusive: whether this leadership's caches have shown a fresh read of the claim Leases and their jobs
@@ -1106,6 +1111,7 @@ impl Dispatcher {
         let Candidate { job, lease, state, extras, .. } = c;
         // The slot first: it is the scarcer resource, and losing it costs no other write.
         let extras: Vec<ExtraLease> = slot.into_iter().chain(extras).collect();
+        let cached = self.view.jobs.clone();
         tokio::spawn(async move {
             let mut done = done;
             let claimant = claim::Claimant {
@@ -1114,6 +1120,7 @@ impl Dispatcher {
                 now: worker.clock.now(),
                 tenure: &tenure,
                 ends: &ends,
+                cached: &cached,
             };
             // However its calls hang, a claim gives its slot back within a lease duration of acquiring it.
             let claiming = claim::claim(&worker.client, &job, lease.as_deref(), state, claimant, &extras);
@@ -1184,7 +1191,7 @@ impl Dispatcher {
             return;
         };
         let Some(done) = self.start_write(job) else { return };
-        let (worker, job) = (self.worker.clone(), job.clone());
+        let (worker, job, cached) = (self.worker.clone(), job.clone(), self.view.jobs.clone());
         tokio::spawn(async move {
             let mut done = done;
             let now = worker.clock.now();
@@ -1194,6 +1201,7 @@ impl Dispatcher {
                 now,
                 tenure: &tenure,
                 ends: &ends,
+                cached: &cached,
             };
             if let Some(ahead) = &defers_to {
                 // Not still ahead (or unreadable): the job is looked at again shortly, once the cache has caught up.

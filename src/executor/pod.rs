@@ -574,9 +574,11 @@ pub async fn running_pod_of(client: &Client, namespace: &str, job_uid: &str) -> 
 }
 
 /// A Pod that may still run of a job of `key` in `namespace` but the one whose UID is `except` (`namespace/name`):
-/// one made before that job's key Lease was deleted by hand ([`crate::keys::POD_KEY_LABEL`]). Unless its job is read
-/// finished: its Pods stopped before that was recorded ([`crate::claim::job_may_run`]; a `Failed` Pod kept for
-/// inspection, its kill never shown ended, must not hold the key for as long as its job is kept).
+/// one made before that job's key Lease was deleted by hand ([`crate::keys::POD_KEY_LABEL`]). Unless its job is
+/// shown finished at that Pod's attempt or later ([`finished_after`]): its Pods stopped before that was recorded (a
+/// `Failed` Pod kept for inspection, its kill never shown ended, must not hold the key for as long as its job is
+/// kept). The `cached` jobs are asked first; a job read afresh only when they do not show it so (such Pods pile up
+/// with their kept jobs: a read each, at every claim of the key, would grow with them).
 ///
 /// The list is served from the apiserver's watch cache (any version): it is sent for nearly every claim of a keyed
 /// job, as a key's Lease is deleted when given back, and a quorum list would read every Pod of the namespace from etcd
@@ -587,6 +589,7 @@ pub async fn running_pod_of_key(
     namespace: &str,
     key: &str,
     except: &str,
+    cached: &kube::runtime::reflector::Store<BackgroundJob>,
 ) -> crate::Result<Option<String>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let selector =
@@ -597,13 +600,17 @@ pub async fn running_pod_of_key(
         if uid == except {
             continue;
         }
+        let attempt = pod.labels().get(ATTEMPT_LABEL).and_then(|a| a.parse().ok()).unwrap_or(i32::MAX);
         let job = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.uid == uid);
-        if let Some(owner) = job
-            && let Some(read) = crate::unreadable::get_opt_without_args(&jobs, &owner.name).await?
-            && read.uid().as_deref() == Some(uid)
-            && !crate::claim::job_may_run(Some(&read), None)
-        {
-            continue;
+        if let Some(owner) = job {
+            let shown = cached.get(&kube::runtime::reflector::ObjectRef::new(&owner.name).within(namespace));
+            if shown.is_some_and(|j| finished_after(&j, uid, attempt)) {
+                continue;
+            }
+            let read = crate::unreadable::get_opt_without_args(&jobs, &owner.name).await?;
+            if read.is_some_and(|j| finished_after(&j, uid, attempt)) {
+                continue;
+            }
         }
         return Ok(Some(format!("{namespace}/{}", pod.name_any())));
     }
@@ -630,6 +637,13 @@ async fn list_may_run(pods: &Api<Pod>, selector: &str) -> crate::Result<Vec<(Str
             (format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()), uid)
         })
         .collect())
+}
+
+/// Whether `job` is the one whose UID is `uid`, shown finished at attempt `attempt` or later: a Pod of that attempt
+/// stopped before the job's end was recorded ([`crate::claim::job_may_run`]). A later attempt's Pod is not (the job
+/// was put back in the queue and claimed since, and the copy lags).
+fn finished_after(job: &BackgroundJob, uid: &str, attempt: i32) -> bool {
+    job.uid().as_deref() == Some(uid) && !crate::claim::job_may_run(Some(job), None) && attempt <= job.attempts()
 }
 
 /// The Pods `params` list in `pods`' scope that may still run ([`may_still_run`]); none when this replica may not list
@@ -1615,6 +1629,22 @@ mod tests {
         j.metadata.namespace = Some("ns".into());
         j.metadata.uid = Some("uid-7".into());
         j
+    }
+
+    /// A kept Pod of a key's job holds the key unless its job is shown finished at that Pod's attempt or later.
+    #[test]
+    fn a_keys_pod_is_let_go_only_for_its_own_job_shown_finished_at_its_attempt_or_later() {
+        use crate::api::{BackgroundJobStatus, Phase};
+        let at = |phase: Phase, attempts: i32| {
+            let mut j = job();
+            j.status = Some(Box::new(BackgroundJobStatus { phase: Some(phase), attempts, ..Default::default() }));
+            j
+        };
+        assert!(finished_after(&at(Phase::Failed, 2), "uid-7", 2), "its Pods stopped before it was recorded");
+        assert!(finished_after(&at(Phase::Succeeded, 3), "uid-7", 2));
+        assert!(!finished_after(&at(Phase::Failed, 2), "uid-7", 3), "retried and claimed since: the copy lags");
+        assert!(!finished_after(&at(Phase::Running, 2), "uid-7", 2));
+        assert!(!finished_after(&at(Phase::Failed, 2), "uid-other", 2), "re-created under its name");
     }
 
     fn ctx(attempt: i32) -> JobContext {

@@ -25,6 +25,7 @@ mod exclusive;
 mod fleet;
 mod workload;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bgjobs::api::Phase;
@@ -108,21 +109,31 @@ impl Proxies {
     }
 }
 
-/// Wait (bounded) for every job to end; whatever does not is reported by the checker as stuck.
+/// Wait (bounded) for every job to end; whatever does not is reported by the checker as stuck. Until the jobs stay
+/// the same a few seconds apart: a tick claimed ahead before the definitions were suspended still makes its job when
+/// due, and that job, made after a list that showed every job final, was judged stuck as it started.
 async fn drain(env: &TestEnv) -> Vec<bgjobs::api::BackgroundJob> {
     let drained = Instant::now();
+    let uids = |jobs: &[bgjobs::api::BackgroundJob]| jobs.iter().filter_map(|j| j.uid()).collect::<BTreeSet<_>>();
     let mut jobs = env.list().await;
-    while !jobs.iter().all(|j| j.phase().is_final()) && drained.elapsed() < Duration::from_secs(240) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        jobs = env.list().await;
+    loop {
+        while !jobs.iter().all(|j| j.phase().is_final()) && drained.elapsed() < Duration::from_secs(240) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            jobs = env.list().await;
+        }
+        // The history is read once the recorder has seen every job final too: after an apiserver restart its watch
+        // re-lists, which can take longer than the operator's own writes.
+        let recorded = Instant::now();
+        while !recorded_final(env, &jobs) && recorded.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let again = env.list().await;
+        if uids(&again) == uids(&jobs) || drained.elapsed() >= Duration::from_secs(240) {
+            return again;
+        }
+        jobs = again;
     }
-    // The history is read once the recorder has seen every job final too: after an apiserver restart its watch
-    // re-lists, which can take longer than the operator's own writes.
-    let recorded = Instant::now();
-    while !recorded_final(env, &jobs) && recorded.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    jobs
 }
 
 /// Whether the recorder's last line for each of `jobs` shows it in a final phase.
@@ -146,6 +157,14 @@ fn judge(env: &TestEnv, seed: u64, limits: &Limits, jobs: usize) {
     std::fs::write(env.dir.join("report.txt"), format!("seed {seed}\n{report}\n{}\n", report.violations.join("\n")))
         .unwrap();
     assert!(jobs >= 30, "the workload ran: {jobs} jobs");
+    // The checks judge what the recorder saw: one that missed jobs would pass them unjudged.
+    let recorded: std::collections::HashSet<&str> = history.status.iter().map(|l| l.uid.as_str()).collect();
+    assert!(
+        recorded.len() >= jobs,
+        "the recorder saw {} of the {jobs} jobs (history in {})",
+        recorded.len(),
+        env.dir.display()
+    );
     assert!(
         report.ok(),
         "seed {seed} broke a guarantee (history in {}):\n{}",
