@@ -834,8 +834,9 @@ async fn the_free_slots_go_to_the_head_not_to_later_jobs_their_replicas_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_serving_one_queue_does_not_leave_its_head_to_one_that_serves_every_queue() {
     let env = TestEnv::new("fifo-queues").await;
-    let a = env.replica("a", &["--queues", "x", "--max-concurrent-jobs-per-instance", "4"]);
-    let b = env.replica("b", &["--max-concurrent-jobs-per-instance", "4"]);
+    let ns = env.ns.as_str();
+    let a = env.replica("a", &["--lease-namespace", ns, "--queues", "x", "--max-concurrent-jobs-per-instance", "4"]);
+    let b = env.replica("b", &["--lease-namespace", ns, "--max-concurrent-jobs-per-instance", "4"]);
     env.wait_joined(&a, &env.ns).await;
     env.wait_joined(&b, &env.ns).await;
     let names: Vec<(String, &str)> =
