@@ -264,8 +264,13 @@ async fn a_claim_whose_answer_comes_after_its_bound_is_handed_back_unstarted_not
     // The next status write's answer (the claim's) comes 12 s late; the tests' renew deadline is 2 s.
     proxy.delay_answers(Some(http::Method::PUT), "/status", Duration::from_secs(12), 1);
     env.create("once", json!({"jobName": "noop", "retry": {"maxAttempts": 1}})).await;
+    assert_ran_once(&env, &proxy, &r, "the claim's answer").await;
+}
+
+/// The job `once` ends `Succeeded` having run once, the one answer held back by `proxy` being `held`'s.
+async fn assert_ran_once(env: &TestEnv, proxy: &common::http_proxy::HttpProxy, r: &common::Replica, held: &str) {
     let done = env.wait_job("once", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
-    assert_eq!(proxy.held(), 1, "the claim's answer was held back");
+    assert_eq!(proxy.held(), 1, "{held} was held back");
     let runs = executions(&env.invocations()).into_iter().filter(|e| e.job.ends_with("/once")).count();
     assert_eq!(
         (done.phase(), runs),
@@ -292,17 +297,7 @@ async fn a_claim_whose_key_lease_aged_past_the_renew_deadline_is_given_back_not_
     // The next Lease create is the key's: a claim takes its key before its own Lease.
     proxy.delay_answers(Some(http::Method::POST), "/leases", Duration::from_millis(2500), 1);
     env.create("once", json!({"jobName": "noop", "concurrencyKey": "k", "retry": {"maxAttempts": 1}})).await;
-    let done = env.wait_job("once", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
-    assert_eq!(proxy.held(), 1, "the key Lease's answer was held back");
-    let runs = executions(&env.invocations()).into_iter().filter(|e| e.job.ends_with("/once")).count();
-    assert_eq!(
-        (done.phase(), runs),
-        (Phase::Succeeded, 1),
-        "{}: {:?}\nr's log:\n{}",
-        last_error(&done),
-        done.status,
-        r.log_text()
-    );
+    assert_ran_once(&env, &proxy, &r, "the key Lease's answer").await;
 }
 
 /// A new exclusive leader whose watches lag (15 s, its reads answered at once) is elected on a current read of the

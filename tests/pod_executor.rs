@@ -333,6 +333,11 @@ async fn a_deleted_jobs_pod_running_on_through_its_grace_still_holds_its_concurr
     env.jobs.delete("first", &Default::default()).await.unwrap();
     env.create("second", shell_job("true", json!({"concurrencyKey": "k"}))).await;
     let _b = env.replica("b", &[]);
+    second_ran_once_first_had_stopped(&env, &history).await;
+}
+
+/// `second` succeeds, and its Pod was created only once the deleted job `first`'s Pod had stopped.
+async fn second_ran_once_first_had_stopped(env: &TestEnv, history: &PodHistory) {
     let second = env.wait_job("second", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     assert_eq!(second.phase(), Phase::Succeeded, "{:?}", second.status);
     let has_stopped = |e: &PodEvent| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed");
@@ -362,17 +367,7 @@ async fn a_key_lease_deleted_by_hand_while_a_deleted_jobs_pod_stops_still_holds_
     env.jobs.delete("first", &Default::default()).await.unwrap();
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), &env.ns);
     leases.delete(&bgjobs::wire::key_lease_name("k"), &Default::default()).await.unwrap();
-    let second = env.wait_job("second", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
-    assert_eq!(second.phase(), Phase::Succeeded, "{:?}", second.status);
-    let has_stopped = |e: &PodEvent| e.kind == "DELETED" || matches!(e.phase.as_str(), "Succeeded" | "Failed");
-    history.wait_for("first-1", has_stopped, "stopped", MINUTE).await;
-    let stopped = history.first("first-1", has_stopped).expect("the deleted job's Pod stopped");
-    let next = history.first("second-1", |e| e.kind == "ADDED").expect("the next job's Pod was created");
-    assert!(
-        stopped < next,
-        "the next job of the key had its Pod created while the deleted job's Pod still ran: {:?}",
-        history.events()
-    );
+    second_ran_once_first_had_stopped(&env, &history).await;
 }
 
 /// A keyed Pod job failed past its `activeDeadlineSeconds`: its Pod is kept for inspection, `Failed` with its
