@@ -148,11 +148,11 @@ pub fn slotless<'a>(
 
 /// Whether a running job that no slot names ([`slotless`]) takes a place under this deployment's cap, by where its
 /// claim is vouched for (`claimed_in`: the namespace of the member Lease its claim Lease names, [`crate::lease::tenure::vouched_in`])
-/// against this deployment's `lease_namespace`. A claim that does not say (disowned, handed over, an older
-/// replica's, not cached) counts when a replica here serves its queue (`served_here`): one of them may adopt it, into
-/// one of these slots. A claim of another lease namespace, or a handed-over job nobody here could adopt, belongs to
-/// another deployment, whose cap keeps its own slots: counted here, it would shrink this cap for as long as it runs
-/// (for ever, if that deployment is gone and nobody adopts it).
+/// against this deployment's `lease_namespace` (a disowned claim says where it was vouched for:
+/// [`crate::lease::tenure::claimed_in`]). A claim that does not say (an older replica's, not cached) counts when a
+/// replica here serves its queue (`served_here`): one of them may adopt it, into one of these slots. A claim of
+/// another lease namespace belongs to another deployment, whose cap keeps its own slots: counted here, it would
+/// shrink this cap for as long as it runs (for ever, if that deployment is gone and nobody adopts it).
 pub fn takes_a_place_here(claimed_in: Option<&str>, lease_namespace: &str, served_here: bool) -> bool {
     claimed_in.map_or(served_here, |ns| ns == lease_namespace)
 }

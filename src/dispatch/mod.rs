@@ -958,13 +958,12 @@ impl Dispatcher {
         look_again_in
     }
 
-    /// The namespace of the member Lease that vouches for `job`'s claim Lease as cached
-    /// ([`tenure::vouched_in`]): which deployment's claim it is. None if the claim does not say (disowned, handed
-    /// over, an older replica's) or is not cached.
+    /// The lease namespace of the deployment whose claim `job`'s claim Lease is, as cached ([`tenure::claimed_in`]:
+    /// disowned ones, handed over, say it too). None if it does not say (an older replica's) or is not cached.
     fn claim_vouched_in(&self, job: &BackgroundJob) -> Option<String> {
         let name = job.status.as_ref().and_then(|s| s.lease.clone()).unwrap_or_else(|| claim::lease_name(job));
         let lease = self.view.leases.get(&ObjectRef::new(&name).within(&job.namespace().unwrap_or_default()))?;
-        tenure::vouched_in(&lease).map(str::to_string)
+        tenure::claimed_in(&lease).map(str::to_string)
     }
 
     /// Exclusive: whether this leadership's caches have shown a fresh read of the claim Leases and their jobs

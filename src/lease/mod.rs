@@ -250,16 +250,27 @@ pub async fn vacate(api: &Api<Lease>, held: &Lease) -> Result<()> {
 /// they have seen it unchanged for a lease duration. For a cluster slot whose Pod runs on after its attempt was
 /// handed over: the slot stays counted until the Pod's adopter takes it. Only if it is still exactly as held.
 pub async fn disown(api: &Api<Lease>, held: &Lease) -> Result<()> {
+    replace(api, &disowned(held)).await.map(|_| ())
+}
+
+/// `held` vouched for by no tenure, renewed now, still saying in which lease namespace it was claimed
+/// ([`tenure::DISOWNED_IN_ANNOTATION`]): a cluster cap counts a handed-over Pod that no slot names against the slots
+/// of that namespace's deployment, and only that one's ([`crate::limits::takes_a_place_here`]).
+pub fn disowned(held: &Lease) -> Lease {
     let mut lease = held.clone();
+    let claimed_in = tenure::vouched_in(held).map(str::to_string);
     if let Some(a) = lease.metadata.annotations.as_mut() {
         a.remove(tenure::TENURE_ANNOTATION);
         a.remove(tenure::TENURE_MEMBER_ANNOTATION);
+        if let Some(namespace) = claimed_in {
+            a.insert(tenure::DISOWNED_IN_ANNOTATION.to_string(), namespace);
+        }
     }
     if let Some(l) = lease.metadata.labels.as_mut() {
         l.remove(tenure::HELD_BY_LABEL);
     }
     lease.spec.get_or_insert_with(Default::default).renew_time = Some(now_micro());
-    replace(api, &lease).await.map(|_| ())
+    lease
 }
 
 /// The holder named in a Lease.
@@ -291,6 +302,30 @@ pub fn same_tenure(held: &Lease, now: &Lease) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disowned claim still says which lease namespace's deployment claimed it: a handed-over Pod that no slot
+    /// names counts against that deployment's cap, and only that one's (review: a replica serving its queue shut
+    /// down, the claim said nothing any more, and the others started one over the cap beside that Pod).
+    #[test]
+    fn a_disowned_lease_is_vouched_for_by_no_tenure_yet_says_where_it_was_claimed() {
+        let mut held = Lease::default();
+        held.metadata.annotations = Some(
+            [
+                (tenure::TENURE_ANNOTATION.to_string(), "m/uid/1".to_string()),
+                (tenure::TENURE_MEMBER_ANNOTATION.to_string(), tenure::tenure_member("ops", "m/uid/1")),
+                (JOB_UID_ANNOTATION.to_string(), "j".to_string()),
+            ]
+            .into(),
+        );
+        held.metadata.labels = Some([(tenure::HELD_BY_LABEL.to_string(), "m".to_string())].into());
+        assert_eq!(tenure::claimed_in(&held), Some("ops"));
+        let gone = disowned(&held);
+        assert_eq!((tenure::vouched_by(&gone), tenure::vouched_in(&gone)), (None, None));
+        assert!(!kube::ResourceExt::labels(&gone).contains_key(tenure::HELD_BY_LABEL));
+        assert_eq!(annotation(&gone, JOB_UID_ANNOTATION), Some("j"));
+        assert_eq!(tenure::claimed_in(&gone), Some("ops"));
+        assert_eq!(tenure::claimed_in(&Lease::default()), None, "an older replica's says nothing");
+    }
 
     #[test]
     fn timing_requires_duration_above_deadline_above_interval() {

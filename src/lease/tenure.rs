@@ -39,6 +39,18 @@ pub const REVOKED_ANNOTATION: &str = "bgjobs.dev/revoked-tenure";
 /// say (or say it of another tenure, kept from before an older replica's take-over): theirs is taken to be the
 /// reader's own.
 pub const TENURE_MEMBER_ANNOTATION: &str = "bgjobs.dev/tenure-member";
+/// Annotation on a Lease its holder disowned ([`super::disowned`]): the namespace of the member Lease that vouched
+/// for it, which [`TENURE_MEMBER_ANNOTATION`] said until then.
+pub const DISOWNED_IN_ANNOTATION: &str = "bgjobs.dev/disowned-in";
+
+/// The lease namespace of the deployment that claimed `lease`: where the member Lease vouching for it is
+/// ([`vouched_in`]), or, disowned, was ([`DISOWNED_IN_ANNOTATION`]). None for a Lease that does not say.
+pub fn claimed_in(lease: &Lease) -> Option<&str> {
+    match vouched_by(lease) {
+        Some(_) => vouched_in(lease),
+        None => annotation(lease, DISOWNED_IN_ANNOTATION).filter(|ns| !ns.is_empty()),
+    }
+}
 
 /// The [`TENURE_MEMBER_ANNOTATION`] of a Lease vouched for by `tenure`, whose member Lease is in `namespace`.
 pub fn tenure_member(namespace: &str, tenure: &str) -> String {
