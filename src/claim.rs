@@ -295,7 +295,13 @@ pub async fn claim(
 /// is kept). Unless the Lease names a later attempt than the cache shows: the job was put back in the queue
 /// (`bgjobs retry`) and claimed since, and this replica's cache lags.
 pub fn job_may_run(cached: Option<&BackgroundJob>, lease: Option<&Lease>) -> bool {
-    cached.is_none_or(|j| !j.phase().is_final() || lease.is_some_and(|l| lease::attempt(l) > j.attempts()))
+    job_may_run_at(cached, lease.map(lease::attempt))
+}
+
+/// [`job_may_run`] for what names the job at `attempt` (a Lease, a Pod): unless the job is shown finished at that
+/// attempt or later.
+pub fn job_may_run_at(cached: Option<&BackgroundJob>, attempt: Option<i32>) -> bool {
+    cached.is_none_or(|j| !j.phase().is_final() || attempt.is_some_and(|a| a > j.attempts()))
 }
 
 /// How soon a claim held back by a gone job's Pod ([`LostAt::GoneJobsPod`]) looks again.

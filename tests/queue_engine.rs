@@ -806,22 +806,7 @@ async fn the_free_slots_go_to_the_head_not_to_later_jobs_their_replicas_own() {
         })
         .await;
     }
-    let starts: HashMap<String, i64> = executions(&env.invocations())
-        .into_iter()
-        .map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start))
-        .collect();
-    let bound = bgjobs::wire::FIFO_BOUND.as_millis() as i64;
-    let mut late = Vec::new();
-    for burst in &queued {
-        for (x, earlier) in burst.iter().enumerate() {
-            for later in &burst[x + 1..] {
-                let (e, l) = (starts[earlier], starts[later]);
-                if e - l > bound {
-                    late.push(format!("{earlier} started {} ms after {later}, queued behind it", e - l));
-                }
-            }
-        }
-    }
+    let late = started_late(&env, &queued);
     assert!(late.is_empty(), "a job waited behind a later one: {late:?}");
 }
 
@@ -863,21 +848,29 @@ async fn a_replica_serving_one_queue_does_not_leave_its_head_to_one_that_serves_
         jobs.len() == names.len() && all_in(jobs, Phase::Succeeded)
     })
     .await;
+    let late = started_late(&env, &[(1..=8).map(|i| format!("x{i}")).collect()]);
+    assert!(late.is_empty(), "a job of x waited behind a later one: {late:?}");
+}
+
+/// Each job of `queues` (each in queue order) that started more than the FIFO bound after a later one of its queue.
+fn started_late(env: &TestEnv, queues: &[Vec<String>]) -> Vec<String> {
     let starts: HashMap<String, i64> = executions(&env.invocations())
         .into_iter()
         .map(|e| (e.job.rsplit('/').next().unwrap().to_string(), e.start))
         .collect();
     let bound = bgjobs::wire::FIFO_BOUND.as_millis() as i64;
     let mut late = Vec::new();
-    for i in 1..=8 {
-        for j in i + 1..=8 {
-            let (earlier, later) = (starts[&format!("x{i}")], starts[&format!("x{j}")]);
-            if earlier - later > bound {
-                late.push(format!("x{i} started {} ms after x{j}, queued behind it", earlier - later));
+    for queue in queues {
+        for (x, earlier) in queue.iter().enumerate() {
+            for later in &queue[x + 1..] {
+                let (e, l) = (starts[earlier], starts[later]);
+                if e - l > bound {
+                    late.push(format!("{earlier} started {} ms after {later}, queued behind it", e - l));
+                }
             }
         }
     }
-    assert!(late.is_empty(), "a job of x waited behind a later one: {late:?}");
+    late
 }
 
 /// The apiserver's count of custom-resource lists it read from etcd (each page of a paged list is one).

@@ -640,10 +640,10 @@ async fn list_may_run(pods: &Api<Pod>, selector: &str) -> crate::Result<Vec<(Str
 }
 
 /// Whether `job` is the one whose UID is `uid`, shown finished at attempt `attempt` or later: a Pod of that attempt
-/// stopped before the job's end was recorded ([`crate::claim::job_may_run`]). A later attempt's Pod is not (the job
-/// was put back in the queue and claimed since, and the copy lags).
+/// stopped before the job's end was recorded ([`crate::claim::job_may_run_at`]). A later attempt's Pod is not (the
+/// job was put back in the queue and claimed since, and the copy lags).
 fn finished_after(job: &BackgroundJob, uid: &str, attempt: i32) -> bool {
-    job.uid().as_deref() == Some(uid) && !crate::claim::job_may_run(Some(job), None) && attempt <= job.attempts()
+    job.uid().as_deref() == Some(uid) && !crate::claim::job_may_run_at(Some(job), Some(attempt))
 }
 
 /// The Pods `params` list in `pods`' scope that may still run ([`may_still_run`]); none when this replica may not list
