@@ -567,14 +567,8 @@ impl Pass<'_> {
     ) -> Result<Looked> {
         let mut looked = Looked::Nothing;
         for name in unseen {
-            if !self.looked_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone()) {
-                continue;
-            }
+            let Some(read) = self.look_up_once(&name).await else { continue };
             looked = looked.max(Looked::Asked);
-            let read = crate::client::bounded(LOOKUP_TAKES_AT_MOST, async {
-                Ok(crate::unreadable::get_opt(&self.jobs, &name).await?)
-            })
-            .await;
             let job = match read {
                 Ok(Some(job)) => job,
                 Ok(None) => continue,
@@ -584,7 +578,7 @@ impl Pass<'_> {
                 }
                 Err(e) => return Err(e),
             };
-            if made_by(&job, def) && !job.phase().is_final() && !active.contains(&name) {
+            if unfinished_of(&job, def) && !active.contains(&name) {
                 debug!(definition = %def.name_any(), job = %name, "an unfinished job the job watch has not shown");
                 active.push(name);
                 looked = Looked::Added;
@@ -594,6 +588,16 @@ impl Pass<'_> {
         Ok(looked)
     }
 
+    /// Job `name` read afresh (without its arguments: only its owner and phase count), once a reconcile
+    /// ([`Self::looked_up`]) and within [`LOOKUP_TAKES_AT_MOST`]; None if it was asked already.
+    async fn look_up_once(&self, name: &str) -> Option<Result<Option<BackgroundJob>>> {
+        if !self.looked_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string()) {
+            return None;
+        }
+        let read = async { Ok(crate::unreadable::get_opt_without_args(&self.jobs, name).await?) };
+        Some(crate::client::bounded(LOOKUP_TAKES_AT_MOST, read).await)
+    }
+
     /// Take out of `active` the jobs the API server has as finished, gone, or not `def`'s ([`skips_for_unfinished`]),
     /// each asked once a reconcile and bounded by [`LOOKUP_TAKES_AT_MOST`]; whether any went. A job that cannot be
     /// read stays, as the cache shows it: the tick is skipped as before, rather than held back until the reads work
@@ -601,15 +605,9 @@ impl Pass<'_> {
     async fn drop_finished(&self, def: &RecurringBackgroundJob, active: &mut Vec<String>) -> bool {
         let mut dropped = false;
         for name in active.clone() {
-            if !self.looked_up.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone()) {
-                continue;
-            }
-            let read = crate::client::bounded(LOOKUP_TAKES_AT_MOST, async {
-                Ok(crate::unreadable::get_opt_without_args(&self.jobs, &name).await?)
-            })
-            .await;
+            let Some(read) = self.look_up_once(&name).await else { continue };
             match read {
-                Ok(read) if !read.as_ref().is_some_and(|job| made_by(job, def) && !job.phase().is_final()) => {
+                Ok(read) if !read.as_ref().is_some_and(|job| unfinished_of(job, def)) => {
                     debug!(definition = %def.name_any(), job = %name, "the job watch showed a job unfinished that is not");
                     active.retain(|a| *a != name);
                     dropped = true;
@@ -836,6 +834,11 @@ pub fn definition_of(job: &BackgroundJob) -> Option<&k8s_openapi::apimachinery::
 /// Whether `job` was made by `def` itself (owned by its UID), not by a definition of the same name before it.
 fn made_by(job: &BackgroundJob, def: &RecurringBackgroundJob) -> bool {
     definition_of(job).is_some_and(|o| Some(o.uid.as_str()) == def.metadata.uid.as_deref())
+}
+
+/// Whether `job` is one of `def`'s own that may still run: what `Forbid` waits for and `Replace` cancels.
+fn unfinished_of(job: &BackgroundJob, def: &RecurringBackgroundJob) -> bool {
+    made_by(job, def) && !job.phase().is_final()
 }
 
 /// The tick a job was made for (its `bgjobs.dev/scheduled-time`), if it is a tick's job: named for that tick by its
