@@ -314,12 +314,15 @@ async fn run_claimed(
     info!("attempt started");
 
     if !holds_claim() {
-        // The claim was already stale when this replica learnt of it (paused, or its answer slow in coming): the
-        // handler never starts.
+        // The claim was already stale when this replica learnt of it (a pause, or its tenure ended while the claim's
+        // write was answered): the handler never starts.
         worker.metrics.stale_results_discarded.inc();
-        warn!("the claim's lease was past its renew deadline before the attempt could start; it does not run");
-        let runs_on = job.spec.template.is_some() || crate::report::awaits_report(&job);
-        return if runs_on { Handover::PodRunsOn } else { Handover::Unrecorded };
+        if crate::claim::adopted(&job, fence.attempt) {
+            warn!("the claim was stale before the adoption could start; its work goes on and will be adopted again");
+            return Handover::PodRunsOn;
+        }
+        warn!("the claim was stale before the attempt could start; it does not run and is handed back unstarted");
+        return hand_back_stale(worker, jobs, &job, &fence).await;
     }
     if let Some(reason) = stop_asked(&job) {
         control.stop(reason);
@@ -581,17 +584,8 @@ async fn record(
         }
         Ending::NotStarted(reason) => {
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };
-            let msg = format!(
-                "attempt {} was not started: worker {} {why} right after claiming it",
-                fence.attempt, worker.identity
-            );
-            let written = status::write_outcome(jobs, job, fence, |s| {
-                status::requeue(s, None, msg.clone(), now);
-                s.unstarted_attempts += 1;
-            })
-            .await?;
-            info!("attempt handed back to the queue before it started");
-            return Ok(handed_back(worker, job, written, msg));
+            let why = format!("{why} right after claiming it");
+            return hand_back_unstarted(worker, jobs, job, fence, &why).await;
         }
         Ending::LeaseLost => return Ok(false),
     };
@@ -671,6 +665,52 @@ async fn record(
         }
     }
     Ok(true)
+}
+
+/// Put an attempt that never started back in the queue, not counted against the job's retries (`unstartedAttempts`).
+/// Fenced on the claim, so it writes nothing once the job has moved on (another replica took it over).
+async fn hand_back_unstarted(
+    worker: &Worker,
+    jobs: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    fence: &status::Fence,
+    why: &str,
+) -> crate::Result<bool> {
+    let msg = format!("attempt {} was not started: worker {} {why}", fence.attempt, worker.identity);
+    let now = worker.clock.now();
+    let written = status::write_outcome(jobs, job, fence, |s| {
+        status::requeue(s, None, msg.clone(), now);
+        s.unstarted_attempts += 1;
+    })
+    .await?;
+    info!("attempt handed back to the queue before it started");
+    Ok(handed_back(worker, job, written, msg))
+}
+
+/// An attempt whose claim was stale as it was about to start (it ran nothing) is handed back unstarted, as one stopped
+/// by a shutdown is: left as it was, it was found orphaned a lease duration later and charged a lost attempt, and on
+/// its last attempt the job failed without ever running. The claim no longer holds, so the write is not bounded by
+/// it but by a lease duration (after which another replica takes the job over anyway); the fence keeps it from
+/// landing over such a takeover, and this replica does not claim the job again before this returns.
+async fn hand_back_stale(
+    worker: &Worker,
+    jobs: &Api<BackgroundJob>,
+    job: &BackgroundJob,
+    fence: &status::Fence,
+) -> Handover {
+    let why = "found its claim stale before starting it";
+    match tokio::time::timeout(worker.timing.duration, hand_back_unstarted(worker, jobs, job, fence, why)).await {
+        Ok(Ok(true)) => Handover::Recorded,
+        Ok(Ok(false)) => Handover::Unrecorded,
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not hand the unstarted attempt back; the lease expires and another replica retries");
+            Handover::Unrecorded
+        }
+        Err(_) => {
+            warn!("handing the unstarted attempt back timed out; the lease expires and another replica retries");
+            Handover::Unrecorded
+        }
+    }
 }
 
 /// Says once per attempt that its Pod, deleted, has not stopped a lease duration past its grace period (a

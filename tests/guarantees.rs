@@ -300,6 +300,29 @@ async fn a_claim_whose_key_lease_aged_past_the_renew_deadline_is_given_back_not_
     assert_ran_once(&env, &proxy, &r, "the key Lease's answer").await;
 }
 
+/// A claim's status write lands, its answer held back 1 s, and meanwhile its replica's member Lease is deleted by hand:
+/// the replica learns within a renew interval that its tenure is over, before the answer comes, so the attempt finds
+/// its claim stale as it is about to start. Before: it did not run, and its claim was left to be found orphaned and
+/// charged a lost attempt: on its last attempt the job failed without ever running. Now the attempt is handed back
+/// unstarted (a write fenced on the claim) and the job runs, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_tenure_ended_before_its_status_write_was_answered_is_handed_back_unstarted() {
+    let env = TestEnv::new("stale-at-start").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let r = env.replica_with("r", &["--lease-namespace", &env.ns], &proxy.options(&env.dir));
+    env.create("warm-up", json!({"jobName": "noop"})).await;
+    env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    proxy.delay_answers(Some(http::Method::PUT), "/backgroundjobs/once/status", Duration::from_secs(1), 1);
+    env.create("once", json!({"jobName": "noop", "retry": {"maxAttempts": 1}})).await;
+    // The claim's status write has landed; its answer is on its way back.
+    env.wait_job("once", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    leases.delete(&bgjobs::wire::member_lease_name("r", &env.ns), &Default::default()).await.unwrap();
+    assert_ran_once(&env, &proxy, &r, "the claim's status write's answer").await;
+    let done = env.jobs.get("once").await.unwrap();
+    assert_eq!(done.status.map(|s| s.unstarted_attempts), Some(1), "the stale claim was handed back unstarted");
+}
+
 /// A new exclusive leader whose watches lag (15 s, its reads answered at once) is elected on a current read of the
 /// exclusive Lease, while its caches show the cluster as it was before the old leader's last claim: a request the old
 /// leader sent just before it was killed still works at the endpoint, and neither that job nor its claim Lease is in
