@@ -163,11 +163,24 @@ impl Schedule {
 
     /// The first scheduled instant strictly after `after`, in time zone `tz`. `None` if there is none within
     /// about eight years (e.g. `0 0 30 2 *`).
+    ///
+    /// Local times are walked in order, and each maps to a later instant than the one before, except a local time in
+    /// a DST gap: it runs the gap's length later, which may be after a real local time the walk reaches next (with
+    /// a gap of other than an hour: Lord Howe's 30 minutes, Troll's two hours; `1,30 2 * * *` on a 02:00 → 02:30
+    /// night runs 02:30 first, then the moved 02:01 at 02:31). So a tick moved by a gap is kept while the walk goes
+    /// on up to the local time it moved to, and the earliest instant found is the answer.
     pub fn next_after(&self, after: Timestamp, tz: &TimeZone) -> Option<Timestamp> {
-        let start = after.to_zoned(tz.clone()).datetime();
+        let start = walk_start(after, tz)?;
         let mut dt = start.with().subsec_nanosecond(0).build().ok()?.checked_add(1.second()).ok()?;
         let limit = start.checked_add(8.years()).ok()?;
+        // A tick moved by a gap: its instant, and the local time it runs at.
+        let mut moved: Option<(Timestamp, DateTime)> = None;
         while dt < limit {
+            if let Some((ts, lands)) = moved
+                && dt > lands
+            {
+                return Some(ts);
+            }
             if !self.months.has(dt.month() as u8) {
                 dt = dt.first_of_month().checked_add(1.month()).ok()?.start_of_day();
             } else if !self.day_matches(dt) {
@@ -179,15 +192,21 @@ impl Schedule {
             } else if !self.seconds.has(dt.second() as u8) {
                 dt = dt.checked_add(1.second()).ok()?;
             } else {
-                let ts = tz.to_ambiguous_zoned(dt).compatible().ok()?.timestamp();
+                let zoned = tz.to_ambiguous_zoned(dt).compatible().ok()?;
+                let ts = zoned.timestamp();
                 if ts > after {
-                    return Some(ts);
+                    if zoned.datetime() == dt {
+                        return Some(moved.map_or(ts, |(earlier, _)| earlier.min(ts)));
+                    }
+                    if moved.is_none_or(|(earlier, _)| ts < earlier) {
+                        moved = Some((ts, zoned.datetime()));
+                    }
                 }
                 // The second occurrence of a repeated local time: already ran at the first.
                 dt = dt.checked_add(1.second()).ok()?;
             }
         }
-        None
+        moved.map(|(ts, _)| ts)
     }
 
     /// The latest scheduled instant in `(after, until]`, if any, in O(log(until − after)) calls of
@@ -233,6 +252,18 @@ impl Schedule {
         }
         out
     }
+}
+
+/// The local time [`Schedule::next_after`] walks from: `after` as the clock reads it, or, while ticks moved by the last
+/// gap still run (up to the gap's length after it: local times in the gap run that much later), as the clock read
+/// before that gap, so that the walk meets them although they read earlier than `after`.
+fn walk_start(after: Timestamp, tz: &TimeZone) -> Option<DateTime> {
+    let now = after.to_zoned(tz.clone()).datetime();
+    let Some(last) = tz.preceding(after.checked_add(1.second()).ok()?).next() else { return Some(now) };
+    let before = tz.to_offset(last.timestamp().checked_sub(1.second()).ok()?);
+    let gap = i64::from(last.offset().seconds() - before.seconds());
+    let moved_ticks_run = gap > 0 && after.as_second() < last.timestamp().as_second() + gap;
+    Some(if moved_ticks_run { before.to_datetime(after) } else { now })
 }
 
 /// Resolve an IANA time zone name (`None`: UTC). The zone database is compiled in, so this works in minimal images.
@@ -307,6 +338,63 @@ mod tests {
         let tz = time_zone(Some("Europe/Berlin")).unwrap();
         let runs = s.between(ts("2026-10-24T12:00:00Z"), ts("2026-10-25T12:00:00Z"), &tz, 10);
         assert_eq!(runs.len(), 1);
+    }
+
+    /// Every tick of `expr` in `(after, until]`, found without the walk: each local minute of the window that
+    /// matches, mapped as a gap or fold maps it, in instant order, once each.
+    fn every_tick_by_brute_force(expr: &str, after: Timestamp, until: Timestamp, tz: &TimeZone) -> Vec<Timestamp> {
+        let s: Schedule = expr.parse().unwrap();
+        let mut dt = after.to_zoned(tz.clone()).datetime().checked_sub(3.hours()).unwrap();
+        let end = until.to_zoned(tz.clone()).datetime().checked_add(3.hours()).unwrap();
+        let mut ticks = Vec::new();
+        while dt <= end {
+            let matches = s.months.has(dt.month() as u8)
+                && s.day_matches(dt)
+                && s.hours.has(dt.hour() as u8)
+                && s.minutes.has(dt.minute() as u8)
+                && s.seconds.has(dt.second() as u8);
+            if matches {
+                let t = tz.to_ambiguous_zoned(dt).compatible().unwrap().timestamp();
+                if t > after && t <= until {
+                    ticks.push(t);
+                }
+            }
+            dt = dt.checked_add(1.minute()).unwrap();
+        }
+        ticks.sort();
+        ticks.dedup();
+        ticks
+    }
+
+    /// Lord Howe's DST gap is 30 minutes (02:00 → 02:30 on 2026-10-04) and Troll's two hours (01:00 → 03:00 on
+    /// 2026-03-29). Before: with `1,30 2 * * *`, the walk found 02:01 first, moved to 02:31, and returned it,
+    /// skipping the real 02:30 a minute earlier: that tick was never made.
+    #[test]
+    fn a_tick_moved_by_a_dst_gap_of_other_than_an_hour_does_not_hide_an_earlier_real_one() {
+        assert_eq!(
+            next("0 1,30 2 * * *", "2026-10-03T15:29:00Z", "Australia/Lord_Howe"),
+            "2026-10-04T02:30:00+11:00[Australia/Lord_Howe]"
+        );
+        assert_eq!(
+            next("0 1,30 2 * * *", "2026-10-03T15:30:00Z", "Australia/Lord_Howe"),
+            "2026-10-04T02:31:00+11:00[Australia/Lord_Howe]"
+        );
+        let cases = [
+            ("Australia/Lord_Howe", "2026-10-03T12:00:00Z", "2026-10-03T19:00:00Z"),
+            ("Antarctica/Troll", "2026-03-28T22:00:00Z", "2026-03-29T05:00:00Z"),
+            ("Europe/Berlin", "2026-03-28T22:00:00Z", "2026-03-29T05:00:00Z"),
+            ("Australia/Lord_Howe", "2026-04-04T12:00:00Z", "2026-04-04T19:00:00Z"),
+        ];
+        for (zone, after, until) in cases {
+            let tz = time_zone(Some(zone)).unwrap();
+            for expr in ["0 1,30 2 * * *", "15,40 2 * * *", "*/7 1-3 * * *", "0 0,45 1,3 * * *", "59 1 * * *"] {
+                let s: Schedule = expr.parse().unwrap();
+                let walked = s.between(ts(after), ts(until), &tz, 10_000);
+                let expected = every_tick_by_brute_force(expr, ts(after), ts(until), &tz);
+                assert_eq!(walked, expected, "{expr} in {zone}");
+                assert_eq!(s.latest_between(ts(after), ts(until), &tz), expected.last().copied(), "{expr} in {zone}");
+            }
+        }
     }
 
     #[test]
