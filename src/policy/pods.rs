@@ -12,12 +12,13 @@
 //!
 //! and, with no flag to relax them (run such a Pod as a batch/v1 Job, created by someone who may):
 //! - `node-side-request`: a probe or lifecycle handler with `httpGet.host` or `tcpSocket.host` (the kubelet sends it
-//!   from the node's network, to any address: the node's own ports, metadata);
+//!   from the node's network, to any address: the node's own ports, metadata), and any lifecycle `httpGet` (older
+//!   kubelets follow its redirects to any address);
 //! - `node-mounted-volume`: any volume but `configMap`, `csi`, `downwardAPI`, `emptyDir`, `ephemeral`, `image`,
 //!   `persistentVolumeClaim`, `projected`, `secret` (and `hostPath`, above): `nfs`, `iscsi`, `fc`, `gitRepo`,
 //!   `azureFile`, a cloud disk by its ID, ... (the node mounts, attaches or fetches them, as root, with the node's
-//!   network or the cluster's cloud credentials);
-//! - `security-profile`: any `seLinuxOptions.type`, a seccomp or AppArmor profile `Unconfined`, `procMount:
+//!   network or the cluster's cloud credentials), and an `ephemeral` volume whose claim names a PersistentVolume;
+//! - `security-profile`: any `seLinuxOptions` `type`, `user` or `role`, a seccomp or AppArmor profile `Unconfined`, `procMount:
 //!   Unmasked`, Pod `sysctls`; and `windowsOptions.hostProcess` counts as `host-namespaces`.
 //!
 //! Each relaxation is a flag for every namespace, or an entry of `--pod-policy-by-namespace` for one; a namespace's
@@ -126,9 +127,9 @@ impl PodPolicy {
                 let field = "securityContext.windowsOptions.hostProcess";
                 return deny(field.into(), "is true".into(), "host-namespaces", HOST_NS);
             }
-            if let Some(t) = psc.se_linux_options.as_ref().and_then(|o| o.type_.as_ref()) {
-                let what = format!("is {t:?}");
-                return deny("securityContext.seLinuxOptions.type".into(), what, "security-profile", FIXED);
+            if let Some((field, value)) = psc.se_linux_options.as_ref().and_then(se_linux_set) {
+                let field = format!("securityContext.seLinuxOptions.{field}");
+                return deny(field, format!("is {value:?}"), "security-profile", FIXED);
             }
             let unconfined = [
                 ("seccompProfile", psc.seccomp_profile.as_ref().map(|p| p.type_.as_str())),
@@ -147,6 +148,13 @@ impl PodPolicy {
         for (i, v) in spec.volumes.iter().flatten().enumerate() {
             if let Some(kind) = node_mounted(v) {
                 let what = format!("is a {kind} volume");
+                return deny(format!("volumes[{i}] ({})", v.name), what, "node-mounted-volume", FIXED);
+            }
+            if let Some(pv) = pre_bound(v) {
+                let what = format!(
+                    "is an ephemeral volume whose claim names the PersistentVolume {pv:?} (volumeName): it would \
+                     bind whatever volume that is, a node's path or an NFS export made for someone else"
+                );
                 return deny(format!("volumes[{i}] ({})", v.name), what, "node-mounted-volume", FIXED);
             }
             if v.host_path.is_some() && !r.host_path {
@@ -225,8 +233,9 @@ fn check_container(r: &Relaxations, at: &str, c: &Container, host_ns: &'static s
     if sc.windows_options.as_ref().and_then(|w| w.host_process) == Some(true) && !r.host_namespaces {
         return deny("securityContext.windowsOptions.hostProcess", "is true".into(), "host-namespaces", host_ns);
     }
-    if let Some(t) = sc.se_linux_options.as_ref().and_then(|o| o.type_.as_ref()) {
-        return deny("securityContext.seLinuxOptions.type", format!("is {t:?}"), "security-profile", FIXED);
+    if let Some((field, value)) = sc.se_linux_options.as_ref().and_then(se_linux_set) {
+        let field = format!("securityContext.seLinuxOptions.{field}");
+        return deny(&field, format!("is {value:?}"), "security-profile", FIXED);
     }
     let unconfined = [
         ("seccompProfile", sc.seccomp_profile.as_ref().map(|p| p.type_.as_str())),
@@ -255,6 +264,14 @@ fn check_container(r: &Relaxations, at: &str, c: &Container, host_ns: &'static s
     ];
     for (field, handler) in handlers {
         let Some((http, tcp)) = handler else { continue };
+        // A lifecycle handler's GET is sent by the kubelet from the node's network, and kubelets before 1.26 (or with
+        // `ConsistentHTTPGetHandlers` off) follow its redirects to any host: a Pod answering its own hook with a
+        // redirect reaches the node's loopback or the metadata address. Probes have not followed a redirect to another
+        // host since 1.14. `exec` and `sleep` handlers do what a hook needs.
+        if field.starts_with("lifecycle.") && http.is_some() {
+            let what = "is set (the kubelet sends it from the node and may follow its redirects anywhere)";
+            return deny(&format!("{field}.httpGet"), what.into(), "node-side-request", FIXED);
+        }
         let hosts = [
             ("httpGet.host", http.as_ref().and_then(|h| h.host.as_ref())),
             ("tcpSocket.host", tcp.as_ref().and_then(|t| t.host.as_ref())),
@@ -290,6 +307,22 @@ const VOLUMES_OF_THE_NAMESPACE: [&str; 10] = [
     "secret",
     "hostPath",
 ];
+
+/// The PersistentVolume an `ephemeral` volume's claim names, if any. That claim is made by the cluster's ephemeral
+/// volume controller, not by the job's author, and a claim made for a named volume binds any available one, whatever
+/// kind it is and whoever it was made for: the one way an `ephemeral` volume reaches beyond the namespace.
+fn pre_bound(v: &k8s_openapi::api::core::v1::Volume) -> Option<&str> {
+    let template = v.ephemeral.as_ref()?.volume_claim_template.as_ref()?;
+    template.spec.volume_name.as_deref().filter(|n| !n.is_empty())
+}
+
+/// The first SELinux option `o` sets (`type`, `user` or `role`, which Pod Security's `baseline` refuses; `level`
+/// only labels the container's files).
+fn se_linux_set(o: &k8s_openapi::api::core::v1::SELinuxOptions) -> Option<(&'static str, &String)> {
+    [("type", &o.type_), ("user", &o.user), ("role", &o.role)]
+        .into_iter()
+        .find_map(|(field, value)| value.as_ref().filter(|v| !v.is_empty()).map(|v| (field, v)))
+}
 
 /// The type of `v` if it is none of [`VOLUMES_OF_THE_NAMESPACE`]: a volume the node mounts, attaches or fetches
 /// (NFS, iSCSI, Fibre Channel, SMB, a cloud disk by its ID, git), as root, with the node's network or the cluster's
@@ -465,7 +498,7 @@ mod node_side_and_known_limits {
         refused(
             c(json!({"lifecycle": {"postStart": {"httpGet": {"host": "127.0.0.1", "path": "/", "port": 10250}}}})),
             "node-side-request",
-            &format!("{at}.lifecycle.postStart.httpGet.host"),
+            &format!("{at}.lifecycle.postStart.httpGet"),
         );
         refused(
             c(json!({"readinessProbe": {"tcpSocket": {"host": "127.0.0.1", "port": 2379}}})),
@@ -477,9 +510,37 @@ mod node_side_and_known_limits {
             "node-side-request",
             &format!("{at}.lifecycle.preStop.tcpSocket.host"),
         );
-        // Without a host the kubelet probes the Pod's own IP: allowed.
+        // Without a host the kubelet probes the Pod's own IP, and follows no redirect to another host: allowed.
         passes(c(json!({"livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
             "startupProbe": {"tcpSocket": {"port": 8080}}})));
+        // A lifecycle hook's GET is refused even to the Pod's own IP: the Pod may answer it with a redirect that an
+        // older kubelet follows from the node, to its loopback or the metadata address.
+        for hook in ["postStart", "preStop"] {
+            refused(
+                c(json!({"lifecycle": {hook: {"httpGet": {"path": "/", "port": 8080}}}})),
+                "node-side-request",
+                &format!("{at}.lifecycle.{hook}.httpGet"),
+            );
+        }
+        passes(c(json!({"lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "sleep 1"]}},
+            "postStart": {"tcpSocket": {"port": 8080}}}})));
+    }
+
+    /// An `ephemeral` volume's claim is made by the cluster, not by the job's author; one that names a
+    /// PersistentVolume binds it whatever it is (a `hostPath` or `local` volume, an NFS export) and whoever it was
+    /// made for.
+    #[test]
+    fn an_ephemeral_volume_whose_claim_names_a_persistent_volume_is_refused() {
+        let pod = |spec: serde_json::Value| {
+            json!({"containers": [{"name": "m"}], "volumes": [{"name": "e", "emptyDir": {}},
+                {"name": "n", "ephemeral": {"volumeClaimTemplate": {"spec": spec}}}]})
+        };
+        refused(
+            pod(json!({"volumeName": "node-local-pv", "storageClassName": "", "accessModes": ["ReadWriteOnce"]})),
+            "node-mounted-volume",
+            "volumes[1] (n)",
+        );
+        passes(pod(json!({"storageClassName": "standard", "accessModes": ["ReadWriteOnce"]})));
     }
 
     #[test]
@@ -564,6 +625,18 @@ mod node_side_and_known_limits {
             "host-namespaces",
             &format!("{at}.windowsOptions.hostProcess"),
         );
+        for option in ["user", "role"] {
+            refused(
+                pod(json!({"seLinuxOptions": {option: "system_r"}})),
+                "security-profile",
+                &format!("securityContext.seLinuxOptions.{option}"),
+            );
+            refused(
+                ctr(json!({"seLinuxOptions": {option: "system_r"}})),
+                "security-profile",
+                &format!("{at}.seLinuxOptions.{option}"),
+            );
+        }
         // The hardened settings pass.
         passes(
             json!({"securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, "seLinuxOptions": {"level": "s0:c1,c2"}},
