@@ -342,6 +342,11 @@ async fn enqueue(a: EnqueueArgs) -> Result<()> {
     }
     let batch = a.batch.unwrap_or_else(crate::jobs::new_batch_id);
     let total = a.count as usize;
+    // Said before the first create: a call cut off by a signal (Ctrl-C, a CI step's timeout) says nothing after,
+    // and repeated under a new batch id it would make every job it had made already a second time.
+    eprintln!(
+        "batch {batch}: if this call stops part-way, the same command with --batch {batch} creates only the missing jobs"
+    );
     let progress = Progress::new(total);
     let specs = vec![spec; total];
     let created = crate::jobs::enqueue_batch(&api, &batch, specs, a.parallel as usize, |n| progress.show(n)).await;

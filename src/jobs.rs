@@ -30,6 +30,10 @@ pub fn watch(
 /// Start a recurring definition's job now, outside its schedule (`bgjobs recurring trigger`).
 pub use crate::recurring::trigger as trigger_recurring;
 
+/// A client for the calls of this module, as the CLI's: from the kubeconfig or the Pod's account, resending no write
+/// on its own (see [`enqueue`]).
+pub use crate::client::connect;
+
 /// A spec with every default, for `job_name` and `args`.
 pub fn spec(job_name: &str, args: serde_json::Value) -> BackgroundJobSpec {
     let mut s: BackgroundJobSpec =
@@ -39,6 +43,12 @@ pub fn spec(job_name: &str, args: serde_json::Value) -> BackgroundJobSpec {
 }
 
 /// Create one job with a generated name (`<jobname>-xxxxx`). Jobs created one after another start in that order.
+///
+/// The create is sent again only after a 429 (which made nothing): a create whose answer was lost may have landed, and
+/// under a generated name a second send makes a second job. So `api`'s client must not resend creates either: kube's
+/// [`kube::Client::try_default`] retries 503 and 504 answers (`Config::default_retry`), and a 504 from a proxy or
+/// the apiserver's own timeout may follow a create that landed. Use [`connect`] (as the CLI does), or a `Config`
+/// with `default_retry = false`; or create through [`enqueue_batch`], whose named creates a resend finds.
 pub async fn enqueue(api: &Api<BackgroundJob>, spec: BackgroundJobSpec) -> Result<BackgroundJob> {
     can_run(&spec).map_err(crate::Error::Invalid)?;
     let job = BackgroundJob {
