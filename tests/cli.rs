@@ -139,7 +139,8 @@ async fn enqueue_list_stats_and_cancel_speak_table_json_and_yaml() {
         env.cli(&["enqueue", "sleep", "--args", r#"{"seconds": 60}"#, "--priority", "High", "-c", "2"]);
     assert!(ok && out.matches("created").count() == 2, "{out}{err}");
     // The batch id is said before the first create: a call cut off by a signal can still be repeated with it.
-    let batch = err.strip_prefix("batch ").and_then(|rest| rest.split(':').next()).unwrap_or_default();
+    let said = err.lines().find_map(|l| l.strip_prefix("batch "));
+    let batch = said.and_then(|rest| rest.split(':').next()).unwrap_or_default();
     assert!(out.contains(&format!("-{batch}-0 created")) && !batch.is_empty(), "{out}{err}");
     let (ok, _, err) = env.cli(&["enqueue", "sleep", "--args", "not json"]);
     assert!(!ok && err.contains("--args is not JSON"), "{err}");

@@ -314,13 +314,20 @@ async fn a_claim_whose_tenure_ended_before_its_status_write_was_answered_is_hand
     env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
     proxy.delay_answers(Some(http::Method::PUT), "/backgroundjobs/once/status", Duration::from_secs(1), 1);
     env.create("once", json!({"jobName": "noop", "retry": {"maxAttempts": 1}})).await;
-    // The claim's status write has landed; its answer is on its way back.
-    env.wait_job("once", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    // The claim's status write has landed (read at once: its answer is on its way back, 1 s late), and the member
+    // Lease goes, so that r's next renewal (within 500 ms) finds its tenure over before the answer comes.
+    let deadline = std::time::Instant::now() + MINUTE;
+    while env.jobs.get("once").await.unwrap().phase() != Phase::Running {
+        assert!(std::time::Instant::now() < deadline, "never claimed:\n{}", r.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
     leases.delete(&bgjobs::wire::member_lease_name("r", &env.ns), &Default::default()).await.unwrap();
     assert_ran_once(&env, &proxy, &r, "the claim's status write's answer").await;
     let done = env.jobs.get("once").await.unwrap();
     assert_eq!(done.status.map(|s| s.unstarted_attempts), Some(1), "the stale claim was handed back unstarted");
+    // By this path, not by the claim's own bound on its write (a later answer is handed back there).
+    assert!(r.log_text().contains("the claim was stale before the attempt could start"), "{}", r.log_text());
 }
 
 /// A new exclusive leader whose watches lag (15 s, its reads answered at once) is elected on a current read of the

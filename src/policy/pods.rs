@@ -17,7 +17,7 @@
 //! - `node-mounted-volume`: any volume but `configMap`, `csi`, `downwardAPI`, `emptyDir`, `ephemeral`, `image`,
 //!   `persistentVolumeClaim`, `projected`, `secret` (and `hostPath`, above): `nfs`, `iscsi`, `fc`, `gitRepo`,
 //!   `azureFile`, a cloud disk by its ID, ... (the node mounts, attaches or fetches them, as root, with the node's
-//!   network or the cluster's cloud credentials), and an `ephemeral` volume whose claim names a PersistentVolume;
+//!   network or the cluster's cloud credentials), and an `ephemeral` volume whose claim would bind a PersistentVolume made beforehand;
 //! - `security-profile`: any `seLinuxOptions` `type`, `user` or `role`, a seccomp or AppArmor profile `Unconfined`, `procMount:
 //!   Unmasked`, Pod `sysctls`; and `windowsOptions.hostProcess` counts as `host-namespaces`.
 //!
@@ -150,10 +150,10 @@ impl PodPolicy {
                 let what = format!("is a {kind} volume");
                 return deny(format!("volumes[{i}] ({})", v.name), what, "node-mounted-volume", FIXED);
             }
-            if let Some(pv) = pre_bound(v) {
+            if let Some(how) = pre_bound(v) {
                 let what = format!(
-                    "is an ephemeral volume whose claim names the PersistentVolume {pv:?} (volumeName): it would \
-                     bind whatever volume that is, a node's path or an NFS export made for someone else"
+                    "is an ephemeral volume whose claim {how}: it would bind a volume made beforehand, whatever it \
+                     is (a node's path, an NFS export made for someone else)"
                 );
                 return deny(format!("volumes[{i}] ({})", v.name), what, "node-mounted-volume", FIXED);
             }
@@ -308,12 +308,21 @@ const VOLUMES_OF_THE_NAMESPACE: [&str; 10] = [
     "hostPath",
 ];
 
-/// The PersistentVolume an `ephemeral` volume's claim names, if any. That claim is made by the cluster's ephemeral
-/// volume controller, not by the job's author, and a claim made for a named volume binds any available one, whatever
-/// kind it is and whoever it was made for: the one way an `ephemeral` volume reaches beyond the namespace.
-fn pre_bound(v: &k8s_openapi::api::core::v1::Volume) -> Option<&str> {
-    let template = v.ephemeral.as_ref()?.volume_claim_template.as_ref()?;
-    template.spec.volume_name.as_deref().filter(|n| !n.is_empty())
+/// How an `ephemeral` volume's claim would bind a PersistentVolume made beforehand, if it would: by its name
+/// (`volumeName`), by its labels (`selector`), or as one of no class (`storageClassName: ""`). That claim is made by
+/// the cluster's ephemeral volume controller, not by the job's author, and such a claim binds any available volume
+/// that fits, whatever kind it is (a node's path, an NFS export) and whoever it was made for: the way an `ephemeral`
+/// volume reaches beyond the namespace. A claim of a class is provisioned for it.
+fn pre_bound(v: &k8s_openapi::api::core::v1::Volume) -> Option<String> {
+    let spec = &v.ephemeral.as_ref()?.volume_claim_template.as_ref()?.spec;
+    if let Some(name) = spec.volume_name.as_deref().filter(|n| !n.is_empty()) {
+        return Some(format!("names the PersistentVolume {name:?} (volumeName)"));
+    }
+    if spec.selector.is_some() {
+        return Some("selects PersistentVolumes by their labels (selector)".into());
+    }
+    (spec.storage_class_name.as_deref() == Some(""))
+        .then(|| "asks for a volume of no class (storageClassName: \"\")".into())
 }
 
 /// The first SELinux option `o` sets (`type`, `user` or `role`, which Pod Security's `baseline` refuses; `level`
@@ -526,21 +535,24 @@ mod node_side_and_known_limits {
             "postStart": {"tcpSocket": {"port": 8080}}}})));
     }
 
-    /// An `ephemeral` volume's claim is made by the cluster, not by the job's author; one that names a
-    /// PersistentVolume binds it whatever it is (a `hostPath` or `local` volume, an NFS export) and whoever it was
-    /// made for.
+    /// An `ephemeral` volume's claim is made by the cluster, not by the job's author; one that names, selects or asks
+    /// for no class of PersistentVolume binds one made beforehand, whatever it is (a `hostPath` or `local` volume, an
+    /// NFS export) and whoever it was made for.
     #[test]
     fn an_ephemeral_volume_whose_claim_names_a_persistent_volume_is_refused() {
         let pod = |spec: serde_json::Value| {
             json!({"containers": [{"name": "m"}], "volumes": [{"name": "e", "emptyDir": {}},
                 {"name": "n", "ephemeral": {"volumeClaimTemplate": {"spec": spec}}}]})
         };
-        refused(
-            pod(json!({"volumeName": "node-local-pv", "storageClassName": "", "accessModes": ["ReadWriteOnce"]})),
-            "node-mounted-volume",
-            "volumes[1] (n)",
-        );
+        for claim in [
+            json!({"volumeName": "node-local-pv", "storageClassName": "standard", "accessModes": ["ReadWriteOnce"]}),
+            json!({"selector": {"matchLabels": {"pv": "node-local"}}, "accessModes": ["ReadWriteOnce"]}),
+            json!({"storageClassName": "", "accessModes": ["ReadWriteOnce"]}),
+        ] {
+            refused(pod(claim), "node-mounted-volume", "volumes[1] (n)");
+        }
         passes(pod(json!({"storageClassName": "standard", "accessModes": ["ReadWriteOnce"]})));
+        passes(pod(json!({"accessModes": ["ReadWriteOnce"]})));
     }
 
     #[test]
