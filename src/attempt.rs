@@ -69,9 +69,9 @@ struct ControlState {
     /// for the answer under its own claim, and the job stays `Running` meanwhile, so a new leader starts nothing
     /// beside it (see `Dispatcher::pass`).
     out_of_reach: bool,
-    /// A cancellation waits for the answer of the attempt's work, out of reach, rather than cut it off:
-    /// an HTTP request whose answer is the outcome (not one handing out a report URL, whose worker learns of a
-    /// cancellation from its next report's 409).
+    /// A cancellation waits for the answer of the attempt's work, out of reach, rather than cut it off: an HTTP
+    /// request, until it is answered (a `202` hands the work to a worker, which learns of a cancellation from its
+    /// next report's 409: [`cancelled_once_handed_out`]).
     stop_awaits_answer: bool,
 }
 
@@ -221,12 +221,26 @@ fn attempt_limit(job: &BackgroundJob, now: Timestamp) -> (Duration, bool) {
 }
 
 /// For [`AttemptControl::begin`]: whether the attempt's work leaves the process (an HTTP request, sent only by an
-/// attempt that runs no Pod), and whether a cancellation waits for its answer: only when that answer is the outcome,
-/// not when the request hands out a report URL (`hands_out`), nor for an adoption that only waits for a worker's
-/// report (its worker learns of a cancellation from its next report's 409).
-fn reach(job: &BackgroundJob, hands_out: bool) -> (bool, bool) {
+/// attempt that runs no Pod), and whether a cancellation waits for its answer: for any request sent, also one that
+/// hands out a report URL (an endpoint that works before it answers `200` never reports: before, a cancellation cut
+/// such a request off whenever reports were on, the chart's default, and its key went to the next job while the
+/// endpoint still worked); not for an adoption that only waits for a worker's report (its worker learns of a
+/// cancellation from its next report's 409).
+fn reach(job: &BackgroundJob) -> (bool, bool) {
     let http_request = job.spec.http.is_some() && job.spec.template.is_none();
-    (http_request, http_request && !hands_out && !crate::report::awaits_report(job))
+    (http_request, http_request && !crate::report::awaits_report(job))
+}
+
+/// Resolves once a cancellation that waited for the request's answer ([`AttemptControl::stop`]) may end the
+/// attempt: the answer was a `202`, so the work is now its worker's, which learns of the cancellation from its next
+/// report's 409. Never for work that is not an HTTP request.
+async fn cancelled_once_handed_out(control: &AttemptControl, report: &crate::report::Reporter) {
+    if !control.out_of_reach() {
+        return std::future::pending().await;
+    }
+    while !(report.awaiting() && control.reason().is_some_and(StopReason::cancels)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Words for a caught panic's payload.
@@ -357,7 +371,7 @@ async fn run_claimed(
         not_stopping: &tell_not_stopping,
         not_starting: &tell_not_starting,
     };
-    let (out_of_reach, stop_awaits_answer) = reach(&job, report.hands_out());
+    let (out_of_reach, stop_awaits_answer) = reach(&job);
     let ending = if let Some(reason) = control.begin(out_of_reach, stop_awaits_answer) {
         Ending::NotStarted(reason)
     } else {
@@ -384,6 +398,9 @@ async fn run_claimed(
             },
             _ = hold.lost() => Ending::LeaseLost,
             _ = control.leadership_lost() => Ending::Stopped(StopReason::NotLeader),
+            _ = cancelled_once_handed_out(control, &report) => {
+                Ending::Stopped(control.reason().unwrap_or(StopReason::Shutdown))
+            }
         };
         cancel.cancel();
         ending
@@ -900,25 +917,24 @@ mod tests {
     }
 
     #[test]
-    fn only_an_http_request_whose_answer_is_the_outcome_is_waited_for_on_a_cancellation() {
+    fn an_http_request_sent_is_waited_for_on_a_cancellation_whether_or_not_it_hands_out_a_report_url() {
         let spec = |extra: serde_json::Value| {
             let mut spec = serde_json::json!({"jobName": "j"});
             spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
             BackgroundJob::new("j", serde_json::from_value(spec).unwrap())
         };
         let http = spec(serde_json::json!({"http": {"url": "http://127.0.0.1:1/"}}));
-        assert_eq!(reach(&http, false), (true, true));
-        assert_eq!(reach(&http, true), (true, false), "a report URL handed out: the worker learns from a 409");
+        assert_eq!(reach(&http), (true, true), "until its answer (a 202 hands the work to a worker)");
         let mut adopted = http.clone();
         adopted.status = Some(Box::new(crate::api::BackgroundJobStatus {
             phase: Some(crate::api::Phase::Running),
             awaiting_report: true,
             ..Default::default()
         }));
-        assert_eq!(reach(&adopted, false), (true, false), "an adoption that only waits for a report sends nothing");
+        assert_eq!(reach(&adopted), (true, false), "an adoption that only waits for a report sends nothing");
         let both = spec(serde_json::json!({"http": {"url": "http://127.0.0.1:1/"}, "template": {"spec": {}}}));
-        assert_eq!(reach(&both, false), (false, false), "a Pod runs, not a request");
-        assert_eq!(reach(&spec(serde_json::json!({})), false), (false, false));
+        assert_eq!(reach(&both), (false, false), "a Pod runs, not a request");
+        assert_eq!(reach(&spec(serde_json::json!({}))), (false, false));
     }
 
     /// A job whose deletion waits is stopped as cancelled, and its record says why; a deletion outranks a cancel.

@@ -394,18 +394,34 @@ async fn cancel_the_running_one_of_two_calls_of_one_key(
     first
 }
 
+/// Also with reports on (the chart's default): each request then hands out a report URL, and before, a cancel cut such
+/// a request off whatever its endpoint did, as if it would answer `202` and report; this one works 6 s and answers
+/// `200`, and the next job of the key ran beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_http_job_keeps_its_concurrency_key_until_its_request_is_answered() {
-    let env = TestEnv::new("cancel-http").await;
+    for reports in [false, true] {
+        cancelled_http_job_keeps_its_key(reports).await;
+    }
+}
+
+async fn cancelled_http_job_keeps_its_key(reports: bool) {
+    let env = TestEnv::new(if reports { "cancel-http-reports" } else { "cancel-http" }).await;
     // Each request works 6 s. Before the fix a cancel closed the connection, recorded the job Cancelled and gave its
     // key to the next job at once, whose request then ran at the endpoint beside the first one, still working.
     let endpoint = SlowEndpoint::start(6).await;
-    let _r = env.replica("r", &[]);
+    let port = common::free_port();
+    let (addr, url) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"));
+    let flags: &[&str] = if reports { &["--report-addr", &addr, "--report-url", &url] } else { &[] };
+    let _r = env.replica("r", flags);
     let first = cancel_the_running_one_of_two_calls_of_one_key(&env, &endpoint).await;
     let jobs =
         env.wait_until(MINUTE, "both final", |jobs| jobs.len() == 2 && jobs.iter().all(|j| j.phase().is_final()));
     let jobs = jobs.await;
-    assert_eq!(endpoint.in_flight_ever(), 1, "the next job of the key was sent while the cancelled one still ran");
+    assert_eq!(
+        endpoint.in_flight_ever(),
+        1,
+        "the next job of the key was sent while the cancelled one still ran (reports {reports})"
+    );
     let per_job = endpoint.per_job.lock().unwrap().clone();
     assert!(per_job.len() == 2 && per_job.values().all(|&n| n == 1), "requests per job: {per_job:?}");
     // The cancelled job's request was answered 200: the work is done, and it is recorded as done.
