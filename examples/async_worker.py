@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 def report(url, token, kind, body, tries=11):
     """POST one report (complete, fail or heartbeat); returns the endpoint's JSON answer. A 503 (the apiserver could
-    not be reached, the replica is busy) is sent again for up to about 30 s."""
+    not be reached, the replica is busy), a refused connection or no answer (a replica that died behind the reports
+    Service) is sent again for up to about 30 s: a report sent twice is recorded once."""
     request = urllib.request.Request(
         f"{url}/v1/{kind}",
         data=json.dumps(body).encode(),
@@ -32,7 +33,10 @@ def report(url, token, kind, body, tries=11):
         except urllib.error.HTTPError as refused:
             if refused.code != 503 or attempt == tries - 1:
                 raise
-            time.sleep(min(0.25 * 2**attempt, 4))
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            if attempt == tries - 1:
+                raise
+        time.sleep(min(0.25 * 2**attempt, 4))
 
 
 def work(url, token, args, seconds, every):
@@ -44,6 +48,9 @@ def work(url, token, args, seconds, every):
     except urllib.error.HTTPError as refused:
         # 409: this attempt is no longer current (timed out, cancelled, or retried elsewhere): stop working on it.
         print("report refused:", refused.code, refused.read().decode(), flush=True)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as unreachable:
+        # The operator cannot be reached: a failure report would not reach it either. Its heartbeat timeout retries.
+        print("report endpoint unreachable:", unreachable, flush=True)
     except Exception as error:
         report(url, token, "fail", {"message": f"worker error: {error}", "retryable": True})
 
