@@ -266,7 +266,8 @@ fn walk_start(after: Timestamp, tz: &TimeZone) -> Option<DateTime> {
     Some(if moved_ticks_run { before.to_datetime(after) } else { now })
 }
 
-/// Resolve an IANA time zone name (`None`: UTC). The zone database is compiled in, so this works in minimal images.
+/// Resolve an IANA time zone name (`None`: UTC), from the system's zone database (`/usr/share/zoneinfo`), or the one
+/// compiled in where there is none (a minimal image).
 pub fn time_zone(name: Option<&str>) -> Result<TimeZone, String> {
     match name {
         None | Some("") | Some("UTC") | Some("Etc/UTC") => Ok(TimeZone::UTC),
