@@ -16,27 +16,33 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def report(url, token, kind, body, tries=11):
+class Unreachable(Exception):
+    """The report endpoint could not be reached for about 30 s."""
+
+
+def report(url, token, kind, body):
     """POST one report (complete, fail or heartbeat); returns the endpoint's JSON answer. A 503 (the apiserver could
     not be reached, the replica is busy), a refused connection or no answer (a replica that died behind the reports
-    Service) is sent again for up to about 30 s: a report sent twice is recorded once."""
+    Service) is sent again for about 30 s: a complete or fail sent twice is recorded once."""
     request = urllib.request.Request(
         f"{url}/v1/{kind}",
         data=json.dumps(body).encode(),
         method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
-    for attempt in range(tries):
+    deadline, pause = time.monotonic() + 30, 0.25
+    while True:
         try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
+            with urllib.request.urlopen(request, timeout=8) as answer:
                 return json.load(answer)
         except urllib.error.HTTPError as refused:
-            if refused.code != 503 or attempt == tries - 1:
+            if refused.code != 503 or time.monotonic() + pause > deadline:
                 raise
-        except (urllib.error.URLError, TimeoutError, ConnectionError):
-            if attempt == tries - 1:
-                raise
-        time.sleep(min(0.25 * 2**attempt, 4))
+        except OSError as error:  # refused, reset, timed out (urllib's URLError is one too)
+            if time.monotonic() + pause > deadline:
+                raise Unreachable(error) from error
+        time.sleep(pause)
+        pause = min(pause * 2, 4)
 
 
 def work(url, token, args, seconds, every):
@@ -48,8 +54,9 @@ def work(url, token, args, seconds, every):
     except urllib.error.HTTPError as refused:
         # 409: this attempt is no longer current (timed out, cancelled, or retried elsewhere): stop working on it.
         print("report refused:", refused.code, refused.read().decode(), flush=True)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as unreachable:
-        # The operator cannot be reached: a failure report would not reach it either. Its heartbeat timeout retries.
+    except Unreachable as unreachable:
+        # The operator cannot be reached: a failure report would not reach it either. The attempt ends at its
+        # heartbeat timeout (or its attempt timeout), and is retried.
         print("report endpoint unreachable:", unreachable, flush=True)
     except Exception as error:
         report(url, token, "fail", {"message": f"worker error: {error}", "retryable": True})

@@ -56,7 +56,7 @@ pub enum Command {
     /// or a heartbeat with progress. The token and URL come from the request's `X-BGJobs-Report-Token` and
     /// `X-BGJobs-Report-Url` headers, or a Pod's environment. A report answered 503 (the apiserver could not be
     /// reached, the replica is busy), or whose connection is refused or unanswered (a replica that died behind the
-    /// reports Service), is sent again for up to 30 s: a report sent twice is recorded once.
+    /// reports Service), is sent again for up to 30 s: a complete or fail sent twice is recorded once.
     Report(ReportArgs),
     /// Print a shell completion script: `bgjobs completions bash > /etc/bash_completion.d/bgjobs`.
     Completions {

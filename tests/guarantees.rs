@@ -162,11 +162,12 @@ async fn a_hand_deleted_exclusive_lease_never_lets_two_replicas_run_at_once() {
 }
 
 /// An HTTP endpoint on loopback that works `seconds` per request and counts the requests in flight at once (the
-/// most ever) and the requests per job (by `Idempotency-Key`).
+/// most ever), the requests per job (by `Idempotency-Key`), and those that handed out a report URL.
 struct SlowEndpoint {
     url: String,
     most_in_flight: Arc<AtomicUsize>,
     per_job: Arc<Mutex<HashMap<String, usize>>>,
+    with_report_url: Arc<AtomicUsize>,
 }
 
 impl SlowEndpoint {
@@ -176,10 +177,12 @@ impl SlowEndpoint {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let most_in_flight = Arc::new(AtomicUsize::new(0));
         let per_job = Arc::new(Mutex::new(HashMap::new()));
-        let (most, jobs) = (most_in_flight.clone(), per_job.clone());
+        let with_report_url = Arc::new(AtomicUsize::new(0));
+        let (most, jobs, reporting) = (most_in_flight.clone(), per_job.clone(), with_report_url.clone());
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let (in_flight, most, jobs) = (in_flight.clone(), most.clone(), jobs.clone());
+                let (in_flight, most, jobs, reporting) =
+                    (in_flight.clone(), most.clone(), jobs.clone(), reporting.clone());
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -196,6 +199,9 @@ impl SlowEndpoint {
                         })
                         .unwrap_or_default();
                     *jobs.lock().unwrap().entry(key).or_insert(0) += 1;
+                    if String::from_utf8_lossy(&head).to_ascii_lowercase().contains("\r\nx-bgjobs-report-url:") {
+                        reporting.fetch_add(1, Ordering::SeqCst);
+                    }
                     let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
                     // The work goes on whether or not the caller still listens, as an ordinary endpoint's does.
@@ -205,7 +211,7 @@ impl SlowEndpoint {
                 });
             }
         });
-        SlowEndpoint { url, most_in_flight, per_job }
+        SlowEndpoint { url, most_in_flight, per_job, with_report_url }
     }
 
     /// Returns once a request has reached the endpoint (panics after a minute).
@@ -424,6 +430,8 @@ async fn cancelled_http_job_keeps_its_key(reports: bool) {
     );
     let per_job = endpoint.per_job.lock().unwrap().clone();
     assert!(per_job.len() == 2 && per_job.values().all(|&n| n == 1), "requests per job: {per_job:?}");
+    let handed_out = endpoint.with_report_url.load(Ordering::SeqCst);
+    assert_eq!(handed_out, if reports { 2 } else { 0 }, "requests that handed out a report URL");
     // The cancelled job's request was answered 200: the work is done, and it is recorded as done.
     let cancelled = jobs.iter().find(|j| j.name_any() == first.name_any()).unwrap();
     assert_eq!((cancelled.phase(), cancelled.attempts()), (Phase::Succeeded, 1));
