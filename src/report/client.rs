@@ -74,6 +74,21 @@ async fn send_once(url: &str, token: &str, report: &Report) -> std::result::Resu
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Read one request on `conn` and answer it `status` with the JSON `body`.
+    async fn answer(mut conn: TcpStream, status: &str, body: &str) {
+        let mut request = vec![0; 4096];
+        let _ = conn.read(&mut request).await.unwrap();
+        let answer = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        conn.write_all(answer.as_bytes()).await.unwrap();
+    }
+
+    async fn send_to(port: u16, report: Report) -> Result<serde_json::Value> {
+        send(&format!("http://127.0.0.1:{port}"), "token", &report).await
+    }
+
+    const RECORDED: &str = "{\"recorded\":true}";
 
     /// A report endpoint that refuses connections at first (its replica killed, or not listening yet) and listens
     /// a second later: the report is sent again and lands. Before: the first refused connection was the answer.
@@ -82,17 +97,11 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let serve = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut request = vec![0; 4096];
-            let _ = conn.read(&mut request).await.unwrap();
-            let body = "{\"recorded\":true}";
-            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-            conn.write_all(answer.as_bytes()).await.unwrap();
+            let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            answer(listener.accept().await.unwrap().0, "200 OK", RECORDED).await;
         });
-        let report = Report::Heartbeat { percent: Some(50), message: None };
-        let answer = send(&format!("http://127.0.0.1:{port}"), "token", &report).await;
-        assert_eq!(answer.unwrap(), serde_json::json!({"recorded": true}));
+        let sent = send_to(port, Report::Heartbeat { percent: Some(50), message: None }).await;
+        assert_eq!(sent.unwrap(), serde_json::json!({"recorded": true}));
         serve.await.unwrap();
     }
 
@@ -100,41 +109,29 @@ mod tests {
     /// [`ONE_SEND_WAITS`] and sent again, to the one that answers. Before: one send waited 30 s, the whole budget.
     #[tokio::test]
     async fn a_report_left_unanswered_is_sent_again() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let serve = tokio::spawn(async move {
-            let (silent, _) = listener.accept().await.unwrap();
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut request = vec![0; 4096];
-            let _ = conn.read(&mut request).await.unwrap();
-            let body = "{\"recorded\":true}";
-            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-            conn.write_all(answer.as_bytes()).await.unwrap();
-            drop(silent);
+            let (_silent, _) = listener.accept().await.unwrap();
+            answer(listener.accept().await.unwrap().0, "200 OK", RECORDED).await;
         });
-        let report = Report::Complete { result: None };
-        let answer = send(&format!("http://127.0.0.1:{port}"), "token", &report).await;
-        assert_eq!(answer.unwrap(), serde_json::json!({"recorded": true}));
+        let sent = send_to(port, Report::Complete { result: None }).await;
+        assert_eq!(sent.unwrap(), serde_json::json!({"recorded": true}));
         serve.await.unwrap();
     }
 
     /// A refusal other than `503` is the answer: sent once.
     #[tokio::test]
     async fn a_report_refused_for_good_is_not_sent_again() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let serve = tokio::spawn(async move {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            let mut request = vec![0; 4096];
-            let _ = conn.read(&mut request).await.unwrap();
             let body = "{\"error\":\"the attempt is no longer current\"}";
-            let answer = format!("HTTP/1.1 409 Conflict\r\ncontent-length: {}\r\n\r\n{body}", body.len());
-            conn.write_all(answer.as_bytes()).await.unwrap();
+            answer(listener.accept().await.unwrap().0, "409 Conflict", body).await;
             // A second connection would be a second send.
             tokio::time::timeout(Duration::from_secs(2), listener.accept()).await.is_ok()
         });
-        let report = Report::Heartbeat { percent: None, message: None };
-        let refused = send(&format!("http://127.0.0.1:{port}"), "token", &report).await.unwrap_err();
+        let refused = send_to(port, Report::Heartbeat { percent: None, message: None }).await.unwrap_err();
         assert!(refused.to_string().contains("409 the attempt is no longer current"), "{refused}");
         assert!(!serve.await.unwrap(), "sent again");
     }
