@@ -693,13 +693,9 @@ async fn hand_back_unstarted(
     fence: &status::Fence,
     why: &str,
 ) -> crate::Result<bool> {
-    let msg = format!("attempt {} was not started: worker {} {why}", fence.attempt, worker.identity);
+    let msg = status::not_started(fence.attempt, &worker.identity, why);
     let now = worker.clock.now();
-    let written = status::write_outcome(jobs, job, fence, |s| {
-        status::requeue(s, None, msg.clone(), now);
-        s.unstarted_attempts += 1;
-    })
-    .await?;
+    let written = status::write_outcome(jobs, job, fence, |s| status::requeue_unstarted(s, msg.clone(), now)).await?;
     info!("attempt handed back to the queue before it started");
     Ok(handed_back(worker, job, written, msg))
 }

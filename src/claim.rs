@@ -691,17 +691,12 @@ async fn hand_back_if_landed(
     bound: Duration,
 ) {
     let name = job.name_any();
-    let message = format!(
-        "attempt {} was not started: worker {} could not tell whether its claim was recorded in time",
-        fence.attempt, fence.worker
-    );
+    let message =
+        status::not_started(fence.attempt, &fence.worker, "could not tell whether its claim was recorded in time");
     let hand_back = async {
         let Some(read) = crate::unreadable::get_opt(jobs, &name).await? else { return Ok(false) };
-        let written = status::write_fenced(jobs, &read, fence, |s| {
-            status::requeue(s, None, message.clone(), now);
-            s.unstarted_attempts += 1;
-        })
-        .await?;
+        let written =
+            status::write_fenced(jobs, &read, fence, |s| status::requeue_unstarted(s, message.clone(), now)).await?;
         Ok::<_, Error>(matches!(written, status::Fenced::Written(_)))
     };
     match tokio::time::timeout(bound, hand_back).await {

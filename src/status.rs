@@ -153,6 +153,18 @@ pub fn requeue(s: &mut BackgroundJobStatus, at: Option<Timestamp>, error: String
     set_condition(s, "Running", "False", "Requeued", "waiting for the next attempt", now);
 }
 
+/// What an attempt handed back before it started records in `lastError` ([`requeue_unstarted`]): `why` it did not.
+pub fn not_started(attempt: i32, worker: &str, why: &str) -> String {
+    format!("attempt {attempt} was not started: worker {worker} {why}")
+}
+
+/// Put back in the queue an attempt that never started, saying so in `error` ([`not_started`]): it counts in
+/// `attempts`, the fencing epoch, and in `unstartedAttempts`, so not against `retry.maxAttempts`.
+pub fn requeue_unstarted(s: &mut BackgroundJobStatus, error: String, now: Timestamp) {
+    requeue(s, None, error, now);
+    s.unstarted_attempts += 1;
+}
+
 fn set_condition(s: &mut BackgroundJobStatus, type_: &str, status: &str, reason: &str, message: &str, now: Timestamp) {
     let generation = s.observed_generation;
     upsert_condition(&mut s.conditions, generation, type_, status, reason, message, now);

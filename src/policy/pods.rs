@@ -539,7 +539,7 @@ mod node_side_and_known_limits {
     /// for no class of PersistentVolume binds one made beforehand, whatever it is (a `hostPath` or `local` volume, an
     /// NFS export) and whoever it was made for.
     #[test]
-    fn an_ephemeral_volume_whose_claim_names_a_persistent_volume_is_refused() {
+    fn an_ephemeral_volume_whose_claim_would_bind_a_volume_made_beforehand_is_refused() {
         let pod = |spec: serde_json::Value| {
             json!({"containers": [{"name": "m"}], "volumes": [{"name": "e", "emptyDir": {}},
                 {"name": "n", "ephemeral": {"volumeClaimTemplate": {"spec": spec}}}]})
