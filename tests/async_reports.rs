@@ -112,8 +112,8 @@ async fn wait_waiting_for_report(env: &TestEnv, name: &str) -> BackgroundJob {
     .await
 }
 
-/// Send one genuine heartbeat with `token` to `url` (no retry) and check it was recorded (`200`), `beside` what.
-async fn assert_heartbeat_recorded(url: &str, token: &str, beside: &str) {
+/// Send one heartbeat with `token` to `url`, once (no retry): its answer's status and text.
+async fn heartbeat_once(url: &str, token: &str) -> (u16, String) {
     let answer = reqwest::Client::new()
         .post(format!("{url}/v1/heartbeat"))
         .bearer_auth(token)
@@ -121,8 +121,13 @@ async fn assert_heartbeat_recorded(url: &str, token: &str, beside: &str) {
         .send()
         .await
         .unwrap();
-    let status = answer.status();
-    assert_eq!(status, 200, "a genuine heartbeat beside {beside}: {}", answer.text().await.unwrap_or_default());
+    (answer.status().as_u16(), answer.text().await.unwrap_or_default())
+}
+
+/// Send one genuine heartbeat with `token` to `url` (no retry) and check it was recorded (`200`), `beside` what.
+async fn assert_heartbeat_recorded(url: &str, token: &str, beside: &str) {
+    let (status, text) = heartbeat_once(url, token).await;
+    assert_eq!(status, 200, "a genuine heartbeat beside {beside}: {text}");
 }
 
 /// A worker process that runs the README's Python example (`examples/async_worker.py`), stopped on drop.
@@ -240,6 +245,45 @@ async fn a_worker_that_stops_heartbeating_is_retried_and_its_late_complete_is_re
     assert_eq!(job.attempts(), 2);
     let why = job.status.unwrap().last_error.unwrap_or_default();
     assert!(why.contains("attempt 1 was lost: its worker sent no heartbeat or report for 3s"), "{why}");
+}
+
+/// A worker whose heartbeats the apiserver could not record (every read and write of its job refused, 503, for 10 s,
+/// past its 4 s heartbeat timeout) keeps its attempt: it is given a full heartbeat timeout from when the job can be
+/// read again, and its next heartbeat, 2 s on, lands. Before, the holder read the job as soon as it could and judged
+/// the worker by the last heartbeat recorded before the outage: the attempt was charged as lost and sent again while
+/// its worker still worked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_heartbeats_an_apiserver_outage_refused_keeps_its_attempt() {
+    let env = TestEnv::new("async-outage").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (flags, _) = reporting(free_port());
+    let r = env.replica_with("r", &strs(&flags), &proxy.options(&env.dir));
+    let spec = json!({"jobName": "Steady", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 4,
+        "retry": {"backoffSeconds": 0, "maxAttempts": 3}});
+    env.create("steady", spec).await;
+    let first = accepted(&seen, 1).await;
+    wait_waiting_for_report(&env, "steady").await;
+    // The worker heartbeats every 2 s, each sent once.
+    assert_heartbeat_recorded(&first.url, &first.token, "a reachable apiserver").await;
+    // Every read and write of the job refused (its watch goes on): the holder cannot confirm, the worker is not heard.
+    proxy.refuse(None, &format!("/namespaces/{}/backgroundjobs/steady", env.ns), usize::MAX);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (status, text) = heartbeat_once(&first.url, &first.token).await;
+        assert_eq!(status, 503, "a heartbeat during the outage: {text}");
+    }
+    proxy.answer_at_once();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, text) = heartbeat_once(&first.url, &first.token).await;
+    assert_eq!(status, 200, "the first heartbeat after the outage: {text}\n{}", r.log_text());
+    assert!(r.log_text().contains("the job can be read again: its worker gets a full heartbeat timeout from now"));
+
+    let (ok, out) = cli_report(&first.url, &first.token, &["complete"]);
+    assert!(ok, "{out}");
+    let job = env.wait_job("steady", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(job.attempts(), 1, "{:?}", job.status);
+    assert_eq!(seen.lock().unwrap().len(), 1, "the endpoint was called once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,17 +227,25 @@ pub enum Liveness {
 }
 
 /// Judge a waiting attempt's worker by its last heartbeat (the `202 Accepted` counts as the first one).
-pub fn liveness(job: &BackgroundJob, now: Timestamp) -> Liveness {
+/// `readable_again`: when the holder could read the job again after the apiserver failed it. A heartbeat is a status
+/// write, refused while the apiserver is away, so the worker is given a full heartbeat timeout from then: it is not
+/// charged for the outage (and run again beside itself) because it could not be heard.
+pub fn liveness(job: &BackgroundJob, now: Timestamp, readable_again: Option<Timestamp>) -> Liveness {
     let Some(timeout) = job.spec.heartbeat_timeout_seconds else { return Liveness::Alive { overdue_in: None } };
     let s = job.status.clone().unwrap_or_default();
-    let Some(last) = s.last_heartbeat_time.or(s.start_time).map(|t| t.0) else {
+    let heard = s.last_heartbeat_time.or(s.start_time).map(|t| t.0);
+    let Some(last) = heard.max(readable_again) else {
         return Liveness::Alive { overdue_in: Some(Duration::from_secs(timeout.max(1) as u64)) };
     };
     let deadline = last.checked_add(jiff::SignedDuration::from_secs(timeout.max(1))).unwrap_or(Timestamp::MAX);
     if now >= deadline {
+        let since = match heard {
+            Some(heard) if heard >= last => format!("last heard from at {heard}"),
+            _ => format!("counted from {last}, when the apiserver could record heartbeats again"),
+        };
         return Liveness::Lost(format!(
             "attempt {} was lost: its worker sent no heartbeat or report for {timeout}s (heartbeatTimeoutSeconds; \
-             last heard from at {last})",
+             {since})",
             s.attempts
         ));
     }
@@ -416,13 +424,24 @@ mod tests {
     #[test]
     fn a_waiting_attempt_is_lost_once_its_worker_is_silent_for_the_heartbeat_timeout() {
         let j = job(serde_json::json!({"heartbeatTimeoutSeconds": 30}), Phase::Running, 2);
-        assert_eq!(liveness(&j, at(25)), Liveness::Alive { overdue_in: Some(Duration::from_secs(15)) });
-        match liveness(&j, at(40)) {
+        assert_eq!(liveness(&j, at(25), None), Liveness::Alive { overdue_in: Some(Duration::from_secs(15)) });
+        match liveness(&j, at(40), None) {
             Liveness::Lost(why) => assert!(why.contains("attempt 2 was lost") && why.contains("30s"), "{why}"),
             other => panic!("{other:?}"),
         }
         let patient = job(serde_json::json!({}), Phase::Running, 2);
-        assert_eq!(liveness(&patient, at(100_000)), Liveness::Alive { overdue_in: None });
+        assert_eq!(liveness(&patient, at(100_000), None), Liveness::Alive { overdue_in: None });
+    }
+
+    #[test]
+    fn a_worker_is_not_charged_for_the_time_the_apiserver_could_not_record_its_heartbeats() {
+        // Last heard from at 10; the job could not be read (nor a heartbeat written) until 60.
+        let j = job(serde_json::json!({"heartbeatTimeoutSeconds": 30}), Phase::Running, 2);
+        assert!(matches!(liveness(&j, at(61), None), Liveness::Lost(_)));
+        assert_eq!(liveness(&j, at(61), Some(at(60))), Liveness::Alive { overdue_in: Some(Duration::from_secs(29)) });
+        assert!(matches!(liveness(&j, at(90), Some(at(60))), Liveness::Lost(_)), "one full timeout, not more");
+        // An outage that ended before the last heartbeat changes nothing.
+        assert!(matches!(liveness(&j, at(40), Some(at(5))), Liveness::Lost(_)));
     }
 
     #[test]

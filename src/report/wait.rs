@@ -60,24 +60,34 @@ pub async fn until_reported(
     }
     marked();
     let mut watch = pin!(watch_one(jobs.clone(), &job.name_any()).default_backoff());
+    // The worker's heartbeats are status writes: while the job cannot be read they were likely refused too, so a
+    // failed read starts an outage, and the first read after it restarts the worker's clock (`decide::liveness`).
+    let mut outage = false;
+    let mut readable_again = None;
     loop {
         if !fence.holds(&job) {
             return AttemptResult::Reported;
         }
-        let overdue_in = match decide::liveness(&job, worker.clock.now()) {
+        let overdue_in = match decide::liveness(&job, worker.clock.now(), readable_again) {
             Liveness::Lost(why) => {
                 // The watch may lag: a heartbeat that landed (and was answered 200) must not be overruled by a stale
                 // copy. Judge again on the job as it is now.
-                match crate::unreadable::get_opt(jobs, &job.name_any()).await {
-                    Ok(Some(fresh))
-                        if fresh.uid() == job.uid() && fresh.resource_version() != job.resource_version() =>
-                    {
-                        job = fresh.without_args();
-                        continue;
+                match crate::unreadable::get_opt_without_args(jobs, &job.name_any()).await {
+                    Ok(Some(fresh)) if fresh.uid() == job.uid() => {
+                        let changed = fresh.resource_version() != job.resource_version();
+                        job = fresh;
+                        if std::mem::take(&mut outage) {
+                            readable_again = Some(worker.clock.now());
+                            info!("the job can be read again: its worker gets a full heartbeat timeout from now");
+                            continue;
+                        }
+                        if changed {
+                            continue;
+                        }
                     }
-                    Ok(Some(fresh)) if fresh.uid() == job.uid() => {}
                     Ok(_) => return AttemptResult::Reported,
                     Err(e) => {
+                        outage = true;
                         warn!(error = %e, "could not read the job to confirm its worker went silent; reading again");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
@@ -96,10 +106,18 @@ pub async fn until_reported(
         };
         tokio::select! {
             event = watch.next() => match event {
-                Some(Ok(Some(seen))) if seen.uid() == job.uid() => job = seen.without_args(),
+                Some(Ok(Some(seen))) if seen.uid() == job.uid() => {
+                    job = seen.without_args();
+                    if std::mem::take(&mut outage) {
+                        readable_again = Some(worker.clock.now());
+                    }
+                }
                 // Deleted, or the name holds another job: this attempt is over (the dispatcher stops it too).
                 Some(Ok(_)) => return AttemptResult::Reported,
-                Some(Err(e)) => warn!(error = %e, "watching the job for its report failed; watching again"),
+                Some(Err(e)) => {
+                    outage = true;
+                    warn!(error = %e, "watching the job for its report failed; watching again");
+                }
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             },
             _ = overdue => {}
