@@ -395,7 +395,7 @@ async fn end_tenures(client: &Client, ends: &[(String, Ending)], timing: &LeaseT
                 // (Whoever may write Leases in that Lease's namespace, so run its jobs, may have named it wrongly: a
                 // wrong answer bears on that Lease alone, never on another the same tenure vouches for.)
                 let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-                let read = match crate::client::get_opt(&api, tenure::member_of(id)).await {
+                let read = match crate::unreadable::get_opt(&api, tenure::member_of(id)).await {
                     Ok(read) => read,
                     Err(e) if forbidden(id, &e) => return Ok(unreadable()),
                     Err(e) => return Err(e.into()),

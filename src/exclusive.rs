@@ -81,7 +81,7 @@ impl Fresh {
         let selector = format!("{}={},{}", lease::MANAGED_BY_LABEL, lease::MANAGED_BY, crate::claim::JOB_LABEL);
         let params = kube::api::ListParams::default().labels(&selector);
         let mut fresh = Fresh::default();
-        for l in leases.list(&params).await?.items {
+        for l in crate::unreadable::list_selected(leases, params).await? {
             let (namespace, name) = (l.namespace().unwrap_or_default(), l.name_any());
             fresh.leases.push((format!("{namespace}/{name}"), l.resource_version().unwrap_or_default()));
             let Some(uid) = lease::annotation(&l, lease::JOB_UID_ANNOTATION) else { continue };
@@ -180,7 +180,7 @@ async fn try_acquire(
     timing: &LeaseTiming,
     observer: &mut Observer,
 ) -> Option<lease::Held> {
-    let current = match crate::client::get_opt(api, EXCLUSIVE_LEASE).await {
+    let current = match crate::unreadable::get_opt(api, EXCLUSIVE_LEASE).await {
         Ok(l) => l,
         Err(e) => {
             warn!(error = %e, "cannot read the exclusive lease");

@@ -58,7 +58,7 @@ pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32)
     let made = |record: &Option<Lease>| {
         record.as_ref().and_then(|r| crate::lease::annotation(r, SLOTS_MADE)?.parse::<u32>().ok()).unwrap_or(0)
     };
-    let record = crate::client::get_opt(&api, SLOTS_RECORD).await?;
+    let record = crate::unreadable::get_opt(&api, SLOTS_RECORD).await?;
     for i in made(&record)..capacity {
         let name = slot_name(i);
         let lease = Lease {
@@ -95,7 +95,7 @@ pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32)
         match written {
             Ok(_) => return Ok(()),
             Err(e) if crate::error::api_code(&e) == Some(409) => {
-                record = crate::client::get_opt(&api, SLOTS_RECORD).await?
+                record = crate::unreadable::get_opt(&api, SLOTS_RECORD).await?
             }
             Err(e) => return Err(e.into()),
         }

@@ -25,7 +25,9 @@
 //!
 //! An object of bgjobs' kinds that the operator's types cannot hold, in the list or in an event, is passed on as its
 //! stand-in ([`crate::unreadable`]), never as an error: one such object would fail every list, and its events would
-//! be dropped. (Kubernetes' own kinds, Leases and Pods, have no stand-in: the apiserver checked every field of them.)
+//! be dropped. (Kubernetes' own kinds, Leases and Pods, have no stand-in: the apiserver checked every field of them
+//! but a Lease's times, which it takes up to the end of year 9999 and which are read as absent past what the types
+//! hold.)
 //!
 //! The price of parsing as it arrives: the apiserver must finish writing a list within its request timeout (60 s by
 //! default), so the replica must read it that fast. Parsing and slimming 100,000 jobs takes a few seconds of one
@@ -597,6 +599,35 @@ mod tests {
         })
         .unwrap();
         assert_eq!((rv.as_str(), seen), ("9", vec!["a".to_string(), "b".into(), "c".into()]));
+    }
+
+    #[test]
+    fn a_lease_whose_times_lie_past_what_the_types_hold_is_listed_and_watched_without_them() {
+        use k8s_openapi::api::coordination::v1::Lease;
+        // The apiserver takes any time up to the end of year 9999; the types hold none past 9999-12-30T22:00Z.
+        let lease = |name: &str, renew: &str| {
+            serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": "ns", "resourceVersion": "3"},
+                "spec": {"holderIdentity": "x", "leaseDurationSeconds": 15, "renewTime": renew,
+                    "acquireTime": "9999-12-31T23:59:59.000000Z"}})
+        };
+        let body = serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+            "items": [lease("far", "9999-12-31T00:00:00.000000Z"), lease("near", "2026-12-07T10:00:00.000000Z")],
+            "metadata": {"resourceVersion": "9"}});
+        let mut seen = Vec::new();
+        parse_list(body.to_string().as_bytes(), |l: Lease| {
+            let spec = l.spec.unwrap();
+            seen.push((l.metadata.name.unwrap(), spec.renew_time.is_some(), spec.acquire_time.is_some()));
+            Ok(())
+        })
+        .unwrap();
+        let expected = vec![("far".to_string(), false, false), ("near".to_string(), true, false)];
+        assert_eq!(seen, expected, "both listed, with only the times that can be read");
+        let line = format!(r#"{{"type":"ADDED","object":{}}}"#, lease("far", "9999-12-31T00:00:00.000000Z"));
+        let Some(Ok(WatchEvent::Added(l))) = event_of::<Lease>(&line) else { panic!("the event was dropped") };
+        let spec = l.spec.unwrap();
+        assert_eq!((spec.holder_identity.as_deref(), spec.renew_time), (Some("x"), None));
+        assert!(l.metadata.annotations.is_none(), "no stand-in marks: {:?}", l.metadata.annotations);
     }
 
     #[test]

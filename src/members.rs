@@ -385,7 +385,7 @@ pub async fn heartbeat(
             owner: None,
         };
         let acquired = match crate::client::bounded(timing.renew_deadline, async {
-            Ok(crate::client::get_opt(&api, &name).await?)
+            Ok(crate::unreadable::get_opt(&api, &name).await?)
         })
         .await
         {

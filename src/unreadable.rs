@@ -22,7 +22,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Resource;
 use kube::api::PostParams;
 use serde::de::DeserializeOwned;
@@ -49,6 +49,9 @@ pub trait Unreadable: Resource + DeserializeOwned {
     fn without_open_part(object: &mut serde_json::Value);
     /// The stand-in made of what `shell` holds; `metadata` is the object's, already marked. None: not even that.
     fn stand_in(shell: Shell, metadata: ObjectMeta) -> Option<Self>;
+    /// Where it holds times that the apiserver stores up to the end of year 9999 but that the types cannot hold past
+    /// 9999-12-30T22:00Z: read as absent ([`without_unrepresentable_times`]).
+    const TIMES: &'static [&'static [&'static str]] = &[];
 }
 
 /// What can be read of any object of these kinds, whatever the shape of its spec: its metadata, and each spec field
@@ -129,6 +132,17 @@ pub fn decode_text<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
         Cow::Borrowed(_) => error,
     };
     let text = text.as_ref();
+    if let Cow::Owned(repaired) = without_unrepresentable_times::<K>(text) {
+        if let Ok(k) = serde_json::from_str::<K>(&repaired) {
+            tracing::warn!(
+                kind = std::any::type_name::<K>(),
+                name = k.meta().name.as_deref().unwrap_or_default(),
+                namespace = k.meta().namespace.as_deref().unwrap_or_default(),
+                "an object with a time too far in the future to read: read as if it had none"
+            );
+            return Ok(unmarked(k));
+        }
+    }
     let shell: Shell = serde_json::from_str(text)?;
     let mut metadata = shell.metadata.clone();
     let (namespace, name) = (metadata.namespace.clone().unwrap_or_default(), metadata.name.clone().unwrap_or_default());
@@ -142,6 +156,21 @@ pub fn decode_text<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
     tracing::warn!(kind = std::any::type_name::<K>(), namespace, name, why = ?standing(&stand_in),
         "an object the operator cannot read: kept as a stand-in");
     Ok(stand_in)
+}
+
+/// `text` with each of `K`'s [`Unreadable::TIMES`] that cannot be read as a time written as null. The apiserver takes
+/// any time up to 9999-12-31T23:59:59 (a Lease's `renewTime` is checked for nothing else), so anyone who may write a
+/// Lease the operator watches could otherwise make every list of them fail, and with it the replica's Lease cache or
+/// its confirmation of the Leases it holds. Nothing decides on another process's stamp, and an absent one is what
+/// a Lease's first writer may leave.
+fn without_unrepresentable_times<K: Unreadable>(text: &str) -> Cow<'_, str> {
+    K::TIMES.iter().fold(Cow::Borrowed(text), |text, path| {
+        let readable = |t: &str| serde_json::from_str::<Option<MicroTime>>(t).is_ok();
+        match value_at(&text, path) {
+            Some(found) if !readable(found) => Cow::Owned(null_at(&text, path).into_owned()),
+            _ => text,
+        }
+    })
 }
 
 /// Whether what makes the object unreadable is the user's input: it reads without the part the schema leaves open,
@@ -252,8 +281,16 @@ pub async fn list<K>(api: &kube::Api<K>) -> kube::Result<Vec<K>>
 where
     K: Unreadable + Clone + std::fmt::Debug,
 {
+    list_selected(api, kube::api::ListParams::default()).await
+}
+
+/// The objects of `api` that `params` select, listed in pages of 500, each decoded or made a stand-in.
+pub async fn list_selected<K>(api: &kube::Api<K>, params: kube::api::ListParams) -> kube::Result<Vec<K>>
+where
+    K: Unreadable + Clone + std::fmt::Debug,
+{
     let mut out = Vec::new();
-    let mut params = kube::api::ListParams::default().limit(500);
+    let mut params = params.limit(500);
     loop {
         let request = kube::core::Request::new(api.resource_url()).list(&params).map_err(kube::Error::BuildRequest)?;
         let page: kube::core::ObjectList<Readable<K>> = api.clone().into_client().request(request).await?;
@@ -384,20 +421,26 @@ impl Unreadable for BackgroundJob {
     }
 }
 
-/// Kinds of Kubernetes' own that the operator watches (its Leases, its attempts' Pods): the apiserver checks their
-/// every field, so one the types cannot hold is an error, not a stand-in.
-macro_rules! checked_by_the_apiserver {
-    ($($kind:ty),*) => {$(
-        impl Unreadable for $kind {
-            fn without_open_part(_: &mut serde_json::Value) {}
+/// An attempt's Pod: the apiserver checks its every field, so one the types cannot hold is an error, not a
+/// stand-in.
+impl Unreadable for k8s_openapi::api::core::v1::Pod {
+    fn without_open_part(_: &mut serde_json::Value) {}
 
-            fn stand_in(_: Shell, _: ObjectMeta) -> Option<Self> {
-                None
-            }
-        }
-    )*};
+    fn stand_in(_: Shell, _: ObjectMeta) -> Option<Self> {
+        None
+    }
 }
-checked_by_the_apiserver!(k8s_openapi::api::coordination::v1::Lease, k8s_openapi::api::core::v1::Pod);
+
+/// A Lease: checked by the apiserver but for its times ([`without_unrepresentable_times`]), so there is no stand-in.
+impl Unreadable for k8s_openapi::api::coordination::v1::Lease {
+    const TIMES: &'static [&'static [&'static str]] = &[&["spec", "renewTime"], &["spec", "acquireTime"]];
+
+    fn without_open_part(_: &mut serde_json::Value) {}
+
+    fn stand_in(_: Shell, _: ObjectMeta) -> Option<Self> {
+        None
+    }
+}
 
 impl Unreadable for RecurringBackgroundJob {
     const ARGUMENTS: Option<&'static [&'static str]> = Some(&["spec", "jobTemplate", "spec", "args"]);

@@ -67,6 +67,35 @@ async fn a_long_attempts_claim_lease_is_written_once_however_long_it_runs() {
     }
 }
 
+/// A Lease with a time the apiserver takes (any, up to the end of year 9999) but the operator's types cannot hold
+/// (none past 9999-12-30T22:00Z), written by a tenant in a watched namespace, labelled as bgjobs' own and as held by
+/// the replica, fails no list: a replica started after it becomes ready and runs a job that outlasts several renew
+/// deadlines (each confirmation of its Leases lists that one too) in one attempt. Before, every list that held it
+/// failed: the replica's Lease cache never filled, so it never became ready, and no job ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_with_a_time_the_operator_cannot_read_stops_no_replica_and_no_attempt() {
+    let env = TestEnv::new("far-lease").await;
+    let member = bgjobs::wire::member_lease_name("r", &env.ns);
+    let far = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "far", "namespace": env.ns,
+            "labels": {"app.kubernetes.io/managed-by": "bgjobs", "bgjobs.dev/held-by": member}},
+        "spec": {"holderIdentity": "tenant", "leaseDurationSeconds": 15,
+            "renewTime": "9999-12-31T00:00:00.000000Z", "acquireTime": "9999-12-31T00:00:00.000000Z"}});
+    let path = env.dir.join("far-lease.json");
+    std::fs::write(&path, far.to_string()).unwrap();
+    let out = common::kubectl().args(["create", "-f"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let r = env.replica("r", &[]);
+    // Fast leases: a 2 s renew deadline, so 8 s of running takes four confirmations in a row.
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 8}})).await;
+    let done = env.wait_job("long", 2 * MINUTE, "finished", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{:?}\n{}", done.status, r.log_text());
+    let execs = executions(&env.invocations());
+    assert_eq!(execs.len(), 1, "one execution: {execs:?}");
+    assert!(r.log_text().contains("an object with a time too far in the future to read"), "the Lease was read");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_deleted_claim_lease_is_put_back_by_its_live_holder_and_the_job_runs_once() {
     let env = TestEnv::new("claim-put-back").await;

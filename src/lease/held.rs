@@ -187,7 +187,7 @@ pub async fn confirm_loop(
         let listed = async {
             let mut found = HashMap::new();
             for api in &apis {
-                for l in api.list(&ListParams::default().labels(&selector)).await? {
+                for l in crate::unreadable::list_selected(api, ListParams::default().labels(&selector)).await? {
                     found.insert(key_of(&l), l);
                 }
             }

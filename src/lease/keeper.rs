@@ -45,13 +45,15 @@ const RETRY: Duration = Duration::from_millis(500);
 
 /// The `renewTime` of the next renewal: now, but strictly after the Lease's last one as known here and the last
 /// unanswered one, so that a stamp a read-back finds names one renewal only, even if the machine's clock stepped
-/// back.
+/// back. Never the last one itself: a renewal that writes the Lease as it is stored changes nothing (no new
+/// resourceVersion), so the observers would see it stand still while this replica counts it renewed. (A `renewTime`
+/// edited to the last microsecond the types hold has no successor: then now.)
 fn next_stamp(now: MicroTime, last: Option<&MicroTime>, unanswered: Option<&MicroTime>) -> MicroTime {
     let Some(latest) = last.into_iter().chain(unanswered).map(|t| t.0).max() else { return now };
     if now.0 > latest {
         return now;
     }
-    MicroTime(latest.checked_add(jiff::SignedDuration::from_micros(1)).unwrap_or(latest))
+    MicroTime(latest.checked_add(jiff::SignedDuration::from_micros(1)).unwrap_or(now.0))
 }
 
 /// When the renewal whose stamp `found` shows was sent, among `unanswered` (None: none of them).
@@ -196,7 +198,7 @@ impl Keeper {
             state.unanswered.push((stamp.clone(), sent));
         }
         let name = held.name_any();
-        match tokio::time::timeout(self.time_left(), crate::client::get_opt(&self.api, &name)).await {
+        match tokio::time::timeout(self.time_left(), crate::unreadable::get_opt(&self.api, &name)).await {
             Ok(Ok(Some(now))) if same_tenure(&held, &now) => {
                 let found = now.spec.as_ref().and_then(|s| s.renew_time.as_ref());
                 let landed = landed(&self.state.lock().unwrap().unanswered, found);
@@ -231,7 +233,7 @@ impl Keeper {
                 if release_if_current(&self.api, &lease).await? {
                     return Ok(());
                 }
-                match crate::client::get_opt(&self.api, &lease.name_any()).await? {
+                match crate::unreadable::get_opt(&self.api, &lease.name_any()).await? {
                     Some(now) if same_tenure(&lease, &now) => self.renewed(now, None),
                     _ => return Ok(()),
                 }
@@ -286,5 +288,8 @@ mod tests {
         assert_eq!(next_stamp(stamp(10), Some(&stamp(10)), None), stamp(11), "the same microsecond");
         assert_eq!(next_stamp(stamp(3), Some(&stamp(5)), Some(&stamp(8))), stamp(9), "the clock stepped back");
         assert_eq!(next_stamp(stamp(3), None, None), stamp(3));
+        // Edited by hand to the last microsecond the types hold: not written back as it is.
+        let last: MicroTime = serde_json::from_str(r#""9999-12-30T22:00:00.999999Z""#).unwrap();
+        assert_eq!(next_stamp(stamp(3), Some(&last), None), stamp(3));
     }
 }

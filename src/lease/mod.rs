@@ -177,7 +177,7 @@ pub async fn create(api: &Api<Lease>, name: &str, claim: &Claim, timing: &LeaseT
     let written_at = Instant::now();
     match api.create(&PostParams::default(), &lease).await {
         Ok(lease) => Ok(Acquire::Acquired(Held { lease, written_at })),
-        Err(e) if api_code(&e) == Some(409) => Ok(Acquire::Lost(crate::client::get_opt(api, name).await?)),
+        Err(e) if api_code(&e) == Some(409) => Ok(Acquire::Lost(crate::unreadable::get_opt(api, name).await?)),
         Err(e) => Err(e.into()),
     }
 }
