@@ -132,16 +132,19 @@ pub fn decode_text<K: Unreadable>(text: &str) -> Result<K, serde_json::Error> {
         Cow::Borrowed(_) => error,
     };
     let text = text.as_ref();
-    if let Cow::Owned(repaired) = without_unrepresentable_times::<K>(text) {
-        if let Ok(k) = serde_json::from_str::<K>(&repaired) {
-            tracing::warn!(
-                kind = std::any::type_name::<K>(),
-                name = k.meta().name.as_deref().unwrap_or_default(),
-                namespace = k.meta().namespace.as_deref().unwrap_or_default(),
-                "an object with a time too far in the future to read: read as if it had none"
-            );
-            return Ok(unmarked(k));
-        }
+    if let Cow::Owned(repaired) = without_unrepresentable_times::<K>(text)
+        && let Ok(k) = serde_json::from_str::<K>(&repaired)
+    {
+        let (kind, meta) = (std::any::type_name::<K>(), k.meta());
+        let (namespace, name) =
+            (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default());
+        tracing::warn!(
+            kind,
+            namespace,
+            name,
+            "an object with a time too far in the future to read: read as if it had none"
+        );
+        return Ok(unmarked(k));
     }
     let shell: Shell = serde_json::from_str(text)?;
     let mut metadata = shell.metadata.clone();
