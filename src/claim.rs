@@ -681,8 +681,9 @@ pub fn hand_back_takes_at_most(timing: &LeaseTiming) -> Duration {
 /// is: not counted against the job's retries. Left as it was, the claim was found orphaned a lease duration later
 /// and charged as a lost attempt, and on the job's last attempt it failed the job, which had never run. Best effort,
 /// bounded by `bound`, within the claim; fenced, so it writes nothing if the claim did not land or the job moved on.
-/// (A write held on its way to the apiserver that lands after this read is not seen: that claim is still found
-/// orphaned.)
+/// The read and the write are sent again until answered within the bound: the error that made the outcome unknown
+/// (an apiserver restarting, a connection reset) often fails the next request too. (A write held on its way to the
+/// apiserver that lands after this read is not seen: that claim is still found orphaned.)
 async fn hand_back_if_landed(
     jobs: &Api<BackgroundJob>,
     job: &BackgroundJob,
@@ -693,19 +694,33 @@ async fn hand_back_if_landed(
     let name = job.name_any();
     let message =
         status::not_started(fence.attempt, &fence.worker, "could not tell whether its claim was recorded in time");
-    let hand_back = async {
+    let once = async || {
         let Some(read) = crate::unreadable::get_opt(jobs, &name).await? else { return Ok(false) };
         let written =
             status::write_fenced(jobs, &read, fence, |s| status::requeue_unstarted(s, message.clone(), now)).await?;
         Ok::<_, Error>(matches!(written, status::Fenced::Written(_)))
     };
+    let mut last_error = None;
+    let hand_back = async {
+        let mut backoff = crate::client::Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        loop {
+            match once().await {
+                Ok(written) => return written,
+                Err(e) => {
+                    tracing::debug!(job = %name, error = %e, "could not tell yet whether a claim landed; asking again");
+                    last_error = Some(e.to_string());
+                }
+            }
+            backoff.wait().await;
+        }
+    };
     match tokio::time::timeout(bound, hand_back).await {
-        Ok(Ok(true)) => {
+        Ok(true) => {
             tracing::info!(job = %name, "a claim's status write landed after its bound: handed back unstarted")
         }
-        Ok(Ok(false)) => {}
-        Ok(Err(e)) => tracing::warn!(job = %name, error = %e, "could not tell whether a claim landed"),
-        Err(_) => tracing::warn!(job = %name, "could not tell in time whether a claim landed"),
+        Ok(false) => {}
+        Err(_) => tracing::warn!(job = %name, error = last_error.as_deref().unwrap_or("no answer"),
+            "could not tell in time whether a claim landed"),
     }
 }
 

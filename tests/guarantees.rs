@@ -273,10 +273,39 @@ async fn a_claim_whose_answer_comes_after_its_bound_is_handed_back_unstarted_not
     assert_ran_once(&env, &proxy, &r, "the claim's answer").await;
 }
 
+/// As above, and the apiserver then turns down the replica's first two reads of the job (as one restarting does,
+/// whose restart cut off the claim's answer): the read that tells whether the claim landed is sent again within the
+/// bound. Before: one read was sent, and when it failed the claim was left to be found orphaned and charged: the job
+/// failed without ever running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_was_lost_is_handed_back_unstarted_even_if_the_first_read_back_fails() {
+    let env = TestEnv::new("late-claim-reads").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let r = env.replica_with("r", &[], &proxy.options(&env.dir));
+    env.create("warm-up", json!({"jobName": "noop"})).await;
+    env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    proxy.delay_answers(Some(http::Method::PUT), "/status", Duration::from_secs(12), 1);
+    // Reads of the job by name (the caches list and watch: their paths end in `/backgroundjobs?`).
+    proxy.refuse(Some(http::Method::GET), "/backgroundjobs/once", 2);
+    env.create("once", json!({"jobName": "noop", "retry": {"maxAttempts": 1}})).await;
+    assert_ran_once_holding(&env, &proxy, &r, 3, "the claim's answer and two reads").await;
+    assert!(r.log_text().contains("a claim's status write landed after its bound: handed back unstarted"));
+}
+
 /// The job `once` ends `Succeeded` having run once, the one answer held back by `proxy` being `held`'s.
 async fn assert_ran_once(env: &TestEnv, proxy: &common::http_proxy::HttpProxy, r: &common::Replica, held: &str) {
+    assert_ran_once_holding(env, proxy, r, 1, held).await;
+}
+
+/// The job `once` ends `Succeeded` having run once, `count` answers held back or refused by `proxy` (`held`'s).
+async fn assert_ran_once_holding(
+    env: &TestEnv,
+    proxy: &common::http_proxy::HttpProxy,
+    r: &common::Replica,
+    count: u64,
+    held: &str,
+) {
     let done = env.wait_job("once", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
-    assert_eq!(proxy.held(), 1, "{held} was held back");
     let runs = executions(&env.invocations()).into_iter().filter(|e| e.job.ends_with("/once")).count();
     assert_eq!(
         (done.phase(), runs),
@@ -286,6 +315,7 @@ async fn assert_ran_once(env: &TestEnv, proxy: &common::http_proxy::HttpProxy, r
         done.status,
         r.log_text()
     );
+    assert_eq!(proxy.held(), count, "{held} was held back");
 }
 
 /// A claim takes its concurrency key's Lease before its own, and the key's create is answered 2.5 s late (past the
