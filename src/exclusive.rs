@@ -180,7 +180,12 @@ async fn try_acquire(
     timing: &LeaseTiming,
     observer: &mut Observer,
 ) -> Option<lease::Held> {
-    let current = match crate::unreadable::get_opt(api, EXCLUSIVE_LEASE).await {
+    // Each request bounded: a connection that died without a word would otherwise hold the leadership back for the
+    // kernel's retransmission timeout (about 15 minutes), from every replica whose try hangs.
+    let read = crate::client::bounded(timing.renew_deadline, async {
+        Ok(crate::unreadable::get_opt(api, EXCLUSIVE_LEASE).await?)
+    });
+    let current = match read.await {
         Ok(l) => l,
         Err(e) => {
             warn!(error = %e, "cannot read the exclusive lease");
@@ -193,10 +198,13 @@ async fn try_acquire(
     if !vacant && !timing.expired(unchanged) {
         return None;
     }
-    let acquired = match &current {
-        None => lease::create(api, EXCLUSIVE_LEASE, claim, timing).await,
-        Some(seen) => lease::take_over(api, seen, claim, timing).await,
-    };
+    let acquired = crate::client::bounded(timing.renew_deadline, async {
+        match &current {
+            None => lease::create(api, EXCLUSIVE_LEASE, claim, timing).await,
+            Some(seen) => lease::take_over(api, seen, claim, timing).await,
+        }
+    })
+    .await;
     match acquired {
         Ok(Acquire::Acquired(held)) => Some(held),
         Ok(Acquire::Lost(_)) => None,

@@ -384,14 +384,22 @@ pub async fn heartbeat(
             .into(),
             owner: None,
         };
+        // The read and the write each bounded: a connection that died without a word would otherwise keep this
+        // replica a non-member (claiming nothing, yet ready) for the kernel's retransmission timeout, about 15
+        // minutes. A write that lands after its bound leaves a tenure nobody renews: it expires, and the next try
+        // takes the Lease over.
         let acquired = match crate::client::bounded(timing.renew_deadline, async {
             Ok(crate::unreadable::get_opt(&api, &name).await?)
         })
         .await
         {
-            Ok(None) => lease::create(&api, &name, &claim, &timing).await,
+            Ok(None) => {
+                crate::client::bounded(timing.renew_deadline, lease::create(&api, &name, &claim, &timing)).await
+            }
             // Our own name, left by an earlier process with the same identity: take it over.
-            Ok(Some(old)) => lease::take_over(&api, &old, &claim, &timing).await,
+            Ok(Some(old)) => {
+                crate::client::bounded(timing.renew_deadline, lease::take_over(&api, &old, &claim, &timing)).await
+            }
             Err(e) => Err(e),
         };
         match acquired {

@@ -96,6 +96,58 @@ async fn a_lease_with_a_time_the_operator_cannot_read_stops_no_replica_and_no_at
     assert!(r.log_text().contains("an object with a time too far in the future to read"), "the Lease was read");
 }
 
+/// A replica that lost its member Lease (its renewals refused past the renew deadline) takes it again; the write that
+/// takes it lands, but its answer never comes (a connection that died without a word). The write is bounded: the
+/// replica tries again and is a member, running jobs, within seconds. Before, it waited for that answer (the
+/// kernel's retransmission timeout, about 15 minutes, here 10): it claimed nothing meanwhile, while ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_member_lease_retake_is_never_answered_tries_again_and_runs_jobs() {
+    let env = TestEnv::new("member-retake").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let r = env.replica_with("r", &[], &proxy.options(&env.dir));
+    env.create("warm-up", json!({"jobName": "noop"})).await;
+    env.wait_job("warm-up", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    let member = format!("/namespaces/default/leases/{}", bgjobs::wire::member_lease_name("r", &env.ns));
+    proxy.refuse(Some(http::Method::PUT), &member, usize::MAX);
+    let deadline = std::time::Instant::now() + MINUTE;
+    while !r.log_text().contains("member lease lost; re-acquiring") {
+        assert!(std::time::Instant::now() < deadline, "the member lease was never lost:\n{}", r.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.answer_at_once();
+    proxy.delay_answers(Some(http::Method::PUT), &member, Duration::from_secs(600), 1);
+    env.create("after", json!({"jobName": "noop"})).await;
+    let done = env.wait_job("after", MINUTE, "finished", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{:?}", done.status);
+    assert!(
+        r.log_text().contains("cannot acquire the member lease"),
+        "the held answer was waited out:\n{}",
+        r.log_text()
+    );
+}
+
+/// Under `--strategy exclusive`, the write that takes over the exclusive Lease (its holder gone) lands but is never
+/// answered. The write is bounded: the replica tries again and leads, running jobs, within seconds. Before, it
+/// waited for that answer (about 15 minutes on a dead connection, here 10), and nothing ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_lease_takeover_never_answered_is_tried_again_and_jobs_run() {
+    let env = TestEnv::new("exclusive-retake").await;
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let gone = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "bgjobs-exclusive", "labels": {"app.kubernetes.io/managed-by": "bgjobs"}},
+        "spec": {"holderIdentity": "gone", "leaseDurationSeconds": 3}});
+    leases.create(&Default::default(), &serde_json::from_value(gone).unwrap()).await.unwrap();
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    proxy.delay_answers(Some(http::Method::PUT), "/leases/bgjobs-exclusive", Duration::from_secs(600), 1);
+    let flags = ["--strategy", "exclusive", "--lease-namespace", env.ns.as_str()];
+    let r = env.replica_with("r", &flags, &proxy.options(&env.dir));
+    env.create("job", json!({"jobName": "noop"})).await;
+    let done = env.wait_job("job", MINUTE, "finished", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{:?}", done.status);
+    assert_eq!(proxy.held(), 1, "the takeover's answer was held back");
+    assert!(r.log_text().contains("cannot acquire the exclusive lease"), "{}", r.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_deleted_claim_lease_is_put_back_by_its_live_holder_and_the_job_runs_once() {
     let env = TestEnv::new("claim-put-back").await;
