@@ -17,7 +17,8 @@
 //! list would show a running job as deleted), any other failure watches again from where it was, a watch silent
 //! for [`WATCH_SILENCE`] (a connection that died without a word: two bookmarks missed) is replaced, as is one not
 //! answered within [`WATCH_OPEN_LIMIT`], and one that ends as soon as it was opened is opened again only after a pause
-//! ([`ENDED_AT_ONCE`]).
+//! ([`ENDED_AT_ONCE`]). A list is bounded too: its answer must begin within [`WATCH_OPEN_LIMIT`], and it fails (and is
+//! asked for again) once it said nothing for [`LIST_SILENCE`] while awaited.
 //!
 //! Each object, listed or in an event, is decoded once from its text, straight into its type, without its managed
 //! fields ([`cached`]): the caches drop them, and they are about 40 % of a stored job's text and a quarter of the time
@@ -70,6 +71,14 @@ const WATCH_SILENCE: Duration = Duration::from_secs(130);
 /// Unbounded, a watch opened again on a pooled connection that died without a word with the one it replaces (the
 /// client keeps an idle connection for 90 s) would wait for the kernel to give that connection up, about 15 minutes.
 const WATCH_OPEN_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long a list's answer may say nothing while the replica waits for more of it. The apiserver must end a list
+/// within its request timeout (60 s by default), and writes it without a pause once begun; a connection that died
+/// without a word (an apiserver's host gone) would otherwise hold the list, and with it the cache (or a starting
+/// replica's readiness), until the kernel gave it up: never, on a connection with nothing to send. (The answer
+/// itself must begin within [`WATCH_OPEN_LIMIT`], as a watch's.) A reader slowed by the reflector is not silence:
+/// only time spent waiting for the network counts ([`Silence`]).
+const LIST_SILENCE: Duration = Duration::from_secs(60);
 
 /// A watch that ends this soon after it was opened is opened again only after this long: something between the
 /// replica and the apiserver (a proxy, an apiserver shutting down) that ends every watch at once would otherwise have
@@ -356,13 +365,59 @@ where
     }
 }
 
-/// `watch`, unless its answer has not begun within [`WATCH_OPEN_LIMIT`]: then an error, and the watch is asked for
-/// again (on another connection: the one it was sent on is dropped with it).
-async fn opened_in_time<T>(watch: impl std::future::Future<Output = kube::Result<T>>) -> kube::Result<T> {
-    tokio::time::timeout(WATCH_OPEN_LIMIT, watch).await.unwrap_or_else(|_| {
-        let late = std::io::Error::new(std::io::ErrorKind::TimedOut, "the watch was not answered in time");
+/// `request` (a watch, or a list), unless its answer has not begun within [`WATCH_OPEN_LIMIT`]: then an error, and it
+/// is asked for again (on another connection: the one it was sent on is dropped with it).
+async fn opened_in_time<T>(request: impl std::future::Future<Output = kube::Result<T>>) -> kube::Result<T> {
+    tokio::time::timeout(WATCH_OPEN_LIMIT, request).await.unwrap_or_else(|_| {
+        let late = std::io::Error::new(std::io::ErrorKind::TimedOut, "the request was not answered in time");
         Err(kube::Error::Service(Box::new(late)))
     })
+}
+
+/// A list's answer, read with a limit on silence: a read that waits `limit` for the network fails (and with it the
+/// list, which is asked for again). Only the time a read waits counts: a reader that comes back late (the parser
+/// held up by a busy reflector) starts a new wait.
+struct Silence<R> {
+    inner: R,
+    limit: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl<R> Silence<R> {
+    fn new(inner: R, limit: Duration) -> Self {
+        Silence { inner, limit, deadline: Box::pin(tokio::time::sleep(limit)), waiting: false }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Silence<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        if !this.waiting {
+            this.waiting = true;
+            let limit = this.limit;
+            this.deadline.as_mut().reset(Instant::now() + limit);
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(read) => {
+                this.waiting = false;
+                Poll::Ready(read)
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the list's answer said nothing for {:?}", this.limit),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
 }
 
 /// A watch of `scope`'s objects from `resource_version`, each object decoded or made a stand-in.
@@ -483,8 +538,8 @@ where
     ))
     .body(Vec::new())
     .map_err(kube::Error::HttpError)?;
-    let body = scope.api.clone().into_client().request_stream(request).await?;
-    let body = tokio_util::io::SyncIoBridge::new(body.compat());
+    let body = opened_in_time(scope.api.clone().into_client().request_stream(request)).await?;
+    let body = tokio_util::io::SyncIoBridge::new(Silence::new(body.compat(), LIST_SILENCE));
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
     let parser = tokio::task::spawn_blocking(move || {
         let reader = std::io::BufReader::with_capacity(64 * 1024, body);
@@ -868,6 +923,69 @@ mod tests {
         assert!(watches[2].1.contains("resourceVersion=11"), "from the same version: {}", watches[2].1);
         let waited = watches[2].0 - watches[1].0;
         assert!(waited >= WATCH_OPEN_LIMIT && waited < WATCH_OPEN_LIMIT + Duration::from_secs(1), "{waited:?}");
+    }
+
+    /// A list that is never answered (sent on a connection that died without a word) is given up after
+    /// [`WATCH_OPEN_LIMIT`] and asked for again. Time is paused. Before, the cache waited for it for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_never_answered_is_asked_for_again_after_its_limit() {
+        let asked: Asked = Default::default();
+        let seen = asked.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let uri = request.uri().to_string();
+            let first = {
+                let mut seen = seen.lock().unwrap();
+                seen.push((tokio::time::Instant::now(), uri.clone()));
+                seen.len() == 1
+            };
+            let body =
+                if uri.contains("watch=true") { String::new() } else { list(vec![job("a", "3")], "10").to_string() };
+            async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    hyper::body::Bytes::from(body),
+                )))
+            }
+        });
+        let api: Api<BackgroundJob> = Api::namespaced(kube::Client::new(service, "ns"), "ns");
+        let mut stream = list_watch(api, None, |_: &mut BackgroundJob| {}).boxed();
+        let hour = tokio::time::Instant::now() + Duration::from_secs(3_600);
+        loop {
+            match tokio::time::timeout_at(hour, stream.next()).await {
+                Ok(Some(Ok(Event::InitApply(j)))) => break assert_eq!(j.name_any(), "a"),
+                Ok(_) => {}
+                Err(_) => panic!("the list was not asked for again within an hour"),
+            }
+        }
+        let asked = asked.lock().unwrap().clone();
+        assert!(asked.len() >= 2 && !asked[1].1.contains("watch=true"), "{asked:?}");
+        let waited = asked[1].0 - asked[0].0;
+        assert!(waited >= WATCH_OPEN_LIMIT && waited < WATCH_OPEN_LIMIT + Duration::from_secs(35), "{waited:?}");
+    }
+
+    /// A list's answer that stops while the replica waits for more fails after [`LIST_SILENCE`] of waiting, not
+    /// before; time the reader spends away (a busy reflector) is not counted. Time is paused.
+    #[tokio::test(start_paused = true)]
+    async fn a_list_answer_silent_while_awaited_fails_after_its_limit_and_a_late_reader_is_not_silence() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut apiserver, answer) = tokio::io::duplex(64);
+        let mut body = Silence::new(answer, LIST_SILENCE);
+        let mut buf = [0u8; 16];
+        apiserver.write_all(b"abc").await.unwrap();
+        assert_eq!(body.read(&mut buf).await.unwrap(), 3);
+        // The reader comes back after twice the limit: the bytes sent meanwhile are read, no error.
+        tokio::time::sleep(2 * LIST_SILENCE).await;
+        apiserver.write_all(b"de").await.unwrap();
+        assert_eq!(body.read(&mut buf).await.unwrap(), 2);
+        // Then nothing more comes, the connection still open.
+        let waiting = tokio::time::Instant::now();
+        let error = body.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        let waited = waiting.elapsed();
+        assert!(waited >= LIST_SILENCE && waited < LIST_SILENCE + Duration::from_secs(1), "{waited:?}");
+        drop(apiserver);
     }
 
     /// A watch that ends as soon as it was opened (something in between ends every watch), whether it said
