@@ -50,7 +50,7 @@ pub fn lease_state(
     let lease_attempt = lease::attempt(lease);
     // While Running, the current attempt's Lease is the live one; while Waiting, only a claim of the next attempt
     // (a replica between its two writes) is.
-    let guarded_attempt = if job.phase() == Phase::Running { job.attempts() } else { job.attempts() + 1 };
+    let guarded_attempt = if job.phase() == Phase::Running { job.attempts() } else { job.attempts().saturating_add(1) };
     let by_age = if timing.expired(unchanged_for) { LeaseState::Expired } else { LeaseState::Live };
     if lease::holder(lease).is_none() {
         return LeaseState::Leftover;
@@ -489,7 +489,7 @@ pub fn adopted(job: &BackgroundJob, attempt: i32) -> bool {
 
 /// The attempt number a claim of `job` holds: the next one, or the current one when it [`adopts`].
 pub fn next_attempt(job: &BackgroundJob) -> i32 {
-    if adopts(job) { job.attempts() } else { job.attempts() + 1 }
+    if adopts(job) { job.attempts() } else { job.attempts().saturating_add(1) }
 }
 
 /// What a claim of the next attempt of `job` writes into its Lease: the attempt, and the tenure that vouches for
@@ -1236,6 +1236,20 @@ mod tests {
         let mut waiting = job(Some(Phase::Waiting), 2);
         waiting.spec.template = Some(Default::default());
         assert_eq!(next_attempt(&waiting), 3, "a retry of a pod job is a new attempt with a new pod");
+    }
+
+    /// Counts a status edited by hand may hold (the schema bounds `attempts` below, not above) neither panic nor
+    /// wrap: the largest stays the largest, and no more attempts are spent than were started.
+    #[test]
+    fn counts_edited_to_their_largest_neither_wrap_nor_spend_attempts_never_started() {
+        let at_most = job(Some(Phase::Waiting), i32::MAX);
+        assert_eq!(next_attempt(&at_most), i32::MAX);
+        let mut more_unstarted = job(Some(Phase::Waiting), 2);
+        more_unstarted.status.as_mut().unwrap().unstarted_attempts = 5;
+        assert_eq!(more_unstarted.attempts_spent(2), 0, "not a negative count that never reaches maxAttempts");
+        let mut s = BackgroundJobStatus { unstarted_attempts: i32::MAX, ..Default::default() };
+        crate::status::requeue_unstarted(&mut s, "x".into(), jiff::Timestamp::UNIX_EPOCH);
+        assert_eq!(s.unstarted_attempts, i32::MAX);
     }
 
     #[test]

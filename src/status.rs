@@ -162,7 +162,7 @@ pub fn not_started(attempt: i32, worker: &str, why: &str) -> String {
 /// `attempts`, the fencing epoch, and in `unstartedAttempts`, so not against `retry.maxAttempts`.
 pub fn requeue_unstarted(s: &mut BackgroundJobStatus, error: String, now: Timestamp) {
     requeue(s, None, error, now);
-    s.unstarted_attempts += 1;
+    s.unstarted_attempts = s.unstarted_attempts.saturating_add(1);
 }
 
 fn set_condition(s: &mut BackgroundJobStatus, type_: &str, status: &str, reason: &str, message: &str, now: Timestamp) {

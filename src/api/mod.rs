@@ -195,7 +195,7 @@ impl std::str::FromStr for Priority {
 }
 
 /// How failed attempts are retried: attempt `n + 1` waits `backoffSeconds * backoffFactor^(n-1)` after attempt
-/// `n` failed (with the defaults: 1 minute, 2, 4, ...).
+/// `n` failed (with the defaults: 1 minute, 2, 4, ...), a year at most.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicy {
@@ -267,6 +267,7 @@ pub struct BackgroundJobStatus {
     /// Attempts claimed so far (the fencing epoch), including one that is running, attempts lost with a crashed
     /// replica, and those handed back before they started (`unstartedAttempts`).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub attempts: i32,
 
     /// Of `attempts`, those handed back before they started (their replica shut down, or lost the exclusive Lease,
@@ -448,7 +449,8 @@ impl BackgroundJob {
 
     /// Of attempt number `attempt`, how many count against `retry.maxAttempts` (those that really started).
     pub fn attempts_spent(&self, attempt: i32) -> i32 {
-        attempt - self.status.as_ref().map(|s| s.unstarted_attempts).unwrap_or(0)
+        // Never below none: `unstartedAttempts` is not tied to `attempts` by the schema (a status edited by hand).
+        attempt.saturating_sub(self.status.as_ref().map(|s| s.unstarted_attempts).unwrap_or(0)).max(0)
     }
 }
 

@@ -115,7 +115,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
         } else if orphaned {
             format!("{by} while its attempt was left unwatched (its replica stopped or shut down)")
         } else if job.attempts_spent(job.attempts()) > 0 {
-            format!("{by} while it waited for attempt {}", job.attempts() + 1)
+            format!("{by} while it waited for attempt {}", job.attempts().saturating_add(1))
         } else {
             format!("{by} before it ran")
         };

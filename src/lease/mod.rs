@@ -197,7 +197,8 @@ pub async fn take_over(api: &Api<Lease>, seen: &Lease, claim: &Claim, timing: &L
     spec.lease_duration_seconds = Some(timing.duration_seconds());
     spec.acquire_time = Some(now_micro());
     spec.renew_time = Some(now_micro());
-    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    // Saturating: a count edited to the largest the apiserver takes must not wrap to one it refuses (422, for ever).
+    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
     let written_at = Instant::now();
     let written = replace(api, &lease).await?;
     Ok(written.map_or(Acquire::Lost(None), |lease| Acquire::Acquired(Held { lease, written_at })))
