@@ -205,7 +205,7 @@ enum Ending {
 
 /// Which limit bounds an attempt that starts now: `attemptTimeoutSeconds` or the job's deadline, whichever is first.
 fn attempt_limit(job: &BackgroundJob, now: Timestamp) -> (Duration, bool) {
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    let created = job.counted_from(now);
     let to_deadline = retry::deadline(&job.spec, created).duration_since(now);
     let to_deadline = Duration::try_from(to_deadline).unwrap_or(Duration::ZERO);
     // An adopted Pod attempt keeps its start time, so its attempt timeout counts from when it really started.
@@ -549,7 +549,7 @@ async fn record(
     result: Option<serde_json::Value>,
 ) -> crate::Result<bool> {
     let now = worker.clock.now();
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    let created = job.counted_from(now);
     let verdict = match ending {
         Ending::Finished(AttemptResult::Reported) => {
             info!("attempt ended by its worker's report");
@@ -861,8 +861,9 @@ mod tests {
 
     #[test]
     fn an_attempt_is_bounded_by_the_jobs_deadline_when_it_has_no_attempt_timeout() {
+        // Created within second 1000: its 20 s count from 1001, the latest it may have been made.
         let j = job(serde_json::json!({"jobName": "x", "timeoutSeconds": 20}), 1000, Some(1005));
-        assert_eq!(attempt_limit(&j, at(1005)), (Duration::from_secs(15), true));
+        assert_eq!(attempt_limit(&j, at(1005)), (Duration::from_secs(16), true));
         assert_eq!(attempt_limit(&j, at(1030)), (Duration::ZERO, true), "already past it: stop at once");
     }
 

@@ -405,7 +405,7 @@ pub fn requeue_plan(job: &BackgroundJob, now: Timestamp) -> std::result::Result<
     // Saturating: the remembered values are annotations anyone who may edit the job can set.
     let max_attempts =
         job.spec.retry.max_attempts.filter(|m| spent >= *m).map(|m| spent.saturating_add(retry_budget(job, m)));
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    let created = job.counted_from(now);
     let deadline = crate::retry::deadline(&job.spec, created);
     let near = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap_or(now) >= deadline;
     let timeout_seconds = near.then(|| now.duration_since(created).as_secs().saturating_add(retry_timeout(job)));
@@ -608,12 +608,13 @@ mod tests {
     fn a_retry_of_an_abandoned_job_restarts_its_timeout_from_now() {
         let plan =
             requeue_plan(&finished(Phase::Abandoned, 2, None, 100), Timestamp::from_second(1500).unwrap()).unwrap();
-        assert_eq!(plan.timeout_seconds, Some(600), "500 s since creation + the original 100 s");
+        // Timeouts count from the end of the creation second (1001 here): 100 s from now is 599 s from then.
+        assert_eq!(plan.timeout_seconds, Some(599), "499 s since creation + the original 100 s");
         // Retried again once that ran out: the original 100 s again, not the raised 600 (which grew every retry).
         let mut raised = finished(Phase::Abandoned, 3, None, 600);
         raised.metadata.annotations = Some([(RETRY_TIMEOUT_ANNOTATION.to_string(), "100".to_string())].into());
         let plan = requeue_plan(&raised, Timestamp::from_second(1610).unwrap()).unwrap();
-        assert_eq!(plan.timeout_seconds, Some(710), "610 s since creation + the original 100 s");
+        assert_eq!(plan.timeout_seconds, Some(709), "609 s since creation + the original 100 s");
     }
 
     /// The remembered budget and timeout are annotations: set to the largest values, a retry asks for the largest

@@ -95,7 +95,8 @@ pub fn not_before(job: &BackgroundJob) -> Option<Timestamp> {
         return Some(t.0);
     }
     let delay = job.spec.delay_seconds.filter(|d| *d > 0)?;
-    let created = job.metadata.creation_timestamp.as_ref()?.0;
+    job.metadata.creation_timestamp.as_ref()?;
+    let created = job.counted_from(Timestamp::MAX);
     // A delay past the end of time means never, not now.
     Some(created.checked_add(jiff::SignedDuration::from_secs(delay)).unwrap_or(Timestamp::MAX))
 }
@@ -399,10 +400,11 @@ mod tests {
     }
 
     #[test]
-    fn delay_counts_from_creation_and_retry_time_wins() {
+    fn delay_counts_from_the_end_of_the_creation_second_and_retry_time_wins() {
+        // Created within second 1000 (the apiserver keeps whole seconds), perhaps at 1000.999: never due before 1031.
         let mut j = job("d", Priority::Normal, 1000, "1");
         j.spec.delay_seconds = Some(30);
-        assert_eq!(not_before(&j), Some(Timestamp::from_second(1030).unwrap()));
+        assert_eq!(not_before(&j), Some(Timestamp::from_second(1031).unwrap()));
         j.status = Some(Box::new(BackgroundJobStatus {
             next_attempt_time: Some(Time(Timestamp::from_second(5000).unwrap())),
             ..Default::default()

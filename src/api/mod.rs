@@ -412,6 +412,15 @@ pub const DELETION_REQUESTED: &str = "cancelled: its deletion was requested (som
 pub const CANCELLED_BY_USER: &str = "cancelled by the user";
 
 impl BackgroundJob {
+    /// The instant its delay and its timeout count from: the end of the second its `creationTimestamp` names. The
+    /// apiserver keeps whole seconds, so the job was made within the second before: counted from the second's start,
+    /// a delay could end up to a second early (the job run before it was due) and so could a timeout. `now` for a
+    /// job the apiserver has not stored.
+    pub fn counted_from(&self, now: jiff::Timestamp) -> jiff::Timestamp {
+        let created = self.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created.map_or(now, |t| t.checked_add(jiff::SignedDuration::from_secs(1)).unwrap_or(t))
+    }
+
     /// The job as a reader that only writes its status keeps it: without its arguments, which may be 1.5 MB. A
     /// status write of it keeps the stored spec.
     pub fn without_args(mut self) -> Self {

@@ -102,7 +102,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
         return Decision::Leave { recheck: Some(timing.until_expiry(f.lease_unchanged)) };
     }
     // From here on the job is nobody's: waiting, or orphaned by a replica that stopped renewing.
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(f.now);
+    let created = job.counted_from(f.now);
     // An orphaned Pod attempt whose Pod may still run is adopted whatever its attempt budget says (that budget was
     // spent on this very attempt); cancelling it or passing its deadline settles it, and the settle deletes its
     // Pod first.
@@ -361,7 +361,7 @@ mod tests {
         match triage(&facts(&j, None, 0, 40), &T) {
             Decision::Claim { state: LeaseState::Absent, extras, adopted_slot: None, recheck } => {
                 assert!(extras.is_empty());
-                assert_eq!(recheck, Some(Duration::from_secs(60)));
+                assert_eq!(recheck, Some(Duration::from_secs(61)), "100 s from the end of the creation second");
             }
             other => panic!("{other:?}"),
         }
@@ -533,17 +533,20 @@ mod tests {
     #[test]
     fn a_job_past_its_timeout_is_abandoned() {
         let j = job(serde_json::json!({"timeoutSeconds": 30}), Phase::Waiting, 0);
-        assert!(matches!(triage(&facts(&j, None, 0, 30), &T), Decision::Settle { phase: Phase::Abandoned, .. }));
+        assert!(matches!(triage(&facts(&j, None, 0, 30), &T), Decision::Claim { .. }), "made as late as 0.999 s");
+        assert!(matches!(triage(&facts(&j, None, 0, 31), &T), Decision::Settle { phase: Phase::Abandoned, .. }));
     }
 
     #[test]
     fn a_delayed_job_is_left_until_its_delay_has_passed() {
         let j = job(serde_json::json!({"delaySeconds": 50}), Phase::Waiting, 0);
         match triage(&facts(&j, None, 0, 20), &T) {
-            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(30))),
+            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(31))),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(triage(&facts(&j, None, 0, 50), &T), Decision::Claim { .. }));
+        // Created within second 0, perhaps at 0.999: not due before 51.
+        assert!(matches!(triage(&facts(&j, None, 0, 50), &T), Decision::Leave { .. }), "never early");
+        assert!(matches!(triage(&facts(&j, None, 0, 51), &T), Decision::Claim { .. }));
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timesta
         ));
     }
     let pod = job.spec.template.is_some();
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+    let created = job.counted_from(now);
     match report.clone() {
         Report::Complete { result } if pod => match result {
             Some(r) => Ok(Change::Result(r)),
