@@ -286,6 +286,46 @@ async fn a_worker_whose_heartbeats_an_apiserver_outage_refused_keeps_its_attempt
     assert_eq!(seen.lock().unwrap().len(), 1, "the endpoint was called once");
 }
 
+/// The same, for an outage of every request (its Leases too, for 10 s: the replica's tenure lapses, and its waiting
+/// attempt is adopted once the apiserver is back, here by the replica itself under its new tenure). The adopter gives
+/// the worker a full heartbeat timeout from the adoption: the worker's first heartbeat after it lands. Before, the
+/// adopter judged the worker by its last heartbeat recorded before the outage, charged the attempt as lost at once
+/// and sent it again while its worker still worked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_attempt_was_adopted_after_a_whole_apiserver_outage_keeps_it() {
+    let env = TestEnv::new("async-outage-adopted").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (flags, _) = reporting(free_port());
+    let r = env.replica_with("r", &strs(&flags), &proxy.options(&env.dir));
+    let spec = json!({"jobName": "Steady", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 4,
+        "retry": {"backoffSeconds": 0, "maxAttempts": 3}});
+    env.create("steady", spec).await;
+    let first = accepted(&seen, 1).await;
+    wait_waiting_for_report(&env, "steady").await;
+    assert_heartbeat_recorded(&first.url, &first.token, "a reachable apiserver").await;
+    proxy.refuse(None, "/", usize::MAX);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (status, text) = heartbeat_once(&first.url, &first.token).await;
+        assert_eq!(status, 503, "a heartbeat during the outage: {text}");
+    }
+    proxy.answer_at_once();
+    // The worker's next heartbeat comes once the attempt has been adopted.
+    let deadline = Instant::now() + MINUTE;
+    while !r.log_text().contains("adopted an attempt that waits for its worker's report") {
+        assert!(Instant::now() < deadline, "the attempt was not adopted:\n{}", r.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, text) = heartbeat_once(&first.url, &first.token).await;
+    assert_eq!(status, 200, "the first heartbeat after the adoption: {text}\n{}", r.log_text());
+    let (ok, out) = cli_report(&first.url, &first.token, &["complete"]);
+    assert!(ok, "{out}");
+    let job = env.wait_job("steady", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(job.attempts(), 1, "{:?}", job.status);
+    assert_eq!(seen.lock().unwrap().len(), 1, "the endpoint was called once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_holder_is_killed_while_its_worker_runs_and_the_report_lands_through_another_replica_with_one_execution() {
     let env = TestEnv::new("async-holder-killed").await;

@@ -252,6 +252,18 @@ pub fn liveness(job: &BackgroundJob, now: Timestamp, readable_again: Option<Time
     Liveness::Alive { overdue_in: Some(deadline.duration_since(now).unsigned_abs()) }
 }
 
+/// When the worker's clock restarts after an outage that ended `now` (the job could not be read, and so no heartbeat
+/// recorded): now, unless it restarted already (`previous`) and the worker has not been heard from since. A worker
+/// that died is given one more heartbeat timeout for the outage, not one for every outage that follows.
+pub fn after_outage(job: &BackgroundJob, previous: Option<Timestamp>, now: Timestamp) -> Option<Timestamp> {
+    let s = job.status.as_deref();
+    let heard = s.and_then(|s| s.last_heartbeat_time.as_ref().or(s.start_time.as_ref())).map(|t| t.0);
+    match previous {
+        Some(previous) if heard.is_none_or(|h| h <= previous) => Some(previous),
+        _ => Some(now),
+    }
+}
+
 /// Whether the job's current attempt waits for a report (and so is adopted, not restarted, by a replica that takes
 /// the job over).
 pub fn awaits_report(job: &BackgroundJob) -> bool {
@@ -442,6 +454,15 @@ mod tests {
         assert!(matches!(liveness(&j, at(90), Some(at(60))), Liveness::Lost(_)), "one full timeout, not more");
         // An outage that ended before the last heartbeat changes nothing.
         assert!(matches!(liveness(&j, at(40), Some(at(5))), Liveness::Lost(_)));
+    }
+
+    #[test]
+    fn a_worker_not_heard_from_since_its_clock_restarted_gets_no_more_time_for_another_outage() {
+        let mut j = job(serde_json::json!({"heartbeatTimeoutSeconds": 30}), Phase::Running, 2);
+        assert_eq!(after_outage(&j, None, at(60)), Some(at(60)), "the first outage since it was heard from");
+        assert_eq!(after_outage(&j, Some(at(60)), at(95)), Some(at(60)), "silent since: no more time");
+        j.status.as_mut().unwrap().last_heartbeat_time = Some(Time(at(70)));
+        assert_eq!(after_outage(&j, Some(at(60)), at(95)), Some(at(95)), "heard from since: the next outage counts");
     }
 
     #[test]

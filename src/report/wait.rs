@@ -60,10 +60,13 @@ pub async fn until_reported(
     }
     marked();
     let mut watch = pin!(watch_one(jobs.clone(), &job.name_any()).default_backoff());
-    // The worker's heartbeats are status writes: while the job cannot be read they were likely refused too, so a
-    // failed read starts an outage, and the first read after it restarts the worker's clock (`decide::liveness`).
+    // The worker's heartbeats are status writes: while the job cannot be read they were likely refused too. So a
+    // confirming read that fails starts an outage, and the first that succeeds after it restarts the worker's clock
+    // (`decide::liveness`), once for each time the worker was heard from. An adopted attempt's clock starts at the
+    // adoption: its holder's tenure most often lapsed because the apiserver could not be reached, and then neither
+    // could the worker's heartbeats.
     let mut outage = false;
-    let mut readable_again = None;
+    let mut readable_again = (!mark).then(|| worker.clock.now());
     loop {
         if !fence.holds(&job) {
             return AttemptResult::Reported;
@@ -77,9 +80,12 @@ pub async fn until_reported(
                         let changed = fresh.resource_version() != job.resource_version();
                         job = fresh;
                         if std::mem::take(&mut outage) {
-                            readable_again = Some(worker.clock.now());
-                            info!("the job can be read again: its worker gets a full heartbeat timeout from now");
-                            continue;
+                            let again = decide::after_outage(&job, readable_again, worker.clock.now());
+                            if again != readable_again {
+                                readable_again = again;
+                                info!("the job can be read again: its worker gets a full heartbeat timeout from now");
+                                continue;
+                            }
                         }
                         if changed {
                             continue;
@@ -106,18 +112,12 @@ pub async fn until_reported(
         };
         tokio::select! {
             event = watch.next() => match event {
-                Some(Ok(Some(seen))) if seen.uid() == job.uid() => {
-                    job = seen.without_args();
-                    if std::mem::take(&mut outage) {
-                        readable_again = Some(worker.clock.now());
-                    }
-                }
+                Some(Ok(Some(seen))) if seen.uid() == job.uid() => job = seen.without_args(),
                 // Deleted, or the name holds another job: this attempt is over (the dispatcher stops it too).
                 Some(Ok(_)) => return AttemptResult::Reported,
-                Some(Err(e)) => {
-                    outage = true;
-                    warn!(error = %e, "watching the job for its report failed; watching again");
-                }
+                // Not an outage by itself (a watch may fail where reads and writes go through): the confirming read
+                // above tells.
+                Some(Err(e)) => warn!(error = %e, "watching the job for its report failed; watching again"),
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             },
             _ = overdue => {}
