@@ -267,7 +267,6 @@ pub struct BackgroundJobStatus {
     /// Attempts claimed so far (the fencing epoch), including one that is running, attempts lost with a crashed
     /// replica, and those handed back before they started (`unstartedAttempts`).
     #[serde(default)]
-    #[schemars(range(min = 0))]
     pub attempts: i32,
 
     /// Of `attempts`, those handed back before they started (their replica shut down, or lost the exclusive Lease,

@@ -186,6 +186,17 @@ pub async fn create(api: &Api<Lease>, name: &str, claim: &Claim, timing: &LeaseT
 /// The Lease then belongs to the claim alone: its annotations and owner are the claim's, so a leftover of a
 /// deleted job is not garbage-collected with that job.
 pub async fn take_over(api: &Api<Lease>, seen: &Lease, claim: &Claim, timing: &LeaseTiming) -> Result<Acquire> {
+    let transitions = seen.spec.as_ref().and_then(|s| s.lease_transitions).unwrap_or(0);
+    if transitions == i32::MAX {
+        // A count edited to the largest the apiserver takes has no successor, and a tenure is named by it
+        // (`tenure::id`): counted on, it would wrap to a value the apiserver refuses (the Lease never taken over
+        // again); kept, a tenure would take the name of one revoked before. Made anew instead (a new uid names new
+        // tenures), deleted only as it was seen.
+        if !release_if_current(api, seen).await? {
+            return Ok(Acquire::Lost(None));
+        }
+        return create(api, &kube::ResourceExt::name_any(seen), claim, timing).await;
+    }
     let mut lease = seen.clone();
     let annotations = lease.metadata.annotations.get_or_insert_with(Default::default);
     annotations.extend(claim.annotations.clone());
@@ -197,8 +208,7 @@ pub async fn take_over(api: &Api<Lease>, seen: &Lease, claim: &Claim, timing: &L
     spec.lease_duration_seconds = Some(timing.duration_seconds());
     spec.acquire_time = Some(now_micro());
     spec.renew_time = Some(now_micro());
-    // Saturating: a count edited to the largest the apiserver takes must not wrap to one it refuses (422, for ever).
-    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+    spec.lease_transitions = Some(transitions + 1);
     let written_at = Instant::now();
     let written = replace(api, &lease).await?;
     Ok(written.map_or(Acquire::Lost(None), |lease| Acquire::Acquired(Held { lease, written_at })))
