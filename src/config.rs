@@ -112,6 +112,12 @@ pub struct OperatorConfig {
     #[arg(long, value_delimiter = ',', env = "BGJOBS_QUEUES")]
     pub queues: Vec<String>,
 
+    /// An in-process job whose `jobName` has no handler in this binary is left this long (from when it may run)
+    /// for a replica that has one: a rolling update that adds a handler, or deployments built with different
+    /// handlers. Then this replica takes it and fails it, naming the handlers it has.
+    #[arg(long, default_value = "5m", env = "BGJOBS_UNKNOWN_HANDLER_GRACE")]
+    pub unknown_handler_grace: HumanDuration,
+
     /// Others take over a claim once they have seen it, and the member Lease that vouches for it, unchanged this long.
     #[arg(long, default_value = "15s", env = "BGJOBS_LEASE_DURATION")]
     pub lease_duration: HumanDuration,

@@ -912,3 +912,40 @@ async fn a_replica_reads_a_backlog_of_6000_jobs_in_one_list() {
     assert_eq!(lists.len(), 1, "one list of the jobs:\n{log}");
     assert!(lists[0].contains("listed objects=6000 "), "all 6,000 jobs in that one list: {}", lists[0]);
 }
+
+/// A job whose handler one replica lacks (the stock `bgjobs` beside a worker built with more handlers: a rolling
+/// update that adds one, or deployments built apart) is left by that replica for one that has it. Before, the stock
+/// replica claimed such jobs at once and failed them ("no handler is registered"), never run. A job whose handler no
+/// replica has is claimed once its `--unknown-handler-grace` has passed, and fails naming the handlers there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_handler_a_replica_lacks_is_left_for_one_that_has_it() {
+    let env = TestEnv::new("handler-elsewhere").await;
+    let _stock = env.replica("stock", &[]);
+    for i in 0..4 {
+        env.create(&format!("rec-{i}"), json!({"jobName": "record", "args": {"ms": 10}})).await;
+    }
+    // The stock replica alone, for longer than a claim takes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let jobs = env.list().await;
+    assert!(
+        jobs.iter().all(|j| j.phase() == Phase::Waiting),
+        "{:?}",
+        jobs.iter().map(|j| j.status.clone()).collect::<Vec<_>>()
+    );
+    let options = common::ReplicaOptions { test_worker: true, ..Default::default() };
+    let _worker = env.replica_with("worker", &[], &options);
+    for i in 0..4 {
+        let done = env.wait_job(&format!("rec-{i}"), MINUTE, "finished", |j| j.phase().is_final()).await;
+        assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{:?}", done.status);
+    }
+    // No replica has this one: the replica with a short grace fails it, once the grace has passed.
+    let _short = env.replica("short", &["--unknown-handler-grace", "2s"]);
+    env.create("typo", json!({"jobName": "no-such-handler"})).await;
+    let failed = env.wait_job("typo", MINUTE, "finished", |j| j.phase().is_final()).await;
+    let why = failed.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+    assert_eq!(failed.phase(), Phase::Failed, "{why}");
+    assert!(why.contains(r#"no handler is registered for jobName "no-such-handler" on worker short"#), "{why}");
+    let waited = failed.status.as_ref().and_then(|s| s.start_time.clone()).unwrap().0.as_second()
+        - failed.metadata.creation_timestamp.clone().unwrap().0.as_second();
+    assert!(waited >= 2, "claimed {waited} s after its creation, before the grace had passed");
+}

@@ -721,6 +721,8 @@ impl Dispatcher {
             }),
             adoption_slot,
             serves_queue: self.config.serves_queue(&job.spec.queue),
+            missing_handler_grace: (!crate::executor::runs_here(&self.worker.registry, &job))
+                .then_some(self.config.unknown_handler_grace.0),
             now,
         };
         let decision = triage::triage(&facts, &timing);

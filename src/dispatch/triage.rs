@@ -34,6 +34,9 @@ pub struct Facts<'a> {
     pub adoption_slot: Option<(&'a Arc<Lease>, Duration)>,
     /// Whether this replica serves the job's queue.
     pub serves_queue: bool,
+    /// An in-process job whose handler this replica lacks: how long it is left for a replica that has one
+    /// (`--unknown-handler-grace`). None: it runs here.
+    pub missing_handler_grace: Option<Duration>,
     /// The apiserver's time.
     pub now: Timestamp,
 }
@@ -184,6 +187,26 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
     if !f.serves_queue {
         return Decision::Leave { recheck };
     }
+    if let Some(grace) = f.missing_handler_grace {
+        let left = if orphaned {
+            // Unclaimed since its Lease expired.
+            grace.saturating_sub(f.lease_unchanged.saturating_sub(timing.duration))
+        } else {
+            let since = ordering::not_before(job).map_or(created, |t| t.max(created));
+            until(since.checked_add(grace).unwrap_or(Timestamp::MAX), f.now)
+        };
+        if !left.is_zero() {
+            return Decision::Leave { recheck: earliest(recheck, Some(left)) };
+        }
+    }
+    if !(0..i32::MAX).contains(&job.attempts()) && !adoptable {
+        // The attempt number is the fence, and names the attempt's Pod: at the largest there is no next one, and a
+        // negative one names no Pod (a status edited by hand; the schema bounds neither, so that a job edited so
+        // before still takes this write).
+        let n = job.attempts();
+        let reason = format!("no attempt can be claimed: status.attempts is {n}, out of 0..{}", i32::MAX);
+        return Decision::Settle { phase: Phase::Failed, reason, state, defers_to: None };
+    }
     // The slot an orphaned Pod attempt holds is taken over only once this replica has seen *it* unchanged for a
     // lease duration too: the claim Lease comes from another watch, which may be the stale one.
     let adopted_slot = match f.adoption_slot {
@@ -288,6 +311,7 @@ mod tests {
             key: None,
             adoption_slot: None,
             serves_queue: true,
+            missing_handler_grace: None,
             now: at(now),
         }
     }
@@ -615,6 +639,49 @@ mod tests {
         let mut f = facts(&j, None, 0, 1);
         f.serves_queue = false;
         assert!(matches!(triage(&f, &T), Decision::Leave { .. }));
+    }
+
+    /// A job whose handler this replica lacks is left for one that has it, for the grace, counted from when it may
+    /// run (its creation's second, its delay, its retry time) or, orphaned, from when its Lease expired; then
+    /// claimed (and failed by its attempt, naming the handlers there are).
+    #[test]
+    fn a_job_whose_handler_this_replica_lacks_is_left_for_the_grace_then_claimed() {
+        let grace = Some(Duration::from_secs(300));
+        let j = job(serde_json::json!({}), Phase::Waiting, 0);
+        let mut f = facts(&j, None, 0, 100);
+        f.missing_handler_grace = grace;
+        // Created within second 0: it may run from 1, so it is left until 301.
+        match triage(&f, &T) {
+            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(201))),
+            other => panic!("{other:?}"),
+        }
+        f.now = at(301);
+        assert!(matches!(triage(&f, &T), Decision::Claim { .. }));
+        let mut retried = job(serde_json::json!({}), Phase::Waiting, 1);
+        retried.status.as_mut().unwrap().next_attempt_time = Some(Time(at(1000)));
+        let mut f = facts(&retried, None, 0, 1200);
+        f.missing_handler_grace = grace;
+        assert!(matches!(triage(&f, &T), Decision::Leave { .. }), "counted from its retry time");
+        // Orphaned: its Lease expired after 15 s unchanged; left until 300 s more have passed.
+        let (running, l) = (job(serde_json::json!({}), Phase::Running, 1), claim_lease(1));
+        let mut f = facts(&running, Some(&l), 100, 5000);
+        f.missing_handler_grace = grace;
+        assert!(matches!(triage(&f, &T), Decision::Leave { .. }));
+        f.lease_unchanged = Duration::from_secs(315);
+        assert!(matches!(triage(&f, &T), Decision::Claim { .. }));
+    }
+
+    #[test]
+    fn a_job_whose_attempts_were_edited_out_of_range_fails_saying_so_instead_of_reusing_the_fence() {
+        let j = job(serde_json::json!({}), Phase::Waiting, i32::MAX);
+        match triage(&facts(&j, None, 0, 10), &T) {
+            Decision::Settle { phase: Phase::Failed, reason, .. } => {
+                assert!(reason.contains("is 2147483647"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let j = job(serde_json::json!({}), Phase::Waiting, -3);
+        assert!(matches!(triage(&facts(&j, None, 0, 10), &T), Decision::Settle { phase: Phase::Failed, .. }));
     }
 
     #[test]

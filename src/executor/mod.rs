@@ -13,6 +13,12 @@ pub use registry::{JobContext, JobError, Registry};
 use crate::api::BackgroundJob;
 use crate::retry::AttemptResult;
 
+/// Whether this replica can run `job`: a Pod or HTTP job anywhere, an in-process one where its handler is
+/// registered. The executor is chosen as [`execute`] chooses it.
+pub fn runs_here(registry: &Registry, job: &BackgroundJob) -> bool {
+    job.spec.template.is_some() || job.spec.http.is_some() || registry.handles(&job.spec.job_name)
+}
+
 /// Run one attempt of `job` with the executor its spec selects, starting at the cluster's time `now`
 /// ([`crate::clock`]). The HTTP and Pod executors check their policy ([`crate::policy`]) before they send or create
 /// anything. What becomes of a Pod (one that does not stop once deleted, one that cannot start) is told to `watchers`.

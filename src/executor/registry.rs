@@ -117,6 +117,11 @@ impl Registry {
         self
     }
 
+    /// Whether a handler is registered for `job_name`.
+    pub fn handles(&self, job_name: &str) -> bool {
+        self.handlers.contains_key(job_name)
+    }
+
     /// The registered job names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
