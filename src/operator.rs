@@ -104,7 +104,6 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         let until = tokio::time::Instant::now() + patience;
         crate::client::ask_until("make the cluster slot Leases", until, patience, ensured).await?;
     }
-    health.ready.store(true, Ordering::Relaxed);
     info!("caches synced; dispatching");
     if let Some(addr) = config.report_addr {
         crate::report::server::serve(addr, worker.clone(), view.jobs.clone()).await?;
@@ -128,6 +127,22 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         membership_tx,
         stop_background.clone(),
     ));
+    // Ready once it holds its member Lease, not before: a replica that cannot take one (a lease namespace it may not
+    // write, a quota of Leases used up) claims nothing, and a rollout must not go on past it. Once ready, it stays so
+    // through a lapse: an apiserver outage ends every replica's tenure at once, and the reports Service must keep
+    // routing to them meanwhile.
+    {
+        let (health, mut membership) = (health.clone(), membership.clone());
+        tokio::spawn(async move {
+            while membership.borrow_and_update().is_none() {
+                if membership.changed().await.is_err() {
+                    return;
+                }
+            }
+            health.ready.store(true, Ordering::Relaxed);
+            info!("member lease held: ready");
+        });
+    }
     let recurring = config.recurring_enabled.then(|| {
         let rview = crate::recurring::RecurringView {
             definitions: view.definitions.clone(),

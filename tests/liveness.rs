@@ -148,6 +148,38 @@ async fn an_exclusive_lease_takeover_never_answered_is_tried_again_and_jobs_run(
     assert!(r.log_text().contains("cannot acquire the exclusive lease"), "{}", r.log_text());
 }
 
+/// A replica that cannot take its member Lease (its create refused, as for a lease namespace it may not write or a
+/// quota of Leases used up) claims nothing and says it is not ready, so a rollout does not go on past it; once it
+/// holds the Lease it is ready and runs jobs. Before, it was ready as soon as its caches had synced, and stayed so
+/// while it ran nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_its_member_lease_is_not_ready_until_it_holds_it() {
+    let env = TestEnv::new("ready-member").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    proxy.refuse(Some(http::Method::POST), "/namespaces/default/leases", usize::MAX);
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let r = env.replica_with("r", &["--metrics-addr", &addr], &proxy.options(&env.dir));
+    let readyz = || async {
+        match reqwest::get(format!("http://{addr}/readyz")).await {
+            Ok(answer) => answer.status().as_u16(),
+            Err(_) => 0,
+        }
+    };
+    env.create("job", json!({"jobName": "noop"})).await;
+    let deadline = std::time::Instant::now() + MINUTE;
+    while !r.log_text().contains("caches synced; dispatching") {
+        assert!(std::time::Instant::now() < deadline, "the caches never synced:\n{}", r.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(readyz().await, 503, "ready without a member Lease:\n{}", r.log_text());
+    assert_eq!(env.jobs.get("job").await.unwrap().phase(), Phase::Waiting, "nothing is claimed without one");
+    proxy.answer_at_once();
+    let done = env.wait_job("job", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(done.attempts(), 1);
+    assert_eq!(readyz().await, 200, "ready once it holds its member Lease");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_deleted_claim_lease_is_put_back_by_its_live_holder_and_the_job_runs_once() {
     let env = TestEnv::new("claim-put-back").await;

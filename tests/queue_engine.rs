@@ -949,3 +949,28 @@ async fn a_job_whose_handler_a_replica_lacks_is_left_for_one_that_has_it() {
         - failed.metadata.creation_timestamp.clone().unwrap().0.as_second();
     assert!(waited >= 2, "claimed {waited} s after its creation, before the grace had passed");
 }
+
+/// A job cancelled while its replica shuts down (its attempt let finish in the shutdown grace) is stopped at once and
+/// recorded `Cancelled`, and the replica then exits. Before, the replica acted on nothing in the grace: the work ran
+/// on until the grace was over, was interrupted by the shutdown and charged, and only then recorded cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_during_its_replicas_shutdown_grace_stops_at_once() {
+    let env = TestEnv::new("cancel-in-grace").await;
+    let mut r = env.replica("r", &["--shutdown-grace", "60s"]);
+    env.create("long", json!({"jobName": "sleep", "args": {"seconds": 120}})).await;
+    env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    assert!(!r.terminate(Duration::from_millis(200)), "it lets its attempt finish");
+    let deadline = std::time::Instant::now() + MINUTE;
+    while !r.log_text().contains("shutting down: no new claims") {
+        assert!(std::time::Instant::now() < deadline, "no shutdown:\n{}", r.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cancelled = std::time::Instant::now();
+    env.jobs.patch("long", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
+    let done = env.wait_job("long", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let why = done.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+    assert_eq!(done.phase(), Phase::Cancelled, "{why}");
+    assert!(cancelled.elapsed() < Duration::from_secs(30), "stopped after {:?}, not at once", cancelled.elapsed());
+    assert!(!why.contains("shut down"), "{why}");
+    assert!(r.exit_within(Duration::from_secs(30)).is_some(), "the replica exits once its attempt stopped");
+}

@@ -148,6 +148,10 @@ fn gone_jobs_pod_note(pod: &str, lease: &str, slot: bool) -> String {
     )
 }
 
+/// How often, in the shutdown grace, the jobs of the attempts still running are looked at for a cancel or a
+/// deletion.
+const SHUTDOWN_LOOK: Duration = Duration::from_millis(500);
+
 /// Retention deletes per second per replica (in bursts of [`DELETE_BURST`]): a day's worth of finished jobs whose
 /// retention ends at once (an upgrade that introduces retention, a namespace rule shortened) is deleted at a pace the
 /// apiserver and etcd absorb next to the queue's own writes.
@@ -472,9 +476,11 @@ impl Dispatcher {
         let grace = self.config.shutdown_grace.0;
         info!(running = self.held.len(), ?grace, "shutting down: no new claims; letting running attempts finish");
         let deadline = tokio::time::Instant::now() + grace;
+        let mut look = tokio::time::interval(SHUTDOWN_LOOK);
         while !self.held.is_empty() {
             tokio::select! {
                 Some(done) = self.done_rx.recv() => self.finish(done),
+                _ = look.tick() => self.stop_what_was_asked(),
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
@@ -489,6 +495,18 @@ impl Dispatcher {
                     Some(done) = self.done_rx.recv() => self.finish(done),
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
+            }
+        }
+    }
+
+    /// While running attempts finish in the shutdown grace: a cancel or a deletion still stops them (as a pass
+    /// would), so that a cancelled job is recorded `Cancelled`, not interrupted by the shutdown and charged, and a
+    /// `Replace` tick's job does not run on beside the next.
+    fn stop_what_was_asked(&mut self) {
+        self.take_changes(Instant::now());
+        for (uid, control) in &self.held {
+            if let Some(reason) = self.backlog.job(uid).and_then(|job| crate::attempt::stop_asked(job)) {
+                control.stop(reason);
             }
         }
     }
