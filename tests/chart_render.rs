@@ -357,15 +357,17 @@ fn autoscaling_renders_an_hpa_on_cpu_by_default_or_on_queue_depth() {
 }
 
 /// The NetworkPolicy is optional; on, it selects the operator's Pods, lets only their own ports in (metrics and
-/// reports from the peers given, the webhook from anyone: the apiserver's address is not known), and restricts
-/// egress only when rules are given.
+/// reports each from the peers given for it, the webhook from anyone: the apiserver's address is not known), and
+/// restricts egress only when rules are given. Before, one list of peers covered metrics and reports together, so a
+/// policy that let Prometheus in shut the workers' reports out.
 #[test]
 fn the_network_policy_admits_only_the_operators_ports_and_restricts_egress_only_when_asked() {
     assert!(render(json!({})).of_kind("NetworkPolicy").is_empty());
     let peers = json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]);
     let egress = json!([{"ports": [{"port": 53, "protocol": "UDP"}]}]);
-    let r = render(json!({"networkPolicy": {"enabled": true, "ingressFrom": peers, "egress": egress},
-        "admissionWebhook": {"enabled": true}}));
+    let workers = json!([{"namespaceSelector": {"matchLabels": {"bgjobs.dev/jobs": "true"}}}]);
+    let r = render(json!({"networkPolicy": {"enabled": true, "ingressFrom": peers, "reportsFrom": workers,
+        "egress": egress}, "admissionWebhook": {"enabled": true}}));
     let policy = r.one("NetworkPolicy");
     let pods = &r.deployment()["spec"]["template"]["metadata"]["labels"];
     for (k, v) in policy["spec"]["podSelector"]["matchLabels"].as_object().unwrap() {
@@ -381,8 +383,10 @@ fn the_network_policy_admits_only_the_operators_ports_and_restricts_egress_only_
     let named = |rule: &Value| -> Vec<String> {
         rule["ports"].as_array().unwrap().iter().map(|p| p["port"].as_str().unwrap().to_string()).collect()
     };
-    assert_eq!((named(&ingress[0]), &ingress[0]["from"]), (vec!["metrics".to_string(), "reports".into()], &peers));
-    assert_eq!((named(&ingress[1]), ingress[1].get("from")), (vec!["webhook".to_string()], None));
+    // Apart: metrics are scraped from one place, workers report from the jobs' namespaces.
+    assert_eq!((named(&ingress[0]), &ingress[0]["from"]), (vec!["metrics".to_string()], &peers));
+    assert_eq!((named(&ingress[1]), &ingress[1]["from"]), (vec!["reports".to_string()], &workers));
+    assert_eq!((named(&ingress[2]), ingress[2].get("from")), (vec!["webhook".to_string()], None));
     for rule in ingress {
         assert!(named(rule).iter().all(|p| ports.contains(p)), "a port the container names: {ports:?}");
     }
@@ -391,7 +395,9 @@ fn the_network_policy_admits_only_the_operators_ports_and_restricts_egress_only_
     let open = render(json!({"networkPolicy": {"enabled": true}}));
     let policy = open.one("NetworkPolicy");
     assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]), "no egress rules: egress unrestricted");
-    assert_eq!(policy["spec"]["ingress"].as_array().unwrap().len(), 1, "no webhook port without the webhook");
+    let ingress = policy["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 2, "no webhook port without the webhook");
+    assert!(ingress.iter().all(|rule| rule.get("from").is_none()), "anyone, when no peers are given");
 }
 
 /// Every Service's name is a DNS label (at most 63 characters), and no two come out the same, however long the
