@@ -739,7 +739,8 @@ impl Dispatcher {
             }),
             adoption_slot,
             serves_queue: self.config.serves_queue(&job.spec.queue),
-            missing_handler_grace: (!crate::executor::runs_here(&self.worker.registry, &job))
+            // Not under the exclusive strategy: the leader is the only one that runs jobs, so nobody else would.
+            missing_handler_grace: (self.leader.is_none() && !crate::executor::runs_here(&self.worker.registry, &job))
                 .then_some(self.config.unknown_handler_grace.0),
             now,
         };

@@ -252,14 +252,26 @@ pub fn liveness(job: &BackgroundJob, now: Timestamp, readable_again: Option<Time
     Liveness::Alive { overdue_in: Some(deadline.duration_since(now).unsigned_abs()) }
 }
 
-/// When the worker's clock restarts after an outage that ended `now` (the job could not be read, and so no heartbeat
-/// recorded): now, unless it restarted already (`previous`) and the worker has not been heard from since. A worker
-/// that died is given one more heartbeat timeout for the outage, not one for every outage that follows.
-pub fn after_outage(job: &BackgroundJob, previous: Option<Timestamp>, now: Timestamp) -> Option<Timestamp> {
+/// When the worker's clock restarts after an outage seen from `started` to `now` (the job could not be read, or its
+/// watch failed, and so no heartbeat could be recorded): now, unless the worker has had a full heartbeat timeout of
+/// time to be heard since the clock last restarted (`previous`) before this outage began, and was not heard. So a
+/// dead worker is charged once it was silent for a timeout the apiserver could hear it through, and a live one
+/// behind an apiserver that keeps failing is not charged at all (its attempt and job timeouts still bound it).
+pub fn after_outage(
+    job: &BackgroundJob,
+    previous: Option<Timestamp>,
+    started: Timestamp,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let Some(timeout) = job.spec.heartbeat_timeout_seconds else { return previous };
     let s = job.status.as_deref();
     let heard = s.and_then(|s| s.last_heartbeat_time.as_ref().or(s.start_time.as_ref())).map(|t| t.0);
+    // Whole seconds: a heartbeat of the restart's own second is taken as after it.
+    let heard_by = heard.and_then(|h| h.checked_add(jiff::SignedDuration::from_secs(1)).ok());
+    let had_a_timeout =
+        |p: Timestamp| p.checked_add(jiff::SignedDuration::from_secs(timeout.max(1))).is_ok_and(|t| started >= t);
     match previous {
-        Some(previous) if heard.is_none_or(|h| h <= previous) => Some(previous),
+        Some(p) if heard_by.is_none_or(|h| h <= p) && had_a_timeout(p) => Some(p),
         _ => Some(now),
     }
 }
@@ -457,12 +469,20 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_not_heard_from_since_its_clock_restarted_gets_no_more_time_for_another_outage() {
+    fn a_worker_is_charged_only_once_it_was_silent_for_a_timeout_the_apiserver_could_hear_it_through() {
+        // Timeout 30 s; last heard at 10 (`job`).
         let mut j = job(serde_json::json!({"heartbeatTimeoutSeconds": 30}), Phase::Running, 2);
-        assert_eq!(after_outage(&j, None, at(60)), Some(at(60)), "the first outage since it was heard from");
-        assert_eq!(after_outage(&j, Some(at(60)), at(95)), Some(at(60)), "silent since: no more time");
+        assert_eq!(after_outage(&j, None, at(20), at(60)), Some(at(60)), "the first outage since it was heard from");
+        // The apiserver back at 60 and readable until 95: a full timeout, nothing heard: no more time.
+        assert_eq!(after_outage(&j, Some(at(60)), at(95), at(97)), Some(at(60)), "silent through a timeout");
+        // Down again from 61 to 75: it could not have been heard, so its clock restarts again.
+        assert_eq!(after_outage(&j, Some(at(60)), at(61), at(75)), Some(at(75)), "a flapping apiserver");
         j.status.as_mut().unwrap().last_heartbeat_time = Some(Time(at(70)));
-        assert_eq!(after_outage(&j, Some(at(60)), at(95)), Some(at(95)), "heard from since: the next outage counts");
+        assert_eq!(
+            after_outage(&j, Some(at(60)), at(95), at(97)),
+            Some(at(97)),
+            "heard from since: the next outage counts"
+        );
     }
 
     #[test]

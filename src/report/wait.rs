@@ -61,11 +61,11 @@ pub async fn until_reported(
     marked();
     let mut watch = pin!(watch_one(jobs.clone(), &job.name_any()).default_backoff());
     // The worker's heartbeats are status writes: while the job cannot be read they were likely refused too. So a
-    // confirming read that fails starts an outage, and the first that succeeds after it restarts the worker's clock
-    // (`decide::liveness`), once for each time the worker was heard from. An adopted attempt's clock starts at the
-    // adoption: its holder's tenure most often lapsed because the apiserver could not be reached, and then neither
-    // could the worker's heartbeats.
-    let mut outage = false;
+    // read or a watch that fails starts an outage, and the first read or event after it may restart the worker's
+    // clock (`decide::liveness`, `decide::after_outage`). An adopted attempt's clock starts at the adoption: its
+    // holder's tenure most often lapsed because the apiserver could not be reached, and then neither could the
+    // worker's heartbeats.
+    let mut outage: Option<jiff::Timestamp> = None;
     let mut readable_again = (!mark).then(|| worker.clock.now());
     loop {
         if !fence.holds(&job) {
@@ -79,8 +79,8 @@ pub async fn until_reported(
                     Ok(Some(fresh)) if fresh.uid() == job.uid() => {
                         let changed = fresh.resource_version() != job.resource_version();
                         job = fresh;
-                        if std::mem::take(&mut outage) {
-                            let again = decide::after_outage(&job, readable_again, worker.clock.now());
+                        if let Some(started) = outage.take() {
+                            let again = decide::after_outage(&job, readable_again, started, worker.clock.now());
                             if again != readable_again {
                                 readable_again = again;
                                 info!("the job can be read again: its worker gets a full heartbeat timeout from now");
@@ -93,7 +93,7 @@ pub async fn until_reported(
                     }
                     Ok(_) => return AttemptResult::Reported,
                     Err(e) => {
-                        outage = true;
+                        outage.get_or_insert_with(|| worker.clock.now());
                         warn!(error = %e, "could not read the job to confirm its worker went silent; reading again");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                         continue;
@@ -112,12 +112,18 @@ pub async fn until_reported(
         };
         tokio::select! {
             event = watch.next() => match event {
-                Some(Ok(Some(seen))) if seen.uid() == job.uid() => job = seen.without_args(),
+                Some(Ok(Some(seen))) if seen.uid() == job.uid() => {
+                    job = seen.without_args();
+                    if let Some(started) = outage.take() {
+                        readable_again = decide::after_outage(&job, readable_again, started, worker.clock.now());
+                    }
+                }
                 // Deleted, or the name holds another job: this attempt is over (the dispatcher stops it too).
                 Some(Ok(_)) => return AttemptResult::Reported,
-                // Not an outage by itself (a watch may fail where reads and writes go through): the confirming read
-                // above tells.
-                Some(Err(e)) => warn!(error = %e, "watching the job for its report failed; watching again"),
+                Some(Err(e)) => {
+                    outage.get_or_insert_with(|| worker.clock.now());
+                    warn!(error = %e, "watching the job for its report failed; watching again");
+                }
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             },
             _ = overdue => {}

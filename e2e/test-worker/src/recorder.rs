@@ -206,7 +206,9 @@ fn line(job: &BackgroundJob, t_ms: i64, created_ms: i64, deleted: bool) -> Statu
         .iter()
         .find(|o| o.kind == "RecurringBackgroundJob")
         .map(|o| format!("{}/{}", job.namespace().unwrap_or_default(), o.name));
-    let not_before_ms = job.spec.delay_seconds.filter(|d| *d > 0).map(|d| created_ms + d * 1000);
+    // As the operator counts it (`BackgroundJob::counted_from`): from the end of the second creationTimestamp names.
+    let counted_from_ms = job.creation_timestamp().map_or(created_ms, |t| (t.0.as_second() + 1) * 1000);
+    let not_before_ms = job.spec.delay_seconds.filter(|d| *d > 0).map(|d| counted_from_ms + d * 1000);
     StatusLine {
         t_ms,
         uid: job.uid().unwrap_or_default(),
