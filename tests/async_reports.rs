@@ -247,6 +247,51 @@ async fn a_worker_that_stops_heartbeating_is_retried_and_its_late_complete_is_re
     assert!(why.contains("attempt 1 was lost: its worker sent no heartbeat or report for 3s"), "{why}");
 }
 
+/// Job `steady`'s attempt, waiting for its worker's report (4 s allowed between heartbeats), held by replica `r`
+/// through `proxy`, which then refuses, for 10 s, every request whose path contains `refused`: the worker's
+/// heartbeats, one every 2 s, are answered 503 meanwhile.
+struct Outage {
+    _proxy: common::http_proxy::HttpProxy,
+    r: common::Replica,
+    seen: Arc<Mutex<Vec<Accepted>>>,
+    first: Accepted,
+}
+
+async fn after_an_outage(env: &TestEnv, refused: &str) -> Outage {
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (flags, _) = reporting(free_port());
+    let r = env.replica_with("r", &strs(&flags), &proxy.options(&env.dir));
+    let spec = json!({"jobName": "Steady", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 4,
+        "retry": {"backoffSeconds": 0, "maxAttempts": 3}});
+    env.create("steady", spec).await;
+    let first = accepted(&seen, 1).await;
+    wait_waiting_for_report(env, "steady").await;
+    assert_heartbeat_recorded(&first.url, &first.token, "a reachable apiserver").await;
+    proxy.refuse(None, refused, usize::MAX);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (status, text) = heartbeat_once(&first.url, &first.token).await;
+        assert_eq!(status, 503, "a heartbeat during the outage: {text}");
+    }
+    proxy.answer_at_once();
+    Outage { _proxy: proxy, r, seen, first }
+}
+
+impl Outage {
+    /// The worker's next heartbeat is recorded, its `complete` ends the job in its first attempt, and the endpoint
+    /// was called once.
+    async fn heard_and_completed_once(&self, env: &TestEnv) {
+        let (status, text) = heartbeat_once(&self.first.url, &self.first.token).await;
+        assert_eq!(status, 200, "the first heartbeat after the outage: {text}\n{}", self.r.log_text());
+        let (ok, out) = cli_report(&self.first.url, &self.first.token, &["complete"]);
+        assert!(ok, "{out}");
+        let job = env.wait_job("steady", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+        assert_eq!(job.attempts(), 1, "{:?}", job.status);
+        assert_eq!(self.seen.lock().unwrap().len(), 1, "the endpoint was called once");
+    }
+}
+
 /// A worker whose heartbeats the apiserver could not record (every read and write of its job refused, 503, for 10 s,
 /// past its 4 s heartbeat timeout) keeps its attempt: it is given a full heartbeat timeout from when the job can be
 /// read again, and its next heartbeat, 2 s on, lands. Before, the holder read the job as soon as it could and judged
@@ -255,75 +300,30 @@ async fn a_worker_that_stops_heartbeating_is_retried_and_its_late_complete_is_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_heartbeats_an_apiserver_outage_refused_keeps_its_attempt() {
     let env = TestEnv::new("async-outage").await;
-    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let (endpoint, seen) = accepting_endpoint().await;
-    let (flags, _) = reporting(free_port());
-    let r = env.replica_with("r", &strs(&flags), &proxy.options(&env.dir));
-    let spec = json!({"jobName": "Steady", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 4,
-        "retry": {"backoffSeconds": 0, "maxAttempts": 3}});
-    env.create("steady", spec).await;
-    let first = accepted(&seen, 1).await;
-    wait_waiting_for_report(&env, "steady").await;
-    // The worker heartbeats every 2 s, each sent once.
-    assert_heartbeat_recorded(&first.url, &first.token, "a reachable apiserver").await;
-    // Every read and write of the job refused (its watch goes on): the holder cannot confirm, the worker is not heard.
-    proxy.refuse(None, &format!("/namespaces/{}/backgroundjobs/steady", env.ns), usize::MAX);
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (status, text) = heartbeat_once(&first.url, &first.token).await;
-        assert_eq!(status, 503, "a heartbeat during the outage: {text}");
-    }
-    proxy.answer_at_once();
+    // Its watch goes on: the holder cannot confirm, the worker is not heard.
+    let outage = after_an_outage(&env, &format!("/namespaces/{}/backgroundjobs/steady", env.ns)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (status, text) = heartbeat_once(&first.url, &first.token).await;
-    assert_eq!(status, 200, "the first heartbeat after the outage: {text}\n{}", r.log_text());
-    assert!(r.log_text().contains("the job can be read again: its worker gets a full heartbeat timeout from now"));
-
-    let (ok, out) = cli_report(&first.url, &first.token, &["complete"]);
-    assert!(ok, "{out}");
-    let job = env.wait_job("steady", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
-    assert_eq!(job.attempts(), 1, "{:?}", job.status);
-    assert_eq!(seen.lock().unwrap().len(), 1, "the endpoint was called once");
+    outage.heard_and_completed_once(&env).await;
+    let log = outage.r.log_text();
+    assert!(log.contains("the job can be read again: its worker gets a full heartbeat timeout from now"), "{log}");
 }
 
-/// The same, for an outage of every request (its Leases too, for 10 s: the replica's tenure lapses, and its waiting
-/// attempt is adopted once the apiserver is back, here by the replica itself under its new tenure). The adopter gives
-/// the worker a full heartbeat timeout from the adoption: the worker's first heartbeat after it lands. Before, the
+/// The same, for an outage of every request (its Leases too: the replica's tenure lapses, and its waiting attempt is
+/// adopted once the apiserver is back, here by the replica itself under its new tenure). The adopter gives the
+/// worker a full heartbeat timeout from the adoption: the worker's first heartbeat after it lands. Before, the
 /// adopter judged the worker by its last heartbeat recorded before the outage, charged the attempt as lost at once
 /// and sent it again while its worker still worked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_attempt_was_adopted_after_a_whole_apiserver_outage_keeps_it() {
     let env = TestEnv::new("async-outage-adopted").await;
-    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
-    let (endpoint, seen) = accepting_endpoint().await;
-    let (flags, _) = reporting(free_port());
-    let r = env.replica_with("r", &strs(&flags), &proxy.options(&env.dir));
-    let spec = json!({"jobName": "Steady", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 4,
-        "retry": {"backoffSeconds": 0, "maxAttempts": 3}});
-    env.create("steady", spec).await;
-    let first = accepted(&seen, 1).await;
-    wait_waiting_for_report(&env, "steady").await;
-    assert_heartbeat_recorded(&first.url, &first.token, "a reachable apiserver").await;
-    proxy.refuse(None, "/", usize::MAX);
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (status, text) = heartbeat_once(&first.url, &first.token).await;
-        assert_eq!(status, 503, "a heartbeat during the outage: {text}");
-    }
-    proxy.answer_at_once();
+    let outage = after_an_outage(&env, "/").await;
     // The worker's next heartbeat comes once the attempt has been adopted.
     let deadline = Instant::now() + MINUTE;
-    while !r.log_text().contains("adopted an attempt that waits for its worker's report") {
-        assert!(Instant::now() < deadline, "the attempt was not adopted:\n{}", r.log_text());
+    while !outage.r.log_text().contains("adopted an attempt that waits for its worker's report") {
+        assert!(Instant::now() < deadline, "the attempt was not adopted:\n{}", outage.r.log_text());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, text) = heartbeat_once(&first.url, &first.token).await;
-    assert_eq!(status, 200, "the first heartbeat after the adoption: {text}\n{}", r.log_text());
-    let (ok, out) = cli_report(&first.url, &first.token, &["complete"]);
-    assert!(ok, "{out}");
-    let job = env.wait_job("steady", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
-    assert_eq!(job.attempts(), 1, "{:?}", job.status);
-    assert_eq!(seen.lock().unwrap().len(), 1, "the endpoint was called once");
+    outage.heard_and_completed_once(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
