@@ -443,7 +443,8 @@ async fn a_job_whose_deletion_waits_for_a_finalizer_is_cancelled_not_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_handlers_bad_args_and_attempt_timeouts_end_with_readable_reasons() {
     let env = TestEnv::new("failures").await;
-    let _r = env.replica("r", &[]);
+    // An unknown handler is left for a replica that has it for the grace (5 minutes by default), then failed.
+    let _r = env.replica("r", &["--unknown-handler-grace", "1s"]);
     env.create("unknown", json!({"jobName": "SendEmail"})).await;
     env.create("bad-args", json!({"jobName": "sleep", "args": {"seconds": "soon"}})).await;
     env.create("too-slow", json!({"jobName": "sleep", "args": {"seconds": 30}, "attemptTimeoutSeconds": 1, "retry": {"maxAttempts": 2, "backoffSeconds": 0}})).await;
