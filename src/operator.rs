@@ -134,13 +134,10 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
     {
         let (health, mut membership) = (health.clone(), membership.clone());
         tokio::spawn(async move {
-            while membership.borrow_and_update().is_none() {
-                if membership.changed().await.is_err() {
-                    return;
-                }
+            if membership.wait_for(Option::is_some).await.is_ok() {
+                health.ready.store(true, Ordering::Relaxed);
+                info!("member lease held: ready");
             }
-            health.ready.store(true, Ordering::Relaxed);
-            info!("member lease held: ready");
         });
     }
     let recurring = config.recurring_enabled.then(|| {

@@ -232,8 +232,7 @@ pub enum Liveness {
 /// charged for the outage (and run again beside itself) because it could not be heard.
 pub fn liveness(job: &BackgroundJob, now: Timestamp, readable_again: Option<Timestamp>) -> Liveness {
     let Some(timeout) = job.spec.heartbeat_timeout_seconds else { return Liveness::Alive { overdue_in: None } };
-    let s = job.status.clone().unwrap_or_default();
-    let heard = s.last_heartbeat_time.or(s.start_time).map(|t| t.0);
+    let heard = last_heard(job);
     let Some(last) = heard.max(readable_again) else {
         return Liveness::Alive { overdue_in: Some(Duration::from_secs(timeout.max(1) as u64)) };
     };
@@ -246,10 +245,17 @@ pub fn liveness(job: &BackgroundJob, now: Timestamp, readable_again: Option<Time
         return Liveness::Lost(format!(
             "attempt {} was lost: its worker sent no heartbeat or report for {timeout}s (heartbeatTimeoutSeconds; \
              {since})",
-            s.attempts
+            job.attempts()
         ));
     }
     Liveness::Alive { overdue_in: Some(deadline.duration_since(now).unsigned_abs()) }
+}
+
+/// When the worker of the current attempt was last heard from: its last heartbeat, else the attempt's start (the
+/// `202 Accepted` counts as the first heartbeat).
+fn last_heard(job: &BackgroundJob) -> Option<Timestamp> {
+    let s = job.status.as_deref()?;
+    s.last_heartbeat_time.as_ref().or(s.start_time.as_ref()).map(|t| t.0)
 }
 
 /// When the worker's clock restarts after an outage seen from `started` to `now` (the job could not be read, or its
@@ -264,8 +270,7 @@ pub fn after_outage(
     now: Timestamp,
 ) -> Option<Timestamp> {
     let Some(timeout) = job.spec.heartbeat_timeout_seconds else { return previous };
-    let s = job.status.as_deref();
-    let heard = s.and_then(|s| s.last_heartbeat_time.as_ref().or(s.start_time.as_ref())).map(|t| t.0);
+    let heard = last_heard(job);
     // Whole seconds: a heartbeat of the restart's own second is taken as after it.
     let heard_by = heard.and_then(|h| h.checked_add(jiff::SignedDuration::from_secs(1)).ok());
     let had_a_timeout =
