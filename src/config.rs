@@ -112,9 +112,10 @@ pub struct OperatorConfig {
     #[arg(long, value_delimiter = ',', env = "BGJOBS_QUEUES")]
     pub queues: Vec<String>,
 
-    /// An in-process job whose `jobName` has no handler in this binary is left this long (from when it may run)
-    /// for a replica that has one: a rolling update that adds a handler, or deployments built with different
-    /// handlers. Then this replica takes it and fails it, naming the handlers it has.
+    /// An in-process job whose `jobName` has no handler in this binary is left for a replica that has one (a
+    /// rolling update that adds a handler, or deployments built with different handlers) while a live replica says
+    /// it has the handler, and this long after both the job may run and such a replica was last seen. Then this
+    /// replica takes it and fails it, naming the handlers it has.
     #[arg(long, default_value = "5m", env = "BGJOBS_UNKNOWN_HANDLER_GRACE")]
     pub unknown_handler_grace: HumanDuration,
 

@@ -28,6 +28,9 @@ pub const JOBS_ANNOTATION: &str = "bgjobs.dev/jobs";
 pub const SLOTS_ANNOTATION: &str = "bgjobs.dev/slots";
 /// Annotation on a member Lease: the queues that replica serves, comma-separated (`--queues`; empty: every queue).
 pub const QUEUES_ANNOTATION: &str = "bgjobs.dev/queues";
+/// Annotation on a member Lease: the in-process handlers that replica has (`jobName`s), a JSON array (a name may
+/// hold any character). Absent (a replica of an older version): it counts as having every handler.
+pub const HANDLERS_ANNOTATION: &str = "bgjobs.dev/handlers";
 /// Annotation on a member Lease: `"true"` while that replica's member watch shows its own renewals later than
 /// [`WATCH_LAG_LIMIT`] ([`WatchLag`]). Its caches are that far behind: it would not see in time the jobs of the
 /// queue's head it owns, so the others leave it none ([`Claimer::lags`]).
@@ -60,6 +63,9 @@ pub struct Roles {
     pub slots: u32,
     /// Serves only these queues (empty: every queue).
     pub queues: Vec<String>,
+    /// The in-process handlers it has: the others leave it none of the jobs of other handlers, and fail a job whose
+    /// handler they lack only once no member has offered it for the grace ([`HandlerOffers`]).
+    pub handlers: Vec<String>,
 }
 
 impl Roles {
@@ -69,6 +75,7 @@ impl Roles {
             (JOBS_ANNOTATION.to_string(), self.jobs.to_string()),
             (SLOTS_ANNOTATION.to_string(), self.slots.to_string()),
             (QUEUES_ANNOTATION.to_string(), self.queues.join(",")),
+            (HANDLERS_ANNOTATION.to_string(), serde_json::to_string(&self.handlers).unwrap_or_default()),
         ])
     }
 }
@@ -89,6 +96,9 @@ pub struct Claimer {
     /// Says its watches lag ([`WATCH_LAG_ANNOTATION`]): it owns none of the queue's head, and its room is not counted
     /// on, until it says they caught up.
     pub lags: bool,
+    /// The in-process handlers it has; `None`: a replica of an older version, which does not say (it counts as
+    /// having every one: it runs the job, or fails it itself).
+    pub handlers: Option<Arc<std::collections::BTreeSet<String>>>,
 }
 
 impl Claimer {
@@ -99,7 +109,16 @@ impl Claimer {
         let queues = lease::annotation(l, QUEUES_ANNOTATION)
             .map(|q| q.split(',').filter(|q| !q.is_empty()).map(str::to_string).collect())
             .unwrap_or_default();
-        Some(Claimer { identity, slots, queues, lags: says_it_lags(l) })
+        let handlers = lease::annotation(l, HANDLERS_ANNOTATION)
+            .and_then(|h| serde_json::from_str::<std::collections::BTreeSet<String>>(h).ok())
+            .map(Arc::new);
+        Some(Claimer { identity, slots, queues, lags: says_it_lags(l), handlers })
+    }
+
+    /// Whether it can run a job that needs the in-process `handler` (None: a Pod or HTTP job, which any replica
+    /// runs; see [`crate::executor::handler_needed`]).
+    pub fn runs(&self, handler: Option<&str>) -> bool {
+        handler.is_none_or(|h| self.handlers.as_ref().is_none_or(|hs| hs.contains(h)))
     }
 
     /// Whether it serves `queue`.
@@ -218,8 +237,8 @@ pub fn identities(leases: &[Arc<Lease>], me: &str, includes: impl Fn(&Lease) -> 
 }
 
 /// The members that claim jobs among the `live` member Leases ([`runs_jobs`]), and `me`, sorted by identity. This
-/// replica counts as having room and serving every queue: it is the one picking, with a slot free, among the jobs
-/// of its own queues. While this replica says its own watches lag (`me_lags`), it takes no other's word for theirs:
+/// replica counts as having room, serving every queue and having every handler: it is the one picking, with a slot
+/// free, among the jobs it can run. While this replica says its own watches lag (`me_lags`), it takes no other's word for theirs:
 /// leaving the head to itself alone, from a stale view, would only race the others for it, and when every replica
 /// lags, each would.
 pub fn claimers(live: &[Arc<Lease>], me: &str, me_lags: bool) -> Vec<Claimer> {
@@ -228,7 +247,7 @@ pub fn claimers(live: &[Arc<Lease>], me: &str, me_lags: bool) -> Vec<Claimer> {
     if me_lags {
         out.iter_mut().for_each(|c| c.lags = false);
     }
-    out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new(), lags: false });
+    out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new(), lags: false, handlers: None });
     out.sort_by(|a, b| a.identity.cmp(&b.identity));
     out.dedup_by(|a, b| a.identity == b.identity);
     out
@@ -249,15 +268,49 @@ pub fn attempts_by_replica<'a>(
     jobs.into_iter().map(|(replica, uids)| (replica, uids.len())).collect()
 }
 
-/// The members that may own a job of `queue` now ([`crate::ordering::Waiting::owners`]): the `claimers` that serve
-/// it, whose watches do not lag, and that have room for another attempt, each holding as many as `running` says
-/// ([`attempts_by_replica`]).
-pub fn owners_of(claimers: &[Claimer], running: impl Fn(&str) -> usize, queue: &str) -> crate::ordering::Owners {
+/// The members that may own a job of `queue` that needs `handler` now ([`crate::ordering::Waiting::owners`]): the
+/// `claimers` that serve the queue, run the job ([`Claimer::runs`]), whose watches do not lag, and that have room for
+/// another attempt, each holding as many as `running` says ([`attempts_by_replica`]). A job left to a replica that
+/// lacks its handler would wait out that replica's turn at the head for nothing.
+pub fn owners_of(
+    claimers: &[Claimer],
+    running: impl Fn(&str) -> usize,
+    queue: &str,
+    handler: Option<&str>,
+) -> crate::ordering::Owners {
     claimers
         .iter()
-        .filter(|c| c.serves(queue) && !c.lags && c.has_room(running(&c.identity)))
+        .filter(|c| c.serves(queue) && c.runs(handler) && !c.lags && c.has_room(running(&c.identity)))
         .map(|c| c.identity.clone())
         .collect()
+}
+
+/// The claimers this replica saw lately, and when last: who offers the handlers it lacks. A job whose handler this
+/// replica lacks is left for `--unknown-handler-grace` after it may run and after the last member that offered its
+/// handler for its queue was seen ([`HandlerOffers::offered_ago`]): a job waiting behind busy replicas that have its
+/// handler is theirs however long it waits, and one whose only such replica restarts is not failed in the gap. Held
+/// per member, not per job or handler, so that what it holds is bounded by the replicas of a grace.
+#[derive(Debug, Default)]
+pub struct HandlerOffers {
+    seen: std::collections::HashMap<String, (Claimer, Instant)>,
+}
+
+impl HandlerOffers {
+    /// The `claimers` of a pass at `now`, this replica (`me`) aside; those not seen for `forget_after` (the grace:
+    /// what they offered no longer keeps a job waiting) are forgotten.
+    pub fn saw(&mut self, claimers: &[Claimer], me: &str, now: Instant, forget_after: Duration) {
+        for c in claimers.iter().filter(|c| c.identity != me) {
+            self.seen.insert(c.identity.clone(), (c.clone(), now));
+        }
+        self.seen.retain(|_, (_, at)| now.saturating_duration_since(*at) <= forget_after);
+    }
+
+    /// How long ago another member that serves `queue` and has `handler` was last seen (zero: one is live now);
+    /// `None`: none within the grace.
+    pub fn offered_ago(&self, queue: &str, handler: &str, now: Instant) -> Option<Duration> {
+        let offers = |c: &Claimer| c.serves(queue) && c.runs(Some(handler));
+        self.seen.values().filter(|(c, _)| offers(c)).map(|(_, at)| now.saturating_duration_since(*at)).min()
+    }
 }
 
 /// How many attempts the `claimers` can start now between them for the jobs of this replica's `queues` (empty:
@@ -501,12 +554,82 @@ mod tests {
             metadata: kube::api::ObjectMeta { annotations: Some(annotations), ..Default::default() },
             ..Default::default()
         };
-        let no_jobs = lease(Roles { recurring: true, jobs: false, slots: 4, queues: vec![] }.annotations());
+        let no_jobs =
+            lease(Roles { recurring: true, jobs: false, slots: 4, queues: vec![], handlers: vec![] }.annotations());
         assert!(!runs_jobs(&no_jobs) && runs_recurring(&no_jobs));
-        let no_recurring = lease(Roles { recurring: false, jobs: true, slots: 4, queues: vec![] }.annotations());
+        let no_recurring =
+            lease(Roles { recurring: false, jobs: true, slots: 4, queues: vec![], handlers: vec![] }.annotations());
         assert!(runs_jobs(&no_recurring) && !runs_recurring(&no_recurring));
         let older = lease(BTreeMap::new());
         assert!(runs_jobs(&older) && runs_recurring(&older));
+    }
+
+    fn with_handlers(holder: &str, queues: &[&str], handlers: Option<&[&str]>) -> Arc<Lease> {
+        let roles = Roles {
+            recurring: true,
+            jobs: true,
+            slots: 4,
+            queues: queues.iter().map(|q| q.to_string()).collect(),
+            handlers: handlers.unwrap_or_default().iter().map(|h| h.to_string()).collect(),
+        };
+        let mut annotations = roles.annotations();
+        if handlers.is_none() {
+            annotations.remove(HANDLERS_ANNOTATION);
+        }
+        Arc::new(Lease {
+            metadata: kube::api::ObjectMeta { annotations: Some(annotations), ..Default::default() },
+            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: Some(holder.to_string()),
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// A job left to a replica that lacks its handler would wait out that replica's turn at the head for nothing.
+    #[test]
+    fn only_members_that_have_a_jobs_handler_own_it_and_an_older_one_counts_as_having_every_one() {
+        let live = [
+            with_handlers("mail", &[], Some(&["SendEmail", "odd,name"])),
+            with_handlers("stock", &[], Some(&["noop"])),
+            with_handlers("older", &[], None),
+        ];
+        let claimers = claimers(&live, "me", false);
+        let mail = claimers.iter().find(|c| c.identity == "mail").unwrap();
+        assert!(mail.runs(Some("SendEmail")) && mail.runs(Some("odd,name")) && !mail.runs(Some("odd")));
+        assert!(mail.runs(None), "a Pod or HTTP job runs anywhere");
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q", Some("SendEmail")), ["mail", "me", "older"]);
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q", Some("noop")), ["me", "older", "stock"]);
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q", None), ["mail", "me", "older", "stock"]);
+    }
+
+    /// A job whose handler this replica lacks waits while another member that serves its queue has the handler, and
+    /// for the grace after the last such member was seen: not after this replica's own handlers, nor after a
+    /// member's that serves other queues.
+    #[test]
+    fn a_handler_counts_as_offered_while_a_member_that_serves_the_queue_has_it_and_is_forgotten_after_the_grace() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(300);
+        let mut offers = HandlerOffers::default();
+        let everyone = [
+            with_handlers("mail", &["mail"], Some(&["SendEmail"])),
+            with_handlers("me", &[], Some(&["Report"])),
+            with_handlers("stock", &[], Some(&["noop"])),
+        ];
+        offers.saw(&claimers(&everyone, "me", false), "me", t0, grace);
+        assert_eq!(offers.offered_ago("mail", "SendEmail", t0), Some(Duration::ZERO));
+        assert_eq!(offers.offered_ago("other", "SendEmail", t0), None, "mail serves another queue");
+        assert_eq!(offers.offered_ago("mail", "Report", t0), None, "this replica's own handlers do not count");
+        // mail went (its Lease expired): still offered as of when it was last seen, for the grace.
+        let later = t0 + Duration::from_secs(100);
+        offers.saw(&claimers(&everyone[1..], "me", false), "me", later, grace);
+        assert_eq!(offers.offered_ago("mail", "SendEmail", later), Some(Duration::from_secs(100)));
+        // Seen again (it restarted): offered now.
+        offers.saw(&claimers(&everyone, "me", false), "me", later, grace);
+        assert_eq!(offers.offered_ago("mail", "SendEmail", later), Some(Duration::ZERO));
+        let gone = later + grace + Duration::from_secs(1);
+        offers.saw(&claimers(&everyone[1..], "me", false), "me", gone, grace);
+        assert_eq!(offers.offered_ago("mail", "SendEmail", gone), None, "forgotten a grace after it was last seen");
+        assert_eq!(offers.offered_ago("mail", "noop", gone), Some(Duration::ZERO));
     }
 
     #[test]
@@ -521,9 +644,9 @@ mod tests {
             })
         };
         let live = [
-            member("b", Roles { recurring: true, jobs: true, slots: 4, queues: vec![] }),
-            member("c", Roles { recurring: true, jobs: false, slots: 4, queues: vec![] }),
-            member("a", Roles { recurring: true, jobs: true, slots: 4, queues: vec![] }),
+            member("b", Roles { recurring: true, jobs: true, slots: 4, queues: vec![], handlers: vec![] }),
+            member("c", Roles { recurring: true, jobs: false, slots: 4, queues: vec![], handlers: vec![] }),
+            member("a", Roles { recurring: true, jobs: true, slots: 4, queues: vec![], handlers: vec![] }),
         ];
         assert_eq!(identities(&live, "a", |_| true), ["a", "b", "c"], "sorted, this replica once");
         assert_eq!(identities(&live, "a", runs_jobs), ["a", "b"]);
@@ -532,8 +655,13 @@ mod tests {
     #[test]
     fn only_members_with_room_that_serve_the_queue_own_its_jobs() {
         let member = |holder: &str, slots: u32, queues: &[&str]| {
-            let roles =
-                Roles { recurring: true, jobs: true, slots, queues: queues.iter().map(|q| q.to_string()).collect() };
+            let roles = Roles {
+                recurring: true,
+                jobs: true,
+                slots,
+                queues: queues.iter().map(|q| q.to_string()).collect(),
+                handlers: vec![],
+            };
             Arc::new(Lease {
                 metadata: kube::api::ObjectMeta { annotations: Some(roles.annotations()), ..Default::default() },
                 spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
@@ -568,8 +696,8 @@ mod tests {
         };
         // Full: none; an older replica, which does not say how many it runs: as before, always room; this replica:
         // room (it is picking with a slot free) and every queue of its backlog.
-        assert_eq!(&*owners_of(&claimers, running, "a"), ["busy", "me", "old"]);
-        assert_eq!(&*owners_of(&claimers, running, "b"), ["busy", "me", "old", "only-b"]);
+        assert_eq!(&*owners_of(&claimers, running, "a", None), ["busy", "me", "old"]);
+        assert_eq!(&*owners_of(&claimers, running, "b", None), ["busy", "me", "old", "only-b"]);
         // Room for this replica's queue a: me 3 (its free slots), and none from only-b, which serves b alone, nor
         // from those serving every queue, which may spend theirs on another queue's head.
         assert_eq!(room(&claimers, running, "me", &["a".to_string()], 3), 3);
@@ -652,7 +780,8 @@ mod tests {
     #[test]
     fn a_member_whose_watches_lag_owns_none_of_the_head_and_its_room_is_not_counted_on() {
         let member = |holder: &str, lags: Option<&str>| {
-            let mut annotations = Roles { recurring: true, jobs: true, slots: 4, queues: vec![] }.annotations();
+            let mut annotations =
+                Roles { recurring: true, jobs: true, slots: 4, queues: vec![], handlers: vec![] }.annotations();
             annotations.extend(lags.map(|v| (WATCH_LAG_ANNOTATION.to_string(), v.to_string())));
             Arc::new(Lease {
                 metadata: kube::api::ObjectMeta { annotations: Some(annotations), ..Default::default() },
@@ -664,12 +793,12 @@ mod tests {
         };
         let live = [member("lagging", Some("true")), member("caught-up", Some("false")), member("older", None)];
         let claimers = claimers(&live, "me", false);
-        assert_eq!(&*owners_of(&claimers, |_| 0, "q"), ["caught-up", "me", "older"]);
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q", None), ["caught-up", "me", "older"]);
         // caught-up 4, older 4, me 2; lagging none.
         assert_eq!(room(&claimers, |_| 0, "me", &[], 2), 10);
         // A replica that lags itself takes no other's word for it: all of them lagging, each would take the head.
         let claimers = crate::members::claimers(&live, "me", true);
-        assert_eq!(&*owners_of(&claimers, |_| 0, "q"), ["caught-up", "lagging", "me", "older"]);
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q", None), ["caught-up", "lagging", "me", "older"]);
         assert_eq!(room(&claimers, |_| 0, "me", &[], 2), 14);
     }
 

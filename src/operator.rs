@@ -115,6 +115,7 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         jobs: config.job_execution_enabled,
         slots: config.max_concurrent_jobs_per_instance,
         queues: config.queues.clone(),
+        handlers: worker.registry.names().map(str::to_string).collect(),
     });
     let heartbeat = tokio::spawn(crate::members::heartbeat(
         client.clone(),

@@ -955,6 +955,47 @@ async fn a_job_whose_handler_a_replica_lacks_is_left_for_one_that_has_it() {
     assert!(waited >= 3, "claimed {waited} s after its creation second began, before the grace had passed");
 }
 
+/// A job whose handler only a busy replica has waits for that replica, however long, instead of being failed by a
+/// replica that lacks the handler once its `--unknown-handler-grace` has passed; and when the replica that has it
+/// goes, the grace counts from when it was last seen, not from when the job may run. Before, the stock replica
+/// failed the job waiting behind the busy one as soon as the grace had passed since its creation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_handler_only_a_busy_replica_has_waits_for_it_past_the_grace() {
+    let env = TestEnv::new("handler-busy").await;
+    let stock = env.replica("stock", &["--unknown-handler-grace", "2s"]);
+    let options = common::ReplicaOptions { test_worker: true, ..Default::default() };
+    let mut worker = env.replica_with("worker", &["--max-concurrent-jobs-per-instance", "1"], &options);
+    env.wait_joined(&stock, "default").await;
+    env.create("long", json!({"jobName": "record", "args": {"ms": 10_000}})).await;
+    env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    env.create("next", json!({"jobName": "record", "args": {"ms": 10}})).await;
+    // Waiting behind the busy worker, past the stock replica's grace.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let next = env.jobs.get("next").await.unwrap();
+    assert_eq!(next.phase(), Phase::Waiting, "{:?}", next.status);
+    for name in ["long", "next"] {
+        let done = env.wait_job(name, MINUTE, "finished", |j| j.phase().is_final()).await;
+        assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{name}: {:?}", done.status);
+        assert_eq!(done.status.as_ref().and_then(|s| s.worker.as_deref()), Some("worker"), "{name}");
+    }
+    // The worker busy again, a job waiting past the grace behind it, and then the worker gone for good.
+    env.create("long-2", json!({"jobName": "record", "args": {"ms": 60_000}})).await;
+    env.wait_job("long-2", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    env.create("stranded", json!({"jobName": "record", "args": {"ms": 10}})).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.jobs.get("stranded").await.unwrap().phase(), Phase::Waiting);
+    worker.kill9();
+    let killed = jiff::Timestamp::now();
+    let failed = env.wait_job("stranded", MINUTE, "finished", |j| j.phase().is_final()).await;
+    let why = failed.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+    assert_eq!(failed.phase(), Phase::Failed, "{why}");
+    assert!(why.contains(r#"no handler is registered for jobName "record" on worker stock"#), "{why}");
+    // Its member Lease expires 3 s after its last renewal, and the grace of 2 s counts from then: not at once.
+    let started = failed.status.as_ref().and_then(|s| s.start_time.clone()).unwrap().0;
+    let after_kill = started.duration_since(killed).as_secs_f64();
+    assert!(after_kill >= 2.0, "failed {after_kill:.1} s after the worker was killed, within the grace");
+}
+
 /// A job cancelled while its replica shuts down (its attempt let finish in the shutdown grace) is stopped at once and
 /// recorded `Cancelled`, and the replica then exits. Before, the replica acted on nothing in the grace: the work ran
 /// on until the grace was over, was interrupted by the shutdown and charged, and only then recorded cancelled.

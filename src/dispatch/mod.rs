@@ -235,6 +235,8 @@ pub struct Dispatcher {
     blocked_slots: HashMap<String, Instant>,
     /// Since when each candidate has been at the head of this replica's view of the queue.
     head_clocks: ordering::HeadClocks,
+    /// Who offered the handlers this replica lacks, lately.
+    handler_offers: crate::members::HandlerOffers,
     /// The [`Backlog::depth_version`] `bgjobs_queue_depth` shows.
     depth_shown: Option<u64>,
     health: Arc<Health>,
@@ -325,6 +327,7 @@ impl Dispatcher {
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
             member_observer: Observer::default(),
+            handler_offers: Default::default(),
             unseen_observer: Observer::default(),
             gone_observer: Observer::default(),
             next_gone_look: Instant::now(),
@@ -537,6 +540,7 @@ impl Dispatcher {
         let me_lags = self.membership.borrow().as_deref().is_some_and(|k| crate::members::says_it_lags(&k.lease()));
         self.worker.metrics.watch_lagging.set(i64::from(me_lags));
         let claimers = crate::members::claimers(&live, &me, me_lags);
+        self.handler_offers.saw(&claimers, &me, inst, self.config.unknown_handler_grace.0);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
         for slot in &slot_leases {
@@ -740,8 +744,12 @@ impl Dispatcher {
             adoption_slot,
             serves_queue: self.config.serves_queue(&job.spec.queue),
             // Not under the exclusive strategy: the leader is the only one that runs jobs, so nobody else would.
-            missing_handler_grace: (self.leader.is_none() && !crate::executor::runs_here(&self.worker.registry, &job))
-                .then_some(self.config.unknown_handler_grace.0),
+            missing_handler: crate::executor::handler_needed(&job)
+                .filter(|h| self.leader.is_none() && !self.worker.registry.handles(h))
+                .map(|h| triage::MissingHandler {
+                    grace: self.config.unknown_handler_grace.0,
+                    offered_ago: self.handler_offers.offered_ago(&job.spec.queue, h, inst),
+                }),
             now,
         };
         let decision = triage::triage(&facts, &timing);
@@ -920,18 +928,19 @@ impl Dispatcher {
         let room = crate::members::room(claimers, by_running, &me, &self.config.queues, free).max(free.max(1));
         let window = free.max(1).saturating_mul(workers.max(1)).min(room);
         let workers = window.div_ceil(free.max(1));
-        let mut owners_by_queue: HashMap<String, ordering::Owners> = HashMap::new();
-        let mut owners = |queue: &str| {
+        let mut owners_by_queue: HashMap<(String, Option<String>), ordering::Owners> = HashMap::new();
+        let mut owners = |job: &BackgroundJob| {
+            let (queue, handler) = (job.spec.queue.as_str(), crate::executor::handler_needed(job));
             owners_by_queue
-                .entry(queue.to_string())
-                .or_insert_with(|| crate::members::owners_of(claimers, by_running, queue))
+                .entry((queue.to_string(), handler.map(str::to_string)))
+                .or_insert_with(|| crate::members::owners_of(claimers, by_running, queue, handler))
                 .clone()
         };
         let mut waiting = |key: QueueKey, c: &Candidate| ordering::Waiting {
             key,
             uid: c.job.uid().unwrap_or_default(),
             owner_first: c.job.spec.concurrency_key.is_none(),
-            owners: owners(&c.job.spec.queue),
+            owners: owners(&c.job),
         };
         let head: Vec<ordering::Waiting> = if only_takeovers {
             // Only orphaned running jobs: found through the running set, not by walking every candidate.

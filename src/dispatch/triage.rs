@@ -34,11 +34,22 @@ pub struct Facts<'a> {
     pub adoption_slot: Option<(&'a Arc<Lease>, Duration)>,
     /// Whether this replica serves the job's queue.
     pub serves_queue: bool,
-    /// An in-process job whose handler this replica lacks: how long it is left for a replica that has one
-    /// (`--unknown-handler-grace`). None: it runs here.
-    pub missing_handler_grace: Option<Duration>,
+    /// An in-process job whose handler this replica lacks: how long it is left for a replica that has one. None: it
+    /// runs here.
+    pub missing_handler: Option<MissingHandler>,
     /// The apiserver's time.
     pub now: Timestamp,
+}
+
+/// A job whose in-process handler this replica lacks: it is left for `grace` (`--unknown-handler-grace`) after it
+/// may run and after another member last offered its handler ([`crate::members::HandlerOffers`]), then claimed here
+/// and failed naming the handlers there are.
+#[derive(Clone, Copy, Debug)]
+pub struct MissingHandler {
+    /// `--unknown-handler-grace`.
+    pub grace: Duration,
+    /// How long ago a member that serves its queue and has its handler was last seen; zero: one is live now.
+    pub offered_ago: Option<Duration>,
 }
 
 /// What this replica knows about a job's concurrency key.
@@ -187,14 +198,16 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
     if !f.serves_queue {
         return Decision::Leave { recheck };
     }
-    if let Some(grace) = f.missing_handler_grace {
-        let left = if orphaned {
+    if let Some(MissingHandler { grace, offered_ago }) = f.missing_handler {
+        let left_after_it_may_run = if orphaned {
             // Unclaimed since its Lease expired.
             grace.saturating_sub(f.lease_unchanged.saturating_sub(timing.duration))
         } else {
             let since = ordering::not_before(job).map_or(created, |t| t.max(created));
             until(since.checked_add(grace).unwrap_or(Timestamp::MAX), f.now)
         };
+        let left_after_offered = offered_ago.map_or(Duration::ZERO, |ago| grace.saturating_sub(ago));
+        let left = left_after_it_may_run.max(left_after_offered);
         if !left.is_zero() {
             return Decision::Leave { recheck: earliest(recheck, Some(left)) };
         }
@@ -311,7 +324,7 @@ mod tests {
             key: None,
             adoption_slot: None,
             serves_queue: true,
-            missing_handler_grace: None,
+            missing_handler: None,
             now: at(now),
         }
     }
@@ -646,10 +659,10 @@ mod tests {
     /// claimed (and failed by its attempt, naming the handlers there are).
     #[test]
     fn a_job_whose_handler_this_replica_lacks_is_left_for_the_grace_then_claimed() {
-        let grace = Some(Duration::from_secs(300));
+        let grace = Some(MissingHandler { grace: Duration::from_secs(300), offered_ago: None });
         let j = job(serde_json::json!({}), Phase::Waiting, 0);
         let mut f = facts(&j, None, 0, 100);
-        f.missing_handler_grace = grace;
+        f.missing_handler = grace;
         // Created within second 0: it may run from 1, so it is left until 301.
         match triage(&f, &T) {
             Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(201))),
@@ -660,15 +673,39 @@ mod tests {
         let mut retried = job(serde_json::json!({}), Phase::Waiting, 1);
         retried.status.as_mut().unwrap().next_attempt_time = Some(Time(at(1000)));
         let mut f = facts(&retried, None, 0, 1200);
-        f.missing_handler_grace = grace;
+        f.missing_handler = grace;
         assert!(matches!(triage(&f, &T), Decision::Leave { .. }), "counted from its retry time");
         // Orphaned: its Lease expired after 15 s unchanged; left until 300 s more have passed.
         let (running, l) = (job(serde_json::json!({}), Phase::Running, 1), claim_lease(1));
         let mut f = facts(&running, Some(&l), 100, 5000);
-        f.missing_handler_grace = grace;
+        f.missing_handler = grace;
         assert!(matches!(triage(&f, &T), Decision::Leave { .. }));
         f.lease_unchanged = Duration::from_secs(315);
         assert!(matches!(triage(&f, &T), Decision::Claim { .. }));
+    }
+
+    /// While another member offers the handler, the job is its, however long it waits behind that member's work;
+    /// once the last one went, the grace counts from when it was last seen (a replica that restarts is not a gap
+    /// the job is failed in).
+    #[test]
+    fn a_job_whose_handler_another_member_offers_is_left_for_it_and_failed_only_a_grace_after_the_last_went() {
+        let j = job(serde_json::json!({}), Phase::Waiting, 0);
+        let mut f = facts(&j, None, 0, 5000);
+        let offered = |ago: u64| {
+            Some(MissingHandler { grace: Duration::from_secs(300), offered_ago: Some(Duration::from_secs(ago)) })
+        };
+        f.missing_handler = offered(0);
+        match triage(&f, &T) {
+            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(300)), "offered now"),
+            other => panic!("{other:?}"),
+        }
+        f.missing_handler = offered(100);
+        match triage(&f, &T) {
+            Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(200)), "last seen 100 s ago"),
+            other => panic!("{other:?}"),
+        }
+        f.missing_handler = offered(300);
+        assert!(matches!(triage(&f, &T), Decision::Claim { .. }), "gone for the whole grace");
     }
 
     #[test]

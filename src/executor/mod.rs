@@ -13,10 +13,16 @@ pub use registry::{JobContext, JobError, Registry};
 use crate::api::BackgroundJob;
 use crate::retry::AttemptResult;
 
+/// The in-process handler `job` needs, if it runs in process: a Pod or HTTP job runs on any replica. The executor
+/// is chosen as [`execute`] chooses it.
+pub fn handler_needed(job: &BackgroundJob) -> Option<&str> {
+    (job.spec.template.is_none() && job.spec.http.is_none()).then_some(job.spec.job_name.as_str())
+}
+
 /// Whether this replica can run `job`: a Pod or HTTP job anywhere, an in-process one where its handler is
-/// registered. The executor is chosen as [`execute`] chooses it.
+/// registered.
 pub fn runs_here(registry: &Registry, job: &BackgroundJob) -> bool {
-    job.spec.template.is_some() || job.spec.http.is_some() || registry.handles(&job.spec.job_name)
+    handler_needed(job).is_none_or(|name| registry.handles(name))
 }
 
 /// Run one attempt of `job` with the executor its spec selects, starting at the cluster's time `now`
