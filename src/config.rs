@@ -100,8 +100,9 @@ pub struct OperatorConfig {
     pub max_concurrent_jobs_per_instance: u32,
 
     /// Never run more than this many jobs at once across all replicas (enforced with N slot Leases in
-    /// `--lease-namespace`). Default: no cluster-wide cap.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), env = "BGJOBS_CLUSTER_MAX_CONCURRENCY")]
+    /// `--lease-namespace`, at most 10000: every replica caches and looks through them all). Default: no
+    /// cluster-wide cap.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_CLUSTER_SLOTS as i64), env = "BGJOBS_CLUSTER_MAX_CONCURRENCY")]
     pub cluster_max_concurrency: Option<u32>,
 
     /// `false`: this replica watches and keeps the queue tidy (timeouts, cancellations, TTL) but runs no jobs.
@@ -387,6 +388,16 @@ mod tests {
         assert!(config("0").validate().is_ok());
         let err = config("10000000h").validate().unwrap_err().to_string();
         assert!(err.contains("--recurring-claim-ahead must be at most 1h"), "{err}");
+    }
+
+    #[test]
+    fn a_cluster_cap_beyond_the_slots_every_replica_can_cache_is_refused_with_the_flag_named() {
+        use clap::Parser;
+        let parse =
+            |cap: &str| crate::cli::Cli::try_parse_from(["bgjobs", "operator", "--cluster-max-concurrency", cap]);
+        assert!(parse("10000").is_ok());
+        let err = parse("10001").err().unwrap().to_string();
+        assert!(err.contains("--cluster-max-concurrency") && err.contains("1..=10000"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,10 @@ use kube::ResourceExt;
 
 use crate::lease::{LeaseTiming, Observer};
 
+/// The largest `--cluster-max-concurrency`: each slot is a Lease every replica caches, and every pass looks through
+/// them; a cap larger than the jobs that could ever run at once limits nothing.
+pub const MAX_CLUSTER_SLOTS: u32 = 10_000;
+
 /// Label that marks slot Leases.
 pub const SLOT_LABEL: &str = "bgjobs.dev/slot";
 
@@ -39,11 +43,20 @@ pub const SLOTS_RECORD: &str = "bgjobs-slots";
 /// The annotation of [`SLOTS_RECORD`] with the number of slots made.
 pub const SLOTS_MADE: &str = "bgjobs.dev/slots-made";
 
-/// Create, vacant, the slot Leases of `capacity` never made before: every replica does this at start-up, so that an
-/// absent slot afterwards means one deleted by hand, waited out like an expired one (its holder, if alive, puts it
-/// back within a renew interval), never a new one. A slot made before and absent now is left absent: made vacant at
-/// a replica's start, it was free at once, and taken for another job beside the attempt that held it.
-pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32) -> crate::Result<()> {
+/// How many slot Leases one step of [`ensure_slots`] makes before it records them made: a step that runs out of
+/// patience, or a replica that restarts, resumes after the last step recorded instead of from slot 0.
+pub const SLOTS_PER_STEP: u32 = 256;
+/// How many slot Leases are created at once.
+const SLOT_CREATES_AT_ONCE: usize = 16;
+
+/// One step of making the slot Leases of `capacity`: create, vacant, the next [`SLOTS_PER_STEP`] never made before,
+/// then raise the record. Returns how many slots the record says are made (`capacity` or more: all of them). Every
+/// replica does this at start-up, step after step, so that an absent slot afterwards means one deleted by hand,
+/// waited out like an expired one (its holder, if alive, puts it back within a renew interval), never a new one. A
+/// slot made before and absent now is left absent: made vacant at a replica's start, it was free at once, and taken
+/// for another job beside the attempt that held it.
+pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32) -> crate::Result<u32> {
+    use futures::{StreamExt, TryStreamExt};
     let api: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
     let labels = || {
         Some(
@@ -58,24 +71,33 @@ pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32)
     let made = |record: &Option<Lease>| {
         record.as_ref().and_then(|r| crate::lease::annotation(r, SLOTS_MADE)?.parse::<u32>().ok()).unwrap_or(0)
     };
-    let record = crate::unreadable::get_opt(&api, SLOTS_RECORD).await?;
-    for i in made(&record)..capacity {
-        let name = slot_name(i);
-        let lease = Lease {
-            metadata: kube::api::ObjectMeta { name: Some(name), labels: labels(), ..Default::default() },
-            spec: Some(Default::default()),
-        };
-        match api.create(&Default::default(), &lease).await {
-            Ok(_) => {}
-            Err(e) if crate::error::api_code(&e) == Some(409) => {}
-            Err(e) => return Err(e.into()),
-        }
+    let mut record = crate::unreadable::get_opt(&api, SLOTS_RECORD).await?;
+    let from = made(&record);
+    if from >= capacity {
+        return Ok(from);
     }
-    // Then the record, raised to `capacity` under the version read (another replica may raise it meanwhile).
-    let mut record = record;
+    let to = from.saturating_add(SLOTS_PER_STEP).min(capacity);
+    let create = |i: u32| {
+        let (api, lease) = (
+            api.clone(),
+            Lease {
+                metadata: kube::api::ObjectMeta { name: Some(slot_name(i)), labels: labels(), ..Default::default() },
+                spec: Some(Default::default()),
+            },
+        );
+        async move {
+            match api.create(&Default::default(), &lease).await {
+                Ok(_) => Ok(()),
+                Err(e) if crate::error::api_code(&e) == Some(409) => Ok(()),
+                Err(e) => Err(crate::Error::from(e)),
+            }
+        }
+    };
+    futures::stream::iter(from..to).map(create).buffer_unordered(SLOT_CREATES_AT_ONCE).try_collect::<()>().await?;
+    // Then the record, raised to `to` under the version read (another replica may raise it meanwhile; never lowered).
     loop {
-        if made(&record) >= capacity {
-            return Ok(());
+        if made(&record) >= to {
+            return Ok(made(&record));
         }
         let mut next = record.clone().unwrap_or_else(|| Lease {
             metadata: kube::api::ObjectMeta {
@@ -87,13 +109,13 @@ pub async fn ensure_slots(client: &kube::Client, namespace: &str, capacity: u32)
             },
             spec: Some(Default::default()),
         });
-        next.annotations_mut().insert(SLOTS_MADE.to_string(), capacity.to_string());
+        next.annotations_mut().insert(SLOTS_MADE.to_string(), to.to_string());
         let written = match &record {
             None => api.create(&Default::default(), &next).await,
             Some(_) => api.replace(SLOTS_RECORD, &Default::default(), &next).await,
         };
         match written {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(to),
             Err(e) if crate::error::api_code(&e) == Some(409) => {
                 record = crate::unreadable::get_opt(&api, SLOTS_RECORD).await?
             }

@@ -96,13 +96,20 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
             return Ok(());
         }
     }
-    // Before it says it is ready: a replica that cannot make them exits (a rollout must not go on past it). A try
-    // makes (or meets) every slot, one request each, so it may take the whole patience.
+    // Before it says it is ready: a replica that cannot make them exits (a rollout must not go on past it). Step by
+    // step, each with the whole patience: a step that made progress is recorded, so a large cap takes as many steps
+    // as it needs, and a restart resumes where the record says.
     if let Some(cap) = config.cluster_max_concurrency {
-        let ensured = || crate::limits::ensure_slots(&client, &config.lease_namespace, cap);
         let patience = crate::client::START_UP_PATIENCE;
-        let until = tokio::time::Instant::now() + patience;
-        crate::client::ask_until("make the cluster slot Leases", until, patience, ensured).await?;
+        loop {
+            let step = || crate::limits::ensure_slots(&client, &config.lease_namespace, cap);
+            let until = tokio::time::Instant::now() + patience;
+            let made = crate::client::ask_until("make the cluster slot Leases", until, patience, step).await?;
+            if made >= cap {
+                break;
+            }
+            info!(made, cap, "cluster slot Leases made so far");
+        }
     }
     info!("caches synced; dispatching");
     if let Some(addr) = config.report_addr {

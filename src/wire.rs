@@ -11,9 +11,9 @@ pub use crate::lease::tenure::{HELD_BY_LABEL, REVOKED_ANNOTATION, TENURE_ANNOTAT
 pub use crate::lease::{
     ATTEMPT_ANNOTATION, JOB_REF_ANNOTATION, JOB_UID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, annotation, holder,
 };
-pub use crate::limits::{SLOT_LABEL, slot_name};
+pub use crate::limits::{SLOT_LABEL, SLOTS_MADE, SLOTS_RECORD, slot_name};
 pub use crate::members::{
-    JOBS_ANNOTATION, MEMBER_LABEL, WATCH_LAG_ANNOTATION, member_lease_name, owner as member_owner,
+    HANDLERS_ANNOTATION, JOBS_ANNOTATION, MEMBER_LABEL, WATCH_LAG_ANNOTATION, member_lease_name, owner as member_owner,
 };
 pub use crate::ordering::{FIFO_BOUND, enqueue_sequence};
 pub use crate::recurring::{

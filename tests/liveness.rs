@@ -148,6 +148,31 @@ async fn an_exclusive_lease_takeover_never_answered_is_tried_again_and_jobs_run(
     assert!(r.log_text().contains("cannot acquire the exclusive lease"), "{}", r.log_text());
 }
 
+/// A large cluster cap behind a slow apiserver: the replica makes its slot Leases step by step, recording each step
+/// made, and then runs jobs. Before, it made every slot one request after another within one minute's patience,
+/// recording none until all were made, so a replica whose slots took longer exited, and every restart began again
+/// from slot 0: every replica crash-looped, never ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_cluster_cap_behind_a_slow_apiserver_is_made_step_by_step_and_jobs_run() {
+    let env = TestEnv::new("many-slots").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    // Every Lease created in the test's namespace (the slots among them) answered 150 ms late: 600 slots made one
+    // after another take 90 s.
+    let creates = format!("/namespaces/{}/leases", env.ns);
+    proxy.delay_answers(Some(http::Method::POST), &creates, Duration::from_millis(150), usize::MAX);
+    let flags = ["--lease-namespace", env.ns.as_str(), "--cluster-max-concurrency", "600"];
+    let mut r = env.replica_with("r", &flags, &proxy.options(&env.dir));
+    env.create("job", json!({"jobName": "noop"})).await;
+    let done = env.wait_job("job", 2 * MINUTE, "finished", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{:?}", done.status);
+    assert!(r.exit_within(Duration::ZERO).is_none(), "the replica exited:\n{}", r.log_text());
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    let slots = leases.list(&kube::api::ListParams::default().labels(bgjobs::wire::SLOT_LABEL)).await.unwrap();
+    assert_eq!(slots.items.len(), 600);
+    let record = leases.get(bgjobs::wire::SLOTS_RECORD).await.unwrap();
+    assert_eq!(record.annotations().get(bgjobs::wire::SLOTS_MADE).map(String::as_str), Some("600"));
+}
+
 /// A replica that cannot take its member Lease (its create refused, as for a lease namespace it may not write or a
 /// quota of Leases used up) claims nothing and says it is not ready, so a rollout does not go on past it; once it
 /// holds the Lease it is ready and runs jobs. Before, it was ready as soon as its caches had synced, and stayed so
