@@ -460,6 +460,8 @@ fn the_termination_grace_period_covers_the_shutdown_grace_and_the_hand_back() {
         2 + 3 + 5
     );
     assert_eq!(grace(json!({"terminationGracePeriodSeconds": 300})), 300);
+    // Leading zeros are decimal, as the operator reads them (Helm's int64 alone reads "0600" as octal 384).
+    assert_eq!(grace(json!({"operator": {"shutdownGrace": "0600s", "renewDeadline": "010s"}})), 600 + 10 + 5);
 }
 
 #[test]

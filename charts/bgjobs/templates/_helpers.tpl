@@ -63,14 +63,18 @@ app.kubernetes.io/part-of: bgjobs
 {{/* A duration as the operator reads it (15s, 500ms, 2m, 1h, or plain seconds), in milliseconds. */}}
 {{- define "bgjobs.ms" -}}
 {{- $s := toString . | trim -}}
-{{- if hasSuffix "ms" $s -}}
-{{- trimSuffix "ms" $s | int64 -}}
-{{- else if hasSuffix "h" $s -}}
-{{- mul (trimSuffix "h" $s | int64) 3600000 -}}
-{{- else if hasSuffix "m" $s -}}
-{{- mul (trimSuffix "m" $s | int64) 60000 -}}
+{{- $digits := regexFind "^[0-9]+" $s -}}
+{{- $unit := trimPrefix $digits $s -}}
+{{- /* Without its leading zeros: Helm's int64 reads "0600" as octal, the operator as 600. */ -}}
+{{- $n := regexReplaceAll "^0+([0-9])" $digits "${1}" | int64 -}}
+{{- if eq $unit "ms" -}}
+{{- $n -}}
+{{- else if eq $unit "h" -}}
+{{- mul $n 3600000 -}}
+{{- else if eq $unit "m" -}}
+{{- mul $n 60000 -}}
 {{- else -}}
-{{- mul (trimSuffix "s" $s | int64) 1000 -}}
+{{- mul $n 1000 -}}
 {{- end -}}
 {{- end -}}
 
