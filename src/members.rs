@@ -134,7 +134,15 @@ impl Claimer {
 
 /// The watch scope members share: the watched namespace, or `all-namespaces`.
 pub fn scope(namespace: Option<&str>) -> String {
-    namespace.map_or_else(|| "all-namespaces".to_string(), str::to_string)
+    namespace.map_or_else(|| ALL_NAMESPACES.to_string(), str::to_string)
+}
+
+/// The scope of replicas that watch every namespace ([`scope`]).
+pub const ALL_NAMESPACES: &str = "all-namespaces";
+
+/// Whether replicas of watch scope `scope` see the jobs of `namespace`.
+pub fn scope_covers(scope: &str, namespace: &str) -> bool {
+    scope == ALL_NAMESPACES || scope == namespace
 }
 
 /// A hash that is the same in every process and every build (unlike the standard library's), so that all replicas
@@ -214,17 +222,34 @@ pub fn live_leases(
     now: Instant,
     timing: &LeaseTiming,
 ) -> Vec<Arc<Lease>> {
+    let mut live = live_in_every_scope(store, observer, now, timing);
+    live.retain(|l| scope_of(l) == Some(scope));
+    live
+}
+
+/// The member Leases of every scope seen renewing within a lease duration.
+pub fn live_in_every_scope(
+    store: &Store<Lease>,
+    observer: &mut Observer,
+    now: Instant,
+    timing: &LeaseTiming,
+) -> Vec<Arc<Lease>> {
     let leases = store.state();
     let mut live = Vec::new();
     for l in &leases {
         let unchanged = observer.observe(&l.name_any(), l.resource_version().as_deref(), now);
-        if !timing.expired(unchanged) && l.labels().get(MEMBER_LABEL).map(String::as_str) == Some(scope) {
+        if !timing.expired(unchanged) && scope_of(l).is_some() {
             live.push(l.clone());
         }
     }
     let names: std::collections::HashSet<String> = leases.iter().map(|l| l.name_any()).collect();
     observer.retain(|k| names.contains(k));
     live
+}
+
+/// The watch scope a member Lease's replica shares work in ([`MEMBER_LABEL`]).
+pub fn scope_of(member: &Lease) -> Option<&str> {
+    member.labels().get(MEMBER_LABEL).map(String::as_str)
 }
 
 /// The holders of those of `leases` that `includes`, plus `me`, sorted.
@@ -237,17 +262,22 @@ pub fn identities(leases: &[Arc<Lease>], me: &str, includes: impl Fn(&Lease) -> 
 }
 
 /// The members that claim jobs among the `live` member Leases ([`runs_jobs`]), and `me`, sorted by identity. This
-/// replica counts as having room, serving every queue and having every handler: it is the one picking, with a slot
-/// free, among the jobs it can run. While this replica says its own watches lag (`me_lags`), it takes no other's word for theirs:
+/// replica counts as having room and serving every queue: it is the one picking, with a slot free, among the jobs it
+/// can run; it has `my_handlers` (`None`: every one). While this replica says its own watches lag (`me_lags`), it takes no other's word for theirs:
 /// leaving the head to itself alone, from a stale view, would only race the others for it, and when every replica
 /// lags, each would.
-pub fn claimers(live: &[Arc<Lease>], me: &str, me_lags: bool) -> Vec<Claimer> {
+pub fn claimers(
+    live: &[Arc<Lease>],
+    me: &str,
+    me_lags: bool,
+    my_handlers: Option<Arc<std::collections::BTreeSet<String>>>,
+) -> Vec<Claimer> {
     let mut out: Vec<Claimer> = live.iter().filter(|l| runs_jobs(l)).filter_map(|l| Claimer::of(l)).collect();
     out.retain(|c| c.identity != me);
     if me_lags {
         out.iter_mut().for_each(|c| c.lags = false);
     }
-    out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new(), lags: false, handlers: None });
+    out.push(Claimer { identity: me.to_string(), slots: None, queues: Vec::new(), lags: false, handlers: my_handlers });
     out.sort_by(|a, b| a.identity.cmp(&b.identity));
     out.dedup_by(|a, b| a.identity == b.identity);
     out
@@ -271,45 +301,65 @@ pub fn attempts_by_replica<'a>(
 /// The members that may own a job of `queue` that needs `handler` now ([`crate::ordering::Waiting::owners`]): the
 /// `claimers` that serve the queue, run the job ([`Claimer::runs`]), whose watches do not lag, and that have room for
 /// another attempt, each holding as many as `running` says ([`attempts_by_replica`]). A job left to a replica that
-/// lacks its handler would wait out that replica's turn at the head for nothing.
+/// lacks its handler would wait out that replica's turn at the head for nothing. A job none of them can run (its
+/// grace over, it is claimed to be failed) is shared among all the others, so that one replica fails it, not every
+/// replica at once.
 pub fn owners_of(
     claimers: &[Claimer],
     running: impl Fn(&str) -> usize,
     queue: &str,
     handler: Option<&str>,
 ) -> crate::ordering::Owners {
-    claimers
-        .iter()
-        .filter(|c| c.serves(queue) && c.runs(handler) && !c.lags && c.has_room(running(&c.identity)))
-        .map(|c| c.identity.clone())
-        .collect()
+    let may_own = |c: &&Claimer| c.serves(queue) && !c.lags && c.has_room(running(&c.identity));
+    let owners: crate::ordering::Owners =
+        claimers.iter().filter(may_own).filter(|c| c.runs(handler)).map(|c| c.identity.clone()).collect();
+    if !owners.is_empty() {
+        return owners;
+    }
+    claimers.iter().filter(may_own).map(|c| c.identity.clone()).collect()
 }
 
-/// The claimers this replica saw lately, and when last: who offers the handlers it lacks. A job whose handler this
-/// replica lacks is left for `--unknown-handler-grace` after it may run and after the last member that offered its
-/// handler for its queue was seen ([`HandlerOffers::offered_ago`]): a job waiting behind busy replicas that have its
-/// handler is theirs however long it waits, and one whose only such replica restarts is not failed in the gap. Held
-/// per member, not per job or handler, so that what it holds is bounded by the replicas of a grace.
-#[derive(Debug, Default)]
+/// The members that claim jobs this replica saw lately, of every scope, and when last: who offers the handlers it
+/// lacks. A job whose handler this replica lacks is left for `--unknown-handler-grace` after it may run and after
+/// the last member that offered its handler for its namespace and queue was seen ([`HandlerOffers::offered_ago`]): a
+/// job waiting behind busy replicas that have its handler is theirs however long it waits, and one whose only such
+/// replica restarts is not failed in the gap. Held per member, not per job or handler, so that what it holds is
+/// bounded by the replicas of a grace. Members of another lease namespace are not seen (docs/usage.md).
+#[derive(Debug)]
 pub struct HandlerOffers {
-    seen: std::collections::HashMap<String, (Claimer, Instant)>,
+    /// By member Lease name: what it says, its scope, when last seen.
+    seen: std::collections::HashMap<String, (Claimer, String, Instant)>,
+    /// When this replica began to look: it saw nothing before, so a handler counts as offered until then.
+    began: Instant,
 }
 
 impl HandlerOffers {
-    /// The `claimers` of a pass at `now`, this replica (`me`) aside; those not seen for `forget_after` (the grace:
-    /// what they offered no longer keeps a job waiting) are forgotten.
-    pub fn saw(&mut self, claimers: &[Claimer], me: &str, now: Instant, forget_after: Duration) {
-        for c in claimers.iter().filter(|c| c.identity != me) {
-            self.seen.insert(c.identity.clone(), (c.clone(), now));
-        }
-        self.seen.retain(|_, (_, at)| now.saturating_duration_since(*at) <= forget_after);
+    /// Nothing seen yet, at `now`.
+    pub fn new(now: Instant) -> Self {
+        HandlerOffers { seen: Default::default(), began: now }
     }
 
-    /// How long ago another member that serves `queue` and has `handler` was last seen (zero: one is live now);
-    /// `None`: none within the grace.
-    pub fn offered_ago(&self, queue: &str, handler: &str, now: Instant) -> Option<Duration> {
-        let offers = |c: &Claimer| c.serves(queue) && c.runs(Some(handler));
-        self.seen.values().filter(|(c, _)| offers(c)).map(|(_, at)| now.saturating_duration_since(*at)).min()
+    /// The `live` member Leases (of every scope) of a pass at `now`, this replica's own (`mine`, by name) aside;
+    /// those not seen for `forget_after` (the grace: what they offered no longer keeps a job waiting) are forgotten.
+    pub fn saw(&mut self, live: &[Arc<Lease>], mine: &str, now: Instant, forget_after: Duration) {
+        for l in live.iter().filter(|l| runs_jobs(l) && l.name_any() != mine) {
+            if let (Some(claimer), Some(scope)) = (Claimer::of(l), scope_of(l)) {
+                self.seen.insert(l.name_any(), (claimer, scope.to_string(), now));
+            }
+        }
+        self.seen.retain(|_, (_, _, at)| now.saturating_duration_since(*at) <= forget_after);
+    }
+
+    /// How long ago another member that sees `namespace`, serves `queue` and has `handler` was last seen (zero: one
+    /// is live now), and at most since this replica began to look: a replica that starts while the ones that have
+    /// the handler are away (a rollout's gap) does not take them for gone.
+    pub fn offered_ago(&self, namespace: &str, queue: &str, handler: &str, now: Instant) -> Duration {
+        let offers = |(c, scope, _): &&(Claimer, String, Instant)| {
+            scope_covers(scope, namespace) && c.serves(queue) && c.runs(Some(handler))
+        };
+        let looking = now.saturating_duration_since(self.began);
+        let seen = self.seen.values().filter(offers).map(|(_, _, at)| now.saturating_duration_since(*at)).min();
+        seen.map_or(looking, |ago| ago.min(looking))
     }
 }
 
@@ -319,19 +369,96 @@ impl HandlerOffers {
 /// counts as having as many free as this one). One that serves only some of them may own and take some of the jobs,
 /// but is not counted on for the others; nor is one that serves more: it may spend its room on another queue's head,
 /// and the jobs of this window left to it would wait for a slot while later ones of theirs start here (review: a
-/// whole run time late). One whose watches lag is not counted on at all. The window of the queue's
+/// whole run time late). Likewise one whose handlers differ from this replica's (as far as it says): jobs of a
+/// handler it lacks would be left to it in the window. One whose watches lag is not counted on at all. The window of the queue's
 /// head the replicas share ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it
 /// is then taken by a replica that has some, once its owner's turn is over, not passed over for a later job.
 pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, queues: &[String], free: usize) -> usize {
     let mine: std::collections::BTreeSet<&String> = queues.iter().collect();
     let same_queues = |c: &Claimer| c.queues.iter().collect::<std::collections::BTreeSet<_>>() == mine;
+    let my_handlers = claimers.iter().find(|c| c.identity == me).and_then(|c| c.handlers.as_ref());
+    let same_handlers = |c: &Claimer| match (&c.handlers, my_handlers) {
+        (Some(theirs), Some(mine)) => theirs == mine,
+        _ => true,
+    };
     let of = |c: &Claimer| match c.slots {
         _ if c.identity == me => free,
-        _ if !same_queues(c) || c.lags => 0,
+        _ if !same_queues(c) || !same_handlers(c) || c.lags => 0,
         Some(slots) => (slots as usize).saturating_sub(running(&c.identity)),
         None => free,
     };
     claimers.iter().map(of).sum()
+}
+
+/// How many of its own lease durations a member Lease of this replica's scope goes unrenewed, as seen here, before
+/// this replica deletes it: its replica is gone (a Pod that died without a graceful stop leaves its Lease behind, and
+/// a Deployment names every Pod anew, so the lease namespace would fill with them), and nothing it held has been
+/// vouched for since its first lease duration. 20: five minutes with the default 15 s. A replica paused longer that
+/// resumes finds its Lease gone, and takes a new tenure as after a deletion by hand.
+pub const DEPARTED_AFTER_LEASE_DURATIONS: u32 = 20;
+
+/// The member Leases of `scope` among `leases`, `mine` aside, that `observer` has seen unchanged for
+/// [`DEPARTED_AFTER_LEASE_DURATIONS`] of the longer of their own lease duration and `duration` (replicas of one
+/// scope may run with different timings during a rolling change of them).
+pub fn departed(
+    leases: &[Arc<Lease>],
+    scope: &str,
+    mine: &str,
+    observer: &mut Observer,
+    now: Instant,
+    duration: Duration,
+) -> Vec<Arc<Lease>> {
+    let mut out = Vec::new();
+    for l in leases {
+        let name = l.name_any();
+        let unchanged = observer.observe(&name, l.resource_version().as_deref(), now);
+        let own = l.spec.as_ref().and_then(|s| s.lease_duration_seconds).map(|s| Duration::from_secs(s.max(0) as u64));
+        let after = own.unwrap_or_default().max(duration).saturating_mul(DEPARTED_AFTER_LEASE_DURATIONS);
+        if name != mine && l.labels().get(MEMBER_LABEL).map(String::as_str) == Some(scope) && unchanged >= after {
+            out.push(l.clone());
+        }
+    }
+    let names: std::collections::HashSet<String> = leases.iter().map(|l| l.name_any()).collect();
+    observer.retain(|k| names.contains(k));
+    out
+}
+
+/// Delete, every lease duration, the member Leases of this replica's scope whose replicas are gone ([`departed`]):
+/// each by the live member that owns its name ([`owner`]), as seen (a renewal meanwhile keeps it).
+pub async fn forget_departed(
+    client: Client,
+    namespace: String,
+    scope: String,
+    identity: String,
+    timing: LeaseTiming,
+    members: Store<Lease>,
+    stop: CancellationToken,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let mine = member_lease_name(&identity, &scope);
+    let (mut seen, mut live_seen) = (Observer::default(), Observer::default());
+    let mut every = tokio::time::interval(timing.duration);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let now = Instant::now();
+        let live = live_where(&members, &scope, &mut live_seen, now, &timing, &identity, |_| true);
+        for l in departed(&members.state(), &scope, &mine, &mut seen, now, timing.duration) {
+            let name = l.name_any();
+            if owner(&live, &name) != Some(identity.as_str()) {
+                continue;
+            }
+            match crate::client::bounded(timing.renew_deadline, lease::release_if_current(&api, &l)).await {
+                Ok(true) => info!(lease = %name, holder = lease::holder(&l).unwrap_or_default(),
+                    "deleted the member Lease of a replica gone for {DEPARTED_AFTER_LEASE_DURATIONS} lease durations"),
+                Ok(false) => {}
+                Err(e) => warn!(lease = %name, error = %e, "could not delete the member Lease of a gone replica"),
+            }
+        }
+    }
 }
 
 /// How far behind this replica's member watch runs, timed by its own renewals: each renewal's resourceVersion from
@@ -565,6 +692,10 @@ mod tests {
     }
 
     fn with_handlers(holder: &str, queues: &[&str], handlers: Option<&[&str]>) -> Arc<Lease> {
+        in_scope(holder, "s", queues, handlers)
+    }
+
+    fn in_scope(holder: &str, scope: &str, queues: &[&str], handlers: Option<&[&str]>) -> Arc<Lease> {
         let roles = Roles {
             recurring: true,
             jobs: true,
@@ -577,7 +708,12 @@ mod tests {
             annotations.remove(HANDLERS_ANNOTATION);
         }
         Arc::new(Lease {
-            metadata: kube::api::ObjectMeta { annotations: Some(annotations), ..Default::default() },
+            metadata: kube::api::ObjectMeta {
+                name: Some(member_lease_name(holder, scope)),
+                annotations: Some(annotations),
+                labels: Some([(MEMBER_LABEL.to_string(), scope.to_string())].into()),
+                ..Default::default()
+            },
             spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
                 holder_identity: Some(holder.to_string()),
                 ..Default::default()
@@ -585,7 +721,49 @@ mod tests {
         })
     }
 
-    /// A job left to a replica that lacks its handler would wait out that replica's turn at the head for nothing.
+    /// A member Lease is deleted as its replica's departed only once unchanged for 20 of the longer of its own lease
+    /// duration and this replica's: never this replica's own, nor another scope's (another deployment, whose timing
+    /// this one does not know).
+    #[test]
+    fn a_member_lease_unrenewed_for_twenty_lease_durations_of_its_own_scope_is_departed() {
+        let member = |name: &str, scope: &str, version: &str, duration: Option<i32>| {
+            Arc::new(Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.to_string()),
+                    resource_version: Some(version.to_string()),
+                    labels: Some([(MEMBER_LABEL.to_string(), scope.to_string())].into()),
+                    ..Default::default()
+                },
+                spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(name.to_string()),
+                    lease_duration_seconds: duration,
+                    ..Default::default()
+                }),
+            })
+        };
+        let t0 = Instant::now();
+        let mut observer = Observer::default();
+        let d = Duration::from_secs(3);
+        let leases = |renewed: &str| {
+            vec![
+                member("mine", "s", "1", Some(3)),
+                member("other-scope", "t", "2", Some(3)),
+                member("gone", "s", "3", Some(3)),
+                member("slow", "s", "4", Some(15)),
+                member("renewing", "s", renewed, Some(3)),
+            ]
+        };
+        let names = |v: Vec<Arc<Lease>>| v.iter().map(|l| l.name_any()).collect::<Vec<_>>();
+        assert!(departed(&leases("5"), "s", "mine", &mut observer, t0, d).is_empty());
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(departed(&leases("6"), "s", "mine", &mut observer, at(59), d).is_empty());
+        assert_eq!(names(departed(&leases("7"), "s", "mine", &mut observer, at(60), d)), ["gone"]);
+        // Its own lease duration is 15 s: 300 s.
+        assert_eq!(names(departed(&leases("8"), "s", "mine", &mut observer, at(300), d)), ["gone", "slow"]);
+    }
+
+    /// A job left to a replica that lacks its handler would wait out that replica's turn at the head for nothing; a
+    /// job nobody can run (to be failed) is shared among them all, not raced for by every one.
     #[test]
     fn only_members_that_have_a_jobs_handler_own_it_and_an_older_one_counts_as_having_every_one() {
         let live = [
@@ -593,43 +771,72 @@ mod tests {
             with_handlers("stock", &[], Some(&["noop"])),
             with_handlers("older", &[], None),
         ];
-        let claimers = claimers(&live, "me", false);
+        let mine = Some(Arc::new(["noop".to_string()].into()));
+        let claimers = claimers(&live, "me", false, mine);
         let mail = claimers.iter().find(|c| c.identity == "mail").unwrap();
         assert!(mail.runs(Some("SendEmail")) && mail.runs(Some("odd,name")) && !mail.runs(Some("odd")));
         assert!(mail.runs(None), "a Pod or HTTP job runs anywhere");
-        assert_eq!(&*owners_of(&claimers, |_| 0, "q", Some("SendEmail")), ["mail", "me", "older"]);
+        assert_eq!(&*owners_of(&claimers, |_| 0, "q", Some("SendEmail")), ["mail", "older"]);
         assert_eq!(&*owners_of(&claimers, |_| 0, "q", Some("noop")), ["me", "older", "stock"]);
         assert_eq!(&*owners_of(&claimers, |_| 0, "q", None), ["mail", "me", "older", "stock"]);
+        let newer: Vec<Claimer> = claimers.into_iter().filter(|c| c.identity != "older").collect();
+        assert_eq!(&*owners_of(&newer, |_| 0, "q", Some("typo")), ["mail", "me", "stock"], "nobody has it");
     }
 
-    /// A job whose handler this replica lacks waits while another member that serves its queue has the handler, and
-    /// for the grace after the last such member was seen: not after this replica's own handlers, nor after a
-    /// member's that serves other queues.
+    /// The room of a replica whose handlers differ is not counted on for this replica's window: the jobs of a
+    /// handler it lacks would be left to it there, and later jobs start before them.
     #[test]
-    fn a_handler_counts_as_offered_while_a_member_that_serves_the_queue_has_it_and_is_forgotten_after_the_grace() {
+    fn the_room_of_a_member_with_other_handlers_is_not_counted_on() {
+        let live = [
+            with_handlers("twin", &[], Some(&["noop", "record"])),
+            with_handlers("stock", &[], Some(&["noop"])),
+            with_handlers("older", &[], None),
+        ];
+        let mine = Some(Arc::new(["noop".to_string(), "record".to_string()].into()));
+        let claimers = claimers(&live, "me", false, mine);
+        // me 1 (its free slot), twin 4, older 4 (it does not say which handlers it has); not stock.
+        assert_eq!(room(&claimers, |_| 0, "me", &[], 1), 9);
+    }
+
+    /// A job whose handler this replica lacks waits while another member that sees its namespace and serves its
+    /// queue has the handler (of this replica's scope or another), and for the grace after the last such member was
+    /// seen, or after this replica began to look: not after this replica's own handlers, nor after a member's that
+    /// serves other queues or watches another namespace.
+    #[test]
+    fn a_handler_counts_as_offered_while_a_member_that_serves_the_job_has_it_and_is_forgotten_after_the_grace() {
         let t0 = Instant::now();
         let grace = Duration::from_secs(300);
-        let mut offers = HandlerOffers::default();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut offers = HandlerOffers::new(t0);
         let everyone = [
             with_handlers("mail", &["mail"], Some(&["SendEmail"])),
             with_handlers("me", &[], Some(&["Report"])),
             with_handlers("stock", &[], Some(&["noop"])),
+            in_scope("ns-x", "x", &[], Some(&["Billing"])),
+            in_scope("cluster", ALL_NAMESPACES, &[], Some(&["Audit"])),
         ];
-        offers.saw(&claimers(&everyone, "me", false), "me", t0, grace);
-        assert_eq!(offers.offered_ago("mail", "SendEmail", t0), Some(Duration::ZERO));
-        assert_eq!(offers.offered_ago("other", "SendEmail", t0), None, "mail serves another queue");
-        assert_eq!(offers.offered_ago("mail", "Report", t0), None, "this replica's own handlers do not count");
+        let mine = member_lease_name("me", "s");
+        // Just begun to look: nothing seen gone yet.
+        offers.saw(&everyone[1..3], &mine, t0, grace);
+        assert_eq!(offers.offered_ago("s", "mail", "SendEmail", at(10)), Duration::from_secs(10));
+        let later = at(400);
+        offers.saw(&everyone, &mine, later, grace);
+        assert_eq!(offers.offered_ago("s", "mail", "SendEmail", later), Duration::ZERO);
+        assert_eq!(offers.offered_ago("s", "other", "SendEmail", later), Duration::from_secs(400), "another queue");
+        assert_eq!(offers.offered_ago("s", "mail", "Report", later), Duration::from_secs(400), "its own");
+        assert_eq!(offers.offered_ago("x", "q", "Billing", later), Duration::ZERO, "another scope that sees x");
+        assert_eq!(offers.offered_ago("s", "q", "Billing", later), Duration::from_secs(400), "does not see s");
+        assert_eq!(offers.offered_ago("s", "q", "Audit", later), Duration::ZERO, "sees every namespace");
         // mail went (its Lease expired): still offered as of when it was last seen, for the grace.
-        let later = t0 + Duration::from_secs(100);
-        offers.saw(&claimers(&everyone[1..], "me", false), "me", later, grace);
-        assert_eq!(offers.offered_ago("mail", "SendEmail", later), Some(Duration::from_secs(100)));
+        offers.saw(&everyone[1..], &mine, at(500), grace);
+        assert_eq!(offers.offered_ago("s", "mail", "SendEmail", at(500)), Duration::from_secs(100));
         // Seen again (it restarted): offered now.
-        offers.saw(&claimers(&everyone, "me", false), "me", later, grace);
-        assert_eq!(offers.offered_ago("mail", "SendEmail", later), Some(Duration::ZERO));
-        let gone = later + grace + Duration::from_secs(1);
-        offers.saw(&claimers(&everyone[1..], "me", false), "me", gone, grace);
-        assert_eq!(offers.offered_ago("mail", "SendEmail", gone), None, "forgotten a grace after it was last seen");
-        assert_eq!(offers.offered_ago("mail", "noop", gone), Some(Duration::ZERO));
+        offers.saw(&everyone, &mine, at(500), grace);
+        assert_eq!(offers.offered_ago("s", "mail", "SendEmail", at(500)), Duration::ZERO);
+        let gone = at(801);
+        offers.saw(&everyone[1..], &mine, gone, grace);
+        assert_eq!(offers.offered_ago("s", "mail", "SendEmail", gone), Duration::from_secs(801), "forgotten");
+        assert_eq!(offers.offered_ago("s", "mail", "noop", gone), Duration::ZERO);
     }
 
     #[test]
@@ -684,7 +891,7 @@ mod tests {
             older,
             member("me", 1, &["a"]),
         ];
-        let claimers = claimers(&live, "me", false);
+        let claimers = claimers(&live, "me", false, None);
         assert_eq!(
             claimers.iter().map(|c| c.identity.as_str()).collect::<Vec<_>>(),
             ["busy", "full", "me", "old", "only-b"]
@@ -703,7 +910,7 @@ mod tests {
         assert_eq!(room(&claimers, running, "me", &["a".to_string()], 3), 3);
         // Serving every queue as they do: busy 1, full 0, me 3, old 3 (as many as this one); not only-b.
         assert_eq!(room(&claimers, running, "me", &[], 3), 7);
-        let also_a = super::claimers(&[member("also-a", 3, &["a"]), member("me", 1, &["a"])], "me", false);
+        let also_a = super::claimers(&[member("also-a", 3, &["a"]), member("me", 1, &["a"])], "me", false, None);
         assert_eq!(room(&also_a, |_| 1, "me", &["a".to_string()], 3), 5, "the same queues: me 3, also-a 3 - 1");
         // A claim's Lease and its Running status count once; a Lease shown before the status counts already.
         let held = attempts_by_replica([("busy", "j1"), ("full", "j2")], [("busy", "j1"), ("full", "j3")]);
@@ -792,12 +999,12 @@ mod tests {
             })
         };
         let live = [member("lagging", Some("true")), member("caught-up", Some("false")), member("older", None)];
-        let claimers = claimers(&live, "me", false);
+        let claimers = claimers(&live, "me", false, None);
         assert_eq!(&*owners_of(&claimers, |_| 0, "q", None), ["caught-up", "me", "older"]);
         // caught-up 4, older 4, me 2; lagging none.
         assert_eq!(room(&claimers, |_| 0, "me", &[], 2), 10);
         // A replica that lags itself takes no other's word for it: all of them lagging, each would take the head.
-        let claimers = crate::members::claimers(&live, "me", true);
+        let claimers = crate::members::claimers(&live, "me", true, None);
         assert_eq!(&*owners_of(&claimers, |_| 0, "q", None), ["caught-up", "lagging", "me", "older"]);
         assert_eq!(room(&claimers, |_| 0, "me", &[], 2), 14);
     }

@@ -135,6 +135,15 @@ pub async fn run(mut config: OperatorConfig, registry: Registry) -> Result<()> {
         membership_tx,
         stop_background.clone(),
     ));
+    tokio::spawn(crate::members::forget_departed(
+        client.clone(),
+        config.lease_namespace.clone(),
+        crate::members::scope(config.namespace.as_deref()),
+        identity.clone(),
+        timing,
+        view.members.clone(),
+        stop_background.clone(),
+    ));
     // Ready once it holds its member Lease, not before: a replica that cannot take one (a lease namespace it may not
     // write, a quota of Leases used up) claims nothing, and a rollout must not go on past it. Once ready, it stays so
     // through a lapse: an apiserver outage ends every replica's tenure at once, and the reports Service must keep

@@ -173,6 +173,30 @@ async fn a_large_cluster_cap_behind_a_slow_apiserver_is_made_step_by_step_and_jo
     assert_eq!(record.annotations().get(bgjobs::wire::SLOTS_MADE).map(String::as_str), Some("600"));
 }
 
+/// A replica killed without a graceful stop leaves its member Lease behind; a live replica of its scope deletes it
+/// once it went unrenewed for 20 lease durations (60 s with the tests' 3 s), and keeps its own. Before, such Leases
+/// stayed for good: a Deployment names every Pod anew, so each crash left one more in the lease namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_lease_left_by_a_replica_that_died_is_deleted_once_it_went_unrenewed_for_long() {
+    let env = TestEnv::new("departed").await;
+    let live = env.replica("live", &[]);
+    let mut dead = env.replica("dead", &[]);
+    env.wait_joined(&live, "default").await;
+    env.wait_joined(&dead, "default").await;
+    dead.kill9();
+    let killed = std::time::Instant::now();
+    let members: Api<Lease> = Api::namespaced(env.client.clone(), "default");
+    let (dead_lease, live_lease) =
+        (bgjobs::wire::member_lease_name("dead", &env.ns), bgjobs::wire::member_lease_name("live", &env.ns));
+    while members.get_opt(&dead_lease).await.unwrap().is_some() {
+        assert!(killed.elapsed() < 3 * MINUTE, "never deleted:\n{}", live.log_text());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(killed.elapsed() >= Duration::from_secs(55), "deleted {:?} after the kill", killed.elapsed());
+    assert!(members.get_opt(&live_lease).await.unwrap().is_some(), "the live replica's own Lease is kept");
+    assert!(live.log_text().contains("deleted the member Lease of a replica gone"), "{}", live.log_text());
+}
+
 /// A replica that cannot take its member Lease (its create refused, as for a lease namespace it may not write or a
 /// quota of Leases used up) claims nothing and says it is not ready, so a rollout does not go on past it; once it
 /// holds the Lease it is ready and runs jobs. Before, it was ready as soon as its caches had synced, and stayed so

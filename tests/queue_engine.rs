@@ -996,6 +996,31 @@ async fn a_job_whose_handler_only_a_busy_replica_has_waits_for_it_past_the_grace
     assert!(after_kill >= 2.0, "failed {after_kill:.1} s after the worker was killed, within the grace");
 }
 
+/// A replica that starts while the only replica with a job's handler is away (a rollout's gap: the old one stopped,
+/// its replacement not up yet) leaves the job for its grace from its own start: it saw nobody go. Before, it knew
+/// of no replica with the handler, the job's own grace was long over, and it failed the job at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_starts_while_the_replicas_with_a_jobs_handler_are_away_leaves_the_job_to_them() {
+    let env = TestEnv::new("handler-gap").await;
+    let options = common::ReplicaOptions { test_worker: true, ..Default::default() };
+    let mut worker =
+        env.replica_with("worker", &["--max-concurrent-jobs-per-instance", "1", "--shutdown-grace", "1s"], &options);
+    env.create("long", json!({"jobName": "record", "args": {"ms": 60_000}})).await;
+    env.wait_job("long", MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    env.create("next", json!({"jobName": "record", "args": {"ms": 10}})).await;
+    // Longer than the stock replica's grace, waiting behind the busy worker.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(worker.terminate(MINUTE), "the worker stops");
+    let _stock = env.replica("stock", &["--unknown-handler-grace", "10s"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two slots: the long job, handed back by the worker's shutdown, runs again on it too.
+    let _worker2 = env.replica_with("worker-2", &["--max-concurrent-jobs-per-instance", "2"], &options);
+    let done = env.wait_job("next", MINUTE, "finished", |j| j.phase().is_final()).await;
+    let why = done.status.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+    assert_eq!(done.phase(), Phase::Succeeded, "{why}");
+    assert_eq!(done.status.as_ref().and_then(|s| s.worker.as_deref()), Some("worker-2"));
+}
+
 /// A job cancelled while its replica shuts down (its attempt let finish in the shutdown grace) is stopped at once and
 /// recorded `Cancelled`, and the replica then exits. Before, the replica acted on nothing in the grace: the work ran
 /// on until the grace was over, was interrupted by the shutdown and charged, and only then recorded cancelled.

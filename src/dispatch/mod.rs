@@ -237,6 +237,8 @@ pub struct Dispatcher {
     head_clocks: ordering::HeadClocks,
     /// Who offered the handlers this replica lacks, lately.
     handler_offers: crate::members::HandlerOffers,
+    /// The in-process handlers this replica has.
+    my_handlers: Arc<std::collections::BTreeSet<String>>,
     /// The [`Backlog::depth_version`] `bgjobs_queue_depth` shows.
     depth_shown: Option<u64>,
     health: Arc<Health>,
@@ -306,6 +308,7 @@ impl Dispatcher {
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let tenures = Tenures::new(&config.lease_namespace);
+        let my_handlers = Arc::new(worker.registry.names().map(str::to_string).collect());
         let mut backlog = Backlog::default();
         // The caches are synced: start from a full look, then follow the changes.
         Changes::take(&view.changes);
@@ -327,7 +330,8 @@ impl Dispatcher {
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
             member_observer: Observer::default(),
-            handler_offers: Default::default(),
+            handler_offers: crate::members::HandlerOffers::new(Instant::now()),
+            my_handlers,
             unseen_observer: Observer::default(),
             gone_observer: Observer::default(),
             next_gone_look: Instant::now(),
@@ -535,12 +539,16 @@ impl Dispatcher {
         let timing = self.worker.timing;
         self.tenures.update(&self.view.members.state(), inst);
         let scope = crate::members::scope(self.config.namespace.as_deref());
-        let live = crate::members::live_leases(&self.view.members, &scope, &mut self.member_observer, inst, &timing);
+        let every_scope =
+            crate::members::live_in_every_scope(&self.view.members, &mut self.member_observer, inst, &timing);
+        let live: Vec<Arc<Lease>> =
+            every_scope.iter().filter(|l| crate::members::scope_of(l) == Some(scope.as_str())).cloned().collect();
         let members = crate::members::identities(&live, &me, |_| true);
         let me_lags = self.membership.borrow().as_deref().is_some_and(|k| crate::members::says_it_lags(&k.lease()));
         self.worker.metrics.watch_lagging.set(i64::from(me_lags));
-        let claimers = crate::members::claimers(&live, &me, me_lags);
-        self.handler_offers.saw(&claimers, &me, inst, self.config.unknown_handler_grace.0);
+        let claimers = crate::members::claimers(&live, &me, me_lags, Some(self.my_handlers.clone()));
+        let mine = crate::members::member_lease_name(&me, &scope);
+        self.handler_offers.saw(&every_scope, &mine, inst, self.config.unknown_handler_grace.0);
         let slot_leases: Vec<Arc<Lease>> = self.view.slots.as_ref().map(|s| s.state()).unwrap_or_default();
         let adoption_slots = limits::held_for_adoption(&slot_leases, |uid| self.backlog.job(uid).map(|j| j.as_ref()));
         for slot in &slot_leases {
@@ -748,7 +756,12 @@ impl Dispatcher {
                 .filter(|h| self.leader.is_none() && !self.worker.registry.handles(h))
                 .map(|h| triage::MissingHandler {
                     grace: self.config.unknown_handler_grace.0,
-                    offered_ago: self.handler_offers.offered_ago(&job.spec.queue, h, inst),
+                    offered_ago: self.handler_offers.offered_ago(
+                        job.metadata.namespace.as_deref().unwrap_or_default(),
+                        &job.spec.queue,
+                        h,
+                        inst,
+                    ),
                 }),
             now,
         };

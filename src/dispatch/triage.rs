@@ -48,8 +48,9 @@ pub struct Facts<'a> {
 pub struct MissingHandler {
     /// `--unknown-handler-grace`.
     pub grace: Duration,
-    /// How long ago a member that serves its queue and has its handler was last seen; zero: one is live now.
-    pub offered_ago: Option<Duration>,
+    /// How long ago a member that sees its namespace, serves its queue and has its handler was last seen (zero: one
+    /// is live now), at most since this replica began to look ([`crate::members::HandlerOffers::offered_ago`]).
+    pub offered_ago: Duration,
 }
 
 /// What this replica knows about a job's concurrency key.
@@ -206,7 +207,7 @@ pub fn triage(f: &Facts<'_>, timing: &LeaseTiming) -> Decision {
             let since = ordering::not_before(job).map_or(created, |t| t.max(created));
             until(since.checked_add(grace).unwrap_or(Timestamp::MAX), f.now)
         };
-        let left_after_offered = offered_ago.map_or(Duration::ZERO, |ago| grace.saturating_sub(ago));
+        let left_after_offered = grace.saturating_sub(offered_ago);
         let left = left_after_it_may_run.max(left_after_offered);
         if !left.is_zero() {
             return Decision::Leave { recheck: earliest(recheck, Some(left)) };
@@ -659,7 +660,7 @@ mod tests {
     /// claimed (and failed by its attempt, naming the handlers there are).
     #[test]
     fn a_job_whose_handler_this_replica_lacks_is_left_for_the_grace_then_claimed() {
-        let grace = Some(MissingHandler { grace: Duration::from_secs(300), offered_ago: None });
+        let grace = Some(MissingHandler { grace: Duration::from_secs(300), offered_ago: Duration::MAX });
         let j = job(serde_json::json!({}), Phase::Waiting, 0);
         let mut f = facts(&j, None, 0, 100);
         f.missing_handler = grace;
@@ -691,9 +692,8 @@ mod tests {
     fn a_job_whose_handler_another_member_offers_is_left_for_it_and_failed_only_a_grace_after_the_last_went() {
         let j = job(serde_json::json!({}), Phase::Waiting, 0);
         let mut f = facts(&j, None, 0, 5000);
-        let offered = |ago: u64| {
-            Some(MissingHandler { grace: Duration::from_secs(300), offered_ago: Some(Duration::from_secs(ago)) })
-        };
+        let offered =
+            |ago: u64| Some(MissingHandler { grace: Duration::from_secs(300), offered_ago: Duration::from_secs(ago) });
         f.missing_handler = offered(0);
         match triage(&f, &T) {
             Decision::Leave { recheck } => assert_eq!(recheck, Some(Duration::from_secs(300)), "offered now"),
