@@ -153,8 +153,8 @@ pub enum ClaimOutcome {
     Claimed(Box<Claimed>),
     /// Another replica got there first: what it had done first is the reason.
     Lost(LostAt),
-    /// Another replica took an extra Lease first (a cluster slot, the concurrency key): the job itself was not
-    /// touched and may be claimed again at once.
+    /// Another replica took a cluster slot first (or this replica has no tenure yet): the job itself was not touched
+    /// and may be claimed again at once (a concurrency key's Lease: [`LostAt::KeyLease`]).
     Busy,
     /// The job is too large for etcd to store the claim's status beside its spec (see [`too_large`]). `Some`: it
     /// was failed instead, for this reason; `None`: not even that fits, and the job was left as it was.
@@ -191,6 +191,36 @@ pub enum LostAt {
     /// this one, whose Pod `pod` may still run: that job was deleted (or is not in this replica's cache), and its
     /// holder is gone. Look again at `until` (a slot: try the others meanwhile).
     GoneJobsPod { pod: String, lease: String, slot: bool, until: std::time::Instant },
+    /// The concurrency key's Lease was there, or taken, before this claim's write: the key's turn is another job's
+    /// (the caches show it soon), so the job waits a moment instead of being claimed again at once.
+    KeyLease,
+    /// A Lease this claim needs (`lease`: a cluster slot when `slot`, else the job's claim or its concurrency key)
+    /// exists under the name bgjobs gives it but is not one this replica's caches show ([`unseen_by_caches`]: made
+    /// by hand or by something else, or its labels edited): judged absent, it would be tried again at every pass.
+    /// Left until `until`, and said on the job.
+    Foreign { namespace: String, lease: String, slot: bool, until: std::time::Instant },
+}
+
+/// How long a claim that met a Lease its replica's caches do not show ([`LostAt::Foreign`]) waits before it tries
+/// again (a slot: the others are tried meanwhile).
+pub const FOREIGN_LEASE_LOOK: Duration = Duration::from_secs(30);
+
+/// Whether this replica's caches never show `lease`: the job namespaces' Leases are watched by bgjobs' own
+/// `app.kubernetes.io/managed-by` label, the cluster slots by their slot label.
+pub fn unseen_by_caches(lease: &Lease, slot: bool) -> bool {
+    let labels = lease.labels();
+    if slot {
+        !labels.contains_key(crate::limits::SLOT_LABEL)
+    } else {
+        labels.get(lease::MANAGED_BY_LABEL).map(String::as_str) != Some(lease::MANAGED_BY)
+    }
+}
+
+/// The [`LostAt::Foreign`] of a Lease a create met, if the caches do not show it.
+fn foreign(existing: Option<&Lease>, slot: bool) -> Option<LostAt> {
+    let existing = existing.filter(|l| unseen_by_caches(l, slot))?;
+    let (namespace, lease) = (existing.namespace().unwrap_or_default(), existing.name_any());
+    Some(LostAt::Foreign { namespace, lease, slot, until: std::time::Instant::now() + FOREIGN_LEASE_LOOK })
 }
 
 /// A member Lease as read, compared by UID and resourceVersion.
@@ -233,6 +263,8 @@ impl std::fmt::Display for LostAt {
             LostAt::PodToCome { .. } => "a create of the attempt's Pod may still land",
             LostAt::NoTenure => "this replica's tenure is not current",
             LostAt::GoneJobsPod { .. } => "a Lease it needed names another job whose Pod may still run",
+            LostAt::KeyLease => "the concurrency key's Lease is held",
+            LostAt::Foreign { .. } => "a Lease it needed exists but is not one bgjobs' caches show",
         })
     }
 }
@@ -273,11 +305,18 @@ pub async fn claim(
             None => lease::create(&api, &extra.name, &c, timing).await,
             Some(seen) => lease::take_over(&api, seen, &c, timing).await,
         };
+        let slot = extra.label == crate::limits::SLOT_LABEL;
         match acquired {
             Ok(Acquire::Acquired(l)) => held.push((api, l)),
             other => {
                 release_all(&held, adopts(job)).await;
-                return other.map(|_| ClaimOutcome::Busy);
+                return other.map(|lost| match lost {
+                    Acquire::Lost(existing) if let Some(at) = foreign(existing.as_ref(), slot) => {
+                        ClaimOutcome::Lost(at)
+                    }
+                    _ if !slot => ClaimOutcome::Lost(LostAt::KeyLease),
+                    _ => ClaimOutcome::Busy,
+                });
             }
         }
     }
@@ -534,29 +573,31 @@ async fn acquire(
     state: LeaseState,
     claim: &Claim,
     timing: &LeaseTiming,
-) -> Result<Option<Held>> {
+) -> Result<std::result::Result<Held, LostAt>> {
     let name = lease_name(job);
     let take_over = |seen: Lease| async move {
         if names_another_job(&seen, job) && !still_the_job_of_its_name(jobs, job, timing).await? {
             tracing::debug!(job = %job.name_any(), "its claim Lease belongs to a job made under its name since: left to it");
-            return Ok(None);
+            return Ok(Err(LostAt::ClaimLease));
         }
         Ok::<_, Error>(match lease::take_over(leases, &seen, claim, timing).await? {
-            Acquire::Acquired(h) => Some(h),
-            Acquire::Lost(_) => None,
+            Acquire::Acquired(h) => Ok(h),
+            Acquire::Lost(_) => Err(LostAt::ClaimLease),
         })
     };
     match (state, seen_lease) {
-        (LeaseState::Live, Some(_)) => Ok(None),
+        (LeaseState::Live, Some(_)) => Ok(Err(LostAt::ClaimLease)),
         (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
-            Acquire::Acquired(h) => Ok(Some(h)),
+            Acquire::Acquired(h) => Ok(Ok(h)),
+            // Not one the caches show: it would be judged absent, and tried again, at every pass.
+            Acquire::Lost(existing) if let Some(at) = foreign(existing.as_ref(), false) => Ok(Err(at)),
             // Someone created it between our look and our write; it may be a leftover we can reuse at once.
             Acquire::Lost(Some(existing))
                 if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
             {
                 take_over(existing).await
             }
-            Acquire::Lost(_) => Ok(None),
+            Acquire::Lost(_) => Ok(Err(LostAt::ClaimLease)),
         },
         (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => take_over(seen.clone()).await,
     }
@@ -622,8 +663,9 @@ async fn claim_job(
     let attempt = next_attempt(job);
     let name = lease_name(job);
     let uid = job.uid().unwrap_or_default();
-    let Some(acquired) = acquire(jobs, leases, job, seen_lease, state, claim, timing).await? else {
-        return Ok(ClaimOutcome::Lost(LostAt::ClaimLease));
+    let acquired = match acquire(jobs, leases, job, seen_lease, state, claim, timing).await? {
+        Ok(acquired) => acquired,
+        Err(lost) => return Ok(ClaimOutcome::Lost(lost)),
     };
 
     let lost_note = (job.phase() == Phase::Running).then(|| {
@@ -834,8 +876,9 @@ pub async fn settle(
     if let Some(lost) = end_tenures(client, claimant.ends, timing).await? {
         return Ok(Err(lost));
     }
-    let Some(held) = acquire(&jobs, &leases, job, seen_lease, state, &claim, timing).await? else {
-        return Ok(Err(LostAt::ClaimLease));
+    let held = match acquire(&jobs, &leases, job, seen_lease, state, &claim, timing).await? {
+        Ok(held) => held,
+        Err(lost) => return Ok(Err(lost)),
     };
     let mut ending = ending;
     // A Pod attempt ends only once its Pod has stopped, and no create of it can make it again: stop it first, while
@@ -915,6 +958,27 @@ async fn disown_quietly(leases: &Api<Lease>, lease: &Lease) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Lease the caches do not show is one a claim meets without ever seeing it: the job namespaces' Leases are
+    /// watched by bgjobs' managed-by label, the cluster slots by the slot label.
+    #[test]
+    fn a_lease_without_the_label_its_cache_watches_by_is_unseen_by_the_caches() {
+        let with = |labels: &[(&str, &str)]| Lease {
+            metadata: kube::api::ObjectMeta {
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+            spec: None,
+        };
+        let ours = with(&[(lease::MANAGED_BY_LABEL, lease::MANAGED_BY)]);
+        assert!(!unseen_by_caches(&ours, false));
+        assert!(unseen_by_caches(&with(&[]), false));
+        assert!(unseen_by_caches(&with(&[(lease::MANAGED_BY_LABEL, "someone-else")]), false));
+        assert!(unseen_by_caches(&ours, true), "a slot is watched by its slot label");
+        assert!(!unseen_by_caches(&with(&[(crate::limits::SLOT_LABEL, "true")]), true));
+        assert!(foreign(Some(&ours), false).is_none() && foreign(None, false).is_none());
+        assert!(matches!(foreign(Some(&with(&[])), false), Some(LostAt::Foreign { slot: false, .. })));
+    }
 
     /// How a scripted apiserver serves the member Lease `bgjobs-member-a` in namespace `theirs`.
     #[derive(Clone, Copy)]

@@ -61,7 +61,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 15] = [
+    const PROBLEMS: [&str; 16] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -77,6 +77,7 @@ mod tests {
         "ResultDropped",
         "Interrupted",
         "WaitingForPod",
+        "ForeignLease",
     ];
 
     #[test]

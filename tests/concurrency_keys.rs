@@ -120,3 +120,34 @@ async fn a_keyed_job_of_a_killed_replica_is_taken_over_and_its_key_stays_exclusi
     let first_retry = execs.iter().find(|e| e.job.ends_with("/first") && e.attempt == 2).unwrap();
     assert!(second.start >= first_retry.end.unwrap(), "the taken-over job kept its turn");
 }
+
+/// A Lease under the name of a concurrency key's Lease that bgjobs' caches do not show (made by hand, without the
+/// `app.kubernetes.io/managed-by=bgjobs` label): the keyed job waits, saying why in a `ForeignLease` Warning, and the
+/// replica's slot goes to the jobs behind it; once the Lease is deleted, the job runs. Before, the cache judged the
+/// key's Lease absent, every claim's create met it (409) and the job was claimed again at once, pass after pass:
+/// with it at the head, the replica's slot was spent on it for good and nothing behind it ever started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_made_by_hand_under_a_keys_name_holds_only_its_key_not_the_replica() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let env = TestEnv::new("foreign-key-lease").await;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(env.client.clone(), &env.ns);
+    let name = bgjobs::wire::key_lease_name("blocked");
+    let foreign =
+        Lease { metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() }, spec: None };
+    leases.create(&Default::default(), &foreign).await.unwrap();
+    env.create("keyed", json!({"jobName": "noop", "concurrencyKey": "blocked", "priority": "High"})).await;
+    for i in 0..10 {
+        env.create(&format!("after-{i}"), json!({"jobName": "noop"})).await;
+    }
+    let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "1"]);
+    env.wait_until(MINUTE, "the ten behind it Succeeded", |jobs| {
+        jobs.iter().filter(|j| j.name_any().starts_with("after-") && j.phase() == Phase::Succeeded).count() == 10
+    })
+    .await;
+    assert_eq!(env.jobs.get("keyed").await.unwrap().phase(), Phase::Waiting);
+    let why = env.warnings_on("keyed", "ForeignLease").await;
+    assert!(why.iter().any(|w| w.contains(&name) && w.contains("app.kubernetes.io/managed-by=bgjobs")), "{why:?}");
+    leases.delete(&name, &Default::default()).await.unwrap();
+    let done = env.wait_job("keyed", 2 * MINUTE, "finished", |j| j.phase().is_final()).await;
+    assert_eq!((done.phase(), done.attempts()), (Phase::Succeeded, 1), "{:?}", done.status);
+}

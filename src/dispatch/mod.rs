@@ -121,6 +121,14 @@ impl DoneOnDrop {
                 d.seen_at = None;
             }
             LostAt::GoneJobsPod { until, .. } => d.hold_until = Some(until),
+            // As for a gone job's Pod: a slot nobody may take is left out until then, the job tries another at once.
+            LostAt::Foreign { lease, slot: true, until, .. } => {
+                d.blocked_slot = Some((lease, until));
+                d.seen_at = None;
+            }
+            LostAt::Foreign { until, .. } => d.hold_until = Some(until),
+            // The key's turn is another job's: held while unchanged, as after any lost race.
+            LostAt::KeyLease => {}
             LostAt::ClaimLease
             | LostAt::JobChanged
             | LostAt::PodRunning
@@ -136,6 +144,22 @@ impl Drop for DoneOnDrop {
             let _ = self.tx.send(done);
         }
     }
+}
+
+/// What a claim that met a Lease the caches do not show says ([`LostAt::Foreign`]).
+fn foreign_lease_note(namespace: &str, lease: &str, slot: bool) -> String {
+    let what = if slot { "a cluster slot" } else { "this job's claim or concurrency key" };
+    let label = if slot {
+        crate::limits::SLOT_LABEL.to_string()
+    } else {
+        format!("{}={}", crate::lease::MANAGED_BY_LABEL, crate::lease::MANAGED_BY)
+    };
+    format!(
+        "Lease {namespace}/{lease} holds the name of {what} but lacks the label {label} bgjobs watches Leases by (made \
+         by hand or by something else, or its labels edited): bgjobs cannot tell who holds it, and tries again every \
+         {}s; delete it if nothing uses it",
+        claim::FOREIGN_LEASE_LOOK.as_secs()
+    )
 }
 
 /// What a claim held back by a gone job's Pod says ([`LostAt::GoneJobsPod`]).
@@ -1188,6 +1212,13 @@ impl Dispatcher {
                     }
                     done.lost(LostAt::GoneJobsPod { pod, lease, slot, until });
                 }
+                Ok(ClaimOutcome::Lost(LostAt::Foreign { namespace, lease, slot, until })) => {
+                    let note = foreign_lease_note(&namespace, &lease, slot);
+                    warn!(job = %job.name_any(), lease = %format!("{namespace}/{lease}"), "{note}");
+                    // Folded into one Event's series while the job waits.
+                    worker.event(&job, EventType::Warning, "ForeignLease", note);
+                    done.lost(LostAt::Foreign { namespace, lease, slot, until });
+                }
                 Ok(ClaimOutcome::Lost(at)) => {
                     worker.metrics.claim_conflicts.inc();
                     debug!(job = %job.name_any(), why = %at, "claim lost to another replica");
@@ -1195,7 +1226,7 @@ impl Dispatcher {
                 }
                 Ok(ClaimOutcome::Busy) => {
                     worker.metrics.claim_conflicts.inc();
-                    debug!(job = %job.name_any(), "a slot or key Lease was taken first; the job is still free");
+                    debug!(job = %job.name_any(), "a slot Lease was taken first; the job is still free");
                     // Nothing moved the job: it is not held back (with scarce slots, it is the head to go for).
                     if let Some(d) = done.done.as_mut() {
                         d.seen_at = None;
