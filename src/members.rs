@@ -391,15 +391,22 @@ pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, que
 }
 
 /// How many of its own lease durations a member Lease of this replica's scope goes unrenewed, as seen here, before
-/// this replica deletes it: its replica is gone (a Pod that died without a graceful stop leaves its Lease behind, and
-/// a Deployment names every Pod anew, so the lease namespace would fill with them), and nothing it held has been
-/// vouched for since its first lease duration. 20: five minutes with the default 15 s. A replica paused longer that
-/// resumes finds its Lease gone, and takes a new tenure as after a deletion by hand.
+/// this replica ends it: its replica is gone (a Pod that died without a graceful stop leaves its Lease behind, and
+/// a Deployment names every Pod anew, so the lease namespace would fill with them), and its holder stopped acting a
+/// renew deadline after its last renewal. 20: five minutes with the default 15 s. A Lease with a holder is revoked
+/// first ([`crate::lease::tenure::revoke`]): every observer then frees at once what its tenure still vouches for (a
+/// deleted one would be aged another lease duration); a Lease without one is deleted after
+/// [`DEPARTED_UNHELD_AFTER_LEASE_DURATIONS`]. A replica paused longer that resumes finds its tenure ended, and takes a
+/// new one as after a deletion by hand.
 pub const DEPARTED_AFTER_LEASE_DURATIONS: u32 = 20;
+/// How many lease durations a member Lease without a holder (revoked, or left by a graceful stop) goes unchanged
+/// before it is deleted.
+pub const DEPARTED_UNHELD_AFTER_LEASE_DURATIONS: u32 = 2;
 
 /// The member Leases of `scope` among `leases`, `mine` aside, that `observer` has seen unchanged for
-/// [`DEPARTED_AFTER_LEASE_DURATIONS`] of the longer of their own lease duration and `duration` (replicas of one
-/// scope may run with different timings during a rolling change of them).
+/// [`DEPARTED_AFTER_LEASE_DURATIONS`] (without a holder: [`DEPARTED_UNHELD_AFTER_LEASE_DURATIONS`]) of the longer of
+/// their own lease duration and `duration` (replicas of one scope may run with different timings during a rolling
+/// change of them).
 pub fn departed(
     leases: &[Arc<Lease>],
     scope: &str,
@@ -413,7 +420,11 @@ pub fn departed(
         let name = l.name_any();
         let unchanged = observer.observe(&name, l.resource_version().as_deref(), now);
         let own = l.spec.as_ref().and_then(|s| s.lease_duration_seconds).map(|s| Duration::from_secs(s.max(0) as u64));
-        let after = own.unwrap_or_default().max(duration).saturating_mul(DEPARTED_AFTER_LEASE_DURATIONS);
+        let times = match lease::holder(l) {
+            Some(_) => DEPARTED_AFTER_LEASE_DURATIONS,
+            None => DEPARTED_UNHELD_AFTER_LEASE_DURATIONS,
+        };
+        let after = own.unwrap_or_default().max(duration).saturating_mul(times);
         if name != mine && l.labels().get(MEMBER_LABEL).map(String::as_str) == Some(scope) && unchanged >= after {
             out.push(l.clone());
         }
@@ -423,8 +434,9 @@ pub fn departed(
     out
 }
 
-/// Delete, every lease duration, the member Leases of this replica's scope whose replicas are gone ([`departed`]):
-/// each by the live member that owns its name ([`owner`]), as seen (a renewal meanwhile keeps it).
+/// End, every lease duration, the member Leases of this replica's scope whose replicas are gone ([`departed`]): each
+/// by the live member that owns its name ([`owner`]), as seen (a renewal meanwhile keeps it): revoked while it has a
+/// holder, deleted once it has none.
 pub async fn forget_departed(
     client: Client,
     namespace: String,
@@ -451,11 +463,20 @@ pub async fn forget_departed(
             if owner(&live, &name) != Some(identity.as_str()) {
                 continue;
             }
-            match crate::client::bounded(timing.renew_deadline, lease::release_if_current(&api, &l)).await {
-                Ok(true) => info!(lease = %name, holder = lease::holder(&l).unwrap_or_default(),
-                    "deleted the member Lease of a replica gone for {DEPARTED_AFTER_LEASE_DURATIONS} lease durations"),
-                Ok(false) => {}
-                Err(e) => warn!(lease = %name, error = %e, "could not delete the member Lease of a gone replica"),
+            let Some(tenure) = lease::tenure::tenure_id(&l) else {
+                match crate::client::bounded(timing.renew_deadline, lease::release_if_current(&api, &l)).await {
+                    Ok(true) => info!(lease = %name, "deleted the member Lease of a replica gone"),
+                    Ok(false) => {}
+                    Err(e) => warn!(lease = %name, error = %e, "could not delete the member Lease of a gone replica"),
+                }
+                continue;
+            };
+            match crate::client::bounded(timing.renew_deadline, lease::tenure::revoke(&api, &l, &tenure)).await {
+                Ok(lease::tenure::Revocation::Ended) => info!(lease = %name, %tenure,
+                    "revoked the tenure of a replica gone for {DEPARTED_AFTER_LEASE_DURATIONS} lease durations; its \
+                     member Lease is deleted later"),
+                Ok(_) => {}
+                Err(e) => warn!(lease = %name, error = %e, "could not revoke the tenure of a gone replica"),
             }
         }
     }
@@ -721,12 +742,13 @@ mod tests {
         })
     }
 
-    /// A member Lease is deleted as its replica's departed only once unchanged for 20 of the longer of its own lease
-    /// duration and this replica's: never this replica's own, nor another scope's (another deployment, whose timing
-    /// this one does not know).
+    /// A member Lease is ended as its replica's departed only once unchanged for 20 of the longer of its own lease
+    /// duration and this replica's (2 once it has no holder: revoked, its tenure ended): never this replica's own, nor
+    /// another scope's (another deployment, whose timing this one does not know).
     #[test]
     fn a_member_lease_unrenewed_for_twenty_lease_durations_of_its_own_scope_is_departed() {
         let member = |name: &str, scope: &str, version: &str, duration: Option<i32>| {
+            let holder = (name != "revoked").then(|| name.to_string());
             Arc::new(Lease {
                 metadata: kube::api::ObjectMeta {
                     name: Some(name.to_string()),
@@ -735,7 +757,7 @@ mod tests {
                     ..Default::default()
                 },
                 spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
-                    holder_identity: Some(name.to_string()),
+                    holder_identity: holder,
                     lease_duration_seconds: duration,
                     ..Default::default()
                 }),
@@ -751,15 +773,18 @@ mod tests {
                 member("gone", "s", "3", Some(3)),
                 member("slow", "s", "4", Some(15)),
                 member("renewing", "s", renewed, Some(3)),
+                member("revoked", "s", "9", Some(3)),
             ]
         };
         let names = |v: Vec<Arc<Lease>>| v.iter().map(|l| l.name_any()).collect::<Vec<_>>();
         assert!(departed(&leases("5"), "s", "mine", &mut observer, t0, d).is_empty());
         let at = |s: u64| t0 + Duration::from_secs(s);
-        assert!(departed(&leases("6"), "s", "mine", &mut observer, at(59), d).is_empty());
-        assert_eq!(names(departed(&leases("7"), "s", "mine", &mut observer, at(60), d)), ["gone"]);
+        assert!(departed(&leases("6"), "s", "mine", &mut observer, at(5), d).is_empty());
+        assert_eq!(names(departed(&leases("6"), "s", "mine", &mut observer, at(6), d)), ["revoked"]);
+        assert_eq!(names(departed(&leases("6"), "s", "mine", &mut observer, at(59), d)), ["revoked"]);
+        assert_eq!(names(departed(&leases("7"), "s", "mine", &mut observer, at(60), d)), ["gone", "revoked"]);
         // Its own lease duration is 15 s: 300 s.
-        assert_eq!(names(departed(&leases("8"), "s", "mine", &mut observer, at(300), d)), ["gone", "slow"]);
+        assert_eq!(names(departed(&leases("8"), "s", "mine", &mut observer, at(300), d)), ["gone", "slow", "revoked"]);
     }
 
     /// A job left to a replica that lacks its handler would wait out that replica's turn at the head for nothing; a

@@ -173,8 +173,9 @@ async fn a_large_cluster_cap_behind_a_slow_apiserver_is_made_step_by_step_and_jo
     assert_eq!(record.annotations().get(bgjobs::wire::SLOTS_MADE).map(String::as_str), Some("600"));
 }
 
-/// A replica killed without a graceful stop leaves its member Lease behind; a live replica of its scope deletes it
-/// once it went unrenewed for 20 lease durations (60 s with the tests' 3 s), and keeps its own. Before, such Leases
+/// A replica killed without a graceful stop leaves its member Lease behind; a live replica of its scope revokes it
+/// once it went unrenewed for 20 lease durations (60 s with the tests' 3 s), deletes it two lease durations later,
+/// and keeps its own. Before, such Leases
 /// stayed for good: a Deployment names every Pod anew, so each crash left one more in the lease namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_lease_left_by_a_replica_that_died_is_deleted_once_it_went_unrenewed_for_long() {
@@ -194,6 +195,8 @@ async fn a_member_lease_left_by_a_replica_that_died_is_deleted_once_it_went_unre
     }
     assert!(killed.elapsed() >= Duration::from_secs(55), "deleted {:?} after the kill", killed.elapsed());
     assert!(members.get_opt(&live_lease).await.unwrap().is_some(), "the live replica's own Lease is kept");
+    // Revoked first (what its tenure still vouched for is free at once), deleted two lease durations later.
+    assert!(live.log_text().contains("revoked the tenure of a replica gone"), "{}", live.log_text());
     assert!(live.log_text().contains("deleted the member Lease of a replica gone"), "{}", live.log_text());
 }
 

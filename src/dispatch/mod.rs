@@ -49,6 +49,10 @@ use triage::{Decision, Facts, KeyFacts};
 
 /// Longest the loop sleeps without a reason to wake: a safety net against a missed notification.
 const IDLE_PASS: Duration = Duration::from_secs(2);
+/// How long a claim that found its concurrency key's Lease there, or taken, or just gone ([`LostAt::KeyLease`]) is
+/// left alone while the job is unchanged: long enough for the caches to show the Lease (a claim sent again at once
+/// would meet it again, pass after pass, while a watch lags), short at a key's handoff.
+const KEY_LEASE_HOLD: Duration = Duration::from_millis(250);
 /// How long a job this replica just acted on is left alone while the cache still shows the version it acted on.
 /// Bounded, because a lost race at the Lease does not always change the job itself.
 const SETTLE_HOLD: Duration = Duration::from_secs(1);
@@ -127,8 +131,8 @@ impl DoneOnDrop {
                 d.seen_at = None;
             }
             LostAt::Foreign { until, .. } => d.hold_until = Some(until),
-            // The key's turn is another job's: held while unchanged, as after any lost race.
-            LostAt::KeyLease => {}
+            // The key's turn is another job's, or its Lease went just now: held a moment, not a whole settle hold.
+            LostAt::KeyLease => d.hold_until = Some(Instant::now() + KEY_LEASE_HOLD),
             LostAt::ClaimLease
             | LostAt::JobChanged
             | LostAt::PodRunning
@@ -1215,8 +1219,11 @@ impl Dispatcher {
                 Ok(ClaimOutcome::Lost(LostAt::Foreign { namespace, lease, slot, until })) => {
                     let note = foreign_lease_note(&namespace, &lease, slot);
                     warn!(job = %job.name_any(), lease = %format!("{namespace}/{lease}"), "{note}");
-                    // Folded into one Event's series while the job waits.
-                    worker.event(&job, EventType::Warning, "ForeignLease", note);
+                    // Folded into one Event's series while the job waits; not for a slot, which the job goes on
+                    // without (another one is tried at once).
+                    if !slot {
+                        worker.event(&job, EventType::Warning, "ForeignLease", note);
+                    }
                     done.lost(LostAt::Foreign { namespace, lease, slot, until });
                 }
                 Ok(ClaimOutcome::Lost(at)) => {
