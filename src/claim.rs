@@ -589,14 +589,15 @@ async fn acquire(
         (LeaseState::Live, Some(_)) => Ok(Err(LostAt::ClaimLease)),
         (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
             Acquire::Acquired(h) => Ok(Ok(h)),
-            // Not one the caches show: it would be judged absent, and tried again, at every pass.
-            Acquire::Lost(existing) if let Some(at) = foreign(existing.as_ref(), false) => Ok(Err(at)),
-            // Someone created it between our look and our write; it may be a leftover we can reuse at once.
+            // Someone created it between our look and our write; it may be a leftover we can reuse at once (one whose
+            // labels were lost too: the take-over writes them).
             Acquire::Lost(Some(existing))
                 if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
             {
                 take_over(existing).await
             }
+            // Not one the caches show: it would be judged absent, and tried again, at every pass.
+            Acquire::Lost(existing) if let Some(at) = foreign(existing.as_ref(), false) => Ok(Err(at)),
             Acquire::Lost(_) => Ok(Err(LostAt::ClaimLease)),
         },
         (LeaseState::Leftover | LeaseState::Expired, Some(seen)) => take_over(seen.clone()).await,
