@@ -19,12 +19,6 @@ pub fn handler_needed(job: &BackgroundJob) -> Option<&str> {
     (job.spec.template.is_none() && job.spec.http.is_none()).then_some(job.spec.job_name.as_str())
 }
 
-/// Whether this replica can run `job`: a Pod or HTTP job anywhere, an in-process one where its handler is
-/// registered.
-pub fn runs_here(registry: &Registry, job: &BackgroundJob) -> bool {
-    handler_needed(job).is_none_or(|name| registry.handles(name))
-}
-
 /// Run one attempt of `job` with the executor its spec selects, starting at the cluster's time `now`
 /// ([`crate::clock`]). The HTTP and Pod executors check their policy ([`crate::policy`]) before they send or create
 /// anything. What becomes of a Pod (one that does not stop once deleted, one that cannot start) is told to `watchers`.
