@@ -589,10 +589,13 @@ async fn acquire(
         (LeaseState::Live, Some(_)) => Ok(Err(LostAt::ClaimLease)),
         (LeaseState::Absent, _) | (_, None) => match lease::create(leases, &name, claim, timing).await? {
             Acquire::Acquired(h) => Ok(Ok(h)),
-            // Someone created it between our look and our write; it may be a leftover we can reuse at once (one whose
-            // labels were lost too: the take-over writes them).
+            // Someone created it between our look and our write; it may be a leftover we can reuse at once: also one
+            // whose labels were lost, if it is a claim's (names a job), and the take-over writes them back. One that
+            // is no claim's is not taken (another program's Lease under our name): judged foreign below.
             Acquire::Lost(Some(existing))
-                if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover =>
+                if lease_state(job, Some(&existing), Duration::ZERO, timing) == LeaseState::Leftover
+                    && (!unseen_by_caches(&existing, false)
+                        || lease::annotation(&existing, lease::JOB_UID_ANNOTATION).is_some()) =>
             {
                 take_over(existing).await
             }

@@ -399,8 +399,7 @@ pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, que
 /// [`DEPARTED_UNHELD_AFTER_LEASE_DURATIONS`]. A replica paused longer that resumes finds its tenure ended, and takes a
 /// new one as after a deletion by hand.
 pub const DEPARTED_AFTER_LEASE_DURATIONS: u32 = 20;
-/// How many lease durations a member Lease without a holder (revoked, or left by a graceful stop) goes unchanged
-/// before it is deleted.
+/// How many lease durations a member Lease without a holder (revoked) goes unchanged before it is deleted.
 pub const DEPARTED_UNHELD_AFTER_LEASE_DURATIONS: u32 = 2;
 
 /// The member Leases of `scope` among `leases`, `mine` aside, that `observer` has seen unchanged for
