@@ -102,7 +102,11 @@ pub struct OperatorConfig {
     /// Never run more than this many jobs at once across all replicas (enforced with N slot Leases in
     /// `--lease-namespace`, at most 10000: every replica caches and looks through them all). Default: no
     /// cluster-wide cap.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_CLUSTER_SLOTS as i64), env = "BGJOBS_CLUSTER_MAX_CONCURRENCY")]
+    #[arg(
+        long,
+        value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_CLUSTER_SLOTS as i64),
+        env = "BGJOBS_CLUSTER_MAX_CONCURRENCY"
+    )]
     pub cluster_max_concurrency: Option<u32>,
 
     /// `false`: this replica watches and keeps the queue tidy (timeouts, cancellations, TTL) but runs no jobs.

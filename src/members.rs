@@ -222,9 +222,12 @@ pub fn live_leases(
     now: Instant,
     timing: &LeaseTiming,
 ) -> Vec<Arc<Lease>> {
-    let mut live = live_in_every_scope(store, observer, now, timing);
-    live.retain(|l| scope_of(l) == Some(scope));
-    live
+    of_scope(&live_in_every_scope(store, observer, now, timing), scope)
+}
+
+/// Those of the member Leases `leases` whose replicas share work in `scope`.
+pub fn of_scope(leases: &[Arc<Lease>], scope: &str) -> Vec<Arc<Lease>> {
+    leases.iter().filter(|l| scope_of(l) == Some(scope)).cloned().collect()
 }
 
 /// The member Leases of every scope seen renewing within a lease duration.
@@ -263,9 +266,9 @@ pub fn identities(leases: &[Arc<Lease>], me: &str, includes: impl Fn(&Lease) -> 
 
 /// The members that claim jobs among the `live` member Leases ([`runs_jobs`]), and `me`, sorted by identity. This
 /// replica counts as having room and serving every queue: it is the one picking, with a slot free, among the jobs it
-/// can run; it has `my_handlers` (`None`: every one). While this replica says its own watches lag (`me_lags`), it takes no other's word for theirs:
-/// leaving the head to itself alone, from a stale view, would only race the others for it, and when every replica
-/// lags, each would.
+/// can run; it has `my_handlers` (`None`: every one). While this replica says its own watches lag (`me_lags`), it
+/// takes no other's word for theirs: leaving the head to itself alone, from a stale view, would only race the others
+/// for it, and when every replica lags, each would.
 pub fn claimers(
     live: &[Arc<Lease>],
     me: &str,
@@ -370,9 +373,10 @@ impl HandlerOffers {
 /// but is not counted on for the others; nor is one that serves more: it may spend its room on another queue's head,
 /// and the jobs of this window left to it would wait for a slot while later ones of theirs start here (review: a
 /// whole run time late). Likewise one whose handlers differ from this replica's (as far as it says): jobs of a
-/// handler it lacks would be left to it in the window. One whose watches lag is not counted on at all. The window of the queue's
-/// head the replicas share ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room left for it
-/// is then taken by a replica that has some, once its owner's turn is over, not passed over for a later job.
+/// handler it lacks would be left to it in the window. One whose watches lag is not counted on at all. The window of
+/// the queue's head the replicas share ([`crate::ordering::pick`]) is no longer: a job in it whose owner has no room
+/// left for it is then taken by a replica that has some, once its owner's turn is over, not passed over for a later
+/// job.
 pub fn room(claimers: &[Claimer], running: impl Fn(&str) -> usize, me: &str, queues: &[String], free: usize) -> usize {
     let mine: std::collections::BTreeSet<&String> = queues.iter().collect();
     let same_queues = |c: &Claimer| c.queues.iter().collect::<std::collections::BTreeSet<_>>() == mine;
@@ -424,7 +428,7 @@ pub fn departed(
             None => DEPARTED_UNHELD_AFTER_LEASE_DURATIONS,
         };
         let after = own.unwrap_or_default().max(duration).saturating_mul(times);
-        if name != mine && l.labels().get(MEMBER_LABEL).map(String::as_str) == Some(scope) && unchanged >= after {
+        if name != mine && scope_of(l) == Some(scope) && unchanged >= after {
             out.push(l.clone());
         }
     }
@@ -447,7 +451,8 @@ pub async fn forget_departed(
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mine = member_lease_name(&identity, &scope);
-    let (mut seen, mut live_seen) = (Observer::default(), Observer::default());
+    // One observer for both looks: at the same instant it says the same of each Lease.
+    let mut seen = Observer::default();
     let mut every = tokio::time::interval(timing.duration);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -456,7 +461,7 @@ pub async fn forget_departed(
             _ = every.tick() => {}
         }
         let now = Instant::now();
-        let live = live_where(&members, &scope, &mut live_seen, now, &timing, &identity, |_| true);
+        let live = live_where(&members, &scope, &mut seen, now, &timing, &identity, |_| true);
         for l in departed(&members.state(), &scope, &mine, &mut seen, now, timing.duration) {
             let name = l.name_any();
             if owner(&live, &name) != Some(identity.as_str()) {

@@ -569,8 +569,7 @@ impl Dispatcher {
         let scope = crate::members::scope(self.config.namespace.as_deref());
         let every_scope =
             crate::members::live_in_every_scope(&self.view.members, &mut self.member_observer, inst, &timing);
-        let live: Vec<Arc<Lease>> =
-            every_scope.iter().filter(|l| crate::members::scope_of(l) == Some(scope.as_str())).cloned().collect();
+        let live = crate::members::of_scope(&every_scope, &scope);
         let members = crate::members::identities(&live, &me, |_| true);
         let me_lags = self.membership.borrow().as_deref().is_some_and(|k| crate::members::says_it_lags(&k.lease()));
         self.worker.metrics.watch_lagging.set(i64::from(me_lags));
