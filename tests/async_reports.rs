@@ -13,6 +13,7 @@ use bgjobs::api::{BackgroundJob, Phase};
 use bgjobs::report::{Report, client, token};
 use common::{TestEnv, free_port};
 use kube::ResourceExt;
+use kube::api::{WatchEvent, WatchParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -218,6 +219,92 @@ async fn a_heartbeating_worker_keeps_its_attempt_well_past_the_lease_duration() 
     assert!(ok && out.contains("already recorded"), "{out}");
     let (ok, out) = cli_report(&first.url, &first.token, &["complete", "--result", r#"{"rows": 43}"#]);
     assert!(!ok && out.contains("409"), "{out}");
+}
+
+/// Count the writes to job `name` after resource version `from`, as a watch sees them (abort the task to stop).
+fn count_writes(
+    env: &TestEnv,
+    name: &str,
+    from: String,
+) -> (Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use futures::StreamExt;
+    let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (jobs, counted, params) =
+        (env.jobs.clone(), writes.clone(), WatchParams::default().fields(&format!("metadata.name={name}")));
+    let watching = tokio::spawn(async move {
+        let mut changes = jobs.watch(&params, &from).await.expect("watch the job").boxed();
+        while let Some(change) = changes.next().await {
+            if let Ok(WatchEvent::Modified(_)) = change {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    (writes, watching)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_heartbeating_ten_times_a_second_costs_a_status_write_every_few_seconds_and_keeps_its_attempt() {
+    let env = TestEnv::new("async-beats").await;
+    let (endpoint, seen) = accepting_endpoint().await;
+    let (flags, url) = reporting(free_port());
+    let _r = env.replica("r", &strs(&flags));
+    // 40 s allowed between heartbeats: bare ones are written every 10 s (a quarter) at most, changed progress every
+    // 1 s. (The apiserver itself drops a write that changes nothing, so before, the same progress cost a write a
+    // second, the heartbeat's time in whole seconds; changed progress, a write a beat.)
+    env.create("chatty", json!({"jobName": "Chatty", "http": {"url": endpoint}, "heartbeatTimeoutSeconds": 40})).await;
+    let first = accepted(&seen, 1).await;
+    let waiting = wait_waiting_for_report(&env, "chatty").await;
+    let (writes, watching) = count_writes(&env, "chatty", waiting.resource_version().unwrap());
+    let post = |body: serde_json::Value| {
+        let (url, token) = (url.clone(), first.token.clone());
+        async move {
+            let answer = reqwest::Client::new()
+                .post(format!("{url}/v1/heartbeat"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status().as_u16(), 200, "a heartbeat was refused");
+            answer.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    // 12 s of the same progress, ten beats a second: 120 beats.
+    let (start, mut unwritten) = (Instant::now(), 0);
+    while start.elapsed() < Duration::from_secs(12) {
+        let answer = post(json!({"percent": 10, "message": "copying"})).await;
+        if answer["written"] == false {
+            unwritten += 1;
+            assert!(
+                answer["message"].as_str().unwrap_or_default().contains("heartbeat noted, not written"),
+                "{answer}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bare = writes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=4).contains(&bare), "{bare} status writes for 12 s of beats (before: one a second)");
+    assert!(unwritten >= 80, "only {unwritten} of the beats were answered unwritten");
+    // 4 s of progress that changes at every beat: a write a second at most.
+    let start = Instant::now();
+    let mut percent = 10;
+    while start.elapsed() < Duration::from_secs(4) {
+        percent += 1;
+        post(json!({"percent": percent})).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let changing = writes.load(std::sync::atomic::Ordering::SeqCst) - bare;
+    assert!((2..=8).contains(&changing), "{changing} status writes for 4 s of changing progress (before: one a beat)");
+    let job = env.jobs.get("chatty").await.unwrap();
+    assert_eq!((job.phase(), job.attempts()), (Phase::Running, 1), "never judged gone: {:?}", job.status);
+    let shown = job.status.unwrap().progress.unwrap().percent.unwrap();
+    assert!((11..=percent).contains(&shown), "progress {shown} recorded, {percent} the last sent");
+    let (ok, out) = cli_report(&first.url, &first.token, &["complete"]);
+    assert!(ok, "{out}");
+    env.wait_job("chatty", MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    watching.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

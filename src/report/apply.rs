@@ -25,6 +25,9 @@ pub struct Applied {
     pub phase: Phase,
     /// What happened, in words.
     pub message: String,
+    /// Whether the report was written into the job: `false` for a heartbeat sooner than the job's write gap after
+    /// the last one recorded (answered, not written; progress it carried is not kept: report it again later).
+    pub written: bool,
 }
 
 /// How often a report is judged again when the job moved between the read and the write (a takeover, a holder's
@@ -67,10 +70,21 @@ pub async fn apply(worker: &Worker, token: &str, report: Report) -> Result<Appli
         if decide::already_recorded(&job, claims, &report) {
             let outcome = if job.phase() == Phase::Succeeded { "succeeded" } else { "failed" };
             let message = format!("already recorded: attempt {} of job {name} {outcome}", claims.attempt);
-            return Ok(Applied { job: name, attempt: claims.attempt, phase: job.phase(), message });
+            return Ok(Applied { job: name, attempt: claims.attempt, phase: job.phase(), message, written: true });
         }
         let now = worker.clock.now();
         let change = decide::judge(&job, claims, &report, now)?;
+        if let Change::Noted { recorded, every } = change {
+            let message = format!(
+                "heartbeat noted, not written: attempt {} was last recorded at {recorded}, and heartbeats are written \
+                 every {}s at most (progress that changes, every {}s)",
+                claims.attempt,
+                every.as_secs_f64(),
+                decide::write_gap(&job, true).as_secs_f64()
+            );
+            tracing::debug!(job = %name, attempt = claims.attempt, "{message}");
+            return Ok(Applied { job: name, attempt: claims.attempt, phase: job.phase(), message, written: false });
+        }
         let holder = job.status.as_ref().and_then(|s| s.worker.clone()).unwrap_or_default();
         let fence = Fence { uid: claims.uid.clone(), worker: holder, attempt: claims.attempt };
         match status::write_fenced(&jobs, &job, &fence, |s| decide::apply(s, &change, now)).await {
@@ -110,6 +124,7 @@ fn recorded(worker: &Worker, job: &BackgroundJob, attempt: i32, change: &Change,
             }
             format!("heartbeat recorded for attempt {attempt}")
         }
+        Change::Noted { .. } => "heartbeat noted".to_string(),
         Change::Result(r) => {
             format!(
                 "result recorded for attempt {attempt} ({} bytes); the attempt ends when its Pod exits",
@@ -151,7 +166,7 @@ fn recorded(worker: &Worker, job: &BackgroundJob, attempt: i32, change: &Change,
     };
     let name = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
     info!(job = %name, attempt, %phase, "report applied: {message}");
-    Applied { job: name, attempt, phase, message }
+    Applied { job: name, attempt, phase, message, written: true }
 }
 
 /// The start of a result, for an Event's note.

@@ -18,6 +18,12 @@ use crate::status;
 pub const MAX_RESULT_BYTES: usize = 32 * 1024;
 /// Longest progress or failure message kept (characters); longer ones are cut.
 pub const MAX_MESSAGE: usize = 1024;
+/// Longest time a heartbeat that says nothing new waits to be written after the last one recorded. Each write
+/// rewrites the whole job in etcd (its args included), and etcd keeps every revision until the apiserver compacts it
+/// (every 5 minutes by default): a worker heartbeating every 100 ms with large args would fill etcd's quota on its own.
+pub const HEARTBEAT_WRITE_GAP: Duration = Duration::from_secs(30);
+/// Shortest time between two writes of changed progress.
+pub const PROGRESS_WRITE_GAP: Duration = Duration::from_secs(1);
 
 /// What a worker reports.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +93,13 @@ pub enum Change {
     },
     /// A Pod job's worker reported its result; the attempt still ends with its Pod.
     Result(serde_json::Value),
+    /// A heartbeat that came sooner than [`write_gap`] after the last one recorded: answered, not written.
+    Noted {
+        /// When the worker was last recorded as heard from.
+        recorded: Timestamp,
+        /// How often heartbeats are written for this job.
+        every: Duration,
+    },
 }
 
 /// The checks that need no job: a result over the cap (413), a percentage out of range (400).
@@ -166,7 +179,7 @@ pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timesta
     match report.clone() {
         Report::Complete { result } if pod => match result {
             Some(r) => Ok(Change::Result(r)),
-            None => Ok(Change::Heartbeat { progress: None }),
+            None => Ok(heartbeat(job, None, now)),
         },
         Report::Fail { .. } if pod => Err(Refusal::new(
             400,
@@ -187,13 +200,58 @@ pub fn judge(job: &BackgroundJob, claims: &Claims, report: &Report, now: Timesta
                 message: message.map(|m| cut(&m)),
                 time: Some(Time(now)),
             });
-            Ok(Change::Heartbeat { progress })
+            Ok(heartbeat(job, progress, now))
         }
     }
 }
 
+/// A heartbeat, written or only noted, as [`written_after`] says.
+fn heartbeat(job: &BackgroundJob, progress: Option<Progress>, now: Timestamp) -> Change {
+    match written_after(job, progress.as_ref(), now) {
+        Err((recorded, every)) => Change::Noted { recorded, every },
+        Ok(()) => Change::Heartbeat { progress },
+    }
+}
+
+/// How long after the last recorded heartbeat (or progress) another is written; sooner ones are answered unwritten.
+/// For a heartbeat that says nothing new, a quarter of the heartbeat timeout, [`HEARTBEAT_WRITE_GAP`] at most: so what
+/// is recorded lags a worker that heartbeats more often than that by less than half its timeout, and it is never
+/// judged gone for heartbeats that were not written. Changed progress, at most once a [`PROGRESS_WRITE_GAP`].
+pub fn write_gap(job: &BackgroundJob, progress_changes: bool) -> Duration {
+    let heartbeat = job
+        .spec
+        .heartbeat_timeout_seconds
+        .map_or(HEARTBEAT_WRITE_GAP, |t| Duration::from_secs(t.max(1) as u64) / 4)
+        .min(HEARTBEAT_WRITE_GAP);
+    if progress_changes { heartbeat.min(PROGRESS_WRITE_GAP) } else { heartbeat }
+}
+
+/// Whether a heartbeat (or an in-process handler's progress) carrying `progress` is written now: `Err` says when the
+/// worker was last recorded and how often it is. The one rule for both, so a worker that reports in a loop costs at
+/// most one status write a [`write_gap`]. A progress that changes is kept from the last written one only, not from the
+/// attempt's start: the first progress of an attempt is always written.
+pub fn written_after(
+    job: &BackgroundJob,
+    progress: Option<&Progress>,
+    now: Timestamp,
+) -> std::result::Result<(), (Timestamp, Duration)> {
+    let Some(s) = job.status.as_deref() else { return Ok(()) };
+    let said = |p: &Progress| (p.percent, p.message.clone());
+    let changes = progress.is_some_and(|p| s.progress.as_ref().map(said) != Some(said(p)));
+    let progress_time = s.progress.as_ref().and_then(|p| p.time.as_ref()).map(|t| t.0);
+    let written = s.last_heartbeat_time.as_ref().map(|t| t.0).max(progress_time);
+    let last = if changes { written } else { written.max(last_heard(job)) };
+    let Some(last) = last else { return Ok(()) };
+    let every = write_gap(job, changes);
+    let soon = now >= last && now.duration_since(last).unsigned_abs() < every;
+    if soon { Err((last, every)) } else { Ok(()) }
+}
+
 /// Write `change` into a status (inside the fenced write that checked the attempt is still current).
 pub fn apply(s: &mut BackgroundJobStatus, change: &Change, now: Timestamp) {
+    if let Change::Noted { .. } = change {
+        return;
+    }
     s.last_heartbeat_time = Some(Time(now));
     match change {
         Change::Heartbeat { progress } => {
@@ -202,6 +260,7 @@ pub fn apply(s: &mut BackgroundJobStatus, change: &Change, now: Timestamp) {
             }
         }
         Change::Result(r) => s.result = Some(r.clone()),
+        Change::Noted { .. } => {}
         Change::Outcome { verdict, result } => match verdict {
             Verdict::Succeed => {
                 status::finish(s, Phase::Succeeded, None, now);
@@ -229,17 +288,20 @@ pub enum Liveness {
 /// Judge a waiting attempt's worker by its last heartbeat (the `202 Accepted` counts as the first one).
 /// `readable_again`: when the holder could read the job again after the apiserver failed it. A heartbeat is a status
 /// write, refused while the apiserver is away, so the worker is given a full heartbeat timeout from then: it is not
-/// charged for the outage (and run again beside itself) because it could not be heard.
+/// charged for the outage (and run again beside itself) because it could not be heard. The apiserver keeps times in
+/// whole seconds, so a heartbeat recorded at second S may have come as late as S + 1: the timeout counts from there
+/// (else a worker beating ten times a second under a 1 s timeout was judged gone at each second's turn).
 pub fn liveness(job: &BackgroundJob, now: Timestamp, readable_again: Option<Timestamp>) -> Liveness {
     let Some(timeout) = job.spec.heartbeat_timeout_seconds else { return Liveness::Alive { overdue_in: None } };
     let heard = last_heard(job);
-    let Some(last) = heard.max(readable_again) else {
+    let heard_by = heard.map(|h| h.checked_add(jiff::SignedDuration::from_secs(1)).unwrap_or(Timestamp::MAX));
+    let Some(last) = heard_by.max(readable_again) else {
         return Liveness::Alive { overdue_in: Some(Duration::from_secs(timeout.max(1) as u64)) };
     };
     let deadline = last.checked_add(jiff::SignedDuration::from_secs(timeout.max(1))).unwrap_or(Timestamp::MAX);
     if now >= deadline {
         let since = match heard {
-            Some(heard) if heard >= last => format!("last heard from at {heard}"),
+            Some(heard) if heard_by >= Some(last) => format!("last heard from at {heard}"),
             _ => format!("counted from {last}, when the apiserver could record heartbeats again"),
         };
         return Liveness::Lost(format!(
@@ -425,6 +487,71 @@ mod tests {
         assert_eq!(s.phase, Some(Phase::Failed));
     }
 
+    /// A worker beating every `period` ms from 10 s to 200 s: how many beats were written, and whether it was ever
+    /// judged gone in between.
+    fn beat_steadily(spec: serde_json::Value, period: i64) -> (usize, bool) {
+        let mut j = job(spec, Phase::Running, 1);
+        let (mut written, mut judged_gone) = (0, false);
+        for ms in (10_000..=200_000).step_by(period as usize) {
+            let now = at(0) + jiff::SignedDuration::from_millis(ms);
+            judged_gone |= matches!(liveness(&j, now, None), Liveness::Lost(_));
+            let change = judge(&j, &claims(1), &Report::Heartbeat { percent: None, message: None }, now).unwrap();
+            if let Change::Heartbeat { .. } = change {
+                written += 1;
+                // As the apiserver keeps it: whole seconds.
+                let stored = Timestamp::from_second(now.as_second()).unwrap();
+                apply(j.status.as_deref_mut().unwrap(), &change, stored);
+            }
+        }
+        (written, judged_gone)
+    }
+
+    #[test]
+    fn heartbeats_sooner_than_a_quarter_of_the_timeout_are_noted_not_written_and_the_worker_is_never_judged_gone() {
+        for (timeout, period) in [(20, 1000), (4, 100), (1, 100), (2, 400), (600, 1000)] {
+            let (written, gone) = beat_steadily(serde_json::json!({"heartbeatTimeoutSeconds": timeout}), period);
+            assert!(!gone, "timeout {timeout}s, a beat every {period} ms: never judged gone");
+            // Stored times are whole seconds, up to one before the write: a gap under a few seconds saves less.
+            let gap_ms = (timeout * 1000 / 4).min(30_000);
+            let (beats, most, least) =
+                (190_000 / period, 190_000 / (gap_ms - 1000).max(period) + 2, 190_000 / (gap_ms + period));
+            assert!(written <= most as usize, "timeout {timeout}s: {written} writes of {beats} beats (at most {most})");
+            assert!(
+                written >= least as usize,
+                "timeout {timeout}s: {written} writes of {beats} beats (at least {least})"
+            );
+        }
+        let (written, _) = beat_steadily(serde_json::json!({}), 100);
+        assert!((6..=8).contains(&written), "no timeout: one write in 30 s, not 1900 ({written})");
+    }
+
+    #[test]
+    fn changed_progress_is_written_once_a_second_at_most_and_the_first_of_an_attempt_at_once() {
+        let mut j = job(serde_json::json!({}), Phase::Running, 1);
+        let s = j.status.as_deref_mut().unwrap();
+        s.last_heartbeat_time = None;
+        s.start_time = Some(Time(at(10)));
+        let progress = |percent, time| Progress { percent: Some(percent), message: None, time: Some(Time(time)) };
+        let millis = |ms| at(10) + jiff::SignedDuration::from_millis(ms);
+        assert_eq!(written_after(&j, Some(&progress(1, millis(100))), millis(100)), Ok(()), "the first, at start");
+        assert!(written_after(&j, None, millis(100)).is_err(), "a bare beat right after the start is not");
+        j.status.as_deref_mut().unwrap().progress = Some(progress(1, at(10)));
+        assert_eq!(
+            written_after(&j, Some(&progress(2, millis(600))), millis(600)),
+            Err((at(10), Duration::from_secs(1))),
+            "changed, but 600 ms after the last"
+        );
+        assert_eq!(written_after(&j, Some(&progress(2, millis(1000))), millis(1000)), Ok(()));
+        assert_eq!(
+            written_after(&j, Some(&progress(1, at(20))), at(20)),
+            Err((at(10), HEARTBEAT_WRITE_GAP)),
+            "the same progress again is a bare beat"
+        );
+        assert_eq!(written_after(&j, Some(&progress(1, at(9))), at(9)), Ok(()), "a clock that stepped back writes");
+        j.status = None;
+        assert_eq!(written_after(&j, None, at(9)), Ok(()));
+    }
+
     #[test]
     fn a_heartbeat_records_progress_and_the_time_and_keeps_the_attempt_running() {
         let j = job(serde_json::json!({}), Phase::Running, 1);
@@ -434,8 +561,9 @@ mod tests {
         apply(&mut s, &change, at(30));
         assert_eq!((s.phase, s.last_heartbeat_time.clone()), (Some(Phase::Running), Some(Time(at(30)))));
         assert_eq!(s.progress.as_ref().and_then(|p| p.percent), Some(40));
-        let bare = judge(&j, &claims(1), &Report::Heartbeat { percent: None, message: None }, at(31)).unwrap();
-        apply(&mut s, &bare, at(31));
+        let bare = judge(&j, &claims(1), &Report::Heartbeat { percent: None, message: None }, at(45)).unwrap();
+        assert!(matches!(bare, Change::Heartbeat { progress: None }), "35 s after the last: written");
+        apply(&mut s, &bare, at(45));
         assert_eq!(s.progress.and_then(|p| p.message).as_deref(), Some("copying"), "a bare heartbeat keeps progress");
         let bad = Report::Heartbeat { percent: Some(140), message: None };
         assert_eq!(judge(&j, &claims(1), &bad, at(31)).unwrap_err().code, 400);
@@ -453,8 +581,10 @@ mod tests {
     #[test]
     fn a_waiting_attempt_is_lost_once_its_worker_is_silent_for_the_heartbeat_timeout() {
         let j = job(serde_json::json!({"heartbeatTimeoutSeconds": 30}), Phase::Running, 2);
-        assert_eq!(liveness(&j, at(25), None), Liveness::Alive { overdue_in: Some(Duration::from_secs(15)) });
-        match liveness(&j, at(40), None) {
+        // Heard at second 10: perhaps as late as 11.
+        assert_eq!(liveness(&j, at(25), None), Liveness::Alive { overdue_in: Some(Duration::from_secs(16)) });
+        assert_eq!(liveness(&j, at(40), None), Liveness::Alive { overdue_in: Some(Duration::from_secs(1)) });
+        match liveness(&j, at(41), None) {
             Liveness::Lost(why) => assert!(why.contains("attempt 2 was lost") && why.contains("30s"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -470,7 +600,7 @@ mod tests {
         assert_eq!(liveness(&j, at(61), Some(at(60))), Liveness::Alive { overdue_in: Some(Duration::from_secs(29)) });
         assert!(matches!(liveness(&j, at(90), Some(at(60))), Liveness::Lost(_)), "one full timeout, not more");
         // An outage that ended before the last heartbeat changes nothing.
-        assert!(matches!(liveness(&j, at(40), Some(at(5))), Liveness::Lost(_)));
+        assert!(matches!(liveness(&j, at(41), Some(at(5))), Liveness::Lost(_)));
     }
 
     #[test]

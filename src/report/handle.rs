@@ -85,8 +85,10 @@ impl Reporter {
         Ok(())
     }
 
-    /// Record progress in `status.progress` (percent 0 to 100, a short message). Each call is a status write: report
-    /// every few seconds at most. An error means the write did not land (the attempt may have lost its claim).
+    /// Record progress in `status.progress` (percent 0 to 100, a short message). A write rewrites the whole job in
+    /// etcd, so changed progress is written at most once a second and the same progress again at most every 30 s
+    /// ([`decide::written_after`], the rule reports from workers follow too); a call sooner returns `Ok` unwritten. An
+    /// error means the write did not land (the attempt may have lost its claim).
     pub async fn progress(&self, percent: Option<i32>, message: Option<&str>) -> Result<(), JobError> {
         if let Some(p) = percent.filter(|p| !(0..=100).contains(p)) {
             return Err(JobError::Permanent(format!("progress must be between 0 and 100, not {p}")));
@@ -99,6 +101,9 @@ impl Reporter {
             time: Some(Time(now)),
         };
         let latest = a.job.lock().unwrap().clone();
+        if decide::written_after(&latest, Some(&progress), now).is_err() {
+            return Ok(());
+        }
         match status::write_fenced(&a.jobs, &latest, &a.fence, |s| s.progress = Some(progress.clone())).await {
             Ok(Fenced::Written(j)) => {
                 *a.job.lock().unwrap() = j.without_args();
