@@ -61,7 +61,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 16] = [
+    const PROBLEMS: [&str; 17] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -78,6 +78,7 @@ mod tests {
         "Interrupted",
         "WaitingForPod",
         "ForeignLease",
+        "ClaimRefused",
     ];
 
     #[test]

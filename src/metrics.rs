@@ -62,6 +62,9 @@ pub struct Metrics {
     pub claimed: Counter,
     /// Claims lost to another replica (at a slot, the Lease or the status write).
     pub claim_conflicts: Counter,
+    /// Claims the apiserver turned down for a reason that lasts (RBAC, a full quota, a policy): the job is held back
+    /// longer at each refusal in a row, and says why in a `ClaimRefused` Warning.
+    pub claims_refused: Counter,
     /// Orphaned attempts taken over from a replica that stopped renewing.
     pub takeovers: Counter,
     /// Failed or timed-out Lease renewals.
@@ -108,6 +111,7 @@ impl Default for Metrics {
         let m = Metrics {
             claimed: Counter::default(),
             claim_conflicts: Counter::default(),
+            claims_refused: Counter::default(),
             takeovers: Counter::default(),
             renew_failures: Counter::default(),
             stale_results_discarded: Counter::default(),
@@ -130,6 +134,11 @@ impl Default for Metrics {
         let mut r = Registry::with_prefix("bgjobs");
         r.register("claims", "Attempts claimed, including takeovers", m.claimed.clone());
         r.register("claim_conflicts", "Claims lost to another replica", m.claim_conflicts.clone());
+        r.register(
+            "claims_refused",
+            "Claims the apiserver turned down for a reason that lasts (RBAC, a full quota, a policy)",
+            m.claims_refused.clone(),
+        );
         r.register(
             "takeovers",
             "Orphaned attempts taken over from a replica that stopped renewing",
@@ -262,6 +271,7 @@ impl Metrics {
         serde_json::json!({
             "claimed": self.claimed.get(),
             "claim_conflicts": self.claim_conflicts.get(),
+            "claims_refused": self.claims_refused.get(),
             "takeovers": self.takeovers.get(),
             "renew_failures": self.renew_failures.get(),
             "stale_results_discarded": self.stale_results_discarded.get(),

@@ -403,6 +403,53 @@ async fn a_replica_whose_status_writes_are_refused_does_not_hold_jobs_back_from_
     assert_eq!(done.status.unwrap().worker.as_deref(), Some("r1"));
 }
 
+/// An admission policy refuses the status writes of 300 jobs at the head of the queue (403), for good: each claim of
+/// them is turned down. A job behind them runs all the same, the refused ones say why in a `ClaimRefused` Warning,
+/// and once the policy is lifted they all run: none lost. Before, a refused claim held its job back a second, like
+/// any claim this replica had just acted on, so the replica spent its two slots trying the refused jobs again, round
+/// after round, and the job behind them never had a turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_an_admission_policy_refuses_for_good_hold_back_neither_the_queue_nor_their_own_jobs_once_lifted() {
+    let env = TestEnv::new("claims-refused").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    proxy.answer_instead(403, Some(http::Method::PUT), "/backgroundjobs/blocked-", usize::MAX);
+    let blocked: Vec<String> = (0..300).map(|i| format!("blocked-{i:03}")).collect();
+    futures::future::join_all(blocked.chunks(30).map(|names| {
+        let env = &env;
+        async move {
+            for name in names {
+                env.create(name, json!({"jobName": "noop"})).await;
+            }
+        }
+    }))
+    .await;
+    env.create("behind", json!({"jobName": "noop"})).await;
+    let _r = env.replica_with("r", &["--max-concurrent-jobs-per-instance", "2"], &proxy.options(&env.dir));
+    let ran = env.wait_job("behind", 2 * MINUTE, "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(ran.attempts(), 1);
+    assert!(proxy.held() >= 300, "only {} claims were refused: the test showed nothing", proxy.held());
+    let said = env.warnings_on("blocked-000", "ClaimRefused").await;
+    assert!(
+        said.iter().any(|n| n.contains("turned down this replica's claim") && n.contains("403")),
+        "the refused job says why: {said:?}"
+    );
+    proxy.answer_at_once();
+    let deadline = std::time::Instant::now() + 4 * MINUTE;
+    loop {
+        let jobs = env.list().await;
+        if common::all_in(&jobs, Phase::Succeeded) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all ran once the policy was lifted: {}",
+            common::summary(&jobs)
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert_eq!(executions(&env.invocations()).len(), 301, "each job ran once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_in_its_shutdown_grace_keeps_its_member_lease_but_says_it_claims_no_more() {
     let env = TestEnv::new("grace-roles").await;

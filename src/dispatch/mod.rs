@@ -57,6 +57,28 @@ const KEY_LEASE_HOLD: Duration = Duration::from_millis(250);
 /// Bounded, because a lost race at the Lease does not always change the job itself.
 const SETTLE_HOLD: Duration = Duration::from_secs(1);
 
+/// The first hold of a job whose claim the apiserver turned down for a reason that lasts (RBAC, a full quota, a
+/// policy webhook, a namespace being deleted): doubled at each refusal in a row, up to [`REFUSED_HOLD_MOST`]. Not
+/// [`SETTLE_HOLD`]: a refused claim changes nothing, so a thousand such jobs at the head were tried again every second
+/// on every replica, and the jobs behind them, in every namespace, waited behind the refusals.
+const REFUSED_HOLD_LEAST: Duration = Duration::from_secs(2);
+/// The longest hold of a job whose claims keep being refused (room in a quota may come back sooner).
+const REFUSED_HOLD_MOST: Duration = Duration::from_secs(120);
+/// How often a job whose claims keep being refused says so again in a `ClaimRefused` Warning.
+const REFUSED_EVENT_EVERY: Duration = Duration::from_secs(600);
+
+/// How long a job is left alone after its `refusals`-th claim in a row was turned down.
+fn refused_hold(refusals: u32) -> Duration {
+    let doublings = refusals.saturating_sub(1).min(16);
+    (REFUSED_HOLD_LEAST * 2u32.pow(doublings)).min(REFUSED_HOLD_MOST)
+}
+
+/// Claims of one job turned down in a row, and when it last said so in an Event.
+struct Refusals {
+    count: u32,
+    said_at: Option<Instant>,
+}
+
 /// How long a job too large to store any status is left alone before it is tried again (while unchanged).
 const TOO_LARGE_HOLD: Duration = Duration::from_secs(300);
 /// What its Event says.
@@ -85,6 +107,8 @@ struct Done {
     hold_until: Option<Instant>,
     /// A cluster slot held by a gone job's Pod ([`LostAt::GoneJobsPod`]): offered to no claim until then.
     blocked_slot: Option<(String, Instant)>,
+    /// The claim was turned down for a reason that lasts ([`crate::error::lasting_refusal`]): the apiserver's words.
+    refused: Option<String>,
 }
 
 /// Sends its [`Done`] when dropped: when the task returns, and also when it unwinds from a panic.
@@ -239,6 +263,8 @@ pub struct Dispatcher {
     /// Jobs this replica just acted on: the resourceVersion it acted on, and until when it leaves them alone while
     /// the cache still shows that version.
     settled_at: HashMap<String, (String, Instant)>,
+    /// Jobs whose claims the apiserver keeps turning down (see [`REFUSED_HOLD_LEAST`]).
+    refusals: HashMap<String, Refusals>,
     observer: Observer,
     /// With a cluster-wide cap: slot Leases by name as last seen, and the slot each of our claims uses.
     slot_observer: Observer,
@@ -354,6 +380,7 @@ impl Dispatcher {
             deferred_deletes: HashSet::new(),
             delete_pace: Pace::new(DELETES_PER_SECOND, DELETE_BURST, Instant::now()),
             settled_at: HashMap::new(),
+            refusals: HashMap::new(),
             observer: Observer::default(),
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
@@ -412,8 +439,14 @@ impl Dispatcher {
         self.shut_down().await;
     }
 
-    fn finish(&mut self, done: Done) {
+    fn finish(&mut self, mut done: Done) {
         self.held.remove(&done.uid);
+        match done.refused.take() {
+            Some(why) => done.hold_until = Some(Instant::now() + self.claim_refused(&done.uid, &why)),
+            None => {
+                self.refusals.remove(&done.uid);
+            }
+        }
         self.writing.remove(&done.uid);
         self.slots_in_use.remove(&done.uid);
         if let Some((slot, until)) = done.blocked_slot {
@@ -652,6 +685,30 @@ impl Dispatcher {
         }
     }
 
+    /// Count one more refused claim of job `uid` (saying why on the job now and then): how long to leave it alone.
+    fn claim_refused(&mut self, uid: &str, why: &str) -> Duration {
+        self.worker.metrics.claims_refused.inc();
+        let refusals = self.refusals.entry(uid.to_string()).or_insert(Refusals { count: 0, said_at: None });
+        refusals.count = refusals.count.saturating_add(1);
+        let hold = refused_hold(refusals.count);
+        let say = refusals.said_at.is_none_or(|at| at.elapsed() >= REFUSED_EVENT_EVERY);
+        if let Some(job) = self.backlog.job(uid).filter(|_| say) {
+            refusals.said_at = Some(Instant::now());
+            let ns = job.namespace().unwrap_or_default();
+            let note = format!(
+                "the apiserver turned down this replica's claim of the job ({} in a row), so it waits: {why}; tried \
+                 again in {}s (then less often, up to every {}s). Check what may refuse bgjobs' Leases or status \
+                 writes in namespace {ns}: the operator's RBAC, a ResourceQuota on count/leases.coordination.k8s.io, \
+                 an admission policy, the namespace being deleted",
+                refusals.count,
+                hold.as_secs(),
+                REFUSED_HOLD_MOST.as_secs()
+            );
+            self.worker.event(job, EventType::Warning, "ClaimRefused", note);
+        }
+        hold
+    }
+
     /// A job left the cache (deleted): forget it, and stop its attempt if it runs here. An exclusive leader reads
     /// afresh when a job that ran elsewhere goes (before it adopted it, say at a hand-over, even while its adoption's
     /// claim is on its way): its claim Lease went with it, and its Pod may run on through its grace
@@ -670,6 +727,7 @@ impl Dispatcher {
         }
         self.observer.forget(uid);
         self.settled_at.remove(uid);
+        self.refusals.remove(uid);
         self.deferred.remove(uid);
         self.deferred_deletes.remove(uid);
         self.claimed_elsewhere.remove(uid);
@@ -1175,6 +1233,7 @@ impl Dispatcher {
                 lost_to_another: false,
                 hold_until: None,
                 blocked_slot: None,
+                refused: None,
             }),
         };
         let Candidate { job, lease, state, extras, .. } = c;
@@ -1244,6 +1303,12 @@ impl Dispatcher {
                     worker.event(&job, EventType::Warning, "Failed", reason);
                 }
                 Ok(ClaimOutcome::TooLarge(None)) => done.too_large(&worker, &job),
+                Err(e) if crate::error::lasting_refusal(&e) => {
+                    warn!(job = %job.name_any(), error = %e, "claim refused by the apiserver");
+                    if let Some(d) = done.done.as_mut() {
+                        d.refused = Some(e.to_string());
+                    }
+                }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
             }
         });
@@ -1391,6 +1456,7 @@ impl Dispatcher {
                 lost_to_another: false,
                 hold_until: None,
                 blocked_slot: None,
+                refused: None,
             }),
         })
     }
@@ -1471,6 +1537,14 @@ async fn skip_still_stands(client: &kube::Client, job: &BackgroundJob, ahead: &k
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_whose_claims_keep_being_refused_is_held_longer_at_each_refusal_up_to_two_minutes() {
+        let holds: Vec<u64> = (1..=8).map(|n| refused_hold(n).as_secs()).collect();
+        assert_eq!(holds, [2, 4, 8, 16, 32, 64, 120, 120]);
+        assert_eq!(refused_hold(u32::MAX), REFUSED_HOLD_MOST, "no overflow however many");
+        assert!(refused_hold(1) > SETTLE_HOLD, "longer than a settle's hold from the first");
+    }
 
     #[tokio::test]
     async fn a_skip_stands_only_while_the_job_it_defers_to_is_read_still_ahead() {
