@@ -555,6 +555,9 @@ async fn record(
             info!("attempt ended by its worker's report");
             return Ok(true);
         }
+        Ending::Finished(AttemptResult::NotStarted(why)) => {
+            return hand_back_unstarted(worker, jobs, job, fence, &why).await;
+        }
         Ending::Finished(result) => retry::verdict(&job.spec, created, job.attempts_spent(fence.attempt), result, now),
         Ending::DeadlineReached(not_started) => Verdict::Abandon(format!(
             "attempt {} was still running when the job's timeout of {}s since creation passed; it was stopped{}",

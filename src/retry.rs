@@ -25,6 +25,9 @@ pub enum AttemptResult {
     /// The attempt's worker reported its outcome (to any replica), which wrote it already: nothing is left to
     /// record ([`crate::report`]).
     Reported,
+    /// Nothing ran, and it was not the job's fault (a full ResourceQuota left no room for its Pod): the attempt is
+    /// handed back to the queue unstarted, not counted against `retry.maxAttempts`.
+    NotStarted(String),
 }
 
 /// What to record after an attempt (or a lost attempt) ended.
@@ -73,7 +76,8 @@ pub fn verdict(
         // The attempt runner records nothing for a reported outcome; should one get here, it changes nothing.
         AttemptResult::Succeeded | AttemptResult::Reported => return Verdict::Succeed,
         AttemptResult::Permanent(reason) => return Verdict::Fail(reason),
-        AttemptResult::Retryable(reason) => reason,
+        // The attempt runner hands such an attempt back unstarted; should one get here, it is retried.
+        AttemptResult::Retryable(reason) | AttemptResult::NotStarted(reason) => reason,
     };
     if let Some(max) = spec.retry.max_attempts
         && attempt >= max

@@ -297,6 +297,51 @@ async fn a_pod_that_cannot_start_says_why_in_a_warning_and_in_its_attempts_timeo
     assert!(warnings.len() == 1 && warnings[0].contains("ErrImageNeverPull"), "{warnings:?}");
 }
 
+/// A namespace whose ResourceQuota allows one Pod, full while another job's Pod runs: the next Pod job waits for
+/// room (its create tried again, a `PodNotStarting` Warning saying why) and runs once the first Pod ended, its attempt
+/// not counted as failed; and a Pod its LimitRange refuses fails its job at once (it would be refused again). Before,
+/// both were taken for "not allowed to create pods (is the chart's podMode enabled?)" and retried per policy: with
+/// `maxAttempts: 1`, the first failed without ever running; the second was tried again three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_job_waits_for_room_in_a_full_pod_quota_and_one_its_limit_range_refuses_fails_at_once() {
+    use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
+    let env = on_node("pod-quota").await;
+    let ranges: Api<LimitRange> = Api::namespaced(env.client.clone(), &env.ns);
+    let range = json!({"metadata": {"name": "cpu"}, "spec": {"limits": [{"type": "Container", "max": {"cpu": "1"},
+        "default": {"cpu": "100m"}, "defaultRequest": {"cpu": "10m"}}]}});
+    ranges.create(&Default::default(), &serde_json::from_value(range).unwrap()).await.expect("create the LimitRange");
+    let quotas: Api<ResourceQuota> = Api::namespaced(env.client.clone(), &env.ns);
+    let quota = json!({"metadata": {"name": "one-pod"}, "spec": {"hard": {"pods": "1"}}});
+    quotas.create(&Default::default(), &serde_json::from_value(quota).unwrap()).await.expect("create the quota");
+    // Admission counts against the quota only once its controller has written the status.
+    let deadline = Instant::now() + MINUTE;
+    while quotas.get("one-pod").await.unwrap().status.and_then(|s| s.hard).is_none() {
+        assert!(Instant::now() < deadline, "the ResourceQuota controller never filled in the quota's status");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _r = env.replica("r", &[]);
+    env.create("first", shell_job("sleep 12", json!({}))).await;
+    wait_pod_phase(&env, "first", "Running").await;
+    env.create("second", shell_job("echo done", json!({"retry": {"maxAttempts": 1}}))).await;
+    let mut greedy = shell_job("true", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}));
+    greedy["template"]["spec"]["containers"][0]["resources"] = json!({"limits": {"cpu": "2"}});
+    env.create("greedy", greedy).await;
+
+    let refused = env.wait_job("greedy", MINUTE, "final", |j| j.phase().is_final()).await;
+    let reason = refused.status.clone().unwrap().last_error.unwrap_or_default();
+    assert_eq!((refused.phase(), refused.attempts()), (Phase::Failed, 1), "{reason}");
+    assert!(reason.contains("the apiserver refused the Pod from spec.template") && reason.contains("cpu"), "{reason}");
+
+    let waited = env.wait_job("second", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let status = waited.status.clone().unwrap();
+    assert_eq!(waited.phase(), Phase::Succeeded, "{status:?}");
+    assert_eq!(waited.attempts() - status.unstarted_attempts, 1, "no attempt counted as failed: {status:?}");
+    let warnings = env.warnings_on("second", "PodNotStarting").await;
+    assert!(warnings.iter().any(|w| w.contains("waiting for room") && w.contains("exceeded quota")), "{warnings:?}");
+    let pod = format!("second-{}", waited.attempts());
+    assert!(pod_log(&env.client, &env.ns, &pod).await.contains("done"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_its_pod_runs_is_replaced_by_one_that_adopts_the_pod() {
     let env = on_node("pod-adopt").await;

@@ -261,7 +261,7 @@ pub async fn run(
     let started = if claim::adopted(job, ctx.attempt) {
         adopt(&pods, job, ctx, &name, now).await
     } else {
-        start(client, &pods, executor, job, ctx, &name, now).await
+        start(client, executor, job, ctx, &name, now, watchers.not_starting).await
     };
     let uid = match started {
         Ok(uid) => uid,
@@ -317,13 +317,14 @@ pub fn no_create_lands_after(job: &BackgroundJob, now: jiff::Timestamp) -> Insta
 /// [`adopt`]) was checked by the replica that created it.
 async fn start(
     client: &Client,
-    pods: &Api<Pod>,
     executor: &PodExecutor,
     job: &BackgroundJob,
     ctx: &JobContext,
     name: &str,
     now: jiff::Timestamp,
+    not_starting: &(dyn Fn(&str, Option<&str>) + Sync),
 ) -> Result<String, AttemptResult> {
+    let pods: &Api<Pod> = &Api::namespaced(client.clone(), &ctx.namespace);
     let policy = &executor.policy;
     let mut wanted = pod_for(job, ctx).map_err(AttemptResult::Permanent)?;
     let made = executor.maker(job, ctx.attempt);
@@ -341,9 +342,16 @@ async fn start(
     // The latest create whose outcome is unknown (see `create_may_have_landed`): it may still be handled.
     let mut unanswered: Option<Instant> = None;
     let mut last_error = String::from("no create was sent in time");
+    // The last create was refused by a full ResourceQuota: the Pod waits for room, not counted as a failed attempt.
+    let mut no_room = false;
     let failed = loop {
         if Instant::now() >= patience {
-            break AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}"));
+            break if no_room {
+                let within = CREATE_PATIENCE.as_secs();
+                AttemptResult::NotStarted(format!("found no room for pod {name} within {within}s: {last_error}"))
+            } else {
+                AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}"))
+            };
         }
         let sent = Instant::now();
         executor.note_unanswered(&ctx.uid, ctx.attempt, Some(sent));
@@ -376,11 +384,28 @@ async fn start(
             Some(400) | Some(422) => {
                 break AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
             }
-            Some(403) => {
-                break AttemptResult::Retryable(format!(
-                    "not allowed to create pods (is the chart's podMode enabled?): {e}"
-                ));
-            }
+            Some(403) => match forbidden_pod(&e) {
+                ForbiddenPod::NoRoom => {
+                    // A quota refuses before the store would answer AlreadyExists: an earlier create whose answer
+                    // was lost may have made this attempt's Pod, the very one that fills the quota.
+                    if unanswered.is_some()
+                        && let Found::Ours { uid, .. } = find(pods, job, &ctx.uid, name, &made).await.0
+                    {
+                        tracing::info!(pod = %name, "adopted the attempt's pod");
+                        return Ok(uid);
+                    }
+                    no_room = true;
+                    not_starting(name, Some(&format!("cannot be created, waiting for room: {e}")));
+                }
+                ForbiddenPod::NotAllowed => {
+                    break AttemptResult::Retryable(format!(
+                        "not allowed to create pods (is the chart's podMode enabled?): {e}"
+                    ));
+                }
+                ForbiddenPod::Refused => {
+                    break AttemptResult::Permanent(format!("the apiserver refused the Pod from spec.template: {e}"));
+                }
+            },
             // Any other refusal is an answer: this create made nothing.
             Some(code) if (400..500).contains(&code) && !matches!(code, 408 | 429) => {
                 break AttemptResult::Retryable(format!("cannot create pod {name}: {e}"));
@@ -388,6 +413,7 @@ async fn start(
             _ => {}
         }
         tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again");
+        no_room &= api_code(&e) == Some(403);
         last_error = e.to_string();
         backoff.wait().await;
     };
@@ -401,6 +427,32 @@ async fn start(
 /// Whether a create that failed with this answer (`None`: none came) may still have made, or yet make, the Pod: no
 /// answer, or a server error (the apiserver's own timeout, an etcd timeout after the write, a proxy in front of it
 /// that gave up), except 501. Any other answer says the create made nothing.
+/// Why the apiserver answered a Pod's create `403 Forbidden`.
+#[derive(Debug, PartialEq, Eq)]
+enum ForbiddenPod {
+    /// A ResourceQuota is full (`exceeded quota`): there will be room once other Pods end.
+    NoRoom,
+    /// RBAC does not let the operator create Pods there (`cannot create resource "pods"`): a setting to fix.
+    NotAllowed,
+    /// Anything else refuses this Pod as it is, and will again: a LimitRange, PodSecurity (or a PodSecurityPolicy),
+    /// an admission webhook's denial, a namespace being deleted.
+    Refused,
+}
+
+fn forbidden_pod(e: &kube::Error) -> ForbiddenPod {
+    let message = match e {
+        kube::Error::Api(status) => status.message.as_str(),
+        _ => "",
+    };
+    if message.contains("exceeded quota") {
+        ForbiddenPod::NoRoom
+    } else if message.contains("cannot create resource") {
+        ForbiddenPod::NotAllowed
+    } else {
+        ForbiddenPod::Refused
+    }
+}
+
 fn create_may_have_landed(code: Option<u16>) -> bool {
     match code {
         None => true,
@@ -1198,6 +1250,27 @@ async fn request_deletion(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forbidden_pod_waits_for_a_full_quota_is_retried_for_rbac_and_fails_for_the_rest() {
+        let forbidden = |message: &str| {
+            forbidden_pod(&kube::Error::Api(kube::core::Status::failure(message, "Forbidden").with_code(403).boxed()))
+        };
+        let quota =
+            r#"pods "j-1" is forbidden: exceeded quota: pods, requested: pods=1, used: pods=1, limited: pods=1"#;
+        assert_eq!(forbidden(quota), ForbiddenPod::NoRoom);
+        let rbac = r#"pods is forbidden: User "system:serviceaccount:bgjobs:bgjobs" cannot create resource "pods" in API group "" in the namespace "x""#;
+        assert_eq!(forbidden(rbac), ForbiddenPod::NotAllowed);
+        for refused in [
+            r#"pods "j-1" is forbidden: maximum cpu usage per Container is 100m, but limit is 200m"#,
+            r#"pods "j-1" is forbidden: unable to validate against any pod security policy: []"#,
+            r#"pods "j-1" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false"#,
+            r#"admission webhook "deny.example.com" denied the request: no"#,
+            r#"pods "j-1" is forbidden: unable to create new content in namespace x because it is being terminated"#,
+        ] {
+            assert_eq!(forbidden(refused), ForbiddenPod::Refused, "{refused}");
+        }
+    }
     use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
     use tokio_util::sync::CancellationToken;
 
