@@ -61,7 +61,7 @@ mod tests {
     use super::*;
 
     /// Every reason bgjobs records, on jobs and on recurring definitions.
-    const PROBLEMS: [&str; 17] = [
+    const PROBLEMS: [&str; 18] = [
         "Retrying",
         "Failed",
         "Abandoned",
@@ -79,6 +79,7 @@ mod tests {
         "WaitingForPod",
         "ForeignLease",
         "ClaimRefused",
+        "DeleteRefused",
     ];
 
     #[test]

@@ -38,6 +38,53 @@ async fn a_namespaces_retention_deletes_its_successes_and_keeps_its_failures() {
     assert!(finished_for(&jobs[0]).unwrap() > Duration::from_secs(3), "finished long enough ago to have gone");
 }
 
+/// A policy refuses the deletes of 20 finished jobs (403), for good: each is tried again less and less often, and says
+/// why in a `DeleteRefused` Warning, while other jobs' retention goes on; once the policy is lifted they are deleted.
+/// Before, a refused delete held its job back a second, like any write just made: each was sent again about once a
+/// second, for ever, taking the replica's delete pace from every other job's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_a_policy_refuses_are_tried_less_and_less_often_and_done_once_it_is_lifted() {
+    let env = TestEnv::new("ret-refused").await;
+    let proxy = common::http_proxy::HttpProxy::to_apiserver().await;
+    proxy.answer_instead(403, Some(http::Method::DELETE), "/backgroundjobs/keep-", usize::MAX);
+    for i in 0..20 {
+        env.create(&format!("keep-{i:02}"), json!({"jobName": "noop"})).await;
+    }
+    let _r = env.replica_with("r", &["--retention", "finished=0s"], &proxy.options(&env.dir));
+    let deadline = Instant::now() + 2 * MINUTE;
+    while proxy.held() < 20 {
+        assert!(Instant::now() < deadline, "only {} deletes were refused", proxy.held());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Jobs that finish meanwhile are deleted as ever.
+    env.create("other", json!({"jobName": "noop"})).await;
+    let before = proxy.held();
+    let deadline = Instant::now() + MINUTE;
+    while env.jobs.get_opt("other").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "another finished job was never deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let refused = proxy.held() - before;
+    assert!(
+        refused < 100,
+        "{refused} deletes of 20 refused jobs sent again in about 20 s (before: about one a second each)"
+    );
+    let said = env.warnings_on("keep-00", "DeleteRefused").await;
+    assert!(said.iter().any(|n| n.contains("turned down this replica's delete") && n.contains("403")), "{said:?}");
+    proxy.answer_at_once();
+    let deadline = Instant::now() + 3 * MINUTE;
+    loop {
+        let left = env.list().await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not deleted once the policy was lifted: {}", common::summary(&left));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_of_a_recurring_definition_follow_its_history_limit_not_the_operators_retention() {
     let env = TestEnv::new("retention-rec").await;

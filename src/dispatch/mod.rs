@@ -57,15 +57,18 @@ const KEY_LEASE_HOLD: Duration = Duration::from_millis(250);
 /// Bounded, because a lost race at the Lease does not always change the job itself.
 const SETTLE_HOLD: Duration = Duration::from_secs(1);
 
-/// The first hold of a job whose claim the apiserver turned down for a reason that lasts (RBAC, a full quota, a
-/// policy webhook, a namespace being deleted): doubled at each refusal in a row, up to [`REFUSED_HOLD_MOST`]. Not
-/// [`SETTLE_HOLD`]: a refused claim changes nothing, so a thousand such jobs at the head were tried again every second
-/// on every replica, and the jobs behind them, in every namespace, waited behind the refusals.
+/// The first hold of a job whose claim (or retention delete) the apiserver turned down for a reason that lasts (RBAC,
+/// a full quota, a policy webhook, a namespace being deleted): doubled at each refusal in a row, up to
+/// [`REFUSED_HOLD_MOST`]. Not [`SETTLE_HOLD`]: a refused write changes nothing, so a thousand such jobs at the head
+/// were tried again every second on every replica, and the jobs behind them, in every namespace, waited behind the
+/// refusals (and refused deletes took the delete pace from every other namespace's).
 const REFUSED_HOLD_LEAST: Duration = Duration::from_secs(2);
 /// The longest hold of a job whose claims keep being refused (room in a quota may come back sooner).
 const REFUSED_HOLD_MOST: Duration = Duration::from_secs(120);
-/// How often a job whose claims keep being refused says so again in a `ClaimRefused` Warning.
+/// How often a job whose claims (or deletes) keep being refused says so again in a Warning.
 const REFUSED_EVENT_EVERY: Duration = Duration::from_secs(600);
+/// At most this many such Warnings a second per replica (a namespace's refusals are usually its every job's).
+const REFUSED_EVENTS_PER_SECOND: f64 = 2.0;
 
 /// How long a job is left alone after its `refusals`-th claim in a row was turned down.
 fn refused_hold(refusals: u32) -> Duration {
@@ -73,7 +76,15 @@ fn refused_hold(refusals: u32) -> Duration {
     (REFUSED_HOLD_LEAST * 2u32.pow(doublings)).min(REFUSED_HOLD_MOST)
 }
 
-/// Claims of one job turned down in a row, and when it last said so in an Event.
+/// A write of a job's that the apiserver turned down for a reason that lasts.
+struct Refused {
+    /// `ClaimRefused` or `DeleteRefused`.
+    reason: &'static str,
+    /// The apiserver's words.
+    why: String,
+}
+
+/// Writes of one job turned down in a row, and when it last said so in an Event.
 struct Refusals {
     count: u32,
     said_at: Option<Instant>,
@@ -107,8 +118,8 @@ struct Done {
     hold_until: Option<Instant>,
     /// A cluster slot held by a gone job's Pod ([`LostAt::GoneJobsPod`]): offered to no claim until then.
     blocked_slot: Option<(String, Instant)>,
-    /// The claim was turned down for a reason that lasts ([`crate::error::lasting_refusal`]): the apiserver's words.
-    refused: Option<String>,
+    /// The write was turned down for a reason that lasts ([`crate::error::lasting_refusal`]).
+    refused: Option<Refused>,
 }
 
 /// Sends its [`Done`] when dropped: when the task returns, and also when it unwinds from a panic.
@@ -125,6 +136,13 @@ impl DoneOnDrop {
         worker.event(job, EventType::Warning, "TooLarge", TOO_LARGE_NOTE.to_string());
         if let Some(d) = self.done.as_mut() {
             d.hold_until = Some(Instant::now() + TOO_LARGE_HOLD);
+        }
+    }
+
+    /// Carry back that the apiserver turned the write down for a reason that lasts (`reason`: the Event's).
+    fn refused(&mut self, reason: &'static str, e: &crate::Error) {
+        if let Some(d) = self.done.as_mut() {
+            d.refused = Some(Refused { reason, why: e.to_string() });
         }
     }
 
@@ -263,8 +281,9 @@ pub struct Dispatcher {
     /// Jobs this replica just acted on: the resourceVersion it acted on, and until when it leaves them alone while
     /// the cache still shows that version.
     settled_at: HashMap<String, (String, Instant)>,
-    /// Jobs whose claims the apiserver keeps turning down (see [`REFUSED_HOLD_LEAST`]).
+    /// Jobs whose claims or deletes the apiserver keeps turning down (see [`REFUSED_HOLD_LEAST`]).
     refusals: HashMap<String, Refusals>,
+    refusal_events: Pace,
     observer: Observer,
     /// With a cluster-wide cap: slot Leases by name as last seen, and the slot each of our claims uses.
     slot_observer: Observer,
@@ -381,6 +400,7 @@ impl Dispatcher {
             delete_pace: Pace::new(DELETES_PER_SECOND, DELETE_BURST, Instant::now()),
             settled_at: HashMap::new(),
             refusals: HashMap::new(),
+            refusal_events: Pace::new(REFUSED_EVENTS_PER_SECOND, 20.0, Instant::now()),
             observer: Observer::default(),
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
@@ -442,7 +462,7 @@ impl Dispatcher {
     fn finish(&mut self, mut done: Done) {
         self.held.remove(&done.uid);
         match done.refused.take() {
-            Some(why) => done.hold_until = Some(Instant::now() + self.claim_refused(&done.uid, &why)),
+            Some(refused) => done.hold_until = Some(Instant::now() + self.write_refused(&done.uid, refused)),
             None => {
                 self.refusals.remove(&done.uid);
             }
@@ -685,26 +705,46 @@ impl Dispatcher {
         }
     }
 
-    /// Count one more refused claim of job `uid` (saying why on the job now and then): how long to leave it alone.
-    fn claim_refused(&mut self, uid: &str, why: &str) -> Duration {
-        self.worker.metrics.claims_refused.inc();
+    /// Count one more refused claim or delete of job `uid` (saying why on the job now and then): how long to leave
+    /// it alone.
+    fn write_refused(&mut self, uid: &str, Refused { reason, why }: Refused) -> Duration {
+        let claim = reason == "ClaimRefused";
+        if claim {
+            self.worker.metrics.claims_refused.inc();
+        }
         let refusals = self.refusals.entry(uid.to_string()).or_insert(Refusals { count: 0, said_at: None });
         refusals.count = refusals.count.saturating_add(1);
         let hold = refused_hold(refusals.count);
         let say = refusals.said_at.is_none_or(|at| at.elapsed() >= REFUSED_EVENT_EVERY);
-        if let Some(job) = self.backlog.job(uid).filter(|_| say) {
+        if let Some(job) = self.backlog.job(uid).filter(|_| say && self.refusal_events.take(Instant::now())) {
             refusals.said_at = Some(Instant::now());
             let ns = job.namespace().unwrap_or_default();
+            let (what, so, check) = if claim {
+                (
+                    "claim",
+                    "it waits",
+                    format!(
+                        "bgjobs' Leases or status writes in namespace {ns}: the operator's \
+                    RBAC, a ResourceQuota on count/leases.coordination.k8s.io"
+                    ),
+                )
+            } else {
+                (
+                    "delete (its retention passed)",
+                    "it is kept",
+                    format!(
+                        "deletes of BackgroundJobs in namespace \
+                    {ns}: the operator's RBAC"
+                    ),
+                )
+            };
+            let (count, hold_s, most_s) = (refusals.count, hold.as_secs(), REFUSED_HOLD_MOST.as_secs());
             let note = format!(
-                "the apiserver turned down this replica's claim of the job ({} in a row), so it waits: {why}; tried \
-                 again in {}s (then less often, up to every {}s). Check what may refuse bgjobs' Leases or status \
-                 writes in namespace {ns}: the operator's RBAC, a ResourceQuota on count/leases.coordination.k8s.io, \
-                 an admission policy, the namespace being deleted",
-                refusals.count,
-                hold.as_secs(),
-                REFUSED_HOLD_MOST.as_secs()
+                "the apiserver turned down this replica's {what} of the job ({count} in a row), so {so}: {why}; tried \
+                 again in {hold_s}s (then less often, up to every {most_s}s). Check what may refuse {check}, an \
+                 admission policy, the namespace being deleted"
             );
-            self.worker.event(job, EventType::Warning, "ClaimRefused", note);
+            self.worker.event(job, EventType::Warning, reason, note);
         }
         hold
     }
@@ -1305,9 +1345,7 @@ impl Dispatcher {
                 Ok(ClaimOutcome::TooLarge(None)) => done.too_large(&worker, &job),
                 Err(e) if crate::error::lasting_refusal(&e) => {
                     warn!(job = %job.name_any(), error = %e, "claim refused by the apiserver");
-                    if let Some(d) = done.done.as_mut() {
-                        d.refused = Some(e.to_string());
-                    }
+                    done.refused("ClaimRefused", &e);
                 }
                 Err(e) => warn!(job = %job.name_any(), error = %e, "claim failed"),
             }
@@ -1514,10 +1552,14 @@ impl Dispatcher {
         let name = job.name_any();
         self.worker.metrics.ttl_deletions.inc();
         tokio::spawn(async move {
-            let _done = done;
+            let mut done = done;
             match crate::client::bounded(SIDE_WRITE_LIMIT, async { Ok(api.delete(&name, &dp).await?) }).await {
                 Ok(_) => debug!(job = %name, "deleted finished job after its TTL"),
                 Err(crate::Error::Kube(e)) if crate::error::api_code(&e) == Some(409) || crate::error::gone(&e) => {}
+                Err(e) if crate::error::lasting_refusal(&e) => {
+                    warn!(job = %name, error = %e, "deleting a finished job refused by the apiserver");
+                    done.refused("DeleteRefused", &e);
+                }
                 Err(e) => warn!(job = %name, error = %e, "could not delete finished job"),
             }
         });
