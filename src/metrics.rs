@@ -79,6 +79,9 @@ pub struct Metrics {
     pub events: Family<EventLabels, Counter>,
     /// The sum of `events` (a family cannot be summed), for [`Metrics::summary`].
     events_sum: Counter,
+    /// Events the apiserver did not take (RBAC without `create` on `events.k8s.io` events, a quota, an outage): each
+    /// is also logged. Those that explain a wait (`ForeignLease`, `ClaimRefused`, `PodNotStarting`) go unsaid.
+    pub events_not_recorded: Counter,
     /// Waiting jobs, by namespace, queue and priority.
     pub queue_depth: Family<QueueLabels, Gauge>,
     /// Attempts claimed or running on this replica now.
@@ -119,6 +122,7 @@ impl Default for Metrics {
             finished: Family::default(),
             events: Family::default(),
             events_sum: Counter::default(),
+            events_not_recorded: Counter::default(),
             queue_depth: Family::default(),
             running: Gauge::default(),
             pods_not_stopping: Gauge::default(),
@@ -161,6 +165,11 @@ impl Default for Metrics {
             m.finished.clone(),
         );
         r.register("events", "Kubernetes Events recorded, by type and reason (see --events)", m.events.clone());
+        r.register(
+            "events_not_recorded",
+            "Kubernetes Events the apiserver did not take (RBAC on events.k8s.io, a quota, an outage)",
+            m.events_not_recorded.clone(),
+        );
         r.register("queue_depth", "Waiting jobs, by namespace, queue and priority", m.queue_depth.clone());
         r.register("running_jobs", "Attempts claimed or running on this replica", m.running.clone());
         r.register(

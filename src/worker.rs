@@ -126,13 +126,14 @@ impl Worker {
         let Some(recorder) = self.recorder.clone() else { return };
         self.metrics.count_event(&type_, reason);
         let ev = Event { type_, reason: reason.into(), note: Some(event_note(note)), action, secondary: None };
-        let (client, identity) = (self.client.clone(), self.identity.clone());
+        let (client, identity, metrics) = (self.client.clone(), self.identity.clone(), self.metrics.clone());
         self.publishing.spawn(async move {
             let published = match &reference.name {
                 Some(name) if !recorder_names(name) => publish_shortened(client, identity, &ev, &reference, name).await,
                 _ => recorder.publish(&ev, &reference).await,
             };
             if let Err(e) = published {
+                metrics.events_not_recorded.inc();
                 tracing::warn!(error = %e, reason = ev.reason, "could not publish an Event");
             }
         });

@@ -154,6 +154,29 @@ async fn by_default_events_tell_the_story_of_a_retried_job_and_nothing_of_a_happ
     ));
 }
 
+/// A replica whose RBAC lets it create no Events (a hand-written Role that grants core `events`, not
+/// `events.k8s.io`) still runs its jobs, and counts each Event the apiserver did not take, so the silence can be
+/// alerted on. Before, they were counted as recorded, and only a log line said otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_apiserver_refuses_are_counted_as_not_recorded() {
+    let env = TestEnv::new("events-refused").await;
+    let account = common::operator_account(&env, "bgjobs-no-events", &[("events", "create")]).await;
+    let options = common::ReplicaOptions { kubeconfig: Some(account), ..Default::default() };
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _r = env.replica_with("e", &["--metrics-addr", &addr, "--lease-namespace", env.ns.as_str()], &options);
+    env.create("story", json!({"jobName": "fail", "retry": {"maxAttempts": 2, "backoffSeconds": 0}})).await;
+    env.wait_job("story", Duration::from_secs(60), "Failed", |j| j.phase() == Phase::Failed).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = get(&format!("http://{addr}/metrics")).await;
+        if text.contains("bgjobs_events_not_recorded_total 2") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the two refused Events were not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_events_all_the_happy_path_is_recorded_too() {
     let env = TestEnv::new("events-all").await;
