@@ -58,6 +58,10 @@ pub struct AttemptControl {
     /// Exclusive strategy: the cluster-wide Lease this replica held when it claimed. The attempt may act only
     /// while that very tenure is current, like its own Lease.
     leader: Option<Arc<Keeper>>,
+    /// The job's spec as edited since the claim, as the dispatcher saw it (see [`AttemptControl::seen`]).
+    edited: Mutex<Option<Arc<BackgroundJob>>>,
+    /// Told when an edit changed the attempt's limits.
+    limits_edited: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -160,6 +164,49 @@ impl AttemptControl {
 
     fn reason(&self) -> Option<StopReason> {
         self.state().reason
+    }
+
+    /// The job as the dispatcher sees it now. A spec edited since the claim (a newer `metadata.generation`) is the
+    /// one the attempt is bound and judged by: `timeoutSeconds`, `attemptTimeoutSeconds` and `retry` raised on a
+    /// running job (the admission webhook lets them through) apply to the attempt already running, as they would to
+    /// an adopted one, instead of ending it by the limits it was claimed under and saying so in words its spec
+    /// contradicts.
+    pub fn seen(&self, job: &Arc<BackgroundJob>) {
+        let mut edited = self.edited.lock().unwrap_or_else(|e| e.into_inner());
+        let newer = edited.as_ref().is_none_or(|e| e.metadata.generation < job.metadata.generation);
+        if newer {
+            *edited = Some(job.clone());
+            self.limits_edited.notify_one();
+        }
+    }
+
+    /// `claimed` (the job as its claim wrote it) with the spec edited since, if any (see [`AttemptControl::seen`]).
+    fn judged(&self, claimed: &BackgroundJob) -> BackgroundJob {
+        let edited = self.edited.lock().unwrap_or_else(|e| e.into_inner());
+        let mut judged = claimed.clone();
+        if let Some(e) = edited.as_ref().filter(|e| e.metadata.generation > claimed.metadata.generation) {
+            // Only the limits: the cache's copy is slimmed (`queue::slim`), and the rest is not the webhook's to let
+            // through.
+            judged.spec.timeout_seconds = e.spec.timeout_seconds;
+            judged.spec.attempt_timeout_seconds = e.spec.attempt_timeout_seconds;
+            judged.spec.retry = e.spec.retry.clone();
+        }
+        judged
+    }
+
+    /// Resolves when the attempt's limit passes, by the spec as edited since the claim: whether it was the job's
+    /// deadline (else `attemptTimeoutSeconds`, as given).
+    async fn limit_passed(&self, claimed: &BackgroundJob, now: impl Fn() -> jiff::Timestamp) -> (bool, i64) {
+        loop {
+            let judged = self.judged(claimed);
+            let (left, is_deadline) = attempt_limit(&judged, now());
+            tokio::select! {
+                _ = tokio::time::sleep(left) => {
+                    return (is_deadline, judged.spec.attempt_timeout_seconds.unwrap_or(0));
+                }
+                _ = self.limits_edited.notified() => {}
+            }
+        }
     }
 }
 
@@ -356,7 +403,6 @@ async fn run_claimed(
         report: report.clone(),
     };
     let started = worker.clock.now();
-    let (limit, limit_is_deadline) = attempt_limit(&job, started);
     // A Pod that does not stop once deleted (its node unreachable) keeps this attempt's slots: said once per attempt,
     // whether it was deleted while the attempt ran (an eviction) or after it ended (the stop below).
     let not_stopping = PodNotStopping { worker, job: &job, told: AtomicBool::new(false) };
@@ -389,13 +435,18 @@ async fn run_claimed(
         let ending = tokio::select! {
             biased;
             _ = control.token.cancelled() => Ending::Stopped(control.reason().unwrap_or(StopReason::Shutdown)),
-            r = tokio::time::timeout(limit, guarded) => match r {
-                Ok(Some(result)) => Ending::Finished(result),
-                Ok(None) if holds_claim() => Ending::Stopped(StopReason::NotLeader),
-                Ok(None) => Ending::LeaseLost,
-                Err(_) if limit_is_deadline => Ending::DeadlineReached(not_starting.why()),
-                Err(_) => Ending::AttemptTimedOut(job.spec.attempt_timeout_seconds.unwrap_or(0), not_starting.why()),
+            r = guarded => match r {
+                Some(result) => Ending::Finished(result),
+                None if holds_claim() => Ending::Stopped(StopReason::NotLeader),
+                None => Ending::LeaseLost,
             },
+            (is_deadline, secs) = control.limit_passed(&job, || worker.clock.now()) => {
+                if is_deadline {
+                    Ending::DeadlineReached(not_starting.why())
+                } else {
+                    Ending::AttemptTimedOut(secs, not_starting.why())
+                }
+            }
             _ = hold.lost() => Ending::LeaseLost,
             _ = control.leadership_lost() => Ending::Stopped(StopReason::NotLeader),
             _ = cancelled_once_handed_out(control, &report) => {
@@ -506,7 +557,9 @@ async fn run_claimed(
         info!("attempt handed over: its work goes on and will be adopted");
         return Handover::PodRunsOn;
     }
-    let record = record(worker, jobs, &job, &fence, ending, report.take_result());
+    // Judged by its spec as edited while it ran (a raised `retry.maxAttempts`, say), written as the claim left it.
+    let judged = control.judged(&job);
+    let record = record(worker, jobs, &judged, &fence, ending, report.take_result());
     // The outcome is written (and sent again while the apiserver cannot take it) for as long as the attempt's claim
     // holds: its tenure and Leases confirmed within the renew deadline, whatever happens to the job's writes. Past
     // that another replica may take over. Not a deadline fixed when the write began: an apiserver that serves Leases
@@ -830,6 +883,41 @@ mod tests {
 
     /// A Pod that could not start, then did (a node was added), and timed out running: its outcome does not say it
     /// had not started. Told once per attempt, whatever it says after.
+    #[test]
+    fn an_attempt_is_judged_by_the_limits_of_a_spec_edited_since_its_claim_and_by_nothing_else_of_it() {
+        let job = |generation: i64, timeout: i64, image: &str| {
+            let mut j: BackgroundJob = serde_json::from_value(serde_json::json!({
+                "apiVersion": "bgjobs.dev/v1alpha1", "kind": "BackgroundJob",
+                "metadata": {"name": "j", "namespace": "ns", "generation": generation},
+                "spec": {"jobName": "x", "timeoutSeconds": timeout, "retry": {"maxAttempts": generation},
+                    "template": {"spec": {"containers": [{"name": "main", "image": image}]}}}}))
+            .unwrap();
+            j.spec.args = Some(crate::api::Args::from(serde_json::json!({"n": generation})));
+            Arc::new(j)
+        };
+        let claimed = job(2, 60, "claimed");
+        let control = AttemptControl::default();
+        control.seen(&job(1, 30, "older"));
+        assert_eq!(
+            control.judged(&claimed).spec,
+            claimed.spec,
+            "an older version the cache still shows changes nothing"
+        );
+        control.seen(&job(3, 600, "edited"));
+        let judged = control.judged(&claimed);
+        assert_eq!((judged.spec.timeout_seconds, judged.spec.retry.max_attempts), (600, Some(3)));
+        assert_eq!(
+            (judged.spec.args.clone(), judged.spec.template.clone()),
+            (claimed.spec.args.clone(), claimed.spec.template.clone())
+        );
+        control.seen(&job(2, 5, "stale"));
+        assert_eq!(
+            control.judged(&claimed).spec.timeout_seconds,
+            600,
+            "a later look at an older version undoes nothing"
+        );
+    }
+
     #[test]
     fn a_pod_that_could_not_start_then_did_is_not_said_to_have_not_started() {
         let mut state = NotStarting::default();

@@ -1045,3 +1045,36 @@ async fn a_job_cancelled_during_its_replicas_shutdown_grace_stops_at_once() {
     assert!(!why.contains("shut down"), "{why}");
     assert!(r.exit_within(Duration::from_secs(30)).is_some(), "the replica exits once its attempt stopped");
 }
+
+/// Limits raised on a running job (the admission webhook lets `timeoutSeconds` and `retry` through) apply to the
+/// attempt already running: a job whose timeout was raised from 12 s to 600 s while it ran finishes its 25 s of work,
+/// and one whose `retry.maxAttempts` was raised from 1 to 2 while its first attempt ran is tried again when that
+/// attempt times out. Before, an attempt was bound and judged by the spec it was claimed with: the first was
+/// `Abandoned` at 12 s ("the job's timeout of 12s since creation passed"), the second `Failed` "after 1 of 1
+/// attempts", each against its own spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_raised_on_a_running_job_apply_to_the_attempt_already_running() {
+    let env = TestEnv::new("limits-raised").await;
+    let _r = env.replica("r", &[]);
+    env.create("longer", json!({"jobName": "sleep", "args": {"seconds": 25}, "timeoutSeconds": 12})).await;
+    let retried = json!({"jobName": "sleep", "args": {"seconds": 30}, "attemptTimeoutSeconds": 6,
+        "retry": {"maxAttempts": 1, "backoffSeconds": 1}});
+    env.create("retried", retried).await;
+    for name in ["longer", "retried"] {
+        env.wait_job(name, MINUTE, "Running", |j| j.phase() == Phase::Running).await;
+    }
+    let raise = |spec: serde_json::Value| Patch::Merge(json!({ "spec": spec }));
+    env.jobs.patch("longer", &PatchParams::default(), &raise(json!({"timeoutSeconds": 600}))).await.unwrap();
+    env.jobs.patch("retried", &PatchParams::default(), &raise(json!({"retry": {"maxAttempts": 2}}))).await.unwrap();
+
+    let longer = env.wait_job("longer", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let why = longer.status.clone().and_then(|s| s.last_error).unwrap_or_default();
+    assert_eq!((longer.phase(), longer.attempts()), (Phase::Succeeded, 1), "{why}");
+    let retried = env.wait_job("retried", 2 * MINUTE, "final", |j| j.phase().is_final()).await;
+    let why = retried.status.clone().and_then(|s| s.last_error).unwrap_or_default();
+    assert_eq!((retried.phase(), retried.attempts()), (Phase::Failed, 2), "{why}");
+    assert!(
+        why.contains("exceeded attemptTimeoutSeconds (6s)") && why.contains("gave up after 2 of 2 attempts"),
+        "{why}"
+    );
+}

@@ -789,6 +789,7 @@ impl Dispatcher {
         let since = self.backlog.take_runnable(uid).map(|c| c.since).or_else(|| self.backlog.take_since(uid));
         self.backlog.disarm(uid);
         if let Some(control) = self.held.get(uid) {
+            control.seen(&job);
             if let Some(reason) = crate::attempt::stop_asked(&job) {
                 control.stop(reason);
             }
