@@ -97,7 +97,8 @@ pub fn verdict(
 }
 
 /// Kubernetes `Time` fields keep whole seconds only: a retry time is rounded up, never down, so that a retry
-/// never starts before its backoff has passed.
+/// never starts before its backoff has passed (by the replicas' reading of the cluster's clock, which agree within
+/// `clock::REPLICAS_AGREE_WITHIN`: docs/usage.md's notes say what that costs).
 pub fn ceil_to_second(t: Timestamp) -> Timestamp {
     if t.subsec_nanosecond() == 0 { t } else { Timestamp::from_second(t.as_second() + 1).unwrap_or(t) }
 }
