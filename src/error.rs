@@ -143,6 +143,12 @@ pub fn lasting_refusal(e: &Error) -> bool {
     refused(e) && !matches!(e, Error::Kube(e) if not_served(e))
 }
 
+/// A [`lasting_refusal`] that waits on a person or a policy (RBAC, a full quota, an admission policy, a namespace
+/// being deleted), not on load: a `429` of API Priority and Fairness passes as the load does.
+pub fn refused_by_policy(e: &Error) -> bool {
+    lasting_refusal(e) && !matches!(e, Error::Kube(e) if api_code(e) == Some(429))
+}
+
 /// A Kubernetes API error, told apart when it is a ResourceQuota refusing a create (403 "exceeded quota").
 pub fn from_create(e: kube::Error) -> Error {
     match &e {
@@ -209,6 +215,15 @@ mod tests {
         let too_large = kube::core::Status::failure("etcdserver: request is too large", "").with_code(500);
         assert!(!is_transient_answer(&kube::Error::Api(too_large.boxed())), "sent again, it is as large");
         assert!(is_transient_answer(&kube::Error::Api(kube::core::Status::failure("", "").with_code(503).boxed())));
+    }
+
+    #[test]
+    fn a_policy_refusal_is_a_lasting_one_that_is_not_a_rate_limit() {
+        for code in [401, 403, 422] {
+            assert!(refused_by_policy(&api(code)), "{code}");
+        }
+        assert!(lasting_refusal(&api(429)) && !refused_by_policy(&api(429)), "a 429 passes with the load");
+        assert!(!refused_by_policy(&api(503)) && !refused_by_policy(&api(409)));
     }
 
     #[test]

@@ -298,10 +298,11 @@ async fn a_pod_that_cannot_start_says_why_in_a_warning_and_in_its_attempts_timeo
 }
 
 /// A namespace whose ResourceQuota allows one Pod, full while another job's Pod runs: the next Pod job waits for
-/// room (its create tried again, a `PodNotStarting` Warning saying why) and runs once the first Pod ended, its attempt
-/// not counted as failed; and a Pod its LimitRange refuses fails its job at once (it would be refused again). Before,
-/// both were taken for "not allowed to create pods (is the chart's podMode enabled?)" and retried per policy: with
-/// `maxAttempts: 1`, the first failed without ever running; the second was tried again three times.
+/// room (a `PodNotStarting` Warning saying why, its attempts handed back unstarted, not counted as failed, waiting off
+/// the replica's slots, so a job behind it runs meanwhile) and runs once the first Pod ended; and a Pod its LimitRange
+/// refuses fails its job at once (it would be refused again). Before, both were taken for "not allowed to create pods
+/// (is the chart's podMode enabled?)" and retried per policy: with `maxAttempts: 1`, the first failed without ever
+/// running; the second was tried again three times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_job_waits_for_room_in_a_full_pod_quota_and_one_its_limit_range_refuses_fails_at_once() {
     use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota};
@@ -319,8 +320,8 @@ async fn a_pod_job_waits_for_room_in_a_full_pod_quota_and_one_its_limit_range_re
         assert!(Instant::now() < deadline, "the ResourceQuota controller never filled in the quota's status");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _r = env.replica("r", &[]);
-    env.create("first", shell_job("sleep 12", json!({}))).await;
+    let _r = env.replica("r", &["--max-concurrent-jobs-per-instance", "2"]);
+    env.create("first", shell_job("sleep 40", json!({}))).await;
     wait_pod_phase(&env, "first", "Running").await;
     env.create("second", shell_job("echo done", json!({"retry": {"maxAttempts": 1}}))).await;
     let mut greedy = shell_job("true", json!({"retry": {"maxAttempts": 3, "backoffSeconds": 0}}));
@@ -332,12 +333,22 @@ async fn a_pod_job_waits_for_room_in_a_full_pod_quota_and_one_its_limit_range_re
     assert_eq!((refused.phase(), refused.attempts()), (Phase::Failed, 1), "{reason}");
     assert!(reason.contains("the apiserver refused the Pod from spec.template") && reason.contains("cpu"), "{reason}");
 
+    let deadline = Instant::now() + MINUTE;
+    let room = |w: &String| w.contains("waiting for room") && w.contains("exceeded quota");
+    while !env.warnings_on("second", "PodNotStarting").await.iter().any(room) {
+        assert!(Instant::now() < deadline, "second never said it waits for room");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The replica's other slot is free for a job behind it while it waits (before: held until the first Pod ended).
+    env.create("behind", json!({"jobName": "noop"})).await;
+    env.wait_job("behind", Duration::from_secs(25), "Succeeded", |j| j.phase() == Phase::Succeeded).await;
+    assert_eq!(env.jobs.get("first").await.unwrap().phase(), Phase::Running, "the first Pod still fills the quota");
+
     let waited = env.wait_job("second", 3 * MINUTE, "final", |j| j.phase().is_final()).await;
     let status = waited.status.clone().unwrap();
     assert_eq!(waited.phase(), Phase::Succeeded, "{status:?}");
+    assert!(status.unstarted_attempts >= 1, "handed back while it waited: {status:?}");
     assert_eq!(waited.attempts() - status.unstarted_attempts, 1, "no attempt counted as failed: {status:?}");
-    let warnings = env.warnings_on("second", "PodNotStarting").await;
-    assert!(warnings.iter().any(|w| w.contains("waiting for room") && w.contains("exceeded quota")), "{warnings:?}");
     let pod = format!("second-{}", waited.attempts());
     assert!(pod_log(&env.client, &env.ns, &pod).await.contains("done"));
 }

@@ -1047,17 +1047,17 @@ async fn a_job_cancelled_during_its_replicas_shutdown_grace_stops_at_once() {
 }
 
 /// Limits raised on a running job (the admission webhook lets `timeoutSeconds` and `retry` through) apply to the
-/// attempt already running: a job whose timeout was raised from 12 s to 600 s while it ran finishes its 25 s of work,
+/// attempt already running: a job whose timeout was raised from 20 s to 600 s while it ran finishes its 40 s of work,
 /// and one whose `retry.maxAttempts` was raised from 1 to 2 while its first attempt ran is tried again when that
 /// attempt times out. Before, an attempt was bound and judged by the spec it was claimed with: the first was
-/// `Abandoned` at 12 s ("the job's timeout of 12s since creation passed"), the second `Failed` "after 1 of 1
+/// `Abandoned` at 20 s ("the job's timeout of 20s since creation passed"), the second `Failed` "after 1 of 1
 /// attempts", each against its own spec.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_raised_on_a_running_job_apply_to_the_attempt_already_running() {
     let env = TestEnv::new("limits-raised").await;
     let _r = env.replica("r", &[]);
-    env.create("longer", json!({"jobName": "sleep", "args": {"seconds": 25}, "timeoutSeconds": 12})).await;
-    let retried = json!({"jobName": "sleep", "args": {"seconds": 30}, "attemptTimeoutSeconds": 6,
+    env.create("longer", json!({"jobName": "sleep", "args": {"seconds": 40}, "timeoutSeconds": 20})).await;
+    let retried = json!({"jobName": "sleep", "args": {"seconds": 40}, "attemptTimeoutSeconds": 15,
         "retry": {"maxAttempts": 1, "backoffSeconds": 1}});
     env.create("retried", retried).await;
     for name in ["longer", "retried"] {
@@ -1074,7 +1074,7 @@ async fn limits_raised_on_a_running_job_apply_to_the_attempt_already_running() {
     let why = retried.status.clone().and_then(|s| s.last_error).unwrap_or_default();
     assert_eq!((retried.phase(), retried.attempts()), (Phase::Failed, 2), "{why}");
     assert!(
-        why.contains("exceeded attemptTimeoutSeconds (6s)") && why.contains("gave up after 2 of 2 attempts"),
+        why.contains("exceeded attemptTimeoutSeconds (15s)") && why.contains("gave up after 2 of 2 attempts"),
         "{why}"
     );
 }

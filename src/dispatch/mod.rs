@@ -67,7 +67,8 @@ const REFUSED_HOLD_LEAST: Duration = Duration::from_secs(2);
 const REFUSED_HOLD_MOST: Duration = Duration::from_secs(120);
 /// How often a job whose claims (or deletes) keep being refused says so again in a Warning.
 const REFUSED_EVENT_EVERY: Duration = Duration::from_secs(600);
-/// At most this many such Warnings a second per replica (a namespace's refusals are usually its every job's).
+/// At most this many such Warnings a second per replica, for claims and for deletes each (a namespace's refusals are
+/// usually its every job's; the claims', which explain a wait, never wait on the deletes').
 const REFUSED_EVENTS_PER_SECOND: f64 = 2.0;
 
 /// How long a job is left alone after its `refusals`-th claim in a row was turned down.
@@ -118,7 +119,7 @@ struct Done {
     hold_until: Option<Instant>,
     /// A cluster slot held by a gone job's Pod ([`LostAt::GoneJobsPod`]): offered to no claim until then.
     blocked_slot: Option<(String, Instant)>,
-    /// The write was turned down for a reason that lasts ([`crate::error::lasting_refusal`]).
+    /// The write was turned down for a reason that lasts ([`crate::error::refused_by_policy`]).
     refused: Option<Refused>,
 }
 
@@ -283,7 +284,8 @@ pub struct Dispatcher {
     settled_at: HashMap<String, (String, Instant)>,
     /// Jobs whose claims or deletes the apiserver keeps turning down (see [`REFUSED_HOLD_LEAST`]).
     refusals: HashMap<String, Refusals>,
-    refusal_events: Pace,
+    /// The pace of `ClaimRefused` and of `DeleteRefused` Warnings.
+    refusal_events: [Pace; 2],
     observer: Observer,
     /// With a cluster-wide cap: slot Leases by name as last seen, and the slot each of our claims uses.
     slot_observer: Observer,
@@ -400,7 +402,7 @@ impl Dispatcher {
             delete_pace: Pace::new(DELETES_PER_SECOND, DELETE_BURST, Instant::now()),
             settled_at: HashMap::new(),
             refusals: HashMap::new(),
-            refusal_events: Pace::new(REFUSED_EVENTS_PER_SECOND, 20.0, Instant::now()),
+            refusal_events: [(); 2].map(|_| Pace::new(REFUSED_EVENTS_PER_SECOND, 20.0, Instant::now())),
             observer: Observer::default(),
             slot_observer: Observer::default(),
             key_observer: Observer::default(),
@@ -712,11 +714,13 @@ impl Dispatcher {
         if claim {
             self.worker.metrics.claims_refused.inc();
         }
+        // A job deleted meanwhile is forgotten, as in `finish`: it never comes back to clear its entry.
+        let Some(job) = self.backlog.job(uid) else { return SETTLE_HOLD };
         let refusals = self.refusals.entry(uid.to_string()).or_insert(Refusals { count: 0, said_at: None });
         refusals.count = refusals.count.saturating_add(1);
         let hold = refused_hold(refusals.count);
         let say = refusals.said_at.is_none_or(|at| at.elapsed() >= REFUSED_EVENT_EVERY);
-        if let Some(job) = self.backlog.job(uid).filter(|_| say && self.refusal_events.take(Instant::now())) {
+        if say && self.refusal_events[usize::from(!claim)].take(Instant::now()) {
             refusals.said_at = Some(Instant::now());
             let ns = job.namespace().unwrap_or_default();
             let (what, so, check) = if claim {
@@ -1344,7 +1348,7 @@ impl Dispatcher {
                     worker.event(&job, EventType::Warning, "Failed", reason);
                 }
                 Ok(ClaimOutcome::TooLarge(None)) => done.too_large(&worker, &job),
-                Err(e) if crate::error::lasting_refusal(&e) => {
+                Err(e) if crate::error::refused_by_policy(&e) => {
                     warn!(job = %job.name_any(), error = %e, "claim refused by the apiserver");
                     done.refused("ClaimRefused", &e);
                 }
@@ -1557,7 +1561,7 @@ impl Dispatcher {
             match crate::client::bounded(SIDE_WRITE_LIMIT, async { Ok(api.delete(&name, &dp).await?) }).await {
                 Ok(_) => debug!(job = %name, "deleted finished job after its TTL"),
                 Err(crate::Error::Kube(e)) if crate::error::api_code(&e) == Some(409) || crate::error::gone(&e) => {}
-                Err(e) if crate::error::lasting_refusal(&e) => {
+                Err(e) if crate::error::refused_by_policy(&e) => {
                     warn!(job = %name, error = %e, "deleting a finished job refused by the apiserver");
                     done.refused("DeleteRefused", &e);
                 }

@@ -342,16 +342,9 @@ async fn start(
     // The latest create whose outcome is unknown (see `create_may_have_landed`): it may still be handled.
     let mut unanswered: Option<Instant> = None;
     let mut last_error = String::from("no create was sent in time");
-    // The last create was refused by a full ResourceQuota: the Pod waits for room, not counted as a failed attempt.
-    let mut no_room = false;
     let failed = loop {
         if Instant::now() >= patience {
-            break if no_room {
-                let within = CREATE_PATIENCE.as_secs();
-                AttemptResult::NotStarted(format!("found no room for pod {name} within {within}s: {last_error}"))
-            } else {
-                AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}"))
-            };
+            break AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}"));
         }
         let sent = Instant::now();
         executor.note_unanswered(&ctx.uid, ctx.attempt, Some(sent));
@@ -385,18 +378,24 @@ async fn start(
                 break AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
             }
             Some(403) => match forbidden_pod(&e) {
+                // Every create was answered, so none can still make the Pod: the attempt waits off the replica's
+                // slots, handed back (see `retry::room_wait`).
+                ForbiddenPod::NoRoom if unanswered.is_none() => {
+                    not_starting(name, Some(&format!("cannot be created, waiting for room: {e}")));
+                    break AttemptResult::NotStarted(format!("found no room for pod {name}: {e}"));
+                }
+                // A quota refuses before the store would answer AlreadyExists: an earlier create whose answer was
+                // lost may have made this attempt's Pod, the very one that fills the quota. Sent again, until a
+                // read decides.
                 ForbiddenPod::NoRoom => {
-                    // A quota refuses before the store would answer AlreadyExists: an earlier create whose answer
-                    // was lost may have made this attempt's Pod, the very one that fills the quota.
-                    if unanswered.is_some()
-                        && let Found::Ours { uid, .. } = find(pods, job, &ctx.uid, name, &made).await.0
-                    {
+                    if let Found::Ours { uid, .. } = find(pods, job, &ctx.uid, name, &made).await.0 {
                         tracing::info!(pod = %name, "adopted the attempt's pod");
                         return Ok(uid);
                     }
-                    no_room = true;
-                    not_starting(name, Some(&format!("cannot be created, waiting for room: {e}")));
                 }
+                // Passes on its own (a namespace's ServiceAccount or its token not made yet, a quota whose status
+                // is not filled in yet): sent again, as a 5xx is.
+                ForbiddenPod::NotYet => {}
                 ForbiddenPod::NotAllowed => {
                     break AttemptResult::Retryable(format!(
                         "not allowed to create pods (is the chart's podMode enabled?): {e}"
@@ -413,7 +412,6 @@ async fn start(
             _ => {}
         }
         tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again");
-        no_room &= api_code(&e) == Some(403);
         last_error = e.to_string();
         backoff.wait().await;
     };
@@ -434,10 +432,24 @@ enum ForbiddenPod {
     NoRoom,
     /// RBAC does not let the operator create Pods there (`cannot create resource "pods"`): a setting to fix.
     NotAllowed,
-    /// Anything else refuses this Pod as it is, and will again: a LimitRange, PodSecurity (or a PodSecurityPolicy),
-    /// an admission webhook's denial, a namespace being deleted.
+    /// What refuses this Pod as it is, and will again: a LimitRange, PodSecurity (or a PodSecurityPolicy), an
+    /// admission webhook's denial, a namespace being deleted.
     Refused,
+    /// Anything else, which may pass on its own (the ServiceAccount admission of a namespace just made, a quota
+    /// whose status is not filled in yet): sent again, as before.
+    NotYet,
 }
+
+/// The words of the refusals that hold for the Pod as it is ([`ForbiddenPod::Refused`]).
+const REFUSED_FOR_GOOD: [&str; 7] = [
+    "usage per Container is",
+    "usage per Pod is",
+    "limit to request ratio",
+    "violates PodSecurity",
+    "unable to validate against any pod security policy",
+    "denied the request",
+    "because it is being terminated",
+];
 
 fn forbidden_pod(e: &kube::Error) -> ForbiddenPod {
     let message = match e {
@@ -448,8 +460,10 @@ fn forbidden_pod(e: &kube::Error) -> ForbiddenPod {
         ForbiddenPod::NoRoom
     } else if message.contains("cannot create resource") {
         ForbiddenPod::NotAllowed
-    } else {
+    } else if REFUSED_FOR_GOOD.iter().any(|w| message.contains(w)) {
         ForbiddenPod::Refused
+    } else {
+        ForbiddenPod::NotYet
     }
 }
 
@@ -1261,6 +1275,13 @@ mod tests {
         assert_eq!(forbidden(quota), ForbiddenPod::NoRoom);
         let rbac = r#"pods is forbidden: User "system:serviceaccount:bgjobs:bgjobs" cannot create resource "pods" in API group "" in the namespace "x""#;
         assert_eq!(forbidden(rbac), ForbiddenPod::NotAllowed);
+        for passing in [
+            r#"pods "j-1" is forbidden: error looking up service account ns/default: serviceaccount "default" not found"#,
+            r#"pods "j-1" is forbidden: no API token found for service account "default", retry after the token is automatically created and added to the service account"#,
+            r#"pods "j-1" is forbidden: status unknown for quota: pods, resources: pods"#,
+        ] {
+            assert_eq!(forbidden(passing), ForbiddenPod::NotYet, "{passing}");
+        }
         for refused in [
             r#"pods "j-1" is forbidden: maximum cpu usage per Container is 100m, but limit is 200m"#,
             r#"pods "j-1" is forbidden: unable to validate against any pod security policy: []"#,

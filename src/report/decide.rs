@@ -228,8 +228,9 @@ pub fn write_gap(job: &BackgroundJob, progress_changes: bool) -> Duration {
 
 /// Whether a heartbeat (or an in-process handler's progress) carrying `progress` is written now: `Err` says when the
 /// worker was last recorded and how often it is. The one rule for both, so a worker that reports in a loop costs at
-/// most one status write a [`write_gap`]. A progress that changes is kept from the last written one only, not from the
-/// attempt's start: the first progress of an attempt is always written.
+/// most one status write a [`write_gap`]. A progress that changes is timed from the last heartbeat or progress
+/// written only, not from the attempt's start: an in-process handler's first progress is always written (an HTTP
+/// worker's first may follow the `202`'s mark within the second, and be noted only).
 pub fn written_after(
     job: &BackgroundJob,
     progress: Option<&Progress>,
