@@ -164,6 +164,18 @@ pub struct PodExecutor {
     /// This process's key for the ids its creates send ([`CREATE_ID_ANNOTATION`]): random, so nobody else can write
     /// them; per process, because a replica that restarts takes its attempts over as any adopter does.
     create_ids: ring::hmac::Key,
+    /// Namespaces whose ResourceQuota refused this replica's last Pod ("exceeded quota"): refusals in a row, and until
+    /// when no new attempt of a Pod job of theirs is claimed here ([`PodExecutor::no_room_until`]).
+    no_room: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+/// How long a namespace whose quota refused its `refusals`-th Pod in a row is left without new Pod attempts here:
+/// 2 s, doubled each time, 30 s at most. One job of the namespace (its oldest, the queue's order being kept) tries
+/// again after it, rather than every waiting job on a timer of its own (10,000 jobs behind a full quota would cost
+/// hundreds of writes a second, and the youngest would take the room first), or each holding a slot while it waits
+/// (a Pod that never fits would hold the replica's slots until its timeout).
+pub fn room_hold(refusals: u32) -> Duration {
+    (Duration::from_secs(2) * 2u32.pow(refusals.saturating_sub(1).min(8))).min(Duration::from_secs(30))
 }
 
 impl PodExecutor {
@@ -171,7 +183,27 @@ impl PodExecutor {
     pub fn new(policy: PodPolicy) -> Self {
         let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
             .expect("the system's random source works");
-        PodExecutor { policy, unanswered: Mutex::default(), create_ids: key }
+        PodExecutor { policy, unanswered: Mutex::default(), create_ids: key, no_room: Mutex::default() }
+    }
+
+    /// Until when no new attempt of a Pod job of `namespace` is claimed on this replica: its quota refused the last
+    /// Pod made here, for [`room_hold`]. Attempts already running (adoptions) are not held.
+    pub fn no_room_until(&self, namespace: &str) -> Option<std::time::Instant> {
+        let no_room = self.no_room.lock().unwrap_or_else(|e| e.into_inner());
+        no_room.get(namespace).map(|(_, until)| *until).filter(|until| *until > Instant::now()).map(Instant::into_std)
+    }
+
+    /// The quota of `namespace` refused a Pod: hold its Pod jobs ([`room_hold`]).
+    fn room_refused(&self, namespace: &str) {
+        let mut no_room = self.no_room.lock().unwrap_or_else(|e| e.into_inner());
+        let (refusals, until) = no_room.entry(namespace.to_string()).or_insert((0, Instant::now()));
+        *refusals = refusals.saturating_add(1);
+        *until = Instant::now() + room_hold(*refusals);
+    }
+
+    /// A Pod was made in `namespace`: there was room.
+    fn room_made(&self, namespace: &str) {
+        self.no_room.lock().unwrap_or_else(|e| e.into_inner()).remove(namespace);
     }
 
     /// Who may have made the Pod of `attempt` of `job`, for this replica: its own creates, if it started the
@@ -342,9 +374,12 @@ async fn start(
     // The latest create whose outcome is unknown (see `create_may_have_landed`): it may still be handled.
     let mut unanswered: Option<Instant> = None;
     let mut last_error = String::from("no create was sent in time");
+    // The last create was refused by a full quota: if the read below finds no Pod, nothing ran.
+    let mut no_room = false;
     let failed = loop {
         if Instant::now() >= patience {
-            break AttemptResult::Retryable(format!("cannot create pod {name}: {last_error}"));
+            let why = format!("cannot create pod {name}: {last_error}");
+            break if no_room { AttemptResult::NotStarted(why) } else { AttemptResult::Retryable(why) };
         }
         let sent = Instant::now();
         executor.note_unanswered(&ctx.uid, ctx.attempt, Some(sent));
@@ -353,6 +388,7 @@ async fn start(
                 // An earlier create whose answer was lost may still be handled: once this Pod is gone, it would
                 // make the Pod again.
                 executor.note_unanswered(&ctx.uid, ctx.attempt, unanswered);
+                executor.room_made(&ctx.namespace);
                 tracing::info!(pod = %name, "pod created");
                 return Ok(p.uid().unwrap_or_default());
             }
@@ -378,11 +414,12 @@ async fn start(
                 break AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
             }
             Some(403) => match forbidden_pod(&e) {
-                // Every create was answered, so none can still make the Pod: the attempt waits off the replica's
-                // slots, handed back (see `retry::room_wait`).
+                // Every create was answered, so none can still make the Pod: the attempt is handed back, and the
+                // namespace's Pod jobs wait for room off the replica's slots (see `room_hold`).
                 ForbiddenPod::NoRoom if unanswered.is_none() => {
+                    executor.room_refused(&ctx.namespace);
                     not_starting(name, Some(&format!("cannot be created, waiting for room: {e}")));
-                    break AttemptResult::NotStarted(format!("found no room for pod {name}: {e}"));
+                    return Err(AttemptResult::NotStarted(format!("found no room for pod {name}: {e}")));
                 }
                 // A quota refuses before the store would answer AlreadyExists: an earlier create whose answer was
                 // lost may have made this attempt's Pod, the very one that fills the quota. Sent again, until a
@@ -392,6 +429,8 @@ async fn start(
                         tracing::info!(pod = %name, "adopted the attempt's pod");
                         return Ok(uid);
                     }
+                    no_room = true;
+                    executor.room_refused(&ctx.namespace);
                 }
                 // Passes on its own (a namespace's ServiceAccount or its token not made yet, a quota whose status
                 // is not filled in yet): sent again, as a 5xx is.
@@ -412,6 +451,7 @@ async fn start(
             _ => {}
         }
         tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again");
+        no_room &= api_code(&e) == Some(403) && forbidden_pod(&e) == ForbiddenPod::NoRoom;
         last_error = e.to_string();
         backoff.wait().await;
     };
@@ -440,14 +480,21 @@ enum ForbiddenPod {
     NotYet,
 }
 
-/// The words of the refusals that hold for the Pod as it is ([`ForbiddenPod::Refused`]).
-const REFUSED_FOR_GOOD: [&str; 7] = [
+/// The words of the refusals that hold for the Pod as it is ([`ForbiddenPod::Refused`]): LimitRange, a quota that
+/// requires limits or requests, PodSecurity, PodSecurityPolicy, a ValidatingAdmissionPolicy, a webhook's denial
+/// (ImagePolicyWebhook's too), OpenShift's security context constraints, a namespace being deleted.
+const REFUSED_FOR_GOOD: [&str; 12] = [
     "usage per Container is",
     "usage per Pod is",
     "limit to request ratio",
+    "failed quota",
     "violates PodSecurity",
     "unable to validate against any pod security policy",
+    "no providers available to validate pod request",
+    "denied request",
     "denied the request",
+    "denied one or more images",
+    "security context constraint",
     "because it is being terminated",
 ];
 
@@ -1266,6 +1313,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_namespace_whose_quota_refused_a_pod_is_held_two_seconds_then_twice_as_long_up_to_thirty() {
+        let holds: Vec<u64> = (1..=6).map(|n| room_hold(n).as_secs()).collect();
+        assert_eq!(holds, [2, 4, 8, 16, 30, 30]);
+        assert_eq!((room_hold(0).as_secs(), room_hold(u32::MAX).as_secs()), (2, 30));
+        let executor = PodExecutor::new(PodPolicy::default());
+        assert_eq!(executor.no_room_until("ns"), None);
+        executor.room_refused("ns");
+        assert!(executor.no_room_until("ns").is_some() && executor.no_room_until("other").is_none());
+        executor.room_made("ns");
+        assert_eq!(executor.no_room_until("ns"), None, "a Pod made there: room");
+    }
+
+    #[test]
     fn a_forbidden_pod_waits_for_a_full_quota_is_retried_for_rbac_and_fails_for_the_rest() {
         let forbidden = |message: &str| {
             forbidden_pod(&kube::Error::Api(kube::core::Status::failure(message, "Forbidden").with_code(403).boxed()))
@@ -1285,6 +1345,10 @@ mod tests {
         for refused in [
             r#"pods "j-1" is forbidden: maximum cpu usage per Container is 100m, but limit is 200m"#,
             r#"pods "j-1" is forbidden: unable to validate against any pod security policy: []"#,
+            r#"pods "j-1" is forbidden: failed quota: compute: must specify limits.cpu,requests.cpu"#,
+            r#"pods "j-1" is forbidden: PodSecurityPolicy: no providers available to validate pod request"#,
+            r#"pods "j-1" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: no"#,
+            r#"pods "j-1" is forbidden: unable to validate against any security context constraint: []"#,
             r#"pods "j-1" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false"#,
             r#"admission webhook "deny.example.com" denied the request: no"#,
             r#"pods "j-1" is forbidden: unable to create new content in namespace x because it is being terminated"#,
