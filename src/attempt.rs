@@ -609,7 +609,13 @@ async fn record(
             return Ok(true);
         }
         Ending::Finished(AttemptResult::NotStarted(why)) => {
-            return hand_back_unstarted(worker, jobs, job, fence, &why).await;
+            let handed_back = job.status.as_ref().map_or(0, |s| s.unstarted_attempts);
+            let wait = retry::room_wait(handed_back);
+            let at = retry::ceil_to_second(
+                now.checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default()).unwrap_or(now),
+            );
+            let why = format!("{why}; tried again at {at}");
+            return hand_back_unstarted(worker, jobs, job, fence, &why, Some(at)).await;
         }
         Ending::Finished(result) => retry::verdict(&job.spec, created, job.attempts_spent(fence.attempt), result, now),
         Ending::DeadlineReached(not_started) => Verdict::Abandon(format!(
@@ -658,7 +664,7 @@ async fn record(
         Ending::NotStarted(reason) => {
             let why = if reason == StopReason::Shutdown { "shut down" } else { "lost the exclusive lease" };
             let why = format!("{why} right after claiming it");
-            return hand_back_unstarted(worker, jobs, job, fence, &why).await;
+            return hand_back_unstarted(worker, jobs, job, fence, &why, None).await;
         }
         Ending::LeaseLost => return Ok(false),
     };
@@ -748,10 +754,12 @@ async fn hand_back_unstarted(
     job: &BackgroundJob,
     fence: &status::Fence,
     why: &str,
+    at: Option<jiff::Timestamp>,
 ) -> crate::Result<bool> {
     let msg = status::not_started(fence.attempt, &worker.identity, why);
     let now = worker.clock.now();
-    let written = status::write_outcome(jobs, job, fence, |s| status::requeue_unstarted(s, msg.clone(), now)).await?;
+    let written =
+        status::write_outcome(jobs, job, fence, |s| status::requeue_unstarted(s, msg.clone(), at, now)).await?;
     info!("attempt handed back to the queue before it started");
     Ok(handed_back(worker, job, written, msg))
 }
@@ -768,7 +776,7 @@ async fn hand_back_stale(
     fence: &status::Fence,
 ) -> Handover {
     let why = "found its claim stale before starting it";
-    match tokio::time::timeout(worker.timing.duration, hand_back_unstarted(worker, jobs, job, fence, why)).await {
+    match tokio::time::timeout(worker.timing.duration, hand_back_unstarted(worker, jobs, job, fence, why, None)).await {
         Ok(Ok(true)) => Handover::Recorded,
         Ok(Ok(false)) => Handover::Unrecorded,
         Ok(Err(e)) => {

@@ -743,7 +743,8 @@ async fn hand_back_if_landed(
     let once = async || {
         let Some(read) = crate::unreadable::get_opt(jobs, &name).await? else { return Ok(false) };
         let written =
-            status::write_fenced(jobs, &read, fence, |s| status::requeue_unstarted(s, message.clone(), now)).await?;
+            status::write_fenced(jobs, &read, fence, |s| status::requeue_unstarted(s, message.clone(), None, now))
+                .await?;
         Ok::<_, Error>(matches!(written, status::Fenced::Written(_)))
     };
     let mut last_error = None;
@@ -1316,7 +1317,7 @@ mod tests {
         more_unstarted.status.as_mut().unwrap().unstarted_attempts = 5;
         assert_eq!(more_unstarted.attempts_spent(2), 0, "not a negative count that never reaches maxAttempts");
         let mut s = BackgroundJobStatus { unstarted_attempts: i32::MAX, ..Default::default() };
-        crate::status::requeue_unstarted(&mut s, "x".into(), jiff::Timestamp::UNIX_EPOCH);
+        crate::status::requeue_unstarted(&mut s, "x".into(), None, jiff::Timestamp::UNIX_EPOCH);
         assert_eq!(s.unstarted_attempts, i32::MAX);
     }
 

@@ -26,8 +26,8 @@ pub enum AttemptResult {
     /// record ([`crate::report`]).
     Reported,
     /// Nothing ran, and it was not the job's fault (a full ResourceQuota left no room for its Pod): the attempt is
-    /// handed back to the queue unstarted, not counted against `retry.maxAttempts`; its namespace's Pod jobs wait
-    /// for room on this replica meanwhile (`executor::pod::PodExecutor::no_room_until`).
+    /// handed back to the queue unstarted, not counted against `retry.maxAttempts`, to be claimed again after
+    /// [`room_wait`].
     NotStarted(String),
 }
 
@@ -58,6 +58,15 @@ pub fn backoff(policy: &RetryPolicy, failed_attempt: i32) -> Duration {
     let exponent = (failed_attempt.max(1) - 1) as f64;
     let secs = policy.backoff_seconds as f64 * policy.backoff_factor.max(1.0).powf(exponent);
     if !secs.is_finite() || secs >= MAX_BACKOFF.as_secs_f64() { MAX_BACKOFF } else { Duration::from_secs_f64(secs) }
+}
+
+/// How long a job whose Pod found no room in its namespace's ResourceQuota waits before it is claimed again, its
+/// attempts handed back that way so far (`unstartedAttempts`, which counts other hand-backs too, rarer) being
+/// `handed_back`: 5 s, doubled each time, at most 5 minutes. Waiting off the replica's slots: a Pod that never fits (a
+/// quota of 0, a request over the quota's hard limit) held them, and the jobs behind it waited in every namespace.
+pub fn room_wait(handed_back: i32) -> Duration {
+    let doublings = handed_back.clamp(0, 6) as u32;
+    (Duration::from_secs(5) * 2u32.pow(doublings)).min(Duration::from_secs(300))
 }
 
 /// When the job gives up: `creationTimestamp + timeoutSeconds`.
@@ -146,6 +155,13 @@ pub fn may_start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_that_found_no_room_waits_five_seconds_then_twice_as_long_up_to_five_minutes() {
+        let waits: Vec<u64> = (0..8).map(|n| room_wait(n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!((room_wait(-1).as_secs(), room_wait(i32::MAX).as_secs()), (5, 300));
+    }
 
     fn spec(json: serde_json::Value) -> BackgroundJobSpec {
         serde_json::from_value(json).unwrap()

@@ -158,10 +158,11 @@ pub fn not_started(attempt: i32, worker: &str, why: &str) -> String {
     format!("attempt {attempt} was not started: worker {worker} {why}")
 }
 
-/// Put back in the queue an attempt that never started, saying so in `error` ([`not_started`]): it counts in
-/// `attempts`, the fencing epoch, and in `unstartedAttempts`, so not against `retry.maxAttempts`.
-pub fn requeue_unstarted(s: &mut BackgroundJobStatus, error: String, now: Timestamp) {
-    requeue(s, None, error, now);
+/// Put back in the queue an attempt that never started, saying so in `error` ([`not_started`]), to start again at
+/// once or not before `at`: it counts in `attempts`, the fencing epoch, and in `unstartedAttempts`, so not against
+/// `retry.maxAttempts`.
+pub fn requeue_unstarted(s: &mut BackgroundJobStatus, error: String, at: Option<Timestamp>, now: Timestamp) {
+    requeue(s, at, error, now);
     s.unstarted_attempts = s.unstarted_attempts.saturating_add(1);
 }
 

@@ -298,7 +298,7 @@ async fn a_pod_that_cannot_start_says_why_in_a_warning_and_in_its_attempts_timeo
 }
 
 /// A namespace whose ResourceQuota allows one Pod, full while another job's Pod runs: the next Pod job waits for
-/// room (a `PodNotStarting` Warning saying why, its attempts handed back unstarted, not counted as failed, waiting off
+/// room (its attempts handed back unstarted, not counted as failed, an `Interrupted` Warning saying why, waiting off
 /// the replica's slots, so a job behind it runs meanwhile) and runs once the first Pod ended; and a Pod its LimitRange
 /// refuses fails its job at once (it would be refused again). Before, both were taken for "not allowed to create pods
 /// (is the chart's podMode enabled?)" and retried per policy: with `maxAttempts: 1`, the first failed without ever
@@ -334,8 +334,8 @@ async fn a_pod_job_waits_for_room_in_a_full_pod_quota_and_one_its_limit_range_re
     assert!(reason.contains("the apiserver refused the Pod from spec.template") && reason.contains("cpu"), "{reason}");
 
     let deadline = Instant::now() + MINUTE;
-    let room = |w: &String| w.contains("waiting for room") && w.contains("exceeded quota");
-    while !env.warnings_on("second", "PodNotStarting").await.iter().any(room) {
+    let room = |w: &String| w.contains("found no room for pod second-1") && w.contains("exceeded quota");
+    while !env.warnings_on("second", "Interrupted").await.iter().any(room) {
         assert!(Instant::now() < deadline, "second never said it waits for room");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -907,14 +907,6 @@ impl Dispatcher {
                 self.spawn_settle(&job, lease, state, (phase, reason), defers_to)
             }
             Decision::Claim { state, extras, adopted_slot, recheck } => {
-                // A new Pod attempt in a namespace whose quota just refused one here waits for room; its turn is
-                // kept (looked at again then, in the queue's order).
-                let ns = job.metadata.namespace.as_deref().unwrap_or_default();
-                let fresh_pod = job.spec.template.is_some() && job.phase() == Phase::Waiting;
-                if let Some(until) = self.worker.pods.no_room_until(ns).filter(|_| fresh_pod) {
-                    self.backlog.arm(uid, until);
-                    return;
-                }
                 self.recheck(uid, inst, recheck);
                 if let Some(l) = &lease {
                     self.disown_if_idle(l);

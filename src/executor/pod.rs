@@ -164,18 +164,6 @@ pub struct PodExecutor {
     /// This process's key for the ids its creates send ([`CREATE_ID_ANNOTATION`]): random, so nobody else can write
     /// them; per process, because a replica that restarts takes its attempts over as any adopter does.
     create_ids: ring::hmac::Key,
-    /// Namespaces whose ResourceQuota refused this replica's last Pod ("exceeded quota"): refusals in a row, and until
-    /// when no new attempt of a Pod job of theirs is claimed here ([`PodExecutor::no_room_until`]).
-    no_room: Mutex<HashMap<String, (u32, Instant)>>,
-}
-
-/// How long a namespace whose quota refused its `refusals`-th Pod in a row is left without new Pod attempts here:
-/// 2 s, doubled each time, 30 s at most. One job of the namespace (its oldest, the queue's order being kept) tries
-/// again after it, rather than every waiting job on a timer of its own (10,000 jobs behind a full quota would cost
-/// hundreds of writes a second, and the youngest would take the room first), or each holding a slot while it waits
-/// (a Pod that never fits would hold the replica's slots until its timeout).
-pub fn room_hold(refusals: u32) -> Duration {
-    (Duration::from_secs(2) * 2u32.pow(refusals.saturating_sub(1).min(8))).min(Duration::from_secs(30))
 }
 
 impl PodExecutor {
@@ -183,27 +171,7 @@ impl PodExecutor {
     pub fn new(policy: PodPolicy) -> Self {
         let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
             .expect("the system's random source works");
-        PodExecutor { policy, unanswered: Mutex::default(), create_ids: key, no_room: Mutex::default() }
-    }
-
-    /// Until when no new attempt of a Pod job of `namespace` is claimed on this replica: its quota refused the last
-    /// Pod made here, for [`room_hold`]. Attempts already running (adoptions) are not held.
-    pub fn no_room_until(&self, namespace: &str) -> Option<std::time::Instant> {
-        let no_room = self.no_room.lock().unwrap_or_else(|e| e.into_inner());
-        no_room.get(namespace).map(|(_, until)| *until).filter(|until| *until > Instant::now()).map(Instant::into_std)
-    }
-
-    /// The quota of `namespace` refused a Pod: hold its Pod jobs ([`room_hold`]).
-    fn room_refused(&self, namespace: &str) {
-        let mut no_room = self.no_room.lock().unwrap_or_else(|e| e.into_inner());
-        let (refusals, until) = no_room.entry(namespace.to_string()).or_insert((0, Instant::now()));
-        *refusals = refusals.saturating_add(1);
-        *until = Instant::now() + room_hold(*refusals);
-    }
-
-    /// A Pod was made in `namespace`: there was room.
-    fn room_made(&self, namespace: &str) {
-        self.no_room.lock().unwrap_or_else(|e| e.into_inner()).remove(namespace);
+        PodExecutor { policy, unanswered: Mutex::default(), create_ids: key }
     }
 
     /// Who may have made the Pod of `attempt` of `job`, for this replica: its own creates, if it started the
@@ -293,7 +261,7 @@ pub async fn run(
     let started = if claim::adopted(job, ctx.attempt) {
         adopt(&pods, job, ctx, &name, now).await
     } else {
-        start(client, executor, job, ctx, &name, now, watchers.not_starting).await
+        start(client, executor, job, ctx, &name, now).await
     };
     let uid = match started {
         Ok(uid) => uid,
@@ -354,7 +322,6 @@ async fn start(
     ctx: &JobContext,
     name: &str,
     now: jiff::Timestamp,
-    not_starting: &(dyn Fn(&str, Option<&str>) + Sync),
 ) -> Result<String, AttemptResult> {
     let pods: &Api<Pod> = &Api::namespaced(client.clone(), &ctx.namespace);
     let policy = &executor.policy;
@@ -388,7 +355,6 @@ async fn start(
                 // An earlier create whose answer was lost may still be handled: once this Pod is gone, it would
                 // make the Pod again.
                 executor.note_unanswered(&ctx.uid, ctx.attempt, unanswered);
-                executor.room_made(&ctx.namespace);
                 tracing::info!(pod = %name, "pod created");
                 return Ok(p.uid().unwrap_or_default());
             }
@@ -414,11 +380,9 @@ async fn start(
                 break AttemptResult::Permanent(format!("the apiserver rejected the Pod from spec.template: {e}"));
             }
             Some(403) => match forbidden_pod(&e) {
-                // Every create was answered, so none can still make the Pod: the attempt is handed back, and the
-                // namespace's Pod jobs wait for room off the replica's slots (see `room_hold`).
+                // Every create was answered, so none can still make the Pod: the attempt is handed back, to wait for
+                // room off the replica's slots (`retry::room_wait`; its `Interrupted` Warning says why).
                 ForbiddenPod::NoRoom if unanswered.is_none() => {
-                    executor.room_refused(&ctx.namespace);
-                    not_starting(name, Some(&format!("cannot be created, waiting for room: {e}")));
                     return Err(AttemptResult::NotStarted(format!("found no room for pod {name}: {e}")));
                 }
                 // A quota refuses before the store would answer AlreadyExists: an earlier create whose answer was
@@ -430,7 +394,6 @@ async fn start(
                         return Ok(uid);
                     }
                     no_room = true;
-                    executor.room_refused(&ctx.namespace);
                 }
                 // Passes on its own (a namespace's ServiceAccount or its token not made yet, a quota whose status
                 // is not filled in yet): sent again, as a 5xx is.
@@ -1311,19 +1274,6 @@ async fn request_deletion(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_namespace_whose_quota_refused_a_pod_is_held_two_seconds_then_twice_as_long_up_to_thirty() {
-        let holds: Vec<u64> = (1..=6).map(|n| room_hold(n).as_secs()).collect();
-        assert_eq!(holds, [2, 4, 8, 16, 30, 30]);
-        assert_eq!((room_hold(0).as_secs(), room_hold(u32::MAX).as_secs()), (2, 30));
-        let executor = PodExecutor::new(PodPolicy::default());
-        assert_eq!(executor.no_room_until("ns"), None);
-        executor.room_refused("ns");
-        assert!(executor.no_room_until("ns").is_some() && executor.no_room_until("other").is_none());
-        executor.room_made("ns");
-        assert_eq!(executor.no_room_until("ns"), None, "a Pod made there: room");
-    }
 
     #[test]
     fn a_forbidden_pod_waits_for_a_full_quota_is_retried_for_rbac_and_fails_for_the_rest() {
