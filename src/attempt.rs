@@ -610,10 +610,7 @@ async fn record(
         }
         Ending::Finished(AttemptResult::NotStarted(why)) => {
             let handed_back = job.status.as_ref().map_or(0, |s| s.unstarted_attempts);
-            let wait = retry::room_wait(handed_back);
-            let at = retry::ceil_to_second(
-                now.checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default()).unwrap_or(now),
-            );
+            let at = retry::not_before(now, retry::room_wait(handed_back));
             let why = format!("{why}; tried again at {at}");
             return hand_back_unstarted(worker, jobs, job, fence, &why, Some(at)).await;
         }

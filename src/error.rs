@@ -152,11 +152,15 @@ pub fn refused_by_policy(e: &Error) -> bool {
 /// A Kubernetes API error, told apart when it is a ResourceQuota refusing a create (403 "exceeded quota").
 pub fn from_create(e: kube::Error) -> Error {
     match &e {
-        kube::Error::Api(status) if status.code == 403 && status.message.contains("exceeded quota") => {
-            Error::QuotaExceeded(status.message.clone())
-        }
+        kube::Error::Api(status) if exceeded_quota(&e) => Error::QuotaExceeded(status.message.clone()),
         _ => Error::Kube(e),
     }
+}
+
+/// Whether a create was refused because a ResourceQuota is full: a `403` saying "exceeded quota" (room may come
+/// once other objects go), not one whose quota requires what the object lacks ("failed quota").
+pub fn exceeded_quota(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 403 && status.message.contains("exceeded quota"))
 }
 
 /// Whether a failed call may succeed when made again: no answer (connection, timeout), throttling (429), a

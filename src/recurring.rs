@@ -185,7 +185,7 @@ impl Carried {
     /// up to `at_most`.
     fn failed(&mut self, at_most: Duration) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        RETRY.saturating_mul(1 << (self.failures - 1).min(10)).min(at_most)
+        crate::retry::doubling(RETRY, self.failures, at_most)
     }
 
     /// Count a look whose write the apiserver refused, and return the pause before the next: [`Carried::failed`] up to

@@ -60,13 +60,26 @@ pub fn backoff(policy: &RetryPolicy, failed_attempt: i32) -> Duration {
     if !secs.is_finite() || secs >= MAX_BACKOFF.as_secs_f64() { MAX_BACKOFF } else { Duration::from_secs_f64(secs) }
 }
 
+/// The pause after the `nth` failure in a row (1-based; 0 counts as 1): `first`, doubled at each, at most `most`.
+/// The one rule of the pauses that grow while something keeps failing for the same reason (refused claims and
+/// deletes, a recurring definition's refused writes, a Pod that found no room).
+pub fn doubling(first: Duration, nth: u32, most: Duration) -> Duration {
+    first.saturating_mul(1 << nth.saturating_sub(1).min(20)).min(most)
+}
+
 /// How long a job whose Pod found no room in its namespace's ResourceQuota waits before it is claimed again, its
 /// attempts handed back that way so far (`unstartedAttempts`, which counts other hand-backs too, rarer) being
 /// `handed_back`: 5 s, doubled each time, at most 5 minutes. Waiting off the replica's slots: a Pod that never fits (a
 /// quota of 0, a request over the quota's hard limit) held them, and the jobs behind it waited in every namespace.
 pub fn room_wait(handed_back: i32) -> Duration {
-    let doublings = handed_back.clamp(0, 6) as u32;
-    (Duration::from_secs(5) * 2u32.pow(doublings)).min(Duration::from_secs(300))
+    let nth = u32::try_from(handed_back).unwrap_or(0).saturating_add(1);
+    doubling(Duration::from_secs(5), nth, Duration::from_secs(300))
+}
+
+/// The time an attempt may start `wait` after `now`, in the whole seconds the status keeps ([`ceil_to_second`]).
+pub fn not_before(now: Timestamp, wait: Duration) -> Timestamp {
+    let wait = SignedDuration::try_from(wait).unwrap_or(SignedDuration::MAX);
+    ceil_to_second(now.checked_add(wait).unwrap_or(Timestamp::MAX))
 }
 
 /// When the job gives up: `creationTimestamp + timeoutSeconds`.
@@ -94,8 +107,7 @@ pub fn verdict(
     {
         return Verdict::Fail(format!("{reason} (gave up after {attempt} of {max} attempts)"));
     }
-    let wait = SignedDuration::try_from(backoff(&spec.retry, attempt)).unwrap_or(SignedDuration::MAX);
-    let at = ceil_to_second(now.checked_add(wait).unwrap_or(Timestamp::MAX));
+    let at = not_before(now, backoff(&spec.retry, attempt));
     let give_up = deadline(spec, created);
     if at >= give_up {
         return Verdict::Abandon(format!(

@@ -115,13 +115,13 @@ async fn wait_waiting_for_report(env: &TestEnv, name: &str) -> BackgroundJob {
 
 /// Send one heartbeat with `token` to `url`, once (no retry): its answer's status and text.
 async fn heartbeat_once(url: &str, token: &str) -> (u16, String) {
-    let answer = reqwest::Client::new()
-        .post(format!("{url}/v1/heartbeat"))
-        .bearer_auth(token)
-        .json(&json!({"percent": 10}))
-        .send()
-        .await
-        .unwrap();
+    heartbeat_saying(url, token, json!({"percent": 10})).await
+}
+
+/// As [`heartbeat_once`], with `body`.
+async fn heartbeat_saying(url: &str, token: &str, body: serde_json::Value) -> (u16, String) {
+    let answer =
+        reqwest::Client::new().post(format!("{url}/v1/heartbeat")).bearer_auth(token).json(&body).send().await.unwrap();
     (answer.status().as_u16(), answer.text().await.unwrap_or_default())
 }
 
@@ -258,15 +258,9 @@ async fn a_worker_heartbeating_ten_times_a_second_costs_a_status_write_every_few
     let post = |body: serde_json::Value| {
         let (url, token) = (url.clone(), first.token.clone());
         async move {
-            let answer = reqwest::Client::new()
-                .post(format!("{url}/v1/heartbeat"))
-                .bearer_auth(token)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(answer.status().as_u16(), 200, "a heartbeat was refused");
-            answer.json::<serde_json::Value>().await.unwrap()
+            let (status, text) = heartbeat_saying(&url, &token, body).await;
+            assert_eq!(status, 200, "a heartbeat was refused: {text}");
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
         }
     };
     // 12 s of the same progress, ten beats a second: 120 beats.

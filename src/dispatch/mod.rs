@@ -73,8 +73,7 @@ const REFUSED_EVENTS_PER_SECOND: f64 = 2.0;
 
 /// How long a job is left alone after its `refusals`-th claim in a row was turned down.
 fn refused_hold(refusals: u32) -> Duration {
-    let doublings = refusals.saturating_sub(1).min(16);
-    (REFUSED_HOLD_LEAST * 2u32.pow(doublings)).min(REFUSED_HOLD_MOST)
+    crate::retry::doubling(REFUSED_HOLD_LEAST, refusals, REFUSED_HOLD_MOST)
 }
 
 /// A write of a job's that the apiserver turned down for a reason that lasts.
@@ -723,30 +722,21 @@ impl Dispatcher {
         if say && self.refusal_events[usize::from(!claim)].take(Instant::now()) {
             refusals.said_at = Some(Instant::now());
             let ns = job.namespace().unwrap_or_default();
-            let (what, so, check) = if claim {
+            let (what, so, check, quota) = if claim {
                 (
                     "claim",
                     "it waits",
-                    format!(
-                        "bgjobs' Leases or status writes in namespace {ns}: the operator's \
-                    RBAC, a ResourceQuota on count/leases.coordination.k8s.io"
-                    ),
+                    "Leases or status writes",
+                    ", a ResourceQuota on count/leases.coordination.k8s.io",
                 )
             } else {
-                (
-                    "delete (its retention passed)",
-                    "it is kept",
-                    format!(
-                        "deletes of BackgroundJobs in namespace \
-                    {ns}: the operator's RBAC"
-                    ),
-                )
+                ("delete (its retention passed)", "it is kept", "deletes of BackgroundJobs", "")
             };
             let (count, hold_s, most_s) = (refusals.count, hold.as_secs(), REFUSED_HOLD_MOST.as_secs());
             let note = format!(
                 "the apiserver turned down this replica's {what} of the job ({count} in a row), so {so}: {why}; tried \
-                 again in {hold_s}s (then less often, up to every {most_s}s). Check what may refuse {check}, an \
-                 admission policy, the namespace being deleted"
+                 again in {hold_s}s (then less often, up to every {most_s}s). Check what may refuse bgjobs' {check} in \
+                 namespace {ns}: the operator's RBAC{quota}, an admission policy, the namespace being deleted"
             );
             self.worker.event(job, EventType::Warning, reason, note);
         }

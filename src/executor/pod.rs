@@ -414,7 +414,7 @@ async fn start(
             _ => {}
         }
         tracing::warn!(pod = %name, error = %e, "creating the attempt's pod failed; trying again");
-        no_room &= api_code(&e) == Some(403) && forbidden_pod(&e) == ForbiddenPod::NoRoom;
+        no_room &= crate::error::exceeded_quota(&e);
         last_error = e.to_string();
         backoff.wait().await;
     };
@@ -425,9 +425,6 @@ async fn start(
     existing(find(pods, job, &ctx.uid, name, &made).await.0, name)?.ok_or(failed)
 }
 
-/// Whether a create that failed with this answer (`None`: none came) may still have made, or yet make, the Pod: no
-/// answer, or a server error (the apiserver's own timeout, an etcd timeout after the write, a proxy in front of it
-/// that gave up), except 501. Any other answer says the create made nothing.
 /// Why the apiserver answered a Pod's create `403 Forbidden`.
 #[derive(Debug, PartialEq, Eq)]
 enum ForbiddenPod {
@@ -461,12 +458,13 @@ const REFUSED_FOR_GOOD: [&str; 12] = [
     "because it is being terminated",
 ];
 
+/// Why the apiserver answered `e`, a Pod's create, `403 Forbidden`.
 fn forbidden_pod(e: &kube::Error) -> ForbiddenPod {
     let message = match e {
         kube::Error::Api(status) => status.message.as_str(),
         _ => "",
     };
-    if message.contains("exceeded quota") {
+    if crate::error::exceeded_quota(e) {
         ForbiddenPod::NoRoom
     } else if message.contains("cannot create resource") {
         ForbiddenPod::NotAllowed
@@ -477,6 +475,9 @@ fn forbidden_pod(e: &kube::Error) -> ForbiddenPod {
     }
 }
 
+/// Whether a create that failed with this answer (`None`: none came) may still have made, or yet make, the Pod: no
+/// answer, or a server error (the apiserver's own timeout, an etcd timeout after the write, a proxy in front of it
+/// that gave up), except 501. Any other answer says the create made nothing.
 fn create_may_have_landed(code: Option<u16>) -> bool {
     match code {
         None => true,
